@@ -1,0 +1,104 @@
+//! Types shared by the kernel programs (`gateway-ebpf`) and the daemon
+//! (`gateway`). Everything here is `#[repr(C)]`, plain old data and
+//! `no_std`, because the same bytes are written by one side and read by the
+//! other through BPF maps.
+//!
+//! Addresses are kept as IPv6 in network byte order; an IPv4 address is
+//! stored IPv4-mapped (`::ffff:a.b.c.d`) so that a protected target is one
+//! key whether an agent reaches it through an `AF_INET` or an `AF_INET6`
+//! socket. Ports are kept in host byte order.
+#![no_std]
+
+/// Names of the maps in the kernel object. The daemon looks them up by name.
+pub mod map_names {
+    /// [`TargetKey`] -> [`Redirect`]: protected destinations and the listener
+    /// that serves each.
+    pub const REDIRECTS: &str = "REDIRECTS";
+    /// socket cookie -> [`OriginalDestination`] for every redirected socket.
+    pub const ORIGINAL_DESTINATIONS: &str = "ORIGINAL_DESTINATIONS";
+    /// [`ClientPortKey`] -> socket cookie, written once a redirected
+    /// connection is established, so the proxy can go from the peer address
+    /// of an accepted connection to the socket that made it.
+    pub const CLIENT_PORTS: &str = "CLIENT_PORTS";
+}
+
+/// Names of the programs in the kernel object.
+pub mod program_names {
+    pub const CONNECT4: &str = "tollgate_connect4";
+    pub const CONNECT6: &str = "tollgate_connect6";
+    pub const GETPEERNAME4: &str = "tollgate_getpeername4";
+    pub const GETPEERNAME6: &str = "tollgate_getpeername6";
+    pub const SOCK_OPS: &str = "tollgate_sock_ops";
+}
+
+/// Maximum entries of the per-socket maps (LRU, so stale entries age out).
+pub const SOCKET_MAP_ENTRIES: u32 = 65_536;
+/// Maximum number of protected destinations.
+pub const REDIRECT_MAP_ENTRIES: u32 = 1_024;
+
+/// The IPv4-mapped IPv6 form of an IPv4 address given in network byte order,
+/// as four network-order words.
+#[inline(always)]
+pub const fn v4_mapped(addr_be: u32) -> [u32; 4] {
+    [0, 0, u32::to_be(0x0000_ffff), addr_be]
+}
+
+/// A protected destination: address (IPv6 or IPv4-mapped, network order
+/// words) and port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TargetKey {
+    pub addr: [u32; 4],
+    pub port: u32,
+}
+
+/// Where connections to a protected destination are sent instead: a
+/// tollgate listener on IPv4 loopback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// IPv4 address in network byte order.
+    pub addr4: u32,
+    /// Port in host byte order.
+    pub port: u32,
+}
+
+/// What the kernel knew about a redirected socket when it connected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDestination {
+    /// The destination the agent asked for (IPv6 or IPv4-mapped).
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u32,
+    /// `AF_INET` or `AF_INET6`: the family of the agent's socket.
+    pub family: u32,
+    /// Thread group id (the process id users see).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// cgroup v2 id of the connecting task.
+    pub cgroup_id: u64,
+    /// Task name, NUL padded.
+    pub comm: [u8; 16],
+}
+
+/// Key of [`map_names::CLIENT_PORTS`]: the agent side of a redirected
+/// connection as the proxy sees it from `accept()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientPortKey {
+    /// Local port of the agent's socket, host byte order.
+    pub port: u32,
+    pub _reserved: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are repr(C), Copy, and have no padding holes that
+    // matter: every field is an integer or integer array.
+    unsafe impl aya::Pod for super::TargetKey {}
+    unsafe impl aya::Pod for super::Redirect {}
+    unsafe impl aya::Pod for super::OriginalDestination {}
+    unsafe impl aya::Pod for super::ClientPortKey {}
+}

@@ -1,0 +1,130 @@
+//! One audited request: a flat record whose fields are named after OCSF
+//! attribute paths, so each becomes a typed top-level Parquet column.
+//! docs/audit-schema.md documents every field.
+
+use serde::{Deserialize, Serialize};
+
+/// OCSF class: Datastore Activity.
+pub const CLASS_DATASTORE_ACTIVITY: i32 = 6005;
+/// OCSF class: API Activity (Kubernetes requests).
+pub const CLASS_API_ACTIVITY: i32 = 6003;
+/// OCSF class: SSH Activity.
+pub const CLASS_SSH_ACTIVITY: i32 = 4007;
+/// OCSF class: Authentication.
+pub const CLASS_AUTHENTICATION: i32 = 3002;
+
+/// Datastore activity ids (OCSF 6005).
+pub mod datastore_activity {
+    pub const READ: i32 = 1;
+    pub const UPDATE: i32 = 2;
+    pub const CONNECT: i32 = 3;
+    pub const QUERY: i32 = 4;
+    pub const WRITE: i32 = 5;
+    pub const CREATE: i32 = 6;
+    pub const DELETE: i32 = 7;
+}
+
+/// Authentication activity ids (OCSF 3002).
+pub mod authentication_activity {
+    pub const LOGON: i32 = 1;
+}
+
+/// OCSF `status_id`.
+pub mod status {
+    pub const SUCCESS: i32 = 1;
+    pub const FAILURE: i32 = 2;
+}
+
+/// OCSF `action_id`.
+pub mod action {
+    pub const ALLOWED: i32 = 1;
+    pub const DENIED: i32 = 2;
+    pub const MODIFIED: i32 = 4;
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    // --- filled by the audit store ---
+    /// Position in this host's chain, from 1, without gaps.
+    pub sequence: u64,
+    /// SHA-256 of the previous record's canonical encoding (hex).
+    pub prev_record_hash: String,
+    /// SHA-256 of this record's canonical encoding (hex).
+    pub record_hash: String,
+
+    // --- what and when ---
+    /// Which event of a request this is: "request" (written durably before
+    /// the request is forwarded), "outcome" (after the response),
+    /// "refusal" (the request was refused; nothing was forwarded), or
+    /// "session" (a connection was authenticated or ended).
+    pub phase: String,
+    /// Shared by the request and outcome records of one request.
+    pub request_uid: String,
+    /// Event time, milliseconds since the Unix epoch (OCSF `time`).
+    pub time: i64,
+    pub class_uid: i32,
+    pub activity_id: i32,
+    /// class_uid * 100 + activity_id.
+    pub type_uid: i64,
+    /// OCSF `status_id`: 1 success, 2 failure.
+    pub status_id: i32,
+    /// Why it failed or was refused, in words.
+    pub status_detail: String,
+    /// OCSF `action_id`: 1 allowed, 2 denied, 4 modified.
+    pub action_id: i32,
+    /// The policy rule that decided (empty when none matched).
+    pub policy_uid: String,
+
+    // --- who (from the validated token) ---
+    /// Entra object id (`oid`).
+    pub actor_user_uid: String,
+    /// Display name (upn / preferred_username): never used for decisions.
+    pub actor_user_name: String,
+    /// Entra tenant id (`tid`).
+    pub actor_user_org_uid: String,
+    /// Client application id (`azp` / `appid`).
+    pub actor_app_uid: String,
+    pub actor_user_groups: Vec<String>,
+    pub actor_user_roles: Vec<String>,
+    /// Token id (`uti`); the token itself is never stored.
+    pub actor_session_credential_uid: String,
+    /// SHA-256 of the token (hex).
+    pub actor_session_credential_fingerprint: String,
+
+    // --- the agent process (from the kernel redirect) ---
+    pub actor_process_pid: Option<i32>,
+    pub actor_process_name: String,
+    pub actor_process_cgroup_id: Option<i64>,
+
+    // --- where ---
+    pub src_endpoint_ip: String,
+    pub src_endpoint_port: Option<i32>,
+    /// The address the agent asked for (before the redirect).
+    pub dst_endpoint_ip: String,
+    pub dst_endpoint_port: Option<i32>,
+    /// Configured target name, e.g. "orders-db".
+    pub dst_endpoint_name: String,
+    /// "postgres", "ssh", "kubernetes".
+    pub connection_info_protocol_name: String,
+    /// One id per client connection, shared by all its records.
+    pub session_uid: String,
+    /// SO_COOKIE of the gateway's upstream socket, for bypass reconciliation.
+    pub upstream_socket_cookie: Option<i64>,
+
+    // --- the request ---
+    /// Database user and database name the agent asked for.
+    pub database_user: String,
+    pub database_name: String,
+    /// The exact statement text.
+    pub query_info_query_string: String,
+
+    // --- the outcome ---
+    pub response_rows: Option<i64>,
+    pub response_bytes: Option<i64>,
+    /// Server-side error code (SQLSTATE, HTTP status, exit status).
+    pub response_error_code: String,
+    pub duration_us: Option<i64>,
+
+    /// Everything else, as a JSON object.
+    pub unmapped: String,
+}

@@ -1,0 +1,177 @@
+//! The daemon's one TOML configuration file. Each stage owns the type of its
+//! own section; this file puts them together and checks what spans them.
+//! A bad file stops the daemon at start with the file, the key and the reason.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{audit::AuditConfig, identity::IdentityConfig};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub pin: PinConfig,
+    pub identity: IdentityConfig,
+    pub audit: AuditConfig,
+    /// Protected targets, one listener each.
+    #[serde(rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+/// Where the kernel programs attach and where their state is pinned.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinConfig {
+    /// cgroup v2 directories whose processes are agents; created if missing.
+    #[serde(default)]
+    pub agent_cgroups: Vec<PathBuf>,
+    /// Directory under bpffs where links and maps are pinned.
+    #[serde(default = "default_pin_dir")]
+    pub bpffs_dir: PathBuf,
+}
+
+impl Default for PinConfig {
+    fn default() -> Self {
+        Self {
+            agent_cgroups: Vec::new(),
+            bpffs_dir: default_pin_dir(),
+        }
+    }
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/tollgate")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Name used in the audit and in policy, e.g. "orders-db".
+    pub name: String,
+    pub protocol: Protocol,
+    /// The real address agents connect to; connections from agent cgroups
+    /// to it are redirected to `listen`.
+    pub address: SocketAddr,
+    /// tollgate's listener for this target (IPv4 loopback).
+    pub listen: SocketAddr,
+    /// The credential tollgate presents upstream.
+    pub credential: CredentialConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    pub user: String,
+    /// Password given inline (discouraged: prefer `password_file`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// File holding the password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl CredentialConfig {
+    /// The upstream password, if any (trust authentication needs none).
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                anyhow::anyhow!("credential.password_file {}: {err}", path.display())
+            })?;
+            return Ok(Some(text.lines().next().unwrap_or("").to_owned()));
+        }
+        Ok(self.password.clone())
+    }
+}
+
+/// A configuration error that names the file, the key and the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            file: file.clone(),
+            key: "-".into(),
+            reason: format!("cannot read: {err}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|err| ConfigError {
+            file: file.into(),
+            key: "-".into(),
+            reason: err.to_string().trim().to_owned(),
+        })?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let key = err.path().to_string();
+            ConfigError {
+                file: file.into(),
+                key: if key.is_empty() || key == "." { "-".into() } else { key },
+                reason: err.into_inner().message().trim().to_owned(),
+            }
+        })?;
+        config.check().map_err(|(key, reason)| ConfigError {
+            file: file.into(),
+            key,
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that span several keys.
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.targets.is_empty() {
+            return Err(("target".into(), "at least one [[target]] is required".into()));
+        }
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        for (i, target) in self.targets.iter().enumerate() {
+            if !names.insert(&target.name) {
+                return Err((format!("target[{i}].name"), format!("duplicate target name {:?}", target.name)));
+            }
+            if !listens.insert(target.listen) {
+                return Err((format!("target[{i}].listen"), format!("{} is used by another target", target.listen)));
+            }
+            if !target.listen.is_ipv4() || !target.listen.ip().is_loopback() {
+                return Err((
+                    format!("target[{i}].listen"),
+                    "the listener must be an IPv4 loopback address (the kernel redirect points there)".into(),
+                ));
+            }
+            if target.listen == target.address {
+                return Err((format!("target[{i}].listen"), "must differ from address".into()));
+            }
+            if target.credential.password.is_some() && target.credential.password_file.is_some() {
+                return Err((
+                    format!("target[{i}].credential"),
+                    "give password or password_file, not both".into(),
+                ));
+            }
+        }
+        for (i, cgroup) in self.pin.agent_cgroups.iter().enumerate() {
+            if !cgroup.is_absolute() {
+                return Err((format!("pin.agent_cgroups[{i}]"), "must be an absolute path under the cgroup v2 mount".into()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! tollgate: the daemon that sits on the only path between AI agents and
+//! production systems.
+//!
+//! One module per stage of a request's path (see docs/architecture.md):
+//!
+//! | stage | module |
+//! | --- | --- |
+//! | the kernel redirect that makes the path unavoidable | [`pin`] |
+//! | who is calling: Entra token -> [`identity::Principal`] | [`identity`] |
+//! | may this request run | [`policy`] |
+//! | protocol adapters (PostgreSQL, ...) | [`proxy`] |
+//! | the tamper-evident record of every request | [`audit`] |
+//! | development identity provider | [`dev`] |
+
+pub mod audit;
+pub mod config;
+pub mod dev;
+pub mod identity;
+pub mod pin;
+pub mod policy;
+pub mod proxy;
