@@ -11,11 +11,17 @@ use std::{
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let root = manifest_dir.parent().expect("gateway/ sits in the workspace");
+    let root = manifest_dir
+        .parent()
+        .expect("gateway/ sits in the workspace");
     let ebpf_dir = root.join("gateway-ebpf");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets it"));
 
-    for watched in ["gateway-ebpf/src", "gateway-ebpf/Cargo.toml", "gateway-common/src"] {
+    for watched in [
+        "gateway-ebpf/src",
+        "gateway-ebpf/Cargo.toml",
+        "gateway-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=TOLLGATE_EBPF_OBJECT");
@@ -40,13 +46,20 @@ fn build_ebpf(ebpf_dir: &Path, target_dir: &Path, object: &Path) {
     // Do not leak the outer build's settings into the kernel build.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        if key.starts_with("CARGO") || key.starts_with("RUSTC") || key == "RUSTUP_TOOLCHAIN" || key == "RUSTFLAGS" {
+        if key.starts_with("CARGO")
+            || key.starts_with("RUSTC")
+            || key == "RUSTUP_TOOLCHAIN"
+            || key == "RUSTFLAGS"
+        {
             cmd.env_remove(&key);
         }
     }
     // aya-ebpf uses unstable features; the Debian toolchain is stable.
     cmd.env("RUSTC_BOOTSTRAP", "1");
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     let status = cmd.status().unwrap_or_else(|err| {
         panic!("cannot run rustup to build gateway-ebpf ({err}); run `cargo xtask setup` first")
     });

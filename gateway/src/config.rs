@@ -125,7 +125,11 @@ impl Config {
             let key = err.path().to_string();
             ConfigError {
                 file: file.into(),
-                key: if key.is_empty() || key == "." { "-".into() } else { key },
+                key: if key.is_empty() || key == "." {
+                    "-".into()
+                } else {
+                    key
+                },
                 reason: err.into_inner().message().trim().to_owned(),
             }
         })?;
@@ -140,16 +144,25 @@ impl Config {
     /// Checks that span several keys.
     fn check(&self) -> Result<(), (String, String)> {
         if self.targets.is_empty() {
-            return Err(("target".into(), "at least one [[target]] is required".into()));
+            return Err((
+                "target".into(),
+                "at least one [[target]] is required".into(),
+            ));
         }
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
         for (i, target) in self.targets.iter().enumerate() {
             if !names.insert(&target.name) {
-                return Err((format!("target[{i}].name"), format!("duplicate target name {:?}", target.name)));
+                return Err((
+                    format!("target[{i}].name"),
+                    format!("duplicate target name {:?}", target.name),
+                ));
             }
             if !listens.insert(target.listen) {
-                return Err((format!("target[{i}].listen"), format!("{} is used by another target", target.listen)));
+                return Err((
+                    format!("target[{i}].listen"),
+                    format!("{} is used by another target", target.listen),
+                ));
             }
             if !target.listen.is_ipv4() || !target.listen.ip().is_loopback() {
                 return Err((
@@ -158,7 +171,10 @@ impl Config {
                 ));
             }
             if target.listen == target.address {
-                return Err((format!("target[{i}].listen"), "must differ from address".into()));
+                return Err((
+                    format!("target[{i}].listen"),
+                    "must differ from address".into(),
+                ));
             }
             if target.credential.password.is_some() && target.credential.password_file.is_some() {
                 return Err((
@@ -169,7 +185,10 @@ impl Config {
         }
         for (i, cgroup) in self.pin.agent_cgroups.iter().enumerate() {
             if !cgroup.is_absolute() {
-                return Err((format!("pin.agent_cgroups[{i}]"), "must be an absolute path under the cgroup v2 mount".into()));
+                return Err((
+                    format!("pin.agent_cgroups[{i}]"),
+                    "must be an absolute path under the cgroup v2 mount".into(),
+                ));
             }
         }
         Ok(())

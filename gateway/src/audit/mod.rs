@@ -1,6 +1,6 @@
 //! The tamper-evident record of every request.
 
-mod record;
+pub mod record;
 
 pub use record::AuditRecord;
 use serde::Deserialize;
@@ -31,4 +31,7 @@ impl AuditLog {
     pub async fn append(&self, _record: AuditRecord) -> Result<u64, AuditError> {
         Err(AuditError::Unavailable("audit is not built yet".into()))
     }
+
+    /// Flushes and closes the open segment.
+    pub async fn shutdown(&self) {}
 }

@@ -1,2 +1,317 @@
-//! Loads the kernel programs, attaches them to the agent cgroups and owns
-//! their maps. Implemented in the skeleton commit that follows.
+//! Makes the gateway unavoidable: loads the kernel programs, attaches them to
+//! the agent cgroups, pins links and maps in bpffs, and fills the redirect
+//! map with the protected targets.
+//!
+//! Links are pinned so they outlive the daemon: when tollgate is down, an
+//! agent's connection to a protected target is still rewritten to the
+//! (now closed) listener and refused, never sent direct. A restarted daemon
+//! attaches fresh links next to the old ones, then atomically replaces the
+//! old pins, so there is no moment without a redirect.
+
+mod mounts;
+
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use gateway_common::{
+    map_names, program_names, ClientPortKey, OriginalDestination, Redirect, TargetKey,
+};
+use tracing::info;
+
+pub use mounts::ensure_mounts;
+
+/// The kernel object, built from `gateway-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::GETPEERNAME4,
+    program_names::GETPEERNAME6,
+];
+
+/// A protected destination and the listener that serves it.
+#[derive(Debug, Clone, Copy)]
+pub struct Protected {
+    pub address: SocketAddr,
+    pub listener: SocketAddr,
+}
+
+/// What the kernel saw of the agent behind an accepted connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOrigin {
+    /// The address the agent connected to.
+    pub original_destination: SocketAddr,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+/// The loaded programs and their maps, attached and pinned.
+pub struct Pinning {
+    _ebpf: Ebpf,
+    original_destinations: BpfHashMap<MapData, u64, OriginalDestination>,
+    client_ports: BpfHashMap<MapData, ClientPortKey, u64>,
+}
+
+impl Pinning {
+    /// Loads the programs, attaches them to every agent cgroup (created if
+    /// missing), pins everything under `pin_dir` and makes the redirect map
+    /// hold exactly `protected`.
+    pub fn install(
+        pin_dir: &Path,
+        agent_cgroups: &[PathBuf],
+        protected: &[Protected],
+    ) -> Result<Self> {
+        ensure_mounts()?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> = [
+            map_names::REDIRECTS,
+            map_names::ORIGINAL_DESTINATIONS,
+            map_names::CLIENT_PORTS,
+        ]
+        .into_iter()
+        .map(|name| (name, maps_dir.join(name)))
+        .collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("load the kernel programs")?;
+
+        for name in SOCK_ADDR_PROGRAMS {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .with_context(|| format!("load program {name}"))?;
+        }
+        program_mut::<SockOps>(&mut ebpf, program_names::SOCK_OPS)?
+            .load()
+            .context("load the sock_ops program")?;
+
+        for cgroup in agent_cgroups {
+            fs::create_dir_all(cgroup)
+                .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
+            let cgroup_file = fs::File::open(cgroup)
+                .with_context(|| format!("open cgroup {}", cgroup.display()))?;
+            let cgroup_id = cgroup_file.metadata()?.ino();
+            for name in SOCK_ADDR_PROGRAMS {
+                let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+                let link_id = program
+                    .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                    .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+                let link: FdLink = program.take_link(link_id)?.try_into()?;
+                replace_pin(link, &links_dir, name, cgroup_id)?;
+            }
+            let program: &mut SockOps = program_mut(&mut ebpf, program_names::SOCK_OPS)?;
+            let link_id = program
+                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .with_context(|| format!("attach sock_ops to {}", cgroup.display()))?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            replace_pin(link, &links_dir, program_names::SOCK_OPS, cgroup_id)?;
+            info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
+        }
+
+        let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
+            take_map(&mut ebpf, map_names::REDIRECTS)?;
+        sync_redirects(&mut redirects, protected)?;
+        let original_destinations = take_map(&mut ebpf, map_names::ORIGINAL_DESTINATIONS)?;
+        let client_ports = take_map(&mut ebpf, map_names::CLIENT_PORTS)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            original_destinations,
+            client_ports,
+        })
+    }
+
+    /// Names the agent behind an accepted connection whose peer (the agent's
+    /// side of the socket) is `peer`. `None` when the connection was not
+    /// redirected by the kernel programs (e.g. a client that connected to
+    /// the listener directly).
+    pub fn client_origin(&mut self, peer: SocketAddr) -> Option<ClientOrigin> {
+        let key = ClientPortKey {
+            port: u32::from(peer.port()),
+            _reserved: 0,
+        };
+        let cookie = self.client_ports.get(&key, 0).ok()?;
+        // One lookup per connection: the port will be reused by others.
+        let _ = self.client_ports.remove(&key);
+        let original = self.original_destinations.get(&cookie, 0).ok()?;
+        Some(ClientOrigin {
+            original_destination: SocketAddr::new(
+                ip_from_words(original.addr),
+                original.port as u16,
+            ),
+            pid: original.pid,
+            comm: comm_to_string(&original.comm),
+            cgroup_id: original.cgroup_id,
+        })
+    }
+}
+
+/// Removes everything tollgate pinned: the redirect stops, agent
+/// connections go direct again.
+pub fn unpin(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        info!(dir = %pin_dir.display(), "nothing pinned");
+        return Ok(());
+    }
+    fs::remove_dir_all(pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
+    info!(dir = %pin_dir.display(), "unpinned: links detached and maps released");
+    Ok(())
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the kernel object"))?;
+    Ok(program.try_into()?)
+}
+
+fn take_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<BpfHashMap<MapData, K, V>> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the kernel object"))?;
+    Ok(BpfHashMap::try_from(map)?)
+}
+
+/// Pins `link` as `<program>-<cgroup id>`, atomically replacing the link a
+/// previous daemon pinned there (whose program is then detached).
+fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: u64) -> Result<()> {
+    let path = links_dir.join(format!("{program}-{cgroup_id}"));
+    let staging = links_dir.join(format!(".{program}-{cgroup_id}.new"));
+    let _ = fs::remove_file(&staging);
+    link.pin(&staging)
+        .with_context(|| format!("pin link at {}", staging.display()))?;
+    fs::rename(&staging, &path)
+        .with_context(|| format!("replace pinned link {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_redirects(
+    map: &mut BpfHashMap<MapData, TargetKey, Redirect>,
+    protected: &[Protected],
+) -> Result<()> {
+    let wanted: Vec<(TargetKey, Redirect)> = protected
+        .iter()
+        .map(|p| Ok((target_key(p.address), redirect_to(p.listener)?)))
+        .collect::<Result<_>>()?;
+    let stale: Vec<TargetKey> = map
+        .keys()
+        .filter_map(|key| key.ok())
+        .filter(|key| !wanted.iter().any(|(k, _)| k == key))
+        .collect();
+    for key in stale {
+        map.remove(&key)?;
+    }
+    for (key, redirect) in &wanted {
+        map.insert(key, redirect, 0)?;
+    }
+    for p in protected {
+        info!(target = %p.address, listener = %p.listener, "protected destination redirected");
+    }
+    Ok(())
+}
+
+/// The map key for a destination: IPv4 is stored IPv4-mapped.
+pub fn target_key(address: SocketAddr) -> TargetKey {
+    let v6 = match address.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let octets = v6.octets();
+    let mut addr = [0u32; 4];
+    for (i, word) in addr.iter_mut().enumerate() {
+        // Words hold the bytes in network order, as the kernel's user_ip6 does.
+        *word = u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ]);
+    }
+    TargetKey {
+        addr,
+        port: u32::from(address.port()),
+    }
+}
+
+fn redirect_to(listener: SocketAddr) -> Result<Redirect> {
+    let IpAddr::V4(v4) = listener.ip() else {
+        bail!("listener {listener} must be IPv4");
+    };
+    Ok(Redirect {
+        addr4: u32::from_ne_bytes(v4.octets()),
+        port: u32::from(listener.port()),
+    })
+}
+
+fn ip_from_words(words: [u32; 4]) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn comm_to_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_targets_are_stored_mapped_and_come_back() {
+        let addr: SocketAddr = "10.1.2.3:5432".parse().unwrap();
+        let key = target_key(addr);
+        assert_eq!(
+            key.addr,
+            gateway_common::v4_mapped(u32::from_ne_bytes([10, 1, 2, 3]))
+        );
+        assert_eq!(key.port, 5432);
+        assert_eq!(ip_from_words(key.addr), addr.ip());
+    }
+
+    #[test]
+    fn ipv6_targets_round_trip() {
+        let addr: SocketAddr = "[fd00::7]:5432".parse().unwrap();
+        assert_eq!(ip_from_words(target_key(addr).addr), addr.ip());
+    }
+
+    #[test]
+    fn comm_stops_at_nul() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"psql");
+        assert_eq!(comm_to_string(&comm), "psql");
+    }
+}

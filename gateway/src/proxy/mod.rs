@@ -1,5 +1,193 @@
-//! Protocol adapters. Every adapter has the same shape: read the credential
-//! its protocol carries, verify it, then for each request normalise it, ask
-//! the policy, audit it, forward it and audit the outcome.
+//! Protocol adapters and what they share.
+//!
+//! Every adapter has the same shape, so a reader who knows how a SQL
+//! statement is decided knows where any other request is decided:
+//!
+//! 1. [`serve`] accepts a connection on the target's listener and asks the
+//!    kernel maps which agent process made it ([`Connection`]);
+//! 2. the adapter reads the credential its protocol already carries and
+//!    calls [`Verifier::verify`](crate::identity::Verifier::verify);
+//! 3. for each request it normalises the request, asks
+//!    [`Policy::decide`](crate::policy::Policy::decide), makes the request
+//!    record durable ([`AuditLog::append`]), forwards it with the gateway's
+//!    own credential, and records the outcome.
 
 pub mod postgres;
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn, Instrument};
+
+use crate::{
+    audit::{record, AuditLog, AuditRecord},
+    config::{Protocol, TargetConfig},
+    identity::{IdentityError, Principal, Verifier},
+    pin::{ClientOrigin, Pinning},
+    policy::Policy,
+};
+
+/// What every session of every target shares.
+pub struct Shared {
+    pub verifier: Verifier,
+    pub policy: Policy,
+    pub audit: AuditLog,
+    /// Absent when running without the kernel redirect (tests of the
+    /// adapter alone); then the client process is not known.
+    pub pinning: Option<Mutex<Pinning>>,
+}
+
+/// One accepted client connection, before any protocol is spoken.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub session_uid: String,
+    pub target: Arc<TargetConfig>,
+    pub peer: SocketAddr,
+    pub origin: Option<ClientOrigin>,
+}
+
+/// Accepts connections for one target until the listener fails.
+pub async fn serve(target: Arc<TargetConfig>, listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors and the like: keep serving others.
+                warn!(target = %target.name, error = %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let origin = shared
+            .pinning
+            .as_ref()
+            .and_then(|pinning| pinning.lock().ok()?.client_origin(peer));
+        let connection = Connection {
+            session_uid: uuid::Uuid::new_v4().to_string(),
+            target: target.clone(),
+            peer,
+            origin,
+        };
+        let span =
+            tracing::info_span!("session", id = %connection.session_uid, target = %target.name);
+        info!(parent: &span, peer = %peer, origin = ?connection.origin, "connection accepted");
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                let _ = stream.set_nodelay(true);
+                match connection.target.protocol {
+                    Protocol::Postgres => {
+                        postgres::serve_connection(connection, stream, shared).await
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+impl Connection {
+    /// A record with the where and who of this connection filled in.
+    pub fn record(&self, principal: Option<&Principal>) -> AuditRecord {
+        let mut record = AuditRecord {
+            time: now_millis(),
+            session_uid: self.session_uid.clone(),
+            dst_endpoint_name: self.target.name.clone(),
+            src_endpoint_ip: self.peer.ip().to_string(),
+            src_endpoint_port: Some(i32::from(self.peer.port())),
+            ..AuditRecord::default()
+        };
+        // The address the agent asked for; without the redirect, the
+        // configured target address is the best we know.
+        let destination = self
+            .origin
+            .as_ref()
+            .map(|o| o.original_destination)
+            .unwrap_or(self.target.address);
+        record.dst_endpoint_ip = destination.ip().to_string();
+        record.dst_endpoint_port = Some(i32::from(destination.port()));
+        if let Some(origin) = &self.origin {
+            record.actor_process_pid = i32::try_from(origin.pid).ok();
+            record.actor_process_name = origin.comm.clone();
+            record.actor_process_cgroup_id = i64::try_from(origin.cgroup_id).ok();
+        }
+        if let Some(p) = principal {
+            record.actor_user_uid = p.object_id.clone();
+            record.actor_user_name = p.display_name.clone();
+            record.actor_user_org_uid = p.tenant_id.clone();
+            record.actor_app_uid = p.app_id.clone();
+            record.actor_user_groups = p.groups.clone();
+            record.actor_user_roles = p.roles.clone();
+            record.actor_session_credential_uid = p.token_id.clone();
+            record.actor_session_credential_fingerprint = p.token_fingerprint.clone();
+        }
+        record
+    }
+
+    /// The Authentication record of a refused credential.
+    pub fn authentication_refused(&self, error: &IdentityError) -> AuditRecord {
+        let mut record = self.record(None);
+        set_class(
+            &mut record,
+            record::CLASS_AUTHENTICATION,
+            record::authentication_activity::LOGON,
+        );
+        record.phase = "refusal".into();
+        record.status_id = record::status::FAILURE;
+        record.status_detail = error.to_string();
+        record.action_id = record::action::DENIED;
+        record
+    }
+
+    /// The Authentication record of an accepted credential.
+    pub fn authentication_accepted(&self, principal: &Principal) -> AuditRecord {
+        let mut record = self.record(Some(principal));
+        set_class(
+            &mut record,
+            record::CLASS_AUTHENTICATION,
+            record::authentication_activity::LOGON,
+        );
+        record.phase = "session".into();
+        record.status_id = record::status::SUCCESS;
+        record.action_id = record::action::ALLOWED;
+        record
+    }
+}
+
+/// Sets class, activity and the derived type id together.
+pub fn set_class(record: &mut AuditRecord, class_uid: i32, activity_id: i32) {
+    record.class_uid = class_uid;
+    record.activity_id = activity_id;
+    record.type_uid = i64::from(class_uid) * 100 + i64::from(activity_id);
+}
+
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The kernel's cookie of a socket the gateway opened upstream: the
+/// evidence probes see the same cookie, which is how verification tells a
+/// gateway connection from a bypass.
+pub fn socket_cookie(stream: &TcpStream) -> Option<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket; cookie and len are valid for writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}

@@ -1,1 +1,183 @@
 //! The PostgreSQL adapter.
+//!
+//! The agent's token arrives as the password (the convention Azure Database
+//! for PostgreSQL uses): tollgate asks for a cleartext password, verifies
+//! the token, then opens its own upstream connection with the credential
+//! from the config and relays the session, deciding and auditing each
+//! statement on the way ([`relay`]).
+//!
+//! Errors a client sees speak PostgreSQL: an ErrorResponse with SQLSTATE
+//! 28000 for identity, 42501 for policy, 58030 when the audit cannot be
+//! written (the statement is then not sent).
+
+mod relay;
+mod upstream;
+pub mod wire;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{tcp::OwnedWriteHalf, TcpStream},
+};
+use tracing::{info, warn};
+
+use self::wire::{Startup, WireError};
+use super::{Connection, Shared};
+use crate::identity::IdentityError;
+
+/// SQLSTATE invalid_authorization_specification.
+pub const SQLSTATE_IDENTITY: &str = "28000";
+/// SQLSTATE insufficient_privilege.
+pub const SQLSTATE_POLICY: &str = "42501";
+/// SQLSTATE io_error: the audit record could not be written.
+pub const SQLSTATE_AUDIT: &str = "58030";
+/// SQLSTATE protocol_violation.
+pub const SQLSTATE_PROTOCOL: &str = "08P01";
+/// SQLSTATE connection_failure: the target could not be reached.
+pub const SQLSTATE_UPSTREAM: &str = "08006";
+
+pub async fn serve_connection(connection: Connection, client: TcpStream, shared: Arc<Shared>) {
+    match serve(connection, client, shared).await {
+        Ok(()) | Err(WireError::Closed) => info!("session ended"),
+        Err(err) => warn!(error = %err, "session ended with an error"),
+    }
+}
+
+async fn serve(
+    connection: Connection,
+    client: TcpStream,
+    shared: Arc<Shared>,
+) -> Result<(), WireError> {
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let params = loop {
+        let startup = match wire::read_startup(&mut client_rd).await {
+            Ok(startup) => startup,
+            Err(WireError::Malformed(reason)) => {
+                fatal(
+                    &mut client_wr,
+                    SQLSTATE_PROTOCOL,
+                    &format!("tollgate: {reason}"),
+                )
+                .await;
+                return Err(WireError::Malformed(reason));
+            }
+            Err(err) => return Err(err),
+        };
+        match startup {
+            // TLS and GSS encryption are declined; the client then goes on
+            // in the clear or stops, as its sslmode says.
+            Startup::Ssl | Startup::GssEnc => client_wr.write_all(b"N").await?,
+            Startup::Cancel { .. } => {
+                info!("cancel request ignored: tollgate does not relay cancels yet");
+                return Ok(());
+            }
+            Startup::Startup(params) => break params,
+        }
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let database_user = param("user");
+    let database_name = match param("database") {
+        name if name.is_empty() => database_user.clone(),
+        name => name,
+    };
+
+    let mut out = BytesMut::new();
+    wire::authentication_cleartext(&mut out);
+    client_wr.write_all(&out).await?;
+    let mut client_buf = BytesMut::new();
+    let token = match wire::read_frame(&mut client_rd, &mut client_buf).await {
+        Ok(frame) => wire::password(&frame)?,
+        // A client that hangs up at the password prompt had no token to give.
+        Err(WireError::Closed) => {
+            let refusal = IdentityError::Refused(
+                "no token: the client closed the connection at the password prompt".into(),
+            );
+            let mut record = connection.authentication_refused(&refusal);
+            record.database_user = database_user;
+            record.database_name = database_name;
+            let _ = shared.audit.append(record).await;
+            return Err(WireError::Closed);
+        }
+        Err(err) => return Err(err),
+    };
+
+    let principal = match shared.verifier.verify(token.trim()).await {
+        Ok(principal) => principal,
+        Err(refusal) => {
+            info!(reason = %refusal, "token refused");
+            let mut record = connection.authentication_refused(&refusal);
+            record.database_user = database_user;
+            record.database_name = database_name;
+            if let Err(err) = shared.audit.append(record).await {
+                warn!(error = %err, "the refusal could not be audited");
+            }
+            fatal(
+                &mut client_wr,
+                SQLSTATE_IDENTITY,
+                &format!("tollgate: {refusal}"),
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    drop(token);
+
+    let mut accepted = connection.authentication_accepted(&principal);
+    accepted.database_user = database_user.clone();
+    accepted.database_name = database_name.clone();
+    // Fail closed: a session that cannot be audited does not start.
+    if let Err(err) = shared.audit.append(accepted).await {
+        fatal(
+            &mut client_wr,
+            SQLSTATE_AUDIT,
+            &format!("tollgate: cannot audit this session: {err}"),
+        )
+        .await;
+        return Ok(());
+    }
+    info!(oid = %principal.object_id, tid = %principal.tenant_id, "authenticated");
+
+    let upstream = match upstream::connect(&connection.target, &params).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            warn!(error = %err, "upstream connection failed");
+            fatal(
+                &mut client_wr,
+                SQLSTATE_UPSTREAM,
+                &format!("tollgate: {err}"),
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    out.clear();
+    wire::authentication_ok(&mut out);
+    out.extend_from_slice(&upstream.greeting);
+    client_wr.write_all(&out).await?;
+
+    let session = relay::Session {
+        connection,
+        principal,
+        database_user,
+        database_name,
+        upstream_socket_cookie: upstream.socket_cookie,
+        shared,
+    };
+    relay::run(session, client_rd, client_buf, client_wr, upstream).await
+}
+
+/// Sends a FATAL ErrorResponse; the connection is closed after it.
+async fn fatal(client: &mut OwnedWriteHalf, code: &str, message: &str) {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, "FATAL", code, message);
+    let _ = client.write_all(&out).await;
+    let _ = client.shutdown().await;
+}

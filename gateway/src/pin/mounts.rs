@@ -1,0 +1,61 @@
+//! bpffs and tracefs are not mounted at boot on every host; the daemon
+//! mounts them itself rather than asking the operator.
+
+use std::{ffi::CString, path::Path};
+
+use anyhow::{bail, Context, Result};
+use tracing::info;
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+
+/// Mounts bpffs at /sys/fs/bpf and tracefs at /sys/kernel/tracing when
+/// they are not already there.
+pub fn ensure_mounts() -> Result<()> {
+    ensure_mounted(Path::new("/sys/fs/bpf"), "bpf", BPF_FS_MAGIC)?;
+    ensure_mounted(Path::new("/sys/kernel/tracing"), "tracefs", TRACEFS_MAGIC)?;
+    Ok(())
+}
+
+fn ensure_mounted(path: &Path, fstype: &str, magic: i64) -> Result<()> {
+    if fs_magic(path)? == Some(magic) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+    let target = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let kind = CString::new(fstype)?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            kind.as_ptr(),
+            target.as_ptr(),
+            kind.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!(
+            "mount {fstype} at {}: {err} (tollgate needs root or CAP_SYS_ADMIN)",
+            path.display()
+        );
+    }
+    info!(path = %path.display(), fstype, "mounted");
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> Result<Option<i64>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };
+    if rc != 0 {
+        return Ok(None);
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(Some(buf.f_type as i64))
+}

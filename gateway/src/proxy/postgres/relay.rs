@@ -1,0 +1,472 @@
+//! The relay of an authenticated session: every statement is decided and
+//! made durable in the audit before it reaches the server, and its outcome
+//! is recorded when the server has answered.
+//!
+//! Two tasks share the session: one reads the agent's messages and forwards
+//! them, the other reads the server's answers and forwards them. The
+//! requests in flight form a queue; the server answers them in order, which
+//! is how an answer is tied to its statement, pipelining included.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+    sync::Notify,
+};
+use tracing::{debug, warn};
+
+use super::{
+    upstream::Upstream,
+    wire::{self, Frame, WireError},
+    SQLSTATE_AUDIT, SQLSTATE_POLICY,
+};
+use crate::{
+    audit::{record, AuditRecord},
+    identity::Principal,
+    policy::{Decision, Request},
+    proxy::{now_millis, set_class, Connection, Shared},
+};
+
+pub struct Session {
+    pub connection: Connection,
+    pub principal: Principal,
+    pub database_user: String,
+    pub database_name: String,
+    pub upstream_socket_cookie: Option<u64>,
+    pub shared: Arc<Shared>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A simple-protocol Query: answered up to ReadyForQuery.
+    Query,
+    /// An extended-protocol Execute: answered by CommandComplete,
+    /// EmptyQueryResponse, PortalSuspended or ErrorResponse.
+    Execute,
+    /// A Sync: answered by ReadyForQuery.
+    Sync,
+    /// A refused Execute: tollgate answers it itself once everything
+    /// before it has been answered.
+    Refused,
+}
+
+struct Pending {
+    kind: Kind,
+    /// The durable request record, the outcome record starts from it.
+    request: Option<AuditRecord>,
+    started: Instant,
+    rows: i64,
+    bytes: i64,
+    tag_rows: Option<i64>,
+    error: Option<(String, String)>,
+    /// For Refused: the message the client gets.
+    refusal: String,
+}
+
+impl Pending {
+    fn new(kind: Kind, request: Option<AuditRecord>) -> Self {
+        Self {
+            kind,
+            request,
+            started: Instant::now(),
+            rows: 0,
+            bytes: 0,
+            tag_rows: None,
+            error: None,
+            refusal: String::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct InFlight {
+    queue: VecDeque<Pending>,
+    /// Transaction status of the last ReadyForQuery ('I', 'T', 'E').
+    transaction_status: u8,
+}
+
+type ClientWriter = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
+
+pub async fn run(
+    session: Session,
+    client_rd: OwnedReadHalf,
+    client_buf: BytesMut,
+    client_wr: OwnedWriteHalf,
+    upstream: Upstream,
+) -> Result<(), WireError> {
+    let session = Arc::new(session);
+    let in_flight = Arc::new(Mutex::new(InFlight {
+        transaction_status: b'I',
+        ..InFlight::default()
+    }));
+    let drained = Arc::new(Notify::new());
+    let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
+    let (upstream_rd, upstream_wr) = upstream.stream.into_split();
+
+    let to_server = client_to_server(
+        session.clone(),
+        client_rd,
+        client_buf,
+        upstream_wr,
+        client_wr.clone(),
+        in_flight.clone(),
+        drained.clone(),
+    );
+    let to_client = server_to_client(
+        session.clone(),
+        upstream_rd,
+        upstream.buffered,
+        client_wr,
+        in_flight.clone(),
+        drained,
+    );
+    // Whichever side ends first ends the session.
+    let result = tokio::select! {
+        r = to_server => r,
+        r = to_client => r,
+    };
+    // Requests still in flight never got an answer the agent saw.
+    let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
+    for pending in left {
+        finish(
+            &session,
+            pending,
+            Some(("08006".into(), "session ended before the answer".into())),
+        );
+    }
+    result
+}
+
+fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
+    // A poisoned lock only means another task panicked mid-update; the
+    // queue itself is still a queue.
+    in_flight
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn client_to_server(
+    session: Arc<Session>,
+    mut client_rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    mut upstream_wr: OwnedWriteHalf,
+    client_wr: ClientWriter,
+    in_flight: Arc<Mutex<InFlight>>,
+    drained: Arc<Notify>,
+) -> Result<(), WireError> {
+    let mut statements: HashMap<String, String> = HashMap::new();
+    let mut portals: HashMap<String, String> = HashMap::new();
+    // After a refused Execute, the rest of the pipeline up to Sync is
+    // dropped, as PostgreSQL itself does after an error.
+    let mut skipping_to_sync = false;
+    loop {
+        let mut forward = BytesMut::new();
+        while let Some(frame) = wire::split_frame(&mut buf)? {
+            if skipping_to_sync && frame.tag != b'S' {
+                continue;
+            }
+            match frame.tag {
+                b'Q' => {
+                    let text = wire::query_text(&frame)?;
+                    match admit(&session, &text).await {
+                        Ok(request) => {
+                            lock(&in_flight)
+                                .queue
+                                .push_back(Pending::new(Kind::Query, Some(request)));
+                            forward.unsplit(frame.bytes);
+                        }
+                        Err(refusal) => {
+                            // Everything before this statement goes out and
+                            // is answered first, so the agent sees answers in
+                            // the order it asked.
+                            upstream_wr.write_all(&forward).await?;
+                            forward.clear();
+                            wait_until_drained(&in_flight, &drained).await;
+                            let status = lock(&in_flight).transaction_status;
+                            let mut out = BytesMut::new();
+                            wire::error_response(
+                                &mut out,
+                                "ERROR",
+                                &refusal.code,
+                                &refusal.message,
+                            );
+                            wire::ready_for_query(&mut out, status);
+                            client_wr.lock().await.write_all(&out).await?;
+                        }
+                    }
+                }
+                b'P' => {
+                    let (name, text) = wire::parse_message(&frame)?;
+                    statements.insert(name, text);
+                    forward.unsplit(frame.bytes);
+                }
+                b'B' => {
+                    let (portal, statement) = wire::bind_message(&frame)?;
+                    portals.insert(portal, statement);
+                    forward.unsplit(frame.bytes);
+                }
+                b'E' => {
+                    let portal = wire::execute_portal(&frame)?;
+                    let text = portals
+                        .get(&portal)
+                        .and_then(|statement| statements.get(statement))
+                        .cloned()
+                        .unwrap_or_default();
+                    match admit(&session, &text).await {
+                        Ok(request) => {
+                            lock(&in_flight)
+                                .queue
+                                .push_back(Pending::new(Kind::Execute, Some(request)));
+                            forward.unsplit(frame.bytes);
+                        }
+                        Err(refusal) => {
+                            let mut pending = Pending::new(Kind::Refused, None);
+                            pending.error = Some((refusal.code, refusal.message.clone()));
+                            pending.refusal = refusal.message;
+                            lock(&in_flight).queue.push_back(pending);
+                            skipping_to_sync = true;
+                        }
+                    }
+                }
+                b'S' => {
+                    skipping_to_sync = false;
+                    lock(&in_flight)
+                        .queue
+                        .push_back(Pending::new(Kind::Sync, None));
+                    forward.unsplit(frame.bytes);
+                }
+                b'C' => {
+                    let (kind, name) = wire::close_message(&frame)?;
+                    match kind {
+                        b'S' => statements.remove(&name),
+                        _ => portals.remove(&name),
+                    };
+                    forward.unsplit(frame.bytes);
+                }
+                b'X' => {
+                    forward.unsplit(frame.bytes);
+                    upstream_wr.write_all(&forward).await?;
+                    let _ = upstream_wr.shutdown().await;
+                    return Ok(());
+                }
+                _ => forward.unsplit(frame.bytes),
+            }
+        }
+        if !forward.is_empty() {
+            upstream_wr.write_all(&forward).await?;
+        }
+        if client_rd.read_buf(&mut buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+async fn wait_until_drained(in_flight: &Mutex<InFlight>, drained: &Notify) {
+    loop {
+        let notified = drained.notified();
+        if lock(in_flight).queue.is_empty() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+struct Refusal {
+    code: String,
+    message: String,
+}
+
+/// Decides a statement and makes its request record durable. `Ok` carries
+/// the record the outcome will complete; `Err` is what the agent is told.
+async fn admit(session: &Session, text: &str) -> Result<AuditRecord, Refusal> {
+    let mut record = session.connection.record(Some(&session.principal));
+    set_class(
+        &mut record,
+        record::CLASS_DATASTORE_ACTIVITY,
+        record::datastore_activity::QUERY,
+    );
+    record.request_uid = uuid::Uuid::new_v4().to_string();
+    record.database_user = session.database_user.clone();
+    record.database_name = session.database_name.clone();
+    record.query_info_query_string = text.to_owned();
+    record.upstream_socket_cookie = session
+        .upstream_socket_cookie
+        .and_then(|c| i64::try_from(c).ok());
+    record.connection_info_protocol_name = "postgres".into();
+
+    let request = Request {
+        target: &session.connection.target.name,
+        text,
+    };
+    let decision = session.shared.policy.decide(&session.principal, &request);
+    if let Decision::Deny { rule, reason } = decision {
+        record.phase = "refusal".into();
+        record.status_id = record::status::FAILURE;
+        record.action_id = record::action::DENIED;
+        record.policy_uid = rule.clone();
+        record.status_detail = reason.clone();
+        let message = match session.shared.audit.append(record).await {
+            Ok(_) => format!("tollgate: refused by policy rule {rule}: {reason}"),
+            Err(err) => format!("tollgate: refused by policy rule {rule}: {reason} (and the refusal could not be audited: {err})"),
+        };
+        return Err(Refusal {
+            code: SQLSTATE_POLICY.into(),
+            message,
+        });
+    }
+
+    record.phase = "request".into();
+    record.action_id = record::action::ALLOWED;
+    match session.shared.audit.append(record.clone()).await {
+        Ok(_) => Ok(record),
+        Err(err) => {
+            warn!(error = %err, "statement refused: audit unavailable");
+            Err(Refusal {
+                code: SQLSTATE_AUDIT.into(),
+                message: format!("tollgate: the statement was not sent because its audit record could not be written: {err}"),
+            })
+        }
+    }
+}
+
+async fn server_to_client(
+    session: Arc<Session>,
+    mut upstream_rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    client_wr: ClientWriter,
+    in_flight: Arc<Mutex<InFlight>>,
+    drained: Arc<Notify>,
+) -> Result<(), WireError> {
+    loop {
+        let mut out = BytesMut::new();
+        while let Some(frame) = wire::split_frame(&mut buf)? {
+            let finished = track_answer(&in_flight, &frame, &mut out);
+            for (pending, error) in finished {
+                finish(&session, pending, error);
+            }
+            out.unsplit(frame.bytes);
+        }
+        if !out.is_empty() {
+            client_wr.lock().await.write_all(&out).await?;
+        }
+        if lock(&in_flight).queue.is_empty() {
+            drained.notify_waiters();
+        }
+        if upstream_rd.read_buf(&mut buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+type Finished = Vec<(Pending, Option<(String, String)>)>;
+
+/// Updates the queue for one server message; returns the requests it
+/// completed. Refusals that have come to the head are answered into `out`
+/// first, in their place in the order.
+fn track_answer(in_flight: &Mutex<InFlight>, frame: &Frame, out: &mut BytesMut) -> Finished {
+    let mut finished = Finished::new();
+    let mut guard = lock(in_flight);
+    let InFlight {
+        queue,
+        transaction_status,
+    } = &mut *guard;
+    while queue.front().is_some_and(|p| p.kind == Kind::Refused) {
+        if let Some(refused) = queue.pop_front() {
+            wire::error_response(out, "ERROR", SQLSTATE_POLICY, &refused.refusal);
+        }
+    }
+    let Some(head) = queue.front_mut() else {
+        return finished;
+    };
+    match frame.tag {
+        b'D' => {
+            head.rows += 1;
+            head.bytes += frame.bytes.len() as i64;
+        }
+        b'C' | b'I' | b's' => {
+            if frame.tag == b'C' {
+                head.tag_rows = Some(
+                    head.tag_rows.unwrap_or(0) + wire::command_complete_rows(frame).unwrap_or(0),
+                );
+            }
+            if head.kind == Kind::Execute {
+                if let Some(done) = queue.pop_front() {
+                    finished.push((done, None));
+                }
+            }
+        }
+        b'E' => {
+            let error = wire::error_fields(frame);
+            match head.kind {
+                Kind::Query => head.error = Some(error),
+                Kind::Execute => {
+                    if let Some(done) = queue.pop_front() {
+                        finished.push((done, Some(error)));
+                    }
+                    // The server skips the rest of the pipeline until Sync.
+                    while queue.front().is_some_and(|p| p.kind == Kind::Execute) {
+                        if let Some(skipped) = queue.pop_front() {
+                            finished.push((
+                                skipped,
+                                Some((
+                                    "25P02".into(),
+                                    "not executed: an earlier message in the pipeline failed"
+                                        .into(),
+                                )),
+                            ));
+                        }
+                    }
+                }
+                Kind::Sync | Kind::Refused => {}
+            }
+        }
+        b'Z' => {
+            *transaction_status = frame.body().first().copied().unwrap_or(b'I');
+            if matches!(head.kind, Kind::Query | Kind::Sync) {
+                if let Some(done) = queue.pop_front() {
+                    let error = done.error.clone();
+                    if done.kind == Kind::Query {
+                        finished.push((done, error));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    finished
+}
+
+/// Writes the outcome record of a request. It follows the durable request
+/// record, so the agent's answer does not wait for it.
+fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) {
+    let Some(mut outcome) = pending.request else {
+        return;
+    };
+    outcome.phase = "outcome".into();
+    outcome.time = now_millis();
+    outcome.duration_us = i64::try_from(pending.started.elapsed().as_micros()).ok();
+    outcome.response_rows = Some(pending.tag_rows.unwrap_or(pending.rows).max(pending.rows));
+    outcome.response_bytes = Some(pending.bytes);
+    match error {
+        Some((code, message)) => {
+            outcome.status_id = record::status::FAILURE;
+            outcome.response_error_code = code;
+            outcome.status_detail = message;
+        }
+        None => outcome.status_id = record::status::SUCCESS,
+    }
+    let audit = session.shared.audit.clone();
+    tokio::spawn(async move {
+        if let Err(err) = audit.append(outcome).await {
+            warn!(error = %err, "outcome record lost: audit unavailable");
+        } else {
+            debug!("outcome recorded");
+        }
+    });
+}

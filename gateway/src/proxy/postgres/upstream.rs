@@ -1,0 +1,191 @@
+//! The gateway's own connection to the real server, authenticated with the
+//! credential from the config (never the agent's).
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::{
+    authentication::{md5_hash, sasl},
+    message::{backend, frontend},
+};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::wire::{self, Frame, WireError};
+use crate::config::TargetConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach {address}: {source}")]
+    Connect {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("target refused the gateway's credential: {code} {message}")]
+    Refused { code: String, message: String },
+    #[error("target asked for an authentication method tollgate does not speak ({0})")]
+    UnsupportedAuth(String),
+    #[error("gateway credential: {0}")]
+    Credential(String),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// An authenticated upstream connection and what the server said after
+/// AuthenticationOk (ParameterStatus, BackendKeyData, ReadyForQuery), which
+/// the client must see as if it came from the server.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub buffered: BytesMut,
+    pub greeting: BytesMut,
+    pub socket_cookie: Option<u64>,
+}
+
+/// Connects and authenticates as `target.credential`, asking for the
+/// database and options the agent asked for.
+pub async fn connect(
+    target: &TargetConfig,
+    client_params: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let mut stream =
+        TcpStream::connect(target.address)
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                address: target.address,
+                source,
+            })?;
+    let _ = stream.set_nodelay(true);
+    let socket_cookie = super::super::socket_cookie(&stream);
+    let user = target.credential.user.as_str();
+    let password = target
+        .credential
+        .password()
+        .map_err(|err| UpstreamError::Credential(err.to_string()))?;
+
+    // Everything the agent asked for passes through (drivers depend on
+    // parameters such as extra_float_digits), except who it claims to be.
+    let mut params: Vec<(&str, &str)> = vec![("user", user)];
+    for (key, value) in client_params {
+        if key != "user" {
+            params.push((key, value));
+        }
+    }
+    let mut out = BytesMut::new();
+    frontend::startup_message(params.iter().copied(), &mut out).map_err(WireError::Io)?;
+    stream.write_all(&out).await.map_err(WireError::Io)?;
+
+    let mut buf = BytesMut::new();
+    let mut scram: Option<sasl::ScramSha256> = None;
+    loop {
+        let frame = wire::read_frame(&mut stream, &mut buf).await?;
+        match frame.tag {
+            b'R' => {
+                let message = parse_backend(&frame)?;
+                out.clear();
+                match message {
+                    backend::Message::AuthenticationOk => break,
+                    backend::Message::AuthenticationCleartextPassword => {
+                        let password = need(&password)?;
+                        frontend::password_message(password.as_bytes(), &mut out)
+                            .map_err(WireError::Io)?;
+                    }
+                    backend::Message::AuthenticationMd5Password(body) => {
+                        let password = need(&password)?;
+                        let hash = md5_hash(user.as_bytes(), password.as_bytes(), body.salt());
+                        frontend::password_message(hash.as_bytes(), &mut out)
+                            .map_err(WireError::Io)?;
+                    }
+                    backend::Message::AuthenticationSasl(body) => {
+                        let password = need(&password)?;
+                        let mechanisms: Vec<String> = body
+                            .mechanisms()
+                            .map(|m| Ok(m.to_owned()))
+                            .collect()
+                            .map_err(WireError::Io)?;
+                        if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                            return Err(UpstreamError::UnsupportedAuth(mechanisms.join(", ")));
+                        }
+                        let state = sasl::ScramSha256::new(
+                            password.as_bytes(),
+                            sasl::ChannelBinding::unsupported(),
+                        );
+                        frontend::sasl_initial_response(
+                            sasl::SCRAM_SHA_256,
+                            state.message(),
+                            &mut out,
+                        )
+                        .map_err(WireError::Io)?;
+                        scram = Some(state);
+                    }
+                    backend::Message::AuthenticationSaslContinue(body) => {
+                        let state = scram.as_mut().ok_or_else(|| {
+                            WireError::Malformed("SASL continue before SASL start".into())
+                        })?;
+                        state.update(body.data()).map_err(WireError::Io)?;
+                        frontend::sasl_response(state.message(), &mut out)
+                            .map_err(WireError::Io)?;
+                    }
+                    backend::Message::AuthenticationSaslFinal(body) => {
+                        let state = scram.as_mut().ok_or_else(|| {
+                            WireError::Malformed("SASL final before SASL start".into())
+                        })?;
+                        // Proves the server knew the password: a rogue
+                        // upstream cannot fake a successful SCRAM exchange.
+                        state.finish(body.data()).map_err(WireError::Io)?;
+                    }
+                    _ => {
+                        return Err(UpstreamError::UnsupportedAuth(
+                            "unknown authentication request".into(),
+                        ))
+                    }
+                }
+                if !out.is_empty() {
+                    stream.write_all(&out).await.map_err(WireError::Io)?;
+                }
+            }
+            b'E' => {
+                let (code, message) = wire::error_fields(&frame);
+                return Err(UpstreamError::Refused { code, message });
+            }
+            b'N' => {} // NoticeResponse during startup: nothing to do.
+            other => {
+                return Err(WireError::Malformed(format!(
+                    "unexpected {:?} during authentication",
+                    other as char
+                ))
+                .into())
+            }
+        }
+    }
+
+    // After AuthenticationOk: ParameterStatus*, BackendKeyData, ReadyForQuery.
+    let mut greeting = BytesMut::new();
+    loop {
+        let frame = wire::read_frame(&mut stream, &mut buf).await?;
+        let tag = frame.tag;
+        if tag == b'E' {
+            let (code, message) = wire::error_fields(&frame);
+            return Err(UpstreamError::Refused { code, message });
+        }
+        greeting.extend_from_slice(&frame.bytes);
+        if tag == b'Z' {
+            break;
+        }
+    }
+    Ok(Upstream {
+        stream,
+        buffered: buf,
+        greeting,
+        socket_cookie,
+    })
+}
+
+fn need(password: &Option<String>) -> Result<&str, UpstreamError> {
+    password.as_deref().ok_or_else(|| {
+        UpstreamError::Credential("the target asks for a password and none is configured".into())
+    })
+}
+
+fn parse_backend(frame: &Frame) -> Result<backend::Message, WireError> {
+    let mut bytes = frame.bytes.clone();
+    backend::Message::parse(&mut bytes)?
+        .ok_or_else(|| WireError::Malformed("incomplete message".into()))
+}

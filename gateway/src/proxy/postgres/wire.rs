@@ -1,0 +1,353 @@
+//! Message framing for the PostgreSQL adapter.
+//!
+//! Upstream messages are parsed with `postgres-protocol` where the adapter
+//! needs their content; frames the adapter only relays are cut by their
+//! 5-byte header and forwarded untouched. The few backend messages tollgate
+//! writes itself (authentication requests, errors) are built here, since
+//! `postgres-protocol` only encodes the frontend side.
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Protocol version 3.0 in a StartupMessage.
+pub const PROTOCOL_3_0: i32 = 196_608;
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+
+/// PostgreSQL refuses startup packets larger than this; so do we.
+const MAX_STARTUP_PACKET: usize = 10_000;
+/// Upper bound for one message, as PostgreSQL's own limit for large
+/// messages: a length field above it is a malformed stream, not a message.
+pub const MAX_MESSAGE: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// The first packet of a connection.
+#[derive(Debug)]
+pub enum Startup {
+    Ssl,
+    GssEnc,
+    Cancel {
+        process_id: i32,
+        secret_key: i32,
+    },
+    /// StartupMessage parameters in order (user, database, options, ...).
+    Startup(Vec<(String, String)>),
+}
+
+pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startup, WireError> {
+    let mut len_bytes = [0u8; 4];
+    read_exact_or_closed(reader, &mut len_bytes).await?;
+    let len = i32::from_be_bytes(len_bytes);
+    if len < 8 || len as usize > MAX_STARTUP_PACKET {
+        return Err(WireError::Malformed(format!("startup packet length {len}")));
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    read_exact_or_closed(reader, &mut body).await?;
+    let mut buf = &body[..];
+    let code = buf.get_i32();
+    match code {
+        SSL_REQUEST => Ok(Startup::Ssl),
+        GSSENC_REQUEST => Ok(Startup::GssEnc),
+        CANCEL_REQUEST if buf.len() == 8 => Ok(Startup::Cancel {
+            process_id: buf.get_i32(),
+            secret_key: buf.get_i32(),
+        }),
+        PROTOCOL_3_0 => {
+            let mut params = Vec::new();
+            loop {
+                let key = take_cstr(&mut buf)?;
+                if key.is_empty() {
+                    break;
+                }
+                let value = take_cstr(&mut buf)?;
+                params.push((key, value));
+            }
+            Ok(Startup::Startup(params))
+        }
+        other => Err(WireError::Malformed(format!(
+            "unsupported protocol version {}.{}",
+            other >> 16,
+            other & 0xffff
+        ))),
+    }
+}
+
+/// One tagged message, header included, as it travels on the wire.
+#[derive(Debug)]
+pub struct Frame {
+    pub tag: u8,
+    pub bytes: BytesMut,
+}
+
+impl Frame {
+    /// The message body, after tag and length.
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+}
+
+/// Cuts the next complete frame off the front of `buf`, if there is one.
+pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 || len as usize > MAX_MESSAGE {
+        return Err(WireError::Malformed(format!(
+            "message {:?} with length {len}",
+            tag as char
+        )));
+    }
+    let total = 1 + len as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        tag,
+        bytes: buf.split_to(total),
+    }))
+}
+
+/// Reads until one complete frame is available.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Frame, WireError> {
+    loop {
+        if let Some(frame) = split_frame(buf)? {
+            return Ok(frame);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+/// A NUL-terminated string from the front of `buf`.
+pub fn take_cstr(buf: &mut &[u8]) -> Result<String, WireError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| WireError::Malformed("string without terminator".into()))?;
+    let text = std::str::from_utf8(&buf[..end])
+        .map_err(|_| WireError::Malformed("string is not UTF-8".into()))?
+        .to_owned();
+    *buf = &buf[end + 1..];
+    Ok(text)
+}
+
+/// Query ('Q'): the statement text.
+pub fn query_text(frame: &Frame) -> Result<String, WireError> {
+    take_cstr(&mut frame.body())
+}
+
+/// Parse ('P'): statement name and query text.
+pub fn parse_message(frame: &Frame) -> Result<(String, String), WireError> {
+    let mut body = frame.body();
+    let name = take_cstr(&mut body)?;
+    let query = take_cstr(&mut body)?;
+    Ok((name, query))
+}
+
+/// Bind ('B'): portal name and statement name.
+pub fn bind_message(frame: &Frame) -> Result<(String, String), WireError> {
+    let mut body = frame.body();
+    let portal = take_cstr(&mut body)?;
+    let statement = take_cstr(&mut body)?;
+    Ok((portal, statement))
+}
+
+/// Execute ('E'): portal name.
+pub fn execute_portal(frame: &Frame) -> Result<String, WireError> {
+    take_cstr(&mut frame.body())
+}
+
+/// Close ('C' from the client): kind ('S' statement, 'P' portal) and name.
+pub fn close_message(frame: &Frame) -> Result<(u8, String), WireError> {
+    let mut body = frame.body();
+    if body.is_empty() {
+        return Err(WireError::Malformed("empty Close".into()));
+    }
+    let kind = body[0];
+    body = &body[1..];
+    Ok((kind, take_cstr(&mut body)?))
+}
+
+/// PasswordMessage ('p'): the password, i.e. the agent's token.
+pub fn password(frame: &Frame) -> Result<String, WireError> {
+    if frame.tag != b'p' {
+        return Err(WireError::Malformed(format!(
+            "expected a password message, got {:?}",
+            frame.tag as char
+        )));
+    }
+    take_cstr(&mut frame.body())
+}
+
+/// CommandComplete ('C' from the server): the row count at the end of the
+/// tag ("SELECT 3", "INSERT 0 5", "UPDATE 2"), when there is one.
+pub fn command_complete_rows(frame: &Frame) -> Option<i64> {
+    let tag = take_cstr(&mut frame.body()).ok()?;
+    tag.rsplit(' ').next()?.parse().ok()
+}
+
+/// ErrorResponse ('E' from the server): SQLSTATE and message.
+pub fn error_fields(frame: &Frame) -> (String, String) {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut body = frame.body();
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            break;
+        }
+        body = rest;
+        let Ok(value) = take_cstr(&mut body) else {
+            break;
+        };
+        match field {
+            b'C' => code = value,
+            b'M' => message = value,
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
+fn put_frame(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let len_at = out.len();
+    out.put_i32(0);
+    body(out);
+    let len = (out.len() - len_at) as i32;
+    out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(out: &mut BytesMut, text: &str) {
+    // A NUL inside would end the field early; PostgreSQL never sends one.
+    out.put_slice(text.replace('\0', " ").as_bytes());
+    out.put_u8(0);
+}
+
+/// AuthenticationCleartextPassword: the token travels as the password.
+pub fn authentication_cleartext(out: &mut BytesMut) {
+    put_frame(out, b'R', |b| b.put_i32(3));
+}
+
+pub fn authentication_ok(out: &mut BytesMut) {
+    put_frame(out, b'R', |b| b.put_i32(0));
+}
+
+/// ErrorResponse with severity, SQLSTATE and message.
+pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    put_frame(out, b'E', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, severity);
+        b.put_u8(b'V');
+        put_cstr(b, severity);
+        b.put_u8(b'C');
+        put_cstr(b, code);
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        b.put_u8(0);
+    });
+}
+
+/// ReadyForQuery with the transaction status byte ('I', 'T' or 'E').
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    put_frame(out, b'Z', |b| b.put_u8(status));
+}
+
+async fn read_exact_or_closed<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut [u8],
+) -> Result<(), WireError> {
+    match reader.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => Err(WireError::Closed),
+        Err(err) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_cut_only_when_complete() {
+        let mut buf = BytesMut::from(&b"Q\x00\x00\x00\x0dSELECT 1\x00Q"[..]);
+        let frame = split_frame(&mut buf).unwrap().unwrap();
+        assert_eq!(frame.tag, b'Q');
+        assert_eq!(query_text(&frame).unwrap(), "SELECT 1");
+        assert!(split_frame(&mut buf).unwrap().is_none());
+        assert_eq!(&buf[..], b"Q");
+    }
+
+    #[test]
+    fn a_negative_length_is_malformed() {
+        let mut buf = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
+        assert!(matches!(
+            split_frame(&mut buf),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn error_response_round_trips() {
+        let mut out = BytesMut::new();
+        error_response(&mut out, "FATAL", "28000", "token refused: expired");
+        let frame = split_frame(&mut out).unwrap().unwrap();
+        assert_eq!(frame.tag, b'E');
+        assert_eq!(
+            error_fields(&frame),
+            ("28000".into(), "token refused: expired".into())
+        );
+    }
+
+    #[test]
+    fn command_complete_row_counts() {
+        for (tag, rows) in [
+            ("SELECT 3", Some(3)),
+            ("INSERT 0 5", Some(5)),
+            ("BEGIN", None),
+        ] {
+            let mut out = BytesMut::new();
+            put_frame(&mut out, b'C', |b| put_cstr(b, tag));
+            let frame = split_frame(&mut out).unwrap().unwrap();
+            assert_eq!(command_complete_rows(&frame), rows, "{tag}");
+        }
+    }
+
+    #[tokio::test]
+    async fn startup_parameters_are_read_in_order() {
+        let mut packet = BytesMut::new();
+        packet.put_i32(0);
+        packet.put_i32(PROTOCOL_3_0);
+        for s in ["user", "agent", "database", "orders", ""] {
+            put_cstr(&mut packet, s);
+        }
+        let len = packet.len() as i32;
+        packet[..4].copy_from_slice(&len.to_be_bytes());
+        let Startup::Startup(params) = read_startup(&mut &packet[..]).await.unwrap() else {
+            panic!("not a startup message")
+        };
+        assert_eq!(
+            params,
+            vec![
+                ("user".into(), "agent".into()),
+                ("database".into(), "orders".into())
+            ]
+        );
+    }
+}
