@@ -1,1 +1,108 @@
-fn main() {}
+//! `cargo xtask`: everything a developer or CI runs.
+//!
+//! - `setup`: installs what a fresh host lacks (idempotent; seconds when done)
+//! - `test`: setup, build, then the whole test suite
+//! - `demo`: setup, build, then a local PostgreSQL, the development identity
+//!   provider and tollgate, with psql run as an agent and the audit printed
+//!   through DuckDB
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything tollgate needs to build and test on this host.
+    Setup,
+    /// Set up, build and run every test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run tollgate on a demo configuration and show the audit.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+        Task::Demo => {
+            setup::run()?;
+            let binary = build_gateway()?;
+            demo::run(&binary)
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
+
+/// Builds kept across clones of the project on one host, so CI and later
+/// sessions reuse what was built before.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/tollgate/target"))
+}
+
+pub fn step(message: &str) {
+    eprintln!("==> {message}");
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    // The stable toolchain builds everything but the kernel programs,
+    // whatever toolchain a reduced PATH would otherwise find.
+    cmd.arg("+stable");
+    cmd.current_dir(root());
+    cmd.env("CARGO_TARGET_DIR", target_dir());
+    cmd
+}
+
+pub fn run_checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build_gateway() -> Result<PathBuf> {
+    step("building tollgate (kernel programs included)");
+    run_checked(cargo().args(["build", "--package", "gateway", "--bin", "tollgate"]))?;
+    Ok(target_dir().join("debug/tollgate"))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::run()?;
+    let binary = build_gateway()?;
+    step("running the test suite");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]);
+    cmd.env("TOLLGATE_BIN", &binary);
+    cmd.env("TOLLGATE_PYTHON", setup::python());
+    cmd.args(args);
+    run_checked(&mut cmd)
+}

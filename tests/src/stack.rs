@@ -1,0 +1,77 @@
+//! The whole path in one value: a PostgreSQL server, the development IdP
+//! and tollgate protecting the server for one agent cgroup.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::{duckdb, wait_for, AgentCgroup, DevIdp, Gateway, Postgres};
+
+pub struct Stack {
+    // Dropped in this order: the gateway before the servers it talks to.
+    pub gateway: Gateway,
+    pub idp: DevIdp,
+    pub postgres: Postgres,
+}
+
+impl Stack {
+    pub fn start() -> Result<Self> {
+        let postgres = Postgres::start()?;
+        let idp = DevIdp::start()?;
+        let (dir, config) = Gateway::config_for(
+            postgres.address(),
+            &postgres.gateway_user,
+            &postgres.gateway_password,
+            idp.jwks_uri(),
+        )?;
+        let gateway = Gateway::start(dir, config)?;
+        Ok(Stack { gateway, idp, postgres })
+    }
+
+    /// psql run as an agent: inside the agent cgroup, connecting to the
+    /// server's real address with the token as its password.
+    pub fn agent_psql(&self, token: &str, sql: &str) -> Command {
+        let mut cmd = AgentCgroup::command(&self.gateway.config.agent_cgroup, "psql");
+        cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=agent dbname=orders connect_timeout=5 sslmode=disable",
+                self.postgres.port
+            ))
+            .args(["-c", sql])
+            .env("PGPASSWORD", token);
+        cmd
+    }
+
+    /// A raw protocol login through the agent cgroup (see tests/python/pg_login.py).
+    pub fn agent_login(&self, password: &str) -> Result<Value> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_login.py");
+        let out = AgentCgroup::command(&self.gateway.config.agent_cgroup, &duckdb::python())
+            .arg(script)
+            .args(["127.0.0.1", &self.postgres.port.to_string(), "agent", "orders", password])
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_login.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Rows of the audit matching `sql` over the view `audit`, waiting up to
+    /// `timeout` for at least `want` rows (segments close on a short timer).
+    pub fn audit_rows(&self, sql: &str, want: usize, timeout: Duration) -> Result<Vec<Value>> {
+        let mut rows = Vec::new();
+        let dir = self.gateway.audit_dir().to_path_buf();
+        let waited = wait_for("audit rows", timeout, || {
+            rows = duckdb::query(&dir, sql).unwrap_or_default();
+            rows.len() >= want
+        });
+        if waited.is_err() {
+            bail!(
+                "expected at least {want} audit rows for {sql:?}, found {}; gateway log:\n{}",
+                rows.len(),
+                self.gateway.log()
+            );
+        }
+        Ok(rows)
+    }
+}

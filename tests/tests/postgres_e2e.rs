@@ -1,0 +1,205 @@
+//! One pinned, authenticated, audited PostgreSQL query, end to end: a real
+//! PostgreSQL server, real psql in a real agent cgroup redirected by the real
+//! kernel programs, the development IdP, and DuckDB over the audit Parquet.
+
+use std::{process::Command, time::Duration};
+
+use tollgate_tests::{idp, privileged, AgentCgroup, DevIdp, Stack};
+
+const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-00000000a9e7";
+const AUDIT_WAIT: Duration = Duration::from_secs(30);
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_owned()
+}
+
+#[test]
+fn an_agent_query_is_served_by_tollgate_and_audited_with_its_identity() {
+    if !privileged("an_agent_query_is_served_by_tollgate_and_audited_with_its_identity") {
+        return;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack
+        .idp
+        .token(AGENT_OID, &["--name", "billing-agent", "--groups", "g-readers"])
+        .expect("mint a token");
+
+    let out = stack
+        .agent_psql(&token, "SELECT name FROM customers WHERE id = 2")
+        .output()
+        .expect("run psql");
+    assert!(out.status.success(), "psql failed: {}\n{}", stderr(&out), stack.gateway.log());
+    assert_eq!(stdout(&out), "Grace");
+
+    // PostgreSQL would refuse a JWT as the password of `agent` (no such
+    // role): the session is the gateway's own, with its own credential.
+    let out = stack.agent_psql(&token, "SELECT current_user").output().expect("run psql");
+    assert_eq!(stdout(&out), stack.postgres.gateway_user, "{}", stderr(&out));
+
+    // The agent still sees the address it asked for.
+    let peer = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &tollgate_tests::duckdb::python())
+        .args([
+            "-c",
+            "import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1]))); print('%s:%d' % s.getpeername())",
+            &stack.postgres.port.to_string(),
+        ])
+        .output()
+        .expect("run python");
+    assert_eq!(stdout(&peer), format!("127.0.0.1:{}", stack.postgres.port), "{}", stderr(&peer));
+
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'outcome' AND query_info_query_string = 'SELECT name FROM customers WHERE id = 2'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("audit rows");
+    let row = &rows[0];
+    assert_eq!(row["actor_user_uid"], AGENT_OID);
+    assert_eq!(row["actor_user_org_uid"], idp::TENANT);
+    assert_eq!(row["actor_user_name"], "billing-agent");
+    assert_eq!(row["actor_user_groups"], serde_json::json!(["g-readers"]));
+    assert_eq!(row["dst_endpoint_name"], "orders-db");
+    assert_eq!(row["dst_endpoint_port"], i64::from(stack.postgres.port));
+    assert_eq!(row["actor_process_name"], "psql");
+    assert!(row["actor_process_pid"].as_i64().unwrap_or(0) > 0, "pid recorded: {row}");
+    assert_eq!(row["status_id"], 1);
+    assert_eq!(row["response_rows"], 1);
+    assert!(row["duration_us"].as_i64().is_some());
+    assert_eq!(row["database_name"], "orders");
+    // The token itself is never stored, only its fingerprint.
+    assert!(!row.to_string().contains(&token));
+    assert_eq!(row["actor_session_credential_fingerprint"].as_str().map(str::len), Some(64));
+
+    let requests = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'request' AND query_info_query_string = 'SELECT name FROM customers WHERE id = 2'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("request rows");
+    assert_eq!(requests[0]["request_uid"], row["request_uid"]);
+}
+
+#[test]
+fn refused_tokens_get_sqlstate_28000_and_each_refusal_is_audited() {
+    if !privileged("refused_tokens_get_sqlstate_28000_and_each_refusal_is_audited") {
+        return;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let rogue = DevIdp::rogue_key_dir().expect("rogue key dir");
+    let cases = [
+        ("no token", String::new()),
+        ("expired", stack.idp.token("oid-expired", &["--expires-in", "-3600"]).expect("mint")),
+        ("wrong audience", stack.idp.token("oid-wrong-aud", &["--audience", "api://someone-else"]).expect("mint")),
+        ("unknown key", idp::mint(rogue.path(), "oid-rogue", &[]).expect("mint")),
+    ];
+    for (case, token) in &cases {
+        let answer = stack.agent_login(token).expect("raw login");
+        assert_eq!(answer["outcome"], "error", "{case}: {answer}");
+        assert_eq!(answer["sqlstate"], "28000", "{case}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("tollgate: "), "{case}: {message}");
+    }
+    // psql shows the reason too.
+    let out = stack.agent_psql(&cases[1].1, "SELECT 1").output().expect("run psql");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("tollgate: "), "{}", stderr(&out));
+
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE class_uid = 3002 AND status_id = 2 ORDER BY sequence",
+            cases.len(),
+            AUDIT_WAIT,
+        )
+        .expect("refusal rows");
+    assert!(rows.len() >= cases.len());
+    for row in &rows {
+        assert_eq!(row["phase"], "refusal");
+        assert_eq!(row["action_id"], 2);
+        let process = row["actor_process_name"].as_str().unwrap_or_default();
+        assert!(process.starts_with("python"), "refusals name the process: {row}");
+        assert!(!row["status_detail"].as_str().unwrap_or_default().is_empty(), "reason recorded: {row}");
+    }
+    // The four reasons differ: each refusal says why.
+    let reasons: std::collections::HashSet<_> = rows.iter().take(cases.len()).map(|r| r["status_detail"].to_string()).collect();
+    assert_eq!(reasons.len(), cases.len(), "{rows:?}");
+}
+
+#[test]
+fn with_tollgate_killed_agents_are_refused_and_never_reach_postgres_directly() {
+    if !privileged("with_tollgate_killed_agents_are_refused_and_never_reach_postgres_directly") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
+    let out = stack.agent_psql(&token, "SELECT 1").output().expect("run psql");
+    assert_eq!(stdout(&out), "1", "{}", stderr(&out));
+
+    stack.gateway.kill();
+    let before = stack.postgres.connections_received();
+    // Even the right password for the server does not get an agent through.
+    let out = stack
+        .agent_psql(&stack.postgres.superuser_password, "SELECT 1")
+        .env("PGUSER", "postgres")
+        .output()
+        .expect("run psql");
+    assert!(!out.status.success(), "agent connection succeeded with tollgate down");
+    assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
+    assert_eq!(stack.postgres.connections_received(), before, "the agent reached PostgreSQL directly");
+
+    // Outside the agent cgroup, the server is reached directly: the pinning is scoped.
+    let direct = stack.postgres.superuser_sql_ok("orders", "SELECT count(*) FROM customers").expect("direct psql");
+    assert_eq!(direct, "3");
+    assert_eq!(stack.postgres.connections_received(), before + 1);
+
+    // A restarted daemon takes over the pinned redirect.
+    stack.gateway.restart().expect("restart tollgate");
+    let out = stack.agent_psql(&token, "SELECT 2").output().expect("run psql");
+    assert_eq!(stdout(&out), "2", "{}\n{}", stderr(&out), stack.gateway.log());
+}
+
+#[test]
+fn unpin_removes_the_redirect() {
+    if !privileged("unpin_removes_the_redirect") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    stack.gateway.unpin().expect("tollgate unpin");
+    assert!(!stack.gateway.config.bpffs_dir.exists());
+    // With the redirect gone, the agent cgroup reaches the server itself.
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql")
+        .args(["-X", "-A", "-t"])
+        .arg(format!("host=127.0.0.1 port={} user=postgres dbname=orders", stack.postgres.port))
+        .args(["-c", "SELECT current_user"])
+        .env("PGPASSWORD", &stack.postgres.superuser_password)
+        .output()
+        .expect("run psql");
+    assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+}
+
+#[test]
+fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        "[identity]\ntenants = []\naudiences = []\njwks_file = \"/nonexistent\"\n[audit]\ndir = \"/tmp/x\"\n[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:5432\"\nlisten = \"not-an-address\"\ncredential = { user = \"u\" }\n",
+    )
+    .expect("write config");
+    let out = Command::new(tollgate_tests::tollgate_bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run tollgate");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("broken.toml"), "{err}");
+    assert!(err.contains("target[0].listen"), "{err}");
+    assert!(err.contains("invalid socket address"), "{err}");
+}
