@@ -16,6 +16,11 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+    /// Development tools: a local identity provider and token minting.
+    Dev {
+        #[command(subcommand)]
+        command: tollgate::dev::DevCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,6 +29,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run { config } => {
             let _ = tollgate::config::Config::load(&config)?;
             Ok(())
+        }
+        Command::Dev { command } => {
+            tokio::runtime::Runtime::new()?.block_on(tollgate::dev::run(command))
         }
     }
 }
