@@ -13,6 +13,8 @@ mod keys;
 mod token;
 
 #[cfg(test)]
+mod forged_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{

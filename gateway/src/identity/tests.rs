@@ -6,7 +6,6 @@ use super::*;
 use crate::dev::{DevKey, Keyring, TokenKind, TokenSpec};
 
 pub(super) const TID: &str = "8f3c1a52-7d4e-4b7a-9c1e-2a5b6d7e8f90";
-#[allow(dead_code)]
 pub(super) const OTHER_TID: &str = "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d";
 pub(super) const AUD: &str = "api://tollgate";
 pub(super) const AUD_GUID: &str = "6a1e0c2d-3b4f-4a5e-9d6c-7b8a9f0e1d2c";
