@@ -15,6 +15,8 @@ mod token;
 #[cfg(test)]
 mod forged_tests;
 #[cfg(test)]
+mod rotation_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{

@@ -268,3 +268,69 @@ async fn dev_idp_keys_over_http_jwks_uri_and_discovery() {
     }
     idp.abort();
 }
+
+#[tokio::test]
+async fn groups_app_roles_apps_and_oids_map_to_tollgate_roles() {
+    let extra = r#"
+[roles.db-reader]
+groups = ["AAAAAAAA-0000-4000-8000-000000000001"]
+[roles.db-writer]
+app_roles = ["Tollgate.Write"]
+[roles.ci]
+apps = ["c1c1c1c1-0000-4000-8000-000000000003"]
+[roles.oncall]
+object_ids = ["11111111-2222-4333-8444-555555555555"]
+[roles.nobody]
+groups = ["bbbbbbbb-0000-4000-8000-000000000009"]
+app_roles = ["tollgate.write"]
+"#;
+    let (_d, ring, v) = setup(extra).await;
+    // Group ids match case-insensitively (GUIDs); app role values exactly.
+    let t = TokenSpec {
+        groups: vec!["aaaaaaaa-0000-4000-8000-000000000001".into()],
+        roles: vec!["Tollgate.Write".into()],
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("accepted");
+    assert_eq!(p.tollgate_roles, vec!["db-reader", "db-writer", "oncall"]);
+
+    let t = TokenSpec {
+        oid: "99999999-2222-4333-8444-555555555555".into(),
+        app_id: "c1c1c1c1-0000-4000-8000-000000000003".into(),
+        kind: TokenKind::App,
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("accepted");
+    assert_eq!(p.tollgate_roles, vec!["ci"]);
+
+    let t = TokenSpec {
+        oid: "99999999-2222-4333-8444-555555555555".into(),
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    assert!(v
+        .verify(&t)
+        .await
+        .expect("accepted")
+        .tollgate_roles
+        .is_empty());
+}
+
+#[tokio::test]
+async fn user_token_scopes_are_split() {
+    let (_d, ring, v) = setup("").await;
+    let t = TokenSpec {
+        scopes: vec!["Db.Read".into(), "Db.Write".into()],
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("accepted");
+    assert_eq!(p.kind, PrincipalKind::User);
+    assert_eq!(p.scopes, vec!["Db.Read", "Db.Write"]);
+}
