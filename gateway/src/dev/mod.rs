@@ -2,6 +2,7 @@
 //! JWKS on loopback and mints Entra-shaped tokens. Never for production; the
 //! daemon accepts its keys only when the config says `development_idp = true`.
 
+pub mod directory;
 pub mod keyring;
 pub mod server;
 pub mod token;
@@ -77,6 +78,10 @@ pub struct TokenArgs {
     /// Token version: 1 (sts.windows.net issuer) or 2.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
     version: u8,
+    /// Group overage: leave the groups out of the token (as Entra does past
+    /// 200) and record them for the IdP's Graph-like getMemberObjects.
+    #[arg(long)]
+    overage: bool,
 }
 
 pub async fn run(command: DevCommand) -> anyhow::Result<()> {
@@ -116,8 +121,12 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
                 kind,
                 expires_in,
                 version,
+                overage,
             } = *args;
             let ring = Keyring::open_or_create(&dir)?;
+            if overage {
+                directory::set_members(&dir, &oid, &groups)?;
+            }
             let spec = TokenSpec {
                 app_id,
                 name,
@@ -127,6 +136,7 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
                 kind,
                 expires_in,
                 version,
+                overage,
                 ..TokenSpec::new(&tenant, &oid, &audience)
             };
             println!("{}", spec.mint(ring.signing_key())?);

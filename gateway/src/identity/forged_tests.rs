@@ -168,6 +168,21 @@ async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
     let dup_aud = format!("{{\"aud\":\"api://evil\",{}", &good[1..]);
     let dup_alg = format!("{{\"alg\":\"HS256\",{}", &header(kid)[1..]);
 
+    // Graph configured on a loopback port nothing listens on. Leaked: the
+    // table holds &'static config snippets and this one names a temp path.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let secret = crate::dev::directory::graph_secret_file(dir.path()).expect("secret");
+    let graph_unreachable: &'static str = Box::leak(
+        format!(
+            "development_idp = true\n[graph]\nendpoint = \"http://{closed}\"\n\
+             authority = \"http://{closed}\"\nclient_id = \"tollgate\"\nclient_secret_file = {secret:?}\n"
+        )
+        .into_boxed_str(),
+    );
+
     let cases = vec![
         Case {
             name: "alg none, no signature",
@@ -612,6 +627,27 @@ async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
                 .to_string(),
             ),
             code: "groups_overage",
+        },
+        Case {
+            name: "group overage and Graph unreachable",
+            config: graph_unreachable,
+            token: rs256(
+                key,
+                &h,
+                &Value::Object(
+                    match (TokenSpec {
+                        overage: true,
+                        ..spec()
+                    })
+                    .claims_at(t)
+                    {
+                        Value::Object(m) => m,
+                        _ => unreachable!(),
+                    },
+                )
+                .to_string(),
+            ),
+            code: "groups_lookup_failed",
         },
         Case {
             name: "PS256 when only RS256 is allowed",

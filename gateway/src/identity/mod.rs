@@ -9,11 +9,14 @@
 //! refusal a caller sees beyond "bad signature". The token itself is never
 //! logged or stored; [`Principal::token_fingerprint`] identifies it.
 
+mod graph;
 mod keys;
 mod token;
 
 #[cfg(test)]
 mod forged_tests;
+#[cfg(test)]
+mod graph_tests;
 #[cfg(test)]
 mod rotation_tests;
 #[cfg(test)]
@@ -32,6 +35,8 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use graph::GraphClient;
+pub use graph::GraphConfig;
 use keys::KeyStore;
 pub use keys::{check_url, KeySource};
 pub use token::MAX_TOKEN_BYTES;
@@ -87,6 +92,9 @@ pub struct IdentityConfig {
     /// tollgate role name -> who holds it.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleRule>,
+    /// Group overage lookup; without it, overage tokens are refused.
+    #[serde(default)]
+    pub graph: Option<GraphConfig>,
 }
 
 /// Who holds one tollgate role: any match grants it.
@@ -435,6 +443,7 @@ fn key_source(c: &IdentityConfig) -> anyhow::Result<KeySource> {
 struct Inner {
     settings: Settings,
     keys: KeyStore,
+    graph: Option<GraphClient>,
 }
 
 /// Validates tokens. Cheap to share: clone it or keep it behind an `Arc`.
@@ -472,7 +481,15 @@ impl Verifier {
                 "identity keys not loaded yet; tokens are refused until a refresh succeeds"
             ),
         }
-        let inner = Arc::new(Inner { settings, keys });
+        let graph = match &config.graph {
+            Some(g) => Some(GraphClient::new(g, config.development_idp)?),
+            None => None,
+        };
+        let inner = Arc::new(Inner {
+            settings,
+            keys,
+            graph,
+        });
         spawn_refresh(
             Arc::downgrade(&inner),
             Duration::from_secs(config.jwks_refresh_secs),
@@ -620,7 +637,15 @@ impl Verifier {
         let groups = if overage {
             // Treating overage as "no groups" would silently drop the caller's
             // group-based roles, or worse, any deny rules keyed on groups.
-            return Err(IdentityError::GroupsOverage);
+            let graph = self
+                .inner
+                .graph
+                .as_ref()
+                .ok_or(IdentityError::GroupsOverage)?;
+            graph.member_groups(&tid, &object_id).await.map_err(|e| {
+                tracing::warn!(tid = %tid, oid = %object_id, reason = %e, "group overage lookup failed");
+                IdentityError::GroupsLookupFailed(e)
+            })?
         } else {
             c.str_list("groups")?.unwrap_or_default()
         };
