@@ -49,6 +49,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Development tools: a local identity provider and token minting.
+    Dev {
+        #[command(subcommand)]
+        command: tollgate::dev::DevCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +79,9 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("tollgate: {err:#}");
             ExitCode::FAILURE
+        }
+        Command::Dev { command } => {
+            tokio::runtime::Runtime::new()?.block_on(tollgate::dev::run(command))
         }
     }
 }

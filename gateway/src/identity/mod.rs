@@ -1,43 +1,731 @@
 //! Who is calling: validates a Microsoft Entra access token and turns it into
 //! a [`Principal`]. Every protocol adapter calls [`Verifier::verify`] with the
-//! credential its protocol already carries.
+//! credential its protocol already carries (PostgreSQL password, SSH
+//! password, HTTP bearer).
+//!
+//! The order of checks is deliberate: size and shape first (cheap, before
+//! any parsing of attacker bytes), then the header (alg, kid), then the
+//! signature, and only then the claims, so nothing unsigned decides which
+//! refusal a caller sees beyond "bad signature". The token itself is never
+//! logged or stored; [`Principal::token_fingerprint`] identifies it.
 
+mod graph;
+mod keys;
+mod token;
+
+#[cfg(test)]
+mod forged_tests;
+#[cfg(test)]
+mod graph_tests;
+#[cfg(test)]
+mod rotation_tests;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use graph::GraphClient;
+pub use graph::GraphConfig;
+use keys::KeyStore;
+pub use keys::{check_url, KeySource};
+pub use token::MAX_TOKEN_BYTES;
+use token::{Claims, RawToken};
 
 /// Identity provider settings (`[identity]` in the config file).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityConfig {}
+pub struct IdentityConfig {
+    /// Tenant ids (GUIDs) whose tokens are accepted.
+    pub tenants: Vec<String>,
+    /// Accepted `aud` values: tollgate's client id (GUID) and/or its App ID
+    /// URI (`api://...`). A trailing slash on either side is ignored.
+    pub audiences: Vec<String>,
+    /// Token versions accepted: 2 (`login.microsoftonline.com/{tid}/v2.0`)
+    /// and/or 1 (`sts.windows.net/{tid}/`). Default: [2].
+    #[serde(default = "default_versions")]
+    pub token_versions: Vec<u8>,
+    /// v2 issuer template; `{tenantid}` is replaced by the token's tid.
+    #[serde(default = "default_issuer_v2")]
+    pub issuer_v2: String,
+    /// v1 issuer template; `{tenantid}` is replaced by the token's tid.
+    #[serde(default = "default_issuer_v1")]
+    pub issuer_v1: String,
+    /// Where signing keys come from: exactly one of these three.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// OIDC metadata URL; its `jwks_uri` is followed on every refresh.
+    #[serde(default)]
+    pub discovery_uri: Option<String>,
+    /// JWS algorithms accepted. Default: ["RS256"] (what Entra uses).
+    #[serde(default = "default_algorithms")]
+    pub allowed_algorithms: Vec<String>,
+    /// Tolerance on exp/nbf/iat. Default 300 s, as Microsoft's libraries.
+    #[serde(default = "default_skew")]
+    pub clock_skew_secs: u64,
+    /// Refuse tokens issued (iat) longer ago than this. Default: no limit
+    /// beyond exp.
+    #[serde(default)]
+    pub max_token_age_secs: Option<u64>,
+    /// Scheduled key refresh. Default 86400 s (Microsoft: daily).
+    #[serde(default = "default_refresh")]
+    pub jwks_refresh_secs: u64,
+    /// Minimum time between refreshes triggered by an unknown kid. Default 60 s.
+    #[serde(default = "default_min_refresh")]
+    pub jwks_min_refresh_secs: u64,
+    /// Accept keys from the built-in development IdP (plain http on
+    /// loopback). Never in production.
+    #[serde(default)]
+    pub development_idp: bool,
+    /// tollgate role name -> who holds it.
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleRule>,
+    /// Group overage lookup; without it, overage tokens are refused.
+    #[serde(default)]
+    pub graph: Option<GraphConfig>,
+}
+
+/// Who holds one tollgate role: any match grants it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRule {
+    /// Entra group object ids (the `groups` claim).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// App role values (the `roles` claim).
+    #[serde(default)]
+    pub app_roles: Vec<String>,
+    /// Client application ids (azp/appid).
+    #[serde(default)]
+    pub apps: Vec<String>,
+    /// Caller object ids (oid).
+    #[serde(default)]
+    pub object_ids: Vec<String>,
+}
+
+fn default_versions() -> Vec<u8> {
+    vec![2]
+}
+fn default_issuer_v2() -> String {
+    "https://login.microsoftonline.com/{tenantid}/v2.0".into()
+}
+fn default_issuer_v1() -> String {
+    "https://sts.windows.net/{tenantid}/".into()
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+fn default_skew() -> u64 {
+    300
+}
+fn default_refresh() -> u64 {
+    86_400
+}
+fn default_min_refresh() -> u64 {
+    60
+}
+
+/// Audiences of Microsoft Graph (and the retired Azure AD Graph) in every
+/// cloud. Their tokens are not meant for third parties to validate; one
+/// presented to tollgate is a token for someone else (confused deputy).
+const GRAPH_AUDIENCES: &[&str] = &[
+    "00000003-0000-0000-c000-000000000000",
+    "https://graph.microsoft.com",
+    "https://graph.microsoft.us",
+    "https://dod-graph.microsoft.us",
+    "https://microsoftgraph.chinacloudapi.cn",
+    "00000002-0000-0000-c000-000000000000",
+    "https://graph.windows.net",
+];
+
+fn is_graph_audience(aud: &str) -> bool {
+    let a = aud.trim_end_matches('/');
+    GRAPH_AUDIENCES.iter().any(|g| g.eq_ignore_ascii_case(a))
+}
+
+/// Delegated (a user, through a client app) or app-only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PrincipalKind {
+    #[default]
+    User,
+    App,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::User => "user",
+            PrincipalKind::App => "app",
+        }
+    }
+}
 
 /// The caller, as proven by a validated token.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Principal {
+    /// tid. With object_id, the stable key of the caller.
     pub tenant_id: String,
+    /// oid: the user or service principal.
     pub object_id: String,
+    /// azp (v2) / appid (v1): the client application.
     pub app_id: String,
+    /// upn / preferred_username / name: for display and audit only, never
+    /// for decisions (users can change them).
     pub display_name: String,
     pub groups: Vec<String>,
+    /// App roles (`roles` claim).
     pub roles: Vec<String>,
+    /// uti: Entra's unique token id.
     pub token_id: String,
+    /// Hex SHA-256 of the token as presented (after trimming).
     pub token_fingerprint: String,
     /// Token expiry, seconds since the epoch.
     pub expires_at: i64,
+    /// Token issue time (iat), seconds since the epoch; 0 when absent.
+    pub issued_at: i64,
+    pub kind: PrincipalKind,
+    /// Delegated scopes (`scp`); empty for app tokens.
+    pub scopes: Vec<String>,
+    /// Roles from `[identity.roles]`: the only roles policy sees.
+    pub tollgate_roles: Vec<String>,
+    /// 1 or 2.
+    pub token_version: u8,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a token was refused. `Display` is the human reason; [`code`](Self::code)
+/// is a short stable machine reason for audit rows and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("token refused: {0}")]
-    Refused(String),
+    #[error("no token presented")]
+    Missing,
+    #[error("token is {0} bytes, more than the {MAX_TOKEN_BYTES} accepted")]
+    Oversized(usize),
+    #[error("token is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("token {0} is not base64url")]
+    BadEncoding(&'static str),
+    #[error("token {0} is not a JSON object")]
+    BadJson(&'static str),
+    #[error("token {0} has a duplicate member")]
+    DuplicateMember(&'static str),
+    #[error("algorithm {0} is not accepted")]
+    AlgNotAllowed(String),
+    #[error("token header has no kid")]
+    MissingKid,
+    #[error("token header has a crit member, which is not supported")]
+    UnsupportedCrit,
+    #[error("no signing key with kid {0}")]
+    UnknownKid(String),
+    #[error("the signing key does not match algorithm {0}")]
+    KeyAlgMismatch(String),
+    #[error("no signing keys available (key source unreachable and nothing cached)")]
+    KeysUnavailable,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("token expired at {exp} (now {now})")]
+    Expired { exp: i64, now: i64 },
+    #[error("token not valid before {nbf} (now {now})")]
+    NotYetValid { nbf: i64, now: i64 },
+    #[error("token issued in the future ({iat}, now {now})")]
+    IssuedInFuture { iat: i64, now: i64 },
+    #[error("token issued at {iat} is older than the {max_age} s accepted")]
+    TooOld { iat: i64, max_age: u64 },
+    #[error("claim {0} is missing")]
+    MissingClaim(&'static str),
+    #[error("claim {0} has the wrong type")]
+    BadClaimType(&'static str),
+    #[error("issuer {0} is not an accepted Entra issuer")]
+    BadIssuer(String),
+    #[error("issuer {iss} does not belong to tenant {tid}")]
+    IssuerTenantMismatch { iss: String, tid: String },
+    #[error("v{0} tokens are not accepted")]
+    VersionNotAccepted(u8),
+    #[error("tenant {0} is not allowed")]
+    TenantNotAllowed(String),
+    #[error("audience {0} is not accepted")]
+    BadAudience(String),
+    #[error("token is for Microsoft Graph ({0}), not for tollgate")]
+    GraphAudience(String),
+    #[error("app-only token (idtyp=app) carries delegated scopes")]
+    InconsistentKind,
+    #[error(
+        "caller has too many groups for the token (overage) and no Graph lookup is configured"
+    )]
+    GroupsOverage,
+    #[error("group overage lookup failed: {0}")]
+    GroupsLookupFailed(String),
 }
 
-pub struct Verifier {}
+impl IdentityError {
+    /// Short stable machine reason.
+    pub fn code(&self) -> &'static str {
+        use IdentityError::*;
+        match self {
+            Missing => "missing_token",
+            Oversized(_) => "oversized",
+            Malformed(_) => "malformed",
+            BadEncoding(_) => "bad_encoding",
+            BadJson(_) => "bad_json",
+            DuplicateMember(_) => "duplicate_member",
+            AlgNotAllowed(_) => "alg_not_allowed",
+            MissingKid => "missing_kid",
+            UnsupportedCrit => "unsupported_crit",
+            UnknownKid(_) => "unknown_kid",
+            KeyAlgMismatch(_) => "key_alg_mismatch",
+            KeysUnavailable => "keys_unavailable",
+            BadSignature => "bad_signature",
+            Expired { .. } => "expired",
+            NotYetValid { .. } => "not_yet_valid",
+            IssuedInFuture { .. } => "issued_in_future",
+            TooOld { .. } => "too_old",
+            MissingClaim(_) => "missing_claim",
+            BadClaimType(_) => "bad_claim_type",
+            BadIssuer(_) => "bad_issuer",
+            IssuerTenantMismatch { .. } => "issuer_tenant_mismatch",
+            VersionNotAccepted(_) => "version_not_accepted",
+            TenantNotAllowed(_) => "tenant_not_allowed",
+            BadAudience(_) => "bad_audience",
+            GraphAudience(_) => "graph_audience",
+            InconsistentKind => "inconsistent_kind",
+            GroupsOverage => "groups_overage",
+            GroupsLookupFailed(_) => "groups_lookup_failed",
+        }
+    }
+}
+
+/// Claim values echoed into messages are attacker-chosen: keep them short.
+fn clip(s: &str) -> String {
+    const MAX: usize = 96;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// An issuer template split around `{tenantid}`.
+#[derive(Debug, Clone)]
+struct IssuerTemplate {
+    prefix: String,
+    suffix: String,
+}
+
+impl IssuerTemplate {
+    fn parse(key: &str, t: &str) -> anyhow::Result<Self> {
+        let Some((prefix, suffix)) = t.split_once("{tenantid}") else {
+            bail!("identity.{key}: {t:?} has no {{tenantid}} placeholder");
+        };
+        if suffix.contains("{tenantid}") {
+            bail!("identity.{key}: {t:?} has more than one {{tenantid}}");
+        }
+        Ok(Self {
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+        })
+    }
+
+    /// The tenant part of `iss` if it has this template's shape.
+    fn tenant_of<'a>(&self, iss: &'a str) -> Option<&'a str> {
+        iss.strip_prefix(self.prefix.as_str())?
+            .strip_suffix(self.suffix.as_str())
+    }
+}
+
+/// The validated, normalised form of [`IdentityConfig`].
+#[derive(Debug)]
+struct Settings {
+    tenants: BTreeSet<String>,
+    audiences: Vec<String>,
+    versions: Vec<u8>,
+    issuer_v2: IssuerTemplate,
+    issuer_v1: IssuerTemplate,
+    algorithms: Vec<Algorithm>,
+    skew: i64,
+    max_age: Option<u64>,
+    roles: BTreeMap<String, RoleRule>,
+}
+
+fn is_guid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+impl Settings {
+    fn from_config(c: &IdentityConfig) -> anyhow::Result<Self> {
+        if c.tenants.is_empty() {
+            bail!("identity.tenants: at least one tenant id is required");
+        }
+        let mut tenants = BTreeSet::new();
+        for t in &c.tenants {
+            if !is_guid(t) {
+                bail!("identity.tenants: {t:?} is not a tenant id (GUID)");
+            }
+            tenants.insert(t.to_ascii_lowercase());
+        }
+        if c.audiences.is_empty() {
+            bail!("identity.audiences: at least one audience is required");
+        }
+        for a in &c.audiences {
+            if a.trim().is_empty() {
+                bail!("identity.audiences: empty audience");
+            }
+            if is_graph_audience(a) {
+                bail!("identity.audiences: {a:?} is Microsoft Graph; Graph tokens are not for tollgate");
+            }
+        }
+        let audiences = c
+            .audiences
+            .iter()
+            .map(|a| a.trim_end_matches('/').to_string())
+            .collect();
+        if c.token_versions.is_empty() || c.token_versions.iter().any(|v| *v != 1 && *v != 2) {
+            bail!("identity.token_versions: must list 1 and/or 2");
+        }
+        let mut algorithms = Vec::new();
+        for name in &c.allowed_algorithms {
+            let alg = Algorithm::from_str(name).map_err(|_| {
+                anyhow::anyhow!("identity.allowed_algorithms: unknown algorithm {name:?}")
+            })?;
+            // Symmetric algorithms would let anyone holding the public key
+            // (which is public) forge tokens; EdDSA is not used by Entra.
+            if !matches!(alg.family(), AlgorithmFamily::Rsa | AlgorithmFamily::Ec) {
+                bail!("identity.allowed_algorithms: {name} is not an asymmetric RSA/EC algorithm");
+            }
+            algorithms.push(alg);
+        }
+        if algorithms.is_empty() {
+            bail!("identity.allowed_algorithms: at least one algorithm is required");
+        }
+        if c.jwks_refresh_secs == 0 {
+            bail!("identity.jwks_refresh_secs: must be > 0");
+        }
+        Ok(Self {
+            tenants,
+            audiences,
+            versions: c.token_versions.clone(),
+            issuer_v2: IssuerTemplate::parse("issuer_v2", &c.issuer_v2)?,
+            issuer_v1: IssuerTemplate::parse("issuer_v1", &c.issuer_v1)?,
+            algorithms,
+            skew: i64::try_from(c.clock_skew_secs).context("identity.clock_skew_secs")?,
+            max_age: c.max_token_age_secs,
+            roles: c.roles.clone(),
+        })
+    }
+}
+
+fn key_source(c: &IdentityConfig) -> anyhow::Result<KeySource> {
+    match (&c.jwks_uri, &c.jwks_file, &c.discovery_uri) {
+        (Some(u), None, None) => Ok(KeySource::Jwks(u.clone())),
+        (None, Some(p), None) => Ok(KeySource::File(p.clone())),
+        (None, None, Some(u)) => Ok(KeySource::Discovery(u.clone())),
+        _ => bail!("identity: set exactly one of jwks_uri, jwks_file, discovery_uri"),
+    }
+}
+
+struct Inner {
+    settings: Settings,
+    keys: KeyStore,
+    graph: Option<GraphClient>,
+}
+
+/// Validates tokens. Cheap to share: clone it or keep it behind an `Arc`.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
 
 impl Verifier {
-    pub async fn from_config(_config: &IdentityConfig) -> anyhow::Result<Self> {
-        anyhow::bail!("identity is not built yet")
+    /// Builds a verifier, loads the keys once and starts the scheduled
+    /// refresh (which ends when the last clone of the verifier is dropped).
+    /// Bad settings fail here; an unreachable key endpoint does not (tokens
+    /// are refused until keys arrive), but an unreadable `jwks_file` does.
+    pub async fn from_config(config: &IdentityConfig) -> anyhow::Result<Verifier> {
+        let settings = Settings::from_config(config)?;
+        let source = key_source(config)?;
+        if config.development_idp {
+            tracing::warn!(
+                "identity.development_idp = true: keys from the built-in development IdP are \
+                 trusted; this must NEVER be used in production"
+            );
+        }
+        let keys = KeyStore::new(
+            source.clone(),
+            config.development_idp,
+            Duration::from_secs(config.jwks_min_refresh_secs),
+        )?;
+        match keys.refresh().await {
+            Ok(n) => tracing::info!(source = %source, keys = n, "identity keys loaded"),
+            Err(e) if matches!(source, KeySource::File(_)) => {
+                return Err(anyhow::anyhow!("identity.jwks_file: {e}"));
+            }
+            Err(e) => tracing::warn!(
+                source = %source, error = %e,
+                "identity keys not loaded yet; tokens are refused until a refresh succeeds"
+            ),
+        }
+        let graph = match &config.graph {
+            Some(g) => Some(GraphClient::new(g, config.development_idp)?),
+            None => None,
+        };
+        let inner = Arc::new(Inner {
+            settings,
+            keys,
+            graph,
+        });
+        spawn_refresh(
+            Arc::downgrade(&inner),
+            Duration::from_secs(config.jwks_refresh_secs),
+        );
+        Ok(Verifier { inner })
     }
 
-    pub async fn verify(&self, _token: &str) -> Result<Principal, IdentityError> {
-        Err(IdentityError::Refused("identity is not built yet".into()))
+    /// Reloads the keys now (admin action, tests). Keeps the cached keys on failure.
+    pub async fn refresh_keys(&self) -> anyhow::Result<usize> {
+        Ok(self.inner.keys.refresh().await?)
     }
+
+    /// Kids currently cached, sorted.
+    pub fn cached_kids(&self) -> Vec<String> {
+        self.inner.keys.kids()
+    }
+
+    /// Validates `token` (surrounding whitespace ignored) and returns who it proves.
+    pub async fn verify(&self, token: &str) -> Result<Principal, IdentityError> {
+        let token = token.trim();
+        let raw = RawToken::parse(token)?;
+        let s = &self.inner.settings;
+
+        // Header.
+        let header = Claims(&raw.header);
+        let alg_name = header
+            .opt_str("alg")
+            .map_err(|_| IdentityError::AlgNotAllowed("(not a string)".into()))?;
+        let alg_name =
+            alg_name.ok_or_else(|| IdentityError::AlgNotAllowed("(none given)".into()))?;
+        let alg = Algorithm::from_str(alg_name)
+            .ok()
+            .filter(|a| s.algorithms.contains(a))
+            .ok_or_else(|| IdentityError::AlgNotAllowed(clip(alg_name)))?;
+        if raw.header.contains_key("crit") {
+            return Err(IdentityError::UnsupportedCrit);
+        }
+        let kid = match header.opt_str("kid") {
+            Ok(Some(k)) if !k.is_empty() => k,
+            _ => return Err(IdentityError::MissingKid),
+        };
+
+        // Key and signature.
+        let entry = match self.inner.keys.get(kid) {
+            Some(e) => e,
+            None => match self.inner.keys.refresh_for_unknown_kid(kid).await {
+                Some(e) => e,
+                None if self.inner.keys.is_empty() => return Err(IdentityError::KeysUnavailable),
+                None => return Err(IdentityError::UnknownKid(clip(kid))),
+            },
+        };
+        if entry.key.family() != alg.family() || entry.alg.is_some_and(|a| a != alg) {
+            return Err(IdentityError::KeyAlgMismatch(alg_name.to_string()));
+        }
+        match jsonwebtoken::crypto::verify(
+            raw.signature,
+            raw.signing_input.as_bytes(),
+            &entry.key,
+            alg,
+        ) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return Err(IdentityError::BadSignature),
+        }
+
+        // Claims: from here on the bytes are the IdP's.
+        let c = Claims(&raw.claims);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let exp = c.int("exp")?;
+        if now > exp.saturating_add(s.skew) {
+            return Err(IdentityError::Expired { exp, now });
+        }
+        if let Some(nbf) = c.opt_int("nbf")? {
+            if nbf > now.saturating_add(s.skew) {
+                return Err(IdentityError::NotYetValid { nbf, now });
+            }
+        }
+        let iat = c.opt_int("iat")?;
+        if let Some(iat) = iat {
+            if iat > now.saturating_add(s.skew) {
+                return Err(IdentityError::IssuedInFuture { iat, now });
+            }
+        }
+        if let Some(max_age) = s.max_age {
+            let iat = iat.ok_or(IdentityError::MissingClaim("iat"))?;
+            let limit = i64::try_from(max_age)
+                .unwrap_or(i64::MAX)
+                .saturating_add(s.skew);
+            if now.saturating_sub(iat) > limit {
+                return Err(IdentityError::TooOld { iat, max_age });
+            }
+        }
+
+        let tid = c.str("tid")?.to_ascii_lowercase();
+        if !s.tenants.contains(&tid) {
+            return Err(IdentityError::TenantNotAllowed(clip(&tid)));
+        }
+        let iss = c.str("iss")?;
+        let version = self.issuer_version(iss, &tid)?;
+        if !s.versions.contains(&version) {
+            return Err(IdentityError::VersionNotAccepted(version));
+        }
+
+        let aud = c.str("aud")?;
+        if is_graph_audience(aud) {
+            return Err(IdentityError::GraphAudience(clip(aud)));
+        }
+        let aud_norm = aud.trim_end_matches('/');
+        if !s.audiences.iter().any(|a| a.eq_ignore_ascii_case(aud_norm)) {
+            return Err(IdentityError::BadAudience(clip(aud)));
+        }
+
+        let object_id = c.str("oid")?.to_string();
+        let app_id = match (c.opt_str("azp")?, c.opt_str("appid")?) {
+            (Some(a), _) | (None, Some(a)) => a.to_string(),
+            (None, None) => {
+                return Err(IdentityError::MissingClaim(if version == 1 {
+                    "appid"
+                } else {
+                    "azp"
+                }))
+            }
+        };
+        let scopes: Vec<String> = c
+            .opt_str("scp")?
+            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let kind = match c.opt_str("idtyp")? {
+            Some("app") => PrincipalKind::App,
+            Some("user") => PrincipalKind::User,
+            Some(_) => return Err(IdentityError::BadClaimType("idtyp")),
+            // idtyp is optional; delegated tokens always carry scp, app-only
+            // tokens never do.
+            None if c.0.contains_key("scp") => PrincipalKind::User,
+            None => PrincipalKind::App,
+        };
+        if kind == PrincipalKind::App && c.0.contains_key("scp") {
+            return Err(IdentityError::InconsistentKind);
+        }
+        let roles = c.str_list("roles")?.unwrap_or_default();
+        let overage = match c.0.get("_claim_names") {
+            None => false,
+            Some(serde_json::Value::Object(m)) => m.contains_key("groups"),
+            Some(_) => return Err(IdentityError::BadClaimType("_claim_names")),
+        };
+        let groups = if overage {
+            // Treating overage as "no groups" would silently drop the caller's
+            // group-based roles, or worse, any deny rules keyed on groups.
+            let graph = self
+                .inner
+                .graph
+                .as_ref()
+                .ok_or(IdentityError::GroupsOverage)?;
+            graph.member_groups(&tid, &object_id).await.map_err(|e| {
+                tracing::warn!(tid = %tid, oid = %object_id, reason = %e, "group overage lookup failed");
+                IdentityError::GroupsLookupFailed(e)
+            })?
+        } else {
+            c.str_list("groups")?.unwrap_or_default()
+        };
+        let display_name = ["upn", "preferred_username", "name", "unique_name"]
+            .iter()
+            .find_map(|k| c.0.get(*k).and_then(|v| v.as_str()))
+            .unwrap_or_default()
+            .to_string();
+        let token_id = c.opt_str("uti")?.unwrap_or_default().to_string();
+
+        let mut principal = Principal {
+            tenant_id: tid,
+            object_id,
+            app_id,
+            display_name,
+            groups,
+            roles,
+            token_id,
+            token_fingerprint: hex::encode(Sha256::digest(token.as_bytes())),
+            expires_at: exp,
+            issued_at: iat.unwrap_or(0),
+            kind,
+            scopes,
+            tollgate_roles: Vec::new(),
+            token_version: version,
+        };
+        principal.tollgate_roles = map_roles(&s.roles, &principal);
+        Ok(principal)
+    }
+
+    /// Which version's issuer `iss` is, for tenant `tid`.
+    fn issuer_version(&self, iss: &str, tid: &str) -> Result<u8, IdentityError> {
+        let s = &self.inner.settings;
+        for (version, template) in [(2u8, &s.issuer_v2), (1u8, &s.issuer_v1)] {
+            if let Some(t) = template.tenant_of(iss) {
+                if t.eq_ignore_ascii_case(tid) {
+                    return Ok(version);
+                }
+                return Err(IdentityError::IssuerTenantMismatch {
+                    iss: clip(iss),
+                    tid: tid.into(),
+                });
+            }
+        }
+        Err(IdentityError::BadIssuer(clip(iss)))
+    }
+}
+
+/// tollgate roles the principal holds, sorted, each once.
+fn map_roles(rules: &BTreeMap<String, RoleRule>, p: &Principal) -> Vec<String> {
+    let eq = |a: &String, b: &String| a.eq_ignore_ascii_case(b);
+    rules
+        .iter()
+        .filter(|(_, r)| {
+            r.groups.iter().any(|g| p.groups.iter().any(|x| eq(g, x)))
+                // App role values are case-sensitive strings defined by us.
+                || r.app_roles.iter().any(|ar| p.roles.contains(ar))
+                || r.apps.iter().any(|a| eq(a, &p.app_id))
+                || r.object_ids.iter().any(|o| eq(o, &p.object_id))
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+fn spawn_refresh(inner: Weak<Inner>, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else { return };
+            match inner.keys.refresh().await {
+                Ok(n) => {
+                    tracing::info!(source = %inner.keys.source(), keys = n, "identity keys refreshed")
+                }
+                Err(e) => tracing::warn!(
+                    source = %inner.keys.source(), error = %e,
+                    "scheduled key refresh failed; keeping the cached keys"
+                ),
+            }
+        }
+    });
 }

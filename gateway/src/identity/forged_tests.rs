@@ -1,0 +1,753 @@
+//! Forged and malformed tokens, built byte by byte: each differs from an
+//! accepted baseline in one way and must be refused with one specific code.
+
+use std::collections::HashMap;
+
+use aws_lc_rs::{
+    hmac,
+    rand::SystemRandom,
+    signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING},
+};
+use base64::{
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+    Engine,
+};
+use serde_json::{json, Map, Value};
+
+use super::tests::{file_config, spec, AUD, OID, OTHER_TID, TID};
+use super::*;
+use crate::dev::{DevKey, Keyring, TokenKind, TokenSpec};
+
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Claims of the baseline token, as a JSON object to modify.
+fn claims() -> Map<String, Value> {
+    match spec().claims_at(now()) {
+        Value::Object(m) => m,
+        _ => unreachable!("claims_at returns an object"),
+    }
+}
+
+fn claims_with(f: impl FnOnce(&mut Map<String, Value>)) -> String {
+    let mut c = claims();
+    f(&mut c);
+    Value::Object(c).to_string()
+}
+
+fn header(kid: &str) -> String {
+    json!({ "typ": "JWT", "alg": "RS256", "kid": kid }).to_string()
+}
+
+/// `b64(header).b64(payload)` signed RS256 by `key`.
+fn rs256(key: &DevKey, header: &str, payload: &str) -> String {
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+    let sig = key.sign(input.as_bytes(), false).expect("sign");
+    format!("{input}.{}", b64(&sig))
+}
+
+fn ps256(key: &DevKey, header: &str, payload: &str) -> String {
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+    let sig = key.sign(input.as_bytes(), true).expect("sign");
+    format!("{input}.{}", b64(&sig))
+}
+
+fn es256(key: &EcdsaKeyPair, header: &str, payload: &str) -> String {
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+    let sig = key
+        .sign(&SystemRandom::new(), input.as_bytes())
+        .expect("sign");
+    format!("{input}.{}", b64(sig.as_ref()))
+}
+
+fn hs256(secret: &[u8], header: &str, payload: &str) -> String {
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), input.as_bytes());
+    format!("{input}.{}", b64(tag.as_ref()))
+}
+
+fn pem(der: &[u8]) -> String {
+    let body = STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ascii"))
+        .collect();
+    format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        lines.join("\n")
+    )
+}
+
+/// The EC key as a JWK, for configs that allow ES256.
+fn ec_jwk(key: &EcdsaKeyPair, kid: &str) -> Value {
+    // Uncompressed point: 0x04 || x || y.
+    let point = key.public_key().as_ref();
+    json!({ "kty": "EC", "use": "sig", "crv": "P-256", "kid": kid,
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]) })
+}
+
+struct Case {
+    name: &'static str,
+    /// Extra `[identity]` lines for this case.
+    config: &'static str,
+    token: String,
+    code: &'static str,
+}
+
+#[tokio::test]
+async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let key = ring.signing_key();
+    let kid = key.kid.as_str();
+    let ec = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("ec key");
+    // Publish the EC key too, so ES256 is refused for the alg, not the kid.
+    let mut jwks = ring.jwks();
+    if let Some(keys) = jwks.get_mut("keys").and_then(Value::as_array_mut) {
+        keys.push(ec_jwk(&ec, "ec-1"));
+    }
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).expect("write jwks");
+
+    let h = header(kid);
+    let good = Value::Object(claims()).to_string();
+    let stranger = DevKey::generate().expect("key");
+    let public_der = key.public_key_der().expect("der");
+    let t = now();
+
+    // The baseline and the positive controls must pass, or the refusals
+    // below would prove nothing.
+    let controls = [
+        ("baseline", "", rs256(key, &h, &good)),
+        (
+            "ps256 when allowed",
+            "allowed_algorithms = [\"RS256\", \"PS256\"]",
+            ps256(key, &json!({"alg": "PS256", "kid": kid}).to_string(), &good),
+        ),
+        (
+            "es256 when allowed",
+            "allowed_algorithms = [\"RS256\", \"ES256\"]",
+            es256(
+                &ec,
+                &json!({"alg": "ES256", "kid": "ec-1"}).to_string(),
+                &good,
+            ),
+        ),
+    ];
+
+    let altered_payload = {
+        let signed = rs256(key, &h, &good);
+        let forged = b64(claims_with(|c| {
+            c.insert("oid".into(), json!("99999999-9999-4999-8999-999999999999"));
+        })
+        .as_bytes());
+        let parts: Vec<&str> = signed.split('.').collect();
+        format!("{}.{forged}.{}", parts[0], parts[2])
+    };
+    let altered_signature = {
+        let signed = rs256(key, &h, &good);
+        let (input, sig) = signed.rsplit_once('.').expect("three parts");
+        let mut bytes = URL_SAFE_NO_PAD.decode(sig).expect("b64");
+        bytes[10] ^= 0x01;
+        format!("{input}.{}", b64(&bytes))
+    };
+    let truncated_signature = {
+        let signed = rs256(key, &h, &good);
+        let (input, sig) = signed.rsplit_once('.').expect("three parts");
+        let bytes = URL_SAFE_NO_PAD.decode(sig).expect("b64");
+        format!("{input}.{}", b64(&bytes[..bytes.len() / 2]))
+    };
+    let v2_issuer = |tid: &str| format!("https://login.microsoftonline.com/{tid}/v2.0");
+    // serde_json keeps the last of duplicate members: put the bad value
+    // first and the good one last, so only explicit detection refuses it.
+    let dup_aud = format!("{{\"aud\":\"api://evil\",{}", &good[1..]);
+    let dup_alg = format!("{{\"alg\":\"HS256\",{}", &header(kid)[1..]);
+
+    // Graph configured on a loopback port nothing listens on. Leaked: the
+    // table holds &'static config snippets and this one names a temp path.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let secret = crate::dev::directory::graph_secret_file(dir.path()).expect("secret");
+    let graph_unreachable: &'static str = Box::leak(
+        format!(
+            "development_idp = true\n[graph]\nendpoint = \"http://{closed}\"\n\
+             authority = \"http://{closed}\"\nclient_id = \"tollgate\"\nclient_secret_file = {secret:?}\n"
+        )
+        .into_boxed_str(),
+    );
+
+    let cases = vec![
+        Case {
+            name: "alg none, no signature",
+            config: "",
+            token: format!(
+                "{}.{}.",
+                b64(json!({"alg": "none", "kid": kid}).to_string().as_bytes()),
+                b64(good.as_bytes())
+            ),
+            code: "alg_not_allowed",
+        },
+        Case {
+            name: "alg None (case variant)",
+            config: "",
+            token: format!(
+                "{}.{}.",
+                b64(json!({"alg": "None", "kid": kid}).to_string().as_bytes()),
+                b64(good.as_bytes())
+            ),
+            code: "alg_not_allowed",
+        },
+        Case {
+            name: "HS256 keyed with the RSA public key PEM",
+            config: "",
+            token: hs256(
+                pem(&public_der).as_bytes(),
+                &json!({"alg": "HS256", "kid": kid}).to_string(),
+                &good,
+            ),
+            code: "alg_not_allowed",
+        },
+        Case {
+            name: "HS256 keyed with the RSA public key DER",
+            config: "",
+            token: hs256(
+                &public_der,
+                &json!({"alg": "HS256", "kid": kid}).to_string(),
+                &good,
+            ),
+            code: "alg_not_allowed",
+        },
+        Case {
+            name: "RS256 signed by an unknown key",
+            config: "",
+            token: rs256(&stranger, &header(&stranger.kid), &good),
+            code: "unknown_kid",
+        },
+        Case {
+            name: "unknown key claiming the known kid",
+            config: "",
+            token: rs256(&stranger, &h, &good),
+            code: "bad_signature",
+        },
+        Case {
+            name: "no kid",
+            config: "",
+            token: rs256(
+                key,
+                &json!({"alg": "RS256", "typ": "JWT"}).to_string(),
+                &good,
+            ),
+            code: "missing_kid",
+        },
+        Case {
+            name: "kid not a string",
+            config: "",
+            token: rs256(key, &json!({"alg": "RS256", "kid": 7}).to_string(), &good),
+            code: "missing_kid",
+        },
+        Case {
+            name: "crit header",
+            config: "",
+            token: rs256(
+                key,
+                &json!({"alg": "RS256", "kid": kid, "crit": ["exp"]}).to_string(),
+                &good,
+            ),
+            code: "unsupported_crit",
+        },
+        Case {
+            name: "expired beyond skew",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("exp".into(), json!(t - 301));
+                }),
+            ),
+            code: "expired",
+        },
+        Case {
+            name: "nbf in the future",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("nbf".into(), json!(t + 900));
+                    c.insert("exp".into(), json!(t + 4000));
+                }),
+            ),
+            code: "not_yet_valid",
+        },
+        Case {
+            name: "iat far in the future",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("iat".into(), json!(t + 86_400));
+                    c.insert("exp".into(), json!(t + 90_000));
+                }),
+            ),
+            code: "issued_in_future",
+        },
+        Case {
+            name: "older than max age",
+            config: "max_token_age_secs = 3600",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("iat".into(), json!(t - 7200));
+                    c.insert("nbf".into(), json!(t - 7200));
+                }),
+            ),
+            code: "too_old",
+        },
+        Case {
+            name: "wrong issuer host",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert(
+                        "iss".into(),
+                        json!(format!("https://login.evil.example/{TID}/v2.0")),
+                    );
+                }),
+            ),
+            code: "bad_issuer",
+        },
+        Case {
+            name: "tenant not allowed (iss and tid agree)",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("tid".into(), json!(OTHER_TID));
+                    c.insert("iss".into(), json!(v2_issuer(OTHER_TID)));
+                }),
+            ),
+            code: "tenant_not_allowed",
+        },
+        Case {
+            name: "iss names another tenant than tid",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("iss".into(), json!(v2_issuer(OTHER_TID)));
+                }),
+            ),
+            code: "issuer_tenant_mismatch",
+        },
+        Case {
+            name: "wrong audience",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("aud".into(), json!("api://another-resource"));
+                }),
+            ),
+            code: "bad_audience",
+        },
+        Case {
+            name: "Microsoft Graph audience (GUID)",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("aud".into(), json!("00000003-0000-0000-c000-000000000000"));
+                }),
+            ),
+            code: "graph_audience",
+        },
+        Case {
+            name: "Microsoft Graph audience (URL)",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("aud".into(), json!("https://graph.microsoft.com"));
+                }),
+            ),
+            code: "graph_audience",
+        },
+        Case {
+            name: "audience as an array",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("aud".into(), json!([AUD]));
+                }),
+            ),
+            code: "bad_claim_type",
+        },
+        Case {
+            name: "v1 token where only v2 is accepted",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &Value::Object(
+                    match (TokenSpec {
+                        version: 1,
+                        ..spec()
+                    })
+                    .claims_at(t)
+                    {
+                        Value::Object(m) => m,
+                        _ => unreachable!(),
+                    },
+                )
+                .to_string(),
+            ),
+            code: "version_not_accepted",
+        },
+        Case {
+            name: "payload altered after signing",
+            config: "",
+            token: altered_payload,
+            code: "bad_signature",
+        },
+        Case {
+            name: "signature altered",
+            config: "",
+            token: altered_signature,
+            code: "bad_signature",
+        },
+        Case {
+            name: "signature truncated",
+            config: "",
+            token: truncated_signature,
+            code: "bad_signature",
+        },
+        Case {
+            name: "RS256 with an empty signature",
+            config: "",
+            token: format!("{}.{}.", b64(h.as_bytes()), b64(good.as_bytes())),
+            code: "bad_signature",
+        },
+        Case {
+            name: "truncated to two segments",
+            config: "",
+            token: {
+                let s = rs256(key, &h, &good);
+                s[..s.rfind('.').expect("dot")].to_string()
+            },
+            code: "malformed",
+        },
+        Case {
+            name: "five segments (JWE shape)",
+            config: "",
+            token: format!("{}.a.b", rs256(key, &h, &good)),
+            code: "malformed",
+        },
+        Case {
+            name: "payload not base64url",
+            config: "",
+            token: format!("{}.*not*base64*.{}", b64(h.as_bytes()), b64(b"sig")),
+            code: "bad_encoding",
+        },
+        Case {
+            name: "padded base64",
+            config: "",
+            token: {
+                let s = rs256(key, &h, &good);
+                let (a, rest) = s.split_once('.').expect("dot");
+                format!("{a}==.{rest}")
+            },
+            code: "bad_encoding",
+        },
+        Case {
+            name: "header not JSON",
+            config: "",
+            token: format!(
+                "{}.{}.{}",
+                b64(b"alg=RS256"),
+                b64(good.as_bytes()),
+                b64(b"sig")
+            ),
+            code: "bad_json",
+        },
+        Case {
+            name: "payload a JSON array",
+            config: "",
+            token: rs256(key, &h, "[1,2,3]"),
+            code: "bad_json",
+        },
+        Case {
+            name: "oversized (> 16 KiB), refused before parsing",
+            config: "",
+            // Not even valid base64: size must be checked first.
+            token: "x".repeat(MAX_TOKEN_BYTES + 1),
+            code: "oversized",
+        },
+        Case {
+            name: "duplicate aud claim",
+            config: "",
+            token: rs256(key, &h, &dup_aud),
+            code: "duplicate_member",
+        },
+        Case {
+            name: "duplicate alg in header",
+            config: "",
+            token: rs256(key, &dup_alg, &good),
+            code: "duplicate_member",
+        },
+        Case {
+            name: "duplicate member nested in a claim",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &format!("{{\"x\":{{\"a\":1,\"a\":2}},{}", &good[1..]),
+            ),
+            code: "duplicate_member",
+        },
+        Case {
+            name: "groups claim is a string",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("groups".into(), json!("admins"));
+                }),
+            ),
+            code: "bad_claim_type",
+        },
+        Case {
+            name: "groups claim holds numbers",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("groups".into(), json!([1, 2]));
+                }),
+            ),
+            code: "bad_claim_type",
+        },
+        Case {
+            name: "exp is a string",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("exp".into(), json!((t + 3600).to_string()));
+                }),
+            ),
+            code: "bad_claim_type",
+        },
+        Case {
+            name: "no exp",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.remove("exp");
+                }),
+            ),
+            code: "missing_claim",
+        },
+        Case {
+            name: "no tid",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.remove("tid");
+                }),
+            ),
+            code: "missing_claim",
+        },
+        Case {
+            name: "no oid",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.remove("oid");
+                }),
+            ),
+            code: "missing_claim",
+        },
+        Case {
+            name: "app-only token carrying scp",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("idtyp".into(), json!("app"));
+                }),
+            ),
+            code: "inconsistent_kind",
+        },
+        Case {
+            name: "group overage and no Graph configured",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &Value::Object(
+                    match (TokenSpec {
+                        overage: true,
+                        ..spec()
+                    })
+                    .claims_at(t)
+                    {
+                        Value::Object(m) => m,
+                        _ => unreachable!(),
+                    },
+                )
+                .to_string(),
+            ),
+            code: "groups_overage",
+        },
+        Case {
+            name: "group overage and Graph unreachable",
+            config: graph_unreachable,
+            token: rs256(
+                key,
+                &h,
+                &Value::Object(
+                    match (TokenSpec {
+                        overage: true,
+                        ..spec()
+                    })
+                    .claims_at(t)
+                    {
+                        Value::Object(m) => m,
+                        _ => unreachable!(),
+                    },
+                )
+                .to_string(),
+            ),
+            code: "groups_lookup_failed",
+        },
+        Case {
+            name: "PS256 when only RS256 is allowed",
+            config: "",
+            token: ps256(key, &json!({"alg": "PS256", "kid": kid}).to_string(), &good),
+            code: "alg_not_allowed",
+        },
+        Case {
+            name: "ES256 when only RS256 is allowed",
+            config: "",
+            token: es256(
+                &ec,
+                &json!({"alg": "ES256", "kid": "ec-1"}).to_string(),
+                &good,
+            ),
+            code: "alg_not_allowed",
+        },
+        Case {
+            name: "ES256 header naming the RSA key",
+            config: "allowed_algorithms = [\"RS256\", \"ES256\"]",
+            token: es256(&ec, &json!({"alg": "ES256", "kid": kid}).to_string(), &good),
+            code: "key_alg_mismatch",
+        },
+        Case {
+            name: "empty string",
+            config: "",
+            token: String::new(),
+            code: "missing_token",
+        },
+        Case {
+            name: "whitespace only",
+            config: "",
+            token: " \r\n".into(),
+            code: "missing_token",
+        },
+    ];
+    assert!(cases.len() >= 25, "the suite must keep at least 25 cases");
+
+    let mut verifiers: HashMap<&str, Verifier> = HashMap::new();
+    for extra in controls
+        .iter()
+        .map(|c| c.1)
+        .chain(cases.iter().map(|c| c.config))
+    {
+        if !verifiers.contains_key(extra) {
+            let v = Verifier::from_config(&file_config(dir.path(), extra))
+                .await
+                .expect("verifier");
+            verifiers.insert(extra, v);
+        }
+    }
+    for (name, extra, token) in &controls {
+        let p = verifiers[extra].verify(token).await;
+        assert!(p.is_ok(), "control {name:?} refused: {p:?}");
+        assert_eq!(p.map(|p| p.object_id).unwrap_or_default(), OID);
+    }
+    let mut wrong = Vec::new();
+    for c in &cases {
+        match verifiers[c.config].verify(&c.token).await {
+            Ok(_) => wrong.push(format!("{}: accepted, expected {}", c.name, c.code)),
+            Err(e) if e.code() != c.code => wrong.push(format!(
+                "{}: refused with {} ({e}), expected {}",
+                c.name,
+                e.code(),
+                c.code
+            )),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn app_token_minted_by_dev_idp_has_no_scp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let c = TokenSpec {
+        kind: TokenKind::App,
+        ..spec()
+    }
+    .claims_at(now());
+    assert_eq!(c.get("idtyp"), Some(&json!("app")));
+    assert!(c.get("scp").is_none());
+    let v = Verifier::from_config(&file_config(dir.path(), ""))
+        .await
+        .expect("verifier");
+    let t = TokenSpec {
+        kind: TokenKind::App,
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    assert_eq!(
+        v.verify(&t).await.expect("accepted").kind,
+        PrincipalKind::App
+    );
+}

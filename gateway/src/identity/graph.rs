@@ -1,0 +1,279 @@
+//! Group overage: when a caller is in more groups than fit in a token
+//! (Entra: 200), the token has no `groups` claim but `_claim_names.groups`,
+//! and the groups must be fetched from Microsoft Graph. Treating overage as
+//! "no groups" would silently change what policy decides, so without a
+//! working lookup the token is refused.
+//!
+//! tollgate asks Graph as itself (client credentials in the caller's tenant,
+//! which needs the GroupMember.Read.All application permission there), never
+//! with the caller's token, and never at the endpoint named inside the token
+//! (`_claim_sources`): only at the configured one.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::keys::check_url;
+
+/// `[identity.graph]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphConfig {
+    /// Graph base URL. Default https://graph.microsoft.com.
+    #[serde(default = "default_endpoint")]
+    pub endpoint: String,
+    /// Token authority; the token endpoint is `{authority}/{tid}/oauth2/v2.0/token`.
+    /// Default https://login.microsoftonline.com.
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// tollgate's client id (in a multi-tenant app, the same in every tenant).
+    pub client_id: String,
+    /// File holding the client secret (first line). One of this or `client_secret_env`.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Environment variable holding the client secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// OAuth scope requested. Default `{endpoint}/.default`.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Only security groups (what the `groups` claim holds when the app is
+    /// configured for "Security groups"). Default true.
+    #[serde(default = "default_true")]
+    pub security_enabled_only: bool,
+    /// How long a caller's resolved groups are reused. Default 300 s.
+    #[serde(default = "default_cache")]
+    pub cache_secs: u64,
+    /// Per-request timeout. Default 5 s.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_endpoint() -> String {
+    "https://graph.microsoft.com".into()
+}
+fn default_authority() -> String {
+    "https://login.microsoftonline.com".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cache() -> u64 {
+    300
+}
+fn default_timeout() -> u64 {
+    5
+}
+
+/// Largest Graph response read. 11,000 ids (Graph's documented limit for
+/// getMemberObjects) are about 450 KiB.
+const MAX_RESPONSE_BYTES: usize = 2 * 1024 * 1024;
+
+pub struct GraphClient {
+    endpoint: String,
+    authority: String,
+    client_id: String,
+    secret: String,
+    scope: String,
+    security_enabled_only: bool,
+    cache_for: Duration,
+    http: reqwest::Client,
+    /// tid -> (app token, usable until).
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// (tid, oid) -> (groups, fetched at).
+    members: Mutex<HashMap<(String, String), (Vec<String>, Instant)>>,
+}
+
+impl std::fmt::Debug for GraphClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("GraphClient")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl GraphClient {
+    pub fn new(c: &GraphConfig, allow_dev_http: bool) -> anyhow::Result<Self> {
+        let endpoint = c.endpoint.trim_end_matches('/').to_string();
+        let authority = c.authority.trim_end_matches('/').to_string();
+        check_url(&endpoint, allow_dev_http)
+            .map_err(|e| anyhow::anyhow!("identity.graph.endpoint {endpoint}: {e}"))?;
+        check_url(&authority, allow_dev_http)
+            .map_err(|e| anyhow::anyhow!("identity.graph.authority {authority}: {e}"))?;
+        let secret = match (&c.client_secret_file, &c.client_secret_env) {
+            (Some(path), None) => std::fs::read_to_string(path)
+                .with_context(|| format!("identity.graph.client_secret_file {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            (None, Some(var)) => std::env::var(var)
+                .with_context(|| format!("identity.graph.client_secret_env {var}"))?
+                .trim()
+                .to_string(),
+            _ => bail!("identity.graph: set exactly one of client_secret_file, client_secret_env"),
+        };
+        if secret.is_empty() {
+            bail!("identity.graph: the client secret is empty");
+        }
+        if c.client_id.trim().is_empty() {
+            bail!("identity.graph.client_id: required");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(c.timeout_secs.max(1)))
+            .connect_timeout(Duration::from_secs(c.timeout_secs.max(1)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            scope: c
+                .scope
+                .clone()
+                .unwrap_or_else(|| format!("{endpoint}/.default")),
+            endpoint,
+            authority,
+            client_id: c.client_id.clone(),
+            secret,
+            security_enabled_only: c.security_enabled_only,
+            cache_for: Duration::from_secs(c.cache_secs),
+            http,
+            tokens: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The caller's group ids, from cache or Graph. The error is a reason
+    /// for the refusal message (never contains a secret or token).
+    pub async fn member_groups(&self, tid: &str, oid: &str) -> Result<Vec<String>, String> {
+        // Both go into URLs: only GUIDs, so nothing can change the path.
+        if !super::is_guid(tid) || !super::is_guid(oid) {
+            return Err("tid or oid is not a GUID".into());
+        }
+        let key = (tid.to_string(), oid.to_ascii_lowercase());
+        if let Some((groups, at)) = lock(&self.members).get(&key) {
+            if at.elapsed() < self.cache_for {
+                return Ok(groups.clone());
+            }
+        }
+        let token = self.app_token(tid).await?;
+        let url = format!(
+            "{}/v1.0/directoryObjects/{oid}/getMemberObjects",
+            self.endpoint
+        );
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&token)
+            .json(&json!({ "securityEnabledOnly": self.security_enabled_only }))
+            .send()
+            .await
+            .map_err(|e| format!("Graph unreachable: {}", without_url(&e)))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            // A revoked or expired app token: drop it so the next call gets a new one.
+            lock(&self.tokens).remove(tid);
+        }
+        let body = read_json(resp).await?;
+        if !status.is_success() {
+            return Err(format!("Graph answered HTTP {status}"));
+        }
+        let groups: Vec<String> = body
+            .get("value")
+            .and_then(Value::as_array)
+            .ok_or("Graph answer has no value array")?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or("Graph answer holds a non-string id")
+            })
+            .collect::<Result<_, _>>()?;
+        lock(&self.members).insert(key, (groups.clone(), Instant::now()));
+        Ok(groups)
+    }
+
+    async fn app_token(&self, tid: &str) -> Result<String, String> {
+        if let Some((t, until)) = lock(&self.tokens).get(tid) {
+            if Instant::now() < *until {
+                return Ok(t.clone());
+            }
+        }
+        let url = format!("{}/{tid}/oauth2/v2.0/token", self.authority);
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.secret.as_str()),
+            ("scope", self.scope.as_str()),
+        ];
+        let resp = self
+            .http
+            .post(&url)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| format!("token endpoint unreachable: {}", without_url(&e)))?;
+        let status = resp.status();
+        let body = read_json(resp).await?;
+        if !status.is_success() {
+            let err = body
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown");
+            return Err(format!(
+                "token endpoint refused tollgate's credentials ({status}, {err})"
+            ));
+        }
+        let token = body
+            .get("access_token")
+            .and_then(Value::as_str)
+            .ok_or("token endpoint answer has no access_token")?
+            .to_string();
+        let lifetime = body
+            .get("expires_in")
+            .and_then(Value::as_u64)
+            .unwrap_or(300);
+        // Renew a minute early so a token never expires between use and arrival.
+        let until = Instant::now() + Duration::from_secs(lifetime.saturating_sub(60));
+        lock(&self.tokens).insert(tid.to_string(), (token.clone(), until));
+        Ok(token)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps hold only whole entries; a panic elsewhere cannot leave one half-written.
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn without_url(e: &reqwest::Error) -> String {
+    // reqwest errors embed the URL; keep messages short and stable.
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s
+            .replace(&format!(" ({u})"), "")
+            .replace(u.as_str(), "<url>");
+    }
+    s
+}
+
+async fn read_json(mut resp: reqwest::Response) -> Result<Value, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| without_url(&e))? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err("answer too large".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|_| "answer is not JSON".to_string())
+}

@@ -1,0 +1,297 @@
+//! The signing keys tokens are checked against: loaded from a JWKS file, a
+//! JWKS URL or OIDC discovery, cached, refreshed on a schedule and when a
+//! token names a kid we do not know (rate limited, so a stream of forged
+//! kids cannot turn into a stream of requests to the IdP). A failed refresh
+//! keeps the last good set; a successful one replaces it, so withdrawn keys
+//! stop working.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use jsonwebtoken::{
+    jwk::{Jwk, PublicKeyUse},
+    Algorithm, DecodingKey,
+};
+use serde_json::Value;
+
+/// Largest JWKS or discovery document read (Entra's are a few KiB).
+const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// When no key was ever loaded, retry sooner than the normal rate limit, so
+/// a daemon started before its IdP does not refuse everyone for a minute.
+const EMPTY_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    File(PathBuf),
+    Jwks(String),
+    Discovery(String),
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(p) => write!(f, "jwks_file {}", p.display()),
+            KeySource::Jwks(u) => write!(f, "jwks_uri {u}"),
+            KeySource::Discovery(u) => write!(f, "discovery_uri {u}"),
+        }
+    }
+}
+
+pub struct KeyEntry {
+    pub key: DecodingKey,
+    /// The JWK's `alg`, when it names one: the token must then use exactly it.
+    pub alg: Option<Algorithm>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLoadError {
+    #[error("{0}")]
+    Fetch(String),
+    #[error("{0}")]
+    Parse(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub struct KeyStore {
+    source: KeySource,
+    allow_dev_http: bool,
+    client: reqwest::Client,
+    current: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
+    ever_loaded: std::sync::atomic::AtomicBool,
+    /// Serialises refreshes and remembers when the last on-demand one ran.
+    on_demand: tokio::sync::Mutex<Option<Instant>>,
+    min_interval: Duration,
+}
+
+impl KeyStore {
+    pub fn new(
+        source: KeySource,
+        allow_dev_http: bool,
+        min_interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            // A redirect could lead from https to somewhere we would not
+            // have accepted in the config.
+            .redirect(reqwest::redirect::Policy::none())
+            // Refreshes are rare; a fresh connection each time also means a
+            // stopped IdP is noticed instead of hidden by a pooled socket.
+            .pool_max_idle_per_host(0)
+            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        if let KeySource::Jwks(u) | KeySource::Discovery(u) = &source {
+            check_url(u, allow_dev_http).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        }
+        Ok(Self {
+            source,
+            allow_dev_http,
+            client,
+            current: RwLock::new(Arc::new(HashMap::new())),
+            ever_loaded: false.into(),
+            on_demand: tokio::sync::Mutex::new(None),
+            min_interval,
+        })
+    }
+
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    pub fn get(&self, kid: &str) -> Option<Arc<KeyEntry>> {
+        self.snapshot().get(kid).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.snapshot().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn kids(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.snapshot().keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    fn snapshot(&self) -> Arc<HashMap<String, Arc<KeyEntry>>> {
+        // A poisoned lock only means a writer panicked between two whole
+        // Arc swaps; the value inside is still a complete key set.
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Fetches the key set and, when it parses, replaces the cached one.
+    /// On any error the cached set is kept.
+    pub async fn refresh(&self) -> Result<usize, KeyLoadError> {
+        let doc = match &self.source {
+            KeySource::File(path) => {
+                let bytes = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| KeyLoadError::Fetch(format!("reading {}: {e}", path.display())))?;
+                parse_json(&bytes)?
+            }
+            KeySource::Jwks(url) => self.get_json(url).await?,
+            KeySource::Discovery(url) => {
+                let meta = self.get_json(url).await?;
+                let jwks_uri = meta
+                    .get("jwks_uri")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        KeyLoadError::Parse(format!("{url}: discovery document has no jwks_uri"))
+                    })?;
+                check_url(jwks_uri, self.allow_dev_http)
+                    .map_err(|e| KeyLoadError::Refused(format!("jwks_uri {jwks_uri}: {e}")))?;
+                self.get_json(jwks_uri).await?
+            }
+        };
+        let keys = parse_jwks(&doc)?;
+        let n = keys.len();
+        if n == 0 {
+            tracing::warn!(source = %self.source, "key set has no usable signing key; every token will be refused");
+        }
+        let mut w = match self.current.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *w = Arc::new(keys);
+        self.ever_loaded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Refresh triggered by a token whose kid is not cached: at most once per
+    /// `min_interval` (concurrent callers wait for the one refresh in flight).
+    pub async fn refresh_for_unknown_kid(&self, kid: &str) -> Option<Arc<KeyEntry>> {
+        let mut last = self.on_demand.lock().await;
+        // Someone else may have refreshed while we waited for the lock.
+        if let Some(k) = self.get(kid) {
+            return Some(k);
+        }
+        let interval = if self.ever_loaded.load(std::sync::atomic::Ordering::Relaxed) {
+            self.min_interval
+        } else {
+            self.min_interval.min(EMPTY_RETRY)
+        };
+        if let Some(t) = *last {
+            if t.elapsed() < interval {
+                return None;
+            }
+        }
+        *last = Some(Instant::now());
+        match self.refresh().await {
+            Ok(n) => {
+                tracing::info!(source = %self.source, keys = n, "key set refreshed for an unknown kid")
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.source, error = %e, "key refresh failed; keeping the cached keys")
+            }
+        }
+        self.get(kid)
+    }
+
+    async fn get_json(&self, url: &str) -> Result<Value, KeyLoadError> {
+        let fetch = |e: reqwest::Error| KeyLoadError::Fetch(format!("{url}: {e}"));
+        let mut resp = self.client.get(url).send().await.map_err(fetch)?;
+        if !resp.status().is_success() {
+            return Err(KeyLoadError::Fetch(format!(
+                "{url}: HTTP {}",
+                resp.status()
+            )));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(fetch)? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(KeyLoadError::Parse(format!(
+                    "{url}: document larger than 1 MiB"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_json(&body).map_err(|e| KeyLoadError::Parse(format!("{url}: {e}")))
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, KeyLoadError> {
+    serde_json::from_slice(bytes).map_err(|e| KeyLoadError::Parse(format!("not JSON: {e}")))
+}
+
+/// Usable signing keys of a JWKS by kid. Keys we cannot use (other types,
+/// encryption keys, no kid) are skipped, not fatal: Entra may add key types
+/// a validator does not know.
+pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoadError> {
+    let keys = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| KeyLoadError::Parse("JWKS has no \"keys\" array".into()))?;
+    let mut out = HashMap::new();
+    for k in keys {
+        let Some(kid) = k.get("kid").and_then(Value::as_str) else {
+            tracing::debug!("skipping a JWK without kid");
+            continue;
+        };
+        let jwk: Jwk = match serde_json::from_value(k.clone()) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::debug!(kid, error = %e, "skipping an unsupported JWK");
+                continue;
+            }
+        };
+        if matches!(&jwk.common.public_key_use, Some(u) if *u != PublicKeyUse::Signature) {
+            continue;
+        }
+        // An alg we do not know (e.g. an encryption alg) means the key is not for us.
+        let alg = match k.get("alg").and_then(Value::as_str) {
+            None => None,
+            Some(a) => match Algorithm::from_str(a) {
+                Ok(a) => Some(a),
+                Err(_) => continue,
+            },
+        };
+        let key = match DecodingKey::from_jwk(&jwk) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::debug!(kid, error = %e, "skipping an unusable JWK");
+                continue;
+            }
+        };
+        out.insert(kid.to_string(), Arc::new(KeyEntry { key, alg }));
+    }
+    Ok(out)
+}
+
+/// Keys come over https; plain http only from loopback and only when the
+/// development IdP is explicitly enabled.
+pub fn check_url(url: &str, allow_dev_http: bool) -> Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = u.host_str().unwrap_or("");
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = match bare.parse::<IpAddr>() {
+                Ok(ip) => ip.is_loopback(),
+                Err(_) => bare.eq_ignore_ascii_case("localhost"),
+            };
+            if !loopback {
+                Err("plain http is accepted only from a loopback address".into())
+            } else if !allow_dev_http {
+                Err("plain http from loopback requires development_idp = true".into())
+            } else {
+                Ok(())
+            }
+        }
+        other => Err(format!("scheme {other} is not http(s)")),
+    }
+}

@@ -1,0 +1,154 @@
+//! Key rotation, withdrawal, refresh schedule and IdP outages, against the
+//! dev IdP over loopback HTTP.
+
+use std::{net::SocketAddr, time::Duration};
+
+use super::tests::{code, config_with, spec, start_idp, TID};
+use super::*;
+use crate::dev::{DevKey, Keyring};
+
+fn http_config(addr: SocketAddr, extra: &str) -> IdentityConfig {
+    config_with(
+        &format!("discovery_uri = \"http://{addr}/{TID}/v2.0/.well-known/openid-configuration\""),
+        &format!("development_idp = true\n{extra}"),
+    )
+}
+
+#[tokio::test]
+async fn rotated_key_is_accepted_without_restart_and_withdrawn_key_refused_after_refresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, idp) = start_idp(dir.path()).await;
+    let v = Verifier::from_config(&http_config(addr, ""))
+        .await
+        .expect("verifier");
+
+    let mut ring = Keyring::open(dir.path()).expect("keyring");
+    let old_token = spec().mint(ring.signing_key()).expect("mint");
+    v.verify(&old_token).await.expect("token of the first key");
+
+    // `tollgate dev rotate`: a new signing key, the old one still published.
+    let new_kid = ring.rotate().expect("rotate").kid.clone();
+    let new_token = spec().mint(ring.signing_key()).expect("mint");
+    assert!(
+        !v.cached_kids().contains(&new_kid),
+        "new key must not be cached yet"
+    );
+    let p = v
+        .verify(&new_token)
+        .await
+        .expect("new key fetched on its unknown kid");
+    assert_eq!(p.tenant_id, TID);
+    assert!(v.cached_kids().contains(&new_kid));
+    v.verify(&old_token).await.expect("old key still published");
+
+    // `tollgate dev withdraw-old`: after the next refresh the old key is gone.
+    assert_eq!(ring.withdraw_old().expect("withdraw"), 1);
+    v.verify(&old_token)
+        .await
+        .expect("still cached until a refresh");
+    assert_eq!(v.refresh_keys().await.expect("refresh"), 1);
+    assert_eq!(code(v.verify(&old_token).await), "unknown_kid");
+    v.verify(&new_token)
+        .await
+        .expect("current key still accepted");
+    idp.abort();
+}
+
+#[tokio::test]
+async fn unknown_kid_refresh_is_rate_limited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, idp) = start_idp(dir.path()).await;
+    let v = Verifier::from_config(&http_config(addr, "jwks_min_refresh_secs = 60"))
+        .await
+        .expect("verifier");
+    let mut ring = Keyring::open(dir.path()).expect("keyring");
+
+    ring.rotate().expect("rotate");
+    let second = spec().mint(ring.signing_key()).expect("mint");
+    v.verify(&second)
+        .await
+        .expect("first unknown kid triggers a refresh");
+
+    // A second unknown kid within the minute does not reach the IdP.
+    ring.rotate().expect("rotate");
+    let third = spec().mint(ring.signing_key()).expect("mint");
+    assert_eq!(code(v.verify(&third).await), "unknown_kid");
+    // An explicit (scheduled or admin) refresh is not rate limited.
+    v.refresh_keys().await.expect("refresh");
+    v.verify(&third).await.expect("accepted after the refresh");
+    idp.abort();
+}
+
+#[tokio::test]
+async fn idp_down_keeps_cached_keys_and_refuses_unknown_kids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, idp) = start_idp(dir.path()).await;
+    let v = Verifier::from_config(&http_config(addr, ""))
+        .await
+        .expect("verifier");
+    let ring = Keyring::open(dir.path()).expect("keyring");
+    let token = spec().mint(ring.signing_key()).expect("mint");
+
+    idp.abort();
+    let _ = idp.await;
+    assert!(
+        v.refresh_keys().await.is_err(),
+        "refresh must fail with the IdP down"
+    );
+    v.verify(&token).await.expect("cached key still verifies");
+    let stranger = DevKey::generate().expect("key");
+    let forged = spec().mint(&stranger).expect("mint");
+    assert_eq!(code(v.verify(&forged).await), "unknown_kid");
+    v.verify(&token)
+        .await
+        .expect("failed on-demand refresh kept the cache");
+}
+
+#[tokio::test]
+async fn scheduled_refresh_picks_up_withdrawal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, idp) = start_idp(dir.path()).await;
+    let v = Verifier::from_config(&http_config(addr, "jwks_refresh_secs = 1"))
+        .await
+        .expect("verifier");
+    let mut ring = Keyring::open(dir.path()).expect("keyring");
+    let first = ring.signing_key().kid.clone();
+    let second = ring.rotate().expect("rotate").kid.clone();
+    ring.withdraw_old().expect("withdraw");
+    // No token is verified: only the schedule can change the cache.
+    let mut kids = v.cached_kids();
+    for _ in 0..40 {
+        if kids == vec![second.clone()] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        kids = v.cached_kids();
+    }
+    assert_eq!(kids, vec![second], "first key {first} should be gone");
+    idp.abort();
+}
+
+#[tokio::test]
+async fn started_before_idp_refuses_then_recovers() {
+    // A free loopback port with nothing listening yet.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    let v = Verifier::from_config(&http_config(addr, "jwks_min_refresh_secs = 1"))
+        .await
+        .expect("an unreachable IdP does not stop start-up");
+    assert_eq!(code(v.verify(&token).await), "keys_unavailable");
+
+    let (_, idp) = crate::dev::server::spawn(dir.path().to_path_buf(), addr)
+        .await
+        .expect("idp");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    v.verify(&token)
+        .await
+        .expect("keys loaded once the IdP is up");
+    idp.abort();
+}

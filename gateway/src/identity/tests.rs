@@ -1,0 +1,336 @@
+//! Verifier tests against keys from the development IdP.
+
+use std::path::Path;
+
+use super::*;
+use crate::dev::{DevKey, Keyring, TokenKind, TokenSpec};
+
+pub(super) const TID: &str = "8f3c1a52-7d4e-4b7a-9c1e-2a5b6d7e8f90";
+pub(super) const OTHER_TID: &str = "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d";
+pub(super) const AUD: &str = "api://tollgate";
+pub(super) const AUD_GUID: &str = "6a1e0c2d-3b4f-4a5e-9d6c-7b8a9f0e1d2c";
+pub(super) const OID: &str = "11111111-2222-4333-8444-555555555555";
+
+/// A config as an operator would write it, pointing at `jwks`.
+pub(super) fn config_with(keys_line: &str, extra: &str) -> IdentityConfig {
+    let text = format!(
+        "tenants = [\"{TID}\"]\naudiences = [\"{AUD}\", \"{AUD_GUID}\"]\n{keys_line}\n{extra}\n"
+    );
+    match toml::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => panic!("test config does not parse: {e}\n{text}"),
+    }
+}
+
+pub(super) fn file_config(dir: &Path, extra: &str) -> IdentityConfig {
+    config_with(&format!("jwks_file = {:?}", dir.join("jwks.json")), extra)
+}
+
+pub(super) async fn setup(extra: &str) -> (tempfile::TempDir, Keyring, Verifier) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let v = Verifier::from_config(&file_config(dir.path(), extra))
+        .await
+        .expect("verifier");
+    (dir, ring, v)
+}
+
+pub(super) fn spec() -> TokenSpec {
+    TokenSpec {
+        name: Some("ada@example.com".into()),
+        ..TokenSpec::new(TID, OID, AUD)
+    }
+}
+
+pub(super) fn code(r: Result<Principal, IdentityError>) -> &'static str {
+    match r {
+        Ok(p) => panic!("token accepted, expected a refusal: {p:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+#[tokio::test]
+async fn valid_token_is_accepted() {
+    let (_d, ring, v) = setup("").await;
+    let spec = TokenSpec {
+        groups: vec!["g1".into(), "g2".into()],
+        roles: vec!["Tollgate.Read".into()],
+        ..spec()
+    };
+    let token = spec.mint(ring.signing_key()).expect("mint");
+    let p = v.verify(&token).await.expect("valid token accepted");
+    assert_eq!(p.tenant_id, TID);
+    assert_eq!(p.object_id, OID);
+    assert_eq!(p.app_id, crate::dev::DEV_CLIENT_ID);
+    assert_eq!(p.display_name, "ada@example.com");
+    assert_eq!(p.groups, vec!["g1", "g2"]);
+    assert_eq!(p.roles, vec!["Tollgate.Read"]);
+    assert_eq!(p.kind, PrincipalKind::User);
+    assert_eq!(p.scopes, vec!["access_as_user"]);
+    assert_eq!(p.token_version, 2);
+    assert!(!p.token_id.is_empty());
+    assert_eq!(
+        p.token_fingerprint,
+        hex::encode(Sha256::digest(token.as_bytes()))
+    );
+    assert!(p.expires_at > p.issued_at);
+}
+
+#[tokio::test]
+async fn password_with_trailing_newline_is_accepted() {
+    let (_d, ring, v) = setup("").await;
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    let p = v
+        .verify(&format!("{token}\r\n"))
+        .await
+        .expect("trimmed token accepted");
+    // The fingerprint is of the token, not of the whitespace around it.
+    assert_eq!(
+        p.token_fingerprint,
+        hex::encode(Sha256::digest(token.as_bytes()))
+    );
+}
+
+#[tokio::test]
+async fn guid_audience_and_v1_token_accepted_when_configured() {
+    let (_d, ring, v) = setup("token_versions = [1, 2]").await;
+    let t = TokenSpec {
+        audience: format!("{AUD_GUID}/"),
+        version: 1,
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v
+        .verify(&t)
+        .await
+        .expect("v1 token with GUID audience and trailing slash");
+    assert_eq!(p.token_version, 1);
+    assert_eq!(p.display_name, "ada@example.com");
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let (_d, ring, v) = setup("").await;
+    // Beyond the 300 s skew.
+    let t = TokenSpec {
+        expires_in: -301,
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    assert_eq!(code(v.verify(&t).await), "expired");
+}
+
+#[tokio::test]
+async fn expired_within_skew_is_accepted() {
+    let (_d, ring, v) = setup("").await;
+    let t = TokenSpec {
+        expires_in: -60,
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    assert!(v.verify(&t).await.is_ok());
+}
+
+#[tokio::test]
+async fn wrong_audience_is_refused() {
+    let (_d, ring, v) = setup("").await;
+    let t = TokenSpec {
+        audience: "api://someone-else".into(),
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    assert_eq!(code(v.verify(&t).await), "bad_audience");
+}
+
+#[tokio::test]
+async fn token_from_unknown_key_is_refused() {
+    let (_d, _ring, v) = setup("").await;
+    let stranger = DevKey::generate().expect("key");
+    let t = spec().mint(&stranger).expect("mint");
+    assert_eq!(code(v.verify(&t).await), "unknown_kid");
+}
+
+#[tokio::test]
+async fn empty_token_is_refused() {
+    let (_d, _ring, v) = setup("").await;
+    assert_eq!(code(v.verify("").await), "missing_token");
+    assert_eq!(code(v.verify(" \n").await), "missing_token");
+}
+
+#[tokio::test]
+async fn app_token_is_an_app_principal() {
+    let (_d, ring, v) = setup("").await;
+    let t = TokenSpec {
+        kind: TokenKind::App,
+        roles: vec!["Tollgate.Admin".into()],
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("app token");
+    assert_eq!(p.kind, PrincipalKind::App);
+    assert!(p.scopes.is_empty());
+    assert_eq!(p.roles, vec!["Tollgate.Admin"]);
+}
+
+#[tokio::test]
+async fn bad_configs_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    Keyring::open_or_create(dir.path()).expect("keyring");
+    let jwks = format!("jwks_file = {:?}", dir.path().join("jwks.json"));
+    for (keys, extra, why) in [
+        (
+            jwks.as_str(),
+            "allowed_algorithms = [\"HS256\"]",
+            "symmetric algorithm",
+        ),
+        (jwks.as_str(), "allowed_algorithms = [\"none\"]", "alg none"),
+        (jwks.as_str(), "token_versions = [3]", "unknown version"),
+        (
+            jwks.as_str(),
+            "issuer_v2 = \"https://login.microsoftonline.com/x/v2.0\"",
+            "no placeholder",
+        ),
+        (
+            "jwks_uri = \"http://127.0.0.1:1/keys\"",
+            "",
+            "http without development_idp",
+        ),
+        (
+            "jwks_uri = \"http://10.0.0.1/keys\"",
+            "development_idp = true",
+            "http not loopback",
+        ),
+        (
+            "jwks_uri = \"ftp://127.0.0.1/keys\"",
+            "development_idp = true",
+            "not http",
+        ),
+        ("", "", "no key source"),
+    ] {
+        let c = config_with(keys, extra);
+        assert!(
+            Verifier::from_config(&c).await.is_err(),
+            "accepted config with {why}"
+        );
+    }
+    let graph: IdentityConfig = toml::from_str(&format!(
+        "tenants = [\"{TID}\"]\naudiences = [\"https://graph.microsoft.com/\"]\n{jwks}"
+    ))
+    .expect("parses");
+    assert!(
+        Verifier::from_config(&graph).await.is_err(),
+        "accepted a Graph audience"
+    );
+    let bad_tenant: IdentityConfig = toml::from_str(&format!(
+        "tenants = [\"contoso\"]\naudiences = [\"{AUD}\"]\n{jwks}"
+    ))
+    .expect("parses");
+    assert!(
+        Verifier::from_config(&bad_tenant).await.is_err(),
+        "accepted a non-GUID tenant"
+    );
+}
+
+/// Starts the dev IdP on an ephemeral loopback port.
+pub(super) async fn start_idp(dir: &Path) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listen = "127.0.0.1:0".parse().expect("addr");
+    crate::dev::server::spawn(dir.to_path_buf(), listen)
+        .await
+        .expect("dev idp")
+}
+
+#[tokio::test]
+async fn dev_idp_keys_over_http_jwks_uri_and_discovery() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, idp) = start_idp(dir.path()).await;
+    let ring = Keyring::open(dir.path()).expect("keyring");
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    for keys in [
+        format!("jwks_uri = \"http://{addr}/{TID}/discovery/v2.0/keys\""),
+        format!("discovery_uri = \"http://{addr}/{TID}/v2.0/.well-known/openid-configuration\""),
+    ] {
+        let v = Verifier::from_config(&config_with(&keys, "development_idp = true"))
+            .await
+            .expect("verifier");
+        assert_eq!(
+            v.cached_kids(),
+            vec![ring.signing_key().kid.clone()],
+            "{keys}"
+        );
+        v.verify(&token)
+            .await
+            .expect("token accepted with keys over http");
+    }
+    idp.abort();
+}
+
+#[tokio::test]
+async fn groups_app_roles_apps_and_oids_map_to_tollgate_roles() {
+    let extra = r#"
+[roles.db-reader]
+groups = ["AAAAAAAA-0000-4000-8000-000000000001"]
+[roles.db-writer]
+app_roles = ["Tollgate.Write"]
+[roles.ci]
+apps = ["c1c1c1c1-0000-4000-8000-000000000003"]
+[roles.oncall]
+object_ids = ["11111111-2222-4333-8444-555555555555"]
+[roles.nobody]
+groups = ["bbbbbbbb-0000-4000-8000-000000000009"]
+app_roles = ["tollgate.write"]
+"#;
+    let (_d, ring, v) = setup(extra).await;
+    // Group ids match case-insensitively (GUIDs); app role values exactly.
+    let t = TokenSpec {
+        groups: vec!["aaaaaaaa-0000-4000-8000-000000000001".into()],
+        roles: vec!["Tollgate.Write".into()],
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("accepted");
+    assert_eq!(p.tollgate_roles, vec!["db-reader", "db-writer", "oncall"]);
+
+    let t = TokenSpec {
+        oid: "99999999-2222-4333-8444-555555555555".into(),
+        app_id: "c1c1c1c1-0000-4000-8000-000000000003".into(),
+        kind: TokenKind::App,
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("accepted");
+    assert_eq!(p.tollgate_roles, vec!["ci"]);
+
+    let t = TokenSpec {
+        oid: "99999999-2222-4333-8444-555555555555".into(),
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    assert!(v
+        .verify(&t)
+        .await
+        .expect("accepted")
+        .tollgate_roles
+        .is_empty());
+}
+
+#[tokio::test]
+async fn user_token_scopes_are_split() {
+    let (_d, ring, v) = setup("").await;
+    let t = TokenSpec {
+        scopes: vec!["Db.Read".into(), "Db.Write".into()],
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("accepted");
+    assert_eq!(p.kind, PrincipalKind::User);
+    assert_eq!(p.scopes, vec!["Db.Read", "Db.Write"]);
+}
