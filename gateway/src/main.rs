@@ -73,15 +73,15 @@ fn main() -> ExitCode {
             .map(|_| println!("{}: ok", config.display()))
             .map_err(Into::into),
         Command::Unpin { config } => unpin(config),
+        Command::Dev { command } => {
+            runtime().and_then(|rt| rt.block_on(tollgate::dev::run(command)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tollgate: {err:#}");
             ExitCode::FAILURE
-        }
-        Command::Dev { command } => {
-            tokio::runtime::Runtime::new()?.block_on(tollgate::dev::run(command))
         }
     }
 }

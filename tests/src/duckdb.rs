@@ -8,7 +8,8 @@ use serde_json::Value;
 
 /// The Python with duckdb installed (`TOLLGATE_PYTHON`, set by `cargo xtask test`).
 pub fn python() -> String {
-    std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| "/var/cache/tollgate/venv/bin/python".into())
+    std::env::var("TOLLGATE_PYTHON")
+        .unwrap_or_else(|_| "/var/cache/tollgate/venv/bin/python".into())
 }
 
 const RUNNER: &str = r#"
@@ -37,7 +38,10 @@ pub fn query(audit_dir: &Path, sql: &str) -> Result<Vec<Value>> {
         .output()
         .context("run python with duckdb (`cargo xtask setup` installs it)")?;
     if !out.status.success() {
-        bail!("duckdb query failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "duckdb query failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let rows: Value = serde_json::from_slice(&out.stdout)?;
     match rows {

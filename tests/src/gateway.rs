@@ -77,7 +77,12 @@ pub struct Gateway {
 impl Gateway {
     /// A configuration for one PostgreSQL target in a fresh temporary
     /// directory, with a fresh agent cgroup and pin directory.
-    pub fn config_for(target: SocketAddr, upstream_user: &str, upstream_password: &str, jwks_uri: String) -> Result<(tempfile::TempDir, GatewayConfig)> {
+    pub fn config_for(
+        target: SocketAddr,
+        upstream_user: &str,
+        upstream_password: &str,
+        jwks_uri: String,
+    ) -> Result<(tempfile::TempDir, GatewayConfig)> {
         let dir = tempfile::Builder::new().prefix("tollgate-gw-").tempdir()?;
         let unique = unique_name();
         let config = GatewayConfig {
@@ -182,7 +187,10 @@ impl Gateway {
             .arg(&self.config_path)
             .output()?;
         if !out.status.success() {
-            bail!("tollgate unpin failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "tollgate unpin failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -198,7 +206,11 @@ impl Drop for Gateway {
 
 fn unique_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("tollgate-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "tollgate-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A cgroup v2 directory whose processes are agents.

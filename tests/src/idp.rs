@@ -41,14 +41,20 @@ impl DevIdp {
             child: Some(child),
             listen,
         };
-        wait_for("the development IdP to listen", Duration::from_secs(20), || port_open(listen))?;
+        wait_for(
+            "the development IdP to listen",
+            Duration::from_secs(20),
+            || port_open(listen),
+        )?;
         Ok(idp)
     }
 
     /// A key directory that no running IdP publishes: tokens minted from it
     /// are signed by a key tollgate cannot know.
     pub fn rogue_key_dir() -> Result<tempfile::TempDir> {
-        Ok(tempfile::Builder::new().prefix("tollgate-rogue-idp-").tempdir()?)
+        Ok(tempfile::Builder::new()
+            .prefix("tollgate-rogue-idp-")
+            .tempdir()?)
     }
 
     pub fn dir(&self) -> &Path {
@@ -79,7 +85,10 @@ pub fn mint(key_dir: &Path, oid: &str, extra: &[&str]) -> Result<String> {
         .output()
         .context("run `tollgate dev token`")?;
     if !out.status.success() {
-        bail!("tollgate dev token failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "tollgate dev token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

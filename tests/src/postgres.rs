@@ -30,7 +30,9 @@ pub struct Postgres {
 impl Postgres {
     pub fn start() -> Result<Self> {
         let (uid, gid) = postgres_ids()?;
-        let dir = tempfile::Builder::new().prefix("tollgate-pg-").tempdir_in("/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-pg-")
+            .tempdir_in("/tmp")?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         let data = dir.path().join("data");
         let pwfile = dir.path().join("pw");
@@ -42,7 +44,14 @@ impl Postgres {
         let out = Command::new(format!("{PG_BIN}/initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .uid(uid)
             .gid(gid)
@@ -79,9 +88,15 @@ impl Postgres {
             gateway_password: "gateway-credential-secret".into(),
         };
         let addr = pg.address();
-        wait_for("PostgreSQL to accept connections", Duration::from_secs(30), || {
-            pg.superuser_sql("postgres", "SELECT 1").map(|o| o.status.success()).unwrap_or(false)
-        })
+        wait_for(
+            "PostgreSQL to accept connections",
+            Duration::from_secs(30),
+            || {
+                pg.superuser_sql("postgres", "SELECT 1")
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            },
+        )
         .with_context(|| format!("PostgreSQL on {addr}; log: {}", pg.log()))?;
         let setup = format!(
             "CREATE ROLE {user} LOGIN SUPERUSER PASSWORD '{password}'; CREATE DATABASE orders;",
@@ -135,7 +150,10 @@ impl Postgres {
     pub fn superuser_sql_ok(&self, database: &str, sql: &str) -> Result<String> {
         let out = self.superuser_sql(database, sql)?;
         if !out.status.success() {
-            bail!("psql {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "psql {sql:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
@@ -168,5 +186,6 @@ fn postgres_ids() -> Result<(u32, u32)> {
 }
 
 fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).with_context(|| format!("chown {}", path.display()))
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .with_context(|| format!("chown {}", path.display()))
 }

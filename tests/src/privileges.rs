@@ -20,6 +20,8 @@ pub fn privileged(test: &str) -> bool {
     if std::env::var_os(REQUIRE_PRIVILEGED_ENV).is_some() {
         panic!("{test} needs {missing}, and {REQUIRE_PRIVILEGED_ENV} forbids skipping it");
     }
-    eprintln!("SKIPPED {test}: needs {missing}; set {REQUIRE_PRIVILEGED_ENV}=1 to make this a failure");
+    eprintln!(
+        "SKIPPED {test}: needs {missing}; set {REQUIRE_PRIVILEGED_ENV}=1 to make this a failure"
+    );
     false
 }

@@ -26,7 +26,11 @@ impl Stack {
             idp.jwks_uri(),
         )?;
         let gateway = Gateway::start(dir, config)?;
-        Ok(Stack { gateway, idp, postgres })
+        Ok(Stack {
+            gateway,
+            idp,
+            postgres,
+        })
     }
 
     /// psql run as an agent: inside the agent cgroup, connecting to the
@@ -48,10 +52,19 @@ impl Stack {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_login.py");
         let out = AgentCgroup::command(&self.gateway.config.agent_cgroup, &duckdb::python())
             .arg(script)
-            .args(["127.0.0.1", &self.postgres.port.to_string(), "agent", "orders", password])
+            .args([
+                "127.0.0.1",
+                &self.postgres.port.to_string(),
+                "agent",
+                "orders",
+                password,
+            ])
             .output()?;
         if !out.status.success() {
-            bail!("pg_login.py failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pg_login.py failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }

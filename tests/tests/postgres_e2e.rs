@@ -25,20 +25,36 @@ fn an_agent_query_is_served_by_tollgate_and_audited_with_its_identity() {
     let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let token = stack
         .idp
-        .token(AGENT_OID, &["--name", "billing-agent", "--groups", "g-readers"])
+        .token(
+            AGENT_OID,
+            &["--name", "billing-agent", "--groups", "g-readers"],
+        )
         .expect("mint a token");
 
     let out = stack
         .agent_psql(&token, "SELECT name FROM customers WHERE id = 2")
         .output()
         .expect("run psql");
-    assert!(out.status.success(), "psql failed: {}\n{}", stderr(&out), stack.gateway.log());
+    assert!(
+        out.status.success(),
+        "psql failed: {}\n{}",
+        stderr(&out),
+        stack.gateway.log()
+    );
     assert_eq!(stdout(&out), "Grace");
 
     // PostgreSQL would refuse a JWT as the password of `agent` (no such
     // role): the session is the gateway's own, with its own credential.
-    let out = stack.agent_psql(&token, "SELECT current_user").output().expect("run psql");
-    assert_eq!(stdout(&out), stack.postgres.gateway_user, "{}", stderr(&out));
+    let out = stack
+        .agent_psql(&token, "SELECT current_user")
+        .output()
+        .expect("run psql");
+    assert_eq!(
+        stdout(&out),
+        stack.postgres.gateway_user,
+        "{}",
+        stderr(&out)
+    );
 
     // The agent still sees the address it asked for.
     let peer = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &tollgate_tests::duckdb::python())
@@ -49,7 +65,12 @@ fn an_agent_query_is_served_by_tollgate_and_audited_with_its_identity() {
         ])
         .output()
         .expect("run python");
-    assert_eq!(stdout(&peer), format!("127.0.0.1:{}", stack.postgres.port), "{}", stderr(&peer));
+    assert_eq!(
+        stdout(&peer),
+        format!("127.0.0.1:{}", stack.postgres.port),
+        "{}",
+        stderr(&peer)
+    );
 
     let rows = stack
         .audit_rows(
@@ -66,14 +87,22 @@ fn an_agent_query_is_served_by_tollgate_and_audited_with_its_identity() {
     assert_eq!(row["dst_endpoint_name"], "orders-db");
     assert_eq!(row["dst_endpoint_port"], i64::from(stack.postgres.port));
     assert_eq!(row["actor_process_name"], "psql");
-    assert!(row["actor_process_pid"].as_i64().unwrap_or(0) > 0, "pid recorded: {row}");
+    assert!(
+        row["actor_process_pid"].as_i64().unwrap_or(0) > 0,
+        "pid recorded: {row}"
+    );
     assert_eq!(row["status_id"], 1);
     assert_eq!(row["response_rows"], 1);
     assert!(row["duration_us"].as_i64().is_some());
     assert_eq!(row["database_name"], "orders");
     // The token itself is never stored, only its fingerprint.
     assert!(!row.to_string().contains(&token));
-    assert_eq!(row["actor_session_credential_fingerprint"].as_str().map(str::len), Some(64));
+    assert_eq!(
+        row["actor_session_credential_fingerprint"]
+            .as_str()
+            .map(str::len),
+        Some(64)
+    );
 
     let requests = stack
         .audit_rows(
@@ -94,9 +123,24 @@ fn refused_tokens_get_sqlstate_28000_and_each_refusal_is_audited() {
     let rogue = DevIdp::rogue_key_dir().expect("rogue key dir");
     let cases = [
         ("no token", String::new()),
-        ("expired", stack.idp.token("oid-expired", &["--expires-in", "-3600"]).expect("mint")),
-        ("wrong audience", stack.idp.token("oid-wrong-aud", &["--audience", "api://someone-else"]).expect("mint")),
-        ("unknown key", idp::mint(rogue.path(), "oid-rogue", &[]).expect("mint")),
+        (
+            "expired",
+            stack
+                .idp
+                .token("oid-expired", &["--expires-in", "-3600"])
+                .expect("mint"),
+        ),
+        (
+            "wrong audience",
+            stack
+                .idp
+                .token("oid-wrong-aud", &["--audience", "api://someone-else"])
+                .expect("mint"),
+        ),
+        (
+            "unknown key",
+            idp::mint(rogue.path(), "oid-rogue", &[]).expect("mint"),
+        ),
     ];
     for (case, token) in &cases {
         let answer = stack.agent_login(token).expect("raw login");
@@ -106,7 +150,10 @@ fn refused_tokens_get_sqlstate_28000_and_each_refusal_is_audited() {
         assert!(message.starts_with("tollgate: "), "{case}: {message}");
     }
     // psql shows the reason too.
-    let out = stack.agent_psql(&cases[1].1, "SELECT 1").output().expect("run psql");
+    let out = stack
+        .agent_psql(&cases[1].1, "SELECT 1")
+        .output()
+        .expect("run psql");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("tollgate: "), "{}", stderr(&out));
 
@@ -122,11 +169,21 @@ fn refused_tokens_get_sqlstate_28000_and_each_refusal_is_audited() {
         assert_eq!(row["phase"], "refusal");
         assert_eq!(row["action_id"], 2);
         let process = row["actor_process_name"].as_str().unwrap_or_default();
-        assert!(process.starts_with("python"), "refusals name the process: {row}");
-        assert!(!row["status_detail"].as_str().unwrap_or_default().is_empty(), "reason recorded: {row}");
+        assert!(
+            process.starts_with("python"),
+            "refusals name the process: {row}"
+        );
+        assert!(
+            !row["status_detail"].as_str().unwrap_or_default().is_empty(),
+            "reason recorded: {row}"
+        );
     }
     // The four reasons differ: each refusal says why.
-    let reasons: std::collections::HashSet<_> = rows.iter().take(cases.len()).map(|r| r["status_detail"].to_string()).collect();
+    let reasons: std::collections::HashSet<_> = rows
+        .iter()
+        .take(cases.len())
+        .map(|r| r["status_detail"].to_string())
+        .collect();
     assert_eq!(reasons.len(), cases.len(), "{rows:?}");
 }
 
@@ -137,7 +194,10 @@ fn with_tollgate_killed_agents_are_refused_and_never_reach_postgres_directly() {
     }
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
-    let out = stack.agent_psql(&token, "SELECT 1").output().expect("run psql");
+    let out = stack
+        .agent_psql(&token, "SELECT 1")
+        .output()
+        .expect("run psql");
     assert_eq!(stdout(&out), "1", "{}", stderr(&out));
 
     stack.gateway.kill();
@@ -148,19 +208,38 @@ fn with_tollgate_killed_agents_are_refused_and_never_reach_postgres_directly() {
         .env("PGUSER", "postgres")
         .output()
         .expect("run psql");
-    assert!(!out.status.success(), "agent connection succeeded with tollgate down");
+    assert!(
+        !out.status.success(),
+        "agent connection succeeded with tollgate down"
+    );
     assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
-    assert_eq!(stack.postgres.connections_received(), before, "the agent reached PostgreSQL directly");
+    assert_eq!(
+        stack.postgres.connections_received(),
+        before,
+        "the agent reached PostgreSQL directly"
+    );
 
     // Outside the agent cgroup, the server is reached directly: the pinning is scoped.
-    let direct = stack.postgres.superuser_sql_ok("orders", "SELECT count(*) FROM customers").expect("direct psql");
+    let direct = stack
+        .postgres
+        .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+        .expect("direct psql");
     assert_eq!(direct, "3");
     assert_eq!(stack.postgres.connections_received(), before + 1);
 
     // A restarted daemon takes over the pinned redirect.
     stack.gateway.restart().expect("restart tollgate");
-    let out = stack.agent_psql(&token, "SELECT 2").output().expect("run psql");
-    assert_eq!(stdout(&out), "2", "{}\n{}", stderr(&out), stack.gateway.log());
+    let out = stack
+        .agent_psql(&token, "SELECT 2")
+        .output()
+        .expect("run psql");
+    assert_eq!(
+        stdout(&out),
+        "2",
+        "{}\n{}",
+        stderr(&out),
+        stack.gateway.log()
+    );
 }
 
 #[test]
@@ -175,7 +254,10 @@ fn unpin_removes_the_redirect() {
     // With the redirect gone, the agent cgroup reaches the server itself.
     let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql")
         .args(["-X", "-A", "-t"])
-        .arg(format!("host=127.0.0.1 port={} user=postgres dbname=orders", stack.postgres.port))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=orders",
+            stack.postgres.port
+        ))
         .args(["-c", "SELECT current_user"])
         .env("PGPASSWORD", &stack.postgres.superuser_password)
         .output()

@@ -24,10 +24,23 @@ pub fn run(binary: &Path) -> Result<()> {
         stack.gateway.config.agent_cgroup.display(),
         stack.gateway.config.listen
     ));
-    eprintln!("--- tollgate configuration ({}) ---", stack.gateway.config_path.display());
-    eprintln!("{}", stack.gateway.config.toml().replace(&stack.postgres.gateway_password, "********"));
+    eprintln!(
+        "--- tollgate configuration ({}) ---",
+        stack.gateway.config_path.display()
+    );
+    eprintln!(
+        "{}",
+        stack
+            .gateway
+            .config
+            .toml()
+            .replace(&stack.postgres.gateway_password, "********")
+    );
 
-    let token = stack.idp.token(AGENT_OID, &["--name", "billing-agent", "--groups", "readers"])?;
+    let token = stack.idp.token(
+        AGENT_OID,
+        &["--name", "billing-agent", "--groups", "readers"],
+    )?;
     step(&format!(
         "an agent in the cgroup runs psql against PostgreSQL's real address 127.0.0.1:{} with its Entra token as password",
         stack.postgres.port
@@ -38,7 +51,11 @@ pub fn run(binary: &Path) -> Result<()> {
     ] {
         let out = stack.agent_psql(&token, sql).output().context("run psql")?;
         eprintln!("agent$ psql -c {sql:?}");
-        eprint!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprint!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     step("an agent with an expired token is refused (SQLSTATE 28000)");
     let expired = stack.idp.token(AGENT_OID, &["--expires-in", "-600"])?;

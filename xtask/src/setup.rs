@@ -61,7 +61,10 @@ fn debian_packages() -> Result<()> {
         step("Debian packages: all present");
         return Ok(());
     }
-    step(&format!("Debian packages: installing {}", missing.join(" ")));
+    step(&format!(
+        "Debian packages: installing {}",
+        missing.join(" ")
+    ));
     run_checked(Command::new("apt-get").args(["update", "-q"]))?;
     run_checked(
         Command::new("apt-get")
@@ -80,7 +83,9 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 fn bpf_toolchain() -> Result<()> {
-    let toolchains = Command::new("rustup").args(["toolchain", "list"]).output()?;
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()?;
     if String::from_utf8_lossy(&toolchains.stdout).contains("bpf-debian") {
         step("bpf-debian toolchain: linked");
     } else {
@@ -91,17 +96,32 @@ fn bpf_toolchain() -> Result<()> {
     let have_linker = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .map(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
+        .map(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+        })
         .unwrap_or(false);
     if have_linker {
         step("bpf-linker: present");
         return Ok(());
     }
-    step(&format!("bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (a few minutes, once)"));
-    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+    step(&format!(
+        "bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (a few minutes, once)"
+    ));
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
     run_checked(
         Command::new("cargo")
-            .args(["+stable", "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args([
+                "+stable",
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path),
     )
@@ -121,7 +141,10 @@ fn python_packages() -> Result<()> {
         step("Python packages: present");
         return Ok(());
     }
-    step(&format!("Python packages: installing {} into a virtualenv", PYTHON_PACKAGES.join(" ")));
+    step(&format!(
+        "Python packages: installing {} into a virtualenv",
+        PYTHON_PACKAGES.join(" ")
+    ));
     let venv = python
         .parent()
         .and_then(|bin| bin.parent())

@@ -1,37 +1,218 @@
 //! The tamper-evident record of every request.
+//!
+//! Path of a record: [`AuditLog::append`] -> WAL (group-committed fdatasync,
+//! hash-chained) -> Parquet segment (zstd, hive-partitioned by day) ->
+//! manifest entry (file SHA-256, RFC 6962 root) -> signed checkpoint.
+//! docs/audit-schema.md, docs/verification.md and docs/queries.md describe
+//! the files for the people who read them.
 
+// The read side of these modules serves `audit verify`, added next.
+#[allow(dead_code)]
+mod checkpoint;
+mod fsutil;
+mod manifest;
+mod merkle;
 pub mod record;
+#[allow(dead_code)]
+mod segment;
+mod store;
+#[cfg(test)]
+mod tests;
+#[allow(dead_code)]
+mod wal;
 
-pub use record::AuditRecord;
+use std::{
+    future::Future,
+    path::PathBuf,
+    pin::Pin,
+    sync::mpsc,
+    task::{Context, Poll},
+};
+
+pub use record::*;
 use serde::Deserialize;
+use tokio::sync::oneshot;
 
-/// Audit store settings (`[audit]` in the config file).
+pub use store::apply_retention;
+
+/// Audit store settings (`[audit]` in the config file). Only `dir` is
+/// required.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    pub dir: std::path::PathBuf,
+    /// The audit directory (WAL, segments, manifest, checkpoints).
+    pub dir: PathBuf,
+    /// A segment is closed at the latest this many seconds after its first
+    /// record.
+    #[serde(default = "default_segment_max_age_secs")]
+    pub segment_max_age_secs: u64,
+    /// ... or once it holds this many records.
+    #[serde(default = "default_segment_max_records")]
+    pub segment_max_records: usize,
+    /// Ed25519 private key (from `tollgate keygen`) that signs checkpoints.
+    /// When unset, a key is generated under `{dir}/keys/` on first start,
+    /// with a warning: fine for development, not for production, where the
+    /// key should live outside the directory it vouches for.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// Checkpoint origin line; defaults to the signing key's name.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// A checkpoint is written at least this often, also while idle, so a
+    /// truncated tail cannot pass for a quiet period.
+    #[serde(default = "default_checkpoint_interval_secs")]
+    pub checkpoint_interval_secs: u64,
+    /// Segments whose newest record is older than this are deleted, and the
+    /// deletion is recorded in the manifest. Unset: keep forever.
+    #[serde(default)]
+    pub retention_days: Option<u32>,
+    /// Group that owns the audit files (read access for auditors).
+    #[serde(default)]
+    pub auditor_group: Option<String>,
+    /// When a record must be durable relative to forwarding the request.
+    #[serde(default)]
+    pub durability: DurabilityMode,
 }
 
-#[derive(Debug, thiserror::Error)]
+fn default_segment_max_age_secs() -> u64 {
+    5
+}
+fn default_segment_max_records() -> usize {
+    100_000
+}
+fn default_checkpoint_interval_secs() -> u64 {
+    60
+}
+
+impl AuditConfig {
+    /// A configuration with every default, for `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> AuditConfig {
+        AuditConfig {
+            dir: dir.into(),
+            segment_max_age_secs: default_segment_max_age_secs(),
+            segment_max_records: default_segment_max_records(),
+            signing_key: None,
+            origin: None,
+            checkpoint_interval_secs: default_checkpoint_interval_secs(),
+            retention_days: None,
+            auditor_group: None,
+            durability: DurabilityMode::default(),
+        }
+    }
+}
+
+/// When a protocol adapter may forward a request relative to its record
+/// becoming durable (notes/audit-store.md, "Durability costs latency").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurabilityMode {
+    /// Provably read-only statements are forwarded while their record
+    /// syncs; the response is held until the record is durable. Everything
+    /// else (and every refusal) is durable before it is forwarded.
+    #[default]
+    ReadParallel,
+    /// Every record is durable before its request is forwarded.
+    Strict,
+}
+
+impl DurabilityMode {
+    /// May a request be forwarded before its record is durable? Only a
+    /// provably read-only one, and only in `read_parallel` mode. The
+    /// response must still wait for [`Durable`].
+    pub fn may_forward_before_durable(self, provably_read_only: bool) -> bool {
+        self == DurabilityMode::ReadParallel && provably_read_only
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
     #[error("audit store unavailable: {0}")]
     Unavailable(String),
+    /// The WAL could not be written (disk full, I/O error): the request
+    /// must be refused. The store keeps working once the cause is gone.
+    #[error("audit write failed: {0}")]
+    Wal(String),
 }
 
 /// Handle to the audit store; cheap to clone, shared by all sessions.
 #[derive(Clone)]
-pub struct AuditLog {}
+pub struct AuditLog {
+    tx: mpsc::Sender<store::Msg>,
+    mode: DurabilityMode,
+}
+
+/// A submitted record that is not yet known to be durable. Await it for
+/// the sequence number; it resolves once the record is fsynced in the WAL.
+/// Until then nothing that depends on the record (the response to the
+/// agent, or a state-changing request) may go out.
+#[must_use = "a record is only safe to act on once its Durable resolves"]
+pub struct Durable {
+    rx: Result<oneshot::Receiver<Result<u64, AuditError>>, Option<AuditError>>,
+}
+
+impl Future for Durable {
+    type Output = Result<u64, AuditError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.rx {
+            Ok(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| Err(AuditError::Unavailable("audit writer stopped".into())))
+            }),
+            Err(e) => Poll::Ready(Err(e
+                .take()
+                .unwrap_or_else(|| AuditError::Unavailable("polled after completion".into())))),
+        }
+    }
+}
 
 impl AuditLog {
-    pub async fn open(_config: &AuditConfig) -> anyhow::Result<Self> {
-        anyhow::bail!("audit is not built yet")
+    /// Opens the store: removes unfinished files, rebuilds segments from
+    /// WAL records not yet in a closed segment, continues the chain, and
+    /// starts the background writer threads.
+    pub async fn open(config: &AuditConfig) -> anyhow::Result<Self> {
+        let cfg = config.clone();
+        let tx = tokio::task::spawn_blocking(move || store::start(&cfg)).await??;
+        Ok(AuditLog {
+            tx,
+            mode: config.durability,
+        })
     }
 
-    /// Appends a record; returns its sequence number once it is durable.
-    pub async fn append(&self, _record: AuditRecord) -> Result<u64, AuditError> {
-        Err(AuditError::Unavailable("audit is not built yet".into()))
+    /// The configured durability mode, for adapters to decide when to
+    /// forward.
+    pub fn durability(&self) -> DurabilityMode {
+        self.mode
     }
 
-    /// Flushes and closes the open segment.
-    pub async fn shutdown(&self) {}
+    /// Queues a record and returns at once; the returned [`Durable`]
+    /// resolves to its sequence number once it is fsynced. Records are
+    /// chained in the order `submit` is called. Use it to forward a
+    /// provably read-only statement while its record syncs, holding the
+    /// response until the `Durable` resolves.
+    pub fn submit(&self, record: AuditRecord) -> Durable {
+        let (otx, orx) = oneshot::channel();
+        match self.tx.send(store::Msg::Append(record, otx)) {
+            Ok(()) => Durable { rx: Ok(orx) },
+            Err(_) => Durable {
+                rx: Err(Some(AuditError::Unavailable(
+                    "audit log is shut down".into(),
+                ))),
+            },
+        }
+    }
+
+    /// Appends a record; returns its sequence number once it is durable
+    /// (fsynced WAL, group commit across concurrent callers). Fills
+    /// `sequence`, `prev_record_hash` and `record_hash`.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        self.submit(record).await
+    }
+
+    /// Closes the open segment (writing it, its manifest entry and a
+    /// checkpoint) and stops the writers. Appends after this fail.
+    pub async fn shutdown(&self) {
+        let (otx, orx) = oneshot::channel();
+        if self.tx.send(store::Msg::Shutdown(otx)).is_ok() {
+            let _ = orx.await;
+        }
+    }
 }

@@ -3,6 +3,10 @@
 //! docs/audit-schema.md documents every field.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// `prev_record_hash` of the first record of a chain: 64 zeros.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// OCSF class: Datastore Activity.
 pub const CLASS_DATASTORE_ACTIVITY: i32 = 6005;
@@ -74,6 +78,13 @@ pub struct AuditRecord {
     pub action_id: i32,
     /// The policy rule that decided (empty when none matched).
     pub policy_uid: String,
+    /// Id of the approval that let a NeedsApproval request run (empty when
+    /// no approval was involved).
+    pub approval_uid: String,
+    /// Entra object id of the person who approved (empty when none).
+    pub approver_user_uid: String,
+    /// Display name of the approver: for reading, never for decisions.
+    pub approver_user_name: String,
 
     // --- who (from the validated token) ---
     /// Entra object id (`oid`).
@@ -127,4 +138,25 @@ pub struct AuditRecord {
 
     /// Everything else, as a JSON object.
     pub unmapped: String,
+}
+
+impl AuditRecord {
+    /// The canonical encoding that `record_hash` is computed over: the
+    /// serde_json encoding of the record (fields in declaration order, no
+    /// whitespace) with `record_hash` set to the empty string. Hashing the
+    /// logical record rather than Parquet bytes keeps the hash independent
+    /// of how a file happens to be encoded.
+    pub fn canonical_bytes(&mut self) -> Vec<u8> {
+        let own = std::mem::take(&mut self.record_hash);
+        // Serialising a struct of strings, integers and string lists cannot
+        // fail; an empty encoding would show up as a hash mismatch anyway.
+        let bytes = serde_json::to_vec(&*self).unwrap_or_default();
+        self.record_hash = own;
+        bytes
+    }
+
+    /// SHA-256 over [`Self::canonical_bytes`], lower-case hex.
+    pub fn compute_hash(&mut self) -> String {
+        hex::encode(Sha256::digest(self.canonical_bytes()))
+    }
 }

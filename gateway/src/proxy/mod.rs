@@ -139,7 +139,8 @@ impl Connection {
         );
         record.phase = "refusal".into();
         record.status_id = record::status::FAILURE;
-        record.status_detail = error.to_string();
+        // The stable code first, so analysts can group by it.
+        record.status_detail = format!("{}: {error}", error.code());
         record.action_id = record::action::DENIED;
         record
     }

@@ -97,10 +97,10 @@ async fn serve(
         Ok(frame) => wire::password(&frame)?,
         // A client that hangs up at the password prompt had no token to give.
         Err(WireError::Closed) => {
-            let refusal = IdentityError::Refused(
-                "no token: the client closed the connection at the password prompt".into(),
-            );
-            let mut record = connection.authentication_refused(&refusal);
+            let mut record = connection.authentication_refused(&IdentityError::Missing);
+            record
+                .status_detail
+                .push_str(" (the client closed the connection at the password prompt)");
             record.database_user = database_user;
             record.database_name = database_name;
             let _ = shared.audit.append(record).await;

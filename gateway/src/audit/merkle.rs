@@ -1,0 +1,100 @@
+//! RFC 6962 Merkle tree hash (section 2.1), computed over a whole list.
+//!
+//! MTH({}) = SHA-256(), leaf = SHA-256(0x00 || d), node = SHA-256(0x01 ||
+//! left || right), where the left subtree holds the largest power of two
+//! smaller than n leaves.
+
+use sha2::{Digest, Sha256};
+
+pub type Hash = [u8; 32];
+
+pub fn leaf_hash(data: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(data);
+    h.finalize().into()
+}
+
+fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    let mut h = Sha256::new();
+    h.update([1u8]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// Merkle tree hash over already-hashed leaves.
+pub fn root_from_leaf_hashes(leaves: &[Hash]) -> Hash {
+    match leaves.len() {
+        0 => Sha256::digest([]).into(),
+        1 => leaves[0],
+        n => {
+            // k = largest power of two strictly smaller than n.
+            let k = if n.is_power_of_two() {
+                n / 2
+            } else {
+                1 << (usize::BITS - 1 - n.leading_zeros())
+            };
+            node_hash(
+                &root_from_leaf_hashes(&leaves[..k]),
+                &root_from_leaf_hashes(&leaves[k..]),
+            )
+        }
+    }
+}
+
+/// Merkle tree hash over raw leaf data.
+pub fn root<D: AsRef<[u8]>>(items: &[D]) -> Hash {
+    let leaves: Vec<Hash> = items.iter().map(|d| leaf_hash(d.as_ref())).collect();
+    root_from_leaf_hashes(&leaves)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Test vectors from the certificate-transparency-go merkle tests
+    // (inputs 0x, 0x00, 0x10, 0x2021, 0x3031, 0x40414243, ...).
+    fn inputs() -> Vec<Vec<u8>> {
+        vec![
+            vec![],
+            vec![0x00],
+            vec![0x10],
+            vec![0x20, 0x21],
+            vec![0x30, 0x31],
+            vec![0x40, 0x41, 0x42, 0x43],
+            vec![0x50, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56, 0x57],
+            vec![
+                0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d,
+                0x6e, 0x6f,
+            ],
+        ]
+    }
+
+    #[test]
+    fn rfc6962_roots_match_reference_vectors() {
+        let expected = [
+            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+            "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+            "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+            "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+            "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+            "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+        ];
+        let all = inputs();
+        for (n, want) in expected.iter().enumerate() {
+            assert_eq!(
+                hex::encode(root(&all[..n + 1])),
+                *want,
+                "tree of {} leaves",
+                n + 1
+            );
+        }
+        assert_eq!(
+            hex::encode(root::<Vec<u8>>(&[])),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

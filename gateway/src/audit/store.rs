@@ -1,0 +1,732 @@
+//! The running store: a WAL writer thread (group commit) and a segment
+//! thread (Parquet, manifest, checkpoints, retention).
+//!
+//! Both are OS threads rather than tokio tasks because all their work is
+//! blocking file I/O (write, fdatasync, rename); async callers only wait on
+//! a oneshot.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::mpsc::{self, RecvTimeoutError},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    checkpoint::{self, Signer},
+    fsutil::{self, Perms},
+    manifest::{self, Entry, Manifest, RemovedSegment, RetentionEntry, SegmentEntry},
+    merkle, segment, wal, AuditConfig, AuditError, AuditRecord, GENESIS_HASH,
+};
+
+/// Most records one group commit takes; bounds the latency of the batch.
+const MAX_BATCH: usize = 8192;
+/// How often a failed segment write is retried.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+// Records travel by value: boxing would cost an allocation per append
+// for the sake of the rare Shutdown message.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Msg {
+    Append(AuditRecord, oneshot::Sender<Result<u64, AuditError>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+enum SegMsg {
+    Batch {
+        records: Vec<AuditRecord>,
+        wal_files: Vec<PathBuf>,
+    },
+    Shutdown(Option<oneshot::Sender<()>>),
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Recovers the directory and starts both threads.
+pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
+    let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
+    let dir = cfg.dir.clone();
+    for d in ["", "wal", "records", "checkpoints"] {
+        perms.create_dir_all(&dir.join(d))?;
+    }
+    let signer = Signer::load_or_generate(cfg, &perms)?;
+    remove_tmp_files(&dir)?;
+
+    // The manifest: a torn last line is an append cut short by a crash (its
+    // records are still in the WAL); anything else is damage we refuse to
+    // write after.
+    let (manifest, bad) = Manifest::read(&dir)?;
+    if let Some(bad) = bad {
+        let raw = fs::read(dir.join(manifest::FILE))?;
+        let good = manifest.byte_len() as usize;
+        let rest = &raw[good.min(raw.len())..];
+        let only_last = rest.iter().filter(|b| **b == b'\n').count() <= 1;
+        if !only_last {
+            anyhow::bail!(
+                "{}: line {} is damaged ({}); run `tollgate audit verify`",
+                dir.join(manifest::FILE).display(),
+                bad.line + 1,
+                bad.reason
+            );
+        }
+        warn!(line = bad.line + 1, reason = %bad.reason, "dropping torn last manifest line");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(manifest::FILE))?
+            .set_len(good as u64)?;
+    }
+    remove_unlisted_segments(&dir, &manifest)?;
+
+    let mut seg = SegState {
+        dir: dir.clone(),
+        perms,
+        manifest,
+        signer,
+        origin: String::new(),
+        checkpoint_counter: checkpoint::last_counter(&dir.join("checkpoints"))?,
+        last_checkpoint: Instant::now(),
+        checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        retention_days: cfg.retention_days,
+        last_retention: None,
+    };
+    seg.origin = cfg
+        .origin
+        .clone()
+        .unwrap_or_else(|| seg.signer.name.clone());
+
+    let (mut next_seq, mut prev_hash) = match seg.manifest.last_segment() {
+        Some(s) => (s.last_seq + 1, s.last_record_hash.clone()),
+        None => (1, GENESIS_HASH.to_string()),
+    };
+
+    // Replay the WAL past the manifest: those records were acknowledged but
+    // their segment was never closed.
+    let wal_dir = dir.join("wal");
+    let (records, reports) = wal::read_all(&wal_dir)?;
+    for r in &reports {
+        match &r.tail {
+            wal::Tail::Clean => {}
+            wal::Tail::Torn { offset } => {
+                info!(file = %r.path.display(), offset, "WAL ends in a torn frame (never acknowledged)")
+            }
+            wal::Tail::Corrupt {
+                offset,
+                frame,
+                reason,
+            } => {
+                error!(file = %r.path.display(), offset, frame, %reason, "WAL frame is corrupt; records after it cannot be recovered")
+            }
+        }
+    }
+    let mut pending = Vec::new();
+    let replay_from = next_seq;
+    for mut r in records.into_iter().filter(|r| r.sequence >= replay_from) {
+        let hash = r.compute_hash();
+        if r.sequence != next_seq || r.prev_record_hash != prev_hash || r.record_hash != hash {
+            error!(
+                sequence = r.sequence,
+                expected = next_seq,
+                "WAL record does not continue the chain; stopping replay here"
+            );
+            break;
+        }
+        next_seq += 1;
+        prev_hash = r.record_hash.clone();
+        pending.push(r);
+    }
+    if !pending.is_empty() {
+        info!(records = pending.len(), "rebuilding segments from the WAL");
+        seg.write_segments(&pending)?;
+    }
+    let corrupt: Vec<&PathBuf> = reports
+        .iter()
+        .filter(|r| matches!(r.tail, wal::Tail::Corrupt { .. }))
+        .map(|r| &r.path)
+        .collect();
+    for r in &reports {
+        if corrupt.contains(&&r.path) {
+            // Keep damaged WAL files as evidence, out of the replay path.
+            let mut to = r.path.as_os_str().to_owned();
+            to.push(".corrupt");
+            fs::rename(&r.path, &to)?;
+        } else {
+            fs::remove_file(&r.path)?;
+        }
+    }
+    fsutil::fsync_dir(&wal_dir)?;
+    seg.checkpoint()?;
+    seg.run_retention();
+
+    let generation = reports.iter().map(|r| r.generation).max().unwrap_or(0) + 1;
+    let (seg_tx, seg_rx) = mpsc::channel();
+    let (tx, rx) = mpsc::channel();
+    let writer = Writer {
+        wal_dir,
+        perms,
+        file: None,
+        generation,
+        next_seq,
+        prev_hash,
+        closed_files: Vec::new(),
+        buffer: Vec::new(),
+        buffer_since: None,
+        max_age: Duration::from_secs(cfg.segment_max_age_secs.max(1)),
+        max_records: cfg.segment_max_records.max(1),
+        seg_tx,
+    };
+    std::thread::Builder::new()
+        .name("audit-segments".into())
+        .spawn(move || seg.run(seg_rx))?;
+    std::thread::Builder::new()
+        .name("audit-wal".into())
+        .spawn(move || writer.run(rx))?;
+    Ok(tx)
+}
+
+fn remove_tmp_files(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            if entry.file_name() != "keys" {
+                remove_tmp_files(&path)?;
+            }
+        } else if path.extension().is_some_and(|e| e == "tmp") {
+            warn!(file = %path.display(), "removing unfinished file");
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every `*.parquet` under `records/`, as paths relative to `dir`.
+pub(crate) fn list_segment_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let records = dir.join("records");
+    let rd = match fs::read_dir(&records) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for day in rd {
+        let day = day?;
+        if !day.file_type()?.is_dir() {
+            continue;
+        }
+        for f in fs::read_dir(day.path())? {
+            let f = f?;
+            let name = f.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".parquet") {
+                out.push(format!(
+                    "records/{}/{}",
+                    day.file_name().to_string_lossy(),
+                    name
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A segment renamed into place whose manifest entry was never written
+/// (crash in between) is deleted: its records are still in the WAL and the
+/// segment is rebuilt from there.
+fn remove_unlisted_segments(dir: &Path, manifest: &Manifest) -> io::Result<()> {
+    let listed: std::collections::HashSet<&str> = manifest
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Segment(s) => Some(s.path.as_str()),
+            Entry::Retention(_) => None,
+        })
+        .collect();
+    let last = manifest.last_segment().map(|s| s.last_seq).unwrap_or(0);
+    for rel in list_segment_files(dir)? {
+        if listed.contains(rel.as_str()) {
+            continue;
+        }
+        // Only files past the manifest's end are ours to rebuild; an
+        // unlisted file inside the closed range is left for verify to flag.
+        let first = rel
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_prefix("seg-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if first.is_some_and(|f| f > last) {
+            warn!(file = %rel, "removing segment without manifest entry (rebuilt from WAL)");
+            fs::remove_file(dir.join(&rel))?;
+        }
+    }
+    Ok(())
+}
+
+/// Owns the WAL: assigns sequences, chains hashes, group-commits.
+struct Writer {
+    wal_dir: PathBuf,
+    perms: Perms,
+    file: Option<(fs::File, PathBuf, u64)>,
+    generation: u64,
+    next_seq: u64,
+    prev_hash: String,
+    /// WAL files that are complete; deleted once their records are in
+    /// manifested segments.
+    closed_files: Vec<PathBuf>,
+    /// Durable records not yet handed to a segment.
+    buffer: Vec<AuditRecord>,
+    buffer_since: Option<Instant>,
+    max_age: Duration,
+    max_records: usize,
+    seg_tx: mpsc::Sender<SegMsg>,
+}
+
+type Waiter = oneshot::Sender<Result<u64, AuditError>>;
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let timeout = match self.buffer_since {
+                Some(t) => self.max_age.saturating_sub(t.elapsed()),
+                None => Duration::from_secs(3600),
+            };
+            let first = match rx.recv_timeout(timeout) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.maybe_cut();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.cut();
+                    let _ = self.seg_tx.send(SegMsg::Shutdown(None));
+                    return;
+                }
+            };
+            let mut batch = Vec::new();
+            let mut shutdown = None;
+            match first {
+                Msg::Append(r, w) => batch.push((r, w)),
+                Msg::Shutdown(w) => shutdown = Some(w),
+            }
+            // Group commit: take everything already waiting, one sync for all.
+            while shutdown.is_none() && batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Msg::Append(r, w)) => batch.push((r, w)),
+                    Ok(Msg::Shutdown(w)) => shutdown = Some(w),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+                self.maybe_cut();
+            }
+            if let Some(done) = shutdown {
+                self.cut();
+                let _ = self.seg_tx.send(SegMsg::Shutdown(Some(done)));
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<(AuditRecord, Waiter)>) {
+        let mut seq = self.next_seq;
+        let mut prev = self.prev_hash.clone();
+        let mut bytes = Vec::with_capacity(batch.len() * 1024);
+        let mut records = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        for (mut r, w) in batch {
+            r.sequence = seq;
+            r.prev_record_hash = prev;
+            r.record_hash = r.compute_hash();
+            prev = r.record_hash.clone();
+            wal::encode_frame(&r, &mut bytes);
+            records.push(r);
+            waiters.push(w);
+            seq += 1;
+        }
+        match self.write_durably(&bytes, self.next_seq) {
+            Ok(()) => {
+                self.next_seq = seq;
+                self.prev_hash = prev;
+                for (r, w) in records.iter().zip(waiters) {
+                    let _ = w.send(Ok(r.sequence));
+                }
+                if self.buffer.is_empty() {
+                    self.buffer_since = Some(Instant::now());
+                }
+                self.buffer.extend(records);
+            }
+            Err(e) => {
+                // Nothing in this batch is acknowledged and the chain does not
+                // advance: the same sequences are used by the next batch, in a
+                // new WAL file that supersedes whatever part of this one
+                // reached the disk.
+                error!(error = %e, records = waiters.len(), "WAL write failed; refusing the batch");
+                let msg = e.to_string();
+                for w in waiters {
+                    let _ = w.send(Err(AuditError::Wal(msg.clone())));
+                }
+            }
+        }
+    }
+
+    fn write_durably(&mut self, bytes: &[u8], first_seq: u64) -> io::Result<()> {
+        use std::io::Write;
+        if self.file.is_none() {
+            let path = self
+                .wal_dir
+                .join(wal::file_name(self.generation, first_seq));
+            self.generation += 1;
+            let f = self.perms.create_new(&path)?;
+            // The file's name must survive a crash with its contents.
+            fsutil::fsync_dir(&self.wal_dir)?;
+            self.file = Some((f, path, 0));
+        }
+        let Some((f, path, len)) = self.file.as_mut() else {
+            return Err(io::Error::other("no WAL file"));
+        };
+        match f.write_all(bytes).and_then(|()| f.sync_data()) {
+            Ok(()) => {
+                *len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Best effort: cut the partial batch off, then retire the file
+                // so the next batch starts a fresh one.
+                let _ = f.set_len(*len);
+                let path = path.clone();
+                self.file = None;
+                self.closed_files.push(path);
+                Err(e)
+            }
+        }
+    }
+
+    fn maybe_cut(&mut self) {
+        let Some(since) = self.buffer_since else {
+            return;
+        };
+        let day_changed = match (self.buffer.first(), self.buffer.last()) {
+            (Some(a), Some(b)) => segment::day_of(a.time) != segment::day_of(b.time),
+            _ => false,
+        };
+        if self.buffer.len() >= self.max_records || since.elapsed() >= self.max_age || day_changed {
+            self.cut();
+        }
+    }
+
+    /// Hands the buffered records to the segment thread and starts a new
+    /// WAL file, so every closed WAL file holds only handed-over records.
+    fn cut(&mut self) {
+        if let Some((_, path, _)) = self.file.take() {
+            self.closed_files.push(path);
+        }
+        if self.buffer.is_empty() && self.closed_files.is_empty() {
+            return;
+        }
+        self.buffer_since = None;
+        let records = std::mem::take(&mut self.buffer);
+        let wal_files = std::mem::take(&mut self.closed_files);
+        debug!(records = records.len(), "cutting segment");
+        if self
+            .seg_tx
+            .send(SegMsg::Batch { records, wal_files })
+            .is_err()
+        {
+            error!("segment thread is gone; records stay in the WAL until restart");
+        }
+    }
+}
+
+/// Owns everything after the WAL: segments, manifest, checkpoints.
+struct SegState {
+    dir: PathBuf,
+    perms: Perms,
+    manifest: Manifest,
+    signer: Signer,
+    origin: String,
+    checkpoint_counter: u64,
+    last_checkpoint: Instant,
+    checkpoint_every: Duration,
+    retention_days: Option<u32>,
+    last_retention: Option<Instant>,
+}
+
+impl SegState {
+    fn run(mut self, rx: mpsc::Receiver<SegMsg>) {
+        let mut queue: std::collections::VecDeque<(Vec<AuditRecord>, Vec<PathBuf>)> =
+            Default::default();
+        loop {
+            let wait = if queue.is_empty() {
+                self.checkpoint_every
+                    .saturating_sub(self.last_checkpoint.elapsed())
+            } else {
+                RETRY_EVERY
+            };
+            let mut stop = None;
+            match rx.recv_timeout(wait) {
+                Ok(SegMsg::Batch { records, wal_files }) => queue.push_back((records, wal_files)),
+                Ok(SegMsg::Shutdown(done)) => stop = Some(done),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = Some(None),
+            }
+            while let Some((records, wal_files)) = queue.front() {
+                match self.write_segments(records) {
+                    Ok(()) => {
+                        // The records are in manifested, checkpointed
+                        // segments: only now may their WAL files go.
+                        for f in wal_files {
+                            if let Err(e) = fs::remove_file(f) {
+                                warn!(file = %f.display(), error = %e, "could not remove WAL file");
+                            }
+                        }
+                        let _ = fsutil::fsync_dir(&self.dir.join("wal"));
+                        queue.pop_front();
+                    }
+                    Err(e) => {
+                        error!(error = %e, "closing segment failed; will retry (records are safe in the WAL)");
+                        break;
+                    }
+                }
+            }
+            if self.last_checkpoint.elapsed() >= self.checkpoint_every {
+                // Idle checkpoints carry a fresh time, so a truncated tail
+                // cannot pass as a quiet period.
+                if let Err(e) = self.checkpoint() {
+                    error!(error = %e, "writing checkpoint failed");
+                }
+            }
+            if self
+                .last_retention
+                .is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
+            {
+                self.run_retention();
+            }
+            if let Some(done) = stop {
+                if !queue.is_empty() {
+                    error!(
+                        batches = queue.len(),
+                        "shutting down with unclosed segments; they are rebuilt from the WAL at next start"
+                    );
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    /// Writes the records (sequence order) as one segment per run of equal
+    /// days, each followed by its manifest entry, then one checkpoint.
+    /// Records already manifested (a retried batch) are skipped.
+    fn write_segments(&mut self, records: &[AuditRecord]) -> anyhow::Result<()> {
+        let done = self
+            .manifest
+            .last_segment()
+            .map(|s| s.last_seq)
+            .unwrap_or(0);
+        let todo: Vec<&AuditRecord> = records.iter().filter(|r| r.sequence > done).collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut start = 0;
+        for i in 1..=todo.len() {
+            if i == todo.len() || segment::day_of(todo[i].time) != segment::day_of(todo[start].time)
+            {
+                let run: Vec<AuditRecord> = todo[start..i].iter().map(|r| (*r).clone()).collect();
+                self.write_segment(run)?;
+                start = i;
+            }
+        }
+        self.checkpoint()?;
+        Ok(())
+    }
+
+    fn write_segment(&mut self, mut records: Vec<AuditRecord>) -> anyhow::Result<()> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
+        let (first_seq, last_seq) = (first.sequence, last.sequence);
+        let first_prev_hash = first.prev_record_hash.clone();
+        let last_record_hash = last.record_hash.clone();
+        let day = segment::day_of(first.time);
+        let mut leaves = Vec::with_capacity(records.len());
+        for r in &records {
+            let h: [u8; 32] = hex::decode(&r.record_hash)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| anyhow::anyhow!("record {} has a malformed hash", r.sequence))?;
+            leaves.push(merkle::leaf_hash(&h));
+        }
+        let merkle_root = hex::encode(merkle::root_from_leaf_hashes(&leaves));
+        let first_time = records.iter().map(|r| r.time).min().unwrap_or(0);
+        let last_time = records.iter().map(|r| r.time).max().unwrap_or(0);
+        // Rows sorted by time for zone maps; sequence breaks ties so the
+        // order is deterministic.
+        records.sort_by_key(|r| (r.time, r.sequence));
+
+        let rel = segment::relative_path(&day, first_seq, last_seq);
+        let path = self.dir.join(&rel);
+        let parent = path
+            .parent()
+            .ok_or_else(|| anyhow::anyhow!("segment path has no parent"))?;
+        self.perms.create_dir_all(parent)?;
+        let tmp = fsutil::tmp_path(&path);
+        let written = segment::write_file(&self.perms, &tmp, &records)?;
+        fs::rename(&tmp, &path)?;
+        fsutil::fsync_dir(parent)?;
+        let entry = SegmentEntry {
+            path: rel.clone(),
+            sha256: written.sha256,
+            bytes: written.bytes,
+            merkle_root,
+            first_seq,
+            last_seq,
+            record_count: records.len() as u64,
+            first_time,
+            last_time,
+            first_prev_hash,
+            last_record_hash,
+            closed_at: now_ms(),
+        };
+        self.manifest
+            .append(&self.dir, &self.perms, Entry::Segment(entry))?;
+        info!(segment = %rel, records = records.len(), bytes = written.bytes, "segment closed");
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> anyhow::Result<()> {
+        self.checkpoint_counter += 1;
+        checkpoint::write(
+            &self.dir.join("checkpoints"),
+            &self.perms,
+            &self.signer,
+            &self.origin,
+            &self.manifest,
+            self.checkpoint_counter,
+            now_ms(),
+        )?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Deletes segments whose newest record is older than the retention
+    /// period. The deletion is first written as a manifest entry and
+    /// checkpointed, then the files are removed, so verify can tell a
+    /// retention from a loss.
+    fn run_retention(&mut self) {
+        self.last_retention = Some(Instant::now());
+        let Some(days) = self.retention_days else {
+            return;
+        };
+        if let Err(e) = self.retain(days, now_ms()) {
+            error!(error = %e, "retention failed");
+        }
+    }
+
+    pub(crate) fn retain(&mut self, days: u32, now: i64) -> anyhow::Result<()> {
+        let cutoff = now - i64::from(days) * 86_400_000;
+        let already: std::collections::HashSet<u64> = self
+            .manifest
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Retention(r) => Some(r.removed.iter().map(|s| s.line)),
+                Entry::Segment(_) => None,
+            })
+            .flatten()
+            .collect();
+        let removed: Vec<RemovedSegment> = self
+            .manifest
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                Entry::Segment(s) if s.last_time < cutoff && !already.contains(&(i as u64)) => {
+                    Some(RemovedSegment {
+                        line: i as u64,
+                        path: s.path.clone(),
+                        first_seq: s.first_seq,
+                        last_seq: s.last_seq,
+                        last_time: s.last_time,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        if !removed.is_empty() {
+            let paths: Vec<String> = removed.iter().map(|r| r.path.clone()).collect();
+            self.manifest.append(
+                &self.dir,
+                &self.perms,
+                Entry::Retention(RetentionEntry {
+                    at: now,
+                    retention_days: days,
+                    removed,
+                }),
+            )?;
+            self.checkpoint()?;
+            for p in &paths {
+                info!(segment = %p, "retention: deleting segment");
+            }
+        }
+        // Delete every file a retention entry names (also those a crash left
+        // behind after the entry was written).
+        for e in &self.manifest.entries {
+            if let Entry::Retention(r) = e {
+                for s in &r.removed {
+                    let path = self.dir.join(&s.path);
+                    match fs::remove_file(&path) {
+                        Ok(()) => {
+                            if let Some(p) = path.parent() {
+                                let _ = fsutil::fsync_dir(p);
+                                // Empty day directories go too; ignore "not empty".
+                                let _ = fs::remove_dir(p);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs retention once on a closed store directory, as of `now` (epoch ms).
+/// Used by tests and by operators who want to apply a new retention period
+/// without waiting for the hourly pass.
+pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result<()> {
+    let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
+    let signer = Signer::load_or_generate(cfg, &perms)?;
+    let (manifest, bad) = Manifest::read(&cfg.dir)?;
+    if let Some(bad) = bad {
+        anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
+    }
+    let mut seg = SegState {
+        dir: cfg.dir.clone(),
+        perms,
+        manifest,
+        origin: cfg.origin.clone().unwrap_or_else(|| signer.name.clone()),
+        signer,
+        checkpoint_counter: checkpoint::last_counter(&cfg.dir.join("checkpoints"))?,
+        last_checkpoint: Instant::now(),
+        checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        retention_days: Some(days),
+        last_retention: None,
+    };
+    seg.retain(days, now)
+}

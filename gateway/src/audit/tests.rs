@@ -1,0 +1,257 @@
+//! Store tests: durability, chain continuity, recovery, file contents.
+
+use std::path::Path;
+
+use super::*;
+
+pub(crate) fn sample(i: usize, time: i64) -> AuditRecord {
+    AuditRecord {
+        phase: "request".into(),
+        request_uid: format!("req-{i}"),
+        time,
+        class_uid: CLASS_DATASTORE_ACTIVITY,
+        activity_id: datastore_activity::QUERY,
+        type_uid: i64::from(CLASS_DATASTORE_ACTIVITY) * 100 + 4,
+        status_id: status::SUCCESS,
+        action_id: action::ALLOWED,
+        policy_uid: "read-orders".into(),
+        actor_user_uid: format!("oid-{}", i % 7),
+        actor_user_name: format!("agent{}@example.com", i % 7),
+        actor_user_groups: vec!["g1".into(), format!("g{}", i % 3)],
+        actor_user_roles: if i.is_multiple_of(2) {
+            vec![]
+        } else {
+            vec!["Reader".into()]
+        },
+        actor_process_pid: if i.is_multiple_of(5) {
+            None
+        } else {
+            Some(i as i32)
+        },
+        actor_process_cgroup_id: Some(1000 + i as i64),
+        dst_endpoint_name: "orders-db".into(),
+        dst_endpoint_port: Some(5432),
+        session_uid: format!("sess-{}", i / 10),
+        query_info_query_string: format!("SELECT * FROM orders WHERE id = {i} -- ünïcode"),
+        response_rows: i.is_multiple_of(4).then_some(i as i64),
+        unmapped: "{}".into(),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn config(dir: &Path) -> AuditConfig {
+    AuditConfig::new(dir.join("audit"))
+}
+
+/// All records in all segment files, sorted by sequence.
+pub(crate) fn read_segments(dir: &Path) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    for rel in store::list_segment_files(dir).unwrap() {
+        out.extend(segment::read_file(&dir.join(rel)).unwrap());
+    }
+    out.sort_by_key(|r| r.sequence);
+    out
+}
+
+/// Asserts sequences 1..=n without gaps and every hash link valid.
+pub(crate) fn assert_chain(records: &[AuditRecord], n: u64) {
+    assert_eq!(records.len() as u64, n);
+    let mut prev = GENESIS_HASH.to_string();
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.sequence, i as u64 + 1);
+        assert_eq!(r.prev_record_hash, prev, "link at {}", r.sequence);
+        let mut c = r.clone();
+        assert_eq!(c.compute_hash(), r.record_hash, "hash at {}", r.sequence);
+        prev = r.record_hash.clone();
+    }
+}
+
+fn strip(mut r: AuditRecord) -> AuditRecord {
+    r.sequence = 0;
+    r.prev_record_hash.clear();
+    r.record_hash.clear();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_get_distinct_contiguous_sequences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let mut tasks = Vec::new();
+    for t in 0..50 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..20 {
+                seqs.push(log.append(sample(t * 20 + i, now)).await.unwrap());
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    assert_eq!(all, (1..=1000).collect::<Vec<u64>>());
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), 1000);
+}
+
+#[tokio::test]
+async fn segments_hold_exactly_the_appended_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        // Times deliberately out of sequence order: files are sorted by time.
+        let r = sample(i, now - (i as i64 % 10));
+        let seq = log.append(r.clone()).await.unwrap();
+        sent.push((seq, r));
+    }
+    log.shutdown().await;
+    let got = read_segments(&cfg.dir);
+    assert_chain(&got, 100);
+    for (seq, r) in sent {
+        assert_eq!(strip(got[seq as usize - 1].clone()), r, "record {seq}");
+    }
+    // Within each file rows are in time order.
+    for rel in store::list_segment_files(&cfg.dir).unwrap() {
+        let rows = segment::read_file(&cfg.dir.join(&rel)).unwrap();
+        assert!(rows.windows(2).all(|w| w[0].time <= w[1].time), "{rel}");
+        assert!(rel.starts_with(&format!("records/date={}/seg-", segment::day_of(now))));
+    }
+    // The WAL is gone once everything is in manifested segments.
+    assert!(wal::list(&cfg.dir.join("wal")).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn reopen_continues_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let now = store::now_ms();
+    for round in 0..3 {
+        let log = AuditLog::open(&cfg).await.unwrap();
+        for i in 0..10 {
+            let seq = log.append(sample(i, now)).await.unwrap();
+            assert_eq!(seq, round * 10 + i as u64 + 1);
+        }
+        log.shutdown().await;
+    }
+    assert_chain(&read_segments(&cfg.dir), 30);
+    let (m, bad) = manifest::Manifest::read(&cfg.dir).unwrap();
+    assert!(bad.is_none());
+    assert_eq!(m.entries.len(), 3);
+}
+
+#[tokio::test]
+async fn segments_close_by_record_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 10;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..35 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    log.shutdown().await;
+    let files = store::list_segment_files(&cfg.dir).unwrap();
+    // Appends are sequential here, so every cut happens at exactly 10.
+    assert_eq!(files.len(), 4, "{files:?}");
+    assert!(files[0].ends_with("seg-00000000000000000001-00000000000000000010.parquet"));
+    assert_chain(&read_segments(&cfg.dir), 35);
+}
+
+#[tokio::test]
+async fn segments_close_by_age_while_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 1;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.append(sample(1, store::now_ms())).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store::list_segment_files(&cfg.dir).unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segment not closed by age"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_chain(&read_segments(&cfg.dir), 1);
+    log.shutdown().await;
+}
+
+/// Copies a live directory: what a crash at this instant leaves on disk
+/// (everything acknowledged is fsynced, so it is in the copy).
+fn crash_copy(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn crash_recovery_rebuilds_segments_from_the_wal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 20;
+    cfg.segment_max_age_secs = 3600;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..45 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    // Wait for the two full segments; the last 5 records stay in the WAL.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store::list_segment_files(&cfg.dir).unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+
+    // What else a crash leaves: a half-written segment and a torn WAL frame.
+    let day = segment::day_of(now);
+    std::fs::write(
+        crashed.join(format!("records/date={day}/seg-x.parquet.tmp")),
+        b"PAR1 half",
+    )
+    .unwrap();
+    let (_, _, last_wal) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last_wal)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[200, 0, 0, 0, 1, 2]).unwrap();
+    drop(f);
+
+    let cfg2 = AuditConfig {
+        dir: crashed.clone(),
+        ..cfg.clone()
+    };
+    let log = AuditLog::open(&cfg2).await.unwrap();
+    assert_eq!(log.append(sample(99, now)).await.unwrap(), 46);
+    log.shutdown().await;
+    assert_chain(&read_segments(&crashed), 46);
+    assert!(!crashed
+        .join(format!("records/date={day}/seg-x.parquet.tmp"))
+        .exists());
+}
+
+#[tokio::test]
+async fn config_with_only_dir_uses_defaults() {
+    let cfg: AuditConfig = toml::from_str("dir = \"/var/lib/tollgate/audit\"").unwrap();
+    assert_eq!(cfg.segment_max_age_secs, 5);
+    assert_eq!(cfg.segment_max_records, 100_000);
+    assert_eq!(cfg.durability, DurabilityMode::ReadParallel);
+    assert!(cfg.signing_key.is_none());
+    assert!(toml::from_str::<AuditConfig>("dir = \"x\"\nbogus = 1").is_err());
+}
