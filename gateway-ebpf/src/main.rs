@@ -96,18 +96,39 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
         let key = TargetKey {
-            addr: (*sa).user_ip6,
+            addr: read_ip6(sa),
             port: port_from_user((*sa).user_port),
         };
         if let Some(redirect) = REDIRECTS.get(&key) {
             remember(sa, &key, AF_INET6);
             // The listener is IPv4; an AF_INET6 socket reaches it through
             // the IPv4-mapped form of its address.
-            (*sa).user_ip6 = v4_mapped(redirect.addr4);
+            write_ip6(sa, v4_mapped(redirect.addr4));
             (*sa).user_port = port_to_user(redirect.port);
         }
     }
     ALLOW
+}
+
+// The verifier only accepts context accesses at a constant offset from the
+// context pointer, one word at a time: an array copy would become a loop
+// over a moved pointer and be rejected.
+#[inline(always)]
+unsafe fn read_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    [
+        core::ptr::read_volatile(&(*sa).user_ip6[0]),
+        core::ptr::read_volatile(&(*sa).user_ip6[1]),
+        core::ptr::read_volatile(&(*sa).user_ip6[2]),
+        core::ptr::read_volatile(&(*sa).user_ip6[3]),
+    ]
+}
+
+#[inline(always)]
+unsafe fn write_ip6(sa: *mut bpf_sock_addr, addr: [u32; 4]) {
+    core::ptr::write_volatile(&mut (*sa).user_ip6[0], addr[0]);
+    core::ptr::write_volatile(&mut (*sa).user_ip6[1], addr[1]);
+    core::ptr::write_volatile(&mut (*sa).user_ip6[2], addr[2]);
+    core::ptr::write_volatile(&mut (*sa).user_ip6[3], addr[3]);
 }
 
 #[inline(always)]
@@ -133,7 +154,7 @@ pub fn tollgate_getpeername6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
         if let Some(original) = original_of(sa) {
-            (*sa).user_ip6 = original.addr;
+            write_ip6(sa, original.addr);
             (*sa).user_port = port_to_user(original.port);
         }
     }

@@ -55,6 +55,15 @@ pub enum Protocol {
     Postgres,
 }
 
+impl Protocol {
+    /// The name used in the config and the audit.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Postgres => "postgres",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {

@@ -77,13 +77,15 @@ impl DevIdp {
 
 /// Mints a token with the key kept in `key_dir`.
 pub fn mint(key_dir: &Path, oid: &str, extra: &[&str]) -> Result<String> {
-    let out = Command::new(tollgate_bin())
-        .args(["dev", "token", "--dir"])
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.args(["dev", "token", "--dir"])
         .arg(key_dir)
-        .args(["--tenant", TENANT, "--oid", oid, "--audience", AUDIENCE])
-        .args(extra)
-        .output()
-        .context("run `tollgate dev token`")?;
+        .args(["--tenant", TENANT, "--oid", oid])
+        .args(extra);
+    if !extra.contains(&"--audience") {
+        cmd.args(["--audience", AUDIENCE]);
+    }
+    let out = cmd.output().context("run `tollgate dev token`")?;
     if !out.status.success() {
         bail!(
             "tollgate dev token failed: {}",

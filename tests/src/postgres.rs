@@ -99,11 +99,13 @@ impl Postgres {
         )
         .with_context(|| format!("PostgreSQL on {addr}; log: {}", pg.log()))?;
         let setup = format!(
-            "CREATE ROLE {user} LOGIN SUPERUSER PASSWORD '{password}'; CREATE DATABASE orders;",
+            "CREATE ROLE {user} LOGIN SUPERUSER PASSWORD '{password}'",
             user = pg.gateway_user,
             password = pg.gateway_password
         );
         pg.superuser_sql_ok("postgres", &setup)?;
+        // CREATE DATABASE cannot share psql -c's transaction with others.
+        pg.superuser_sql_ok("postgres", "CREATE DATABASE orders")?;
         pg.superuser_sql_ok(
             "orders",
             "CREATE TABLE customers (id int PRIMARY KEY, name text, email text);

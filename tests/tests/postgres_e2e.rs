@@ -168,23 +168,34 @@ fn refused_tokens_get_sqlstate_28000_and_each_refusal_is_audited() {
     for row in &rows {
         assert_eq!(row["phase"], "refusal");
         assert_eq!(row["action_id"], 2);
-        let process = row["actor_process_name"].as_str().unwrap_or_default();
-        assert!(
-            process.starts_with("python"),
-            "refusals name the process: {row}"
-        );
+        assert_eq!(row["connection_info_protocol_name"], "postgres");
         assert!(
             !row["status_detail"].as_str().unwrap_or_default().is_empty(),
             "reason recorded: {row}"
         );
     }
-    // The four reasons differ: each refusal says why.
-    let reasons: std::collections::HashSet<_> = rows
+    // The raw logins came first, from python; each refusal says why, and
+    // the four reasons differ. The psql refusal names psql.
+    let raw: Vec<_> = rows.iter().take(cases.len()).collect();
+    for row in &raw {
+        let process = row["actor_process_name"].as_str().unwrap_or_default();
+        assert!(
+            process.starts_with("python"),
+            "refusals name the process: {row}"
+        );
+    }
+    let reasons: std::collections::HashSet<_> =
+        raw.iter().map(|r| r["status_detail"].to_string()).collect();
+    assert_eq!(reasons.len(), cases.len(), "{raw:?}");
+    for (row, code) in raw
         .iter()
-        .take(cases.len())
-        .map(|r| r["status_detail"].to_string())
-        .collect();
-    assert_eq!(reasons.len(), cases.len(), "{rows:?}");
+        .zip(["missing_token", "expired", "audience", "unknown_kid"])
+    {
+        let detail = row["status_detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(code), "expected {code} in {detail}");
+    }
+    let last = rows.last().map(|r| r["actor_process_name"].clone());
+    assert_eq!(last, Some(serde_json::json!("psql")));
 }
 
 #[test]

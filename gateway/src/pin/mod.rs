@@ -33,6 +33,11 @@ pub use mounts::ensure_mounts;
 /// The kernel object, built from `gateway-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));
 
+/// cgroup attachments made through bpf_link always coexist with other
+/// programs (the kernel treats them as BPF_F_ALLOW_MULTI) and reject any
+/// explicit attach flag, so the link is created with none.
+const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
@@ -115,14 +120,14 @@ impl Pinning {
             for name in SOCK_ADDR_PROGRAMS {
                 let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
                 let link_id = program
-                    .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                    .attach(&cgroup_file, LINK_ATTACH_MODE)
                     .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
                 let link: FdLink = program.take_link(link_id)?.try_into()?;
                 replace_pin(link, &links_dir, name, cgroup_id)?;
             }
             let program: &mut SockOps = program_mut(&mut ebpf, program_names::SOCK_OPS)?;
             let link_id = program
-                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_file, LINK_ATTACH_MODE)
                 .with_context(|| format!("attach sock_ops to {}", cgroup.display()))?;
             let link: FdLink = program.take_link(link_id)?.try_into()?;
             replace_pin(link, &links_dir, program_names::SOCK_OPS, cgroup_id)?;
@@ -202,7 +207,8 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 /// previous daemon pinned there (whose program is then detached).
 fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: u64) -> Result<()> {
     let path = links_dir.join(format!("{program}-{cgroup_id}"));
-    let staging = links_dir.join(format!(".{program}-{cgroup_id}.new"));
+    // bpffs refuses names with a dot in them.
+    let staging = links_dir.join(format!("staging-{program}-{cgroup_id}"));
     let _ = fs::remove_file(&staging);
     link.pin(&staging)
         .with_context(|| format!("pin link at {}", staging.display()))?;

@@ -98,6 +98,7 @@ impl Connection {
             time: now_millis(),
             session_uid: self.session_uid.clone(),
             dst_endpoint_name: self.target.name.clone(),
+            connection_info_protocol_name: self.target.protocol.name().into(),
             src_endpoint_ip: self.peer.ip().to_string(),
             src_endpoint_port: Some(i32::from(self.peer.port())),
             ..AuditRecord::default()

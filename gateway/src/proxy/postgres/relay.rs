@@ -298,7 +298,6 @@ async fn admit(session: &Session, text: &str) -> Result<AuditRecord, Refusal> {
     record.upstream_socket_cookie = session
         .upstream_socket_cookie
         .and_then(|c| i64::try_from(c).ok());
-    record.connection_info_protocol_name = "postgres".into();
 
     let request = Request {
         target: &session.connection.target.name,
