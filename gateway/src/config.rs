@@ -10,7 +10,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{audit::AuditConfig, identity::IdentityConfig};
+use crate::{audit::AuditConfig, identity::IdentityConfig, policy::PolicyConfig};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +19,9 @@ pub struct Config {
     pub pin: PinConfig,
     pub identity: IdentityConfig,
     pub audit: AuditConfig,
+    /// Who may do what; with no grant, nothing is allowed.
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// Protected targets, one listener each.
     #[serde(rename = "target")]
     pub targets: Vec<TargetConfig>,

@@ -128,7 +128,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
 
     let shared = Arc::new(Shared {
         verifier,
-        policy: Policy::default(),
+        policy: Policy::new(&config.policy),
         audit: audit.clone(),
         pinning,
     });

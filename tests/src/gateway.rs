@@ -25,7 +25,21 @@ pub struct GatewayConfig {
     pub bpffs_dir: PathBuf,
     pub audit_dir: PathBuf,
     pub jwks_uri: String,
+    /// `[policy]` and `[identity.roles]` TOML appended to the file.
+    pub policy: String,
 }
+
+/// The policy the tests run under unless they say otherwise: any
+/// authenticated agent may read, write and use transactions; DDL, DCL,
+/// admin statements and the built-in dangerous statements are refused;
+/// `public.secrets` is off limits.
+pub const DEFAULT_POLICY: &str = r#"
+[[policy.grant]]
+name = "agents"
+roles = ["*"]
+kinds = ["read", "write", "transaction", "utility"]
+deny_tables = ["public.secrets"]
+"#;
 
 impl GatewayConfig {
     pub fn toml(&self) -> String {
@@ -50,6 +64,7 @@ protocol = "postgres"
 address = "{address}"
 listen = "{listen}"
 credential = {{ user = "{user}", password = "{password}" }}
+{policy}
 "#,
             cgroup = self.agent_cgroup.display(),
             bpffs = self.bpffs_dir.display(),
@@ -62,6 +77,7 @@ credential = {{ user = "{user}", password = "{password}" }}
             listen = self.listen,
             user = self.upstream_user,
             password = self.upstream_password,
+            policy = self.policy,
         )
     }
 }
@@ -95,6 +111,7 @@ impl Gateway {
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(&unique),
             audit_dir: dir.path().join("audit"),
             jwks_uri,
+            policy: DEFAULT_POLICY.into(),
         };
         Ok((dir, config))
     }

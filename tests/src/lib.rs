@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{bail, Result};
 
-pub use gateway::{AgentCgroup, Gateway, GatewayConfig};
+pub use gateway::{AgentCgroup, Gateway, GatewayConfig, DEFAULT_POLICY};
 pub use idp::DevIdp;
 pub use postgres::Postgres;
 pub use privileges::{privileged, REQUIRE_PRIVILEGED_ENV};

@@ -284,6 +284,13 @@ columns! {
     response_bytes: oi64,
     response_error_code: str,
     duration_us: oi64,
+    query_info_kind: str,
+    query_info_tables_read: strs,
+    query_info_tables_written: strs,
+    query_info_parameters: str,
+    intent: str,
+    actor_tollgate_roles: strs,
+    masked_columns: strs,
     unmapped: str,
 }
 

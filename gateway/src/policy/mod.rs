@@ -1,30 +1,263 @@
-//! May this request run? Adapters normalise a request (SQL statement, exec
-//! command, Kubernetes verb and resource) and ask [`Policy::decide`].
+//! May this request run? Every adapter normalises its request (a SQL
+//! statement, an exec command, a Kubernetes verb and resource) into
+//! [`Operation`]s and asks [`Policy::decide`]; this file is where every
+//! request of every protocol is decided.
+//!
+//! Policy speaks only of tollgate roles (mapped from Entra groups, app roles
+//! and app ids in `[identity.roles]`). With no grant at all, nothing is
+//! allowed: access control is on by default.
+
+mod pattern;
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use tracing::warn;
 
 use crate::identity::Principal;
+pub use pattern::Pattern;
 
-/// What the policy decided for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Allow,
-    Deny { rule: String, reason: String },
+/// What a statement does, coarsely. Ordered from least to most powerful, so
+/// the strongest kind of a compound request is its maximum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatementKind {
+    /// SELECT, COPY TO, ...
+    #[default]
+    Read,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT
+    Transaction,
+    /// SET (harmless settings), SHOW, PREPARE, DECLARE/FETCH, EXPLAIN
+    Utility,
+    /// INSERT, UPDATE, DELETE, MERGE, COPY FROM, SELECT INTO
+    Write,
+    /// CREATE, ALTER, DROP, TRUNCATE, COMMENT
+    Ddl,
+    /// GRANT, REVOKE, role management
+    Dcl,
+    /// everything else: VACUUM, SET ROLE, SET search_path, ...
+    Admin,
+}
+
+impl StatementKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Read => "read",
+            StatementKind::Transaction => "transaction",
+            StatementKind::Utility => "utility",
+            StatementKind::Write => "write",
+            StatementKind::Ddl => "ddl",
+            StatementKind::Dcl => "dcl",
+            StatementKind::Admin => "admin",
+        }
+    }
+}
+
+/// Built-in dangerous-statement rules. All are enforced unless a grant
+/// lists them in `allow_dangerous`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Danger {
+    Drop,
+    Truncate,
+    Alter,
+    GrantRevoke,
+    DeleteWithoutWhere,
+    UpdateWithoutWhere,
+    CopyProgram,
+    /// Functions or COPY forms that read or write server files, run
+    /// programs, reach other servers or change settings.
+    FileOrProgramFunction,
+    /// SET ROLE, SET SESSION AUTHORIZATION
+    SetRole,
+}
+
+impl Danger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Danger::Drop => "drop",
+            Danger::Truncate => "truncate",
+            Danger::Alter => "alter",
+            Danger::GrantRevoke => "grant_revoke",
+            Danger::DeleteWithoutWhere => "delete_without_where",
+            Danger::UpdateWithoutWhere => "update_without_where",
+            Danger::CopyProgram => "copy_program",
+            Danger::FileOrProgramFunction => "file_or_program_function",
+            Danger::SetRole => "set_role",
+        }
+    }
+}
+
+/// One normalised operation of a request (for SQL: one statement).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Operation {
+    pub kind: StatementKind,
+    /// Objects read and written (for SQL: `schema.table`).
+    pub reads: BTreeSet<String>,
+    pub writes: BTreeSet<String>,
+    pub dangers: BTreeSet<Danger>,
 }
 
 /// A request as the policy sees it, whatever the protocol.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
     pub target: &'a str,
-    /// The exact request text (statement, command line, verb + path).
-    pub text: &'a str,
+    /// The operations, or why the request could not be understood.
+    pub operations: &'a Result<Vec<Operation>, String>,
 }
 
-/// The policy for all targets. Until rules are configured it allows every
-/// request of an authenticated caller.
+/// What the policy decided for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the named grant.
+    Allow { rule: String },
+    Deny { rule: String, reason: String },
+}
+
+/// `[policy]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default, rename = "grant")]
+    pub grants: Vec<Grant>,
+}
+
+/// What holders of some tollgate roles may do on some targets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Name used in audit rows and refusals.
+    pub name: String,
+    /// tollgate roles; "*" means any authenticated caller.
+    pub roles: Vec<String>,
+    /// Target names (patterns); default all.
+    #[serde(default = "everything")]
+    pub targets: Vec<Pattern>,
+    /// Statement kinds allowed; default only reads.
+    #[serde(default = "reads_only")]
+    pub kinds: Vec<StatementKind>,
+    /// Tables that may be read (patterns like `public.*`); default all.
+    #[serde(default = "everything")]
+    pub read_tables: Vec<Pattern>,
+    /// Tables that may be written; default all (kinds still apply).
+    #[serde(default = "everything")]
+    pub write_tables: Vec<Pattern>,
+    /// Tables that may be neither read nor written, whatever else says.
+    #[serde(default)]
+    pub deny_tables: Vec<Pattern>,
+    /// Built-in dangerous-statement rules switched off for this grant.
+    #[serde(default)]
+    pub allow_dangerous: Vec<Danger>,
+    /// Allow statements the SQL parser does not understand (then no table
+    /// rule can apply to them). Off by default.
+    #[serde(default)]
+    pub allow_unparsed: bool,
+}
+
+fn everything() -> Vec<Pattern> {
+    vec![Pattern::any()]
+}
+
+fn reads_only() -> Vec<StatementKind> {
+    vec![StatementKind::Read]
+}
+
+/// The policy for all targets.
 #[derive(Debug, Clone, Default)]
-pub struct Policy {}
+pub struct Policy {
+    grants: Vec<Grant>,
+}
 
 impl Policy {
-    pub fn decide(&self, _who: &Principal, _request: &Request<'_>) -> Decision {
-        Decision::Allow
+    pub fn new(config: &PolicyConfig) -> Self {
+        if config.grants.is_empty() {
+            warn!("no [[policy.grant]] configured: every statement will be refused");
+        }
+        Self {
+            grants: config.grants.clone(),
+        }
+    }
+
+    pub fn decide(&self, who: &Principal, request: &Request<'_>) -> Decision {
+        let applicable: Vec<&Grant> = self
+            .grants
+            .iter()
+            .filter(|g| g.roles.iter().any(|r| r == "*" || who.tollgate_roles.contains(r)))
+            .filter(|g| g.targets.iter().any(|t| t.matches(request.target)))
+            .collect();
+        let Some(first) = applicable.first() else {
+            return Decision::Deny {
+                rule: "no-grant".into(),
+                reason: format!(
+                    "no grant gives roles [{}] access to target {}",
+                    who.tollgate_roles.join(", "),
+                    request.target
+                ),
+            };
+        };
+        let mut first_refusal = None;
+        for grant in &applicable {
+            match check(grant, request) {
+                Ok(()) => {
+                    return Decision::Allow {
+                        rule: grant.name.clone(),
+                    }
+                }
+                Err((rule, reason)) => {
+                    first_refusal.get_or_insert((format!("{}:{rule}", grant.name), reason));
+                }
+            }
+        }
+        let (rule, reason) = first_refusal.unwrap_or_else(|| (first.name.clone(), "refused".into()));
+        Decision::Deny { rule, reason }
     }
 }
+
+/// `Err((rule, reason))` names the first thing the grant does not allow.
+fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
+    let operations = match request.operations {
+        Ok(operations) => operations,
+        Err(_) if grant.allow_unparsed => return Ok(()),
+        Err(parse_error) => {
+            return Err((
+                "unparsed".into(),
+                format!("the statement could not be parsed ({parse_error}) and raw SQL is not allowed"),
+            ))
+        }
+    };
+    for op in operations {
+        if !grant.kinds.contains(&op.kind) {
+            return Err((
+                format!("kind:{}", op.kind.as_str()),
+                format!("{} statements are not allowed", op.kind.as_str()),
+            ));
+        }
+        for danger in &op.dangers {
+            if !grant.allow_dangerous.contains(danger) {
+                return Err((
+                    format!("dangerous:{}", danger.as_str()),
+                    format!("dangerous statement ({}) is not allowed", danger.as_str()),
+                ));
+            }
+        }
+        for table in op.reads.iter().chain(&op.writes) {
+            if grant.deny_tables.iter().any(|p| p.matches(table)) {
+                return Err(("deny_tables".into(), format!("table {table} is denied")));
+            }
+        }
+        for table in &op.reads {
+            if !grant.read_tables.iter().any(|p| p.matches(table)) {
+                return Err(("read_tables".into(), format!("reading {table} is not allowed")));
+            }
+        }
+        for table in &op.writes {
+            if !grant.write_tables.iter().any(|p| p.matches(table)) {
+                return Err(("write_tables".into(), format!("writing {table} is not allowed")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

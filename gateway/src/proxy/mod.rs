@@ -124,6 +124,7 @@ impl Connection {
             record.actor_app_uid = p.app_id.clone();
             record.actor_user_groups = p.groups.clone();
             record.actor_user_roles = p.roles.clone();
+            record.actor_tollgate_roles = p.tollgate_roles.clone();
             record.actor_session_credential_uid = p.token_id.clone();
             record.actor_session_credential_fingerprint = p.token_fingerprint.clone();
         }

@@ -10,6 +10,7 @@
 //! 28000 for identity, 42501 for policy, 58030 when the audit cannot be
 //! written (the statement is then not sent).
 
+pub mod classify;
 mod relay;
 mod upstream;
 pub mod wire;
@@ -169,6 +170,10 @@ async fn serve(
         database_user,
         database_name,
         upstream_socket_cookie: upstream.socket_cookie,
+        intent: param("application_name")
+            .strip_prefix("intent:")
+            .map(|i| i.trim().to_owned())
+            .unwrap_or_default(),
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await

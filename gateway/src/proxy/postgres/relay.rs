@@ -8,7 +8,7 @@
 //! is how an answer is tied to its statement, pipelining included.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -26,10 +26,11 @@ use super::{
     wire::{self, Frame, WireError},
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
+use super::classify::classify;
 use crate::{
     audit::{record, AuditRecord},
     identity::Principal,
-    policy::{Decision, Request},
+    policy::{Decision, Operation, Request, StatementKind},
     proxy::{now_millis, set_class, Connection, Shared},
 };
 
@@ -39,6 +40,8 @@ pub struct Session {
     pub database_user: String,
     pub database_name: String,
     pub upstream_socket_cookie: Option<u64>,
+    /// Intent stated in application_name (`intent: ...`), if any.
+    pub intent: String,
     pub shared: Arc<Shared>,
 }
 
@@ -160,8 +163,10 @@ async fn client_to_server(
     in_flight: Arc<Mutex<InFlight>>,
     drained: Arc<Notify>,
 ) -> Result<(), WireError> {
-    let mut statements: HashMap<String, String> = HashMap::new();
-    let mut portals: HashMap<String, String> = HashMap::new();
+    // Prepared statements are classified once, at Parse.
+    let mut statements: HashMap<String, Prepared> = HashMap::new();
+    // Portal -> (statement name, rendered parameters).
+    let mut portals: HashMap<String, (String, String)> = HashMap::new();
     // After a refused Execute, the rest of the pipeline up to Sync is
     // dropped, as PostgreSQL itself does after an error.
     let mut skipping_to_sync = false;
@@ -174,7 +179,8 @@ async fn client_to_server(
             match frame.tag {
                 b'Q' => {
                     let text = wire::query_text(&frame)?;
-                    match admit(&session, &text).await {
+                    let operations = classify(&text);
+                    match admit(&session, &text, &operations, String::new()).await {
                         Ok(request) => {
                             lock(&in_flight)
                                 .queue
@@ -203,22 +209,24 @@ async fn client_to_server(
                 }
                 b'P' => {
                     let (name, text) = wire::parse_message(&frame)?;
-                    statements.insert(name, text);
+                    let operations = Arc::new(classify(&text));
+                    statements.insert(name, Prepared { text, operations });
                     forward.unsplit(frame.bytes);
                 }
                 b'B' => {
                     let (portal, statement) = wire::bind_message(&frame)?;
-                    portals.insert(portal, statement);
+                    let parameters = wire::bind_parameters_rendered(&frame, MAX_PARAMETER_BYTES, MAX_PARAMETERS_BYTES)?;
+                    portals.insert(portal, (statement, parameters));
                     forward.unsplit(frame.bytes);
                 }
                 b'E' => {
                     let portal = wire::execute_portal(&frame)?;
-                    let text = portals
-                        .get(&portal)
-                        .and_then(|statement| statements.get(statement))
-                        .cloned()
-                        .unwrap_or_default();
-                    match admit(&session, &text).await {
+                    let unknown = Prepared::unknown();
+                    let (prepared, parameters) = match portals.get(&portal) {
+                        Some((statement, parameters)) => (statements.get(statement).unwrap_or(&unknown), parameters.clone()),
+                        None => (&unknown, String::new()),
+                    };
+                    match admit(&session, &prepared.text, &prepared.operations, parameters).await {
                         Ok(request) => {
                             lock(&in_flight)
                                 .queue
@@ -244,9 +252,9 @@ async fn client_to_server(
                 b'C' => {
                     let (kind, name) = wire::close_message(&frame)?;
                     match kind {
-                        b'S' => statements.remove(&name),
-                        _ => portals.remove(&name),
-                    };
+                        b'S' => drop(statements.remove(&name)),
+                        _ => drop(portals.remove(&name)),
+                    }
                     forward.unsplit(frame.bytes);
                 }
                 b'X' => {
@@ -277,6 +285,27 @@ async fn wait_until_drained(in_flight: &Mutex<InFlight>, drained: &Notify) {
     }
 }
 
+/// Caps on what the audit keeps of bound parameters.
+const MAX_PARAMETER_BYTES: usize = 256;
+const MAX_PARAMETERS_BYTES: usize = 4096;
+
+/// A statement prepared with Parse, classified once.
+struct Prepared {
+    text: String,
+    operations: Arc<Result<Vec<Operation>, String>>,
+}
+
+impl Prepared {
+    /// What an Execute of an unknown portal runs: nothing tollgate could
+    /// understand, so only `allow_unparsed` lets it through.
+    fn unknown() -> Self {
+        Prepared {
+            text: String::new(),
+            operations: Arc::new(Err("portal or statement not prepared through this session".into())),
+        }
+    }
+}
+
 struct Refusal {
     code: String,
     message: String,
@@ -284,24 +313,35 @@ struct Refusal {
 
 /// Decides a statement and makes its request record durable. `Ok` carries
 /// the record the outcome will complete; `Err` is what the agent is told.
-async fn admit(session: &Session, text: &str) -> Result<AuditRecord, Refusal> {
+async fn admit(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    parameters: String,
+) -> Result<AuditRecord, Refusal> {
     let mut record = session.connection.record(Some(&session.principal));
-    set_class(
-        &mut record,
-        record::CLASS_DATASTORE_ACTIVITY,
-        record::datastore_activity::QUERY,
-    );
+    set_class(&mut record, record::CLASS_DATASTORE_ACTIVITY, activity_of(operations));
     record.request_uid = uuid::Uuid::new_v4().to_string();
     record.database_user = session.database_user.clone();
     record.database_name = session.database_name.clone();
     record.query_info_query_string = text.to_owned();
-    record.upstream_socket_cookie = session
-        .upstream_socket_cookie
-        .and_then(|c| i64::try_from(c).ok());
+    record.query_info_parameters = parameters;
+    record.intent = intent_of(text).unwrap_or_else(|| session.intent.clone());
+    record.upstream_socket_cookie = session.upstream_socket_cookie.and_then(|c| i64::try_from(c).ok());
+    match operations {
+        Ok(ops) => {
+            record.query_info_kind = ops.iter().map(|op| op.kind).max().unwrap_or_default().as_str().into();
+            let reads: BTreeSet<&String> = ops.iter().flat_map(|op| &op.reads).collect();
+            let writes: BTreeSet<&String> = ops.iter().flat_map(|op| &op.writes).collect();
+            record.query_info_tables_read = reads.into_iter().cloned().collect();
+            record.query_info_tables_written = writes.into_iter().cloned().collect();
+        }
+        Err(_) => record.query_info_kind = "unparsed".into(),
+    }
 
     let request = Request {
         target: &session.connection.target.name,
-        text,
+        operations,
     };
     let decision = session.shared.policy.decide(&session.principal, &request);
     if let Decision::Deny { rule, reason } = decision {
@@ -320,6 +360,9 @@ async fn admit(session: &Session, text: &str) -> Result<AuditRecord, Refusal> {
         });
     }
 
+    if let Decision::Allow { rule } = decision {
+        record.policy_uid = rule;
+    }
     record.phase = "request".into();
     record.action_id = record::action::ALLOWED;
     match session.shared.audit.append(record.clone()).await {
@@ -332,6 +375,25 @@ async fn admit(session: &Session, text: &str) -> Result<AuditRecord, Refusal> {
             })
         }
     }
+}
+
+/// The OCSF Datastore activity of a request: Read when every statement
+/// only reads, Query otherwise (or when it was not understood).
+fn activity_of(operations: &Result<Vec<Operation>, String>) -> i32 {
+    match operations {
+        Ok(ops) if !ops.is_empty() && ops.iter().all(|op| op.kind == StatementKind::Read) => {
+            record::datastore_activity::READ
+        }
+        _ => record::datastore_activity::QUERY,
+    }
+}
+
+/// `/* intent: ... */` leading a statement: why the agent says it acts.
+pub fn intent_of(text: &str) -> Option<String> {
+    let rest = text.trim_start().strip_prefix("/*")?;
+    let (comment, _) = rest.split_once("*/")?;
+    let intent = comment.trim().strip_prefix("intent:")?.trim();
+    (!intent.is_empty()).then(|| intent.to_owned())
 }
 
 async fn server_to_client(

