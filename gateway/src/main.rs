@@ -131,6 +131,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         policy: Policy::new(&config.policy),
         audit: audit.clone(),
         pinning,
+        postgres_cancel_keys: Default::default(),
     });
     for (target, listener) in listeners {
         info!(target = %target.name, listen = %target.listen, address = %target.address, "serving");

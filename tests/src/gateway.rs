@@ -166,6 +166,11 @@ impl Gateway {
             .unwrap_or(true)
     }
 
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("tollgate.log")
     }

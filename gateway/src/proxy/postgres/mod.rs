@@ -10,6 +10,7 @@
 //! 28000 for identity, 42501 for policy, 58030 when the audit cannot be
 //! written (the statement is then not sent).
 
+mod cancel;
 pub mod classify;
 mod relay;
 mod upstream;
@@ -24,6 +25,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+pub use self::cancel::CancelKeys;
 use self::wire::{Startup, WireError};
 use super::{Connection, Shared};
 use crate::identity::IdentityError;
@@ -70,8 +72,19 @@ async fn serve(
             // TLS and GSS encryption are declined; the client then goes on
             // in the clear or stops, as its sslmode says.
             Startup::Ssl | Startup::GssEnc => client_wr.write_all(b"N").await?,
-            Startup::Cancel { .. } => {
-                info!("cancel request ignored: tollgate does not relay cancels yet");
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                match shared
+                    .postgres_cancel_keys
+                    .cancel(process_id, secret_key)
+                    .await
+                {
+                    Ok(true) => info!("cancel request forwarded to the session's server"),
+                    Ok(false) => info!("cancel request with an unknown key dropped"),
+                    Err(err) => warn!(error = %err, "cancel request could not be forwarded"),
+                }
                 return Ok(());
             }
             Startup::Startup(params) => break params,
@@ -159,9 +172,13 @@ async fn serve(
             return Ok(());
         }
     };
+    let mut greeting = upstream.greeting.clone();
+    let _cancel_registration = shared
+        .postgres_cancel_keys
+        .substitute(&mut greeting, connection.target.address);
     out.clear();
     wire::authentication_ok(&mut out);
-    out.extend_from_slice(&upstream.greeting);
+    out.extend_from_slice(&greeting);
     client_wr.write_all(&out).await?;
 
     let session = relay::Session {
@@ -170,10 +187,9 @@ async fn serve(
         database_user,
         database_name,
         upstream_socket_cookie: upstream.socket_cookie,
-        intent: param("application_name")
-            .strip_prefix("intent:")
-            .map(|i| i.trim().to_owned())
-            .unwrap_or_default(),
+        intent: std::sync::Mutex::new(relay::intent_of_application_name(&param(
+            "application_name",
+        ))),
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await

@@ -21,12 +21,12 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use super::classify::classify;
 use super::{
     upstream::Upstream,
     wire::{self, Frame, WireError},
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
-use super::classify::classify;
 use crate::{
     audit::{record, AuditRecord},
     identity::Principal,
@@ -40,8 +40,10 @@ pub struct Session {
     pub database_user: String,
     pub database_name: String,
     pub upstream_socket_cookie: Option<u64>,
-    /// Intent stated in application_name (`intent: ...`), if any.
-    pub intent: String,
+    /// Intent stated in application_name (`intent: ...`), if any. The
+    /// server reports every change of application_name (ParameterStatus),
+    /// whether set at startup or later with SET, and this follows it.
+    pub intent: Mutex<String>,
     pub shared: Arc<Shared>,
 }
 
@@ -208,14 +210,30 @@ async fn client_to_server(
                     }
                 }
                 b'P' => {
-                    let (name, text) = wire::parse_message(&frame)?;
+                    let (name, text, parameter_types) = wire::parse_message(&frame)?;
                     let operations = Arc::new(classify(&text));
-                    statements.insert(name, Prepared { text, operations });
+                    statements.insert(
+                        name,
+                        Prepared {
+                            text,
+                            operations,
+                            parameter_types,
+                        },
+                    );
                     forward.unsplit(frame.bytes);
                 }
                 b'B' => {
                     let (portal, statement) = wire::bind_message(&frame)?;
-                    let parameters = wire::bind_parameters_rendered(&frame, MAX_PARAMETER_BYTES, MAX_PARAMETERS_BYTES)?;
+                    let types = statements
+                        .get(&statement)
+                        .map(|p| p.parameter_types.as_slice())
+                        .unwrap_or_default();
+                    let parameters = wire::bind_parameters_rendered(
+                        &frame,
+                        types,
+                        MAX_PARAMETER_BYTES,
+                        MAX_PARAMETERS_BYTES,
+                    )?;
                     portals.insert(portal, (statement, parameters));
                     forward.unsplit(frame.bytes);
                 }
@@ -223,7 +241,10 @@ async fn client_to_server(
                     let portal = wire::execute_portal(&frame)?;
                     let unknown = Prepared::unknown();
                     let (prepared, parameters) = match portals.get(&portal) {
-                        Some((statement, parameters)) => (statements.get(statement).unwrap_or(&unknown), parameters.clone()),
+                        Some((statement, parameters)) => (
+                            statements.get(statement).unwrap_or(&unknown),
+                            parameters.clone(),
+                        ),
                         None => (&unknown, String::new()),
                     };
                     match admit(&session, &prepared.text, &prepared.operations, parameters).await {
@@ -293,6 +314,7 @@ const MAX_PARAMETERS_BYTES: usize = 4096;
 struct Prepared {
     text: String,
     operations: Arc<Result<Vec<Operation>, String>>,
+    parameter_types: Vec<u32>,
 }
 
 impl Prepared {
@@ -301,7 +323,10 @@ impl Prepared {
     fn unknown() -> Self {
         Prepared {
             text: String::new(),
-            operations: Arc::new(Err("portal or statement not prepared through this session".into())),
+            operations: Arc::new(Err(
+                "portal or statement not prepared through this session".into()
+            )),
+            parameter_types: Vec::new(),
         }
     }
 }
@@ -320,17 +345,35 @@ async fn admit(
     parameters: String,
 ) -> Result<AuditRecord, Refusal> {
     let mut record = session.connection.record(Some(&session.principal));
-    set_class(&mut record, record::CLASS_DATASTORE_ACTIVITY, activity_of(operations));
+    set_class(
+        &mut record,
+        record::CLASS_DATASTORE_ACTIVITY,
+        activity_of(operations),
+    );
     record.request_uid = uuid::Uuid::new_v4().to_string();
     record.database_user = session.database_user.clone();
     record.database_name = session.database_name.clone();
     record.query_info_query_string = text.to_owned();
     record.query_info_parameters = parameters;
-    record.intent = intent_of(text).unwrap_or_else(|| session.intent.clone());
-    record.upstream_socket_cookie = session.upstream_socket_cookie.and_then(|c| i64::try_from(c).ok());
+    record.intent = intent_of(text).unwrap_or_else(|| {
+        session
+            .intent
+            .lock()
+            .map(|intent| intent.clone())
+            .unwrap_or_default()
+    });
+    record.upstream_socket_cookie = session
+        .upstream_socket_cookie
+        .and_then(|c| i64::try_from(c).ok());
     match operations {
         Ok(ops) => {
-            record.query_info_kind = ops.iter().map(|op| op.kind).max().unwrap_or_default().as_str().into();
+            record.query_info_kind = ops
+                .iter()
+                .map(|op| op.kind)
+                .max()
+                .unwrap_or_default()
+                .as_str()
+                .into();
             let reads: BTreeSet<&String> = ops.iter().flat_map(|op| &op.reads).collect();
             let writes: BTreeSet<&String> = ops.iter().flat_map(|op| &op.writes).collect();
             record.query_info_tables_read = reads.into_iter().cloned().collect();
@@ -388,6 +431,14 @@ fn activity_of(operations: &Result<Vec<Operation>, String>) -> i32 {
     }
 }
 
+/// The intent an application_name states: `intent: <why>`.
+pub fn intent_of_application_name(application_name: &str) -> String {
+    application_name
+        .strip_prefix("intent:")
+        .map(|intent| intent.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// `/* intent: ... */` leading a statement: why the agent says it acts.
 pub fn intent_of(text: &str) -> Option<String> {
     let rest = text.trim_start().strip_prefix("/*")?;
@@ -407,6 +458,13 @@ async fn server_to_client(
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
+            if frame.tag == b'S' {
+                if let Some(value) = wire::parameter_status(&frame, "application_name") {
+                    if let Ok(mut intent) = session.intent.lock() {
+                        *intent = intent_of_application_name(&value);
+                    }
+                }
+            }
             let finished = track_answer(&in_flight, &frame, &mut out);
             for (pending, error) in finished {
                 finish(&session, pending, error);

@@ -153,12 +153,59 @@ pub fn query_text(frame: &Frame) -> Result<String, WireError> {
     take_cstr(&mut frame.body())
 }
 
-/// Parse ('P'): statement name and query text.
-pub fn parse_message(frame: &Frame) -> Result<(String, String), WireError> {
+/// Parse ('P'): statement name, query text and the parameter type OIDs the
+/// client declared (0 or missing: the server infers the type).
+pub fn parse_message(frame: &Frame) -> Result<(String, String, Vec<u32>), WireError> {
     let mut body = frame.body();
     let name = take_cstr(&mut body)?;
     let query = take_cstr(&mut body)?;
-    Ok((name, query))
+    let mut types = Vec::new();
+    if body.len() >= 2 {
+        let count = body.get_i16().max(0) as usize;
+        for _ in 0..count {
+            if body.len() < 4 {
+                return Err(WireError::Malformed(
+                    "Parse message too short (parameter types)".into(),
+                ));
+            }
+            types.push(body.get_u32());
+        }
+    }
+    Ok((name, query, types))
+}
+
+/// A binary parameter of a well-known type, as PostgreSQL would print it.
+fn render_binary(type_oid: u32, bytes: &[u8]) -> Option<String> {
+    const BOOL: u32 = 16;
+    const INT8: u32 = 20;
+    const INT2: u32 = 21;
+    const INT4: u32 = 23;
+    const TEXT: u32 = 25;
+    const FLOAT4: u32 = 700;
+    const FLOAT8: u32 = 701;
+    const VARCHAR: u32 = 1043;
+    const UUID: u32 = 2950;
+    Some(match (type_oid, bytes.len()) {
+        (BOOL, 1) => (bytes[0] != 0).to_string(),
+        (INT2, 2) => i16::from_be_bytes([bytes[0], bytes[1]]).to_string(),
+        (INT4, 4) => i32::from_be_bytes(bytes.try_into().ok()?).to_string(),
+        (INT8, 8) => i64::from_be_bytes(bytes.try_into().ok()?).to_string(),
+        (FLOAT4, 4) => f32::from_be_bytes(bytes.try_into().ok()?).to_string(),
+        (FLOAT8, 8) => f64::from_be_bytes(bytes.try_into().ok()?).to_string(),
+        (TEXT | VARCHAR, _) => String::from_utf8(bytes.to_vec()).ok()?,
+        (UUID, 16) => {
+            let h = hex::encode(bytes);
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..]
+            )
+        }
+        _ => return None,
+    })
 }
 
 /// Bind ('B'): portal name and statement name.
@@ -170,9 +217,16 @@ pub fn bind_message(frame: &Frame) -> Result<(String, String), WireError> {
 }
 
 /// Bind ('B'): the parameter values, rendered for the audit: text-format
-/// values as text, binary ones as `\\x` hex, NULL as null; each value capped
-/// at `max_value` bytes and the whole list at `max_total` (a JSON array).
-pub fn bind_parameters_rendered(frame: &Frame, max_value: usize, max_total: usize) -> Result<String, WireError> {
+/// values as text, binary ones of well-known types (from the Parse's
+/// `types`) as PostgreSQL prints them, other binary ones as `\\x` hex, NULL
+/// as null; each value capped at `max_value` bytes and the whole list at
+/// `max_total` (a JSON array).
+pub fn bind_parameters_rendered(
+    frame: &Frame,
+    types: &[u32],
+    max_value: usize,
+    max_total: usize,
+) -> Result<String, WireError> {
     let mut body = frame.body();
     take_cstr(&mut body)?; // portal
     take_cstr(&mut body)?; // statement
@@ -210,20 +264,33 @@ pub fn bind_parameters_rendered(frame: &Frame, max_value: usize, max_total: usiz
             }
             let (bytes, rest) = body.split_at(len);
             body = rest;
-            let shown = &bytes[..len.min(max_value)];
-            let mut text = if binary {
-                format!("\\x{}", hex::encode(shown))
+            let typed = if binary {
+                render_binary(types.get(i).copied().unwrap_or(0), bytes)
             } else {
-                String::from_utf8_lossy(shown).into_owned()
+                Some(String::from_utf8_lossy(bytes).into_owned())
             };
-            if len > max_value {
-                text.push_str(&format!("...({len} bytes)"));
-            }
+            let text = match typed {
+                Some(text) if text.len() <= max_value => text,
+                Some(text) => {
+                    let mut cut = max_value;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    format!("{}...({len} bytes)", &text[..cut])
+                }
+                None if len > max_value => {
+                    format!("\\x{}...({len} bytes)", hex::encode(&bytes[..max_value]))
+                }
+                None => format!("\\x{}", hex::encode(bytes)),
+            };
             serde_json::Value::String(text)
         };
         total += value.to_string().len();
         if total > max_total {
-            rendered.push(serde_json::Value::String(format!("...({} more parameters)", value_count - i)));
+            rendered.push(serde_json::Value::String(format!(
+                "...({} more parameters)",
+                value_count - i
+            )));
             break;
         }
         rendered.push(value);
@@ -245,6 +312,13 @@ pub fn close_message(frame: &Frame) -> Result<(u8, String), WireError> {
     let kind = body[0];
     body = &body[1..];
     Ok((kind, take_cstr(&mut body)?))
+}
+
+/// ParameterStatus ('S' from the server): the value, if it reports `name`.
+pub fn parameter_status(frame: &Frame, name: &str) -> Option<String> {
+    let mut body = frame.body();
+    let key = take_cstr(&mut body).ok()?;
+    (key == name).then(|| take_cstr(&mut body).ok()).flatten()
 }
 
 /// PasswordMessage ('p'): the password, i.e. the agent's token.
@@ -409,8 +483,19 @@ mod tests {
             b.put_i16(0);
         });
         let frame = split_frame(&mut out).unwrap().unwrap();
-        assert_eq!(bind_parameters_rendered(&frame, 64, 4096).unwrap(), r#"["Ada","\\xdead",null]"#);
-        assert_eq!(bind_parameters_rendered(&frame, 1, 4096).unwrap(), r#"["A...(3 bytes)","\\xde...(2 bytes)",null]"#);
+        assert_eq!(
+            bind_parameters_rendered(&frame, &[], 64, 4096).unwrap(),
+            r#"["Ada","\\xdead",null]"#
+        );
+        assert_eq!(
+            bind_parameters_rendered(&frame, &[], 1, 4096).unwrap(),
+            r#"["A...(3 bytes)","\\xde...(2 bytes)",null]"#
+        );
+        // With the types declared at Parse, binary integers read as numbers.
+        assert_eq!(
+            bind_parameters_rendered(&frame, &[25, 21], 64, 4096).unwrap(),
+            r#"["Ada","-8531",null]"#
+        );
     }
 
     #[test]
@@ -424,7 +509,10 @@ mod tests {
             b.put_i32(100);
         });
         let frame = split_frame(&mut out).unwrap().unwrap();
-        assert!(matches!(bind_parameters_rendered(&frame, 64, 4096), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            bind_parameters_rendered(&frame, &[], 64, 4096),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[tokio::test]

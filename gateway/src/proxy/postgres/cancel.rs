@@ -1,0 +1,149 @@
+//! CancelRequest: the agent gets a backend key made by tollgate, never the
+//! server's. A cancel arrives on a new connection carrying that key;
+//! tollgate finds the session it belongs to and sends the server's own key
+//! to the server, so an agent can only cancel its own statements and never
+//! learns anything that would let it talk to the server directly.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::{BufMut, BytesMut};
+use rand::Rng;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::wire::{self, CANCEL_REQUEST};
+
+/// The server's side of one session's key.
+#[derive(Debug, Clone, Copy)]
+struct ServerKey {
+    address: SocketAddr,
+    process_id: i32,
+    secret_key: i32,
+}
+
+/// Keys handed to agents, shared by all sessions of all targets.
+#[derive(Debug, Default)]
+pub struct CancelKeys {
+    keys: Mutex<HashMap<(i32, i32), ServerKey>>,
+}
+
+/// Removes a session's key when the session ends.
+pub struct Registration {
+    keys: Arc<CancelKeys>,
+    key: (i32, i32),
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.keys.lock().remove(&self.key);
+    }
+}
+
+impl CancelKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), ServerKey>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Replaces the server's BackendKeyData in `greeting` with a fresh key
+    /// of tollgate's and remembers which server key it stands for.
+    pub fn substitute(
+        self: &Arc<Self>,
+        greeting: &mut BytesMut,
+        address: SocketAddr,
+    ) -> Option<Registration> {
+        let mut rest = std::mem::take(greeting);
+        let mut rebuilt = BytesMut::with_capacity(rest.len());
+        let mut registration = None;
+        while let Ok(Some(frame)) = wire::split_frame(&mut rest) {
+            if frame.tag == b'K' && frame.body().len() == 8 {
+                let body = frame.body();
+                let server = ServerKey {
+                    address,
+                    process_id: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                    secret_key: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                };
+                let key = self.fresh_key(server);
+                rebuilt.put_u8(b'K');
+                rebuilt.put_i32(12);
+                rebuilt.put_i32(key.0);
+                rebuilt.put_i32(key.1);
+                registration = Some(Registration {
+                    keys: self.clone(),
+                    key,
+                });
+            } else {
+                rebuilt.unsplit(frame.bytes);
+            }
+        }
+        rebuilt.unsplit(rest);
+        *greeting = rebuilt;
+        registration
+    }
+
+    fn fresh_key(&self, server: ServerKey) -> (i32, i32) {
+        let mut rng = rand::rng();
+        let mut keys = self.lock();
+        loop {
+            let key = (rng.random_range(1..i32::MAX), rng.random::<i32>());
+            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(key) {
+                slot.insert(server);
+                return key;
+            }
+        }
+    }
+
+    /// Forwards a cancel for the session that owns `key`. Returns whether
+    /// the key was known; an unknown key is dropped, as PostgreSQL does.
+    pub async fn cancel(&self, process_id: i32, secret_key: i32) -> std::io::Result<bool> {
+        let Some(server) = self.lock().get(&(process_id, secret_key)).copied() else {
+            return Ok(false);
+        };
+        let mut stream = TcpStream::connect(server.address).await?;
+        let mut packet = BytesMut::with_capacity(16);
+        packet.put_i32(16);
+        packet.put_i32(CANCEL_REQUEST);
+        packet.put_i32(server.process_id);
+        packet.put_i32(server.secret_key);
+        stream.write_all(&packet).await?;
+        let _ = stream.shutdown().await;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_sees_tollgate_s_key_and_it_maps_to_the_server_s() {
+        let keys = Arc::new(CancelKeys::default());
+        let mut greeting = BytesMut::new();
+        greeting.put_u8(b'S');
+        greeting.put_i32(4 + 13);
+        greeting.put_slice(b"TimeZone\0UTC\0");
+        greeting.put_u8(b'K');
+        greeting.put_i32(12);
+        greeting.put_i32(4242);
+        greeting.put_i32(777);
+        greeting.put_slice(b"Z\0\0\0\x05I");
+        let address: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let registration = keys.substitute(&mut greeting, address).expect("key found");
+
+        let mut frames = greeting.clone();
+        let tags: Vec<u8> =
+            std::iter::from_fn(|| wire::split_frame(&mut frames).ok().flatten().map(|f| f.tag))
+                .collect();
+        assert_eq!(tags, b"SKZ");
+        let agent_key = registration.key;
+        assert_ne!(agent_key, (4242, 777));
+        let server = keys.lock().get(&agent_key).copied().expect("registered");
+        assert_eq!((server.process_id, server.secret_key), (4242, 777));
+        drop(registration);
+        assert!(keys.lock().is_empty(), "the key goes with the session");
+    }
+}

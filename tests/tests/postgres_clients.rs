@@ -1,0 +1,459 @@
+//! Real PostgreSQL clients through the pinned path: psql (policy refusals,
+//! \copy, a cancelled query), pgbench in its three query modes, psycopg with
+//! server-side binding and binary results, the JDBC driver, and a large
+//! result streamed with bounded memory.
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tollgate_tests::{duckdb, privileged, AgentCgroup, Stack};
+
+const AGENT_OID: &str = "6b3f0c1e-7a55-4d7e-9a43-2f4a1c9d0b11";
+const AUDIT_WAIT: Duration = Duration::from_secs(30);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}
+
+fn start(test: &str) -> Option<(Stack, String)> {
+    if !privileged(test) {
+        return None;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack
+        .idp
+        .token(AGENT_OID, &["--name", "clients-agent"])
+        .expect("mint a token");
+    Some((stack, token))
+}
+
+fn outcome_of(stack: &Stack, statement: &str) -> Value {
+    outcome_like(stack, statement)
+}
+
+/// The outcome row of the statement matching a LIKE pattern.
+fn outcome_like(stack: &Stack, pattern: &str) -> Value {
+    let sql = format!(
+        "SELECT * FROM audit WHERE phase = 'outcome' AND query_info_query_string LIKE '{}'",
+        pattern.replace('\'', "''")
+    );
+    stack
+        .audit_rows(&sql, 1, AUDIT_WAIT)
+        .expect("audit row")
+        .remove(0)
+}
+
+#[test]
+fn policy_refusals_are_sqlstate_42501_and_the_session_stays_usable() {
+    let Some((stack, token)) =
+        start("policy_refusals_are_sqlstate_42501_and_the_session_stays_usable")
+    else {
+        return;
+    };
+    let mut psql = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql");
+    psql.args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=agent dbname=orders",
+            stack.postgres.port
+        ))
+        .args([
+            "-c",
+            "DROP TABLE customers",
+            "-c",
+            "SELECT * FROM secrets",
+            "-c",
+            "DELETE FROM customers",
+        ])
+        .args(["-c", "SELECT count(*) FROM customers"])
+        .env("PGPASSWORD", &token);
+    let out = psql.output().expect("run psql");
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("ERROR:  42501").count(), 3, "{stderr}");
+    assert!(stderr.contains("agents:kind:ddl"), "{stderr}");
+    assert!(stderr.contains("agents:deny_tables"), "{stderr}");
+    assert!(
+        stderr.contains("agents:dangerous:delete_without_where"),
+        "{stderr}"
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "3",
+        "the table is intact and the session still answers"
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("direct"),
+        "3"
+    );
+
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND class_uid = 6005 ORDER BY sequence",
+            3,
+            AUDIT_WAIT,
+        )
+        .expect("refusal rows");
+    let rules: Vec<&str> = rows
+        .iter()
+        .map(|r| r["policy_uid"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "agents:kind:ddl",
+            "agents:deny_tables",
+            "agents:dangerous:delete_without_where"
+        ]
+    );
+    assert_eq!(rows[0]["query_info_kind"], "ddl");
+    assert_eq!(
+        rows[1]["query_info_tables_read"],
+        serde_json::json!(["public.secrets"])
+    );
+    assert_eq!(
+        rows[2]["query_info_tables_written"],
+        serde_json::json!(["public.customers"])
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["action_id"] == 2 && r["actor_user_uid"] == AGENT_OID));
+}
+
+#[test]
+fn psycopg_with_server_side_binding_and_binary_results() {
+    let Some((stack, token)) = start("psycopg_with_server_side_binding_and_binary_results") else {
+        return;
+    };
+    let script = format!(
+        r#"
+import json, psycopg
+with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders", password={token:?},
+                     application_name="intent: reconcile invoices", sslmode="disable") as conn:
+    with conn.cursor(binary=True) as cur:
+        cur.execute("SELECT id, name FROM customers WHERE id = %s", (2,))
+        rows = cur.fetchall()
+        cur.execute("/* intent: tidy a name */ UPDATE customers SET name = %s WHERE id = %s", ("Grace H.", 2))
+        updated = cur.rowcount
+print(json.dumps({{"rows": rows, "updated": updated}}))
+"#,
+        port = stack.postgres.port,
+    );
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .args(["-c", &script])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        stack.gateway.log()
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(answer["rows"], serde_json::json!([[2, "Grace"]]));
+    assert_eq!(answer["updated"], 1);
+
+    let select = outcome_of(&stack, "SELECT id, name FROM customers WHERE id = $1");
+    select_param(&select);
+    assert_eq!(select["intent"], "reconcile invoices");
+    assert_eq!(select["query_info_kind"], "read");
+    assert_eq!(
+        select["activity_id"], 1,
+        "a pure read is OCSF activity Read"
+    );
+    assert_eq!(
+        select["query_info_tables_read"],
+        serde_json::json!(["public.customers"])
+    );
+    assert_eq!(select["response_rows"], 1);
+    assert_eq!(
+        select["actor_process_name"]
+            .as_str()
+            .map(|p| p.starts_with("python")),
+        Some(true)
+    );
+
+    let update = outcome_of(
+        &stack,
+        "/* intent: tidy a name */ UPDATE customers SET name = $1 WHERE id = $2",
+    );
+    assert_eq!(
+        update["intent"], "tidy a name",
+        "a leading comment states the intent"
+    );
+    assert_eq!(update["query_info_kind"], "write");
+    assert!(
+        update["query_info_parameters"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Grace H."),
+        "{update}"
+    );
+    assert_eq!(update["response_rows"], 1);
+}
+
+/// psycopg sends the integer in binary with its type declared: the audit
+/// shows it as the number it is.
+fn select_param(row: &Value) {
+    assert_eq!(row["query_info_parameters"], r#"["2"]"#, "{row}");
+}
+
+#[test]
+fn pgbench_in_simple_extended_and_prepared_modes() {
+    let Some((stack, token)) = start("pgbench_in_simple_extended_and_prepared_modes") else {
+        return;
+    };
+    // Initialising creates tables (DDL): the operator does that directly.
+    let init = Command::new("pgbench")
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack.postgres.port.to_string(),
+            "-U",
+            "postgres",
+            "orders",
+        ])
+        .env("PGPASSWORD", &stack.postgres.superuser_password)
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    for mode in ["simple", "extended", "prepared"] {
+        let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "pgbench")
+            .args(["-n", "-M", mode, "-c", "2", "-t", "20"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &stack.postgres.port.to_string(),
+                "-U",
+                "agent",
+                "orders",
+            ])
+            .env("PGPASSWORD", &token)
+            .output()
+            .expect("pgbench");
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {}\n{stdout}\n{}",
+            text(&out.stderr),
+            stack.gateway.log()
+        );
+        assert!(
+            stdout.contains("number of transactions actually processed: 40/40"),
+            "{mode}: {stdout}"
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{mode}: {stdout}"
+        );
+    }
+    // Each TPC-B-like transaction is 7 statements; 3 modes x 40 transactions.
+    let rows = stack
+        .audit_rows(
+            "SELECT count(*) AS n FROM audit WHERE phase = 'outcome' AND query_info_query_string LIKE 'UPDATE pgbench_accounts%'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("count");
+    let want = 120;
+    let deadline = Instant::now() + AUDIT_WAIT;
+    let mut n = rows[0]["n"].as_i64().unwrap_or(0);
+    while n < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        n = duckdb::query(stack.gateway.audit_dir(), "SELECT count(*) AS n FROM audit WHERE phase = 'outcome' AND query_info_query_string LIKE 'UPDATE pgbench_accounts%'")
+            .ok()
+            .and_then(|r| r.first().and_then(|r| r["n"].as_i64()))
+            .unwrap_or(0);
+    }
+    assert_eq!(n, want, "every UPDATE of every mode is audited");
+}
+
+#[test]
+fn psql_copy_in_and_out_is_audited_with_rows() {
+    let Some((stack, token)) = start("psql_copy_in_and_out_is_audited_with_rows") else {
+        return;
+    };
+    let conn = format!(
+        "host=127.0.0.1 port={} user=agent dbname=orders",
+        stack.postgres.port
+    );
+    let out = stack
+        .agent_psql(&token, "\\copy customers TO STDOUT")
+        .output()
+        .expect("psql");
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        3,
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut child = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql")
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            &conn,
+            "-c",
+            "\\copy customers FROM STDIN",
+        ])
+        .env("PGPASSWORD", &token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"10\tAlan\talan@example.com\n11\tBarbara\tbarbara@example.com\n")
+        .expect("write rows");
+    let out = child.wait_with_output().expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("direct"),
+        "5"
+    );
+    let copy_out = outcome_like(&stack, "COPY %customers%TO STDOUT%");
+    assert_eq!(copy_out["query_info_kind"], "read");
+    assert_eq!(copy_out["response_rows"], 3);
+    let copy_in = outcome_like(&stack, "COPY %customers%FROM STDIN%");
+    assert_eq!(copy_in["query_info_kind"], "write");
+    assert_eq!(
+        copy_in["query_info_tables_written"],
+        serde_json::json!(["public.customers"])
+    );
+    assert_eq!(copy_in["response_rows"], 2);
+}
+
+#[test]
+fn a_cancelled_query_is_cancelled_through_tollgate() {
+    let Some((stack, token)) = start("a_cancelled_query_is_cancelled_through_tollgate") else {
+        return;
+    };
+    let child = stack
+        .agent_psql(&token, "SELECT pg_sleep(60)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    // Wait until the server runs the statement, then interrupt psql, which
+    // sends a CancelRequest on a new connection (redirected to tollgate too).
+    let running = || {
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+            )
+            .map(|n| n == "1")
+            .unwrap_or(false)
+    };
+    tollgate_tests::wait_for("the sleep to run", Duration::from_secs(20), running)
+        .expect("running");
+    let started = Instant::now();
+    // SAFETY: signalling our own child by pid.
+    unsafe {
+        libc_kill(child.id() as i32, 2);
+    }
+    let out = child.wait_with_output().expect("psql");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the query was not cancelled"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}\n{}",
+        stack.gateway.log()
+    );
+    let row = outcome_of(&stack, "SELECT pg_sleep(60)");
+    assert_eq!(row["status_id"], 2);
+    assert_eq!(row["response_error_code"], "57014");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+#[test]
+fn the_jdbc_driver_works_through_tollgate() {
+    let Some((stack, token)) = start("the_jdbc_driver_works_through_tollgate") else {
+        return;
+    };
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("java/JdbcProbe.java");
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "java")
+        .args(["-cp", "/usr/share/java/postgresql.jar"])
+        .arg(source)
+        .args(["127.0.0.1", &stack.postgres.port.to_string(), &token, "3"])
+        .output()
+        .expect("run java (`cargo xtask setup` installs the JDBC driver)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        stack.gateway.log()
+    );
+    assert_eq!(text(&out.stdout), "Edsger");
+    let row = outcome_of(&stack, "SELECT name FROM customers WHERE id = $1");
+    assert_eq!(row["intent"], "jdbc probe");
+    assert_eq!(row["actor_process_name"], "java");
+    assert_eq!(row["query_info_parameters"], r#"["3"]"#, "{row}");
+}
+
+#[test]
+fn a_five_million_row_select_streams_through_with_bounded_memory() {
+    let Some((stack, token)) =
+        start("a_five_million_row_select_streams_through_with_bounded_memory")
+    else {
+        return;
+    };
+    let pid = stack.gateway.pid().expect("tollgate pid");
+    let before = peak_rss_kib(pid);
+    let out = stack
+        .agent_psql(
+            &token,
+            "SELECT g, 'row ' || g FROM generate_series(1, 5000000) g",
+        )
+        .stdout(Stdio::null())
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let peak = peak_rss_kib(pid);
+    eprintln!("tollgate peak RSS: before {before} KiB, after a 5M-row SELECT {peak} KiB");
+    assert!(
+        peak < 100 * 1024,
+        "tollgate peak RSS {peak} KiB is not under 100 MB"
+    );
+    let row = outcome_of(
+        &stack,
+        "SELECT g, 'row ' || g FROM generate_series(1, 5000000) g",
+    );
+    assert_eq!(row["response_rows"], 5_000_000);
+}
+
+/// VmHWM: the peak resident set size of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status")
+}
