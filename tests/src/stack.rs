@@ -17,6 +17,11 @@ pub struct Stack {
 
 impl Stack {
     pub fn start() -> Result<Self> {
+        Self::start_with_policy(crate::DEFAULT_POLICY)
+    }
+
+    /// The stack with `policy` as the `[policy]` (and `[identity.roles]`) TOML.
+    pub fn start_with_policy(policy: &str) -> Result<Self> {
         let postgres = Postgres::start()?;
         let idp = DevIdp::start()?;
         let (dir, config) = Gateway::config_for(
@@ -25,6 +30,8 @@ impl Stack {
             &postgres.gateway_password,
             idp.jwks_uri(),
         )?;
+        let mut config = config;
+        config.policy = policy.to_owned();
         let gateway = Gateway::start(dir, config)?;
         Ok(Stack {
             gateway,

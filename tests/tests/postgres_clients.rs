@@ -457,3 +457,99 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM in /proc status")
 }
+
+const MASKING_POLICY: &str = r#"
+[identity.roles.pii-readers]
+groups = ["g-pii"]
+
+[[policy.grant]]
+name = "agents"
+roles = ["*"]
+kinds = ["read", "write", "transaction", "utility"]
+
+[[policy.mask]]
+name = "customer-email"
+columns = ["public.customers.email"]
+except_roles = ["pii-readers"]
+"#;
+
+#[test]
+fn masked_columns_never_leave_tollgate_unless_the_role_may_see_them() {
+    if !privileged("masked_columns_never_leave_tollgate_unless_the_role_may_see_them") {
+        return;
+    }
+    let stack = Stack::start_with_policy(MASKING_POLICY).expect("start the stack");
+    let agent = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let sql = "SELECT id, email, email AS contact, upper(email) AS shout, name FROM customers WHERE id = 1";
+    let out = stack.agent_psql(&agent, sql).output().expect("psql");
+    assert_eq!(
+        text(&out.stdout),
+        "1|****|****|****|Ada",
+        "{}\n{}",
+        text(&out.stderr),
+        stack.gateway.log()
+    );
+
+    // Binary results through psycopg: masked too, and the driver still parses the row.
+    let script = format!(
+        r#"
+import json, psycopg
+with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders", password={agent:?}, sslmode="disable") as conn:
+    with conn.cursor(binary=True) as cur:
+        cur.execute("SELECT id, email FROM customers WHERE id = %s", (2,))
+        print(json.dumps(cur.fetchall()))
+"#,
+        port = stack.postgres.port
+    );
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    assert_eq!(
+        text(&out.stdout),
+        r#"[[2, "****"]]"#,
+        "{}",
+        text(&out.stderr)
+    );
+
+    // COPY would stream the column raw: refused for a masked caller.
+    let out = stack
+        .agent_psql(&agent, "COPY customers TO STDOUT")
+        .output()
+        .expect("psql");
+    assert!(
+        text(&out.stderr).contains("mask:raw_stream"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).contains("@example.com"));
+
+    // A holder of the exempt role sees the real value.
+    let reader = stack
+        .idp
+        .token("oid-pii-reader", &["--groups", "g-pii"])
+        .expect("token");
+    let out = stack
+        .agent_psql(&reader, "SELECT email FROM customers WHERE id = 1")
+        .output()
+        .expect("psql");
+    assert_eq!(
+        text(&out.stdout),
+        "ada@example.com",
+        "{}",
+        text(&out.stderr)
+    );
+
+    let row = outcome_of(&stack, sql);
+    let masked: Vec<String> = serde_json::from_value(row["masked_columns"].clone()).expect("list");
+    assert!(
+        masked.contains(&"public.customers.email".to_owned()),
+        "{masked:?}"
+    );
+    assert!(masked.iter().any(|c| c.starts_with("shout")), "{masked:?}");
+    assert_eq!(
+        row["action_id"], 4,
+        "a masked answer is OCSF action Modified"
+    );
+    assert!(!row.to_string().contains("ada@example.com"));
+}

@@ -96,6 +96,8 @@ pub struct Operation {
     pub reads: BTreeSet<String>,
     pub writes: BTreeSet<String>,
     pub dangers: BTreeSet<Danger>,
+    /// The result leaves as raw data that masking cannot reach (COPY TO).
+    pub streams_raw: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.
@@ -125,6 +127,23 @@ pub enum Decision {
 pub struct PolicyConfig {
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
+    #[serde(default, rename = "mask")]
+    pub masks: Vec<MaskRule>,
+}
+
+/// Values of these columns are masked in results, except for the listed
+/// roles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskRule {
+    pub name: String,
+    /// `schema.table.column` patterns, e.g. `public.customers.email`, `*.*.ssn`.
+    pub columns: Vec<Pattern>,
+    /// tollgate roles that see the real values.
+    #[serde(default)]
+    pub except_roles: Vec<String>,
+    #[serde(default = "everything")]
+    pub targets: Vec<Pattern>,
 }
 
 /// What holders of some tollgate roles may do on some targets.
@@ -171,6 +190,7 @@ fn reads_only() -> Vec<StatementKind> {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     grants: Vec<Grant>,
+    masks: Vec<MaskRule>,
 }
 
 impl Policy {
@@ -180,10 +200,44 @@ impl Policy {
         }
         Self {
             grants: config.grants.clone(),
+            masks: config.masks.clone(),
         }
     }
 
+    /// The column patterns masked for this caller on this target.
+    pub fn masks_for(&self, who: &Principal, target: &str) -> Vec<Pattern> {
+        self.masks
+            .iter()
+            .filter(|m| m.targets.iter().any(|t| t.matches(target)))
+            .filter(|m| {
+                !m.except_roles
+                    .iter()
+                    .any(|r| who.tollgate_roles.contains(r))
+            })
+            .flat_map(|m| m.columns.iter().cloned())
+            .collect()
+    }
+
     pub fn decide(&self, who: &Principal, request: &Request<'_>) -> Decision {
+        // Raw result streams (COPY TO) bypass masking: a masked caller may
+        // not stream a table that has masked columns.
+        let masks = self.masks_for(who, request.target);
+        if let Ok(operations) = request.operations {
+            for op in operations.iter().filter(|op| op.streams_raw) {
+                if let Some(table) = op
+                    .reads
+                    .iter()
+                    .find(|t| masks.iter().any(|m| m.covers_table(t)))
+                {
+                    return Decision::Deny {
+                        rule: "mask:raw_stream".into(),
+                        reason: format!(
+                            "{table} has masked columns and COPY would send them unmasked"
+                        ),
+                    };
+                }
+            }
+        }
         let applicable: Vec<&Grant> = self
             .grants
             .iter()
@@ -225,17 +279,18 @@ impl Policy {
 
 /// `Err((rule, reason))` names the first thing the grant does not allow.
 fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
-    let operations =
-        match request.operations {
-            Ok(operations) => operations,
-            Err(_) if grant.allow_unparsed => return Ok(()),
-            Err(parse_error) => return Err((
+    let operations = match request.operations {
+        Ok(operations) => operations,
+        Err(_) if grant.allow_unparsed => return Ok(()),
+        Err(parse_error) => {
+            return Err((
                 "unparsed".into(),
                 format!(
                     "the statement could not be parsed ({parse_error}) and raw SQL is not allowed"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     for op in operations {
         if !grant.kinds.contains(&op.kind) {
             return Err((

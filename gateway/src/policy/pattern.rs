@@ -21,6 +21,15 @@ impl Pattern {
     pub fn matches(&self, name: &str) -> bool {
         glob(self.0.as_bytes(), name.as_bytes())
     }
+
+    /// For a `schema.table.column` pattern: whether it can match a column
+    /// of `table` (`schema.table`).
+    pub fn covers_table(&self, table: &str) -> bool {
+        match self.0.rsplit_once('.') {
+            Some((table_part, _)) => glob(table_part.as_bytes(), table.as_bytes()),
+            None => glob(self.0.as_bytes(), table.as_bytes()) || self.0 == "*",
+        }
+    }
 }
 
 fn glob(pattern: &[u8], text: &[u8]) -> bool {
@@ -59,5 +68,14 @@ mod tests {
         assert!(!p("public.customers").matches("public.customers2"));
         assert!(p("*.secrets").matches("hr.secrets"));
         assert!(!p("*.secrets").matches("hr.secrets_old"));
+    }
+
+    #[test]
+    fn column_patterns_cover_their_tables() {
+        let p = |s: &str| Pattern(s.into());
+        assert!(p("public.customers.email").covers_table("public.customers"));
+        assert!(!p("public.customers.email").covers_table("public.orders"));
+        assert!(p("*.*.ssn").covers_table("hr.people"));
+        assert!(p("*").covers_table("hr.people"));
     }
 }

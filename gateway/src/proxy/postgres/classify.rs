@@ -54,6 +54,7 @@ fn classify_statement(statement: &Statement) -> Operation {
     let mut out = Operation {
         kind: top_kind(statement),
         dangers: walker.dangers,
+        streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
         ..Operation::default()
     };
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
@@ -299,7 +300,9 @@ impl Visitor for Walker {
                     table_name: name, ..
                 } = source
                 {
-                    if !*to {
+                    if *to {
+                        self.relations.insert(table_name(name));
+                    } else {
                         self.written.insert(table_name(name));
                     }
                 }
@@ -410,6 +413,14 @@ mod tests {
 
         let c = one(r#"UPDATE "Mixed"."Case" SET a = 1 WHERE b = 2"#);
         assert_eq!(c.writes, set(&["Mixed.Case"]));
+
+        let c = one("COPY customers TO STDOUT");
+        assert_eq!(c.reads, set(&["public.customers"]));
+        assert!(c.streams_raw);
+        let c = one("COPY (SELECT email FROM customers) TO STDOUT");
+        assert_eq!(c.reads, set(&["public.customers"]));
+        let c = one("COPY customers FROM STDIN");
+        assert_eq!(c.writes, set(&["public.customers"]));
 
         let c = one("WITH recent AS (SELECT * FROM orders) SELECT * FROM recent");
         assert_eq!(c.reads, set(&["public.orders"]), "a CTE is not a table");

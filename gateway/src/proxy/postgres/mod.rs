@@ -12,6 +12,7 @@
 
 mod cancel;
 pub mod classify;
+mod mask;
 mod relay;
 mod upstream;
 pub mod wire;
@@ -159,7 +160,7 @@ async fn serve(
     }
     info!(oid = %principal.object_id, tid = %principal.tenant_id, "authenticated");
 
-    let upstream = match upstream::connect(&connection.target, &params).await {
+    let mut upstream = match upstream::connect(&connection.target, &params).await {
         Ok(upstream) => upstream,
         Err(err) => {
             warn!(error = %err, "upstream connection failed");
@@ -170,6 +171,26 @@ async fn serve(
             )
             .await;
             return Ok(());
+        }
+    };
+    // Masked columns are resolved before any agent message is relayed; if
+    // they cannot be, the session does not start (fail closed).
+    let mask_patterns = shared.policy.masks_for(&principal, &connection.target.name);
+    let masks = if mask_patterns.is_empty() {
+        mask::MaskSet::default()
+    } else {
+        match mask::resolve(&mut upstream.stream, &mut upstream.buffered, mask_patterns).await {
+            Ok(masks) => masks,
+            Err(err) => {
+                warn!(error = %err, "masked columns could not be resolved");
+                fatal(
+                    &mut client_wr,
+                    SQLSTATE_UPSTREAM,
+                    &format!("tollgate: {err}"),
+                )
+                .await;
+                return Ok(());
+            }
         }
     };
     let mut greeting = upstream.greeting.clone();
@@ -190,6 +211,7 @@ async fn serve(
         intent: std::sync::Mutex::new(relay::intent_of_application_name(&param(
             "application_name",
         ))),
+        masks,
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await

@@ -21,7 +21,10 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::classify::classify;
+use super::{
+    classify::classify,
+    mask::{self, MaskSet, ResultMask},
+};
 use super::{
     upstream::Upstream,
     wire::{self, Frame, WireError},
@@ -44,6 +47,8 @@ pub struct Session {
     /// server reports every change of application_name (ParameterStatus),
     /// whether set at startup or later with SET, and this follows it.
     pub intent: Mutex<String>,
+    /// Columns masked for this caller; empty: nothing to mask.
+    pub masks: MaskSet,
     pub shared: Arc<Shared>,
 }
 
@@ -72,6 +77,12 @@ struct Pending {
     error: Option<(String, String)>,
     /// For Refused: the message the client gets.
     refusal: String,
+    /// The statement reads a table with masked columns.
+    reads_masked: bool,
+    /// How to mask the rows of the current result set.
+    result_mask: Option<ResultMask>,
+    /// Columns masked in this request's results, for the audit.
+    masked_columns: BTreeSet<String>,
 }
 
 impl Pending {
@@ -85,6 +96,9 @@ impl Pending {
             tag_rows: None,
             error: None,
             refusal: String::new(),
+            reads_masked: false,
+            result_mask: None,
+            masked_columns: BTreeSet::new(),
         }
     }
 }
@@ -184,9 +198,9 @@ async fn client_to_server(
                     let operations = classify(&text);
                     match admit(&session, &text, &operations, String::new()).await {
                         Ok(request) => {
-                            lock(&in_flight)
-                                .queue
-                                .push_back(Pending::new(Kind::Query, Some(request)));
+                            let mut pending = Pending::new(Kind::Query, Some(request));
+                            pending.reads_masked = reads_masked(&session.masks, &operations);
+                            lock(&in_flight).queue.push_back(pending);
                             forward.unsplit(frame.bytes);
                         }
                         Err(refusal) => {
@@ -249,9 +263,10 @@ async fn client_to_server(
                     };
                     match admit(&session, &prepared.text, &prepared.operations, parameters).await {
                         Ok(request) => {
-                            lock(&in_flight)
-                                .queue
-                                .push_back(Pending::new(Kind::Execute, Some(request)));
+                            let mut pending = Pending::new(Kind::Execute, Some(request));
+                            pending.reads_masked =
+                                reads_masked(&session.masks, &prepared.operations);
+                            lock(&in_flight).queue.push_back(pending);
                             forward.unsplit(frame.bytes);
                         }
                         Err(refusal) => {
@@ -420,6 +435,20 @@ async fn admit(
     }
 }
 
+fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, String>) -> bool {
+    if masks.is_empty() {
+        return false;
+    }
+    match operations {
+        Ok(ops) => ops
+            .iter()
+            .flat_map(|op| &op.reads)
+            .any(|t| masks.covers_table(t)),
+        // Not understood: assume the worst.
+        Err(_) => true,
+    }
+}
+
 /// The OCSF Datastore activity of a request: Read when every statement
 /// only reads, Query otherwise (or when it was not understood).
 fn activity_of(operations: &Result<Vec<Operation>, String>) -> i32 {
@@ -465,11 +494,15 @@ async fn server_to_client(
                     }
                 }
             }
-            let finished = track_answer(&in_flight, &frame, &mut out);
+            let (finished, masked_row) =
+                track_answer(&session.masks, &in_flight, &frame, &mut out)?;
             for (pending, error) in finished {
                 finish(&session, pending, error);
             }
-            out.unsplit(frame.bytes);
+            match masked_row {
+                Some(row) => out.extend_from_slice(&row),
+                None => out.unsplit(frame.bytes),
+            }
         }
         if !out.is_empty() {
             client_wr.lock().await.write_all(&out).await?;
@@ -486,10 +519,17 @@ async fn server_to_client(
 type Finished = Vec<(Pending, Option<(String, String)>)>;
 
 /// Updates the queue for one server message; returns the requests it
-/// completed. Refusals that have come to the head are answered into `out`
-/// first, in their place in the order.
-fn track_answer(in_flight: &Mutex<InFlight>, frame: &Frame, out: &mut BytesMut) -> Finished {
+/// completed, and the masked form of a DataRow when masking applies.
+/// Refusals that have come to the head are answered into `out` first, in
+/// their place in the order.
+fn track_answer(
+    masks: &MaskSet,
+    in_flight: &Mutex<InFlight>,
+    frame: &Frame,
+    out: &mut BytesMut,
+) -> Result<(Finished, Option<BytesMut>), WireError> {
     let mut finished = Finished::new();
+    let mut masked_row = None;
     let mut guard = lock(in_flight);
     let InFlight {
         queue,
@@ -501,12 +541,26 @@ fn track_answer(in_flight: &Mutex<InFlight>, frame: &Frame, out: &mut BytesMut) 
         }
     }
     let Some(head) = queue.front_mut() else {
-        return finished;
+        if !masks.is_empty() && frame.tag == b'D' {
+            // A row no request of ours asked for: show nothing of it.
+            masked_row = Some(mask::apply(frame, &ResultMask::everything())?);
+        }
+        return Ok((finished, masked_row));
     };
     match frame.tag {
+        b'T' if !masks.is_empty() => {
+            head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
+        }
         b'D' => {
             head.rows += 1;
             head.bytes += frame.bytes.len() as i64;
+            if !masks.is_empty() {
+                let plan = head.result_mask.get_or_insert_with(ResultMask::everything);
+                if plan.masks_anything() {
+                    masked_row = Some(mask::apply(frame, plan)?);
+                    head.masked_columns.extend(plan.names.iter().cloned());
+                }
+            }
         }
         b'C' | b'I' | b's' => {
             if frame.tag == b'C' {
@@ -558,7 +612,7 @@ fn track_answer(in_flight: &Mutex<InFlight>, frame: &Frame, out: &mut BytesMut) 
         }
         _ => {}
     }
-    finished
+    Ok((finished, masked_row))
 }
 
 /// Writes the outcome record of a request. It follows the durable request
@@ -572,6 +626,10 @@ fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) 
     outcome.duration_us = i64::try_from(pending.started.elapsed().as_micros()).ok();
     outcome.response_rows = Some(pending.tag_rows.unwrap_or(pending.rows).max(pending.rows));
     outcome.response_bytes = Some(pending.bytes);
+    outcome.masked_columns = pending.masked_columns.into_iter().collect();
+    if !outcome.masked_columns.is_empty() {
+        outcome.action_id = record::action::MODIFIED;
+    }
     match error {
         Some((code, message)) => {
             outcome.status_id = record::status::FAILURE;

@@ -1,0 +1,322 @@
+//! Masking: values of masked columns never leave tollgate.
+//!
+//! A result column is identified by the table OID and attribute number the
+//! server puts in RowDescription, not by its name, so an alias does not
+//! unmask it. At session start the masked columns are resolved once from
+//! the catalog. A computed column (no table OID) in the result of a
+//! statement that reads a table with masked columns is masked too, since it
+//! may be derived from one (`upper(email)`). Rows whose shape tollgate did
+//! not see described are masked whole: over-masking, never a leak.
+//!
+//! Masked text-like values become `****`; other types become NULL, which
+//! every type accepts, so RowDescription stays true and drivers still parse
+//! the row.
+
+use std::collections::HashMap;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::wire::{self, Frame, WireError};
+use crate::policy::Pattern;
+
+/// The replacement for masked text-like values.
+pub const MASK: &[u8] = b"****";
+
+/// Type OIDs whose text and binary forms are both plain text.
+const TEXT_LIKE: &[u32] = &[25, 1043, 1042, 19]; // text, varchar, bpchar, name
+
+/// The masked columns of this session: (table OID, attnum) -> name.
+#[derive(Debug, Default, Clone)]
+pub struct MaskSet {
+    columns: HashMap<(u32, i16), String>,
+    patterns: Vec<Pattern>,
+}
+
+impl MaskSet {
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether `table` (schema.table) may have masked columns.
+    pub fn covers_table(&self, table: &str) -> bool {
+        self.patterns.iter().any(|p| p.covers_table(table))
+    }
+}
+
+const CATALOG_QUERY: &str =
+    "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname || '.' || a.attname \
+     FROM pg_catalog.pg_attribute a \
+     JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+
+/// Resolves `patterns` to columns with one catalog query on the session's
+/// own upstream connection, before any agent message is relayed.
+pub async fn resolve(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    patterns: Vec<Pattern>,
+) -> Result<MaskSet, WireError> {
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::query(CATALOG_QUERY, &mut out)?;
+    stream.write_all(&out).await?;
+    let mut set = MaskSet {
+        columns: HashMap::new(),
+        patterns,
+    };
+    loop {
+        let frame = wire::read_frame(stream, buf).await?;
+        match frame.tag {
+            b'D' => {
+                let values = data_row_values(&frame)?;
+                let [Some(oid), Some(attnum), Some(name)] = values.as_slice() else {
+                    continue;
+                };
+                let name = String::from_utf8_lossy(name).into_owned();
+                if set.patterns.iter().any(|p| p.matches(&name)) {
+                    let oid: u32 = String::from_utf8_lossy(oid).parse().unwrap_or(0);
+                    let attnum: i16 = String::from_utf8_lossy(attnum).parse().unwrap_or(0);
+                    set.columns.insert((oid, attnum), name);
+                }
+            }
+            b'E' => {
+                let (code, message) = wire::error_fields(&frame);
+                return Err(WireError::Malformed(format!(
+                    "catalog lookup for masking failed: {code} {message}"
+                )));
+            }
+            b'Z' => return Ok(set),
+            _ => {}
+        }
+    }
+}
+
+/// What to do with each column of a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultMask {
+    /// Per column: None = pass, Some(text_like) = mask.
+    columns: Vec<Option<bool>>,
+    /// Names of the masked columns, for the audit.
+    pub names: Vec<String>,
+}
+
+impl ResultMask {
+    /// Mask every column: for rows whose description tollgate did not see.
+    pub fn everything() -> Self {
+        ResultMask {
+            columns: Vec::new(),
+            names: vec!["* (result shape not described)".into()],
+        }
+    }
+
+    pub fn masks_anything(&self) -> bool {
+        !self.names.is_empty()
+    }
+}
+
+/// Plans the masking of a result from its RowDescription.
+pub fn plan(
+    row_description: &Frame,
+    set: &MaskSet,
+    reads_masked_table: bool,
+) -> Result<ResultMask, WireError> {
+    let mut body = row_description.body();
+    let short = || WireError::Malformed("RowDescription too short".into());
+    if body.len() < 2 {
+        return Err(short());
+    }
+    let count = body.get_i16().max(0) as usize;
+    let mut columns = Vec::with_capacity(count);
+    let mut names = Vec::new();
+    for _ in 0..count {
+        let name = wire::take_cstr(&mut body)?;
+        if body.len() < 18 {
+            return Err(short());
+        }
+        let table_oid = body.get_u32();
+        let attnum = body.get_i16();
+        let type_oid = body.get_u32();
+        body.advance(2 + 4 + 2); // typlen, typmod, format
+        let text_like = TEXT_LIKE.contains(&type_oid);
+        if let Some(column) = set.columns.get(&(table_oid, attnum)) {
+            columns.push(Some(text_like));
+            names.push(column.clone());
+        } else if table_oid == 0 && reads_masked_table {
+            columns.push(Some(text_like));
+            names.push(format!(
+                "{name} (computed from a table with masked columns)"
+            ));
+        } else {
+            columns.push(None);
+        }
+    }
+    Ok(ResultMask { columns, names })
+}
+
+/// Rewrites one DataRow with the masked values replaced.
+pub fn apply(row: &Frame, mask: &ResultMask) -> Result<BytesMut, WireError> {
+    let values = data_row_values(row)?;
+    let mut out = BytesMut::with_capacity(row.bytes.len());
+    out.put_u8(b'D');
+    out.put_i32(0);
+    out.put_i16(values.len() as i16);
+    for (i, value) in values.iter().enumerate() {
+        // An undescribed shape masks all, as NULL (fits every type).
+        let action = if mask.columns.is_empty() {
+            Some(false)
+        } else {
+            mask.columns.get(i).copied().flatten()
+        };
+        match (action, value) {
+            (_, None) => out.put_i32(-1),
+            (Some(true), Some(_)) => {
+                out.put_i32(MASK.len() as i32);
+                out.put_slice(MASK);
+            }
+            (Some(false), Some(_)) => out.put_i32(-1),
+            (None, Some(bytes)) => {
+                out.put_i32(bytes.len() as i32);
+                out.put_slice(bytes);
+            }
+        }
+    }
+    let len = (out.len() - 1) as i32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
+/// The values of a DataRow; None is SQL NULL.
+fn data_row_values(row: &Frame) -> Result<Vec<Option<&[u8]>>, WireError> {
+    let mut body = row.body();
+    let short = || WireError::Malformed("DataRow too short".into());
+    if body.len() < 2 {
+        return Err(short());
+    }
+    let count = body.get_i16().max(0) as usize;
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        if body.len() < 4 {
+            return Err(short());
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return Err(short());
+        }
+        let (value, rest) = body.split_at(len);
+        values.push(Some(value));
+        body = rest;
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row_description(columns: &[(&str, u32, i16, u32)]) -> Frame {
+        let mut out = BytesMut::new();
+        out.put_u8(b'T');
+        out.put_i32(0);
+        out.put_i16(columns.len() as i16);
+        for (name, table, attnum, type_oid) in columns {
+            out.put_slice(name.as_bytes());
+            out.put_u8(0);
+            out.put_u32(*table);
+            out.put_i16(*attnum);
+            out.put_u32(*type_oid);
+            out.put_i16(-1);
+            out.put_i32(-1);
+            out.put_i16(0);
+        }
+        let len = (out.len() - 1) as i32;
+        out[1..5].copy_from_slice(&len.to_be_bytes());
+        wire::split_frame(&mut out).unwrap().unwrap()
+    }
+
+    fn data_row(values: &[Option<&[u8]>]) -> Frame {
+        let mut out = BytesMut::new();
+        out.put_u8(b'D');
+        out.put_i32(0);
+        out.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    out.put_i32(v.len() as i32);
+                    out.put_slice(v);
+                }
+                None => out.put_i32(-1),
+            }
+        }
+        let len = (out.len() - 1) as i32;
+        out[1..5].copy_from_slice(&len.to_be_bytes());
+        wire::split_frame(&mut out).unwrap().unwrap()
+    }
+
+    fn set() -> MaskSet {
+        MaskSet {
+            columns: HashMap::from([
+                ((16384, 3), "public.customers.email".to_owned()),
+                ((16384, 4), "public.customers.born".to_owned()),
+            ]),
+            patterns: vec![Pattern::from("public.customers.email".to_owned())],
+        }
+    }
+
+    #[test]
+    fn masked_columns_are_found_by_table_and_attribute_not_by_name() {
+        // `email AS contact`: the alias does not hide where it comes from.
+        let rd = row_description(&[
+            ("id", 16384, 1, 23),
+            ("contact", 16384, 3, 25),
+            ("born", 16384, 4, 1082),
+        ]);
+        let mask = plan(&rd, &set(), true).unwrap();
+        assert_eq!(
+            mask.names,
+            vec!["public.customers.email", "public.customers.born"]
+        );
+        let masked = apply(
+            &data_row(&[Some(b"1"), Some(b"ada@example.com"), Some(b"1815-12-10")]),
+            &mask,
+        )
+        .unwrap();
+        let mut frame_bytes = masked;
+        let frame = wire::split_frame(&mut frame_bytes).unwrap().unwrap();
+        assert_eq!(
+            data_row_values(&frame).unwrap(),
+            vec![Some(&b"1"[..]), Some(MASK), None]
+        );
+    }
+
+    #[test]
+    fn computed_columns_over_masked_tables_are_masked() {
+        let rd = row_description(&[("upper", 0, 0, 25)]);
+        assert!(plan(&rd, &set(), true).unwrap().masks_anything());
+        assert!(
+            !plan(&rd, &set(), false).unwrap().masks_anything(),
+            "SELECT upper('x') reads no table"
+        );
+    }
+
+    #[test]
+    fn an_undescribed_row_is_masked_whole() {
+        let masked = apply(&data_row(&[Some(b"1"), None]), &ResultMask::everything()).unwrap();
+        let mut bytes = masked;
+        let frame = wire::split_frame(&mut bytes).unwrap().unwrap();
+        assert_eq!(data_row_values(&frame).unwrap(), vec![None, None]);
+    }
+
+    #[test]
+    fn a_short_data_row_is_malformed() {
+        let mut out = BytesMut::from(&b"D\x00\x00\x00\x0a\x00\x01\x00\x00\x00\x09"[..]);
+        let frame = wire::split_frame(&mut out).unwrap().unwrap();
+        assert!(apply(&frame, &ResultMask::everything()).is_err());
+    }
+}
