@@ -2,6 +2,7 @@
 //! JWKS on loopback and mints Entra-shaped tokens. Never for production; the
 //! daemon accepts its keys only when the config says `development_idp = true`.
 
+pub mod bench;
 pub mod directory;
 pub mod keyring;
 pub mod server;
@@ -37,6 +38,11 @@ pub enum DevCommand {
     WithdrawOld {
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Time token validation with a cached key (no network); prints µs/validation.
+    BenchVerify {
+        #[arg(long, default_value_t = 10_000)]
+        iterations: u32,
     },
 }
 
@@ -146,6 +152,10 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
             let mut ring = Keyring::open_or_create(&dir)?;
             let kid = ring.rotate()?.kid.clone();
             println!("{kid}");
+            Ok(())
+        }
+        DevCommand::BenchVerify { iterations } => {
+            println!("{}", bench::bench_verify(iterations).await?);
             Ok(())
         }
         DevCommand::WithdrawOld { dir } => {

@@ -76,6 +76,9 @@ fn default_timeout() -> u64 {
 /// getMemberObjects) are about 450 KiB.
 const MAX_RESPONSE_BYTES: usize = 2 * 1024 * 1024;
 
+/// A caller's groups and when they were fetched, keyed by (tid, oid).
+type CachedGroups = (Vec<String>, Instant);
+
 pub struct GraphClient {
     endpoint: String,
     authority: String,
@@ -87,8 +90,7 @@ pub struct GraphClient {
     http: reqwest::Client,
     /// tid -> (app token, usable until).
     tokens: Mutex<HashMap<String, (String, Instant)>>,
-    /// (tid, oid) -> (groups, fetched at).
-    members: Mutex<HashMap<(String, String), (Vec<String>, Instant)>>,
+    members: Mutex<HashMap<(String, String), CachedGroups>>,
 }
 
 impl std::fmt::Debug for GraphClient {
