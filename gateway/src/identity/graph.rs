@@ -184,10 +184,10 @@ impl GraphClient {
             // A revoked or expired app token: drop it so the next call gets a new one.
             lock(&self.tokens).remove(tid);
         }
-        let body = read_json(resp).await?;
         if !status.is_success() {
             return Err(format!("Graph answered HTTP {status}"));
         }
+        let body = read_json(resp).await?;
         let groups: Vec<String> = body
             .get("value")
             .and_then(Value::as_array)
@@ -224,16 +224,19 @@ impl GraphClient {
             .await
             .map_err(|e| format!("token endpoint unreachable: {}", without_url(&e)))?;
         let status = resp.status();
-        let body = read_json(resp).await?;
         if !status.is_success() {
+            // The OAuth error code (e.g. invalid_client) says what to fix; the
+            // body may not even be JSON (a proxy's error page).
+            let body = read_json(resp).await.unwrap_or(Value::Null);
             let err = body
                 .get("error")
                 .and_then(Value::as_str)
-                .unwrap_or("unknown");
+                .unwrap_or("no error code");
             return Err(format!(
                 "token endpoint refused tollgate's credentials ({status}, {err})"
             ));
         }
+        let body = read_json(resp).await?;
         let token = body
             .get("access_token")
             .and_then(Value::as_str)
