@@ -278,3 +278,49 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 pub(crate) fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kid_is_stable_across_reopen_and_jwks_file_matches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Keyring::open_or_create(dir.path()).expect("create");
+        let again = Keyring::open_or_create(dir.path()).expect("reopen");
+        assert_eq!(first.signing_key().kid, again.signing_key().kid);
+        let on_disk: Value =
+            serde_json::from_slice(&fs::read(first.jwks_path()).expect("jwks.json")).expect("json");
+        assert_eq!(on_disk, first.jwks());
+        assert_eq!(on_disk["keys"][0]["kid"], json!(first.signing_key().kid));
+    }
+
+    #[test]
+    fn keyring_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        Keyring::open_or_create(dir.path()).expect("create");
+        let mode = fs::metadata(dir.path().join(KEYRING_FILE))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "keyring.json readable by others: {mode:o}");
+    }
+
+    #[test]
+    fn rotate_publishes_both_and_withdraw_keeps_only_the_signing_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ring = Keyring::open_or_create(dir.path()).expect("create");
+        let old = ring.signing_key().kid.clone();
+        let new = ring.rotate().expect("rotate").kid.clone();
+        assert_ne!(old, new);
+        let reopened = Keyring::open(dir.path()).expect("open");
+        assert_eq!(reopened.signing_key().kid, new);
+        let kids: Vec<&str> = reopened.published().map(|k| k.kid.as_str()).collect();
+        assert_eq!(kids, vec![old.as_str(), new.as_str()]);
+        assert_eq!(ring.withdraw_old().expect("withdraw"), 1);
+        let reopened = Keyring::open(dir.path()).expect("open");
+        let kids: Vec<&str> = reopened.published().map(|k| k.kid.as_str()).collect();
+        assert_eq!(kids, vec![new.as_str()]);
+    }
+}

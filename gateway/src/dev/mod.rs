@@ -2,6 +2,7 @@
 //! JWKS on loopback and mints Entra-shaped tokens. Never for production; the
 //! daemon accepts its keys only when the config says `development_idp = true`.
 
+pub mod bench;
 pub mod directory;
 pub mod keyring;
 pub mod server;
@@ -37,6 +38,18 @@ pub enum DevCommand {
     WithdrawOld {
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Validate a token read from stdin against the `[identity]` section of a
+    /// config file; prints the principal as JSON, or the refusal (exit 1).
+    CheckToken {
+        /// A tollgate config file (only its [identity] table is used).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Time token validation with a cached key (no network); prints µs/validation.
+    BenchVerify {
+        #[arg(long, default_value_t = 10_000)]
+        iterations: u32,
     },
 }
 
@@ -101,10 +114,15 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
                 state_dir = %dir.display(),
                 "dev idp listening on http://{addr} (jwks: http://{addr}/<tenant>/discovery/v2.0/keys)"
             );
+            // Tests and service managers stop it with SIGTERM, people with Ctrl-C.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = task => r?,
                 r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
             }
+            tracing::info!("dev idp stopped");
             Ok(())
         }
         DevCommand::Token(args) => {
@@ -148,11 +166,52 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
             println!("{kid}");
             Ok(())
         }
+        DevCommand::CheckToken { config } => check_token(&config).await,
+        DevCommand::BenchVerify { iterations } => {
+            println!("{}", bench::bench_verify(iterations).await?);
+            Ok(())
+        }
         DevCommand::WithdrawOld { dir } => {
             let mut ring = Keyring::open(&dir)?;
             let n = ring.withdraw_old()?;
             eprintln!("withdrew {n} key(s); publishing {}", ring.signing_key().kid);
             Ok(())
+        }
+    }
+}
+
+/// The token comes from stdin, never argv, which other users can read in `ps`.
+async fn check_token(config: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let identity = doc
+        .remove("identity")
+        .with_context(|| format!("{}: no [identity] table", config.display()))?;
+    let identity: crate::identity::IdentityConfig = identity
+        .try_into()
+        .with_context(|| format!("{}: [identity]", config.display()))?;
+    let verifier = crate::identity::Verifier::from_config(&identity).await?;
+    let mut token = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut token)?;
+    match verifier.verify(&token).await {
+        Ok(p) => {
+            let out = serde_json::json!({
+                "tenant_id": p.tenant_id, "object_id": p.object_id, "app_id": p.app_id,
+                "kind": p.kind.as_str(), "display_name": p.display_name,
+                "groups": p.groups, "roles": p.roles, "scopes": p.scopes,
+                "tollgate_roles": p.tollgate_roles, "token_id": p.token_id,
+                "token_fingerprint": p.token_fingerprint, "token_version": p.token_version,
+                "issued_at": p.issued_at, "expires_at": p.expires_at,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("refused: {}: {e}", e.code());
+            std::process::exit(1);
         }
     }
 }

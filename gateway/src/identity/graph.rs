@@ -76,6 +76,9 @@ fn default_timeout() -> u64 {
 /// getMemberObjects) are about 450 KiB.
 const MAX_RESPONSE_BYTES: usize = 2 * 1024 * 1024;
 
+/// A caller's groups and when they were fetched, keyed by (tid, oid).
+type CachedGroups = (Vec<String>, Instant);
+
 pub struct GraphClient {
     endpoint: String,
     authority: String,
@@ -87,8 +90,7 @@ pub struct GraphClient {
     http: reqwest::Client,
     /// tid -> (app token, usable until).
     tokens: Mutex<HashMap<String, (String, Instant)>>,
-    /// (tid, oid) -> (groups, fetched at).
-    members: Mutex<HashMap<(String, String), (Vec<String>, Instant)>>,
+    members: Mutex<HashMap<(String, String), CachedGroups>>,
 }
 
 impl std::fmt::Debug for GraphClient {
@@ -182,10 +184,10 @@ impl GraphClient {
             // A revoked or expired app token: drop it so the next call gets a new one.
             lock(&self.tokens).remove(tid);
         }
-        let body = read_json(resp).await?;
         if !status.is_success() {
             return Err(format!("Graph answered HTTP {status}"));
         }
+        let body = read_json(resp).await?;
         let groups: Vec<String> = body
             .get("value")
             .and_then(Value::as_array)
@@ -222,16 +224,19 @@ impl GraphClient {
             .await
             .map_err(|e| format!("token endpoint unreachable: {}", without_url(&e)))?;
         let status = resp.status();
-        let body = read_json(resp).await?;
         if !status.is_success() {
+            // The OAuth error code (e.g. invalid_client) says what to fix; the
+            // body may not even be JSON (a proxy's error page).
+            let body = read_json(resp).await.unwrap_or(Value::Null);
             let err = body
                 .get("error")
                 .and_then(Value::as_str)
-                .unwrap_or("unknown");
+                .unwrap_or("no error code");
             return Err(format!(
                 "token endpoint refused tollgate's credentials ({status}, {err})"
             ));
         }
+        let body = read_json(resp).await?;
         let token = body
             .get("access_token")
             .and_then(Value::as_str)

@@ -152,3 +152,39 @@ async fn started_before_idp_refuses_then_recovers() {
         .expect("keys loaded once the IdP is up");
     idp.abort();
 }
+
+#[tokio::test]
+async fn a_burst_of_forged_kids_cannot_force_repeated_refreshes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, idp) = start_idp(dir.path()).await;
+    let v = Verifier::from_config(&http_config(addr, ""))
+        .await
+        .expect("verifier");
+    // 32 concurrent tokens, each with its own unknown kid.
+    let forged: Vec<String> = (0..32)
+        .map(|i| {
+            let header = serde_json::json!({ "alg": "RS256", "kid": format!("forged-{i}") });
+            let key = Keyring::open(dir.path()).expect("keyring");
+            key.signing_key()
+                .sign_jwt(&header, &spec().claims_at(0))
+                .expect("sign")
+        })
+        .collect();
+    let tasks: Vec<_> = forged
+        .into_iter()
+        .map(|t| {
+            let v = v.clone();
+            tokio::spawn(async move { v.verify(&t).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(code(t.await.expect("task")), "unknown_kid");
+    }
+    // The burst used up the one refresh allowed this minute: a key rotated
+    // in now is not fetched on demand yet.
+    let mut ring = Keyring::open(dir.path()).expect("keyring");
+    ring.rotate().expect("rotate");
+    let genuine = spec().mint(ring.signing_key()).expect("mint");
+    assert_eq!(code(v.verify(&genuine).await), "unknown_kid");
+    idp.abort();
+}

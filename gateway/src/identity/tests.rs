@@ -334,3 +334,11 @@ async fn user_token_scopes_are_split() {
     assert_eq!(p.kind, PrincipalKind::User);
     assert_eq!(p.scopes, vec!["Db.Read", "Db.Write"]);
 }
+
+#[tokio::test]
+async fn bench_verify_runs_and_reports() {
+    let r = crate::dev::bench::bench_verify(20).await.expect("bench");
+    assert_eq!(r.iterations, 20);
+    assert!(r.p50 <= r.p99 && !r.mean.is_zero());
+    assert!(r.to_string().contains("µs/validation"));
+}
