@@ -396,7 +396,16 @@ impl Writer {
         let Some((f, path, len)) = self.file.as_mut() else {
             return Err(io::Error::other("no WAL file"));
         };
-        match f.write_all(bytes).and_then(|()| f.sync_data()) {
+        #[cfg(test)]
+        let result = match faults::take(&self.wal_dir) {
+            Some(n) => f
+                .write_all(&bytes[..n.min(bytes.len())])
+                .and_then(|()| Err(io::Error::from_raw_os_error(libc::ENOSPC))),
+            None => f.write_all(bytes).and_then(|()| f.sync_data()),
+        };
+        #[cfg(not(test))]
+        let result = f.write_all(bytes).and_then(|()| f.sync_data());
+        match result {
             Ok(()) => {
                 *len += bytes.len() as u64;
                 Ok(())
@@ -729,4 +738,28 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         last_retention: None,
     };
     seg.retain(days, now)
+}
+
+/// Test-only fault injection: the next WAL write in a given directory
+/// writes only n bytes, then fails as a full disk would.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::{
+        collections::HashMap,
+        path::{Path, PathBuf},
+        sync::Mutex,
+    };
+
+    static FAULTS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+
+    pub fn fail_next_write(wal_dir: &Path, partial_bytes: usize) {
+        if let Ok(mut g) = FAULTS.lock() {
+            g.get_or_insert_with(HashMap::new)
+                .insert(wal_dir.to_path_buf(), partial_bytes);
+        }
+    }
+
+    pub fn take(wal_dir: &Path) -> Option<usize> {
+        FAULTS.lock().ok()?.as_mut()?.remove(wal_dir)
+    }
 }

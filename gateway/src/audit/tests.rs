@@ -187,7 +187,7 @@ async fn segments_close_by_age_while_running() {
 
 /// Copies a live directory: what a crash at this instant leaves on disk
 /// (everything acknowledged is fsynced, so it is in the copy).
-fn crash_copy(from: &Path, to: &Path) {
+pub(crate) fn crash_copy(from: &Path, to: &Path) {
     let status = std::process::Command::new("cp")
         .arg("-a")
         .arg(from)
