@@ -16,32 +16,14 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
-    /// Audit log tools (verify).
-    Audit {
-        #[command(subcommand)]
-        command: tollgate::audit::AuditCommand,
-    },
-    /// Generate an Ed25519 checkpoint signing key (PATH and PATH.pub).
-    Keygen {
-        #[arg(long)]
-        out: std::path::PathBuf,
-        /// Key name, shown in checkpoint signature lines.
-        #[arg(long, default_value = "tollgate")]
-        name: String,
-    },
 }
 
-fn main() -> anyhow::Result<std::process::ExitCode> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
             let _ = tollgate::config::Config::load(&config)?;
-            Ok(std::process::ExitCode::SUCCESS)
-        }
-        Command::Audit { command } => tollgate::audit::run_command(command),
-        Command::Keygen { out, name } => {
-            tollgate::audit::keygen(&out, &name)?;
-            Ok(std::process::ExitCode::SUCCESS)
+            Ok(())
         }
     }
 }

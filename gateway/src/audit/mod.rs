@@ -10,7 +10,7 @@ mod checkpoint;
 mod fsutil;
 mod manifest;
 mod merkle;
-mod record;
+pub mod record;
 mod segment;
 mod store;
 #[cfg(test)]
@@ -49,6 +49,11 @@ pub enum AuditCommand {
         /// Also write the full report as JSON here.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Fail if the latest checkpoint is older than this many seconds
+        /// (for a directory just collected from a running daemon: a stale
+        /// latest checkpoint means the tail was cut).
+        #[arg(long)]
+        max_checkpoint_age_secs: Option<u64>,
     },
 }
 
@@ -59,6 +64,7 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
             dir,
             public_key,
             report,
+            max_checkpoint_age_secs,
         } => {
             // Progress on large directories goes to stderr; the daemon's
             // own subscriber, when already installed, wins.
@@ -70,7 +76,11 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
                 )
                 .try_init();
             let key = checkpoint::Verifier::load(&public_key)?;
-            let r = verify::verify(&dir, &key);
+            let opts = verify::Options {
+                max_checkpoint_age_ms: max_checkpoint_age_secs.map(|s| s as i64 * 1000),
+                now_ms: store::now_ms(),
+            };
+            let r = verify::verify_with(&dir, &key, &opts);
             print!("{}", verify::summary(&r));
             if let Some(out) = report {
                 let json = serde_json::to_vec_pretty(&r)?;

@@ -401,3 +401,61 @@ fn keygen_writes_private_and_public_key() {
     // Never overwrite a key.
     assert!(keygen(&out, "tollgate/test").is_err());
 }
+
+#[tokio::test]
+async fn stale_latest_checkpoint_fails_when_an_age_limit_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let now = store::now_ms();
+    let fresh = super::verify::Options {
+        max_checkpoint_age_ms: Some(60_000),
+        now_ms: now,
+    };
+    assert!(super::verify::verify_with(&cfg.dir, &key(&cfg), &fresh).ok);
+    // The same directory examined an hour later: the daemon would have
+    // signed newer checkpoints, so the tail must have been cut.
+    let later = super::verify::Options {
+        max_checkpoint_age_ms: Some(60_000),
+        now_ms: now + 3_600_000,
+    };
+    let r = super::verify::verify_with(&cfg.dir, &key(&cfg), &later);
+    assert!(!r.ok);
+    assert_eq!(r.problems[0].kind, Kind::CheckpointStale);
+}
+
+#[tokio::test]
+async fn verify_command_exits_by_verdict_and_writes_the_report() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        audit: AuditCommand,
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let report = tmp.path().join("report.json");
+    let args = |dir: &Path| {
+        Cli::try_parse_from([
+            "audit".as_ref(),
+            "verify".as_ref(),
+            dir.as_os_str(),
+            "--public-key".as_ref(),
+            cfg.dir.join("keys/checkpoint.key.pub").as_os_str(),
+            "--report".as_ref(),
+            report.as_os_str(),
+        ])
+        .unwrap()
+        .audit
+    };
+    let code = run_command(args(&cfg.dir)).unwrap();
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["records"], 45);
+
+    fs::remove_file(cfg.dir.join(&segments(&cfg)[0])).unwrap();
+    let code = run_command(args(&cfg.dir)).unwrap();
+    assert_eq!(code, std::process::ExitCode::FAILURE);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    assert_eq!(json["problems"][0]["kind"], "segment_missing");
+}

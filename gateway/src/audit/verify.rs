@@ -44,6 +44,7 @@ pub enum Kind {
     WalCorrupt,
     WalChainBroken,
     WalUnreadable,
+    CheckpointStale,
 }
 
 impl Kind {
@@ -148,7 +149,22 @@ struct Cursor {
     prev_hash: String,
 }
 
+/// Checks that need more than the directory.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Fail if the latest valid checkpoint is older than this (ms) at
+    /// `now_ms`: the daemon signs one at least every
+    /// `checkpoint_interval_secs`, so an old latest checkpoint on a
+    /// directory collected from a running host means its tail was cut.
+    pub max_checkpoint_age_ms: Option<i64>,
+    pub now_ms: i64,
+}
+
 pub fn verify(dir: &Path, key: &Verifier) -> Report {
+    verify_with(dir, key, &Options::default())
+}
+
+pub fn verify_with(dir: &Path, key: &Verifier, opts: &Options) -> Report {
     let mut cx = Ctx {
         report: Report {
             dir: dir.display().to_string(),
@@ -183,6 +199,23 @@ pub fn verify(dir: &Path, key: &Verifier) -> Report {
     };
     cx.report.manifest_entries = manifest.lines.len() as u64;
     check_checkpoints(dir, key, &manifest, &mut cx);
+    if let (Some(max), Some(cp)) = (opts.max_checkpoint_age_ms, &cx.report.latest_checkpoint) {
+        let age = opts.now_ms - cp.time_ms.unwrap_or(i64::MIN / 2);
+        if age > max {
+            let file = cp.file.clone();
+            cx.problem(
+                Kind::CheckpointStale,
+                &file,
+                None,
+                None,
+                format!(
+                    "latest checkpoint is {} s old, more than the allowed {} s",
+                    age / 1000,
+                    max / 1000
+                ),
+            );
+        }
+    }
     let cursor = check_segments(dir, &manifest, &mut cx);
     check_wal(dir, cursor, &mut cx);
     if cx.dropped > 0 {
@@ -604,6 +637,16 @@ fn check_wal(dir: &Path, mut cur: Cursor, cx: &mut Ctx) {
             return;
         }
     };
+    if let Ok(rd) = fs::read_dir(&wal_dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".corrupt") {
+                cx.report.notes.push(format!(
+                    "wal/{name} was set aside by recovery because a frame in it was corrupt"
+                ));
+            }
+        }
+    }
     let mut merged: Vec<(String, u64, super::AuditRecord)> = Vec::new();
     for (_, first_seq, path) in files {
         let rel = format!(
