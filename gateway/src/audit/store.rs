@@ -57,8 +57,9 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
     let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
     let dir = cfg.dir.clone();
     for d in ["", "wal", "records", "checkpoints"] {
-        perms.create_dir_all(&dir.join(d))?;
+        perms.ensure_dir(&dir.join(d))?;
     }
+    let lock = lock_dir(&dir, &perms)?;
     let signer = Signer::load_or_generate(cfg, &perms)?;
     remove_tmp_files(&dir)?;
 
@@ -88,6 +89,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
     remove_unlisted_segments(&dir, &manifest)?;
 
     let mut seg = SegState {
+        lock: Some(lock),
         dir: dir.clone(),
         perms,
         manifest,
@@ -129,6 +131,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         }
     }
     let mut pending = Vec::new();
+    let mut replay_broken = false;
     let replay_from = next_seq;
     for mut r in records.into_iter().filter(|r| r.sequence >= replay_from) {
         let hash = r.compute_hash();
@@ -138,6 +141,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
                 expected = next_seq,
                 "WAL record does not continue the chain; stopping replay here"
             );
+            replay_broken = true;
             break;
         }
         next_seq += 1;
@@ -154,8 +158,9 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         .map(|r| &r.path)
         .collect();
     for r in &reports {
-        if corrupt.contains(&&r.path) {
-            // Keep damaged WAL files as evidence, out of the replay path.
+        if replay_broken || corrupt.contains(&&r.path) {
+            // Keep damaged WAL files as evidence, out of the replay path;
+            // verify reports them.
             let mut to = r.path.as_os_str().to_owned();
             to.push(".corrupt");
             fs::rename(&r.path, &to)?;
@@ -191,6 +196,24 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         .name("audit-wal".into())
         .spawn(move || writer.run(rx))?;
     Ok(tx)
+}
+
+/// Two processes appending to one chain would fork it: the first holds an
+/// exclusive lock on `{dir}/.lock` for as long as it runs.
+fn lock_dir(dir: &Path, perms: &Perms) -> anyhow::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(".lock");
+    let f = perms.open_append(&path)?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        anyhow::bail!(
+            "{}: audit directory is in use by another process ({})",
+            dir.display(),
+            io::Error::last_os_error()
+        );
+    }
+    Ok(f)
 }
 
 fn remove_tmp_files(dir: &Path) -> io::Result<()> {
@@ -460,6 +483,9 @@ impl Writer {
 
 /// Owns everything after the WAL: segments, manifest, checkpoints.
 struct SegState {
+    /// Held while the store runs; released before shutdown is confirmed so
+    /// the directory can be reopened at once.
+    lock: Option<fs::File>,
     dir: PathBuf,
     perms: Perms,
     manifest: Manifest,
@@ -529,6 +555,7 @@ impl SegState {
                         "shutting down with unclosed segments; they are rebuilt from the WAL at next start"
                     );
                 }
+                self.lock = None;
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
@@ -725,7 +752,9 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
     if let Some(bad) = bad {
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
+    let lock = lock_dir(&cfg.dir, &perms)?;
     let mut seg = SegState {
+        lock: Some(lock),
         dir: cfg.dir.clone(),
         perms,
         manifest,

@@ -364,3 +364,59 @@ async fn auditor_group_owns_every_file_and_directory() {
     }
     assert!(checked > 8);
 }
+
+#[tokio::test]
+async fn second_store_on_the_same_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let err = AuditLog::open(&cfg).await.err().unwrap();
+    assert!(err.to_string().contains("in use"), "{err}");
+    log.shutdown().await;
+    // Released at shutdown: reopening works at once.
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.shutdown().await;
+}
+
+#[tokio::test]
+async fn wal_that_breaks_the_chain_is_kept_aside_and_flagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 3600;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..5 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    // Damage the third frame of the only WAL file.
+    let (_, _, path) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut off = 0;
+    for _ in 0..2 {
+        off += 8 + u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+    }
+    bytes[off + 30] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+
+    let cfg2 = AuditConfig {
+        dir: crashed.clone(),
+        ..cfg.clone()
+    };
+    let log = AuditLog::open(&cfg2).await.unwrap();
+    // The two intact records were recovered; the chain goes on after them.
+    assert_eq!(log.append(sample(9, now)).await.unwrap(), 3);
+    log.shutdown().await;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    assert!(std::path::Path::new(&aside).exists());
+    let key = checkpoint::Verifier::load(&crashed.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(&crashed, &key);
+    assert!(!r.ok);
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.kind == verify::Kind::WalCorrupt && p.file.ends_with(".corrupt")));
+}

@@ -401,6 +401,19 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
                     );
                     continue;
                 }
+                let expires = s.last_time + i64::from(r.retention_days) * 86_400_000;
+                if expires > r.at {
+                    cx.problem(
+                        Kind::RetentionInvalid,
+                        super::manifest::FILE,
+                        Some(i as u64 + 1),
+                        Some(s.first_seq),
+                        format!(
+                            "removes {} before it expired ({} days after its newest record)",
+                            s.path, r.retention_days
+                        ),
+                    );
+                }
                 removed.insert(s.line, (r.at, r.retention_days));
                 cx.report.removed_by_retention.push(super::verify::Removal {
                     at: r.at,
@@ -641,9 +654,15 @@ fn check_wal(dir: &Path, mut cur: Cursor, cx: &mut Ctx) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if name.ends_with(".corrupt") {
-                cx.report.notes.push(format!(
-                    "wal/{name} was set aside by recovery because a frame in it was corrupt"
-                ));
+                // Acknowledged records after the damage may be missing from
+                // the chain: a problem, not a note.
+                cx.problem(
+                    Kind::WalCorrupt,
+                    &format!("wal/{name}"),
+                    None,
+                    None,
+                    "set aside at recovery: it did not continue the chain (corrupt frame or gap)",
+                );
             }
         }
     }
