@@ -98,6 +98,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         checkpoint_counter: checkpoint::last_counter(&dir.join("checkpoints"))?,
         last_checkpoint: Instant::now(),
         checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        idle_prev: None,
         retention_days: cfg.retention_days,
         last_retention: None,
     };
@@ -494,6 +495,8 @@ struct SegState {
     checkpoint_counter: u64,
     last_checkpoint: Instant,
     checkpoint_every: Duration,
+    /// The last checkpoint if it was an idle one, with its tree size.
+    idle_prev: Option<(PathBuf, usize)>,
     retention_days: Option<u32>,
     last_retention: Option<Instant>,
 }
@@ -538,7 +541,7 @@ impl SegState {
             if self.last_checkpoint.elapsed() >= self.checkpoint_every {
                 // Idle checkpoints carry a fresh time, so a truncated tail
                 // cannot pass as a quiet period.
-                if let Err(e) = self.checkpoint() {
+                if let Err(e) = self.idle_checkpoint() {
                     error!(error = %e, "writing checkpoint failed");
                 }
             }
@@ -644,6 +647,34 @@ impl SegState {
     }
 
     fn checkpoint(&mut self) -> anyhow::Result<()> {
+        self.write_checkpoint()?;
+        self.idle_prev = None;
+        Ok(())
+    }
+
+    /// A checkpoint whose only news is its time. The previous one, if it
+    /// was idle too and signs the same tree, is then removed: it proves
+    /// nothing the new one does not, and a year of minutes would otherwise
+    /// leave half a million files. The first checkpoint of each tree size
+    /// is always kept.
+    fn idle_checkpoint(&mut self) -> anyhow::Result<()> {
+        let size = self.manifest.lines.len();
+        let prev = self.idle_prev.take();
+        self.write_checkpoint()?;
+        let this = self
+            .dir
+            .join("checkpoints")
+            .join(checkpoint::file_name(self.checkpoint_counter));
+        if let Some((prev_path, prev_size)) = prev {
+            if prev_size == size {
+                let _ = fs::remove_file(&prev_path);
+            }
+        }
+        self.idle_prev = Some((this, size));
+        Ok(())
+    }
+
+    fn write_checkpoint(&mut self) -> anyhow::Result<()> {
         self.checkpoint_counter += 1;
         checkpoint::write(
             &self.dir.join("checkpoints"),
@@ -763,6 +794,7 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         checkpoint_counter: checkpoint::last_counter(&cfg.dir.join("checkpoints"))?,
         last_checkpoint: Instant::now(),
         checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        idle_prev: None,
         retention_days: Some(days),
         last_retention: None,
     };
