@@ -433,3 +433,71 @@ async fn wal_that_breaks_the_chain_is_kept_aside_and_flagged() {
         .iter()
         .any(|p| p.kind == verify::Kind::WalCorrupt && p.file.ends_with(".corrupt")));
 }
+
+/// A crash copy with 20 records in a segment and 5 only in the WAL.
+async fn crashed_with_wal_tail(tmp: &Path) -> AuditConfig {
+    let mut cfg = config(tmp);
+    cfg.segment_max_records = 20;
+    cfg.segment_max_age_secs = 3600;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..25 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store::list_segment_files(&cfg.dir).unwrap().is_empty()
+        || wal::list(&cfg.dir.join("wal")).unwrap().len() != 1
+    {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let crashed = tmp.join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    AuditConfig {
+        dir: crashed,
+        ..cfg
+    }
+}
+
+#[tokio::test]
+async fn crash_between_segment_rename_and_manifest_is_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = crashed_with_wal_tail(tmp.path()).await;
+    // The crash left the next segment renamed into place and half of its
+    // manifest line written.
+    let day = segment::day_of(store::now_ms());
+    let orphan = cfg.dir.join(segment::relative_path(&day, 21, 25));
+    std::fs::write(&orphan, b"not what the WAL says").unwrap();
+    let mut m = std::fs::OpenOptions::new()
+        .append(true)
+        .open(cfg.dir.join(manifest::FILE))
+        .unwrap();
+    std::io::Write::write_all(&mut m, b"{\"kind\":\"segment\",\"path\":\"rec").unwrap();
+    drop(m);
+
+    let log = AuditLog::open(&cfg).await.unwrap();
+    assert_eq!(log.append(sample(0, store::now_ms())).await.unwrap(), 26);
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), 26);
+    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(&cfg.dir, &key);
+    assert!(r.ok, "{:#?}", r.problems);
+}
+
+#[tokio::test]
+async fn manifest_damaged_before_its_last_line_stops_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 5;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    for i in 0..15 {
+        log.append(sample(i, store::now_ms())).await.unwrap();
+    }
+    log.shutdown().await;
+    let path = cfg.dir.join(manifest::FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("{\"kind\"", "{\"kinx\"", 1)).unwrap();
+    let err = AuditLog::open(&cfg).await.err().unwrap();
+    assert!(err.to_string().contains("line 1 is damaged"), "{err}");
+}
