@@ -49,6 +49,19 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// The audit store: offline verification.
+    Audit {
+        #[command(subcommand)]
+        command: tollgate::audit::AuditCommand,
+    },
+    /// Generate the Ed25519 key that signs audit checkpoints (PATH and PATH.pub).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        /// Key name in the signed checkpoints.
+        #[arg(long, default_value = "tollgate")]
+        name: String,
+    },
     /// Development tools: a local identity provider and token minting.
     Dev {
         #[command(subcommand)]
@@ -76,9 +89,15 @@ fn main() -> ExitCode {
         Command::Dev { command } => {
             runtime().and_then(|rt| rt.block_on(tollgate::dev::run(command)))
         }
+        Command::Audit { command } => return exit(tollgate::audit::run_command(command)),
+        Command::Keygen { out, name } => tollgate::audit::keygen(&out, &name),
     };
+    exit(result.map(|()| ExitCode::SUCCESS))
+}
+
+fn exit(result: Result<ExitCode>) -> ExitCode {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("tollgate: {err:#}");
             ExitCode::FAILURE

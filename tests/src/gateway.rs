@@ -24,6 +24,8 @@ pub struct GatewayConfig {
     pub agent_cgroup: PathBuf,
     pub bpffs_dir: PathBuf,
     pub audit_dir: PathBuf,
+    /// Checkpoint signing key, made with `tollgate keygen` outside the audit dir.
+    pub signing_key: PathBuf,
     pub jwks_uri: String,
     /// `[policy]` and `[identity.roles]` TOML appended to the file.
     pub policy: String,
@@ -57,6 +59,7 @@ development_idp = true
 
 [audit]
 dir = "{audit}"
+signing_key = "{signing_key}"
 
 [[target]]
 name = "{name}"
@@ -72,6 +75,7 @@ credential = {{ user = "{user}", password = "{password}" }}
             audience = idp::AUDIENCE,
             jwks = self.jwks_uri,
             audit = self.audit_dir.display(),
+            signing_key = self.signing_key.display(),
             name = self.target_name,
             address = self.target_address,
             listen = self.listen,
@@ -110,6 +114,7 @@ impl Gateway {
             agent_cgroup: AgentCgroup::root().join(&unique),
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(&unique),
             audit_dir: dir.path().join("audit"),
+            signing_key: dir.path().join("signing.key"),
             jwks_uri,
             policy: DEFAULT_POLICY.into(),
         };
@@ -120,6 +125,18 @@ impl Gateway {
     pub fn start(dir: tempfile::TempDir, config: GatewayConfig) -> Result<Self> {
         let config_path = dir.path().join("tollgate.toml");
         fs::write(&config_path, config.toml())?;
+        if !config.signing_key.exists() {
+            let out = Command::new(tollgate_bin())
+                .args(["keygen", "--out"])
+                .arg(&config.signing_key)
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "tollgate keygen failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         let mut gateway = Gateway {
             dir,
             config_path,
@@ -200,6 +217,23 @@ impl Gateway {
             }
             let _ = child.wait();
         }
+    }
+
+    /// `tollgate audit verify` over the audit directory: (success, output).
+    pub fn verify_audit(&self) -> Result<(bool, String)> {
+        let public_key = PathBuf::from(format!("{}.pub", self.config.signing_key.display()));
+        let out = Command::new(tollgate_bin())
+            .args(["audit", "verify"])
+            .arg(&self.config.audit_dir)
+            .arg("--public-key")
+            .arg(public_key)
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
     }
 
     pub fn unpin(&self) -> Result<()> {

@@ -112,6 +112,15 @@ fn an_agent_query_is_served_by_tollgate_and_audited_with_its_identity() {
         )
         .expect("request rows");
     assert_eq!(requests[0]["request_uid"], row["request_uid"]);
+
+    // The audit an auditor receives verifies offline with the public key.
+    let mut stack = stack;
+    stack.gateway.stop();
+    let (ok, report) = stack
+        .gateway
+        .verify_audit()
+        .expect("run tollgate audit verify");
+    assert!(ok, "audit verify failed:\n{report}");
 }
 
 #[test]

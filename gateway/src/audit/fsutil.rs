@@ -77,6 +77,20 @@ impl Perms {
         Ok(())
     }
 
+    /// Like [`Self::create_dir_all`], and also brings an existing directory
+    /// (e.g. made by systemd or an installer) to [`DIR_MODE`] and the
+    /// auditor group. Failing to do so is only a warning: the store still
+    /// works, the files inside get the right modes.
+    pub fn ensure_dir(&self, path: &Path) -> io::Result<()> {
+        self.create_dir_all(path)?;
+        let fixed = fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))
+            .and_then(|()| self.chown(path));
+        if let Err(e) = fixed {
+            tracing::warn!(dir = %path.display(), error = %e, "cannot set audit directory mode/group");
+        }
+        Ok(())
+    }
+
     /// Creates a new file (failing if it exists) with [`FILE_MODE`].
     pub fn create_new(&self, path: &Path) -> io::Result<File> {
         self.create_with(path, FILE_MODE, true)

@@ -57,8 +57,9 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
     let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
     let dir = cfg.dir.clone();
     for d in ["", "wal", "records", "checkpoints"] {
-        perms.create_dir_all(&dir.join(d))?;
+        perms.ensure_dir(&dir.join(d))?;
     }
+    let lock = lock_dir(&dir, &perms)?;
     let signer = Signer::load_or_generate(cfg, &perms)?;
     remove_tmp_files(&dir)?;
 
@@ -88,6 +89,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
     remove_unlisted_segments(&dir, &manifest)?;
 
     let mut seg = SegState {
+        lock: Some(lock),
         dir: dir.clone(),
         perms,
         manifest,
@@ -96,6 +98,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         checkpoint_counter: checkpoint::last_counter(&dir.join("checkpoints"))?,
         last_checkpoint: Instant::now(),
         checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        idle_prev: None,
         retention_days: cfg.retention_days,
         last_retention: None,
     };
@@ -129,6 +132,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         }
     }
     let mut pending = Vec::new();
+    let mut replay_broken = false;
     let replay_from = next_seq;
     for mut r in records.into_iter().filter(|r| r.sequence >= replay_from) {
         let hash = r.compute_hash();
@@ -138,6 +142,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
                 expected = next_seq,
                 "WAL record does not continue the chain; stopping replay here"
             );
+            replay_broken = true;
             break;
         }
         next_seq += 1;
@@ -154,8 +159,9 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         .map(|r| &r.path)
         .collect();
     for r in &reports {
-        if corrupt.contains(&&r.path) {
-            // Keep damaged WAL files as evidence, out of the replay path.
+        if replay_broken || corrupt.contains(&&r.path) {
+            // Keep damaged WAL files as evidence, out of the replay path;
+            // verify reports them.
             let mut to = r.path.as_os_str().to_owned();
             to.push(".corrupt");
             fs::rename(&r.path, &to)?;
@@ -191,6 +197,24 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         .name("audit-wal".into())
         .spawn(move || writer.run(rx))?;
     Ok(tx)
+}
+
+/// Two processes appending to one chain would fork it: the first holds an
+/// exclusive lock on `{dir}/.lock` for as long as it runs.
+fn lock_dir(dir: &Path, perms: &Perms) -> anyhow::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(".lock");
+    let f = perms.open_append(&path)?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        anyhow::bail!(
+            "{}: audit directory is in use by another process ({})",
+            dir.display(),
+            io::Error::last_os_error()
+        );
+    }
+    Ok(f)
 }
 
 fn remove_tmp_files(dir: &Path) -> io::Result<()> {
@@ -396,7 +420,16 @@ impl Writer {
         let Some((f, path, len)) = self.file.as_mut() else {
             return Err(io::Error::other("no WAL file"));
         };
-        match f.write_all(bytes).and_then(|()| f.sync_data()) {
+        #[cfg(test)]
+        let result = match faults::take(&self.wal_dir) {
+            Some(n) => f
+                .write_all(&bytes[..n.min(bytes.len())])
+                .and_then(|()| Err(io::Error::from_raw_os_error(libc::ENOSPC))),
+            None => f.write_all(bytes).and_then(|()| f.sync_data()),
+        };
+        #[cfg(not(test))]
+        let result = f.write_all(bytes).and_then(|()| f.sync_data());
+        match result {
             Ok(()) => {
                 *len += bytes.len() as u64;
                 Ok(())
@@ -451,6 +484,9 @@ impl Writer {
 
 /// Owns everything after the WAL: segments, manifest, checkpoints.
 struct SegState {
+    /// Held while the store runs; released before shutdown is confirmed so
+    /// the directory can be reopened at once.
+    lock: Option<fs::File>,
     dir: PathBuf,
     perms: Perms,
     manifest: Manifest,
@@ -459,6 +495,8 @@ struct SegState {
     checkpoint_counter: u64,
     last_checkpoint: Instant,
     checkpoint_every: Duration,
+    /// The last checkpoint if it was an idle one, with its tree size.
+    idle_prev: Option<(PathBuf, usize)>,
     retention_days: Option<u32>,
     last_retention: Option<Instant>,
 }
@@ -503,7 +541,7 @@ impl SegState {
             if self.last_checkpoint.elapsed() >= self.checkpoint_every {
                 // Idle checkpoints carry a fresh time, so a truncated tail
                 // cannot pass as a quiet period.
-                if let Err(e) = self.checkpoint() {
+                if let Err(e) = self.idle_checkpoint() {
                     error!(error = %e, "writing checkpoint failed");
                 }
             }
@@ -520,6 +558,7 @@ impl SegState {
                         "shutting down with unclosed segments; they are rebuilt from the WAL at next start"
                     );
                 }
+                self.lock = None;
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
@@ -608,6 +647,34 @@ impl SegState {
     }
 
     fn checkpoint(&mut self) -> anyhow::Result<()> {
+        self.write_checkpoint()?;
+        self.idle_prev = None;
+        Ok(())
+    }
+
+    /// A checkpoint whose only news is its time. The previous one, if it
+    /// was idle too and signs the same tree, is then removed: it proves
+    /// nothing the new one does not, and a year of minutes would otherwise
+    /// leave half a million files. The first checkpoint of each tree size
+    /// is always kept.
+    fn idle_checkpoint(&mut self) -> anyhow::Result<()> {
+        let size = self.manifest.lines.len();
+        let prev = self.idle_prev.take();
+        self.write_checkpoint()?;
+        let this = self
+            .dir
+            .join("checkpoints")
+            .join(checkpoint::file_name(self.checkpoint_counter));
+        if let Some((prev_path, prev_size)) = prev {
+            if prev_size == size {
+                let _ = fs::remove_file(&prev_path);
+            }
+        }
+        self.idle_prev = Some((this, size));
+        Ok(())
+    }
+
+    fn write_checkpoint(&mut self) -> anyhow::Result<()> {
         self.checkpoint_counter += 1;
         checkpoint::write(
             &self.dir.join("checkpoints"),
@@ -716,7 +783,9 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
     if let Some(bad) = bad {
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
+    let lock = lock_dir(&cfg.dir, &perms)?;
     let mut seg = SegState {
+        lock: Some(lock),
         dir: cfg.dir.clone(),
         perms,
         manifest,
@@ -725,8 +794,33 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         checkpoint_counter: checkpoint::last_counter(&cfg.dir.join("checkpoints"))?,
         last_checkpoint: Instant::now(),
         checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        idle_prev: None,
         retention_days: Some(days),
         last_retention: None,
     };
     seg.retain(days, now)
+}
+
+/// Test-only fault injection: the next WAL write in a given directory
+/// writes only n bytes, then fails as a full disk would.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::{
+        collections::HashMap,
+        path::{Path, PathBuf},
+        sync::Mutex,
+    };
+
+    static FAULTS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+
+    pub fn fail_next_write(wal_dir: &Path, partial_bytes: usize) {
+        if let Ok(mut g) = FAULTS.lock() {
+            g.get_or_insert_with(HashMap::new)
+                .insert(wal_dir.to_path_buf(), partial_bytes);
+        }
+    }
+
+    pub fn take(wal_dir: &Path) -> Option<usize> {
+        FAULTS.lock().ok()?.as_mut()?.remove(wal_dir)
+    }
 }

@@ -187,7 +187,7 @@ async fn segments_close_by_age_while_running() {
 
 /// Copies a live directory: what a crash at this instant leaves on disk
 /// (everything acknowledged is fsynced, so it is in the copy).
-fn crash_copy(from: &Path, to: &Path) {
+pub(crate) fn crash_copy(from: &Path, to: &Path) {
     let status = std::process::Command::new("cp")
         .arg("-a")
         .arg(from)
@@ -254,4 +254,250 @@ async fn config_with_only_dir_uses_defaults() {
     assert_eq!(cfg.durability, DurabilityMode::ReadParallel);
     assert!(cfg.signing_key.is_none());
     assert!(toml::from_str::<AuditConfig>("dir = \"x\"\nbogus = 1").is_err());
+}
+
+#[tokio::test]
+async fn submit_chains_in_call_order_and_resolves_once_in_the_wal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 3600;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let a = log.submit(sample(0, now));
+    let b = log.submit(sample(1, now));
+    let c = log.submit(sample(2, now));
+    assert_eq!(c.await.unwrap(), 3);
+    assert_eq!(a.await.unwrap(), 1);
+    assert_eq!(b.await.unwrap(), 2);
+    // Resolved means on disk: the WAL holds all three, chained.
+    let (records, _) = wal::read_all(&cfg.dir.join("wal")).unwrap();
+    assert_chain(&records, 3);
+    assert_eq!(records[1].request_uid, "req-1");
+    log.shutdown().await;
+}
+
+#[tokio::test]
+async fn append_after_shutdown_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let other = log.clone();
+    log.shutdown().await;
+    let err = other.append(sample(0, store::now_ms())).await.unwrap_err();
+    assert!(matches!(err, AuditError::Unavailable(_)), "{err}");
+}
+
+#[test]
+fn only_read_only_statements_may_go_before_durable_in_read_parallel_mode() {
+    assert!(DurabilityMode::ReadParallel.may_forward_before_durable(true));
+    assert!(!DurabilityMode::ReadParallel.may_forward_before_durable(false));
+    assert!(!DurabilityMode::Strict.may_forward_before_durable(true));
+    assert!(!DurabilityMode::Strict.may_forward_before_durable(false));
+    let cfg: AuditConfig = toml::from_str("dir = \"x\"\ndurability = \"strict\"").unwrap();
+    assert_eq!(cfg.durability, DurabilityMode::Strict);
+}
+
+#[tokio::test]
+async fn idle_store_keeps_signing_fresh_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.checkpoint_interval_secs = 1;
+    cfg.segment_max_age_secs = 1;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.append(sample(0, store::now_ms())).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    log.shutdown().await;
+    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
+    let cps: Vec<checkpoint::Checkpoint> = checkpoint::list(&cfg.dir.join("checkpoints"))
+        .unwrap()
+        .iter()
+        .map(|(_, p)| checkpoint::open_note(&std::fs::read_to_string(p).unwrap(), &key).unwrap())
+        .collect();
+    // Per tree size: the first checkpoint, plus at most the newest idle
+    // one; the idle ones in between were written, then pruned.
+    for size in [0u64, 1] {
+        let n = cps.iter().filter(|c| c.size == size).count();
+        assert!((1..=2).contains(&n), "size {size}: {cps:?}");
+    }
+    let ones: Vec<_> = cps.iter().filter(|c| c.size == 1).collect();
+    assert_eq!(
+        ones.len(),
+        2,
+        "an idle checkpoint after the segment: {cps:?}"
+    );
+    assert!(ones[0].time_ms < ones[1].time_ms);
+    let last = cps.last().unwrap().counter.unwrap();
+    assert!(
+        last > cps.len() as u64,
+        "some idle checkpoints were pruned: {cps:?}"
+    );
+}
+
+#[tokio::test]
+async fn auditor_group_owns_every_file_and_directory() {
+    use std::os::unix::fs::MetadataExt;
+    // As root any group works, so pick one that is not root's own (else
+    // the check would pass without a chown); otherwise the process's group.
+    let candidates: Vec<String> = if unsafe { libc::geteuid() } == 0 {
+        ["nogroup", "daemon", "adm", "users"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        let gr = unsafe { libc::getgrgid(libc::getegid()) };
+        assert!(!gr.is_null());
+        vec![unsafe { std::ffi::CStr::from_ptr((*gr).gr_name) }
+            .to_str()
+            .unwrap()
+            .to_string()]
+    };
+    let (name, gid) = candidates
+        .into_iter()
+        .find_map(|n| {
+            let c = std::ffi::CString::new(n.clone()).unwrap();
+            let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+            (!gr.is_null()).then(|| (n, unsafe { (*gr).gr_gid }))
+        })
+        .expect("a usable group");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.auditor_group = Some(name);
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.append(sample(0, store::now_ms())).await.unwrap();
+    log.shutdown().await;
+    let mut checked = 0;
+    let mut stack = vec![cfg.dir.clone()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.gid(), gid, "{}", p.display());
+        checked += 1;
+        if m.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(checked > 8);
+}
+
+#[tokio::test]
+async fn second_store_on_the_same_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let err = AuditLog::open(&cfg).await.err().unwrap();
+    assert!(err.to_string().contains("in use"), "{err}");
+    log.shutdown().await;
+    // Released at shutdown: reopening works at once.
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.shutdown().await;
+}
+
+#[tokio::test]
+async fn wal_that_breaks_the_chain_is_kept_aside_and_flagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 3600;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..5 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    // Damage the third frame of the only WAL file.
+    let (_, _, path) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut off = 0;
+    for _ in 0..2 {
+        off += 8 + u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+    }
+    bytes[off + 30] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+
+    let cfg2 = AuditConfig {
+        dir: crashed.clone(),
+        ..cfg.clone()
+    };
+    let log = AuditLog::open(&cfg2).await.unwrap();
+    // The two intact records were recovered; the chain goes on after them.
+    assert_eq!(log.append(sample(9, now)).await.unwrap(), 3);
+    log.shutdown().await;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    assert!(std::path::Path::new(&aside).exists());
+    let key = checkpoint::Verifier::load(&crashed.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(&crashed, &key);
+    assert!(!r.ok);
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.kind == verify::Kind::WalCorrupt && p.file.ends_with(".corrupt")));
+}
+
+/// A crash copy with 20 records in a segment and 5 only in the WAL.
+async fn crashed_with_wal_tail(tmp: &Path) -> AuditConfig {
+    let mut cfg = config(tmp);
+    cfg.segment_max_records = 20;
+    cfg.segment_max_age_secs = 3600;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..25 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store::list_segment_files(&cfg.dir).unwrap().is_empty()
+        || wal::list(&cfg.dir.join("wal")).unwrap().len() != 1
+    {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let crashed = tmp.join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    AuditConfig {
+        dir: crashed,
+        ..cfg
+    }
+}
+
+#[tokio::test]
+async fn crash_between_segment_rename_and_manifest_is_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = crashed_with_wal_tail(tmp.path()).await;
+    // The crash left the next segment renamed into place and half of its
+    // manifest line written.
+    let day = segment::day_of(store::now_ms());
+    let orphan = cfg.dir.join(segment::relative_path(&day, 21, 25));
+    std::fs::write(&orphan, b"not what the WAL says").unwrap();
+    let mut m = std::fs::OpenOptions::new()
+        .append(true)
+        .open(cfg.dir.join(manifest::FILE))
+        .unwrap();
+    std::io::Write::write_all(&mut m, b"{\"kind\":\"segment\",\"path\":\"rec").unwrap();
+    drop(m);
+
+    let log = AuditLog::open(&cfg).await.unwrap();
+    assert_eq!(log.append(sample(0, store::now_ms())).await.unwrap(), 26);
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), 26);
+    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(&cfg.dir, &key);
+    assert!(r.ok, "{:#?}", r.problems);
+}
+
+#[tokio::test]
+async fn manifest_damaged_before_its_last_line_stops_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 5;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    for i in 0..15 {
+        log.append(sample(i, store::now_ms())).await.unwrap();
+    }
+    log.shutdown().await;
+    let path = cfg.dir.join(manifest::FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("{\"kind\"", "{\"kinx\"", 1)).unwrap();
+    let err = AuditLog::open(&cfg).await.err().unwrap();
+    assert!(err.to_string().contains("line 1 is damaged"), "{err}");
 }

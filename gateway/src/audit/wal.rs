@@ -77,8 +77,6 @@ pub enum Tail {
 pub struct WalFileContents {
     pub records: Vec<AuditRecord>,
     pub tail: Tail,
-    /// Bytes of valid frames.
-    pub valid_len: u64,
 }
 
 /// Reads the frames of one file up to the first bad one.
@@ -132,15 +130,7 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
         }
         off = end;
     };
-    let valid_len = match &tail {
-        Tail::Clean => bytes.len() as u64,
-        Tail::Torn { offset } | Tail::Corrupt { offset, .. } => *offset,
-    };
-    Ok(WalFileContents {
-        records,
-        tail,
-        valid_len,
-    })
+    Ok(WalFileContents { records, tail })
 }
 
 /// One file's part in the merged view.

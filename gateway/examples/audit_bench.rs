@@ -1,0 +1,308 @@
+//! Audit store benchmark: `cargo run --release -p gateway --example
+//! audit_bench [-- DIR]`.
+//!
+//! Measures
+//! - append throughput: strict (each append awaited, many concurrent
+//!   tasks) and batched (submit everything, then await);
+//! - the two durability modes around a simulated statement: a loopback TCP
+//!   round trip standing in for the upstream, with the record made durable
+//!   before forwarding (strict) or in parallel with it (read_parallel);
+//! - bytes per record on disk in closed segments.
+//!
+//! Prints a Markdown table for docs/benchmarks.md.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tollgate::audit::{
+    action, datastore_activity, status, AuditConfig, AuditLog, AuditRecord,
+    CLASS_DATASTORE_ACTIVITY,
+};
+
+fn record(i: usize) -> AuditRecord {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    AuditRecord {
+        phase: "request".into(),
+        request_uid: format!("7f1c2a9e-{i:012}"),
+        time: now,
+        class_uid: CLASS_DATASTORE_ACTIVITY,
+        activity_id: datastore_activity::QUERY,
+        type_uid: i64::from(CLASS_DATASTORE_ACTIVITY) * 100 + 4,
+        status_id: status::SUCCESS,
+        action_id: action::ALLOWED,
+        policy_uid: "orders-read".into(),
+        actor_user_uid: format!("3f1b8c52-0000-4000-8000-{:012}", i % 50),
+        actor_user_name: format!("agent-{}@contoso.example", i % 50),
+        actor_user_org_uid: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+        actor_app_uid: "a1b2c3d4-0000-4000-8000-000000000001".into(),
+        actor_user_groups: vec!["db-readers".into(), "agents".into()],
+        actor_user_roles: vec!["Orders.Read".into()],
+        actor_session_credential_uid: format!("uti-{}", i / 100),
+        actor_session_credential_fingerprint:
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        actor_process_pid: Some(4242 + (i % 8) as i32),
+        actor_process_name: "python3".into(),
+        actor_process_cgroup_id: Some(12345),
+        src_endpoint_ip: "127.0.0.1".into(),
+        src_endpoint_port: Some(40000 + (i % 1000) as i32),
+        dst_endpoint_ip: "10.0.3.17".into(),
+        dst_endpoint_port: Some(5432),
+        dst_endpoint_name: "orders-db".into(),
+        connection_info_protocol_name: "postgres".into(),
+        session_uid: format!("sess-{}", i / 100),
+        upstream_socket_cookie: Some(987654 + (i / 100) as i64),
+        database_user: "app".into(),
+        database_name: "orders".into(),
+        query_info_query_string: format!(
+            "SELECT id, status, total FROM orders WHERE customer_id = {} ORDER BY created_at DESC LIMIT 20",
+            i % 10_000
+        ),
+        unmapped: "{}".into(),
+        ..Default::default()
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+async fn open(dir: &std::path::Path, name: &str) -> (AuditLog, AuditConfig) {
+    let cfg = AuditConfig::new(dir.join(name));
+    (AuditLog::open(&cfg).await.expect("open audit store"), cfg)
+}
+
+/// Each of `tasks` tasks appends `per_task` records, awaiting each.
+async fn strict(dir: &std::path::Path, tasks: usize, per_task: usize) -> (f64, Vec<Duration>) {
+    let (log, _) = open(dir, &format!("strict-{tasks}")).await;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_task);
+            for i in 0..per_task {
+                let s = Instant::now();
+                log.append(record(t * per_task + i)).await.expect("append");
+                lat.push(s.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.extend(h.await.expect("task"));
+    }
+    let rate = (tasks * per_task) as f64 / start.elapsed().as_secs_f64();
+    log.shutdown().await;
+    lat.sort();
+    (rate, lat)
+}
+
+/// Submits `n` records without waiting, then waits for all.
+async fn batched(dir: &std::path::Path, n: usize) -> f64 {
+    let (log, _) = open(dir, "batched").await;
+    let start = Instant::now();
+    let tickets: Vec<_> = (0..n).map(|i| log.submit(record(i))).collect();
+    for t in tickets {
+        t.await.expect("durable");
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    log.shutdown().await;
+    rate
+}
+
+/// A loopback echo server standing in for the upstream database.
+async fn echo_server() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 128];
+                loop {
+                    match s.read_exact(&mut buf).await {
+                        Ok(_) => {
+                            if s.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// No audit at all: the floor.
+    None,
+    /// Record durable, then forward.
+    Strict,
+    /// Forward while the record syncs; answer once durable.
+    ReadParallel,
+}
+
+async fn statements(
+    dir: &std::path::Path,
+    mode: Mode,
+    clients: usize,
+    per_client: usize,
+) -> (f64, Vec<Duration>) {
+    let addr = echo_server().await;
+    let name = format!("stmt-{clients}-{}", mode as u8);
+    let (log, _) = open(dir, &name).await;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for c in 0..clients {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            let mut buf = [0u8; 128];
+            let mut lat = Vec::with_capacity(per_client);
+            for i in 0..per_client {
+                let t = Instant::now();
+                let r = record(c * per_client + i);
+                match mode {
+                    Mode::None => {
+                        s.write_all(&buf).await.expect("w");
+                        s.read_exact(&mut buf).await.expect("r");
+                    }
+                    Mode::Strict => {
+                        log.append(r).await.expect("append");
+                        s.write_all(&buf).await.expect("w");
+                        s.read_exact(&mut buf).await.expect("r");
+                    }
+                    Mode::ReadParallel => {
+                        let durable = log.submit(r);
+                        s.write_all(&buf).await.expect("w");
+                        s.read_exact(&mut buf).await.expect("r");
+                        durable.await.expect("durable");
+                    }
+                }
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.extend(h.await.expect("task"));
+    }
+    let rate = (clients * per_client) as f64 / start.elapsed().as_secs_f64();
+    log.shutdown().await;
+    lat.sort();
+    (rate, lat)
+}
+
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    fn walk(p: &std::path::Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(dir)
+}
+
+#[tokio::main]
+async fn main() {
+    let dir: PathBuf = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("audit-bench-{}", std::process::id()))
+        });
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    println!("audit directory: {}\n", dir.display());
+
+    println!("| measurement | records/s | p50 µs | p99 µs |");
+    println!("| --- | ---: | ---: | ---: |");
+    for tasks in [1usize, 16, 64] {
+        let per = if tasks == 1 { 5_000 } else { 100_000 / tasks };
+        let (rate, lat) = strict(&dir, tasks, per).await;
+        println!(
+            "| append strict, {tasks} concurrent task(s) | {rate:.0} | {:.0} | {:.0} |",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        );
+    }
+    let rate = batched(&dir, 200_000).await;
+    println!("| append batched (submit 200k, then await) | {rate:.0} | - | - |");
+
+    println!("\n| statement (loopback round trip) | clients | statements/s | p50 µs | p99 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for clients in [1usize, 16] {
+        let per = if clients == 1 { 5_000 } else { 2_000 };
+        for (mode, name) in [
+            (Mode::None, "no audit (floor)"),
+            (Mode::Strict, "strict: durable, then forward"),
+            (Mode::ReadParallel, "read_parallel: forward while syncing"),
+        ] {
+            let (rate, lat) = statements(&dir, mode, clients, per).await;
+            println!(
+                "| {name} | {clients} | {rate:.0} | {:.0} | {:.0} |",
+                pct(&lat, 0.5),
+                pct(&lat, 0.99)
+            );
+        }
+    }
+
+    // Bytes per record in closed segments (one file of 100k records, the
+    // default segment size, and the small files a quiet 5 s cut produces).
+    let (log, cfg) = open(&dir, "size").await;
+    let n = 100_000;
+    let tickets: Vec<_> = (0..n).map(|i| log.submit(record(i))).collect();
+    for t in tickets {
+        t.await.expect("durable");
+    }
+    log.shutdown().await;
+    let seg_bytes = disk_usage(&cfg.dir.join("records"));
+    println!(
+        "\nbytes per record in segments: {:.1} ({} records, {} bytes, {} file(s))",
+        seg_bytes as f64 / n as f64,
+        n,
+        seg_bytes,
+        std::fs::read_dir(cfg.dir.join("records"))
+            .map(|d| d
+                .flatten()
+                .map(|day| std::fs::read_dir(day.path())
+                    .map(|f| f.count())
+                    .unwrap_or(0))
+                .sum::<usize>())
+            .unwrap_or(0)
+    );
+    let wal_frame = {
+        let mut r = record(1);
+        r.record_hash = "0".repeat(64);
+        r.prev_record_hash = "0".repeat(64);
+        serde_json::to_vec(&r).map(|v| v.len() + 8).unwrap_or(0)
+    };
+    println!("bytes per record in the WAL (transient): {wal_frame}");
+    if std::env::args().nth(1).is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,461 @@
+//! Tamper suite: each test damages an audit directory the way an attacker
+//! or a fault would, and checks that verify finds it and says where.
+
+use std::{fs, path::Path};
+
+use super::{
+    checkpoint::Verifier,
+    store,
+    tests::{config, crash_copy, sample},
+    verify::{verify, Kind, Report},
+    *,
+};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A closed directory with 45 records in 5 segments of 10, 10, 10, 10, 5.
+async fn build(tmp: &Path) -> AuditConfig {
+    let mut cfg = config(tmp);
+    cfg.segment_max_records = 10;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..45 {
+        log.append(sample(i, now + i as i64)).await.unwrap();
+    }
+    log.shutdown().await;
+    cfg
+}
+
+fn key(cfg: &AuditConfig) -> Verifier {
+    Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap()
+}
+
+fn segments(cfg: &AuditConfig) -> Vec<String> {
+    store::list_segment_files(&cfg.dir).unwrap()
+}
+
+fn has(r: &Report, kind: Kind, file: &str, row: Option<u64>) -> bool {
+    r.problems
+        .iter()
+        .any(|p| p.kind == kind && p.file == file && (row.is_none() || p.row == row))
+}
+
+#[tokio::test]
+async fn untouched_directory_verifies_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.segments, 5);
+    assert_eq!(r.records, 45);
+    assert_eq!((r.first_sequence, r.last_sequence), (Some(1), Some(45)));
+    assert_eq!(r.latest_checkpoint.as_ref().unwrap().tree_size, 5);
+}
+
+#[tokio::test]
+async fn wrong_public_key_fails_every_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let other = super::checkpoint::Signer::generate("tollgate").public();
+    let r = verify(&cfg.dir, &other);
+    assert!(!r.ok);
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.kind == Kind::CheckpointBadSignature));
+    assert!(r.problems.iter().any(|p| p.kind == Kind::CheckpointMissing));
+}
+
+#[tokio::test]
+async fn altered_row_is_located_by_file_and_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let victim = segments(&cfg)[1].clone();
+    let path = cfg.dir.join(&victim);
+    let mut rows = segment::read_file(&path).unwrap();
+    rows[3].actor_user_uid = "someone-else".into();
+    // Re-encode as valid Parquet: only the content changed.
+    fs::remove_file(&path).unwrap();
+    segment::write_file(&fsutil::Perms::default(), &path, &rows).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    let first = &r.problems[0];
+    assert_eq!(first.kind, Kind::RecordHashMismatch);
+    assert_eq!(first.file, victim);
+    assert_eq!(first.row, Some(3));
+    assert_eq!(first.sequence, Some(rows[3].sequence));
+    assert!(has(&r, Kind::SegmentHashMismatch, &victim, None));
+}
+
+#[tokio::test]
+async fn deleted_segment_is_reported_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let victim = segments(&cfg)[2].clone();
+    fs::remove_file(cfg.dir.join(&victim)).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    assert_eq!(r.problems[0].kind, Kind::SegmentMissing);
+    assert_eq!(r.problems[0].file, victim);
+    assert_eq!(r.problems[0].sequence, Some(21));
+    assert_eq!(r.problems.len(), 1, "{:#?}", r.problems);
+}
+
+#[tokio::test]
+async fn swapped_segments_are_both_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let s = segments(&cfg);
+    let (a, b) = (cfg.dir.join(&s[1]), cfg.dir.join(&s[2]));
+    let tmpf = cfg.dir.join("swap");
+    fs::rename(&a, &tmpf).unwrap();
+    fs::rename(&b, &a).unwrap();
+    fs::rename(&tmpf, &b).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    assert!(has(&r, Kind::SegmentHashMismatch, &s[1], None));
+    assert!(has(&r, Kind::SegmentHashMismatch, &s[2], None));
+    // The rows themselves say they are in the wrong place.
+    assert!(has(&r, Kind::SequenceGap, &s[1], Some(0)));
+    assert!(has(&r, Kind::MerkleRootMismatch, &s[1], None));
+}
+
+#[tokio::test]
+async fn truncated_newest_segment_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let newest = segments(&cfg).pop().unwrap();
+    let path = cfg.dir.join(&newest);
+    let len = fs::metadata(&path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    assert_eq!(r.problems[0].kind, Kind::SegmentUnreadable);
+    assert_eq!(r.problems[0].file, newest);
+    assert!(has(&r, Kind::SegmentHashMismatch, &newest, None));
+}
+
+#[tokio::test]
+async fn dropped_manifest_entries_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let mpath = cfg.dir.join(manifest::FILE);
+    let text = fs::read_to_string(&mpath).unwrap();
+    let kept: Vec<&str> = text.lines().take(3).collect();
+    fs::write(&mpath, format!("{}\n", kept.join("\n"))).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    assert!(has(&r, Kind::ManifestTruncated, manifest::FILE, Some(4)));
+    let s = segments(&cfg);
+    assert!(has(&r, Kind::SegmentUnlisted, &s[3], None));
+    assert!(has(&r, Kind::SegmentUnlisted, &s[4], None));
+
+    // Deleting the unlisted files too still leaves the signed size behind.
+    fs::remove_file(cfg.dir.join(&s[3])).unwrap();
+    fs::remove_file(cfg.dir.join(&s[4])).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(has(&r, Kind::ManifestTruncated, manifest::FILE, Some(4)));
+}
+
+#[tokio::test]
+async fn older_checkpoint_in_place_of_newest_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let cps = checkpoint::list(&cfg.dir.join("checkpoints")).unwrap();
+    assert!(cps.len() >= 3);
+    let (newest_n, newest) = cps.last().unwrap().clone();
+    fs::copy(&cps[1].1, &newest).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    let rel = format!("checkpoints/{}", checkpoint::file_name(newest_n));
+    assert!(
+        has(&r, Kind::CheckpointMisnamed, &rel, None),
+        "{:#?}",
+        r.problems
+    );
+    // The manifest tail is then no longer covered by a valid checkpoint.
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.kind == Kind::ManifestUnsignedTail));
+}
+
+#[tokio::test]
+async fn deleted_newest_checkpoint_leaves_the_tail_unsigned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    // Remove checkpoints down to one that covers 3 entries.
+    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
+        let text = fs::read_to_string(&p).unwrap();
+        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
+        if size > 3 {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(has(&r, Kind::ManifestUnsignedTail, manifest::FILE, Some(4)));
+}
+
+#[tokio::test]
+async fn edited_manifest_entry_breaks_the_signed_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let mpath = cfg.dir.join(manifest::FILE);
+    let text = fs::read_to_string(&mpath).unwrap();
+    // Claim the second segment closed at a different time.
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[1] = lines[1].replace("\"closed_at\":", "\"closed_at\":1");
+    fs::write(&mpath, format!("{}\n", lines.join("\n"))).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.kind == Kind::CheckpointRootMismatch));
+}
+
+/// A directory whose last 5 records are only in the WAL (a crash copy).
+async fn build_with_wal(tmp: &Path) -> AuditConfig {
+    let mut cfg = config(tmp);
+    cfg.segment_max_records = 20;
+    cfg.segment_max_age_secs = 3600;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..25 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while segments(&cfg).is_empty() || !wal_has_only_tail(&cfg.dir) {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let crashed = tmp.join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    AuditConfig {
+        dir: crashed,
+        ..cfg
+    }
+}
+
+fn wal_has_only_tail(dir: &Path) -> bool {
+    wal::list(&dir.join("wal")).unwrap().len() == 1
+}
+
+#[tokio::test]
+async fn wal_tail_continuing_the_chain_verifies_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build_with_wal(tmp.path()).await;
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.records, 20);
+    assert_eq!(r.wal_records, 5);
+    assert_eq!(r.last_sequence, Some(25));
+}
+
+#[tokio::test]
+async fn flipped_wal_byte_is_located() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build_with_wal(tmp.path()).await;
+    let (_, _, path) = wal::list(&cfg.dir.join("wal")).unwrap().pop().unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    // Inside the second frame's payload.
+    let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+    let at = 8 + first_len + 8 + 20;
+    bytes[at] ^= 0x01;
+    fs::write(&path, bytes).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    let rel = format!("wal/{}", path.file_name().unwrap().to_string_lossy());
+    assert_eq!(r.problems[0].kind, Kind::WalCorrupt);
+    assert_eq!(r.problems[0].file, rel);
+    assert_eq!(r.problems[0].row, Some(1));
+}
+
+#[tokio::test]
+async fn retention_is_a_signed_manifest_entry_and_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 10;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..30 {
+        // The first 20 records are 10 days old.
+        let t = if i < 20 { now - 10 * DAY_MS } else { now };
+        log.append(sample(i, t)).await.unwrap();
+    }
+    log.shutdown().await;
+    let before = segments(&cfg);
+    assert_eq!(before.len(), 3);
+
+    apply_retention(&cfg, 7, now).unwrap();
+    let after = segments(&cfg);
+    assert_eq!(after, vec![before[2].clone()]);
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.segments, 1);
+    assert_eq!(r.segments_removed, 2);
+    assert_eq!(r.removed_by_retention.len(), 2);
+    assert_eq!(r.removed_by_retention[0].path, before[0]);
+    assert_eq!(r.removed_by_retention[0].at, now);
+    assert_eq!(r.removed_by_retention[0].retention_days, 7);
+
+    // Running it again removes nothing more and adds no entry.
+    let lines = manifest::Manifest::read(&cfg.dir).unwrap().0.lines.len();
+    apply_retention(&cfg, 7, now).unwrap();
+    assert_eq!(
+        manifest::Manifest::read(&cfg.dir).unwrap().0.lines.len(),
+        lines
+    );
+
+    // The chain goes on after retention.
+    let log = AuditLog::open(&cfg).await.unwrap();
+    assert_eq!(log.append(sample(0, now)).await.unwrap(), 31);
+    log.shutdown().await;
+    assert!(verify(&cfg.dir, &key(&cfg)).ok);
+}
+
+#[tokio::test]
+async fn failed_wal_write_refuses_then_recovers_without_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..5 {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    // A full disk in the middle of a frame.
+    store::faults::fail_next_write(&cfg.dir.join("wal"), 37);
+    let err = log.append(sample(5, now)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Wal(_)), "{err}");
+    // Space is back: the chain continues without a gap.
+    assert_eq!(log.append(sample(6, now)).await.unwrap(), 6);
+
+    // A crash now: recovery reads the retired file and its successor.
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.records, 6);
+
+    let cfg2 = AuditConfig {
+        dir: crashed,
+        ..cfg.clone()
+    };
+    let log = AuditLog::open(&cfg2).await.unwrap();
+    assert_eq!(log.append(sample(7, now)).await.unwrap(), 7);
+    log.shutdown().await;
+    let r = verify(&cfg2.dir, &key(&cfg2));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.records, 7);
+}
+
+#[tokio::test]
+async fn files_and_directories_get_audit_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&cfg.dir), 0o750);
+    assert_eq!(mode(&cfg.dir.join("records")), 0o750);
+    assert_eq!(mode(&cfg.dir.join("checkpoints")), 0o750);
+    assert_eq!(mode(&cfg.dir.join(manifest::FILE)), 0o640);
+    for s in segments(&cfg) {
+        assert_eq!(mode(&cfg.dir.join(&s)), 0o640, "{s}");
+        assert_eq!(mode(cfg.dir.join(&s).parent().unwrap()), 0o750, "{s}");
+    }
+    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
+        assert_eq!(mode(&p), 0o640);
+    }
+    assert_eq!(mode(&cfg.dir.join("keys/checkpoint.key")), 0o600);
+}
+
+#[tokio::test]
+async fn unknown_auditor_group_is_refused_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.auditor_group = Some("no-such-group-tollgate".into());
+    let err = AuditLog::open(&cfg).await.err().unwrap();
+    assert!(err.to_string().contains("no-such-group-tollgate"), "{err}");
+}
+
+#[test]
+fn keygen_writes_private_and_public_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("audit.key");
+    keygen(&out, "tollgate/test").unwrap();
+    assert_eq!(
+        fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let signer = checkpoint::Signer::load(&out).unwrap();
+    let public = Verifier::load(&tmp.path().join("audit.key.pub")).unwrap();
+    assert_eq!(public.key, signer.public().key);
+    assert_eq!(public.name, "tollgate/test");
+    // Never overwrite a key.
+    assert!(keygen(&out, "tollgate/test").is_err());
+}
+
+#[tokio::test]
+async fn stale_latest_checkpoint_fails_when_an_age_limit_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let now = store::now_ms();
+    let fresh = super::verify::Options {
+        max_checkpoint_age_ms: Some(60_000),
+        now_ms: now,
+    };
+    assert!(super::verify::verify_with(&cfg.dir, &key(&cfg), &fresh).ok);
+    // The same directory examined an hour later: the daemon would have
+    // signed newer checkpoints, so the tail must have been cut.
+    let later = super::verify::Options {
+        max_checkpoint_age_ms: Some(60_000),
+        now_ms: now + 3_600_000,
+    };
+    let r = super::verify::verify_with(&cfg.dir, &key(&cfg), &later);
+    assert!(!r.ok);
+    assert_eq!(r.problems[0].kind, Kind::CheckpointStale);
+}
+
+#[tokio::test]
+async fn verify_command_exits_by_verdict_and_writes_the_report() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        audit: AuditCommand,
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let report = tmp.path().join("report.json");
+    let args = |dir: &Path| {
+        Cli::try_parse_from([
+            "audit".as_ref(),
+            "verify".as_ref(),
+            dir.as_os_str(),
+            "--public-key".as_ref(),
+            cfg.dir.join("keys/checkpoint.key.pub").as_os_str(),
+            "--report".as_ref(),
+            report.as_os_str(),
+        ])
+        .unwrap()
+        .audit
+    };
+    let code = run_command(args(&cfg.dir)).unwrap();
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["records"], 45);
+
+    fs::remove_file(cfg.dir.join(&segments(&cfg)[0])).unwrap();
+    let code = run_command(args(&cfg.dir)).unwrap();
+    assert_eq!(code, std::process::ExitCode::FAILURE);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    assert_eq!(json["problems"][0]["kind"], "segment_missing");
+}
