@@ -305,3 +305,36 @@ fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
     assert!(err.contains("target[0].listen"), "{err}");
     assert!(err.contains("invalid socket address"), "{err}");
 }
+
+#[test]
+fn a_session_ends_when_its_token_expires() {
+    if !privileged("a_session_ends_when_its_token_expires") {
+        return;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack
+        .idp
+        .token(AGENT_OID, &["--expires-in", "4"])
+        .expect("mint a short-lived token");
+    let started = std::time::Instant::now();
+    let out = stack
+        .agent_psql(&token, "SELECT pg_sleep(30)")
+        .output()
+        .expect("run psql");
+    let elapsed = started.elapsed();
+    assert!(!out.status.success(), "the session outlived its token");
+    assert!(elapsed < Duration::from_secs(25), "ended after {elapsed:?}");
+    assert!(stderr(&out).contains("token expired"), "{}", stderr(&out));
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'session' AND status_id = 2",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("session end row");
+    assert!(rows[0]["status_detail"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("token_expired"));
+    assert_eq!(rows[0]["actor_user_uid"], AGENT_OID);
+}

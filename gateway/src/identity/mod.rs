@@ -89,6 +89,14 @@ pub struct IdentityConfig {
     /// loopback). Never in production.
     #[serde(default)]
     pub development_idp: bool,
+    /// What happens to a connection when its token expires: `end` (default;
+    /// the client gets a protocol-native error and must reconnect with a
+    /// fresh token) or `keep` (the session outlives the token).
+    #[serde(default)]
+    pub session_expiry: SessionExpiry,
+    /// Seconds a session may outlive its token's `exp` before it is ended.
+    #[serde(default)]
+    pub session_grace_secs: u64,
     /// tollgate role name -> who holds it.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleRule>,
@@ -133,6 +141,15 @@ fn default_skew() -> u64 {
 fn default_refresh() -> u64 {
     86_400
 }
+/// See [`IdentityConfig::session_expiry`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionExpiry {
+    #[default]
+    End,
+    Keep,
+}
+
 fn default_min_refresh() -> u64 {
     60
 }
@@ -450,6 +467,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct Verifier {
     inner: Arc<Inner>,
+    /// When a session must end, relative to its token's expiry.
+    session_expiry: SessionExpiry,
+    session_grace_secs: u64,
 }
 
 impl Verifier {
@@ -494,7 +514,24 @@ impl Verifier {
             Arc::downgrade(&inner),
             Duration::from_secs(config.jwks_refresh_secs),
         );
-        Ok(Verifier { inner })
+        Ok(Verifier {
+            inner,
+            session_expiry: config.session_expiry,
+            session_grace_secs: config.session_grace_secs,
+        })
+    }
+
+    /// When a session authenticated as `principal` must end (seconds since
+    /// the epoch), or None when sessions outlive their tokens.
+    pub fn session_deadline(&self, principal: &Principal) -> Option<i64> {
+        match self.session_expiry {
+            SessionExpiry::End => Some(
+                principal
+                    .expires_at
+                    .saturating_add(self.session_grace_secs as i64),
+            ),
+            SessionExpiry::Keep => None,
+        }
     }
 
     /// Reloads the keys now (admin action, tests). Keeps the cached keys on failure.

@@ -137,6 +137,7 @@ pub async fn run(
         in_flight.clone(),
         drained.clone(),
     );
+    let expiry_writer = client_wr.clone();
     let to_client = server_to_client(
         session.clone(),
         upstream_rd,
@@ -145,10 +146,15 @@ pub async fn run(
         in_flight.clone(),
         drained,
     );
-    // Whichever side ends first ends the session.
+    let deadline = session.shared.verifier.session_deadline(&session.principal);
+    // Whichever side ends first ends the session; so does the token's expiry.
     let result = tokio::select! {
         r = to_server => r,
         r = to_client => r,
+        () = sleep_until_epoch(deadline) => {
+            end_expired_session(&session, &expiry_writer).await;
+            Ok(())
+        }
     };
     // Requests still in flight never got an answer the agent saw.
     let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
@@ -160,6 +166,43 @@ pub async fn run(
         );
     }
     result
+}
+
+async fn sleep_until_epoch(deadline: Option<i64>) {
+    match deadline {
+        Some(at) => {
+            let now = now_millis() / 1000;
+            let left = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+            tokio::time::sleep(std::time::Duration::from_secs(left)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The token behind the session expired: the agent is told, in its
+/// protocol, and must come back with a fresh token.
+async fn end_expired_session(session: &Session, client_wr: &ClientWriter) {
+    let message = format!(
+        "tollgate: the session's token expired at {}; reconnect with a fresh token",
+        session.principal.expires_at
+    );
+    let mut record = session
+        .connection
+        .authentication_accepted(&session.principal);
+    record.phase = "session".into();
+    record.status_id = record::status::FAILURE;
+    record.status_detail = format!("token_expired: {message}");
+    record.database_user = session.database_user.clone();
+    record.database_name = session.database_name.clone();
+    if let Err(err) = session.shared.audit.append(record).await {
+        warn!(error = %err, "the end of an expired session could not be audited");
+    }
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, "FATAL", super::SQLSTATE_IDENTITY, &message);
+    // Holding the writer lock puts the error between two whole messages.
+    let mut writer = client_wr.lock().await;
+    let _ = writer.write_all(&out).await;
+    let _ = writer.shutdown().await;
 }
 
 fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
