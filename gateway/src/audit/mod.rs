@@ -16,7 +16,7 @@ mod store;
 #[cfg(test)]
 mod tamper_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 pub mod verify;
 mod wal;
 

@@ -92,18 +92,21 @@ fn ec_jwk(key: &EcdsaKeyPair, kid: &str) -> Value {
             "x": b64(&point[1..33]), "y": b64(&point[33..65]) })
 }
 
-struct Case {
-    name: &'static str,
+pub(crate) struct Case {
+    pub(crate) name: &'static str,
     /// Extra `[identity]` lines for this case.
-    config: &'static str,
-    token: String,
-    code: &'static str,
+    pub(crate) config: &'static str,
+    pub(crate) token: String,
+    pub(crate) code: &'static str,
 }
 
-#[tokio::test]
-async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+/// Positive controls (name, extra config, token) and the forged cases,
+/// with their keys kept in `dir` (whose jwks.json the configs name). Shared
+/// with the PostgreSQL adapter's tests, which replay every case over the wire.
+pub(crate) type Control = (&'static str, &'static str, String);
+
+pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
+    let ring = Keyring::open_or_create(dir).expect("keyring");
     let key = ring.signing_key();
     let kid = key.kid.as_str();
     let ec = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("ec key");
@@ -112,7 +115,7 @@ async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
     if let Some(keys) = jwks.get_mut("keys").and_then(Value::as_array_mut) {
         keys.push(ec_jwk(&ec, "ec-1"));
     }
-    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).expect("write jwks");
+    std::fs::write(dir.join("jwks.json"), jwks.to_string()).expect("write jwks");
 
     let h = header(kid);
     let good = Value::Object(claims()).to_string();
@@ -174,7 +177,7 @@ async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let secret = crate::dev::directory::graph_secret_file(dir.path()).expect("secret");
+    let secret = crate::dev::directory::graph_secret_file(dir).expect("secret");
     let graph_unreachable: &'static str = Box::leak(
         format!(
             "development_idp = true\n[graph]\nendpoint = \"http://{closed}\"\n\
@@ -686,6 +689,13 @@ async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
     ];
     assert!(cases.len() >= 25, "the suite must keep at least 25 cases");
 
+    (controls.to_vec(), cases)
+}
+
+#[tokio::test]
+async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (controls, cases) = forged_cases(dir.path());
     let mut verifiers: HashMap<&str, Verifier> = HashMap::new();
     for extra in controls
         .iter()

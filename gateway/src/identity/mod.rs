@@ -14,13 +14,13 @@ mod keys;
 mod token;
 
 #[cfg(test)]
-mod forged_tests;
+pub(crate) mod forged_tests;
 #[cfg(test)]
 mod graph_tests;
 #[cfg(test)]
 mod rotation_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

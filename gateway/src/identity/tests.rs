@@ -22,7 +22,7 @@ pub(super) fn config_with(keys_line: &str, extra: &str) -> IdentityConfig {
     }
 }
 
-pub(super) fn file_config(dir: &Path, extra: &str) -> IdentityConfig {
+pub(crate) fn file_config(dir: &Path, extra: &str) -> IdentityConfig {
     config_with(&format!("jwks_file = {:?}", dir.join("jwks.json")), extra)
 }
 

@@ -13,6 +13,8 @@
 mod cancel;
 pub mod classify;
 mod mask;
+#[cfg(test)]
+mod refusal_tests;
 mod relay;
 mod upstream;
 pub mod wire;

@@ -1,0 +1,137 @@
+//! Every forged or malformed token of the identity suite, replayed over the
+//! wire through the PostgreSQL adapter: each is refused with SQLSTATE 28000
+//! and its reason, and each refusal is an Authentication row in the audit.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+
+use bytes::{BufMut, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::wire;
+use crate::{
+    audit::{self, record, AuditLog},
+    config::{CredentialConfig, Protocol, TargetConfig},
+    identity::{forged_tests::forged_cases, tests::file_config, Verifier},
+    policy::Policy,
+    proxy::{self, Shared},
+};
+
+/// Logs in with `token` as the password; returns the ErrorResponse's
+/// SQLSTATE and message (or "ok" when authentication succeeded).
+async fn login(addr: SocketAddr, token: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut startup = BytesMut::new();
+    startup.put_i32(0);
+    startup.put_i32(wire::PROTOCOL_3_0);
+    startup.put_slice(b"user\0agent\0database\0orders\0\0");
+    let len = startup.len() as i32;
+    startup[..4].copy_from_slice(&len.to_be_bytes());
+    stream.write_all(&startup).await.expect("startup");
+    let mut buf = BytesMut::new();
+    let frame = wire::read_frame(&mut stream, &mut buf)
+        .await
+        .expect("auth request");
+    assert_eq!(frame.tag, b'R');
+    let mut password = BytesMut::new();
+    password.put_u8(b'p');
+    password.put_i32((4 + token.len() + 1) as i32);
+    password.put_slice(token.as_bytes());
+    password.put_u8(0);
+    stream.write_all(&password).await.expect("password");
+    let frame = wire::read_frame(&mut stream, &mut buf)
+        .await
+        .expect("answer");
+    if frame.tag != b'E' {
+        return ("ok".into(), String::new());
+    }
+    let answer = wire::error_fields(&frame);
+    // The connection is closed after a FATAL error.
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest).await;
+    answer
+}
+
+#[tokio::test]
+async fn every_forged_token_is_refused_over_the_wire_with_28000_and_audited() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (_, cases) = forged_cases(keys.path());
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let audit = AuditLog::open(&audit::tests::config(audit_dir.path()))
+        .await
+        .expect("audit");
+
+    // One listener per distinct identity config of the table.
+    let mut listeners: BTreeMap<&str, (SocketAddr, Arc<Shared>)> = BTreeMap::new();
+    for case in &cases {
+        if listeners.contains_key(case.config) {
+            continue;
+        }
+        let verifier = Verifier::from_config(&file_config(keys.path(), case.config))
+            .await
+            .expect("verifier");
+        let shared = Arc::new(Shared {
+            verifier,
+            policy: Policy::default(),
+            audit: audit.clone(),
+            pinning: None,
+            postgres_cancel_keys: Default::default(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let target = Arc::new(TargetConfig {
+            name: "orders-db".into(),
+            protocol: Protocol::Postgres,
+            // Never reached: every login here must fail before it.
+            address: "127.0.0.1:1".parse().expect("addr"),
+            listen: addr,
+            credential: CredentialConfig {
+                user: "gateway".into(),
+                password: None,
+                password_file: None,
+            },
+        });
+        tokio::spawn(proxy::serve(target, listener, shared.clone()));
+        listeners.insert(case.config, (addr, shared));
+    }
+
+    for case in &cases {
+        let (addr, shared) = &listeners[case.config];
+        let expected = shared
+            .verifier
+            .verify(&case.token)
+            .await
+            .expect_err("refused");
+        let (code, message) = login(*addr, &case.token).await;
+        assert_eq!(code, "28000", "{}: {message}", case.name);
+        assert_eq!(message, format!("tollgate: {expected}"), "{}", case.name);
+    }
+
+    audit.shutdown().await;
+    let refusals: Vec<_> = audit::tests::read_segments(&audit_dir.path().join("audit"))
+        .into_iter()
+        .filter(|r| {
+            r.class_uid == record::CLASS_AUTHENTICATION && r.status_id == record::status::FAILURE
+        })
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        cases.len(),
+        "one Authentication failure row per refused token"
+    );
+    for (row, case) in refusals.iter().zip(&cases) {
+        assert!(
+            row.status_detail.starts_with(&format!("{}: ", case.code)),
+            "{}: row says {:?}",
+            case.name,
+            row.status_detail
+        );
+        assert_eq!(row.action_id, record::action::DENIED);
+        assert!(
+            row.actor_user_uid.is_empty(),
+            "a refused token names no one"
+        );
+    }
+}
