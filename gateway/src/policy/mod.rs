@@ -98,6 +98,8 @@ pub struct Operation {
     pub dangers: BTreeSet<Danger>,
     /// The result leaves as raw data that masking cannot reach (COPY TO).
     pub streams_raw: bool,
+    /// The statement calls functions, which may have side effects.
+    pub calls_functions: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.

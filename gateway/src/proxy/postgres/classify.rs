@@ -55,6 +55,7 @@ fn classify_statement(statement: &Statement) -> Operation {
         kind: top_kind(statement),
         dangers: walker.dangers,
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
+        calls_functions: walker.calls_functions,
         ..Operation::default()
     };
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
@@ -65,7 +66,7 @@ fn classify_statement(statement: &Statement) -> Operation {
     out.reads = walker
         .relations
         .into_iter()
-        .filter(|name| !walker.cte_names.contains(name))
+        .filter(|name| !walker.cte_names.contains(name) && !walker.table_functions.contains(name))
         .filter(|name| !walker.written.contains(name) || walker.read_also.contains(name))
         .collect();
     out.writes = walker.written;
@@ -164,6 +165,8 @@ struct Walker {
     read_also: BTreeSet<String>,
     cte_names: BTreeSet<String>,
     dangers: BTreeSet<Danger>,
+    calls_functions: bool,
+    table_functions: BTreeSet<String>,
 }
 
 impl Visitor for Walker {
@@ -184,6 +187,7 @@ impl Visitor for Walker {
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
         let name = table_name(relation);
         if let Some(function) = relation.0.last().and_then(|part| part.as_ident()) {
+            // FROM func(...) appears as a relation too; any such call may write.
             if DANGEROUS_FUNCTIONS.contains(&function.value.to_ascii_lowercase().as_str()) {
                 self.dangers.insert(Danger::FileOrProgramFunction);
             }
@@ -192,12 +196,23 @@ impl Visitor for Walker {
         ControlFlow::Continue(())
     }
 
-    fn pre_visit_table_factor(&mut self, _factor: &TableFactor) -> ControlFlow<()> {
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        // `FROM generate_series(...)` is a function call, not a table.
+        if let TableFactor::Table {
+            name,
+            args: Some(_),
+            ..
+        } = factor
+        {
+            self.calls_functions = true;
+            self.table_functions.insert(table_name(name));
+        }
         ControlFlow::Continue(())
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         if let Expr::Function(function) = expr {
+            self.calls_functions = true;
             if let Some(name) = function.name.0.last().and_then(|part| part.as_ident()) {
                 if DANGEROUS_FUNCTIONS.contains(&name.value.to_ascii_lowercase().as_str()) {
                     self.dangers.insert(Danger::FileOrProgramFunction);
@@ -413,6 +428,15 @@ mod tests {
 
         let c = one(r#"UPDATE "Mixed"."Case" SET a = 1 WHERE b = 2"#);
         assert_eq!(c.writes, set(&["Mixed.Case"]));
+
+        let c = one("SELECT g FROM generate_series(1, 3) g");
+        assert!(
+            c.reads.is_empty(),
+            "a table function is not a table: {:?}",
+            c.reads
+        );
+        assert!(c.calls_functions);
+        assert!(!one("SELECT name FROM customers WHERE id = $1").calls_functions);
 
         let c = one("COPY customers TO STDOUT");
         assert_eq!(c.reads, set(&["public.customers"]));

@@ -31,7 +31,7 @@ use super::{
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
 use crate::{
-    audit::{record, AuditRecord},
+    audit::{record, AuditRecord, DurabilityMode, Durable},
     identity::Principal,
     policy::{Decision, Operation, Request, StatementKind},
     proxy::{now_millis, set_class, Connection, Shared},
@@ -83,6 +83,9 @@ struct Pending {
     result_mask: Option<ResultMask>,
     /// Columns masked in this request's results, for the audit.
     masked_columns: BTreeSet<String>,
+    /// The request record while it is still syncing (read-only requests
+    /// forwarded in parallel): awaited before any answer goes out.
+    durable: Option<Durable>,
 }
 
 impl Pending {
@@ -99,6 +102,7 @@ impl Pending {
             reads_masked: false,
             result_mask: None,
             masked_columns: BTreeSet::new(),
+            durable: None,
         }
     }
 }
@@ -240,8 +244,9 @@ async fn client_to_server(
                     let text = wire::query_text(&frame)?;
                     let operations = classify(&text);
                     match admit(&session, &text, &operations, String::new()).await {
-                        Ok(request) => {
+                        Ok((request, durable)) => {
                             let mut pending = Pending::new(Kind::Query, Some(request));
+                            pending.durable = durable;
                             pending.reads_masked = reads_masked(&session.masks, &operations);
                             lock(&in_flight).queue.push_back(pending);
                             forward.unsplit(frame.bytes);
@@ -305,8 +310,9 @@ async fn client_to_server(
                         None => (&unknown, String::new()),
                     };
                     match admit(&session, &prepared.text, &prepared.operations, parameters).await {
-                        Ok(request) => {
+                        Ok((request, durable)) => {
                             let mut pending = Pending::new(Kind::Execute, Some(request));
+                            pending.durable = durable;
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
                             lock(&in_flight).queue.push_back(pending);
@@ -394,14 +400,26 @@ struct Refusal {
     message: String,
 }
 
-/// Decides a statement and makes its request record durable. `Ok` carries
-/// the record the outcome will complete; `Err` is what the agent is told.
+/// Decides a statement and makes its request record durable (or, for a
+/// provably read-only statement, starts making it durable: the returned
+/// [`Durable`] must resolve before any of its answer reaches the agent).
+/// `Ok` carries the record the outcome will complete; `Err` is what the
+/// agent is told.
+/// Reads only, touches no dangerous feature and calls no function (a
+/// function may write): nothing can change if it runs before its record
+/// is durable.
+fn provably_read_only(operations: &Result<Vec<Operation>, String>) -> bool {
+    matches!(operations, Ok(ops) if !ops.is_empty() && ops.iter().all(|op| {
+        op.kind == StatementKind::Read && op.dangers.is_empty() && !op.calls_functions && op.writes.is_empty()
+    }))
+}
+
 async fn admit(
     session: &Session,
     text: &str,
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
-) -> Result<AuditRecord, Refusal> {
+) -> Result<(AuditRecord, Option<Durable>), Refusal> {
     let mut record = session.connection.record(Some(&session.principal));
     set_class(
         &mut record,
@@ -466,8 +484,16 @@ async fn admit(
     }
     record.phase = "request".into();
     record.action_id = record::action::ALLOWED;
+    // A provably read-only statement goes out while its record syncs; its
+    // answer is held until the record is durable (see server_to_client).
+    if session.shared.audit.durability() == DurabilityMode::ReadParallel
+        && provably_read_only(operations)
+    {
+        let durable = session.shared.audit.submit(record.clone());
+        return Ok((record, Some(durable)));
+    }
     match session.shared.audit.append(record.clone()).await {
-        Ok(_) => Ok(record),
+        Ok(_) => Ok((record, None)),
         Err(err) => {
             warn!(error = %err, "statement refused: audit unavailable");
             Err(Refusal {
@@ -530,6 +556,25 @@ async fn server_to_client(
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
+            let syncing = lock(&in_flight)
+                .queue
+                .front_mut()
+                .and_then(|p| p.durable.take());
+            if let Some(durable) = syncing {
+                if let Err(err) = durable.await {
+                    // The answer exists but its request is not on record:
+                    // the agent must not see it.
+                    let mut fatal = BytesMut::new();
+                    wire::error_response(
+                        &mut fatal,
+                        "FATAL",
+                        SQLSTATE_AUDIT,
+                        &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
+                    );
+                    let _ = client_wr.lock().await.write_all(&fatal).await;
+                    return Err(WireError::Closed);
+                }
+            }
             if frame.tag == b'S' {
                 if let Some(value) = wire::parameter_status(&frame, "application_name") {
                     if let Ok(mut intent) = session.intent.lock() {
