@@ -6,6 +6,7 @@
 //!   provider and tollgate, with psql run as an agent and the audit printed
 //!   through DuckDB
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -36,6 +37,12 @@ enum Task {
     },
     /// Set up, then run tollgate on a demo configuration and show the audit.
     Demo,
+    /// pgbench direct vs PgBouncer vs tollgate (release build), in one run.
+    Bench {
+        /// Seconds per pgbench run.
+        #[arg(long)]
+        seconds: Option<u32>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,6 +54,12 @@ fn main() -> Result<()> {
             setup::run()?;
             let binary = build_gateway()?;
             demo::run(&binary)
+        }
+        Task::Bench { seconds } => {
+            setup::run()?;
+            step("building tollgate (release)");
+            run_checked(cargo().args(["build", "--release", "--package", "gateway", "--bin", "tollgate"]))?;
+            bench::run(&target_dir().join("release/tollgate"), seconds)
         }
     }
 }

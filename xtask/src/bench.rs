@@ -1,0 +1,185 @@
+//! `cargo xtask bench`: pgbench against the same PostgreSQL three ways, in
+//! one run so the machine's noise hits all of them alike:
+//!
+//! - direct: pgbench to the server;
+//! - PgBouncer in session mode (the Debian package);
+//! - tollgate: pgbench inside the agent cgroup, redirected by the kernel
+//!   programs, token-authenticated, every statement decided and audited.
+//!
+//! Workloads: select-only (`-S`) and TPC-B-like, at 1, 8 and 32 clients.
+//! Results are printed as a Markdown table, with ratios against direct.
+
+use std::{
+    fs,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use tollgate_tests::{free_port, port_open, wait_for, AgentCgroup, Stack};
+
+use crate::step;
+
+const SECONDS: u32 = 10;
+const CLIENTS: [u32; 3] = [1, 8, 32];
+const SCALE: &str = "10";
+
+struct Sample {
+    tps: f64,
+    latency_ms: f64,
+}
+
+pub fn run(binary: &Path, seconds: Option<u32>) -> Result<()> {
+    let seconds = seconds.unwrap_or(SECONDS);
+    std::env::set_var("TOLLGATE_BIN", binary);
+    step("starting PostgreSQL, the development IdP and tollgate (release build)");
+    let stack = Stack::start()?;
+    let port = stack.postgres.port.to_string();
+    // pgbench's 32 clients plus the gateway's own connections.
+    stack
+        .postgres
+        .superuser_sql_ok("postgres", "ALTER SYSTEM SET max_connections = 200")
+        .ok();
+    step(&format!("pgbench -i -s {SCALE} (directly, as the operator)"));
+    let init = Command::new("pgbench")
+        .args(["-i", "-q", "-s", SCALE, "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "orders"])
+        .env("PGPASSWORD", &stack.postgres.superuser_password)
+        .output()?;
+    if !init.status.success() {
+        bail!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let _bouncer = PgBouncer::start(&stack)?;
+    let token = stack.idp.token("bench-agent-oid", &["--expires-in", "7200"])?;
+
+    let mut rows = Vec::new();
+    for (workload, flag) in [("select-only", Some("-S")), ("TPC-B-like", None)] {
+        for clients in CLIENTS {
+            step(&format!("{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate"));
+            let direct = pgbench(&stack, None, stack.postgres.port, "postgres", &stack.postgres.superuser_password, flag, clients, seconds)?;
+            let bouncer = pgbench(&stack, None, _bouncer.port, "postgres", &stack.postgres.superuser_password, flag, clients, seconds)?;
+            let gateway = pgbench(&stack, Some(&stack.gateway.config.agent_cgroup), stack.postgres.port, "agent", &token, flag, clients, seconds)?;
+            rows.push(format!(
+                "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.3} | {:.3} | {:.3} | {:+.0} |",
+                direct.tps,
+                bouncer.tps,
+                bouncer.tps / direct.tps,
+                gateway.tps,
+                gateway.tps / direct.tps,
+                direct.latency_ms,
+                bouncer.latency_ms,
+                gateway.latency_ms,
+                (gateway.latency_ms - direct.latency_ms) * 1000.0,
+            ));
+        }
+    }
+    println!();
+    println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | direct latency ms | PgBouncer latency ms | tollgate latency ms | tollgate added latency µs |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for row in rows {
+        println!("{row}");
+    }
+    let audited = tollgate_tests::duckdb::query(
+        stack.gateway.audit_dir(),
+        "SELECT count(*) AS n FROM audit WHERE phase = 'outcome'",
+    )
+    .ok()
+    .and_then(|r| r.first().and_then(|r| r["n"].as_i64()))
+    .unwrap_or(0);
+    println!("\nstatements audited through tollgate (closed segments so far): {audited}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pgbench(
+    stack: &Stack,
+    cgroup: Option<&Path>,
+    port: u16,
+    user: &str,
+    password: &str,
+    workload: Option<&str>,
+    clients: u32,
+    seconds: u32,
+) -> Result<Sample> {
+    let mut cmd = match cgroup {
+        Some(cgroup) => AgentCgroup::command(cgroup, "pgbench"),
+        None => Command::new("pgbench"),
+    };
+    cmd.args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
+        .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string(), "-T", &seconds.to_string()])
+        .args(workload)
+        .arg("orders")
+        .env("PGPASSWORD", password);
+    let out = cmd.output().context("run pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "pgbench failed: {}{}\n{}",
+            text,
+            String::from_utf8_lossy(&out.stderr),
+            stack.gateway.log().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        );
+    }
+    let find = |prefix: &str| -> Result<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.trim().split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no {prefix:?} in pgbench output:\n{text}"))
+    };
+    Ok(Sample {
+        tps: find("tps =")?,
+        latency_ms: find("latency average =")?,
+    })
+}
+
+/// PgBouncer in session mode in front of the same server.
+struct PgBouncer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    fn start(stack: &Stack) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tollgate-pgbouncer-").tempdir()?;
+        let port = free_port();
+        fs::write(
+            dir.path().join("userlist.txt"),
+            format!("\"postgres\" \"{}\"\n", stack.postgres.superuser_password),
+        )?;
+        fs::write(
+            dir.path().join("pgbouncer.ini"),
+            format!(
+                "[databases]\norders = host=127.0.0.1 port={pg}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 auth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = session\nmax_client_conn = 200\n\
+                 default_pool_size = 40\nunix_socket_dir =\nlogfile = {dir}/pgbouncer.log\n",
+                pg = stack.postgres.port,
+                dir = dir.path().display(),
+            ),
+        )?;
+        // PgBouncer refuses to run as root; the postgres user owns the files.
+        let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status()?;
+        if !chown.success() {
+            bail!("chown failed");
+        }
+        let child = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pgbouncer"])
+            .arg(dir.path().join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start pgbouncer (`cargo xtask setup` installs it)")?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        wait_for("PgBouncer to listen", Duration::from_secs(20), || port_open(addr))?;
+        Ok(PgBouncer { child, port, _dir: dir })
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-f", &format!("{}", self._dir.path().display())]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
