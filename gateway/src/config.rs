@@ -80,6 +80,12 @@ pub struct TargetConfig {
     pub listen: SocketAddr,
     /// The credential tollgate presents upstream.
     pub credential: CredentialConfig,
+    /// TLS offered to agents, with tollgate's certificate.
+    #[serde(default)]
+    pub tls: Option<crate::proxy::tls::ListenerTlsConfig>,
+    /// Verified TLS to the target.
+    #[serde(default)]
+    pub upstream_tls: Option<crate::proxy::tls::UpstreamTlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

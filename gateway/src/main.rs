@@ -124,7 +124,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         let listener = TcpListener::bind(target.listen)
             .await
             .with_context(|| format!("target {}: listen on {}", target.name, target.listen))?;
-        listeners.push((Arc::new(target.clone()), listener));
+        listeners.push((Arc::new(proxy::Target::new(target.clone())?), listener));
     }
 
     let pinning = if config.pin.agent_cgroups.is_empty() {

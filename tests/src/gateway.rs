@@ -29,6 +29,8 @@ pub struct GatewayConfig {
     pub jwks_uri: String,
     /// `[policy]` and `[identity.roles]` TOML appended to the file.
     pub policy: String,
+    /// Extra lines inside the `[[target]]` table.
+    pub target_extra: String,
 }
 
 /// The policy the tests run under unless they say otherwise: any
@@ -67,6 +69,7 @@ protocol = "postgres"
 address = "{address}"
 listen = "{listen}"
 credential = {{ user = "{user}", password = "{password}" }}
+{target_extra}
 {policy}
 "#,
             cgroup = self.agent_cgroup.display(),
@@ -82,6 +85,7 @@ credential = {{ user = "{user}", password = "{password}" }}
             user = self.upstream_user,
             password = self.upstream_password,
             policy = self.policy,
+            target_extra = self.target_extra,
         )
     }
 }
@@ -117,6 +121,7 @@ impl Gateway {
             signing_key: dir.path().join("signing.key"),
             jwks_uri,
             policy: DEFAULT_POLICY.into(),
+            target_extra: String::new(),
         };
         Ok((dir, config))
     }

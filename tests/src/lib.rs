@@ -12,7 +12,7 @@
 pub mod duckdb;
 mod gateway;
 pub mod idp;
-mod postgres;
+pub mod postgres;
 mod privileges;
 mod stack;
 

@@ -29,6 +29,12 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// A server with extra `-c name=value` settings. Files the settings
+    /// name must be readable by the postgres user ([`Postgres::give`]).
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
         let (uid, gid) = postgres_ids()?;
         let dir = tempfile::Builder::new()
             .prefix("tollgate-pg-")
@@ -72,6 +78,11 @@ impl Postgres {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.path().display()))
             .args(["-c", "log_connections=on", "-c", "fsync=off"])
+            .args(
+                settings
+                    .iter()
+                    .flat_map(|(k, v)| ["-c".to_owned(), format!("{k}={v}")]),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .uid(uid)
@@ -174,6 +185,15 @@ impl Drop for Postgres {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Hands a file to the postgres user with mode 0600 (as PostgreSQL
+/// demands of a TLS key).
+pub fn give(path: &Path) -> Result<()> {
+    let (uid, gid) = postgres_ids()?;
+    chown(path, uid, gid)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 fn postgres_ids() -> Result<(u32, u32)> {

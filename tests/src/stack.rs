@@ -22,7 +22,12 @@ impl Stack {
 
     /// The stack with `policy` as the `[policy]` (and `[identity.roles]`) TOML.
     pub fn start_with_policy(policy: &str) -> Result<Self> {
-        let postgres = Postgres::start()?;
+        Self::start_with(Postgres::start()?, policy, "")
+    }
+
+    /// The stack over a given server, with `policy` TOML and extra TOML
+    /// lines for the `[[target]]` table (e.g. its TLS settings).
+    pub fn start_with(postgres: Postgres, policy: &str, target_extra: &str) -> Result<Self> {
         let idp = DevIdp::start()?;
         let (dir, config) = Gateway::config_for(
             postgres.address(),
@@ -32,6 +37,7 @@ impl Stack {
         )?;
         let mut config = config;
         config.policy = policy.to_owned();
+        config.target_extra = target_extra.to_owned();
         let gateway = Gateway::start(dir, config)?;
         Ok(Stack {
             gateway,

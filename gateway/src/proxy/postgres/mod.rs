@@ -22,15 +22,12 @@ pub mod wire;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::{
-    io::AsyncWriteExt,
-    net::{tcp::OwnedWriteHalf, TcpStream},
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{info, warn};
 
 pub use self::cancel::CancelKeys;
 use self::wire::{Startup, WireError};
-use super::{Connection, Shared};
+use super::{tls::BoxedIo, Connection, Shared};
 use crate::identity::IdentityError;
 
 /// SQLSTATE invalid_authorization_specification.
@@ -56,13 +53,14 @@ async fn serve(
     client: TcpStream,
     shared: Arc<Shared>,
 ) -> Result<(), WireError> {
-    let (mut client_rd, mut client_wr) = client.into_split();
+    let mut client: BoxedIo = Box::new(client);
+    let mut encrypted = false;
     let params = loop {
-        let startup = match wire::read_startup(&mut client_rd).await {
+        let startup = match wire::read_startup(&mut client).await {
             Ok(startup) => startup,
             Err(WireError::Malformed(reason)) => {
                 fatal(
-                    &mut client_wr,
+                    &mut client,
                     SQLSTATE_PROTOCOL,
                     &format!("tollgate: {reason}"),
                 )
@@ -72,9 +70,17 @@ async fn serve(
             Err(err) => return Err(err),
         };
         match startup {
-            // TLS and GSS encryption are declined; the client then goes on
-            // in the clear or stops, as its sslmode says.
-            Startup::Ssl | Startup::GssEnc => client_wr.write_all(b"N").await?,
+            // TLS with tollgate's certificate when the target has one.
+            Startup::Ssl if !encrypted && connection.target.tls_acceptor.is_some() => {
+                client.write_all(b"S").await?;
+                if let Some(acceptor) = &connection.target.tls_acceptor {
+                    client = Box::new(acceptor.accept(client).await?);
+                    encrypted = true;
+                }
+            }
+            // GSS encryption (and TLS without a certificate) is declined; the
+            // client goes on in the clear or stops, as its sslmode says.
+            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await?,
             Startup::Cancel {
                 process_id,
                 secret_key,
@@ -93,6 +99,22 @@ async fn serve(
             Startup::Startup(params) => break params,
         }
     };
+    if !encrypted
+        && connection
+            .target
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.require)
+    {
+        fatal(
+            &mut client,
+            SQLSTATE_IDENTITY,
+            "tollgate: this target requires TLS (sslmode=require or stricter)",
+        )
+        .await;
+        return Ok(());
+    }
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let param = |name: &str| {
         params
             .iter()
@@ -220,7 +242,7 @@ async fn serve(
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.
-async fn fatal(client: &mut OwnedWriteHalf, code: &str, message: &str) {
+async fn fatal<W: tokio::io::AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str) {
     let mut out = BytesMut::new();
     wire::error_response(&mut out, "FATAL", code, message);
     let _ = client.write_all(&out).await;
