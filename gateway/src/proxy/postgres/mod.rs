@@ -12,7 +12,9 @@
 
 mod cancel;
 pub mod classify;
-mod mask;
+#[cfg(test)]
+mod fuzz_tests;
+pub(crate) mod mask;
 #[cfg(test)]
 mod refusal_tests;
 mod relay;
