@@ -327,6 +327,21 @@ async fn main() {
         serde_json::to_vec(&r).map(|v| v.len() + 8).unwrap_or(0)
     };
     println!("bytes per record in the WAL (transient): {wal_frame}");
+
+    let t = Instant::now();
+    let report = tollgate::audit::verify::verify_dir(
+        &cfg.dir,
+        &cfg.dir.join("keys/checkpoint.key.pub"),
+        &Default::default(),
+    )
+    .expect("verify");
+    assert!(report.ok, "{:?}", report.problems.first());
+    println!(
+        "verify: {} records in {:.2} s ({:.0} records/s)",
+        report.records,
+        t.elapsed().as_secs_f64(),
+        report.records as f64 / t.elapsed().as_secs_f64()
+    );
     if std::env::args().nth(1).is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }

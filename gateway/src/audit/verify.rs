@@ -160,6 +160,13 @@ pub struct Options {
     pub now_ms: i64,
 }
 
+/// Verifies `dir` against the public key in the file `public_key` (as
+/// written by `tollgate keygen`, `<key>.pub`).
+pub fn verify_dir(dir: &Path, public_key: &Path, opts: &Options) -> anyhow::Result<Report> {
+    let key = Verifier::load(public_key)?;
+    Ok(verify_with(dir, &key, opts))
+}
+
 pub fn verify(dir: &Path, key: &Verifier) -> Report {
     verify_with(dir, key, &Options::default())
 }
