@@ -345,11 +345,41 @@ fn properties(records: &[AuditRecord]) -> WriterProperties {
     for c in BLOOM_COLUMNS {
         b = b
             .set_column_bloom_filter_enabled(ColumnPath::from(*c), true)
-            // Sized to the file: the default (1M distinct values) would make
-            // each small segment carry ~1 MiB of filter per column.
-            .set_column_bloom_filter_max_ndv(ColumnPath::from(*c), records.len().max(16) as u64);
+            // Sized to the distinct values actually in the file: the
+            // default (1M) costs ~1 MiB per column per file, and even the
+            // row count overstates columns like actor_user_uid by orders of
+            // magnitude.
+            .set_column_bloom_filter_max_ndv(
+                ColumnPath::from(*c),
+                distinct(records, c).max(16) as u64,
+            );
     }
     b.build()
+}
+
+/// Number of distinct values of a bloom-filtered column.
+fn distinct(records: &[AuditRecord], column: &str) -> usize {
+    let get: fn(&AuditRecord) -> &str = match column {
+        "actor_user_uid" => |r| &r.actor_user_uid,
+        "actor_user_name" => |r| &r.actor_user_name,
+        "actor_app_uid" => |r| &r.actor_app_uid,
+        "actor_session_credential_uid" => |r| &r.actor_session_credential_uid,
+        "dst_endpoint_name" => |r| &r.dst_endpoint_name,
+        "dst_endpoint_ip" => |r| &r.dst_endpoint_ip,
+        "session_uid" => |r| &r.session_uid,
+        "request_uid" => |r| &r.request_uid,
+        "database_name" => |r| &r.database_name,
+        "database_user" => |r| &r.database_user,
+        "policy_uid" => |r| &r.policy_uid,
+        // Unknown column: assume every value differs (a larger filter,
+        // never a wrong one).
+        _ => return records.len(),
+    };
+    records
+        .iter()
+        .map(get)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// Writes `records` (already sorted by time) to `tmp`, fsyncs it, and
@@ -424,6 +454,21 @@ mod tests {
         let mut cols: Vec<String> = COLUMN_NAMES.iter().map(|s| s.to_string()).collect();
         cols.sort();
         assert_eq!(fields, cols);
+    }
+
+    #[test]
+    fn every_bloom_column_has_a_distinct_counter() {
+        let records: Vec<AuditRecord> = (0..10)
+            .map(|i| AuditRecord {
+                actor_user_uid: format!("u{}", i % 2),
+                ..Default::default()
+            })
+            .collect();
+        for c in BLOOM_COLUMNS {
+            let n = distinct(&records, c);
+            let want = if *c == "actor_user_uid" { 2 } else { 1 };
+            assert_eq!(n, want, "{c}");
+        }
     }
 
     #[test]
