@@ -478,3 +478,54 @@ mod tests {
         assert_eq!(day_of(1_764_201_600_000), "2025-11-27");
     }
 }
+
+#[cfg(test)]
+mod file_tests {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    use super::*;
+
+    #[test]
+    fn files_are_zstd_sorted_with_bloom_filters_and_metadata() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.parquet");
+        let records: Vec<AuditRecord> = (0..50)
+            .map(|i| AuditRecord {
+                sequence: i + 1,
+                time: 1000 + i as i64,
+                actor_user_uid: format!("u{}", i % 3),
+                ..Default::default()
+            })
+            .collect();
+        write_file(&super::super::fsutil::Perms::default(), &path, &records).unwrap();
+        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
+        let meta = reader.metadata();
+        let kv = meta.file_metadata().key_value_metadata().unwrap();
+        let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
+        assert_eq!(get("tollgate.first_sequence").as_deref(), Some("1"));
+        assert_eq!(get("tollgate.last_sequence").as_deref(), Some("50"));
+        assert_eq!(
+            get("tollgate.schema_version").as_deref(),
+            Some(SCHEMA_VERSION)
+        );
+        let rg = meta.row_group(0);
+        let sorting = rg.sorting_columns().unwrap();
+        assert_eq!(
+            COLUMN_NAMES[sorting[0].column_idx as usize], "time",
+            "sorted by time first"
+        );
+        for (i, name) in COLUMN_NAMES.iter().enumerate() {
+            let col = rg.column(i);
+            assert!(
+                matches!(col.compression(), Compression::ZSTD(_)),
+                "{name} compressed with zstd"
+            );
+            assert_eq!(
+                col.bloom_filter_offset().is_some(),
+                BLOOM_COLUMNS.contains(name),
+                "bloom filter on {name}"
+            );
+        }
+        assert_eq!(read_file(&path).unwrap(), records);
+    }
+}
