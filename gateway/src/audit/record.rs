@@ -136,6 +136,22 @@ pub struct AuditRecord {
     pub response_error_code: String,
     pub duration_us: Option<i64>,
 
+    /// Statement kind the policy saw: read, write, ddl, dcl, admin,
+    /// transaction, utility (the strongest of a multi-statement request);
+    /// "unparsed" when the SQL parser did not understand it.
+    pub query_info_kind: String,
+    /// Tables read and written, `schema.table`.
+    pub query_info_tables_read: Vec<String>,
+    pub query_info_tables_written: Vec<String>,
+    /// Bound parameter values, rendered readably and size-capped (JSON array).
+    pub query_info_parameters: String,
+    /// Why the agent says it acts (application_name or `/* intent: ... */`).
+    pub intent: String,
+    /// tollgate roles of the caller, which policy decided on.
+    pub actor_tollgate_roles: Vec<String>,
+    /// Result columns whose values were masked.
+    pub masked_columns: Vec<String>,
+
     /// Everything else, as a JSON object.
     pub unmapped: String,
 }

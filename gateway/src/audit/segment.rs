@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use super::AuditRecord;
 
 /// Version of the column layout, stored as Parquet key/value metadata.
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: &str = "2";
 
 /// Columns with a bloom filter: the identity and target columns analysts
 /// look up by equality.
@@ -284,6 +284,13 @@ columns! {
     response_bytes: oi64,
     response_error_code: str,
     duration_us: oi64,
+    query_info_kind: str,
+    query_info_tables_read: strs,
+    query_info_tables_written: strs,
+    query_info_parameters: str,
+    intent: str,
+    actor_tollgate_roles: strs,
+    masked_columns: strs,
     unmapped: str,
 }
 

@@ -501,3 +501,24 @@ async fn manifest_damaged_before_its_last_line_stops_the_store() {
     let err = AuditLog::open(&cfg).await.err().unwrap();
     assert!(err.to_string().contains("line 1 is damaged"), "{err}");
 }
+
+#[tokio::test]
+async fn policy_fields_round_trip_through_segments_and_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let mut r = sample(1, store::now_ms());
+    r.query_info_kind = "write".into();
+    r.query_info_tables_read = vec!["public.customers".into()];
+    r.query_info_tables_written = vec!["public.orders".into(), "audit.log".into()];
+    r.query_info_parameters = "[\"42\",null]".into();
+    r.intent = "refund order 1001".into();
+    r.actor_tollgate_roles = vec!["support".into()];
+    r.masked_columns = vec!["email".into()];
+    log.append(r.clone()).await.unwrap();
+    log.shutdown().await;
+    let got = read_segments(&cfg.dir);
+    assert_eq!(strip(got[0].clone()), r);
+    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
+    assert!(verify::verify(&cfg.dir, &key).ok);
+}
