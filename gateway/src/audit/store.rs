@@ -686,6 +686,12 @@ impl SegState {
             now_ms(),
         )?;
         self.last_checkpoint = Instant::now();
+        checkpoint::thin(
+            &self.dir.join("checkpoints"),
+            self.checkpoint_counter,
+            checkpoint::KEEP_RECENT,
+            checkpoint::KEEP_EVERY,
+        );
         Ok(())
     }
 

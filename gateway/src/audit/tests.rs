@@ -522,3 +522,9 @@ async fn policy_fields_round_trip_through_segments_and_verify() {
     let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
     assert!(verify::verify(&cfg.dir, &key).ok);
 }
+
+#[test]
+fn audit_log_is_a_cheap_shareable_handle() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<AuditLog>();
+}
