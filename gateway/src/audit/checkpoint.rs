@@ -400,7 +400,7 @@ pub fn write(
     now_ms: i64,
 ) -> io::Result<()> {
     let size = manifest.lines.len();
-    let root = manifest.root(size);
+    let root = manifest.root_all();
     let note = signer.sign_note(&body(origin, size as u64, &root, now_ms, counter));
     fsutil::write_atomic(
         perms,

@@ -255,8 +255,10 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
     let mut origin: Option<String> = None;
     let mut last_valid: Option<CheckpointSummary> = None;
     let mut prev: Option<(u64, Option<i64>, String)> = None;
-    // Roots of manifest prefixes, computed once per distinct size.
-    let mut roots: HashMap<u64, merkle::Hash> = HashMap::new();
+    // Signatures first, then the roots of every signed manifest prefix in
+    // one pass over the manifest (thousands of checkpoints over millions
+    // of lines must not mean thousands of passes).
+    let mut opened = Vec::with_capacity(files.len());
     for (counter, path) in files {
         let rel = format!("checkpoints/{}", checkpoint::file_name(counter));
         let text = match fs::read_to_string(&path) {
@@ -266,23 +268,23 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
                 continue;
             }
         };
-        let cp = match checkpoint::open_note(&text, key) {
-            Ok(cp) => cp,
-            Err(NoteError::BadSignature) => {
-                cx.problem(
-                    Kind::CheckpointBadSignature,
-                    &rel,
-                    None,
-                    None,
-                    format!("no valid signature by {}", key.name),
-                );
-                continue;
-            }
+        match checkpoint::open_note(&text, key) {
+            Ok(cp) => opened.push((counter, rel, cp)),
+            Err(NoteError::BadSignature) => cx.problem(
+                Kind::CheckpointBadSignature,
+                &rel,
+                None,
+                None,
+                format!("no valid signature by {}", key.name),
+            ),
             Err(NoteError::Malformed(m)) => {
-                cx.problem(Kind::CheckpointMalformed, &rel, None, None, m);
-                continue;
+                cx.problem(Kind::CheckpointMalformed, &rel, None, None, m)
             }
-        };
+        }
+    }
+    let sizes: Vec<u64> = opened.iter().map(|(_, _, cp)| cp.size).collect();
+    let roots: HashMap<u64, merkle::Hash> = manifest.prefix_roots(&sizes);
+    for (counter, rel, cp) in opened {
         if cp.counter != Some(counter) {
             cx.problem(
                 Kind::CheckpointMisnamed,
@@ -319,10 +321,7 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
                 ),
             );
         } else {
-            let root = *roots
-                .entry(cp.size)
-                .or_insert_with(|| manifest.root(cp.size as usize));
-            if root != cp.root {
+            if roots.get(&cp.size) != Some(&cp.root) {
                 cx.problem(
                     Kind::CheckpointRootMismatch,
                     &rel,
