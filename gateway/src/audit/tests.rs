@@ -528,3 +528,18 @@ fn audit_log_is_a_cheap_shareable_handle() {
     fn shareable<T: Send + Sync + Clone + 'static>() {}
     shareable::<AuditLog>();
 }
+
+#[test]
+fn documented_audit_section_parses() {
+    // The example in docs/audit-schema.md, verbatim.
+    let doc = include_str!("../../../docs/audit-schema.md");
+    let start = doc.find("```toml\n[audit]\n").unwrap() + "```toml\n[audit]\n".len();
+    let body = &doc[start..start + doc[start..].find("```").unwrap()];
+    let cfg: AuditConfig = toml::from_str(body).unwrap();
+    assert_eq!(cfg.dir, std::path::Path::new("/var/lib/tollgate/audit"));
+    assert_eq!(cfg.retention_days, Some(400));
+    assert_eq!(cfg.auditor_group.as_deref(), Some("audit"));
+    assert_eq!(cfg.origin.as_deref(), Some("tollgate/db-gw-1"));
+    assert_eq!(cfg.checkpoint_interval_secs, 60);
+    assert_eq!(cfg.durability, DurabilityMode::ReadParallel);
+}
