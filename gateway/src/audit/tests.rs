@@ -60,8 +60,7 @@ pub(crate) fn assert_chain(records: &[AuditRecord], n: u64) {
     for (i, r) in records.iter().enumerate() {
         assert_eq!(r.sequence, i as u64 + 1);
         assert_eq!(r.prev_record_hash, prev, "link at {}", r.sequence);
-        let mut c = r.clone();
-        assert_eq!(c.compute_hash(), r.record_hash, "hash at {}", r.sequence);
+        assert_eq!(r.compute_hash(), r.record_hash, "hash at {}", r.sequence);
         prev = r.record_hash.clone();
     }
 }

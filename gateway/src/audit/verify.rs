@@ -560,8 +560,7 @@ fn check_segment_file(dir: &Path, s: &SegmentEntry, cx: &mut Ctx) {
     let mut leaves = Vec::with_capacity(order.len());
     for (row, r) in &order {
         let row = *row as u64;
-        let mut c = (*r).clone();
-        if c.compute_hash() != r.record_hash {
+        if r.compute_hash() != r.record_hash {
             cx.problem(
                 Kind::RecordHashMismatch,
                 &s.path,
@@ -714,10 +713,9 @@ fn check_wal(dir: &Path, mut cur: Cursor, cx: &mut Ctx) {
         if r.sequence < cur.next_seq {
             continue; // already in a segment; the file awaits deletion
         }
-        let mut c = r.clone();
         let ok = r.sequence == cur.next_seq
             && r.prev_record_hash == cur.prev_hash
-            && c.compute_hash() == r.record_hash;
+            && r.compute_hash() == r.record_hash;
         if !ok {
             cx.problem(
                 Kind::WalChainBroken,
