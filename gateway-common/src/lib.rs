@@ -20,6 +20,24 @@ pub mod map_names {
     /// connection is established, so the proxy can go from the peer address
     /// of an accepted connection to the socket that made it.
     pub const CLIENT_PORTS: &str = "CLIENT_PORTS";
+    /// Ring buffer of [`EvidenceEvent`]s, host-wide.
+    pub const EVIDENCE: &str = "EVIDENCE";
+    /// Per-CPU `u64` counters, indexed by [`counter_index`].
+    pub const EVIDENCE_COUNTERS: &str = "EVIDENCE_COUNTERS";
+}
+
+/// Names of the globals (`.rodata`) the daemon sets at load time: the
+/// offsets of the socket fields the evidence probe reads, taken from the
+/// running kernel's BTF, because Rust eBPF has no CO-RE relocations.
+pub mod global_names {
+    pub const SKC_DADDR: &str = "SKC_DADDR_OFFSET";
+    pub const SKC_DPORT: &str = "SKC_DPORT_OFFSET";
+    pub const SKC_FAMILY: &str = "SKC_FAMILY_OFFSET";
+    pub const SKC_V6_DADDR: &str = "SKC_V6_DADDR_OFFSET";
+    pub const SK_PROTOCOL: &str = "SK_PROTOCOL_OFFSET";
+    /// Non-zero once the offsets above are set: the probe records nothing
+    /// (and counts it as dropped) rather than read at wrong offsets.
+    pub const OFFSETS_SET: &str = "OFFSETS_SET";
 }
 
 /// Names of the programs in the kernel object.
@@ -29,6 +47,80 @@ pub mod program_names {
     pub const GETPEERNAME4: &str = "tollgate_getpeername4";
     pub const GETPEERNAME6: &str = "tollgate_getpeername6";
     pub const SOCK_OPS: &str = "tollgate_sock_ops";
+    /// Host-wide evidence: every TCP active open (tp_btf/inet_sock_set_state).
+    pub const TCP_STATE: &str = "tollgate_tcp_state";
+}
+
+/// What an [`EvidenceEvent`] reports.
+pub mod event_kind {
+    /// A TCP active open (CLOSE -> SYN_SENT), anywhere on the host, seen in
+    /// the connecting task's context.
+    pub const TCP_CONNECT: u32 = 1;
+    /// connect4/6 rewrote a connection to a protected target so it reaches
+    /// the tollgate listener.
+    pub const REDIRECTED: u32 = 2;
+}
+
+/// Programs that count into [`map_names::EVIDENCE_COUNTERS`].
+pub mod counted_program {
+    pub const TCP_STATE: u32 = 0;
+    pub const CONNECT4: u32 = 1;
+    pub const CONNECT6: u32 = 2;
+    /// Number of programs, for readers.
+    pub const COUNT: u32 = 3;
+    /// Names in the loss report, indexed by the constants above.
+    pub const NAMES: [&str; COUNT as usize] = ["tcp_state", "connect4", "connect6"];
+}
+
+/// Which counter of a program.
+pub mod counter {
+    /// Events the program had to report.
+    pub const SEEN: u32 = 0;
+    /// Events written to the ring buffer.
+    pub const EMITTED: u32 = 1;
+    /// Events lost: the ring buffer was full, or the probe could not read
+    /// the socket (offsets not set).
+    pub const DROPPED: u32 = 2;
+    pub const PER_PROGRAM: u32 = 4;
+}
+
+/// Index of a counter in [`map_names::EVIDENCE_COUNTERS`].
+#[inline(always)]
+pub const fn counter_index(program: u32, which: u32) -> u32 {
+    program * counter::PER_PROGRAM + which
+}
+
+/// Entries of the counter array (room for programs added later).
+pub const COUNTER_ENTRIES: u32 = 64;
+/// Size of the evidence ring buffer in bytes (a power of two, a multiple
+/// of the page size): room for about 10,000 events in flight.
+pub const EVIDENCE_RING_BYTES: u32 = 1 << 20;
+
+/// One kernel observation, written to the evidence ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvidenceEvent {
+    /// One of [`event_kind`].
+    pub kind: u32,
+    /// `AF_INET` or `AF_INET6` (of the socket).
+    pub family: u32,
+    /// Socket cookie: the same number SO_COOKIE gives user space.
+    pub cookie: u64,
+    /// cgroup v2 id of the task that acted.
+    pub cgroup_id: u64,
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub boot_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// Destination (IPv6 or IPv4-mapped, network order words).
+    pub daddr: [u32; 4],
+    /// Destination port, host order.
+    pub dport: u32,
+    /// IP protocol number (6 TCP, 17 UDP), or the socket type for
+    /// refused sockets.
+    pub protocol: u32,
+    /// Task name, NUL padded.
+    pub comm: [u8; 16],
 }
 
 /// Maximum entries of the per-socket maps (LRU, so stale entries age out).
@@ -101,4 +193,5 @@ mod user {
     unsafe impl aya::Pod for super::Redirect {}
     unsafe impl aya::Pod for super::OriginalDestination {}
     unsafe impl aya::Pod for super::ClientPortKey {}
+    unsafe impl aya::Pod for super::EvidenceEvent {}
 }

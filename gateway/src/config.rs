@@ -34,6 +34,9 @@ pub struct PinConfig {
     /// Directory under bpffs where links and maps are pinned.
     #[serde(default = "default_pin_dir")]
     pub bpffs_dir: PathBuf,
+    /// How often the evidence stream records the loss counters.
+    #[serde(default = "default_loss_interval_secs")]
+    pub loss_interval_secs: u64,
 }
 
 impl Default for PinConfig {
@@ -41,8 +44,13 @@ impl Default for PinConfig {
         Self {
             agent_cgroups: Vec::new(),
             bpffs_dir: default_pin_dir(),
+            loss_interval_secs: default_loss_interval_secs(),
         }
     }
+}
+
+fn default_loss_interval_secs() -> u64 {
+    5
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -191,6 +199,9 @@ impl Config {
                     "give password or password_file, not both".into(),
                 ));
             }
+        }
+        if self.pin.loss_interval_secs == 0 {
+            return Err(("pin.loss_interval_secs".into(), "must be at least 1".into()));
         }
         for (i, cgroup) in self.pin.agent_cgroups.iter().enumerate() {
             if !cgroup.is_absolute() {

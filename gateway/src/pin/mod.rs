@@ -8,23 +8,28 @@
 //! attaches fresh links next to the old ones, then atomically replaces the
 //! old pins, so there is no moment without a redirect.
 
+pub mod btf;
 mod mounts;
+pub mod status;
 
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::MetadataExt,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
-    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSockAddr, SockOps},
+    Btf, Ebpf, EbpfLoader,
 };
 use gateway_common::{
-    map_names, program_names, ClientPortKey, OriginalDestination, Redirect, TargetKey,
+    global_names, map_names, program_names, ClientPortKey, OriginalDestination, Redirect, TargetKey,
 };
 use tracing::info;
 
@@ -62,11 +67,24 @@ pub struct ClientOrigin {
     pub cgroup_id: u64,
 }
 
+/// What the evidence reader needs from the loaded object: the ring buffer,
+/// the loss counters and the tracing programs (for their recursion misses).
+pub struct EvidenceHandles {
+    pub ring: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+    /// (program name, program fd) of each tracing program.
+    pub tracing_programs: Vec<(String, OwnedFd)>,
+}
+
+/// Name of the pinned link of the host-wide evidence probe.
+const HOST_LINK_SUFFIX: &str = "host";
+
 /// The loaded programs and their maps, attached and pinned.
 pub struct Pinning {
     _ebpf: Ebpf,
     original_destinations: BpfHashMap<MapData, u64, OriginalDestination>,
     client_ports: BpfHashMap<MapData, ClientPortKey, u64>,
+    evidence: Option<EvidenceHandles>,
 }
 
 impl Pinning {
@@ -85,11 +103,26 @@ impl Pinning {
             fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
 
+        let offsets = btf::SockOffsets::from_btf(&btf::KernelBtf::from_sys_fs()?)
+            .context("struct sock offsets from the kernel's BTF")?;
+        info!(?offsets, "struct sock offsets read from the kernel's BTF");
         let mut loader = EbpfLoader::new();
+        loader
+            .override_global(global_names::SKC_DADDR, &offsets.skc_daddr, true)
+            .override_global(global_names::SKC_DPORT, &offsets.skc_dport, true)
+            .override_global(global_names::SKC_FAMILY, &offsets.skc_family, true)
+            .override_global(global_names::SKC_V6_DADDR, &offsets.skc_v6_daddr, true)
+            .override_global(global_names::SK_PROTOCOL, &offsets.sk_protocol, true)
+            .override_global(global_names::OFFSETS_SET, &1u32, true);
+        // The evidence ring buffer and counters are pinned too: the pinned
+        // probe keeps recording while the daemon is down, and the next
+        // daemon reads what it recorded.
         let map_paths: Vec<(&str, PathBuf)> = [
             map_names::REDIRECTS,
             map_names::ORIGINAL_DESTINATIONS,
             map_names::CLIENT_PORTS,
+            map_names::EVIDENCE,
+            map_names::EVIDENCE_COUNTERS,
         ]
         .into_iter()
         .map(|name| (name, maps_dir.join(name)))
@@ -111,6 +144,23 @@ impl Pinning {
             .load()
             .context("load the sock_ops program")?;
 
+        // Evidence first: from here on every TCP connect on the host is on
+        // record, before any agent cgroup is attached.
+        let kernel_btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
+        let probe: &mut BtfTracePoint = program_mut(&mut ebpf, program_names::TCP_STATE)?;
+        probe
+            .load("inet_sock_set_state", &kernel_btf)
+            .context("load the evidence probe (tp_btf/inet_sock_set_state)")?;
+        let link_id = probe.attach().context("attach the evidence probe")?;
+        let link: FdLink = probe.take_link(link_id)?.into();
+        replace_pin(link, &links_dir, program_names::TCP_STATE, HOST_LINK_SUFFIX)?;
+        let probe_fd = probe
+            .fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicate the probe's fd")?;
+        info!("evidence probe attached host-wide and pinned");
+
         for cgroup in agent_cgroups {
             fs::create_dir_all(cgroup)
                 .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
@@ -123,14 +173,19 @@ impl Pinning {
                     .attach(&cgroup_file, LINK_ATTACH_MODE)
                     .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
                 let link: FdLink = program.take_link(link_id)?.try_into()?;
-                replace_pin(link, &links_dir, name, cgroup_id)?;
+                replace_pin(link, &links_dir, name, &cgroup_id.to_string())?;
             }
             let program: &mut SockOps = program_mut(&mut ebpf, program_names::SOCK_OPS)?;
             let link_id = program
                 .attach(&cgroup_file, LINK_ATTACH_MODE)
                 .with_context(|| format!("attach sock_ops to {}", cgroup.display()))?;
             let link: FdLink = program.take_link(link_id)?.try_into()?;
-            replace_pin(link, &links_dir, program_names::SOCK_OPS, cgroup_id)?;
+            replace_pin(
+                link,
+                &links_dir,
+                program_names::SOCK_OPS,
+                &cgroup_id.to_string(),
+            )?;
             info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
         }
 
@@ -139,11 +194,29 @@ impl Pinning {
         sync_redirects(&mut redirects, protected)?;
         let original_destinations = take_map(&mut ebpf, map_names::ORIGINAL_DESTINATIONS)?;
         let client_ports = take_map(&mut ebpf, map_names::CLIENT_PORTS)?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map(map_names::EVIDENCE)
+                .context("map EVIDENCE missing from the kernel object")?,
+        )?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(map_names::EVIDENCE_COUNTERS)
+                .context("map EVIDENCE_COUNTERS missing from the kernel object")?,
+        )?;
         Ok(Self {
             _ebpf: ebpf,
             original_destinations,
             client_ports,
+            evidence: Some(EvidenceHandles {
+                ring,
+                counters,
+                tracing_programs: vec![(program_names::TCP_STATE.to_owned(), probe_fd)],
+            }),
         })
+    }
+
+    /// Hands the evidence maps to their reader (once).
+    pub fn take_evidence(&mut self) -> Option<EvidenceHandles> {
+        self.evidence.take()
     }
 
     /// Names the agent behind an accepted connection whose peer (the agent's
@@ -169,6 +242,22 @@ impl Pinning {
             cgroup_id: original.cgroup_id,
         })
     }
+}
+
+/// The cgroup v2 id (inode of the cgroup directory) of this process.
+pub fn own_cgroup_id() -> Option<u64> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    // cgroup v2's line is "0::/path".
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let path = Path::new(root).join(rel.trim_start_matches('/'));
+        if Path::new(root).join("cgroup.procs").exists() {
+            if let Ok(meta) = fs::metadata(&path) {
+                return Some(meta.ino());
+            }
+        }
+    }
+    None
 }
 
 /// Removes everything tollgate pinned: the redirect stops, agent
@@ -203,9 +292,10 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
     Ok(BpfHashMap::try_from(map)?)
 }
 
-/// Pins `link` as `<program>-<cgroup id>`, atomically replacing the link a
-/// previous daemon pinned there (whose program is then detached).
-fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: u64) -> Result<()> {
+/// Pins `link` as `<program>-<where>` (a cgroup id, or `host`), atomically
+/// replacing the link a previous daemon pinned there (whose program is then
+/// detached).
+fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: &str) -> Result<()> {
     let path = links_dir.join(format!("{program}-{cgroup_id}"));
     // bpffs refuses names with a dot in them.
     let staging = links_dir.join(format!("staging-{program}-{cgroup_id}"));

@@ -1,0 +1,149 @@
+//! The kernel's evidence, end to end: real connections from a real agent
+//! cgroup and from outside it, the host-wide probe, the evidence stream
+//! under the audit directory, and `tollgate verify` reconciling the two.
+
+use std::{process::Command, time::Duration};
+
+use serde_json::Value;
+use tollgate_tests::{duckdb, privileged, tollgate_bin, Stack};
+
+const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-00000000e71d";
+
+/// Runs `tollgate verify` on the stopped gateway's audit directory and
+/// returns (exit code, summary, JSON report).
+fn verify(stack: &Stack) -> (i32, String, Value) {
+    let audit = stack.gateway.audit_dir();
+    let report = stack.gateway.dir.path().join("verify.json");
+    let out = Command::new(tollgate_bin())
+        .arg("verify")
+        .arg(audit)
+        .arg("--public-key")
+        .arg(audit.join("keys/checkpoint.key.pub"))
+        .arg("--report")
+        .arg(&report)
+        // The chain and checkpoint verification is the audit module's; this
+        // test is about reconciliation.
+        .arg("--reconcile-only")
+        .output()
+        .expect("run tollgate verify");
+    let summary = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = std::fs::read(&report)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), summary, json)
+}
+
+fn evidence_rows(stack: &Stack, sql: &str) -> Vec<Value> {
+    duckdb::query(&stack.gateway.audit_dir().join("evidence"), sql).expect("query the evidence")
+}
+
+#[test]
+fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
+    if !privileged("a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
+    let connections = 200;
+    for i in 0..connections {
+        let out = stack
+            .agent_psql(&token, &format!("SELECT {i}"))
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {i}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            stack.gateway.log()
+        );
+    }
+    // A clean stop closes the open segments of both streams.
+    stack.gateway.stop();
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 0, "{summary}");
+    assert_eq!(report["bypasses"], serde_json::json!([]), "{summary}");
+    assert_eq!(report["losses"], serde_json::json!([]), "{summary}");
+    assert!(
+        report["loss_records"].as_u64().unwrap_or(0) >= 1,
+        "{summary}"
+    );
+    assert!(
+        report["redirected"].as_u64().unwrap_or(0) >= connections,
+        "{summary}"
+    );
+    assert!(
+        report["audited_upstreams"].as_u64().unwrap_or(0) >= connections,
+        "{summary}"
+    );
+
+    // The evidence names the agent process and its cgroup.
+    let redirected = evidence_rows(
+        &stack,
+        &format!(
+            "SELECT * FROM audit WHERE phase = 'evidence' AND json_extract_string(unmapped, '$.kind') = 'redirected' AND dst_endpoint_port = {}",
+            stack.postgres.port
+        ),
+    );
+    assert!(redirected.len() >= connections as usize);
+    assert_eq!(redirected[0]["actor_process_name"], "psql");
+    assert_eq!(redirected[0]["class_uid"], 4001);
+    let loss = evidence_rows(
+        &stack,
+        "SELECT * FROM audit WHERE phase = 'loss_counters' ORDER BY sequence DESC LIMIT 1",
+    );
+    let counters: Value =
+        serde_json::from_str(loss[0]["unmapped"].as_str().unwrap_or("{}")).expect("json");
+    assert_eq!(
+        counters["programs"]["tcp_state"]["dropped"], 0,
+        "{counters}"
+    );
+    assert_eq!(
+        counters["programs"]["tcp_state"]["recursion_misses"], 0,
+        "{counters}"
+    );
+    assert!(
+        counters["programs"]["tcp_state"]["seen"]
+            .as_u64()
+            .unwrap_or(0)
+            >= connections
+    );
+}
+
+#[test]
+fn a_direct_connection_from_outside_the_agent_cgroups_is_an_unaudited_connection() {
+    if !privileged("a_direct_connection_from_outside_the_agent_cgroups_is_an_unaudited_connection")
+    {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let before = stack.postgres.connections_received();
+    let direct = stack
+        .postgres
+        .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+        .expect("direct psql");
+    assert_eq!(direct, "3");
+    assert!(stack.postgres.connections_received() > before);
+    std::thread::sleep(Duration::from_millis(200));
+    stack.gateway.stop();
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
+    assert_eq!(bypasses.len(), 1, "{summary}");
+    assert_eq!(
+        bypasses[0]["finding"], "unaudited_connection_to_protected_target",
+        "{summary}"
+    );
+    assert_eq!(bypasses[0]["process"], "psql");
+    assert_eq!(
+        bypasses[0]["destination"],
+        format!("127.0.0.1:{}", stack.postgres.port)
+    );
+    assert!(summary.contains("unaudited_connection_to_protected_target"));
+}
