@@ -24,6 +24,54 @@ pub mod map_names {
     pub const EVIDENCE: &str = "EVIDENCE";
     /// Per-CPU `u64` counters, indexed by [`counter_index`].
     pub const EVIDENCE_COUNTERS: &str = "EVIDENCE_COUNTERS";
+    /// `u32` index -> [`EgressRule`]: what agent cgroups may reach besides
+    /// the protected targets, when the default is deny.
+    pub const EGRESS_RULES: &str = "EGRESS_RULES";
+    /// `u32` index -> `u32`, see [`egress_setting`].
+    pub const EGRESS_SETTINGS: &str = "EGRESS_SETTINGS";
+}
+
+/// Indexes of [`map_names::EGRESS_SETTINGS`].
+pub mod egress_setting {
+    /// 1: traffic from agent cgroups that is neither redirected nor allowed
+    /// by a rule is refused (EPERM). 0: it is allowed.
+    pub const DEFAULT_DENY: u32 = 0;
+    /// Number of rules in use in EGRESS_RULES.
+    pub const RULE_COUNT: u32 = 1;
+    pub const ENTRIES: u32 = 4;
+}
+
+/// Maximum number of egress allow rules.
+pub const EGRESS_RULE_ENTRIES: u32 = 64;
+
+/// One egress allow rule: destination prefix, port range and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EgressRule {
+    /// Network (IPv6 or IPv4-mapped, network order words), already masked.
+    pub addr: [u32; 4],
+    /// Mask words (network order), IPv4 prefixes counted from bit 96.
+    pub mask: [u32; 4],
+    /// Inclusive port range, host order.
+    pub port_lo: u32,
+    pub port_hi: u32,
+    /// 6 TCP, 17 UDP, 0 either.
+    pub protocol: u32,
+    pub _reserved: u32,
+}
+
+impl EgressRule {
+    /// Does the rule allow `addr`:`port` over `protocol`?
+    #[inline(always)]
+    pub fn allows(&self, addr: &[u32; 4], port: u32, protocol: u32) -> bool {
+        (self.protocol == 0 || self.protocol == protocol)
+            && port >= self.port_lo
+            && port <= self.port_hi
+            && addr[0] & self.mask[0] == self.addr[0]
+            && addr[1] & self.mask[1] == self.addr[1]
+            && addr[2] & self.mask[2] == self.addr[2]
+            && addr[3] & self.mask[3] == self.addr[3]
+    }
 }
 
 /// Names of the globals (`.rodata`) the daemon sets at load time: the
@@ -49,6 +97,9 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "tollgate_sock_ops";
     /// Host-wide evidence: every TCP active open (tp_btf/inet_sock_set_state).
     pub const TCP_STATE: &str = "tollgate_tcp_state";
+    pub const SENDMSG4: &str = "tollgate_sendmsg4";
+    pub const SENDMSG6: &str = "tollgate_sendmsg6";
+    pub const SOCK_CREATE: &str = "tollgate_sock_create";
 }
 
 /// What an [`EvidenceEvent`] reports.
@@ -59,6 +110,13 @@ pub mod event_kind {
     /// connect4/6 rewrote a connection to a protected target so it reaches
     /// the tollgate listener.
     pub const REDIRECTED: u32 = 2;
+    /// A non-TCP packet or connection to a protected target (UDP connect or
+    /// datagram) was refused.
+    pub const REFUSED_DATAGRAM: u32 = 3;
+    /// A raw or packet socket was refused at creation in an agent cgroup.
+    pub const REFUSED_SOCKET: u32 = 4;
+    /// A destination outside the egress allow list was refused.
+    pub const REFUSED_EGRESS: u32 = 5;
 }
 
 /// Programs that count into [`map_names::EVIDENCE_COUNTERS`].
@@ -66,10 +124,20 @@ pub mod counted_program {
     pub const TCP_STATE: u32 = 0;
     pub const CONNECT4: u32 = 1;
     pub const CONNECT6: u32 = 2;
+    pub const SENDMSG4: u32 = 3;
+    pub const SENDMSG6: u32 = 4;
+    pub const SOCK_CREATE: u32 = 5;
     /// Number of programs, for readers.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 6;
     /// Names in the loss report, indexed by the constants above.
-    pub const NAMES: [&str; COUNT as usize] = ["tcp_state", "connect4", "connect6"];
+    pub const NAMES: [&str; COUNT as usize] = [
+        "tcp_state",
+        "connect4",
+        "connect6",
+        "sendmsg4",
+        "sendmsg6",
+        "sock_create",
+    ];
 }
 
 /// Which counter of a program.
@@ -194,4 +262,5 @@ mod user {
     unsafe impl aya::Pod for super::OriginalDestination {}
     unsafe impl aya::Pod for super::ClientPortKey {}
     unsafe impl aya::Pod for super::EvidenceEvent {}
+    unsafe impl aya::Pod for super::EgressRule {}
 }

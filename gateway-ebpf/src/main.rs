@@ -10,6 +10,13 @@
 //!   port belongs to which cookie, so the proxy can name the process behind
 //!   an accepted connection.
 //!
+//! - `sendmsg4`/`sendmsg6` refuse UDP datagrams to protected targets, and
+//!   `connect4`/`connect6` refuse non-stream sockets to them: the gateway
+//!   speaks TCP only, so anything else would be a way around it;
+//! - `sock_create` refuses raw inet sockets, which could craft packets to a
+//!   protected target below every socket hook;
+//! - all four apply the egress allow list when the default is deny.
+//!
 //! Host-wide, independent of the redirect (evidence):
 //! - `tcp_state` (tp_btf/inet_sock_set_state) reports every TCP active open
 //!   on the host, in the connecting task's context, with the socket cookie,
@@ -25,6 +32,9 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    macros::cgroup_sock,
+    maps::Array,
+    programs::SockContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
@@ -34,15 +44,22 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SockAddrContext, SockOpsContext},
 };
 use gateway_common::{
-    counted_program, counter, counter_index, event_kind, v4_mapped, ClientPortKey,
-    EvidenceEvent, OriginalDestination, Redirect, TargetKey, COUNTER_ENTRIES,
-    EVIDENCE_RING_BYTES, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
+    counted_program, counter, counter_index, egress_setting, event_kind, v4_mapped,
+    ClientPortKey, EgressRule, EvidenceEvent, OriginalDestination, Redirect, TargetKey,
+    COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RING_BYTES, REDIRECT_MAP_ENTRIES,
+    SOCKET_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// Return value that lets the operation go on.
 const ALLOW: i32 = 1;
+/// Return value that makes the system call fail with EPERM.
+const REFUSE: i32 = 0;
+const AF_PACKET: u32 = 17;
+const SOCK_STREAM: u32 = 1;
+const SOCK_RAW: u32 = 3;
+const IPPROTO_TCP: u32 = 6;
 
 #[map(name = "REDIRECTS")]
 static REDIRECTS: HashMap<TargetKey, Redirect> =
@@ -55,6 +72,12 @@ static ORIGINAL_DESTINATIONS: LruHashMap<u64, OriginalDestination> =
 #[map(name = "CLIENT_PORTS")]
 static CLIENT_PORTS: LruHashMap<ClientPortKey, u64> =
     LruHashMap::with_max_entries(SOCKET_MAP_ENTRIES, 0);
+
+#[map(name = "EGRESS_RULES")]
+static EGRESS_RULES: Array<EgressRule> = Array::with_max_entries(EGRESS_RULE_ENTRIES, 0);
+
+#[map(name = "EGRESS_SETTINGS")]
+static EGRESS_SETTINGS: Array<u32> = Array::with_max_entries(egress_setting::ENTRIES, 0);
 
 #[map(name = "EVIDENCE")]
 static EVIDENCE: RingBuf = RingBuf::with_byte_size(EVIDENCE_RING_BYTES, 0);
@@ -214,6 +237,78 @@ unsafe fn report_redirect(sa: *mut bpf_sock_addr, key: &TargetKey, family: u32, 
     emit(program, &event);
 }
 
+/// What the socket hooks decide for a destination.
+enum Verdict {
+    Redirect(Redirect),
+    Allow,
+    /// Refused; the event kind says why.
+    Refuse(u32),
+}
+
+/// Is the egress allow list in force, and does it allow this?
+#[inline(always)]
+fn egress_allowed(addr: &[u32; 4], port: u32, protocol: u32) -> bool {
+    match EGRESS_SETTINGS.get(egress_setting::DEFAULT_DENY) {
+        Some(&deny) if deny != 0 => {}
+        _ => return true,
+    }
+    let count = EGRESS_SETTINGS
+        .get(egress_setting::RULE_COUNT)
+        .copied()
+        .unwrap_or(0);
+    let mut i = 0;
+    // A constant bound the verifier can see; `count` only ends it early.
+    while i < EGRESS_RULE_ENTRIES {
+        if i >= count {
+            break;
+        }
+        if let Some(rule) = EGRESS_RULES.get(i) {
+            if rule.allows(addr, port, protocol) {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The decision for a connect or datagram from an agent cgroup.
+#[inline(always)]
+fn decide(key: &TargetKey, sock_type: u32, protocol: u32) -> Verdict {
+    if let Some(redirect) = unsafe { REDIRECTS.get(key) } {
+        // tollgate's listeners speak TCP: a datagram or any other socket
+        // kind to a protected target can only be a way around them.
+        return if sock_type == SOCK_STREAM {
+            Verdict::Redirect(*redirect)
+        } else {
+            Verdict::Refuse(event_kind::REFUSED_DATAGRAM)
+        };
+    }
+    let protocol = if sock_type == SOCK_STREAM { IPPROTO_TCP } else { protocol };
+    if egress_allowed(&key.addr, key.port, protocol) {
+        Verdict::Allow
+    } else {
+        Verdict::Refuse(event_kind::REFUSED_EGRESS)
+    }
+}
+
+#[inline(always)]
+unsafe fn report_refusal(
+    sa: *mut bpf_sock_addr,
+    key: &TargetKey,
+    family: u32,
+    kind: u32,
+    program: u32,
+) {
+    count(program, counter::SEEN);
+    let cookie = bpf_get_socket_cookie(sa as *mut _);
+    let mut event = current_task_event(kind, family, cookie);
+    event.daddr = key.addr;
+    event.dport = key.port;
+    event.protocol = (*sa).protocol;
+    emit(program, &event);
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
     unsafe {
@@ -222,11 +317,18 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
             addr: v4_mapped((*sa).user_ip4),
             port: port_from_user((*sa).user_port),
         };
-        if let Some(redirect) = REDIRECTS.get(&key) {
-            remember(sa, &key, AF_INET);
-            report_redirect(sa, &key, AF_INET, counted_program::CONNECT4);
-            (*sa).user_ip4 = redirect.addr4;
-            (*sa).user_port = port_to_user(redirect.port);
+        match decide(&key, (*sa).type_, (*sa).protocol) {
+            Verdict::Redirect(redirect) => {
+                remember(sa, &key, AF_INET);
+                report_redirect(sa, &key, AF_INET, counted_program::CONNECT4);
+                (*sa).user_ip4 = redirect.addr4;
+                (*sa).user_port = port_to_user(redirect.port);
+            }
+            Verdict::Allow => {}
+            Verdict::Refuse(kind) => {
+                report_refusal(sa, &key, AF_INET, kind, counted_program::CONNECT4);
+                return REFUSE;
+            }
         }
     }
     ALLOW
@@ -240,13 +342,77 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
             addr: read_ip6(sa),
             port: port_from_user((*sa).user_port),
         };
-        if let Some(redirect) = REDIRECTS.get(&key) {
-            remember(sa, &key, AF_INET6);
-            report_redirect(sa, &key, AF_INET6, counted_program::CONNECT6);
-            // The listener is IPv4; an AF_INET6 socket reaches it through
-            // the IPv4-mapped form of its address.
-            write_ip6(sa, v4_mapped(redirect.addr4));
-            (*sa).user_port = port_to_user(redirect.port);
+        match decide(&key, (*sa).type_, (*sa).protocol) {
+            Verdict::Redirect(redirect) => {
+                remember(sa, &key, AF_INET6);
+                report_redirect(sa, &key, AF_INET6, counted_program::CONNECT6);
+                // The listener is IPv4; an AF_INET6 socket reaches it through
+                // the IPv4-mapped form of its address.
+                write_ip6(sa, v4_mapped(redirect.addr4));
+                (*sa).user_port = port_to_user(redirect.port);
+            }
+            Verdict::Allow => {}
+            Verdict::Refuse(kind) => {
+                report_refusal(sa, &key, AF_INET6, kind, counted_program::CONNECT6);
+                return REFUSE;
+            }
+        }
+    }
+    ALLOW
+}
+
+/// Unconnected UDP: each datagram's destination is checked.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
+    unsafe {
+        let sa = ctx.sock_addr;
+        let key = TargetKey {
+            addr: v4_mapped((*sa).user_ip4),
+            port: port_from_user((*sa).user_port),
+        };
+        if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
+            report_refusal(sa, &key, AF_INET, kind, counted_program::SENDMSG4);
+            return REFUSE;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
+    unsafe {
+        let sa = ctx.sock_addr;
+        let key = TargetKey {
+            addr: read_ip6(sa),
+            port: port_from_user((*sa).user_port),
+        };
+        if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
+            report_refusal(sa, &key, AF_INET6, kind, counted_program::SENDMSG6);
+            return REFUSE;
+        }
+    }
+    ALLOW
+}
+
+/// Raw sockets can put any packet on the wire, below every socket-address
+/// hook: agents may not have them. (The kernel runs this hook for inet
+/// sockets only; AF_PACKET sockets never reach it, which is why agents
+/// must also run without CAP_NET_RAW: docs/pinning.md.)
+#[cgroup_sock(sock_create)]
+pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
+    unsafe {
+        let sk = ctx.sock;
+        let family = (*sk).family;
+        let sock_type = (*sk).type_;
+        if family == AF_PACKET || sock_type == SOCK_RAW {
+            let program = counted_program::SOCK_CREATE;
+            count(program, counter::SEEN);
+            let mut event = current_task_event(event_kind::REFUSED_SOCKET, family, 0);
+            event.protocol = (*sk).protocol;
+            // The socket type, for the record (no destination yet).
+            event.dport = sock_type;
+            emit(program, &event);
+            return REFUSE;
         }
     }
     ALLOW

@@ -182,9 +182,22 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
             listener: t.listen,
         })
         .collect();
-    let mut pinning =
-        Pinning::install(&config.pin.bpffs_dir, &config.pin.agent_cgroups, &protected)
-            .context("pinning")?;
+    let egress = pin::EgressPolicy {
+        default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
+        allow: config
+            .pin
+            .egress_allow
+            .iter()
+            .map(|rule| rule.parse().map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?,
+    };
+    let mut pinning = Pinning::install(
+        &config.pin.bpffs_dir,
+        &config.pin.agent_cgroups,
+        &protected,
+        &egress,
+    )
+    .context("pinning")?;
     let evidence = match pinning.take_evidence() {
         Some(handles) => Some(
             Evidence::start(
@@ -260,7 +273,7 @@ fn config_snapshot(config: &Config) -> Result<ConfigSnapshot> {
         agent_cgroups,
         gateway_pid: std::process::id(),
         gateway_cgroup_id: pin::own_cgroup_id().unwrap_or(0),
-        egress_default_deny: false,
+        egress_default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
     })
 }
 

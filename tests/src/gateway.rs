@@ -25,6 +25,8 @@ pub struct GatewayConfig {
     pub bpffs_dir: PathBuf,
     pub audit_dir: PathBuf,
     pub jwks_uri: String,
+    /// More `[pin]` keys, one per line (e.g. `egress_default = "deny"`).
+    pub extra_pin_toml: String,
 }
 
 impl GatewayConfig {
@@ -34,6 +36,7 @@ impl GatewayConfig {
 [pin]
 agent_cgroups = ["{cgroup}"]
 bpffs_dir = "{bpffs}"
+{extra_pin}
 
 [identity]
 tenants = ["{tenant}"]
@@ -53,6 +56,7 @@ credential = {{ user = "{user}", password = "{password}" }}
 "#,
             cgroup = self.agent_cgroup.display(),
             bpffs = self.bpffs_dir.display(),
+            extra_pin = self.extra_pin_toml,
             tenant = idp::TENANT,
             audience = idp::AUDIENCE,
             jwks = self.jwks_uri,
@@ -95,6 +99,7 @@ impl Gateway {
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(&unique),
             audit_dir: dir.path().join("audit"),
             jwks_uri,
+            extra_pin_toml: String::new(),
         };
         Ok((dir, config))
     }

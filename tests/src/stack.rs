@@ -6,7 +6,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use crate::{duckdb, wait_for, AgentCgroup, DevIdp, Gateway, Postgres};
+use crate::{duckdb, wait_for, AgentCgroup, DevIdp, Gateway, GatewayConfig, Postgres};
 
 pub struct Stack {
     // Dropped in this order: the gateway before the servers it talks to.
@@ -17,14 +17,23 @@ pub struct Stack {
 
 impl Stack {
     pub fn start() -> Result<Self> {
-        let postgres = Postgres::start()?;
+        Self::start_with(Postgres::start()?, |_| {})
+    }
+
+    /// The whole path around a given server, with the gateway's
+    /// configuration adjusted by `customize` before it starts.
+    pub fn start_with(
+        postgres: Postgres,
+        customize: impl FnOnce(&mut GatewayConfig),
+    ) -> Result<Self> {
         let idp = DevIdp::start()?;
-        let (dir, config) = Gateway::config_for(
+        let (dir, mut config) = Gateway::config_for(
             postgres.address(),
             &postgres.gateway_user,
             &postgres.gateway_password,
             idp.jwks_uri(),
         )?;
+        customize(&mut config);
         let gateway = Gateway::start(dir, config)?;
         Ok(Stack {
             gateway,

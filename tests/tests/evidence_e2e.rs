@@ -2,44 +2,20 @@
 //! cgroup and from outside it, the host-wide probe, the evidence stream
 //! under the audit directory, and `tollgate verify` reconciling the two.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use serde_json::Value;
-use tollgate_tests::{duckdb, privileged, tollgate_bin, Stack};
+use tollgate_tests::{evidence, privileged, Stack};
 
 const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-00000000e71d";
 
-/// Runs `tollgate verify` on the stopped gateway's audit directory and
-/// returns (exit code, summary, JSON report).
 fn verify(stack: &Stack) -> (i32, String, Value) {
-    let audit = stack.gateway.audit_dir();
-    let report = stack.gateway.dir.path().join("verify.json");
-    let out = Command::new(tollgate_bin())
-        .arg("verify")
-        .arg(audit)
-        .arg("--public-key")
-        .arg(audit.join("keys/checkpoint.key.pub"))
-        .arg("--report")
-        .arg(&report)
-        // The chain and checkpoint verification is the audit module's; this
-        // test is about reconciliation.
-        .arg("--reconcile-only")
-        .output()
-        .expect("run tollgate verify");
-    let summary = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json = std::fs::read(&report)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), summary, json)
+    let run = evidence::verify(stack.gateway.audit_dir(), stack.gateway.dir.path());
+    (run.code, run.summary, run.report)
 }
 
 fn evidence_rows(stack: &Stack, sql: &str) -> Vec<Value> {
-    duckdb::query(&stack.gateway.audit_dir().join("evidence"), sql).expect("query the evidence")
+    evidence::rows(stack.gateway.audit_dir(), sql)
 }
 
 #[test]

@@ -57,6 +57,9 @@ pub fn kind_name(kind: u32) -> &'static str {
     match kind {
         event_kind::TCP_CONNECT => "tcp_connect",
         event_kind::REDIRECTED => "redirected",
+        event_kind::REFUSED_DATAGRAM => "refused_datagram",
+        event_kind::REFUSED_SOCKET => "refused_socket",
+        event_kind::REFUSED_EGRESS => "refused_egress",
         _ => "unknown",
     }
 }
@@ -179,8 +182,13 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     record.actor_process_pid = i32::try_from(event.pid).ok();
     record.actor_process_name = comm_to_string(&event.comm);
     record.actor_process_cgroup_id = i64::try_from(event.cgroup_id).ok();
-    record.dst_endpoint_ip = ip_from_words(event.daddr).to_string();
-    record.dst_endpoint_port = i32::try_from(event.dport).ok();
+    // A refused socket has no destination yet; its event carries the
+    // socket type in place of the port.
+    let socket_type = (event.kind == event_kind::REFUSED_SOCKET).then_some(event.dport);
+    if socket_type.is_none() {
+        record.dst_endpoint_ip = ip_from_words(event.daddr).to_string();
+        record.dst_endpoint_port = i32::try_from(event.dport).ok();
+    }
     record.connection_info_protocol_name = match event.protocol {
         6 => "tcp".into(),
         17 => "udp".into(),
@@ -191,7 +199,8 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     record.upstream_socket_cookie = i64::try_from(event.cookie).ok();
     record.unmapped = json!({
         "kind": kind_name(event.kind),
-        "family": match event.family { 2 => "inet", 10 => "inet6", _ => "other" },
+        "family": match event.family { 2 => "inet", 10 => "inet6", 17 => "packet", _ => "other" },
+        "socket_type": socket_type,
         "protocol": event.protocol,
         "tid": event.tid,
         "boot_ns": event.boot_ns,

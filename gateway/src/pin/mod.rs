@@ -24,12 +24,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use gateway_common::{
-    global_names, map_names, program_names, ClientPortKey, OriginalDestination, Redirect, TargetKey,
+    egress_setting, global_names, map_names, program_names, ClientPortKey, EgressRule,
+    OriginalDestination, Redirect, TargetKey,
 };
 use tracing::info;
 
@@ -43,12 +46,67 @@ static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-eb
 /// explicit attach flag, so the link is created with none.
 const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::GETPEERNAME4,
     program_names::GETPEERNAME6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
 ];
+
+/// One egress allow rule, parsed from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowRule {
+    pub ip: IpAddr,
+    /// Prefix length in the address's own family (0..=32 or 0..=128).
+    pub prefix: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// 0 any, 6 TCP, 17 UDP.
+    pub protocol: u32,
+}
+
+impl AllowRule {
+    /// The kernel's form: IPv4 prefixes become IPv4-mapped, as the
+    /// programs see every destination.
+    pub fn to_kernel(self) -> EgressRule {
+        let (v6, prefix) = match self.ip {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped(), u32::from(self.prefix) + 96),
+            IpAddr::V6(v6) => (v6, u32::from(self.prefix)),
+        };
+        let mask_bits: u128 = if prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - prefix)
+        };
+        let mask_octets = mask_bits.to_be_bytes();
+        let addr_octets = (u128::from_be_bytes(v6.octets()) & mask_bits).to_be_bytes();
+        let words = |o: [u8; 16]| {
+            let mut w = [0u32; 4];
+            for (i, word) in w.iter_mut().enumerate() {
+                *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            }
+            w
+        };
+        EgressRule {
+            addr: words(addr_octets),
+            mask: words(mask_octets),
+            port_lo: u32::from(self.port_lo),
+            port_hi: u32::from(self.port_hi),
+            protocol: self.protocol,
+            _reserved: 0,
+        }
+    }
+}
+
+/// What agent cgroups may reach besides the protected targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// Refuse (EPERM) whatever no rule allows.
+    pub default_deny: bool,
+    pub allow: Vec<AllowRule>,
+}
 
 /// A protected destination and the listener that serves it.
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +153,7 @@ impl Pinning {
         pin_dir: &Path,
         agent_cgroups: &[PathBuf],
         protected: &[Protected],
+        egress: &EgressPolicy,
     ) -> Result<Self> {
         ensure_mounts()?;
         let maps_dir = pin_dir.join("maps");
@@ -123,6 +182,8 @@ impl Pinning {
             map_names::CLIENT_PORTS,
             map_names::EVIDENCE,
             map_names::EVIDENCE_COUNTERS,
+            map_names::EGRESS_RULES,
+            map_names::EGRESS_SETTINGS,
         ]
         .into_iter()
         .map(|name| (name, maps_dir.join(name)))
@@ -143,6 +204,17 @@ impl Pinning {
         program_mut::<SockOps>(&mut ebpf, program_names::SOCK_OPS)?
             .load()
             .context("load the sock_ops program")?;
+        program_mut::<CgroupSock>(&mut ebpf, program_names::SOCK_CREATE)?
+            .load()
+            .context("load the sock_create program")?;
+
+        // Redirects and egress policy are in the (pinned, shared) maps
+        // before any new attachment: a new program never runs on stale
+        // policy.
+        let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
+            take_map(&mut ebpf, map_names::REDIRECTS)?;
+        sync_redirects(&mut redirects, protected)?;
+        sync_egress(&mut ebpf, egress)?;
 
         // Evidence first: from here on every TCP connect on the host is on
         // record, before any agent cgroup is attached.
@@ -175,6 +247,17 @@ impl Pinning {
                 let link: FdLink = program.take_link(link_id)?.try_into()?;
                 replace_pin(link, &links_dir, name, &cgroup_id.to_string())?;
             }
+            let program: &mut CgroupSock = program_mut(&mut ebpf, program_names::SOCK_CREATE)?;
+            let link_id = program
+                .attach(&cgroup_file, LINK_ATTACH_MODE)
+                .with_context(|| format!("attach sock_create to {}", cgroup.display()))?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            replace_pin(
+                link,
+                &links_dir,
+                program_names::SOCK_CREATE,
+                &cgroup_id.to_string(),
+            )?;
             let program: &mut SockOps = program_mut(&mut ebpf, program_names::SOCK_OPS)?;
             let link_id = program
                 .attach(&cgroup_file, LINK_ATTACH_MODE)
@@ -189,9 +272,6 @@ impl Pinning {
             info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
         }
 
-        let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
-            take_map(&mut ebpf, map_names::REDIRECTS)?;
-        sync_redirects(&mut redirects, protected)?;
         let original_destinations = take_map(&mut ebpf, map_names::ORIGINAL_DESTINATIONS)?;
         let client_ports = take_map(&mut ebpf, map_names::CLIENT_PORTS)?;
         let ring = RingBuf::try_from(
@@ -307,6 +387,39 @@ fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: &str) -
     Ok(())
 }
 
+fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
+    let mut rules: Array<MapData, EgressRule> = Array::try_from(
+        ebpf.take_map(map_names::EGRESS_RULES)
+            .context("map EGRESS_RULES missing from the kernel object")?,
+    )?;
+    let mut settings: Array<MapData, u32> = Array::try_from(
+        ebpf.take_map(map_names::EGRESS_SETTINGS)
+            .context("map EGRESS_SETTINGS missing from the kernel object")?,
+    )?;
+    if egress.allow.len() > rules.len() as usize {
+        bail!("at most {} egress rules", rules.len());
+    }
+    // Rules first, then the count, then the switch: a program reading in
+    // between sees either the old policy or a complete new one... except
+    // for a shrinking list, where it may briefly see fewer rules, which
+    // only refuses more, never less.
+    for (i, rule) in egress.allow.iter().enumerate() {
+        rules.set(i as u32, rule.to_kernel(), 0)?;
+    }
+    settings.set(egress_setting::RULE_COUNT, egress.allow.len() as u32, 0)?;
+    settings.set(
+        egress_setting::DEFAULT_DENY,
+        u32::from(egress.default_deny),
+        0,
+    )?;
+    info!(
+        default = if egress.default_deny { "deny" } else { "allow" },
+        rules = egress.allow.len(),
+        "egress policy for agent cgroups"
+    );
+    Ok(())
+}
+
 fn sync_redirects(
     map: &mut BpfHashMap<MapData, TargetKey, Redirect>,
     protected: &[Protected],
@@ -402,6 +515,68 @@ mod tests {
     fn ipv6_targets_round_trip() {
         let addr: SocketAddr = "[fd00::7]:5432".parse().unwrap();
         assert_eq!(ip_from_words(target_key(addr).addr), addr.ip());
+    }
+
+    #[test]
+    fn allow_rules_become_masked_mapped_kernel_rules() {
+        let v4 = AllowRule {
+            ip: "10.1.2.3".parse().unwrap(),
+            prefix: 8,
+            port_lo: 53,
+            port_hi: 53,
+            protocol: 17,
+        }
+        .to_kernel();
+        let inside = target_key("10.200.0.1:53".parse().unwrap());
+        let outside = target_key("11.0.0.1:53".parse().unwrap());
+        assert!(v4.allows(&inside.addr, 53, 17));
+        assert!(!v4.allows(&inside.addr, 53, 6), "udp only");
+        assert!(!v4.allows(&inside.addr, 54, 17), "port 53 only");
+        assert!(!v4.allows(&outside.addr, 53, 17));
+        let v6 = AllowRule {
+            ip: "fd00::".parse().unwrap(),
+            prefix: 8,
+            port_lo: 0,
+            port_hi: 65535,
+            protocol: 0,
+        }
+        .to_kernel();
+        assert!(v6.allows(&target_key("[fd12::1]:443".parse().unwrap()).addr, 443, 6));
+        assert!(!v6.allows(&target_key("[fe80::1]:443".parse().unwrap()).addr, 443, 6));
+        assert!(!v6.allows(&inside.addr, 53, 17));
+        let everything = AllowRule {
+            ip: "::".parse().unwrap(),
+            prefix: 0,
+            port_lo: 0,
+            port_hi: 65535,
+            protocol: 0,
+        }
+        .to_kernel();
+        assert!(everything.allows(&outside.addr, 1, 6));
+    }
+
+    #[test]
+    fn egress_config_entries_parse_or_say_why_not() {
+        use crate::config::EgressAllow;
+        let entry = |cidr: &str, ports: Option<&str>, protocol: Option<&str>| EgressAllow {
+            cidr: cidr.into(),
+            ports: ports.map(Into::into),
+            protocol: protocol.map(Into::into),
+        };
+        let rule = entry("10.0.0.53", Some("53"), Some("udp")).parse().unwrap();
+        assert_eq!(
+            (rule.prefix, rule.port_lo, rule.port_hi, rule.protocol),
+            (32, 53, 53, 17)
+        );
+        let rule = entry("fd00::/8", Some("8000-8080"), None).parse().unwrap();
+        assert_eq!(
+            (rule.prefix, rule.port_lo, rule.port_hi, rule.protocol),
+            (8, 8000, 8080, 0)
+        );
+        assert!(entry("10.0.0.0/33", None, None).parse().is_err());
+        assert!(entry("db.internal", None, None).parse().is_err());
+        assert!(entry("10.0.0.1", Some("90-80"), None).parse().is_err());
+        assert!(entry("10.0.0.1", None, Some("icmp")).parse().is_err());
     }
 
     #[test]
