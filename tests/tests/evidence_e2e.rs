@@ -123,3 +123,30 @@ fn a_direct_connection_from_outside_the_agent_cgroups_is_an_unaudited_connection
     );
     assert!(summary.contains("unaudited_connection_to_protected_target"));
 }
+
+#[test]
+fn a_session_that_sends_no_statement_is_still_an_audited_upstream() {
+    if !privileged("a_session_that_sends_no_statement_is_still_an_audited_upstream") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
+    // Log in and hang up: the gateway opened an upstream connection, and
+    // no statement row will carry its cookie.
+    let answer = stack.agent_login(&token).expect("raw login");
+    assert_eq!(answer["outcome"], "ok", "{answer}");
+    stack.gateway.stop();
+
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'session' AND class_uid = 6005 AND upstream_socket_cookie IS NOT NULL",
+            1,
+            Duration::from_secs(10),
+        )
+        .expect("the upstream connection's audit row");
+    assert_eq!(rows[0]["actor_user_uid"], AGENT_OID);
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 0, "{summary}");
+    assert_eq!(report["to_protected_targets"], 1, "{summary}");
+    assert_eq!(report["audited_upstreams"], 1, "{summary}");
+}
