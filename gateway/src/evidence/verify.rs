@@ -23,7 +23,7 @@ use arrow_array::{Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
-use super::{evidence_dir, phase, ConfigSnapshot, LossReport};
+use super::{evidence_dir, phase, ConfigSnapshot, LossReport, ProgramCounters, UserSpaceCounters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -153,12 +153,65 @@ pub struct Bypass {
     pub evidence_sequence: i64,
 }
 
-/// A loss_counters record that reports a loss.
+/// A loss_counters record whose counters grew since the previous one.
 #[derive(Debug, Clone, Serialize)]
 pub struct Loss {
     pub time_ms: i64,
     pub evidence_sequence: i64,
+    /// What was lost in this interval.
+    pub delta: LossReport,
+    /// The cumulative counters as recorded.
     pub report: serde_json::Value,
+}
+
+/// `cur - prev`, or `cur` when the counter went down (a new counter map or
+/// a new daemon started counting from zero).
+fn grew(prev: u64, cur: u64) -> u64 {
+    if cur >= prev {
+        cur - prev
+    } else {
+        cur
+    }
+}
+
+/// What one interval added to the counters. Kernel counters live in a
+/// pinned map and accumulate across daemon restarts; recursion misses
+/// belong to one program instance (compared only while its id is the
+/// same); user-space counters restart with each daemon.
+pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport {
+    let mut out = LossReport {
+        interval_ms: cur.interval_ms,
+        ..LossReport::default()
+    };
+    for (name, c) in &cur.programs {
+        let p = prev.and_then(|p| p.programs.get(name));
+        let zero = ProgramCounters::default();
+        let p_or = p.unwrap_or(&zero);
+        let misses = match (p.and_then(|p| p.program_id), c.program_id) {
+            (Some(a), Some(b)) if a == b => grew(
+                p_or.recursion_misses.unwrap_or(0),
+                c.recursion_misses.unwrap_or(0),
+            ),
+            _ => c.recursion_misses.unwrap_or(0),
+        };
+        out.programs.insert(
+            name.clone(),
+            ProgramCounters {
+                seen: grew(p_or.seen, c.seen),
+                emitted: grew(p_or.emitted, c.emitted),
+                dropped: grew(p_or.dropped, c.dropped),
+                recursion_misses: c.recursion_misses.map(|_| misses),
+                program_id: c.program_id,
+            },
+        );
+    }
+    let pu = prev.map(|p| p.user_space).unwrap_or_default();
+    out.user_space = UserSpaceCounters {
+        received: grew(pu.received, cur.user_space.received),
+        malformed: grew(pu.malformed, cur.user_space.malformed),
+        write_failed: grew(pu.write_failed, cur.user_space.write_failed),
+    };
+    out
 }
 
 /// What the integrity check of one stream found.
@@ -451,21 +504,34 @@ pub fn reconcile(
             (phase::EVIDENCE, k) if k.starts_with("refused") => report.refused += 1,
             (phase::LOSS_COUNTERS, _) => {
                 report.loss_records += 1;
-                match serde_json::from_str::<LossReport>(&row.unmapped) {
-                    Ok(loss) if loss.lossless() => {}
-                    Ok(_) => report.losses.push(Loss {
-                        time_ms: row.time,
-                        evidence_sequence: row.sequence,
-                        report: serde_json::from_str(&row.unmapped).unwrap_or_default(),
-                    }),
-                    Err(err) => problems.push(format!(
-                        "evidence record {}: unreadable loss counters: {err}",
-                        row.sequence
-                    )),
-                }
             }
             _ => {}
         }
+    }
+    // Loss is judged per interval, from every loss record in order (those
+    // before the window are the baseline of the first one in it).
+    let mut previous: Option<LossReport> = None;
+    for row in evidence.iter().filter(|r| r.phase == phase::LOSS_COUNTERS) {
+        let cumulative = match serde_json::from_str::<LossReport>(&row.unmapped) {
+            Ok(c) => c,
+            Err(err) => {
+                problems.push(format!(
+                    "evidence record {}: unreadable loss counters: {err}",
+                    row.sequence
+                ));
+                continue;
+            }
+        };
+        let delta = interval_delta(previous.as_ref(), &cumulative);
+        if in_window(row.time) && !delta.lossless() {
+            report.losses.push(Loss {
+                time_ms: row.time,
+                evidence_sequence: row.sequence,
+                delta,
+                report: serde_json::from_str(&row.unmapped).unwrap_or_default(),
+            });
+        }
+        previous = Some(cumulative);
     }
     if report.loss_records == 0 {
         problems.push("no loss counters in the window: completeness cannot be shown".into());
@@ -743,6 +809,57 @@ mod tests {
             &opts(),
         );
         assert!(!r.ok, "no config");
+    }
+
+    #[test]
+    fn loss_is_judged_per_interval_from_cumulative_counters() {
+        let mut late = loss(3, 3);
+        late.time = 1_700_000_000_100;
+        let mut later = loss(4, 3);
+        later.time = 1_700_000_000_200;
+        let evidence = vec![config_row(1), loss(2, 3), late, later];
+        // Judged whole: the first interval lost 3 events.
+        let r = reconcile(
+            Path::new("/a"),
+            &[],
+            &evidence,
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert_eq!(r.losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.losses[0].evidence_sequence, 2);
+        assert_eq!(r.losses[0].delta.programs["tcp_state"].dropped, 3);
+        // A window after that drop: the counters did not grow in it.
+        let o = Options {
+            from_ms: Some(1_700_000_000_050),
+            to_ms: None,
+            require_integrity: true,
+        };
+        let r = reconcile(Path::new("/a"), &[], &evidence, checked(), checked(), &o);
+        assert!(r.losses.is_empty(), "{}", summary(&r));
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    #[test]
+    fn counters_that_restart_from_zero_count_from_zero() {
+        let before: LossReport = serde_json::from_str(
+            r#"{"programs":{"tcp_state":{"seen":90,"emitted":90,"dropped":0,"recursion_misses":4,"program_id":7}},"user_space":{"received":90,"malformed":0,"write_failed":0},"interval_ms":5000}"#,
+        )
+        .unwrap();
+        let after: LossReport = serde_json::from_str(
+            r#"{"programs":{"tcp_state":{"seen":95,"emitted":95,"dropped":0,"recursion_misses":0,"program_id":8}},"user_space":{"received":5,"malformed":0,"write_failed":0},"interval_ms":5000}"#,
+        )
+        .unwrap();
+        let delta = interval_delta(Some(&before), &after);
+        assert_eq!(delta.programs["tcp_state"].seen, 5);
+        assert_eq!(
+            delta.programs["tcp_state"].recursion_misses,
+            Some(0),
+            "a new program"
+        );
+        assert_eq!(delta.user_space.received, 5, "a new daemon");
+        assert!(delta.lossless());
     }
 
     #[test]
