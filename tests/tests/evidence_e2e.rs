@@ -42,6 +42,8 @@ fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
     stack.gateway.stop();
 
     let (code, summary, report) = verify(&stack);
+    // Shown in CI logs: the numbers behind "zero bypasses, zero loss".
+    eprintln!("{summary}");
     assert_eq!(code, 0, "{summary}");
     assert_eq!(report["bypasses"], serde_json::json!([]), "{summary}");
     assert_eq!(report["losses"], serde_json::json!([]), "{summary}");

@@ -420,10 +420,12 @@ pub fn reconcile(
         .filter(|r| r.phase == phase::EVIDENCE && kind(r) == "redirected")
         .filter_map(|r| r.cookie)
         .collect();
-    let gateway_cgroups: HashSet<i64> = evidence
+    // The daemon's process ids, one per start. (Its threads' comm is the
+    // runtime's worker name, not "tollgate", so the pid is what tells.)
+    let gateway_pids: HashSet<i32> = evidence
         .iter()
         .filter(|r| r.phase == phase::CONFIG)
-        .filter_map(|r| r.cgroup_id)
+        .filter_map(|r| r.pid)
         .collect();
 
     let mut report = Report {
@@ -473,9 +475,7 @@ pub fn reconcile(
                     }
                     let finding = if from_agent {
                         "direct_from_agent_cgroup"
-                    } else if row.cgroup_id.is_some_and(|c| gateway_cgroups.contains(&c))
-                        && row.process == "tollgate"
-                    {
+                    } else if row.pid.is_some_and(|p| gateway_pids.contains(&p)) {
                         "gateway_upstream_not_audited"
                     } else {
                         "unaudited_connection_to_protected_target"
@@ -609,10 +609,11 @@ pub fn summary(r: &Report) -> String {
     for p in &r.problems {
         out.push_str(&format!("  problem: {p}\n"));
     }
-    out.push_str(if r.ok {
-        "RESULT: OK\n"
-    } else {
-        "RESULT: FAILED\n"
+    let unchecked = !r.audit_integrity.checked || !r.evidence_integrity.checked;
+    out.push_str(match (r.ok, unchecked) {
+        (true, false) => "RESULT: OK\n",
+        (true, true) => "RESULT: OK (reconciliation only: integrity not checked)\n",
+        (false, _) => "RESULT: FAILED\n",
     });
     out
 }
@@ -659,6 +660,7 @@ mod tests {
         Row {
             sequence: seq,
             phase: "config".into(),
+            pid: Some(10),
             cgroup_id: Some(5),
             unmapped: serde_json::to_string(&snapshot).unwrap(),
             ..Row::default()
@@ -723,7 +725,10 @@ mod tests {
         redirect.unmapped = r#"{"kind":"redirected"}"#.into();
         let evidence = vec![
             config_row(1),
-            connect(2, 5, "tollgate", "10.0.0.5:5432", 500),
+            Row {
+                pid: Some(10),
+                ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
+            },
             redirect,
             connect(4, 77, "psql", "127.0.0.1:15432", 900),
             connect(5, 77, "curl", "93.184.216.34:443", 901),
@@ -749,7 +754,10 @@ mod tests {
         let evidence = vec![
             config_row(1),
             connect(2, 77, "python3", "10.0.0.5:5432", 600),
-            connect(3, 5, "tollgate", "10.0.0.5:5432", 601),
+            Row {
+                pid: Some(10),
+                ..connect(3, 5, "tokio-runtime-w", "10.0.0.5:5432", 601)
+            },
             connect(4, 3, "psql", "[::ffff:10.0.0.5]:5432", 602),
             loss(5, 0),
         ];
