@@ -31,6 +31,8 @@ pub struct GatewayConfig {
     pub policy: String,
     /// Extra lines inside the `[[target]]` table.
     pub target_extra: String,
+    /// More `[pin]` keys, one per line (e.g. `egress_default = "deny"`).
+    pub extra_pin_toml: String,
 }
 
 /// The policy the tests run under unless they say otherwise: any
@@ -52,6 +54,7 @@ impl GatewayConfig {
 [pin]
 agent_cgroups = ["{cgroup}"]
 bpffs_dir = "{bpffs}"
+{extra_pin}
 
 [identity]
 tenants = ["{tenant}"]
@@ -74,6 +77,7 @@ credential = {{ user = "{user}", password = "{password}" }}
 "#,
             cgroup = self.agent_cgroup.display(),
             bpffs = self.bpffs_dir.display(),
+            extra_pin = self.extra_pin_toml,
             tenant = idp::TENANT,
             audience = idp::AUDIENCE,
             jwks = self.jwks_uri,
@@ -122,6 +126,7 @@ impl Gateway {
             jwks_uri,
             policy: DEFAULT_POLICY.into(),
             target_extra: String::new(),
+            extra_pin_toml: String::new(),
         };
         Ok((dir, config))
     }

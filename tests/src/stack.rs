@@ -6,7 +6,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use crate::{duckdb, wait_for, AgentCgroup, DevIdp, Gateway, Postgres};
+use crate::{duckdb, wait_for, AgentCgroup, DevIdp, Gateway, GatewayConfig, Postgres};
 
 pub struct Stack {
     // Dropped in this order: the gateway before the servers it talks to.
@@ -17,27 +17,30 @@ pub struct Stack {
 
 impl Stack {
     pub fn start() -> Result<Self> {
-        Self::start_with_policy(crate::DEFAULT_POLICY)
+        Self::start_with(Postgres::start()?, |_| {})
     }
 
     /// The stack with `policy` as the `[policy]` (and `[identity.roles]`) TOML.
     pub fn start_with_policy(policy: &str) -> Result<Self> {
-        Self::start_with(Postgres::start()?, policy, "")
+        Self::start_with(Postgres::start()?, |config| {
+            config.policy = policy.to_owned()
+        })
     }
 
-    /// The stack over a given server, with `policy` TOML and extra TOML
-    /// lines for the `[[target]]` table (e.g. its TLS settings).
-    pub fn start_with(postgres: Postgres, policy: &str, target_extra: &str) -> Result<Self> {
+    /// The whole path around a given server, with the gateway's
+    /// configuration adjusted by `customize` before it starts.
+    pub fn start_with(
+        postgres: Postgres,
+        customize: impl FnOnce(&mut GatewayConfig),
+    ) -> Result<Self> {
         let idp = DevIdp::start()?;
-        let (dir, config) = Gateway::config_for(
+        let (dir, mut config) = Gateway::config_for(
             postgres.address(),
             &postgres.gateway_user,
             &postgres.gateway_password,
             idp.jwks_uri(),
         )?;
-        let mut config = config;
-        config.policy = policy.to_owned();
-        config.target_extra = target_extra.to_owned();
+        customize(&mut config);
         let gateway = Gateway::start(dir, config)?;
         Ok(Stack {
             gateway,

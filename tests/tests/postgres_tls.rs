@@ -4,7 +4,7 @@
 
 use std::{path::Path, process::Command};
 
-use tollgate_tests::{postgres, privileged, Postgres, Stack, DEFAULT_POLICY};
+use tollgate_tests::{postgres, privileged, Postgres, Stack};
 
 /// A CA and one leaf certificate for 127.0.0.1 signed by it, made with
 /// the openssl command line.
@@ -128,7 +128,8 @@ fn both_legs_are_tls_and_verified() {
         "tls = {{ cert = \"{dir}/server.pem\", key = \"{dir}/server.key\", require = true }}\nupstream_tls = {{ ca_file = \"{dir}/ca.pem\" }}",
         dir = pki.path().display()
     );
-    let stack = Stack::start_with(postgres, DEFAULT_POLICY, &target_tls).expect("start the stack");
+    let stack = Stack::start_with(postgres, |config| config.target_extra = target_tls.clone())
+        .expect("start the stack");
     let token = stack.idp.token("tls-agent-oid", &[]).expect("token");
 
     let conn = |mode: &str, root: &str| {
@@ -208,7 +209,8 @@ fn an_upstream_certificate_from_an_untrusted_ca_is_refused() {
         "upstream_tls = {{ ca_file = \"{}/other.pem\" }}",
         pki.path().display()
     );
-    let stack = Stack::start_with(postgres, DEFAULT_POLICY, &target_tls).expect("start the stack");
+    let stack = Stack::start_with(postgres, |config| config.target_extra = target_tls.clone())
+        .expect("start the stack");
     let token = stack.idp.token("tls-agent-oid", &[]).expect("token");
     let out = stack.agent_psql(&token, "SELECT 1").output().expect("psql");
     assert!(!out.status.success(), "tollgate used an unverified server");

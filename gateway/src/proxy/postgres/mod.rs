@@ -199,6 +199,21 @@ async fn serve(
             return Ok(());
         }
     };
+    // The upstream socket's cookie goes on record before the session is
+    // used, so `tollgate verify` can account for every connection the
+    // gateway opens, including sessions that never send a statement.
+    let mut opened = accepted_upstream_record(&connection, &principal, &upstream);
+    opened.database_user = database_user.clone();
+    opened.database_name = database_name.clone();
+    if let Err(err) = shared.audit.append(opened).await {
+        fatal(
+            &mut client_wr,
+            SQLSTATE_AUDIT,
+            &format!("tollgate: cannot audit this session: {err}"),
+        )
+        .await;
+        return Ok(());
+    }
     // Masked columns are resolved before any agent message is relayed; if
     // they cannot be, the session does not start (fail closed).
     let mask_patterns = shared.policy.masks_for(&principal, &connection.target.name);
@@ -241,6 +256,28 @@ async fn serve(
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await
+}
+
+/// The Datastore Activity "connect" record of an opened upstream session,
+/// carrying the upstream socket's cookie.
+fn accepted_upstream_record(
+    connection: &Connection,
+    principal: &crate::identity::Principal,
+    upstream: &upstream::Upstream,
+) -> crate::audit::AuditRecord {
+    use crate::audit::record;
+    let mut record = connection.record(Some(principal));
+    super::set_class(
+        &mut record,
+        record::CLASS_DATASTORE_ACTIVITY,
+        record::datastore_activity::CONNECT,
+    );
+    record.phase = "session".into();
+    record.status_id = record::status::SUCCESS;
+    record.action_id = record::action::ALLOWED;
+    record.status_detail = "upstream connection opened".into();
+    record.upstream_socket_cookie = upstream.socket_cookie.and_then(|c| i64::try_from(c).ok());
+    record
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.
