@@ -15,18 +15,18 @@ pub struct VerifyRun {
     pub report: Value,
 }
 
-/// Runs `tollgate verify --reconcile-only` on `audit_dir` (signed by the
-/// generated key under `{audit_dir}/keys`), writing the report under
-/// `scratch`. The chain and checkpoint verification belongs to the audit
-/// module; these tests are about reconciliation.
-pub fn verify(audit_dir: &Path, scratch: &Path) -> VerifyRun {
+/// Runs `tollgate verify --reconcile-only` on `audit_dir` (checkpoints
+/// signed by the key whose public half is `public_key`), writing the report
+/// under `scratch`. The chain and checkpoint verification belongs to the
+/// audit module; these tests are about reconciliation.
+pub fn verify(audit_dir: &Path, public_key: &Path, scratch: &Path) -> VerifyRun {
     let report_path = scratch.join("verify.json");
     let _ = std::fs::remove_file(&report_path);
     let out = Command::new(tollgate_bin())
         .arg("verify")
         .arg(audit_dir)
         .arg("--public-key")
-        .arg(audit_dir.join("keys/checkpoint.key.pub"))
+        .arg(public_key)
         .arg("--report")
         .arg(&report_path)
         .arg("--reconcile-only")

@@ -229,9 +229,14 @@ impl Gateway {
         }
     }
 
+    /// The public half of the checkpoint signing key.
+    pub fn public_key(&self) -> PathBuf {
+        PathBuf::from(format!("{}.pub", self.config.signing_key.display()))
+    }
+
     /// `tollgate audit verify` over the audit directory: (success, output).
     pub fn verify_audit(&self) -> Result<(bool, String)> {
-        let public_key = PathBuf::from(format!("{}.pub", self.config.signing_key.display()));
+        let public_key = self.public_key();
         let out = Command::new(tollgate_bin())
             .args(["audit", "verify"])
             .arg(&self.config.audit_dir)

@@ -10,7 +10,11 @@ use tollgate_tests::{evidence, privileged, Stack};
 const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-00000000e71d";
 
 fn verify(stack: &Stack) -> (i32, String, Value) {
-    let run = evidence::verify(stack.gateway.audit_dir(), stack.gateway.dir.path());
+    let run = evidence::verify(
+        stack.gateway.audit_dir(),
+        &stack.gateway.public_key(),
+        stack.gateway.dir.path(),
+    );
     (run.code, run.summary, run.report)
 }
 

@@ -130,7 +130,7 @@ fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
             "no tcp_connect to the listener for {r}"
         );
     }
-    let run = evidence::verify(audit, stack.gateway.dir.path());
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
     assert_eq!(run.code, 0, "{}", run.summary);
     assert_eq!(run.report["redirected"], cases.len(), "{}", run.summary);
 }
@@ -180,7 +180,7 @@ fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
     let audit = stack.gateway.audit_dir();
     let redirected = evidence::rows_of_kind(audit, "redirected", "dst_endpoint_ip = '::1'");
     assert_eq!(redirected.len(), 2, "{redirected:?}");
-    let run = evidence::verify(audit, stack.gateway.dir.path());
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
     assert_eq!(run.code, 0, "{}", run.summary);
     assert_eq!(run.report["to_protected_targets"], 1, "{}", run.summary);
     assert_eq!(run.report["audited_upstreams"], 1, "{}", run.summary);
@@ -273,7 +273,11 @@ fn a_socket_made_before_joining_the_agent_cgroup_goes_direct_and_verify_reports_
     assert!(stack.postgres.connections_received() > before);
     stack.gateway.stop();
 
-    let run = evidence::verify(stack.gateway.audit_dir(), stack.gateway.dir.path());
+    let run = evidence::verify(
+        stack.gateway.audit_dir(),
+        &stack.gateway.public_key(),
+        stack.gateway.dir.path(),
+    );
     assert_eq!(run.code, 1, "{}", run.summary);
     let bypasses = run.report["bypasses"]
         .as_array()
@@ -412,7 +416,7 @@ fn a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_
             "went to the (closed) listener, not to PostgreSQL: {attempt}"
         );
     }
-    let run = evidence::verify(audit, stack.gateway.dir.path());
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
     assert_eq!(run.code, 0, "{}", run.summary);
     assert_eq!(run.report["bypasses"], json!([]));
     assert!(
