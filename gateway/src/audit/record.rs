@@ -245,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn canonical_encoding_is_sorted_and_leaves_out_defaults_and_own_hash() {
+    fn canonical_encoding_is_sorted_and_leaves_out_empty_fields_and_own_hash() {
         let r = AuditRecord {
             sequence: 7,
             prev_record_hash: "ab".into(),
