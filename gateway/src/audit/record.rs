@@ -172,19 +172,7 @@ impl AuditRecord {
     /// long as it is a string, a list or an `Option`; fields are only ever
     /// added, never renamed or removed.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        // Serialising a struct of strings, integers and string lists cannot
-        // fail; an empty encoding would show up as a hash mismatch anyway.
-        let serde_json::Value::Object(fields) = serde_json::to_value(self).unwrap_or_default()
-        else {
-            return Vec::new();
-        };
-        // An explicit BTreeMap: the key order must not depend on whether
-        // some crate in the build enables serde_json's preserve_order.
-        let kept: std::collections::BTreeMap<String, serde_json::Value> = fields
-            .into_iter()
-            .filter(|(k, v)| k != "record_hash" && !is_default(v))
-            .collect();
-        serde_json::to_vec(&kept).unwrap_or_default()
+        super::segment::canonical_bytes(self)
     }
 
     /// SHA-256 over [`Self::canonical_bytes`], lower-case hex.
@@ -193,23 +181,71 @@ impl AuditRecord {
     }
 }
 
-fn is_default(v: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match v {
-        Value::Null => true,
-        Value::Bool(_) | Value::Number(_) => false,
-        Value::String(s) => s.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.is_empty(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The definition, written the obvious way: serde_json tree, drop
+    /// `record_hash` and empty values, sort keys.
+    fn reference(r: &AuditRecord) -> Vec<u8> {
+        let serde_json::Value::Object(fields) = serde_json::to_value(r).unwrap() else {
+            unreachable!()
+        };
+        let kept: std::collections::BTreeMap<String, serde_json::Value> = fields
+            .into_iter()
+            .filter(|(k, v)| k != "record_hash" && !is_empty(v))
+            .collect();
+        serde_json::to_vec(&kept).unwrap()
+    }
+
+    fn is_empty(v: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        match v {
+            Value::Null => true,
+            Value::String(s) => s.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            _ => false,
+        }
+    }
+
     #[test]
-    fn canonical_encoding_is_sorted_and_leaves_out_defaults_and_own_hash() {
+    fn canonical_encoding_matches_the_reference_definition() {
+        let awkward = [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "control \u{1} \n \t",
+            "ünïcødé ✓ 𝄞",
+            "</script>",
+        ];
+        for i in 0..200usize {
+            let s = |k: usize| awkward[(i + k) % awkward.len()].to_string();
+            let r = AuditRecord {
+                sequence: i as u64 * 7919,
+                prev_record_hash: s(0),
+                record_hash: s(1),
+                phase: s(2),
+                time: -(i as i64) * 1_000_003,
+                class_uid: i as i32 - 100,
+                type_uid: i64::MAX - i as i64,
+                actor_user_groups: (0..i % 3).map(s).collect(),
+                actor_process_pid: (i % 3 == 0).then_some(i as i32 - 1),
+                actor_process_cgroup_id: (i % 4 == 1).then_some(i64::MIN + i as i64),
+                query_info_query_string: s(3),
+                masked_columns: (0..i % 2).map(s).collect(),
+                unmapped: s(4),
+                ..Default::default()
+            };
+            assert_eq!(
+                String::from_utf8(r.canonical_bytes()).unwrap(),
+                String::from_utf8(reference(&r)).unwrap(),
+                "record {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn canonical_encoding_is_sorted_and_leaves_out_empty_fields_and_own_hash() {
         let r = AuditRecord {
             sequence: 7,
             prev_record_hash: "ab".into(),
