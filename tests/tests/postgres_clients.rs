@@ -466,6 +466,7 @@ groups = ["g-pii"]
 name = "agents"
 roles = ["*"]
 kinds = ["read", "write", "transaction", "utility"]
+record_results = "full"
 
 [[policy.mask]]
 name = "customer-email"

@@ -153,6 +153,11 @@ pub struct AuditRecord {
     pub actor_tollgate_roles: Vec<String>,
     /// Result columns whose values were masked.
     pub masked_columns: Vec<String>,
+    /// The rows returned, after masking, when the grant records full
+    /// results: a JSON array of rows (each an array of values, NULL as
+    /// null); past the size cap, a last element `{"truncated_rows": N}`
+    /// counts the rows not kept. Empty otherwise.
+    pub response_data: String,
 
     /// Everything else, as a JSON object.
     pub unmapped: String,

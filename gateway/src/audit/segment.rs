@@ -360,6 +360,7 @@ columns! {
     intent: str,
     actor_tollgate_roles: strs,
     masked_columns: strs,
+    response_data: str,
     unmapped: str,
 }
 

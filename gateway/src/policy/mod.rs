@@ -113,9 +113,10 @@ pub struct Request<'a> {
 /// What the policy decided for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Allowed by the named grant.
+    /// Allowed by the named grant, whose result recording applies.
     Allow {
         rule: String,
+        record_results: RecordResults,
     },
     Deny {
         rule: String,
@@ -178,6 +179,20 @@ pub struct Grant {
     /// rule can apply to them). Off by default.
     #[serde(default)]
     pub allow_unparsed: bool,
+    /// What the audit keeps of results: `metadata` (columns masked, row
+    /// count, bytes) or `full` (also the rows, after masking, up to
+    /// `record_results_max_bytes` per statement).
+    #[serde(default)]
+    pub record_results: RecordResults,
+}
+
+/// See [`Grant::record_results`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordResults {
+    #[default]
+    Metadata,
+    Full,
 }
 
 fn everything() -> Vec<Pattern> {
@@ -266,6 +281,7 @@ impl Policy {
                 Ok(()) => {
                     return Decision::Allow {
                         rule: grant.name.clone(),
+                        record_results: grant.record_results,
                     }
                 }
                 Err((rule, reason)) => {

@@ -188,7 +188,7 @@ pub fn apply(row: &Frame, mask: &ResultMask) -> Result<BytesMut, WireError> {
 }
 
 /// The values of a DataRow; None is SQL NULL.
-fn data_row_values(row: &Frame) -> Result<Vec<Option<&[u8]>>, WireError> {
+pub(crate) fn data_row_values(row: &Frame) -> Result<Vec<Option<&[u8]>>, WireError> {
     let mut body = row.body();
     let short = || WireError::Malformed("DataRow too short".into());
     if body.len() < 2 {

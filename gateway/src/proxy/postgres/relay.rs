@@ -32,7 +32,7 @@ use super::{
 use crate::{
     audit::{record, AuditRecord, DurabilityMode, Durable},
     identity::Principal,
-    policy::{Decision, Operation, Request, StatementKind},
+    policy::{Decision, Operation, RecordResults, Request, StatementKind},
     proxy::tls::BoxedIo,
     proxy::{now_millis, set_class, Connection, Shared},
 };
@@ -86,6 +86,54 @@ struct Pending {
     /// The request record while it is still syncing (read-only requests
     /// forwarded in parallel): awaited before any answer goes out.
     durable: Option<Durable>,
+    /// Rows kept for the audit when the grant records full results.
+    recording: Option<ResultRecording>,
+}
+
+/// The rows of a request's results kept for the audit (after masking),
+/// up to a size cap.
+#[derive(Default)]
+struct ResultRecording {
+    rows: Vec<serde_json::Value>,
+    bytes: usize,
+    dropped: i64,
+}
+
+/// Per statement, what `record_results = "full"` keeps at most.
+const MAX_RECORDED_RESULT_BYTES: usize = 64 * 1024;
+
+impl ResultRecording {
+    fn add(&mut self, row: &Frame) {
+        let Ok(values) = mask::data_row_values(row) else {
+            return;
+        };
+        let row: Vec<serde_json::Value> = values
+            .into_iter()
+            .map(|v| match v {
+                None => serde_json::Value::Null,
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) => serde_json::Value::String(text.to_owned()),
+                    Err(_) => serde_json::Value::String(format!("\\x{}", hex::encode(bytes))),
+                },
+            })
+            .collect();
+        let row = serde_json::Value::Array(row);
+        let size = row.to_string().len();
+        if self.dropped > 0 || self.bytes + size > MAX_RECORDED_RESULT_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += size;
+        self.rows.push(row);
+    }
+
+    fn into_json(mut self) -> String {
+        if self.dropped > 0 {
+            self.rows
+                .push(serde_json::json!({ "truncated_rows": self.dropped }));
+        }
+        serde_json::Value::Array(self.rows).to_string()
+    }
 }
 
 impl Pending {
@@ -103,6 +151,7 @@ impl Pending {
             result_mask: None,
             masked_columns: BTreeSet::new(),
             durable: None,
+            recording: None,
         }
     }
 }
@@ -245,9 +294,8 @@ async fn client_to_server(
                     let text = wire::query_text(&frame)?;
                     let operations = classify(&text);
                     match admit(&session, &text, &operations, String::new()).await {
-                        Ok((request, durable)) => {
-                            let mut pending = Pending::new(Kind::Query, Some(request));
-                            pending.durable = durable;
+                        Ok(admitted) => {
+                            let mut pending = admitted.into_pending(Kind::Query);
                             pending.reads_masked = reads_masked(&session.masks, &operations);
                             lock(&in_flight).queue.push_back(pending);
                             forward.unsplit(frame.bytes);
@@ -311,9 +359,8 @@ async fn client_to_server(
                         None => (&unknown, String::new()),
                     };
                     match admit(&session, &prepared.text, &prepared.operations, parameters).await {
-                        Ok((request, durable)) => {
-                            let mut pending = Pending::new(Kind::Execute, Some(request));
-                            pending.durable = durable;
+                        Ok(admitted) => {
+                            let mut pending = admitted.into_pending(Kind::Execute);
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
                             lock(&in_flight).queue.push_back(pending);
@@ -406,6 +453,25 @@ struct Refusal {
 /// [`Durable`] must resolve before any of its answer reaches the agent).
 /// `Ok` carries the record the outcome will complete; `Err` is what the
 /// agent is told.
+/// An admitted request: its durable (or syncing) request record, and
+/// whether its results are recorded in full.
+struct Admitted {
+    record: AuditRecord,
+    durable: Option<Durable>,
+    record_full: bool,
+}
+
+impl Admitted {
+    fn into_pending(self, kind: Kind) -> Pending {
+        let mut pending = Pending::new(kind, Some(self.record));
+        pending.durable = self.durable;
+        if self.record_full {
+            pending.recording = Some(ResultRecording::default());
+        }
+        pending
+    }
+}
+
 /// Reads only, touches no dangerous feature and calls no function (a
 /// function may write): nothing can change if it runs before its record
 /// is durable.
@@ -420,7 +486,7 @@ async fn admit(
     text: &str,
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
-) -> Result<(AuditRecord, Option<Durable>), Refusal> {
+) -> Result<Admitted, Refusal> {
     let mut record = session.connection.record(Some(&session.principal));
     set_class(
         &mut record,
@@ -480,8 +546,14 @@ async fn admit(
         });
     }
 
-    if let Decision::Allow { rule } = decision {
+    let mut record_full = false;
+    if let Decision::Allow {
+        rule,
+        record_results,
+    } = decision
+    {
         record.policy_uid = rule;
+        record_full = record_results == RecordResults::Full;
     }
     record.phase = "request".into();
     record.action_id = record::action::ALLOWED;
@@ -491,10 +563,18 @@ async fn admit(
         && provably_read_only(operations)
     {
         let durable = session.shared.audit.submit(record.clone());
-        return Ok((record, Some(durable)));
+        return Ok(Admitted {
+            record,
+            durable: Some(durable),
+            record_full,
+        });
     }
     match session.shared.audit.append(record.clone()).await {
-        Ok(_) => Ok((record, None)),
+        Ok(_) => Ok(Admitted {
+            record,
+            durable: None,
+            record_full,
+        }),
         Err(err) => {
             warn!(error = %err, "statement refused: audit unavailable");
             Err(Refusal {
@@ -650,6 +730,18 @@ fn track_answer(
                     head.masked_columns.extend(plan.names.iter().cloned());
                 }
             }
+            if let Some(recording) = head.recording.as_mut() {
+                // What the agent saw: the masked row when there is one.
+                match &masked_row {
+                    Some(bytes) => {
+                        let mut bytes = bytes.clone();
+                        if let Ok(Some(row)) = wire::split_frame(&mut bytes) {
+                            recording.add(&row);
+                        }
+                    }
+                    None => recording.add(frame),
+                }
+            }
         }
         b'C' | b'I' | b's' => {
             if frame.tag == b'C' {
@@ -716,6 +808,9 @@ fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) 
     outcome.response_rows = Some(pending.tag_rows.unwrap_or(pending.rows).max(pending.rows));
     outcome.response_bytes = Some(pending.bytes);
     outcome.masked_columns = pending.masked_columns.into_iter().collect();
+    if let Some(recording) = pending.recording {
+        outcome.response_data = recording.into_json();
+    }
     if !outcome.masked_columns.is_empty() {
         outcome.action_id = record::action::MODIFIED;
     }
