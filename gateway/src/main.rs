@@ -82,8 +82,8 @@ enum Command {
         /// Also write the full report as JSON here.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Pass even when the integrity of the streams could not be checked
-        /// by this build (reconciliation only).
+        /// Skip the integrity check of both streams (chain, segments,
+        /// signed checkpoints): reconciliation only.
         #[arg(long)]
         reconcile_only: bool,
     },

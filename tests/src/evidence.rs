@@ -15,10 +15,9 @@ pub struct VerifyRun {
     pub report: Value,
 }
 
-/// Runs `tollgate verify --reconcile-only` on `audit_dir` (checkpoints
-/// signed by the key whose public half is `public_key`), writing the report
-/// under `scratch`. The chain and checkpoint verification belongs to the
-/// audit module; these tests are about reconciliation.
+/// Runs `tollgate verify` on `audit_dir` (checkpoints signed by the key
+/// whose public half is `public_key`), writing the report under `scratch`:
+/// the integrity of both streams and the reconciliation.
 pub fn verify(audit_dir: &Path, public_key: &Path, scratch: &Path) -> VerifyRun {
     let report_path = scratch.join("verify.json");
     let _ = std::fs::remove_file(&report_path);
@@ -29,7 +28,6 @@ pub fn verify(audit_dir: &Path, public_key: &Path, scratch: &Path) -> VerifyRun 
         .arg(public_key)
         .arg("--report")
         .arg(&report_path)
-        .arg("--reconcile-only")
         .output()
         .expect("run tollgate verify");
     VerifyRun {

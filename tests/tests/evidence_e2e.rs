@@ -49,6 +49,11 @@ fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
     // Shown in CI logs: the numbers behind "zero bypasses, zero loss".
     eprintln!("{summary}");
     assert_eq!(code, 0, "{summary}");
+    // Both streams' chains and signed checkpoints verified, not skipped.
+    for stream in ["audit_integrity", "evidence_integrity"] {
+        assert_eq!(report[stream]["checked"], true, "{summary}");
+        assert_eq!(report[stream]["ok"], true, "{summary}");
+    }
     assert_eq!(report["bypasses"], serde_json::json!([]), "{summary}");
     assert_eq!(report["losses"], serde_json::json!([]), "{summary}");
     assert!(
