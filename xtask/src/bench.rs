@@ -192,7 +192,7 @@ fn pgbench(
     let find = |prefix: &str| -> Result<f64> {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
-            .and_then(|rest| rest.trim().split_whitespace().next())
+            .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .with_context(|| format!("no {prefix:?} in pgbench output:\n{text}"))
     };

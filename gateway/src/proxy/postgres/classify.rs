@@ -100,11 +100,10 @@ fn top_kind(statement: &Statement) -> StatementKind {
         | Statement::GrantRole(_)
         | Statement::RevokeRole(_) => Dcl,
         Statement::CreateRole(_) | Statement::AlterRole { .. } => Dcl,
-        Statement::Drop { object_type, .. }
-            if matches!(object_type, ObjectType::Role | ObjectType::User) =>
-        {
-            Dcl
-        }
+        Statement::Drop {
+            object_type: ObjectType::Role | ObjectType::User,
+            ..
+        } => Dcl,
         Statement::Set(set) => set_kind(set),
         Statement::ShowVariable { .. }
         | Statement::ShowVariables { .. }
@@ -294,18 +293,16 @@ impl Visitor for Walker {
             | Statement::RevokeRole(_) => {
                 self.dangers.insert(Danger::GrantRevoke);
             }
-            Statement::Set(set) => {
-                if set_kind(set) == StatementKind::Admin {
-                    let role_change = match set {
-                        Set::SingleAssignment { variable, .. } => {
-                            let name = variable.to_string().to_ascii_lowercase();
-                            name == "role" || name == "session_authorization"
-                        }
-                        _ => true,
-                    };
-                    if role_change {
-                        self.dangers.insert(Danger::SetRole);
+            Statement::Set(set) if set_kind(set) == StatementKind::Admin => {
+                let role_change = match set {
+                    Set::SingleAssignment { variable, .. } => {
+                        let name = variable.to_string().to_ascii_lowercase();
+                        name == "role" || name == "session_authorization"
                     }
+                    _ => true,
+                };
+                if role_change {
+                    self.dangers.insert(Danger::SetRole);
                 }
             }
             Statement::Copy {
