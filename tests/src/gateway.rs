@@ -29,6 +29,8 @@ pub struct GatewayConfig {
     pub jwks_uri: String,
     /// `[policy]` and `[identity.roles]` TOML appended to the file.
     pub policy: String,
+    /// Extra `[audit]` lines, e.g. `segment_max_age_secs = 1`.
+    pub audit_extra: String,
 }
 
 /// The policy the tests run under unless they say otherwise: any
@@ -60,6 +62,7 @@ development_idp = true
 [audit]
 dir = "{audit}"
 signing_key = "{signing_key}"
+{audit_extra}
 
 [[target]]
 name = "{name}"
@@ -76,6 +79,7 @@ credential = {{ user = "{user}", password = "{password}" }}
             jwks = self.jwks_uri,
             audit = self.audit_dir.display(),
             signing_key = self.signing_key.display(),
+            audit_extra = self.audit_extra,
             name = self.target_name,
             address = self.target_address,
             listen = self.listen,
@@ -117,6 +121,7 @@ impl Gateway {
             signing_key: dir.path().join("signing.key"),
             jwks_uri,
             policy: DEFAULT_POLICY.into(),
+            audit_extra: String::new(),
         };
         Ok((dir, config))
     }

@@ -6,7 +6,9 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use crate::{duckdb, wait_for, AgentCgroup, DevIdp, Gateway, Postgres};
+use crate::{
+    duckdb, wait_for, AgentCgroup, AgentSession, DevIdp, Gateway, GatewayConfig, Postgres,
+};
 
 pub struct Stack {
     // Dropped in this order: the gateway before the servers it talks to.
@@ -22,6 +24,15 @@ impl Stack {
 
     /// The stack with `policy` as the `[policy]` (and `[identity.roles]`) TOML.
     pub fn start_with_policy(policy: &str) -> Result<Self> {
+        Self::start_with(policy, |_| Ok(()))
+    }
+
+    /// The stack with `policy`, after `configure` has changed the rest of
+    /// the gateway's configuration (audit dir, extra `[audit]` lines, ...).
+    pub fn start_with(
+        policy: &str,
+        configure: impl FnOnce(&mut GatewayConfig) -> Result<()>,
+    ) -> Result<Self> {
         let postgres = Postgres::start()?;
         let idp = DevIdp::start()?;
         let (dir, config) = Gateway::config_for(
@@ -32,6 +43,7 @@ impl Stack {
         )?;
         let mut config = config;
         config.policy = policy.to_owned();
+        configure(&mut config)?;
         let gateway = Gateway::start(dir, config)?;
         Ok(Stack {
             gateway,
@@ -52,6 +64,12 @@ impl Stack {
             .args(["-c", sql])
             .env("PGPASSWORD", token);
         cmd
+    }
+
+    /// One psycopg connection as an agent, kept open across statements
+    /// (see [`AgentSession`]).
+    pub fn agent_session(&self, token: &str) -> Result<AgentSession> {
+        AgentSession::open(&self.gateway.config.agent_cgroup, self.postgres.port, token)
     }
 
     /// A raw protocol login through the agent cgroup (see tests/python/pg_login.py).
