@@ -64,6 +64,8 @@ impl Prng {
 /// server's answer arrived. Every attempt uses a new n, so a statement
 /// whose answer was lost in a crash is never repeated. It reconnects after
 /// any error, except while `pause` exists; it ends when `stop` exists.
+/// It pauses 10 ms between statements: enough traffic for every kill to
+/// land among statements, not so much that verifying 25 times takes long.
 const CRASH_CLIENT: &str = r#"
 import os, sys, time
 import psycopg
@@ -94,6 +96,7 @@ while not os.path.exists(stop):
         conn = None
         continue
     print(n, flush=True)
+    time.sleep(0.01)
 print(f"client {client}: {n} attempts, {errors} errors", file=sys.stderr, flush=True)
 "#;
 
@@ -219,6 +222,8 @@ fn kill_9_at_random_moments_loses_no_acknowledged_statement() {
     let deadline = started + Duration::from_secs(150);
     let mut kills = 0;
     let mut verified = 0;
+    // Where the time goes: [resuming, kill moments, restarts, verifications].
+    let mut spent = [Duration::ZERO; 4];
     while kills < KILLS {
         assert!(
             Instant::now() < deadline,
@@ -226,6 +231,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_statement() {
             stack.gateway.log()
         );
         // Every client gets statements through this daemon before it dies.
+        let t = Instant::now();
         let before = progress(&clients);
         let _ = fs::remove_file(&pause);
         wait_for(
@@ -240,18 +246,25 @@ fn kill_9_at_random_moments_loses_no_acknowledged_statement() {
         )
         .unwrap_or_else(|e| panic!("{e}; gateway log:\n{}", stack.gateway.log()));
         // The random moment: up to 1.5 s, a segment close included.
-        thread::sleep(Duration::from_millis(rng.below(1500)));
+        spent[0] += t.elapsed();
+        let moment = Duration::from_millis(rng.below(1500));
+        thread::sleep(moment);
+        spent[1] += moment;
         // Clients check `pause` only to reconnect, so they keep writing
         // until the kill; afterwards they wait, so that the recovered
         // directory can be verified while nothing writes to it.
         fs::write(&pause, b"").expect("pause file");
         stack.gateway.kill();
         kills += 1;
+        let t = Instant::now();
         stack
             .gateway
             .restart()
             .expect("restart tollgate after kill -9");
+        spent[2] += t.elapsed();
+        let t = Instant::now();
         let (ok, report) = stack.gateway.verify_audit().expect("run audit verify");
+        spent[3] += t.elapsed();
         assert!(
             ok,
             "audit verify failed after kill {kills} and restart:\n{report}"
@@ -325,12 +338,17 @@ fn kill_9_at_random_moments_loses_no_acknowledged_statement() {
     eprintln!(
         "crash suite: {kills} kills, {verified} verifications passed, {} statements acknowledged, \
          {} request rows ({} more than acknowledged: in flight at a kill), {} rows in PostgreSQL, \
-         {outcomes} outcome rows, {:.1} s",
+         {outcomes} outcome rows, {:.1} s (resuming {:.1} s, kill moments {:.1} s, restarts {:.1} s, \
+         verifications {:.1} s)",
         acked.len(),
         audited.len(),
         audited.len() - acked.len().min(audited.len()),
         in_postgres.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        spent[0].as_secs_f64(),
+        spent[1].as_secs_f64(),
+        spent[2].as_secs_f64(),
+        spent[3].as_secs_f64(),
     );
     assert!(kills >= 20);
     assert!(
