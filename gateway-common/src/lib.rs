@@ -20,6 +20,72 @@ pub mod map_names {
     /// connection is established, so the proxy can go from the peer address
     /// of an accepted connection to the socket that made it.
     pub const CLIENT_PORTS: &str = "CLIENT_PORTS";
+    /// Ring buffer of [`EvidenceEvent`]s, host-wide.
+    pub const EVIDENCE: &str = "EVIDENCE";
+    /// Per-CPU `u64` counters, indexed by [`counter_index`].
+    pub const EVIDENCE_COUNTERS: &str = "EVIDENCE_COUNTERS";
+    /// `u32` index -> [`EgressRule`]: what agent cgroups may reach besides
+    /// the protected targets, when the default is deny.
+    pub const EGRESS_RULES: &str = "EGRESS_RULES";
+    /// `u32` index -> `u32`, see [`egress_setting`].
+    pub const EGRESS_SETTINGS: &str = "EGRESS_SETTINGS";
+}
+
+/// Indexes of [`map_names::EGRESS_SETTINGS`].
+pub mod egress_setting {
+    /// 1: traffic from agent cgroups that is neither redirected nor allowed
+    /// by a rule is refused (EPERM). 0: it is allowed.
+    pub const DEFAULT_DENY: u32 = 0;
+    /// Number of rules in use in EGRESS_RULES.
+    pub const RULE_COUNT: u32 = 1;
+    pub const ENTRIES: u32 = 4;
+}
+
+/// Maximum number of egress allow rules.
+pub const EGRESS_RULE_ENTRIES: u32 = 64;
+
+/// One egress allow rule: destination prefix, port range and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EgressRule {
+    /// Network (IPv6 or IPv4-mapped, network order words), already masked.
+    pub addr: [u32; 4],
+    /// Mask words (network order), IPv4 prefixes counted from bit 96.
+    pub mask: [u32; 4],
+    /// Inclusive port range, host order.
+    pub port_lo: u32,
+    pub port_hi: u32,
+    /// 6 TCP, 17 UDP, 0 either.
+    pub protocol: u32,
+    pub _reserved: u32,
+}
+
+impl EgressRule {
+    /// Does the rule allow `addr`:`port` over `protocol`?
+    #[inline(always)]
+    pub fn allows(&self, addr: &[u32; 4], port: u32, protocol: u32) -> bool {
+        (self.protocol == 0 || self.protocol == protocol)
+            && port >= self.port_lo
+            && port <= self.port_hi
+            && addr[0] & self.mask[0] == self.addr[0]
+            && addr[1] & self.mask[1] == self.addr[1]
+            && addr[2] & self.mask[2] == self.addr[2]
+            && addr[3] & self.mask[3] == self.addr[3]
+    }
+}
+
+/// Names of the globals (`.rodata`) the daemon sets at load time: the
+/// offsets of the socket fields the evidence probe reads, taken from the
+/// running kernel's BTF, because Rust eBPF has no CO-RE relocations.
+pub mod global_names {
+    pub const SKC_DADDR: &str = "SKC_DADDR_OFFSET";
+    pub const SKC_DPORT: &str = "SKC_DPORT_OFFSET";
+    pub const SKC_FAMILY: &str = "SKC_FAMILY_OFFSET";
+    pub const SKC_V6_DADDR: &str = "SKC_V6_DADDR_OFFSET";
+    pub const SK_PROTOCOL: &str = "SK_PROTOCOL_OFFSET";
+    /// Non-zero once the offsets above are set: the probe records nothing
+    /// (and counts it as dropped) rather than read at wrong offsets.
+    pub const OFFSETS_SET: &str = "OFFSETS_SET";
 }
 
 /// Names of the programs in the kernel object.
@@ -29,6 +95,100 @@ pub mod program_names {
     pub const GETPEERNAME4: &str = "tollgate_getpeername4";
     pub const GETPEERNAME6: &str = "tollgate_getpeername6";
     pub const SOCK_OPS: &str = "tollgate_sock_ops";
+    /// Host-wide evidence: every TCP active open (tp_btf/inet_sock_set_state).
+    pub const TCP_STATE: &str = "tollgate_tcp_state";
+    pub const SENDMSG4: &str = "tollgate_sendmsg4";
+    pub const SENDMSG6: &str = "tollgate_sendmsg6";
+    pub const SOCK_CREATE: &str = "tollgate_sock_create";
+}
+
+/// What an [`EvidenceEvent`] reports.
+pub mod event_kind {
+    /// A TCP active open (CLOSE -> SYN_SENT), anywhere on the host, seen in
+    /// the connecting task's context.
+    pub const TCP_CONNECT: u32 = 1;
+    /// connect4/6 rewrote a connection to a protected target so it reaches
+    /// the tollgate listener.
+    pub const REDIRECTED: u32 = 2;
+    /// A non-TCP packet or connection to a protected target (UDP connect or
+    /// datagram) was refused.
+    pub const REFUSED_DATAGRAM: u32 = 3;
+    /// A raw or packet socket was refused at creation in an agent cgroup.
+    pub const REFUSED_SOCKET: u32 = 4;
+    /// A destination outside the egress allow list was refused.
+    pub const REFUSED_EGRESS: u32 = 5;
+}
+
+/// Programs that count into [`map_names::EVIDENCE_COUNTERS`].
+pub mod counted_program {
+    pub const TCP_STATE: u32 = 0;
+    pub const CONNECT4: u32 = 1;
+    pub const CONNECT6: u32 = 2;
+    pub const SENDMSG4: u32 = 3;
+    pub const SENDMSG6: u32 = 4;
+    pub const SOCK_CREATE: u32 = 5;
+    /// Number of programs, for readers.
+    pub const COUNT: u32 = 6;
+    /// Names in the loss report, indexed by the constants above.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "tcp_state",
+        "connect4",
+        "connect6",
+        "sendmsg4",
+        "sendmsg6",
+        "sock_create",
+    ];
+}
+
+/// Which counter of a program.
+pub mod counter {
+    /// Events the program had to report.
+    pub const SEEN: u32 = 0;
+    /// Events written to the ring buffer.
+    pub const EMITTED: u32 = 1;
+    /// Events lost: the ring buffer was full, or the probe could not read
+    /// the socket (offsets not set).
+    pub const DROPPED: u32 = 2;
+    pub const PER_PROGRAM: u32 = 4;
+}
+
+/// Index of a counter in [`map_names::EVIDENCE_COUNTERS`].
+#[inline(always)]
+pub const fn counter_index(program: u32, which: u32) -> u32 {
+    program * counter::PER_PROGRAM + which
+}
+
+/// Entries of the counter array (room for programs added later).
+pub const COUNTER_ENTRIES: u32 = 64;
+/// Size of the evidence ring buffer in bytes (a power of two, a multiple
+/// of the page size): room for about 10,000 events in flight.
+pub const EVIDENCE_RING_BYTES: u32 = 1 << 20;
+
+/// One kernel observation, written to the evidence ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvidenceEvent {
+    /// One of [`event_kind`].
+    pub kind: u32,
+    /// `AF_INET` or `AF_INET6` (of the socket).
+    pub family: u32,
+    /// Socket cookie: the same number SO_COOKIE gives user space.
+    pub cookie: u64,
+    /// cgroup v2 id of the task that acted.
+    pub cgroup_id: u64,
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub boot_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// Destination (IPv6 or IPv4-mapped, network order words).
+    pub daddr: [u32; 4],
+    /// Destination port, host order.
+    pub dport: u32,
+    /// IP protocol number (6 TCP, 17 UDP), or the socket type for
+    /// refused sockets.
+    pub protocol: u32,
+    /// Task name, NUL padded.
+    pub comm: [u8; 16],
 }
 
 /// Maximum entries of the per-socket maps (LRU, so stale entries age out).
@@ -101,4 +261,6 @@ mod user {
     unsafe impl aya::Pod for super::Redirect {}
     unsafe impl aya::Pod for super::OriginalDestination {}
     unsafe impl aya::Pod for super::ClientPortKey {}
+    unsafe impl aya::Pod for super::EvidenceEvent {}
+    unsafe impl aya::Pod for super::EgressRule {}
 }

@@ -9,21 +9,44 @@
 //! - `sock_ops` notes, once such a connection is established, which local
 //!   port belongs to which cookie, so the proxy can name the process behind
 //!   an accepted connection.
+//!
+//! - `sendmsg4`/`sendmsg6` refuse UDP datagrams to protected targets, and
+//!   `connect4`/`connect6` refuse non-stream sockets to them: the gateway
+//!   speaks TCP only, so anything else would be a way around it;
+//! - `sock_create` refuses raw inet sockets, which could craft packets to a
+//!   protected target below every socket hook;
+//! - all four apply the egress allow list when the default is deny.
+//!
+//! Host-wide, independent of the redirect (evidence):
+//! - `tcp_state` (tp_btf/inet_sock_set_state) reports every TCP active open
+//!   on the host, in the connecting task's context, with the socket cookie,
+//!   so a connection that went around the redirect can be found offline.
+//!
+//! Every evidence event goes to one ring buffer; every event a program had
+//! to report is counted as seen, and then as emitted or dropped, so a gap
+//! in the evidence is itself on record.
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    macros::cgroup_sock,
+    maps::Array,
+    programs::SockContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{btf_tracepoint, cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, SockAddrContext, SockOpsContext},
 };
 use gateway_common::{
-    v4_mapped, ClientPortKey, OriginalDestination, Redirect, TargetKey, REDIRECT_MAP_ENTRIES,
+    counted_program, counter, counter_index, egress_setting, event_kind, v4_mapped,
+    ClientPortKey, EgressRule, EvidenceEvent, OriginalDestination, Redirect, TargetKey,
+    COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RING_BYTES, REDIRECT_MAP_ENTRIES,
     SOCKET_MAP_ENTRIES,
 };
 
@@ -31,6 +54,12 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// Return value that lets the operation go on.
 const ALLOW: i32 = 1;
+/// Return value that makes the system call fail with EPERM.
+const REFUSE: i32 = 0;
+const AF_PACKET: u32 = 17;
+const SOCK_STREAM: u32 = 1;
+const SOCK_RAW: u32 = 3;
+const IPPROTO_TCP: u32 = 6;
 
 #[map(name = "REDIRECTS")]
 static REDIRECTS: HashMap<TargetKey, Redirect> =
@@ -43,6 +72,126 @@ static ORIGINAL_DESTINATIONS: LruHashMap<u64, OriginalDestination> =
 #[map(name = "CLIENT_PORTS")]
 static CLIENT_PORTS: LruHashMap<ClientPortKey, u64> =
     LruHashMap::with_max_entries(SOCKET_MAP_ENTRIES, 0);
+
+#[map(name = "EGRESS_RULES")]
+static EGRESS_RULES: Array<EgressRule> = Array::with_max_entries(EGRESS_RULE_ENTRIES, 0);
+
+#[map(name = "EGRESS_SETTINGS")]
+static EGRESS_SETTINGS: Array<u32> = Array::with_max_entries(egress_setting::ENTRIES, 0);
+
+#[map(name = "EVIDENCE")]
+static EVIDENCE: RingBuf = RingBuf::with_byte_size(EVIDENCE_RING_BYTES, 0);
+
+#[map(name = "EVIDENCE_COUNTERS")]
+static EVIDENCE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+
+// Offsets into the kernel's struct sock, set by the daemon at load time from
+// /sys/kernel/btf/vmlinux (gateway-common's global_names). Rust eBPF has no
+// CO-RE relocations, so this is how one object serves several kernels.
+// Read with read_volatile: the compiler must not fold the zero initialisers.
+#[no_mangle]
+static SKC_DADDR_OFFSET: u32 = 0;
+#[no_mangle]
+static SKC_DPORT_OFFSET: u32 = 0;
+#[no_mangle]
+static SKC_FAMILY_OFFSET: u32 = 0;
+#[no_mangle]
+static SKC_V6_DADDR_OFFSET: u32 = 0;
+#[no_mangle]
+static SK_PROTOCOL_OFFSET: u32 = 0;
+#[no_mangle]
+static OFFSETS_SET: u32 = 0;
+
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+
+#[inline(always)]
+fn count(program: u32, which: u32) {
+    // Per-CPU: no two CPUs write the same slot, and the BPF target has no
+    // compare-and-swap to make a shared counter exact.
+    if let Some(slot) = EVIDENCE_COUNTERS.get_ptr_mut(counter_index(program, which)) {
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Writes one event, counting it as emitted, or as dropped when the ring
+/// buffer is full. The caller has counted it as seen.
+#[inline(always)]
+fn emit(program: u32, event: &EvidenceEvent) {
+    match EVIDENCE.reserve::<EvidenceEvent>(0) {
+        Some(mut entry) => {
+            entry.write(*event);
+            entry.submit(0);
+            count(program, counter::EMITTED);
+        }
+        None => count(program, counter::DROPPED),
+    }
+}
+
+#[inline(always)]
+fn current_task_event(kind: u32, family: u32, cookie: u64) -> EvidenceEvent {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EvidenceEvent {
+        kind,
+        family,
+        cookie,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        daddr: [0; 4],
+        dport: 0,
+        protocol: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+#[inline(always)]
+unsafe fn read_at<T>(base: *const u8, offset: u32) -> Option<T> {
+    bpf_probe_read_kernel(base.add(offset as usize) as *const T).ok()
+}
+
+/// Every TCP active open on the host. At CLOSE -> SYN_SENT the kernel is
+/// still in the connecting task's context (connect(), sendto(MSG_FASTOPEN),
+/// io_uring), so pid, comm and cgroup are the caller's; the destination is
+/// the one the SYN goes to (after any connect4/6 rewrite).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tollgate_tcp_state(ctx: BtfTracePointContext) -> i32 {
+    let old_state: i32 = ctx.arg(1);
+    let new_state: i32 = ctx.arg(2);
+    if old_state != TCP_CLOSE || new_state != TCP_SYN_SENT {
+        return 0;
+    }
+    let program = counted_program::TCP_STATE;
+    count(program, counter::SEEN);
+    let sk: *const u8 = ctx.arg(0);
+    unsafe {
+        if core::ptr::read_volatile(&OFFSETS_SET) == 0 {
+            count(program, counter::DROPPED);
+            return 0;
+        }
+        let cookie = bpf_get_socket_cookie(sk as *mut c_void);
+        let family: u16 =
+            read_at(sk, core::ptr::read_volatile(&SKC_FAMILY_OFFSET)).unwrap_or(0);
+        let dport_be: u16 =
+            read_at(sk, core::ptr::read_volatile(&SKC_DPORT_OFFSET)).unwrap_or(0);
+        let protocol: u16 =
+            read_at(sk, core::ptr::read_volatile(&SK_PROTOCOL_OFFSET)).unwrap_or(0);
+        let daddr = if u32::from(family) == AF_INET6 {
+            read_at::<[u32; 4]>(sk, core::ptr::read_volatile(&SKC_V6_DADDR_OFFSET))
+                .unwrap_or([0; 4])
+        } else {
+            let v4: u32 = read_at(sk, core::ptr::read_volatile(&SKC_DADDR_OFFSET)).unwrap_or(0);
+            v4_mapped(v4)
+        };
+        let mut event = current_task_event(event_kind::TCP_CONNECT, u32::from(family), cookie);
+        event.daddr = daddr;
+        event.dport = u32::from(u16::from_be(dport_be));
+        event.protocol = u32::from(protocol);
+        emit(program, &event);
+    }
+    0
+}
 
 /// `user_port` holds a 16-bit port in network byte order in its low bytes.
 #[inline(always)]
@@ -74,6 +223,92 @@ unsafe fn remember(sa: *mut bpf_sock_addr, key: &TargetKey, family: u32) {
     let _ = ORIGINAL_DESTINATIONS.insert(&cookie, &original, 0);
 }
 
+/// Evidence that connect4/6 sent this socket to tollgate: with it, the
+/// verifier can tell a redirected connection (whose SYN goes to the
+/// listener) from one that went direct.
+#[inline(always)]
+unsafe fn report_redirect(sa: *mut bpf_sock_addr, key: &TargetKey, family: u32, program: u32) {
+    count(program, counter::SEEN);
+    let cookie = bpf_get_socket_cookie(sa as *mut _);
+    let mut event = current_task_event(event_kind::REDIRECTED, family, cookie);
+    event.daddr = key.addr;
+    event.dport = key.port;
+    event.protocol = 6;
+    emit(program, &event);
+}
+
+/// What the socket hooks decide for a destination.
+enum Verdict {
+    Redirect(Redirect),
+    Allow,
+    /// Refused; the event kind says why.
+    Refuse(u32),
+}
+
+/// Is the egress allow list in force, and does it allow this?
+#[inline(always)]
+fn egress_allowed(addr: &[u32; 4], port: u32, protocol: u32) -> bool {
+    match EGRESS_SETTINGS.get(egress_setting::DEFAULT_DENY) {
+        Some(&deny) if deny != 0 => {}
+        _ => return true,
+    }
+    let count = EGRESS_SETTINGS
+        .get(egress_setting::RULE_COUNT)
+        .copied()
+        .unwrap_or(0);
+    let mut i = 0;
+    // A constant bound the verifier can see; `count` only ends it early.
+    while i < EGRESS_RULE_ENTRIES {
+        if i >= count {
+            break;
+        }
+        if let Some(rule) = EGRESS_RULES.get(i) {
+            if rule.allows(addr, port, protocol) {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The decision for a connect or datagram from an agent cgroup.
+#[inline(always)]
+fn decide(key: &TargetKey, sock_type: u32, protocol: u32) -> Verdict {
+    if let Some(redirect) = unsafe { REDIRECTS.get(key) } {
+        // tollgate's listeners speak TCP: a datagram or any other socket
+        // kind to a protected target can only be a way around them.
+        return if sock_type == SOCK_STREAM {
+            Verdict::Redirect(*redirect)
+        } else {
+            Verdict::Refuse(event_kind::REFUSED_DATAGRAM)
+        };
+    }
+    let protocol = if sock_type == SOCK_STREAM { IPPROTO_TCP } else { protocol };
+    if egress_allowed(&key.addr, key.port, protocol) {
+        Verdict::Allow
+    } else {
+        Verdict::Refuse(event_kind::REFUSED_EGRESS)
+    }
+}
+
+#[inline(always)]
+unsafe fn report_refusal(
+    sa: *mut bpf_sock_addr,
+    key: &TargetKey,
+    family: u32,
+    kind: u32,
+    program: u32,
+) {
+    count(program, counter::SEEN);
+    let cookie = bpf_get_socket_cookie(sa as *mut _);
+    let mut event = current_task_event(kind, family, cookie);
+    event.daddr = key.addr;
+    event.dport = key.port;
+    event.protocol = (*sa).protocol;
+    emit(program, &event);
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
     unsafe {
@@ -82,10 +317,18 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
             addr: v4_mapped((*sa).user_ip4),
             port: port_from_user((*sa).user_port),
         };
-        if let Some(redirect) = REDIRECTS.get(&key) {
-            remember(sa, &key, AF_INET);
-            (*sa).user_ip4 = redirect.addr4;
-            (*sa).user_port = port_to_user(redirect.port);
+        match decide(&key, (*sa).type_, (*sa).protocol) {
+            Verdict::Redirect(redirect) => {
+                remember(sa, &key, AF_INET);
+                report_redirect(sa, &key, AF_INET, counted_program::CONNECT4);
+                (*sa).user_ip4 = redirect.addr4;
+                (*sa).user_port = port_to_user(redirect.port);
+            }
+            Verdict::Allow => {}
+            Verdict::Refuse(kind) => {
+                report_refusal(sa, &key, AF_INET, kind, counted_program::CONNECT4);
+                return REFUSE;
+            }
         }
     }
     ALLOW
@@ -99,12 +342,77 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
             addr: read_ip6(sa),
             port: port_from_user((*sa).user_port),
         };
-        if let Some(redirect) = REDIRECTS.get(&key) {
-            remember(sa, &key, AF_INET6);
-            // The listener is IPv4; an AF_INET6 socket reaches it through
-            // the IPv4-mapped form of its address.
-            write_ip6(sa, v4_mapped(redirect.addr4));
-            (*sa).user_port = port_to_user(redirect.port);
+        match decide(&key, (*sa).type_, (*sa).protocol) {
+            Verdict::Redirect(redirect) => {
+                remember(sa, &key, AF_INET6);
+                report_redirect(sa, &key, AF_INET6, counted_program::CONNECT6);
+                // The listener is IPv4; an AF_INET6 socket reaches it through
+                // the IPv4-mapped form of its address.
+                write_ip6(sa, v4_mapped(redirect.addr4));
+                (*sa).user_port = port_to_user(redirect.port);
+            }
+            Verdict::Allow => {}
+            Verdict::Refuse(kind) => {
+                report_refusal(sa, &key, AF_INET6, kind, counted_program::CONNECT6);
+                return REFUSE;
+            }
+        }
+    }
+    ALLOW
+}
+
+/// Unconnected UDP: each datagram's destination is checked.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
+    unsafe {
+        let sa = ctx.sock_addr;
+        let key = TargetKey {
+            addr: v4_mapped((*sa).user_ip4),
+            port: port_from_user((*sa).user_port),
+        };
+        if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
+            report_refusal(sa, &key, AF_INET, kind, counted_program::SENDMSG4);
+            return REFUSE;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
+    unsafe {
+        let sa = ctx.sock_addr;
+        let key = TargetKey {
+            addr: read_ip6(sa),
+            port: port_from_user((*sa).user_port),
+        };
+        if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
+            report_refusal(sa, &key, AF_INET6, kind, counted_program::SENDMSG6);
+            return REFUSE;
+        }
+    }
+    ALLOW
+}
+
+/// Raw sockets can put any packet on the wire, below every socket-address
+/// hook: agents may not have them. (The kernel runs this hook for inet
+/// sockets only; AF_PACKET sockets never reach it, which is why agents
+/// must also run without CAP_NET_RAW: docs/pinning.md.)
+#[cgroup_sock(sock_create)]
+pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
+    unsafe {
+        let sk = ctx.sock;
+        let family = (*sk).family;
+        let sock_type = (*sk).type_;
+        if family == AF_PACKET || sock_type == SOCK_RAW {
+            let program = counted_program::SOCK_CREATE;
+            count(program, counter::SEEN);
+            let mut event = current_task_event(event_kind::REFUSED_SOCKET, family, 0);
+            event.protocol = (*sk).protocol;
+            // The socket type, for the record (no destination yet).
+            event.dport = sock_type;
+            emit(program, &event);
+            return REFUSE;
         }
     }
     ALLOW

@@ -212,6 +212,24 @@ async fn statements(
     (rate, lat)
 }
 
+/// What the disk itself allows: one append and fdatasync at a time.
+fn raw_fdatasync(dir: &std::path::Path, n: usize) -> Vec<Duration> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).expect("probe file");
+    let buf = [b'x'; 1500];
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&buf).expect("write");
+        f.sync_data().expect("fdatasync");
+        lat.push(t.elapsed());
+    }
+    let _ = std::fs::remove_file(&path);
+    lat.sort();
+    lat
+}
+
 fn disk_usage(dir: &std::path::Path) -> u64 {
     fn walk(p: &std::path::Path) -> u64 {
         let Ok(rd) = std::fs::read_dir(p) else {
@@ -241,6 +259,13 @@ async fn main() {
 
     println!("| measurement | records/s | p50 µs | p99 µs |");
     println!("| --- | ---: | ---: | ---: |");
+    let lat = raw_fdatasync(&dir, 300);
+    println!(
+        "| raw write + fdatasync of 1.5 KB, no gateway (disk floor) | {:.0} | {:.0} | {:.0} |",
+        lat.len() as f64 / lat.iter().map(|d| d.as_secs_f64()).sum::<f64>(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99)
+    );
     for tasks in [1usize, 16, 64] {
         let per = if tasks == 1 { 5_000 } else { 100_000 / tasks };
         let (rate, lat) = strict(&dir, tasks, per).await;
@@ -302,6 +327,21 @@ async fn main() {
         serde_json::to_vec(&r).map(|v| v.len() + 8).unwrap_or(0)
     };
     println!("bytes per record in the WAL (transient): {wal_frame}");
+
+    let t = Instant::now();
+    let report = tollgate::audit::verify::verify_dir(
+        &cfg.dir,
+        &cfg.dir.join("keys/checkpoint.key.pub"),
+        &Default::default(),
+    )
+    .expect("verify");
+    assert!(report.ok, "{:?}", report.problems.first());
+    println!(
+        "verify: {} records in {:.2} s ({:.0} records/s)",
+        report.records,
+        t.elapsed().as_secs_f64(),
+        report.records as f64 / t.elapsed().as_secs_f64()
+    );
     if std::env::args().nth(1).is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -42,16 +42,45 @@ const AGENTS: &[Agent] = &[
     },
 ];
 
-const READS: &[&str] = &[
-    "SELECT id, status, total FROM orders WHERE customer_id = 42",
-    "SELECT count(*) FROM orders WHERE created_at > now() - interval '1 day'",
-    "SELECT name, email FROM customers WHERE id = 42",
-    "SELECT * FROM invoices WHERE order_id = 1001",
+/// (statement, kind, table)
+const READS: &[(&str, &str, &str)] = &[
+    (
+        "SELECT id, status, total FROM orders WHERE customer_id = 42",
+        "read",
+        "public.orders",
+    ),
+    (
+        "SELECT count(*) FROM orders WHERE created_at > now() - interval '1 day'",
+        "read",
+        "public.orders",
+    ),
+    (
+        "SELECT name, email FROM customers WHERE id = 42",
+        "read",
+        "public.customers",
+    ),
+    (
+        "SELECT * FROM invoices WHERE order_id = 1001",
+        "read",
+        "public.invoices",
+    ),
 ];
-const WRITES: &[&str] = &[
-    "UPDATE orders SET status = 'refunded' WHERE id = 1001",
-    "DELETE FROM sessions WHERE expires_at < now()",
-    "ALTER TABLE orders ADD COLUMN note text",
+const WRITES: &[(&str, &str, &str)] = &[
+    (
+        "UPDATE orders SET status = 'refunded' WHERE id = 1001",
+        "write",
+        "public.orders",
+    ),
+    (
+        "DELETE FROM sessions WHERE expires_at < now()",
+        "write",
+        "public.sessions",
+    ),
+    (
+        "ALTER TABLE orders ADD COLUMN note text",
+        "ddl",
+        "public.orders",
+    ),
 ];
 
 fn base(a: &Agent, target: &str, session: &str, time: i64) -> AuditRecord {
@@ -126,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
         for k in 0..6 {
             t += 7_000;
             let write = a.oid.starts_with('3') && k % 3 == 2 || a.oid.starts_with('2') && k == 5;
-            let sql = if write {
+            let (sql, kind, table) = if write {
                 WRITES[(s + k) % WRITES.len()]
             } else {
                 READS[(s + k) % READS.len()]
@@ -144,6 +173,21 @@ async fn main() -> anyhow::Result<()> {
             );
             r.request_uid = request_uid.clone();
             r.query_info_query_string = sql.into();
+            r.query_info_kind = kind.into();
+            if write {
+                r.query_info_tables_written = vec![table.into()];
+            } else {
+                r.query_info_tables_read = vec![table.into()];
+            }
+            r.intent = format!("ticket-{}", 1000 + s);
+            r.actor_tollgate_roles = vec![if a.oid.starts_with('3') {
+                "operator".into()
+            } else {
+                "reader".into()
+            }];
+            if sql.contains("email") {
+                r.masked_columns = vec!["email".into()];
+            }
             if write && !a.oid.starts_with('3') {
                 // Support may not write: refused by policy.
                 r.phase = "refusal".into();

@@ -37,6 +37,94 @@ pub struct PinConfig {
     /// Directory under bpffs where links and maps are pinned.
     #[serde(default = "default_pin_dir")]
     pub bpffs_dir: PathBuf,
+    /// How often the evidence stream records the loss counters.
+    #[serde(default = "default_loss_interval_secs")]
+    pub loss_interval_secs: u64,
+    /// What agent cgroups may reach besides the protected targets:
+    /// `"allow"` (the default: everything else is allowed, so adopting
+    /// tollgate breaks nothing an agent already does) or `"deny"` (only
+    /// `egress_allow` destinations; everything else is refused with EPERM).
+    #[serde(default)]
+    pub egress_default: EgressDefault,
+    /// Destinations allowed when `egress_default = "deny"`.
+    #[serde(default)]
+    pub egress_allow: Vec<EgressAllow>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressDefault {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// One `[[pin.egress_allow]]` entry, e.g.
+/// `{ cidr = "10.0.0.53/32", ports = "53", protocol = "udp" }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EgressAllow {
+    /// An address or prefix, IPv4 or IPv6: "10.0.0.0/8", "::1", "fd00::/8".
+    pub cidr: String,
+    /// "53", "8000-8080"; all ports when absent.
+    #[serde(default)]
+    pub ports: Option<String>,
+    /// "tcp", "udp" or "any" (the default).
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+impl EgressAllow {
+    /// The parsed rule, or why it is wrong.
+    pub fn parse(&self) -> Result<crate::pin::AllowRule, String> {
+        let (addr, prefix) = match self.cidr.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (self.cidr.as_str(), None),
+        };
+        let ip: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{:?} is not an IP address", self.cidr))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{:?}: prefix must be 0..={max}", self.cidr))?,
+            None => max,
+        };
+        let (port_lo, port_hi) = match self.ports.as_deref() {
+            None => (0, 65535),
+            Some(text) => {
+                let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+                let lo: u16 = lo
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("ports {text:?}: give N or N-M"))?;
+                let hi: u16 = hi
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("ports {text:?}: give N or N-M"))?;
+                if lo > hi {
+                    return Err(format!("ports {text:?}: empty range"));
+                }
+                (lo, hi)
+            }
+        };
+        let protocol = match self.protocol.as_deref().unwrap_or("any") {
+            "any" => 0,
+            "tcp" => 6,
+            "udp" => 17,
+            other => return Err(format!("protocol {other:?}: give tcp, udp or any")),
+        };
+        Ok(crate::pin::AllowRule {
+            ip,
+            prefix,
+            port_lo,
+            port_hi,
+            protocol,
+        })
+    }
 }
 
 impl Default for PinConfig {
@@ -44,8 +132,15 @@ impl Default for PinConfig {
         Self {
             agent_cgroups: Vec::new(),
             bpffs_dir: default_pin_dir(),
+            loss_interval_secs: default_loss_interval_secs(),
+            egress_default: EgressDefault::default(),
+            egress_allow: Vec::new(),
         }
     }
+}
+
+fn default_loss_interval_secs() -> u64 {
+    5
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -80,6 +175,12 @@ pub struct TargetConfig {
     pub listen: SocketAddr,
     /// The credential tollgate presents upstream.
     pub credential: CredentialConfig,
+    /// TLS offered to agents, with tollgate's certificate.
+    #[serde(default)]
+    pub tls: Option<crate::proxy::tls::ListenerTlsConfig>,
+    /// Verified TLS to the target.
+    #[serde(default)]
+    pub upstream_tls: Option<crate::proxy::tls::UpstreamTlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,6 +295,19 @@ impl Config {
                     "give password or password_file, not both".into(),
                 ));
             }
+        }
+        if self.pin.loss_interval_secs == 0 {
+            return Err(("pin.loss_interval_secs".into(), "must be at least 1".into()));
+        }
+        if self.pin.egress_allow.len() > gateway_common::EGRESS_RULE_ENTRIES as usize {
+            return Err((
+                "pin.egress_allow".into(),
+                format!("at most {} rules", gateway_common::EGRESS_RULE_ENTRIES),
+            ));
+        }
+        for (i, rule) in self.pin.egress_allow.iter().enumerate() {
+            rule.parse()
+                .map_err(|reason| (format!("pin.egress_allow[{i}]"), reason))?;
         }
         for (i, cgroup) in self.pin.agent_cgroups.iter().enumerate() {
             if !cgroup.is_absolute() {

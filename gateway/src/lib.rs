@@ -10,11 +10,13 @@
 //! | may this request run | [`policy`] |
 //! | protocol adapters (PostgreSQL, ...) | [`proxy`] |
 //! | the tamper-evident record of every request | [`audit`] |
+//! | kernel evidence that nothing went around the gateway | [`evidence`] |
 //! | development identity provider | [`dev`] |
 
 pub mod audit;
 pub mod config;
 pub mod dev;
+pub mod evidence;
 pub mod identity;
 pub mod pin;
 pub mod policy;

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use tollgate::{
     audit::AuditLog,
     config::Config,
+    evidence::{self, AgentCgroupInfo, ConfigSnapshot, Evidence, ProtectedTarget},
     identity::Verifier,
     pin::{self, Pinning, Protected},
     policy::Policy,
@@ -62,10 +63,52 @@ enum Command {
         #[arg(long, default_value = "tollgate")]
         name: String,
     },
+    /// Reconcile the kernel's evidence with the audit, offline: every
+    /// connection to a protected target must be an audited gateway
+    /// upstream, and no evidence may have been lost. Exits non-zero on any
+    /// bypass or loss.
+    Verify {
+        /// The audit directory (the `[audit] dir`, or a copy of it).
+        dir: PathBuf,
+        /// The checkpoint signer's public key.
+        #[arg(long)]
+        public_key: PathBuf,
+        /// Only judge events at or after this time (Unix ms or YYYY-MM-DDTHH:MM:SSZ).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only judge events at or before this time.
+        #[arg(long)]
+        to: Option<String>,
+        /// Also write the full report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Pass even when the integrity of the streams could not be checked
+        /// by this build (reconciliation only).
+        #[arg(long)]
+        reconcile_only: bool,
+    },
+    /// The kernel programs: what is pinned and attached where.
+    Pin {
+        #[command(subcommand)]
+        command: PinCommand,
+    },
     /// Development tools: a local identity provider and token minting.
     Dev {
         #[command(subcommand)]
         command: tollgate::dev::DevCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PinCommand {
+    /// List the pinned programs per cgroup, with program and link ids.
+    Status {
+        /// The configuration (for the pin directory and cgroup names).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -86,6 +129,26 @@ fn main() -> ExitCode {
             .map(|_| println!("{}: ok", config.display()))
             .map_err(Into::into),
         Command::Unpin { config } => unpin(config),
+        Command::Verify {
+            dir,
+            public_key,
+            from,
+            to,
+            report,
+            reconcile_only,
+        } => {
+            return match verify(dir, public_key, from, to, report, reconcile_only) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(err) => {
+                    eprintln!("tollgate: {err:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Pin {
+            command: PinCommand::Status { config, json },
+        } => pin_status(config, json),
         Command::Dev { command } => {
             runtime().and_then(|rt| rt.block_on(tollgate::dev::run(command)))
         }
@@ -124,26 +187,50 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         let listener = TcpListener::bind(target.listen)
             .await
             .with_context(|| format!("target {}: listen on {}", target.name, target.listen))?;
-        listeners.push((Arc::new(target.clone()), listener));
+        listeners.push((Arc::new(proxy::Target::new(target.clone())?), listener));
     }
 
-    let pinning = if config.pin.agent_cgroups.is_empty() {
-        warn!("no agent cgroups configured: nothing is redirected to tollgate");
-        None
-    } else {
-        let protected: Vec<Protected> = config
-            .targets
+    if config.pin.agent_cgroups.is_empty() {
+        warn!("no agent cgroups configured: nothing is redirected to tollgate (the evidence probe still records every connection)");
+    }
+    let protected: Vec<Protected> = config
+        .targets
+        .iter()
+        .map(|t| Protected {
+            address: t.address,
+            listener: t.listen,
+        })
+        .collect();
+    let egress = pin::EgressPolicy {
+        default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
+        allow: config
+            .pin
+            .egress_allow
             .iter()
-            .map(|t| Protected {
-                address: t.address,
-                listener: t.listen,
-            })
-            .collect();
-        Some(std::sync::Mutex::new(
-            Pinning::install(&config.pin.bpffs_dir, &config.pin.agent_cgroups, &protected)
-                .context("pinning")?,
-        ))
+            .map(|rule| rule.parse().map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?,
     };
+    let mut pinning = Pinning::install(
+        &config.pin.bpffs_dir,
+        &config.pin.agent_cgroups,
+        &protected,
+        &egress,
+    )
+    .context("pinning")?;
+    let evidence = match pinning.take_evidence() {
+        Some(handles) => Some(
+            Evidence::start(
+                &config.audit,
+                handles,
+                config_snapshot(&config)?,
+                std::time::Duration::from_secs(config.pin.loss_interval_secs),
+            )
+            .await
+            .context("evidence stream")?,
+        ),
+        None => None,
+    };
+    let pinning = Some(std::sync::Mutex::new(pinning));
 
     let shared = Arc::new(Shared {
         verifier,
@@ -169,7 +256,80 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     info!(
         "stopping: the redirect stays pinned, agent connections are refused until tollgate is back"
     );
+    if let Some(evidence) = evidence {
+        evidence.shutdown().await;
+    }
     audit.shutdown().await;
+    Ok(())
+}
+
+/// What the evidence stream records about this configuration at start.
+fn config_snapshot(config: &Config) -> Result<ConfigSnapshot> {
+    use std::os::unix::fs::MetadataExt;
+    let agent_cgroups = config
+        .pin
+        .agent_cgroups
+        .iter()
+        .map(|path| {
+            let id = std::fs::metadata(path)
+                .with_context(|| format!("agent cgroup {}", path.display()))?
+                .ino();
+            Ok(AgentCgroupInfo {
+                path: path.display().to_string(),
+                id,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(ConfigSnapshot {
+        protected_targets: config
+            .targets
+            .iter()
+            .map(|t| ProtectedTarget {
+                name: t.name.clone(),
+                address: t.address,
+                listen: t.listen,
+            })
+            .collect(),
+        agent_cgroups,
+        gateway_pid: std::process::id(),
+        gateway_cgroup_id: pin::own_cgroup_id().unwrap_or(0),
+        egress_default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
+    })
+}
+
+fn verify(
+    dir: PathBuf,
+    public_key: PathBuf,
+    from: Option<String>,
+    to: Option<String>,
+    report: Option<PathBuf>,
+    reconcile_only: bool,
+) -> Result<bool> {
+    let opts = evidence::verify::Options {
+        from_ms: from
+            .as_deref()
+            .map(evidence::verify::parse_time)
+            .transpose()?,
+        to_ms: to
+            .as_deref()
+            .map(evidence::verify::parse_time)
+            .transpose()?,
+        require_integrity: !reconcile_only,
+    };
+    evidence::verify::run(&dir, &public_key, &opts, report.as_deref())
+}
+
+fn pin_status(config: Option<PathBuf>, json: bool) -> Result<()> {
+    let pin_config = match config {
+        Some(path) => Config::load(&path)?.pin,
+        None => tollgate::config::PinConfig::default(),
+    };
+    let programs = pin::status::status(&pin_config.bpffs_dir, &pin_config.agent_cgroups)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&programs)?);
+    } else {
+        print!("{}", pin::status::render(&pin_config.bpffs_dir, &programs));
+    }
     Ok(())
 }
 

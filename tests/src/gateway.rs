@@ -31,6 +31,10 @@ pub struct GatewayConfig {
     pub policy: String,
     /// Extra `[audit]` lines, e.g. `segment_max_age_secs = 1`.
     pub audit_extra: String,
+    /// Extra lines inside the `[[target]]` table.
+    pub target_extra: String,
+    /// More `[pin]` keys, one per line (e.g. `egress_default = "deny"`).
+    pub extra_pin_toml: String,
 }
 
 /// The policy the tests run under unless they say otherwise: any
@@ -52,6 +56,7 @@ impl GatewayConfig {
 [pin]
 agent_cgroups = ["{cgroup}"]
 bpffs_dir = "{bpffs}"
+{extra_pin}
 
 [identity]
 tenants = ["{tenant}"]
@@ -70,10 +75,12 @@ protocol = "postgres"
 address = "{address}"
 listen = "{listen}"
 credential = {{ user = "{user}", password = "{password}" }}
+{target_extra}
 {policy}
 "#,
             cgroup = self.agent_cgroup.display(),
             bpffs = self.bpffs_dir.display(),
+            extra_pin = self.extra_pin_toml,
             tenant = idp::TENANT,
             audience = idp::AUDIENCE,
             jwks = self.jwks_uri,
@@ -86,6 +93,7 @@ credential = {{ user = "{user}", password = "{password}" }}
             user = self.upstream_user,
             password = self.upstream_password,
             policy = self.policy,
+            target_extra = self.target_extra,
         )
     }
 }
@@ -122,6 +130,8 @@ impl Gateway {
             jwks_uri,
             policy: DEFAULT_POLICY.into(),
             audit_extra: String::new(),
+            target_extra: String::new(),
+            extra_pin_toml: String::new(),
         };
         Ok((dir, config))
     }
@@ -224,9 +234,14 @@ impl Gateway {
         }
     }
 
+    /// The public half of the checkpoint signing key.
+    pub fn public_key(&self) -> PathBuf {
+        PathBuf::from(format!("{}.pub", self.config.signing_key.display()))
+    }
+
     /// `tollgate audit verify` over the audit directory: (success, output).
     pub fn verify_audit(&self) -> Result<(bool, String)> {
-        let public_key = PathBuf::from(format!("{}.pub", self.config.signing_key.display()));
+        let public_key = self.public_key();
         let out = Command::new(tollgate_bin())
             .args(["audit", "verify"])
             .arg(&self.config.audit_dir)

@@ -7,12 +7,14 @@
 //! - [`DevIdp`]: tollgate's development identity provider;
 //! - [`Gateway`]: the tollgate daemon with a given configuration;
 //! - [`AgentCgroup`]: a cgroup v2 whose processes are agents;
-//! - [`duckdb`]: queries over the audit Parquet with the Python duckdb package.
+//! - [`duckdb`]: queries over the audit Parquet with the Python duckdb package;
+//! - [`evidence`]: the kernel evidence stream and `tollgate verify`.
 
 pub mod duckdb;
+pub mod evidence;
 mod gateway;
 pub mod idp;
-mod postgres;
+pub mod postgres;
 mod privileges;
 mod session;
 mod stack;

@@ -29,6 +29,21 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Result<Self> {
+        Self::start_listening("127.0.0.1", &[])
+    }
+
+    /// A server that also listens on IPv6 loopback (`::1`).
+    pub fn start_dual_stack() -> Result<Self> {
+        Self::start_listening("127.0.0.1,::1", &[])
+    }
+
+    /// A server with extra `-c name=value` settings. Files the settings
+    /// name must be readable by the postgres user ([`Postgres::give`]).
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
+        Self::start_listening("127.0.0.1", settings)
+    }
+
+    fn start_listening(listen_addresses: &str, settings: &[(&str, &str)]) -> Result<Self> {
         let (uid, gid) = postgres_ids()?;
         let dir = tempfile::Builder::new()
             .prefix("tollgate-pg-")
@@ -68,10 +83,16 @@ impl Postgres {
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("listen_addresses={listen_addresses}"))
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.path().display()))
             .args(["-c", "log_connections=on", "-c", "fsync=off"])
+            .args(
+                settings
+                    .iter()
+                    .flat_map(|(k, v)| ["-c".to_owned(), format!("{k}={v}")]),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .uid(uid)
@@ -120,6 +141,11 @@ impl Postgres {
 
     pub fn address(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The server's IPv6 loopback address (only with [`Self::start_dual_stack`]).
+    pub fn address_v6(&self) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.port))
     }
 
     pub fn dir(&self) -> &Path {
@@ -174,6 +200,15 @@ impl Drop for Postgres {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Hands a file to the postgres user with mode 0600 (as PostgreSQL
+/// demands of a TLS key).
+pub fn give(path: &Path) -> Result<()> {
+    let (uid, gid) = postgres_ids()?;
+    chown(path, uid, gid)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 fn postgres_ids() -> Result<(u32, u32)> {

@@ -19,31 +19,30 @@ pub struct Stack {
 
 impl Stack {
     pub fn start() -> Result<Self> {
-        Self::start_with_policy(crate::DEFAULT_POLICY)
+        Self::start_with(Postgres::start()?, |_| {})
     }
 
     /// The stack with `policy` as the `[policy]` (and `[identity.roles]`) TOML.
     pub fn start_with_policy(policy: &str) -> Result<Self> {
-        Self::start_with(policy, |_| Ok(()))
+        Self::start_with(Postgres::start()?, |config| {
+            config.policy = policy.to_owned()
+        })
     }
 
-    /// The stack with `policy`, after `configure` has changed the rest of
-    /// the gateway's configuration (audit dir, extra `[audit]` lines, ...).
+    /// The whole path around a given server, with the gateway's
+    /// configuration adjusted by `customize` before it starts.
     pub fn start_with(
-        policy: &str,
-        configure: impl FnOnce(&mut GatewayConfig) -> Result<()>,
+        postgres: Postgres,
+        customize: impl FnOnce(&mut GatewayConfig),
     ) -> Result<Self> {
-        let postgres = Postgres::start()?;
         let idp = DevIdp::start()?;
-        let (dir, config) = Gateway::config_for(
+        let (dir, mut config) = Gateway::config_for(
             postgres.address(),
             &postgres.gateway_user,
             &postgres.gateway_password,
             idp.jwks_uri(),
         )?;
-        let mut config = config;
-        config.policy = policy.to_owned();
-        configure(&mut config)?;
+        customize(&mut config);
         let gateway = Gateway::start(dir, config)?;
         Ok(Stack {
             gateway,

@@ -41,24 +41,69 @@ pub fn run(binary: &Path, seconds: Option<u32>) -> Result<()> {
         .postgres
         .superuser_sql_ok("postgres", "ALTER SYSTEM SET max_connections = 200")
         .ok();
-    step(&format!("pgbench -i -s {SCALE} (directly, as the operator)"));
+    step(&format!(
+        "pgbench -i -s {SCALE} (directly, as the operator)"
+    ));
     let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", SCALE, "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "orders"])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            SCALE,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "orders",
+        ])
         .env("PGPASSWORD", &stack.postgres.superuser_password)
         .output()?;
     if !init.status.success() {
         bail!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
     }
     let _bouncer = PgBouncer::start(&stack)?;
-    let token = stack.idp.token("bench-agent-oid", &["--expires-in", "7200"])?;
+    let token = stack
+        .idp
+        .token("bench-agent-oid", &["--expires-in", "7200"])?;
 
     let mut rows = Vec::new();
     for (workload, flag) in [("select-only", Some("-S")), ("TPC-B-like", None)] {
         for clients in CLIENTS {
-            step(&format!("{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate"));
-            let direct = pgbench(&stack, None, stack.postgres.port, "postgres", &stack.postgres.superuser_password, flag, clients, seconds)?;
-            let bouncer = pgbench(&stack, None, _bouncer.port, "postgres", &stack.postgres.superuser_password, flag, clients, seconds)?;
-            let gateway = pgbench(&stack, Some(&stack.gateway.config.agent_cgroup), stack.postgres.port, "agent", &token, flag, clients, seconds)?;
+            step(&format!(
+                "{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate"
+            ));
+            let direct = pgbench(
+                &stack,
+                None,
+                stack.postgres.port,
+                "postgres",
+                &stack.postgres.superuser_password,
+                flag,
+                clients,
+                seconds,
+            )?;
+            let bouncer = pgbench(
+                &stack,
+                None,
+                _bouncer.port,
+                "postgres",
+                &stack.postgres.superuser_password,
+                flag,
+                clients,
+                seconds,
+            )?;
+            let gateway = pgbench(
+                &stack,
+                Some(&stack.gateway.config.agent_cgroup),
+                stack.postgres.port,
+                "agent",
+                &token,
+                flag,
+                clients,
+                seconds,
+            )?;
             rows.push(format!(
                 "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.3} | {:.3} | {:.3} | {:+.0} |",
                 direct.tps,
@@ -105,11 +150,28 @@ fn pgbench(
         Some(cgroup) => AgentCgroup::command(cgroup, "pgbench"),
         None => Command::new("pgbench"),
     };
-    cmd.args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
-        .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string(), "-T", &seconds.to_string()])
-        .args(workload)
-        .arg("orders")
-        .env("PGPASSWORD", password);
+    cmd.args([
+        "-n",
+        "-M",
+        "prepared",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        user,
+    ])
+    .args([
+        "-c",
+        &clients.to_string(),
+        "-j",
+        &clients.min(2).to_string(),
+        "-T",
+        &seconds.to_string(),
+    ])
+    .args(workload)
+    .arg("orders")
+    .env("PGPASSWORD", password);
     let out = cmd.output().context("run pgbench")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -117,7 +179,14 @@ fn pgbench(
             "pgbench failed: {}{}\n{}",
             text,
             String::from_utf8_lossy(&out.stderr),
-            stack.gateway.log().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+            stack
+                .gateway
+                .log()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     let find = |prefix: &str| -> Result<f64> {
@@ -142,7 +211,9 @@ struct PgBouncer {
 
 impl PgBouncer {
     fn start(stack: &Stack) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tollgate-pgbouncer-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-pgbouncer-")
+            .tempdir()?;
         let port = free_port();
         fs::write(
             dir.path().join("userlist.txt"),
@@ -159,7 +230,10 @@ impl PgBouncer {
             ),
         )?;
         // PgBouncer refuses to run as root; the postgres user owns the files.
-        let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status()?;
+        let chown = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status()?;
         if !chown.success() {
             bail!("chown failed");
         }
@@ -171,14 +245,22 @@ impl PgBouncer {
             .spawn()
             .context("start pgbouncer (`cargo xtask setup` installs it)")?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        wait_for("PgBouncer to listen", Duration::from_secs(20), || port_open(addr))?;
-        Ok(PgBouncer { child, port, _dir: dir })
+        wait_for("PgBouncer to listen", Duration::from_secs(20), || {
+            port_open(addr)
+        })?;
+        Ok(PgBouncer {
+            child,
+            port,
+            _dir: dir,
+        })
     }
 }
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
-        let _ = Command::new("pkill").args(["-f", &format!("{}", self._dir.path().display())]).status();
+        let _ = Command::new("pkill")
+            .args(["-f", &format!("{}", self._dir.path().display())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -58,7 +58,14 @@ fn main() -> Result<()> {
         Task::Bench { seconds } => {
             setup::run()?;
             step("building tollgate (release)");
-            run_checked(cargo().args(["build", "--release", "--package", "gateway", "--bin", "tollgate"]))?;
+            run_checked(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "gateway",
+                "--bin",
+                "tollgate",
+            ]))?;
             bench::run(&target_dir().join("release/tollgate"), seconds)
         }
     }

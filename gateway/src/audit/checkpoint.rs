@@ -363,6 +363,32 @@ pub fn last_counter(dir: &Path) -> io::Result<u64> {
     Ok(list(dir)?.last().map(|(n, _)| *n).unwrap_or(0))
 }
 
+/// Checkpoints kept in full: the newest this many ...
+pub const KEEP_RECENT: u64 = 1000;
+/// ... and, older than that, every checkpoint whose counter is a multiple of
+/// this. A loaded daemon closes a segment (and signs a checkpoint) every few
+/// seconds, ~17 000 a day; each checkpoint signs the root of the whole
+/// manifest, so a newer one vouches for everything an older one did, and
+/// thinning keeps the directory and verify time bounded.
+pub const KEEP_EVERY: u64 = 1000;
+
+/// Removes the one checkpoint that falls out of the kept set when
+/// checkpoint `latest` is written (called once per checkpoint, so it stays
+/// O(1)). Failure to remove only leaves an extra file.
+pub fn thin(dir: &Path, latest: u64, keep_recent: u64, keep_every: u64) {
+    let Some(old) = latest.checked_sub(keep_recent) else {
+        return;
+    };
+    if old == 0 || old % keep_every == 0 {
+        return;
+    }
+    match fs::remove_file(dir.join(file_name(old))) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!(counter = old, error = %e, "could not remove old checkpoint"),
+    }
+}
+
 /// Signs and writes a checkpoint over the whole manifest.
 pub fn write(
     dir: &Path,
@@ -374,7 +400,7 @@ pub fn write(
     now_ms: i64,
 ) -> io::Result<()> {
     let size = manifest.lines.len();
-    let root = manifest.root(size);
+    let root = manifest.root_all();
     let note = signer.sign_note(&body(origin, size as u64, &root, now_ms, counter));
     fsutil::write_atomic(
         perms,
@@ -403,6 +429,19 @@ mod tests {
         assert_eq!(open_note(&note, &other), Err(NoteError::BadSignature));
         let edited = note.replacen("\n3\n", "\n4\n", 1);
         assert_eq!(open_note(&edited, &v), Err(NoteError::BadSignature));
+    }
+
+    #[test]
+    fn thinning_keeps_recent_and_every_nth_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        for c in 1..=60u64 {
+            fs::write(tmp.path().join(file_name(c)), b"x").unwrap();
+            thin(tmp.path(), c, 10, 20);
+        }
+        let kept: Vec<u64> = list(tmp.path()).unwrap().iter().map(|(c, _)| *c).collect();
+        let mut want: Vec<u64> = vec![20, 40];
+        want.extend(51..=60);
+        assert_eq!(kept, want);
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct RemovedSegment {
 pub struct Manifest {
     pub lines: Vec<Vec<u8>>,
     pub entries: Vec<Entry>,
+    /// Merkle frontier over `lines`, kept up to date on every push.
+    frontier: merkle::Frontier,
 }
 
 #[derive(Debug)]
@@ -104,10 +106,7 @@ impl Manifest {
             };
             let line = &rest[..nl];
             match serde_json::from_slice::<Entry>(line) {
-                Ok(e) => {
-                    m.lines.push(line.to_vec());
-                    m.entries.push(e);
-                }
+                Ok(e) => m.push(line.to_vec(), e),
                 Err(e) => {
                     let n = m.lines.len();
                     return Ok((
@@ -129,8 +128,33 @@ impl Manifest {
         self.lines.iter().map(|l| l.len() as u64 + 1).sum()
     }
 
-    pub fn root(&self, size: usize) -> merkle::Hash {
-        merkle::root(&self.lines[..size.min(self.lines.len())])
+    fn push(&mut self, line: Vec<u8>, entry: Entry) {
+        self.frontier.push(merkle::leaf_hash(&line));
+        self.lines.push(line);
+        self.entries.push(entry);
+    }
+
+    /// Root over every line: what a new checkpoint signs.
+    pub fn root_all(&self) -> merkle::Hash {
+        self.frontier.root()
+    }
+
+    /// Roots of the first `size` lines for each requested size (sizes
+    /// beyond the manifest are left out), in one pass over the lines.
+    pub fn prefix_roots(&self, sizes: &[u64]) -> std::collections::HashMap<u64, merkle::Hash> {
+        let wanted: std::collections::HashSet<u64> = sizes.iter().copied().collect();
+        let mut out = std::collections::HashMap::new();
+        let mut f = merkle::Frontier::default();
+        if wanted.contains(&0) {
+            out.insert(0, f.root());
+        }
+        for line in &self.lines {
+            f.push(merkle::leaf_hash(line));
+            if wanted.contains(&f.size()) {
+                out.insert(f.size(), f.root());
+            }
+        }
+        out
     }
 
     /// The last segment entry (sequence-wise the end of the closed chain).
@@ -156,8 +180,7 @@ impl Manifest {
                 .and_then(|f| f.set_len(self.byte_len()));
             return Err(e);
         }
-        self.lines.push(line);
-        self.entries.push(entry);
+        self.push(line, entry);
         Ok(())
     }
 }

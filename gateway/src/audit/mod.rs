@@ -75,12 +75,11 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .try_init();
-            let key = checkpoint::Verifier::load(&public_key)?;
             let opts = verify::Options {
                 max_checkpoint_age_ms: max_checkpoint_age_secs.map(|s| s as i64 * 1000),
                 now_ms: store::now_ms(),
             };
-            let r = verify::verify_with(&dir, &key, &opts);
+            let r = verify::verify_dir(&dir, &public_key, &opts)?;
             print!("{}", verify::summary(&r));
             if let Some(out) = report {
                 let json = serde_json::to_vec_pretty(&r)?;

@@ -47,6 +47,8 @@ pub mod action {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+// A WAL written before a field existed still decodes (the field is empty).
+#[serde(default)]
 pub struct AuditRecord {
     // --- filled by the audit store ---
     /// Position in this host's chain, from 1, without gaps.
@@ -157,22 +159,89 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    /// The canonical encoding that `record_hash` is computed over: the
-    /// serde_json encoding of the record (fields in declaration order, no
-    /// whitespace) with `record_hash` set to the empty string. Hashing the
-    /// logical record rather than Parquet bytes keeps the hash independent
-    /// of how a file happens to be encoded.
-    pub fn canonical_bytes(&mut self) -> Vec<u8> {
-        let own = std::mem::take(&mut self.record_hash);
+    /// The canonical encoding that `record_hash` is computed over: a JSON
+    /// object of the record's fields with keys in byte order, no
+    /// whitespace, leaving out `record_hash` and every field that is empty:
+    /// an empty string, an empty list, or an absent (`None`) value. Numbers
+    /// are always kept, so `Some(0)` and `None` hash differently.
+    ///
+    /// Hashing the logical record rather than Parquet bytes keeps the hash
+    /// independent of how a file happens to be encoded. Leaving defaults out
+    /// means a field added later (absent, so empty, in older records and
+    /// files) does not change the hash of any record written before it, as
+    /// long as it is a string, a list or an `Option`; fields are only ever
+    /// added, never renamed or removed.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
         // Serialising a struct of strings, integers and string lists cannot
         // fail; an empty encoding would show up as a hash mismatch anyway.
-        let bytes = serde_json::to_vec(&*self).unwrap_or_default();
-        self.record_hash = own;
-        bytes
+        let serde_json::Value::Object(fields) = serde_json::to_value(self).unwrap_or_default()
+        else {
+            return Vec::new();
+        };
+        // An explicit BTreeMap: the key order must not depend on whether
+        // some crate in the build enables serde_json's preserve_order.
+        let kept: std::collections::BTreeMap<String, serde_json::Value> = fields
+            .into_iter()
+            .filter(|(k, v)| k != "record_hash" && !is_default(v))
+            .collect();
+        serde_json::to_vec(&kept).unwrap_or_default()
     }
 
     /// SHA-256 over [`Self::canonical_bytes`], lower-case hex.
-    pub fn compute_hash(&mut self) -> String {
+    pub fn compute_hash(&self) -> String {
         hex::encode(Sha256::digest(self.canonical_bytes()))
+    }
+}
+
+fn is_default(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null => true,
+        Value::Bool(_) | Value::Number(_) => false,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_encoding_is_sorted_and_leaves_out_defaults_and_own_hash() {
+        let r = AuditRecord {
+            sequence: 7,
+            prev_record_hash: "ab".into(),
+            record_hash: "ignored".into(),
+            phase: "request".into(),
+            actor_user_groups: vec!["g".into()],
+            actor_process_pid: Some(0),
+            response_rows: None,
+            ..Default::default()
+        };
+        assert_eq!(
+            String::from_utf8(r.canonical_bytes()).unwrap(),
+            concat!(
+                r#"{"action_id":0,"activity_id":0,"actor_process_pid":0,"actor_user_groups":["g"],"#,
+                r#""class_uid":0,"phase":"request","prev_record_hash":"ab","sequence":7,"#,
+                r#""status_id":0,"time":0,"type_uid":0}"#
+            )
+        );
+        // Some(0) is a value, None is not: they must not hash alike.
+        let mut none = r.clone();
+        none.actor_process_pid = None;
+        assert_ne!(none.compute_hash(), r.compute_hash());
+        let mut other = r.clone();
+        other.record_hash = "different".into();
+        assert_eq!(other.compute_hash(), r.compute_hash());
+    }
+
+    #[test]
+    fn json_from_before_a_field_existed_decodes_with_it_empty() {
+        let r: AuditRecord = serde_json::from_str(r#"{"sequence":3,"phase":"request"}"#).unwrap();
+        assert_eq!(r.sequence, 3);
+        assert!(r.masked_columns.is_empty());
+        assert_eq!(r.response_rows, None);
     }
 }

@@ -30,8 +30,10 @@ use sha2::{Digest, Sha256};
 
 use super::AuditRecord;
 
-/// Version of the column layout, stored as Parquet key/value metadata.
-pub const SCHEMA_VERSION: &str = "1";
+/// Version of the record hashing rules (and column conventions), stored as
+/// Parquet key/value metadata. Adding a column does not change it (see
+/// `AuditRecord::canonical_bytes`); changing how records hash does.
+pub const SCHEMA_VERSION: &str = "3";
 
 /// Columns with a bloom filter: the identity and target columns analysts
 /// look up by equality.
@@ -132,12 +134,19 @@ macro_rules! kind_build {
     }};
 }
 
-fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, SegmentError> {
-    batch
-        .column_by_name(name)
-        .ok_or_else(|| col_err(name, "missing"))?
-        .as_any()
+/// A column by name. `None` when the file predates the column: the field
+/// keeps its empty default, which is also what the canonical encoding
+/// assumes for records written before the field existed.
+fn column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<Option<&'a T>, SegmentError> {
+    let Some(c) = batch.column_by_name(name) else {
+        return Ok(None);
+    };
+    c.as_any()
         .downcast_ref::<T>()
+        .map(Some)
         .ok_or_else(|| col_err(name, "unexpected type"))
 }
 
@@ -151,67 +160,74 @@ fn not_null(a: &dyn Array, name: &str, row: usize) -> Result<(), SegmentError> {
 macro_rules! kind_read {
     (seq, $b:expr, $out:expr, $f:ident) => {{
         let n = stringify!($f);
-        let a = column::<Int64Array>($b, n)?;
-        for (i, r) in $out.iter_mut().enumerate() {
-            not_null(a, n, i)?;
-            r.$f = u64::try_from(a.value(i)).map_err(|_| col_err(n, "negative"))?;
+        if let Some(a) = column::<Int64Array>($b, n)? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                not_null(a, n, i)?;
+                r.$f = u64::try_from(a.value(i)).map_err(|_| col_err(n, "negative"))?;
+            }
         }
     }};
     (str, $b:expr, $out:expr, $f:ident) => {{
         let n = stringify!($f);
-        let a = column::<StringArray>($b, n)?;
-        for (i, r) in $out.iter_mut().enumerate() {
-            not_null(a, n, i)?;
-            r.$f = a.value(i).to_string();
+        if let Some(a) = column::<StringArray>($b, n)? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                not_null(a, n, i)?;
+                r.$f = a.value(i).to_string();
+            }
         }
     }};
     (i32, $b:expr, $out:expr, $f:ident) => {{
         let n = stringify!($f);
-        let a = column::<Int32Array>($b, n)?;
-        for (i, r) in $out.iter_mut().enumerate() {
-            not_null(a, n, i)?;
-            r.$f = a.value(i);
+        if let Some(a) = column::<Int32Array>($b, n)? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                not_null(a, n, i)?;
+                r.$f = a.value(i);
+            }
         }
     }};
     (i64, $b:expr, $out:expr, $f:ident) => {{
         let n = stringify!($f);
-        let a = column::<Int64Array>($b, n)?;
-        for (i, r) in $out.iter_mut().enumerate() {
-            not_null(a, n, i)?;
-            r.$f = a.value(i);
+        if let Some(a) = column::<Int64Array>($b, n)? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                not_null(a, n, i)?;
+                r.$f = a.value(i);
+            }
         }
     }};
     (oi32, $b:expr, $out:expr, $f:ident) => {{
-        let a = column::<Int32Array>($b, stringify!($f))?;
-        for (i, r) in $out.iter_mut().enumerate() {
-            r.$f = (!a.is_null(i)).then(|| a.value(i));
+        if let Some(a) = column::<Int32Array>($b, stringify!($f))? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                r.$f = (!a.is_null(i)).then(|| a.value(i));
+            }
         }
     }};
     (oi64, $b:expr, $out:expr, $f:ident) => {{
-        let a = column::<Int64Array>($b, stringify!($f))?;
-        for (i, r) in $out.iter_mut().enumerate() {
-            r.$f = (!a.is_null(i)).then(|| a.value(i));
+        if let Some(a) = column::<Int64Array>($b, stringify!($f))? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                r.$f = (!a.is_null(i)).then(|| a.value(i));
+            }
         }
     }};
     (strs, $b:expr, $out:expr, $f:ident) => {{
         let n = stringify!($f);
-        let a = column::<ListArray>($b, n)?;
-        for (i, r) in $out.iter_mut().enumerate() {
-            not_null(a, n, i)?;
-            let v = a.value(i);
-            let s = v
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| col_err(n, "list of non-strings"))?;
-            r.$f = (0..s.len())
-                .map(|j| {
-                    if s.is_null(j) {
-                        Err(col_err(n, format!("null list item in row {i}")))
-                    } else {
-                        Ok(s.value(j).to_string())
-                    }
-                })
-                .collect::<Result<_, _>>()?;
+        if let Some(a) = column::<ListArray>($b, n)? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                not_null(a, n, i)?;
+                let v = a.value(i);
+                let s = v
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| col_err(n, "list of non-strings"))?;
+                r.$f = (0..s.len())
+                    .map(|j| {
+                        if s.is_null(j) {
+                            Err(col_err(n, format!("null list item in row {i}")))
+                        } else {
+                            Ok(s.value(j).to_string())
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
         }
     }};
 }
@@ -230,6 +246,13 @@ macro_rules! columns {
         pub fn to_batch(records: &[AuditRecord]) -> Result<RecordBatch, SegmentError> {
             let cols: Vec<ArrayRef> = vec![$(kind_build!($k, records, $f)),*];
             Ok(RecordBatch::try_new(schema(), cols)?)
+        }
+
+        /// Never called: it stops the build when AuditRecord gains a field
+        /// that has no column here ("pattern does not mention field").
+        #[allow(dead_code)]
+        fn every_field_has_a_column(r: &AuditRecord) {
+            let AuditRecord { $($f: _),* } = r;
         }
 
         /// One Arrow batch -> records, in row order.
@@ -352,11 +375,40 @@ fn properties(records: &[AuditRecord]) -> WriterProperties {
     for c in BLOOM_COLUMNS {
         b = b
             .set_column_bloom_filter_enabled(ColumnPath::from(*c), true)
-            // Sized to the file: the default (1M distinct values) would make
-            // each small segment carry ~1 MiB of filter per column.
-            .set_column_bloom_filter_max_ndv(ColumnPath::from(*c), records.len().max(16) as u64);
+            // parquet 60 folds each filter down to its target false-positive
+            // rate after writing, so the file size does not depend on this;
+            // it bounds the filter the writer allocates while encoding.
+            .set_column_bloom_filter_max_ndv(
+                ColumnPath::from(*c),
+                distinct(records, c).max(16) as u64,
+            );
     }
     b.build()
+}
+
+/// Number of distinct values of a bloom-filtered column.
+fn distinct(records: &[AuditRecord], column: &str) -> usize {
+    let get: fn(&AuditRecord) -> &str = match column {
+        "actor_user_uid" => |r| &r.actor_user_uid,
+        "actor_user_name" => |r| &r.actor_user_name,
+        "actor_app_uid" => |r| &r.actor_app_uid,
+        "actor_session_credential_uid" => |r| &r.actor_session_credential_uid,
+        "dst_endpoint_name" => |r| &r.dst_endpoint_name,
+        "dst_endpoint_ip" => |r| &r.dst_endpoint_ip,
+        "session_uid" => |r| &r.session_uid,
+        "request_uid" => |r| &r.request_uid,
+        "database_name" => |r| &r.database_name,
+        "database_user" => |r| &r.database_user,
+        "policy_uid" => |r| &r.policy_uid,
+        // Unknown column: assume every value differs (a larger filter,
+        // never a wrong one).
+        _ => return records.len(),
+    };
+    records
+        .iter()
+        .map(get)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// Writes `records` (already sorted by time) to `tmp`, fsyncs it, and
@@ -434,9 +486,111 @@ mod tests {
     }
 
     #[test]
+    fn every_bloom_column_has_a_distinct_counter() {
+        let records: Vec<AuditRecord> = (0..10)
+            .map(|i| AuditRecord {
+                actor_user_uid: format!("u{}", i % 2),
+                ..Default::default()
+            })
+            .collect();
+        for c in BLOOM_COLUMNS {
+            let n = distinct(&records, c);
+            let want = if *c == "actor_user_uid" { 2 } else { 1 };
+            assert_eq!(n, want, "{c}");
+        }
+    }
+
+    #[test]
     fn day_partition_is_utc_date() {
         assert_eq!(day_of(0), "1970-01-01");
         assert_eq!(day_of(1_764_201_599_999), "2025-11-26");
         assert_eq!(day_of(1_764_201_600_000), "2025-11-27");
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    use super::*;
+
+    #[test]
+    fn files_are_zstd_sorted_with_bloom_filters_and_metadata() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.parquet");
+        let records: Vec<AuditRecord> = (0..50)
+            .map(|i| AuditRecord {
+                sequence: i + 1,
+                time: 1000 + i as i64,
+                actor_user_uid: format!("u{}", i % 3),
+                ..Default::default()
+            })
+            .collect();
+        write_file(&super::super::fsutil::Perms::default(), &path, &records).unwrap();
+        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
+        let meta = reader.metadata();
+        let kv = meta.file_metadata().key_value_metadata().unwrap();
+        let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
+        assert_eq!(get("tollgate.first_sequence").as_deref(), Some("1"));
+        assert_eq!(get("tollgate.last_sequence").as_deref(), Some("50"));
+        assert_eq!(
+            get("tollgate.schema_version").as_deref(),
+            Some(SCHEMA_VERSION)
+        );
+        let rg = meta.row_group(0);
+        let sorting = rg.sorting_columns().unwrap();
+        assert_eq!(
+            COLUMN_NAMES[sorting[0].column_idx as usize], "time",
+            "sorted by time first"
+        );
+        for (i, name) in COLUMN_NAMES.iter().enumerate() {
+            let col = rg.column(i);
+            assert!(
+                matches!(col.compression(), Compression::ZSTD(_)),
+                "{name} compressed with zstd"
+            );
+            assert_eq!(
+                col.bloom_filter_offset().is_some(),
+                BLOOM_COLUMNS.contains(name),
+                "bloom filter on {name}"
+            );
+        }
+        assert_eq!(read_file(&path).unwrap(), records);
+    }
+
+    #[test]
+    fn file_from_before_a_column_existed_reads_and_keeps_its_hashes() {
+        // Records written before `intent` and `masked_columns` existed have
+        // them empty; their hashes were computed without them.
+        let records: Vec<AuditRecord> = (0..5u64)
+            .map(|i| {
+                let mut r = AuditRecord {
+                    sequence: i + 1,
+                    time: 1000 + i as i64,
+                    actor_user_uid: format!("u{i}"),
+                    ..Default::default()
+                };
+                r.record_hash = r.compute_hash();
+                r
+            })
+            .collect();
+        let full = to_batch(&records).unwrap();
+        let keep: Vec<usize> = COLUMN_NAMES
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !matches!(**c, "intent" | "masked_columns"))
+            .map(|(i, _)| i)
+            .collect();
+        let old = full.project(&keep).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("old.parquet");
+        let mut w = ArrowWriter::try_new(File::create(&path).unwrap(), old.schema(), None).unwrap();
+        w.write(&old).unwrap();
+        w.close().unwrap();
+        let back = read_file(&path).unwrap();
+        assert_eq!(back, records);
+        for r in &back {
+            assert_eq!(r.compute_hash(), r.record_hash);
+        }
     }
 }

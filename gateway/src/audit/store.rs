@@ -134,7 +134,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
     let mut pending = Vec::new();
     let mut replay_broken = false;
     let replay_from = next_seq;
-    for mut r in records.into_iter().filter(|r| r.sequence >= replay_from) {
+    for r in records.into_iter().filter(|r| r.sequence >= replay_from) {
         let hash = r.compute_hash();
         if r.sequence != next_seq || r.prev_record_hash != prev_hash || r.record_hash != hash {
             error!(
@@ -686,6 +686,12 @@ impl SegState {
             now_ms(),
         )?;
         self.last_checkpoint = Instant::now();
+        checkpoint::thin(
+            &self.dir.join("checkpoints"),
+            self.checkpoint_counter,
+            checkpoint::KEEP_RECENT,
+            checkpoint::KEEP_EVERY,
+        );
         Ok(())
     }
 

@@ -459,3 +459,55 @@ async fn verify_command_exits_by_verdict_and_writes_the_report() {
     let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
     assert_eq!(json["problems"][0]["kind"], "segment_missing");
 }
+
+#[tokio::test]
+async fn deleted_row_is_reported_as_a_gap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let victim = segments(&cfg)[1].clone();
+    let path = cfg.dir.join(&victim);
+    let mut rows = segment::read_file(&path).unwrap();
+    let gone = rows.remove(4);
+    fs::remove_file(&path).unwrap();
+    segment::write_file(&fsutil::Perms::default(), &path, &rows).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    let gap = r
+        .problems
+        .iter()
+        .find(|p| p.kind == Kind::SequenceGap)
+        .unwrap();
+    assert_eq!(gap.file, victim);
+    assert_eq!(gap.sequence, Some(gone.sequence + 1));
+    assert!(has(&r, Kind::MerkleRootMismatch, &victim, None));
+}
+
+#[tokio::test]
+async fn rechained_forgery_is_caught_by_the_signed_roots() {
+    // An attacker without the key alters a row and recomputes every hash
+    // after it in the file, so the rows chain perfectly among themselves.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let victim = segments(&cfg)[1].clone();
+    let path = cfg.dir.join(&victim);
+    let mut rows = segment::read_file(&path).unwrap();
+    rows.sort_by_key(|r| r.sequence);
+    rows[2].query_info_query_string = "SELECT 1".into();
+    let mut prev = rows[0].prev_record_hash.clone();
+    for r in rows.iter_mut() {
+        r.prev_record_hash = prev;
+        r.record_hash = r.compute_hash();
+        prev = r.record_hash.clone();
+    }
+    fs::remove_file(&path).unwrap();
+    segment::write_file(&fsutil::Perms::default(), &path, &rows).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    assert!(!r
+        .problems
+        .iter()
+        .any(|p| p.kind == Kind::RecordHashMismatch));
+    assert!(has(&r, Kind::MerkleRootMismatch, &victim, None));
+    assert!(has(&r, Kind::ManifestMismatch, &victim, None));
+    assert!(has(&r, Kind::SegmentHashMismatch, &victim, None));
+}

@@ -160,6 +160,13 @@ pub struct Options {
     pub now_ms: i64,
 }
 
+/// Verifies `dir` against the public key in the file `public_key` (as
+/// written by `tollgate keygen`, `<key>.pub`).
+pub fn verify_dir(dir: &Path, public_key: &Path, opts: &Options) -> anyhow::Result<Report> {
+    let key = Verifier::load(public_key)?;
+    Ok(verify_with(dir, &key, opts))
+}
+
 pub fn verify(dir: &Path, key: &Verifier) -> Report {
     verify_with(dir, key, &Options::default())
 }
@@ -248,8 +255,10 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
     let mut origin: Option<String> = None;
     let mut last_valid: Option<CheckpointSummary> = None;
     let mut prev: Option<(u64, Option<i64>, String)> = None;
-    // Roots of manifest prefixes, computed once per distinct size.
-    let mut roots: HashMap<u64, merkle::Hash> = HashMap::new();
+    // Signatures first, then the roots of every signed manifest prefix in
+    // one pass over the manifest (thousands of checkpoints over millions
+    // of lines must not mean thousands of passes).
+    let mut opened = Vec::with_capacity(files.len());
     for (counter, path) in files {
         let rel = format!("checkpoints/{}", checkpoint::file_name(counter));
         let text = match fs::read_to_string(&path) {
@@ -259,23 +268,23 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
                 continue;
             }
         };
-        let cp = match checkpoint::open_note(&text, key) {
-            Ok(cp) => cp,
-            Err(NoteError::BadSignature) => {
-                cx.problem(
-                    Kind::CheckpointBadSignature,
-                    &rel,
-                    None,
-                    None,
-                    format!("no valid signature by {}", key.name),
-                );
-                continue;
-            }
+        match checkpoint::open_note(&text, key) {
+            Ok(cp) => opened.push((counter, rel, cp)),
+            Err(NoteError::BadSignature) => cx.problem(
+                Kind::CheckpointBadSignature,
+                &rel,
+                None,
+                None,
+                format!("no valid signature by {}", key.name),
+            ),
             Err(NoteError::Malformed(m)) => {
-                cx.problem(Kind::CheckpointMalformed, &rel, None, None, m);
-                continue;
+                cx.problem(Kind::CheckpointMalformed, &rel, None, None, m)
             }
-        };
+        }
+    }
+    let sizes: Vec<u64> = opened.iter().map(|(_, _, cp)| cp.size).collect();
+    let roots: HashMap<u64, merkle::Hash> = manifest.prefix_roots(&sizes);
+    for (counter, rel, cp) in opened {
         if cp.counter != Some(counter) {
             cx.problem(
                 Kind::CheckpointMisnamed,
@@ -312,10 +321,7 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
                 ),
             );
         } else {
-            let root = *roots
-                .entry(cp.size)
-                .or_insert_with(|| manifest.root(cp.size as usize));
-            if root != cp.root {
+            if roots.get(&cp.size) != Some(&cp.root) {
                 cx.problem(
                     Kind::CheckpointRootMismatch,
                     &rel,
@@ -554,8 +560,7 @@ fn check_segment_file(dir: &Path, s: &SegmentEntry, cx: &mut Ctx) {
     let mut leaves = Vec::with_capacity(order.len());
     for (row, r) in &order {
         let row = *row as u64;
-        let mut c = (*r).clone();
-        if c.compute_hash() != r.record_hash {
+        if r.compute_hash() != r.record_hash {
             cx.problem(
                 Kind::RecordHashMismatch,
                 &s.path,
@@ -708,10 +713,9 @@ fn check_wal(dir: &Path, mut cur: Cursor, cx: &mut Ctx) {
         if r.sequence < cur.next_seq {
             continue; // already in a segment; the file awaits deletion
         }
-        let mut c = r.clone();
         let ok = r.sequence == cur.next_seq
             && r.prev_record_hash == cur.prev_hash
-            && c.compute_hash() == r.record_hash;
+            && r.compute_hash() == r.record_hash;
         if !ok {
             cx.problem(
                 Kind::WalChainBroken,

@@ -8,23 +8,31 @@
 //! attaches fresh links next to the old ones, then atomically replaces the
 //! old pins, so there is no moment without a redirect.
 
+pub mod btf;
 mod mounts;
+pub mod status;
 
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::MetadataExt,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
-    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps,
+    },
+    Btf, Ebpf, EbpfLoader,
 };
 use gateway_common::{
-    map_names, program_names, ClientPortKey, OriginalDestination, Redirect, TargetKey,
+    egress_setting, global_names, map_names, program_names, ClientPortKey, EgressRule,
+    OriginalDestination, Redirect, TargetKey,
 };
 use tracing::info;
 
@@ -38,12 +46,67 @@ static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-eb
 /// explicit attach flag, so the link is created with none.
 const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::GETPEERNAME4,
     program_names::GETPEERNAME6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
 ];
+
+/// One egress allow rule, parsed from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowRule {
+    pub ip: IpAddr,
+    /// Prefix length in the address's own family (0..=32 or 0..=128).
+    pub prefix: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// 0 any, 6 TCP, 17 UDP.
+    pub protocol: u32,
+}
+
+impl AllowRule {
+    /// The kernel's form: IPv4 prefixes become IPv4-mapped, as the
+    /// programs see every destination.
+    pub fn to_kernel(self) -> EgressRule {
+        let (v6, prefix) = match self.ip {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped(), u32::from(self.prefix) + 96),
+            IpAddr::V6(v6) => (v6, u32::from(self.prefix)),
+        };
+        let mask_bits: u128 = if prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - prefix)
+        };
+        let mask_octets = mask_bits.to_be_bytes();
+        let addr_octets = (u128::from_be_bytes(v6.octets()) & mask_bits).to_be_bytes();
+        let words = |o: [u8; 16]| {
+            let mut w = [0u32; 4];
+            for (i, word) in w.iter_mut().enumerate() {
+                *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            }
+            w
+        };
+        EgressRule {
+            addr: words(addr_octets),
+            mask: words(mask_octets),
+            port_lo: u32::from(self.port_lo),
+            port_hi: u32::from(self.port_hi),
+            protocol: self.protocol,
+            _reserved: 0,
+        }
+    }
+}
+
+/// What agent cgroups may reach besides the protected targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// Refuse (EPERM) whatever no rule allows.
+    pub default_deny: bool,
+    pub allow: Vec<AllowRule>,
+}
 
 /// A protected destination and the listener that serves it.
 #[derive(Debug, Clone, Copy)]
@@ -62,11 +125,24 @@ pub struct ClientOrigin {
     pub cgroup_id: u64,
 }
 
+/// What the evidence reader needs from the loaded object: the ring buffer,
+/// the loss counters and the tracing programs (for their recursion misses).
+pub struct EvidenceHandles {
+    pub ring: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+    /// (program name, program fd) of each tracing program.
+    pub tracing_programs: Vec<(String, OwnedFd)>,
+}
+
+/// Name of the pinned link of the host-wide evidence probe.
+const HOST_LINK_SUFFIX: &str = "host";
+
 /// The loaded programs and their maps, attached and pinned.
 pub struct Pinning {
     _ebpf: Ebpf,
     original_destinations: BpfHashMap<MapData, u64, OriginalDestination>,
     client_ports: BpfHashMap<MapData, ClientPortKey, u64>,
+    evidence: Option<EvidenceHandles>,
 }
 
 impl Pinning {
@@ -77,6 +153,7 @@ impl Pinning {
         pin_dir: &Path,
         agent_cgroups: &[PathBuf],
         protected: &[Protected],
+        egress: &EgressPolicy,
     ) -> Result<Self> {
         ensure_mounts()?;
         let maps_dir = pin_dir.join("maps");
@@ -85,11 +162,28 @@ impl Pinning {
             fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
 
+        let offsets = btf::SockOffsets::from_btf(&btf::KernelBtf::from_sys_fs()?)
+            .context("struct sock offsets from the kernel's BTF")?;
+        info!(?offsets, "struct sock offsets read from the kernel's BTF");
         let mut loader = EbpfLoader::new();
+        loader
+            .override_global(global_names::SKC_DADDR, &offsets.skc_daddr, true)
+            .override_global(global_names::SKC_DPORT, &offsets.skc_dport, true)
+            .override_global(global_names::SKC_FAMILY, &offsets.skc_family, true)
+            .override_global(global_names::SKC_V6_DADDR, &offsets.skc_v6_daddr, true)
+            .override_global(global_names::SK_PROTOCOL, &offsets.sk_protocol, true)
+            .override_global(global_names::OFFSETS_SET, &1u32, true);
+        // The evidence ring buffer and counters are pinned too: the pinned
+        // probe keeps recording while the daemon is down, and the next
+        // daemon reads what it recorded.
         let map_paths: Vec<(&str, PathBuf)> = [
             map_names::REDIRECTS,
             map_names::ORIGINAL_DESTINATIONS,
             map_names::CLIENT_PORTS,
+            map_names::EVIDENCE,
+            map_names::EVIDENCE_COUNTERS,
+            map_names::EGRESS_RULES,
+            map_names::EGRESS_SETTINGS,
         ]
         .into_iter()
         .map(|name| (name, maps_dir.join(name)))
@@ -110,6 +204,34 @@ impl Pinning {
         program_mut::<SockOps>(&mut ebpf, program_names::SOCK_OPS)?
             .load()
             .context("load the sock_ops program")?;
+        program_mut::<CgroupSock>(&mut ebpf, program_names::SOCK_CREATE)?
+            .load()
+            .context("load the sock_create program")?;
+
+        // Redirects and egress policy are in the (pinned, shared) maps
+        // before any new attachment: a new program never runs on stale
+        // policy.
+        let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
+            take_map(&mut ebpf, map_names::REDIRECTS)?;
+        sync_redirects(&mut redirects, protected)?;
+        sync_egress(&mut ebpf, egress)?;
+
+        // Evidence first: from here on every TCP connect on the host is on
+        // record, before any agent cgroup is attached.
+        let kernel_btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
+        let probe: &mut BtfTracePoint = program_mut(&mut ebpf, program_names::TCP_STATE)?;
+        probe
+            .load("inet_sock_set_state", &kernel_btf)
+            .context("load the evidence probe (tp_btf/inet_sock_set_state)")?;
+        let link_id = probe.attach().context("attach the evidence probe")?;
+        let link: FdLink = probe.take_link(link_id)?.into();
+        replace_pin(link, &links_dir, program_names::TCP_STATE, HOST_LINK_SUFFIX)?;
+        let probe_fd = probe
+            .fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicate the probe's fd")?;
+        info!("evidence probe attached host-wide and pinned");
 
         for cgroup in agent_cgroups {
             fs::create_dir_all(cgroup)
@@ -123,27 +245,58 @@ impl Pinning {
                     .attach(&cgroup_file, LINK_ATTACH_MODE)
                     .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
                 let link: FdLink = program.take_link(link_id)?.try_into()?;
-                replace_pin(link, &links_dir, name, cgroup_id)?;
+                replace_pin(link, &links_dir, name, &cgroup_id.to_string())?;
             }
+            let program: &mut CgroupSock = program_mut(&mut ebpf, program_names::SOCK_CREATE)?;
+            let link_id = program
+                .attach(&cgroup_file, LINK_ATTACH_MODE)
+                .with_context(|| format!("attach sock_create to {}", cgroup.display()))?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            replace_pin(
+                link,
+                &links_dir,
+                program_names::SOCK_CREATE,
+                &cgroup_id.to_string(),
+            )?;
             let program: &mut SockOps = program_mut(&mut ebpf, program_names::SOCK_OPS)?;
             let link_id = program
                 .attach(&cgroup_file, LINK_ATTACH_MODE)
                 .with_context(|| format!("attach sock_ops to {}", cgroup.display()))?;
             let link: FdLink = program.take_link(link_id)?.try_into()?;
-            replace_pin(link, &links_dir, program_names::SOCK_OPS, cgroup_id)?;
+            replace_pin(
+                link,
+                &links_dir,
+                program_names::SOCK_OPS,
+                &cgroup_id.to_string(),
+            )?;
             info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
         }
 
-        let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
-            take_map(&mut ebpf, map_names::REDIRECTS)?;
-        sync_redirects(&mut redirects, protected)?;
         let original_destinations = take_map(&mut ebpf, map_names::ORIGINAL_DESTINATIONS)?;
         let client_ports = take_map(&mut ebpf, map_names::CLIENT_PORTS)?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map(map_names::EVIDENCE)
+                .context("map EVIDENCE missing from the kernel object")?,
+        )?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(map_names::EVIDENCE_COUNTERS)
+                .context("map EVIDENCE_COUNTERS missing from the kernel object")?,
+        )?;
         Ok(Self {
             _ebpf: ebpf,
             original_destinations,
             client_ports,
+            evidence: Some(EvidenceHandles {
+                ring,
+                counters,
+                tracing_programs: vec![(program_names::TCP_STATE.to_owned(), probe_fd)],
+            }),
         })
+    }
+
+    /// Hands the evidence maps to their reader (once).
+    pub fn take_evidence(&mut self) -> Option<EvidenceHandles> {
+        self.evidence.take()
     }
 
     /// Names the agent behind an accepted connection whose peer (the agent's
@@ -169,6 +322,22 @@ impl Pinning {
             cgroup_id: original.cgroup_id,
         })
     }
+}
+
+/// The cgroup v2 id (inode of the cgroup directory) of this process.
+pub fn own_cgroup_id() -> Option<u64> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    // cgroup v2's line is "0::/path".
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let path = Path::new(root).join(rel.trim_start_matches('/'));
+        if Path::new(root).join("cgroup.procs").exists() {
+            if let Ok(meta) = fs::metadata(&path) {
+                return Some(meta.ino());
+            }
+        }
+    }
+    None
 }
 
 /// Removes everything tollgate pinned: the redirect stops, agent
@@ -203,9 +372,10 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
     Ok(BpfHashMap::try_from(map)?)
 }
 
-/// Pins `link` as `<program>-<cgroup id>`, atomically replacing the link a
-/// previous daemon pinned there (whose program is then detached).
-fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: u64) -> Result<()> {
+/// Pins `link` as `<program>-<where>` (a cgroup id, or `host`), atomically
+/// replacing the link a previous daemon pinned there (whose program is then
+/// detached).
+fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: &str) -> Result<()> {
     let path = links_dir.join(format!("{program}-{cgroup_id}"));
     // bpffs refuses names with a dot in them.
     let staging = links_dir.join(format!("staging-{program}-{cgroup_id}"));
@@ -214,6 +384,39 @@ fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: u64) ->
         .with_context(|| format!("pin link at {}", staging.display()))?;
     fs::rename(&staging, &path)
         .with_context(|| format!("replace pinned link {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
+    let mut rules: Array<MapData, EgressRule> = Array::try_from(
+        ebpf.take_map(map_names::EGRESS_RULES)
+            .context("map EGRESS_RULES missing from the kernel object")?,
+    )?;
+    let mut settings: Array<MapData, u32> = Array::try_from(
+        ebpf.take_map(map_names::EGRESS_SETTINGS)
+            .context("map EGRESS_SETTINGS missing from the kernel object")?,
+    )?;
+    if egress.allow.len() > rules.len() as usize {
+        bail!("at most {} egress rules", rules.len());
+    }
+    // Rules first, then the count, then the switch: a program reading in
+    // between sees either the old policy or a complete new one... except
+    // for a shrinking list, where it may briefly see fewer rules, which
+    // only refuses more, never less.
+    for (i, rule) in egress.allow.iter().enumerate() {
+        rules.set(i as u32, rule.to_kernel(), 0)?;
+    }
+    settings.set(egress_setting::RULE_COUNT, egress.allow.len() as u32, 0)?;
+    settings.set(
+        egress_setting::DEFAULT_DENY,
+        u32::from(egress.default_deny),
+        0,
+    )?;
+    info!(
+        default = if egress.default_deny { "deny" } else { "allow" },
+        rules = egress.allow.len(),
+        "egress policy for agent cgroups"
+    );
     Ok(())
 }
 
@@ -312,6 +515,68 @@ mod tests {
     fn ipv6_targets_round_trip() {
         let addr: SocketAddr = "[fd00::7]:5432".parse().unwrap();
         assert_eq!(ip_from_words(target_key(addr).addr), addr.ip());
+    }
+
+    #[test]
+    fn allow_rules_become_masked_mapped_kernel_rules() {
+        let v4 = AllowRule {
+            ip: "10.1.2.3".parse().unwrap(),
+            prefix: 8,
+            port_lo: 53,
+            port_hi: 53,
+            protocol: 17,
+        }
+        .to_kernel();
+        let inside = target_key("10.200.0.1:53".parse().unwrap());
+        let outside = target_key("11.0.0.1:53".parse().unwrap());
+        assert!(v4.allows(&inside.addr, 53, 17));
+        assert!(!v4.allows(&inside.addr, 53, 6), "udp only");
+        assert!(!v4.allows(&inside.addr, 54, 17), "port 53 only");
+        assert!(!v4.allows(&outside.addr, 53, 17));
+        let v6 = AllowRule {
+            ip: "fd00::".parse().unwrap(),
+            prefix: 8,
+            port_lo: 0,
+            port_hi: 65535,
+            protocol: 0,
+        }
+        .to_kernel();
+        assert!(v6.allows(&target_key("[fd12::1]:443".parse().unwrap()).addr, 443, 6));
+        assert!(!v6.allows(&target_key("[fe80::1]:443".parse().unwrap()).addr, 443, 6));
+        assert!(!v6.allows(&inside.addr, 53, 17));
+        let everything = AllowRule {
+            ip: "::".parse().unwrap(),
+            prefix: 0,
+            port_lo: 0,
+            port_hi: 65535,
+            protocol: 0,
+        }
+        .to_kernel();
+        assert!(everything.allows(&outside.addr, 1, 6));
+    }
+
+    #[test]
+    fn egress_config_entries_parse_or_say_why_not() {
+        use crate::config::EgressAllow;
+        let entry = |cidr: &str, ports: Option<&str>, protocol: Option<&str>| EgressAllow {
+            cidr: cidr.into(),
+            ports: ports.map(Into::into),
+            protocol: protocol.map(Into::into),
+        };
+        let rule = entry("10.0.0.53", Some("53"), Some("udp")).parse().unwrap();
+        assert_eq!(
+            (rule.prefix, rule.port_lo, rule.port_hi, rule.protocol),
+            (32, 53, 53, 17)
+        );
+        let rule = entry("fd00::/8", Some("8000-8080"), None).parse().unwrap();
+        assert_eq!(
+            (rule.prefix, rule.port_lo, rule.port_hi, rule.protocol),
+            (8, 8000, 8080, 0)
+        );
+        assert!(entry("10.0.0.0/33", None, None).parse().is_err());
+        assert!(entry("db.internal", None, None).parse().is_err());
+        assert!(entry("10.0.0.1", Some("90-80"), None).parse().is_err());
+        assert!(entry("10.0.0.1", None, Some("icmp")).parse().is_err());
     }
 
     #[test]

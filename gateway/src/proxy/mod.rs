@@ -13,6 +13,7 @@
 //!    own credential, and records the outcome.
 
 pub mod postgres;
+pub mod tls;
 
 use std::{
     net::SocketAddr,
@@ -44,17 +45,62 @@ pub struct Shared {
     pub postgres_cancel_keys: Arc<postgres::CancelKeys>,
 }
 
+/// A target as the proxy serves it: its configuration and its TLS
+/// material, loaded once at start.
+pub struct Target {
+    pub config: TargetConfig,
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub upstream_tls: Option<tls::UpstreamTls>,
+}
+
+impl Target {
+    /// Loads the TLS material; a bad file stops the daemon at start.
+    pub fn new(config: TargetConfig) -> anyhow::Result<Self> {
+        let tls_acceptor = match &config.tls {
+            Some(tls) => Some(
+                tls::acceptor(tls).map_err(|e| anyhow::anyhow!("target {}: {e:#}", config.name))?,
+            ),
+            None => None,
+        };
+        let upstream_tls = match &config.upstream_tls {
+            Some(tls) => Some(
+                tls::connector(tls, config.address.ip())
+                    .map_err(|e| anyhow::anyhow!("target {}: {e:#}", config.name))?,
+            ),
+            None => None,
+        };
+        Ok(Target {
+            config,
+            tls_acceptor,
+            upstream_tls,
+        })
+    }
+}
+
+impl std::ops::Deref for Target {
+    type Target = TargetConfig;
+    fn deref(&self) -> &TargetConfig {
+        &self.config
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.config.fmt(f)
+    }
+}
+
 /// One accepted client connection, before any protocol is spoken.
 #[derive(Debug, Clone)]
 pub struct Connection {
     pub session_uid: String,
-    pub target: Arc<TargetConfig>,
+    pub target: Arc<Target>,
     pub peer: SocketAddr,
     pub origin: Option<ClientOrigin>,
 }
 
 /// Accepts connections for one target until the listener fails.
-pub async fn serve(target: Arc<TargetConfig>, listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::io::AsyncWriteExt;
 
 use super::wire::{self, Frame, WireError};
 use crate::policy::Pattern;
@@ -55,7 +55,7 @@ const CATALOG_QUERY: &str =
 /// Resolves `patterns` to columns with one catalog query on the session's
 /// own upstream connection, before any agent message is relayed.
 pub async fn resolve(
-    stream: &mut TcpStream,
+    stream: &mut crate::proxy::tls::BoxedIo,
     buf: &mut BytesMut,
     patterns: Vec<Pattern>,
 ) -> Result<MaskSet, WireError> {

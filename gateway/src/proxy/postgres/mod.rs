@@ -12,7 +12,9 @@
 
 mod cancel;
 pub mod classify;
-mod mask;
+#[cfg(test)]
+mod fuzz_tests;
+pub(crate) mod mask;
 #[cfg(test)]
 mod refusal_tests;
 mod relay;
@@ -22,15 +24,12 @@ pub mod wire;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::{
-    io::AsyncWriteExt,
-    net::{tcp::OwnedWriteHalf, TcpStream},
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{info, warn};
 
 pub use self::cancel::CancelKeys;
 use self::wire::{Startup, WireError};
-use super::{Connection, Shared};
+use super::{tls::BoxedIo, Connection, Shared};
 use crate::identity::IdentityError;
 
 /// SQLSTATE invalid_authorization_specification.
@@ -56,13 +55,14 @@ async fn serve(
     client: TcpStream,
     shared: Arc<Shared>,
 ) -> Result<(), WireError> {
-    let (mut client_rd, mut client_wr) = client.into_split();
+    let mut client: BoxedIo = Box::new(client);
+    let mut encrypted = false;
     let params = loop {
-        let startup = match wire::read_startup(&mut client_rd).await {
+        let startup = match wire::read_startup(&mut client).await {
             Ok(startup) => startup,
             Err(WireError::Malformed(reason)) => {
                 fatal(
-                    &mut client_wr,
+                    &mut client,
                     SQLSTATE_PROTOCOL,
                     &format!("tollgate: {reason}"),
                 )
@@ -72,9 +72,17 @@ async fn serve(
             Err(err) => return Err(err),
         };
         match startup {
-            // TLS and GSS encryption are declined; the client then goes on
-            // in the clear or stops, as its sslmode says.
-            Startup::Ssl | Startup::GssEnc => client_wr.write_all(b"N").await?,
+            // TLS with tollgate's certificate when the target has one.
+            Startup::Ssl if !encrypted && connection.target.tls_acceptor.is_some() => {
+                client.write_all(b"S").await?;
+                if let Some(acceptor) = &connection.target.tls_acceptor {
+                    client = Box::new(acceptor.accept(client).await?);
+                    encrypted = true;
+                }
+            }
+            // GSS encryption (and TLS without a certificate) is declined; the
+            // client goes on in the clear or stops, as its sslmode says.
+            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await?,
             Startup::Cancel {
                 process_id,
                 secret_key,
@@ -93,6 +101,22 @@ async fn serve(
             Startup::Startup(params) => break params,
         }
     };
+    if !encrypted
+        && connection
+            .target
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.require)
+    {
+        fatal(
+            &mut client,
+            SQLSTATE_IDENTITY,
+            "tollgate: this target requires TLS (sslmode=require or stricter)",
+        )
+        .await;
+        return Ok(());
+    }
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let param = |name: &str| {
         params
             .iter()
@@ -175,6 +199,21 @@ async fn serve(
             return Ok(());
         }
     };
+    // The upstream socket's cookie goes on record before the session is
+    // used, so `tollgate verify` can account for every connection the
+    // gateway opens, including sessions that never send a statement.
+    let mut opened = accepted_upstream_record(&connection, &principal, &upstream);
+    opened.database_user = database_user.clone();
+    opened.database_name = database_name.clone();
+    if let Err(err) = shared.audit.append(opened).await {
+        fatal(
+            &mut client_wr,
+            SQLSTATE_AUDIT,
+            &format!("tollgate: cannot audit this session: {err}"),
+        )
+        .await;
+        return Ok(());
+    }
     // Masked columns are resolved before any agent message is relayed; if
     // they cannot be, the session does not start (fail closed).
     let mask_patterns = shared.policy.masks_for(&principal, &connection.target.name);
@@ -219,8 +258,30 @@ async fn serve(
     relay::run(session, client_rd, client_buf, client_wr, upstream).await
 }
 
+/// The Datastore Activity "connect" record of an opened upstream session,
+/// carrying the upstream socket's cookie.
+fn accepted_upstream_record(
+    connection: &Connection,
+    principal: &crate::identity::Principal,
+    upstream: &upstream::Upstream,
+) -> crate::audit::AuditRecord {
+    use crate::audit::record;
+    let mut record = connection.record(Some(principal));
+    super::set_class(
+        &mut record,
+        record::CLASS_DATASTORE_ACTIVITY,
+        record::datastore_activity::CONNECT,
+    );
+    record.phase = "session".into();
+    record.status_id = record::status::SUCCESS;
+    record.action_id = record::action::ALLOWED;
+    record.status_detail = "upstream connection opened".into();
+    record.upstream_socket_cookie = upstream.socket_cookie.and_then(|c| i64::try_from(c).ok());
+    record
+}
+
 /// Sends a FATAL ErrorResponse; the connection is closed after it.
-async fn fatal(client: &mut OwnedWriteHalf, code: &str, message: &str) {
+async fn fatal<W: tokio::io::AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str) {
     let mut out = BytesMut::new();
     wire::error_response(&mut out, "FATAL", code, message);
     let _ = client.write_all(&out).await;

@@ -81,18 +81,23 @@ async fn every_forged_token_is_refused_over_the_wire_with_28000_and_audited() {
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let target = Arc::new(TargetConfig {
-            name: "orders-db".into(),
-            protocol: Protocol::Postgres,
-            // Never reached: every login here must fail before it.
-            address: "127.0.0.1:1".parse().expect("addr"),
-            listen: addr,
-            credential: CredentialConfig {
-                user: "gateway".into(),
-                password: None,
-                password_file: None,
-            },
-        });
+        let target = Arc::new(
+            proxy::Target::new(TargetConfig {
+                name: "orders-db".into(),
+                protocol: Protocol::Postgres,
+                // Never reached: every login here must fail before it.
+                address: "127.0.0.1:1".parse().expect("addr"),
+                listen: addr,
+                credential: CredentialConfig {
+                    user: "gateway".into(),
+                    password: None,
+                    password_file: None,
+                },
+                tls: None,
+                upstream_tls: None,
+            })
+            .expect("target"),
+        );
         tokio::spawn(proxy::serve(target, listener, shared.clone()));
         listeners.insert(case.config, (addr, shared));
     }

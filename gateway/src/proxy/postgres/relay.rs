@@ -15,8 +15,7 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+    io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
     sync::Notify,
 };
 use tracing::{debug, warn};
@@ -34,6 +33,7 @@ use crate::{
     audit::{record, AuditRecord, DurabilityMode, Durable},
     identity::Principal,
     policy::{Decision, Operation, Request, StatementKind},
+    proxy::tls::BoxedIo,
     proxy::{now_millis, set_class, Connection, Shared},
 };
 
@@ -114,13 +114,14 @@ struct InFlight {
     transaction_status: u8,
 }
 
-type ClientWriter = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
+type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<BoxedIo>>>;
+pub type ClientReader = ReadHalf<BoxedIo>;
 
 pub async fn run(
     session: Session,
-    client_rd: OwnedReadHalf,
+    client_rd: ClientReader,
     client_buf: BytesMut,
-    client_wr: OwnedWriteHalf,
+    client_wr: WriteHalf<BoxedIo>,
     upstream: Upstream,
 ) -> Result<(), WireError> {
     let session = Arc::new(session);
@@ -130,7 +131,7 @@ pub async fn run(
     }));
     let drained = Arc::new(Notify::new());
     let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
-    let (upstream_rd, upstream_wr) = upstream.stream.into_split();
+    let (upstream_rd, upstream_wr) = tokio::io::split(upstream.stream);
 
     let to_server = client_to_server(
         session.clone(),
@@ -219,9 +220,9 @@ fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
 
 async fn client_to_server(
     session: Arc<Session>,
-    mut client_rd: OwnedReadHalf,
+    mut client_rd: ClientReader,
     mut buf: BytesMut,
-    mut upstream_wr: OwnedWriteHalf,
+    mut upstream_wr: WriteHalf<BoxedIo>,
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,
     drained: Arc<Notify>,
@@ -547,7 +548,7 @@ pub fn intent_of(text: &str) -> Option<String> {
 
 async fn server_to_client(
     session: Arc<Session>,
-    mut upstream_rd: OwnedReadHalf,
+    mut upstream_rd: ReadHalf<BoxedIo>,
     mut buf: BytesMut,
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,

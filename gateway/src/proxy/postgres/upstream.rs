@@ -7,10 +7,13 @@ use postgres_protocol::{
     authentication::{md5_hash, sasl},
     message::{backend, frontend},
 };
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use super::wire::{self, Frame, WireError};
-use crate::config::TargetConfig;
+use crate::proxy::{tls::BoxedIo, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -23,6 +26,8 @@ pub enum UpstreamError {
     Refused { code: String, message: String },
     #[error("target asked for an authentication method tollgate does not speak ({0})")]
     UnsupportedAuth(String),
+    #[error("TLS to the target: {0}")]
+    Tls(String),
     #[error("gateway credential: {0}")]
     Credential(String),
     #[error(transparent)]
@@ -33,7 +38,7 @@ pub enum UpstreamError {
 /// AuthenticationOk (ParameterStatus, BackendKeyData, ReadyForQuery), which
 /// the client must see as if it came from the server.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: BoxedIo,
     pub buffered: BytesMut,
     pub greeting: BytesMut,
     pub socket_cookie: Option<u64>,
@@ -42,10 +47,10 @@ pub struct Upstream {
 /// Connects and authenticates as `target.credential`, asking for the
 /// database and options the agent asked for.
 pub async fn connect(
-    target: &TargetConfig,
+    target: &Target,
     client_params: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
-    let mut stream =
+    let stream =
         TcpStream::connect(target.address)
             .await
             .map_err(|source| UpstreamError::Connect {
@@ -54,6 +59,7 @@ pub async fn connect(
             })?;
     let _ = stream.set_nodelay(true);
     let socket_cookie = super::super::socket_cookie(&stream);
+    let mut stream = negotiate_tls(target, stream).await?;
     let user = target.credential.user.as_str();
     let password = target
         .credential
@@ -176,6 +182,32 @@ pub async fn connect(
         greeting,
         socket_cookie,
     })
+}
+
+/// With `upstream_tls` configured, asks the server for TLS and verifies
+/// its certificate; a server that declines is refused, never used in the
+/// clear.
+async fn negotiate_tls(target: &Target, mut stream: TcpStream) -> Result<BoxedIo, UpstreamError> {
+    let Some(tls) = &target.upstream_tls else {
+        return Ok(Box::new(stream));
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await.map_err(WireError::Io)?;
+    let mut answer = [0u8; 1];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .map_err(WireError::Io)?;
+    if answer[0] != b'S' {
+        return Err(UpstreamError::Tls("the server does not offer TLS".into()));
+    }
+    let tls_stream = tls
+        .connector
+        .connect(tls.server_name.clone(), stream)
+        .await
+        .map_err(|err| UpstreamError::Tls(err.to_string()))?;
+    Ok(Box::new(tls_stream))
 }
 
 fn need(password: &Option<String>) -> Result<&str, UpstreamError> {

@@ -1,0 +1,560 @@
+//! Independent evidence that nothing went around the gateway.
+//!
+//! The kernel probes (gateway-ebpf) write every TCP active open on the host,
+//! and every redirect or refusal on the agent cgroups, to a ring buffer.
+//! This module reads it and writes each event as a record of a second
+//! audit log at `{audit.dir}/evidence`: its own hash chain, WAL, Parquet
+//! segments and signed checkpoints, in the same format as the request
+//! audit. Per interval it also records the loss counters, so "nothing was
+//! lost" can be checked from the files alone. [`verify`] reconciles the
+//! two logs offline (docs/evidence.md).
+
+mod prog_info;
+pub mod verify;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use gateway_common::{counted_program, counter, counter_index, event_kind, EvidenceEvent};
+use serde_json::json;
+use tokio::{io::unix::AsyncFd, sync::watch};
+use tracing::{info, warn};
+
+use crate::{
+    audit::{AuditConfig, AuditLog, AuditRecord},
+    pin::EvidenceHandles,
+};
+
+/// OCSF class: Network Activity.
+pub const CLASS_NETWORK_ACTIVITY: i32 = 4001;
+/// OCSF Network Activity ids.
+pub mod network_activity {
+    pub const OPEN: i32 = 1;
+    pub const REFUSE: i32 = 5;
+    pub const OTHER: i32 = 99;
+}
+
+/// `phase` of the evidence stream's records.
+pub mod phase {
+    /// One kernel event.
+    pub const EVIDENCE: &str = "evidence";
+    /// The loss counters of an interval.
+    pub const LOSS_COUNTERS: &str = "loss_counters";
+    /// What was protected, written at every start, so verification needs
+    /// nothing but the directory.
+    pub const CONFIG: &str = "config";
+}
+
+/// The `kind` (in `unmapped`) of an evidence record.
+pub fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        event_kind::TCP_CONNECT => "tcp_connect",
+        event_kind::REDIRECTED => "redirected",
+        event_kind::REFUSED_DATAGRAM => "refused_datagram",
+        event_kind::REFUSED_SOCKET => "refused_socket",
+        event_kind::REFUSED_EGRESS => "refused_egress",
+        _ => "unknown",
+    }
+}
+
+/// Where the evidence stream of an audit directory lives.
+pub fn evidence_dir(audit_dir: &Path) -> PathBuf {
+    audit_dir.join("evidence")
+}
+
+/// The evidence log's settings: those of the audit log, in its own
+/// directory, signed with the same key (so one public key verifies both).
+pub fn evidence_config(audit: &AuditConfig) -> AuditConfig {
+    let mut config = audit.clone();
+    config.dir = evidence_dir(&audit.dir);
+    config.signing_key = Some(
+        audit
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| audit.dir.join("keys").join("checkpoint.key")),
+    );
+    // A distinct origin, so a checkpoint of one stream cannot pass for the
+    // other's.
+    config.origin = audit.origin.as_ref().map(|o| format!("{o}/evidence"));
+    // Evidence never gates a request; the loss counters cover the rest.
+    config.retention_days = audit.retention_days;
+    config
+}
+
+/// A protected target, as written into the config record.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ProtectedTarget {
+    pub name: String,
+    pub address: SocketAddr,
+    pub listen: SocketAddr,
+}
+
+/// An agent cgroup, as written into the config record.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct AgentCgroupInfo {
+    pub path: String,
+    pub id: u64,
+}
+
+/// Everything the verifier needs to know about this daemon's configuration.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ConfigSnapshot {
+    pub protected_targets: Vec<ProtectedTarget>,
+    pub agent_cgroups: Vec<AgentCgroupInfo>,
+    /// The daemon's own process: its upstream connections are the only
+    /// legitimate direct ones, and each must match an audited session.
+    pub gateway_pid: u32,
+    pub gateway_cgroup_id: u64,
+    /// Whether traffic from agent cgroups that is neither redirected nor
+    /// on the allow list is refused.
+    pub egress_default_deny: bool,
+}
+
+/// The record written at start with the protected targets.
+pub fn config_record(snapshot: &ConfigSnapshot) -> AuditRecord {
+    let mut record = base_record(phase::CONFIG, network_activity::OTHER);
+    record.status_id = crate::audit::status::SUCCESS;
+    record.actor_process_pid = i32::try_from(snapshot.gateway_pid).ok();
+    record.actor_process_name = "tollgate".into();
+    record.actor_process_cgroup_id = i64::try_from(snapshot.gateway_cgroup_id).ok();
+    record.unmapped = serde_json::to_string(snapshot).unwrap_or_default();
+    record
+}
+
+fn base_record(phase: &str, activity_id: i32) -> AuditRecord {
+    AuditRecord {
+        phase: phase.into(),
+        time: crate::proxy::now_millis(),
+        class_uid: CLASS_NETWORK_ACTIVITY,
+        activity_id,
+        type_uid: i64::from(CLASS_NETWORK_ACTIVITY) * 100 + i64::from(activity_id),
+        request_uid: uuid::Uuid::new_v4().to_string(),
+        ..AuditRecord::default()
+    }
+}
+
+/// Decodes one ring buffer item; `None` if it has the wrong size.
+pub fn decode(bytes: &[u8]) -> Option<EvidenceEvent> {
+    if bytes.len() < std::mem::size_of::<EvidenceEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked; EvidenceEvent is plain integers, any
+    // bit pattern is valid; read_unaligned needs no alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<EvidenceEvent>()) })
+}
+
+/// Nanoseconds to add to CLOCK_BOOTTIME to get Unix time.
+pub fn boot_to_unix_offset_ns() -> i128 {
+    let now = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: ts is valid for writes; the clocks exist on every Linux.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_BOOTTIME)
+}
+
+/// The evidence record of one kernel event.
+pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord {
+    let activity = match event.kind {
+        event_kind::TCP_CONNECT | event_kind::REDIRECTED => network_activity::OPEN,
+        _ => network_activity::REFUSE,
+    };
+    let mut record = base_record(phase::EVIDENCE, activity);
+    let unix_ns = i128::from(event.boot_ns) + boot_offset_ns;
+    record.time = i64::try_from(unix_ns / 1_000_000).unwrap_or(record.time);
+    record.status_id = crate::audit::status::SUCCESS;
+    record.action_id = match event.kind {
+        event_kind::REDIRECTED => crate::audit::action::MODIFIED,
+        event_kind::TCP_CONNECT => 0,
+        _ => crate::audit::action::DENIED,
+    };
+    record.actor_process_pid = i32::try_from(event.pid).ok();
+    record.actor_process_name = comm_to_string(&event.comm);
+    record.actor_process_cgroup_id = i64::try_from(event.cgroup_id).ok();
+    // A refused socket has no destination yet; its event carries the
+    // socket type in place of the port.
+    let socket_type = (event.kind == event_kind::REFUSED_SOCKET).then_some(event.dport);
+    if socket_type.is_none() {
+        record.dst_endpoint_ip = ip_from_words(event.daddr).to_string();
+        record.dst_endpoint_port = i32::try_from(event.dport).ok();
+    }
+    record.connection_info_protocol_name = match event.protocol {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        other => other.to_string(),
+    };
+    // The same conversion the proxy uses for its upstream cookie, so the
+    // two columns compare equal.
+    record.upstream_socket_cookie = i64::try_from(event.cookie).ok();
+    record.unmapped = json!({
+        "kind": kind_name(event.kind),
+        "family": match event.family { 2 => "inet", 10 => "inet6", 17 => "packet", _ => "other" },
+        "socket_type": socket_type,
+        "protocol": event.protocol,
+        "tid": event.tid,
+        "boot_ns": event.boot_ns,
+        "socket_cookie": event.cookie,
+    })
+    .to_string();
+    record
+}
+
+fn ip_from_words(words: [u32; 4]) -> std::net::IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => std::net::IpAddr::V4(v4),
+        None => std::net::IpAddr::V6(v6),
+    }
+}
+
+fn comm_to_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Counts kept in user space, reported with the kernel's.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct UserSpaceCounters {
+    /// Events read from the ring buffer.
+    pub received: u64,
+    /// Items too short to be an event.
+    pub malformed: u64,
+    /// Events that could not be written to the evidence log.
+    pub write_failed: u64,
+}
+
+/// One program's counters, summed over CPUs (cumulative since the pinned
+/// counter map was created).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ProgramCounters {
+    pub seen: u64,
+    pub emitted: u64,
+    pub dropped: u64,
+    /// Kernel's count of times the program was not run because it was
+    /// already running on that CPU (tracing programs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recursion_misses: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_id: Option<u32>,
+}
+
+/// The content of a loss_counters record.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LossReport {
+    pub programs: BTreeMap<String, ProgramCounters>,
+    pub user_space: UserSpaceCounters,
+    pub interval_ms: u64,
+}
+
+impl LossReport {
+    /// Nothing was dropped by a program, missed by the kernel, or lost
+    /// between the ring buffer and the log. (`seen` may run ahead of
+    /// `emitted` by the events in flight on each CPU at the moment the
+    /// counters are read; every one of those ends as emitted or dropped.)
+    pub fn lossless(&self) -> bool {
+        self.user_space.malformed == 0
+            && self.user_space.write_failed == 0
+            && self
+                .programs
+                .values()
+                .all(|p| p.dropped == 0 && p.recursion_misses.unwrap_or(0) == 0)
+    }
+}
+
+/// The record of one interval's counters.
+pub fn loss_record(report: &LossReport) -> AuditRecord {
+    let mut record = base_record(phase::LOSS_COUNTERS, network_activity::OTHER);
+    record.status_id = if report.lossless() {
+        crate::audit::status::SUCCESS
+    } else {
+        crate::audit::status::FAILURE
+    };
+    record.unmapped = serde_json::to_string(report).unwrap_or_default();
+    record
+}
+
+/// Reads the kernel counters.
+fn read_counters(
+    counters: &PerCpuArray<MapData, u64>,
+    tracing_programs: &[(String, OwnedFd)],
+) -> BTreeMap<String, ProgramCounters> {
+    let sum = |index: u32| -> u64 {
+        counters
+            .get(&index, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    };
+    let mut out = BTreeMap::new();
+    for program in 0..counted_program::COUNT {
+        let name = counted_program::NAMES[program as usize];
+        let mut c = ProgramCounters {
+            seen: sum(counter_index(program, counter::SEEN)),
+            emitted: sum(counter_index(program, counter::EMITTED)),
+            dropped: sum(counter_index(program, counter::DROPPED)),
+            ..Default::default()
+        };
+        if let Some((_, fd)) = tracing_programs
+            .iter()
+            .find(|(n, _)| n.trim_start_matches("tollgate_") == name)
+        {
+            match prog_info::stats(fd) {
+                Ok(stats) => {
+                    c.recursion_misses = Some(stats.recursion_misses);
+                    c.program_id = Some(stats.id);
+                }
+                Err(err) => warn!(program = name, error = %err, "cannot read program info"),
+            }
+        }
+        out.insert(name.to_owned(), c);
+    }
+    out
+}
+
+/// The running evidence reader.
+pub struct Evidence {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    log: AuditLog,
+}
+
+impl Evidence {
+    /// Opens the evidence log, writes the config record and starts reading
+    /// the ring buffer.
+    pub async fn start(
+        audit: &AuditConfig,
+        handles: EvidenceHandles,
+        snapshot: ConfigSnapshot,
+        interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let log = AuditLog::open(&evidence_config(audit)).await?;
+        log.append(config_record(&snapshot)).await?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(read_loop(handles, log.clone(), interval, stopped));
+        info!(dir = %evidence_dir(&audit.dir).display(), "evidence stream started");
+        Ok(Evidence { stop, task, log })
+    }
+
+    /// Drains the ring buffer, writes a last loss_counters record and
+    /// closes the evidence log.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.log.shutdown().await;
+    }
+}
+
+async fn read_loop(
+    handles: EvidenceHandles,
+    log: AuditLog,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let EvidenceHandles {
+        ring,
+        counters,
+        tracing_programs,
+    } = handles;
+    // SAFETY: the RingBuf owns its map fd, which stays open and the same
+    // for as long as the AsyncFd holds it.
+    let mut ring = match unsafe { AsyncFd::register(ring) } {
+        Ok(ring) => ring,
+        Err(err) => {
+            warn!(error = %err, "cannot poll the evidence ring buffer: no evidence is recorded");
+            return;
+        }
+    };
+    let counters = Arc::new(counters);
+    let boot_offset = boot_to_unix_offset_ns();
+    let mut user = UserSpaceCounters::default();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            guard = ring.readable_mut() => {
+                match guard {
+                    Ok(mut guard) => {
+                        drain(guard.get_inner_mut(), &log, boot_offset, &mut user).await;
+                        guard.clear_ready();
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "evidence ring buffer poll failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                false
+            }
+            _ = ticker.tick() => {
+                // Ring buffer notifications can be batched: drain on every
+                // tick too, so counters and records line up.
+                drain(ring.get_mut(), &log, boot_offset, &mut user).await;
+                write_loss(&log, &counters, &tracing_programs, user, interval).await;
+                false
+            }
+            _ = stopped.changed() => true,
+        };
+        if stopping {
+            drain(ring.get_mut(), &log, boot_offset, &mut user).await;
+            write_loss(&log, &counters, &tracing_programs, user, interval).await;
+            return;
+        }
+    }
+}
+
+async fn write_loss(
+    log: &AuditLog,
+    counters: &PerCpuArray<MapData, u64>,
+    tracing_programs: &[(String, OwnedFd)],
+    user: UserSpaceCounters,
+    interval: Duration,
+) {
+    let report = LossReport {
+        programs: read_counters(counters, tracing_programs),
+        user_space: user,
+        interval_ms: interval.as_millis() as u64,
+    };
+    if !report.lossless() {
+        warn!(?report, "evidence was lost");
+    }
+    if let Err(err) = log.append(loss_record(&report)).await {
+        warn!(error = %err, "cannot write the loss counters");
+    }
+}
+
+/// Reads every event in the ring buffer into the evidence log. Records are
+/// submitted together and awaited together (one group commit).
+async fn drain(
+    ring: &mut RingBuf<MapData>,
+    log: &AuditLog,
+    boot_offset: i128,
+    user: &mut UserSpaceCounters,
+) {
+    let mut pending = Vec::new();
+    while let Some(item) = ring.next() {
+        user.received += 1;
+        match decode(&item) {
+            Some(event) => pending.push(log.submit(event_record(&event, boot_offset))),
+            None => user.malformed += 1,
+        }
+    }
+    for durable in pending {
+        if let Err(err) = durable.await {
+            user.write_failed += 1;
+            warn!(error = %err, "an evidence record could not be written");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: u32) -> EvidenceEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"psql");
+        EvidenceEvent {
+            kind,
+            family: 2,
+            cookie: 4242,
+            cgroup_id: 77,
+            boot_ns: 5_000_000_000,
+            pid: 1234,
+            tid: 1235,
+            daddr: gateway_common::v4_mapped(u32::from_ne_bytes([10, 0, 0, 5])),
+            dport: 5432,
+            protocol: 6,
+            comm,
+        }
+    }
+
+    #[test]
+    fn a_tcp_connect_becomes_an_ocsf_network_open_record() {
+        let bytes = {
+            let e = event(event_kind::TCP_CONNECT);
+            // SAFETY: reading the bytes of a plain-integer struct.
+            unsafe {
+                std::slice::from_raw_parts(
+                    (&e as *const EvidenceEvent).cast::<u8>(),
+                    std::mem::size_of::<EvidenceEvent>(),
+                )
+            }
+            .to_vec()
+        };
+        let decoded = decode(&bytes).expect("decode");
+        let record = event_record(&decoded, 1_700_000_000_000_000_000);
+        assert_eq!(record.phase, "evidence");
+        assert_eq!(record.class_uid, 4001);
+        assert_eq!(record.activity_id, 1);
+        assert_eq!(record.type_uid, 400101);
+        assert_eq!(record.actor_process_pid, Some(1234));
+        assert_eq!(record.actor_process_name, "psql");
+        assert_eq!(record.actor_process_cgroup_id, Some(77));
+        assert_eq!(record.dst_endpoint_ip, "10.0.0.5");
+        assert_eq!(record.dst_endpoint_port, Some(5432));
+        assert_eq!(record.upstream_socket_cookie, Some(4242));
+        assert_eq!(record.time, 1_700_000_005_000);
+        let unmapped: serde_json::Value = serde_json::from_str(&record.unmapped).expect("json");
+        assert_eq!(unmapped["kind"], "tcp_connect");
+        assert_eq!(unmapped["family"], "inet");
+        assert!(decode(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn loss_is_any_drop_miss_or_unwritten_event() {
+        let clean = ProgramCounters {
+            seen: 5,
+            emitted: 5,
+            recursion_misses: Some(0),
+            ..Default::default()
+        };
+        let with = |program: ProgramCounters, user: UserSpaceCounters| LossReport {
+            programs: BTreeMap::from([("tcp_state".to_owned(), program)]),
+            user_space: user,
+            interval_ms: 5000,
+        };
+        assert!(with(clean.clone(), UserSpaceCounters::default()).lossless());
+        let dropped = ProgramCounters {
+            dropped: 1,
+            ..clean.clone()
+        };
+        assert!(!with(dropped, UserSpaceCounters::default()).lossless());
+        let missed = ProgramCounters {
+            recursion_misses: Some(2),
+            ..clean.clone()
+        };
+        assert!(!with(missed, UserSpaceCounters::default()).lossless());
+        let unwritten = UserSpaceCounters {
+            write_failed: 1,
+            ..Default::default()
+        };
+        let report = with(clean, unwritten);
+        assert!(!report.lossless());
+        assert_eq!(loss_record(&report).status_id, 2);
+    }
+
+    #[test]
+    fn the_evidence_log_is_signed_with_the_audit_key_in_its_own_directory() {
+        let audit = AuditConfig::new("/var/lib/tollgate/audit");
+        let evidence = evidence_config(&audit);
+        assert_eq!(evidence.dir, Path::new("/var/lib/tollgate/audit/evidence"));
+        assert_eq!(
+            evidence.signing_key.as_deref(),
+            Some(Path::new("/var/lib/tollgate/audit/keys/checkpoint.key"))
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! A program's id and recursion misses, from BPF_OBJ_GET_INFO_BY_FD.
+//! aya 0.14's `ProgramInfo` does not expose `recursion_misses`, so this
+//! makes the syscall itself, reading the two fields from their fixed
+//! offsets in the UAPI `struct bpf_prog_info` (fields are only ever
+//! appended to it, so the offsets are stable).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// Byte offset of `id` in `struct bpf_prog_info`.
+const ID_OFFSET: usize = 4;
+/// Byte offset of `recursion_misses` (Linux 5.12+).
+const RECURSION_MISSES_OFFSET: usize = 208;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgStats {
+    pub id: u32,
+    pub recursion_misses: u64,
+}
+
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+pub fn stats(fd: &OwnedFd) -> std::io::Result<ProgStats> {
+    // Larger than any bpf_prog_info so far; the kernel fills what it knows
+    // and reports how much in info_len.
+    let mut info = [0u8; 512];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr points to a valid bpf_attr prefix for this command, and
+    // info is valid for info_len bytes of writes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if (attr.info_len as usize) < RECURSION_MISSES_OFFSET + 8 {
+        return Err(std::io::Error::other(
+            "the kernel does not report recursion_misses (older than 5.12)",
+        ));
+    }
+    let word = |at: usize, n: usize| -> u64 {
+        let mut bytes = [0u8; 8];
+        bytes[..n].copy_from_slice(&info[at..at + n]);
+        u64::from_ne_bytes(bytes)
+    };
+    Ok(ProgStats {
+        id: word(ID_OFFSET, 4) as u32,
+        recursion_misses: word(RECURSION_MISSES_OFFSET, 8),
+    })
+}

@@ -1,0 +1,898 @@
+//! `tollgate verify`: offline reconciliation of the kernel's evidence with
+//! the gateway's audit, from the audit directory alone.
+//!
+//! - Every kernel-observed TCP connection to a protected target must be an
+//!   upstream socket the gateway opened and audited: its socket cookie must
+//!   equal the `upstream_socket_cookie` of an audit row. Anything else is a
+//!   bypass, listed with process, cgroup, destination and time.
+//! - The loss counters of every interval must be zero.
+//! - The protected targets come from the evidence stream's own `config`
+//!   records, written at every start: no configuration file is needed.
+//!
+//! The integrity of both streams (chain, segments, signed checkpoints) is
+//! checked by the audit module's verification; see [`integrity`].
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use arrow_array::{Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::Serialize;
+
+use super::{evidence_dir, phase, ConfigSnapshot, LossReport, ProgramCounters, UserSpaceCounters};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("bad time {0:?}: give Unix milliseconds or YYYY-MM-DDTHH:MM:SSZ")]
+    Time(String),
+}
+
+fn file_err(path: &Path, reason: impl ToString) -> VerifyError {
+    VerifyError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The columns reconciliation reads from either stream.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    pub sequence: i64,
+    pub phase: String,
+    pub time: i64,
+    pub pid: Option<i32>,
+    pub process: String,
+    pub cgroup_id: Option<i64>,
+    pub dst_ip: String,
+    pub dst_port: Option<i32>,
+    pub cookie: Option<i64>,
+    pub unmapped: String,
+    pub file: String,
+}
+
+/// Every `*.parquet` under `dir/records`, sorted by path.
+fn segment_files(dir: &Path) -> Result<Vec<PathBuf>, VerifyError> {
+    let mut out = Vec::new();
+    let records = dir.join("records");
+    if !records.exists() {
+        return Ok(out);
+    }
+    let mut stack = vec![records];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).map_err(|e| file_err(&d, e))? {
+            let path = entry.map_err(|e| file_err(&d, e))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn col<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<&'a T, VerifyError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| file_err(path, format!("column {name} missing")))?
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| file_err(path, format!("column {name} has an unexpected type")))
+}
+
+/// Reads the reconciliation columns of every closed segment of a stream.
+pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
+    let mut rows = Vec::new();
+    for path in segment_files(dir)? {
+        let file = fs::File::open(&path).map_err(|e| file_err(&path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .map_err(|e| file_err(&path, e))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| file_err(&path, e))?;
+            let sequence = col::<Int64Array>(&batch, "sequence", &path)?;
+            let phase = col::<StringArray>(&batch, "phase", &path)?;
+            let time = col::<Int64Array>(&batch, "time", &path)?;
+            let pid = col::<Int32Array>(&batch, "actor_process_pid", &path)?;
+            let process = col::<StringArray>(&batch, "actor_process_name", &path)?;
+            let cgroup = col::<Int64Array>(&batch, "actor_process_cgroup_id", &path)?;
+            let dst_ip = col::<StringArray>(&batch, "dst_endpoint_ip", &path)?;
+            let dst_port = col::<Int32Array>(&batch, "dst_endpoint_port", &path)?;
+            let cookie = col::<Int64Array>(&batch, "upstream_socket_cookie", &path)?;
+            let unmapped = col::<StringArray>(&batch, "unmapped", &path)?;
+            let opt32 = |a: &Int32Array, i| (!a.is_null(i)).then(|| a.value(i));
+            let opt64 = |a: &Int64Array, i| (!a.is_null(i)).then(|| a.value(i));
+            for i in 0..batch.num_rows() {
+                rows.push(Row {
+                    sequence: sequence.value(i),
+                    phase: phase.value(i).to_owned(),
+                    time: time.value(i),
+                    pid: opt32(pid, i),
+                    process: process.value(i).to_owned(),
+                    cgroup_id: opt64(cgroup, i),
+                    dst_ip: dst_ip.value(i).to_owned(),
+                    dst_port: opt32(dst_port, i),
+                    cookie: opt64(cookie, i),
+                    unmapped: unmapped.value(i).to_owned(),
+                    file: path.display().to_string(),
+                });
+            }
+        }
+    }
+    rows.sort_by_key(|r| r.sequence);
+    Ok(rows)
+}
+
+/// A connection the kernel saw that the audit does not account for.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Bypass {
+    /// `direct_from_agent_cgroup`, `gateway_upstream_not_audited` or
+    /// `unaudited_connection_to_protected_target`.
+    pub finding: String,
+    pub time_ms: i64,
+    pub time: String,
+    pub pid: Option<i32>,
+    pub process: String,
+    pub cgroup_id: Option<i64>,
+    /// The agent cgroup's path when the cgroup is one.
+    pub cgroup_path: Option<String>,
+    pub destination: String,
+    pub target: String,
+    pub socket_cookie: Option<i64>,
+    pub evidence_sequence: i64,
+}
+
+/// A loss_counters record whose counters grew since the previous one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Loss {
+    pub time_ms: i64,
+    pub evidence_sequence: i64,
+    /// What was lost in this interval.
+    pub delta: LossReport,
+    /// The cumulative counters as recorded.
+    pub report: serde_json::Value,
+}
+
+/// `cur - prev`, or `cur` when the counter went down (a new counter map or
+/// a new daemon started counting from zero).
+fn grew(prev: u64, cur: u64) -> u64 {
+    if cur >= prev {
+        cur - prev
+    } else {
+        cur
+    }
+}
+
+/// What one interval added to the counters. Kernel counters live in a
+/// pinned map and accumulate across daemon restarts; recursion misses
+/// belong to one program instance (compared only while its id is the
+/// same); user-space counters restart with each daemon.
+pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport {
+    let mut out = LossReport {
+        interval_ms: cur.interval_ms,
+        ..LossReport::default()
+    };
+    for (name, c) in &cur.programs {
+        let p = prev.and_then(|p| p.programs.get(name));
+        let zero = ProgramCounters::default();
+        let p_or = p.unwrap_or(&zero);
+        let misses = match (p.and_then(|p| p.program_id), c.program_id) {
+            (Some(a), Some(b)) if a == b => grew(
+                p_or.recursion_misses.unwrap_or(0),
+                c.recursion_misses.unwrap_or(0),
+            ),
+            _ => c.recursion_misses.unwrap_or(0),
+        };
+        out.programs.insert(
+            name.clone(),
+            ProgramCounters {
+                seen: grew(p_or.seen, c.seen),
+                emitted: grew(p_or.emitted, c.emitted),
+                dropped: grew(p_or.dropped, c.dropped),
+                recursion_misses: c.recursion_misses.map(|_| misses),
+                program_id: c.program_id,
+            },
+        );
+    }
+    let pu = prev.map(|p| p.user_space).unwrap_or_default();
+    out.user_space = UserSpaceCounters {
+        received: grew(pu.received, cur.user_space.received),
+        malformed: grew(pu.malformed, cur.user_space.malformed),
+        write_failed: grew(pu.write_failed, cur.user_space.write_failed),
+    };
+    out
+}
+
+/// What the integrity check of one stream found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Integrity {
+    pub checked: bool,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub dir: String,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub audit_integrity: Integrity,
+    pub evidence_integrity: Integrity,
+    pub config_records: usize,
+    pub protected_targets: Vec<String>,
+    pub agent_cgroups: Vec<String>,
+    /// TCP active opens the kernel saw in the window, host-wide.
+    pub tcp_connections: usize,
+    /// ... of which to a protected target.
+    pub to_protected_targets: usize,
+    /// ... of which matched an audited gateway upstream.
+    pub audited_upstreams: usize,
+    /// Connections from agent cgroups that the kernel redirected to tollgate.
+    pub redirected: usize,
+    /// Attempts the kernel refused (UDP to a target, raw sockets, egress).
+    pub refused: usize,
+    /// TCP connections from agent cgroups to other destinations (allowed
+    /// egress).
+    pub agent_other_egress: usize,
+    pub loss_records: usize,
+    pub bypasses: Vec<Bypass>,
+    pub losses: Vec<Loss>,
+    pub problems: Vec<String>,
+}
+
+/// Hook for the integrity verification of one stream (hash chain, segment
+/// hashes, Merkle roots, signed checkpoints). It calls the audit module's
+/// verification once that is part of this build; until then it reports
+/// the stream as not checked and verification cannot pass.
+pub mod integrity {
+    use std::path::Path;
+
+    use super::Integrity;
+
+    pub fn verify_stream(_dir: &Path, _public_key: &Path) -> Integrity {
+        Integrity {
+            checked: false,
+            ok: false,
+            detail: "the audit module's chain and checkpoint verification is not part of this \
+                     build; run `tollgate audit verify` on this directory and on its evidence/ \
+                     directory"
+                .into(),
+        }
+    }
+}
+
+/// Options of a verification run.
+pub struct Options {
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Fail when the integrity hook could not check a stream.
+    pub require_integrity: bool,
+}
+
+/// Parses `--from`/`--to`: Unix milliseconds or `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn parse_time(text: &str) -> Result<i64, VerifyError> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let bad = || VerifyError::Time(text.to_owned());
+    let t = text.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, clock) = t.split_once('T').ok_or_else(bad)?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let c: Vec<i64> = clock
+        .split(':')
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    if d.len() != 3 || c.len() != 3 {
+        return Err(bad());
+    }
+    let month = time::Month::try_from(u8::try_from(d[1]).map_err(|_| bad())?).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(
+        i32::try_from(d[0]).map_err(|_| bad())?,
+        month,
+        u8::try_from(d[2]).map_err(|_| bad())?,
+    )
+    .map_err(|_| bad())?;
+    let clock = time::Time::from_hms(
+        u8::try_from(c[0]).map_err(|_| bad())?,
+        u8::try_from(c[1]).map_err(|_| bad())?,
+        u8::try_from(c[2]).map_err(|_| bad())?,
+    )
+    .map_err(|_| bad())?;
+    Ok(time::PrimitiveDateTime::new(date, clock)
+        .assume_utc()
+        .unix_timestamp()
+        * 1000)
+}
+
+fn format_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// IPv4-mapped IPv6 addresses compare as IPv4, as the kernel keys them.
+fn normalise(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+fn destination(row: &Row) -> Option<SocketAddr> {
+    let ip: IpAddr = row.dst_ip.parse().ok()?;
+    let port = u16::try_from(row.dst_port?).ok()?;
+    Some(normalise(SocketAddr::new(ip, port)))
+}
+
+fn kind(row: &Row) -> String {
+    serde_json::from_str::<serde_json::Value>(&row.unmapped)
+        .ok()
+        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Reconciles the streams of `dir`.
+pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, VerifyError> {
+    let evidence = read_rows(&evidence_dir(dir))?;
+    let audit = read_rows(dir)?;
+    Ok(reconcile(
+        dir,
+        &audit,
+        &evidence,
+        integrity::verify_stream(dir, public_key),
+        integrity::verify_stream(&evidence_dir(dir), public_key),
+        opts,
+    ))
+}
+
+/// The reconciliation itself, on rows already read.
+pub fn reconcile(
+    dir: &Path,
+    audit: &[Row],
+    evidence: &[Row],
+    audit_integrity: Integrity,
+    evidence_integrity: Integrity,
+    opts: &Options,
+) -> Report {
+    let in_window =
+        |t: i64| opts.from_ms.is_none_or(|f| t >= f) && opts.to_ms.is_none_or(|e| t <= e);
+    let mut problems = Vec::new();
+
+    // What was protected: every config record counts, whatever the window,
+    // since a target protected once is protected evidence-wise.
+    let mut targets: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    let mut listeners: HashSet<SocketAddr> = HashSet::new();
+    let mut agent_cgroups: HashMap<i64, String> = HashMap::new();
+    let mut config_records = 0;
+    for row in evidence.iter().filter(|r| r.phase == phase::CONFIG) {
+        match serde_json::from_str::<ConfigSnapshot>(&row.unmapped) {
+            Ok(snapshot) => {
+                config_records += 1;
+                for t in snapshot.protected_targets {
+                    targets.insert(normalise(t.address), t.name);
+                    listeners.insert(normalise(t.listen));
+                }
+                for c in snapshot.agent_cgroups {
+                    if let Ok(id) = i64::try_from(c.id) {
+                        agent_cgroups.insert(id, c.path);
+                    }
+                }
+            }
+            Err(err) => problems.push(format!(
+                "evidence record {}: unreadable config record: {err}",
+                row.sequence
+            )),
+        }
+    }
+    if config_records == 0 {
+        problems.push(
+            "the evidence stream has no config record: the protected targets are unknown".into(),
+        );
+    }
+
+    let audited: HashSet<i64> = audit.iter().filter_map(|r| r.cookie).collect();
+    let redirected: HashSet<i64> = evidence
+        .iter()
+        .filter(|r| r.phase == phase::EVIDENCE && kind(r) == "redirected")
+        .filter_map(|r| r.cookie)
+        .collect();
+    // The daemon's process ids, one per start. (Its threads' comm is the
+    // runtime's worker name, not "tollgate", so the pid is what tells.)
+    let gateway_pids: HashSet<i32> = evidence
+        .iter()
+        .filter(|r| r.phase == phase::CONFIG)
+        .filter_map(|r| r.pid)
+        .collect();
+
+    let mut report = Report {
+        ok: false,
+        dir: dir.display().to_string(),
+        from_ms: opts.from_ms,
+        to_ms: opts.to_ms,
+        audit_integrity,
+        evidence_integrity,
+        config_records,
+        protected_targets: targets.iter().map(|(a, n)| format!("{n} {a}")).collect(),
+        agent_cgroups: agent_cgroups
+            .iter()
+            .map(|(id, p)| format!("{p} (id {id})"))
+            .collect(),
+        tcp_connections: 0,
+        to_protected_targets: 0,
+        audited_upstreams: 0,
+        redirected: 0,
+        refused: 0,
+        agent_other_egress: 0,
+        loss_records: 0,
+        bypasses: Vec::new(),
+        losses: Vec::new(),
+        problems: Vec::new(),
+    };
+    let mut seen_connections: HashSet<(i64, Option<i64>)> = HashSet::new();
+    for row in evidence.iter().filter(|r| in_window(r.time)) {
+        match (row.phase.as_str(), kind(row).as_str()) {
+            (phase::EVIDENCE, "tcp_connect") => {
+                // During a restart two probes may both report a connection.
+                if let Some(cookie) = row.cookie {
+                    if !seen_connections.insert((cookie, row.dst_port.map(i64::from))) {
+                        continue;
+                    }
+                }
+                report.tcp_connections += 1;
+                let dst = destination(row);
+                let from_agent = row
+                    .cgroup_id
+                    .is_some_and(|c| agent_cgroups.contains_key(&c));
+                if let Some(target) = dst.and_then(|d| targets.get(&d)) {
+                    report.to_protected_targets += 1;
+                    if row.cookie.is_some_and(|c| audited.contains(&c)) {
+                        report.audited_upstreams += 1;
+                        continue;
+                    }
+                    let finding = if from_agent {
+                        "direct_from_agent_cgroup"
+                    } else if row.pid.is_some_and(|p| gateway_pids.contains(&p)) {
+                        "gateway_upstream_not_audited"
+                    } else {
+                        "unaudited_connection_to_protected_target"
+                    };
+                    report.bypasses.push(Bypass {
+                        finding: finding.into(),
+                        time_ms: row.time,
+                        time: format_time(row.time),
+                        pid: row.pid,
+                        process: row.process.clone(),
+                        cgroup_id: row.cgroup_id,
+                        cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
+                        destination: dst.map(|d| d.to_string()).unwrap_or_default(),
+                        target: target.clone(),
+                        socket_cookie: row.cookie,
+                        evidence_sequence: row.sequence,
+                    });
+                } else if row.cookie.is_some_and(|c| redirected.contains(&c))
+                    || dst.is_some_and(|d| listeners.contains(&d)) && from_agent
+                {
+                    report.redirected += 1;
+                } else if from_agent {
+                    report.agent_other_egress += 1;
+                }
+            }
+            (phase::EVIDENCE, k) if k.starts_with("refused") => report.refused += 1,
+            (phase::LOSS_COUNTERS, _) => {
+                report.loss_records += 1;
+            }
+            _ => {}
+        }
+    }
+    // Loss is judged per interval, from every loss record in order (those
+    // before the window are the baseline of the first one in it).
+    let mut previous: Option<LossReport> = None;
+    for row in evidence.iter().filter(|r| r.phase == phase::LOSS_COUNTERS) {
+        let cumulative = match serde_json::from_str::<LossReport>(&row.unmapped) {
+            Ok(c) => c,
+            Err(err) => {
+                problems.push(format!(
+                    "evidence record {}: unreadable loss counters: {err}",
+                    row.sequence
+                ));
+                continue;
+            }
+        };
+        let delta = interval_delta(previous.as_ref(), &cumulative);
+        if in_window(row.time) && !delta.lossless() {
+            report.losses.push(Loss {
+                time_ms: row.time,
+                evidence_sequence: row.sequence,
+                delta,
+                report: serde_json::from_str(&row.unmapped).unwrap_or_default(),
+            });
+        }
+        previous = Some(cumulative);
+    }
+    if report.loss_records == 0 {
+        problems.push("no loss counters in the window: completeness cannot be shown".into());
+    }
+    let integrity_ok = |i: &Integrity| i.ok || (!i.checked && !opts.require_integrity);
+    report.ok = report.bypasses.is_empty()
+        && report.losses.is_empty()
+        && problems.is_empty()
+        && integrity_ok(&report.audit_integrity)
+        && integrity_ok(&report.evidence_integrity);
+    report.problems = problems;
+    report
+}
+
+/// The human summary.
+pub fn summary(r: &Report) -> String {
+    let mut out = String::new();
+    let integrity = |i: &Integrity| {
+        if !i.checked {
+            format!("NOT CHECKED ({})", i.detail)
+        } else if i.ok {
+            "ok".to_owned()
+        } else {
+            format!("FAILED: {}", i.detail)
+        }
+    };
+    out.push_str(&format!("tollgate verify {}\n", r.dir));
+    out.push_str(&format!(
+        "  audit integrity:     {}\n",
+        integrity(&r.audit_integrity)
+    ));
+    out.push_str(&format!(
+        "  evidence integrity:  {}\n",
+        integrity(&r.evidence_integrity)
+    ));
+    out.push_str(&format!(
+        "  protected targets:   {}\n",
+        r.protected_targets.join(", ")
+    ));
+    out.push_str(&format!(
+        "  tcp connections:     {} seen by the kernel, {} to protected targets, {} audited gateway upstreams\n",
+        r.tcp_connections, r.to_protected_targets, r.audited_upstreams
+    ));
+    out.push_str(&format!(
+        "  agent cgroups:       {} redirected, {} refused, {} other egress\n",
+        r.redirected, r.refused, r.agent_other_egress
+    ));
+    out.push_str(&format!(
+        "  loss:                {} interval records, {} with losses\n",
+        r.loss_records,
+        r.losses.len()
+    ));
+    out.push_str(&format!("  bypasses:            {}\n", r.bypasses.len()));
+    for b in &r.bypasses {
+        out.push_str(&format!(
+            "    {} {}: pid {} ({}) cgroup {}{} -> {} [{}], cookie {}\n",
+            b.time,
+            b.finding,
+            b.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+            b.process,
+            b.cgroup_id
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "?".into()),
+            b.cgroup_path
+                .as_ref()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default(),
+            b.destination,
+            b.target,
+            b.socket_cookie
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "?".into()),
+        ));
+    }
+    for p in &r.problems {
+        out.push_str(&format!("  problem: {p}\n"));
+    }
+    let unchecked = !r.audit_integrity.checked || !r.evidence_integrity.checked;
+    out.push_str(match (r.ok, unchecked) {
+        (true, false) => "RESULT: OK\n",
+        (true, true) => "RESULT: OK (reconciliation only: integrity not checked)\n",
+        (false, _) => "RESULT: FAILED\n",
+    });
+    out
+}
+
+/// Runs verification and writes the report; `Ok(true)` when it passed.
+pub fn run(
+    dir: &Path,
+    public_key: &Path,
+    opts: &Options,
+    report_path: Option<&Path>,
+) -> anyhow::Result<bool> {
+    if !public_key.exists() {
+        anyhow::bail!("public key {} does not exist", public_key.display());
+    }
+    let report = verify(dir, public_key, opts)?;
+    print!("{}", summary(&report));
+    if let Some(path) = report_path {
+        let json = serde_json::to_vec_pretty(&report)?;
+        fs::write(path, json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(report.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::{AgentCgroupInfo, ProtectedTarget};
+
+    fn config_row(seq: i64) -> Row {
+        let snapshot = ConfigSnapshot {
+            protected_targets: vec![ProtectedTarget {
+                name: "orders-db".into(),
+                address: "10.0.0.5:5432".parse().unwrap(),
+                listen: "127.0.0.1:15432".parse().unwrap(),
+            }],
+            agent_cgroups: vec![AgentCgroupInfo {
+                path: "/sys/fs/cgroup/agents".into(),
+                id: 77,
+            }],
+            gateway_pid: 10,
+            gateway_cgroup_id: 5,
+            egress_default_deny: false,
+        };
+        Row {
+            sequence: seq,
+            phase: "config".into(),
+            pid: Some(10),
+            cgroup_id: Some(5),
+            unmapped: serde_json::to_string(&snapshot).unwrap(),
+            ..Row::default()
+        }
+    }
+
+    fn connect(seq: i64, cgroup: i64, process: &str, dst: &str, cookie: i64) -> Row {
+        let (ip, port) = dst.rsplit_once(':').unwrap();
+        Row {
+            sequence: seq,
+            phase: "evidence".into(),
+            time: 1_700_000_000_000 + seq,
+            pid: Some(100 + seq as i32),
+            process: process.into(),
+            cgroup_id: Some(cgroup),
+            dst_ip: ip.trim_matches(['[', ']']).into(),
+            dst_port: port.parse().ok(),
+            cookie: Some(cookie),
+            unmapped: r#"{"kind":"tcp_connect"}"#.into(),
+            ..Row::default()
+        }
+    }
+
+    fn loss(seq: i64, dropped: u64) -> Row {
+        Row {
+            sequence: seq,
+            phase: "loss_counters".into(),
+            unmapped: format!(
+                r#"{{"programs":{{"tcp_state":{{"seen":9,"emitted":9,"dropped":{dropped},"recursion_misses":0}}}},"user_space":{{"received":9,"malformed":0,"write_failed":0}},"interval_ms":5000}}"#
+            ),
+            ..Row::default()
+        }
+    }
+
+    fn checked() -> Integrity {
+        Integrity {
+            checked: true,
+            ok: true,
+            detail: String::new(),
+        }
+    }
+
+    fn opts() -> Options {
+        Options {
+            from_ms: None,
+            to_ms: None,
+            require_integrity: true,
+        }
+    }
+
+    fn audit_row(cookie: i64) -> Row {
+        Row {
+            phase: "request".into(),
+            cookie: Some(cookie),
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn audited_upstreams_and_redirects_reconcile() {
+        let mut redirect = connect(3, 77, "psql", "10.0.0.5:5432", 900);
+        redirect.unmapped = r#"{"kind":"redirected"}"#.into();
+        let evidence = vec![
+            config_row(1),
+            Row {
+                pid: Some(10),
+                ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
+            },
+            redirect,
+            connect(4, 77, "psql", "127.0.0.1:15432", 900),
+            connect(5, 77, "curl", "93.184.216.34:443", 901),
+            loss(6, 0),
+        ];
+        let r = reconcile(
+            Path::new("/a"),
+            &[audit_row(500)],
+            &evidence,
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(r.ok, "{}", summary(&r));
+        assert_eq!(r.to_protected_targets, 1);
+        assert_eq!(r.audited_upstreams, 1);
+        assert_eq!(r.redirected, 1);
+        assert_eq!(r.agent_other_egress, 1);
+    }
+
+    #[test]
+    fn each_kind_of_unaudited_connection_is_a_bypass() {
+        let evidence = vec![
+            config_row(1),
+            connect(2, 77, "python3", "10.0.0.5:5432", 600),
+            Row {
+                pid: Some(10),
+                ..connect(3, 5, "tokio-runtime-w", "10.0.0.5:5432", 601)
+            },
+            connect(4, 3, "psql", "[::ffff:10.0.0.5]:5432", 602),
+            loss(5, 0),
+        ];
+        let r = reconcile(
+            Path::new("/a"),
+            &[audit_row(500)],
+            &evidence,
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(!r.ok);
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(
+            findings,
+            [
+                "direct_from_agent_cgroup",
+                "gateway_upstream_not_audited",
+                "unaudited_connection_to_protected_target"
+            ]
+        );
+        assert_eq!(
+            r.bypasses[0].cgroup_path.as_deref(),
+            Some("/sys/fs/cgroup/agents")
+        );
+        assert_eq!(r.bypasses[2].destination, "10.0.0.5:5432");
+        assert!(summary(&r).contains("python3"));
+    }
+
+    #[test]
+    fn a_drop_or_missing_counters_or_config_fails() {
+        let r = reconcile(
+            Path::new("/a"),
+            &[],
+            &[config_row(1), loss(2, 3)],
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(!r.ok);
+        assert_eq!(r.losses.len(), 1);
+        let r = reconcile(
+            Path::new("/a"),
+            &[],
+            &[config_row(1)],
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(!r.ok, "no loss counters");
+        let r = reconcile(
+            Path::new("/a"),
+            &[],
+            &[loss(1, 0)],
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(!r.ok, "no config");
+    }
+
+    #[test]
+    fn loss_is_judged_per_interval_from_cumulative_counters() {
+        let mut late = loss(3, 3);
+        late.time = 1_700_000_000_100;
+        let mut later = loss(4, 3);
+        later.time = 1_700_000_000_200;
+        let evidence = vec![config_row(1), loss(2, 3), late, later];
+        // Judged whole: the first interval lost 3 events.
+        let r = reconcile(
+            Path::new("/a"),
+            &[],
+            &evidence,
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert_eq!(r.losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.losses[0].evidence_sequence, 2);
+        assert_eq!(r.losses[0].delta.programs["tcp_state"].dropped, 3);
+        // A window after that drop: the counters did not grow in it.
+        let o = Options {
+            from_ms: Some(1_700_000_000_050),
+            to_ms: None,
+            require_integrity: true,
+        };
+        let r = reconcile(Path::new("/a"), &[], &evidence, checked(), checked(), &o);
+        assert!(r.losses.is_empty(), "{}", summary(&r));
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    #[test]
+    fn counters_that_restart_from_zero_count_from_zero() {
+        let before: LossReport = serde_json::from_str(
+            r#"{"programs":{"tcp_state":{"seen":90,"emitted":90,"dropped":0,"recursion_misses":4,"program_id":7}},"user_space":{"received":90,"malformed":0,"write_failed":0},"interval_ms":5000}"#,
+        )
+        .unwrap();
+        let after: LossReport = serde_json::from_str(
+            r#"{"programs":{"tcp_state":{"seen":95,"emitted":95,"dropped":0,"recursion_misses":0,"program_id":8}},"user_space":{"received":5,"malformed":0,"write_failed":0},"interval_ms":5000}"#,
+        )
+        .unwrap();
+        let delta = interval_delta(Some(&before), &after);
+        assert_eq!(delta.programs["tcp_state"].seen, 5);
+        assert_eq!(
+            delta.programs["tcp_state"].recursion_misses,
+            Some(0),
+            "a new program"
+        );
+        assert_eq!(delta.user_space.received, 5, "a new daemon");
+        assert!(delta.lossless());
+    }
+
+    #[test]
+    fn the_window_limits_what_is_judged() {
+        let evidence = vec![
+            config_row(1),
+            connect(2, 77, "python3", "10.0.0.5:5432", 600),
+            loss(3, 0),
+        ];
+        let o = Options {
+            from_ms: Some(1_700_000_000_010),
+            to_ms: None,
+            require_integrity: true,
+        };
+        let r = reconcile(Path::new("/a"), &[], &evidence, checked(), checked(), &o);
+        assert!(r.bypasses.is_empty());
+    }
+
+    #[test]
+    fn times_parse_as_milliseconds_or_utc() {
+        assert_eq!(parse_time("1700000000000").ok(), Some(1_700_000_000_000));
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z").ok(),
+            Some(1_700_000_000_000)
+        );
+        assert!(parse_time("yesterday").is_err());
+    }
+}

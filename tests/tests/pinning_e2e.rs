@@ -1,0 +1,486 @@
+//! No way around the gateway: every way an agent process can try to reach a
+//! protected PostgreSQL is redirected to tollgate or refused by the real
+//! kernel programs in a real agent cgroup, never reaches the server
+//! directly, and is on record in the evidence stream. The holes a cgroup
+//! redirect cannot close (a socket made before joining the cgroup) are
+//! found by `tollgate verify`.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::Path,
+    process::Command,
+    thread,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{json, Value};
+use tollgate_tests::{
+    duckdb, evidence, free_port, privileged, tollgate_bin, AgentCgroup, Postgres, Stack,
+};
+
+const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-0000000e5ca9";
+
+fn script() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python/escape.py")
+        .display()
+        .to_string()
+}
+
+fn parse(out: std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        json!({
+            "outcome": "script-failed",
+            "stderr": String::from_utf8_lossy(&out.stderr),
+        })
+    })
+}
+
+/// escape.py run as an agent: inside the agent cgroup from exec on.
+fn as_agent(stack: &Stack, args: &[&str]) -> Value {
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .arg(script())
+        .args(args)
+        .output()
+        .expect("run escape.py");
+    parse(out)
+}
+
+/// escape.py run outside every agent cgroup.
+fn outside(args: &[&str]) -> Value {
+    let out = Command::new(duckdb::python())
+        .arg(script())
+        .args(args)
+        .output()
+        .expect("run escape.py");
+    parse(out)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn agent_cgroup_id(stack: &Stack) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(&stack.gateway.config.agent_cgroup)
+        .map(|m| m.ino() as i64)
+        .expect("agent cgroup")
+}
+
+#[test]
+fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
+    if !privileged("tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let port = stack.postgres.port.to_string();
+    let before = stack.postgres.connections_received();
+    let cases: [(&str, Vec<&str>, String); 3] = [
+        (
+            "IPv4 connect",
+            vec!["tcp", "127.0.0.1", &port],
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            "IPv4-mapped IPv6 connect",
+            vec!["tcp", "::ffff:127.0.0.1", &port],
+            format!("::ffff:127.0.0.1:{port}"),
+        ),
+        (
+            "TCP Fast Open (sendto MSG_FASTOPEN)",
+            vec!["tcp", "127.0.0.1", &port, "--fastopen"],
+            format!("127.0.0.1:{port}"),
+        ),
+    ];
+    for (case, args, peer) in &cases {
+        let answer = as_agent(&stack, args);
+        assert_eq!(answer["outcome"], "tollgate", "{case}: {answer}");
+        // The redirect is invisible to the agent.
+        assert_eq!(answer["peer"], peer.as_str(), "{case}: {answer}");
+    }
+    // tollgate opens no upstream before a valid token: PostgreSQL saw nothing.
+    assert_eq!(stack.postgres.connections_received(), before);
+    stack.gateway.stop();
+
+    let audit = stack.gateway.audit_dir();
+    let cgroup = agent_cgroup_id(&stack);
+    let redirected = evidence::rows_of_kind(
+        audit,
+        "redirected",
+        &format!("dst_endpoint_port = {port} AND actor_process_cgroup_id = {cgroup}"),
+    );
+    assert_eq!(redirected.len(), cases.len(), "{redirected:?}");
+    let families: Vec<_> = redirected.iter().map(|r| r["family"].clone()).collect();
+    assert_eq!(families, [json!("inet"), json!("inet6"), json!("inet")]);
+    // The host-wide probe saw each connection (to the listener, by cookie).
+    let connects = evidence::rows_of_kind(
+        audit,
+        "tcp_connect",
+        &format!("actor_process_cgroup_id = {cgroup}"),
+    );
+    for r in &redirected {
+        assert!(
+            connects.iter().any(
+                |c| c["upstream_socket_cookie"] == r["upstream_socket_cookie"]
+                    && c["dst_endpoint_port"] == stack.gateway.config.listen.port()
+            ),
+            "no tcp_connect to the listener for {r}"
+        );
+    }
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
+    assert_eq!(run.code, 0, "{}", run.summary);
+    assert_eq!(run.report["redirected"], cases.len(), "{}", run.summary);
+}
+
+#[test]
+fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
+    if !privileged("an_ipv6_protected_target_is_redirected_and_its_upstream_audited") {
+        return;
+    }
+    let postgres = Postgres::start_dual_stack().expect("PostgreSQL on 127.0.0.1 and ::1");
+    let v6 = postgres.address_v6();
+    let mut stack =
+        Stack::start_with(postgres, |config| config.target_address = v6).expect("start");
+    let port = stack.postgres.port.to_string();
+    let before = stack.postgres.connections_received();
+
+    let answer = as_agent(&stack, &["tcp", "::1", &port]);
+    assert_eq!(answer["outcome"], "tollgate", "{answer}");
+    assert_eq!(answer["peer"], format!("::1:{port}"), "{answer}");
+    assert_eq!(stack.postgres.connections_received(), before);
+
+    // A whole session over IPv6: the agent's psql reaches PostgreSQL only
+    // as the gateway's own upstream login.
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql")
+        .args(["-X", "-A", "-t", "-c", "SELECT current_user"])
+        .arg(format!(
+            "host=::1 port={port} user=agent dbname=orders connect_timeout=5 sslmode=disable"
+        ))
+        .env("PGPASSWORD", &token)
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        stack.postgres.gateway_user,
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.gateway.log()
+    );
+    assert!(
+        !stack.postgres.log().contains("\"agent\""),
+        "the agent's own login reached PostgreSQL:\n{}",
+        stack.postgres.log()
+    );
+    stack.gateway.stop();
+
+    let audit = stack.gateway.audit_dir();
+    let redirected = evidence::rows_of_kind(audit, "redirected", "dst_endpoint_ip = '::1'");
+    assert_eq!(redirected.len(), 2, "{redirected:?}");
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
+    assert_eq!(run.code, 0, "{}", run.summary);
+    assert_eq!(run.report["to_protected_targets"], 1, "{}", run.summary);
+    assert_eq!(run.report["audited_upstreams"], 1, "{}", run.summary);
+}
+
+#[test]
+fn udp_datagrams_to_a_protected_target_are_refused() {
+    if !privileged("udp_datagrams_to_a_protected_target_are_refused") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let port = stack.postgres.port.to_string();
+    let cases: [(&str, Vec<&str>); 3] = [
+        ("IPv4 sendto", vec!["udp", "127.0.0.1", &port]),
+        (
+            "IPv4 connected UDP",
+            vec!["udp", "127.0.0.1", &port, "--connect"],
+        ),
+        (
+            "IPv4-mapped IPv6 sendto",
+            vec!["udp", "::ffff:127.0.0.1", &port],
+        ),
+    ];
+    for (case, args) in &cases {
+        let answer = as_agent(&stack, args);
+        assert_eq!(answer["outcome"], "denied", "{case}: {answer}");
+        assert_eq!(answer["errno"], libc::EPERM, "{case}: {answer}");
+        // The same datagram from outside the agent cgroups goes out: the
+        // refusal is the agent cgroup's program, not the host.
+        let control = outside(args);
+        assert_eq!(control["outcome"], "sent", "{case} outside: {control}");
+    }
+    stack.gateway.stop();
+    let refused = evidence::rows_of_kind(
+        stack.gateway.audit_dir(),
+        "refused_datagram",
+        &format!("dst_endpoint_port = {port}"),
+    );
+    assert_eq!(refused.len(), cases.len(), "{refused:?}");
+    for row in &refused {
+        assert_eq!(row["activity_id"], 5, "OCSF Refuse: {row}");
+        assert_eq!(row["connection_info_protocol_name"], "udp", "{row}");
+        assert!(row["actor_process_name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("python"));
+    }
+}
+
+#[test]
+fn raw_sockets_are_refused_in_an_agent_cgroup() {
+    if !privileged("raw_sockets_are_refused_in_an_agent_cgroup") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let answer = as_agent(&stack, &["raw"]);
+    assert_eq!(answer["outcome"], "denied", "{answer}");
+    assert_eq!(answer["errno"], libc::EPERM, "{answer}");
+    let control = outside(&["raw"]);
+    assert_eq!(
+        control["outcome"], "created",
+        "root outside a cgroup: {control}"
+    );
+    stack.gateway.stop();
+    let refused = evidence::rows_of_kind(
+        stack.gateway.audit_dir(),
+        "refused_socket",
+        &format!("actor_process_cgroup_id = {}", agent_cgroup_id(&stack)),
+    );
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let unmapped: Value =
+        serde_json::from_str(refused[0]["unmapped"].as_str().unwrap_or("{}")).expect("json");
+    assert_eq!(unmapped["socket_type"], 3, "SOCK_RAW: {unmapped}");
+}
+
+#[test]
+fn a_socket_made_before_joining_the_agent_cgroup_goes_direct_and_verify_reports_the_bypass() {
+    if !privileged(
+        "a_socket_made_before_joining_the_agent_cgroup_goes_direct_and_verify_reports_the_bypass",
+    ) {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let port = stack.postgres.port.to_string();
+    let cgroup = stack.gateway.config.agent_cgroup.display().to_string();
+    let before = stack.postgres.connections_received();
+    // The hole: the cgroup hooks use the socket's cgroup, fixed at creation.
+    let answer = outside(&["precreated", "127.0.0.1", &port, &cgroup]);
+    assert_eq!(answer["outcome"], "postgres", "{answer}");
+    assert!(stack.postgres.connections_received() > before);
+    stack.gateway.stop();
+
+    let run = evidence::verify(
+        stack.gateway.audit_dir(),
+        &stack.gateway.public_key(),
+        stack.gateway.dir.path(),
+    );
+    assert_eq!(run.code, 1, "{}", run.summary);
+    let bypasses = run.report["bypasses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(bypasses.len(), 1, "{}", run.summary);
+    let bypass = &bypasses[0];
+    assert_eq!(bypass["finding"], "direct_from_agent_cgroup", "{bypass}");
+    assert_eq!(bypass["cgroup_path"], cgroup.as_str(), "{bypass}");
+    assert_eq!(bypass["cgroup_id"], agent_cgroup_id(&stack), "{bypass}");
+    assert_eq!(
+        bypass["destination"],
+        format!("127.0.0.1:{port}"),
+        "{bypass}"
+    );
+    assert_eq!(bypass["target"], "orders-db", "{bypass}");
+    assert!(bypass["process"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("python"));
+    assert!(
+        run.summary.contains("direct_from_agent_cgroup"),
+        "{}",
+        run.summary
+    );
+}
+
+/// A TCP server that reads what it is sent and closes without answering,
+/// so a connect to it succeeds and escape.py reports "other".
+fn accepting_listener() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 256];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+        }
+    });
+    addr
+}
+
+#[test]
+fn with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reachable() {
+    if !privileged(
+        "with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reachable",
+    ) {
+        return;
+    }
+    let allowed = accepting_listener();
+    let denied = accepting_listener();
+    let stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.extra_pin_toml = format!(
+            "egress_default = \"deny\"\negress_allow = [{{ cidr = \"127.0.0.1/32\", ports = \"{}\", protocol = \"tcp\" }}]",
+            allowed.port()
+        );
+    })
+    .expect("start");
+    let mut stack = stack;
+    let port = stack.postgres.port.to_string();
+
+    let answer = as_agent(&stack, &["tcp", "127.0.0.1", &allowed.port().to_string()]);
+    assert_eq!(answer["outcome"], "other", "allowed: {answer}");
+    let answer = as_agent(&stack, &["tcp", "127.0.0.1", &denied.port().to_string()]);
+    assert_eq!(answer["outcome"], "denied", "not on the list: {answer}");
+    let answer = as_agent(&stack, &["udp", "127.0.0.1", &allowed.port().to_string()]);
+    assert_eq!(
+        answer["outcome"], "denied",
+        "the rule is TCP only: {answer}"
+    );
+    let answer = as_agent(&stack, &["udp", "::1", &free_port().to_string()]);
+    assert_eq!(answer["outcome"], "denied", "IPv6 too: {answer}");
+    // Protected targets are still redirected, whatever the egress default.
+    let answer = as_agent(&stack, &["tcp", "127.0.0.1", &port]);
+    assert_eq!(answer["outcome"], "tollgate", "{answer}");
+    stack.gateway.stop();
+
+    let audit = stack.gateway.audit_dir();
+    let refused = evidence::rows_of_kind(audit, "refused_egress", "");
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert_eq!(refused[0]["dst_endpoint_port"], denied.port());
+    let config = evidence::rows(audit, "SELECT unmapped FROM audit WHERE phase = 'config'");
+    let snapshot: Value =
+        serde_json::from_str(config[0]["unmapped"].as_str().unwrap_or("{}")).expect("json");
+    assert_eq!(snapshot["egress_default_deny"], true);
+}
+
+#[test]
+fn a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_direct_connection_between(
+) {
+    if !privileged("a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_direct_connection_between") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let port = stack.postgres.port.to_string();
+    let query = |stack: &Stack| {
+        let out = stack
+            .agent_psql(&token, "SELECT 41 + 1")
+            .output()
+            .expect("psql");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(query(&stack), "42");
+
+    stack.gateway.stop();
+    let stopped_at = now_ms();
+    let before = stack.postgres.connections_received();
+    for _ in 0..3 {
+        let answer = as_agent(&stack, &["tcp", "127.0.0.1", &port]);
+        assert_eq!(answer["outcome"], "refused", "fail closed: {answer}");
+    }
+    assert_eq!(stack.postgres.connections_received(), before);
+    let restarted_at = now_ms();
+
+    stack.gateway.restart().expect("restart tollgate");
+    assert_eq!(query(&stack), "42");
+    stack.gateway.stop();
+
+    // The pinned probe kept recording while the daemon was down; the new
+    // daemon read it from the pinned ring buffer.
+    let audit = stack.gateway.audit_dir();
+    let cgroup = agent_cgroup_id(&stack);
+    // The attempts are the python ones; psql made the sessions before and after.
+    let between = format!(
+        "actor_process_cgroup_id = {cgroup} AND actor_process_name LIKE 'python%' \
+         AND time BETWEEN {} AND {}",
+        stopped_at - 1000,
+        restarted_at + 1000
+    );
+    let attempts = evidence::rows_of_kind(audit, "tcp_connect", &between);
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    for attempt in &attempts {
+        assert_eq!(
+            attempt["dst_endpoint_port"],
+            stack.gateway.config.listen.port(),
+            "went to the (closed) listener, not to PostgreSQL: {attempt}"
+        );
+    }
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
+    assert_eq!(run.code, 0, "{}", run.summary);
+    assert_eq!(run.report["bypasses"], json!([]));
+    assert!(
+        run.report["redirected"].as_u64().unwrap_or(0) >= 5,
+        "{}",
+        run.summary
+    );
+    assert_eq!(run.report["audited_upstreams"], 2, "{}", run.summary);
+}
+
+#[test]
+fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
+    if !privileged("pin_status_lists_each_program_per_cgroup_with_program_ids") {
+        return;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let status = |json: bool| {
+        let mut cmd = Command::new(tollgate_bin());
+        cmd.args(["pin", "status", "--config"])
+            .arg(&stack.gateway.config_path);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().expect("tollgate pin status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let programs: Vec<Value> = serde_json::from_slice(&status(true)).expect("json");
+    let cgroup = stack.gateway.config.agent_cgroup.display().to_string();
+    let mut on_cgroup: Vec<&str> = programs
+        .iter()
+        .filter(|p| p["cgroup_path"] == cgroup.as_str())
+        .map(|p| p["program"].as_str().unwrap_or(""))
+        .collect();
+    on_cgroup.sort_unstable();
+    assert_eq!(
+        on_cgroup,
+        [
+            "tollgate_connect4",
+            "tollgate_connect6",
+            "tollgate_getpeername4",
+            "tollgate_getpeername6",
+            "tollgate_sendmsg4",
+            "tollgate_sendmsg6",
+            "tollgate_sock_create",
+            "tollgate_sock_ops",
+        ],
+        "{programs:?}"
+    );
+    let host: Vec<&Value> = programs
+        .iter()
+        .filter(|p| p["attached_to"] == "host")
+        .collect();
+    assert_eq!(host.len(), 1, "{programs:?}");
+    assert_eq!(host[0]["program"], "tollgate_tcp_state");
+    for p in &programs {
+        assert!(p["program_id"].as_u64().unwrap_or(0) > 0, "{p}");
+        assert!(p["link_id"].as_u64().unwrap_or(0) > 0, "{p}");
+    }
+    let table = String::from_utf8_lossy(&status(false)).into_owned();
+    assert!(table.contains(&cgroup), "{table}");
+    assert!(table.contains("host (all sockets)"), "{table}");
+}
