@@ -29,6 +29,8 @@ pub struct GatewayConfig {
     pub jwks_uri: String,
     /// `[policy]` and `[identity.roles]` TOML appended to the file.
     pub policy: String,
+    /// Extra `[audit]` lines, e.g. `segment_max_age_secs = 1`.
+    pub audit_extra: String,
     /// Extra lines inside the `[[target]]` table.
     pub target_extra: String,
     /// More `[pin]` keys, one per line (e.g. `egress_default = "deny"`).
@@ -65,6 +67,7 @@ development_idp = true
 [audit]
 dir = "{audit}"
 signing_key = "{signing_key}"
+{audit_extra}
 
 [[target]]
 name = "{name}"
@@ -83,6 +86,7 @@ credential = {{ user = "{user}", password = "{password}" }}
             jwks = self.jwks_uri,
             audit = self.audit_dir.display(),
             signing_key = self.signing_key.display(),
+            audit_extra = self.audit_extra,
             name = self.target_name,
             address = self.target_address,
             listen = self.listen,
@@ -125,6 +129,7 @@ impl Gateway {
             signing_key: dir.path().join("signing.key"),
             jwks_uri,
             policy: DEFAULT_POLICY.into(),
+            audit_extra: String::new(),
             target_extra: String::new(),
             extra_pin_toml: String::new(),
         };

@@ -16,6 +16,7 @@ mod gateway;
 pub mod idp;
 pub mod postgres;
 mod privileges;
+mod session;
 mod stack;
 
 use std::{
@@ -30,6 +31,7 @@ pub use gateway::{AgentCgroup, Gateway, GatewayConfig, DEFAULT_POLICY};
 pub use idp::DevIdp;
 pub use postgres::Postgres;
 pub use privileges::{privileged, REQUIRE_PRIVILEGED_ENV};
+pub use session::AgentSession;
 pub use stack::Stack;
 
 /// The tollgate binary under test: `TOLLGATE_BIN` (set by `cargo xtask

@@ -6,7 +6,9 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use crate::{duckdb, wait_for, AgentCgroup, DevIdp, Gateway, GatewayConfig, Postgres};
+use crate::{
+    duckdb, wait_for, AgentCgroup, AgentSession, DevIdp, Gateway, GatewayConfig, Postgres,
+};
 
 pub struct Stack {
     // Dropped in this order: the gateway before the servers it talks to.
@@ -61,6 +63,12 @@ impl Stack {
             .args(["-c", sql])
             .env("PGPASSWORD", token);
         cmd
+    }
+
+    /// One psycopg connection as an agent, kept open across statements
+    /// (see [`AgentSession`]).
+    pub fn agent_session(&self, token: &str) -> Result<AgentSession> {
+        AgentSession::open(&self.gateway.config.agent_cgroup, self.postgres.port, token)
     }
 
     /// A raw protocol login through the agent cgroup (see tests/python/pg_login.py).
