@@ -188,12 +188,20 @@ async fn serve(
 
     let mut upstream = match upstream::connect(&connection.target, &params).await {
         Ok(upstream) => upstream,
-        Err(err) => {
-            warn!(error = %err, "upstream connection failed");
+        Err(failure) => {
+            warn!(error = %failure, "upstream connection failed");
+            let mut failed = upstream_record(&connection, &principal, failure.socket_cookie);
+            failed.status_id = crate::audit::record::status::FAILURE;
+            failed.status_detail = format!("upstream connection failed: {failure}");
+            failed.database_user = database_user.clone();
+            failed.database_name = database_name.clone();
+            if let Err(err) = shared.audit.append(failed).await {
+                warn!(error = %err, "the failed upstream connection could not be audited");
+            }
             fatal(
                 &mut client_wr,
                 SQLSTATE_UPSTREAM,
-                &format!("tollgate: {err}"),
+                &format!("tollgate: {failure}"),
             )
             .await;
             return Ok(());
@@ -202,7 +210,7 @@ async fn serve(
     // The upstream socket's cookie goes on record before the session is
     // used, so `tollgate verify` can account for every connection the
     // gateway opens, including sessions that never send a statement.
-    let mut opened = accepted_upstream_record(&connection, &principal, &upstream);
+    let mut opened = upstream_record(&connection, &principal, upstream.socket_cookie);
     opened.database_user = database_user.clone();
     opened.database_name = database_name.clone();
     if let Err(err) = shared.audit.append(opened).await {
@@ -258,12 +266,13 @@ async fn serve(
     relay::run(session, client_rd, client_buf, client_wr, upstream).await
 }
 
-/// The Datastore Activity "connect" record of an opened upstream session,
-/// carrying the upstream socket's cookie.
-fn accepted_upstream_record(
+/// The Datastore Activity "connect" record of an upstream connection
+/// (opened, or failed after the socket was made), carrying the socket's
+/// cookie so verification can match it with the kernel's evidence.
+fn upstream_record(
     connection: &Connection,
     principal: &crate::identity::Principal,
-    upstream: &upstream::Upstream,
+    socket_cookie: Option<u64>,
 ) -> crate::audit::AuditRecord {
     use crate::audit::record;
     let mut record = connection.record(Some(principal));
@@ -276,7 +285,7 @@ fn accepted_upstream_record(
     record.status_id = record::status::SUCCESS;
     record.action_id = record::action::ALLOWED;
     record.status_detail = "upstream connection opened".into();
-    record.upstream_socket_cookie = upstream.socket_cookie.and_then(|c| i64::try_from(c).ok());
+    record.upstream_socket_cookie = socket_cookie.and_then(|c| i64::try_from(c).ok());
     record
 }
 

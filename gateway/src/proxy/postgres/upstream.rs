@@ -49,16 +49,47 @@ pub struct Upstream {
 pub async fn connect(
     target: &Target,
     client_params: &[(String, String)],
-) -> Result<Upstream, UpstreamError> {
-    let stream =
-        TcpStream::connect(target.address)
-            .await
-            .map_err(|source| UpstreamError::Connect {
+) -> Result<Upstream, UpstreamFailure> {
+    let stream = TcpStream::connect(target.address)
+        .await
+        .map_err(|source| UpstreamFailure {
+            error: UpstreamError::Connect {
                 address: target.address,
                 source,
-            })?;
+            },
+            socket_cookie: None,
+        })?;
     let _ = stream.set_nodelay(true);
     let socket_cookie = super::super::socket_cookie(&stream);
+    establish(target, stream, socket_cookie, client_params)
+        .await
+        .map_err(|error| UpstreamFailure {
+            error,
+            socket_cookie,
+        })
+}
+
+/// A failed upstream connection, with the cookie of the socket tollgate
+/// opened (when it got that far): the kernel saw that connection, so the
+/// audit must account for it too.
+#[derive(Debug)]
+pub struct UpstreamFailure {
+    pub error: UpstreamError,
+    pub socket_cookie: Option<u64>,
+}
+
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+async fn establish(
+    target: &Target,
+    stream: TcpStream,
+    socket_cookie: Option<u64>,
+    client_params: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
     let mut stream = negotiate_tls(target, stream).await?;
     let user = target.credential.user.as_str();
     let password = target
