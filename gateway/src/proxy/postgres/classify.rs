@@ -34,6 +34,59 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_terminate_backend",
 ];
 
+/// Built-in functions without side effects: a read calling only these is
+/// still provably read-only (its answer may be computed while its audit
+/// record syncs). Anything else, a user-defined function included, may write.
+const PURE_FUNCTIONS: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "bool_and",
+    "bool_or",
+    "array_agg",
+    "string_agg",
+    "upper",
+    "lower",
+    "length",
+    "char_length",
+    "substring",
+    "substr",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "concat",
+    "concat_ws",
+    "replace",
+    "left",
+    "right",
+    "position",
+    "coalesce",
+    "nullif",
+    "greatest",
+    "least",
+    "abs",
+    "round",
+    "floor",
+    "ceil",
+    "ceiling",
+    "trunc",
+    "mod",
+    "now",
+    "current_date",
+    "current_timestamp",
+    "date_trunc",
+    "date_part",
+    "extract",
+    "to_char",
+    "to_date",
+    "to_timestamp",
+    "age",
+    "md5",
+];
+
 /// Schema assumed for unqualified table names (the default search_path).
 /// Changing search_path is itself an `admin` statement, so a role limited to
 /// reads cannot make an unqualified name point elsewhere.
@@ -211,7 +264,14 @@ impl Visitor for Walker {
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         if let Expr::Function(function) = expr {
-            self.calls_functions = true;
+            let unqualified_pure = function.name.0.len() == 1
+                && function.name.0[0].as_ident().is_some_and(|name| {
+                    name.quote_style.is_none()
+                        && PURE_FUNCTIONS.contains(&name.value.to_ascii_lowercase().as_str())
+                });
+            if !unqualified_pure {
+                self.calls_functions = true;
+            }
             if let Some(name) = function.name.0.last().and_then(|part| part.as_ident()) {
                 if DANGEROUS_FUNCTIONS.contains(&name.value.to_ascii_lowercase().as_str()) {
                     self.dangers.insert(Danger::FileOrProgramFunction);
@@ -434,6 +494,12 @@ mod tests {
         );
         assert!(c.calls_functions);
         assert!(!one("SELECT name FROM customers WHERE id = $1").calls_functions);
+        assert!(!one("SELECT count(*), upper(name) FROM customers GROUP BY name").calls_functions);
+        assert!(one("SELECT nextval('s')").calls_functions, "nextval writes");
+        assert!(
+            one("SELECT app.count(1)").calls_functions,
+            "a schema-qualified function is not the built-in"
+        );
 
         let c = one("COPY customers TO STDOUT");
         assert_eq!(c.reads, set(&["public.customers"]));
