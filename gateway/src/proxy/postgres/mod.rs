@@ -30,7 +30,7 @@ use tracing::{info, warn};
 pub use self::cancel::CancelKeys;
 use self::wire::{Startup, WireError};
 use super::{tls::BoxedIo, Connection, Shared};
-use crate::identity::IdentityError;
+use crate::{audit::AuditRecord, identity::IdentityError};
 
 /// SQLSTATE invalid_authorization_specification.
 pub const SQLSTATE_IDENTITY: &str = "28000";
@@ -171,17 +171,13 @@ async fn serve(
     };
     drop(token);
 
-    let mut accepted = connection.authentication_accepted(&principal);
-    accepted.database_user = database_user.clone();
-    accepted.database_name = database_name.clone();
-    // Fail closed: a session that cannot be audited does not start.
-    if let Err(err) = shared.audit.append(accepted).await {
-        fatal(
-            &mut client_wr,
-            SQLSTATE_AUDIT,
-            &format!("tollgate: cannot audit this session: {err}"),
-        )
-        .await;
+    let stamp = |mut record: AuditRecord| {
+        record.database_user = database_user.clone();
+        record.database_name = database_name.clone();
+        record
+    };
+    let accepted = stamp(connection.authentication_accepted(&principal));
+    if !audit_or_refuse(&shared, accepted, &mut client_wr).await {
         return Ok(());
     }
     info!(oid = %principal.object_id, tid = %principal.tenant_id, "authenticated");
@@ -190,11 +186,13 @@ async fn serve(
         Ok(upstream) => upstream,
         Err(failure) => {
             warn!(error = %failure, "upstream connection failed");
-            let mut failed = upstream_record(&connection, &principal, failure.socket_cookie);
+            let mut failed = stamp(upstream_record(
+                &connection,
+                &principal,
+                failure.socket_cookie,
+            ));
             failed.status_id = crate::audit::record::status::FAILURE;
             failed.status_detail = format!("upstream connection failed: {failure}");
-            failed.database_user = database_user.clone();
-            failed.database_name = database_name.clone();
             if let Err(err) = shared.audit.append(failed).await {
                 warn!(error = %err, "the failed upstream connection could not be audited");
             }
@@ -210,16 +208,12 @@ async fn serve(
     // The upstream socket's cookie goes on record before the session is
     // used, so `tollgate verify` can account for every connection the
     // gateway opens, including sessions that never send a statement.
-    let mut opened = upstream_record(&connection, &principal, upstream.socket_cookie);
-    opened.database_user = database_user.clone();
-    opened.database_name = database_name.clone();
-    if let Err(err) = shared.audit.append(opened).await {
-        fatal(
-            &mut client_wr,
-            SQLSTATE_AUDIT,
-            &format!("tollgate: cannot audit this session: {err}"),
-        )
-        .await;
+    let opened = stamp(upstream_record(
+        &connection,
+        &principal,
+        upstream.socket_cookie,
+    ));
+    if !audit_or_refuse(&shared, opened, &mut client_wr).await {
         return Ok(());
     }
     // Masked columns are resolved before any agent message is relayed; if
@@ -287,6 +281,27 @@ fn upstream_record(
     record.status_detail = "upstream connection opened".into();
     record.upstream_socket_cookie = socket_cookie.and_then(|c| i64::try_from(c).ok());
     record
+}
+
+/// Fail closed: a session whose records cannot be written does not go on.
+/// Appends `record`; when that fails, tells the client and returns false.
+async fn audit_or_refuse<W: tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    record: AuditRecord,
+    client: &mut W,
+) -> bool {
+    match shared.audit.append(record).await {
+        Ok(_) => true,
+        Err(err) => {
+            fatal(
+                client,
+                SQLSTATE_AUDIT,
+                &format!("tollgate: cannot audit this session: {err}"),
+            )
+            .await;
+            false
+        }
+    }
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.
