@@ -33,8 +33,10 @@ struct Sample {
 pub fn run(binary: &Path, seconds: Option<u32>) -> Result<()> {
     let seconds = seconds.unwrap_or(SECONDS);
     std::env::set_var("TOLLGATE_BIN", binary);
-    step("starting PostgreSQL, the development IdP and tollgate (release build)");
-    let stack = Stack::start()?;
+    step("starting PostgreSQL (fsync on, as in production), the development IdP and tollgate (release build)");
+    let postgres = tollgate_tests::Postgres::start_with(&[("fsync", "on")])?;
+    let stack = Stack::start_with(postgres, |_| {})?;
+    let floor = fsync_floor_us(stack.gateway.dir.path())?;
     let port = stack.postgres.port.to_string();
     // pgbench's 32 clients plus the gateway's own connections.
     stack
@@ -132,7 +134,30 @@ pub fn run(binary: &Path, seconds: Option<u32>) -> Result<()> {
     .and_then(|r| r.first().and_then(|r| r["n"].as_i64()))
     .unwrap_or(0);
     println!("\nstatements audited through tollgate (closed segments so far): {audited}");
+    println!(
+        "fdatasync on the audit disk, same run: median {:.0} µs, p90 {:.0} µs (1 KiB write + fdatasync, 300 times): \
+         the floor of any statement whose record must be durable before its answer",
+        floor.0, floor.1
+    );
     Ok(())
+}
+
+/// Median and p90 of a 1 KiB write + fdatasync in `dir`, in µs.
+fn fsync_floor_us(dir: &Path) -> Result<(f64, f64)> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut file = fs::File::create(&path)?;
+    let block = [0u8; 1024];
+    let mut samples = Vec::with_capacity(300);
+    for _ in 0..300 {
+        let start = std::time::Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = fs::remove_file(&path);
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok((samples[samples.len() / 2], samples[samples.len() * 9 / 10]))
 }
 
 #[allow(clippy::too_many_arguments)]
