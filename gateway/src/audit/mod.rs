@@ -273,6 +273,22 @@ impl AuditLog {
         }
     }
 
+    /// Queues a record that nothing waits on before acting (the outcome of
+    /// a request already answered): it is made durable with the next sync,
+    /// at most a few milliseconds later, instead of forcing a sync of its
+    /// own. The returned [`Durable`] still tells whether that happened.
+    pub fn submit_lazy(&self, record: AuditRecord) -> Durable {
+        let (otx, orx) = oneshot::channel();
+        match self.tx.send(store::Msg::AppendLazy(record, otx)) {
+            Ok(()) => Durable { rx: Ok(orx) },
+            Err(_) => Durable {
+                rx: Err(Some(AuditError::Unavailable(
+                    "audit log is shut down".into(),
+                ))),
+            },
+        }
+    }
+
     /// Appends a record; returns its sequence number once it is durable
     /// (fsynced WAL, group commit across concurrent callers). Fills
     /// `sequence`, `prev_record_hash` and `record_hash`.

@@ -34,8 +34,17 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Msg {
     Append(AuditRecord, oneshot::Sender<Result<u64, AuditError>>),
+    /// A record nobody waits on to act: it rides with the next sync
+    /// instead of forcing one (see [`LAZY_WAIT`]).
+    AppendLazy(AuditRecord, oneshot::Sender<Result<u64, AuditError>>),
     Shutdown(oneshot::Sender<()>),
 }
+
+/// How long a batch of only lazy records waits for an urgent one to share
+/// its sync. An outcome record written right after an answer would
+/// otherwise start a sync of its own, and the session's next request would
+/// queue behind it: one extra fdatasync per statement.
+const LAZY_WAIT: Duration = Duration::from_millis(20);
 
 enum SegMsg {
     Batch {
@@ -339,16 +348,34 @@ impl Writer {
             };
             let mut batch = Vec::new();
             let mut shutdown = None;
-            match first {
-                Msg::Append(r, w) => batch.push((r, w)),
-                Msg::Shutdown(w) => shutdown = Some(w),
-            }
+            let mut urgent = false;
+            let take =
+                |m: Msg, batch: &mut Vec<_>, shutdown: &mut Option<_>, urgent: &mut bool| match m {
+                    Msg::Append(r, w) => {
+                        *urgent = true;
+                        batch.push((r, w));
+                    }
+                    Msg::AppendLazy(r, w) => batch.push((r, w)),
+                    Msg::Shutdown(w) => *shutdown = Some(w),
+                };
+            take(first, &mut batch, &mut shutdown, &mut urgent);
             // Group commit: take everything already waiting, one sync for all.
-            while shutdown.is_none() && batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Append(r, w)) => batch.push((r, w)),
-                    Ok(Msg::Shutdown(w)) => shutdown = Some(w),
-                    Err(_) => break,
+            loop {
+                while shutdown.is_none() && batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => take(m, &mut batch, &mut shutdown, &mut urgent),
+                        Err(_) => break,
+                    }
+                }
+                if urgent || shutdown.is_some() || batch.len() >= MAX_BATCH {
+                    break;
+                }
+                // Only lazy records so far: give an urgent one a moment to
+                // join, then sync whatever there is.
+                match rx.recv_timeout(LAZY_WAIT) {
+                    Ok(m) => take(m, &mut batch, &mut shutdown, &mut urgent),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
             if !batch.is_empty() {

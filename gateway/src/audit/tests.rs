@@ -187,13 +187,21 @@ async fn segments_close_by_age_while_running() {
 /// Copies a live directory: what a crash at this instant leaves on disk
 /// (everything acknowledged is fsynced, so it is in the copy).
 pub(crate) fn crash_copy(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // The background writers may retire a WAL file or rename a segment
+    // while `cp` walks the tree; a copy that raced them is retried.
+    for _ in 0..5 {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        if status.success() {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(to);
+    }
+    panic!("could not copy {} five times in a row", from.display());
 }
 
 #[tokio::test]

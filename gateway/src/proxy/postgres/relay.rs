@@ -822,9 +822,11 @@ fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) 
         }
         None => outcome.status_id = record::status::SUCCESS,
     }
-    let audit = session.shared.audit.clone();
+    // Lazy: the answer is already out; the outcome rides with the next
+    // sync instead of costing the session's next statement a sync of its own.
+    let durable = session.shared.audit.submit_lazy(outcome);
     tokio::spawn(async move {
-        if let Err(err) = audit.append(outcome).await {
+        if let Err(err) = durable.await {
             warn!(error = %err, "outcome record lost: audit unavailable");
         } else {
             debug!("outcome recorded");
