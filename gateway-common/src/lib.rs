@@ -100,6 +100,9 @@ pub mod program_names {
     pub const SENDMSG4: &str = "tollgate_sendmsg4";
     pub const SENDMSG6: &str = "tollgate_sendmsg6";
     pub const SOCK_CREATE: &str = "tollgate_sock_create";
+    /// Host-wide evidence at the cgroup v2 root (cgroup_skb/egress): packets
+    /// to protected targets from anything but a TCP stream socket.
+    pub const PACKET_EGRESS: &str = "tollgate_packet_egress";
 }
 
 /// What an [`EvidenceEvent`] reports.
@@ -117,6 +120,10 @@ pub mod event_kind {
     pub const REFUSED_SOCKET: u32 = 4;
     /// A destination outside the egress allow list was refused.
     pub const REFUSED_EGRESS: u32 = 5;
+    /// A packet left the host for a protected target from a socket that is
+    /// not a TCP stream socket (UDP, a raw socket crafting packets, SCTP,
+    /// ...), seen at the cgroup root's egress. Not refused: evidence only.
+    pub const PACKET_TO_PROTECTED_TARGET: u32 = 6;
 }
 
 /// Programs that count into [`map_names::EVIDENCE_COUNTERS`].
@@ -127,8 +134,9 @@ pub mod counted_program {
     pub const SENDMSG4: u32 = 3;
     pub const SENDMSG6: u32 = 4;
     pub const SOCK_CREATE: u32 = 5;
+    pub const PACKET_EGRESS: u32 = 6;
     /// Number of programs, for readers.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     /// Names in the loss report, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
         "tcp_state",
@@ -137,6 +145,7 @@ pub mod counted_program {
         "sendmsg4",
         "sendmsg6",
         "sock_create",
+        "packet_egress",
     ];
 }
 
@@ -149,6 +158,10 @@ pub mod counter {
     /// Events lost: the ring buffer was full, or the probe could not read
     /// the socket (offsets not set).
     pub const DROPPED: u32 = 2;
+    /// Packets not written as records of their own because their socket
+    /// had a record less than [`super::PACKET_RECORD_INTERVAL_NS`] before;
+    /// the next record of that socket counts them (`packets`). Not a loss.
+    pub const SUPPRESSED: u32 = 3;
     pub const PER_PROGRAM: u32 = 4;
 }
 
@@ -189,6 +202,37 @@ pub struct EvidenceEvent {
     pub protocol: u32,
     /// Task name, NUL padded.
     pub comm: [u8; 16],
+    /// `packet_to_protected_target` only: the sending socket's type
+    /// (1 stream, 2 datagram, 3 raw, ...; 0 when the kernel gave no full
+    /// socket). Zero for other kinds.
+    pub socket_type: u32,
+    /// `packet_to_protected_target` only: packets of this socket this record
+    /// stands for (itself and those suppressed since the socket's previous
+    /// record). Zero for other kinds.
+    pub packets: u32,
+}
+
+/// Size of an [`EvidenceEvent`] before `socket_type` and `packets` were
+/// added: the pinned ring buffer may still hold events written by the
+/// programs of an older daemon, which the reader accepts (the two fields
+/// read as zero).
+pub const EVIDENCE_EVENT_V1_BYTES: usize = 80;
+
+/// A socket sending packets to a protected target gets at most one record
+/// per this interval (CLOCK_BOOTTIME ns); the packets in between are
+/// counted, not recorded. Bounds the evidence volume of a datagram flood to
+/// one record per second per socket.
+pub const PACKET_RECORD_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Per-socket state of the packet evidence rate limit (value of the
+/// `PACKET_RATE` map, keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PacketRate {
+    /// When the socket's last record was written (CLOCK_BOOTTIME ns).
+    pub last_ns: u64,
+    /// Packets suppressed since then.
+    pub suppressed: u64,
 }
 
 /// Maximum entries of the per-socket maps (LRU, so stale entries age out).
@@ -263,4 +307,5 @@ mod user {
     unsafe impl aya::Pod for super::ClientPortKey {}
     unsafe impl aya::Pod for super::EvidenceEvent {}
     unsafe impl aya::Pod for super::EgressRule {}
+    unsafe impl aya::Pod for super::PacketRate {}
 }

@@ -22,6 +22,12 @@
 //!   on the host, in the connecting task's context, with the socket cookie,
 //!   so a connection that went around the redirect can be found offline.
 //!
+//! - `packet_egress` (cgroup_skb/egress at the cgroup v2 root) reports
+//!   packets to protected targets from any socket that is not a TCP stream
+//!   socket (UDP from outside the agent cgroups, raw sockets crafting
+//!   packets, SCTP, ...), which the TCP probe cannot see. It never drops a
+//!   packet: it is evidence, not enforcement.
+//!
 //! Every evidence event goes to one ring buffer; every event a program had
 //! to report is counted as seen, and then as emitted or dropped, so a gap
 //! in the evidence is itself on record.
@@ -32,22 +38,20 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    macros::cgroup_sock,
-    maps::Array,
-    programs::SockContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_sk_fullsock,
+        bpf_skb_cgroup_id,
     },
-    macros::{btf_tracepoint, cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, SockAddrContext, SockOpsContext},
+    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use gateway_common::{
-    counted_program, counter, counter_index, egress_setting, event_kind, v4_mapped,
-    ClientPortKey, EgressRule, EvidenceEvent, OriginalDestination, Redirect, TargetKey,
-    COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RING_BYTES, REDIRECT_MAP_ENTRIES,
-    SOCKET_MAP_ENTRIES,
+    counted_program, counter, counter_index, egress_setting, event_kind, v4_mapped, ClientPortKey,
+    EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey,
+    COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RING_BYTES, PACKET_RECORD_INTERVAL_NS,
+    REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
@@ -62,8 +66,7 @@ const SOCK_RAW: u32 = 3;
 const IPPROTO_TCP: u32 = 6;
 
 #[map(name = "REDIRECTS")]
-static REDIRECTS: HashMap<TargetKey, Redirect> =
-    HashMap::with_max_entries(REDIRECT_MAP_ENTRIES, 0);
+static REDIRECTS: HashMap<TargetKey, Redirect> = HashMap::with_max_entries(REDIRECT_MAP_ENTRIES, 0);
 
 #[map(name = "ORIGINAL_DESTINATIONS")]
 static ORIGINAL_DESTINATIONS: LruHashMap<u64, OriginalDestination> =
@@ -78,6 +81,11 @@ static EGRESS_RULES: Array<EgressRule> = Array::with_max_entries(EGRESS_RULE_ENT
 
 #[map(name = "EGRESS_SETTINGS")]
 static EGRESS_SETTINGS: Array<u32> = Array::with_max_entries(egress_setting::ENTRIES, 0);
+
+/// socket cookie -> rate limit state of the packet evidence.
+#[map(name = "PACKET_RATE")]
+static PACKET_RATE: LruHashMap<u64, PacketRate> =
+    LruHashMap::with_max_entries(SOCKET_MAP_ENTRIES, 0);
 
 #[map(name = "EVIDENCE")]
 static EVIDENCE: RingBuf = RingBuf::with_byte_size(EVIDENCE_RING_BYTES, 0);
@@ -143,6 +151,8 @@ fn current_task_event(kind: u32, family: u32, cookie: u64) -> EvidenceEvent {
         dport: 0,
         protocol: 0,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        socket_type: 0,
+        packets: 0,
     }
 }
 
@@ -171,12 +181,9 @@ pub fn tollgate_tcp_state(ctx: BtfTracePointContext) -> i32 {
             return 0;
         }
         let cookie = bpf_get_socket_cookie(sk as *mut c_void);
-        let family: u16 =
-            read_at(sk, core::ptr::read_volatile(&SKC_FAMILY_OFFSET)).unwrap_or(0);
-        let dport_be: u16 =
-            read_at(sk, core::ptr::read_volatile(&SKC_DPORT_OFFSET)).unwrap_or(0);
-        let protocol: u16 =
-            read_at(sk, core::ptr::read_volatile(&SK_PROTOCOL_OFFSET)).unwrap_or(0);
+        let family: u16 = read_at(sk, core::ptr::read_volatile(&SKC_FAMILY_OFFSET)).unwrap_or(0);
+        let dport_be: u16 = read_at(sk, core::ptr::read_volatile(&SKC_DPORT_OFFSET)).unwrap_or(0);
+        let protocol: u16 = read_at(sk, core::ptr::read_volatile(&SK_PROTOCOL_OFFSET)).unwrap_or(0);
         let daddr = if u32::from(family) == AF_INET6 {
             read_at::<[u32; 4]>(sk, core::ptr::read_volatile(&SKC_V6_DADDR_OFFSET))
                 .unwrap_or([0; 4])
@@ -284,7 +291,11 @@ fn decide(key: &TargetKey, sock_type: u32, protocol: u32) -> Verdict {
             Verdict::Refuse(event_kind::REFUSED_DATAGRAM)
         };
     }
-    let protocol = if sock_type == SOCK_STREAM { IPPROTO_TCP } else { protocol };
+    let protocol = if sock_type == SOCK_STREAM {
+        IPPROTO_TCP
+    } else {
+        protocol
+    };
     if egress_allowed(&key.addr, key.port, protocol) {
         Verdict::Allow
     } else {
@@ -416,6 +427,222 @@ pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
         }
     }
     ALLOW
+}
+
+const IPPROTO_TCP_U8: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_DCCP: u8 = 33;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// IPv6 extension headers walked before giving up on finding the
+/// transport header (a constant bound the verifier can see).
+const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
+const TCP_FLAG_RST: u8 = 0x04;
+
+/// Where a packet goes: enough to look it up in REDIRECTS.
+struct PacketDestination {
+    family: u32,
+    key: TargetKey,
+    /// IP protocol number of the transport header.
+    protocol: u8,
+    /// Offset of the transport header; `None` for a non-first fragment or
+    /// a header chain too long to follow (no ports to read).
+    l4: Option<usize>,
+}
+
+/// Do packets of this protocol carry a 16-bit destination port at offset 2
+/// of their header, as TCP and UDP do?
+#[inline(always)]
+fn has_ports(protocol: u8) -> bool {
+    matches!(
+        protocol,
+        IPPROTO_TCP_U8 | IPPROTO_UDP | IPPROTO_DCCP | IPPROTO_SCTP | IPPROTO_UDPLITE
+    )
+}
+
+/// Parses the IPv4 or IPv6 header at the start of the packet (cgroup_skb
+/// programs see the packet from its network header on). Every read goes
+/// through bpf_skb_load_bytes, which fails cleanly past the end.
+#[inline(always)]
+fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
+    let first: u8 = ctx.load(0).ok()?;
+    match first >> 4 {
+        4 => {
+            let ihl = usize::from(first & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let protocol: u8 = ctx.load(9).ok()?;
+            // The 13-bit fragment offset: only the first fragment carries the
+            // transport header.
+            let fragment: u16 = u16::from_be(ctx.load(6).ok()?);
+            let daddr: u32 = ctx.load(16).ok()?;
+            Some(PacketDestination {
+                family: AF_INET,
+                key: TargetKey {
+                    addr: v4_mapped(daddr),
+                    port: 0,
+                },
+                protocol,
+                l4: (fragment & 0x1fff == 0).then_some(ihl),
+            })
+        }
+        6 => {
+            let daddr: [u32; 4] = ctx.load(24).ok()?;
+            let mut next: u8 = ctx.load(6).ok()?;
+            let mut offset = 40usize;
+            let mut l4 = None;
+            // Extension headers could otherwise hide the transport header.
+            for _ in 0..IPV6_MAX_EXTENSION_HEADERS {
+                match next {
+                    IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                        let header: [u8; 2] = ctx.load(offset).ok()?;
+                        next = header[0];
+                        offset += (usize::from(header[1]) + 1) * 8;
+                    }
+                    IPV6_FRAGMENT => {
+                        let header: [u8; 4] = ctx.load(offset).ok()?;
+                        next = header[0];
+                        let fragment_offset = u16::from_be_bytes([header[2], header[3]]) & 0xfff8;
+                        if fragment_offset != 0 {
+                            break;
+                        }
+                        offset += 8;
+                    }
+                    _ => {
+                        l4 = Some(offset);
+                        break;
+                    }
+                }
+            }
+            Some(PacketDestination {
+                family: AF_INET6,
+                key: TargetKey {
+                    addr: daddr,
+                    port: 0,
+                },
+                protocol: next,
+                l4,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Packets to protected targets from anything but a TCP stream socket, on
+/// the whole host (attached at the cgroup v2 root, so it runs for every
+/// socket's cgroup). TCP stream sockets are the tcp_state probe's: it sees
+/// their connects with the calling task. What only this program sees:
+/// UDP (and other datagrams) from outside the agent cgroups, raw sockets
+/// crafting packets (TCP ones too), SCTP, DCCP.
+///
+/// Always returns 1 (let the packet go): it records, it never refuses.
+/// There is no task here (egress can run in softirq context), so the
+/// record carries the socket's cgroup and cookie, not a pid.
+#[cgroup_skb(egress)]
+pub fn tollgate_packet_egress(ctx: SkBuffContext) -> i32 {
+    if let Some(dst) = parse_destination(&ctx) {
+        record_packet(&ctx, dst);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
+    // Protocols without ports (ICMP, ...) cannot reach a port-keyed
+    // target; a packet that is not a first fragment has no ports to read.
+    if !has_ports(dst.protocol) {
+        return;
+    }
+    let Some(l4) = dst.l4 else {
+        return;
+    };
+    let Ok(dport_be) = ctx.load::<u16>(l4 + 2) else {
+        return;
+    };
+    dst.key.port = u32::from(u16::from_be(dport_be));
+    if unsafe { REDIRECTS.get(&dst.key) }.is_none() {
+        return;
+    }
+    let skb = ctx.skb.skb;
+    // The socket's type: a TCP stream socket's packets are the tcp_state
+    // probe's business.
+    let socket_type = unsafe {
+        let sk = core::ptr::read_volatile(&(*skb).__bindgen_anon_2.sk);
+        if sk.is_null() {
+            0
+        } else {
+            let full = bpf_sk_fullsock(sk);
+            if full.is_null() {
+                0
+            } else {
+                (*full).type_
+            }
+        }
+    };
+    if dst.protocol == IPPROTO_TCP_U8 {
+        if socket_type == SOCK_STREAM || socket_type == 0 {
+            return;
+        }
+        // The kernel answers segments of unknown connections with a RST
+        // from its own raw control socket. A RST opens nothing and carries
+        // no request, so it is not recorded (a crafted SYN or data
+        // segment is).
+        match ctx.load::<u8>(l4 + 13) {
+            Ok(flags) if flags & TCP_FLAG_RST != 0 => return,
+            _ => {}
+        }
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(skb as *mut c_void) };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let program = counted_program::PACKET_EGRESS;
+    // At most one record per socket per interval; the packets in between
+    // are counted and the next record says how many it stands for.
+    let packets = match PACKET_RATE.get_ptr_mut(&cookie) {
+        Some(state) => unsafe {
+            if now.wrapping_sub((*state).last_ns) < PACKET_RECORD_INTERVAL_NS {
+                (*state).suppressed += 1;
+                count(program, counter::SUPPRESSED);
+                return;
+            }
+            let packets = (*state).suppressed + 1;
+            (*state).last_ns = now;
+            (*state).suppressed = 0;
+            packets
+        },
+        None => {
+            let state = PacketRate {
+                last_ns: now,
+                suppressed: 0,
+            };
+            // A full LRU map evicts its oldest socket: that socket's next
+            // packet is then recorded again, never lost.
+            let _ = PACKET_RATE.insert(&cookie, &state, 0);
+            1
+        }
+    };
+    count(program, counter::SEEN);
+    let event = EvidenceEvent {
+        kind: event_kind::PACKET_TO_PROTECTED_TARGET,
+        family: dst.family,
+        cookie,
+        // The cgroup of the socket that sent it (fixed at its creation).
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        boot_ns: now,
+        pid: 0,
+        tid: 0,
+        daddr: dst.key.addr,
+        dport: dst.key.port,
+        protocol: u32::from(dst.protocol),
+        comm: [0; 16],
+        socket_type,
+        packets: packets.min(u64::from(u32::MAX)) as u32,
+    };
+    emit(program, &event);
 }
 
 // The verifier only accepts context accesses at a constant offset from the

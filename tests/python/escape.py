@@ -7,8 +7,11 @@ for a cleartext password (the token), AuthenticationCleartextPassword
 
 usage:
   escape.py tcp HOST PORT [--fastopen]     -> {"outcome": "tollgate"|"postgres"|"refused"|"denied", ...}
-  escape.py udp HOST PORT [--connect]      -> {"outcome": "sent"|"denied", ...}
+  escape.py udp HOST PORT [--connect] [--count N]
+                                           -> {"outcome": "sent"|"denied", "cookie": ...}
   escape.py raw                            -> {"outcome": "created"|"denied", ...}
+  escape.py rawsend HOST PORT              -> a hand-made TCP SYN on a raw socket:
+                                              {"outcome": "sent"|"denied", "cookie": ...}
   escape.py precreated HOST PORT CGROUP    -> like tcp, but the socket is made
                                               before joining CGROUP
 """
@@ -73,15 +76,55 @@ def tcp(host, port, fastopen=False, sock=None):
         sock.close()
 
 
-def udp(host, port, connect=False):
+SO_COOKIE = 57
+
+
+def cookie_of(sock):
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def udp(host, port, connect=False, count=1):
     sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     try:
         if connect:
             sock.connect((host, port))
-            sock.send(b"x")
-        else:
-            sock.sendto(b"x", (host, port))
-        return {"outcome": "sent"}
+        for _ in range(count):
+            if connect:
+                sock.send(b"x")
+            else:
+                sock.sendto(b"x", (host, port))
+        return {"outcome": "sent", "cookie": cookie_of(sock), "count": count}
+    except OSError as err:
+        return failure(err)
+    finally:
+        sock.close()
+
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def rawsend(host, port):
+    """A TCP SYN built by hand and sent on a raw IPv4 socket: the way
+    around every socket-address hook, which only the packet evidence sees."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    except OSError as err:
+        return failure(err)
+    try:
+        source_port = 40000 + (cookie_of(sock) % 20000)
+        header = struct.pack("!HHIIBBHHH", source_port, port, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+        pseudo = socket.inet_aton("127.0.0.1") + socket.inet_aton(host) + struct.pack(
+            "!BBH", 0, socket.IPPROTO_TCP, len(header)
+        )
+        header = header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+        sock.sendto(header, (host, 0))
+        return {"outcome": "sent", "cookie": cookie_of(sock)}
     except OSError as err:
         return failure(err)
     finally:
@@ -109,7 +152,10 @@ def main(argv):
     if mode == "tcp":
         result = tcp(argv[2], int(argv[3]), fastopen="--fastopen" in argv)
     elif mode == "udp":
-        result = udp(argv[2], int(argv[3]), connect="--connect" in argv)
+        count = int(argv[argv.index("--count") + 1]) if "--count" in argv else 1
+        result = udp(argv[2], int(argv[3]), connect="--connect" in argv, count=count)
+    elif mode == "rawsend":
+        result = rawsend(argv[2], int(argv[3]))
     elif mode == "raw":
         result = raw()
     elif mode == "precreated":

@@ -2,10 +2,10 @@
 //! cgroup and from outside it, the host-wide probe, the evidence stream
 //! under the audit directory, and `tollgate verify` reconciling the two.
 
-use std::time::Duration;
+use std::{os::unix::fs::MetadataExt, path::Path, process::Command, time::Duration};
 
-use serde_json::Value;
-use tollgate_tests::{evidence, privileged, Stack};
+use serde_json::{json, Value};
+use tollgate_tests::{duckdb, evidence, free_port, privileged, AgentCgroup, Postgres, Stack};
 
 const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-00000000e71d";
 
@@ -20,6 +20,66 @@ fn verify(stack: &Stack) -> (i32, String, Value) {
 
 fn evidence_rows(stack: &Stack, sql: &str) -> Vec<Value> {
     evidence::rows(stack.gateway.audit_dir(), sql)
+}
+
+fn escape_script() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python/escape.py")
+        .display()
+        .to_string()
+}
+
+fn parse(out: std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(
+        |_| json!({"outcome": "script-failed", "stderr": String::from_utf8_lossy(&out.stderr)}),
+    )
+}
+
+/// escape.py run by this test process's own cgroup: outside every agent cgroup.
+fn outside(args: &[&str]) -> Value {
+    parse(
+        Command::new(duckdb::python())
+            .arg(escape_script())
+            .args(args)
+            .output()
+            .expect("run escape.py"),
+    )
+}
+
+fn as_agent(stack: &Stack, args: &[&str]) -> Value {
+    parse(
+        AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+            .arg(escape_script())
+            .args(args)
+            .output()
+            .expect("run escape.py"),
+    )
+}
+
+/// The cgroup v2 id of this process (the cgroup escape.py runs in when
+/// started outside the agent cgroups).
+fn own_cgroup_id() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    let path = AgentCgroup::root().join(rel.trim_start_matches('/'));
+    std::fs::metadata(&path)
+        .map(|m| m.ino())
+        .expect("own cgroup directory")
+}
+
+fn packet_rows(stack: &Stack) -> Vec<Value> {
+    evidence::rows_of_kind(stack.gateway.audit_dir(), "packet_to_protected_target", "")
+}
+
+fn last_loss_counters(stack: &Stack) -> Value {
+    let loss = evidence_rows(
+        stack,
+        "SELECT * FROM audit WHERE phase = 'loss_counters' ORDER BY sequence DESC LIMIT 1",
+    );
+    serde_json::from_str(loss[0]["unmapped"].as_str().unwrap_or("{}")).expect("json")
 }
 
 #[test]
@@ -99,6 +159,130 @@ fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
             .as_u64()
             .unwrap_or(0)
             >= connections
+    );
+    // The packet evidence ran and found nothing: TCP from stream sockets
+    // is not its business.
+    assert_eq!(report["non_tcp_packets"], 0, "{summary}");
+    let packets = &counters["programs"]["packet_egress"];
+    assert_eq!(packets["seen"], 0, "{counters}");
+    assert_eq!(packets["dropped"], 0, "{counters}");
+    assert!(
+        packets["program_id"].as_u64().unwrap_or(0) > 0,
+        "{counters}"
+    );
+}
+
+#[test]
+fn non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypass() {
+    if !privileged("non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypass")
+    {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let port = stack.postgres.port.to_string();
+    let before = stack.postgres.connections_received();
+    // From outside the agent cgroups, where nothing refuses them: five
+    // datagrams on one socket, one on a connected socket, and a TCP SYN
+    // made by hand on a raw socket.
+    let burst = outside(&["udp", "127.0.0.1", &port, "--count", "5"]);
+    assert_eq!(burst["outcome"], "sent", "{burst}");
+    let connected = outside(&["udp", "127.0.0.1", &port, "--connect"]);
+    assert_eq!(connected["outcome"], "sent", "{connected}");
+    let raw = outside(&["rawsend", "127.0.0.1", &port]);
+    assert_eq!(raw["outcome"], "sent", "{raw}");
+    // An agent's datagram is refused before it becomes a packet.
+    let agent = as_agent(&stack, &["udp", "127.0.0.1", &port]);
+    assert_eq!(agent["outcome"], "denied", "{agent}");
+    // A datagram to an unprotected port is nobody's business.
+    let unprotected = outside(&["udp", "127.0.0.1", &free_port().to_string()]);
+    assert_eq!(unprotected["outcome"], "sent", "{unprotected}");
+    // None of it is a PostgreSQL connection.
+    assert_eq!(stack.postgres.connections_received(), before);
+    stack.gateway.stop();
+
+    let rows = packet_rows(&stack);
+    assert_eq!(rows.len(), 3, "one record per socket: {rows:?}");
+    let own_cgroup = own_cgroup_id();
+    let by_cookie = |answer: &Value| -> Value {
+        rows.iter()
+            .find(|r| r["upstream_socket_cookie"] == answer["cookie"])
+            .cloned()
+            .unwrap_or_else(|| panic!("no record for the socket of {answer}: {rows:?}"))
+    };
+    for (answer, protocol, socket_type, packets) in [
+        (&burst, "udp", 2, 1),
+        (&connected, "udp", 2, 1),
+        (&raw, "tcp", 3, 1),
+    ] {
+        let row = by_cookie(answer);
+        let unmapped: Value =
+            serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json");
+        assert_eq!(row["connection_info_protocol_name"], protocol, "{row}");
+        assert_eq!(unmapped["socket_type"], socket_type, "{row}");
+        assert_eq!(unmapped["packets"], packets, "{row}");
+        assert_eq!(row["dst_endpoint_ip"], "127.0.0.1", "{row}");
+        assert_eq!(row["dst_endpoint_port"], stack.postgres.port, "{row}");
+        assert_eq!(row["family"], "inet", "{row}");
+        // The sending socket's cgroup: this test's, not an agent's.
+        assert_eq!(row["actor_process_cgroup_id"], own_cgroup, "{row}");
+        assert_eq!(row["activity_id"], 6, "OCSF Traffic: {row}");
+        assert_eq!(row["actor_process_pid"], Value::Null, "{row}");
+    }
+    // The burst's other four datagrams were counted, not recorded.
+    let counters = last_loss_counters(&stack);
+    let packets = &counters["programs"]["packet_egress"];
+    assert_eq!(packets["seen"], 3, "{counters}");
+    assert_eq!(packets["emitted"], 3, "{counters}");
+    assert_eq!(packets["dropped"], 0, "{counters}");
+    assert_eq!(packets["suppressed"], 4, "{counters}");
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    assert_eq!(report["non_tcp_packets"], 3, "{summary}");
+    assert_eq!(report["losses"], json!([]), "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
+    assert_eq!(bypasses.len(), 3, "{summary}");
+    for b in &bypasses {
+        assert_eq!(b["finding"], "non_tcp_packet_to_protected_target", "{b}");
+        assert_eq!(b["target"], "orders-db", "{b}");
+        assert_eq!(b["destination"], format!("127.0.0.1:{port}"), "{b}");
+    }
+    assert!(
+        summary.contains("non_tcp_packet_to_protected_target"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn a_datagram_to_an_ipv6_protected_target_is_evidence() {
+    if !privileged("a_datagram_to_an_ipv6_protected_target_is_evidence") {
+        return;
+    }
+    let postgres = Postgres::start_dual_stack().expect("PostgreSQL on 127.0.0.1 and ::1");
+    let v6 = postgres.address_v6();
+    let mut stack =
+        Stack::start_with(postgres, |config| config.target_address = v6).expect("start");
+    let port = stack.postgres.port.to_string();
+    let sent = outside(&["udp", "::1", &port]);
+    assert_eq!(sent["outcome"], "sent", "{sent}");
+    // The IPv4 address of the same server is not the protected target.
+    let v4 = outside(&["udp", "127.0.0.1", &port]);
+    assert_eq!(v4["outcome"], "sent", "{v4}");
+    stack.gateway.stop();
+
+    let rows = packet_rows(&stack);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["family"], "inet6", "{rows:?}");
+    assert_eq!(rows[0]["dst_endpoint_ip"], "::1", "{rows:?}");
+    assert_eq!(
+        rows[0]["upstream_socket_cookie"], sent["cookie"],
+        "{rows:?}"
+    );
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    assert_eq!(
+        report["bypasses"][0]["finding"], "non_tcp_packet_to_protected_target",
+        "{summary}"
     );
 }
 

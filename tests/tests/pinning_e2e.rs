@@ -476,6 +476,25 @@ fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
         .collect();
     assert_eq!(host.len(), 1, "{programs:?}");
     assert_eq!(host[0]["program"], "tollgate_tcp_state");
+    // The packet evidence sits at the root of the cgroup v2 hierarchy.
+    let root = AgentCgroup::root();
+    let root_id = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&root)
+            .map(|m| m.ino().to_string())
+            .expect("cgroup root")
+    };
+    let at_root: Vec<&Value> = programs
+        .iter()
+        .filter(|p| p["attached_to"] == root_id.as_str())
+        .collect();
+    assert_eq!(at_root.len(), 1, "{programs:?}");
+    assert_eq!(at_root[0]["program"], "tollgate_packet_egress");
+    assert_eq!(
+        at_root[0]["cgroup_path"],
+        format!("{} (root, host-wide)", root.display()),
+        "{programs:?}"
+    );
     for p in &programs {
         assert!(p["program_id"].as_u64().unwrap_or(0) > 0, "{p}");
         assert!(p["link_id"].as_u64().unwrap_or(0) > 0, "{p}");
@@ -483,4 +502,110 @@ fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
     let table = String::from_utf8_lossy(&status(false)).into_owned();
     assert!(table.contains(&cgroup), "{table}");
     assert!(table.contains("host (all sockets)"), "{table}");
+    assert!(table.contains("tollgate_packet_egress"), "{table}");
+}
+
+/// Compiles tests/c/uring_connect.c (raw io_uring system calls, no
+/// liburing) into `dir`.
+fn uring_connect_binary(dir: &Path) -> String {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("c/uring_connect.c");
+    let binary = dir.join("uring_connect");
+    let out = Command::new("cc")
+        .args(["-O1", "-Wall", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .expect("run cc (the tests need a C compiler)");
+    assert!(
+        out.status.success(),
+        "cc {}: {}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary.display().to_string()
+}
+
+#[test]
+fn a_connect_through_io_uring_from_an_agent_cgroup_is_redirected_and_on_record() {
+    if !privileged("a_connect_through_io_uring_from_an_agent_cgroup_is_redirected_and_on_record") {
+        return;
+    }
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|s| s.trim().to_owned())
+        // Kernels before 6.6 have no switch: io_uring is on.
+        .unwrap_or_else(|_| "0".into());
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let binary = uring_connect_binary(stack.gateway.dir.path());
+    let port = stack.postgres.port.to_string();
+    let before = stack.postgres.connections_received();
+    let run = |args: &[&str]| {
+        let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &binary)
+            .args(args)
+            .output()
+            .expect("run uring_connect");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|_| {
+            json!({"outcome": "program-failed", "stderr": String::from_utf8_lossy(&out.stderr)})
+        })
+    };
+    let inline = run(&["127.0.0.1", &port]);
+    if inline["outcome"] == "uring-unavailable" {
+        // The only acceptable skip: the kernel forbids io_uring here, so
+        // there is no io_uring connect to redirect. Anything else that
+        // stops io_uring_setup is a failure.
+        assert_ne!(
+            disabled, "0",
+            "io_uring_setup failed although io_uring_disabled is 0: {inline}"
+        );
+        assert_eq!(stack.postgres.connections_received(), before);
+        eprintln!(
+            "SKIPPED the io_uring part of a_connect_through_io_uring_from_an_agent_cgroup_is_redirected_and_on_record: \
+             /proc/sys/kernel/io_uring_disabled is {disabled}, io_uring_setup failed with errno {}",
+            inline["errno"]
+        );
+        return;
+    }
+    // Inline in io_uring_enter, and on an io-wq worker thread (IOSQE_ASYNC).
+    let queued = run(&["127.0.0.1", &port, "--async"]);
+    for (case, answer) in [("inline", &inline), ("io-wq worker", &queued)] {
+        assert_eq!(answer["outcome"], "tollgate", "{case}: {answer}");
+        // getpeername4 hides the redirect from io_uring users too.
+        assert_eq!(
+            answer["peer"],
+            format!("127.0.0.1:{port}"),
+            "{case}: {answer}"
+        );
+    }
+    // Nothing reached PostgreSQL: tollgate opens no upstream before a token.
+    assert_eq!(stack.postgres.connections_received(), before);
+    stack.gateway.stop();
+
+    let audit = stack.gateway.audit_dir();
+    let cgroup = agent_cgroup_id(&stack);
+    for answer in [&inline, &queued] {
+        let cookie = answer["cookie"].as_u64().expect("the socket's cookie");
+        let redirected = evidence::rows_of_kind(
+            audit,
+            "redirected",
+            &format!("upstream_socket_cookie = {cookie}"),
+        );
+        assert_eq!(redirected.len(), 1, "{answer}: {redirected:?}");
+        assert_eq!(redirected[0]["actor_process_cgroup_id"], cgroup);
+        assert_eq!(redirected[0]["dst_endpoint_port"], stack.postgres.port);
+        let connects = evidence::rows_of_kind(
+            audit,
+            "tcp_connect",
+            &format!("upstream_socket_cookie = {cookie}"),
+        );
+        assert_eq!(connects.len(), 1, "{answer}: {connects:?}");
+        assert_eq!(
+            connects[0]["dst_endpoint_port"],
+            stack.gateway.config.listen.port(),
+            "the SYN went to the listener: {answer}"
+        );
+        assert_eq!(connects[0]["actor_process_cgroup_id"], cgroup);
+    }
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
+    assert_eq!(run.code, 0, "{}", run.summary);
+    assert_eq!(run.report["redirected"], 2, "{}", run.summary);
+    assert_eq!(run.report["bypasses"], json!([]), "{}", run.summary);
 }

@@ -27,6 +27,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "sshpass",
     "libpostgresql-jdbc-java",
     "iproute2",
+    // The io_uring test compiles a small C program making raw io_uring
+    // system calls against the kernel's UAPI headers (no liburing).
+    "gcc",
+    "libc6-dev",
+    "linux-libc-dev",
 ];
 
 const PYTHON_PACKAGES: &[&str] = &["duckdb==1.*", "psycopg[binary]==3.*"];

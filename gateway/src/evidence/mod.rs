@@ -37,6 +37,8 @@ pub const CLASS_NETWORK_ACTIVITY: i32 = 4001;
 /// OCSF Network Activity ids.
 pub mod network_activity {
     pub const OPEN: i32 = 1;
+    /// Traffic: packets seen, no connection state (packet evidence).
+    pub const TRAFFIC: i32 = 6;
     pub const REFUSE: i32 = 5;
     pub const OTHER: i32 = 99;
 }
@@ -60,6 +62,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         event_kind::REFUSED_DATAGRAM => "refused_datagram",
         event_kind::REFUSED_SOCKET => "refused_socket",
         event_kind::REFUSED_EGRESS => "refused_egress",
+        event_kind::PACKET_TO_PROTECTED_TARGET => "packet_to_protected_target",
         _ => "unknown",
     }
 }
@@ -140,12 +143,21 @@ fn base_record(phase: &str, activity_id: i32) -> AuditRecord {
     }
 }
 
-/// Decodes one ring buffer item; `None` if it has the wrong size.
+/// Decodes one ring buffer item; `None` if it has the wrong size. An item
+/// of the older, shorter layout (written by a previous daemon's programs
+/// into the pinned ring buffer) decodes with the newer fields zero.
 pub fn decode(bytes: &[u8]) -> Option<EvidenceEvent> {
-    if bytes.len() < std::mem::size_of::<EvidenceEvent>() {
+    let size = std::mem::size_of::<EvidenceEvent>();
+    let mut padded = [0u8; std::mem::size_of::<EvidenceEvent>()];
+    let bytes = if bytes.len() >= size {
+        bytes
+    } else if bytes.len() >= gateway_common::EVIDENCE_EVENT_V1_BYTES {
+        padded[..bytes.len()].copy_from_slice(bytes);
+        &padded[..]
+    } else {
         return None;
-    }
-    // SAFETY: the length is checked; EvidenceEvent is plain integers, any
+    };
+    // SAFETY: at least `size` bytes; EvidenceEvent is plain integers, any
     // bit pattern is valid; read_unaligned needs no alignment.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<EvidenceEvent>()) })
 }
@@ -168,6 +180,7 @@ pub fn boot_to_unix_offset_ns() -> i128 {
 pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord {
     let activity = match event.kind {
         event_kind::TCP_CONNECT | event_kind::REDIRECTED => network_activity::OPEN,
+        event_kind::PACKET_TO_PROTECTED_TARGET => network_activity::TRAFFIC,
         _ => network_activity::REFUSE,
     };
     let mut record = base_record(phase::EVIDENCE, activity);
@@ -177,15 +190,24 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     record.action_id = match event.kind {
         event_kind::REDIRECTED => crate::audit::action::MODIFIED,
         event_kind::TCP_CONNECT => 0,
+        // Recorded, not stopped: the packet went out.
+        event_kind::PACKET_TO_PROTECTED_TARGET => crate::audit::action::ALLOWED,
         _ => crate::audit::action::DENIED,
     };
-    record.actor_process_pid = i32::try_from(event.pid).ok();
+    let packet = event.kind == event_kind::PACKET_TO_PROTECTED_TARGET;
+    // A packet is seen without its task: no pid, no name (the cgroup is
+    // the sending socket's).
+    record.actor_process_pid = (!packet).then(|| i32::try_from(event.pid).ok()).flatten();
     record.actor_process_name = comm_to_string(&event.comm);
     record.actor_process_cgroup_id = i64::try_from(event.cgroup_id).ok();
     // A refused socket has no destination yet; its event carries the
-    // socket type in place of the port.
-    let socket_type = (event.kind == event_kind::REFUSED_SOCKET).then_some(event.dport);
-    if socket_type.is_none() {
+    // socket type in place of the port. A packet's event has both.
+    let socket_type = match event.kind {
+        event_kind::REFUSED_SOCKET => Some(event.dport),
+        event_kind::PACKET_TO_PROTECTED_TARGET => Some(event.socket_type),
+        _ => None,
+    };
+    if event.kind != event_kind::REFUSED_SOCKET {
         record.dst_endpoint_ip = ip_from_words(event.daddr).to_string();
         record.dst_endpoint_port = i32::try_from(event.dport).ok();
     }
@@ -205,6 +227,8 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
         "tid": event.tid,
         "boot_ns": event.boot_ns,
         "socket_cookie": event.cookie,
+        // Packets of the socket this record stands for (rate limit).
+        "packets": packet.then_some(event.packets),
     })
     .to_string();
     record
@@ -245,6 +269,11 @@ pub struct ProgramCounters {
     pub seen: u64,
     pub emitted: u64,
     pub dropped: u64,
+    /// Packets the packet evidence program counted into a later record of
+    /// the same socket instead of recording them singly (rate limit; not
+    /// a loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
     /// Kernel's count of times the program was not run because it was
     /// already running on that CPU (tracing programs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,6 +335,8 @@ fn read_counters(
             seen: sum(counter_index(program, counter::SEEN)),
             emitted: sum(counter_index(program, counter::EMITTED)),
             dropped: sum(counter_index(program, counter::DROPPED)),
+            suppressed: (program == counted_program::PACKET_EGRESS)
+                .then(|| sum(counter_index(program, counter::SUPPRESSED))),
             ..Default::default()
         };
         if let Some((_, fd)) = tracing_programs
@@ -479,6 +510,8 @@ mod tests {
             dport: 5432,
             protocol: 6,
             comm,
+            socket_type: 0,
+            packets: 0,
         }
     }
 
@@ -512,6 +545,56 @@ mod tests {
         assert_eq!(unmapped["kind"], "tcp_connect");
         assert_eq!(unmapped["family"], "inet");
         assert!(decode(&bytes[..10]).is_none());
+    }
+
+    fn bytes_of(e: &EvidenceEvent) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain-integer struct.
+        unsafe {
+            std::slice::from_raw_parts(
+                (e as *const EvidenceEvent).cast::<u8>(),
+                std::mem::size_of::<EvidenceEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn a_packet_to_a_protected_target_is_a_traffic_record_without_a_task() {
+        let mut e = event(event_kind::PACKET_TO_PROTECTED_TARGET);
+        e.pid = 0;
+        e.tid = 0;
+        e.comm = [0; 16];
+        e.protocol = 17;
+        e.socket_type = 2;
+        e.packets = 3;
+        let record = event_record(&e, 0);
+        assert_eq!(record.activity_id, network_activity::TRAFFIC);
+        assert_eq!(record.type_uid, 400106);
+        assert_eq!(record.action_id, crate::audit::action::ALLOWED);
+        assert_eq!(record.actor_process_pid, None, "no task in packet context");
+        assert_eq!(record.actor_process_cgroup_id, Some(77));
+        assert_eq!(record.dst_endpoint_ip, "10.0.0.5");
+        assert_eq!(record.dst_endpoint_port, Some(5432));
+        assert_eq!(record.connection_info_protocol_name, "udp");
+        let unmapped: serde_json::Value = serde_json::from_str(&record.unmapped).expect("json");
+        assert_eq!(unmapped["kind"], "packet_to_protected_target");
+        assert_eq!(unmapped["socket_type"], 2);
+        assert_eq!(unmapped["packets"], 3);
+    }
+
+    #[test]
+    fn events_of_the_older_shorter_layout_still_decode() {
+        let e = event(event_kind::TCP_CONNECT);
+        let bytes = bytes_of(&e);
+        let old = &bytes[..gateway_common::EVIDENCE_EVENT_V1_BYTES];
+        let decoded = decode(old).expect("older layout");
+        assert_eq!(decoded, e, "the newer fields read as zero");
+        assert!(decode(&bytes[..gateway_common::EVIDENCE_EVENT_V1_BYTES - 1]).is_none());
+        assert_eq!(
+            std::mem::offset_of!(EvidenceEvent, socket_type),
+            gateway_common::EVIDENCE_EVENT_V1_BYTES,
+            "new fields are appended after the old layout"
+        );
     }
 
     #[test]

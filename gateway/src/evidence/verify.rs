@@ -52,6 +52,8 @@ pub struct Row {
     pub dst_ip: String,
     pub dst_port: Option<i32>,
     pub cookie: Option<i64>,
+    /// `connection_info_protocol_name`.
+    pub protocol: String,
     pub unmapped: String,
     pub file: String,
 }
@@ -111,6 +113,7 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
             let dst_port = col::<Int32Array>(&batch, "dst_endpoint_port", &path)?;
             let cookie = col::<Int64Array>(&batch, "upstream_socket_cookie", &path)?;
             let unmapped = col::<StringArray>(&batch, "unmapped", &path)?;
+            let protocol = col::<StringArray>(&batch, "connection_info_protocol_name", &path)?;
             let opt32 = |a: &Int32Array, i| (!a.is_null(i)).then(|| a.value(i));
             let opt64 = |a: &Int64Array, i| (!a.is_null(i)).then(|| a.value(i));
             for i in 0..batch.num_rows() {
@@ -124,6 +127,7 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
                     dst_ip: dst_ip.value(i).to_owned(),
                     dst_port: opt32(dst_port, i),
                     cookie: opt64(cookie, i),
+                    protocol: protocol.value(i).to_owned(),
                     unmapped: unmapped.value(i).to_owned(),
                     file: path.display().to_string(),
                 });
@@ -134,11 +138,13 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
     Ok(rows)
 }
 
-/// A connection the kernel saw that the audit does not account for.
+/// A connection (or packet) the kernel saw that the audit does not account
+/// for.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Bypass {
-    /// `direct_from_agent_cgroup`, `gateway_upstream_not_audited` or
-    /// `unaudited_connection_to_protected_target`.
+    /// `direct_from_agent_cgroup`, `gateway_upstream_not_audited`,
+    /// `unaudited_connection_to_protected_target` or
+    /// `non_tcp_packet_to_protected_target`.
     pub finding: String,
     pub time_ms: i64,
     pub time: String,
@@ -150,6 +156,15 @@ pub struct Bypass {
     pub destination: String,
     pub target: String,
     pub socket_cookie: Option<i64>,
+    /// Packet findings: the IP protocol (`udp`, `tcp` from a raw socket,
+    /// or the protocol number), the sending socket's type, and how many
+    /// packets of that socket the record stands for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_type: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
     pub evidence_sequence: i64,
 }
 
@@ -200,6 +215,9 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
                 seen: grew(p_or.seen, c.seen),
                 emitted: grew(p_or.emitted, c.emitted),
                 dropped: grew(p_or.dropped, c.dropped),
+                suppressed: c
+                    .suppressed
+                    .map(|cur| grew(p_or.suppressed.unwrap_or(0), cur)),
                 recursion_misses: c.recursion_misses.map(|_| misses),
                 program_id: c.program_id,
             },
@@ -246,6 +264,9 @@ pub struct Report {
     /// TCP connections from agent cgroups to other destinations (allowed
     /// egress).
     pub agent_other_egress: usize,
+    /// Packet records: packets to a protected target from a socket that
+    /// is not a TCP stream socket (each one is also a bypass).
+    pub non_tcp_packets: usize,
     pub loss_records: usize,
     pub bypasses: Vec<Bypass>,
     pub losses: Vec<Loss>,
@@ -496,6 +517,7 @@ pub fn reconcile(
         redirected: 0,
         refused: 0,
         agent_other_egress: 0,
+        non_tcp_packets: 0,
         loss_records: 0,
         bypasses: Vec::new(),
         losses: Vec::new(),
@@ -540,6 +562,9 @@ pub fn reconcile(
                         destination: dst.map(|d| d.to_string()).unwrap_or_default(),
                         target: target.clone(),
                         socket_cookie: row.cookie,
+                        protocol: None,
+                        socket_type: None,
+                        packets: None,
                         evidence_sequence: row.sequence,
                     });
                 } else if row.cookie.is_some_and(|c| redirected.contains(&c))
@@ -549,6 +574,37 @@ pub fn reconcile(
                 } else if from_agent {
                     report.agent_other_egress += 1;
                 }
+            }
+            (phase::EVIDENCE, "packet_to_protected_target") => {
+                // PostgreSQL, SSH and the Kubernetes API are TCP services
+                // the gateway fronts; no legitimate path sends them UDP or
+                // hand-made packets. Every such record is a finding, from
+                // whatever cgroup (an agent's would have been refused, so
+                // one from an agent cgroup means a socket made outside it).
+                report.non_tcp_packets += 1;
+                let dst = destination(row);
+                let extra: serde_json::Value =
+                    serde_json::from_str(&row.unmapped).unwrap_or_default();
+                report.bypasses.push(Bypass {
+                    finding: "non_tcp_packet_to_protected_target".into(),
+                    time_ms: row.time,
+                    time: format_time(row.time),
+                    pid: row.pid,
+                    process: row.process.clone(),
+                    cgroup_id: row.cgroup_id,
+                    cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
+                    destination: dst.map(|d| d.to_string()).unwrap_or_default(),
+                    // The kernel matched it against the protected targets of
+                    // its time; a target since removed has no name here.
+                    target: dst
+                        .and_then(|d| targets.get(&d).cloned())
+                        .unwrap_or_else(|| "(protected when sent)".into()),
+                    socket_cookie: row.cookie,
+                    protocol: Some(row.protocol.clone()),
+                    socket_type: extra.get("socket_type").and_then(|v| v.as_u64()),
+                    packets: extra.get("packets").and_then(|v| v.as_u64()),
+                    evidence_sequence: row.sequence,
+                });
             }
             (phase::EVIDENCE, k) if k.starts_with("refused") => report.refused += 1,
             (phase::LOSS_COUNTERS, _) => {
@@ -629,14 +685,28 @@ pub fn summary(r: &Report) -> String {
         r.redirected, r.refused, r.agent_other_egress
     ));
     out.push_str(&format!(
+        "  non-tcp packets:     {} records of packets to protected targets\n",
+        r.non_tcp_packets
+    ));
+    out.push_str(&format!(
         "  loss:                {} interval records, {} with losses\n",
         r.loss_records,
         r.losses.len()
     ));
     out.push_str(&format!("  bypasses:            {}\n", r.bypasses.len()));
     for b in &r.bypasses {
+        let packet = match (&b.protocol, b.packets) {
+            (Some(protocol), packets) => format!(
+                ", {protocol} from socket type {}, {} packet(s)",
+                b.socket_type
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                packets.unwrap_or(1)
+            ),
+            _ => String::new(),
+        };
         out.push_str(&format!(
-            "    {} {}: pid {} ({}) cgroup {}{} -> {} [{}], cookie {}\n",
+            "    {} {}: pid {} ({}) cgroup {}{} -> {} [{}], cookie {}{packet}\n",
             b.time,
             b.finding,
             b.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
@@ -834,6 +904,43 @@ mod tests {
         );
         assert_eq!(r.bypasses[2].destination, "10.0.0.5:5432");
         assert!(summary(&r).contains("python3"));
+    }
+
+    #[test]
+    fn every_non_tcp_packet_to_a_protected_target_is_a_bypass() {
+        let mut udp = connect(2, 3, "", "10.0.0.5:5432", 700);
+        udp.pid = None;
+        udp.protocol = "udp".into();
+        udp.unmapped =
+            r#"{"kind":"packet_to_protected_target","socket_type":2,"packets":4}"#.into();
+        let mut raw = connect(3, 77, "", "10.0.0.5:5432", 701);
+        raw.pid = None;
+        raw.protocol = "tcp".into();
+        raw.unmapped =
+            r#"{"kind":"packet_to_protected_target","socket_type":3,"packets":1}"#.into();
+        let evidence = vec![config_row(1), udp, raw, loss(4, 0)];
+        let r = reconcile(
+            Path::new("/a"),
+            &[audit_row(700), audit_row(701)],
+            &evidence,
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(!r.ok, "{}", summary(&r));
+        assert_eq!(r.non_tcp_packets, 2);
+        assert_eq!(r.tcp_connections, 0, "packets are not connections");
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(findings, ["non_tcp_packet_to_protected_target"; 2]);
+        assert_eq!(r.bypasses[0].protocol.as_deref(), Some("udp"));
+        assert_eq!(r.bypasses[0].packets, Some(4));
+        assert_eq!(r.bypasses[0].target, "orders-db");
+        assert_eq!(r.bypasses[1].socket_type, Some(3));
+        assert_eq!(
+            r.bypasses[1].cgroup_path.as_deref(),
+            Some("/sys/fs/cgroup/agents")
+        );
+        assert!(summary(&r).contains("udp from socket type 2, 4 packet(s)"));
     }
 
     #[test]

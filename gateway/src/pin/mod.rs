@@ -26,7 +26,8 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps,
+        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -36,7 +37,7 @@ use gateway_common::{
 };
 use tracing::info;
 
-pub use mounts::ensure_mounts;
+pub use mounts::{cgroup2_root, ensure_mounts};
 
 /// The kernel object, built from `gateway-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));
@@ -126,11 +127,12 @@ pub struct ClientOrigin {
 }
 
 /// What the evidence reader needs from the loaded object: the ring buffer,
-/// the loss counters and the tracing programs (for their recursion misses).
+/// the loss counters and the host-wide evidence programs (for their ids
+/// and recursion misses).
 pub struct EvidenceHandles {
     pub ring: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
-    /// (program name, program fd) of each tracing program.
+    /// (program name, program fd) of each host-wide evidence program.
     pub tracing_programs: Vec<(String, OwnedFd)>,
 }
 
@@ -232,6 +234,7 @@ impl Pinning {
             .try_clone_to_owned()
             .context("duplicate the probe's fd")?;
         info!("evidence probe attached host-wide and pinned");
+        let packet_fd = attach_packet_evidence(&mut ebpf, &links_dir)?;
 
         for cgroup in agent_cgroups {
             fs::create_dir_all(cgroup)
@@ -289,7 +292,10 @@ impl Pinning {
             evidence: Some(EvidenceHandles {
                 ring,
                 counters,
-                tracing_programs: vec![(program_names::TCP_STATE.to_owned(), probe_fd)],
+                tracing_programs: vec![
+                    (program_names::TCP_STATE.to_owned(), probe_fd),
+                    (program_names::PACKET_EGRESS.to_owned(), packet_fd),
+                ],
             }),
         })
     }
@@ -322,6 +328,42 @@ impl Pinning {
             cgroup_id: original.cgroup_id,
         })
     }
+}
+
+/// Attaches the packet evidence program (cgroup_skb/egress) at the root of
+/// the cgroup v2 hierarchy, where it runs for the packets of every socket
+/// on the host, and pins its link as `<program>-<root cgroup id>`,
+/// replacing a previous daemon's. Returns a duplicate of the program's fd
+/// (for its id in the loss records).
+fn attach_packet_evidence(ebpf: &mut Ebpf, links_dir: &Path) -> Result<OwnedFd> {
+    let root = cgroup2_root()?;
+    let root_file =
+        fs::File::open(&root).with_context(|| format!("open cgroup root {}", root.display()))?;
+    let root_id = root_file
+        .metadata()
+        .with_context(|| format!("stat cgroup root {}", root.display()))?
+        .ino();
+    let program: &mut CgroupSkb = program_mut(ebpf, program_names::PACKET_EGRESS)?;
+    program
+        .load()
+        .context("load the packet evidence program (cgroup_skb/egress)")?;
+    let link_id = program
+        .attach(&root_file, CgroupSkbAttachType::Egress, LINK_ATTACH_MODE)
+        .with_context(|| format!("attach the packet evidence program to {}", root.display()))?;
+    let link: FdLink = program.take_link(link_id)?.try_into()?;
+    replace_pin(
+        link,
+        links_dir,
+        program_names::PACKET_EGRESS,
+        &root_id.to_string(),
+    )?;
+    let fd = program
+        .fd()?
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicate the packet evidence program's fd")?;
+    info!(cgroup_root = %root.display(), "packet evidence attached at the cgroup root and pinned");
+    Ok(fd)
 }
 
 /// The cgroup v2 id (inode of the cgroup directory) of this process.

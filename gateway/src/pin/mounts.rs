@@ -59,3 +59,45 @@ fn fs_magic(path: &Path) -> Result<Option<i64>> {
     #[allow(clippy::unnecessary_cast)]
     Ok(Some(buf.f_type as i64))
 }
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on a pure v2
+/// host, `/sys/fs/cgroup/unified` on a hybrid one. The host-wide packet
+/// evidence is attached at its root, so it runs for every socket.
+pub fn cgroup2_root() -> Result<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    cgroup2_root_in(&mounts)
+        .map(std::path::PathBuf::from)
+        .context("no cgroup2 file system is mounted (tollgate needs cgroup v2)")
+}
+
+/// The first cgroup2 mount point in a mounts table (`/proc/self/mounts`
+/// format: device, mount point, type, ...).
+fn cgroup2_root_in(mounts: &str) -> Option<String> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let _device = fields.next()?;
+        let mount_point = fields.next()?;
+        let fstype = fields.next()?;
+        // Mount points with spaces are octal-escaped; a cgroup root has none.
+        (fstype == "cgroup2").then(|| mount_point.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_on_hybrid_and_pure_v2_hosts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        assert_eq!(
+            cgroup2_root_in(hybrid).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
+        let pure = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_root_in(pure).as_deref(), Some("/sys/fs/cgroup"));
+        assert_eq!(cgroup2_root_in("proc /proc proc rw 0 0\n"), None);
+    }
+}

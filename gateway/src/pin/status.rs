@@ -33,6 +33,14 @@ pub fn status(pin_dir: &Path, agent_cgroups: &[std::path::PathBuf]) -> Result<Ve
             cgroup_paths.insert(meta.ino().to_string(), cgroup.display().to_string());
         }
     }
+    // The packet evidence sits at the root of the hierarchy: name it too.
+    if let Ok(root) = super::cgroup2_root() {
+        if let Ok(meta) = fs::metadata(&root) {
+            cgroup_paths
+                .entry(meta.ino().to_string())
+                .or_insert_with(|| format!("{} (root, host-wide)", root.display()));
+        }
+    }
     let mut out = Vec::new();
     let entries = match fs::read_dir(&links_dir) {
         Ok(entries) => entries,
