@@ -7,6 +7,7 @@
 //!   through DuckDB
 
 mod bench;
+mod bench_pinning;
 mod demo;
 mod setup;
 
@@ -37,6 +38,8 @@ enum Task {
     },
     /// Set up, then run tollgate on a demo configuration and show the audit.
     Demo,
+    /// What the kernel programs cost: connect() latency and loopback throughput.
+    BenchPinning,
     /// pgbench direct vs PgBouncer vs tollgate (release build), in one run.
     Bench {
         /// Seconds per pgbench run.
@@ -54,6 +57,11 @@ fn main() -> Result<()> {
             setup::run()?;
             let binary = build_gateway()?;
             demo::run(&binary)
+        }
+        Task::BenchPinning => {
+            setup::run()?;
+            let binary = build_gateway()?;
+            bench_pinning::run(&binary)
         }
         Task::Bench { seconds } => {
             setup::run()?;
