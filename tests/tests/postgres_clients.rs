@@ -554,3 +554,59 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     );
     assert!(!row.to_string().contains("ada@example.com"));
 }
+
+#[test]
+fn a_function_call_message_is_refused_and_the_session_goes_on() {
+    let Some((stack, token)) = start("a_function_call_message_is_refused_and_the_session_goes_on")
+    else {
+        return;
+    };
+    // pg_read_file(text): what a FunctionCall would reach without SQL.
+    let oid = stack
+        .postgres
+        .superuser_sql_ok("orders", "SELECT 'pg_read_file(text)'::regprocedure::oid")
+        .expect("oid");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_function_call.py");
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .arg(script)
+        .args([
+            "127.0.0.1",
+            &stack.postgres.port.to_string(),
+            &token,
+            &oid,
+            "/etc/hostname",
+        ])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(answer["call"]["sqlstate"], "42501", "{answer}");
+    assert!(
+        answer["call"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("protocol:function_call"),
+        "{answer}"
+    );
+    assert!(
+        answer["call"].get("result").is_none(),
+        "the function ran: {answer}"
+    );
+    assert_eq!(
+        answer["after"]["rows"], 1,
+        "the session still answers: {answer}"
+    );
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE policy_uid = 'protocol:function_call'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("refusal row");
+    assert_eq!(
+        rows[0]["query_info_query_string"],
+        format!("FunctionCall (function oid {oid})")
+    );
+    assert_eq!(rows[0]["actor_user_uid"], AGENT_OID);
+}

@@ -37,21 +37,30 @@ pub fn run(binary: &Path) -> Result<()> {
     let mut agent = Vec::new();
     let mut baseline = Vec::new();
     for _ in 0..ROUNDS {
-        agent.push(measure(AgentCgroup::command(&stack.gateway.config.agent_cgroup, path_str(&bench)?).args(["connect", CONNECTS]))?);
-        baseline.push(measure(AgentCgroup::command(&plain, path_str(&bench)?).args(["connect", CONNECTS]))?);
+        agent.push(measure(
+            AgentCgroup::command(&stack.gateway.config.agent_cgroup, path_str(&bench)?)
+                .args(["connect", CONNECTS]),
+        )?);
+        baseline.push(measure(
+            AgentCgroup::command(&plain, path_str(&bench)?).args(["connect", CONNECTS]),
+        )?);
     }
 
     step(&format!("loopback TCP throughput, {ROUNDS} streams of {STREAM_BYTES} bytes with the evidence programs attached"));
     let mut with_evidence = Vec::new();
     for _ in 0..ROUNDS {
-        with_evidence.push(measure(Command::new(&bench).args(["stream", STREAM_BYTES]))?);
+        with_evidence.push(measure(
+            Command::new(&bench).args(["stream", STREAM_BYTES]),
+        )?);
     }
     step("stopping tollgate and removing every pinned program");
     stack.gateway.stop();
     stack.gateway.unpin()?;
     let mut without_evidence = Vec::new();
     for _ in 0..ROUNDS {
-        without_evidence.push(measure(Command::new(&bench).args(["stream", STREAM_BYTES]))?);
+        without_evidence.push(measure(
+            Command::new(&bench).args(["stream", STREAM_BYTES]),
+        )?);
     }
     let _ = fs::remove_dir(&plain);
 
@@ -95,7 +104,9 @@ fn measure(cmd: &mut Command) -> Result<f64> {
         bail!("net_bench failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().parse().with_context(|| format!("net_bench printed {text:?}"))
+    text.trim()
+        .parse()
+        .with_context(|| format!("net_bench printed {text:?}"))
 }
 
 fn median(values: &mut [f64]) -> f64 {

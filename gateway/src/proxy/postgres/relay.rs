@@ -301,24 +301,32 @@ async fn client_to_server(
                             forward.unsplit(frame.bytes);
                         }
                         Err(refusal) => {
-                            // Everything before this statement goes out and
-                            // is answered first, so the agent sees answers in
-                            // the order it asked.
-                            upstream_wr.write_all(&forward).await?;
-                            forward.clear();
-                            wait_until_drained(&in_flight, &drained).await;
-                            let status = lock(&in_flight).transaction_status;
-                            let mut out = BytesMut::new();
-                            wire::error_response(
-                                &mut out,
-                                "ERROR",
-                                &refusal.code,
-                                &refusal.message,
-                            );
-                            wire::ready_for_query(&mut out, status);
-                            client_wr.lock().await.write_all(&out).await?;
+                            answer_refusal(
+                                &refusal,
+                                &mut forward,
+                                &mut upstream_wr,
+                                &client_wr,
+                                &in_flight,
+                                &drained,
+                            )
+                            .await?;
                         }
                     }
+                }
+                // FunctionCall runs a server function by OID with no SQL
+                // for the policy to read (lo_import, pg_read_file, ...):
+                // always refused.
+                b'F' => {
+                    let refusal = refuse_function_call(&session, &frame).await;
+                    answer_refusal(
+                        &refusal,
+                        &mut forward,
+                        &mut upstream_wr,
+                        &client_wr,
+                        &in_flight,
+                        &drained,
+                    )
+                    .await?;
                 }
                 b'P' => {
                     let (name, text, parameter_types) = wire::parse_message(&frame)?;
@@ -396,7 +404,28 @@ async fn client_to_server(
                     let _ = upstream_wr.shutdown().await;
                     return Ok(());
                 }
-                _ => forward.unsplit(frame.bytes),
+                // Describe, Flush and the COPY sub-protocol carry no
+                // statement of their own.
+                b'D' | b'H' | b'd' | b'c' | b'f' => forward.unsplit(frame.bytes),
+                // Anything else is not a frontend message of protocol 3.0
+                // after startup: the stream cannot be trusted to be in step.
+                other => {
+                    let mut out = BytesMut::new();
+                    wire::error_response(
+                        &mut out,
+                        "FATAL",
+                        super::SQLSTATE_PROTOCOL,
+                        &format!(
+                            "tollgate: unexpected message {:?} from the client",
+                            other as char
+                        ),
+                    );
+                    let _ = client_wr.lock().await.write_all(&out).await;
+                    return Err(WireError::Malformed(format!(
+                        "unexpected client message {:?}",
+                        other as char
+                    )));
+                }
             }
         }
         if !forward.is_empty() {
@@ -405,6 +434,62 @@ async fn client_to_server(
         if client_rd.read_buf(&mut buf).await? == 0 {
             return Err(WireError::Closed);
         }
+    }
+}
+
+/// Answers a refused request in its place in the order: everything the
+/// client sent before it goes out and is answered first, then the agent
+/// gets the error and a ReadyForQuery with the session's real status.
+async fn answer_refusal(
+    refusal: &Refusal,
+    forward: &mut BytesMut,
+    upstream_wr: &mut WriteHalf<BoxedIo>,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    drained: &Notify,
+) -> Result<(), WireError> {
+    upstream_wr.write_all(forward).await?;
+    forward.clear();
+    wait_until_drained(in_flight, drained).await;
+    let status = lock(in_flight).transaction_status;
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, "ERROR", &refusal.code, &refusal.message);
+    wire::ready_for_query(&mut out, status);
+    client_wr.lock().await.write_all(&out).await?;
+    Ok(())
+}
+
+/// The refusal (and its audit row) of a FunctionCall message.
+async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
+    let oid = frame
+        .body()
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0);
+    let mut record = session.connection.record(Some(&session.principal));
+    set_class(
+        &mut record,
+        record::CLASS_DATASTORE_ACTIVITY,
+        record::datastore_activity::QUERY,
+    );
+    record.request_uid = uuid::Uuid::new_v4().to_string();
+    record.database_user = session.database_user.clone();
+    record.database_name = session.database_name.clone();
+    record.query_info_query_string = format!("FunctionCall (function oid {oid})");
+    record.query_info_kind = "unparsed".into();
+    record.phase = "refusal".into();
+    record.status_id = record::status::FAILURE;
+    record.action_id = record::action::DENIED;
+    record.policy_uid = "protocol:function_call".into();
+    record.status_detail =
+        "the FunctionCall message runs a function with no SQL to decide on".into();
+    let message = match session.shared.audit.append(record).await {
+        Ok(_) => "tollgate: refused by rule protocol:function_call: the FunctionCall message is not allowed; call the function in SQL".to_owned(),
+        Err(err) => format!("tollgate: refused by rule protocol:function_call (and the refusal could not be audited: {err})"),
+    };
+    Refusal {
+        code: SQLSTATE_POLICY.into(),
+        message,
     }
 }
 
