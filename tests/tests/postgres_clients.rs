@@ -513,6 +513,18 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         text(&out.stderr)
     );
 
+    // A whole-row reference carries the masked column too.
+    let out = stack
+        .agent_psql(&agent, "SELECT c FROM customers c WHERE id = 1")
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("@example.com"),
+        "whole row leaked: {}",
+        text(&out.stdout)
+    );
+
     // COPY would stream the column raw: refused for a masked caller.
     let out = stack
         .agent_psql(&agent, "COPY customers TO STDOUT")
@@ -553,6 +565,46 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         "a masked answer is OCSF action Modified"
     );
     assert!(!row.to_string().contains("ada@example.com"));
+}
+
+#[test]
+fn settings_that_change_how_sql_is_read_never_reach_the_server() {
+    let Some((stack, token)) = start("settings_that_change_how_sql_is_read_never_reach_the_server")
+    else {
+        return;
+    };
+    // With standard_conforming_strings off, PostgreSQL would read this as a
+    // SELECT followed by a DELETE, while a standard parser sees one SELECT.
+    // tollgate does not pass the agent's `options` to the server.
+    let out = stack
+        .agent_psql(&token, r"SELECT 'a' , '; DELETE FROM customers; --'")
+        .env("PGOPTIONS", "-c standard_conforming_strings=off")
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("count"),
+        "3",
+        "the hidden DELETE ran"
+    );
+    // Changing it (or role, or search_path) in SQL is an admin statement,
+    // however the name is quoted.
+    for sql in [
+        "SET standard_conforming_strings = off",
+        r#"SET "role" = 'postgres'"#,
+        r#"SET "search_path" = pg_catalog"#,
+        "EXECUTE some_statement",
+    ] {
+        let out = stack.agent_psql(&token, sql).output().expect("psql");
+        assert!(
+            text(&out.stderr).contains("agents:kind:admin"),
+            "{sql}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]

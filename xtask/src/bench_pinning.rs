@@ -54,10 +54,14 @@ pub fn run(binary: &Path) -> Result<()> {
     let mut with_evidence = Vec::new();
     let mut without_evidence = Vec::new();
     for round in 0..ROUNDS {
-        with_evidence.push(measure(Command::new(&bench).args(["stream", STREAM_BYTES]))?);
+        with_evidence.push(measure(
+            Command::new(&bench).args(["stream", STREAM_BYTES]),
+        )?);
         stack.gateway.stop();
         stack.gateway.unpin()?;
-        without_evidence.push(measure(Command::new(&bench).args(["stream", STREAM_BYTES]))?);
+        without_evidence.push(measure(
+            Command::new(&bench).args(["stream", STREAM_BYTES]),
+        )?);
         if round + 1 < ROUNDS {
             stack.gateway.restart()?;
         }

@@ -100,6 +100,9 @@ pub struct Operation {
     pub streams_raw: bool,
     /// The statement calls functions, which may have side effects.
     pub calls_functions: bool,
+    /// The result comes from something decided earlier (FETCH from a
+    /// cursor): which tables it reads is not in this statement's text.
+    pub opaque_result: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.
@@ -239,6 +242,13 @@ impl Policy {
         // Raw result streams (COPY TO) bypass masking: a masked caller may
         // not stream a table that has masked columns.
         let masks = self.masks_for(who, request.target);
+        if !masks.is_empty() && request.operations.is_err() {
+            return Decision::Deny {
+                rule: "mask:unparsed".into(),
+                reason: "a statement tollgate cannot read could stream masked columns unmasked"
+                    .into(),
+            };
+        }
         if let Ok(operations) = request.operations {
             for op in operations.iter().filter(|op| op.streams_raw) {
                 if let Some(table) = op

@@ -109,12 +109,17 @@ fn classify_statement(statement: &Statement) -> Operation {
         dangers: walker.dangers,
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
         calls_functions: walker.calls_functions,
+        opaque_result: matches!(statement, Statement::Fetch { .. }),
         ..Operation::default()
     };
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
     // ANALYZE UPDATE ...) make the whole statement a write.
     if !walker.written.is_empty() && out.kind < StatementKind::Write {
         out.kind = StatementKind::Write;
+    }
+    // EXPLAIN ANALYZE EXECUTE runs a prepared statement too.
+    if walker.runs_prepared {
+        out.kind = StatementKind::Admin;
     }
     out.reads = walker
         .relations
@@ -161,7 +166,6 @@ fn top_kind(statement: &Statement) -> StatementKind {
         Statement::ShowVariable { .. }
         | Statement::ShowVariables { .. }
         | Statement::Prepare { .. }
-        | Statement::Execute { .. }
         | Statement::Deallocate { .. }
         | Statement::Declare { .. }
         | Statement::Fetch { .. }
@@ -191,10 +195,10 @@ fn set_kind(set: &Set) -> StatementKind {
     match set {
         Set::SetSessionAuthorization(_) | Set::SetRole { .. } => StatementKind::Admin,
         Set::SingleAssignment { variable, .. } => {
-            let name = variable.to_string().to_ascii_lowercase();
-            // Settings that change whom the session acts as, or what an
-            // unqualified name means, are administration, not utility.
-            if ["role", "session_authorization", "search_path"].contains(&name.as_str()) {
+            // Settings that change whom the session acts as, what an
+            // unqualified name means, or how SQL text is read, are
+            // administration, not utility.
+            if ADMIN_SETTINGS.contains(&setting_name(variable).as_str()) {
                 StatementKind::Admin
             } else {
                 StatementKind::Utility
@@ -202,6 +206,28 @@ fn set_kind(set: &Set) -> StatementKind {
         }
         _ => StatementKind::Utility,
     }
+}
+
+const ADMIN_SETTINGS: &[&str] = &[
+    "role",
+    "session_authorization",
+    "search_path",
+    "standard_conforming_strings",
+    "backslash_quote",
+    "escape_string_warning",
+    "client_encoding",
+];
+
+/// The setting a SET names, as PostgreSQL folds it: `"role"` and `ROLE`
+/// are the same setting.
+fn setting_name(variable: &ObjectName) -> String {
+    let parts: Vec<String> = variable
+        .0
+        .iter()
+        .filter_map(|part| part.as_ident())
+        .map(|ident| ident.value.to_ascii_lowercase())
+        .collect();
+    parts.join(".")
 }
 
 fn query_selects_into(query: &Query) -> bool {
@@ -219,6 +245,7 @@ struct Walker {
     dangers: BTreeSet<Danger>,
     calls_functions: bool,
     table_functions: BTreeSet<String>,
+    runs_prepared: bool,
 }
 
 impl Visitor for Walker {
@@ -283,6 +310,7 @@ impl Visitor for Walker {
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
         match statement {
+            Statement::Execute { .. } => self.runs_prepared = true,
             Statement::Insert(insert) => {
                 if let TableObject::TableName(name) = &insert.table {
                     self.written.insert(table_name(name));
@@ -356,10 +384,11 @@ impl Visitor for Walker {
             Statement::Set(set) if set_kind(set) == StatementKind::Admin => {
                 let role_change = match set {
                     Set::SingleAssignment { variable, .. } => {
-                        let name = variable.to_string().to_ascii_lowercase();
+                        let name = setting_name(variable);
                         name == "role" || name == "session_authorization"
                     }
-                    _ => true,
+                    Set::SetRole { .. } | Set::SetSessionAuthorization(_) => true,
+                    _ => false,
                 };
                 if role_change {
                     self.dangers.insert(Danger::SetRole);
@@ -458,6 +487,11 @@ mod tests {
             ("ROLLBACK", Transaction),
             ("SET statement_timeout = 1000", Utility),
             ("SET search_path = secret", Admin),
+            (r#"SET "search_path" = secret"#, Admin),
+            ("SET standard_conforming_strings = off", Admin),
+            // SQL EXECUTE runs a statement prepared out of tollgate's sight.
+            ("EXECUTE s1", Admin),
+            ("EXPLAIN ANALYZE EXECUTE s1", Admin),
             ("SET ROLE admin", Admin),
             ("SHOW work_mem", Utility),
             ("VACUUM customers", Admin),
@@ -553,6 +587,7 @@ mod tests {
             ),
             ("SELECT length('/etc/passwd')", None),
             ("SET ROLE postgres", Some(Danger::SetRole)),
+            (r#"SET "role" = 'postgres'"#, Some(Danger::SetRole)),
             ("SET SESSION AUTHORIZATION postgres", Some(Danger::SetRole)),
             ("SET application_name = 'x'", None),
         ] {

@@ -143,6 +143,14 @@ pub fn plan(
         if let Some(column) = set.columns.get(&(table_oid, attnum)) {
             columns.push(Some(text_like));
             names.push(column.clone());
+        } else if attnum <= 0
+            && table_oid != 0
+            && set.columns.keys().any(|(oid, _)| *oid == table_oid)
+        {
+            // A whole-row reference (`SELECT c FROM customers c`) carries
+            // every column, the masked ones included.
+            columns.push(Some(text_like));
+            names.push(format!("{name} (whole row of a table with masked columns)"));
         } else if table_oid == 0 && reads_masked_table {
             columns.push(Some(text_like));
             names.push(format!(
@@ -167,7 +175,8 @@ pub fn apply(row: &Frame, mask: &ResultMask) -> Result<BytesMut, WireError> {
         let action = if mask.columns.is_empty() {
             Some(false)
         } else {
-            mask.columns.get(i).copied().flatten()
+            // A column the description did not announce is masked too.
+            mask.columns.get(i).copied().unwrap_or(Some(false))
         };
         match (action, value) {
             (_, None) => out.put_i32(-1),
@@ -292,6 +301,23 @@ mod tests {
         assert_eq!(
             data_row_values(&frame).unwrap(),
             vec![Some(&b"1"[..]), Some(MASK), None]
+        );
+    }
+
+    #[test]
+    fn whole_row_references_and_unannounced_columns_are_masked() {
+        let rd = row_description(&[("c", 16384, 0, 16385)]);
+        let mask = plan(&rd, &set(), true).unwrap();
+        assert!(mask.masks_anything(), "whole-row reference");
+        // The description announced one column; a row with two masks the second.
+        let rd = row_description(&[("id", 16384, 1, 23)]);
+        let mask = plan(&rd, &set(), false).unwrap();
+        let masked = apply(&data_row(&[Some(b"1"), Some(b"secret")]), &mask).unwrap();
+        let mut bytes = masked;
+        let frame = wire::split_frame(&mut bytes).unwrap().unwrap();
+        assert_eq!(
+            data_row_values(&frame).unwrap(),
+            vec![Some(&b"1"[..]), None]
         );
     }
 

@@ -32,6 +32,11 @@ use self::wire::{Startup, WireError};
 use super::{tls::BoxedIo, Connection, Shared};
 use crate::{audit::AuditRecord, identity::IdentityError};
 
+/// How long an unauthenticated client may take to send each startup
+/// message (startup packet, password), as PostgreSQL's
+/// authentication_timeout.
+const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// SQLSTATE invalid_authorization_specification.
 pub const SQLSTATE_IDENTITY: &str = "28000";
 /// SQLSTATE insufficient_privilege.
@@ -58,7 +63,11 @@ async fn serve(
     let mut client: BoxedIo = Box::new(client);
     let mut encrypted = false;
     let params = loop {
-        let startup = match wire::read_startup(&mut client).await {
+        let startup = match tokio::time::timeout(STARTUP_TIMEOUT, wire::read_startup(&mut client))
+            .await
+            .unwrap_or(Err(WireError::Malformed(
+                "no startup packet within the startup timeout".into(),
+            ))) {
             Ok(startup) => startup,
             Err(WireError::Malformed(reason)) => {
                 fatal(
@@ -134,7 +143,15 @@ async fn serve(
     wire::authentication_cleartext(&mut out);
     client_wr.write_all(&out).await?;
     let mut client_buf = BytesMut::new();
-    let token = match wire::read_frame(&mut client_rd, &mut client_buf).await {
+    let password = tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        wire::read_frame_limited(&mut client_rd, &mut client_buf, wire::MAX_PASSWORD_MESSAGE),
+    )
+    .await
+    .unwrap_or(Err(WireError::Malformed(
+        "no password within the startup timeout".into(),
+    )));
+    let token = match password {
         Ok(frame) => wire::password(&frame)?,
         // A client that hangs up at the password prompt had no token to give.
         Err(WireError::Closed) => {

@@ -83,6 +83,9 @@ struct Pending {
     result_mask: Option<ResultMask>,
     /// Columns masked in this request's results, for the audit.
     masked_columns: BTreeSet<String>,
+    /// For an Execute: the client described this very portal just before,
+    /// so the next RowDescription is this Execute's.
+    described: bool,
     /// The request record while it is still syncing (read-only requests
     /// forwarded in parallel): awaited before any answer goes out.
     durable: Option<Durable>,
@@ -150,6 +153,7 @@ impl Pending {
             reads_masked: false,
             result_mask: None,
             masked_columns: BTreeSet::new(),
+            described: false,
             durable: None,
             recording: None,
         }
@@ -283,9 +287,11 @@ async fn client_to_server(
     // After a refused Execute, the rest of the pipeline up to Sync is
     // dropped, as PostgreSQL itself does after an error.
     let mut skipping_to_sync = false;
+    // The last Describe sent (kind 'S' or 'P', name), until an Execute.
+    let mut last_describe: Option<(u8, String)> = None;
     loop {
         let mut forward = BytesMut::new();
-        while let Some(frame) = wire::split_frame(&mut buf)? {
+        while let Some(frame) = wire::split_frame_limited(&mut buf, wire::MAX_CLIENT_MESSAGE)? {
             if skipping_to_sync && frame.tag != b'S' {
                 continue;
             }
@@ -371,6 +377,8 @@ async fn client_to_server(
                             let mut pending = admitted.into_pending(Kind::Execute);
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
+                            pending.described =
+                                last_describe.take() == Some((b'P', portal.clone()));
                             lock(&in_flight).queue.push_back(pending);
                             forward.unsplit(frame.bytes);
                         }
@@ -406,7 +414,14 @@ async fn client_to_server(
                 }
                 // Describe, Flush and the COPY sub-protocol carry no
                 // statement of their own.
-                b'D' | b'H' | b'd' | b'c' | b'f' => forward.unsplit(frame.bytes),
+                b'D' => {
+                    // Which result shape the next RowDescription belongs to:
+                    // only a Describe of the portal about to be executed
+                    // may plan that Execute's masking.
+                    last_describe = wire::close_message(&frame).ok();
+                    forward.unsplit(frame.bytes);
+                }
+                b'H' | b'd' | b'c' | b'f' => forward.unsplit(frame.bytes),
                 // Anything else is not a frontend message of protocol 3.0
                 // after startup: the stream cannot be trusted to be in step.
                 other => {
@@ -675,10 +690,15 @@ fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, String>) ->
         return false;
     }
     match operations {
-        Ok(ops) => ops
-            .iter()
-            .flat_map(|op| &op.reads)
-            .any(|t| masks.covers_table(t)),
+        // A FETCH's rows come from a cursor declared earlier: assume they
+        // may carry masked columns, computed ones included.
+        Ok(ops) => {
+            ops.iter().any(|op| op.opaque_result)
+                || ops
+                    .iter()
+                    .flat_map(|op| &op.reads)
+                    .any(|t| masks.covers_table(t))
+        }
         // Not understood: assume the worst.
         Err(_) => true,
     }
@@ -802,8 +822,16 @@ fn track_answer(
         return Ok((finished, masked_row));
     };
     match frame.tag {
+        // A RowDescription plans the masking of the rows that follow only
+        // when it describes them: a simple query's own result, or the
+        // Describe of the very portal this Execute runs. Any other (a
+        // Describe of another statement) is not trusted; rows without a
+        // trusted plan are masked whole.
         b'T' if !masks.is_empty() => {
-            head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
+            if head.kind == Kind::Query || (head.kind == Kind::Execute && head.described) {
+                head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
+                head.described = false;
+            }
         }
         b'D' => {
             head.rows += 1;

@@ -34,6 +34,26 @@ pub enum UpstreamError {
     Wire(#[from] WireError),
 }
 
+/// Startup parameters passed from the agent to the target. Drivers need
+/// these; none changes how a statement's text is parsed. `client_encoding`
+/// is always UTF8: tollgate reads statements as UTF-8, and client-only
+/// encodings (SJIS, BIG5, GBK) can hide a quote inside a multi-byte
+/// character.
+pub const PASSED_STARTUP_PARAMETERS: &[&str] = &[
+    "database",
+    "application_name",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "extra_float_digits",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+];
+
 /// An authenticated upstream connection and what the server said after
 /// AuthenticationOk (ParameterStatus, BackendKeyData, ReadyForQuery), which
 /// the client must see as if it came from the server.
@@ -97,12 +117,16 @@ async fn establish(
         .password()
         .map_err(|err| UpstreamError::Credential(err.to_string()))?;
 
-    // Everything the agent asked for passes through (drivers depend on
-    // parameters such as extra_float_digits), except who it claims to be.
-    let mut params: Vec<(&str, &str)> = vec![("user", user)];
+    // The session parameters drivers depend on pass through; the ones that
+    // change how the server reads SQL text (standard_conforming_strings,
+    // search_path, an `options` string setting anything) do not, or the
+    // server could run a different statement than the one policy decided.
+    let mut params: Vec<(&str, &str)> = vec![("user", user), ("client_encoding", "UTF8")];
     for (key, value) in client_params {
-        if key != "user" {
+        if PASSED_STARTUP_PARAMETERS.contains(&key.as_str()) {
             params.push((key, value));
+        } else if key != "user" && key != "client_encoding" {
+            tracing::info!(parameter = %key, "startup parameter not passed to the target");
         }
     }
     let mut out = BytesMut::new();

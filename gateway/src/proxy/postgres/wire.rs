@@ -20,6 +20,13 @@ const MAX_STARTUP_PACKET: usize = 10_000;
 /// Upper bound for one message, as PostgreSQL's own limit for large
 /// messages: a length field above it is a malformed stream, not a message.
 pub const MAX_MESSAGE: usize = 1 << 30;
+/// The password message carries a token: PostgreSQL itself caps
+/// authentication messages far lower; this bounds what an unauthenticated
+/// peer can make tollgate hold.
+pub const MAX_PASSWORD_MESSAGE: usize = 64 * 1024;
+/// Largest message accepted from an authenticated agent (a statement, a
+/// COPY chunk); larger ones end the session as malformed.
+pub const MAX_CLIENT_MESSAGE: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -98,20 +105,26 @@ impl Frame {
 
 /// Cuts the next complete frame off the front of `buf`, if there is one.
 pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    split_frame_limited(buf, MAX_MESSAGE)
+}
+
+/// [`split_frame`] refusing messages longer than `max` bytes. Nothing is
+/// reserved ahead of the bytes actually received, so a length field alone
+/// cannot make tollgate allocate.
+pub fn split_frame_limited(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError> {
     if buf.len() < 5 {
         return Ok(None);
     }
     let tag = buf[0];
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    if len < 4 || len as usize > MAX_MESSAGE {
+    if len < 4 || len as usize > max {
         return Err(WireError::Malformed(format!(
-            "message {:?} with length {len}",
+            "message {:?} with length {len} (at most {max} accepted)",
             tag as char
         )));
     }
     let total = 1 + len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
         return Ok(None);
     }
     Ok(Some(Frame {
@@ -120,19 +133,28 @@ pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
     }))
 }
 
-/// Reads until one complete frame is available.
-pub async fn read_frame<R: AsyncRead + Unpin>(
+/// Reads until one complete frame of at most `max` bytes is available.
+pub async fn read_frame_limited<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
+    max: usize,
 ) -> Result<Frame, WireError> {
     loop {
-        if let Some(frame) = split_frame(buf)? {
+        if let Some(frame) = split_frame_limited(buf, max)? {
             return Ok(frame);
         }
         if reader.read_buf(buf).await? == 0 {
             return Err(WireError::Closed);
         }
     }
+}
+
+/// Reads until one complete frame is available.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Frame, WireError> {
+    read_frame_limited(reader, buf, MAX_MESSAGE).await
 }
 
 /// A NUL-terminated string from the front of `buf`.
