@@ -525,6 +525,23 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         text(&out.stdout)
     );
 
+    // The server's error would quote the value: its text is withheld.
+    let out = stack
+        .agent_psql(&agent, "SELECT email::int FROM customers WHERE id = 1")
+        .output()
+        .expect("psql");
+    assert!(!out.status.success());
+    assert!(
+        !text(&out.stderr).contains("@example.com"),
+        "error leaked the value: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("withheld"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // COPY would stream the column raw: refused for a masked caller.
     let out = stack
         .agent_psql(&agent, "COPY customers TO STDOUT")

@@ -870,6 +870,15 @@ fn track_answer(
         }
         b'E' => {
             let error = wire::error_fields(frame);
+            if !masks.is_empty() && head.reads_masked {
+                masked_row = Some(wire::redacted(
+                    frame,
+                    &format!(
+                        "tollgate: the server's message is withheld because the statement reads masked columns (SQLSTATE {})",
+                        error.0
+                    ),
+                ));
+            }
             match head.kind {
                 Kind::Query => head.error = Some(error),
                 Kind::Execute => {
@@ -903,6 +912,12 @@ fn track_answer(
                     }
                 }
             }
+        }
+        b'N' if !masks.is_empty() && head.reads_masked => {
+            masked_row = Some(wire::redacted(
+                frame,
+                "tollgate: the server's notice is withheld because the statement reads masked columns",
+            ));
         }
         _ => {}
     }

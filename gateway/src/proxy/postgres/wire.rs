@@ -407,6 +407,37 @@ pub fn authentication_ok(out: &mut BytesMut) {
     put_frame(out, b'R', |b| b.put_i32(0));
 }
 
+/// An ErrorResponse or NoticeResponse with only its severity and SQLSTATE
+/// kept and `message` in place of the server's: messages, details and
+/// context can quote the values a statement touched.
+pub fn redacted(frame: &Frame, message: &str) -> BytesMut {
+    let mut kept: Vec<(u8, String)> = Vec::new();
+    let mut body = frame.body();
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            break;
+        }
+        body = rest;
+        let Ok(value) = take_cstr(&mut body) else {
+            break;
+        };
+        if matches!(field, b'S' | b'V' | b'C') {
+            kept.push((field, value));
+        }
+    }
+    let mut out = BytesMut::new();
+    put_frame(&mut out, frame.tag, |b| {
+        for (field, value) in &kept {
+            b.put_u8(*field);
+            put_cstr(b, value);
+        }
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        b.put_u8(0);
+    });
+    out
+}
+
 /// ErrorResponse with severity, SQLSTATE and message.
 pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, message: &str) {
     put_frame(out, b'E', |b| {
@@ -471,6 +502,28 @@ mod tests {
             error_fields(&frame),
             ("28000".into(), "token refused: expired".into())
         );
+    }
+
+    #[test]
+    fn redaction_keeps_severity_and_code_only() {
+        let mut out = BytesMut::new();
+        put_frame(&mut out, b'E', |b| {
+            for (f, v) in [
+                (b'S', "ERROR"),
+                (b'C', "22P02"),
+                (b'M', "invalid input: \"ada@example.com\""),
+                (b'D', "ada"),
+            ] {
+                b.put_u8(f);
+                put_cstr(b, v);
+            }
+            b.put_u8(0);
+        });
+        let frame = split_frame(&mut out).unwrap().unwrap();
+        let mut redacted = redacted(&frame, "withheld");
+        let again = split_frame(&mut redacted).unwrap().unwrap();
+        assert_eq!(error_fields(&again), ("22P02".into(), "withheld".into()));
+        assert!(!again.bytes.windows(3).any(|w| w == b"ada"));
     }
 
     #[test]
