@@ -679,3 +679,49 @@ fn a_function_call_message_is_refused_and_the_session_goes_on() {
     );
     assert_eq!(rows[0]["actor_user_uid"], AGENT_OID);
 }
+
+#[test]
+fn a_statement_runs_as_the_server_prepared_it_not_as_last_sent() {
+    let Some((stack, token)) = start("a_statement_runs_as_the_server_prepared_it_not_as_last_sent")
+    else {
+        return;
+    };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_reparse.py");
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .arg(script)
+        .args([
+            "127.0.0.1",
+            &stack.postgres.port.to_string(),
+            &token,
+            "DROP TABLE customers",
+            "SELECT 1",
+        ])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answers: Vec<Value> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    // The server refused the second Parse (the name was taken) and kept the
+    // DROP; tollgate decides the Execute on what the server will run.
+    assert!(
+        answers.iter().any(|a| a["sqlstate"] == "42P05"),
+        "{answers:?}"
+    );
+    assert!(
+        answers.iter().any(|a| a["sqlstate"] == "42501"
+            && a["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("kind:ddl")),
+        "{answers:?}"
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("the table is still there"),
+        "3"
+    );
+}

@@ -64,6 +64,9 @@ enum Kind {
     /// A refused Execute: tollgate answers it itself once everything
     /// before it has been answered.
     Refused,
+    /// A Parse: the statement exists once ParseComplete confirms it; an
+    /// error (or an earlier error in the pipeline) means it never did.
+    Parse,
 }
 
 struct Pending {
@@ -83,6 +86,8 @@ struct Pending {
     result_mask: Option<ResultMask>,
     /// Columns masked in this request's results, for the audit.
     masked_columns: BTreeSet<String>,
+    /// For a Parse: the statement's name and what it is.
+    parse: Option<(String, Arc<Prepared>)>,
     /// For an Execute: the client described this very portal just before,
     /// so the next RowDescription is this Execute's.
     described: bool,
@@ -154,6 +159,7 @@ impl Pending {
             result_mask: None,
             masked_columns: BTreeSet::new(),
             described: false,
+            parse: None,
             durable: None,
             recording: None,
         }
@@ -163,8 +169,27 @@ impl Pending {
 #[derive(Default)]
 struct InFlight {
     queue: VecDeque<Pending>,
+    /// Prepared statements the server has confirmed (ParseComplete).
+    statements: HashMap<String, Arc<Prepared>>,
     /// Transaction status of the last ReadyForQuery ('I', 'T', 'E').
     transaction_status: u8,
+}
+
+impl InFlight {
+    /// What a Bind of `name` binds: the latest Parse of that name still in
+    /// flight (a pipelined P/B/E; if the server refuses that Parse it skips
+    /// the Bind too), else the confirmed statement, else nothing known.
+    fn statement(&self, name: &str) -> Arc<Prepared> {
+        self.queue
+            .iter()
+            .rev()
+            .find_map(|p| match &p.parse {
+                Some((parsed, prepared)) if parsed == name => Some(prepared.clone()),
+                _ => None,
+            })
+            .or_else(|| self.statements.get(name).cloned())
+            .unwrap_or_else(|| Arc::new(Prepared::unknown()))
+    }
 }
 
 type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<BoxedIo>>>;
@@ -280,10 +305,10 @@ async fn client_to_server(
     in_flight: Arc<Mutex<InFlight>>,
     drained: Arc<Notify>,
 ) -> Result<(), WireError> {
-    // Prepared statements are classified once, at Parse.
-    let mut statements: HashMap<String, Prepared> = HashMap::new();
+    // Prepared statements are classified once, at Parse, and known to
+    // exist only once the server confirms them (InFlight::statements).
     // Portal -> (statement name, rendered parameters).
-    let mut portals: HashMap<String, (String, String)> = HashMap::new();
+    let mut portals: HashMap<String, (Arc<Prepared>, String)> = HashMap::new();
     // After a refused Execute, the rest of the pipeline up to Sync is
     // dropped, as PostgreSQL itself does after an error.
     let mut skipping_to_sync = false;
@@ -337,40 +362,35 @@ async fn client_to_server(
                 b'P' => {
                     let (name, text, parameter_types) = wire::parse_message(&frame)?;
                     let operations = Arc::new(classify(&text));
-                    statements.insert(
-                        name,
-                        Prepared {
-                            text,
-                            operations,
-                            parameter_types,
-                        },
-                    );
+                    let prepared = Arc::new(Prepared {
+                        text,
+                        operations,
+                        parameter_types,
+                    });
+                    let mut parse = Pending::new(Kind::Parse, None);
+                    parse.parse = Some((name, prepared));
+                    lock(&in_flight).queue.push_back(parse);
                     forward.unsplit(frame.bytes);
                 }
                 b'B' => {
                     let (portal, statement) = wire::bind_message(&frame)?;
-                    let types = statements
-                        .get(&statement)
-                        .map(|p| p.parameter_types.as_slice())
-                        .unwrap_or_default();
+                    // The portal runs the statement as it is now: a later
+                    // Parse of the same name does not change it.
+                    let prepared = lock(&in_flight).statement(&statement);
                     let parameters = wire::bind_parameters_rendered(
                         &frame,
-                        types,
+                        &prepared.parameter_types,
                         MAX_PARAMETER_BYTES,
                         MAX_PARAMETERS_BYTES,
                     )?;
-                    portals.insert(portal, (statement, parameters));
+                    portals.insert(portal, (prepared, parameters));
                     forward.unsplit(frame.bytes);
                 }
                 b'E' => {
                     let portal = wire::execute_portal(&frame)?;
-                    let unknown = Prepared::unknown();
                     let (prepared, parameters) = match portals.get(&portal) {
-                        Some((statement, parameters)) => (
-                            statements.get(statement).unwrap_or(&unknown),
-                            parameters.clone(),
-                        ),
-                        None => (&unknown, String::new()),
+                        Some((prepared, parameters)) => (prepared.clone(), parameters.clone()),
+                        None => (Arc::new(Prepared::unknown()), String::new()),
                     };
                     match admit(&session, &prepared.text, &prepared.operations, parameters).await {
                         Ok(admitted) => {
@@ -401,7 +421,7 @@ async fn client_to_server(
                 b'C' => {
                     let (kind, name) = wire::close_message(&frame)?;
                     match kind {
-                        b'S' => drop(statements.remove(&name)),
+                        b'S' => drop(lock(&in_flight).statements.remove(&name)),
                         _ => drop(portals.remove(&name)),
                     }
                     forward.unsplit(frame.bytes);
@@ -808,6 +828,7 @@ fn track_answer(
     let InFlight {
         queue,
         transaction_status,
+        statements,
     } = &mut *guard;
     while queue.front().is_some_and(|p| p.kind == Kind::Refused) {
         if let Some(refused) = queue.pop_front() {
@@ -868,6 +889,11 @@ fn track_answer(
                 }
             }
         }
+        b'1' if head.kind == Kind::Parse => {
+            if let Some((name, prepared)) = queue.pop_front().and_then(|p| p.parse) {
+                statements.insert(name, prepared);
+            }
+        }
         b'E' => {
             let error = wire::error_fields(frame);
             if !masks.is_empty() && head.reads_masked {
@@ -881,21 +907,31 @@ fn track_answer(
             }
             match head.kind {
                 Kind::Query => head.error = Some(error),
-                Kind::Execute => {
+                Kind::Execute | Kind::Parse => {
+                    // A failed Parse never made its statement; a failed
+                    // Execute is this error's request.
                     if let Some(done) = queue.pop_front() {
-                        finished.push((done, Some(error)));
+                        if done.kind == Kind::Execute {
+                            finished.push((done, Some(error)));
+                        }
                     }
-                    // The server skips the rest of the pipeline until Sync.
-                    while queue.front().is_some_and(|p| p.kind == Kind::Execute) {
+                    // The server skips the rest of the pipeline until Sync:
+                    // those Parses never happen, those Executes never run.
+                    while queue
+                        .front()
+                        .is_some_and(|p| matches!(p.kind, Kind::Execute | Kind::Parse))
+                    {
                         if let Some(skipped) = queue.pop_front() {
-                            finished.push((
-                                skipped,
-                                Some((
-                                    "25P02".into(),
-                                    "not executed: an earlier message in the pipeline failed"
-                                        .into(),
-                                )),
-                            ));
+                            if skipped.kind == Kind::Execute {
+                                finished.push((
+                                    skipped,
+                                    Some((
+                                        "25P02".into(),
+                                        "not executed: an earlier message in the pipeline failed"
+                                            .into(),
+                                    )),
+                                ));
+                            }
                         }
                     }
                 }
