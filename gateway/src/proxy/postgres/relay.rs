@@ -848,11 +848,11 @@ fn track_answer(
         // Describe of the very portal this Execute runs. Any other (a
         // Describe of another statement) is not trusted; rows without a
         // trusted plan are masked whole.
-        b'T' if !masks.is_empty() => {
-            if head.kind == Kind::Query || (head.kind == Kind::Execute && head.described) {
-                head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
-                head.described = false;
-            }
+        b'T' if !masks.is_empty()
+            && (head.kind == Kind::Query || (head.kind == Kind::Execute && head.described)) =>
+        {
+            head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
+            head.described = false;
         }
         b'D' => {
             head.rows += 1;
