@@ -12,38 +12,13 @@ import socket
 import struct
 import sys
 
-
-def read_message(sock):
-    header = b""
-    while len(header) < 5:
-        chunk = sock.recv(5 - len(header))
-        if not chunk:
-            raise EOFError("server closed the connection")
-        header += chunk
-    tag, length = header[:1], struct.unpack("!i", header[1:])[0]
-    body = b""
-    while len(body) < length - 4:
-        chunk = sock.recv(length - 4 - len(body))
-        if not chunk:
-            raise EOFError("server closed the connection")
-        body += chunk
-    return tag, body
-
-
-def error_fields(body):
-    fields = {}
-    for part in body.split(b"\0"):
-        if part:
-            fields[chr(part[0])] = part[1:].decode()
-    return fields
+from pg_raw import cstr, error_fields, msg, read_message, startup
 
 
 def main():
     host, port, user, database, password = sys.argv[1:6]
     sock = socket.create_connection((host, int(port)), timeout=10)
-    params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
-    startup = struct.pack("!ii", 8 + len(params), 196608) + params
-    sock.sendall(startup)
+    startup(sock, user, database)
     while True:
         tag, body = read_message(sock)
         if tag == b"R":
@@ -52,8 +27,7 @@ def main():
                 print(json.dumps({"outcome": "ok"}))
                 return
             if code == 3:
-                payload = password.encode() + b"\0"
-                sock.sendall(b"p" + struct.pack("!i", 4 + len(payload)) + payload)
+                sock.sendall(msg(b"p", cstr(password)))
                 continue
             print(json.dumps({"outcome": "unsupported-auth", "code": code}))
             return

@@ -10,30 +10,7 @@ import socket
 import struct
 import sys
 
-
-def msg(tag, body):
-    return tag + struct.pack("!i", 4 + len(body)) + body
-
-
-def cstr(text):
-    return text.encode() + b"\0"
-
-
-def read_message(sock):
-    header = b""
-    while len(header) < 5:
-        chunk = sock.recv(5 - len(header))
-        if not chunk:
-            raise EOFError("connection closed")
-        header += chunk
-    tag, length = header[:1], struct.unpack("!i", header[1:])[0]
-    body = b""
-    while len(body) < length - 4:
-        chunk = sock.recv(length - 4 - len(body))
-        if not chunk:
-            raise EOFError("connection closed")
-        body += chunk
-    return tag, body
+from pg_raw import cstr, error_fields, msg, read_message, startup
 
 
 def until_ready(sock, out):
@@ -41,7 +18,7 @@ def until_ready(sock, out):
         tag, body = read_message(sock)
         entry = {"tag": tag.decode()}
         if tag == b"E":
-            fields = {chr(p[0]): p[1:].decode() for p in body.split(b"\0") if p}
+            fields = error_fields(body)
             entry["sqlstate"], entry["message"] = fields.get("C"), fields.get("M")
         out.append(entry)
         if tag == b"Z":
@@ -51,8 +28,7 @@ def until_ready(sock, out):
 def main():
     host, port, token, first, second = sys.argv[1:6]
     sock = socket.create_connection((host, int(port)), timeout=15)
-    params = b"user\0agent\0database\0orders\0\0"
-    sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+    startup(sock)
     read_message(sock)
     sock.sendall(msg(b"p", cstr(token)))
     answers = []
