@@ -78,6 +78,18 @@ pub fn run(binary: &Path) -> Result<()> {
     if !show.success() {
         bail!("duckdb failed");
     }
-    step("demo done: stopping tollgate, the IdP and PostgreSQL");
+    step("stopping tollgate, then verifying offline what an auditor receives: the audit chain, the signed checkpoints, and the kernel's evidence that nothing went around the gateway");
+    let mut stack = stack;
+    stack.gateway.stop();
+    let verify = Command::new(binary)
+        .arg("verify")
+        .arg(stack.gateway.audit_dir())
+        .arg("--public-key")
+        .arg(stack.gateway.public_key())
+        .status()?;
+    if !verify.success() {
+        bail!("tollgate verify found a problem (see above)");
+    }
+    step("demo done: stopping the IdP and PostgreSQL");
     Ok(())
 }
