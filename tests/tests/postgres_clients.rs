@@ -542,6 +542,19 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         text(&out.stderr)
     );
 
+    // A RowDescription of another statement cannot plan a portal's
+    // masking: the rows come back masked whole rather than raw.
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_describe_other.py");
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .arg(script)
+        .args(["127.0.0.1", &stack.postgres.port.to_string(), &agent])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(answer["rows"], serde_json::json!([[null]]), "{answer}");
+
     // COPY would stream the column raw: refused for a masked caller.
     let out = stack
         .agent_psql(&agent, "COPY customers TO STDOUT")
