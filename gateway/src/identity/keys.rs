@@ -109,12 +109,10 @@ impl KeyStore {
         self.snapshot().get(kid).cloned()
     }
 
-    pub fn len(&self) -> usize {
-        self.snapshot().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether any refresh has ever succeeded (an empty set can be a
+    /// legitimate answer; "never loaded" means the source is unreachable).
+    pub fn ever_loaded(&self) -> bool {
+        self.ever_loaded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn kids(&self) -> Vec<String> {

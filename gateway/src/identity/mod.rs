@@ -472,6 +472,12 @@ pub struct Verifier {
     session_grace_secs: u64,
 }
 
+// Many sessions share one verifier across tasks.
+const _: fn() = || {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<Verifier>();
+};
+
 impl Verifier {
     /// Builds a verifier, loads the keys once and starts the scheduled
     /// refresh (which ends when the last clone of the verifier is dropped).
@@ -486,6 +492,11 @@ impl Verifier {
                  trusted; this must NEVER be used in production"
             );
         }
+        // Before any network use, so every configuration error stops start-up.
+        let graph = match &config.graph {
+            Some(g) => Some(GraphClient::new(g, config.development_idp)?),
+            None => None,
+        };
         let keys = KeyStore::new(
             source.clone(),
             config.development_idp,
@@ -501,10 +512,6 @@ impl Verifier {
                 "identity keys not loaded yet; tokens are refused until a refresh succeeds"
             ),
         }
-        let graph = match &config.graph {
-            Some(g) => Some(GraphClient::new(g, config.development_idp)?),
-            None => None,
-        };
         let inner = Arc::new(Inner {
             settings,
             keys,
@@ -574,7 +581,9 @@ impl Verifier {
             Some(e) => e,
             None => match self.inner.keys.refresh_for_unknown_kid(kid).await {
                 Some(e) => e,
-                None if self.inner.keys.is_empty() => return Err(IdentityError::KeysUnavailable),
+                None if !self.inner.keys.ever_loaded() => {
+                    return Err(IdentityError::KeysUnavailable)
+                }
                 None => return Err(IdentityError::UnknownKid(clip(kid))),
             },
         };
