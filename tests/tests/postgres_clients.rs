@@ -607,7 +607,7 @@ fn settings_that_change_how_sql_is_read_never_reach_the_server() {
     // SELECT followed by a DELETE, while a standard parser sees one SELECT.
     // tollgate does not pass the agent's `options` to the server.
     let out = stack
-        .agent_psql(&token, r"SELECT 'a' , '; DELETE FROM customers; --'")
+        .agent_psql(&token, r"SELECT 'a\' , '; DELETE FROM customers; --'")
         .env("PGOPTIONS", "-c standard_conforming_strings=off")
         .output()
         .expect("psql");
