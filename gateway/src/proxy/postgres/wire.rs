@@ -361,10 +361,10 @@ pub fn command_complete_rows(frame: &Frame) -> Option<i64> {
     tag.rsplit(' ').next()?.parse().ok()
 }
 
-/// ErrorResponse ('E' from the server): SQLSTATE and message.
-pub fn error_fields(frame: &Frame) -> (String, String) {
-    let mut code = String::new();
-    let mut message = String::new();
+/// The fields of an ErrorResponse or NoticeResponse, as (code, value),
+/// stopping at the terminator or at the first malformed field.
+fn response_fields(frame: &Frame) -> Vec<(u8, String)> {
+    let mut fields = Vec::new();
     let mut body = frame.body();
     while let Some((&field, rest)) = body.split_first() {
         if field == 0 {
@@ -374,6 +374,16 @@ pub fn error_fields(frame: &Frame) -> (String, String) {
         let Ok(value) = take_cstr(&mut body) else {
             break;
         };
+        fields.push((field, value));
+    }
+    fields
+}
+
+/// ErrorResponse ('E' from the server): SQLSTATE and message.
+pub fn error_fields(frame: &Frame) -> (String, String) {
+    let mut code = String::new();
+    let mut message = String::new();
+    for (field, value) in response_fields(frame) {
         match field {
             b'C' => code = value,
             b'M' => message = value,
@@ -411,20 +421,10 @@ pub fn authentication_ok(out: &mut BytesMut) {
 /// kept and `message` in place of the server's: messages, details and
 /// context can quote the values a statement touched.
 pub fn redacted(frame: &Frame, message: &str) -> BytesMut {
-    let mut kept: Vec<(u8, String)> = Vec::new();
-    let mut body = frame.body();
-    while let Some((&field, rest)) = body.split_first() {
-        if field == 0 {
-            break;
-        }
-        body = rest;
-        let Ok(value) = take_cstr(&mut body) else {
-            break;
-        };
-        if matches!(field, b'S' | b'V' | b'C') {
-            kept.push((field, value));
-        }
-    }
+    let kept: Vec<(u8, String)> = response_fields(frame)
+        .into_iter()
+        .filter(|(field, _)| matches!(field, b'S' | b'V' | b'C'))
+        .collect();
     let mut out = BytesMut::new();
     put_frame(&mut out, frame.tag, |b| {
         for (field, value) in &kept {
