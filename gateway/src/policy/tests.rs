@@ -241,3 +241,24 @@ write_tables = ["public.scratch"]
         Some("readers:kind:write")
     );
 }
+
+#[test]
+fn a_masked_caller_cannot_run_what_the_parser_cannot_read() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "raw"
+roles = ["*"]
+allow_unparsed = true
+
+[[mask]]
+name = "email"
+columns = ["public.customers.email"]
+"#,
+    );
+    assert_eq!(
+        denied_by(&decide(&policy, &[], "COPY weird syntax TO STDOUT (")),
+        Some("mask:unparsed")
+    );
+    assert_eq!(denied_by(&decide(&policy, &[], "SELECT 1")), None);
+}

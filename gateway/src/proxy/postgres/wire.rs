@@ -484,6 +484,26 @@ mod tests {
     }
 
     #[test]
+    fn a_length_over_the_cap_is_refused_from_its_header_alone() {
+        // A password message announcing 1 GiB: refused before any body
+        // arrives, and nothing reserved for it.
+        let mut buf = BytesMut::from(&b"p\x40\x00\x00\x00"[..]);
+        assert!(matches!(
+            split_frame_limited(&mut buf, MAX_PASSWORD_MESSAGE),
+            Err(WireError::Malformed(_))
+        ));
+        let mut buf = BytesMut::from(&b"Q\x00\x01\x00\x00"[..]);
+        assert!(split_frame_limited(&mut buf, MAX_CLIENT_MESSAGE)
+            .unwrap()
+            .is_none());
+        assert!(
+            buf.capacity() < 1024,
+            "reserved {} bytes for an announced message",
+            buf.capacity()
+        );
+    }
+
+    #[test]
     fn a_negative_length_is_malformed() {
         let mut buf = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
         assert!(matches!(
