@@ -738,3 +738,113 @@ fn a_statement_runs_as_the_server_prepared_it_not_as_last_sent() {
         "3"
     );
 }
+
+/// Runs one scenario of `pg_unsynced.py` from the agent cgroup.
+fn unsynced(stack: &Stack, token: &str, scenario: &str, refused: &str, allowed: &str) -> Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_unsynced.py");
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .arg(script)
+        .args([
+            "127.0.0.1",
+            &stack.postgres.port.to_string(),
+            token,
+            scenario,
+            refused,
+            allowed,
+        ])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn tags(answers: &Value) -> Vec<String> {
+    answers
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| m["tag"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn refusals_are_answered_in_place_even_when_the_client_has_not_synced() {
+    let Some((stack, token)) =
+        start("refusals_are_answered_in_place_even_when_the_client_has_not_synced")
+    else {
+        return;
+    };
+
+    // A refused Execute followed by Flush: the error is owed on the Flush,
+    // after the Parse and Bind it follows.
+    let flush = unsynced(&stack, &token, "flush", "DROP TABLE customers", "");
+    assert!(flush.get("timeout").is_none(), "hung: {flush}");
+    assert_eq!(tags(&flush["on_flush"]), ["1", "2", "E"], "{flush}");
+    assert_eq!(flush["on_flush"][2]["sqlstate"], "42501", "{flush}");
+    assert_eq!(tags(&flush["on_sync"]), ["Z"], "{flush}");
+    assert_eq!(tags(&flush["after"]), ["T", "D", "C", "Z"], "{flush}");
+
+    // A refused simple Query behind an Execute that was never synced: the
+    // Execute's rows come first, then the refusal, then ReadyForQuery.
+    let pending = unsynced(
+        &stack,
+        &token,
+        "unsynced",
+        "DROP TABLE customers",
+        "SELECT id FROM customers ORDER BY id",
+    );
+    assert!(pending.get("timeout").is_none(), "hung: {pending}");
+    assert_eq!(
+        tags(&pending["answers"]),
+        ["1", "2", "D", "D", "D", "C", "E", "Z"],
+        "{pending}"
+    );
+    assert_eq!(pending["answers"][6]["sqlstate"], "42501", "{pending}");
+    assert_eq!(tags(&pending["after"]), ["T", "D", "C", "Z"], "{pending}");
+
+    // A Query in the middle of COPY FROM STDIN is a protocol error: the
+    // session ends with a clear FATAL instead of drifting out of step.
+    let copy = unsynced(&stack, &token, "copy", "SELECT 1", "customers");
+    assert!(copy.get("timeout").is_none(), "hung: {copy}");
+    assert_eq!(tags(&copy["copy"]), ["G"], "{copy}");
+    let fatal = copy["answers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["tag"] == "E"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(fatal["sqlstate"], "08P01", "{copy}");
+    assert_eq!(fatal["severity"], "FATAL", "{copy}");
+    assert_eq!(
+        tags(&copy["answers"]).last().map(String::as_str),
+        Some("closed"),
+        "{copy}"
+    );
+
+    // In a transaction block a refusal fails the transaction, as an error
+    // from the server would: the agent cannot commit half of what it meant.
+    let txn = unsynced(&stack, &token, "transaction", "DROP TABLE customers", "");
+    assert_eq!(txn["begin"][1]["status"], "T", "{txn}");
+    assert_eq!(tags(&txn["refused"]), ["E", "Z"], "{txn}");
+    assert_eq!(txn["refused"][0]["sqlstate"], "42501", "{txn}");
+    assert_eq!(txn["refused"][1]["status"], "E", "{txn}");
+    assert_eq!(txn["rollback"][1]["status"], "I", "{txn}");
+
+    // Each refusal is on record, and the table is still there.
+    let refusals = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND query_info_query_string = 'DROP TABLE customers'",
+            3,
+            AUDIT_WAIT,
+        )
+        .expect("refusal rows");
+    assert_eq!(refusals.len(), 3);
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("the table is still there"),
+        "3"
+    );
+}

@@ -21,22 +21,39 @@ use tollgate_tests::{free_port, port_open, wait_for, AgentCgroup, Stack};
 
 use crate::step;
 
-const SECONDS: u32 = 10;
-const CLIENTS: [u32; 3] = [1, 8, 32];
+pub const SECONDS: u32 = 10;
 const SCALE: &str = "10";
+
+pub struct Options {
+    pub seconds: u32,
+    pub clients: Vec<u32>,
+    /// "select-only" and/or "tpcb".
+    pub workloads: Vec<String>,
+    /// tollgate's `[audit] durability`.
+    pub durability: String,
+    pub audit_dir: Option<std::path::PathBuf>,
+}
 
 struct Sample {
     tps: f64,
     latency_ms: f64,
 }
 
-pub fn run(binary: &Path, seconds: Option<u32>) -> Result<()> {
-    let seconds = seconds.unwrap_or(SECONDS);
+pub fn run(binary: &Path, options: &Options) -> Result<()> {
+    let seconds = options.seconds;
     std::env::set_var("TOLLGATE_BIN", binary);
-    step("starting PostgreSQL (fsync on, as in production), the development IdP and tollgate (release build)");
+    step(&format!(
+        "starting PostgreSQL (fsync on, as in production), the development IdP and tollgate (release build, durability {})",
+        options.durability
+    ));
     let postgres = tollgate_tests::Postgres::start_with(&[("fsync", "on")])?;
-    let stack = Stack::start_with(postgres, |_| {})?;
-    let floor = fsync_floor_us(stack.gateway.dir.path())?;
+    let stack = Stack::start_with(postgres, |cfg| {
+        cfg.audit_extra = format!("durability = \"{}\"", options.durability);
+        if let Some(dir) = &options.audit_dir {
+            cfg.audit_dir = dir.join(format!("bench-{}", std::process::id()));
+        }
+    })?;
+    let floor = fsync_floor_us(stack.gateway.audit_dir())?;
     let port = stack.postgres.port.to_string();
     // pgbench's 32 clients plus the gateway's own connections.
     stack
@@ -71,8 +88,14 @@ pub fn run(binary: &Path, seconds: Option<u32>) -> Result<()> {
         .token("bench-agent-oid", &["--expires-in", "7200"])?;
 
     let mut rows = Vec::new();
-    for (workload, flag) in [("select-only", Some("-S")), ("TPC-B-like", None)] {
-        for clients in CLIENTS {
+    let workloads = [("select-only", Some("-S")), ("TPC-B-like", None)]
+        .into_iter()
+        .filter(|(name, _)| {
+            let key = if *name == "TPC-B-like" { "tpcb" } else { name };
+            options.workloads.iter().any(|w| w == key)
+        });
+    for (workload, flag) in workloads {
+        for &clients in &options.clients {
             step(&format!(
                 "{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate"
             ));

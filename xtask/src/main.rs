@@ -45,6 +45,19 @@ enum Task {
         /// Seconds per pgbench run.
         #[arg(long)]
         seconds: Option<u32>,
+        /// Client counts to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
+        clients: Vec<u32>,
+        /// Workloads to run: select-only, tpcb (comma separated).
+        #[arg(long, value_delimiter = ',', default_values = ["select-only", "tpcb"])]
+        workloads: Vec<String>,
+        /// tollgate's `[audit] durability` for the run.
+        #[arg(long, default_value = "read_parallel")]
+        durability: String,
+        /// Put tollgate's audit directory here (e.g. on its own device)
+        /// instead of the scratch directory of the run.
+        #[arg(long)]
+        audit_dir: Option<PathBuf>,
     },
 }
 
@@ -63,7 +76,13 @@ fn main() -> Result<()> {
             let binary = build_gateway()?;
             bench_pinning::run(&binary)
         }
-        Task::Bench { seconds } => {
+        Task::Bench {
+            seconds,
+            clients,
+            workloads,
+            durability,
+            audit_dir,
+        } => {
             setup::run()?;
             step("building tollgate (release)");
             run_checked(cargo().args([
@@ -74,7 +93,16 @@ fn main() -> Result<()> {
                 "--bin",
                 "tollgate",
             ]))?;
-            bench::run(&target_dir().join("release/tollgate"), seconds)
+            bench::run(
+                &target_dir().join("release/tollgate"),
+                &bench::Options {
+                    seconds: seconds.unwrap_or(bench::SECONDS),
+                    clients,
+                    workloads,
+                    durability,
+                    audit_dir,
+                },
+            )
         }
     }
 }

@@ -14,10 +14,7 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
-    sync::Notify,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tracing::{debug, warn};
 
 use super::{
@@ -61,9 +58,15 @@ enum Kind {
     Execute,
     /// A Sync: answered by ReadyForQuery.
     Sync,
-    /// A refused Execute: tollgate answers it itself once everything
-    /// before it has been answered.
-    Refused,
+    /// A refused Execute, sent on as an Execute of a portal that cannot
+    /// exist (the session's refusal marker): the server answers it with an
+    /// error in its exact place in the pipeline, and skips to Sync as it
+    /// does after any error; tollgate puts its refusal in that error's
+    /// place.
+    RefusedExecute,
+    /// A refused simple Query or FunctionCall, sent on as a Query that
+    /// cannot parse (the marker): answered by an error and ReadyForQuery.
+    RefusedQuery,
     /// A Parse: the statement exists once ParseComplete confirms it; an
     /// error (or an earlier error in the pipeline) means it never did.
     Parse,
@@ -78,8 +81,8 @@ struct Pending {
     bytes: i64,
     tag_rows: Option<i64>,
     error: Option<(String, String)>,
-    /// For Refused: the message the client gets.
-    refusal: String,
+    /// For a refusal: the SQLSTATE and message the client gets.
+    refusal: Option<(String, String)>,
     /// The statement reads a table with masked columns.
     reads_masked: bool,
     /// How to mask the rows of the current result set.
@@ -154,7 +157,7 @@ impl Pending {
             bytes: 0,
             tag_rows: None,
             error: None,
-            refusal: String::new(),
+            refusal: None,
             reads_masked: false,
             result_mask: None,
             masked_columns: BTreeSet::new(),
@@ -171,8 +174,18 @@ struct InFlight {
     queue: VecDeque<Pending>,
     /// Prepared statements the server has confirmed (ParseComplete).
     statements: HashMap<String, Arc<Prepared>>,
-    /// Transaction status of the last ReadyForQuery ('I', 'T', 'E').
-    transaction_status: u8,
+    /// The server is in COPY FROM STDIN: only copy messages (and the Flush
+    /// and Sync it ignores) may follow until CopyDone or CopyFail.
+    copy_in: bool,
+    /// The session's refusal marker: the name of the portal a refused
+    /// Execute is replaced by, and the text a refused Query is replaced by.
+    /// Random, so no statement or portal of the agent's can be it; the
+    /// server's error naming it is known to be the refusal's and no other.
+    marker: String,
+}
+
+fn refusal_marker() -> String {
+    format!("tollgate_refused_{}", uuid::Uuid::new_v4().simple())
 }
 
 impl InFlight {
@@ -204,10 +217,9 @@ pub async fn run(
 ) -> Result<(), WireError> {
     let session = Arc::new(session);
     let in_flight = Arc::new(Mutex::new(InFlight {
-        transaction_status: b'I',
+        marker: refusal_marker(),
         ..InFlight::default()
     }));
-    let drained = Arc::new(Notify::new());
     let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
     let (upstream_rd, upstream_wr) = tokio::io::split(upstream.stream);
 
@@ -218,7 +230,6 @@ pub async fn run(
         upstream_wr,
         client_wr.clone(),
         in_flight.clone(),
-        drained.clone(),
     );
     let expiry_writer = client_wr.clone();
     let to_client = server_to_client(
@@ -227,7 +238,6 @@ pub async fn run(
         upstream.buffered,
         client_wr,
         in_flight.clone(),
-        drained,
     );
     let deadline = session.shared.verifier.session_deadline(&session.principal);
     // Whichever side ends first ends the session; so does the token's expiry.
@@ -303,8 +313,8 @@ async fn client_to_server(
     mut upstream_wr: WriteHalf<BoxedIo>,
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,
-    drained: Arc<Notify>,
 ) -> Result<(), WireError> {
+    let marker = lock(&in_flight).marker.clone();
     // Prepared statements are classified once, at Parse, and known to
     // exist only once the server confirms them (InFlight::statements).
     // Portal -> (statement name, rendered parameters).
@@ -320,6 +330,31 @@ async fn client_to_server(
             if skipping_to_sync && frame.tag != b'S' {
                 continue;
             }
+            if lock(&in_flight).copy_in {
+                match frame.tag {
+                    b'd' | b'H' => {}
+                    // The server ignores a Sync in COPY FROM STDIN: it
+                    // gets no ReadyForQuery of its own.
+                    b'S' => {}
+                    b'c' | b'f' => lock(&in_flight).copy_in = false,
+                    other => {
+                        fatal_to_client(
+                            &client_wr,
+                            &format!(
+                                "tollgate: message {:?} in the middle of COPY FROM STDIN",
+                                other as char
+                            ),
+                        )
+                        .await;
+                        return Err(WireError::Malformed(format!(
+                            "client message {:?} during COPY FROM STDIN",
+                            other as char
+                        )));
+                    }
+                }
+                forward.unsplit(frame.bytes);
+                continue;
+            }
             match frame.tag {
                 b'Q' => {
                     let text = wire::query_text(&frame)?;
@@ -331,17 +366,7 @@ async fn client_to_server(
                             lock(&in_flight).queue.push_back(pending);
                             forward.unsplit(frame.bytes);
                         }
-                        Err(refusal) => {
-                            answer_refusal(
-                                &refusal,
-                                &mut forward,
-                                &mut upstream_wr,
-                                &client_wr,
-                                &in_flight,
-                                &drained,
-                            )
-                            .await?;
-                        }
+                        Err(refusal) => refuse_in_place(&in_flight, refusal, &marker, &mut forward),
                     }
                 }
                 // FunctionCall runs a server function by OID with no SQL
@@ -349,15 +374,7 @@ async fn client_to_server(
                 // always refused.
                 b'F' => {
                     let refusal = refuse_function_call(&session, &frame).await;
-                    answer_refusal(
-                        &refusal,
-                        &mut forward,
-                        &mut upstream_wr,
-                        &client_wr,
-                        &in_flight,
-                        &drained,
-                    )
-                    .await?;
+                    refuse_in_place(&in_flight, refusal, &marker, &mut forward);
                 }
                 b'P' => {
                     let (name, text, parameter_types) = wire::parse_message(&frame)?;
@@ -403,10 +420,13 @@ async fn client_to_server(
                             forward.unsplit(frame.bytes);
                         }
                         Err(refusal) => {
-                            let mut pending = Pending::new(Kind::Refused, None);
-                            pending.error = Some((refusal.code, refusal.message.clone()));
-                            pending.refusal = refusal.message;
+                            let mut pending = Pending::new(Kind::RefusedExecute, None);
+                            pending.refusal = Some((refusal.code, refusal.message));
                             lock(&in_flight).queue.push_back(pending);
+                            wire::execute(&mut forward, &marker);
+                            // The server skips to Sync after the marker's
+                            // error; so does tollgate, which neither
+                            // decides nor audits what would be skipped.
                             skipping_to_sync = true;
                         }
                     }
@@ -445,17 +465,14 @@ async fn client_to_server(
                 // Anything else is not a frontend message of protocol 3.0
                 // after startup: the stream cannot be trusted to be in step.
                 other => {
-                    let mut out = BytesMut::new();
-                    wire::error_response(
-                        &mut out,
-                        "FATAL",
-                        super::SQLSTATE_PROTOCOL,
+                    fatal_to_client(
+                        &client_wr,
                         &format!(
                             "tollgate: unexpected message {:?} from the client",
                             other as char
                         ),
-                    );
-                    let _ = client_wr.lock().await.write_all(&out).await;
+                    )
+                    .await;
                     return Err(WireError::Malformed(format!(
                         "unexpected client message {:?}",
                         other as char
@@ -472,26 +489,28 @@ async fn client_to_server(
     }
 }
 
-/// Answers a refused request in its place in the order: everything the
-/// client sent before it goes out and is answered first, then the agent
-/// gets the error and a ReadyForQuery with the session's real status.
-async fn answer_refusal(
-    refusal: &Refusal,
-    forward: &mut BytesMut,
-    upstream_wr: &mut WriteHalf<BoxedIo>,
-    client_wr: &ClientWriter,
+/// A refused simple Query or FunctionCall goes on as the marker Query,
+/// which cannot parse: the server answers it with an error and
+/// ReadyForQuery in its exact place, after everything sent before it, and
+/// tollgate puts its refusal in place of that error. Nothing waits, so a
+/// pipeline the client has not synced cannot hang the session.
+fn refuse_in_place(
     in_flight: &Mutex<InFlight>,
-    drained: &Notify,
-) -> Result<(), WireError> {
-    upstream_wr.write_all(forward).await?;
-    forward.clear();
-    wait_until_drained(in_flight, drained).await;
-    let status = lock(in_flight).transaction_status;
+    refusal: Refusal,
+    marker: &str,
+    forward: &mut BytesMut,
+) {
+    let mut pending = Pending::new(Kind::RefusedQuery, None);
+    pending.refusal = Some((refusal.code, refusal.message));
+    lock(in_flight).queue.push_back(pending);
+    wire::query(forward, marker);
+}
+
+/// Ends the session with a FATAL protocol error the client can read.
+async fn fatal_to_client(client_wr: &ClientWriter, message: &str) {
     let mut out = BytesMut::new();
-    wire::error_response(&mut out, "ERROR", &refusal.code, &refusal.message);
-    wire::ready_for_query(&mut out, status);
-    client_wr.lock().await.write_all(&out).await?;
-    Ok(())
+    wire::error_response(&mut out, "FATAL", super::SQLSTATE_PROTOCOL, message);
+    let _ = client_wr.lock().await.write_all(&out).await;
 }
 
 /// The refusal (and its audit row) of a FunctionCall message.
@@ -525,16 +544,6 @@ async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
     Refusal {
         code: SQLSTATE_POLICY.into(),
         message,
-    }
-}
-
-async fn wait_until_drained(in_flight: &Mutex<InFlight>, drained: &Notify) {
-    loop {
-        let notified = drained.notified();
-        if lock(in_flight).queue.is_empty() {
-            return;
-        }
-        notified.await;
     }
 }
 
@@ -757,7 +766,6 @@ async fn server_to_client(
     mut buf: BytesMut,
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,
-    drained: Arc<Notify>,
 ) -> Result<(), WireError> {
     loop {
         let mut out = BytesMut::new();
@@ -788,21 +796,28 @@ async fn server_to_client(
                     }
                 }
             }
-            let (finished, masked_row) =
-                track_answer(&session.masks, &in_flight, &frame, &mut out)?;
+            let (finished, replacement) = match track_answer(&session.masks, &in_flight, &frame) {
+                Ok(tracked) => tracked,
+                Err(err) => {
+                    let _ = client_wr.lock().await.write_all(&out).await;
+                    fatal_to_client(
+                        &client_wr,
+                        "tollgate: the server's answers are out of step with the requests; the session is closed",
+                    )
+                    .await;
+                    return Err(err);
+                }
+            };
             for (pending, error) in finished {
                 finish(&session, pending, error);
             }
-            match masked_row {
+            match replacement {
                 Some(row) => out.extend_from_slice(&row),
                 None => out.unsplit(frame.bytes),
             }
         }
         if !out.is_empty() {
             client_wr.lock().await.write_all(&out).await?;
-        }
-        if lock(&in_flight).queue.is_empty() {
-            drained.notify_waiters();
         }
         if upstream_rd.read_buf(&mut buf).await? == 0 {
             return Err(WireError::Closed);
@@ -813,28 +828,23 @@ async fn server_to_client(
 type Finished = Vec<(Pending, Option<(String, String)>)>;
 
 /// Updates the queue for one server message; returns the requests it
-/// completed, and the masked form of a DataRow when masking applies.
-/// Refusals that have come to the head are answered into `out` first, in
-/// their place in the order.
+/// completed, and what the agent gets in place of the message, if not the
+/// message itself: the masked form of a DataRow, a withheld error, or
+/// tollgate's refusal in place of the marker's error.
 fn track_answer(
     masks: &MaskSet,
     in_flight: &Mutex<InFlight>,
     frame: &Frame,
-    out: &mut BytesMut,
 ) -> Result<(Finished, Option<BytesMut>), WireError> {
     let mut finished = Finished::new();
     let mut masked_row = None;
     let mut guard = lock(in_flight);
     let InFlight {
         queue,
-        transaction_status,
         statements,
+        copy_in,
+        marker,
     } = &mut *guard;
-    while queue.front().is_some_and(|p| p.kind == Kind::Refused) {
-        if let Some(refused) = queue.pop_front() {
-            wire::error_response(out, "ERROR", SQLSTATE_POLICY, &refused.refusal);
-        }
-    }
     let Some(head) = queue.front_mut() else {
         if !masks.is_empty() && frame.tag == b'D' {
             // A row no request of ours asked for: show nothing of it.
@@ -894,6 +904,38 @@ fn track_answer(
                 statements.insert(name, prepared);
             }
         }
+        b'E' if matches!(head.kind, Kind::RefusedExecute | Kind::RefusedQuery) => {
+            // Only the marker's own error may stand for the refusal: any
+            // other means the answers and the queue disagree.
+            let (_, message) = wire::error_fields(frame);
+            if !message.contains(marker.as_str()) {
+                return Err(WireError::Malformed(format!(
+                    "expected the error of a refused request, the server sent: {message}"
+                )));
+            }
+            let (code, refusal) = head
+                .refusal
+                .take()
+                .unwrap_or_else(|| (SQLSTATE_POLICY.into(), "tollgate: refused".into()));
+            let mut error = BytesMut::new();
+            wire::error_response(&mut error, "ERROR", &code, &refusal);
+            masked_row = Some(error);
+            if head.kind == Kind::RefusedExecute {
+                queue.pop_front();
+                skip_to_sync(queue, &mut finished);
+            }
+        }
+        b'G' => {
+            *copy_in = true;
+            // A Sync sent right behind an Execute that turned out to be a
+            // COPY FROM STDIN reached the server in copy mode, which
+            // ignores it: it will get no ReadyForQuery.
+            if head.kind == Kind::Execute {
+                while queue.get(1).is_some_and(|p| p.kind == Kind::Sync) {
+                    queue.remove(1);
+                }
+            }
+        }
         b'E' => {
             let error = wire::error_fields(frame);
             if !masks.is_empty() && head.reads_masked {
@@ -905,6 +947,8 @@ fn track_answer(
                     ),
                 ));
             }
+            // An error ends a COPY FROM STDIN as well.
+            *copy_in = false;
             match head.kind {
                 Kind::Query => head.error = Some(error),
                 Kind::Execute | Kind::Parse => {
@@ -915,32 +959,14 @@ fn track_answer(
                             finished.push((done, Some(error)));
                         }
                     }
-                    // The server skips the rest of the pipeline until Sync:
-                    // those Parses never happen, those Executes never run.
-                    while queue
-                        .front()
-                        .is_some_and(|p| matches!(p.kind, Kind::Execute | Kind::Parse))
-                    {
-                        if let Some(skipped) = queue.pop_front() {
-                            if skipped.kind == Kind::Execute {
-                                finished.push((
-                                    skipped,
-                                    Some((
-                                        "25P02".into(),
-                                        "not executed: an earlier message in the pipeline failed"
-                                            .into(),
-                                    )),
-                                ));
-                            }
-                        }
-                    }
+                    skip_to_sync(queue, &mut finished);
                 }
-                Kind::Sync | Kind::Refused => {}
+                Kind::Sync | Kind::RefusedExecute | Kind::RefusedQuery => {}
             }
         }
         b'Z' => {
-            *transaction_status = frame.body().first().copied().unwrap_or(b'I');
-            if matches!(head.kind, Kind::Query | Kind::Sync) {
+            *copy_in = false;
+            if matches!(head.kind, Kind::Query | Kind::Sync | Kind::RefusedQuery) {
                 if let Some(done) = queue.pop_front() {
                     let error = done.error.clone();
                     if done.kind == Kind::Query {
@@ -958,6 +984,26 @@ fn track_answer(
         _ => {}
     }
     Ok((finished, masked_row))
+}
+
+/// After an error in an extended-protocol pipeline the server skips every
+/// message up to Sync: those Parses never happen, those Executes never run,
+/// and a refusal's marker sent among them gets no answer (its refusal is
+/// on record already).
+fn skip_to_sync(queue: &mut VecDeque<Pending>, finished: &mut Finished) {
+    while queue.front().is_some_and(|p| p.kind != Kind::Sync) {
+        if let Some(skipped) = queue.pop_front() {
+            if matches!(skipped.kind, Kind::Execute | Kind::Query) {
+                finished.push((
+                    skipped,
+                    Some((
+                        "25P02".into(),
+                        "not executed: an earlier message in the pipeline failed".into(),
+                    )),
+                ));
+            }
+        }
+    }
 }
 
 /// Writes the outcome record of a request. It follows the durable request

@@ -453,6 +453,19 @@ pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, message: &
     });
 }
 
+/// A simple Query message (frontend).
+pub fn query(out: &mut BytesMut, text: &str) {
+    put_frame(out, b'Q', |b| put_cstr(b, text));
+}
+
+/// An Execute message (frontend) of `portal`, all rows.
+pub fn execute(out: &mut BytesMut, portal: &str) {
+    put_frame(out, b'E', |b| {
+        put_cstr(b, portal);
+        b.put_i32(0);
+    });
+}
+
 /// ReadyForQuery with the transaction status byte ('I', 'T' or 'E').
 pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     put_frame(out, b'Z', |b| b.put_u8(status));

@@ -1,0 +1,96 @@
+"""Refusals in places where the client has not asked for ReadyForQuery:
+each scenario prints what the client got, as JSON, or {"timeout": ...} when
+an answer the protocol owes the client never came.
+
+Scenarios:
+  flush       Parse/Bind/Execute of REFUSED_SQL, then Flush (no Sync): the
+              error must come on the Flush; then Sync, then a SELECT 1.
+  unsynced    Parse/Bind/Execute of ALLOWED_SQL with no Sync, then a simple
+              Query of REFUSED_SQL: both answers must come.
+  copy        COPY ALLOWED_TABLE FROM STDIN, then a simple Query in the
+              middle of the copy data: the session ends with FATAL 08P01.
+  transaction BEGIN, then REFUSED_SQL, then ROLLBACK: the refusal aborts
+              the transaction as a server error would.
+
+usage: pg_unsynced.py HOST PORT TOKEN SCENARIO REFUSED_SQL ALLOWED_SQL
+"""
+import json
+import socket
+import struct
+import sys
+
+from pg_raw import cstr, error_fields, msg, read_message, startup
+
+
+def read_until(sock, stop_tags):
+    """Messages up to and including the first with a tag in stop_tags, or
+    up to the end of the connection (then the last entry is "closed")."""
+    got = []
+    while True:
+        try:
+            tag, body = read_message(sock)
+        except EOFError:
+            got.append({"tag": "closed"})
+            return got
+        entry = {"tag": tag.decode()}
+        if tag in (b"E", b"N"):
+            fields = error_fields(body)
+            entry["severity"] = fields.get("V") or fields.get("S")
+            entry["sqlstate"], entry["message"] = fields.get("C"), fields.get("M")
+        if tag == b"Z":
+            entry["status"] = body.decode()
+        got.append(entry)
+        if tag in stop_tags:
+            return got
+
+
+def parse_bind_execute(sql):
+    return (
+        msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
+        + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+        + msg(b"E", cstr("") + struct.pack("!i", 0))
+    )
+
+
+def main():
+    host, port, token, scenario, refused, allowed = sys.argv[1:7]
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    startup(sock)
+    read_message(sock)
+    sock.sendall(msg(b"p", cstr(token)))
+    read_until(sock, [b"Z"])
+    result = {}
+    try:
+        if scenario == "flush":
+            sock.sendall(parse_bind_execute(refused) + msg(b"H", b""))
+            result["on_flush"] = read_until(sock, [b"E"])
+            sock.sendall(msg(b"S", b""))
+            result["on_sync"] = read_until(sock, [b"Z"])
+            sock.sendall(msg(b"Q", cstr("SELECT 1")))
+            result["after"] = read_until(sock, [b"Z"])
+        elif scenario == "unsynced":
+            sock.sendall(parse_bind_execute(allowed) + msg(b"Q", cstr(refused)))
+            result["answers"] = read_until(sock, [b"Z"])
+            sock.sendall(msg(b"Q", cstr("SELECT 1")))
+            result["after"] = read_until(sock, [b"Z"])
+        elif scenario == "copy":
+            sock.sendall(msg(b"Q", cstr(f"COPY {allowed} FROM STDIN")))
+            result["copy"] = read_until(sock, [b"G", b"E"])
+            sock.sendall(msg(b"Q", cstr(refused)))
+            result["answers"] = read_until(sock, [b"Z"])
+        elif scenario == "transaction":
+            sock.sendall(msg(b"Q", cstr("BEGIN")))
+            result["begin"] = read_until(sock, [b"Z"])
+            sock.sendall(msg(b"Q", cstr(refused)))
+            result["refused"] = read_until(sock, [b"Z"])
+            sock.sendall(msg(b"Q", cstr("ROLLBACK")))
+            result["rollback"] = read_until(sock, [b"Z"])
+        else:
+            raise SystemExit(f"unknown scenario {scenario}")
+    except socket.timeout as err:
+        result["timeout"] = str(err)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
