@@ -567,6 +567,29 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     );
     assert!(!text(&out.stdout).contains("@example.com"));
 
+    // Rows fetched from a cursor: FETCH names no table, so its rows count
+    // as reads of masked columns, computed ones included (each -c is its
+    // own Query message, so the FETCH is decided on its own).
+    let out = stack
+        .agent_psql(&agent, "BEGIN")
+        .args([
+            "-c",
+            "DECLARE c CURSOR FOR SELECT upper(email) AS shout FROM customers WHERE id = 1",
+            "-c",
+            "FETCH ALL FROM c",
+            "-c",
+            "COMMIT",
+        ])
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).to_lowercase().contains("@example.com"),
+        "a cursor leaked the value: {}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("****"), "{}", text(&out.stdout));
+
     // A holder of the exempt role sees the real value.
     let reader = stack
         .idp

@@ -164,6 +164,22 @@ async fn serve(
             let _ = shared.audit.append(record).await;
             return Err(WireError::Closed);
         }
+        // A password message too large or malformed, or none within the
+        // startup timeout: the client is told, and the refusal is audited.
+        Err(WireError::Malformed(reason)) => {
+            let mut record = connection.authentication_refused(&IdentityError::Missing);
+            record.status_detail.push_str(&format!(" ({reason})"));
+            record.database_user = database_user;
+            record.database_name = database_name;
+            let _ = shared.audit.append(record).await;
+            fatal(
+                &mut client_wr,
+                SQLSTATE_PROTOCOL,
+                &format!("tollgate: {reason}"),
+            )
+            .await;
+            return Err(WireError::Malformed(reason));
+        }
         Err(err) => return Err(err),
     };
 

@@ -54,6 +54,112 @@ async fn login(addr: SocketAddr, token: &str) -> (String, String) {
     answer
 }
 
+/// A tollgate PostgreSQL listener for an identity config of the forged
+/// table, with a target that is never reached.
+async fn listen(
+    keys: &std::path::Path,
+    config: &str,
+    audit: &AuditLog,
+) -> (SocketAddr, Arc<Shared>) {
+    let verifier = Verifier::from_config(&file_config(keys, config))
+        .await
+        .expect("verifier");
+    let shared = Arc::new(Shared {
+        verifier,
+        policy: Policy::default(),
+        audit: audit.clone(),
+        pinning: None,
+        postgres_cancel_keys: Default::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let target = Arc::new(
+        proxy::Target::new(TargetConfig {
+            name: "orders-db".into(),
+            protocol: Protocol::Postgres,
+            // Never reached: every login here must fail before it.
+            address: "127.0.0.1:1".parse().expect("addr"),
+            listen: addr,
+            credential: CredentialConfig {
+                user: "gateway".into(),
+                password: None,
+                password_file: None,
+            },
+            tls: None,
+            upstream_tls: None,
+        })
+        .expect("target"),
+    );
+    tokio::spawn(proxy::serve(target, listener, shared.clone()));
+    (addr, shared)
+}
+
+/// Reads up to the end of the connection; the first ErrorResponse's
+/// SQLSTATE and message, if any.
+async fn first_error(stream: &mut TcpStream) -> Option<(String, String)> {
+    let mut buf = BytesMut::new();
+    loop {
+        match wire::read_frame(stream, &mut buf).await {
+            Ok(frame) if frame.tag == b'E' => return Some(wire::error_fields(&frame)),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+// Time is paused: the runtime jumps to the next timer whenever every task
+// waits, so the 60 seconds pass at once and are measured on tokio's clock.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (_, cases) = forged_cases(keys.path());
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let audit = AuditLog::open(&audit::tests::config(audit_dir.path()))
+        .await
+        .expect("audit");
+    let (addr, _shared) = listen(keys.path(), cases[0].config, &audit).await;
+
+    // Connects and sends nothing at all.
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let (code, message) = first_error(&mut silent)
+        .await
+        .expect("an error, then close");
+    assert_eq!(code, "08P01", "{message}");
+    assert!(message.contains("startup timeout"), "{message}");
+    assert!(started.elapsed() >= super::STARTUP_TIMEOUT);
+
+    // Sends its startup packet, then never answers the password prompt.
+    let started = tokio::time::Instant::now();
+    let mut stalled = TcpStream::connect(addr).await.expect("connect");
+    let mut startup = BytesMut::new();
+    startup.put_i32(0);
+    startup.put_i32(wire::PROTOCOL_3_0);
+    startup.put_slice(b"user\0agent\0database\0orders\0\0");
+    let len = startup.len() as i32;
+    startup[..4].copy_from_slice(&len.to_be_bytes());
+    stalled.write_all(&startup).await.expect("startup");
+    let (code, message) = first_error(&mut stalled)
+        .await
+        .expect("an error, then close");
+    assert_eq!(code, "08P01", "{message}");
+    assert!(message.contains("startup timeout"), "{message}");
+    assert!(started.elapsed() >= super::STARTUP_TIMEOUT);
+
+    // The listener still serves: the next client gets its answer.
+    let (code, _) = login(addr, "not-a-token").await;
+    assert_eq!(code, "28000");
+    audit.shutdown().await;
+
+    // The client that stalled at the password prompt is on record.
+    let stalled: Vec<_> = audit::tests::read_segments(&audit_dir.path().join("audit"))
+        .into_iter()
+        .filter(|r| r.phase == "refusal" && r.status_detail.contains("startup timeout"))
+        .collect();
+    assert_eq!(stalled.len(), 1, "{stalled:?}");
+    assert_eq!(stalled[0].database_user, "agent");
+}
+
 #[tokio::test]
 async fn every_forged_token_is_refused_over_the_wire_with_28000_and_audited() {
     let keys = tempfile::tempdir().expect("tempdir");
@@ -69,36 +175,7 @@ async fn every_forged_token_is_refused_over_the_wire_with_28000_and_audited() {
         if listeners.contains_key(case.config) {
             continue;
         }
-        let verifier = Verifier::from_config(&file_config(keys.path(), case.config))
-            .await
-            .expect("verifier");
-        let shared = Arc::new(Shared {
-            verifier,
-            policy: Policy::default(),
-            audit: audit.clone(),
-            pinning: None,
-            postgres_cancel_keys: Default::default(),
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let target = Arc::new(
-            proxy::Target::new(TargetConfig {
-                name: "orders-db".into(),
-                protocol: Protocol::Postgres,
-                // Never reached: every login here must fail before it.
-                address: "127.0.0.1:1".parse().expect("addr"),
-                listen: addr,
-                credential: CredentialConfig {
-                    user: "gateway".into(),
-                    password: None,
-                    password_file: None,
-                },
-                tls: None,
-                upstream_tls: None,
-            })
-            .expect("target"),
-        );
-        tokio::spawn(proxy::serve(target, listener, shared.clone()));
+        let (addr, shared) = listen(keys.path(), case.config, &audit).await;
         listeners.insert(case.config, (addr, shared));
     }
 
