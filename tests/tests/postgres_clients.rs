@@ -722,20 +722,13 @@ fn a_statement_runs_as_the_server_prepared_it_not_as_last_sent() {
     else {
         return;
     };
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_reparse.py");
-    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
-        .arg(script)
-        .args([
-            "127.0.0.1",
-            &stack.postgres.port.to_string(),
-            &token,
-            "DROP TABLE customers",
-            "SELECT 1",
-        ])
-        .output()
-        .expect("python");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let answers: Vec<Value> = text(&out.stdout)
+    let out = raw_protocol_script(
+        &stack,
+        "pg_reparse.py",
+        &token,
+        &["DROP TABLE customers", "SELECT 1"],
+    );
+    let answers: Vec<Value> = out
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
@@ -762,23 +755,31 @@ fn a_statement_runs_as_the_server_prepared_it_not_as_last_sent() {
     );
 }
 
-/// Runs one scenario of `pg_unsynced.py` from the agent cgroup.
-fn unsynced(stack: &Stack, token: &str, scenario: &str, refused: &str, allowed: &str) -> Value {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_unsynced.py");
+/// Runs `tests/python/<script>` from the agent cgroup with the gateway's
+/// host, port and `token` first; its standard output, once it succeeded.
+fn raw_protocol_script(stack: &Stack, script: &str, token: &str, args: &[&str]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
     let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
         .arg(script)
-        .args([
-            "127.0.0.1",
-            &stack.postgres.port.to_string(),
-            token,
-            scenario,
-            refused,
-            allowed,
-        ])
+        .args(["127.0.0.1", &stack.postgres.port.to_string(), token])
+        .args(args)
         .output()
         .expect("python");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("json")
+    text(&out.stdout)
+}
+
+/// Runs one scenario of `pg_unsynced.py`.
+fn unsynced(stack: &Stack, token: &str, scenario: &str, refused: &str, allowed: &str) -> Value {
+    let out = raw_protocol_script(
+        stack,
+        "pg_unsynced.py",
+        token,
+        &[scenario, refused, allowed],
+    );
+    serde_json::from_str(&out).expect("json")
 }
 
 fn tags(answers: &Value) -> Vec<String> {

@@ -19,16 +19,22 @@ use crate::{
     proxy::{self, Shared},
 };
 
-/// Logs in with `token` as the password; returns the ErrorResponse's
-/// SQLSTATE and message (or "ok" when authentication succeeded).
-async fn login(addr: SocketAddr, token: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+/// A protocol 3.0 StartupMessage for user agent, database orders.
+fn startup_packet() -> BytesMut {
     let mut startup = BytesMut::new();
     startup.put_i32(0);
     startup.put_i32(wire::PROTOCOL_3_0);
     startup.put_slice(b"user\0agent\0database\0orders\0\0");
     let len = startup.len() as i32;
     startup[..4].copy_from_slice(&len.to_be_bytes());
+    startup
+}
+
+/// Logs in with `token` as the password; returns the ErrorResponse's
+/// SQLSTATE and message (or "ok" when authentication succeeded).
+async fn login(addr: SocketAddr, token: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let startup = startup_packet();
     stream.write_all(&startup).await.expect("startup");
     let mut buf = BytesMut::new();
     let frame = wire::read_frame(&mut stream, &mut buf)
@@ -132,12 +138,7 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
     // Sends its startup packet, then never answers the password prompt.
     let started = tokio::time::Instant::now();
     let mut stalled = TcpStream::connect(addr).await.expect("connect");
-    let mut startup = BytesMut::new();
-    startup.put_i32(0);
-    startup.put_i32(wire::PROTOCOL_3_0);
-    startup.put_slice(b"user\0agent\0database\0orders\0\0");
-    let len = startup.len() as i32;
-    startup[..4].copy_from_slice(&len.to_be_bytes());
+    let startup = startup_packet();
     stalled.write_all(&startup).await.expect("startup");
     let (code, message) = first_error(&mut stalled)
         .await
