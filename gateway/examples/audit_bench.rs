@@ -25,6 +25,25 @@ use tollgate::audit::{
     CLASS_DATASTORE_ACTIVITY,
 };
 
+/// A random-looking but reproducible id, shaped like the UUIDv4s the
+/// proxy puts in `request_uid` and `session_uid` (random ids do not
+/// compress: a sequential stand-in would flatter the bytes per record).
+fn uid(kind: u64, n: usize) -> String {
+    let mut x = (n as u64) ^ kind.rotate_left(32);
+    let mut next = || {
+        // splitmix64
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let v = (u128::from(next()) << 64) | u128::from(next());
+    uuid::Builder::from_random_bytes(v.to_le_bytes())
+        .into_uuid()
+        .to_string()
+}
+
 fn record(i: usize) -> AuditRecord {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -32,7 +51,8 @@ fn record(i: usize) -> AuditRecord {
         .unwrap_or(0);
     AuditRecord {
         phase: "request".into(),
-        request_uid: format!("7f1c2a9e-{i:012}"),
+        // A request and its outcome share one.
+        request_uid: uid(1, i / 2),
         time: now,
         class_uid: CLASS_DATASTORE_ACTIVITY,
         activity_id: datastore_activity::QUERY,
@@ -46,7 +66,7 @@ fn record(i: usize) -> AuditRecord {
         actor_app_uid: "a1b2c3d4-0000-4000-8000-000000000001".into(),
         actor_user_groups: vec!["db-readers".into(), "agents".into()],
         actor_user_roles: vec!["Orders.Read".into()],
-        actor_session_credential_uid: format!("uti-{}", i / 100),
+        actor_session_credential_uid: uid(2, i / 100)[..22].to_string(),
         actor_session_credential_fingerprint:
             "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
         actor_process_pid: Some(4242 + (i % 8) as i32),
@@ -58,7 +78,7 @@ fn record(i: usize) -> AuditRecord {
         dst_endpoint_port: Some(5432),
         dst_endpoint_name: "orders-db".into(),
         connection_info_protocol_name: "postgres".into(),
-        session_uid: format!("sess-{}", i / 100),
+        session_uid: uid(3, i / 100),
         upstream_socket_cookie: Some(987654 + (i / 100) as i64),
         database_user: "app".into(),
         database_name: "orders".into(),
@@ -320,11 +340,13 @@ async fn main() {
                 .sum::<usize>())
             .unwrap_or(0)
     );
+    // A frame is an 8-byte header and the canonical encoding (which leaves
+    // out the record's own hash).
     let wal_frame = {
         let mut r = record(1);
-        r.record_hash = "0".repeat(64);
+        r.sequence = 1;
         r.prev_record_hash = "0".repeat(64);
-        serde_json::to_vec(&r).map(|v| v.len() + 8).unwrap_or(0)
+        r.canonical_bytes().len() + 8
     };
     println!("bytes per record in the WAL (transient): {wal_frame}");
 

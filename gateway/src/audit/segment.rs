@@ -19,7 +19,7 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::{
     arrow::{arrow_reader::ParquetRecordBatchReaderBuilder, ArrowWriter},
-    basic::{Compression, ZstdLevel},
+    basic::{Compression, Encoding, ZstdLevel},
     file::{
         metadata::{KeyValue, SortingColumn},
         properties::{EnabledStatistics, WriterProperties},
@@ -27,6 +27,8 @@ use parquet::{
     schema::types::ColumnPath,
 };
 use sha2::{Digest, Sha256};
+
+use std::borrow::Borrow;
 
 use super::AuditRecord;
 
@@ -97,35 +99,52 @@ macro_rules! kind_field {
     (strs, $n:expr) => {
         Field::new($n, list_type(), false)
     };
+    (link, $n:expr) => {
+        Field::new($n, DataType::Utf8, true)
+    };
 }
 
 macro_rules! kind_build {
+    (link, $rs:expr, $f:ident, $keep:expr) => {
+        Arc::new(StringArray::from_iter(
+            $rs.iter()
+                .zip($keep)
+                .map(|(r, keep)| keep.then(|| r.borrow().$f.as_str())),
+        )) as ArrayRef
+    };
+    ($k:ident, $rs:expr, $f:ident, $keep:expr) => {
+        kind_build!($k, $rs, $f)
+    };
     (seq, $rs:expr, $f:ident) => {
         Arc::new(Int64Array::from_iter_values(
-            $rs.iter().map(|r| r.$f as i64),
+            $rs.iter().map(|r| r.borrow().$f as i64),
         )) as ArrayRef
     };
     (str, $rs:expr, $f:ident) => {
         Arc::new(StringArray::from_iter_values(
-            $rs.iter().map(|r| r.$f.as_str()),
+            $rs.iter().map(|r| r.borrow().$f.as_str()),
         )) as ArrayRef
     };
     (i32, $rs:expr, $f:ident) => {
-        Arc::new(Int32Array::from_iter_values($rs.iter().map(|r| r.$f))) as ArrayRef
+        Arc::new(Int32Array::from_iter_values(
+            $rs.iter().map(|r| r.borrow().$f),
+        )) as ArrayRef
     };
     (i64, $rs:expr, $f:ident) => {
-        Arc::new(Int64Array::from_iter_values($rs.iter().map(|r| r.$f))) as ArrayRef
+        Arc::new(Int64Array::from_iter_values(
+            $rs.iter().map(|r| r.borrow().$f),
+        )) as ArrayRef
     };
     (oi32, $rs:expr, $f:ident) => {
-        Arc::new(Int32Array::from_iter($rs.iter().map(|r| r.$f))) as ArrayRef
+        Arc::new(Int32Array::from_iter($rs.iter().map(|r| r.borrow().$f))) as ArrayRef
     };
     (oi64, $rs:expr, $f:ident) => {
-        Arc::new(Int64Array::from_iter($rs.iter().map(|r| r.$f))) as ArrayRef
+        Arc::new(Int64Array::from_iter($rs.iter().map(|r| r.borrow().$f))) as ArrayRef
     };
     (strs, $rs:expr, $f:ident) => {{
         let mut b = ListBuilder::new(StringBuilder::new());
         for r in $rs {
-            for v in &r.$f {
+            for v in &r.borrow().$f {
                 b.values().append_value(v);
             }
             b.append(true);
@@ -158,6 +177,17 @@ fn not_null(a: &dyn Array, name: &str, row: usize) -> Result<(), SegmentError> {
 }
 
 macro_rules! kind_read {
+    // The link is stored only where it cannot be restored from the row
+    // before (see `to_batch`); NULL reads as empty and `read_file` fills it.
+    (link, $b:expr, $out:expr, $f:ident) => {{
+        if let Some(a) = column::<StringArray>($b, stringify!($f))? {
+            for (i, r) in $out.iter_mut().enumerate() {
+                if !a.is_null(i) {
+                    r.$f = a.value(i).to_string();
+                }
+            }
+        }
+    }};
     (seq, $b:expr, $out:expr, $f:ident) => {{
         let n = stringify!($f);
         if let Some(a) = column::<Int64Array>($b, n)? {
@@ -253,6 +283,9 @@ macro_rules! kind_canon {
     (str, $v:expr, $out:expr) => {{
         !$v.is_empty() && serde_json::to_writer(&mut *$out, &$v).is_ok()
     }};
+    (link, $v:expr, $out:expr) => {{
+        !$v.is_empty() && serde_json::to_writer(&mut *$out, &$v).is_ok()
+    }};
     (strs, $v:expr, $out:expr) => {{
         !$v.is_empty() && serde_json::to_writer(&mut *$out, &$v).is_ok()
     }};
@@ -276,8 +309,9 @@ macro_rules! columns {
         }
 
         /// Records -> one Arrow batch, rows in the given order.
-        pub fn to_batch(records: &[AuditRecord]) -> Result<RecordBatch, SegmentError> {
-            let cols: Vec<ArrayRef> = vec![$(kind_build!($k, records, $f)),*];
+        pub fn to_batch<R: Borrow<AuditRecord>>(records: &[R]) -> Result<RecordBatch, SegmentError> {
+            let keep = links_to_keep(records);
+            let cols: Vec<ArrayRef> = vec![$(kind_build!($k, records, $f, &keep)),*];
             Ok(RecordBatch::try_new(schema(), cols)?)
         }
 
@@ -312,7 +346,7 @@ macro_rules! columns {
 
 columns! {
     sequence: seq,
-    prev_record_hash: str,
+    prev_record_hash: link,
     record_hash: str,
     phase: str,
     request_uid: str,
@@ -364,12 +398,51 @@ columns! {
     unmapped: str,
 }
 
+/// Which rows must store `prev_record_hash`: those where it is not the
+/// `record_hash` of the row before in sequence order, which in a segment
+/// is only the row with the lowest sequence. Everywhere else the column is
+/// NULL: a hash of random bits does not compress, and storing every link
+/// twice would cost 32 bytes a row. Readers restore it (`read_file`; in
+/// SQL, `coalesce(prev_record_hash, lag(record_hash) OVER (ORDER BY
+/// sequence))`), and the chain stays exactly as strong: every record hash
+/// is still computed over its full link.
+fn links_to_keep<R: Borrow<AuditRecord>>(records: &[R]) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_by_key(|&i| records[i].borrow().sequence);
+    let mut keep = vec![true; records.len()];
+    for w in order.windows(2) {
+        let (before, this) = (records[w[0]].borrow(), records[w[1]].borrow());
+        keep[w[1]] = this.prev_record_hash != before.record_hash;
+    }
+    keep
+}
+
+/// Restores the links `links_to_keep` left out: a row whose link is NULL
+/// (`left_out[row]`) gets the `record_hash` of the row before it in
+/// sequence order (the first row in sequence order always stores its own).
+fn restore_links(records: &mut [AuditRecord], left_out: &[bool]) {
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_by_key(|&i| records[i].sequence);
+    for w in order.windows(2) {
+        if left_out.get(w[1]).copied().unwrap_or(false) {
+            records[w[1]].prev_record_hash = records[w[0]].record_hash.clone();
+        }
+    }
+}
+
 /// The canonical encoding of a record (defined, and tested against a
 /// reference implementation, in `AuditRecord::canonical_bytes`): written
 /// field by field, without building a JSON tree, because it runs for every
 /// record on the WAL path and for every row verify checks.
 pub fn canonical_bytes(r: &AuditRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
+    canonical_into(r, &mut out);
+    out
+}
+
+/// [`canonical_bytes`], appended to `out`: the WAL writes it straight into
+/// the batch buffer, without an allocation per record.
+pub fn canonical_into(r: &AuditRecord, out: &mut Vec<u8>) {
     out.push(b'{');
     let mut empty = true;
     for (name, write) in canonical_fields() {
@@ -384,14 +457,13 @@ pub fn canonical_bytes(r: &AuditRecord) -> Vec<u8> {
         out.push(b'"');
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\":");
-        if write(r, &mut out) {
+        if write(r, out) {
             empty = false;
         } else {
             out.truncate(mark);
         }
     }
     out.push(b'}');
-    out
 }
 
 /// A writer that hashes what passes through it, so the file's SHA-256 is
@@ -419,9 +491,17 @@ pub struct Written {
     pub bytes: u64,
 }
 
-fn properties(records: &[AuditRecord]) -> WriterProperties {
-    let first = records.iter().map(|r| r.sequence).min().unwrap_or(0);
-    let last = records.iter().map(|r| r.sequence).max().unwrap_or(0);
+fn properties<R: Borrow<AuditRecord>>(records: &[R]) -> WriterProperties {
+    let first = records
+        .iter()
+        .map(|r| r.borrow().sequence)
+        .min()
+        .unwrap_or(0);
+    let last = records
+        .iter()
+        .map(|r| r.borrow().sequence)
+        .max()
+        .unwrap_or(0);
     let time_idx = COLUMN_NAMES.iter().position(|c| *c == "time").unwrap_or(0) as i32;
     let seq_idx = COLUMN_NAMES
         .iter()
@@ -449,6 +529,14 @@ fn properties(records: &[AuditRecord]) -> WriterProperties {
             KeyValue::new("tollgate.first_sequence".into(), first.to_string()),
             KeyValue::new("tollgate.last_sequence".into(), last.to_string()),
         ]));
+    // Rows are sorted by (time, sequence): both columns climb in small
+    // steps, which delta encoding stores in a few bits a row, where
+    // dictionary or plain encoding plus zstd spends bytes.
+    for c in ["sequence", "time"] {
+        b = b
+            .set_column_dictionary_enabled(ColumnPath::from(c), false)
+            .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_BINARY_PACKED);
+    }
     for c in BLOOM_COLUMNS {
         b = b
             .set_column_bloom_filter_enabled(ColumnPath::from(*c), true)
@@ -464,7 +552,7 @@ fn properties(records: &[AuditRecord]) -> WriterProperties {
 }
 
 /// Number of distinct values of a bloom-filtered column.
-fn distinct(records: &[AuditRecord], column: &str) -> usize {
+fn distinct<R: Borrow<AuditRecord>>(records: &[R], column: &str) -> usize {
     let get: fn(&AuditRecord) -> &str = match column {
         "actor_user_uid" => |r| &r.actor_user_uid,
         "actor_user_name" => |r| &r.actor_user_name,
@@ -483,17 +571,17 @@ fn distinct(records: &[AuditRecord], column: &str) -> usize {
     };
     records
         .iter()
-        .map(get)
+        .map(|r| get(r.borrow()))
         .collect::<std::collections::HashSet<_>>()
         .len()
 }
 
 /// Writes `records` (already sorted by time) to `tmp`, fsyncs it, and
 /// returns the SHA-256 of the bytes written. The caller renames it.
-pub fn write_file(
+pub fn write_file<R: Borrow<AuditRecord>>(
     perms: &super::fsutil::Perms,
     tmp: &Path,
-    records: &[AuditRecord],
+    records: &[R],
 ) -> Result<Written, SegmentError> {
     let file = perms.create_with(tmp, super::fsutil::FILE_MODE, false)?;
     let sink = HashingWriter {
@@ -517,9 +605,16 @@ pub fn read_file(path: &Path) -> Result<Vec<AuditRecord>, SegmentError> {
     let file = File::open(path)?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     let mut out = Vec::new();
+    let mut left_out = Vec::new();
     for batch in reader {
-        out.extend(from_batch(&batch?)?);
+        let batch = batch?;
+        match batch.column_by_name("prev_record_hash") {
+            Some(c) => left_out.extend((0..batch.num_rows()).map(|i| c.is_null(i))),
+            None => left_out.extend(std::iter::repeat_n(false, batch.num_rows())),
+        }
+        out.extend(from_batch(&batch)?);
     }
+    restore_links(&mut out, &left_out);
     Ok(out)
 }
 

@@ -8,7 +8,11 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    sync::mpsc::{self, RecvTimeoutError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, RecvTimeoutError},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -24,6 +28,8 @@ use super::{
 
 /// Most records one group commit takes; bounds the latency of the batch.
 const MAX_BATCH: usize = 8192;
+/// See [`Writer::write_durably`].
+const PLAIN_SWITCH: u64 = 1 << 20;
 /// How often a failed segment write is retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// How often retention runs.
@@ -185,27 +191,65 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
     let generation = reports.iter().map(|r| r.generation).max().unwrap_or(0) + 1;
     let (seg_tx, seg_rx) = mpsc::channel();
     let (tx, rx) = mpsc::channel();
+    // Rendezvous: the preparer holds at most one finished spare while the
+    // writer has not taken it, so at most one file's worth of zeros waits.
+    let (spare_tx, spare_rx) = mpsc::sync_channel(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let preparer = {
+        let (wal_dir, stop) = (wal_dir.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("audit-wal-prep".into())
+            .spawn(move || {
+                lower_priority("audit-wal-prep");
+                prepare_spares(&wal_dir, perms, &spare_tx, &stop)
+            })?
+    };
     let writer = Writer {
         wal_dir,
         perms,
         file: None,
+        spares: Some(spare_rx),
+        spare: None,
+        stop,
+        preparer: Some(preparer),
         generation,
         next_seq,
         prev_hash,
         closed_files: Vec::new(),
         buffer: Vec::new(),
         buffer_since: None,
+        frames: Vec::new(),
         max_age: Duration::from_secs(cfg.segment_max_age_secs.max(1)),
         max_records: cfg.segment_max_records.max(1),
         seg_tx,
     };
     std::thread::Builder::new()
         .name("audit-segments".into())
-        .spawn(move || seg.run(seg_rx))?;
+        .spawn(move || {
+            lower_priority("audit-segments");
+            seg.run(seg_rx)
+        })?;
     std::thread::Builder::new()
         .name("audit-wal".into())
         .spawn(move || writer.run(rx))?;
     Ok(tx)
+}
+
+/// Background work (Parquet encoding, zero-filling spares) yields the CPU
+/// to the WAL writer and the sessions waiting on it: a segment of 100 000
+/// records is about a second of CPU, and on a small host it would
+/// otherwise delay group commits by whole time slices. The records it
+/// works on are already durable, so it only has to keep up on average.
+fn lower_priority(thread: &str) {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread
+    // id changes only this thread's nice value (Linux threads are tasks).
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10)
+    };
+    if rc != 0 {
+        debug!(thread, error = %io::Error::last_os_error(), "cannot lower thread priority");
+    }
 }
 
 /// Two processes appending to one chain would fork it: the first holds an
@@ -306,20 +350,81 @@ fn remove_unlisted_segments(dir: &Path, manifest: &Manifest) -> io::Result<()> {
     Ok(())
 }
 
+/// Keeps one preallocated WAL file ready for the writer (see
+/// [`wal::prepare_spare`]), off the path of every sync. Only while the
+/// file system has room to spare ([`wal::PREALLOC_MIN_FREE`]); otherwise
+/// the writer appends to plain files, as it always can.
+fn prepare_spares(
+    wal_dir: &Path,
+    perms: Perms,
+    tx: &mpsc::SyncSender<(fs::File, PathBuf)>,
+    stop: &AtomicBool,
+) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let roomy = wal::free_space(wal_dir).is_ok_and(|free| free >= wal::PREALLOC_MIN_FREE);
+        if roomy {
+            n += 1;
+            let path = wal_dir.join(wal::spare_name(n));
+            match wal::prepare_spare(&perms, &path, stop) {
+                Ok(f) => {
+                    if tx.send((f, path.clone())).is_err() {
+                        // The writer is gone: nobody will use it.
+                        let _ = fs::remove_file(&path);
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) if stop.load(Ordering::Relaxed) => {
+                    debug!(error = %e, "spare WAL file abandoned at shutdown");
+                    return;
+                }
+                Err(e) => warn!(error = %e, "cannot preallocate a WAL file; appending instead"),
+            }
+        }
+        // Look again in a while, waking early for a shutdown.
+        for _ in 0..20 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The WAL file being written.
+struct WalFile {
+    file: fs::File,
+    path: PathBuf,
+    /// Bytes of acknowledged frames: the next batch is written here.
+    len: u64,
+    /// True for a preallocated (zero-filled) file; false for a plain file
+    /// that each batch extends.
+    preallocated: bool,
+}
+
 /// Owns the WAL: assigns sequences, chains hashes, group-commits.
 struct Writer {
     wal_dir: PathBuf,
     perms: Perms,
-    file: Option<(fs::File, PathBuf, u64)>,
+    file: Option<WalFile>,
+    /// Preallocated files from the preparer; `None` once shut down.
+    spares: Option<mpsc::Receiver<(fs::File, PathBuf)>>,
+    /// A spare taken from the preparer and not yet used.
+    spare: Option<(fs::File, PathBuf)>,
+    stop: Arc<AtomicBool>,
+    preparer: Option<std::thread::JoinHandle<()>>,
     generation: u64,
     next_seq: u64,
     prev_hash: String,
-    /// WAL files that are complete; deleted once their records are in
+    /// WAL files no longer written to; deleted once their records are in
     /// manifested segments.
     closed_files: Vec<PathBuf>,
     /// Durable records not yet handed to a segment.
     buffer: Vec<AuditRecord>,
     buffer_since: Option<Instant>,
+    /// The batch's frames; kept between batches for its capacity.
+    frames: Vec<u8>,
     max_age: Duration,
     max_records: usize,
     seg_tx: mpsc::Sender<SegMsg>,
@@ -341,6 +446,8 @@ impl Writer {
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
+                    self.stop_preparer();
+                    self.retire_file();
                     self.cut();
                     let _ = self.seg_tx.send(SegMsg::Shutdown(None));
                     return;
@@ -383,6 +490,8 @@ impl Writer {
                 self.maybe_cut();
             }
             if let Some(done) = shutdown {
+                self.stop_preparer();
+                self.retire_file();
                 self.cut();
                 let _ = self.seg_tx.send(SegMsg::Shutdown(Some(done)));
                 return;
@@ -393,20 +502,26 @@ impl Writer {
     fn commit(&mut self, batch: Vec<(AuditRecord, Waiter)>) {
         let mut seq = self.next_seq;
         let mut prev = self.prev_hash.clone();
-        let mut bytes = Vec::with_capacity(batch.len() * 1024);
+        let mut bytes = std::mem::take(&mut self.frames);
+        bytes.clear();
         let mut records = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
         for (mut r, w) in batch {
             r.sequence = seq;
             r.prev_record_hash = prev;
-            r.record_hash = r.compute_hash();
+            // The frame's payload is the canonical encoding: one encoding
+            // and one SHA-256 per record give both the WAL bytes and the hash.
+            let hash = wal::encode_frame(&r, &mut bytes);
+            r.record_hash = hex::encode(hash);
             prev = r.record_hash.clone();
-            wal::encode_frame(&r, &mut bytes);
             records.push(r);
             waiters.push(w);
             seq += 1;
         }
-        match self.write_durably(&bytes, self.next_seq) {
+        let written = self.write_durably(&bytes, self.next_seq);
+        // The buffer keeps its capacity for the next batch.
+        self.frames = bytes;
+        match written {
             Ok(()) => {
                 self.next_seq = seq;
                 self.prev_hash = prev;
@@ -432,42 +547,115 @@ impl Writer {
         }
     }
 
-    fn write_durably(&mut self, bytes: &[u8], first_seq: u64) -> io::Result<()> {
-        use std::io::Write;
-        if self.file.is_none() {
-            let path = self
-                .wal_dir
-                .join(wal::file_name(self.generation, first_seq));
-            self.generation += 1;
-            let f = self.perms.create_new(&path)?;
-            // The file's name must survive a crash with its contents.
-            fsutil::fsync_dir(&self.wal_dir)?;
-            self.file = Some((f, path, 0));
+    /// The spare file from the preparer, if one is ready.
+    fn spare_ready(&mut self) -> bool {
+        if self.spare.is_none() {
+            self.spare = self.spares.as_ref().and_then(|rx| rx.try_recv().ok());
         }
-        let Some((f, path, len)) = self.file.as_mut() else {
+        self.spare.is_some()
+    }
+
+    /// Starts the next WAL file: a preallocated spare when one is ready,
+    /// else a new plain file.
+    fn open_file(&mut self, first_seq: u64) -> io::Result<()> {
+        let path = self
+            .wal_dir
+            .join(wal::file_name(self.generation, first_seq));
+        self.generation += 1;
+        let (file, preallocated) = match self.spare_ready().then(|| self.spare.take()).flatten() {
+            Some((f, spare)) => {
+                if let Err(e) = fs::rename(&spare, &path) {
+                    let _ = fs::remove_file(&spare);
+                    return Err(e);
+                }
+                (f, true)
+            }
+            None => (self.perms.create_new(&path)?, false),
+        };
+        // The file's name must survive a crash with its contents.
+        fsutil::fsync_dir(&self.wal_dir)?;
+        self.file = Some(WalFile {
+            file,
+            path,
+            len: 0,
+            preallocated,
+        });
+        Ok(())
+    }
+
+    /// Stops writing to the current file; it is deleted once its records
+    /// are in manifested segments.
+    fn retire_file(&mut self) {
+        if let Some(w) = self.file.take() {
+            self.closed_files.push(w.path);
+        }
+    }
+
+    fn stop_preparer(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receiver fails the preparer's pending hand-over.
+        self.spares = None;
+        if let Some((_, path)) = self.spare.take() {
+            let _ = fs::remove_file(path);
+        }
+        if let Some(h) = self.preparer.take() {
+            let _ = h.join();
+        }
+    }
+
+    fn write_durably(&mut self, bytes: &[u8], first_seq: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let n = bytes.len() as u64;
+        let rotate = match &self.file {
+            // A batch that does not fit what is left of the preallocated
+            // space goes to the next file (an empty file takes any batch).
+            // A plain file (the first one, written before the preparer had
+            // a spare ready) is left for a preallocated one once it holds
+            // PLAIN_SWITCH bytes: soon enough that its slower syncs do not
+            // last, late enough that a trickle of records does not start a
+            // file (a rename and a directory sync) every few batches.
+            Some(w) => {
+                w.len > 0
+                    && (w.len + n > wal::PREALLOC_BYTES
+                        || (!w.preallocated && w.len >= PLAIN_SWITCH && self.spare_ready()))
+            }
+            None => false,
+        };
+        if rotate {
+            self.retire_file();
+        }
+        if self.file.is_none() {
+            self.open_file(first_seq)?;
+        }
+        let Some(w) = self.file.as_mut() else {
             return Err(io::Error::other("no WAL file"));
         };
         #[cfg(test)]
         let result = match faults::take(&self.wal_dir) {
-            Some(n) => f
-                .write_all(&bytes[..n.min(bytes.len())])
+            Some(k) => w
+                .file
+                .write_all_at(&bytes[..k.min(bytes.len())], w.len)
                 .and_then(|()| Err(io::Error::from_raw_os_error(libc::ENOSPC))),
-            None => f.write_all(bytes).and_then(|()| f.sync_data()),
+            None => w
+                .file
+                .write_all_at(bytes, w.len)
+                .and_then(|()| w.file.sync_data()),
         };
         #[cfg(not(test))]
-        let result = f.write_all(bytes).and_then(|()| f.sync_data());
+        let result = w
+            .file
+            .write_all_at(bytes, w.len)
+            .and_then(|()| w.file.sync_data());
         match result {
             Ok(()) => {
-                *len += bytes.len() as u64;
+                w.len += n;
                 Ok(())
             }
             Err(e) => {
                 // Best effort: cut the partial batch off, then retire the file
                 // so the next batch starts a fresh one.
-                let _ = f.set_len(*len);
-                let path = path.clone();
-                self.file = None;
-                self.closed_files.push(path);
+                let _ = w.file.set_len(w.len);
+                self.retire_file();
                 Err(e)
             }
         }
@@ -486,11 +674,17 @@ impl Writer {
         }
     }
 
-    /// Hands the buffered records to the segment thread and starts a new
-    /// WAL file, so every closed WAL file holds only handed-over records.
+    /// Hands the buffered records to the segment thread, with the WAL files
+    /// retired since the last cut: every record in those is in this batch or
+    /// an earlier one.
+    ///
+    /// A preallocated file goes on being written across cuts (starting one
+    /// costs a file's worth of zeros); it is handed over once full. A plain
+    /// file is retired at every cut, so the WAL on a small disk holds no
+    /// more than the records not yet in segments.
     fn cut(&mut self) {
-        if let Some((_, path, _)) = self.file.take() {
-            self.closed_files.push(path);
+        if self.file.as_ref().is_some_and(|w| !w.preallocated) {
+            self.retire_file();
         }
         if self.buffer.is_empty() && self.closed_files.is_empty() {
             return;
@@ -611,8 +805,7 @@ impl SegState {
         for i in 1..=todo.len() {
             if i == todo.len() || segment::day_of(todo[i].time) != segment::day_of(todo[start].time)
             {
-                let run: Vec<AuditRecord> = todo[start..i].iter().map(|r| (*r).clone()).collect();
-                self.write_segment(run)?;
+                self.write_segment(todo[start..i].to_vec())?;
                 start = i;
             }
         }
@@ -620,7 +813,7 @@ impl SegState {
         Ok(())
     }
 
-    fn write_segment(&mut self, mut records: Vec<AuditRecord>) -> anyhow::Result<()> {
+    fn write_segment(&mut self, mut records: Vec<&AuditRecord>) -> anyhow::Result<()> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(());
         };

@@ -3,28 +3,65 @@
 //!
 //! Files are `{dir}/wal/wal-<generation:010>-<first sequence:020>.log`. Each
 //! frame is `len: u32 LE | crc32(payload): u32 LE | payload`, the payload
-//! being the serde_json encoding of the full record (including
-//! `record_hash`). A new file is started after every segment cut and after
-//! every failed write, so a failed batch never leaves garbage in front of
-//! acknowledged records: a later file starting at sequence S supersedes
-//! whatever an earlier file holds from S on (see [`read_all`]).
+//! being the record's canonical encoding (`AuditRecord::canonical_bytes`):
+//! the exact bytes its `record_hash` is the SHA-256 of, so a record is
+//! encoded once and hashed once on the way in, and replay gets the hash
+//! from the payload without encoding anything again. The encoding is JSON,
+//! which the record deserialises from directly.
+//!
+//! A file is usually preallocated: written full of zeros before it is
+//! used (see [`prepare_spare`]), so appending a batch overwrites blocks
+//! that already exist and fdatasync has no file size or extent change to
+//! commit. The written part ends at the first zero length field. A batch
+//! cut short by a crash leaves zeros where its unwritten sectors are; that
+//! is how a torn frame is told from a corrupt one (see [`read_file`]).
+//!
+//! A new file is started when one is full and after every failed write, so
+//! a failed batch never leaves garbage in front of acknowledged records: a
+//! later file starting at sequence S supersedes whatever an earlier file
+//! holds from S on (see [`read_all`]).
 
 use std::{
     fs,
-    io::{self, Read},
+    io::{self, Read, Write},
     path::{Path, PathBuf},
 };
 
-use super::AuditRecord;
+use sha2::{Digest, Sha256};
+
+use super::{fsutil::Perms, AuditRecord};
 
 /// Largest payload accepted when reading: a longer length field is corrupt.
 const MAX_FRAME: u32 = 64 << 20;
 
-pub fn encode_frame(record: &AuditRecord, out: &mut Vec<u8>) {
-    let payload = serde_json::to_vec(record).unwrap_or_default();
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+/// Size a preallocated WAL file is zero-filled to. A batch that does not
+/// fit in what is left starts the next file.
+pub const PREALLOC_BYTES: u64 = 16 << 20;
+
+/// Files are only preallocated while the file system has at least this
+/// much free space: on a nearly full disk, zero-filled space held in
+/// reserve would let records be acknowledged after the disk is full (and
+/// then have nowhere to go as segments), so the WAL falls back to plain
+/// appends there and requests are refused as soon as the disk is full.
+pub const PREALLOC_MIN_FREE: u64 = 1 << 30;
+
+/// Granularity at which a crash may leave a write partly on disk: a
+/// sector is either written or not.
+const SECTOR: usize = 512;
+
+/// Appends the frame of `record` (canonical encoding as payload) to `out`
+/// and returns the record's hash: SHA-256 of the payload.
+pub fn encode_frame(record: &AuditRecord, out: &mut Vec<u8>) -> [u8; 32] {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 8]);
+    super::segment::canonical_into(record, out);
+    let payload = &out[start + 8..];
+    let hash: [u8; 32] = Sha256::digest(payload).into();
+    let len = (payload.len() as u32).to_le_bytes();
+    let crc = crc32fast::hash(payload).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc);
+    hash
 }
 
 pub fn file_name(generation: u64, first_seq: u64) -> String {
@@ -36,6 +73,57 @@ pub fn parse_name(name: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix("wal-")?.strip_suffix(".log")?;
     let (g, s) = rest.split_once('-')?;
     Some((g.parse().ok()?, s.parse().ok()?))
+}
+
+/// Name of a spare (preallocated, not yet used) file. It ends in `.tmp`:
+/// one left by a crash or a shutdown is removed at the next start.
+pub fn spare_name(n: u64) -> String {
+    format!("spare-{}-{n}.tmp", std::process::id())
+}
+
+/// Free bytes for an unprivileged writer on the file system of `dir`.
+pub fn free_space(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads a NUL-terminated path and fills the struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Creates `path` and fills it with [`PREALLOC_BYTES`] of zeros, really
+/// written (not fallocate'd: unwritten extents would have to be converted,
+/// with a journal commit, by the fdatasync of the first batch that lands
+/// in them), then fsyncs it so its size and blocks are on disk before any
+/// record is. `stop` is checked between chunks so a shutdown does not wait
+/// for the whole file. On any error the partial file is removed.
+pub fn prepare_spare(
+    perms: &Perms,
+    path: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> io::Result<fs::File> {
+    let result = (|| {
+        let mut f = perms.create_new(path)?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut left = PREALLOC_BYTES;
+        while left > 0 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "shutting down"));
+            }
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()?;
+        Ok(f)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    result
 }
 
 /// WAL files in generation order.
@@ -79,7 +167,33 @@ pub struct WalFileContents {
     pub tail: Tail,
 }
 
+/// Does some sector that `[start, end)` overlaps hold only zeros within
+/// that range? Then that part of the frame was never written: a batch cut
+/// short by a crash, in a preallocated (zero-filled) file. A payload never
+/// contains a zero byte (JSON text), and a single flipped bit cannot make
+/// the overlap with a whole sector zero (the payload's first and last
+/// bytes, `{` and `}`, are not one bit away from zero), so corruption is
+/// not mistaken for a torn write.
+fn has_unwritten_sector(bytes: &[u8], start: usize, end: usize) -> bool {
+    let mut s = start - start % SECTOR;
+    while s < end {
+        let (a, b) = (s.max(start), (s + SECTOR).min(end));
+        if a < b && bytes[a..b].iter().all(|&x| x == 0) {
+            return true;
+        }
+        s += SECTOR;
+    }
+    false
+}
+
 /// Reads the frames of one file up to the first bad one.
+///
+/// The written part of a file ends at its end or at a zero length field
+/// (the zero-filled rest of a preallocated file). A frame that runs past
+/// the end of the file, or that fails its checksum where some of its
+/// sectors are still zeros, is torn: a write cut short, never
+/// acknowledged. A whole frame that fails its checksum or does not decode
+/// is corrupt.
 pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
     let mut bytes = Vec::new();
     fs::File::open(path)?.read_to_end(&mut bytes)?;
@@ -89,16 +203,21 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
         if off == bytes.len() {
             break Tail::Clean;
         }
-        if bytes.len() - off < 8 {
+        let rest = &bytes[off..];
+        if rest.len() < 4 {
+            if rest.iter().all(|&b| b == 0) {
+                break Tail::Clean;
+            }
             break Tail::Torn { offset: off as u64 };
         }
-        let len = u32::from_le_bytes([bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]]);
-        let crc = u32::from_le_bytes([
-            bytes[off + 4],
-            bytes[off + 5],
-            bytes[off + 6],
-            bytes[off + 7],
-        ]);
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        if len == 0 {
+            break Tail::Clean;
+        }
+        if rest.len() < 8 {
+            break Tail::Torn { offset: off as u64 };
+        }
+        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
         if len > MAX_FRAME {
             break Tail::Corrupt {
                 offset: off as u64,
@@ -112,6 +231,9 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
         }
         let payload = &bytes[off + 8..end];
         if crc32fast::hash(payload) != crc {
+            if has_unwritten_sector(&bytes, off + 8, end) {
+                break Tail::Torn { offset: off as u64 };
+            }
             break Tail::Corrupt {
                 offset: off as u64,
                 frame: records.len(),
@@ -119,7 +241,14 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
             };
         }
         match serde_json::from_slice::<AuditRecord>(payload) {
-            Ok(r) => records.push(r),
+            Ok(mut r) => {
+                // Files written before the payload was the canonical
+                // encoding carry the hash in the record itself.
+                if r.record_hash.is_empty() {
+                    r.record_hash = hex::encode(Sha256::digest(payload));
+                }
+                records.push(r)
+            }
             Err(e) => {
                 break Tail::Corrupt {
                     offset: off as u64,
@@ -157,4 +286,125 @@ pub fn read_all(wal_dir: &Path) -> io::Result<(Vec<AuditRecord>, Vec<WalFileRepo
         });
     }
     Ok((merged, reports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(n: usize) -> (Vec<u8>, Vec<AuditRecord>) {
+        let mut bytes = Vec::new();
+        let mut records = Vec::new();
+        for i in 0..n {
+            let mut r = super::super::tests::sample(i, 1_000 + i as i64);
+            r.sequence = i as u64 + 1;
+            r.record_hash = hex::encode(encode_frame(&r, &mut bytes));
+            records.push(r);
+        }
+        (bytes, records)
+    }
+
+    fn read(bytes: &[u8]) -> WalFileContents {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(file_name(1, 1));
+        fs::write(&path, bytes).unwrap();
+        read_file(&path).unwrap()
+    }
+
+    /// Frame starts, for placing damage.
+    fn offsets(bytes: &[u8]) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off + 8 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            if len == 0 {
+                break;
+            }
+            out.push(off);
+            off += 8 + len;
+        }
+        out
+    }
+
+    #[test]
+    fn payload_is_the_canonical_encoding_and_its_hash_is_the_record_hash() {
+        let (bytes, records) = frames(3);
+        let got = read(&bytes);
+        assert_eq!(got.tail, Tail::Clean);
+        assert_eq!(got.records, records);
+        for r in &got.records {
+            assert_eq!(r.compute_hash(), r.record_hash);
+        }
+        let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+        assert_eq!(&bytes[8..8 + len], records[0].canonical_bytes().as_slice());
+    }
+
+    #[test]
+    fn zero_filled_rest_of_a_preallocated_file_is_a_clean_end() {
+        let (mut bytes, records) = frames(3);
+        bytes.resize(bytes.len() + 100_000, 0);
+        let got = read(&bytes);
+        assert_eq!(got.tail, Tail::Clean);
+        assert_eq!(got.records, records);
+    }
+
+    #[test]
+    fn batch_cut_short_in_a_preallocated_file_is_torn_not_corrupt() {
+        let (mut bytes, records) = frames(6);
+        let starts = offsets(&bytes);
+        bytes.resize(bytes.len() + 100_000, 0);
+        // The sectors of the last frame from the first boundary inside its
+        // payload on never reached the disk.
+        let last = starts[5];
+        let end = last + 8 + u32::from_le_bytes(bytes[last..last + 4].try_into().unwrap()) as usize;
+        let cut = (last + 8 + SECTOR) / SECTOR * SECTOR;
+        assert!(cut < end, "the sample frame spans a sector boundary");
+        bytes[cut..end].fill(0);
+        let got = read(&bytes);
+        assert!(matches!(got.tail, Tail::Torn { .. }), "{:?}", got.tail);
+        assert_eq!(got.records, records[..5]);
+    }
+
+    #[test]
+    fn flipped_byte_in_a_preallocated_file_is_corrupt() {
+        let (mut bytes, _) = frames(4);
+        let starts = offsets(&bytes);
+        bytes.resize(bytes.len() + 100_000, 0);
+        for frame in [1usize, 3] {
+            let mut damaged = bytes.clone();
+            // Also the last frame, followed only by zeros.
+            damaged[starts[frame] + 8 + 20] ^= 0x01;
+            let got = read(&damaged);
+            assert!(
+                matches!(got.tail, Tail::Corrupt { frame: f, .. } if f == frame),
+                "{:?}",
+                got.tail
+            );
+            assert_eq!(got.records.len(), frame);
+        }
+    }
+
+    #[test]
+    fn frame_running_past_the_end_of_a_plain_file_is_torn() {
+        let (bytes, _) = frames(2);
+        let got = read(&bytes[..bytes.len() - 3]);
+        assert!(matches!(got.tail, Tail::Torn { .. }), "{:?}", got.tail);
+        assert_eq!(got.records.len(), 1);
+    }
+
+    #[test]
+    fn frames_from_before_the_canonical_payload_still_decode() {
+        let mut r = super::super::tests::sample(0, 1_000);
+        r.sequence = 1;
+        r.prev_record_hash = super::super::GENESIS_HASH.into();
+        r.record_hash = r.compute_hash();
+        let payload = serde_json::to_vec(&r).unwrap();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let got = read(&bytes);
+        assert_eq!(got.tail, Tail::Clean);
+        assert_eq!(got.records, vec![r]);
+    }
 }
