@@ -11,7 +11,7 @@ use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc::{self, RecvTimeoutError},
-        Arc,
+        Arc, Condvar, Mutex,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -219,6 +219,10 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
         buffer: Vec::new(),
         buffer_since: None,
         frames: Vec::new(),
+        syncer: match cfg.durability {
+            super::DurabilityMode::Buffered => Some(Syncer::start()?),
+            _ => None,
+        },
         max_age: Duration::from_secs(cfg.segment_max_age_secs.max(1)),
         max_records: cfg.segment_max_records.max(1),
         seg_tx,
@@ -240,6 +244,87 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<mpsc::Sender<Msg>> {
 /// records is about a second of CPU, and on a small host it would
 /// otherwise delay group commits by whole time slices. The records it
 /// works on are already durable, so it only has to keep up on average.
+/// `buffered` durability: fdatasyncs the current WAL file back to back,
+/// behind the writer, which acknowledges records once written.
+struct Syncer {
+    state: Arc<(Mutex<SyncState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// The file written since the last sync started, if any.
+    dirty: Option<Arc<fs::File>>,
+    /// A sync failed; the writer refuses the next batch.
+    failure: Option<String>,
+    stop: bool,
+}
+
+impl Syncer {
+    fn start() -> io::Result<Self> {
+        let state: Arc<(Mutex<SyncState>, Condvar)> = Arc::default();
+        let shared = state.clone();
+        std::thread::Builder::new()
+            .name("audit-wal-sync".into())
+            .spawn(move || Self::run(&shared))?;
+        Ok(Self { state })
+    }
+
+    fn lock(state: &Mutex<SyncState>) -> std::sync::MutexGuard<'_, SyncState> {
+        state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn run(state: &(Mutex<SyncState>, Condvar)) {
+        let (lock, wake) = state;
+        loop {
+            let file = {
+                let mut s = Self::lock(lock);
+                loop {
+                    if s.stop {
+                        return;
+                    }
+                    if let Some(file) = s.dirty.take() {
+                        break file;
+                    }
+                    s = wake
+                        .wait(s)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+            };
+            if let Err(e) = file.sync_data() {
+                error!(error = %e, "WAL sync failed");
+                Self::lock(lock).failure = Some(e.to_string());
+            }
+        }
+    }
+
+    fn dirty(&self, file: &Arc<fs::File>) {
+        let (lock, wake) = &*self.state;
+        Self::lock(lock).dirty = Some(file.clone());
+        wake.notify_one();
+    }
+
+    fn take_failure(&self) -> Option<String> {
+        Self::lock(&self.state.0).failure.take()
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.state;
+        let mut s = Self::lock(lock);
+        // The last batch is synced before the thread leaves.
+        if let Some(file) = s.dirty.take() {
+            if let Err(e) = file.sync_data() {
+                error!(error = %e, "WAL sync failed at shutdown");
+            }
+        }
+        s.stop = true;
+        wake.notify_one();
+    }
+}
+
 fn lower_priority(thread: &str) {
     // SAFETY: gettid has no preconditions; setpriority on our own thread
     // id changes only this thread's nice value (Linux threads are tasks).
@@ -394,7 +479,8 @@ fn prepare_spares(
 
 /// The WAL file being written.
 struct WalFile {
-    file: fs::File,
+    /// Shared with the background syncer in `buffered` durability.
+    file: Arc<fs::File>,
     path: PathBuf,
     /// Bytes of acknowledged frames: the next batch is written here.
     len: u64,
@@ -425,6 +511,8 @@ struct Writer {
     buffer_since: Option<Instant>,
     /// The batch's frames; kept between batches for its capacity.
     frames: Vec<u8>,
+    /// In `buffered` durability: syncs the WAL behind the writer.
+    syncer: Option<Syncer>,
     max_age: Duration,
     max_records: usize,
     seg_tx: mpsc::Sender<SegMsg>,
@@ -575,7 +663,7 @@ impl Writer {
         // The file's name must survive a crash with its contents.
         fsutil::fsync_dir(&self.wal_dir)?;
         self.file = Some(WalFile {
-            file,
+            file: Arc::new(file),
             path,
             len: 0,
             preallocated,
@@ -587,6 +675,14 @@ impl Writer {
     /// are in manifested segments.
     fn retire_file(&mut self) {
         if let Some(w) = self.file.take() {
+            // The syncer follows only the current file: what it has not
+            // covered of this one is synced now (once per file, not per
+            // batch).
+            if self.syncer.is_some() {
+                if let Err(e) = w.file.sync_data() {
+                    error!(error = %e, path = %w.path.display(), "WAL sync failed");
+                }
+            }
             self.closed_files.push(w.path);
         }
     }
@@ -627,6 +723,16 @@ impl Writer {
         if self.file.is_none() {
             self.open_file(first_seq)?;
         }
+        // A failed background sync: what it should have covered may be
+        // gone from the page cache. Refuse this batch (fail closed) and
+        // start a fresh file for the next one.
+        if let Some(failure) = self.syncer.as_ref().and_then(Syncer::take_failure) {
+            self.retire_file();
+            return Err(io::Error::other(format!(
+                "an earlier WAL sync failed: {failure}"
+            )));
+        }
+        let sync_here = self.syncer.is_none();
         let Some(w) = self.file.as_mut() else {
             return Err(io::Error::other("no WAL file"));
         };
@@ -636,19 +742,28 @@ impl Writer {
                 .file
                 .write_all_at(&bytes[..k.min(bytes.len())], w.len)
                 .and_then(|()| Err(io::Error::from_raw_os_error(libc::ENOSPC))),
-            None => w
-                .file
-                .write_all_at(bytes, w.len)
-                .and_then(|()| w.file.sync_data()),
+            None => w.file.write_all_at(bytes, w.len).and_then(|()| {
+                if sync_here {
+                    w.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            }),
         };
         #[cfg(not(test))]
-        let result = w
-            .file
-            .write_all_at(bytes, w.len)
-            .and_then(|()| w.file.sync_data());
+        let result = w.file.write_all_at(bytes, w.len).and_then(|()| {
+            if sync_here {
+                w.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         match result {
             Ok(()) => {
                 w.len += n;
+                if let Some(syncer) = &self.syncer {
+                    syncer.dirty(&w.file);
+                }
                 Ok(())
             }
             Err(e) => {

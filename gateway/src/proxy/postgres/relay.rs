@@ -15,7 +15,7 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{
     classify::classify,
@@ -27,7 +27,7 @@ use super::{
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
 use crate::{
-    audit::{record, AuditRecord, DurabilityMode, Durable},
+    audit::{record, AuditRecord, Durable},
     identity::Principal,
     policy::{Decision, Operation, RecordResults, Request, StatementKind},
     proxy::tls::BoxedIo,
@@ -688,8 +688,11 @@ async fn admit(
     record.action_id = record::action::ALLOWED;
     // A provably read-only statement goes out while its record syncs; its
     // answer is held until the record is durable (see server_to_client).
-    if session.shared.audit.durability() == DurabilityMode::ReadParallel
-        && provably_read_only(operations)
+    if session
+        .shared
+        .audit
+        .durability()
+        .may_forward_before_durable(provably_read_only(operations))
     {
         let durable = session.shared.audit.submit(record.clone());
         return Ok(Admitted {
@@ -1034,12 +1037,7 @@ fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) 
     }
     // Lazy: the answer is already out; the outcome rides with the next
     // sync instead of costing the session's next statement a sync of its own.
-    let durable = session.shared.audit.submit_lazy(outcome);
-    tokio::spawn(async move {
-        if let Err(err) = durable.await {
-            warn!(error = %err, "outcome record lost: audit unavailable");
-        } else {
-            debug!("outcome recorded");
-        }
-    });
+    // Nothing waits on it: a waiting task would be one more wake-up per
+    // statement. A batch that cannot be written is logged by the store.
+    drop(session.shared.audit.submit_lazy(outcome));
 }
