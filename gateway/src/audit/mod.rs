@@ -270,7 +270,7 @@ impl AuditLog {
     /// response until the `Durable` resolves.
     pub fn submit(&self, record: AuditRecord) -> Durable {
         let (otx, orx) = oneshot::channel();
-        match self.tx.send(store::Msg::Append(record, otx)) {
+        match self.tx.send(store::Msg::Append(Box::new(record), otx)) {
             Ok(()) => Durable { rx: Ok(orx) },
             Err(_) => Durable {
                 rx: Err(Some(AuditError::Unavailable(
@@ -286,7 +286,7 @@ impl AuditLog {
     /// own. The returned [`Durable`] still tells whether that happened.
     pub fn submit_lazy(&self, record: AuditRecord) -> Durable {
         let (otx, orx) = oneshot::channel();
-        match self.tx.send(store::Msg::AppendLazy(record, otx)) {
+        match self.tx.send(store::Msg::AppendLazy(Box::new(record), otx)) {
             Ok(()) => Durable { rx: Ok(orx) },
             Err(_) => {
                 // Callers may drop the result unread: say it here.

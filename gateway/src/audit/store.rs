@@ -6,6 +6,7 @@
 //! a oneshot.
 
 use std::{
+    borrow::Borrow,
     fs, io,
     path::{Path, PathBuf},
     sync::{
@@ -35,14 +36,14 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
-// Records travel by value: boxing would cost an allocation per append
-// for the sake of the rare Shutdown message.
-#[allow(clippy::large_enum_variant)]
+// Records travel boxed from the caller to the segment: a record is over a
+// kilobyte of fields, and moved by value it was copied at every hand-over
+// (channel, batch, buffer), the largest cost of the writer thread.
 pub(crate) enum Msg {
-    Append(AuditRecord, oneshot::Sender<Result<u64, AuditError>>),
+    Append(Box<AuditRecord>, oneshot::Sender<Result<u64, AuditError>>),
     /// A record nobody waits on to act: it rides with the next sync
     /// instead of forcing one (see [`LAZY_WAIT`]).
-    AppendLazy(AuditRecord, oneshot::Sender<Result<u64, AuditError>>),
+    AppendLazy(Box<AuditRecord>, oneshot::Sender<Result<u64, AuditError>>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -54,7 +55,9 @@ const LAZY_WAIT: Duration = Duration::from_millis(20);
 
 enum SegMsg {
     Batch {
-        records: Vec<AuditRecord>,
+        // Boxed on purpose: see `Msg`.
+        #[allow(clippy::vec_box)]
+        records: Vec<Box<AuditRecord>>,
         wal_files: Vec<PathBuf>,
     },
     Shutdown(Option<oneshot::Sender<()>>),
@@ -507,7 +510,9 @@ struct Writer {
     /// manifested segments.
     closed_files: Vec<PathBuf>,
     /// Durable records not yet handed to a segment.
-    buffer: Vec<AuditRecord>,
+    // Boxed on purpose: see `Msg`.
+    #[allow(clippy::vec_box)]
+    buffer: Vec<Box<AuditRecord>>,
     buffer_since: Option<Instant>,
     /// The batch's frames; kept between batches for its capacity.
     frames: Vec<u8>,
@@ -587,7 +592,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: Vec<(AuditRecord, Waiter)>) {
+    fn commit(&mut self, batch: Vec<(Box<AuditRecord>, Waiter)>) {
         let mut seq = self.next_seq;
         let mut prev = self.prev_hash.clone();
         let mut bytes = std::mem::take(&mut self.frames);
@@ -839,7 +844,7 @@ struct SegState {
 
 impl SegState {
     fn run(mut self, rx: mpsc::Receiver<SegMsg>) {
-        let mut queue: std::collections::VecDeque<(Vec<AuditRecord>, Vec<PathBuf>)> =
+        let mut queue: std::collections::VecDeque<(Vec<Box<AuditRecord>>, Vec<PathBuf>)> =
             Default::default();
         loop {
             let wait = if queue.is_empty() {
@@ -906,13 +911,17 @@ impl SegState {
     /// Writes the records (sequence order) as one segment per run of equal
     /// days, each followed by its manifest entry, then one checkpoint.
     /// Records already manifested (a retried batch) are skipped.
-    fn write_segments(&mut self, records: &[AuditRecord]) -> anyhow::Result<()> {
+    fn write_segments<R: Borrow<AuditRecord>>(&mut self, records: &[R]) -> anyhow::Result<()> {
         let done = self
             .manifest
             .last_segment()
             .map(|s| s.last_seq)
             .unwrap_or(0);
-        let todo: Vec<&AuditRecord> = records.iter().filter(|r| r.sequence > done).collect();
+        let todo: Vec<&AuditRecord> = records
+            .iter()
+            .map(|r| r.borrow())
+            .filter(|r| r.sequence > done)
+            .collect();
         if todo.is_empty() {
             return Ok(());
         }
