@@ -567,6 +567,29 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     );
     assert!(!text(&out.stdout).contains("@example.com"));
 
+    // An error from a Bind (to a statement that does not exist) makes the
+    // server skip the Query behind it in the pipeline: tollgate must not
+    // take the next statement's answers for that Query's, or a computed
+    // column of a masked table would be planned as unmasked.
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &[
+            "bind_error",
+            "SELECT 1",
+            "SELECT email || '' AS copy FROM customers WHERE id = 1",
+        ],
+    );
+    let answers: Value = serde_json::from_str(&out).expect("json");
+    assert!(!out.contains("@example.com"), "a row leaked: {answers}");
+    let rows: Vec<&Value> = answers["answers"]
+        .as_array()
+        .map(|a| a.iter().filter(|m| m["tag"] == "D").collect())
+        .unwrap_or_default();
+    assert_eq!(rows.len(), 1, "{answers}");
+    assert_eq!(rows[0]["values"][0], "****", "{answers}");
+
     // Rows fetched from a cursor: FETCH names no table, so its rows count
     // as reads of masked columns, computed ones included (each -c is its
     // own Query message, so the FETCH is decided on its own).
@@ -870,5 +893,45 @@ fn refusals_are_answered_in_place_even_when_the_client_has_not_synced() {
             .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
             .expect("the table is still there"),
         "3"
+    );
+}
+
+#[test]
+fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
+    let Some((stack, token)) =
+        start("a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it")
+    else {
+        return;
+    };
+    // `s` is prepared as a DELETE without WHERE; a second Parse of `s` as a
+    // harmless SELECT is refused by the server (the name is taken) in an
+    // earlier pipeline than the Bind, so the Bind gets the DELETE.
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &token,
+        &["collision", "DELETE FROM customers", "SELECT 1"],
+    );
+    let answers: Value = serde_json::from_str(&out).expect("json");
+    let errors: Vec<&Value> = answers["answers"]
+        .as_array()
+        .map(|a| a.iter().filter(|m| m["tag"] == "E").collect())
+        .unwrap_or_default();
+    assert!(errors.iter().any(|e| e["sqlstate"] == "42P05"), "{answers}");
+    assert!(
+        errors.iter().any(|e| e["sqlstate"] == "42501"
+            && e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("delete_without_where")),
+        "the Execute must be decided as the DELETE the server would run: {answers}"
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("count"),
+        "3",
+        "the DELETE ran"
     );
 }

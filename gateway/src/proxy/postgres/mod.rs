@@ -151,8 +151,8 @@ async fn serve(
     .unwrap_or(Err(WireError::Malformed(
         "no password within the startup timeout".into(),
     )));
-    let token = match password {
-        Ok(frame) => wire::password(&frame)?,
+    let token = match password.and_then(|frame| wire::password(&frame)) {
+        Ok(token) => token,
         // A client that hangs up at the password prompt had no token to give.
         Err(WireError::Closed) => {
             let mut record = connection.authentication_refused(&IdentityError::Missing);

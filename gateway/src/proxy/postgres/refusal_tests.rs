@@ -100,6 +100,19 @@ async fn listen(
     (addr, shared)
 }
 
+/// One listener with the first identity config of the forged table: the
+/// key and audit directories (kept alive), the audit log, the address.
+async fn one_listener() -> (tempfile::TempDir, tempfile::TempDir, AuditLog, SocketAddr) {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (_, cases) = forged_cases(keys.path());
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let audit = AuditLog::open(&audit::tests::config(audit_dir.path()))
+        .await
+        .expect("audit");
+    let (addr, _shared) = listen(keys.path(), cases[0].config, &audit).await;
+    (keys, audit_dir, audit, addr)
+}
+
 /// Reads up to the end of the connection; the first ErrorResponse's
 /// SQLSTATE and message, if any.
 async fn first_error(stream: &mut TcpStream) -> Option<(String, String)> {
@@ -117,13 +130,7 @@ async fn first_error(stream: &mut TcpStream) -> Option<(String, String)> {
 // waits, so the 60 seconds pass at once and are measured on tokio's clock.
 #[tokio::test(start_paused = true)]
 async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() {
-    let keys = tempfile::tempdir().expect("tempdir");
-    let (_, cases) = forged_cases(keys.path());
-    let audit_dir = tempfile::tempdir().expect("tempdir");
-    let audit = AuditLog::open(&audit::tests::config(audit_dir.path()))
-        .await
-        .expect("audit");
-    let (addr, _shared) = listen(keys.path(), cases[0].config, &audit).await;
+    let (_keys, audit_dir, audit, addr) = one_listener().await;
 
     // Connects and sends nothing at all.
     let started = tokio::time::Instant::now();
@@ -159,6 +166,30 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
         .collect();
     assert_eq!(stalled.len(), 1, "{stalled:?}");
     assert_eq!(stalled[0].database_user, "agent");
+}
+
+#[tokio::test]
+async fn a_malformed_password_message_gets_08p01_and_an_audit_row() {
+    let (_keys, audit_dir, audit, addr) = one_listener().await;
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client.write_all(&startup_packet()).await.expect("startup");
+    // A Query where the password message belongs.
+    let mut query = BytesMut::new();
+    query.put_u8(b'Q');
+    query.put_i32(4 + 9);
+    query.put_slice(b"SELECT 1\0");
+    client.write_all(&query).await.expect("query");
+    let (code, message) = first_error(&mut client)
+        .await
+        .expect("an error, then close");
+    assert_eq!(code, "08P01", "{message}");
+    assert!(message.contains("expected a password message"), "{message}");
+    audit.shutdown().await;
+    let refused: Vec<_> = audit::tests::read_segments(&audit_dir.path().join("audit"))
+        .into_iter()
+        .filter(|r| r.phase == "refusal" && r.status_detail.contains("expected a password message"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
 }
 
 #[tokio::test]

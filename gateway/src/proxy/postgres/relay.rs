@@ -14,7 +14,10 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
+    sync::Notify,
+};
 use tracing::warn;
 
 use super::{
@@ -70,6 +73,13 @@ enum Kind {
     /// A Parse: the statement exists once ParseComplete confirms it; an
     /// error (or an earlier error in the pipeline) means it never did.
     Parse,
+    /// A Bind: the portal exists once BindComplete confirms it.
+    Bind,
+    /// A Describe: answered by RowDescription or NoData (after a
+    /// ParameterDescription for a statement), or an error.
+    Describe,
+    /// A Close: the statement or portal is gone once CloseComplete comes.
+    Close,
 }
 
 struct Pending {
@@ -91,6 +101,18 @@ struct Pending {
     masked_columns: BTreeSet<String>,
     /// For a Parse: the statement's name and what it is.
     parse: Option<(String, Arc<Prepared>)>,
+    /// For a Bind: the portal's name, the statement and the rendered
+    /// parameters.
+    bind: Option<(String, Bound)>,
+    /// For a Close: 'S' or 'P', and the name.
+    close: Option<(u8, String)>,
+    /// For a Describe: it describes the portal the next Execute runs.
+    describes_next_execute: bool,
+    /// For a Sync: copy data was sent before it since the last Execute,
+    /// so it was not sent into the start of a COPY FROM STDIN.
+    after_copy_data: bool,
+    /// Tells entries apart while the client waits for one to be answered.
+    id: u64,
     /// For an Execute: the client described this very portal just before,
     /// so the next RowDescription is this Execute's.
     described: bool,
@@ -163,17 +185,27 @@ impl Pending {
             masked_columns: BTreeSet::new(),
             described: false,
             parse: None,
+            bind: None,
+            close: None,
+            describes_next_execute: false,
+            after_copy_data: false,
+            id: 0,
             durable: None,
             recording: None,
         }
     }
 }
 
+/// What a portal runs: the statement and its rendered parameters.
+type Bound = (Arc<Prepared>, String);
+
 #[derive(Default)]
 struct InFlight {
     queue: VecDeque<Pending>,
     /// Prepared statements the server has confirmed (ParseComplete).
     statements: HashMap<String, Arc<Prepared>>,
+    /// Portals the server has confirmed (BindComplete).
+    portals: HashMap<String, Bound>,
     /// The server is in COPY FROM STDIN: only copy messages (and the Flush
     /// and Sync it ignores) may follow until CopyDone or CopyFail.
     copy_in: bool,
@@ -182,26 +214,78 @@ struct InFlight {
     /// Random, so no statement or portal of the agent's can be it; the
     /// server's error naming it is known to be the refusal's and no other.
     marker: String,
+    next_id: u64,
 }
 
 fn refusal_marker() -> String {
     format!("tollgate_refused_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// What a name (of a statement or a portal) stands for when the server
+/// reaches the message that uses it.
+enum Resolved<T> {
+    Known(T),
+    /// A Parse, Bind or Close of the name sent before the last Sync is
+    /// still unanswered: whether it took effect decides what the server
+    /// will use, so the client's messages wait until it is answered.
+    WaitFor(u64),
+}
+
 impl InFlight {
-    /// What a Bind of `name` binds: the latest Parse of that name still in
-    /// flight (a pipelined P/B/E; if the server refuses that Parse it skips
-    /// the Bind too), else the confirmed statement, else nothing known.
-    fn statement(&self, name: &str) -> Arc<Prepared> {
-        self.queue
-            .iter()
-            .rev()
-            .find_map(|p| match &p.parse {
-                Some((parsed, prepared)) if parsed == name => Some(prepared.clone()),
+    fn push(&mut self, mut pending: Pending) {
+        self.next_id += 1;
+        pending.id = self.next_id;
+        self.queue.push_back(pending);
+    }
+
+    /// What the server will find under a statement or portal name. The
+    /// latest Parse/Bind/Close of it still in flight decides when it is in
+    /// the current pipeline (no Sync since): if it fails, the server skips
+    /// to Sync and never uses the name. One sent before a Sync may fail and
+    /// leave the older definition in place: wait for its answer. Otherwise
+    /// what the server confirmed.
+    fn resolve<T: Clone>(
+        &self,
+        defines: impl Fn(&Pending) -> Option<Option<T>>,
+        confirmed: Option<&T>,
+    ) -> Resolved<Option<T>> {
+        let mut synced_since = false;
+        for pending in self.queue.iter().rev() {
+            if pending.kind == Kind::Sync {
+                synced_since = true;
+                continue;
+            }
+            if let Some(definition) = defines(pending) {
+                return if synced_since {
+                    Resolved::WaitFor(pending.id)
+                } else {
+                    Resolved::Known(definition)
+                };
+            }
+        }
+        Resolved::Known(confirmed.cloned())
+    }
+
+    fn statement(&self, name: &str) -> Resolved<Option<Arc<Prepared>>> {
+        self.resolve(
+            |p| match (&p.parse, &p.close) {
+                (Some((parsed, prepared)), _) if parsed == name => Some(Some(prepared.clone())),
+                (_, Some((b'S', closed))) if closed == name => Some(None),
                 _ => None,
-            })
-            .or_else(|| self.statements.get(name).cloned())
-            .unwrap_or_else(|| Arc::new(Prepared::unknown()))
+            },
+            self.statements.get(name),
+        )
+    }
+
+    fn portal(&self, name: &str) -> Resolved<Option<Bound>> {
+        self.resolve(
+            |p| match (&p.bind, &p.close) {
+                (Some((bound, what)), _) if bound == name => Some(Some(what.clone())),
+                (_, Some((b'P', closed))) if closed == name => Some(None),
+                _ => None,
+            },
+            self.portals.get(name),
+        )
     }
 }
 
@@ -220,6 +304,8 @@ pub async fn run(
         marker: refusal_marker(),
         ..InFlight::default()
     }));
+    // Signalled whenever server answers have been taken off the queue.
+    let answered = Arc::new(Notify::new());
     let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
     let (upstream_rd, upstream_wr) = tokio::io::split(upstream.stream);
 
@@ -230,6 +316,7 @@ pub async fn run(
         upstream_wr,
         client_wr.clone(),
         in_flight.clone(),
+        answered.clone(),
     );
     let expiry_writer = client_wr.clone();
     let to_client = server_to_client(
@@ -238,6 +325,7 @@ pub async fn run(
         upstream.buffered,
         client_wr,
         in_flight.clone(),
+        answered,
     );
     let deadline = session.shared.verifier.session_deadline(&session.principal);
     // Whichever side ends first ends the session; so does the token's expiry.
@@ -313,12 +401,15 @@ async fn client_to_server(
     mut upstream_wr: WriteHalf<BoxedIo>,
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,
+    answered: Arc<Notify>,
 ) -> Result<(), WireError> {
     let marker = lock(&in_flight).marker.clone();
-    // Prepared statements are classified once, at Parse, and known to
-    // exist only once the server confirms them (InFlight::statements).
-    // Portal -> (statement name, rendered parameters).
-    let mut portals: HashMap<String, (Arc<Prepared>, String)> = HashMap::new();
+    // Prepared statements are classified once, at Parse; statements and
+    // portals exist for tollgate once the server confirms them
+    // (InFlight::statements, InFlight::portals; see InFlight::resolve).
+    // Copy data sent since the last Execute: a Sync after it was not sent
+    // into the start of a COPY FROM STDIN (see `after_copy_data`).
+    let mut copy_data_sent = false;
     // After a refused Execute, the rest of the pipeline up to Sync is
     // dropped, as PostgreSQL itself does after an error.
     let mut skipping_to_sync = false;
@@ -336,7 +427,10 @@ async fn client_to_server(
                     // The server ignores a Sync in COPY FROM STDIN: it
                     // gets no ReadyForQuery of its own.
                     b'S' => {}
-                    b'c' | b'f' => lock(&in_flight).copy_in = false,
+                    b'c' | b'f' => {
+                        copy_data_sent = true;
+                        lock(&in_flight).copy_in = false;
+                    }
                     other => {
                         fatal_to_client(
                             &client_wr,
@@ -363,7 +457,7 @@ async fn client_to_server(
                         Ok(admitted) => {
                             let mut pending = admitted.into_pending(Kind::Query);
                             pending.reads_masked = reads_masked(&session.masks, &operations);
-                            lock(&in_flight).queue.push_back(pending);
+                            lock(&in_flight).push(pending);
                             forward.unsplit(frame.bytes);
                         }
                         Err(refusal) => refuse_in_place(&in_flight, refusal, &marker, &mut forward),
@@ -386,29 +480,46 @@ async fn client_to_server(
                     });
                     let mut parse = Pending::new(Kind::Parse, None);
                     parse.parse = Some((name, prepared));
-                    lock(&in_flight).queue.push_back(parse);
+                    lock(&in_flight).push(parse);
                     forward.unsplit(frame.bytes);
                 }
                 b'B' => {
                     let (portal, statement) = wire::bind_message(&frame)?;
-                    // The portal runs the statement as it is now: a later
-                    // Parse of the same name does not change it.
-                    let prepared = lock(&in_flight).statement(&statement);
+                    // The portal runs the statement as the server will
+                    // find it: a later Parse of the same name does not
+                    // change it.
+                    let prepared = resolve_waiting(
+                        &in_flight,
+                        &answered,
+                        &mut forward,
+                        &mut upstream_wr,
+                        |f| f.statement(&statement),
+                    )
+                    .await?
+                    .unwrap_or_else(|| Arc::new(Prepared::unknown()));
                     let parameters = wire::bind_parameters_rendered(
                         &frame,
                         &prepared.parameter_types,
                         MAX_PARAMETER_BYTES,
                         MAX_PARAMETERS_BYTES,
                     )?;
-                    portals.insert(portal, (prepared, parameters));
+                    let mut bind = Pending::new(Kind::Bind, None);
+                    bind.bind = Some((portal, (prepared, parameters)));
+                    lock(&in_flight).push(bind);
                     forward.unsplit(frame.bytes);
                 }
                 b'E' => {
                     let portal = wire::execute_portal(&frame)?;
-                    let (prepared, parameters) = match portals.get(&portal) {
-                        Some((prepared, parameters)) => (prepared.clone(), parameters.clone()),
-                        None => (Arc::new(Prepared::unknown()), String::new()),
-                    };
+                    copy_data_sent = false;
+                    let (prepared, parameters) = resolve_waiting(
+                        &in_flight,
+                        &answered,
+                        &mut forward,
+                        &mut upstream_wr,
+                        |f| f.portal(&portal),
+                    )
+                    .await?
+                    .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
                     match admit(&session, &prepared.text, &prepared.operations, parameters).await {
                         Ok(admitted) => {
                             let mut pending = admitted.into_pending(Kind::Execute);
@@ -416,13 +527,24 @@ async fn client_to_server(
                                 reads_masked(&session.masks, &prepared.operations);
                             pending.described =
                                 last_describe.take() == Some((b'P', portal.clone()));
-                            lock(&in_flight).queue.push_back(pending);
+                            let mut guard = lock(&in_flight);
+                            // The RowDescription that plans this Execute's
+                            // masking answers the Describe just before it.
+                            if pending.described {
+                                if let Some(describe) =
+                                    guard.queue.back_mut().filter(|p| p.kind == Kind::Describe)
+                                {
+                                    describe.describes_next_execute = true;
+                                }
+                            }
+                            guard.push(pending);
+                            drop(guard);
                             forward.unsplit(frame.bytes);
                         }
                         Err(refusal) => {
                             let mut pending = Pending::new(Kind::RefusedExecute, None);
                             pending.refusal = Some((refusal.code, refusal.message));
-                            lock(&in_flight).queue.push_back(pending);
+                            lock(&in_flight).push(pending);
                             wire::execute(&mut forward, &marker);
                             // The server skips to Sync after the marker's
                             // error; so does tollgate, which neither
@@ -433,17 +555,16 @@ async fn client_to_server(
                 }
                 b'S' => {
                     skipping_to_sync = false;
-                    lock(&in_flight)
-                        .queue
-                        .push_back(Pending::new(Kind::Sync, None));
+                    let mut sync = Pending::new(Kind::Sync, None);
+                    sync.after_copy_data = copy_data_sent;
+                    lock(&in_flight).push(sync);
                     forward.unsplit(frame.bytes);
                 }
                 b'C' => {
                     let (kind, name) = wire::close_message(&frame)?;
-                    match kind {
-                        b'S' => drop(lock(&in_flight).statements.remove(&name)),
-                        _ => drop(portals.remove(&name)),
-                    }
+                    let mut close = Pending::new(Kind::Close, None);
+                    close.close = Some((kind, name));
+                    lock(&in_flight).push(close);
                     forward.unsplit(frame.bytes);
                 }
                 b'X' => {
@@ -458,10 +579,15 @@ async fn client_to_server(
                     // Which result shape the next RowDescription belongs to:
                     // only a Describe of the portal about to be executed
                     // may plan that Execute's masking.
-                    last_describe = wire::close_message(&frame).ok();
+                    last_describe = Some(wire::close_message(&frame)?);
+                    lock(&in_flight).push(Pending::new(Kind::Describe, None));
                     forward.unsplit(frame.bytes);
                 }
-                b'H' | b'd' | b'c' | b'f' => forward.unsplit(frame.bytes),
+                b'd' | b'c' | b'f' => {
+                    copy_data_sent = true;
+                    forward.unsplit(frame.bytes);
+                }
+                b'H' => forward.unsplit(frame.bytes),
                 // Anything else is not a frontend message of protocol 3.0
                 // after startup: the stream cannot be trusted to be in step.
                 other => {
@@ -502,8 +628,35 @@ fn refuse_in_place(
 ) {
     let mut pending = Pending::new(Kind::RefusedQuery, None);
     pending.refusal = Some((refusal.code, refusal.message));
-    lock(in_flight).queue.push_back(pending);
+    lock(in_flight).push(pending);
     wire::query(forward, marker);
+}
+
+/// Resolves a statement or portal name (see [`InFlight::resolve`]). When
+/// an earlier pipeline's Parse, Bind or Close of it is unanswered, what is
+/// buffered goes to the server (a Sync follows that message, so the server
+/// answers it) and the client's messages wait for that answer.
+async fn resolve_waiting<T>(
+    in_flight: &Mutex<InFlight>,
+    answered: &Notify,
+    forward: &mut BytesMut,
+    upstream_wr: &mut WriteHalf<BoxedIo>,
+    lookup: impl Fn(&InFlight) -> Resolved<Option<T>>,
+) -> Result<Option<T>, WireError> {
+    loop {
+        let notified = answered.notified();
+        let waiting_for = match lookup(&lock(in_flight)) {
+            Resolved::Known(found) => return Ok(found),
+            Resolved::WaitFor(id) => id,
+        };
+        if !forward.is_empty() {
+            upstream_wr.write_all(forward).await?;
+            forward.clear();
+        }
+        if lock(in_flight).queue.iter().any(|p| p.id == waiting_for) {
+            notified.await;
+        }
+    }
 }
 
 /// Ends the session with a FATAL protocol error the client can read.
@@ -769,6 +922,7 @@ async fn server_to_client(
     mut buf: BytesMut,
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,
+    answered: Arc<Notify>,
 ) -> Result<(), WireError> {
     loop {
         let mut out = BytesMut::new();
@@ -822,6 +976,7 @@ async fn server_to_client(
         if !out.is_empty() {
             client_wr.lock().await.write_all(&out).await?;
         }
+        answered.notify_waiters();
         if upstream_rd.read_buf(&mut buf).await? == 0 {
             return Err(WireError::Closed);
         }
@@ -845,10 +1000,19 @@ fn track_answer(
     let InFlight {
         queue,
         statements,
+        portals,
         copy_in,
         marker,
+        ..
     } = &mut *guard;
     let Some(head) = queue.front_mut() else {
+        // ReadyForQuery answers a Query or a Sync: with none in flight, the
+        // answers and the requests are out of step.
+        if frame.tag == b'Z' {
+            return Err(WireError::Malformed(
+                "ReadyForQuery with no request in flight".into(),
+            ));
+        }
         if !masks.is_empty() && frame.tag == b'D' {
             // A row no request of ours asked for: show nothing of it.
             masked_row = Some(mask::apply(frame, &ResultMask::everything())?);
@@ -858,14 +1022,23 @@ fn track_answer(
     match frame.tag {
         // A RowDescription plans the masking of the rows that follow only
         // when it describes them: a simple query's own result, or the
-        // Describe of the very portal this Execute runs. Any other (a
+        // Describe of the very portal the next Execute runs. Any other (a
         // Describe of another statement) is not trusted; rows without a
         // trusted plan are masked whole.
-        b'T' if !masks.is_empty()
-            && (head.kind == Kind::Query || (head.kind == Kind::Execute && head.described)) =>
-        {
+        b'T' if head.kind == Kind::Describe => {
+            let plans_next = queue.pop_front().is_some_and(|d| d.describes_next_execute);
+            if let Some(next) = queue
+                .front_mut()
+                .filter(|p| plans_next && p.kind == Kind::Execute && !masks.is_empty())
+            {
+                next.result_mask = Some(mask::plan(frame, masks, next.reads_masked)?);
+            }
+        }
+        b'n' if head.kind == Kind::Describe => {
+            queue.pop_front();
+        }
+        b'T' if !masks.is_empty() && head.kind == Kind::Query => {
             head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
-            head.described = false;
         }
         b'D' => {
             head.rows += 1;
@@ -907,6 +1080,19 @@ fn track_answer(
                 statements.insert(name, prepared);
             }
         }
+        b'2' if head.kind == Kind::Bind => {
+            if let Some((name, bound)) = queue.pop_front().and_then(|p| p.bind) {
+                portals.insert(name, bound);
+            }
+        }
+        b'3' if head.kind == Kind::Close => {
+            if let Some((kind, name)) = queue.pop_front().and_then(|p| p.close) {
+                match kind {
+                    b'S' => drop(statements.remove(&name)),
+                    _ => drop(portals.remove(&name)),
+                }
+            }
+        }
         b'E' if matches!(head.kind, Kind::RefusedExecute | Kind::RefusedQuery) => {
             // Only the marker's own error may stand for the refusal: any
             // other means the answers and the queue disagree.
@@ -930,13 +1116,14 @@ fn track_answer(
         }
         b'G' => {
             *copy_in = true;
-            // A Sync sent right behind an Execute that turned out to be a
-            // COPY FROM STDIN reached the server in copy mode, which
-            // ignores it: it will get no ReadyForQuery.
-            if head.kind == Kind::Execute {
-                while queue.get(1).is_some_and(|p| p.kind == Kind::Sync) {
-                    queue.remove(1);
-                }
+            // A Sync sent right behind the COPY FROM STDIN, before any copy
+            // data, reached the server in copy mode, which ignores it: it
+            // will get no ReadyForQuery.
+            if queue
+                .get(1)
+                .is_some_and(|p| p.kind == Kind::Sync && !p.after_copy_data)
+            {
+                queue.remove(1);
             }
         }
         b'E' => {
@@ -954,9 +1141,9 @@ fn track_answer(
             *copy_in = false;
             match head.kind {
                 Kind::Query => head.error = Some(error),
-                Kind::Execute | Kind::Parse => {
-                    // A failed Parse never made its statement; a failed
-                    // Execute is this error's request.
+                Kind::Execute | Kind::Parse | Kind::Bind | Kind::Describe | Kind::Close => {
+                    // A failed Parse or Bind never made its statement or
+                    // portal; a failed Execute is this error's request.
                     if let Some(done) = queue.pop_front() {
                         if done.kind == Kind::Execute {
                             finished.push((done, Some(error)));
@@ -969,12 +1156,16 @@ fn track_answer(
         }
         b'Z' => {
             *copy_in = false;
-            if matches!(head.kind, Kind::Query | Kind::Sync | Kind::RefusedQuery) {
-                if let Some(done) = queue.pop_front() {
-                    let error = done.error.clone();
-                    if done.kind == Kind::Query {
-                        finished.push((done, error));
-                    }
+            if !matches!(head.kind, Kind::Query | Kind::Sync | Kind::RefusedQuery) {
+                return Err(WireError::Malformed(format!(
+                    "ReadyForQuery while a {:?} is unanswered",
+                    head.kind
+                )));
+            }
+            if let Some(done) = queue.pop_front() {
+                let error = done.error.clone();
+                if done.kind == Kind::Query {
+                    finished.push((done, error));
                 }
             }
         }

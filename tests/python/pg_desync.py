@@ -1,0 +1,75 @@
+"""Message sequences that used to put tollgate's view of a session out of
+step with the server's, each printed as JSON: {"answers": [...]} with one
+entry per message received ({tag, sqlstate, message, values}).
+
+Scenarios:
+  collision   Parse s as FIRST_SQL + Sync; then, in one write, Parse s as
+              SECOND_SQL (the server refuses the taken name) + Sync +
+              Bind/Execute of s + Sync. The server runs FIRST_SQL.
+  bind_error  Bind to a statement that does not exist + Query(FIRST_SQL) +
+              Sync in one write (the server skips the Query); then
+              Query(SECOND_SQL) on its own.
+
+usage: pg_desync.py HOST PORT TOKEN SCENARIO FIRST_SQL SECOND_SQL
+"""
+import json
+import socket
+import struct
+import sys
+
+from pg_raw import cstr, error_fields, msg, read_message, startup
+
+
+def until_ready(sock, out, count=1):
+    """Reads up to the count-th ReadyForQuery."""
+    while count:
+        tag, body = read_message(sock)
+        entry = {"tag": tag.decode()}
+        if tag == b"E":
+            fields = error_fields(body)
+            entry["sqlstate"], entry["message"] = fields.get("C"), fields.get("M")
+        if tag == b"D":
+            (n,) = struct.unpack("!h", body[:2])
+            values, at = [], 2
+            for _ in range(n):
+                (length,) = struct.unpack("!i", body[at : at + 4])
+                at += 4
+                values.append(None if length < 0 else body[at : at + length].decode(errors="replace"))
+                at += max(length, 0)
+            entry["values"] = values
+        out.append(entry)
+        if tag == b"Z":
+            count -= 1
+
+
+def main():
+    host, port, token, scenario, first, second = sys.argv[1:7]
+    sock = socket.create_connection((host, int(port)), timeout=15)
+    startup(sock)
+    read_message(sock)
+    sock.sendall(msg(b"p", cstr(token)))
+    until_ready(sock, [])
+    answers = []
+    sync = msg(b"S", b"")
+    bind = msg(b"B", cstr("") + cstr("s") + struct.pack("!hhh", 0, 0, 0))
+    execute = msg(b"E", cstr("") + struct.pack("!i", 0))
+    if scenario == "collision":
+        sock.sendall(msg(b"P", cstr("s") + cstr(first) + struct.pack("!h", 0)) + sync)
+        until_ready(sock, answers)
+        sock.sendall(
+            msg(b"P", cstr("s") + cstr(second) + struct.pack("!h", 0)) + sync + bind + execute + sync
+        )
+        until_ready(sock, answers, 2)
+    elif scenario == "bind_error":
+        missing = msg(b"B", cstr("") + cstr("no_such_statement") + struct.pack("!hhh", 0, 0, 0))
+        sock.sendall(missing + msg(b"Q", cstr(first)) + sync)
+        until_ready(sock, answers)
+        sock.sendall(msg(b"Q", cstr(second)))
+        until_ready(sock, answers)
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    print(json.dumps({"answers": answers}))
+
+
+if __name__ == "__main__":
+    main()
