@@ -9,6 +9,13 @@ Scenarios:
   bind_error  Bind to a statement that does not exist + Query(FIRST_SQL) +
               Sync in one write (the server skips the Query); then
               Query(SECOND_SQL) on its own.
+  pipeline_error
+              Parse/Bind/Execute of FIRST_SQL (which fails) + Flush; after
+              the error, Parse/Bind/Execute of SECOND_SQL + Sync (the
+              server skips them); then Query(SECOND_SQL) on its own.
+  cursor      Parse "h" as "SELECT 1", Bind portal "c" to it, then a Query
+              FIRST_SQL that closes "c" and declares a cursor "c", then
+              Describe/Execute of portal "c" + Sync, all in one write.
 
 usage: pg_desync.py HOST PORT TOKEN SCENARIO FIRST_SQL SECOND_SQL
 """
@@ -66,6 +73,32 @@ def main():
         until_ready(sock, answers)
         sock.sendall(msg(b"Q", cstr(second)))
         until_ready(sock, answers)
+    elif scenario == "pipeline_error":
+        pbe = lambda sql: (
+            msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
+            + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+            + execute
+        )
+        sock.sendall(pbe(first) + msg(b"H", b""))
+        while True:
+            tag, body = read_message(sock)
+            answers.append({"tag": tag.decode(), "sqlstate": error_fields(body).get("C") if tag == b"E" else None})
+            if tag == b"E":
+                break
+        sock.sendall(pbe(second) + sync)
+        until_ready(sock, answers)
+        sock.sendall(msg(b"Q", cstr(second)))
+        until_ready(sock, answers)
+    elif scenario == "cursor":
+        sock.sendall(
+            msg(b"P", cstr("h") + cstr("SELECT 1") + struct.pack("!h", 0))
+            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+            + msg(b"Q", cstr(first))
+            + msg(b"D", b"P" + cstr("c"))
+            + msg(b"E", cstr("c") + struct.pack("!i", 0))
+            + sync
+        )
+        until_ready(sock, answers, 2)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print(json.dumps({"answers": answers}))

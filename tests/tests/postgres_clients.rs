@@ -590,6 +590,25 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     assert_eq!(rows.len(), 1, "{answers}");
     assert_eq!(rows[0]["values"][0], "****", "{answers}");
 
+    // A portal name taken over in SQL (CLOSE, then DECLARE a cursor of
+    // the same name) is no longer the portal tollgate saw bound: the
+    // Execute is refused rather than decided as the old statement.
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &[
+            "cursor",
+            "CLOSE c; DECLARE c CURSOR WITH HOLD FOR SELECT upper(email) AS x FROM customers WHERE id = 1",
+            "",
+        ],
+    );
+    assert!(
+        !out.to_lowercase().contains("@example.com"),
+        "a cursor under a reused portal name leaked: {out}"
+    );
+    assert!(out.contains("mask:unparsed"), "{out}");
+
     // Rows fetched from a cursor: FETCH names no table, so its rows count
     // as reads of masked columns, computed ones included (each -c is its
     // own Query message, so the FETCH is decided on its own).
@@ -934,4 +953,31 @@ fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
         "3",
         "the DELETE ran"
     );
+}
+
+#[test]
+fn a_pipeline_that_fails_before_its_sync_goes_on_after_the_sync() {
+    let Some((stack, token)) =
+        start("a_pipeline_that_fails_before_its_sync_goes_on_after_the_sync")
+    else {
+        return;
+    };
+    // libpq's pipeline pattern: flush, read the error, send more, then
+    // Sync. The server skips what came after the error up to the Sync.
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &token,
+        &["pipeline_error", "SELECT 1/0", "SELECT 2"],
+    );
+    let answers: Value = serde_json::from_str(&out).expect("json");
+    let messages = answers["answers"].as_array().cloned().unwrap_or_default();
+    assert!(
+        messages.iter().any(|m| m["sqlstate"] == "22012"),
+        "{answers}"
+    );
+    // The session is alive and in step: the last Query gets its row.
+    let rows: Vec<&Value> = messages.iter().filter(|m| m["tag"] == "D").collect();
+    assert_eq!(rows.len(), 1, "{answers}");
+    assert_eq!(rows[0]["values"][0], "2", "{answers}");
 }

@@ -103,6 +103,10 @@ pub struct Operation {
     /// The result comes from something decided earlier (FETCH from a
     /// cursor): which tables it reads is not in this statement's text.
     pub opaque_result: bool,
+    /// Creates, replaces or drops prepared statements or portals by name
+    /// in SQL (DECLARE, CLOSE, PREPARE, DEALLOCATE, DISCARD): protocol
+    /// messages naming them can no longer be tied to what tollgate saw.
+    pub renames_protocol_objects: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.

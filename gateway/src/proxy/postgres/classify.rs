@@ -110,6 +110,14 @@ fn classify_statement(statement: &Statement) -> Operation {
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
         calls_functions: walker.calls_functions,
         opaque_result: matches!(statement, Statement::Fetch { .. }),
+        renames_protocol_objects: matches!(
+            statement,
+            Statement::Declare { .. }
+                | Statement::Close { .. }
+                | Statement::Prepare { .. }
+                | Statement::Deallocate { .. }
+                | Statement::Discard { .. }
+        ),
         ..Operation::default()
     };
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN

@@ -113,6 +113,8 @@ struct Pending {
     after_copy_data: bool,
     /// Tells entries apart while the client waits for one to be answered.
     id: u64,
+    /// The name generation it was sent in (see `InFlight::generation`).
+    generation: u64,
     /// For an Execute: the client described this very portal just before,
     /// so the next RowDescription is this Execute's.
     described: bool,
@@ -190,6 +192,7 @@ impl Pending {
             describes_next_execute: false,
             after_copy_data: false,
             id: 0,
+            generation: 0,
             durable: None,
             recording: None,
         }
@@ -202,10 +205,20 @@ type Bound = (Arc<Prepared>, String);
 #[derive(Default)]
 struct InFlight {
     queue: VecDeque<Pending>,
-    /// Prepared statements the server has confirmed (ParseComplete).
-    statements: HashMap<String, Arc<Prepared>>,
-    /// Portals the server has confirmed (BindComplete).
-    portals: HashMap<String, Bound>,
+    /// Prepared statements the server has confirmed (ParseComplete), with
+    /// the generation they were parsed in.
+    statements: HashMap<String, (u64, Arc<Prepared>)>,
+    /// Portals the server has confirmed (BindComplete), likewise.
+    portals: HashMap<String, (u64, Bound)>,
+    /// Bumped when a statement that may create or drop statements or
+    /// portals in SQL (DECLARE, CLOSE, PREPARE, DEALLOCATE, DISCARD, or
+    /// one tollgate could not parse) is sent: names defined before it are
+    /// no longer trusted, and resolve as unknown until defined again.
+    generation: u64,
+    /// The server met an error in an extended-protocol pipeline and skips
+    /// everything up to the client's next Sync: what the client sends
+    /// meanwhile is dropped, not queued (it would get no answer).
+    server_skipping: bool,
     /// The server is in COPY FROM STDIN: only copy messages (and the Flush
     /// and Sync it ignores) may follow until CopyDone or CopyFail.
     copy_in: bool,
@@ -235,6 +248,7 @@ impl InFlight {
     fn push(&mut self, mut pending: Pending) {
         self.next_id += 1;
         pending.id = self.next_id;
+        pending.generation = self.generation;
         self.queue.push_back(pending);
     }
 
@@ -247,10 +261,14 @@ impl InFlight {
     fn resolve<T: Clone>(
         &self,
         defines: impl Fn(&Pending) -> Option<Option<T>>,
-        confirmed: Option<&T>,
+        confirmed: Option<&(u64, T)>,
     ) -> Resolved<Option<T>> {
         let mut synced_since = false;
         for pending in self.queue.iter().rev() {
+            if pending.generation != self.generation {
+                // Sent before names stopped being trusted.
+                break;
+            }
             if pending.kind == Kind::Sync {
                 synced_since = true;
                 continue;
@@ -263,7 +281,24 @@ impl InFlight {
                 };
             }
         }
-        Resolved::Known(confirmed.cloned())
+        Resolved::Known(
+            confirmed
+                .filter(|(generation, _)| *generation == self.generation)
+                .map(|(_, found)| found.clone()),
+        )
+    }
+
+    /// After a statement that may create or drop statements or portals in
+    /// SQL (or one not understood) is sent, names defined before it are no
+    /// longer trusted.
+    fn note_renames(&mut self, operations: &Result<Vec<Operation>, String>) {
+        let renames = match operations {
+            Ok(ops) => ops.iter().any(|op| op.renames_protocol_objects),
+            Err(_) => true,
+        };
+        if renames {
+            self.generation += 1;
+        }
     }
 
     fn statement(&self, name: &str) -> Resolved<Option<Arc<Prepared>>> {
@@ -421,6 +456,9 @@ async fn client_to_server(
             if skipping_to_sync && frame.tag != b'S' {
                 continue;
             }
+            if frame.tag != b'S' && lock(&in_flight).server_skipping {
+                continue;
+            }
             if lock(&in_flight).copy_in {
                 match frame.tag {
                     b'd' | b'H' => {}
@@ -457,7 +495,10 @@ async fn client_to_server(
                         Ok(admitted) => {
                             let mut pending = admitted.into_pending(Kind::Query);
                             pending.reads_masked = reads_masked(&session.masks, &operations);
-                            lock(&in_flight).push(pending);
+                            let mut guard = lock(&in_flight);
+                            guard.push(pending);
+                            guard.note_renames(&operations);
+                            drop(guard);
                             forward.unsplit(frame.bytes);
                         }
                         Err(refusal) => refuse_in_place(&in_flight, refusal, &marker, &mut forward),
@@ -538,6 +579,7 @@ async fn client_to_server(
                                 }
                             }
                             guard.push(pending);
+                            guard.note_renames(&prepared.operations);
                             drop(guard);
                             forward.unsplit(frame.bytes);
                         }
@@ -557,7 +599,10 @@ async fn client_to_server(
                     skipping_to_sync = false;
                     let mut sync = Pending::new(Kind::Sync, None);
                     sync.after_copy_data = copy_data_sent;
-                    lock(&in_flight).push(sync);
+                    let mut guard = lock(&in_flight);
+                    guard.server_skipping = false;
+                    guard.push(sync);
+                    drop(guard);
                     forward.unsplit(frame.bytes);
                 }
                 b'C' => {
@@ -1003,6 +1048,7 @@ fn track_answer(
         portals,
         copy_in,
         marker,
+        server_skipping,
         ..
     } = &mut *guard;
     let Some(head) = queue.front_mut() else {
@@ -1076,13 +1122,15 @@ fn track_answer(
             }
         }
         b'1' if head.kind == Kind::Parse => {
+            let generation = head.generation;
             if let Some((name, prepared)) = queue.pop_front().and_then(|p| p.parse) {
-                statements.insert(name, prepared);
+                statements.insert(name, (generation, prepared));
             }
         }
         b'2' if head.kind == Kind::Bind => {
+            let generation = head.generation;
             if let Some((name, bound)) = queue.pop_front().and_then(|p| p.bind) {
-                portals.insert(name, bound);
+                portals.insert(name, (generation, bound));
             }
         }
         b'3' if head.kind == Kind::Close => {
@@ -1111,7 +1159,7 @@ fn track_answer(
             masked_row = Some(error);
             if head.kind == Kind::RefusedExecute {
                 queue.pop_front();
-                skip_to_sync(queue, &mut finished);
+                *server_skipping = !skip_to_sync(queue, &mut finished);
             }
         }
         b'G' => {
@@ -1149,7 +1197,7 @@ fn track_answer(
                             finished.push((done, Some(error)));
                         }
                     }
-                    skip_to_sync(queue, &mut finished);
+                    *server_skipping = !skip_to_sync(queue, &mut finished);
                 }
                 Kind::Sync | Kind::RefusedExecute | Kind::RefusedQuery => {}
             }
@@ -1184,7 +1232,9 @@ fn track_answer(
 /// message up to Sync: those Parses never happen, those Executes never run,
 /// and a refusal's marker sent among them gets no answer (its refusal is
 /// on record already).
-fn skip_to_sync(queue: &mut VecDeque<Pending>, finished: &mut Finished) {
+/// Returns whether the client's Sync is already queued; if not, the server
+/// goes on skipping what the client sends until it comes.
+fn skip_to_sync(queue: &mut VecDeque<Pending>, finished: &mut Finished) -> bool {
     while queue.front().is_some_and(|p| p.kind != Kind::Sync) {
         if let Some(skipped) = queue.pop_front() {
             if matches!(skipped.kind, Kind::Execute | Kind::Query) {
@@ -1198,6 +1248,7 @@ fn skip_to_sync(queue: &mut VecDeque<Pending>, finished: &mut Finished) {
             }
         }
     }
+    !queue.is_empty()
 }
 
 /// Writes the outcome record of a request. It follows the durable request
