@@ -115,9 +115,6 @@ struct Pending {
     id: u64,
     /// The name generation it was sent in (see `InFlight::generation`).
     generation: u64,
-    /// For an Execute: the client described this very portal just before,
-    /// so the next RowDescription is this Execute's.
-    described: bool,
     /// The request record while it is still syncing (read-only requests
     /// forwarded in parallel): awaited before any answer goes out.
     durable: Option<Durable>,
@@ -185,7 +182,6 @@ impl Pending {
             reads_masked: false,
             result_mask: None,
             masked_columns: BTreeSet::new(),
-            described: false,
             parse: None,
             bind: None,
             close: None,
@@ -566,12 +562,11 @@ async fn client_to_server(
                             let mut pending = admitted.into_pending(Kind::Execute);
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
-                            pending.described =
-                                last_describe.take() == Some((b'P', portal.clone()));
+                            let described = last_describe.take() == Some((b'P', portal.clone()));
                             let mut guard = lock(&in_flight);
                             // The RowDescription that plans this Execute's
                             // masking answers the Describe just before it.
-                            if pending.described {
+                            if described {
                                 if let Some(describe) =
                                     guard.queue.back_mut().filter(|p| p.kind == Kind::Describe)
                                 {
@@ -1282,4 +1277,77 @@ fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) 
     // Nothing waits on it: a waiting task would be one more wake-up per
     // statement. A batch that cannot be written is logged by the store.
     drop(session.shared.audit.submit_lazy(outcome));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&[tag]);
+        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        wire::split_frame(&mut out)
+            .expect("well formed")
+            .expect("whole")
+    }
+
+    fn queue_of(kinds: &[Kind]) -> Mutex<InFlight> {
+        let mut in_flight = InFlight {
+            marker: "tollgate_refused_test".into(),
+            ..InFlight::default()
+        };
+        for kind in kinds {
+            in_flight.push(Pending::new(*kind, None));
+        }
+        Mutex::new(in_flight)
+    }
+
+    #[test]
+    fn ready_for_query_while_an_execute_is_unanswered_is_out_of_step() {
+        let in_flight = queue_of(&[Kind::Execute, Kind::Sync]);
+        let result = track_answer(&MaskSet::default(), &in_flight, &frame(b'Z', b"I"));
+        assert!(matches!(result, Err(WireError::Malformed(_))));
+        // With nothing in flight a ReadyForQuery is as out of step.
+        let empty = queue_of(&[]);
+        let result = track_answer(&MaskSet::default(), &empty, &frame(b'Z', b"I"));
+        assert!(matches!(result, Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn only_the_markers_own_error_stands_for_a_refusal() {
+        let error = |message: &str| {
+            let mut out = BytesMut::new();
+            wire::error_response(&mut out, "ERROR", "34000", message);
+            wire::split_frame(&mut out)
+                .expect("well formed")
+                .expect("whole")
+        };
+        let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
+        let result = track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &error("portal \"other\" does not exist"),
+        );
+        assert!(matches!(result, Err(WireError::Malformed(_))));
+
+        let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
+        let (_, replacement) = track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &error("portal \"tollgate_refused_test\" does not exist"),
+        )
+        .expect("in step");
+        let mut replacement = replacement.expect("the refusal in its place");
+        let refusal = wire::split_frame(&mut replacement)
+            .expect("well formed")
+            .expect("whole");
+        assert_eq!(wire::error_fields(&refusal).0, SQLSTATE_POLICY);
+        // The refused Execute is answered; the Sync waits for its ReadyForQuery.
+        assert_eq!(
+            lock(&in_flight).queue.front().map(|p| p.kind),
+            Some(Kind::Sync)
+        );
+    }
 }
