@@ -24,29 +24,7 @@ import socket
 import struct
 import sys
 
-from pg_raw import cstr, error_fields, msg, read_message, startup
-
-
-def until_ready(sock, out, count=1):
-    """Reads up to the count-th ReadyForQuery."""
-    while count:
-        tag, body = read_message(sock)
-        entry = {"tag": tag.decode()}
-        if tag == b"E":
-            fields = error_fields(body)
-            entry["sqlstate"], entry["message"] = fields.get("C"), fields.get("M")
-        if tag == b"D":
-            (n,) = struct.unpack("!h", body[:2])
-            values, at = [], 2
-            for _ in range(n):
-                (length,) = struct.unpack("!i", body[at : at + 4])
-                at += 4
-                values.append(None if length < 0 else body[at : at + length].decode(errors="replace"))
-                at += max(length, 0)
-            entry["values"] = values
-        out.append(entry)
-        if tag == b"Z":
-            count -= 1
+from pg_raw import cstr, msg, read_message, read_until, startup
 
 
 def main():
@@ -55,24 +33,24 @@ def main():
     startup(sock)
     read_message(sock)
     sock.sendall(msg(b"p", cstr(token)))
-    until_ready(sock, [])
+    read_until(sock, [b"Z"])
     answers = []
     sync = msg(b"S", b"")
     bind = msg(b"B", cstr("") + cstr("s") + struct.pack("!hhh", 0, 0, 0))
     execute = msg(b"E", cstr("") + struct.pack("!i", 0))
     if scenario == "collision":
         sock.sendall(msg(b"P", cstr("s") + cstr(first) + struct.pack("!h", 0)) + sync)
-        until_ready(sock, answers)
+        answers += read_until(sock, [b"Z"])
         sock.sendall(
             msg(b"P", cstr("s") + cstr(second) + struct.pack("!h", 0)) + sync + bind + execute + sync
         )
-        until_ready(sock, answers, 2)
+        answers += read_until(sock, [b"Z"], 2)
     elif scenario == "bind_error":
         missing = msg(b"B", cstr("") + cstr("no_such_statement") + struct.pack("!hhh", 0, 0, 0))
         sock.sendall(missing + msg(b"Q", cstr(first)) + sync)
-        until_ready(sock, answers)
+        answers += read_until(sock, [b"Z"])
         sock.sendall(msg(b"Q", cstr(second)))
-        until_ready(sock, answers)
+        answers += read_until(sock, [b"Z"])
     elif scenario == "pipeline_error":
         pbe = lambda sql: (
             msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
@@ -80,15 +58,11 @@ def main():
             + execute
         )
         sock.sendall(pbe(first) + msg(b"H", b""))
-        while True:
-            tag, body = read_message(sock)
-            answers.append({"tag": tag.decode(), "sqlstate": error_fields(body).get("C") if tag == b"E" else None})
-            if tag == b"E":
-                break
+        answers += read_until(sock, [b"E"])
         sock.sendall(pbe(second) + sync)
-        until_ready(sock, answers)
+        answers += read_until(sock, [b"Z"])
         sock.sendall(msg(b"Q", cstr(second)))
-        until_ready(sock, answers)
+        answers += read_until(sock, [b"Z"])
     elif scenario == "cursor":
         sock.sendall(
             msg(b"P", cstr("h") + cstr("SELECT 1") + struct.pack("!h", 0))
@@ -98,7 +72,7 @@ def main():
             + msg(b"E", cstr("c") + struct.pack("!i", 0))
             + sync
         )
-        until_ready(sock, answers, 2)
+        answers += read_until(sock, [b"Z"], 2)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print(json.dumps({"answers": answers}))

@@ -40,3 +40,42 @@ def startup(sock, user="agent", database="orders"):
     """Sends a protocol 3.0 StartupMessage."""
     params = cstr("user") + cstr(user) + cstr("database") + cstr(database) + b"\0"
     sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+
+
+def describe(tag, body):
+    """One server message as a JSON-able entry: its tag, and what the
+    tests look at (error fields, ReadyForQuery status, DataRow values)."""
+    entry = {"tag": tag.decode()}
+    if tag in (b"E", b"N"):
+        fields = error_fields(body)
+        entry["severity"] = fields.get("V") or fields.get("S")
+        entry["sqlstate"], entry["message"] = fields.get("C"), fields.get("M")
+    if tag == b"Z":
+        entry["status"] = body.decode()
+    if tag == b"D":
+        (n,) = struct.unpack("!h", body[:2])
+        values, at = [], 2
+        for _ in range(n):
+            (length,) = struct.unpack("!i", body[at : at + 4])
+            at += 4
+            values.append(None if length < 0 else body[at : at + length].decode(errors="replace"))
+            at += max(length, 0)
+        entry["values"] = values
+    return entry
+
+
+def read_until(sock, stop_tags, count=1):
+    """Entries up to and including the count-th message with a tag in
+    stop_tags, or up to the end of the connection (then the last entry
+    is "closed")."""
+    got = []
+    while count:
+        try:
+            tag, body = read_message(sock)
+        except EOFError:
+            got.append({"tag": "closed"})
+            return got
+        got.append(describe(tag, body))
+        if tag in stop_tags:
+            count -= 1
+    return got

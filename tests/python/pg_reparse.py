@@ -10,19 +10,7 @@ import socket
 import struct
 import sys
 
-from pg_raw import cstr, error_fields, msg, read_message, startup
-
-
-def until_ready(sock, out):
-    while True:
-        tag, body = read_message(sock)
-        entry = {"tag": tag.decode()}
-        if tag == b"E":
-            fields = error_fields(body)
-            entry["sqlstate"], entry["message"] = fields.get("C"), fields.get("M")
-        out.append(entry)
-        if tag == b"Z":
-            return
+from pg_raw import cstr, msg, read_message, read_until, startup
 
 
 def main():
@@ -32,15 +20,15 @@ def main():
     read_message(sock)
     sock.sendall(msg(b"p", cstr(token)))
     answers = []
-    until_ready(sock, answers)
+    answers += read_until(sock, [b"Z"])
     sync = msg(b"S", b"")
     sock.sendall(msg(b"P", cstr("s1") + cstr(first) + struct.pack("!h", 0)) + sync)
-    until_ready(sock, answers)
+    answers += read_until(sock, [b"Z"])
     sock.sendall(msg(b"P", cstr("s1") + cstr(second) + struct.pack("!h", 0)) + sync)
-    until_ready(sock, answers)
+    answers += read_until(sock, [b"Z"])
     bind = cstr("") + cstr("s1") + struct.pack("!hhh", 0, 0, 0)
     sock.sendall(msg(b"B", bind) + msg(b"E", cstr("") + struct.pack("!i", 0)) + sync)
-    until_ready(sock, answers)
+    answers += read_until(sock, [b"Z"])
     for a in answers:
         print(json.dumps(a))
 

@@ -19,29 +19,7 @@ import socket
 import struct
 import sys
 
-from pg_raw import cstr, error_fields, msg, read_message, startup
-
-
-def read_until(sock, stop_tags):
-    """Messages up to and including the first with a tag in stop_tags, or
-    up to the end of the connection (then the last entry is "closed")."""
-    got = []
-    while True:
-        try:
-            tag, body = read_message(sock)
-        except EOFError:
-            got.append({"tag": "closed"})
-            return got
-        entry = {"tag": tag.decode()}
-        if tag in (b"E", b"N"):
-            fields = error_fields(body)
-            entry["severity"] = fields.get("V") or fields.get("S")
-            entry["sqlstate"], entry["message"] = fields.get("C"), fields.get("M")
-        if tag == b"Z":
-            entry["status"] = body.decode()
-        got.append(entry)
-        if tag in stop_tags:
-            return got
+from pg_raw import cstr, msg, read_message, read_until, startup
 
 
 def parse_bind_execute(sql):

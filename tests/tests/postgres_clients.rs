@@ -31,6 +31,22 @@ fn start(test: &str) -> Option<(Stack, String)> {
     Some((stack, token))
 }
 
+/// Rows left in `customers`, read directly as the superuser.
+fn customers_left(stack: &Stack) -> String {
+    stack
+        .postgres
+        .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+        .expect("count customers directly")
+}
+
+/// The messages of a raw-protocol script's `answers` with this tag.
+fn tagged(answers: &Value, tag: &str) -> Vec<Value> {
+    answers["answers"]
+        .as_array()
+        .map(|a| a.iter().filter(|m| m["tag"] == tag).cloned().collect())
+        .unwrap_or_default()
+}
+
 fn outcome_of(stack: &Stack, statement: &str) -> Value {
     outcome_like(stack, statement)
 }
@@ -84,13 +100,7 @@ fn policy_refusals_are_sqlstate_42501_and_the_session_stays_usable() {
         "3",
         "the table is intact and the session still answers"
     );
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
-            .expect("direct"),
-        "3"
-    );
+    assert_eq!(customers_left(&stack), "3");
 
     let rows = stack
         .audit_rows(
@@ -322,13 +332,7 @@ fn psql_copy_in_and_out_is_audited_with_rows() {
         .expect("write rows");
     let out = child.wait_with_output().expect("psql");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
-            .expect("direct"),
-        "5"
-    );
+    assert_eq!(customers_left(&stack), "5");
     let copy_out = outcome_like(&stack, "COPY %customers%TO STDOUT%");
     assert_eq!(copy_out["query_info_kind"], "read");
     assert_eq!(copy_out["response_rows"], 3);
@@ -583,10 +587,7 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     );
     let answers: Value = serde_json::from_str(&out).expect("json");
     assert!(!out.contains("@example.com"), "a row leaked: {answers}");
-    let rows: Vec<&Value> = answers["answers"]
-        .as_array()
-        .map(|a| a.iter().filter(|m| m["tag"] == "D").collect())
-        .unwrap_or_default();
+    let rows = tagged(&answers, "D");
     assert_eq!(rows.len(), 1, "{answers}");
     assert_eq!(rows[0]["values"][0], "****", "{answers}");
 
@@ -677,14 +678,7 @@ fn settings_that_change_how_sql_is_read_never_reach_the_server() {
         .output()
         .expect("psql");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
-            .expect("count"),
-        "3",
-        "the hidden DELETE ran"
-    );
+    assert_eq!(customers_left(&stack), "3", "the hidden DELETE ran");
     // Changing it (or role, or search_path) in SQL is an admin statement,
     // however the name is quoted.
     for sql in [
@@ -788,13 +782,7 @@ fn a_statement_runs_as_the_server_prepared_it_not_as_last_sent() {
                 .contains("kind:ddl")),
         "{answers:?}"
     );
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
-            .expect("the table is still there"),
-        "3"
-    );
+    assert_eq!(customers_left(&stack), "3");
 }
 
 /// Runs `tests/python/<script>` from the agent cgroup with the gateway's
@@ -906,13 +894,7 @@ fn refusals_are_answered_in_place_even_when_the_client_has_not_synced() {
         )
         .expect("refusal rows");
     assert_eq!(refusals.len(), 3);
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
-            .expect("the table is still there"),
-        "3"
-    );
+    assert_eq!(customers_left(&stack), "3");
 }
 
 #[test]
@@ -932,10 +914,7 @@ fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
         &["collision", "DELETE FROM customers", "SELECT 1"],
     );
     let answers: Value = serde_json::from_str(&out).expect("json");
-    let errors: Vec<&Value> = answers["answers"]
-        .as_array()
-        .map(|a| a.iter().filter(|m| m["tag"] == "E").collect())
-        .unwrap_or_default();
+    let errors = tagged(&answers, "E");
     assert!(errors.iter().any(|e| e["sqlstate"] == "42P05"), "{answers}");
     assert!(
         errors.iter().any(|e| e["sqlstate"] == "42501"
@@ -945,14 +924,7 @@ fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
                 .contains("delete_without_where")),
         "the Execute must be decided as the DELETE the server would run: {answers}"
     );
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
-            .expect("count"),
-        "3",
-        "the DELETE ran"
-    );
+    assert_eq!(customers_left(&stack), "3", "the DELETE ran");
 }
 
 #[test]
@@ -971,13 +943,14 @@ fn a_pipeline_that_fails_before_its_sync_goes_on_after_the_sync() {
         &["pipeline_error", "SELECT 1/0", "SELECT 2"],
     );
     let answers: Value = serde_json::from_str(&out).expect("json");
-    let messages = answers["answers"].as_array().cloned().unwrap_or_default();
     assert!(
-        messages.iter().any(|m| m["sqlstate"] == "22012"),
+        tagged(&answers, "E")
+            .iter()
+            .any(|m| m["sqlstate"] == "22012"),
         "{answers}"
     );
     // The session is alive and in step: the last Query gets its row.
-    let rows: Vec<&Value> = messages.iter().filter(|m| m["tag"] == "D").collect();
+    let rows = tagged(&answers, "D");
     assert_eq!(rows.len(), 1, "{answers}");
     assert_eq!(rows[0]["values"][0], "2", "{answers}");
 }

@@ -113,6 +113,14 @@ async fn one_listener() -> (tempfile::TempDir, tempfile::TempDir, AuditLog, Sock
     (keys, audit_dir, audit, addr)
 }
 
+/// The refusal rows of the audit under `dir` whose detail contains `text`.
+fn refusals_saying(dir: &std::path::Path, text: &str) -> Vec<record::AuditRecord> {
+    audit::tests::read_segments(&dir.join("audit"))
+        .into_iter()
+        .filter(|r| r.phase == "refusal" && r.status_detail.contains(text))
+        .collect()
+}
+
 /// Reads up to the end of the connection; the first ErrorResponse's
 /// SQLSTATE and message, if any.
 async fn first_error(stream: &mut TcpStream) -> Option<(String, String)> {
@@ -160,10 +168,7 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
     audit.shutdown().await;
 
     // The client that stalled at the password prompt is on record.
-    let stalled: Vec<_> = audit::tests::read_segments(&audit_dir.path().join("audit"))
-        .into_iter()
-        .filter(|r| r.phase == "refusal" && r.status_detail.contains("startup timeout"))
-        .collect();
+    let stalled = refusals_saying(audit_dir.path(), "startup timeout");
     assert_eq!(stalled.len(), 1, "{stalled:?}");
     assert_eq!(stalled[0].database_user, "agent");
 }
@@ -185,10 +190,7 @@ async fn a_malformed_password_message_gets_08p01_and_an_audit_row() {
     assert_eq!(code, "08P01", "{message}");
     assert!(message.contains("expected a password message"), "{message}");
     audit.shutdown().await;
-    let refused: Vec<_> = audit::tests::read_segments(&audit_dir.path().join("audit"))
-        .into_iter()
-        .filter(|r| r.phase == "refusal" && r.status_detail.contains("expected a password message"))
-        .collect();
+    let refused = refusals_saying(audit_dir.path(), "expected a password message");
     assert_eq!(refused.len(), 1, "{refused:?}");
 }
 
