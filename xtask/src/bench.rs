@@ -82,7 +82,7 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
     if !init.status.success() {
         bail!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
     }
-    let _bouncer = PgBouncer::start(&stack)?;
+    let bouncer = PgBouncer::start(&stack)?;
     let token = stack
         .idp
         .token("bench-agent-oid", &["--expires-in", "7200"])?;
@@ -112,7 +112,7 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
             let bouncer = pgbench(
                 &stack,
                 None,
-                _bouncer.port,
+                bouncer.port,
                 "postgres",
                 &stack.postgres.superuser_password,
                 flag,

@@ -409,12 +409,7 @@ async fn end_expired_session(session: &Session, client_wr: &ClientWriter) {
     if let Err(err) = session.shared.audit.append(record).await {
         warn!(error = %err, "the end of an expired session could not be audited");
     }
-    let mut out = BytesMut::new();
-    wire::error_response(&mut out, "FATAL", super::SQLSTATE_IDENTITY, &message);
-    // Holding the writer lock puts the error between two whole messages.
-    let mut writer = client_wr.lock().await;
-    let _ = writer.write_all(&out).await;
-    let _ = writer.shutdown().await;
+    fatal_to_client(client_wr, super::SQLSTATE_IDENTITY, &message).await;
 }
 
 fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
@@ -468,6 +463,7 @@ async fn client_to_server(
                     other => {
                         fatal_to_client(
                             &client_wr,
+                            super::SQLSTATE_PROTOCOL,
                             &format!(
                                 "tollgate: message {:?} in the middle of COPY FROM STDIN",
                                 other as char
@@ -633,6 +629,7 @@ async fn client_to_server(
                 other => {
                     fatal_to_client(
                         &client_wr,
+                        super::SQLSTATE_PROTOCOL,
                         &format!(
                             "tollgate: unexpected message {:?} from the client",
                             other as char
@@ -699,11 +696,10 @@ async fn resolve_waiting<T>(
     }
 }
 
-/// Ends the session with a FATAL protocol error the client can read.
-async fn fatal_to_client(client_wr: &ClientWriter, message: &str) {
-    let mut out = BytesMut::new();
-    wire::error_response(&mut out, "FATAL", super::SQLSTATE_PROTOCOL, message);
-    let _ = client_wr.lock().await.write_all(&out).await;
+/// Ends the session with a FATAL error the client can read. Holding the
+/// writer lock puts it between two whole messages.
+async fn fatal_to_client(client_wr: &ClientWriter, code: &str, message: &str) {
+    super::fatal(&mut *client_wr.lock().await, code, message).await;
 }
 
 /// The refusal (and its audit row) of a FunctionCall message.
@@ -999,6 +995,7 @@ async fn server_to_client(
                     let _ = client_wr.lock().await.write_all(&out).await;
                     fatal_to_client(
                         &client_wr,
+                        super::SQLSTATE_PROTOCOL,
                         "tollgate: the server's answers are out of step with the requests; the session is closed",
                     )
                     .await;
