@@ -1174,3 +1174,27 @@ pub(crate) mod faults {
         FAULTS.lock().ok()?.as_mut()?.remove(wal_dir)
     }
 }
+
+#[cfg(test)]
+mod syncer_tests {
+    use super::*;
+
+    // fdatasync of /dev/null fails (EINVAL): a stand-in for a disk that
+    // fails its syncs. The writer refuses its next batch on this report.
+    #[test]
+    fn a_failed_background_sync_is_reported_once_to_the_writer() {
+        let syncer = Syncer::start().expect("syncer");
+        let device = Arc::new(fs::File::open("/dev/null").expect("/dev/null"));
+        syncer.dirty(&device);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let failure = loop {
+            if let Some(failure) = syncer.take_failure() {
+                break failure;
+            }
+            assert!(Instant::now() < deadline, "no sync failure reported");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(!failure.is_empty());
+        assert!(syncer.take_failure().is_none(), "reported once");
+    }
+}

@@ -447,10 +447,15 @@ async fn client_to_server(
             if skipping_to_sync && frame.tag != b'S' {
                 continue;
             }
-            if frame.tag != b'S' && lock(&in_flight).server_skipping {
+            // One look at the server's state per message.
+            let (server_skipping, copy_in) = {
+                let state = lock(&in_flight);
+                (state.server_skipping, state.copy_in)
+            };
+            if frame.tag != b'S' && server_skipping {
                 continue;
             }
-            if lock(&in_flight).copy_in {
+            if copy_in {
                 match frame.tag {
                     b'd' | b'H' => {}
                     // The server ignores a Sync in COPY FROM STDIN: it
