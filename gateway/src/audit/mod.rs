@@ -145,6 +145,11 @@ pub struct AuditConfig {
     /// When a record must be durable relative to forwarding the request.
     #[serde(default)]
     pub durability: DurabilityMode,
+    /// In `buffered` durability: the WAL is fdatasynced at most this often
+    /// (and as soon as this allows once written to). A crash of the host
+    /// can lose about this much of the newest records.
+    #[serde(default = "default_buffered_sync_interval_ms")]
+    pub buffered_sync_interval_ms: u64,
 }
 
 fn default_segment_max_age_secs() -> u64 {
@@ -155,6 +160,9 @@ fn default_segment_max_records() -> usize {
 }
 fn default_checkpoint_interval_secs() -> u64 {
     60
+}
+fn default_buffered_sync_interval_ms() -> u64 {
+    5
 }
 
 impl AuditConfig {
@@ -170,6 +178,7 @@ impl AuditConfig {
             retention_days: None,
             auditor_group: None,
             durability: DurabilityMode::default(),
+            buffered_sync_interval_ms: default_buffered_sync_interval_ms(),
         }
     }
 }
@@ -188,10 +197,12 @@ pub enum DurabilityMode {
     Strict,
     /// Every record is written to the WAL (handed to the kernel: it
     /// survives a crash or kill of tollgate) before its request is
-    /// forwarded; a background thread fdatasyncs the WAL back to back, so
-    /// a crash of the whole host can lose what one sync had not yet
-    /// covered (one fdatasync's time, ~0.1-4 ms here). For disks whose sync
-    /// latency is the bottleneck; like auditd's `flush = incremental_async`.
+    /// forwarded, by the session itself; a background thread fdatasyncs
+    /// the WAL at most every `buffered_sync_interval_ms`, so a crash of the
+    /// whole host can lose what the last sync had not yet covered (that
+    /// interval plus one fdatasync). For disks whose sync latency is the
+    /// bottleneck; like auditd's `flush = incremental_async` or
+    /// PostgreSQL's `synchronous_commit = off`.
     Buffered,
 }
 
@@ -218,6 +229,8 @@ pub enum AuditError {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<store::Msg>,
+    /// `buffered` durability: records are written by the caller.
+    inline: Option<store::InlineWriter>,
     mode: DurabilityMode,
 }
 
@@ -227,19 +240,37 @@ pub struct AuditLog {
 /// agent, or a state-changing request) may go out.
 #[must_use = "a record is only safe to act on once its Durable resolves"]
 pub struct Durable {
-    rx: Result<oneshot::Receiver<Result<u64, AuditError>>, Option<AuditError>>,
+    state: DurableState,
+}
+
+enum DurableState {
+    /// The writer thread answers once the record is synced.
+    Waiting(oneshot::Receiver<Result<u64, AuditError>>),
+    /// Known when submitted (written inline, or refused at once); taken by
+    /// the first poll that sees it.
+    Known(Option<Result<u64, AuditError>>),
+}
+
+impl Durable {
+    fn known(result: Result<u64, AuditError>) -> Self {
+        Durable {
+            state: DurableState::Known(Some(result)),
+        }
+    }
 }
 
 impl Future for Durable {
     type Output = Result<u64, AuditError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.rx {
-            Ok(rx) => Pin::new(rx).poll(cx).map(|r| {
+        match &mut self.state {
+            DurableState::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
                 r.unwrap_or_else(|_| Err(AuditError::Unavailable("audit writer stopped".into())))
             }),
-            Err(e) => Poll::Ready(Err(e
-                .take()
-                .unwrap_or_else(|| AuditError::Unavailable("polled after completion".into())))),
+            DurableState::Known(result) => {
+                Poll::Ready(result.take().unwrap_or_else(|| {
+                    Err(AuditError::Unavailable("polled after completion".into()))
+                }))
+            }
         }
     }
 }
@@ -250,9 +281,10 @@ impl AuditLog {
     /// starts the background writer threads.
     pub async fn open(config: &AuditConfig) -> anyhow::Result<Self> {
         let cfg = config.clone();
-        let tx = tokio::task::spawn_blocking(move || store::start(&cfg)).await??;
+        let started = tokio::task::spawn_blocking(move || store::start(&cfg)).await??;
         Ok(AuditLog {
-            tx,
+            tx: started.tx,
+            inline: started.inline,
             mode: config.durability,
         })
     }
@@ -269,14 +301,17 @@ impl AuditLog {
     /// provably read-only statement while its record syncs, holding the
     /// response until the `Durable` resolves.
     pub fn submit(&self, record: AuditRecord) -> Durable {
+        if let Some(inline) = &self.inline {
+            return Durable::known(inline.append(record));
+        }
         let (otx, orx) = oneshot::channel();
         match self.tx.send(store::Msg::Append(Box::new(record), otx)) {
-            Ok(()) => Durable { rx: Ok(orx) },
-            Err(_) => Durable {
-                rx: Err(Some(AuditError::Unavailable(
-                    "audit log is shut down".into(),
-                ))),
+            Ok(()) => Durable {
+                state: DurableState::Waiting(orx),
             },
+            Err(_) => Durable::known(Err(AuditError::Unavailable(
+                "audit log is shut down".into(),
+            ))),
         }
     }
 
@@ -285,17 +320,25 @@ impl AuditLog {
     /// at most a few milliseconds later, instead of forcing a sync of its
     /// own. The returned [`Durable`] still tells whether that happened.
     pub fn submit_lazy(&self, record: AuditRecord) -> Durable {
+        if let Some(inline) = &self.inline {
+            let result = inline.append(record);
+            if let Err(err) = &result {
+                // Callers may drop the result unread: say it here.
+                tracing::warn!(error = %err, "a record was not written");
+            }
+            return Durable::known(result);
+        }
         let (otx, orx) = oneshot::channel();
         match self.tx.send(store::Msg::AppendLazy(Box::new(record), otx)) {
-            Ok(()) => Durable { rx: Ok(orx) },
+            Ok(()) => Durable {
+                state: DurableState::Waiting(orx),
+            },
             Err(_) => {
                 // Callers may drop the result unread: say it here.
                 tracing::warn!("a record was not written: the audit log is shut down");
-                Durable {
-                    rx: Err(Some(AuditError::Unavailable(
-                        "audit log is shut down".into(),
-                    ))),
-                }
+                Durable::known(Err(AuditError::Unavailable(
+                    "audit log is shut down".into(),
+                )))
             }
         }
     }

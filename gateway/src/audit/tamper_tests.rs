@@ -321,8 +321,20 @@ async fn retention_is_a_signed_manifest_entry_and_verifies() {
 
 #[tokio::test]
 async fn failed_wal_write_refuses_then_recovers_without_loss() {
+    failed_wal_write_refuses_then_recovers(DurabilityMode::ReadParallel).await;
+}
+
+// In `buffered` durability the session writes its record itself: the
+// same refusal and recovery on the caller's side of the store.
+#[tokio::test]
+async fn failed_inline_wal_write_refuses_then_recovers_without_loss() {
+    failed_wal_write_refuses_then_recovers(DurabilityMode::Buffered).await;
+}
+
+async fn failed_wal_write_refuses_then_recovers(durability: DurabilityMode) {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path());
+    let mut cfg = config(tmp.path());
+    cfg.durability = durability;
     let log = AuditLog::open(&cfg).await.unwrap();
     let now = store::now_ms();
     for i in 0..5 {

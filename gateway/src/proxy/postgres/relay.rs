@@ -323,6 +323,9 @@ impl InFlight {
 type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<BoxedIo>>>;
 pub type ClientReader = ReadHalf<BoxedIo>;
 
+/// Bytes a read may take at once, from either side.
+const READ_CHUNK: usize = 16 * 1024;
+
 pub async fn run(
     session: Session,
     client_rd: ClientReader,
@@ -651,6 +654,11 @@ async fn client_to_server(
         if !forward.is_empty() {
             upstream_wr.write_all(&forward).await?;
         }
+        // Read whatever the client has sent, not just what fits the
+        // buffer's spare bytes (64 when it has none): a pipeline read in
+        // pieces goes to the server in pieces, and each piece costs the
+        // server a wake-up and a flush of its answers so far.
+        buf.reserve(READ_CHUNK);
         if client_rd.read_buf(&mut buf).await? == 0 {
             return Err(WireError::Closed);
         }
@@ -965,6 +973,10 @@ async fn server_to_client(
     in_flight: Arc<Mutex<InFlight>>,
     answered: Arc<Notify>,
 ) -> Result<(), WireError> {
+    let mut outcomes = Outcomes {
+        session: &session,
+        answered: Finished::new(),
+    };
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
@@ -1007,9 +1019,7 @@ async fn server_to_client(
                     return Err(err);
                 }
             };
-            for (pending, error) in finished {
-                finish(&session, pending, error);
-            }
+            outcomes.answered.extend(finished);
             match replacement {
                 Some(row) => out.extend_from_slice(&row),
                 None => out.unsplit(frame.bytes),
@@ -1018,7 +1028,10 @@ async fn server_to_client(
         if !out.is_empty() {
             client_wr.lock().await.write_all(&out).await?;
         }
+        outcomes.write();
         answered.notify_waiters();
+        // As for the client's side: whole answers, not 64-byte pieces.
+        buf.reserve(READ_CHUNK);
         if upstream_rd.read_buf(&mut buf).await? == 0 {
             return Err(WireError::Closed);
         }
@@ -1026,6 +1039,28 @@ async fn server_to_client(
 }
 
 type Finished = Vec<(Pending, Option<(String, String)>)>;
+
+/// Outcome records of answered requests, written once the answers are on
+/// their way to the agent: nothing waits on them, so they stay off the
+/// latency. Whatever way the session ends, they are written (on drop).
+struct Outcomes<'a> {
+    session: &'a Session,
+    answered: Finished,
+}
+
+impl Outcomes<'_> {
+    fn write(&mut self) {
+        for (pending, error) in self.answered.drain(..) {
+            finish(self.session, pending, error);
+        }
+    }
+}
+
+impl Drop for Outcomes<'_> {
+    fn drop(&mut self) {
+        self.write();
+    }
+}
 
 /// Updates the queue for one server message; returns the requests it
 /// completed, and what the agent gets in place of the message, if not the
