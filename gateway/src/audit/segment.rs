@@ -325,10 +325,14 @@ macro_rules! columns {
             Arc::new(Schema::new(vec![$(kind_field!($k, stringify!($f))),*]))
         }
 
-        /// Records -> one Arrow batch, rows in the given order.
-        pub fn to_batch<R: Borrow<AuditRecord>>(records: &[R]) -> Result<RecordBatch, SegmentError> {
-            let keep = links_to_keep(records);
-            let cols: Vec<ArrayRef> = vec![$(kind_build!($k, records, $f, &keep)),*];
+        /// Records -> one Arrow batch, rows in the given order; `keep[i]`
+        /// says whether row i stores its `prev_record_hash` (decided over
+        /// the whole segment, see [`links_to_keep`]).
+        fn to_batch<R: Borrow<AuditRecord>>(
+            records: &[R],
+            keep: &[bool],
+        ) -> Result<RecordBatch, SegmentError> {
+            let cols: Vec<ArrayRef> = vec![$(kind_build!($k, records, $f, keep)),*];
             Ok(RecordBatch::try_new(schema(), cols)?)
         }
 
@@ -503,6 +507,9 @@ impl Write for HashingWriter {
     }
 }
 
+/// Rows converted to Arrow at a time when writing a segment.
+const WRITE_SLICE: usize = 4096;
+
 pub struct Written {
     pub sha256: String,
     pub bytes: u64,
@@ -591,9 +598,16 @@ pub fn write_file<R: Borrow<AuditRecord>>(
         hasher: Sha256::new(),
         bytes: 0,
     };
-    let batch = to_batch(records)?;
+    let keep = links_to_keep(records);
     let mut w = ArrowWriter::try_new(sink, schema(), Some(properties(records)))?;
-    w.write(&batch)?;
+    // The rows go to the writer a slice at a time: it encodes and
+    // compresses each into its row group as it comes, so the Arrow form of
+    // only one slice exists at once, and its buffers are reused for the
+    // next instead of a whole segment's worth of fresh memory (page faults
+    // and zeroing, on a thread that competes with the sessions for CPU).
+    for (rows, keep) in records.chunks(WRITE_SLICE).zip(keep.chunks(WRITE_SLICE)) {
+        w.write(&to_batch(rows, keep)?)?;
+    }
     let sink = w.into_inner()?;
     sink.file.sync_all()?;
     Ok(Written {
@@ -740,7 +754,7 @@ mod file_tests {
                 r
             })
             .collect();
-        let full = to_batch(&records).unwrap();
+        let full = to_batch(&records, &links_to_keep(&records)).unwrap();
         let keep: Vec<usize> = COLUMN_NAMES
             .iter()
             .enumerate()
