@@ -578,89 +578,6 @@ struct WalFile {
     /// True for a preallocated (zero-filled) file; false for a plain file
     /// that each batch extends.
     preallocated: bool,
-    /// A preallocated file is written through a shared mapping: a record
-    /// is a copy into the page cache, where write(2) cost a system call and
-    /// the file system's write path (block lookups, a time update and its
-    /// journal handle) for every record in `buffered` durability, the
-    /// largest part of a record's cost on the session's thread. The pages
-    /// are the file's: a crash of tollgate leaves them to the kernel like
-    /// written ones, and fdatasync writes them back like written ones.
-    map: Option<memmap2::MmapMut>,
-}
-
-impl WalFile {
-    /// Writes `bytes` at the end of the acknowledged frames (without
-    /// moving it: the caller does once the batch is whole).
-    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let start = self.len as usize;
-        match &mut self.map {
-            Some(map) if start + bytes.len() <= map.len() => {
-                map[start..start + bytes.len()].copy_from_slice(bytes);
-                Ok(())
-            }
-            // Past the mapping (one batch larger than a whole file, which
-            // an empty file must take) or no mapping: write(2).
-            _ => self.file.write_all_at(bytes, self.len),
-        }
-    }
-}
-
-/// Whether overwriting written blocks of `file` needs no new space. On
-/// ext4, XFS and tmpfs it does not, so a write into the mapping of a
-/// zero-filled file cannot fail on a full disk. A copy-on-write file system
-/// (btrfs, ZFS) allocates on every overwrite, and a store through a mapping
-/// that cannot get space kills the process (SIGBUS) where write(2) returns
-/// ENOSPC, which tollgate turns into a refusal: such file systems, and any
-/// not known, get write(2).
-fn overwrites_in_place(file: &fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    const EXT4: i64 = 0xEF53;
-    const XFS: i64 = 0x5846_5342;
-    const TMPFS: i64 = 0x0102_1994;
-    // SAFETY: statfs is plain data (all-zero is a valid value), and
-    // fstatfs only writes it, for a descriptor we own.
-    let (rc, stat) = unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        let rc = libc::fstatfs(file.as_raw_fd(), &mut stat);
-        (rc, stat)
-    };
-    // f_type is i64 here, a narrower integer on other C libraries.
-    #[allow(clippy::unnecessary_cast)]
-    let kind = stat.f_type as i64;
-    rc == 0 && matches!(kind, EXT4 | XFS | TMPFS)
-}
-
-/// Maps a preallocated WAL file for writing (see [`WalFile::map`]);
-/// `None` (and write(2) instead) if it cannot be, or should not be.
-fn map_wal_file(path: &Path) -> Option<(fs::File, memmap2::MmapMut)> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .ok()?;
-    if !overwrites_in_place(&file) {
-        return None;
-    }
-    let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
-    if len == 0 {
-        return None;
-    }
-    // SAFETY: the mapping is only sound while nobody shortens the file
-    // under it (access past the end raises SIGBUS). The file is in the
-    // audit directory, which this process holds an exclusive lock on
-    // (`lock_dir`); tollgate itself only shortens it after dropping the
-    // mapping (`write_durably`). Its blocks were written (zeros) and
-    // synced before it became a spare, so writing into the mapping never
-    // needs new blocks and cannot fail for want of space.
-    let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) };
-    match map {
-        Ok(map) => Some((file, map)),
-        Err(e) => {
-            warn!(file = %path.display(), error = %e, "cannot map WAL file; writing it with write(2)");
-            None
-        }
-    }
 }
 
 /// Owns the WAL: assigns sequences, chains hashes, group-commits.
@@ -854,10 +771,6 @@ impl Writer {
         };
         // The file's name must survive a crash with its contents.
         fsutil::fsync_dir(&self.wal_dir)?;
-        let (file, map) = match preallocated.then(|| map_wal_file(&path)).flatten() {
-            Some((mapped, map)) => (mapped, Some(map)),
-            None => (file, None),
-        };
         let file = Arc::new(file);
         if let Some(syncer) = &self.syncer {
             syncer.follow(&file);
@@ -867,7 +780,6 @@ impl Writer {
             path,
             len: 0,
             preallocated,
-            map,
         });
         Ok(())
     }
@@ -901,6 +813,7 @@ impl Writer {
     }
 
     fn write_durably(&mut self, bytes: &[u8], first_seq: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let n = bytes.len() as u64;
         let rotate = match &self.file {
             // A batch that does not fit what is left of the preallocated
@@ -939,9 +852,10 @@ impl Writer {
         #[cfg(test)]
         let result = match faults::take(&self.wal_dir) {
             Some(k) => w
-                .put(&bytes[..k.min(bytes.len())])
+                .file
+                .write_all_at(&bytes[..k.min(bytes.len())], w.len)
                 .and_then(|()| Err(io::Error::from_raw_os_error(libc::ENOSPC))),
-            None => w.put(bytes).and_then(|()| {
+            None => w.file.write_all_at(bytes, w.len).and_then(|()| {
                 if sync_here {
                     w.file.sync_data()
                 } else {
@@ -950,7 +864,7 @@ impl Writer {
             }),
         };
         #[cfg(not(test))]
-        let result = w.put(bytes).and_then(|()| {
+        let result = w.file.write_all_at(bytes, w.len).and_then(|()| {
             if sync_here {
                 w.file.sync_data()
             } else {
@@ -967,9 +881,7 @@ impl Writer {
             }
             Err(e) => {
                 // Best effort: cut the partial batch off, then retire the file
-                // so the next batch starts a fresh one. The mapping goes
-                // first: pages past a shortened end may not be touched.
-                w.map = None;
+                // so the next batch starts a fresh one.
                 let _ = w.file.set_len(w.len);
                 self.retire_file();
                 Err(e)

@@ -284,55 +284,6 @@ async fn buffered_mode_keeps_every_acknowledged_record_through_a_daemon_crash() 
     assert_eq!(cfg.durability, DurabilityMode::Buffered);
 }
 
-// Records in a preallocated WAL file are written through a shared mapping
-// of it: after a kill of the daemon they must be in the file all the same.
-#[tokio::test]
-async fn records_written_through_the_wal_mapping_survive_a_daemon_crash() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.durability = DurabilityMode::Buffered;
-    // Every record cuts a segment, which retires a plain WAL file: the
-    // next record starts a preallocated one as soon as a spare is ready.
-    cfg.segment_max_records = 1;
-    cfg.segment_max_age_secs = 3600;
-    let wal_dir = cfg.dir.join("wal");
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    let preallocated_in_use = || {
-        wal::list(&wal_dir).unwrap().iter().any(|(_, _, path)| {
-            std::fs::metadata(path).is_ok_and(|m| m.len() >= wal::PREALLOC_BYTES)
-        })
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut n = 0;
-    while !preallocated_in_use() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no preallocated WAL file taken into use"
-        );
-        n += 1;
-        log.append(sample(n, now)).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    for _ in 0..20 {
-        n += 1;
-        log.append(sample(n, now)).await.unwrap();
-    }
-    let crashed = tmp.path().join("crashed");
-    crash_copy(&cfg.dir, &crashed);
-    log.shutdown().await;
-
-    let cfg2 = AuditConfig {
-        dir: crashed.clone(),
-        ..cfg.clone()
-    };
-    let log = AuditLog::open(&cfg2).await.unwrap();
-    let next = n as u64 + 1;
-    assert_eq!(log.append(sample(n + 1, now)).await.unwrap(), next);
-    log.shutdown().await;
-    assert_chain(&read_segments(&crashed), next);
-}
-
 #[tokio::test]
 async fn config_with_only_dir_uses_defaults() {
     let cfg: AuditConfig = toml::from_str("dir = \"/var/lib/tollgate/audit\"").unwrap();
