@@ -213,14 +213,6 @@ impl DurabilityMode {
     pub fn may_forward_before_durable(self, provably_read_only: bool) -> bool {
         self != DurabilityMode::Strict && provably_read_only
     }
-
-    /// Should such a request's record be written only once the request is
-    /// on its way ([`AuditLog::hold`])? In `buffered`, where the caller
-    /// writes its records itself, that overlaps the write with the
-    /// server's work instead of adding it to the statement's latency.
-    pub fn writes_after_forwarding(self, provably_read_only: bool) -> bool {
-        self == DurabilityMode::Buffered && provably_read_only
-    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -278,35 +270,6 @@ impl Future for Durable {
                 Poll::Ready(result.take().unwrap_or_else(|| {
                     Err(AuditError::Unavailable("polled after completion".into()))
                 }))
-            }
-        }
-    }
-}
-
-/// See [`AuditLog::hold`].
-#[must_use = "a held record must be written; its Durable fails if it is dropped"]
-pub struct HeldRecord {
-    record: AuditRecord,
-    tx: oneshot::Sender<Result<u64, AuditError>>,
-}
-
-impl HeldRecord {
-    /// Writes the record (inline in `buffered` durability, else queued to
-    /// the writer thread); its `Durable` resolves when that is done.
-    pub fn write(self, log: &AuditLog) {
-        match &log.inline {
-            Some(inline) => {
-                let _ = self.tx.send(inline.append(self.record));
-            }
-            None => {
-                if let Err(mpsc::SendError(store::Msg::Append(_, tx))) = log
-                    .tx
-                    .send(store::Msg::Append(Box::new(self.record), self.tx))
-                {
-                    let _ = tx.send(Err(AuditError::Unavailable(
-                        "audit log is shut down".into(),
-                    )));
-                }
             }
         }
     }
@@ -378,22 +341,6 @@ impl AuditLog {
                 )))
             }
         }
-    }
-
-    /// A record to be written a moment later, by [`HeldRecord::write`],
-    /// and the [`Durable`] that resolves once it is. For a request that
-    /// may be forwarded before its record is durable
-    /// ([`DurabilityMode::writes_after_forwarding`]): forward, then write.
-    /// A held record dropped unwritten resolves its `Durable` to an error,
-    /// so whatever waits on it fails closed.
-    pub fn hold(&self, record: AuditRecord) -> (HeldRecord, Durable) {
-        let (tx, rx) = oneshot::channel();
-        (
-            HeldRecord { record, tx },
-            Durable {
-                state: DurableState::Waiting(rx),
-            },
-        )
     }
 
     /// Appends a record; returns its sequence number once it is durable

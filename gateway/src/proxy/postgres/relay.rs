@@ -30,7 +30,7 @@ use super::{
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
 use crate::{
-    audit::{record, AuditLog, AuditRecord, Durable, HeldRecord},
+    audit::{record, AuditRecord, Durable},
     identity::Principal,
     policy::{Decision, Operation, RecordResults, Request, StatementKind},
     proxy::tls::BoxedIo,
@@ -342,10 +342,6 @@ pub async fn run(
     let answered = Arc::new(Notify::new());
     let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
     let (upstream_rd, upstream_wr) = tokio::io::split(upstream.stream);
-    let held = Arc::new(Held {
-        audit: session.shared.audit.clone(),
-        records: Mutex::new(Vec::new()),
-    });
 
     let to_server = client_to_server(
         session.clone(),
@@ -355,7 +351,6 @@ pub async fn run(
         client_wr.clone(),
         in_flight.clone(),
         answered.clone(),
-        held.clone(),
     );
     let expiry_writer = client_wr.clone();
     let to_client = server_to_client(
@@ -365,7 +360,6 @@ pub async fn run(
         client_wr,
         in_flight.clone(),
         answered,
-        held,
     );
     let deadline = session.shared.verifier.session_deadline(&session.principal);
     // Whichever side ends first ends the session; so does the token's expiry.
@@ -429,7 +423,6 @@ fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn client_to_server(
     session: Arc<Session>,
     mut client_rd: ClientReader,
@@ -438,7 +431,6 @@ async fn client_to_server(
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,
     answered: Arc<Notify>,
-    held: Arc<Held>,
 ) -> Result<(), WireError> {
     let marker = lock(&in_flight).marker.clone();
     // Prepared statements are classified once, at Parse; statements and
@@ -499,7 +491,7 @@ async fn client_to_server(
                 b'Q' => {
                     let text = wire::query_text(&frame)?;
                     let operations = classify(&text);
-                    match admit(&session, &text, &operations, String::new(), &held).await {
+                    match admit(&session, &text, &operations, String::new()).await {
                         Ok(admitted) => {
                             let mut pending = admitted.into_pending(Kind::Query);
                             pending.reads_masked = reads_masked(&session.masks, &operations);
@@ -542,7 +534,6 @@ async fn client_to_server(
                         &answered,
                         &mut forward,
                         &mut upstream_wr,
-                        &held,
                         |f| f.statement(&statement),
                     )
                     .await?
@@ -566,20 +557,11 @@ async fn client_to_server(
                         &answered,
                         &mut forward,
                         &mut upstream_wr,
-                        &held,
                         |f| f.portal(&portal),
                     )
                     .await?
                     .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
-                    match admit(
-                        &session,
-                        &prepared.text,
-                        &prepared.operations,
-                        parameters,
-                        &held,
-                    )
-                    .await
-                    {
+                    match admit(&session, &prepared.text, &prepared.operations, parameters).await {
                         Ok(admitted) => {
                             let mut pending = admitted.into_pending(Kind::Execute);
                             pending.reads_masked =
@@ -670,9 +652,7 @@ async fn client_to_server(
             }
         }
         if !forward.is_empty() {
-            let sent = upstream_wr.write_all(&forward).await;
-            held.write();
-            sent?;
+            upstream_wr.write_all(&forward).await?;
         }
         // Read whatever the client has sent, not just what fits the
         // buffer's spare bytes (64 when it has none): a pipeline read in
@@ -711,7 +691,6 @@ async fn resolve_waiting<T>(
     answered: &Notify,
     forward: &mut BytesMut,
     upstream_wr: &mut WriteHalf<BoxedIo>,
-    held: &Held,
     lookup: impl Fn(&InFlight) -> Resolved<Option<T>>,
 ) -> Result<Option<T>, WireError> {
     loop {
@@ -721,9 +700,7 @@ async fn resolve_waiting<T>(
             Resolved::WaitFor(id) => id,
         };
         if !forward.is_empty() {
-            let sent = upstream_wr.write_all(forward).await;
-            held.write();
-            sent?;
+            upstream_wr.write_all(forward).await?;
             forward.clear();
         }
         if lock(in_flight).queue.iter().any(|p| p.id == waiting_for) {
@@ -840,7 +817,6 @@ async fn admit(
     text: &str,
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
-    held: &Held,
 ) -> Result<Admitted, Refusal> {
     let mut record = session.connection.record(Some(&session.principal));
     set_class(
@@ -914,18 +890,12 @@ async fn admit(
     record.action_id = record::action::ALLOWED;
     // A provably read-only statement goes out while its record syncs; its
     // answer is held until the record is durable (see server_to_client).
-    let durability = session.shared.audit.durability();
-    let read_only = provably_read_only(operations);
-    if durability.writes_after_forwarding(read_only) {
-        let (later, durable) = session.shared.audit.hold(record.clone());
-        held.push(later);
-        return Ok(Admitted {
-            record,
-            durable: Some(durable),
-            record_full,
-        });
-    }
-    if durability.may_forward_before_durable(read_only) {
+    if session
+        .shared
+        .audit
+        .durability()
+        .may_forward_before_durable(provably_read_only(operations))
+    {
         let durable = session.shared.audit.submit(record.clone());
         return Ok(Admitted {
             record,
@@ -1002,7 +972,6 @@ async fn server_to_client(
     client_wr: ClientWriter,
     in_flight: Arc<Mutex<InFlight>>,
     answered: Arc<Notify>,
-    held: Arc<Held>,
 ) -> Result<(), WireError> {
     let mut outcomes = Outcomes {
         session: &session,
@@ -1016,8 +985,6 @@ async fn server_to_client(
                 .front_mut()
                 .and_then(|p| p.durable.take());
             if let Some(durable) = syncing {
-                // Its record may still be held (see `Held`).
-                held.write();
                 if let Err(err) = durable.await {
                     // The answer exists but its request is not on record:
                     // the agent must not see it.
@@ -1072,45 +1039,6 @@ async fn server_to_client(
 }
 
 type Finished = Vec<(Pending, Option<(String, String)>)>;
-
-/// Request records of provably read-only statements in `buffered`
-/// durability, written as soon as the bytes that carry their statements
-/// are sent (or could not all be): the write overlaps the server's work.
-/// Their answers wait for them (`Pending::durable`), and the task reading
-/// answers writes them itself if it gets there first: a send that cannot
-/// finish because the server is busy sending answers tollgate is not yet
-/// reading would otherwise wait on itself. Whatever way the session ends,
-/// they are written (on drop): a statement that may have reached the
-/// server is on record.
-struct Held {
-    audit: AuditLog,
-    records: Mutex<Vec<HeldRecord>>,
-}
-
-impl Held {
-    fn push(&self, record: HeldRecord) {
-        self.lock().push(record);
-    }
-
-    fn write(&self) {
-        let records = std::mem::take(&mut *self.lock());
-        for record in records {
-            record.write(&self.audit);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HeldRecord>> {
-        self.records
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.write();
-    }
-}
 
 /// Outcome records of answered requests, written once the answers are on
 /// their way to the agent: nothing waits on them, so they stay off the
