@@ -954,3 +954,58 @@ fn a_pipeline_that_fails_before_its_sync_goes_on_after_the_sync() {
     assert_eq!(rows.len(), 1, "{answers}");
     assert_eq!(rows[0]["values"][0], "2", "{answers}");
 }
+
+// In `buffered` durability the session writes its records itself, on its
+// own thread. A pipeline larger than the sockets between client, tollgate
+// and server hold keeps sends, answers and record writes in flight at
+// once: every answer must come, and every statement must be on record,
+// request and outcome.
+#[test]
+fn buffered_durability_answers_and_records_a_pipeline_larger_than_the_sockets() {
+    let test = "buffered_durability_answers_and_records_a_pipeline_larger_than_the_sockets";
+    if !privileged(test) {
+        return;
+    }
+    let stack = Stack::start_with(
+        tollgate_tests::Postgres::start().expect("start PostgreSQL"),
+        |config| config.audit_extra = "durability = \"buffered\"".into(),
+    )
+    .expect("start PostgreSQL, IdP and tollgate");
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE TABLE wide AS SELECT g AS id, repeat('x', 2000) AS filler FROM generate_series(1, 50) g",
+        )
+        .expect("create wide");
+    let token = stack
+        .idp
+        .token(AGENT_OID, &["--name", "clients-agent"])
+        .expect("mint a token");
+    // 4 KB of statement text each: 2 000 of them are 8 MB of requests,
+    // and 80 MB of answers.
+    let statement = format!(
+        "SELECT id, filler FROM wide WHERE id <= 20 /* {} */",
+        "p".repeat(4000)
+    );
+    let statements = 2000;
+    let out = raw_protocol_script(
+        &stack,
+        "pg_pipeline_flood.py",
+        &token,
+        &[&statements.to_string(), &statement],
+    );
+    let result: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(result["complete"], statements, "{result}");
+    assert_eq!(result["errors"], serde_json::json!([]), "{result}");
+    assert_eq!(result["ready"], true, "{result}");
+    for phase in ["request", "outcome"] {
+        let sql = format!(
+            "SELECT sequence FROM audit WHERE phase = '{phase}' AND query_info_query_string LIKE 'SELECT id, filler FROM wide%'"
+        );
+        let rows = stack
+            .audit_rows(&sql, statements, AUDIT_WAIT)
+            .expect("audit rows");
+        assert_eq!(rows.len(), statements, "{phase} rows");
+    }
+}

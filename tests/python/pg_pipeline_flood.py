@@ -1,0 +1,52 @@
+"""A pipeline larger than the sockets between client, tollgate and server
+can hold: COUNT Parse/Bind/Execute of SQL, one Sync, sent by one thread
+while another reads the answers (as libpq's pipeline mode does). Prints
+{"complete": n, "errors": [...], "ready": bool} as JSON, or
+{"timeout": ...} when answers stop coming.
+
+usage: pg_pipeline_flood.py HOST PORT TOKEN COUNT SQL
+"""
+import json
+import socket
+import struct
+import sys
+import threading
+
+from pg_raw import cstr, error_fields, msg, read_message, read_until, startup
+
+
+def main():
+    host, port, token, count, sql = sys.argv[1:6]
+    count = int(count)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    startup(sock)
+    read_message(sock)
+    sock.sendall(msg(b"p", cstr(token)))
+    read_until(sock, [b"Z"])
+    one = (
+        msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
+        + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+        + msg(b"E", cstr("") + struct.pack("!i", 0))
+    )
+    sender = threading.Thread(
+        target=lambda: sock.sendall(one * count + msg(b"S", b"")), daemon=True
+    )
+    sender.start()
+    result = {"complete": 0, "errors": [], "ready": False}
+    try:
+        while True:
+            tag, body = read_message(sock)
+            if tag == b"C":
+                result["complete"] += 1
+            elif tag == b"E":
+                result["errors"].append(error_fields(body))
+            elif tag == b"Z":
+                result["ready"] = True
+                break
+    except (socket.timeout, EOFError) as e:
+        result["timeout"] = str(e)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
