@@ -368,10 +368,19 @@ impl Syncer {
             };
             if let Err(e) = file.sync_data() {
                 error!(error = %e, "WAL sync failed");
-                Self::lock(&shared.state).failure = Some(e.to_string());
-                shared.failed.store(true, Ordering::Release);
+                Self::record_failure(shared, e.to_string());
             }
         }
+    }
+
+    fn record_failure(shared: &SyncShared, failure: String) {
+        Self::lock(&shared.state).failure = Some(failure);
+        shared.failed.store(true, Ordering::Release);
+    }
+
+    /// A sync of the WAL made elsewhere (at file retirement) failed.
+    fn fail(&self, failure: String) {
+        Self::record_failure(&self.shared, failure);
     }
 
     /// The writer moved to `file`; the one before was synced by the writer
@@ -791,9 +800,19 @@ impl Writer {
             // The syncer follows only the current file: what it has not
             // covered of this one is synced now (once per file, not per
             // batch).
-            if self.syncer.is_some() {
-                if let Err(e) = w.file.sync_data() {
+            if let Some(syncer) = &self.syncer {
+                #[cfg(test)]
+                let synced = match faults::take_retire_sync(&self.wal_dir) {
+                    true => Err(io::Error::from_raw_os_error(libc::EIO)),
+                    false => w.file.sync_data(),
+                };
+                #[cfg(not(test))]
+                let synced = w.file.sync_data();
+                if let Err(e) = synced {
+                    // As for a failed background sync: what it should have
+                    // covered may be gone, so the next record is refused.
                     error!(error = %e, path = %w.path.display(), "WAL sync failed");
+                    syncer.fail(e.to_string());
                 }
             }
             self.closed_files.push(w.path);
@@ -1280,6 +1299,28 @@ pub(crate) mod faults {
 
     pub fn take(wal_dir: &Path) -> Option<usize> {
         FAULTS.lock().ok()?.as_mut()?.remove(wal_dir)
+    }
+
+    static RETIRE_SYNC_FAULTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// The next sync of a retired WAL file in `wal_dir` fails.
+    pub fn fail_next_retire_sync(wal_dir: &Path) {
+        if let Ok(mut g) = RETIRE_SYNC_FAULTS.lock() {
+            g.push(wal_dir.to_path_buf());
+        }
+    }
+
+    pub fn take_retire_sync(wal_dir: &Path) -> bool {
+        let Ok(mut g) = RETIRE_SYNC_FAULTS.lock() else {
+            return false;
+        };
+        match g.iter().position(|d| d == wal_dir) {
+            Some(i) => {
+                g.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 
