@@ -256,6 +256,7 @@ impl InFlight {
     /// what the server confirmed.
     fn resolve<T: Clone>(
         &self,
+        unnamed: bool,
         defines: impl Fn(&Pending) -> Option<Option<T>>,
         confirmed: Option<&(u64, T)>,
     ) -> Resolved<Option<T>> {
@@ -268,6 +269,11 @@ impl InFlight {
             if pending.kind == Kind::Sync {
                 synced_since = true;
                 continue;
+            }
+            if unnamed && matches!(pending.kind, Kind::Query | Kind::RefusedQuery) {
+                // A simple Query drops the unnamed statement and portal
+                // before it runs, whatever came before it.
+                return Resolved::Known(None);
             }
             if let Some(definition) = defines(pending) {
                 return if synced_since {
@@ -299,6 +305,7 @@ impl InFlight {
 
     fn statement(&self, name: &str) -> Resolved<Option<Arc<Prepared>>> {
         self.resolve(
+            name.is_empty(),
             |p| match (&p.parse, &p.close) {
                 (Some((parsed, prepared)), _) if parsed == name => Some(Some(prepared.clone())),
                 (_, Some((b'S', closed))) if closed == name => Some(None),
@@ -310,6 +317,7 @@ impl InFlight {
 
     fn portal(&self, name: &str) -> Resolved<Option<Bound>> {
         self.resolve(
+            name.is_empty(),
             |p| match (&p.bind, &p.close) {
                 (Some((bound, what)), _) if bound == name => Some(Some(what.clone())),
                 (_, Some((b'P', closed))) if closed == name => Some(None),
@@ -1225,6 +1233,12 @@ fn track_answer(
                     // A failed Parse or Bind never made its statement or
                     // portal; a failed Execute is this error's request.
                     if let Some(done) = queue.pop_front() {
+                        // The server drops the unnamed statement before it
+                        // parses a new one: after a failed Parse of it,
+                        // there is none.
+                        if done.parse.as_ref().is_some_and(|(name, _)| name.is_empty()) {
+                            statements.remove("");
+                        }
                         if done.kind == Kind::Execute {
                             finished.push((done, Some(error)));
                         }
@@ -1243,6 +1257,12 @@ fn track_answer(
                 )));
             }
             if let Some(done) = queue.pop_front() {
+                if matches!(done.kind, Kind::Query | Kind::RefusedQuery) {
+                    // A simple Query drops the unnamed statement and portal
+                    // before it runs (the refusal marker is a Query too).
+                    statements.remove("");
+                    portals.remove("");
+                }
                 let error = done.error.clone();
                 if done.kind == Kind::Query {
                     finished.push((done, error));
@@ -1350,6 +1370,72 @@ mod tests {
         let empty = queue_of(&[]);
         let result = track_answer(&MaskSet::default(), &empty, &frame(b'Z', b"I"));
         assert!(matches!(result, Err(WireError::Malformed(_))));
+    }
+
+    fn prepared(text: &str) -> Arc<Prepared> {
+        Arc::new(Prepared {
+            text: text.into(),
+            operations: Arc::new(Err("test".into())),
+            parameter_types: Vec::new(),
+        })
+    }
+
+    // PostgreSQL drops the unnamed statement and portal when a simple
+    // Query runs, and the unnamed statement when a Parse of a new one
+    // fails: a later Bind or Execute of "" must not be decided and audited
+    // as the statement that is gone.
+    #[test]
+    fn a_simple_query_or_a_failed_unnamed_parse_forgets_the_unnamed_statement() {
+        // Confirmed before, then a simple Query answered.
+        let in_flight = queue_of(&[Kind::Query]);
+        {
+            let mut f = lock(&in_flight);
+            f.statements.insert("".into(), (0, prepared("SELECT 1")));
+            f.statements
+                .insert("named".into(), (0, prepared("SELECT 2")));
+            f.portals
+                .insert("".into(), (0, (prepared("SELECT 1"), String::new())));
+        }
+        track_answer(&MaskSet::default(), &in_flight, &frame(b'Z', b"I")).expect("in step");
+        let f = lock(&in_flight);
+        assert!(matches!(f.statement(""), Resolved::Known(None)));
+        assert!(matches!(f.portal(""), Resolved::Known(None)));
+        assert!(matches!(f.statement("named"), Resolved::Known(Some(_))));
+        drop(f);
+
+        // A simple Query still in flight after a Parse of "": the name
+        // resolves to nothing, even with a Sync between them.
+        let in_flight = queue_of(&[]);
+        {
+            let mut f = lock(&in_flight);
+            let mut parse = Pending::new(Kind::Parse, None);
+            parse.parse = Some(("".into(), prepared("SELECT 1")));
+            f.push(parse);
+            f.push(Pending::new(Kind::Sync, None));
+            f.push(Pending::new(Kind::Query, None));
+            assert!(matches!(f.statement(""), Resolved::Known(None)));
+        }
+
+        // A failed Parse of "" leaves no unnamed statement behind.
+        let in_flight = queue_of(&[]);
+        {
+            let mut f = lock(&in_flight);
+            f.statements.insert("".into(), (0, prepared("SELECT 1")));
+            let mut parse = Pending::new(Kind::Parse, None);
+            parse.parse = Some(("".into(), prepared("SELEC oops")));
+            f.push(parse);
+            f.push(Pending::new(Kind::Sync, None));
+        }
+        let mut error = BytesMut::new();
+        wire::error_response(&mut error, "ERROR", "42601", "syntax error");
+        let error = wire::split_frame(&mut error)
+            .expect("well formed")
+            .expect("whole");
+        track_answer(&MaskSet::default(), &in_flight, &error).expect("in step");
+        assert!(matches!(
+            lock(&in_flight).statement(""),
+            Resolved::Known(None)
+        ));
     }
 
     #[test]
