@@ -1,13 +1,6 @@
 //! `tollgate`: the command line. Each subcommand is a thin call into the
 //! library; the work lives in the stage modules.
 
-// Audit records are buffered until their segment is written (up to
-// 100 000 per segment) and freed together; the system allocator grew and
-// shrank its per-thread heaps a page at a time for that, a system call per
-// statement on the request path.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::{Context, Result};
