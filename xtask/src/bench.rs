@@ -86,6 +86,8 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
     let token = stack
         .idp
         .token("bench-agent-oid", &["--expires-in", "7200"])?;
+    let (bouncer_port, bouncer_pid) = (bouncer.port, bouncer.pid()?);
+    let gateway_pid = stack.gateway.pid().context("tollgate is not running")?;
 
     let mut rows = Vec::new();
     let workloads = [("select-only", Some("-S")), ("TPC-B-like", None)]
@@ -109,16 +111,19 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
                 clients,
                 seconds,
             )?;
+            let bouncer_cpu = cpu_ns(bouncer_pid);
             let bouncer = pgbench(
                 &stack,
                 None,
-                bouncer.port,
+                bouncer_port,
                 "postgres",
                 &stack.postgres.superuser_password,
                 flag,
                 clients,
                 seconds,
             )?;
+            let bouncer_cpu = cpu_ns(bouncer_pid).saturating_sub(bouncer_cpu);
+            let gateway_cpu = cpu_ns(gateway_pid);
             let gateway = pgbench(
                 &stack,
                 Some(&stack.gateway.config.agent_cgroup),
@@ -129,8 +134,14 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
                 clients,
                 seconds,
             )?;
+            let gateway_cpu = cpu_ns(gateway_pid).saturating_sub(gateway_cpu);
+            // CPU per transaction: the process's CPU time over the run
+            // divided by the transactions pgbench counted (TPS x seconds).
+            let per_txn = |ns: u64, sample: &Sample| {
+                ns as f64 / 1000.0 / (sample.tps * f64::from(seconds)).max(1.0)
+            };
             rows.push(format!(
-                "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.3} | {:.3} | {:.3} | {:+.0} |",
+                "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:.1} |",
                 direct.tps,
                 bouncer.tps,
                 bouncer.tps / direct.tps,
@@ -140,12 +151,14 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
                 bouncer.latency_ms,
                 gateway.latency_ms,
                 (gateway.latency_ms - direct.latency_ms) * 1000.0,
+                per_txn(bouncer_cpu, &bouncer),
+                per_txn(gateway_cpu, &gateway),
             ));
         }
     }
     println!();
-    println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | direct latency ms | PgBouncer latency ms | tollgate latency ms | tollgate added latency µs |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | direct latency ms | PgBouncer latency ms | tollgate latency ms | tollgate added latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows {
         println!("{row}");
     }
@@ -163,6 +176,21 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
         floor.0, floor.1
     );
     Ok(())
+}
+
+/// CPU time (user and system) of every thread a process has now, in ns,
+/// from the scheduler's own accounting (`/proc/PID/task/*/schedstat`).
+/// Throughput swings with this machine's load; CPU per transaction much
+/// less, so it is the better figure to compare two builds by.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Median and p90 of a 1 KiB write + fdatasync in `dir`, in µs.
@@ -258,6 +286,20 @@ struct PgBouncer {
 }
 
 impl PgBouncer {
+    /// The pgbouncer process itself (the child is `runuser`, its parent).
+    fn pid(&self) -> Result<u32> {
+        let parent = self.child.id();
+        let children = fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .with_context(|| format!("children of runuser ({parent})"))?;
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|p| {
+                fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "pgbouncer")
+            })
+            .context("no pgbouncer process under runuser")
+    }
+
     fn start(stack: &Stack) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tollgate-pgbouncer-")
