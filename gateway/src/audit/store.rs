@@ -273,7 +273,7 @@ pub(crate) struct InlineWriter {
 
 impl InlineWriter {
     pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        let mut writer = lock_writer(&self.writer);
+        let mut writer = lock(&self.writer);
         if writer.closed {
             return Err(AuditError::Unavailable("audit log is shut down".into()));
         }
@@ -283,10 +283,11 @@ impl InlineWriter {
     }
 }
 
-fn lock_writer(writer: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
-    // A poisoned lock means a caller panicked mid-commit; the writer's
-    // state only advances after a successful write, so it is still whole.
-    writer
+/// Locks, ignoring poisoning. A panic while the writer is held cannot leave
+/// it half-changed (its chain only advances after a successful write), nor
+/// the syncer's state (single-field updates).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -313,6 +314,16 @@ struct SyncShared {
     interval: Duration,
 }
 
+impl SyncShared {
+    /// Records a failed sync of the WAL (the background one, or the
+    /// writer's own when it leaves a file): the writer refuses its next
+    /// batch.
+    fn fail(&self, failure: String) {
+        lock(&self.state).failure = Some(failure);
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
 #[derive(Default)]
 struct SyncState {
     /// The WAL file being written.
@@ -337,17 +348,11 @@ impl Syncer {
         Ok(Self { shared })
     }
 
-    fn lock(state: &Mutex<SyncState>) -> std::sync::MutexGuard<'_, SyncState> {
-        state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn run(shared: &SyncShared) {
         let mut last_start: Option<Instant> = None;
         loop {
             {
-                let mut s = Self::lock(&shared.state);
+                let mut s = lock(&shared.state);
                 while !s.stop && !shared.dirty.load(Ordering::Acquire) {
                     s = shared
                         .wake
@@ -363,37 +368,27 @@ impl Syncer {
             }
             last_start = Some(Instant::now());
             shared.dirty.store(false, Ordering::Release);
-            let Some(file) = Self::lock(&shared.state).file.clone() else {
+            let Some(file) = lock(&shared.state).file.clone() else {
                 continue;
             };
             if let Err(e) = file.sync_data() {
                 error!(error = %e, "WAL sync failed");
-                Self::record_failure(shared, e.to_string());
+                shared.fail(e.to_string());
             }
         }
-    }
-
-    fn record_failure(shared: &SyncShared, failure: String) {
-        Self::lock(&shared.state).failure = Some(failure);
-        shared.failed.store(true, Ordering::Release);
-    }
-
-    /// A sync of the WAL made elsewhere (at file retirement) failed.
-    fn fail(&self, failure: String) {
-        Self::record_failure(&self.shared, failure);
     }
 
     /// The writer moved to `file`; the one before was synced by the writer
     /// itself (`retire_file`).
     fn follow(&self, file: &Arc<fs::File>) {
-        Self::lock(&self.shared.state).file = Some(file.clone());
+        lock(&self.shared.state).file = Some(file.clone());
     }
 
     /// Something was written to the followed file. Wakes the syncer only
     /// when it was idle: at most one wake-up per sync.
     fn dirty(&self) {
         if !self.shared.dirty.swap(true, Ordering::AcqRel) {
-            let _guard = Self::lock(&self.shared.state);
+            let _guard = lock(&self.shared.state);
             self.shared.wake.notify_one();
         }
     }
@@ -402,13 +397,13 @@ impl Syncer {
         if !self.shared.failed.swap(false, Ordering::AcqRel) {
             return None;
         }
-        Self::lock(&self.shared.state).failure.take()
+        lock(&self.shared.state).failure.take()
     }
 }
 
 impl Drop for Syncer {
     fn drop(&mut self) {
-        let mut s = Self::lock(&self.shared.state);
+        let mut s = lock(&self.shared.state);
         // The last writes are synced before the thread leaves.
         if let Some(file) = &s.file {
             if let Err(e) = file.sync_data() {
@@ -624,10 +619,10 @@ struct Writer {
 
 impl Writer {
     fn run(shared: &Mutex<Writer>, rx: mpsc::Receiver<Msg>) {
-        let inline = lock_writer(shared).syncer.is_some();
+        let inline = lock(shared).syncer.is_some();
         loop {
             let timeout = {
-                let w = lock_writer(shared);
+                let w = lock(shared);
                 match w.buffer_since {
                     Some(t) => w.max_age.saturating_sub(t.elapsed()),
                     // Inline writers start buffers without telling this
@@ -639,11 +634,11 @@ impl Writer {
             let first = match rx.recv_timeout(timeout) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => {
-                    lock_writer(shared).maybe_cut();
+                    lock(shared).maybe_cut();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    lock_writer(shared).close(None);
+                    lock(shared).close(None);
                     return;
                 }
             };
@@ -681,7 +676,7 @@ impl Writer {
             }
             if !batch.is_empty() {
                 let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let mut w = lock_writer(shared);
+                let mut w = lock(shared);
                 let result = w.commit(records);
                 w.maybe_cut();
                 drop(w);
@@ -690,7 +685,7 @@ impl Writer {
                 }
             }
             if let Some(done) = shutdown {
-                lock_writer(shared).close(Some(done));
+                lock(shared).close(Some(done));
                 return;
             }
         }
@@ -812,7 +807,7 @@ impl Writer {
                     // As for a failed background sync: what it should have
                     // covered may be gone, so the next record is refused.
                     error!(error = %e, path = %w.path.display(), "WAL sync failed");
-                    syncer.fail(e.to_string());
+                    syncer.shared.fail(e.to_string());
                 }
             }
             self.closed_files.push(w.path);
@@ -869,21 +864,16 @@ impl Writer {
             return Err(io::Error::other("no WAL file"));
         };
         #[cfg(test)]
-        let result = match faults::take(&self.wal_dir) {
+        let written = match faults::take(&self.wal_dir) {
             Some(k) => w
                 .file
                 .write_all_at(&bytes[..k.min(bytes.len())], w.len)
                 .and_then(|()| Err(io::Error::from_raw_os_error(libc::ENOSPC))),
-            None => w.file.write_all_at(bytes, w.len).and_then(|()| {
-                if sync_here {
-                    w.file.sync_data()
-                } else {
-                    Ok(())
-                }
-            }),
+            None => w.file.write_all_at(bytes, w.len),
         };
         #[cfg(not(test))]
-        let result = w.file.write_all_at(bytes, w.len).and_then(|()| {
+        let written = w.file.write_all_at(bytes, w.len);
+        let result = written.and_then(|()| {
             if sync_here {
                 w.file.sync_data()
             } else {
