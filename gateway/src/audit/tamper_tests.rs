@@ -6,7 +6,7 @@ use std::{fs, path::Path};
 use super::{
     checkpoint::Verifier,
     store,
-    tests::{config, crash_copy, sample},
+    tests::{config, crash_copy, open_with_samples, sample},
     verify::{verify, Kind, Report},
     *,
 };
@@ -223,11 +223,7 @@ async fn build_with_wal(tmp: &Path) -> AuditConfig {
     let mut cfg = config(tmp);
     cfg.segment_max_records = 20;
     cfg.segment_max_age_secs = 3600;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    for i in 0..25 {
-        log.append(sample(i, now)).await.unwrap();
-    }
+    let (log, _) = open_with_samples(&cfg, 25).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while segments(&cfg).is_empty() || !wal_has_only_tail(&cfg.dir) {
         assert!(std::time::Instant::now() < deadline);
@@ -335,11 +331,7 @@ async fn failed_wal_write_refuses_then_recovers(durability: DurabilityMode) {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.durability = durability;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    for i in 0..5 {
-        log.append(sample(i, now)).await.unwrap();
-    }
+    let (log, now) = open_with_samples(&cfg, 5).await;
     // A full disk in the middle of a frame.
     store::faults::fail_next_write(&cfg.dir.join("wal"), 37);
     let err = log.append(sample(5, now)).await.unwrap_err();

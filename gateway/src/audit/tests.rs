@@ -44,6 +44,17 @@ pub(crate) fn config(dir: &Path) -> AuditConfig {
 }
 
 /// All records in all segment files, sorted by sequence.
+/// Opens the store at `cfg` and appends `sample(i, now)` for i in 0..n;
+/// the open log and that `now`.
+pub(crate) async fn open_with_samples(cfg: &AuditConfig, n: usize) -> (AuditLog, i64) {
+    let log = AuditLog::open(cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..n {
+        log.append(sample(i, now)).await.unwrap();
+    }
+    (log, now)
+}
+
 pub(crate) fn read_segments(dir: &Path) -> Vec<AuditRecord> {
     let mut out = Vec::new();
     for rel in store::list_segment_files(dir).unwrap() {
@@ -152,11 +163,7 @@ async fn segments_close_by_record_count() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.segment_max_records = 10;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    for i in 0..35 {
-        log.append(sample(i, now)).await.unwrap();
-    }
+    let (log, _) = open_with_samples(&cfg, 35).await;
     log.shutdown().await;
     let files = store::list_segment_files(&cfg.dir).unwrap();
     // Appends are sequential here, so every cut happens at exactly 10.
@@ -210,11 +217,7 @@ async fn crash_recovery_rebuilds_segments_from_the_wal() {
     let mut cfg = config(tmp.path());
     cfg.segment_max_records = 20;
     cfg.segment_max_age_secs = 3600;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    for i in 0..45 {
-        log.append(sample(i, now)).await.unwrap();
-    }
+    let (log, now) = open_with_samples(&cfg, 45).await;
     // Wait for the two full segments; the last 5 records stay in the WAL.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while store::list_segment_files(&cfg.dir).unwrap().len() < 2 {
@@ -263,11 +266,7 @@ async fn buffered_mode_keeps_every_acknowledged_record_through_a_daemon_crash() 
     cfg.durability = DurabilityMode::Buffered;
     cfg.segment_max_records = 20;
     cfg.segment_max_age_secs = 3600;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    for i in 0..45 {
-        log.append(sample(i, now)).await.unwrap();
-    }
+    let (log, now) = open_with_samples(&cfg, 45).await;
     let crashed = tmp.path().join("crashed");
     crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;
@@ -436,11 +435,7 @@ async fn wal_that_breaks_the_chain_is_kept_aside_and_flagged() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.segment_max_age_secs = 3600;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    for i in 0..5 {
-        log.append(sample(i, now)).await.unwrap();
-    }
+    let (log, now) = open_with_samples(&cfg, 5).await;
     let crashed = tmp.path().join("crashed");
     crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;
@@ -479,11 +474,7 @@ async fn crashed_with_wal_tail(tmp: &Path) -> AuditConfig {
     let mut cfg = config(tmp);
     cfg.segment_max_records = 20;
     cfg.segment_max_age_secs = 3600;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    let now = store::now_ms();
-    for i in 0..25 {
-        log.append(sample(i, now)).await.unwrap();
-    }
+    let (log, _) = open_with_samples(&cfg, 25).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while store::list_segment_files(&cfg.dir).unwrap().is_empty()
         || wal::list(&cfg.dir.join("wal")).unwrap().len() != 1
