@@ -5,21 +5,15 @@ client received as JSON (NULL as null).
 usage: pg_describe_other.py HOST PORT TOKEN
 """
 import json
-import socket
 import struct
 import sys
 
-from pg_raw import cstr, error_fields, msg, read_message, startup
+from pg_raw import cstr, error_fields, login, msg, read_message
 
 
 def main():
     host, port, token = sys.argv[1:4]
-    sock = socket.create_connection((host, int(port)), timeout=15)
-    startup(sock)
-    read_message(sock)
-    sock.sendall(msg(b"p", cstr(token)))
-    while read_message(sock)[0] != b"Z":
-        pass
+    sock = login(host, port, token, timeout=15)
     no_types = struct.pack("!h", 0)
     batch = (
         msg(b"P", cstr("s_secret") + cstr("SELECT email FROM customers WHERE id = 1") + no_types)

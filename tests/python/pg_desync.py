@@ -20,20 +20,15 @@ Scenarios:
 usage: pg_desync.py HOST PORT TOKEN SCENARIO FIRST_SQL SECOND_SQL
 """
 import json
-import socket
 import struct
 import sys
 
-from pg_raw import cstr, msg, read_message, read_until, startup
+from pg_raw import cstr, login, msg, read_until
 
 
 def main():
     host, port, token, scenario, first, second = sys.argv[1:7]
-    sock = socket.create_connection((host, int(port)), timeout=15)
-    startup(sock)
-    read_message(sock)
-    sock.sendall(msg(b"p", cstr(token)))
-    read_until(sock, [b"Z"])
+    sock = login(host, port, token, timeout=15)
     answers = []
     sync = msg(b"S", b"")
     bind = msg(b"B", cstr("") + cstr("s") + struct.pack("!hhh", 0, 0, 0))

@@ -12,17 +12,13 @@ import struct
 import sys
 import threading
 
-from pg_raw import cstr, error_fields, msg, read_message, read_until, startup
+from pg_raw import cstr, error_fields, login, msg, read_message
 
 
 def main():
     host, port, token, count, sql = sys.argv[1:6]
     count = int(count)
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    startup(sock)
-    read_message(sock)
-    sock.sendall(msg(b"p", cstr(token)))
-    read_until(sock, [b"Z"])
+    sock = login(host, port, token, timeout=30)
     one = (
         msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
         + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))

@@ -1,6 +1,7 @@
 """The few pieces of the PostgreSQL wire protocol the test scripts speak by
 hand (libpq hides SQLSTATEs at login, refuses empty passwords and has no
 FunctionCall in the drivers here)."""
+import socket
 import struct
 
 
@@ -79,3 +80,13 @@ def read_until(sock, stop_tags, count=1):
         if tag in stop_tags:
             count -= 1
     return got
+
+
+def login(host, port, token, timeout):
+    """A session logged in as the agent with `token`, ready for queries."""
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    startup(sock)
+    read_message(sock)
+    sock.sendall(msg(b"p", cstr(token)))
+    read_until(sock, [b"Z"])
+    return sock

@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 
-from pg_raw import cstr, msg, read_message, read_until, startup
+from pg_raw import cstr, login, msg, read_until
 
 
 def parse_bind_execute(sql):
@@ -32,11 +32,7 @@ def parse_bind_execute(sql):
 
 def main():
     host, port, token, scenario, refused, allowed = sys.argv[1:7]
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    startup(sock)
-    read_message(sock)
-    sock.sendall(msg(b"p", cstr(token)))
-    read_until(sock, [b"Z"])
+    sock = login(host, port, token, timeout=10)
     result = {}
     try:
         if scenario == "flush":
