@@ -307,7 +307,9 @@ struct SyncShared {
     /// it syncs: a write that lands after the clear sets it again, so
     /// nothing written is left unsynced.
     dirty: AtomicBool,
-    /// A sync failed; the writer refuses the next batch.
+    /// A sync failed; the writer refuses the next batch. Mirrors
+    /// `SyncState::failure` so that every write can check it without
+    /// taking the lock.
     failed: AtomicBool,
     state: Mutex<SyncState>,
     wake: Condvar,
