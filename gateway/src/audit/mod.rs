@@ -305,7 +305,10 @@ impl AuditLog {
             return Durable::known(inline.append(record));
         }
         let (otx, orx) = oneshot::channel();
-        match self.tx.send(store::Msg::Append(Box::new(record), otx)) {
+        match self
+            .tx
+            .send(store::Msg::Append(store::Pending::new(record), otx))
+        {
             Ok(()) => Durable {
                 state: DurableState::Waiting(orx),
             },
@@ -329,7 +332,10 @@ impl AuditLog {
             return Durable::known(result);
         }
         let (otx, orx) = oneshot::channel();
-        match self.tx.send(store::Msg::AppendLazy(Box::new(record), otx)) {
+        match self
+            .tx
+            .send(store::Msg::AppendLazy(store::Pending::new(record), otx))
+        {
             Ok(()) => Durable {
                 state: DurableState::Waiting(orx),
             },

@@ -53,22 +53,15 @@ pub const BLOOM_COLUMNS: &[&str] = &[
     "policy_uid",
 ];
 
-/// Columns without min/max statistics: values with no useful order.
-/// Equality lookups on the ids among them use their bloom filters.
-pub const NO_STATISTICS_COLUMNS: &[&str] = &[
-    "record_hash",
-    "prev_record_hash",
-    "request_uid",
-    "session_uid",
-    "actor_session_credential_uid",
-    "actor_session_credential_fingerprint",
-    "query_info_query_string",
-    "query_info_parameters",
-    "response_data",
-    "status_detail",
-    "intent",
-    "unmapped",
-];
+/// Whether a column gets min/max statistics: only numbers (times,
+/// sequences, counts, codes), whose ranges analysts filter by. Text is
+/// looked up by equality (the identity and target columns have bloom
+/// filters) or by pattern, where a min/max skips nothing; computing them
+/// costs a byte comparison per value, the largest single cost of encoding
+/// a segment.
+fn has_statistics(data_type: &arrow_schema::DataType) -> bool {
+    data_type.is_numeric()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
@@ -464,11 +457,58 @@ pub fn canonical_bytes(r: &AuditRecord) -> Vec<u8> {
 /// [`canonical_bytes`], appended to `out`: the WAL writes it straight into
 /// the batch buffer, without an allocation per record.
 pub fn canonical_into(r: &AuditRecord, out: &mut Vec<u8>) {
+    write_canonical(r, out, None);
+}
+
+/// Where the two chain members go in an encoding written by
+/// [`canonical_into_without_chain`]: byte offsets into it, each just after
+/// the comma that leads the member (when one does).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChainGaps {
+    /// Offset of `"prev_record_hash":"<hex>"`.
+    pub prev_record_hash: usize,
+    /// Offset of `"sequence":<n>`.
+    pub sequence: usize,
+}
+
+/// The canonical encoding of `r` without its two chain members
+/// (`prev_record_hash`, `sequence`), with the offsets where they go.
+/// Everything else in a record is known before it is chained, so callers
+/// encode it on their own threads and the writer, which chains records one
+/// after another, only splices the two members in.
+///
+/// Splicing gives exactly [`canonical_into`]'s bytes when the link is a
+/// non-empty string that JSON writes unescaped (a hex hash always is): an
+/// empty link is left out of the canonical encoding instead.
+pub fn canonical_into_without_chain(r: &AuditRecord, out: &mut Vec<u8>) -> ChainGaps {
+    let mut gaps = ChainGaps::default();
+    write_canonical(r, out, Some(&mut gaps));
+    gaps
+}
+
+fn write_canonical(r: &AuditRecord, out: &mut Vec<u8>, mut gaps: Option<&mut ChainGaps>) {
+    let start = out.len();
     out.push(b'{');
     let mut empty = true;
     for (name, write) in canonical_fields() {
         if *name == "record_hash" {
             continue;
+        }
+        if let Some(gaps) = gaps.as_deref_mut() {
+            let gap = match *name {
+                "prev_record_hash" => Some(&mut gaps.prev_record_hash),
+                "sequence" => Some(&mut gaps.sequence),
+                _ => None,
+            };
+            if let Some(gap) = gap {
+                if !empty {
+                    out.push(b',');
+                }
+                *gap = out.len() - start;
+                // The member spliced in later is never empty.
+                empty = false;
+                continue;
+            }
         }
         let mark = out.len();
         if !empty {
@@ -561,11 +601,13 @@ fn properties<R: Borrow<AuditRecord>>(records: &[R]) -> WriterProperties {
             .set_column_dictionary_enabled(ColumnPath::from(c), false)
             .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_BINARY_PACKED);
     }
-    // Min/max of hashes, random ids and free text skip nothing (every
-    // row group spans almost the whole range) and cost a byte comparison
-    // per value: the largest single cost of encoding a segment.
-    for c in NO_STATISTICS_COLUMNS {
-        b = b.set_column_statistics_enabled(ColumnPath::from(*c), EnabledStatistics::None);
+    for field in schema().fields() {
+        if !has_statistics(field.data_type()) {
+            b = b.set_column_statistics_enabled(
+                ColumnPath::from(field.name().as_str()),
+                EnabledStatistics::None,
+            );
+        }
     }
     // A hash never repeats: a dictionary would only grow until the writer
     // gives up on it, after hashing and comparing every value.
@@ -674,9 +716,25 @@ mod tests {
     }
 
     #[test]
-    fn columns_without_statistics_are_columns() {
-        for c in NO_STATISTICS_COLUMNS {
-            assert!(COLUMN_NAMES.contains(c), "{c}");
+    fn only_numeric_columns_have_statistics() {
+        let schema = schema();
+        let with: Vec<&str> = schema
+            .fields()
+            .iter()
+            .filter(|f| has_statistics(f.data_type()))
+            .map(|f| f.name().as_str())
+            .collect();
+        for c in [
+            "time",
+            "sequence",
+            "status_id",
+            "response_rows",
+            "duration_us",
+        ] {
+            assert!(with.contains(&c), "{c} has no statistics");
+        }
+        for c in ["actor_user_uid", "query_info_query_string", "record_hash"] {
+            assert!(!with.contains(&c), "{c} has statistics");
         }
     }
 

@@ -43,11 +43,29 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 // kilobyte of fields, and moved by value it was copied at every hand-over
 // (channel, batch, buffer), the largest cost of the writer thread.
 pub(crate) enum Msg {
-    Append(Box<AuditRecord>, oneshot::Sender<Result<u64, AuditError>>),
+    Append(Pending, oneshot::Sender<Result<u64, AuditError>>),
     /// A record nobody waits on to act: it rides with the next sync
     /// instead of forcing one (see [`LAZY_WAIT`]).
-    AppendLazy(Box<AuditRecord>, oneshot::Sender<Result<u64, AuditError>>),
+    AppendLazy(Pending, oneshot::Sender<Result<u64, AuditError>>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A record on its way to the WAL, already encoded by the caller (see
+/// [`wal::PreparedFrame`]): the writer, which chains records one at a
+/// time, is left with the least work per record.
+pub(crate) struct Pending {
+    record: Box<AuditRecord>,
+    frame: wal::PreparedFrame,
+}
+
+impl Pending {
+    pub fn new(record: AuditRecord) -> Self {
+        let frame = wal::PreparedFrame::new(&record);
+        Pending {
+            record: Box::new(record),
+            frame,
+        }
+    }
 }
 
 /// How long a batch of only lazy records waits for an urgent one to share
@@ -273,11 +291,13 @@ pub(crate) struct InlineWriter {
 
 impl InlineWriter {
     pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        // Encoded before taking the lock, which other sessions wait on.
+        let pending = Pending::new(record);
         let mut writer = lock(&self.writer);
         if writer.closed {
             return Err(AuditError::Unavailable("audit log is shut down".into()));
         }
-        let first = writer.commit(vec![Box::new(record)])?;
+        let first = writer.commit(vec![pending])?;
         writer.maybe_cut();
         Ok(first)
     }
@@ -706,21 +726,23 @@ impl Writer {
 
     /// Chains, writes and (unless a syncer follows) syncs `records` as one
     /// batch; returns the first one's sequence number.
-    // Boxed on purpose: see `Msg`.
-    #[allow(clippy::vec_box)]
-    fn commit(&mut self, records: Vec<Box<AuditRecord>>) -> Result<u64, AuditError> {
+    fn commit(&mut self, records: Vec<Pending>) -> Result<u64, AuditError> {
         let first = self.next_seq;
         let mut seq = first;
         let mut prev = self.prev_hash.clone();
         let mut bytes = std::mem::take(&mut self.frames);
         bytes.clear();
         let mut chained = Vec::with_capacity(records.len());
-        for mut r in records {
+        for Pending {
+            record: mut r,
+            frame,
+        } in records
+        {
             r.sequence = seq;
             r.prev_record_hash = prev;
             // The frame's payload is the canonical encoding: one encoding
             // and one SHA-256 per record give both the WAL bytes and the hash.
-            let hash = wal::encode_frame(&r, &mut bytes);
+            let hash = frame.finish(&r, &mut bytes);
             r.record_hash = hex::encode(hash);
             prev = r.record_hash.clone();
             chained.push(r);

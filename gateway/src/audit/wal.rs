@@ -55,13 +55,82 @@ pub fn encode_frame(record: &AuditRecord, out: &mut Vec<u8>) -> [u8; 32] {
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
     super::segment::canonical_into(record, out);
+    seal_frame(out, start, Sha256::new())
+}
+
+/// Fills in the header of the frame starting at `start` in `out` (its
+/// payload written after the 8 header bytes) and returns the payload's
+/// SHA-256, finishing `hasher`, which has already taken the payload's first
+/// `hasher_covers` bytes.
+fn seal_frame_from(out: &mut [u8], start: usize, hasher: Sha256, hasher_covers: usize) -> [u8; 32] {
     let payload = &out[start + 8..];
-    let hash: [u8; 32] = Sha256::digest(payload).into();
+    let mut hasher = hasher;
+    hasher.update(&payload[hasher_covers..]);
+    let hash: [u8; 32] = hasher.finalize().into();
     let len = (payload.len() as u32).to_le_bytes();
     let crc = crc32fast::hash(payload).to_le_bytes();
     out[start..start + 4].copy_from_slice(&len);
     out[start + 4..start + 8].copy_from_slice(&crc);
     hash
+}
+
+fn seal_frame(out: &mut [u8], start: usize, hasher: Sha256) -> [u8; 32] {
+    seal_frame_from(out, start, hasher, 0)
+}
+
+/// A record's frame, encoded and partly hashed before the record is
+/// chained: everything but its two chain members, which only the writer
+/// knows (see [`canonical_into_without_chain`]). Callers prepare their
+/// records on their own threads; the writer, which must chain records one
+/// at a time, then only splices the members in and hashes what follows
+/// the first of them.
+///
+/// [`canonical_into_without_chain`]: super::segment::canonical_into_without_chain
+pub struct PreparedFrame {
+    payload: Vec<u8>,
+    gaps: super::segment::ChainGaps,
+    /// SHA-256 state over `payload[..gaps.prev_record_hash]`.
+    head: Sha256,
+}
+
+impl PreparedFrame {
+    pub fn new(record: &AuditRecord) -> Self {
+        let mut payload = Vec::with_capacity(1024);
+        let gaps = super::segment::canonical_into_without_chain(record, &mut payload);
+        let mut head = Sha256::new();
+        head.update(&payload[..gaps.prev_record_hash]);
+        PreparedFrame {
+            payload,
+            gaps,
+            head,
+        }
+    }
+
+    /// Appends the frame of `record` to `out` and returns its hash, as
+    /// [`encode_frame`] does. `record` is the one this frame was prepared
+    /// from, with its chain members now set.
+    pub fn finish(self, record: &AuditRecord, out: &mut Vec<u8>) -> [u8; 32] {
+        let link = record.prev_record_hash.as_bytes();
+        if link.is_empty() || !link.iter().all(u8::is_ascii_hexdigit) {
+            // Not what a chain link looks like: the canonical encoding
+            // leaves an empty link out, and other text may need escaping.
+            // Encode it whole rather than splice.
+            return encode_frame(record, out);
+        }
+        let start = out.len();
+        let (head, rest) = self.payload.split_at(self.gaps.prev_record_hash);
+        let (middle, tail) = rest.split_at(self.gaps.sequence - self.gaps.prev_record_hash);
+        out.extend_from_slice(&[0u8; 8]);
+        out.extend_from_slice(head);
+        out.extend_from_slice(b"\"prev_record_hash\":\"");
+        out.extend_from_slice(link);
+        out.push(b'"');
+        out.extend_from_slice(middle);
+        out.extend_from_slice(b"\"sequence\":");
+        out.extend_from_slice(itoa::Buffer::new().format(record.sequence).as_bytes());
+        out.extend_from_slice(tail);
+        seal_frame_from(out, start, self.head, head.len())
+    }
 }
 
 pub fn file_name(generation: u64, first_seq: u64) -> String {
@@ -302,6 +371,50 @@ mod tests {
             records.push(r);
         }
         (bytes, records)
+    }
+
+    /// A frame prepared before chaining and finished by the writer is the
+    /// frame encoded whole, whatever is empty around the spliced members
+    /// and whatever the link holds.
+    #[test]
+    fn a_prepared_frame_finishes_as_the_frame_encoded_whole() {
+        let text = ["", "x", "quote \" and \\ and \n", "ünï ✓"];
+        let links = [
+            super::super::GENESIS_HASH.to_string(),
+            hex::encode([0xabu8; 32]),
+            "ABCDEF0123".to_string(),
+            String::new(),
+            "not \"hex\"".to_string(),
+        ];
+        for i in 0..400usize {
+            let t = |k: usize| text[(i / (k + 1)) % text.len()].to_string();
+            let mut r = if i % 5 == 0 {
+                AuditRecord::default()
+            } else {
+                super::super::tests::sample(i, i as i64 * 7)
+            };
+            // The members on either side of the two gaps, and the ends.
+            r.policy_uid = t(0);
+            r.phase = t(1);
+            r.query_info_query_string = t(2);
+            r.response_error_code = t(3);
+            r.session_uid = t(4);
+            r.unmapped = t(5);
+            r.actor_user_groups = (0..i % 3).map(t).collect();
+            r.response_rows = (i % 2 == 0).then_some(i as i64);
+            let frame = PreparedFrame::new(&r);
+            r.sequence = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            r.prev_record_hash = links[i % links.len()].clone();
+            let (mut whole, mut spliced) = (vec![1u8, 2, 3], vec![1u8, 2, 3]);
+            let whole_hash = encode_frame(&r, &mut whole);
+            let spliced_hash = frame.finish(&r, &mut spliced);
+            assert_eq!(
+                String::from_utf8_lossy(&spliced),
+                String::from_utf8_lossy(&whole),
+                "record {i}"
+            );
+            assert_eq!(spliced_hash, whole_hash, "record {i}");
+        }
     }
 
     fn read(bytes: &[u8]) -> WalFileContents {
