@@ -291,14 +291,31 @@ macro_rules! kind_canon {
         $v.is_some_and(|n| canon_num($out, n))
     }};
     (str, $v:expr, $out:expr) => {{
-        !$v.is_empty() && serde_json::to_writer(&mut *$out, &$v).is_ok()
+        !$v.is_empty() && canon_str($out, &$v)
     }};
     (link, $v:expr, $out:expr) => {{
-        !$v.is_empty() && serde_json::to_writer(&mut *$out, &$v).is_ok()
+        !$v.is_empty() && canon_str($out, &$v)
     }};
     (strs, $v:expr, $out:expr) => {{
         !$v.is_empty() && serde_json::to_writer(&mut *$out, &$v).is_ok()
     }};
+}
+
+/// A JSON string, as serde_json writes it. Most values (ids, names, SQL)
+/// need no escaping: those are copied whole instead of going through the
+/// escaper byte by byte.
+fn canon_str(out: &mut Vec<u8>, s: &str) -> bool {
+    // Exactly the bytes serde_json escapes: control characters, quote and
+    // backslash.
+    let plain = s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        true
+    } else {
+        serde_json::to_writer(&mut *out, s).is_ok()
+    }
 }
 
 fn canon_num(out: &mut Vec<u8>, n: impl std::fmt::Display) -> bool {

@@ -95,8 +95,17 @@ pub struct PreparedFrame {
 
 impl PreparedFrame {
     pub fn new(record: &AuditRecord) -> Self {
-        let mut payload = Vec::with_capacity(1024);
-        let gaps = super::segment::canonical_into_without_chain(record, &mut payload);
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        // Encoded into a buffer the thread keeps, then copied out at its
+        // exact size: one allocation, not a growing one per record.
+        let (payload, gaps) = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            let gaps = super::segment::canonical_into_without_chain(record, &mut scratch);
+            (scratch.to_vec(), gaps)
+        });
         let mut head = Sha256::new();
         head.update(&payload[..gaps.prev_record_hash]);
         PreparedFrame {
