@@ -334,6 +334,9 @@ struct SyncShared {
     state: Mutex<SyncState>,
     wake: Condvar,
     interval: Duration,
+    /// Syncs started, for tests of the spacing.
+    #[cfg(test)]
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl SyncShared {
@@ -362,6 +365,8 @@ impl Syncer {
             state: Mutex::new(SyncState::default()),
             wake: Condvar::new(),
             interval,
+            #[cfg(test)]
+            syncs: Default::default(),
         });
         let for_thread = shared.clone();
         std::thread::Builder::new()
@@ -393,6 +398,8 @@ impl Syncer {
             let Some(file) = lock(&shared.state).file.clone() else {
                 continue;
             };
+            #[cfg(test)]
+            shared.syncs.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = file.sync_data() {
                 error!(error = %e, "WAL sync failed");
                 shared.fail(e.to_string());
@@ -1344,6 +1351,37 @@ mod syncer_tests {
 
     // fdatasync of /dev/null fails (EINVAL): a stand-in for a disk that
     // fails its syncs. The writer refuses its next batch on this report.
+    #[test]
+    fn the_background_sync_runs_at_most_once_per_interval_and_covers_the_last_write() {
+        let interval = Duration::from_millis(50);
+        let syncer = Syncer::start(interval).expect("syncer");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = Arc::new(fs::File::create(dir.path().join("wal")).expect("file"));
+        syncer.follow(&file);
+        // A write every millisecond for 300 ms: back to back, that would be
+        // a sync after nearly every write.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(300) {
+            use std::io::Write as _;
+            (&*file).write_all(b"record").expect("write");
+            syncer.dirty();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let writing = start.elapsed();
+        let syncs = syncer.shared.syncs.load(Ordering::Relaxed);
+        let most = writing.as_millis() as u64 / interval.as_millis() as u64 + 1;
+        assert!(
+            (1..=most).contains(&syncs),
+            "{syncs} syncs in {writing:?} (at most {most} with a {interval:?} interval)"
+        );
+        // The last write is covered by a sync that starts after it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while syncer.shared.dirty.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the last write was never synced");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn a_failed_background_sync_is_reported_once_to_the_writer() {
         let syncer = Syncer::start(Duration::from_millis(1)).expect("syncer");
