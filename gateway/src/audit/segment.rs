@@ -703,6 +703,13 @@ pub fn day_of(time_ms: i64) -> String {
     }
 }
 
+/// The UTC day of `time_ms` as a number (days since the Unix epoch): two
+/// times share a [`day_of`] partition when they share this, and comparing
+/// it costs no formatting.
+pub fn day_number(time_ms: i64) -> i64 {
+    time_ms.div_euclid(86_400_000)
+}
+
 /// Relative path of a segment under the audit directory.
 pub fn relative_path(day: &str, first_seq: u64, last_seq: u64) -> String {
     format!("records/date={day}/seg-{first_seq:020}-{last_seq:020}.parquet")
@@ -760,6 +767,18 @@ mod tests {
         assert_eq!(day_of(0), "1970-01-01");
         assert_eq!(day_of(1_764_201_599_999), "2025-11-26");
         assert_eq!(day_of(1_764_201_600_000), "2025-11-27");
+        for (a, b) in [
+            (1_764_201_599_999, 1_764_201_600_000),
+            (1_764_201_600_000, 1_764_287_999_999),
+            (-1, 0),
+            (-86_400_000, -1),
+        ] {
+            assert_eq!(
+                day_number(a) == day_number(b),
+                day_of(a) == day_of(b),
+                "{a} {b}"
+            );
+        }
     }
 }
 

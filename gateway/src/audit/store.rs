@@ -934,7 +934,7 @@ impl Writer {
             return;
         };
         let day_changed = match (self.buffer.first(), self.buffer.last()) {
-            (Some(a), Some(b)) => segment::day_of(a.time) != segment::day_of(b.time),
+            (Some(a), Some(b)) => segment::day_number(a.time) != segment::day_number(b.time),
             _ => false,
         };
         if self.buffer.len() >= self.max_records || since.elapsed() >= self.max_age || day_changed {
@@ -1075,7 +1075,8 @@ impl SegState {
         }
         let mut start = 0;
         for i in 1..=todo.len() {
-            if i == todo.len() || segment::day_of(todo[i].time) != segment::day_of(todo[start].time)
+            if i == todo.len()
+                || segment::day_number(todo[i].time) != segment::day_number(todo[start].time)
             {
                 self.write_segment(todo[start..i].to_vec())?;
                 start = i;
