@@ -63,6 +63,25 @@ fn has_statistics(data_type: &arrow_schema::DataType) -> bool {
     data_type.is_numeric()
 }
 
+/// The Parquet leaf columns of the fields without statistics. A list's
+/// values live in a leaf below its field (`name.list.item`), and that is
+/// where the writer's settings apply.
+fn columns_without_statistics() -> Vec<ColumnPath> {
+    let schema = schema();
+    let Ok(parquet_schema) = parquet::arrow::ArrowSchemaConverter::new().convert(&schema) else {
+        return Vec::new();
+    };
+    (0..parquet_schema.num_columns())
+        .filter(|&i| {
+            let root = parquet_schema.get_column_root(i).name();
+            schema
+                .field_with_name(root)
+                .is_ok_and(|field| !has_statistics(field.data_type()))
+        })
+        .map(|i| parquet_schema.column(i).path().clone())
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
     #[error("{0}")]
@@ -618,13 +637,8 @@ fn properties<R: Borrow<AuditRecord>>(records: &[R]) -> WriterProperties {
             .set_column_dictionary_enabled(ColumnPath::from(c), false)
             .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_BINARY_PACKED);
     }
-    for field in schema().fields() {
-        if !has_statistics(field.data_type()) {
-            b = b.set_column_statistics_enabled(
-                ColumnPath::from(field.name().as_str()),
-                EnabledStatistics::None,
-            );
-        }
+    for leaf in columns_without_statistics() {
+        b = b.set_column_statistics_enabled(leaf, EnabledStatistics::None);
     }
     // A hash never repeats: a dictionary would only grow until the writer
     // gives up on it, after hashing and comparing every value.
@@ -740,29 +754,6 @@ mod tests {
     }
 
     #[test]
-    fn only_numeric_columns_have_statistics() {
-        let schema = schema();
-        let with: Vec<&str> = schema
-            .fields()
-            .iter()
-            .filter(|f| has_statistics(f.data_type()))
-            .map(|f| f.name().as_str())
-            .collect();
-        for c in [
-            "time",
-            "sequence",
-            "status_id",
-            "response_rows",
-            "duration_us",
-        ] {
-            assert!(with.contains(&c), "{c} has no statistics");
-        }
-        for c in ["actor_user_uid", "query_info_query_string", "record_hash"] {
-            assert!(!with.contains(&c), "{c} has statistics");
-        }
-    }
-
-    #[test]
     fn day_partition_is_utc_date() {
         assert_eq!(day_of(0), "1970-01-01");
         assert_eq!(day_of(1_764_201_599_999), "2025-11-26");
@@ -787,6 +778,45 @@ mod file_tests {
     use parquet::file::reader::{FileReader, SerializedFileReader};
 
     use super::*;
+
+    #[test]
+    fn only_numeric_columns_have_min_max_statistics_in_a_written_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.parquet");
+        let records: Vec<AuditRecord> = (0..50)
+            .map(|i| {
+                let mut r = super::super::tests::sample(i as usize, 1000 + i as i64);
+                r.sequence = i + 1;
+                r.actor_user_groups = vec![format!("g{i}")];
+                r.query_info_tables_read = vec![format!("public.t{i}")];
+                r.response_rows = Some(i as i64);
+                r
+            })
+            .collect();
+        write_file(&super::super::fsutil::Perms::default(), &path, &records).unwrap();
+        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
+        let row_group = reader.metadata().row_group(0);
+        let schema = schema();
+        let mut with_min_max = Vec::new();
+        for column in row_group.columns() {
+            let root = column.column_path().parts()[0].clone();
+            let numeric = has_statistics(schema.field_with_name(&root).unwrap().data_type());
+            if column
+                .statistics()
+                .is_some_and(|s| s.min_bytes_opt().is_some())
+            {
+                assert!(numeric, "{} has min/max", column.column_path());
+                with_min_max.push(root);
+            }
+        }
+        // (A numeric column that is NULL throughout has no min/max.)
+        for name in ["time", "sequence", "response_rows"] {
+            assert!(
+                with_min_max.iter().any(|c| c == name),
+                "{name} has no min/max"
+            );
+        }
+    }
 
     #[test]
     fn files_are_zstd_sorted_with_bloom_filters_and_metadata() {

@@ -78,6 +78,9 @@ fn seal_frame(out: &mut [u8], start: usize, hasher: Sha256) -> [u8; 32] {
     seal_frame_from(out, start, hasher, 0)
 }
 
+/// Largest encoding buffer a thread keeps between records.
+const SCRATCH_KEEP: usize = 64 << 10;
+
 /// A record's frame, encoded and partly hashed before the record is
 /// chained: everything but its two chain members, which only the writer
 /// knows (see [`canonical_into_without_chain`]). Callers prepare their
@@ -104,7 +107,12 @@ impl PreparedFrame {
             let mut scratch = scratch.borrow_mut();
             scratch.clear();
             let gaps = super::segment::canonical_into_without_chain(record, &mut scratch);
-            (scratch.to_vec(), gaps)
+            let payload = scratch.to_vec();
+            // One huge statement must not pin its size on every thread.
+            if scratch.capacity() > SCRATCH_KEEP {
+                *scratch = Vec::new();
+            }
+            (payload, gaps)
         });
         let mut head = Sha256::new();
         head.update(&payload[..gaps.prev_record_hash]);
@@ -138,7 +146,15 @@ impl PreparedFrame {
         out.extend_from_slice(b"\"sequence\":");
         out.extend_from_slice(itoa::Buffer::new().format(record.sequence).as_bytes());
         out.extend_from_slice(tail);
-        seal_frame_from(out, start, self.head, head.len())
+        let hash = seal_frame_from(out, start, self.head, head.len());
+        debug_assert!(
+            {
+                let mut whole = Vec::new();
+                encode_frame(record, &mut whole) == hash && whole == out[start..]
+            },
+            "a prepared frame was finished with a record other than its own"
+        );
+        hash
     }
 }
 
