@@ -42,7 +42,6 @@ pub struct Session {
     pub principal: Principal,
     pub database_user: String,
     pub database_name: String,
-    pub upstream_socket_cookie: Option<u64>,
     /// Intent stated in application_name (`intent: ...`), if any. The
     /// server reports every change of application_name (ParameterStatus),
     /// whether set at startup or later with SET, and this follows it.
@@ -50,6 +49,27 @@ pub struct Session {
     /// Columns masked for this caller; empty: nothing to mask.
     pub masks: MaskSet,
     pub shared: Arc<Shared>,
+    /// What every statement record of the session shares (who, from
+    /// where, which database), built once by [`statement_record_base`]:
+    /// a statement's record starts as a copy of it rather than being
+    /// built (addresses formatted, identity copied) again per statement.
+    pub statement_record: AuditRecord,
+}
+
+/// The fields every statement record of a session shares; the time is
+/// set per record.
+pub fn statement_record_base(
+    connection: &Connection,
+    principal: &Principal,
+    database_user: &str,
+    database_name: &str,
+    upstream_socket_cookie: Option<u64>,
+) -> AuditRecord {
+    let mut record = connection.record(Some(principal));
+    record.database_user = database_user.to_owned();
+    record.database_name = database_name.to_owned();
+    record.upstream_socket_cookie = upstream_socket_cookie.and_then(|c| i64::try_from(c).ok());
+    record
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -574,7 +594,10 @@ async fn client_to_server(
                             let mut pending = admitted.into_pending(Kind::Execute);
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
-                            let described = last_describe.take() == Some((b'P', portal.clone()));
+                            let described = matches!(
+                                last_describe.take(),
+                                Some((b'P', described)) if described == portal
+                            );
                             let mut guard = lock(&in_flight);
                             // The RowDescription that plans this Execute's
                             // masking answers the Describe just before it.
@@ -662,6 +685,10 @@ async fn client_to_server(
         if !forward.is_empty() {
             upstream_wr.write_all(&forward).await?;
         }
+        // The forwarded messages share the read buffer's memory: let them
+        // go first, so the reserve below reuses that buffer instead of
+        // allocating a fresh one for every read.
+        drop(forward);
         // Read whatever the client has sent, not just what fits the
         // buffer's spare bytes (64 when it has none): a pipeline read in
         // pieces goes to the server in pieces, and each piece costs the
@@ -826,15 +853,14 @@ async fn admit(
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
 ) -> Result<Admitted, Refusal> {
-    let mut record = session.connection.record(Some(&session.principal));
+    let mut record = session.statement_record.clone();
+    record.time = now_millis();
     set_class(
         &mut record,
         record::CLASS_DATASTORE_ACTIVITY,
         activity_of(operations),
     );
     record.request_uid = uuid::Uuid::new_v4().to_string();
-    record.database_user = session.database_user.clone();
-    record.database_name = session.database_name.clone();
     record.query_info_query_string = text.to_owned();
     record.query_info_parameters = parameters;
     record.intent = intent_of(text).unwrap_or_else(|| {
@@ -844,9 +870,6 @@ async fn admit(
             .map(|intent| intent.clone())
             .unwrap_or_default()
     });
-    record.upstream_socket_cookie = session
-        .upstream_socket_cookie
-        .and_then(|c| i64::try_from(c).ok());
     match operations {
         Ok(ops) => {
             record.query_info_kind = ops
@@ -1036,6 +1059,9 @@ async fn server_to_client(
         if !out.is_empty() {
             client_wr.lock().await.write_all(&out).await?;
         }
+        // As for the client's side: the sent answers must not keep the
+        // read buffer shared, or the reserve below allocates a new one.
+        drop(out);
         outcomes.write();
         answered.notify_waiters();
         // As for the client's side: whole answers, not 64-byte pieces.
