@@ -1037,8 +1037,13 @@ async fn server_to_client(
                     }
                 }
             }
-            let (finished, replacement) = match track_answer(&session.masks, &in_flight, &frame) {
-                Ok(tracked) => tracked,
+            let replacement = match track_answer(
+                &session.masks,
+                &in_flight,
+                &frame,
+                &mut outcomes.answered,
+            ) {
+                Ok(replacement) => replacement,
                 Err(err) => {
                     let _ = client_wr.lock().await.write_all(&out).await;
                     fatal_to_client(
@@ -1050,7 +1055,6 @@ async fn server_to_client(
                     return Err(err);
                 }
             };
-            outcomes.answered.extend(finished);
             match replacement {
                 Some(row) => out.extend_from_slice(&row),
                 None => out.unsplit(frame.bytes),
@@ -1096,16 +1100,19 @@ impl Drop for Outcomes<'_> {
     }
 }
 
-/// Updates the queue for one server message; returns the requests it
-/// completed, and what the agent gets in place of the message, if not the
-/// message itself: the masked form of a DataRow, a withheld error, or
-/// tollgate's refusal in place of the marker's error.
+/// Updates the queue for one server message; adds the requests it
+/// completed to `finished`, and returns what the agent gets in place of
+/// the message, if not the message itself: the masked form of a DataRow,
+/// a withheld error, or tollgate's refusal in place of the marker's error.
+/// `finished` is the caller's list, kept across messages: a pending
+/// request is large (it holds its request record), and a fresh list per
+/// message meant an allocation and copies of it for every statement.
 fn track_answer(
     masks: &MaskSet,
     in_flight: &Mutex<InFlight>,
     frame: &Frame,
-) -> Result<(Finished, Option<BytesMut>), WireError> {
-    let mut finished = Finished::new();
+    finished: &mut Finished,
+) -> Result<Option<BytesMut>, WireError> {
     let mut masked_row = None;
     let mut guard = lock(in_flight);
     let InFlight {
@@ -1129,7 +1136,7 @@ fn track_answer(
             // A row no request of ours asked for: show nothing of it.
             masked_row = Some(mask::apply(frame, &ResultMask::everything())?);
         }
-        return Ok((finished, masked_row));
+        return Ok(masked_row);
     };
     match frame.tag {
         // A RowDescription plans the masking of the rows that follow only
@@ -1225,7 +1232,7 @@ fn track_answer(
             masked_row = Some(error);
             if head.kind == Kind::RefusedExecute {
                 queue.pop_front();
-                *server_skipping = !skip_to_sync(queue, &mut finished);
+                *server_skipping = !skip_to_sync(queue, finished);
             }
         }
         b'G' => {
@@ -1269,7 +1276,7 @@ fn track_answer(
                             finished.push((done, Some(error)));
                         }
                     }
-                    *server_skipping = !skip_to_sync(queue, &mut finished);
+                    *server_skipping = !skip_to_sync(queue, finished);
                 }
                 Kind::Sync | Kind::RefusedExecute | Kind::RefusedQuery => {}
             }
@@ -1303,7 +1310,7 @@ fn track_answer(
         }
         _ => {}
     }
-    Ok((finished, masked_row))
+    Ok(masked_row)
 }
 
 /// After an error in an extended-protocol pipeline the server skips every
@@ -1390,11 +1397,21 @@ mod tests {
     #[test]
     fn ready_for_query_while_an_execute_is_unanswered_is_out_of_step() {
         let in_flight = queue_of(&[Kind::Execute, Kind::Sync]);
-        let result = track_answer(&MaskSet::default(), &in_flight, &frame(b'Z', b"I"));
+        let result = track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &frame(b'Z', b"I"),
+            &mut Finished::new(),
+        );
         assert!(matches!(result, Err(WireError::Malformed(_))));
         // With nothing in flight a ReadyForQuery is as out of step.
         let empty = queue_of(&[]);
-        let result = track_answer(&MaskSet::default(), &empty, &frame(b'Z', b"I"));
+        let result = track_answer(
+            &MaskSet::default(),
+            &empty,
+            &frame(b'Z', b"I"),
+            &mut Finished::new(),
+        );
         assert!(matches!(result, Err(WireError::Malformed(_))));
     }
 
@@ -1422,7 +1439,13 @@ mod tests {
             f.portals
                 .insert("".into(), (0, (prepared("SELECT 1"), String::new())));
         }
-        track_answer(&MaskSet::default(), &in_flight, &frame(b'Z', b"I")).expect("in step");
+        track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &frame(b'Z', b"I"),
+            &mut Finished::new(),
+        )
+        .expect("in step");
         let f = lock(&in_flight);
         assert!(matches!(f.statement(""), Resolved::Known(None)));
         assert!(matches!(f.portal(""), Resolved::Known(None)));
@@ -1457,7 +1480,13 @@ mod tests {
         let error = wire::split_frame(&mut error)
             .expect("well formed")
             .expect("whole");
-        track_answer(&MaskSet::default(), &in_flight, &error).expect("in step");
+        track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &error,
+            &mut Finished::new(),
+        )
+        .expect("in step");
         assert!(matches!(
             lock(&in_flight).statement(""),
             Resolved::Known(None)
@@ -1478,14 +1507,16 @@ mod tests {
             &MaskSet::default(),
             &in_flight,
             &error("portal \"other\" does not exist"),
+            &mut Finished::new(),
         );
         assert!(matches!(result, Err(WireError::Malformed(_))));
 
         let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
-        let (_, replacement) = track_answer(
+        let replacement = track_answer(
             &MaskSet::default(),
             &in_flight,
             &error("portal \"tollgate_refused_test\" does not exist"),
+            &mut Finished::new(),
         )
         .expect("in step");
         let mut replacement = replacement.expect("the refusal in its place");
