@@ -278,12 +278,19 @@ async fn serve(
     out.extend_from_slice(&greeting);
     client_wr.write_all(&out).await?;
 
+    let statement_record = relay::statement_record_base(
+        &connection,
+        &principal,
+        &database_user,
+        &database_name,
+        upstream.socket_cookie,
+    );
     let session = relay::Session {
+        statement_record,
         connection,
         principal,
         database_user,
         database_name,
-        upstream_socket_cookie: upstream.socket_cookie,
         intent: std::sync::Mutex::new(relay::intent_of_application_name(&param(
             "application_name",
         ))),

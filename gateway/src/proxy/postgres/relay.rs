@@ -42,7 +42,6 @@ pub struct Session {
     pub principal: Principal,
     pub database_user: String,
     pub database_name: String,
-    pub upstream_socket_cookie: Option<u64>,
     /// Intent stated in application_name (`intent: ...`), if any. The
     /// server reports every change of application_name (ParameterStatus),
     /// whether set at startup or later with SET, and this follows it.
@@ -50,6 +49,27 @@ pub struct Session {
     /// Columns masked for this caller; empty: nothing to mask.
     pub masks: MaskSet,
     pub shared: Arc<Shared>,
+    /// What every statement record of the session shares (who, from
+    /// where, which database), built once by [`statement_record_base`]:
+    /// a statement's record starts as a copy of it rather than being
+    /// built (addresses formatted, identity copied) again per statement.
+    pub statement_record: AuditRecord,
+}
+
+/// The fields every statement record of a session shares; the time is
+/// set per record.
+pub fn statement_record_base(
+    connection: &Connection,
+    principal: &Principal,
+    database_user: &str,
+    database_name: &str,
+    upstream_socket_cookie: Option<u64>,
+) -> AuditRecord {
+    let mut record = connection.record(Some(principal));
+    record.database_user = database_user.to_owned();
+    record.database_name = database_name.to_owned();
+    record.upstream_socket_cookie = upstream_socket_cookie.and_then(|c| i64::try_from(c).ok());
+    record
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -574,7 +594,10 @@ async fn client_to_server(
                             let mut pending = admitted.into_pending(Kind::Execute);
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
-                            let described = last_describe.take() == Some((b'P', portal.clone()));
+                            let described = matches!(
+                                last_describe.take(),
+                                Some((b'P', described)) if described == portal
+                            );
                             let mut guard = lock(&in_flight);
                             // The RowDescription that plans this Execute's
                             // masking answers the Describe just before it.
@@ -662,6 +685,10 @@ async fn client_to_server(
         if !forward.is_empty() {
             upstream_wr.write_all(&forward).await?;
         }
+        // The forwarded messages share the read buffer's memory: let them
+        // go first, so the reserve below reuses that buffer instead of
+        // allocating a fresh one for every read.
+        drop(forward);
         // Read whatever the client has sent, not just what fits the
         // buffer's spare bytes (64 when it has none): a pipeline read in
         // pieces goes to the server in pieces, and each piece costs the
@@ -826,15 +853,14 @@ async fn admit(
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
 ) -> Result<Admitted, Refusal> {
-    let mut record = session.connection.record(Some(&session.principal));
+    let mut record = session.statement_record.clone();
+    record.time = now_millis();
     set_class(
         &mut record,
         record::CLASS_DATASTORE_ACTIVITY,
         activity_of(operations),
     );
     record.request_uid = uuid::Uuid::new_v4().to_string();
-    record.database_user = session.database_user.clone();
-    record.database_name = session.database_name.clone();
     record.query_info_query_string = text.to_owned();
     record.query_info_parameters = parameters;
     record.intent = intent_of(text).unwrap_or_else(|| {
@@ -844,9 +870,6 @@ async fn admit(
             .map(|intent| intent.clone())
             .unwrap_or_default()
     });
-    record.upstream_socket_cookie = session
-        .upstream_socket_cookie
-        .and_then(|c| i64::try_from(c).ok());
     match operations {
         Ok(ops) => {
             record.query_info_kind = ops
@@ -1014,8 +1037,13 @@ async fn server_to_client(
                     }
                 }
             }
-            let (finished, replacement) = match track_answer(&session.masks, &in_flight, &frame) {
-                Ok(tracked) => tracked,
+            let replacement = match track_answer(
+                &session.masks,
+                &in_flight,
+                &frame,
+                &mut outcomes.answered,
+            ) {
+                Ok(replacement) => replacement,
                 Err(err) => {
                     let _ = client_wr.lock().await.write_all(&out).await;
                     fatal_to_client(
@@ -1027,7 +1055,6 @@ async fn server_to_client(
                     return Err(err);
                 }
             };
-            outcomes.answered.extend(finished);
             match replacement {
                 Some(row) => out.extend_from_slice(&row),
                 None => out.unsplit(frame.bytes),
@@ -1036,6 +1063,9 @@ async fn server_to_client(
         if !out.is_empty() {
             client_wr.lock().await.write_all(&out).await?;
         }
+        // As for the client's side: the sent answers must not keep the
+        // read buffer shared, or the reserve below allocates a new one.
+        drop(out);
         outcomes.write();
         answered.notify_waiters();
         // As for the client's side: whole answers, not 64-byte pieces.
@@ -1070,16 +1100,19 @@ impl Drop for Outcomes<'_> {
     }
 }
 
-/// Updates the queue for one server message; returns the requests it
-/// completed, and what the agent gets in place of the message, if not the
-/// message itself: the masked form of a DataRow, a withheld error, or
-/// tollgate's refusal in place of the marker's error.
+/// Updates the queue for one server message; adds the requests it
+/// completed to `finished`, and returns what the agent gets in place of
+/// the message, if not the message itself: the masked form of a DataRow,
+/// a withheld error, or tollgate's refusal in place of the marker's error.
+/// `finished` is the caller's list, kept across messages: a pending
+/// request is large (it holds its request record), and a fresh list per
+/// message meant an allocation and copies of it for every statement.
 fn track_answer(
     masks: &MaskSet,
     in_flight: &Mutex<InFlight>,
     frame: &Frame,
-) -> Result<(Finished, Option<BytesMut>), WireError> {
-    let mut finished = Finished::new();
+    finished: &mut Finished,
+) -> Result<Option<BytesMut>, WireError> {
     let mut masked_row = None;
     let mut guard = lock(in_flight);
     let InFlight {
@@ -1103,7 +1136,7 @@ fn track_answer(
             // A row no request of ours asked for: show nothing of it.
             masked_row = Some(mask::apply(frame, &ResultMask::everything())?);
         }
-        return Ok((finished, masked_row));
+        return Ok(masked_row);
     };
     match frame.tag {
         // A RowDescription plans the masking of the rows that follow only
@@ -1199,7 +1232,7 @@ fn track_answer(
             masked_row = Some(error);
             if head.kind == Kind::RefusedExecute {
                 queue.pop_front();
-                *server_skipping = !skip_to_sync(queue, &mut finished);
+                *server_skipping = !skip_to_sync(queue, finished);
             }
         }
         b'G' => {
@@ -1243,7 +1276,7 @@ fn track_answer(
                             finished.push((done, Some(error)));
                         }
                     }
-                    *server_skipping = !skip_to_sync(queue, &mut finished);
+                    *server_skipping = !skip_to_sync(queue, finished);
                 }
                 Kind::Sync | Kind::RefusedExecute | Kind::RefusedQuery => {}
             }
@@ -1277,7 +1310,7 @@ fn track_answer(
         }
         _ => {}
     }
-    Ok((finished, masked_row))
+    Ok(masked_row)
 }
 
 /// After an error in an extended-protocol pipeline the server skips every
@@ -1364,11 +1397,21 @@ mod tests {
     #[test]
     fn ready_for_query_while_an_execute_is_unanswered_is_out_of_step() {
         let in_flight = queue_of(&[Kind::Execute, Kind::Sync]);
-        let result = track_answer(&MaskSet::default(), &in_flight, &frame(b'Z', b"I"));
+        let result = track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &frame(b'Z', b"I"),
+            &mut Finished::new(),
+        );
         assert!(matches!(result, Err(WireError::Malformed(_))));
         // With nothing in flight a ReadyForQuery is as out of step.
         let empty = queue_of(&[]);
-        let result = track_answer(&MaskSet::default(), &empty, &frame(b'Z', b"I"));
+        let result = track_answer(
+            &MaskSet::default(),
+            &empty,
+            &frame(b'Z', b"I"),
+            &mut Finished::new(),
+        );
         assert!(matches!(result, Err(WireError::Malformed(_))));
     }
 
@@ -1396,7 +1439,13 @@ mod tests {
             f.portals
                 .insert("".into(), (0, (prepared("SELECT 1"), String::new())));
         }
-        track_answer(&MaskSet::default(), &in_flight, &frame(b'Z', b"I")).expect("in step");
+        track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &frame(b'Z', b"I"),
+            &mut Finished::new(),
+        )
+        .expect("in step");
         let f = lock(&in_flight);
         assert!(matches!(f.statement(""), Resolved::Known(None)));
         assert!(matches!(f.portal(""), Resolved::Known(None)));
@@ -1431,7 +1480,13 @@ mod tests {
         let error = wire::split_frame(&mut error)
             .expect("well formed")
             .expect("whole");
-        track_answer(&MaskSet::default(), &in_flight, &error).expect("in step");
+        track_answer(
+            &MaskSet::default(),
+            &in_flight,
+            &error,
+            &mut Finished::new(),
+        )
+        .expect("in step");
         assert!(matches!(
             lock(&in_flight).statement(""),
             Resolved::Known(None)
@@ -1452,14 +1507,16 @@ mod tests {
             &MaskSet::default(),
             &in_flight,
             &error("portal \"other\" does not exist"),
+            &mut Finished::new(),
         );
         assert!(matches!(result, Err(WireError::Malformed(_))));
 
         let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
-        let (_, replacement) = track_answer(
+        let replacement = track_answer(
             &MaskSet::default(),
             &in_flight,
             &error("portal \"tollgate_refused_test\" does not exist"),
+            &mut Finished::new(),
         )
         .expect("in step");
         let mut replacement = replacement.expect("the refusal in its place");
