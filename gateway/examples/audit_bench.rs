@@ -148,16 +148,63 @@ fn thread_cpu(name: &str) -> Duration {
     Duration::from_nanos(nanos)
 }
 
-/// CPU time of the whole process so far, threads that have exited
-/// included.
-fn process_cpu() -> Duration {
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct it is given.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return Duration::ZERO;
+/// CPU time per thread name over an interval, threads that exit during it
+/// included (their last reading counts): a sampler thread reads
+/// `/proc/self/task/*/schedstat` every few milliseconds.
+struct ThreadCpu {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<std::collections::BTreeMap<String, Duration>>,
+}
+
+impl ThreadCpu {
+    fn start() -> Self {
+        fn read() -> Vec<(String, String, u64)> {
+            let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+                return Vec::new();
+            };
+            tasks
+                .flatten()
+                .filter_map(|t| {
+                    let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                    let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+                    let ns = stat.split_whitespace().next()?.parse().ok()?;
+                    Some((
+                        t.file_name().to_string_lossy().into_owned(),
+                        comm.trim_end().to_owned(),
+                        ns,
+                    ))
+                })
+                .collect()
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut first = std::collections::HashMap::new();
+            let mut last = std::collections::HashMap::new();
+            for (tid, comm, ns) in read() {
+                first.insert(tid.clone(), ns);
+                last.insert(tid, (comm, ns));
+            }
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                for (tid, comm, ns) in read() {
+                    last.insert(tid, (comm, ns));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let mut by_name = std::collections::BTreeMap::new();
+            for (tid, (comm, ns)) in last {
+                let spent = ns - first.get(&tid).copied().unwrap_or(0).min(ns);
+                *by_name.entry(comm).or_insert(Duration::ZERO) += Duration::from_nanos(spent);
+            }
+            by_name
+        });
+        ThreadCpu { stop, sampler }
     }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+
+    fn stop(self) -> std::collections::BTreeMap<String, Duration> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.join().unwrap_or_default()
+    }
 }
 
 /// What one batched run measured.
@@ -167,10 +214,28 @@ struct Batched {
     /// CPU time of the WAL writer thread per record: the serial part, what
     /// one core spends to chain, write and sync a record.
     writer_cpu_per_record: Duration,
-    /// CPU time of the whole store per record, from the first submit until
-    /// the last segment is written: preparing records (on the caller's
-    /// thread), the WAL writer, the segment thread, the WAL file preparer.
-    store_cpu_per_record: Duration,
+    /// CPU time per record of each thread (by name), from the first
+    /// submit until the last segment is written: the submitter (which
+    /// prepares the records), the WAL writer, the segment thread, the WAL
+    /// file preparer.
+    cpu_per_record: std::collections::BTreeMap<String, Duration>,
+}
+
+impl Batched {
+    fn cpu_breakdown(&self) -> String {
+        let total: Duration = self.cpu_per_record.values().sum();
+        let parts: Vec<String> = self
+            .cpu_per_record
+            .iter()
+            .filter(|(_, d)| d.as_nanos() >= 10)
+            .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64() * 1e6))
+            .collect();
+        format!(
+            "{:.2} µs per record in all ({})",
+            total.as_secs_f64() * 1e6,
+            parts.join(", ")
+        )
+    }
 }
 
 /// Submits `n` records (built beforehand: building them is the caller's
@@ -179,7 +244,7 @@ async fn batched(dir: &std::path::Path, n: usize) -> Batched {
     let (log, _) = open(dir, "batched").await;
     let records: Vec<_> = (0..n).map(record).collect();
     let cpu_before = thread_cpu("audit-wal");
-    let store_cpu_before = process_cpu();
+    let threads = ThreadCpu::start();
     let start = Instant::now();
     let tickets: Vec<_> = records.into_iter().map(|r| log.submit(r)).collect();
     for t in tickets {
@@ -188,11 +253,15 @@ async fn batched(dir: &std::path::Path, n: usize) -> Batched {
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let writer_cpu = thread_cpu("audit-wal").saturating_sub(cpu_before);
     log.shutdown().await;
-    let store_cpu = process_cpu().saturating_sub(store_cpu_before);
+    let cpu_per_record = threads
+        .stop()
+        .into_iter()
+        .map(|(name, d)| (name, d / n as u32))
+        .collect();
     Batched {
         rate,
         writer_cpu_per_record: writer_cpu / n as u32,
-        store_cpu_per_record: store_cpu / n as u32,
+        cpu_per_record,
     }
 }
 
@@ -333,10 +402,9 @@ async fn main() {
         for _ in 0..3 {
             let b = batched(&dir, 200_000).await;
             println!(
-                "append batched: {:.0} records/s, CPU per record: WAL writer {:.2} µs, whole store {:.2} µs",
+                "append batched: {:.0} records/s; CPU {}",
                 b.rate,
-                b.writer_cpu_per_record.as_secs_f64() * 1e6,
-                b.store_cpu_per_record.as_secs_f64() * 1e6
+                b.cpu_breakdown()
             );
             let _ = std::fs::remove_dir_all(dir.join("batched"));
         }
@@ -367,11 +435,10 @@ async fn main() {
         b.rate
     );
     println!(
-        "\nappend batched, CPU per record: WAL writer thread {:.2} µs ({:.0} records per second of one core); whole store, segments included, {:.2} µs ({:.0} per core-second)",
+        "\nappend batched: the WAL writer thread (the serial part) spends {:.2} µs of CPU per record = {:.0} records per second of one core; CPU {}",
         b.writer_cpu_per_record.as_secs_f64() * 1e6,
         1.0 / b.writer_cpu_per_record.as_secs_f64().max(1e-12),
-        b.store_cpu_per_record.as_secs_f64() * 1e6,
-        1.0 / b.store_cpu_per_record.as_secs_f64().max(1e-12)
+        b.cpu_breakdown()
     );
 
     println!("\n| statement (loopback round trip) | clients | statements/s | p50 µs | p99 µs |");
