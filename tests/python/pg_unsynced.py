@@ -9,6 +9,10 @@ Scenarios:
               Query of REFUSED_SQL: both answers must come.
   copy        COPY ALLOWED_TABLE FROM STDIN, then a simple Query in the
               middle of the copy data: the session ends with FATAL 08P01.
+  copy_early  COPY ALLOWED_TABLE FROM STDIN, one row (REFUSED_SQL is the
+              row's text) and CopyDone, sent before the server's
+              CopyInResponse; SELECT count(*) FROM ALLOWED_TABLE as soon as
+              that arrives, before the copy's ReadyForQuery: both complete.
   transaction BEGIN, then REFUSED_SQL, then ROLLBACK: the refusal aborts
               the transaction as a server error would.
 
@@ -52,6 +56,19 @@ def main():
             result["copy"] = read_until(sock, [b"G", b"E"])
             sock.sendall(msg(b"Q", cstr(refused)))
             result["answers"] = read_until(sock, [b"Z"])
+        elif scenario == "copy_early":
+            sock.sendall(
+                msg(b"Q", cstr(f"COPY {allowed} FROM STDIN"))
+                + msg(b"d", refused.encode() + b"\n")
+                + msg(b"c", b"")
+            )
+            # The next query goes out as soon as the copy has started,
+            # while the server is still committing it.
+            started = read_until(sock, [b"G"])
+            sock.sendall(msg(b"Q", cstr(f"SELECT count(*) FROM {allowed}")))
+            result["answers"] = started + read_until(sock, [b"Z"], count=2)
+            sock.sendall(msg(b"Q", cstr("SELECT 1")))
+            result["after"] = read_until(sock, [b"Z"])
         elif scenario == "transaction":
             sock.sendall(msg(b"Q", cstr("BEGIN")))
             result["begin"] = read_until(sock, [b"Z"])

@@ -902,6 +902,27 @@ fn refusals_are_answered_in_place_even_when_the_client_has_not_synced() {
         .expect("refusal rows");
     assert_eq!(refusals.len(), 3);
     assert_eq!(customers_left(&stack), "3");
+
+    // A client that sends its copy data and CopyDone without waiting for
+    // CopyInResponse: the copy completes and the session goes on.
+    let early = unsynced(
+        &stack,
+        &token,
+        "copy_early",
+        "12\tCarol\tcarol@example.com",
+        "customers",
+    );
+    assert!(early.get("timeout").is_none(), "hung: {early}");
+    assert_eq!(
+        tags(&early["answers"]),
+        ["G", "C", "Z", "T", "D", "C", "Z"],
+        "{early}"
+    );
+    assert_eq!(
+        early["answers"][4]["values"][0], "4",
+        "the row was copied: {early}"
+    );
+    assert_eq!(tags(&early["after"]), ["T", "D", "C", "Z"], "{early}");
 }
 
 #[test]

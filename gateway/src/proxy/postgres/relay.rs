@@ -131,6 +131,11 @@ struct Pending {
     /// For a Sync: copy data was sent before it since the last Execute,
     /// so it was not sent into the start of a COPY FROM STDIN.
     after_copy_data: bool,
+    /// For a Query or Execute: how many CopyDone or CopyFail the client
+    /// sent behind it before the server answered with CopyInResponse (a
+    /// client that does not wait for it). A COPY FROM STDIN of it that
+    /// starts is then already over as far as the client is concerned.
+    copies_ended_early: u32,
     /// Tells entries apart while the client waits for one to be answered.
     id: u64,
     /// The name generation it was sent in (see `InFlight::generation`).
@@ -207,6 +212,7 @@ impl Pending {
             close: None,
             describes_next_execute: false,
             after_copy_data: false,
+            copies_ended_early: 0,
             id: 0,
             generation: 0,
             durable: None,
@@ -266,6 +272,23 @@ impl InFlight {
         pending.id = self.next_id;
         pending.generation = self.generation;
         self.queue.push_back(pending);
+    }
+
+    /// The client ended a copy (CopyDone or CopyFail) outside COPY FROM
+    /// STDIN mode: it belongs to the latest Query or Execute, whose
+    /// CopyInResponse has not come yet (if that is no COPY, the server
+    /// ignores the message, and so does this count).
+    fn copy_ended_early(&mut self) {
+        if let Some(statement) = self.queue.iter_mut().rev().find(|p| {
+            // A refused one counts too: it starts no copy, and the
+            // server ignores copy messages outside one.
+            matches!(
+                p.kind,
+                Kind::Query | Kind::Execute | Kind::RefusedQuery | Kind::RefusedExecute
+            )
+        }) {
+            statement.copies_ended_early += 1;
+        }
     }
 
     /// What the server will find under a statement or portal name. The
@@ -660,6 +683,9 @@ async fn client_to_server(
                 }
                 b'd' | b'c' | b'f' => {
                     copy_data_sent = true;
+                    if frame.tag != b'd' {
+                        lock(&in_flight).copy_ended_early();
+                    }
                     forward.unsplit(frame.bytes);
                 }
                 b'H' => forward.unsplit(frame.bytes),
@@ -1236,7 +1262,13 @@ fn track_answer(
             }
         }
         b'G' => {
-            *copy_in = true;
+            // Unless the client already ended this copy (it did not wait
+            // for this message), the server now takes only copy messages.
+            if head.copies_ended_early > 0 {
+                head.copies_ended_early -= 1;
+            } else {
+                *copy_in = true;
+            }
             // A Sync sent right behind the COPY FROM STDIN, before any copy
             // data, reached the server in copy mode, which ignores it: it
             // will get no ReadyForQuery.
@@ -1413,6 +1445,45 @@ mod tests {
             &mut Finished::new(),
         );
         assert!(matches!(result, Err(WireError::Malformed(_))));
+    }
+
+    // A client that sends its copy data and CopyDone before the server's
+    // CopyInResponse has ended that copy already: what it sends next is
+    // not "in the middle of COPY FROM STDIN".
+    #[test]
+    fn a_copy_the_client_ended_before_it_started_is_not_copy_mode() {
+        let copy_in_after_start = |ended_early: bool| {
+            let in_flight = queue_of(&[Kind::Query]);
+            if ended_early {
+                lock(&in_flight).copy_ended_early();
+            }
+            track_answer(
+                &MaskSet::default(),
+                &in_flight,
+                &frame(b'G', &[0, 0, 0]),
+                &mut Finished::new(),
+            )
+            .expect("in step");
+            let copy_in = lock(&in_flight).copy_in;
+            copy_in
+        };
+        assert!(copy_in_after_start(false));
+        assert!(!copy_in_after_start(true));
+
+        // Two copies in one Query, the client ending only the first early:
+        // the second is copy mode.
+        let in_flight = queue_of(&[Kind::Query]);
+        lock(&in_flight).copy_ended_early();
+        for expect in [false, true] {
+            track_answer(
+                &MaskSet::default(),
+                &in_flight,
+                &frame(b'G', &[0, 0, 0]),
+                &mut Finished::new(),
+            )
+            .expect("in step");
+            assert_eq!(lock(&in_flight).copy_in, expect);
+        }
     }
 
     fn prepared(text: &str) -> Arc<Prepared> {
