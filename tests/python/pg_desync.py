@@ -16,6 +16,10 @@ Scenarios:
   cursor      Parse "h" as "SELECT 1", Bind portal "c" to it, then a Query
               FIRST_SQL that closes "c" and declares a cursor "c", then
               Describe/Execute of portal "c" + Sync, all in one write.
+  copy_sync   COPY orders_copy FROM STDIN, CopyDone once it starts; then
+              the same COPY + Sync in one write (the server ignores the
+              Sync in copy mode), CopyDone once it starts; then
+              Query(FIRST_SQL), then Query(SECOND_SQL), each on its own.
 
 usage: pg_desync.py HOST PORT TOKEN SCENARIO FIRST_SQL SECOND_SQL
 """
@@ -68,6 +72,16 @@ def main():
             + sync
         )
         answers += read_until(sock, [b"Z"], 2)
+    elif scenario == "copy_sync":
+        copy = msg(b"Q", cstr("COPY orders_copy FROM STDIN"))
+        for behind in [b"", sync]:
+            sock.sendall(copy + behind)
+            answers += read_until(sock, [b"G"])
+            sock.sendall(msg(b"c", b""))
+            answers += read_until(sock, [b"Z"])
+        for sql in [first, second]:
+            sock.sendall(msg(b"Q", cstr(sql)))
+            answers += read_until(sock, [b"Z"])
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print(json.dumps({"answers": answers}))

@@ -593,6 +593,34 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     assert_eq!(rows.len(), 1, "{answers}");
     assert_eq!(rows[0]["values"][0], "****", "{answers}");
 
+    // A Sync sent right behind a COPY FROM STDIN gets no answer (the
+    // server ignores it in copy mode), also after an earlier COPY in the
+    // session: otherwise the next Query's answers are taken for the
+    // Sync's and every later statement is masked by the plan of the one
+    // before it.
+    stack
+        .postgres
+        .superuser_sql_ok("orders", "CREATE TABLE orders_copy (x text)")
+        .expect("table");
+    let answers = raw_protocol_json(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &[
+            "copy_sync",
+            "SELECT 1",
+            "SELECT email || '' AS copy FROM customers WHERE id = 1",
+        ],
+    );
+    assert!(
+        !answers.to_string().contains("@example.com"),
+        "a row leaked: {answers}"
+    );
+    let rows = tagged(&answers, "D");
+    assert_eq!(rows.len(), 2, "{answers}");
+    assert_eq!(rows[0]["values"][0], "1", "{answers}");
+    assert_eq!(rows[1]["values"][0], "****", "{answers}");
+
     // A portal name taken over in SQL (CLOSE, then DECLARE a cursor of
     // the same name) is no longer the portal tollgate saw bound: the
     // Execute is refused rather than decided as the old statement.

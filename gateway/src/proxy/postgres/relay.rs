@@ -487,7 +487,7 @@ async fn client_to_server(
     // Prepared statements are classified once, at Parse; statements and
     // portals exist for tollgate once the server confirms them
     // (InFlight::statements, InFlight::portals; see InFlight::resolve).
-    // Copy data sent since the last Execute: a Sync after it was not sent
+    // Copy data sent since the last Execute or Query: a Sync after it was not sent
     // into the start of a COPY FROM STDIN (see `after_copy_data`).
     let mut copy_data_sent = false;
     // After a refused Execute, the rest of the pipeline up to Sync is
@@ -540,6 +540,10 @@ async fn client_to_server(
             }
             match frame.tag {
                 b'Q' => {
+                    // Like an Execute, a Query may start a COPY FROM STDIN:
+                    // whether a Sync behind it follows copy data counts
+                    // from here.
+                    copy_data_sent = false;
                     let text = wire::query_text(&frame)?;
                     let operations = classify(&text);
                     match admit(&session, &text, &operations, String::new()).await {
