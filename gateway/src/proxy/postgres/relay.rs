@@ -787,15 +787,14 @@ async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
         .get(..4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
         .unwrap_or(0);
-    let mut record = session.connection.record(Some(&session.principal));
+    let mut record = session.statement_record.clone();
+    record.time = now_millis();
     set_class(
         &mut record,
         record::CLASS_DATASTORE_ACTIVITY,
         record::datastore_activity::QUERY,
     );
     record.request_uid = uuid::Uuid::new_v4().to_string();
-    record.database_user = session.database_user.clone();
-    record.database_name = session.database_name.clone();
     record.query_info_query_string = format!("FunctionCall (function oid {oid})");
     record.query_info_kind = "unparsed".into();
     record.phase = "refusal".into();
