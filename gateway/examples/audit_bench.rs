@@ -131,26 +131,13 @@ async fn strict(dir: &std::path::Path, tasks: usize, per_task: usize) -> (f64, V
     (rate, lat)
 }
 
-/// CPU time the scheduler has charged to this process's threads named
-/// `name` (as `/proc/self/task/*/comm` shows it), summed.
-fn thread_cpu(name: &str) -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    let nanos: u64 = tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
-        })
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(nanos)
-}
+/// Name of the sampler's own thread, left out of what it reports.
+const SAMPLER: &str = "cpu-sampler";
 
 /// CPU time per thread name over an interval, threads that exit during it
 /// included (their last reading counts): a sampler thread reads
-/// `/proc/self/task/*/schedstat` every few milliseconds.
+/// `/proc/self/task/*/schedstat` every few milliseconds. Its own thread is
+/// named, so that its reading is not counted as the submitter's.
 struct ThreadCpu {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     sampler: std::thread::JoinHandle<std::collections::BTreeMap<String, Duration>>,
@@ -178,27 +165,32 @@ impl ThreadCpu {
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = stop.clone();
-        let sampler = std::thread::spawn(move || {
-            let mut first = std::collections::HashMap::new();
-            let mut last = std::collections::HashMap::new();
-            for (tid, comm, ns) in read() {
-                first.insert(tid.clone(), ns);
-                last.insert(tid, (comm, ns));
-            }
-            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        let sampler = std::thread::Builder::new()
+            .name(SAMPLER.into())
+            .spawn(move || {
+                let mut first = std::collections::HashMap::new();
+                let mut last = std::collections::HashMap::new();
                 for (tid, comm, ns) in read() {
+                    first.insert(tid.clone(), ns);
                     last.insert(tid, (comm, ns));
                 }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            let mut by_name = std::collections::BTreeMap::new();
-            for (tid, (comm, ns)) in last {
-                let spent = ns - first.get(&tid).copied().unwrap_or(0).min(ns);
-                *by_name.entry(comm).or_insert(Duration::ZERO) += Duration::from_nanos(spent);
-            }
-            by_name
-        });
-        ThreadCpu { stop, sampler }
+                while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (tid, comm, ns) in read() {
+                        last.insert(tid, (comm, ns));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let mut by_name = std::collections::BTreeMap::new();
+                for (tid, (comm, ns)) in last.into_iter().filter(|(_, (comm, _))| comm != SAMPLER) {
+                    let spent = ns - first.get(&tid).copied().unwrap_or(0).min(ns);
+                    *by_name.entry(comm).or_insert(Duration::ZERO) += Duration::from_nanos(spent);
+                }
+                by_name
+            });
+        ThreadCpu {
+            stop,
+            sampler: sampler.expect("spawn the CPU sampler"),
+        }
     }
 
     fn stop(self) -> std::collections::BTreeMap<String, Duration> {
@@ -211,9 +203,6 @@ impl ThreadCpu {
 struct Batched {
     /// Records made durable per second of wall time.
     rate: f64,
-    /// CPU time of the WAL writer thread per record: the serial part, what
-    /// one core spends to chain, write and sync a record.
-    writer_cpu_per_record: Duration,
     /// CPU time per record of each thread (by name), from the first
     /// submit until the last segment is written: the submitter (which
     /// prepares the records), the WAL writer, the segment thread, the WAL
@@ -222,6 +211,15 @@ struct Batched {
 }
 
 impl Batched {
+    /// CPU time of the WAL writer thread per record: the serial part, what
+    /// one core spends to chain, write and sync a record.
+    fn writer_cpu_per_record(&self) -> Duration {
+        self.cpu_per_record
+            .get("audit-wal")
+            .copied()
+            .unwrap_or_default()
+    }
+
     fn cpu_breakdown(&self) -> String {
         let total: Duration = self.cpu_per_record.values().sum();
         let parts: Vec<String> = self
@@ -243,7 +241,6 @@ impl Batched {
 async fn batched(dir: &std::path::Path, n: usize) -> Batched {
     let (log, _) = open(dir, "batched").await;
     let records: Vec<_> = (0..n).map(record).collect();
-    let cpu_before = thread_cpu("audit-wal");
     let threads = ThreadCpu::start();
     let start = Instant::now();
     let tickets: Vec<_> = records.into_iter().map(|r| log.submit(r)).collect();
@@ -251,7 +248,6 @@ async fn batched(dir: &std::path::Path, n: usize) -> Batched {
         t.await.expect("durable");
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    let writer_cpu = thread_cpu("audit-wal").saturating_sub(cpu_before);
     log.shutdown().await;
     let cpu_per_record = threads
         .stop()
@@ -260,7 +256,6 @@ async fn batched(dir: &std::path::Path, n: usize) -> Batched {
         .collect();
     Batched {
         rate,
-        writer_cpu_per_record: writer_cpu / n as u32,
         cpu_per_record,
     }
 }
@@ -436,8 +431,8 @@ async fn main() {
     );
     println!(
         "\nappend batched: the WAL writer thread (the serial part) spends {:.2} µs of CPU per record = {:.0} records per second of one core; CPU {}",
-        b.writer_cpu_per_record.as_secs_f64() * 1e6,
-        1.0 / b.writer_cpu_per_record.as_secs_f64().max(1e-12),
+        b.writer_cpu_per_record().as_secs_f64() * 1e6,
+        1.0 / b.writer_cpu_per_record().as_secs_f64().max(1e-12),
         b.cpu_breakdown()
     );
 
