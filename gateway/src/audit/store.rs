@@ -1313,44 +1313,54 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
 #[cfg(test)]
 pub(crate) mod faults {
     use std::{
-        collections::HashMap,
         path::{Path, PathBuf},
         sync::Mutex,
     };
 
-    static FAULTS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Fault {
+        /// The next write writes this many bytes, then fails (full disk).
+        Write { partial_bytes: usize },
+        /// The next sync of a retired WAL file fails.
+        RetireSync,
+    }
 
-    pub fn fail_next_write(wal_dir: &Path, partial_bytes: usize) {
-        if let Ok(mut g) = FAULTS.lock() {
-            g.get_or_insert_with(HashMap::new)
-                .insert(wal_dir.to_path_buf(), partial_bytes);
+    /// Faults planned for the store whose WAL directory is the path.
+    static PLANNED: Mutex<Vec<(PathBuf, Fault)>> = Mutex::new(Vec::new());
+
+    fn plan(wal_dir: &Path, fault: Fault) {
+        if let Ok(mut planned) = PLANNED.lock() {
+            planned.push((wal_dir.to_path_buf(), fault));
         }
     }
 
-    pub fn take(wal_dir: &Path) -> Option<usize> {
-        FAULTS.lock().ok()?.as_mut()?.remove(wal_dir)
+    fn take_first(wal_dir: &Path, which: impl Fn(Fault) -> bool) -> Option<Fault> {
+        let mut planned = PLANNED.lock().ok()?;
+        let at = planned
+            .iter()
+            .position(|(dir, fault)| dir == wal_dir && which(*fault))?;
+        Some(planned.remove(at).1)
     }
 
-    static RETIRE_SYNC_FAULTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    pub fn fail_next_write(wal_dir: &Path, partial_bytes: usize) {
+        plan(wal_dir, Fault::Write { partial_bytes });
+    }
+
+    /// The partial length of a planned write failure, if one is planned.
+    pub fn take(wal_dir: &Path) -> Option<usize> {
+        match take_first(wal_dir, |f| matches!(f, Fault::Write { .. }))? {
+            Fault::Write { partial_bytes } => Some(partial_bytes),
+            Fault::RetireSync => None,
+        }
+    }
 
     /// The next sync of a retired WAL file in `wal_dir` fails.
     pub fn fail_next_retire_sync(wal_dir: &Path) {
-        if let Ok(mut g) = RETIRE_SYNC_FAULTS.lock() {
-            g.push(wal_dir.to_path_buf());
-        }
+        plan(wal_dir, Fault::RetireSync);
     }
 
     pub fn take_retire_sync(wal_dir: &Path) -> bool {
-        let Ok(mut g) = RETIRE_SYNC_FAULTS.lock() else {
-            return false;
-        };
-        match g.iter().position(|d| d == wal_dir) {
-            Some(i) => {
-                g.remove(i);
-                true
-            }
-            None => false,
-        }
+        take_first(wal_dir, |f| f == Fault::RetireSync).is_some()
     }
 }
 
