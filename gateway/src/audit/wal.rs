@@ -55,14 +55,14 @@ pub fn encode_frame(record: &AuditRecord, out: &mut Vec<u8>) -> [u8; 32] {
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
     super::segment::canonical_into(record, out);
-    seal_frame(out, start, Sha256::new())
+    seal_frame(out, start, Sha256::new(), 0)
 }
 
 /// Fills in the header of the frame starting at `start` in `out` (its
 /// payload written after the 8 header bytes) and returns the payload's
 /// SHA-256, finishing `hasher`, which has already taken the payload's first
 /// `hasher_covers` bytes.
-fn seal_frame_from(out: &mut [u8], start: usize, hasher: Sha256, hasher_covers: usize) -> [u8; 32] {
+fn seal_frame(out: &mut [u8], start: usize, hasher: Sha256, hasher_covers: usize) -> [u8; 32] {
     let payload = &out[start + 8..];
     let mut hasher = hasher;
     hasher.update(&payload[hasher_covers..]);
@@ -72,10 +72,6 @@ fn seal_frame_from(out: &mut [u8], start: usize, hasher: Sha256, hasher_covers: 
     out[start..start + 4].copy_from_slice(&len);
     out[start + 4..start + 8].copy_from_slice(&crc);
     hash
-}
-
-fn seal_frame(out: &mut [u8], start: usize, hasher: Sha256) -> [u8; 32] {
-    seal_frame_from(out, start, hasher, 0)
 }
 
 /// Largest encoding buffer a thread keeps between records.
@@ -146,7 +142,7 @@ impl PreparedFrame {
         out.extend_from_slice(b"\"sequence\":");
         out.extend_from_slice(itoa::Buffer::new().format(record.sequence).as_bytes());
         out.extend_from_slice(tail);
-        let hash = seal_frame_from(out, start, self.head, head.len());
+        let hash = seal_frame(out, start, self.head, head.len());
         debug_assert!(
             {
                 let mut whole = Vec::new();
