@@ -289,8 +289,6 @@ async fn serve(
         statement_record,
         connection,
         principal,
-        database_user,
-        database_name,
         intent: std::sync::Mutex::new(relay::intent_of_application_name(&param(
             "application_name",
         ))),

@@ -40,8 +40,6 @@ use crate::{
 pub struct Session {
     pub connection: Connection,
     pub principal: Principal,
-    pub database_user: String,
-    pub database_name: String,
     /// Intent stated in application_name (`intent: ...`), if any. The
     /// server reports every change of application_name (ParameterStatus),
     /// whether set at startup or later with SET, and this follows it.
@@ -50,7 +48,7 @@ pub struct Session {
     pub masks: MaskSet,
     pub shared: Arc<Shared>,
     /// What every statement record of the session shares (who, from
-    /// where, which database), built once by [`statement_record_base`]:
+    /// where, which database user and database), built once by [`statement_record_base`]:
     /// a statement's record starts as a copy of it rather than being
     /// built (addresses formatted, identity copied) again per statement.
     pub statement_record: AuditRecord,
@@ -458,8 +456,8 @@ async fn end_expired_session(session: &Session, client_wr: &ClientWriter) {
     record.phase = "session".into();
     record.status_id = record::status::FAILURE;
     record.status_detail = format!("token_expired: {message}");
-    record.database_user = session.database_user.clone();
-    record.database_name = session.database_name.clone();
+    record.database_user = session.statement_record.database_user.clone();
+    record.database_name = session.statement_record.database_name.clone();
     if let Err(err) = session.shared.audit.append(record).await {
         warn!(error = %err, "the end of an expired session could not be audited");
     }
@@ -1418,6 +1416,11 @@ mod tests {
             .expect("whole")
     }
 
+    /// `track_answer` with nothing masked, the finished requests dropped.
+    fn answer(in_flight: &Mutex<InFlight>, frame: &Frame) -> Result<Option<BytesMut>, WireError> {
+        track_answer(&MaskSet::default(), in_flight, frame, &mut Finished::new())
+    }
+
     fn queue_of(kinds: &[Kind]) -> Mutex<InFlight> {
         let mut in_flight = InFlight {
             marker: "tollgate_refused_test".into(),
@@ -1432,21 +1435,11 @@ mod tests {
     #[test]
     fn ready_for_query_while_an_execute_is_unanswered_is_out_of_step() {
         let in_flight = queue_of(&[Kind::Execute, Kind::Sync]);
-        let result = track_answer(
-            &MaskSet::default(),
-            &in_flight,
-            &frame(b'Z', b"I"),
-            &mut Finished::new(),
-        );
+        let result = answer(&in_flight, &frame(b'Z', b"I"));
         assert!(matches!(result, Err(WireError::Malformed(_))));
         // With nothing in flight a ReadyForQuery is as out of step.
         let empty = queue_of(&[]);
-        let result = track_answer(
-            &MaskSet::default(),
-            &empty,
-            &frame(b'Z', b"I"),
-            &mut Finished::new(),
-        );
+        let result = answer(&empty, &frame(b'Z', b"I"));
         assert!(matches!(result, Err(WireError::Malformed(_))));
     }
 
@@ -1457,13 +1450,7 @@ mod tests {
     fn a_copy_the_client_ended_before_it_started_is_not_copy_mode() {
         // The server's CopyInResponse: is the session in copy mode after it?
         let copy_starts = |in_flight: &Mutex<InFlight>| {
-            track_answer(
-                &MaskSet::default(),
-                in_flight,
-                &frame(b'G', &[0, 0, 0]),
-                &mut Finished::new(),
-            )
-            .expect("in step");
+            answer(in_flight, &frame(b'G', &[0, 0, 0])).expect("in step");
             let copy_in = lock(in_flight).copy_in;
             copy_in
         };
@@ -1507,13 +1494,7 @@ mod tests {
             f.portals
                 .insert("".into(), (0, (prepared("SELECT 1"), String::new())));
         }
-        track_answer(
-            &MaskSet::default(),
-            &in_flight,
-            &frame(b'Z', b"I"),
-            &mut Finished::new(),
-        )
-        .expect("in step");
+        answer(&in_flight, &frame(b'Z', b"I")).expect("in step");
         let f = lock(&in_flight);
         assert!(matches!(f.statement(""), Resolved::Known(None)));
         assert!(matches!(f.portal(""), Resolved::Known(None)));
@@ -1548,13 +1529,7 @@ mod tests {
         let error = wire::split_frame(&mut error)
             .expect("well formed")
             .expect("whole");
-        track_answer(
-            &MaskSet::default(),
-            &in_flight,
-            &error,
-            &mut Finished::new(),
-        )
-        .expect("in step");
+        answer(&in_flight, &error).expect("in step");
         assert!(matches!(
             lock(&in_flight).statement(""),
             Resolved::Known(None)
@@ -1571,20 +1546,13 @@ mod tests {
                 .expect("whole")
         };
         let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
-        let result = track_answer(
-            &MaskSet::default(),
-            &in_flight,
-            &error("portal \"other\" does not exist"),
-            &mut Finished::new(),
-        );
+        let result = answer(&in_flight, &error("portal \"other\" does not exist"));
         assert!(matches!(result, Err(WireError::Malformed(_))));
 
         let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
-        let replacement = track_answer(
-            &MaskSet::default(),
+        let replacement = answer(
             &in_flight,
             &error("portal \"tollgate_refused_test\" does not exist"),
-            &mut Finished::new(),
         )
         .expect("in step");
         let mut replacement = replacement.expect("the refusal in its place");
