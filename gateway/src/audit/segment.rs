@@ -66,20 +66,25 @@ fn has_statistics(data_type: &arrow_schema::DataType) -> bool {
 /// The Parquet leaf columns of the fields without statistics. A list's
 /// values live in a leaf below its field (`name.list.item`), and that is
 /// where the writer's settings apply.
-fn columns_without_statistics() -> Vec<ColumnPath> {
-    let schema = schema();
-    let Ok(parquet_schema) = parquet::arrow::ArrowSchemaConverter::new().convert(&schema) else {
-        return Vec::new();
-    };
-    (0..parquet_schema.num_columns())
-        .filter(|&i| {
-            let root = parquet_schema.get_column_root(i).name();
-            schema
-                .field_with_name(root)
-                .is_ok_and(|field| !has_statistics(field.data_type()))
-        })
-        .map(|i| parquet_schema.column(i).path().clone())
-        .collect()
+/// Worked out once: the schema is fixed, and every segment asks.
+fn columns_without_statistics() -> &'static [ColumnPath] {
+    static COLUMNS: std::sync::OnceLock<Vec<ColumnPath>> = std::sync::OnceLock::new();
+    COLUMNS.get_or_init(|| {
+        let schema = schema();
+        let Ok(parquet_schema) = parquet::arrow::ArrowSchemaConverter::new().convert(&schema)
+        else {
+            return Vec::new();
+        };
+        (0..parquet_schema.num_columns())
+            .filter(|&i| {
+                let root = parquet_schema.get_column_root(i).name();
+                schema
+                    .field_with_name(root)
+                    .is_ok_and(|field| !has_statistics(field.data_type()))
+            })
+            .map(|i| parquet_schema.column(i).path().clone())
+            .collect()
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -638,7 +643,7 @@ fn properties<R: Borrow<AuditRecord>>(records: &[R]) -> WriterProperties {
             .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_BINARY_PACKED);
     }
     for leaf in columns_without_statistics() {
-        b = b.set_column_statistics_enabled(leaf, EnabledStatistics::None);
+        b = b.set_column_statistics_enabled(leaf.clone(), EnabledStatistics::None);
     }
     // A hash never repeats: a dictionary would only grow until the writer
     // gives up on it, after hashing and comparing every value.
