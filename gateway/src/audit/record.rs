@@ -249,6 +249,50 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(1024),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Random text (escapes, control characters, any character) in
+        /// strings and lists, random numbers and absent values, across the
+        /// members on either side of the chain members and at both ends.
+        #[test]
+        fn canonical_encoding_of_random_records_matches_the_reference(
+            text in proptest::collection::vec("(\\PC|[\"\\\\\u{0}-\u{1f}]){0,40}", 8),
+            list in proptest::collection::vec("(\\PC|[\"\\\\\u{0}-\u{1f}]){0,12}", 0..4),
+            n in proptest::prelude::any::<(u64, i64, i32, Option<i64>, Option<i32>)>(),
+        ) {
+            let r = AuditRecord {
+                sequence: n.0,
+                prev_record_hash: text[0].clone(),
+                record_hash: text[1].clone(),
+                action_id: n.2,
+                time: n.1,
+                policy_uid: text[2].clone(),
+                phase: text[3].clone(),
+                query_info_query_string: text[4].clone(),
+                session_uid: text[5].clone(),
+                unmapped: text[6].clone(),
+                actor_user_groups: list.clone(),
+                masked_columns: list.iter().rev().cloned().collect(),
+                response_rows: n.3,
+                actor_process_pid: n.4,
+                response_data: text[7].clone(),
+                ..Default::default()
+            };
+            proptest::prop_assert_eq!(
+                String::from_utf8(r.canonical_bytes()).unwrap(),
+                String::from_utf8(reference(&r)).unwrap()
+            );
+        }
+    }
+
     #[test]
     fn canonical_encoding_is_sorted_and_leaves_out_empty_fields_and_own_hash() {
         let r = AuditRecord {

@@ -321,30 +321,64 @@ macro_rules! kind_canon {
         !$v.is_empty() && canon_str($out, &$v)
     }};
     (strs, $v:expr, $out:expr) => {{
-        !$v.is_empty() && serde_json::to_writer(&mut *$out, &$v).is_ok()
+        !$v.is_empty() && canon_strs($out, &$v)
     }};
 }
 
-/// A JSON string, as serde_json writes it. Most values (ids, names, SQL)
-/// need no escaping: those are copied whole instead of going through the
-/// escaper byte by byte.
+/// Does JSON need any byte of `s` escaped? serde_json escapes exactly the
+/// control characters (below 0x20), quote and backslash. Most values (ids,
+/// names, SQL) need nothing, and this runs over every byte of every string
+/// of every record: a block of 32 bytes is tested without an early exit
+/// inside it, which the compiler turns into a few vector compares, where a
+/// byte-at-a-time test with an exit after each byte cannot be vectorised.
+fn needs_escape(s: &[u8]) -> bool {
+    fn special(b: u8) -> bool {
+        (b < 0x20) | (b == b'"') | (b == b'\\')
+    }
+    let (blocks, rest) = s.as_chunks::<32>();
+    blocks
+        .iter()
+        .any(|block| block.iter().fold(false, |any, &b| any | special(b)))
+        || rest.iter().any(|&b| special(b))
+}
+
+/// A JSON string, as serde_json writes it. Most values need no escaping:
+/// those are copied whole instead of going through the escaper byte by
+/// byte.
 fn canon_str(out: &mut Vec<u8>, s: &str) -> bool {
-    // Exactly the bytes serde_json escapes: control characters, quote and
-    // backslash.
-    let plain = s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
-    if plain {
+    if needs_escape(s.as_bytes()) {
+        serde_json::to_writer(&mut *out, s).is_ok()
+    } else {
+        out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
         true
-    } else {
-        serde_json::to_writer(&mut *out, s).is_ok()
     }
 }
 
-fn canon_num(out: &mut Vec<u8>, n: impl std::fmt::Display) -> bool {
-    use std::io::Write as _;
-    write!(out, "{n}").is_ok()
+/// A JSON array of strings, as serde_json writes a `Vec<String>` (no
+/// whitespace), each item through [`canon_str`].
+fn canon_strs(out: &mut Vec<u8>, items: &[String]) -> bool {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        if !canon_str(out, item) {
+            return false;
+        }
+    }
+    out.push(b']');
+    true
+}
+
+/// A JSON number: the decimal integer, as serde_json writes it (itoa,
+/// which serde_json uses too, rather than `Display` through the
+/// formatting machinery).
+fn canon_num(out: &mut Vec<u8>, n: impl itoa::Integer) -> bool {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    true
 }
 
 type CanonField = (&'static str, fn(&AuditRecord, &mut Vec<u8>) -> bool);
@@ -527,39 +561,72 @@ pub fn canonical_into_without_chain(r: &AuditRecord, out: &mut Vec<u8>) -> Chain
     gaps
 }
 
+/// What the encoder does with a member: the record's own hash is never
+/// encoded, and the two chain members may be left for the writer to
+/// splice in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Value,
+    OwnHash,
+    PrevRecordHash,
+    Sequence,
+}
+
+/// One member of the canonical encoding.
+struct Member {
+    /// `,"name":`: what leads the member's value, comma included (left
+    /// off for the first member written). Field names are plain
+    /// identifiers: no JSON escaping needed.
+    lead: Box<[u8]>,
+    role: Role,
+    write: fn(&AuditRecord, &mut Vec<u8>) -> bool,
+}
+
+/// The members in key (byte) order, with their leads and roles worked out
+/// once: the encoder runs for every record and should only copy bytes,
+/// not compare field names or build keys.
+fn canonical_members() -> &'static [Member] {
+    static MEMBERS: std::sync::OnceLock<Vec<Member>> = std::sync::OnceLock::new();
+    MEMBERS.get_or_init(|| {
+        canonical_fields()
+            .iter()
+            .map(|&(name, write)| Member {
+                lead: format!(",\"{name}\":").into_bytes().into_boxed_slice(),
+                role: match name {
+                    "record_hash" => Role::OwnHash,
+                    "prev_record_hash" => Role::PrevRecordHash,
+                    "sequence" => Role::Sequence,
+                    _ => Role::Value,
+                },
+                write,
+            })
+            .collect()
+    })
+}
+
 fn write_canonical(r: &AuditRecord, out: &mut Vec<u8>, mut gaps: Option<&mut ChainGaps>) {
     let start = out.len();
     out.push(b'{');
     let mut empty = true;
-    for (name, write) in canonical_fields() {
-        if *name == "record_hash" {
+    for member in canonical_members() {
+        let gap = match (member.role, gaps.as_deref_mut()) {
+            (Role::OwnHash, _) => continue,
+            (Role::PrevRecordHash, Some(gaps)) => Some(&mut gaps.prev_record_hash),
+            (Role::Sequence, Some(gaps)) => Some(&mut gaps.sequence),
+            _ => None,
+        };
+        if let Some(gap) = gap {
+            if !empty {
+                out.push(b',');
+            }
+            *gap = out.len() - start;
+            // The member spliced in later is never empty.
+            empty = false;
             continue;
         }
-        if let Some(gaps) = gaps.as_deref_mut() {
-            let gap = match *name {
-                "prev_record_hash" => Some(&mut gaps.prev_record_hash),
-                "sequence" => Some(&mut gaps.sequence),
-                _ => None,
-            };
-            if let Some(gap) = gap {
-                if !empty {
-                    out.push(b',');
-                }
-                *gap = out.len() - start;
-                // The member spliced in later is never empty.
-                empty = false;
-                continue;
-            }
-        }
         let mark = out.len();
-        if !empty {
-            out.push(b',');
-        }
-        // Field names are plain identifiers: no JSON escaping needed.
-        out.push(b'"');
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
-        if write(r, out) {
+        out.extend_from_slice(&member.lead[usize::from(empty)..]);
+        if (member.write)(r, out) {
             empty = false;
         } else {
             out.truncate(mark);
@@ -774,6 +841,73 @@ mod tests {
                 day_of(a) == day_of(b),
                 "{a} {b}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Strings made mostly of what matters to the escaper (quote,
+    /// backslash, control characters, DEL, multi-byte characters) among
+    /// plain bytes, of lengths around the escape check's 32-byte blocks.
+    fn awkward_string() -> impl Strategy<Value = String> {
+        let ch = prop_oneof![
+            4 => Just('a'),
+            1 => Just('"'),
+            1 => Just('\\'),
+            1 => (0u8..0x20).prop_map(char::from),
+            1 => Just('\u{7f}'),
+            1 => any::<char>(),
+        ];
+        proptest::collection::vec(ch, 0..100).prop_map(|v| v.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(4096),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// The fast paths write exactly what serde_json writes.
+        #[test]
+        fn strings_and_lists_encode_as_serde_json_writes_them(
+            s in awkward_string(),
+            list in proptest::collection::vec(awkward_string(), 1..4),
+        ) {
+            let special = s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\');
+            prop_assert_eq!(needs_escape(s.as_bytes()), special);
+            let mut out = vec![b'x'];
+            prop_assert!(canon_str(&mut out, &s));
+            let want = serde_json::to_vec(&s).unwrap();
+            prop_assert_eq!(&out[1..], want.as_slice());
+            let mut out = Vec::new();
+            prop_assert!(canon_strs(&mut out, &list));
+            prop_assert_eq!(out, serde_json::to_vec(&list).unwrap());
+        }
+
+        #[test]
+        fn numbers_encode_as_serde_json_writes_them(a in any::<i32>(), b in any::<i64>(), c in any::<u64>()) {
+            let mut out = Vec::new();
+            canon_num(&mut out, a);
+            out.push(b' ');
+            canon_num(&mut out, b);
+            out.push(b' ');
+            canon_num(&mut out, c);
+            let want = format!(
+                "{} {} {}",
+                serde_json::to_string(&a).unwrap(),
+                serde_json::to_string(&b).unwrap(),
+                serde_json::to_string(&c).unwrap()
+            );
+            prop_assert_eq!(String::from_utf8(out).unwrap(), want);
         }
     }
 }
