@@ -331,7 +331,7 @@ macro_rules! kind_canon {
 /// of every record: a block of 32 bytes is tested without an early exit
 /// inside it, which the compiler turns into a few vector compares, where a
 /// byte-at-a-time test with an exit after each byte cannot be vectorised.
-fn needs_escape(s: &[u8]) -> bool {
+pub(super) fn needs_escape(s: &[u8]) -> bool {
     fn special(b: u8) -> bool {
         (b < 0x20) | (b == b'"') | (b == b'\\')
     }

@@ -59,12 +59,31 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    pub fn new(record: AuditRecord) -> Self {
+    pub fn new(mut record: AuditRecord) -> Self {
         let frame = wal::PreparedFrame::new(&record);
+        // The writer fills in both hashes (64 hex digits each): their
+        // memory is allocated here, on the caller's thread, so that the
+        // one thread all records pass through only copies into it.
+        record.prev_record_hash = String::with_capacity(64);
+        record.record_hash = String::with_capacity(64);
         Pending {
             record: Box::new(record),
             frame,
         }
+    }
+}
+
+/// `s` becomes the lower-case hex of `hash`, in the memory `s` already
+/// has (see [`Pending::new`]).
+fn set_hex(s: &mut String, hash: &[u8; 32]) {
+    let mut digits = [0u8; 64];
+    // Cannot fail: the output is exactly twice the input's length.
+    let encoded = hex::encode_to_slice(hash, &mut digits).is_ok();
+    s.clear();
+    if let (true, Ok(text)) = (encoded, std::str::from_utf8(&digits)) {
+        s.push_str(text);
+    } else {
+        *s = hex::encode(hash);
     }
 }
 
@@ -297,7 +316,7 @@ impl InlineWriter {
         if writer.closed {
             return Err(AuditError::Unavailable("audit log is shut down".into()));
         }
-        let first = writer.commit(vec![pending])?;
+        let first = writer.commit(std::iter::once(pending))?;
         writer.maybe_cut();
         Ok(first)
     }
@@ -657,6 +676,9 @@ struct Writer {
 impl Writer {
     fn run(shared: &Mutex<Writer>, rx: mpsc::Receiver<Msg>) {
         let inline = lock(shared).syncer.is_some();
+        // One batch's records and waiters; kept for their capacity.
+        let mut records = Vec::new();
+        let mut waiters = Vec::new();
         loop {
             let timeout = {
                 let w = lock(shared);
@@ -679,45 +701,59 @@ impl Writer {
                     return;
                 }
             };
-            let mut batch = Vec::new();
             let mut shutdown = None;
             let mut urgent = false;
-            let take =
-                |m: Msg, batch: &mut Vec<_>, shutdown: &mut Option<_>, urgent: &mut bool| match m {
-                    Msg::Append(r, w) => {
-                        *urgent = true;
-                        batch.push((r, w));
-                    }
-                    Msg::AppendLazy(r, w) => batch.push((r, w)),
-                    Msg::Shutdown(w) => *shutdown = Some(w),
-                };
-            take(first, &mut batch, &mut shutdown, &mut urgent);
+            // Records and their waiters in two lists from the start: the
+            // records go to `commit` as they are, without being moved
+            // again to split them from their waiters.
+            let take = |m: Msg,
+                        records: &mut Vec<Pending>,
+                        waiters: &mut Vec<_>,
+                        shutdown: &mut Option<_>,
+                        urgent: &mut bool| match m {
+                Msg::Append(r, w) => {
+                    *urgent = true;
+                    records.push(r);
+                    waiters.push(w);
+                }
+                Msg::AppendLazy(r, w) => {
+                    records.push(r);
+                    waiters.push(w);
+                }
+                Msg::Shutdown(w) => *shutdown = Some(w),
+            };
+            take(
+                first,
+                &mut records,
+                &mut waiters,
+                &mut shutdown,
+                &mut urgent,
+            );
             // Group commit: take everything already waiting, one sync for all.
             loop {
-                while shutdown.is_none() && batch.len() < MAX_BATCH {
+                while shutdown.is_none() && records.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(m) => take(m, &mut batch, &mut shutdown, &mut urgent),
+                        Ok(m) => take(m, &mut records, &mut waiters, &mut shutdown, &mut urgent),
                         Err(_) => break,
                     }
                 }
-                if urgent || shutdown.is_some() || batch.len() >= MAX_BATCH {
+                if urgent || shutdown.is_some() || records.len() >= MAX_BATCH {
                     break;
                 }
                 // Only lazy records so far: give an urgent one a moment to
                 // join, then sync whatever there is.
                 match rx.recv_timeout(LAZY_WAIT) {
-                    Ok(m) => take(m, &mut batch, &mut shutdown, &mut urgent),
+                    Ok(m) => take(m, &mut records, &mut waiters, &mut shutdown, &mut urgent),
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
-            if !batch.is_empty() {
-                let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            if !records.is_empty() {
                 let mut w = lock(shared);
-                let result = w.commit(records);
+                let result = w.commit(records.drain(..));
                 w.maybe_cut();
                 drop(w);
-                for (i, waiter) in waiters.into_iter().enumerate() {
+                for (i, waiter) in waiters.drain(..).enumerate() {
                     let _ = waiter.send(result.clone().map(|first| first + i as u64));
                 }
             }
@@ -741,26 +777,31 @@ impl Writer {
 
     /// Chains, writes and (unless a syncer follows) syncs `records` as one
     /// batch; returns the first one's sequence number.
-    fn commit(&mut self, records: Vec<Pending>) -> Result<u64, AuditError> {
+    fn commit(&mut self, records: impl IntoIterator<Item = Pending>) -> Result<u64, AuditError> {
         let first = self.next_seq;
         let mut seq = first;
+        // The link to the next record, rewritten in place for each one.
         let mut prev = self.prev_hash.clone();
         let mut bytes = std::mem::take(&mut self.frames);
         bytes.clear();
-        let mut chained = Vec::with_capacity(records.len());
+        // The records go straight into the buffer; a failed batch is taken
+        // out again.
+        let buffered = self.buffer.len();
         for Pending {
             record: mut r,
             frame,
         } in records
         {
             r.sequence = seq;
-            r.prev_record_hash = prev;
+            r.prev_record_hash.clear();
+            r.prev_record_hash.push_str(&prev);
             // The frame's payload is the canonical encoding: one encoding
             // and one SHA-256 per record give both the WAL bytes and the hash.
             let hash = frame.finish(&r, &mut bytes);
-            r.record_hash = hex::encode(hash);
-            prev = r.record_hash.clone();
-            chained.push(r);
+            set_hex(&mut r.record_hash, &hash);
+            prev.clear();
+            prev.push_str(&r.record_hash);
+            self.buffer.push(r);
             seq += 1;
         }
         let written = self.write_durably(&bytes, first);
@@ -770,10 +811,9 @@ impl Writer {
             Ok(()) => {
                 self.next_seq = seq;
                 self.prev_hash = prev;
-                if self.buffer.is_empty() {
+                if buffered == 0 {
                     self.buffer_since = Some(Instant::now());
                 }
-                self.buffer.extend(chained);
                 Ok(first)
             }
             Err(e) => {
@@ -781,7 +821,9 @@ impl Writer {
                 // advance: the same sequences are used by the next batch, in a
                 // new WAL file that supersedes whatever part of this one
                 // reached the disk.
-                error!(error = %e, records = chained.len(), "WAL write failed; refusing the batch");
+                let records = self.buffer.len() - buffered;
+                self.buffer.truncate(buffered);
+                error!(error = %e, records, "WAL write failed; refusing the batch");
                 Err(AuditError::Wal(e.to_string()))
             }
         }

@@ -124,10 +124,13 @@ impl PreparedFrame {
     /// from, with its chain members now set.
     pub fn finish(self, record: &AuditRecord, out: &mut Vec<u8>) -> [u8; 32] {
         let link = record.prev_record_hash.as_bytes();
-        if link.is_empty() || !link.iter().all(u8::is_ascii_hexdigit) {
-            // Not what a chain link looks like: the canonical encoding
-            // leaves an empty link out, and other text may need escaping.
-            // Encode it whole rather than splice.
+        // Splicing copies the link between quotes as it is: right for any
+        // text JSON writes unescaped (a hex hash always is), but the
+        // canonical encoding leaves an empty link out, and other text may
+        // need escaping. Those are encoded whole instead. (The test runs
+        // for every record on the writer thread: the vectorised escape
+        // check, not a byte-at-a-time one.)
+        if link.is_empty() || super::segment::needs_escape(link) {
             return encode_frame(record, out);
         }
         let start = out.len();
