@@ -336,10 +336,13 @@ pub(super) fn needs_escape(s: &[u8]) -> bool {
         (b < 0x20) | (b == b'"') | (b == b'\\')
     }
     let (blocks, rest) = s.as_chunks::<32>();
-    blocks
-        .iter()
-        .any(|block| block.iter().fold(false, |any, &b| any | special(b)))
-        || rest.iter().any(|&b| special(b))
+    let any_special = |block: &[u8; 32]| block.iter().fold(false, |any, &b| any | special(b));
+    // The bytes after the last whole block (all of them, for most ids and
+    // names) are tested as one more block, padded with plain bytes, not
+    // one at a time.
+    let mut last = [b' '; 32];
+    last[..rest.len()].copy_from_slice(rest);
+    blocks.iter().any(any_special) || any_special(&last)
 }
 
 /// A JSON string, as serde_json writes it. Most values need no escaping:
