@@ -423,11 +423,13 @@ pub async fn run(
     // Requests still in flight never got an answer the agent saw.
     let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
     for pending in left {
-        finish(
-            &session,
-            pending,
-            Some(("08006".into(), "session ended before the answer".into())),
-        );
+        let unanswered = Some((
+            super::SQLSTATE_UPSTREAM.into(),
+            "the server had not answered".into(),
+        ));
+        if let Some(outcome) = outcome_record(pending, unanswered, Delivery::NotSent) {
+            submit_outcome(&session, outcome);
+        }
     }
     result
 }
@@ -1032,8 +1034,8 @@ async fn server_to_client(
     answered: Arc<Notify>,
 ) -> Result<(), WireError> {
     let mut outcomes = Outcomes {
-        session: &session,
         answered: Finished::new(),
+        submit: |outcome| submit_outcome(&session, outcome),
     };
     loop {
         let mut out = BytesMut::new();
@@ -1093,7 +1095,7 @@ async fn server_to_client(
         // As for the client's side: the sent answers must not keep the
         // read buffer shared, or the reserve below allocates a new one.
         drop(out);
-        outcomes.write();
+        outcomes.sent();
         answered.notify_waiters();
         // As for the client's side: whole answers, not 64-byte pieces.
         buf.reserve(READ_CHUNK);
@@ -1107,25 +1109,49 @@ type Finished = Vec<(Pending, Option<(String, String)>)>;
 
 /// Outcome records of answered requests, written once the answers are on
 /// their way to the agent: nothing waits on them, so they stay off the
-/// latency. Whatever way the session ends, they are written (on drop).
-struct Outcomes<'a> {
-    session: &'a Session,
+/// latency. Whatever way the session ends, they are written (on drop);
+/// answers still held then never reached the agent, and their records say
+/// so. `submit` hands a record to the audit store.
+struct Outcomes<F: FnMut(AuditRecord)> {
     answered: Finished,
+    submit: F,
 }
 
-impl Outcomes<'_> {
-    fn write(&mut self) {
+impl<F: FnMut(AuditRecord)> Outcomes<F> {
+    /// Records the held answers as handed to the agent's connection.
+    fn sent(&mut self) {
+        self.record(Delivery::Sent);
+    }
+
+    fn record(&mut self, delivery: Delivery) {
         for (pending, error) in self.answered.drain(..) {
-            finish(self.session, pending, error);
+            if let Some(outcome) = outcome_record(pending, error, delivery) {
+                (self.submit)(outcome);
+            }
         }
     }
 }
 
-impl Drop for Outcomes<'_> {
+impl<F: FnMut(AuditRecord)> Drop for Outcomes<F> {
     fn drop(&mut self) {
-        self.write();
+        self.record(Delivery::NotSent);
     }
 }
+
+/// Whether the server's answer to a request was handed to the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery {
+    Sent,
+    /// The server answered, but the session ended (the agent's connection
+    /// failed, a record could not be written, the session was torn down)
+    /// before the answer was sent on: the statement ran, the agent did not
+    /// see how.
+    NotSent,
+}
+
+/// What `status_detail` of an outcome says when the agent never got the
+/// answer; an auditor can find these rows by it.
+pub const NOT_DELIVERED: &str = "the answer did not reach the agent: the session ended first";
 
 /// Updates the queue for one server message; adds the requests it
 /// completed to `finished`, and returns what the agent gets in place of
@@ -1371,10 +1397,22 @@ fn skip_to_sync(queue: &mut VecDeque<Pending>, finished: &mut Finished) -> bool 
 
 /// Writes the outcome record of a request. It follows the durable request
 /// record, so the agent's answer does not wait for it.
-fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) {
-    let Some(mut outcome) = pending.request else {
-        return;
-    };
+fn submit_outcome(session: &Session, outcome: AuditRecord) {
+    // Lazy: the answer is already out; the outcome rides with the next
+    // sync instead of costing the session's next statement a sync of its own.
+    // Nothing waits on it: a waiting task would be one more wake-up per
+    // statement. A batch that cannot be written is logged by the store.
+    drop(session.shared.audit.submit_lazy(outcome));
+}
+
+/// The outcome record of a request, from its request record (none for
+/// requests that have no record of their own, such as a Sync).
+fn outcome_record(
+    pending: Pending,
+    error: Option<(String, String)>,
+    delivery: Delivery,
+) -> Option<AuditRecord> {
+    let mut outcome = pending.request?;
     outcome.phase = "outcome".into();
     outcome.time = now_millis();
     outcome.duration_us = i64::try_from(pending.started.elapsed().as_micros()).ok();
@@ -1387,6 +1425,8 @@ fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) 
     if !outcome.masked_columns.is_empty() {
         outcome.action_id = record::action::MODIFIED;
     }
+    // The status is the server's: a statement whose answer was lost still
+    // ran (an UPDATE committed), which is what an auditor must not miss.
     match error {
         Some((code, message)) => {
             outcome.status_id = record::status::FAILURE;
@@ -1395,11 +1435,14 @@ fn finish(session: &Session, pending: Pending, error: Option<(String, String)>) 
         }
         None => outcome.status_id = record::status::SUCCESS,
     }
-    // Lazy: the answer is already out; the outcome rides with the next
-    // sync instead of costing the session's next statement a sync of its own.
-    // Nothing waits on it: a waiting task would be one more wake-up per
-    // statement. A batch that cannot be written is logged by the store.
-    drop(session.shared.audit.submit_lazy(outcome));
+    if delivery == Delivery::NotSent {
+        outcome.status_detail = if outcome.status_detail.is_empty() {
+            NOT_DELIVERED.to_string()
+        } else {
+            format!("{NOT_DELIVERED} ({})", outcome.status_detail)
+        };
+    }
+    Some(outcome)
 }
 
 #[cfg(test)]
@@ -1565,5 +1608,60 @@ mod tests {
             lock(&in_flight).queue.front().map(|p| p.kind),
             Some(Kind::Sync)
         );
+    }
+
+    /// A Query whose request record carries `text`.
+    fn query(text: &str) -> Pending {
+        let request = AuditRecord {
+            phase: "request".into(),
+            query_info_query_string: text.into(),
+            ..AuditRecord::default()
+        };
+        Pending::new(Kind::Query, Some(request))
+    }
+
+    #[test]
+    fn answers_held_when_the_session_ends_are_recorded_as_not_delivered() {
+        let mut submitted = Vec::new();
+        let mut outcomes = Outcomes {
+            answered: Finished::new(),
+            submit: |outcome: AuditRecord| submitted.push(outcome),
+        };
+        outcomes.answered.push((query("select 1"), None));
+        outcomes.sent();
+        // Answered by the server, not yet sent on when the session ends.
+        outcomes.answered.push((query("update t set a = 1"), None));
+        outcomes.answered.push((
+            query("select nope"),
+            Some(("42703".into(), "column \"nope\" does not exist".into())),
+        ));
+        drop(outcomes);
+
+        let by_text = |text: &str| {
+            submitted
+                .iter()
+                .find(|r| r.query_info_query_string == text)
+                .unwrap_or_else(|| panic!("no outcome for {text}"))
+        };
+        let delivered = by_text("select 1");
+        assert_eq!(delivered.phase, "outcome");
+        assert_eq!(delivered.status_id, record::status::SUCCESS);
+        assert_eq!(delivered.status_detail, "");
+
+        // The statement ran: its status stays the server's.
+        let lost = by_text("update t set a = 1");
+        assert_eq!(lost.status_id, record::status::SUCCESS);
+        assert_eq!(lost.status_detail, NOT_DELIVERED);
+
+        let lost_error = by_text("select nope");
+        assert_eq!(lost_error.status_id, record::status::FAILURE);
+        assert_eq!(lost_error.response_error_code, "42703");
+        assert!(
+            lost_error.status_detail.starts_with(NOT_DELIVERED)
+                && lost_error.status_detail.contains("does not exist"),
+            "{}",
+            lost_error.status_detail
+        );
+        assert_eq!(submitted.len(), 3);
     }
 }
