@@ -223,6 +223,11 @@ pub enum AuditError {
     /// must be refused. The store keeps working once the cause is gone.
     #[error("audit write failed: {0}")]
     Wal(String),
+    /// The record's encoding is longer than the WAL can hold and read back
+    /// (a statement of tens of MiB): it is not written, and the request it
+    /// describes must be refused. Nothing else is affected.
+    #[error("audit record too large: {bytes} bytes, the most a record may take is {limit}")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// Handle to the audit store; cheap to clone, shared by all sessions.
@@ -304,11 +309,12 @@ impl AuditLog {
         if let Some(inline) = &self.inline {
             return Durable::known(inline.append(record));
         }
+        let pending = match store::Pending::new(record) {
+            Ok(pending) => pending,
+            Err(err) => return Durable::known(Err(err)),
+        };
         let (otx, orx) = oneshot::channel();
-        match self
-            .tx
-            .send(store::Msg::Append(store::Pending::new(record), otx))
-        {
+        match self.tx.send(store::Msg::Append(pending, otx)) {
             Ok(()) => Durable {
                 state: DurableState::Waiting(orx),
             },
@@ -331,11 +337,16 @@ impl AuditLog {
             }
             return Durable::known(result);
         }
+        let pending = match store::Pending::new(record) {
+            Ok(pending) => pending,
+            Err(err) => {
+                // Callers may drop the result unread: say it here.
+                tracing::warn!(error = %err, "a record was not written");
+                return Durable::known(Err(err));
+            }
+        };
         let (otx, orx) = oneshot::channel();
-        match self
-            .tx
-            .send(store::Msg::AppendLazy(store::Pending::new(record), otx))
-        {
+        match self.tx.send(store::Msg::AppendLazy(pending, otx)) {
             Ok(()) => Durable {
                 state: DurableState::Waiting(orx),
             },

@@ -59,17 +59,24 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    pub fn new(mut record: AuditRecord) -> Self {
+    /// Encodes `record`; refuses one too large for the WAL to read back.
+    pub fn new(mut record: AuditRecord) -> Result<Self, AuditError> {
         let frame = wal::PreparedFrame::new(&record);
+        if !frame.fits() {
+            return Err(AuditError::TooLarge {
+                bytes: frame.payload_len(),
+                limit: wal::MAX_FRAME as usize,
+            });
+        }
         // The writer fills in both hashes (64 hex digits each): their
         // memory is allocated here, on the caller's thread, so that the
         // one thread all records pass through only copies into it.
         record.prev_record_hash = String::with_capacity(64);
         record.record_hash = String::with_capacity(64);
-        Pending {
+        Ok(Pending {
             record: Box::new(record),
             frame,
-        }
+        })
     }
 }
 
@@ -262,6 +269,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         buffer: Vec::new(),
         buffer_since: None,
         frames: Vec::new(),
+        chained: Vec::new(),
         syncer: match cfg.durability {
             super::DurabilityMode::Buffered => Some(Syncer::start(Duration::from_millis(
                 cfg.buffered_sync_interval_ms.max(1),
@@ -311,7 +319,7 @@ pub(crate) struct InlineWriter {
 impl InlineWriter {
     pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         // Encoded before taking the lock, which other sessions wait on.
-        let pending = Pending::new(record);
+        let pending = Pending::new(record)?;
         let mut writer = lock(&self.writer);
         if writer.closed {
             return Err(AuditError::Unavailable("audit log is shut down".into()));
@@ -664,6 +672,12 @@ struct Writer {
     buffer_since: Option<Instant>,
     /// The batch's frames; kept between batches for its capacity.
     frames: Vec<u8>,
+    /// The batch's chained records until it is written; kept between
+    /// batches for its capacity. Apart from `buffer` so that a batch that
+    /// fails, or a panic in the middle of one, leaves nothing unwritten
+    /// in `buffer`.
+    #[allow(clippy::vec_box)]
+    chained: Vec<Box<AuditRecord>>,
     /// In `buffered` durability: syncs the WAL behind the writers.
     syncer: Option<Syncer>,
     /// Shut down: inline appends are refused.
@@ -784,9 +798,8 @@ impl Writer {
         let mut prev = self.prev_hash.clone();
         let mut bytes = std::mem::take(&mut self.frames);
         bytes.clear();
-        // The records go straight into the buffer; a failed batch is taken
-        // out again.
-        let buffered = self.buffer.len();
+        let mut chained = std::mem::take(&mut self.chained);
+        chained.clear();
         for Pending {
             record: mut r,
             frame,
@@ -801,19 +814,20 @@ impl Writer {
             set_hex(&mut r.record_hash, &hash);
             prev.clear();
             prev.push_str(&r.record_hash);
-            self.buffer.push(r);
+            chained.push(r);
             seq += 1;
         }
         let written = self.write_durably(&bytes, first);
-        // The buffer keeps its capacity for the next batch.
+        // Both lists keep their capacity for the next batch.
         self.frames = bytes;
-        match written {
+        let result = match written {
             Ok(()) => {
                 self.next_seq = seq;
                 self.prev_hash = prev;
-                if buffered == 0 {
+                if self.buffer.is_empty() {
                     self.buffer_since = Some(Instant::now());
                 }
+                self.buffer.append(&mut chained);
                 Ok(first)
             }
             Err(e) => {
@@ -821,12 +835,13 @@ impl Writer {
                 // advance: the same sequences are used by the next batch, in a
                 // new WAL file that supersedes whatever part of this one
                 // reached the disk.
-                let records = self.buffer.len() - buffered;
-                self.buffer.truncate(buffered);
-                error!(error = %e, records, "WAL write failed; refusing the batch");
+                error!(error = %e, records = chained.len(), "WAL write failed; refusing the batch");
+                chained.clear();
                 Err(AuditError::Wal(e.to_string()))
             }
-        }
+        };
+        self.chained = chained;
+        result
     }
 
     /// The spare file from the preparer, if one is ready.

@@ -283,6 +283,46 @@ async fn buffered_mode_keeps_every_acknowledged_record_through_a_daemon_crash() 
     assert_eq!(cfg.durability, DurabilityMode::Buffered);
 }
 
+/// A record the WAL could not read back is refused, not acknowledged and
+/// then lost (with everything after it) at the next replay; the records
+/// around it keep their sequence and survive a crash.
+#[tokio::test]
+async fn a_record_too_large_for_a_wal_frame_is_refused_and_nothing_else_is_lost() {
+    for durability in [DurabilityMode::Strict, DurabilityMode::Buffered] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.durability = durability;
+        cfg.segment_max_age_secs = 3600;
+        let (log, now) = open_with_samples(&cfg, 2).await;
+        let mut huge = sample(2, now);
+        huge.query_info_query_string = "x".repeat(wal::MAX_FRAME as usize);
+        let err = log.append(huge.clone()).await.unwrap_err();
+        assert!(matches!(err, AuditError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("too large"), "{err}");
+        // Refused before it is queued, lazily as well.
+        let err = log.submit_lazy(huge).await.unwrap_err();
+        assert!(matches!(err, AuditError::TooLarge { .. }), "{err}");
+        assert_eq!(log.append(sample(3, now)).await.unwrap(), 3);
+
+        let crashed = tmp.path().join("crashed");
+        crash_copy(&cfg.dir, &crashed);
+        log.shutdown().await;
+        let log = AuditLog::open(&AuditConfig {
+            dir: crashed.clone(),
+            ..cfg.clone()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            log.append(sample(4, now)).await.unwrap(),
+            4,
+            "{durability:?}"
+        );
+        log.shutdown().await;
+        assert_chain(&read_segments(&crashed), 4);
+    }
+}
+
 #[tokio::test]
 async fn config_with_only_dir_uses_defaults() {
     let cfg: AuditConfig = toml::from_str("dir = \"/var/lib/tollgate/audit\"").unwrap();

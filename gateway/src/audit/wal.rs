@@ -31,8 +31,15 @@ use sha2::{Digest, Sha256};
 
 use super::{fsutil::Perms, AuditRecord};
 
-/// Largest payload accepted when reading: a longer length field is corrupt.
-const MAX_FRAME: u32 = 64 << 20;
+/// Largest payload: a longer length field is corrupt when reading, so the
+/// store refuses to acknowledge a record whose encoding would be longer
+/// (see [`PreparedFrame::fits`]).
+pub const MAX_FRAME: u32 = 64 << 20;
+
+/// Room left in [`MAX_FRAME`] for the chain members the writer splices in
+/// (`,"prev_record_hash":"` 64 hex digits `"` and `,"sequence":` up to 20
+/// digits: 118 bytes), with a margin.
+const CHAIN_ROOM: usize = 256;
 
 /// Size a preallocated WAL file is zero-filled to. A batch that does not
 /// fit in what is left starts the next file.
@@ -67,6 +74,8 @@ fn seal_frame(out: &mut [u8], start: usize, hasher: Sha256, hasher_covers: usize
     let mut hasher = hasher;
     hasher.update(&payload[hasher_covers..]);
     let hash: [u8; 32] = hasher.finalize().into();
+    // Records are refused at submit unless they fit (`PreparedFrame::fits`).
+    debug_assert!(payload.len() <= MAX_FRAME as usize);
     let len = (payload.len() as u32).to_le_bytes();
     let crc = crc32fast::hash(payload).to_le_bytes();
     out[start..start + 4].copy_from_slice(&len);
@@ -117,6 +126,18 @@ impl PreparedFrame {
             gaps,
             head,
         }
+    }
+
+    /// Whether the frame, once its chain members are spliced in, is short
+    /// enough to be read back: a record that is not would be acknowledged
+    /// and then lost, with everything after it, when the WAL is replayed.
+    pub fn fits(&self) -> bool {
+        self.payload.len() + CHAIN_ROOM <= MAX_FRAME as usize
+    }
+
+    /// The length of the encoding so far, without the chain members.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
     }
 
     /// Appends the frame of `record` to `out` and returns its hash, as
