@@ -136,6 +136,71 @@ fn policy_refusals_are_sqlstate_42501_and_the_session_stays_usable() {
 }
 
 #[test]
+fn a_statement_too_long_to_audit_is_refused_with_54000_and_its_refusal_recorded() {
+    let Some((stack, token)) =
+        start("a_statement_too_long_to_audit_is_refused_with_54000_and_its_refusal_recorded")
+    else {
+        return;
+    };
+    // 9 MiB of SQL: over the 8 MiB tollgate audits, under the 64 MiB a
+    // client message may have.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("long.sql");
+    let long = format!(
+        "SELECT length('{}') AS too_long;\nSELECT 41 + 1;\n",
+        "x".repeat(9 << 20)
+    );
+    std::fs::write(&script, long).expect("write the script");
+    let mut psql = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql");
+    psql.args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-f"])
+        .arg(&script)
+        .arg(format!(
+            "host=127.0.0.1 port={} user=agent dbname=orders",
+            stack.postgres.port
+        ))
+        .env("PGPASSWORD", &token);
+    let out = psql.output().expect("run psql");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("ERROR:  54000"), "{stderr}");
+    assert!(stderr.contains("more than the 8388608 bytes"), "{stderr}");
+    assert_eq!(text(&out.stdout), "42", "the session still answers");
+
+    let rows = stack
+        .audit_rows(
+            "SELECT policy_uid, response_error_code, status_detail, length(query_info_query_string) AS kept, \
+             starts_with(query_info_query_string, 'SELECT length(''xxx') AS starts \
+             FROM audit WHERE phase = 'refusal' AND class_uid = 6005",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("refusal row");
+    let row = &rows[0];
+    assert_eq!(row["policy_uid"], "tollgate:statement_too_large");
+    assert_eq!(row["response_error_code"], "54000");
+    assert_eq!(row["kept"], 4096);
+    assert_eq!(row["starts"], true);
+    let detail = row["status_detail"].as_str().unwrap_or_default();
+    let digest = detail
+        .rsplit("SHA-256 of the whole statement: ")
+        .next()
+        .unwrap_or_default();
+    assert!(
+        digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{detail}"
+    );
+    // Nothing of it ran: no request or outcome row.
+    let ran = stack
+        .audit_rows(
+            "SELECT count(*) AS n FROM audit WHERE phase IN ('request', 'outcome') \
+             AND query_info_query_string LIKE '%too_long%'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("count");
+    assert_eq!(ran[0]["n"], 0);
+}
+
+#[test]
 fn psycopg_with_server_side_binding_and_binary_results() {
     let Some((stack, token)) = start("psycopg_with_server_side_binding_and_binary_results") else {
         return;

@@ -890,6 +890,9 @@ async fn admit(
         activity_of(operations),
     );
     record.request_uid = uuid::Uuid::new_v4().to_string();
+    if text.len() > MAX_AUDITED_STATEMENT {
+        return Err(refuse_oversized(session, record, text).await);
+    }
     record.query_info_query_string = text.to_owned();
     record.query_info_parameters = parameters;
     record.intent = intent_of(text).unwrap_or_else(|| {
@@ -978,6 +981,58 @@ async fn admit(
         }
     }
 }
+
+/// Longest statement text tollgate sends on. Its record must fit a WAL
+/// frame (64 MiB) even if every byte needs escaping (six bytes for a
+/// control character); a client message may be up to 64 MiB.
+pub const MAX_AUDITED_STATEMENT: usize = 8 << 20;
+
+/// How much of an oversized statement its refusal record keeps.
+const OVERSIZED_PREFIX: usize = 4096;
+
+/// Refuses a statement too long to audit (SQLSTATE 54000). Its refusal
+/// record keeps the statement's start, its length and its SHA-256, so an
+/// investigator can match it against a copy.
+async fn refuse_oversized(session: &Session, mut record: AuditRecord, text: &str) -> Refusal {
+    use sha2::{Digest, Sha256};
+    let mut end = OVERSIZED_PREFIX.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    record.query_info_query_string = text[..end].to_owned();
+    record.query_info_kind = "unparsed".into();
+    record.phase = "refusal".into();
+    record.status_id = record::status::FAILURE;
+    record.action_id = record::action::DENIED;
+    record.policy_uid = RULE_STATEMENT_TOO_LARGE.into();
+    record.response_error_code = SQLSTATE_TOO_LARGE.into();
+    record.status_detail = format!(
+        "the statement is {} bytes, more than the {MAX_AUDITED_STATEMENT} tollgate audits; \
+         its first {end} bytes are recorded; SHA-256 of the whole statement: {}",
+        text.len(),
+        hex::encode(Sha256::digest(text.as_bytes())),
+    );
+    let message = format!(
+        "tollgate: the statement is {} bytes, more than the {MAX_AUDITED_STATEMENT} bytes an audited statement may have",
+        text.len()
+    );
+    let message = match session.shared.audit.append(record).await {
+        Ok(_) => message,
+        Err(err) => format!("{message} (and the refusal could not be audited: {err})"),
+    };
+    Refusal {
+        code: SQLSTATE_TOO_LARGE.into(),
+        message,
+    }
+}
+
+/// `program_limit_exceeded`: what PostgreSQL answers when a statement
+/// exceeds one of its own limits.
+const SQLSTATE_TOO_LARGE: &str = "54000";
+
+/// The `policy_uid` of a refusal for length: a built-in limit, not a rule
+/// of the config.
+const RULE_STATEMENT_TOO_LARGE: &str = "tollgate:statement_too_large";
 
 fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, String>) -> bool {
     if masks.is_empty() {
