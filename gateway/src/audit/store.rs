@@ -1104,9 +1104,7 @@ impl SegState {
         let day = segment::day_of(first.time);
         let mut leaves = Vec::with_capacity(records.len());
         for r in &records {
-            let h: [u8; 32] = hex::decode(&r.record_hash)
-                .ok()
-                .and_then(|v| v.try_into().ok())
+            let h = merkle::decode_hash(&r.record_hash)
                 .ok_or_else(|| anyhow::anyhow!("record {} has a malformed hash", r.sequence))?;
             leaves.push(merkle::leaf_hash(&h));
         }
