@@ -613,7 +613,11 @@ fn properties<R: Borrow<AuditRecord>>(records: &[R]) -> WriterProperties {
         .position(|c| *c == "sequence")
         .unwrap_or(0) as i32;
     let mut b = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        // Level 1, not 3: on the benchmark's statement records it costs
+        // less CPU per record and the files come out smaller (47.1 against
+        // 49.5 bytes per record). Negative (fast) levels nearly double
+        // the size.
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
         // Zone maps per page help DuckDB skip within a row group too.
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(1_000_000))
