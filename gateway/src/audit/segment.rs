@@ -13,7 +13,7 @@ use std::{
 };
 
 use arrow_array::{
-    builder::{ListBuilder, StringBuilder},
+    builder::{Int32Builder, Int64Builder, ListBuilder, StringBuilder},
     Array, ArrayRef, Int32Array, Int64Array, ListArray, RecordBatch, StringArray,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
@@ -138,53 +138,83 @@ macro_rules! kind_field {
     };
 }
 
-macro_rules! kind_build {
-    (link, $rs:expr, $f:ident, $keep:expr) => {
-        Arc::new(StringArray::from_iter(
-            $rs.iter()
-                .zip($keep)
-                .map(|(r, keep)| keep.then(|| r.borrow().$f.as_str())),
-        )) as ArrayRef
+// Building a batch: one builder per column, filled a row at a time, so
+// each record (a struct of pointers to strings spread over the heap, cold
+// by the time its segment is written) is read once, rather than once per
+// column.
+macro_rules! kind_builder {
+    (seq, $n:expr) => {
+        Vec::<i64>::with_capacity($n)
     };
-    ($k:ident, $rs:expr, $f:ident, $keep:expr) => {
-        kind_build!($k, $rs, $f)
+    // A guess at the bytes: the builder grows as needed.
+    (str, $n:expr) => {
+        StringBuilder::with_capacity($n, $n * 16)
     };
-    (seq, $rs:expr, $f:ident) => {
-        Arc::new(Int64Array::from_iter_values(
-            $rs.iter().map(|r| r.borrow().$f as i64),
-        )) as ArrayRef
+    // Usually one link a slice (see `links_to_keep`).
+    (link, $n:expr) => {
+        StringBuilder::with_capacity($n, 64)
     };
-    (str, $rs:expr, $f:ident) => {
-        Arc::new(StringArray::from_iter_values(
-            $rs.iter().map(|r| r.borrow().$f.as_str()),
-        )) as ArrayRef
+    (i32, $n:expr) => {
+        Vec::<i32>::with_capacity($n)
     };
-    (i32, $rs:expr, $f:ident) => {
-        Arc::new(Int32Array::from_iter_values(
-            $rs.iter().map(|r| r.borrow().$f),
-        )) as ArrayRef
+    (i64, $n:expr) => {
+        Vec::<i64>::with_capacity($n)
     };
-    (i64, $rs:expr, $f:ident) => {
-        Arc::new(Int64Array::from_iter_values(
-            $rs.iter().map(|r| r.borrow().$f),
-        )) as ArrayRef
+    (oi32, $n:expr) => {
+        Int32Builder::with_capacity($n)
     };
-    (oi32, $rs:expr, $f:ident) => {
-        Arc::new(Int32Array::from_iter($rs.iter().map(|r| r.borrow().$f))) as ArrayRef
+    (oi64, $n:expr) => {
+        Int64Builder::with_capacity($n)
     };
-    (oi64, $rs:expr, $f:ident) => {
-        Arc::new(Int64Array::from_iter($rs.iter().map(|r| r.borrow().$f))) as ArrayRef
+    (strs, $n:expr) => {
+        ListBuilder::with_capacity(StringBuilder::new(), $n)
     };
-    (strs, $rs:expr, $f:ident) => {{
-        let mut b = ListBuilder::new(StringBuilder::new());
-        for r in $rs {
-            for v in &r.borrow().$f {
-                b.values().append_value(v);
-            }
-            b.append(true);
+}
+
+macro_rules! kind_push {
+    // The link is stored only where `keep` says (see `links_to_keep`).
+    (link, $b:ident, $r:expr, $keep:expr) => {
+        $b.append_option($keep.then_some($r.$b.as_str()))
+    };
+    (seq, $b:ident, $r:expr, $keep:expr) => {
+        $b.push($r.$b as i64)
+    };
+    (str, $b:ident, $r:expr, $keep:expr) => {
+        $b.append_value(&$r.$b)
+    };
+    (i32, $b:ident, $r:expr, $keep:expr) => {
+        $b.push($r.$b)
+    };
+    (i64, $b:ident, $r:expr, $keep:expr) => {
+        $b.push($r.$b)
+    };
+    (oi32, $b:ident, $r:expr, $keep:expr) => {
+        $b.append_option($r.$b)
+    };
+    (oi64, $b:ident, $r:expr, $keep:expr) => {
+        $b.append_option($r.$b)
+    };
+    (strs, $b:ident, $r:expr, $keep:expr) => {{
+        for v in &$r.$b {
+            $b.values().append_value(v);
         }
-        Arc::new(b.finish()) as ArrayRef
+        $b.append(true);
     }};
+}
+
+macro_rules! kind_finish {
+    (seq, $b:ident) => {
+        Arc::new(Int64Array::from($b)) as ArrayRef
+    };
+    (i32, $b:ident) => {
+        Arc::new(Int32Array::from($b)) as ArrayRef
+    };
+    (i64, $b:ident) => {
+        Arc::new(Int64Array::from($b)) as ArrayRef
+    };
+    ($k:ident, $b:ident) => {
+        Arc::new($b.finish()) as ArrayRef
+    };
 }
 
 /// A column by name. `None` when the file predates the column: the field
@@ -366,7 +396,13 @@ macro_rules! columns {
             records: &[R],
             keep: &[bool],
         ) -> Result<RecordBatch, SegmentError> {
-            let cols: Vec<ArrayRef> = vec![$(kind_build!($k, records, $f, keep)),*];
+            let n = records.len();
+            $(let mut $f = kind_builder!($k, n);)*
+            for (r, &keep) in records.iter().zip(keep) {
+                let r = r.borrow();
+                $(kind_push!($k, $f, r, keep);)*
+            }
+            let cols: Vec<ArrayRef> = vec![$(kind_finish!($k, $f)),*];
             Ok(RecordBatch::try_new(schema(), cols)?)
         }
 
@@ -869,6 +905,43 @@ mod file_tests {
             );
         }
         assert_eq!(read_file(&path).unwrap(), records);
+    }
+
+    #[test]
+    fn every_kind_of_column_reads_back_across_write_slices() {
+        // More rows than one write slice; lists empty and not, options
+        // NULL and not, and a chain that breaks once, so that a link is
+        // stored in a row other than the first.
+        let n = WRITE_SLICE + 100;
+        let mut prev = super::super::GENESIS_HASH.to_string();
+        let records: Vec<AuditRecord> = (0..n)
+            .map(|i| {
+                let mut r = super::super::tests::sample(i, 1000 + (i / 3) as i64);
+                r.sequence = i as u64 + 1;
+                r.query_info_tables_read = (0..i % 3).map(|t| format!("public.t{t}")).collect();
+                r.status_detail = if i % 2 == 0 {
+                    String::new()
+                } else {
+                    "x".repeat(i % 40)
+                };
+                r.prev_record_hash = if i == WRITE_SLICE + 7 {
+                    "f".repeat(64)
+                } else {
+                    prev.clone()
+                };
+                r.record_hash = r.compute_hash();
+                prev = r.record_hash.clone();
+                r
+            })
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.parquet");
+        write_file(&super::super::fsutil::Perms::default(), &path, &records).unwrap();
+        let back = read_file(&path).unwrap();
+        assert_eq!(back.len(), records.len());
+        for (a, b) in back.iter().zip(&records) {
+            assert_eq!(a, b, "row {}", b.sequence);
+        }
     }
 
     #[test]
