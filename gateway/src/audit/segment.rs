@@ -497,15 +497,21 @@ columns! {
 /// SQL, `coalesce(prev_record_hash, lag(record_hash) OVER (ORDER BY
 /// sequence))`), and the chain stays exactly as strong: every record hash
 /// is still computed over its full link.
-fn links_to_keep<R: Borrow<AuditRecord>>(records: &[R]) -> Vec<bool> {
-    let mut order: Vec<usize> = (0..records.len()).collect();
-    order.sort_by_key(|&i| records[i].borrow().sequence);
+/// `order` is the rows' [`sequence_order`].
+fn links_to_keep<R: Borrow<AuditRecord>>(records: &[R], order: &[usize]) -> Vec<bool> {
     let mut keep = vec![true; records.len()];
     for w in order.windows(2) {
         let (before, this) = (records[w[0]].borrow(), records[w[1]].borrow());
         keep[w[1]] = this.prev_record_hash != before.record_hash;
     }
     keep
+}
+
+/// Row indices in sequence order.
+fn sequence_order<R: Borrow<AuditRecord>>(records: &[R]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_by_key(|&i| records[i].borrow().sequence);
+    order
 }
 
 /// Restores the links `links_to_keep` left out: a row whose link is NULL
@@ -632,17 +638,9 @@ pub struct Written {
     pub bytes: u64,
 }
 
-fn properties<R: Borrow<AuditRecord>>(records: &[R]) -> WriterProperties {
-    let first = records
-        .iter()
-        .map(|r| r.borrow().sequence)
-        .min()
-        .unwrap_or(0);
-    let last = records
-        .iter()
-        .map(|r| r.borrow().sequence)
-        .max()
-        .unwrap_or(0);
+/// Writer settings for a segment of `rows` records whose sequences run
+/// from `first` to `last`.
+fn properties(first: u64, last: u64, rows: usize) -> WriterProperties {
     let time_idx = COLUMN_NAMES.iter().position(|c| *c == "time").unwrap_or(0) as i32;
     let seq_idx = COLUMN_NAMES
         .iter()
@@ -698,7 +696,7 @@ fn properties<R: Borrow<AuditRecord>>(records: &[R]) -> WriterProperties {
             // it bounds the filter the writer allocates while encoding. The
             // row count bounds the distinct values without counting them
             // (counting cost more than the rest of the filter work).
-            .set_column_bloom_filter_max_ndv(ColumnPath::from(*c), records.len().max(16) as u64);
+            .set_column_bloom_filter_max_ndv(ColumnPath::from(*c), rows.max(16) as u64);
     }
     b.build()
 }
@@ -716,8 +714,14 @@ pub fn write_file<R: Borrow<AuditRecord>>(
         hasher: Sha256::new(),
         bytes: 0,
     };
-    let keep = links_to_keep(records);
-    let mut w = ArrowWriter::try_new(sink, schema(), Some(properties(records)))?;
+    // The sequence order gives both the links to keep and the first and
+    // last sequence, without another pass over the (cold) records each.
+    let order = sequence_order(records);
+    let keep = links_to_keep(records, &order);
+    let sequence_at = |i: Option<&usize>| i.map_or(0, |&i| records[i].borrow().sequence);
+    let (first, last) = (sequence_at(order.first()), sequence_at(order.last()));
+    let props = properties(first, last, records.len());
+    let mut w = ArrowWriter::try_new(sink, schema(), Some(props))?;
     // The rows go to the writer a slice at a time: it encodes and
     // compresses each into its row group as it comes, so the Arrow form of
     // only one slice exists at once, and its buffers are reused for the
@@ -960,7 +964,11 @@ mod file_tests {
                 r
             })
             .collect();
-        let full = to_batch(&records, &links_to_keep(&records)).unwrap();
+        let full = to_batch(
+            &records,
+            &links_to_keep(&records, &sequence_order(&records)),
+        )
+        .unwrap();
         let keep: Vec<usize> = COLUMN_NAMES
             .iter()
             .enumerate()
