@@ -1159,20 +1159,31 @@ impl SegState {
         let first_prev_hash = first.prev_record_hash.clone();
         let last_record_hash = last.record_hash.clone();
         let day = segment::day_of(first.time);
+        // One pass over the records for everything the segment needs to know
+        // of them: each pass reads 100 000 records that are no longer in any
+        // cache, and separate ones (leaves, first time, last time, the sort's
+        // check for order) cost about 0.02 µs a record each.
         let mut leaves = Vec::with_capacity(records.len());
+        let (mut first_time, mut last_time) = (first.time, first.time);
+        let mut in_time_order = true;
+        let mut key_before = (first.time, first.sequence);
         for r in &records {
-            let h: [u8; 32] = hex::decode(&r.record_hash)
-                .ok()
-                .and_then(|v| v.try_into().ok())
+            let h = merkle::decode_hash(&r.record_hash)
                 .ok_or_else(|| anyhow::anyhow!("record {} has a malformed hash", r.sequence))?;
             leaves.push(merkle::leaf_hash(&h));
+            first_time = first_time.min(r.time);
+            last_time = last_time.max(r.time);
+            let key = (r.time, r.sequence);
+            in_time_order &= key_before <= key;
+            key_before = key;
         }
         let merkle_root = hex::encode(merkle::root_from_leaf_hashes(&leaves));
-        let first_time = records.iter().map(|r| r.time).min().unwrap_or(0);
-        let last_time = records.iter().map(|r| r.time).max().unwrap_or(0);
         // Rows sorted by time for zone maps; sequence breaks ties so the
-        // order is deterministic.
-        records.sort_by_key(|r| (r.time, r.sequence));
+        // order is deterministic. Records arrive in sequence order, which
+        // is usually time order too.
+        if !in_time_order {
+            records.sort_by_key(|r| (r.time, r.sequence));
+        }
 
         let rel = segment::relative_path(&day, first_seq, last_seq);
         let path = self.dir.join(&rel);
