@@ -430,8 +430,18 @@ mod tests {
             "ABCDEF0123".to_string(),
             String::new(),
             "not \"hex\"".to_string(),
+            // Spliced as they are: not hex, but nothing to escape.
+            "zz".to_string(),
+            "ünï ✓".to_string(),
+            "\u{7f}".to_string(),
+            "\u{2028}".to_string(),
+            "g".repeat(31),
+            "g".repeat(32),
+            "g".repeat(33),
+            // Encoded whole: a control character in the last partial block.
+            format!("{}\u{1}", "g".repeat(32)),
         ];
-        for i in 0..400usize {
+        for i in 0..(40 * links.len()) {
             let t = |k: usize| text[(i / (k + 1)) % text.len()].to_string();
             let mut r = if i % 5 == 0 {
                 AuditRecord::default()
