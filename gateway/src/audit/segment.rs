@@ -416,11 +416,20 @@ pub(super) fn needs_escape(s: &[u8]) -> bool {
     }
     let (blocks, rest) = s.as_chunks::<32>();
     let any_special = |block: &[u8; 32]| block.iter().fold(false, |any, &b| any | special(b));
-    // The bytes after the last whole block (all of them, for most ids and
-    // names) are tested as one more block, padded with plain bytes, not
-    // one at a time.
-    let mut last = [b' '; 32];
-    last[..rest.len()].copy_from_slice(rest);
+    if rest.is_empty() {
+        return blocks.iter().any(any_special);
+    }
+    // The bytes after the last whole block are tested as one more block,
+    // not one at a time: the string's last 32 bytes when it has that many
+    // (no copy), else the string padded with plain bytes.
+    let last: [u8; 32] = match s.last_chunk::<32>() {
+        Some(tail) => *tail,
+        None => {
+            let mut padded = [b' '; 32];
+            padded[..rest.len()].copy_from_slice(rest);
+            padded
+        }
+    };
     blocks.iter().any(any_special) || any_special(&last)
 }
 
