@@ -492,6 +492,12 @@ macro_rules! columns {
             keep: &[bool],
         ) -> Result<RecordBatch, SegmentError> {
             let n = records.len();
+            if keep.len() != n {
+                return Err(col_err(
+                    "prev_record_hash",
+                    format!("{n} records but {} link flags", keep.len()),
+                ));
+            }
             $(let mut $f = kind_builder!($k, n);)*
             // The records are cold by now (see `kind_builder`): without
             // fetching ahead, the loop waits on a cache miss for about
@@ -771,6 +777,54 @@ impl Write for HashingWriter {
 /// Rows converted to Arrow at a time when writing a segment.
 const WRITE_SLICE: usize = 4096;
 
+/// Text a write slice may carry, summed over its records' request and
+/// answer text: an Arrow string column holds at most 2 GiB (32-bit
+/// offsets), and past that building it panics. A record is at most 64 MiB
+/// (`wal::MAX_FRAME`) and its other fields are bounded by the token's
+/// size, so no column of a slice cut here reaches the limit.
+const WRITE_SLICE_TEXT: usize = 1 << 30;
+
+/// The request and answer text of a record: the fields an agent's
+/// statement or a server's answer can make large.
+fn text_bytes(r: &AuditRecord) -> usize {
+    let lists = |l: &[String]| l.iter().map(String::len).sum::<usize>();
+    r.query_info_query_string.len()
+        + r.query_info_parameters.len()
+        + r.response_data.len()
+        + r.unmapped.len()
+        + r.status_detail.len()
+        + r.intent.len()
+        + r.response_error_code.len()
+        + r.database_user.len()
+        + r.database_name.len()
+        + lists(&r.query_info_tables_read)
+        + lists(&r.query_info_tables_written)
+        + lists(&r.masked_columns)
+}
+
+/// Where to cut `records` into write slices: at most `max_rows` rows and,
+/// unless one record alone has more, `max_text` bytes of text each.
+fn write_slices<R: Borrow<AuditRecord>>(
+    records: &[R],
+    max_rows: usize,
+    max_text: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut slices = Vec::new();
+    let (mut start, mut text) = (0, 0usize);
+    for (i, r) in records.iter().enumerate() {
+        let bytes = text_bytes(r.borrow());
+        if i > start && (i - start == max_rows || text.saturating_add(bytes) > max_text) {
+            slices.push(start..i);
+            (start, text) = (i, 0);
+        }
+        text = text.saturating_add(bytes);
+    }
+    if start < records.len() {
+        slices.push(start..records.len());
+    }
+    slices
+}
+
 pub struct Written {
     pub sha256: String,
     pub bytes: u64,
@@ -865,8 +919,8 @@ pub fn write_file<R: Borrow<AuditRecord>>(
     // only one slice exists at once, and its buffers are reused for the
     // next instead of a whole segment's worth of fresh memory (page faults
     // and zeroing, on a thread that competes with the sessions for CPU).
-    for (rows, keep) in records.chunks(WRITE_SLICE).zip(keep.chunks(WRITE_SLICE)) {
-        w.write(&to_batch(rows, keep)?)?;
+    for slice in write_slices(records, WRITE_SLICE, WRITE_SLICE_TEXT) {
+        w.write(&to_batch(&records[slice.clone()], &keep[slice])?)?;
     }
     let sink = w.into_inner()?;
     sink.file.sync_all()?;
@@ -1032,6 +1086,41 @@ mod file_tests {
     use parquet::file::reader::{FileReader, SerializedFileReader};
 
     use super::*;
+
+    /// A slice is cut by rows and by text, so that no Arrow string column
+    /// of it can pass its 2 GiB limit; a record larger than the text limit
+    /// on its own gets a slice of its own.
+    #[test]
+    fn write_slices_are_cut_by_rows_and_by_text() {
+        let record = |text: usize| AuditRecord {
+            query_info_query_string: "x".repeat(text),
+            ..AuditRecord::default()
+        };
+        let records: Vec<AuditRecord> = [10, 10, 10, 10, 10, 35, 1, 1, 50, 1]
+            .into_iter()
+            .map(record)
+            .collect();
+        assert_eq!(
+            write_slices(&records, 3, 30),
+            [0..3, 3..5, 5..6, 6..8, 8..9, 9..10]
+        );
+        assert_eq!(write_slices(&records, 4, usize::MAX), [0..4, 4..8, 8..10]);
+        assert!(write_slices::<AuditRecord>(&[], 4, 30).is_empty());
+        // Every field an agent's request or a server's answer can fill
+        // counts.
+        let mut r = AuditRecord::default();
+        r.query_info_parameters = "p".repeat(3);
+        r.response_data = "d".repeat(5);
+        r.query_info_tables_read = vec!["t".repeat(7)];
+        r.masked_columns = vec!["m".repeat(11)];
+        assert_eq!(text_bytes(&r), 26);
+    }
+
+    #[test]
+    fn a_batch_with_fewer_link_flags_than_records_is_an_error() {
+        let records: Vec<AuditRecord> = (0..3).map(|i| super::super::tests::sample(i, 1)).collect();
+        assert!(to_batch(&records, &[true, false]).is_err());
+    }
 
     #[test]
     fn only_numeric_columns_have_min_max_statistics_in_a_written_file() {

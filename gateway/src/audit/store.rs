@@ -1167,7 +1167,18 @@ impl SegState {
         let (mut first_time, mut last_time) = (first.time, first.time);
         let mut in_time_order = true;
         let mut key_before = (first.time, first.sequence);
+        let mut expected_seq = first_seq;
         for r in &records {
+            // The leaves, the first and last sequence and the kept link all
+            // take the records' order for sequence order: check it, rather
+            // than write a manifest entry that verify would reject.
+            if r.sequence != expected_seq {
+                anyhow::bail!(
+                    "segment records out of sequence: {} where {expected_seq} was due",
+                    r.sequence
+                );
+            }
+            expected_seq += 1;
             let h = merkle::decode_hash(&r.record_hash)
                 .ok_or_else(|| anyhow::anyhow!("record {} has a malformed hash", r.sequence))?;
             leaves.push(merkle::leaf_hash(&h));

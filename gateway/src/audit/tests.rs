@@ -614,3 +614,148 @@ fn documented_audit_section_parses() {
     assert_eq!(cfg.checkpoint_interval_secs, 60);
     assert_eq!(cfg.durability, DurabilityMode::ReadParallel);
 }
+
+/// Checks every segment of `dir` against its manifest entry and the file's
+/// own metadata: rows in (time, sequence) order, first and last sequence,
+/// count, links, Merkle root over sequence order, time range, path, and the
+/// link column stored only in the first row by sequence; then verify.
+fn check_segments_against_manifest(dir: &Path, n: u64) {
+    use arrow_array::Array;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let all = read_segments(dir);
+    assert_chain(&all, n);
+    let (m, bad) = manifest::Manifest::read(dir).unwrap();
+    assert!(bad.is_none());
+    let mut segs = 0;
+    for e in &m.entries {
+        let manifest::Entry::Segment(s) = e else {
+            continue;
+        };
+        segs += 1;
+        let path = dir.join(&s.path);
+        let rows = segment::read_file(&path).unwrap();
+        assert!(
+            rows.windows(2)
+                .all(|w| (w[0].time, w[0].sequence) < (w[1].time, w[1].sequence)),
+            "{} not in (time, sequence) order",
+            s.path
+        );
+        let mut by_seq = rows.clone();
+        by_seq.sort_by_key(|r| r.sequence);
+        assert_eq!(by_seq[0].sequence, s.first_seq);
+        assert_eq!(by_seq.last().unwrap().sequence, s.last_seq);
+        assert_eq!(s.last_seq - s.first_seq + 1, rows.len() as u64);
+        assert_eq!(rows.len() as u64, s.record_count);
+        assert_eq!(by_seq[0].prev_record_hash, s.first_prev_hash);
+        assert_eq!(by_seq.last().unwrap().record_hash, s.last_record_hash);
+        let leaves: Vec<_> = by_seq
+            .iter()
+            .map(|r| merkle::leaf_hash(&hex::decode(&r.record_hash).unwrap()))
+            .collect();
+        assert_eq!(
+            hex::encode(merkle::root_from_leaf_hashes(&leaves)),
+            s.merkle_root
+        );
+        assert_eq!(rows.iter().map(|r| r.time).min().unwrap(), s.first_time);
+        assert_eq!(rows.iter().map(|r| r.time).max().unwrap(), s.last_time);
+        assert_eq!(
+            s.path,
+            segment::relative_path(&segment::day_of(by_seq[0].time), s.first_seq, s.last_seq)
+        );
+        let reader = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+        let kv = reader
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .clone();
+        let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
+        assert_eq!(
+            get("tollgate.first_sequence"),
+            Some(s.first_seq.to_string())
+        );
+        assert_eq!(get("tollgate.last_sequence"), Some(s.last_seq.to_string()));
+        // The raw link column: only the first row by sequence holds a value.
+        let rdr = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&path).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        let mut nonnull = Vec::new();
+        let mut row = 0;
+        for b in rdr {
+            let b = b.unwrap();
+            let c = b.column_by_name("prev_record_hash").unwrap();
+            for i in 0..b.num_rows() {
+                if !c.is_null(i) {
+                    nonnull.push(rows[row + i].sequence);
+                }
+            }
+            row += b.num_rows();
+        }
+        assert_eq!(nonnull, vec![s.first_seq], "{}", s.path);
+    }
+    assert!(segs > 0);
+    let key = checkpoint::Verifier::load(&dir.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(dir, &key);
+    assert!(r.ok, "{:#?}", r.problems);
+}
+
+/// Times that tie, step forward and jump back (a wall clock), from `start`.
+fn wall_clock_times(seed: u64, n: usize, start: i64) -> Vec<i64> {
+    let mut x = seed;
+    let mut t = start;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Ties, small steps forward, now and then a jump back.
+            t += match x % 10 {
+                0..=3 => 0,
+                4..=7 => (x >> 8) as i64 % 5,
+                8 => -((x >> 8) as i64 % 20),
+                _ => -((x >> 8) as i64 % 3000),
+            };
+            t
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn segments_stay_sorted_and_match_the_manifest_when_the_clock_goes_back_live_and_replayed() {
+    const MIDNIGHT: i64 = 1_764_201_600_000;
+    for seed in 1..=3u64 {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.segment_max_records = [7, 333, 100_000][seed as usize - 1];
+        cfg.segment_max_age_secs = 3600;
+        let n1 = 700;
+        let times = wall_clock_times(seed * 7919, 1500, MIDNIGHT - 400 - seed as i64 * 37);
+        let log = AuditLog::open(&cfg).await.unwrap();
+        for (i, &t) in times[..n1].iter().enumerate() {
+            log.append(sample(i, t)).await.unwrap();
+        }
+        // A crash copy: what is still in the WAL is replayed. The segment
+        // thread settles first (a copy of a live directory is not a snapshot).
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let crashed = tmp.path().join("crashed");
+        crash_copy(&cfg.dir, &crashed);
+        for (i, &t) in times[n1..].iter().enumerate() {
+            log.append(sample(i, t)).await.unwrap();
+        }
+        log.shutdown().await;
+        check_segments_against_manifest(&cfg.dir, times.len() as u64);
+        let cfg2 = AuditConfig {
+            dir: crashed.clone(),
+            ..cfg.clone()
+        };
+        let log = AuditLog::open(&cfg2).await.unwrap();
+        for (i, &t) in times[n1..].iter().enumerate() {
+            log.append(sample(i, t)).await.unwrap();
+        }
+        log.shutdown().await;
+        check_segments_against_manifest(&crashed, times.len() as u64);
+    }
+}
