@@ -1108,11 +1108,13 @@ mod file_tests {
         assert!(write_slices::<AuditRecord>(&[], 4, 30).is_empty());
         // Every field an agent's request or a server's answer can fill
         // counts.
-        let mut r = AuditRecord::default();
-        r.query_info_parameters = "p".repeat(3);
-        r.response_data = "d".repeat(5);
-        r.query_info_tables_read = vec!["t".repeat(7)];
-        r.masked_columns = vec!["m".repeat(11)];
+        let r = AuditRecord {
+            query_info_parameters: "p".repeat(3),
+            response_data: "d".repeat(5),
+            query_info_tables_read: vec!["t".repeat(7)],
+            masked_columns: vec!["m".repeat(11)],
+            ..AuditRecord::default()
+        };
         assert_eq!(text_bytes(&r), 26);
     }
 

@@ -1167,8 +1167,7 @@ impl SegState {
         let (mut first_time, mut last_time) = (first.time, first.time);
         let mut in_time_order = true;
         let mut key_before = (first.time, first.sequence);
-        let mut expected_seq = first_seq;
-        for r in &records {
+        for (expected_seq, r) in (first_seq..).zip(&records) {
             // The leaves, the first and last sequence and the kept link all
             // take the records' order for sequence order: check it, rather
             // than write a manifest entry that verify would reject.
@@ -1178,7 +1177,6 @@ impl SegState {
                     r.sequence
                 );
             }
-            expected_seq += 1;
             let h = merkle::decode_hash(&r.record_hash)
                 .ok_or_else(|| anyhow::anyhow!("record {} has a malformed hash", r.sequence))?;
             leaves.push(merkle::leaf_hash(&h));
