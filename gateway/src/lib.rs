@@ -21,3 +21,18 @@ pub mod identity;
 pub mod pin;
 pub mod policy;
 pub mod proxy;
+
+/// The settings of every property test: `PROPTEST_CASES` cases (CI runs a
+/// fixed budget; raise it locally for a longer hunt), else
+/// `default_cases`; no failure files written into the tree.
+#[cfg(test)]
+pub(crate) fn proptest_config(default_cases: u32) -> proptest::prelude::ProptestConfig {
+    proptest::prelude::ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(default_cases),
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    }
+}

@@ -63,6 +63,19 @@ fn outcome_like(stack: &Stack, pattern: &str) -> Value {
         .remove(0)
 }
 
+/// psql as the agent, in the agent's cgroup, through tollgate: unaligned,
+/// tuples only, errors with their SQLSTATE; add what it should run.
+fn agent_psql(stack: &Stack, token: &str) -> Command {
+    let mut psql = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql");
+    psql.args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=agent dbname=orders",
+            stack.postgres.port
+        ))
+        .env("PGPASSWORD", token);
+    psql
+}
+
 #[test]
 fn policy_refusals_are_sqlstate_42501_and_the_session_stays_usable() {
     let Some((stack, token)) =
@@ -70,22 +83,16 @@ fn policy_refusals_are_sqlstate_42501_and_the_session_stays_usable() {
     else {
         return;
     };
-    let mut psql = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql");
-    psql.args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose"])
-        .arg(format!(
-            "host=127.0.0.1 port={} user=agent dbname=orders",
-            stack.postgres.port
-        ))
-        .args([
-            "-c",
-            "DROP TABLE customers",
-            "-c",
-            "SELECT * FROM secrets",
-            "-c",
-            "DELETE FROM customers",
-        ])
-        .args(["-c", "SELECT count(*) FROM customers"])
-        .env("PGPASSWORD", &token);
+    let mut psql = agent_psql(&stack, &token);
+    psql.args([
+        "-c",
+        "DROP TABLE customers",
+        "-c",
+        "SELECT * FROM secrets",
+        "-c",
+        "DELETE FROM customers",
+    ])
+    .args(["-c", "SELECT count(*) FROM customers"]);
     let out = psql.output().expect("run psql");
     let stderr = text(&out.stderr);
     assert_eq!(stderr.matches("ERROR:  42501").count(), 3, "{stderr}");
@@ -151,14 +158,8 @@ fn a_statement_too_long_to_audit_is_refused_with_54000_and_its_refusal_recorded(
         "x".repeat(9 << 20)
     );
     std::fs::write(&script, long).expect("write the script");
-    let mut psql = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql");
-    psql.args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-f"])
-        .arg(&script)
-        .arg(format!(
-            "host=127.0.0.1 port={} user=agent dbname=orders",
-            stack.postgres.port
-        ))
-        .env("PGPASSWORD", &token);
+    let mut psql = agent_psql(&stack, &token);
+    psql.arg("-f").arg(&script);
     let out = psql.output().expect("run psql");
     let stderr = text(&out.stderr);
     assert!(stderr.contains("ERROR:  54000"), "{stderr}");

@@ -10,15 +10,7 @@ use proptest::prelude::*;
 use super::{classify::classify, mask, wire};
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(4096);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    crate::proptest_config(4096)
 }
 
 /// A frame with an arbitrary tag and body but a consistent length, so the
