@@ -45,6 +45,7 @@ pub enum Kind {
     WalChainBroken,
     WalUnreadable,
     CheckpointStale,
+    SegmentUnsorted,
 }
 
 impl Kind {
@@ -552,7 +553,25 @@ fn check_segment_file(dir: &Path, s: &SegmentEntry, cx: &mut Ctx) {
         }
     };
     cx.report.records += records.len() as u64;
-    // Rows are stored by time; the chain runs by sequence.
+    // Rows are stored by time, ties by sequence: readers skip by the
+    // file's zone maps and sorting columns, which assume it.
+    if let Some(row) = records
+        .windows(2)
+        .position(|w| (w[0].time, w[0].sequence) >= (w[1].time, w[1].sequence))
+    {
+        let (before, after) = (&records[row], &records[row + 1]);
+        cx.problem(
+            Kind::SegmentUnsorted,
+            &s.path,
+            Some(row as u64 + 1),
+            Some(after.sequence),
+            format!(
+                "rows are not in (time, sequence) order: time {} sequence {} after time {} sequence {}",
+                after.time, after.sequence, before.time, before.sequence
+            ),
+        );
+    }
+    // The chain runs by sequence.
     let mut order: Vec<(usize, &super::AuditRecord)> = records.iter().enumerate().collect();
     order.sort_by_key(|(_, r)| r.sequence);
     let mut next = s.first_seq;
