@@ -153,28 +153,38 @@ fn a_statement_too_long_to_audit_is_refused_with_54000_and_its_refusal_recorded(
     // client message may have.
     let dir = tempfile::tempdir().expect("tempdir");
     let script = dir.path().join("long.sql");
+    // And 6 MiB of control characters in a table name: under 8 MiB, but a
+    // record escapes each as six bytes, in the text and in the tables read.
     let long = format!(
-        "SELECT length('{}') AS too_long;\nSELECT 41 + 1;\n",
-        "x".repeat(9 << 20)
+        "SELECT length('{}') AS too_long;\nSELECT * FROM \"{}\";\nSELECT 41 + 1;\n",
+        "x".repeat(9 << 20),
+        "\u{1}".repeat(6 << 20)
     );
     std::fs::write(&script, long).expect("write the script");
     let mut psql = agent_psql(&stack, &token);
     psql.arg("-f").arg(&script);
     let out = psql.output().expect("run psql");
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("ERROR:  54000"), "{stderr}");
+    assert_eq!(stderr.matches("ERROR:  54000").count(), 2, "{stderr}");
     assert!(stderr.contains("more than the 8388608 bytes"), "{stderr}");
+    assert!(
+        stderr.contains("larger than the audit log can hold"),
+        "{stderr}"
+    );
     assert_eq!(text(&out.stdout), "42", "the session still answers");
 
     let rows = stack
         .audit_rows(
             "SELECT policy_uid, response_error_code, status_detail, length(query_info_query_string) AS kept, \
              starts_with(query_info_query_string, 'SELECT length(''xxx') AS starts \
-             FROM audit WHERE phase = 'refusal' AND class_uid = 6005",
-            1,
+             FROM audit WHERE phase = 'refusal' AND class_uid = 6005 ORDER BY sequence",
+            2,
             AUDIT_WAIT,
         )
-        .expect("refusal row");
+        .expect("refusal rows");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1]["policy_uid"], "tollgate:statement_too_large");
+    assert_eq!(rows[1]["kept"], 4096);
     let row = &rows[0];
     assert_eq!(row["policy_uid"], "tollgate:statement_too_large");
     assert_eq!(row["response_error_code"], "54000");

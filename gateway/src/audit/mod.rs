@@ -262,6 +262,16 @@ impl Durable {
             state: DurableState::Known(Some(result)),
         }
     }
+
+    /// Whether the record was refused as too large when it was submitted:
+    /// known at once, so a caller can refuse the request before anything
+    /// of it goes out.
+    pub fn refused_as_too_large(&self) -> bool {
+        matches!(
+            &self.state,
+            DurableState::Known(Some(Err(AuditError::TooLarge { .. })))
+        )
+    }
 }
 
 impl Future for Durable {

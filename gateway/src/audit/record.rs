@@ -35,6 +35,9 @@ pub mod authentication_activity {
 
 /// OCSF `status_id`.
 pub mod status {
+    /// The outcome is not known (a request the session ended on before
+    /// the server answered).
+    pub const UNKNOWN: i32 = 0;
     pub const SUCCESS: i32 = 1;
     pub const FAILURE: i32 = 2;
 }

@@ -933,7 +933,23 @@ pub fn write_file<R: Borrow<AuditRecord>>(
 /// Reads every record of a segment, in file row order.
 pub fn read_file(path: &Path) -> Result<Vec<AuditRecord>, SegmentError> {
     let file = File::open(path)?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    // An Arrow string column holds at most 2 GiB. Where a row group holds
+    // over 1 GiB of one column (records of several MiB each), rows are
+    // read 16 at a time: a record is at most 64 MiB (`wal::MAX_FRAME`).
+    // Elsewhere a batch of the default size, which spans at most two row
+    // groups, stays under the limit.
+    let huge = builder.metadata().row_groups().iter().any(|group| {
+        group
+            .columns()
+            .iter()
+            .any(|column| column.uncompressed_size() > 1 << 30)
+    });
+    let reader = if huge {
+        builder.with_batch_size(16).build()?
+    } else {
+        builder.build()?
+    };
     let mut out = Vec::new();
     let mut left_out = Vec::new();
     for batch in reader {

@@ -62,6 +62,8 @@ pub async fn resolve(
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query(CATALOG_QUERY, &mut out)?;
     stream.write_all(&out).await?;
+    // Over TLS a write may stay in the TLS layer's buffer until flushed.
+    stream.flush().await?;
     let mut set = MaskSet {
         columns: HashMap::new(),
         patterns,

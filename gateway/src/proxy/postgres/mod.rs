@@ -142,6 +142,8 @@ async fn serve(
     let mut out = BytesMut::new();
     wire::authentication_cleartext(&mut out);
     client_wr.write_all(&out).await?;
+    // Over TLS a write may stay in the TLS layer's buffer until flushed.
+    client_wr.flush().await?;
     let mut client_buf = BytesMut::new();
     let password = tokio::time::timeout(
         STARTUP_TIMEOUT,
@@ -277,6 +279,7 @@ async fn serve(
     wire::authentication_ok(&mut out);
     out.extend_from_slice(&greeting);
     client_wr.write_all(&out).await?;
+    client_wr.flush().await?;
 
     let statement_record = relay::statement_record_base(
         &connection,

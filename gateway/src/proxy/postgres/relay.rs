@@ -15,7 +15,7 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
+    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     sync::Notify,
 };
 use tracing::warn;
@@ -30,7 +30,7 @@ use super::{
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
 use crate::{
-    audit::{record, AuditRecord, Durable},
+    audit::{record, AuditError, AuditRecord, Durable},
     identity::Principal,
     policy::{Decision, Operation, RecordResults, Request, StatementKind},
     proxy::tls::BoxedIo,
@@ -427,7 +427,11 @@ pub async fn run(
             super::SQLSTATE_UPSTREAM.into(),
             "the server had not answered".into(),
         ));
-        if let Some(outcome) = outcome_record(pending, unanswered, Delivery::NotSent) {
+        if let Some(mut outcome) = outcome_record(pending, unanswered, Delivery::NotSent) {
+            // Sent to the server, answer unknown: it may have run (an
+            // UPDATE pipelined before the agent hung up commits), so not a
+            // failure an auditor could filter out.
+            outcome.status_id = record::status::UNKNOWN;
             submit_outcome(&session, outcome);
         }
     }
@@ -671,7 +675,7 @@ async fn client_to_server(
                 }
                 b'X' => {
                     forward.unsplit(frame.bytes);
-                    upstream_wr.write_all(&forward).await?;
+                    send_all(&mut upstream_wr, &forward).await?;
                     let _ = upstream_wr.shutdown().await;
                     return Ok(());
                 }
@@ -713,7 +717,7 @@ async fn client_to_server(
             }
         }
         if !forward.is_empty() {
-            upstream_wr.write_all(&forward).await?;
+            send_all(&mut upstream_wr, &forward).await?;
         }
         // The forwarded messages share the read buffer's memory: let them
         // go first, so the reserve below reuses that buffer instead of
@@ -765,13 +769,22 @@ async fn resolve_waiting<T>(
             Resolved::WaitFor(id) => id,
         };
         if !forward.is_empty() {
-            upstream_wr.write_all(forward).await?;
+            send_all(upstream_wr, forward).await?;
             forward.clear();
         }
         if lock(in_flight).queue.iter().any(|p| p.id == waiting_for) {
             notified.await;
         }
     }
+}
+
+/// Writes `bytes` and flushes: over TLS, a write may leave the end of
+/// what it was given in the TLS layer's buffer when the socket is full,
+/// and without a flush it stays there (the peer waits on an answer that
+/// never comes, and tollgate would record it as sent).
+async fn send_all<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 /// Ends the session with a FATAL error the client can read. Holding the
@@ -891,7 +904,7 @@ async fn admit(
     );
     record.request_uid = uuid::Uuid::new_v4().to_string();
     if text.len() > MAX_AUDITED_STATEMENT {
-        return Err(refuse_oversized(session, record, text).await);
+        return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
     }
     record.query_info_query_string = text.to_owned();
     record.query_info_parameters = parameters;
@@ -932,6 +945,9 @@ async fn admit(
         record.status_detail = reason.clone();
         let message = match session.shared.audit.append(record).await {
             Ok(_) => format!("tollgate: refused by policy rule {rule}: {reason}"),
+            Err(AuditError::TooLarge { .. }) => {
+                return Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await)
+            }
             Err(err) => format!("tollgate: refused by policy rule {rule}: {reason} (and the refusal could not be audited: {err})"),
         };
         return Err(Refusal {
@@ -960,6 +976,10 @@ async fn admit(
         .may_forward_before_durable(provably_read_only(operations))
     {
         let durable = session.shared.audit.submit(record.clone());
+        if durable.refused_as_too_large() {
+            // Known before anything is sent: refuse, do not forward.
+            return Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await);
+        }
         return Ok(Admitted {
             record,
             durable: Some(durable),
@@ -972,6 +992,9 @@ async fn admit(
             durable: None,
             record_full,
         }),
+        Err(AuditError::TooLarge { .. }) => {
+            Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await)
+        }
         Err(err) => {
             warn!(error = %err, "statement refused: audit unavailable");
             Err(Refusal {
@@ -993,13 +1016,25 @@ const OVERSIZED_PREFIX: usize = 4096;
 /// Refuses a statement too long to audit (SQLSTATE 54000). Its refusal
 /// record keeps the statement's start, its length and its SHA-256, so an
 /// investigator can match it against a copy.
-async fn refuse_oversized(session: &Session, mut record: AuditRecord, text: &str) -> Refusal {
+async fn refuse_oversized(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    why: &str,
+) -> Refusal {
     use sha2::{Digest, Sha256};
-    let mut end = OVERSIZED_PREFIX.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    record.query_info_query_string = text[..end].to_owned();
+    // Built afresh from the session's base: nothing of the statement but
+    // its start goes in, so this record always fits.
+    let mut record = session.statement_record.clone();
+    record.time = now_millis();
+    set_class(
+        &mut record,
+        record::CLASS_DATASTORE_ACTIVITY,
+        activity_of(operations),
+    );
+    record.request_uid = uuid::Uuid::new_v4().to_string();
+    let kept = prefix_at_char_boundary(text, OVERSIZED_PREFIX);
+    record.query_info_query_string = kept.to_owned();
     record.query_info_kind = "unparsed".into();
     record.phase = "refusal".into();
     record.status_id = record::status::FAILURE;
@@ -1007,15 +1042,12 @@ async fn refuse_oversized(session: &Session, mut record: AuditRecord, text: &str
     record.policy_uid = RULE_STATEMENT_TOO_LARGE.into();
     record.response_error_code = SQLSTATE_TOO_LARGE.into();
     record.status_detail = format!(
-        "the statement is {} bytes, more than the {MAX_AUDITED_STATEMENT} tollgate audits; \
-         its first {end} bytes are recorded; SHA-256 of the whole statement: {}",
+        "the statement is {} bytes: {why}; its first {} bytes are recorded; SHA-256 of the whole statement: {}",
         text.len(),
+        kept.len(),
         hex::encode(Sha256::digest(text.as_bytes())),
     );
-    let message = format!(
-        "tollgate: the statement is {} bytes, more than the {MAX_AUDITED_STATEMENT} bytes an audited statement may have",
-        text.len()
-    );
+    let message = format!("tollgate: the statement is {} bytes: {why}", text.len());
     let message = match session.shared.audit.append(record).await {
         Ok(_) => message,
         Err(err) => format!("{message} (and the refusal could not be audited: {err})"),
@@ -1024,6 +1056,27 @@ async fn refuse_oversized(session: &Session, mut record: AuditRecord, text: &str
         code: SQLSTATE_TOO_LARGE.into(),
         message,
     }
+}
+
+/// Why a statement over [`MAX_AUDITED_STATEMENT`] is refused.
+fn over_the_statement_limit() -> String {
+    format!("more than the {MAX_AUDITED_STATEMENT} bytes an audited statement may have")
+}
+
+/// Why a statement whose record the store refused as too large is
+/// refused: text that must be escaped (control characters) can make a
+/// record several times the statement's size.
+const RECORD_TOO_LARGE: &str =
+    "its audit record would be larger than the audit log can hold (64 MiB)";
+
+/// The longest start of `text` of at most `max` bytes that ends on a
+/// character boundary.
+fn prefix_at_char_boundary(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// `program_limit_exceeded`: what PostgreSQL answers when a statement
@@ -1072,12 +1125,17 @@ pub fn intent_of_application_name(application_name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// `/* intent: ... */` leading a statement: why the agent says it acts.
+/// Longest intent recorded: a reason, not a document (the statement itself
+/// is recorded whole).
+const MAX_INTENT: usize = 4096;
+
+/// `/* intent: ... */` leading a statement: why the agent says it acts,
+/// its first [`MAX_INTENT`] bytes.
 pub fn intent_of(text: &str) -> Option<String> {
     let rest = text.trim_start().strip_prefix("/*")?;
     let (comment, _) = rest.split_once("*/")?;
     let intent = comment.trim().strip_prefix("intent:")?.trim();
-    (!intent.is_empty()).then(|| intent.to_owned())
+    (!intent.is_empty()).then(|| prefix_at_char_boundary(intent, MAX_INTENT).to_owned())
 }
 
 async fn server_to_client(
@@ -1110,7 +1168,7 @@ async fn server_to_client(
                         SQLSTATE_AUDIT,
                         &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
                     );
-                    let _ = client_wr.lock().await.write_all(&fatal).await;
+                    let _ = send_all(&mut *client_wr.lock().await, &fatal).await;
                     return Err(WireError::Closed);
                 }
             }
@@ -1129,7 +1187,11 @@ async fn server_to_client(
             ) {
                 Ok(replacement) => replacement,
                 Err(err) => {
-                    let _ = client_wr.lock().await.write_all(&out).await;
+                    // What was sent before the message out of step reached
+                    // the agent; the rest did not (recorded on drop).
+                    if send_all(&mut *client_wr.lock().await, &out).await.is_ok() {
+                        outcomes.sent();
+                    }
                     fatal_to_client(
                         &client_wr,
                         super::SQLSTATE_PROTOCOL,
@@ -1145,7 +1207,7 @@ async fn server_to_client(
             }
         }
         if !out.is_empty() {
-            client_wr.lock().await.write_all(&out).await?;
+            send_all(&mut *client_wr.lock().await, &out).await?;
         }
         // As for the client's side: the sent answers must not keep the
         // read buffer shared, or the reserve below allocates a new one.
@@ -1202,6 +1264,25 @@ enum Delivery {
     /// before the answer was sent on: the statement ran, the agent did not
     /// see how.
     NotSent,
+}
+
+/// Longest server message an outcome row keeps (PostgreSQL echoes the
+/// offending value in some errors, however long it is).
+const MAX_SERVER_MESSAGE: usize = 64 * 1024;
+
+/// Longest statement text an outcome row repeats (see `outcome_record`).
+const MAX_OUTCOME_TEXT: usize = 1 << 20;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying so.
+fn capped(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    format!(
+        "{} … ({} bytes, cut)",
+        prefix_at_char_boundary(&text, max),
+        text.len()
+    )
 }
 
 /// What `status_detail` of an outcome says when the agent never got the
@@ -1485,10 +1566,20 @@ fn outcome_record(
     match error {
         Some((code, message)) => {
             outcome.status_id = record::status::FAILURE;
-            outcome.response_error_code = code;
-            outcome.status_detail = message;
+            outcome.response_error_code = capped(code, 64);
+            outcome.status_detail = capped(message, MAX_SERVER_MESSAGE);
         }
         None => outcome.status_id = record::status::SUCCESS,
+    }
+    // The request row holds the whole text; a very long one is not copied
+    // again, so that the outcome (the request's record and the answer's
+    // facts) always fits the audit log as the request did.
+    if outcome.query_info_query_string.len() > MAX_OUTCOME_TEXT {
+        let whole = outcome.query_info_query_string.len();
+        outcome.query_info_query_string = format!(
+            "{} … ({whole} bytes; the whole text is in the request row)",
+            prefix_at_char_boundary(&outcome.query_info_query_string, MAX_OUTCOME_TEXT)
+        );
     }
     if delivery == Delivery::NotSent {
         outcome.status_detail = if outcome.status_detail.is_empty() {
@@ -1718,5 +1809,36 @@ mod tests {
             lost_error.status_detail
         );
         assert_eq!(submitted.len(), 3);
+    }
+
+    #[test]
+    fn cuts_fall_on_character_boundaries_and_say_so() {
+        // "é" is two bytes: a cut at 5 would split the third one.
+        assert_eq!(prefix_at_char_boundary("ééé", 5), "éé");
+        assert_eq!(prefix_at_char_boundary("ééé", 100), "ééé");
+        assert_eq!(prefix_at_char_boundary("✓", 2), "");
+        assert_eq!(capped("short".into(), 64), "short");
+        assert_eq!(capped("ab✓cd".into(), 3), "ab … (7 bytes, cut)");
+    }
+
+    #[test]
+    fn an_outcome_keeps_the_server_message_and_the_text_within_bounds() {
+        let long_text = "x".repeat(MAX_OUTCOME_TEXT + 10);
+        let echoed = "\u{1}".repeat(MAX_SERVER_MESSAGE * 2);
+        let outcome = outcome_record(
+            query(&long_text),
+            Some(("22P02".into(), echoed)),
+            Delivery::Sent,
+        )
+        .expect("a statement has an outcome");
+        assert!(outcome.status_detail.len() < MAX_SERVER_MESSAGE + 64);
+        assert!(outcome.status_detail.ends_with("bytes, cut)"));
+        assert!(outcome.query_info_query_string.len() < MAX_OUTCOME_TEXT + 100);
+        assert!(outcome
+            .query_info_query_string
+            .ends_with("bytes; the whole text is in the request row)"));
+        // Short texts are repeated whole.
+        let outcome = outcome_record(query("select 1"), None, Delivery::Sent).expect("outcome");
+        assert_eq!(outcome.query_info_query_string, "select 1");
     }
 }
