@@ -889,12 +889,12 @@ fn provably_read_only(operations: &Result<Vec<Operation>, String>) -> bool {
     }))
 }
 
-async fn admit(
+/// A statement's record as it starts: the session's shared fields, the
+/// time, the class of activity, a fresh request id.
+fn new_statement_record(
     session: &Session,
-    text: &str,
     operations: &Result<Vec<Operation>, String>,
-    parameters: String,
-) -> Result<Admitted, Refusal> {
+) -> AuditRecord {
     let mut record = session.statement_record.clone();
     record.time = now_millis();
     set_class(
@@ -903,6 +903,16 @@ async fn admit(
         activity_of(operations),
     );
     record.request_uid = uuid::Uuid::new_v4().to_string();
+    record
+}
+
+async fn admit(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    parameters: String,
+) -> Result<Admitted, Refusal> {
+    let mut record = new_statement_record(session, operations);
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
     }
@@ -1025,14 +1035,7 @@ async fn refuse_oversized(
     use sha2::{Digest, Sha256};
     // Built afresh from the session's base: nothing of the statement but
     // its start goes in, so this record always fits.
-    let mut record = session.statement_record.clone();
-    record.time = now_millis();
-    set_class(
-        &mut record,
-        record::CLASS_DATASTORE_ACTIVITY,
-        activity_of(operations),
-    );
-    record.request_uid = uuid::Uuid::new_v4().to_string();
+    let mut record = new_statement_record(session, operations);
     let kept = prefix_at_char_boundary(text, OVERSIZED_PREFIX);
     record.query_info_query_string = kept.to_owned();
     record.query_info_kind = "unparsed".into();
