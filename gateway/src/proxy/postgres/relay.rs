@@ -549,7 +549,7 @@ async fn client_to_server(
                     // from here.
                     copy_data_sent = false;
                     let text = wire::query_text(&frame)?;
-                    let operations = classify(&text);
+                    let operations = classify_within_limit(&text);
                     match admit(&session, &text, &operations, String::new()).await {
                         Ok(admitted) => {
                             let mut pending = admitted.into_pending(Kind::Query);
@@ -572,7 +572,7 @@ async fn client_to_server(
                 }
                 b'P' => {
                     let (name, text, parameter_types) = wire::parse_message(&frame)?;
-                    let operations = Arc::new(classify(&text));
+                    let operations = Arc::new(classify_within_limit(&text));
                     let prepared = Arc::new(Prepared {
                         text,
                         operations,
@@ -1013,6 +1013,16 @@ async fn admit(
             })
         }
     }
+}
+
+/// [`classify`], unless the text is over [`MAX_AUDITED_STATEMENT`]: such a
+/// statement is refused for its size whatever it says, so it is not
+/// parsed (up to 64 MiB of SQL, for nothing).
+fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
+    if text.len() > MAX_AUDITED_STATEMENT {
+        return Err(over_the_statement_limit());
+    }
+    classify(text)
 }
 
 /// Longest statement text tollgate sends on. Its record must fit a WAL
