@@ -316,6 +316,29 @@ impl AuditLog {
     /// provably read-only statement while its record syncs, holding the
     /// response until the `Durable` resolves.
     pub fn submit(&self, record: AuditRecord) -> Durable {
+        self.enqueue(record, store::Msg::Append)
+    }
+
+    /// Queues a record that nothing waits on before acting (the outcome of
+    /// a request already answered): it is made durable with the next sync,
+    /// at most a few milliseconds later, instead of forcing a sync of its
+    /// own. The returned [`Durable`] still tells whether that happened.
+    pub fn submit_lazy(&self, record: AuditRecord) -> Durable {
+        let durable = self.enqueue(record, store::Msg::AppendLazy);
+        if let DurableState::Known(Some(Err(err))) = &durable.state {
+            // Callers may drop the result unread: say it here.
+            tracing::warn!(error = %err, "a record was not written");
+        }
+        durable
+    }
+
+    /// Writes `record` inline (`buffered`), or encodes it and hands it to
+    /// the writer thread as `message`.
+    fn enqueue(
+        &self,
+        record: AuditRecord,
+        message: fn(store::Pending, oneshot::Sender<Result<u64, AuditError>>) -> store::Msg,
+    ) -> Durable {
         if let Some(inline) = &self.inline {
             return Durable::known(inline.append(record));
         }
@@ -324,49 +347,13 @@ impl AuditLog {
             Err(err) => return Durable::known(Err(err)),
         };
         let (otx, orx) = oneshot::channel();
-        match self.tx.send(store::Msg::Append(pending, otx)) {
+        match self.tx.send(message(pending, otx)) {
             Ok(()) => Durable {
                 state: DurableState::Waiting(orx),
             },
             Err(_) => Durable::known(Err(AuditError::Unavailable(
                 "audit log is shut down".into(),
             ))),
-        }
-    }
-
-    /// Queues a record that nothing waits on before acting (the outcome of
-    /// a request already answered): it is made durable with the next sync,
-    /// at most a few milliseconds later, instead of forcing a sync of its
-    /// own. The returned [`Durable`] still tells whether that happened.
-    pub fn submit_lazy(&self, record: AuditRecord) -> Durable {
-        if let Some(inline) = &self.inline {
-            let result = inline.append(record);
-            if let Err(err) = &result {
-                // Callers may drop the result unread: say it here.
-                tracing::warn!(error = %err, "a record was not written");
-            }
-            return Durable::known(result);
-        }
-        let pending = match store::Pending::new(record) {
-            Ok(pending) => pending,
-            Err(err) => {
-                // Callers may drop the result unread: say it here.
-                tracing::warn!(error = %err, "a record was not written");
-                return Durable::known(Err(err));
-            }
-        };
-        let (otx, orx) = oneshot::channel();
-        match self.tx.send(store::Msg::AppendLazy(pending, otx)) {
-            Ok(()) => Durable {
-                state: DurableState::Waiting(orx),
-            },
-            Err(_) => {
-                // Callers may drop the result unread: say it here.
-                tracing::warn!("a record was not written: the audit log is shut down");
-                Durable::known(Err(AuditError::Unavailable(
-                    "audit log is shut down".into(),
-                )))
-            }
         }
     }
 

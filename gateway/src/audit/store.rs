@@ -83,15 +83,15 @@ impl Pending {
 /// `s` becomes the lower-case hex of `hash`, in the memory `s` already
 /// has (see [`Pending::new`]).
 fn set_hex(s: &mut String, hash: &[u8; 32]) {
-    let mut digits = [0u8; 64];
-    // Cannot fail: the output is exactly twice the input's length.
-    let encoded = hex::encode_to_slice(hash, &mut digits).is_ok();
-    s.clear();
-    if let (true, Ok(text)) = (encoded, std::str::from_utf8(&digits)) {
-        s.push_str(text);
-    } else {
-        *s = hex::encode(hash);
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 64];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(hash) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
+    s.clear();
+    // Hex digits are ASCII: always UTF-8.
+    s.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 /// How long a batch of only lazy records waits for an urgent one to share
@@ -687,12 +687,41 @@ struct Writer {
     seg_tx: mpsc::Sender<SegMsg>,
 }
 
+/// What the writer thread takes in before one commit. Records and their
+/// waiters are in two lists from the start: the records go to `commit`
+/// as they are, without being moved again to split them from their
+/// waiters.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Pending>,
+    waiters: Vec<oneshot::Sender<Result<u64, AuditError>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    /// Someone waits on a record of this batch to act: sync now.
+    urgent: bool,
+}
+
+impl Batch {
+    fn take(&mut self, message: Msg) {
+        match message {
+            Msg::Append(r, w) => {
+                self.urgent = true;
+                self.records.push(r);
+                self.waiters.push(w);
+            }
+            Msg::AppendLazy(r, w) => {
+                self.records.push(r);
+                self.waiters.push(w);
+            }
+            Msg::Shutdown(w) => self.shutdown = Some(w),
+        }
+    }
+}
+
 impl Writer {
     fn run(shared: &Mutex<Writer>, rx: mpsc::Receiver<Msg>) {
         let inline = lock(shared).syncer.is_some();
-        // One batch's records and waiters; kept for their capacity.
-        let mut records = Vec::new();
-        let mut waiters = Vec::new();
+        // Kept across batches for its lists' capacity.
+        let mut batch = Batch::default();
         loop {
             let timeout = {
                 let w = lock(shared);
@@ -715,63 +744,37 @@ impl Writer {
                     return;
                 }
             };
-            let mut shutdown = None;
-            let mut urgent = false;
-            // Records and their waiters in two lists from the start: the
-            // records go to `commit` as they are, without being moved
-            // again to split them from their waiters.
-            let take = |m: Msg,
-                        records: &mut Vec<Pending>,
-                        waiters: &mut Vec<_>,
-                        shutdown: &mut Option<_>,
-                        urgent: &mut bool| match m {
-                Msg::Append(r, w) => {
-                    *urgent = true;
-                    records.push(r);
-                    waiters.push(w);
-                }
-                Msg::AppendLazy(r, w) => {
-                    records.push(r);
-                    waiters.push(w);
-                }
-                Msg::Shutdown(w) => *shutdown = Some(w),
-            };
-            take(
-                first,
-                &mut records,
-                &mut waiters,
-                &mut shutdown,
-                &mut urgent,
-            );
+            batch.take(first);
             // Group commit: take everything already waiting, one sync for all.
             loop {
-                while shutdown.is_none() && records.len() < MAX_BATCH {
+                while batch.shutdown.is_none() && batch.records.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(m) => take(m, &mut records, &mut waiters, &mut shutdown, &mut urgent),
+                        Ok(m) => batch.take(m),
                         Err(_) => break,
                     }
                 }
-                if urgent || shutdown.is_some() || records.len() >= MAX_BATCH {
+                if batch.urgent || batch.shutdown.is_some() || batch.records.len() >= MAX_BATCH {
                     break;
                 }
                 // Only lazy records so far: give an urgent one a moment to
                 // join, then sync whatever there is.
                 match rx.recv_timeout(LAZY_WAIT) {
-                    Ok(m) => take(m, &mut records, &mut waiters, &mut shutdown, &mut urgent),
+                    Ok(m) => batch.take(m),
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
-            if !records.is_empty() {
+            batch.urgent = false;
+            if !batch.records.is_empty() {
                 let mut w = lock(shared);
-                let result = w.commit(records.drain(..));
+                let result = w.commit(batch.records.drain(..));
                 w.maybe_cut();
                 drop(w);
-                for (i, waiter) in waiters.drain(..).enumerate() {
+                for (i, waiter) in batch.waiters.drain(..).enumerate() {
                     let _ = waiter.send(result.clone().map(|first| first + i as u64));
                 }
             }
-            if let Some(done) = shutdown {
+            if let Some(done) = batch.shutdown.take() {
                 lock(shared).close(Some(done));
                 return;
             }
