@@ -702,6 +702,60 @@ fn check_segments_against_manifest(dir: &Path, n: u64) {
     assert!(r.ok, "{:#?}", r.problems);
 }
 
+/// Waits until the segment thread of the store at `dir` is idle: no
+/// unfinished segment file, as many segment files as manifest entries, and both
+/// unchanged for a second.
+async fn settle_segments(dir: &Path) {
+    let state = || {
+        let files = store::list_segment_files(dir).unwrap_or_default().len();
+        let entries = manifest::Manifest::read(dir)
+            .map(|(m, _)| {
+                m.entries
+                    .iter()
+                    .filter(|e| matches!(e, manifest::Entry::Segment(_)))
+                    .count()
+            })
+            .unwrap_or(usize::MAX);
+        let unfinished = walkdir_has_tmp(&dir.join("records"));
+        (files, entries, unfinished)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut last = state();
+    let mut same_since = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = state();
+        if now != last {
+            (last, same_since) = (now, std::time::Instant::now());
+        } else if now.0 == now.1
+            && !now.2
+            && same_since.elapsed() >= std::time::Duration::from_secs(1)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segments never settled: {now:?}"
+        );
+    }
+}
+
+/// Whether any file under `dir` is unfinished (`.tmp`).
+fn walkdir_has_tmp(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                walkdir_has_tmp(&path)
+            } else {
+                path.extension().is_some_and(|x| x == "tmp")
+            }
+        })
+}
+
 /// Times that tie, step forward and jump back (a wall clock), from `start`.
 fn wall_clock_times(seed: u64, n: usize, start: i64) -> Vec<i64> {
     let mut x = seed;
@@ -738,8 +792,10 @@ async fn segments_stay_sorted_and_match_the_manifest_when_the_clock_goes_back_li
             log.append(sample(i, t)).await.unwrap();
         }
         // A crash copy: what is still in the WAL is replayed. The segment
-        // thread settles first (a copy of a live directory is not a snapshot).
-        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        // thread settles first (a copy of a live directory is not a
+        // snapshot): no file half-written, every file in the manifest, and
+        // nothing changing for a second.
+        settle_segments(&cfg.dir).await;
         let crashed = tmp.path().join("crashed");
         crash_copy(&cfg.dir, &crashed);
         for (i, &t) in times[n1..].iter().enumerate() {
