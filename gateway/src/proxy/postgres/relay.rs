@@ -800,14 +800,7 @@ async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
         .get(..4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
         .unwrap_or(0);
-    let mut record = session.statement_record.clone();
-    record.time = now_millis();
-    set_class(
-        &mut record,
-        record::CLASS_DATASTORE_ACTIVITY,
-        record::datastore_activity::QUERY,
-    );
-    record.request_uid = uuid::Uuid::new_v4().to_string();
+    let mut record = new_statement_record(session, record::datastore_activity::QUERY);
     record.query_info_query_string = format!("FunctionCall (function oid {oid})");
     record.query_info_kind = "unparsed".into();
     record.phase = "refusal".into();
@@ -891,17 +884,10 @@ fn provably_read_only(operations: &Result<Vec<Operation>, String>) -> bool {
 
 /// A statement's record as it starts: the session's shared fields, the
 /// time, the class of activity, a fresh request id.
-fn new_statement_record(
-    session: &Session,
-    operations: &Result<Vec<Operation>, String>,
-) -> AuditRecord {
+fn new_statement_record(session: &Session, activity: i32) -> AuditRecord {
     let mut record = session.statement_record.clone();
     record.time = now_millis();
-    set_class(
-        &mut record,
-        record::CLASS_DATASTORE_ACTIVITY,
-        activity_of(operations),
-    );
+    set_class(&mut record, record::CLASS_DATASTORE_ACTIVITY, activity);
     record.request_uid = uuid::Uuid::new_v4().to_string();
     record
 }
@@ -912,10 +898,10 @@ async fn admit(
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
 ) -> Result<Admitted, Refusal> {
-    let mut record = new_statement_record(session, operations);
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
     }
+    let mut record = new_statement_record(session, activity_of(operations));
     record.query_info_query_string = text.to_owned();
     record.query_info_parameters = parameters;
     record.intent = intent_of(text).unwrap_or_else(|| {
@@ -1045,7 +1031,7 @@ async fn refuse_oversized(
     use sha2::{Digest, Sha256};
     // Built afresh from the session's base: nothing of the statement but
     // its start goes in, so this record always fits.
-    let mut record = new_statement_record(session, operations);
+    let mut record = new_statement_record(session, activity_of(operations));
     let kept = prefix_at_char_boundary(text, OVERSIZED_PREFIX);
     record.query_info_query_string = kept.to_owned();
     record.query_info_kind = "unparsed".into();
@@ -1853,5 +1839,33 @@ mod tests {
         // Short texts are repeated whole.
         let outcome = outcome_record(query("select 1"), None, Delivery::Sent).expect("outcome");
         assert_eq!(outcome.query_info_query_string, "select 1");
+    }
+
+    /// A writer that keeps what it is given until flushed (as TLS does
+    /// when the socket is full): `send_all` must flush.
+    #[tokio::test]
+    async fn send_all_flushes_what_a_buffering_writer_holds() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut buffering = tokio::io::BufWriter::new(near);
+        send_all(&mut buffering, b"ReadyForQuery")
+            .await
+            .expect("send");
+        let mut got = [0u8; 13];
+        tokio::time::timeout(std::time::Duration::from_secs(5), far.read_exact(&mut got))
+            .await
+            .expect("the bytes arrive without another write")
+            .expect("read");
+        assert_eq!(&got, b"ReadyForQuery");
+    }
+
+    #[test]
+    fn an_intent_is_kept_up_to_its_limit() {
+        let long = format!("/* intent: {} */ SELECT 1", "why ".repeat(2000));
+        let intent = intent_of(&long).expect("an intent");
+        assert_eq!(intent.len(), MAX_INTENT);
+        assert_eq!(
+            intent_of("/* intent: audit */ SELECT 1").as_deref(),
+            Some("audit")
+        );
     }
 }
