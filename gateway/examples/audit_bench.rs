@@ -9,7 +9,10 @@
 //!   before forwarding (strict) or in parallel with it (read_parallel);
 //! - bytes per record on disk in closed segments.
 //!
-//! Prints a Markdown table for docs/benchmarks.md.
+//! Prints a Markdown table for docs/benchmarks.md. `audit_bench DIR
+//! batched` runs only the batched append, three times, with each thread's
+//! CPU per record; `audit_bench DIR buffered` the same in `buffered`
+//! durability, where the submitting thread writes each record itself.
 
 use std::{
     path::PathBuf,
@@ -243,7 +246,19 @@ impl Batched {
 /// Submits `n` records (built beforehand: building them is the caller's
 /// work, not the store's) without waiting, then waits for all.
 async fn batched(dir: &std::path::Path, n: usize) -> Batched {
-    let (log, _) = open(dir, "batched").await;
+    batched_with(dir, n, tollgate::audit::DurabilityMode::ReadParallel).await
+}
+
+/// As [`batched`], in the given durability mode: in `buffered` the
+/// submitter writes each record itself, as a session does.
+async fn batched_with(
+    dir: &std::path::Path,
+    n: usize,
+    durability: tollgate::audit::DurabilityMode,
+) -> Batched {
+    let mut cfg = AuditConfig::new(dir.join("batched"));
+    cfg.durability = durability;
+    let log = AuditLog::open(&cfg).await.expect("open audit store");
     let records: Vec<_> = (0..n).map(record).collect();
     let threads = ThreadCpu::start();
     let start = Instant::now();
@@ -398,10 +413,16 @@ async fn main() {
         });
     std::fs::create_dir_all(&dir).expect("bench dir");
     println!("audit directory: {}\n", dir.display());
-    // `audit_bench DIR batched`: only the batched rate (for profiling).
-    if std::env::args().nth(2).as_deref() == Some("batched") {
+    // `audit_bench DIR batched`: only the batched rate (for profiling);
+    // `audit_bench DIR buffered`: the same in `buffered` durability.
+    let only = std::env::args().nth(2);
+    if let Some(durability) = match only.as_deref() {
+        Some("batched") => Some(tollgate::audit::DurabilityMode::ReadParallel),
+        Some("buffered") => Some(tollgate::audit::DurabilityMode::Buffered),
+        _ => None,
+    } {
         for _ in 0..3 {
-            let b = batched(&dir, 200_000).await;
+            let b = batched_with(&dir, 200_000, durability).await;
             println!(
                 "append batched: {:.0} records/s durable, {:.0} records/s with segments; CPU {}",
                 b.rate,

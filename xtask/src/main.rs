@@ -58,6 +58,10 @@ enum Task {
         /// instead of the scratch directory of the run.
         #[arg(long)]
         audit_dir: Option<PathBuf>,
+        /// Benchmark this tollgate binary instead of building the tree's
+        /// (to compare two builds in turn on a noisy machine).
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
 }
 
@@ -82,19 +86,26 @@ fn main() -> Result<()> {
             workloads,
             durability,
             audit_dir,
+            binary,
         } => {
             setup::run()?;
-            step("building tollgate (release)");
-            run_checked(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "gateway",
-                "--bin",
-                "tollgate",
-            ]))?;
+            let binary = match binary {
+                Some(binary) => binary,
+                None => {
+                    step("building tollgate (release)");
+                    run_checked(cargo().args([
+                        "build",
+                        "--release",
+                        "--package",
+                        "gateway",
+                        "--bin",
+                        "tollgate",
+                    ]))?;
+                    target_dir().join("release/tollgate")
+                }
+            };
             bench::run(
-                &target_dir().join("release/tollgate"),
+                &binary,
                 &bench::Options {
                     seconds: seconds.unwrap_or(bench::SECONDS),
                     clients,
