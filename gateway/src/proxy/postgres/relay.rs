@@ -30,7 +30,7 @@ use super::{
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
 use crate::{
-    audit::{record, AuditError, AuditRecord, Durable},
+    audit::{record, AuditError, AuditLog, AuditRecord, Deferred, DurabilityMode, Durable},
     identity::Principal,
     policy::{Decision, Operation, RecordResults, Request, StatementKind},
     proxy::tls::BoxedIo,
@@ -141,6 +141,9 @@ struct Pending {
     /// The request record while it is still syncing (read-only requests
     /// forwarded in parallel): awaited before any answer goes out.
     durable: Option<Durable>,
+    /// Why the server's answer was withheld from the agent: its request
+    /// record could not be written.
+    withheld: Option<String>,
     /// Rows kept for the audit when the grant records full results.
     recording: Option<ResultRecording>,
 }
@@ -214,6 +217,7 @@ impl Pending {
             id: 0,
             generation: 0,
             durable: None,
+            withheld: None,
             recording: None,
         }
     }
@@ -420,22 +424,35 @@ pub async fn run(
             Ok(())
         }
     };
-    // Requests still in flight never got an answer the agent saw.
     let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
-    for pending in left {
-        let unanswered = Some((
-            super::SQLSTATE_UPSTREAM.into(),
-            "the server had not answered".into(),
-        ));
-        if let Some(mut outcome) = outcome_record(pending, unanswered, Delivery::NotSent) {
-            // Sent to the server, answer unknown: it may have run (an
-            // UPDATE pipelined before the agent hung up commits), so not a
-            // failure an auditor could filter out.
-            outcome.status_id = record::status::UNKNOWN;
-            submit_outcome(&session, outcome);
-        }
+    for outcome in unanswered_outcomes(left) {
+        submit_outcome(&session, outcome);
     }
     result
+}
+
+/// The outcome records of requests still in flight when the session ended:
+/// the agent never got their answers. Each was sent to the server and may
+/// have run (an UPDATE pipelined before the agent hung up commits), so its
+/// status is unknown, not a failure an auditor could filter out.
+fn unanswered_outcomes(left: Vec<Pending>) -> Vec<AuditRecord> {
+    left.into_iter()
+        .filter_map(|mut pending| {
+            let why = match pending.withheld.take() {
+                Some(err) => (
+                    SQLSTATE_AUDIT.to_string(),
+                    format!("tollgate withheld the server's answer: the request's audit record could not be written ({err})"),
+                ),
+                None => (
+                    super::SQLSTATE_UPSTREAM.to_string(),
+                    "the server had not answered".to_string(),
+                ),
+            };
+            let mut outcome = outcome_record(pending, Some(why), Delivery::NotSent)?;
+            outcome.status_id = record::status::UNKNOWN;
+            Some(outcome)
+        })
+        .collect()
 }
 
 async fn sleep_until_epoch(deadline: Option<i64>) {
@@ -499,6 +516,10 @@ async fn client_to_server(
     let mut skipping_to_sync = false;
     // The last Describe sent (kind 'S' or 'P', name), until an Execute.
     let mut last_describe: Option<(u8, String)> = None;
+    let mut deferred = DeferredWrites {
+        records: Vec::new(),
+        audit: session.shared.audit.clone(),
+    };
     loop {
         let mut forward = BytesMut::new();
         while let Some(frame) = wire::split_frame_limited(&mut buf, wire::MAX_CLIENT_MESSAGE)? {
@@ -550,9 +571,9 @@ async fn client_to_server(
                     copy_data_sent = false;
                     let text = wire::query_text(&frame)?;
                     let operations = classify_within_limit(&text);
-                    match admit(&session, &text, &operations, String::new()).await {
+                    match admit(&session, &text, &operations, String::new(), &mut deferred).await {
                         Ok(admitted) => {
-                            let mut pending = admitted.into_pending(Kind::Query);
+                            let mut pending = admitted.into_pending(Kind::Query, &mut deferred);
                             pending.reads_masked = reads_masked(&session.masks, &operations);
                             let mut guard = lock(&in_flight);
                             guard.push(pending);
@@ -567,6 +588,7 @@ async fn client_to_server(
                 // for the policy to read (lo_import, pg_read_file, ...):
                 // always refused.
                 b'F' => {
+                    deferred.write_all();
                     let refusal = refuse_function_call(&session, &frame).await;
                     refuse_in_place(&in_flight, refusal, &marker, &mut forward);
                 }
@@ -592,6 +614,7 @@ async fn client_to_server(
                         &in_flight,
                         &answered,
                         &mut forward,
+                        &mut deferred,
                         &mut upstream_wr,
                         |f| f.statement(&statement),
                     )
@@ -615,14 +638,23 @@ async fn client_to_server(
                         &in_flight,
                         &answered,
                         &mut forward,
+                        &mut deferred,
                         &mut upstream_wr,
                         |f| f.portal(&portal),
                     )
                     .await?
                     .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
-                    match admit(&session, &prepared.text, &prepared.operations, parameters).await {
+                    match admit(
+                        &session,
+                        &prepared.text,
+                        &prepared.operations,
+                        parameters,
+                        &mut deferred,
+                    )
+                    .await
+                    {
                         Ok(admitted) => {
-                            let mut pending = admitted.into_pending(Kind::Execute);
+                            let mut pending = admitted.into_pending(Kind::Execute, &mut deferred);
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
                             let described = matches!(
@@ -675,7 +707,7 @@ async fn client_to_server(
                 }
                 b'X' => {
                     forward.unsplit(frame.bytes);
-                    send_all(&mut upstream_wr, &forward).await?;
+                    send_then_write(&mut upstream_wr, &forward, &mut deferred).await?;
                     let _ = upstream_wr.shutdown().await;
                     return Ok(());
                 }
@@ -717,7 +749,7 @@ async fn client_to_server(
             }
         }
         if !forward.is_empty() {
-            send_all(&mut upstream_wr, &forward).await?;
+            send_then_write(&mut upstream_wr, &forward, &mut deferred).await?;
         }
         // The forwarded messages share the read buffer's memory: let them
         // go first, so the reserve below reuses that buffer instead of
@@ -759,6 +791,7 @@ async fn resolve_waiting<T>(
     in_flight: &Mutex<InFlight>,
     answered: &Notify,
     forward: &mut BytesMut,
+    deferred: &mut DeferredWrites,
     upstream_wr: &mut WriteHalf<BoxedIo>,
     lookup: impl Fn(&InFlight) -> Resolved<Option<T>>,
 ) -> Result<Option<T>, WireError> {
@@ -769,13 +802,53 @@ async fn resolve_waiting<T>(
             Resolved::WaitFor(id) => id,
         };
         if !forward.is_empty() {
-            send_all(upstream_wr, forward).await?;
+            // The answers awaited below wait for these records.
+            send_then_write(upstream_wr, forward, deferred).await?;
             forward.clear();
         }
         if lock(in_flight).queue.iter().any(|p| p.id == waiting_for) {
             notified.await;
         }
     }
+}
+
+/// Request records of reads forwarded before their record was written
+/// (`buffered` durability, see `admit`): written once what holds the reads
+/// has been sent, while the server works on them. Their answers wait for
+/// them (`Pending::durable`).
+struct DeferredWrites {
+    records: Vec<Deferred>,
+    audit: AuditLog,
+}
+
+impl DeferredWrites {
+    fn write_all(&mut self) {
+        for record in self.records.drain(..) {
+            record.write(&self.audit);
+        }
+    }
+}
+
+impl Drop for DeferredWrites {
+    /// However the client side ends, an admitted statement has its request
+    /// record, as when records were written before sending: it may have
+    /// reached the server.
+    fn drop(&mut self) {
+        self.write_all();
+    }
+}
+
+/// Sends `forward` to the server, then writes the deferred request records
+/// of the reads in it. Written even when the send fails: a statement may
+/// have reached the server all the same.
+async fn send_then_write(
+    upstream_wr: &mut WriteHalf<BoxedIo>,
+    forward: &[u8],
+    deferred: &mut DeferredWrites,
+) -> std::io::Result<()> {
+    let sent = send_all(upstream_wr, forward).await;
+    deferred.write_all();
+    sent
 }
 
 /// Writes `bytes` and flushes: over TLS, a write may leave the end of
@@ -859,11 +932,16 @@ struct Refusal {
 struct Admitted {
     record: AuditRecord,
     durable: Option<Durable>,
+    /// The request record, when it is written once the request is sent.
+    deferred: Option<Deferred>,
     record_full: bool,
 }
 
 impl Admitted {
-    fn into_pending(self, kind: Kind) -> Pending {
+    /// The request's entry in the in-flight queue; a record to write once
+    /// the request is sent goes to `deferred`.
+    fn into_pending(self, kind: Kind, deferred: &mut DeferredWrites) -> Pending {
+        deferred.records.extend(self.deferred);
         let mut pending = Pending::new(kind, Some(self.record));
         pending.durable = self.durable;
         if self.record_full {
@@ -897,7 +975,17 @@ async fn admit(
     text: &str,
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
+    deferred: &mut DeferredWrites,
 ) -> Result<Admitted, Refusal> {
+    // Records are chained in the order their statements were sent: unless
+    // this one's record is deferred too, the records of earlier reads still
+    // waiting for their send are written first.
+    let deferrable = text.len() + parameters.len() <= MAX_DEFERRED_STATEMENT
+        && session.shared.audit.durability() == DurabilityMode::Buffered
+        && provably_read_only(operations);
+    if !deferrable {
+        deferred.write_all();
+    }
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
     }
@@ -934,6 +1022,7 @@ async fn admit(
     };
     let decision = session.shared.policy.decide(&session.principal, &request);
     if let Decision::Deny { rule, reason } = decision {
+        deferred.write_all();
         record.phase = "refusal".into();
         record.status_id = record::status::FAILURE;
         record.action_id = record::action::DENIED;
@@ -971,6 +1060,21 @@ async fn admit(
         .durability()
         .may_forward_before_durable(provably_read_only(operations))
     {
+        // In `buffered` durability the session writes its records itself:
+        // a read's record is written once the statement is on its way,
+        // while the server works on it, not before (see `DeferredWrites`).
+        // Only a statement small enough that its record surely fits the
+        // WAL, since that is then found out after it was sent.
+        if deferrable {
+            if let Some((later, durable)) = session.shared.audit.defer(record.clone()) {
+                return Ok(Admitted {
+                    record,
+                    durable: Some(durable),
+                    deferred: Some(later),
+                    record_full,
+                });
+            }
+        }
         let durable = session.shared.audit.submit(record.clone());
         if durable.refused_as_too_large() {
             // Known before anything is sent: refuse, do not forward.
@@ -979,6 +1083,7 @@ async fn admit(
         return Ok(Admitted {
             record,
             durable: Some(durable),
+            deferred: None,
             record_full,
         });
     }
@@ -986,6 +1091,7 @@ async fn admit(
         Ok(_) => Ok(Admitted {
             record,
             durable: None,
+            deferred: None,
             record_full,
         }),
         Err(AuditError::TooLarge { .. }) => {
@@ -1015,6 +1121,13 @@ fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
 /// frame (64 MiB) even if every byte needs escaping (six bytes for a
 /// control character); a client message may be up to 64 MiB.
 pub const MAX_AUDITED_STATEMENT: usize = 8 << 20;
+
+/// Longest statement text plus parameters whose request record may be
+/// written after the statement is sent (`buffered`, reads only). Even with
+/// every byte escaped, repeated in the tables named and beside the
+/// session's fields, such a record is a few MiB at most: it cannot be
+/// refused as too large once the statement is out.
+const MAX_DEFERRED_STATEMENT: usize = 64 << 10;
 
 /// How much of an oversized statement its refusal record keeps.
 const OVERSIZED_PREFIX: usize = 4096;
@@ -1160,6 +1273,9 @@ async fn server_to_client(
                 if let Err(err) = durable.await {
                     // The answer exists but its request is not on record:
                     // the agent must not see it.
+                    if let Some(front) = lock(&in_flight).queue.front_mut() {
+                        front.withheld = Some(err.to_string());
+                    }
                     let mut fatal = BytesMut::new();
                     wire::error_response(
                         &mut fatal,
@@ -1808,6 +1924,45 @@ mod tests {
             lost_error.status_detail
         );
         assert_eq!(submitted.len(), 3);
+    }
+
+    /// Requests in flight when the session ends: each gets an outcome of
+    /// unknown status (it may have run), saying why the agent never saw
+    /// its answer; the one whose answer tollgate withheld says so.
+    #[test]
+    fn requests_left_in_flight_are_recorded_unknown_with_the_reason() {
+        let mut withheld = query("select 2");
+        withheld.withheld = Some("audit write failed: disk full".into());
+        let outcomes = unanswered_outcomes(vec![withheld, query("update t set a = 1")]);
+        assert_eq!(outcomes.len(), 2);
+        for outcome in &outcomes {
+            assert_eq!(outcome.phase, "outcome");
+            assert_eq!(outcome.status_id, record::status::UNKNOWN);
+            assert!(
+                outcome.status_detail.starts_with(NOT_DELIVERED),
+                "{}",
+                outcome.status_detail
+            );
+        }
+        assert_eq!(outcomes[0].response_error_code, SQLSTATE_AUDIT);
+        assert!(
+            outcomes[0]
+                .status_detail
+                .contains("tollgate withheld the server's answer: the request's audit record could not be written (audit write failed: disk full)"),
+            "{}",
+            outcomes[0].status_detail
+        );
+        assert_eq!(
+            outcomes[1].response_error_code,
+            super::super::SQLSTATE_UPSTREAM
+        );
+        assert!(
+            outcomes[1]
+                .status_detail
+                .contains("the server had not answered"),
+            "{}",
+            outcomes[1].status_detail
+        );
     }
 
     #[test]
