@@ -1525,3 +1525,76 @@ mod syncer_tests {
         assert!(syncer.take_failure().is_none(), "reported once");
     }
 }
+
+#[cfg(test)]
+mod segment_order_tests {
+    use super::*;
+
+    fn seg_state(dir: &Path) -> SegState {
+        let cfg = AuditConfig::new(dir);
+        let perms = Perms::for_group(None).expect("perms");
+        for d in ["", "wal", "records", "checkpoints"] {
+            perms.ensure_dir(&dir.join(d)).expect("dir");
+        }
+        let signer = Signer::load_or_generate(&cfg, &perms).expect("key");
+        let (manifest, _) = Manifest::read(dir).expect("manifest");
+        SegState {
+            lock: None,
+            dir: dir.to_path_buf(),
+            perms,
+            manifest,
+            origin: signer.name.clone(),
+            signer,
+            checkpoint_counter: 0,
+            last_checkpoint: Instant::now(),
+            checkpoint_every: Duration::from_secs(60),
+            idle_prev: None,
+            retention_days: None,
+            last_retention: None,
+        }
+    }
+
+    fn record(sequence: u64) -> AuditRecord {
+        AuditRecord {
+            sequence,
+            time: 1_700_000_000_000 + sequence as i64,
+            record_hash: format!("{sequence:064x}"),
+            prev_record_hash: format!("{:064x}", sequence - 1),
+            ..AuditRecord::default()
+        }
+    }
+
+    /// The manifest entry takes the records' order for sequence order: a
+    /// gap or a swap is refused before anything is written, instead of a
+    /// segment and an entry that verify would reject.
+    #[test]
+    fn records_out_of_sequence_are_refused_and_nothing_is_written() {
+        for sequences in [vec![1, 2, 4], vec![1, 3, 2]] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut seg = seg_state(dir.path());
+            let records: Vec<AuditRecord> = sequences.iter().map(|&s| record(s)).collect();
+            let err = seg
+                .write_segment(records.iter().collect())
+                .expect_err("out of sequence");
+            assert!(
+                err.to_string().contains("out of sequence"),
+                "{sequences:?}: {err}"
+            );
+            assert!(
+                seg.manifest.last_segment().is_none(),
+                "{sequences:?}: manifest entry"
+            );
+            assert!(
+                list_segment_files(dir.path()).expect("list").is_empty(),
+                "{sequences:?}: segment file"
+            );
+        }
+        // In sequence, the same records make a segment.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = seg_state(dir.path());
+        let records: Vec<AuditRecord> = (1..=3).map(record).collect();
+        seg.write_segment(records.iter().collect())
+            .expect("in sequence");
+        assert_eq!(seg.manifest.last_segment().map(|s| s.last_seq), Some(3));
+    }
+}
