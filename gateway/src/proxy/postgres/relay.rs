@@ -9,7 +9,10 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Instant,
 };
 
@@ -438,6 +441,15 @@ pub async fn run(
 fn unanswered_outcomes(left: Vec<Pending>) -> Vec<AuditRecord> {
     left.into_iter()
         .filter_map(|mut pending| {
+            // A request record still syncing or deferred is settled by now
+            // (deferred ones are written when the client side ends): one that
+            // failed is why this answer, had it come, was withheld.
+            if let Some(mut durable) = pending.durable.take() {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                if let Poll::Ready(Err(err)) = Pin::new(&mut durable).poll(&mut cx) {
+                    pending.withheld.get_or_insert(err.to_string());
+                }
+            }
             let why = match pending.withheld.take() {
                 Some(err) => (
                     SQLSTATE_AUDIT.to_string(),
@@ -841,12 +853,24 @@ impl Drop for DeferredWrites {
 /// Sends `forward` to the server, then writes the deferred request records
 /// of the reads in it. Written even when the send fails: a statement may
 /// have reached the server all the same.
-async fn send_then_write(
-    upstream_wr: &mut WriteHalf<BoxedIo>,
+async fn send_then_write<W: AsyncWrite + Unpin + ?Sized>(
+    upstream_wr: &mut W,
     forward: &[u8],
     deferred: &mut DeferredWrites,
 ) -> std::io::Result<()> {
-    let sent = send_all(upstream_wr, forward).await;
+    let mut send = std::pin::pin!(send_all(upstream_wr, forward));
+    let first_try = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+    let sent = match first_try {
+        Poll::Ready(sent) => sent,
+        Poll::Pending => {
+            // The server is not taking more: it may be blocked sending the
+            // answers of the reads already out, which wait for these
+            // records. Written now, they let those answers flow (writing a
+            // record early is always allowed).
+            deferred.write_all();
+            send.await
+        }
+    };
     deferred.write_all();
     sent
 }
@@ -1276,6 +1300,11 @@ async fn server_to_client(
                     if let Some(front) = lock(&in_flight).queue.front_mut() {
                         front.withheld = Some(err.to_string());
                     }
+                    let mut client = client_wr.lock().await;
+                    // The answers before it are on record: they go first.
+                    if send_all(&mut *client, &out).await.is_ok() {
+                        outcomes.sent();
+                    }
                     let mut fatal = BytesMut::new();
                     wire::error_response(
                         &mut fatal,
@@ -1283,7 +1312,7 @@ async fn server_to_client(
                         SQLSTATE_AUDIT,
                         &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
                     );
-                    let _ = send_all(&mut *client_wr.lock().await, &fatal).await;
+                    let _ = send_all(&mut *client, &fatal).await;
                     return Err(WireError::Closed);
                 }
             }
@@ -1926,6 +1955,46 @@ mod tests {
         assert_eq!(submitted.len(), 3);
     }
 
+    /// The server stops reading while the answers of reads already sent
+    /// wait for their records: a send that cannot finish writes them first,
+    /// instead of waiting on a server that waits on them.
+    #[tokio::test]
+    async fn a_send_the_server_does_not_take_writes_the_deferred_records_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::audit::AuditConfig::new(dir.path());
+        config.durability = DurabilityMode::Buffered;
+        let audit = AuditLog::open(&config).await.expect("audit store");
+        let (later, durable) = audit
+            .defer(query("select 1").request.expect("record"))
+            .expect("buffered durability defers");
+        let mut deferred = DeferredWrites {
+            records: vec![later],
+            audit: audit.clone(),
+        };
+        // A server that reads nothing more until the record is written.
+        let (mut to_server, mut server) = tokio::io::duplex(64);
+        let server = tokio::spawn(async move {
+            let sequence = durable.await.expect("the record is written");
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.expect("read");
+            (sequence, received.len())
+        });
+        let forward = vec![b'x'; 4096];
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            send_then_write(&mut to_server, &forward, &mut deferred),
+        )
+        .await
+        .expect("the send finishes: the record went first");
+        sent.expect("sent");
+        drop(to_server);
+        let (sequence, received) = server.await.expect("server");
+        assert_eq!(received, forward.len());
+        assert!(sequence > 0);
+        assert!(deferred.records.is_empty());
+        audit.shutdown().await;
+    }
+
     /// Requests in flight when the session ends: each gets an outcome of
     /// unknown status (it may have run), saying why the agent never saw
     /// its answer; the one whose answer tollgate withheld says so.
@@ -1963,6 +2032,35 @@ mod tests {
             "{}",
             outcomes[1].status_detail
         );
+    }
+
+    /// A request whose record failed (its `Durable` resolved to an error)
+    /// and that was still in flight is recorded as withheld too, not as
+    /// one the server had not answered.
+    #[tokio::test]
+    async fn a_request_in_flight_whose_record_failed_is_recorded_as_withheld() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::audit::AuditConfig::new(dir.path());
+        config.durability = DurabilityMode::Buffered;
+        let audit = AuditLog::open(&config).await.expect("audit store");
+        let mut failed = query("select 3");
+        let (unwritten, durable) = audit
+            .defer(failed.request.clone().expect("record"))
+            .expect("buffered durability defers");
+        // Never written: its Durable fails.
+        drop(unwritten);
+        failed.durable = Some(durable);
+        let outcomes = unanswered_outcomes(vec![failed]);
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].response_error_code, SQLSTATE_AUDIT);
+        assert!(
+            outcomes[0]
+                .status_detail
+                .contains("the request's audit record could not be written"),
+            "{}",
+            outcomes[0].status_detail
+        );
+        audit.shutdown().await;
     }
 
     #[test]
