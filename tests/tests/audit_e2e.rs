@@ -457,12 +457,29 @@ fn a_full_audit_disk_refuses_statements_loses_nothing_and_recovers() {
     if !privileged("a_full_audit_disk_refuses_statements_loses_nothing_and_recovers") {
         return;
     }
+    full_audit_disk("read_parallel");
+}
+
+/// The same in `buffered` durability, where the session writes its own
+/// records, and a read's record only once the read has been sent: its
+/// failure must still withhold the answer.
+#[test]
+fn a_full_audit_disk_in_buffered_durability_refuses_statements_loses_nothing_and_recovers() {
+    if !privileged(
+        "a_full_audit_disk_in_buffered_durability_refuses_statements_loses_nothing_and_recovers",
+    ) {
+        return;
+    }
+    full_audit_disk("buffered");
+}
+
+fn full_audit_disk(durability: &str) {
     // Declared first, dropped last: unmounted after the daemon has stopped.
     let tmpfs = Tmpfs::mount("2m").expect("mount a 2 MiB tmpfs");
     let audit_dir = tmpfs.path().join("audit");
     let mut stack = Stack::start_with(Postgres::start().expect("start PostgreSQL"), |config| {
         config.audit_dir = audit_dir.clone();
-        config.audit_extra = "segment_max_age_secs = 1".into();
+        config.audit_extra = format!("segment_max_age_secs = 1\ndurability = \"{durability}\"");
     })
     .expect("start PostgreSQL, IdP and tollgate");
     stack
@@ -648,7 +665,7 @@ fn a_full_audit_disk_refuses_statements_loses_nothing_and_recovers() {
         assert!(!all.contains(r), "refused statement {r} has an audit row");
     }
     eprintln!(
-        "full disk: filler {filled} bytes, {} acknowledged ({acked_before_full} before the disk filled, \
+        "full disk ({durability}): filler {filled} bytes, {} acknowledged ({acked_before_full} before the disk filled, \
          {slipped_in} into page slack after, {} after space returned), {} refused with 58030, \
          {} request rows, {} outcome rows",
         acked.len(),
