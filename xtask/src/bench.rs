@@ -26,6 +26,8 @@ const SCALE: &str = "10";
 
 pub struct Options {
     pub seconds: u32,
+    /// Runs of each of direct, PgBouncer and tollgate, taken in turn.
+    pub rounds: u32,
     pub clients: Vec<u32>,
     /// "select-only" and/or "tpcb".
     pub workloads: Vec<String>,
@@ -34,13 +36,35 @@ pub struct Options {
     pub audit_dir: Option<std::path::PathBuf>,
 }
 
+#[derive(Clone, Copy)]
 struct Sample {
     tps: f64,
     latency_ms: f64,
+    /// CPU µs per transaction of the proxy in between (0 for direct).
+    cpu_us: f64,
+}
+
+/// Each figure's median over the rounds.
+fn median(samples: Vec<Sample>) -> Sample {
+    let of = |f: fn(&Sample) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    };
+    Sample {
+        tps: of(|s| s.tps),
+        latency_ms: of(|s| s.latency_ms),
+        cpu_us: of(|s| s.cpu_us),
+    }
 }
 
 pub fn run(binary: &Path, options: &Options) -> Result<()> {
     let seconds = options.seconds;
+    let rounds = options.rounds.max(1);
     std::env::set_var("TOLLGATE_BIN", binary);
     step(&format!(
         "starting PostgreSQL (fsync on, as in production), the development IdP and tollgate (release build, durability {})",
@@ -99,47 +123,58 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
     for (workload, flag) in workloads {
         for &clients in &options.clients {
             step(&format!(
-                "{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate"
+                "{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate, {rounds} round(s)"
             ));
-            let direct = pgbench(
-                &stack,
-                None,
-                stack.postgres.port,
-                "postgres",
-                &stack.postgres.superuser_password,
-                flag,
-                clients,
-                seconds,
-            )?;
-            let bouncer_cpu = cpu_ns(bouncer_pid);
-            let bouncer = pgbench(
-                &stack,
-                None,
-                bouncer_port,
-                "postgres",
-                &stack.postgres.superuser_password,
-                flag,
-                clients,
-                seconds,
-            )?;
-            let bouncer_cpu = cpu_ns(bouncer_pid).saturating_sub(bouncer_cpu);
-            let gateway_cpu = cpu_ns(gateway_pid);
-            let gateway = pgbench(
-                &stack,
-                Some(&stack.gateway.config.agent_cgroup),
-                stack.postgres.port,
-                "agent",
-                &token,
-                flag,
-                clients,
-                seconds,
-            )?;
-            let gateway_cpu = cpu_ns(gateway_pid).saturating_sub(gateway_cpu);
+            let (mut direct, mut bouncer, mut gateway) = (Vec::new(), Vec::new(), Vec::new());
             // CPU per transaction: the process's CPU time over the run
             // divided by the transactions pgbench counted (TPS x seconds).
             let per_txn = |ns: u64, sample: &Sample| {
                 ns as f64 / 1000.0 / (sample.tps * f64::from(seconds)).max(1.0)
             };
+            // Rounds take the three in turn, so that a slow phase of the
+            // machine falls on all of them alike; the table takes medians.
+            for round in 1..=rounds {
+                if rounds > 1 {
+                    step(&format!("round {round} of {rounds}"));
+                }
+                direct.push(pgbench(
+                    &stack,
+                    None,
+                    stack.postgres.port,
+                    "postgres",
+                    &stack.postgres.superuser_password,
+                    flag,
+                    clients,
+                    seconds,
+                )?);
+                let cpu_before = cpu_ns(bouncer_pid);
+                let mut sample = pgbench(
+                    &stack,
+                    None,
+                    bouncer_port,
+                    "postgres",
+                    &stack.postgres.superuser_password,
+                    flag,
+                    clients,
+                    seconds,
+                )?;
+                sample.cpu_us = per_txn(cpu_ns(bouncer_pid).saturating_sub(cpu_before), &sample);
+                bouncer.push(sample);
+                let cpu_before = cpu_ns(gateway_pid);
+                let mut sample = pgbench(
+                    &stack,
+                    Some(&stack.gateway.config.agent_cgroup),
+                    stack.postgres.port,
+                    "agent",
+                    &token,
+                    flag,
+                    clients,
+                    seconds,
+                )?;
+                sample.cpu_us = per_txn(cpu_ns(gateway_pid).saturating_sub(cpu_before), &sample);
+                gateway.push(sample);
+            }
+            let (direct, bouncer, gateway) = (median(direct), median(bouncer), median(gateway));
             rows.push(format!(
                 "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:.1} |",
                 direct.tps,
@@ -151,10 +186,13 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
                 bouncer.latency_ms,
                 gateway.latency_ms,
                 (gateway.latency_ms - direct.latency_ms) * 1000.0,
-                per_txn(bouncer_cpu, &bouncer),
-                per_txn(gateway_cpu, &gateway),
+                bouncer.cpu_us,
+                gateway.cpu_us,
             ));
         }
+    }
+    if rounds > 1 {
+        println!("\nmedians of {rounds} rounds (each figure's median on its own)");
     }
     println!();
     println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | direct latency ms | PgBouncer latency ms | tollgate latency ms | tollgate added latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn |");
@@ -275,6 +313,7 @@ fn pgbench(
     Ok(Sample {
         tps: find("tps =")?,
         latency_ms: find("latency average =")?,
+        cpu_us: 0.0,
     })
 }
 

@@ -45,6 +45,10 @@ enum Task {
         /// Seconds per pgbench run.
         #[arg(long)]
         seconds: Option<u32>,
+        /// Runs of each of direct, PgBouncer and tollgate, taken in turn;
+        /// the table gives medians.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
         /// Client counts to run, comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
         clients: Vec<u32>,
@@ -82,6 +86,7 @@ fn main() -> Result<()> {
         }
         Task::Bench {
             seconds,
+            rounds,
             clients,
             workloads,
             durability,
@@ -108,6 +113,7 @@ fn main() -> Result<()> {
                 &binary,
                 &bench::Options {
                     seconds: seconds.unwrap_or(bench::SECONDS),
+                    rounds,
                     clients,
                     workloads,
                     durability,
