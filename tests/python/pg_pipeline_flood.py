@@ -1,10 +1,10 @@
 """A pipeline larger than the sockets between client, tollgate and server
-can hold: COUNT times a Parse/Bind/Execute of each SQL in turn, one Sync,
-sent by one thread while another reads the answers (as libpq's pipeline
-mode does). Prints {"complete": n, "errors": [...], "ready": bool} as
-JSON, or {"timeout": ...} when answers stop coming.
+can hold: COUNT Parse/Bind/Execute of SQL, one Sync, sent by one thread
+while another reads the answers (as libpq's pipeline mode does). Prints
+{"complete": n, "errors": [...], "ready": bool} as JSON, or
+{"timeout": ...} when answers stop coming.
 
-usage: pg_pipeline_flood.py HOST PORT TOKEN COUNT SQL [SQL...]
+usage: pg_pipeline_flood.py HOST PORT TOKEN COUNT SQL
 """
 import json
 import socket
@@ -16,15 +16,13 @@ from pg_raw import cstr, error_fields, login, msg, read_message
 
 
 def main():
-    host, port, token, count = sys.argv[1:5]
-    statements = sys.argv[5:]
+    host, port, token, count, sql = sys.argv[1:6]
     count = int(count)
     sock = login(host, port, token, timeout=30)
-    one = b"".join(
+    one = (
         msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
         + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
         + msg(b"E", cstr("") + struct.pack("!i", 0))
-        for sql in statements
     )
     sender = threading.Thread(
         target=lambda: sock.sendall(one * count + msg(b"S", b"")), daemon=True

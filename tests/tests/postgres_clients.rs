@@ -1078,59 +1078,6 @@ fn a_pipeline_that_fails_before_its_sync_goes_on_after_the_sync() {
     assert_eq!(rows[0]["values"][0], "2", "{answers}");
 }
 
-// In `buffered` durability a read's request record is written just after
-// the read is sent, a write's before it is sent. The chain must still hold
-// the requests in the order they were sent: in a pipeline that alternates
-// reads and writes in one packet, a write's record may not overtake the
-// read's before it.
-#[test]
-fn buffered_durability_chains_a_pipeline_of_reads_and_writes_in_the_order_sent() {
-    let test = "buffered_durability_chains_a_pipeline_of_reads_and_writes_in_the_order_sent";
-    if !privileged(test) {
-        return;
-    }
-    let stack = Stack::start_with(
-        tollgate_tests::Postgres::start().expect("start PostgreSQL"),
-        |config| config.audit_extra = "durability = \"buffered\"".into(),
-    )
-    .expect("start PostgreSQL, IdP and tollgate");
-    let token = stack
-        .idp
-        .token(AGENT_OID, &["--name", "clients-agent"])
-        .expect("mint a token");
-    let read = "SELECT name FROM customers WHERE id = 1 /* pipelined read */";
-    let write = "UPDATE customers SET name = name WHERE id = 1 /* pipelined write */";
-    let pairs = 200;
-    let result = raw_protocol_json(
-        &stack,
-        "pg_pipeline_flood.py",
-        &token,
-        &[&pairs.to_string(), read, write],
-    );
-    assert_eq!(result["complete"], 2 * pairs, "{result}");
-    assert_eq!(result["errors"], serde_json::json!([]), "{result}");
-    let rows = stack
-        .audit_rows(
-            "SELECT query_info_query_string AS text FROM audit WHERE phase = 'request' \
-             AND query_info_query_string LIKE '%/* pipelined %' ORDER BY sequence",
-            2 * pairs as usize,
-            AUDIT_WAIT,
-        )
-        .expect("audit rows");
-    let texts: Vec<&str> = rows
-        .iter()
-        .map(|r| r["text"].as_str().unwrap_or(""))
-        .collect();
-    let sent: Vec<&str> = (0..pairs).flat_map(|_| [read, write]).collect();
-    assert_eq!(texts.len(), sent.len(), "every request is on record");
-    if let Some(i) = texts.iter().zip(&sent).position(|(a, b)| a != b) {
-        panic!(
-            "request {i} by sequence is {:?}, but {:?} was sent there",
-            texts[i], sent[i]
-        );
-    }
-}
-
 // In `buffered` durability the session writes its records itself, on its
 // own thread. A pipeline larger than the sockets between client, tollgate
 // and server hold keeps sends, answers and record writes in flight at

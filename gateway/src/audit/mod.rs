@@ -196,9 +196,8 @@ pub enum DurabilityMode {
     /// Every record is durable before its request is forwarded.
     Strict,
     /// Every record is written to the WAL (handed to the kernel: it
-    /// survives a crash or kill of tollgate) by the session itself: before
-    /// its request is forwarded, or for a provably read-only one just after
-    /// (see [`AuditLog::defer`]), and before any answer; a background thread fdatasyncs
+    /// survives a crash or kill of tollgate) before its request is
+    /// forwarded, by the session itself; a background thread fdatasyncs
     /// the WAL at most every `buffered_sync_interval_ms`, so a crash of the
     /// whole host can lose what the last sync had not yet covered (that
     /// interval plus one fdatasync). For disks whose sync latency is the
@@ -257,31 +256,6 @@ enum DurableState {
     Known(Option<Result<u64, AuditError>>),
 }
 
-/// A record whose write waits until its request has been sent: see
-/// [`AuditLog::defer`].
-#[must_use = "an unwritten deferred record withholds its request's answer"]
-pub struct Deferred {
-    record: AuditRecord,
-    done: oneshot::Sender<Result<u64, AuditError>>,
-}
-
-impl Deferred {
-    /// Writes the record and resolves its [`Durable`] with the result.
-    pub fn write(self, log: &AuditLog) {
-        let result = match log.enqueue(self.record, store::Msg::Append) {
-            Durable {
-                state: DurableState::Known(Some(result)),
-            } => result,
-            // Only `buffered` defers, and it writes inline: known at once.
-            _ => Err(AuditError::Unavailable(
-                "a deferred record was not written inline".into(),
-            )),
-        };
-        // The session may have ended meanwhile: nobody left to tell.
-        let _ = self.done.send(result);
-    }
-}
-
 impl Durable {
     fn known(result: Result<u64, AuditError>) -> Self {
         Durable {
@@ -289,14 +263,21 @@ impl Durable {
         }
     }
 
-    /// Whether the record was refused as too large when it was submitted:
-    /// known at once, so a caller can refuse the request before anything
-    /// of it goes out.
-    pub fn refused_as_too_large(&self) -> bool {
-        matches!(
-            &self.state,
-            DurableState::Known(Some(Err(AuditError::TooLarge { .. })))
-        )
+    /// A record that could not be written, for tests of what depends on it.
+    #[cfg(test)]
+    pub(crate) fn failed(err: AuditError) -> Self {
+        Durable::known(Err(err))
+    }
+
+    /// Why the record was not written, when that is known as soon as it is
+    /// submitted (too large for the WAL; in `buffered` durability, a failed
+    /// write): a caller can then refuse the request before anything of it
+    /// goes out.
+    pub fn known_failure(&self) -> Option<&AuditError> {
+        match &self.state {
+            DurableState::Known(Some(Err(err))) => Some(err),
+            _ => None,
+        }
     }
 }
 
@@ -356,25 +337,6 @@ impl AuditLog {
             tracing::warn!(error = %err, "a record was not written");
         }
         durable
-    }
-
-    /// In `buffered` durability, a record to write once its request has
-    /// gone out, and the [`Durable`] that resolves when it is written;
-    /// `None` in the other modes, where [`AuditLog::submit`] costs the
-    /// caller no write. For a provably read-only request only (see
-    /// [`DurabilityMode::may_forward_before_durable`]): its record is
-    /// written while the target works on it instead of before, and its
-    /// answer still waits for the `Durable`. Dropping the [`Deferred`]
-    /// unwritten fails the `Durable`.
-    pub fn defer(&self, record: AuditRecord) -> Option<(Deferred, Durable)> {
-        self.inline.as_ref()?;
-        let (done, written) = oneshot::channel();
-        Some((
-            Deferred { record, done },
-            Durable {
-                state: DurableState::Waiting(written),
-            },
-        ))
     }
 
     /// Writes `record` inline (`buffered`), or encodes it and hands it to

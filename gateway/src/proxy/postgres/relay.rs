@@ -33,7 +33,7 @@ use super::{
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
 use crate::{
-    audit::{record, AuditError, AuditLog, AuditRecord, Deferred, DurabilityMode, Durable},
+    audit::{record, AuditError, AuditRecord, Durable},
     identity::Principal,
     policy::{Decision, Operation, RecordResults, Request, StatementKind},
     proxy::tls::BoxedIo,
@@ -441,9 +441,8 @@ pub async fn run(
 fn unanswered_outcomes(left: Vec<Pending>) -> Vec<AuditRecord> {
     left.into_iter()
         .filter_map(|mut pending| {
-            // A request record still syncing or deferred is settled by now
-            // (deferred ones are written when the client side ends): one that
-            // failed is why this answer, had it come, was withheld.
+            // A read's request record that is known to have failed by now
+            // is why its answer, had it come, was withheld.
             if let Some(mut durable) = pending.durable.take() {
                 let mut cx = Context::from_waker(std::task::Waker::noop());
                 if let Poll::Ready(Err(err)) = Pin::new(&mut durable).poll(&mut cx) {
@@ -528,10 +527,6 @@ async fn client_to_server(
     let mut skipping_to_sync = false;
     // The last Describe sent (kind 'S' or 'P', name), until an Execute.
     let mut last_describe: Option<(u8, String)> = None;
-    let mut deferred = DeferredWrites {
-        records: Vec::new(),
-        audit: session.shared.audit.clone(),
-    };
     loop {
         let mut forward = BytesMut::new();
         while let Some(frame) = wire::split_frame_limited(&mut buf, wire::MAX_CLIENT_MESSAGE)? {
@@ -583,9 +578,9 @@ async fn client_to_server(
                     copy_data_sent = false;
                     let text = wire::query_text(&frame)?;
                     let operations = classify_within_limit(&text);
-                    match admit(&session, &text, &operations, String::new(), &mut deferred).await {
+                    match admit(&session, &text, &operations, String::new()).await {
                         Ok(admitted) => {
-                            let mut pending = admitted.into_pending(Kind::Query, &mut deferred);
+                            let mut pending = admitted.into_pending(Kind::Query);
                             pending.reads_masked = reads_masked(&session.masks, &operations);
                             let mut guard = lock(&in_flight);
                             guard.push(pending);
@@ -600,7 +595,6 @@ async fn client_to_server(
                 // for the policy to read (lo_import, pg_read_file, ...):
                 // always refused.
                 b'F' => {
-                    deferred.write_all();
                     let refusal = refuse_function_call(&session, &frame).await;
                     refuse_in_place(&in_flight, refusal, &marker, &mut forward);
                 }
@@ -626,7 +620,6 @@ async fn client_to_server(
                         &in_flight,
                         &answered,
                         &mut forward,
-                        &mut deferred,
                         &mut upstream_wr,
                         |f| f.statement(&statement),
                     )
@@ -650,23 +643,14 @@ async fn client_to_server(
                         &in_flight,
                         &answered,
                         &mut forward,
-                        &mut deferred,
                         &mut upstream_wr,
                         |f| f.portal(&portal),
                     )
                     .await?
                     .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
-                    match admit(
-                        &session,
-                        &prepared.text,
-                        &prepared.operations,
-                        parameters,
-                        &mut deferred,
-                    )
-                    .await
-                    {
+                    match admit(&session, &prepared.text, &prepared.operations, parameters).await {
                         Ok(admitted) => {
-                            let mut pending = admitted.into_pending(Kind::Execute, &mut deferred);
+                            let mut pending = admitted.into_pending(Kind::Execute);
                             pending.reads_masked =
                                 reads_masked(&session.masks, &prepared.operations);
                             let described = matches!(
@@ -719,7 +703,7 @@ async fn client_to_server(
                 }
                 b'X' => {
                     forward.unsplit(frame.bytes);
-                    send_then_write(&mut upstream_wr, &forward, &mut deferred).await?;
+                    send_all(&mut upstream_wr, &forward).await?;
                     let _ = upstream_wr.shutdown().await;
                     return Ok(());
                 }
@@ -761,7 +745,7 @@ async fn client_to_server(
             }
         }
         if !forward.is_empty() {
-            send_then_write(&mut upstream_wr, &forward, &mut deferred).await?;
+            send_all(&mut upstream_wr, &forward).await?;
         }
         // The forwarded messages share the read buffer's memory: let them
         // go first, so the reserve below reuses that buffer instead of
@@ -803,7 +787,6 @@ async fn resolve_waiting<T>(
     in_flight: &Mutex<InFlight>,
     answered: &Notify,
     forward: &mut BytesMut,
-    deferred: &mut DeferredWrites,
     upstream_wr: &mut WriteHalf<BoxedIo>,
     lookup: impl Fn(&InFlight) -> Resolved<Option<T>>,
 ) -> Result<Option<T>, WireError> {
@@ -814,65 +797,13 @@ async fn resolve_waiting<T>(
             Resolved::WaitFor(id) => id,
         };
         if !forward.is_empty() {
-            // The answers awaited below wait for these records.
-            send_then_write(upstream_wr, forward, deferred).await?;
+            send_all(upstream_wr, forward).await?;
             forward.clear();
         }
         if lock(in_flight).queue.iter().any(|p| p.id == waiting_for) {
             notified.await;
         }
     }
-}
-
-/// Request records of reads forwarded before their record was written
-/// (`buffered` durability, see `admit`): written once what holds the reads
-/// has been sent, while the server works on them. Their answers wait for
-/// them (`Pending::durable`).
-struct DeferredWrites {
-    records: Vec<Deferred>,
-    audit: AuditLog,
-}
-
-impl DeferredWrites {
-    fn write_all(&mut self) {
-        for record in self.records.drain(..) {
-            record.write(&self.audit);
-        }
-    }
-}
-
-impl Drop for DeferredWrites {
-    /// However the client side ends, an admitted statement has its request
-    /// record, as when records were written before sending: it may have
-    /// reached the server.
-    fn drop(&mut self) {
-        self.write_all();
-    }
-}
-
-/// Sends `forward` to the server, then writes the deferred request records
-/// of the reads in it. Written even when the send fails: a statement may
-/// have reached the server all the same.
-async fn send_then_write<W: AsyncWrite + Unpin + ?Sized>(
-    upstream_wr: &mut W,
-    forward: &[u8],
-    deferred: &mut DeferredWrites,
-) -> std::io::Result<()> {
-    let mut send = std::pin::pin!(send_all(upstream_wr, forward));
-    let first_try = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
-    let sent = match first_try {
-        Poll::Ready(sent) => sent,
-        Poll::Pending => {
-            // The server is not taking more: it may be blocked sending the
-            // answers of the reads already out, which wait for these
-            // records. Written now, they let those answers flow (writing a
-            // record early is always allowed).
-            deferred.write_all();
-            send.await
-        }
-    };
-    deferred.write_all();
-    sent
 }
 
 /// Writes `bytes` and flushes: over TLS, a write may leave the end of
@@ -956,16 +887,11 @@ struct Refusal {
 struct Admitted {
     record: AuditRecord,
     durable: Option<Durable>,
-    /// The request record, when it is written once the request is sent.
-    deferred: Option<Deferred>,
     record_full: bool,
 }
 
 impl Admitted {
-    /// The request's entry in the in-flight queue; a record to write once
-    /// the request is sent goes to `deferred`.
-    fn into_pending(self, kind: Kind, deferred: &mut DeferredWrites) -> Pending {
-        deferred.records.extend(self.deferred);
+    fn into_pending(self, kind: Kind) -> Pending {
         let mut pending = Pending::new(kind, Some(self.record));
         pending.durable = self.durable;
         if self.record_full {
@@ -999,17 +925,7 @@ async fn admit(
     text: &str,
     operations: &Result<Vec<Operation>, String>,
     parameters: String,
-    deferred: &mut DeferredWrites,
 ) -> Result<Admitted, Refusal> {
-    // Records are chained in the order their statements were sent: unless
-    // this one's record is deferred too, the records of earlier reads still
-    // waiting for their send are written first.
-    let deferrable = text.len() + parameters.len() <= MAX_DEFERRED_STATEMENT
-        && session.shared.audit.durability() == DurabilityMode::Buffered
-        && provably_read_only(operations);
-    if !deferrable {
-        deferred.write_all();
-    }
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
     }
@@ -1046,7 +962,6 @@ async fn admit(
     };
     let decision = session.shared.policy.decide(&session.principal, &request);
     if let Decision::Deny { rule, reason } = decision {
-        deferred.write_all();
         record.phase = "refusal".into();
         record.status_id = record::status::FAILURE;
         record.action_id = record::action::DENIED;
@@ -1078,44 +993,31 @@ async fn admit(
     record.action_id = record::action::ALLOWED;
     // A provably read-only statement goes out while its record syncs; its
     // answer is held until the record is durable (see server_to_client).
-    if session
+    let written = if session
         .shared
         .audit
         .durability()
         .may_forward_before_durable(provably_read_only(operations))
     {
-        // In `buffered` durability the session writes its records itself:
-        // a read's record is written once the statement is on its way,
-        // while the server works on it, not before (see `DeferredWrites`).
-        // Only a statement small enough that its record surely fits the
-        // WAL, since that is then found out after it was sent.
-        if deferrable {
-            if let Some((later, durable)) = session.shared.audit.defer(record.clone()) {
-                return Ok(Admitted {
-                    record,
-                    durable: Some(durable),
-                    deferred: Some(later),
-                    record_full,
-                });
-            }
-        }
         let durable = session.shared.audit.submit(record.clone());
-        if durable.refused_as_too_large() {
-            // Known before anything is sent: refuse, do not forward.
-            return Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await);
+        // A failure known at once (too large; a failed write in `buffered`)
+        // refuses the statement before it is sent, like any other.
+        match durable.known_failure() {
+            Some(err) => Err(err.clone()),
+            None => Ok(Some(durable)),
         }
-        return Ok(Admitted {
+    } else {
+        session
+            .shared
+            .audit
+            .append(record.clone())
+            .await
+            .map(|_| None)
+    };
+    match written {
+        Ok(durable) => Ok(Admitted {
             record,
-            durable: Some(durable),
-            deferred: None,
-            record_full,
-        });
-    }
-    match session.shared.audit.append(record.clone()).await {
-        Ok(_) => Ok(Admitted {
-            record,
-            durable: None,
-            deferred: None,
+            durable,
             record_full,
         }),
         Err(AuditError::TooLarge { .. }) => {
@@ -1145,13 +1047,6 @@ fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
 /// frame (64 MiB) even if every byte needs escaping (six bytes for a
 /// control character); a client message may be up to 64 MiB.
 pub const MAX_AUDITED_STATEMENT: usize = 8 << 20;
-
-/// Longest statement text plus parameters whose request record may be
-/// written after the statement is sent (`buffered`, reads only). Even with
-/// every byte escaped, repeated in the tables named and beside the
-/// session's fields, such a record is a few MiB at most: it cannot be
-/// refused as too large once the statement is out.
-const MAX_DEFERRED_STATEMENT: usize = 64 << 10;
 
 /// How much of an oversized statement its refusal record keeps.
 const OVERSIZED_PREFIX: usize = 4096;
@@ -1955,55 +1850,19 @@ mod tests {
         assert_eq!(submitted.len(), 3);
     }
 
-    /// The server stops reading while the answers of reads already sent
-    /// wait for their records: a send that cannot finish writes them first,
-    /// instead of waiting on a server that waits on them.
-    #[tokio::test]
-    async fn a_send_the_server_does_not_take_writes_the_deferred_records_first() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = crate::audit::AuditConfig::new(dir.path());
-        config.durability = DurabilityMode::Buffered;
-        let audit = AuditLog::open(&config).await.expect("audit store");
-        let (later, durable) = audit
-            .defer(query("select 1").request.expect("record"))
-            .expect("buffered durability defers");
-        let mut deferred = DeferredWrites {
-            records: vec![later],
-            audit: audit.clone(),
-        };
-        // A server that reads nothing more until the record is written.
-        let (mut to_server, mut server) = tokio::io::duplex(64);
-        let server = tokio::spawn(async move {
-            let sequence = durable.await.expect("the record is written");
-            let mut received = Vec::new();
-            server.read_to_end(&mut received).await.expect("read");
-            (sequence, received.len())
-        });
-        let forward = vec![b'x'; 4096];
-        let sent = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            send_then_write(&mut to_server, &forward, &mut deferred),
-        )
-        .await
-        .expect("the send finishes: the record went first");
-        sent.expect("sent");
-        drop(to_server);
-        let (sequence, received) = server.await.expect("server");
-        assert_eq!(received, forward.len());
-        assert!(sequence > 0);
-        assert!(deferred.records.is_empty());
-        audit.shutdown().await;
-    }
-
     /// Requests in flight when the session ends: each gets an outcome of
     /// unknown status (it may have run), saying why the agent never saw
-    /// its answer; the one whose answer tollgate withheld says so.
+    /// its answer; one whose answer tollgate withheld, or whose record is
+    /// known to have failed, says so.
     #[test]
     fn requests_left_in_flight_are_recorded_unknown_with_the_reason() {
         let mut withheld = query("select 2");
         withheld.withheld = Some("audit write failed: disk full".into());
-        let outcomes = unanswered_outcomes(vec![withheld, query("update t set a = 1")]);
-        assert_eq!(outcomes.len(), 2);
+        let mut record_failed = query("select 3");
+        record_failed.durable = Some(Durable::failed(AuditError::Wal("no space".into())));
+        let outcomes =
+            unanswered_outcomes(vec![withheld, query("update t set a = 1"), record_failed]);
+        assert_eq!(outcomes.len(), 3);
         for outcome in &outcomes {
             assert_eq!(outcome.phase, "outcome");
             assert_eq!(outcome.status_id, record::status::UNKNOWN);
@@ -2013,14 +1872,17 @@ mod tests {
                 outcome.status_detail
             );
         }
-        assert_eq!(outcomes[0].response_error_code, SQLSTATE_AUDIT);
-        assert!(
-            outcomes[0]
-                .status_detail
-                .contains("tollgate withheld the server's answer: the request's audit record could not be written (audit write failed: disk full)"),
-            "{}",
-            outcomes[0].status_detail
-        );
+        let withheld_because = |i: usize, err: &str| {
+            assert_eq!(outcomes[i].response_error_code, SQLSTATE_AUDIT);
+            let want = format!("tollgate withheld the server's answer: the request's audit record could not be written ({err})");
+            assert!(
+                outcomes[i].status_detail.contains(&want),
+                "{}",
+                outcomes[i].status_detail
+            );
+        };
+        withheld_because(0, "audit write failed: disk full");
+        withheld_because(2, "audit write failed: no space");
         assert_eq!(
             outcomes[1].response_error_code,
             super::super::SQLSTATE_UPSTREAM
@@ -2032,35 +1894,6 @@ mod tests {
             "{}",
             outcomes[1].status_detail
         );
-    }
-
-    /// A request whose record failed (its `Durable` resolved to an error)
-    /// and that was still in flight is recorded as withheld too, not as
-    /// one the server had not answered.
-    #[tokio::test]
-    async fn a_request_in_flight_whose_record_failed_is_recorded_as_withheld() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = crate::audit::AuditConfig::new(dir.path());
-        config.durability = DurabilityMode::Buffered;
-        let audit = AuditLog::open(&config).await.expect("audit store");
-        let mut failed = query("select 3");
-        let (unwritten, durable) = audit
-            .defer(failed.request.clone().expect("record"))
-            .expect("buffered durability defers");
-        // Never written: its Durable fails.
-        drop(unwritten);
-        failed.durable = Some(durable);
-        let outcomes = unanswered_outcomes(vec![failed]);
-        assert_eq!(outcomes.len(), 1);
-        assert_eq!(outcomes[0].response_error_code, SQLSTATE_AUDIT);
-        assert!(
-            outcomes[0]
-                .status_detail
-                .contains("the request's audit record could not be written"),
-            "{}",
-            outcomes[0].status_detail
-        );
-        audit.shutdown().await;
     }
 
     #[test]
