@@ -45,20 +45,21 @@ struct Sample {
 }
 
 /// Each figure's median over the rounds.
-fn median(samples: Vec<Sample>) -> Sample {
-    let of = |f: fn(&Sample) -> f64| {
-        let mut v: Vec<f64> = samples.iter().map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    };
+fn median(samples: &[Sample]) -> Sample {
+    let of = |f: fn(&Sample) -> f64| median_of(samples.iter().map(f).collect());
     Sample {
         tps: of(|s| s.tps),
         latency_ms: of(|s| s.latency_ms),
         cpu_us: of(|s| s.cpu_us),
+    }
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
@@ -125,74 +126,95 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
             step(&format!(
                 "{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate, {rounds} round(s)"
             ));
-            let (mut direct, mut bouncer, mut gateway) = (Vec::new(), Vec::new(), Vec::new());
             // CPU per transaction: the process's CPU time over the run
             // divided by the transactions pgbench counted (TPS x seconds).
             let per_txn = |ns: u64, sample: &Sample| {
                 ns as f64 / 1000.0 / (sample.tps * f64::from(seconds)).max(1.0)
             };
-            // Rounds take the three in turn, so that a slow phase of the
-            // machine falls on all of them alike; the table takes medians.
-            for round in 1..=rounds {
-                if rounds > 1 {
-                    step(&format!("round {round} of {rounds}"));
+            // One run of direct (0), PgBouncer (1) or tollgate (2).
+            let run_one = |arm: usize| -> Result<Sample> {
+                let (cgroup, port, user, password, pid) = match arm {
+                    0 => (
+                        None,
+                        stack.postgres.port,
+                        "postgres",
+                        stack.postgres.superuser_password.as_str(),
+                        None,
+                    ),
+                    1 => (
+                        None,
+                        bouncer_port,
+                        "postgres",
+                        stack.postgres.superuser_password.as_str(),
+                        Some(bouncer_pid),
+                    ),
+                    _ => (
+                        Some(stack.gateway.config.agent_cgroup.as_path()),
+                        stack.postgres.port,
+                        "agent",
+                        token.as_str(),
+                        Some(gateway_pid),
+                    ),
+                };
+                let cpu_before = pid.map(cpu_ns);
+                let mut sample =
+                    pgbench(&stack, cgroup, port, user, password, flag, clients, seconds)?;
+                if let (Some(pid), Some(before)) = (pid, cpu_before) {
+                    sample.cpu_us = per_txn(cpu_ns(pid).saturating_sub(before), &sample);
                 }
-                direct.push(pgbench(
-                    &stack,
-                    None,
-                    stack.postgres.port,
-                    "postgres",
-                    &stack.postgres.superuser_password,
-                    flag,
-                    clients,
-                    seconds,
-                )?);
-                let cpu_before = cpu_ns(bouncer_pid);
-                let mut sample = pgbench(
-                    &stack,
-                    None,
-                    bouncer_port,
-                    "postgres",
-                    &stack.postgres.superuser_password,
-                    flag,
-                    clients,
-                    seconds,
-                )?;
-                sample.cpu_us = per_txn(cpu_ns(bouncer_pid).saturating_sub(cpu_before), &sample);
-                bouncer.push(sample);
-                let cpu_before = cpu_ns(gateway_pid);
-                let mut sample = pgbench(
-                    &stack,
-                    Some(&stack.gateway.config.agent_cgroup),
-                    stack.postgres.port,
-                    "agent",
-                    &token,
-                    flag,
-                    clients,
-                    seconds,
-                )?;
-                sample.cpu_us = per_txn(cpu_ns(gateway_pid).saturating_sub(cpu_before), &sample);
-                gateway.push(sample);
+                Ok(sample)
+            };
+            // Rounds take the three in turn, each round starting with the
+            // next one, so that a slow phase of the machine, or something
+            // that recurs within a round, falls on all of them alike.
+            let mut runs: [Vec<Sample>; 3] = Default::default();
+            for round in 0..rounds as usize {
+                if rounds > 1 {
+                    step(&format!("round {} of {rounds}", round + 1));
+                }
+                for arm in (0..3).map(|i| (round + i) % 3) {
+                    runs[arm].push(run_one(arm)?);
+                }
             }
-            let (direct, bouncer, gateway) = (median(direct), median(bouncer), median(gateway));
+            let [direct_runs, bouncer_runs, gateway_runs] = &runs;
+            // Ratios and the added latency are taken within each round,
+            // then their median: figures of the same round ran minutes apart
+            // at most.
+            let paired = |f: &dyn Fn(&Sample, &Sample) -> f64, a: &[Sample], b: &[Sample]| {
+                median_of(a.iter().zip(b).map(|(a, b)| f(a, b)).collect())
+            };
+            let bouncer_ratio = paired(&|b, d| b.tps / d.tps, bouncer_runs, direct_runs);
+            let gateway_ratio = paired(&|g, d| g.tps / d.tps, gateway_runs, direct_runs);
+            let added_us = paired(
+                &|g, d| (g.latency_ms - d.latency_ms) * 1000.0,
+                gateway_runs,
+                direct_runs,
+            );
+            let (direct, bouncer, gateway) = (
+                median(direct_runs),
+                median(bouncer_runs),
+                median(gateway_runs),
+            );
             rows.push(format!(
                 "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:.1} |",
                 direct.tps,
                 bouncer.tps,
-                bouncer.tps / direct.tps,
+                bouncer_ratio,
                 gateway.tps,
-                gateway.tps / direct.tps,
+                gateway_ratio,
                 direct.latency_ms,
                 bouncer.latency_ms,
                 gateway.latency_ms,
-                (gateway.latency_ms - direct.latency_ms) * 1000.0,
+                added_us,
                 bouncer.cpu_us,
                 gateway.cpu_us,
             ));
         }
     }
     if rounds > 1 {
-        println!("\nmedians of {rounds} rounds (each figure's median on its own)");
+        println!(
+            "\nmedians of {rounds} rounds: TPS, latency and CPU each on its own; the ratios and the added latency of each round, then their median"
+        );
     }
     println!();
     println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | direct latency ms | PgBouncer latency ms | tollgate latency ms | tollgate added latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn |");
@@ -216,19 +238,27 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// CPU time (user and system) of every thread a process has now, in ns,
-/// from the scheduler's own accounting (`/proc/PID/task/*/schedstat`).
+/// CPU time (user and system) a process has used, all its threads
+/// together, in ns (`/proc/PID/stat`, in clock ticks).
 /// Throughput swings with this machine's load; CPU per transaction much
 /// less, so it is the better figure to compare two builds by.
 fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+    // utime and stime (fields 14 and 15) of the whole process: unlike the
+    // live threads' counters, they keep the time of threads that exited.
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
-    tasks
-        .flatten()
-        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
-        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+    let Some((_, after_comm)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000_000 / per_second
 }
 
 /// Median and p90 of a 1 KiB write + fdatasync in `dir`, in µs.

@@ -269,6 +269,32 @@ impl Durable {
         Durable::known(Err(err))
     }
 
+    /// A record the writer thread answers for through `rx`, for tests.
+    #[cfg(test)]
+    pub(crate) fn waiting(rx: oneshot::Receiver<Result<u64, AuditError>>) -> Self {
+        Durable {
+            state: DurableState::Waiting(rx),
+        }
+    }
+
+    /// Why the record was not written, if that is known by now, without
+    /// waiting (and without a task's polling budget, which could hide an
+    /// answer already there). Takes the writer's answer: the `Durable` is
+    /// spent afterwards.
+    pub fn failed_by_now(&mut self) -> Option<AuditError> {
+        match &mut self.state {
+            DurableState::Known(Some(Err(err))) => Some(err.clone()),
+            DurableState::Known(_) => None,
+            DurableState::Waiting(rx) => match rx.try_recv() {
+                Ok(Err(err)) => Some(err),
+                Ok(Ok(_)) | Err(oneshot::error::TryRecvError::Empty) => None,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Some(AuditError::Unavailable("audit writer stopped".into()))
+                }
+            },
+        }
+    }
+
     /// Why the record was not written, when that is known as soon as it is
     /// submitted (too large for the WAL; in `buffered` durability, a failed
     /// write): a caller can then refuse the request before anything of it

@@ -9,10 +9,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
-    future::Future,
-    pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Instant,
 };
 
@@ -147,6 +144,9 @@ struct Pending {
     /// Why the server's answer was withheld from the agent: its request
     /// record could not be written.
     withheld: Option<String>,
+    /// The server's answer has come and waits for the request record to
+    /// be durable.
+    answer_held: bool,
     /// Rows kept for the audit when the grant records full results.
     recording: Option<ResultRecording>,
 }
@@ -221,6 +221,7 @@ impl Pending {
             generation: 0,
             durable: None,
             withheld: None,
+            answer_held: false,
             recording: None,
         }
     }
@@ -443,18 +444,19 @@ fn unanswered_outcomes(left: Vec<Pending>) -> Vec<AuditRecord> {
         .filter_map(|mut pending| {
             // A read's request record that is known to have failed by now
             // is why its answer, had it come, was withheld.
-            if let Some(mut durable) = pending.durable.take() {
-                let mut cx = Context::from_waker(std::task::Waker::noop());
-                if let Poll::Ready(Err(err)) = Pin::new(&mut durable).poll(&mut cx) {
-                    pending.withheld.get_or_insert(err.to_string());
-                }
+            if let Some(err) = pending.durable.as_mut().and_then(Durable::failed_by_now) {
+                pending.withheld.get_or_insert(err.to_string());
             }
-            let why = match pending.withheld.take() {
-                Some(err) => (
+            let why = match (pending.withheld.take(), pending.answer_held) {
+                (Some(err), _) => (
                     SQLSTATE_AUDIT.to_string(),
                     format!("tollgate withheld the server's answer: the request's audit record could not be written ({err})"),
                 ),
-                None => (
+                (None, true) => (
+                    super::SQLSTATE_UPSTREAM.to_string(),
+                    "the session ended while the server's answer waited for the request's audit record to be durable".to_string(),
+                ),
+                (None, false) => (
                     super::SQLSTATE_UPSTREAM.to_string(),
                     "the server had not answered".to_string(),
                 ),
@@ -1184,10 +1186,11 @@ async fn server_to_client(
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
-            let syncing = lock(&in_flight)
-                .queue
-                .front_mut()
-                .and_then(|p| p.durable.take());
+            let syncing = lock(&in_flight).queue.front_mut().and_then(|p| {
+                let durable = p.durable.take()?;
+                p.answer_held = true;
+                Some(durable)
+            });
             if let Some(durable) = syncing {
                 if let Err(err) = durable.await {
                     // The answer exists but its request is not on record:
@@ -1196,7 +1199,9 @@ async fn server_to_client(
                         front.withheld = Some(err.to_string());
                     }
                     let mut client = client_wr.lock().await;
-                    // The answers before it are on record: they go first.
+                    // What came before it answers requests on record, or
+                    // Parse, Bind and Describe, which have no record of
+                    // their own (as on every other path): it goes first.
                     if send_all(&mut *client, &out).await.is_ok() {
                         outcomes.sent();
                     }
@@ -1852,17 +1857,35 @@ mod tests {
 
     /// Requests in flight when the session ends: each gets an outcome of
     /// unknown status (it may have run), saying why the agent never saw
-    /// its answer; one whose answer tollgate withheld, or whose record is
-    /// known to have failed, says so.
+    /// its answer: withheld (tollgate withheld it, or the record is known
+    /// by now to have failed, as told at once or by the writer thread),
+    /// held for a record still syncing, or not answered.
     #[test]
     fn requests_left_in_flight_are_recorded_unknown_with_the_reason() {
         let mut withheld = query("select 2");
         withheld.withheld = Some("audit write failed: disk full".into());
         let mut record_failed = query("select 3");
         record_failed.durable = Some(Durable::failed(AuditError::Wal("no space".into())));
-        let outcomes =
-            unanswered_outcomes(vec![withheld, query("update t set a = 1"), record_failed]);
-        assert_eq!(outcomes.len(), 3);
+        // The writer thread's answer, already there when the session ends.
+        let (writer, answer) = tokio::sync::oneshot::channel();
+        let _ = writer.send(Err(AuditError::Wal("disk gone".into())));
+        let mut writer_failed = query("select 4");
+        writer_failed.durable = Some(Durable::waiting(answer));
+        // Still syncing: nothing known yet.
+        let (_syncing, answer) = tokio::sync::oneshot::channel();
+        let mut still_syncing = query("select 5");
+        still_syncing.durable = Some(Durable::waiting(answer));
+        let mut held = query("select 6");
+        held.answer_held = true;
+        let outcomes = unanswered_outcomes(vec![
+            withheld,
+            query("update t set a = 1"),
+            record_failed,
+            writer_failed,
+            still_syncing,
+            held,
+        ]);
+        assert_eq!(outcomes.len(), 6);
         for outcome in &outcomes {
             assert_eq!(outcome.phase, "outcome");
             assert_eq!(outcome.status_id, record::status::UNKNOWN);
@@ -1877,23 +1900,28 @@ mod tests {
             let want = format!("tollgate withheld the server's answer: the request's audit record could not be written ({err})");
             assert!(
                 outcomes[i].status_detail.contains(&want),
-                "{}",
+                "{i}: {}",
                 outcomes[i].status_detail
             );
         };
         withheld_because(0, "audit write failed: disk full");
         withheld_because(2, "audit write failed: no space");
-        assert_eq!(
-            outcomes[1].response_error_code,
-            super::super::SQLSTATE_UPSTREAM
-        );
-        assert!(
-            outcomes[1]
-                .status_detail
-                .contains("the server had not answered"),
-            "{}",
-            outcomes[1].status_detail
-        );
+        withheld_because(3, "audit write failed: disk gone");
+        for (i, why) in [
+            (1, "the server had not answered"),
+            (4, "the server had not answered"),
+            (5, "the session ended while the server's answer waited for the request's audit record to be durable"),
+        ] {
+            assert_eq!(
+                outcomes[i].response_error_code,
+                super::super::SQLSTATE_UPSTREAM
+            );
+            assert!(
+                outcomes[i].status_detail.contains(why),
+                "{i}: {}",
+                outcomes[i].status_detail
+            );
+        }
     }
 
     #[test]
