@@ -1192,7 +1192,13 @@ async fn server_to_client(
                 Some(durable)
             });
             if let Some(durable) = syncing {
-                if let Err(err) = durable.await {
+                let synced = durable.await;
+                if synced.is_ok() {
+                    if let Some(front) = lock(&in_flight).queue.front_mut() {
+                        front.answer_held = false;
+                    }
+                }
+                if let Err(err) = synced {
                     // The answer exists but its request is not on record:
                     // the agent must not see it.
                     if let Some(front) = lock(&in_flight).queue.front_mut() {
