@@ -11,6 +11,7 @@
 
 use std::{
     fs,
+    os::unix::fs::PermissionsExt,
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -39,6 +40,7 @@ pub struct Options {
 #[derive(Clone, Copy)]
 struct Sample {
     tps: f64,
+    /// The median of every transaction's latency.
     latency_ms: f64,
     /// CPU µs per transaction of the proxy in between (0 for direct).
     cpu_us: f64,
@@ -217,7 +219,7 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
         );
     }
     println!();
-    println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | direct latency ms | PgBouncer latency ms | tollgate latency ms | tollgate added latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn |");
+    println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | direct median latency ms | PgBouncer median latency ms | tollgate median latency ms | tollgate added median latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows {
         println!("{row}");
@@ -294,6 +296,16 @@ fn pgbench(
         Some(cgroup) => AgentCgroup::command(cgroup, "pgbench"),
         None => Command::new("pgbench"),
     };
+    // Every transaction's latency, for the median (pgbench prints only
+    // the mean).
+    let log_dir = tempfile::Builder::new()
+        .prefix("tollgate-pgbench-log-")
+        .tempdir()?;
+    fs::set_permissions(log_dir.path(), fs::Permissions::from_mode(0o777))?;
+    cmd.arg("-l").arg(format!(
+        "--log-prefix={}",
+        log_dir.path().join("tx").display()
+    ));
     cmd.args([
         "-n",
         "-M",
@@ -342,9 +354,26 @@ fn pgbench(
     };
     Ok(Sample {
         tps: find("tps =")?,
-        latency_ms: find("latency average =")?,
+        latency_ms: median_latency_ms(log_dir.path())?,
         cpu_us: 0.0,
     })
+}
+
+/// The median transaction latency in pgbench's transaction logs in `dir`
+/// (`client_id transaction_no time_us ...`, one file per thread).
+fn median_latency_ms(dir: &Path) -> Result<f64> {
+    let mut latencies = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let text = fs::read_to_string(entry?.path())?;
+        latencies.extend(
+            text.lines()
+                .filter_map(|line| line.split_whitespace().nth(2)?.parse::<f64>().ok()),
+        );
+    }
+    if latencies.is_empty() {
+        bail!("pgbench logged no transactions in {}", dir.display());
+    }
+    Ok(median_of(latencies) / 1000.0)
 }
 
 /// PgBouncer in session mode in front of the same server.
