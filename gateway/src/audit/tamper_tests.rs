@@ -34,6 +34,17 @@ fn segments(cfg: &AuditConfig) -> Vec<String> {
     store::list_segment_files(&cfg.dir).unwrap()
 }
 
+/// Rewrites the segment at `path` as valid Parquet after `alter` has
+/// changed its rows, as an attacker with write access would; returns the
+/// rows written.
+fn rewrite_segment(path: &Path, alter: impl FnOnce(&mut Vec<AuditRecord>)) -> Vec<AuditRecord> {
+    let mut rows = segment::read_file(path).unwrap();
+    alter(&mut rows);
+    fs::remove_file(path).unwrap();
+    segment::write_file(&fsutil::Perms::default(), path, &rows).unwrap();
+    rows
+}
+
 fn has(r: &Report, kind: Kind, file: &str, row: Option<u64>) -> bool {
     r.problems
         .iter()
@@ -72,11 +83,8 @@ async fn altered_row_is_located_by_file_and_row() {
     let cfg = build(tmp.path()).await;
     let victim = segments(&cfg)[1].clone();
     let path = cfg.dir.join(&victim);
-    let mut rows = segment::read_file(&path).unwrap();
-    rows[3].actor_user_uid = "someone-else".into();
-    // Re-encode as valid Parquet: only the content changed.
-    fs::remove_file(&path).unwrap();
-    segment::write_file(&fsutil::Perms::default(), &path, &rows).unwrap();
+    // Re-encoded as valid Parquet: only the content changed.
+    let rows = rewrite_segment(&path, |rows| rows[3].actor_user_uid = "someone-else".into());
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(!r.ok);
     let first = &r.problems[0];
@@ -93,12 +101,9 @@ async fn rows_out_of_time_order_are_located() {
     let cfg = build(tmp.path()).await;
     let victim = segments(&cfg)[2].clone();
     let path = cfg.dir.join(&victim);
-    let mut rows = segment::read_file(&path).unwrap();
     // The same records, the same chain and Merkle root: only the order of
     // two rows in the file differs.
-    rows.swap(4, 5);
-    fs::remove_file(&path).unwrap();
-    segment::write_file(&fsutil::Perms::default(), &path, &rows).unwrap();
+    rewrite_segment(&path, |rows| rows.swap(4, 5));
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(
         has(&r, Kind::SegmentUnsorted, &victim, Some(5)),
@@ -528,10 +533,9 @@ async fn deleted_row_is_reported_as_a_gap() {
     let cfg = build(tmp.path()).await;
     let victim = segments(&cfg)[1].clone();
     let path = cfg.dir.join(&victim);
-    let mut rows = segment::read_file(&path).unwrap();
-    let gone = rows.remove(4);
-    fs::remove_file(&path).unwrap();
-    segment::write_file(&fsutil::Perms::default(), &path, &rows).unwrap();
+    let mut gone = None;
+    rewrite_segment(&path, |rows| gone = Some(rows.remove(4)));
+    let gone = gone.unwrap();
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(!r.ok);
     let gap = r
@@ -552,17 +556,16 @@ async fn rechained_forgery_is_caught_by_the_signed_roots() {
     let cfg = build(tmp.path()).await;
     let victim = segments(&cfg)[1].clone();
     let path = cfg.dir.join(&victim);
-    let mut rows = segment::read_file(&path).unwrap();
-    rows.sort_by_key(|r| r.sequence);
-    rows[2].query_info_query_string = "SELECT 1".into();
-    let mut prev = rows[0].prev_record_hash.clone();
-    for r in rows.iter_mut() {
-        r.prev_record_hash = prev;
-        r.record_hash = r.compute_hash();
-        prev = r.record_hash.clone();
-    }
-    fs::remove_file(&path).unwrap();
-    segment::write_file(&fsutil::Perms::default(), &path, &rows).unwrap();
+    rewrite_segment(&path, |rows| {
+        rows.sort_by_key(|r| r.sequence);
+        rows[2].query_info_query_string = "SELECT 1".into();
+        let mut prev = rows[0].prev_record_hash.clone();
+        for r in rows.iter_mut() {
+            r.prev_record_hash = prev;
+            r.record_hash = r.compute_hash();
+            prev = r.record_hash.clone();
+        }
+    });
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(!r.ok);
     assert!(!r
