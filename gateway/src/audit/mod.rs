@@ -257,16 +257,10 @@ enum DurableState {
 }
 
 impl Durable {
-    fn known(result: Result<u64, AuditError>) -> Self {
+    pub(crate) fn known(result: Result<u64, AuditError>) -> Self {
         Durable {
             state: DurableState::Known(Some(result)),
         }
-    }
-
-    /// A record that could not be written, for tests of what depends on it.
-    #[cfg(test)]
-    pub(crate) fn failed(err: AuditError) -> Self {
-        Durable::known(Err(err))
     }
 
     /// A record the writer thread answers for through `rx`, for tests.

@@ -65,7 +65,7 @@ impl Pending {
         if !frame.fits() {
             return Err(AuditError::TooLarge {
                 bytes: frame.payload_len(),
-                limit: wal::MAX_FRAME as usize,
+                limit: wal::MAX_PAYLOAD,
             });
         }
         // The writer fills in both hashes (64 hex digits each): their
@@ -83,15 +83,12 @@ impl Pending {
 /// `s` becomes the lower-case hex of `hash`, in the memory `s` already
 /// has (see [`Pending::new`]).
 fn set_hex(s: &mut String, hash: &[u8; 32]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = [0u8; 64];
-    for (pair, b) in hex.chunks_exact_mut(2).zip(hash) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
-    }
+    let mut digits = [0u8; 64];
+    // 64 bytes are exactly room for 32 bytes in hex: it cannot fail.
+    let _ = hex::encode_to_slice(hash, &mut digits);
     s.clear();
     // Hex digits are ASCII: always UTF-8.
-    s.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    s.push_str(std::str::from_utf8(&digits).unwrap_or_default());
 }
 
 /// How long a batch of only lazy records waits for an urgent one to share

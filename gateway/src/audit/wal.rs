@@ -41,6 +41,10 @@ pub const MAX_FRAME: u32 = 64 << 20;
 /// digits: 118 bytes), with a margin.
 const CHAIN_ROOM: usize = 256;
 
+/// The longest encoding a record may have before its chain members are
+/// added: what a WAL frame can hold and read back.
+pub const MAX_PAYLOAD: usize = MAX_FRAME as usize - CHAIN_ROOM;
+
 /// Size a preallocated WAL file is zero-filled to. A batch that does not
 /// fit in what is left starts the next file.
 pub const PREALLOC_BYTES: u64 = 16 << 20;
@@ -132,7 +136,7 @@ impl PreparedFrame {
     /// enough to be read back: a record that is not would be acknowledged
     /// and then lost, with everything after it, when the WAL is replayed.
     pub fn fits(&self) -> bool {
-        self.payload.len() + CHAIN_ROOM <= MAX_FRAME as usize
+        self.payload.len() <= MAX_PAYLOAD
     }
 
     /// The length of the encoding so far, without the chain members.

@@ -1871,7 +1871,7 @@ mod tests {
         let mut withheld = query("select 2");
         withheld.withheld = Some("audit write failed: disk full".into());
         let mut record_failed = query("select 3");
-        record_failed.durable = Some(Durable::failed(AuditError::Wal("no space".into())));
+        record_failed.durable = Some(Durable::known(Err(AuditError::Wal("no space".into()))));
         // The writer thread's answer, already there when the session ends.
         let (writer, answer) = tokio::sync::oneshot::channel();
         let _ = writer.send(Err(AuditError::Wal("disk gone".into())));
