@@ -20,7 +20,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use tollgate_tests::{free_port, port_open, wait_for, AgentCgroup, Stack};
 
-use crate::step;
+use crate::{bench_pinning::median as median_of, step};
 
 pub const SECONDS: u32 = 10;
 const SCALE: &str = "10";
@@ -48,20 +48,11 @@ struct Sample {
 
 /// Each figure's median over the rounds.
 fn median(samples: &[Sample]) -> Sample {
-    let of = |f: fn(&Sample) -> f64| median_of(samples.iter().map(f).collect());
+    let of = |f: fn(&Sample) -> f64| median_of(&samples.iter().map(f).collect::<Vec<_>>());
     Sample {
         tps: of(|s| s.tps),
         latency_ms: of(|s| s.latency_ms),
         cpu_us: of(|s| s.cpu_us),
-    }
-}
-
-fn median_of(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
@@ -183,7 +174,7 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
             // then their median: figures of the same round ran minutes apart
             // at most.
             let paired = |f: &dyn Fn(&Sample, &Sample) -> f64, a: &[Sample], b: &[Sample]| {
-                median_of(a.iter().zip(b).map(|(a, b)| f(a, b)).collect())
+                median_of(&a.iter().zip(b).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
             };
             let bouncer_ratio = paired(&|b, d| b.tps / d.tps, bouncer_runs, direct_runs);
             let gateway_ratio = paired(&|g, d| g.tps / d.tps, gateway_runs, direct_runs);
@@ -373,7 +364,7 @@ fn median_latency_ms(dir: &Path) -> Result<f64> {
     if latencies.is_empty() {
         bail!("pgbench logged no transactions in {}", dir.display());
     }
-    Ok(median_of(latencies) / 1000.0)
+    Ok(median_of(&latencies) / 1000.0)
 }
 
 /// PgBouncer in session mode in front of the same server.

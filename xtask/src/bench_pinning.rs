@@ -604,7 +604,7 @@ fn rounded(values: &[f64]) -> Vec<i64> {
     values.iter().map(|v| v.round() as i64).collect()
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     quantile(values, 0.5)
 }
 

@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
 
 use super::wire::{self, Frame, WireError};
 use crate::policy::Pattern;
@@ -61,9 +60,7 @@ pub async fn resolve(
 ) -> Result<MaskSet, WireError> {
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query(CATALOG_QUERY, &mut out)?;
-    stream.write_all(&out).await?;
-    // Over TLS a write may stay in the TLS layer's buffer until flushed.
-    stream.flush().await?;
+    super::send_all(stream, &out).await?;
     let mut set = MaskSet {
         columns: HashMap::new(),
         patterns,

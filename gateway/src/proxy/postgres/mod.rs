@@ -141,9 +141,7 @@ async fn serve(
 
     let mut out = BytesMut::new();
     wire::authentication_cleartext(&mut out);
-    client_wr.write_all(&out).await?;
-    // Over TLS a write may stay in the TLS layer's buffer until flushed.
-    client_wr.flush().await?;
+    send_all(&mut client_wr, &out).await?;
     let mut client_buf = BytesMut::new();
     let password = tokio::time::timeout(
         STARTUP_TIMEOUT,
@@ -278,8 +276,7 @@ async fn serve(
     out.clear();
     wire::authentication_ok(&mut out);
     out.extend_from_slice(&greeting);
-    client_wr.write_all(&out).await?;
-    client_wr.flush().await?;
+    send_all(&mut client_wr, &out).await?;
 
     let statement_record = relay::statement_record_base(
         &connection,
@@ -343,6 +340,18 @@ async fn audit_or_refuse<W: tokio::io::AsyncWrite + Unpin>(
             false
         }
     }
+}
+
+/// Writes `bytes` and flushes: over TLS, a write may leave the end of
+/// what it was given in the TLS layer's buffer when the socket is full,
+/// and without a flush it stays there (the peer waits on an answer that
+/// never comes, and tollgate would record it as sent).
+async fn send_all<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
+    io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
     sync::Notify,
 };
 use tracing::warn;
@@ -25,6 +25,7 @@ use super::{
     mask::{self, MaskSet, ResultMask},
 };
 use super::{
+    send_all,
     upstream::Upstream,
     wire::{self, Frame, WireError},
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
@@ -808,15 +809,6 @@ async fn resolve_waiting<T>(
     }
 }
 
-/// Writes `bytes` and flushes: over TLS, a write may leave the end of
-/// what it was given in the TLS layer's buffer when the socket is full,
-/// and without a flush it stays there (the peer waits on an answer that
-/// never comes, and tollgate would record it as sent).
-async fn send_all<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
-}
-
 /// Ends the session with a FATAL error the client can read. Holding the
 /// writer lock puts it between two whole messages.
 async fn fatal_to_client(client_wr: &ClientWriter, code: &str, message: &str) {
@@ -1045,9 +1037,11 @@ fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
     classify(text)
 }
 
-/// Longest statement text tollgate sends on. Its record must fit a WAL
-/// frame (64 MiB) even if every byte needs escaping (six bytes for a
-/// control character); a client message may be up to 64 MiB.
+/// Longest statement text tollgate sends on (a client message may be up to
+/// 64 MiB). Escaped (six bytes for a control character) it fits a WAL
+/// frame once, not necessarily again in the tables it names: a record the
+/// store still refuses as too large refuses the statement too (see
+/// `admit`).
 pub const MAX_AUDITED_STATEMENT: usize = 8 << 20;
 
 /// How much of an oversized statement its refusal record keeps.
@@ -1193,17 +1187,13 @@ async fn server_to_client(
             });
             if let Some(durable) = syncing {
                 let synced = durable.await;
-                if synced.is_ok() {
-                    if let Some(front) = lock(&in_flight).queue.front_mut() {
-                        front.answer_held = false;
-                    }
+                if let Some(front) = lock(&in_flight).queue.front_mut() {
+                    front.answer_held = false;
+                    front.withheld = synced.as_ref().err().map(ToString::to_string);
                 }
                 if let Err(err) = synced {
                     // The answer exists but its request is not on record:
                     // the agent must not see it.
-                    if let Some(front) = lock(&in_flight).queue.front_mut() {
-                        front.withheld = Some(err.to_string());
-                    }
                     let mut client = client_wr.lock().await;
                     // What came before it answers requests on record, or
                     // Parse, Bind and Describe, which have no record of

@@ -131,7 +131,9 @@ async fn establish(
     }
     let mut out = BytesMut::new();
     frontend::startup_message(params.iter().copied(), &mut out).map_err(WireError::Io)?;
-    stream.write_all(&out).await.map_err(WireError::Io)?;
+    super::send_all(&mut stream, &out)
+        .await
+        .map_err(WireError::Io)?;
 
     let mut buf = BytesMut::new();
     let mut scram: Option<sasl::ScramSha256> = None;
@@ -199,7 +201,9 @@ async fn establish(
                     }
                 }
                 if !out.is_empty() {
-                    stream.write_all(&out).await.map_err(WireError::Io)?;
+                    super::send_all(&mut stream, &out)
+                        .await
+                        .map_err(WireError::Io)?;
                 }
             }
             b'E' => {
