@@ -815,6 +815,15 @@ async fn fatal_to_client(client_wr: &ClientWriter, code: &str, message: &str) {
     super::fatal(&mut *client_wr.lock().await, code, message).await;
 }
 
+/// Makes `record` the refusal of its request by `rule`, for `detail`.
+fn mark_refused(record: &mut AuditRecord, rule: &str, detail: &str) {
+    record.phase = "refusal".into();
+    record.status_id = record::status::FAILURE;
+    record.action_id = record::action::DENIED;
+    record.policy_uid = rule.into();
+    record.status_detail = detail.into();
+}
+
 /// The refusal (and its audit row) of a FunctionCall message.
 async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
     let oid = frame
@@ -825,12 +834,11 @@ async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
     let mut record = new_statement_record(session, record::datastore_activity::QUERY);
     record.query_info_query_string = format!("FunctionCall (function oid {oid})");
     record.query_info_kind = "unparsed".into();
-    record.phase = "refusal".into();
-    record.status_id = record::status::FAILURE;
-    record.action_id = record::action::DENIED;
-    record.policy_uid = "protocol:function_call".into();
-    record.status_detail =
-        "the FunctionCall message runs a function with no SQL to decide on".into();
+    mark_refused(
+        &mut record,
+        "protocol:function_call",
+        "the FunctionCall message runs a function with no SQL to decide on",
+    );
     let message = match session.shared.audit.append(record).await {
         Ok(_) => "tollgate: refused by rule protocol:function_call: the FunctionCall message is not allowed; call the function in SQL".to_owned(),
         Err(err) => format!("tollgate: refused by rule protocol:function_call (and the refusal could not be audited: {err})"),
@@ -956,11 +964,7 @@ async fn admit(
     };
     let decision = session.shared.policy.decide(&session.principal, &request);
     if let Decision::Deny { rule, reason } = decision {
-        record.phase = "refusal".into();
-        record.status_id = record::status::FAILURE;
-        record.action_id = record::action::DENIED;
-        record.policy_uid = rule.clone();
-        record.status_detail = reason.clone();
+        mark_refused(&mut record, &rule, &reason);
         let message = match session.shared.audit.append(record).await {
             Ok(_) => format!("tollgate: refused by policy rule {rule}: {reason}"),
             Err(AuditError::TooLarge { .. }) => {
@@ -1063,17 +1067,17 @@ async fn refuse_oversized(
     let kept = prefix_at_char_boundary(text, OVERSIZED_PREFIX);
     record.query_info_query_string = kept.to_owned();
     record.query_info_kind = "unparsed".into();
-    record.phase = "refusal".into();
-    record.status_id = record::status::FAILURE;
-    record.action_id = record::action::DENIED;
-    record.policy_uid = RULE_STATEMENT_TOO_LARGE.into();
-    record.response_error_code = SQLSTATE_TOO_LARGE.into();
-    record.status_detail = format!(
-        "the statement is {} bytes: {why}; its first {} bytes are recorded; SHA-256 of the whole statement: {}",
-        text.len(),
-        kept.len(),
-        hex::encode(Sha256::digest(text.as_bytes())),
+    mark_refused(
+        &mut record,
+        RULE_STATEMENT_TOO_LARGE,
+        &format!(
+            "the statement is {} bytes: {why}; its first {} bytes are recorded; SHA-256 of the whole statement: {}",
+            text.len(),
+            kept.len(),
+            hex::encode(Sha256::digest(text.as_bytes())),
+        ),
     );
+    record.response_error_code = SQLSTATE_TOO_LARGE.into();
     let message = format!("tollgate: the statement is {} bytes: {why}", text.len());
     let message = match session.shared.audit.append(record).await {
         Ok(_) => message,
