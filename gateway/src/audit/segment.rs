@@ -932,6 +932,14 @@ pub fn write_file<R: Borrow<AuditRecord>>(
 
 /// Reads every record of a segment, in file row order.
 pub fn read_file(path: &Path) -> Result<Vec<AuditRecord>, SegmentError> {
+    read_file_with(path, HUGE_COLUMN)
+}
+
+/// Uncompressed bytes of one column in one row group past which a file is
+/// read a few rows at a time (see [`read_file_with`]).
+const HUGE_COLUMN: i64 = 1 << 30;
+
+fn read_file_with(path: &Path, huge_column: i64) -> Result<Vec<AuditRecord>, SegmentError> {
     let file = File::open(path)?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     // An Arrow string column holds at most 2 GiB. Where a row group holds
@@ -943,7 +951,7 @@ pub fn read_file(path: &Path) -> Result<Vec<AuditRecord>, SegmentError> {
         group
             .columns()
             .iter()
-            .any(|column| column.uncompressed_size() > 1 << 30)
+            .any(|column| column.uncompressed_size() > huge_column)
     });
     let reader = if huge {
         builder.with_batch_size(16).build()?
@@ -1246,10 +1254,15 @@ mod file_tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("s.parquet");
         write_file(&super::super::fsutil::Perms::default(), &path, &records).unwrap();
-        let back = read_file(&path).unwrap();
-        assert_eq!(back.len(), records.len());
-        for (a, b) in back.iter().zip(&records) {
-            assert_eq!(a, b, "row {}", b.sequence);
+        // Read as usual, and 16 rows at a time as a file with a column
+        // over 1 GiB is (every column counts as huge here): the links kept
+        // across batches must come back the same.
+        for huge_column in [HUGE_COLUMN, 0] {
+            let back = read_file_with(&path, huge_column).unwrap();
+            assert_eq!(back.len(), records.len());
+            for (a, b) in back.iter().zip(&records) {
+                assert_eq!(a, b, "row {} (huge column {huge_column})", b.sequence);
+            }
         }
     }
 
