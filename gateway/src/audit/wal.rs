@@ -212,6 +212,15 @@ pub fn free_space(dir: &Path) -> io::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// Size of each write that zero-fills a spare. The page cache keeps a
+/// file's pages in folios sized by the writes that created them (ext4 on
+/// recent kernels), and every later write into a folio walks all of the
+/// folio's blocks: a 1.3 KB record written into a 1 MiB folio walks 256
+/// of them. 64 KiB folios cost a record's write(2) half the CPU of 1 MiB
+/// ones (1.4 against 3.2-4.3 µs, measured on ext4, kernel 6.18), and
+/// zero-filling 16 MiB still takes only 256 writes.
+const ZERO_FILL_CHUNK: usize = 64 << 10;
+
 /// Creates `path` and fills it with [`PREALLOC_BYTES`] of zeros, really
 /// written (not fallocate'd: unwritten extents would have to be converted,
 /// with a journal commit, by the fdatasync of the first batch that lands
@@ -225,7 +234,7 @@ pub fn prepare_spare(
 ) -> io::Result<fs::File> {
     let result = (|| {
         let mut f = perms.create_new(path)?;
-        let chunk = vec![0u8; 1 << 20];
+        let chunk = vec![0u8; ZERO_FILL_CHUNK];
         let mut left = PREALLOC_BYTES;
         while left > 0 {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
