@@ -306,9 +306,8 @@ pub(crate) struct Started {
 /// instead of handing it to the writer thread and waiting to be woken (two
 /// thread switches per record, the larger part of a record's cost on a
 /// small host). The write goes to a preallocated file already in the page
-/// cache; starting the next file (every 16 MiB) costs the caller a rename,
-/// while the syncs it calls for (the directory, the file left) are the
-/// syncer's.
+/// cache; starting the next file (a rename and a directory sync, every
+/// 16 MiB) is the longest a caller can be held.
 #[derive(Clone)]
 pub(crate) struct InlineWriter {
     writer: Arc<Mutex<Writer>>,
@@ -362,53 +361,18 @@ struct SyncShared {
     /// Syncs started, for tests of the spacing.
     #[cfg(test)]
     syncs: std::sync::atomic::AtomicU64,
-    /// Retired files synced.
-    #[cfg(test)]
-    retired_syncs: std::sync::atomic::AtomicU64,
     /// Held by a test to keep a started sync from finishing.
     #[cfg(test)]
     sync_gate: Mutex<()>,
 }
 
 impl SyncShared {
-    /// Records a failed sync of the WAL (of the current file, a retired
-    /// one or the directory): the writer refuses its next batch.
+    /// Records a failed sync of the WAL (the background one, or the
+    /// writer's own when it leaves a file): the writer refuses its next
+    /// batch.
     fn fail(&self, failure: String) {
         lock(&self.state).failure = Some(failure);
         self.failed.store(true, Ordering::Release);
-    }
-
-    /// Syncs what the writer left behind since the last call: the WAL
-    /// directory if a file started, then each retired file, once. Runs on
-    /// the syncer's thread, or on the writer's when it shuts down.
-    fn sync_left_behind(&self) {
-        let (dir, retired) = {
-            let mut s = lock(&self.state);
-            (s.dir.take(), std::mem::take(&mut s.retired))
-        };
-        if let Some(dir) = dir {
-            if let Err(e) = fsutil::fsync_dir(&dir) {
-                error!(error = %e, dir = %dir.display(), "WAL directory sync failed");
-                self.fail(e.to_string());
-            }
-        }
-        for r in retired {
-            #[cfg(test)]
-            let synced = match r.fail {
-                true => Err(io::Error::from_raw_os_error(libc::EIO)),
-                false => r.file.sync_data(),
-            };
-            #[cfg(not(test))]
-            let synced = r.file.sync_data();
-            #[cfg(test)]
-            self.retired_syncs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = synced {
-                // As for a failed sync of the current file: what it should
-                // have covered may be gone, so the next record is refused.
-                error!(error = %e, path = %r.path.display(), "WAL sync failed");
-                self.fail(e.to_string());
-            }
-        }
     }
 }
 
@@ -416,22 +380,8 @@ impl SyncShared {
 struct SyncState {
     /// The WAL file being written.
     file: Option<Arc<fs::File>>,
-    /// Files the writer left since the last sync, not yet synced in full.
-    retired: Vec<Retired>,
-    /// A WAL directory whose entries changed (a file started): synced
-    /// before any file, so that a synced file's name survives a crash too.
-    dir: Option<PathBuf>,
     failure: Option<String>,
     stop: bool,
-}
-
-/// A WAL file the writer left, for the syncer to sync once.
-struct Retired {
-    file: Arc<fs::File>,
-    path: PathBuf,
-    /// The test fault that fails this file's sync.
-    #[cfg(test)]
-    fail: bool,
 }
 
 impl Syncer {
@@ -444,8 +394,6 @@ impl Syncer {
             interval,
             #[cfg(test)]
             syncs: Default::default(),
-            #[cfg(test)]
-            retired_syncs: Default::default(),
             #[cfg(test)]
             sync_gate: Mutex::new(()),
         });
@@ -476,7 +424,6 @@ impl Syncer {
             }
             last_start = Some(Instant::now());
             shared.dirty.store(false, Ordering::Release);
-            shared.sync_left_behind();
             let Some(file) = lock(&shared.state).file.clone() else {
                 continue;
             };
@@ -492,23 +439,10 @@ impl Syncer {
         }
     }
 
-    /// The writer moved to `file`, a new entry of `dir`; the file before
-    /// was handed over by [`Self::retire`].
-    fn follow(&self, file: &Arc<fs::File>, dir: &Path) {
-        {
-            let mut s = lock(&self.shared.state);
-            s.file = Some(file.clone());
-            s.dir = Some(dir.to_path_buf());
-        }
-        self.dirty();
-    }
-
-    /// The writer left `retired`: what the syncer has not yet covered of
-    /// it is synced on the syncer's next round (once per file), not by the
-    /// writer, which in `buffered` durability is a session's thread.
-    fn retire(&self, retired: Retired) {
-        lock(&self.shared.state).retired.push(retired);
-        self.dirty();
+    /// The writer moved to `file`; the one before was synced by the writer
+    /// itself (`retire_file`).
+    fn follow(&self, file: &Arc<fs::File>) {
+        lock(&self.shared.state).file = Some(file.clone());
     }
 
     /// Something was written to the followed file. Wakes the syncer only
@@ -530,7 +464,6 @@ impl Syncer {
 
 impl Drop for Syncer {
     fn drop(&mut self) {
-        self.shared.sync_left_behind();
         let mut s = lock(&self.shared.state);
         // The last writes are synced before the thread leaves.
         if let Some(file) = &s.file {
@@ -852,10 +785,6 @@ impl Writer {
         self.closed = true;
         self.stop_preparer();
         self.retire_file();
-        // Shutdown is confirmed only once every written record is synced.
-        if let Some(syncer) = &self.syncer {
-            syncer.shared.sync_left_behind();
-        }
         self.cut();
         let _ = self.seg_tx.send(SegMsg::Shutdown(done));
     }
@@ -940,13 +869,11 @@ impl Writer {
             }
             None => (self.perms.create_new(&path)?, false),
         };
-        // The file's name must survive a crash with its contents: synced
-        // here when each batch is synced here, else by the syncer before it
-        // syncs the file.
+        // The file's name must survive a crash with its contents.
+        fsutil::fsync_dir(&self.wal_dir)?;
         let file = Arc::new(file);
-        match &self.syncer {
-            Some(syncer) => syncer.follow(&file, &self.wal_dir),
-            None => fsutil::fsync_dir(&self.wal_dir)?,
+        if let Some(syncer) = &self.syncer {
+            syncer.follow(&file);
         }
         self.file = Some(WalFile {
             file,
@@ -962,14 +889,22 @@ impl Writer {
     fn retire_file(&mut self) {
         if let Some(w) = self.file.take() {
             // The syncer follows only the current file: what it has not
-            // covered of this one is its to sync.
+            // covered of this one is synced now (once per file, not per
+            // batch).
             if let Some(syncer) = &self.syncer {
-                syncer.retire(Retired {
-                    file: w.file,
-                    path: w.path.clone(),
-                    #[cfg(test)]
-                    fail: faults::take_retire_sync(&self.wal_dir),
-                });
+                #[cfg(test)]
+                let synced = match faults::take_retire_sync(&self.wal_dir) {
+                    true => Err(io::Error::from_raw_os_error(libc::EIO)),
+                    false => w.file.sync_data(),
+                };
+                #[cfg(not(test))]
+                let synced = w.file.sync_data();
+                if let Err(e) = synced {
+                    // As for a failed background sync: what it should have
+                    // covered may be gone, so the next record is refused.
+                    error!(error = %e, path = %w.path.display(), "WAL sync failed");
+                    syncer.shared.fail(e.to_string());
+                }
             }
             self.closed_files.push(w.path);
         }
@@ -1534,7 +1469,7 @@ mod syncer_tests {
         let syncer = Syncer::start(interval).expect("syncer");
         let dir = tempfile::tempdir().expect("tempdir");
         let file = wal_file(&dir);
-        syncer.follow(&file, dir.path());
+        syncer.follow(&file);
         // A write every millisecond for 300 ms: back to back, that would be
         // a sync after nearly every write.
         let start = Instant::now();
@@ -1556,7 +1491,7 @@ mod syncer_tests {
         let syncer = Syncer::start(Duration::from_millis(1)).expect("syncer");
         let dir = tempfile::tempdir().expect("tempdir");
         let file = wal_file(&dir);
-        syncer.follow(&file, dir.path());
+        syncer.follow(&file);
         let gate = lock(&syncer.shared.sync_gate);
         write(&file, &syncer);
         wait_for_syncs(&syncer, 1, "the first write was never synced");
@@ -1573,8 +1508,7 @@ mod syncer_tests {
     fn a_failed_background_sync_is_reported_once_to_the_writer() {
         let syncer = Syncer::start(Duration::from_millis(1)).expect("syncer");
         let device = Arc::new(fs::File::open("/dev/null").expect("/dev/null"));
-        let dir = tempfile::tempdir().expect("tempdir");
-        syncer.follow(&device, dir.path());
+        syncer.follow(&device);
         syncer.dirty();
         let deadline = Instant::now() + Duration::from_secs(10);
         let failure = loop {
@@ -1586,41 +1520,6 @@ mod syncer_tests {
         };
         assert!(!failure.is_empty());
         assert!(syncer.take_failure().is_none(), "reported once");
-    }
-
-    // In `buffered` durability the writer is a session's thread: a file it
-    // leaves is synced by the syncer, once, and a failed sync of it is
-    // reported like a failed sync of the current file.
-    #[test]
-    fn retired_files_are_synced_by_the_syncer_and_a_failure_is_reported() {
-        let syncer = Syncer::start(Duration::from_millis(1)).expect("syncer");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let retire = |name: &str, fail: bool| {
-            let path = dir.path().join(name);
-            let file = Arc::new(fs::File::create(&path).expect("file"));
-            syncer.follow(&file, dir.path());
-            write(&file, &syncer);
-            syncer.retire(Retired { file, path, fail });
-        };
-        let wait_for = |n: u64, what: &str| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while syncer.shared.retired_syncs.load(Ordering::Relaxed) < n {
-                assert!(Instant::now() < deadline, "{what}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        retire("wal-1", false);
-        retire("wal-2", false);
-        wait_for(2, "retired files were never synced");
-        assert!(syncer.take_failure().is_none());
-        assert!(lock(&syncer.shared.state).retired.is_empty());
-        retire("wal-3", true);
-        wait_for(3, "the third retired file was never synced");
-        let failure = syncer.take_failure().expect("the failed sync is reported");
-        assert!(!failure.is_empty());
-        // Each file is synced once, however many rounds follow.
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(syncer.shared.retired_syncs.load(Ordering::Relaxed), 3);
     }
 }
 
