@@ -350,8 +350,26 @@ async fn send_all<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     bytes: &[u8],
 ) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
+    send_counted(w, bytes).await.1
+}
+
+/// [`send_all`], also saying how many bytes the connection took (handed to
+/// the kernel, or over TLS to the TLS layer) before a failure: a batch of
+/// answers cut off mid-write reached the agent up to there.
+async fn send_counted<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    bytes: &[u8],
+) -> (usize, std::io::Result<()>) {
+    let mut taken = 0;
+    while taken < bytes.len() {
+        match w.write(&bytes[taken..]).await {
+            Ok(0) => return (taken, Err(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => taken += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (taken, Err(e)),
+        }
+    }
+    (taken, w.flush().await)
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.

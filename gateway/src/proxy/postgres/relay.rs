@@ -25,7 +25,7 @@ use super::{
     mask::{self, MaskSet, ResultMask},
 };
 use super::{
-    send_all,
+    send_all, send_counted,
     upstream::Upstream,
     wire::{self, Frame, WireError},
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
@@ -1177,10 +1177,7 @@ async fn server_to_client(
     in_flight: Arc<Mutex<InFlight>>,
     answered: Arc<Notify>,
 ) -> Result<(), WireError> {
-    let mut outcomes = Outcomes {
-        answered: Finished::new(),
-        submit: |outcome| submit_outcome(&session, outcome),
-    };
+    let mut outcomes = Outcomes::new(|outcome| submit_outcome(&session, outcome));
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
@@ -1202,9 +1199,8 @@ async fn server_to_client(
                     // What came before it answers requests on record, or
                     // Parse, Bind and Describe, which have no record of
                     // their own (as on every other path): it goes first.
-                    if send_all(&mut *client, &out).await.is_ok() {
-                        outcomes.sent();
-                    }
+                    let (taken, _) = send_counted(&mut *client, &out).await;
+                    outcomes.sent_up_to(taken);
                     let mut fatal = BytesMut::new();
                     wire::error_response(
                         &mut fatal,
@@ -1233,9 +1229,8 @@ async fn server_to_client(
                 Err(err) => {
                     // What was sent before the message out of step reached
                     // the agent; the rest did not (recorded on drop).
-                    if send_all(&mut *client_wr.lock().await, &out).await.is_ok() {
-                        outcomes.sent();
-                    }
+                    let (taken, _) = send_counted(&mut *client_wr.lock().await, &out).await;
+                    outcomes.sent_up_to(taken);
                     fatal_to_client(
                         &client_wr,
                         super::SQLSTATE_PROTOCOL,
@@ -1249,9 +1244,16 @@ async fn server_to_client(
                 Some(row) => out.extend_from_slice(&row),
                 None => out.unsplit(frame.bytes),
             }
+            outcomes.answers_end_at(out.len());
         }
         if !out.is_empty() {
-            send_all(&mut *client_wr.lock().await, &out).await?;
+            let (taken, sent) = send_counted(&mut *client_wr.lock().await, &out).await;
+            if let Err(err) = sent {
+                // Answers the connection took in full before it failed were
+                // delivered; the rest were not (recorded on drop).
+                outcomes.sent_up_to(taken);
+                return Err(err.into());
+            }
         }
         // As for the client's side: the sent answers must not keep the
         // read buffer shared, or the reserve below allocates a new one.
@@ -1275,17 +1277,47 @@ type Finished = Vec<(Pending, Option<(String, String)>)>;
 /// so. `submit` hands a record to the audit store.
 struct Outcomes<F: FnMut(AuditRecord)> {
     answered: Finished,
+    /// Where in the batch of answers being built each of `answered` ends
+    /// (as many as have been added to the batch in full).
+    ends: Vec<usize>,
     submit: F,
 }
 
 impl<F: FnMut(AuditRecord)> Outcomes<F> {
+    fn new(submit: F) -> Self {
+        Outcomes {
+            answered: Finished::new(),
+            ends: Vec::new(),
+            submit,
+        }
+    }
+
+    /// The answers finished so far are in the batch up to `end`.
+    fn answers_end_at(&mut self, end: usize) {
+        let unplaced = self.answered.len().saturating_sub(self.ends.len());
+        self.ends.extend(std::iter::repeat_n(end, unplaced));
+    }
+
     /// Records the held answers as handed to the agent's connection.
     fn sent(&mut self) {
         self.record(Delivery::Sent);
     }
 
+    /// The connection took the batch's first `taken` bytes: the answers
+    /// that end within them are recorded as handed to it; the others stay
+    /// held (not delivered, if the session ends now).
+    fn sent_up_to(&mut self, taken: usize) {
+        let whole = self.ends.iter().take_while(|&&end| end <= taken).count();
+        self.record_first(whole, Delivery::Sent);
+    }
+
     fn record(&mut self, delivery: Delivery) {
-        for (pending, error) in self.answered.drain(..) {
+        self.record_first(self.answered.len(), delivery);
+    }
+
+    fn record_first(&mut self, n: usize, delivery: Delivery) {
+        self.ends.drain(..n.min(self.ends.len()));
+        for (pending, error) in self.answered.drain(..n) {
             if let Some(outcome) = outcome_record(pending, error, delivery) {
                 (self.submit)(outcome);
             }
@@ -1813,10 +1845,7 @@ mod tests {
     #[test]
     fn answers_held_when_the_session_ends_are_recorded_as_not_delivered() {
         let mut submitted = Vec::new();
-        let mut outcomes = Outcomes {
-            answered: Finished::new(),
-            submit: |outcome: AuditRecord| submitted.push(outcome),
-        };
+        let mut outcomes = Outcomes::new(|outcome: AuditRecord| submitted.push(outcome));
         outcomes.answered.push((query("select 1"), None));
         outcomes.sent();
         // Answered by the server, not yet sent on when the session ends.
@@ -1852,6 +1881,73 @@ mod tests {
             "{}",
             lost_error.status_detail
         );
+        assert_eq!(submitted.len(), 3);
+    }
+
+    /// A batch of answers cut off mid-write: the answers the connection
+    /// took in full were delivered, the one it took part of and those
+    /// after it were not.
+    #[tokio::test]
+    async fn answers_written_in_full_before_a_failed_write_are_recorded_as_delivered() {
+        /// Takes `room` bytes, then fails as a reset connection does.
+        struct Breaks {
+            room: usize,
+        }
+        impl tokio::io::AsyncWrite for Breaks {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                if self.room == 0 {
+                    return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+                }
+                // A few bytes at a time, as a full socket takes them.
+                let n = buf.len().min(self.room).min(7);
+                self.room -= n;
+                std::task::Poll::Ready(Ok(n))
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let mut submitted = Vec::new();
+        let mut outcomes = Outcomes::new(|outcome: AuditRecord| submitted.push(outcome));
+        let mut batch = Vec::new();
+        for (text, answer) in [
+            ("select 1", &b"first answer, 20 b.."[..]),
+            ("select 2", b"second answer, 21 b.."),
+            ("select 3", b"third answer"),
+        ] {
+            outcomes.answered.push((query(text), None));
+            batch.extend_from_slice(answer);
+            outcomes.answers_end_at(batch.len());
+        }
+        // The connection breaks 5 bytes into the third answer.
+        let (taken, sent) = send_counted(&mut Breaks { room: 46 }, &batch).await;
+        assert_eq!(taken, 46);
+        assert!(sent.is_err());
+        outcomes.sent_up_to(taken);
+        drop(outcomes);
+        let detail = |text: &str| {
+            submitted
+                .iter()
+                .find(|r| r.query_info_query_string == text)
+                .map(|r| r.status_detail.clone())
+                .unwrap_or_else(|| panic!("no outcome for {text}"))
+        };
+        assert_eq!(detail("select 1"), "");
+        assert_eq!(detail("select 2"), "");
+        assert_eq!(detail("select 3"), NOT_DELIVERED);
         assert_eq!(submitted.len(), 3);
     }
 
