@@ -216,8 +216,9 @@ pub fn free_space(dir: &Path) -> io::Result<u64> {
 /// file's pages in folios sized by the writes that created them (ext4 on
 /// recent kernels), and every later write into a folio walks all of the
 /// folio's blocks: a 1.3 KB record written into a 1 MiB folio walks 256
-/// of them. 64 KiB folios cost a record's write(2) half the CPU of 1 MiB
-/// ones (1.4 against 3.2-4.3 µs, measured on ext4, kernel 6.18), and
+/// of them. In 64 KiB folios a record's write(2) costs less than half the
+/// CPU it does in 1 MiB ones (2.1 against 4.1-4.3 µs, and 1.4 against
+/// 3.2-3.6 µs in a second set of runs; ext4, kernel 6.18), and
 /// zero-filling 16 MiB still takes only 256 writes.
 const ZERO_FILL_CHUNK: usize = 64 << 10;
 
