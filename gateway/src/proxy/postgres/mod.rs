@@ -350,26 +350,31 @@ async fn send_all<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     bytes: &[u8],
 ) -> std::io::Result<()> {
-    send_counted(w, bytes).await.1
+    send_counted(w, bytes, &mut 0).await
 }
 
-/// [`send_all`], also saying how many bytes the connection took (handed to
-/// the kernel, or over TLS to the TLS layer) before a failure: a batch of
-/// answers cut off mid-write reached the agent up to there.
+/// [`send_all`], keeping in `handed_over` how many of the bytes the
+/// connection has taken so far: handed to the kernel (each write is
+/// flushed before it counts, so over TLS none still sit in the TLS layer).
+/// A batch of answers cut off mid-write, or whose sending is abandoned,
+/// reached the agent's connection up to there.
 async fn send_counted<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     bytes: &[u8],
-) -> (usize, std::io::Result<()>) {
+    handed_over: &mut usize,
+) -> std::io::Result<()> {
     let mut taken = 0;
     while taken < bytes.len() {
         match w.write(&bytes[taken..]).await {
-            Ok(0) => return (taken, Err(std::io::ErrorKind::WriteZero.into())),
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => taken += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return (taken, Err(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
+        w.flush().await?;
+        *handed_over = taken;
     }
-    (taken, w.flush().await)
+    w.flush().await
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.

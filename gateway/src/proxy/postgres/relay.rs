@@ -1199,8 +1199,8 @@ async fn server_to_client(
                     // What came before it answers requests on record, or
                     // Parse, Bind and Describe, which have no record of
                     // their own (as on every other path): it goes first.
-                    let (taken, _) = send_counted(&mut *client, &out).await;
-                    outcomes.sent_up_to(taken);
+                    let _ = send_counted(&mut *client, &out, &mut outcomes.handed_over).await;
+                    outcomes.sent_up_to(outcomes.handed_over);
                     let mut fatal = BytesMut::new();
                     wire::error_response(
                         &mut fatal,
@@ -1229,8 +1229,13 @@ async fn server_to_client(
                 Err(err) => {
                     // What was sent before the message out of step reached
                     // the agent; the rest did not (recorded on drop).
-                    let (taken, _) = send_counted(&mut *client_wr.lock().await, &out).await;
-                    outcomes.sent_up_to(taken);
+                    let _ = send_counted(
+                        &mut *client_wr.lock().await,
+                        &out,
+                        &mut outcomes.handed_over,
+                    )
+                    .await;
+                    outcomes.sent_up_to(outcomes.handed_over);
                     fatal_to_client(
                         &client_wr,
                         super::SQLSTATE_PROTOCOL,
@@ -1247,13 +1252,15 @@ async fn server_to_client(
             outcomes.answers_end_at(out.len());
         }
         if !out.is_empty() {
-            let (taken, sent) = send_counted(&mut *client_wr.lock().await, &out).await;
-            if let Err(err) = sent {
-                // Answers the connection took in full before it failed were
-                // delivered; the rest were not (recorded on drop).
-                outcomes.sent_up_to(taken);
-                return Err(err.into());
-            }
+            // If this fails, or the session ends while it waits (the relay
+            // is dropped), the answers the connection took in full are
+            // recorded as handed over and the rest as not (on drop).
+            send_counted(
+                &mut *client_wr.lock().await,
+                &out,
+                &mut outcomes.handed_over,
+            )
+            .await?;
         }
         // As for the client's side: the sent answers must not keep the
         // read buffer shared, or the reserve below allocates a new one.
@@ -1280,6 +1287,8 @@ struct Outcomes<F: FnMut(AuditRecord)> {
     /// Where in the batch of answers being built each of `answered` ends
     /// (as many as have been added to the batch in full).
     ends: Vec<usize>,
+    /// How much of the batch the agent's connection has taken.
+    handed_over: usize,
     submit: F,
 }
 
@@ -1288,6 +1297,7 @@ impl<F: FnMut(AuditRecord)> Outcomes<F> {
         Outcomes {
             answered: Finished::new(),
             ends: Vec::new(),
+            handed_over: 0,
             submit,
         }
     }
@@ -1311,8 +1321,10 @@ impl<F: FnMut(AuditRecord)> Outcomes<F> {
         self.record_first(whole, Delivery::Sent);
     }
 
+    /// Records every held answer; the next batch starts.
     fn record(&mut self, delivery: Delivery) {
         self.record_first(self.answered.len(), delivery);
+        self.handed_over = 0;
     }
 
     fn record_first(&mut self, n: usize, delivery: Delivery) {
@@ -1327,6 +1339,7 @@ impl<F: FnMut(AuditRecord)> Outcomes<F> {
 
 impl<F: FnMut(AuditRecord)> Drop for Outcomes<F> {
     fn drop(&mut self) {
+        self.sent_up_to(self.handed_over);
         self.record(Delivery::NotSent);
     }
 }
@@ -1884,71 +1897,110 @@ mod tests {
         assert_eq!(submitted.len(), 3);
     }
 
-    /// A batch of answers cut off mid-write: the answers the connection
-    /// took in full were delivered, the one it took part of and those
-    /// after it were not.
-    #[tokio::test]
-    async fn answers_written_in_full_before_a_failed_write_are_recorded_as_delivered() {
-        /// Takes `room` bytes, then fails as a reset connection does.
-        struct Breaks {
-            room: usize,
+    /// Takes `room` bytes, a few at a time as a full socket does, then
+    /// fails as a reset connection does; or fails its flushes.
+    struct Breaks {
+        room: usize,
+        flush_fails: bool,
+    }
+
+    impl tokio::io::AsyncWrite for Breaks {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.room == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+            }
+            let n = buf.len().min(self.room).min(7);
+            self.room -= n;
+            std::task::Poll::Ready(Ok(n))
         }
-        impl tokio::io::AsyncWrite for Breaks {
-            fn poll_write(
-                mut self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-                buf: &[u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                if self.room == 0 {
-                    return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
-                }
-                // A few bytes at a time, as a full socket takes them.
-                let n = buf.len().min(self.room).min(7);
-                self.room -= n;
-                std::task::Poll::Ready(Ok(n))
-            }
-            fn poll_flush(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Ready(Ok(()))
-            }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(match self.flush_fails {
+                true => Err(std::io::ErrorKind::BrokenPipe.into()),
+                false => Ok(()),
+            })
         }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Sends a batch of three answers (ending at bytes 20, 41 and 53; the
+    /// second ends two requests, as a pipeline error skipping to Sync
+    /// does) to `connection`, then ends the session as the relay does when
+    /// the send fails: which requests are recorded as not delivered?
+    async fn not_delivered_after(mut connection: Breaks) -> Vec<&'static str> {
         let mut submitted = Vec::new();
         let mut outcomes = Outcomes::new(|outcome: AuditRecord| submitted.push(outcome));
         let mut batch = Vec::new();
-        for (text, answer) in [
-            ("select 1", &b"first answer, 20 b.."[..]),
-            ("select 2", b"second answer, 21 b.."),
-            ("select 3", b"third answer"),
+        for (texts, answer) in [
+            (&["select 1"][..], &b"first answer, 20 b.."[..]),
+            (&["select 2", "select 2b"], b"second answer, 21 b.."),
+            (&["select 3"], b"third answer"),
         ] {
-            outcomes.answered.push((query(text), None));
+            for text in texts {
+                outcomes.answered.push((query(text), None));
+            }
             batch.extend_from_slice(answer);
             outcomes.answers_end_at(batch.len());
         }
-        // The connection breaks 5 bytes into the third answer.
-        let (taken, sent) = send_counted(&mut Breaks { room: 46 }, &batch).await;
-        assert_eq!(taken, 46);
-        assert!(sent.is_err());
-        outcomes.sent_up_to(taken);
+        let sent = send_counted(&mut connection, &batch, &mut outcomes.handed_over).await;
+        assert!(sent.is_err(), "the connection was to fail");
         drop(outcomes);
-        let detail = |text: &str| {
-            submitted
-                .iter()
-                .find(|r| r.query_info_query_string == text)
-                .map(|r| r.status_detail.clone())
-                .unwrap_or_else(|| panic!("no outcome for {text}"))
+        assert_eq!(submitted.len(), 4);
+        ["select 1", "select 2", "select 2b", "select 3"]
+            .into_iter()
+            .filter(|text| {
+                let outcome = submitted
+                    .iter()
+                    .find(|r| r.query_info_query_string == *text)
+                    .unwrap_or_else(|| panic!("no outcome for {text}"));
+                outcome.status_detail == NOT_DELIVERED
+            })
+            .collect()
+    }
+
+    /// A batch of answers cut off mid-write: the answers the connection
+    /// took in full were handed over, the one it took part of and those
+    /// after it were not.
+    #[tokio::test]
+    async fn answers_written_in_full_before_a_failed_write_are_recorded_as_delivered() {
+        let breaks_at = |room| Breaks {
+            room,
+            flush_fails: false,
         };
-        assert_eq!(detail("select 1"), "");
-        assert_eq!(detail("select 2"), "");
-        assert_eq!(detail("select 3"), NOT_DELIVERED);
-        assert_eq!(submitted.len(), 3);
+        // 5 bytes into the third answer.
+        assert_eq!(not_delivered_after(breaks_at(46)).await, ["select 3"]);
+        // Exactly at the end of the second.
+        assert_eq!(not_delivered_after(breaks_at(41)).await, ["select 3"]);
+        // One byte short of it.
+        assert_eq!(
+            not_delivered_after(breaks_at(40)).await,
+            ["select 2", "select 2b", "select 3"]
+        );
+        assert_eq!(
+            not_delivered_after(breaks_at(0)).await,
+            ["select 1", "select 2", "select 2b", "select 3"]
+        );
+        // Bytes a writer took but could not flush (TLS with a full
+        // socket) were not handed over.
+        let unflushed = Breaks {
+            room: 1000,
+            flush_fails: true,
+        };
+        assert_eq!(
+            not_delivered_after(unflushed).await,
+            ["select 1", "select 2", "select 2b", "select 3"]
+        );
     }
 
     /// Requests in flight when the session ends: each gets an outcome of
