@@ -91,8 +91,8 @@ fn base(a: &Agent, target: &str, session: &str, time: i64) -> AuditRecord {
         actor_user_org_uid: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
         actor_app_uid: a.app.into(),
         actor_user_groups: a.groups.iter().map(|s| s.to_string()).collect(),
-        actor_session_credential_uid: format!("uti-{session}"),
-        actor_session_credential_fingerprint: format!("{:064x}", time),
+        actor_session_credential_uid: format!("uti-{session}").into(),
+        actor_session_credential_fingerprint: format!("{:064x}", time).into(),
         actor_process_pid: Some(a.pid),
         actor_process_name: "python3".into(),
         actor_process_cgroup_id: Some(7001),
@@ -180,11 +180,12 @@ async fn main() -> anyhow::Result<()> {
                 r.query_info_tables_read = vec![table.into()];
             }
             r.intent = format!("ticket-{}", 1000 + s);
-            r.actor_tollgate_roles = vec![if a.oid.starts_with('3') {
-                "operator".into()
+            r.actor_tollgate_roles = [if a.oid.starts_with('3') {
+                "operator".to_string()
             } else {
-                "reader".into()
-            }];
+                "reader".to_string()
+            }]
+            .into();
             if sql.contains("email") {
                 r.masked_columns = vec!["email".into()];
             }
@@ -233,8 +234,8 @@ async fn main() -> anyhow::Result<()> {
     refused.status_id = status::FAILURE;
     refused.action_id = action::DENIED;
     refused.status_detail = "token_expired: the token has expired".into();
-    refused.actor_user_uid.clear();
-    refused.actor_user_name.clear();
+    refused.actor_user_uid = "".into();
+    refused.actor_user_name = "".into();
     log.append(refused).await?;
     log.shutdown().await;
     println!("wrote {dir}");

@@ -5,6 +5,16 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// Text every record of a session repeats (who, from where, to what):
+/// shared by them rather than copied into each. A busy session's records
+/// wait in memory until their segment is written, and these fields were
+/// about a third of a record's memory and most of its allocations.
+pub type SharedText = std::sync::Arc<str>;
+
+/// A list every record of a session repeats (groups, roles), shared as
+/// [`SharedText`] is.
+pub type SharedList = std::sync::Arc<[String]>;
+
 /// `prev_record_hash` of the first record of a chain: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -93,44 +103,44 @@ pub struct AuditRecord {
 
     // --- who (from the validated token) ---
     /// Entra object id (`oid`).
-    pub actor_user_uid: String,
+    pub actor_user_uid: SharedText,
     /// Display name (upn / preferred_username): never used for decisions.
-    pub actor_user_name: String,
+    pub actor_user_name: SharedText,
     /// Entra tenant id (`tid`).
-    pub actor_user_org_uid: String,
+    pub actor_user_org_uid: SharedText,
     /// Client application id (`azp` / `appid`).
-    pub actor_app_uid: String,
-    pub actor_user_groups: Vec<String>,
-    pub actor_user_roles: Vec<String>,
+    pub actor_app_uid: SharedText,
+    pub actor_user_groups: SharedList,
+    pub actor_user_roles: SharedList,
     /// Token id (`uti`); the token itself is never stored.
-    pub actor_session_credential_uid: String,
+    pub actor_session_credential_uid: SharedText,
     /// SHA-256 of the token (hex).
-    pub actor_session_credential_fingerprint: String,
+    pub actor_session_credential_fingerprint: SharedText,
 
     // --- the agent process (from the kernel redirect) ---
     pub actor_process_pid: Option<i32>,
-    pub actor_process_name: String,
+    pub actor_process_name: SharedText,
     pub actor_process_cgroup_id: Option<i64>,
 
     // --- where ---
-    pub src_endpoint_ip: String,
+    pub src_endpoint_ip: SharedText,
     pub src_endpoint_port: Option<i32>,
     /// The address the agent asked for (before the redirect).
-    pub dst_endpoint_ip: String,
+    pub dst_endpoint_ip: SharedText,
     pub dst_endpoint_port: Option<i32>,
     /// Configured target name, e.g. "orders-db".
-    pub dst_endpoint_name: String,
+    pub dst_endpoint_name: SharedText,
     /// "postgres", "ssh", "kubernetes".
-    pub connection_info_protocol_name: String,
+    pub connection_info_protocol_name: SharedText,
     /// One id per client connection, shared by all its records.
-    pub session_uid: String,
+    pub session_uid: SharedText,
     /// SO_COOKIE of the gateway's upstream socket, for bypass reconciliation.
     pub upstream_socket_cookie: Option<i64>,
 
     // --- the request ---
     /// Database user and database name the agent asked for.
-    pub database_user: String,
-    pub database_name: String,
+    pub database_user: SharedText,
+    pub database_name: SharedText,
     /// The exact statement text.
     pub query_info_query_string: String,
 
@@ -153,7 +163,7 @@ pub struct AuditRecord {
     /// Why the agent says it acts (application_name or `/* intent: ... */`).
     pub intent: String,
     /// tollgate roles of the caller, which policy decided on.
-    pub actor_tollgate_roles: Vec<String>,
+    pub actor_tollgate_roles: SharedList,
     /// Result columns whose values were masked.
     pub masked_columns: Vec<String>,
     /// The rows returned, after masking, when the grant records full
@@ -273,9 +283,9 @@ mod tests {
                 policy_uid: text[2].clone(),
                 phase: text[3].clone(),
                 query_info_query_string: text[4].clone(),
-                session_uid: text[5].clone(),
+                session_uid: text[5].as_str().into(),
                 unmapped: text[6].clone(),
-                actor_user_groups: list.clone(),
+                actor_user_groups: list.as_slice().into(),
                 masked_columns: list.iter().rev().cloned().collect(),
                 response_rows: n.3,
                 actor_process_pid: n.4,
@@ -296,7 +306,7 @@ mod tests {
             prev_record_hash: "ab".into(),
             record_hash: "ignored".into(),
             phase: "request".into(),
-            actor_user_groups: vec!["g".into()],
+            actor_user_groups: ["g".to_string()].into(),
             actor_process_pid: Some(0),
             response_rows: None,
             ..Default::default()

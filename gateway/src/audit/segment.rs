@@ -195,7 +195,7 @@ macro_rules! kind_push {
         $b.append_option($r.$b)
     };
     (strs, $b:ident, $r:expr, $keep:expr) => {{
-        for v in &$r.$b {
+        for v in $r.$b.iter() {
             $b.values().append_value(v);
         }
         $b.append(true);
@@ -315,7 +315,7 @@ macro_rules! kind_read {
         if let Some(a) = column::<StringArray>($b, n)? {
             for (i, r) in $out.iter_mut().enumerate() {
                 not_null(a, n, i)?;
-                r.$f = a.value(i).to_string();
+                r.$f = a.value(i).into();
             }
         }
     }};
@@ -1149,7 +1149,7 @@ mod file_tests {
             .map(|i| {
                 let mut r = super::super::tests::sample(i as usize, 1000 + i as i64);
                 r.sequence = i + 1;
-                r.actor_user_groups = vec![format!("g{i}")];
+                r.actor_user_groups = [format!("g{i}")].into();
                 r.query_info_tables_read = vec![format!("public.t{i}")];
                 r.response_rows = Some(i as i64);
                 r
@@ -1188,7 +1188,7 @@ mod file_tests {
             .map(|i| AuditRecord {
                 sequence: i + 1,
                 time: 1000 + i as i64,
-                actor_user_uid: format!("u{}", i % 3),
+                actor_user_uid: format!("u{}", i % 3).into(),
                 ..Default::default()
             })
             .collect();
@@ -1275,7 +1275,7 @@ mod file_tests {
                 let mut r = AuditRecord {
                     sequence: i + 1,
                     time: 1000 + i as i64,
-                    actor_user_uid: format!("u{i}"),
+                    actor_user_uid: format!("u{i}").into(),
                     ..Default::default()
                 };
                 r.record_hash = r.compute_hash();

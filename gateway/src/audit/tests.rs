@@ -15,13 +15,13 @@ pub(crate) fn sample(i: usize, time: i64) -> AuditRecord {
         status_id: status::SUCCESS,
         action_id: action::ALLOWED,
         policy_uid: "read-orders".into(),
-        actor_user_uid: format!("oid-{}", i % 7),
-        actor_user_name: format!("agent{}@example.com", i % 7),
-        actor_user_groups: vec!["g1".into(), format!("g{}", i % 3)],
+        actor_user_uid: format!("oid-{}", i % 7).into(),
+        actor_user_name: format!("agent{}@example.com", i % 7).into(),
+        actor_user_groups: ["g1".into(), format!("g{}", i % 3)].into(),
         actor_user_roles: if i.is_multiple_of(2) {
-            vec![]
+            [].into()
         } else {
-            vec!["Reader".into()]
+            ["Reader".to_string()].into()
         },
         actor_process_pid: if i.is_multiple_of(5) {
             None
@@ -31,7 +31,7 @@ pub(crate) fn sample(i: usize, time: i64) -> AuditRecord {
         actor_process_cgroup_id: Some(1000 + i as i64),
         dst_endpoint_name: "orders-db".into(),
         dst_endpoint_port: Some(5432),
-        session_uid: format!("sess-{}", i / 10),
+        session_uid: format!("sess-{}", i / 10).into(),
         query_info_query_string: format!("SELECT * FROM orders WHERE id = {i} -- ünïcode"),
         response_rows: i.is_multiple_of(4).then_some(i as i64),
         unmapped: "{}".into(),
@@ -584,7 +584,7 @@ async fn policy_fields_round_trip_through_segments_and_verify() {
     r.query_info_tables_written = vec!["public.orders".into(), "audit.log".into()];
     r.query_info_parameters = "[\"42\",null]".into();
     r.intent = "refund order 1001".into();
-    r.actor_tollgate_roles = vec!["support".into()];
+    r.actor_tollgate_roles = ["support".to_string()].into();
     r.masked_columns = vec!["email".into()];
     log.append(r.clone()).await.unwrap();
     log.shutdown().await;

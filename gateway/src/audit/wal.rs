@@ -467,7 +467,7 @@ mod tests {
             r.phase = t(1);
             r.query_info_query_string = t(2);
             r.response_error_code = t(3);
-            r.session_uid = t(4);
+            r.session_uid = t(4).into();
             r.unmapped = t(5);
             r.actor_user_groups = (0..i % 3).map(t).collect();
             r.response_rows = (i % 2 == 0).then_some(i as i64);

@@ -198,7 +198,7 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     // A packet is seen without its task: no pid, no name (the cgroup is
     // the sending socket's).
     record.actor_process_pid = (!packet).then(|| i32::try_from(event.pid).ok()).flatten();
-    record.actor_process_name = comm_to_string(&event.comm);
+    record.actor_process_name = comm_to_string(&event.comm).into();
     record.actor_process_cgroup_id = i64::try_from(event.cgroup_id).ok();
     // A refused socket has no destination yet; its event carries the
     // socket type in place of the port. A packet's event has both.
@@ -208,13 +208,13 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
         _ => None,
     };
     if event.kind != event_kind::REFUSED_SOCKET {
-        record.dst_endpoint_ip = ip_from_words(event.daddr).to_string();
+        record.dst_endpoint_ip = ip_from_words(event.daddr).to_string().into();
         record.dst_endpoint_port = i32::try_from(event.dport).ok();
     }
     record.connection_info_protocol_name = match event.protocol {
         6 => "tcp".into(),
         17 => "udp".into(),
-        other => other.to_string(),
+        other => other.to_string().into(),
     };
     // The same conversion the proxy uses for its upstream cookie, so the
     // two columns compare equal.
@@ -535,9 +535,9 @@ mod tests {
         assert_eq!(record.activity_id, 1);
         assert_eq!(record.type_uid, 400101);
         assert_eq!(record.actor_process_pid, Some(1234));
-        assert_eq!(record.actor_process_name, "psql");
+        assert_eq!(&*record.actor_process_name, "psql");
         assert_eq!(record.actor_process_cgroup_id, Some(77));
-        assert_eq!(record.dst_endpoint_ip, "10.0.0.5");
+        assert_eq!(&*record.dst_endpoint_ip, "10.0.0.5");
         assert_eq!(record.dst_endpoint_port, Some(5432));
         assert_eq!(record.upstream_socket_cookie, Some(4242));
         assert_eq!(record.time, 1_700_000_005_000);
@@ -573,9 +573,9 @@ mod tests {
         assert_eq!(record.action_id, crate::audit::action::ALLOWED);
         assert_eq!(record.actor_process_pid, None, "no task in packet context");
         assert_eq!(record.actor_process_cgroup_id, Some(77));
-        assert_eq!(record.dst_endpoint_ip, "10.0.0.5");
+        assert_eq!(&*record.dst_endpoint_ip, "10.0.0.5");
         assert_eq!(record.dst_endpoint_port, Some(5432));
-        assert_eq!(record.connection_info_protocol_name, "udp");
+        assert_eq!(&*record.connection_info_protocol_name, "udp");
         let unmapped: serde_json::Value = serde_json::from_str(&record.unmapped).expect("json");
         assert_eq!(unmapped["kind"], "packet_to_protected_target");
         assert_eq!(unmapped["socket_type"], 2);

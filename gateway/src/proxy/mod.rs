@@ -144,10 +144,10 @@ impl Connection {
     pub fn record(&self, principal: Option<&Principal>) -> AuditRecord {
         let mut record = AuditRecord {
             time: now_millis(),
-            session_uid: self.session_uid.clone(),
-            dst_endpoint_name: self.target.name.clone(),
+            session_uid: self.session_uid.as_str().into(),
+            dst_endpoint_name: self.target.name.as_str().into(),
             connection_info_protocol_name: self.target.protocol.name().into(),
-            src_endpoint_ip: self.peer.ip().to_string(),
+            src_endpoint_ip: self.peer.ip().to_string().into(),
             src_endpoint_port: Some(i32::from(self.peer.port())),
             ..AuditRecord::default()
         };
@@ -158,23 +158,23 @@ impl Connection {
             .as_ref()
             .map(|o| o.original_destination)
             .unwrap_or(self.target.address);
-        record.dst_endpoint_ip = destination.ip().to_string();
+        record.dst_endpoint_ip = destination.ip().to_string().into();
         record.dst_endpoint_port = Some(i32::from(destination.port()));
         if let Some(origin) = &self.origin {
             record.actor_process_pid = i32::try_from(origin.pid).ok();
-            record.actor_process_name = origin.comm.clone();
+            record.actor_process_name = origin.comm.as_str().into();
             record.actor_process_cgroup_id = i64::try_from(origin.cgroup_id).ok();
         }
         if let Some(p) = principal {
-            record.actor_user_uid = p.object_id.clone();
-            record.actor_user_name = p.display_name.clone();
-            record.actor_user_org_uid = p.tenant_id.clone();
-            record.actor_app_uid = p.app_id.clone();
-            record.actor_user_groups = p.groups.clone();
-            record.actor_user_roles = p.roles.clone();
-            record.actor_tollgate_roles = p.tollgate_roles.clone();
-            record.actor_session_credential_uid = p.token_id.clone();
-            record.actor_session_credential_fingerprint = p.token_fingerprint.clone();
+            record.actor_user_uid = p.object_id.as_str().into();
+            record.actor_user_name = p.display_name.as_str().into();
+            record.actor_user_org_uid = p.tenant_id.as_str().into();
+            record.actor_app_uid = p.app_id.as_str().into();
+            record.actor_user_groups = p.groups.as_slice().into();
+            record.actor_user_roles = p.roles.as_slice().into();
+            record.actor_tollgate_roles = p.tollgate_roles.as_slice().into();
+            record.actor_session_credential_uid = p.token_id.as_str().into();
+            record.actor_session_credential_fingerprint = p.token_fingerprint.as_str().into();
         }
         record
     }

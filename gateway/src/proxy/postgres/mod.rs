@@ -159,8 +159,8 @@ async fn serve(
             record
                 .status_detail
                 .push_str(" (the client closed the connection at the password prompt)");
-            record.database_user = database_user;
-            record.database_name = database_name;
+            record.database_user = database_user.into();
+            record.database_name = database_name.into();
             let _ = shared.audit.append(record).await;
             return Err(WireError::Closed);
         }
@@ -169,8 +169,8 @@ async fn serve(
         Err(WireError::Malformed(reason)) => {
             let mut record = connection.authentication_refused(&IdentityError::Missing);
             record.status_detail.push_str(&format!(" ({reason})"));
-            record.database_user = database_user;
-            record.database_name = database_name;
+            record.database_user = database_user.into();
+            record.database_name = database_name.into();
             let _ = shared.audit.append(record).await;
             fatal(
                 &mut client_wr,
@@ -188,8 +188,8 @@ async fn serve(
         Err(refusal) => {
             info!(reason = %refusal, "token refused");
             let mut record = connection.authentication_refused(&refusal);
-            record.database_user = database_user;
-            record.database_name = database_name;
+            record.database_user = database_user.into();
+            record.database_name = database_name.into();
             if let Err(err) = shared.audit.append(record).await {
                 warn!(error = %err, "the refusal could not be audited");
             }
@@ -205,8 +205,8 @@ async fn serve(
     drop(token);
 
     let stamp = |mut record: AuditRecord| {
-        record.database_user = database_user.clone();
-        record.database_name = database_name.clone();
+        record.database_user = database_user.as_str().into();
+        record.database_name = database_name.as_str().into();
         record
     };
     let accepted = stamp(connection.authentication_accepted(&principal));

@@ -170,7 +170,7 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
     // The client that stalled at the password prompt is on record.
     let stalled = refusals_saying(audit_dir.path(), "startup timeout");
     assert_eq!(stalled.len(), 1, "{stalled:?}");
-    assert_eq!(stalled[0].database_user, "agent");
+    assert_eq!(&*stalled[0].database_user, "agent");
 }
 
 #[tokio::test]

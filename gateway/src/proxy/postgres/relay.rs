@@ -65,8 +65,8 @@ pub fn statement_record_base(
     upstream_socket_cookie: Option<u64>,
 ) -> AuditRecord {
     let mut record = connection.record(Some(principal));
-    record.database_user = database_user.to_owned();
-    record.database_name = database_name.to_owned();
+    record.database_user = database_user.into();
+    record.database_name = database_name.into();
     record.upstream_socket_cookie = upstream_socket_cookie.and_then(|c| i64::try_from(c).ok());
     record
 }
