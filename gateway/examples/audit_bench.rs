@@ -24,7 +24,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tollgate::audit::{
-    action, datastore_activity, status, AuditConfig, AuditLog, AuditRecord,
+    action, datastore_activity, status, AuditConfig, AuditLog, AuditRecord, SharedList, SharedText,
     CLASS_DATASTORE_ACTIVITY,
 };
 
@@ -47,11 +47,71 @@ fn uid(kind: u64, n: usize) -> String {
         .to_string()
 }
 
+/// What the records of one session share, as the daemon's statement
+/// records share their session's fields instead of copying them (records
+/// `i / 100` form a session).
+#[derive(Clone)]
+struct SessionFields {
+    session: usize,
+    org: SharedText,
+    app: SharedText,
+    groups: SharedList,
+    roles: SharedList,
+    credential: SharedText,
+    fingerprint: SharedText,
+    process: SharedText,
+    src_ip: SharedText,
+    dst_ip: SharedText,
+    dst_name: SharedText,
+    protocol: SharedText,
+    session_uid: SharedText,
+    database_user: SharedText,
+    database_name: SharedText,
+}
+
+impl SessionFields {
+    fn of(session: usize) -> Self {
+        SessionFields {
+            session,
+            org: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+            app: "a1b2c3d4-0000-4000-8000-000000000001".into(),
+            groups: ["db-readers".to_string(), "agents".to_string()].into(),
+            roles: ["Orders.Read".to_string()].into(),
+            credential: uid(2, session)[..22].into(),
+            fingerprint: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            process: "python3".into(),
+            src_ip: "127.0.0.1".into(),
+            dst_ip: "10.0.3.17".into(),
+            dst_name: "orders-db".into(),
+            protocol: "postgres".into(),
+            session_uid: uid(3, session).into(),
+            database_user: "app".into(),
+            database_name: "orders".into(),
+        }
+    }
+
+    /// The fields of record `i`'s session, shared with the records before
+    /// it in the same session.
+    fn for_record(i: usize) -> Self {
+        thread_local! {
+            static CURRENT: std::cell::RefCell<Option<SessionFields>> = const { std::cell::RefCell::new(None) };
+        }
+        CURRENT.with(|current| {
+            let mut current = current.borrow_mut();
+            match &*current {
+                Some(fields) if fields.session == i / 100 => fields.clone(),
+                _ => current.insert(SessionFields::of(i / 100)).clone(),
+            }
+        })
+    }
+}
+
 fn record(i: usize) -> AuditRecord {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
+    let session = SessionFields::for_record(i);
     AuditRecord {
         phase: "request".into(),
         // A request and its outcome share one.
@@ -65,26 +125,25 @@ fn record(i: usize) -> AuditRecord {
         policy_uid: "orders-read".into(),
         actor_user_uid: format!("3f1b8c52-0000-4000-8000-{:012}", i % 50).into(),
         actor_user_name: format!("agent-{}@contoso.example", i % 50).into(),
-        actor_user_org_uid: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
-        actor_app_uid: "a1b2c3d4-0000-4000-8000-000000000001".into(),
-        actor_user_groups: ["db-readers".to_string(), "agents".to_string()].into(),
-        actor_user_roles: ["Orders.Read".to_string()].into(),
-        actor_session_credential_uid: uid(2, i / 100)[..22].into(),
-        actor_session_credential_fingerprint:
-            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        actor_user_org_uid: session.org,
+        actor_app_uid: session.app,
+        actor_user_groups: session.groups,
+        actor_user_roles: session.roles,
+        actor_session_credential_uid: session.credential,
+        actor_session_credential_fingerprint: session.fingerprint,
         actor_process_pid: Some(4242 + (i % 8) as i32),
-        actor_process_name: "python3".into(),
+        actor_process_name: session.process,
         actor_process_cgroup_id: Some(12345),
-        src_endpoint_ip: "127.0.0.1".into(),
+        src_endpoint_ip: session.src_ip,
         src_endpoint_port: Some(40000 + (i % 1000) as i32),
-        dst_endpoint_ip: "10.0.3.17".into(),
+        dst_endpoint_ip: session.dst_ip,
         dst_endpoint_port: Some(5432),
-        dst_endpoint_name: "orders-db".into(),
-        connection_info_protocol_name: "postgres".into(),
-        session_uid: uid(3, i / 100).into(),
+        dst_endpoint_name: session.dst_name,
+        connection_info_protocol_name: session.protocol,
+        session_uid: session.session_uid,
         upstream_socket_cookie: Some(987654 + (i / 100) as i64),
-        database_user: "app".into(),
-        database_name: "orders".into(),
+        database_user: session.database_user,
+        database_name: session.database_name,
         query_info_query_string: format!(
             "SELECT id, status, total FROM orders WHERE customer_id = {} ORDER BY created_at DESC LIMIT 20",
             i % 10_000
