@@ -277,8 +277,7 @@ impl Durable {
     /// spent afterwards.
     pub fn failed_by_now(&mut self) -> Option<AuditError> {
         match &mut self.state {
-            DurableState::Known(Some(Err(err))) => Some(err.clone()),
-            DurableState::Known(_) => None,
+            DurableState::Known(_) => self.known_failure().cloned(),
             DurableState::Waiting(rx) => match rx.try_recv() {
                 Ok(Err(err)) => Some(err),
                 Ok(Ok(_)) | Err(oneshot::error::TryRecvError::Empty) => None,

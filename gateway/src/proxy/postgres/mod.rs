@@ -374,7 +374,7 @@ async fn send_counted<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
         w.flush().await?;
         *handed_over = taken;
     }
-    w.flush().await
+    Ok(())
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.

@@ -1198,9 +1198,9 @@ async fn server_to_client(
                     let mut client = client_wr.lock().await;
                     // What came before it answers requests on record, or
                     // Parse, Bind and Describe, which have no record of
-                    // their own (as on every other path): it goes first.
+                    // their own (as on every other path): it goes first
+                    // (what of it the agent got is recorded on drop).
                     let _ = send_counted(&mut *client, &out, &mut outcomes.handed_over).await;
-                    outcomes.sent_up_to(outcomes.handed_over);
                     let mut fatal = BytesMut::new();
                     wire::error_response(
                         &mut fatal,
@@ -1228,14 +1228,13 @@ async fn server_to_client(
                 Ok(replacement) => replacement,
                 Err(err) => {
                     // What was sent before the message out of step reached
-                    // the agent; the rest did not (recorded on drop).
+                    // the agent; the rest did not (both recorded on drop).
                     let _ = send_counted(
                         &mut *client_wr.lock().await,
                         &out,
                         &mut outcomes.handed_over,
                     )
                     .await;
-                    outcomes.sent_up_to(outcomes.handed_over);
                     fatal_to_client(
                         &client_wr,
                         super::SQLSTATE_PROTOCOL,
