@@ -650,8 +650,9 @@ fn full_audit_disk(durability: &str) {
     );
     // Outcome rows are written after the answer went back: those of the
     // statements around the full disk are there; one acknowledged while
-    // the disk filled may have lost its outcome (logged as "outcome record
-    // lost", listed by query 6 of docs/queries.md), never its request.
+    // the disk filled may have lost its outcome (the store logs the failed
+    // WAL write; query 6 of docs/queries.md lists requests without an
+    // outcome), never its request.
     let outcomes = with_phase("outcome");
     let around: Vec<_> = acked[..acked_before_full]
         .iter()
