@@ -1169,6 +1169,28 @@ pub fn intent_of(text: &str) -> Option<String> {
     (!intent.is_empty()).then(|| prefix_at_char_boundary(intent, MAX_INTENT).to_owned())
 }
 
+/// Holds the server's answer to the oldest request until that request's
+/// record is durable (a read-only request is forwarded while its record
+/// syncs). Marks the request while it waits, so a session that ends
+/// meanwhile records why the agent never saw the answer, and keeps the
+/// write's error as the reason the answer is withheld.
+async fn hold_until_front_record_is_durable(in_flight: &Mutex<InFlight>) -> Result<(), AuditError> {
+    let syncing = lock(in_flight).queue.front_mut().and_then(|p| {
+        let durable = p.durable.take()?;
+        p.answer_held = true;
+        Some(durable)
+    });
+    let Some(durable) = syncing else {
+        return Ok(());
+    };
+    let synced = durable.await;
+    if let Some(front) = lock(in_flight).queue.front_mut() {
+        front.answer_held = false;
+        front.withheld = synced.as_ref().err().map(ToString::to_string);
+    }
+    synced.map(drop)
+}
+
 async fn server_to_client(
     session: Arc<Session>,
     mut upstream_rd: ReadHalf<BoxedIo>,
@@ -1181,36 +1203,24 @@ async fn server_to_client(
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
-            let syncing = lock(&in_flight).queue.front_mut().and_then(|p| {
-                let durable = p.durable.take()?;
-                p.answer_held = true;
-                Some(durable)
-            });
-            if let Some(durable) = syncing {
-                let synced = durable.await;
-                if let Some(front) = lock(&in_flight).queue.front_mut() {
-                    front.answer_held = false;
-                    front.withheld = synced.as_ref().err().map(ToString::to_string);
-                }
-                if let Err(err) = synced {
-                    // The answer exists but its request is not on record:
-                    // the agent must not see it.
-                    let mut client = client_wr.lock().await;
-                    // What came before it answers requests on record, or
-                    // Parse, Bind and Describe, which have no record of
-                    // their own (as on every other path): it goes first
-                    // (what of it the agent got is recorded on drop).
-                    let _ = send_counted(&mut *client, &out, &mut outcomes.handed_over).await;
-                    let mut fatal = BytesMut::new();
-                    wire::error_response(
-                        &mut fatal,
-                        "FATAL",
-                        SQLSTATE_AUDIT,
-                        &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
-                    );
-                    let _ = send_all(&mut *client, &fatal).await;
-                    return Err(WireError::Closed);
-                }
+            if let Err(err) = hold_until_front_record_is_durable(&in_flight).await {
+                // The answer exists but its request is not on record:
+                // the agent must not see it.
+                let mut client = client_wr.lock().await;
+                // What came before it answers requests on record, or
+                // Parse, Bind and Describe, which have no record of
+                // their own (as on every other path): it goes first
+                // (what of it the agent got is recorded on drop).
+                let _ = send_counted(&mut *client, &out, &mut outcomes.handed_over).await;
+                let mut fatal = BytesMut::new();
+                wire::error_response(
+                    &mut fatal,
+                    "FATAL",
+                    SQLSTATE_AUDIT,
+                    &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
+                );
+                let _ = send_all(&mut *client, &fatal).await;
+                return Err(WireError::Closed);
             }
             if frame.tag == b'S' {
                 if let Some(value) = wire::parameter_status(&frame, "application_name") {
@@ -2069,6 +2079,79 @@ mod tests {
                 outcomes[i].status_detail
             );
         }
+    }
+
+    /// The hold on an answer marks its request while the record syncs and
+    /// keeps a failed write's error: the outcome of a request the session
+    /// ended on says which of the two kept its answer from the agent.
+    #[tokio::test]
+    async fn a_held_answer_leaves_its_reason_on_the_request() {
+        let in_flight = |pending: Pending| {
+            let mut in_flight = InFlight::default();
+            in_flight.queue.push_back(pending);
+            Mutex::new(in_flight)
+        };
+        let why = |in_flight: Mutex<InFlight>| {
+            let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
+            let outcomes = unanswered_outcomes(left);
+            assert_eq!(outcomes.len(), 1);
+            outcomes[0].status_detail.clone()
+        };
+
+        // The writer fails the record: the answer is withheld for that reason.
+        let (writer, answer) = tokio::sync::oneshot::channel();
+        let mut pending = query("select 1");
+        pending.durable = Some(Durable::waiting(answer));
+        let failed = in_flight(pending);
+        let _ = writer.send(Err(AuditError::Wal("disk full".into())));
+        let err = hold_until_front_record_is_durable(&failed)
+            .await
+            .expect_err("the record failed");
+        assert_eq!(
+            err.to_string(),
+            AuditError::Wal("disk full".into()).to_string()
+        );
+        {
+            let front = &lock(&failed).queue[0];
+            assert!(!front.answer_held);
+            assert!(front.durable.is_none(), "the record is awaited once");
+        }
+        assert!(why(failed).contains(&format!(
+            "tollgate withheld the server's answer: the request's audit record could not be written ({err})"
+        )));
+
+        // The session ends while the record syncs.
+        let (_writer, answer) = tokio::sync::oneshot::channel();
+        let mut pending = query("select 2");
+        pending.durable = Some(Durable::waiting(answer));
+        let syncing = in_flight(pending);
+        let hold = hold_until_front_record_is_durable(&syncing);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), hold)
+                .await
+                .is_err(),
+            "the answer waits for the record"
+        );
+        assert!(lock(&syncing).queue[0].answer_held);
+        assert!(why(syncing).contains(
+            "the session ended while the server's answer waited for the request's audit record to be durable"
+        ));
+
+        // The record is durable: nothing is left on the request.
+        let (writer, answer) = tokio::sync::oneshot::channel();
+        let mut pending = query("select 3");
+        pending.durable = Some(Durable::waiting(answer));
+        let durable = in_flight(pending);
+        let _ = writer.send(Ok(7));
+        hold_until_front_record_is_durable(&durable)
+            .await
+            .expect("durable");
+        {
+            let front = &lock(&durable).queue[0];
+            assert!(!front.answer_held);
+            assert!(front.withheld.is_none());
+        }
+        assert!(why(durable).contains("the server had not answered"));
     }
 
     #[test]
