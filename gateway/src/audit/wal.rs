@@ -486,6 +486,56 @@ mod tests {
         }
     }
 
+    /// The longest record the store accepts still reads back once the
+    /// writer has spliced in the longest chain members (a 64-digit link and
+    /// a 20-digit sequence); one byte more is refused before it is chained.
+    #[test]
+    fn the_longest_accepted_record_reads_back_with_its_chain_members() {
+        let mut r = super::super::tests::sample(1, 1_000);
+        r.query_info_query_string = "x".into();
+        let one = PreparedFrame::new(&r).payload_len();
+        r.query_info_query_string = "x".repeat(MAX_PAYLOAD - one + 1);
+        let frame = PreparedFrame::new(&r);
+        assert_eq!(frame.payload_len(), MAX_PAYLOAD);
+        assert!(frame.fits());
+        r.sequence = u64::MAX;
+        r.prev_record_hash = hex::encode([0xabu8; 32]);
+        let mut bytes = Vec::new();
+        r.record_hash = hex::encode(frame.finish(&r, &mut bytes));
+        let got = read(&bytes);
+        assert_eq!(got.tail, Tail::Clean);
+        assert_eq!(got.records.len(), 1);
+        assert_eq!(got.records[0].record_hash, r.record_hash);
+        assert_eq!(got.records[0].sequence, u64::MAX);
+
+        r.query_info_query_string.push('x');
+        assert!(!PreparedFrame::new(&r).fits());
+    }
+
+    /// A spare is exactly [`PREALLOC_BYTES`] of zeros (the last chunk
+    /// included), which replay reads as an empty log; one interrupted by a
+    /// shutdown leaves no file behind.
+    #[test]
+    fn a_spare_is_the_whole_size_in_zeros_and_an_interrupted_one_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let perms = super::super::fsutil::Perms::default();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let path = tmp.path().join(spare_name(1));
+        prepare_spare(&perms, &path, &stop).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, PREALLOC_BYTES);
+        assert!(bytes.iter().all(|&b| b == 0));
+        let got = read(&bytes);
+        assert_eq!(got.tail, Tail::Clean);
+        assert!(got.records.is_empty());
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let path = tmp.path().join(spare_name(2));
+        let err = prepare_spare(&perms, &path, &stop).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        assert!(!path.exists());
+    }
+
     fn read(bytes: &[u8]) -> WalFileContents {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join(file_name(1, 1));
