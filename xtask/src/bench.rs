@@ -241,17 +241,23 @@ fn cpu_ns(pid: u32) -> u64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    cpu_ticks(&stat) * 1_000_000_000 / per_second
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/PID/stat`. The
+/// command name comes in parentheses and may itself hold spaces and
+/// parentheses: fields are counted from the last `)`.
+fn cpu_ticks(stat: &str) -> u64 {
     let Some((_, after_comm)) = stat.rsplit_once(')') else {
         return 0;
     };
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
+    [11, 12]
         .iter()
         .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    ticks * 1_000_000_000 / per_second
+        .sum()
 }
 
 /// Median and p90 of a 1 KiB write + fdatasync in `dir`, in µs.
@@ -336,18 +342,22 @@ fn pgbench(
                 .join("\n")
         );
     }
-    let find = |prefix: &str| -> Result<f64> {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no {prefix:?} in pgbench output:\n{text}"))
-    };
     Ok(Sample {
-        tps: find("tps =")?,
+        tps: pgbench_tps(&text)?,
         latency_ms: median_latency_ms(log_dir.path())?,
         cpu_us: 0.0,
     })
+}
+
+/// The TPS pgbench reports (`tps = 17456.789012 (without initial
+/// connection time)`).
+fn pgbench_tps(output: &str) -> Result<f64> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tps ="))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no \"tps =\" in pgbench output:\n{output}"))
 }
 
 /// The median transaction latency in pgbench's transaction logs in `dir`
@@ -442,5 +452,62 @@ impl Drop for PgBouncer {
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tps_is_read_from_pgbench_output() {
+        let output = "pgbench (15.14 (Debian 15.14-0+deb12u1))
+transaction type: <builtin: select only>
+scaling factor: 1
+query mode: prepared
+number of clients: 8
+number of threads: 2
+maximum number of tries: 1
+duration: 5 s
+number of transactions actually processed: 87234
+number of failed transactions: 0 (0.000%)
+latency average = 0.458 ms
+initial connection time = 12.345 ms
+tps = 17456.789012 (without initial connection time)
+";
+        assert_eq!(pgbench_tps(output).unwrap(), 17456.789012);
+        let err = pgbench_tps("latency average = 0.458 ms\n").unwrap_err();
+        assert!(format!("{err:#}").contains("no \"tps =\""), "{err:#}");
+    }
+
+    /// pgbench's transaction log: `client_id transaction_no time_us
+    /// script_no time_epoch time_us_part`, one file per thread.
+    #[test]
+    fn median_latency_is_taken_over_every_logged_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("tx.1234"),
+            "0 0 100 0 1764250000 1\n0 1 300 0 1764250000 2\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("tx.1234.1"),
+            "1 0 200 0 1764250000 3\n1 1 5000 0 1764250000 4\n1 2 250 0 1764250000 5\n",
+        )
+        .unwrap();
+        // 100, 200, 250, 300, 5000 µs: the median is 250 µs.
+        assert_eq!(median_latency_ms(dir.path()).unwrap(), 0.25);
+        let empty = tempfile::tempdir().unwrap();
+        assert!(median_latency_ms(empty.path()).is_err());
+    }
+
+    #[test]
+    fn cpu_ticks_count_from_the_last_parenthesis() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt
+        // cminflt majflt cmajflt utime stime ...
+        let stat =
+            "4242 (tollgate (run) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 1200 34 0 0 20 0 11";
+        assert_eq!(cpu_ticks(stat), 1234);
+        assert_eq!(cpu_ticks("garbage"), 0);
     }
 }
