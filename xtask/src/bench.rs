@@ -505,8 +505,7 @@ tps = 17456.789012 (without initial connection time)
     fn cpu_ticks_count_from_the_last_parenthesis() {
         // pid (comm) state ppid pgrp session tty tpgid flags minflt
         // cminflt majflt cmajflt utime stime ...
-        let stat =
-            "4242 (tollgate (run) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 1200 34 0 0 20 0 11";
+        let stat = "4242 (tg (run) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 1200 34 0 0 20 0 11";
         assert_eq!(cpu_ticks(stat), 1234);
         assert_eq!(cpu_ticks("garbage"), 0);
     }

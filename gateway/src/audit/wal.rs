@@ -507,14 +507,16 @@ mod tests {
         assert_eq!(got.records.len(), 1);
         assert_eq!(got.records[0].record_hash, r.record_hash);
         assert_eq!(got.records[0].sequence, u64::MAX);
+        // 64 MiB each: not held while the next one is built.
+        drop((got, bytes));
 
-        r.query_info_query_string.push('x');
+        r.query_info_query_string = "x".repeat(MAX_PAYLOAD - one + 2);
         assert!(!PreparedFrame::new(&r).fits());
     }
 
-    /// A spare is exactly [`PREALLOC_BYTES`] of zeros (the last chunk
-    /// included), which replay reads as an empty log; one interrupted by a
-    /// shutdown leaves no file behind.
+    /// A spare is exactly [`PREALLOC_BYTES`] of zeros, every chunk of it,
+    /// which replay reads as an empty log; one interrupted by a shutdown
+    /// leaves no file behind.
     #[test]
     fn a_spare_is_the_whole_size_in_zeros_and_an_interrupted_one_is_removed() {
         let tmp = tempfile::tempdir().unwrap();
@@ -525,7 +527,8 @@ mod tests {
         let bytes = fs::read(&path).unwrap();
         assert_eq!(bytes.len() as u64, PREALLOC_BYTES);
         assert!(bytes.iter().all(|&b| b == 0));
-        let got = read(&bytes);
+        drop(bytes);
+        let got = read_file(&path).unwrap();
         assert_eq!(got.tail, Tail::Clean);
         assert!(got.records.is_empty());
 

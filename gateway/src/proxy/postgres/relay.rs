@@ -2084,6 +2084,11 @@ mod tests {
     /// The hold on an answer marks its request while the record syncs and
     /// keeps a failed write's error: the outcome of a request the session
     /// ended on says which of the two kept its answer from the agent.
+    /// (That `server_to_client` holds answers at all, and closes the
+    /// session with FATAL when a record fails, is shown end to end by
+    /// `a_full_audit_disk_refuses_statements_loses_nothing_and_recovers`
+    /// in tests/tests/audit_e2e.rs; a session ending while an answer is
+    /// held has no end-to-end test.)
     #[tokio::test]
     async fn a_held_answer_leaves_its_reason_on_the_request() {
         let in_flight = |pending: Pending| {
@@ -2091,11 +2096,14 @@ mod tests {
             in_flight.queue.push_back(pending);
             Mutex::new(in_flight)
         };
+        // The outcome a session ending now would record: its SQLSTATE and
+        // detail.
         let why = |in_flight: Mutex<InFlight>| {
             let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
-            let outcomes = unanswered_outcomes(left);
+            let mut outcomes = unanswered_outcomes(left);
             assert_eq!(outcomes.len(), 1);
-            outcomes[0].status_detail.clone()
+            let outcome = outcomes.remove(0);
+            (outcome.response_error_code, outcome.status_detail)
         };
 
         // The writer fails the record: the answer is withheld for that reason.
@@ -2116,9 +2124,14 @@ mod tests {
             assert!(!front.answer_held);
             assert!(front.durable.is_none(), "the record is awaited once");
         }
-        assert!(why(failed).contains(&format!(
-            "tollgate withheld the server's answer: the request's audit record could not be written ({err})"
-        )));
+        let (code, detail) = why(failed);
+        assert_eq!(code, SQLSTATE_AUDIT);
+        assert!(
+            detail.contains(&format!(
+                "tollgate withheld the server's answer: the request's audit record could not be written ({err})"
+            )),
+            "{detail}"
+        );
 
         // The session ends while the record syncs.
         let (_writer, answer) = tokio::sync::oneshot::channel();
@@ -2133,9 +2146,14 @@ mod tests {
             "the answer waits for the record"
         );
         assert!(lock(&syncing).queue[0].answer_held);
-        assert!(why(syncing).contains(
-            "the session ended while the server's answer waited for the request's audit record to be durable"
-        ));
+        let (code, detail) = why(syncing);
+        assert_eq!(code, super::super::SQLSTATE_UPSTREAM);
+        assert!(
+            detail.contains(
+                "the session ended while the server's answer waited for the request's audit record to be durable"
+            ),
+            "{detail}"
+        );
 
         // The record is durable: nothing is left on the request.
         let (writer, answer) = tokio::sync::oneshot::channel();
@@ -2150,8 +2168,11 @@ mod tests {
             let front = &lock(&durable).queue[0];
             assert!(!front.answer_held);
             assert!(front.withheld.is_none());
+            assert!(front.durable.is_none(), "the record is awaited once");
         }
-        assert!(why(durable).contains("the server had not answered"));
+        let (code, detail) = why(durable);
+        assert_eq!(code, super::super::SQLSTATE_UPSTREAM);
+        assert!(detail.contains("the server had not answered"), "{detail}");
     }
 
     #[test]
