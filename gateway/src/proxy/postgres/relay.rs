@@ -1943,11 +1943,69 @@ mod tests {
         }
     }
 
+    /// Takes `room` bytes, a few at a time, then waits forever, as a
+    /// socket the agent stopped reading does.
+    struct Stalls {
+        room: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Stalls {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.room == 0 {
+                return std::task::Poll::Pending;
+            }
+            let n = buf.len().min(self.room).min(7);
+            self.room -= n;
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
     /// Sends a batch of three answers (ending at bytes 20, 41 and 53; the
     /// second ends two requests, as a pipeline error skipping to Sync
     /// does) to `connection`, then ends the session as the relay does when
     /// the send fails: which requests are recorded as not delivered?
-    async fn not_delivered_after(mut connection: Breaks) -> Vec<&'static str> {
+    async fn not_delivered_after(connection: Breaks) -> Vec<&'static str> {
+        not_delivered_when(connection, |sent| {
+            assert!(
+                sent.is_some_and(|r| r.is_err()),
+                "the connection was to fail"
+            )
+        })
+        .await
+    }
+
+    /// The same when the session ends (the relay's future is dropped)
+    /// while the send waits on `connection`.
+    async fn not_delivered_when_dropped_during(connection: Stalls) -> Vec<&'static str> {
+        not_delivered_when(connection, |sent| {
+            assert!(sent.is_none(), "the send was to wait, and be dropped")
+        })
+        .await
+    }
+
+    /// Sends the three answers to `connection`, giving up on the send after
+    /// 50 ms (its future dropped: `None`), checks its result with `check`,
+    /// and ends the session.
+    async fn not_delivered_when<W: tokio::io::AsyncWrite + Unpin>(
+        mut connection: W,
+        check: impl FnOnce(Option<std::io::Result<()>>),
+    ) -> Vec<&'static str> {
         let mut submitted = Vec::new();
         let mut outcomes = Outcomes::new(|outcome: AuditRecord| submitted.push(outcome));
         let mut batch = Vec::new();
@@ -1962,8 +2020,13 @@ mod tests {
             batch.extend_from_slice(answer);
             outcomes.answers_end_at(batch.len());
         }
-        let sent = send_counted(&mut connection, &batch, &mut outcomes.handed_over).await;
-        assert!(sent.is_err(), "the connection was to fail");
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            send_counted(&mut connection, &batch, &mut outcomes.handed_over),
+        )
+        .await
+        .ok();
+        check(sent);
         drop(outcomes);
         assert_eq!(submitted.len(), 4);
         ["select 1", "select 2", "select 2b", "select 3"]
@@ -1976,6 +2039,28 @@ mod tests {
                 outcome.status_detail == NOT_DELIVERED
             })
             .collect()
+    }
+
+    /// The session ends while a send waits on an agent that stopped
+    /// reading: what the socket took in full was handed over, the rest
+    /// was not.
+    #[tokio::test]
+    async fn answers_taken_before_a_stalled_send_is_dropped_are_recorded_as_delivered() {
+        let stalls_at = |room| Stalls { room };
+        // 5 bytes into the third answer.
+        assert_eq!(
+            not_delivered_when_dropped_during(stalls_at(46)).await,
+            ["select 3"]
+        );
+        // Exactly at the end of the first.
+        assert_eq!(
+            not_delivered_when_dropped_during(stalls_at(20)).await,
+            ["select 2", "select 2b", "select 3"]
+        );
+        assert_eq!(
+            not_delivered_when_dropped_during(stalls_at(0)).await,
+            ["select 1", "select 2", "select 2b", "select 3"]
+        );
     }
 
     /// A batch of answers cut off mid-write: the answers the connection
