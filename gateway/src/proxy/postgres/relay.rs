@@ -1907,10 +1907,12 @@ mod tests {
     }
 
     /// Takes `room` bytes, a few at a time as a full socket does, then
-    /// fails as a reset connection does; or fails its flushes.
+    /// fails as a reset connection does, or (`stalls`) waits forever as
+    /// a socket the agent stopped reading does; or fails its flushes.
     struct Breaks {
         room: usize,
         flush_fails: bool,
+        stalls: bool,
     }
 
     impl tokio::io::AsyncWrite for Breaks {
@@ -1920,6 +1922,9 @@ mod tests {
             buf: &[u8],
         ) -> std::task::Poll<std::io::Result<usize>> {
             if self.room == 0 {
+                if self.stalls {
+                    return std::task::Poll::Pending;
+                }
                 return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
             }
             let n = buf.len().min(self.room).min(7);
@@ -1934,39 +1939,6 @@ mod tests {
                 true => Err(std::io::ErrorKind::BrokenPipe.into()),
                 false => Ok(()),
             })
-        }
-        fn poll_shutdown(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
-    /// Takes `room` bytes, a few at a time, then waits forever, as a
-    /// socket the agent stopped reading does.
-    struct Stalls {
-        room: usize,
-    }
-
-    impl tokio::io::AsyncWrite for Stalls {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            if self.room == 0 {
-                return std::task::Poll::Pending;
-            }
-            let n = buf.len().min(self.room).min(7);
-            self.room -= n;
-            std::task::Poll::Ready(Ok(n))
-        }
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
         }
         fn poll_shutdown(
             self: std::pin::Pin<&mut Self>,
@@ -1992,7 +1964,7 @@ mod tests {
 
     /// The same when the session ends (the relay's future is dropped)
     /// while the send waits on `connection`.
-    async fn not_delivered_when_dropped_during(connection: Stalls) -> Vec<&'static str> {
+    async fn not_delivered_when_dropped_during(connection: Breaks) -> Vec<&'static str> {
         not_delivered_when(connection, |sent| {
             assert!(sent.is_none(), "the send was to wait, and be dropped")
         })
@@ -2041,55 +2013,44 @@ mod tests {
             .collect()
     }
 
-    /// The session ends while a send waits on an agent that stopped
-    /// reading: what the socket took in full was handed over, the rest
-    /// was not.
+    /// A batch of answers cut off mid-write, by a connection that fails
+    /// or by the session ending while the send waits on an agent that
+    /// stopped reading: the answers the connection took in full were
+    /// handed over, the one it took part of and those after it were not.
     #[tokio::test]
-    async fn answers_taken_before_a_stalled_send_is_dropped_are_recorded_as_delivered() {
-        let stalls_at = |room| Stalls { room };
-        // 5 bytes into the third answer.
-        assert_eq!(
-            not_delivered_when_dropped_during(stalls_at(46)).await,
-            ["select 3"]
-        );
-        // Exactly at the end of the first.
-        assert_eq!(
-            not_delivered_when_dropped_during(stalls_at(20)).await,
-            ["select 2", "select 2b", "select 3"]
-        );
-        assert_eq!(
-            not_delivered_when_dropped_during(stalls_at(0)).await,
-            ["select 1", "select 2", "select 2b", "select 3"]
-        );
-    }
-
-    /// A batch of answers cut off mid-write: the answers the connection
-    /// took in full were handed over, the one it took part of and those
-    /// after it were not.
-    #[tokio::test]
-    async fn answers_written_in_full_before_a_failed_write_are_recorded_as_delivered() {
-        let breaks_at = |room| Breaks {
-            room,
-            flush_fails: false,
-        };
-        // 5 bytes into the third answer.
-        assert_eq!(not_delivered_after(breaks_at(46)).await, ["select 3"]);
-        // Exactly at the end of the second.
-        assert_eq!(not_delivered_after(breaks_at(41)).await, ["select 3"]);
-        // One byte short of it.
-        assert_eq!(
-            not_delivered_after(breaks_at(40)).await,
-            ["select 2", "select 2b", "select 3"]
-        );
-        assert_eq!(
-            not_delivered_after(breaks_at(0)).await,
-            ["select 1", "select 2", "select 2b", "select 3"]
-        );
+    async fn answers_taken_in_full_before_a_send_breaks_off_are_recorded_as_delivered() {
+        let all = ["select 1", "select 2", "select 2b", "select 3"];
+        for (room, not_delivered) in [
+            // 5 bytes into the third answer.
+            (46, &all[3..]),
+            // Exactly at the end of the second.
+            (41, &all[3..]),
+            // One byte short of it.
+            (40, &all[1..]),
+            // Exactly at the end of the first.
+            (20, &all[1..]),
+            (0, &all[..]),
+        ] {
+            for stalls in [false, true] {
+                let connection = Breaks {
+                    room,
+                    flush_fails: false,
+                    stalls,
+                };
+                let got = if stalls {
+                    not_delivered_when_dropped_during(connection).await
+                } else {
+                    not_delivered_after(connection).await
+                };
+                assert_eq!(got, not_delivered, "room {room}, stalls {stalls}");
+            }
+        }
         // Bytes a writer took but could not flush (TLS with a full
         // socket) were not handed over.
         let unflushed = Breaks {
             room: 1000,
             flush_fails: true,
+            stalls: false,
         };
         assert_eq!(
             not_delivered_after(unflushed).await,
@@ -2176,26 +2137,30 @@ mod tests {
     /// held has no end-to-end test.)
     #[tokio::test]
     async fn a_held_answer_leaves_its_reason_on_the_request() {
-        let in_flight = |pending: Pending| {
+        // A request whose record the writer answers through the sender.
+        let syncing = |text: &str| {
+            let (writer, answer) = tokio::sync::oneshot::channel();
+            let mut pending = query(text);
+            pending.durable = Some(Durable::waiting(answer));
             let mut in_flight = InFlight::default();
             in_flight.queue.push_back(pending);
-            Mutex::new(in_flight)
+            (writer, Mutex::new(in_flight))
         };
-        // The outcome a session ending now would record: its SQLSTATE and
-        // detail.
-        let why = |in_flight: Mutex<InFlight>| {
+        // The request after the hold, and the outcome a session ending
+        // now would record for it: its SQLSTATE and detail.
+        let left_after = |in_flight: Mutex<InFlight>, answer_held: bool, code: &str, why: &str| {
             let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
-            let mut outcomes = unanswered_outcomes(left);
+            assert_eq!(left[0].answer_held, answer_held, "{why}");
+            assert!(left[0].durable.is_none(), "the record is awaited once");
+            let outcomes = unanswered_outcomes(left);
             assert_eq!(outcomes.len(), 1);
-            let outcome = outcomes.remove(0);
-            (outcome.response_error_code, outcome.status_detail)
+            assert_eq!(outcomes[0].response_error_code, code, "{why}");
+            let detail = &outcomes[0].status_detail;
+            assert!(detail.contains(why), "{detail}");
         };
 
         // The writer fails the record: the answer is withheld for that reason.
-        let (writer, answer) = tokio::sync::oneshot::channel();
-        let mut pending = query("select 1");
-        pending.durable = Some(Durable::waiting(answer));
-        let failed = in_flight(pending);
+        let (writer, failed) = syncing("select 1");
         let _ = writer.send(Err(AuditError::Wal("disk full".into())));
         let err = hold_until_front_record_is_durable(&failed)
             .await
@@ -2204,60 +2169,38 @@ mod tests {
             err.to_string(),
             AuditError::Wal("disk full".into()).to_string()
         );
-        {
-            let front = &lock(&failed).queue[0];
-            assert!(!front.answer_held);
-            assert!(front.durable.is_none(), "the record is awaited once");
-        }
-        let (code, detail) = why(failed);
-        assert_eq!(code, SQLSTATE_AUDIT);
-        assert!(
-            detail.contains(&format!(
-                "tollgate withheld the server's answer: the request's audit record could not be written ({err})"
-            )),
-            "{detail}"
-        );
+        left_after(failed, false, SQLSTATE_AUDIT, &format!(
+            "tollgate withheld the server's answer: the request's audit record could not be written ({err})"
+        ));
 
         // The session ends while the record syncs.
-        let (_writer, answer) = tokio::sync::oneshot::channel();
-        let mut pending = query("select 2");
-        pending.durable = Some(Durable::waiting(answer));
-        let syncing = in_flight(pending);
-        let hold = hold_until_front_record_is_durable(&syncing);
+        let (_writer, waiting) = syncing("select 2");
+        let hold = hold_until_front_record_is_durable(&waiting);
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(20), hold)
                 .await
                 .is_err(),
             "the answer waits for the record"
         );
-        assert!(lock(&syncing).queue[0].answer_held);
-        let (code, detail) = why(syncing);
-        assert_eq!(code, super::super::SQLSTATE_UPSTREAM);
-        assert!(
-            detail.contains(
-                "the session ended while the server's answer waited for the request's audit record to be durable"
-            ),
-            "{detail}"
+        left_after(
+            waiting,
+            true,
+            super::super::SQLSTATE_UPSTREAM,
+            "the session ended while the server's answer waited for the request's audit record to be durable",
         );
 
         // The record is durable: nothing is left on the request.
-        let (writer, answer) = tokio::sync::oneshot::channel();
-        let mut pending = query("select 3");
-        pending.durable = Some(Durable::waiting(answer));
-        let durable = in_flight(pending);
+        let (writer, durable) = syncing("select 3");
         let _ = writer.send(Ok(7));
         hold_until_front_record_is_durable(&durable)
             .await
             .expect("durable");
-        {
-            let front = &lock(&durable).queue[0];
-            assert!(!front.answer_held);
-            assert!(front.withheld.is_none());
-            assert!(front.durable.is_none(), "the record is awaited once");
-        }
-        let (code, detail) = why(durable);
-        assert_eq!(code, super::super::SQLSTATE_UPSTREAM);
-        assert!(detail.contains("the server had not answered"), "{detail}");
+        left_after(
+            durable,
+            false,
+            super::super::SQLSTATE_UPSTREAM,
+            "the server had not answered",
+        );
     }
 
     #[test]
