@@ -30,7 +30,10 @@ use tracing::{info, warn};
 pub use self::cancel::CancelKeys;
 use self::wire::{Startup, WireError};
 use super::{tls::BoxedIo, Connection, Shared};
-use crate::{audit::AuditRecord, identity::IdentityError};
+use crate::{
+    audit::{AuditRecord, SharedText},
+    identity::IdentityError,
+};
 
 /// How long an unauthenticated client may take to send each startup
 /// message (startup packet, password), as PostgreSQL's
@@ -133,10 +136,11 @@ async fn serve(
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    let database_user = param("user");
-    let database_name = match param("database") {
+    // Shared by every record of the session (see `SharedText`).
+    let database_user: SharedText = param("user").into();
+    let database_name: SharedText = match param("database") {
         name if name.is_empty() => database_user.clone(),
-        name => name,
+        name => name.into(),
     };
 
     let mut out = BytesMut::new();
@@ -159,8 +163,8 @@ async fn serve(
             record
                 .status_detail
                 .push_str(" (the client closed the connection at the password prompt)");
-            record.database_user = database_user.into();
-            record.database_name = database_name.into();
+            record.database_user = database_user;
+            record.database_name = database_name;
             let _ = shared.audit.append(record).await;
             return Err(WireError::Closed);
         }
@@ -169,8 +173,8 @@ async fn serve(
         Err(WireError::Malformed(reason)) => {
             let mut record = connection.authentication_refused(&IdentityError::Missing);
             record.status_detail.push_str(&format!(" ({reason})"));
-            record.database_user = database_user.into();
-            record.database_name = database_name.into();
+            record.database_user = database_user;
+            record.database_name = database_name;
             let _ = shared.audit.append(record).await;
             fatal(
                 &mut client_wr,
@@ -188,8 +192,8 @@ async fn serve(
         Err(refusal) => {
             info!(reason = %refusal, "token refused");
             let mut record = connection.authentication_refused(&refusal);
-            record.database_user = database_user.into();
-            record.database_name = database_name.into();
+            record.database_user = database_user;
+            record.database_name = database_name;
             if let Err(err) = shared.audit.append(record).await {
                 warn!(error = %err, "the refusal could not be audited");
             }
@@ -205,8 +209,8 @@ async fn serve(
     drop(token);
 
     let stamp = |mut record: AuditRecord| {
-        record.database_user = database_user.as_str().into();
-        record.database_name = database_name.as_str().into();
+        record.database_user = database_user.clone();
+        record.database_name = database_name.clone();
         record
     };
     let accepted = stamp(connection.authentication_accepted(&principal));
@@ -281,8 +285,8 @@ async fn serve(
     let statement_record = relay::statement_record_base(
         &connection,
         &principal,
-        &database_user,
-        &database_name,
+        database_user,
+        database_name,
         upstream.socket_cookie,
     );
     let session = relay::Session {

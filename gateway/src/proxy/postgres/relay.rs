@@ -31,7 +31,7 @@ use super::{
     SQLSTATE_AUDIT, SQLSTATE_POLICY,
 };
 use crate::{
-    audit::{record, AuditError, AuditRecord, Durable},
+    audit::{record, AuditError, AuditRecord, Durable, SharedText},
     identity::Principal,
     policy::{Decision, Operation, RecordResults, Request, StatementKind},
     proxy::tls::BoxedIo,
@@ -60,13 +60,13 @@ pub struct Session {
 pub fn statement_record_base(
     connection: &Connection,
     principal: &Principal,
-    database_user: &str,
-    database_name: &str,
+    database_user: SharedText,
+    database_name: SharedText,
     upstream_socket_cookie: Option<u64>,
 ) -> AuditRecord {
     let mut record = connection.record(Some(principal));
-    record.database_user = database_user.into();
-    record.database_name = database_name.into();
+    record.database_user = database_user;
+    record.database_name = database_name;
     record.upstream_socket_cookie = upstream_socket_cookie.and_then(|c| i64::try_from(c).ok());
     record
 }
