@@ -1915,6 +1915,17 @@ mod tests {
         stalls: bool,
     }
 
+    /// Never has anything to read: only its writing is of interest.
+    impl tokio::io::AsyncRead for Breaks {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
     impl tokio::io::AsyncWrite for Breaks {
         fn poll_write(
             mut self: std::pin::Pin<&mut Self>,
@@ -2034,6 +2045,118 @@ mod tests {
         assert_eq!(
             not_delivered_after(unflushed).await,
             ["select 1", "select 2", "select 2b", "select 3"]
+        );
+    }
+
+    /// The relay's own answer path, from the server's bytes to the audit:
+    /// three queries answered in one batch, sent to an agent whose
+    /// connection takes 46 bytes and then fails. The two answers it took
+    /// in full are on record as delivered, the third as not.
+    #[tokio::test]
+    async fn the_relay_records_which_answers_of_a_cut_off_batch_reached_the_agent() {
+        let keys = tempfile::tempdir().expect("tempdir");
+        crate::dev::Keyring::open_or_create(keys.path()).expect("keyring");
+        let verifier = crate::identity::Verifier::from_config(
+            &crate::identity::tests::file_config(keys.path(), ""),
+        )
+        .await
+        .expect("verifier");
+        let audit_dir = tempfile::tempdir().expect("tempdir");
+        let audit_config = crate::audit::tests::config(audit_dir.path());
+        let audit = crate::audit::AuditLog::open(&audit_config)
+            .await
+            .expect("audit");
+        let target = crate::proxy::Target::new(crate::config::TargetConfig {
+            name: "orders-db".into(),
+            protocol: crate::config::Protocol::Postgres,
+            address: "127.0.0.1:1".parse().expect("addr"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            credential: crate::config::CredentialConfig {
+                user: "gateway".into(),
+                password: None,
+                password_file: None,
+            },
+            tls: None,
+            upstream_tls: None,
+        })
+        .expect("target");
+        let connection = crate::proxy::Connection {
+            session_uid: "session-1".into(),
+            target: Arc::new(target),
+            peer: "127.0.0.1:40000".parse().expect("addr"),
+            origin: None,
+        };
+        let principal = crate::identity::Principal::default();
+        let statement_record = statement_record_base(
+            &connection,
+            &principal,
+            "agent".into(),
+            "orders".into(),
+            None,
+        );
+        let session = Arc::new(Session {
+            connection,
+            principal,
+            intent: Mutex::new(String::new()),
+            masks: MaskSet::default(),
+            shared: Arc::new(crate::proxy::Shared {
+                verifier,
+                policy: Default::default(),
+                audit: audit.clone(),
+                pinning: None,
+                postgres_cancel_keys: Default::default(),
+            }),
+            statement_record,
+        });
+
+        // Each answer: CommandComplete "SELECT 1" (14 bytes) and
+        // ReadyForQuery (6 bytes), 20 bytes in all.
+        use bytes::BufMut;
+        let mut answers = BytesMut::new();
+        let mut in_flight = InFlight::default();
+        for text in ["select 1", "select 2", "select 3"] {
+            in_flight.queue.push_back(query(text));
+            answers.put_u8(b'C');
+            answers.put_i32(4 + 9);
+            answers.put_slice(b"SELECT 1\0");
+            wire::ready_for_query(&mut answers, b'I');
+        }
+        assert_eq!(answers.len(), 60);
+        let (server, _server_side) = tokio::io::duplex(1024);
+        let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+        let agent = Breaks {
+            room: 46,
+            flush_fails: false,
+            stalls: false,
+        };
+        let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+        let ended = server_to_client(
+            session,
+            upstream_rd,
+            answers,
+            Arc::new(tokio::sync::Mutex::new(client_wr)),
+            Arc::new(Mutex::new(in_flight)),
+            Arc::new(Notify::new()),
+        )
+        .await;
+        assert!(ended.is_err(), "the agent's connection failed");
+        audit.shutdown().await;
+
+        let outcomes: Vec<(String, bool)> = crate::audit::tests::read_segments(&audit_config.dir)
+            .into_iter()
+            .filter(|r| r.phase == "outcome")
+            .map(|r| {
+                let delivered = !r.status_detail.starts_with(NOT_DELIVERED);
+                (r.query_info_query_string, delivered)
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("select 1".to_string(), true),
+                ("select 2".to_string(), true),
+                ("select 3".to_string(), false),
+            ]
         );
     }
 
