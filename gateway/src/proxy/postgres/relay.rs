@@ -2048,12 +2048,10 @@ mod tests {
         );
     }
 
-    /// The relay's own answer path, from the server's bytes to the audit:
-    /// three queries answered in one batch, sent to an agent whose
-    /// connection takes 46 bytes and then fails. The two answers it took
-    /// in full are on record as delivered, the third as not.
-    #[tokio::test]
-    async fn the_relay_records_which_answers_of_a_cut_off_batch_reached_the_agent() {
+    /// A session of a principal with no claims to target "orders-db" (never
+    /// reached), auditing to `audit_dir`; and the key directory its
+    /// verifier reads, kept alive.
+    async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir, Arc<Session>) {
         let keys = tempfile::tempdir().expect("tempdir");
         crate::dev::Keyring::open_or_create(keys.path()).expect("keyring");
         let verifier = crate::identity::Verifier::from_config(
@@ -2061,9 +2059,7 @@ mod tests {
         )
         .await
         .expect("verifier");
-        let audit_dir = tempfile::tempdir().expect("tempdir");
-        let audit_config = crate::audit::tests::config(audit_dir.path());
-        let audit = crate::audit::AuditLog::open(&audit_config)
+        let audit = crate::audit::AuditLog::open(&crate::audit::tests::config(audit_dir))
             .await
             .expect("audit");
         let target = crate::proxy::Target::new(crate::config::TargetConfig {
@@ -2102,13 +2098,24 @@ mod tests {
             shared: Arc::new(crate::proxy::Shared {
                 verifier,
                 policy: Default::default(),
-                audit: audit.clone(),
+                audit,
                 pinning: None,
                 postgres_cancel_keys: Default::default(),
             }),
             statement_record,
         });
+        (keys, session)
+    }
 
+    /// The relay's own answer path, from the server's bytes to the audit:
+    /// three queries answered in one batch, sent to an agent whose
+    /// connection takes 46 bytes and then fails. The two answers it took
+    /// in full are on record as delivered, the third as not.
+    #[tokio::test]
+    async fn the_relay_records_which_answers_of_a_cut_off_batch_reached_the_agent() {
+        let audit_dir = tempfile::tempdir().expect("tempdir");
+        let (_keys, session) = session_auditing_to(audit_dir.path()).await;
+        let audit = session.shared.audit.clone();
         // Each answer: CommandComplete "SELECT 1" (14 bytes) and
         // ReadyForQuery (6 bytes), 20 bytes in all.
         use bytes::BufMut;
@@ -2142,14 +2149,15 @@ mod tests {
         assert!(ended.is_err(), "the agent's connection failed");
         audit.shutdown().await;
 
-        let outcomes: Vec<(String, bool)> = crate::audit::tests::read_segments(&audit_config.dir)
-            .into_iter()
-            .filter(|r| r.phase == "outcome")
-            .map(|r| {
-                let delivered = !r.status_detail.starts_with(NOT_DELIVERED);
-                (r.query_info_query_string, delivered)
-            })
-            .collect();
+        let outcomes: Vec<(String, bool)> =
+            crate::audit::tests::read_segments(&audit_dir.path().join("audit"))
+                .into_iter()
+                .filter(|r| r.phase == "outcome")
+                .map(|r| {
+                    let delivered = !r.status_detail.starts_with(NOT_DELIVERED);
+                    (r.query_info_query_string, delivered)
+                })
+                .collect();
         assert_eq!(
             outcomes,
             [
@@ -2158,6 +2166,35 @@ mod tests {
                 ("select 3".to_string(), false),
             ]
         );
+    }
+
+    /// A statement's records share the session's fields (identity,
+    /// addresses, database) instead of copying them, and its outcome
+    /// shares its request's.
+    #[tokio::test]
+    async fn statement_records_share_the_session_fields() {
+        let audit_dir = tempfile::tempdir().expect("tempdir");
+        let (_keys, session) = session_auditing_to(audit_dir.path()).await;
+        let base = &session.statement_record;
+        let request = new_statement_record(&session, record::datastore_activity::QUERY);
+        let outcome = outcome_record(
+            Pending::new(Kind::Query, Some(request.clone())),
+            None,
+            Delivery::Sent,
+        )
+        .expect("a statement has an outcome");
+        for record in [&request, &outcome] {
+            assert!(Arc::ptr_eq(&record.session_uid, &base.session_uid));
+            assert!(Arc::ptr_eq(&record.actor_user_uid, &base.actor_user_uid));
+            assert!(Arc::ptr_eq(
+                &record.actor_user_groups,
+                &base.actor_user_groups
+            ));
+            assert!(Arc::ptr_eq(&record.src_endpoint_ip, &base.src_endpoint_ip));
+            assert!(Arc::ptr_eq(&record.database_user, &base.database_user));
+            assert!(Arc::ptr_eq(&record.database_name, &base.database_name));
+        }
+        session.shared.audit.shutdown().await;
     }
 
     /// Requests in flight when the session ends: each gets an outcome of
@@ -2182,6 +2219,9 @@ mod tests {
         still_syncing.durable = Some(Durable::waiting(answer));
         let mut held = query("select 6");
         held.answer_held = true;
+        // Its answer had begun (rows had come) but not ended.
+        let mut begun = query("select 7");
+        begun.rows = 3;
         let outcomes = unanswered_outcomes(vec![
             withheld,
             query("update t set a = 1"),
@@ -2189,8 +2229,10 @@ mod tests {
             writer_failed,
             still_syncing,
             held,
+            begun,
         ]);
-        assert_eq!(outcomes.len(), 6);
+        assert_eq!(outcomes.len(), 7);
+        assert_eq!(outcomes[6].response_rows, Some(3));
         for outcome in &outcomes {
             assert_eq!(outcome.phase, "outcome");
             assert_eq!(outcome.status_id, record::status::UNKNOWN);
@@ -2216,6 +2258,7 @@ mod tests {
             (1, "the server had not answered"),
             (4, "the server had not answered"),
             (5, "the session ended while the server's answer waited for the request's audit record to be durable"),
+            (6, "the server had not answered"),
         ] {
             assert_eq!(
                 outcomes[i].response_error_code,
