@@ -170,52 +170,11 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
                     runs[arm].push(run_one(arm)?);
                 }
             }
-            let [direct_runs, bouncer_runs, gateway_runs] = &runs;
-            // Ratios and the added latency are taken within each round,
-            // then their median: figures of the same round ran minutes apart
-            // at most.
-            let paired = |f: &dyn Fn(&Sample, &Sample) -> f64, a: &[Sample], b: &[Sample]| {
-                median_of(&a.iter().zip(b).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
-            };
-            let bouncer_ratio = paired(&|b, d| b.tps / d.tps, bouncer_runs, direct_runs);
-            let gateway_ratio = paired(&|g, d| g.tps / d.tps, gateway_runs, direct_runs);
-            let against_bouncer = paired(&|g, b| g.tps / b.tps, gateway_runs, bouncer_runs);
-            let cpu_against_bouncer =
-                paired(&|g, b| g.cpu_us / b.cpu_us, gateway_runs, bouncer_runs);
-            let added_us = paired(
-                &|g, d| (g.latency_ms - d.latency_ms) * 1000.0,
-                gateway_runs,
-                direct_runs,
-            );
-            let (direct, bouncer, gateway) = (
-                median(direct_runs),
-                median(bouncer_runs),
-                median(gateway_runs),
-            );
+            let (row, figures) = table_row(workload, clients, &runs);
+            rows.push(row);
             if workload == "select-only" {
-                targets.push(Targets {
-                    clients,
-                    against_direct: gateway_ratio,
-                    against_bouncer,
-                    added_us,
-                });
+                targets.push(figures);
             }
-            rows.push(format!(
-                "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2}x | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:.1} | {:.2}x |",
-                direct.tps,
-                bouncer.tps,
-                bouncer_ratio,
-                gateway.tps,
-                gateway_ratio,
-                against_bouncer,
-                direct.latency_ms,
-                bouncer.latency_ms,
-                gateway.latency_ms,
-                added_us,
-                bouncer.cpu_us,
-                gateway.cpu_us,
-                cpu_against_bouncer,
-            ));
         }
     }
     if rounds > 1 {
@@ -224,8 +183,11 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
         );
     }
     println!();
-    println!("| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | tollgate TPS vs PgBouncer | direct median latency ms | PgBouncer median latency ms | tollgate median latency ms | tollgate added median latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn | tollgate CPU vs PgBouncer |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("{TABLE_HEADER}");
+    println!(
+        "{}|",
+        "| --- ".repeat(TABLE_HEADER.matches('|').count() - 1)
+    );
     for row in rows {
         println!("{row}");
     }
@@ -280,6 +242,58 @@ fn cpu_ticks(stat: &str) -> u64 {
         .iter()
         .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
         .sum()
+}
+
+/// The columns of the table [`table_row`] fills.
+const TABLE_HEADER: &str = "| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | tollgate TPS vs PgBouncer | direct median latency ms | PgBouncer median latency ms | tollgate median latency ms | tollgate added median latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn | tollgate CPU vs PgBouncer |";
+
+/// The table's row for one workload and client count from the runs of
+/// direct, PgBouncer and tollgate (one per round each, in that order), and
+/// the figures the targets are judged by.
+fn table_row(workload: &str, clients: u32, runs: &[Vec<Sample>; 3]) -> (String, Targets) {
+    let [direct_runs, bouncer_runs, gateway_runs] = runs;
+    // Ratios and the added latency are taken within each round, then
+    // their median: figures of the same round ran minutes apart at most.
+    let paired = |f: &dyn Fn(&Sample, &Sample) -> f64, a: &[Sample], b: &[Sample]| {
+        median_of(&a.iter().zip(b).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
+    };
+    let bouncer_ratio = paired(&|b, d| b.tps / d.tps, bouncer_runs, direct_runs);
+    let gateway_ratio = paired(&|g, d| g.tps / d.tps, gateway_runs, direct_runs);
+    let against_bouncer = paired(&|g, b| g.tps / b.tps, gateway_runs, bouncer_runs);
+    let cpu_against_bouncer = paired(&|g, b| g.cpu_us / b.cpu_us, gateway_runs, bouncer_runs);
+    let added_us = paired(
+        &|g, d| (g.latency_ms - d.latency_ms) * 1000.0,
+        gateway_runs,
+        direct_runs,
+    );
+    let (direct, bouncer, gateway) = (
+        median(direct_runs),
+        median(bouncer_runs),
+        median(gateway_runs),
+    );
+    let row = format!(
+        "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2}x | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:.1} | {:.2}x |",
+        direct.tps,
+        bouncer.tps,
+        bouncer_ratio,
+        gateway.tps,
+        gateway_ratio,
+        against_bouncer,
+        direct.latency_ms,
+        bouncer.latency_ms,
+        gateway.latency_ms,
+        added_us,
+        bouncer.cpu_us,
+        gateway.cpu_us,
+        cpu_against_bouncer,
+    );
+    let figures = Targets {
+        clients,
+        against_direct: gateway_ratio,
+        against_bouncer,
+        added_us,
+    };
+    (row, figures)
 }
 
 /// A select-only row's figures that the PostgreSQL issue sets targets for.
@@ -558,6 +572,37 @@ tps = 17456.789012 (without initial connection time)
         assert_eq!(median_latency_ms(dir.path()).unwrap(), 0.25);
         let empty = tempfile::tempdir().unwrap();
         assert!(median_latency_ms(empty.path()).is_err());
+    }
+
+    /// Ratios are taken per round and then their median, each against
+    /// the right arm, in the column the header names.
+    #[test]
+    fn a_row_pairs_each_round_and_puts_each_figure_in_its_column() {
+        let sample = |tps, latency_ms, cpu_us| Sample {
+            tps,
+            latency_ms,
+            cpu_us,
+        };
+        // Round two is twice as fast for everyone: per-round ratios stay put.
+        let runs = [
+            vec![sample(1000.0, 0.100, 0.0), sample(2000.0, 0.050, 0.0)],
+            vec![sample(800.0, 0.125, 20.0), sample(1600.0, 0.0625, 20.0)],
+            vec![sample(400.0, 0.160, 50.0), sample(800.0, 0.080, 50.0)],
+        ];
+        let (row, figures) = table_row("select-only", 8, &runs);
+        let names: Vec<&str> = TABLE_HEADER.split('|').map(str::trim).collect();
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(names.len(), cells.len(), "{row}");
+        let cell = |name: &str| cells[names.iter().position(|n| *n == name).unwrap()];
+        assert_eq!(cell("PgBouncer TPS (vs direct)"), "1200 (0.80x)");
+        assert_eq!(cell("tollgate TPS (vs direct)"), "600 (0.40x)");
+        assert_eq!(cell("tollgate TPS vs PgBouncer"), "0.50x");
+        assert_eq!(cell("tollgate CPU vs PgBouncer"), "2.50x");
+        // +60 µs in round one, +30 in round two.
+        assert_eq!(cell("tollgate added median latency µs"), "+45");
+        assert_eq!(figures.against_direct, 0.4);
+        assert_eq!(figures.against_bouncer, 0.5);
+        assert_eq!(figures.added_us.round(), 45.0);
     }
 
     #[test]
