@@ -257,6 +257,11 @@ struct InFlight {
     /// server's error naming it is known to be the refusal's and no other.
     marker: String,
     next_id: u64,
+    /// Why tollgate itself closed the session (the SQLSTATE and message
+    /// of the FATAL the agent got): the reason requests still in flight
+    /// never had their answers relayed, whether or not the server had
+    /// answered them yet.
+    closed_by: Option<(String, String)>,
 }
 
 fn refusal_marker() -> String {
@@ -425,22 +430,37 @@ pub async fn run(
         r = to_server => r,
         r = to_client => r,
         () = sleep_until_epoch(deadline) => {
-            end_expired_session(&session, &expiry_writer).await;
+            end_expired_session(&session, &expiry_writer, &in_flight).await;
             Ok(())
         }
     };
-    let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
-    for outcome in unanswered_outcomes(left) {
-        submit_outcome(&session, outcome);
-    }
+    record_unanswered(&session, &in_flight);
     result
+}
+
+/// Writes the outcome records of the requests still in flight when the
+/// session ends (see [`unanswered_outcomes`]).
+fn record_unanswered(session: &Session, in_flight: &Mutex<InFlight>) {
+    let (left, closed_by) = {
+        let mut in_flight = lock(in_flight);
+        let left: Vec<Pending> = in_flight.queue.drain(..).collect();
+        (left, in_flight.closed_by.take())
+    };
+    for outcome in unanswered_outcomes(left, closed_by) {
+        submit_outcome(session, outcome);
+    }
 }
 
 /// The outcome records of requests still in flight when the session ended:
 /// the agent never got their answers. Each was sent to the server and may
 /// have run (an UPDATE pipelined before the agent hung up commits), so its
 /// status is unknown, not a failure an auditor could filter out.
-fn unanswered_outcomes(left: Vec<Pending>) -> Vec<AuditRecord> {
+/// `closed_by` is why tollgate closed the session, if it did (see
+/// [`InFlight::closed_by`]).
+fn unanswered_outcomes(
+    left: Vec<Pending>,
+    closed_by: Option<(String, String)>,
+) -> Vec<AuditRecord> {
     left.into_iter()
         .filter_map(|mut pending| {
             // A read's request record that is known to have failed by now
@@ -457,10 +477,16 @@ fn unanswered_outcomes(left: Vec<Pending>) -> Vec<AuditRecord> {
                     super::SQLSTATE_UPSTREAM.to_string(),
                     "the session ended while the server's answer waited for the request's audit record to be durable".to_string(),
                 ),
-                (None, false) => (
-                    super::SQLSTATE_UPSTREAM.to_string(),
-                    "the server had not answered".to_string(),
-                ),
+                (None, false) => match &closed_by {
+                    Some((code, message)) => (
+                        code.clone(),
+                        format!("tollgate closed the session before relaying the server's answer: {message}"),
+                    ),
+                    None => (
+                        super::SQLSTATE_UPSTREAM.to_string(),
+                        "the server had not answered".to_string(),
+                    ),
+                },
             };
             let mut outcome = outcome_record(pending, Some(why), Delivery::NotSent)?;
             outcome.status_id = record::status::UNKNOWN;
@@ -482,7 +508,11 @@ async fn sleep_until_epoch(deadline: Option<i64>) {
 
 /// The token behind the session expired: the agent is told, in its
 /// protocol, and must come back with a fresh token.
-async fn end_expired_session(session: &Session, client_wr: &ClientWriter) {
+async fn end_expired_session(
+    session: &Session,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+) {
     let message = format!(
         "tollgate: the session's token expired at {}; reconnect with a fresh token",
         session.principal.expires_at
@@ -498,7 +528,7 @@ async fn end_expired_session(session: &Session, client_wr: &ClientWriter) {
     if let Err(err) = session.shared.audit.append(record).await {
         warn!(error = %err, "the end of an expired session could not be audited");
     }
-    fatal_to_client(client_wr, super::SQLSTATE_IDENTITY, &message).await;
+    fatal_to_client(client_wr, in_flight, super::SQLSTATE_IDENTITY, &message).await;
 }
 
 fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
@@ -557,6 +587,7 @@ async fn client_to_server(
                     other => {
                         fatal_to_client(
                             &client_wr,
+                            &in_flight,
                             super::SQLSTATE_PROTOCOL,
                             &format!(
                                 "tollgate: message {:?} in the middle of COPY FROM STDIN",
@@ -733,6 +764,7 @@ async fn client_to_server(
                 other => {
                     fatal_to_client(
                         &client_wr,
+                        &in_flight,
                         super::SQLSTATE_PROTOCOL,
                         &format!(
                             "tollgate: unexpected message {:?} from the client",
@@ -809,9 +841,16 @@ async fn resolve_waiting<T>(
     }
 }
 
-/// Ends the session with a FATAL error the client can read. Holding the
-/// writer lock puts it between two whole messages.
-async fn fatal_to_client(client_wr: &ClientWriter, code: &str, message: &str) {
+/// Ends the session with a FATAL error the client can read, and keeps
+/// why for the records of requests still in flight. Holding the writer
+/// lock puts it between two whole messages.
+async fn fatal_to_client(
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    code: &str,
+    message: &str,
+) {
+    lock(in_flight).closed_by = Some((code.to_string(), message.to_string()));
     super::fatal(&mut *client_wr.lock().await, code, message).await;
 }
 
@@ -1212,13 +1251,10 @@ async fn server_to_client(
                 // their own (as on every other path): it goes first
                 // (what of it the agent got is recorded on drop).
                 let _ = send_counted(&mut *client, &out, &mut outcomes.handed_over).await;
+                let message = format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed");
+                lock(&in_flight).closed_by = Some((SQLSTATE_AUDIT.to_string(), message.clone()));
                 let mut fatal = BytesMut::new();
-                wire::error_response(
-                    &mut fatal,
-                    "FATAL",
-                    SQLSTATE_AUDIT,
-                    &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
-                );
+                wire::error_response(&mut fatal, "FATAL", SQLSTATE_AUDIT, &message);
                 let _ = send_all(&mut *client, &fatal).await;
                 return Err(WireError::Closed);
             }
@@ -1247,6 +1283,7 @@ async fn server_to_client(
                     .await;
                     fatal_to_client(
                         &client_wr,
+                        &in_flight,
                         super::SQLSTATE_PROTOCOL,
                         "tollgate: the server's answers are out of step with the requests; the session is closed",
                     )
@@ -2168,6 +2205,105 @@ mod tests {
         );
     }
 
+    /// The relay's answer path when a read's request record fails after
+    /// the read was forwarded: the answer before it reaches the agent,
+    /// its own answer is withheld and the session closed with FATAL 58030,
+    /// and the answer after it, already in tollgate's buffer, never goes
+    /// out either. The audit (which recovered: it is writable again) has
+    /// an outcome row for each, and says why the last two were not
+    /// relayed.
+    #[tokio::test]
+    async fn a_failed_record_withholds_its_answer_and_every_later_one() {
+        let audit_dir = tempfile::tempdir().expect("tempdir");
+        let (_keys, session) = session_auditing_to(audit_dir.path()).await;
+        let audit = session.shared.audit.clone();
+        use bytes::BufMut;
+        let mut answers = BytesMut::new();
+        let mut in_flight = InFlight::default();
+        for (text, rows, durable) in [
+            ("select 1", "SELECT 11\0", Ok(1)),
+            (
+                "select 2",
+                "SELECT 22\0",
+                Err(AuditError::Wal("disk full".into())),
+            ),
+            ("select 3", "SELECT 33\0", Ok(3)),
+        ] {
+            let mut read = query(text);
+            read.durable = Some(Durable::known(durable));
+            in_flight.queue.push_back(read);
+            answers.put_u8(b'C');
+            answers.put_i32(4 + rows.len() as i32);
+            answers.put_slice(rows.as_bytes());
+            wire::ready_for_query(&mut answers, b'I');
+        }
+        let (server, _server_side) = tokio::io::duplex(1024);
+        let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+        let (agent, mut agent_side) = tokio::io::duplex(4096);
+        let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+        let in_flight = Arc::new(Mutex::new(in_flight));
+        let ended = server_to_client(
+            session.clone(),
+            upstream_rd,
+            answers,
+            Arc::new(tokio::sync::Mutex::new(client_wr)),
+            in_flight.clone(),
+            Arc::new(Notify::new()),
+        )
+        .await;
+        assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+        record_unanswered(&session, &in_flight);
+        audit.shutdown().await;
+
+        let mut got = Vec::new();
+        // The relay has dropped its end: this reads to that end.
+        tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
+            .await
+            .expect("read what the agent got");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains("SELECT 11"), "{got}");
+        assert!(!got.contains("SELECT 22"), "withheld: {got}");
+        assert!(!got.contains("SELECT 33"), "never relayed: {got}");
+        assert!(got.contains("FATAL"), "{got}");
+        assert!(got.contains(SQLSTATE_AUDIT), "{got}");
+        assert!(
+            got.contains("its answer is withheld and the session closed"),
+            "{got}"
+        );
+
+        let outcomes: Vec<_> = crate::audit::tests::read_segments(&audit_dir.path().join("audit"))
+            .into_iter()
+            .filter(|r| r.phase == "outcome")
+            .map(|r| {
+                (
+                    r.query_info_query_string,
+                    r.status_id,
+                    r.response_error_code,
+                    r.status_detail,
+                )
+            })
+            .collect();
+        assert_eq!(outcomes.len(), 3, "{outcomes:#?}");
+        assert_eq!(outcomes[0].0, "select 1");
+        assert_eq!(outcomes[0].1, record::status::SUCCESS);
+        assert!(
+            !outcomes[0].3.starts_with(NOT_DELIVERED),
+            "{:?}",
+            outcomes[0]
+        );
+        for (i, text, why) in [
+            (1, "select 2", "tollgate withheld the server's answer: the request's audit record could not be written (audit write failed: disk full)"),
+            (2, "select 3", "tollgate closed the session before relaying the server's answer: tollgate: the statement's audit record could not be written"),
+        ] {
+            let (query, status, code, detail) = &outcomes[i];
+            assert_eq!(query, text);
+            assert_eq!(*status, record::status::UNKNOWN, "{text}");
+            assert_eq!(code, SQLSTATE_AUDIT, "{text}");
+            assert!(detail.starts_with(NOT_DELIVERED), "{text}: {detail}");
+            assert!(detail.contains(why), "{text}: {detail}");
+        }
+    }
+
     /// A statement's records share the session's fields (identity,
     /// addresses, database) instead of copying them, and its outcome
     /// shares its request's.
@@ -2222,15 +2358,18 @@ mod tests {
         // Its answer had begun (rows had come) but not ended.
         let mut begun = query("select 7");
         begun.rows = 3;
-        let outcomes = unanswered_outcomes(vec![
-            withheld,
-            query("update t set a = 1"),
-            record_failed,
-            writer_failed,
-            still_syncing,
-            held,
-            begun,
-        ]);
+        let outcomes = unanswered_outcomes(
+            vec![
+                withheld,
+                query("update t set a = 1"),
+                record_failed,
+                writer_failed,
+                still_syncing,
+                held,
+                begun,
+            ],
+            None,
+        );
         assert_eq!(outcomes.len(), 7);
         assert_eq!(outcomes[6].response_rows, Some(3));
         for outcome in &outcomes {
@@ -2276,7 +2415,9 @@ mod tests {
     /// keeps a failed write's error: the outcome of a request the session
     /// ended on says which of the two kept its answer from the agent.
     /// (That `server_to_client` holds answers at all, and closes the
-    /// session with FATAL when a record fails, is shown end to end by
+    /// session with FATAL when a record fails, is shown by
+    /// `a_failed_record_withholds_its_answer_and_every_later_one`, and end
+    /// to end by
     /// `a_full_audit_disk_refuses_statements_loses_nothing_and_recovers`
     /// in tests/tests/audit_e2e.rs; a session ending while an answer is
     /// held has no end-to-end test.)
@@ -2297,7 +2438,7 @@ mod tests {
             let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
             assert_eq!(left[0].answer_held, answer_held, "{why}");
             assert!(left[0].durable.is_none(), "the record is awaited once");
-            let outcomes = unanswered_outcomes(left);
+            let outcomes = unanswered_outcomes(left, None);
             assert_eq!(outcomes.len(), 1);
             assert_eq!(outcomes[0].response_error_code, code, "{why}");
             let detail = &outcomes[0].status_detail;
