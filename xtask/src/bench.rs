@@ -310,24 +310,28 @@ struct Targets {
 /// count was not run is not mentioned.
 fn target_lines(rows: &[Targets]) -> Vec<String> {
     let met = |ok: bool| if ok { "met" } else { "not met" };
+    // Each figure is judged as it is shown, to the precision the target
+    // is stated in (hundredths, whole µs): a shown "0.85x" is never "not
+    // met".
+    let hundredths = |ratio: f64| (ratio * 100.0).round() as i64;
     let mut lines = Vec::new();
     if let Some(eight) = rows.iter().find(|r| r.clients == 8) {
         lines.push(format!(
             "at least 0.85x direct TPS at 8 clients: {:.2}x, {}",
             eight.against_direct,
-            met(eight.against_direct >= 0.85)
+            met(hundredths(eight.against_direct) >= 85)
         ));
         lines.push(format!(
             "at least PgBouncer's TPS at 8 clients: {:.2}x, {}",
             eight.against_bouncer,
-            met(eight.against_bouncer >= 1.0)
+            met(hundredths(eight.against_bouncer) >= 100)
         ));
     }
     if let Some(one) = rows.iter().find(|r| r.clients == 1) {
         lines.push(format!(
             "under 50 µs added median latency at 1 client: {:+.0} µs, {}",
             one.added_us,
-            met(one.added_us < 50.0)
+            met(one.added_us.round() < 50.0)
         ));
     }
     lines
@@ -624,6 +628,17 @@ tps = 17456.789012 (without initial connection time)
                 "at least 0.85x direct TPS at 8 clients: 0.85x, met",
                 "at least PgBouncer's TPS at 8 clients: 0.99x, not met",
                 "under 50 µs added median latency at 1 client: +49 µs, met",
+            ]
+        );
+        // A figure is judged as shown: what rounds to the target meets
+        // it, what rounds short of it does not.
+        let lines = target_lines(&[row(1, 0.5, 0.5, 49.6), row(8, 0.846, 0.994, 0.0)]);
+        assert_eq!(
+            lines,
+            [
+                "at least 0.85x direct TPS at 8 clients: 0.85x, met",
+                "at least PgBouncer's TPS at 8 clients: 0.99x, not met",
+                "under 50 µs added median latency at 1 client: +50 µs, not met",
             ]
         );
         assert!(target_lines(&[row(32, 1.0, 1.0, 0.0)]).is_empty());
