@@ -107,6 +107,10 @@ pub struct Operation {
     /// in SQL (DECLARE, CLOSE, PREPARE, DEALLOCATE, DISCARD): protocol
     /// messages naming them can no longer be tied to what tollgate saw.
     pub renames_protocol_objects: bool,
+    /// Changes, or may change, how the target decodes the bytes of later
+    /// requests (PostgreSQL's client_encoding): tollgate would then read
+    /// a different statement from the one the target runs.
+    pub changes_text_encoding: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.
@@ -254,6 +258,14 @@ impl Policy {
             };
         }
         if let Ok(operations) = request.operations {
+            // Not a grant's choice: every later decision rests on reading
+            // the text as the target does.
+            if operations.iter().any(|op| op.changes_text_encoding) {
+                return Decision::Deny {
+                    rule: "encoding:client_encoding".into(),
+                    reason: "tollgate reads statements as UTF-8 and the session's client_encoding stays UTF8".into(),
+                };
+            }
             for op in operations.iter().filter(|op| op.streams_raw) {
                 if let Some(table) = op
                     .reads

@@ -262,3 +262,39 @@ columns = ["public.customers.email"]
     );
     assert_eq!(denied_by(&decide(&policy, &[], "SELECT 1")), None);
 }
+
+/// Changing client_encoding is refused whatever the grants allow: with
+/// another encoding the server would run a statement other than the one
+/// tollgate read and decided.
+#[test]
+fn no_grant_can_change_the_client_encoding() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "everything"
+roles = ["root"]
+kinds = ["read", "write", "ddl", "dcl", "transaction", "utility", "admin"]
+allow_unparsed = true
+allow_dangerous = ["drop", "truncate", "alter", "grant_revoke", "delete_without_where", "update_without_where", "copy_program", "file_or_program_function", "set_role"]
+"#,
+    );
+    for sql in [
+        "SET NAMES 'SJIS'",
+        "SET client_encoding = 'SJIS'",
+        "SELECT set_config('client_encoding', 'SJIS', false)",
+        "SELECT 1; SET client_encoding TO 'BIG5'",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&policy, &["root"], sql)),
+            Some("encoding:client_encoding"),
+            "{sql}"
+        );
+    }
+    for sql in [
+        "SET application_name = 'x'",
+        "SELECT set_config('application_name', 'x', false)",
+        "SHOW client_encoding",
+    ] {
+        assert_eq!(denied_by(&decide(&policy, &["root"], sql)), None, "{sql}");
+    }
+}

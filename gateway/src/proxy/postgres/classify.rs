@@ -118,6 +118,8 @@ fn classify_statement(statement: &Statement) -> Operation {
                 | Statement::Deallocate { .. }
                 | Statement::Discard { .. }
         ),
+        changes_text_encoding: walker.changes_encoding
+            || matches!(statement, Statement::Set(set) if set_changes_encoding(set)),
         ..Operation::default()
     };
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
@@ -200,19 +202,62 @@ fn top_kind(statement: &Statement) -> StatementKind {
 }
 
 fn set_kind(set: &Set) -> StatementKind {
+    // Settings that change whom the session acts as, what an unqualified
+    // name means, or how SQL text is read, are administration, not
+    // utility; so is any form of SET not known to be harmless.
+    let admin = match set {
+        Set::SetTimeZone { .. } | Set::SetTransaction { .. } => false,
+        Set::SingleAssignment { variable, .. } => is_admin_setting(variable),
+        Set::MultipleAssignments { assignments } => {
+            assignments.iter().any(|a| is_admin_setting(&a.name))
+        }
+        Set::ParenthesizedAssignments { variables, .. } => variables.iter().any(is_admin_setting),
+        // SET NAMES is SET client_encoding; the rest set the role or
+        // are not PostgreSQL's.
+        _ => true,
+    };
+    if admin {
+        StatementKind::Admin
+    } else {
+        StatementKind::Utility
+    }
+}
+
+fn is_admin_setting(variable: &ObjectName) -> bool {
+    ADMIN_SETTINGS.contains(&setting_name(variable).as_str())
+}
+
+/// Whether a SET changes client_encoding (SET NAMES is its SQL-standard
+/// spelling).
+fn set_changes_encoding(set: &Set) -> bool {
+    let is_encoding = |variable: &ObjectName| setting_name(variable) == "client_encoding";
     match set {
-        Set::SetSessionAuthorization(_) | Set::SetRole { .. } => StatementKind::Admin,
-        Set::SingleAssignment { variable, .. } => {
-            // Settings that change whom the session acts as, what an
-            // unqualified name means, or how SQL text is read, are
-            // administration, not utility.
-            if ADMIN_SETTINGS.contains(&setting_name(variable).as_str()) {
-                StatementKind::Admin
-            } else {
-                StatementKind::Utility
+        Set::SetNames { .. } | Set::SetNamesDefault {} => true,
+        Set::SingleAssignment { variable, .. } => is_encoding(variable),
+        Set::MultipleAssignments { assignments } => {
+            assignments.iter().any(|a| is_encoding(&a.name))
+        }
+        Set::ParenthesizedAssignments { variables, .. } => variables.iter().any(is_encoding),
+        _ => false,
+    }
+}
+
+/// Whether a call of `set_config` may set client_encoding: it does when
+/// its first argument says so, and may when that argument is not a
+/// literal tollgate can read.
+fn set_config_may_change_encoding(function: &sqlparser::ast::Function) -> bool {
+    use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
+    let FunctionArguments::List(list) = &function.args else {
+        return true;
+    };
+    match list.args.first() {
+        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(value)))) => {
+            match value.clone().into_string() {
+                Some(name) => name.trim().eq_ignore_ascii_case("client_encoding"),
+                None => true,
             }
         }
-        _ => StatementKind::Utility,
+        _ => true,
     }
 }
 
@@ -254,6 +299,7 @@ struct Walker {
     calls_functions: bool,
     table_functions: BTreeSet<String>,
     runs_prepared: bool,
+    changes_encoding: bool,
 }
 
 impl Visitor for Walker {
@@ -308,8 +354,12 @@ impl Visitor for Walker {
                 self.calls_functions = true;
             }
             if let Some(name) = function.name.0.last().and_then(|part| part.as_ident()) {
-                if DANGEROUS_FUNCTIONS.contains(&name.value.to_ascii_lowercase().as_str()) {
+                let name = name.value.to_ascii_lowercase();
+                if DANGEROUS_FUNCTIONS.contains(&name.as_str()) {
                     self.dangers.insert(Danger::FileOrProgramFunction);
+                }
+                if name == "set_config" && set_config_may_change_encoding(function) {
+                    self.changes_encoding = true;
                 }
             }
         }
@@ -497,6 +547,9 @@ mod tests {
             ("SET search_path = secret", Admin),
             (r#"SET "search_path" = secret"#, Admin),
             ("SET standard_conforming_strings = off", Admin),
+            ("SET NAMES 'SJIS'", Admin),
+            ("SET TIME ZONE 'UTC'", Utility),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Utility),
             // SQL EXECUTE runs a statement prepared out of tollgate's sight.
             ("EXECUTE s1", Admin),
             ("EXPLAIN ANALYZE EXECUTE s1", Admin),
@@ -604,6 +657,41 @@ mod tests {
                 Some(danger) => assert!(c.dangers.contains(&danger), "{sql}: {:?}", c.dangers),
                 None => assert!(c.dangers.is_empty(), "{sql}: {:?}", c.dangers),
             }
+        }
+    }
+
+    /// Every way to change client_encoding that tollgate can see, and
+    /// near misses that do not change it.
+    #[test]
+    fn statements_that_change_the_client_encoding() {
+        for (sql, changes) in [
+            ("SET client_encoding = 'SJIS'", true),
+            ("SET client_encoding TO 'SJIS'", true),
+            ("SET LOCAL CLIENT_ENCODING = 'BIG5'", true),
+            (r#"SET "client_encoding" = 'GBK'"#, true),
+            ("SET NAMES 'SJIS'", true),
+            ("SET NAMES DEFAULT", true),
+            ("SELECT set_config('client_encoding', 'SJIS', false)", true),
+            (
+                "SELECT pg_catalog.set_config(' Client_Encoding ', 'SJIS', false)",
+                true,
+            ),
+            (
+                "SELECT 1 FROM t WHERE set_config('client_encoding', 'SJIS', false) IS NULL",
+                true,
+            ),
+            // A name tollgate cannot read might be client_encoding.
+            (
+                "SELECT set_config(current_setting('x.y'), 'SJIS', false)",
+                true,
+            ),
+            ("SELECT set_config('application_name', 'x', false)", false),
+            ("SET application_name = 'client_encoding'", false),
+            ("SELECT 'client_encoding'", false),
+            ("SHOW client_encoding", false),
+            ("RESET client_encoding", false),
+        ] {
+            assert_eq!(one(sql).changes_text_encoding, changes, "{sql}");
         }
     }
 

@@ -1258,6 +1258,29 @@ async fn server_to_client(
                 let _ = send_all(&mut *client, &fatal).await;
                 return Err(WireError::Closed);
             }
+            if let Some(encoding) = (frame.tag == b'S')
+                .then(|| wire::parameter_status(&frame, "client_encoding"))
+                .flatten()
+                .filter(|encoding| !encoding.eq_ignore_ascii_case("UTF8"))
+            {
+                // A statement policy let through changed the encoding (a
+                // function of the agent's calling set_config): from now on
+                // the server would read other statements than tollgate.
+                let _ = send_counted(
+                    &mut *client_wr.lock().await,
+                    &out,
+                    &mut outcomes.handed_over,
+                )
+                .await;
+                fatal_to_client(
+                    &client_wr,
+                    &in_flight,
+                    super::SQLSTATE_POLICY,
+                    &format!("tollgate: the server's client_encoding became {encoding} (rule encoding:client_encoding); tollgate reads statements as UTF-8 only, so the session is closed"),
+                )
+                .await;
+                return Err(WireError::Closed);
+            }
             if frame.tag == b'S' {
                 if let Some(value) = wire::parameter_status(&frame, "application_name") {
                     if let Ok(mut intent) = session.intent.lock() {
@@ -2205,6 +2228,120 @@ mod tests {
         );
     }
 
+    /// Runs the relay's answer path on `answers` (the server's bytes) to
+    /// an agent connection that takes everything; returns how it ended and
+    /// what the agent got.
+    async fn relay_to_agent(
+        session: &Arc<Session>,
+        in_flight: &Arc<Mutex<InFlight>>,
+        answers: BytesMut,
+    ) -> (Result<(), WireError>, String) {
+        // The server sends nothing more: a relay that does not stop at
+        // what it is given ends at the end of the stream, never waits.
+        let (server, server_side) = tokio::io::duplex(1024);
+        drop(server_side);
+        let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+        let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
+        let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+        let ended = server_to_client(
+            session.clone(),
+            upstream_rd,
+            answers,
+            Arc::new(tokio::sync::Mutex::new(client_wr)),
+            in_flight.clone(),
+            Arc::new(Notify::new()),
+        )
+        .await;
+        let mut got = Vec::new();
+        // The relay has dropped its end: this reads to that end.
+        tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
+            .await
+            .expect("read what the agent got");
+        (ended, String::from_utf8_lossy(&got).into_owned())
+    }
+
+    /// A statement that changed client_encoding behind the policy's back
+    /// (a function calling set_config): the server's report of it ends the
+    /// session before the report, or any answer after it, reaches the
+    /// agent, and every request in flight is on record with why.
+    #[tokio::test]
+    async fn a_changed_client_encoding_closes_the_session() {
+        let audit_dir = tempfile::tempdir().expect("tempdir");
+        let (_keys, session) = session_auditing_to(audit_dir.path()).await;
+        let audit = session.shared.audit.clone();
+        use bytes::BufMut;
+        let mut answers = BytesMut::new();
+        let mut in_flight = InFlight::default();
+        for text in ["select 1", "select f()", "select 3"] {
+            in_flight.queue.push_back(query(text));
+        }
+        fn status(answers: &mut BytesMut, key: &str, value: &str) {
+            answers.put_u8(b'S');
+            answers.put_i32(4 + key.len() as i32 + 1 + value.len() as i32 + 1);
+            for part in [key, value] {
+                answers.put_slice(part.as_bytes());
+                answers.put_u8(0);
+            }
+        }
+        fn complete(answers: &mut BytesMut, tag: &str) {
+            answers.put_u8(b'C');
+            answers.put_i32(4 + tag.len() as i32 + 1);
+            answers.put_slice(tag.as_bytes());
+            answers.put_u8(0);
+            wire::ready_for_query(answers, b'I');
+        }
+        // Reported again unchanged: nothing happens.
+        status(&mut answers, "client_encoding", "UTF8");
+        complete(&mut answers, "SELECT 11");
+        status(&mut answers, "client_encoding", "SJIS");
+        complete(&mut answers, "SELECT 22");
+        complete(&mut answers, "SELECT 33");
+        let in_flight = Arc::new(Mutex::new(in_flight));
+        let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
+        assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+        record_unanswered(&session, &in_flight);
+        audit.shutdown().await;
+
+        assert!(got.contains("SELECT 11"), "{got}");
+        assert!(!got.contains("SJIS\0"), "the report is not relayed: {got}");
+        assert!(
+            !got.contains("SELECT 22") && !got.contains("SELECT 33"),
+            "{got}"
+        );
+        assert!(
+            got.contains("FATAL") && got.contains(super::super::SQLSTATE_POLICY),
+            "{got}"
+        );
+        assert!(got.contains("client_encoding became SJIS"), "{got}");
+
+        let outcomes: Vec<_> = crate::audit::tests::read_segments(&audit_dir.path().join("audit"))
+            .into_iter()
+            .filter(|r| r.phase == "outcome")
+            .map(|r| {
+                (
+                    r.query_info_query_string,
+                    r.response_error_code,
+                    r.status_detail,
+                )
+            })
+            .collect();
+        assert_eq!(outcomes.len(), 3, "{outcomes:#?}");
+        assert_eq!(outcomes[0].0, "select 1");
+        assert!(
+            !outcomes[0].2.starts_with(NOT_DELIVERED),
+            "{:?}",
+            outcomes[0]
+        );
+        for (query, code, detail) in &outcomes[1..] {
+            assert_eq!(code, super::super::SQLSTATE_POLICY, "{query}");
+            assert!(detail.starts_with(NOT_DELIVERED), "{query}: {detail}");
+            assert!(
+                detail.contains("client_encoding became SJIS"),
+                "{query}: {detail}"
+            );
+        }
+    }
+
     /// The relay's answer path when a read's request record fails after
     /// the read was forwarded: the answer before it reaches the agent,
     /// its own answer is withheld and the session closed with FATAL 58030,
@@ -2237,30 +2374,12 @@ mod tests {
             answers.put_slice(rows.as_bytes());
             wire::ready_for_query(&mut answers, b'I');
         }
-        let (server, _server_side) = tokio::io::duplex(1024);
-        let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
-        let (agent, mut agent_side) = tokio::io::duplex(4096);
-        let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
         let in_flight = Arc::new(Mutex::new(in_flight));
-        let ended = server_to_client(
-            session.clone(),
-            upstream_rd,
-            answers,
-            Arc::new(tokio::sync::Mutex::new(client_wr)),
-            in_flight.clone(),
-            Arc::new(Notify::new()),
-        )
-        .await;
+        let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
         assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
         record_unanswered(&session, &in_flight);
         audit.shutdown().await;
 
-        let mut got = Vec::new();
-        // The relay has dropped its end: this reads to that end.
-        tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
-            .await
-            .expect("read what the agent got");
-        let got = String::from_utf8_lossy(&got);
         assert!(got.contains("SELECT 11"), "{got}");
         assert!(!got.contains("SELECT 22"), "withheld: {got}");
         assert!(!got.contains("SELECT 33"), "never relayed: {got}");
