@@ -1131,3 +1131,70 @@ fn buffered_durability_answers_and_records_a_pipeline_larger_than_the_sockets() 
         assert_eq!(rows.len(), statements, "{phase} rows");
     }
 }
+
+/// The client encoding stays UTF8: psql's SET NAMES and set_config of
+/// client_encoding are refused with 42501 whatever the grant (the session
+/// goes on), and when a function of the agent's changes it anyway the
+/// session ends with FATAL 42501 before anything after the server's report
+/// reaches the agent. Each is on record.
+#[test]
+fn the_client_encoding_cannot_be_changed_behind_the_policy() {
+    let Some((stack, token)) = start("the_client_encoding_cannot_be_changed_behind_the_policy")
+    else {
+        return;
+    };
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION sneaky() RETURNS text LANGUAGE sql \
+             AS $$ SELECT set_config('client_encoding', 'SJIS', false) $$",
+        )
+        .expect("create the function");
+    let mut psql = agent_psql(&stack, &token);
+    psql.args([
+        "-c",
+        "SET NAMES 'SJIS'",
+        "-c",
+        "SELECT set_config('client_encoding', 'BIG5', false)",
+        "-c",
+        "SHOW client_encoding",
+        "-c",
+        "SELECT sneaky()",
+        "-c",
+        "SELECT 'never run'",
+    ]);
+    let out = psql.output().expect("run psql");
+    let stderr = text(&out.stderr);
+    let stdout = text(&out.stdout);
+    assert_eq!(stderr.matches("ERROR:  42501").count(), 2, "{stderr}");
+    assert_eq!(
+        stderr.matches("encoding:client_encoding").count(),
+        3,
+        "two refusals and the FATAL name the rule: {stderr}"
+    );
+    assert!(stderr.contains("FATAL:  42501"), "{stderr}");
+    assert!(stderr.contains("client_encoding became SJIS"), "{stderr}");
+    assert!(
+        stdout.starts_with("UTF8"),
+        "the refusals left UTF8: {stdout}"
+    );
+    assert!(!stdout.contains("never run"), "{stdout}");
+
+    let refusals = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'encoding:client_encoding' ORDER BY sequence",
+            2,
+            AUDIT_WAIT,
+        )
+        .expect("refusal rows");
+    assert_eq!(refusals[0]["query_info_query_string"], "SET NAMES 'SJIS'");
+    let sneaky = outcome_of(&stack, "SELECT sneaky()");
+    assert_eq!(sneaky["response_error_code"], "42501", "{sneaky}");
+    assert!(
+        sneaky["status_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("client_encoding became SJIS")),
+        "{sneaky}"
+    );
+}
