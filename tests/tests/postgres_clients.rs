@@ -1198,3 +1198,85 @@ fn the_client_encoding_cannot_be_changed_behind_the_policy() {
         "{sneaky}"
     );
 }
+
+/// A message after login that is not one of protocol 3.0 (a Query that is
+/// not UTF-8, a Parse cut short, an unknown type): what the client sent
+/// before it in the same write still runs, as the server itself would run
+/// it; the client gets FATAL 08P01 saying what was wrong; the refusal is
+/// on record; and the daemon goes on serving other sessions.
+#[test]
+fn a_malformed_message_ends_the_session_with_08p01_and_is_audited() {
+    let Some((stack, token)) =
+        start("a_malformed_message_ends_the_session_with_08p01_and_is_audited")
+    else {
+        return;
+    };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_malformed.py");
+    for (kind, says) in [
+        ("not-utf8", "Query message: string is not UTF-8"),
+        ("cut-parse", "Parse message: string without terminator"),
+        ("unknown", "unexpected message 'y'"),
+    ] {
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "DELETE FROM customers WHERE id = 900")
+            .expect("clean up");
+        let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+            .arg(&script)
+            .args(["127.0.0.1", &stack.postgres.port.to_string(), &token, kind])
+            .output()
+            .expect("python");
+        assert!(out.status.success(), "{kind}: {}", text(&out.stderr));
+        let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let answers = answer["answers"].as_array().cloned().unwrap_or_default();
+        let fatal = answers
+            .iter()
+            .find(|m| m["tag"] == "E")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(fatal["severity"], "FATAL", "{kind}: {answer}");
+        assert_eq!(fatal["sqlstate"], "08P01", "{kind}: {answer}");
+        assert!(
+            fatal["message"].as_str().is_some_and(|m| m.contains(says)),
+            "{kind}: {answer}"
+        );
+        assert_eq!(
+            answers.last().map(|m| m["tag"].clone()),
+            Some(Value::from("closed")),
+            "{kind}: {answer}"
+        );
+        assert_eq!(
+            stack
+                .postgres
+                .superuser_sql_ok("orders", "SELECT count(*) FROM customers WHERE id = 900")
+                .expect("count"),
+            "1",
+            "{kind}: the INSERT sent before the malformed message ran"
+        );
+    }
+    let refusals = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:malformed' ORDER BY sequence",
+            3,
+            AUDIT_WAIT,
+        )
+        .expect("a refusal row for each malformed message");
+    for (row, says) in refusals.iter().zip([
+        "Query message: string is not UTF-8",
+        "Parse message: string without terminator",
+        "unexpected message 'y'",
+    ]) {
+        assert!(
+            row["status_detail"].as_str().is_some_and(|d| d
+                .starts_with("malformed message from the client")
+                && d.contains(says)),
+            "{row}"
+        );
+    }
+    // The daemon still serves.
+    let out = agent_psql(&stack, &token)
+        .args(["-c", "SELECT count(*) FROM customers WHERE id = 900"])
+        .output()
+        .expect("psql");
+    assert_eq!(text(&out.stdout), "1", "{}", text(&out.stderr));
+}

@@ -562,222 +562,234 @@ async fn client_to_server(
     let mut last_describe: Option<(u8, String)> = None;
     loop {
         let mut forward = BytesMut::new();
-        while let Some(frame) = wire::split_frame_limited(&mut buf, wire::MAX_CLIENT_MESSAGE)? {
-            if skipping_to_sync && frame.tag != b'S' {
-                continue;
-            }
-            // One look at the server's state per message.
-            let (server_skipping, copy_in) = {
-                let state = lock(&in_flight);
-                (state.server_skipping, state.copy_in)
-            };
-            if frame.tag != b'S' && server_skipping {
-                continue;
-            }
-            if copy_in {
-                match frame.tag {
-                    b'd' | b'H' => {}
-                    // The server ignores a Sync in COPY FROM STDIN: it
-                    // gets no ReadyForQuery of its own.
-                    b'S' => {}
-                    b'c' | b'f' => {
-                        copy_data_sent = true;
-                        lock(&in_flight).copy_in = false;
-                    }
-                    other => {
-                        fatal_to_client(
-                            &client_wr,
-                            &in_flight,
-                            super::SQLSTATE_PROTOCOL,
-                            &format!(
-                                "tollgate: message {:?} in the middle of COPY FROM STDIN",
+        // Messages are taken in order; a malformed one ends the session
+        // (see `end_on_malformed`), after what came before it.
+        let taken: Result<Flow, WireError> = async {
+            while let Some(frame) = wire::split_frame_limited(&mut buf, wire::MAX_CLIENT_MESSAGE)? {
+                if skipping_to_sync && frame.tag != b'S' {
+                    continue;
+                }
+                // One look at the server's state per message.
+                let (server_skipping, copy_in) = {
+                    let state = lock(&in_flight);
+                    (state.server_skipping, state.copy_in)
+                };
+                if frame.tag != b'S' && server_skipping {
+                    continue;
+                }
+                if copy_in {
+                    match frame.tag {
+                        b'd' | b'H' => {}
+                        // The server ignores a Sync in COPY FROM STDIN: it
+                        // gets no ReadyForQuery of its own.
+                        b'S' => {}
+                        b'c' | b'f' => {
+                            copy_data_sent = true;
+                            lock(&in_flight).copy_in = false;
+                        }
+                        other => {
+                            return Err(WireError::Malformed(format!(
+                                "message {:?} in the middle of COPY FROM STDIN",
                                 other as char
-                            ),
+                            )));
+                        }
+                    }
+                    forward.unsplit(frame.bytes);
+                    continue;
+                }
+                match frame.tag {
+                    b'Q' => {
+                        // Like an Execute, a Query may start a COPY FROM STDIN:
+                        // whether a Sync behind it follows copy data counts
+                        // from here.
+                        copy_data_sent = false;
+                        let text = wire::query_text(&frame).map_err(in_message("Query"))?;
+                        let operations = classify_within_limit(&text);
+                        match admit(&session, &text, &operations, String::new()).await {
+                            Ok(admitted) => {
+                                let mut pending = admitted.into_pending(Kind::Query);
+                                pending.reads_masked = reads_masked(&session.masks, &operations);
+                                let mut guard = lock(&in_flight);
+                                guard.push(pending);
+                                guard.note_renames(&operations);
+                                drop(guard);
+                                forward.unsplit(frame.bytes);
+                            }
+                            Err(refusal) => {
+                                refuse_in_place(&in_flight, refusal, &marker, &mut forward)
+                            }
+                        }
+                    }
+                    // FunctionCall runs a server function by OID with no SQL
+                    // for the policy to read (lo_import, pg_read_file, ...):
+                    // always refused.
+                    b'F' => {
+                        let refusal = refuse_function_call(&session, &frame).await;
+                        refuse_in_place(&in_flight, refusal, &marker, &mut forward);
+                    }
+                    b'P' => {
+                        let (name, text, parameter_types) =
+                            wire::parse_message(&frame).map_err(in_message("Parse"))?;
+                        let operations = Arc::new(classify_within_limit(&text));
+                        let prepared = Arc::new(Prepared {
+                            text,
+                            operations,
+                            parameter_types,
+                        });
+                        let mut parse = Pending::new(Kind::Parse, None);
+                        parse.parse = Some((name, prepared));
+                        lock(&in_flight).push(parse);
+                        forward.unsplit(frame.bytes);
+                    }
+                    b'B' => {
+                        let (portal, statement) =
+                            wire::bind_message(&frame).map_err(in_message("Bind"))?;
+                        // The portal runs the statement as the server will
+                        // find it: a later Parse of the same name does not
+                        // change it.
+                        let prepared = resolve_waiting(
+                            &in_flight,
+                            &answered,
+                            &mut forward,
+                            &mut upstream_wr,
+                            |f| f.statement(&statement),
                         )
-                        .await;
+                        .await?
+                        .unwrap_or_else(|| Arc::new(Prepared::unknown()));
+                        let parameters = wire::bind_parameters_rendered(
+                            &frame,
+                            &prepared.parameter_types,
+                            MAX_PARAMETER_BYTES,
+                            MAX_PARAMETERS_BYTES,
+                        )
+                        .map_err(in_message("Bind"))?;
+                        let mut bind = Pending::new(Kind::Bind, None);
+                        bind.bind = Some((portal, (prepared, parameters)));
+                        lock(&in_flight).push(bind);
+                        forward.unsplit(frame.bytes);
+                    }
+                    b'E' => {
+                        let portal = wire::execute_portal(&frame).map_err(in_message("Execute"))?;
+                        copy_data_sent = false;
+                        let (prepared, parameters) = resolve_waiting(
+                            &in_flight,
+                            &answered,
+                            &mut forward,
+                            &mut upstream_wr,
+                            |f| f.portal(&portal),
+                        )
+                        .await?
+                        .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
+                        match admit(&session, &prepared.text, &prepared.operations, parameters)
+                            .await
+                        {
+                            Ok(admitted) => {
+                                let mut pending = admitted.into_pending(Kind::Execute);
+                                pending.reads_masked =
+                                    reads_masked(&session.masks, &prepared.operations);
+                                let described = matches!(
+                                    last_describe.take(),
+                                    Some((b'P', described)) if described == portal
+                                );
+                                let mut guard = lock(&in_flight);
+                                // The RowDescription that plans this Execute's
+                                // masking answers the Describe just before it.
+                                if described {
+                                    if let Some(describe) =
+                                        guard.queue.back_mut().filter(|p| p.kind == Kind::Describe)
+                                    {
+                                        describe.describes_next_execute = true;
+                                    }
+                                }
+                                guard.push(pending);
+                                guard.note_renames(&prepared.operations);
+                                drop(guard);
+                                forward.unsplit(frame.bytes);
+                            }
+                            Err(refusal) => {
+                                let mut pending = Pending::new(Kind::RefusedExecute, None);
+                                pending.refusal = Some((refusal.code, refusal.message));
+                                lock(&in_flight).push(pending);
+                                wire::execute(&mut forward, &marker);
+                                // The server skips to Sync after the marker's
+                                // error; so does tollgate, which neither
+                                // decides nor audits what would be skipped.
+                                skipping_to_sync = true;
+                            }
+                        }
+                    }
+                    b'S' => {
+                        skipping_to_sync = false;
+                        let mut sync = Pending::new(Kind::Sync, None);
+                        sync.after_copy_data = copy_data_sent;
+                        let mut guard = lock(&in_flight);
+                        guard.server_skipping = false;
+                        guard.push(sync);
+                        drop(guard);
+                        forward.unsplit(frame.bytes);
+                    }
+                    b'C' => {
+                        let (kind, name) =
+                            wire::close_message(&frame).map_err(in_message("Close"))?;
+                        let mut close = Pending::new(Kind::Close, None);
+                        close.close = Some((kind, name));
+                        lock(&in_flight).push(close);
+                        forward.unsplit(frame.bytes);
+                    }
+                    b'X' => {
+                        forward.unsplit(frame.bytes);
+                        send_all(&mut upstream_wr, &forward).await?;
+                        let _ = upstream_wr.shutdown().await;
+                        return Ok(Flow::Terminated);
+                    }
+                    // Describe, Flush and the COPY sub-protocol carry no
+                    // statement of their own.
+                    b'D' => {
+                        // Which result shape the next RowDescription belongs to:
+                        // only a Describe of the portal about to be executed
+                        // may plan that Execute's masking.
+                        last_describe =
+                            Some(wire::close_message(&frame).map_err(in_message("Describe"))?);
+                        lock(&in_flight).push(Pending::new(Kind::Describe, None));
+                        forward.unsplit(frame.bytes);
+                    }
+                    b'd' | b'c' | b'f' => {
+                        copy_data_sent = true;
+                        if frame.tag != b'd' {
+                            lock(&in_flight).copy_ended_early();
+                        }
+                        forward.unsplit(frame.bytes);
+                    }
+                    b'H' => forward.unsplit(frame.bytes),
+                    // Anything else is not a frontend message of protocol 3.0
+                    // after startup: the stream cannot be trusted to be in step.
+                    other => {
                         return Err(WireError::Malformed(format!(
-                            "client message {:?} during COPY FROM STDIN",
+                            "unexpected message {:?} from the client",
                             other as char
                         )));
                     }
                 }
-                forward.unsplit(frame.bytes);
-                continue;
             }
-            match frame.tag {
-                b'Q' => {
-                    // Like an Execute, a Query may start a COPY FROM STDIN:
-                    // whether a Sync behind it follows copy data counts
-                    // from here.
-                    copy_data_sent = false;
-                    let text = wire::query_text(&frame)?;
-                    let operations = classify_within_limit(&text);
-                    match admit(&session, &text, &operations, String::new()).await {
-                        Ok(admitted) => {
-                            let mut pending = admitted.into_pending(Kind::Query);
-                            pending.reads_masked = reads_masked(&session.masks, &operations);
-                            let mut guard = lock(&in_flight);
-                            guard.push(pending);
-                            guard.note_renames(&operations);
-                            drop(guard);
-                            forward.unsplit(frame.bytes);
-                        }
-                        Err(refusal) => refuse_in_place(&in_flight, refusal, &marker, &mut forward),
-                    }
-                }
-                // FunctionCall runs a server function by OID with no SQL
-                // for the policy to read (lo_import, pg_read_file, ...):
-                // always refused.
-                b'F' => {
-                    let refusal = refuse_function_call(&session, &frame).await;
-                    refuse_in_place(&in_flight, refusal, &marker, &mut forward);
-                }
-                b'P' => {
-                    let (name, text, parameter_types) = wire::parse_message(&frame)?;
-                    let operations = Arc::new(classify_within_limit(&text));
-                    let prepared = Arc::new(Prepared {
-                        text,
-                        operations,
-                        parameter_types,
-                    });
-                    let mut parse = Pending::new(Kind::Parse, None);
-                    parse.parse = Some((name, prepared));
-                    lock(&in_flight).push(parse);
-                    forward.unsplit(frame.bytes);
-                }
-                b'B' => {
-                    let (portal, statement) = wire::bind_message(&frame)?;
-                    // The portal runs the statement as the server will
-                    // find it: a later Parse of the same name does not
-                    // change it.
-                    let prepared = resolve_waiting(
-                        &in_flight,
-                        &answered,
-                        &mut forward,
-                        &mut upstream_wr,
-                        |f| f.statement(&statement),
-                    )
-                    .await?
-                    .unwrap_or_else(|| Arc::new(Prepared::unknown()));
-                    let parameters = wire::bind_parameters_rendered(
-                        &frame,
-                        &prepared.parameter_types,
-                        MAX_PARAMETER_BYTES,
-                        MAX_PARAMETERS_BYTES,
-                    )?;
-                    let mut bind = Pending::new(Kind::Bind, None);
-                    bind.bind = Some((portal, (prepared, parameters)));
-                    lock(&in_flight).push(bind);
-                    forward.unsplit(frame.bytes);
-                }
-                b'E' => {
-                    let portal = wire::execute_portal(&frame)?;
-                    copy_data_sent = false;
-                    let (prepared, parameters) = resolve_waiting(
-                        &in_flight,
-                        &answered,
-                        &mut forward,
-                        &mut upstream_wr,
-                        |f| f.portal(&portal),
-                    )
-                    .await?
-                    .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
-                    match admit(&session, &prepared.text, &prepared.operations, parameters).await {
-                        Ok(admitted) => {
-                            let mut pending = admitted.into_pending(Kind::Execute);
-                            pending.reads_masked =
-                                reads_masked(&session.masks, &prepared.operations);
-                            let described = matches!(
-                                last_describe.take(),
-                                Some((b'P', described)) if described == portal
-                            );
-                            let mut guard = lock(&in_flight);
-                            // The RowDescription that plans this Execute's
-                            // masking answers the Describe just before it.
-                            if described {
-                                if let Some(describe) =
-                                    guard.queue.back_mut().filter(|p| p.kind == Kind::Describe)
-                                {
-                                    describe.describes_next_execute = true;
-                                }
-                            }
-                            guard.push(pending);
-                            guard.note_renames(&prepared.operations);
-                            drop(guard);
-                            forward.unsplit(frame.bytes);
-                        }
-                        Err(refusal) => {
-                            let mut pending = Pending::new(Kind::RefusedExecute, None);
-                            pending.refusal = Some((refusal.code, refusal.message));
-                            lock(&in_flight).push(pending);
-                            wire::execute(&mut forward, &marker);
-                            // The server skips to Sync after the marker's
-                            // error; so does tollgate, which neither
-                            // decides nor audits what would be skipped.
-                            skipping_to_sync = true;
-                        }
-                    }
-                }
-                b'S' => {
-                    skipping_to_sync = false;
-                    let mut sync = Pending::new(Kind::Sync, None);
-                    sync.after_copy_data = copy_data_sent;
-                    let mut guard = lock(&in_flight);
-                    guard.server_skipping = false;
-                    guard.push(sync);
-                    drop(guard);
-                    forward.unsplit(frame.bytes);
-                }
-                b'C' => {
-                    let (kind, name) = wire::close_message(&frame)?;
-                    let mut close = Pending::new(Kind::Close, None);
-                    close.close = Some((kind, name));
-                    lock(&in_flight).push(close);
-                    forward.unsplit(frame.bytes);
-                }
-                b'X' => {
-                    forward.unsplit(frame.bytes);
-                    send_all(&mut upstream_wr, &forward).await?;
-                    let _ = upstream_wr.shutdown().await;
-                    return Ok(());
-                }
-                // Describe, Flush and the COPY sub-protocol carry no
-                // statement of their own.
-                b'D' => {
-                    // Which result shape the next RowDescription belongs to:
-                    // only a Describe of the portal about to be executed
-                    // may plan that Execute's masking.
-                    last_describe = Some(wire::close_message(&frame)?);
-                    lock(&in_flight).push(Pending::new(Kind::Describe, None));
-                    forward.unsplit(frame.bytes);
-                }
-                b'd' | b'c' | b'f' => {
-                    copy_data_sent = true;
-                    if frame.tag != b'd' {
-                        lock(&in_flight).copy_ended_early();
-                    }
-                    forward.unsplit(frame.bytes);
-                }
-                b'H' => forward.unsplit(frame.bytes),
-                // Anything else is not a frontend message of protocol 3.0
-                // after startup: the stream cannot be trusted to be in step.
-                other => {
-                    fatal_to_client(
-                        &client_wr,
-                        &in_flight,
-                        super::SQLSTATE_PROTOCOL,
-                        &format!(
-                            "tollgate: unexpected message {:?} from the client",
-                            other as char
-                        ),
-                    )
-                    .await;
-                    return Err(WireError::Malformed(format!(
-                        "unexpected client message {:?}",
-                        other as char
-                    )));
-                }
+            Ok(Flow::Continue)
+        }
+        .await;
+        match taken {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Terminated) => return Ok(()),
+            Err(WireError::Malformed(reason)) => {
+                end_on_malformed(
+                    &session,
+                    &client_wr,
+                    &in_flight,
+                    &mut upstream_wr,
+                    &forward,
+                    &reason,
+                )
+                .await;
+                return Err(WireError::Malformed(reason));
             }
+            Err(err) => return Err(err),
         }
         if !forward.is_empty() {
             send_all(&mut upstream_wr, &forward).await?;
@@ -795,6 +807,58 @@ async fn client_to_server(
             return Err(WireError::Closed);
         }
     }
+}
+
+/// Names the message a decoding error was found in, for the client and
+/// the audit.
+fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
+    move |err| match err {
+        WireError::Malformed(reason) => WireError::Malformed(format!("{name} message: {reason}")),
+        other => other,
+    }
+}
+
+/// What taking the client's messages so far leaves the session to do.
+enum Flow {
+    Continue,
+    /// The client sent Terminate: the session is over.
+    Terminated,
+}
+
+/// A message the client sent cannot be read as one of protocol 3.0 (cut
+/// short, not UTF-8, too long, unknown, or out of place): the stream can
+/// no longer be trusted to be in step. What the client sent before it was
+/// admitted and goes on to the server, as the server itself would run it;
+/// the refusal is recorded (durably, before the client hears of it), and
+/// the session ends with FATAL 08P01. Requests still in flight are
+/// recorded with that reason when the session ends.
+async fn end_on_malformed(
+    session: &Session,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    upstream_wr: &mut WriteHalf<BoxedIo>,
+    admitted_before: &[u8],
+    reason: &str,
+) {
+    if !admitted_before.is_empty() {
+        let _ = send_all(upstream_wr, admitted_before).await;
+    }
+    let mut record = new_statement_record(session, record::datastore_activity::QUERY);
+    mark_refused(
+        &mut record,
+        "protocol:malformed",
+        &format!("malformed message from the client: {reason}"),
+    );
+    if let Err(err) = session.shared.audit.append(record).await {
+        warn!(error = %err, "the refusal of a malformed message could not be audited");
+    }
+    fatal_to_client(
+        client_wr,
+        in_flight,
+        super::SQLSTATE_PROTOCOL,
+        &format!("tollgate: {reason}; the session is closed"),
+    )
+    .await;
 }
 
 /// A refused simple Query or FunctionCall goes on as the marker Query,
