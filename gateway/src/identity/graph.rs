@@ -246,11 +246,25 @@ impl GraphClient {
             .get("expires_in")
             .and_then(Value::as_u64)
             .unwrap_or(300);
-        // Renew a minute early so a token never expires between use and arrival.
-        let until = Instant::now() + Duration::from_secs(lifetime.saturating_sub(60));
+        let until = app_token_usable_until(Instant::now(), lifetime);
         lock(&self.tokens).insert(tid.to_string(), (token.clone(), until));
         Ok(token)
     }
+}
+
+/// Longest an app token is reused, whatever `expires_in` says. Entra's
+/// last about an hour; the number comes from the network, and a huge one
+/// would overflow `Instant` (a panic) or keep a token cached long after a
+/// revocation the endpoint would have reflected.
+const MAX_APP_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Until when an app token the endpoint said lasts `expires_in` seconds
+/// is reused, counting from `now`.
+pub(super) fn app_token_usable_until(now: Instant, expires_in: u64) -> Instant {
+    // Renewed a minute early so a token never expires between use and
+    // arrival; one that lasts less is not reused at all.
+    let lifetime = Duration::from_secs(expires_in.saturating_sub(60)).min(MAX_APP_TOKEN_LIFETIME);
+    now.checked_add(lifetime).unwrap_or(now)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

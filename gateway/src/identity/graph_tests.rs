@@ -124,3 +124,27 @@ async fn graph_over_plain_http_needs_development_idp() {
     assert!(Verifier::from_config(&c).await.is_err());
     assert_eq!(c.tenants, vec![TID]);
 }
+
+#[test]
+fn app_token_lifetimes_from_the_endpoint_are_bounded() {
+    use std::time::{Duration, Instant};
+    let now = Instant::now();
+    assert_eq!(
+        graph::app_token_usable_until(now, 3600),
+        now + Duration::from_secs(3540),
+        "renewed a minute early"
+    );
+    // Shorter than the minute of margin (or negative after it): not reused.
+    for short in [0, 30, 60] {
+        assert_eq!(graph::app_token_usable_until(now, short), now, "{short}");
+    }
+    // Absurd lifetimes are capped at a day; u64::MAX used to overflow
+    // Instant and panic the session.
+    for huge in [u64::MAX, u64::MAX - 59, 86_460, 10_000_000] {
+        assert_eq!(
+            graph::app_token_usable_until(now, huge),
+            now + Duration::from_secs(86_400),
+            "{huge}"
+        );
+    }
+}

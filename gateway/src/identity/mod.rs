@@ -375,7 +375,21 @@ struct Settings {
     skew: i64,
     max_age: Option<u64>,
     roles: BTreeMap<String, RoleRule>,
+    /// Scheduled key refresh period.
+    refresh_every: Duration,
+    /// Seconds a session may outlive its token.
+    session_grace: i64,
 }
+
+/// Bounds of `jwks_refresh_secs`. Withdrawn keys stay trusted until the
+/// next refresh, so a week is the most allowed; without a bound a huge
+/// value also overflows the timer of the refresh task, which panics.
+const JWKS_REFRESH_SECS: std::ops::RangeInclusive<u64> = 1..=7 * 86_400;
+
+/// Most allowed for `session_grace_secs`: a day past a token's expiry.
+/// Sessions meant to outlive their tokens say so with `session_expiry =
+/// "keep"`; a larger number would also wrap to a negative deadline.
+const MAX_SESSION_GRACE_SECS: u64 = 86_400;
 
 fn is_guid(s: &str) -> bool {
     s.len() == 36
@@ -431,8 +445,21 @@ impl Settings {
         if algorithms.is_empty() {
             bail!("identity.allowed_algorithms: at least one algorithm is required");
         }
-        if c.jwks_refresh_secs == 0 {
-            bail!("identity.jwks_refresh_secs: must be > 0");
+        if !JWKS_REFRESH_SECS.contains(&c.jwks_refresh_secs) {
+            bail!(
+                "identity.jwks_refresh_secs: {} is out of range; allowed: {} to {} (7 days)",
+                c.jwks_refresh_secs,
+                JWKS_REFRESH_SECS.start(),
+                JWKS_REFRESH_SECS.end()
+            );
+        }
+        if c.session_grace_secs > MAX_SESSION_GRACE_SECS {
+            bail!(
+                "identity.session_grace_secs: {} is out of range; allowed: 0 to \
+                 {MAX_SESSION_GRACE_SECS} (1 day); for sessions that outlive their tokens, \
+                 set session_expiry = \"keep\"",
+                c.session_grace_secs
+            );
         }
         Ok(Self {
             tenants,
@@ -444,6 +471,9 @@ impl Settings {
             skew: i64::try_from(c.clock_skew_secs).context("identity.clock_skew_secs")?,
             max_age: c.max_token_age_secs,
             roles: c.roles.clone(),
+            refresh_every: Duration::from_secs(c.jwks_refresh_secs),
+            session_grace: i64::try_from(c.session_grace_secs)
+                .context("identity.session_grace_secs")?,
         })
     }
 }
@@ -469,7 +499,7 @@ pub struct Verifier {
     inner: Arc<Inner>,
     /// When a session must end, relative to its token's expiry.
     session_expiry: SessionExpiry,
-    session_grace_secs: u64,
+    session_grace_secs: i64,
 }
 
 // Many sessions share one verifier across tasks.
@@ -512,19 +542,18 @@ impl Verifier {
                 "identity keys not loaded yet; tokens are refused until a refresh succeeds"
             ),
         }
+        let refresh_every = settings.refresh_every;
+        let session_grace_secs = settings.session_grace;
         let inner = Arc::new(Inner {
             settings,
             keys,
             graph,
         });
-        spawn_refresh(
-            Arc::downgrade(&inner),
-            Duration::from_secs(config.jwks_refresh_secs),
-        );
+        spawn_refresh(Arc::downgrade(&inner), refresh_every);
         Ok(Verifier {
             inner,
             session_expiry: config.session_expiry,
-            session_grace_secs: config.session_grace_secs,
+            session_grace_secs,
         })
     }
 
@@ -532,11 +561,9 @@ impl Verifier {
     /// the epoch), or None when sessions outlive their tokens.
     pub fn session_deadline(&self, principal: &Principal) -> Option<i64> {
         match self.session_expiry {
-            SessionExpiry::End => Some(
-                principal
-                    .expires_at
-                    .saturating_add(self.session_grace_secs as i64),
-            ),
+            SessionExpiry::End => {
+                Some(principal.expires_at.saturating_add(self.session_grace_secs))
+            }
             SessionExpiry::Keep => None,
         }
     }

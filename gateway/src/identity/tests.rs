@@ -342,3 +342,53 @@ async fn bench_verify_runs_and_reports() {
     assert!(r.p50 <= r.p99 && !r.mean.is_zero());
     assert!(r.to_string().contains("µs/validation"));
 }
+
+#[tokio::test]
+async fn refresh_period_and_session_grace_out_of_range_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    Keyring::open_or_create(dir.path()).expect("keyring");
+    // i64::MAX is the largest integer TOML has; u64::MAX only reaches the
+    // settings from code, and used to wrap to a negative grace.
+    let mut max_grace = file_config(dir.path(), "");
+    max_grace.session_grace_secs = u64::MAX;
+    for (c, key) in [
+        (
+            file_config(dir.path(), "jwks_refresh_secs = 0"),
+            "identity.jwks_refresh_secs",
+        ),
+        (
+            file_config(dir.path(), "jwks_refresh_secs = 604801"),
+            "identity.jwks_refresh_secs",
+        ),
+        (
+            // Used to panic the refresh task (Instant overflow).
+            file_config(dir.path(), "jwks_refresh_secs = 9223372036854775807"),
+            "identity.jwks_refresh_secs",
+        ),
+        (
+            file_config(dir.path(), "session_grace_secs = 86401"),
+            "identity.session_grace_secs",
+        ),
+        (
+            file_config(dir.path(), "session_grace_secs = 9223372036854775807"),
+            "identity.session_grace_secs",
+        ),
+        (max_grace, "identity.session_grace_secs"),
+    ] {
+        let err = match Verifier::from_config(&c).await {
+            Ok(_) => panic!(
+                "accepted {key} = {:?}",
+                (c.jwks_refresh_secs, c.session_grace_secs)
+            ),
+            Err(err) => err.to_string(),
+        };
+        assert!(err.starts_with(key), "{err}");
+        assert!(err.contains("allowed"), "{err}");
+    }
+
+    // The bounds themselves are accepted, and the grace is added as given.
+    let (_d, ring, v) = setup("jwks_refresh_secs = 604800\nsession_grace_secs = 86400").await;
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    let p = v.verify(&token).await.expect("valid token accepted");
+    assert_eq!(v.session_deadline(&p), Some(p.expires_at + 86_400));
+}
