@@ -190,7 +190,10 @@ pub struct CredentialConfig {
     /// Password given inline (discouraged: prefer `password_file`).
     #[serde(default)]
     pub password: Option<String>,
-    /// File holding the password (first line).
+    /// File holding the password (first line). Checked when the
+    /// configuration is loaded, and read again for every upstream
+    /// connection, so a password rotated in the file is used without a
+    /// restart.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
 }
@@ -198,13 +201,24 @@ pub struct CredentialConfig {
 impl CredentialConfig {
     /// The upstream password, if any (trust authentication needs none).
     pub fn password(&self) -> anyhow::Result<Option<String>> {
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|err| {
-                anyhow::anyhow!("credential.password_file {}: {err}", path.display())
-            })?;
-            return Ok(Some(text.lines().next().unwrap_or("").to_owned()));
+        match &self.password_file {
+            Some(path) => read_password_file(path)
+                .map(Some)
+                .map_err(|reason| anyhow::anyhow!("credential.password_file {reason}")),
+            None => Ok(self.password.clone()),
         }
-        Ok(self.password.clone())
+    }
+}
+
+/// The first line of a password file, or why there is no password in it
+/// (the reason starts with the file's path).
+fn read_password_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
+    match text.lines().next() {
+        // An empty password would only be refused by the target, session
+        // after session, or accepted by a misconfigured one.
+        None | Some("") => Err(format!("{}: the first line is empty", path.display())),
+        Some(line) => Ok(line.to_owned()),
     }
 }
 
@@ -218,7 +232,22 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// Reads and checks the file, and the files it names that sessions
+    /// need (password files): what the daemon and `check-config` use.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config = Self::read(path)?;
+        config.check_files().map_err(|(key, reason)| ConfigError {
+            file: path.display().to_string(),
+            key,
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// Reads and checks the file without opening the files it names: for
+    /// commands that need only `[pin]`, so `unpin` still removes the
+    /// redirect when a credential file is broken.
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
             file: file.clone(),
@@ -318,5 +347,87 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks the files the sessions read. A password file that cannot
+    /// give a password would otherwise be noticed only at each upstream
+    /// connection: the daemon would start and every session would fail.
+    fn check_files(&self) -> Result<(), (String, String)> {
+        for (i, target) in self.targets.iter().enumerate() {
+            if let Some(path) = &target.credential.password_file {
+                read_password_file(path).map_err(|reason| {
+                    (
+                        format!("target[{i}].credential.password_file"),
+                        format!("target {:?}: {reason}", target.name),
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config file in `dir` whose one target takes its password from
+    /// `password_file`, written there; the file's path.
+    fn write_config(dir: &Path, password_file: &Path) -> PathBuf {
+        let text = format!(
+            "[identity]\n\
+             tenants = [\"8f3c1a52-7d4e-4b7a-9c1e-2a5b6d7e8f90\"]\n\
+             audiences = [\"api://tollgate\"]\n\
+             jwks_file = \"/nonexistent/jwks.json\"\n\
+             [audit]\n\
+             dir = \"/nonexistent/audit\"\n\
+             [[target]]\n\
+             name = \"orders-db\"\n\
+             protocol = \"postgres\"\n\
+             address = \"10.0.0.5:5432\"\n\
+             listen = \"127.0.0.1:15432\"\n\
+             credential = {{ user = \"gateway\", password_file = {password_file:?} }}\n"
+        );
+        let path = dir.join("tollgate.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn a_password_file_without_a_password_stops_loading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let unreadable = dir.path().join("a-directory");
+        std::fs::create_dir(&unreadable).expect("mkdir");
+        let empty_line = dir.path().join("empty-line");
+        std::fs::write(&empty_line, "\nsecret\n").expect("write");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "").expect("write");
+        for (password_file, why) in [
+            (dir.path().join("missing"), "No such file"),
+            (unreadable, "directory"),
+            (empty_line, "the first line is empty"),
+            (empty, "the first line is empty"),
+        ] {
+            let config = write_config(dir.path(), &password_file);
+            let err = Config::load(&config).expect_err(why);
+            assert_eq!(err.file, config.display().to_string());
+            assert_eq!(err.key, "target[0].credential.password_file");
+            assert!(err.reason.contains("\"orders-db\""), "{err}");
+            assert!(
+                err.reason.contains(&password_file.display().to_string()),
+                "{err}"
+            );
+            assert!(err.reason.contains(why), "{err}");
+            // Commands that need only [pin] still read the file.
+            Config::read(&config).expect("read without the password file");
+        }
+
+        let good = dir.path().join("good");
+        std::fs::write(&good, "secret\nignored\n").expect("write");
+        let config = Config::load(&write_config(dir.path(), &good)).expect("loads");
+        assert_eq!(
+            config.targets[0].credential.password().expect("password"),
+            Some("secret".to_owned())
+        );
     }
 }

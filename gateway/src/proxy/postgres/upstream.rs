@@ -104,6 +104,21 @@ impl std::fmt::Display for UpstreamFailure {
     }
 }
 
+impl UpstreamFailure {
+    /// The message of the client's ErrorResponse. What is wrong with
+    /// tollgate's own credential (a password file's path, why it cannot be
+    /// read) is the operator's business, kept in the log and the audit; the
+    /// agent learns only that tollgate could not log in.
+    pub fn client_message(&self) -> String {
+        match self.error {
+            UpstreamError::Credential(_) => {
+                "tollgate: tollgate could not log in to the target".to_owned()
+            }
+            _ => format!("tollgate: {self}"),
+        }
+    }
+}
+
 async fn establish(
     target: &Target,
     stream: TcpStream,
