@@ -21,7 +21,7 @@ mod relay;
 mod upstream;
 pub mod wire;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
@@ -35,10 +35,13 @@ use crate::{
     identity::IdentityError,
 };
 
-/// How long an unauthenticated client may take to send each startup
-/// message (startup packet, password), as PostgreSQL's
-/// authentication_timeout.
-const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an unauthenticated client may take, as PostgreSQL's
+/// authentication_timeout: once from connecting to its startup message
+/// (encryption negotiation and TLS handshake included), then again to
+/// answer the password prompt. The first is one deadline for the whole
+/// phase, not a timer per packet, or a client could hold a connection
+/// open by stalling in the handshake or trickling negotiation requests.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// SQLSTATE invalid_authorization_specification.
 pub const SQLSTATE_IDENTITY: &str = "28000";
@@ -52,7 +55,7 @@ pub const SQLSTATE_PROTOCOL: &str = "08P01";
 pub const SQLSTATE_UPSTREAM: &str = "08006";
 
 pub async fn serve_connection(connection: Connection, client: TcpStream, shared: Arc<Shared>) {
-    match serve(connection, client, shared).await {
+    match serve(connection, client, shared, STARTUP_TIMEOUT).await {
         Ok(()) | Err(WireError::Closed) => info!("session ended"),
         Err(err) => warn!(error = %err, "session ended with an error"),
     }
@@ -62,15 +65,19 @@ async fn serve(
     connection: Connection,
     client: TcpStream,
     shared: Arc<Shared>,
+    startup_timeout: Duration,
 ) -> Result<(), WireError> {
+    let deadline = tokio::time::Instant::now() + startup_timeout;
     let mut client: BoxedIo = Box::new(client);
-    let mut encrypted = false;
+    let mut negotiation = Negotiation::default();
     let params = loop {
-        let startup = match tokio::time::timeout(STARTUP_TIMEOUT, wire::read_startup(&mut client))
+        let startup = match tokio::time::timeout_at(deadline, wire::read_startup(&mut client))
             .await
             .unwrap_or(Err(WireError::Malformed(
                 "no startup packet within the startup timeout".into(),
-            ))) {
+            )))
+            .and_then(|startup| negotiation.admit(startup))
+        {
             Ok(startup) => startup,
             Err(WireError::Malformed(reason)) => {
                 fatal(
@@ -84,17 +91,29 @@ async fn serve(
             Err(err) => return Err(err),
         };
         match startup {
-            // TLS with tollgate's certificate when the target has one.
-            Startup::Ssl if !encrypted && connection.target.tls_acceptor.is_some() => {
-                client.write_all(b"S").await?;
-                if let Some(acceptor) = &connection.target.tls_acceptor {
-                    client = Box::new(acceptor.accept(client).await?);
-                    encrypted = true;
+            Startup::Ssl => match &connection.target.tls_acceptor {
+                // TLS with tollgate's certificate when the target has one.
+                Some(acceptor) => {
+                    client.write_all(b"S").await?;
+                    // Mid-handshake the client cannot read an ErrorResponse:
+                    // past the deadline the connection is only closed.
+                    client = match tokio::time::timeout_at(deadline, acceptor.accept(client)).await
+                    {
+                        Ok(tls) => Box::new(tls?),
+                        Err(_) => {
+                            return Err(WireError::Malformed(
+                                "no TLS handshake within the startup timeout".into(),
+                            ))
+                        }
+                    };
+                    negotiation.encrypted = true;
                 }
-            }
-            // GSS encryption (and TLS without a certificate) is declined; the
-            // client goes on in the clear or stops, as its sslmode says.
-            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await?,
+                // Without a certificate TLS is declined; the client goes on
+                // in the clear or stops, as its sslmode says.
+                None => client.write_all(b"N").await?,
+            },
+            // GSS encryption is declined likewise.
+            Startup::GssEnc => client.write_all(b"N").await?,
             Startup::Cancel {
                 process_id,
                 secret_key,
@@ -113,7 +132,7 @@ async fn serve(
             Startup::Startup(params) => break params,
         }
     };
-    if !encrypted
+    if !negotiation.encrypted
         && connection
             .target
             .tls
@@ -148,7 +167,7 @@ async fn serve(
     send_all(&mut client_wr, &out).await?;
     let mut client_buf = BytesMut::new();
     let password = tokio::time::timeout(
-        STARTUP_TIMEOUT,
+        startup_timeout,
         wire::read_frame_limited(&mut client_rd, &mut client_buf, wire::MAX_PASSWORD_MESSAGE),
     )
     .await
@@ -233,12 +252,7 @@ async fn serve(
             if let Err(err) = shared.audit.append(failed).await {
                 warn!(error = %err, "the failed upstream connection could not be audited");
             }
-            fatal(
-                &mut client_wr,
-                SQLSTATE_UPSTREAM,
-                &format!("tollgate: {failure}"),
-            )
-            .await;
+            fatal(&mut client_wr, SQLSTATE_UPSTREAM, &failure.client_message()).await;
             return Ok(());
         }
     };
@@ -300,6 +314,40 @@ async fn serve(
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await
+}
+
+/// The encryption requests a connection has made before its startup
+/// message.
+#[derive(Debug, Default)]
+struct Negotiation {
+    ssl_requested: bool,
+    gss_requested: bool,
+    /// TLS is established.
+    encrypted: bool,
+}
+
+impl Negotiation {
+    /// Lets `startup` through, or refuses it as PostgreSQL does: at most one
+    /// SSLRequest and one GSSENCRequest per connection, and no
+    /// GSSENCRequest once TLS is up (GSS encryption cannot run inside TLS).
+    /// Without the limit the negotiation never has to end.
+    fn admit(&mut self, startup: Startup) -> Result<Startup, WireError> {
+        let refusal = match startup {
+            Startup::Ssl if self.ssl_requested => "second SSLRequest on one connection",
+            Startup::GssEnc if self.gss_requested => "second GSSENCRequest on one connection",
+            Startup::GssEnc if self.encrypted => "GSSENCRequest after TLS was established",
+            Startup::Ssl => {
+                self.ssl_requested = true;
+                return Ok(startup);
+            }
+            Startup::GssEnc => {
+                self.gss_requested = true;
+                return Ok(startup);
+            }
+            _ => return Ok(startup),
+        };
+        Err(WireError::Malformed(refusal.into()))
+    }
 }
 
 /// The Datastore Activity "connect" record of an upstream connection

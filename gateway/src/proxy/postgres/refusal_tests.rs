@@ -1,13 +1,17 @@
 //! Every forged or malformed token of the identity suite, replayed over the
 //! wire through the PostgreSQL adapter: each is refused with SQLSTATE 28000
 //! and its reason, and each refusal is an Authentication row in the audit.
+//! Also the startup phase's limits (one deadline, one request of each
+//! encryption kind) and what a client is told when tollgate's own
+//! credential is broken.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use bytes::{BufMut, BytesMut};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    time::Instant,
 };
 
 use super::wire;
@@ -60,44 +64,79 @@ async fn login(addr: SocketAddr, token: &str) -> (String, String) {
     answer
 }
 
-/// A tollgate PostgreSQL listener for an identity config of the forged
-/// table, with a target that is never reached.
-async fn listen(
-    keys: &std::path::Path,
-    config: &str,
-    audit: &AuditLog,
-) -> (SocketAddr, Arc<Shared>) {
+/// What the sessions of a listener share, with an identity config of the
+/// forged table.
+async fn shared_for(keys: &Path, config: &str, audit: &AuditLog) -> Arc<Shared> {
     let verifier = Verifier::from_config(&file_config(keys, config))
         .await
         .expect("verifier");
-    let shared = Arc::new(Shared {
+    Arc::new(Shared {
         verifier,
         policy: Policy::default(),
         audit: audit.clone(),
         pinning: None,
         postgres_cancel_keys: Default::default(),
-    });
+    })
+}
+
+/// The target "orders-db" served on `listen`, whose server is never
+/// reached (every login of these tests fails before it).
+fn target_config(listen: SocketAddr) -> TargetConfig {
+    TargetConfig {
+        name: "orders-db".into(),
+        protocol: Protocol::Postgres,
+        address: "127.0.0.1:1".parse().expect("addr"),
+        listen,
+        credential: CredentialConfig {
+            user: "gateway".into(),
+            password: None,
+            password_file: None,
+        },
+        tls: None,
+        upstream_tls: None,
+    }
+}
+
+/// A tollgate PostgreSQL listener for an identity config of the forged
+/// table, with a target that is never reached.
+async fn listen(keys: &Path, config: &str, audit: &AuditLog) -> (SocketAddr, Arc<Shared>) {
+    let shared = shared_for(keys, config, audit).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let target = Arc::new(
-        proxy::Target::new(TargetConfig {
-            name: "orders-db".into(),
-            protocol: Protocol::Postgres,
-            // Never reached: every login here must fail before it.
-            address: "127.0.0.1:1".parse().expect("addr"),
-            listen: addr,
-            credential: CredentialConfig {
-                user: "gateway".into(),
-                password: None,
-                password_file: None,
-            },
-            tls: None,
-            upstream_tls: None,
-        })
-        .expect("target"),
-    );
+    let target = Arc::new(proxy::Target::new(target_config(addr)).expect("target"));
     tokio::spawn(proxy::serve(target, listener, shared.clone()));
     (addr, shared)
+}
+
+/// A listener for the target `configure` makes of [`target_config`], its
+/// connections served with `startup_timeout` (production's is a minute).
+async fn listen_with(
+    shared: Arc<Shared>,
+    startup_timeout: Duration,
+    configure: impl FnOnce(&mut TargetConfig),
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut config = target_config(addr);
+    configure(&mut config);
+    let target = Arc::new(proxy::Target::new(config).expect("target"));
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let connection = proxy::Connection {
+                session_uid: uuid::Uuid::new_v4().to_string(),
+                target: target.clone(),
+                peer,
+                origin: None,
+            };
+            tokio::spawn(super::serve(
+                connection,
+                stream,
+                shared.clone(),
+                startup_timeout,
+            ));
+        }
+    });
+    addr
 }
 
 /// One listener with the first identity config of the forged table: the
@@ -113,6 +152,19 @@ async fn one_listener() -> (tempfile::TempDir, tempfile::TempDir, AuditLog, Sock
     (keys, audit_dir, audit, addr)
 }
 
+/// What sessions share with the forged table's keys and the baseline
+/// identity config, and the key and audit directories (kept alive).
+async fn baseline_shared() -> (tempfile::TempDir, tempfile::TempDir, Arc<Shared>) {
+    let keys = tempfile::tempdir().expect("tempdir");
+    forged_cases(keys.path());
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let audit = AuditLog::open(&audit::tests::config(audit_dir.path()))
+        .await
+        .expect("audit");
+    let shared = shared_for(keys.path(), "", &audit).await;
+    (keys, audit_dir, shared)
+}
+
 /// The refusal rows of the audit under `dir` whose detail contains `text`.
 fn refusals_saying(dir: &std::path::Path, text: &str) -> Vec<record::AuditRecord> {
     audit::tests::read_segments(&dir.join("audit"))
@@ -123,7 +175,7 @@ fn refusals_saying(dir: &std::path::Path, text: &str) -> Vec<record::AuditRecord
 
 /// Reads up to the end of the connection; the first ErrorResponse's
 /// SQLSTATE and message, if any.
-async fn first_error(stream: &mut TcpStream) -> Option<(String, String)> {
+async fn first_error<R: AsyncRead + Unpin>(stream: &mut R) -> Option<(String, String)> {
     let mut buf = BytesMut::new();
     loop {
         match wire::read_frame(stream, &mut buf).await {
@@ -261,4 +313,241 @@ async fn every_forged_token_is_refused_over_the_wire_with_28000_and_audited() {
             "a refused token names no one"
         );
     }
+}
+
+/// An 8-byte negotiation request: SSLRequest or GSSENCRequest.
+fn negotiation_request(code: i32) -> [u8; 8] {
+    let mut packet = [0u8; 8];
+    packet[..4].copy_from_slice(&8i32.to_be_bytes());
+    packet[4..].copy_from_slice(&code.to_be_bytes());
+    packet
+}
+
+/// Sends a negotiation request and returns the one-byte answer.
+async fn negotiate<S: AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, code: i32) -> u8 {
+    stream
+        .write_all(&negotiation_request(code))
+        .await
+        .expect("request");
+    stream.read_u8().await.expect("answer")
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, made with the
+/// openssl command line (as the end-to-end TLS tests do): the
+/// listener's TLS material, and the client's only trust anchor.
+fn self_signed_cert(dir: &Path) -> crate::proxy::tls::ListenerTlsConfig {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            // A leaf, not a CA, so rustls takes it as its own anchor.
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    crate::proxy::tls::ListenerTlsConfig {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        require: false,
+    }
+}
+
+#[tokio::test]
+async fn a_second_ssl_or_gssenc_request_is_refused_with_08p01() {
+    let (_keys, _audit_dir, shared) = baseline_shared().await;
+    // Long enough never to fire: these clients do not stall.
+    let addr = listen_with(shared, Duration::from_secs(30), |_| {}).await;
+
+    for (code, kind) in [
+        (wire::SSL_REQUEST, "SSLRequest"),
+        (wire::GSSENC_REQUEST, "GSSENCRequest"),
+    ] {
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(negotiate(&mut client, code).await, b'N', "{kind}");
+        client
+            .write_all(&negotiation_request(code))
+            .await
+            .expect("again");
+        let (sqlstate, message) = first_error(&mut client)
+            .await
+            .expect("an error, then close");
+        assert_eq!(sqlstate, "08P01", "{message}");
+        assert_eq!(
+            message,
+            format!("tollgate: second {kind} on one connection")
+        );
+    }
+
+    // One of each is what PostgreSQL allows (libpq with gssencmode=prefer
+    // asks for both): the startup goes on to the password prompt.
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(negotiate(&mut client, wire::GSSENC_REQUEST).await, b'N');
+    assert_eq!(negotiate(&mut client, wire::SSL_REQUEST).await, b'N');
+    client.write_all(&startup_packet()).await.expect("startup");
+    let mut buf = BytesMut::new();
+    let frame = wire::read_frame(&mut client, &mut buf)
+        .await
+        .expect("auth request");
+    assert_eq!(frame.tag, b'R');
+}
+
+#[tokio::test]
+async fn inside_tls_a_new_negotiation_request_is_refused_over_tls() {
+    let (_keys, _audit_dir, shared) = baseline_shared().await;
+    let pki = tempfile::tempdir().expect("tempdir");
+    let tls = self_signed_cert(pki.path());
+    let connector = crate::proxy::tls::connector(
+        &crate::proxy::tls::UpstreamTlsConfig {
+            ca_file: tls.cert.clone(),
+            server_name: None,
+        },
+        "127.0.0.1".parse().expect("ip"),
+    )
+    .expect("connector");
+    let addr = listen_with(shared, Duration::from_secs(30), |target| {
+        target.tls = Some(tls)
+    })
+    .await;
+
+    for (code, reason) in [
+        (wire::SSL_REQUEST, "second SSLRequest on one connection"),
+        (
+            wire::GSSENC_REQUEST,
+            "GSSENCRequest after TLS was established",
+        ),
+    ] {
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(negotiate(&mut client, wire::SSL_REQUEST).await, b'S');
+        let mut client = connector
+            .connector
+            .connect(connector.server_name.clone(), client)
+            .await
+            .expect("TLS handshake");
+        client
+            .write_all(&negotiation_request(code))
+            .await
+            .expect("request inside TLS");
+        client.flush().await.expect("flush");
+        let (sqlstate, message) = first_error(&mut client)
+            .await
+            .expect("an error over TLS, then close");
+        assert_eq!(sqlstate, "08P01", "{message}");
+        assert_eq!(message, format!("tollgate: {reason}"));
+    }
+}
+
+// Paused time, as above: the deadline is measured on tokio's clock.
+#[tokio::test(start_paused = true)]
+async fn one_deadline_covers_negotiation_and_startup_packet() {
+    let (_keys, _audit_dir, shared) = baseline_shared().await;
+    let deadline = Duration::from_secs(1);
+    let addr = listen_with(shared, deadline, |_| {}).await;
+
+    // Each request comes well within the deadline, but together they do
+    // not: the deadline does not start again with each one.
+    let started = Instant::now();
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(negotiate(&mut client, wire::SSL_REQUEST).await, b'N');
+    tokio::time::sleep(deadline * 6 / 10).await;
+    assert_eq!(negotiate(&mut client, wire::GSSENC_REQUEST).await, b'N');
+    let (sqlstate, message) = first_error(&mut client)
+        .await
+        .expect("an error, then close");
+    assert_eq!(sqlstate, "08P01", "{message}");
+    assert!(message.contains("startup timeout"), "{message}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= deadline && elapsed < deadline * 15 / 10,
+        "cut off after {elapsed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stalls_in_the_tls_handshake_is_closed_at_the_deadline() {
+    let (_keys, _audit_dir, shared) = baseline_shared().await;
+    let pki = tempfile::tempdir().expect("tempdir");
+    let tls = self_signed_cert(pki.path());
+    let deadline = Duration::from_secs(1);
+    let addr = listen_with(shared, deadline, |target| target.tls = Some(tls)).await;
+
+    // Asks for TLS, is told yes, then sends no ClientHello.
+    let started = Instant::now();
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(negotiate(&mut client, wire::SSL_REQUEST).await, b'S');
+    let mut rest = Vec::new();
+    tokio::time::timeout(deadline * 10, client.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed at the deadline")
+        .expect("read");
+    // Mid-handshake the client could not read an ErrorResponse: none is sent.
+    assert!(rest.is_empty(), "{rest:?}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= deadline && elapsed < deadline * 2,
+        "closed after {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_password_file_is_not_shown_to_the_client() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (controls, _) = forged_cases(keys.path());
+    let (name, config, token) = &controls[0];
+    assert_eq!((*name, *config), ("baseline", ""));
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let audit = AuditLog::open(&audit::tests::config(audit_dir.path()))
+        .await
+        .expect("audit");
+    let shared = shared_for(keys.path(), config, &audit).await;
+    // A server that accepts, so the failure is the password file's alone.
+    let server = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server_addr = server.local_addr().expect("addr");
+    // Removed after the configuration was loaded (as a rotation gone wrong).
+    let password_file = keys.path().join("gateway-password-gone");
+    let password_path = password_file.display().to_string();
+    let addr = listen_with(shared, super::STARTUP_TIMEOUT, |target| {
+        target.address = server_addr;
+        target.credential.password_file = Some(password_file);
+    })
+    .await;
+
+    let (code, message) = login(addr, token).await;
+    assert_eq!(code, "08006", "{message}");
+    assert_eq!(message, "tollgate: tollgate could not log in to the target");
+    drop(server);
+    audit.shutdown().await;
+
+    // The operator's record has the details the client was not given.
+    let failed: Vec<_> = audit::tests::read_segments(&audit_dir.path().join("audit"))
+        .into_iter()
+        .filter(|r| r.status_detail.starts_with("upstream connection failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0].status_detail.contains(&password_path),
+        "{}",
+        failed[0].status_detail
+    );
 }
