@@ -152,6 +152,7 @@ async fn establish(
 
     let mut buf = BytesMut::new();
     let mut scram: Option<sasl::ScramSha256> = None;
+    let mut scram_proven = false;
     loop {
         let frame = wire::read_frame(&mut stream, &mut buf).await?;
         match frame.tag {
@@ -159,6 +160,16 @@ async fn establish(
                 let message = parse_backend(&frame)?;
                 out.clear();
                 match message {
+                    // After a SCRAM start, only a server that sent its
+                    // proof (SASLFinal, checked below) may say the login
+                    // succeeded: a rogue server skipping it would have
+                    // logged tollgate in without knowing the password.
+                    backend::Message::AuthenticationOk if scram.is_some() && !scram_proven => {
+                        return Err(WireError::Malformed(
+                            "the server ended SCRAM authentication without proving it knows the password".into(),
+                        )
+                        .into());
+                    }
                     backend::Message::AuthenticationOk => break,
                     backend::Message::AuthenticationCleartextPassword => {
                         let password = need(&password)?;
@@ -208,6 +219,7 @@ async fn establish(
                         // Proves the server knew the password: a rogue
                         // upstream cannot fake a successful SCRAM exchange.
                         state.finish(body.data()).map_err(WireError::Io)?;
+                        scram_proven = true;
                     }
                     _ => {
                         return Err(UpstreamError::UnsupportedAuth(
@@ -294,4 +306,71 @@ fn parse_backend(frame: &Frame) -> Result<backend::Message, WireError> {
     let mut bytes = frame.bytes.clone();
     backend::Message::parse(&mut bytes)?
         .ok_or_else(|| WireError::Malformed("incomplete message".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that asks for SCRAM-SHA-256 and then, without the server's
+    /// proof, says the login succeeded: tollgate refuses to go on, since it
+    /// would be logged in to a server that never knew the password.
+    #[tokio::test]
+    async fn a_server_that_skips_the_scram_proof_is_refused() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = server.local_addr().expect("addr");
+        let rogue = tokio::spawn(async move {
+            let (mut conn, _) = server.accept().await.expect("accept");
+            let mut startup = [0u8; 1024];
+            let _ = conn.read(&mut startup).await.expect("startup message");
+            // AuthenticationSASL: SCRAM-SHA-256.
+            let mechanism = b"SCRAM-SHA-256\0\0";
+            let mut sasl = vec![b'R'];
+            sasl.extend_from_slice(&(4 + 4 + mechanism.len() as i32).to_be_bytes());
+            sasl.extend_from_slice(&10i32.to_be_bytes());
+            sasl.extend_from_slice(mechanism);
+            conn.write_all(&sasl).await.expect("ask for SASL");
+            let mut initial = [0u8; 1024];
+            let _ = conn.read(&mut initial).await.expect("initial response");
+            // AuthenticationOk, with no SASLContinue or SASLFinal, then
+            // ReadyForQuery: a session, were tollgate to accept it.
+            conn.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'])
+                .await
+                .expect("say ok");
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest).await;
+        });
+        let target = crate::proxy::Target::new(crate::config::TargetConfig {
+            name: "orders-db".into(),
+            protocol: crate::config::Protocol::Postgres,
+            address,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            credential: crate::config::CredentialConfig {
+                user: "gateway".into(),
+                password: Some("secret".into()),
+                password_file: None,
+            },
+            tls: None,
+            upstream_tls: None,
+        })
+        .expect("target");
+        let connected = tokio::time::timeout(Duration::from_secs(10), connect(&target, &[]))
+            .await
+            .expect("connect ends");
+        let failure = match connected {
+            Ok(_) => panic!("logged in to a server that never proved it knew the password"),
+            Err(failure) => failure,
+        };
+        assert!(
+            failure
+                .to_string()
+                .contains("ended SCRAM authentication without proving it knows the password"),
+            "{failure}"
+        );
+        rogue.abort();
+    }
 }
