@@ -195,6 +195,16 @@ fn both_legs_are_tls_and_verified() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The refused plain connection is on record, with its process.
+    let refused = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND status_detail LIKE 'tls_required:%'",
+            1,
+            std::time::Duration::from_secs(30),
+        )
+        .expect("the refusal's row");
+    assert_eq!(refused[0]["database_name"], "orders", "{}", refused[0]);
+    assert_eq!(refused[0]["actor_process_name"], "psql", "{}", refused[0]);
 }
 
 #[test]

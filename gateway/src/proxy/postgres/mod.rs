@@ -80,6 +80,11 @@ async fn serve(
         {
             Ok(startup) => startup,
             Err(WireError::Malformed(reason)) => {
+                // Nothing waits on this record (nothing was forwarded, and
+                // the client is refused either way): it rides with the
+                // next sync, and a store that cannot write it says so.
+                let record = refused_before_login(&connection, "protocol", &reason);
+                drop(shared.audit.submit_lazy(record));
                 fatal(
                     &mut client,
                     SQLSTATE_PROTOCOL,
@@ -139,6 +144,22 @@ async fn serve(
             .as_ref()
             .is_some_and(|tls| tls.require)
     {
+        let mut record = refused_before_login(
+            &connection,
+            "tls_required",
+            "the target requires TLS and the client connected without it",
+        );
+        let param = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        record.database_user = param("user").unwrap_or_default().into();
+        record.database_name = param("database").unwrap_or_default().into();
+        if let Err(err) = shared.audit.append(record).await {
+            warn!(error = %err, "a refused plain connection could not be audited");
+        }
         fatal(
             &mut client,
             SQLSTATE_IDENTITY,
@@ -277,6 +298,18 @@ async fn serve(
             Ok(masks) => masks,
             Err(err) => {
                 warn!(error = %err, "masked columns could not be resolved");
+                // The login was accepted (its record is written); the
+                // session it would have started is refused, on record.
+                let mut record = connection.authentication_accepted(&principal);
+                record.phase = "refusal".into();
+                record.status_id = crate::audit::status::FAILURE;
+                record.action_id = crate::audit::action::DENIED;
+                record.status_detail = format!(
+                    "masks_unresolved: the session was refused because its masked columns could not be resolved ({err})"
+                );
+                if let Err(err) = shared.audit.append(record).await {
+                    warn!(error = %err, "a session refused for its masks could not be audited");
+                }
                 fatal(
                     &mut client_wr,
                     SQLSTATE_UPSTREAM,
@@ -314,6 +347,15 @@ async fn serve(
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await
+}
+
+/// The record of a connection refused before its login was checked: who
+/// connected (addresses, and the process when the kernel redirected it),
+/// and `code: detail` for why.
+fn refused_before_login(connection: &Connection, code: &str, detail: &str) -> AuditRecord {
+    let mut record = connection.authentication_refused(&IdentityError::Missing);
+    record.status_detail = format!("{code}: {detail}");
+    record
 }
 
 /// The encryption requests a connection has made before its startup

@@ -219,8 +219,14 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
     assert_eq!(code, "28000");
     audit.shutdown().await;
 
-    // The client that stalled at the password prompt is on record.
-    let stalled = refusals_saying(audit_dir.path(), "startup timeout");
+    // Both are on record: the silent one as a refused startup, the one
+    // that stalled at the password prompt with the user it named.
+    let silent = refusals_saying(
+        audit_dir.path(),
+        "protocol: no startup packet within the startup timeout",
+    );
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    let stalled = refusals_saying(audit_dir.path(), "no password within the startup timeout");
     assert_eq!(stalled.len(), 1, "{stalled:?}");
     assert_eq!(&*stalled[0].database_user, "agent");
 }
@@ -376,7 +382,8 @@ fn self_signed_cert(dir: &Path) -> crate::proxy::tls::ListenerTlsConfig {
 
 #[tokio::test]
 async fn a_second_ssl_or_gssenc_request_is_refused_with_08p01() {
-    let (_keys, _audit_dir, shared) = baseline_shared().await;
+    let (_keys, audit_dir, shared) = baseline_shared().await;
+    let audit = shared.audit.clone();
     // Long enough never to fire: these clients do not stall.
     let addr = listen_with(shared, Duration::from_secs(30), |_| {}).await;
 
@@ -411,6 +418,18 @@ async fn a_second_ssl_or_gssenc_request_is_refused_with_08p01() {
         .await
         .expect("auth request");
     assert_eq!(frame.tag, b'R');
+    drop(client);
+
+    // Each refusal is on record, with who connected.
+    audit.shutdown().await;
+    for kind in ["SSLRequest", "GSSENCRequest"] {
+        let refused = refusals_saying(
+            audit_dir.path(),
+            &format!("protocol: second {kind} on one connection"),
+        );
+        assert_eq!(refused.len(), 1, "{kind}: {refused:?}");
+        assert_eq!(&*refused[0].src_endpoint_ip, "127.0.0.1");
+    }
 }
 
 #[tokio::test]
