@@ -1330,13 +1330,9 @@ async fn server_to_client(
                 // A statement policy let through changed the encoding (a
                 // function of the agent's calling set_config): from now on
                 // the server would read other statements than tollgate.
-                let _ = send_counted(
-                    &mut *client_wr.lock().await,
+                close_after_built_answers(
                     &out,
                     &mut outcomes.handed_over,
-                )
-                .await;
-                fatal_to_client(
                     &client_wr,
                     &in_flight,
                     super::SQLSTATE_POLICY,
@@ -1360,15 +1356,9 @@ async fn server_to_client(
             ) {
                 Ok(replacement) => replacement,
                 Err(err) => {
-                    // What was sent before the message out of step reached
-                    // the agent; the rest did not (both recorded on drop).
-                    let _ = send_counted(
-                        &mut *client_wr.lock().await,
+                    close_after_built_answers(
                         &out,
                         &mut outcomes.handed_over,
-                    )
-                    .await;
-                    fatal_to_client(
                         &client_wr,
                         &in_flight,
                         super::SQLSTATE_PROTOCOL,
@@ -1406,6 +1396,22 @@ async fn server_to_client(
             return Err(WireError::Closed);
         }
     }
+}
+
+/// Ends the session from the server's side: the answers already built
+/// (`out`, complete ones before the message that ends it) go to the agent
+/// first, then the FATAL. What of them the agent took is counted in
+/// `handed_over`, so the outcomes record which were delivered.
+async fn close_after_built_answers(
+    out: &[u8],
+    handed_over: &mut usize,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    code: &str,
+    message: &str,
+) {
+    let _ = send_counted(&mut *client_wr.lock().await, out, handed_over).await;
+    fatal_to_client(client_wr, in_flight, code, message).await;
 }
 
 type Finished = Vec<(Pending, Option<(String, String)>)>;
@@ -2231,26 +2237,35 @@ mod tests {
         (keys, session)
     }
 
+    /// A session for the relay's tests, auditing to a fresh directory:
+    /// that directory, the session's key directory (both kept alive), the
+    /// session and its audit log.
+    async fn relay_session() -> (
+        tempfile::TempDir,
+        tempfile::TempDir,
+        Arc<Session>,
+        crate::audit::AuditLog,
+    ) {
+        let audit_dir = tempfile::tempdir().expect("tempdir");
+        let (keys, session) = session_auditing_to(audit_dir.path()).await;
+        let audit = session.shared.audit.clone();
+        (audit_dir, keys, session, audit)
+    }
+
     /// The relay's own answer path, from the server's bytes to the audit:
     /// three queries answered in one batch, sent to an agent whose
     /// connection takes 46 bytes and then fails. The two answers it took
     /// in full are on record as delivered, the third as not.
     #[tokio::test]
     async fn the_relay_records_which_answers_of_a_cut_off_batch_reached_the_agent() {
-        let audit_dir = tempfile::tempdir().expect("tempdir");
-        let (_keys, session) = session_auditing_to(audit_dir.path()).await;
-        let audit = session.shared.audit.clone();
+        let (audit_dir, _keys, session, audit) = relay_session().await;
         // Each answer: CommandComplete "SELECT 1" (14 bytes) and
         // ReadyForQuery (6 bytes), 20 bytes in all.
-        use bytes::BufMut;
         let mut answers = BytesMut::new();
         let mut in_flight = InFlight::default();
         for text in ["select 1", "select 2", "select 3"] {
             in_flight.queue.push_back(query(text));
-            answers.put_u8(b'C');
-            answers.put_i32(4 + 9);
-            answers.put_slice(b"SELECT 1\0");
-            wire::ready_for_query(&mut answers, b'I');
+            completed(&mut answers, "SELECT 1");
         }
         assert_eq!(answers.len(), 60);
         let (server, _server_side) = tokio::io::duplex(1024);
@@ -2273,15 +2288,13 @@ mod tests {
         assert!(ended.is_err(), "the agent's connection failed");
         audit.shutdown().await;
 
-        let outcomes: Vec<(String, bool)> =
-            crate::audit::tests::read_segments(&audit_dir.path().join("audit"))
-                .into_iter()
-                .filter(|r| r.phase == "outcome")
-                .map(|r| {
-                    let delivered = !r.status_detail.starts_with(NOT_DELIVERED);
-                    (r.query_info_query_string, delivered)
-                })
-                .collect();
+        let outcomes: Vec<(String, bool)> = outcome_rows(audit_dir.path())
+            .into_iter()
+            .map(|r| {
+                let delivered = !r.status_detail.starts_with(NOT_DELIVERED);
+                (r.query_info_query_string, delivered)
+            })
+            .collect();
         assert_eq!(
             outcomes,
             [
@@ -2290,6 +2303,25 @@ mod tests {
                 ("select 3".to_string(), false),
             ]
         );
+    }
+
+    /// A server's whole answer to a query: CommandComplete with `tag`,
+    /// then ReadyForQuery.
+    fn completed(answers: &mut BytesMut, tag: &str) {
+        use bytes::BufMut;
+        answers.put_u8(b'C');
+        answers.put_i32(4 + tag.len() as i32 + 1);
+        answers.put_slice(tag.as_bytes());
+        answers.put_u8(0);
+        wire::ready_for_query(answers, b'I');
+    }
+
+    /// The outcome rows in the segments of the audit under `audit_dir`.
+    fn outcome_rows(audit_dir: &std::path::Path) -> Vec<AuditRecord> {
+        crate::audit::tests::read_segments(&audit_dir.join("audit"))
+            .into_iter()
+            .filter(|r| r.phase == "outcome")
+            .collect()
     }
 
     /// Runs the relay's answer path on `answers` (the server's bytes) to
@@ -2330,9 +2362,7 @@ mod tests {
     /// agent, and every request in flight is on record with why.
     #[tokio::test]
     async fn a_changed_client_encoding_closes_the_session() {
-        let audit_dir = tempfile::tempdir().expect("tempdir");
-        let (_keys, session) = session_auditing_to(audit_dir.path()).await;
-        let audit = session.shared.audit.clone();
+        let (audit_dir, _keys, session, audit) = relay_session().await;
         use bytes::BufMut;
         let mut answers = BytesMut::new();
         let mut in_flight = InFlight::default();
@@ -2347,19 +2377,12 @@ mod tests {
                 answers.put_u8(0);
             }
         }
-        fn complete(answers: &mut BytesMut, tag: &str) {
-            answers.put_u8(b'C');
-            answers.put_i32(4 + tag.len() as i32 + 1);
-            answers.put_slice(tag.as_bytes());
-            answers.put_u8(0);
-            wire::ready_for_query(answers, b'I');
-        }
         // Reported again unchanged: nothing happens.
         status(&mut answers, "client_encoding", "UTF8");
-        complete(&mut answers, "SELECT 11");
+        completed(&mut answers, "SELECT 11");
         status(&mut answers, "client_encoding", "SJIS");
-        complete(&mut answers, "SELECT 22");
-        complete(&mut answers, "SELECT 33");
+        completed(&mut answers, "SELECT 22");
+        completed(&mut answers, "SELECT 33");
         let in_flight = Arc::new(Mutex::new(in_flight));
         let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
         assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
@@ -2378,9 +2401,8 @@ mod tests {
         );
         assert!(got.contains("client_encoding became SJIS"), "{got}");
 
-        let outcomes: Vec<_> = crate::audit::tests::read_segments(&audit_dir.path().join("audit"))
+        let outcomes: Vec<_> = outcome_rows(audit_dir.path())
             .into_iter()
-            .filter(|r| r.phase == "outcome")
             .map(|r| {
                 (
                     r.query_info_query_string,
@@ -2415,28 +2437,22 @@ mod tests {
     /// relayed.
     #[tokio::test]
     async fn a_failed_record_withholds_its_answer_and_every_later_one() {
-        let audit_dir = tempfile::tempdir().expect("tempdir");
-        let (_keys, session) = session_auditing_to(audit_dir.path()).await;
-        let audit = session.shared.audit.clone();
-        use bytes::BufMut;
+        let (audit_dir, _keys, session, audit) = relay_session().await;
         let mut answers = BytesMut::new();
         let mut in_flight = InFlight::default();
-        for (text, rows, durable) in [
-            ("select 1", "SELECT 11\0", Ok(1)),
+        for (text, tag, durable) in [
+            ("select 1", "SELECT 11", Ok(1)),
             (
                 "select 2",
-                "SELECT 22\0",
+                "SELECT 22",
                 Err(AuditError::Wal("disk full".into())),
             ),
-            ("select 3", "SELECT 33\0", Ok(3)),
+            ("select 3", "SELECT 33", Ok(3)),
         ] {
             let mut read = query(text);
             read.durable = Some(Durable::known(durable));
             in_flight.queue.push_back(read);
-            answers.put_u8(b'C');
-            answers.put_i32(4 + rows.len() as i32);
-            answers.put_slice(rows.as_bytes());
-            wire::ready_for_query(&mut answers, b'I');
+            completed(&mut answers, tag);
         }
         let in_flight = Arc::new(Mutex::new(in_flight));
         let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
@@ -2454,9 +2470,8 @@ mod tests {
             "{got}"
         );
 
-        let outcomes: Vec<_> = crate::audit::tests::read_segments(&audit_dir.path().join("audit"))
+        let outcomes: Vec<_> = outcome_rows(audit_dir.path())
             .into_iter()
-            .filter(|r| r.phase == "outcome")
             .map(|r| {
                 (
                     r.query_info_query_string,
