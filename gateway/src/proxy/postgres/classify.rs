@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, ops::ControlFlow};
 
 use sqlparser::{
     ast::{
-        CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectType, Query, Set, Statement,
-        TableFactor, TableObject, Visit, Visitor,
+        CopySource, CopyTarget, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments,
+        ObjectName, ObjectType, Query, Set, Statement, TableFactor, TableObject, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -232,8 +232,15 @@ fn is_admin_setting(variable: &ObjectName) -> bool {
 fn set_changes_encoding(set: &Set) -> bool {
     let is_encoding = |variable: &ObjectName| setting_name(variable) == "client_encoding";
     match set {
-        Set::SetNames { .. } | Set::SetNamesDefault {} => true,
-        Set::SingleAssignment { variable, .. } => is_encoding(variable),
+        // Drivers set it to what it already is (Rails' `encoding:
+        // unicode`, psql's `\encoding UTF8`): that changes nothing.
+        Set::SetNames { charset_name, .. } => !names_utf8(&charset_name.value),
+        Set::SetNamesDefault {} => true,
+        Set::SingleAssignment {
+            variable, values, ..
+        } => {
+            is_encoding(variable) && !matches!(values.as_slice(), [value] if expr_names_utf8(value))
+        }
         Set::MultipleAssignments { assignments } => {
             assignments.iter().any(|a| is_encoding(&a.name))
         }
@@ -242,18 +249,42 @@ fn set_changes_encoding(set: &Set) -> bool {
     }
 }
 
-/// Whether a call of `set_config` may set client_encoding: it does when
-/// its first argument says so, and may when that argument is not a
-/// literal tollgate can read.
-fn set_config_may_change_encoding(function: &sqlparser::ast::Function) -> bool {
-    use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
-    let FunctionArguments::List(list) = &function.args else {
-        return true;
-    };
-    match list.args.first() {
+/// Whether an encoding name is PostgreSQL's UTF8 (which also answers to
+/// `UTF-8` and `unicode`, in any case).
+fn names_utf8(name: &str) -> bool {
+    let folded: String = name
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    folded == "utf8" || folded == "unicode"
+}
+
+/// Whether a SET value or function argument is a literal or bare name
+/// that names UTF8.
+fn expr_names_utf8(value: &Expr) -> bool {
+    match value {
+        Expr::Value(value) => value.clone().into_string().is_some_and(|v| names_utf8(&v)),
+        Expr::Identifier(ident) => names_utf8(&ident.value),
+        _ => false,
+    }
+}
+
+/// Whether a call of `set_config` with `args` may set client_encoding:
+/// it does when its first argument says so, and may when that argument is
+/// not a literal tollgate can read (or the arguments cannot be listed).
+fn set_config_may_change_encoding(args: Option<&[FunctionArg]>) -> bool {
+    match args.and_then(|args| args.first()) {
         Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(value)))) => {
             match value.clone().into_string() {
-                Some(name) => name.trim().eq_ignore_ascii_case("client_encoding"),
+                Some(name) => {
+                    name.trim().eq_ignore_ascii_case("client_encoding")
+                        && !matches!(
+                            args.and_then(|args| args.get(1)),
+                            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(value))) if expr_names_utf8(value)
+                        )
+                }
                 None => true,
             }
         }
@@ -302,6 +333,23 @@ struct Walker {
     changes_encoding: bool,
 }
 
+impl Walker {
+    /// A call of the function `name`, wherever it appears (an expression,
+    /// a FROM item): dangerous functions, and set_config of client_encoding.
+    fn note_call(&mut self, name: &ObjectName, args: Option<&[FunctionArg]>) {
+        let Some(last) = name.0.last().and_then(|part| part.as_ident()) else {
+            return;
+        };
+        let last = last.value.to_ascii_lowercase();
+        if DANGEROUS_FUNCTIONS.contains(&last.as_str()) {
+            self.dangers.insert(Danger::FileOrProgramFunction);
+        }
+        if last == "set_config" && set_config_may_change_encoding(args) {
+            self.changes_encoding = true;
+        }
+    }
+}
+
 impl Visitor for Walker {
     type Break = ();
 
@@ -318,27 +366,29 @@ impl Visitor for Walker {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        let name = table_name(relation);
-        if let Some(function) = relation.0.last().and_then(|part| part.as_ident()) {
-            // FROM func(...) appears as a relation too; any such call may write.
-            if DANGEROUS_FUNCTIONS.contains(&function.value.to_ascii_lowercase().as_str()) {
-                self.dangers.insert(Danger::FileOrProgramFunction);
-            }
-        }
-        self.relations.insert(name);
+        self.relations.insert(table_name(relation));
         ControlFlow::Continue(())
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-        // `FROM generate_series(...)` is a function call, not a table.
-        if let TableFactor::Table {
-            name,
-            args: Some(_),
-            ..
-        } = factor
-        {
-            self.calls_functions = true;
-            self.table_functions.insert(table_name(name));
+        match factor {
+            // `FROM generate_series(...)` is a function call, not a table
+            // (it is visited as a relation too); any such call may write.
+            TableFactor::Table {
+                name,
+                args: Some(args),
+                ..
+            } => {
+                self.calls_functions = true;
+                self.table_functions.insert(table_name(name));
+                self.note_call(name, Some(&args.args));
+            }
+            // `FROM LATERAL f(...)`: a call the relation visit never sees.
+            TableFactor::Function { name, args, .. } => {
+                self.calls_functions = true;
+                self.note_call(name, Some(args));
+            }
+            _ => {}
         }
         ControlFlow::Continue(())
     }
@@ -353,15 +403,11 @@ impl Visitor for Walker {
             if !unqualified_pure {
                 self.calls_functions = true;
             }
-            if let Some(name) = function.name.0.last().and_then(|part| part.as_ident()) {
-                let name = name.value.to_ascii_lowercase();
-                if DANGEROUS_FUNCTIONS.contains(&name.as_str()) {
-                    self.dangers.insert(Danger::FileOrProgramFunction);
-                }
-                if name == "set_config" && set_config_may_change_encoding(function) {
-                    self.changes_encoding = true;
-                }
-            }
+            let args = match &function.args {
+                FunctionArguments::List(list) => Some(list.args.as_slice()),
+                _ => None,
+            };
+            self.note_call(&function.name, args);
         }
         ControlFlow::Continue(())
     }
@@ -646,6 +692,11 @@ mod tests {
                 "SELECT * FROM pg_ls_dir('/')",
                 Some(Danger::FileOrProgramFunction),
             ),
+            (
+                "SELECT * FROM LATERAL pg_read_file('/etc/passwd')",
+                Some(Danger::FileOrProgramFunction),
+            ),
+            ("SELECT * FROM pg_read_file", None),
             ("SELECT length('/etc/passwd')", None),
             ("SET ROLE postgres", Some(Danger::SetRole)),
             (r#"SET "role" = 'postgres'"#, Some(Danger::SetRole)),
@@ -680,6 +731,12 @@ mod tests {
                 "SELECT 1 FROM t WHERE set_config('client_encoding', 'SJIS', false) IS NULL",
                 true,
             ),
+            ("SELECT * FROM set_config('client_encoding', 'SJIS', false)", true),
+            ("SELECT * FROM LATERAL set_config('client_encoding', 'SJIS', false)", true),
+            ("SELECT * FROM t, LATERAL pg_catalog.set_config('client_encoding', 'SJIS', false) AS s", true),
+            ("SELECT * FROM LATERAL set_config('application_name', 'x', false)", false),
+            // A table named set_config is no call.
+            ("SELECT * FROM set_config", false),
             // A name tollgate cannot read might be client_encoding.
             (
                 "SELECT set_config(current_setting('x.y'), 'SJIS', false)",
@@ -689,6 +746,14 @@ mod tests {
             ("SET application_name = 'client_encoding'", false),
             ("SELECT 'client_encoding'", false),
             ("SHOW client_encoding", false),
+            // To what it already is: no change.
+            ("SET client_encoding TO 'unicode'", false),
+            ("SET client_encoding = UTF8", false),
+            ("SET client_encoding = 'utf-8'", false),
+            ("SET NAMES 'UTF8'", false),
+            ("SELECT set_config('client_encoding', 'UTF8', false)", false),
+            ("SET client_encoding = 'UTF16'", true),
+            ("SELECT set_config('client_encoding', current_setting('x.y'), false)", true),
             ("RESET client_encoding", false),
         ] {
             assert_eq!(one(sql).changes_text_encoding, changes, "{sql}");
