@@ -171,6 +171,17 @@ async fn establish(
                         .into());
                     }
                     backend::Message::AuthenticationOk => break,
+                    // Nor may it, once SCRAM has started, fall back to a
+                    // method that hands it the password or its hash.
+                    backend::Message::AuthenticationCleartextPassword
+                    | backend::Message::AuthenticationMd5Password(_)
+                        if scram.is_some() =>
+                    {
+                        return Err(WireError::Malformed(
+                            "the server asked for the password itself in the middle of SCRAM authentication".into(),
+                        )
+                        .into());
+                    }
                     backend::Message::AuthenticationCleartextPassword => {
                         let password = need(&password)?;
                         frontend::password_message(password.as_bytes(), &mut out)
@@ -314,11 +325,10 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A server that asks for SCRAM-SHA-256 and then, without the server's
-    /// proof, says the login succeeded: tollgate refuses to go on, since it
-    /// would be logged in to a server that never knew the password.
-    #[tokio::test]
-    async fn a_server_that_skips_the_scram_proof_is_refused() {
+    /// A rogue server that asks for SCRAM-SHA-256 and, after tollgate's
+    /// first SCRAM message, sends `then` (and ReadyForQuery, a session were
+    /// tollgate to accept it). Returns why tollgate refused it.
+    async fn refused_by_tollgate_after_scram_start(then: &'static [u8]) -> String {
         let server = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -336,11 +346,10 @@ mod tests {
             conn.write_all(&sasl).await.expect("ask for SASL");
             let mut initial = [0u8; 1024];
             let _ = conn.read(&mut initial).await.expect("initial response");
-            // AuthenticationOk, with no SASLContinue or SASLFinal, then
-            // ReadyForQuery: a session, were tollgate to accept it.
-            conn.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'])
+            conn.write_all(then).await.expect("the rogue's answer");
+            conn.write_all(&[b'Z', 0, 0, 0, 5, b'I'])
                 .await
-                .expect("say ok");
+                .expect("ready");
             let mut rest = Vec::new();
             let _ = conn.read_to_end(&mut rest).await;
         });
@@ -361,16 +370,35 @@ mod tests {
         let connected = tokio::time::timeout(Duration::from_secs(10), connect(&target, &[]))
             .await
             .expect("connect ends");
-        let failure = match connected {
-            Ok(_) => panic!("logged in to a server that never proved it knew the password"),
-            Err(failure) => failure,
-        };
-        assert!(
-            failure
-                .to_string()
-                .contains("ended SCRAM authentication without proving it knows the password"),
-            "{failure}"
-        );
         rogue.abort();
+        match connected {
+            Ok(_) => panic!("went on with a server that never proved it knew the password"),
+            Err(failure) => failure.to_string(),
+        }
+    }
+
+    /// Once SCRAM has started, only the server's proof lets the login
+    /// succeed: AuthenticationOk without it (a server that never knew the
+    /// password) is refused, and so is a request for the password itself
+    /// (cleartext or MD5), which would hand it to such a server.
+    #[tokio::test]
+    async fn a_server_that_skips_the_scram_proof_is_refused() {
+        let ok: &[u8] = &[b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+        let cleartext: &[u8] = &[b'R', 0, 0, 0, 8, 0, 0, 0, 3];
+        let md5: &[u8] = &[b'R', 0, 0, 0, 12, 0, 0, 0, 5, 1, 2, 3, 4];
+        for (then, why) in [
+            (
+                ok,
+                "ended SCRAM authentication without proving it knows the password",
+            ),
+            (
+                cleartext,
+                "asked for the password itself in the middle of SCRAM",
+            ),
+            (md5, "asked for the password itself in the middle of SCRAM"),
+        ] {
+            let refused = refused_by_tollgate_after_scram_start(then).await;
+            assert!(refused.contains(why), "{refused}");
+        }
     }
 }
