@@ -102,16 +102,20 @@ async fn serve(
                     client.write_all(b"S").await?;
                     // Mid-handshake the client cannot read an ErrorResponse:
                     // past the deadline the connection is only closed.
-                    client = match tokio::time::timeout_at(deadline, acceptor.accept(client)).await
-                    {
-                        Ok(tls) => Box::new(tls?),
-                        Err(_) => {
-                            return Err(WireError::Malformed(
-                                "no TLS handshake within the startup timeout".into(),
-                            ))
-                        }
-                    };
-                    negotiation.encrypted = true;
+                    let reason =
+                        match tokio::time::timeout_at(deadline, acceptor.accept(client)).await {
+                            Ok(Ok(tls)) => {
+                                client = Box::new(tls);
+                                negotiation.encrypted = true;
+                                continue;
+                            }
+                            Ok(Err(err)) => format!("the TLS handshake failed: {err}"),
+                            Err(_) => "no TLS handshake within the startup timeout".to_string(),
+                        };
+                    // On record as any refused startup (see above).
+                    let record = refused_before_login(&connection, "protocol", &reason);
+                    drop(shared.audit.submit_lazy(record));
+                    return Err(WireError::Malformed(reason));
                 }
                 // Without a certificate TLS is declined; the client goes on
                 // in the clear or stops, as its sslmode says.

@@ -505,7 +505,8 @@ async fn one_deadline_covers_negotiation_and_startup_packet() {
 
 #[tokio::test(start_paused = true)]
 async fn a_client_that_stalls_in_the_tls_handshake_is_closed_at_the_deadline() {
-    let (_keys, _audit_dir, shared) = baseline_shared().await;
+    let (_keys, audit_dir, shared) = baseline_shared().await;
+    let audit = shared.audit.clone();
     let pki = tempfile::tempdir().expect("tempdir");
     let tls = self_signed_cert(pki.path());
     let deadline = Duration::from_secs(1);
@@ -527,6 +528,12 @@ async fn a_client_that_stalls_in_the_tls_handshake_is_closed_at_the_deadline() {
         elapsed >= deadline && elapsed < deadline * 2,
         "closed after {elapsed:?}"
     );
+    audit.shutdown().await;
+    let refused = refusals_saying(
+        audit_dir.path(),
+        "protocol: no TLS handshake within the startup timeout",
+    );
+    assert_eq!(refused.len(), 1, "{refused:?}");
 }
 
 #[tokio::test]
