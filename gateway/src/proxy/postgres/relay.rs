@@ -480,7 +480,7 @@ fn unanswered_outcomes(
                 (None, false) => match &closed_by {
                     Some((code, message)) => (
                         code.clone(),
-                        format!("tollgate closed the session before relaying the server's answer: {message}"),
+                        format!("tollgate closed the session before the server's answer was relayed in full: {message}"),
                     ),
                     None => (
                         super::SQLSTATE_UPSTREAM.to_string(),
@@ -2491,7 +2491,7 @@ mod tests {
         );
         for (i, text, why) in [
             (1, "select 2", "tollgate withheld the server's answer: the request's audit record could not be written (audit write failed: disk full)"),
-            (2, "select 3", "tollgate closed the session before relaying the server's answer: tollgate: the statement's audit record could not be written"),
+            (2, "select 3", "tollgate closed the session before the server's answer was relayed in full: tollgate: the statement's audit record could not be written"),
         ] {
             let (query, status, code, detail) = &outcomes[i];
             assert_eq!(query, text);
