@@ -280,9 +280,12 @@ fn set_config_may_change_encoding(args: Option<&[FunctionArg]>) -> bool {
             match value.clone().into_string() {
                 Some(name) => {
                     name.trim().eq_ignore_ascii_case("client_encoding")
+                        // Only a literal: a bare word in an argument is a
+                        // column, whatever its name.
                         && !matches!(
                             args.and_then(|args| args.get(1)),
-                            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(value))) if expr_names_utf8(value)
+                            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(value))))
+                                if value.clone().into_string().is_some_and(|v| names_utf8(&v))
                         )
                 }
                 None => true,
@@ -752,6 +755,11 @@ mod tests {
             ("SET client_encoding = 'utf-8'", false),
             ("SET NAMES 'UTF8'", false),
             ("SELECT set_config('client_encoding', 'UTF8', false)", false),
+            // A column named unicode holds whatever it holds.
+            (
+                "SELECT set_config('client_encoding', unicode, false) FROM (VALUES ('SJIS')) v(unicode)",
+                true,
+            ),
             ("SET client_encoding = 'UTF16'", true),
             ("SELECT set_config('client_encoding', current_setting('x.y'), false)", true),
             ("RESET client_encoding", false),

@@ -528,12 +528,27 @@ async fn a_client_that_stalls_in_the_tls_handshake_is_closed_at_the_deadline() {
         elapsed >= deadline && elapsed < deadline * 2,
         "closed after {elapsed:?}"
     );
+
+    // Answers the S with bytes that are no TLS: closed at once.
+    let mut garbled = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(negotiate(&mut garbled, wire::SSL_REQUEST).await, b'S');
+    garbled
+        .write_all(b"this is not a ClientHello\r\n\r\n")
+        .await
+        .expect("garbage");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(deadline / 2, garbled.read_to_end(&mut rest))
+        .await
+        .expect("closed before the deadline");
+
     audit.shutdown().await;
-    let refused = refusals_saying(
-        audit_dir.path(),
+    for why in [
         "protocol: no TLS handshake within the startup timeout",
-    );
-    assert_eq!(refused.len(), 1, "{refused:?}");
+        "protocol: the TLS handshake failed",
+    ] {
+        let refused = refusals_saying(audit_dir.path(), why);
+        assert_eq!(refused.len(), 1, "{why}: {refused:?}");
+    }
 }
 
 #[tokio::test]

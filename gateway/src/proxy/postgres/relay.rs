@@ -1514,7 +1514,9 @@ fn capped(text: String, max: usize) -> String {
 }
 
 /// What `status_detail` of an outcome says when the agent never got the
-/// answer; an auditor can find these rows by it.
+/// whole answer (none of it, or only what was sent on before the session
+/// ended: rows of an answer that had begun); an auditor can find these
+/// rows by it.
 pub const NOT_DELIVERED: &str = "the answer did not reach the agent: the session ended first";
 
 /// Updates the queue for one server message; adds the requests it
