@@ -560,12 +560,28 @@ async fn client_to_server(
     let mut skipping_to_sync = false;
     // The last Describe sent (kind 'S' or 'P', name), until an Execute.
     let mut last_describe: Option<(u8, String)> = None;
+    // A Query, or the Sync after an Execute, that may change the client
+    // encoding where tollgate cannot see it (a function it cannot look
+    // into, text it cannot parse): the server would read the messages
+    // pipelined behind it in the new encoding, before the server's report
+    // of the change ends the session. They wait for its answer (the report
+    // comes before it), so only messages read as tollgate read them reach
+    // the server.
+    let mut encoding_barrier: Option<u64> = None;
+    let mut execute_may_change_encoding = false;
     loop {
         let mut forward = BytesMut::new();
         // Messages are taken in order; a malformed one ends the session
         // (see `end_on_malformed`), after what came before it.
         let taken: Result<Flow, WireError> = async {
             while let Some(frame) = wire::split_frame_limited(&mut buf, wire::MAX_CLIENT_MESSAGE)? {
+                if let Some(id) = encoding_barrier.take() {
+                    if !forward.is_empty() {
+                        send_all(&mut upstream_wr, &forward).await?;
+                        forward.clear();
+                    }
+                    wait_until_answered(&in_flight, &answered, id).await;
+                }
                 if skipping_to_sync && frame.tag != b'S' {
                     continue;
                 }
@@ -612,6 +628,9 @@ async fn client_to_server(
                                 let mut guard = lock(&in_flight);
                                 guard.push(pending);
                                 guard.note_renames(&operations);
+                                if may_change_encoding_unseen(&operations) {
+                                    encoding_barrier = guard.queue.back().map(|p| p.id);
+                                }
                                 drop(guard);
                                 forward.unsplit(frame.bytes);
                             }
@@ -704,6 +723,8 @@ async fn client_to_server(
                                 guard.push(pending);
                                 guard.note_renames(&prepared.operations);
                                 drop(guard);
+                                execute_may_change_encoding |=
+                                    may_change_encoding_unseen(&prepared.operations);
                                 forward.unsplit(frame.bytes);
                             }
                             Err(refusal) => {
@@ -725,6 +746,10 @@ async fn client_to_server(
                         let mut guard = lock(&in_flight);
                         guard.server_skipping = false;
                         guard.push(sync);
+                        // The server reports a changed encoding at the Sync.
+                        if std::mem::take(&mut execute_may_change_encoding) {
+                            encoding_barrier = guard.queue.back().map(|p| p.id);
+                        }
                         drop(guard);
                         forward.unsplit(frame.bytes);
                     }
@@ -815,6 +840,36 @@ fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
     move |err| match err {
         WireError::Malformed(reason) => WireError::Malformed(format!("{name} message: {reason}")),
         other => other,
+    }
+}
+
+/// Whether a statement may change the client encoding out of tollgate's
+/// sight: it calls a function tollgate cannot look into (one of the
+/// agent's may call set_config), or its text could not be parsed. The
+/// visible ways are refused by policy (`encoding:client_encoding`).
+fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bool {
+    match operations {
+        Ok(operations) => operations.iter().any(|op| op.calls_functions),
+        Err(_) => true,
+    }
+}
+
+/// Waits until the request `id` has had its whole answer (or the server
+/// waits for COPY data, which only the client can send).
+async fn wait_until_answered(in_flight: &Mutex<InFlight>, answered: &Notify, id: u64) {
+    loop {
+        // Registered before the look at the queue, so an answer that comes
+        // in between is not missed.
+        let notified = answered.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let state = lock(in_flight);
+            if state.copy_in || !state.queue.iter().any(|p| p.id == id) {
+                return;
+            }
+        }
+        notified.await;
     }
 }
 
