@@ -47,6 +47,16 @@ fn tagged(answers: &Value, tag: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// The first ErrorResponse among a raw-protocol script's answers (Null
+/// when there is none).
+fn first_error(answers: &Value) -> Value {
+    answers
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["tag"] == "E"))
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn outcome_of(stack: &Stack, statement: &str) -> Value {
     outcome_like(stack, statement)
 }
@@ -968,11 +978,7 @@ fn refusals_are_answered_in_place_even_when_the_client_has_not_synced() {
     // session ends with a clear FATAL instead of drifting out of step.
     let copy = unsynced(&stack, &token, "copy", "SELECT 1", "customers");
     assert_eq!(tags(&copy["copy"]), ["G"], "{copy}");
-    let fatal = copy["answers"]
-        .as_array()
-        .and_then(|a| a.iter().find(|m| m["tag"] == "E"))
-        .cloned()
-        .unwrap_or_default();
+    let fatal = first_error(&copy["answers"]);
     assert_eq!(fatal["sqlstate"], "08P01", "{copy}");
     assert_eq!(fatal["severity"], "FATAL", "{copy}");
     assert_eq!(
@@ -1204,11 +1210,7 @@ fn the_client_encoding_cannot_be_changed_behind_the_policy() {
         .expect("python");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let fatal = answer["answers"]
-        .as_array()
-        .and_then(|a| a.iter().find(|m| m["tag"] == "E"))
-        .cloned()
-        .unwrap_or_default();
+    let fatal = first_error(&answer["answers"]);
     assert_eq!(fatal["sqlstate"], "42501", "{answer}");
     assert_eq!(
         stack
@@ -1259,11 +1261,7 @@ fn a_malformed_message_ends_the_session_with_08p01_and_is_audited() {
         assert!(out.status.success(), "{kind}: {}", text(&out.stderr));
         let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
         let answers = answer["answers"].as_array().cloned().unwrap_or_default();
-        let fatal = answers
-            .iter()
-            .find(|m| m["tag"] == "E")
-            .cloned()
-            .unwrap_or_default();
+        let fatal = first_error(&answer["answers"]);
         assert_eq!(fatal["severity"], "FATAL", "{kind}: {answer}");
         assert_eq!(fatal["sqlstate"], "08P01", "{kind}: {answer}");
         assert!(
