@@ -576,11 +576,15 @@ async fn client_to_server(
         let taken: Result<Flow, WireError> = async {
             while let Some(frame) = wire::split_frame_limited(&mut buf, wire::MAX_CLIENT_MESSAGE)? {
                 if let Some(id) = encoding_barrier.take() {
-                    if !forward.is_empty() {
-                        send_all(&mut upstream_wr, &forward).await?;
-                        forward.clear();
-                    }
-                    wait_until_answered(&in_flight, &answered, id).await;
+                    // Until its whole answer has come (or the server waits
+                    // for COPY data, which only the client can send).
+                    resolve_waiting(&in_flight, &answered, &mut forward, &mut upstream_wr, |f| {
+                        match f.copy_in || !f.queue.iter().any(|p| p.id == id) {
+                            true => Resolved::Known(Some(())),
+                            false => Resolved::WaitFor(id),
+                        }
+                    })
+                    .await?;
                 }
                 if skipping_to_sync && frame.tag != b'S' {
                     continue;
@@ -851,25 +855,6 @@ fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bo
     match operations {
         Ok(operations) => operations.iter().any(|op| op.calls_functions),
         Err(_) => true,
-    }
-}
-
-/// Waits until the request `id` has had its whole answer (or the server
-/// waits for COPY data, which only the client can send).
-async fn wait_until_answered(in_flight: &Mutex<InFlight>, answered: &Notify, id: u64) {
-    loop {
-        // Registered before the look at the queue, so an answer that comes
-        // in between is not missed.
-        let notified = answered.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        {
-            let state = lock(in_flight);
-            if state.copy_in || !state.queue.iter().any(|p| p.id == id) {
-                return;
-            }
-        }
-        notified.await;
     }
 }
 
