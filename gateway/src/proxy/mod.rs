@@ -181,7 +181,19 @@ impl Connection {
 
     /// The Authentication record of a refused credential.
     pub fn authentication_refused(&self, error: &IdentityError) -> AuditRecord {
-        let mut record = self.record(None);
+        self.login_refused(None, error.code(), &error.to_string())
+    }
+
+    /// The Authentication refusal record of a connection refused around
+    /// its login (by `principal`, when the credential was accepted), for
+    /// the reason `code: detail`.
+    pub fn login_refused(
+        &self,
+        principal: Option<&Principal>,
+        code: &str,
+        detail: &str,
+    ) -> AuditRecord {
+        let mut record = self.record(principal);
         set_class(
             &mut record,
             record::CLASS_AUTHENTICATION,
@@ -190,7 +202,7 @@ impl Connection {
         record.phase = "refusal".into();
         record.status_id = record::status::FAILURE;
         // The stable code first, so analysts can group by it.
-        record.status_detail = format!("{}: {error}", error.code());
+        record.status_detail = format!("{code}: {detail}");
         record.action_id = record::action::DENIED;
         record
     }

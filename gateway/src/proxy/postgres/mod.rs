@@ -83,7 +83,7 @@ async fn serve(
                 // Nothing waits on this record (nothing was forwarded, and
                 // the client is refused either way): it rides with the
                 // next sync, and a store that cannot write it says so.
-                let record = refused_before_login(&connection, "protocol", &reason);
+                let record = connection.login_refused(None, "protocol", &reason);
                 drop(shared.audit.submit_lazy(record));
                 fatal(
                     &mut client,
@@ -113,7 +113,7 @@ async fn serve(
                             Err(_) => "no TLS handshake within the startup timeout".to_string(),
                         };
                     // On record as any refused startup (see above).
-                    let record = refused_before_login(&connection, "protocol", &reason);
+                    let record = connection.login_refused(None, "protocol", &reason);
                     drop(shared.audit.submit_lazy(record));
                     return Err(WireError::Malformed(reason));
                 }
@@ -141,38 +141,6 @@ async fn serve(
             Startup::Startup(params) => break params,
         }
     };
-    if !negotiation.encrypted
-        && connection
-            .target
-            .tls
-            .as_ref()
-            .is_some_and(|tls| tls.require)
-    {
-        let mut record = refused_before_login(
-            &connection,
-            "tls_required",
-            "the target requires TLS and the client connected without it",
-        );
-        let param = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        record.database_user = param("user").unwrap_or_default().into();
-        record.database_name = param("database").unwrap_or_default().into();
-        if let Err(err) = shared.audit.append(record).await {
-            warn!(error = %err, "a refused plain connection could not be audited");
-        }
-        fatal(
-            &mut client,
-            SQLSTATE_IDENTITY,
-            "tollgate: this target requires TLS (sslmode=require or stricter)",
-        )
-        .await;
-        return Ok(());
-    }
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let param = |name: &str| {
         params
             .iter()
@@ -186,6 +154,32 @@ async fn serve(
         name if name.is_empty() => database_user.clone(),
         name => name.into(),
     };
+    if !negotiation.encrypted
+        && connection
+            .target
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.require)
+    {
+        let mut record = connection.login_refused(
+            None,
+            "tls_required",
+            "the target requires TLS and the client connected without it",
+        );
+        record.database_user = database_user;
+        record.database_name = database_name;
+        if let Err(err) = shared.audit.append(record).await {
+            warn!(error = %err, "a refused plain connection could not be audited");
+        }
+        fatal(
+            &mut client,
+            SQLSTATE_IDENTITY,
+            "tollgate: this target requires TLS (sslmode=require or stricter)",
+        )
+        .await;
+        return Ok(());
+    }
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
 
     let mut out = BytesMut::new();
     wire::authentication_cleartext(&mut out);
@@ -304,12 +298,10 @@ async fn serve(
                 warn!(error = %err, "masked columns could not be resolved");
                 // The login was accepted (its record is written); the
                 // session it would have started is refused, on record.
-                let mut record = connection.authentication_accepted(&principal);
-                record.phase = "refusal".into();
-                record.status_id = crate::audit::status::FAILURE;
-                record.action_id = crate::audit::action::DENIED;
-                record.status_detail = format!(
-                    "masks_unresolved: the session was refused because its masked columns could not be resolved ({err})"
+                let record = connection.login_refused(
+                    Some(&principal),
+                    "masks_unresolved",
+                    &format!("the session was refused because its masked columns could not be resolved ({err})"),
                 );
                 if let Err(err) = shared.audit.append(record).await {
                     warn!(error = %err, "a session refused for its masks could not be audited");
@@ -351,15 +343,6 @@ async fn serve(
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await
-}
-
-/// The record of a connection refused before its login was checked: who
-/// connected (addresses, and the process when the kernel redirected it),
-/// and `code: detail` for why.
-fn refused_before_login(connection: &Connection, code: &str, detail: &str) -> AuditRecord {
-    let mut record = connection.authentication_refused(&IdentityError::Missing);
-    record.status_detail = format!("{code}: {detail}");
-    record
 }
 
 /// The encryption requests a connection has made before its startup
