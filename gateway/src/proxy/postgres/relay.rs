@@ -954,8 +954,7 @@ async fn fatal_to_client(
     code: &str,
     message: &str,
 ) {
-    lock(in_flight).closed_by = Some((code.to_string(), message.to_string()));
-    super::fatal(&mut *client_wr.lock().await, code, message).await;
+    close_after_built_answers(&[], &mut 0, client_wr, in_flight, code, message).await;
 }
 
 /// Makes `record` the refusal of its request by `rule`, for `detail`.
@@ -1348,18 +1347,19 @@ async fn server_to_client(
         while let Some(frame) = wire::split_frame(&mut buf)? {
             if let Err(err) = hold_until_front_record_is_durable(&in_flight).await {
                 // The answer exists but its request is not on record:
-                // the agent must not see it.
-                let mut client = client_wr.lock().await;
-                // What came before it answers requests on record, or
-                // Parse, Bind and Describe, which have no record of
-                // their own (as on every other path): it goes first
-                // (what of it the agent got is recorded on drop).
-                let _ = send_counted(&mut *client, &out, &mut outcomes.handed_over).await;
-                let message = format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed");
-                lock(&in_flight).closed_by = Some((SQLSTATE_AUDIT.to_string(), message.clone()));
-                let mut fatal = BytesMut::new();
-                wire::error_response(&mut fatal, "FATAL", SQLSTATE_AUDIT, &message);
-                let _ = send_all(&mut *client, &fatal).await;
+                // the agent must not see it. What came before it answers
+                // requests on record, or Parse, Bind and Describe, which
+                // have no record of their own (as on every other path):
+                // it goes first.
+                close_after_built_answers(
+                    &out,
+                    &mut outcomes.handed_over,
+                    &client_wr,
+                    &in_flight,
+                    SQLSTATE_AUDIT,
+                    &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
+                )
+                .await;
                 return Err(WireError::Closed);
             }
             if let Some(encoding) = (frame.tag == b'S')
@@ -1440,8 +1440,9 @@ async fn server_to_client(
 
 /// Ends the session from the server's side: the answers already built
 /// (`out`, complete ones before the message that ends it) go to the agent
-/// first, then the FATAL. What of them the agent took is counted in
-/// `handed_over`, so the outcomes record which were delivered.
+/// first, then the FATAL, under one hold of the writer. What of them the
+/// agent took is counted in `handed_over`, so the outcomes record which
+/// were delivered.
 async fn close_after_built_answers(
     out: &[u8],
     handed_over: &mut usize,
@@ -1450,8 +1451,10 @@ async fn close_after_built_answers(
     code: &str,
     message: &str,
 ) {
-    let _ = send_counted(&mut *client_wr.lock().await, out, handed_over).await;
-    fatal_to_client(client_wr, in_flight, code, message).await;
+    let mut client = client_wr.lock().await;
+    let _ = send_counted(&mut *client, out, handed_over).await;
+    lock(in_flight).closed_by = Some((code.to_string(), message.to_string()));
+    super::fatal(&mut *client, code, message).await;
 }
 
 type Finished = Vec<(Pending, Option<(String, String)>)>;
