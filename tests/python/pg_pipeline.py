@@ -1,20 +1,36 @@
-"""After login, sends the given statements as simple Queries in one write
-(a pipeline that does not wait for answers); prints as JSON what the
-client received up to the end of the connection or the last ReadyForQuery.
+"""After login, sends the given statements in one write (a pipeline that
+does not wait for answers); prints as JSON what the client received up to
+the end of the connection or the last ReadyForQuery.
 
-usage: pg_pipeline.py HOST PORT TOKEN STATEMENT...
+usage: pg_pipeline.py HOST PORT TOKEN [--extended] STATEMENT...
+Each statement goes as a simple Query, or with --extended as Parse, Bind,
+Execute and Sync of the unnamed statement and portal.
 """
 import json
+import struct
 import sys
 
 from pg_raw import cstr, login, msg, read_until
 
 
+def extended(statement):
+    no_formats_or_parameters = struct.pack("!hhh", 0, 0, 0)
+    return (
+        msg(b"P", cstr("") + cstr(statement) + struct.pack("!h", 0))
+        + msg(b"B", cstr("") + cstr("") + no_formats_or_parameters)
+        + msg(b"E", cstr("") + struct.pack("!i", 0))
+        + msg(b"S", b"")
+    )
+
+
 def main():
     host, port, token = sys.argv[1:4]
     statements = sys.argv[4:]
+    as_messages = lambda s: msg(b"Q", cstr(s))
+    if statements and statements[0] == "--extended":
+        statements, as_messages = statements[1:], extended
     sock = login(host, port, token, timeout=15)
-    sock.sendall(b"".join(msg(b"Q", cstr(s)) for s in statements))
+    sock.sendall(b"".join(as_messages(s) for s in statements))
     print(json.dumps({"answers": read_until(sock, [b"Z"], count=len(statements))}))
 
 

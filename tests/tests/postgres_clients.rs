@@ -1196,30 +1196,39 @@ fn the_client_encoding_cannot_be_changed_behind_the_policy() {
         .expect("refusal rows");
     assert_eq!(refusals[0]["query_info_query_string"], "SET NAMES 'SJIS'");
     // Pipelined behind a statement that changes the encoding unseen, an
-    // INSERT is held until that statement's answer, whose report of the
-    // change ends the session: the server never reads it (in SJIS).
+    // INSERT is held until that statement's answer (in the extended
+    // protocol, its Sync's), whose report of the change ends the session:
+    // the server never reads it (in SJIS).
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_pipeline.py");
-    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
-        .arg(script)
-        .args(["127.0.0.1", &stack.postgres.port.to_string(), &token])
-        .args([
-            "SELECT sneaky()",
-            "INSERT INTO customers (id, name, email) VALUES (901, 'after', 'a@example.com')",
-        ])
-        .output()
-        .expect("python");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let fatal = first_error(&answer["answers"]);
-    assert_eq!(fatal["sqlstate"], "42501", "{answer}");
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok("orders", "SELECT count(*) FROM customers WHERE id = 901")
-            .expect("count"),
-        "0",
-        "the pipelined INSERT never reached the server: {answer}"
-    );
+    for protocol in ["--simple", "--extended"] {
+        let mut pipeline =
+            AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python());
+        pipeline
+            .arg(&script)
+            .args(["127.0.0.1", &stack.postgres.port.to_string(), &token]);
+        if protocol == "--extended" {
+            pipeline.arg(protocol);
+        }
+        let out = pipeline
+            .args([
+                "SELECT sneaky()",
+                "INSERT INTO customers (id, name, email) VALUES (901, 'after', 'a@example.com')",
+            ])
+            .output()
+            .expect("python");
+        assert!(out.status.success(), "{protocol}: {}", text(&out.stderr));
+        let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let fatal = first_error(&answer["answers"]);
+        assert_eq!(fatal["sqlstate"], "42501", "{protocol}: {answer}");
+        assert_eq!(
+            stack
+                .postgres
+                .superuser_sql_ok("orders", "SELECT count(*) FROM customers WHERE id = 901")
+                .expect("count"),
+            "0",
+            "{protocol}: the pipelined INSERT never reached the server: {answer}"
+        );
+    }
 
     let sneaky = outcome_of(&stack, "SELECT sneaky()");
     assert_eq!(sneaky["response_error_code"], "42501", "{sneaky}");
