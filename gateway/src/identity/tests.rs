@@ -392,3 +392,23 @@ async fn refresh_period_and_session_grace_out_of_range_are_refused_at_start() {
     let p = v.verify(&token).await.expect("valid token accepted");
     assert_eq!(v.session_deadline(&p), Some(p.expires_at + 86_400));
 }
+
+/// `session_expiry`: by default a session ends at its token's expiry (plus
+/// no grace unless one is set); `keep` lets it outlive the token.
+#[tokio::test]
+async fn a_session_ends_with_its_token_unless_the_config_keeps_it() {
+    for (extra, grace) in [("", Some(0)), ("session_grace_secs = 30", Some(30))] {
+        let (_d, ring, v) = setup(extra).await;
+        let token = spec().mint(ring.signing_key()).expect("mint");
+        let p = v.verify(&token).await.expect("valid token accepted");
+        assert_eq!(
+            v.session_deadline(&p),
+            grace.map(|g| p.expires_at + g),
+            "{extra:?}"
+        );
+    }
+    let (_d, ring, v) = setup("session_expiry = \"keep\"").await;
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    let p = v.verify(&token).await.expect("valid token accepted");
+    assert_eq!(v.session_deadline(&p), None);
+}
