@@ -1,0 +1,301 @@
+//! Where a statement is decided: classified, checked against the
+//! session's grants, and its request record made durable (or started
+//! syncing, for a provably read-only statement) before it may reach the
+//! server.
+
+use super::*;
+
+pub(super) struct Refusal {
+    pub(super) code: String,
+    pub(super) message: String,
+}
+
+/// An admitted request: its durable (or syncing) request record, and
+/// whether its results are recorded in full.
+pub(super) struct Admitted {
+    record: AuditRecord,
+    durable: Option<Durable>,
+    record_full: bool,
+}
+
+impl Admitted {
+    pub(super) fn into_pending(self, kind: Kind) -> Pending {
+        let mut pending = Pending::new(kind, Some(self.record));
+        pending.durable = self.durable;
+        if self.record_full {
+            pending.recording = Some(ResultRecording::default());
+        }
+        pending
+    }
+}
+
+/// Reads only, touches no dangerous feature and calls no function (a
+/// function may write): nothing can change if it runs before its record
+/// is durable.
+pub(super) fn provably_read_only(operations: &Result<Vec<Operation>, String>) -> bool {
+    matches!(operations, Ok(ops) if !ops.is_empty() && ops.iter().all(|op| {
+        op.kind == StatementKind::Read && op.dangers.is_empty() && !op.calls_functions && op.writes.is_empty()
+    }))
+}
+
+/// A statement's record as it starts: the session's shared fields, the
+/// time, the class of activity, a fresh request id.
+pub(super) fn new_statement_record(session: &Session, activity: i32) -> AuditRecord {
+    let mut record = session.statement_record.clone();
+    record.time = now_millis();
+    set_class(&mut record, record::CLASS_DATASTORE_ACTIVITY, activity);
+    record.request_uid = uuid::Uuid::new_v4().to_string();
+    record
+}
+
+/// Decides a statement and makes its request record durable (or, for a
+/// provably read-only statement, starts making it durable: the returned
+/// [`Durable`] must resolve before any of its answer reaches the agent).
+/// `Ok` carries the record the outcome will complete; `Err` is what the
+/// agent is told.
+pub(super) async fn admit(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    parameters: String,
+) -> Result<Admitted, Refusal> {
+    if text.len() > MAX_AUDITED_STATEMENT {
+        return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
+    }
+    let mut record = new_statement_record(session, activity_of(operations));
+    record.query_info_query_string = text.to_owned();
+    record.query_info_parameters = parameters;
+    record.intent = intent_of(text).unwrap_or_else(|| {
+        session
+            .intent
+            .lock()
+            .map(|intent| intent.clone())
+            .unwrap_or_default()
+    });
+    match operations {
+        Ok(ops) => {
+            record.query_info_kind = ops
+                .iter()
+                .map(|op| op.kind)
+                .max()
+                .unwrap_or_default()
+                .as_str()
+                .into();
+            let reads: BTreeSet<&String> = ops.iter().flat_map(|op| &op.reads).collect();
+            let writes: BTreeSet<&String> = ops.iter().flat_map(|op| &op.writes).collect();
+            record.query_info_tables_read = reads.into_iter().cloned().collect();
+            record.query_info_tables_written = writes.into_iter().cloned().collect();
+        }
+        Err(_) => record.query_info_kind = "unparsed".into(),
+    }
+
+    let request = Request {
+        target: &session.connection.target.name,
+        operations,
+    };
+    let decision = session.shared.policy.decide(&session.principal, &request);
+    if let Decision::Deny { rule, reason } = decision {
+        mark_refused(&mut record, &rule, &reason);
+        let message = match session.shared.audit.append(record).await {
+            Ok(_) => format!("tollgate: refused by policy rule {rule}: {reason}"),
+            Err(AuditError::TooLarge { .. }) => {
+                return Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await)
+            }
+            Err(err) => format!("tollgate: refused by policy rule {rule}: {reason} (and the refusal could not be audited: {err})"),
+        };
+        return Err(Refusal {
+            code: SQLSTATE_POLICY.into(),
+            message,
+        });
+    }
+
+    let mut record_full = false;
+    if let Decision::Allow {
+        rule,
+        record_results,
+    } = decision
+    {
+        record.policy_uid = rule;
+        record_full = record_results == RecordResults::Full;
+    }
+    record.phase = "request".into();
+    record.action_id = record::action::ALLOWED;
+    // A provably read-only statement goes out while its record syncs; its
+    // answer is held until the record is durable (see server_to_client).
+    let written = if session
+        .shared
+        .audit
+        .durability()
+        .may_forward_before_durable(provably_read_only(operations))
+    {
+        let durable = session.shared.audit.submit(record.clone());
+        // A failure known at once (too large; a failed write in `buffered`)
+        // refuses the statement before it is sent, like any other.
+        match durable.known_failure() {
+            Some(err) => Err(err.clone()),
+            None => Ok(Some(durable)),
+        }
+    } else {
+        session
+            .shared
+            .audit
+            .append(record.clone())
+            .await
+            .map(|_| None)
+    };
+    match written {
+        Ok(durable) => Ok(Admitted {
+            record,
+            durable,
+            record_full,
+        }),
+        Err(AuditError::TooLarge { .. }) => {
+            Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await)
+        }
+        Err(err) => {
+            warn!(error = %err, "statement refused: audit unavailable");
+            Err(Refusal {
+                code: SQLSTATE_AUDIT.into(),
+                message: format!("tollgate: the statement was not sent because its audit record could not be written: {err}"),
+            })
+        }
+    }
+}
+
+/// [`classify`], unless the text is over [`MAX_AUDITED_STATEMENT`]: such a
+/// statement is refused for its size whatever it says, so it is not
+/// parsed (up to 64 MiB of SQL, for nothing).
+pub(super) fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
+    if text.len() > MAX_AUDITED_STATEMENT {
+        return Err(over_the_statement_limit());
+    }
+    classify(text)
+}
+
+/// Longest statement text tollgate sends on (a client message may be up to
+/// 64 MiB). Escaped (six bytes for a control character) it fits a WAL
+/// frame once, not necessarily again in the tables it names: a record the
+/// store still refuses as too large refuses the statement too (see
+/// `admit`).
+pub const MAX_AUDITED_STATEMENT: usize = 8 << 20;
+
+/// How much of an oversized statement its refusal record keeps.
+pub(super) const OVERSIZED_PREFIX: usize = 4096;
+
+/// Refuses a statement too long to audit (SQLSTATE 54000). Its refusal
+/// record keeps the statement's start, its length and its SHA-256, so an
+/// investigator can match it against a copy.
+pub(super) async fn refuse_oversized(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    why: &str,
+) -> Refusal {
+    use sha2::{Digest, Sha256};
+    // Built afresh from the session's base: nothing of the statement but
+    // its start goes in, so this record always fits.
+    let mut record = new_statement_record(session, activity_of(operations));
+    let kept = prefix_at_char_boundary(text, OVERSIZED_PREFIX);
+    record.query_info_query_string = kept.to_owned();
+    record.query_info_kind = "unparsed".into();
+    mark_refused(
+        &mut record,
+        RULE_STATEMENT_TOO_LARGE,
+        &format!(
+            "the statement is {} bytes: {why}; its first {} bytes are recorded; SHA-256 of the whole statement: {}",
+            text.len(),
+            kept.len(),
+            hex::encode(Sha256::digest(text.as_bytes())),
+        ),
+    );
+    record.response_error_code = SQLSTATE_TOO_LARGE.into();
+    let message = format!("tollgate: the statement is {} bytes: {why}", text.len());
+    let message = match session.shared.audit.append(record).await {
+        Ok(_) => message,
+        Err(err) => format!("{message} (and the refusal could not be audited: {err})"),
+    };
+    Refusal {
+        code: SQLSTATE_TOO_LARGE.into(),
+        message,
+    }
+}
+
+/// Why a statement over [`MAX_AUDITED_STATEMENT`] is refused.
+pub(super) fn over_the_statement_limit() -> String {
+    format!("more than the {MAX_AUDITED_STATEMENT} bytes an audited statement may have")
+}
+
+/// Why a statement whose record the store refused as too large is
+/// refused: text that must be escaped (control characters) can make a
+/// record several times the statement's size.
+pub(super) const RECORD_TOO_LARGE: &str =
+    "its audit record would be larger than the audit log can hold (64 MiB)";
+
+/// The longest start of `text` of at most `max` bytes that ends on a
+/// character boundary.
+pub(super) fn prefix_at_char_boundary(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// `program_limit_exceeded`: what PostgreSQL answers when a statement
+/// exceeds one of its own limits.
+pub(super) const SQLSTATE_TOO_LARGE: &str = "54000";
+
+/// The `policy_uid` of a refusal for length: a built-in limit, not a rule
+/// of the config.
+pub(super) const RULE_STATEMENT_TOO_LARGE: &str = "tollgate:statement_too_large";
+
+pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, String>) -> bool {
+    if masks.is_empty() {
+        return false;
+    }
+    match operations {
+        // A FETCH's rows come from a cursor declared earlier: assume they
+        // may carry masked columns, computed ones included.
+        Ok(ops) => {
+            ops.iter().any(|op| op.opaque_result)
+                || ops
+                    .iter()
+                    .flat_map(|op| &op.reads)
+                    .any(|t| masks.covers_table(t))
+        }
+        // Not understood: assume the worst.
+        Err(_) => true,
+    }
+}
+
+/// The OCSF Datastore activity of a request: Read when every statement
+/// only reads, Query otherwise (or when it was not understood).
+pub(super) fn activity_of(operations: &Result<Vec<Operation>, String>) -> i32 {
+    match operations {
+        Ok(ops) if !ops.is_empty() && ops.iter().all(|op| op.kind == StatementKind::Read) => {
+            record::datastore_activity::READ
+        }
+        _ => record::datastore_activity::QUERY,
+    }
+}
+
+/// The intent an application_name states: `intent: <why>`.
+pub fn intent_of_application_name(application_name: &str) -> String {
+    application_name
+        .strip_prefix("intent:")
+        .map(|intent| intent.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Longest intent recorded: a reason, not a document (the statement itself
+/// is recorded whole).
+pub(super) const MAX_INTENT: usize = 4096;
+
+/// `/* intent: ... */` leading a statement: why the agent says it acts,
+/// its first [`MAX_INTENT`] bytes.
+pub fn intent_of(text: &str) -> Option<String> {
+    let rest = text.trim_start().strip_prefix("/*")?;
+    let (comment, _) = rest.split_once("*/")?;
+    let intent = comment.trim().strip_prefix("intent:")?.trim();
+    (!intent.is_empty()).then(|| prefix_at_char_boundary(intent, MAX_INTENT).to_owned())
+}

@@ -1,0 +1,489 @@
+//! The agent's side of the relay: each frontend message is read, decided
+//! (statements through [`admit`]) and queued in [`InFlight`] before it is
+//! forwarded to the server. One method per message type.
+
+use super::*;
+
+/// Caps on what the audit keeps of bound parameters.
+const MAX_PARAMETER_BYTES: usize = 256;
+const MAX_PARAMETERS_BYTES: usize = 4096;
+
+/// Reads the agent's messages until it terminates or the session breaks.
+pub(super) async fn client_to_server(
+    session: Arc<Session>,
+    mut client_rd: ClientReader,
+    mut buf: BytesMut,
+    upstream_wr: WriteHalf<BoxedIo>,
+    client_wr: ClientWriter,
+    in_flight: Arc<Mutex<InFlight>>,
+    answered: Arc<Notify>,
+) -> Result<(), WireError> {
+    let marker = lock(&in_flight).marker.clone();
+    let mut from_client = FromClient {
+        session,
+        upstream_wr,
+        in_flight,
+        answered,
+        marker,
+        forward: BytesMut::new(),
+        copy_data_sent: false,
+        skipping_to_sync: false,
+        last_describe: None,
+        encoding_barrier: None,
+        execute_may_change_encoding: false,
+    };
+    loop {
+        match from_client.take_all(&mut buf).await {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Terminated) => return Ok(()),
+            Err(WireError::Malformed(reason)) => {
+                from_client.end_on_malformed(&client_wr, &reason).await;
+                return Err(WireError::Malformed(reason));
+            }
+            Err(err) => return Err(err),
+        }
+        // The forwarded messages share the read buffer's memory: they go
+        // (and are let go) first, so the reserve below reuses that buffer
+        // instead of allocating a fresh one for every read.
+        from_client.send_admitted().await?;
+        // Read whatever the client has sent, not just what fits the
+        // buffer's spare bytes (64 when it has none): a pipeline read in
+        // pieces goes to the server in pieces, and each piece costs the
+        // server a wake-up and a flush of its answers so far.
+        buf.reserve(READ_CHUNK);
+        if client_rd.read_buf(&mut buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+/// What taking the client's messages so far leaves the session to do.
+enum Flow {
+    Continue,
+    /// The client sent Terminate: the session is over.
+    Terminated,
+}
+
+/// The state of the agent's side between messages. Prepared statements
+/// are classified once, at Parse; statements and portals exist for
+/// tollgate once the server confirms them (see [`InFlight::resolve`]).
+struct FromClient {
+    session: Arc<Session>,
+    upstream_wr: WriteHalf<BoxedIo>,
+    in_flight: Arc<Mutex<InFlight>>,
+    /// Signalled whenever server answers have been taken off the queue.
+    answered: Arc<Notify>,
+    /// The Query a refused request is replaced with (see [`refuse_in_place`]).
+    marker: String,
+    /// Messages admitted and not yet sent to the server.
+    forward: BytesMut,
+    /// Copy data was sent since the last Execute or Query: a Sync after it
+    /// was not sent into the start of a COPY FROM STDIN (see
+    /// `Pending::after_copy_data`).
+    copy_data_sent: bool,
+    /// After a refused Execute, the rest of the pipeline up to Sync is
+    /// dropped, as PostgreSQL itself does after an error.
+    skipping_to_sync: bool,
+    /// The last Describe sent (kind 'S' or 'P', name), until an Execute.
+    last_describe: Option<(u8, String)>,
+    /// A Query, or the Sync after an Execute, that may change the client
+    /// encoding where tollgate cannot see it (a function it cannot look
+    /// into, text it cannot parse): the server would read the messages
+    /// pipelined behind it in the new encoding, before the server's report
+    /// of the change ends the session. They wait for its answer (the
+    /// report comes before it), so only messages read as tollgate read them
+    /// reach the server.
+    encoding_barrier: Option<u64>,
+    /// An Execute since the last Sync may change the encoding unseen: the
+    /// Sync becomes the barrier, since the server reports the change there.
+    execute_may_change_encoding: bool,
+}
+
+impl FromClient {
+    /// Takes every whole message in `buf`, in order. A malformed one ends
+    /// the session (see [`FromClient::end_on_malformed`]), after what came
+    /// before it.
+    async fn take_all(&mut self, buf: &mut BytesMut) -> Result<Flow, WireError> {
+        while let Some(frame) = wire::split_frame_limited(buf, wire::MAX_CLIENT_MESSAGE)? {
+            if let Some(id) = self.encoding_barrier.take() {
+                // Until its whole answer has come (or the server waits for
+                // COPY data, which only the client can send).
+                self.resolve(|f| match f.copy_in || !f.queue.iter().any(|p| p.id == id) {
+                    true => Resolved::Known(Some(())),
+                    false => Resolved::WaitFor(id),
+                })
+                .await?;
+            }
+            if let Flow::Terminated = self.take(frame).await? {
+                return Ok(Flow::Terminated);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn take(&mut self, frame: Frame) -> Result<Flow, WireError> {
+        if self.skipping_to_sync && frame.tag != b'S' {
+            return Ok(Flow::Continue);
+        }
+        // One look at the server's state per message.
+        let (server_skipping, copy_in) = {
+            let state = lock(&self.in_flight);
+            (state.server_skipping, state.copy_in)
+        };
+        if frame.tag != b'S' && server_skipping {
+            return Ok(Flow::Continue);
+        }
+        if copy_in {
+            self.in_copy_in(frame)?;
+            return Ok(Flow::Continue);
+        }
+        match frame.tag {
+            b'Q' => self.query(frame).await?,
+            b'F' => self.function_call(frame).await,
+            b'P' => self.parse(frame)?,
+            b'B' => self.bind(frame).await?,
+            b'E' => self.execute(frame).await?,
+            b'S' => self.sync(frame),
+            b'C' => self.close(frame)?,
+            b'D' => self.describe(frame)?,
+            b'X' => {
+                self.forward.unsplit(frame.bytes);
+                self.send_admitted().await?;
+                let _ = self.upstream_wr.shutdown().await;
+                return Ok(Flow::Terminated);
+            }
+            b'd' | b'c' | b'f' => self.copy_data(frame),
+            // Flush carries no statement of its own.
+            b'H' => self.forward.unsplit(frame.bytes),
+            // Anything else is not a frontend message of protocol 3.0 after
+            // startup: the stream cannot be trusted to be in step.
+            other => {
+                return Err(WireError::Malformed(format!(
+                    "unexpected message {:?} from the client",
+                    other as char
+                )));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// While the server takes COPY FROM STDIN data, only the COPY
+    /// sub-protocol (and Flush, Sync) may come.
+    fn in_copy_in(&mut self, frame: Frame) -> Result<(), WireError> {
+        match frame.tag {
+            b'd' | b'H' => {}
+            // The server ignores a Sync in COPY FROM STDIN: it gets no
+            // ReadyForQuery of its own.
+            b'S' => {}
+            b'c' | b'f' => {
+                self.copy_data_sent = true;
+                lock(&self.in_flight).copy_in = false;
+            }
+            other => {
+                return Err(WireError::Malformed(format!(
+                    "message {:?} in the middle of COPY FROM STDIN",
+                    other as char
+                )));
+            }
+        }
+        self.forward.unsplit(frame.bytes);
+        Ok(())
+    }
+
+    /// A simple Query: decided here, as a whole.
+    async fn query(&mut self, frame: Frame) -> Result<(), WireError> {
+        // Like an Execute, a Query may start a COPY FROM STDIN: whether a
+        // Sync behind it follows copy data counts from here.
+        self.copy_data_sent = false;
+        let text = wire::query_text(&frame).map_err(in_message("Query"))?;
+        let operations = classify_within_limit(&text);
+        match admit(&self.session, &text, &operations, String::new()).await {
+            Ok(admitted) => {
+                let mut pending = admitted.into_pending(Kind::Query);
+                pending.reads_masked = reads_masked(&self.session.masks, &operations);
+                let mut guard = lock(&self.in_flight);
+                guard.push(pending);
+                guard.note_renames(&operations);
+                if may_change_encoding_unseen(&operations) {
+                    self.encoding_barrier = guard.queue.back().map(|p| p.id);
+                }
+                drop(guard);
+                self.forward.unsplit(frame.bytes);
+            }
+            Err(refusal) => {
+                refuse_in_place(&self.in_flight, refusal, &self.marker, &mut self.forward)
+            }
+        }
+        Ok(())
+    }
+
+    /// FunctionCall runs a server function by OID with no SQL for the
+    /// policy to read (lo_import, pg_read_file, ...): always refused.
+    async fn function_call(&mut self, frame: Frame) {
+        let refusal = refuse_function_call(&self.session, &frame).await;
+        refuse_in_place(&self.in_flight, refusal, &self.marker, &mut self.forward);
+    }
+
+    /// A Parse is classified once; its statement is decided at each
+    /// Execute of a portal bound to it.
+    fn parse(&mut self, frame: Frame) -> Result<(), WireError> {
+        let (name, text, parameter_types) =
+            wire::parse_message(&frame).map_err(in_message("Parse"))?;
+        let operations = Arc::new(classify_within_limit(&text));
+        let prepared = Arc::new(Prepared {
+            text,
+            operations,
+            parameter_types,
+        });
+        let mut parse = Pending::new(Kind::Parse, None);
+        parse.parse = Some((name, prepared));
+        lock(&self.in_flight).push(parse);
+        self.forward.unsplit(frame.bytes);
+        Ok(())
+    }
+
+    async fn bind(&mut self, frame: Frame) -> Result<(), WireError> {
+        let (portal, statement) = wire::bind_message(&frame).map_err(in_message("Bind"))?;
+        // The portal runs the statement as the server will find it: a later
+        // Parse of the same name does not change it.
+        let prepared = self
+            .resolve(|f| f.statement(&statement))
+            .await?
+            .unwrap_or_else(|| Arc::new(Prepared::unknown()));
+        let parameters = wire::bind_parameters_rendered(
+            &frame,
+            &prepared.parameter_types,
+            MAX_PARAMETER_BYTES,
+            MAX_PARAMETERS_BYTES,
+        )
+        .map_err(in_message("Bind"))?;
+        let mut bind = Pending::new(Kind::Bind, None);
+        bind.bind = Some((portal, (prepared, parameters)));
+        lock(&self.in_flight).push(bind);
+        self.forward.unsplit(frame.bytes);
+        Ok(())
+    }
+
+    /// An Execute: the bound statement is decided here, with its
+    /// parameters.
+    async fn execute(&mut self, frame: Frame) -> Result<(), WireError> {
+        let portal = wire::execute_portal(&frame).map_err(in_message("Execute"))?;
+        self.copy_data_sent = false;
+        let (prepared, parameters) = self
+            .resolve(|f| f.portal(&portal))
+            .await?
+            .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
+        let admitted = admit(
+            &self.session,
+            &prepared.text,
+            &prepared.operations,
+            parameters,
+        )
+        .await;
+        let admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                let mut pending = Pending::new(Kind::RefusedExecute, None);
+                pending.refusal = Some((refusal.code, refusal.message));
+                lock(&self.in_flight).push(pending);
+                wire::execute(&mut self.forward, &self.marker);
+                // The server skips to Sync after the marker's error; so does
+                // tollgate, which neither decides nor audits what would be
+                // skipped.
+                self.skipping_to_sync = true;
+                return Ok(());
+            }
+        };
+        let mut pending = admitted.into_pending(Kind::Execute);
+        pending.reads_masked = reads_masked(&self.session.masks, &prepared.operations);
+        let described = matches!(
+            self.last_describe.take(),
+            Some((b'P', described)) if described == portal
+        );
+        let mut guard = lock(&self.in_flight);
+        // The RowDescription that plans this Execute's masking answers the
+        // Describe just before it.
+        if described {
+            if let Some(describe) = guard.queue.back_mut().filter(|p| p.kind == Kind::Describe) {
+                describe.describes_next_execute = true;
+            }
+        }
+        guard.push(pending);
+        guard.note_renames(&prepared.operations);
+        drop(guard);
+        self.execute_may_change_encoding |= may_change_encoding_unseen(&prepared.operations);
+        self.forward.unsplit(frame.bytes);
+        Ok(())
+    }
+
+    fn sync(&mut self, frame: Frame) {
+        self.skipping_to_sync = false;
+        let mut sync = Pending::new(Kind::Sync, None);
+        sync.after_copy_data = self.copy_data_sent;
+        let mut guard = lock(&self.in_flight);
+        guard.server_skipping = false;
+        guard.push(sync);
+        // The server reports a changed encoding at the Sync.
+        if std::mem::take(&mut self.execute_may_change_encoding) {
+            self.encoding_barrier = guard.queue.back().map(|p| p.id);
+        }
+        drop(guard);
+        self.forward.unsplit(frame.bytes);
+    }
+
+    fn close(&mut self, frame: Frame) -> Result<(), WireError> {
+        let (kind, name) = wire::close_message(&frame).map_err(in_message("Close"))?;
+        let mut close = Pending::new(Kind::Close, None);
+        close.close = Some((kind, name));
+        lock(&self.in_flight).push(close);
+        self.forward.unsplit(frame.bytes);
+        Ok(())
+    }
+
+    fn describe(&mut self, frame: Frame) -> Result<(), WireError> {
+        // Which result shape the next RowDescription belongs to: only a
+        // Describe of the portal about to be executed may plan that
+        // Execute's masking.
+        self.last_describe = Some(wire::close_message(&frame).map_err(in_message("Describe"))?);
+        lock(&self.in_flight).push(Pending::new(Kind::Describe, None));
+        self.forward.unsplit(frame.bytes);
+        Ok(())
+    }
+
+    /// The COPY sub-protocol outside COPY FROM STDIN: the server ignores
+    /// it, or it ends a COPY the server has not started yet.
+    fn copy_data(&mut self, frame: Frame) {
+        self.copy_data_sent = true;
+        if frame.tag != b'd' {
+            lock(&self.in_flight).copy_ended_early();
+        }
+        self.forward.unsplit(frame.bytes);
+    }
+
+    /// Sends what was admitted and lets its memory go.
+    async fn send_admitted(&mut self) -> Result<(), WireError> {
+        let forward = std::mem::take(&mut self.forward);
+        if !forward.is_empty() {
+            send_all(&mut self.upstream_wr, &forward).await?;
+        }
+        Ok(())
+    }
+
+    /// Resolves a statement or portal name (see [`InFlight::resolve`]).
+    /// When an earlier pipeline's Parse, Bind or Close of it is unanswered,
+    /// what is admitted goes to the server (a Sync follows that message, so
+    /// the server answers it) and the client's messages wait for that
+    /// answer.
+    async fn resolve<T>(
+        &mut self,
+        lookup: impl Fn(&InFlight) -> Resolved<Option<T>>,
+    ) -> Result<Option<T>, WireError> {
+        loop {
+            let notified = self.answered.notified();
+            let waiting_for = match lookup(&lock(&self.in_flight)) {
+                Resolved::Known(found) => return Ok(found),
+                Resolved::WaitFor(id) => id,
+            };
+            if !self.forward.is_empty() {
+                send_all(&mut self.upstream_wr, &self.forward).await?;
+                self.forward.clear();
+            }
+            if lock(&self.in_flight)
+                .queue
+                .iter()
+                .any(|p| p.id == waiting_for)
+            {
+                notified.await;
+            }
+        }
+    }
+
+    /// A message the client sent cannot be read as one of protocol 3.0
+    /// (cut short, not UTF-8, too long, unknown, or out of place): the
+    /// stream can no longer be trusted to be in step. What the client sent
+    /// before it was admitted and goes on to the server, as the server
+    /// itself would run it; the refusal is recorded (durably, before the
+    /// client hears of it), and the session ends with FATAL 08P01. Requests
+    /// still in flight are recorded with that reason when the session ends.
+    async fn end_on_malformed(&mut self, client_wr: &ClientWriter, reason: &str) {
+        let _ = self.send_admitted().await;
+        let mut record = new_statement_record(&self.session, record::datastore_activity::QUERY);
+        mark_refused(
+            &mut record,
+            "protocol:malformed",
+            &format!("malformed message from the client: {reason}"),
+        );
+        if let Err(err) = self.session.shared.audit.append(record).await {
+            warn!(error = %err, "the refusal of a malformed message could not be audited");
+        }
+        fatal_to_client(
+            client_wr,
+            &self.in_flight,
+            SQLSTATE_PROTOCOL,
+            &format!("tollgate: {reason}; the session is closed"),
+        )
+        .await;
+    }
+}
+
+/// Names the message a decoding error was found in, for the client and
+/// the audit.
+fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
+    move |err| match err {
+        WireError::Malformed(reason) => WireError::Malformed(format!("{name} message: {reason}")),
+        other => other,
+    }
+}
+
+/// Whether a statement may change the client encoding out of tollgate's
+/// sight: it calls a function tollgate cannot look into (one of the
+/// agent's may call set_config), or its text could not be parsed. The
+/// visible ways are refused by policy (`encoding:client_encoding`).
+fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bool {
+    match operations {
+        Ok(operations) => operations.iter().any(|op| op.calls_functions),
+        Err(_) => true,
+    }
+}
+
+/// A refused simple Query or FunctionCall goes on as the marker Query,
+/// which cannot parse: the server answers it with an error and
+/// ReadyForQuery in its exact place, after everything sent before it, and
+/// tollgate puts its refusal in place of that error. Nothing waits, so a
+/// pipeline the client has not synced cannot hang the session.
+fn refuse_in_place(
+    in_flight: &Mutex<InFlight>,
+    refusal: Refusal,
+    marker: &str,
+    forward: &mut BytesMut,
+) {
+    let mut pending = Pending::new(Kind::RefusedQuery, None);
+    pending.refusal = Some((refusal.code, refusal.message));
+    lock(in_flight).push(pending);
+    wire::query(forward, marker);
+}
+
+/// The refusal (and its audit row) of a FunctionCall message.
+async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
+    let oid = frame
+        .body()
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0);
+    let mut record = new_statement_record(session, record::datastore_activity::QUERY);
+    record.query_info_query_string = format!("FunctionCall (function oid {oid})");
+    record.query_info_kind = "unparsed".into();
+    mark_refused(
+        &mut record,
+        "protocol:function_call",
+        "the FunctionCall message runs a function with no SQL to decide on",
+    );
+    let message = match session.shared.audit.append(record).await {
+        Ok(_) => "tollgate: refused by rule protocol:function_call: the FunctionCall message is not allowed; call the function in SQL".to_owned(),
+        Err(err) => format!("tollgate: refused by rule protocol:function_call (and the refusal could not be audited: {err})"),
+    };
+    Refusal {
+        code: SQLSTATE_POLICY.into(),
+        message,
+    }
+}

@@ -1,0 +1,561 @@
+//! The server's side of the relay: each answer is tied to the request it
+//! answers, held until that request's record is durable, masked, and
+//! forwarded; the request's outcome is recorded once its answer is
+//! complete.
+
+use super::*;
+
+/// Holds the server's answer to the oldest request until that request's
+/// record is durable (a read-only request is forwarded while its record
+/// syncs). Marks the request while it waits, so a session that ends
+/// meanwhile records why the agent never saw the answer, and keeps the
+/// write's error as the reason the answer is withheld.
+pub(super) async fn hold_until_front_record_is_durable(
+    in_flight: &Mutex<InFlight>,
+) -> Result<(), AuditError> {
+    let syncing = lock(in_flight).queue.front_mut().and_then(|p| {
+        let durable = p.durable.take()?;
+        p.answer_held = true;
+        Some(durable)
+    });
+    let Some(durable) = syncing else {
+        return Ok(());
+    };
+    let synced = durable.await;
+    if let Some(front) = lock(in_flight).queue.front_mut() {
+        front.answer_held = false;
+        front.withheld = synced.as_ref().err().map(ToString::to_string);
+    }
+    synced.map(drop)
+}
+
+pub(super) async fn server_to_client(
+    session: Arc<Session>,
+    mut upstream_rd: ReadHalf<BoxedIo>,
+    mut buf: BytesMut,
+    client_wr: ClientWriter,
+    in_flight: Arc<Mutex<InFlight>>,
+    answered: Arc<Notify>,
+) -> Result<(), WireError> {
+    let mut outcomes = Outcomes::new(|outcome| submit_outcome(&session, outcome));
+    loop {
+        let mut out = BytesMut::new();
+        while let Some(frame) = wire::split_frame(&mut buf)? {
+            if let Err(err) = hold_until_front_record_is_durable(&in_flight).await {
+                // The answer exists but its request is not on record:
+                // the agent must not see it. What came before it answers
+                // requests on record, or Parse, Bind and Describe, which
+                // have no record of their own (as on every other path):
+                // it goes first.
+                close_after_built_answers(
+                    &out,
+                    &mut outcomes.handed_over,
+                    &client_wr,
+                    &in_flight,
+                    SQLSTATE_AUDIT,
+                    &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
+                )
+                .await;
+                return Err(WireError::Closed);
+            }
+            if let Some(encoding) = (frame.tag == b'S')
+                .then(|| wire::parameter_status(&frame, "client_encoding"))
+                .flatten()
+                .filter(|encoding| !encoding.eq_ignore_ascii_case("UTF8"))
+            {
+                // A statement policy let through changed the encoding (a
+                // function of the agent's calling set_config): from now on
+                // the server would read other statements than tollgate.
+                close_after_built_answers(
+                    &out,
+                    &mut outcomes.handed_over,
+                    &client_wr,
+                    &in_flight,
+                    SQLSTATE_POLICY,
+                    &format!("tollgate: the server's client_encoding became {encoding} (rule encoding:client_encoding); tollgate reads statements as UTF-8 only, so the session is closed"),
+                )
+                .await;
+                return Err(WireError::Closed);
+            }
+            if frame.tag == b'S' {
+                if let Some(value) = wire::parameter_status(&frame, "application_name") {
+                    if let Ok(mut intent) = session.intent.lock() {
+                        *intent = intent_of_application_name(&value);
+                    }
+                }
+            }
+            let replacement = match track_answer(
+                &session.masks,
+                &in_flight,
+                &frame,
+                &mut outcomes.answered,
+            ) {
+                Ok(replacement) => replacement,
+                Err(err) => {
+                    close_after_built_answers(
+                        &out,
+                        &mut outcomes.handed_over,
+                        &client_wr,
+                        &in_flight,
+                        SQLSTATE_PROTOCOL,
+                        "tollgate: the server's answers are out of step with the requests; the session is closed",
+                    )
+                    .await;
+                    return Err(err);
+                }
+            };
+            match replacement {
+                Some(row) => out.extend_from_slice(&row),
+                None => out.unsplit(frame.bytes),
+            }
+            outcomes.answers_end_at(out.len());
+        }
+        if !out.is_empty() {
+            // If this fails, or the session ends while it waits (the relay
+            // is dropped), the answers the connection took in full are
+            // recorded as handed over and the rest as not (on drop).
+            send_counted(
+                &mut *client_wr.lock().await,
+                &out,
+                &mut outcomes.handed_over,
+            )
+            .await?;
+        }
+        // As for the client's side: the sent answers must not keep the
+        // read buffer shared, or the reserve below allocates a new one.
+        drop(out);
+        outcomes.sent();
+        answered.notify_waiters();
+        // As for the client's side: whole answers, not 64-byte pieces.
+        buf.reserve(READ_CHUNK);
+        if upstream_rd.read_buf(&mut buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+/// Ends the session from the server's side: the answers already built
+/// (`out`, complete ones before the message that ends it) go to the agent
+/// first, then the FATAL, under one hold of the writer. What of them the
+/// agent took is counted in `handed_over`, so the outcomes record which
+/// were delivered.
+pub(super) async fn close_after_built_answers(
+    out: &[u8],
+    handed_over: &mut usize,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    code: &str,
+    message: &str,
+) {
+    let mut client = client_wr.lock().await;
+    let _ = send_counted(&mut *client, out, handed_over).await;
+    lock(in_flight).closed_by = Some((code.to_string(), message.to_string()));
+    fatal(&mut *client, code, message).await;
+}
+
+pub(super) type Finished = Vec<(Pending, Option<(String, String)>)>;
+
+/// Outcome records of answered requests, written once the answers are on
+/// their way to the agent: nothing waits on them, so they stay off the
+/// latency. Whatever way the session ends, they are written (on drop);
+/// answers still held then never reached the agent, and their records say
+/// so. `submit` hands a record to the audit store.
+pub(super) struct Outcomes<F: FnMut(AuditRecord)> {
+    pub(super) answered: Finished,
+    /// Where in the batch of answers being built each of `answered` ends
+    /// (as many as have been added to the batch in full).
+    pub(super) ends: Vec<usize>,
+    /// How much of the batch the agent's connection has taken.
+    pub(super) handed_over: usize,
+    pub(super) submit: F,
+}
+
+impl<F: FnMut(AuditRecord)> Outcomes<F> {
+    pub(super) fn new(submit: F) -> Self {
+        Outcomes {
+            answered: Finished::new(),
+            ends: Vec::new(),
+            handed_over: 0,
+            submit,
+        }
+    }
+
+    /// The answers finished so far are in the batch up to `end`.
+    pub(super) fn answers_end_at(&mut self, end: usize) {
+        let unplaced = self.answered.len().saturating_sub(self.ends.len());
+        self.ends.extend(std::iter::repeat_n(end, unplaced));
+    }
+
+    /// Records the held answers as handed to the agent's connection.
+    pub(super) fn sent(&mut self) {
+        self.record(Delivery::Sent);
+    }
+
+    /// The connection took the batch's first `taken` bytes: the answers
+    /// that end within them are recorded as handed to it; the others stay
+    /// held (not delivered, if the session ends now).
+    pub(super) fn sent_up_to(&mut self, taken: usize) {
+        let whole = self.ends.iter().take_while(|&&end| end <= taken).count();
+        self.record_first(whole, Delivery::Sent);
+    }
+
+    /// Records every held answer; the next batch starts.
+    pub(super) fn record(&mut self, delivery: Delivery) {
+        self.record_first(self.answered.len(), delivery);
+        self.handed_over = 0;
+    }
+
+    pub(super) fn record_first(&mut self, n: usize, delivery: Delivery) {
+        self.ends.drain(..n.min(self.ends.len()));
+        for (pending, error) in self.answered.drain(..n) {
+            if let Some(outcome) = outcome_record(pending, error, delivery) {
+                (self.submit)(outcome);
+            }
+        }
+    }
+}
+
+impl<F: FnMut(AuditRecord)> Drop for Outcomes<F> {
+    fn drop(&mut self) {
+        self.sent_up_to(self.handed_over);
+        self.record(Delivery::NotSent);
+    }
+}
+
+/// Whether the server's answer to a request was handed to the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Delivery {
+    Sent,
+    /// The server answered, but the session ended (the agent's connection
+    /// failed, a record could not be written, the session was torn down)
+    /// before the answer was sent on: the statement ran, the agent did not
+    /// see how.
+    NotSent,
+}
+
+/// Longest server message an outcome row keeps (PostgreSQL echoes the
+/// offending value in some errors, however long it is).
+pub(super) const MAX_SERVER_MESSAGE: usize = 64 * 1024;
+
+/// Longest statement text an outcome row repeats (see `outcome_record`).
+pub(super) const MAX_OUTCOME_TEXT: usize = 1 << 20;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying so.
+pub(super) fn capped(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    format!(
+        "{} … ({} bytes, cut)",
+        prefix_at_char_boundary(&text, max),
+        text.len()
+    )
+}
+
+/// What `status_detail` of an outcome says when the agent never got the
+/// whole answer (none of it, or only what was sent on before the session
+/// ended: rows of an answer that had begun); an auditor can find these
+/// rows by it.
+pub const NOT_DELIVERED: &str = "the answer did not reach the agent: the session ended first";
+
+/// Updates the queue for one server message; adds the requests it
+/// completed to `finished`, and returns what the agent gets in place of
+/// the message, if not the message itself: the masked form of a DataRow,
+/// a withheld error, or tollgate's refusal in place of the marker's error.
+/// `finished` is the caller's list, kept across messages: a pending
+/// request is large (it holds its request record), and a fresh list per
+/// message meant an allocation and copies of it for every statement.
+pub(super) fn track_answer(
+    masks: &MaskSet,
+    in_flight: &Mutex<InFlight>,
+    frame: &Frame,
+    finished: &mut Finished,
+) -> Result<Option<BytesMut>, WireError> {
+    let mut masked_row = None;
+    let mut guard = lock(in_flight);
+    let InFlight {
+        queue,
+        statements,
+        portals,
+        copy_in,
+        marker,
+        server_skipping,
+        ..
+    } = &mut *guard;
+    let Some(head) = queue.front_mut() else {
+        // ReadyForQuery answers a Query or a Sync: with none in flight, the
+        // answers and the requests are out of step.
+        if frame.tag == b'Z' {
+            return Err(WireError::Malformed(
+                "ReadyForQuery with no request in flight".into(),
+            ));
+        }
+        if !masks.is_empty() && frame.tag == b'D' {
+            // A row no request of ours asked for: show nothing of it.
+            masked_row = Some(mask::apply(frame, &ResultMask::everything())?);
+        }
+        return Ok(masked_row);
+    };
+    match frame.tag {
+        // A RowDescription plans the masking of the rows that follow only
+        // when it describes them: a simple query's own result, or the
+        // Describe of the very portal the next Execute runs. Any other (a
+        // Describe of another statement) is not trusted; rows without a
+        // trusted plan are masked whole.
+        b'T' if head.kind == Kind::Describe => {
+            let plans_next = queue.pop_front().is_some_and(|d| d.describes_next_execute);
+            if let Some(next) = queue
+                .front_mut()
+                .filter(|p| plans_next && p.kind == Kind::Execute && !masks.is_empty())
+            {
+                next.result_mask = Some(mask::plan(frame, masks, next.reads_masked)?);
+            }
+        }
+        b'n' if head.kind == Kind::Describe => {
+            queue.pop_front();
+        }
+        b'T' if !masks.is_empty() && head.kind == Kind::Query => {
+            head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
+        }
+        b'D' => {
+            head.rows += 1;
+            head.bytes += frame.bytes.len() as i64;
+            if !masks.is_empty() {
+                let plan = head.result_mask.get_or_insert_with(ResultMask::everything);
+                if plan.masks_anything() {
+                    masked_row = Some(mask::apply(frame, plan)?);
+                    head.masked_columns.extend(plan.names.iter().cloned());
+                }
+            }
+            if let Some(recording) = head.recording.as_mut() {
+                // What the agent saw: the masked row when there is one.
+                match &masked_row {
+                    Some(bytes) => {
+                        let mut bytes = bytes.clone();
+                        if let Ok(Some(row)) = wire::split_frame(&mut bytes) {
+                            recording.add(&row);
+                        }
+                    }
+                    None => recording.add(frame),
+                }
+            }
+        }
+        b'C' | b'I' | b's' => {
+            if frame.tag == b'C' {
+                head.tag_rows = Some(
+                    head.tag_rows.unwrap_or(0) + wire::command_complete_rows(frame).unwrap_or(0),
+                );
+            }
+            if head.kind == Kind::Execute {
+                if let Some(done) = queue.pop_front() {
+                    finished.push((done, None));
+                }
+            }
+        }
+        b'1' if head.kind == Kind::Parse => {
+            let generation = head.generation;
+            if let Some((name, prepared)) = queue.pop_front().and_then(|p| p.parse) {
+                statements.insert(name, (generation, prepared));
+            }
+        }
+        b'2' if head.kind == Kind::Bind => {
+            let generation = head.generation;
+            if let Some((name, bound)) = queue.pop_front().and_then(|p| p.bind) {
+                portals.insert(name, (generation, bound));
+            }
+        }
+        b'3' if head.kind == Kind::Close => {
+            if let Some((kind, name)) = queue.pop_front().and_then(|p| p.close) {
+                match kind {
+                    b'S' => drop(statements.remove(&name)),
+                    _ => drop(portals.remove(&name)),
+                }
+            }
+        }
+        b'E' if matches!(head.kind, Kind::RefusedExecute | Kind::RefusedQuery) => {
+            // Only the marker's own error may stand for the refusal: any
+            // other means the answers and the queue disagree.
+            let (_, message) = wire::error_fields(frame);
+            if !message.contains(marker.as_str()) {
+                return Err(WireError::Malformed(format!(
+                    "expected the error of a refused request, the server sent: {message}"
+                )));
+            }
+            let (code, refusal) = head
+                .refusal
+                .take()
+                .unwrap_or_else(|| (SQLSTATE_POLICY.into(), "tollgate: refused".into()));
+            let mut error = BytesMut::new();
+            wire::error_response(&mut error, "ERROR", &code, &refusal);
+            masked_row = Some(error);
+            if head.kind == Kind::RefusedExecute {
+                queue.pop_front();
+                *server_skipping = !skip_to_sync(queue, finished);
+            }
+        }
+        b'G' => {
+            // Unless the client already ended this copy (it did not wait
+            // for this message), the server now takes only copy messages.
+            if head.copies_ended_early > 0 {
+                head.copies_ended_early -= 1;
+            } else {
+                *copy_in = true;
+            }
+            // A Sync sent right behind the COPY FROM STDIN, before any copy
+            // data, reached the server in copy mode, which ignores it: it
+            // will get no ReadyForQuery.
+            if queue
+                .get(1)
+                .is_some_and(|p| p.kind == Kind::Sync && !p.after_copy_data)
+            {
+                queue.remove(1);
+            }
+        }
+        b'E' => {
+            let error = wire::error_fields(frame);
+            if !masks.is_empty() && head.reads_masked {
+                masked_row = Some(wire::redacted(
+                    frame,
+                    &format!(
+                        "tollgate: the server's message is withheld because the statement reads masked columns (SQLSTATE {})",
+                        error.0
+                    ),
+                ));
+            }
+            // An error ends a COPY FROM STDIN as well.
+            *copy_in = false;
+            match head.kind {
+                Kind::Query => head.error = Some(error),
+                Kind::Execute | Kind::Parse | Kind::Bind | Kind::Describe | Kind::Close => {
+                    // A failed Parse or Bind never made its statement or
+                    // portal; a failed Execute is this error's request.
+                    if let Some(done) = queue.pop_front() {
+                        // The server drops the unnamed statement before it
+                        // parses a new one: after a failed Parse of it,
+                        // there is none.
+                        if done.parse.as_ref().is_some_and(|(name, _)| name.is_empty()) {
+                            statements.remove("");
+                        }
+                        if done.kind == Kind::Execute {
+                            finished.push((done, Some(error)));
+                        }
+                    }
+                    *server_skipping = !skip_to_sync(queue, finished);
+                }
+                Kind::Sync | Kind::RefusedExecute | Kind::RefusedQuery => {}
+            }
+        }
+        b'Z' => {
+            *copy_in = false;
+            if !matches!(head.kind, Kind::Query | Kind::Sync | Kind::RefusedQuery) {
+                return Err(WireError::Malformed(format!(
+                    "ReadyForQuery while a {:?} is unanswered",
+                    head.kind
+                )));
+            }
+            if let Some(done) = queue.pop_front() {
+                if matches!(done.kind, Kind::Query | Kind::RefusedQuery) {
+                    // A simple Query drops the unnamed statement and portal
+                    // before it runs (the refusal marker is a Query too).
+                    statements.remove("");
+                    portals.remove("");
+                }
+                let error = done.error.clone();
+                if done.kind == Kind::Query {
+                    finished.push((done, error));
+                }
+            }
+        }
+        b'N' if !masks.is_empty() && head.reads_masked => {
+            masked_row = Some(wire::redacted(
+                frame,
+                "tollgate: the server's notice is withheld because the statement reads masked columns",
+            ));
+        }
+        _ => {}
+    }
+    Ok(masked_row)
+}
+
+/// After an error in an extended-protocol pipeline the server skips every
+/// message up to Sync: those Parses never happen, those Executes never run,
+/// and a refusal's marker sent among them gets no answer (its refusal is
+/// on record already).
+/// Returns whether the client's Sync is already queued; if not, the server
+/// goes on skipping what the client sends until it comes.
+pub(super) fn skip_to_sync(queue: &mut VecDeque<Pending>, finished: &mut Finished) -> bool {
+    while queue.front().is_some_and(|p| p.kind != Kind::Sync) {
+        if let Some(skipped) = queue.pop_front() {
+            if matches!(skipped.kind, Kind::Execute | Kind::Query) {
+                finished.push((
+                    skipped,
+                    Some((
+                        "25P02".into(),
+                        "not executed: an earlier message in the pipeline failed".into(),
+                    )),
+                ));
+            }
+        }
+    }
+    !queue.is_empty()
+}
+
+/// Writes the outcome record of a request. It follows the durable request
+/// record, so the agent's answer does not wait for it.
+pub(super) fn submit_outcome(session: &Session, outcome: AuditRecord) {
+    // Lazy: the answer is already out; the outcome rides with the next
+    // sync instead of costing the session's next statement a sync of its own.
+    // Nothing waits on it: a waiting task would be one more wake-up per
+    // statement. A batch that cannot be written is logged by the store.
+    drop(session.shared.audit.submit_lazy(outcome));
+}
+
+/// The outcome record of a request, from its request record (none for
+/// requests that have no record of their own, such as a Sync).
+pub(super) fn outcome_record(
+    pending: Pending,
+    error: Option<(String, String)>,
+    delivery: Delivery,
+) -> Option<AuditRecord> {
+    let mut outcome = pending.request?;
+    outcome.phase = "outcome".into();
+    outcome.time = now_millis();
+    outcome.duration_us = i64::try_from(pending.started.elapsed().as_micros()).ok();
+    outcome.response_rows = Some(pending.tag_rows.unwrap_or(pending.rows).max(pending.rows));
+    outcome.response_bytes = Some(pending.bytes);
+    outcome.masked_columns = pending.masked_columns.into_iter().collect();
+    if let Some(recording) = pending.recording {
+        outcome.response_data = recording.into_json();
+    }
+    if !outcome.masked_columns.is_empty() {
+        outcome.action_id = record::action::MODIFIED;
+    }
+    // The status is the server's: a statement whose answer was lost still
+    // ran (an UPDATE committed), which is what an auditor must not miss.
+    match error {
+        Some((code, message)) => {
+            outcome.status_id = record::status::FAILURE;
+            outcome.response_error_code = capped(code, 64);
+            outcome.status_detail = capped(message, MAX_SERVER_MESSAGE);
+        }
+        None => outcome.status_id = record::status::SUCCESS,
+    }
+    // The request row holds the whole text; a very long one is not copied
+    // again, so that the outcome (the request's record and the answer's
+    // facts) always fits the audit log as the request did.
+    if outcome.query_info_query_string.len() > MAX_OUTCOME_TEXT {
+        let whole = outcome.query_info_query_string.len();
+        outcome.query_info_query_string = format!(
+            "{} … ({whole} bytes; the whole text is in the request row)",
+            prefix_at_char_boundary(&outcome.query_info_query_string, MAX_OUTCOME_TEXT)
+        );
+    }
+    if delivery == Delivery::NotSent {
+        outcome.status_detail = if outcome.status_detail.is_empty() {
+            NOT_DELIVERED.to_string()
+        } else {
+            format!("{NOT_DELIVERED} ({})", outcome.status_detail)
+        };
+    }
+    Some(outcome)
+}

@@ -1,0 +1,593 @@
+//! The relay of an authenticated session: every statement is decided and
+//! made durable in the audit before it reaches the server, and its outcome
+//! is recorded when the server has answered.
+//!
+//! Two tasks share the session: one reads the agent's messages and forwards
+//! them, the other reads the server's answers and forwards them. The
+//! requests in flight form a queue; the server answers them in order, which
+//! is how an answer is tied to its statement, pipelining included.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
+    sync::Notify,
+};
+use tracing::warn;
+
+use super::{
+    classify::classify,
+    mask::{self, MaskSet, ResultMask},
+};
+use super::{
+    fatal, send_all, send_counted,
+    upstream::Upstream,
+    wire::{self, Frame, WireError},
+    SQLSTATE_AUDIT, SQLSTATE_IDENTITY, SQLSTATE_POLICY, SQLSTATE_PROTOCOL, SQLSTATE_UPSTREAM,
+};
+use crate::{
+    audit::{record, AuditError, AuditRecord, Durable, SharedText},
+    identity::Principal,
+    policy::{Decision, Operation, RecordResults, Request, StatementKind},
+    proxy::tls::BoxedIo,
+    proxy::{now_millis, set_class, Connection, Shared},
+};
+
+pub struct Session {
+    pub connection: Connection,
+    pub principal: Principal,
+    /// Intent stated in application_name (`intent: ...`), if any. The
+    /// server reports every change of application_name (ParameterStatus),
+    /// whether set at startup or later with SET, and this follows it.
+    pub intent: Mutex<String>,
+    /// Columns masked for this caller; empty: nothing to mask.
+    pub masks: MaskSet,
+    pub shared: Arc<Shared>,
+    /// What every statement record of the session shares (who, from
+    /// where, which database user and database), built once by [`statement_record_base`]:
+    /// a statement's record starts as a copy of it rather than being
+    /// built (addresses formatted, identity copied) again per statement.
+    pub statement_record: AuditRecord,
+}
+
+/// The fields every statement record of a session shares; the time is
+/// set per record.
+pub fn statement_record_base(
+    connection: &Connection,
+    principal: &Principal,
+    database_user: SharedText,
+    database_name: SharedText,
+    upstream_socket_cookie: Option<u64>,
+) -> AuditRecord {
+    let mut record = connection.record(Some(principal));
+    record.database_user = database_user;
+    record.database_name = database_name;
+    record.upstream_socket_cookie = upstream_socket_cookie.and_then(|c| i64::try_from(c).ok());
+    record
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A simple-protocol Query: answered up to ReadyForQuery.
+    Query,
+    /// An extended-protocol Execute: answered by CommandComplete,
+    /// EmptyQueryResponse, PortalSuspended or ErrorResponse.
+    Execute,
+    /// A Sync: answered by ReadyForQuery.
+    Sync,
+    /// A refused Execute, sent on as an Execute of a portal that cannot
+    /// exist (the session's refusal marker): the server answers it with an
+    /// error in its exact place in the pipeline, and skips to Sync as it
+    /// does after any error; tollgate puts its refusal in that error's
+    /// place.
+    RefusedExecute,
+    /// A refused simple Query or FunctionCall, sent on as a Query that
+    /// cannot parse (the marker): answered by an error and ReadyForQuery.
+    RefusedQuery,
+    /// A Parse: the statement exists once ParseComplete confirms it; an
+    /// error (or an earlier error in the pipeline) means it never did.
+    Parse,
+    /// A Bind: the portal exists once BindComplete confirms it.
+    Bind,
+    /// A Describe: answered by RowDescription or NoData (after a
+    /// ParameterDescription for a statement), or an error.
+    Describe,
+    /// A Close: the statement or portal is gone once CloseComplete comes.
+    Close,
+}
+
+struct Pending {
+    kind: Kind,
+    /// The durable request record, the outcome record starts from it.
+    request: Option<AuditRecord>,
+    started: Instant,
+    rows: i64,
+    bytes: i64,
+    tag_rows: Option<i64>,
+    error: Option<(String, String)>,
+    /// For a refusal: the SQLSTATE and message the client gets.
+    refusal: Option<(String, String)>,
+    /// The statement reads a table with masked columns.
+    reads_masked: bool,
+    /// How to mask the rows of the current result set.
+    result_mask: Option<ResultMask>,
+    /// Columns masked in this request's results, for the audit.
+    masked_columns: BTreeSet<String>,
+    /// For a Parse: the statement's name and what it is.
+    parse: Option<(String, Arc<Prepared>)>,
+    /// For a Bind: the portal's name, the statement and the rendered
+    /// parameters.
+    bind: Option<(String, Bound)>,
+    /// For a Close: 'S' or 'P', and the name.
+    close: Option<(u8, String)>,
+    /// For a Describe: it describes the portal the next Execute runs.
+    describes_next_execute: bool,
+    /// For a Sync: copy data was sent before it since the last Execute,
+    /// so it was not sent into the start of a COPY FROM STDIN.
+    after_copy_data: bool,
+    /// For a Query or Execute: how many CopyDone or CopyFail the client
+    /// sent behind it before the server answered with CopyInResponse (a
+    /// client that does not wait for it). A COPY FROM STDIN of it that
+    /// starts is then already over as far as the client is concerned.
+    copies_ended_early: u32,
+    /// Tells entries apart while the client waits for one to be answered.
+    id: u64,
+    /// The name generation it was sent in (see `InFlight::generation`).
+    generation: u64,
+    /// The request record while it is still syncing (read-only requests
+    /// forwarded in parallel): awaited before any answer goes out.
+    durable: Option<Durable>,
+    /// Why the server's answer was withheld from the agent: its request
+    /// record could not be written.
+    withheld: Option<String>,
+    /// The server's answer has come and waits for the request record to
+    /// be durable.
+    answer_held: bool,
+    /// Rows kept for the audit when the grant records full results.
+    recording: Option<ResultRecording>,
+}
+
+/// The rows of a request's results kept for the audit (after masking),
+/// up to a size cap.
+#[derive(Default)]
+struct ResultRecording {
+    rows: Vec<serde_json::Value>,
+    bytes: usize,
+    dropped: i64,
+}
+
+/// Per statement, what `record_results = "full"` keeps at most.
+const MAX_RECORDED_RESULT_BYTES: usize = 64 * 1024;
+
+impl ResultRecording {
+    fn add(&mut self, row: &Frame) {
+        let Ok(values) = mask::data_row_values(row) else {
+            return;
+        };
+        let row: Vec<serde_json::Value> = values
+            .into_iter()
+            .map(|v| match v {
+                None => serde_json::Value::Null,
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) => serde_json::Value::String(text.to_owned()),
+                    Err(_) => serde_json::Value::String(format!("\\x{}", hex::encode(bytes))),
+                },
+            })
+            .collect();
+        let row = serde_json::Value::Array(row);
+        let size = row.to_string().len();
+        if self.dropped > 0 || self.bytes + size > MAX_RECORDED_RESULT_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += size;
+        self.rows.push(row);
+    }
+
+    fn into_json(mut self) -> String {
+        if self.dropped > 0 {
+            self.rows
+                .push(serde_json::json!({ "truncated_rows": self.dropped }));
+        }
+        serde_json::Value::Array(self.rows).to_string()
+    }
+}
+
+impl Pending {
+    fn new(kind: Kind, request: Option<AuditRecord>) -> Self {
+        Self {
+            kind,
+            request,
+            started: Instant::now(),
+            rows: 0,
+            bytes: 0,
+            tag_rows: None,
+            error: None,
+            refusal: None,
+            reads_masked: false,
+            result_mask: None,
+            masked_columns: BTreeSet::new(),
+            parse: None,
+            bind: None,
+            close: None,
+            describes_next_execute: false,
+            after_copy_data: false,
+            copies_ended_early: 0,
+            id: 0,
+            generation: 0,
+            durable: None,
+            withheld: None,
+            answer_held: false,
+            recording: None,
+        }
+    }
+}
+
+/// What a portal runs: the statement and its rendered parameters.
+type Bound = (Arc<Prepared>, String);
+
+#[derive(Default)]
+struct InFlight {
+    queue: VecDeque<Pending>,
+    /// Prepared statements the server has confirmed (ParseComplete), with
+    /// the generation they were parsed in.
+    statements: HashMap<String, (u64, Arc<Prepared>)>,
+    /// Portals the server has confirmed (BindComplete), likewise.
+    portals: HashMap<String, (u64, Bound)>,
+    /// Bumped when a statement that may create or drop statements or
+    /// portals in SQL (DECLARE, CLOSE, PREPARE, DEALLOCATE, DISCARD, or
+    /// one tollgate could not parse) is sent: names defined before it are
+    /// no longer trusted, and resolve as unknown until defined again.
+    generation: u64,
+    /// The server met an error in an extended-protocol pipeline and skips
+    /// everything up to the client's next Sync: what the client sends
+    /// meanwhile is dropped, not queued (it would get no answer).
+    server_skipping: bool,
+    /// The server is in COPY FROM STDIN: only copy messages (and the Flush
+    /// and Sync it ignores) may follow until CopyDone or CopyFail.
+    copy_in: bool,
+    /// The session's refusal marker: the name of the portal a refused
+    /// Execute is replaced by, and the text a refused Query is replaced by.
+    /// Random, so no statement or portal of the agent's can be it; the
+    /// server's error naming it is known to be the refusal's and no other.
+    marker: String,
+    next_id: u64,
+    /// Why tollgate itself closed the session (the SQLSTATE and message
+    /// of the FATAL the agent got): the reason requests still in flight
+    /// never had their answers relayed, whether or not the server had
+    /// answered them yet.
+    closed_by: Option<(String, String)>,
+}
+
+fn refusal_marker() -> String {
+    format!("tollgate_refused_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// What a name (of a statement or a portal) stands for when the server
+/// reaches the message that uses it.
+enum Resolved<T> {
+    Known(T),
+    /// A Parse, Bind or Close of the name sent before the last Sync is
+    /// still unanswered: whether it took effect decides what the server
+    /// will use, so the client's messages wait until it is answered.
+    WaitFor(u64),
+}
+
+impl InFlight {
+    fn push(&mut self, mut pending: Pending) {
+        self.next_id += 1;
+        pending.id = self.next_id;
+        pending.generation = self.generation;
+        self.queue.push_back(pending);
+    }
+
+    /// The client ended a copy (CopyDone or CopyFail) outside COPY FROM
+    /// STDIN mode: it belongs to the latest Query or Execute, whose
+    /// CopyInResponse has not come yet (if that is no COPY, the server
+    /// ignores the message, and so does this count).
+    fn copy_ended_early(&mut self) {
+        if let Some(statement) = self.queue.iter_mut().rev().find(|p| {
+            // A refused one counts too: it starts no copy, and the
+            // server ignores copy messages outside one.
+            matches!(
+                p.kind,
+                Kind::Query | Kind::Execute | Kind::RefusedQuery | Kind::RefusedExecute
+            )
+        }) {
+            statement.copies_ended_early += 1;
+        }
+    }
+
+    /// What the server will find under a statement or portal name. The
+    /// latest Parse/Bind/Close of it still in flight decides when it is in
+    /// the current pipeline (no Sync since): if it fails, the server skips
+    /// to Sync and never uses the name. One sent before a Sync may fail and
+    /// leave the older definition in place: wait for its answer. Otherwise
+    /// what the server confirmed.
+    fn resolve<T: Clone>(
+        &self,
+        unnamed: bool,
+        defines: impl Fn(&Pending) -> Option<Option<T>>,
+        confirmed: Option<&(u64, T)>,
+    ) -> Resolved<Option<T>> {
+        let mut synced_since = false;
+        for pending in self.queue.iter().rev() {
+            if pending.generation != self.generation {
+                // Sent before names stopped being trusted.
+                break;
+            }
+            if pending.kind == Kind::Sync {
+                synced_since = true;
+                continue;
+            }
+            if unnamed && matches!(pending.kind, Kind::Query | Kind::RefusedQuery) {
+                // A simple Query drops the unnamed statement and portal
+                // before it runs, whatever came before it.
+                return Resolved::Known(None);
+            }
+            if let Some(definition) = defines(pending) {
+                return if synced_since {
+                    Resolved::WaitFor(pending.id)
+                } else {
+                    Resolved::Known(definition)
+                };
+            }
+        }
+        Resolved::Known(
+            confirmed
+                .filter(|(generation, _)| *generation == self.generation)
+                .map(|(_, found)| found.clone()),
+        )
+    }
+
+    /// After a statement that may create or drop statements or portals in
+    /// SQL (or one not understood) is sent, names defined before it are no
+    /// longer trusted.
+    fn note_renames(&mut self, operations: &Result<Vec<Operation>, String>) {
+        let renames = match operations {
+            Ok(ops) => ops.iter().any(|op| op.renames_protocol_objects),
+            Err(_) => true,
+        };
+        if renames {
+            self.generation += 1;
+        }
+    }
+
+    fn statement(&self, name: &str) -> Resolved<Option<Arc<Prepared>>> {
+        self.resolve(
+            name.is_empty(),
+            |p| match (&p.parse, &p.close) {
+                (Some((parsed, prepared)), _) if parsed == name => Some(Some(prepared.clone())),
+                (_, Some((b'S', closed))) if closed == name => Some(None),
+                _ => None,
+            },
+            self.statements.get(name),
+        )
+    }
+
+    fn portal(&self, name: &str) -> Resolved<Option<Bound>> {
+        self.resolve(
+            name.is_empty(),
+            |p| match (&p.bind, &p.close) {
+                (Some((bound, what)), _) if bound == name => Some(Some(what.clone())),
+                (_, Some((b'P', closed))) if closed == name => Some(None),
+                _ => None,
+            },
+            self.portals.get(name),
+        )
+    }
+}
+
+type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<BoxedIo>>>;
+pub type ClientReader = ReadHalf<BoxedIo>;
+
+mod admit;
+mod from_client;
+mod from_server;
+pub use admit::intent_of_application_name;
+use admit::*;
+use from_client::client_to_server;
+use from_server::*;
+
+/// Bytes a read may take at once, from either side.
+const READ_CHUNK: usize = 16 * 1024;
+
+pub async fn run(
+    session: Session,
+    client_rd: ClientReader,
+    client_buf: BytesMut,
+    client_wr: WriteHalf<BoxedIo>,
+    upstream: Upstream,
+) -> Result<(), WireError> {
+    let session = Arc::new(session);
+    let in_flight = Arc::new(Mutex::new(InFlight {
+        marker: refusal_marker(),
+        ..InFlight::default()
+    }));
+    // Signalled whenever server answers have been taken off the queue.
+    let answered = Arc::new(Notify::new());
+    let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
+    let (upstream_rd, upstream_wr) = tokio::io::split(upstream.stream);
+
+    let to_server = client_to_server(
+        session.clone(),
+        client_rd,
+        client_buf,
+        upstream_wr,
+        client_wr.clone(),
+        in_flight.clone(),
+        answered.clone(),
+    );
+    let expiry_writer = client_wr.clone();
+    let to_client = server_to_client(
+        session.clone(),
+        upstream_rd,
+        upstream.buffered,
+        client_wr,
+        in_flight.clone(),
+        answered,
+    );
+    let deadline = session.shared.verifier.session_deadline(&session.principal);
+    // Whichever side ends first ends the session; so does the token's expiry.
+    let result = tokio::select! {
+        r = to_server => r,
+        r = to_client => r,
+        () = sleep_until_epoch(deadline) => {
+            end_expired_session(&session, &expiry_writer, &in_flight).await;
+            Ok(())
+        }
+    };
+    record_unanswered(&session, &in_flight);
+    result
+}
+
+/// Writes the outcome records of the requests still in flight when the
+/// session ends (see [`unanswered_outcomes`]).
+fn record_unanswered(session: &Session, in_flight: &Mutex<InFlight>) {
+    let (left, closed_by) = {
+        let mut in_flight = lock(in_flight);
+        let left: Vec<Pending> = in_flight.queue.drain(..).collect();
+        (left, in_flight.closed_by.take())
+    };
+    for outcome in unanswered_outcomes(left, closed_by) {
+        submit_outcome(session, outcome);
+    }
+}
+
+/// The outcome records of requests still in flight when the session ended:
+/// the agent never got their answers. Each was sent to the server and may
+/// have run (an UPDATE pipelined before the agent hung up commits), so its
+/// status is unknown, not a failure an auditor could filter out.
+/// `closed_by` is why tollgate closed the session, if it did (see
+/// [`InFlight::closed_by`]).
+fn unanswered_outcomes(
+    left: Vec<Pending>,
+    closed_by: Option<(String, String)>,
+) -> Vec<AuditRecord> {
+    left.into_iter()
+        .filter_map(|mut pending| {
+            // A read's request record that is known to have failed by now
+            // is why its answer, had it come, was withheld.
+            if let Some(err) = pending.durable.as_mut().and_then(Durable::failed_by_now) {
+                pending.withheld.get_or_insert(err.to_string());
+            }
+            let why = match (pending.withheld.take(), pending.answer_held) {
+                (Some(err), _) => (
+                    SQLSTATE_AUDIT.to_string(),
+                    format!("tollgate withheld the server's answer: the request's audit record could not be written ({err})"),
+                ),
+                (None, true) => (
+                    SQLSTATE_UPSTREAM.to_string(),
+                    "the session ended while the server's answer waited for the request's audit record to be durable".to_string(),
+                ),
+                (None, false) => match &closed_by {
+                    Some((code, message)) => (
+                        code.clone(),
+                        format!("tollgate closed the session before the server's answer was relayed in full: {message}"),
+                    ),
+                    None => (
+                        SQLSTATE_UPSTREAM.to_string(),
+                        "the server had not answered".to_string(),
+                    ),
+                },
+            };
+            let mut outcome = outcome_record(pending, Some(why), Delivery::NotSent)?;
+            outcome.status_id = record::status::UNKNOWN;
+            Some(outcome)
+        })
+        .collect()
+}
+
+async fn sleep_until_epoch(deadline: Option<i64>) {
+    match deadline {
+        Some(at) => {
+            let now = now_millis() / 1000;
+            let left = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+            tokio::time::sleep(std::time::Duration::from_secs(left)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The token behind the session expired: the agent is told, in its
+/// protocol, and must come back with a fresh token.
+async fn end_expired_session(
+    session: &Session,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+) {
+    let message = format!(
+        "tollgate: the session's token expired at {}; reconnect with a fresh token",
+        session.principal.expires_at
+    );
+    let mut record = session
+        .connection
+        .authentication_accepted(&session.principal);
+    record.phase = "session".into();
+    record.status_id = record::status::FAILURE;
+    record.status_detail = format!("token_expired: {message}");
+    record.database_user = session.statement_record.database_user.clone();
+    record.database_name = session.statement_record.database_name.clone();
+    if let Err(err) = session.shared.audit.append(record).await {
+        warn!(error = %err, "the end of an expired session could not be audited");
+    }
+    fatal_to_client(client_wr, in_flight, SQLSTATE_IDENTITY, &message).await;
+}
+
+fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
+    // A poisoned lock only means another task panicked mid-update; the
+    // queue itself is still a queue.
+    in_flight
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Ends the session with a FATAL error the client can read, and keeps
+/// why for the records of requests still in flight. Holding the writer
+/// lock puts it between two whole messages.
+async fn fatal_to_client(
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    code: &str,
+    message: &str,
+) {
+    close_after_built_answers(&[], &mut 0, client_wr, in_flight, code, message).await;
+}
+
+/// Makes `record` the refusal of its request by `rule`, for `detail`.
+fn mark_refused(record: &mut AuditRecord, rule: &str, detail: &str) {
+    record.phase = "refusal".into();
+    record.status_id = record::status::FAILURE;
+    record.action_id = record::action::DENIED;
+    record.policy_uid = rule.into();
+    record.status_detail = detail.into();
+}
+
+/// A statement prepared with Parse, classified once.
+struct Prepared {
+    text: String,
+    operations: Arc<Result<Vec<Operation>, String>>,
+    parameter_types: Vec<u32>,
+}
+
+impl Prepared {
+    /// What an Execute of an unknown portal runs: nothing tollgate could
+    /// understand, so only `allow_unparsed` lets it through.
+    fn unknown() -> Self {
+        Prepared {
+            text: String::new(),
+            operations: Arc::new(Err(
+                "portal or statement not prepared through this session".into()
+            )),
+            parameter_types: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,925 @@
+use super::*;
+
+fn frame(tag: u8, body: &[u8]) -> Frame {
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    wire::split_frame(&mut out)
+        .expect("well formed")
+        .expect("whole")
+}
+
+/// `track_answer` with nothing masked, the finished requests dropped.
+fn answer(in_flight: &Mutex<InFlight>, frame: &Frame) -> Result<Option<BytesMut>, WireError> {
+    track_answer(&MaskSet::default(), in_flight, frame, &mut Finished::new())
+}
+
+fn queue_of(kinds: &[Kind]) -> Mutex<InFlight> {
+    let mut in_flight = InFlight {
+        marker: "tollgate_refused_test".into(),
+        ..InFlight::default()
+    };
+    for kind in kinds {
+        in_flight.push(Pending::new(*kind, None));
+    }
+    Mutex::new(in_flight)
+}
+
+#[test]
+fn ready_for_query_while_an_execute_is_unanswered_is_out_of_step() {
+    let in_flight = queue_of(&[Kind::Execute, Kind::Sync]);
+    let result = answer(&in_flight, &frame(b'Z', b"I"));
+    assert!(matches!(result, Err(WireError::Malformed(_))));
+    // With nothing in flight a ReadyForQuery is as out of step.
+    let empty = queue_of(&[]);
+    let result = answer(&empty, &frame(b'Z', b"I"));
+    assert!(matches!(result, Err(WireError::Malformed(_))));
+}
+
+// A client that sends its copy data and CopyDone before the server's
+// CopyInResponse has ended that copy already: what it sends next is
+// not "in the middle of COPY FROM STDIN".
+#[test]
+fn a_copy_the_client_ended_before_it_started_is_not_copy_mode() {
+    // The server's CopyInResponse: is the session in copy mode after it?
+    let copy_starts = |in_flight: &Mutex<InFlight>| {
+        answer(in_flight, &frame(b'G', &[0, 0, 0])).expect("in step");
+        let copy_in = lock(in_flight).copy_in;
+        copy_in
+    };
+    for ended_early in [false, true] {
+        let in_flight = queue_of(&[Kind::Query]);
+        if ended_early {
+            lock(&in_flight).copy_ended_early();
+        }
+        assert_eq!(copy_starts(&in_flight), !ended_early);
+    }
+
+    // Two copies in one Query, the client ending only the first early:
+    // the second is copy mode.
+    let in_flight = queue_of(&[Kind::Query]);
+    lock(&in_flight).copy_ended_early();
+    assert!(!copy_starts(&in_flight));
+    assert!(copy_starts(&in_flight));
+}
+
+fn prepared(text: &str) -> Arc<Prepared> {
+    Arc::new(Prepared {
+        text: text.into(),
+        operations: Arc::new(Err("test".into())),
+        parameter_types: Vec::new(),
+    })
+}
+
+// PostgreSQL drops the unnamed statement and portal when a simple
+// Query runs, and the unnamed statement when a Parse of a new one
+// fails: a later Bind or Execute of "" must not be decided and audited
+// as the statement that is gone.
+#[test]
+fn a_simple_query_or_a_failed_unnamed_parse_forgets_the_unnamed_statement() {
+    // Confirmed before, then a simple Query answered.
+    let in_flight = queue_of(&[Kind::Query]);
+    {
+        let mut f = lock(&in_flight);
+        f.statements.insert("".into(), (0, prepared("SELECT 1")));
+        f.statements
+            .insert("named".into(), (0, prepared("SELECT 2")));
+        f.portals
+            .insert("".into(), (0, (prepared("SELECT 1"), String::new())));
+    }
+    answer(&in_flight, &frame(b'Z', b"I")).expect("in step");
+    let f = lock(&in_flight);
+    assert!(matches!(f.statement(""), Resolved::Known(None)));
+    assert!(matches!(f.portal(""), Resolved::Known(None)));
+    assert!(matches!(f.statement("named"), Resolved::Known(Some(_))));
+    drop(f);
+
+    // A simple Query still in flight after a Parse of "": the name
+    // resolves to nothing, even with a Sync between them.
+    let in_flight = queue_of(&[]);
+    {
+        let mut f = lock(&in_flight);
+        let mut parse = Pending::new(Kind::Parse, None);
+        parse.parse = Some(("".into(), prepared("SELECT 1")));
+        f.push(parse);
+        f.push(Pending::new(Kind::Sync, None));
+        f.push(Pending::new(Kind::Query, None));
+        assert!(matches!(f.statement(""), Resolved::Known(None)));
+    }
+
+    // A failed Parse of "" leaves no unnamed statement behind.
+    let in_flight = queue_of(&[]);
+    {
+        let mut f = lock(&in_flight);
+        f.statements.insert("".into(), (0, prepared("SELECT 1")));
+        let mut parse = Pending::new(Kind::Parse, None);
+        parse.parse = Some(("".into(), prepared("SELEC oops")));
+        f.push(parse);
+        f.push(Pending::new(Kind::Sync, None));
+    }
+    let mut error = BytesMut::new();
+    wire::error_response(&mut error, "ERROR", "42601", "syntax error");
+    let error = wire::split_frame(&mut error)
+        .expect("well formed")
+        .expect("whole");
+    answer(&in_flight, &error).expect("in step");
+    assert!(matches!(
+        lock(&in_flight).statement(""),
+        Resolved::Known(None)
+    ));
+}
+
+#[test]
+fn only_the_markers_own_error_stands_for_a_refusal() {
+    let error = |message: &str| {
+        let mut out = BytesMut::new();
+        wire::error_response(&mut out, "ERROR", "34000", message);
+        wire::split_frame(&mut out)
+            .expect("well formed")
+            .expect("whole")
+    };
+    let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
+    let result = answer(&in_flight, &error("portal \"other\" does not exist"));
+    assert!(matches!(result, Err(WireError::Malformed(_))));
+
+    let in_flight = queue_of(&[Kind::RefusedExecute, Kind::Sync]);
+    let replacement = answer(
+        &in_flight,
+        &error("portal \"tollgate_refused_test\" does not exist"),
+    )
+    .expect("in step");
+    let mut replacement = replacement.expect("the refusal in its place");
+    let refusal = wire::split_frame(&mut replacement)
+        .expect("well formed")
+        .expect("whole");
+    assert_eq!(wire::error_fields(&refusal).0, SQLSTATE_POLICY);
+    // The refused Execute is answered; the Sync waits for its ReadyForQuery.
+    assert_eq!(
+        lock(&in_flight).queue.front().map(|p| p.kind),
+        Some(Kind::Sync)
+    );
+}
+
+/// A Query whose request record carries `text`.
+fn query(text: &str) -> Pending {
+    let request = AuditRecord {
+        phase: "request".into(),
+        query_info_query_string: text.into(),
+        ..AuditRecord::default()
+    };
+    Pending::new(Kind::Query, Some(request))
+}
+
+#[test]
+fn answers_held_when_the_session_ends_are_recorded_as_not_delivered() {
+    let mut submitted = Vec::new();
+    let mut outcomes = Outcomes::new(|outcome: AuditRecord| submitted.push(outcome));
+    outcomes.answered.push((query("select 1"), None));
+    outcomes.sent();
+    // Answered by the server, not yet sent on when the session ends.
+    outcomes.answered.push((query("update t set a = 1"), None));
+    outcomes.answered.push((
+        query("select nope"),
+        Some(("42703".into(), "column \"nope\" does not exist".into())),
+    ));
+    drop(outcomes);
+
+    let by_text = |text: &str| {
+        submitted
+            .iter()
+            .find(|r| r.query_info_query_string == text)
+            .unwrap_or_else(|| panic!("no outcome for {text}"))
+    };
+    let delivered = by_text("select 1");
+    assert_eq!(delivered.phase, "outcome");
+    assert_eq!(delivered.status_id, record::status::SUCCESS);
+    assert_eq!(delivered.status_detail, "");
+
+    // The statement ran: its status stays the server's.
+    let lost = by_text("update t set a = 1");
+    assert_eq!(lost.status_id, record::status::SUCCESS);
+    assert_eq!(lost.status_detail, NOT_DELIVERED);
+
+    let lost_error = by_text("select nope");
+    assert_eq!(lost_error.status_id, record::status::FAILURE);
+    assert_eq!(lost_error.response_error_code, "42703");
+    assert!(
+        lost_error.status_detail.starts_with(NOT_DELIVERED)
+            && lost_error.status_detail.contains("does not exist"),
+        "{}",
+        lost_error.status_detail
+    );
+    assert_eq!(submitted.len(), 3);
+}
+
+/// Takes `room` bytes, a few at a time as a full socket does, then
+/// fails as a reset connection does, or (`stalls`) waits forever as
+/// a socket the agent stopped reading does; or fails its flushes.
+struct Breaks {
+    room: usize,
+    flush_fails: bool,
+    stalls: bool,
+}
+
+/// Never has anything to read: only its writing is of interest.
+impl tokio::io::AsyncRead for Breaks {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl tokio::io::AsyncWrite for Breaks {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.room == 0 {
+            if self.stalls {
+                return std::task::Poll::Pending;
+            }
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        let n = buf.len().min(self.room).min(7);
+        self.room -= n;
+        std::task::Poll::Ready(Ok(n))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(match self.flush_fails {
+            true => Err(std::io::ErrorKind::BrokenPipe.into()),
+            false => Ok(()),
+        })
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Sends a batch of three answers (ending at bytes 20, 41 and 53; the
+/// second ends two requests, as a pipeline error skipping to Sync
+/// does) to `connection`, then ends the session as the relay does
+/// when the send fails, or, for a connection that stalls, while the
+/// send waits (its future dropped after 50 ms): which requests are
+/// recorded as not delivered?
+async fn not_delivered_after(mut connection: Breaks) -> Vec<&'static str> {
+    let mut submitted = Vec::new();
+    let mut outcomes = Outcomes::new(|outcome: AuditRecord| submitted.push(outcome));
+    let mut batch = Vec::new();
+    for (texts, answer) in [
+        (&["select 1"][..], &b"first answer, 20 b.."[..]),
+        (&["select 2", "select 2b"], b"second answer, 21 b.."),
+        (&["select 3"], b"third answer"),
+    ] {
+        for text in texts {
+            outcomes.answered.push((query(text), None));
+        }
+        batch.extend_from_slice(answer);
+        outcomes.answers_end_at(batch.len());
+    }
+    let stalls = connection.stalls;
+    let sent = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        send_counted(&mut connection, &batch, &mut outcomes.handed_over),
+    )
+    .await;
+    match sent {
+        Ok(sent) => assert!(!stalls && sent.is_err(), "the connection was to fail"),
+        Err(_) => assert!(stalls, "the send was to fail, not wait"),
+    }
+    drop(outcomes);
+    assert_eq!(submitted.len(), 4);
+    ["select 1", "select 2", "select 2b", "select 3"]
+        .into_iter()
+        .filter(|text| {
+            let outcome = submitted
+                .iter()
+                .find(|r| r.query_info_query_string == *text)
+                .unwrap_or_else(|| panic!("no outcome for {text}"));
+            outcome.status_detail == NOT_DELIVERED
+        })
+        .collect()
+}
+
+/// A batch of answers cut off mid-write, by a connection that fails
+/// or by the session ending while the send waits on an agent that
+/// stopped reading: the answers the connection took in full were
+/// handed over, the one it took part of and those after it were not.
+#[tokio::test]
+async fn answers_taken_in_full_before_a_send_breaks_off_are_recorded_as_delivered() {
+    let all = ["select 1", "select 2", "select 2b", "select 3"];
+    for (room, not_delivered) in [
+        // 5 bytes into the third answer.
+        (46, &all[3..]),
+        // Exactly at the end of the second.
+        (41, &all[3..]),
+        // One byte short of it.
+        (40, &all[1..]),
+        // Exactly at the end of the first.
+        (20, &all[1..]),
+        (0, &all[..]),
+    ] {
+        for stalls in [false, true] {
+            let connection = Breaks {
+                room,
+                flush_fails: false,
+                stalls,
+            };
+            assert_eq!(
+                not_delivered_after(connection).await,
+                not_delivered,
+                "room {room}, stalls {stalls}"
+            );
+        }
+    }
+    // Bytes a writer took but could not flush (TLS with a full
+    // socket) were not handed over.
+    let unflushed = Breaks {
+        room: 1000,
+        flush_fails: true,
+        stalls: false,
+    };
+    assert_eq!(
+        not_delivered_after(unflushed).await,
+        ["select 1", "select 2", "select 2b", "select 3"]
+    );
+}
+
+/// A session of a principal with no claims to target "orders-db" (never
+/// reached), auditing to `audit_dir`; and the key directory its
+/// verifier reads, kept alive.
+async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir, Arc<Session>) {
+    let keys = tempfile::tempdir().expect("tempdir");
+    crate::dev::Keyring::open_or_create(keys.path()).expect("keyring");
+    let verifier = crate::identity::Verifier::from_config(&crate::identity::tests::file_config(
+        keys.path(),
+        "",
+    ))
+    .await
+    .expect("verifier");
+    let audit = crate::audit::AuditLog::open(&crate::audit::tests::config(audit_dir))
+        .await
+        .expect("audit");
+    let target = crate::proxy::Target::new(crate::config::TargetConfig {
+        name: "orders-db".into(),
+        protocol: crate::config::Protocol::Postgres,
+        address: "127.0.0.1:1".parse().expect("addr"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        credential: crate::config::CredentialConfig {
+            user: "gateway".into(),
+            password: None,
+            password_file: None,
+        },
+        tls: None,
+        upstream_tls: None,
+    })
+    .expect("target");
+    let connection = crate::proxy::Connection {
+        session_uid: "session-1".into(),
+        target: Arc::new(target),
+        peer: "127.0.0.1:40000".parse().expect("addr"),
+        origin: None,
+    };
+    let principal = crate::identity::Principal::default();
+    let statement_record = statement_record_base(
+        &connection,
+        &principal,
+        "agent".into(),
+        "orders".into(),
+        None,
+    );
+    let session = Arc::new(Session {
+        connection,
+        principal,
+        intent: Mutex::new(String::new()),
+        masks: MaskSet::default(),
+        shared: Arc::new(crate::proxy::Shared {
+            verifier,
+            policy: Default::default(),
+            audit,
+            pinning: None,
+            postgres_cancel_keys: Default::default(),
+        }),
+        statement_record,
+    });
+    (keys, session)
+}
+
+/// A session for the relay's tests, auditing to a fresh directory:
+/// that directory, the session's key directory (both kept alive), the
+/// session and its audit log.
+async fn relay_session() -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    Arc<Session>,
+    crate::audit::AuditLog,
+) {
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let (keys, session) = session_auditing_to(audit_dir.path()).await;
+    let audit = session.shared.audit.clone();
+    (audit_dir, keys, session, audit)
+}
+
+/// The relay's own answer path, from the server's bytes to the audit:
+/// three queries answered in one batch, sent to an agent whose
+/// connection takes 46 bytes and then fails. The two answers it took
+/// in full are on record as delivered, the third as not.
+#[tokio::test]
+async fn the_relay_records_which_answers_of_a_cut_off_batch_reached_the_agent() {
+    let (audit_dir, _keys, session, audit) = relay_session().await;
+    // Each answer: CommandComplete "SELECT 1" (14 bytes) and
+    // ReadyForQuery (6 bytes), 20 bytes in all.
+    let mut answers = BytesMut::new();
+    let mut in_flight = InFlight::default();
+    for text in ["select 1", "select 2", "select 3"] {
+        in_flight.queue.push_back(query(text));
+        completed(&mut answers, "SELECT 1");
+    }
+    assert_eq!(answers.len(), 60);
+    let (server, _server_side) = tokio::io::duplex(1024);
+    let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+    let agent = Breaks {
+        room: 46,
+        flush_fails: false,
+        stalls: false,
+    };
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let ended = server_to_client(
+        session,
+        upstream_rd,
+        answers,
+        Arc::new(tokio::sync::Mutex::new(client_wr)),
+        Arc::new(Mutex::new(in_flight)),
+        Arc::new(Notify::new()),
+    )
+    .await;
+    assert!(ended.is_err(), "the agent's connection failed");
+    audit.shutdown().await;
+
+    let outcomes: Vec<(String, bool)> = outcome_rows(audit_dir.path())
+        .into_iter()
+        .map(|r| {
+            let delivered = !r.status_detail.starts_with(NOT_DELIVERED);
+            (r.query_info_query_string, delivered)
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("select 1".to_string(), true),
+            ("select 2".to_string(), true),
+            ("select 3".to_string(), false),
+        ]
+    );
+}
+
+/// A server's whole answer to a query: CommandComplete with `tag`,
+/// then ReadyForQuery.
+fn completed(answers: &mut BytesMut, tag: &str) {
+    use bytes::BufMut;
+    answers.put_u8(b'C');
+    answers.put_i32(4 + tag.len() as i32 + 1);
+    answers.put_slice(tag.as_bytes());
+    answers.put_u8(0);
+    wire::ready_for_query(answers, b'I');
+}
+
+/// The outcome rows in the segments of the audit under `audit_dir`.
+fn outcome_rows(audit_dir: &std::path::Path) -> Vec<AuditRecord> {
+    crate::audit::tests::read_segments(&audit_dir.join("audit"))
+        .into_iter()
+        .filter(|r| r.phase == "outcome")
+        .collect()
+}
+
+/// Runs the relay's answer path on `answers` (the server's bytes) to
+/// an agent connection that takes everything; returns how it ended and
+/// what the agent got.
+async fn relay_to_agent(
+    session: &Arc<Session>,
+    in_flight: &Arc<Mutex<InFlight>>,
+    answers: BytesMut,
+) -> (Result<(), WireError>, String) {
+    // The server sends nothing more: a relay that does not stop at
+    // what it is given ends at the end of the stream, never waits.
+    let (server, server_side) = tokio::io::duplex(1024);
+    drop(server_side);
+    let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+    let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let ended = server_to_client(
+        session.clone(),
+        upstream_rd,
+        answers,
+        Arc::new(tokio::sync::Mutex::new(client_wr)),
+        in_flight.clone(),
+        Arc::new(Notify::new()),
+    )
+    .await;
+    let mut got = Vec::new();
+    // The relay has dropped its end: this reads to that end.
+    tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
+        .await
+        .expect("read what the agent got");
+    (ended, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A statement that changed client_encoding behind the policy's back
+/// (a function calling set_config): the server's report of it ends the
+/// session before the report, or any answer after it, reaches the
+/// agent, and every request in flight is on record with why.
+#[tokio::test]
+async fn a_changed_client_encoding_closes_the_session() {
+    let (audit_dir, _keys, session, audit) = relay_session().await;
+    use bytes::BufMut;
+    let mut answers = BytesMut::new();
+    let mut in_flight = InFlight::default();
+    for text in ["select 1", "select f()", "select 3"] {
+        in_flight.queue.push_back(query(text));
+    }
+    fn status(answers: &mut BytesMut, key: &str, value: &str) {
+        answers.put_u8(b'S');
+        answers.put_i32(4 + key.len() as i32 + 1 + value.len() as i32 + 1);
+        for part in [key, value] {
+            answers.put_slice(part.as_bytes());
+            answers.put_u8(0);
+        }
+    }
+    // Reported again unchanged: nothing happens.
+    status(&mut answers, "client_encoding", "UTF8");
+    completed(&mut answers, "SELECT 11");
+    status(&mut answers, "client_encoding", "SJIS");
+    completed(&mut answers, "SELECT 22");
+    completed(&mut answers, "SELECT 33");
+    let in_flight = Arc::new(Mutex::new(in_flight));
+    let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
+    assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+    record_unanswered(&session, &in_flight);
+    audit.shutdown().await;
+
+    assert!(got.contains("SELECT 11"), "{got}");
+    assert!(!got.contains("SJIS\0"), "the report is not relayed: {got}");
+    assert!(
+        !got.contains("SELECT 22") && !got.contains("SELECT 33"),
+        "{got}"
+    );
+    assert!(
+        got.contains("FATAL") && got.contains(super::super::SQLSTATE_POLICY),
+        "{got}"
+    );
+    assert!(got.contains("client_encoding became SJIS"), "{got}");
+
+    let outcomes: Vec<_> = outcome_rows(audit_dir.path())
+        .into_iter()
+        .map(|r| {
+            (
+                r.query_info_query_string,
+                r.response_error_code,
+                r.status_detail,
+            )
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{outcomes:#?}");
+    assert_eq!(outcomes[0].0, "select 1");
+    assert!(
+        !outcomes[0].2.starts_with(NOT_DELIVERED),
+        "{:?}",
+        outcomes[0]
+    );
+    for (query, code, detail) in &outcomes[1..] {
+        assert_eq!(code, super::super::SQLSTATE_POLICY, "{query}");
+        assert!(detail.starts_with(NOT_DELIVERED), "{query}: {detail}");
+        assert!(
+            detail.contains("client_encoding became SJIS"),
+            "{query}: {detail}"
+        );
+    }
+}
+
+/// The relay's answer path when a read's request record fails after
+/// the read was forwarded: the answer before it reaches the agent,
+/// its own answer is withheld and the session closed with FATAL 58030,
+/// and the answer after it, already in tollgate's buffer, never goes
+/// out either. The audit (which recovered: it is writable again) has
+/// an outcome row for each, and says why the last two were not
+/// relayed.
+#[tokio::test]
+async fn a_failed_record_withholds_its_answer_and_every_later_one() {
+    let (audit_dir, _keys, session, audit) = relay_session().await;
+    let mut answers = BytesMut::new();
+    let mut in_flight = InFlight::default();
+    for (text, tag, durable) in [
+        ("select 1", "SELECT 11", Ok(1)),
+        (
+            "select 2",
+            "SELECT 22",
+            Err(AuditError::Wal("disk full".into())),
+        ),
+        ("select 3", "SELECT 33", Ok(3)),
+    ] {
+        let mut read = query(text);
+        read.durable = Some(Durable::known(durable));
+        in_flight.queue.push_back(read);
+        completed(&mut answers, tag);
+    }
+    let in_flight = Arc::new(Mutex::new(in_flight));
+    let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
+    assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+    record_unanswered(&session, &in_flight);
+    audit.shutdown().await;
+
+    assert!(got.contains("SELECT 11"), "{got}");
+    assert!(!got.contains("SELECT 22"), "withheld: {got}");
+    assert!(!got.contains("SELECT 33"), "never relayed: {got}");
+    assert!(got.contains("FATAL"), "{got}");
+    assert!(got.contains(SQLSTATE_AUDIT), "{got}");
+    assert!(
+        got.contains("its answer is withheld and the session closed"),
+        "{got}"
+    );
+
+    let outcomes: Vec<_> = outcome_rows(audit_dir.path())
+        .into_iter()
+        .map(|r| {
+            (
+                r.query_info_query_string,
+                r.status_id,
+                r.response_error_code,
+                r.status_detail,
+            )
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{outcomes:#?}");
+    assert_eq!(outcomes[0].0, "select 1");
+    assert_eq!(outcomes[0].1, record::status::SUCCESS);
+    assert!(
+        !outcomes[0].3.starts_with(NOT_DELIVERED),
+        "{:?}",
+        outcomes[0]
+    );
+    for (i, text, why) in [
+        (1, "select 2", "tollgate withheld the server's answer: the request's audit record could not be written (audit write failed: disk full)"),
+        (2, "select 3", "tollgate closed the session before the server's answer was relayed in full: tollgate: the statement's audit record could not be written"),
+    ] {
+        let (query, status, code, detail) = &outcomes[i];
+        assert_eq!(query, text);
+        assert_eq!(*status, record::status::UNKNOWN, "{text}");
+        assert_eq!(code, SQLSTATE_AUDIT, "{text}");
+        assert!(detail.starts_with(NOT_DELIVERED), "{text}: {detail}");
+        assert!(detail.contains(why), "{text}: {detail}");
+    }
+}
+
+/// A statement's records share the session's fields (identity,
+/// addresses, database) instead of copying them, and its outcome
+/// shares its request's.
+#[tokio::test]
+async fn statement_records_share_the_session_fields() {
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let (_keys, session) = session_auditing_to(audit_dir.path()).await;
+    let base = &session.statement_record;
+    let request = new_statement_record(&session, record::datastore_activity::QUERY);
+    let outcome = outcome_record(
+        Pending::new(Kind::Query, Some(request.clone())),
+        None,
+        Delivery::Sent,
+    )
+    .expect("a statement has an outcome");
+    for record in [&request, &outcome] {
+        assert!(Arc::ptr_eq(&record.session_uid, &base.session_uid));
+        assert!(Arc::ptr_eq(&record.actor_user_uid, &base.actor_user_uid));
+        assert!(Arc::ptr_eq(
+            &record.actor_user_groups,
+            &base.actor_user_groups
+        ));
+        assert!(Arc::ptr_eq(&record.src_endpoint_ip, &base.src_endpoint_ip));
+        assert!(Arc::ptr_eq(&record.database_user, &base.database_user));
+        assert!(Arc::ptr_eq(&record.database_name, &base.database_name));
+    }
+    session.shared.audit.shutdown().await;
+}
+
+/// Requests in flight when the session ends: each gets an outcome of
+/// unknown status (it may have run), saying why the agent never saw
+/// its answer: withheld (tollgate withheld it, or the record is known
+/// by now to have failed, as told at once or by the writer thread),
+/// held for a record still syncing, or not answered.
+#[test]
+fn requests_left_in_flight_are_recorded_unknown_with_the_reason() {
+    let mut withheld = query("select 2");
+    withheld.withheld = Some("audit write failed: disk full".into());
+    let mut record_failed = query("select 3");
+    record_failed.durable = Some(Durable::known(Err(AuditError::Wal("no space".into()))));
+    // The writer thread's answer, already there when the session ends.
+    let (writer, answer) = tokio::sync::oneshot::channel();
+    let _ = writer.send(Err(AuditError::Wal("disk gone".into())));
+    let mut writer_failed = query("select 4");
+    writer_failed.durable = Some(Durable::waiting(answer));
+    // Still syncing: nothing known yet.
+    let (_syncing, answer) = tokio::sync::oneshot::channel();
+    let mut still_syncing = query("select 5");
+    still_syncing.durable = Some(Durable::waiting(answer));
+    let mut held = query("select 6");
+    held.answer_held = true;
+    // Its answer had begun (rows had come) but not ended.
+    let mut begun = query("select 7");
+    begun.rows = 3;
+    let outcomes = unanswered_outcomes(
+        vec![
+            withheld,
+            query("update t set a = 1"),
+            record_failed,
+            writer_failed,
+            still_syncing,
+            held,
+            begun,
+        ],
+        None,
+    );
+    assert_eq!(outcomes.len(), 7);
+    assert_eq!(outcomes[6].response_rows, Some(3));
+    for outcome in &outcomes {
+        assert_eq!(outcome.phase, "outcome");
+        assert_eq!(outcome.status_id, record::status::UNKNOWN);
+        assert!(
+            outcome.status_detail.starts_with(NOT_DELIVERED),
+            "{}",
+            outcome.status_detail
+        );
+    }
+    let withheld_because = |i: usize, err: &str| {
+        assert_eq!(outcomes[i].response_error_code, SQLSTATE_AUDIT);
+        let want = format!("tollgate withheld the server's answer: the request's audit record could not be written ({err})");
+        assert!(
+            outcomes[i].status_detail.contains(&want),
+            "{i}: {}",
+            outcomes[i].status_detail
+        );
+    };
+    withheld_because(0, "audit write failed: disk full");
+    withheld_because(2, "audit write failed: no space");
+    withheld_because(3, "audit write failed: disk gone");
+    for (i, why) in [
+        (1, "the server had not answered"),
+        (4, "the server had not answered"),
+        (5, "the session ended while the server's answer waited for the request's audit record to be durable"),
+        (6, "the server had not answered"),
+    ] {
+        assert_eq!(
+            outcomes[i].response_error_code,
+            super::super::SQLSTATE_UPSTREAM
+        );
+        assert!(
+            outcomes[i].status_detail.contains(why),
+            "{i}: {}",
+            outcomes[i].status_detail
+        );
+    }
+}
+
+/// The hold on an answer marks its request while the record syncs and
+/// keeps a failed write's error: the outcome of a request the session
+/// ended on says which of the two kept its answer from the agent.
+/// (That `server_to_client` holds answers at all, and closes the
+/// session with FATAL when a record fails, is shown by
+/// `a_failed_record_withholds_its_answer_and_every_later_one`, and end
+/// to end by
+/// `a_full_audit_disk_refuses_statements_loses_nothing_and_recovers`
+/// in tests/tests/audit_e2e.rs; a session ending while an answer is
+/// held has no end-to-end test.)
+#[tokio::test]
+async fn a_held_answer_leaves_its_reason_on_the_request() {
+    // A request whose record the writer answers through the sender.
+    let syncing = |text: &str| {
+        let (writer, answer) = tokio::sync::oneshot::channel();
+        let mut pending = query(text);
+        pending.durable = Some(Durable::waiting(answer));
+        let mut in_flight = InFlight::default();
+        in_flight.queue.push_back(pending);
+        (writer, Mutex::new(in_flight))
+    };
+    // The request after the hold, and the outcome a session ending
+    // now would record for it: its SQLSTATE and detail.
+    let left_after = |in_flight: Mutex<InFlight>, answer_held: bool, code: &str, why: &str| {
+        let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
+        assert_eq!(left[0].answer_held, answer_held, "{why}");
+        assert!(left[0].durable.is_none(), "the record is awaited once");
+        let outcomes = unanswered_outcomes(left, None);
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].response_error_code, code, "{why}");
+        let detail = &outcomes[0].status_detail;
+        assert!(detail.contains(why), "{detail}");
+    };
+
+    // The writer fails the record: the answer is withheld for that reason.
+    let (writer, failed) = syncing("select 1");
+    let _ = writer.send(Err(AuditError::Wal("disk full".into())));
+    let err = hold_until_front_record_is_durable(&failed)
+        .await
+        .expect_err("the record failed");
+    assert_eq!(
+        err.to_string(),
+        AuditError::Wal("disk full".into()).to_string()
+    );
+    left_after(failed, false, SQLSTATE_AUDIT, &format!(
+        "tollgate withheld the server's answer: the request's audit record could not be written ({err})"
+    ));
+
+    // The session ends while the record syncs.
+    let (_writer, waiting) = syncing("select 2");
+    let hold = hold_until_front_record_is_durable(&waiting);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(20), hold)
+            .await
+            .is_err(),
+        "the answer waits for the record"
+    );
+    left_after(
+        waiting,
+        true,
+        super::super::SQLSTATE_UPSTREAM,
+        "the session ended while the server's answer waited for the request's audit record to be durable",
+    );
+
+    // The record is durable: nothing is left on the request.
+    let (writer, durable) = syncing("select 3");
+    let _ = writer.send(Ok(7));
+    hold_until_front_record_is_durable(&durable)
+        .await
+        .expect("durable");
+    left_after(
+        durable,
+        false,
+        super::super::SQLSTATE_UPSTREAM,
+        "the server had not answered",
+    );
+}
+
+#[test]
+fn cuts_fall_on_character_boundaries_and_say_so() {
+    // "é" is two bytes: a cut at 5 would split the third one.
+    assert_eq!(prefix_at_char_boundary("ééé", 5), "éé");
+    assert_eq!(prefix_at_char_boundary("ééé", 100), "ééé");
+    assert_eq!(prefix_at_char_boundary("✓", 2), "");
+    assert_eq!(capped("short".into(), 64), "short");
+    assert_eq!(capped("ab✓cd".into(), 3), "ab … (7 bytes, cut)");
+}
+
+#[test]
+fn an_outcome_keeps_the_server_message_and_the_text_within_bounds() {
+    let long_text = "x".repeat(MAX_OUTCOME_TEXT + 10);
+    let echoed = "\u{1}".repeat(MAX_SERVER_MESSAGE * 2);
+    let outcome = outcome_record(
+        query(&long_text),
+        Some(("22P02".into(), echoed)),
+        Delivery::Sent,
+    )
+    .expect("a statement has an outcome");
+    assert!(outcome.status_detail.len() < MAX_SERVER_MESSAGE + 64);
+    assert!(outcome.status_detail.ends_with("bytes, cut)"));
+    assert!(outcome.query_info_query_string.len() < MAX_OUTCOME_TEXT + 100);
+    assert!(outcome
+        .query_info_query_string
+        .ends_with("bytes; the whole text is in the request row)"));
+    // Short texts are repeated whole.
+    let outcome = outcome_record(query("select 1"), None, Delivery::Sent).expect("outcome");
+    assert_eq!(outcome.query_info_query_string, "select 1");
+}
+
+/// A writer that keeps what it is given until flushed (as TLS does
+/// when the socket is full): `send_all` must flush.
+#[tokio::test]
+async fn send_all_flushes_what_a_buffering_writer_holds() {
+    let (near, mut far) = tokio::io::duplex(1024);
+    let mut buffering = tokio::io::BufWriter::new(near);
+    send_all(&mut buffering, b"ReadyForQuery")
+        .await
+        .expect("send");
+    let mut got = [0u8; 13];
+    tokio::time::timeout(std::time::Duration::from_secs(5), far.read_exact(&mut got))
+        .await
+        .expect("the bytes arrive without another write")
+        .expect("read");
+    assert_eq!(&got, b"ReadyForQuery");
+}
+
+#[test]
+fn an_intent_is_kept_up_to_its_limit() {
+    let long = format!("/* intent: {} */ SELECT 1", "why ".repeat(2000));
+    let intent = intent_of(&long).expect("an intent");
+    assert_eq!(intent.len(), MAX_INTENT);
+    assert_eq!(
+        intent_of("/* intent: audit */ SELECT 1").as_deref(),
+        Some("audit")
+    );
+}
