@@ -126,15 +126,18 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
     remove_tmp_files(&dir)?;
 
     // The manifest: a torn last line is an append cut short by a crash (its
-    // records are still in the WAL); anything else is damage we refuse to
-    // write after.
+    // records are still in the WAL: WAL files go only once their entry is
+    // whole and signed). An append is torn only if its newline never
+    // landed; a whole line that does not read is damage (bit rot, an
+    // edit), and dropping it would delete the segment it lists and reuse
+    // its sequence numbers. We refuse to write after damage.
     let (manifest, bad) = Manifest::read(&dir)?;
     if let Some(bad) = bad {
         let raw = fs::read(dir.join(manifest::FILE))?;
         let good = manifest.byte_len() as usize;
         let rest = &raw[good.min(raw.len())..];
-        let only_last = rest.iter().filter(|b| **b == b'\n').count() <= 1;
-        if !only_last {
+        let torn_append = !rest.contains(&b'\n');
+        if !torn_append {
             anyhow::bail!(
                 "{}: line {} is damaged ({}); run `tollgate audit verify`",
                 dir.join(manifest::FILE).display(),
@@ -143,10 +146,13 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
             );
         }
         warn!(line = bad.line + 1, reason = %bad.reason, "dropping torn last manifest line");
-        fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .write(true)
-            .open(dir.join(manifest::FILE))?
-            .set_len(good as u64)?;
+            .open(dir.join(manifest::FILE))?;
+        file.set_len(good as u64)?;
+        // Else the torn line could come back after a power loss, behind
+        // the entries appended from now on.
+        file.sync_all()?;
     }
     remove_unlisted_segments(&dir, &manifest)?;
 

@@ -574,6 +574,68 @@ async fn manifest_damaged_before_its_last_line_stops_the_store() {
 }
 
 #[tokio::test]
+async fn a_torn_last_manifest_line_is_dropped_and_the_chain_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 5;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    for i in 0..15 {
+        log.append(sample(i, store::now_ms())).await.unwrap();
+    }
+    // What a kill -9 in the middle of a manifest append leaves: the new
+    // entry cut before its newline.
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    let path = crashed.join(manifest::FILE);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("{\"kind\":\"segment\",\"first_se");
+    std::fs::write(&path, text).unwrap();
+
+    let cfg2 = AuditConfig {
+        dir: crashed.clone(),
+        ..cfg.clone()
+    };
+    let log = AuditLog::open(&cfg2).await.unwrap();
+    assert_eq!(log.append(sample(99, store::now_ms())).await.unwrap(), 16);
+    log.shutdown().await;
+    assert_chain(&read_segments(&crashed), 16);
+    let key = checkpoint::Verifier::load(&crashed.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(&crashed, &key);
+    assert!(r.ok, "{:#?}", r.problems);
+}
+
+#[tokio::test]
+async fn a_damaged_whole_last_manifest_line_stops_the_store_and_keeps_its_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 5;
+    let log = AuditLog::open(&cfg).await.unwrap();
+    for i in 0..15 {
+        log.append(sample(i, store::now_ms())).await.unwrap();
+    }
+    log.shutdown().await;
+    let segments_before = store::list_segment_files(&cfg.dir).unwrap();
+    // One flipped byte in a line that was written whole (and signed): not
+    // a torn append, so not something to drop.
+    let path = cfg.dir.join(manifest::FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let last = text.trim_end().rfind('\n').map_or(0, |i| i + 1);
+    let mut bytes = text.into_bytes();
+    assert_eq!(bytes[last], b'{');
+    bytes[last] = b'[';
+    std::fs::write(&path, &bytes).unwrap();
+
+    let err = AuditLog::open(&cfg).await.err().unwrap();
+    assert!(err.to_string().contains("is damaged"), "{err}");
+    assert_eq!(
+        store::list_segment_files(&cfg.dir).unwrap(),
+        segments_before
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}
+
+#[tokio::test]
 async fn policy_fields_round_trip_through_segments_and_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
