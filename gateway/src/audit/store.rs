@@ -183,7 +183,12 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
     // Replay the WAL past the manifest: those records were acknowledged but
     // their segment was never closed.
     let wal_dir = dir.join("wal");
-    let (records, reports) = wal::read_all(&wal_dir)?;
+    let seal_key = seg.signer.wal_seal_key();
+    let wal::Merged {
+        records,
+        seals,
+        reports,
+    } = wal::read_all(&wal_dir)?;
     for r in &reports {
         match &r.tail {
             wal::Tail::Clean => {}
@@ -202,20 +207,47 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
     let mut pending = Vec::new();
     let mut replay_broken = false;
     let replay_from = next_seq;
+    // How many of `pending` a valid seal covers: only those are replayed.
+    let mut sealed = 0;
+    let mut chain = (next_seq, prev_hash.clone());
     for r in records.into_iter().filter(|r| r.sequence >= replay_from) {
         let hash = r.compute_hash();
-        if r.sequence != next_seq || r.prev_record_hash != prev_hash || r.record_hash != hash {
+        if r.sequence != chain.0 || r.prev_record_hash != chain.1 || r.record_hash != hash {
             error!(
                 sequence = r.sequence,
-                expected = next_seq,
+                expected = chain.0,
                 "WAL record does not continue the chain; stopping replay here"
             );
             replay_broken = true;
             break;
         }
-        next_seq += 1;
-        prev_hash = r.record_hash.clone();
+        chain = (r.sequence + 1, r.record_hash.clone());
+        let seal = seals.get(&r.sequence);
         pending.push(r);
+        if let Some(seal) = seal {
+            if !seal.covers(&seal_key, &chain.1) {
+                error!(
+                    sequence = chain.0 - 1,
+                    "WAL seal does not match its records: they were not written by this \
+                     daemon's key; stopping replay here"
+                );
+                replay_broken = true;
+                break;
+            }
+            sealed = pending.len();
+            (next_seq, prev_hash) = chain.clone();
+        }
+    }
+    if sealed < pending.len() {
+        // A batch is acknowledged only once its seal is written with it:
+        // records past the last seal were cut short by a crash, or were
+        // never written by tollgate. Either way they are not replayed.
+        warn!(
+            records = pending.len() - sealed,
+            from_sequence = next_seq,
+            "WAL records after the last seal are not replayed"
+        );
+        pending.truncate(sealed);
     }
     if !pending.is_empty() {
         info!(records = pending.len(), "rebuilding segments from the WAL");
@@ -268,6 +300,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         generation,
         next_seq,
         prev_hash,
+        seal_key,
         closed_files: Vec::new(),
         buffer: Vec::new(),
         buffer_since: None,
@@ -665,6 +698,8 @@ struct Writer {
     generation: u64,
     next_seq: u64,
     prev_hash: String,
+    /// Seals each batch (see [`wal::Seal`]).
+    seal_key: ring::hmac::Key,
     /// WAL files no longer written to; deleted once their records are in
     /// manifested segments.
     closed_files: Vec<PathBuf>,
@@ -806,6 +841,7 @@ impl Writer {
         bytes.clear();
         let mut chained = std::mem::take(&mut self.chained);
         chained.clear();
+        let mut last_hash = None;
         for Pending {
             record: mut r,
             frame,
@@ -818,10 +854,16 @@ impl Writer {
             // and one SHA-256 per record give both the WAL bytes and the hash.
             let hash = frame.finish(&r, &mut bytes);
             set_hex(&mut r.record_hash, &hash);
+            last_hash = Some(hash);
             prev.clear();
             prev.push_str(&r.record_hash);
             chained.push(r);
             seq += 1;
+        }
+        // Written in the same write as the batch: no record is
+        // acknowledged without the seal that lets replay take it.
+        if let Some(hash) = last_hash {
+            wal::append_seal(&mut bytes, &self.seal_key, seq - 1, &hash);
         }
         let written = self.write_durably(&bytes, first);
         // Both lists keep their capacity for the next batch.

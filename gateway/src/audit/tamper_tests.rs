@@ -288,6 +288,14 @@ async fn wal_tail_continuing_the_chain_verifies_clean() {
     assert_eq!(r.records, 20);
     assert_eq!(r.wal_records, 5);
     assert_eq!(r.last_sequence, Some(25));
+    // It says what it could not check.
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.starts_with("5 records are only in the WAL")),
+        "{:?}",
+        r.notes
+    );
 }
 
 #[tokio::test]
@@ -296,9 +304,8 @@ async fn flipped_wal_byte_is_located() {
     let cfg = build_with_wal(tmp.path()).await;
     let (_, _, path) = wal::list(&cfg.dir.join("wal")).unwrap().pop().unwrap();
     let mut bytes = fs::read(&path).unwrap();
-    // Inside the second frame's payload.
-    let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
-    let at = 8 + first_len + 8 + 20;
+    // Inside the second record's payload.
+    let at = super::tests::record_frames(&bytes)[1] + 8 + 20;
     bytes[at] ^= 0x01;
     fs::write(&path, bytes).unwrap();
     let r = verify(&cfg.dir, &key(&cfg));

@@ -347,7 +347,7 @@ async fn submit_chains_in_call_order_and_resolves_once_in_the_wal() {
     assert_eq!(a.await.unwrap(), 1);
     assert_eq!(b.await.unwrap(), 2);
     // Resolved means on disk: the WAL holds all three, chained.
-    let (records, _) = wal::read_all(&cfg.dir.join("wal")).unwrap();
+    let records = wal::read_all(&cfg.dir.join("wal")).unwrap().records;
     assert_chain(&records, 3);
     assert_eq!(records[1].request_uid, "req-1");
     log.shutdown().await;
@@ -457,6 +457,114 @@ async fn auditor_group_owns_every_file_and_directory() {
     assert!(checked > 8);
 }
 
+/// Records chained on from `prev` (sequence, hash), as anyone who can
+/// write the WAL can make them: the chain needs no key.
+fn forged_frames(prev: (u64, String), n: usize, now: i64) -> (Vec<u8>, Vec<AuditRecord>) {
+    let (mut sequence, mut prev_hash) = prev;
+    let mut bytes = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..n {
+        let mut r = sample(1000 + i, now);
+        r.query_info_query_string = "forged".into();
+        sequence += 1;
+        r.sequence = sequence;
+        r.prev_record_hash = prev_hash.clone();
+        r.record_hash = hex::encode(wal::encode_frame(&r, &mut bytes));
+        prev_hash = r.record_hash.clone();
+        records.push(r);
+    }
+    (bytes, records)
+}
+
+#[tokio::test]
+async fn records_forged_into_the_wal_are_not_replayed_into_signed_segments() {
+    for foreign_seal in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path());
+        let (log, now) = open_with_samples(&cfg, 5).await;
+        log.shutdown().await;
+        // A clean shutdown leaves the WAL empty; the manifest says where
+        // the chain ends.
+        let (manifest, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+        let last = manifest.last_segment().unwrap();
+        let (mut bytes, forged) =
+            forged_frames((last.last_seq, last.last_record_hash.clone()), 3, now);
+        if foreign_seal {
+            // Sealed, but with a key that is not the daemon's.
+            let other = checkpoint::Signer::generate("someone-else").wal_seal_key();
+            let tip = forged.last().unwrap();
+            let hash: [u8; 32] = hex::decode(&tip.record_hash).unwrap().try_into().unwrap();
+            wal::append_seal(&mut bytes, &other, tip.sequence, &hash);
+        }
+        let path = cfg
+            .dir
+            .join("wal")
+            .join(wal::file_name(99, last.last_seq + 1));
+        std::fs::write(&path, &bytes).unwrap();
+
+        let log = AuditLog::open(&cfg).await.unwrap();
+        assert_eq!(
+            log.append(sample(9, now)).await.unwrap(),
+            last.last_seq + 1,
+            "foreign seal: {foreign_seal}"
+        );
+        log.shutdown().await;
+        let rows = read_segments(&cfg.dir);
+        assert!(rows.iter().all(|r| r.query_info_query_string != "forged"));
+        assert_chain(&rows, last.last_seq + 1);
+    }
+}
+
+#[tokio::test]
+async fn a_wal_record_edited_after_a_crash_is_not_replayed_and_is_flagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 3600;
+    let (log, now) = open_with_samples(&cfg, 5).await;
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    // The last record is rewritten with its chain recomputed; its seal,
+    // which needs the key, is left as it was.
+    let (_, _, path) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let contents = wal::read_file(&path).unwrap();
+    let mut edited = contents.records[4].clone();
+    edited.query_info_query_string = "SELECT 'nothing to see'".into();
+    let at = record_frames(&bytes)[4];
+    let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let mut forged = bytes[..at].to_vec();
+    edited.record_hash = hex::encode(wal::encode_frame(&edited, &mut forged));
+    forged.extend_from_slice(&bytes[at + 8 + len..]);
+    std::fs::write(&path, &forged).unwrap();
+    assert_eq!(wal::read_file(&path).unwrap().records[4], edited);
+
+    let cfg2 = AuditConfig {
+        dir: crashed.clone(),
+        ..cfg.clone()
+    };
+    let log = AuditLog::open(&cfg2).await.unwrap();
+    // The four records before it are replayed; the chain goes on from them.
+    assert_eq!(log.append(sample(9, now)).await.unwrap(), 5);
+    log.shutdown().await;
+    let rows = read_segments(&crashed);
+    assert!(rows
+        .iter()
+        .all(|r| r.query_info_query_string != edited.query_info_query_string));
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    assert!(std::path::Path::new(&aside).exists());
+    let key = checkpoint::Verifier::load(&crashed.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(&crashed, &key);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.kind == verify::Kind::WalCorrupt),
+        "{:#?}",
+        r.problems
+    );
+}
+
 #[tokio::test]
 async fn second_store_on_the_same_directory_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -470,6 +578,24 @@ async fn second_store_on_the_same_directory_is_refused() {
     log.shutdown().await;
 }
 
+/// Where each record frame of a WAL file starts (seal frames, which have
+/// the top bit of their length set, skipped).
+pub(crate) fn record_frames(bytes: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap());
+        if len == 0 {
+            break;
+        }
+        if len & (1 << 31) == 0 {
+            out.push(off);
+        }
+        off += 8 + (len & !(1 << 31)) as usize;
+    }
+    out
+}
+
 #[tokio::test]
 async fn wal_that_breaks_the_chain_is_kept_aside_and_flagged() {
     let tmp = tempfile::tempdir().unwrap();
@@ -479,13 +605,10 @@ async fn wal_that_breaks_the_chain_is_kept_aside_and_flagged() {
     let crashed = tmp.path().join("crashed");
     crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;
-    // Damage the third frame of the only WAL file.
+    // Damage the third record of the only WAL file.
     let (_, _, path) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
-    let mut off = 0;
-    for _ in 0..2 {
-        off += 8 + u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
-    }
+    let off = record_frames(&bytes)[2];
     bytes[off + 30] ^= 0x20;
     std::fs::write(&path, bytes).unwrap();
 
@@ -582,26 +705,20 @@ async fn a_torn_last_manifest_line_is_dropped_and_the_chain_goes_on() {
     for i in 0..15 {
         log.append(sample(i, store::now_ms())).await.unwrap();
     }
+    log.shutdown().await;
     // What a kill -9 in the middle of a manifest append leaves: the new
     // entry cut before its newline.
-    let crashed = tmp.path().join("crashed");
-    crash_copy(&cfg.dir, &crashed);
-    log.shutdown().await;
-    let path = crashed.join(manifest::FILE);
+    let path = cfg.dir.join(manifest::FILE);
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str("{\"kind\":\"segment\",\"first_se");
     std::fs::write(&path, text).unwrap();
 
-    let cfg2 = AuditConfig {
-        dir: crashed.clone(),
-        ..cfg.clone()
-    };
-    let log = AuditLog::open(&cfg2).await.unwrap();
+    let log = AuditLog::open(&cfg).await.unwrap();
     assert_eq!(log.append(sample(99, store::now_ms())).await.unwrap(), 16);
     log.shutdown().await;
-    assert_chain(&read_segments(&crashed), 16);
-    let key = checkpoint::Verifier::load(&crashed.join("keys/checkpoint.key.pub")).unwrap();
-    let r = verify::verify(&crashed, &key);
+    assert_chain(&read_segments(&cfg.dir), 16);
+    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(&cfg.dir, &key);
     assert!(r.ok, "{:#?}", r.problems);
 }
 

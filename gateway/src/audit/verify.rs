@@ -754,6 +754,14 @@ fn check_wal(dir: &Path, mut cur: Cursor, cx: &mut Ctx) {
         cur.next_seq = r.sequence + 1;
         cur.prev_hash = r.record_hash;
     }
+    if cx.report.wal_records > 0 {
+        cx.report.notes.push(format!(
+            "{} records are only in the WAL: their chain is checked here; the seals \
+             that authenticate them need the daemon's secret key and are checked \
+             when it next starts",
+            cx.report.wal_records
+        ));
+    }
 }
 
 fn fmt_time(ms: Option<i64>) -> String {

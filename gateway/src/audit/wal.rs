@@ -20,6 +20,13 @@
 //! a failed batch never leaves garbage in front of acknowledged records: a
 //! later file starting at sequence S supersedes whatever an earlier file
 //! holds from S on (see [`read_all`]).
+//!
+//! Every batch ends in a seal frame: an HMAC-SHA256, under a key derived
+//! from the audit signing key, of the batch's last sequence and record
+//! hash. The chain is public (SHA-256 needs no key), so without the seal
+//! anyone who can write the WAL could edit or append records with a valid
+//! chain, and the daemon would put them into signed segments at its next
+//! start. Replay takes only records a valid seal covers (see [`Seal`]).
 
 use std::{
     fs,
@@ -85,6 +92,70 @@ fn seal_frame(out: &mut [u8], start: usize, hasher: Sha256, hasher_covers: usize
     out[start..start + 4].copy_from_slice(&len);
     out[start + 4..start + 8].copy_from_slice(&crc);
     hash
+}
+
+/// Set in a frame's length field: the frame is a [`Seal`], not a record.
+/// Record frames are at most [`MAX_FRAME`] (2^26) long, so the bit is
+/// free.
+const SEAL_FLAG: u32 = 1 << 31;
+
+/// The seal that ends a batch: `mac` is the hex HMAC-SHA256 of the
+/// sequence (8 bytes, little-endian) and the SHA-256 record hash of the
+/// batch's last record, keyed with the WAL seal key
+/// ([`super::checkpoint::Signer::wal_seal_key`]). Through the chain it
+/// covers every record up to that one. Its frame payload is JSON, like a
+/// record's, so a payload never holds a zero byte (see
+/// [`has_unwritten_sector`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seal {
+    pub sealed_sequence: u64,
+    pub mac: String,
+}
+
+fn seal_tag(key: &ring::hmac::Key, sequence: u64, record_hash: &[u8; 32]) -> ring::hmac::Tag {
+    let mut context = ring::hmac::Context::with_key(key);
+    context.update(&sequence.to_le_bytes());
+    context.update(record_hash);
+    context.sign()
+}
+
+/// Appends the seal frame of a batch whose last record has `sequence` and
+/// `record_hash`.
+pub fn append_seal(
+    out: &mut Vec<u8>,
+    key: &ring::hmac::Key,
+    sequence: u64,
+    record_hash: &[u8; 32],
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 8]);
+    out.extend_from_slice(b"{\"mac\":\"");
+    let mut digits = [0u8; 64];
+    // 64 bytes are exactly room for a 32-byte tag in hex: it cannot fail.
+    let _ = hex::encode_to_slice(seal_tag(key, sequence, record_hash), &mut digits);
+    out.extend_from_slice(&digits);
+    out.extend_from_slice(b"\",\"sealed_sequence\":");
+    out.extend_from_slice(itoa::Buffer::new().format(sequence).as_bytes());
+    out.push(b'}');
+    let payload = &out[start + 8..];
+    let len = (payload.len() as u32 | SEAL_FLAG).to_le_bytes();
+    let crc = crc32fast::hash(payload).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc);
+}
+
+impl Seal {
+    /// Whether this seal was made with `key` for the record with
+    /// `record_hash` (hex) at its sequence. Compared in constant time.
+    pub fn covers(&self, key: &ring::hmac::Key, record_hash: &str) -> bool {
+        let (Ok(mac), Ok(hash)) = (hex::decode(&self.mac), hex::decode(record_hash)) else {
+            return false;
+        };
+        let mut message = self.sealed_sequence.to_le_bytes().to_vec();
+        message.extend_from_slice(&hash);
+        hash.len() == 32 && ring::hmac::verify(key, &message, &mac).is_ok()
+    }
 }
 
 /// Largest encoding buffer a thread keeps between records.
@@ -292,6 +363,7 @@ pub enum Tail {
 
 pub struct WalFileContents {
     pub records: Vec<AuditRecord>,
+    pub seals: Vec<Seal>,
     pub tail: Tail,
 }
 
@@ -326,6 +398,7 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
     let mut bytes = Vec::new();
     fs::File::open(path)?.read_to_end(&mut bytes)?;
     let mut records = Vec::new();
+    let mut seals = Vec::new();
     let mut off = 0usize;
     let tail = loop {
         if off == bytes.len() {
@@ -346,6 +419,8 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
             break Tail::Torn { offset: off as u64 };
         }
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let is_seal = len & SEAL_FLAG != 0;
+        let len = len & !SEAL_FLAG;
         if len > MAX_FRAME {
             break Tail::Corrupt {
                 offset: off as u64,
@@ -368,6 +443,20 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
                 reason: "CRC32 mismatch".into(),
             };
         }
+        if is_seal {
+            match serde_json::from_slice::<Seal>(payload) {
+                Ok(seal) => seals.push(seal),
+                Err(e) => {
+                    break Tail::Corrupt {
+                        offset: off as u64,
+                        frame: records.len(),
+                        reason: format!("undecodable seal: {e}"),
+                    }
+                }
+            }
+            off = end;
+            continue;
+        }
         match serde_json::from_slice::<AuditRecord>(payload) {
             Ok(mut r) => {
                 // Files written before the payload was the canonical
@@ -387,7 +476,11 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
         }
         off = end;
     };
-    Ok(WalFileContents { records, tail })
+    Ok(WalFileContents {
+        records,
+        seals,
+        tail,
+    })
 }
 
 /// One file's part in the merged view.
@@ -397,23 +490,38 @@ pub struct WalFileReport {
     pub tail: Tail,
 }
 
+/// The WAL's files merged (see [`read_all`]).
+pub struct Merged {
+    pub records: Vec<AuditRecord>,
+    /// Seals by the sequence they were made for.
+    pub seals: std::collections::HashMap<u64, Seal>,
+    pub reports: Vec<WalFileReport>,
+}
+
 /// Reads all WAL files in generation order and merges them: a file whose
-/// first sequence is S drops records >= S gathered from earlier files
-/// (they belonged to a failed, unacknowledged batch).
-pub fn read_all(wal_dir: &Path) -> io::Result<(Vec<AuditRecord>, Vec<WalFileReport>)> {
-    let mut merged: Vec<AuditRecord> = Vec::new();
+/// first sequence is S drops records (and seals) >= S gathered from
+/// earlier files (they belonged to a failed, unacknowledged batch).
+pub fn read_all(wal_dir: &Path) -> io::Result<Merged> {
+    let mut records: Vec<AuditRecord> = Vec::new();
+    let mut seals = std::collections::HashMap::new();
     let mut reports = Vec::new();
     for (generation, first_seq, path) in list(wal_dir)? {
         let contents = read_file(&path)?;
-        merged.retain(|r| r.sequence < first_seq);
-        merged.extend(contents.records);
+        records.retain(|r| r.sequence < first_seq);
+        seals.retain(|sequence, _| *sequence < first_seq);
+        records.extend(contents.records);
+        seals.extend(contents.seals.into_iter().map(|s| (s.sealed_sequence, s)));
         reports.push(WalFileReport {
             path,
             generation,
             tail: contents.tail,
         });
     }
-    Ok((merged, reports))
+    Ok(Merged {
+        records,
+        seals,
+        reports,
+    })
 }
 
 #[cfg(test)]
