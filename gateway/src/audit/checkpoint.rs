@@ -375,6 +375,14 @@ pub fn last_counter(dir: &Path) -> io::Result<u64> {
     Ok(list(dir)?.last().map(|(n, _)| *n).unwrap_or(0))
 }
 
+/// The time the newest checkpoint in `dir` signed, if it reads and its
+/// signature verifies with `key`.
+pub fn last_time(dir: &Path, key: &Verifier) -> Option<i64> {
+    let (_, path) = list(dir).ok()?.pop()?;
+    let text = fs::read_to_string(path).ok()?;
+    open_note(&text, key).ok()?.time_ms
+}
+
 /// Checkpoints kept in full: the newest this many ...
 pub const KEEP_RECENT: u64 = 1000;
 /// ... and, older than that, every checkpoint whose counter is a multiple of

@@ -156,24 +156,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
     }
     remove_unlisted_segments(&dir, &manifest)?;
 
-    let mut seg = SegState {
-        lock: Some(lock),
-        dir: dir.clone(),
-        perms,
-        manifest,
-        signer,
-        origin: String::new(),
-        checkpoint_counter: checkpoint::last_counter(&dir.join("checkpoints"))?,
-        last_checkpoint: Instant::now(),
-        checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
-        idle_prev: None,
-        retention_days: cfg.retention_days,
-        last_retention: None,
-    };
-    seg.origin = cfg
-        .origin
-        .clone()
-        .unwrap_or_else(|| seg.signer.name.clone());
+    let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
 
     let (mut next_seq, mut prev_hash) = match seg.manifest.last_segment() {
         Some(s) => (s.last_seq + 1, s.last_record_hash.clone()),
@@ -1096,6 +1079,11 @@ struct SegState {
     origin: String,
     checkpoint_counter: u64,
     last_checkpoint: Instant,
+    /// The time the last checkpoint signed. A checkpoint never signs an
+    /// earlier one: after the wall clock steps back (NTP, a host that
+    /// boots before its clock is set), verify would otherwise report a
+    /// checkpoint that went back in time on a directory nobody touched.
+    last_checkpoint_ms: i64,
     checkpoint_every: Duration,
     /// The last checkpoint if it was an idle one, with its tree size.
     idle_prev: Option<(PathBuf, usize)>,
@@ -1300,8 +1288,37 @@ impl SegState {
         Ok(())
     }
 
+    /// `lock` is the directory's lock (see [`lock_dir`]), released before
+    /// shutdown is confirmed.
+    fn new(
+        cfg: &AuditConfig,
+        lock: Option<fs::File>,
+        perms: Perms,
+        manifest: Manifest,
+        signer: Signer,
+    ) -> io::Result<SegState> {
+        let checkpoints = cfg.dir.join("checkpoints");
+        Ok(SegState {
+            lock,
+            dir: cfg.dir.clone(),
+            perms,
+            manifest,
+            origin: cfg.origin.clone().unwrap_or_else(|| signer.name.clone()),
+            checkpoint_counter: checkpoint::last_counter(&checkpoints)?,
+            last_checkpoint: Instant::now(),
+            last_checkpoint_ms: checkpoint::last_time(&checkpoints, &signer.public())
+                .unwrap_or(i64::MIN),
+            signer,
+            checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+            idle_prev: None,
+            retention_days: cfg.retention_days,
+            last_retention: None,
+        })
+    }
+
     fn write_checkpoint(&mut self) -> anyhow::Result<()> {
         self.checkpoint_counter += 1;
+        let time = now_ms().max(self.last_checkpoint_ms);
         checkpoint::write(
             &self.dir.join("checkpoints"),
             &self.perms,
@@ -1309,9 +1326,10 @@ impl SegState {
             &self.origin,
             &self.manifest,
             self.checkpoint_counter,
-            now_ms(),
+            time,
         )?;
         self.last_checkpoint = Instant::now();
+        self.last_checkpoint_ms = time;
         checkpoint::thin(
             &self.dir.join("checkpoints"),
             self.checkpoint_counter,
@@ -1416,20 +1434,8 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
     let lock = lock_dir(&cfg.dir, &perms)?;
-    let mut seg = SegState {
-        lock: Some(lock),
-        dir: cfg.dir.clone(),
-        perms,
-        manifest,
-        origin: cfg.origin.clone().unwrap_or_else(|| signer.name.clone()),
-        signer,
-        checkpoint_counter: checkpoint::last_counter(&cfg.dir.join("checkpoints"))?,
-        last_checkpoint: Instant::now(),
-        checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
-        idle_prev: None,
-        retention_days: Some(days),
-        last_retention: None,
-    };
+    let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
+    seg.retention_days = Some(days);
     seg.retain(days, now)
 }
 
@@ -1583,20 +1589,7 @@ mod segment_order_tests {
         }
         let signer = Signer::load_or_generate(&cfg, &perms).expect("key");
         let (manifest, _) = Manifest::read(dir).expect("manifest");
-        SegState {
-            lock: None,
-            dir: dir.to_path_buf(),
-            perms,
-            manifest,
-            origin: signer.name.clone(),
-            signer,
-            checkpoint_counter: 0,
-            last_checkpoint: Instant::now(),
-            checkpoint_every: Duration::from_secs(60),
-            idle_prev: None,
-            retention_days: None,
-            last_retention: None,
-        }
+        SegState::new(&cfg, None, perms, manifest, signer).expect("segment state")
     }
 
     fn record(sequence: u64) -> AuditRecord {

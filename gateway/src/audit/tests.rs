@@ -994,3 +994,34 @@ async fn segments_stay_sorted_and_match_the_manifest_when_the_clock_goes_back_li
         check_segments_against_manifest(&crashed, times.len() as u64);
     }
 }
+
+#[tokio::test]
+async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let (log, now) = open_with_samples(&cfg, 3).await;
+    log.shutdown().await;
+    // The last checkpoint was signed while the wall clock ran a day ahead;
+    // the clock has been set right since.
+    let signer = checkpoint::Signer::load(&cfg.dir.join("keys/checkpoint.key")).unwrap();
+    let (manifest, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    let checkpoints = cfg.dir.join("checkpoints");
+    let ahead = now + 86_400_000;
+    checkpoint::write(
+        &checkpoints,
+        &fsutil::Perms::for_group(None).unwrap(),
+        &signer,
+        cfg.origin.as_deref().unwrap_or(&signer.name),
+        &manifest,
+        checkpoint::last_counter(&checkpoints).unwrap() + 1,
+        ahead,
+    )
+    .unwrap();
+
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.append(sample(9, store::now_ms())).await.unwrap();
+    log.shutdown().await;
+    assert!(checkpoint::last_time(&checkpoints, &signer.public()).unwrap() >= ahead);
+    let r = verify::verify(&cfg.dir, &signer.public());
+    assert!(r.ok, "{:#?}", r.problems);
+}
