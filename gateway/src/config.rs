@@ -371,6 +371,16 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The example in deploy/ parses, and its identity settings pass the
+    /// checks `check-config` runs (its files are placeholders).
+    #[test]
+    fn the_deploy_example_parses() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let config = Config::parse(text, "deploy/tollgate.toml").expect("parse");
+        assert_eq!(config.targets.len(), 1);
+        crate::identity::Verifier::check(&config.identity).expect("identity settings");
+    }
+
     /// A config file in `dir` whose one target takes its password from
     /// `password_file`, written there; the file's path.
     fn write_config(dir: &Path, password_file: &Path) -> PathBuf {

@@ -1,7 +1,11 @@
 //! `tollgate`: the command line. Each subcommand is a thin call into the
 //! library; the work lives in the stage modules.
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -125,9 +129,7 @@ fn main() -> ExitCode {
         Command::Run { config, ready_file } => {
             runtime().and_then(|rt| rt.block_on(run(config, ready_file)))
         }
-        Command::CheckConfig { config } => Config::load(&config)
-            .map(|_| println!("{}: ok", config.display()))
-            .map_err(Into::into),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Unpin { config } => unpin(config),
         Command::Verify {
             dir,
@@ -166,6 +168,20 @@ fn exit(result: Result<ExitCode>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Everything `run` would refuse at start before it touches the network,
+/// the kernel or the audit directory: the file itself, the identity
+/// settings and key file, each target's TLS material.
+fn check_config(path: &Path) -> Result<()> {
+    let config = Config::load(path)?;
+    Verifier::check(&config.identity)
+        .with_context(|| format!("{}: identity provider", path.display()))?;
+    for target in &config.targets {
+        proxy::Target::new(target.clone()).with_context(|| path.display().to_string())?;
+    }
+    println!("{}: ok", path.display());
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -306,6 +306,67 @@ fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
     assert!(err.contains("invalid socket address"), "{err}");
 }
 
+/// `check-config` refuses what `run` would refuse at start, before any
+/// of it runs: an identity key file that does not load, a target's TLS
+/// certificate that cannot be read.
+#[test]
+fn check_config_refuses_what_run_would_refuse_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |identity_keys: &str, target_tls: &str| {
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[identity]\ntenants = [\"{}\"]\naudiences = [\"{}\"]\n{identity_keys}\n\
+                 [audit]\ndir = \"{}\"\n\
+                 [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:5432\"\n\
+                 listen = \"127.0.0.1:16432\"\ncredential = {{ user = \"u\" }}\n{target_tls}\n",
+                idp::TENANT,
+                idp::AUDIENCE,
+                dir.path().join("audit").display(),
+            ),
+        )
+        .expect("write config");
+        let out = Command::new(tollgate_tests::tollgate_bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run tollgate");
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let jwks = dir.path().join("jwks.json");
+    let missing_cert = dir.path().join("missing-cert.pem");
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}",
+        missing_cert.display(),
+        dir.path().join("missing-key.pem").display()
+    );
+
+    let (ok, _, err) = check(&format!("jwks_file = \"{}\"", jwks.display()), "");
+    assert!(!ok, "a missing jwks_file passed");
+    assert!(
+        err.contains("identity.jwks_file") && err.contains("jwks.json"),
+        "{err}"
+    );
+
+    std::fs::write(&jwks, "not json").expect("write jwks");
+    let (ok, _, err) = check(&format!("jwks_file = \"{}\"", jwks.display()), "");
+    assert!(!ok, "a jwks_file that is not JSON passed");
+    assert!(err.contains("identity.jwks_file"), "{err}");
+
+    std::fs::write(&jwks, r#"{"keys": []}"#).expect("write jwks");
+    let (ok, _, err) = check(&format!("jwks_file = \"{}\"", jwks.display()), &tls);
+    assert!(!ok, "a missing TLS certificate passed");
+    assert!(
+        err.contains("target db") && err.contains("missing-cert.pem"),
+        "{err}"
+    );
+
+    let (ok, out, err) = check(&format!("jwks_file = \"{}\"", jwks.display()), "");
+    assert!(ok, "{err}");
+    assert!(out.ends_with(": ok"), "{out}");
+}
+
 #[test]
 fn a_session_ends_when_its_token_expires() {
     if !privileged("a_session_ends_when_its_token_expires") {

@@ -199,8 +199,9 @@ pub enum DurabilityMode {
     /// survives a crash or kill of tollgate) before its request is
     /// forwarded, by the session itself; a background thread fdatasyncs
     /// the WAL at most every `buffered_sync_interval_ms`, so a crash of the
-    /// whole host can lose what the last sync had not yet covered (that
-    /// interval plus one fdatasync). For disks whose sync latency is the
+    /// whole host can lose what the last sync had not yet covered (up to
+    /// that interval plus two fdatasyncs: a record written just after a
+    /// sync started waits for the next one). For disks whose sync latency is the
     /// bottleneck; like auditd's `flush = incremental_async` or
     /// PostgreSQL's `synchronous_commit = off`.
     Buffered,

@@ -221,7 +221,7 @@ impl KeyStore {
     }
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, KeyLoadError> {
+pub fn parse_json(bytes: &[u8]) -> Result<Value, KeyLoadError> {
     serde_json::from_slice(bytes).map_err(|e| KeyLoadError::Parse(format!("not JSON: {e}")))
 }
 

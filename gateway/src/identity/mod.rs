@@ -513,6 +513,26 @@ impl Verifier {
     /// refresh (which ends when the last clone of the verifier is dropped).
     /// Bad settings fail here; an unreachable key endpoint does not (tokens
     /// are refused until keys arrive), but an unreadable `jwks_file` does.
+    /// What `from_config` would refuse, without starting anything or using
+    /// the network: the settings, the key source, the Graph client, and a
+    /// `jwks_file`'s keys (for `tollgate check-config`).
+    pub fn check(config: &IdentityConfig) -> anyhow::Result<()> {
+        Settings::from_config(config)?;
+        let source = key_source(config)?;
+        if let Some(g) = &config.graph {
+            GraphClient::new(g, config.development_idp)?;
+        }
+        if let KeySource::File(path) = &source {
+            let loaded = std::fs::read(path)
+                .map_err(|e| keys::KeyLoadError::Fetch(format!("reading {}: {e}", path.display())))
+                .and_then(|bytes| keys::parse_jwks(&keys::parse_json(&bytes)?));
+            if let Err(e) = loaded {
+                anyhow::bail!("identity.jwks_file: {e}");
+            }
+        }
+        Ok(())
+    }
+
     pub async fn from_config(config: &IdentityConfig) -> anyhow::Result<Verifier> {
         let settings = Settings::from_config(config)?;
         let source = key_source(config)?;

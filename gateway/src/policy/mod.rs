@@ -191,8 +191,8 @@ pub struct Grant {
     #[serde(default)]
     pub allow_unparsed: bool,
     /// What the audit keeps of results: `metadata` (columns masked, row
-    /// count, bytes) or `full` (also the rows, after masking, up to
-    /// `record_results_max_bytes` per statement).
+    /// count, bytes) or `full` (also the rows, after masking, up to 64 KiB
+    /// per statement: the relay's `MAX_RECORDED_RESULT_BYTES`).
     #[serde(default)]
     pub record_results: RecordResults,
 }
