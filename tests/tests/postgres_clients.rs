@@ -584,6 +584,66 @@ fn copy_of_masked_column_after(stack: &Stack, agent: &str, scenario: &str) -> Va
     answers
 }
 
+/// Masks are resolved against the catalog before any of the agent's
+/// messages is relayed; when that fails, the session does not start
+/// (fail closed), the agent is told why, and the refusal is on record.
+#[test]
+fn a_session_whose_masked_columns_cannot_be_resolved_does_not_start() {
+    if !privileged("a_session_whose_masked_columns_cannot_be_resolved_does_not_start") {
+        return;
+    }
+    let stack = Stack::start_with_policy(MASKING_POLICY).expect("start the stack");
+    // tollgate's upstream role may no longer read the columns' catalog
+    // (it is a superuser in the other tests, which reads anything).
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            &format!(
+                "ALTER ROLE {} NOSUPERUSER; REVOKE SELECT ON pg_catalog.pg_attribute FROM PUBLIC",
+                stack.postgres.gateway_user
+            ),
+        )
+        .expect("revoke");
+    let agent = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let out = agent_psql(&stack, &agent)
+        .args(["-c", "SELECT email FROM customers WHERE id = 1"])
+        .output()
+        .expect("psql");
+    assert!(!out.status.success(), "the session started");
+    assert!(!text(&out.stdout).contains("@example.com"), "a row leaked");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("masked columns could not be resolved")
+            && err.contains("42501 permission denied for table pg_attribute"),
+        "{err}"
+    );
+    let rows = stack
+        .audit_rows(
+            "SELECT status_detail FROM audit WHERE phase = 'refusal' AND class_uid = 3002 \
+             AND starts_with(status_detail, 'masks_unresolved: ')",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("the refusal row");
+    assert!(
+        rows[0]["status_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("permission denied"),
+        "{rows:?}"
+    );
+    // Nothing of the agent's reached the server.
+    let statements = stack
+        .audit_rows(
+            "SELECT count(*) AS n FROM audit WHERE query_info_query_string LIKE '%customers%'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("count");
+    assert_eq!(statements[0]["n"], 0, "{statements:?}");
+}
+
 #[test]
 fn masked_columns_never_leave_tollgate_unless_the_role_may_see_them() {
     if !privileged("masked_columns_never_leave_tollgate_unless_the_role_may_see_them") {

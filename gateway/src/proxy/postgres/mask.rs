@@ -51,16 +51,27 @@ const CATALOG_QUERY: &str =
      WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
      AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
+/// Why a session's masked columns could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("the catalog lookup failed: {0}")]
+    Wire(#[from] WireError),
+    /// The server refused the catalog query (the role may not read the
+    /// catalog, a timeout, ...).
+    #[error("the server refused the catalog lookup: {code} {message}")]
+    Refused { code: String, message: String },
+}
+
 /// Resolves `patterns` to columns with one catalog query on the session's
 /// own upstream connection, before any agent message is relayed.
 pub async fn resolve(
     stream: &mut crate::proxy::tls::BoxedIo,
     buf: &mut BytesMut,
     patterns: Vec<Pattern>,
-) -> Result<MaskSet, WireError> {
+) -> Result<MaskSet, ResolveError> {
     let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::query(CATALOG_QUERY, &mut out)?;
-    super::send_all(stream, &out).await?;
+    postgres_protocol::message::frontend::query(CATALOG_QUERY, &mut out).map_err(WireError::Io)?;
+    super::send_all(stream, &out).await.map_err(WireError::Io)?;
     let mut set = MaskSet {
         columns: HashMap::new(),
         patterns,
@@ -82,9 +93,7 @@ pub async fn resolve(
             }
             b'E' => {
                 let (code, message) = wire::error_fields(&frame);
-                return Err(WireError::Malformed(format!(
-                    "catalog lookup for masking failed: {code} {message}"
-                )));
+                return Err(ResolveError::Refused { code, message });
             }
             b'Z' => return Ok(set),
             _ => {}

@@ -309,7 +309,7 @@ async fn serve(
                 fatal(
                     &mut client_wr,
                     SQLSTATE_UPSTREAM,
-                    &format!("tollgate: {err}"),
+                    &format!("tollgate: the session's masked columns could not be resolved, so it is refused: {err}"),
                 )
                 .await;
                 return Ok(());
