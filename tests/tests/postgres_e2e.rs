@@ -285,6 +285,15 @@ fn unpin_removes_the_redirect() {
     assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
 }
 
+/// `tollgate check-config --config path`, run to completion.
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(tollgate_tests::tollgate_bin())
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .expect("run tollgate")
+}
+
 #[test]
 fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -294,11 +303,7 @@ fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
         "[identity]\ntenants = []\naudiences = []\njwks_file = \"/nonexistent\"\n[audit]\ndir = \"/tmp/x\"\n[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:5432\"\nlisten = \"not-an-address\"\ncredential = { user = \"u\" }\n",
     )
     .expect("write config");
-    let out = Command::new(tollgate_tests::tollgate_bin())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run tollgate");
+    let out = check_config(&path);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("broken.toml"), "{err}");
@@ -327,11 +332,7 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
             ),
         )
         .expect("write config");
-        let out = Command::new(tollgate_tests::tollgate_bin())
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run tollgate");
+        let out = check_config(&path);
         (out.status.success(), stdout(&out), stderr(&out))
     };
     let jwks = dir.path().join("jwks.json");
@@ -341,6 +342,10 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
         missing_cert.display(),
         dir.path().join("missing-key.pem").display()
     );
+
+    let (ok, _, err) = check("jwks_uri = \"http://idp.example/keys\"", "");
+    assert!(!ok, "a plain-http jwks_uri passed");
+    assert!(err.contains("jwks_uri http://idp.example/keys"), "{err}");
 
     let (ok, _, err) = check(&format!("jwks_file = \"{}\"", jwks.display()), "");
     assert!(!ok, "a missing jwks_file passed");

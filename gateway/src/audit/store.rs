@@ -36,6 +36,10 @@ const PLAIN_SWITCH: u64 = 1 << 20;
 const INLINE_CUT_CHECK: Duration = Duration::from_millis(250);
 /// How often a failed segment write is retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How far back the wall clock may step (NTP, a boot before the clock is
+/// set) while checkpoints keep the last signed time (see
+/// `SegState::last_checkpoint_ms`).
+const MAX_CLOCK_STEP_BACK_MS: i64 = 3_600_000;
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
@@ -221,14 +225,16 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
             (next_seq, prev_hash) = chain.clone();
         }
     }
-    if sealed < pending.len() {
-        // A batch is acknowledged only once its seal is written with it:
-        // records past the last seal were cut short by a crash, or were
-        // never written by tollgate. Either way they are not replayed.
+    // A batch is acknowledged only once its seal is written with it:
+    // records past the last seal were cut short by a crash, or were never
+    // written by tollgate. Either way they are not replayed; their files
+    // are kept, as evidence, where replay does not look.
+    let unsealed_from = pending.get(sealed).map(|r| r.sequence);
+    if let Some(from) = unsealed_from {
         warn!(
             records = pending.len() - sealed,
-            from_sequence = next_seq,
-            "WAL records after the last seal are not replayed"
+            from_sequence = from,
+            "WAL records after the last seal are not replayed; their files are kept as *.log.unsealed"
         );
         pending.truncate(sealed);
     }
@@ -242,11 +248,19 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         .map(|r| &r.path)
         .collect();
     for r in &reports {
+        let holds_unsealed = matches!(
+            (unsealed_from, r.last_sequence),
+            (Some(from), Some(last)) if last >= from
+        );
         if replay_broken || corrupt.contains(&&r.path) {
             // Keep damaged WAL files as evidence, out of the replay path;
             // verify reports them.
             let mut to = r.path.as_os_str().to_owned();
             to.push(".corrupt");
+            fs::rename(&r.path, &to)?;
+        } else if holds_unsealed {
+            let mut to = r.path.as_os_str().to_owned();
+            to.push(".unsealed");
             fs::rename(&r.path, &to)?;
         } else {
             fs::remove_file(&r.path)?;
@@ -1079,10 +1093,11 @@ struct SegState {
     origin: String,
     checkpoint_counter: u64,
     last_checkpoint: Instant,
-    /// The time the last checkpoint signed. A checkpoint never signs an
-    /// earlier one: after the wall clock steps back (NTP, a host that
-    /// boots before its clock is set), verify would otherwise report a
-    /// checkpoint that went back in time on a directory nobody touched.
+    /// The time the last checkpoint signed. After the wall clock steps back
+    /// (NTP, a host that boots before its clock is set) by up to
+    /// [`MAX_CLOCK_STEP_BACK_MS`], a checkpoint signs this time again
+    /// instead: verify would otherwise report a checkpoint that went back
+    /// in time on a directory nobody touched.
     last_checkpoint_ms: i64,
     checkpoint_every: Duration,
     /// The last checkpoint if it was an idle one, with its tree size.
@@ -1318,7 +1333,24 @@ impl SegState {
 
     fn write_checkpoint(&mut self) -> anyhow::Result<()> {
         self.checkpoint_counter += 1;
-        let time = now_ms().max(self.last_checkpoint_ms);
+        let now = now_ms();
+        let time = if now >= self.last_checkpoint_ms {
+            now
+        } else if self.last_checkpoint_ms - now <= MAX_CLOCK_STEP_BACK_MS {
+            self.last_checkpoint_ms
+        } else {
+            // Further than a clock step: the last checkpoint was signed with
+            // a clock far ahead. Holding its time would keep every later
+            // checkpoint in the future (and `--max-checkpoint-age-secs`
+            // from ever firing); the real time is signed, and verify shows
+            // the regression.
+            error!(
+                last_checkpoint_ms = self.last_checkpoint_ms,
+                now_ms = now,
+                "the last checkpoint is dated ahead of the wall clock by more than a clock step; signing the current time"
+            );
+            now
+        };
         checkpoint::write(
             &self.dir.join("checkpoints"),
             &self.perms,

@@ -512,21 +512,33 @@ async fn records_forged_into_the_wal_are_not_replayed_into_signed_segments() {
         let rows = read_segments(&cfg.dir);
         assert!(rows.iter().all(|r| r.query_info_query_string != "forged"));
         assert_chain(&rows, last.last_seq + 1);
+        // Kept as evidence, and verify says so: records with no seal are
+        // what a crash can leave too (a note); a seal that does not match
+        // is not (a problem).
+        if foreign_seal {
+            assert_set_aside_and_flagged(&cfg.dir, &path);
+        } else {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".unsealed");
+            assert!(std::path::Path::new(&aside).exists());
+            let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
+            let r = verify::verify(&cfg.dir, &key);
+            assert!(r.ok, "{:#?}", r.problems);
+            assert!(
+                r.notes.iter().any(|n| n.contains("no seal covers")),
+                "{:?}",
+                r.notes
+            );
+        }
     }
 }
 
 #[tokio::test]
 async fn a_wal_record_edited_after_a_crash_is_not_replayed_and_is_flagged() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.segment_max_age_secs = 3600;
-    let (log, now) = open_with_samples(&cfg, 5).await;
-    let crashed = tmp.path().join("crashed");
-    crash_copy(&cfg.dir, &crashed);
-    log.shutdown().await;
+    let (cfg, path) = crashed_with_five_in_the_wal(tmp.path()).await;
     // The last record is rewritten with its chain recomputed; its seal,
     // which needs the key, is left as it was.
-    let (_, _, path) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let contents = wal::read_file(&path).unwrap();
     let mut edited = contents.records[4].clone();
@@ -539,30 +551,13 @@ async fn a_wal_record_edited_after_a_crash_is_not_replayed_and_is_flagged() {
     std::fs::write(&path, &forged).unwrap();
     assert_eq!(wal::read_file(&path).unwrap().records[4], edited);
 
-    let cfg2 = AuditConfig {
-        dir: crashed.clone(),
-        ..cfg.clone()
-    };
-    let log = AuditLog::open(&cfg2).await.unwrap();
     // The four records before it are replayed; the chain goes on from them.
-    assert_eq!(log.append(sample(9, now)).await.unwrap(), 5);
-    log.shutdown().await;
-    let rows = read_segments(&crashed);
+    assert_eq!(append_after_recovery(&cfg).await, 5);
+    let rows = read_segments(&cfg.dir);
     assert!(rows
         .iter()
         .all(|r| r.query_info_query_string != edited.query_info_query_string));
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(".corrupt");
-    assert!(std::path::Path::new(&aside).exists());
-    let key = checkpoint::Verifier::load(&crashed.join("keys/checkpoint.key.pub")).unwrap();
-    let r = verify::verify(&crashed, &key);
-    assert!(
-        r.problems
-            .iter()
-            .any(|p| p.kind == verify::Kind::WalCorrupt),
-        "{:#?}",
-        r.problems
-    );
+    assert_set_aside_and_flagged(&cfg.dir, &path);
 }
 
 #[tokio::test]
@@ -599,37 +594,61 @@ pub(crate) fn record_frames(bytes: &[u8]) -> Vec<usize> {
 #[tokio::test]
 async fn wal_that_breaks_the_chain_is_kept_aside_and_flagged() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.segment_max_age_secs = 3600;
-    let (log, now) = open_with_samples(&cfg, 5).await;
-    let crashed = tmp.path().join("crashed");
-    crash_copy(&cfg.dir, &crashed);
-    log.shutdown().await;
+    let (cfg, path) = crashed_with_five_in_the_wal(tmp.path()).await;
     // Damage the third record of the only WAL file.
-    let (_, _, path) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     let off = record_frames(&bytes)[2];
     bytes[off + 30] ^= 0x20;
     std::fs::write(&path, bytes).unwrap();
 
-    let cfg2 = AuditConfig {
-        dir: crashed.clone(),
-        ..cfg.clone()
-    };
-    let log = AuditLog::open(&cfg2).await.unwrap();
     // The two intact records were recovered; the chain goes on after them.
-    assert_eq!(log.append(sample(9, now)).await.unwrap(), 3);
+    assert_eq!(append_after_recovery(&cfg).await, 3);
+    assert_set_aside_and_flagged(&cfg.dir, &path);
+}
+
+/// A crash copy of a store whose 5 records are all still in its one WAL
+/// file: the copy's config, and the file.
+async fn crashed_with_five_in_the_wal(tmp: &Path) -> (AuditConfig, std::path::PathBuf) {
+    let mut cfg = config(tmp);
+    cfg.segment_max_age_secs = 3600;
+    let (log, _) = open_with_samples(&cfg, 5).await;
+    let crashed = tmp.join("crashed");
+    crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;
-    let mut aside = path.as_os_str().to_owned();
+    let (_, _, path) = wal::list(&crashed.join("wal")).unwrap().pop().unwrap();
+    (
+        AuditConfig {
+            dir: crashed,
+            ..cfg
+        },
+        path,
+    )
+}
+
+/// Opens the store (recovering it), appends one record and shuts down:
+/// the record's sequence.
+async fn append_after_recovery(cfg: &AuditConfig) -> u64 {
+    let log = AuditLog::open(cfg).await.unwrap();
+    let sequence = log.append(sample(9, store::now_ms())).await.unwrap();
+    log.shutdown().await;
+    sequence
+}
+
+/// Recovery set `wal_file` aside as `.corrupt`, and verify flags it.
+fn assert_set_aside_and_flagged(dir: &Path, wal_file: &Path) {
+    let mut aside = wal_file.as_os_str().to_owned();
     aside.push(".corrupt");
     assert!(std::path::Path::new(&aside).exists());
-    let key = checkpoint::Verifier::load(&crashed.join("keys/checkpoint.key.pub")).unwrap();
-    let r = verify::verify(&crashed, &key);
+    let key = checkpoint::Verifier::load(&dir.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(dir, &key);
     assert!(!r.ok);
-    assert!(r
-        .problems
-        .iter()
-        .any(|p| p.kind == verify::Kind::WalCorrupt && p.file.ends_with(".corrupt")));
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.kind == verify::Kind::WalCorrupt && p.file.ends_with(".corrupt")),
+        "{:#?}",
+        r.problems
+    );
 }
 
 /// A crash copy with 20 records in a segment and 5 only in the WAL.
@@ -674,21 +693,32 @@ async fn crash_between_segment_rename_and_manifest_is_rebuilt() {
     assert_eq!(log.append(sample(0, store::now_ms())).await.unwrap(), 26);
     log.shutdown().await;
     assert_chain(&read_segments(&cfg.dir), 26);
-    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
-    let r = verify::verify(&cfg.dir, &key);
-    assert!(r.ok, "{:#?}", r.problems);
+    assert_verifies_clean(&cfg.dir);
 }
 
-#[tokio::test]
-async fn manifest_damaged_before_its_last_line_stops_the_store() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
+/// A closed store of 15 records in three segments of 5.
+async fn closed_in_three_segments(tmp: &Path) -> AuditConfig {
+    let mut cfg = config(tmp);
     cfg.segment_max_records = 5;
     let log = AuditLog::open(&cfg).await.unwrap();
     for i in 0..15 {
         log.append(sample(i, store::now_ms())).await.unwrap();
     }
     log.shutdown().await;
+    cfg
+}
+
+/// `audit verify` with the directory's own public key finds no problem.
+pub(crate) fn assert_verifies_clean(dir: &Path) {
+    let key = checkpoint::Verifier::load(&dir.join("keys/checkpoint.key.pub")).unwrap();
+    let r = verify::verify(dir, &key);
+    assert!(r.ok, "{:#?}", r.problems);
+}
+
+#[tokio::test]
+async fn manifest_damaged_before_its_last_line_stops_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = closed_in_three_segments(tmp.path()).await;
     let path = cfg.dir.join(manifest::FILE);
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replacen("{\"kind\"", "{\"kinx\"", 1)).unwrap();
@@ -699,13 +729,7 @@ async fn manifest_damaged_before_its_last_line_stops_the_store() {
 #[tokio::test]
 async fn a_torn_last_manifest_line_is_dropped_and_the_chain_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.segment_max_records = 5;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    for i in 0..15 {
-        log.append(sample(i, store::now_ms())).await.unwrap();
-    }
-    log.shutdown().await;
+    let cfg = closed_in_three_segments(tmp.path()).await;
     // What a kill -9 in the middle of a manifest append leaves: the new
     // entry cut before its newline.
     let path = cfg.dir.join(manifest::FILE);
@@ -717,21 +741,13 @@ async fn a_torn_last_manifest_line_is_dropped_and_the_chain_goes_on() {
     assert_eq!(log.append(sample(99, store::now_ms())).await.unwrap(), 16);
     log.shutdown().await;
     assert_chain(&read_segments(&cfg.dir), 16);
-    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
-    let r = verify::verify(&cfg.dir, &key);
-    assert!(r.ok, "{:#?}", r.problems);
+    assert_verifies_clean(&cfg.dir);
 }
 
 #[tokio::test]
 async fn a_damaged_whole_last_manifest_line_stops_the_store_and_keeps_its_segment() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.segment_max_records = 5;
-    let log = AuditLog::open(&cfg).await.unwrap();
-    for i in 0..15 {
-        log.append(sample(i, store::now_ms())).await.unwrap();
-    }
-    log.shutdown().await;
+    let cfg = closed_in_three_segments(tmp.path()).await;
     let segments_before = store::list_segment_files(&cfg.dir).unwrap();
     // One flipped byte in a line that was written whole (and signed): not
     // a torn append, so not something to drop.
@@ -1001,12 +1017,12 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
     let cfg = config(tmp.path());
     let (log, now) = open_with_samples(&cfg, 3).await;
     log.shutdown().await;
-    // The last checkpoint was signed while the wall clock ran a day ahead;
-    // the clock has been set right since.
+    // The last checkpoint was signed while the wall clock ran ten minutes
+    // ahead; the clock has been stepped back since.
     let signer = checkpoint::Signer::load(&cfg.dir.join("keys/checkpoint.key")).unwrap();
     let (manifest, _) = manifest::Manifest::read(&cfg.dir).unwrap();
     let checkpoints = cfg.dir.join("checkpoints");
-    let ahead = now + 86_400_000;
+    let ahead = now + 600_000;
     checkpoint::write(
         &checkpoints,
         &fsutil::Perms::for_group(None).unwrap(),
@@ -1024,4 +1040,29 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
     assert!(checkpoint::last_time(&checkpoints, &signer.public()).unwrap() >= ahead);
     let r = verify::verify(&cfg.dir, &signer.public());
     assert!(r.ok, "{:#?}", r.problems);
+
+    // A checkpoint dated further ahead than a clock step is not followed:
+    // later ones sign the real time, and verify shows the regression.
+    let far_ahead = store::now_ms() + 30 * 86_400_000;
+    checkpoint::write(
+        &checkpoints,
+        &fsutil::Perms::for_group(None).unwrap(),
+        &signer,
+        cfg.origin.as_deref().unwrap_or(&signer.name),
+        &manifest::Manifest::read(&cfg.dir).unwrap().0,
+        checkpoint::last_counter(&checkpoints).unwrap() + 1,
+        far_ahead,
+    )
+    .unwrap();
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.shutdown().await;
+    assert!(checkpoint::last_time(&checkpoints, &signer.public()).unwrap() < far_ahead);
+    let r = verify::verify(&cfg.dir, &signer.public());
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.kind == verify::Kind::CheckpointRegressed),
+        "{:#?}",
+        r.problems
+    );
 }

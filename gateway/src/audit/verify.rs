@@ -677,6 +677,15 @@ fn check_wal(dir: &Path, mut cur: Cursor, cx: &mut Ctx) {
     if let Ok(rd) = fs::read_dir(&wal_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".unsealed") {
+                // A crash can cut a batch before its seal; so can a
+                // forger, who cannot make one. Neither was replayed.
+                cx.report.notes.push(format!(
+                    "wal/{name}: set aside at recovery: it holds records no seal covers (a batch \
+                     cut short by a crash, never acknowledged, or records tollgate did not \
+                     write); they were not replayed"
+                ));
+            }
             if name.ends_with(".corrupt") {
                 // Acknowledged records after the damage may be missing from
                 // the chain: a problem, not a note.

@@ -140,9 +140,19 @@ pub fn append_seal(
     out.push(b'}');
     let payload = &out[start + 8..];
     let len = (payload.len() as u32 | SEAL_FLAG).to_le_bytes();
-    let crc = crc32fast::hash(payload).to_le_bytes();
+    let crc = seal_crc(payload).to_le_bytes();
     out[start..start + 4].copy_from_slice(&len);
     out[start + 4..start + 8].copy_from_slice(&crc);
+}
+
+/// A seal frame's checksum also covers its kind: one flipped bit in the
+/// length field must not turn a seal into a record frame whose checksum
+/// still holds (nor a record into a seal).
+fn seal_crc(payload: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(b"seal");
+    crc.update(payload);
+    crc.finalize()
 }
 
 impl Seal {
@@ -433,7 +443,11 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
             break Tail::Torn { offset: off as u64 };
         }
         let payload = &bytes[off + 8..end];
-        if crc32fast::hash(payload) != crc {
+        let computed = match is_seal {
+            true => seal_crc(payload),
+            false => crc32fast::hash(payload),
+        };
+        if computed != crc {
             if has_unwritten_sector(&bytes, off + 8, end) {
                 break Tail::Torn { offset: off as u64 };
             }
@@ -458,6 +472,15 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
             continue;
         }
         match serde_json::from_slice::<AuditRecord>(payload) {
+            // Every record has a sequence from 1: a frame that decodes
+            // without one is not a record (missing fields default).
+            Ok(r) if r.sequence == 0 => {
+                break Tail::Corrupt {
+                    offset: off as u64,
+                    frame: records.len(),
+                    reason: "a frame without a sequence number".into(),
+                }
+            }
             Ok(mut r) => {
                 // Files written before the payload was the canonical
                 // encoding carry the hash in the record itself.
@@ -487,6 +510,8 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
 pub struct WalFileReport {
     pub path: PathBuf,
     pub generation: u64,
+    /// The sequence of the file's last record, if it has one.
+    pub last_sequence: Option<u64>,
     pub tail: Tail,
 }
 
@@ -509,11 +534,13 @@ pub fn read_all(wal_dir: &Path) -> io::Result<Merged> {
         let contents = read_file(&path)?;
         records.retain(|r| r.sequence < first_seq);
         seals.retain(|sequence, _| *sequence < first_seq);
+        let last_sequence = contents.records.last().map(|r| r.sequence);
         records.extend(contents.records);
         seals.extend(contents.seals.into_iter().map(|s| (s.sealed_sequence, s)));
         reports.push(WalFileReport {
             path,
             generation,
+            last_sequence,
             tail: contents.tail,
         });
     }
@@ -538,6 +565,49 @@ mod tests {
             records.push(r);
         }
         (bytes, records)
+    }
+
+    /// One flipped bit in a seal's length field (its kind) must not make
+    /// it read as a record, nor a record as a seal: either is corrupt.
+    #[test]
+    fn a_frame_whose_kind_bit_flips_is_corrupt() {
+        let key = super::super::checkpoint::Signer::generate("t").wal_seal_key();
+        let (mut bytes, records) = frames(2);
+        let tip: [u8; 32] = hex::decode(&records[1].record_hash)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let seal_at = bytes.len();
+        append_seal(&mut bytes, &key, 2, &tip);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(1, 1));
+
+        fs::write(&path, &bytes).unwrap();
+        let whole = read_file(&path).unwrap();
+        assert_eq!((whole.records.len(), whole.seals.len()), (2, 1));
+        assert_eq!(whole.tail, Tail::Clean);
+        assert!(whole.seals[0].covers(&key, &records[1].record_hash));
+
+        let mut seal_as_record = bytes.clone();
+        seal_as_record[seal_at + 3] ^= 0x80;
+        fs::write(&path, &seal_as_record).unwrap();
+        let read = read_file(&path).unwrap();
+        assert!(
+            matches!(read.tail, Tail::Corrupt { frame: 2, .. }),
+            "{:?}",
+            read.tail
+        );
+        assert_eq!(read.records.len(), 2);
+
+        let mut record_as_seal = bytes;
+        record_as_seal[3] ^= 0x80;
+        fs::write(&path, &record_as_seal).unwrap();
+        let read = read_file(&path).unwrap();
+        assert!(
+            matches!(read.tail, Tail::Corrupt { frame: 0, .. }),
+            "{:?}",
+            read.tail
+        );
     }
 
     /// A frame prepared before chaining and finished by the writer is the

@@ -509,16 +509,16 @@ const _: fn() = || {
 };
 
 impl Verifier {
-    /// Builds a verifier, loads the keys once and starts the scheduled
-    /// refresh (which ends when the last clone of the verifier is dropped).
-    /// Bad settings fail here; an unreachable key endpoint does not (tokens
-    /// are refused until keys arrive), but an unreadable `jwks_file` does.
     /// What `from_config` would refuse, without starting anything or using
-    /// the network: the settings, the key source, the Graph client, and a
-    /// `jwks_file`'s keys (for `tollgate check-config`).
+    /// the network: the settings, the key source and its URL, the Graph
+    /// client, and a `jwks_file`'s keys (for `tollgate check-config`).
     pub fn check(config: &IdentityConfig) -> anyhow::Result<()> {
         Settings::from_config(config)?;
         let source = key_source(config)?;
+        if let KeySource::Jwks(url) | KeySource::Discovery(url) = &source {
+            keys::check_url(url, config.development_idp)
+                .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        }
         if let Some(g) = &config.graph {
             GraphClient::new(g, config.development_idp)?;
         }
@@ -533,6 +533,10 @@ impl Verifier {
         Ok(())
     }
 
+    /// Builds a verifier, loads the keys once and starts the scheduled
+    /// refresh (which ends when the last clone of the verifier is dropped).
+    /// Bad settings fail here; an unreachable key endpoint does not (tokens
+    /// are refused until keys arrive), but an unreadable `jwks_file` does.
     pub async fn from_config(config: &IdentityConfig) -> anyhow::Result<Verifier> {
         let settings = Settings::from_config(config)?;
         let source = key_source(config)?;
