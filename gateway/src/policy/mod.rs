@@ -305,10 +305,13 @@ impl Policy {
         for grant in &applicable {
             match check(grant, request) {
                 Ok(()) => {
+                    if let Some((rule, reason)) = denied_by_any(&applicable, request) {
+                        return Decision::Deny { rule, reason };
+                    }
                     return Decision::Allow {
                         rule: grant.name.clone(),
                         record_results: grant.record_results,
-                    }
+                    };
                 }
                 Err((rule, reason)) => {
                     first_refusal.get_or_insert((format!("{}:{rule}", grant.name), reason));
@@ -319,6 +322,30 @@ impl Policy {
             first_refusal.unwrap_or_else(|| (first.name.clone(), "refused".into()));
         Decision::Deny { rule, reason }
     }
+}
+
+/// A table that any applicable grant denies is refused, whichever grant
+/// would allow the statement: `deny_tables` holds "whatever else says". A
+/// statement that could not be parsed (let through by `allow_unparsed`)
+/// cannot be shown to leave those tables alone, so it is refused too.
+fn denied_by_any(applicable: &[&Grant], request: &Request<'_>) -> Option<(String, String)> {
+    for grant in applicable.iter().filter(|g| !g.deny_tables.is_empty()) {
+        let rule = format!("{}:deny_tables", grant.name);
+        let Ok(operations) = request.operations else {
+            return Some((
+                rule,
+                "the statement could not be parsed, so it cannot be shown to leave the denied tables alone".into(),
+            ));
+        };
+        for op in operations {
+            for table in op.reads.iter().chain(&op.writes) {
+                if grant.deny_tables.iter().any(|p| p.matches(table)) {
+                    return Some((rule, format!("table {table} is denied")));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// `Err((rule, reason))` names the first thing the grant does not allow.

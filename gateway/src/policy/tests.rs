@@ -242,6 +242,66 @@ write_tables = ["public.scratch"]
     );
 }
 
+/// A table one applicable grant denies stays denied when another grant
+/// would allow the statement (the shape of deploy/tollgate.toml: a writer
+/// holds both the readers' and the writers' grants).
+#[test]
+fn a_denied_table_stays_denied_whatever_another_grant_allows() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "readers"
+roles = ["reader", "writer"]
+read_tables = ["public.*"]
+deny_tables = ["public.secrets"]
+
+[[grant]]
+name = "writers"
+roles = ["writer"]
+kinds = ["read", "write"]
+write_tables = ["public.orders"]
+
+[[grant]]
+name = "raw"
+roles = ["raw"]
+allow_unparsed = true
+"#,
+    );
+    for sql in [
+        "SELECT * FROM secrets",
+        "SELECT o.id FROM orders o JOIN public.secrets s ON s.id = o.id",
+        "INSERT INTO orders SELECT * FROM secrets",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&policy, &["writer"], sql)),
+            Some("readers:deny_tables"),
+            "{sql}"
+        );
+    }
+    // Near misses: the other grant still allows what no deny touches.
+    assert_eq!(
+        denied_by(&decide(&policy, &["writer"], "SELECT * FROM orders")),
+        None
+    );
+    assert_eq!(
+        denied_by(&decide(
+            &policy,
+            &["writer"],
+            "INSERT INTO orders VALUES (1)"
+        )),
+        None
+    );
+    // Raw SQL cannot be shown to leave the denied table alone.
+    assert_eq!(
+        denied_by(&decide(&policy, &["reader", "raw"], "SELEC * FROM secrets")),
+        Some("readers:deny_tables")
+    );
+    assert_eq!(
+        denied_by(&decide(&policy, &["raw"], "SELEC * FROM secrets")),
+        None
+    );
+}
+
 #[test]
 fn a_masked_caller_cannot_run_what_the_parser_cannot_read() {
     let policy = policy(
