@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tollgate_tests::{duckdb, privileged, AgentCgroup, Stack};
+use tollgate_tests::{duckdb, evidence, privileged, AgentCgroup, Stack};
 
 const AGENT_OID: &str = "6b3f0c1e-7a55-4d7e-9a43-2f4a1c9d0b11";
 const AUDIT_WAIT: Duration = Duration::from_secs(30);
@@ -475,6 +475,34 @@ fn a_cancelled_query_is_cancelled_through_tollgate() {
     let row = outcome_of(&stack, "SELECT pg_sleep(60)");
     assert_eq!(row["status_id"], 2);
     assert_eq!(row["response_error_code"], "57014");
+
+    // The cancel's own connection to the server is tollgate's, on record
+    // with its socket's cookie: verification counts it as an audited
+    // gateway upstream, not a bypass. (The test's own superuser psql,
+    // which watched for the sleep, is a bypass of its own.)
+    let audit = stack.gateway.audit_dir();
+    let mut run = None;
+    let reconciled = tollgate_tests::wait_for(
+        "the cancel's connection to be reconciled",
+        Duration::from_secs(30),
+        || {
+            let r = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
+            let done = r.report["audited_upstreams"].as_u64() >= Some(2);
+            run = Some(r);
+            done
+        },
+    );
+    let run = run.expect("verify ran");
+    assert!(reconciled.is_ok(), "{}", run.summary);
+    let bypasses = run.report["bypasses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        bypasses.iter().all(|b| b["process"] == "psql"),
+        "{}",
+        run.summary
+    );
 }
 
 extern "C" {

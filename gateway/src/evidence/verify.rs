@@ -439,6 +439,12 @@ pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, V
     ))
 }
 
+/// How far apart the kernel's record of a gateway connection and the audit
+/// record naming its socket's cookie may be. The audit record follows the
+/// connection by at most the upstream login's timeout; the rest is room for
+/// the wall clock to be stepped between the two.
+pub const COOKIE_WINDOW_MS: i64 = 10 * 60 * 1000;
+
 /// The reconciliation itself, on rows already read.
 pub fn reconcile(
     dir: &Path,
@@ -484,7 +490,22 @@ pub fn reconcile(
         );
     }
 
-    let audited: HashSet<i64> = audit.iter().filter_map(|r| r.cookie).collect();
+    // Socket cookies are unique within one boot of the host and start again
+    // at every boot: a connection counts as the gateway's only if a record
+    // with its cookie was written around the time the kernel saw it (see
+    // COOKIE_WINDOW_MS), so an old audited cookie cannot cover a later
+    // bypass that happens to get the same number.
+    let mut audited: HashMap<i64, Vec<i64>> = HashMap::new();
+    for r in audit {
+        if let Some(cookie) = r.cookie {
+            audited.entry(cookie).or_default().push(r.time);
+        }
+    }
+    let audited_at = |cookie: i64, time: i64| {
+        audited
+            .get(&cookie)
+            .is_some_and(|times| times.iter().any(|t| (t - time).abs() <= COOKIE_WINDOW_MS))
+    };
     let redirected: HashSet<i64> = evidence
         .iter()
         .filter(|r| r.phase == phase::EVIDENCE && kind(r) == "redirected")
@@ -523,13 +544,16 @@ pub fn reconcile(
         losses: Vec::new(),
         problems: Vec::new(),
     };
-    let mut seen_connections: HashSet<(i64, Option<i64>)> = HashSet::new();
+    let mut seen_connections: HashSet<(i64, String, Option<i32>)> = HashSet::new();
     for row in evidence.iter().filter(|r| in_window(r.time)) {
         match (row.phase.as_str(), kind(row).as_str()) {
             (phase::EVIDENCE, "tcp_connect") => {
-                // During a restart two probes may both report a connection.
+                // During a restart two probes may both report a connection:
+                // the same socket to the same address. A socket that
+                // connects again elsewhere keeps its cookie, and that is
+                // a connection of its own.
                 if let Some(cookie) = row.cookie {
-                    if !seen_connections.insert((cookie, row.dst_port.map(i64::from))) {
+                    if !seen_connections.insert((cookie, row.dst_ip.clone(), row.dst_port)) {
                         continue;
                     }
                 }
@@ -540,7 +564,7 @@ pub fn reconcile(
                     .is_some_and(|c| agent_cgroups.contains_key(&c));
                 if let Some(target) = dst.and_then(|d| targets.get(&d)) {
                     report.to_protected_targets += 1;
-                    if row.cookie.is_some_and(|c| audited.contains(&c)) {
+                    if row.cookie.is_some_and(|c| audited_at(c, row.time)) {
                         report.audited_upstreams += 1;
                         continue;
                     }
@@ -830,12 +854,71 @@ mod tests {
         }
     }
 
+    /// The audit record of a gateway connection, written when the
+    /// evidence rows of [`connect`] are.
     fn audit_row(cookie: i64) -> Row {
         Row {
             phase: "request".into(),
+            time: 1_700_000_000_000,
             cookie: Some(cookie),
             ..Row::default()
         }
+    }
+
+    /// A socket keeps its cookie when it connects again: a refused connect
+    /// elsewhere first does not hide its connection to the target.
+    #[test]
+    fn a_socket_that_connects_again_to_a_target_is_judged_again() {
+        let evidence = vec![
+            config_row(1),
+            connect(2, 3, "python3", "127.0.0.1:5432", 600),
+            connect(3, 3, "python3", "10.0.0.5:5432", 600),
+            // What two probes report of one connection during a restart.
+            connect(4, 3, "python3", "10.0.0.5:5432", 600),
+            loss(5, 0),
+        ];
+        let r = reconcile(
+            Path::new("/a"),
+            &[],
+            &evidence,
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(!r.ok);
+        assert_eq!(r.tcp_connections, 2);
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
+    }
+
+    /// Cookies start again at every boot: an audited cookie covers only a
+    /// connection the kernel saw around the time of its record.
+    #[test]
+    fn an_audited_cookie_does_not_cover_a_later_connection_with_the_same_number() {
+        let day = 86_400_000;
+        let mut after_reboot = connect(2, 3, "python3", "10.0.0.5:5432", 500);
+        after_reboot.time += day;
+        let mut gateway = Row {
+            pid: Some(10),
+            ..connect(3, 5, "tokio-runtime-w", "10.0.0.5:5432", 501)
+        };
+        gateway.time += day;
+        let mut gateway_record = audit_row(501);
+        gateway_record.time += day + 20_000;
+        let evidence = vec![config_row(1), after_reboot, gateway, loss(4, 0)];
+        let r = reconcile(
+            Path::new("/a"),
+            &[audit_row(500), gateway_record],
+            &evidence,
+            checked(),
+            checked(),
+            &opts(),
+        );
+        assert!(!r.ok);
+        assert_eq!(r.audited_upstreams, 1);
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
+        assert_eq!(r.bypasses[0].socket_cookie, Some(500));
     }
 
     #[test]

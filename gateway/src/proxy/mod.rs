@@ -22,7 +22,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tracing::{info, warn, Instrument};
 
 use crate::{
@@ -239,13 +239,13 @@ pub fn now_millis() -> i64 {
 /// The kernel's cookie of a socket the gateway opened upstream: the
 /// evidence probes see the same cookie, which is how verification tells a
 /// gateway connection from a bypass.
-pub fn socket_cookie(stream: &TcpStream) -> Option<u64> {
+pub fn socket_cookie(socket: &impl AsRawFd) -> Option<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: the fd is a live socket; cookie and len are valid for writes.
     let rc = unsafe {
         libc::getsockopt(
-            stream.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_COOKIE,
             (&mut cookie as *mut u64).cast(),
@@ -253,4 +253,18 @@ pub fn socket_cookie(stream: &TcpStream) -> Option<u64> {
         )
     };
     (rc == 0).then_some(cookie)
+}
+
+/// A TCP socket for a connection upstream, and its cookie, known before
+/// the connection is tried: the kernel records the attempt whether or not
+/// it succeeds, so the audit names it either way.
+pub fn upstream_socket(
+    address: SocketAddr,
+) -> std::io::Result<(tokio::net::TcpSocket, Option<u64>)> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    let cookie = socket_cookie(&socket);
+    Ok((socket, cookie))
 }

@@ -12,15 +12,16 @@ use std::{
 
 use bytes::{BufMut, BytesMut};
 use rand::Rng;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{io::AsyncWriteExt, net::TcpSocket};
 
 use super::wire::{self, CANCEL_REQUEST};
 
 /// The server's side of one session's key.
 #[derive(Debug, Clone, Copy)]
-struct ServerKey {
-    address: SocketAddr,
-    process_id: i32,
+pub struct ServerKey {
+    pub address: SocketAddr,
+    /// The server's own backend process id, for the audit.
+    pub process_id: i32,
     secret_key: i32,
 }
 
@@ -97,13 +98,15 @@ impl CancelKeys {
         }
     }
 
-    /// Forwards a cancel for the session that owns `key`. Returns whether
-    /// the key was known; an unknown key is dropped, as PostgreSQL does.
-    pub async fn cancel(&self, process_id: i32, secret_key: i32) -> std::io::Result<bool> {
-        let Some(server) = self.lock().get(&(process_id, secret_key)).copied() else {
-            return Ok(false);
-        };
-        let mut stream = TcpStream::connect(server.address).await?;
+    /// The server session that the key tollgate handed out stands for.
+    pub fn server_of(&self, process_id: i32, secret_key: i32) -> Option<ServerKey> {
+        self.lock().get(&(process_id, secret_key)).copied()
+    }
+
+    /// Sends the cancel for `server` on `socket` (see
+    /// [`crate::proxy::upstream_socket`]).
+    pub async fn cancel(server: ServerKey, socket: TcpSocket) -> std::io::Result<()> {
+        let mut stream = socket.connect(server.address).await?;
         let mut packet = BytesMut::with_capacity(16);
         packet.put_i32(16);
         packet.put_i32(CANCEL_REQUEST);
@@ -111,7 +114,7 @@ impl CancelKeys {
         packet.put_i32(server.secret_key);
         stream.write_all(&packet).await?;
         let _ = stream.shutdown().await;
-        Ok(true)
+        Ok(())
     }
 }
 

@@ -127,15 +127,7 @@ async fn serve(
                 process_id,
                 secret_key,
             } => {
-                match shared
-                    .postgres_cancel_keys
-                    .cancel(process_id, secret_key)
-                    .await
-                {
-                    Ok(true) => info!("cancel request forwarded to the session's server"),
-                    Ok(false) => info!("cancel request with an unknown key dropped"),
-                    Err(err) => warn!(error = %err, "cancel request could not be forwarded"),
-                }
+                forward_cancel(&connection, &shared, process_id, secret_key).await;
                 return Ok(());
             }
             Startup::Startup(params) => break params,
@@ -382,6 +374,55 @@ impl Negotiation {
 /// The Datastore Activity "connect" record of an upstream connection
 /// (opened, or failed after the socket was made), carrying the socket's
 /// cookie so verification can match it with the kernel's evidence.
+/// A CancelRequest reaches the target too, on a connection of its own:
+/// that connection is on record, with its socket's cookie (which the
+/// kernel's evidence also sees), before it is made, or it is not made. An
+/// unknown key is dropped, as PostgreSQL does.
+async fn forward_cancel(
+    connection: &Connection,
+    shared: &Shared,
+    process_id: i32,
+    secret_key: i32,
+) {
+    use crate::audit::record;
+    let Some(server) = shared
+        .postgres_cancel_keys
+        .server_of(process_id, secret_key)
+    else {
+        info!("cancel request with an unknown key dropped");
+        return;
+    };
+    let (socket, socket_cookie) = match super::upstream_socket(server.address) {
+        Ok(socket) => socket,
+        Err(err) => {
+            warn!(error = %err, "cancel request could not be forwarded");
+            return;
+        }
+    };
+    let mut cancel = connection.record(None);
+    super::set_class(
+        &mut cancel,
+        record::CLASS_DATASTORE_ACTIVITY,
+        record::datastore_activity::CONNECT,
+    );
+    cancel.phase = "session".into();
+    cancel.status_id = record::status::SUCCESS;
+    cancel.action_id = record::action::ALLOWED;
+    cancel.status_detail = format!(
+        "cancel request forwarded to server process {}",
+        server.process_id
+    );
+    cancel.upstream_socket_cookie = socket_cookie.and_then(|c| i64::try_from(c).ok());
+    if let Err(err) = shared.audit.append(cancel).await {
+        warn!(error = %err, "cancel request not forwarded: it could not be audited");
+        return;
+    }
+    match cancel::CancelKeys::cancel(server, socket).await {
+        Ok(()) => info!("cancel request forwarded to the session's server"),
+        Err(err) => warn!(error = %err, "cancel request could not be forwarded"),
+    }
+}
+
 fn upstream_record(
     connection: &Connection,
     principal: &crate::identity::Principal,

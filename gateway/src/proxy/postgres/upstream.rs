@@ -22,6 +22,8 @@ pub enum UpstreamError {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("the target did not complete the login within {} s", LOGIN_TIMEOUT.as_secs())]
+    TimedOut,
     #[error("target refused the gateway's credential: {code} {message}")]
     Refused { code: String, message: String },
     #[error("target asked for an authentication method tollgate does not speak ({0})")]
@@ -64,29 +66,44 @@ pub struct Upstream {
     pub socket_cookie: Option<u64>,
 }
 
+/// How long the connection and the login upstream may take: a server that
+/// accepts the connection and never answers must not hold the agent's
+/// session (and its audit record of the connection) forever.
+pub const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Connects and authenticates as `target.credential`, asking for the
-/// database and options the agent asked for.
+/// database and options the agent asked for. The socket's cookie is
+/// taken before the connection is tried, so a failed attempt (which the
+/// kernel's evidence sees too) is on record with it.
 pub async fn connect(
     target: &Target,
     client_params: &[(String, String)],
 ) -> Result<Upstream, UpstreamFailure> {
-    let stream = TcpStream::connect(target.address)
-        .await
-        .map_err(|source| UpstreamFailure {
-            error: UpstreamError::Connect {
-                address: target.address,
-                source,
-            },
+    let connect_error = |source| UpstreamError::Connect {
+        address: target.address,
+        source,
+    };
+    let (socket, socket_cookie) =
+        super::super::upstream_socket(target.address).map_err(|source| UpstreamFailure {
+            error: connect_error(source),
             socket_cookie: None,
         })?;
-    let _ = stream.set_nodelay(true);
-    let socket_cookie = super::super::socket_cookie(&stream);
-    establish(target, stream, socket_cookie, client_params)
-        .await
-        .map_err(|error| UpstreamFailure {
-            error,
-            socket_cookie,
-        })
+    let login = async {
+        let stream = socket
+            .connect(target.address)
+            .await
+            .map_err(connect_error)?;
+        let _ = stream.set_nodelay(true);
+        establish(target, stream, socket_cookie, client_params).await
+    };
+    match tokio::time::timeout(LOGIN_TIMEOUT, login).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::TimedOut),
+    }
+    .map_err(|error| UpstreamFailure {
+        error,
+        socket_cookie,
+    })
 }
 
 /// A failed upstream connection, with the cookie of the socket tollgate
