@@ -611,6 +611,31 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             code: "inconsistent_kind",
         },
         Case {
+            name: "implicit-flow group overage (hasgroups) and no Graph configured",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.remove("groups");
+                    c.insert("hasgroups".into(), json!(true));
+                }),
+            ),
+            code: "groups_overage",
+        },
+        Case {
+            name: "hasgroups that is not a boolean",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("hasgroups".into(), json!("true"));
+                }),
+            ),
+            code: "bad_claim_type",
+        },
+        Case {
             name: "group overage and no Graph configured",
             config: "",
             token: rs256(

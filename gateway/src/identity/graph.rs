@@ -130,6 +130,14 @@ impl GraphClient {
         if c.client_id.trim().is_empty() {
             bail!("identity.graph.client_id: required");
         }
+        // A lookup runs inside a login, which `VERIFY_TIMEOUT` bounds.
+        let most = super::VERIFY_TIMEOUT.as_secs() / 2;
+        if !(1..=most).contains(&c.timeout_secs) {
+            bail!(
+                "identity.graph.timeout_secs: {} is out of range; allowed: 1 to {most}",
+                c.timeout_secs
+            );
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(c.timeout_secs.max(1)))
             .connect_timeout(Duration::from_secs(c.timeout_secs.max(1)))

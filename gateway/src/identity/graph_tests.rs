@@ -96,6 +96,13 @@ async fn overage_with_wrong_graph_secret_is_refused_without_leaking_it() {
     let msg = err.to_string();
     assert!(msg.contains("invalid_client"), "{msg}");
     assert!(!msg.contains("not-the-secret"), "{msg}");
+    // The log and the audit keep why; the client learns only the code.
+    let told = err.client_message();
+    assert!(told.contains("groups_lookup_failed"), "{told}");
+    assert!(
+        !told.contains("invalid_client") && !told.contains("401"),
+        "{told}"
+    );
     idp.abort();
 }
 

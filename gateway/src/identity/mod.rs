@@ -283,13 +283,21 @@ pub enum IdentityError {
     GroupsOverage,
     #[error("group overage lookup failed: {0}")]
     GroupsLookupFailed(String),
+    #[error("the token could not be verified within {} s", VERIFY_TIMEOUT.as_secs())]
+    TimedOut,
 }
+
+/// How long verifying one token may take (key refreshes and the Graph
+/// lookup included) before the login is refused: a slow identity provider
+/// must not hold unauthenticated connections open.
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl IdentityError {
     /// Short stable machine reason.
     pub fn code(&self) -> &'static str {
         use IdentityError::*;
         match self {
+            TimedOut => "verify_timeout",
             Missing => "missing_token",
             Oversized(_) => "oversized",
             Malformed(_) => "malformed",
@@ -318,6 +326,22 @@ impl IdentityError {
             InconsistentKind => "inconsistent_kind",
             GroupsOverage => "groups_overage",
             GroupsLookupFailed(_) => "groups_lookup_failed",
+        }
+    }
+
+    /// What the client is told. A failure on tollgate's side (its key
+    /// source or Graph unreachable, a lookup's error) is the operator's
+    /// business, kept in the log and the audit: an unauthenticated client
+    /// learns only that its token could not be verified now.
+    pub fn client_message(&self) -> String {
+        match self {
+            IdentityError::KeysUnavailable
+            | IdentityError::GroupsLookupFailed(_)
+            | IdentityError::TimedOut => format!(
+                "the token could not be verified now ({}); try again later",
+                self.code()
+            ),
+            _ => self.to_string(),
         }
     }
 }
@@ -390,6 +414,9 @@ const JWKS_REFRESH_SECS: std::ops::RangeInclusive<u64> = 1..=7 * 86_400;
 /// Sessions meant to outlive their tokens say so with `session_expiry =
 /// "keep"`; a larger number would also wrap to a negative deadline.
 const MAX_SESSION_GRACE_SECS: u64 = 86_400;
+/// Upper bound of `clock_skew_secs`: a larger tolerance would all but
+/// switch off `exp` (Microsoft's libraries use 300).
+const MAX_CLOCK_SKEW_SECS: u64 = 600;
 
 fn is_guid(s: &str) -> bool {
     s.len() == 36
@@ -451,6 +478,19 @@ impl Settings {
                 c.jwks_refresh_secs,
                 JWKS_REFRESH_SECS.start(),
                 JWKS_REFRESH_SECS.end()
+            );
+        }
+        if c.clock_skew_secs > MAX_CLOCK_SKEW_SECS {
+            bail!(
+                "identity.clock_skew_secs: {} is out of range; allowed: 0 to {MAX_CLOCK_SKEW_SECS}",
+                c.clock_skew_secs
+            );
+        }
+        if !(1..=86_400).contains(&c.jwks_min_refresh_secs) {
+            bail!(
+                "identity.jwks_min_refresh_secs: {} is out of range; allowed: 1 to 86400 \
+                 (tokens with an unknown kid fetch the keys at most this often)",
+                c.jwks_min_refresh_secs
             );
         }
         if c.session_grace_secs > MAX_SESSION_GRACE_SECS {
@@ -603,7 +643,14 @@ impl Verifier {
     }
 
     /// Validates `token` (surrounding whitespace ignored) and returns who it proves.
+    /// Verifies `token` within [`VERIFY_TIMEOUT`].
     pub async fn verify(&self, token: &str) -> Result<Principal, IdentityError> {
+        tokio::time::timeout(VERIFY_TIMEOUT, self.verify_untimed(token))
+            .await
+            .unwrap_or(Err(IdentityError::TimedOut))
+    }
+
+    async fn verify_untimed(&self, token: &str) -> Result<Principal, IdentityError> {
         let token = token.trim();
         let raw = RawToken::parse(token)?;
         let s = &self.inner.settings;
@@ -726,11 +773,19 @@ impl Verifier {
             return Err(IdentityError::InconsistentKind);
         }
         let roles = c.str_list("roles")?.unwrap_or_default();
-        let overage = match c.0.get("_claim_names") {
+        let claim_names_overage = match c.0.get("_claim_names") {
             None => false,
             Some(serde_json::Value::Object(m)) => m.contains_key("groups"),
             Some(_) => return Err(IdentityError::BadClaimType("_claim_names")),
         };
+        // The implicit flow marks overage with `hasgroups` instead (the
+        // groups would not fit in a URL).
+        let has_groups_overage = match c.0.get("hasgroups") {
+            None => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(_) => return Err(IdentityError::BadClaimType("hasgroups")),
+        };
+        let overage = claim_names_overage || has_groups_overage;
         let groups = if overage {
             // Treating overage as "no groups" would silently drop the caller's
             // group-based roles, or worse, any deny rules keyed on groups.

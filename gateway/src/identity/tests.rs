@@ -344,7 +344,7 @@ async fn bench_verify_runs_and_reports() {
 }
 
 #[tokio::test]
-async fn refresh_period_and_session_grace_out_of_range_are_refused_at_start() {
+async fn timing_settings_out_of_range_are_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     Keyring::open_or_create(dir.path()).expect("keyring");
     // i64::MAX is the largest integer TOML has; u64::MAX only reaches the
@@ -374,6 +374,16 @@ async fn refresh_period_and_session_grace_out_of_range_are_refused_at_start() {
             "identity.session_grace_secs",
         ),
         (max_grace, "identity.session_grace_secs"),
+        (
+            // Would all but switch off exp.
+            file_config(dir.path(), "clock_skew_secs = 601"),
+            "identity.clock_skew_secs",
+        ),
+        (
+            // Every unknown kid would fetch the keys.
+            file_config(dir.path(), "jwks_min_refresh_secs = 0"),
+            "identity.jwks_min_refresh_secs",
+        ),
     ] {
         let err = match Verifier::from_config(&c).await {
             Ok(_) => panic!(

@@ -230,7 +230,7 @@ async fn serve(
             fatal(
                 &mut client_wr,
                 SQLSTATE_IDENTITY,
-                &format!("tollgate: {refusal}"),
+                &format!("tollgate: {}", refusal.client_message()),
             )
             .await;
             return Ok(());

@@ -281,7 +281,7 @@ async fn every_forged_token_is_refused_over_the_wire_with_28000_and_audited() {
                 .verify(&case.token)
                 .await
                 .expect_err("refused");
-            format!("tollgate: {reason}")
+            format!("tollgate: {}", reason.client_message())
         };
         let before = refused().await;
         let (code, message) = login(*addr, &case.token).await;
