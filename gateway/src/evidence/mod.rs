@@ -372,10 +372,29 @@ impl Evidence {
         snapshot: ConfigSnapshot,
         interval: Duration,
     ) -> anyhow::Result<Self> {
+        let EvidenceHandles {
+            ring,
+            counters,
+            tracing_programs,
+        } = handles;
+        // Registered here, not in the reader task: a ring buffer that
+        // cannot be polled stops the daemon at start, instead of leaving
+        // it serving with no evidence recorded.
+        // SAFETY: the RingBuf owns its map fd, which stays open and the same
+        // for as long as the AsyncFd holds it.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|err| anyhow::anyhow!("cannot poll the evidence ring buffer: {err}"))?;
         let log = AuditLog::open(&evidence_config(audit)).await?;
         log.append(config_record(&snapshot)).await?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(read_loop(handles, log.clone(), interval, stopped));
+        let task = tokio::spawn(read_loop(
+            ring,
+            counters,
+            tracing_programs,
+            log.clone(),
+            interval,
+            stopped,
+        ));
         info!(dir = %evidence_dir(&audit.dir).display(), "evidence stream started");
         Ok(Evidence { stop, task, log })
     }
@@ -390,25 +409,13 @@ impl Evidence {
 }
 
 async fn read_loop(
-    handles: EvidenceHandles,
+    mut ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    tracing_programs: Vec<(String, std::os::fd::OwnedFd)>,
     log: AuditLog,
     interval: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let EvidenceHandles {
-        ring,
-        counters,
-        tracing_programs,
-    } = handles;
-    // SAFETY: the RingBuf owns its map fd, which stays open and the same
-    // for as long as the AsyncFd holds it.
-    let mut ring = match unsafe { AsyncFd::register(ring) } {
-        Ok(ring) => ring,
-        Err(err) => {
-            warn!(error = %err, "cannot poll the evidence ring buffer: no evidence is recorded");
-            return;
-        }
-    };
     let counters = Arc::new(counters);
     let boot_offset = boot_to_unix_offset_ns();
     let mut user = UserSpaceCounters::default();
