@@ -121,6 +121,12 @@ pub struct RoleRule {
     /// Caller object ids (oid).
     #[serde(default)]
     pub object_ids: Vec<String>,
+    /// Tenants whose callers the rule applies to; empty: the home tenant
+    /// (the first of `identity.tenants`). App role values and client ids
+    /// are not unique across tenants: another tenant's administrator can
+    /// assign an app role of the same name to anyone in their tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
 }
 
 fn default_versions() -> Vec<u8> {
@@ -438,6 +444,19 @@ impl Settings {
             }
             tenants.insert(t.to_ascii_lowercase());
         }
+        let home_tenant = c.tenants[0].to_ascii_lowercase();
+        let mut roles = c.roles.clone();
+        for (name, rule) in &mut roles {
+            for t in &mut rule.tenants {
+                *t = t.to_ascii_lowercase();
+                if !tenants.contains(t.as_str()) {
+                    bail!("identity.roles.{name}.tenants: {t:?} is not one of identity.tenants");
+                }
+            }
+            if rule.tenants.is_empty() {
+                rule.tenants.push(home_tenant.clone());
+            }
+        }
         if c.audiences.is_empty() {
             bail!("identity.audiences: at least one audience is required");
         }
@@ -510,7 +529,7 @@ impl Settings {
             algorithms,
             skew: i64::try_from(c.clock_skew_secs).context("identity.clock_skew_secs")?,
             max_age: c.max_token_age_secs,
-            roles: c.roles.clone(),
+            roles,
             refresh_every: Duration::from_secs(c.jwks_refresh_secs),
             session_grace: i64::try_from(c.session_grace_secs)
                 .context("identity.session_grace_secs")?,
@@ -851,6 +870,7 @@ fn map_roles(rules: &BTreeMap<String, RoleRule>, p: &Principal) -> Vec<String> {
     let eq = |a: &String, b: &String| a.eq_ignore_ascii_case(b);
     rules
         .iter()
+        .filter(|(_, r)| r.tenants.iter().any(|t| eq(t, &p.tenant_id)))
         .filter(|(_, r)| {
             r.groups.iter().any(|g| p.groups.iter().any(|x| eq(g, x)))
                 // App role values are case-sensitive strings defined by us.

@@ -321,6 +321,52 @@ app_roles = ["tollgate.write"]
         .is_empty());
 }
 
+/// App role values are not unique across tenants: a rule holds for the
+/// home tenant's callers unless it names others.
+#[tokio::test]
+async fn role_rules_hold_in_their_own_tenants_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let config = |roles: &str| -> IdentityConfig {
+        toml::from_str(&format!(
+            "tenants = [\"{TID}\", \"{OTHER_TID}\"]\naudiences = [\"{AUD}\"]\n\
+             jwks_file = {:?}\n{roles}",
+            dir.path().join("jwks.json")
+        ))
+        .expect("config")
+    };
+    let v = Verifier::from_config(&config(
+        "[roles.db-writer]\napp_roles = [\"Tollgate.Write\"]\n\
+         [roles.partner-reader]\napp_roles = [\"Tollgate.Read\"]\ntenants = [\"OTHER\"]\n"
+            .replace("OTHER", OTHER_TID)
+            .as_str(),
+    ))
+    .await
+    .expect("verifier");
+    let roles_of = |tenant: &str| {
+        TokenSpec {
+            tenant: tenant.into(),
+            roles: vec!["Tollgate.Write".into(), "Tollgate.Read".into()],
+            ..spec()
+        }
+        .mint(ring.signing_key())
+        .expect("mint")
+    };
+    let home = v.verify(&roles_of(TID)).await.expect("accepted");
+    assert_eq!(home.tollgate_roles, vec!["db-writer"]);
+    let other = v.verify(&roles_of(OTHER_TID)).await.expect("accepted");
+    assert_eq!(other.tollgate_roles, vec!["partner-reader"]);
+
+    let err = Verifier::from_config(&config(
+        "[roles.x]\napp_roles = [\"A\"]\ntenants = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n",
+    ))
+    .await
+    .err()
+    .expect("a tenant not in identity.tenants is refused")
+    .to_string();
+    assert!(err.starts_with("identity.roles.x.tenants"), "{err}");
+}
+
 #[tokio::test]
 async fn user_token_scopes_are_split() {
     let (_d, ring, v) = setup("").await;
