@@ -230,6 +230,28 @@ unsafe fn remember(sa: *mut bpf_sock_addr, key: &TargetKey, family: u32) {
     let _ = ORIGINAL_DESTINATIONS.insert(&cookie, &original, 0);
 }
 
+/// Whether a tollgate program that ran before this one on the same connect
+/// already sent the socket to the listener `key` now names: an agent
+/// cgroup inside another one, or the old and the new programs attached
+/// side by side while a restarted daemon takes over. The connection goes
+/// on to the listener; judged again, the listener (not a protected
+/// target) would be refused under `egress_default = "deny"`.
+#[inline(always)]
+unsafe fn redirected_here_already(sa: *mut bpf_sock_addr, key: &TargetKey) -> bool {
+    let cookie = bpf_get_socket_cookie(sa as *mut _);
+    let Some(original) = ORIGINAL_DESTINATIONS.get(&cookie) else {
+        return false;
+    };
+    let asked_for = TargetKey {
+        addr: original.addr,
+        port: original.port,
+    };
+    match REDIRECTS.get(&asked_for) {
+        Some(redirect) => key.addr == v4_mapped(redirect.addr4) && key.port == redirect.port,
+        None => false,
+    }
+}
+
 /// Evidence that connect4/6 sent this socket to tollgate: with it, the
 /// verifier can tell a redirected connection (whose SYN goes to the
 /// listener) from one that went direct.
@@ -328,6 +350,9 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
             addr: v4_mapped((*sa).user_ip4),
             port: port_from_user((*sa).user_port),
         };
+        if redirected_here_already(sa, &key) {
+            return ALLOW;
+        }
         match decide(&key, (*sa).type_, (*sa).protocol) {
             Verdict::Redirect(redirect) => {
                 remember(sa, &key, AF_INET);
@@ -353,6 +378,9 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
             addr: read_ip6(sa),
             port: port_from_user((*sa).user_port),
         };
+        if redirected_here_already(sa, &key) {
+            return ALLOW;
+        }
         match decide(&key, (*sa).type_, (*sa).protocol) {
             Verdict::Redirect(redirect) => {
                 remember(sa, &key, AF_INET6);

@@ -22,6 +22,8 @@ pub struct GatewayConfig {
     pub upstream_user: String,
     pub upstream_password: String,
     pub agent_cgroup: PathBuf,
+    /// A second agent cgroup inside `agent_cgroup`, pinned too.
+    pub nested_agent_cgroup: Option<PathBuf>,
     pub bpffs_dir: PathBuf,
     pub audit_dir: PathBuf,
     /// Checkpoint signing key, made with `tollgate keygen` outside the audit dir.
@@ -54,7 +56,7 @@ impl GatewayConfig {
         format!(
             r#"# Written by the end-to-end tests.
 [pin]
-agent_cgroups = ["{cgroup}"]
+agent_cgroups = [{cgroups}]
 bpffs_dir = "{bpffs}"
 {extra_pin}
 
@@ -78,7 +80,11 @@ credential = {{ user = "{user}", password = "{password}" }}
 {target_extra}
 {policy}
 "#,
-            cgroup = self.agent_cgroup.display(),
+            cgroups = std::iter::once(&self.agent_cgroup)
+                .chain(&self.nested_agent_cgroup)
+                .map(|c| format!("\"{}\"", c.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
             bpffs = self.bpffs_dir.display(),
             extra_pin = self.extra_pin_toml,
             tenant = idp::TENANT,
@@ -124,6 +130,7 @@ impl Gateway {
             upstream_user: upstream_user.into(),
             upstream_password: upstream_password.into(),
             agent_cgroup: AgentCgroup::root().join(&unique),
+            nested_agent_cgroup: None,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(&unique),
             audit_dir: dir.path().join("audit"),
             signing_key: dir.path().join("signing.key"),
@@ -276,6 +283,9 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop();
         let _ = self.unpin();
+        if let Some(nested) = &self.config.nested_agent_cgroup {
+            let _ = fs::remove_dir(nested);
+        }
         let _ = fs::remove_dir(&self.config.agent_cgroup);
     }
 }

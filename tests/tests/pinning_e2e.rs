@@ -364,6 +364,51 @@ fn with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reacha
     assert_eq!(snapshot["egress_default_deny"], true);
 }
 
+/// An agent cgroup inside another runs both cgroups' programs on each
+/// connect: the inner one redirects, and the outer one must let the
+/// connection go on to the listener, not refuse it as egress.
+#[test]
+fn with_egress_default_deny_a_nested_agent_cgroup_still_reaches_tollgate() {
+    if !privileged("with_egress_default_deny_a_nested_agent_cgroup_still_reaches_tollgate") {
+        return;
+    }
+    let stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.extra_pin_toml = "egress_default = \"deny\"".into();
+        config.nested_agent_cgroup = Some(config.agent_cgroup.join("inner"));
+    })
+    .expect("start");
+    let nested = stack
+        .gateway
+        .config
+        .nested_agent_cgroup
+        .clone()
+        .expect("nested cgroup");
+    let port = stack.postgres.port.to_string();
+    let out = AgentCgroup::command(&nested, &duckdb::python())
+        .arg(script())
+        .args(["tcp", "127.0.0.1", &port])
+        .output()
+        .expect("run escape.py");
+    let answer = parse(out);
+    assert_eq!(answer["outcome"], "tollgate", "{answer}");
+    // And a real client, end to end.
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let out = AgentCgroup::command(&nested, "psql")
+        .args(["-X", "-A", "-t", "-c", "SELECT 41 + 1"])
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=agent dbname=orders sslmode=disable"
+        ))
+        .env("PGPASSWORD", &token)
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_direct_connection_between(
 ) {
