@@ -294,7 +294,11 @@ pub struct OriginalDestination {
 pub struct ClientPortKey {
     /// Local port of the agent's socket, host byte order.
     pub port: u32,
-    pub _reserved: u32,
+    /// The listener's port the socket connected to, host byte order: the
+    /// kernel reuses a local port for connections to different
+    /// destinations, so the agent's port alone could name another
+    /// connection's process.
+    pub listener_port: u32,
 }
 
 #[cfg(feature = "user")]

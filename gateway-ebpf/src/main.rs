@@ -730,9 +730,11 @@ pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
         unsafe {
             let cookie = bpf_get_socket_cookie(ctx.ops as *mut _);
             if ORIGINAL_DESTINATIONS.get(&cookie).is_some() {
+                // remote_port holds the port in network byte order in its
+                // upper 16 bits; local_port is in host byte order.
                 let key = ClientPortKey {
                     port: ctx.local_port(),
-                    _reserved: 0,
+                    listener_port: u32::from_be(ctx.remote_port()),
                 };
                 let _ = CLIENT_PORTS.insert(&key, &cookie, 0);
             }

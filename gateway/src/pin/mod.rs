@@ -305,14 +305,18 @@ impl Pinning {
         self.evidence.take()
     }
 
-    /// Names the agent behind an accepted connection whose peer (the agent's
-    /// side of the socket) is `peer`. `None` when the connection was not
-    /// redirected by the kernel programs (e.g. a client that connected to
-    /// the listener directly).
-    pub fn client_origin(&mut self, peer: SocketAddr) -> Option<ClientOrigin> {
+    /// Names the agent behind a connection accepted on `listener` whose
+    /// peer (the agent's side of the socket) is `peer`. `None` when the
+    /// connection was not redirected by the kernel programs (e.g. a client
+    /// that connected to the listener directly).
+    pub fn client_origin(
+        &mut self,
+        peer: SocketAddr,
+        listener: SocketAddr,
+    ) -> Option<ClientOrigin> {
         let key = ClientPortKey {
             port: u32::from(peer.port()),
-            _reserved: 0,
+            listener_port: u32::from(listener.port()),
         };
         let cookie = self.client_ports.get(&key, 0).ok()?;
         // One lookup per connection: the port will be reused by others.

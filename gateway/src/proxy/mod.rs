@@ -111,10 +111,12 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
                 continue;
             }
         };
-        let origin = shared
-            .pinning
-            .as_ref()
-            .and_then(|pinning| pinning.lock().ok()?.client_origin(peer));
+        let origin = shared.pinning.as_ref().and_then(|pinning| {
+            pinning
+                .lock()
+                .ok()?
+                .client_origin(peer, target.config.listen)
+        });
         let connection = Connection {
             session_uid: uuid::Uuid::new_v4().to_string(),
             target: target.clone(),
