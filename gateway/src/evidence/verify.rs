@@ -846,6 +846,18 @@ mod tests {
         }
     }
 
+    /// Both streams' integrity checked and good, no window.
+    fn reconciled(audit: &[Row], evidence: &[Row]) -> Report {
+        reconcile(
+            Path::new("/a"),
+            audit,
+            evidence,
+            checked(),
+            checked(),
+            &opts(),
+        )
+    }
+
     fn opts() -> Options {
         Options {
             from_ms: None,
@@ -877,14 +889,7 @@ mod tests {
             connect(4, 3, "python3", "10.0.0.5:5432", 600),
             loss(5, 0),
         ];
-        let r = reconcile(
-            Path::new("/a"),
-            &[],
-            &evidence,
-            checked(),
-            checked(),
-            &opts(),
-        );
+        let r = reconciled(&[], &evidence);
         assert!(!r.ok);
         assert_eq!(r.tcp_connections, 2);
         let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
@@ -906,14 +911,7 @@ mod tests {
         let mut gateway_record = audit_row(501);
         gateway_record.time += day + 20_000;
         let evidence = vec![config_row(1), after_reboot, gateway, loss(4, 0)];
-        let r = reconcile(
-            Path::new("/a"),
-            &[audit_row(500), gateway_record],
-            &evidence,
-            checked(),
-            checked(),
-            &opts(),
-        );
+        let r = reconciled(&[audit_row(500), gateway_record], &evidence);
         assert!(!r.ok);
         assert_eq!(r.audited_upstreams, 1);
         let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
@@ -936,14 +934,7 @@ mod tests {
             connect(5, 77, "curl", "93.184.216.34:443", 901),
             loss(6, 0),
         ];
-        let r = reconcile(
-            Path::new("/a"),
-            &[audit_row(500)],
-            &evidence,
-            checked(),
-            checked(),
-            &opts(),
-        );
+        let r = reconciled(&[audit_row(500)], &evidence);
         assert!(r.ok, "{}", summary(&r));
         assert_eq!(r.to_protected_targets, 1);
         assert_eq!(r.audited_upstreams, 1);
@@ -963,14 +954,7 @@ mod tests {
             connect(4, 3, "psql", "[::ffff:10.0.0.5]:5432", 602),
             loss(5, 0),
         ];
-        let r = reconcile(
-            Path::new("/a"),
-            &[audit_row(500)],
-            &evidence,
-            checked(),
-            checked(),
-            &opts(),
-        );
+        let r = reconciled(&[audit_row(500)], &evidence);
         assert!(!r.ok);
         let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
         assert_eq!(
@@ -1002,14 +986,7 @@ mod tests {
         raw.unmapped =
             r#"{"kind":"packet_to_protected_target","socket_type":3,"packets":1}"#.into();
         let evidence = vec![config_row(1), udp, raw, loss(4, 0)];
-        let r = reconcile(
-            Path::new("/a"),
-            &[audit_row(700), audit_row(701)],
-            &evidence,
-            checked(),
-            checked(),
-            &opts(),
-        );
+        let r = reconciled(&[audit_row(700), audit_row(701)], &evidence);
         assert!(!r.ok, "{}", summary(&r));
         assert_eq!(r.non_tcp_packets, 2);
         assert_eq!(r.tcp_connections, 0, "packets are not connections");
@@ -1066,14 +1043,7 @@ mod tests {
         later.time = 1_700_000_000_200;
         let evidence = vec![config_row(1), loss(2, 3), late, later];
         // Judged whole: the first interval lost 3 events.
-        let r = reconcile(
-            Path::new("/a"),
-            &[],
-            &evidence,
-            checked(),
-            checked(),
-            &opts(),
-        );
+        let r = reconciled(&[], &evidence);
         assert_eq!(r.losses.len(), 1, "{}", summary(&r));
         assert_eq!(r.losses[0].evidence_sequence, 2);
         assert_eq!(r.losses[0].delta.programs["tcp_state"].dropped, 3);

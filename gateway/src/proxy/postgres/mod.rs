@@ -255,7 +255,7 @@ async fn serve(
             warn!(error = %failure, "upstream connection failed");
             let mut failed = stamp(upstream_record(
                 &connection,
-                &principal,
+                Some(&principal),
                 failure.socket_cookie,
             ));
             failed.status_id = crate::audit::record::status::FAILURE;
@@ -272,7 +272,7 @@ async fn serve(
     // gateway opens, including sessions that never send a statement.
     let opened = stamp(upstream_record(
         &connection,
-        &principal,
+        Some(&principal),
         upstream.socket_cookie,
     ));
     if !audit_or_refuse(&shared, opened, &mut client_wr).await {
@@ -384,7 +384,6 @@ async fn forward_cancel(
     process_id: i32,
     secret_key: i32,
 ) {
-    use crate::audit::record;
     let Some(server) = shared
         .postgres_cancel_keys
         .server_of(process_id, secret_key)
@@ -399,20 +398,12 @@ async fn forward_cancel(
             return;
         }
     };
-    let mut cancel = connection.record(None);
-    super::set_class(
-        &mut cancel,
-        record::CLASS_DATASTORE_ACTIVITY,
-        record::datastore_activity::CONNECT,
-    );
-    cancel.phase = "session".into();
-    cancel.status_id = record::status::SUCCESS;
-    cancel.action_id = record::action::ALLOWED;
+    // A CancelRequest carries no token: whose session it is, the key says.
+    let mut cancel = upstream_record(connection, None, socket_cookie);
     cancel.status_detail = format!(
         "cancel request forwarded to server process {}",
         server.process_id
     );
-    cancel.upstream_socket_cookie = socket_cookie.and_then(|c| i64::try_from(c).ok());
     if let Err(err) = shared.audit.append(cancel).await {
         warn!(error = %err, "cancel request not forwarded: it could not be audited");
         return;
@@ -425,11 +416,11 @@ async fn forward_cancel(
 
 fn upstream_record(
     connection: &Connection,
-    principal: &crate::identity::Principal,
+    principal: Option<&crate::identity::Principal>,
     socket_cookie: Option<u64>,
 ) -> crate::audit::AuditRecord {
     use crate::audit::record;
-    let mut record = connection.record(Some(principal));
+    let mut record = connection.record(principal);
     super::set_class(
         &mut record,
         record::CLASS_DATASTORE_ACTIVITY,
