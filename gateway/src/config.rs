@@ -181,7 +181,19 @@ pub struct TargetConfig {
     /// Verified TLS to the target.
     #[serde(default)]
     pub upstream_tls: Option<crate::proxy::tls::UpstreamTlsConfig>,
+    /// Most connections served at once; more are refused at once (FATAL
+    /// 53300, as PostgreSQL's own limit), so a flood of connections that
+    /// never log in cannot exhaust the daemon.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
+
+fn default_max_connections() -> usize {
+    1000
+}
+
+/// Bounds of `max_connections`.
+const MAX_CONNECTIONS: std::ops::RangeInclusive<usize> = 1..=100_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -310,6 +322,17 @@ impl Config {
                 return Err((
                     format!("target[{i}].listen"),
                     "the listener must be an IPv4 loopback address (the kernel redirect points there)".into(),
+                ));
+            }
+            if !MAX_CONNECTIONS.contains(&target.max_connections) {
+                return Err((
+                    format!("target[{i}].max_connections"),
+                    format!(
+                        "{} is out of range; allowed: {} to {}",
+                        target.max_connections,
+                        MAX_CONNECTIONS.start(),
+                        MAX_CONNECTIONS.end()
+                    ),
                 ));
             }
             if target.listen == target.address {

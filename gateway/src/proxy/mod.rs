@@ -101,6 +101,7 @@ pub struct Connection {
 
 /// Accepts connections for one target until the listener fails.
 pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(target.config.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -127,8 +128,21 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
             tracing::info_span!("session", id = %connection.session_uid, target = %target.name);
         info!(parent: &span, peer = %peer, origin = ?connection.origin, "connection accepted");
         let shared = shared.clone();
+        // Held for the connection's life.
+        let slot = slots.clone().try_acquire_owned();
         tokio::spawn(
             async move {
+                let Ok(_slot) = slot else {
+                    warn!(
+                        max_connections = connection.target.config.max_connections,
+                        "connection refused: the target's connection limit is reached"
+                    );
+                    return match connection.target.protocol {
+                        Protocol::Postgres => {
+                            postgres::refuse_over_limit(connection, stream, &shared).await
+                        }
+                    };
+                };
                 let _ = stream.set_nodelay(true);
                 match connection.target.protocol {
                     Protocol::Postgres => {

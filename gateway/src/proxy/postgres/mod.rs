@@ -54,6 +54,33 @@ pub const SQLSTATE_PROTOCOL: &str = "08P01";
 /// SQLSTATE connection_failure: the target could not be reached.
 pub const SQLSTATE_UPSTREAM: &str = "08006";
 
+/// A connection past the target's `max_connections`: refused before
+/// anything is read from it, as PostgreSQL's postmaster refuses one it
+/// cannot serve, and on record. A client that sent its startup packet
+/// reads the message; libpq, whose first message is an SSLRequest,
+/// reports an error response during the SSL exchange.
+pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, shared: &Shared) {
+    let record = connection.login_refused(
+        None,
+        "too_many_connections",
+        &format!(
+            "the target's limit of {} connections at once was reached",
+            connection.target.config.max_connections
+        ),
+    );
+    drop(shared.audit.submit_lazy(record));
+    fatal(
+        &mut client,
+        SQLSTATE_TOO_MANY_CONNECTIONS,
+        "tollgate: too many connections to this target; try again later",
+    )
+    .await;
+}
+
+/// SQLSTATE of a connection refused for the target's connection limit
+/// (PostgreSQL's too_many_connections).
+pub const SQLSTATE_TOO_MANY_CONNECTIONS: &str = "53300";
+
 pub async fn serve_connection(connection: Connection, client: TcpStream, shared: Arc<Shared>) {
     match serve(connection, client, shared, STARTUP_TIMEOUT).await {
         Ok(()) | Err(WireError::Closed) => info!("session ended"),

@@ -94,6 +94,7 @@ fn target_config(listen: SocketAddr) -> TargetConfig {
         },
         tls: None,
         upstream_tls: None,
+        max_connections: 1000,
     }
 }
 
@@ -229,6 +230,39 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
     let stalled = refusals_saying(audit_dir.path(), "no password within the startup timeout");
     assert_eq!(stalled.len(), 1, "{stalled:?}");
     assert_eq!(&*stalled[0].database_user, "agent");
+}
+
+#[tokio::test]
+async fn connections_past_the_targets_limit_are_refused_with_53300_and_audited() {
+    let (_keys, audit_dir, shared) = baseline_shared().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut config = target_config(addr);
+    config.max_connections = 1;
+    let target = Arc::new(proxy::Target::new(config).expect("target"));
+    tokio::spawn(proxy::serve(target, listener, shared.clone()));
+
+    // The only slot is taken by a connection that has sent nothing yet.
+    let holder = TcpStream::connect(addr).await.expect("connect");
+    let mut over = TcpStream::connect(addr).await.expect("connect");
+    let (code, message) = first_error(&mut over).await.expect("an error, then close");
+    assert_eq!(code, "53300", "{message}");
+    assert!(message.contains("too many connections"), "{message}");
+
+    // The slot comes back when its connection goes.
+    drop(holder);
+    let mut served = false;
+    for _ in 0..50 {
+        if login(addr, "not-a-token").await.0 == "28000" {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "the freed slot was not given to a new connection");
+    shared.audit.shutdown().await;
+    let refused = refusals_saying(audit_dir.path(), "too_many_connections: ");
+    assert!(!refused.is_empty(), "no refusal row");
 }
 
 #[tokio::test]

@@ -382,6 +382,7 @@ mod tests {
             },
             tls: None,
             upstream_tls: None,
+            max_connections: 1000,
         })
         .expect("target");
         let connected = tokio::time::timeout(Duration::from_secs(10), connect(&target, &[]))

@@ -382,6 +382,7 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
         },
         tls: None,
         upstream_tls: None,
+        max_connections: 1000,
     })
     .expect("target");
     let connection = crate::proxy::Connection {
