@@ -417,7 +417,6 @@ async fn read_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let counters = Arc::new(counters);
-    let boot_offset = boot_to_unix_offset_ns();
     let mut user = UserSpaceCounters::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -427,7 +426,7 @@ async fn read_loop(
             guard = ring.readable_mut() => {
                 match guard {
                     Ok(mut guard) => {
-                        drain(guard.get_inner_mut(), &log, boot_offset, &mut user).await;
+                        drain(guard.get_inner_mut(), &log, boot_to_unix_offset_ns(), &mut user).await;
                         guard.clear_ready();
                     }
                     Err(err) => {
@@ -440,14 +439,14 @@ async fn read_loop(
             _ = ticker.tick() => {
                 // Ring buffer notifications can be batched: drain on every
                 // tick too, so counters and records line up.
-                drain(ring.get_mut(), &log, boot_offset, &mut user).await;
+                drain(ring.get_mut(), &log, boot_to_unix_offset_ns(), &mut user).await;
                 write_loss(&log, &counters, &tracing_programs, user, interval).await;
                 false
             }
             _ = stopped.changed() => true,
         };
         if stopping {
-            drain(ring.get_mut(), &log, boot_offset, &mut user).await;
+            drain(ring.get_mut(), &log, boot_to_unix_offset_ns(), &mut user).await;
             write_loss(&log, &counters, &tracing_programs, user, interval).await;
             return;
         }

@@ -445,6 +445,10 @@ pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, V
 /// the wall clock to be stepped between the two.
 pub const COOKIE_WINDOW_MS: i64 = 10 * 60 * 1000;
 
+/// How close in time two reports of one connection (by the old and the
+/// new probe during a restart) are.
+const DUPLICATE_WINDOW_MS: i64 = 5_000;
+
 /// The reconciliation itself, on rows already read.
 pub fn reconcile(
     dir: &Path,
@@ -544,16 +548,22 @@ pub fn reconcile(
         losses: Vec::new(),
         problems: Vec::new(),
     };
-    let mut seen_connections: HashSet<(i64, String, Option<i32>)> = HashSet::new();
+    // (cookie, address, port) -> when it was last seen.
+    let mut seen_connections: HashMap<(i64, String, Option<i32>), i64> = HashMap::new();
     for row in evidence.iter().filter(|r| in_window(r.time)) {
         match (row.phase.as_str(), kind(row).as_str()) {
             (phase::EVIDENCE, "tcp_connect") => {
                 // During a restart two probes may both report a connection:
-                // the same socket to the same address. A socket that
-                // connects again elsewhere keeps its cookie, and that is
-                // a connection of its own.
+                // the same socket to the same address at the same moment.
+                // A socket that connects again elsewhere keeps its cookie,
+                // and that is a connection of its own; so is a later one
+                // with the same number (cookies restart at every boot).
                 if let Some(cookie) = row.cookie {
-                    if !seen_connections.insert((cookie, row.dst_ip.clone(), row.dst_port)) {
+                    let key = (cookie, row.dst_ip.clone(), row.dst_port);
+                    let duplicate = seen_connections
+                        .insert(key, row.time)
+                        .is_some_and(|seen| (row.time - seen).abs() <= DUPLICATE_WINDOW_MS);
+                    if duplicate {
                         continue;
                     }
                 }
@@ -901,6 +911,11 @@ mod tests {
     #[test]
     fn an_audited_cookie_does_not_cover_a_later_connection_with_the_same_number() {
         let day = 86_400_000;
+        // The gateway's connection with cookie 500, before the reboot.
+        let before_reboot = Row {
+            pid: Some(10),
+            ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
+        };
         let mut after_reboot = connect(2, 3, "python3", "10.0.0.5:5432", 500);
         after_reboot.time += day;
         let mut gateway = Row {
@@ -910,13 +925,20 @@ mod tests {
         gateway.time += day;
         let mut gateway_record = audit_row(501);
         gateway_record.time += day + 20_000;
-        let evidence = vec![config_row(1), after_reboot, gateway, loss(4, 0)];
+        let evidence = vec![
+            config_row(1),
+            before_reboot,
+            after_reboot,
+            gateway,
+            loss(4, 0),
+        ];
         let r = reconciled(&[audit_row(500), gateway_record], &evidence);
         assert!(!r.ok);
-        assert_eq!(r.audited_upstreams, 1);
+        assert_eq!(r.audited_upstreams, 2);
         let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
         assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
         assert_eq!(r.bypasses[0].socket_cookie, Some(500));
+        assert_eq!(r.bypasses[0].process, "python3");
     }
 
     #[test]

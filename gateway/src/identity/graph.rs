@@ -139,8 +139,8 @@ impl GraphClient {
             );
         }
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(c.timeout_secs.max(1)))
-            .connect_timeout(Duration::from_secs(c.timeout_secs.max(1)))
+            .timeout(Duration::from_secs(c.timeout_secs))
+            .connect_timeout(Duration::from_secs(c.timeout_secs))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
             .build()?;

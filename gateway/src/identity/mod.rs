@@ -121,10 +121,12 @@ pub struct RoleRule {
     /// Caller object ids (oid).
     #[serde(default)]
     pub object_ids: Vec<String>,
-    /// Tenants whose callers the rule applies to; empty: the home tenant
-    /// (the first of `identity.tenants`). App role values and client ids
-    /// are not unique across tenants: another tenant's administrator can
-    /// assign an app role of the same name to anyone in their tenant.
+    /// Tenants whose callers the rule applies to. Empty: `groups` and
+    /// `object_ids` (GUIDs, unique everywhere) match in any configured
+    /// tenant, `app_roles` and `apps` only in the home tenant (the first of
+    /// `identity.tenants`): app role values and client ids are not unique
+    /// across tenants, and another tenant's administrator can assign an
+    /// app role of the same value to anyone in their tenant.
     #[serde(default)]
     pub tenants: Vec<String>,
 }
@@ -397,6 +399,8 @@ impl IssuerTemplate {
 #[derive(Debug)]
 struct Settings {
     tenants: BTreeSet<String>,
+    /// The first of `identity.tenants` (see [`RoleRule::tenants`]).
+    home_tenant: String,
     audiences: Vec<String>,
     versions: Vec<u8>,
     issuer_v2: IssuerTemplate,
@@ -452,9 +456,6 @@ impl Settings {
                 if !tenants.contains(t.as_str()) {
                     bail!("identity.roles.{name}.tenants: {t:?} is not one of identity.tenants");
                 }
-            }
-            if rule.tenants.is_empty() {
-                rule.tenants.push(home_tenant.clone());
             }
         }
         if c.audiences.is_empty() {
@@ -522,6 +523,7 @@ impl Settings {
         }
         Ok(Self {
             tenants,
+            home_tenant,
             audiences,
             versions: c.token_versions.clone(),
             issuer_v2: IssuerTemplate::parse("issuer_v2", &c.issuer_v2)?,
@@ -696,7 +698,17 @@ impl Verifier {
         // Key and signature.
         let entry = match self.inner.keys.get(kid) {
             Some(e) => e,
-            None => match self.inner.keys.refresh_for_unknown_kid(kid).await {
+            // On a task of its own: if this login gives up (VERIFY_TIMEOUT),
+            // the refresh still finishes and keeps the keys it fetched.
+            None => match tokio::spawn({
+                let inner = self.inner.clone();
+                let kid = kid.to_owned();
+                async move { inner.keys.refresh_for_unknown_kid(&kid).await }
+            })
+            .await
+            .ok()
+            .flatten()
+            {
                 Some(e) => e,
                 None if !self.inner.keys.ever_loaded() => {
                     return Err(IdentityError::KeysUnavailable)
@@ -843,7 +855,7 @@ impl Verifier {
             tollgate_roles: Vec::new(),
             token_version: version,
         };
-        principal.tollgate_roles = map_roles(&s.roles, &principal);
+        principal.tollgate_roles = map_roles(&s.roles, &s.home_tenant, &principal);
         Ok(principal)
     }
 
@@ -866,17 +878,25 @@ impl Verifier {
 }
 
 /// tollgate roles the principal holds, sorted, each once.
-fn map_roles(rules: &BTreeMap<String, RoleRule>, p: &Principal) -> Vec<String> {
-    let eq = |a: &String, b: &String| a.eq_ignore_ascii_case(b);
+fn map_roles(rules: &BTreeMap<String, RoleRule>, home_tenant: &str, p: &Principal) -> Vec<String> {
+    let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
     rules
         .iter()
-        .filter(|(_, r)| r.tenants.iter().any(|t| eq(t, &p.tenant_id)))
         .filter(|(_, r)| {
-            r.groups.iter().any(|g| p.groups.iter().any(|x| eq(g, x)))
-                // App role values are case-sensitive strings defined by us.
-                || r.app_roles.iter().any(|ar| p.roles.contains(ar))
-                || r.apps.iter().any(|a| eq(a, &p.app_id))
-                || r.object_ids.iter().any(|o| eq(o, &p.object_id))
+            // See RoleRule::tenants.
+            let (any_match, tenant_bound_match) = if r.tenants.is_empty() {
+                (true, eq(home_tenant, &p.tenant_id))
+            } else {
+                let listed = r.tenants.iter().any(|t| eq(t, &p.tenant_id));
+                (listed, listed)
+            };
+            (any_match
+                && (r.groups.iter().any(|g| p.groups.iter().any(|x| eq(g, x)))
+                    || r.object_ids.iter().any(|o| eq(o, &p.object_id))))
+                || (tenant_bound_match
+                    // App role values are case-sensitive strings defined by us.
+                    && (r.app_roles.iter().any(|ar| p.roles.contains(ar))
+                        || r.apps.iter().any(|a| eq(a, &p.app_id))))
         })
         .map(|(name, _)| name.clone())
         .collect()

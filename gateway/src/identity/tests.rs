@@ -321,8 +321,9 @@ app_roles = ["tollgate.write"]
         .is_empty());
 }
 
-/// App role values are not unique across tenants: a rule holds for the
-/// home tenant's callers unless it names others.
+/// App role values are not unique across tenants: without `tenants`, a
+/// rule's app roles and client ids count for the home tenant's callers
+/// only; its groups and object ids (GUIDs) count in every tenant.
 #[tokio::test]
 async fn role_rules_hold_in_their_own_tenants_only() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -337,7 +338,8 @@ async fn role_rules_hold_in_their_own_tenants_only() {
     };
     let v = Verifier::from_config(&config(
         "[roles.db-writer]\napp_roles = [\"Tollgate.Write\"]\n\
-         [roles.partner-reader]\napp_roles = [\"Tollgate.Read\"]\ntenants = [\"OTHER\"]\n"
+         [roles.partner-reader]\napp_roles = [\"Tollgate.Read\"]\ntenants = [\"OTHER\"]\n\
+         [roles.auditors]\ngroups = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n"
             .replace("OTHER", OTHER_TID)
             .as_str(),
     ))
@@ -347,15 +349,16 @@ async fn role_rules_hold_in_their_own_tenants_only() {
         TokenSpec {
             tenant: tenant.into(),
             roles: vec!["Tollgate.Write".into(), "Tollgate.Read".into()],
+            groups: vec!["aaaaaaaa-0000-4000-8000-000000000001".into()],
             ..spec()
         }
         .mint(ring.signing_key())
         .expect("mint")
     };
     let home = v.verify(&roles_of(TID)).await.expect("accepted");
-    assert_eq!(home.tollgate_roles, vec!["db-writer"]);
+    assert_eq!(home.tollgate_roles, vec!["auditors", "db-writer"]);
     let other = v.verify(&roles_of(OTHER_TID)).await.expect("accepted");
-    assert_eq!(other.tollgate_roles, vec!["partner-reader"]);
+    assert_eq!(other.tollgate_roles, vec!["auditors", "partner-reader"]);
 
     let err = Verifier::from_config(&config(
         "[roles.x]\napp_roles = [\"A\"]\ntenants = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n",

@@ -398,9 +398,6 @@ impl Negotiation {
     }
 }
 
-/// The Datastore Activity "connect" record of an upstream connection
-/// (opened, or failed after the socket was made), carrying the socket's
-/// cookie so verification can match it with the kernel's evidence.
 /// A CancelRequest reaches the target too, on a connection of its own:
 /// that connection is on record, with its socket's cookie (which the
 /// kernel's evidence also sees), before it is made, or it is not made. An
@@ -441,6 +438,9 @@ async fn forward_cancel(
     }
 }
 
+/// The Datastore Activity "connect" record of an upstream connection
+/// (opened, failed, or a forwarded cancel's), carrying the socket's cookie
+/// so verification can match it with the kernel's evidence.
 fn upstream_record(
     connection: &Connection,
     principal: Option<&crate::identity::Principal>,
