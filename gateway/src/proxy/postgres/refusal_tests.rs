@@ -81,7 +81,7 @@ async fn shared_for(keys: &Path, config: &str, audit: &AuditLog) -> Arc<Shared> 
 
 /// The target "orders-db" served on `listen`, whose server is never
 /// reached (every login of these tests fails before it).
-fn target_config(listen: SocketAddr) -> TargetConfig {
+pub(super) fn target_config(listen: SocketAddr) -> TargetConfig {
     TargetConfig {
         name: "orders-db".into(),
         protocol: Protocol::Postgres,

@@ -370,20 +370,9 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
     let audit = crate::audit::AuditLog::open(&crate::audit::tests::config(audit_dir))
         .await
         .expect("audit");
-    let target = crate::proxy::Target::new(crate::config::TargetConfig {
-        name: "orders-db".into(),
-        protocol: crate::config::Protocol::Postgres,
-        address: "127.0.0.1:1".parse().expect("addr"),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        credential: crate::config::CredentialConfig {
-            user: "gateway".into(),
-            password: None,
-            password_file: None,
-        },
-        tls: None,
-        upstream_tls: None,
-        max_connections: 1000,
-    })
+    let target = crate::proxy::Target::new(super::super::refusal_tests::target_config(
+        "127.0.0.1:0".parse().expect("addr"),
+    ))
     .expect("target");
     let connection = crate::proxy::Connection {
         session_uid: "session-1".into(),
