@@ -505,10 +505,23 @@ pub fn reconcile(
             audited.entry(cookie).or_default().push(r.time);
         }
     }
+    // Every start of the daemon (every boot among them) writes a config
+    // record: a connection and the record of its cookie must also fall
+    // between the same two starts, so a cookie numbered again after a
+    // reboot, however soon, is not covered by one audited before it.
+    let mut starts: Vec<i64> = evidence
+        .iter()
+        .filter(|r| r.phase == phase::CONFIG)
+        .map(|r| r.time)
+        .collect();
+    starts.sort_unstable();
+    let epoch = |time: i64| starts.partition_point(|&start| start <= time);
     let audited_at = |cookie: i64, time: i64| {
-        audited
-            .get(&cookie)
-            .is_some_and(|times| times.iter().any(|t| (t - time).abs() <= COOKIE_WINDOW_MS))
+        audited.get(&cookie).is_some_and(|times| {
+            times
+                .iter()
+                .any(|&t| (t - time).abs() <= COOKIE_WINDOW_MS && epoch(t) == epoch(time))
+        })
     };
     let redirected: HashSet<i64> = evidence
         .iter()
@@ -939,6 +952,31 @@ mod tests {
         assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
         assert_eq!(r.bypasses[0].socket_cookie, Some(500));
         assert_eq!(r.bypasses[0].process, "python3");
+    }
+
+    /// A reboot within minutes: the daemon's start after it (its config
+    /// record) separates a cookie audited before it from the same number
+    /// after it.
+    #[test]
+    fn an_audited_cookie_does_not_cover_its_number_after_a_restart() {
+        let mut restart = config_row(3);
+        restart.time = 1_700_000_060_000;
+        let mut after_reboot = connect(4, 3, "python3", "10.0.0.5:5432", 500);
+        after_reboot.time = 1_700_000_120_000;
+        let evidence = vec![
+            config_row(1),
+            Row {
+                pid: Some(10),
+                ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
+            },
+            restart,
+            after_reboot,
+            loss(5, 0),
+        ];
+        let r = reconciled(&[audit_row(500)], &evidence);
+        assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
     }
 
     #[test]
