@@ -310,6 +310,7 @@ fn config_snapshot(config: &Config) -> Result<ConfigSnapshot> {
         gateway_pid: std::process::id(),
         gateway_cgroup_id: pin::own_cgroup_id().unwrap_or(0),
         egress_default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
+        boot_id: evidence::boot_id(),
     })
 }
 

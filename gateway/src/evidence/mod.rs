@@ -118,6 +118,18 @@ pub struct ConfigSnapshot {
     /// Whether traffic from agent cgroups that is neither redirected nor
     /// on the allow list is refused.
     pub egress_default_deny: bool,
+    /// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`):
+    /// socket cookies are unique within one boot only. Empty in records
+    /// written before it was recorded.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// The kernel's id of the running boot; empty if it cannot be read.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The record written at start with the protected targets.

@@ -468,10 +468,13 @@ pub fn reconcile(
     let mut listeners: HashSet<SocketAddr> = HashSet::new();
     let mut agent_cgroups: HashMap<i64, String> = HashMap::new();
     let mut config_records = 0;
+    // (time, boot id) of each start of the daemon.
+    let mut starts: Vec<(i64, String)> = Vec::new();
     for row in evidence.iter().filter(|r| r.phase == phase::CONFIG) {
         match serde_json::from_str::<ConfigSnapshot>(&row.unmapped) {
             Ok(snapshot) => {
                 config_records += 1;
+                starts.push((row.time, snapshot.boot_id.clone()));
                 for t in snapshot.protected_targets {
                     targets.insert(normalise(t.address), t.name);
                     listeners.insert(normalise(t.listen));
@@ -505,17 +508,21 @@ pub fn reconcile(
             audited.entry(cookie).or_default().push(r.time);
         }
     }
-    // Every start of the daemon (every boot among them) writes a config
-    // record: a connection and the record of its cookie must also fall
-    // between the same two starts, so a cookie numbered again after a
-    // reboot, however soon, is not covered by one audited before it.
-    let mut starts: Vec<i64> = evidence
-        .iter()
-        .filter(|r| r.phase == phase::CONFIG)
-        .map(|r| r.time)
-        .collect();
+    // Every boot is followed by a start of the daemon, whose config record
+    // names the boot: a connection and the record of its cookie must also
+    // fall in the same boot, so a cookie numbered again after a reboot,
+    // however soon, is not covered by one audited before it. (A start whose
+    // record names no boot counts as a new one.)
     starts.sort_unstable();
-    let epoch = |time: i64| starts.partition_point(|&start| start <= time);
+    let mut boots: Vec<i64> = Vec::new();
+    let mut previous_boot: Option<&str> = None;
+    for (time, boot) in &starts {
+        if boot.is_empty() || previous_boot != Some(boot.as_str()) {
+            boots.push(*time);
+        }
+        previous_boot = Some(boot.as_str());
+    }
+    let epoch = |time: i64| boots.partition_point(|&start| start <= time);
     let audited_at = |cookie: i64, time: i64| {
         audited.get(&cookie).is_some_and(|times| {
             times
@@ -573,11 +580,11 @@ pub fn reconcile(
                 // with the same number (cookies restart at every boot).
                 if let Some(cookie) = row.cookie {
                     let key = (cookie, row.dst_ip.clone(), row.dst_port);
-                    let duplicate = seen_connections
-                        .insert(key, row.time)
-                        .is_some_and(|seen| (row.time - seen).abs() <= DUPLICATE_WINDOW_MS);
-                    if duplicate {
-                        continue;
+                    match seen_connections.get(&key) {
+                        Some(seen) if (row.time - seen).abs() <= DUPLICATE_WINDOW_MS => continue,
+                        _ => {
+                            seen_connections.insert(key, row.time);
+                        }
                     }
                 }
                 report.tcp_connections += 1;
@@ -822,6 +829,7 @@ mod tests {
             gateway_pid: 10,
             gateway_cgroup_id: 5,
             egress_default_deny: false,
+            boot_id: "boot-1".into(),
         };
         Row {
             sequence: seq,
@@ -955,25 +963,37 @@ mod tests {
     }
 
     /// A reboot within minutes: the daemon's start after it (its config
-    /// record) separates a cookie audited before it from the same number
-    /// after it.
+    /// record, naming the new boot) separates a cookie audited before it
+    /// from the same number after it. A restart in the same boot does not.
     #[test]
-    fn an_audited_cookie_does_not_cover_its_number_after_a_restart() {
-        let mut restart = config_row(3);
-        restart.time = 1_700_000_060_000;
-        let mut after_reboot = connect(4, 3, "python3", "10.0.0.5:5432", 500);
-        after_reboot.time = 1_700_000_120_000;
-        let evidence = vec![
-            config_row(1),
-            Row {
-                pid: Some(10),
-                ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
-            },
-            restart,
-            after_reboot,
-            loss(5, 0),
-        ];
-        let r = reconciled(&[audit_row(500)], &evidence);
+    fn an_audited_cookie_does_not_cover_its_number_after_a_reboot() {
+        let restart_in = |boot: &str| {
+            let mut restart = config_row(3);
+            restart.time = 1_700_000_060_000;
+            restart.unmapped = restart.unmapped.replace("boot-1", boot);
+            restart
+        };
+        let mut after = connect(4, 3, "python3", "10.0.0.5:5432", 500);
+        after.time = 1_700_000_120_000;
+        let evidence = |restart: Row| {
+            vec![
+                config_row(1),
+                Row {
+                    pid: Some(10),
+                    ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
+                },
+                restart,
+                after.clone(),
+                loss(5, 0),
+            ]
+        };
+        // The same boot: the cookie is still the gateway's (its record
+        // within minutes covers it).
+        let r = reconciled(&[audit_row(500)], &evidence(restart_in("boot-1")));
+        assert!(r.bypasses.is_empty(), "{}", summary(&r));
+        // Rebooted: the same number is someone else's.
+        let restart = restart_in("boot-2");
+        let r = reconciled(&[audit_row(500)], &evidence(restart));
         assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
         let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
         assert_eq!(findings, ["unaudited_connection_to_protected_target"]);

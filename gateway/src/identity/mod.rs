@@ -122,11 +122,11 @@ pub struct RoleRule {
     #[serde(default)]
     pub object_ids: Vec<String>,
     /// Tenants whose callers the rule applies to. Empty: `groups` and
-    /// `object_ids` (GUIDs, unique everywhere) match in any configured
-    /// tenant, `app_roles` and `apps` only in the home tenant (the first of
-    /// `identity.tenants`): app role values and client ids are not unique
+    /// `object_ids` that are GUIDs (unique everywhere) match in any
+    /// configured tenant; `app_roles`, `apps` and group names only in the
+    /// home tenant (the first of `identity.tenants`): they are not unique
     /// across tenants, and another tenant's administrator can assign an
-    /// app role of the same value to anyone in their tenant.
+    /// app role, or name a group, the same.
     #[serde(default)]
     pub tenants: Vec<String>,
 }
@@ -890,9 +890,21 @@ fn map_roles(rules: &BTreeMap<String, RoleRule>, home_tenant: &str, p: &Principa
                 let listed = r.tenants.iter().any(|t| eq(t, &p.tenant_id));
                 (listed, listed)
             };
-            (any_match
-                && (r.groups.iter().any(|g| p.groups.iter().any(|x| eq(g, x)))
-                    || r.object_ids.iter().any(|o| eq(o, &p.object_id))))
+            // A group or object id names one object everywhere only if it
+            // is a GUID (Entra can be set to put group names in `groups`,
+            // and another tenant can make a group of the same name).
+            let unique_match = |id: &String, have: &str| {
+                eq(id, have)
+                    && (if is_guid(id) {
+                        any_match
+                    } else {
+                        tenant_bound_match
+                    })
+            };
+            r.groups
+                .iter()
+                .any(|g| p.groups.iter().any(|x| unique_match(g, x)))
+                || r.object_ids.iter().any(|o| unique_match(o, &p.object_id))
                 || (tenant_bound_match
                     // App role values are case-sensitive strings defined by us.
                     && (r.app_roles.iter().any(|ar| p.roles.contains(ar))

@@ -322,8 +322,9 @@ app_roles = ["tollgate.write"]
 }
 
 /// App role values are not unique across tenants: without `tenants`, a
-/// rule's app roles and client ids count for the home tenant's callers
-/// only; its groups and object ids (GUIDs) count in every tenant.
+/// rule's app roles, client ids and group names count for the home
+/// tenant's callers only; its group and object ids (GUIDs) count in every
+/// tenant.
 #[tokio::test]
 async fn role_rules_hold_in_their_own_tenants_only() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -339,7 +340,8 @@ async fn role_rules_hold_in_their_own_tenants_only() {
     let v = Verifier::from_config(&config(
         "[roles.db-writer]\napp_roles = [\"Tollgate.Write\"]\n\
          [roles.partner-reader]\napp_roles = [\"Tollgate.Read\"]\ntenants = [\"OTHER\"]\n\
-         [roles.auditors]\ngroups = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n"
+         [roles.auditors]\ngroups = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n\
+         [roles.admins]\ngroups = [\"DB-Admins\"]\n"
             .replace("OTHER", OTHER_TID)
             .as_str(),
     ))
@@ -349,14 +351,19 @@ async fn role_rules_hold_in_their_own_tenants_only() {
         TokenSpec {
             tenant: tenant.into(),
             roles: vec!["Tollgate.Write".into(), "Tollgate.Read".into()],
-            groups: vec!["aaaaaaaa-0000-4000-8000-000000000001".into()],
+            // A group name (not a GUID) is no more unique across tenants
+            // than an app role.
+            groups: vec![
+                "aaaaaaaa-0000-4000-8000-000000000001".into(),
+                "DB-Admins".into(),
+            ],
             ..spec()
         }
         .mint(ring.signing_key())
         .expect("mint")
     };
     let home = v.verify(&roles_of(TID)).await.expect("accepted");
-    assert_eq!(home.tollgate_roles, vec!["auditors", "db-writer"]);
+    assert_eq!(home.tollgate_roles, vec!["admins", "auditors", "db-writer"]);
     let other = v.verify(&roles_of(OTHER_TID)).await.expect("accepted");
     assert_eq!(other.tollgate_roles, vec!["auditors", "partner-reader"]);
 
