@@ -46,6 +46,25 @@ fn as_agent(stack: &Stack, args: &[&str]) -> Value {
     parse(out)
 }
 
+/// psql in `cgroup` as the agent, presenting `token`, running `sql`
+/// against `host`:`port` (which the kernel redirects to tollgate).
+fn psql_in(
+    cgroup: &std::path::Path,
+    host: &str,
+    port: &str,
+    token: &str,
+    sql: &str,
+) -> std::process::Output {
+    AgentCgroup::command(cgroup, "psql")
+        .args(["-X", "-A", "-t", "-c", sql])
+        .arg(format!(
+            "host={host} port={port} user=agent dbname=orders connect_timeout=5 sslmode=disable"
+        ))
+        .env("PGPASSWORD", token)
+        .output()
+        .expect("psql")
+}
+
 /// escape.py run outside every agent cgroup.
 fn outside(args: &[&str]) -> Value {
     let out = Command::new(duckdb::python())
@@ -155,14 +174,13 @@ fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
     // A whole session over IPv6: the agent's psql reaches PostgreSQL only
     // as the gateway's own upstream login.
     let token = stack.idp.token(AGENT_OID, &[]).expect("token");
-    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, "psql")
-        .args(["-X", "-A", "-t", "-c", "SELECT current_user"])
-        .arg(format!(
-            "host=::1 port={port} user=agent dbname=orders connect_timeout=5 sslmode=disable"
-        ))
-        .env("PGPASSWORD", &token)
-        .output()
-        .expect("psql");
+    let out = psql_in(
+        &stack.gateway.config.agent_cgroup,
+        "::1",
+        &port,
+        &token,
+        "SELECT current_user",
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         stack.postgres.gateway_user,
@@ -393,14 +411,7 @@ fn with_egress_default_deny_a_nested_agent_cgroup_still_reaches_tollgate() {
     assert_eq!(answer["outcome"], "tollgate", "{answer}");
     // And a real client, end to end.
     let token = stack.idp.token(AGENT_OID, &[]).expect("token");
-    let out = AgentCgroup::command(&nested, "psql")
-        .args(["-X", "-A", "-t", "-c", "SELECT 41 + 1"])
-        .arg(format!(
-            "host=127.0.0.1 port={port} user=agent dbname=orders sslmode=disable"
-        ))
-        .env("PGPASSWORD", &token)
-        .output()
-        .expect("psql");
+    let out = psql_in(&nested, "127.0.0.1", &port, &token, "SELECT 41 + 1");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "42",
