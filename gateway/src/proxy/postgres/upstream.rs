@@ -395,6 +395,41 @@ mod tests {
         }
     }
 
+    /// A server that accepts the connection and never answers the login
+    /// does not hold the session: the login ends at LOGIN_TIMEOUT, and the
+    /// failure keeps the socket's cookie for the audit (the kernel saw the
+    /// connection).
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_answers_the_login_is_given_up_on() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = server.local_addr().expect("addr");
+        let silent = tokio::spawn(async move {
+            let (conn, _) = server.accept().await.expect("accept");
+            // Holds the connection open and says nothing.
+            std::future::pending::<()>().await;
+            drop(conn);
+        });
+        let mut config = crate::proxy::postgres::refusal_tests::target_config(
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        config.address = address;
+        let target = crate::proxy::Target::new(config).expect("target");
+        let started = tokio::time::Instant::now();
+        let failure = match connect(&target, &[]).await {
+            Ok(_) => panic!("logged in to a server that said nothing"),
+            Err(failure) => failure,
+        };
+        silent.abort();
+        assert!(
+            matches!(failure.error, UpstreamError::TimedOut),
+            "{failure}"
+        );
+        assert!(started.elapsed() >= LOGIN_TIMEOUT);
+        assert!(failure.socket_cookie.is_some());
+    }
+
     /// Once SCRAM has started, only the server's proof lets the login
     /// succeed: AuthenticationOk without it (a server that never knew the
     /// password) is refused, and so is a request for the password itself
