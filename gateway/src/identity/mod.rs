@@ -97,6 +97,15 @@ pub struct IdentityConfig {
     /// Seconds a session may outlive its token's `exp` before it is ended.
     #[serde(default)]
     pub session_grace_secs: u64,
+    /// Delegated (user) tokens must carry one of these scopes in `scp`,
+    /// e.g. `["access_as_user"]`. Empty (default): not checked.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// App-only tokens must carry at least one app role (`roles`): with
+    /// *Assignment required* off, Entra gives any service principal of the
+    /// tenant a token for tollgate, with no role in it. Default: false.
+    #[serde(default)]
+    pub app_tokens_need_a_role: bool,
     /// tollgate role name -> who holds it.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleRule>,
@@ -293,6 +302,10 @@ pub enum IdentityError {
     GroupsLookupFailed(String),
     #[error("the token could not be verified within {} s", VERIFY_TIMEOUT.as_secs())]
     TimedOut,
+    #[error("delegated token carries none of the required scopes ({0})")]
+    ScopeMissing(String),
+    #[error("app-only token carries no app role, and tollgate requires one")]
+    AppRoleMissing,
 }
 
 /// How long verifying one token may take (key refreshes and the Graph
@@ -306,6 +319,8 @@ impl IdentityError {
         use IdentityError::*;
         match self {
             TimedOut => "verify_timeout",
+            ScopeMissing(_) => "scope_missing",
+            AppRoleMissing => "app_role_missing",
             Missing => "missing_token",
             Oversized(_) => "oversized",
             Malformed(_) => "malformed",
@@ -413,6 +428,8 @@ struct Settings {
     refresh_every: Duration,
     /// Seconds a session may outlive its token.
     session_grace: i64,
+    required_scopes: Vec<String>,
+    app_tokens_need_a_role: bool,
 }
 
 /// Bounds of `jwks_refresh_secs`. Withdrawn keys stay trusted until the
@@ -533,6 +550,8 @@ impl Settings {
             max_age: c.max_token_age_secs,
             roles,
             refresh_every: Duration::from_secs(c.jwks_refresh_secs),
+            required_scopes: c.required_scopes.clone(),
+            app_tokens_need_a_role: c.app_tokens_need_a_role,
             session_grace: i64::try_from(c.session_grace_secs)
                 .context("identity.session_grace_secs")?,
         })
@@ -804,6 +823,21 @@ impl Verifier {
             return Err(IdentityError::InconsistentKind);
         }
         let roles = c.str_list("roles")?.unwrap_or_default();
+        // What Microsoft asks of an API: a delegated token must carry a
+        // scope the API defines, an app-only token an app role it was
+        // granted (when the operator asks for these checks).
+        match kind {
+            PrincipalKind::User
+                if !s.required_scopes.is_empty()
+                    && !scopes.iter().any(|sc| s.required_scopes.contains(sc)) =>
+            {
+                return Err(IdentityError::ScopeMissing(s.required_scopes.join(" ")));
+            }
+            PrincipalKind::App if s.app_tokens_need_a_role && roles.is_empty() => {
+                return Err(IdentityError::AppRoleMissing);
+            }
+            _ => {}
+        }
         let claim_names_overage = match c.0.get("_claim_names") {
             None => false,
             Some(serde_json::Value::Object(m)) => m.contains_key("groups"),

@@ -377,6 +377,45 @@ async fn role_rules_hold_in_their_own_tenants_only() {
     assert!(err.starts_with("identity.roles.x.tenants"), "{err}");
 }
 
+/// When configured, a delegated token must carry a required scope and an
+/// app-only token an app role, as Microsoft asks of an API; unconfigured,
+/// neither is checked.
+#[tokio::test]
+async fn required_scopes_and_app_roles_are_checked_when_configured() {
+    let (_d, ring, v) =
+        setup("required_scopes = [\"access_as_user\"]\napp_tokens_need_a_role = true").await;
+    let mint = |spec: TokenSpec| spec.mint(ring.signing_key()).expect("mint");
+    let user_with = |scopes: &[&str]| TokenSpec {
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..spec()
+    };
+    let app_with = |roles: &[&str]| TokenSpec {
+        kind: TokenKind::App,
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        ..spec()
+    };
+    let err = v
+        .verify(&mint(user_with(&["Other.Read"])))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), "scope_missing", "{err}");
+    v.verify(&mint(user_with(&["Other.Read", "access_as_user"])))
+        .await
+        .expect("a token with the scope is accepted");
+    let err = v.verify(&mint(app_with(&[]))).await.expect_err("refused");
+    assert_eq!(err.code(), "app_role_missing", "{err}");
+    v.verify(&mint(app_with(&["Tollgate.Access"])))
+        .await
+        .expect("an app token with a role is accepted");
+
+    let (_d, ring, v) = setup("").await;
+    for token in [user_with(&["Other.Read"]), app_with(&[])] {
+        v.verify(&token.mint(ring.signing_key()).expect("mint"))
+            .await
+            .expect("not checked unless configured");
+    }
+}
+
 #[tokio::test]
 async fn user_token_scopes_are_split() {
     let (_d, ring, v) = setup("").await;
