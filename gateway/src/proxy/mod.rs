@@ -139,7 +139,7 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
                     );
                     return match connection.target.protocol {
                         Protocol::Postgres => {
-                            postgres::refuse_over_limit(connection, stream, &shared).await
+                            postgres::refuse_over_limit(connection, stream, shared).await
                         }
                     };
                 };

@@ -59,7 +59,14 @@ pub const SQLSTATE_UPSTREAM: &str = "08006";
 /// cannot serve, and on record. A client that sent its startup packet
 /// reads the message; libpq, whose first message is an SSLRequest,
 /// reports an error response during the SSL exchange.
-pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, shared: &Shared) {
+///
+/// A CancelRequest that has arrived whole within [`CANCEL_PEEK`] is served
+/// all the same: at the limit is when one is needed most, and it ends at
+/// once (it is read whole, so it cannot hold the connection).
+pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, shared: Arc<Shared>) {
+    if is_whole_cancel_request(&client).await {
+        return serve_connection(connection, client, shared).await;
+    }
     let record = connection.login_refused(
         None,
         "too_many_connections",
@@ -75,6 +82,27 @@ pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, sh
         "tollgate: too many connections to this target; try again later",
     )
     .await;
+}
+
+/// How long a connection past the limit is given to show it is a
+/// CancelRequest.
+const CANCEL_PEEK: Duration = Duration::from_millis(200);
+
+/// Whether the client's first 16 bytes, already sent, are a CancelRequest
+/// (looked at without reading them).
+async fn is_whole_cancel_request(client: &TcpStream) -> bool {
+    let mut first = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + CANCEL_PEEK;
+    loop {
+        match tokio::time::timeout_at(deadline, client.peek(&mut first)).await {
+            Ok(Ok(16)) => break,
+            // Part of it so far: look again shortly (peek returns at once
+            // while anything is buffered).
+            Ok(Ok(n)) if n > 0 => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => return false,
+        }
+    }
+    first[..4] == 16i32.to_be_bytes() && first[4..8] == wire::CANCEL_REQUEST.to_be_bytes()
 }
 
 /// SQLSTATE of a connection refused for the target's connection limit
