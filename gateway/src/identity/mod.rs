@@ -475,6 +475,17 @@ impl Settings {
                 }
             }
         }
+        for scope in &c.required_scopes {
+            // `scp` holds bare names; the full `api://.../name` form (what
+            // a client asks for) would never match and refuse every user.
+            if scope.is_empty() || scope.contains('/') || scope.contains(char::is_whitespace) {
+                bail!(
+                    "identity.required_scopes: {scope:?} is not allowed: give scope names as \
+                     tokens carry them in scp (e.g. \"access_as_user\", not \
+                     \"api://tollgate/access_as_user\")"
+                );
+            }
+        }
         if c.audiences.is_empty() {
             bail!("identity.audiences: at least one audience is required");
         }

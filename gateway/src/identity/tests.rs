@@ -479,6 +479,14 @@ async fn timing_settings_out_of_range_are_refused_at_start() {
             file_config(dir.path(), "jwks_min_refresh_secs = 0"),
             "identity.jwks_min_refresh_secs",
         ),
+        (
+            // The form a client asks for, which scp never holds.
+            file_config(
+                dir.path(),
+                "required_scopes = [\"api://tollgate/access_as_user\"]",
+            ),
+            "identity.required_scopes",
+        ),
     ] {
         let err = match Verifier::from_config(&c).await {
             Ok(_) => panic!(

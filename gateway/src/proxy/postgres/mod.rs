@@ -61,11 +61,17 @@ pub const SQLSTATE_UPSTREAM: &str = "08006";
 /// reports an error response during the SSL exchange.
 ///
 /// A CancelRequest that has arrived whole within [`CANCEL_PEEK`] is served
-/// all the same: at the limit is when one is needed most, and it ends at
-/// once (it is read whole, so it cannot hold the connection).
+/// all the same: at the limit is when one is needed most, and it ends
+/// soon (it is read whole, and forwarding it has a deadline). At most
+/// [`PAST_LIMIT_AT_ONCE`] such connections are looked at together; the
+/// others are refused at once.
 pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, shared: Arc<Shared>) {
-    if is_whole_cancel_request(&client).await {
-        return serve_connection(connection, client, shared).await;
+    static PAST_LIMIT: tokio::sync::Semaphore =
+        tokio::sync::Semaphore::const_new(PAST_LIMIT_AT_ONCE);
+    if let Ok(_looking) = PAST_LIMIT.try_acquire() {
+        if is_whole_cancel_request(&client).await {
+            return serve_connection(connection, client, shared).await;
+        }
     }
     let record = connection.login_refused(
         None,
@@ -85,8 +91,15 @@ pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, sh
 }
 
 /// How long a connection past the limit is given to show it is a
-/// CancelRequest.
-const CANCEL_PEEK: Duration = Duration::from_millis(200);
+/// CancelRequest (which its client sends as soon as it connects).
+const CANCEL_PEEK: Duration = Duration::from_millis(50);
+
+/// Connections past the limit looked at for a CancelRequest at once.
+const PAST_LIMIT_AT_ONCE: usize = 64;
+
+/// How long forwarding a CancelRequest may take (its audit record, the
+/// connection to the server, the request).
+const CANCEL_FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the client's first 16 bytes, already sent, are a CancelRequest
 /// (looked at without reading them).
@@ -460,9 +473,15 @@ async fn forward_cancel(
         warn!(error = %err, "cancel request not forwarded: it could not be audited");
         return;
     }
-    match cancel::CancelKeys::cancel(server, socket).await {
-        Ok(()) => info!("cancel request forwarded to the session's server"),
-        Err(err) => warn!(error = %err, "cancel request could not be forwarded"),
+    match tokio::time::timeout(
+        CANCEL_FORWARD_TIMEOUT,
+        cancel::CancelKeys::cancel(server, socket),
+    )
+    .await
+    {
+        Ok(Ok(())) => info!("cancel request forwarded to the session's server"),
+        Ok(Err(err)) => warn!(error = %err, "cancel request could not be forwarded"),
+        Err(_) => warn!("cancel request could not be forwarded in time"),
     }
 }
 
