@@ -377,11 +377,6 @@ fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
                 ));
             }
         }
-        for table in op.reads.iter().chain(&op.writes) {
-            if grant.deny_tables.iter().any(|p| p.matches(table)) {
-                return Err(("deny_tables".into(), format!("table {table} is denied")));
-            }
-        }
         for table in &op.reads {
             if !grant.read_tables.iter().any(|p| p.matches(table)) {
                 return Err((
