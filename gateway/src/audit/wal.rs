@@ -159,12 +159,16 @@ impl Seal {
     /// Whether this seal was made with `key` for the record with
     /// `record_hash` (hex) at its sequence. Compared in constant time.
     pub fn covers(&self, key: &ring::hmac::Key, record_hash: &str) -> bool {
-        let (Ok(mac), Ok(hash)) = (hex::decode(&self.mac), hex::decode(record_hash)) else {
+        let mut hash = [0u8; 32];
+        let (Ok(mac), Ok(())) = (
+            hex::decode(&self.mac),
+            hex::decode_to_slice(record_hash, &mut hash),
+        ) else {
             return false;
         };
-        let mut message = self.sealed_sequence.to_le_bytes().to_vec();
-        message.extend_from_slice(&hash);
-        hash.len() == 32 && ring::hmac::verify(key, &message, &mac).is_ok()
+        // The same tag `append_seal` writes, compared in constant time.
+        let tag = seal_tag(key, self.sealed_sequence, &hash);
+        ring::constant_time::verify_slices_are_equal(tag.as_ref(), &mac).is_ok()
     }
 }
 
@@ -565,6 +569,28 @@ mod tests {
             records.push(r);
         }
         (bytes, records)
+    }
+
+    /// A frame whose checksum holds but whose payload is not a record (no
+    /// sequence: every field it lacks would default) is corrupt, not a
+    /// record numbered 0 that replay would pass over.
+    #[test]
+    fn a_frame_without_a_sequence_is_corrupt() {
+        let (mut bytes, _) = frames(1);
+        let payload = b"{}";
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(1, 1));
+        fs::write(&path, &bytes).unwrap();
+        let read = read_file(&path).unwrap();
+        assert_eq!(read.records.len(), 1);
+        assert!(
+            matches!(&read.tail, Tail::Corrupt { frame: 1, reason, .. } if reason == "a frame without a sequence number"),
+            "{:?}",
+            read.tail
+        );
     }
 
     /// One flipped bit in a seal's length field (its kind) must not make
