@@ -25,6 +25,22 @@ pub struct ServerKey {
     secret_key: i32,
 }
 
+impl ServerKey {
+    /// Sends the cancel for this server session on `socket` (see
+    /// [`crate::proxy::upstream_socket`]).
+    pub async fn send_cancel(self, socket: TcpSocket) -> std::io::Result<()> {
+        let mut stream = socket.connect(self.address).await?;
+        let mut packet = BytesMut::with_capacity(16);
+        packet.put_i32(16);
+        packet.put_i32(CANCEL_REQUEST);
+        packet.put_i32(self.process_id);
+        packet.put_i32(self.secret_key);
+        stream.write_all(&packet).await?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
+}
+
 /// Keys handed to agents, shared by all sessions of all targets.
 #[derive(Debug, Default)]
 pub struct CancelKeys {
@@ -101,20 +117,6 @@ impl CancelKeys {
     /// The server session that the key tollgate handed out stands for.
     pub fn server_of(&self, process_id: i32, secret_key: i32) -> Option<ServerKey> {
         self.lock().get(&(process_id, secret_key)).copied()
-    }
-
-    /// Sends the cancel for `server` on `socket` (see
-    /// [`crate::proxy::upstream_socket`]).
-    pub async fn cancel(server: ServerKey, socket: TcpSocket) -> std::io::Result<()> {
-        let mut stream = socket.connect(server.address).await?;
-        let mut packet = BytesMut::with_capacity(16);
-        packet.put_i32(16);
-        packet.put_i32(CANCEL_REQUEST);
-        packet.put_i32(server.process_id);
-        packet.put_i32(server.secret_key);
-        stream.write_all(&packet).await?;
-        let _ = stream.shutdown().await;
-        Ok(())
     }
 }
 

@@ -473,12 +473,7 @@ async fn forward_cancel(
         warn!(error = %err, "cancel request not forwarded: it could not be audited");
         return;
     }
-    match tokio::time::timeout(
-        CANCEL_FORWARD_TIMEOUT,
-        cancel::CancelKeys::cancel(server, socket),
-    )
-    .await
-    {
+    match tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, server.send_cancel(socket)).await {
         Ok(Ok(())) => info!("cancel request forwarded to the session's server"),
         Ok(Err(err)) => warn!(error = %err, "cancel request could not be forwarded"),
         Err(_) => warn!("cancel request could not be forwarded in time"),
