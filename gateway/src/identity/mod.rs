@@ -606,10 +606,13 @@ impl Verifier {
     pub fn check(config: &IdentityConfig) -> anyhow::Result<()> {
         Settings::from_config(config)?;
         let source = key_source(config)?;
-        if let KeySource::Jwks(url) | KeySource::Discovery(url) = &source {
-            keys::check_url(url, config.development_idp)
-                .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
-        }
+        // The key store `from_config` builds checks the key URL; building
+        // it uses no network.
+        KeyStore::new(
+            source.clone(),
+            config.development_idp,
+            Duration::from_secs(config.jwks_min_refresh_secs),
+        )?;
         if let Some(g) = &config.graph {
             GraphClient::new(g, config.development_idp)?;
         }
