@@ -590,7 +590,6 @@ pub struct Verifier {
     inner: Arc<Inner>,
     /// When a session must end, relative to its token's expiry.
     session_expiry: SessionExpiry,
-    session_grace_secs: i64,
 }
 
 // Many sessions share one verifier across tasks.
@@ -661,7 +660,6 @@ impl Verifier {
             ),
         }
         let refresh_every = settings.refresh_every;
-        let session_grace_secs = settings.session_grace;
         let inner = Arc::new(Inner {
             settings,
             keys,
@@ -671,7 +669,6 @@ impl Verifier {
         Ok(Verifier {
             inner,
             session_expiry: config.session_expiry,
-            session_grace_secs,
         })
     }
 
@@ -679,9 +676,11 @@ impl Verifier {
     /// the epoch), or None when sessions outlive their tokens.
     pub fn session_deadline(&self, principal: &Principal) -> Option<i64> {
         match self.session_expiry {
-            SessionExpiry::End => {
-                Some(principal.expires_at.saturating_add(self.session_grace_secs))
-            }
+            SessionExpiry::End => Some(
+                principal
+                    .expires_at
+                    .saturating_add(self.inner.settings.session_grace),
+            ),
             SessionExpiry::Keep => None,
         }
     }
