@@ -370,21 +370,12 @@ mod tests {
             let mut rest = Vec::new();
             let _ = conn.read_to_end(&mut rest).await;
         });
-        let target = crate::proxy::Target::new(crate::config::TargetConfig {
-            name: "orders-db".into(),
-            protocol: crate::config::Protocol::Postgres,
-            address,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            credential: crate::config::CredentialConfig {
-                user: "gateway".into(),
-                password: Some("secret".into()),
-                password_file: None,
-            },
-            tls: None,
-            upstream_tls: None,
-            max_connections: 1000,
-        })
-        .expect("target");
+        let mut config = crate::proxy::postgres::refusal_tests::target_config(
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        config.address = address;
+        config.credential.password = Some("secret".into());
+        let target = crate::proxy::Target::new(config).expect("target");
         let connected = tokio::time::timeout(Duration::from_secs(10), connect(&target, &[]))
             .await
             .expect("connect ends");
