@@ -443,7 +443,7 @@ pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, V
 /// record naming its socket's cookie may be. The audit record follows the
 /// connection by at most the upstream login's timeout; the rest is room for
 /// the wall clock to be stepped between the two.
-pub const COOKIE_WINDOW_MS: i64 = 10 * 60 * 1000;
+const COOKIE_WINDOW_MS: i64 = 10 * 60 * 1000;
 
 /// How close in time two reports of one connection (by the old and the
 /// new probe during a restart) are.

@@ -695,8 +695,8 @@ impl Verifier {
         self.inner.keys.kids()
     }
 
-    /// Validates `token` (surrounding whitespace ignored) and returns who it proves.
-    /// Verifies `token` within [`VERIFY_TIMEOUT`].
+    /// Validates `token` (surrounding whitespace ignored) within
+    /// [`VERIFY_TIMEOUT`] and returns who it proves.
     pub async fn verify(&self, token: &str) -> Result<Principal, IdentityError> {
         tokio::time::timeout(VERIFY_TIMEOUT, self.verify_untimed(token))
             .await
