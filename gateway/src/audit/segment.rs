@@ -97,6 +97,9 @@ pub enum SegmentError {
     Arrow(#[from] arrow_schema::ArrowError),
     #[error("column {column}: {reason}")]
     Column { column: String, reason: String },
+    /// The decoder panicked instead of returning an error.
+    #[error("the Parquet decoder failed on this file: {0}")]
+    DecoderFailed(String),
 }
 
 fn col_err(column: &str, reason: impl Into<String>) -> SegmentError {
@@ -931,8 +934,20 @@ pub fn write_file<R: Borrow<AuditRecord>>(
 }
 
 /// Reads every record of a segment, in file row order.
+///
+/// The parquet crate asserts on some malformed metadata (a negative column
+/// offset, say) instead of returning an error. A damaged or crafted file is
+/// an error here like any other, so that verify reports it and goes on
+/// rather than ending without a report.
 pub fn read_file(path: &Path) -> Result<Vec<AuditRecord>, SegmentError> {
-    read_file_with(path, HUGE_COLUMN)
+    std::panic::catch_unwind(|| read_file_with(path, HUGE_COLUMN)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panicked".to_string());
+        Err(SegmentError::DecoderFailed(message))
+    })
 }
 
 /// Uncompressed bytes of one column in one row group past which a file is
