@@ -28,7 +28,7 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    audit::{AuditConfig, AuditLog, AuditRecord},
+    audit::{AuditConfig, AuditLog, AuditRecord, DurabilityMode},
     pin::EvidenceHandles,
 };
 
@@ -88,6 +88,14 @@ pub fn evidence_config(audit: &AuditConfig) -> AuditConfig {
     config.origin = audit.origin.as_ref().map(|o| format!("{o}/evidence"));
     // Evidence never gates a request; the loss counters cover the rest.
     config.retention_days = audit.retention_days;
+    // Written to the WAL by the reader itself, before it lets go of the
+    // event in the ring buffer (see `drain`): the ring buffer is pinned and
+    // keeps what was not taken for the next daemon, so a kill of this one
+    // loses no event it took. Handed to a writer thread instead, an event
+    // taken but still queued would be lost with the process. The sync
+    // follows within `buffered_sync_interval_ms`; a crash of the whole
+    // host loses the ring buffer's contents anyway.
+    config.durability = DurabilityMode::Buffered;
     config
 }
 
@@ -485,8 +493,10 @@ async fn write_loss(
     }
 }
 
-/// Reads every event in the ring buffer into the evidence log. Records are
-/// submitted together and awaited together (one group commit).
+/// Reads every event in the ring buffer into the evidence log. Each record
+/// is written (the log is `buffered`, see [`evidence_config`]) before its
+/// event is let go of in the ring buffer, which is when the kernel may
+/// reuse its space and a restarted daemon would no longer see it.
 async fn drain(
     ring: &mut RingBuf<MapData>,
     log: &AuditLog,
@@ -646,6 +656,38 @@ mod tests {
         let report = with(clean, unwritten);
         assert!(!report.lossless());
         assert_eq!(loss_record(&report).status_id, 2);
+    }
+
+    /// An event's record is in the WAL file when `submit` returns, before
+    /// `drain` lets go of the event in the ring buffer, whatever the audit
+    /// log's own durability: a daemon killed right after loses nothing it
+    /// took from the kernel.
+    #[tokio::test]
+    async fn an_evidence_record_is_in_the_wal_before_its_event_is_let_go_of() {
+        let tmp = tempfile::tempdir().unwrap();
+        for durability in [DurabilityMode::ReadParallel, DurabilityMode::Strict] {
+            let mut audit = AuditConfig::new(tmp.path().join(format!("{durability:?}")));
+            audit.durability = durability;
+            // As the daemon does: the audit log first, which makes the key.
+            let audit_log = AuditLog::open(&audit).await.unwrap();
+            let log = AuditLog::open(&evidence_config(&audit)).await.unwrap();
+            let mut event = event(event_kind::TCP_CONNECT);
+            event.comm = *b"taken-then-kill\0";
+            let durable = log.submit(event_record(&event, 0));
+            let wal = evidence_dir(&audit.dir).join("wal");
+            let written = std::fs::read_dir(&wal).unwrap().flatten().any(|f| {
+                let bytes = std::fs::read(f.path()).unwrap_or_default();
+                bytes.windows(15).any(|w| w == b"taken-then-kill")
+            });
+            assert!(
+                written,
+                "{durability:?}: the record is not in {} yet",
+                wal.display()
+            );
+            durable.await.unwrap();
+            log.shutdown().await;
+            audit_log.shutdown().await;
+        }
     }
 
     #[test]
