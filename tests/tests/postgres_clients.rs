@@ -711,6 +711,24 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         text(&out.stderr)
     );
 
+    // A computed copy of the column reached another way: the RETURNING
+    // of a write, a CTE that shares the table's name while the query reads
+    // the schema-qualified table, `TABLE customers`. Each is masked.
+    for sql in [
+        "UPDATE customers SET name = name WHERE id = 1 RETURNING upper(email) AS shout",
+        "WITH customers AS (SELECT 1) SELECT lower(email) AS shout FROM public.customers WHERE id = 1",
+        "SELECT upper(email) AS shout FROM (TABLE customers) c WHERE id = 1",
+    ] {
+        let out = stack.agent_psql(&agent, sql).output().expect("psql");
+        assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
+        assert!(
+            !text(&out.stdout).to_lowercase().contains("@example.com"),
+            "{sql} leaked: {}",
+            text(&out.stdout)
+        );
+        assert!(text(&out.stdout).contains("****"), "{sql}: {}", text(&out.stdout));
+    }
+
     // A whole-row reference carries the masked column too.
     let out = stack
         .agent_psql(&agent, "SELECT c FROM customers c WHERE id = 1")
@@ -1224,6 +1242,58 @@ fn buffered_durability_answers_and_records_a_pipeline_larger_than_the_sockets() 
             .expect("audit rows");
         assert_eq!(rows.len(), statements, "{phase} rows");
     }
+}
+
+/// standard_conforming_strings stays on: tollgate asks for it at login,
+/// over a role default that turns it off, and a function of the agent's
+/// that turns it off ends the session (FATAL 42501) before anything after
+/// the server's report reaches the agent. With it off, a backslash in a
+/// plain string would hide a quote, and the server would split statements
+/// where tollgate does not.
+#[test]
+fn standard_conforming_strings_stays_on_behind_the_policy() {
+    let Some((stack, token)) = start("standard_conforming_strings_stays_on_behind_the_policy")
+    else {
+        return;
+    };
+    let gateway_user = stack.postgres.gateway_user.clone();
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            &format!("ALTER ROLE {gateway_user} SET standard_conforming_strings = off"),
+        )
+        .expect("role default");
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION plain_backslashes() RETURNS text LANGUAGE sql \
+             AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$",
+        )
+        .expect("create the function");
+    let mut psql = agent_psql(&stack, &token);
+    psql.args([
+        "-c",
+        "SHOW standard_conforming_strings",
+        "-c",
+        "SELECT plain_backslashes()",
+        "-c",
+        "SELECT 'never run'",
+    ]);
+    let out = psql.output().expect("run psql");
+    let stderr = text(&out.stderr);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("on"),
+        "the login set it on: {stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("FATAL:  42501"), "{stderr}");
+    assert!(
+        stderr.contains("standard_conforming_strings became off"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("never run"), "{stdout}");
 }
 
 /// The client encoding stays UTF8: psql's SET NAMES and set_config of

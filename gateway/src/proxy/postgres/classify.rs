@@ -3,16 +3,23 @@
 //! tables it reads and writes, and the dangerous things it does. The policy
 //! decides on this, never on the raw text.
 
-use std::{collections::BTreeSet, ops::ControlFlow};
+use std::{
+    collections::{BTreeSet, HashMap},
+    ops::ControlFlow,
+};
 
 use sqlparser::{
     ast::{
         CopySource, CopyTarget, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments,
-        ObjectName, ObjectType, Query, Set, Statement, TableFactor, TableObject, Visit, Visitor,
+        ObjectName, ObjectType, Query, Set, SetExpr, Statement, TableFactor, TableObject, Visit,
+        Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
+    tokenizer::{Token, Tokenizer},
 };
+
+use super::lexical;
 
 use crate::policy::{Danger, Operation, StatementKind};
 
@@ -32,6 +39,28 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "set_config",
     "pg_reload_conf",
     "pg_terminate_backend",
+];
+
+/// Functions that run SQL handed to them as text (or name a table as
+/// text): the tables that SQL reads are invisible to the policy, so a
+/// statement calling one is not understood.
+const SQL_TEXT_FUNCTIONS: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
 ];
 
 /// Built-in functions without side effects: a read calling only these is
@@ -96,9 +125,91 @@ const DEFAULT_SCHEMA: &str = "public";
 /// schema-qualified and folded to lower case unless quoted. `Err` carries
 /// the parser's message.
 pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
-    let statements =
-        Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|err| err.to_string())?;
-    Ok(statements.iter().map(classify_statement).collect())
+    let dialect = PostgreSqlDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(|err| err.to_string())?;
+    reads_as_postgresql_does(tokens.iter().map(|t| &t.token))?;
+    let statements = Parser::new(&dialect)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .map_err(|err| err.to_string())?;
+    match lexical::statement_count(sql) {
+        Some(n) if n == statements.len() => {}
+        found => {
+            return Err(format!(
+                "PostgreSQL would read this text as {} statement(s), the parser as {}: \
+                 not sent, since the server would run something else than what was decided",
+                found.map_or_else(|| "unterminated".to_string(), |n| n.to_string()),
+                statements.len()
+            ))
+        }
+    }
+    let operations: Vec<Operation> = statements.iter().map(classify_statement).collect();
+    for statement in &statements {
+        if let Some(function) = runs_sql_text(statement) {
+            return Err(format!(
+                "{function} runs SQL given to it as text, whose tables tollgate cannot see"
+            ));
+        }
+    }
+    Ok(operations)
+}
+
+/// Refuses tokens that PostgreSQL's scanner would read otherwise: a `$`
+/// that is no parameter (`$€$` opens a dollar quote for PostgreSQL, not
+/// for the tokenizer), an operator running into `--` or `/*` (PostgreSQL
+/// ends the operator there and starts a comment).
+fn reads_as_postgresql_does<'a>(tokens: impl Iterator<Item = &'a Token>) -> Result<(), String> {
+    for token in tokens {
+        match token {
+            Token::Placeholder(p)
+                if p.starts_with('$')
+                    && (p.len() == 1 || !p[1..].bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                return Err(format!(
+                    "`{p}` is read differently by PostgreSQL (a dollar quote or a lone `$`)"
+                ));
+            }
+            Token::CustomBinaryOperator(op) if op.contains("--") || op.contains("/*") => {
+                return Err(format!(
+                    "the operator `{op}` runs into a comment, where PostgreSQL ends it"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The first function in `statement` that runs SQL given as text.
+fn runs_sql_text(statement: &Statement) -> Option<String> {
+    let mut found = None;
+    let _ = sqlparser::ast::visit_expressions(statement, |expr| {
+        if let Expr::Function(function) = expr {
+            if let Some(name) = function.name.0.last().and_then(|part| part.as_ident()) {
+                let name = name.value.to_ascii_lowercase();
+                if SQL_TEXT_FUNCTIONS.contains(&name.as_str()) {
+                    found = Some(name);
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    if found.is_none() {
+        let _ = sqlparser::ast::visit_relations(statement, |relation| {
+            if let Some(name) = relation.0.last().and_then(|part| part.as_ident()) {
+                let name = name.value.to_ascii_lowercase();
+                if SQL_TEXT_FUNCTIONS.contains(&name.as_str()) {
+                    found = Some(name);
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        });
+    }
+    found
 }
 
 fn classify_statement(statement: &Statement) -> Operation {
@@ -123,8 +234,10 @@ fn classify_statement(statement: &Statement) -> Operation {
         ..Operation::default()
     };
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
-    // ANALYZE UPDATE ...) make the whole statement a write.
-    if !walker.written.is_empty() && out.kind < StatementKind::Write {
+    // ANALYZE UPDATE ...), SELECT INTO anywhere in a query, and row locks
+    // (which need UPDATE privilege and change the rows' headers) make the
+    // whole statement a write.
+    if (!walker.written.is_empty() || walker.locks_rows) && out.kind < StatementKind::Write {
         out.kind = StatementKind::Write;
     }
     // EXPLAIN ANALYZE EXECUTE runs a prepared statement too.
@@ -134,7 +247,7 @@ fn classify_statement(statement: &Statement) -> Operation {
     out.reads = walker
         .relations
         .into_iter()
-        .filter(|name| !walker.cte_names.contains(name) && !walker.table_functions.contains(name))
+        .filter(|name| !walker.table_functions.contains(name))
         .filter(|name| !walker.written.contains(name) || walker.read_also.contains(name))
         .collect();
     out.writes = walker.written;
@@ -318,8 +431,11 @@ fn setting_name(variable: &ObjectName) -> String {
 }
 
 fn query_selects_into(query: &Query) -> bool {
-    matches!(query.body.as_ref(), sqlparser::ast::SetExpr::Select(select) if select.into.is_some())
+    matches!(query.body.as_ref(), SetExpr::Select(select) if select.into.is_some())
 }
+
+/// The CTE names a query's body sees: its own and its enclosing queries'.
+type Scope = BTreeSet<String>;
 
 /// Collects relations, writes, dangers and CTE names in one walk.
 #[derive(Default)]
@@ -328,7 +444,15 @@ struct Walker {
     written: BTreeSet<String>,
     /// Written tables that the statement also reads (UPDATE t ... FROM t).
     read_also: BTreeSet<String>,
-    cte_names: BTreeSet<String>,
+    /// CTE names in scope, one entry per query being walked: an
+    /// unqualified name found among them is the CTE, not a table.
+    scopes: Vec<Scope>,
+    /// The scope each CTE's body will see, by the body's address (the
+    /// walk reaches a body as a query of its own): without RECURSIVE a
+    /// CTE sees only the CTEs before it, not itself.
+    cte_body_scopes: HashMap<*const Query, Scope>,
+    /// FOR UPDATE / FOR SHARE somewhere in the statement.
+    locks_rows: bool,
     dangers: BTreeSet<Danger>,
     calls_functions: bool,
     table_functions: BTreeSet<String>,
@@ -337,6 +461,57 @@ struct Walker {
 }
 
 impl Walker {
+    /// What a query body does that the walk does not visit as a relation or
+    /// statement: `TABLE x` (which is `SELECT * FROM x`) and `SELECT ...
+    /// INTO t` in any branch of a set operation (PostgreSQL creates `t`
+    /// from the leftmost).
+    fn note_body(&mut self, body: &SetExpr, scope: &Scope) {
+        match body {
+            SetExpr::Table(table) => {
+                if let Some(name) = &table.table_name {
+                    let reference = match &table.schema_name {
+                        Some(schema) => format!(
+                            "{}.{}",
+                            fold(&schema.value, schema.quote_style.is_some()),
+                            fold(&name.value, name.quote_style.is_some())
+                        ),
+                        None => {
+                            let folded = fold(&name.value, name.quote_style.is_some());
+                            if scope.contains(&folded) {
+                                return;
+                            }
+                            format!("{DEFAULT_SCHEMA}.{folded}")
+                        }
+                    };
+                    self.relations.insert(reference);
+                }
+            }
+            SetExpr::Select(select) => {
+                if let Some(into) = &select.into {
+                    for target in &into.targets {
+                        let name = match target {
+                            Expr::Identifier(ident) => Some(ObjectName::from(vec![ident.clone()])),
+                            Expr::CompoundIdentifier(parts) => {
+                                Some(ObjectName::from(parts.clone()))
+                            }
+                            _ => None,
+                        };
+                        match name {
+                            Some(name) => self.written.insert(table_name(&name)),
+                            // A target tollgate cannot name is still a write.
+                            None => self.written.insert(String::from("?")),
+                        };
+                    }
+                }
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                self.note_body(left, scope);
+                self.note_body(right, scope);
+            }
+            _ => {}
+        }
+    }
+
     /// A call of the function `name`, wherever it appears (an expression,
     /// a FROM item): dangerous functions, and set_config of client_encoding.
     fn note_call(&mut self, name: &ObjectName, args: Option<&[FunctionArg]>) {
@@ -357,19 +532,58 @@ impl Visitor for Walker {
     type Break = ();
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        let enclosing = self
+            .cte_body_scopes
+            .remove(&(query as *const Query))
+            .or_else(|| self.scopes.last().cloned())
+            .unwrap_or_default();
+        let mut scope = enclosing.clone();
         if let Some(with) = &query.with {
-            for cte in &with.cte_tables {
-                self.cte_names.insert(qualify(
-                    &cte.alias.name.value,
-                    cte.alias.name.quote_style.is_some(),
-                ));
+            let names: Vec<String> = with
+                .cte_tables
+                .iter()
+                .map(|cte| fold(&cte.alias.name.value, cte.alias.name.quote_style.is_some()))
+                .collect();
+            for (i, cte) in with.cte_tables.iter().enumerate() {
+                let visible = if with.recursive {
+                    &names[..]
+                } else {
+                    &names[..i]
+                };
+                let mut body_scope = enclosing.clone();
+                body_scope.extend(visible.iter().cloned());
+                self.cte_body_scopes
+                    .insert(&*cte.query as *const Query, body_scope);
             }
+            scope.extend(names);
         }
+        if !query.locks.is_empty() {
+            self.locks_rows = true;
+        }
+        self.note_body(&query.body, &scope);
+        self.scopes.push(scope);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<()> {
+        self.scopes.pop();
         ControlFlow::Continue(())
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        self.relations.insert(table_name(relation));
+        let scope = self.scopes.last();
+        let is_cte = match relation.0.as_slice() {
+            [only] => only.as_ident().is_some_and(|ident| {
+                scope.is_some_and(|scope| {
+                    scope.contains(&fold(&ident.value, ident.quote_style.is_some()))
+                })
+            }),
+            // A qualified name is never a CTE.
+            _ => false,
+        };
+        if !is_cte {
+            self.relations.insert(table_name(relation));
+        }
         ControlFlow::Continue(())
     }
 
@@ -452,6 +666,13 @@ impl Visitor for Walker {
                 }
                 if delete.selection.is_none() {
                     self.dangers.insert(Danger::DeleteWithoutWhere);
+                }
+            }
+            Statement::Merge(merge) => {
+                // MERGE reads its target (the ON join) and changes it.
+                if let TableFactor::Table { name, .. } = &merge.table {
+                    self.written.insert(table_name(name));
+                    self.read_also.insert(table_name(name));
                 }
             }
             Statement::Truncate(truncate) => {
@@ -546,10 +767,6 @@ fn table_name(name: &ObjectName) -> String {
         // database.schema.table: the database is the session's anyway.
         _ => parts[parts.len() - 2..].join("."),
     }
-}
-
-fn qualify(name: &str, quoted: bool) -> String {
-    format!("{DEFAULT_SCHEMA}.{}", fold(name, quoted))
 }
 
 fn fold(ident: &str, quoted: bool) -> String {
@@ -778,5 +995,123 @@ mod tests {
     #[test]
     fn garbage_does_not_parse() {
         assert!(classify("SELEKT * FROM").is_err());
+    }
+
+    /// Text that sqlparser and PostgreSQL would split into different
+    /// tokens (and so different statements) is not understood: the server
+    /// must never run a statement other than the one decided and recorded.
+    #[test]
+    fn text_postgresql_reads_differently_is_not_understood() {
+        for sql in [
+            // A dollar quote whose tag has a character PostgreSQL allows
+            // (any non-ASCII byte) and sqlparser does not.
+            "SELECT $€$ -- $€$; DELETE FROM orders",
+            // An operator running into a comment: PostgreSQL ends the
+            // operator where `--` or `/*` starts.
+            "SELECT 1 >--'\n0; DELETE FROM orders; SELECT 1 --'",
+            "SELECT 1 >/*'\n*/ 0; DELETE FROM orders; SELECT '*/'",
+            // A bare `$` is no parameter in PostgreSQL.
+            "SELECT $ FROM orders",
+        ] {
+            assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
+        }
+        // What both read alike still parses.
+        for sql in [
+            "SELECT $tag$ -- $tag$; SELECT 2",
+            "SELECT 'a--b' || $$/*$$, 1 >= 0 -- the end",
+            "SELECT $1 + $2",
+            "SELECT a$b FROM t",
+            "SELECT 1 /* nested /* comment */ still */ ; SELECT 2",
+            "SELECT E'it\\'s' ; SELECT 2",
+        ] {
+            assert!(classify(sql).is_ok(), "{sql}: {:?}", classify(sql));
+        }
+    }
+
+    /// What PostgreSQL reads through forms the walk must not miss.
+    #[test]
+    fn tables_behind_table_cte_names_and_into_are_seen() {
+        for (sql, reads) in [
+            // `TABLE x` is `SELECT * FROM x`.
+            ("SELECT * FROM (TABLE secrets) s", &["public.secrets"][..]),
+            (
+                "WITH s AS (TABLE hr.secrets) SELECT * FROM s",
+                &["hr.secrets"],
+            ),
+            ("COPY (TABLE customers) TO STDOUT", &["public.customers"]),
+            // A schema-qualified name is never a CTE.
+            (
+                "WITH secrets AS (SELECT 1) SELECT * FROM public.secrets",
+                &["public.secrets"],
+            ),
+            // A CTE is visible only in its own query and below.
+            (
+                "SELECT * FROM secrets, (WITH secrets AS (SELECT 1) SELECT 1) x",
+                &["public.secrets"],
+            ),
+            // Without RECURSIVE, a CTE's own name in its body is the table.
+            (
+                "WITH secrets AS (SELECT * FROM secrets) SELECT * FROM secrets",
+                &["public.secrets"],
+            ),
+            // And a later CTE's name in an earlier one's body.
+            (
+                "WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a",
+                &["public.b"],
+            ),
+            // Still a CTE where it is one.
+            (
+                "WITH s AS (SELECT * FROM orders) SELECT * FROM s",
+                &["public.orders"],
+            ),
+            (
+                "WITH RECURSIVE r AS (SELECT 1 UNION ALL SELECT * FROM r) SELECT * FROM r",
+                &[],
+            ),
+        ] {
+            let op = one(sql);
+            assert_eq!(op.reads, set(reads), "{sql}");
+        }
+        for (sql, writes) in [
+            ("SELECT * INTO hr.copy FROM orders", &["hr.copy"][..]),
+            ("SELECT 1 AS a INTO public.x UNION ALL SELECT 2", &["public.x"]),
+            ("(SELECT * INTO TEMP t FROM orders)", &["public.t"]),
+            (
+                "MERGE INTO public.orders o USING (SELECT 1 AS id) s ON true WHEN MATCHED THEN DELETE",
+                &["public.orders"],
+            ),
+        ] {
+            let op = one(sql);
+            assert_eq!(op.kind, Write, "{sql}");
+            assert_eq!(op.writes, set(writes), "{sql}");
+        }
+    }
+
+    /// Row locks need UPDATE privilege and change tuples: a write, never
+    /// provably read-only.
+    #[test]
+    fn row_locking_selects_are_writes() {
+        for sql in [
+            "SELECT * FROM orders FOR UPDATE",
+            "SELECT * FROM orders FOR SHARE",
+            "SELECT * FROM (SELECT * FROM orders FOR UPDATE) o",
+            "WITH o AS (SELECT * FROM orders FOR UPDATE) SELECT * FROM o",
+        ] {
+            assert_eq!(one(sql).kind, Write, "{sql}");
+        }
+    }
+
+    /// Functions that run SQL given to them as text read tables tollgate
+    /// cannot see: the statement is not understood.
+    #[test]
+    fn functions_that_run_sql_text_are_not_understood() {
+        for sql in [
+            "SELECT query_to_xml('SELECT * FROM secrets', true, false, '')",
+            "SELECT table_to_xml('public.customers', false, false, '')",
+            "SELECT * FROM ts_stat('SELECT body FROM secrets')",
+            "SELECT pg_catalog.cursor_to_xml('c', 10, false, false, '')",
+        ] {
+            assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
+        }
     }
 }

@@ -14,6 +14,7 @@ mod cancel;
 pub mod classify;
 #[cfg(test)]
 mod fuzz_tests;
+mod lexical;
 pub(crate) mod mask;
 #[cfg(test)]
 mod refusal_tests;

@@ -153,11 +153,19 @@ async fn establish(
     // change how the server reads SQL text (standard_conforming_strings,
     // search_path, an `options` string setting anything) do not, or the
     // server could run a different statement than the one policy decided.
-    let mut params: Vec<(&str, &str)> = vec![("user", user), ("client_encoding", "UTF8")];
+    // standard_conforming_strings is set here, above any role or database
+    // default: with it off, a backslash in a plain string hides a quote,
+    // and the server would split statements where tollgate does not.
+    let mut params: Vec<(&str, &str)> = vec![
+        ("user", user),
+        ("client_encoding", "UTF8"),
+        ("standard_conforming_strings", "on"),
+    ];
     for (key, value) in client_params {
         if PASSED_STARTUP_PARAMETERS.contains(&key.as_str()) {
             params.push((key, value));
-        } else if key != "user" && key != "client_encoding" {
+        } else if key != "user" && key != "client_encoding" && key != "standard_conforming_strings"
+        {
             tracing::info!(parameter = %key, "startup parameter not passed to the target");
         }
     }

@@ -256,11 +256,13 @@ pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, 
     match operations {
         // A FETCH's rows come from a cursor declared earlier: assume they
         // may carry masked columns, computed ones included.
+        // A written table counts too: RETURNING hands back its rows,
+        // computed columns included.
         Ok(ops) => {
             ops.iter().any(|op| op.opaque_result)
                 || ops
                     .iter()
-                    .flat_map(|op| &op.reads)
+                    .flat_map(|op| op.reads.iter().chain(&op.writes))
                     .any(|t| masks.covers_table(t))
         }
         // Not understood: assume the worst.

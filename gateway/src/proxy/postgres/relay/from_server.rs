@@ -77,6 +77,25 @@ pub(super) async fn server_to_client(
                 .await;
                 return Err(WireError::Closed);
             }
+            if let Some(value) = (frame.tag == b'S')
+                .then(|| wire::parameter_status(&frame, "standard_conforming_strings"))
+                .flatten()
+                .filter(|value| !value.eq_ignore_ascii_case("on"))
+            {
+                // As for the encoding: with it off, a backslash in a plain
+                // string hides a quote, and the server would split the
+                // next statements where tollgate does not.
+                close_after_built_answers(
+                    &out,
+                    &mut outcomes.handed_over,
+                    &client_wr,
+                    &in_flight,
+                    SQLSTATE_POLICY,
+                    &format!("tollgate: the server's standard_conforming_strings became {value} (rule encoding:standard_conforming_strings); tollgate reads statements with it on only, so the session is closed"),
+                )
+                .await;
+                return Err(WireError::Closed);
+            }
             if frame.tag == b'S' {
                 if let Some(value) = wire::parameter_status(&frame, "application_name") {
                     if let Ok(mut intent) = session.intent.lock() {
