@@ -41,6 +41,67 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_terminate_backend",
 ];
 
+/// Built-in functions that change the database or the server's state
+/// (sequences, large objects, notifications, other sessions, locks,
+/// replication, WAL, statistics): a SELECT calling one is a write, so a
+/// grant of reads alone refuses it and it is never forwarded before its
+/// record is durable. Functions of the database's own (`app.purge()`)
+/// cannot be known from the text; see docs/policy.md.
+const STATE_CHANGING_FUNCTIONS: &[&str] = &[
+    "nextval",
+    "setval",
+    "lo_create",
+    "lo_creat",
+    "lo_unlink",
+    "lo_from_bytea",
+    "lo_put",
+    "lo_truncate",
+    "lo_truncate64",
+    "lowrite",
+    "lo_open",
+    "pg_notify",
+    "pg_cancel_backend",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "pg_rotate_logfile",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_promote",
+    "pg_logical_emit_message",
+    "pg_create_physical_replication_slot",
+    "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot",
+    "pg_copy_physical_replication_slot",
+    "pg_copy_logical_replication_slot",
+    "pg_replication_slot_advance",
+    "pg_replication_origin_create",
+    "pg_replication_origin_drop",
+    "pg_logical_slot_get_changes",
+    "pg_logical_slot_get_binary_changes",
+    "pg_stat_reset",
+    "pg_stat_reset_shared",
+    "pg_stat_reset_single_table_counters",
+    "pg_stat_reset_single_function_counters",
+    "pg_stat_reset_slru",
+    "pg_stat_reset_replication_slot",
+    "pg_stat_reset_subscription_stats",
+    "pg_import_system_collations",
+    "pg_nextoid",
+    "txid_current",
+    "pg_current_xact_id",
+];
+
 /// Functions that run SQL handed to them as text (or name a table as
 /// text): the tables that SQL reads are invisible to the policy, so a
 /// statement calling one is not understood.
@@ -237,7 +298,9 @@ fn classify_statement(statement: &Statement) -> Operation {
     // ANALYZE UPDATE ...), SELECT INTO anywhere in a query, and row locks
     // (which need UPDATE privilege and change the rows' headers) make the
     // whole statement a write.
-    if (!walker.written.is_empty() || walker.locks_rows) && out.kind < StatementKind::Write {
+    if (!walker.written.is_empty() || walker.locks_rows || walker.changes_state)
+        && out.kind < StatementKind::Write
+    {
         out.kind = StatementKind::Write;
     }
     // EXPLAIN ANALYZE EXECUTE runs a prepared statement too.
@@ -453,6 +516,8 @@ struct Walker {
     cte_body_scopes: HashMap<*const Query, Scope>,
     /// FOR UPDATE / FOR SHARE somewhere in the statement.
     locks_rows: bool,
+    /// A call of a built-in function that changes state.
+    changes_state: bool,
     dangers: BTreeSet<Danger>,
     calls_functions: bool,
     table_functions: BTreeSet<String>,
@@ -521,6 +586,9 @@ impl Walker {
         let last = last.value.to_ascii_lowercase();
         if DANGEROUS_FUNCTIONS.contains(&last.as_str()) {
             self.dangers.insert(Danger::FileOrProgramFunction);
+        }
+        if STATE_CHANGING_FUNCTIONS.contains(&last.as_str()) {
+            self.changes_state = true;
         }
         if last == "set_config" && set_config_may_change_encoding(args) {
             self.changes_encoding = true;
@@ -611,6 +679,17 @@ impl Visitor for Walker {
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        // An operator of the database's own (`OPERATOR(app.===)`, `a ~~~ b`)
+        // runs a function tollgate cannot see into.
+        if let Expr::BinaryOp {
+            op:
+                sqlparser::ast::BinaryOperator::PGCustomBinaryOperator(_)
+                | sqlparser::ast::BinaryOperator::Custom(_),
+            ..
+        } = expr
+        {
+            self.calls_functions = true;
+        }
         if let Expr::Function(function) = expr {
             let unqualified_pure = function.name.0.len() == 1
                 && function.name.0[0].as_ident().is_some_and(|name| {
@@ -667,6 +746,12 @@ impl Visitor for Walker {
                 if delete.selection.is_none() {
                     self.dangers.insert(Danger::DeleteWithoutWhere);
                 }
+            }
+            Statement::CreateTable(create) => {
+                self.written.insert(table_name(&create.name));
+            }
+            Statement::CreateView(create) => {
+                self.written.insert(table_name(&create.name));
             }
             Statement::Merge(merge) => {
                 // MERGE reads its target (the ON join) and changes it.
@@ -759,13 +844,29 @@ fn table_name(name: &ObjectName) -> String {
         .0
         .iter()
         .filter_map(|part| part.as_ident())
-        .map(|ident| fold(&ident.value, ident.quote_style.is_some()))
+        .map(|ident| name_part(&fold(&ident.value, ident.quote_style.is_some())))
         .collect();
     match parts.len() {
         0 => String::new(),
+        // PostgreSQL searches pg_catalog before the path: an unqualified
+        // `pg_stat_activity` is the catalog's (names starting `pg_` are
+        // the system's; a table of that name elsewhere is taken for the
+        // catalog's too, which can only refuse more).
+        1 if parts[0].starts_with("pg_") => format!("pg_catalog.{}", parts[0]),
         1 => format!("{DEFAULT_SCHEMA}.{}", parts[0]),
         // database.schema.table: the database is the session's anyway.
         _ => parts[parts.len() - 2..].join("."),
+    }
+}
+
+/// A schema or table name as it appears in `schema.table`: quoted (with
+/// quotes doubled) when it holds a `.` or `"`, so that `"public.x".secrets`
+/// cannot pass for `public.x.secrets` and match `public.*`.
+fn name_part(folded: &str) -> String {
+    if folded.contains(['.', '"']) {
+        format!("\"{}\"", folded.replace('"', "\"\""))
+    } else {
+        folded.to_owned()
     }
 }
 
@@ -1113,5 +1214,55 @@ mod tests {
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }
+    }
+
+    /// Built-in functions that change state make a SELECT a write; an
+    /// operator of the database's own is a call tollgate cannot see into.
+    #[test]
+    fn state_changing_functions_and_custom_operators() {
+        for sql in [
+            "SELECT setval('orders_id_seq', 1)",
+            "SELECT lo_unlink(16401)",
+            "SELECT pg_notify('c', 'x')",
+            "SELECT pg_cancel_backend(123)",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT * FROM orders WHERE id = nextval('s')",
+        ] {
+            assert_eq!(one(sql).kind, Write, "{sql}");
+        }
+        for sql in [
+            "SELECT 1 OPERATOR(app.+) 2",
+            "SELECT * FROM orders WHERE note ~~~ 'x'",
+        ] {
+            let op = one(sql);
+            assert!(op.calls_functions, "{sql}: {op:?}");
+        }
+        assert!(!one("SELECT * FROM orders WHERE a >= b").calls_functions);
+    }
+
+    #[test]
+    fn names_resolve_as_postgresql_resolves_them() {
+        for (sql, reads) in [
+            (
+                "SELECT * FROM pg_stat_activity",
+                &["pg_catalog.pg_stat_activity"][..],
+            ),
+            (
+                "SELECT * FROM pg_catalog.pg_roles",
+                &["pg_catalog.pg_roles"],
+            ),
+            (
+                r#"SELECT * FROM "public.x".secrets"#,
+                &[r#""public.x".secrets"#],
+            ),
+            (r#"SELECT * FROM "a""b""#, &[r#"public."a""b""#]),
+        ] {
+            assert_eq!(one(sql).reads, set(reads), "{sql}");
+        }
+        assert_eq!(
+            one("CREATE TABLE hr.copy AS SELECT * FROM orders").writes,
+            set(&["hr.copy"])
+        );
+        assert_eq!(one("CREATE VIEW v AS SELECT 1").writes, set(&["public.v"]));
     }
 }

@@ -160,12 +160,15 @@ async fn establish(
         ("user", user),
         ("client_encoding", "UTF8"),
         ("standard_conforming_strings", "on"),
+        // Unqualified names are classified as `public.x`: the server must
+        // resolve them there too, not in a schema named after the
+        // gateway's user or one a role default put first.
+        ("search_path", "public"),
     ];
     for (key, value) in client_params {
         if PASSED_STARTUP_PARAMETERS.contains(&key.as_str()) {
             params.push((key, value));
-        } else if key != "user" && key != "client_encoding" && key != "standard_conforming_strings"
-        {
+        } else if !params.iter().any(|(set, _)| set == key) {
             tracing::info!(parameter = %key, "startup parameter not passed to the target");
         }
     }
