@@ -79,4 +79,24 @@ proptest! {
     )) {
         let _ = classify(&words.join(" "));
     }
+
+    /// PostgreSQL's statement count (see `lexical`) over the fragments
+    /// that open and close its quoted forms, in any order and unfinished:
+    /// it never panics, and a text it counts still counts the same with an
+    /// empty statement added.
+    #[test]
+    fn the_statement_count_never_panics_on_quoting_soup(parts in proptest::collection::vec(
+        prop_oneof![
+            Just("'"), Just("''"), Just("\""), Just("E'"), Just("e'"), Just("\\"), Just("U&'"),
+            Just("U&\""), Just("$"), Just("$$"), Just("$a$"), Just("$€$"), Just("$1"), Just("a$b"),
+            Just("--"), Just("\n"), Just("\r"), Just("/*"), Just("*/"), Just(";"), Just(">"),
+            Just("-"), Just("/"), Just("*"), Just("SELECT"), Just(" "), Just("x"), Just("N'"),
+        ],
+        0..40,
+    )) {
+        let text = parts.concat();
+        if let Some(n) = super::lexical::statement_count(&text) {
+            prop_assert_eq!(super::lexical::statement_count(&format!("{text}\n;")), Some(n));
+        }
+    }
 }
