@@ -16,7 +16,7 @@ use sqlparser::{
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
-    tokenizer::{Token, Tokenizer},
+    tokenizer::{Location, Token, TokenWithSpan, Tokenizer, Whitespace},
 };
 
 use super::lexical;
@@ -100,6 +100,19 @@ const STATE_CHANGING_FUNCTIONS: &[&str] = &[
     "pg_nextoid",
     "txid_current",
     "pg_current_xact_id",
+    "brin_summarize_new_values",
+    "brin_summarize_range",
+    "brin_desummarize_range",
+    "gin_clean_pending_list",
+    "pg_replication_origin_advance",
+    "pg_replication_origin_session_setup",
+    "pg_replication_origin_session_reset",
+    "pg_replication_origin_xact_setup",
+    "pg_replication_origin_xact_reset",
+    "pg_wal_replay_pause",
+    "pg_wal_replay_resume",
+    "pg_log_backend_memory_contexts",
+    "pg_sync_replication_slots",
 ];
 
 /// Functions that run SQL handed to them as text (or name a table as
@@ -122,6 +135,13 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "database_to_xml_and_xmlschema",
     "ts_stat",
     "ts_rewrite",
+    // tablefunc and xml2, where installed.
+    "crosstab",
+    "crosstab2",
+    "crosstab3",
+    "crosstab4",
+    "connectby",
+    "xpath_table",
 ];
 
 /// Built-in functions without side effects: a read calling only these is
@@ -191,30 +211,100 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
         .tokenize_with_location()
         .map_err(|err| err.to_string())?;
     reads_as_postgresql_does(tokens.iter().map(|t| &t.token))?;
-    let statements = Parser::new(&dialect)
-        .with_tokens_with_locations(tokens)
-        .parse_statements()
-        .map_err(|err| err.to_string())?;
-    match lexical::statement_count(sql) {
-        Some(n) if n == statements.len() => {}
-        found => {
-            return Err(format!(
-                "PostgreSQL would read this text as {} statement(s), the parser as {}: \
-                 not sent, since the server would run something else than what was decided",
-                found.map_or_else(|| "unterminated".to_string(), |n| n.to_string()),
-                statements.len()
-            ))
-        }
+    let postgres = lexical::scan(sql)
+        .ok_or("the text ends inside a string, quoted name, dollar quote or comment")?;
+    if parser_opaque_starts(sql, &tokens) != postgres.opaque_starts {
+        return Err(
+            "PostgreSQL would read the strings, quoted names or comments of this text \
+             differently from the parser: not sent, since the server would run something \
+             else than what was decided"
+                .into(),
+        );
     }
-    let operations: Vec<Operation> = statements.iter().map(classify_statement).collect();
-    for statement in &statements {
-        if let Some(function) = runs_sql_text(statement) {
-            return Err(format!(
-                "{function} runs SQL given to it as text, whose tables tollgate cannot see"
-            ));
-        }
+    let mut parser = Parser::new(&dialect).with_tokens_with_locations(tokens);
+    let statements = parser.parse_statements().map_err(|err| err.to_string())?;
+    // The parser stops without an error at an END after a whole statement
+    // (`SELECT *, 1 END FROM t`, where PostgreSQL reads `end` as an alias):
+    // whatever it left unread is what the server would also run.
+    let rest = parser.peek_token();
+    if rest.token != Token::EOF {
+        return Err(format!(
+            "the parser stopped at `{}` (line {}, column {}) before the end of the text",
+            rest.token, rest.span.start.line, rest.span.start.column
+        ));
     }
-    Ok(operations)
+    if postgres.statements != statements.len() {
+        return Err(format!(
+            "PostgreSQL would read this text as {} statement(s), the parser as {}: \
+             not sent, since the server would run something else than what was decided",
+            postgres.statements,
+            statements.len()
+        ));
+    }
+    statements.iter().map(classify_statement).collect()
+}
+
+/// Byte offsets where the tokenizer's strings, quoted identifiers and
+/// comments start, to compare with PostgreSQL's (see [`lexical::scan`]).
+/// Token locations are lines and columns (in characters, a line ending at
+/// `\n`); they come in order, so one walk over the text converts them all.
+fn parser_opaque_starts(sql: &str, tokens: &[TokenWithSpan]) -> Vec<usize> {
+    let mut chars = sql.char_indices().peekable();
+    let (mut line, mut column) = (1u64, 1u64);
+    let mut starts = Vec::new();
+    for token in tokens.iter().filter(|t| is_opaque(&t.token)) {
+        let Location {
+            line: want_line,
+            column: want_column,
+        } = token.span.start;
+        while (line, column) < (want_line, want_column) {
+            match chars.next() {
+                Some((_, '\n')) => {
+                    line += 1;
+                    column = 1;
+                }
+                Some(_) => column += 1,
+                None => break,
+            }
+        }
+        // A location past the text cannot match PostgreSQL's: usize::MAX
+        // makes the comparison fail.
+        starts.push(match chars.peek() {
+            Some(&(at, _)) if (line, column) == (want_line, want_column) => at,
+            _ => usize::MAX,
+        });
+    }
+    starts
+}
+
+/// A string literal of any form, a quoted identifier, or a comment.
+fn is_opaque(token: &Token) -> bool {
+    match token {
+        Token::Word(word) => word.quote_style.is_some(),
+        Token::Whitespace(
+            Whitespace::SingleLineComment { .. } | Whitespace::MultiLineComment(_),
+        ) => true,
+        Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::TripleSingleQuotedString(_)
+        | Token::TripleDoubleQuotedString(_)
+        | Token::DollarQuotedString(_)
+        | Token::SingleQuotedByteStringLiteral(_)
+        | Token::DoubleQuotedByteStringLiteral(_)
+        | Token::TripleSingleQuotedByteStringLiteral(_)
+        | Token::TripleDoubleQuotedByteStringLiteral(_)
+        | Token::SingleQuotedRawStringLiteral(_)
+        | Token::DoubleQuotedRawStringLiteral(_)
+        | Token::TripleSingleQuotedRawStringLiteral(_)
+        | Token::TripleDoubleQuotedRawStringLiteral(_)
+        | Token::NationalStringLiteral(_)
+        | Token::QuoteDelimitedStringLiteral(_)
+        | Token::NationalQuoteDelimitedStringLiteral(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::UnicodeStringLiteral(_)
+        | Token::HexStringLiteral(_) => true,
+        _ => false,
+    }
 }
 
 /// Refuses tokens that PostgreSQL's scanner would read otherwise: a `$`
@@ -243,37 +333,7 @@ fn reads_as_postgresql_does<'a>(tokens: impl Iterator<Item = &'a Token>) -> Resu
     Ok(())
 }
 
-/// The first function in `statement` that runs SQL given as text.
-fn runs_sql_text(statement: &Statement) -> Option<String> {
-    let mut found = None;
-    let _ = sqlparser::ast::visit_expressions(statement, |expr| {
-        if let Expr::Function(function) = expr {
-            if let Some(name) = function.name.0.last().and_then(|part| part.as_ident()) {
-                let name = name.value.to_ascii_lowercase();
-                if SQL_TEXT_FUNCTIONS.contains(&name.as_str()) {
-                    found = Some(name);
-                    return ControlFlow::Break(());
-                }
-            }
-        }
-        ControlFlow::Continue(())
-    });
-    if found.is_none() {
-        let _ = sqlparser::ast::visit_relations(statement, |relation| {
-            if let Some(name) = relation.0.last().and_then(|part| part.as_ident()) {
-                let name = name.value.to_ascii_lowercase();
-                if SQL_TEXT_FUNCTIONS.contains(&name.as_str()) {
-                    found = Some(name);
-                    return ControlFlow::Break(());
-                }
-            }
-            ControlFlow::Continue(())
-        });
-    }
-    found
-}
-
-fn classify_statement(statement: &Statement) -> Operation {
+fn classify_statement(statement: &Statement) -> Result<Operation, String> {
     let mut walker = Walker::default();
     let _ = statement.visit(&mut walker);
     let mut out = Operation {
@@ -314,7 +374,12 @@ fn classify_statement(statement: &Statement) -> Operation {
         .filter(|name| !walker.written.contains(name) || walker.read_also.contains(name))
         .collect();
     out.writes = walker.written;
-    out
+    if let Some(function) = walker.runs_sql_text {
+        return Err(format!(
+            "{function} runs SQL given to it as text, whose tables tollgate cannot see"
+        ));
+    }
+    Ok(out)
 }
 
 /// The kind from the statement's own type (nested statements may raise it).
@@ -518,6 +583,8 @@ struct Walker {
     locks_rows: bool,
     /// A call of a built-in function that changes state.
     changes_state: bool,
+    /// A call of a function that runs SQL given as text (the first).
+    runs_sql_text: Option<String>,
     dangers: BTreeSet<Danger>,
     calls_functions: bool,
     table_functions: BTreeSet<String>,
@@ -534,21 +601,13 @@ impl Walker {
         match body {
             SetExpr::Table(table) => {
                 if let Some(name) = &table.table_name {
-                    let reference = match &table.schema_name {
-                        Some(schema) => format!(
-                            "{}.{}",
-                            fold(&schema.value, schema.quote_style.is_some()),
-                            fold(&name.value, name.quote_style.is_some())
-                        ),
-                        None => {
-                            let folded = fold(&name.value, name.quote_style.is_some());
-                            if scope.contains(&folded) {
-                                return;
-                            }
-                            format!("{DEFAULT_SCHEMA}.{folded}")
-                        }
-                    };
-                    self.relations.insert(reference);
+                    let unqualified_cte = table.schema_name.is_none()
+                        && scope.contains(&fold(&name.value, name.quote_style.is_some()));
+                    if !unqualified_cte {
+                        let parts: Vec<_> =
+                            table.schema_name.iter().chain([name]).cloned().collect();
+                        self.relations.insert(table_name(&ObjectName::from(parts)));
+                    }
                 }
             }
             SetExpr::Select(select) => {
@@ -589,6 +648,9 @@ impl Walker {
         }
         if STATE_CHANGING_FUNCTIONS.contains(&last.as_str()) {
             self.changes_state = true;
+        }
+        if SQL_TEXT_FUNCTIONS.contains(&last.as_str()) {
+            self.runs_sql_text.get_or_insert_with(|| last.clone());
         }
         if last == "set_config" && set_config_may_change_encoding(args) {
             self.changes_encoding = true;
@@ -681,14 +743,10 @@ impl Visitor for Walker {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         // An operator of the database's own (`OPERATOR(app.===)`, `a ~~~ b`)
         // runs a function tollgate cannot see into.
-        if let Expr::BinaryOp {
-            op:
-                sqlparser::ast::BinaryOperator::PGCustomBinaryOperator(_)
-                | sqlparser::ast::BinaryOperator::Custom(_),
-            ..
-        } = expr
-        {
-            self.calls_functions = true;
+        if let Expr::BinaryOp { op, .. } = expr {
+            if operator_may_be_the_databases_own(op) {
+                self.calls_functions = true;
+            }
         }
         if let Expr::Function(function) = expr {
             let unqualified_pure = function.name.0.len() == 1
@@ -834,6 +892,27 @@ impl Visitor for Walker {
             _ => {}
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// Whether an operator the tokenizer did not know may be one a user
+/// defined (a function tollgate cannot look into). Not `OPERATOR(pg_catalog.x)`
+/// (psql's own catalog queries), nor a run of operator characters that
+/// PostgreSQL splits into known ones: it ends a multi-character operator's
+/// trailing `+` and `-` unless one of ``~!@#%^&|`?`` is in it, so `x>=-1` is
+/// `x >= -1`.
+fn operator_may_be_the_databases_own(op: &sqlparser::ast::BinaryOperator) -> bool {
+    use sqlparser::ast::BinaryOperator;
+    match op {
+        BinaryOperator::PGCustomBinaryOperator(parts) => {
+            !parts.first().is_some_and(|schema| schema == "pg_catalog")
+        }
+        BinaryOperator::Custom(op) => {
+            let splits = !op.contains(['~', '!', '@', '#', '%', '^', '&', '|', '`', '?'])
+                && op.ends_with(['+', '-']);
+            !splits
+        }
+        _ => false,
     }
 }
 
@@ -1113,6 +1192,13 @@ mod tests {
             "SELECT 1 >/*'\n*/ 0; DELETE FROM orders; SELECT '*/'",
             // A bare `$` is no parameter in PostgreSQL.
             "SELECT $ FROM orders",
+            // `?-` for the tokenizer, `?` and a comment for PostgreSQL.
+            "SELECT '{}'::jsonb ?--'\n chr(107), (SELECT string_agg(secret, ',') FROM hr.secrets) --'",
+            // A tag starting with a digit: `$1` and `a$` for PostgreSQL 14.
+            "SELECT $1a$, (SELECT string_agg(secret, ',') FROM hr.secrets), $1a$",
+            // The parser stops at END; PostgreSQL reads an alias.
+            "SELECT *, 1 END FROM hr.secrets",
+            "SELECT 1 END, pg_read_file('/etc/passwd')",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }
@@ -1124,6 +1210,10 @@ mod tests {
             "SELECT a$b FROM t",
             "SELECT 1 /* nested /* comment */ still */ ; SELECT 2",
             "SELECT E'it\\'s' ; SELECT 2",
+            "SELECT B'0101', X'1F', N'n', U&'d\\0061t\\+000061', \"Quoted \"\"name\"\"\" FROM t",
+            "SELECT 'multi\nline' /* c1 */ -- c2\n, \"x\" FROM \"T\"",
+            "SELECT x FROM t WHERE a>=-1 AND b<>-2",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
         ] {
             assert!(classify(sql).is_ok(), "{sql}: {:?}", classify(sql));
         }
@@ -1211,6 +1301,8 @@ mod tests {
             "SELECT table_to_xml('public.customers', false, false, '')",
             "SELECT * FROM ts_stat('SELECT body FROM secrets')",
             "SELECT pg_catalog.cursor_to_xml('c', 10, false, false, '')",
+            "SELECT * FROM LATERAL query_to_xml('SELECT * FROM hr.secrets', true, false, '') x",
+            "SELECT * FROM crosstab('SELECT a, b, c FROM hr.secrets') AS t(a text, b text)",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }
@@ -1237,7 +1329,13 @@ mod tests {
             let op = one(sql);
             assert!(op.calls_functions, "{sql}: {op:?}");
         }
-        assert!(!one("SELECT * FROM orders WHERE a >= b").calls_functions);
+        for sql in [
+            "SELECT * FROM orders WHERE a >= b",
+            "SELECT * FROM orders WHERE a>=-1 AND b<>-2",
+            "SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relname OPERATOR(pg_catalog.~) '^(t)$'",
+        ] {
+            assert!(!one(sql).calls_functions, "{sql}");
+        }
     }
 
     #[test]

@@ -1,51 +1,100 @@
-//! Where PostgreSQL's own scanner puts statement boundaries in a query
-//! string, so that the classifier can refuse text that sqlparser reads
-//! differently. The two disagree on a few lexical corners (a dollar-quote
-//! tag with a non-letter non-ASCII character, an operator running into a
-//! `--` or `/*`): there, what the server runs is not what was decided and
-//! recorded. This is not a parser: it only follows the scanner's rules for
-//! what hides a `;` (strings, quoted identifiers, dollar quotes, comments)
-//! with `standard_conforming_strings` on, which tollgate sets for every
-//! upstream session.
+//! Where PostgreSQL's own scanner puts statement boundaries, strings and
+//! comments in a query string, so that the classifier can refuse text that
+//! sqlparser reads differently. The two disagree on a few lexical corners
+//! (a dollar-quote tag with a non-letter non-ASCII character, an operator
+//! running into a `--` or `/*`, `?--`): there, what the server runs is not
+//! what was decided and recorded. This is not a parser: it follows the
+//! scanner's rules for what hides a `;` (strings, quoted identifiers,
+//! dollar quotes, comments) with `standard_conforming_strings` on, which
+//! tollgate sets for every upstream session, and psql's rule for the `;`
+//! inside a `BEGIN ATOMIC ... END` routine body.
 
-/// How many statements PostgreSQL finds in `sql`: runs of tokens between
-/// top-level semicolons, empty ones (only whitespace and comments) not
-/// counted. `None` if the text ends inside a string, quoted identifier,
-/// dollar quote or comment (the server would refuse it).
+/// What PostgreSQL's scanner finds in a query string.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Runs of tokens between top-level semicolons, empty ones (only
+    /// whitespace and comments) not counted.
+    pub statements: usize,
+    /// Byte offsets where a string, quoted identifier, dollar quote or
+    /// comment starts: everything in them is opaque to the grammar.
+    pub opaque_starts: Vec<usize>,
+}
+
+/// How many statements PostgreSQL finds in `sql` (see [`scan`]).
+#[cfg(test)]
 pub fn statement_count(sql: &str) -> Option<usize> {
+    scan(sql).map(|scan| scan.statements)
+}
+
+/// Scans `sql` as PostgreSQL would. `None` if the text ends inside a
+/// string, quoted identifier, dollar quote or comment (the server would
+/// refuse it).
+pub fn scan(sql: &str) -> Option<Scan> {
     let bytes = sql.as_bytes();
+    let mut out = Scan::default();
     let mut i = 0;
-    let mut statements = 0;
     // Whether the current statement has a token yet.
     let mut open = false;
+    // The current statement starts with CREATE: psql's rule for routine
+    // bodies applies (BEGIN and CASE open a block that END closes, and a
+    // `;` inside one does not end the statement).
+    let mut creates = false;
+    let mut words = 0usize;
+    let mut block_depth = 0usize;
     while i < bytes.len() {
         let b = bytes[i];
         let next = bytes.get(i + 1).copied();
         match b {
             b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => i += 1,
             b'-' if next == Some(b'-') => {
+                out.opaque_starts.push(i);
                 while i < bytes.len() && bytes[i] != b'\n' && bytes[i] != b'\r' {
                     i += 1;
                 }
             }
-            b'/' if next == Some(b'*') => i = skip_block_comment(bytes, i)?,
-            b';' => {
+            b'/' if next == Some(b'*') => {
+                out.opaque_starts.push(i);
+                i = skip_block_comment(bytes, i)?;
+            }
+            b';' if block_depth == 0 => {
                 if open {
-                    statements += 1;
+                    out.statements += 1;
                     open = false;
+                    creates = false;
+                    words = 0;
                 }
                 i += 1;
             }
             _ => {
                 open = true;
-                i = skip_token(bytes, i)?;
+                let (end, kind) = skip_token(bytes, i)?;
+                match kind {
+                    TokenKind::Opaque => out.opaque_starts.push(i),
+                    TokenKind::Word => {
+                        let word = &bytes[i..end];
+                        words += 1;
+                        if words == 1 {
+                            creates = word.eq_ignore_ascii_case(b"create");
+                        } else if creates {
+                            if word.eq_ignore_ascii_case(b"begin")
+                                || (block_depth > 0 && word.eq_ignore_ascii_case(b"case"))
+                            {
+                                block_depth += 1;
+                            } else if word.eq_ignore_ascii_case(b"end") {
+                                block_depth = block_depth.saturating_sub(1);
+                            }
+                        }
+                    }
+                    TokenKind::Other => {}
+                }
+                i = end;
             }
         }
     }
     if open {
-        statements += 1;
+        out.statements += 1;
     }
-    Some(statements)
+    Some(out)
 }
 
 /// Past the comment starting at `start` (`/*`); comments nest.
@@ -85,20 +134,33 @@ fn is_dollar_tag_cont(b: u8) -> bool {
 
 const OPERATOR_CHARS: &[u8] = b"~!@#^&|`?+-*/%<>=";
 
+/// What kind of token [`skip_token`] passed.
+enum TokenKind {
+    /// A string, quoted identifier or dollar quote.
+    Opaque,
+    /// An unquoted identifier or keyword.
+    Word,
+    Other,
+}
+
 /// Past the token starting at `i`, which is not whitespace, a comment or a
 /// semicolon.
-fn skip_token(bytes: &[u8], i: usize) -> Option<usize> {
+fn skip_token(bytes: &[u8], i: usize) -> Option<(usize, TokenKind)> {
     let b = bytes[i];
     let at = |k: usize| bytes.get(i + k).copied();
+    let opaque = |end: Option<usize>| end.map(|end| (end, TokenKind::Opaque));
     match b {
-        b'\'' => skip_quoted(bytes, i + 1, b'\'', false),
-        b'"' => skip_quoted(bytes, i + 1, b'"', false),
-        b'e' | b'E' if at(1) == Some(b'\'') => skip_quoted(bytes, i + 2, b'\'', true),
+        b'\'' => opaque(skip_string(bytes, i + 1, false)),
+        b'"' => opaque(skip_quoted(bytes, i + 1, b'"', false)),
+        b'e' | b'E' if at(1) == Some(b'\'') => opaque(skip_string(bytes, i + 2, true)),
         b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if at(1) == Some(b'\'') => {
-            skip_quoted(bytes, i + 2, b'\'', false)
+            opaque(skip_string(bytes, i + 2, false))
         }
-        b'u' | b'U' if at(1) == Some(b'&') && matches!(at(2), Some(b'\'') | Some(b'"')) => {
-            skip_quoted(bytes, i + 3, bytes[i + 2], false)
+        b'u' | b'U' if at(1) == Some(b'&') && at(2) == Some(b'\'') => {
+            opaque(skip_string(bytes, i + 3, false))
+        }
+        b'u' | b'U' if at(1) == Some(b'&') && at(2) == Some(b'"') => {
+            opaque(skip_quoted(bytes, i + 3, b'"', false))
         }
         b'$' => skip_dollar(bytes, i),
         _ if is_ident_start(b) => {
@@ -106,7 +168,7 @@ fn skip_token(bytes: &[u8], i: usize) -> Option<usize> {
             while j < bytes.len() && is_ident_cont(bytes[j]) {
                 j += 1;
             }
-            Some(j)
+            Some((j, TokenKind::Word))
         }
         _ if OPERATOR_CHARS.contains(&b) => {
             // The longest run of operator characters, cut where a comment
@@ -114,13 +176,48 @@ fn skip_token(bytes: &[u8], i: usize) -> Option<usize> {
             let mut j = i + 1;
             while j < bytes.len() && OPERATOR_CHARS.contains(&bytes[j]) {
                 if matches!((bytes[j - 1], bytes[j]), (b'-', b'-') | (b'/', b'*')) {
-                    return Some(j - 1);
+                    return Some((j - 1, TokenKind::Other));
                 }
                 j += 1;
             }
-            Some(j)
+            Some((j, TokenKind::Other))
         }
-        _ => Some(i + 1),
+        _ => Some((i + 1, TokenKind::Other)),
+    }
+}
+
+/// Past a string literal whose body starts at `i`, and past the parts
+/// that continue it: PostgreSQL joins a string with the next one when
+/// only whitespace with a newline (and comments) separates them, and the
+/// continuation is read as the first part is (with or without backslash
+/// escapes).
+fn skip_string(bytes: &[u8], i: usize, backslash_escapes: bool) -> Option<usize> {
+    let mut end = skip_quoted(bytes, i, b'\'', backslash_escapes)?;
+    loop {
+        // Spaces and tabs, a newline, then any whitespace and `--`
+        // comments (each ended by its newline), then the next quote.
+        let mut j = end;
+        while j < bytes.len() && matches!(bytes[j], b' ' | b'\t' | 0x0c) {
+            j += 1;
+        }
+        if !matches!(bytes.get(j), Some(b'\n') | Some(b'\r')) {
+            return Some(end);
+        }
+        while j < bytes.len() {
+            match bytes[j] {
+                b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => j += 1,
+                b'-' if bytes.get(j + 1) == Some(&b'-') => {
+                    while j < bytes.len() && bytes[j] != b'\n' && bytes[j] != b'\r' {
+                        j += 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if bytes.get(j) != Some(&b'\'') {
+            return Some(end);
+        }
+        end = skip_quoted(bytes, j + 1, b'\'', backslash_escapes)?;
     }
 }
 
@@ -148,13 +245,13 @@ fn skip_quoted(bytes: &[u8], mut i: usize, quote: u8, backslash_escapes: bool) -
 /// Past a `$` token: a dollar-quoted string (`$tag$ ... $tag$`, a tag of
 /// letters, digits, `_` and any non-ASCII byte, not starting with a digit),
 /// a parameter (`$1`), or a lone `$` when neither follows.
-fn skip_dollar(bytes: &[u8], i: usize) -> Option<usize> {
+fn skip_dollar(bytes: &[u8], i: usize) -> Option<(usize, TokenKind)> {
     let mut j = i + 1;
     if bytes.get(j).is_some_and(|b| b.is_ascii_digit()) {
         while j < bytes.len() && bytes[j].is_ascii_digit() {
             j += 1;
         }
-        return Some(j);
+        return Some((j, TokenKind::Other));
     }
     if bytes.get(j).is_some_and(|&b| is_ident_start(b)) {
         while j < bytes.len() && is_dollar_tag_cont(bytes[j]) {
@@ -163,15 +260,15 @@ fn skip_dollar(bytes: &[u8], i: usize) -> Option<usize> {
     }
     if bytes.get(j) != Some(&b'$') {
         // Not a delimiter: PostgreSQL scans the `$` alone.
-        return Some(i + 1);
+        return Some((i + 1, TokenKind::Other));
     }
     let delimiter = &bytes[i..=j];
     let body = j + 1;
-    // Unterminated: the server refuses the text; so does the count.
+    // Unterminated: the server refuses the text; so does the scan.
     bytes[body..]
         .windows(delimiter.len())
         .position(|w| w == delimiter)
-        .map(|at| body + at + delimiter.len())
+        .map(|at| (body + at + delimiter.len(), TokenKind::Opaque))
 }
 
 #[cfg(test)]
@@ -201,8 +298,37 @@ mod tests {
             ("SELECT 'unterminated", None),
             ("SELECT $x$ unterminated", None),
             ("/* unterminated", None),
+            // A continued string keeps its first part's escapes.
+            ("SELECT E'a'\n'\\'; SELECT 1; --'", Some(1)),
+            ("SELECT 'a' 'b'; SELECT 2", Some(2)),
+            // psql's rule for routine bodies.
+            (
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT CASE WHEN true THEN 2 END; END; SELECT 3",
+                Some(2),
+            ),
+            ("BEGIN; SELECT 1 AS \"end\"; END", Some(3)),
         ] {
             assert_eq!(statement_count(sql), n, "{sql}");
         }
+    }
+
+    #[test]
+    fn strings_and_comments_are_located() {
+        let sql = "SELECT 'a', E'b', \"c\", $$d$$, U&'e' -- f\n/* g */ ?--h";
+        let starts = scan(sql).unwrap().opaque_starts;
+        let at = |needle: &str| sql.find(needle).unwrap();
+        assert_eq!(
+            starts,
+            vec![
+                at("'a'"),
+                at("E'b'"),
+                at("\"c\""),
+                at("$$d"),
+                at("U&'e'"),
+                at("-- f"),
+                at("/* g"),
+                at("--h"),
+            ]
+        );
     }
 }
