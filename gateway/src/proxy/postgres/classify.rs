@@ -905,7 +905,7 @@ fn operator_may_be_the_databases_own(op: &sqlparser::ast::BinaryOperator) -> boo
     use sqlparser::ast::BinaryOperator;
     match op {
         BinaryOperator::PGCustomBinaryOperator(parts) => {
-            !parts.first().is_some_and(|schema| schema == "pg_catalog")
+            parts.first().is_none_or(|schema| schema != "pg_catalog")
         }
         BinaryOperator::Custom(op) => {
             let splits = !op.contains(['~', '!', '@', '#', '%', '^', '&', '|', '`', '?'])
