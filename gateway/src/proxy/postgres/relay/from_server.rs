@@ -58,40 +58,18 @@ pub(super) async fn server_to_client(
                 .await;
                 return Err(WireError::Closed);
             }
-            if let Some(encoding) = (frame.tag == b'S')
-                .then(|| wire::parameter_status(&frame, "client_encoding"))
-                .flatten()
-                .filter(|encoding| !encoding.eq_ignore_ascii_case("UTF8"))
-            {
-                // A statement policy let through changed the encoding (a
-                // function of the agent's calling set_config): from now on
-                // the server would read other statements than tollgate.
+            if let Some(why) = reads_text_otherwise(&frame) {
+                // A statement policy let through changed how the server
+                // reads SQL text (a function of the agent's calling
+                // set_config): from now on it would read other statements
+                // than tollgate.
                 close_after_built_answers(
                     &out,
                     &mut outcomes.handed_over,
                     &client_wr,
                     &in_flight,
                     SQLSTATE_POLICY,
-                    &format!("tollgate: the server's client_encoding became {encoding} (rule encoding:client_encoding); tollgate reads statements as UTF-8 only, so the session is closed"),
-                )
-                .await;
-                return Err(WireError::Closed);
-            }
-            if let Some(value) = (frame.tag == b'S')
-                .then(|| wire::parameter_status(&frame, "standard_conforming_strings"))
-                .flatten()
-                .filter(|value| !value.eq_ignore_ascii_case("on"))
-            {
-                // As for the encoding: with it off, a backslash in a plain
-                // string hides a quote, and the server would split the
-                // next statements where tollgate does not.
-                close_after_built_answers(
-                    &out,
-                    &mut outcomes.handed_over,
-                    &client_wr,
-                    &in_flight,
-                    SQLSTATE_POLICY,
-                    &format!("tollgate: the server's standard_conforming_strings became {value} (rule encoding:standard_conforming_strings); tollgate reads statements with it on only, so the session is closed"),
+                    &why,
                 )
                 .await;
                 return Err(WireError::Closed);
@@ -151,6 +129,32 @@ pub(super) async fn server_to_client(
             return Err(WireError::Closed);
         }
     }
+}
+
+/// The settings under which the server reads SQL text as tollgate does:
+/// another client encoding can hide a quote inside a multi-byte
+/// character, and with standard_conforming_strings off a backslash in a
+/// plain string hides one.
+const TEXT_READING_SETTINGS: [(&str, &str); 2] = [
+    ("client_encoding", "UTF8"),
+    ("standard_conforming_strings", "on"),
+];
+
+/// If `frame` is the server's report that one of
+/// [`TEXT_READING_SETTINGS`] changed, why the session must end.
+fn reads_text_otherwise(frame: &Frame) -> Option<String> {
+    if frame.tag != b'S' {
+        return None;
+    }
+    TEXT_READING_SETTINGS.iter().find_map(|(name, expected)| {
+        let value = wire::parameter_status(frame, name)?;
+        (!value.eq_ignore_ascii_case(expected)).then(|| {
+            format!(
+                "tollgate: the server's {name} became {value} (rule encoding:{name}); \
+                 tollgate reads statements with {name} {expected} only, so the session is closed"
+            )
+        })
+    })
 }
 
 /// Ends the session from the server's side: the answers already built
