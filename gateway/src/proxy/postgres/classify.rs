@@ -322,6 +322,15 @@ fn reads_as_postgresql_does<'a>(tokens: impl Iterator<Item = &'a Token>) -> Resu
                     "`{p}` is read differently by PostgreSQL (a dollar quote or a lone `$`)"
                 ));
             }
+            // The tokenizer takes the lines after `COPY ... FROM STDIN;`
+            // as the copy's data; PostgreSQL never reads data from a
+            // query string and runs those lines as SQL once the copy ends.
+            Token::CopyData { .. } => {
+                return Err(
+                    "text after COPY ... FROM STDIN in the same query: PostgreSQL would run it as SQL"
+                        .into(),
+                );
+            }
             Token::CustomBinaryOperator(op) if op.contains("--") || op.contains("/*") => {
                 return Err(format!(
                     "the operator `{op}` runs into a comment, where PostgreSQL ends it"
@@ -1199,6 +1208,9 @@ mod tests {
             // The parser stops at END; PostgreSQL reads an alias.
             "SELECT *, 1 END FROM hr.secrets",
             "SELECT 1 END, pg_read_file('/etc/passwd')",
+            // Lines the tokenizer takes as COPY data, which PostgreSQL runs.
+            "COPY t FROM STDIN; SELECT 1\n, s.* FROM hr.secrets s",
+            "CREATE TEMP TABLE begin (a int); END; COPY t FROM STDIN;\nDELETE FROM orders",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }
@@ -1214,6 +1226,8 @@ mod tests {
             "SELECT 'multi\nline' /* c1 */ -- c2\n, \"x\" FROM \"T\"",
             "SELECT x FROM t WHERE a>=-1 AND b<>-2",
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+            "CREATE TABLE x (begin date); SELECT 1",
+            "COPY t FROM STDIN",
         ] {
             assert!(classify(sql).is_ok(), "{sql}: {:?}", classify(sql));
         }

@@ -35,12 +35,15 @@ pub fn scan(sql: &str) -> Option<Scan> {
     let mut i = 0;
     // Whether the current statement has a token yet.
     let mut open = false;
-    // The current statement starts with CREATE: psql's rule for routine
-    // bodies applies (BEGIN and CASE open a block that END closes, and a
-    // `;` inside one does not end the statement).
+    // The current statement starts with CREATE: a routine body `BEGIN
+    // ATOMIC ... END` may follow, in which a `;` does not end the
+    // statement; inside it CASE opens a block that END closes too (psql's
+    // rule, which PostgreSQL's grammar agrees with).
     let mut creates = false;
     let mut words = 0usize;
     let mut block_depth = 0usize;
+    // The previous word was an unquoted BEGIN.
+    let mut after_begin = false;
     while i < bytes.len() {
         let b = bytes[i];
         let next = bytes.get(i + 1).copied();
@@ -68,24 +71,27 @@ pub fn scan(sql: &str) -> Option<Scan> {
             _ => {
                 open = true;
                 let (end, kind) = skip_token(bytes, i)?;
+                if let TokenKind::Opaque = kind {
+                    out.opaque_starts.push(i);
+                }
                 match kind {
-                    TokenKind::Opaque => out.opaque_starts.push(i),
                     TokenKind::Word => {
                         let word = &bytes[i..end];
                         words += 1;
                         if words == 1 {
                             creates = word.eq_ignore_ascii_case(b"create");
                         } else if creates {
-                            if word.eq_ignore_ascii_case(b"begin")
+                            if after_begin && word.eq_ignore_ascii_case(b"atomic")
                                 || (block_depth > 0 && word.eq_ignore_ascii_case(b"case"))
                             {
                                 block_depth += 1;
-                            } else if word.eq_ignore_ascii_case(b"end") {
-                                block_depth = block_depth.saturating_sub(1);
+                            } else if block_depth > 0 && word.eq_ignore_ascii_case(b"end") {
+                                block_depth -= 1;
                             }
                         }
+                        after_begin = word.eq_ignore_ascii_case(b"begin");
                     }
-                    TokenKind::Other => {}
+                    TokenKind::Opaque | TokenKind::Other => after_begin = false,
                 }
                 i = end;
             }
@@ -307,6 +313,8 @@ mod tests {
                 Some(2),
             ),
             ("BEGIN; SELECT 1 AS \"end\"; END", Some(3)),
+            ("CREATE TEMP TABLE begin (a int); END; SELECT 2", Some(3)),
+            ("CREATE TABLE x (begin date); SELECT 1", Some(2)),
         ] {
             assert_eq!(statement_count(sql), n, "{sql}");
         }
