@@ -97,6 +97,25 @@ fn col<'a, T: 'static>(
 pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
     let mut rows = Vec::new();
     for path in segment_files(dir)? {
+        // The parquet crate asserts on some malformed metadata instead of
+        // returning an error: a crafted file is an error like any other.
+        let read = std::panic::catch_unwind(|| read_file_rows(&path)).unwrap_or_else(|_| {
+            Err(file_err(
+                &path,
+                "the Parquet decoder failed on this file (run `tollgate audit verify`)",
+            ))
+        });
+        rows.extend(read?);
+    }
+    rows.sort_by_key(|r| r.sequence);
+    Ok(rows)
+}
+
+/// The rows of one segment file.
+fn read_file_rows(path: &Path) -> Result<Vec<Row>, VerifyError> {
+    let path = path.to_path_buf();
+    let mut rows = Vec::new();
+    {
         let file = fs::File::open(&path).map_err(|e| file_err(&path, e))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)
             .and_then(|b| b.build())
@@ -134,7 +153,6 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
             }
         }
     }
-    rows.sort_by_key(|r| r.sequence);
     Ok(rows)
 }
 

@@ -571,8 +571,29 @@ fn query_selects_into(query: &Query) -> bool {
     matches!(query.body.as_ref(), SetExpr::Select(select) if select.into.is_some())
 }
 
-/// The CTE names a query's body sees: its own and its enclosing queries'.
-type Scope = BTreeSet<String>;
+/// The CTE names a query's body sees: a query's own, each with its
+/// position, of which the first `visible` count (all, for the query's own
+/// body or a RECURSIVE list; those before it, for a CTE's body), then its
+/// enclosing queries'. Shared, not copied: a statement of many CTEs costs
+/// one map, not one set per CTE (which grew with the square of their
+/// number).
+struct Scope {
+    names: std::rc::Rc<HashMap<String, usize>>,
+    visible: usize,
+    parent: Option<std::rc::Rc<Scope>>,
+}
+
+/// Whether `name` is a CTE in `scope`.
+fn in_scope(scope: Option<&std::rc::Rc<Scope>>, name: &str) -> bool {
+    let mut at = scope;
+    while let Some(scope) = at {
+        if scope.names.get(name).is_some_and(|&i| i < scope.visible) {
+            return true;
+        }
+        at = scope.parent.as_ref();
+    }
+    false
+}
 
 /// Collects relations, writes, dangers and CTE names in one walk.
 #[derive(Default)]
@@ -583,11 +604,11 @@ struct Walker {
     read_also: BTreeSet<String>,
     /// CTE names in scope, one entry per query being walked: an
     /// unqualified name found among them is the CTE, not a table.
-    scopes: Vec<Scope>,
+    scopes: Vec<Option<std::rc::Rc<Scope>>>,
     /// The scope each CTE's body will see, by the body's address (the
     /// walk reaches a body as a query of its own): without RECURSIVE a
     /// CTE sees only the CTEs before it, not itself.
-    cte_body_scopes: HashMap<*const Query, Scope>,
+    cte_body_scopes: HashMap<*const Query, Option<std::rc::Rc<Scope>>>,
     /// FOR UPDATE / FOR SHARE somewhere in the statement.
     locks_rows: bool,
     /// A call of a built-in function that changes state.
@@ -606,16 +627,16 @@ impl Walker {
     /// statement: `TABLE x` (which is `SELECT * FROM x`) and `SELECT ...
     /// INTO t` in any branch of a set operation (PostgreSQL creates `t`
     /// from the leftmost).
-    fn note_body(&mut self, body: &SetExpr, scope: &Scope) {
+    fn note_body(&mut self, body: &SetExpr, scope: Option<&std::rc::Rc<Scope>>) {
         match body {
             SetExpr::Table(table) => {
                 if let Some(name) = &table.table_name {
                     let unqualified_cte = table.schema_name.is_none()
-                        && scope.contains(&fold(&name.value, name.quote_style.is_some()));
+                        && in_scope(scope, &fold(&name.value, name.quote_style.is_some()));
                     if !unqualified_cte {
                         let parts: Vec<_> =
                             table.schema_name.iter().chain([name]).cloned().collect();
-                        self.relations.insert(table_name(&ObjectName::from(parts)));
+                        self.relations.extend(table_names(&ObjectName::from(parts)));
                     }
                 }
             }
@@ -630,10 +651,12 @@ impl Walker {
                             _ => None,
                         };
                         match name {
-                            Some(name) => self.written.insert(table_name(&name)),
+                            Some(name) => self.written.extend(table_names(&name)),
                             // A target tollgate cannot name is still a write.
-                            None => self.written.insert(String::from("?")),
-                        };
+                            None => {
+                                self.written.insert(String::from("?"));
+                            }
+                        }
                     }
                 }
             }
@@ -671,35 +694,44 @@ impl Visitor for Walker {
     type Break = ();
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-        let enclosing = self
-            .cte_body_scopes
-            .remove(&(query as *const Query))
-            .or_else(|| self.scopes.last().cloned())
-            .unwrap_or_default();
-        let mut scope = enclosing.clone();
-        if let Some(with) = &query.with {
-            let names: Vec<String> = with
-                .cte_tables
-                .iter()
-                .map(|cte| fold(&cte.alias.name.value, cte.alias.name.quote_style.is_some()))
-                .collect();
-            for (i, cte) in with.cte_tables.iter().enumerate() {
-                let visible = if with.recursive {
-                    &names[..]
-                } else {
-                    &names[..i]
-                };
-                let mut body_scope = enclosing.clone();
-                body_scope.extend(visible.iter().cloned());
-                self.cte_body_scopes
-                    .insert(&*cte.query as *const Query, body_scope);
+        use std::rc::Rc;
+        let enclosing = match self.cte_body_scopes.remove(&(query as *const Query)) {
+            Some(scope) => scope,
+            None => self.scopes.last().cloned().flatten(),
+        };
+        let scope = match &query.with {
+            Some(with) => {
+                let mut names = HashMap::new();
+                for (i, cte) in with.cte_tables.iter().enumerate() {
+                    names
+                        .entry(fold(
+                            &cte.alias.name.value,
+                            cte.alias.name.quote_style.is_some(),
+                        ))
+                        .or_insert(i);
+                }
+                let names = Rc::new(names);
+                for (i, cte) in with.cte_tables.iter().enumerate() {
+                    let body = Scope {
+                        names: names.clone(),
+                        visible: if with.recursive { usize::MAX } else { i },
+                        parent: enclosing.clone(),
+                    };
+                    self.cte_body_scopes
+                        .insert(&*cte.query as *const Query, Some(Rc::new(body)));
+                }
+                Some(Rc::new(Scope {
+                    names,
+                    visible: usize::MAX,
+                    parent: enclosing,
+                }))
             }
-            scope.extend(names);
-        }
+            None => enclosing,
+        };
         if !query.locks.is_empty() {
             self.locks_rows = true;
         }
-        self.note_body(&query.body, &scope);
+        self.note_body(&query.body, scope.as_ref());
         self.scopes.push(scope);
         ControlFlow::Continue(())
     }
@@ -710,18 +742,16 @@ impl Visitor for Walker {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        let scope = self.scopes.last();
+        let scope = self.scopes.last().and_then(Option::as_ref);
         let is_cte = match relation.0.as_slice() {
             [only] => only.as_ident().is_some_and(|ident| {
-                scope.is_some_and(|scope| {
-                    scope.contains(&fold(&ident.value, ident.quote_style.is_some()))
-                })
+                in_scope(scope, &fold(&ident.value, ident.quote_style.is_some()))
             }),
             // A qualified name is never a CTE.
             _ => false,
         };
         if !is_cte {
-            self.relations.insert(table_name(relation));
+            self.relations.extend(table_names(relation));
         }
         ControlFlow::Continue(())
     }
@@ -736,7 +766,7 @@ impl Visitor for Walker {
                 ..
             } => {
                 self.calls_functions = true;
-                self.table_functions.insert(table_name(name));
+                self.table_functions.extend(table_names(name));
                 self.note_call(name, Some(&args.args));
             }
             // `FROM LATERAL f(...)`: a call the relation visit never sees.
@@ -780,19 +810,19 @@ impl Visitor for Walker {
             Statement::Execute { .. } => self.runs_prepared = true,
             Statement::Insert(insert) => {
                 if let TableObject::TableName(name) = &insert.table {
-                    self.written.insert(table_name(name));
+                    self.written.extend(table_names(name));
                 }
             }
             Statement::Update(update) => {
                 if let TableFactor::Table { name, .. } = &update.table.relation {
-                    self.written.insert(table_name(name));
+                    self.written.extend(table_names(name));
                 }
                 if update.selection.is_none() {
                     self.dangers.insert(Danger::UpdateWithoutWhere);
                 }
                 if update.from.is_some() {
                     if let TableFactor::Table { name, .. } = &update.table.relation {
-                        self.read_also.insert(table_name(name));
+                        self.read_also.extend(table_names(name));
                     }
                 }
             }
@@ -804,32 +834,32 @@ impl Visitor for Walker {
                 };
                 for table in tables {
                     if let TableFactor::Table { name, .. } = &table.relation {
-                        self.written.insert(table_name(name));
+                        self.written.extend(table_names(name));
                     }
                 }
                 for name in &delete.tables {
-                    self.written.insert(table_name(name));
+                    self.written.extend(table_names(name));
                 }
                 if delete.selection.is_none() {
                     self.dangers.insert(Danger::DeleteWithoutWhere);
                 }
             }
             Statement::CreateTable(create) => {
-                self.written.insert(table_name(&create.name));
+                self.written.extend(table_names(&create.name));
             }
             Statement::CreateView(create) => {
-                self.written.insert(table_name(&create.name));
+                self.written.extend(table_names(&create.name));
             }
             Statement::Merge(merge) => {
                 // MERGE reads its target (the ON join) and changes it.
                 if let TableFactor::Table { name, .. } = &merge.table {
-                    self.written.insert(table_name(name));
-                    self.read_also.insert(table_name(name));
+                    self.written.extend(table_names(name));
+                    self.read_also.extend(table_names(name));
                 }
             }
             Statement::Truncate(truncate) => {
                 for table in &truncate.table_names {
-                    self.written.insert(table_name(&table.name));
+                    self.written.extend(table_names(&table.name));
                 }
                 self.dangers.insert(Danger::Truncate);
             }
@@ -841,13 +871,13 @@ impl Visitor for Walker {
                     ObjectType::Table | ObjectType::View | ObjectType::MaterializedView
                 ) {
                     for name in names {
-                        self.written.insert(table_name(name));
+                        self.written.extend(table_names(name));
                     }
                 }
                 self.dangers.insert(Danger::Drop);
             }
             Statement::AlterTable(alter) => {
-                self.written.insert(table_name(&alter.name));
+                self.written.extend(table_names(&alter.name));
                 self.dangers.insert(Danger::Alter);
             }
             Statement::AlterIndex { .. }
@@ -882,9 +912,9 @@ impl Visitor for Walker {
                 } = source
                 {
                     if *to {
-                        self.relations.insert(table_name(name));
+                        self.relations.extend(table_names(name));
                     } else {
-                        self.written.insert(table_name(name));
+                        self.written.extend(table_names(name));
                     }
                 }
                 match target {
@@ -919,7 +949,14 @@ fn operator_may_be_the_databases_own(op: &sqlparser::ast::BinaryOperator) -> boo
         BinaryOperator::Custom(op) => {
             let splits = !op.contains(['~', '!', '@', '#', '%', '^', '&', '|', '`', '?'])
                 && op.ends_with(['+', '-']);
-            !splits
+            // What is left once PostgreSQL has split off the trailing
+            // signs must be a built-in operator too (`===-1` runs `===`).
+            let left = op.trim_end_matches(['+', '-']);
+            let builtin = matches!(
+                left,
+                "" | "<" | ">" | "=" | "<=" | ">=" | "<>" | "!=" | "+" | "-" | "*" | "/"
+            );
+            !(splits && builtin)
         }
         _ => false,
     }
@@ -936,14 +973,23 @@ fn table_name(name: &ObjectName) -> String {
         .collect();
     match parts.len() {
         0 => String::new(),
-        // PostgreSQL searches pg_catalog before the path: an unqualified
-        // `pg_stat_activity` is the catalog's (names starting `pg_` are
-        // the system's; a table of that name elsewhere is taken for the
-        // catalog's too, which can only refuse more).
-        1 if parts[0].starts_with("pg_") => format!("pg_catalog.{}", parts[0]),
         1 => format!("{DEFAULT_SCHEMA}.{}", parts[0]),
         // database.schema.table: the database is the session's anyway.
         _ => parts[parts.len() - 2..].join("."),
+    }
+}
+
+/// The tables `name` may be. PostgreSQL searches pg_catalog before the
+/// path, so an unqualified `pg_...` name is the catalog's if the catalog
+/// has it and `public`'s otherwise: both are recorded, so a deny or a mask
+/// of either holds, and an allow must cover both.
+fn table_names(name: &ObjectName) -> Vec<String> {
+    let qualified = table_name(name);
+    match (name.0.as_slice(), qualified.strip_prefix("public.")) {
+        ([_], Some(table)) if table.starts_with("pg_") => {
+            vec![format!("pg_catalog.{table}"), qualified.clone()]
+        }
+        _ => vec![qualified],
     }
 }
 
@@ -1352,12 +1398,33 @@ mod tests {
         }
     }
 
+    /// What PostgreSQL leaves of an operator once it splits off trailing
+    /// signs decides whether it is a built-in one.
+    #[test]
+    fn operators_postgresql_splits_into_built_in_ones_are_not_calls() {
+        use sqlparser::ast::BinaryOperator::Custom;
+        for (op, call) in [
+            (">=-", false),
+            ("<>-", false),
+            ("+-", false),
+            ("===-", true),
+            ("~~-", true),
+            ("===", true),
+        ] {
+            assert_eq!(
+                operator_may_be_the_databases_own(&Custom(op.into())),
+                call,
+                "{op}"
+            );
+        }
+    }
+
     #[test]
     fn names_resolve_as_postgresql_resolves_them() {
         for (sql, reads) in [
             (
                 "SELECT * FROM pg_stat_activity",
-                &["pg_catalog.pg_stat_activity"][..],
+                &["pg_catalog.pg_stat_activity", "public.pg_stat_activity"][..],
             ),
             (
                 "SELECT * FROM pg_catalog.pg_roles",
@@ -1376,5 +1443,23 @@ mod tests {
             set(&["hr.copy"])
         );
         assert_eq!(one("CREATE VIEW v AS SELECT 1").writes, set(&["public.v"]));
+    }
+
+    /// A statement of 20 000 CTEs (400 KB, well within a statement's
+    /// limit) is classified, each CTE seeing the ones before it. With a
+    /// copied scope per CTE it took about 200 million name copies, which
+    /// an agent could use to exhaust the daemon's memory; shared scopes
+    /// take one map.
+    #[test]
+    fn a_statement_of_many_ctes_is_classified() {
+        let n = 20_000;
+        let ctes: Vec<String> = (0..n)
+            .map(|i| match i {
+                0 => "c0 AS (SELECT 1)".to_string(),
+                _ => format!("c{i} AS (SELECT * FROM c{})", i - 1),
+            })
+            .collect();
+        let sql = format!("WITH {} SELECT * FROM c{}, secrets", ctes.join(", "), n - 1);
+        assert_eq!(one(&sql).reads, set(&["public.secrets"]));
     }
 }

@@ -200,18 +200,18 @@ fn skip_token(bytes: &[u8], i: usize) -> Option<(usize, TokenKind)> {
 fn skip_string(bytes: &[u8], i: usize, backslash_escapes: bool) -> Option<usize> {
     let mut end = skip_quoted(bytes, i, b'\'', backslash_escapes)?;
     loop {
-        // Spaces and tabs, a newline, then any whitespace and `--`
-        // comments (each ended by its newline), then the next quote.
+        // PostgreSQL's rule: spaces, tabs and `--` comments, a newline,
+        // then any whitespace and comments, then the next quote.
         let mut j = end;
-        while j < bytes.len() && matches!(bytes[j], b' ' | b'\t' | 0x0c) {
-            j += 1;
-        }
-        if !matches!(bytes.get(j), Some(b'\n') | Some(b'\r')) {
-            return Some(end);
-        }
+        let mut newline = false;
         while j < bytes.len() {
             match bytes[j] {
-                b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => j += 1,
+                b'\n' | b'\r' => {
+                    newline = true;
+                    j += 1;
+                }
+                b' ' | b'\t' | 0x0c => j += 1,
+                0x0b if newline => j += 1,
                 b'-' if bytes.get(j + 1) == Some(&b'-') => {
                     while j < bytes.len() && bytes[j] != b'\n' && bytes[j] != b'\r' {
                         j += 1;
@@ -220,7 +220,7 @@ fn skip_string(bytes: &[u8], i: usize, backslash_escapes: bool) -> Option<usize>
                 _ => break,
             }
         }
-        if bytes.get(j) != Some(&b'\'') {
+        if !newline || bytes.get(j) != Some(&b'\'') {
             return Some(end);
         }
         end = skip_quoted(bytes, j + 1, b'\'', backslash_escapes)?;
@@ -307,6 +307,7 @@ mod tests {
             // A continued string keeps its first part's escapes.
             ("SELECT E'a'\n'\\'; SELECT 1; --'", Some(1)),
             ("SELECT 'a' 'b'; SELECT 2", Some(2)),
+            ("SELECT E'a' -- c\n'\\'; SELECT 1; --'", Some(1)),
             // psql's rule for routine bodies.
             (
                 "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT CASE WHEN true THEN 2 END; END; SELECT 3",
