@@ -32,6 +32,14 @@ pub enum UpstreamError {
     Tls(String),
     #[error("gateway credential: {0}")]
     Credential(String),
+    #[error(
+        "the target reports {name} {value}; tollgate reads statements with {name} {expected} only"
+    )]
+    ReadsTextOtherwise {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -296,6 +304,15 @@ async fn establish(
             let (code, message) = wire::error_fields(&frame);
             return Err(UpstreamError::Refused { code, message });
         }
+        // The login asked for these; a server (or a pooler in between)
+        // that reports others would read statements otherwise.
+        if let Some((name, value, expected)) = text_reading_changed(&frame) {
+            return Err(UpstreamError::ReadsTextOtherwise {
+                name,
+                value,
+                expected,
+            });
+        }
         greeting.extend_from_slice(&frame.bytes);
         if tag == b'Z' {
             break;
@@ -306,6 +323,28 @@ async fn establish(
         buffered: buf,
         greeting,
         socket_cookie,
+    })
+}
+
+/// The settings under which the server reads SQL text as tollgate does:
+/// another client encoding can hide a quote inside a multi-byte
+/// character, and with standard_conforming_strings off a backslash in a
+/// plain string hides one. tollgate asks for both at login.
+const TEXT_READING_SETTINGS: [(&str, &str); 2] = [
+    ("client_encoding", "UTF8"),
+    ("standard_conforming_strings", "on"),
+];
+
+/// If `frame` is a ParameterStatus giving one of
+/// [`TEXT_READING_SETTINGS`] another value: its name, the value, and the
+/// one tollgate needs.
+pub(super) fn text_reading_changed(frame: &Frame) -> Option<(&'static str, String, &'static str)> {
+    if frame.tag != b'S' {
+        return None;
+    }
+    TEXT_READING_SETTINGS.iter().find_map(|&(name, expected)| {
+        let value = wire::parameter_status(frame, name)?;
+        (!value.eq_ignore_ascii_case(expected)).then_some((name, value, expected))
     })
 }
 
@@ -454,6 +493,53 @@ mod tests {
         ] {
             let refused = refused_by_tollgate_after_scram_start(then).await;
             assert!(refused.contains(why), "{refused}");
+        }
+    }
+
+    /// A server, or a pooler in between, whose greeting reports a setting
+    /// under which it would read statements otherwise than tollgate (it
+    /// ignored what the login asked for) is refused before any session.
+    #[tokio::test]
+    async fn a_server_that_reads_text_otherwise_is_refused_at_login() {
+        for (name, value) in [
+            ("standard_conforming_strings", "off"),
+            ("client_encoding", "SJIS"),
+        ] {
+            let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = server.local_addr().expect("addr");
+            let lax = tokio::spawn(async move {
+                let (mut conn, _) = server.accept().await.expect("accept");
+                let mut startup = [0u8; 1024];
+                let _ = conn.read(&mut startup).await.expect("startup message");
+                // AuthenticationOk (trust), the setting, ReadyForQuery.
+                let mut greeting = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+                let body = format!("{name}\0{value}\0");
+                greeting.push(b'S');
+                greeting.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+                greeting.extend_from_slice(body.as_bytes());
+                greeting.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+                conn.write_all(&greeting).await.expect("greeting");
+                let mut rest = Vec::new();
+                let _ = conn.read_to_end(&mut rest).await;
+            });
+            let mut config = crate::proxy::postgres::refusal_tests::target_config(
+                "127.0.0.1:0".parse().expect("addr"),
+            );
+            config.address = address;
+            let target = crate::proxy::Target::new(config).expect("target");
+            let connected = tokio::time::timeout(Duration::from_secs(10), connect(&target, &[]))
+                .await
+                .expect("connect ends");
+            lax.abort();
+            match connected {
+                Ok(_) => panic!("went on with a server whose {name} is {value}"),
+                Err(failure) => assert!(
+                    matches!(&failure.error, UpstreamError::ReadsTextOtherwise { name: n, .. } if *n == name),
+                    "{failure}"
+                ),
+            }
         }
     }
 }

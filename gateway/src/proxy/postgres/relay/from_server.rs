@@ -131,30 +131,14 @@ pub(super) async fn server_to_client(
     }
 }
 
-/// The settings under which the server reads SQL text as tollgate does:
-/// another client encoding can hide a quote inside a multi-byte
-/// character, and with standard_conforming_strings off a backslash in a
-/// plain string hides one.
-const TEXT_READING_SETTINGS: [(&str, &str); 2] = [
-    ("client_encoding", "UTF8"),
-    ("standard_conforming_strings", "on"),
-];
-
-/// If `frame` is the server's report that one of
-/// [`TEXT_READING_SETTINGS`] changed, why the session must end.
+/// If `frame` is the server's report that a setting under which it reads
+/// SQL text as tollgate does changed, why the session must end.
 fn reads_text_otherwise(frame: &Frame) -> Option<String> {
-    if frame.tag != b'S' {
-        return None;
-    }
-    TEXT_READING_SETTINGS.iter().find_map(|(name, expected)| {
-        let value = wire::parameter_status(frame, name)?;
-        (!value.eq_ignore_ascii_case(expected)).then(|| {
-            format!(
-                "tollgate: the server's {name} became {value} (rule encoding:{name}); \
-                 tollgate reads statements with {name} {expected} only, so the session is closed"
-            )
-        })
-    })
+    let (name, value, expected) = super::super::upstream::text_reading_changed(frame)?;
+    Some(format!(
+        "tollgate: the server's {name} became {value} (rule encoding:{name}); \
+         tollgate reads statements with {name} {expected} only, so the session is closed"
+    ))
 }
 
 /// Ends the session from the server's side: the answers already built
