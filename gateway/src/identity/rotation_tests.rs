@@ -188,3 +188,76 @@ async fn a_burst_of_forged_kids_cannot_force_repeated_refreshes() {
     assert_eq!(code(v.verify(&genuine).await), "unknown_kid");
     idp.abort();
 }
+
+/// A TCP relay to `target` that holds every chunk of the answers for
+/// `delay` before passing it on (every request on a kept-alive connection
+/// too): an IdP that answers slowly.
+async fn slow_relay(target: SocketAddr, delay: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut client_rd, mut client_wr) = client.into_split();
+                let (mut upstream_rd, mut upstream_wr) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rd, &mut upstream_wr).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = upstream_rd.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if client_wr.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// The keys fetched for an unknown kid are kept even when the login that
+/// asked for them gives up first (as one does at VERIFY_TIMEOUT): the
+/// fetch runs on a task of its own, so the agent's next attempt finds the
+/// key instead of starting the same slow fetch again.
+#[tokio::test]
+async fn keys_fetched_for_a_login_that_gave_up_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (idp_addr, idp) = start_idp(dir.path()).await;
+    let slow = slow_relay(idp_addr, Duration::from_millis(600)).await;
+    let v = Verifier::from_config(&config_with(
+        &format!("jwks_uri = \"http://{slow}/{TID}/discovery/v2.0/keys\""),
+        "development_idp = true",
+    ))
+    .await
+    .expect("verifier");
+    let mut ring = Keyring::open(dir.path()).expect("keyring");
+    let new_kid = ring.rotate().expect("rotate").kid.clone();
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    assert!(!v.cached_kids().contains(&new_kid));
+
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), v.verify(&token)).await;
+    assert!(gave_up.is_err(), "the slow fetch should outlast the login");
+    // The fetch goes on without the login that started it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !v.cached_kids().contains(&new_kid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the key fetched for the abandoned login was not kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v.verify(&token)
+        .await
+        .expect("the kept key verifies the token");
+    idp.abort();
+}
