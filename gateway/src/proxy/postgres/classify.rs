@@ -36,6 +36,10 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "dblink",
     "dblink_exec",
     "dblink_connect",
+    "dblink_connect_u",
+    "pg_file_unlink",
+    "pg_file_rename",
+    "pg_file_sync",
     "set_config",
     "pg_reload_conf",
     "pg_terminate_backend",
@@ -113,6 +117,7 @@ const STATE_CHANGING_FUNCTIONS: &[&str] = &[
     "pg_wal_replay_resume",
     "pg_log_backend_memory_contexts",
     "pg_sync_replication_slots",
+    "pg_stat_statements_reset",
 ];
 
 /// Functions that run SQL handed to them as text (or name a table as
@@ -135,6 +140,25 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "database_to_xml_and_xmlschema",
     "ts_stat",
     "ts_rewrite",
+    // Logical decoding returns the changed rows of every table.
+    "pg_logical_slot_peek_changes",
+    "pg_logical_slot_peek_binary_changes",
+    "pg_logical_slot_get_changes",
+    "pg_logical_slot_get_binary_changes",
+    // pageinspect reads raw pages of a table named as text.
+    "get_raw_page",
+    "heap_page_items",
+    "tuple_data_split",
+    "heap_page_item_attrs",
+    "bt_page_items",
+    // dblink runs SQL given as text, and builds statements from stored rows.
+    "dblink_send_query",
+    "dblink_get_result",
+    "dblink_open",
+    "dblink_fetch",
+    "dblink_build_sql_insert",
+    "dblink_build_sql_update",
+    "dblink_build_sql_delete",
     // tablefunc and xml2, where installed.
     "crosstab",
     "crosstab2",
@@ -142,6 +166,15 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "crosstab4",
     "connectby",
     "xpath_table",
+];
+
+/// Catalog views that show sampled values (most common values, histogram
+/// bounds) of every table's columns: reading one is reading every table
+/// the database role may analyse, which no table rule could check.
+const SAMPLE_VIEWS: &[&str] = &[
+    "pg_catalog.pg_stats",
+    "pg_catalog.pg_stats_ext",
+    "pg_catalog.pg_stats_ext_exprs",
 ];
 
 /// Built-in functions without side effects: a read calling only these is
@@ -376,17 +409,21 @@ fn classify_statement(statement: &Statement) -> Result<Operation, String> {
     if walker.runs_prepared {
         out.kind = StatementKind::Admin;
     }
+    let also_read = |name: &String| {
+        walker.read_also.contains(name)
+            || walker.relation_visits.get(name).copied().unwrap_or(0)
+                > walker.target_visits.get(name).copied().unwrap_or(0)
+    };
     out.reads = walker
         .relations
-        .into_iter()
-        .filter(|name| !walker.table_functions.contains(name))
-        .filter(|name| !walker.written.contains(name) || walker.read_also.contains(name))
+        .iter()
+        .filter(|name| !walker.table_functions.contains(*name))
+        .filter(|name| !walker.written.contains(*name) || also_read(name))
+        .cloned()
         .collect();
     out.writes = walker.written;
-    if let Some(function) = walker.runs_sql_text {
-        return Err(format!(
-            "{function} runs SQL given to it as text, whose tables tollgate cannot see"
-        ));
+    if let Some(why) = walker.not_understood {
+        return Err(why);
     }
     Ok(out)
 }
@@ -613,8 +650,15 @@ struct Walker {
     locks_rows: bool,
     /// A call of a built-in function that changes state.
     changes_state: bool,
-    /// A call of a function that runs SQL given as text (the first).
-    runs_sql_text: Option<String>,
+    /// Why the statement cannot be understood, if something in it hides
+    /// what it reads (SQL given to a function as text, a routine body in a
+    /// string, a view of every table's sampled values).
+    not_understood: Option<String>,
+    /// How often each table was met as a relation, and how often of those
+    /// as the target of a write: a table met more often than targeted is
+    /// also read (`WITH d AS (DELETE FROM t ...) SELECT * FROM t`).
+    relation_visits: HashMap<String, usize>,
+    target_visits: HashMap<String, usize>,
     dangers: BTreeSet<Danger>,
     calls_functions: bool,
     table_functions: BTreeSet<String>,
@@ -623,6 +667,25 @@ struct Walker {
 }
 
 impl Walker {
+    /// `name` is the target of a write that the walk also meets as a
+    /// relation (INSERT, UPDATE, DELETE, MERGE, TRUNCATE, ALTER, CREATE);
+    /// `returns` when its rows come back (RETURNING), which reads them.
+    fn target(&mut self, name: &ObjectName, returns: bool) {
+        for table in table_names(name) {
+            *self.target_visits.entry(table.clone()).or_default() += 1;
+            if returns {
+                self.read_also.insert(table.clone());
+            }
+            if table == "pg_catalog.pg_settings" {
+                // An UPDATE of pg_settings is set_config by another name.
+                self.dangers.insert(Danger::FileOrProgramFunction);
+                self.changes_encoding = true;
+                self.calls_functions = true;
+            }
+            self.written.insert(table);
+        }
+    }
+
     /// What a query body does that the walk does not visit as a relation or
     /// statement: `TABLE x` (which is `SELECT * FROM x`) and `SELECT ...
     /// INTO t` in any branch of a set operation (PostgreSQL creates `t`
@@ -681,8 +744,17 @@ impl Walker {
         if STATE_CHANGING_FUNCTIONS.contains(&last.as_str()) {
             self.changes_state = true;
         }
-        if SQL_TEXT_FUNCTIONS.contains(&last.as_str()) {
-            self.runs_sql_text.get_or_insert_with(|| last.clone());
+        // pg_cron's `cron.schedule` runs SQL given as text, later (its
+        // schema is never on the search_path tollgate sets).
+        let cron = name.0.len() == 2
+            && name.0[0]
+                .as_ident()
+                .is_some_and(|schema| schema.value.eq_ignore_ascii_case("cron"))
+            && last.starts_with("schedule");
+        if cron || SQL_TEXT_FUNCTIONS.contains(&last.as_str()) {
+            self.not_understood.get_or_insert_with(|| {
+                format!("{last} runs SQL given to it as text, whose tables tollgate cannot see")
+            });
         }
         if last == "set_config" && set_config_may_change_encoding(args) {
             self.changes_encoding = true;
@@ -751,7 +823,15 @@ impl Visitor for Walker {
             _ => false,
         };
         if !is_cte {
-            self.relations.extend(table_names(relation));
+            for name in table_names(relation) {
+                if SAMPLE_VIEWS.contains(&name.as_str()) {
+                    self.not_understood.get_or_insert_with(|| {
+                        format!("{name} shows sampled values of every table's columns, whichever tables a rule denies")
+                    });
+                }
+                *self.relation_visits.entry(name.clone()).or_default() += 1;
+                self.relations.insert(name);
+            }
         }
         ControlFlow::Continue(())
     }
@@ -810,12 +890,12 @@ impl Visitor for Walker {
             Statement::Execute { .. } => self.runs_prepared = true,
             Statement::Insert(insert) => {
                 if let TableObject::TableName(name) = &insert.table {
-                    self.written.extend(table_names(name));
+                    self.target(name, insert.returning.is_some());
                 }
             }
             Statement::Update(update) => {
                 if let TableFactor::Table { name, .. } = &update.table.relation {
-                    self.written.extend(table_names(name));
+                    self.target(name, update.returning.is_some());
                 }
                 if update.selection.is_none() {
                     self.dangers.insert(Danger::UpdateWithoutWhere);
@@ -834,32 +914,47 @@ impl Visitor for Walker {
                 };
                 for table in tables {
                     if let TableFactor::Table { name, .. } = &table.relation {
-                        self.written.extend(table_names(name));
+                        self.target(name, delete.returning.is_some());
                     }
                 }
                 for name in &delete.tables {
-                    self.written.extend(table_names(name));
+                    self.target(name, delete.returning.is_some());
                 }
                 if delete.selection.is_none() {
                     self.dangers.insert(Danger::DeleteWithoutWhere);
                 }
             }
-            Statement::CreateTable(create) => {
-                self.written.extend(table_names(&create.name));
+            Statement::CreateTable(create) => self.target(&create.name, false),
+            Statement::CreateView(create) => self.target(&create.name, false),
+            Statement::CreateFunction(create) => {
+                if matches!(
+                    create.function_body,
+                    Some(
+                        sqlparser::ast::CreateFunctionBody::AsBeforeOptions { .. }
+                            | sqlparser::ast::CreateFunctionBody::AsAfterOptions(_)
+                    )
+                ) {
+                    self.not_understood.get_or_insert_with(|| {
+                        "a routine body given as a string: tollgate cannot see what it reads or writes (BEGIN ATOMIC bodies are checked)".into()
+                    });
+                }
             }
-            Statement::CreateView(create) => {
-                self.written.extend(table_names(&create.name));
+            Statement::CreateProcedure { body, .. } => {
+                if matches!(body, sqlparser::ast::CreateProcedureBody::As(_)) {
+                    self.not_understood.get_or_insert_with(|| {
+                        "a routine body given as a string: tollgate cannot see what it reads or writes (BEGIN ATOMIC bodies are checked)".into()
+                    });
+                }
             }
             Statement::Merge(merge) => {
                 // MERGE reads its target (the ON join) and changes it.
                 if let TableFactor::Table { name, .. } = &merge.table {
-                    self.written.extend(table_names(name));
-                    self.read_also.extend(table_names(name));
+                    self.target(name, true);
                 }
             }
             Statement::Truncate(truncate) => {
                 for table in &truncate.table_names {
-                    self.written.extend(table_names(&table.name));
+                    self.target(&table.name, false);
                 }
                 self.dangers.insert(Danger::Truncate);
             }
@@ -877,7 +972,7 @@ impl Visitor for Walker {
                 self.dangers.insert(Danger::Drop);
             }
             Statement::AlterTable(alter) => {
-                self.written.extend(table_names(&alter.name));
+                self.target(&alter.name, false);
                 self.dangers.insert(Danger::Alter);
             }
             Statement::AlterIndex { .. }
@@ -1461,5 +1556,59 @@ mod tests {
             .collect();
         let sql = format!("WITH {} SELECT * FROM c{}, secrets", ctes.join(", "), n - 1);
         assert_eq!(one(&sql).reads, set(&["public.secrets"]));
+    }
+
+    /// A table a statement both writes and reads is read: a data-modifying
+    /// CTE beside a SELECT of the same table, RETURNING.
+    #[test]
+    fn written_tables_that_are_also_read_are_reads() {
+        for (sql, reads) in [
+            (
+                "WITH d AS (DELETE FROM public.inbox WHERE false) SELECT * FROM public.inbox",
+                &["public.inbox"][..],
+            ),
+            ("UPDATE t SET id = id WHERE true RETURNING *", &["public.t"]),
+            ("DELETE FROM t WHERE id = 1 RETURNING id", &["public.t"]),
+            ("INSERT INTO t VALUES (1) RETURNING id", &["public.t"]),
+            ("INSERT INTO t SELECT * FROM t", &["public.t"]),
+            // A plain write reads nothing.
+            ("INSERT INTO t VALUES (1)", &[]),
+            ("DELETE FROM t WHERE id = 1", &[]),
+            ("UPDATE t SET a = 1 WHERE id = 2", &[]),
+        ] {
+            assert_eq!(one(sql).reads, set(reads), "{sql}");
+        }
+    }
+
+    /// What hides the tables it reads is not understood: the sampled
+    /// values of every table, a routine body in a string.
+    #[test]
+    fn statements_hiding_what_they_read_are_not_understood() {
+        for sql in [
+            "SELECT most_common_vals FROM pg_catalog.pg_stats WHERE tablename = 'secrets'",
+            "SELECT * FROM pg_stats",
+            "CREATE FUNCTION f() RETURNS SETOF text LANGUAGE sql AS $$SELECT secret FROM hr.secrets$$",
+            "SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)",
+            "SELECT dblink_build_sql_insert('hr.secrets', '1', 1, '{42}', '{42}')",
+            "SELECT cron.schedule('0 * * * *', 'DELETE FROM orders')",
+        ] {
+            assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
+        }
+        let op = one("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT count(*) FROM hr.secrets; END");
+        assert_eq!(op.reads, set(&["hr.secrets"]));
+    }
+
+    /// An UPDATE of pg_settings is set_config by another name.
+    #[test]
+    fn updating_pg_settings_is_set_config() {
+        for sql in [
+            "UPDATE pg_catalog.pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+            "UPDATE pg_settings SET setting = 'hr' WHERE name = 'search_path'",
+        ] {
+            let op = one(sql);
+            assert!(op.dangers.contains(&Danger::FileOrProgramFunction), "{sql}");
+            assert!(op.changes_text_encoding, "{sql}");
+            assert!(op.calls_functions, "{sql}");
+        }
     }
 }
