@@ -70,6 +70,9 @@ pub enum Danger {
     FileOrProgramFunction,
     /// SET ROLE, SET SESSION AUTHORIZATION
     SetRole,
+    /// CREATE FUNCTION or PROCEDURE with a body given as a string (PL/pgSQL
+    /// and the like): what it reads and writes when called is not seen.
+    OpaqueRoutine,
 }
 
 impl Danger {
@@ -84,6 +87,7 @@ impl Danger {
             Danger::CopyProgram => "copy_program",
             Danger::FileOrProgramFunction => "file_or_program_function",
             Danger::SetRole => "set_role",
+            Danger::OpaqueRoutine => "opaque_routine",
         }
     }
 }

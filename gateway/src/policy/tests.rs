@@ -94,6 +94,11 @@ fn every_dangerous_rule_refuses_and_its_near_miss_passes() {
             "SET statement_timeout = 1000",
         ),
         (
+            "dangerous:opaque_routine",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN 1; END $$",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+        ),
+        (
             "deny_tables",
             "SELECT * FROM secrets",
             "SELECT * FROM secrets_public_view",
@@ -335,7 +340,7 @@ name = "everything"
 roles = ["root"]
 kinds = ["read", "write", "ddl", "dcl", "transaction", "utility", "admin"]
 allow_unparsed = true
-allow_dangerous = ["drop", "truncate", "alter", "grant_revoke", "delete_without_where", "update_without_where", "copy_program", "file_or_program_function", "set_role"]
+allow_dangerous = ["drop", "truncate", "alter", "grant_revoke", "delete_without_where", "update_without_where", "copy_program", "file_or_program_function", "set_role", "opaque_routine"]
 "#,
     );
     for sql in [

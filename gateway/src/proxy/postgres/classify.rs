@@ -37,6 +37,13 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "dblink_exec",
     "dblink_connect",
     "dblink_connect_u",
+    "dblink_send_query",
+    "dblink_get_result",
+    "dblink_open",
+    "dblink_fetch",
+    "dblink_build_sql_insert",
+    "dblink_build_sql_update",
+    "dblink_build_sql_delete",
     "pg_file_unlink",
     "pg_file_rename",
     "pg_file_sync",
@@ -151,14 +158,6 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "tuple_data_split",
     "heap_page_item_attrs",
     "bt_page_items",
-    // dblink runs SQL given as text, and builds statements from stored rows.
-    "dblink_send_query",
-    "dblink_get_result",
-    "dblink_open",
-    "dblink_fetch",
-    "dblink_build_sql_insert",
-    "dblink_build_sql_update",
-    "dblink_build_sql_delete",
     // tablefunc and xml2, where installed.
     "crosstab",
     "crosstab2",
@@ -659,6 +658,9 @@ struct Walker {
     /// also read (`WITH d AS (DELETE FROM t ...) SELECT * FROM t`).
     relation_visits: HashMap<String, usize>,
     target_visits: HashMap<String, usize>,
+    /// Write targets named by their statement and not yet reached by the
+    /// walk as relations.
+    pending_targets: HashMap<String, usize>,
     dangers: BTreeSet<Danger>,
     calls_functions: bool,
     table_functions: BTreeSet<String>,
@@ -673,6 +675,7 @@ impl Walker {
     fn target(&mut self, name: &ObjectName, returns: bool) {
         for table in table_names(name) {
             *self.target_visits.entry(table.clone()).or_default() += 1;
+            *self.pending_targets.entry(table.clone()).or_default() += 1;
             if returns {
                 self.read_also.insert(table.clone());
             }
@@ -683,6 +686,19 @@ impl Walker {
                 self.calls_functions = true;
             }
             self.written.insert(table);
+        }
+    }
+
+    /// A table met as a relation (`names`: what it may be).
+    fn note_relation(&mut self, names: Vec<String>) {
+        for name in names {
+            if SAMPLE_VIEWS.contains(&name.as_str()) {
+                self.not_understood.get_or_insert_with(|| {
+                    format!("{name} shows sampled values of every table's columns, whichever tables a rule denies")
+                });
+            }
+            *self.relation_visits.entry(name.clone()).or_default() += 1;
+            self.relations.insert(name);
         }
     }
 
@@ -699,7 +715,7 @@ impl Walker {
                     if !unqualified_cte {
                         let parts: Vec<_> =
                             table.schema_name.iter().chain([name]).cloned().collect();
-                        self.relations.extend(table_names(&ObjectName::from(parts)));
+                        self.note_relation(table_names(&ObjectName::from(parts)));
                     }
                 }
             }
@@ -746,11 +762,11 @@ impl Walker {
         }
         // pg_cron's `cron.schedule` runs SQL given as text, later (its
         // schema is never on the search_path tollgate sets).
-        let cron = name.0.len() == 2
-            && name.0[0]
+        let cron = name.0.len() >= 2
+            && name.0[name.0.len() - 2]
                 .as_ident()
                 .is_some_and(|schema| schema.value.eq_ignore_ascii_case("cron"))
-            && last.starts_with("schedule");
+            && (last.starts_with("schedule") || last == "alter_job");
         if cron || SQL_TEXT_FUNCTIONS.contains(&last.as_str()) {
             self.not_understood.get_or_insert_with(|| {
                 format!("{last} runs SQL given to it as text, whose tables tollgate cannot see")
@@ -822,16 +838,20 @@ impl Visitor for Walker {
             // A qualified name is never a CTE.
             _ => false,
         };
-        if !is_cte {
-            for name in table_names(relation) {
-                if SAMPLE_VIEWS.contains(&name.as_str()) {
-                    self.not_understood.get_or_insert_with(|| {
-                        format!("{name} shows sampled values of every table's columns, whichever tables a rule denies")
-                    });
+        // The target of a write is the real table, whatever CTE shares its
+        // name (the statement named it just before the walk reaches it).
+        let names = table_names(relation);
+        let is_target = names
+            .iter()
+            .any(|name| match self.pending_targets.get_mut(name) {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    true
                 }
-                *self.relation_visits.entry(name.clone()).or_default() += 1;
-                self.relations.insert(name);
-            }
+                _ => false,
+            });
+        if is_target || !is_cte {
+            self.note_relation(names);
         }
         ControlFlow::Continue(())
     }
@@ -926,6 +946,9 @@ impl Visitor for Walker {
             }
             Statement::CreateTable(create) => self.target(&create.name, false),
             Statement::CreateView(create) => self.target(&create.name, false),
+            // A body in a string (PL/pgSQL, or SQL quoted): what it reads
+            // and writes when called is not seen. A BEGIN ATOMIC body is
+            // parsed, and its tables count.
             Statement::CreateFunction(create) => {
                 if matches!(
                     create.function_body,
@@ -934,16 +957,7 @@ impl Visitor for Walker {
                             | sqlparser::ast::CreateFunctionBody::AsAfterOptions(_)
                     )
                 ) {
-                    self.not_understood.get_or_insert_with(|| {
-                        "a routine body given as a string: tollgate cannot see what it reads or writes (BEGIN ATOMIC bodies are checked)".into()
-                    });
-                }
-            }
-            Statement::CreateProcedure { body, .. } => {
-                if matches!(body, sqlparser::ast::CreateProcedureBody::As(_)) {
-                    self.not_understood.get_or_insert_with(|| {
-                        "a routine body given as a string: tollgate cannot see what it reads or writes (BEGIN ATOMIC bodies are checked)".into()
-                    });
+                    self.dangers.insert(Danger::OpaqueRoutine);
                 }
             }
             Statement::Merge(merge) => {
@@ -1571,6 +1585,18 @@ mod tests {
             ("DELETE FROM t WHERE id = 1 RETURNING id", &["public.t"]),
             ("INSERT INTO t VALUES (1) RETURNING id", &["public.t"]),
             ("INSERT INTO t SELECT * FROM t", &["public.t"]),
+            (
+                "WITH d AS (DELETE FROM t WHERE false RETURNING 1) TABLE t",
+                &["public.t"],
+            ),
+            (
+                "WITH secrets AS (SELECT 1) DELETE FROM secrets WHERE true RETURNING *",
+                &["public.secrets"],
+            ),
+            (
+                "WITH t AS (SELECT 1) INSERT INTO t SELECT * FROM public.t",
+                &["public.t"],
+            ),
             // A plain write reads nothing.
             ("INSERT INTO t VALUES (1)", &[]),
             ("DELETE FROM t WHERE id = 1", &[]),
@@ -1587,15 +1613,19 @@ mod tests {
         for sql in [
             "SELECT most_common_vals FROM pg_catalog.pg_stats WHERE tablename = 'secrets'",
             "SELECT * FROM pg_stats",
-            "CREATE FUNCTION f() RETURNS SETOF text LANGUAGE sql AS $$SELECT secret FROM hr.secrets$$",
+            "TABLE pg_catalog.pg_stats",
             "SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)",
-            "SELECT dblink_build_sql_insert('hr.secrets', '1', 1, '{42}', '{42}')",
             "SELECT cron.schedule('0 * * * *', 'DELETE FROM orders')",
+            "SELECT mydb.cron.schedule('* * * * *', 'DELETE FROM orders')",
+            "SELECT cron.alter_job(1, NULL, 'DELETE FROM orders')",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }
         let op = one("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT count(*) FROM hr.secrets; END");
         assert_eq!(op.reads, set(&["hr.secrets"]));
+        assert!(op.dangers.is_empty());
+        let op = one("CREATE FUNCTION f() RETURNS SETOF text LANGUAGE sql AS $$SELECT secret FROM hr.secrets$$");
+        assert!(op.dangers.contains(&Danger::OpaqueRoutine));
     }
 
     /// An UPDATE of pg_settings is set_config by another name.
