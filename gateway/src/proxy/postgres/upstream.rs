@@ -392,6 +392,18 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The test target, its server at `address` (a rogue or silent one).
+    fn target_at(address: std::net::SocketAddr, password: Option<&str>) -> Target {
+        let mut config = crate::proxy::postgres::refusal_tests::target_config(
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        config.address = address;
+        if let Some(password) = password {
+            config.credential.password = Some(password.into());
+        }
+        Target::new(config).expect("target")
+    }
+
     /// A rogue server that asks for SCRAM-SHA-256 and, after tollgate's
     /// first SCRAM message, sends `then` (and ReadyForQuery, a session were
     /// tollgate to accept it). Returns why tollgate refused it.
@@ -420,12 +432,7 @@ mod tests {
             let mut rest = Vec::new();
             let _ = conn.read_to_end(&mut rest).await;
         });
-        let mut config = crate::proxy::postgres::refusal_tests::target_config(
-            "127.0.0.1:0".parse().expect("addr"),
-        );
-        config.address = address;
-        config.credential.password = Some("secret".into());
-        let target = crate::proxy::Target::new(config).expect("target");
+        let target = target_at(address, Some("secret"));
         let connected = tokio::time::timeout(Duration::from_secs(10), connect(&target, &[]))
             .await
             .expect("connect ends");
@@ -452,11 +459,7 @@ mod tests {
             std::future::pending::<()>().await;
             drop(conn);
         });
-        let mut config = crate::proxy::postgres::refusal_tests::target_config(
-            "127.0.0.1:0".parse().expect("addr"),
-        );
-        config.address = address;
-        let target = crate::proxy::Target::new(config).expect("target");
+        let target = target_at(address, None);
         let started = tokio::time::Instant::now();
         let failure = match connect(&target, &[]).await {
             Ok(_) => panic!("logged in to a server that said nothing"),
@@ -524,11 +527,7 @@ mod tests {
                 let mut rest = Vec::new();
                 let _ = conn.read_to_end(&mut rest).await;
             });
-            let mut config = crate::proxy::postgres::refusal_tests::target_config(
-                "127.0.0.1:0".parse().expect("addr"),
-            );
-            config.address = address;
-            let target = crate::proxy::Target::new(config).expect("target");
+            let target = target_at(address, None);
             let connected = tokio::time::timeout(Duration::from_secs(10), connect(&target, &[]))
                 .await
                 .expect("connect ends");
