@@ -729,6 +729,59 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         assert!(text(&out.stdout).contains("****"), "{sql}: {}", text(&out.stdout));
     }
 
+    // Through a function of the database's own, whose result columns
+    // belong to no table, and through a notification's payload.
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION email_of(i int) RETURNS text LANGUAGE sql \
+             AS $$ SELECT email FROM customers WHERE id = i $$",
+        )
+        .expect("create the function");
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION listen_c() RETURNS void LANGUAGE plpgsql \
+             AS $$ BEGIN EXECUTE 'LISTEN c'; END $$",
+        )
+        .expect("create the function");
+    for sql in [
+        &["SELECT email_of(1) AS e"][..],
+        &[
+            "SELECT listen_c()",
+            "SELECT pg_notify('c', email) FROM customers WHERE id = 1",
+            "SELECT 'after the notification'",
+        ],
+    ] {
+        let mut psql = stack.agent_psql(&agent, sql[0]);
+        for more in &sql[1..] {
+            psql.args(["-c", more]);
+        }
+        let out = psql.output().expect("psql");
+        assert!(out.status.success(), "{sql:?}: {}", text(&out.stderr));
+        let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            !shown.to_lowercase().contains("@example.com"),
+            "{sql:?} leaked: {shown}"
+        );
+        if sql.len() > 1 {
+            // The notification itself still arrives, without its payload.
+            assert!(shown.contains("Asynchronous notification \"c\""), "{shown}");
+        }
+    }
+    let out = stack
+        .agent_psql(&agent, "COPY (SELECT email_of(1)) TO STDOUT")
+        .output()
+        .expect("psql");
+    assert!(
+        text(&out.stderr).contains("mask:raw_stream"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).contains("@example.com"));
+
     // A whole-row reference carries the masked column too.
     let out = stack
         .agent_psql(&agent, "SELECT c FROM customers c WHERE id = 1")

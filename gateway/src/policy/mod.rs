@@ -271,6 +271,12 @@ impl Policy {
                 };
             }
             for op in operations.iter().filter(|op| op.streams_raw) {
+                if op.calls_functions && !masks.is_empty() {
+                    return Decision::Deny {
+                        rule: "mask:raw_stream".into(),
+                        reason: "COPY of a query calling functions tollgate cannot look into could send masked columns unmasked".into(),
+                    };
+                }
                 if let Some(table) = op
                     .reads
                     .iter()

@@ -382,7 +382,12 @@ fn classify_statement(statement: &Statement) -> Result<Operation, String> {
         dangers: walker.dangers,
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
         calls_functions: walker.calls_functions,
-        opaque_result: matches!(statement, Statement::Fetch { .. }),
+        // Rows of a cursor declared earlier, a statement prepared in SQL,
+        // a procedure: whatever they read is not in this text.
+        opaque_result: matches!(
+            statement,
+            Statement::Fetch { .. } | Statement::Execute { .. } | Statement::Call(_)
+        ),
         renames_protocol_objects: matches!(
             statement,
             Statement::Declare { .. }

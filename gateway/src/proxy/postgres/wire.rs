@@ -438,6 +438,24 @@ pub fn redacted(frame: &Frame, message: &str) -> BytesMut {
     out
 }
 
+/// A NotificationResponse (`A`) with its payload withheld: the sending
+/// process and the channel kept, the payload empty. `None` if the frame
+/// is not a whole notification.
+pub fn notification_without_payload(frame: &Frame) -> Option<BytesMut> {
+    let body = frame.bytes.get(5..)?;
+    let pid = body.get(..4)?;
+    let channel_end = body.get(4..)?.iter().position(|&b| b == 0)?;
+    let channel = body.get(4..4 + channel_end)?;
+    let mut out = BytesMut::new();
+    put_frame(&mut out, b'A', |b| {
+        b.put_slice(pid);
+        b.put_slice(channel);
+        b.put_u8(0);
+        b.put_u8(0);
+    });
+    Some(out)
+}
+
 /// ErrorResponse with severity, SQLSTATE and message.
 pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, message: &str) {
     put_frame(out, b'E', |b| {
@@ -643,5 +661,27 @@ mod tests {
                 ("database".into(), "orders".into())
             ]
         );
+    }
+
+    #[test]
+    fn a_notification_keeps_its_channel_and_loses_its_payload() {
+        let mut raw = BytesMut::new();
+        put_frame(&mut raw, b'A', |b| {
+            b.put_i32(4242);
+            put_cstr(b, "orders");
+            put_cstr(b, "ada@example.com");
+        });
+        let frame = split_frame(&mut raw).unwrap().unwrap();
+        let out = notification_without_payload(&frame).unwrap();
+        let mut expected = BytesMut::new();
+        put_frame(&mut expected, b'A', |b| {
+            b.put_i32(4242);
+            put_cstr(b, "orders");
+            put_cstr(b, "");
+        });
+        assert_eq!(out, expected);
+        let mut cut = BytesMut::from(&[b'A', 0, 0, 0, 6, 1, 2][..]);
+        let frame = split_frame(&mut cut).unwrap().unwrap();
+        assert!(notification_without_payload(&frame).is_none());
     }
 }

@@ -257,9 +257,11 @@ pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, 
         // A FETCH's rows come from a cursor declared earlier: assume they
         // may carry masked columns, computed ones included.
         // A written table counts too: RETURNING hands back its rows,
-        // computed columns included.
+        // computed columns included. So does a call of a function tollgate
+        // cannot look into: `customer_by_id(1)` may return a masked
+        // table's rows as columns of no table.
         Ok(ops) => {
-            ops.iter().any(|op| op.opaque_result)
+            ops.iter().any(|op| op.opaque_result || op.calls_functions)
                 || ops
                     .iter()
                     .flat_map(|op| op.reads.iter().chain(&op.writes))

@@ -289,6 +289,14 @@ pub(super) fn track_answer(
         server_skipping,
         ..
     } = &mut *guard;
+    // A notification's payload is whatever a trigger or another session
+    // put there (`pg_notify('c', email)`): a masked caller gets the
+    // channel, not the payload.
+    if frame.tag == b'A' && !masks.is_empty() {
+        return Ok(Some(wire::notification_without_payload(frame).ok_or_else(
+            || WireError::Malformed("NotificationResponse without a channel".into()),
+        )?));
+    }
     let Some(head) = queue.front_mut() else {
         // ReadyForQuery answers a Query or a Sync: with none in flight, the
         // answers and the requests are out of step.
@@ -459,6 +467,12 @@ pub(super) fn track_answer(
                     "ReadyForQuery while a {:?} is unanswered",
                     head.kind
                 )));
+            }
+            // Outside a transaction block (idle, or failed) every portal
+            // the protocol bound is gone: a later one of the same name
+            // (a function's `OPEN` of a cursor by that name) is another.
+            if frame.bytes.get(5).is_some_and(|&status| status != b'T') {
+                portals.clear();
             }
             if let Some(done) = queue.pop_front() {
                 if matches!(done.kind, Kind::Query | Kind::RefusedQuery) {
