@@ -771,6 +771,24 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
             assert!(shown.contains("Asynchronous notification \"c\""), "{shown}");
         }
     }
+    // A copy made in the session (a table that did not exist when the
+    // session's masks were resolved) is masked in that session.
+    let out = stack
+        .agent_psql(
+            &agent,
+            "SELECT email INTO TEMP copy_of_email FROM customers WHERE id = 1",
+        )
+        .args(["-c", "SELECT * FROM copy_of_email"])
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("@example.com"),
+        "the copy leaked: {}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("****"), "{}", text(&out.stdout));
+
     let out = stack
         .agent_psql(&agent, "COPY (SELECT email_of(1)) TO STDOUT")
         .output()

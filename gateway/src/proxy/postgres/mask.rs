@@ -30,7 +30,16 @@ const TEXT_LIKE: &[u32] = &[25, 1043, 1042, 19]; // text, varchar, bpchar, name
 pub struct MaskSet {
     columns: HashMap<(u32, i16), String>,
     patterns: Vec<Pattern>,
+    /// Every user relation (table, view, ...) that existed when the masks
+    /// were resolved: a column of any other was created since (a copy of
+    /// a masked table, `CREATE TABLE AS`, a temporary table, a view) and
+    /// is masked until a new session resolves it.
+    known_relations: std::collections::HashSet<u32>,
 }
+
+/// OIDs below this are the system's own (PostgreSQL's
+/// FirstNormalObjectId): catalogs, never created by a session.
+const FIRST_USER_OID: u32 = 16384;
 
 impl MaskSet {
     pub fn is_empty(&self) -> bool {
@@ -75,6 +84,7 @@ pub async fn resolve(
     let mut set = MaskSet {
         columns: HashMap::new(),
         patterns,
+        known_relations: std::collections::HashSet::new(),
     };
     loop {
         let frame = wire::read_frame(stream, buf).await?;
@@ -85,8 +95,9 @@ pub async fn resolve(
                     continue;
                 };
                 let name = String::from_utf8_lossy(name).into_owned();
+                let oid: u32 = String::from_utf8_lossy(oid).parse().unwrap_or(0);
+                set.known_relations.insert(oid);
                 if set.patterns.iter().any(|p| p.matches(&name)) {
-                    let oid: u32 = String::from_utf8_lossy(oid).parse().unwrap_or(0);
                     let attnum: i16 = String::from_utf8_lossy(attnum).parse().unwrap_or(0);
                     set.columns.insert((oid, attnum), name);
                 }
@@ -163,6 +174,14 @@ pub fn plan(
             columns.push(Some(text_like));
             names.push(format!(
                 "{name} (computed from a table with masked columns)"
+            ));
+        } else if !set.is_empty()
+            && table_oid >= FIRST_USER_OID
+            && !set.known_relations.contains(&table_oid)
+        {
+            columns.push(Some(text_like));
+            names.push(format!(
+                "{name} (of a relation created after the session's masks were resolved)"
             ));
         } else {
             columns.push(None);
@@ -283,7 +302,25 @@ mod tests {
                 ((16384, 4), "public.customers.born".to_owned()),
             ]),
             patterns: vec![Pattern::from("public.customers.email".to_owned())],
+            known_relations: [16384, 16390].into(),
         }
+    }
+
+    /// A relation that did not exist when the masks were resolved (a copy
+    /// made with `CREATE TABLE AS`, a temporary table) is masked; one that
+    /// did, and the catalogs, are not; nothing is without masks.
+    #[test]
+    fn columns_of_relations_created_after_the_session_started_are_masked() {
+        let rd = row_description(&[
+            ("known", 16390, 1, 25),
+            ("copied", 16500, 1, 25),
+            ("relname", 1259, 2, 19),
+        ]);
+        let mask = plan(&rd, &set(), false).unwrap();
+        assert_eq!(mask.columns, vec![None, Some(true), None]);
+        assert!(mask.names[0].contains("created after"), "{:?}", mask.names);
+        let unmasked = plan(&rd, &MaskSet::default(), false).unwrap();
+        assert!(!unmasked.masks_anything());
     }
 
     #[test]
