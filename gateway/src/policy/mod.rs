@@ -104,6 +104,10 @@ pub struct Operation {
     pub streams_raw: bool,
     /// The statement calls functions, which may have side effects.
     pub calls_functions: bool,
+    /// Calls a function that is not a known built-in (a function of the
+    /// database's own, or an unqualified name tollgate does not know):
+    /// its result may carry a table's values as columns of no table.
+    pub calls_unknown_functions: bool,
     /// The result comes from something decided earlier (FETCH from a
     /// cursor): which tables it reads is not in this statement's text.
     pub opaque_result: bool,
@@ -271,7 +275,7 @@ impl Policy {
                 };
             }
             for op in operations.iter().filter(|op| op.streams_raw) {
-                if op.calls_functions && !masks.is_empty() {
+                if op.calls_unknown_functions && !masks.is_empty() {
                     return Decision::Deny {
                         rule: "mask:raw_stream".into(),
                         reason: "COPY of a query calling functions tollgate cannot look into could send masked columns unmasked".into(),

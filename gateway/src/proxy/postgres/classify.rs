@@ -229,6 +229,60 @@ const PURE_FUNCTIONS: &[&str] = &[
     "md5",
 ];
 
+/// Built-in functions that tell about the server, the session or the
+/// catalog, never a user table's rows: a call of one does not make a
+/// masked caller's computed columns suspect (`SELECT version()`).
+const CATALOG_INFO_FUNCTIONS: &[&str] = &[
+    "version",
+    "current_schema",
+    "current_schemas",
+    "current_database",
+    "current_catalog",
+    "current_user",
+    "session_user",
+    "current_role",
+    "current_setting",
+    "inet_server_addr",
+    "inet_server_port",
+    "pg_backend_pid",
+    "pg_postmaster_start_time",
+    "format_type",
+    "pg_get_expr",
+    "pg_get_userbyid",
+    "pg_get_indexdef",
+    "pg_get_constraintdef",
+    "pg_get_viewdef",
+    "pg_get_functiondef",
+    "pg_get_function_arguments",
+    "pg_get_function_result",
+    "pg_get_triggerdef",
+    "pg_get_serial_sequence",
+    "pg_table_is_visible",
+    "pg_type_is_visible",
+    "pg_function_is_visible",
+    "obj_description",
+    "col_description",
+    "shobj_description",
+    "pg_encoding_to_char",
+    "has_table_privilege",
+    "has_schema_privilege",
+    "has_column_privilege",
+    "has_database_privilege",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_size_pretty",
+    "array_to_string",
+    "array_length",
+    "unnest",
+    "generate_series",
+    "to_json",
+    "json_build_object",
+    "jsonb_build_object",
+    "row_number",
+    "rank",
+    "dense_rank",
+];
+
 /// Schema assumed for unqualified table names (the default search_path).
 /// Changing search_path is itself an `admin` statement, so a role limited to
 /// reads cannot make an unqualified name point elsewhere.
@@ -382,6 +436,7 @@ fn classify_statement(statement: &Statement) -> Result<Operation, String> {
         dangers: walker.dangers,
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
         calls_functions: walker.calls_functions,
+        calls_unknown_functions: walker.calls_unknown_functions,
         // Rows of a cursor declared earlier, a statement prepared in SQL,
         // a procedure: whatever they read is not in this text.
         opaque_result: matches!(
@@ -654,6 +709,9 @@ struct Walker {
     locks_rows: bool,
     /// A call of a built-in function that changes state.
     changes_state: bool,
+    /// A call of a function that is not a known built-in (see
+    /// `Operation::calls_unknown_functions`).
+    calls_unknown_functions: bool,
     /// Why the statement cannot be understood, if something in it hides
     /// what it reads (SQL given to a function as text, a routine body in a
     /// string, a view of every table's sampled values).
@@ -759,6 +817,27 @@ impl Walker {
             return;
         };
         let last = last.value.to_ascii_lowercase();
+        // Only a superuser can put a function in pg_catalog: a call named
+        // so is a built-in. Unqualified, a known built-in's name is taken
+        // for it (the search_path tollgate sets is pg_catalog, then
+        // public).
+        let builtin = name.0.len() == 2
+            && name.0[0]
+                .as_ident()
+                .is_some_and(|schema| schema.value.eq_ignore_ascii_case("pg_catalog"))
+            || name.0.len() == 1
+                && [
+                    PURE_FUNCTIONS,
+                    CATALOG_INFO_FUNCTIONS,
+                    STATE_CHANGING_FUNCTIONS,
+                    DANGEROUS_FUNCTIONS,
+                    SQL_TEXT_FUNCTIONS,
+                ]
+                .iter()
+                .any(|list| list.contains(&last.as_str()));
+        if !builtin {
+            self.calls_unknown_functions = true;
+        }
         if DANGEROUS_FUNCTIONS.contains(&last.as_str()) {
             self.dangers.insert(Danger::FileOrProgramFunction);
         }
@@ -1644,6 +1723,26 @@ mod tests {
             assert!(op.dangers.contains(&Danger::FileOrProgramFunction), "{sql}");
             assert!(op.changes_text_encoding, "{sql}");
             assert!(op.calls_functions, "{sql}");
+        }
+    }
+
+    /// A masked caller's computed columns are suspect only when the
+    /// statement calls a function that could return a table's values.
+    #[test]
+    fn unknown_functions_are_told_from_built_ins() {
+        for (sql, unknown) in [
+            ("SELECT version()", false),
+            ("SELECT pg_catalog.version(), current_schema()", false),
+            ("SELECT nextval('s')", false),
+            (
+                "SELECT format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute",
+                false,
+            ),
+            ("SELECT email_of(1)", true),
+            ("SELECT app.email_of(1)", true),
+            ("SELECT * FROM customer_by_id(1)", true),
+        ] {
+            assert_eq!(one(sql).calls_unknown_functions, unknown, "{sql}");
         }
     }
 }

@@ -57,8 +57,11 @@ const CATALOG_QUERY: &str =
      FROM pg_catalog.pg_attribute a \
      JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
-     AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')";
+
+/// Schemas whose columns no mask pattern applies to (their relations are
+/// still known to the session, see `MaskSet::known_relations`).
+const SYSTEM_SCHEMAS: &[&str] = &["pg_catalog.", "information_schema."];
 
 /// Why a session's masked columns could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +100,8 @@ pub async fn resolve(
                 let name = String::from_utf8_lossy(name).into_owned();
                 let oid: u32 = String::from_utf8_lossy(oid).parse().unwrap_or(0);
                 set.known_relations.insert(oid);
-                if set.patterns.iter().any(|p| p.matches(&name)) {
+                let system = SYSTEM_SCHEMAS.iter().any(|schema| name.starts_with(schema));
+                if !system && set.patterns.iter().any(|p| p.matches(&name)) {
                     let attnum: i16 = String::from_utf8_lossy(attnum).parse().unwrap_or(0);
                     set.columns.insert((oid, attnum), name);
                 }

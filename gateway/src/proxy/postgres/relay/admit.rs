@@ -261,7 +261,8 @@ pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, 
         // cannot look into: `customer_by_id(1)` may return a masked
         // table's rows as columns of no table.
         Ok(ops) => {
-            ops.iter().any(|op| op.opaque_result || op.calls_functions)
+            ops.iter()
+                .any(|op| op.opaque_result || op.calls_unknown_functions)
                 || ops
                     .iter()
                     .flat_map(|op| op.reads.iter().chain(&op.writes))

@@ -471,7 +471,9 @@ pub(super) fn track_answer(
             // Outside a transaction block (idle, or failed) every portal
             // the protocol bound is gone: a later one of the same name
             // (a function's `OPEN` of a cursor by that name) is another.
-            if frame.bytes.get(5).is_some_and(|&status| status != b'T') {
+            // (Not in a failed block: a ROLLBACK TO SAVEPOINT brings back
+            // the portals bound before the savepoint.)
+            if frame.bytes.get(5) == Some(&b'I') {
                 portals.clear();
             }
             if let Some(done) = queue.pop_front() {
