@@ -12,6 +12,7 @@ mod manifest;
 mod merkle;
 pub mod record;
 mod segment;
+pub(crate) use segment::decoding;
 mod store;
 #[cfg(test)]
 mod tamper_tests;

@@ -940,13 +940,20 @@ pub fn write_file<R: Borrow<AuditRecord>>(
 /// an error here like any other, so that verify reports it and goes on
 /// rather than ending without a report.
 pub fn read_file(path: &Path) -> Result<Vec<AuditRecord>, SegmentError> {
-    std::panic::catch_unwind(|| read_file_with(path, HUGE_COLUMN)).unwrap_or_else(|panic| {
-        let message = panic
+    decoding(|| read_file_with(path, HUGE_COLUMN))
+        .unwrap_or_else(|message| Err(SegmentError::DecoderFailed(message)))
+}
+
+/// Runs `decode` (a read of a Parquet file that may have been altered),
+/// turning a panic of the decoder into the panic's message: every reader
+/// of segments reports a crafted file instead of ending there.
+pub fn decoding<T>(decode: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    std::panic::catch_unwind(decode).map_err(|panic| {
+        panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panicked".to_string());
-        Err(SegmentError::DecoderFailed(message))
+            .unwrap_or_else(|| "panicked".to_string())
     })
 }
 

@@ -607,12 +607,8 @@ async fn any_flipped_byte_in_a_segment_is_reported_and_verify_survives_it() {
     };
     // The footer (Thrift metadata: column offsets, sizes, statistics) is
     // where a flip most often sends the decoder astray: most flips go there.
-    let footer_len = u32::from_le_bytes(
-        original[original.len() - 8..original.len() - 4]
-            .try_into()
-            .unwrap(),
-    ) as usize;
-    let footer_start = original.len() - 8 - footer_len;
+    let footer = footer(&original);
+    let (footer_start, footer_len) = (footer.start, footer.len());
     let mut positions: Vec<usize> = (0..16)
         .map(|_| (next() % original.len() as u64) as usize)
         .collect();
@@ -635,6 +631,14 @@ async fn any_flipped_byte_in_a_segment_is_reported_and_verify_survives_it() {
     assert!(verify(&cfg.dir, &key).ok);
 }
 
+/// Where a Parquet file's footer metadata lies: before its 4-byte length
+/// and the closing magic.
+fn footer(file: &[u8]) -> std::ops::Range<usize> {
+    let end = file.len() - 8;
+    let len = u32::from_le_bytes(file[end..end + 4].try_into().unwrap()) as usize;
+    end - len..end
+}
+
 /// The bytes of the Parquet file `original` with its footer metadata
 /// changed by `alter` and encoded again: a crafted file, not a random one.
 fn with_altered_footer(
@@ -644,10 +648,9 @@ fn with_altered_footer(
     ) -> parquet::file::metadata::ColumnChunkMetaData,
 ) -> Vec<u8> {
     use parquet::file::metadata::{ParquetMetaDataReader, ParquetMetaDataWriter};
-    let end = original.len() - 8;
-    let footer_len = u32::from_le_bytes(original[end..end + 4].try_into().unwrap()) as usize;
-    let start = end - footer_len;
-    let metadata = ParquetMetaDataReader::decode_metadata(&original[start..end]).unwrap();
+    let footer = footer(original);
+    let start = footer.start;
+    let metadata = ParquetMetaDataReader::decode_metadata(&original[footer]).unwrap();
     let mut builder = metadata.into_builder();
     let mut groups = builder.take_row_groups();
     let first = groups.remove(0);

@@ -446,7 +446,7 @@ async fn read_loop(
             guard = ring.readable_mut() => {
                 match guard {
                     Ok(mut guard) => {
-                        drain(guard.get_inner_mut(), &log, boot_to_unix_offset_ns(), &mut user).await;
+                        drain(guard.get_inner_mut(), &log, &mut user).await;
                         guard.clear_ready();
                     }
                     Err(err) => {
@@ -459,14 +459,14 @@ async fn read_loop(
             _ = ticker.tick() => {
                 // Ring buffer notifications can be batched: drain on every
                 // tick too, so counters and records line up.
-                drain(ring.get_mut(), &log, boot_to_unix_offset_ns(), &mut user).await;
+                drain(ring.get_mut(), &log, &mut user).await;
                 write_loss(&log, &counters, &tracing_programs, user, interval).await;
                 false
             }
             _ = stopped.changed() => true,
         };
         if stopping {
-            drain(ring.get_mut(), &log, boot_to_unix_offset_ns(), &mut user).await;
+            drain(ring.get_mut(), &log, &mut user).await;
             write_loss(&log, &counters, &tracing_programs, user, interval).await;
             return;
         }
@@ -497,12 +497,9 @@ async fn write_loss(
 /// is written (the log is `buffered`, see [`evidence_config`]) before its
 /// event is let go of in the ring buffer, which is when the kernel may
 /// reuse its space and a restarted daemon would no longer see it.
-async fn drain(
-    ring: &mut RingBuf<MapData>,
-    log: &AuditLog,
-    boot_offset: i128,
-    user: &mut UserSpaceCounters,
-) {
+async fn drain(ring: &mut RingBuf<MapData>, log: &AuditLog, user: &mut UserSpaceCounters) {
+    // Read at each drain: the wall clock may have been stepped since.
+    let boot_offset = boot_to_unix_offset_ns();
     let mut pending = Vec::new();
     while let Some(item) = ring.next() {
         user.received += 1;

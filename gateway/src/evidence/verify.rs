@@ -97,12 +97,10 @@ fn col<'a, T: 'static>(
 pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
     let mut rows = Vec::new();
     for path in segment_files(dir)? {
-        // The parquet crate asserts on some malformed metadata instead of
-        // returning an error: a crafted file is an error like any other.
-        let read = std::panic::catch_unwind(|| read_file_rows(&path)).unwrap_or_else(|_| {
+        let read = crate::audit::decoding(|| read_file_rows(&path)).unwrap_or_else(|panic| {
             Err(file_err(
                 &path,
-                "the Parquet decoder failed on this file (run `tollgate audit verify`)",
+                format!("the Parquet decoder failed on this file: {panic}"),
             ))
         });
         rows.extend(read?);
@@ -113,44 +111,41 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
 
 /// The rows of one segment file.
 fn read_file_rows(path: &Path) -> Result<Vec<Row>, VerifyError> {
-    let path = path.to_path_buf();
     let mut rows = Vec::new();
-    {
-        let file = fs::File::open(&path).map_err(|e| file_err(&path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| file_err(&path, e))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| file_err(&path, e))?;
-            let sequence = col::<Int64Array>(&batch, "sequence", &path)?;
-            let phase = col::<StringArray>(&batch, "phase", &path)?;
-            let time = col::<Int64Array>(&batch, "time", &path)?;
-            let pid = col::<Int32Array>(&batch, "actor_process_pid", &path)?;
-            let process = col::<StringArray>(&batch, "actor_process_name", &path)?;
-            let cgroup = col::<Int64Array>(&batch, "actor_process_cgroup_id", &path)?;
-            let dst_ip = col::<StringArray>(&batch, "dst_endpoint_ip", &path)?;
-            let dst_port = col::<Int32Array>(&batch, "dst_endpoint_port", &path)?;
-            let cookie = col::<Int64Array>(&batch, "upstream_socket_cookie", &path)?;
-            let unmapped = col::<StringArray>(&batch, "unmapped", &path)?;
-            let protocol = col::<StringArray>(&batch, "connection_info_protocol_name", &path)?;
-            let opt32 = |a: &Int32Array, i| (!a.is_null(i)).then(|| a.value(i));
-            let opt64 = |a: &Int64Array, i| (!a.is_null(i)).then(|| a.value(i));
-            for i in 0..batch.num_rows() {
-                rows.push(Row {
-                    sequence: sequence.value(i),
-                    phase: phase.value(i).to_owned(),
-                    time: time.value(i),
-                    pid: opt32(pid, i),
-                    process: process.value(i).to_owned(),
-                    cgroup_id: opt64(cgroup, i),
-                    dst_ip: dst_ip.value(i).to_owned(),
-                    dst_port: opt32(dst_port, i),
-                    cookie: opt64(cookie, i),
-                    protocol: protocol.value(i).to_owned(),
-                    unmapped: unmapped.value(i).to_owned(),
-                    file: path.display().to_string(),
-                });
-            }
+    let file = fs::File::open(path).map_err(|e| file_err(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| file_err(path, e))?;
+    for batch in reader {
+        let batch = batch.map_err(|e| file_err(path, e))?;
+        let sequence = col::<Int64Array>(&batch, "sequence", path)?;
+        let phase = col::<StringArray>(&batch, "phase", path)?;
+        let time = col::<Int64Array>(&batch, "time", path)?;
+        let pid = col::<Int32Array>(&batch, "actor_process_pid", path)?;
+        let process = col::<StringArray>(&batch, "actor_process_name", path)?;
+        let cgroup = col::<Int64Array>(&batch, "actor_process_cgroup_id", path)?;
+        let dst_ip = col::<StringArray>(&batch, "dst_endpoint_ip", path)?;
+        let dst_port = col::<Int32Array>(&batch, "dst_endpoint_port", path)?;
+        let cookie = col::<Int64Array>(&batch, "upstream_socket_cookie", path)?;
+        let unmapped = col::<StringArray>(&batch, "unmapped", path)?;
+        let protocol = col::<StringArray>(&batch, "connection_info_protocol_name", path)?;
+        let opt32 = |a: &Int32Array, i| (!a.is_null(i)).then(|| a.value(i));
+        let opt64 = |a: &Int64Array, i| (!a.is_null(i)).then(|| a.value(i));
+        for i in 0..batch.num_rows() {
+            rows.push(Row {
+                sequence: sequence.value(i),
+                phase: phase.value(i).to_owned(),
+                time: time.value(i),
+                pid: opt32(pid, i),
+                process: process.value(i).to_owned(),
+                cgroup_id: opt64(cgroup, i),
+                dst_ip: dst_ip.value(i).to_owned(),
+                dst_port: opt32(dst_port, i),
+                cookie: opt64(cookie, i),
+                protocol: protocol.value(i).to_owned(),
+                unmapped: unmapped.value(i).to_owned(),
+                file: path.display().to_string(),
+            });
         }
     }
     Ok(rows)

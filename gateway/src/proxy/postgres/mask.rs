@@ -57,10 +57,13 @@ const CATALOG_QUERY: &str =
      FROM pg_catalog.pg_attribute a \
      JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')";
+     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S') \
+     AND (n.nspname NOT IN ('pg_catalog', 'information_schema') OR c.oid >= 16384)";
 
-/// Schemas whose columns no mask pattern applies to (their relations are
-/// still known to the session, see `MaskSet::known_relations`).
+/// Schemas whose columns no mask pattern applies to. Their own relations
+/// (OIDs below `FIRST_USER_OID`) are not listed by the catalog query, which
+/// `plan` never masks anyway; only relations created in them later (an
+/// extension's) are, so that they are known to the session.
 const SYSTEM_SCHEMAS: &[&str] = &["pg_catalog.", "information_schema."];
 
 /// Why a session's masked columns could not be resolved.

@@ -4,6 +4,7 @@
 //! complete.
 
 use super::*;
+use crate::proxy::postgres::upstream::text_reading_changed;
 
 /// Holds the server's answer to the oldest request until that request's
 /// record is durable (a read-only request is forwarded while its record
@@ -134,7 +135,7 @@ pub(super) async fn server_to_client(
 /// If `frame` is the server's report that a setting under which it reads
 /// SQL text as tollgate does changed, why the session must end.
 fn reads_text_otherwise(frame: &Frame) -> Option<String> {
-    let (name, value, expected) = super::super::upstream::text_reading_changed(frame)?;
+    let (name, value, expected) = text_reading_changed(frame)?;
     Some(format!(
         "tollgate: the server's {name} became {value} (rule encoding:{name}); \
          tollgate reads statements with {name} {expected} only, so the session is closed"
