@@ -328,6 +328,38 @@ columns = ["public.customers.email"]
     assert_eq!(denied_by(&decide(&policy, &[], "SELECT 1")), None);
 }
 
+/// COPY streams raw: for a masked caller it is refused when it could carry
+/// a masked column (the table, or a query calling a function that is not
+/// a known built-in), and allowed otherwise.
+#[test]
+fn a_masked_caller_cannot_copy_what_could_carry_masked_columns() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "readers"
+roles = ["*"]
+kinds = ["read"]
+
+[[mask]]
+name = "email"
+columns = ["public.customers.email"]
+"#,
+    );
+    for sql in [
+        "COPY customers TO STDOUT",
+        "COPY (SELECT email_of(1)) TO STDOUT",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&policy, &[], sql)),
+            Some("mask:raw_stream"),
+            "{sql}"
+        );
+    }
+    for sql in ["COPY orders TO STDOUT", "COPY (SELECT version()) TO STDOUT"] {
+        assert_eq!(denied_by(&decide(&policy, &[], sql)), None, "{sql}");
+    }
+}
+
 /// Changing client_encoding is refused whatever the grants allow: with
 /// another encoding the server would run a statement other than the one
 /// tollgate read and decided.

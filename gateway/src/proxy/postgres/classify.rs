@@ -98,8 +98,6 @@ const STATE_CHANGING_FUNCTIONS: &[&str] = &[
     "pg_replication_slot_advance",
     "pg_replication_origin_create",
     "pg_replication_origin_drop",
-    "pg_logical_slot_get_changes",
-    "pg_logical_slot_get_binary_changes",
     "pg_stat_reset",
     "pg_stat_reset_shared",
     "pg_stat_reset_single_table_counters",
@@ -393,10 +391,11 @@ fn is_opaque(token: &Token) -> bool {
     }
 }
 
-/// Refuses tokens that PostgreSQL's scanner would read otherwise: a `$`
-/// that is no parameter (`$€$` opens a dollar quote for PostgreSQL, not
-/// for the tokenizer), an operator running into `--` or `/*` (PostgreSQL
-/// ends the operator there and starts a comment).
+/// Refuses tokens the comparison of opaque starts cannot see: a `$` that
+/// is no parameter (PostgreSQL rejects it), and lines the tokenizer takes
+/// as inline COPY data. (An operator running into `--` or `/*` needs no
+/// rule here: PostgreSQL's comment start falls inside the tokenizer's
+/// operator, so the starts differ.)
 fn reads_as_postgresql_does<'a>(tokens: impl Iterator<Item = &'a Token>) -> Result<(), String> {
     for token in tokens {
         match token {
@@ -416,11 +415,6 @@ fn reads_as_postgresql_does<'a>(tokens: impl Iterator<Item = &'a Token>) -> Resu
                     "text after COPY ... FROM STDIN in the same query: PostgreSQL would run it as SQL"
                         .into(),
                 );
-            }
-            Token::CustomBinaryOperator(op) if op.contains("--") || op.contains("/*") => {
-                return Err(format!(
-                    "the operator `{op}` runs into a comment, where PostgreSQL ends it"
-                ));
             }
             _ => {}
         }
@@ -816,15 +810,16 @@ impl Walker {
         let Some(last) = name.0.last().and_then(|part| part.as_ident()) else {
             return;
         };
-        let last = last.value.to_ascii_lowercase();
+        // Folded as PostgreSQL folds names: `"Version"()` is not version().
+        let last = fold(&last.value, last.quote_style.is_some());
         // Only a superuser can put a function in pg_catalog: a call named
         // so is a built-in. Unqualified, a known built-in's name is taken
         // for it (the search_path tollgate sets is pg_catalog, then
         // public).
         let builtin = name.0.len() == 2
-            && name.0[0]
-                .as_ident()
-                .is_some_and(|schema| schema.value.eq_ignore_ascii_case("pg_catalog"))
+            && name.0[0].as_ident().is_some_and(|schema| {
+                fold(&schema.value, schema.quote_style.is_some()) == "pg_catalog"
+            })
             || name.0.len() == 1
                 && [
                     PURE_FUNCTIONS,
@@ -969,6 +964,7 @@ impl Visitor for Walker {
         if let Expr::BinaryOp { op, .. } = expr {
             if operator_may_be_the_databases_own(op) {
                 self.calls_functions = true;
+                self.calls_unknown_functions = true;
             }
         }
         if let Expr::Function(function) = expr {
@@ -1575,12 +1571,16 @@ mod tests {
         ] {
             assert_eq!(one(sql).kind, Write, "{sql}");
         }
+        for sql in ["EXECUTE s", "CALL p()"] {
+            assert!(one(sql).opaque_result, "{sql}");
+        }
         for sql in [
             "SELECT 1 OPERATOR(app.+) 2",
             "SELECT * FROM orders WHERE note ~~~ 'x'",
         ] {
             let op = one(sql);
             assert!(op.calls_functions, "{sql}: {op:?}");
+            assert!(op.calls_unknown_functions, "{sql}: {op:?}");
         }
         for sql in [
             "SELECT * FROM orders WHERE a >= b",
@@ -1740,6 +1740,7 @@ mod tests {
             ),
             ("SELECT email_of(1)", true),
             ("SELECT app.email_of(1)", true),
+            (r#"SELECT "Version"()"#, true),
             ("SELECT * FROM customer_by_id(1)", true),
         ] {
             assert_eq!(one(sql).calls_unknown_functions, unknown, "{sql}");

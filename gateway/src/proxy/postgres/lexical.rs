@@ -40,7 +40,6 @@ pub fn scan(sql: &str) -> Option<Scan> {
     // statement; inside it CASE opens a block that END closes too (psql's
     // rule, which PostgreSQL's grammar agrees with).
     let mut creates = false;
-    let mut words = 0usize;
     let mut block_depth = 0usize;
     // The previous word was an unquoted BEGIN.
     let mut after_begin = false;
@@ -64,11 +63,11 @@ pub fn scan(sql: &str) -> Option<Scan> {
                     out.statements += 1;
                     open = false;
                     creates = false;
-                    words = 0;
                 }
                 i += 1;
             }
             _ => {
+                let first = !open;
                 open = true;
                 let (end, kind) = skip_token(bytes, i)?;
                 if let TokenKind::Opaque = kind {
@@ -77,8 +76,7 @@ pub fn scan(sql: &str) -> Option<Scan> {
                 match kind {
                     TokenKind::Word => {
                         let word = &bytes[i..end];
-                        words += 1;
-                        if words == 1 {
+                        if first {
                             creates = word.eq_ignore_ascii_case(b"create");
                         } else if creates {
                             if after_begin && word.eq_ignore_ascii_case(b"atomic")
