@@ -36,3 +36,13 @@ pub(crate) fn proptest_config(default_cases: u32) -> proptest::prelude::Proptest
         ..proptest::prelude::ProptestConfig::default()
     }
 }
+
+/// jemalloc, not the system allocator. A session's records are built on
+/// whichever runtime thread serves it and freed, a segment at a time, on the
+/// segment thread: glibc spends that in chunk consolidation and in growing
+/// and trimming its heaps (mprotect, page faults) on both. Measured in
+/// docs/benchmarks.md: less CPU per statement on the request path and per
+/// record in the audit store; mimalloc did better for the store alone but
+/// worse on the request path.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -470,7 +470,6 @@ fn classify_statement(statement: &Statement) -> Result<Operation, String> {
     out.reads = walker
         .relations
         .iter()
-        .filter(|name| !walker.table_functions.contains(*name))
         .filter(|name| !walker.written.contains(*name) || also_read(name))
         .cloned()
         .collect();
@@ -720,7 +719,11 @@ struct Walker {
     pending_targets: HashMap<String, usize>,
     dangers: BTreeSet<Danger>,
     calls_functions: bool,
-    table_functions: BTreeSet<String>,
+    /// The walk is at a call in FROM (`FROM generate_series(1, 3)`),
+    /// whose name it visits next as if it were a relation: that visit is
+    /// not a read. Set for that one visit, not kept by name, so that a
+    /// table of the same name read elsewhere in the statement still is.
+    next_relation_is_a_call: bool,
     runs_prepared: bool,
     changes_encoding: bool,
 }
@@ -909,6 +912,9 @@ impl Visitor for Walker {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        if std::mem::take(&mut self.next_relation_is_a_call) {
+            return ControlFlow::Continue(());
+        }
         let scope = self.scopes.last().and_then(Option::as_ref);
         let is_cte = match relation.0.as_slice() {
             [only] => only.as_ident().is_some_and(|ident| {
@@ -945,7 +951,7 @@ impl Visitor for Walker {
                 ..
             } => {
                 self.calls_functions = true;
-                self.table_functions.extend(table_names(name));
+                self.next_relation_is_a_call = true;
                 self.note_call(name, Some(&args.args));
             }
             // `FROM LATERAL f(...)`: a call the relation visit never sees.
@@ -1278,6 +1284,21 @@ mod tests {
             c.reads
         );
         assert!(c.calls_functions);
+        // A call named like a table does not hide that table read
+        // elsewhere in the statement.
+        for sql in [
+            "SELECT * FROM unnest(ARRAY[1]) u, public.unnest t",
+            "SELECT * FROM public.unnest t, unnest(ARRAY[1]) u",
+            "SELECT * FROM secrets(1) f JOIN secrets s ON true",
+        ] {
+            let c = one(sql);
+            let table = if sql.contains("secrets") {
+                "public.secrets"
+            } else {
+                "public.unnest"
+            };
+            assert!(c.reads.contains(table), "{sql}: {:?}", c.reads);
+        }
         assert!(!one("SELECT name FROM customers WHERE id = $1").calls_functions);
         assert!(!one("SELECT count(*), upper(name) FROM customers GROUP BY name").calls_functions);
         assert!(one("SELECT nextval('s')").calls_functions, "nextval writes");
