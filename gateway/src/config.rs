@@ -195,7 +195,8 @@ fn default_max_connections() -> usize {
 /// Bounds of `max_connections`.
 const MAX_CONNECTIONS: std::ops::RangeInclusive<usize> = 1..=100_000;
 
-#[derive(Debug, Clone, Deserialize)]
+// Debug by hand: the inline password must not reach a log.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
     pub user: String,
@@ -208,6 +209,16 @@ pub struct CredentialConfig {
     /// restart.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for CredentialConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialConfig")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 impl CredentialConfig {
@@ -402,6 +413,23 @@ mod tests {
         let config = Config::parse(text, "deploy/tollgate.toml").expect("parse");
         assert_eq!(config.targets.len(), 1);
         crate::identity::Verifier::check(&config.identity).expect("identity settings");
+    }
+
+    /// A target's inline password never shows in its Debug form (which
+    /// logs and error chains may print).
+    #[test]
+    fn an_inline_password_is_not_in_debug_output() {
+        let credential = CredentialConfig {
+            user: "app".into(),
+            password: Some("hunter2-secret".into()),
+            password_file: None,
+        };
+        let shown = format!("{credential:?}");
+        assert!(
+            shown.contains("app") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
     }
 
     /// A config file in `dir` whose one target takes its password from

@@ -503,6 +503,27 @@ fn a_cancelled_query_is_cancelled_through_tollgate() {
         "{}",
         run.summary
     );
+
+    // A CancelRequest with a key no session has is dropped, as the
+    // server would, and on record as refused.
+    let guess = "import socket, struct\n\
+                 s = socket.create_connection(('127.0.0.1', int(__import__('sys').argv[1])))\n\
+                 s.sendall(struct.pack('!iiii', 16, 80877102, 4242, 123456))\n\
+                 s.recv(1)\n";
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .args(["-c", guess, &stack.postgres.port.to_string()])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refused = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND status_detail LIKE 'cancel_unknown_key:%'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("the refused cancel's record");
+    assert_eq!(refused[0]["action_id"], 2, "{}", refused[0]);
+    assert_eq!(refused[0]["actor_process_name"], "python", "{}", refused[0]);
 }
 
 extern "C" {
@@ -533,6 +554,62 @@ fn the_jdbc_driver_works_through_tollgate() {
     assert_eq!(row["intent"], "jdbc probe");
     assert_eq!(row["actor_process_name"], "java");
     assert_eq!(row["query_info_parameters"], r#"["3"]"#, "{row}");
+}
+
+/// A client that pipelines millions of Syncs without reading its answers
+/// does not grow tollgate's memory: past a bound on the requests waiting
+/// for answers, tollgate stops reading from it (before, every Sync held a
+/// queue entry of over a kilobyte, as many as the sockets' buffers held:
+/// gigabytes). Once the client reads, every Sync is answered.
+#[test]
+fn a_client_that_never_reads_its_answers_does_not_grow_memory() {
+    let Some((stack, token)) = start("a_client_that_never_reads_its_answers_does_not_grow_memory")
+    else {
+        return;
+    };
+    let pid = stack.gateway.pid().expect("tollgate pid");
+    let before = rss_kib(pid);
+    let syncs = 3_000_000;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_sync_flood.py");
+    let mut client = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .arg(script)
+        .args(["127.0.0.1", &stack.postgres.port.to_string(), &token])
+        .arg(syncs.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python");
+    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read the script's output");
+    assert_eq!(line.trim(), "stalled");
+    let stalled = rss_kib(pid);
+    eprintln!(
+        "tollgate RSS: {before} KiB before, {stalled} KiB with the client's Syncs unanswered"
+    );
+    client
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"read\n")
+        .expect("tell the client to read");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the script's result");
+    assert!(client.wait().expect("python").success());
+    let result: Value = serde_json::from_str(&rest).unwrap_or_else(|e| panic!("{e}: {rest}"));
+    assert!(
+        stalled.saturating_sub(before) < 48 * 1024,
+        "tollgate grew by {} KiB while the client did not read",
+        stalled.saturating_sub(before)
+    );
+    assert_eq!(result["ready"], syncs, "{result}");
+    assert_eq!(result["other"], serde_json::json!([]), "{result}");
+    assert_eq!(result["sent"], true, "{result}");
+}
+
+/// VmRSS: the resident set size of a process now, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
 }
 
 #[test]
@@ -568,12 +645,17 @@ fn a_five_million_row_select_streams_through_with_bounded_memory() {
 
 /// VmHWM: the peak resident set size of a process, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A size in KiB from /proc/PID/status.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc status")
+        .unwrap_or_else(|| panic!("{field} in /proc status"))
 }
 
 const MASKING_POLICY: &str = r#"

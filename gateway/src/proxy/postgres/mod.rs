@@ -443,7 +443,9 @@ impl Negotiation {
 /// A CancelRequest reaches the target too, on a connection of its own:
 /// that connection is on record, with its socket's cookie (which the
 /// kernel's evidence also sees), before it is made, or it is not made. An
-/// unknown key is dropped, as PostgreSQL does.
+/// unknown key is dropped, as PostgreSQL does, and on record as refused
+/// (someone guessing keys shows in the audit), as is a cancel that could
+/// not reach the server.
 async fn forward_cancel(
     connection: &Connection,
     shared: &Shared,
@@ -455,12 +457,24 @@ async fn forward_cancel(
         .server_of(process_id, secret_key)
     else {
         info!("cancel request with an unknown key dropped");
+        let refused = cancel_refused(
+            connection,
+            "cancel_unknown_key",
+            &format!("no session of this target has backend key {process_id}"),
+        );
+        drop(shared.audit.submit_lazy(refused));
         return;
     };
     let (socket, socket_cookie) = match super::upstream_socket(server.address) {
         Ok(socket) => socket,
         Err(err) => {
             warn!(error = %err, "cancel request could not be forwarded");
+            let refused = cancel_refused(
+                connection,
+                "cancel_not_forwarded",
+                &format!("no socket to the server: {err}"),
+            );
+            drop(shared.audit.submit_lazy(refused));
             return;
         }
     };
@@ -479,6 +493,17 @@ async fn forward_cancel(
         Ok(Err(err)) => warn!(error = %err, "cancel request could not be forwarded"),
         Err(_) => warn!("cancel request could not be forwarded in time"),
     }
+}
+
+/// The record of a CancelRequest not forwarded, for the reason
+/// `code: detail`.
+fn cancel_refused(connection: &Connection, code: &str, detail: &str) -> crate::audit::AuditRecord {
+    let mut record = upstream_record(connection, None, None);
+    record.phase = "refusal".into();
+    record.status_id = crate::audit::record::status::FAILURE;
+    record.action_id = crate::audit::record::action::DENIED;
+    record.status_detail = format!("{code}: cancel request not forwarded: {detail}");
+    record
 }
 
 /// The Datastore Activity "connect" record of an upstream connection

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// Requests (statements, Syncs, Parse, Bind, ...) a session may have sent
+/// and not yet had answered (see [`FromClient::wait_for_room_in_flight`]).
+pub(super) const MAX_IN_FLIGHT: usize = 8192;
+
 /// Caps on what the audit keeps of bound parameters.
 const MAX_PARAMETER_BYTES: usize = 256;
 const MAX_PARAMETERS_BYTES: usize = 4096;
@@ -105,6 +109,7 @@ impl FromClient {
     /// before it.
     async fn take_all(&mut self, buf: &mut BytesMut) -> Result<Flow, WireError> {
         while let Some(frame) = wire::split_frame_limited(buf, wire::MAX_CLIENT_MESSAGE)? {
+            self.wait_for_room_in_flight().await?;
             if let Some(id) = self.encoding_barrier.take() {
                 // Until its whole answer has come (or the server waits for
                 // COPY data, which only the client can send).
@@ -119,6 +124,32 @@ impl FromClient {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Holds the client's next message while [`MAX_IN_FLIGHT`] requests
+    /// wait for their answers: each holds its record, and a client that
+    /// pipelines without reading its answers would otherwise grow the
+    /// session's memory by a kilobyte or more for every few bytes it sends
+    /// (a Sync is five), as far as the sockets' buffers let it. Unread
+    /// client bytes stay in the client's socket: its sends block, as with
+    /// the server itself.
+    ///
+    /// The queue drains while the client waits: messages taken so far go
+    /// to the server first, and the server flushes its answers at least
+    /// every 8 KiB (fewer than 1 700 of the smallest), so a cap above that
+    /// cannot stall a pipeline the server has not finished answering.
+    /// While the server skips to the next Sync after an error, or takes
+    /// COPY data, what comes is not queued: nothing to wait for.
+    async fn wait_for_room_in_flight(&mut self) -> Result<(), WireError> {
+        self.resolve(|f| {
+            if f.queue.len() < MAX_IN_FLIGHT || f.server_skipping || f.copy_in {
+                Resolved::Known(Some(()))
+            } else {
+                Resolved::WaitFor(f.queue.front().map_or(0, |oldest| oldest.id))
+            }
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn take(&mut self, frame: Frame) -> Result<Flow, WireError> {

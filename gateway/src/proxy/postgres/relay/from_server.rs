@@ -391,10 +391,12 @@ pub(super) fn track_answer(
         b'E' if matches!(head.kind, Kind::RefusedExecute | Kind::RefusedQuery) => {
             // Only the marker's own error may stand for the refusal: any
             // other means the answers and the queue disagree.
-            let (_, message) = wire::error_fields(frame);
+            let (code, message) = wire::error_fields(frame);
             if !message.contains(marker.as_str()) {
+                // The SQLSTATE only: the message may quote values the
+                // agent only sees masked, and this goes to the log.
                 return Err(WireError::Malformed(format!(
-                    "expected the error of a refused request, the server sent: {message}"
+                    "expected the error of a refused request, the server sent SQLSTATE {code}"
                 )));
             }
             let (code, refusal) = head

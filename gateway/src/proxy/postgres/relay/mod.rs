@@ -166,9 +166,21 @@ const MAX_RECORDED_RESULT_BYTES: usize = 64 * 1024;
 
 impl ResultRecording {
     fn add(&mut self, row: &Frame) {
+        // Past the cap rows are only counted; a row whose values alone
+        // would not fit is not built into JSON (the values are at most as
+        // long as their JSON) only to be dropped.
+        if self.dropped > 0 {
+            self.dropped += 1;
+            return;
+        }
         let Ok(values) = mask::data_row_values(row) else {
             return;
         };
+        let at_least: usize = values.iter().map(|v| v.map_or(4, <[u8]>::len)).sum();
+        if self.bytes + at_least > MAX_RECORDED_RESULT_BYTES {
+            self.dropped += 1;
+            return;
+        }
         let row: Vec<serde_json::Value> = values
             .into_iter()
             .map(|v| match v {

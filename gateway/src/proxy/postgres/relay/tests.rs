@@ -913,3 +913,36 @@ fn an_intent_is_kept_up_to_its_limit() {
         Some("audit")
     );
 }
+
+/// A DataRow of text values (NULL for `None`).
+fn data_row(values: &[Option<&str>]) -> Frame {
+    let mut body = (values.len() as i16).to_be_bytes().to_vec();
+    for value in values {
+        match value {
+            Some(v) => {
+                body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                body.extend_from_slice(v.as_bytes());
+            }
+            None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    frame(b'D', &body)
+}
+
+/// `record_results = "full"` keeps rows up to its cap, then counts the
+/// rest, small ones after the cap included, in a last element.
+#[test]
+fn recorded_results_stop_at_the_cap_and_count_the_rows_left_out() {
+    let mut recording = ResultRecording::default();
+    let big = "x".repeat(MAX_RECORDED_RESULT_BYTES / 2);
+    recording.add(&data_row(&[Some("1"), None]));
+    recording.add(&data_row(&[Some(&big)]));
+    // Its values alone are past what is left.
+    recording.add(&data_row(&[Some(&big)]));
+    recording.add(&data_row(&[Some("2"), None]));
+    let kept: serde_json::Value = serde_json::from_str(&recording.into_json()).expect("JSON array");
+    assert_eq!(
+        kept,
+        serde_json::json!([["1", null], [big], { "truncated_rows": 2 }])
+    );
+}
