@@ -311,6 +311,7 @@ fn config_snapshot(config: &Config) -> Result<ConfigSnapshot> {
         gateway_cgroup_id: pin::own_cgroup_id().unwrap_or(0),
         egress_default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
         boot_id: evidence::boot_id(),
+        booted_at_ms: evidence::booted_at_ms(),
     })
 }
 

@@ -622,6 +622,38 @@ fn full_audit_disk(durability: &str) {
     stack.gateway.stop();
     let (ok, report) = stack.gateway.verify_audit().expect("run audit verify");
     assert!(ok, "audit verify after the full disk:\n{report}");
+    // The evidence stream shares the full disk: the kernel's events of
+    // the connections made meanwhile (the late login's) were kept in the
+    // ring buffer until their rows could be written, not taken and lost.
+    let evidence = tollgate_tests::evidence::verify(
+        &audit_dir,
+        &stack.gateway.public_key(),
+        stack.gateway.dir.path(),
+    );
+    assert_eq!(evidence.report["losses"], json!([]), "{}", evidence.summary);
+    let retried: u64 = tollgate_tests::evidence::rows(
+        &audit_dir,
+        "SELECT unmapped FROM audit WHERE phase = 'loss_counters'",
+    )
+    .iter()
+    .filter_map(|r| serde_json::from_str::<Value>(r["unmapped"].as_str()?).ok())
+    .filter_map(|c| c["user_space"]["write_retried"].as_u64())
+    .max()
+    .unwrap_or(0);
+    assert!(
+        retried > 0,
+        "no evidence write failed on the full disk: the test did not test it\n{}",
+        evidence.summary
+    );
+    let late_redirects = tollgate_tests::evidence::rows(
+        &audit_dir,
+        &format!(
+            "SELECT * FROM audit WHERE phase = 'evidence' AND json_extract_string(unmapped, '$.kind') = 'redirected' AND dst_endpoint_port = {}",
+            stack.postgres.port
+        ),
+    );
+    // The writer's, the reader's, the late login's and the fresh session's.
+    assert!(late_redirects.len() >= 4, "{}", evidence.summary);
     assert!(
         stack.gateway.log().contains("WAL write failed"),
         "the daemon logs the failed writes"

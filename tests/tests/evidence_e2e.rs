@@ -120,6 +120,20 @@ fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
         report["loss_records"].as_u64().unwrap_or(0) >= 1,
         "{summary}"
     );
+    // From this host's boot to the daemon's start nothing was watched:
+    // the report says so, for this boot.
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    let unwatched = report["unwatched_after_boot"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(unwatched.len(), 1, "{summary}");
+    assert_eq!(unwatched[0]["boot_id"], boot_id.trim(), "{summary}");
+    assert!(
+        unwatched[0]["booted_at_ms"].as_i64() < unwatched[0]["watched_from_ms"].as_i64(),
+        "{summary}"
+    );
+    assert!(summary.contains("unwatched:"), "{summary}");
     assert!(
         report["redirected"].as_u64().unwrap_or(0) >= connections,
         "{summary}"

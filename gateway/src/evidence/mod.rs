@@ -131,6 +131,16 @@ pub struct ConfigSnapshot {
     /// written before it was recorded.
     #[serde(default)]
     pub boot_id: String,
+    /// When the host booted (Unix ms). Until the daemon's first start in a
+    /// boot nothing is redirected or recorded: verify reports that window.
+    /// Absent in records written before it was recorded.
+    #[serde(default)]
+    pub booted_at_ms: Option<i64>,
+}
+
+/// When the running boot began, in Unix milliseconds.
+pub fn booted_at_ms() -> Option<i64> {
+    i64::try_from(boot_to_unix_offset_ns() / 1_000_000).ok()
 }
 
 /// The kernel's id of the running boot; empty if it cannot be read.
@@ -278,8 +288,18 @@ pub struct UserSpaceCounters {
     pub received: u64,
     /// Items too short to be an event.
     pub malformed: u64,
-    /// Events that could not be written to the evidence log.
+    /// Events lost between the ring buffer and the evidence log: let go of
+    /// in the ring buffer, and then their rows failed to be made durable
+    /// (the log's background sync failed).
     pub write_failed: u64,
+    /// Writes of an event that failed at once (a full disk): the event was
+    /// kept in the ring buffer and written by a later drain, so this is no
+    /// loss. While such writes fail the ring buffer fills, and what the
+    /// kernel cannot put in it then is counted in `dropped`, in the
+    /// kernel's pinned counters, which outlive this daemon. Absent in
+    /// records of older versions, whose `write_failed` counted these too.
+    #[serde(default)]
+    pub write_retried: u64,
 }
 
 /// One program's counters, summed over CPUs (cumulative since the pinned
@@ -497,16 +517,36 @@ async fn write_loss(
 /// is written (the log is `buffered`, see [`evidence_config`]) before its
 /// event is let go of in the ring buffer, which is when the kernel may
 /// reuse its space and a restarted daemon would no longer see it.
+///
+/// An event whose record cannot be written (a full disk) is not let go
+/// of: the drain stops there and a later one (the next notification or
+/// tick) writes it. Events must not be taken only to be counted lost in
+/// this process's memory: the count would go with the daemon, and with
+/// it any sign of the loss. Kept in the ring buffer, they are either
+/// written later or, once it is full, dropped by the kernel and counted
+/// in its pinned counters (`dropped`), which verify reports.
 async fn drain(ring: &mut RingBuf<MapData>, log: &AuditLog, user: &mut UserSpaceCounters) {
     // Read at each drain: the wall clock may have been stepped since.
     let boot_offset = boot_to_unix_offset_ns();
     let mut pending = Vec::new();
     while let Some(item) = ring.next() {
-        user.received += 1;
-        match decode(&item) {
-            Some(event) => pending.push(log.submit(event_record(&event, boot_offset))),
-            None => user.malformed += 1,
+        let Some(event) = decode(&item) else {
+            user.received += 1;
+            user.malformed += 1;
+            continue;
+        };
+        let durable = log.submit(event_record(&event, boot_offset));
+        if let Some(err) = durable.known_failure() {
+            warn!(error = %err, "an evidence record could not be written; its event stays in the ring buffer for the next drain");
+            user.write_retried += 1;
+            // Dropping the item would let go of the event: forgetting it
+            // leaves the ring buffer's consumer position where it is (the
+            // item only borrows the ring buffer; nothing is leaked).
+            std::mem::forget(item);
+            break;
         }
+        user.received += 1;
+        pending.push(durable);
     }
     for durable in pending {
         if let Err(err) = durable.await {
@@ -650,9 +690,15 @@ mod tests {
             write_failed: 1,
             ..Default::default()
         };
-        let report = with(clean, unwritten);
+        let report = with(clean.clone(), unwritten);
         assert!(!report.lossless());
         assert_eq!(loss_record(&report).status_id, 2);
+        // A write retried later lost nothing.
+        let retried = UserSpaceCounters {
+            write_retried: 3,
+            ..Default::default()
+        };
+        assert!(with(clean, retried).lossless());
     }
 
     /// An event's record is in the WAL file when `submit` returns, before

@@ -181,6 +181,53 @@ pub struct Bypass {
     pub evidence_sequence: i64,
 }
 
+/// The time from a boot of the host to the daemon's first start in that
+/// boot. The kernel programs and their pins do not outlive a reboot: until
+/// the daemon starts again, agents' connections are neither redirected nor
+/// recorded, and events the daemon had not read before the reboot are
+/// gone. Only the host's service ordering (agents started after tollgate)
+/// keeps agents from running then; the evidence cannot show what they did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UnwatchedWindow {
+    pub boot_id: String,
+    pub booted_at_ms: i64,
+    pub booted_at: String,
+    /// The daemon's start (its config record).
+    pub watched_from_ms: i64,
+    pub watched_from: String,
+    pub seconds: f64,
+}
+
+/// The windows of [`UnwatchedWindow`] that overlap `[from, to]`, from the
+/// daemon's starts (time, boot id, boot time) in time order.
+fn unwatched_after_boot(
+    starts: &[(i64, String, Option<i64>)],
+    from: Option<i64>,
+    to: Option<i64>,
+) -> Vec<UnwatchedWindow> {
+    let mut windows = Vec::new();
+    let mut previous_boot: Option<&str> = None;
+    for (started, boot, booted_at) in starts {
+        let new_boot = boot.is_empty() || previous_boot != Some(boot.as_str());
+        previous_boot = Some(boot.as_str());
+        let (true, Some(booted_at)) = (new_boot, *booted_at) else {
+            continue;
+        };
+        let overlaps = from.is_none_or(|f| *started >= f) && to.is_none_or(|t| booted_at <= t);
+        if overlaps {
+            windows.push(UnwatchedWindow {
+                boot_id: boot.clone(),
+                booted_at_ms: booted_at,
+                booted_at: format_time(booted_at),
+                watched_from_ms: *started,
+                watched_from: format_time(*started),
+                seconds: (*started - booted_at).max(0) as f64 / 1000.0,
+            });
+        }
+    }
+    windows
+}
+
 /// A loss_counters record whose counters grew since the previous one.
 #[derive(Debug, Clone, Serialize)]
 pub struct Loss {
@@ -241,6 +288,7 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
         received: grew(pu.received, cur.user_space.received),
         malformed: grew(pu.malformed, cur.user_space.malformed),
         write_failed: grew(pu.write_failed, cur.user_space.write_failed),
+        write_retried: grew(pu.write_retried, cur.user_space.write_retried),
     };
     out
 }
@@ -281,6 +329,9 @@ pub struct Report {
     /// is not a TCP stream socket (each one is also a bypass).
     pub non_tcp_packets: usize,
     pub loss_records: usize,
+    /// From each boot of the host to the daemon's first start in it:
+    /// nothing was redirected or recorded then (see [`UnwatchedWindow`]).
+    pub unwatched_after_boot: Vec<UnwatchedWindow>,
     pub bypasses: Vec<Bypass>,
     pub losses: Vec<Loss>,
     pub problems: Vec<String>,
@@ -481,13 +532,13 @@ pub fn reconcile(
     let mut listeners: HashSet<SocketAddr> = HashSet::new();
     let mut agent_cgroups: HashMap<i64, String> = HashMap::new();
     let mut config_records = 0;
-    // (time, boot id) of each start of the daemon.
-    let mut starts: Vec<(i64, String)> = Vec::new();
+    // (time, boot id, boot time) of each start of the daemon.
+    let mut starts: Vec<(i64, String, Option<i64>)> = Vec::new();
     for row in evidence.iter().filter(|r| r.phase == phase::CONFIG) {
         match serde_json::from_str::<ConfigSnapshot>(&row.unmapped) {
             Ok(snapshot) => {
                 config_records += 1;
-                starts.push((row.time, snapshot.boot_id.clone()));
+                starts.push((row.time, snapshot.boot_id.clone(), snapshot.booted_at_ms));
                 for t in snapshot.protected_targets {
                     targets.insert(normalise(t.address), t.name);
                     listeners.insert(normalise(t.listen));
@@ -529,7 +580,7 @@ pub fn reconcile(
     starts.sort_unstable();
     let mut boots: Vec<i64> = Vec::new();
     let mut previous_boot: Option<&str> = None;
-    for (time, boot) in &starts {
+    for (time, boot, _) in &starts {
         if boot.is_empty() || previous_boot != Some(boot.as_str()) {
             boots.push(*time);
         }
@@ -577,6 +628,7 @@ pub fn reconcile(
         agent_other_egress: 0,
         non_tcp_packets: 0,
         loss_records: 0,
+        unwatched_after_boot: unwatched_after_boot(&starts, opts.from_ms, opts.to_ms),
         bypasses: Vec::new(),
         losses: Vec::new(),
         problems: Vec::new(),
@@ -760,6 +812,13 @@ pub fn summary(r: &Report) -> String {
         r.loss_records,
         r.losses.len()
     ));
+    for w in &r.unwatched_after_boot {
+        out.push_str(&format!(
+            "  unwatched:           the host booted at {} and tollgate started at {} ({:.1} s later): \
+             connections in between were neither redirected nor recorded\n",
+            w.booted_at, w.watched_from, w.seconds
+        ));
+    }
     out.push_str(&format!("  bypasses:            {}\n", r.bypasses.len()));
     for b in &r.bypasses {
         let packet = match (&b.protocol, b.packets) {
@@ -843,6 +902,7 @@ mod tests {
             gateway_cgroup_id: 5,
             egress_default_deny: false,
             boot_id: "boot-1".into(),
+            booted_at_ms: None,
         };
         Row {
             sequence: seq,
@@ -1010,6 +1070,66 @@ mod tests {
         assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
         let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
         assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
+    }
+
+    /// Every boot leaves a window, from the boot to the daemon's first
+    /// start in it, in which nothing was watched: the report names each
+    /// one that overlaps the window verified, a restart within the same
+    /// boot adds none, and a record without a boot time none.
+    #[test]
+    fn each_boot_until_the_daemon_starts_is_reported_unwatched() {
+        let start = |seq: i64, time: i64, boot: &str, booted_at: Option<i64>| {
+            let mut row = config_row(seq);
+            row.time = time;
+            let mut snapshot: ConfigSnapshot =
+                serde_json::from_str(&row.unmapped).expect("snapshot");
+            snapshot.boot_id = boot.into();
+            snapshot.booted_at_ms = booted_at;
+            row.unmapped = serde_json::to_string(&snapshot).expect("json");
+            row
+        };
+        let t0 = 1_700_000_000_000;
+        let evidence = vec![
+            start(1, t0 + 12_000, "boot-1", Some(t0)),
+            // A restart of the daemon in the same boot.
+            start(2, t0 + 60_000, "boot-1", Some(t0)),
+            loss(3, 0),
+            // The host rebooted at t0 + 100 s; the daemon started 8.5 s later.
+            start(4, t0 + 108_500, "boot-2", Some(t0 + 100_000)),
+            loss(5, 0),
+            // A record written before boot times were recorded.
+            start(6, t0 + 300_000, "boot-3", None),
+            loss(7, 0),
+        ];
+        let r = reconciled(&[], &evidence);
+        let windows: Vec<_> = r
+            .unwatched_after_boot
+            .iter()
+            .map(|w| (w.boot_id.as_str(), w.booted_at_ms, w.watched_from_ms, w.seconds))
+            .collect();
+        assert_eq!(
+            windows,
+            [
+                ("boot-1", t0, t0 + 12_000, 12.0),
+                ("boot-2", t0 + 100_000, t0 + 108_500, 8.5)
+            ]
+        );
+        assert!(
+            summary(&r).contains("8.5 s later"),
+            "{}",
+            summary(&r)
+        );
+        // Only windows that overlap the one verified.
+        let only_second = unwatched_after_boot(
+            &[
+                (t0 + 12_000, "boot-1".into(), Some(t0)),
+                (t0 + 108_500, "boot-2".into(), Some(t0 + 100_000)),
+            ],
+            Some(t0 + 50_000),
+            None,
+        );
+        assert_eq!(only_second.len(), 1);
+        assert_eq!(only_second[0].boot_id, "boot-2");
     }
 
     #[test]
