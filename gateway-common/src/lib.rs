@@ -29,6 +29,9 @@ pub mod map_names {
     pub const EGRESS_RULES: &str = "EGRESS_RULES";
     /// `u32` index -> `u32`, see [`egress_setting`].
     pub const EGRESS_SETTINGS: &str = "EGRESS_SETTINGS";
+    /// port (`u32`, host order) -> `u32` (1): the ports of tollgate's
+    /// listeners, which no process in an agent cgroup may bind.
+    pub const LISTENER_PORTS: &str = "LISTENER_PORTS";
 }
 
 /// Indexes of [`map_names::EGRESS_SETTINGS`].
@@ -100,6 +103,9 @@ pub mod program_names {
     pub const SENDMSG4: &str = "tollgate_sendmsg4";
     pub const SENDMSG6: &str = "tollgate_sendmsg6";
     pub const SOCK_CREATE: &str = "tollgate_sock_create";
+    /// Refuse binds to tollgate's listener ports (cgroup/bind4, bind6).
+    pub const BIND4: &str = "tollgate_bind4";
+    pub const BIND6: &str = "tollgate_bind6";
     /// Host-wide evidence at the cgroup v2 root (cgroup_skb/egress): packets
     /// to protected targets from anything but a TCP stream socket.
     pub const PACKET_EGRESS: &str = "tollgate_packet_egress";
@@ -239,12 +245,98 @@ pub struct PacketRate {
 pub const SOCKET_MAP_ENTRIES: u32 = 65_536;
 /// Maximum number of protected destinations.
 pub const REDIRECT_MAP_ENTRIES: u32 = 1_024;
+/// Maximum number of listener ports: one listener per protected target.
+pub const LISTENER_PORT_ENTRIES: u32 = REDIRECT_MAP_ENTRIES;
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given in network byte order,
 /// as four network-order words.
 #[inline(always)]
 pub const fn v4_mapped(addr_be: u32) -> [u32; 4] {
     [0, 0, u32::to_be(0x0000_ffff), addr_be]
+}
+
+/// 127.0.0.1 in network byte order.
+pub const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
+/// `::1` as four network-order words.
+pub const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::to_be(1)];
+
+/// Where the kernel may send a connection or datagram that a socket
+/// addresses to `asked` (IPv6 or IPv4-mapped words, as in [`TargetKey`]):
+/// the place it usually goes first, the other place it can go second
+/// (the same address twice when there is only one).
+///
+/// The socket hooks run before the kernel resolves an unspecified
+/// destination, so without this a connect to `0.0.0.0` would be judged as
+/// a connect to nowhere while it reaches a local server. What the kernel
+/// does (net/ipv4/route.c, tcp_v6_connect, ip6_datagram_connect,
+/// udpv6_sendmsg):
+/// - `0.0.0.0` (also `::ffff:0.0.0.0` on an IPv6 socket) goes to the
+///   socket's IPv4 source address, or to 127.0.0.1 when it has none. A
+///   socket bound to a multicast or broadcast address has no source
+///   address although it is bound, and goes to 127.0.0.1; a program
+///   cannot tell those from a local address (subnet broadcasts depend on
+///   the interfaces), hence the second place.
+/// - `::` goes to `::ffff:127.0.0.1` when the socket is bound to an
+///   IPv4-mapped address, else to `::1`.
+///
+/// `source4` is the socket's IPv4 source (network order, 0 if none);
+/// `source6` its bound IPv6 address (words, network order).
+#[inline(always)]
+pub fn possible_destinations(asked: [u32; 4], source4: u32, source6: &[u32; 4]) -> [[u32; 4]; 2] {
+    let mapped_loopback = v4_mapped(LOOPBACK4);
+    if same_address(&asked, &v4_mapped(0)) {
+        if source4 == 0 {
+            [mapped_loopback, mapped_loopback]
+        } else {
+            [v4_mapped(source4), mapped_loopback]
+        }
+    } else if same_address(&asked, &[0; 4]) {
+        let loopback = if is_v4_mapped(source6) {
+            mapped_loopback
+        } else {
+            LOOPBACK6
+        };
+        [loopback, loopback]
+    } else {
+        [asked, asked]
+    }
+}
+
+/// Word by word: compared whole, `[u32; 4]` can become a 128-bit integer
+/// the BPF backend cannot hold in registers.
+#[inline(always)]
+pub fn same_address(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+/// Is `addr` (network-order words) an IPv4-mapped IPv6 address?
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::to_be(0x0000_ffff)
+}
+
+/// The destination the socket hooks judge for a connection or datagram to
+/// `asked`:`port`: of the places the kernel may send it
+/// ([`possible_destinations`]), a protected target if there is one (a
+/// connection that may reach a protected target goes to tollgate, which
+/// reaches only that target), else the place it usually goes.
+#[inline(always)]
+pub fn destination_key(
+    asked: [u32; 4],
+    port: u32,
+    source4: u32,
+    source6: &[u32; 4],
+    is_protected: impl Fn(&TargetKey) -> bool,
+) -> TargetKey {
+    let [usual, other] = possible_destinations(asked, source4, source6);
+    let key = TargetKey { addr: usual, port };
+    if !same_address(&usual, &other) && !is_protected(&key) {
+        let other = TargetKey { addr: other, port };
+        if is_protected(&other) {
+            return other;
+        }
+    }
+    key
 }
 
 /// A protected destination: address (IPv6 or IPv4-mapped, network order

@@ -15,7 +15,14 @@
 //!   speaks TCP only, so anything else would be a way around it;
 //! - `sock_create` refuses raw inet sockets, which could craft packets to a
 //!   protected target below every socket hook;
-//! - all four apply the egress allow list when the default is deny.
+//! - all four apply the egress allow list when the default is deny;
+//! - `bind4`/`bind6` refuse binds to tollgate's listener ports, so an agent
+//!   cannot take a listener's port while tollgate is down and receive the
+//!   connections (and tokens) the redirect sends there.
+//!
+//! connect4/6 and sendmsg4/6 judge a connection to the unspecified address
+//! (`0.0.0.0`, `::`) by where the kernel sends it after the hook, a local
+//! address (gateway-common's `possible_destinations`).
 //!
 //! Host-wide, independent of the redirect (evidence):
 //! - `tcp_state` (tp_btf/inet_sock_set_state) reports every TCP active open
@@ -37,7 +44,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_sk_fullsock,
@@ -48,10 +55,10 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use gateway_common::{
-    counted_program, counter, counter_index, egress_setting, event_kind, v4_mapped, ClientPortKey,
-    EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey,
-    COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RING_BYTES, PACKET_RECORD_INTERVAL_NS,
-    REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
+    counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
+    v4_mapped, ClientPortKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
+    TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES,
+    PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
@@ -81,6 +88,9 @@ static EGRESS_RULES: Array<EgressRule> = Array::with_max_entries(EGRESS_RULE_ENT
 
 #[map(name = "EGRESS_SETTINGS")]
 static EGRESS_SETTINGS: Array<u32> = Array::with_max_entries(egress_setting::ENTRIES, 0);
+
+#[map(name = "LISTENER_PORTS")]
+static LISTENER_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(LISTENER_PORT_ENTRIES, 0);
 
 /// socket cookie -> rate limit state of the packet evidence.
 #[map(name = "PACKET_RATE")]
@@ -342,14 +352,44 @@ unsafe fn report_refusal(
     emit(program, &event);
 }
 
+/// The socket's own addresses: its IPv4 source (0 if none) and its bound
+/// IPv6 address, from which the kernel resolves an unspecified destination.
+#[inline(always)]
+unsafe fn socket_sources(sa: *mut bpf_sock_addr) -> (u32, [u32; 4]) {
+    // The verifier hands out ctx->sk only as an 8-byte load at its offset,
+    // and never null in sock_addr programs.
+    let sk: *mut bpf_sock = core::ptr::read_volatile(&(*sa).__bindgen_anon_1.sk);
+    (
+        core::ptr::read_volatile(&(*sk).src_ip4),
+        [
+            core::ptr::read_volatile(&(*sk).src_ip6[0]),
+            core::ptr::read_volatile(&(*sk).src_ip6[1]),
+            core::ptr::read_volatile(&(*sk).src_ip6[2]),
+            core::ptr::read_volatile(&(*sk).src_ip6[3]),
+        ],
+    )
+}
+
+/// The destination to judge for `asked`:`port`: where the kernel sends it,
+/// a protected target first when it may go to one.
+#[inline(always)]
+fn judged_destination(asked: [u32; 4], port: u32, source4: u32, source6: &[u32; 4]) -> TargetKey {
+    destination_key(asked, port, source4, source6, |key| unsafe {
+        REDIRECTS.get(key).is_some()
+    })
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let key = TargetKey {
-            addr: v4_mapped((*sa).user_ip4),
-            port: port_from_user((*sa).user_port),
-        };
+        let (source4, source6) = socket_sources(sa);
+        let key = judged_destination(
+            v4_mapped((*sa).user_ip4),
+            port_from_user((*sa).user_port),
+            source4,
+            &source6,
+        );
         if redirected_here_already(sa, &key) {
             return ALLOW;
         }
@@ -374,10 +414,13 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let key = TargetKey {
-            addr: read_ip6(sa),
-            port: port_from_user((*sa).user_port),
-        };
+        let (source4, source6) = socket_sources(sa);
+        let key = judged_destination(
+            read_ip6(sa),
+            port_from_user((*sa).user_port),
+            source4,
+            &source6,
+        );
         if redirected_here_already(sa, &key) {
             return ALLOW;
         }
@@ -405,10 +448,15 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let key = TargetKey {
-            addr: v4_mapped((*sa).user_ip4),
-            port: port_from_user((*sa).user_port),
-        };
+        // The datagram's own source (the socket's, or the one an IP_PKTINFO
+        // message names) is the one the kernel routes from. An IPv4
+        // destination is never `::`, so no IPv6 source is needed.
+        let key = judged_destination(
+            v4_mapped((*sa).user_ip4),
+            port_from_user((*sa).user_port),
+            (*sa).msg_src_ip4,
+            &[0; 4],
+        );
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
             report_refusal(sa, &key, AF_INET, kind, counted_program::SENDMSG4);
             return REFUSE;
@@ -421,16 +469,47 @@ pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let key = TargetKey {
-            addr: read_ip6(sa),
-            port: port_from_user((*sa).user_port),
-        };
+        let (source4, source6) = socket_sources(sa);
+        let key = judged_destination(
+            read_ip6(sa),
+            port_from_user((*sa).user_port),
+            source4,
+            &source6,
+        );
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
             report_refusal(sa, &key, AF_INET6, kind, counted_program::SENDMSG6);
             return REFUSE;
         }
     }
     ALLOW
+}
+
+/// A listener's port is tollgate's alone. While tollgate is down (a
+/// restart, a crash) the pinned redirect still sends agents' connections
+/// to the port; a process of an agent cgroup that bound it first would
+/// receive them, tokens included, and the restarted tollgate could not
+/// listen. The port alone decides: `0.0.0.0`, `::` and every loopback
+/// address share it with tollgate's listener. A bind to port 0 (any free
+/// port) is not seen with the port the kernel then picks: docs/pinning.md
+/// says how to keep listener ports out of that range.
+#[inline(always)]
+unsafe fn bind_verdict(sa: *mut bpf_sock_addr) -> i32 {
+    let port = port_from_user((*sa).user_port);
+    if LISTENER_PORTS.get(&port).is_some() {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn tollgate_bind4(ctx: SockAddrContext) -> i32 {
+    unsafe { bind_verdict(ctx.sock_addr) }
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn tollgate_bind6(ctx: SockAddrContext) -> i32 {
+    unsafe { bind_verdict(ctx.sock_addr) }
 }
 
 /// Raw sockets can put any packet on the wire, below every socket-address

@@ -192,23 +192,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&config_path)?;
-    let verifier = Verifier::from_config(&config.identity)
-        .await
-        .context("identity provider")?;
-    let audit = AuditLog::open(&config.audit).await.context("audit store")?;
-
-    // Listeners first: once the redirect is in place, agents are served.
-    let mut listeners = Vec::new();
-    for target in &config.targets {
-        let listener = TcpListener::bind(target.listen)
-            .await
-            .with_context(|| format!("target {}: listen on {}", target.name, target.listen))?;
-        listeners.push((Arc::new(proxy::Target::new(target.clone())?), listener));
-    }
-
-    if config.pin.agent_cgroups.is_empty() {
-        warn!("no agent cgroups configured: nothing is redirected to tollgate (the evidence probe still records every connection)");
-    }
     let protected: Vec<Protected> = config
         .targets
         .iter()
@@ -226,6 +209,28 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
             .map(|rule| rule.parse().map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?,
     };
+
+    // Listeners before the redirect: tollgate installs it only once it
+    // holds every listener port, so it never sends agents to a port some
+    // other process took (after a reboot nothing is pinned, and nothing
+    // stops a process from binding the port before tollgate starts). On a
+    // restart the pinned bind programs have kept agents off the ports.
+    let mut listeners = Vec::new();
+    for target in &config.targets {
+        let listener = TcpListener::bind(target.listen)
+            .await
+            .with_context(|| format!("target {}: listen on {}", target.name, target.listen))?;
+        listeners.push((Arc::new(proxy::Target::new(target.clone())?), listener));
+    }
+
+    // The redirect next, before anything that waits on the network or the
+    // disk (the identity provider's keys, the audit store): should one of
+    // those fail or hang, agents' connections wait in the listeners'
+    // backlog or are refused, on a first start as on a restart, and never
+    // go direct.
+    if config.pin.agent_cgroups.is_empty() {
+        warn!("no agent cgroups configured: nothing is redirected to tollgate (the evidence probe still records every connection)");
+    }
     let mut pinning = Pinning::install(
         &config.pin.bpffs_dir,
         &config.pin.agent_cgroups,
@@ -233,6 +238,11 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         &egress,
     )
     .context("pinning")?;
+
+    let verifier = Verifier::from_config(&config.identity)
+        .await
+        .context("identity provider")?;
+    let audit = AuditLog::open(&config.audit).await.context("audit store")?;
     let evidence = match pinning.take_evidence() {
         Some(handles) => Some(
             Evidence::start(
@@ -262,6 +272,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     if let Some(path) = ready_file {
         std::fs::write(&path, b"ready\n").with_context(|| format!("write {}", path.display()))?;
     }
+    notify_systemd_ready()?;
     info!("tollgate ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -276,6 +287,34 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         evidence.shutdown().await;
     }
     audit.shutdown().await;
+    Ok(())
+}
+
+/// Tells systemd (`Type=notify`, deploy/tollgate.service) that the
+/// redirect is in place and every listener serves: units ordered
+/// `After=tollgate.service` start only then, so no agent runs before the
+/// pins exist. Nothing to do when not started by systemd.
+fn notify_systemd_ready() -> Result<()> {
+    use std::os::{
+        linux::net::SocketAddrExt,
+        unix::{
+            ffi::OsStrExt,
+            net::{SocketAddr, UnixDatagram},
+        },
+    };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let address = match path.as_bytes().strip_prefix(b"@") {
+        // systemd names an abstract socket with a leading '@'.
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    }
+    .with_context(|| format!("NOTIFY_SOCKET {}", path.to_string_lossy()))?;
+    let socket = UnixDatagram::unbound().context("socket for the systemd notification")?;
+    socket
+        .send_to_addr(b"READY=1", &address)
+        .with_context(|| format!("notify systemd at {}", path.to_string_lossy()))?;
     Ok(())
 }
 

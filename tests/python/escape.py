@@ -6,7 +6,11 @@ for a cleartext password (the token), AuthenticationCleartextPassword
 (code 3); the test PostgreSQL asks for SCRAM, AuthenticationSASL (code 10).
 
 usage:
-  escape.py tcp HOST PORT [--fastopen]     -> {"outcome": "tollgate"|"postgres"|"refused"|"denied", ...}
+  escape.py tcp HOST PORT [--fastopen] [--source ADDR] [--wait SECONDS]
+                                           -> {"outcome": "tollgate"|"postgres"|"refused"|"denied"
+                                                          |"no-answer", ...}
+                                              (--source: bind the socket to ADDR, any port, first;
+                                              --wait: how long to wait for an answer, default 5)
   escape.py udp HOST PORT [--connect] [--count N]
                                            -> {"outcome": "sent"|"denied", "cookie": ...}
   escape.py raw                            -> {"outcome": "created"|"denied", ...}
@@ -14,6 +18,9 @@ usage:
                                               {"outcome": "sent"|"denied", "cookie": ...}
   escape.py precreated HOST PORT CGROUP    -> like tcp, but the socket is made
                                               before joining CGROUP
+  escape.py listen HOST PORT               -> bind HOST:PORT and listen, as a process
+                                              taking tollgate's listener port would:
+                                              {"outcome": "bound"|"denied"|"in-use", ...}
 """
 import errno
 import json
@@ -32,12 +39,16 @@ def family_of(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def answer(sock):
+def answer(sock, wait):
     """Reads the first message after the startup message."""
-    sock.settimeout(5)
+    sock.settimeout(wait)
     header = b""
     while len(header) < 9:
-        chunk = sock.recv(9 - len(header))
+        try:
+            chunk = sock.recv(9 - len(header))
+        except socket.timeout:
+            # Connected, but nobody serves: a listener not yet accepting.
+            return {"outcome": "no-answer", "seconds": wait}
         if not chunk:
             break
         header += chunk
@@ -53,12 +64,16 @@ def failure(err):
         return {"outcome": "denied", "errno": err.errno}
     if err.errno == errno.ECONNREFUSED:
         return {"outcome": "refused", "errno": err.errno}
+    if err.errno == errno.EADDRINUSE:
+        return {"outcome": "in-use", "errno": err.errno}
     return {"outcome": "error", "errno": err.errno, "message": str(err)}
 
 
-def tcp(host, port, fastopen=False, sock=None):
+def tcp(host, port, fastopen=False, sock=None, source=None, wait=5.0):
     sock = sock or socket.socket(family_of(host), socket.SOCK_STREAM)
     try:
+        if source is not None:
+            sock.bind((source, 0))
         if fastopen:
             # The connect happens inside sendto: the path io_uring-less TFO
             # clients take.
@@ -66,7 +81,7 @@ def tcp(host, port, fastopen=False, sock=None):
         else:
             sock.connect((host, port))
             sock.sendall(startup_message())
-        result = answer(sock)
+        result = answer(sock, wait)
         peer = sock.getpeername()
         result["peer"] = "%s:%d" % (peer[0], peer[1])
         return result
@@ -140,6 +155,18 @@ def raw():
         return failure(err)
 
 
+def listen(host, port):
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+        sock.listen()
+        return {"outcome": "bound", "local": "%s:%d" % sock.getsockname()[:2]}
+    except OSError as err:
+        return failure(err)
+    finally:
+        sock.close()
+
+
 def precreated(host, port, cgroup):
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     with open(cgroup + "/cgroup.procs", "w") as procs:
@@ -150,7 +177,11 @@ def precreated(host, port, cgroup):
 def main(argv):
     mode = argv[1]
     if mode == "tcp":
-        result = tcp(argv[2], int(argv[3]), fastopen="--fastopen" in argv)
+        source = argv[argv.index("--source") + 1] if "--source" in argv else None
+        wait = float(argv[argv.index("--wait") + 1]) if "--wait" in argv else 5.0
+        result = tcp(
+            argv[2], int(argv[3]), fastopen="--fastopen" in argv, source=source, wait=wait
+        )
     elif mode == "udp":
         count = int(argv[argv.index("--count") + 1]) if "--count" in argv else 1
         result = udp(argv[2], int(argv[3]), connect="--connect" in argv, count=count)
@@ -158,6 +189,8 @@ def main(argv):
         result = rawsend(argv[2], int(argv[3]))
     elif mode == "raw":
         result = raw()
+    elif mode == "listen":
+        result = listen(argv[2], int(argv[3]))
     elif mode == "precreated":
         result = precreated(argv[2], int(argv[3]), argv[4])
     else:

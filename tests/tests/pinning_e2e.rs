@@ -7,15 +7,20 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
+    os::unix::net::UnixDatagram,
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     thread,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{json, Value};
 use tollgate_tests::{
-    duckdb, evidence, free_port, privileged, tollgate_bin, AgentCgroup, Postgres, Stack,
+    duckdb, evidence, free_port, privileged, tollgate_bin, wait_for, AgentCgroup, Postgres, Stack,
 };
 
 const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-0000000e5ca9";
@@ -154,6 +159,112 @@ fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
     assert_eq!(run.report["redirected"], cases.len(), "{}", run.summary);
 }
 
+/// The kernel sends a connect to `0.0.0.0` to a local address after the
+/// connect hooks ran: it must be judged, and redirected, as a connect to
+/// that address.
+#[test]
+fn connects_to_the_unspecified_address_from_an_agent_cgroup_are_redirected_and_audited() {
+    if !privileged(
+        "connects_to_the_unspecified_address_from_an_agent_cgroup_are_redirected_and_audited",
+    ) {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let port = stack.postgres.port.to_string();
+    let before = stack.postgres.connections_received();
+    let cases: [(&str, Vec<&str>, String); 3] = [
+        (
+            "0.0.0.0",
+            vec!["tcp", "0.0.0.0", &port],
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            "::ffff:0.0.0.0 on an IPv6 socket",
+            vec!["tcp", "::ffff:0.0.0.0", &port],
+            format!("::ffff:127.0.0.1:{port}"),
+        ),
+        // Bound to a multicast address a socket has no source address, and
+        // the kernel sends `0.0.0.0` to 127.0.0.1 all the same.
+        (
+            "0.0.0.0 from a socket bound to a multicast address",
+            vec!["tcp", "0.0.0.0", &port, "--source", "224.0.0.1"],
+            format!("127.0.0.1:{port}"),
+        ),
+    ];
+    for (case, args, peer) in &cases {
+        let answer = as_agent(&stack, args);
+        assert_eq!(answer["outcome"], "tollgate", "{case}: {answer}");
+        assert_eq!(answer["peer"], peer.as_str(), "{case}: {answer}");
+    }
+    assert_eq!(stack.postgres.connections_received(), before);
+    // A real client through `0.0.0.0`, end to end.
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let out = psql_in(
+        &stack.gateway.config.agent_cgroup,
+        "0.0.0.0",
+        &port,
+        &token,
+        "SELECT 41 + 1",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.gateway.log()
+    );
+    assert!(
+        !stack.postgres.log().contains("\"agent\""),
+        "the agent's own login reached PostgreSQL:\n{}",
+        stack.postgres.log()
+    );
+    stack.gateway.stop();
+
+    let audit = stack.gateway.audit_dir();
+    let cgroup = agent_cgroup_id(&stack);
+    let redirected = evidence::rows_of_kind(
+        audit,
+        "redirected",
+        &format!("dst_endpoint_port = {port} AND actor_process_cgroup_id = {cgroup}"),
+    );
+    assert_eq!(redirected.len(), cases.len() + 1, "{redirected:?}");
+    for row in &redirected {
+        assert_eq!(row["dst_endpoint_ip"], "127.0.0.1", "{row}");
+    }
+    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
+    assert_eq!(run.code, 0, "{}", run.summary);
+    assert_eq!(run.report["bypasses"], json!([]), "{}", run.summary);
+    assert_eq!(run.report["redirected"], cases.len() + 1, "{}", run.summary);
+    assert_eq!(run.report["audited_upstreams"], 1, "{}", run.summary);
+}
+
+/// `0.0.0.0` goes to the socket's own address when it is bound to one: a
+/// target on a second loopback address is reached that way, and must be
+/// redirected; from an unbound socket the same connect goes to 127.0.0.1,
+/// which is not that target.
+#[test]
+fn a_connect_to_the_unspecified_address_is_judged_by_the_address_the_kernel_sends_it_to() {
+    if !privileged(
+        "a_connect_to_the_unspecified_address_is_judged_by_the_address_the_kernel_sends_it_to",
+    ) {
+        return;
+    }
+    let postgres = Postgres::start().expect("PostgreSQL on 127.0.0.1");
+    let port = postgres.port;
+    let alias = SocketAddr::from(([127, 0, 0, 2], port));
+    let stack = Stack::start_with(postgres, |config| config.target_address = alias)
+        .expect("start tollgate protecting 127.0.0.2");
+    let port = port.to_string();
+
+    let answer = as_agent(&stack, &["tcp", "0.0.0.0", &port, "--source", "127.0.0.2"]);
+    assert_eq!(answer["outcome"], "tollgate", "{answer}");
+    assert_eq!(answer["peer"], format!("127.0.0.2:{port}"), "{answer}");
+    // Unbound, the kernel sends it to 127.0.0.1, where the unprotected
+    // server listens: judged by where it goes, not by where it might.
+    let answer = as_agent(&stack, &["tcp", "0.0.0.0", &port]);
+    assert_eq!(answer["outcome"], "postgres", "{answer}");
+}
+
 #[test]
 fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
     if !privileged("an_ipv6_protected_target_is_redirected_and_its_upstream_audited") {
@@ -166,9 +277,12 @@ fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
     let port = stack.postgres.port.to_string();
     let before = stack.postgres.connections_received();
 
-    let answer = as_agent(&stack, &["tcp", "::1", &port]);
-    assert_eq!(answer["outcome"], "tollgate", "{answer}");
-    assert_eq!(answer["peer"], format!("::1:{port}"), "{answer}");
+    // `::` is where the kernel sends it, `::1`: redirected the same.
+    for host in ["::1", "::"] {
+        let answer = as_agent(&stack, &["tcp", host, &port]);
+        assert_eq!(answer["outcome"], "tollgate", "{host}: {answer}");
+        assert_eq!(answer["peer"], format!("::1:{port}"), "{host}: {answer}");
+    }
     assert_eq!(stack.postgres.connections_received(), before);
 
     // A whole session over IPv6: the agent's psql reaches PostgreSQL only
@@ -197,7 +311,7 @@ fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
 
     let audit = stack.gateway.audit_dir();
     let redirected = evidence::rows_of_kind(audit, "redirected", "dst_endpoint_ip = '::1'");
-    assert_eq!(redirected.len(), 2, "{redirected:?}");
+    assert_eq!(redirected.len(), 3, "{redirected:?}");
     let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
     assert_eq!(run.code, 0, "{}", run.summary);
     assert_eq!(run.report["to_protected_targets"], 1, "{}", run.summary);
@@ -211,7 +325,7 @@ fn udp_datagrams_to_a_protected_target_are_refused() {
     }
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let port = stack.postgres.port.to_string();
-    let cases: [(&str, Vec<&str>); 3] = [
+    let cases: [(&str, Vec<&str>); 5] = [
         ("IPv4 sendto", vec!["udp", "127.0.0.1", &port]),
         (
             "IPv4 connected UDP",
@@ -220,6 +334,12 @@ fn udp_datagrams_to_a_protected_target_are_refused() {
         (
             "IPv4-mapped IPv6 sendto",
             vec!["udp", "::ffff:127.0.0.1", &port],
+        ),
+        // The kernel sends these to 127.0.0.1.
+        ("sendto 0.0.0.0", vec!["udp", "0.0.0.0", &port]),
+        (
+            "connected UDP to 0.0.0.0",
+            vec!["udp", "0.0.0.0", &port, "--connect"],
         ),
     ];
     for (case, args) in &cases {
@@ -241,6 +361,7 @@ fn udp_datagrams_to_a_protected_target_are_refused() {
     for row in &refused {
         assert_eq!(row["activity_id"], 5, "OCSF Refuse: {row}");
         assert_eq!(row["connection_info_protocol_name"], "udp", "{row}");
+        assert_eq!(row["dst_endpoint_ip"], "127.0.0.1", "{row}");
         assert!(row["actor_process_name"]
             .as_str()
             .unwrap_or("")
@@ -483,6 +604,303 @@ fn a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_
     assert_eq!(run.report["audited_upstreams"], 2, "{}", run.summary);
 }
 
+/// escape.py's `listen` run as an agent, then outside every agent cgroup.
+fn listen_as_agent_and_outside(stack: &Stack, host: &str, port: u16) -> (Value, Value) {
+    let port = port.to_string();
+    let args = ["listen", host, &port];
+    (as_agent(stack, &args), outside(&args))
+}
+
+fn ipv6_available() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// While tollgate is down the pinned redirect still sends agents to its
+/// listener's port: an agent that bound it would receive their
+/// connections, tokens included, and the restarted tollgate could not
+/// listen. The pinned bind programs refuse it on every address.
+#[test]
+fn an_agent_cannot_take_the_listener_port_and_the_restarted_gateway_listens_again() {
+    if !privileged("an_agent_cannot_take_the_listener_port_and_the_restarted_gateway_listens_again")
+    {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let listener = stack.gateway.config.listen.port();
+    // While tollgate holds the port the kernel would say EADDRINUSE;
+    // EPERM is the bind program's.
+    let answer = as_agent(&stack, &["listen", "127.0.0.1", &listener.to_string()]);
+    assert_eq!(answer["outcome"], "denied", "{answer}");
+    assert_eq!(answer["errno"], libc::EPERM, "{answer}");
+    // Nor the port of the protected target on this host, where tollgate
+    // sends its own login (the server holds it now: EADDRINUSE otherwise).
+    let target = stack.postgres.port.to_string();
+    let answer = as_agent(&stack, &["listen", "0.0.0.0", &target]);
+    assert_eq!(answer["outcome"], "denied", "{answer}");
+    assert_eq!(answer["errno"], libc::EPERM, "{answer}");
+
+    stack.gateway.stop();
+    let mut hosts = vec!["127.0.0.1", "0.0.0.0", "127.0.0.2"];
+    if ipv6_available() {
+        hosts.extend(["::", "::1", "::ffff:127.0.0.1"]);
+    } else {
+        eprintln!("no IPv6 on this host: the [::] binds are not tried");
+    }
+    for host in &hosts {
+        let (agent, control) = listen_as_agent_and_outside(&stack, host, listener);
+        assert_eq!(agent["outcome"], "denied", "{host}: {agent}");
+        assert_eq!(agent["errno"], libc::EPERM, "{host}: {agent}");
+        // The port is free: outside the agent cgroups the same bind works.
+        assert_eq!(control["outcome"], "bound", "{host} outside: {control}");
+    }
+    // Other ports stay the agent's to use.
+    let other = free_port();
+    for host in ["127.0.0.1", "0.0.0.0"] {
+        let (agent, _) = listen_as_agent_and_outside(&stack, host, other);
+        assert_eq!(agent["outcome"], "bound", "{host}:{other}: {agent}");
+    }
+
+    stack
+        .gateway
+        .restart()
+        .expect("restart tollgate on its listener port");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let out = stack
+        .agent_psql(&token, "SELECT 41 + 1")
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The programs pinned for the stack's agent cgroup, from `tollgate pin status`.
+fn pinned_on_agent_cgroup(stack: &Stack) -> Vec<String> {
+    let out = Command::new(tollgate_bin())
+        .args(["pin", "status", "--json", "--config"])
+        .arg(&stack.gateway.config_path)
+        .output()
+        .expect("tollgate pin status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let programs: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    let cgroup = stack.gateway.config.agent_cgroup.display().to_string();
+    programs
+        .iter()
+        .filter(|p| p["cgroup_path"] == cgroup.as_str())
+        .filter_map(|p| p["program"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// After a reboot nothing is pinned. If another process holds a
+/// listener's port when tollgate starts, tollgate must not redirect
+/// agents there: it binds its listeners before it installs the redirect,
+/// and stops.
+#[test]
+fn a_gateway_that_cannot_listen_redirects_nobody_to_whoever_holds_the_port() {
+    if !privileged("a_gateway_that_cannot_listen_redirects_nobody_to_whoever_holds_the_port") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    stack.gateway.unpin().expect("unpin, as after a reboot");
+    let squatter = TcpListener::bind(stack.gateway.config.listen).expect("take the listener port");
+    squatter.set_nonblocking(true).expect("nonblocking");
+
+    let started = stack.gateway.restart();
+    assert!(
+        started.is_err(),
+        "tollgate started without its listener port"
+    );
+    assert!(
+        stack.gateway.log().contains("listen on"),
+        "{}",
+        stack.gateway.log()
+    );
+    assert_eq!(pinned_on_agent_cgroup(&stack), Vec::<String>::new());
+    let port = stack.postgres.port.to_string();
+    let _ = as_agent(&stack, &["tcp", "127.0.0.1", &port]);
+    assert!(
+        matches!(squatter.accept(), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock),
+        "an agent's connection reached the process holding the listener port"
+    );
+
+    drop(squatter);
+    stack
+        .gateway
+        .restart()
+        .expect("tollgate once the port is free");
+    assert!(pinned_on_agent_cgroup(&stack).contains(&"tollgate_bind4".to_owned()));
+}
+
+/// A JWKS endpoint that accepts connections and never answers, so
+/// tollgate's key fetch waits on it until its own timeout. Counts the
+/// connections it accepted and those their client has since given up.
+struct SilentServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    given_up: Arc<AtomicUsize>,
+}
+
+impl SilentServer {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let given_up = Arc::new(AtomicUsize::new(0));
+        let (counter, ended) = (accepted.clone(), given_up.clone());
+        thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let ended = ended.clone();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    // Reads the request and never answers; EOF or an error
+                    // means the client stopped waiting.
+                    while matches!(std::io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {}
+                    ended.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        SilentServer {
+            addr,
+            accepted,
+            given_up,
+        }
+    }
+
+    /// Whether a client is connected and still waiting for an answer.
+    fn someone_waits(&self) -> bool {
+        self.accepted.load(Ordering::SeqCst) > self.given_up.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts `tollgate run` on `config` (written under the gateway's
+/// directory as `name`), with `env`, logging to `name`.log.
+fn spawn_gateway(stack: &Stack, name: &str, env: &[(&str, &Path)]) -> std::process::Child {
+    let dir = stack.gateway.dir.path();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, stack.gateway.config.toml()).expect("write the configuration");
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(dir.join(format!("{name}.ready")))
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    cmd.spawn().expect("start tollgate run")
+}
+
+/// The redirect is installed before tollgate waits on the network: while
+/// the identity provider does not answer, agents already cannot reach the
+/// protected server directly (a first start after a reboot, where nothing
+/// was pinned before).
+#[test]
+fn the_redirect_is_in_place_while_the_gateway_still_waits_for_the_identity_provider() {
+    if !privileged(
+        "the_redirect_is_in_place_while_the_gateway_still_waits_for_the_identity_provider",
+    ) {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    stack.gateway.unpin().expect("unpin, as after a reboot");
+    let idp = SilentServer::start();
+    stack.gateway.config.jwks_uri = format!("http://{}/jwks", idp.addr);
+    let mut child = spawn_gateway(&stack, "slow-idp", &[]);
+
+    let fetching = wait_for(
+        "tollgate to wait on the identity provider",
+        Duration::from_secs(20),
+        || idp.someone_waits(),
+    );
+    let pinned = pinned_on_agent_cgroup(&stack);
+    let before = stack.postgres.connections_received();
+    let port = stack.postgres.port.to_string();
+    let answer = as_agent(&stack, &["tcp", "127.0.0.1", &port, "--wait", "1"]);
+    // Still inside the key fetch when the agent tried: the check above
+    // was not made after it had ended.
+    let still_fetching = idp.someone_waits();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log =
+        std::fs::read_to_string(stack.gateway.dir.path().join("slow-idp.log")).unwrap_or_default();
+    fetching.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(still_fetching, "the key fetch ended too early:\n{log}");
+    assert!(
+        pinned.iter().any(|p| p == "tollgate_connect4"),
+        "no redirect while the key fetch waits: {pinned:?}\n{log}"
+    );
+    // The connection went to tollgate's listener, bound and not yet
+    // serving, and not to PostgreSQL.
+    assert_eq!(answer["outcome"], "no-answer", "{answer}");
+    assert_eq!(stack.postgres.connections_received(), before);
+}
+
+/// Under systemd (`Type=notify`), tollgate says it is ready only once the
+/// redirect is in place and its listeners serve: units ordered after it
+/// (the agents) start then and not before.
+#[test]
+fn tollgate_tells_systemd_it_is_ready_once_the_redirect_is_in_place_and_it_serves() {
+    if !privileged("tollgate_tells_systemd_it_is_ready_once_the_redirect_is_in_place_and_it_serves")
+    {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    stack.gateway.unpin().expect("unpin, as after a reboot");
+    let socket_path = stack.gateway.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path).expect("the notification socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut child = spawn_gateway(&stack, "notify", &[("NOTIFY_SOCKET", &socket_path)]);
+    let mut buf = [0u8; 256];
+    let received = notify.recv(&mut buf);
+    // What an agent started on that signal finds.
+    let pinned = pinned_on_agent_cgroup(&stack);
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let out = stack
+        .agent_psql(&token, "SELECT 41 + 1")
+        .output()
+        .expect("psql");
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = received.unwrap_or_else(|err| {
+        panic!(
+            "no notification after {:?}: {err}\n{}",
+            started.elapsed(),
+            std::fs::read_to_string(stack.gateway.dir.path().join("notify.log"))
+                .unwrap_or_default()
+        )
+    });
+    assert_eq!(&buf[..n], b"READY=1");
+    for program in [
+        "tollgate_connect4",
+        "tollgate_bind4",
+        "tollgate_sock_create",
+    ] {
+        assert!(pinned.iter().any(|p| p == program), "{program}: {pinned:?}");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
     if !privileged("pin_status_lists_each_program_per_cgroup_with_program_ids") {
@@ -515,6 +933,8 @@ fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
     assert_eq!(
         on_cgroup,
         [
+            "tollgate_bind4",
+            "tollgate_bind6",
             "tollgate_connect4",
             "tollgate_connect6",
             "tollgate_getpeername4",

@@ -1105,7 +1105,14 @@ mod tests {
         let windows: Vec<_> = r
             .unwatched_after_boot
             .iter()
-            .map(|w| (w.boot_id.as_str(), w.booted_at_ms, w.watched_from_ms, w.seconds))
+            .map(|w| {
+                (
+                    w.boot_id.as_str(),
+                    w.booted_at_ms,
+                    w.watched_from_ms,
+                    w.seconds,
+                )
+            })
             .collect();
         assert_eq!(
             windows,
@@ -1114,11 +1121,7 @@ mod tests {
                 ("boot-2", t0 + 100_000, t0 + 108_500, 8.5)
             ]
         );
-        assert!(
-            summary(&r).contains("8.5 s later"),
-            "{}",
-            summary(&r)
-        );
+        assert!(summary(&r).contains("8.5 s later"), "{}", summary(&r));
         // Only windows that overlap the one verified.
         let only_second = unwatched_after_boot(
             &[

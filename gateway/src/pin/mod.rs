@@ -1,18 +1,23 @@
 //! Makes the gateway unavoidable: loads the kernel programs, attaches them to
-//! the agent cgroups, pins links and maps in bpffs, and fills the redirect
-//! map with the protected targets.
+//! the agent cgroups, pins links and maps in bpffs, fills the redirect map
+//! with the protected targets and keeps agents off the listeners' ports.
 //!
 //! Links are pinned so they outlive the daemon: when tollgate is down, an
 //! agent's connection to a protected target is still rewritten to the
 //! (now closed) listener and refused, never sent direct. A restarted daemon
 //! attaches fresh links next to the old ones, then atomically replaces the
-//! old pins, so there is no moment without a redirect.
+//! old pins, so there is no moment without a redirect. The pinned bind
+//! programs keep the listeners' ports free for the restarted daemon: no
+//! agent can take one while tollgate is down and receive the connections
+//! the redirect sends there.
 
 pub mod btf;
 mod mounts;
+pub mod ports;
 pub mod status;
 
 use std::{
+    collections::BTreeSet,
     fs,
     net::{IpAddr, SocketAddr},
     os::{
@@ -47,13 +52,15 @@ static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-eb
 /// explicit attach flag, so the link is created with none.
 const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::GETPEERNAME4,
     program_names::GETPEERNAME6,
     program_names::SENDMSG4,
     program_names::SENDMSG6,
+    program_names::BIND4,
+    program_names::BIND6,
 ];
 
 /// One egress allow rule, parsed from the configuration.
@@ -150,7 +157,8 @@ pub struct Pinning {
 impl Pinning {
     /// Loads the programs, attaches them to every agent cgroup (created if
     /// missing), pins everything under `pin_dir` and makes the redirect map
-    /// hold exactly `protected`.
+    /// hold exactly `protected` and the listener port map exactly their
+    /// listeners' ports.
     pub fn install(
         pin_dir: &Path,
         agent_cgroups: &[PathBuf],
@@ -186,6 +194,7 @@ impl Pinning {
             map_names::EVIDENCE_COUNTERS,
             map_names::EGRESS_RULES,
             map_names::EGRESS_SETTINGS,
+            map_names::LISTENER_PORTS,
         ]
         .into_iter()
         .map(|name| (name, maps_dir.join(name)))
@@ -210,12 +219,16 @@ impl Pinning {
             .load()
             .context("load the sock_create program")?;
 
-        // Redirects and egress policy are in the (pinned, shared) maps
-        // before any new attachment: a new program never runs on stale
-        // policy.
+        // Redirects, listener ports and egress policy are in the (pinned,
+        // shared) maps before any new attachment: a new program never runs
+        // on stale policy.
         let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
             take_map(&mut ebpf, map_names::REDIRECTS)?;
         sync_redirects(&mut redirects, protected)?;
+        let mut listener_port_map: BpfHashMap<MapData, u32, u32> =
+            take_map(&mut ebpf, map_names::LISTENER_PORTS)?;
+        sync_listener_ports(&mut listener_port_map, &ports::guarded_ports(protected))?;
+        ports::warn_if_handed_out_by_the_kernel(&ports::listener_ports(protected));
         sync_egress(&mut ebpf, egress)?;
 
         // Evidence first: from here on every TCP connect on the host is on
@@ -466,6 +479,29 @@ fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
     Ok(())
 }
 
+/// Makes the listener port map hold exactly `wanted`: a port no listener
+/// uses any more is free for agents again.
+fn sync_listener_ports(
+    map: &mut BpfHashMap<MapData, u32, u32>,
+    wanted: &BTreeSet<u16>,
+) -> Result<()> {
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(|key| key.ok())
+        .filter(|port| !u16::try_from(*port).is_ok_and(|port| wanted.contains(&port)))
+        .collect();
+    for port in stale {
+        map.remove(&port)
+            .with_context(|| format!("remove listener port {port} from LISTENER_PORTS"))?;
+    }
+    for port in wanted {
+        map.insert(u32::from(*port), 1, 0)
+            .with_context(|| format!("add listener port {port} to LISTENER_PORTS"))?;
+    }
+    info!(ports = ?wanted, "listener ports closed to binds from agent cgroups");
+    Ok(())
+}
+
 fn sync_redirects(
     map: &mut BpfHashMap<MapData, TargetKey, Redirect>,
     protected: &[Protected],
@@ -623,6 +659,89 @@ mod tests {
         assert!(entry("db.internal", None, None).parse().is_err());
         assert!(entry("10.0.0.1", Some("90-80"), None).parse().is_err());
         assert!(entry("10.0.0.1", None, Some("icmp")).parse().is_err());
+    }
+
+    /// What the kernel programs judge for a connect to `asked`:`port` from
+    /// a socket with IPv4 source `source4` (`None`: not bound) and bound
+    /// IPv6 address `source6`, when `protected` are the protected targets.
+    fn judged(asked: &str, source4: Option<&str>, source6: &str, protected: &[&str]) -> SocketAddr {
+        let words = |ip: &str| target_key(SocketAddr::new(ip.parse().unwrap(), 0)).addr;
+        let protected: Vec<TargetKey> = protected
+            .iter()
+            .map(|p| target_key(p.parse().unwrap()))
+            .collect();
+        let source4 = source4
+            .map(|ip| u32::from_ne_bytes(ip.parse::<std::net::Ipv4Addr>().unwrap().octets()))
+            .unwrap_or(0);
+        let key =
+            gateway_common::destination_key(words(asked), 5432, source4, &words(source6), |key| {
+                protected.contains(key)
+            });
+        SocketAddr::new(ip_from_words(key.addr), key.port as u16)
+    }
+
+    #[test]
+    fn the_unspecified_address_is_judged_where_the_kernel_sends_it() {
+        let none: &[&str] = &[];
+        let cases = [
+            ("0.0.0.0", None, "::", "127.0.0.1:5432"),
+            ("0.0.0.0", Some("127.0.0.2"), "::", "127.0.0.2:5432"),
+            ("::ffff:0.0.0.0", None, "::", "127.0.0.1:5432"),
+            (
+                "::ffff:0.0.0.0",
+                Some("127.0.0.2"),
+                "::ffff:127.0.0.2",
+                "127.0.0.2:5432",
+            ),
+            ("::", None, "::", "[::1]:5432"),
+            ("::", None, "::1", "[::1]:5432"),
+            // A socket bound to an IPv4-mapped address reaches `::` over IPv4.
+            (
+                "::",
+                Some("127.0.0.2"),
+                "::ffff:127.0.0.2",
+                "127.0.0.1:5432",
+            ),
+            ("10.1.2.3", Some("127.0.0.2"), "::", "10.1.2.3:5432"),
+            ("fd00::7", None, "::1", "[fd00::7]:5432"),
+        ];
+        for (asked, source4, source6, expected) in cases {
+            assert_eq!(
+                judged(asked, source4, source6, none),
+                expected.parse::<SocketAddr>().unwrap(),
+                "{asked} from {source4:?} / {source6}"
+            );
+        }
+    }
+
+    #[test]
+    fn of_two_places_an_unspecified_destination_may_reach_a_protected_one_wins() {
+        // Bound to a multicast or broadcast address, a socket has no source
+        // address and `0.0.0.0` reaches 127.0.0.1.
+        assert_eq!(
+            judged("0.0.0.0", Some("224.0.0.1"), "::", &["127.0.0.1:5432"]),
+            "127.0.0.1:5432".parse::<SocketAddr>().unwrap()
+        );
+        // Where the kernel usually sends it stays first when both are protected.
+        assert_eq!(
+            judged(
+                "0.0.0.0",
+                Some("127.0.0.2"),
+                "::",
+                &["127.0.0.1:5432", "127.0.0.2:5432"]
+            ),
+            "127.0.0.2:5432".parse::<SocketAddr>().unwrap()
+        );
+        // A named destination has only one place, protected or not.
+        assert_eq!(
+            judged("127.0.0.3", Some("127.0.0.2"), "::", &["127.0.0.1:5432"]),
+            "127.0.0.3:5432".parse::<SocketAddr>().unwrap()
+        );
+        // `::` from an IPv6 socket has one place too.
+        assert_eq!(
+            judged("::", None, "::", &["127.0.0.1:5432"]),
+            "[::1]:5432".parse::<SocketAddr>().unwrap()
+        );
     }
 
     #[test]
