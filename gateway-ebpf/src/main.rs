@@ -16,9 +16,11 @@
 //! - `sock_create` refuses raw inet sockets, which could craft packets to a
 //!   protected target below every socket hook;
 //! - all four apply the egress allow list when the default is deny;
-//! - `bind4`/`bind6` refuse binds to tollgate's listener ports, so an agent
-//!   cannot take a listener's port while tollgate is down and receive the
-//!   connections (and tokens) the redirect sends there.
+//! - `bind4`/`bind6` refuse binds to tollgate's listener ports (and to
+//!   local protected targets' ports), so an agent cannot take a listener's
+//!   port while tollgate is down and receive the connections (and tokens)
+//!   the redirect sends there, nor a local database's and receive
+//!   tollgate's own login.
 //!
 //! connect4/6 and sendmsg4/6 judge a connection to the unspecified address
 //! (`0.0.0.0`, `::`) by where the kernel sends it after the hook, a local
@@ -488,7 +490,8 @@ pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// restart, a crash) the pinned redirect still sends agents' connections
 /// to the port; a process of an agent cgroup that bound it first would
 /// receive them, tokens included, and the restarted tollgate could not
-/// listen. The port alone decides: `0.0.0.0`, `::` and every loopback
+/// listen. The map also holds the ports of protected targets on this
+/// host, where tollgate sends its own login. The port alone decides: `0.0.0.0`, `::` and every loopback
 /// address share it with tollgate's listener. A bind to port 0 (any free
 /// port) is not seen with the port the kernel then picks: docs/pinning.md
 /// says how to keep listener ports out of that range.

@@ -10,7 +10,7 @@ use std::{
     fs, io,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc::{self, RecvTimeoutError},
         Arc, Condvar, Mutex,
     },
@@ -110,6 +110,24 @@ enum SegMsg {
     },
     Shutdown(Option<oneshot::Sender<()>>),
 }
+
+/// Records handed to the segment thread and not yet in a written segment,
+/// and whether its last attempt failed. Shared by the writer, which
+/// refuses records while segments fail and too many wait (see
+/// [`Writer::segment_backlog_refusal`]), and the segment thread.
+#[derive(Default)]
+struct SegmentBacklog {
+    records: AtomicUsize,
+    failing: AtomicBool,
+}
+
+/// Records that may wait in memory for their segment while segments
+/// cannot be written: this many times `segment_max_records`. A WAL keeps
+/// them safe, but each waits in memory too (about a kilobyte), and a
+/// segment thread that keeps failing (a directory it cannot write, a
+/// broken manifest) would otherwise let that grow until the daemon runs
+/// out of memory, with every request still accepted.
+const BACKLOG_SEGMENTS: usize = 4;
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -272,6 +290,8 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
 
     let generation = reports.iter().map(|r| r.generation).max().unwrap_or(0) + 1;
     let (seg_tx, seg_rx) = mpsc::channel();
+    let backlog = Arc::new(SegmentBacklog::default());
+    let seg_backlog = backlog.clone();
     let (tx, rx) = mpsc::channel();
     // Rendezvous: the preparer holds at most one finished spare while the
     // writer has not taken it, so at most one file's worth of zeros waits.
@@ -313,12 +333,13 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         max_age: Duration::from_secs(cfg.segment_max_age_secs.max(1)),
         max_records: cfg.segment_max_records.max(1),
         seg_tx,
+        backlog: backlog.clone(),
     };
     std::thread::Builder::new()
         .name("audit-segments".into())
         .spawn(move || {
             lower_priority("audit-segments");
-            seg.run(seg_rx)
+            seg.run(seg_rx, &seg_backlog)
         })?;
     let writer = Arc::new(Mutex::new(writer));
     let inline = (cfg.durability == super::DurabilityMode::Buffered).then(|| InlineWriter {
@@ -720,6 +741,7 @@ struct Writer {
     max_age: Duration,
     max_records: usize,
     seg_tx: mpsc::Sender<SegMsg>,
+    backlog: Arc<SegmentBacklog>,
 }
 
 /// What the writer thread takes in before one commit. Records and their
@@ -830,6 +852,9 @@ impl Writer {
     /// Chains, writes and (unless a syncer follows) syncs `records` as one
     /// batch; returns the first one's sequence number.
     fn commit(&mut self, records: impl IntoIterator<Item = Pending>) -> Result<u64, AuditError> {
+        if let Some(refusal) = self.segment_backlog_refusal() {
+            return Err(refusal);
+        }
         let first = self.next_seq;
         let mut seq = first;
         // The link to the next record, rewritten in place for each one.
@@ -887,6 +912,24 @@ impl Writer {
         };
         self.chained = chained;
         result
+    }
+
+    /// Fail closed on a segment thread that cannot write: while its last
+    /// attempt failed and [`BACKLOG_SEGMENTS`] segments' worth of records
+    /// wait for it, no more are taken (see [`BACKLOG_SEGMENTS`]). As soon
+    /// as a segment is written again, records are taken again.
+    fn segment_backlog_refusal(&self) -> Option<AuditError> {
+        if !self.backlog.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        let waiting = self.backlog.records.load(Ordering::Acquire) + self.buffer.len();
+        let limit = self.max_records.saturating_mul(BACKLOG_SEGMENTS);
+        (waiting >= limit).then(|| {
+            AuditError::Unavailable(format!(
+                "audit segments cannot be written and {waiting} records wait in memory for \
+                 them: no more are taken until a segment is written"
+            ))
+        })
     }
 
     /// The spare file from the preparer, if one is ready.
@@ -1071,6 +1114,9 @@ impl Writer {
         let records = std::mem::take(&mut self.buffer);
         let wal_files = std::mem::take(&mut self.closed_files);
         debug!(records = records.len(), "cutting segment");
+        self.backlog
+            .records
+            .fetch_add(records.len(), Ordering::AcqRel);
         if self
             .seg_tx
             .send(SegMsg::Batch { records, wal_files })
@@ -1107,7 +1153,7 @@ struct SegState {
 }
 
 impl SegState {
-    fn run(mut self, rx: mpsc::Receiver<SegMsg>) {
+    fn run(mut self, rx: mpsc::Receiver<SegMsg>, backlog: &SegmentBacklog) {
         let mut queue: std::collections::VecDeque<(Vec<Box<AuditRecord>>, Vec<PathBuf>)> =
             Default::default();
         loop {
@@ -1135,9 +1181,12 @@ impl SegState {
                             }
                         }
                         let _ = fsutil::fsync_dir(&self.dir.join("wal"));
+                        backlog.records.fetch_sub(records.len(), Ordering::AcqRel);
+                        backlog.failing.store(false, Ordering::Release);
                         queue.pop_front();
                     }
                     Err(e) => {
+                        backlog.failing.store(true, Ordering::Release);
                         error!(error = %e, "closing segment failed; will retry (records are safe in the WAL)");
                         break;
                     }

@@ -172,6 +172,61 @@ async fn segments_close_by_record_count() {
     assert_chain(&read_segments(&cfg.dir), 35);
 }
 
+/// A segment thread that cannot write (here a file stands where the day's
+/// directory goes) keeps its records in memory for a retry: past a few
+/// segments' worth, records are refused (fail closed, memory bounded),
+/// and once a segment is written again they are taken again, the chain
+/// unbroken.
+#[tokio::test]
+async fn records_are_refused_while_segments_fail_and_too_many_wait() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 10;
+    let now = store::now_ms();
+    let blocker = cfg
+        .dir
+        .join("records")
+        .join(format!("date={}", segment::day_of(now)));
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let mut accepted = 0usize;
+    let mut refusal = None;
+    for i in 0..5_000 {
+        match log.append(sample(i, now)).await {
+            Ok(_) => accepted += 1,
+            Err(err) => {
+                refusal = Some(err);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("records taken without bound while segments fail");
+    assert!(
+        matches!(&refusal, AuditError::Unavailable(m) if m.contains("segments cannot be written")),
+        "{refusal}"
+    );
+    // Four segments' worth wait, and the few taken before the thread's
+    // first failure was known.
+    assert!((40..=200).contains(&accepted), "{accepted}");
+
+    std::fs::remove_file(&blocker).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match log.append(sample(accepted, now)).await {
+            Ok(_) => break,
+            Err(err) => assert!(
+                std::time::Instant::now() < deadline,
+                "still refused after the segments could be written: {err}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    accepted += 1;
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), accepted as u64);
+}
+
 #[tokio::test]
 async fn segments_close_by_age_while_running() {
     let tmp = tempfile::tempdir().unwrap();
