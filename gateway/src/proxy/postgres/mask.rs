@@ -42,6 +42,17 @@ pub struct MaskSet {
 const FIRST_USER_OID: u32 = 16384;
 
 impl MaskSet {
+    /// A set masking the one column `name` (`schema.table.column`) of the
+    /// relation `oid`, attribute `attnum`, for tests elsewhere in the crate.
+    #[cfg(test)]
+    pub(crate) fn masking(oid: u32, attnum: i16, name: &str) -> Self {
+        MaskSet {
+            columns: HashMap::from([((oid, attnum), name.to_owned())]),
+            patterns: vec![Pattern::from(name.to_owned())],
+            known_relations: [oid].into(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()
     }

@@ -946,3 +946,60 @@ fn recorded_results_stop_at_the_cap_and_count_the_rows_left_out() {
         serde_json::json!([["1", null], [big], { "truncated_rows": 2 }])
     );
 }
+
+/// Portals the protocol bound live until the transaction ends: at a
+/// ReadyForQuery that says idle every one is forgotten (a later portal of
+/// the same name, say a function's `OPEN` of a cursor so named, is
+/// another statement); inside a block ('T') or a failed one ('E', where
+/// ROLLBACK TO SAVEPOINT brings back those bound before the savepoint)
+/// they are kept. Prepared statements outlive transactions either way.
+#[test]
+fn portals_are_forgotten_when_the_session_is_idle_and_kept_inside_a_block() {
+    for (status, kept) in [(b"T", true), (b"E", true), (b"I", false)] {
+        let in_flight = queue_of(&[Kind::Sync]);
+        {
+            let mut f = lock(&in_flight);
+            f.portals
+                .insert("cursor".into(), (0, (prepared("SELECT 1"), String::new())));
+            f.statements
+                .insert("named".into(), (0, prepared("SELECT 2")));
+        }
+        answer(&in_flight, &frame(b'Z', status)).expect("in step");
+        let f = lock(&in_flight);
+        let status = status[0] as char;
+        assert_eq!(
+            matches!(f.portal("cursor"), Resolved::Known(Some(_))),
+            kept,
+            "portal after ReadyForQuery {status}"
+        );
+        assert!(
+            matches!(f.statement("named"), Resolved::Known(Some(_))),
+            "statement after ReadyForQuery {status}"
+        );
+    }
+}
+
+/// A notification can come with no request in flight (LISTEN, then idle):
+/// it is no answer, leaves the queue as it is, and reaches an unmasked
+/// caller whole; a caller with masks gets the channel without the payload
+/// (a trigger's `pg_notify('c', email)` would carry a masked value).
+#[test]
+fn a_notification_is_no_answer_and_a_masked_caller_gets_no_payload() {
+    let note = frame(b'A', b"\0\0\x30\x39orders\0alice@example.com\0");
+    let idle = queue_of(&[]);
+    assert!(answer(&idle, &note).expect("in step").is_none());
+    assert!(lock(&idle).queue.is_empty());
+
+    let masks = MaskSet::masking(16384, 3, "public.customers.email");
+    let busy = queue_of(&[Kind::Query]);
+    for in_flight in [&idle, &busy] {
+        let replaced = track_answer(&masks, in_flight, &note, &mut Finished::new())
+            .expect("in step")
+            .expect("the payload is withheld");
+        assert_eq!(
+            &replaced[..],
+            &frame(b'A', b"\0\0\x30\x39orders\0\0").bytes[..]
+        );
+    }
+    assert_eq!(lock(&busy).queue.len(), 1, "a notification answers nothing");
+}
