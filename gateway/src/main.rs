@@ -187,6 +187,7 @@ fn check_config(path: &Path) -> Result<()> {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(tollgate::proxy::RUNTIME_THREAD_STACK_BYTES)
         .build()?)
 }
 

@@ -607,6 +607,30 @@ fn a_client_that_never_reads_its_answers_does_not_grow_memory() {
     assert_eq!(result["sent"], true, "{result}");
 }
 
+/// More statement text in flight than tollgate holds for a session, and
+/// no Sync until the end: tollgate waits for answers before it takes
+/// more, and has the server flush the ones it keeps (a server that has
+/// not seen a Sync keeps its last answers; waiting for them without a
+/// Flush would stall the session for good). Every Parse is answered.
+#[test]
+fn more_text_in_flight_than_a_session_holds_is_answered_without_a_stall() {
+    let Some((stack, token)) =
+        start("more_text_in_flight_than_a_session_holds_is_answered_without_a_stall")
+    else {
+        return;
+    };
+    let (count, size) = (48, 2 << 20);
+    let result = raw_protocol_json(
+        &stack,
+        "pg_big_parses.py",
+        &token,
+        &[&count.to_string(), &size.to_string()],
+    );
+    assert!(result.get("timeout").is_none(), "stalled: {result}");
+    assert_eq!(result["parsed"], count, "{result}");
+    assert_eq!(result["ready"], true, "{result}");
+}
+
 /// VmRSS: the resident set size of a process now, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS:")

@@ -34,6 +34,15 @@ use crate::{
 };
 
 /// What every session of every target shares.
+/// Stack of each runtime thread, which parses, walks and drops the syntax
+/// trees of agents' statements. Parser recursion bounded by the parser's
+/// own limit (50 levels of brackets) still takes more than the default
+/// 2 MiB in a debug build (20 nested parenthesised JOINs overflowed it);
+/// what can nest without such a limit is bounded before parsing
+/// (`classify::nests_within_the_stack`). The stack is reserved, not
+/// touched: threads only use what they reach.
+pub const RUNTIME_THREAD_STACK_BYTES: usize = 16 << 20;
+
 pub struct Shared {
     pub verifier: Verifier,
     pub policy: Policy,

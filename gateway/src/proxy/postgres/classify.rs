@@ -395,10 +395,24 @@ fn is_opaque(token: &Token) -> bool {
 
 /// Tokens that may lie on one path from the statement down (see
 /// [`nests_within_the_stack`]). A tree of 10 000 such tokens, at most
-/// 5 000 levels (`1+1+...`), is walked and dropped in well under a
-/// runtime thread's 2 MiB of stack, in debug builds too (measured:
-/// `a = 1 AND ...` of 16 000 levels passed, 32 000 overflowed).
+/// 5 000 levels (`1+1+...`), is walked and dropped within 2 MiB of stack
+/// in a debug build (measured: `a = 1 AND ...` of 16 000 levels passed,
+/// 32 000 overflowed); runtime threads have eight times that
+/// ([`crate::proxy::RUNTIME_THREAD_STACK_BYTES`]).
 const MAX_TOKENS_ON_A_PATH: usize = 10_000;
+
+/// What one set operation counts for on a path: each level of a chain of
+/// them costs the walk far more stack than an operator's (in a debug
+/// build, 2 000 `UNION`s passed in 2 MiB and 3 000 overflowed), so at
+/// most 1 250 fit the bound.
+const SET_OPERATION_WEIGHT: usize = 8;
+
+/// JOINs nested without parentheses (`a JOIN b JOIN c ON p ON q`). The
+/// parser reads each such level by calling itself, with a large frame
+/// and no bound of its own: in a debug build 60 of them overflowed 2 MiB
+/// of stack (30 passed). A JOIN with its ON or USING right after its
+/// table, the way queries are written, nests nothing.
+const MAX_NESTED_JOINS: usize = 16;
 
 /// Refuses text whose syntax tree could be too deep to walk. The parser
 /// bounds nesting (parentheses, prefix operators), but it builds a chain
@@ -406,64 +420,123 @@ const MAX_TOKENS_ON_A_PATH: usize = 10_000;
 /// (`SELECT 1 UNION SELECT 2 UNION ...`) in a loop, one level per link,
 /// and walking that tree, like dropping it, recurses once per level: a
 /// few hundred kilobytes of such a chain would overflow the stack and end
-/// the whole daemon, every session with it.
+/// the whole daemon, every session with it. JOINs nested without
+/// parentheses make the parser itself recurse (see [`MAX_NESTED_JOINS`]).
 ///
-/// Within one pair of brackets, an operator chain cannot pass a comma
-/// (a comma there separates list items, each its own tree), so the
-/// tokens since the last comma bound its levels; a set operation's
+/// Within one pair of brackets, or one `CASE ... END`, an operator chain
+/// cannot pass a comma (a comma separates list items, each its own tree)
+/// nor a CASE's WHEN, THEN or ELSE (its branches are a list too), so the
+/// tokens since the last of those bound its levels; a set operation's
 /// operands hold commas of their own (select lists), so set operations
 /// are counted apart and a comma does not forget them. The counts of
-/// every bracket level open at a point bound the depth there.
+/// every level open at a point bound the depth there.
 fn nests_within_the_stack<'a>(tokens: impl Iterator<Item = &'a Token>) -> Result<(), String> {
     #[derive(Default)]
     struct Level {
-        since_comma: usize,
+        /// Opened by CASE (closed by END), not by a bracket.
+        case: bool,
+        since_separator: usize,
         set_operations: usize,
+        /// A JOIN whose ON or USING has not come yet, and how many JOINs
+        /// came while one had not.
+        join_without_constraint: bool,
+        nested_joins: usize,
+        /// The last JOIN keyword belongs to a CROSS or NATURAL join, which
+        /// the parser does not nest.
+        cross_or_natural: bool,
     }
+    let too_deep = |what: &str| Err(format!("{what}: too deep to classify"));
     let mut levels = vec![Level::default()];
     let mut on_path = 0usize;
     for token in tokens {
-        match token {
-            Token::Whitespace(_) => continue,
-            Token::Comma | Token::SemiColon => {
+        let keyword = match token {
+            Token::Word(word) if word.quote_style.is_none() => Some(word.keyword),
+            _ => None,
+        };
+        match (token, keyword) {
+            (Token::Whitespace(_), _) => continue,
+            (Token::Comma, _) => {
                 if let Some(level) = levels.last_mut() {
-                    on_path -= std::mem::take(&mut level.since_comma);
+                    on_path -= std::mem::take(&mut level.since_separator);
                 }
                 continue;
             }
-            Token::RParen | Token::RBracket | Token::RBrace => {
-                if levels.len() > 1 {
-                    if let Some(level) = levels.pop() {
-                        on_path -= level.since_comma + level.set_operations;
-                    }
+            (Token::SemiColon, _) if levels.len() == 1 => {
+                // A statement of its own starts: nothing carries over.
+                levels[0] = Level::default();
+                on_path = 0;
+                continue;
+            }
+            (_, Some(Keyword::WHEN | Keyword::THEN | Keyword::ELSE))
+                if levels.last().is_some_and(|l| l.case) =>
+            {
+                if let Some(level) = levels.last_mut() {
+                    on_path -= std::mem::take(&mut level.since_separator);
+                }
+                continue;
+            }
+            (Token::RParen | Token::RBracket | Token::RBrace, _) | (_, Some(Keyword::END))
+                if levels.len() > 1
+                    && levels
+                        .last()
+                        .is_some_and(|l| l.case == (keyword == Some(Keyword::END))) =>
+            {
+                if let Some(level) = levels.pop() {
+                    on_path -= level.since_separator + level.set_operations;
                 }
                 continue;
             }
             _ => {}
         }
+        let is_set_operation = matches!(
+            keyword,
+            Some(Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT | Keyword::MINUS)
+        );
+        let weight = if is_set_operation {
+            SET_OPERATION_WEIGHT
+        } else {
+            1
+        };
         if let Some(level) = levels.last_mut() {
-            let set_operation = matches!(
-                token,
-                Token::Word(word)
-                    if matches!(word.keyword, Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT)
-            );
-            if set_operation {
-                level.set_operations += 1;
+            if is_set_operation {
+                level.set_operations += weight;
             } else {
-                // An opening bracket counts here, in the run it continues
-                // (`f(...)`, `a[1][2]`), before it opens a level of its own.
-                level.since_comma += 1;
+                // An opening bracket or CASE counts here, in the run it
+                // continues (`f(...)`, `a[1][2]`), before it opens a level
+                // of its own.
+                level.since_separator += weight;
+            }
+            match keyword {
+                Some(Keyword::CROSS | Keyword::NATURAL) => level.cross_or_natural = true,
+                Some(Keyword::JOIN) if std::mem::take(&mut level.cross_or_natural) => {}
+                Some(Keyword::JOIN) => {
+                    if level.join_without_constraint {
+                        level.nested_joins += 1;
+                        if level.nested_joins > MAX_NESTED_JOINS {
+                            return too_deep(&format!(
+                                "more than {MAX_NESTED_JOINS} JOINs nested without parentheses"
+                            ));
+                        }
+                    }
+                    level.join_without_constraint = true;
+                }
+                Some(Keyword::ON | Keyword::USING) => level.join_without_constraint = false,
+                _ => {}
             }
         }
-        on_path += 1;
+        on_path += weight;
         if on_path > MAX_TOKENS_ON_A_PATH {
-            return Err(format!(
-                "more than {MAX_TOKENS_ON_A_PATH} tokens in one chain of operators or set \
-                 operations: too deep to classify"
+            return too_deep(&format!(
+                "more than {MAX_TOKENS_ON_A_PATH} tokens in one chain of operators or set operations"
             ));
         }
         if matches!(token, Token::LParen | Token::LBracket | Token::LBrace) {
             levels.push(Level::default());
+        } else if keyword == Some(Keyword::CASE) {
+            levels.push(Level {
+                case: true,
+                ..Level::default()
+            });
         }
     }
     Ok(())
@@ -1789,11 +1862,11 @@ mod tests {
         }
     }
 
-    /// Classifies `sql` on a thread with a runtime worker's stack (2 MiB),
-    /// as the daemon does: a tree too deep for it aborts the test process.
+    /// Classifies `sql` on a thread with a runtime thread's stack, as the
+    /// daemon does: a tree too deep for it aborts the test process.
     fn classify_on_a_worker_stack(sql: String) -> Result<Vec<Operation>, String> {
         std::thread::Builder::new()
-            .stack_size(2 << 20)
+            .stack_size(crate::proxy::RUNTIME_THREAD_STACK_BYTES)
             .spawn(move || classify(&sql))
             .expect("thread")
             .join()
@@ -1815,6 +1888,7 @@ mod tests {
             ),
             format!("SELECT {}", chain(20_000, "::int + ")),
             format!("SELECT {}", vec!["1, 2"; 20_000].join(" UNION SELECT ")),
+            format!("SELECT {}", vec!["1, 2"; 3_000].join(" INTERSECT SELECT ")),
             format!(
                 "SELECT * FROM ({}) s",
                 vec!["SELECT 1, 2"; 20_000].join(" UNION ALL ")
@@ -1824,6 +1898,15 @@ mod tests {
                 "SELECT {}",
                 vec![chain(3_000, "+"); 4].join(" + (") + &")".repeat(3)
             ),
+            // MINUS is a set operation to the parser as well.
+            format!("SELECT {}", vec!["1, 1"; 20_000].join(" MINUS SELECT ")),
+            // CASE expressions as the links of a chain.
+            format!("SELECT 1{}", " + CASE WHEN a THEN 1 END".repeat(6_000)),
+            // JOINs nested without parentheses make the parser recurse:
+            // 60 overflowed a debug build's 2 MiB.
+            // (n + 1 JOINs nest n deep.)
+            format!("SELECT * FROM t{}", " JOIN t".repeat(MAX_NESTED_JOINS + 2)),
+            format!("SELECT * FROM t{}", " LEFT JOIN t".repeat(400)),
         ];
         for sql in too_deep {
             let err = classify_on_a_worker_stack(sql.clone()).expect_err(&sql[..60]);
@@ -1834,7 +1917,7 @@ mod tests {
                 "SELECT x FROM t WHERE {}",
                 vec!["a = 1"; 2_000].join(" AND ")
             ),
-            format!("SELECT {}", vec!["1"; 2_000].join(" UNION SELECT ")),
+            format!("SELECT {}", vec!["1"; 900].join(" UNION SELECT ")),
             format!(
                 "INSERT INTO t VALUES {}",
                 vec!["(-1, 'a', now())"; 50_000].join(", ")
@@ -1844,12 +1927,86 @@ mod tests {
                 "SELECT * FROM t WHERE id IN ({})",
                 vec!["7"; 50_000].join(", ")
             ),
+            // Set operations up to the bound, their select lists cut by
+            // commas.
+            format!(
+                "SELECT {}",
+                vec!["1, 1"; MAX_TOKENS_ON_A_PATH / SET_OPERATION_WEIGHT - 2]
+                    .join(" UNION SELECT ")
+            ),
+            // A CASE's branches are a list (an ORM's bulk update).
+            format!(
+                "UPDATE t SET a = CASE {}END WHERE id IN (1)",
+                "WHEN id = 1 AND b = 2 THEN 'x' ".repeat(5_000)
+            ),
+            // JOINs each with its ON, CROSS and NATURAL JOINs nest nothing.
+            format!("SELECT * FROM t{}", " JOIN t ON true".repeat(300)),
+            format!("SELECT * FROM t{}", " CROSS JOIN t".repeat(300)),
+            format!("SELECT * FROM t{}", " NATURAL JOIN t".repeat(300)),
+            format!(
+                "SELECT * FROM t{}{}",
+                " JOIN t".repeat(MAX_NESTED_JOINS + 1),
+                " ON true".repeat(MAX_NESTED_JOINS + 1)
+            ),
         ];
         for sql in shallow {
             let ops = classify_on_a_worker_stack(sql.clone())
                 .unwrap_or_else(|e| panic!("{}: {e}", &sql[..60]));
             assert_eq!(ops.len(), 1);
         }
+        // Each statement of a script counts apart.
+        let script = "SELECT 1, 1 UNION SELECT 2, 2;\n".repeat(6_000);
+        let ops = classify_on_a_worker_stack(script).expect("a script of small statements");
+        assert_eq!(ops.len(), 6_000);
+    }
+
+    /// Nesting the parser bounds itself (brackets, subqueries, prefix
+    /// operators, parenthesised JOINs, CASE in CASE) is refused or
+    /// classified at its limit, never overflowing a runtime thread's
+    /// stack (nested parenthesised JOINs overflowed the default 2 MiB at
+    /// 20 levels in a debug build).
+    #[test]
+    fn nesting_at_the_parsers_own_limit_fits_a_runtime_thread() {
+        let d = 60;
+        let nested = [
+            format!("{}SELECT 1{}", "(".repeat(d), ")".repeat(d)),
+            format!("SELECT {}1{}", "(".repeat(d), ")".repeat(d)),
+            format!("SELECT * FROM {}t{}", "(".repeat(d), ")".repeat(d)),
+            format!("SELECT {}1{}", "(SELECT ".repeat(d), ")".repeat(d)),
+            format!("SELECT {}1", "- ".repeat(d)),
+            format!("SELECT {}1{}", "ARRAY[".repeat(d), "]".repeat(d)),
+            format!("SELECT {}1{}", "f(".repeat(d), ")".repeat(d)),
+            format!(
+                "SELECT * FROM {}t{}",
+                "(SELECT * FROM ".repeat(d),
+                ") s".repeat(d)
+            ),
+            format!(
+                "SELECT {}1{}",
+                "CASE WHEN true THEN ".repeat(d),
+                " END".repeat(d)
+            ),
+            format!(
+                "SELECT * FROM {}t{}",
+                "(t JOIN ".repeat(d),
+                " ON true)".repeat(d)
+            ),
+            format!(
+                "SELECT * FROM {}t{}",
+                "(t JOIN ".repeat(20),
+                " ON true)".repeat(20)
+            ),
+        ];
+        for sql in nested {
+            // Either is fine; an overflow would end the test process.
+            let _ = classify_on_a_worker_stack(sql);
+        }
+        let twenty_joins = format!(
+            "SELECT * FROM {}t{}",
+            "(t JOIN ".repeat(20),
+            " ON true)".repeat(20)
+        );
+        assert!(classify_on_a_worker_stack(twenty_joins).is_ok());
     }
 
     /// What hides the tables it reads is not understood: the sampled

@@ -8,6 +8,17 @@ use super::*;
 /// and not yet had answered (see [`FromClient::wait_for_room_in_flight`]).
 pub(super) const MAX_IN_FLIGHT: usize = 8192;
 
+/// Bytes of statement text and parameters those requests may hold (a
+/// request larger than this alone is still taken, and nothing after it
+/// until it is answered).
+pub(super) const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
+/// A Flush message: the server sends what answers it has buffered. Sent
+/// when the client's messages wait for answers, since a server that has
+/// not seen a Sync or Flush may keep its last answers (up to 8 KiB) to
+/// itself while tollgate waits for them.
+const FLUSH: &[u8] = b"H\0\0\0\x04";
+
 /// Caps on what the audit keeps of bound parameters.
 const MAX_PARAMETER_BYTES: usize = 256;
 const MAX_PARAMETERS_BYTES: usize = 4096;
@@ -127,7 +138,8 @@ impl FromClient {
     }
 
     /// Holds the client's next message while [`MAX_IN_FLIGHT`] requests
-    /// wait for their answers: each holds its record, and a client that
+    /// wait for their answers, or while those hold [`MAX_IN_FLIGHT_BYTES`]
+    /// of text: each holds its record, and a client that
     /// pipelines without reading its answers would otherwise grow the
     /// session's memory by a kilobyte or more for every few bytes it sends
     /// (a Sync is five), as far as the sockets' buffers let it. Unread
@@ -135,18 +147,24 @@ impl FromClient {
     /// the server itself.
     ///
     /// The queue drains while the client waits: messages taken so far go
-    /// to the server first, and the server flushes its answers at least
-    /// every 8 KiB (fewer than 1 700 of the smallest), so a cap above that
-    /// cannot stall a pipeline the server has not finished answering.
-    /// While the server skips to the next Sync after an error, or takes
-    /// COPY data, what comes is not queued: nothing to wait for.
+    /// to the server first, with a Flush, so the server sends every answer
+    /// it has (without one it keeps up to 8 KiB of them until a Sync,
+    /// which the client may only send after what waits here). While the
+    /// server skips to the next Sync after an error, or takes COPY data,
+    /// what comes is not queued: nothing to wait for.
     async fn wait_for_room_in_flight(&mut self) -> Result<(), WireError> {
-        self.resolve(|f| {
-            if f.queue.len() < MAX_IN_FLIGHT || f.server_skipping || f.copy_in {
-                Resolved::Known(Some(()))
-            } else {
-                Resolved::WaitFor(f.queue.front().map_or(0, |oldest| oldest.id))
-            }
+        let has_room = |f: &InFlight| {
+            (f.queue.len() < MAX_IN_FLIGHT && f.queue.held_bytes < MAX_IN_FLIGHT_BYTES)
+                || f.server_skipping
+                || f.copy_in
+        };
+        if has_room(&lock(&self.in_flight)) {
+            return Ok(());
+        }
+        self.forward.extend_from_slice(FLUSH);
+        self.resolve(|f| match has_room(f) {
+            true => Resolved::Known(Some(())),
+            false => Resolved::WaitFor(f.queue.front().map_or(0, |oldest| oldest.id)),
         })
         .await
         .map(|_| ())

@@ -150,6 +150,9 @@ struct Pending {
     answer_held: bool,
     /// Rows kept for the audit when the grant records full results.
     recording: Option<ResultRecording>,
+    /// The bytes of statement text and parameters it holds, counted when
+    /// it was queued (see [`Queue`]).
+    held_bytes: usize,
 }
 
 /// The rows of a request's results kept for the audit (after masking),
@@ -236,7 +239,72 @@ impl Pending {
             withheld: None,
             answer_held: false,
             recording: None,
+            held_bytes: 0,
         }
+    }
+
+    /// The text this request keeps while it waits for its answer: its
+    /// statement and parameters (up to 8 MiB in a record), a Parse's
+    /// statement (up to a client message, 64 MiB).
+    fn text_bytes(&self) -> usize {
+        let record = self.request.as_ref().map_or(0, |r| {
+            r.query_info_query_string.len() + r.query_info_parameters.len()
+        });
+        let parsed = self.parse.as_ref().map_or(0, |(_, p)| p.text.len());
+        let bound = self
+            .bind
+            .as_ref()
+            .map_or(0, |(_, (_, params))| params.len());
+        record + parsed + bound
+    }
+}
+
+/// The requests in flight, oldest first, and the bytes of text they hold
+/// (see [`MAX_IN_FLIGHT_BYTES`]). Reads go to the queue itself; what adds
+/// or removes an entry goes through here, so that the count stays right.
+#[derive(Default)]
+struct Queue {
+    entries: VecDeque<Pending>,
+    held_bytes: usize,
+}
+
+impl Queue {
+    fn push_back(&mut self, mut pending: Pending) {
+        pending.held_bytes = pending.text_bytes();
+        self.held_bytes += pending.held_bytes;
+        self.entries.push_back(pending);
+    }
+
+    fn pop_front(&mut self) -> Option<Pending> {
+        let pending = self.entries.pop_front()?;
+        self.held_bytes -= pending.held_bytes;
+        Some(pending)
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Pending> {
+        let pending = self.entries.remove(index)?;
+        self.held_bytes -= pending.held_bytes;
+        Some(pending)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Pending> + '_ {
+        self.held_bytes = 0;
+        self.entries.drain(..)
+    }
+}
+
+impl std::ops::Deref for Queue {
+    type Target = VecDeque<Pending>;
+    fn deref(&self) -> &Self::Target {
+        &self.entries
+    }
+}
+
+impl std::ops::DerefMut for Queue {
+    // Entries are changed in place (answers noted), never added or
+    // removed through this: `Queue`'s own methods do that.
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.entries
     }
 }
 
@@ -245,7 +313,7 @@ type Bound = (Arc<Prepared>, String);
 
 #[derive(Default)]
 struct InFlight {
-    queue: VecDeque<Pending>,
+    queue: Queue,
     /// Prepared statements the server has confirmed (ParseComplete), with
     /// the generation they were parsed in.
     statements: HashMap<String, (u64, Arc<Prepared>)>,
@@ -463,7 +531,7 @@ pub async fn run(
 fn record_unanswered(session: &Session, in_flight: &Mutex<InFlight>) {
     let (left, closed_by) = {
         let mut in_flight = lock(in_flight);
-        let left: Vec<Pending> = in_flight.queue.drain(..).collect();
+        let left: Vec<Pending> = in_flight.queue.drain().collect();
         (left, in_flight.closed_by.take())
     };
     for outcome in unanswered_outcomes(left, closed_by) {

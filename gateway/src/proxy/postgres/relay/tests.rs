@@ -801,7 +801,7 @@ async fn a_held_answer_leaves_its_reason_on_the_request() {
     // The request after the hold, and the outcome a session ending
     // now would record for it: its SQLSTATE and detail.
     let left_after = |in_flight: Mutex<InFlight>, answer_held: bool, code: &str, why: &str| {
-        let left: Vec<Pending> = lock(&in_flight).queue.drain(..).collect();
+        let left: Vec<Pending> = lock(&in_flight).queue.drain().collect();
         assert_eq!(left[0].answer_held, answer_held, "{why}");
         assert!(left[0].durable.is_none(), "the record is awaited once");
         let outcomes = unanswered_outcomes(left, None);
@@ -1002,4 +1002,35 @@ fn a_notification_is_no_answer_and_a_masked_caller_gets_no_payload() {
         );
     }
     assert_eq!(lock(&busy).queue.len(), 1, "a notification answers nothing");
+}
+
+/// The bytes a session's requests hold are counted as they are queued and
+/// given back exactly as they leave, whatever was changed in them
+/// meanwhile (a request record taken for its outcome).
+#[test]
+fn text_held_in_flight_is_counted_in_and_out() {
+    let query = |text: &str| {
+        let record = AuditRecord {
+            query_info_query_string: text.into(),
+            query_info_parameters: "[1]".into(),
+            ..AuditRecord::default()
+        };
+        Pending::new(Kind::Query, Some(record))
+    };
+    let mut parse = Pending::new(Kind::Parse, None);
+    parse.parse = Some(("s".into(), prepared("SELECT 12345")));
+    let mut queue = Queue::default();
+    queue.push_back(query("select 1"));
+    queue.push_back(parse);
+    queue.push_back(Pending::new(Kind::Sync, None));
+    queue.push_back(query("select 22"));
+    assert_eq!(queue.held_bytes, (8 + 3) + 12 + (9 + 3));
+    // Changed in place: what leaves is what came in.
+    queue.front_mut().and_then(|p| p.request.take());
+    assert!(queue.pop_front().is_some());
+    assert_eq!(queue.held_bytes, 12 + 12);
+    assert!(queue.remove(2).is_some());
+    assert_eq!(queue.held_bytes, 12);
+    assert_eq!(queue.drain().count(), 2);
+    assert_eq!(queue.held_bytes, 0);
 }
