@@ -273,7 +273,13 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     if let Some(path) = ready_file {
         std::fs::write(&path, b"ready\n").with_context(|| format!("write {}", path.display()))?;
     }
-    notify_systemd_ready()?;
+    // Not fatal: the daemon already serves, and a systemd that waits for
+    // the message stops the unit itself when it does not come in time (a
+    // NOTIFY_SOCKET inherited from elsewhere would otherwise stop a
+    // daemon nobody waits on).
+    if let Err(err) = notify_systemd_ready() {
+        warn!(error = %err, "could not tell systemd that tollgate is ready");
+    }
     info!("tollgate ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -32,6 +32,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "linux-libc-dev",
+    // jemalloc, tollgate's allocator, is built from C by its crate's
+    // build script (configure and make).
+    "make",
 ];
 
 const PYTHON_PACKAGES: &[&str] = &["duckdb==1.*", "psycopg[binary]==3.*"];
