@@ -20,8 +20,14 @@ pub mod map_names {
     /// connection is established, so the proxy can go from the peer address
     /// of an accepted connection to the socket that made it.
     pub const CLIENT_PORTS: &str = "CLIENT_PORTS";
-    /// Ring buffer of [`EvidenceEvent`]s, host-wide.
+    /// Ring buffer of [`EvidenceEvent`]s, host-wide: every event that does
+    /// not go to [`EVIDENCE_RESERVED`].
     pub const EVIDENCE: &str = "EVIDENCE";
+    /// Ring buffer of the [`EvidenceEvent`]s a verdict rests on: those of
+    /// the agent-cgroup programs, and connections and packets to protected
+    /// targets. Apart from [`EVIDENCE`] so that a flood of other events
+    /// (anyone's connects to anywhere) cannot crowd them out.
+    pub const EVIDENCE_RESERVED: &str = "EVIDENCE_RESERVED";
     /// Per-CPU `u64` counters, indexed by [`counter_index`].
     pub const EVIDENCE_COUNTERS: &str = "EVIDENCE_COUNTERS";
     /// `u32` index -> [`EgressRule`]: what agent cgroups may reach besides
@@ -161,8 +167,8 @@ pub mod counter {
     pub const SEEN: u32 = 0;
     /// Events written to the ring buffer.
     pub const EMITTED: u32 = 1;
-    /// Events lost: the ring buffer was full, or the probe could not read
-    /// the socket (offsets not set).
+    /// Events lost, from either ring buffer: the ring buffer was full, or
+    /// the probe could not read the socket (offsets not set).
     pub const DROPPED: u32 = 2;
     /// Packets not written as records of their own because their socket
     /// had a record less than [`super::PACKET_RECORD_INTERVAL_NS`] before;
@@ -171,17 +177,79 @@ pub mod counter {
     pub const PER_PROGRAM: u32 = 4;
 }
 
+/// Which counter of a program's events bound for
+/// [`map_names::EVIDENCE_RESERVED`]. Each is also counted in the
+/// program's [`counter`] of the same name (`EMITTED`, `DROPPED`): these
+/// say how many of those were the reserved ring's.
+pub mod reserved_counter {
+    /// Events written to the reserved ring buffer.
+    pub const EMITTED: u32 = 0;
+    /// Events for the reserved ring buffer that were lost: it was full, or
+    /// the probe could not read the socket to tell where it was going.
+    pub const DROPPED: u32 = 1;
+    pub const PER_PROGRAM: u32 = 2;
+}
+
 /// Index of a counter in [`map_names::EVIDENCE_COUNTERS`].
 #[inline(always)]
 pub const fn counter_index(program: u32, which: u32) -> u32 {
     program * counter::PER_PROGRAM + which
 }
 
-/// Entries of the counter array (room for programs added later).
+/// Where the [`reserved_counter`]s start in the counter array: after
+/// room for 12 programs' [`counter`]s, so the indexes of counters that
+/// existed before do not move (the array is pinned, and a restarted
+/// daemon keeps counting into the same one).
+pub const RESERVED_COUNTER_BASE: u32 = 48;
+
+/// Index of a [`reserved_counter`] in [`map_names::EVIDENCE_COUNTERS`].
+#[inline(always)]
+pub const fn reserved_counter_index(program: u32, which: u32) -> u32 {
+    RESERVED_COUNTER_BASE + program * reserved_counter::PER_PROGRAM + which
+}
+
+/// Entries of the counter array (room for programs added later). Not to be
+/// raised: a pinned array made by an older daemon keeps its size, and a
+/// counter past its end would silently count nothing.
 pub const COUNTER_ENTRIES: u32 = 64;
-/// Size of the evidence ring buffer in bytes (a power of two, a multiple
-/// of the page size): room for about 10,000 events in flight.
+
+const _: () = assert!(
+    counter_index(counted_program::COUNT - 1, counter::PER_PROGRAM - 1) < RESERVED_COUNTER_BASE
+);
+const _: () = assert!(
+    reserved_counter_index(
+        counted_program::COUNT - 1,
+        reserved_counter::PER_PROGRAM - 1
+    ) < COUNTER_ENTRIES
+);
+
+/// Does an event of `program` about a connection or packet to
+/// `destination` go to the reserved ring buffer
+/// ([`map_names::EVIDENCE_RESERVED`])?
+///
+/// The agent-cgroup programs' events always do: every one is a redirect or
+/// a refusal of an agent, what a verdict on the agents rests on. So do the
+/// packet program's, which records packets to protected targets only. A
+/// TCP connect seen host-wide does when it goes to a protected target
+/// (`is_protected`, the REDIRECTS lookup the connect hooks make; both
+/// sides hold IPv4 IPv4-mapped, so an IPv6 socket connecting to
+/// `::ffff:a.b.c.d` matches the IPv4 target): that is the connection a
+/// bypass would be. Every other connect on the host goes to the general
+/// ring, which anyone can fill.
+#[inline(always)]
+pub fn reserved_for(
+    program: u32,
+    destination: &TargetKey,
+    is_protected: impl Fn(&TargetKey) -> bool,
+) -> bool {
+    program != counted_program::TCP_STATE || is_protected(destination)
+}
+/// Size of the general evidence ring buffer in bytes (a power of two, a
+/// multiple of the page size): room for about 10,000 events in flight.
 pub const EVIDENCE_RING_BYTES: u32 = 1 << 20;
+/// Size of the reserved evidence ring buffer
+/// ([`map_names::EVIDENCE_RESERVED`]), the same.
+pub const EVIDENCE_RESERVED_RING_BYTES: u32 = 1 << 20;
 
 /// One kernel observation, written to the evidence ring buffer.
 #[repr(C)]

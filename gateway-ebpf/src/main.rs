@@ -37,9 +37,15 @@
 //!   packets, SCTP, ...), which the TCP probe cannot see. It never drops a
 //!   packet: it is evidence, not enforcement.
 //!
-//! Every evidence event goes to one ring buffer; every event a program had
-//! to report is counted as seen, and then as emitted or dropped, so a gap
-//! in the evidence is itself on record.
+//! Evidence events go to two ring buffers: the reserved one takes those a
+//! verdict rests on (every event of the agent-cgroup programs, packets to
+//! protected targets, TCP connects to protected targets), the general one
+//! every other TCP connect on the host. Anyone on the host can fill the
+//! general one with cheap connects; they cannot crowd out the reserved
+//! one's events that way. Every event a program had to report is counted
+//! as seen, and then as emitted or dropped (and, for the reserved ring,
+//! also in its own counters), so a gap in the evidence is itself on
+//! record, and so is which ring it was in.
 #![no_std]
 #![no_main]
 
@@ -58,8 +64,9 @@ use aya_ebpf::{
 };
 use gateway_common::{
     counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
-    v4_mapped, ClientPortKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
-    TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES,
+    reserved_counter, reserved_counter_index, reserved_for, v4_mapped, ClientPortKey, EgressRule,
+    EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey, COUNTER_ENTRIES,
+    EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES, EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES,
     PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
 };
 
@@ -102,6 +109,9 @@ static PACKET_RATE: LruHashMap<u64, PacketRate> =
 #[map(name = "EVIDENCE")]
 static EVIDENCE: RingBuf = RingBuf::with_byte_size(EVIDENCE_RING_BYTES, 0);
 
+#[map(name = "EVIDENCE_RESERVED")]
+static EVIDENCE_RESERVED: RingBuf = RingBuf::with_byte_size(EVIDENCE_RESERVED_RING_BYTES, 0);
+
 #[map(name = "EVIDENCE_COUNTERS")]
 static EVIDENCE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
 
@@ -126,25 +136,52 @@ const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
 
 #[inline(always)]
-fn count(program: u32, which: u32) {
+fn count_at(index: u32) {
     // Per-CPU: no two CPUs write the same slot, and the BPF target has no
     // compare-and-swap to make a shared counter exact.
-    if let Some(slot) = EVIDENCE_COUNTERS.get_ptr_mut(counter_index(program, which)) {
+    if let Some(slot) = EVIDENCE_COUNTERS.get_ptr_mut(index) {
         unsafe { *slot += 1 };
     }
 }
 
-/// Writes one event, counting it as emitted, or as dropped when the ring
-/// buffer is full. The caller has counted it as seen.
 #[inline(always)]
-fn emit(program: u32, event: &EvidenceEvent) {
-    match EVIDENCE.reserve::<EvidenceEvent>(0) {
+fn count(program: u32, which: u32) {
+    count_at(counter_index(program, which));
+}
+
+/// Counts an event lost; `reserved` when it was bound for the reserved
+/// ring. The general counter first: the reader reads the reserved one
+/// first, so it never sees more reserved drops than drops.
+#[inline(always)]
+fn count_dropped(program: u32, reserved: bool) {
+    count(program, counter::DROPPED);
+    if reserved {
+        count_at(reserved_counter_index(program, reserved_counter::DROPPED));
+    }
+}
+
+/// Writes one event to the reserved ring buffer (`reserved`) or the
+/// general one, counting it as emitted, or as dropped when that ring
+/// buffer is full. The caller has counted it as seen. Two literal calls,
+/// not one on a chosen map: each helper call then names its map, as the
+/// verifier wants.
+#[inline(always)]
+fn emit(program: u32, event: &EvidenceEvent, reserved: bool) {
+    let entry = if reserved {
+        EVIDENCE_RESERVED.reserve::<EvidenceEvent>(0)
+    } else {
+        EVIDENCE.reserve::<EvidenceEvent>(0)
+    };
+    match entry {
         Some(mut entry) => {
             entry.write(*event);
             entry.submit(0);
             count(program, counter::EMITTED);
+            if reserved {
+                count_at(reserved_counter_index(program, reserved_counter::EMITTED));
+            }
         }
-        None => count(program, counter::DROPPED),
+        None => count_dropped(program, reserved),
     }
 }
 
@@ -189,7 +226,9 @@ pub fn tollgate_tcp_state(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     unsafe {
         if core::ptr::read_volatile(&OFFSETS_SET) == 0 {
-            count(program, counter::DROPPED);
+            // Where it went is unknown, so it may have been a connection
+            // to a protected target: counted as the reserved ring's too.
+            count_dropped(program, true);
             return 0;
         }
         let cookie = bpf_get_socket_cookie(sk as *mut c_void);
@@ -207,7 +246,12 @@ pub fn tollgate_tcp_state(ctx: BtfTracePointContext) -> i32 {
         event.daddr = daddr;
         event.dport = u32::from(u16::from_be(dport_be));
         event.protocol = u32::from(protocol);
-        emit(program, &event);
+        let destination = TargetKey {
+            addr: daddr,
+            port: event.dport,
+        };
+        let reserved = reserved_for(program, &destination, |key| REDIRECTS.get(key).is_some());
+        emit(program, &event, reserved);
     }
     0
 }
@@ -275,7 +319,7 @@ unsafe fn report_redirect(sa: *mut bpf_sock_addr, key: &TargetKey, family: u32, 
     event.daddr = key.addr;
     event.dport = key.port;
     event.protocol = 6;
-    emit(program, &event);
+    emit(program, &event, true);
 }
 
 /// What the socket hooks decide for a destination.
@@ -351,7 +395,7 @@ unsafe fn report_refusal(
     event.daddr = key.addr;
     event.dport = key.port;
     event.protocol = (*sa).protocol;
-    emit(program, &event);
+    emit(program, &event, true);
 }
 
 /// The socket's own addresses: its IPv4 source (0 if none) and its bound
@@ -532,7 +576,7 @@ pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
             event.protocol = (*sk).protocol;
             // The socket type, for the record (no destination yet).
             event.dport = sock_type;
-            emit(program, &event);
+            emit(program, &event, true);
             return REFUSE;
         }
     }
@@ -752,7 +796,8 @@ fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
         socket_type,
         packets: packets.min(u64::from(u32::MAX)) as u32,
     };
-    emit(program, &event);
+    // Only packets to protected targets get here.
+    emit(program, &event, true);
 }
 
 // The verifier only accepts context accesses at a constant offset from the

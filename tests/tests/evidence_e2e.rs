@@ -2,12 +2,35 @@
 //! cgroup and from outside it, the host-wide probe, the evidence stream
 //! under the audit directory, and `tollgate verify` reconciling the two.
 
-use std::{os::unix::fs::MetadataExt, path::Path, process::Command, time::Duration};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::Path,
+    process::{Command, Stdio},
+    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::Duration,
+};
 
 use serde_json::{json, Value};
 use tollgate_tests::{duckdb, evidence, free_port, privileged, AgentCgroup, Postgres, Stack};
 
 const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-00000000e71d";
+
+/// The evidence probe is host-wide: the flood test overflows the general
+/// ring buffer of every tollgate running on the host, so the tests that
+/// expect no loss do not run while it does.
+static HOST_WIDE_PROBE: RwLock<()> = RwLock::new(());
+
+fn sharing_the_probe() -> RwLockReadGuard<'static, ()> {
+    HOST_WIDE_PROBE
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn flooding_the_probe() -> RwLockWriteGuard<'static, ()> {
+    HOST_WIDE_PROBE
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn verify(stack: &Stack) -> (i32, String, Value) {
     let run = evidence::verify(
@@ -87,6 +110,7 @@ fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
     if !privileged("a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss") {
         return;
     }
+    let _probe = sharing_the_probe();
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
     let connections = 200;
@@ -192,6 +216,7 @@ fn non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypas
     {
         return;
     }
+    let _probe = sharing_the_probe();
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let port = stack.postgres.port.to_string();
     let before = stack.postgres.connections_received();
@@ -272,6 +297,7 @@ fn a_datagram_to_an_ipv6_protected_target_is_evidence() {
     if !privileged("a_datagram_to_an_ipv6_protected_target_is_evidence") {
         return;
     }
+    let _probe = sharing_the_probe();
     let postgres = Postgres::start_dual_stack().expect("PostgreSQL on 127.0.0.1 and ::1");
     let v6 = postgres.address_v6();
     let mut stack =
@@ -306,6 +332,7 @@ fn a_direct_connection_from_outside_the_agent_cgroups_is_an_unaudited_connection
     {
         return;
     }
+    let _probe = sharing_the_probe();
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let before = stack.postgres.connections_received();
     let direct = stack
@@ -338,6 +365,7 @@ fn a_session_that_sends_no_statement_is_still_an_audited_upstream() {
     if !privileged("a_session_that_sends_no_statement_is_still_an_audited_upstream") {
         return;
     }
+    let _probe = sharing_the_probe();
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
     // Log in and hang up: the gateway opened an upstream connection, and
@@ -358,4 +386,166 @@ fn a_session_that_sends_no_statement_is_still_an_audited_upstream() {
     assert_eq!(code, 0, "{summary}");
     assert_eq!(report["to_protected_targets"], 1, "{summary}");
     assert_eq!(report["audited_upstreams"], 1, "{summary}");
+}
+
+/// Compiles tests/c/connect_flood.c into `dir`.
+fn connect_flood_binary(dir: &Path) -> String {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("c/connect_flood.c");
+    let binary = dir.join("connect_flood");
+    let out = Command::new("cc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .expect("run cc (the tests need a C compiler)");
+    assert!(
+        out.status.success(),
+        "cc {}: {}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary.display().to_string()
+}
+
+/// How long the flood lasts, and by how many processes: on two CPUs, about
+/// 50,000 connects a second each, against a general ring buffer with room
+/// for about 10,900 events.
+const FLOOD_MS: u64 = 4_000;
+const FLOODERS: usize = 2;
+
+#[test]
+fn a_flood_of_connects_from_outside_the_agent_cgroups_loses_no_evidence_of_agents() {
+    if !privileged("a_flood_of_connects_from_outside_the_agent_cgroups_loses_no_evidence_of_agents")
+    {
+        return;
+    }
+    let _probe = flooding_the_probe();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
+    let flood = connect_flood_binary(stack.gateway.dir.path());
+    let closed = free_port().to_string();
+    // From this test's own cgroup: outside every agent cgroup, unprivileged
+    // as far as the probe is concerned (a connect needs nothing).
+    let mut flooders: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            Command::new(&flood)
+                .args([closed.as_str(), &FLOOD_MS.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start connect_flood")
+        })
+        .collect();
+    // Let the flood fill the general ring buffer before the agents connect.
+    std::thread::sleep(Duration::from_millis(300));
+    let connections = 10;
+    let mut agent_pids = Vec::new();
+    for i in 0..connections {
+        let child = stack
+            .agent_psql(&token, &format!("SELECT {i}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run psql");
+        agent_pids.push(child.id());
+        let out = child.wait_with_output().expect("psql output");
+        assert!(
+            out.status.success(),
+            "psql {i}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            stack.gateway.log()
+        );
+    }
+    // Every agent connection was made while the flood went on.
+    for flooder in &mut flooders {
+        assert!(
+            flooder.try_wait().expect("poll connect_flood").is_none(),
+            "the flood ended before the agents' connections did: make FLOOD_MS longer"
+        );
+    }
+    let mut flooded = 0;
+    for flooder in flooders {
+        let answer = parse(flooder.wait_with_output().expect("connect_flood output"));
+        assert_eq!(answer["outcome"], "done", "{answer}");
+        assert_eq!(answer["other"], 0, "every connect refused: {answer}");
+        flooded += answer["connects"].as_u64().unwrap_or(0);
+    }
+    stack.gateway.stop();
+
+    let counters = last_loss_counters(&stack);
+    let tcp = &counters["programs"]["tcp_state"];
+    let count = |program: &Value, name: &str| program[name].as_u64().unwrap_or(0);
+    eprintln!(
+        "flood: {flooded} connects in {FLOOD_MS} ms by {FLOODERS} processes; tcp_state: {tcp}"
+    );
+    // The flood worked: the general ring buffer overflowed.
+    assert!(
+        count(tcp, "dropped") > count(tcp, "dropped_reserved"),
+        "the general ring buffer did not overflow ({flooded} connects): {counters}"
+    );
+    // ... and the reserved one lost nothing, of any program.
+    let programs = counters["programs"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert!(programs.contains_key("connect4"), "{counters}");
+    for (name, program) in &programs {
+        assert_eq!(program["dropped_reserved"], 0, "{name}: {counters}");
+    }
+    assert_eq!(
+        counters["user_space"]["reserved_malformed"], 0,
+        "{counters}"
+    );
+    assert_eq!(
+        counters["user_space"]["reserved_write_failed"], 0,
+        "{counters}"
+    );
+    // The agents' redirects and the gateway's upstream connections went to
+    // the reserved ring buffer.
+    assert!(
+        count(&counters["programs"]["connect4"], "emitted_reserved") >= connections,
+        "{counters}"
+    );
+    assert!(count(tcp, "emitted_reserved") >= connections, "{counters}");
+
+    // Every agent connection's redirect is on record, with its process.
+    let redirected = evidence::rows_of_kind(
+        stack.gateway.audit_dir(),
+        "redirected",
+        &format!("dst_endpoint_port = {}", stack.postgres.port),
+    );
+    for pid in &agent_pids {
+        assert!(
+            redirected
+                .iter()
+                .any(|r| r["actor_process_pid"].as_u64() == Some(u64::from(*pid))),
+            "no redirected row for psql pid {pid}: {} rows",
+            redirected.len()
+        );
+    }
+
+    let (code, summary, report) = verify(&stack);
+    eprintln!("{summary}");
+    // The general ring's drops fail verification, as losses of other
+    // connections' evidence; none is of agents or protected targets, and
+    // nothing went around the gateway.
+    assert_eq!(code, 1, "{summary}");
+    assert_eq!(report["bypasses"], json!([]), "{summary}");
+    assert_eq!(report["reserved_losses"], json!([]), "{summary}");
+    assert!(
+        !report["losses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .is_empty(),
+        "{summary}"
+    );
+    assert!(
+        report["audited_upstreams"].as_u64().unwrap_or(0) >= connections,
+        "{summary}"
+    );
+    assert!(
+        summary.contains("reserved loss:       0 intervals"),
+        "{summary}"
+    );
 }

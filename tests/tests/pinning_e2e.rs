@@ -593,9 +593,28 @@ fn a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_
             "went to the (closed) listener, not to PostgreSQL: {attempt}"
         );
     }
+    // Their redirects went to the other pinned ring buffer, the reserved
+    // one, which the new daemon adopted and read too.
+    assert!(stack
+        .gateway
+        .config
+        .bpffs_dir
+        .join("maps/EVIDENCE_RESERVED")
+        .exists());
+    let redirects = evidence::rows_of_kind(audit, "redirected", &between);
+    assert_eq!(redirects.len(), 3, "{redirects:?}");
+    for attempt in &attempts {
+        assert!(
+            redirects
+                .iter()
+                .any(|r| r["upstream_socket_cookie"] == attempt["upstream_socket_cookie"]),
+            "no redirected row for {attempt}: {redirects:?}"
+        );
+    }
     let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
     assert_eq!(run.code, 0, "{}", run.summary);
     assert_eq!(run.report["bypasses"], json!([]));
+    assert_eq!(run.report["reserved_losses"], json!([]));
     assert!(
         run.report["redirected"].as_u64().unwrap_or(0) >= 5,
         "{}",

@@ -1,8 +1,10 @@
 //! Independent evidence that nothing went around the gateway.
 //!
 //! The kernel probes (gateway-ebpf) write every TCP active open on the host,
-//! and every redirect or refusal on the agent cgroups, to a ring buffer.
-//! This module reads it and writes each event as a record of a second
+//! and every redirect or refusal on the agent cgroups, to two ring buffers:
+//! a reserved one for the events a verdict rests on (agent cgroups,
+//! protected targets) and a general one for the rest. This module reads
+//! both and writes each event as a record of a second
 //! audit log at `{audit.dir}/evidence`: its own hash chain, WAL, Parquet
 //! segments and signed checkpoints, in the same format as the request
 //! audit. Per interval it also records the loss counters, so "nothing was
@@ -22,7 +24,10 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use gateway_common::{counted_program, counter, counter_index, event_kind, EvidenceEvent};
+use gateway_common::{
+    counted_program, counter, counter_index, event_kind, reserved_counter, reserved_counter_index,
+    EvidenceEvent,
+};
 use serde_json::json;
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{info, warn};
@@ -300,6 +305,34 @@ pub struct UserSpaceCounters {
     /// records of older versions, whose `write_failed` counted these too.
     #[serde(default)]
     pub write_retried: u64,
+    /// Of `received`, `malformed` and `write_failed`: those read from the
+    /// reserved ring buffer (events of agent cgroups and to protected
+    /// targets). Absent (zero) in records of versions without it.
+    #[serde(default)]
+    pub reserved_received: u64,
+    #[serde(default)]
+    pub reserved_malformed: u64,
+    #[serde(default)]
+    pub reserved_write_failed: u64,
+}
+
+impl UserSpaceCounters {
+    /// Counts one item read from a ring buffer; `reserved` for the
+    /// reserved one.
+    fn received(&mut self, reserved: bool) {
+        self.received += 1;
+        self.reserved_received += u64::from(reserved);
+    }
+
+    fn malformed(&mut self, reserved: bool) {
+        self.malformed += 1;
+        self.reserved_malformed += u64::from(reserved);
+    }
+
+    fn write_failed(&mut self, reserved: bool) {
+        self.write_failed += 1;
+        self.reserved_write_failed += u64::from(reserved);
+    }
 }
 
 /// One program's counters, summed over CPUs (cumulative since the pinned
@@ -307,8 +340,20 @@ pub struct UserSpaceCounters {
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ProgramCounters {
     pub seen: u64,
+    /// Written to either ring buffer.
     pub emitted: u64,
+    /// Lost, from either ring buffer.
     pub dropped: u64,
+    /// Of `emitted`: written to the reserved ring buffer (events of agent
+    /// cgroups and to protected targets). Absent (zero) in records of
+    /// versions without it, which had one ring buffer for everything.
+    #[serde(default)]
+    pub emitted_reserved: u64,
+    /// Of `dropped`: lost from the reserved ring buffer. An event that may
+    /// have been a bypass, or the redirect that shows a connection was
+    /// not one. Absent (zero) in records of versions without it.
+    #[serde(default)]
+    pub dropped_reserved: u64,
     /// Packets the packet evidence program counted into a later record of
     /// the same socket instead of recording them singly (rate limit; not
     /// a loss).
@@ -332,16 +377,39 @@ pub struct LossReport {
 
 impl LossReport {
     /// Nothing was dropped by a program, missed by the kernel, or lost
-    /// between the ring buffer and the log. (`seen` may run ahead of
+    /// between a ring buffer and the log. (`seen` may run ahead of
     /// `emitted` by the events in flight on each CPU at the moment the
     /// counters are read; every one of those ends as emitted or dropped.)
     pub fn lossless(&self) -> bool {
-        self.user_space.malformed == 0
-            && self.user_space.write_failed == 0
-            && self
-                .programs
-                .values()
-                .all(|p| p.dropped == 0 && p.recursion_misses.unwrap_or(0) == 0)
+        self.general_lossless() && self.reserved_lost() == 0
+    }
+
+    /// Nothing was lost but events of the reserved ring buffer: no drop
+    /// from the general ring buffer, no recursion miss, nothing of the
+    /// general ring buffer malformed or unwritten. The general ring holds
+    /// the host's other connections; a record of a version with one ring
+    /// buffer counts every drop here.
+    pub fn general_lossless(&self) -> bool {
+        let user = &self.user_space;
+        user.malformed.saturating_sub(user.reserved_malformed) == 0
+            && user.write_failed.saturating_sub(user.reserved_write_failed) == 0
+            && self.programs.values().all(|p| {
+                p.dropped.saturating_sub(p.dropped_reserved) == 0
+                    && p.recursion_misses.unwrap_or(0) == 0
+            })
+    }
+
+    /// Events of the reserved ring buffer lost: dropped by the kernel,
+    /// malformed, or unwritten. Each may have been a bypass, or the
+    /// redirect that shows a connection was not one.
+    pub fn reserved_lost(&self) -> u64 {
+        let user = &self.user_space;
+        self.programs
+            .values()
+            .map(|p| p.dropped_reserved)
+            .sum::<u64>()
+            + user.reserved_malformed
+            + user.reserved_write_failed
     }
 }
 
@@ -371,10 +439,16 @@ fn read_counters(
     let mut out = BTreeMap::new();
     for program in 0..counted_program::COUNT {
         let name = counted_program::NAMES[program as usize];
+        // Each reserved counter before its general one, which the kernel
+        // counts first: read so, a reserved count never exceeds the total.
+        let emitted_reserved = sum(reserved_counter_index(program, reserved_counter::EMITTED));
+        let dropped_reserved = sum(reserved_counter_index(program, reserved_counter::DROPPED));
         let mut c = ProgramCounters {
             seen: sum(counter_index(program, counter::SEEN)),
             emitted: sum(counter_index(program, counter::EMITTED)),
             dropped: sum(counter_index(program, counter::DROPPED)),
+            emitted_reserved,
+            dropped_reserved,
             suppressed: (program == counted_program::PACKET_EGRESS)
                 .then(|| sum(counter_index(program, counter::SUPPRESSED))),
             ..Default::default()
@@ -414,6 +488,7 @@ impl Evidence {
     ) -> anyhow::Result<Self> {
         let EvidenceHandles {
             ring,
+            reserved,
             counters,
             tracing_programs,
         } = handles;
@@ -424,11 +499,15 @@ impl Evidence {
         // for as long as the AsyncFd holds it.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|err| anyhow::anyhow!("cannot poll the evidence ring buffer: {err}"))?;
+        // SAFETY: as above.
+        let reserved = unsafe { AsyncFd::register(reserved) }.map_err(|err| {
+            anyhow::anyhow!("cannot poll the reserved evidence ring buffer: {err}")
+        })?;
         let log = AuditLog::open(&evidence_config(audit)).await?;
         log.append(config_record(&snapshot)).await?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(read_loop(
-            ring,
+            Rings { ring, reserved },
             counters,
             tracing_programs,
             log.clone(),
@@ -439,7 +518,7 @@ impl Evidence {
         Ok(Evidence { stop, task, log })
     }
 
-    /// Drains the ring buffer, writes a last loss_counters record and
+    /// Drains the ring buffers, writes a last loss_counters record and
     /// closes the evidence log.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -448,8 +527,56 @@ impl Evidence {
     }
 }
 
+/// The two evidence ring buffers, as the reader polls them.
+struct Rings {
+    ring: AsyncFd<RingBuf<MapData>>,
+    reserved: AsyncFd<RingBuf<MapData>>,
+}
+
+impl Rings {
+    /// A batch of each, the reserved one first: its events are the ones a
+    /// verdict rests on. What remains is the readiness branches' work.
+    async fn drain_batch(&mut self, log: &AuditLog, user: &mut UserSpaceCounters) {
+        drain(self.reserved.get_mut(), Ring::Reserved, log, user).await;
+        drain(self.ring.get_mut(), Ring::General, log, user).await;
+    }
+
+    /// Both, until each is empty (or an event cannot be written).
+    async fn drain_all(&mut self, log: &AuditLog, user: &mut UserSpaceCounters) {
+        for (ring, which) in [
+            (&mut self.reserved, Ring::Reserved),
+            (&mut self.ring, Ring::General),
+        ] {
+            while drain(ring.get_mut(), which, log, user).await == Drained::More {}
+        }
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// The ring buffer was empty, or an event could not be written and
+    /// stays there for a later drain.
+    Done,
+    /// A batch was written and more events may wait.
+    More,
+}
+
+/// Events written per drain before the reader lets other tasks run. A
+/// flood keeps a ring buffer from ever being empty: drained whole, it
+/// would hold a runtime thread (and the sessions queued behind it)
+/// indefinitely, and gather an unbounded batch of pending writes.
+const DRAIN_BATCH: usize = 1024;
+
+/// Which ring buffer an event was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ring {
+    General,
+    Reserved,
+}
+
 async fn read_loop(
-    mut ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    mut rings: Rings,
     counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     tracing_programs: Vec<(String, std::os::fd::OwnedFd)>,
     log: AuditLog,
@@ -463,11 +590,39 @@ async fn read_loop(
     ticker.tick().await;
     loop {
         let stopping = tokio::select! {
-            guard = ring.readable_mut() => {
+            // Polled first: when both have events, the reserved ring's
+            // are written first.
+            biased;
+            guard = rings.reserved.readable_mut() => {
                 match guard {
                     Ok(mut guard) => {
-                        drain(guard.get_inner_mut(), &log, &mut user).await;
-                        guard.clear_ready();
+                        // Still ready when a batch was cut short: the next
+                        // turn of the loop drains on without a wake-up.
+                        if drain(guard.get_inner_mut(), Ring::Reserved, &log, &mut user).await
+                            == Drained::Done
+                        {
+                            guard.clear_ready();
+                        } else {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "reserved evidence ring buffer poll failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                false
+            }
+            guard = rings.ring.readable_mut() => {
+                match guard {
+                    Ok(mut guard) => {
+                        if drain(guard.get_inner_mut(), Ring::General, &log, &mut user).await
+                            == Drained::Done
+                        {
+                            guard.clear_ready();
+                        } else {
+                            tokio::task::yield_now().await;
+                        }
                     }
                     Err(err) => {
                         warn!(error = %err, "evidence ring buffer poll failed");
@@ -479,14 +634,14 @@ async fn read_loop(
             _ = ticker.tick() => {
                 // Ring buffer notifications can be batched: drain on every
                 // tick too, so counters and records line up.
-                drain(ring.get_mut(), &log, &mut user).await;
+                rings.drain_batch(&log, &mut user).await;
                 write_loss(&log, &counters, &tracing_programs, user, interval).await;
                 false
             }
             _ = stopped.changed() => true,
         };
         if stopping {
-            drain(ring.get_mut(), &log, &mut user).await;
+            rings.drain_all(&log, &mut user).await;
             write_loss(&log, &counters, &tracing_programs, user, interval).await;
             return;
         }
@@ -513,7 +668,8 @@ async fn write_loss(
     }
 }
 
-/// Reads every event in the ring buffer into the evidence log. Each record
+/// Reads the events in the ring buffer into the evidence log, at most
+/// [`DRAIN_BATCH`] of them. Each record
 /// is written (the log is `buffered`, see [`evidence_config`]) before its
 /// event is let go of in the ring buffer, which is when the kernel may
 /// reuse its space and a restarted daemon would no longer see it.
@@ -525,14 +681,27 @@ async fn write_loss(
 /// it any sign of the loss. Kept in the ring buffer, they are either
 /// written later or, once it is full, dropped by the kernel and counted
 /// in its pinned counters (`dropped`), which verify reports.
-async fn drain(ring: &mut RingBuf<MapData>, log: &AuditLog, user: &mut UserSpaceCounters) {
+async fn drain(
+    ring: &mut RingBuf<MapData>,
+    which: Ring,
+    log: &AuditLog,
+    user: &mut UserSpaceCounters,
+) -> Drained {
+    let reserved = which == Ring::Reserved;
     // Read at each drain: the wall clock may have been stepped since.
     let boot_offset = boot_to_unix_offset_ns();
     let mut pending = Vec::new();
-    while let Some(item) = ring.next() {
+    // A full batch may have left events behind; an empty ring buffer or a
+    // failed write ends the drain.
+    let mut ended = Drained::More;
+    for _ in 0..DRAIN_BATCH {
+        let Some(item) = ring.next() else {
+            ended = Drained::Done;
+            break;
+        };
         let Some(event) = decode(&item) else {
-            user.received += 1;
-            user.malformed += 1;
+            user.received(reserved);
+            user.malformed(reserved);
             continue;
         };
         let durable = log.submit(event_record(&event, boot_offset));
@@ -543,17 +712,19 @@ async fn drain(ring: &mut RingBuf<MapData>, log: &AuditLog, user: &mut UserSpace
             // leaves the ring buffer's consumer position where it is (the
             // item only borrows the ring buffer; nothing is leaked).
             std::mem::forget(item);
+            ended = Drained::Done;
             break;
         }
-        user.received += 1;
+        user.received(reserved);
         pending.push(durable);
     }
     for durable in pending {
         if let Err(err) = durable.await {
-            user.write_failed += 1;
+            user.write_failed(reserved);
             warn!(error = %err, "an evidence record could not be written");
         }
     }
+    ended
 }
 
 #[cfg(test)]
@@ -699,6 +870,84 @@ mod tests {
             ..Default::default()
         };
         assert!(with(clean, retried).lossless());
+    }
+
+    /// `dropped` counts both ring buffers and `dropped_reserved` the
+    /// reserved one's share: a drop of either is a loss, and which ring it
+    /// was in is told apart.
+    #[test]
+    fn drops_of_each_ring_buffer_are_told_apart() {
+        let report = |dropped: u64, dropped_reserved: u64, user: UserSpaceCounters| LossReport {
+            programs: BTreeMap::from([(
+                "tcp_state".to_owned(),
+                ProgramCounters {
+                    seen: 10,
+                    emitted: 10 - dropped,
+                    dropped,
+                    dropped_reserved,
+                    recursion_misses: Some(0),
+                    ..Default::default()
+                },
+            )]),
+            user_space: user,
+            interval_ms: 5000,
+        };
+        let none = UserSpaceCounters::default();
+        let general = report(3, 0, none);
+        assert!(!general.lossless());
+        assert!(!general.general_lossless());
+        assert_eq!(general.reserved_lost(), 0);
+        let reserved = report(3, 3, none);
+        assert!(!reserved.lossless());
+        assert!(reserved.general_lossless());
+        assert_eq!(reserved.reserved_lost(), 3);
+        assert_eq!(loss_record(&reserved).status_id, 2);
+        let both = report(3, 1, none);
+        assert!(!both.general_lossless());
+        assert_eq!(both.reserved_lost(), 1);
+        let mut user = UserSpaceCounters::default();
+        user.received(true);
+        user.write_failed(true);
+        user.received(false);
+        user.malformed(false);
+        assert_eq!((user.received, user.reserved_received), (2, 1));
+        assert_eq!((user.write_failed, user.reserved_write_failed), (1, 1));
+        assert_eq!((user.malformed, user.reserved_malformed), (1, 0));
+        let in_user_space = report(0, 0, user);
+        assert_eq!(
+            in_user_space.reserved_lost(),
+            1,
+            "the unwritten reserved event"
+        );
+        assert!(
+            !in_user_space.general_lossless(),
+            "the malformed general item"
+        );
+    }
+
+    #[test]
+    fn reserved_counters_have_their_own_slots_and_the_old_ones_stay_put() {
+        use gateway_common::{
+            counted_program::{COUNT, PACKET_EGRESS, TCP_STATE},
+            COUNTER_ENTRIES,
+        };
+        // Where a daemon without the reserved ring counted: a pinned
+        // counter array keeps these meanings across the upgrade.
+        assert_eq!(counter_index(TCP_STATE, counter::DROPPED), 2);
+        assert_eq!(counter_index(PACKET_EGRESS, counter::SUPPRESSED), 27);
+        let mut used = std::collections::BTreeSet::new();
+        for program in 0..COUNT {
+            for which in 0..counter::PER_PROGRAM {
+                assert!(used.insert(counter_index(program, which)));
+            }
+            for which in 0..reserved_counter::PER_PROGRAM {
+                assert!(
+                    used.insert(reserved_counter_index(program, which)),
+                    "program {program} reserved counter {which} overlaps another"
+                );
+            }
+        }
+        assert!(used.iter().all(|&i| i < COUNTER_ENTRIES), "{used:?}");
     }
 
     /// An event's record is in the WAL file when `submit` returns, before

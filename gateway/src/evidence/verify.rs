@@ -5,7 +5,10 @@
 //!   upstream socket the gateway opened and audited: its socket cookie must
 //!   equal the `upstream_socket_cookie` of an audit row. Anything else is a
 //!   bypass, listed with process, cgroup, destination and time.
-//! - The loss counters of every interval must be zero.
+//! - The loss counters of every interval must be zero. A loss of the
+//!   reserved ring buffer (events of agent cgroups and to protected
+//!   targets) is reported apart from one of the general ring buffer: only
+//!   the first can hide a bypass.
 //! - The protected targets come from the evidence stream's own `config`
 //!   records, written at every start: no configuration file is needed.
 //!
@@ -228,7 +231,9 @@ fn unwatched_after_boot(
     windows
 }
 
-/// A loss_counters record whose counters grew since the previous one.
+/// A loss_counters record whose counters of the general ring buffer (or
+/// recursion misses) grew since the previous one: some of the host's
+/// other connections may be missing from the evidence.
 #[derive(Debug, Clone, Serialize)]
 pub struct Loss {
     pub time_ms: i64,
@@ -237,6 +242,49 @@ pub struct Loss {
     pub delta: LossReport,
     /// The cumulative counters as recorded.
     pub report: serde_json::Value,
+}
+
+/// The finding of a [`ReservedLoss`].
+pub const RESERVED_EVIDENCE_LOST: &str = "agent_or_protected_target_evidence_lost";
+
+/// A loss_counters record whose reserved ring buffer counters grew since
+/// the previous one: events of agent cgroups or to protected targets were
+/// lost in the interval. Any of them may have been a bypass (or the
+/// redirect showing a connection was not one), so the interval's verdict
+/// cannot exclude a bypass, whatever else it shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReservedLoss {
+    /// [`RESERVED_EVIDENCE_LOST`].
+    pub finding: String,
+    pub time_ms: i64,
+    pub time: String,
+    pub evidence_sequence: i64,
+    /// Events of the reserved ring buffer lost in the interval.
+    pub events: u64,
+    /// Of those, dropped by each program (only programs that dropped).
+    pub dropped_by_program: BTreeMap<String, u64>,
+    /// Of those, read from the ring buffer but malformed or unwritten.
+    pub lost_in_user_space: u64,
+}
+
+impl ReservedLoss {
+    fn of(time_ms: i64, evidence_sequence: i64, delta: &LossReport) -> Self {
+        ReservedLoss {
+            finding: RESERVED_EVIDENCE_LOST.into(),
+            time_ms,
+            time: format_time(time_ms),
+            evidence_sequence,
+            events: delta.reserved_lost(),
+            dropped_by_program: delta
+                .programs
+                .iter()
+                .filter(|(_, c)| c.dropped_reserved > 0)
+                .map(|(name, c)| (name.clone(), c.dropped_reserved))
+                .collect(),
+            lost_in_user_space: delta.user_space.reserved_malformed
+                + delta.user_space.reserved_write_failed,
+        }
+    }
 }
 
 /// `cur - prev`, or `cur` when the counter went down (a new counter map or
@@ -275,6 +323,8 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
                 seen: grew(p_or.seen, c.seen),
                 emitted: grew(p_or.emitted, c.emitted),
                 dropped: grew(p_or.dropped, c.dropped),
+                emitted_reserved: grew(p_or.emitted_reserved, c.emitted_reserved),
+                dropped_reserved: grew(p_or.dropped_reserved, c.dropped_reserved),
                 suppressed: c
                     .suppressed
                     .map(|cur| grew(p_or.suppressed.unwrap_or(0), cur)),
@@ -289,6 +339,12 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
         malformed: grew(pu.malformed, cur.user_space.malformed),
         write_failed: grew(pu.write_failed, cur.user_space.write_failed),
         write_retried: grew(pu.write_retried, cur.user_space.write_retried),
+        reserved_received: grew(pu.reserved_received, cur.user_space.reserved_received),
+        reserved_malformed: grew(pu.reserved_malformed, cur.user_space.reserved_malformed),
+        reserved_write_failed: grew(
+            pu.reserved_write_failed,
+            cur.user_space.reserved_write_failed,
+        ),
     };
     out
 }
@@ -333,7 +389,12 @@ pub struct Report {
     /// nothing was redirected or recorded then (see [`UnwatchedWindow`]).
     pub unwatched_after_boot: Vec<UnwatchedWindow>,
     pub bypasses: Vec<Bypass>,
+    /// Intervals that lost events of the general ring buffer (or whose
+    /// probe was skipped): other connections of the host.
     pub losses: Vec<Loss>,
+    /// Intervals that lost events of agent cgroups or to protected
+    /// targets: a bypass in them cannot be excluded.
+    pub reserved_losses: Vec<ReservedLoss>,
     pub problems: Vec<String>,
 }
 
@@ -631,6 +692,7 @@ pub fn reconcile(
         unwatched_after_boot: unwatched_after_boot(&starts, opts.from_ms, opts.to_ms),
         bypasses: Vec::new(),
         losses: Vec::new(),
+        reserved_losses: Vec::new(),
         problems: Vec::new(),
     };
     // (cookie, address, port) -> when it was last seen.
@@ -747,13 +809,20 @@ pub fn reconcile(
             }
         };
         let delta = interval_delta(previous.as_ref(), &cumulative);
-        if in_window(row.time) && !delta.lossless() {
-            report.losses.push(Loss {
-                time_ms: row.time,
-                evidence_sequence: row.sequence,
-                delta,
-                report: serde_json::from_str(&row.unmapped).unwrap_or_default(),
-            });
+        if in_window(row.time) {
+            if delta.reserved_lost() > 0 {
+                report
+                    .reserved_losses
+                    .push(ReservedLoss::of(row.time, row.sequence, &delta));
+            }
+            if !delta.general_lossless() {
+                report.losses.push(Loss {
+                    time_ms: row.time,
+                    evidence_sequence: row.sequence,
+                    delta,
+                    report: serde_json::from_str(&row.unmapped).unwrap_or_default(),
+                });
+            }
         }
         previous = Some(cumulative);
     }
@@ -763,6 +832,7 @@ pub fn reconcile(
     let integrity_ok = |i: &Integrity| i.ok || (!i.checked && !opts.require_integrity);
     report.ok = report.bypasses.is_empty()
         && report.losses.is_empty()
+        && report.reserved_losses.is_empty()
         && problems.is_empty()
         && integrity_ok(&report.audit_integrity)
         && integrity_ok(&report.evidence_integrity);
@@ -808,10 +878,34 @@ pub fn summary(r: &Report) -> String {
         r.non_tcp_packets
     ));
     out.push_str(&format!(
-        "  loss:                {} interval records, {} with losses\n",
+        "  loss:                {} interval records, {} with losses of other connections' evidence\n",
         r.loss_records,
         r.losses.len()
     ));
+    out.push_str(&format!(
+        "  reserved loss:       {} intervals lost evidence of agent cgroups or protected targets\n",
+        r.reserved_losses.len()
+    ));
+    for l in &r.reserved_losses {
+        let programs: Vec<String> = l
+            .dropped_by_program
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        out.push_str(&format!(
+            "    {} {}: {} event(s) lost (dropped: {}; lost in user space: {}): \
+             a bypass in the interval ending then cannot be excluded\n",
+            l.time,
+            l.finding,
+            l.events,
+            if programs.is_empty() {
+                "none".to_owned()
+            } else {
+                programs.join(", ")
+            },
+            l.lost_in_user_space,
+        ));
+    }
     for w in &r.unwatched_after_boot {
         out.push_str(&format!(
             "  unwatched:           the host booted at {} and tollgate started at {} ({:.1} s later): \
@@ -1249,6 +1343,105 @@ mod tests {
             &opts(),
         );
         assert!(!r.ok, "no config");
+    }
+
+    /// A loss record of this version: `dropped` counts both ring buffers,
+    /// `dropped_reserved` the reserved one's share.
+    fn loss_of_rings(seq: i64, dropped: u64, dropped_reserved: u64) -> Row {
+        Row {
+            sequence: seq,
+            time: 1_700_000_000_000 + seq,
+            phase: "loss_counters".into(),
+            unmapped: format!(
+                r#"{{"programs":{{"tcp_state":{{"seen":9,"emitted":9,"dropped":{dropped},"emitted_reserved":2,"dropped_reserved":{dropped_reserved},"recursion_misses":0}}}},"user_space":{{"received":9,"malformed":0,"write_failed":0,"write_retried":0,"reserved_received":2,"reserved_malformed":0,"reserved_write_failed":0}},"interval_ms":5000}}"#
+            ),
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn a_drop_of_the_reserved_ring_is_reported_apart_as_evidence_that_cannot_exclude_a_bypass() {
+        let r = reconciled(&[], &[config_row(1), loss_of_rings(2, 4, 4)]);
+        assert!(!r.ok, "{}", summary(&r));
+        assert!(r.losses.is_empty(), "no general loss: {}", summary(&r));
+        assert_eq!(r.reserved_losses.len(), 1, "{}", summary(&r));
+        let lost = &r.reserved_losses[0];
+        assert_eq!(lost.finding, RESERVED_EVIDENCE_LOST);
+        assert_eq!(lost.events, 4);
+        assert_eq!(
+            lost.dropped_by_program,
+            BTreeMap::from([("tcp_state".into(), 4)])
+        );
+        assert_eq!(lost.evidence_sequence, 2);
+        let text = summary(&r);
+        assert!(text.contains("reserved loss:       1 intervals"), "{text}");
+        assert!(text.contains(RESERVED_EVIDENCE_LOST), "{text}");
+        assert!(text.contains("cannot be excluded"), "{text}");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(
+            json["reserved_losses"][0]["finding"],
+            RESERVED_EVIDENCE_LOST
+        );
+        assert_eq!(json["reserved_losses"][0]["events"], 4);
+    }
+
+    #[test]
+    fn a_drop_of_the_general_ring_stays_a_loss_and_is_not_reserved() {
+        let r = reconciled(&[], &[config_row(1), loss_of_rings(2, 7, 0)]);
+        assert!(!r.ok, "{}", summary(&r));
+        assert_eq!(r.losses.len(), 1, "{}", summary(&r));
+        assert!(r.reserved_losses.is_empty(), "{}", summary(&r));
+        assert_eq!(r.losses[0].delta.programs["tcp_state"].dropped, 7);
+        assert!(summary(&r).contains("reserved loss:       0 intervals"));
+        // Both rings in one interval: reported as both.
+        let r = reconciled(&[], &[config_row(1), loss_of_rings(2, 7, 3)]);
+        assert_eq!((r.losses.len(), r.reserved_losses.len()), (1, 1));
+        assert_eq!(r.reserved_losses[0].events, 3);
+        // Nothing dropped: neither.
+        let r = reconciled(&[], &[config_row(1), loss_of_rings(2, 0, 0)]);
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    #[test]
+    fn reserved_events_lost_in_user_space_are_reserved_losses() {
+        let mut row = loss_of_rings(2, 0, 0);
+        row.unmapped = row
+            .unmapped
+            .replace(r#""write_failed":0"#, r#""write_failed":2"#)
+            .replace(
+                r#""reserved_write_failed":0"#,
+                r#""reserved_write_failed":2"#,
+            );
+        let r = reconciled(&[], &[config_row(1), row]);
+        assert!(r.losses.is_empty(), "{}", summary(&r));
+        assert_eq!(r.reserved_losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.reserved_losses[0].lost_in_user_space, 2);
+        assert!(r.reserved_losses[0].dropped_by_program.is_empty());
+    }
+
+    /// Records written with one ring buffer have no reserved counters:
+    /// they parse, and every drop in them is a loss, as it was.
+    #[test]
+    fn old_loss_records_without_reserved_counters_judge_as_before() {
+        let old: LossReport = serde_json::from_str(&loss(2, 3).unmapped).expect("old record");
+        assert_eq!(old.programs["tcp_state"].dropped_reserved, 0);
+        assert_eq!(old.user_space.reserved_write_failed, 0);
+        assert!(!old.general_lossless());
+        assert_eq!(old.reserved_lost(), 0);
+        let r = reconciled(&[], &[config_row(1), loss(2, 3)]);
+        assert_eq!(r.losses.len(), 1, "{}", summary(&r));
+        assert!(r.reserved_losses.is_empty(), "{}", summary(&r));
+        assert!(!r.ok);
+        // An old record followed by a new one of the same pinned counters:
+        // only what grew in between counts.
+        let mut newer = loss_of_rings(3, 4, 1);
+        newer.time = 1_700_000_000_100;
+        let r = reconciled(&[], &[config_row(1), loss(2, 3), newer]);
+        assert_eq!(r.losses.len(), 1, "the old record's drop: {}", summary(&r));
+        assert_eq!(r.losses[0].evidence_sequence, 2);
+        assert_eq!(r.reserved_losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.reserved_losses[0].evidence_sequence, 3);
+        assert_eq!(r.reserved_losses[0].events, 1);
     }
 
     #[test]

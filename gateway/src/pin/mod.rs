@@ -133,11 +133,14 @@ pub struct ClientOrigin {
     pub cgroup_id: u64,
 }
 
-/// What the evidence reader needs from the loaded object: the ring buffer,
-/// the loss counters and the host-wide evidence programs (for their ids
-/// and recursion misses).
+/// What the evidence reader needs from the loaded object: the two ring
+/// buffers, the loss counters and the host-wide evidence programs (for
+/// their ids and recursion misses).
 pub struct EvidenceHandles {
+    /// Every event that is not `reserved`'s: anyone can fill it.
     pub ring: RingBuf<MapData>,
+    /// Events of agent cgroups and to protected targets.
+    pub reserved: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
     /// (program name, program fd) of each host-wide evidence program.
     pub tracing_programs: Vec<(String, OwnedFd)>,
@@ -183,14 +186,17 @@ impl Pinning {
             .override_global(global_names::SKC_V6_DADDR, &offsets.skc_v6_daddr, true)
             .override_global(global_names::SK_PROTOCOL, &offsets.sk_protocol, true)
             .override_global(global_names::OFFSETS_SET, &1u32, true);
-        // The evidence ring buffer and counters are pinned too: the pinned
+        // The evidence ring buffers and counters are pinned too: the pinned
         // probe keeps recording while the daemon is down, and the next
-        // daemon reads what it recorded.
+        // daemon reads what it recorded. (A pin directory of a daemon from
+        // before the reserved ring gets one made here; its still-attached
+        // programs keep writing to the general ring until replaced below.)
         let map_paths: Vec<(&str, PathBuf)> = [
             map_names::REDIRECTS,
             map_names::ORIGINAL_DESTINATIONS,
             map_names::CLIENT_PORTS,
             map_names::EVIDENCE,
+            map_names::EVIDENCE_RESERVED,
             map_names::EVIDENCE_COUNTERS,
             map_names::EGRESS_RULES,
             map_names::EGRESS_SETTINGS,
@@ -294,6 +300,10 @@ impl Pinning {
             ebpf.take_map(map_names::EVIDENCE)
                 .context("map EVIDENCE missing from the kernel object")?,
         )?;
+        let reserved = RingBuf::try_from(
+            ebpf.take_map(map_names::EVIDENCE_RESERVED)
+                .context("map EVIDENCE_RESERVED missing from the kernel object")?,
+        )?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(map_names::EVIDENCE_COUNTERS)
                 .context("map EVIDENCE_COUNTERS missing from the kernel object")?,
@@ -304,6 +314,7 @@ impl Pinning {
             client_ports,
             evidence: Some(EvidenceHandles {
                 ring,
+                reserved,
                 counters,
                 tracing_programs: vec![
                     (program_names::TCP_STATE.to_owned(), probe_fd),
@@ -742,6 +753,52 @@ mod tests {
             judged("::", None, "::", &["127.0.0.1:5432"]),
             "[::1]:5432".parse::<SocketAddr>().unwrap()
         );
+    }
+
+    /// Which ring buffer an event goes to: the tcp_state probe's by the
+    /// same REDIRECTS key the connect hooks use, every other evidence
+    /// program's always to the reserved one.
+    #[test]
+    fn connects_to_protected_targets_and_agent_events_go_to_the_reserved_ring() {
+        use gateway_common::{counted_program, reserved_for};
+        let protected = [
+            target_key("10.0.0.5:5432".parse().unwrap()),
+            target_key("[fd00::7]:5432".parse().unwrap()),
+        ];
+        let is_protected = |key: &TargetKey| protected.contains(key);
+        let reserved = |program, dst: &str| {
+            // As the probe reads it: an AF_INET socket's address mapped, an
+            // AF_INET6 socket's as it is (IPv4-mapped when it reaches IPv4).
+            reserved_for(program, &target_key(dst.parse().unwrap()), is_protected)
+        };
+        let tcp = counted_program::TCP_STATE;
+        assert!(reserved(tcp, "10.0.0.5:5432"));
+        assert!(
+            reserved(tcp, "[::ffff:10.0.0.5]:5432"),
+            "an IPv6 socket to the IPv4 target"
+        );
+        assert!(reserved(tcp, "[fd00::7]:5432"));
+        assert!(!reserved(tcp, "10.0.0.5:5433"), "another port");
+        assert!(!reserved(tcp, "127.0.0.1:9"), "a flood to a closed port");
+        assert!(!reserved(tcp, "[::ffff:10.0.0.6]:5432"));
+        let key = TargetKey {
+            addr: [0, 0, u32::to_be(0xffff), u32::from_ne_bytes([10, 0, 0, 5])],
+            port: 5432,
+        };
+        assert!(
+            reserved_for(tcp, &key, is_protected),
+            "the probe's v4_mapped form"
+        );
+        for program in [
+            counted_program::CONNECT4,
+            counted_program::CONNECT6,
+            counted_program::SENDMSG4,
+            counted_program::SENDMSG6,
+            counted_program::SOCK_CREATE,
+            counted_program::PACKET_EGRESS,
+        ] {
+            assert!(reserved(program, "127.0.0.1:9"), "program {program}");
+        }
     }
 
     #[test]
