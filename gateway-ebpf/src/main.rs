@@ -425,17 +425,19 @@ fn judged_destination(asked: [u32; 4], port: u32, source4: u32, source6: &[u32; 
     })
 }
 
+/// [`judged_destination`] of the address a connecting (or sending)
+/// socket asked for, from the socket's own source addresses.
+#[inline(always)]
+unsafe fn judged_socket_destination(sa: *mut bpf_sock_addr, asked: [u32; 4]) -> TargetKey {
+    let (source4, source6) = socket_sources(sa);
+    judged_destination(asked, port_from_user((*sa).user_port), source4, &source6)
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let (source4, source6) = socket_sources(sa);
-        let key = judged_destination(
-            v4_mapped((*sa).user_ip4),
-            port_from_user((*sa).user_port),
-            source4,
-            &source6,
-        );
+        let key = judged_socket_destination(sa, v4_mapped((*sa).user_ip4));
         if redirected_here_already(sa, &key) {
             return ALLOW;
         }
@@ -460,13 +462,7 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let (source4, source6) = socket_sources(sa);
-        let key = judged_destination(
-            read_ip6(sa),
-            port_from_user((*sa).user_port),
-            source4,
-            &source6,
-        );
+        let key = judged_socket_destination(sa, read_ip6(sa));
         if redirected_here_already(sa, &key) {
             return ALLOW;
         }
@@ -515,13 +511,7 @@ pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let (source4, source6) = socket_sources(sa);
-        let key = judged_destination(
-            read_ip6(sa),
-            port_from_user((*sa).user_port),
-            source4,
-            &source6,
-        );
+        let key = judged_socket_destination(sa, read_ip6(sa));
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
             report_refusal(sa, &key, AF_INET6, kind, counted_program::SENDMSG6);
             return REFUSE;

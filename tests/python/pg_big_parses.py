@@ -7,12 +7,11 @@ stop coming.
 usage: pg_big_parses.py HOST PORT TOKEN COUNT SIZE
 """
 import json
-import socket
 import struct
 import sys
 import threading
 
-from pg_raw import cstr, login, msg, read_message
+from pg_raw import count_until_ready, cstr, login, msg
 
 
 def main():
@@ -28,17 +27,8 @@ def main():
         sock.sendall(msg(b"S", b""))
 
     threading.Thread(target=send, daemon=True).start()
-    result = {"parsed": 0, "ready": False}
-    try:
-        while True:
-            tag, _ = read_message(sock)
-            if tag == b"1":
-                result["parsed"] += 1
-            elif tag == b"Z":
-                result["ready"] = True
-                break
-    except (socket.timeout, EOFError) as e:
-        result["timeout"] = str(e)
+    result = count_until_ready(sock, b"1")
+    result["parsed"] = result.pop("count")
     print(json.dumps(result))
 
 

@@ -7,12 +7,11 @@ while another reads the answers (as libpq's pipeline mode does). Prints
 usage: pg_pipeline_flood.py HOST PORT TOKEN COUNT SQL
 """
 import json
-import socket
 import struct
 import sys
 import threading
 
-from pg_raw import cstr, error_fields, login, msg, read_message
+from pg_raw import count_until_ready, cstr, login, msg
 
 
 def main():
@@ -28,19 +27,8 @@ def main():
         target=lambda: sock.sendall(one * count + msg(b"S", b"")), daemon=True
     )
     sender.start()
-    result = {"complete": 0, "errors": [], "ready": False}
-    try:
-        while True:
-            tag, body = read_message(sock)
-            if tag == b"C":
-                result["complete"] += 1
-            elif tag == b"E":
-                result["errors"].append(error_fields(body))
-            elif tag == b"Z":
-                result["ready"] = True
-                break
-    except (socket.timeout, EOFError) as e:
-        result["timeout"] = str(e)
+    result = count_until_ready(sock, b"C")
+    result["complete"] = result.pop("count")
     print(json.dumps(result))
 
 

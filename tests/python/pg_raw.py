@@ -82,6 +82,26 @@ def read_until(sock, stop_tags, count=1):
     return got
 
 
+def count_until_ready(sock, counted_tag):
+    """Reads answers up to a ReadyForQuery: {"count": messages tagged
+    counted_tag, "errors": [fields of each ErrorResponse], "ready": bool},
+    with "timeout" when answers stop coming."""
+    result = {"count": 0, "errors": [], "ready": False}
+    try:
+        while True:
+            tag, body = read_message(sock)
+            if tag == counted_tag:
+                result["count"] += 1
+            elif tag == b"E":
+                result["errors"].append(error_fields(body))
+            elif tag == b"Z":
+                result["ready"] = True
+                return result
+    except (socket.timeout, EOFError) as e:
+        result["timeout"] = str(e)
+    return result
+
+
 def login(host, port, token, timeout):
     """A session logged in as the agent with `token`, ready for queries."""
     sock = socket.create_connection((host, int(port)), timeout=timeout)

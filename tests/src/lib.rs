@@ -68,6 +68,29 @@ pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) 
     bail!("timed out after {timeout:?} waiting for {what}")
 }
 
+/// Compiles the test program `tests/c/<name>.c` with `cc -O<opt>` into
+/// `dir`; the binary's path.
+pub fn compile_c_program(name: &str, opt: u8, dir: &std::path::Path) -> String {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("c")
+        .join(format!("{name}.c"));
+    let binary = dir.join(name);
+    let out = std::process::Command::new("cc")
+        .arg(format!("-O{opt}"))
+        .args(["-Wall", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .expect("run cc (the tests need a C compiler)");
+    assert!(
+        out.status.success(),
+        "cc {}: {}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary.display().to_string()
+}
+
 pub fn port_open(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }

@@ -390,21 +390,7 @@ fn a_session_that_sends_no_statement_is_still_an_audited_upstream() {
 
 /// Compiles tests/c/connect_flood.c into `dir`.
 fn connect_flood_binary(dir: &Path) -> String {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("c/connect_flood.c");
-    let binary = dir.join("connect_flood");
-    let out = Command::new("cc")
-        .args(["-O2", "-Wall", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .output()
-        .expect("run cc (the tests need a C compiler)");
-    assert!(
-        out.status.success(),
-        "cc {}: {}",
-        source.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    binary.display().to_string()
+    tollgate_tests::compile_c_program("connect_flood", 2, dir)
 }
 
 /// How long the flood lasts, and by how many processes: on two CPUs, about

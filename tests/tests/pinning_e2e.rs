@@ -94,6 +94,20 @@ fn agent_cgroup_id(stack: &Stack) -> i64 {
         .expect("agent cgroup")
 }
 
+/// Runs each case (name, `escape.py` arguments, the peer the agent must
+/// see) as an agent: each reaches tollgate, the redirect invisible to the
+/// agent, and none reaches PostgreSQL (tollgate opens no upstream before
+/// a valid token).
+fn each_reaches_tollgate(stack: &Stack, cases: &[(&str, Vec<&str>, String)]) {
+    let before = stack.postgres.connections_received();
+    for (case, args, peer) in cases {
+        let answer = as_agent(stack, args);
+        assert_eq!(answer["outcome"], "tollgate", "{case}: {answer}");
+        assert_eq!(answer["peer"], peer.as_str(), "{case}: {answer}");
+    }
+    assert_eq!(stack.postgres.connections_received(), before);
+}
+
 #[test]
 fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
     if !privileged("tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form") {
@@ -101,7 +115,6 @@ fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
     }
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let port = stack.postgres.port.to_string();
-    let before = stack.postgres.connections_received();
     let cases: [(&str, Vec<&str>, String); 3] = [
         (
             "IPv4 connect",
@@ -119,14 +132,7 @@ fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
             format!("127.0.0.1:{port}"),
         ),
     ];
-    for (case, args, peer) in &cases {
-        let answer = as_agent(&stack, args);
-        assert_eq!(answer["outcome"], "tollgate", "{case}: {answer}");
-        // The redirect is invisible to the agent.
-        assert_eq!(answer["peer"], peer.as_str(), "{case}: {answer}");
-    }
-    // tollgate opens no upstream before a valid token: PostgreSQL saw nothing.
-    assert_eq!(stack.postgres.connections_received(), before);
+    each_reaches_tollgate(&stack, &cases);
     stack.gateway.stop();
 
     let audit = stack.gateway.audit_dir();
@@ -171,7 +177,6 @@ fn connects_to_the_unspecified_address_from_an_agent_cgroup_are_redirected_and_a
     }
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let port = stack.postgres.port.to_string();
-    let before = stack.postgres.connections_received();
     let cases: [(&str, Vec<&str>, String); 3] = [
         (
             "0.0.0.0",
@@ -191,12 +196,7 @@ fn connects_to_the_unspecified_address_from_an_agent_cgroup_are_redirected_and_a
             format!("127.0.0.1:{port}"),
         ),
     ];
-    for (case, args, peer) in &cases {
-        let answer = as_agent(&stack, args);
-        assert_eq!(answer["outcome"], "tollgate", "{case}: {answer}");
-        assert_eq!(answer["peer"], peer.as_str(), "{case}: {answer}");
-    }
-    assert_eq!(stack.postgres.connections_received(), before);
+    each_reaches_tollgate(&stack, &cases);
     // A real client through `0.0.0.0`, end to end.
     let token = stack.idp.token(AGENT_OID, &[]).expect("token");
     let out = psql_in(
@@ -1003,21 +1003,7 @@ fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
 /// Compiles tests/c/uring_connect.c (raw io_uring system calls, no
 /// liburing) into `dir`.
 fn uring_connect_binary(dir: &Path) -> String {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("c/uring_connect.c");
-    let binary = dir.join("uring_connect");
-    let out = Command::new("cc")
-        .args(["-O1", "-Wall", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .output()
-        .expect("run cc (the tests need a C compiler)");
-    assert!(
-        out.status.success(),
-        "cc {}: {}",
-        source.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    binary.display().to_string()
+    tollgate_tests::compile_c_program("uring_connect", 1, dir)
 }
 
 #[test]

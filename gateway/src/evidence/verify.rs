@@ -374,7 +374,8 @@ pub struct Report {
     pub to_protected_targets: usize,
     /// ... of which matched an audited gateway upstream.
     pub audited_upstreams: usize,
-    /// Connections from agent cgroups that the kernel redirected to tollgate.
+    /// Connections from agent cgroups that the kernel redirected to tollgate
+    /// (its `redirected` events, one per socket).
     pub redirected: usize,
     /// Attempts the kernel refused (UDP to a target, raw sockets, egress).
     pub refused: usize,
@@ -751,7 +752,10 @@ pub fn reconcile(
                 } else if row.cookie.is_some_and(|c| redirected.contains(&c))
                     || dst.is_some_and(|d| listeners.contains(&d)) && from_agent
                 {
-                    report.redirected += 1;
+                    // Counted from the `redirected` events themselves
+                    // (below): those are in the reserved ring buffer, this
+                    // connect to the listener in the general one, which a
+                    // flood may have cut short.
                 } else if from_agent {
                     report.agent_other_egress += 1;
                 }
@@ -826,6 +830,13 @@ pub fn reconcile(
         }
         previous = Some(cumulative);
     }
+    // One per redirected connection: a restart may report one twice.
+    let mut redirects_seen: HashSet<i64> = HashSet::new();
+    report.redirected = evidence
+        .iter()
+        .filter(|r| r.phase == phase::EVIDENCE && kind(r) == "redirected" && in_window(r.time))
+        .filter(|r| r.cookie.is_none_or(|c| redirects_seen.insert(c)))
+        .count();
     if report.loss_records == 0 {
         problems.push("no loss counters in the window: completeness cannot be shown".into());
     }
@@ -1250,6 +1261,29 @@ mod tests {
         assert_eq!(r.audited_upstreams, 1);
         assert_eq!(r.redirected, 1);
         assert_eq!(r.agent_other_egress, 1);
+
+        // Redirects are counted from their own events: one whose connect to
+        // the listener a flood of the general ring buffer cut out counts,
+        // and one reported twice (across a restart) counts once.
+        let mut again = redirect_row(7, 901);
+        again.sequence = 8;
+        let evidence = vec![
+            config_row(1),
+            redirect_row(3, 900),
+            connect(4, 77, "psql", "127.0.0.1:15432", 900),
+            redirect_row(7, 901),
+            again,
+            loss(9, 0),
+        ];
+        let r = reconciled(&[], &evidence);
+        assert_eq!(r.redirected, 2, "{}", summary(&r));
+        assert!(r.bypasses.is_empty(), "{}", summary(&r));
+    }
+
+    fn redirect_row(seq: i64, cookie: i64) -> Row {
+        let mut redirect = connect(seq, 77, "psql", "10.0.0.5:5432", cookie);
+        redirect.unmapped = r#"{"kind":"redirected"}"#.into();
+        redirect
     }
 
     #[test]
