@@ -594,41 +594,11 @@ async fn read_loop(
             // are written first.
             biased;
             guard = rings.reserved.readable_mut() => {
-                match guard {
-                    Ok(mut guard) => {
-                        // Still ready when a batch was cut short: the next
-                        // turn of the loop drains on without a wake-up.
-                        if drain(guard.get_inner_mut(), Ring::Reserved, &log, &mut user).await
-                            == Drained::Done
-                        {
-                            guard.clear_ready();
-                        } else {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                    Err(err) => {
-                        warn!(error = %err, "reserved evidence ring buffer poll failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                drain_ready(guard, Ring::Reserved, &log, &mut user).await;
                 false
             }
             guard = rings.ring.readable_mut() => {
-                match guard {
-                    Ok(mut guard) => {
-                        if drain(guard.get_inner_mut(), Ring::General, &log, &mut user).await
-                            == Drained::Done
-                        {
-                            guard.clear_ready();
-                        } else {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                    Err(err) => {
-                        warn!(error = %err, "evidence ring buffer poll failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                drain_ready(guard, Ring::General, &log, &mut user).await;
                 false
             }
             _ = ticker.tick() => {
@@ -644,6 +614,30 @@ async fn read_loop(
             rings.drain_all(&log, &mut user).await;
             write_loss(&log, &counters, &tracing_programs, user, interval).await;
             return;
+        }
+    }
+}
+
+/// A batch of a ring buffer the poll found readable. Readiness stays when
+/// the batch was cut short, so that the reader's next turn drains on
+/// without a wake-up (after letting other tasks run).
+async fn drain_ready(
+    guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
+    which: Ring,
+    log: &AuditLog,
+    user: &mut UserSpaceCounters,
+) {
+    match guard {
+        Ok(mut guard) => {
+            if drain(guard.get_inner_mut(), which, log, user).await == Drained::Done {
+                guard.clear_ready();
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+        Err(err) => {
+            warn!(error = %err, ring = ?which, "evidence ring buffer poll failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
