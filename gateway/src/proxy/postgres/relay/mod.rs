@@ -311,14 +311,102 @@ impl std::ops::DerefMut for Queue {
 /// What a portal runs: the statement and its rendered parameters.
 type Bound = (Arc<Prepared>, String);
 
+/// Named statements, and named portals, a session may have at once as
+/// far as tollgate keeps them (the unnamed one is always kept: a new one
+/// replaces it).
+pub(super) const MAX_NAMED: usize = 10_000;
+
+/// Bytes of names, statement text and rendered parameters those may hold.
+pub(super) const MAX_NAMED_BYTES: usize = 256 << 20;
+
+/// The bytes of a kept statement or portal, besides its name.
+trait KeptBytes {
+    fn kept_bytes(&self) -> usize;
+}
+
+impl KeptBytes for Arc<Prepared> {
+    fn kept_bytes(&self) -> usize {
+        self.text.len()
+    }
+}
+
+impl KeptBytes for Bound {
+    // The statement is counted where it is kept as a statement (a portal
+    // of the unnamed statement may outlive it, by one statement at most).
+    fn kept_bytes(&self) -> usize {
+        self.1.len()
+    }
+}
+
+/// The statements (or portals) the server confirmed, by name, with the
+/// generation they were defined in, and the bytes they hold. A client
+/// may prepare as many as the server lets it, each up to a message's
+/// 64 MiB, in memory that all sessions share: past [`MAX_NAMED`] or
+/// [`MAX_NAMED_BYTES`] a new name is not kept, and so resolves as unknown
+/// (an Execute of it is decided as not understood: nothing runs as a
+/// statement tollgate did not keep). Lookups go to the map; what adds or
+/// removes an entry goes through here, so that the count stays right.
+struct Named<T> {
+    map: HashMap<String, (u64, T)>,
+    bytes: usize,
+}
+
+impl<T> Default for Named<T> {
+    fn default() -> Self {
+        Named {
+            map: HashMap::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<T: KeptBytes> Named<T> {
+    /// Keeps `entry` under `name`; false when it is past the bounds (the
+    /// name is then not kept at all, not even an older definition).
+    fn insert(&mut self, name: String, entry: (u64, T)) -> bool {
+        self.remove(&name);
+        let bytes = name.len() + entry.1.kept_bytes();
+        let named = self.map.len() - usize::from(self.map.contains_key(""));
+        if !name.is_empty() && (named >= MAX_NAMED || self.bytes + bytes > MAX_NAMED_BYTES) {
+            warn!(
+                kept = self.map.len(),
+                bytes = self.bytes,
+                "a prepared statement or portal past the session's bounds is not kept: it resolves as unknown"
+            );
+            return false;
+        }
+        self.bytes += bytes;
+        self.map.insert(name, entry);
+        true
+    }
+
+    fn remove(&mut self, name: &str) -> Option<(u64, T)> {
+        let entry = self.map.remove(name)?;
+        self.bytes -= name.len() + entry.1.kept_bytes();
+        Some(entry)
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+}
+
+impl<T> std::ops::Deref for Named<T> {
+    type Target = HashMap<String, (u64, T)>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
 #[derive(Default)]
 struct InFlight {
     queue: Queue,
     /// Prepared statements the server has confirmed (ParseComplete), with
     /// the generation they were parsed in.
-    statements: HashMap<String, (u64, Arc<Prepared>)>,
+    statements: Named<Arc<Prepared>>,
     /// Portals the server has confirmed (BindComplete), likewise.
-    portals: HashMap<String, (u64, Bound)>,
+    portals: Named<Bound>,
     /// Bumped when a statement that may create or drop statements or
     /// portals in SQL (DECLARE, CLOSE, PREPARE, DEALLOCATE, DISCARD, or
     /// one tollgate could not parse) is sent: names defined before it are

@@ -1034,3 +1034,38 @@ fn text_held_in_flight_is_counted_in_and_out() {
     assert_eq!(queue.drain().count(), 2);
     assert_eq!(queue.held_bytes, 0);
 }
+
+/// A session's named statements are kept up to a count and a size: past
+/// them a new name is not kept, so it resolves as unknown (decided as not
+/// understood at Execute), while the unnamed statement is always kept and
+/// closing one makes room again.
+#[test]
+fn named_statements_are_kept_up_to_the_sessions_bounds() {
+    let in_flight = queue_of(&[]);
+    let mut f = lock(&in_flight);
+    for i in 0..MAX_NAMED {
+        assert!(f
+            .statements
+            .insert(format!("s{i}"), (0, prepared("SELECT 1"))));
+    }
+    assert!(!f
+        .statements
+        .insert("one_more".into(), (0, prepared("SELECT 2"))));
+    assert!(matches!(f.statement("one_more"), Resolved::Known(None)));
+    assert!(f.statements.insert("".into(), (0, prepared("SELECT 3"))));
+    assert!(f.statements.remove("s0").is_some());
+    assert!(f
+        .statements
+        .insert("one_more".into(), (0, prepared("SELECT 2"))));
+    assert!(matches!(f.statement("one_more"), Resolved::Known(Some(_))));
+
+    // The size bound: a statement whose text would pass it is not kept,
+    // nor is an older one of its name.
+    f.statements.clear();
+    let big = "x".repeat(MAX_NAMED_BYTES / 2);
+    assert!(f.statements.insert("a".into(), (0, prepared(&big))));
+    assert!(f.statements.insert("b".into(), (0, prepared("SELECT 1"))));
+    assert!(!f.statements.insert("b".into(), (0, prepared(&big))));
+    assert!(matches!(f.statement("b"), Resolved::Known(None)));
+    assert_eq!(f.statements.bytes, 1 + big.len());
+}
