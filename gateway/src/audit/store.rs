@@ -106,6 +106,8 @@ enum SegMsg {
         // Boxed on purpose: see `Msg`.
         #[allow(clippy::vec_box)]
         records: Vec<Box<AuditRecord>>,
+        /// Their encoded size (see [`SegmentBacklog::bytes`]).
+        bytes: usize,
         wal_files: Vec<PathBuf>,
     },
     Shutdown(Option<oneshot::Sender<()>>),
@@ -118,8 +120,15 @@ enum SegMsg {
 #[derive(Default)]
 struct SegmentBacklog {
     records: AtomicUsize,
+    /// The records' encoded size: a record may hold up to a statement's
+    /// 8 MiB of text, so a count alone does not bound the memory.
+    bytes: AtomicUsize,
     failing: AtomicBool,
 }
+
+/// Encoded bytes of records that may wait in memory for their segment
+/// while segments cannot be written (see [`BACKLOG_SEGMENTS`]).
+const BACKLOG_BYTES: usize = 1 << 30;
 
 /// Records that may wait in memory for their segment while segments
 /// cannot be written: this many times `segment_max_records`. A WAL keeps
@@ -334,6 +343,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         max_records: cfg.segment_max_records.max(1),
         seg_tx,
         backlog: backlog.clone(),
+        buffer_bytes: 0,
     };
     std::thread::Builder::new()
         .name("audit-segments".into())
@@ -742,6 +752,8 @@ struct Writer {
     max_records: usize,
     seg_tx: mpsc::Sender<SegMsg>,
     backlog: Arc<SegmentBacklog>,
+    /// Encoded bytes of the records in `buffer`.
+    buffer_bytes: usize,
 }
 
 /// What the writer thread takes in before one commit. Records and their
@@ -888,6 +900,7 @@ impl Writer {
             wal::append_seal(&mut bytes, &self.seal_key, seq - 1, &hash);
         }
         let written = self.write_durably(&bytes, first);
+        let batch_bytes = bytes.len();
         // Both lists keep their capacity for the next batch.
         self.frames = bytes;
         let result = match written {
@@ -898,6 +911,7 @@ impl Writer {
                     self.buffer_since = Some(Instant::now());
                 }
                 self.buffer.append(&mut chained);
+                self.buffer_bytes += batch_bytes;
                 Ok(first)
             }
             Err(e) => {
@@ -916,15 +930,17 @@ impl Writer {
 
     /// Fail closed on a segment thread that cannot write: while its last
     /// attempt failed and [`BACKLOG_SEGMENTS`] segments' worth of records
-    /// wait for it, no more are taken (see [`BACKLOG_SEGMENTS`]). As soon
+    /// (or [`BACKLOG_BYTES`] of them) wait for it, no more are taken (see
+    /// [`BACKLOG_SEGMENTS`]). As soon
     /// as a segment is written again, records are taken again.
     fn segment_backlog_refusal(&self) -> Option<AuditError> {
         if !self.backlog.failing.load(Ordering::Acquire) {
             return None;
         }
         let waiting = self.backlog.records.load(Ordering::Acquire) + self.buffer.len();
+        let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
         let limit = self.max_records.saturating_mul(BACKLOG_SEGMENTS);
-        (waiting >= limit).then(|| {
+        (waiting >= limit || waiting_bytes >= BACKLOG_BYTES).then(|| {
             AuditError::Unavailable(format!(
                 "audit segments cannot be written and {waiting} records wait in memory for \
                  them: no more are taken until a segment is written"
@@ -1112,14 +1128,20 @@ impl Writer {
         }
         self.buffer_since = None;
         let records = std::mem::take(&mut self.buffer);
+        let bytes = std::mem::take(&mut self.buffer_bytes);
         let wal_files = std::mem::take(&mut self.closed_files);
         debug!(records = records.len(), "cutting segment");
         self.backlog
             .records
             .fetch_add(records.len(), Ordering::AcqRel);
+        self.backlog.bytes.fetch_add(bytes, Ordering::AcqRel);
         if self
             .seg_tx
-            .send(SegMsg::Batch { records, wal_files })
+            .send(SegMsg::Batch {
+                records,
+                bytes,
+                wal_files,
+            })
             .is_err()
         {
             error!("segment thread is gone; records stay in the WAL until restart");
@@ -1154,8 +1176,12 @@ struct SegState {
 
 impl SegState {
     fn run(mut self, rx: mpsc::Receiver<SegMsg>, backlog: &SegmentBacklog) {
-        let mut queue: std::collections::VecDeque<(Vec<Box<AuditRecord>>, Vec<PathBuf>)> =
-            Default::default();
+        #[allow(clippy::type_complexity)]
+        let mut queue: std::collections::VecDeque<(
+            Vec<Box<AuditRecord>>,
+            usize,
+            Vec<PathBuf>,
+        )> = Default::default();
         loop {
             let wait = if queue.is_empty() {
                 self.checkpoint_every
@@ -1165,12 +1191,16 @@ impl SegState {
             };
             let mut stop = None;
             match rx.recv_timeout(wait) {
-                Ok(SegMsg::Batch { records, wal_files }) => queue.push_back((records, wal_files)),
+                Ok(SegMsg::Batch {
+                    records,
+                    bytes,
+                    wal_files,
+                }) => queue.push_back((records, bytes, wal_files)),
                 Ok(SegMsg::Shutdown(done)) => stop = Some(done),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stop = Some(None),
             }
-            while let Some((records, wal_files)) = queue.front() {
+            while let Some((records, bytes, wal_files)) = queue.front() {
                 match self.write_segments(records) {
                     Ok(()) => {
                         // The records are in manifested, checkpointed
@@ -1182,6 +1212,7 @@ impl SegState {
                         }
                         let _ = fsutil::fsync_dir(&self.dir.join("wal"));
                         backlog.records.fetch_sub(records.len(), Ordering::AcqRel);
+                        backlog.bytes.fetch_sub(*bytes, Ordering::AcqRel);
                         backlog.failing.store(false, Ordering::Release);
                         queue.pop_front();
                     }
