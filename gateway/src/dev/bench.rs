@@ -42,7 +42,7 @@ pub async fn bench_verify(iterations: u32) -> anyhow::Result<BenchResult> {
 async fn run(dir: &std::path::Path, iterations: u32) -> anyhow::Result<BenchResult> {
     let ring = Keyring::open_or_create(dir)?;
     let config: IdentityConfig = toml::from_str(&format!(
-        "tenants = [\"{TID}\"]\naudiences = [\"api://tollgate\"]\njwks_file = {:?}\n\
+        "tenants = [\"{TID}\"]\naudiences = [\"api://tollgate\"]\njwks_file = {:?}\ndevelopment_idp = true\n\
          [roles.reader]\ngroups = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n",
         dir.join("jwks.json")
     ))?;

@@ -85,9 +85,16 @@ impl DevKey {
         Ok(der.as_ref().to_vec())
     }
 
-    /// The public key as a JWK, shaped like the keys Entra publishes.
+    /// The public key as a JWK, shaped like the keys Entra publishes, and
+    /// marked as a development key ([`crate::identity::DEVELOPMENT_KEY_MEMBER`]):
+    /// the daemon trusts it only with `development_idp = true`, so that a
+    /// production config pointed at a development key set by mistake
+    /// accepts nothing minted by `tollgate dev token`.
     pub fn jwk(&self) -> Value {
-        json!({ "kty": "RSA", "use": "sig", "kid": self.kid, "n": self.n, "e": self.e })
+        json!({
+            "kty": "RSA", "use": "sig", "kid": self.kid, "n": self.n, "e": self.e,
+            crate::identity::DEVELOPMENT_KEY_MEMBER: true,
+        })
     }
 
     /// Signs `message` with RSASSA-PKCS1-v1_5 SHA-256 (RS256) or PSS SHA-256 (PS256).

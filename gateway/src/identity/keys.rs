@@ -65,8 +65,14 @@ pub struct KeyStore {
     client: reqwest::Client,
     current: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
     ever_loaded: std::sync::atomic::AtomicBool,
-    /// Serialises refreshes and remembers when the last on-demand one ran.
+    /// Serialises on-demand refreshes and remembers when the last one ran.
     on_demand: tokio::sync::Mutex<Option<Instant>>,
+    /// Held for the whole of every refresh, scheduled or on demand: a slow
+    /// fetch that began before a key was withdrawn must not finish after a
+    /// newer one and put the withdrawn key back (its kid then known, no
+    /// on-demand refresh would take it out again before the next
+    /// scheduled one).
+    refreshing: tokio::sync::Mutex<()>,
     min_interval: Duration,
 }
 
@@ -97,6 +103,7 @@ impl KeyStore {
             current: RwLock::new(Arc::new(HashMap::new())),
             ever_loaded: false.into(),
             on_demand: tokio::sync::Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
             min_interval,
         })
     }
@@ -133,6 +140,7 @@ impl KeyStore {
     /// Fetches the key set and, when it parses, replaces the cached one.
     /// On any error the cached set is kept.
     pub async fn refresh(&self) -> Result<usize, KeyLoadError> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let doc = match &self.source {
             KeySource::File(path) => {
                 let bytes = tokio::fs::read(path)
@@ -154,6 +162,15 @@ impl KeyStore {
                 self.get_json(jwks_uri).await?
             }
         };
+        let mut doc = doc;
+        let development = without_development_keys(&mut doc, self.allow_dev_http);
+        if development > 0 {
+            tracing::warn!(
+                source = %self.source,
+                keys = development,
+                "development keys (from `tollgate dev`) ignored: they are trusted only with identity.development_idp = true"
+            );
+        }
         let keys = parse_jwks(&doc)?;
         let n = keys.len();
         if n == 0 {
@@ -228,6 +245,24 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, KeyLoadError> {
 /// Usable signing keys of a JWKS by kid. Keys we cannot use (other types,
 /// encryption keys, no kid) are skipped, not fatal: Entra may add key types
 /// a validator does not know.
+/// The JWK member that marks a key of tollgate's development identity
+/// provider (see `dev::keyring`).
+pub const DEVELOPMENT_KEY_MEMBER: &str = "x-tollgate-development-key";
+
+/// Takes the development identity provider's keys out of `doc`, unless
+/// `development_idp` allows them; how many were taken.
+pub fn without_development_keys(doc: &mut Value, development_idp: bool) -> usize {
+    if development_idp {
+        return 0;
+    }
+    let Some(keys) = doc.get_mut("keys").and_then(Value::as_array_mut) else {
+        return 0;
+    };
+    let before = keys.len();
+    keys.retain(|k| k.get(DEVELOPMENT_KEY_MEMBER).is_none());
+    before - keys.len()
+}
+
 pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoadError> {
     let keys = doc
         .get("keys")

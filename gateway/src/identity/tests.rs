@@ -22,8 +22,15 @@ pub(super) fn config_with(keys_line: &str, extra: &str) -> IdentityConfig {
     }
 }
 
+/// A config trusting the development keyring in `dir` (its keys are
+/// marked as development keys: trusted only with `development_idp`).
 pub(crate) fn file_config(dir: &Path, extra: &str) -> IdentityConfig {
-    config_with(&format!("jwks_file = {:?}", dir.join("jwks.json")), extra)
+    let keys = format!("jwks_file = {:?}", dir.join("jwks.json"));
+    if extra.contains("development_idp") {
+        config_with(&keys, extra)
+    } else {
+        config_with(&keys, &format!("development_idp = true\n{extra}"))
+    }
 }
 
 pub(super) async fn setup(extra: &str) -> (tempfile::TempDir, Keyring, Verifier) {
@@ -177,11 +184,39 @@ async fn app_token_is_an_app_principal() {
     assert_eq!(p.roles, vec!["Tollgate.Admin"]);
 }
 
+/// The development IdP's keys are marked: a config that points at them
+/// without `development_idp = true` (a production config pointed at the
+/// wrong file) trusts none of them, and check-config says why.
+#[tokio::test]
+async fn development_keys_are_trusted_only_with_development_idp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    let production = config_with(
+        &format!("jwks_file = {:?}", dir.path().join("jwks.json")),
+        "",
+    );
+    let err = Verifier::check(&production).expect_err("development keys in production");
+    assert!(err.to_string().contains("development keys"), "{err}");
+    let verifier = Verifier::from_config(&production).await.expect("starts");
+    assert!(verifier.verify(&token).await.is_err());
+    let development = file_config(dir.path(), "");
+    Verifier::check(&development).expect("development config");
+    let verifier = Verifier::from_config(&development).await.expect("starts");
+    verifier
+        .verify(&token)
+        .await
+        .expect("a development token in development");
+}
+
 #[tokio::test]
 async fn bad_configs_are_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     Keyring::open_or_create(dir.path()).expect("keyring");
-    let jwks = format!("jwks_file = {:?}", dir.path().join("jwks.json"));
+    let jwks = format!(
+        "jwks_file = {:?}\ndevelopment_idp = true",
+        dir.path().join("jwks.json")
+    );
     for (keys, extra, why) in [
         (
             jwks.as_str(),
@@ -332,7 +367,7 @@ async fn role_rules_hold_in_their_own_tenants_only() {
     let config = |roles: &str| -> IdentityConfig {
         toml::from_str(&format!(
             "tenants = [\"{TID}\", \"{OTHER_TID}\"]\naudiences = [\"{AUD}\"]\n\
-             jwks_file = {:?}\n{roles}",
+             jwks_file = {:?}\ndevelopment_idp = true\n{roles}",
             dir.path().join("jwks.json")
         ))
         .expect("config")

@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
@@ -82,6 +82,15 @@ pub fn connector(config: &UpstreamTlsConfig, target_ip: IpAddr) -> Result<Upstre
         roots
             .add(cert)
             .context("upstream_tls.ca_file: unusable CA certificate")?;
+    }
+    // No certificate at all (an empty file, a key given by mistake) would
+    // make a connector that refuses every server: an error at start, not
+    // a refusal per session.
+    if roots.is_empty() {
+        bail!(
+            "upstream_tls.ca_file {} holds no certificate",
+            config.ca_file.display()
+        );
     }
     let client = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

@@ -218,6 +218,17 @@ async fn establish(
                         )
                         .into());
                     }
+                    backend::Message::AuthenticationCleartextPassword
+                    | backend::Message::AuthenticationMd5Password(_)
+                        if !password_may_cross(target) =>
+                    {
+                        return Err(UpstreamError::UnsupportedAuth(format!(
+                            "the server at {} asked for the password (or its MD5 hash) over a \
+                             connection without verified TLS; configure upstream_tls, or SCRAM \
+                             on the server",
+                            target.config.address
+                        )));
+                    }
                     backend::Message::AuthenticationCleartextPassword => {
                         let password = need(&password)?;
                         frontend::password_message(password.as_bytes(), &mut out)
@@ -348,6 +359,16 @@ pub(super) fn text_reading_changed(frame: &Frame) -> Option<(&'static str, Strin
     })
 }
 
+/// Whether tollgate may answer a request for its password in the clear,
+/// or for its MD5 hash (which an eavesdropper can replay, or crack
+/// offline): over verified TLS, or to a server on this host. Anywhere else
+/// whoever answers in the server's place on the network would be handed
+/// the target's privileged login. SCRAM proves the password without
+/// sending it, and stays allowed.
+fn password_may_cross(target: &Target) -> bool {
+    target.upstream_tls.is_some() || target.config.address.ip().is_loopback()
+}
+
 /// With `upstream_tls` configured, asks the server for TLS and verifies
 /// its certificate; a server that declines is refused, never used in the
 /// clear.
@@ -440,6 +461,57 @@ mod tests {
         match connected {
             Ok(_) => panic!("went on with a server that never proved it knew the password"),
             Err(failure) => failure.to_string(),
+        }
+    }
+
+    /// A server asking for the password in the clear, or its MD5 hash,
+    /// gets it only over verified TLS or on this host: elsewhere whoever
+    /// answers in the server's place would be handed tollgate's login.
+    #[tokio::test]
+    async fn the_password_does_not_cross_the_network_in_the_clear() {
+        assert!(password_may_cross(&target_at(
+            "127.0.0.1:5432".parse().expect("addr"),
+            None
+        )));
+        assert!(!password_may_cross(&target_at(
+            "10.0.0.5:5432".parse().expect("addr"),
+            None
+        )));
+        // A rogue server on this host's own non-loopback address, reached
+        // as a remote target would be.
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+        probe.connect("192.0.2.1:9").expect("a route out");
+        let ip = probe.local_addr().expect("local address").ip();
+        assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}");
+        let server = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+        let address = server.local_addr().expect("addr");
+        for ask in [
+            &[b'R', 0, 0, 0, 8, 0, 0, 0, 3][..],
+            &[b'R', 0, 0, 0, 12, 0, 0, 0, 5, 1, 2, 3, 4],
+        ] {
+            let accept = server.accept();
+            let target = target_at(address, Some("secret"));
+            let login =
+                tokio::spawn(
+                    async move { connect(&target, &[]).await.err().map(|f| f.to_string()) },
+                );
+            let (mut conn, _) = accept.await.expect("accept");
+            let mut startup = [0u8; 1024];
+            let _ = conn.read(&mut startup).await.expect("startup message");
+            conn.write_all(ask).await.expect("ask for the password");
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+            assert!(
+                !answer.windows(6).any(|w| w == b"secret"),
+                "the password crossed in the clear"
+            );
+            assert!(
+                !answer.starts_with(b"p"),
+                "a password message was sent: {answer:?}"
+            );
+            let refused = login.await.expect("login task").expect("refused");
+            assert!(refused.contains("without verified TLS"), "{refused}");
         }
     }
 
