@@ -359,8 +359,13 @@ impl Config {
                 ));
             }
         }
-        if self.pin.loss_interval_secs == 0 {
-            return Err(("pin.loss_interval_secs".into(), "must be at least 1".into()));
+        // An hour at most: loss records are how verify shows completeness
+        // per interval, and a period near u64::MAX overflows the timer.
+        if !(1..=3600).contains(&self.pin.loss_interval_secs) {
+            return Err((
+                "pin.loss_interval_secs".into(),
+                "must be between 1 and 3600".into(),
+            ));
         }
         if self.pin.egress_allow.len() > gateway_common::EGRESS_RULE_ENTRIES as usize {
             return Err((
@@ -413,6 +418,29 @@ mod tests {
         let config = Config::parse(text, "deploy/tollgate.toml").expect("parse");
         assert_eq!(config.targets.len(), 1);
         crate::identity::Verifier::check(&config.identity).expect("identity settings");
+    }
+
+    /// The loss interval is bounded both ways: 0 would never tick, and a
+    /// period near u64::MAX overflows the evidence reader's timer.
+    #[test]
+    fn the_loss_interval_is_refused_outside_its_bounds() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        for (secs, ok) in [
+            ("0", false),
+            ("1", true),
+            ("3600", true),
+            ("3601", false),
+            ("18446744073709551615", false),
+        ] {
+            let edited = text.replacen("[pin]", &format!("[pin]\nloss_interval_secs = {secs}"), 1);
+            let parsed = Config::parse(&edited, "tollgate.toml");
+            assert_eq!(
+                parsed.is_ok(),
+                ok,
+                "{secs}: {:?}",
+                parsed.err().map(|e| e.to_string())
+            );
+        }
     }
 
     /// A target's inline password never shows in its Debug form (which
