@@ -177,6 +177,8 @@ fn check_config(path: &Path) -> Result<()> {
     let config = Config::load(path)?;
     Verifier::check(&config.identity)
         .with_context(|| format!("{}: identity provider", path.display()))?;
+    tollgate::audit::check_config(&config.audit)
+        .with_context(|| format!("{}: audit", path.display()))?;
     for target in &config.targets {
         proxy::Target::new(target.clone()).with_context(|| path.display().to_string())?;
     }

@@ -313,17 +313,18 @@ fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
 
 /// `check-config` refuses what `run` would refuse at start, before any
 /// of it runs: an identity key file that does not load, a target's TLS
-/// certificate that cannot be read.
+/// certificate that cannot be read, an audit signing key that does not
+/// load, an auditor group that does not exist.
 #[test]
 fn check_config_refuses_what_run_would_refuse_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let check = |identity_keys: &str, target_tls: &str| {
+    let check_with = |identity_keys: &str, target_tls: &str, audit: &str| {
         let path = dir.path().join("tollgate.toml");
         std::fs::write(
             &path,
             format!(
                 "[identity]\ntenants = [\"{}\"]\naudiences = [\"{}\"]\n{identity_keys}\n\
-                 [audit]\ndir = \"{}\"\n\
+                 [audit]\ndir = \"{}\"\n{audit}\n\
                  [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:5432\"\n\
                  listen = \"127.0.0.1:16432\"\ncredential = {{ user = \"u\" }}\n{target_tls}\n",
                 idp::TENANT,
@@ -335,6 +336,7 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
         let out = check_config(&path);
         (out.status.success(), stdout(&out), stderr(&out))
     };
+    let check = |identity_keys: &str, target_tls: &str| check_with(identity_keys, target_tls, "");
     let jwks = dir.path().join("jwks.json");
     let missing_cert = dir.path().join("missing-cert.pem");
     let tls = format!(
@@ -367,7 +369,25 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
         "{err}"
     );
 
-    let (ok, out, err) = check(&format!("jwks_file = \"{}\"", jwks.display()), "");
+    let keys = format!("jwks_file = \"{}\"", jwks.display());
+    let (ok, _, err) = check_with(
+        &keys,
+        "",
+        &format!(
+            "signing_key = \"{}\"",
+            dir.path().join("missing.key").display()
+        ),
+    );
+    assert!(!ok, "a missing audit signing key passed");
+    assert!(
+        err.contains("audit.signing_key") && err.contains("missing.key"),
+        "{err}"
+    );
+    let (ok, _, err) = check_with(&keys, "", "auditor_group = \"no-such-group-for-tollgate\"");
+    assert!(!ok, "an auditor group that does not exist passed");
+    assert!(err.contains("audit.auditor_group"), "{err}");
+
+    let (ok, out, err) = check(&keys, "");
     assert!(ok, "{err}");
     assert!(out.ends_with(": ok"), "{out}");
 }
