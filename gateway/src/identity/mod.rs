@@ -696,6 +696,22 @@ impl Verifier {
         }
     }
 
+    /// `principal`, if a session of it would last past now: a token
+    /// accepted within the clock skew after its `exp` whose session would
+    /// end at once (`session_expiry = "end"` with less grace than skew) is
+    /// refused as expired, rather than logged in, connected upstream and
+    /// cut off.
+    pub fn session_may_start(&self, principal: Principal) -> Result<Principal, IdentityError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match self.session_deadline(&principal) {
+            Some(deadline) if deadline <= now => Err(IdentityError::Expired {
+                exp: principal.expires_at,
+                now,
+            }),
+            _ => Ok(principal),
+        }
+    }
+
     /// Reloads the keys now (admin action, tests). Keeps the cached keys on failure.
     pub async fn refresh_keys(&self) -> anyhow::Result<usize> {
         Ok(self.inner.keys.refresh().await?)

@@ -541,6 +541,34 @@ async fn timing_settings_out_of_range_are_refused_at_start() {
     assert_eq!(v.session_deadline(&p), Some(p.expires_at + 86_400));
 }
 
+/// A token past its `exp` but within the clock skew verifies; a session
+/// of it starts only if it would last: with no grace it is refused as
+/// expired (it would be cut off at once), with grace or `keep` it starts.
+#[tokio::test]
+async fn a_session_that_would_end_at_once_does_not_start() {
+    for (extra, starts) in [
+        ("", false),
+        ("session_grace_secs = 60", true),
+        ("session_expiry = \"keep\"", true),
+    ] {
+        let (_d, ring, v) = setup(extra).await;
+        let token = TokenSpec {
+            expires_in: -10,
+            ..spec()
+        }
+        .mint(ring.signing_key())
+        .expect("mint");
+        let p = v.verify(&token).await.expect("within the clock skew");
+        match v.session_may_start(p) {
+            Ok(_) => assert!(starts, "{extra:?}: a session that ends at once started"),
+            Err(err) => {
+                assert!(!starts, "{extra:?}: {err}");
+                assert_eq!(err.code(), "expired");
+            }
+        }
+    }
+}
+
 /// `session_expiry`: by default a session ends at its token's expiry (plus
 /// no grace unless one is set); `keep` lets it outlive the token.
 #[tokio::test]

@@ -286,7 +286,8 @@ async fn serve(
         Err(err) => return Err(err),
     };
 
-    let principal = match shared.verifier.verify(token.trim()).await {
+    let verified = shared.verifier.verify(token.trim()).await;
+    let principal = match verified.and_then(|p| shared.verifier.session_may_start(p)) {
         Ok(principal) => principal,
         Err(refusal) => {
             info!(reason = %refusal, "token refused");
