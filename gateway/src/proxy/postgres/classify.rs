@@ -327,7 +327,72 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
             statements.len()
         ));
     }
+    // The backstop of `nests_within_the_stack`: the parser's walk grows its
+    // own stack, dropping the tree does not.
+    let depth = expression_depth(&statements);
+    if depth > MAX_EXPRESSION_DEPTH {
+        drop_on_a_deep_stack(statements);
+        return Err(format!(
+            "expressions nested {depth} deep (at most {MAX_EXPRESSION_DEPTH}): too deep to classify"
+        ));
+    }
     statements.iter().map(classify_statement).collect()
+}
+
+/// Expression nesting the classifier walks and drops on a runtime thread.
+/// The token pass before parsing keeps chains well below it; a tree deeper
+/// than this got past that pass and is refused. (In a debug build a chain
+/// of 16 000 levels was walked and dropped within 2 MiB of stack; runtime
+/// threads have 16 MiB.)
+const MAX_EXPRESSION_DEPTH: usize = 8_000;
+
+/// How deeply expressions nest in `statements`. sqlparser's walk grows its
+/// stack as it needs (its `recursive-protection`), so this is safe at any
+/// depth.
+fn expression_depth(statements: &[Statement]) -> usize {
+    #[derive(Default)]
+    struct Depth {
+        now: usize,
+        max: usize,
+    }
+    impl Visitor for Depth {
+        type Break = ();
+        fn pre_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
+            self.now += 1;
+            self.max = self.max.max(self.now);
+            ControlFlow::Continue(())
+        }
+        fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
+            self.now = self.now.saturating_sub(1);
+            ControlFlow::Continue(())
+        }
+    }
+    let mut depth = Depth::default();
+    for statement in statements {
+        let _ = statement.visit(&mut depth);
+    }
+    depth.max
+}
+
+/// Drops a syntax tree too deep to drop on a runtime thread (dropping
+/// recurses once per level) on a thread whose stack is reserved large
+/// enough for any tree a statement tollgate takes can build; if that
+/// thread cannot be made, the tree is leaked rather than the daemon ended.
+fn drop_on_a_deep_stack(statements: Vec<Statement>) {
+    let (to_dropper, received) = std::sync::mpsc::channel::<Vec<Statement>>();
+    let dropper = std::thread::Builder::new()
+        .name("deep-tree-drop".into())
+        .stack_size(1 << 30)
+        .spawn(move || drop(received.recv()));
+    match dropper {
+        Ok(thread) => {
+            if let Err(unsent) = to_dropper.send(statements) {
+                std::mem::forget(unsent.0);
+            }
+            let _ = thread.join();
+        }
+        Err(_) => std::mem::forget(statements),
+    }
 }
 
 /// Byte offsets where the tokenizer's strings, quoted identifiers and
@@ -448,13 +513,21 @@ fn nests_within_the_stack<'a>(tokens: impl Iterator<Item = &'a Token>) -> Result
     let too_deep = |what: &str| Err(format!("{what}: too deep to classify"));
     let mut levels = vec![Level::default()];
     let mut on_path = 0usize;
+    // A keyword is a name after `.` (`s.when`, `t.end`), `::` or AS (a
+    // label): it must open, close or reset nothing there, or a chain of
+    // such names would pass uncounted.
+    let mut names_a_thing = false;
     for token in tokens {
+        if matches!(token, Token::Whitespace(_)) {
+            continue;
+        }
         let keyword = match token {
-            Token::Word(word) if word.quote_style.is_none() => Some(word.keyword),
+            Token::Word(word) if word.quote_style.is_none() && !names_a_thing => Some(word.keyword),
             _ => None,
         };
+        names_a_thing =
+            matches!(token, Token::Period | Token::DoubleColon) || keyword == Some(Keyword::AS);
         match (token, keyword) {
-            (Token::Whitespace(_), _) => continue,
             (Token::Comma, _) => {
                 if let Some(level) = levels.last_mut() {
                     on_path -= std::mem::take(&mut level.since_separator);
@@ -1907,6 +1980,30 @@ mod tests {
             // (n + 1 JOINs nest n deep.)
             format!("SELECT * FROM t{}", " JOIN t".repeat(MAX_NESTED_JOINS + 2)),
             format!("SELECT * FROM t{}", " LEFT JOIN t".repeat(400)),
+            // Keywords as names after `.` open, close and reset nothing.
+            format!(
+                "SELECT CASE WHEN true THEN 0{} END",
+                " + s.when".repeat(20_000)
+            ),
+            format!(
+                "SELECT * FROM t{}{}",
+                " JOIN s.on".repeat(40),
+                " ON true".repeat(40)
+            ),
+            format!(
+                "SELECT * FROM t{}{}",
+                " JOIN s.cross".repeat(40),
+                " ON true".repeat(40)
+            ),
+            format!(
+                "SELECT * FROM s.case{}{}",
+                " JOIN s.when.on".repeat(40),
+                " ON s.when".repeat(40)
+            ),
+            format!(
+                "SELECT CASE WHEN true THEN 1 END{}",
+                " + x.end".repeat(20_000)
+            ),
         ];
         for sql in too_deep {
             let err = classify_on_a_worker_stack(sql.clone()).expect_err(&sql[..60]);
@@ -1958,6 +2055,27 @@ mod tests {
         let script = "SELECT 1, 1 UNION SELECT 2, 2;\n".repeat(6_000);
         let ops = classify_on_a_worker_stack(script).expect("a script of small statements");
         assert_eq!(ops.len(), 6_000);
+    }
+
+    /// The backstop behind the token pass: a tree deeper than the bound
+    /// is measured without overflowing (the parser's walk grows its stack)
+    /// and dropped on a thread with room for it. Built here past the token
+    /// pass, on a 2 MiB thread, where dropping it in place would overflow.
+    #[test]
+    fn a_tree_past_the_token_pass_is_measured_and_dropped_safely() {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let sql = format!("SELECT {}", vec!["1"; 50_000].join(" + "));
+                let statements =
+                    Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
+                let depth = expression_depth(&statements);
+                assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
+                drop_on_a_deep_stack(statements);
+            })
+            .expect("thread")
+            .join()
+            .expect("no panic");
     }
 
     /// Nesting the parser bounds itself (brackets, subqueries, prefix

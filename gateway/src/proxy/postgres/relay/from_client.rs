@@ -153,8 +153,10 @@ impl FromClient {
     /// server skips to the next Sync after an error, or takes COPY data,
     /// what comes is not queued: nothing to wait for.
     async fn wait_for_room_in_flight(&mut self) -> Result<(), WireError> {
+        // An empty queue always has room: there is no answer to wait for.
         let has_room = |f: &InFlight| {
             (f.queue.len() < MAX_IN_FLIGHT && f.queue.held_bytes < MAX_IN_FLIGHT_BYTES)
+                || f.queue.is_empty()
                 || f.server_skipping
                 || f.copy_in
         };

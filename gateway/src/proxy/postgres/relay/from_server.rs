@@ -509,7 +509,7 @@ pub(super) fn track_answer(
 /// on record already).
 /// Returns whether the client's Sync is already queued; if not, the server
 /// goes on skipping what the client sends until it comes.
-pub(super) fn skip_to_sync(queue: &mut VecDeque<Pending>, finished: &mut Finished) -> bool {
+pub(super) fn skip_to_sync(queue: &mut Queue, finished: &mut Finished) -> bool {
     while queue.front().is_some_and(|p| p.kind != Kind::Sync) {
         if let Some(skipped) = queue.pop_front() {
             if matches!(skipped.kind, Kind::Execute | Kind::Query) {

@@ -300,11 +300,20 @@ impl std::ops::Deref for Queue {
     }
 }
 
-impl std::ops::DerefMut for Queue {
-    // Entries are changed in place (answers noted), never added or
-    // removed through this: `Queue`'s own methods do that.
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.entries
+impl Queue {
+    // Entries are changed in place (answers noted) through these; adding
+    // and removing goes through the methods above, so that the count
+    // stays right (no `DerefMut`: a `VecDeque` method would bypass it).
+    fn front_mut(&mut self) -> Option<&mut Pending> {
+        self.entries.front_mut()
+    }
+
+    fn back_mut(&mut self) -> Option<&mut Pending> {
+        self.entries.back_mut()
+    }
+
+    fn iter_mut(&mut self) -> std::collections::vec_deque::IterMut<'_, Pending> {
+        self.entries.iter_mut()
     }
 }
 

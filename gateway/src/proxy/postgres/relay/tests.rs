@@ -1069,3 +1069,32 @@ fn named_statements_are_kept_up_to_the_sessions_bounds() {
     assert!(matches!(f.statement("b"), Resolved::Known(None)));
     assert_eq!(f.statements.bytes, 1 + big.len());
 }
+
+/// After an error in a pipeline the server skips to the Sync: the
+/// requests it skips leave the queue, and the text they held is given
+/// back (kept counted, it would stop the session for good once it
+/// reached the session's bound).
+#[test]
+fn requests_skipped_after_an_error_give_back_their_text() {
+    let in_flight = queue_of(&[]);
+    {
+        let mut f = lock(&in_flight);
+        let record = AuditRecord {
+            query_info_query_string: "SELECT 1/0".into(),
+            ..AuditRecord::default()
+        };
+        f.push(Pending::new(Kind::Execute, Some(record)));
+        let mut parse = Pending::new(Kind::Parse, None);
+        parse.parse = Some(("big".into(), prepared(&"x".repeat(1 << 20))));
+        f.push(parse);
+        f.push(Pending::new(Kind::Sync, None));
+        assert_eq!(f.queue.held_bytes, 10 + (1 << 20));
+    }
+    let mut error = b"SERROR\0C22012\0Mdivision by zero\0".to_vec();
+    error.push(0);
+    answer(&in_flight, &frame(b'E', &error)).expect("in step");
+    answer(&in_flight, &frame(b'Z', b"I")).expect("in step");
+    let f = lock(&in_flight);
+    assert!(f.queue.is_empty());
+    assert_eq!(f.queue.held_bytes, 0);
+}
