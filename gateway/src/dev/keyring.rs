@@ -188,10 +188,18 @@ impl Keyring {
         if keys.is_empty() {
             anyhow::bail!("{} holds no key", path.display());
         }
-        Ok(Self {
+        let ring = Self {
             dir: dir.to_path_buf(),
             keys,
-        })
+        };
+        // A key set published before development keys were marked is
+        // published again, marked (atomically, by rename): otherwise a
+        // production config pointed at it would still trust it.
+        let published = fs::read_to_string(ring.jwks_path()).unwrap_or_default();
+        if !published.contains(crate::identity::DEVELOPMENT_KEY_MEMBER) {
+            ring.write_jwks()?;
+        }
+        Ok(ring)
     }
 
     pub fn signing_key(&self) -> &DevKey {
@@ -289,6 +297,27 @@ pub(crate) fn now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key set published before development keys were marked is
+    /// marked when the keyring is next opened.
+    #[test]
+    fn an_unmarked_key_set_is_published_again_marked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+        let mut unmarked = ring.jwks();
+        for key in unmarked["keys"].as_array_mut().expect("keys") {
+            key.as_object_mut()
+                .expect("jwk")
+                .remove(crate::identity::DEVELOPMENT_KEY_MEMBER);
+        }
+        fs::write(ring.jwks_path(), unmarked.to_string()).expect("write");
+        Keyring::open(dir.path()).expect("reopen");
+        let published = fs::read_to_string(ring.jwks_path()).expect("jwks");
+        assert!(
+            published.contains(crate::identity::DEVELOPMENT_KEY_MEMBER),
+            "{published}"
+        );
+    }
 
     #[test]
     fn kid_is_stable_across_reopen_and_jwks_file_matches() {
