@@ -96,9 +96,6 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
     }
 }
 
-/// `tollgate keygen --out PATH [--name NAME]`: writes an Ed25519 checkpoint
-/// signing key to PATH (mode 0600) and its public key to PATH.pub, in the
-/// signed-note key encoding. Refuses to overwrite either file.
 /// What `tollgate check-config` checks of `[audit]` without touching the
 /// directory: the auditor group exists and the signing key, when one is
 /// configured, loads. Either failing would stop the daemon at start, after
@@ -114,6 +111,9 @@ pub fn check_config(cfg: &AuditConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tollgate keygen --out PATH [--name NAME]`: writes an Ed25519 checkpoint
+/// signing key to PATH (mode 0600) and its public key to PATH.pub, in the
+/// signed-note key encoding. Refuses to overwrite either file.
 pub fn keygen(out: &std::path::Path, name: &str) -> anyhow::Result<()> {
     if name.is_empty() || name.contains('+') || name.contains(char::is_whitespace) {
         anyhow::bail!("key name {name:?} must be non-empty, without '+' or spaces");

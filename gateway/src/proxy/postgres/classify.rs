@@ -329,11 +329,12 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
     }
     // The backstop of `nests_within_the_stack`: the parser's walk grows its
     // own stack, dropping the tree does not.
-    let depth = expression_depth(&statements);
+    let depth = tree_depth(&statements);
     if depth > MAX_EXPRESSION_DEPTH {
         drop_on_a_deep_stack(statements);
         return Err(format!(
-            "expressions nested {depth} deep (at most {MAX_EXPRESSION_DEPTH}): too deep to classify"
+            "expressions or set operations nested {depth} deep (at most \
+             {MAX_EXPRESSION_DEPTH}): too deep to classify"
         ));
     }
     statements.iter().map(classify_statement).collect()
@@ -346,10 +347,12 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
 /// threads have 16 MiB.)
 const MAX_EXPRESSION_DEPTH: usize = 8_000;
 
-/// How deeply expressions nest in `statements`. sqlparser's walk grows its
-/// stack as it needs (its `recursive-protection`), so this is safe at any
-/// depth.
-fn expression_depth(statements: &[Statement]) -> usize {
+/// How deeply expressions, and chains of set operations, nest in
+/// `statements`: the two kinds of tree the parser builds one level per
+/// link of a chain. sqlparser's walk grows its stack as it needs (its
+/// `recursive-protection`), so the walk is safe at any depth; a query's
+/// set operations are measured without recursion.
+fn tree_depth(statements: &[Statement]) -> usize {
     #[derive(Default)]
     struct Depth {
         now: usize,
@@ -366,6 +369,10 @@ fn expression_depth(statements: &[Statement]) -> usize {
             self.now = self.now.saturating_sub(1);
             ControlFlow::Continue(())
         }
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            self.max = self.max.max(set_operation_depth(&query.body));
+            ControlFlow::Continue(())
+        }
     }
     let mut depth = Depth::default();
     for statement in statements {
@@ -374,24 +381,51 @@ fn expression_depth(statements: &[Statement]) -> usize {
     depth.max
 }
 
+/// The deepest chain of set operations in `body`, walked with a list
+/// instead of recursion. (A parenthesised query in it is a query of its
+/// own, measured when the walk reaches it.)
+fn set_operation_depth(body: &SetExpr) -> usize {
+    let mut deepest = 0;
+    let mut to_visit = vec![(body, 1usize)];
+    while let Some((expr, depth)) = to_visit.pop() {
+        deepest = deepest.max(depth);
+        if let SetExpr::SetOperation { left, right, .. } = expr {
+            to_visit.push((left, depth + 1));
+            to_visit.push((right, depth + 1));
+        }
+    }
+    deepest
+}
+
 /// Drops a syntax tree too deep to drop on a runtime thread (dropping
-/// recurses once per level) on a thread whose stack is reserved large
-/// enough for any tree a statement tollgate takes can build; if that
-/// thread cannot be made, the tree is leaked rather than the daemon ended.
+/// recurses once per level) on one long-lived thread whose stack is
+/// reserved large enough for any tree a statement tollgate takes can
+/// build. A few trees may wait for it; a caller past them waits its turn.
+/// If that thread cannot be made, the tree is leaked rather than the
+/// daemon ended.
 fn drop_on_a_deep_stack(statements: Vec<Statement>) {
-    let (to_dropper, received) = std::sync::mpsc::channel::<Vec<Statement>>();
-    let dropper = std::thread::Builder::new()
-        .name("deep-tree-drop".into())
-        .stack_size(1 << 30)
-        .spawn(move || drop(received.recv()));
+    type Trees = std::sync::mpsc::SyncSender<Vec<Statement>>;
+    static DROPPER: std::sync::OnceLock<Option<Trees>> = std::sync::OnceLock::new();
+    let dropper = DROPPER.get_or_init(|| {
+        let (sender, trees) = std::sync::mpsc::sync_channel::<Vec<Statement>>(4);
+        std::thread::Builder::new()
+            .name("deep-tree-drop".into())
+            .stack_size(1 << 30)
+            .spawn(move || {
+                for tree in trees {
+                    drop(tree);
+                }
+            })
+            .ok()
+            .map(|_| sender)
+    });
     match dropper {
-        Ok(thread) => {
-            if let Err(unsent) = to_dropper.send(statements) {
+        Some(sender) => {
+            if let Err(unsent) = sender.send(statements) {
                 std::mem::forget(unsent.0);
             }
-            let _ = thread.join();
         }
-        Err(_) => std::mem::forget(statements),
+        None => std::mem::forget(statements),
     }
 }
 
@@ -2004,6 +2038,12 @@ mod tests {
                 "SELECT CASE WHEN true THEN 1 END{}",
                 " + x.end".repeat(20_000)
             ),
+            // Keywords as bare table names (`FROM case`, `FROM end`) that
+            // open and close levels around each UNION: caught after parsing.
+            format!(
+                "SELECT 1 FROM case{} UNION SELECT 1 FROM end",
+                " UNION SELECT 1 FROM end, case".repeat(20_000)
+            ),
         ];
         for sql in too_deep {
             let err = classify_on_a_worker_stack(sql.clone()).expect_err(&sql[..60]);
@@ -2069,7 +2109,14 @@ mod tests {
                 let sql = format!("SELECT {}", vec!["1"; 50_000].join(" + "));
                 let statements =
                     Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
-                let depth = expression_depth(&statements);
+                let depth = tree_depth(&statements);
+                assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
+                drop_on_a_deep_stack(statements);
+                // A chain of set operations, measured without recursion.
+                let sql = vec!["SELECT 1"; 20_000].join(" UNION ");
+                let statements =
+                    Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
+                let depth = tree_depth(&statements);
                 assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
                 drop_on_a_deep_stack(statements);
             })
