@@ -425,6 +425,15 @@ mod tests {
         Target::new(config).expect("target")
     }
 
+    /// The next connection to `server`, its startup message read: what a
+    /// test's rogue server answers next is tollgate's login.
+    async fn accept_login(server: &tokio::net::TcpListener) -> tokio::net::TcpStream {
+        let (mut conn, _) = server.accept().await.expect("accept");
+        let mut startup = [0u8; 1024];
+        let _ = conn.read(&mut startup).await.expect("startup message");
+        conn
+    }
+
     /// A rogue server that asks for SCRAM-SHA-256 and, after tollgate's
     /// first SCRAM message, sends `then` (and ReadyForQuery, a session were
     /// tollgate to accept it). Returns why tollgate refused it.
@@ -434,9 +443,7 @@ mod tests {
             .expect("bind");
         let address = server.local_addr().expect("addr");
         let rogue = tokio::spawn(async move {
-            let (mut conn, _) = server.accept().await.expect("accept");
-            let mut startup = [0u8; 1024];
-            let _ = conn.read(&mut startup).await.expect("startup message");
+            let mut conn = accept_login(&server).await;
             // AuthenticationSASL: SCRAM-SHA-256.
             let mechanism = b"SCRAM-SHA-256\0\0";
             let mut sasl = vec![b'R'];
@@ -489,15 +496,12 @@ mod tests {
             &[b'R', 0, 0, 0, 8, 0, 0, 0, 3][..],
             &[b'R', 0, 0, 0, 12, 0, 0, 0, 5, 1, 2, 3, 4],
         ] {
-            let accept = server.accept();
             let target = target_at(address, Some("secret"));
             let login =
                 tokio::spawn(
                     async move { connect(&target, &[]).await.err().map(|f| f.to_string()) },
                 );
-            let (mut conn, _) = accept.await.expect("accept");
-            let mut startup = [0u8; 1024];
-            let _ = conn.read(&mut startup).await.expect("startup message");
+            let mut conn = accept_login(&server).await;
             conn.write_all(ask).await.expect("ask for the password");
             let mut answer = Vec::new();
             let _ =
@@ -585,9 +589,7 @@ mod tests {
                 .expect("bind");
             let address = server.local_addr().expect("addr");
             let lax = tokio::spawn(async move {
-                let (mut conn, _) = server.accept().await.expect("accept");
-                let mut startup = [0u8; 1024];
-                let _ = conn.read(&mut startup).await.expect("startup message");
+                let mut conn = accept_login(&server).await;
                 // AuthenticationOk (trust), the setting, ReadyForQuery.
                 let mut greeting = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
                 let body = format!("{name}\0{value}\0");
