@@ -169,7 +169,16 @@ impl Keyring {
                 Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
             }
         }
-        Self::open(dir)
+        let ring = Self::open(dir)?;
+        // A key set published before development keys were marked is
+        // published again, marked (atomically, by rename): otherwise a
+        // production config pointed at it would still trust it. Here, not
+        // in `open`, which the development IdP calls for every key request.
+        let published = fs::read_to_string(ring.jwks_path()).unwrap_or_default();
+        if !published.contains(crate::identity::DEVELOPMENT_KEY_MEMBER) {
+            ring.write_jwks()?;
+        }
+        Ok(ring)
     }
 
     /// Opens an existing keyring.
@@ -188,18 +197,10 @@ impl Keyring {
         if keys.is_empty() {
             anyhow::bail!("{} holds no key", path.display());
         }
-        let ring = Self {
+        Ok(Self {
             dir: dir.to_path_buf(),
             keys,
-        };
-        // A key set published before development keys were marked is
-        // published again, marked (atomically, by rename): otherwise a
-        // production config pointed at it would still trust it.
-        let published = fs::read_to_string(ring.jwks_path()).unwrap_or_default();
-        if !published.contains(crate::identity::DEVELOPMENT_KEY_MEMBER) {
-            ring.write_jwks()?;
-        }
-        Ok(ring)
+        })
     }
 
     pub fn signing_key(&self) -> &DevKey {
@@ -311,7 +312,7 @@ mod tests {
                 .remove(crate::identity::DEVELOPMENT_KEY_MEMBER);
         }
         fs::write(ring.jwks_path(), unmarked.to_string()).expect("write");
-        Keyring::open(dir.path()).expect("reopen");
+        Keyring::open_or_create(dir.path()).expect("reopen");
         let published = fs::read_to_string(ring.jwks_path()).expect("jwks");
         assert!(
             published.contains(crate::identity::DEVELOPMENT_KEY_MEMBER),

@@ -698,8 +698,15 @@ pub fn reconcile(
     };
     // (cookie, address, port) -> when it was last seen.
     let mut seen_connections: HashMap<(i64, String, Option<i32>), i64> = HashMap::new();
+    // Redirects counted once per socket: a restart may report one twice.
+    let mut redirects_seen: HashSet<i64> = HashSet::new();
     for row in evidence.iter().filter(|r| in_window(r.time)) {
         match (row.phase.as_str(), kind(row).as_str()) {
+            (phase::EVIDENCE, "redirected")
+                if row.cookie.is_none_or(|c| redirects_seen.insert(c)) =>
+            {
+                report.redirected += 1
+            }
             (phase::EVIDENCE, "tcp_connect") => {
                 // During a restart two probes may both report a connection:
                 // the same socket to the same address at the same moment.
@@ -830,13 +837,6 @@ pub fn reconcile(
         }
         previous = Some(cumulative);
     }
-    // One per redirected connection: a restart may report one twice.
-    let mut redirects_seen: HashSet<i64> = HashSet::new();
-    report.redirected = evidence
-        .iter()
-        .filter(|r| r.phase == phase::EVIDENCE && kind(r) == "redirected" && in_window(r.time))
-        .filter(|r| r.cookie.is_none_or(|c| redirects_seen.insert(c)))
-        .count();
     if report.loss_records == 0 {
         problems.push("no loss counters in the window: completeness cannot be shown".into());
     }

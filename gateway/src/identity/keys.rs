@@ -141,7 +141,7 @@ impl KeyStore {
     /// On any error the cached set is kept.
     pub async fn refresh(&self) -> Result<usize, KeyLoadError> {
         let _one_at_a_time = self.refreshing.lock().await;
-        let doc = match &self.source {
+        let mut doc = match &self.source {
             KeySource::File(path) => {
                 let bytes = tokio::fs::read(path)
                     .await
@@ -162,7 +162,6 @@ impl KeyStore {
                 self.get_json(jwks_uri).await?
             }
         };
-        let mut doc = doc;
         let development = without_development_keys(&mut doc, self.allow_dev_http);
         if development > 0 {
             tracing::warn!(
@@ -242,9 +241,6 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, KeyLoadError> {
     serde_json::from_slice(bytes).map_err(|e| KeyLoadError::Parse(format!("not JSON: {e}")))
 }
 
-/// Usable signing keys of a JWKS by kid. Keys we cannot use (other types,
-/// encryption keys, no kid) are skipped, not fatal: Entra may add key types
-/// a validator does not know.
 /// The JWK member that marks a key of tollgate's development identity
 /// provider (see `dev::keyring`).
 pub const DEVELOPMENT_KEY_MEMBER: &str = "x-tollgate-development-key";
@@ -263,6 +259,9 @@ pub fn without_development_keys(doc: &mut Value, development_idp: bool) -> usize
     before - keys.len()
 }
 
+/// Usable signing keys of a JWKS by kid. Keys we cannot use (other types,
+/// encryption keys, no kid) are skipped, not fatal: Entra may add key types
+/// a validator does not know.
 pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoadError> {
     let keys = doc
         .get("keys")

@@ -458,24 +458,24 @@ async fn forward_cancel(
         .server_of(process_id, secret_key)
     else {
         info!("cancel request with an unknown key dropped");
-        let refused = cancel_refused(
+        refuse_cancel(
             connection,
+            shared,
             "cancel_unknown_key",
             &format!("no session of this target has backend key {process_id}"),
         );
-        drop(shared.audit.submit_lazy(refused));
         return;
     };
     let (socket, socket_cookie) = match super::upstream_socket(server.address) {
         Ok(socket) => socket,
         Err(err) => {
             warn!(error = %err, "cancel request could not be forwarded");
-            let refused = cancel_refused(
+            refuse_cancel(
                 connection,
+                shared,
                 "cancel_not_forwarded",
                 &format!("no socket to the server: {err}"),
             );
-            drop(shared.audit.submit_lazy(refused));
             return;
         }
     };
@@ -496,15 +496,16 @@ async fn forward_cancel(
     }
 }
 
-/// The record of a CancelRequest not forwarded, for the reason
-/// `code: detail`.
-fn cancel_refused(connection: &Connection, code: &str, detail: &str) -> crate::audit::AuditRecord {
+/// Puts a CancelRequest not forwarded on record, for the reason
+/// `code: detail` (nothing waits on the record: the cancel is dropped
+/// either way).
+fn refuse_cancel(connection: &Connection, shared: &Shared, code: &str, detail: &str) {
     let mut record = upstream_record(connection, None, None);
     record.phase = "refusal".into();
     record.status_id = crate::audit::record::status::FAILURE;
     record.action_id = crate::audit::record::action::DENIED;
     record.status_detail = format!("{code}: cancel request not forwarded: {detail}");
-    record
+    drop(shared.audit.submit_lazy(record));
 }
 
 /// The Datastore Activity "connect" record of an upstream connection

@@ -164,15 +164,13 @@ async fn establish(
     // standard_conforming_strings is set here, above any role or database
     // default: with it off, a backslash in a plain string hides a quote,
     // and the server would split statements where tollgate does not.
-    let mut params: Vec<(&str, &str)> = vec![
-        ("user", user),
-        ("client_encoding", "UTF8"),
-        ("standard_conforming_strings", "on"),
-        // Unqualified names are classified as `public.x`: the server must
-        // resolve them there too, not in a schema named after the
-        // gateway's user or one a role default put first.
-        ("search_path", "public"),
-    ];
+    // The settings asked for are the ones the greeting is checked against.
+    let mut params: Vec<(&str, &str)> = vec![("user", user)];
+    params.extend(TEXT_READING_SETTINGS);
+    // Unqualified names are classified as `public.x`: the server must
+    // resolve them there too, not in a schema named after the gateway's
+    // user or one a role default put first.
+    params.push(("search_path", "public"));
     for (key, value) in client_params {
         if PASSED_STARTUP_PARAMETERS.contains(&key.as_str()) {
             params.push((key, value));

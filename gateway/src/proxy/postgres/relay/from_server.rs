@@ -279,6 +279,14 @@ pub(super) fn track_answer(
     frame: &Frame,
     finished: &mut Finished,
 ) -> Result<Option<BytesMut>, WireError> {
+    // A notification's payload is whatever a trigger or another session
+    // put there (`pg_notify('c', email)`): a masked caller gets the
+    // channel, not the payload.
+    if frame.tag == b'A' && !masks.is_empty() {
+        return Ok(Some(wire::notification_without_payload(frame).ok_or_else(
+            || WireError::Malformed("NotificationResponse without a channel".into()),
+        )?));
+    }
     let mut masked_row = None;
     let mut guard = lock(in_flight);
     let InFlight {
@@ -290,14 +298,6 @@ pub(super) fn track_answer(
         server_skipping,
         ..
     } = &mut *guard;
-    // A notification's payload is whatever a trigger or another session
-    // put there (`pg_notify('c', email)`): a masked caller gets the
-    // channel, not the payload.
-    if frame.tag == b'A' && !masks.is_empty() {
-        return Ok(Some(wire::notification_without_payload(frame).ok_or_else(
-            || WireError::Malformed("NotificationResponse without a channel".into()),
-        )?));
-    }
     let Some(head) = queue.front_mut() else {
         // ReadyForQuery answers a Query or a Sync: with none in flight, the
         // answers and the requests are out of step.

@@ -291,16 +291,7 @@ impl Queue {
         self.held_bytes = 0;
         self.entries.drain(..)
     }
-}
 
-impl std::ops::Deref for Queue {
-    type Target = VecDeque<Pending>;
-    fn deref(&self) -> &Self::Target {
-        &self.entries
-    }
-}
-
-impl Queue {
     // Entries are changed in place (answers noted) through these; adding
     // and removing goes through the methods above, so that the count
     // stays right (no `DerefMut`: a `VecDeque` method would bypass it).
@@ -314,6 +305,13 @@ impl Queue {
 
     fn iter_mut(&mut self) -> std::collections::vec_deque::IterMut<'_, Pending> {
         self.entries.iter_mut()
+    }
+}
+
+impl std::ops::Deref for Queue {
+    type Target = VecDeque<Pending>;
+    fn deref(&self) -> &Self::Target {
+        &self.entries
     }
 }
 
