@@ -329,15 +329,17 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
     }
     // The backstop of `nests_within_the_stack`: the parser's walk grows its
     // own stack, dropping the tree does not.
-    let depth = tree_depth(&statements);
-    if depth > MAX_EXPRESSION_DEPTH {
+    // The walk that classifies measures the depth too; it grows its own
+    // stack, but dropping the tree does not.
+    let (operations, deepest): (Vec<_>, Vec<_>) = statements.iter().map(classify_statement).unzip();
+    if deepest.into_iter().max().unwrap_or(0) > MAX_EXPRESSION_DEPTH {
         drop_on_a_deep_stack(statements);
         return Err(format!(
-            "expressions or set operations nested {depth} deep (at most \
-             {MAX_EXPRESSION_DEPTH}): too deep to classify"
+            "expressions or set operations nested more than {MAX_EXPRESSION_DEPTH} deep: \
+             too deep to classify"
         ));
     }
-    statements.iter().map(classify_statement).collect()
+    operations.into_iter().collect()
 }
 
 /// Expression nesting the classifier walks and drops on a runtime thread.
@@ -346,40 +348,6 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
 /// of 16 000 levels was walked and dropped within 2 MiB of stack; runtime
 /// threads have 16 MiB.)
 const MAX_EXPRESSION_DEPTH: usize = 8_000;
-
-/// How deeply expressions, and chains of set operations, nest in
-/// `statements`: the two kinds of tree the parser builds one level per
-/// link of a chain. sqlparser's walk grows its stack as it needs (its
-/// `recursive-protection`), so the walk is safe at any depth; a query's
-/// set operations are measured without recursion.
-fn tree_depth(statements: &[Statement]) -> usize {
-    #[derive(Default)]
-    struct Depth {
-        now: usize,
-        max: usize,
-    }
-    impl Visitor for Depth {
-        type Break = ();
-        fn pre_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
-            self.now += 1;
-            self.max = self.max.max(self.now);
-            ControlFlow::Continue(())
-        }
-        fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
-            self.now = self.now.saturating_sub(1);
-            ControlFlow::Continue(())
-        }
-        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-            self.max = self.max.max(set_operation_depth(&query.body));
-            ControlFlow::Continue(())
-        }
-    }
-    let mut depth = Depth::default();
-    for statement in statements {
-        let _ = statement.visit(&mut depth);
-    }
-    depth.max
-}
 
 /// The deepest chain of set operations in `body`, walked with a list
 /// instead of recursion. (A parenthesised query in it is a query of its
@@ -680,9 +648,13 @@ fn reads_as_postgresql_does<'a>(tokens: impl Iterator<Item = &'a Token>) -> Resu
     Ok(())
 }
 
-fn classify_statement(statement: &Statement) -> Result<Operation, String> {
+/// The statement's classification, and how deeply its expressions or
+/// chains of set operations nest (past [`MAX_EXPRESSION_DEPTH`], the walk
+/// stopped there and the classification is not to be used).
+fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usize) {
     let mut walker = Walker::default();
     let _ = statement.visit(&mut walker);
+    let depth = walker.deepest;
     let mut out = Operation {
         kind: top_kind(statement),
         dangers: walker.dangers,
@@ -732,10 +704,10 @@ fn classify_statement(statement: &Statement) -> Result<Operation, String> {
         .cloned()
         .collect();
     out.writes = walker.written;
-    if let Some(why) = walker.not_understood {
-        return Err(why);
+    match walker.not_understood {
+        Some(why) => (Err(why), depth),
+        None => (Ok(out), depth),
     }
-    Ok(out)
 }
 
 /// The kind from the statement's own type (nested statements may raise it).
@@ -984,6 +956,10 @@ struct Walker {
     next_relation_is_a_call: bool,
     runs_prepared: bool,
     changes_encoding: bool,
+    /// Expressions open at this point of the walk, and the most at once
+    /// (or the longest chain of set operations, if longer).
+    expr_depth: usize,
+    deepest: usize,
 }
 
 impl Walker {
@@ -1123,6 +1099,11 @@ impl Visitor for Walker {
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         use std::rc::Rc;
+        // Measured without recursion before `note_body` recurses on it.
+        self.deepest = self.deepest.max(set_operation_depth(&query.body));
+        if self.deepest > MAX_EXPRESSION_DEPTH {
+            return ControlFlow::Break(());
+        }
         let enclosing = match self.cte_body_scopes.remove(&(query as *const Query)) {
             Some(scope) => scope,
             None => self.scopes.last().cloned().flatten(),
@@ -1222,7 +1203,17 @@ impl Visitor for Walker {
         ControlFlow::Continue(())
     }
 
+    fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
+        self.expr_depth = self.expr_depth.saturating_sub(1);
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        self.expr_depth += 1;
+        self.deepest = self.deepest.max(self.expr_depth);
+        if self.deepest > MAX_EXPRESSION_DEPTH {
+            return ControlFlow::Break(());
+        }
         // An operator of the database's own (`OPERATOR(app.===)`, `a ~~~ b`)
         // runs a function tollgate cannot see into.
         if let Expr::BinaryOp { op, .. } = expr {
@@ -2109,14 +2100,22 @@ mod tests {
                 let sql = format!("SELECT {}", vec!["1"; 50_000].join(" + "));
                 let statements =
                     Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
-                let depth = tree_depth(&statements);
+                let depth = statements
+                    .iter()
+                    .map(|s| classify_statement(s).1)
+                    .max()
+                    .unwrap_or(0);
                 assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
                 drop_on_a_deep_stack(statements);
                 // A chain of set operations, measured without recursion.
                 let sql = vec!["SELECT 1"; 20_000].join(" UNION ");
                 let statements =
                     Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
-                let depth = tree_depth(&statements);
+                let depth = statements
+                    .iter()
+                    .map(|s| classify_statement(s).1)
+                    .max()
+                    .unwrap_or(0);
                 assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
                 drop_on_a_deep_stack(statements);
             })
