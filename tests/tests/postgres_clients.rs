@@ -1479,6 +1479,30 @@ fn standard_conforming_strings_stays_on_behind_the_policy() {
     assert!(!stdout.contains("never run"), "{stdout}");
 }
 
+/// Unqualified names are classified as `public.x`, so the server must
+/// resolve them there: tollgate logs in with `search_path = public`, above
+/// a role default that puts another schema first.
+#[test]
+fn the_login_resolves_unqualified_names_in_public_whatever_the_role_default() {
+    let Some((stack, token)) =
+        start("the_login_resolves_unqualified_names_in_public_whatever_the_role_default")
+    else {
+        return;
+    };
+    let gateway_user = stack.postgres.gateway_user.clone();
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            &format!("ALTER ROLE {gateway_user} SET search_path = elsewhere, public"),
+        )
+        .expect("role default");
+    let mut psql = agent_psql(&stack, &token);
+    psql.args(["-c", "SHOW search_path"]);
+    let out = psql.output().expect("run psql");
+    assert_eq!(text(&out.stdout), "public", "{}", text(&out.stderr));
+}
+
 /// The client encoding stays UTF8: psql's SET NAMES and set_config of
 /// client_encoding are refused with 42501 whatever the grant (the session
 /// goes on), and when a function of the agent's changes it anyway the
