@@ -1413,6 +1413,19 @@ fn buffered_durability_answers_and_records_a_pipeline_larger_than_the_sockets() 
     }
 }
 
+/// Gives tollgate's own database role a default for `setting`, as a DBA
+/// might (`ALTER ROLE ... SET`), which tollgate's login must override.
+fn set_gateway_role_default(stack: &Stack, setting: &str, value: &str) {
+    let gateway_user = &stack.postgres.gateway_user;
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            &format!("ALTER ROLE {gateway_user} SET {setting} = {value}"),
+        )
+        .expect("role default");
+}
+
 /// Creates, as the superuser, `function()`: it sets `setting` to `value`
 /// with set_config, where tollgate cannot see it (a function of the
 /// agent's own).
@@ -1441,14 +1454,7 @@ fn standard_conforming_strings_stays_on_behind_the_policy() {
     else {
         return;
     };
-    let gateway_user = stack.postgres.gateway_user.clone();
-    stack
-        .postgres
-        .superuser_sql_ok(
-            "orders",
-            &format!("ALTER ROLE {gateway_user} SET standard_conforming_strings = off"),
-        )
-        .expect("role default");
+    set_gateway_role_default(&stack, "standard_conforming_strings", "off");
     create_setting_changer(
         &stack,
         "plain_backslashes",
@@ -1489,14 +1495,7 @@ fn the_login_resolves_unqualified_names_in_public_whatever_the_role_default() {
     else {
         return;
     };
-    let gateway_user = stack.postgres.gateway_user.clone();
-    stack
-        .postgres
-        .superuser_sql_ok(
-            "orders",
-            &format!("ALTER ROLE {gateway_user} SET search_path = elsewhere, public"),
-        )
-        .expect("role default");
+    set_gateway_role_default(&stack, "search_path", "elsewhere, public");
     let mut psql = agent_psql(&stack, &token);
     psql.args(["-c", "SHOW search_path"]);
     let out = psql.output().expect("run psql");

@@ -2097,27 +2097,22 @@ mod tests {
         std::thread::Builder::new()
             .stack_size(2 << 20)
             .spawn(|| {
-                let sql = format!("SELECT {}", vec!["1"; 50_000].join(" + "));
-                let statements =
-                    Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
-                let depth = statements
-                    .iter()
-                    .map(|s| classify_statement(s).1)
-                    .max()
-                    .unwrap_or(0);
-                assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
-                drop_on_a_deep_stack(statements);
-                // A chain of set operations, measured without recursion.
-                let sql = vec!["SELECT 1"; 20_000].join(" UNION ");
-                let statements =
-                    Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
-                let depth = statements
-                    .iter()
-                    .map(|s| classify_statement(s).1)
-                    .max()
-                    .unwrap_or(0);
-                assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
-                drop_on_a_deep_stack(statements);
+                // An expression chain, and a chain of set operations
+                // (measured without recursion).
+                for sql in [
+                    format!("SELECT {}", vec!["1"; 50_000].join(" + ")),
+                    vec!["SELECT 1"; 20_000].join(" UNION "),
+                ] {
+                    let statements =
+                        Parser::parse_sql(&PostgreSqlDialect {}, &sql).expect("parses in a loop");
+                    let depth = statements
+                        .iter()
+                        .map(|s| classify_statement(s).1)
+                        .max()
+                        .unwrap_or(0);
+                    assert!(depth > MAX_EXPRESSION_DEPTH, "{depth}");
+                    drop_on_a_deep_stack(statements);
+                }
             })
             .expect("thread")
             .join()
