@@ -1,10 +1,13 @@
-//! `cargo xtask bench`: pgbench against the same PostgreSQL three ways, in
+//! `cargo xtask bench`: pgbench against the same PostgreSQL four ways, in
 //! one run so the machine's noise hits all of them alike:
 //!
 //! - direct: pgbench to the server;
 //! - PgBouncer in session mode (the Debian package);
 //! - tollgate: pgbench inside the agent cgroup, redirected by the kernel
-//!   programs, token-authenticated, every statement decided and audited.
+//!   programs, token-authenticated, every statement decided and audited;
+//! - a bare relay (`gateway/examples/bare_relay.rs`): bytes copied both
+//!   ways on tollgate's async runtime and nothing else, the cost of any
+//!   proxy on the host before it does work of its own.
 //!
 //! Workloads: select-only (`-S`) and TPC-B-like, at 1, 8 and 32 clients.
 //! Results are printed as a Markdown table, with ratios against direct.
@@ -27,7 +30,8 @@ const SCALE: &str = "10";
 
 pub struct Options {
     pub seconds: u32,
-    /// Runs of each of direct, PgBouncer and tollgate, taken in turn.
+    /// Runs of each of direct, PgBouncer, tollgate and the bare relay,
+    /// taken in turn.
     pub rounds: u32,
     pub clients: Vec<u32>,
     /// "select-only" and/or "tpcb".
@@ -56,7 +60,7 @@ fn median(samples: &[Sample]) -> Sample {
     }
 }
 
-pub fn run(binary: &Path, options: &Options) -> Result<()> {
+pub fn run(binary: &Path, bare_relay: &Path, options: &Options) -> Result<()> {
     let seconds = options.seconds;
     let rounds = options.rounds.max(1);
     std::env::set_var("TOLLGATE_BIN", binary);
@@ -101,10 +105,12 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
         bail!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
     }
     let bouncer = PgBouncer::start(&stack)?;
+    let relay = BareRelay::start(bare_relay, stack.postgres.port)?;
     let token = stack
         .idp
         .token("bench-agent-oid", &["--expires-in", "7200"])?;
     let (bouncer_port, bouncer_pid) = (bouncer.port, bouncer.pid()?);
+    let (relay_port, relay_pid) = (relay.port, relay.child.id());
     let gateway_pid = stack.gateway.pid().context("tollgate is not running")?;
 
     let mut rows = Vec::new();
@@ -118,14 +124,15 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
     for (workload, flag) in workloads {
         for &clients in &options.clients {
             step(&format!(
-                "{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate, {rounds} round(s)"
+                "{workload}, {clients} clients, {seconds} s each: direct, PgBouncer, tollgate, bare relay, {rounds} round(s)"
             ));
             // CPU per transaction: the process's CPU time over the run
             // divided by the transactions pgbench counted (TPS x seconds).
             let per_txn = |ns: u64, sample: &Sample| {
                 ns as f64 / 1000.0 / (sample.tps * f64::from(seconds)).max(1.0)
             };
-            // One run of direct (0), PgBouncer (1) or tollgate (2).
+            // One run of direct (0), PgBouncer (1), tollgate (2) or the
+            // bare relay (3).
             let run_one = |arm: usize| -> Result<Sample> {
                 let (cgroup, port, user, password, pid) = match arm {
                     0 => (
@@ -141,6 +148,13 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
                         "postgres",
                         stack.postgres.superuser_password.as_str(),
                         Some(bouncer_pid),
+                    ),
+                    3 => (
+                        None,
+                        relay_port,
+                        "postgres",
+                        stack.postgres.superuser_password.as_str(),
+                        Some(relay_pid),
                     ),
                     _ => (
                         Some(stack.gateway.config.agent_cgroup.as_path()),
@@ -158,15 +172,15 @@ pub fn run(binary: &Path, options: &Options) -> Result<()> {
                 }
                 Ok(sample)
             };
-            // Rounds take the three in turn, each round starting with the
+            // Rounds take the four in turn, each round starting with the
             // next one, so that a slow phase of the machine, or something
             // that recurs within a round, falls on all of them alike.
-            let mut runs: [Vec<Sample>; 3] = Default::default();
+            let mut runs: [Vec<Sample>; ARMS] = Default::default();
             for round in 0..rounds as usize {
                 if rounds > 1 {
                     step(&format!("round {} of {rounds}", round + 1));
                 }
-                for arm in (0..3).map(|i| (round + i) % 3) {
+                for arm in (0..ARMS).map(|i| (round + i) % ARMS) {
                     runs[arm].push(run_one(arm)?);
                 }
             }
@@ -244,14 +258,17 @@ fn cpu_ticks(stat: &str) -> u64 {
         .sum()
 }
 
+/// What each round runs: direct, PgBouncer, tollgate, the bare relay.
+const ARMS: usize = 4;
+
 /// The columns of the table [`table_row`] fills.
-const TABLE_HEADER: &str = "| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | tollgate TPS vs PgBouncer | direct median latency ms | PgBouncer median latency ms | tollgate median latency ms | tollgate added median latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn | tollgate CPU vs PgBouncer |";
+const TABLE_HEADER: &str = "| workload | clients | direct TPS | PgBouncer TPS (vs direct) | tollgate TPS (vs direct) | tollgate TPS vs PgBouncer | bare relay TPS (vs direct) | direct median latency ms | PgBouncer median latency ms | tollgate median latency ms | tollgate added median latency µs | PgBouncer CPU µs/txn | tollgate CPU µs/txn | tollgate CPU vs PgBouncer | bare relay CPU µs/txn |";
 
 /// The table's row for one workload and client count from the runs of
-/// direct, PgBouncer and tollgate (one per round each, in that order), and
-/// the figures the targets are judged by.
-fn table_row(workload: &str, clients: u32, runs: &[Vec<Sample>; 3]) -> (String, Targets) {
-    let [direct_runs, bouncer_runs, gateway_runs] = runs;
+/// direct, PgBouncer, tollgate and the bare relay (one per round each, in
+/// that order), and the figures the targets are judged by.
+fn table_row(workload: &str, clients: u32, runs: &[Vec<Sample>; ARMS]) -> (String, Targets) {
+    let [direct_runs, bouncer_runs, gateway_runs, relay_runs] = runs;
     // Ratios and the added latency are taken within each round, then
     // their median: figures of the same round ran minutes apart at most.
     let paired = |f: &dyn Fn(&Sample, &Sample) -> f64, a: &[Sample], b: &[Sample]| {
@@ -260,25 +277,29 @@ fn table_row(workload: &str, clients: u32, runs: &[Vec<Sample>; 3]) -> (String, 
     let bouncer_ratio = paired(&|b, d| b.tps / d.tps, bouncer_runs, direct_runs);
     let gateway_ratio = paired(&|g, d| g.tps / d.tps, gateway_runs, direct_runs);
     let against_bouncer = paired(&|g, b| g.tps / b.tps, gateway_runs, bouncer_runs);
+    let relay_ratio = paired(&|r, d| r.tps / d.tps, relay_runs, direct_runs);
     let cpu_against_bouncer = paired(&|g, b| g.cpu_us / b.cpu_us, gateway_runs, bouncer_runs);
     let added_us = paired(
         &|g, d| (g.latency_ms - d.latency_ms) * 1000.0,
         gateway_runs,
         direct_runs,
     );
-    let (direct, bouncer, gateway) = (
+    let (direct, bouncer, gateway, relay) = (
         median(direct_runs),
         median(bouncer_runs),
         median(gateway_runs),
+        median(relay_runs),
     );
     let row = format!(
-        "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2}x | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:.1} | {:.2}x |",
+        "| {workload} | {clients} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2}x | {:.0} ({:.2}x) | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:.1} | {:.2}x | {:.1} |",
         direct.tps,
         bouncer.tps,
         bouncer_ratio,
         gateway.tps,
         gateway_ratio,
         against_bouncer,
+        relay.tps,
+        relay_ratio,
         direct.latency_ms,
         bouncer.latency_ms,
         gateway.latency_ms,
@@ -286,12 +307,15 @@ fn table_row(workload: &str, clients: u32, runs: &[Vec<Sample>; 3]) -> (String, 
         bouncer.cpu_us,
         gateway.cpu_us,
         cpu_against_bouncer,
+        relay.cpu_us,
     );
     let figures = Targets {
         clients,
         against_direct: gateway_ratio,
         against_bouncer,
         added_us,
+        relay_against_direct: relay_ratio,
+        bouncer_against_direct: bouncer_ratio,
     };
     (row, figures)
 }
@@ -302,6 +326,10 @@ struct Targets {
     against_direct: f64,
     against_bouncer: f64,
     added_us: f64,
+    /// Context for the first target: how near direct a proxy that does
+    /// nothing but relay, and PgBouncer, came in the same run.
+    relay_against_direct: f64,
+    bouncer_against_direct: f64,
 }
 
 /// Each target, the figure it is judged by, and whether it is met: at
@@ -325,9 +353,11 @@ fn target_lines(rows: &[Targets]) -> Vec<String> {
     let mut lines = Vec::new();
     if let Some(eight) = rows.iter().find(|r| r.clients == 8) {
         lines.push(format!(
-            "at least 0.85x direct TPS at 8 clients: {:.2}x, {}",
+            "at least 0.85x direct TPS at 8 clients: {:.2}x, {} (same run: the bare relay {:.2}x, PgBouncer {:.2}x)",
             eight.against_direct,
-            met(hundredths(eight.against_direct) >= 85)
+            met(hundredths(eight.against_direct) >= 85),
+            eight.relay_against_direct,
+            eight.bouncer_against_direct,
         ));
         lines.push(format!(
             "at least PgBouncer's TPS at 8 clients: {:.2}x, {}",
@@ -540,6 +570,39 @@ impl Drop for PgBouncer {
     }
 }
 
+/// The bare relay (`gateway/examples/bare_relay.rs`) in front of the
+/// same server.
+struct BareRelay {
+    child: Child,
+    port: u16,
+}
+
+impl BareRelay {
+    fn start(binary: &Path, postgres_port: u16) -> Result<Self> {
+        let port = free_port();
+        let child = Command::new(binary)
+            .arg(port.to_string())
+            .arg(format!("127.0.0.1:{postgres_port}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        // Killed on drop, also if it never comes up.
+        let relay = BareRelay { child, port };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        wait_for("the bare relay to listen", Duration::from_secs(20), || {
+            port_open(addr)
+        })?;
+        Ok(relay)
+    }
+}
+
+impl Drop for BareRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,6 +663,7 @@ tps = 17456.789012 (without initial connection time)
             vec![sample(1000.0, 0.100, 0.0), sample(2000.0, 0.050, 0.0)],
             vec![sample(800.0, 0.125, 20.0), sample(1600.0, 0.0625, 20.0)],
             vec![sample(400.0, 0.160, 50.0), sample(800.0, 0.080, 50.0)],
+            vec![sample(900.0, 0.110, 12.0), sample(1800.0, 0.055, 14.0)],
         ];
         let (row, figures) = table_row("select-only", 8, &runs);
         let names: Vec<&str> = TABLE_HEADER.split('|').map(str::trim).collect();
@@ -612,7 +676,11 @@ tps = 17456.789012 (without initial connection time)
         assert_eq!(cell("tollgate CPU vs PgBouncer"), "2.50x");
         // +60 µs in round one, +30 in round two.
         assert_eq!(cell("tollgate added median latency µs"), "+45");
+        assert_eq!(cell("bare relay TPS (vs direct)"), "1350 (0.90x)");
+        assert_eq!(cell("bare relay CPU µs/txn"), "13.0");
         assert_eq!(figures.against_direct, 0.4);
+        assert_eq!(figures.relay_against_direct, 0.9);
+        assert_eq!(figures.bouncer_against_direct, 0.8);
         assert_eq!(figures.against_bouncer, 0.5);
         assert_eq!(figures.added_us.round(), 45.0);
     }
@@ -624,6 +692,8 @@ tps = 17456.789012 (without initial connection time)
             against_direct,
             against_bouncer,
             added_us,
+            relay_against_direct: 0.6,
+            bouncer_against_direct: 0.5,
         };
         let lines = target_lines(&[
             row(1, 0.55, 0.70, 49.0),
@@ -633,7 +703,7 @@ tps = 17456.789012 (without initial connection time)
         assert_eq!(
             lines,
             [
-                "at least 0.85x direct TPS at 8 clients: 0.85x, met",
+                "at least 0.85x direct TPS at 8 clients: 0.85x, met (same run: the bare relay 0.60x, PgBouncer 0.50x)",
                 "at least PgBouncer's TPS at 8 clients: 0.99x, not met",
                 "under 50 µs added median latency at 1 client: +49 µs, met",
             ]
@@ -643,12 +713,12 @@ tps = 17456.789012 (without initial connection time)
         let lines = target_lines(&[row(1, 0.5, 0.5, 49.6), row(8, 0.846, 0.994, 0.0)]);
         assert_eq!(
             target_lines(&[row(8, 0.845, 1.0, 0.0)])[0],
-            "at least 0.85x direct TPS at 8 clients: 0.84x, not met"
+            "at least 0.85x direct TPS at 8 clients: 0.84x, not met (same run: the bare relay 0.60x, PgBouncer 0.50x)"
         );
         assert_eq!(
             lines,
             [
-                "at least 0.85x direct TPS at 8 clients: 0.85x, met",
+                "at least 0.85x direct TPS at 8 clients: 0.85x, met (same run: the bare relay 0.60x, PgBouncer 0.50x)",
                 "at least PgBouncer's TPS at 8 clients: 0.99x, not met",
                 "under 50 µs added median latency at 1 client: +50 µs, not met",
             ]

@@ -40,12 +40,14 @@ enum Task {
     Demo,
     /// What the kernel programs cost: connect() latency and loopback throughput.
     BenchPinning,
-    /// pgbench direct vs PgBouncer vs tollgate (release build), in one run.
+    /// pgbench direct vs PgBouncer vs tollgate (release build) vs a bare
+    /// relay, in one run.
     Bench {
         /// Seconds per pgbench run.
         #[arg(long)]
         seconds: Option<u32>,
-        /// Runs of each of direct, PgBouncer and tollgate, taken in turn;
+        /// Runs of each of direct, PgBouncer, tollgate and the bare relay,
+        /// taken in turn;
         /// the table gives medians.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
@@ -94,6 +96,16 @@ fn main() -> Result<()> {
             binary,
         } => {
             setup::run()?;
+            step("building the bare relay (release)");
+            run_checked(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "gateway",
+                "--example",
+                "bare_relay",
+            ]))?;
+            let bare_relay = target_dir().join("release/examples/bare_relay");
             let binary = match binary {
                 Some(binary) => binary,
                 None => {
@@ -111,6 +123,7 @@ fn main() -> Result<()> {
             };
             bench::run(
                 &binary,
+                &bare_relay,
                 &bench::Options {
                     seconds: seconds.unwrap_or(bench::SECONDS),
                     rounds,
