@@ -315,7 +315,12 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
                 prepare_spares(&wal_dir, perms, &spare_tx, &stop)
             })?
     };
+    #[cfg(test)]
+    let backlog_bytes_limit = faults::backlog_bytes_limit(&wal_dir).unwrap_or(BACKLOG_BYTES);
+    #[cfg(not(test))]
+    let backlog_bytes_limit = BACKLOG_BYTES;
     let writer = Writer {
+        backlog_bytes_limit,
         wal_dir,
         perms,
         file: None,
@@ -754,6 +759,8 @@ struct Writer {
     backlog: Arc<SegmentBacklog>,
     /// Encoded bytes of the records in `buffer`.
     buffer_bytes: usize,
+    /// [`BACKLOG_BYTES`], lower in tests.
+    backlog_bytes_limit: usize,
 }
 
 /// What the writer thread takes in before one commit. Records and their
@@ -940,7 +947,7 @@ impl Writer {
         let waiting = self.backlog.records.load(Ordering::Acquire) + self.buffer.len();
         let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
         let limit = self.max_records.saturating_mul(BACKLOG_SEGMENTS);
-        (waiting >= limit || waiting_bytes >= BACKLOG_BYTES).then(|| {
+        (waiting >= limit || waiting_bytes >= self.backlog_bytes_limit).then(|| {
             AuditError::Unavailable(format!(
                 "audit segments cannot be written and {waiting} records wait in memory for \
                  them: no more are taken until a segment is written"
@@ -1604,6 +1611,25 @@ pub(crate) mod faults {
 
     pub fn take_retire_sync(wal_dir: &Path) -> bool {
         take_first(wal_dir, |f| f == Fault::RetireSync).is_some()
+    }
+
+    /// Byte bounds on the segment backlog (see `BACKLOG_BYTES`) for the
+    /// store whose WAL directory is the path, set before it opens: the
+    /// real one, 1 GiB, is too much for a test to fill.
+    static BACKLOG_BYTES_LIMITS: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    pub fn limit_backlog_bytes(wal_dir: &Path, bytes: usize) {
+        if let Ok(mut limits) = BACKLOG_BYTES_LIMITS.lock() {
+            limits.push((wal_dir.to_path_buf(), bytes));
+        }
+    }
+
+    pub fn backlog_bytes_limit(wal_dir: &Path) -> Option<usize> {
+        let limits = BACKLOG_BYTES_LIMITS.lock().ok()?;
+        limits
+            .iter()
+            .find(|(dir, _)| dir == wal_dir)
+            .map(|(_, bytes)| *bytes)
     }
 }
 

@@ -227,6 +227,78 @@ async fn records_are_refused_while_segments_fail_and_too_many_wait() {
     assert_chain(&read_segments(&cfg.dir), accepted as u64);
 }
 
+/// The same bound counted in bytes: a few records holding large
+/// statements reach it long before their number reaches four segments'
+/// worth. The real bound (1 GiB) is lowered for the test.
+#[tokio::test]
+async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    // Four segments' worth is 40 000 records: never reached here.
+    cfg.segment_max_records = 10_000;
+    cfg.segment_max_age_secs = 1;
+    const LIMIT: usize = 256 << 10;
+    const STATEMENT: usize = 16 << 10;
+    store::faults::limit_backlog_bytes(&cfg.dir.join("wal"), LIMIT);
+    let now = store::now_ms();
+    let blocker = cfg
+        .dir
+        .join("records")
+        .join(format!("date={}", segment::day_of(now)));
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let large = |i: usize| {
+        let mut r = sample(i, now);
+        r.query_info_query_string = format!("SELECT '{}'", "x".repeat(STATEMENT));
+        r
+    };
+    let mut accepted = 0usize;
+    let mut refusal = None;
+    // Slowly enough that segments are cut on age and fail while records
+    // still come in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        match log.append(large(accepted)).await {
+            Ok(_) => accepted += 1,
+            Err(err) => {
+                refusal = Some(err);
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let refusal = refusal.expect("large records taken without bound while segments fail");
+    assert!(
+        matches!(&refusal, AuditError::Unavailable(m) if m.contains("segments cannot be written")),
+        "{refusal}"
+    );
+    // Refused once their bytes reached the bound (records keep coming
+    // until the segment thread's first failure is known), and by the
+    // bytes: their number is far below the count bound.
+    assert!(
+        accepted * STATEMENT >= LIMIT,
+        "refused after only {accepted} records"
+    );
+    assert!(accepted < 10_000, "{accepted} records taken");
+
+    std::fs::remove_file(&blocker).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match log.append(large(accepted)).await {
+            Ok(_) => break,
+            Err(err) => assert!(
+                std::time::Instant::now() < deadline,
+                "still refused after the segments could be written: {err}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    accepted += 1;
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), accepted as u64);
+}
+
 #[tokio::test]
 async fn segments_close_by_age_while_running() {
     let tmp = tempfile::tempdir().unwrap();
