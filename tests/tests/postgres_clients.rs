@@ -667,6 +667,74 @@ fn a_five_million_row_select_streams_through_with_bounded_memory() {
     assert_eq!(row["response_rows"], 5_000_000);
 }
 
+/// One value of 300 MB (a single DataRow: PostgreSQL sends a value of up
+/// to 1 GB in one message) goes on to the agent as it arrives: tollgate's
+/// peak memory grows by far less than the row, the agent gets the value
+/// whole, and the outcome still counts the row and its bytes.
+#[test]
+fn a_row_of_hundreds_of_megabytes_streams_through_with_bounded_memory() {
+    let Some((stack, token)) =
+        start("a_row_of_hundreds_of_megabytes_streams_through_with_bounded_memory")
+    else {
+        return;
+    };
+    let pid = stack.gateway.pid().expect("tollgate pid");
+    let before = peak_rss_kib(pid);
+    let sql = "SELECT length(v), v FROM (SELECT repeat('tollgate', 37500000) AS v) s";
+    let printed = tempfile::NamedTempFile::new().expect("temp file");
+    let out = stack
+        .agent_psql(&token, sql)
+        .arg("-o")
+        .arg(printed.path())
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let peak = peak_rss_kib(pid);
+    eprintln!("tollgate peak RSS: before {before} KiB, after a 300 MB row {peak} KiB");
+    assert!(
+        peak.saturating_sub(before) < 64 * 1024,
+        "tollgate's peak RSS grew by {} KiB for one 300 MB row",
+        peak.saturating_sub(before)
+    );
+    let printed = std::fs::read(printed.path()).expect("psql's output");
+    let value = printed
+        .strip_prefix(b"300000000|")
+        .and_then(|rest| rest.strip_suffix(b"\n"))
+        .expect("psql printed the length, then the value");
+    assert_eq!(value.len(), 300_000_000);
+    assert!(
+        value.chunks(8).all(|word| word == b"tollgate"),
+        "the value arrived altered"
+    );
+    let row = outcome_of(&stack, sql);
+    assert_eq!(row["response_rows"], 1, "{row}");
+    let bytes = row["response_bytes"].as_i64().expect("response_bytes");
+    assert!(bytes > 300_000_000, "{bytes} bytes counted");
+
+    // The same value as one line of COPY TO STDOUT (one CopyData message).
+    let copy = "COPY (SELECT repeat('tollgate', 37500000)) TO STDOUT";
+    let copied = tempfile::NamedTempFile::new().expect("temp file");
+    let out = stack
+        .agent_psql(&token, copy)
+        .arg("-o")
+        .arg(copied.path())
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let peak = peak_rss_kib(pid);
+    assert!(
+        peak.saturating_sub(before) < 64 * 1024,
+        "tollgate's peak RSS grew by {} KiB for a 300 MB line of COPY",
+        peak.saturating_sub(before)
+    );
+    let copied = std::fs::metadata(copied.path())
+        .expect("psql's output")
+        .len();
+    assert_eq!(copied, 300_000_001, "the line and its newline");
+    let row = outcome_of(&stack, copy);
+    assert_eq!(row["status_id"], 1, "{row}");
+}
+
 /// VmHWM: the peak resident set size of a process, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmHWM:")

@@ -108,6 +108,30 @@ pub(super) async fn server_to_client(
             }
             outcomes.answers_end_at(out.len());
         }
+        // What is left in `buf` is the start of a message. One too large
+        // to hold whole goes on to the agent as it arrives, after the
+        // answers before it.
+        let pass_on = match message_passed_on_as_it_arrives(&buf, &session.masks) {
+            Some(total) => {
+                if let Err(err) = hold_until_front_record_is_durable(&in_flight).await {
+                    close_after_built_answers(
+                        &out,
+                        &mut outcomes.handed_over,
+                        &client_wr,
+                        &in_flight,
+                        SQLSTATE_AUDIT,
+                        &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
+                    )
+                    .await;
+                    return Err(WireError::Closed);
+                }
+                if buf[0] == b'D' {
+                    track_row_passed_on(&in_flight, total);
+                }
+                Some(total)
+            }
+            None => None,
+        };
         if !out.is_empty() {
             // If this fails, or the session ends while it waits (the relay
             // is dropped), the answers the connection took in full are
@@ -124,12 +148,80 @@ pub(super) async fn server_to_client(
         drop(out);
         outcomes.sent();
         answered.notify_waiters();
+        if let Some(total) = pass_on {
+            pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr).await?;
+            continue;
+        }
         // As for the client's side: whole answers, not 64-byte pieces.
         buf.reserve(READ_CHUNK);
         if upstream_rd.read_buf(&mut buf).await? == 0 {
             return Err(WireError::Closed);
         }
     }
+}
+
+/// Server messages longer than this are passed on to the agent as they
+/// arrive, when nothing needs them whole: a DataRow in a session without
+/// masks (a masked row is rewritten, so it is held whole), and COPY data.
+/// PostgreSQL sends a value of up to 1 GB in one message: held whole,
+/// a few agents selecting large values would hold gigabytes.
+pub(super) const PASS_ON_MESSAGES_ABOVE: usize = 1 << 20;
+
+/// The length of the message that starts `buf` (one not yet whole), if
+/// it is one to pass on as it arrives (see [`PASS_ON_MESSAGES_ABOVE`]).
+pub(super) fn message_passed_on_as_it_arrives(buf: &[u8], masks: &MaskSet) -> Option<usize> {
+    let header = buf.get(..5)?;
+    if !masks.is_empty() || !matches!(header[0], b'D' | b'd') {
+        return None;
+    }
+    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    // A length out of bounds was refused when the message was split.
+    let total = usize::try_from(len).ok()?.checked_add(1)?;
+    (total > PASS_ON_MESSAGES_ABOVE && total <= wire::MAX_MESSAGE + 1).then_some(total)
+}
+
+/// Counts a DataRow passed on as it arrives for the request it answers,
+/// as [`track_answer`] counts one held whole. It is larger than a
+/// recording keeps in all (`MAX_RECORDED_RESULT_BYTES`): a recording
+/// counts it as left out.
+pub(super) fn track_row_passed_on(in_flight: &Mutex<InFlight>, total: usize) {
+    let mut guard = lock(in_flight);
+    if let Some(head) = guard.queue.front_mut() {
+        head.rows += 1;
+        head.bytes += total as i64;
+        if let Some(recording) = head.recording.as_mut() {
+            recording.leave_out();
+        }
+    }
+}
+
+/// Sends the message of `total` bytes that starts `buf` to the agent as
+/// its bytes come from the server, holding a read's worth of it at a
+/// time; what follows it stays in `buf`.
+async fn pass_on_as_it_arrives(
+    upstream_rd: &mut ReadHalf<BoxedIo>,
+    buf: &mut BytesMut,
+    total: usize,
+    client_wr: &ClientWriter,
+) -> Result<(), WireError> {
+    let mut client = client_wr.lock().await;
+    let mut left = total;
+    loop {
+        let piece = buf.split_to(left.min(buf.len()));
+        left -= piece.len();
+        client.write_all(&piece).await?;
+        if left == 0 {
+            break;
+        }
+        // Sent: its memory is the buffer's again.
+        drop(piece);
+        buf.reserve(READ_CHUNK);
+        if upstream_rd.read_buf(buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+    client.flush().await?;
+    Ok(())
 }
 
 /// If `frame` is the server's report that a setting under which it reads

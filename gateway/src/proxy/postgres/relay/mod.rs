@@ -204,6 +204,11 @@ impl ResultRecording {
         self.rows.push(row);
     }
 
+    /// Counts a row that is not kept.
+    fn leave_out(&mut self) {
+        self.dropped += 1;
+    }
+
     fn into_json(mut self) -> String {
         if self.dropped > 0 {
             self.rows

@@ -1098,3 +1098,57 @@ fn requests_skipped_after_an_error_give_back_their_text() {
     assert!(f.queue.is_empty());
     assert_eq!(f.queue.held_bytes, 0);
 }
+
+/// Only large DataRows and COPY data, and only for a session without
+/// masks, go on as they arrive; the row is counted for its request as a
+/// row held whole is, and a full recording counts it as left out.
+#[test]
+fn large_rows_and_copy_data_of_an_unmasked_session_go_on_as_they_arrive() {
+    let start_of = |tag: u8, total: usize| {
+        let mut bytes = vec![tag];
+        bytes.extend_from_slice(&(total as i32 - 1).to_be_bytes());
+        bytes.extend_from_slice(b"\0\x01");
+        bytes
+    };
+    let large = PASS_ON_MESSAGES_ABOVE + 1;
+    let none = MaskSet::default();
+    assert_eq!(
+        message_passed_on_as_it_arrives(&start_of(b'D', large), &none),
+        Some(large)
+    );
+    assert_eq!(
+        message_passed_on_as_it_arrives(&start_of(b'd', large), &none),
+        Some(large)
+    );
+    assert_eq!(
+        message_passed_on_as_it_arrives(&start_of(b'D', PASS_ON_MESSAGES_ABOVE), &none),
+        None
+    );
+    assert_eq!(
+        message_passed_on_as_it_arrives(&start_of(b'E', large), &none),
+        None
+    );
+    assert_eq!(
+        message_passed_on_as_it_arrives(&start_of(b'D', large)[..4], &none),
+        None
+    );
+    let masks = MaskSet::masking(16384, 3, "public.customers.email");
+    assert_eq!(
+        message_passed_on_as_it_arrives(&start_of(b'D', large), &masks),
+        None
+    );
+
+    let in_flight = queue_of(&[Kind::Query]);
+    lock(&in_flight)
+        .queue
+        .front_mut()
+        .expect("queued")
+        .recording = Some(ResultRecording::default());
+    track_row_passed_on(&in_flight, large);
+    let guard = lock(&in_flight);
+    let head = guard.queue.front().expect("still in flight");
+    assert_eq!((head.rows, head.bytes), (1, large as i64));
+    let recording = head.recording.as_ref().expect("recording");
+    assert!(recording.rows.is_empty());
+    assert_eq!(recording.dropped, 1);
+}
