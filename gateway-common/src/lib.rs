@@ -16,10 +16,13 @@ pub mod map_names {
     pub const REDIRECTS: &str = "REDIRECTS";
     /// socket cookie -> [`OriginalDestination`] for every redirected socket.
     pub const ORIGINAL_DESTINATIONS: &str = "ORIGINAL_DESTINATIONS";
-    /// [`ClientPortKey`] -> socket cookie, written once a redirected
+    /// [`ClientEndpointKey`] -> socket cookie, written once a redirected
     /// connection is established, so the proxy can go from the peer address
     /// of an accepted connection to the socket that made it.
-    pub const CLIENT_PORTS: &str = "CLIENT_PORTS";
+    pub const CLIENT_ENDPOINTS: &str = "CLIENT_ENDPOINTS";
+    /// The map an older daemon kept in place of [`CLIENT_ENDPOINTS`],
+    /// keyed by port alone; its pin is removed.
+    pub const CLIENT_PORTS_BEFORE: &str = "CLIENT_PORTS";
     /// Ring buffer of [`EvidenceEvent`]s, host-wide: every event that does
     /// not go to [`EVIDENCE_RESERVED`].
     pub const EVIDENCE: &str = "EVIDENCE";
@@ -447,11 +450,17 @@ pub struct OriginalDestination {
     pub comm: [u8; 16],
 }
 
-/// Key of [`map_names::CLIENT_PORTS`]: the agent side of a redirected
-/// connection as the proxy sees it from `accept()`.
+/// Key of [`map_names::CLIENT_ENDPOINTS`]: the agent side of a
+/// redirected connection as the proxy sees it from `accept()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ClientPortKey {
+pub struct ClientEndpointKey {
+    /// Local address of the agent's socket: IPv6 words, IPv4 mapped, in
+    /// network byte order (see [`v4_mapped`]). The port alone does not
+    /// name one socket: a socket bound to another local address (say
+    /// 127.0.0.2) may use the same port as another agent's, and keyed by
+    /// port the second would be taken for the first.
+    pub addr: [u32; 4],
     /// Local port of the agent's socket, host byte order.
     pub port: u32,
     /// The listener's port the socket connected to, host byte order: the
@@ -468,7 +477,7 @@ mod user {
     unsafe impl aya::Pod for super::TargetKey {}
     unsafe impl aya::Pod for super::Redirect {}
     unsafe impl aya::Pod for super::OriginalDestination {}
-    unsafe impl aya::Pod for super::ClientPortKey {}
+    unsafe impl aya::Pod for super::ClientEndpointKey {}
     unsafe impl aya::Pod for super::EvidenceEvent {}
     unsafe impl aya::Pod for super::EgressRule {}
     unsafe impl aya::Pod for super::PacketRate {}

@@ -64,7 +64,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
-    reserved_counter, reserved_counter_index, reserved_for, v4_mapped, ClientPortKey, EgressRule,
+    reserved_counter, reserved_counter_index, reserved_for, v4_mapped, ClientEndpointKey, EgressRule,
     EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey, COUNTER_ENTRIES,
     EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES, EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES,
     PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
@@ -88,8 +88,8 @@ static REDIRECTS: HashMap<TargetKey, Redirect> = HashMap::with_max_entries(REDIR
 static ORIGINAL_DESTINATIONS: LruHashMap<u64, OriginalDestination> =
     LruHashMap::with_max_entries(SOCKET_MAP_ENTRIES, 0);
 
-#[map(name = "CLIENT_PORTS")]
-static CLIENT_PORTS: LruHashMap<ClientPortKey, u64> =
+#[map(name = "CLIENT_ENDPOINTS")]
+static CLIENT_ENDPOINTS: LruHashMap<ClientEndpointKey, u64> =
     LruHashMap::with_max_entries(SOCKET_MAP_ENTRIES, 0);
 
 #[map(name = "EGRESS_RULES")]
@@ -849,11 +849,31 @@ pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
             if ORIGINAL_DESTINATIONS.get(&cookie).is_some() {
                 // remote_port holds the port in network byte order in its
                 // upper 16 bits; local_port is in host byte order.
-                let key = ClientPortKey {
+                // An AF_INET6 socket that reached the (IPv4) listener
+                // has an IPv4-mapped local address already. Each field is
+                // read on its own, at its own constant offset: a load
+                // the compiler merged across the branch would go through
+                // a computed context pointer, which the verifier refuses.
+                let ops = ctx.ops;
+                let family = core::ptr::read_volatile(&(*ops).family);
+                let local4 = core::ptr::read_volatile(&(*ops).local_ip4);
+                let local6 = [
+                    core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[3]),
+                ];
+                let addr = if family == AF_INET6 {
+                    local6
+                } else {
+                    v4_mapped(local4)
+                };
+                let key = ClientEndpointKey {
+                    addr,
                     port: ctx.local_port(),
                     listener_port: u32::from_be(ctx.remote_port()),
                 };
-                let _ = CLIENT_PORTS.insert(&key, &cookie, 0);
+                let _ = CLIENT_ENDPOINTS.insert(&key, &cookie, 0);
             }
         }
     }

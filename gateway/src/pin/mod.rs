@@ -37,10 +37,10 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use gateway_common::{
-    egress_setting, global_names, map_names, program_names, ClientPortKey, EgressRule,
+    egress_setting, global_names, map_names, program_names, ClientEndpointKey, EgressRule,
     OriginalDestination, Redirect, TargetKey,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 pub use mounts::{cgroup2_root, ensure_mounts};
 
@@ -153,7 +153,7 @@ const HOST_LINK_SUFFIX: &str = "host";
 pub struct Pinning {
     _ebpf: Ebpf,
     original_destinations: BpfHashMap<MapData, u64, OriginalDestination>,
-    client_ports: BpfHashMap<MapData, ClientPortKey, u64>,
+    client_endpoints: BpfHashMap<MapData, ClientEndpointKey, u64>,
     evidence: Option<EvidenceHandles>,
 }
 
@@ -194,7 +194,7 @@ impl Pinning {
         let map_paths: Vec<(&str, PathBuf)> = [
             map_names::REDIRECTS,
             map_names::ORIGINAL_DESTINATIONS,
-            map_names::CLIENT_PORTS,
+            map_names::CLIENT_ENDPOINTS,
             map_names::EVIDENCE,
             map_names::EVIDENCE_RESERVED,
             map_names::EVIDENCE_COUNTERS,
@@ -294,8 +294,15 @@ impl Pinning {
             info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
         }
 
+        // Every agent cgroup's sock_ops is this daemon's now: nothing
+        // writes an older daemon's port-keyed map any more.
+        match fs::remove_file(maps_dir.join(map_names::CLIENT_PORTS_BEFORE)) {
+            Ok(()) => info!("removed the pin of an older daemon's client port map"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(error = %e, "cannot remove an older daemon's client port map"),
+        }
         let original_destinations = take_map(&mut ebpf, map_names::ORIGINAL_DESTINATIONS)?;
-        let client_ports = take_map(&mut ebpf, map_names::CLIENT_PORTS)?;
+        let client_endpoints = take_map(&mut ebpf, map_names::CLIENT_ENDPOINTS)?;
         let ring = RingBuf::try_from(
             ebpf.take_map(map_names::EVIDENCE)
                 .context("map EVIDENCE missing from the kernel object")?,
@@ -311,7 +318,7 @@ impl Pinning {
         Ok(Self {
             _ebpf: ebpf,
             original_destinations,
-            client_ports,
+            client_endpoints,
             evidence: Some(EvidenceHandles {
                 ring,
                 reserved,
@@ -338,13 +345,14 @@ impl Pinning {
         peer: SocketAddr,
         listener: SocketAddr,
     ) -> Option<ClientOrigin> {
-        let key = ClientPortKey {
+        let key = ClientEndpointKey {
+            addr: ip_words(peer.ip()),
             port: u32::from(peer.port()),
             listener_port: u32::from(listener.port()),
         };
-        let cookie = self.client_ports.get(&key, 0).ok()?;
+        let cookie = self.client_endpoints.get(&key, 0).ok()?;
         // One lookup per connection: the port will be reused by others.
-        let _ = self.client_ports.remove(&key);
+        let _ = self.client_endpoints.remove(&key);
         let original = self.original_destinations.get(&cookie, 0).ok()?;
         Some(ClientOrigin {
             original_destination: SocketAddr::new(
@@ -540,14 +548,22 @@ fn sync_redirects(
 
 /// The map key for a destination: IPv4 is stored IPv4-mapped.
 pub fn target_key(address: SocketAddr) -> TargetKey {
-    let v6 = match address.ip() {
+    TargetKey {
+        addr: ip_words(address.ip()),
+        port: u32::from(address.port()),
+    }
+}
+
+/// An address as the maps hold it: IPv6 words, IPv4 mapped, each word
+/// holding its bytes in network order, as the kernel's `user_ip6` does.
+fn ip_words(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     };
     let octets = v6.octets();
-    let mut addr = [0u32; 4];
-    for (i, word) in addr.iter_mut().enumerate() {
-        // Words hold the bytes in network order, as the kernel's user_ip6 does.
+    let mut words = [0u32; 4];
+    for (i, word) in words.iter_mut().enumerate() {
         *word = u32::from_ne_bytes([
             octets[4 * i],
             octets[4 * i + 1],
@@ -555,10 +571,7 @@ pub fn target_key(address: SocketAddr) -> TargetKey {
             octets[4 * i + 3],
         ]);
     }
-    TargetKey {
-        addr,
-        port: u32::from(address.port()),
-    }
+    words
 }
 
 fn redirect_to(listener: SocketAddr) -> Result<Redirect> {

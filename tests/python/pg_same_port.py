@@ -1,0 +1,68 @@
+"""Two connections through tollgate from the same local port, one from
+127.0.0.1 and one bound to 127.0.0.2, each made under its own task name,
+then a statement on each: tollgate must tell the two sockets apart when it
+names the process behind each session.
+
+Prints "connected" once both are established (the test holds tollgate
+stopped until then, so that both wait in its accept queue), waits for a
+line on stdin, then logs in on each, runs SELECT 'first' / SELECT
+'second', and prints what each got, as JSON.
+
+usage: pg_same_port.py HOST PORT TOKEN
+"""
+import ctypes
+import json
+import socket
+import struct
+import sys
+
+from pg_raw import cstr, describe, msg, read_message, read_until, startup
+
+PR_SET_NAME = 15
+
+
+def set_task_name(name):
+    """The name the kernel records for the connect() that follows."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
+
+
+def login_and_select(sock, token, word):
+    """The answers to the login, then to SELECT 'word' (as describe()
+    gives them)."""
+    startup(sock)
+    while True:
+        tag, body = read_message(sock)
+        if tag == b"R" and struct.unpack("!i", body[:4])[0] == 3:
+            sock.sendall(msg(b"p", cstr(token)))
+        elif tag == b"E":
+            return [describe(tag, body)]
+        elif tag == b"Z":
+            break
+    sock.sendall(msg(b"Q", cstr(f"SELECT '{word}'")))
+    return read_until(sock, {b"Z"})
+
+
+def main():
+    host, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    set_task_name("first-conn")
+    first = socket.create_connection((host, port), timeout=20)
+    _, shared_port = first.getsockname()
+    set_task_name("second-conn")
+    second = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    second.settimeout(20)
+    second.bind(("127.0.0.2", shared_port))
+    second.connect((host, port))
+    print("connected", flush=True)
+    sys.stdin.readline()
+    answers = {
+        "port": shared_port,
+        "first": login_and_select(first, token, "first"),
+        "second": login_and_select(second, token, "second"),
+    }
+    print(json.dumps(answers), flush=True)
+
+
+if __name__ == "__main__":
+    main()
