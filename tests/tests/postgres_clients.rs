@@ -668,9 +668,10 @@ fn a_five_million_row_select_streams_through_with_bounded_memory() {
 }
 
 /// One value of 300 MB (a single DataRow: PostgreSQL sends a value of up
-/// to 1 GB in one message) goes on to the agent as it arrives: tollgate's
-/// peak memory grows by far less than the row, the agent gets the value
-/// whole, and the outcome still counts the row and its bytes.
+/// to 1 GB in one message), as a row and as a line of COPY TO STDOUT
+/// (one CopyData message), goes on to the agent as it arrives: tollgate's
+/// peak memory grows by far less than the value, the agent gets it whole,
+/// and the outcome still counts the row and its bytes.
 #[test]
 fn a_row_of_hundreds_of_megabytes_streams_through_with_bounded_memory() {
     let Some((stack, token)) =
@@ -680,23 +681,28 @@ fn a_row_of_hundreds_of_megabytes_streams_through_with_bounded_memory() {
     };
     let pid = stack.gateway.pid().expect("tollgate pid");
     let before = peak_rss_kib(pid);
+    // What psql printed for `sql`, once tollgate's peak memory is checked.
+    let printed_through_tollgate = |sql: &str| {
+        let printed = tempfile::NamedTempFile::new().expect("temp file");
+        let out = stack
+            .agent_psql(&token, sql)
+            .arg("-o")
+            .arg(printed.path())
+            .output()
+            .expect("psql");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let peak = peak_rss_kib(pid);
+        eprintln!("tollgate peak RSS: before {before} KiB, after {sql}: {peak} KiB");
+        assert!(
+            peak.saturating_sub(before) < 64 * 1024,
+            "tollgate's peak RSS grew by {} KiB for a 300 MB value",
+            peak.saturating_sub(before)
+        );
+        std::fs::read(printed.path()).expect("psql's output")
+    };
+
     let sql = "SELECT length(v), v FROM (SELECT repeat('tollgate', 37500000) AS v) s";
-    let printed = tempfile::NamedTempFile::new().expect("temp file");
-    let out = stack
-        .agent_psql(&token, sql)
-        .arg("-o")
-        .arg(printed.path())
-        .output()
-        .expect("psql");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let peak = peak_rss_kib(pid);
-    eprintln!("tollgate peak RSS: before {before} KiB, after a 300 MB row {peak} KiB");
-    assert!(
-        peak.saturating_sub(before) < 64 * 1024,
-        "tollgate's peak RSS grew by {} KiB for one 300 MB row",
-        peak.saturating_sub(before)
-    );
-    let printed = std::fs::read(printed.path()).expect("psql's output");
+    let printed = printed_through_tollgate(sql);
     let value = printed
         .strip_prefix(b"300000000|")
         .and_then(|rest| rest.strip_suffix(b"\n"))
@@ -711,26 +717,12 @@ fn a_row_of_hundreds_of_megabytes_streams_through_with_bounded_memory() {
     let bytes = row["response_bytes"].as_i64().expect("response_bytes");
     assert!(bytes > 300_000_000, "{bytes} bytes counted");
 
-    // The same value as one line of COPY TO STDOUT (one CopyData message).
     let copy = "COPY (SELECT repeat('tollgate', 37500000)) TO STDOUT";
-    let copied = tempfile::NamedTempFile::new().expect("temp file");
-    let out = stack
-        .agent_psql(&token, copy)
-        .arg("-o")
-        .arg(copied.path())
-        .output()
-        .expect("psql");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let peak = peak_rss_kib(pid);
-    assert!(
-        peak.saturating_sub(before) < 64 * 1024,
-        "tollgate's peak RSS grew by {} KiB for a 300 MB line of COPY",
-        peak.saturating_sub(before)
-    );
-    let copied = std::fs::metadata(copied.path())
-        .expect("psql's output")
-        .len();
-    assert_eq!(copied, 300_000_001, "the line and its newline");
+    let copied = printed_through_tollgate(copy);
+    assert_eq!(copied.len(), 300_000_001, "the line and its newline");
+    assert!(copied[..300_000_000]
+        .chunks(8)
+        .all(|word| word == b"tollgate"));
     let row = outcome_of(&stack, copy);
     assert_eq!(row["status_id"], 1, "{row}");
 }

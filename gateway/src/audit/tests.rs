@@ -183,12 +183,7 @@ async fn records_are_refused_while_segments_fail_and_too_many_wait() {
     let mut cfg = config(tmp.path());
     cfg.segment_max_records = 10;
     let now = store::now_ms();
-    let blocker = cfg
-        .dir
-        .join("records")
-        .join(format!("date={}", segment::day_of(now)));
-    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
-    std::fs::write(&blocker, b"not a directory").unwrap();
+    let blocker = block_segments(&cfg, now);
     let log = AuditLog::open(&cfg).await.unwrap();
     let mut accepted = 0usize;
     let mut refusal = None;
@@ -211,10 +206,30 @@ async fn records_are_refused_while_segments_fail_and_too_many_wait() {
     assert!((40..=200).contains(&accepted), "{accepted}");
 
     std::fs::remove_file(&blocker).unwrap();
+    append_once_taken_again(&log, || sample(accepted, now)).await;
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), accepted as u64 + 1);
+}
+
+/// Makes the segments of day `now` impossible to write: a file stands
+/// where their directory goes. Returns it, for the test to remove.
+fn block_segments(cfg: &AuditConfig, now: i64) -> std::path::PathBuf {
+    let blocker = cfg
+        .dir
+        .join("records")
+        .join(format!("date={}", segment::day_of(now)));
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    blocker
+}
+
+/// Appends `record()` until the store takes it again (once a segment is
+/// written again), for at most 20 s.
+async fn append_once_taken_again(log: &AuditLog, record: impl Fn() -> AuditRecord) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        match log.append(sample(accepted, now)).await {
-            Ok(_) => break,
+        match log.append(record()).await {
+            Ok(_) => return,
             Err(err) => assert!(
                 std::time::Instant::now() < deadline,
                 "still refused after the segments could be written: {err}"
@@ -222,9 +237,6 @@ async fn records_are_refused_while_segments_fail_and_too_many_wait() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    accepted += 1;
-    log.shutdown().await;
-    assert_chain(&read_segments(&cfg.dir), accepted as u64);
 }
 
 /// The same bound counted in bytes: a few records holding large
@@ -241,12 +253,7 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
     const STATEMENT: usize = 16 << 10;
     store::faults::limit_backlog_bytes(&cfg.dir.join("wal"), LIMIT);
     let now = store::now_ms();
-    let blocker = cfg
-        .dir
-        .join("records")
-        .join(format!("date={}", segment::day_of(now)));
-    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
-    std::fs::write(&blocker, b"not a directory").unwrap();
+    let blocker = block_segments(&cfg, now);
     let log = AuditLog::open(&cfg).await.unwrap();
     let large = |i: usize| {
         let mut r = sample(i, now);
@@ -283,20 +290,9 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
     assert!(accepted < 10_000, "{accepted} records taken");
 
     std::fs::remove_file(&blocker).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        match log.append(large(accepted)).await {
-            Ok(_) => break,
-            Err(err) => assert!(
-                std::time::Instant::now() < deadline,
-                "still refused after the segments could be written: {err}"
-            ),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    accepted += 1;
+    append_once_taken_again(&log, || large(accepted)).await;
     log.shutdown().await;
-    assert_chain(&read_segments(&cfg.dir), accepted as u64);
+    assert_chain(&read_segments(&cfg.dir), accepted as u64 + 1);
 }
 
 #[tokio::test]

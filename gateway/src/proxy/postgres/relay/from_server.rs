@@ -42,23 +42,7 @@ pub(super) async fn server_to_client(
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
-            if let Err(err) = hold_until_front_record_is_durable(&in_flight).await {
-                // The answer exists but its request is not on record:
-                // the agent must not see it. What came before it answers
-                // requests on record, or Parse, Bind and Describe, which
-                // have no record of their own (as on every other path):
-                // it goes first.
-                close_after_built_answers(
-                    &out,
-                    &mut outcomes.handed_over,
-                    &client_wr,
-                    &in_flight,
-                    SQLSTATE_AUDIT,
-                    &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
-                )
-                .await;
-                return Err(WireError::Closed);
-            }
+            hold_or_close(&out, &mut outcomes.handed_over, &client_wr, &in_flight).await?;
             if let Some(why) = reads_text_otherwise(&frame) {
                 // A statement policy let through changed how the server
                 // reads SQL text (a function of the agent's calling
@@ -113,18 +97,7 @@ pub(super) async fn server_to_client(
         // answers before it.
         let pass_on = match message_passed_on_as_it_arrives(&buf, &session.masks) {
             Some(total) => {
-                if let Err(err) = hold_until_front_record_is_durable(&in_flight).await {
-                    close_after_built_answers(
-                        &out,
-                        &mut outcomes.handed_over,
-                        &client_wr,
-                        &in_flight,
-                        SQLSTATE_AUDIT,
-                        &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
-                    )
-                    .await;
-                    return Err(WireError::Closed);
-                }
+                hold_or_close(&out, &mut outcomes.handed_over, &client_wr, &in_flight).await?;
                 if buf[0] == b'D' {
                     track_row_passed_on(&in_flight, total);
                 }
@@ -158,6 +131,34 @@ pub(super) async fn server_to_client(
             return Err(WireError::Closed);
         }
     }
+}
+
+/// Waits, before the next server message goes towards the agent, until
+/// the record of the request it answers is durable; if that record could
+/// not be written, ends the session instead. The answer exists but its
+/// request is not on record: the agent must not see it. What came before
+/// it (`out`) answers requests on record, or Parse, Bind and Describe,
+/// which have no record of their own (as on every other path): it goes
+/// first.
+async fn hold_or_close(
+    out: &[u8],
+    handed_over: &mut usize,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+) -> Result<(), WireError> {
+    let Err(err) = hold_until_front_record_is_durable(in_flight).await else {
+        return Ok(());
+    };
+    close_after_built_answers(
+        out,
+        handed_over,
+        client_wr,
+        in_flight,
+        SQLSTATE_AUDIT,
+        &format!("tollgate: the statement's audit record could not be written ({err}); its answer is withheld and the session closed"),
+    )
+    .await;
+    Err(WireError::Closed)
 }
 
 /// Server messages longer than this are passed on to the agent as they
