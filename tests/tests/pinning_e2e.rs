@@ -1103,7 +1103,8 @@ impl Drop for Resume {
 }
 
 /// Two agent connections from the same local port, one from 127.0.0.1 and
-/// one bound to 127.0.0.2, are each named by the task that made it: the
+/// one bound to 127.0.0.2 (an AF_INET socket, then an AF_INET6 one with
+/// IPv4-mapped addresses), are each named by the task that made it: the
 /// kernel keys a redirected socket by the agent's local address and port,
 /// and tollgate looks it up by both. Keyed by the port alone, the second
 /// connection, established while the first waited to be accepted, was
@@ -1119,48 +1120,56 @@ fn two_connections_from_one_local_port_are_each_attributed_to_the_task_that_made
     let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
     let pid = stack.gateway.pid().expect("tollgate pid");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_same_port.py");
-    // Stopped, tollgate accepts nothing: both connections are established
-    // (and keyed by the kernel) before either is looked up.
-    // SAFETY: a signal to the daemon this test started.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
-    let resume = Resume(pid);
-    let mut client = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
-        .arg(&script)
-        .args(["127.0.0.1", &stack.postgres.port.to_string(), &token])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run pg_same_port.py");
-    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("the script's first line");
-    assert_eq!(line.trim(), "connected");
-    drop(resume);
-    std::io::Write::write_all(&mut client.stdin.take().expect("stdin"), b"go\n")
-        .expect("tell the script to go on");
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the script's answers");
-    assert!(client.wait().expect("python").success(), "{rest}");
-    let answers: Value = serde_json::from_str(&rest).unwrap_or_else(|e| panic!("{e}: {rest}"));
-    for word in ["first", "second"] {
-        let rows: Vec<&Value> = answers[word]
-            .as_array()
-            .unwrap_or_else(|| panic!("{answers}"))
-            .iter()
-            .filter(|m| m["tag"] == "D")
-            .collect();
-        assert_eq!(rows.len(), 1, "{word}: {answers}");
-        assert_eq!(rows[0]["values"], json!([word]), "{answers}");
-    }
-    for (word, task) in [("first", "first-conn"), ("second", "second-conn")] {
-        let sql = format!(
-            "SELECT * FROM audit WHERE phase = 'request' AND query_info_query_string = 'SELECT ''{word}'''"
-        );
-        let rows = stack
-            .audit_rows(&sql, 1, Duration::from_secs(30))
-            .expect("audit rows");
-        assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!(rows[0]["actor_process_name"], task, "{}", rows[0]);
-        assert_eq!(rows[0]["src_endpoint_port"], answers["port"], "{}", rows[0]);
+    for family in ["inet", "inet6"] {
+        // Stopped, tollgate accepts nothing: both connections are
+        // established (and keyed by the kernel) before either is looked
+        // up.
+        // SAFETY: a signal to the daemon this test started.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+        let resume = Resume(pid);
+        let mut client =
+            AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+                .arg(&script)
+                .args([
+                    "127.0.0.1",
+                    &stack.postgres.port.to_string(),
+                    &token,
+                    family,
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("run pg_same_port.py");
+        let mut stdout = std::io::BufReader::new(client.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("the script's first line");
+        assert_eq!(line.trim(), "connected", "{family}");
+        drop(resume);
+        std::io::Write::write_all(&mut client.stdin.take().expect("stdin"), b"go\n")
+            .expect("tell the script to go on");
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the script's answers");
+        assert!(client.wait().expect("python").success(), "{rest}");
+        let answers: Value = serde_json::from_str(&rest).unwrap_or_else(|e| panic!("{e}: {rest}"));
+        for (side, task) in [("first", "first-conn"), ("second", "second-conn")] {
+            let word = format!("{side}-{family}");
+            let rows: Vec<&Value> = answers[side]
+                .as_array()
+                .unwrap_or_else(|| panic!("{answers}"))
+                .iter()
+                .filter(|m| m["tag"] == "D")
+                .collect();
+            assert_eq!(rows.len(), 1, "{word}: {answers}");
+            assert_eq!(rows[0]["values"], json!([word]), "{answers}");
+            let sql = format!(
+                "SELECT * FROM audit WHERE phase = 'request' AND query_info_query_string = 'SELECT ''{word}'''"
+            );
+            let rows = stack
+                .audit_rows(&sql, 1, Duration::from_secs(30))
+                .expect("audit rows");
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            assert_eq!(rows[0]["actor_process_name"], task, "{word}: {}", rows[0]);
+            assert_eq!(rows[0]["src_endpoint_port"], answers["port"], "{}", rows[0]);
+        }
     }
 }

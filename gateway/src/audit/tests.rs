@@ -281,13 +281,13 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
         "{refusal}"
     );
     // Refused once their bytes reached the bound (records keep coming
-    // until the segment thread's first failure is known), and by the
-    // bytes: their number is far below the count bound.
+    // until the segment thread's first failure is known). The count
+    // bound (40 000 records) is out of this loop's reach (30 s at one
+    // record per 5 ms at most): the refusal is the byte bound's.
     assert!(
         accepted * STATEMENT >= LIMIT,
         "refused after only {accepted} records"
     );
-    assert!(accepted < 10_000, "{accepted} records taken");
 
     std::fs::remove_file(&blocker).unwrap();
     append_once_taken_again(&log, || large(accepted)).await;

@@ -294,8 +294,9 @@ impl Pinning {
             info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
         }
 
-        // Every agent cgroup's sock_ops is this daemon's now: nothing
-        // writes an older daemon's port-keyed map any more.
+        // The configured agent cgroups' sock_ops are this daemon's now.
+        // An older daemon's links left on a cgroup no longer configured
+        // may still write its port-keyed map, which nothing reads.
         match fs::remove_file(maps_dir.join(map_names::CLIENT_PORTS_BEFORE)) {
             Ok(()) => info!("removed the pin of an older daemon's client port map"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

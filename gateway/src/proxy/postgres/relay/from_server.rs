@@ -122,7 +122,8 @@ pub(super) async fn server_to_client(
         outcomes.sent();
         answered.notify_waiters();
         if let Some(total) = pass_on {
-            pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr).await?;
+            pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr, &in_flight)
+                .await?;
             continue;
         }
         // As for the client's side: whole answers, not 64-byte pieces.
@@ -198,14 +199,17 @@ pub(super) fn track_row_passed_on(in_flight: &Mutex<InFlight>, total: usize) {
 
 /// Sends the message of `total` bytes that starts `buf` to the agent as
 /// its bytes come from the server, holding a read's worth of it at a
-/// time; what follows it stays in `buf`.
-async fn pass_on_as_it_arrives(
+/// time; what follows it stays in `buf`. While it does, the session is
+/// marked as inside a message (`InFlight::client_mid_message`).
+pub(super) async fn pass_on_as_it_arrives(
     upstream_rd: &mut ReadHalf<BoxedIo>,
     buf: &mut BytesMut,
     total: usize,
     client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
 ) -> Result<(), WireError> {
     let mut client = client_wr.lock().await;
+    lock(in_flight).client_mid_message = true;
     let mut left = total;
     loop {
         let piece = buf.split_to(left.min(buf.len()));
@@ -222,6 +226,7 @@ async fn pass_on_as_it_arrives(
         }
     }
     client.flush().await?;
+    lock(in_flight).client_mid_message = false;
     Ok(())
 }
 
@@ -250,8 +255,20 @@ pub(super) async fn close_after_built_answers(
 ) {
     let mut client = client_wr.lock().await;
     let _ = send_counted(&mut *client, out, handed_over).await;
-    lock(in_flight).closed_by = Some((code.to_string(), message.to_string()));
-    fatal(&mut *client, code, message).await;
+    let mid_message = {
+        let mut in_flight = lock(in_flight);
+        in_flight.closed_by = Some((code.to_string(), message.to_string()));
+        in_flight.client_mid_message
+    };
+    if mid_message {
+        // The session ended (its token expired) while a large message was
+        // on its way to the agent: a FATAL now would be read as the rest
+        // of it. The connection is closed without one; the records of the
+        // requests in flight say why.
+        let _ = client.shutdown().await;
+    } else {
+        fatal(&mut *client, code, message).await;
+    }
 }
 
 pub(super) type Finished = Vec<(Pending, Option<(String, String)>)>;

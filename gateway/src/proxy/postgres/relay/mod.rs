@@ -442,6 +442,10 @@ struct InFlight {
     /// never had their answers relayed, whether or not the server had
     /// answered them yet.
     closed_by: Option<(String, String)>,
+    /// A server message is being passed on to the agent as it arrives
+    /// (see `from_server::pass_on_as_it_arrives`): the agent's connection
+    /// is inside a message, where a FATAL would be read as part of it.
+    client_mid_message: bool,
 }
 
 fn refusal_marker() -> String {
@@ -670,6 +674,10 @@ fn unanswered_outcomes(
                         code.clone(),
                         format!("tollgate closed the session before the server's answer was relayed in full: {message}"),
                     ),
+                    None if pending.rows > 0 || pending.bytes > 0 => (
+                        SQLSTATE_UPSTREAM.to_string(),
+                        "the session ended while the server's answer was coming: it was not relayed in full".to_string(),
+                    ),
                     None => (
                         SQLSTATE_UPSTREAM.to_string(),
                         "the server had not answered".to_string(),
@@ -729,7 +737,9 @@ fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
 
 /// Ends the session with a FATAL error the client can read, and keeps
 /// why for the records of requests still in flight. Holding the writer
-/// lock puts it between two whole messages.
+/// lock puts it between two whole messages, unless the session ended in
+/// the middle of one passed on as it arrived (see
+/// [`close_after_built_answers`]).
 async fn fatal_to_client(
     client_wr: &ClientWriter,
     in_flight: &Mutex<InFlight>,

@@ -703,7 +703,7 @@ async fn statement_records_share_the_session_fields() {
 /// unknown status (it may have run), saying why the agent never saw
 /// its answer: withheld (tollgate withheld it, or the record is known
 /// by now to have failed, as told at once or by the writer thread),
-/// held for a record still syncing, or not answered.
+/// held for a record still syncing, begun but not ended, or not answered.
 #[test]
 fn requests_left_in_flight_are_recorded_unknown_with_the_reason() {
     let mut withheld = query("select 2");
@@ -763,7 +763,7 @@ fn requests_left_in_flight_are_recorded_unknown_with_the_reason() {
         (1, "the server had not answered"),
         (4, "the server had not answered"),
         (5, "the session ended while the server's answer waited for the request's audit record to be durable"),
-        (6, "the server had not answered"),
+        (6, "the session ended while the server's answer was coming: it was not relayed in full"),
     ] {
         assert_eq!(
             outcomes[i].response_error_code,
@@ -1151,4 +1151,102 @@ fn large_rows_and_copy_data_of_an_unmasked_session_go_on_as_they_arrive() {
     let recording = head.recording.as_ref().expect("recording");
     assert!(recording.rows.is_empty());
     assert_eq!(recording.dropped, 1);
+}
+
+/// A large message passed on as it arrives reaches the agent byte for
+/// byte, whatever pieces the server's bytes come in; what follows it stays
+/// for the next message; and the session is marked inside a message only
+/// while it passes.
+#[tokio::test]
+async fn a_message_passed_on_as_it_arrives_reaches_the_agent_whole_and_the_rest_stays() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut message = vec![b'D'];
+    let body: Vec<u8> = (0..3 * PASS_ON_MESSAGES_ABOVE)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    message.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    message.extend_from_slice(&body);
+    let next = frame(b'C', b"SELECT 1\0").bytes;
+
+    let (server, mut server_side) = tokio::io::duplex(64 * 1024);
+    let (mut upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+    let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
+    let in_flight = queue_of(&[Kind::Query]);
+
+    // The header and a little of the body are in the buffer already; the
+    // rest comes in odd-sized pieces, then the next message.
+    let mut buf = BytesMut::from(&message[..100]);
+    let mut rest = message[100..].to_vec();
+    rest.extend_from_slice(&next);
+    let sender = tokio::spawn(async move {
+        for piece in rest.chunks(7_777) {
+            server_side.write_all(piece).await.expect("server writes");
+        }
+        server_side
+    });
+    let total = message.len();
+    let receiver = tokio::spawn(async move {
+        let mut got = vec![0u8; total];
+        agent_side.read_exact(&mut got).await.expect("agent reads");
+        got
+    });
+    pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr, &in_flight)
+        .await
+        .expect("passed on");
+    assert!(!lock(&in_flight).client_mid_message);
+    let got = receiver.await.expect("receiver");
+    assert!(
+        got == message,
+        "the agent got other bytes than the server sent"
+    );
+    // What came after the message is left for the next one (as much of it
+    // as was read with the message's last piece).
+    let _server_side = sender.await.expect("sender");
+    while buf.len() < next.len() {
+        upstream_rd.read_buf(&mut buf).await.expect("read");
+    }
+    assert_eq!(&buf[..], &next[..]);
+}
+
+/// A session closed while a message passed on as it arrives is inside
+/// the agent's connection ends without a FATAL (it would be read as part
+/// of the message); between messages the agent gets the FATAL. Both keep
+/// why, for the records of the requests in flight.
+#[tokio::test]
+async fn a_session_closed_inside_a_message_passed_on_gets_no_fatal_in_it() {
+    use tokio::io::AsyncReadExt;
+    for mid_message in [true, false] {
+        let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
+        let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+        let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
+        let in_flight = queue_of(&[Kind::Query]);
+        lock(&in_flight).client_mid_message = mid_message;
+        close_after_built_answers(
+            &[],
+            &mut 0,
+            &client_wr,
+            &in_flight,
+            SQLSTATE_IDENTITY,
+            "tollgate: the session's token expired",
+        )
+        .await;
+        drop(client_wr);
+        let mut got = Vec::new();
+        agent_side.read_to_end(&mut got).await.expect("agent reads");
+        if mid_message {
+            assert!(got.is_empty(), "bytes after the message's start: {got:?}");
+        } else {
+            assert_eq!(got.first(), Some(&b'E'), "{got:?}");
+            assert!(String::from_utf8_lossy(&got).contains("token expired"));
+        }
+        assert_eq!(
+            lock(&in_flight)
+                .closed_by
+                .as_ref()
+                .map(|(code, _)| code.as_str()),
+            Some(SQLSTATE_IDENTITY)
+        );
+    }
 }
