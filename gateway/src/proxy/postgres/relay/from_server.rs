@@ -39,6 +39,9 @@ pub(super) async fn server_to_client(
     answered: Arc<Notify>,
 ) -> Result<(), WireError> {
     let mut outcomes = Outcomes::new(|outcome| submit_outcome(&session, outcome));
+    // This session's share of HELD_WHOLE while a large message it cannot
+    // pass on arrives.
+    let mut held_whole = None;
     loop {
         let mut out = BytesMut::new();
         while let Some(frame) = wire::split_frame(&mut buf)? {
@@ -105,6 +108,12 @@ pub(super) async fn server_to_client(
             }
             None => None,
         };
+        // One that must be held whole (a masked row) takes its share of the
+        // budget all sessions share before more of it is read: past the
+        // budget this session waits, the daemon does not grow.
+        if let (None, None, Some(total)) = (pass_on, &held_whole, large_message_ahead(&buf)) {
+            held_whole = HELD_WHOLE.take(total).await;
+        }
         if !out.is_empty() {
             // If this fails, or the session ends while it waits (the relay
             // is dropped), the answers the connection took in full are
@@ -125,6 +134,10 @@ pub(super) async fn server_to_client(
             pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr, &in_flight)
                 .await?;
             continue;
+        }
+        // The message held whole went on (and its masked copy with it).
+        if large_message_ahead(&buf).is_none() {
+            held_whole = None;
         }
         // As for the client's side: whole answers, not 64-byte pieces.
         buf.reserve(READ_CHUNK);
@@ -170,16 +183,59 @@ async fn hold_or_close(
 pub(super) const PASS_ON_MESSAGES_ABOVE: usize = 1 << 20;
 
 /// The length of the message that starts `buf` (one not yet whole), if
-/// it is one to pass on as it arrives (see [`PASS_ON_MESSAGES_ABOVE`]).
-pub(super) fn message_passed_on_as_it_arrives(buf: &[u8], masks: &MaskSet) -> Option<usize> {
+/// it is longer than [`PASS_ON_MESSAGES_ABOVE`].
+pub(super) fn large_message_ahead(buf: &[u8]) -> Option<usize> {
     let header = buf.get(..5)?;
-    if !masks.is_empty() || !matches!(header[0], b'D' | b'd') {
-        return None;
-    }
     let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
     // A length out of bounds was refused when the message was split.
     let total = usize::try_from(len).ok()?.checked_add(1)?;
     (total > PASS_ON_MESSAGES_ABOVE && total <= wire::MAX_MESSAGE + 1).then_some(total)
+}
+
+/// The length of the message that starts `buf` (one not yet whole), if
+/// it is one to pass on as it arrives (see [`PASS_ON_MESSAGES_ABOVE`]).
+pub(super) fn message_passed_on_as_it_arrives(buf: &[u8], masks: &MaskSet) -> Option<usize> {
+    if !masks.is_empty() || !matches!(buf.first(), Some(b'D' | b'd')) {
+        return None;
+    }
+    large_message_ahead(buf)
+}
+
+/// Memory that large server messages held whole while they arrive (rows
+/// of sessions with masks, which are rewritten; any other message over
+/// [`PASS_ON_MESSAGES_ABOVE`]) may take, all sessions together. A session
+/// whose message would take more waits for its share before it reads the
+/// rest, so that many agents selecting large masked values hold the
+/// daemon at this size instead of growing it until it runs out of
+/// memory. Room for one of the largest message PostgreSQL sends (1 GiB)
+/// at its share (see [`HeldWholeBudget::take`]) and then some.
+pub(super) static HELD_WHOLE: HeldWholeBudget = HeldWholeBudget::new(4 << 10);
+
+/// A budget of memory in MiB (see [`HELD_WHOLE`]).
+pub(super) struct HeldWholeBudget {
+    mib: tokio::sync::Semaphore,
+    total_mib: u32,
+}
+
+impl HeldWholeBudget {
+    pub(super) const fn new(total_mib: u32) -> Self {
+        HeldWholeBudget {
+            mib: tokio::sync::Semaphore::const_new(total_mib as usize),
+            total_mib,
+        }
+    }
+
+    /// Waits for the share of a message of `total` bytes: three times its
+    /// size (the buffer it arrives in grows to up to twice its size, and
+    /// a masked row is a copy), at most the whole budget, so that any
+    /// message gets through once the others are done. `None` only if the
+    /// budget were closed, which it never is.
+    pub(super) async fn take(&self, total: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let mib = u32::try_from(total.saturating_mul(3).div_ceil(1 << 20))
+            .unwrap_or(u32::MAX)
+            .min(self.total_mib);
+        self.mib.acquire_many(mib).await.ok()
+    }
 }
 
 /// Counts a DataRow passed on as it arrives for the request it answers,

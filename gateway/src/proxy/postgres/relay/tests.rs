@@ -1250,3 +1250,52 @@ async fn a_session_closed_inside_a_message_passed_on_gets_no_fatal_in_it() {
         );
     }
 }
+
+/// Large messages held whole take their share of a budget all sessions
+/// share: one that would go past it waits until another is done, and one
+/// larger than the whole budget takes all of it instead of waiting
+/// forever.
+#[tokio::test]
+async fn messages_held_whole_wait_for_their_share_of_the_budget() {
+    use std::time::Duration;
+    let mib = 1 << 20;
+    let budget = HeldWholeBudget::new(10);
+    // 3 MiB held three times over: 9 of the 10 MiB.
+    let first = budget.take(3 * mib).await.expect("share");
+    assert_eq!(first.num_permits(), 9);
+    let second = budget.take(mib);
+    tokio::pin!(second);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), &mut second)
+            .await
+            .is_err(),
+        "a share past the budget waits"
+    );
+    drop(first);
+    let second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("taken once the first is done")
+        .expect("share");
+    assert_eq!(second.num_permits(), 3);
+    drop(second);
+    let huge = tokio::time::timeout(Duration::from_secs(5), budget.take(100 * mib))
+        .await
+        .expect("a message over the budget takes all of it")
+        .expect("share");
+    assert_eq!(huge.num_permits(), 10);
+
+    // Which messages are large: any tag, once its header is there.
+    let header = |tag: u8, total: usize| {
+        let mut bytes = vec![tag];
+        bytes.extend_from_slice(&(total as i32 - 1).to_be_bytes());
+        bytes
+    };
+    let large = PASS_ON_MESSAGES_ABOVE + 1;
+    assert_eq!(large_message_ahead(&header(b'E', large)), Some(large));
+    assert_eq!(large_message_ahead(&header(b'D', large)), Some(large));
+    assert_eq!(
+        large_message_ahead(&header(b'D', PASS_ON_MESSAGES_ABOVE)),
+        None
+    );
+    assert_eq!(large_message_ahead(&header(b'D', large)[..4]), None);
+}
