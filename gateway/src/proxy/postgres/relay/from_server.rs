@@ -44,7 +44,10 @@ pub(super) async fn server_to_client(
     let mut held_whole = None;
     loop {
         let mut out = BytesMut::new();
+        // Any message split off ends the one held whole, which was first.
+        let mut split_any = false;
         while let Some(frame) = wire::split_frame(&mut buf)? {
+            split_any = true;
             hold_or_close(&out, &mut outcomes.handed_over, &client_wr, &in_flight).await?;
             if let Some(why) = reads_text_otherwise(&frame) {
                 // A statement policy let through changed how the server
@@ -108,12 +111,6 @@ pub(super) async fn server_to_client(
             }
             None => None,
         };
-        // One that must be held whole (a masked row) takes its share of the
-        // budget all sessions share before more of it is read: past the
-        // budget this session waits, the daemon does not grow.
-        if let (None, None, Some(total)) = (pass_on, &held_whole, large_message_ahead(&buf)) {
-            held_whole = HELD_WHOLE.take(total).await;
-        }
         if !out.is_empty() {
             // If this fails, or the session ends while it waits (the relay
             // is dropped), the answers the connection took in full are
@@ -130,14 +127,20 @@ pub(super) async fn server_to_client(
         drop(out);
         outcomes.sent();
         answered.notify_waiters();
+        // The message held whole went on, its masked copy with it.
+        if split_any {
+            held_whole = None;
+        }
         if let Some(total) = pass_on {
             pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr, &in_flight)
                 .await?;
             continue;
         }
-        // The message held whole went on (and its masked copy with it).
-        if large_message_ahead(&buf).is_none() {
-            held_whole = None;
+        // One that must be held whole (a masked row) takes its share of the
+        // budget all sessions share before more of it is read: past the
+        // budget this session waits, the daemon does not grow.
+        if let (None, Some(total)) = (&held_whole, large_message_ahead(&buf)) {
+            held_whole = HELD_WHOLE.take(total).await;
         }
         // As for the client's side: whole answers, not 64-byte pieces.
         buf.reserve(READ_CHUNK);
