@@ -1299,3 +1299,50 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
     );
     assert_eq!(large_message_ahead(&header(b'D', large)[..4]), None);
 }
+
+/// A large row that would go on as it arrives is held like any answer
+/// until its request's record is durable: when that record fails, not a
+/// byte of the row reaches the agent, the session is closed with the
+/// reason, and the outcome says the answer was withheld.
+#[tokio::test]
+async fn a_large_row_is_not_passed_on_when_its_record_failed() {
+    use bytes::BufMut;
+    let (audit_dir, _keys, session, audit) = relay_session().await;
+    let mut in_flight = InFlight::default();
+    let mut read = query("select big");
+    read.durable = Some(Durable::known(Err(AuditError::Wal("disk full".into()))));
+    in_flight.queue.push_back(read);
+    let in_flight = Arc::new(Mutex::new(in_flight));
+    // The start of one DataRow longer than PASS_ON_MESSAGES_ABOVE: its
+    // header and the first bytes of its one value.
+    let value_len = 2 * PASS_ON_MESSAGES_ABOVE;
+    let mut answers = BytesMut::new();
+    answers.put_u8(b'D');
+    answers.put_i32((4 + 2 + 4 + value_len) as i32);
+    answers.put_i16(1);
+    answers.put_i32(value_len as i32);
+    answers.put_slice(&b"large-row-value-".repeat(64));
+    let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
+    assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+    record_unanswered(&session, &in_flight);
+    audit.shutdown().await;
+
+    assert!(
+        !got.contains("large-row-value"),
+        "row bytes reached the agent: {got}"
+    );
+    assert!(got.starts_with('E'), "{got}");
+    assert!(
+        got.contains("FATAL") && got.contains(SQLSTATE_AUDIT),
+        "{got}"
+    );
+    let outcomes = outcome_rows(audit_dir.path());
+    assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
+    assert!(
+        outcomes[0]
+            .status_detail
+            .contains("tollgate withheld the server's answer"),
+        "{}",
+        outcomes[0].status_detail
+    );
+}
