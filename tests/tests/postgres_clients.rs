@@ -854,10 +854,11 @@ fn masked_columns_never_leave_tollgate_unless_the_role_may_see_them() {
         text(&out.stderr),
         stack.gateway.log()
     );
-    // A row over 1 MiB in a session with masks is held whole (it may be
-    // rewritten) under the budget all sessions share: masked like any
-    // other (a computed column is masked too, as it could be derived from
-    // a masked one), and relayed whole where no column is masked.
+    // A row over 1 MiB in a session with masks: held whole under the
+    // budget all sessions share and masked like any other when its result
+    // masks a column (a computed column is masked too, as it could be
+    // derived from a masked one); passed on as it arrives, whole, when
+    // none of its result's columns is masked.
     let big = "SELECT email, repeat('x', 5000000) AS big FROM customers WHERE id = 1";
     let out = stack.agent_psql(&agent, big).output().expect("psql");
     assert!(out.status.success(), "{}", text(&out.stderr));

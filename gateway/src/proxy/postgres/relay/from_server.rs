@@ -101,7 +101,7 @@ pub(super) async fn server_to_client(
         // What is left in `buf` is the start of a message. One too large
         // to hold whole goes on to the agent as it arrives, after the
         // answers before it.
-        let pass_on = match message_passed_on_as_it_arrives(&buf, &session.masks) {
+        let pass_on = match message_passed_on_as_it_arrives(&buf, &session.masks, &in_flight) {
             Some(total) => {
                 hold_or_close(&out, &mut outcomes.handed_over, &client_wr, &in_flight).await?;
                 if buf[0] == b'D' {
@@ -180,7 +180,9 @@ async fn hold_or_close(
 
 /// Server messages longer than this are passed on to the agent as they
 /// arrive, when nothing needs them whole: a DataRow in a session without
-/// masks (a masked row is rewritten, so it is held whole), and COPY data.
+/// masks, or one of a result whose description planned no masking (a
+/// masked row is rewritten, so it is held whole), and COPY data in a
+/// session without masks.
 /// PostgreSQL sends a value of up to 1 GB in one message: held whole,
 /// a few agents selecting large values would hold gigabytes.
 pub(super) const PASS_ON_MESSAGES_ABOVE: usize = 1 << 20;
@@ -197,11 +199,25 @@ pub(super) fn large_message_ahead(buf: &[u8]) -> Option<usize> {
 
 /// The length of the message that starts `buf` (one not yet whole), if
 /// it is one to pass on as it arrives (see [`PASS_ON_MESSAGES_ABOVE`]).
-pub(super) fn message_passed_on_as_it_arrives(buf: &[u8], masks: &MaskSet) -> Option<usize> {
-    if !masks.is_empty() || !matches!(buf.first(), Some(b'D' | b'd')) {
-        return None;
-    }
-    large_message_ahead(buf)
+/// `in_flight`'s oldest request is the one it answers.
+pub(super) fn message_passed_on_as_it_arrives(
+    buf: &[u8],
+    masks: &MaskSet,
+    in_flight: &Mutex<InFlight>,
+) -> Option<usize> {
+    let total = large_message_ahead(buf)?;
+    let unmasked = match buf[0] {
+        _ if masks.is_empty() => matches!(buf[0], b'D' | b'd'),
+        // As `track_answer` decides: a row is masked by its result's
+        // plan, or whole when there is none.
+        b'D' => lock(in_flight)
+            .queue
+            .front()
+            .and_then(|head| head.result_mask.as_ref())
+            .is_some_and(|plan| !plan.masks_anything()),
+        _ => false,
+    };
+    unmasked.then_some(total)
 }
 
 /// Memory that large server messages held whole while they arrive (rows

@@ -1099,11 +1099,13 @@ fn requests_skipped_after_an_error_give_back_their_text() {
     assert_eq!(f.queue.held_bytes, 0);
 }
 
-/// Only large DataRows and COPY data, and only for a session without
-/// masks, go on as they arrive; the row is counted for its request as a
-/// row held whole is, and a full recording counts it as left out.
+/// Large DataRows and COPY data of a session without masks go on as they
+/// arrive, and so do large DataRows of a result whose description planned
+/// no masking in a session with masks; nothing else does. A row passed on
+/// is counted for its request as a row held whole is, and a full
+/// recording counts it as left out.
 #[test]
-fn large_rows_and_copy_data_of_an_unmasked_session_go_on_as_they_arrive() {
+fn large_rows_and_copy_data_go_on_as_they_arrive_unless_they_may_be_masked() {
     let start_of = |tag: u8, total: usize| {
         let mut bytes = vec![tag];
         bytes.extend_from_slice(&(total as i32 - 1).to_be_bytes());
@@ -1112,31 +1114,44 @@ fn large_rows_and_copy_data_of_an_unmasked_session_go_on_as_they_arrive() {
     };
     let large = PASS_ON_MESSAGES_ABOVE + 1;
     let none = MaskSet::default();
+    let query = queue_of(&[Kind::Query]);
+    let passed = |bytes: &[u8], masks: &MaskSet, in_flight: &Mutex<InFlight>| {
+        message_passed_on_as_it_arrives(bytes, masks, in_flight)
+    };
+    assert_eq!(passed(&start_of(b'D', large), &none, &query), Some(large));
+    assert_eq!(passed(&start_of(b'd', large), &none, &query), Some(large));
     assert_eq!(
-        message_passed_on_as_it_arrives(&start_of(b'D', large), &none),
-        Some(large)
-    );
-    assert_eq!(
-        message_passed_on_as_it_arrives(&start_of(b'd', large), &none),
-        Some(large)
-    );
-    assert_eq!(
-        message_passed_on_as_it_arrives(&start_of(b'D', PASS_ON_MESSAGES_ABOVE), &none),
+        passed(&start_of(b'D', PASS_ON_MESSAGES_ABOVE), &none, &query),
         None
     );
-    assert_eq!(
-        message_passed_on_as_it_arrives(&start_of(b'E', large), &none),
-        None
-    );
-    assert_eq!(
-        message_passed_on_as_it_arrives(&start_of(b'D', large)[..4], &none),
-        None
-    );
+    assert_eq!(passed(&start_of(b'E', large), &none, &query), None);
+    assert_eq!(passed(&start_of(b'D', large)[..4], &none, &query), None);
+
+    // With masks: no plan (masked whole), a plan that masks a column, and
+    // one that masks none.
     let masks = MaskSet::masking(16384, 3, "public.customers.email");
-    assert_eq!(
-        message_passed_on_as_it_arrives(&start_of(b'D', large), &masks),
-        None
-    );
+    assert_eq!(passed(&start_of(b'D', large), &masks, &query), None);
+    assert_eq!(passed(&start_of(b'd', large), &masks, &query), None);
+    let description = |attnum: i16| {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend_from_slice(b"col\0");
+        body.extend_from_slice(&16384u32.to_be_bytes());
+        body.extend_from_slice(&attnum.to_be_bytes());
+        body.extend_from_slice(&25u32.to_be_bytes());
+        body.extend_from_slice(&(-1i16).to_be_bytes());
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&0i16.to_be_bytes());
+        frame(b'T', &body)
+    };
+    for (attnum, passes) in [(3, false), (1, true)] {
+        let plan = mask::plan(&description(attnum), &masks, false).expect("plan");
+        lock(&query).queue.front_mut().expect("queued").result_mask = Some(plan);
+        assert_eq!(
+            passed(&start_of(b'D', large), &masks, &query).is_some(),
+            passes,
+            "column {attnum}"
+        );
+    }
 
     let in_flight = queue_of(&[Kind::Query]);
     lock(&in_flight)
