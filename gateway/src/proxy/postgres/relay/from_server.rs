@@ -127,9 +127,12 @@ pub(super) async fn server_to_client(
         drop(out);
         outcomes.sent();
         answered.notify_waiters();
-        // The message held whole went on, its masked copy with it.
-        if split_any {
-            held_whole = None;
+        // The message held whole went on, its masked copy with it. The
+        // buffer it arrived in keeps its size unless given back.
+        if split_any && held_whole.take().is_some() && buf.capacity() > 4 * READ_CHUNK {
+            let rest = buf.split();
+            buf = BytesMut::with_capacity(READ_CHUNK.max(rest.len()));
+            buf.extend_from_slice(&rest);
         }
         if let Some(total) = pass_on {
             pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr, &in_flight)
@@ -140,7 +143,24 @@ pub(super) async fn server_to_client(
         // budget all sessions share before more of it is read: past the
         // budget this session waits, the daemon does not grow.
         if let (None, Some(total)) = (&held_whole, large_message_ahead(&buf)) {
-            held_whole = HELD_WHOLE.take(total).await;
+            match HELD_WHOLE.take_within(total, HELD_WHOLE_WAIT).await {
+                Ok(share) => held_whole = share,
+                Err(_) => {
+                    close_after_built_answers(
+                        &[],
+                        &mut outcomes.handed_over,
+                        &client_wr,
+                        &in_flight,
+                        SQLSTATE_OUT_OF_MEMORY,
+                        &format!(
+                            "tollgate: a value of {total} bytes waited {} s for memory that other sessions' large values hold; the session is closed",
+                            HELD_WHOLE_WAIT.as_secs()
+                        ),
+                    )
+                    .await;
+                    return Err(WireError::Closed);
+                }
+            }
         }
         // As for the client's side: whole answers, not 64-byte pieces.
         buf.reserve(READ_CHUNK);
@@ -230,6 +250,15 @@ pub(super) fn message_passed_on_as_it_arrives(
 /// at its share (see [`HeldWholeBudget::take`]) and then some.
 pub(super) static HELD_WHOLE: HeldWholeBudget = HeldWholeBudget::new(4 << 10);
 
+/// How long a session waits for its share of [`HELD_WHOLE`] before it is
+/// closed: a wait without end (others' shares held by agents that read
+/// slowly, or not at all) would hold the agent without telling it why.
+pub(super) const HELD_WHOLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// PostgreSQL's `out_of_memory`: what an agent is told when its value
+/// could not be given memory in time (see [`HELD_WHOLE_WAIT`]).
+pub(super) const SQLSTATE_OUT_OF_MEMORY: &str = "53200";
+
 /// A budget of memory in MiB (see [`HELD_WHOLE`]).
 pub(super) struct HeldWholeBudget {
     mib: tokio::sync::Semaphore,
@@ -254,6 +283,20 @@ impl HeldWholeBudget {
             .unwrap_or(u32::MAX)
             .min(self.total_mib);
         self.mib.acquire_many(mib).await.ok()
+    }
+
+    #[cfg(test)]
+    pub(super) fn available_mib(&self) -> usize {
+        self.mib.available_permits()
+    }
+
+    /// [`HeldWholeBudget::take`], waiting at most `wait`.
+    pub(super) async fn take_within(
+        &self,
+        total: usize,
+        wait: std::time::Duration,
+    ) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(wait, self.take(total)).await
     }
 }
 

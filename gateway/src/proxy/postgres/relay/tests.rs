@@ -1361,3 +1361,113 @@ async fn a_large_row_is_not_passed_on_when_its_record_failed() {
         outcomes[0].status_detail
     );
 }
+
+/// A large row that must be held whole (a session with masks, no plan for
+/// its result) waits for its share of the budget all sessions share; when
+/// the share does not come in time, the session is closed with
+/// `out_of_memory` and the reason, and not a byte of the row goes out.
+/// Once the budget has room, a row is held, masked and relayed, and the
+/// share is given back.
+#[tokio::test(start_paused = true)]
+async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
+    use bytes::BufMut;
+    let (_audit_dir, _keys, mut session, audit) = relay_session().await;
+    Arc::get_mut(&mut session).expect("only reference").masks =
+        MaskSet::masking(16384, 3, "public.customers.email");
+    let large_row = || {
+        let value_len = 2 * PASS_ON_MESSAGES_ABOVE;
+        let mut answers = BytesMut::new();
+        answers.put_u8(b'D');
+        answers.put_i32((4 + 2 + 4 + value_len) as i32);
+        answers.put_i16(1);
+        answers.put_i32(value_len as i32);
+        answers.put_slice(&b"held-row-value-".repeat(64));
+        answers
+    };
+
+    // Every share is taken: the row waits, then the session is closed.
+    let all = HELD_WHOLE
+        .take(usize::MAX / 4)
+        .await
+        .expect("the whole budget");
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    lock(&in_flight).queue.push_back(query("select big"));
+    let (ended, got) = relay_to_agent(&session, &in_flight, large_row()).await;
+    assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+    assert!(!got.contains("held-row-value"), "row bytes went out: {got}");
+    assert!(got.contains(SQLSTATE_OUT_OF_MEMORY), "{got}");
+    assert!(got.contains("waited 60 s for memory"), "{got}");
+    assert_eq!(
+        lock(&in_flight)
+            .closed_by
+            .as_ref()
+            .map(|(code, _)| code.as_str()),
+        Some(SQLSTATE_OUT_OF_MEMORY)
+    );
+    drop(all);
+
+    // With room in the budget: the row's share is taken while it
+    // arrives, the row is masked whole (no description planned it) and
+    // relayed, and the share is given back.
+    let before = HELD_WHOLE.available_mib();
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    lock(&in_flight).queue.push_back(query("select big"));
+    let row = large_row();
+    let value_len = 2 * PASS_ON_MESSAGES_ABOVE;
+    let first = BytesMut::from(&row[..]);
+    let rest_len = value_len - (row.len() - 11);
+    let (server, mut server_side) = tokio::io::duplex(64 * 1024);
+    let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+    let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let in_flight_now = in_flight.clone();
+    let sender = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        // Sent while the relay holds the row's share.
+        tokio::task::yield_now().await;
+        let taken = before - HELD_WHOLE.available_mib();
+        let rest = vec![b'v'; rest_len];
+        server_side
+            .write_all(&rest)
+            .await
+            .expect("the rest of the row");
+        // Then the server goes away: the relay ends after the row.
+        drop(server_side);
+        drop(in_flight_now);
+        taken
+    });
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
+            .await
+            .expect("read what the agent got");
+        got
+    });
+    let ended = server_to_client(
+        session.clone(),
+        upstream_rd,
+        first,
+        Arc::new(tokio::sync::Mutex::new(client_wr)),
+        in_flight.clone(),
+        Arc::new(Notify::new()),
+    )
+    .await;
+    assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+    let taken = sender.await.expect("sender");
+    assert_eq!(
+        taken,
+        (3 * (row.len() - 11 + rest_len + 11)).div_ceil(1 << 20)
+    );
+    let got = reader.await.expect("reader");
+    assert_eq!(got.first(), Some(&b'D'), "the masked row went out");
+    assert!(
+        !String::from_utf8_lossy(&got).contains("held-row-value"),
+        "the row went out unmasked"
+    );
+    assert_eq!(
+        HELD_WHOLE.available_mib(),
+        before,
+        "the share is given back"
+    );
+    audit.shutdown().await;
+}
