@@ -502,11 +502,39 @@ async fn relay_to_agent(
 ) -> (Result<(), WireError>, String) {
     // The server sends nothing more: a relay that does not stop at
     // what it is given ends at the end of the stream, never waits.
-    let (server, server_side) = tokio::io::duplex(1024);
-    drop(server_side);
-    let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
+    let (ended, got) = relay_to_agent_while(session, in_flight, answers, |side| async move {
+        drop(side);
+    })
+    .await;
+    (ended, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// [`relay_to_agent`] with `server` sending what else the server sends
+/// (on its end of the upstream connection) while the relay runs; the
+/// agent reads as it goes.
+async fn relay_to_agent_while<F, Served>(
+    session: &Arc<Session>,
+    in_flight: &Arc<Mutex<InFlight>>,
+    answers: BytesMut,
+    server: F,
+) -> (Result<(), WireError>, Vec<u8>)
+where
+    F: FnOnce(tokio::io::DuplexStream) -> Served,
+    Served: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (upstream, server_side) = tokio::io::duplex(64 * 1024);
+    let serving = tokio::spawn(server(server_side));
+    let (upstream_rd, _) = tokio::io::split(Box::new(upstream) as BoxedIo);
     let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
     let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let reading = tokio::spawn(async move {
+        let mut got = Vec::new();
+        // Until the relay drops its end.
+        tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
+            .await
+            .expect("read what the agent got");
+        got
+    });
     let ended = server_to_client(
         session.clone(),
         upstream_rd,
@@ -516,12 +544,8 @@ async fn relay_to_agent(
         Arc::new(Notify::new()),
     )
     .await;
-    let mut got = Vec::new();
-    // The relay has dropped its end: this reads to that end.
-    tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
-        .await
-        .expect("read what the agent got");
-    (ended, String::from_utf8_lossy(&got).into_owned())
+    serving.await.expect("the server's side");
+    (ended, reading.await.expect("the agent's side"))
 }
 
 /// A statement that changed client_encoding behind the policy's back
@@ -1315,28 +1339,36 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
     assert_eq!(large_message_ahead(&header(b'D', large)[..4]), None);
 }
 
+/// The start of one DataRow of one value, [`LARGE_VALUE`] bytes long
+/// (over [`PASS_ON_MESSAGES_ABOVE`]): its header and the value's first
+/// bytes, `marker` 64 times.
+fn start_of_large_row(marker: &[u8]) -> BytesMut {
+    use bytes::BufMut;
+    let mut row = BytesMut::new();
+    row.put_u8(b'D');
+    row.put_i32((4 + 2 + 4 + LARGE_VALUE) as i32);
+    row.put_i16(1);
+    row.put_i32(LARGE_VALUE as i32);
+    row.put_slice(&marker.repeat(64));
+    row
+}
+
+/// See [`start_of_large_row`].
+const LARGE_VALUE: usize = 2 * PASS_ON_MESSAGES_ABOVE;
+
 /// A large row that would go on as it arrives is held like any answer
 /// until its request's record is durable: when that record fails, not a
 /// byte of the row reaches the agent, the session is closed with the
 /// reason, and the outcome says the answer was withheld.
 #[tokio::test]
 async fn a_large_row_is_not_passed_on_when_its_record_failed() {
-    use bytes::BufMut;
     let (audit_dir, _keys, session, audit) = relay_session().await;
     let mut in_flight = InFlight::default();
     let mut read = query("select big");
     read.durable = Some(Durable::known(Err(AuditError::Wal("disk full".into()))));
     in_flight.queue.push_back(read);
     let in_flight = Arc::new(Mutex::new(in_flight));
-    // The start of one DataRow longer than PASS_ON_MESSAGES_ABOVE: its
-    // header and the first bytes of its one value.
-    let value_len = 2 * PASS_ON_MESSAGES_ABOVE;
-    let mut answers = BytesMut::new();
-    answers.put_u8(b'D');
-    answers.put_i32((4 + 2 + 4 + value_len) as i32);
-    answers.put_i16(1);
-    answers.put_i32(value_len as i32);
-    answers.put_slice(&b"large-row-value-".repeat(64));
+    let answers = start_of_large_row(b"large-row-value-");
     let (ended, got) = relay_to_agent(&session, &in_flight, answers).await;
     assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
     record_unanswered(&session, &in_flight);
@@ -1370,20 +1402,10 @@ async fn a_large_row_is_not_passed_on_when_its_record_failed() {
 /// share is given back.
 #[tokio::test(start_paused = true)]
 async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
-    use bytes::BufMut;
     let (_audit_dir, _keys, mut session, audit) = relay_session().await;
     Arc::get_mut(&mut session).expect("only reference").masks =
         MaskSet::masking(16384, 3, "public.customers.email");
-    let large_row = || {
-        let value_len = 2 * PASS_ON_MESSAGES_ABOVE;
-        let mut answers = BytesMut::new();
-        answers.put_u8(b'D');
-        answers.put_i32((4 + 2 + 4 + value_len) as i32);
-        answers.put_i16(1);
-        answers.put_i32(value_len as i32);
-        answers.put_slice(&b"held-row-value-".repeat(64));
-        answers
-    };
+    let large_row = || start_of_large_row(b"held-row-value-");
 
     // Every share is taken: the row waits, then the session is closed.
     let all = HELD_WHOLE
@@ -1413,52 +1435,26 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     lock(&in_flight).queue.push_back(query("select big"));
     let row = large_row();
-    let value_len = 2 * PASS_ON_MESSAGES_ABOVE;
-    let first = BytesMut::from(&row[..]);
-    let rest_len = value_len - (row.len() - 11);
-    let (server, mut server_side) = tokio::io::duplex(64 * 1024);
-    let (upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
-    let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
-    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
-    let in_flight_now = in_flight.clone();
-    let sender = tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        // Sent while the relay holds the row's share.
-        tokio::task::yield_now().await;
-        let taken = before - HELD_WHOLE.available_mib();
-        let rest = vec![b'v'; rest_len];
-        server_side
-            .write_all(&rest)
-            .await
-            .expect("the rest of the row");
-        // Then the server goes away: the relay ends after the row.
-        drop(server_side);
-        drop(in_flight_now);
-        taken
-    });
-    let reader = tokio::spawn(async move {
-        let mut got = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut agent_side, &mut got)
-            .await
-            .expect("read what the agent got");
-        got
-    });
-    let ended = server_to_client(
-        session.clone(),
-        upstream_rd,
-        first,
-        Arc::new(tokio::sync::Mutex::new(client_wr)),
-        in_flight.clone(),
-        Arc::new(Notify::new()),
-    )
-    .await;
+    let rest_len = LARGE_VALUE - (row.len() - 11);
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+    let (ended, got) =
+        relay_to_agent_while(&session, &in_flight, row, move |mut side| async move {
+            use tokio::io::AsyncWriteExt;
+            // Sent while the relay holds the row's share.
+            tokio::task::yield_now().await;
+            let _ = taken_tx.send(before - HELD_WHOLE.available_mib());
+            side.write_all(&vec![b'v'; rest_len])
+                .await
+                .expect("the rest of the row");
+            // Then the server goes away: the relay ends after the row.
+        })
+        .await;
     assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
-    let taken = sender.await.expect("sender");
+    let total = 11 + LARGE_VALUE;
     assert_eq!(
-        taken,
-        (3 * (row.len() - 11 + rest_len + 11)).div_ceil(1 << 20)
+        taken_rx.await.expect("taken"),
+        (3 * total).div_ceil(1 << 20)
     );
-    let got = reader.await.expect("reader");
     assert_eq!(got.first(), Some(&b'D'), "the masked row went out");
     assert!(
         !String::from_utf8_lossy(&got).contains("held-row-value"),
