@@ -557,7 +557,18 @@ fn nests_within_the_stack<'a>(tokens: impl Iterator<Item = &'a Token>) -> Result
                         .is_some_and(|l| l.case == (keyword == Some(Keyword::END))) =>
             {
                 if let Some(level) = levels.pop() {
-                    on_path -= level.since_separator + level.set_operations;
+                    if level.case {
+                        // A CASE holds no set operation of its own (a
+                        // subquery in it is bracketed): one counted in it
+                        // is the parser's, around it (`FROM case ...
+                        // UNION ... FROM end`), and stays on the path.
+                        if let Some(parent) = levels.last_mut() {
+                            parent.set_operations += level.set_operations;
+                        }
+                        on_path -= level.since_separator;
+                    } else {
+                        on_path -= level.since_separator + level.set_operations;
+                    }
                 }
                 continue;
             }
@@ -2030,10 +2041,19 @@ mod tests {
                 " + x.end".repeat(20_000)
             ),
             // Keywords as bare table names (`FROM case`, `FROM end`) that
-            // open and close levels around each UNION: caught after parsing.
+            // open and close levels around each UNION: a CASE level hands
+            // the set operations counted in it on to the level around it.
             format!(
                 "SELECT 1 FROM case{} UNION SELECT 1 FROM end",
                 " UNION SELECT 1 FROM end, case".repeat(20_000)
+            ),
+            // The same with an END after it, where the parser stops
+            // without an error and would leave the tree to be dropped on
+            // the runtime thread's stack (it overflowed a 16 MiB stack):
+            // refused before parsing.
+            format!(
+                "SELECT 1 FROM case{} UNION SELECT 1 FROM end END",
+                " UNION SELECT 1 FROM end, case".repeat(250_000)
             ),
         ];
         for sql in too_deep {
