@@ -1,8 +1,8 @@
 //! A TCP relay that does nothing but copy bytes: no protocol parsing, no
 //! identity, no policy, no audit. `cargo xtask bench` runs pgbench through
-//! it beside PgBouncer and tollgate, on the same async runtime tollgate
-//! uses, so the table shows what any proxy costs on the host before it
-//! does any work of its own.
+//! it beside PgBouncer and tollgate, on tokio's multi-thread runtime and
+//! jemalloc as tollgate, so the table shows what any proxy costs on the
+//! host before it does any work of its own.
 //!
 //! `bare_relay LISTEN_PORT UPSTREAM_ADDR` (listens on 127.0.0.1).
 
@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
+// Linked for its global allocator (jemalloc), so that the relay allocates
+// as tollgate does: an unreferenced crate is not linked at all.
+use tollgate as _;
 
 #[tokio::main]
 async fn main() -> Result<()> {
