@@ -39,7 +39,8 @@ pub mod map_names {
     /// `u32` index -> `u32`, see [`egress_setting`].
     pub const EGRESS_SETTINGS: &str = "EGRESS_SETTINGS";
     /// port (`u32`, host order) -> `u32` (1): the ports of tollgate's
-    /// listeners, which no process in an agent cgroup may bind.
+    /// listeners and of protected targets on this host, which no process
+    /// in an agent cgroup may bind.
     pub const LISTENER_PORTS: &str = "LISTENER_PORTS";
 }
 
@@ -316,7 +317,9 @@ pub struct PacketRate {
 pub const SOCKET_MAP_ENTRIES: u32 = 65_536;
 /// Maximum number of protected destinations.
 pub const REDIRECT_MAP_ENTRIES: u32 = 1_024;
-/// Maximum number of listener ports: one listener per protected target.
+/// Maximum number of guarded ports (see [`map_names::LISTENER_PORTS`]):
+/// targets share listeners and local ports in practice; a configuration
+/// that needs more is refused when the map is filled.
 pub const LISTENER_PORT_ENTRIES: u32 = REDIRECT_MAP_ENTRIES;
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given in network byte order,

@@ -760,7 +760,7 @@ pub fn reconcile(
                     || dst.is_some_and(|d| listeners.contains(&d)) && from_agent
                 {
                     // Counted from the `redirected` events themselves
-                    // (below): those are in the reserved ring buffer, this
+                    // (above): those are in the reserved ring buffer, this
                     // connect to the listener in the general one, which a
                     // flood may have cut short.
                 } else if from_agent {

@@ -33,7 +33,6 @@ use crate::{
     policy::Policy,
 };
 
-/// What every session of every target shares.
 /// Stack of each runtime thread, which parses, walks and drops the syntax
 /// trees of agents' statements. Parser recursion bounded by the parser's
 /// own limit (50 levels of brackets) still takes more than the default
@@ -43,6 +42,7 @@ use crate::{
 /// touched: threads only use what they reach.
 pub const RUNTIME_THREAD_STACK_BYTES: usize = 16 << 20;
 
+/// What every session of every target shares.
 pub struct Shared {
     pub verifier: Verifier,
     pub policy: Policy,

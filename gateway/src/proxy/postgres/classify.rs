@@ -327,10 +327,9 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
             statements.len()
         ));
     }
-    // The backstop of `nests_within_the_stack`: the parser's walk grows its
-    // own stack, dropping the tree does not.
-    // The walk that classifies measures the depth too; it grows its own
-    // stack, but dropping the tree does not.
+    // The backstop of `nests_within_the_stack`: the walk that classifies
+    // measures the depth too; it grows its own stack, but dropping the
+    // tree does not.
     let (operations, deepest): (Vec<_>, Vec<_>) = statements.iter().map(classify_statement).unzip();
     if deepest.into_iter().max().unwrap_or(0) > MAX_EXPRESSION_DEPTH {
         drop_on_a_deep_stack(statements);

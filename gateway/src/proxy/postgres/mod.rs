@@ -445,8 +445,9 @@ impl Negotiation {
 /// that connection is on record, with its socket's cookie (which the
 /// kernel's evidence also sees), before it is made, or it is not made. An
 /// unknown key is dropped, as PostgreSQL does, and on record as refused
-/// (someone guessing keys shows in the audit), as is a cancel that could
-/// not reach the server.
+/// (someone guessing keys shows in the audit), as is one whose session's
+/// upstream socket cannot be named; a cancel whose connection, send or
+/// answer then fails is only logged, after its record.
 async fn forward_cancel(
     connection: &Connection,
     shared: &Shared,

@@ -359,7 +359,8 @@ pub(super) fn text_reading_changed(frame: &Frame) -> Option<(&'static str, Strin
 
 /// Whether tollgate may answer a request for its password in the clear,
 /// or for its MD5 hash (which an eavesdropper can replay, or crack
-/// offline): over verified TLS, or to a server on this host. Anywhere else
+/// offline): over verified TLS, or to a server at a loopback address.
+/// Anywhere else
 /// whoever answers in the server's place on the network would be handed
 /// the target's privileged login. SCRAM proves the password without
 /// sending it, and stays allowed.
@@ -470,7 +471,7 @@ mod tests {
     }
 
     /// A server asking for the password in the clear, or its MD5 hash,
-    /// gets it only over verified TLS or on this host: elsewhere whoever
+    /// gets it only over verified TLS or at a loopback address: elsewhere whoever
     /// answers in the server's place would be handed tollgate's login.
     #[tokio::test]
     async fn the_password_does_not_cross_the_network_in_the_clear() {
