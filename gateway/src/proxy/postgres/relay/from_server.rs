@@ -226,15 +226,14 @@ pub(super) fn message_passed_on_as_it_arrives(
     in_flight: &Mutex<InFlight>,
 ) -> Option<usize> {
     let total = large_message_ahead(buf)?;
+    // As `track_answer` decides: a row without a request in flight is
+    // masked whole in a session with masks.
     let unmasked = match buf[0] {
-        _ if masks.is_empty() => matches!(buf[0], b'D' | b'd'),
-        // As `track_answer` decides: a row is masked by its result's
-        // plan, or whole when there is none.
-        b'D' => lock(in_flight)
-            .queue
-            .front()
-            .and_then(|head| head.result_mask.as_ref())
-            .is_some_and(|plan| !plan.masks_anything()),
+        b'D' => match lock(in_flight).queue.front() {
+            Some(head) => !head.row_rewritten(masks),
+            None => masks.is_empty(),
+        },
+        b'd' => masks.is_empty(),
         _ => false,
     };
     unmasked.then_some(total)
@@ -307,8 +306,7 @@ impl HeldWholeBudget {
 pub(super) fn track_row_passed_on(in_flight: &Mutex<InFlight>, total: usize) {
     let mut guard = lock(in_flight);
     if let Some(head) = guard.queue.front_mut() {
-        head.rows += 1;
-        head.bytes += total as i64;
+        head.count_row(total);
         if let Some(recording) = head.recording.as_mut() {
             recording.leave_out();
         }
@@ -360,9 +358,10 @@ fn reads_text_otherwise(frame: &Frame) -> Option<String> {
 
 /// Ends the session from the server's side: the answers already built
 /// (`out`, complete ones before the message that ends it) go to the agent
-/// first, then the FATAL, under one hold of the writer. What of them the
-/// agent took is counted in `handed_over`, so the outcomes record which
-/// were delivered.
+/// first, then the FATAL, under one hold of the writer; when the session
+/// ends inside a message passed on as it arrives, the connection is shut
+/// down without the FATAL instead. What of them the agent took is counted
+/// in `handed_over`, so the outcomes record which were delivered.
 pub(super) async fn close_after_built_answers(
     out: &[u8],
     handed_over: &mut usize,
@@ -562,14 +561,11 @@ pub(super) fn track_answer(
             head.result_mask = Some(mask::plan(frame, masks, head.reads_masked)?);
         }
         b'D' => {
-            head.rows += 1;
-            head.bytes += frame.bytes.len() as i64;
-            if !masks.is_empty() {
+            head.count_row(frame.bytes.len());
+            if head.row_rewritten(masks) {
                 let plan = head.result_mask.get_or_insert_with(ResultMask::everything);
-                if plan.masks_anything() {
-                    masked_row = Some(mask::apply(frame, plan)?);
-                    head.masked_columns.extend(plan.names.iter().cloned());
-                }
+                masked_row = Some(mask::apply(frame, plan)?);
+                head.masked_columns.extend(plan.names.iter().cloned());
             }
             if let Some(recording) = head.recording.as_mut() {
                 // What the agent saw: the masked row when there is one.

@@ -173,16 +173,14 @@ impl ResultRecording {
         // would not fit is not built into JSON (the values are at most as
         // long as their JSON) only to be dropped.
         if self.dropped > 0 {
-            self.dropped += 1;
-            return;
+            return self.leave_out();
         }
         let Ok(values) = mask::data_row_values(row) else {
             return;
         };
         let at_least: usize = values.iter().map(|v| v.map_or(4, <[u8]>::len)).sum();
         if self.bytes + at_least > MAX_RECORDED_RESULT_BYTES {
-            self.dropped += 1;
-            return;
+            return self.leave_out();
         }
         let row: Vec<serde_json::Value> = values
             .into_iter()
@@ -196,9 +194,8 @@ impl ResultRecording {
             .collect();
         let row = serde_json::Value::Array(row);
         let size = row.to_string().len();
-        if self.dropped > 0 || self.bytes + size > MAX_RECORDED_RESULT_BYTES {
-            self.dropped += 1;
-            return;
+        if self.bytes + size > MAX_RECORDED_RESULT_BYTES {
+            return self.leave_out();
         }
         self.bytes += size;
         self.rows.push(row);
@@ -219,6 +216,23 @@ impl ResultRecording {
 }
 
 impl Pending {
+    /// Whether a DataRow answering this request is rewritten by masking:
+    /// in a session with masks, unless its result's description planned
+    /// no masking (a row without a plan is masked whole).
+    fn row_rewritten(&self, masks: &MaskSet) -> bool {
+        !masks.is_empty()
+            && self
+                .result_mask
+                .as_ref()
+                .is_none_or(ResultMask::masks_anything)
+    }
+
+    /// Counts a DataRow of `len` bytes (header included) in the answer.
+    fn count_row(&mut self, len: usize) {
+        self.rows += 1;
+        self.bytes += len as i64;
+    }
+
     fn new(kind: Kind, request: Option<AuditRecord>) -> Self {
         Self {
             kind,
