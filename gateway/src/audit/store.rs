@@ -1573,6 +1573,10 @@ pub(crate) mod faults {
         Write { partial_bytes: usize },
         /// The next sync of a retired WAL file fails.
         RetireSync,
+        /// The segment backlog's byte bound (see `BACKLOG_BYTES`) of the
+        /// store, read when it opens: the real one, 1 GiB, is too much for
+        /// a test to fill.
+        BacklogBytes(usize),
     }
 
     /// Faults planned for the store whose WAL directory is the path.
@@ -1600,7 +1604,7 @@ pub(crate) mod faults {
     pub fn take(wal_dir: &Path) -> Option<usize> {
         match take_first(wal_dir, |f| matches!(f, Fault::Write { .. }))? {
             Fault::Write { partial_bytes } => Some(partial_bytes),
-            Fault::RetireSync => None,
+            Fault::RetireSync | Fault::BacklogBytes(_) => None,
         }
     }
 
@@ -1613,23 +1617,17 @@ pub(crate) mod faults {
         take_first(wal_dir, |f| f == Fault::RetireSync).is_some()
     }
 
-    /// Byte bounds on the segment backlog (see `BACKLOG_BYTES`) for the
-    /// store whose WAL directory is the path, set before it opens: the
-    /// real one, 1 GiB, is too much for a test to fill.
-    static BACKLOG_BYTES_LIMITS: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
-
+    /// The store in `wal_dir`, opened next, bounds its segment backlog at
+    /// `bytes`.
     pub fn limit_backlog_bytes(wal_dir: &Path, bytes: usize) {
-        if let Ok(mut limits) = BACKLOG_BYTES_LIMITS.lock() {
-            limits.push((wal_dir.to_path_buf(), bytes));
-        }
+        plan(wal_dir, Fault::BacklogBytes(bytes));
     }
 
     pub fn backlog_bytes_limit(wal_dir: &Path) -> Option<usize> {
-        let limits = BACKLOG_BYTES_LIMITS.lock().ok()?;
-        limits
-            .iter()
-            .find(|(dir, _)| dir == wal_dir)
-            .map(|(_, bytes)| *bytes)
+        match take_first(wal_dir, |f| matches!(f, Fault::BacklogBytes(_)))? {
+            Fault::BacklogBytes(bytes) => Some(bytes),
+            Fault::Write { .. } | Fault::RetireSync => None,
+        }
     }
 }
 
