@@ -233,7 +233,7 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     // A packet is seen without its task: no pid, no name (the cgroup is
     // the sending socket's).
     record.actor_process_pid = (!packet).then(|| i32::try_from(event.pid).ok()).flatten();
-    record.actor_process_name = comm_to_string(&event.comm).into();
+    record.actor_process_name = crate::pin::comm_to_string(&event.comm).into();
     record.actor_process_cgroup_id = i64::try_from(event.cgroup_id).ok();
     // A refused socket has no destination yet; its event carries the
     // socket type in place of the port. A packet's event has both.
@@ -243,7 +243,7 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
         _ => None,
     };
     if event.kind != event_kind::REFUSED_SOCKET {
-        record.dst_endpoint_ip = ip_from_words(event.daddr).to_string().into();
+        record.dst_endpoint_ip = crate::pin::ip_from_words(event.daddr).to_string().into();
         record.dst_endpoint_port = i32::try_from(event.dport).ok();
     }
     record.connection_info_protocol_name = match event.protocol {
@@ -267,23 +267,6 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     })
     .to_string();
     record
-}
-
-fn ip_from_words(words: [u32; 4]) -> std::net::IpAddr {
-    let mut octets = [0u8; 16];
-    for (i, word) in words.iter().enumerate() {
-        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    let v6 = std::net::Ipv6Addr::from(octets);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => std::net::IpAddr::V4(v4),
-        None => std::net::IpAddr::V6(v6),
-    }
-}
-
-fn comm_to_string(comm: &[u8; 16]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 /// Counts kept in user space, reported with the kernel's.

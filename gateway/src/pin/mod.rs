@@ -90,16 +90,9 @@ impl AllowRule {
         };
         let mask_octets = mask_bits.to_be_bytes();
         let addr_octets = (u128::from_be_bytes(v6.octets()) & mask_bits).to_be_bytes();
-        let words = |o: [u8; 16]| {
-            let mut w = [0u32; 4];
-            for (i, word) in w.iter_mut().enumerate() {
-                *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
-            }
-            w
-        };
         EgressRule {
-            addr: words(addr_octets),
-            mask: words(mask_octets),
+            addr: words_of(addr_octets),
+            mask: words_of(mask_octets),
             port_lo: u32::from(self.port_lo),
             port_hi: u32::from(self.port_hi),
             protocol: self.protocol,
@@ -160,8 +153,9 @@ pub struct Pinning {
 impl Pinning {
     /// Loads the programs, attaches them to every agent cgroup (created if
     /// missing), pins everything under `pin_dir` and makes the redirect map
-    /// hold exactly `protected` and the listener port map exactly their
-    /// listeners' ports.
+    /// hold exactly `protected` and the listener port map exactly the ports
+    /// agents may not bind (their listeners', and local targets' own, see
+    /// `ports::guarded_ports`).
     pub fn install(
         pin_dir: &Path,
         agent_cgroups: &[PathBuf],
@@ -499,8 +493,8 @@ fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
     Ok(())
 }
 
-/// Makes the listener port map hold exactly `wanted`: a port no listener
-/// uses any more is free for agents again.
+/// Makes the listener port map hold exactly `wanted`: a port no longer
+/// guarded is free for agents again.
 fn sync_listener_ports(
     map: &mut BpfHashMap<MapData, u32, u32>,
     wanted: &BTreeSet<u16>,
@@ -518,7 +512,7 @@ fn sync_listener_ports(
         map.insert(u32::from(*port), 1, 0)
             .with_context(|| format!("add listener port {port} to LISTENER_PORTS"))?;
     }
-    info!(ports = ?wanted, "listener ports closed to binds from agent cgroups");
+    info!(ports = ?wanted, "listener and local target ports closed to binds from agent cgroups");
     Ok(())
 }
 
@@ -555,22 +549,22 @@ pub fn target_key(address: SocketAddr) -> TargetKey {
     }
 }
 
-/// An address as the maps hold it: IPv6 words, IPv4 mapped, each word
-/// holding its bytes in network order, as the kernel's `user_ip6` does.
+/// An address as the maps hold it: IPv6 words, IPv4 mapped (see
+/// [`words_of`]).
 fn ip_words(ip: IpAddr) -> [u32; 4] {
     let v6 = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     };
-    let octets = v6.octets();
+    words_of(v6.octets())
+}
+
+/// 16 address bytes as four words, each holding its bytes in network
+/// order, as the kernel's `user_ip6` does.
+fn words_of(octets: [u8; 16]) -> [u32; 4] {
     let mut words = [0u32; 4];
-    for (i, word) in words.iter_mut().enumerate() {
-        *word = u32::from_ne_bytes([
-            octets[4 * i],
-            octets[4 * i + 1],
-            octets[4 * i + 2],
-            octets[4 * i + 3],
-        ]);
+    for (word, bytes) in words.iter_mut().zip(octets.chunks_exact(4)) {
+        *word = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     }
     words
 }
@@ -585,7 +579,8 @@ fn redirect_to(listener: SocketAddr) -> Result<Redirect> {
     })
 }
 
-fn ip_from_words(words: [u32; 4]) -> IpAddr {
+/// The address a map's words hold (see [`words_of`]), IPv4 unmapped.
+pub(crate) fn ip_from_words(words: [u32; 4]) -> IpAddr {
     let mut octets = [0u8; 16];
     for (i, word) in words.iter().enumerate() {
         octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
@@ -597,7 +592,8 @@ fn ip_from_words(words: [u32; 4]) -> IpAddr {
     }
 }
 
-fn comm_to_string(comm: &[u8; 16]) -> String {
+/// A task's name from the kernel's NUL-padded `comm`.
+pub(crate) fn comm_to_string(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
