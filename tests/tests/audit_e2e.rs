@@ -640,6 +640,12 @@ fn full_audit_disk(durability: &str) {
         stack.gateway.dir.path(),
     );
     assert_eq!(evidence.report["losses"], json!([]), "{}", evidence.summary);
+    assert_eq!(
+        evidence.report["reserved_losses"],
+        json!([]),
+        "{}",
+        evidence.summary
+    );
     let retried: u64 = tollgate_tests::evidence::rows(
         &audit_dir,
         "SELECT unmapped FROM audit WHERE phase = 'loss_counters'",

@@ -725,6 +725,12 @@ fn a_row_of_hundreds_of_megabytes_streams_through_with_bounded_memory() {
         .all(|word| word == b"tollgate"));
     let row = outcome_of(&stack, copy);
     assert_eq!(row["status_id"], 1, "{row}");
+    // Counted as COPY data always is: the server's `COPY 1`, and no bytes.
+    assert_eq!(row["response_rows"], 1, "{row}");
+    assert!(
+        row["response_bytes"].as_i64().unwrap_or(0) < 300_000_000,
+        "{row}"
+    );
 }
 
 /// VmHWM: the peak resident set size of a process, in KiB.

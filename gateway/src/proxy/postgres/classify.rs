@@ -2046,6 +2046,14 @@ mod tests {
                 "SELECT 1 FROM case{} UNION SELECT 1 FROM end",
                 " UNION SELECT 1 FROM end, case".repeat(20_000)
             ),
+            // Set operations count 8 tokens each: 1 001 plain UNIONs.
+            format!("SELECT {}", vec!["1"; 1_001].join(" UNION SELECT ")),
+            // AS makes a keyword a label: `AS on` resets no JOIN.
+            format!(
+                "SELECT * FROM t{}{}",
+                " JOIN t AS on".repeat(40),
+                " ON true".repeat(40)
+            ),
             // The same with an END after it, where the parser stops
             // without an error and would leave the tree to be dropped on
             // the runtime thread's stack (it overflowed a 16 MiB stack):

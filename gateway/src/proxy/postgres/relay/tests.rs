@@ -1437,6 +1437,7 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     let row = large_row();
     let rest_len = LARGE_VALUE - (row.len() - 11);
     let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+    let (left_tx, left_rx) = tokio::sync::oneshot::channel();
     let (ended, got) =
         relay_to_agent_while(&session, &in_flight, row, move |mut side| async move {
             use tokio::io::AsyncWriteExt;
@@ -1446,6 +1447,10 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
             side.write_all(&vec![b'v'; rest_len])
                 .await
                 .expect("the rest of the row");
+            // Once the row went on, with the session still open: its
+            // share is given back.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let _ = left_tx.send(before - HELD_WHOLE.available_mib());
             // Then the server goes away: the relay ends after the row.
         })
         .await;
@@ -1454,6 +1459,11 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     assert_eq!(
         taken_rx.await.expect("taken"),
         (3 * total).div_ceil(1 << 20)
+    );
+    assert_eq!(
+        left_rx.await.expect("left"),
+        0,
+        "the share outlived its row"
     );
     assert_eq!(got.first(), Some(&b'D'), "the masked row went out");
     assert!(
