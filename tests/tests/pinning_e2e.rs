@@ -94,6 +94,30 @@ fn agent_cgroup_id(stack: &Stack) -> i64 {
         .expect("agent cgroup")
 }
 
+/// The `redirected` evidence rows of the agent cgroup's connects to
+/// `port`.
+fn agent_redirects(stack: &Stack, port: &str) -> Vec<Value> {
+    evidence::rows_of_kind(
+        stack.gateway.audit_dir(),
+        "redirected",
+        &format!(
+            "dst_endpoint_port = {port} AND actor_process_cgroup_id = {}",
+            agent_cgroup_id(stack)
+        ),
+    )
+}
+
+/// `tollgate verify` over the stack's audit and evidence, which must pass.
+fn verify_passes(stack: &Stack) -> evidence::VerifyRun {
+    let run = evidence::verify(
+        stack.gateway.audit_dir(),
+        &stack.gateway.public_key(),
+        stack.gateway.dir.path(),
+    );
+    assert_eq!(run.code, 0, "{}", run.summary);
+    run
+}
+
 /// Runs each case (name, `escape.py` arguments, the peer the agent must
 /// see) as an agent: each reaches tollgate, the redirect invisible to the
 /// agent, and none reaches PostgreSQL (tollgate opens no upstream before
@@ -137,11 +161,7 @@ fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
 
     let audit = stack.gateway.audit_dir();
     let cgroup = agent_cgroup_id(&stack);
-    let redirected = evidence::rows_of_kind(
-        audit,
-        "redirected",
-        &format!("dst_endpoint_port = {port} AND actor_process_cgroup_id = {cgroup}"),
-    );
+    let redirected = agent_redirects(&stack, &port);
     assert_eq!(redirected.len(), cases.len(), "{redirected:?}");
     let families: Vec<_> = redirected.iter().map(|r| r["family"].clone()).collect();
     assert_eq!(families, [json!("inet"), json!("inet6"), json!("inet")]);
@@ -160,8 +180,7 @@ fn tcp_connects_from_an_agent_cgroup_are_redirected_in_every_form() {
             "no tcp_connect to the listener for {r}"
         );
     }
-    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
-    assert_eq!(run.code, 0, "{}", run.summary);
+    let run = verify_passes(&stack);
     assert_eq!(run.report["redirected"], cases.len(), "{}", run.summary);
 }
 
@@ -220,19 +239,12 @@ fn connects_to_the_unspecified_address_from_an_agent_cgroup_are_redirected_and_a
     );
     stack.gateway.stop();
 
-    let audit = stack.gateway.audit_dir();
-    let cgroup = agent_cgroup_id(&stack);
-    let redirected = evidence::rows_of_kind(
-        audit,
-        "redirected",
-        &format!("dst_endpoint_port = {port} AND actor_process_cgroup_id = {cgroup}"),
-    );
+    let redirected = agent_redirects(&stack, &port);
     assert_eq!(redirected.len(), cases.len() + 1, "{redirected:?}");
     for row in &redirected {
         assert_eq!(row["dst_endpoint_ip"], "127.0.0.1", "{row}");
     }
-    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
-    assert_eq!(run.code, 0, "{}", run.summary);
+    let run = verify_passes(&stack);
     assert_eq!(run.report["bypasses"], json!([]), "{}", run.summary);
     assert_eq!(run.report["redirected"], cases.len() + 1, "{}", run.summary);
     assert_eq!(run.report["audited_upstreams"], 1, "{}", run.summary);
@@ -312,8 +324,7 @@ fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
     let audit = stack.gateway.audit_dir();
     let redirected = evidence::rows_of_kind(audit, "redirected", "dst_endpoint_ip = '::1'");
     assert_eq!(redirected.len(), 3, "{redirected:?}");
-    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
-    assert_eq!(run.code, 0, "{}", run.summary);
+    let run = verify_passes(&stack);
     assert_eq!(run.report["to_protected_targets"], 1, "{}", run.summary);
     assert_eq!(run.report["audited_upstreams"], 1, "{}", run.summary);
 }
@@ -611,8 +622,7 @@ fn a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_
             "no redirected row for {attempt}: {redirects:?}"
         );
     }
-    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
-    assert_eq!(run.code, 0, "{}", run.summary);
+    let run = verify_passes(&stack);
     assert_eq!(run.report["bypasses"], json!([]));
     assert_eq!(run.report["reserved_losses"], json!([]));
     assert!(
@@ -1085,8 +1095,7 @@ fn a_connect_through_io_uring_from_an_agent_cgroup_is_redirected_and_on_record()
         );
         assert_eq!(connects[0]["actor_process_cgroup_id"], cgroup);
     }
-    let run = evidence::verify(audit, &stack.gateway.public_key(), stack.gateway.dir.path());
-    assert_eq!(run.code, 0, "{}", run.summary);
+    let run = verify_passes(&stack);
     assert_eq!(run.report["redirected"], 2, "{}", run.summary);
     assert_eq!(run.report["bypasses"], json!([]), "{}", run.summary);
 }
