@@ -13,6 +13,11 @@
 //! batched` runs only the batched append, three times, with each thread's
 //! CPU per record; `audit_bench DIR buffered` the same in `buffered`
 //! durability, where the submitting thread writes each record itself.
+//! `audit_bench DIR sustained` streams a million records through the
+//! store confined to CPU 0 (records built on CPU 1, at most 4 096
+//! unacknowledged), in turn with only its background threads moved to
+//! CPU 1; `DUMP_FRAME=1 audit_bench DIR` prints one record's canonical
+//! encoding and exits.
 
 use std::{
     path::PathBuf,
@@ -340,6 +345,146 @@ async fn batched_with(
     }
 }
 
+/// Pins the calling thread (and the threads it spawns from now on) to
+/// one CPU. Returns whether the kernel took it.
+fn pin_to_cpu(cpu: usize) -> bool {
+    // SAFETY: `set` is a plain bitmask on the stack, sized as the call
+    // is told; pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Pins every thread of this process named `name` to `cpu`. Returns how
+/// many it pinned.
+fn pin_threads_named(name: &str, cpu: usize) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut pinned = 0;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let Ok(tid) = task.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        // SAFETY: as in `pin_to_cpu`, for the thread `tid`.
+        let ok = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        };
+        pinned += usize::from(ok);
+    }
+    pinned
+}
+
+/// Name of the thread that builds the records of a sustained run: the
+/// callers' work, not the store's, kept off the store's core and out of
+/// its CPU figures.
+const RECORD_MAKER: &str = "record-maker";
+
+/// Records a caller keeps submitted but not yet acknowledged in a
+/// sustained run: callers that never wait would grow without bound, as
+/// no daemon's sessions do (each has a few statements in flight).
+const SUSTAINED_IN_FLIGHT: usize = 4096;
+
+/// What one sustained run measured.
+struct Sustained {
+    /// Records per second of wall time until the store has shut down
+    /// (every segment written and manifested).
+    rate: f64,
+    /// CPU time per record of each thread of the store (the caller's
+    /// record maker left out), from the first submit to the shutdown.
+    cpu_per_record: std::collections::BTreeMap<String, Duration>,
+    /// The record maker's CPU per record, on the other core.
+    maker_per_record: Duration,
+}
+
+/// `n` records into the store, the store confined to CPU 0: this thread
+/// (which submits, and so encodes and half-hashes each record, as a
+/// session does) and every thread the store starts. The records are built
+/// on CPU 1 by another thread, a chunk at a time, as sessions build
+/// theirs; at most [`SUSTAINED_IN_FLIGHT`] are unacknowledged at once.
+/// Unlike the batched run, memory is recycled as it is in the daemon:
+/// several segments' worth pass through, each freed once written.
+///
+/// With `background_beside`, the store's two background threads (the
+/// segment thread, which writes Parquet, and the WAL file preparer, which
+/// zero-fills spare files) are moved to CPU 1: the path every record waits
+/// on (submit, chain, write, sync) keeps CPU 0 to itself, as on a host
+/// with a core to spare.
+async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> Sustained {
+    const CHUNK: usize = 1024;
+    let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<Vec<AuditRecord>>(16);
+    let maker = std::thread::Builder::new()
+        .name(RECORD_MAKER.into())
+        .spawn(move || {
+            pin_to_cpu(1);
+            let mut i = 0;
+            while i < n {
+                let end = (i + CHUNK).min(n);
+                if chunks_tx.send((i..end).map(record).collect()).is_err() {
+                    return;
+                }
+                i = end;
+            }
+        })
+        .expect("spawn the record maker");
+    assert!(pin_to_cpu(0), "pin the submitting thread to CPU 0");
+    let mut cfg = AuditConfig::new(dir.join("sustained"));
+    cfg.durability = tollgate::audit::DurabilityMode::ReadParallel;
+    let log = AuditLog::open(&cfg).await.expect("open audit store");
+    if background_beside {
+        // A previous run's threads may still be on their way out: at
+        // least this store's own must have moved.
+        for name in ["audit-segments", "audit-wal-prep"] {
+            assert!(pin_threads_named(name, 1) >= 1, "move {name} to CPU 1");
+        }
+    }
+    // The sampler itself runs beside the maker, off the store's core.
+    let threads = {
+        let on_cpu_1 = std::thread::spawn(|| {
+            pin_to_cpu(1);
+            ThreadCpu::start()
+        });
+        on_cpu_1.join().expect("start the CPU sampler")
+    };
+    let start = Instant::now();
+    let mut in_flight = std::collections::VecDeque::with_capacity(SUSTAINED_IN_FLIGHT + CHUNK);
+    while let Ok(chunk) = chunks_rx.recv() {
+        for r in chunk {
+            in_flight.push_back(log.submit(r));
+        }
+        while in_flight.len() > SUSTAINED_IN_FLIGHT {
+            if let Some(t) = in_flight.pop_front() {
+                t.await.expect("durable");
+            }
+        }
+    }
+    for t in in_flight {
+        t.await.expect("durable");
+    }
+    log.shutdown().await;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = maker.join();
+    let mut cpu_per_record: std::collections::BTreeMap<String, Duration> = threads
+        .stop()
+        .into_iter()
+        .map(|(name, d)| (name, d / n as u32))
+        .collect();
+    let maker_per_record = cpu_per_record.remove(RECORD_MAKER).unwrap_or_default();
+    Sustained {
+        rate,
+        cpu_per_record,
+        maker_per_record,
+    }
+}
+
 /// A loopback echo server standing in for the upstream database.
 async fn echo_server() -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -464,6 +609,13 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var_os("DUMP_FRAME").is_some() {
+        let mut r = record(1);
+        r.sequence = 1;
+        r.prev_record_hash = "0".repeat(64);
+        println!("{}", String::from_utf8_lossy(&r.canonical_bytes()));
+        return;
+    }
     let dir: PathBuf = std::env::args()
         .nth(1)
         .map(PathBuf::from)
@@ -475,6 +627,31 @@ async fn main() {
     // `audit_bench DIR batched`: only the batched rate (for profiling);
     // `audit_bench DIR buffered`: the same in `buffered` durability.
     let only = std::env::args().nth(2);
+    if only.as_deref() == Some("sustained") {
+        for background_beside in [false, true, false, true] {
+            let s = sustained(&dir, 1_000_000, background_beside).await;
+            let total: Duration = s.cpu_per_record.values().sum();
+            let parts: Vec<String> = s
+                .cpu_per_record
+                .iter()
+                .filter(|(_, d)| d.as_nanos() >= 10)
+                .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64() * 1e6))
+                .collect();
+            let placement = match background_beside {
+                false => "the store on CPU 0",
+                true => "the store on CPU 0, its segment thread and WAL file preparer on CPU 1",
+            };
+            println!(
+                "sustained, {placement}: {:.0} records/s until the last segment is written; store CPU {:.2} µs per record ({}); the record maker on CPU 1 {:.2}",
+                s.rate,
+                total.as_secs_f64() * 1e6,
+                parts.join(", "),
+                s.maker_per_record.as_secs_f64() * 1e6
+            );
+            let _ = std::fs::remove_dir_all(dir.join("sustained"));
+        }
+        return;
+    }
     if let Some(durability) = match only.as_deref() {
         Some("batched") => Some(tollgate::audit::DurabilityMode::ReadParallel),
         Some("buffered") => Some(tollgate::audit::DurabilityMode::Buffered),
