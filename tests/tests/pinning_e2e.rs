@@ -897,8 +897,15 @@ fn tollgate_tells_systemd_it_is_ready_once_the_redirect_is_in_place_and_it_serve
     let mut child = spawn_gateway(&stack, "notify", &[("NOTIFY_SOCKET", &socket_path)]);
     let mut buf = [0u8; 256];
     let received = notify.recv(&mut buf);
+    // Stopped as soon as it says it is ready, so that what is pinned below
+    // is what was pinned when it said so, not what it pinned since.
+    // SAFETY: signals to the daemon this test started.
+    let stopped = received.is_ok() && unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) } == 0;
     // What an agent started on that signal finds.
     let pinned = pinned_on_agent_cgroup(&stack);
+    if stopped {
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGCONT) }, 0);
+    }
     let token = stack.idp.token(AGENT_OID, &[]).expect("token");
     let out = stack
         .agent_psql(&token, "SELECT 41 + 1")
@@ -915,6 +922,7 @@ fn tollgate_tells_systemd_it_is_ready_once_the_redirect_is_in_place_and_it_serve
         )
     });
     assert_eq!(&buf[..n], b"READY=1");
+    assert!(stopped, "stop tollgate on its notification");
     for program in [
         "tollgate_connect4",
         "tollgate_bind4",

@@ -631,6 +631,36 @@ fn more_text_in_flight_than_a_session_holds_is_answered_without_a_stall() {
     assert_eq!(result["ready"], true, "{result}");
 }
 
+/// Requests in flight hold at most 64 MiB of text: past that tollgate
+/// waits for answers before it takes more. One 1 MiB statement executed 80
+/// times in a pipeline without Sync or Flush puts 80 MiB of text in the
+/// Executes' records; PostgreSQL keeps its answers until asked, so the
+/// client gets answers before its own Sync only because tollgate, out of
+/// room, had the server flush them. Then every Execute completes.
+#[test]
+fn statement_text_in_flight_stops_at_its_bound_until_answers_come() {
+    let Some((stack, token)) =
+        start("statement_text_in_flight_stops_at_its_bound_until_answers_come")
+    else {
+        return;
+    };
+    let count = 80;
+    let result = raw_protocol_json(
+        &stack,
+        "pg_unsynced_executes.py",
+        &token,
+        &[&count.to_string(), &(1 << 20).to_string(), "20"],
+    );
+    assert_eq!(result["errors"], serde_json::json!([]), "{result}");
+    assert_eq!(result["ready"], true, "{result}");
+    assert_eq!(result["completed"], count, "{result}");
+    // The Executes that filled the bound (63 of 1 MiB and a little more
+    // each) were answered before the Sync, and not all of them: the rest
+    // waited for the Sync.
+    let early = result["before_sync_completed"].as_u64().unwrap_or(0);
+    assert!((56..count).contains(&early), "{result}");
+}
+
 /// VmRSS: the resident set size of a process now, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS:")

@@ -106,3 +106,110 @@ pub fn connector(config: &UpstreamTlsConfig, target_ip: IpAddr) -> Result<Upstre
         server_name,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(ca_file: PathBuf) -> UpstreamTlsConfig {
+        UpstreamTlsConfig {
+            ca_file,
+            server_name: None,
+        }
+    }
+
+    fn error_of(config: &UpstreamTlsConfig) -> String {
+        match connector(config, IpAddr::from([127, 0, 0, 1])) {
+            Ok(_) => panic!("a connector from {}", config.ca_file.display()),
+            Err(err) => format!("{err:#}"),
+        }
+    }
+
+    /// A CA file that yields no trust anchor is refused at start, naming
+    /// the file, rather than making a connector that refuses every
+    /// server one session at a time.
+    #[test]
+    fn an_upstream_ca_file_without_a_certificate_is_refused_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+        let key_only = dir.path().join("key.pem");
+        std::fs::write(
+            &key_only,
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        for file in [&empty, &key_only] {
+            let err = error_of(&upstream(file.clone()));
+            assert!(
+                err.contains("holds no certificate") && err.contains(&file.display().to_string()),
+                "{err}"
+            );
+        }
+        let missing = dir.path().join("missing.pem");
+        let err = error_of(&upstream(missing.clone()));
+        assert!(
+            err.contains("upstream_tls.ca_file") && err.contains(&missing.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_that_is_not_pem_is_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let err = error_of(&upstream(broken.clone()));
+        assert!(
+            err.contains("upstream_tls.ca_file") && err.contains(&broken.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_target_is_verified_by_its_address_unless_a_valid_server_name_is_given() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=ca",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "ca.pem",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ca = dir.path().join("ca.pem");
+        let made = connector(&upstream(ca.clone()), IpAddr::from([10, 0, 0, 7]))
+            .expect("a connector from a CA certificate");
+        // Without a name, the certificate must carry the target's address.
+        assert_eq!(
+            made.server_name,
+            ServerName::IpAddress(IpAddr::from([10, 0, 0, 7]).into())
+        );
+        let mut named = upstream(ca);
+        named.server_name = Some("not a host name!".into());
+        let err = error_of(&named);
+        assert!(err.contains("upstream_tls.server_name"), "{err}");
+    }
+}
