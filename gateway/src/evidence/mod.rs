@@ -386,13 +386,17 @@ impl LossReport {
     /// malformed, or unwritten. Each may have been a bypass, or the
     /// redirect that shows a connection was not one.
     pub fn reserved_lost(&self) -> u64 {
-        let user = &self.user_space;
         self.programs
             .values()
             .map(|p| p.dropped_reserved)
             .sum::<u64>()
-            + user.reserved_malformed
-            + user.reserved_write_failed
+            + self.reserved_lost_in_user_space()
+    }
+
+    /// Of [`Self::reserved_lost`], the events read from the reserved ring
+    /// buffer but malformed or not written to the stream.
+    pub fn reserved_lost_in_user_space(&self) -> u64 {
+        self.user_space.reserved_malformed + self.user_space.reserved_write_failed
     }
 }
 

@@ -201,19 +201,33 @@ pub struct UnwatchedWindow {
     pub seconds: f64,
 }
 
+/// A start of the daemon: when (its config record's time), the boot it
+/// ran in (`boot_id`, empty when the record names none) and when that
+/// boot began.
+type Start = (i64, String, Option<i64>);
+
+/// The starts, in time order, that are the first of their boot: the
+/// first start, each start whose boot differs from the one before, and
+/// every start whose record names no boot (it may follow a reboot).
+fn first_starts_of_boots(starts: &[Start]) -> impl Iterator<Item = &Start> {
+    let mut previous_boot: Option<&str> = None;
+    starts.iter().filter(move |(_, boot, _)| {
+        let new_boot = boot.is_empty() || previous_boot != Some(boot.as_str());
+        previous_boot = Some(boot.as_str());
+        new_boot
+    })
+}
+
 /// The windows of [`UnwatchedWindow`] that overlap `[from, to]`, from the
-/// daemon's starts (time, boot id, boot time) in time order.
+/// daemon's starts in time order.
 fn unwatched_after_boot(
-    starts: &[(i64, String, Option<i64>)],
+    starts: &[Start],
     from: Option<i64>,
     to: Option<i64>,
 ) -> Vec<UnwatchedWindow> {
     let mut windows = Vec::new();
-    let mut previous_boot: Option<&str> = None;
-    for (started, boot, booted_at) in starts {
-        let new_boot = boot.is_empty() || previous_boot != Some(boot.as_str());
-        previous_boot = Some(boot.as_str());
-        let (true, Some(booted_at)) = (new_boot, *booted_at) else {
+    for (started, boot, booted_at) in first_starts_of_boots(starts) {
+        let Some(booted_at) = *booted_at else {
             continue;
         };
         let overlaps = from.is_none_or(|f| *started >= f) && to.is_none_or(|t| booted_at <= t);
@@ -281,8 +295,7 @@ impl ReservedLoss {
                 .filter(|(_, c)| c.dropped_reserved > 0)
                 .map(|(name, c)| (name.clone(), c.dropped_reserved))
                 .collect(),
-            lost_in_user_space: delta.user_space.reserved_malformed
-                + delta.user_space.reserved_write_failed,
+            lost_in_user_space: delta.reserved_lost_in_user_space(),
         }
     }
 }
@@ -594,8 +607,7 @@ pub fn reconcile(
     let mut listeners: HashSet<SocketAddr> = HashSet::new();
     let mut agent_cgroups: HashMap<i64, String> = HashMap::new();
     let mut config_records = 0;
-    // (time, boot id, boot time) of each start of the daemon.
-    let mut starts: Vec<(i64, String, Option<i64>)> = Vec::new();
+    let mut starts: Vec<Start> = Vec::new();
     for row in evidence.iter().filter(|r| r.phase == phase::CONFIG) {
         match serde_json::from_str::<ConfigSnapshot>(&row.unmapped) {
             Ok(snapshot) => {
@@ -640,14 +652,9 @@ pub fn reconcile(
     // however soon, is not covered by one audited before it. (A start whose
     // record names no boot counts as a new one.)
     starts.sort_unstable();
-    let mut boots: Vec<i64> = Vec::new();
-    let mut previous_boot: Option<&str> = None;
-    for (time, boot, _) in &starts {
-        if boot.is_empty() || previous_boot != Some(boot.as_str()) {
-            boots.push(*time);
-        }
-        previous_boot = Some(boot.as_str());
-    }
+    let boots: Vec<i64> = first_starts_of_boots(&starts)
+        .map(|(time, _, _)| *time)
+        .collect();
     let epoch = |time: i64| boots.partition_point(|&start| start <= time);
     let audited_at = |cookie: i64, time: i64| {
         audited.get(&cookie).is_some_and(|times| {

@@ -495,23 +495,36 @@ fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
 
 /// Makes the listener port map hold exactly `wanted`: a port no longer
 /// guarded is free for agents again.
+/// Makes `map` hold exactly `wanted`: entries no longer wanted first go
+/// (a target or listener removed from the configuration), then every
+/// wanted one is written, so a changed value is replaced in place.
+fn sync_map<K: aya::Pod + PartialEq + std::fmt::Debug, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    map_name: &str,
+    wanted: &[(K, V)],
+) -> Result<()> {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(|key| key.ok())
+        .filter(|key| !wanted.iter().any(|(k, _)| k == key))
+        .collect();
+    for key in stale {
+        map.remove(&key)
+            .with_context(|| format!("remove {key:?} from {map_name}"))?;
+    }
+    for (key, value) in wanted {
+        map.insert(key, value, 0)
+            .with_context(|| format!("add {key:?} to {map_name}"))?;
+    }
+    Ok(())
+}
+
 fn sync_listener_ports(
     map: &mut BpfHashMap<MapData, u32, u32>,
     wanted: &BTreeSet<u16>,
 ) -> Result<()> {
-    let stale: Vec<u32> = map
-        .keys()
-        .filter_map(|key| key.ok())
-        .filter(|port| !u16::try_from(*port).is_ok_and(|port| wanted.contains(&port)))
-        .collect();
-    for port in stale {
-        map.remove(&port)
-            .with_context(|| format!("remove listener port {port} from LISTENER_PORTS"))?;
-    }
-    for port in wanted {
-        map.insert(u32::from(*port), 1, 0)
-            .with_context(|| format!("add listener port {port} to LISTENER_PORTS"))?;
-    }
+    let entries: Vec<(u32, u32)> = wanted.iter().map(|port| (u32::from(*port), 1)).collect();
+    sync_map(map, "LISTENER_PORTS", &entries)?;
     info!(ports = ?wanted, "listener and local target ports closed to binds from agent cgroups");
     Ok(())
 }
@@ -524,17 +537,7 @@ fn sync_redirects(
         .iter()
         .map(|p| Ok((target_key(p.address), redirect_to(p.listener)?)))
         .collect::<Result<_>>()?;
-    let stale: Vec<TargetKey> = map
-        .keys()
-        .filter_map(|key| key.ok())
-        .filter(|key| !wanted.iter().any(|(k, _)| k == key))
-        .collect();
-    for key in stale {
-        map.remove(&key)?;
-    }
-    for (key, redirect) in &wanted {
-        map.insert(key, redirect, 0)?;
-    }
+    sync_map(map, "REDIRECTS", &wanted)?;
     for p in protected {
         info!(target = %p.address, listener = %p.listener, "protected destination redirected");
     }
