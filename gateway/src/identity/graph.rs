@@ -103,12 +103,12 @@ impl std::fmt::Debug for GraphClient {
 }
 
 impl GraphClient {
-    pub fn new(c: &GraphConfig, allow_dev_http: bool) -> anyhow::Result<Self> {
+    pub fn new(c: &GraphConfig, development_idp: bool) -> anyhow::Result<Self> {
         let endpoint = c.endpoint.trim_end_matches('/').to_string();
         let authority = c.authority.trim_end_matches('/').to_string();
-        check_url(&endpoint, allow_dev_http)
+        check_url(&endpoint, development_idp)
             .map_err(|e| anyhow::anyhow!("identity.graph.endpoint {endpoint}: {e}"))?;
-        check_url(&authority, allow_dev_http)
+        check_url(&authority, development_idp)
             .map_err(|e| anyhow::anyhow!("identity.graph.authority {authority}: {e}"))?;
         let secret = match (&c.client_secret_file, &c.client_secret_env) {
             (Some(path), None) => std::fs::read_to_string(path)

@@ -61,7 +61,9 @@ pub enum KeyLoadError {
 
 pub struct KeyStore {
     source: KeySource,
-    allow_dev_http: bool,
+    /// `identity.development_idp`: plain http from loopback is accepted
+    /// and the development identity provider's keys are trusted.
+    development_idp: bool,
     client: reqwest::Client,
     current: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
     ever_loaded: std::sync::atomic::AtomicBool,
@@ -79,7 +81,7 @@ pub struct KeyStore {
 impl KeyStore {
     pub fn new(
         source: KeySource,
-        allow_dev_http: bool,
+        development_idp: bool,
         min_interval: Duration,
     ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
@@ -94,11 +96,11 @@ impl KeyStore {
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         if let KeySource::Jwks(u) | KeySource::Discovery(u) = &source {
-            check_url(u, allow_dev_http).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+            check_url(u, development_idp).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
         }
         Ok(Self {
             source,
-            allow_dev_http,
+            development_idp,
             client,
             current: RwLock::new(Arc::new(HashMap::new())),
             ever_loaded: false.into(),
@@ -157,12 +159,12 @@ impl KeyStore {
                     .ok_or_else(|| {
                         KeyLoadError::Parse(format!("{url}: discovery document has no jwks_uri"))
                     })?;
-                check_url(jwks_uri, self.allow_dev_http)
+                check_url(jwks_uri, self.development_idp)
                     .map_err(|e| KeyLoadError::Refused(format!("jwks_uri {jwks_uri}: {e}")))?;
                 self.get_json(jwks_uri).await?
             }
         };
-        let development = without_development_keys(&mut doc, self.allow_dev_http);
+        let development = without_development_keys(&mut doc, self.development_idp);
         if development > 0 {
             tracing::warn!(
                 source = %self.source,
@@ -305,7 +307,7 @@ pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoad
 
 /// Keys come over https; plain http only from loopback and only when the
 /// development IdP is explicitly enabled.
-pub fn check_url(url: &str, allow_dev_http: bool) -> Result<(), String> {
+pub fn check_url(url: &str, development_idp: bool) -> Result<(), String> {
     let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
     match u.scheme() {
         "https" => Ok(()),
@@ -318,7 +320,7 @@ pub fn check_url(url: &str, allow_dev_http: bool) -> Result<(), String> {
             };
             if !loopback {
                 Err("plain http is accepted only from a loopback address".into())
-            } else if !allow_dev_http {
+            } else if !development_idp {
                 Err("plain http from loopback requires development_idp = true".into())
             } else {
                 Ok(())

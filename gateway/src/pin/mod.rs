@@ -298,18 +298,9 @@ impl Pinning {
         }
         let original_destinations = take_map(&mut ebpf, map_names::ORIGINAL_DESTINATIONS)?;
         let client_endpoints = take_map(&mut ebpf, map_names::CLIENT_ENDPOINTS)?;
-        let ring = RingBuf::try_from(
-            ebpf.take_map(map_names::EVIDENCE)
-                .context("map EVIDENCE missing from the kernel object")?,
-        )?;
-        let reserved = RingBuf::try_from(
-            ebpf.take_map(map_names::EVIDENCE_RESERVED)
-                .context("map EVIDENCE_RESERVED missing from the kernel object")?,
-        )?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map(map_names::EVIDENCE_COUNTERS)
-                .context("map EVIDENCE_COUNTERS missing from the kernel object")?,
-        )?;
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, map_names::EVIDENCE)?;
+        let reserved: RingBuf<MapData> = take_map(&mut ebpf, map_names::EVIDENCE_RESERVED)?;
+        let counters = take_map(&mut ebpf, map_names::EVIDENCE_COUNTERS)?;
         Ok(Self {
             _ebpf: ebpf,
             original_destinations,
@@ -435,14 +426,16 @@ where
     Ok(program.try_into()?)
 }
 
-fn take_map<K: aya::Pod, V: aya::Pod>(
+/// Takes map `name` out of the loaded object as the map type `M` it is
+/// declared as in the kernel programs.
+fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &str,
-) -> Result<BpfHashMap<MapData, K, V>> {
+) -> Result<M> {
     let map = ebpf
         .take_map(name)
         .with_context(|| format!("map {name} missing from the kernel object"))?;
-    Ok(BpfHashMap::try_from(map)?)
+    M::try_from(map).with_context(|| format!("map {name}"))
 }
 
 /// Pins `link` as `<program>-<where>` (a cgroup id, or `host`), atomically
@@ -461,14 +454,8 @@ fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: &str) -
 }
 
 fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
-    let mut rules: Array<MapData, EgressRule> = Array::try_from(
-        ebpf.take_map(map_names::EGRESS_RULES)
-            .context("map EGRESS_RULES missing from the kernel object")?,
-    )?;
-    let mut settings: Array<MapData, u32> = Array::try_from(
-        ebpf.take_map(map_names::EGRESS_SETTINGS)
-            .context("map EGRESS_SETTINGS missing from the kernel object")?,
-    )?;
+    let mut rules: Array<MapData, EgressRule> = take_map(ebpf, map_names::EGRESS_RULES)?;
+    let mut settings: Array<MapData, u32> = take_map(ebpf, map_names::EGRESS_SETTINGS)?;
     if egress.allow.len() > rules.len() as usize {
         bail!("at most {} egress rules", rules.len());
     }
@@ -493,8 +480,6 @@ fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
     Ok(())
 }
 
-/// Makes the listener port map hold exactly `wanted`: a port no longer
-/// guarded is free for agents again.
 /// Makes `map` hold exactly `wanted`: entries no longer wanted first go
 /// (a target or listener removed from the configuration), then every
 /// wanted one is written, so a changed value is replaced in place.
@@ -519,6 +504,8 @@ fn sync_map<K: aya::Pod + PartialEq + std::fmt::Debug, V: aya::Pod>(
     Ok(())
 }
 
+/// Makes the listener port map hold exactly `wanted`: a port no longer
+/// guarded is free for agents again.
 fn sync_listener_ports(
     map: &mut BpfHashMap<MapData, u32, u32>,
     wanted: &BTreeSet<u16>,

@@ -1128,14 +1128,20 @@ fn requests_skipped_after_an_error_give_back_their_text() {
 /// no masking in a session with masks; nothing else does. A row passed on
 /// is counted for its request as a row held whole is, and a full
 /// recording counts it as left out.
+/// The start of a server message: its tag, a length field for a body of
+/// `body_len` bytes, and the first bytes of that body (`body_start`, all
+/// of it or less).
+fn message_start(tag: u8, body_len: usize, body_start: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![tag];
+    bytes.extend_from_slice(&(4 + body_len as i32).to_be_bytes());
+    bytes.extend_from_slice(body_start);
+    bytes
+}
+
 #[test]
 fn large_rows_and_copy_data_go_on_as_they_arrive_unless_they_may_be_masked() {
-    let start_of = |tag: u8, total: usize| {
-        let mut bytes = vec![tag];
-        bytes.extend_from_slice(&(total as i32 - 1).to_be_bytes());
-        bytes.extend_from_slice(b"\0\x01");
-        bytes
-    };
+    // The first bytes of a message of `total` bytes, tag included.
+    let start_of = |tag: u8, total: usize| message_start(tag, total - 5, b"\0\x01");
     let large = PASS_ON_MESSAGES_ABOVE + 1;
     let none = MaskSet::default();
     let query = queue_of(&[Kind::Query]);
@@ -1199,12 +1205,10 @@ fn large_rows_and_copy_data_go_on_as_they_arrive_unless_they_may_be_masked() {
 #[tokio::test]
 async fn a_message_passed_on_as_it_arrives_reaches_the_agent_whole_and_the_rest_stays() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut message = vec![b'D'];
     let body: Vec<u8> = (0..3 * PASS_ON_MESSAGES_ABOVE)
         .map(|i| (i % 251) as u8)
         .collect();
-    message.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    message.extend_from_slice(&body);
+    let message = message_start(b'D', body.len(), &body);
     let next = frame(b'C', b"SELECT 1\0").bytes;
 
     let (server, mut server_side) = tokio::io::duplex(64 * 1024);
@@ -1324,11 +1328,7 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
     assert_eq!(huge.num_permits(), 10);
 
     // Which messages are large: any tag, once its header is there.
-    let header = |tag: u8, total: usize| {
-        let mut bytes = vec![tag];
-        bytes.extend_from_slice(&(total as i32 - 1).to_be_bytes());
-        bytes
-    };
+    let header = |tag: u8, total: usize| message_start(tag, total - 5, b"");
     let large = PASS_ON_MESSAGES_ABOVE + 1;
     assert_eq!(large_message_ahead(&header(b'E', large)), Some(large));
     assert_eq!(large_message_ahead(&header(b'D', large)), Some(large));
@@ -1343,14 +1343,10 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
 /// (over [`PASS_ON_MESSAGES_ABOVE`]): its header and the value's first
 /// bytes, `marker` 64 times.
 fn start_of_large_row(marker: &[u8]) -> BytesMut {
-    use bytes::BufMut;
-    let mut row = BytesMut::new();
-    row.put_u8(b'D');
-    row.put_i32((4 + 2 + 4 + LARGE_VALUE) as i32);
-    row.put_i16(1);
-    row.put_i32(LARGE_VALUE as i32);
-    row.put_slice(&marker.repeat(64));
-    row
+    let mut body = 1i16.to_be_bytes().to_vec();
+    body.extend_from_slice(&(LARGE_VALUE as i32).to_be_bytes());
+    body.extend_from_slice(&marker.repeat(64));
+    BytesMut::from(&message_start(b'D', 2 + 4 + LARGE_VALUE, &body)[..])
 }
 
 /// See [`start_of_large_row`].
