@@ -107,6 +107,49 @@ pub fn connector(config: &UpstreamTlsConfig, target_ip: IpAddr) -> Result<Upstre
     })
 }
 
+/// A self-signed certificate for 127.0.0.1 and its key, made with the
+/// openssl command line (as the end-to-end TLS tests do): the
+/// listener's TLS material, and the client's only trust anchor.
+#[cfg(test)]
+pub(crate) fn self_signed_cert(dir: &std::path::Path) -> ListenerTlsConfig {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            // A leaf, not a CA, so rustls takes it as its own anchor.
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ListenerTlsConfig {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        require: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,33 +216,8 @@ mod tests {
     #[test]
     fn the_target_is_verified_by_its_address_unless_a_valid_server_name_is_given() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=ca",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "ca.pem",
-            ])
-            .current_dir(dir.path())
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ca = dir.path().join("ca.pem");
+        // Any certificate is a trust anchor to rustls.
+        let ca = self_signed_cert(dir.path()).cert;
         let made = connector(&upstream(ca.clone()), IpAddr::from([10, 0, 0, 7]))
             .expect("a connector from a CA certificate");
         // Without a name, the certificate must carry the target's address.

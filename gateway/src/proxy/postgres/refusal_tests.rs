@@ -398,48 +398,6 @@ async fn negotiate<S: AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S,
     stream.read_u8().await.expect("answer")
 }
 
-/// A self-signed certificate for 127.0.0.1 and its key, made with the
-/// openssl command line (as the end-to-end TLS tests do): the
-/// listener's TLS material, and the client's only trust anchor.
-fn self_signed_cert(dir: &Path) -> crate::proxy::tls::ListenerTlsConfig {
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            // A leaf, not a CA, so rustls takes it as its own anchor.
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    crate::proxy::tls::ListenerTlsConfig {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-        require: false,
-    }
-}
-
 #[tokio::test]
 async fn a_second_ssl_or_gssenc_request_is_refused_with_08p01() {
     let (_keys, audit_dir, shared) = baseline_shared().await;
@@ -496,7 +454,7 @@ async fn a_second_ssl_or_gssenc_request_is_refused_with_08p01() {
 async fn inside_tls_a_new_negotiation_request_is_refused_over_tls() {
     let (_keys, _audit_dir, shared) = baseline_shared().await;
     let pki = tempfile::tempdir().expect("tempdir");
-    let tls = self_signed_cert(pki.path());
+    let tls = crate::proxy::tls::self_signed_cert(pki.path());
     let connector = crate::proxy::tls::connector(
         &crate::proxy::tls::UpstreamTlsConfig {
             ca_file: tls.cert.clone(),
@@ -568,7 +526,7 @@ async fn a_client_that_stalls_in_the_tls_handshake_is_closed_at_the_deadline() {
     let (_keys, audit_dir, shared) = baseline_shared().await;
     let audit = shared.audit.clone();
     let pki = tempfile::tempdir().expect("tempdir");
-    let tls = self_signed_cert(pki.path());
+    let tls = crate::proxy::tls::self_signed_cert(pki.path());
     let deadline = Duration::from_secs(1);
     let addr = listen_with(shared, deadline, |target| target.tls = Some(tls)).await;
 
