@@ -357,30 +357,42 @@ fn pin_to_cpu(cpu: usize) -> bool {
     }
 }
 
-/// Pins every thread of this process named `name` to `cpu`. Returns how
-/// many it pinned.
-fn pin_threads_named(name: &str, cpu: usize) -> usize {
+/// This process's threads: (thread id, name).
+fn threads() -> Vec<(libc::pid_t, String)> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
+        return Vec::new();
     };
-    let mut pinned = 0;
-    for task in tasks.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let Ok(tid) = task.file_name().to_string_lossy().parse::<libc::pid_t>() else {
-            continue;
-        };
-        if comm.trim_end() != name {
-            continue;
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_string_lossy().parse().ok()?;
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            Some((tid, comm.trim_end().to_owned()))
+        })
+        .collect()
+}
+
+/// Pins the thread named `name` that is not among `before` (a thread of
+/// this run's store, not one of an earlier run's on its way out) to
+/// `cpu`, waiting up to a second for it to take its name (a thread
+/// names itself once it runs). Returns whether it did.
+fn pin_new_thread_named(before: &[(libc::pid_t, String)], name: &str, cpu: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        let new = threads()
+            .into_iter()
+            .find(|(tid, comm)| comm == name && !before.iter().any(|(old, _)| old == tid));
+        if let Some((tid, _)) = new {
+            // SAFETY: as in `pin_to_cpu`, for the thread `tid`.
+            return unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+            };
         }
-        // SAFETY: as in `pin_to_cpu`, for the thread `tid`.
-        let ok = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-        };
-        pinned += usize::from(ok);
+        std::thread::sleep(Duration::from_millis(1));
     }
-    pinned
+    false
 }
 
 /// Name of the thread that builds the records of a sustained run: the
@@ -389,7 +401,7 @@ fn pin_threads_named(name: &str, cpu: usize) -> usize {
 const RECORD_MAKER: &str = "record-maker";
 
 /// Records a caller keeps submitted but not yet acknowledged in a
-/// sustained run: callers that never wait would grow without bound, as
+/// sustained run (it awaits the oldest before it submits one more): callers that never wait would grow without bound, as
 /// no daemon's sessions do (each has a few statements in flight).
 const SUSTAINED_IN_FLIGHT: usize = 4096;
 
@@ -403,6 +415,9 @@ struct Sustained {
     cpu_per_record: std::collections::BTreeMap<String, Duration>,
     /// The record maker's CPU per record, on the other core.
     maker_per_record: Duration,
+    /// The store's CPU time over the run's wall time: at most 1 when all
+    /// of it is on CPU 0, if the kernel's accounting is to be trusted.
+    cores: f64,
 }
 
 /// `n` records into the store, the store confined to CPU 0: this thread
@@ -424,7 +439,7 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
     let maker = std::thread::Builder::new()
         .name(RECORD_MAKER.into())
         .spawn(move || {
-            pin_to_cpu(1);
+            assert!(pin_to_cpu(1), "pin the record maker to CPU 1");
             let mut i = 0;
             while i < n {
                 let end = (i + CHUNK).min(n);
@@ -438,39 +453,43 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
     assert!(pin_to_cpu(0), "pin the submitting thread to CPU 0");
     let mut cfg = AuditConfig::new(dir.join("sustained"));
     cfg.durability = tollgate::audit::DurabilityMode::ReadParallel;
+    let before = threads();
     let log = AuditLog::open(&cfg).await.expect("open audit store");
     if background_beside {
-        // A previous run's threads may still be on their way out: at
-        // least this store's own must have moved.
         for name in ["audit-segments", "audit-wal-prep"] {
-            assert!(pin_threads_named(name, 1) >= 1, "move {name} to CPU 1");
+            assert!(
+                pin_new_thread_named(&before, name, 1),
+                "move {name} to CPU 1"
+            );
         }
     }
     // The sampler itself runs beside the maker, off the store's core.
     let threads = {
         let on_cpu_1 = std::thread::spawn(|| {
-            pin_to_cpu(1);
+            assert!(pin_to_cpu(1), "pin the CPU sampler to CPU 1");
             ThreadCpu::start()
         });
         on_cpu_1.join().expect("start the CPU sampler")
     };
     let start = Instant::now();
-    let mut in_flight = std::collections::VecDeque::with_capacity(SUSTAINED_IN_FLIGHT + CHUNK);
+    let mut in_flight: std::collections::VecDeque<tollgate::audit::Durable> =
+        std::collections::VecDeque::with_capacity(SUSTAINED_IN_FLIGHT);
     while let Ok(chunk) = chunks_rx.recv() {
         for r in chunk {
-            in_flight.push_back(log.submit(r));
-        }
-        while in_flight.len() > SUSTAINED_IN_FLIGHT {
-            if let Some(t) = in_flight.pop_front() {
-                t.await.expect("durable");
+            if in_flight.len() == SUSTAINED_IN_FLIGHT {
+                if let Some(oldest) = in_flight.pop_front() {
+                    oldest.await.expect("durable");
+                }
             }
+            in_flight.push_back(log.submit(r));
         }
     }
     for t in in_flight {
         t.await.expect("durable");
     }
     log.shutdown().await;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed();
+    let rate = n as f64 / elapsed.as_secs_f64();
     let _ = maker.join();
     let mut cpu_per_record: std::collections::BTreeMap<String, Duration> = threads
         .stop()
@@ -478,8 +497,10 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
         .map(|(name, d)| (name, d / n as u32))
         .collect();
     let maker_per_record = cpu_per_record.remove(RECORD_MAKER).unwrap_or_default();
+    let store_cpu: Duration = cpu_per_record.values().sum::<Duration>() * n as u32;
     Sustained {
         rate,
+        cores: store_cpu.as_secs_f64() / elapsed.as_secs_f64(),
         cpu_per_record,
         maker_per_record,
     }
@@ -642,10 +663,11 @@ async fn main() {
                 true => "the store on CPU 0, its segment thread and WAL file preparer on CPU 1",
             };
             println!(
-                "sustained, {placement}: {:.0} records/s until the last segment is written; store CPU {:.2} µs per record ({}); the record maker on CPU 1 {:.2}",
+                "sustained, {placement}: {:.0} records/s until the last segment is written; store CPU {:.2} µs per record ({}), {:.2} cores' worth; the record maker on CPU 1 {:.2}",
                 s.rate,
                 total.as_secs_f64() * 1e6,
                 parts.join(", "),
+                s.cores,
                 s.maker_per_record.as_secs_f64() * 1e6
             );
             let _ = std::fs::remove_dir_all(dir.join("sustained"));
