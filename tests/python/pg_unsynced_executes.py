@@ -5,9 +5,11 @@ bytes of text. PostgreSQL keeps its answers until a Sync or a Flush (or
 8 KiB of them), so a client gets answers before it sends either only if
 tollgate asked for them, as it does when it must wait for room.
 
-Waits up to WAIT seconds for the first answer, then sends Sync and reads
-everything. Prints {"before_sync": [tags read before the Sync],
-"completed": CommandCompletes in all, "ready": bool} as JSON.
+Reads answers until none has come for WAIT seconds, then sends Sync and
+reads the rest. Prints {"before_sync": [distinct tags read before the
+Sync], "before_sync_completed": CommandCompletes read before it,
+"completed": CommandCompletes in all, "ready": bool, "errors": [fields
+of each ErrorResponse after the Sync]} as JSON.
 
 usage: pg_unsynced_executes.py HOST PORT TOKEN COUNT SIZE WAIT
 """

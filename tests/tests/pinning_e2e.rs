@@ -810,9 +810,35 @@ impl SilentServer {
     }
 }
 
+/// A daemon a test started by hand: resumed (should the test have stopped
+/// it), killed and reaped when the test ends, however it ends.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: a signal to a process this test started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
 /// Starts `tollgate run` on `config` (written under the gateway's
 /// directory as `name`), with `env`, logging to `name`.log.
-fn spawn_gateway(stack: &Stack, name: &str, env: &[(&str, &Path)]) -> std::process::Child {
+fn spawn_gateway(stack: &Stack, name: &str, env: &[(&str, &Path)]) -> Spawned {
     let dir = stack.gateway.dir.path();
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(&config, stack.gateway.config.toml()).expect("write the configuration");
@@ -827,7 +853,7 @@ fn spawn_gateway(stack: &Stack, name: &str, env: &[(&str, &Path)]) -> std::proce
     for (key, value) in env {
         cmd.env(key, value);
     }
-    cmd.spawn().expect("start tollgate run")
+    Spawned(cmd.spawn().expect("start tollgate run"))
 }
 
 /// The redirect is installed before tollgate waits on the network: while

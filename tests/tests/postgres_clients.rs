@@ -649,7 +649,7 @@ fn statement_text_in_flight_stops_at_its_bound_until_answers_come() {
         &stack,
         "pg_unsynced_executes.py",
         &token,
-        &[&count.to_string(), &(1 << 20).to_string(), "20"],
+        &[&count.to_string(), &(1 << 20).to_string(), "5"],
     );
     assert_eq!(result["errors"], serde_json::json!([]), "{result}");
     assert_eq!(result["ready"], true, "{result}");

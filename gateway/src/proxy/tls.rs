@@ -207,8 +207,11 @@ mod tests {
         )
         .expect("write");
         let err = error_of(&upstream(broken.clone()));
+        // Refused for what it holds, not passed over as if it held nothing.
         assert!(
-            err.contains("upstream_tls.ca_file") && err.contains(&broken.display().to_string()),
+            err.contains("upstream_tls.ca_file")
+                && err.contains(&broken.display().to_string())
+                && !err.contains("holds no certificate"),
             "{err}"
         );
     }
@@ -226,6 +229,12 @@ mod tests {
             ServerName::IpAddress(IpAddr::from([10, 0, 0, 7]).into())
         );
         let mut named = upstream(ca);
+        named.server_name = Some("db.internal".into());
+        let made = connector(&named, IpAddr::from([10, 0, 0, 7])).expect("a connector with a name");
+        assert_eq!(
+            made.server_name,
+            ServerName::try_from("db.internal").expect("a DNS name")
+        );
         named.server_name = Some("not a host name!".into());
         let err = error_of(&named);
         assert!(err.contains("upstream_tls.server_name"), "{err}");

@@ -1123,11 +1123,6 @@ fn requests_skipped_after_an_error_give_back_their_text() {
     assert_eq!(f.queue.held_bytes, 0);
 }
 
-/// Large DataRows and COPY data of a session without masks go on as they
-/// arrive, and so do large DataRows of a result whose description planned
-/// no masking in a session with masks; nothing else does. A row passed on
-/// is counted for its request as a row held whole is, and a full
-/// recording counts it as left out.
 /// The start of a server message: its tag, a length field for a body of
 /// `body_len` bytes, and the first bytes of that body (`body_start`, all
 /// of it or less).
@@ -1138,6 +1133,11 @@ fn message_start(tag: u8, body_len: usize, body_start: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// Large DataRows and COPY data of a session without masks go on as they
+/// arrive, and so do large DataRows of a result whose description planned
+/// no masking in a session with masks; nothing else does. A row passed on
+/// is counted for its request as a row held whole is, and a full
+/// recording counts it as left out.
 #[test]
 fn large_rows_and_copy_data_go_on_as_they_arrive_unless_they_may_be_masked() {
     // The first bytes of a message of `total` bytes, tag included.
