@@ -314,13 +314,51 @@ impl Config {
                 "at least one [[target]] is required".into(),
             ));
         }
+        // Each target is one entry of the kernel's redirect map, and puts
+        // up to two ports (its listener's, and its own when on loopback)
+        // in the map of ports agents may not bind: past their sizes the
+        // daemon could not install the redirect.
+        let redirect_entries = gateway_common::REDIRECT_MAP_ENTRIES as usize;
+        if self.targets.len() > redirect_entries {
+            return Err((
+                "target".into(),
+                format!("at most {redirect_entries} targets"),
+            ));
+        }
+        let guarded_ports: HashSet<u16> = self
+            .targets
+            .iter()
+            .flat_map(|t| {
+                let own = (t.address.ip().is_loopback()).then_some(t.address.port());
+                std::iter::once(t.listen.port()).chain(own)
+            })
+            .collect();
+        let port_entries = gateway_common::LISTENER_PORT_ENTRIES as usize;
+        if guarded_ports.len() > port_entries {
+            return Err((
+                "target".into(),
+                format!(
+                    "{} listener and loopback target ports, at most {port_entries}",
+                    guarded_ports.len()
+                ),
+            ));
+        }
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
+        let mut addresses = HashSet::new();
         for (i, target) in self.targets.iter().enumerate() {
             if !names.insert(&target.name) {
                 return Err((
                     format!("target[{i}].name"),
                     format!("duplicate target name {:?}", target.name),
+                ));
+            }
+            // The redirect map holds one listener per address: a second
+            // target for it would silently take the first one's agents.
+            if !addresses.insert(target.address) {
+                return Err((
+                    format!("target[{i}].address"),
+                    format!("{} is protected by another target", target.address),
                 ));
             }
             if !listens.insert(target.listen) {
@@ -441,6 +479,68 @@ mod tests {
                 parsed.err().map(|e| e.to_string())
             );
         }
+    }
+
+    /// `deploy/tollgate.toml` with its one target repeated `n` times, the
+    /// i-th edited by `edit(i, target_text)`.
+    fn with_targets(n: usize, edit: impl Fn(usize, &str) -> String) -> String {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let start = text.find("[[target]]").expect("a target");
+        let end = start + text[start..].find("[[policy.grant]]").expect("a grant");
+        let target = &text[start..end];
+        let targets: String = (0..n).map(|i| edit(i, target)).collect();
+        format!("{}{targets}{}", &text[..start], &text[end..])
+    }
+
+    /// A second target for an address already protected is refused: the
+    /// kernel's redirect map holds one listener per address, so it would
+    /// silently take the other target's agents.
+    #[test]
+    fn two_targets_for_one_address_are_refused() {
+        let text = with_targets(2, |i, t| {
+            t.replace("orders-db\"", &format!("orders-db-{i}\""))
+                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i))
+        });
+        let err = Config::parse(&text, "tollgate.toml").expect_err("refused");
+        assert_eq!(err.key, "target[1].address", "{err}");
+        assert!(err.reason.contains("protected by another target"), "{err}");
+    }
+
+    /// More targets than the kernel's maps hold are refused when the file is
+    /// read, naming the limit, rather than when the redirect is installed.
+    #[test]
+    fn more_targets_than_the_kernel_maps_hold_are_refused() {
+        let target = |i: usize, t: &str| {
+            t.replace("orders-db\"", &format!("db-{i}\""))
+                .replace(
+                    "10.0.0.10:5432",
+                    &format!("10.0.{}.{}:5432", i / 250, i % 250 + 1),
+                )
+                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
+        };
+        let entries = gateway_common::REDIRECT_MAP_ENTRIES as usize;
+        Config::parse(&with_targets(entries, target), "tollgate.toml")
+            .expect("as many targets as the map holds");
+        let err = Config::parse(&with_targets(entries + 1, target), "tollgate.toml")
+            .expect_err("one more is refused");
+        assert!(
+            err.reason.contains(&format!("at most {entries} targets")),
+            "{err}"
+        );
+
+        // Targets on loopback guard their own port too: half as many fill
+        // the port map.
+        let local = |i: usize, t: &str| {
+            t.replace("orders-db\"", &format!("db-{i}\""))
+                .replace("10.0.0.10:5432", &format!("127.0.0.1:{}", 30_000 + i))
+                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
+        };
+        let ports = gateway_common::LISTENER_PORT_ENTRIES as usize;
+        Config::parse(&with_targets(ports / 2, local), "tollgate.toml")
+            .expect("as many ports as the map holds");
+        let err = Config::parse(&with_targets(ports / 2 + 1, local), "tollgate.toml")
+            .expect_err("two more ports are refused");
+        assert!(err.reason.contains(&format!("at most {ports}")), "{err}");
     }
 
     /// A target's inline password never shows in its Debug form (which
