@@ -63,11 +63,12 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use gateway_common::{
-    counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
-    reserved_counter, reserved_counter_index, reserved_for, v4_mapped, ClientEndpointKey, EgressRule,
-    EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey, COUNTER_ENTRIES,
-    EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES, EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES,
-    PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
+    always_reserved, counted_program, counter, counter_index, destination_key, egress_setting,
+    event_kind, reserved_counter, reserved_counter_index, reserved_for, v4_mapped,
+    ClientEndpointKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
+    TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES,
+    EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES,
+    SOCKET_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
@@ -319,7 +320,7 @@ unsafe fn report_redirect(sa: *mut bpf_sock_addr, key: &TargetKey, family: u32, 
     event.daddr = key.addr;
     event.dport = key.port;
     event.protocol = 6;
-    emit(program, &event, true);
+    emit(program, &event, always_reserved(program));
 }
 
 /// What the socket hooks decide for a destination.
@@ -395,7 +396,7 @@ unsafe fn report_refusal(
     event.daddr = key.addr;
     event.dport = key.port;
     event.protocol = (*sa).protocol;
-    emit(program, &event, true);
+    emit(program, &event, always_reserved(program));
 }
 
 /// The socket's own addresses: its IPv4 source (0 if none) and its bound
@@ -566,7 +567,7 @@ pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
             event.protocol = (*sk).protocol;
             // The socket type, for the record (no destination yet).
             event.dport = sock_type;
-            emit(program, &event, true);
+            emit(program, &event, always_reserved(program));
             return REFUSE;
         }
     }
@@ -787,7 +788,7 @@ fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
         packets: packets.min(u64::from(u32::MAX)) as u32,
     };
     // Only packets to protected targets get here.
-    emit(program, &event, true);
+    emit(program, &event, always_reserved(program));
 }
 
 // The verifier only accepts context accesses at a constant offset from the
