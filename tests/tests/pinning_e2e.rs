@@ -1216,3 +1216,87 @@ fn two_connections_from_one_local_port_are_each_attributed_to_the_task_that_made
         }
     }
 }
+
+/// A pin directory an older daemon left is taken over on restart: the
+/// client port map it pinned (keyed by local port alone, since replaced by
+/// one keyed by the whole endpoint) is unpinned, and the reserved evidence
+/// ring it did not have yet is made and pinned. Agents are redirected and
+/// attributed, their redirects recorded in the new ring, and verify
+/// passes.
+#[test]
+fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
+    if !privileged("a_pin_directory_left_by_an_older_daemon_is_taken_over") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    let maps = stack.gateway.config.bpffs_dir.join("maps");
+    let old_client_ports = maps.join("CLIENT_PORTS");
+    let reserved = maps.join("EVIDENCE_RESERVED");
+    // As an older daemon left it: no reserved ring, a port-keyed map.
+    std::fs::remove_file(&reserved).expect("unpin the reserved ring");
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old_client_ports)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "2",
+            "value",
+            "8",
+            "entries",
+            "64",
+            "name",
+            "CLIENT_PORTS",
+        ])
+        .output()
+        .expect("run bpftool (`cargo xtask setup` installs it)");
+    assert!(
+        made.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    assert!(old_client_ports.exists() && !reserved.exists());
+
+    let restarted_at = now_ms();
+    stack.gateway.restart().expect("restart tollgate");
+    assert!(
+        !old_client_ports.exists(),
+        "the older daemon's client port map is still pinned"
+    );
+    assert!(reserved.exists(), "no reserved evidence ring pinned");
+    assert!(
+        stack
+            .gateway
+            .log()
+            .contains("removed the pin of an older daemon's client port map"),
+        "{}",
+        stack.gateway.log()
+    );
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let out = stack
+        .agent_psql(&token, "SELECT 41 + 1")
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stack.gateway.stop();
+    // The session is attributed to psql in the agent cgroup, by the new
+    // endpoint-keyed map, and its redirect came through the new ring.
+    let audit = stack.gateway.audit_dir();
+    let since = format!(
+        "actor_process_cgroup_id = {} AND time >= {restarted_at}",
+        agent_cgroup_id(&stack)
+    );
+    let redirects = evidence::rows_of_kind(audit, "redirected", &since);
+    assert_eq!(redirects.len(), 1, "{redirects:?}");
+    assert_eq!(redirects[0]["actor_process_name"], "psql", "{redirects:?}");
+    let run = verify_passes(&stack);
+    assert_eq!(run.report["bypasses"], json!([]));
+    assert_eq!(run.report["reserved_losses"], json!([]));
+}
