@@ -395,6 +395,9 @@ fn pin_new_thread_named(before: &[(libc::pid_t, String)], name: &str, cpu: usize
     false
 }
 
+/// The threads an audit store starts.
+const STORE_THREADS: [&str; 3] = ["audit-wal", "audit-segments", "audit-wal-prep"];
+
 /// Name of the thread that builds the records of a sustained run: the
 /// callers' work, not the store's, kept off the store's core and out of
 /// its CPU figures.
@@ -418,6 +421,9 @@ struct Sustained {
     /// The store's CPU time over the run's wall time: at most 1 when all
     /// of it is on CPU 0, if the kernel's accounting is to be trusted.
     cores: f64,
+    /// The store's threads, each with the CPUs it was allowed, at the end
+    /// of the run.
+    placement: Vec<String>,
 }
 
 /// `n` records into the store, the store confined to CPU 0: this thread
@@ -452,19 +458,32 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
         .expect("spawn the record maker");
     assert!(pin_to_cpu(0), "pin the submitting thread to CPU 0");
     let mut cfg = AuditConfig::new(dir.join("sustained"));
+    // For experiments: smaller segments are written while their records
+    // are still in the CPU's caches.
+    if let Some(records) = std::env::var("AUDIT_BENCH_SEGMENT_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.segment_max_records = records;
+    }
     cfg.durability = tollgate::audit::DurabilityMode::ReadParallel;
     let before = threads();
     let log = AuditLog::open(&cfg).await.expect("open audit store");
-    if background_beside {
-        for name in ["audit-segments", "audit-wal-prep"] {
-            assert!(
-                pin_new_thread_named(&before, name, 1),
-                "move {name} to CPU 1"
-            );
-        }
+    // Each of the store's threads is placed by its thread id: they are
+    // started by a thread of tokio's blocking pool, which is not always
+    // one made after this thread was pinned.
+    for name in STORE_THREADS {
+        let cpu = match (background_beside, name) {
+            (true, "audit-segments" | "audit-wal-prep") => 1,
+            _ => 0,
+        };
+        assert!(
+            pin_new_thread_named(&before, name, cpu),
+            "move {name} to CPU {cpu}"
+        );
     }
     // The sampler itself runs beside the maker, off the store's core.
-    let threads = {
+    let sampler = {
         let on_cpu_1 = std::thread::spawn(|| {
             assert!(pin_to_cpu(1), "pin the CPU sampler to CPU 1");
             ThreadCpu::start()
@@ -487,11 +506,28 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
     for t in in_flight {
         t.await.expect("durable");
     }
+    // Where the store's threads were allowed to run, taken while they
+    // still exist: a figure is only worth its placement.
+    let placement: Vec<String> = threads()
+        .into_iter()
+        .filter(|(tid, name)| {
+            STORE_THREADS.contains(&name.as_str()) && !before.iter().any(|(old, _)| old == tid)
+        })
+        .filter_map(|(tid, name)| {
+            let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+                .trim()
+                .to_owned();
+            Some(format!("{name}/{tid}: {cpus}"))
+        })
+        .collect();
     log.shutdown().await;
     let elapsed = start.elapsed();
     let rate = n as f64 / elapsed.as_secs_f64();
     let _ = maker.join();
-    let mut cpu_per_record: std::collections::BTreeMap<String, Duration> = threads
+    let mut cpu_per_record: std::collections::BTreeMap<String, Duration> = sampler
         .stop()
         .into_iter()
         .map(|(name, d)| (name, d / n as u32))
@@ -499,6 +535,7 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
     let maker_per_record = cpu_per_record.remove(RECORD_MAKER).unwrap_or_default();
     let store_cpu: Duration = cpu_per_record.values().sum::<Duration>() * n as u32;
     Sustained {
+        placement,
         rate,
         cores: store_cpu.as_secs_f64() / elapsed.as_secs_f64(),
         cpu_per_record,
@@ -669,6 +706,10 @@ async fn main() {
                 parts.join(", "),
                 s.cores,
                 s.maker_per_record.as_secs_f64() * 1e6
+            );
+            println!(
+                "  the store's threads and the CPUs they may run on: {}",
+                s.placement.join(", ")
             );
             let _ = std::fs::remove_dir_all(dir.join("sustained"));
         }
