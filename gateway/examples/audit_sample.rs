@@ -186,9 +186,6 @@ async fn main() -> anyhow::Result<()> {
                 "reader".to_string()
             }]
             .into();
-            if sql.contains("email") {
-                r.masked_columns = vec!["email".into()];
-            }
             if write && !a.oid.starts_with('3') {
                 // Support may not write: refused by policy.
                 r.phase = "refusal".into();
@@ -216,6 +213,12 @@ async fn main() -> anyhow::Result<()> {
             let mut o = r;
             o.phase = "outcome".into();
             o.time = t + 3;
+            // Masking is known once the answer is: on the outcome row,
+            // which then says the answer was modified.
+            if sql.contains("email") {
+                o.masked_columns = vec!["email".into()];
+                o.action_id = action::MODIFIED;
+            }
             o.response_rows = Some(if write { 1 } else { (n % 40) as i64 + 1 });
             o.response_bytes = Some(200 + (n % 5000) as i64);
             o.duration_us = Some(300 + (n % 900) as i64 * 7);

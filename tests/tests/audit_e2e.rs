@@ -869,7 +869,13 @@ fn every_query_in_the_duckdb_cookbook_answers_from_a_real_audit() {
     if !privileged("every_query_in_the_duckdb_cookbook_answers_from_a_real_audit") {
         return;
     }
-    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    // Customers' email addresses are masked, so that query 1 shows what an
+    // agent did not get to see.
+    let policy = format!(
+        "{}\n[[policy.mask]]\nname = \"customer-email\"\ncolumns = [\"public.customers.email\"]\n",
+        tollgate_tests::DEFAULT_POLICY
+    );
+    let mut stack = Stack::start_with_policy(&policy).expect("start PostgreSQL, IdP and tollgate");
     stack
         .postgres
         .superuser_sql_ok(
@@ -1000,6 +1006,28 @@ fn every_query_in_the_duckdb_cookbook_answers_from_a_real_audit() {
                 ];
                 want.sort();
                 assert_eq!(texts, want, "query 1: {got:?}");
+                // What the agent did not get to see, from each outcome: the
+                // email column wherever it was read, and the count
+                // computed from the table that holds it.
+                for r in got {
+                    let text = r["query_info_query_string"].as_str().unwrap_or_default();
+                    let masked: Vec<String> = r["masked_columns"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|v| v.as_str().unwrap_or_default().to_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if text.contains("count(*)") {
+                        assert!(
+                            masked.len() == 1 && masked[0].starts_with("count"),
+                            "query 1: {r}"
+                        );
+                    } else {
+                        assert_eq!(masked, ["public.customers.email"], "query 1: {r}");
+                    }
+                }
                 assert!(got.iter().all(|r| r["actor_user_name"] == "analyst-a"));
                 assert_eq!(
                     rows(&answers[answers.len() - 1]).len(),

@@ -11,7 +11,7 @@
 //! A checkpoint file `checkpoints/<counter:012>.note` is:
 //! ```text
 //! <origin>
-//! <manifest lines>
+//! <tree size: how many manifest lines it covers>
 //! <base64 RFC 6962 root over the manifest lines>
 //! tollgate-time <epoch ms>
 //! tollgate-checkpoint <counter>
