@@ -7,8 +7,8 @@
 //! - `getpeername4`/`getpeername6` give the agent back the address it asked
 //!   for, so the redirect is invisible to it;
 //! - `sock_ops` notes, once such a connection is established, which local
-//!   port belongs to which cookie, so the proxy can name the process behind
-//!   an accepted connection.
+//!   address and port (and listener port) belong to which cookie, so the
+//!   proxy can name the process behind an accepted connection.
 //!
 //! - `sendmsg4`/`sendmsg6` refuse UDP datagrams to protected targets, and
 //!   `connect4`/`connect6` refuse non-stream sockets to them: the gateway
