@@ -212,21 +212,14 @@ struct ThreadCpu {
 
 impl ThreadCpu {
     fn start() -> Self {
-        fn read() -> Vec<(String, String, u64)> {
-            let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-                return Vec::new();
-            };
-            tasks
-                .flatten()
-                .filter_map(|t| {
-                    let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-                    let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        fn read() -> Vec<(libc::pid_t, String, u64)> {
+            threads()
+                .into_iter()
+                .filter_map(|(tid, comm)| {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
                     let ns = stat.split_whitespace().next()?.parse().ok()?;
-                    Some((
-                        t.file_name().to_string_lossy().into_owned(),
-                        comm.trim_end().to_owned(),
-                        ns,
-                    ))
+                    Some((tid, comm, ns))
                 })
                 .collect()
         }
@@ -238,7 +231,7 @@ impl ThreadCpu {
                 let mut first = std::collections::HashMap::new();
                 let mut last = std::collections::HashMap::new();
                 for (tid, comm, ns) in read() {
-                    first.insert(tid.clone(), ns);
+                    first.insert(tid, ns);
                     last.insert(tid, (comm, ns));
                 }
                 while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
@@ -290,21 +283,21 @@ impl Batched {
             .copied()
             .unwrap_or_default()
     }
+}
 
-    fn cpu_breakdown(&self) -> String {
-        let total: Duration = self.cpu_per_record.values().sum();
-        let parts: Vec<String> = self
-            .cpu_per_record
-            .iter()
-            .filter(|(_, d)| d.as_nanos() >= 10)
-            .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64() * 1e6))
-            .collect();
-        format!(
-            "{:.2} µs per record in all ({})",
-            total.as_secs_f64() * 1e6,
-            parts.join(", ")
-        )
-    }
+/// CPU per record, in all and of each thread (by name) that spent any.
+fn cpu_breakdown(cpu_per_record: &std::collections::BTreeMap<String, Duration>) -> String {
+    let total: Duration = cpu_per_record.values().sum();
+    let parts: Vec<String> = cpu_per_record
+        .iter()
+        .filter(|(_, d)| d.as_nanos() >= 10)
+        .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64() * 1e6))
+        .collect();
+    format!(
+        "{:.2} µs per record in all ({})",
+        total.as_secs_f64() * 1e6,
+        parts.join(", ")
+    )
 }
 
 /// Submits `n` records (built beforehand: building them is the caller's
@@ -348,12 +341,19 @@ async fn batched_with(
 /// Pins the calling thread (and the threads it spawns from now on) to
 /// one CPU. Returns whether the kernel took it.
 fn pin_to_cpu(cpu: usize) -> bool {
+    // Thread id 0 is the calling thread.
+    pin_thread(0, cpu)
+}
+
+/// Pins thread `tid` of this process to one CPU. Returns whether the
+/// kernel took it.
+fn pin_thread(tid: libc::pid_t, cpu: usize) -> bool {
     // SAFETY: `set` is a plain bitmask on the stack, sized as the call
-    // is told; pid 0 is the calling thread.
+    // is told.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
     }
 }
 
@@ -383,12 +383,7 @@ fn pin_new_thread_named(before: &[(libc::pid_t, String)], name: &str, cpu: usize
             .into_iter()
             .find(|(tid, comm)| comm == name && !before.iter().any(|(old, _)| old == tid));
         if let Some((tid, _)) = new {
-            // SAFETY: as in `pin_to_cpu`, for the thread `tid`.
-            return unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-            };
+            return pin_thread(tid, cpu);
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -688,22 +683,14 @@ async fn main() {
     if only.as_deref() == Some("sustained") {
         for background_beside in [false, true, false, true] {
             let s = sustained(&dir, 1_000_000, background_beside).await;
-            let total: Duration = s.cpu_per_record.values().sum();
-            let parts: Vec<String> = s
-                .cpu_per_record
-                .iter()
-                .filter(|(_, d)| d.as_nanos() >= 10)
-                .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64() * 1e6))
-                .collect();
             let placement = match background_beside {
                 false => "the store on CPU 0",
                 true => "the store on CPU 0, its segment thread and WAL file preparer on CPU 1",
             };
             println!(
-                "sustained, {placement}: {:.0} records/s until the last segment is written; store CPU {:.2} µs per record ({}), {:.2} cores' worth; the record maker on CPU 1 {:.2}",
+                "sustained, {placement}: {:.0} records/s until the last segment is written; store CPU {}, {:.2} cores' worth; the record maker on CPU 1 {:.2}",
                 s.rate,
-                total.as_secs_f64() * 1e6,
-                parts.join(", "),
+                cpu_breakdown(&s.cpu_per_record),
                 s.cores,
                 s.maker_per_record.as_secs_f64() * 1e6
             );
@@ -732,7 +719,7 @@ async fn main() {
                 "append batched: {:.0} records/s {until}, {:.0} records/s with segments; CPU {}",
                 b.rate,
                 b.rate_with_segments,
-                b.cpu_breakdown()
+                cpu_breakdown(&b.cpu_per_record)
             );
             let _ = std::fs::remove_dir_all(dir.join("batched"));
         }
@@ -770,7 +757,7 @@ async fn main() {
         "\nappend batched: the WAL writer thread (the serial part) spends {:.2} µs of CPU per record = {:.0} records per second of one core; CPU {}",
         b.writer_cpu_per_record().as_secs_f64() * 1e6,
         1.0 / b.writer_cpu_per_record().as_secs_f64().max(1e-12),
-        b.cpu_breakdown()
+        cpu_breakdown(&b.cpu_per_record)
     );
 
     println!("\n| statement (loopback round trip) | clients | statements/s | p50 µs | p99 µs |");
