@@ -158,6 +158,15 @@ fn record(i: usize) -> AuditRecord {
     }
 }
 
+/// A typical record as the WAL holds it: chained (the first of its chain),
+/// so with both chain members.
+fn chained_record() -> AuditRecord {
+    let mut r = record(1);
+    r.sequence = 1;
+    r.prev_record_hash = tollgate::audit::GENESIS_HASH.into();
+    r
+}
+
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -272,6 +281,14 @@ struct Batched {
     /// prepares the records), the WAL writer, the segment thread, the WAL
     /// file preparer.
     cpu_per_record: std::collections::BTreeMap<String, Duration>,
+}
+
+impl Sustained {
+    /// The store's CPU time over the run's wall time: at most 1 when all
+    /// of it is on CPU 0, if the kernel's accounting is to be trusted.
+    fn cores(&self) -> f64 {
+        self.cpu_per_record.values().sum::<Duration>().as_secs_f64() * self.rate
+    }
 }
 
 impl Batched {
@@ -413,9 +430,6 @@ struct Sustained {
     cpu_per_record: std::collections::BTreeMap<String, Duration>,
     /// The record maker's CPU per record, on the other core.
     maker_per_record: Duration,
-    /// The store's CPU time over the run's wall time: at most 1 when all
-    /// of it is on CPU 0, if the kernel's accounting is to be trusted.
-    cores: f64,
     /// The store's threads, each with the CPUs it was allowed, at the end
     /// of the run.
     placement: Vec<String>,
@@ -445,10 +459,11 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
             while i < n {
                 let end = (i + CHUNK).min(n);
                 if chunks_tx.send((i..end).map(record).collect()).is_err() {
-                    return;
+                    return i;
                 }
                 i = end;
             }
+            i
         })
         .expect("spawn the record maker");
     assert!(pin_to_cpu(0), "pin the submitting thread to CPU 0");
@@ -501,6 +516,21 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
     for t in in_flight {
         t.await.expect("durable");
     }
+    // A thread the store gained since this bench was written would run
+    // unplaced: the figures would no longer be what they say.
+    let unplaced: Vec<String> = threads()
+        .into_iter()
+        .filter(|(tid, name)| {
+            name.starts_with("audit-")
+                && !STORE_THREADS.contains(&name.as_str())
+                && !before.iter().any(|(old, _)| old == tid)
+        })
+        .map(|(_, name)| name)
+        .collect();
+    assert!(
+        unplaced.is_empty(),
+        "the store started threads this bench does not place: {unplaced:?}"
+    );
     // Where the store's threads were allowed to run, taken while they
     // still exist: a figure is only worth its placement.
     let placement: Vec<String> = threads()
@@ -521,18 +551,17 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
     log.shutdown().await;
     let elapsed = start.elapsed();
     let rate = n as f64 / elapsed.as_secs_f64();
-    let _ = maker.join();
+    let made = maker.join().expect("the record maker");
+    assert_eq!(made, n, "records made");
     let mut cpu_per_record: std::collections::BTreeMap<String, Duration> = sampler
         .stop()
         .into_iter()
         .map(|(name, d)| (name, d / n as u32))
         .collect();
     let maker_per_record = cpu_per_record.remove(RECORD_MAKER).unwrap_or_default();
-    let store_cpu: Duration = cpu_per_record.values().sum::<Duration>() * n as u32;
     Sustained {
         placement,
         rate,
-        cores: store_cpu.as_secs_f64() / elapsed.as_secs_f64(),
         cpu_per_record,
         maker_per_record,
     }
@@ -663,10 +692,10 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
 #[tokio::main]
 async fn main() {
     if std::env::var_os("DUMP_FRAME").is_some() {
-        let mut r = record(1);
-        r.sequence = 1;
-        r.prev_record_hash = "0".repeat(64);
-        println!("{}", String::from_utf8_lossy(&r.canonical_bytes()));
+        println!(
+            "{}",
+            String::from_utf8_lossy(&chained_record().canonical_bytes())
+        );
         return;
     }
     let dir: PathBuf = std::env::args()
@@ -691,7 +720,7 @@ async fn main() {
                 "sustained, {placement}: {:.0} records/s until the last segment is written; store CPU {}, {:.2} cores' worth; the record maker on CPU 1 {:.2}",
                 s.rate,
                 cpu_breakdown(&s.cpu_per_record),
-                s.cores,
+                s.cores(),
                 s.maker_per_record.as_secs_f64() * 1e6
             );
             println!(
@@ -804,12 +833,7 @@ async fn main() {
     );
     // A frame is an 8-byte header and the canonical encoding (which leaves
     // out the record's own hash).
-    let wal_frame = {
-        let mut r = record(1);
-        r.sequence = 1;
-        r.prev_record_hash = "0".repeat(64);
-        r.canonical_bytes().len() + 8
-    };
+    let wal_frame = chained_record().canonical_bytes().len() + 8;
     println!("bytes per record in the WAL (transient): {wal_frame}");
 
     let t = Instant::now();
