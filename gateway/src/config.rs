@@ -306,6 +306,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The destinations the kernel redirects, each to its listener.
+    pub fn protected(&self) -> Vec<crate::pin::Protected> {
+        self.targets
+            .iter()
+            .map(|t| crate::pin::Protected {
+                address: t.address,
+                listener: t.listen,
+            })
+            .collect()
+    }
+
     /// Checks that span several keys.
     fn check(&self) -> Result<(), (String, String)> {
         if self.targets.is_empty() {
@@ -325,14 +336,7 @@ impl Config {
                 format!("at most {redirect_entries} targets"),
             ));
         }
-        let guarded_ports: HashSet<u16> = self
-            .targets
-            .iter()
-            .flat_map(|t| {
-                let own = (t.address.ip().is_loopback()).then_some(t.address.port());
-                std::iter::once(t.listen.port()).chain(own)
-            })
-            .collect();
+        let guarded_ports = crate::pin::ports::guarded_ports(&self.protected());
         let port_entries = gateway_common::LISTENER_PORT_ENTRIES as usize;
         if guarded_ports.len() > port_entries {
             return Err((
@@ -353,9 +357,10 @@ impl Config {
                     format!("duplicate target name {:?}", target.name),
                 ));
             }
-            // The redirect map holds one listener per address: a second
-            // target for it would silently take the first one's agents.
-            if !addresses.insert(target.address) {
+            // The redirect map holds one listener per address, as its key
+            // has it (IPv4 as IPv4-mapped IPv6, no scope): a second target
+            // for it would silently take the first one's agents.
+            if !addresses.insert(crate::pin::target_key(target.address)) {
                 return Err((
                     format!("target[{i}].address"),
                     format!("{} is protected by another target", target.address),
@@ -497,13 +502,25 @@ mod tests {
     /// silently take the other target's agents.
     #[test]
     fn two_targets_for_one_address_are_refused() {
-        let text = with_targets(2, |i, t| {
-            t.replace("orders-db\"", &format!("orders-db-{i}\""))
-                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i))
-        });
-        let err = Config::parse(&text, "tollgate.toml").expect_err("refused");
-        assert_eq!(err.key, "target[1].address", "{err}");
-        assert!(err.reason.contains("protected by another target"), "{err}");
+        // The same address written twice, and an IPv4 address and its
+        // IPv4-mapped IPv6 form: the kernel's map keys them alike.
+        for second in ["10.0.0.10:5432", "[::ffff:10.0.0.10]:5432"] {
+            let text = with_targets(2, |i, t| {
+                let t = t
+                    .replace("orders-db\"", &format!("orders-db-{i}\""))
+                    .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i));
+                match i {
+                    0 => t,
+                    _ => t.replace("10.0.0.10:5432", second),
+                }
+            });
+            let err = Config::parse(&text, "tollgate.toml").expect_err("refused");
+            assert_eq!(err.key, "target[1].address", "{second}: {err}");
+            assert!(
+                err.reason.contains("protected by another target"),
+                "{second}: {err}"
+            );
+        }
     }
 
     /// More targets than the kernel's maps hold are refused when the file is

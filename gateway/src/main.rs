@@ -17,7 +17,7 @@ use tollgate::{
     config::Config,
     evidence::{self, AgentCgroupInfo, ConfigSnapshot, Evidence, ProtectedTarget},
     identity::Verifier,
-    pin::{self, Pinning, Protected},
+    pin::{self, Pinning},
     policy::Policy,
     proxy::{self, Shared},
 };
@@ -195,14 +195,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&config_path)?;
-    let protected: Vec<Protected> = config
-        .targets
-        .iter()
-        .map(|t| Protected {
-            address: t.address,
-            listener: t.listen,
-        })
-        .collect();
+    let protected = config.protected();
     let egress = pin::EgressPolicy {
         default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
         allow: config
