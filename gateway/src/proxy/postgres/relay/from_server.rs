@@ -115,12 +115,11 @@ pub(super) async fn server_to_client(
             // If this fails, or the session ends while it waits (the relay
             // is dropped), the answers the connection took in full are
             // recorded as handed over and the rest as not (on drop).
-            send_counted(
-                &mut *client_wr.lock().await,
-                &out,
-                &mut outcomes.handed_over,
-            )
-            .await?;
+            client_wr
+                .lock()
+                .await
+                .send_counted(&out, &mut outcomes.handed_over)
+                .await?;
         }
         // As for the client's side: the sent answers must not keep the
         // read buffer shared, or the reserve below allocates a new one.
@@ -135,8 +134,7 @@ pub(super) async fn server_to_client(
             buf.extend_from_slice(&rest);
         }
         if let Some(total) = pass_on {
-            pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr, &in_flight)
-                .await?;
+            pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr).await?;
             continue;
         }
         // One that must be held whole (a masked row) takes its share of the
@@ -316,21 +314,20 @@ pub(super) fn track_row_passed_on(in_flight: &Mutex<InFlight>, total: usize) {
 /// Sends the message of `total` bytes that starts `buf` to the agent as
 /// its bytes come from the server, holding a read's worth of it at a
 /// time; what follows it stays in `buf`. While it does, the session is
-/// marked as inside a message (`InFlight::client_mid_message`).
+/// marked as inside a message (`AgentWriter::mid_message`).
 pub(super) async fn pass_on_as_it_arrives(
     upstream_rd: &mut ReadHalf<BoxedIo>,
     buf: &mut BytesMut,
     total: usize,
     client_wr: &ClientWriter,
-    in_flight: &Mutex<InFlight>,
 ) -> Result<(), WireError> {
     let mut client = client_wr.lock().await;
-    lock(in_flight).client_mid_message = true;
+    client.mid_message = true;
     let mut left = total;
     loop {
         let piece = buf.split_to(left.min(buf.len()));
         left -= piece.len();
-        client.write_all(&piece).await?;
+        client.io.write_all(&piece).await?;
         if left == 0 {
             break;
         }
@@ -341,8 +338,8 @@ pub(super) async fn pass_on_as_it_arrives(
             return Err(WireError::Closed);
         }
     }
-    client.flush().await?;
-    lock(in_flight).client_mid_message = false;
+    client.io.flush().await?;
+    client.mid_message = false;
     Ok(())
 }
 
@@ -371,20 +368,16 @@ pub(super) async fn close_after_built_answers(
     message: &str,
 ) {
     let mut client = client_wr.lock().await;
-    let _ = send_counted(&mut *client, out, handed_over).await;
-    let mid_message = {
-        let mut in_flight = lock(in_flight);
-        in_flight.closed_by = Some((code.to_string(), message.to_string()));
-        in_flight.client_mid_message
-    };
-    if mid_message {
-        // The session ended (its token expired) while a large message was
-        // on its way to the agent: a FATAL now would be read as the rest
-        // of it. The connection is closed without one; the records of the
+    let _ = client.send_counted(out, handed_over).await;
+    lock(in_flight).closed_by = Some((code.to_string(), message.to_string()));
+    if client.mid_message {
+        // The session ended (its token expired) while a message was on
+        // its way to the agent: a FATAL now would be read as the rest of
+        // it. The connection is closed without one; the records of the
         // requests in flight say why.
-        let _ = client.shutdown().await;
+        let _ = client.io.shutdown().await;
     } else {
-        fatal(&mut *client, code, message).await;
+        fatal(&mut client.io, code, message).await;
     }
 }
 

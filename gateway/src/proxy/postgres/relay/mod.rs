@@ -456,10 +456,6 @@ struct InFlight {
     /// never had their answers relayed, whether or not the server had
     /// answered them yet.
     closed_by: Option<(String, String)>,
-    /// A server message is being passed on to the agent as it arrives
-    /// (see `from_server::pass_on_as_it_arrives`): the agent's connection
-    /// is inside a message, where a FATAL would be read as part of it.
-    client_mid_message: bool,
 }
 
 fn refusal_marker() -> String {
@@ -581,7 +577,36 @@ impl InFlight {
     }
 }
 
-type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<BoxedIo>>>;
+type ClientWriter = Arc<tokio::sync::Mutex<AgentWriter>>;
+
+/// The agent's side of the connection, and whether it is inside a
+/// message: a write of answers that has begun and not ended (abandoned
+/// part-way when the session ended while it waited), or a message passed
+/// on as it arrives. A FATAL written then would be read as the rest of
+/// that message (see [`close_after_built_answers`]).
+struct AgentWriter {
+    io: WriteHalf<BoxedIo>,
+    mid_message: bool,
+}
+
+impl AgentWriter {
+    fn shared(io: WriteHalf<BoxedIo>) -> ClientWriter {
+        Arc::new(tokio::sync::Mutex::new(AgentWriter {
+            io,
+            mid_message: false,
+        }))
+    }
+
+    /// [`send_counted`] of whole messages: inside a message until all of
+    /// them are written (and for good after an earlier write that was not).
+    async fn send_counted(&mut self, bytes: &[u8], handed_over: &mut usize) -> std::io::Result<()> {
+        let before = self.mid_message;
+        self.mid_message = true;
+        send_counted(&mut self.io, bytes, handed_over).await?;
+        self.mid_message = before;
+        Ok(())
+    }
+}
 pub type ClientReader = ReadHalf<BoxedIo>;
 
 mod admit;
@@ -609,7 +634,7 @@ pub async fn run(
     }));
     // Signalled whenever server answers have been taken off the queue.
     let answered = Arc::new(Notify::new());
-    let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
+    let client_wr = AgentWriter::shared(client_wr);
     let (upstream_rd, upstream_wr) = tokio::io::split(upstream.stream);
 
     let to_server = client_to_server(

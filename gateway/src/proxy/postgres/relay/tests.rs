@@ -448,7 +448,7 @@ async fn the_relay_records_which_answers_of_a_cut_off_batch_reached_the_agent() 
         session,
         upstream_rd,
         answers,
-        Arc::new(tokio::sync::Mutex::new(client_wr)),
+        AgentWriter::shared(client_wr),
         Arc::new(Mutex::new(in_flight)),
         Arc::new(Notify::new()),
     )
@@ -539,7 +539,7 @@ where
         session.clone(),
         upstream_rd,
         answers,
-        Arc::new(tokio::sync::Mutex::new(client_wr)),
+        AgentWriter::shared(client_wr),
         in_flight.clone(),
         Arc::new(Notify::new()),
     )
@@ -1215,8 +1215,7 @@ async fn a_message_passed_on_as_it_arrives_reaches_the_agent_whole_and_the_rest_
     let (mut upstream_rd, _) = tokio::io::split(Box::new(server) as BoxedIo);
     let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
     let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
-    let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
-    let in_flight = queue_of(&[Kind::Query]);
+    let client_wr = AgentWriter::shared(client_wr);
 
     // The header and a little of the body are in the buffer already; the
     // rest comes in odd-sized pieces, then the next message.
@@ -1235,10 +1234,10 @@ async fn a_message_passed_on_as_it_arrives_reaches_the_agent_whole_and_the_rest_
         agent_side.read_exact(&mut got).await.expect("agent reads");
         got
     });
-    pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr, &in_flight)
+    pass_on_as_it_arrives(&mut upstream_rd, &mut buf, total, &client_wr)
         .await
         .expect("passed on");
-    assert!(!lock(&in_flight).client_mid_message);
+    assert!(!client_wr.lock().await.mid_message);
     let got = receiver.await.expect("receiver");
     assert!(
         got == message,
@@ -1263,9 +1262,9 @@ async fn a_session_closed_inside_a_message_passed_on_gets_no_fatal_in_it() {
     for mid_message in [true, false] {
         let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
         let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
-        let client_wr: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_wr));
+        let client_wr = AgentWriter::shared(client_wr);
         let in_flight = queue_of(&[Kind::Query]);
-        lock(&in_flight).client_mid_message = mid_message;
+        client_wr.lock().await.mid_message = mid_message;
         close_after_built_answers(
             &[],
             &mut 0,
@@ -1292,6 +1291,48 @@ async fn a_session_closed_inside_a_message_passed_on_gets_no_fatal_in_it() {
             Some(SQLSTATE_IDENTITY)
         );
     }
+}
+
+/// A batch of answers whose write the session abandoned part-way (the
+/// agent stopped reading, then the token expired and the relay was
+/// dropped) leaves the agent's connection inside a message: the session
+/// is closed without a FATAL after the bytes the agent already has.
+#[tokio::test]
+async fn a_session_closed_inside_an_abandoned_batch_gets_no_fatal_in_it() {
+    use tokio::io::AsyncReadExt;
+    let (agent, mut agent_side) = tokio::io::duplex(64);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let client_wr = AgentWriter::shared(client_wr);
+    let batch = frame(b'C', b"SELECT 1\0").bytes.repeat(100);
+    let mut handed_over = 0;
+    {
+        let mut writer = client_wr.lock().await;
+        let write = writer.send_counted(&batch, &mut handed_over);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), write)
+                .await
+                .is_err(),
+            "the agent reads nothing: the write waits"
+        );
+    }
+    assert!(
+        handed_over > 0 && handed_over < batch.len(),
+        "{handed_over}"
+    );
+    let in_flight = queue_of(&[Kind::Query]);
+    close_after_built_answers(
+        &[],
+        &mut 0,
+        &client_wr,
+        &in_flight,
+        SQLSTATE_IDENTITY,
+        "tollgate: the session's token expired",
+    )
+    .await;
+    drop(client_wr);
+    let mut got = Vec::new();
+    agent_side.read_to_end(&mut got).await.expect("agent reads");
+    assert_eq!(got, batch[..handed_over], "bytes after the abandoned batch");
 }
 
 /// Large messages held whole take their share of a budget all sessions
