@@ -21,7 +21,8 @@ pub mod map_names {
     /// of an accepted connection to the socket that made it.
     pub const CLIENT_ENDPOINTS: &str = "CLIENT_ENDPOINTS";
     /// The map an older daemon kept in place of [`CLIENT_ENDPOINTS`],
-    /// keyed by port alone; its pin is removed.
+    /// keyed by the agent's local port and the listener's, without the
+    /// local address; its pin is removed.
     pub const CLIENT_PORTS_BEFORE: &str = "CLIENT_PORTS";
     /// Ring buffer of [`EvidenceEvent`]s, host-wide: every event that does
     /// not go to [`EVIDENCE_RESERVED`].
@@ -326,8 +327,8 @@ pub const SOCKET_MAP_ENTRIES: u32 = 65_536;
 /// Maximum number of protected destinations.
 pub const REDIRECT_MAP_ENTRIES: u32 = 1_024;
 /// Maximum number of guarded ports (see [`map_names::LISTENER_PORTS`]):
-/// targets share listeners and local ports in practice; a configuration
-/// that needs more is refused when the map is filled.
+/// every target's listener, and its own port when on loopback; a
+/// configuration that needs more is refused when it is read.
 pub const LISTENER_PORT_ENTRIES: u32 = REDIRECT_MAP_ENTRIES;
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given in network byte order,

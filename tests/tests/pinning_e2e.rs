@@ -822,8 +822,7 @@ struct Spawned(std::process::Child);
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        // SAFETY: a signal to a process this test started.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        // SIGKILL ends a stopped process too.
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -931,13 +930,10 @@ fn tollgate_tells_systemd_it_is_ready_once_the_redirect_is_in_place_and_it_serve
     let received = notify.recv(&mut buf);
     // Stopped as soon as it says it is ready, so that what is pinned below
     // is what was pinned when it said so, not what it pinned since.
-    // SAFETY: signals to the daemon this test started.
-    let stopped = received.is_ok() && unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) } == 0;
+    let stopped = received.is_ok().then(|| stop(child.id()));
     // What an agent started on that signal finds.
     let pinned = pinned_on_agent_cgroup(&stack);
-    if stopped {
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGCONT) }, 0);
-    }
+    drop(stopped);
     let token = stack.idp.token(AGENT_OID, &[]).expect("token");
     let out = stack
         .agent_psql(&token, "SELECT 41 + 1")
@@ -954,7 +950,6 @@ fn tollgate_tells_systemd_it_is_ready_once_the_redirect_is_in_place_and_it_serve
         )
     });
     assert_eq!(&buf[..n], b"READY=1");
-    assert!(stopped, "stop tollgate on its notification");
     for program in [
         "tollgate_connect4",
         "tollgate_bind4",
@@ -1140,6 +1135,17 @@ fn a_connect_through_io_uring_from_an_agent_cgroup_is_redirected_and_on_record()
     assert_eq!(run.report["bypasses"], json!([]), "{}", run.summary);
 }
 
+/// Stops process `pid` (SIGSTOP) until the guard it returns is dropped.
+fn stop(pid: u32) -> Resume {
+    // SAFETY: a signal to a process this test started.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) },
+        0,
+        "stop {pid}"
+    );
+    Resume(pid)
+}
+
 /// Sends SIGCONT to a stopped process when dropped, so that a failing
 /// test does not leave tollgate stopped.
 struct Resume(u32);
@@ -1173,9 +1179,7 @@ fn two_connections_from_one_local_port_are_each_attributed_to_the_task_that_made
         // Stopped, tollgate accepts nothing: both connections are
         // established (and keyed by the kernel) before either is looked
         // up.
-        // SAFETY: a signal to the daemon this test started.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
-        let resume = Resume(pid);
+        let resume = stop(pid);
         let mut client =
             AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
                 .arg(&script)
@@ -1224,7 +1228,8 @@ fn two_connections_from_one_local_port_are_each_attributed_to_the_task_that_made
 }
 
 /// A pin directory an older daemon left is taken over on restart: the
-/// client port map it pinned (keyed by local port alone, since replaced by
+/// client port map it pinned (keyed by local and listener port without the
+/// address, since replaced by
 /// one keyed by the whole endpoint) is unpinned, and the reserved evidence
 /// ring it did not have yet is made and pinned. Agents are redirected and
 /// attributed, their redirects recorded in the new ring, and verify
@@ -1248,7 +1253,7 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
             "type",
             "hash",
             "key",
-            "2",
+            "8",
             "value",
             "8",
             "entries",
@@ -1282,8 +1287,21 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
     );
     agent_query_is_answered(&stack);
     stack.gateway.stop();
-    // The session is attributed to psql in the agent cgroup, by the new
-    // endpoint-keyed map, and its redirect came through the new ring.
+    // The session's statement is attributed to psql, found through the
+    // new endpoint-keyed map (a miss there leaves the process fields
+    // empty).
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'request' AND query_info_query_string = 'SELECT 41 + 1'",
+            1,
+            Duration::from_secs(30),
+        )
+        .expect("audit rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["actor_process_name"], "psql", "{}", rows[0]);
+    // Its redirect is on record: connect4's events go to the reserved ring
+    // only, which the old daemon's pin directory lacked and the new daemon
+    // made and read.
     let audit = stack.gateway.audit_dir();
     let since = format!(
         "actor_process_cgroup_id = {} AND time >= {restarted_at}",

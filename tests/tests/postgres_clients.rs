@@ -1618,9 +1618,10 @@ fn the_login_resolves_unqualified_names_in_public_whatever_the_role_default() {
         return;
     };
     set_gateway_role_default(&stack, "search_path", "elsewhere, public");
-    let mut psql = agent_psql(&stack, &token);
-    psql.args(["-c", "SHOW search_path"]);
-    let out = psql.output().expect("run psql");
+    let out = stack
+        .agent_psql(&token, "SHOW search_path")
+        .output()
+        .expect("run psql");
     assert_eq!(text(&out.stdout), "public", "{}", text(&out.stderr));
 }
 

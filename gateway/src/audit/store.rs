@@ -1558,8 +1558,10 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
     seg.retain(days, now)
 }
 
-/// Test-only fault injection: the next WAL write in a given directory
-/// writes only n bytes, then fails as a full disk would.
+/// Test-only settings of a store, by its WAL directory: faults to inject
+/// (a WAL write that writes only n bytes, then fails as a full disk
+/// would; a failing sync of a retired WAL file) and a smaller segment
+/// backlog byte bound.
 #[cfg(test)]
 pub(crate) mod faults {
     use std::{

@@ -772,7 +772,6 @@ mod tests {
             reserved_for(program, &target_key(dst.parse().unwrap()), is_protected)
         };
         let tcp = counted_program::TCP_STATE;
-        assert!(!gateway_common::always_reserved(tcp));
         assert!(reserved(tcp, "10.0.0.5:5432"));
         assert!(
             reserved(tcp, "[::ffff:10.0.0.5]:5432"),
@@ -799,10 +798,6 @@ mod tests {
             counted_program::PACKET_EGRESS,
         ] {
             assert!(reserved(program, "127.0.0.1:9"), "program {program}");
-            assert!(
-                gateway_common::always_reserved(program),
-                "program {program}"
-            );
         }
     }
 

@@ -271,10 +271,12 @@ pub(crate) fn data_row_values(row: &Frame) -> Result<Vec<Option<&[u8]>>, WireErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn row_description(columns: &[(&str, u32, i16, u32)]) -> Frame {
+    /// A RowDescription of `(name, table oid, attribute number, type oid)`
+    /// columns, in text format.
+    pub(crate) fn row_description(columns: &[(&str, u32, i16, u32)]) -> Frame {
         let mut out = BytesMut::new();
         out.put_u8(b'T');
         out.put_i32(0);

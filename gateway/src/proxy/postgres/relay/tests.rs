@@ -1162,17 +1162,7 @@ fn large_rows_and_copy_data_go_on_as_they_arrive_unless_they_may_be_masked() {
     let masks = MaskSet::masking(16384, 3, "public.customers.email");
     assert_eq!(passed(&start_of(b'D', large), &masks, &query), None);
     assert_eq!(passed(&start_of(b'd', large), &masks, &query), None);
-    let description = |attnum: i16| {
-        let mut body = 1i16.to_be_bytes().to_vec();
-        body.extend_from_slice(b"col\0");
-        body.extend_from_slice(&16384u32.to_be_bytes());
-        body.extend_from_slice(&attnum.to_be_bytes());
-        body.extend_from_slice(&25u32.to_be_bytes());
-        body.extend_from_slice(&(-1i16).to_be_bytes());
-        body.extend_from_slice(&(-1i32).to_be_bytes());
-        body.extend_from_slice(&0i16.to_be_bytes());
-        frame(b'T', &body)
-    };
+    let description = |attnum: i16| mask::tests::row_description(&[("col", 16384, attnum, 25)]);
     for (attnum, passes) in [(3, false), (1, true)] {
         let plan = mask::plan(&description(attnum), &masks, false).expect("plan");
         lock(&query).queue.front_mut().expect("queued").result_mask = Some(plan);
@@ -1208,7 +1198,7 @@ async fn a_message_passed_on_as_it_arrives_reaches_the_agent_whole_and_the_rest_
     let body: Vec<u8> = (0..3 * PASS_ON_MESSAGES_ABOVE)
         .map(|i| (i % 251) as u8)
         .collect();
-    let message = message_start(b'D', body.len(), &body);
+    let message = frame(b'D', &body).bytes.to_vec();
     let next = frame(b'C', b"SELECT 1\0").bytes;
 
     let (server, mut server_side) = tokio::io::duplex(64 * 1024);
