@@ -219,14 +219,14 @@ fn first_starts_of_boots(starts: &[Start]) -> impl Iterator<Item = &Start> {
 }
 
 /// The windows of [`UnwatchedWindow`] that overlap `[from, to]`, from the
-/// daemon's starts in time order.
+/// first start of each boot ([`first_starts_of_boots`]).
 fn unwatched_after_boot(
-    starts: &[Start],
+    boot_starts: &[&Start],
     from: Option<i64>,
     to: Option<i64>,
 ) -> Vec<UnwatchedWindow> {
     let mut windows = Vec::new();
-    for (started, boot, booted_at) in first_starts_of_boots(starts) {
+    for (started, boot, booted_at) in boot_starts.iter().copied() {
         let Some(booted_at) = *booted_at else {
             continue;
         };
@@ -652,9 +652,8 @@ pub fn reconcile(
     // however soon, is not covered by one audited before it. (A start whose
     // record names no boot counts as a new one.)
     starts.sort_unstable();
-    let boots: Vec<i64> = first_starts_of_boots(&starts)
-        .map(|(time, _, _)| *time)
-        .collect();
+    let boot_starts: Vec<&Start> = first_starts_of_boots(&starts).collect();
+    let boots: Vec<i64> = boot_starts.iter().map(|(time, _, _)| *time).collect();
     let epoch = |time: i64| boots.partition_point(|&start| start <= time);
     let audited_at = |cookie: i64, time: i64| {
         audited.get(&cookie).is_some_and(|times| {
@@ -697,7 +696,7 @@ pub fn reconcile(
         agent_other_egress: 0,
         non_tcp_packets: 0,
         loss_records: 0,
-        unwatched_after_boot: unwatched_after_boot(&starts, opts.from_ms, opts.to_ms),
+        unwatched_after_boot: unwatched_after_boot(&boot_starts, opts.from_ms, opts.to_ms),
         bypasses: Vec::new(),
         losses: Vec::new(),
         reserved_losses: Vec::new(),
@@ -1235,11 +1234,12 @@ mod tests {
         );
         assert!(summary(&r).contains("8.5 s later"), "{}", summary(&r));
         // Only windows that overlap the one verified.
+        let starts: [Start; 2] = [
+            (t0 + 12_000, "boot-1".into(), Some(t0)),
+            (t0 + 108_500, "boot-2".into(), Some(t0 + 100_000)),
+        ];
         let only_second = unwatched_after_boot(
-            &[
-                (t0 + 12_000, "boot-1".into(), Some(t0)),
-                (t0 + 108_500, "boot-2".into(), Some(t0 + 100_000)),
-            ],
+            &first_starts_of_boots(&starts).collect::<Vec<_>>(),
             Some(t0 + 50_000),
             None,
         );

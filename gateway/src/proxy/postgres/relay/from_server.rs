@@ -141,7 +141,7 @@ pub(super) async fn server_to_client(
         // budget all sessions share before more of it is read: past the
         // budget this session waits, the daemon does not grow.
         if let (None, Some(total)) = (&held_whole, large_message_ahead(&buf)) {
-            match HELD_WHOLE.take_within(total, HELD_WHOLE_WAIT).await {
+            match tokio::time::timeout(HELD_WHOLE_WAIT, HELD_WHOLE.take(total)).await {
                 Ok(share) => held_whole = share,
                 Err(_) => {
                     close_after_built_answers(
@@ -285,15 +285,6 @@ impl HeldWholeBudget {
     #[cfg(test)]
     pub(super) fn available_mib(&self) -> usize {
         self.mib.available_permits()
-    }
-
-    /// [`HeldWholeBudget::take`], waiting at most `wait`.
-    pub(super) async fn take_within(
-        &self,
-        total: usize,
-        wait: std::time::Duration,
-    ) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, tokio::time::error::Elapsed> {
-        tokio::time::timeout(wait, self.take(total)).await
     }
 }
 
