@@ -247,15 +247,7 @@ pub fn reserved_for(
     destination: &TargetKey,
     is_protected: impl Fn(&TargetKey) -> bool,
 ) -> bool {
-    always_reserved(program) || is_protected(destination)
-}
-
-/// Does every event of `program` go to the reserved ring buffer, whatever
-/// its destination (see [`reserved_for`])? The programs that emit without
-/// a destination to look up call this rather than assume the answer.
-#[inline(always)]
-pub const fn always_reserved(program: u32) -> bool {
-    program != counted_program::TCP_STATE
+    program != counted_program::TCP_STATE || is_protected(destination)
 }
 /// Size of the general evidence ring buffer in bytes (a power of two, a
 /// multiple of the page size): room for about 10,000 events in flight.

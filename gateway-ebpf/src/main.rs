@@ -63,12 +63,11 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use gateway_common::{
-    always_reserved, counted_program, counter, counter_index, destination_key, egress_setting,
-    event_kind, reserved_counter, reserved_counter_index, reserved_for, v4_mapped,
-    ClientEndpointKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
-    TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES,
-    EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES,
-    SOCKET_MAP_ENTRIES,
+    counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
+    reserved_counter, reserved_counter_index, reserved_for, v4_mapped, ClientEndpointKey,
+    EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey,
+    COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES, EVIDENCE_RING_BYTES,
+    LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
@@ -161,13 +160,21 @@ fn count_dropped(program: u32, reserved: bool) {
     }
 }
 
-/// Writes one event to the reserved ring buffer (`reserved`) or the
-/// general one, counting it as emitted, or as dropped when that ring
-/// buffer is full. The caller has counted it as seen. Two literal calls,
-/// not one on a chosen map: each helper call then names its map, as the
-/// verifier wants.
+/// Writes one event to the ring buffer [`reserved_for`] chooses by its
+/// program and destination, counting it as emitted, or as dropped when
+/// that ring buffer is full. The caller has counted it as seen. Two
+/// literal calls, not one on a chosen map: each helper call then names its
+/// map, as the verifier wants.
 #[inline(always)]
-fn emit(program: u32, event: &EvidenceEvent, reserved: bool) {
+fn emit(program: u32, event: &EvidenceEvent) {
+    let destination = TargetKey {
+        addr: event.daddr,
+        port: event.dport,
+    };
+    // Only the host-wide connect probe looks its destination up.
+    let reserved = reserved_for(program, &destination, |key| unsafe {
+        REDIRECTS.get(key).is_some()
+    });
     let entry = if reserved {
         EVIDENCE_RESERVED.reserve::<EvidenceEvent>(0)
     } else {
@@ -247,12 +254,7 @@ pub fn tollgate_tcp_state(ctx: BtfTracePointContext) -> i32 {
         event.daddr = daddr;
         event.dport = u32::from(u16::from_be(dport_be));
         event.protocol = u32::from(protocol);
-        let destination = TargetKey {
-            addr: daddr,
-            port: event.dport,
-        };
-        let reserved = reserved_for(program, &destination, |key| REDIRECTS.get(key).is_some());
-        emit(program, &event, reserved);
+        emit(program, &event);
     }
     0
 }
@@ -320,7 +322,7 @@ unsafe fn report_redirect(sa: *mut bpf_sock_addr, key: &TargetKey, family: u32, 
     event.daddr = key.addr;
     event.dport = key.port;
     event.protocol = 6;
-    emit(program, &event, always_reserved(program));
+    emit(program, &event);
 }
 
 /// What the socket hooks decide for a destination.
@@ -396,7 +398,7 @@ unsafe fn report_refusal(
     event.daddr = key.addr;
     event.dport = key.port;
     event.protocol = (*sa).protocol;
-    emit(program, &event, always_reserved(program));
+    emit(program, &event);
 }
 
 /// The socket's own addresses: its IPv4 source (0 if none) and its bound
@@ -567,7 +569,7 @@ pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
             event.protocol = (*sk).protocol;
             // The socket type, for the record (no destination yet).
             event.dport = sock_type;
-            emit(program, &event, always_reserved(program));
+            emit(program, &event);
             return REFUSE;
         }
     }
@@ -642,7 +644,9 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
             let mut offset = 40usize;
             let mut l4 = None;
             // Extension headers could otherwise hide the transport header.
-            for _ in 0..IPV6_MAX_EXTENSION_HEADERS {
+            // One pass per extension header, and one more to reach the
+            // transport header after the last.
+            for _ in 0..=IPV6_MAX_EXTENSION_HEADERS {
                 match next {
                     IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
                         let header: [u8; 2] = ctx.load(offset).ok()?;
@@ -788,7 +792,7 @@ fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
         packets: packets.min(u64::from(u32::MAX)) as u32,
     };
     // Only packets to protected targets get here.
-    emit(program, &event, always_reserved(program));
+    emit(program, &event);
 }
 
 // The verifier only accepts context accesses at a constant offset from the
