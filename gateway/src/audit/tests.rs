@@ -249,7 +249,10 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
     // Four segments' worth is 40 000 records: never reached here.
     cfg.segment_max_records = 10_000;
     cfg.segment_max_age_secs = 1;
-    const LIMIT: usize = 256 << 10;
+    // Far more than the records taken before the segment thread's first
+    // failure is known (about a second of them), so that the refusal
+    // comes from reaching the bound, not from the failure alone.
+    const LIMIT: usize = 16 << 20;
     const STATEMENT: usize = 16 << 10;
     store::faults::limit_backlog_bytes(&cfg.dir.join("wal"), LIMIT);
     let now = store::now_ms();
@@ -280,13 +283,13 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
         matches!(&refusal, AuditError::Unavailable(m) if m.contains("segments cannot be written")),
         "{refusal}"
     );
-    // Refused once their bytes reached the bound (records keep coming
-    // until the segment thread's first failure is known). The count
-    // bound (40 000 records) is out of this loop's reach (30 s at one
-    // record per 5 ms at most): the refusal is the byte bound's.
+    // Refused once their bytes reached the bound, and not later: a record
+    // counts its encoding, the statement and up to a few KiB more. The
+    // count bound (40 000 records) is out of this loop's reach (30 s at
+    // one record per 5 ms at most): the refusal is the byte bound's.
     assert!(
-        accepted * STATEMENT >= LIMIT,
-        "refused after only {accepted} records"
+        (LIMIT / (STATEMENT + 4096)..=LIMIT / STATEMENT + 1).contains(&accepted),
+        "refused after {accepted} records of {STATEMENT} bytes, the bound being {LIMIT} bytes"
     );
 
     std::fs::remove_file(&blocker).unwrap();
