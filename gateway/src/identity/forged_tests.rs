@@ -141,6 +141,19 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
                 &good,
             ),
         ),
+        (
+            // Past the maximum age by less than the clock skew allows.
+            "older than max age within the skew",
+            "max_token_age_secs = 3600",
+            rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("iat".into(), json!(t - 3600 - 150));
+                    c.insert("nbf".into(), json!(t - 3600 - 150));
+                }),
+            ),
+        ),
     ];
 
     let altered_payload = {
@@ -315,6 +328,18 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
                 }),
             ),
             code: "too_old",
+        },
+        Case {
+            name: "no iat while a max age is set",
+            config: "max_token_age_secs = 3600",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.remove("iat");
+                }),
+            ),
+            code: "missing_claim",
         },
         Case {
             name: "wrong issuer host",
