@@ -1242,31 +1242,48 @@ async fn a_message_passed_on_as_it_arrives_reaches_the_agent_whole_and_the_rest_
     assert_eq!(&buf[..], &next[..]);
 }
 
+/// An agent's connection for the relay's writer: the writer, and the
+/// agent's end, whose pipe holds `capacity` bytes the agent has not read.
+fn agent_connection(capacity: usize) -> (ClientWriter, tokio::io::DuplexStream) {
+    let (agent, agent_side) = tokio::io::duplex(capacity);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    (AgentWriter::shared(client_wr), agent_side)
+}
+
+/// Closes the session for its token's expiry, as the relay does, then
+/// everything the agent received.
+async fn received_when_closed_for_expiry(
+    client_wr: ClientWriter,
+    mut agent_side: tokio::io::DuplexStream,
+    in_flight: &Mutex<InFlight>,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    close_after_built_answers(
+        &[],
+        &mut 0,
+        &client_wr,
+        in_flight,
+        SQLSTATE_IDENTITY,
+        "tollgate: the session's token expired",
+    )
+    .await;
+    drop(client_wr);
+    let mut got = Vec::new();
+    agent_side.read_to_end(&mut got).await.expect("agent reads");
+    got
+}
+
 /// A session closed while a message passed on as it arrives is inside
 /// the agent's connection ends without a FATAL (it would be read as part
 /// of the message); between messages the agent gets the FATAL. Both keep
 /// why, for the records of the requests in flight.
 #[tokio::test]
 async fn a_session_closed_inside_a_message_passed_on_gets_no_fatal_in_it() {
-    use tokio::io::AsyncReadExt;
     for mid_message in [true, false] {
-        let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
-        let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
-        let client_wr = AgentWriter::shared(client_wr);
+        let (client_wr, agent_side) = agent_connection(64 * 1024);
         let in_flight = queue_of(&[Kind::Query]);
         client_wr.lock().await.mid_message = mid_message;
-        close_after_built_answers(
-            &[],
-            &mut 0,
-            &client_wr,
-            &in_flight,
-            SQLSTATE_IDENTITY,
-            "tollgate: the session's token expired",
-        )
-        .await;
-        drop(client_wr);
-        let mut got = Vec::new();
-        agent_side.read_to_end(&mut got).await.expect("agent reads");
+        let got = received_when_closed_for_expiry(client_wr, agent_side, &in_flight).await;
         if mid_message {
             assert!(got.is_empty(), "bytes after the message's start: {got:?}");
         } else {
@@ -1289,10 +1306,7 @@ async fn a_session_closed_inside_a_message_passed_on_gets_no_fatal_in_it() {
 /// is closed without a FATAL after the bytes the agent already has.
 #[tokio::test]
 async fn a_session_closed_inside_an_abandoned_batch_gets_no_fatal_in_it() {
-    use tokio::io::AsyncReadExt;
-    let (agent, mut agent_side) = tokio::io::duplex(64);
-    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
-    let client_wr = AgentWriter::shared(client_wr);
+    let (client_wr, agent_side) = agent_connection(64);
     let batch = frame(b'C', b"SELECT 1\0").bytes.repeat(100);
     let mut handed_over = 0;
     {
@@ -1310,18 +1324,7 @@ async fn a_session_closed_inside_an_abandoned_batch_gets_no_fatal_in_it() {
         "{handed_over}"
     );
     let in_flight = queue_of(&[Kind::Query]);
-    close_after_built_answers(
-        &[],
-        &mut 0,
-        &client_wr,
-        &in_flight,
-        SQLSTATE_IDENTITY,
-        "tollgate: the session's token expired",
-    )
-    .await;
-    drop(client_wr);
-    let mut got = Vec::new();
-    agent_side.read_to_end(&mut got).await.expect("agent reads");
+    let got = received_when_closed_for_expiry(client_wr, agent_side, &in_flight).await;
     assert_eq!(got, batch[..handed_over], "bytes after the abandoned batch");
 }
 
