@@ -224,13 +224,8 @@ pub(super) fn message_passed_on_as_it_arrives(
     in_flight: &Mutex<InFlight>,
 ) -> Option<usize> {
     let total = large_message_ahead(buf)?;
-    // As `track_answer` decides: a row without a request in flight is
-    // masked whole in a session with masks.
     let unmasked = match buf[0] {
-        b'D' => match lock(in_flight).queue.front() {
-            Some(head) => !head.row_rewritten(masks),
-            None => masks.is_empty(),
-        },
+        b'D' => !row_rewritten(lock(in_flight).queue.front(), masks),
         b'd' => masks.is_empty(),
         _ => false,
     };
@@ -517,7 +512,7 @@ pub(super) fn track_answer(
                 "ReadyForQuery with no request in flight".into(),
             ));
         }
-        if !masks.is_empty() && frame.tag == b'D' {
+        if frame.tag == b'D' && row_rewritten(None, masks) {
             // A row no request of ours asked for: show nothing of it.
             masked_row = Some(mask::apply(frame, &ResultMask::everything())?);
         }
@@ -546,7 +541,7 @@ pub(super) fn track_answer(
         }
         b'D' => {
             head.count_row(frame.bytes.len());
-            if head.row_rewritten(masks) {
+            if row_rewritten(Some(head), masks) {
                 let plan = head.result_mask.get_or_insert_with(ResultMask::everything);
                 masked_row = Some(mask::apply(frame, plan)?);
                 head.masked_columns.extend(plan.names.iter().cloned());

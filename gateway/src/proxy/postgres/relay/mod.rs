@@ -215,18 +215,19 @@ impl ResultRecording {
     }
 }
 
-impl Pending {
-    /// Whether a DataRow answering this request is rewritten by masking:
-    /// in a session with masks, unless its result's description planned
-    /// no masking (a row without a plan is masked whole).
-    fn row_rewritten(&self, masks: &MaskSet) -> bool {
-        !masks.is_empty()
-            && self
-                .result_mask
-                .as_ref()
-                .is_none_or(ResultMask::masks_anything)
-    }
+/// Whether a DataRow answering `head` (the oldest request in flight;
+/// `None`: no request asked for it) is rewritten by masking: in a session
+/// with masks, unless its result's description planned no masking (a row
+/// without a plan, or without a request, is masked whole). The one rule
+/// for holding a row to rewrite it and for passing one on as it arrives.
+fn row_rewritten(head: Option<&Pending>, masks: &MaskSet) -> bool {
+    !masks.is_empty()
+        && head
+            .and_then(|head| head.result_mask.as_ref())
+            .is_none_or(ResultMask::masks_anything)
+}
 
+impl Pending {
     /// Counts a DataRow of `len` bytes (header included) in the answer.
     fn count_row(&mut self, len: usize) {
         self.rows += 1;
