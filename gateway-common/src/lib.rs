@@ -43,6 +43,10 @@ pub mod map_names {
     /// listeners and of protected targets on this host, which no process
     /// in an agent cgroup may bind.
     pub const LISTENER_PORTS: &str = "LISTENER_PORTS";
+    /// `[u32; 4]` address (as in [`TargetKey`]) -> `u32` (1): the addresses
+    /// of the protected targets, for packets whose ports the packet program
+    /// cannot read.
+    pub const PROTECTED_ADDRESSES: &str = "PROTECTED_ADDRESSES";
 }
 
 /// Indexes of [`map_names::EGRESS_SETTINGS`].

@@ -101,6 +101,12 @@ static EGRESS_SETTINGS: Array<u32> = Array::with_max_entries(egress_setting::ENT
 #[map(name = "LISTENER_PORTS")]
 static LISTENER_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(LISTENER_PORT_ENTRIES, 0);
 
+/// The addresses of the protected targets, whatever their ports: for
+/// packets whose ports cannot be read (see [`TransportHeader::Hidden`]).
+#[map(name = "PROTECTED_ADDRESSES")]
+static PROTECTED_ADDRESSES: HashMap<[u32; 4], u32> =
+    HashMap::with_max_entries(REDIRECT_MAP_ENTRIES, 0);
+
 /// socket cookie -> rate limit state of the packet evidence.
 #[map(name = "PACKET_RATE")]
 static PACKET_RATE: LruHashMap<u64, PacketRate> =
@@ -585,20 +591,40 @@ const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DEST_OPTS: u8 = 60;
+/// IPsec: the transport header follows an authentication header, and is
+/// encrypted behind an ESP one.
+const IPPROTO_ESP: u8 = 50;
+const IPPROTO_AH: u8 = 51;
 /// IPv6 extension headers walked before giving up on finding the
-/// transport header (a constant bound the verifier can see).
-const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
+/// transport header (a constant bound the verifier can see). A packet with
+/// more is still recorded when its destination address is protected (see
+/// [`TransportHeader::Hidden`]).
+const IPV6_MAX_EXTENSION_HEADERS: usize = 8;
 const TCP_FLAG_RST: u8 = 0x04;
 
 /// Where a packet goes: enough to look it up in REDIRECTS.
 struct PacketDestination {
     family: u32,
     key: TargetKey,
-    /// IP protocol number of the transport header.
+    /// IP protocol number of the transport header, or of the header the
+    /// walk stopped at when it is [`TransportHeader::Hidden`].
     protocol: u8,
-    /// Offset of the transport header; `None` for a non-first fragment or
-    /// a header chain too long to follow (no ports to read).
-    l4: Option<usize>,
+    transport: TransportHeader,
+}
+
+/// Where the transport header (and its ports) is.
+enum TransportHeader {
+    /// At this offset from the network header.
+    At(usize),
+    /// Not in this packet: a fragment after the first, whose first fragment
+    /// carried the ports.
+    InFirstFragment,
+    /// Somewhere this program does not read: behind more extension headers
+    /// than it walks, encrypted (ESP), or past the end of a packet made by
+    /// hand. Such a packet cannot be matched to a port, so it is recorded
+    /// when its destination address is a protected target's: otherwise a
+    /// raw socket could reach a target unrecorded by stacking headers.
+    Hidden,
 }
 
 /// Do packets of this protocol carry a 16-bit destination port at offset 2
@@ -628,6 +654,13 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
             // transport header.
             let fragment: u16 = u16::from_be(ctx.load(6).ok()?);
             let daddr: u32 = ctx.load(16).ok()?;
+            let transport = if fragment & 0x1fff != 0 {
+                TransportHeader::InFirstFragment
+            } else if protocol == IPPROTO_ESP || protocol == IPPROTO_AH {
+                TransportHeader::Hidden
+            } else {
+                TransportHeader::At(ihl)
+            };
             Some(PacketDestination {
                 family: AF_INET,
                 key: TargetKey {
@@ -635,35 +668,51 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
                     port: 0,
                 },
                 protocol,
-                l4: (fragment & 0x1fff == 0).then_some(ihl),
+                transport,
             })
         }
         6 => {
             let daddr: [u32; 4] = ctx.load(24).ok()?;
             let mut next: u8 = ctx.load(6).ok()?;
             let mut offset = 40usize;
-            let mut l4 = None;
+            // Past the last pass with headers still to walk: hidden.
+            let mut transport = TransportHeader::Hidden;
             // Extension headers could otherwise hide the transport header.
             // One pass per extension header, and one more to reach the
-            // transport header after the last.
+            // transport header after the last. A header that cannot be
+            // read (a packet cut short by hand) leaves the ports hidden.
             for _ in 0..=IPV6_MAX_EXTENSION_HEADERS {
                 match next {
                     IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                        let header: [u8; 2] = ctx.load(offset).ok()?;
+                        let Ok(header) = ctx.load::<[u8; 2]>(offset) else {
+                            break;
+                        };
                         next = header[0];
                         offset += (usize::from(header[1]) + 1) * 8;
                     }
+                    IPPROTO_AH => {
+                        // Its length is in 4-byte units, less two.
+                        let Ok(header) = ctx.load::<[u8; 2]>(offset) else {
+                            break;
+                        };
+                        next = header[0];
+                        offset += (usize::from(header[1]) + 2) * 4;
+                    }
                     IPV6_FRAGMENT => {
-                        let header: [u8; 4] = ctx.load(offset).ok()?;
+                        let Ok(header) = ctx.load::<[u8; 4]>(offset) else {
+                            break;
+                        };
                         next = header[0];
                         let fragment_offset = u16::from_be_bytes([header[2], header[3]]) & 0xfff8;
                         if fragment_offset != 0 {
+                            transport = TransportHeader::InFirstFragment;
                             break;
                         }
                         offset += 8;
                     }
+                    IPPROTO_ESP => break,
                     _ => {
-                        l4 = Some(offset);
+                        transport = TransportHeader::At(offset);
                         break;
                     }
                 }
@@ -675,7 +724,7 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
                     port: 0,
                 },
                 protocol: next,
-                l4,
+                transport,
             })
         }
         _ => None,
@@ -702,20 +751,29 @@ pub fn tollgate_packet_egress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
-    // Protocols without ports (ICMP, ...) cannot reach a port-keyed
-    // target; a packet that is not a first fragment has no ports to read.
-    if !has_ports(dst.protocol) {
-        return;
-    }
-    let Some(l4) = dst.l4 else {
-        return;
+    let port = match dst.transport {
+        // Its first fragment was judged.
+        TransportHeader::InFirstFragment => return,
+        // Protocols without ports (ICMP, ...) cannot reach a port-keyed
+        // target.
+        TransportHeader::At(_) if !has_ports(dst.protocol) => return,
+        // A header made by hand may end before its ports.
+        TransportHeader::At(l4) => ctx.load::<u16>(l4 + 2).ok().map(u16::from_be),
+        TransportHeader::Hidden => None,
     };
-    let Ok(dport_be) = ctx.load::<u16>(l4 + 2) else {
-        return;
-    };
-    dst.key.port = u32::from(u16::from_be(dport_be));
-    if unsafe { REDIRECTS.get(&dst.key) }.is_none() {
-        return;
+    match port {
+        Some(port) => {
+            dst.key.port = u32::from(port);
+            if unsafe { REDIRECTS.get(&dst.key) }.is_none() {
+                return;
+            }
+        }
+        // Port 0 in the record: not read.
+        None => {
+            if unsafe { PROTECTED_ADDRESSES.get(&dst.key.addr) }.is_none() {
+                return;
+            }
+        }
     }
     let skb = ctx.skb.skb;
     // The socket's type: a TCP stream socket's packets are the tcp_state
@@ -733,15 +791,19 @@ fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
             }
         }
     };
-    if dst.protocol == IPPROTO_TCP_U8 {
-        if socket_type == SOCK_STREAM || socket_type == 0 {
-            return;
-        }
+    // A stream socket's packets are the tcp_state probe's, whatever
+    // headers the kernel put before their ports.
+    if (dst.protocol == IPPROTO_TCP_U8 || port.is_none())
+        && (socket_type == SOCK_STREAM || socket_type == 0)
+    {
+        return;
+    }
+    if let (IPPROTO_TCP_U8, TransportHeader::At(l4)) = (dst.protocol, &dst.transport) {
         // The kernel answers segments of unknown connections with a RST
         // from its own raw control socket. A RST opens nothing and carries
         // no request, so it is not recorded (a crafted SYN or data
         // segment is).
-        match ctx.load::<u8>(l4 + 13) {
+        match ctx.load::<u8>(*l4 + 13) {
             Ok(flags) if flags & TCP_FLAG_RST != 0 => return,
             _ => {}
         }

@@ -16,6 +16,12 @@ usage:
   escape.py raw                            -> {"outcome": "created"|"denied", ...}
   escape.py rawsend HOST PORT              -> a hand-made TCP SYN on a raw socket:
                                               {"outcome": "sent"|"denied", "cookie": ...}
+  escape.py rawsend6 HOST PORT KIND [N]    -> a hand-made IPv6 packet on a raw socket, KIND one of
+                                              "options" (N destination options headers, then a
+                                              UDP header to PORT), "esp" (an ESP header, the
+                                              ports encrypted behind it) and "later-fragment"
+                                              (a fragment after the first: no ports):
+                                              {"outcome": "sent"|"denied", "cookie": ...}
   escape.py precreated HOST PORT CGROUP    -> like tcp, but the socket is made
                                               before joining CGROUP
   escape.py listen HOST PORT               -> bind HOST:PORT and listen, as a process
@@ -146,6 +152,49 @@ def rawsend(host, port):
         sock.close()
 
 
+IPPROTO_DSTOPTS = 60
+IPPROTO_FRAGMENT = 44
+IPPROTO_ESP = 50
+
+
+def rawsend6(host, port, kind, count):
+    """The IPv6 header is the kernel's (the socket's protocol is its next
+    header); what follows it is made here, so extension headers can hide
+    the transport header from anything that does not walk them all."""
+    udp = struct.pack("!HHHH", 40000, port, 8, 0)
+    if kind == "options":
+        protocol = IPPROTO_DSTOPTS
+        payload = b""
+        for i in range(count):
+            following = socket.IPPROTO_UDP if i == count - 1 else IPPROTO_DSTOPTS
+            # 8 bytes: next header, length 0 (in 8-byte units past the
+            # first 8), and a PadN option filling the other six.
+            payload += struct.pack("!BBBB4x", following, 0, 1, 4)
+        payload += udp
+    elif kind == "esp":
+        protocol = IPPROTO_ESP
+        # SPI, sequence number, then ciphertext: nothing readable.
+        payload = struct.pack("!II", 0x1000, 1) + bytes(range(1, 33))
+    elif kind == "later-fragment":
+        protocol = IPPROTO_FRAGMENT
+        # Next header UDP, offset 8 (in 8-byte units), more fragments: the
+        # bytes behind it are the middle of a datagram, not its header.
+        payload = struct.pack("!BBHI", socket.IPPROTO_UDP, 0, (8 << 3) | 1, 7) + udp
+    else:
+        raise SystemExit("unknown rawsend6 kind " + kind)
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, protocol)
+    except OSError as err:
+        return failure(err)
+    try:
+        sock.sendto(payload, (host, 0))
+        return {"outcome": "sent", "cookie": cookie_of(sock)}
+    except OSError as err:
+        return failure(err)
+    finally:
+        sock.close()
+
+
 def raw():
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
@@ -187,6 +236,9 @@ def main(argv):
         result = udp(argv[2], int(argv[3]), connect="--connect" in argv, count=count)
     elif mode == "rawsend":
         result = rawsend(argv[2], int(argv[3]))
+    elif mode == "rawsend6":
+        count = int(argv[5]) if len(argv) > 5 else 1
+        result = rawsend6(argv[2], int(argv[3]), argv[4], count)
     elif mode == "raw":
         result = raw()
     elif mode == "listen":

@@ -15,9 +15,12 @@ use tollgate_tests::{duckdb, evidence, free_port, privileged, AgentCgroup, Postg
 
 const AGENT_OID: &str = "4f1c2b7e-0000-4000-8000-00000000e71d";
 
-/// The evidence probe is host-wide: the flood test overflows the general
-/// ring buffer of every tollgate running on the host, so the tests that
-/// expect no loss do not run while it does.
+/// The evidence programs are host-wide: every tollgate running on the host
+/// sees every test's connects and packets. Tests that would show up in
+/// others' evidence run alone: the flood test, which overflows every
+/// tollgate's general ring buffer, and the test of packets recorded by
+/// their destination address alone, which every tollgate protecting a
+/// target at that address (`::1`) records.
 static HOST_WIDE_PROBE: RwLock<()> = RwLock::new(());
 
 fn sharing_the_probe() -> RwLockReadGuard<'static, ()> {
@@ -26,7 +29,7 @@ fn sharing_the_probe() -> RwLockReadGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn flooding_the_probe() -> RwLockWriteGuard<'static, ()> {
+fn probe_to_itself() -> RwLockWriteGuard<'static, ()> {
     HOST_WIDE_PROBE
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -327,6 +330,81 @@ fn a_datagram_to_an_ipv6_protected_target_is_evidence() {
 }
 
 #[test]
+fn ipv6_packets_that_hide_their_ports_are_evidence_at_the_protected_address() {
+    if !privileged("ipv6_packets_that_hide_their_ports_are_evidence_at_the_protected_address") {
+        return;
+    }
+    let _probe = probe_to_itself();
+    let postgres = Postgres::start_dual_stack().expect("PostgreSQL on 127.0.0.1 and ::1");
+    let v6 = postgres.address_v6();
+    let mut stack =
+        Stack::start_with(postgres, |config| config.target_address = v6).expect("start");
+    let port = stack.postgres.port.to_string();
+    let send = |kind: &str, headers: &str| {
+        let answer = outside(&["rawsend6", "::1", &port, kind, headers]);
+        assert_eq!(answer["outcome"], "sent", "{kind} {headers}: {answer}");
+        answer
+    };
+    // As many destination options headers as the packet program walks:
+    // it reads the port. One more: it cannot, and records the packet by
+    // its address. ESP hides the ports by encrypting them. A fragment
+    // after the first carries no ports; its first fragment is what counts.
+    let walked = send("options", "8");
+    let stacked = send("options", "9");
+    let encrypted = send("esp", "1");
+    let fragment = send("later-fragment", "1");
+    stack.gateway.stop();
+
+    let rows = packet_rows(&stack);
+    let row_of = |answer: &Value| {
+        rows.iter()
+            .find(|r| r["upstream_socket_cookie"] == answer["cookie"])
+            .cloned()
+    };
+    assert!(row_of(&fragment).is_none(), "{rows:?}");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let walked = row_of(&walked).expect("the packet with 8 headers");
+    assert_eq!(walked["dst_endpoint_port"], stack.postgres.port, "{walked}");
+    assert_eq!(walked["connection_info_protocol_name"], "udp", "{walked}");
+    // The protocol is that of the header the walk stopped at.
+    for (answer, protocol) in [(&stacked, "udp"), (&encrypted, "50")] {
+        let row = row_of(answer).unwrap_or_else(|| panic!("no record for {answer}: {rows:?}"));
+        assert_eq!(row["dst_endpoint_ip"], "::1", "{row}");
+        assert_eq!(row["dst_endpoint_port"], Value::Null, "{row}");
+        assert_eq!(row["connection_info_protocol_name"], protocol, "{row}");
+        let unmapped: Value =
+            serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json");
+        assert_eq!(unmapped["port_unread"], true, "{row}");
+        assert_eq!(unmapped["socket_type"], 3, "SOCK_RAW: {row}");
+    }
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    assert_eq!(report["non_tcp_packets"], 3, "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
+    let destinations: Vec<&str> = bypasses
+        .iter()
+        .filter_map(|b| b["destination"].as_str())
+        .collect();
+    assert_eq!(
+        destinations
+            .iter()
+            .filter(|d| **d == "::1 (port not readable)")
+            .count(),
+        2,
+        "{summary}"
+    );
+    assert!(
+        destinations.contains(&format!("[::1]:{port}").as_str()),
+        "{summary}"
+    );
+    for b in &bypasses {
+        assert_eq!(b["finding"], "non_tcp_packet_to_protected_target", "{b}");
+        assert_eq!(b["target"], "orders-db", "{b}");
+    }
+}
+
+#[test]
 fn a_direct_connection_from_outside_the_agent_cgroups_is_an_unaudited_connection() {
     if !privileged("a_direct_connection_from_outside_the_agent_cgroups_is_an_unaudited_connection")
     {
@@ -405,7 +483,7 @@ fn a_flood_of_connects_from_outside_the_agent_cgroups_loses_no_evidence_of_agent
     {
         return;
     }
-    let _probe = flooding_the_probe();
+    let _probe = probe_to_itself();
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
     let flood = connect_flood_binary(stack.gateway.dir.path());

@@ -242,9 +242,15 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
         event_kind::PACKET_TO_PROTECTED_TARGET => Some(event.socket_type),
         _ => None,
     };
+    // A packet whose transport header the program could not read (behind
+    // more extension headers than it walks, encrypted, cut short) is
+    // recorded by its address alone, port 0.
+    let port_unread = packet && event.dport == 0;
     if event.kind != event_kind::REFUSED_SOCKET {
         record.dst_endpoint_ip = crate::pin::ip_from_words(event.daddr).to_string().into();
-        record.dst_endpoint_port = i32::try_from(event.dport).ok();
+        record.dst_endpoint_port = (!port_unread)
+            .then(|| i32::try_from(event.dport).ok())
+            .flatten();
     }
     record.connection_info_protocol_name = match event.protocol {
         6 => "tcp".into(),
@@ -264,6 +270,7 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
         "socket_cookie": event.cookie,
         // Packets of the socket this record stands for (rate limit).
         "packets": packet.then_some(event.packets),
+        "port_unread": port_unread.then_some(true),
     })
     .to_string();
     record
@@ -797,6 +804,23 @@ mod tests {
         assert_eq!(unmapped["kind"], "packet_to_protected_target");
         assert_eq!(unmapped["socket_type"], 2);
         assert_eq!(unmapped["packets"], 3);
+        assert_eq!(unmapped["port_unread"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_packet_whose_port_was_not_read_has_its_address_and_no_port() {
+        let mut e = event(event_kind::PACKET_TO_PROTECTED_TARGET);
+        e.dport = 0;
+        // The walk stopped at a destination options header.
+        e.protocol = 60;
+        e.socket_type = 3;
+        e.packets = 1;
+        let record = event_record(&e, 0);
+        assert_eq!(&*record.dst_endpoint_ip, "10.0.0.5");
+        assert_eq!(record.dst_endpoint_port, None);
+        assert_eq!(&*record.connection_info_protocol_name, "60");
+        let unmapped: serde_json::Value = serde_json::from_str(&record.unmapped).expect("json");
+        assert_eq!(unmapped["port_unread"], true);
     }
 
     #[test]

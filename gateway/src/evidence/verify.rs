@@ -783,6 +783,29 @@ pub fn reconcile(
                 let dst = destination(row);
                 let extra: serde_json::Value =
                     serde_json::from_str(&row.unmapped).unwrap_or_default();
+                // A packet whose ports the kernel could not read was matched
+                // by its address alone: it may be for any target there.
+                let port_unread = extra.get("port_unread") == Some(&serde_json::Value::Bool(true));
+                let (destination, target) = match dst {
+                    Some(d) => (d.to_string(), targets.get(&d).cloned()),
+                    None if port_unread => {
+                        let ip = row
+                            .dst_ip
+                            .parse::<IpAddr>()
+                            .ok()
+                            .map(|ip| normalise(SocketAddr::new(ip, 0)).ip());
+                        let names: Vec<&str> = targets
+                            .iter()
+                            .filter(|(a, _)| Some(a.ip()) == ip)
+                            .map(|(_, n)| n.as_str())
+                            .collect();
+                        (
+                            format!("{} (port not readable)", row.dst_ip),
+                            (!names.is_empty()).then(|| names.join(", ")),
+                        )
+                    }
+                    None => (String::new(), None),
+                };
                 report.bypasses.push(Bypass {
                     finding: "non_tcp_packet_to_protected_target".into(),
                     time_ms: row.time,
@@ -791,12 +814,10 @@ pub fn reconcile(
                     process: row.process.clone(),
                     cgroup_id: row.cgroup_id,
                     cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
-                    destination: dst.map(|d| d.to_string()).unwrap_or_default(),
+                    destination,
                     // The kernel matched it against the protected targets of
                     // its time; a target since removed has no name here.
-                    target: dst
-                        .and_then(|d| targets.get(&d).cloned())
-                        .unwrap_or_else(|| "(protected when sent)".into()),
+                    target: target.unwrap_or_else(|| "(protected when sent)".into()),
                     socket_cookie: row.cookie,
                     protocol: Some(row.protocol.clone()),
                     socket_type: extra.get("socket_type").and_then(|v| v.as_u64()),
@@ -1352,6 +1373,23 @@ mod tests {
             Some("/sys/fs/cgroup/agents")
         );
         assert!(summary(&r).contains("udp from socket type 2, 4 packet(s)"));
+    }
+
+    #[test]
+    fn a_packet_whose_port_was_not_read_is_a_bypass_at_its_address() {
+        let mut hidden = connect(2, 3, "", "10.0.0.5:5432", 700);
+        hidden.pid = None;
+        hidden.dst_port = None;
+        hidden.protocol = "60".into();
+        hidden.unmapped = r#"{"kind":"packet_to_protected_target","socket_type":3,"packets":1,"port_unread":true}"#.into();
+        let evidence = vec![config_row(1), hidden, loss(3, 0)];
+        let r = reconciled(&[audit_row(700)], &evidence);
+        assert!(!r.ok, "{}", summary(&r));
+        assert_eq!(r.non_tcp_packets, 1);
+        assert_eq!(r.bypasses.len(), 1);
+        assert_eq!(r.bypasses[0].finding, "non_tcp_packet_to_protected_target");
+        assert_eq!(r.bypasses[0].destination, "10.0.0.5 (port not readable)");
+        assert_eq!(r.bypasses[0].target, "orders-db");
     }
 
     #[test]

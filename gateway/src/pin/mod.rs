@@ -195,6 +195,7 @@ impl Pinning {
             map_names::EGRESS_RULES,
             map_names::EGRESS_SETTINGS,
             map_names::LISTENER_PORTS,
+            map_names::PROTECTED_ADDRESSES,
         ]
         .into_iter()
         .map(|name| (name, maps_dir.join(name)))
@@ -225,6 +226,9 @@ impl Pinning {
         let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
             take_map(&mut ebpf, map_names::REDIRECTS)?;
         sync_redirects(&mut redirects, protected)?;
+        let mut protected_addresses: BpfHashMap<MapData, [u32; 4], u32> =
+            take_map(&mut ebpf, map_names::PROTECTED_ADDRESSES)?;
+        sync_protected_addresses(&mut protected_addresses, protected)?;
         let mut listener_port_map: BpfHashMap<MapData, u32, u32> =
             take_map(&mut ebpf, map_names::LISTENER_PORTS)?;
         sync_listener_ports(&mut listener_port_map, &ports::guarded_ports(protected))?;
@@ -529,6 +533,20 @@ fn sync_redirects(
         info!(target = %p.address, listener = %p.listener, "protected destination redirected");
     }
     Ok(())
+}
+
+/// Makes the address map hold exactly the protected targets' addresses
+/// (one entry for several targets at one address).
+fn sync_protected_addresses(
+    map: &mut BpfHashMap<MapData, [u32; 4], u32>,
+    protected: &[Protected],
+) -> Result<()> {
+    let addresses: BTreeSet<[u32; 4]> = protected
+        .iter()
+        .map(|p| target_key(p.address).addr)
+        .collect();
+    let entries: Vec<([u32; 4], u32)> = addresses.into_iter().map(|a| (a, 1)).collect();
+    sync_map(map, "PROTECTED_ADDRESSES", &entries)
 }
 
 /// The map key for a destination: IPv4 is stored IPv4-mapped.
