@@ -260,6 +260,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         audit: audit.clone(),
         pinning,
         postgres_cancel_keys: Default::default(),
+        postgres_held_whole: Default::default(),
     });
     for (target, listener) in listeners {
         info!(target = %target.name, listen = %target.listen, address = %target.address, "serving");

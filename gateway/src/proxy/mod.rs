@@ -52,6 +52,9 @@ pub struct Shared {
     pub pinning: Option<Mutex<Pinning>>,
     /// Backend keys tollgate handed to PostgreSQL clients, for CancelRequest.
     pub postgres_cancel_keys: Arc<postgres::CancelKeys>,
+    /// Memory PostgreSQL server messages held whole may take, all
+    /// sessions together.
+    pub postgres_held_whole: postgres::HeldWholeBudget,
 }
 
 /// A target as the proxy serves it: its configuration and its TLS

@@ -76,6 +76,7 @@ async fn shared_for(keys: &Path, config: &str, audit: &AuditLog) -> Arc<Shared> 
         audit: audit.clone(),
         pinning: None,
         postgres_cancel_keys: Default::default(),
+        postgres_held_whole: Default::default(),
     })
 }
 

@@ -39,8 +39,8 @@ pub(super) async fn server_to_client(
     answered: Arc<Notify>,
 ) -> Result<(), WireError> {
     let mut outcomes = Outcomes::new(|outcome| submit_outcome(&session, outcome));
-    // This session's share of HELD_WHOLE while a large message it cannot
-    // pass on arrives.
+    // This session's share of the daemon's HeldWholeBudget while a large
+    // message it cannot pass on arrives.
     let mut held_whole = None;
     loop {
         let mut out = BytesMut::new();
@@ -141,7 +141,8 @@ pub(super) async fn server_to_client(
         // budget all sessions share before more of it is read: past the
         // budget this session waits, the daemon does not grow.
         if let (None, Some(total)) = (&held_whole, large_message_ahead(&buf)) {
-            match tokio::time::timeout(HELD_WHOLE_WAIT, HELD_WHOLE.take(total)).await {
+            let budget = &session.shared.postgres_held_whole;
+            match tokio::time::timeout(HELD_WHOLE_WAIT, budget.take(total)).await {
                 Ok(share) => held_whole = share,
                 Err(_) => {
                     close_after_built_answers(
@@ -232,17 +233,15 @@ pub(super) fn message_passed_on_as_it_arrives(
     unmasked.then_some(total)
 }
 
-/// Memory that large server messages held whole while they arrive (rows
-/// of sessions with masks, which are rewritten; any other message over
-/// [`PASS_ON_MESSAGES_ABOVE`]) may take, all sessions together. A session
-/// whose message would take more waits for its share before it reads the
-/// rest, so that many agents selecting large masked values hold the
-/// daemon at this size instead of growing it until it runs out of
-/// memory. Room for one of the largest message PostgreSQL sends (1 GiB)
-/// at its share (see [`HeldWholeBudget::take`]) and then some.
-pub(super) static HELD_WHOLE: HeldWholeBudget = HeldWholeBudget::new(4 << 10);
+/// Memory in MiB that large server messages held whole while they arrive
+/// (rows of sessions with masks, which are rewritten; any other message
+/// over [`PASS_ON_MESSAGES_ABOVE`]) may take, all of a daemon's sessions
+/// together (see [`HeldWholeBudget`]). Room for one of the largest
+/// message PostgreSQL sends (1 GiB) at its share (see
+/// [`HeldWholeBudget::take`]) and then some.
+const HELD_WHOLE_MIB: u32 = 4 << 10;
 
-/// How long a session waits for its share of [`HELD_WHOLE`] before it is
+/// How long a session waits for its share of the [`HeldWholeBudget`] before it is
 /// closed: a wait without end (others' shares held by agents that read
 /// slowly, or not at all) would hold the agent without telling it why.
 pub(super) const HELD_WHOLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -251,16 +250,26 @@ pub(super) const HELD_WHOLE_WAIT: std::time::Duration = std::time::Duration::fro
 /// could not be given memory in time (see [`HELD_WHOLE_WAIT`]).
 pub(super) const SQLSTATE_OUT_OF_MEMORY: &str = "53200";
 
-/// A budget of memory in MiB (see [`HELD_WHOLE`]).
-pub(super) struct HeldWholeBudget {
+/// The memory large server messages held whole may take, one per daemon
+/// (in [`crate::proxy::Shared`]), [`HELD_WHOLE_MIB`] by default. A session
+/// whose message would take more waits for its share before it reads the
+/// rest, so that many agents selecting large masked values hold the
+/// daemon at this size instead of growing it until it runs out of memory.
+pub struct HeldWholeBudget {
     mib: tokio::sync::Semaphore,
     total_mib: u32,
 }
 
+impl Default for HeldWholeBudget {
+    fn default() -> Self {
+        HeldWholeBudget::new(HELD_WHOLE_MIB)
+    }
+}
+
 impl HeldWholeBudget {
-    pub(super) const fn new(total_mib: u32) -> Self {
+    pub fn new(total_mib: u32) -> Self {
         HeldWholeBudget {
-            mib: tokio::sync::Semaphore::const_new(total_mib as usize),
+            mib: tokio::sync::Semaphore::new(total_mib as usize),
             total_mib,
         }
     }

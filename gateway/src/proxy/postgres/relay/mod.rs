@@ -616,6 +616,7 @@ mod from_server;
 pub use admit::intent_of_application_name;
 use admit::*;
 use from_client::client_to_server;
+pub use from_server::HeldWholeBudget;
 use from_server::*;
 
 /// Bytes a read may take at once, from either side.

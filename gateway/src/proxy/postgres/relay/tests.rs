@@ -399,6 +399,7 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
             audit,
             pinning: None,
             postgres_cancel_keys: Default::default(),
+            postgres_held_whole: Default::default(),
         }),
         statement_record,
     });
@@ -1438,10 +1439,8 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     let large_row = || start_of_large_row(b"held-row-value-");
 
     // Every share is taken: the row waits, then the session is closed.
-    let all = HELD_WHOLE
-        .take(usize::MAX / 4)
-        .await
-        .expect("the whole budget");
+    let budget = &session.shared.postgres_held_whole;
+    let all = budget.take(usize::MAX / 4).await.expect("the whole budget");
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     lock(&in_flight).queue.push_back(query("select big"));
     let (ended, got) = relay_to_agent(&session, &in_flight, large_row()).await;
@@ -1461,26 +1460,29 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     // With room in the budget: the row's share is taken while it
     // arrives, the row is masked whole (no description planned it) and
     // relayed, and the share is given back.
-    let before = HELD_WHOLE.available_mib();
+    let before = budget.available_mib();
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     lock(&in_flight).queue.push_back(query("select big"));
     let row = large_row();
     let rest_len = LARGE_VALUE - (row.len() - 11);
     let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
     let (left_tx, left_rx) = tokio::sync::oneshot::channel();
+    // The closure outlives this frame: it reads the budget through its
+    // own handle on the daemon's shared state.
+    let shared = session.shared.clone();
     let (ended, got) =
         relay_to_agent_while(&session, &in_flight, row, move |mut side| async move {
             use tokio::io::AsyncWriteExt;
             // Sent while the relay holds the row's share.
             tokio::task::yield_now().await;
-            let _ = taken_tx.send(before - HELD_WHOLE.available_mib());
+            let _ = taken_tx.send(before - shared.postgres_held_whole.available_mib());
             side.write_all(&vec![b'v'; rest_len])
                 .await
                 .expect("the rest of the row");
             // Once the row went on, with the session still open: its
             // share is given back.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            let _ = left_tx.send(before - HELD_WHOLE.available_mib());
+            let _ = left_tx.send(before - shared.postgres_held_whole.available_mib());
             // Then the server goes away: the relay ends after the row.
         })
         .await;
@@ -1500,10 +1502,6 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
         !String::from_utf8_lossy(&got).contains("held-row-value"),
         "the row went out unmasked"
     );
-    assert_eq!(
-        HELD_WHOLE.available_mib(),
-        before,
-        "the share is given back"
-    );
+    assert_eq!(budget.available_mib(), before, "the share is given back");
     audit.shutdown().await;
 }
