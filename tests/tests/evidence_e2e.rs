@@ -232,9 +232,12 @@ fn non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypas
     assert_eq!(connected["outcome"], "sent", "{connected}");
     let raw = outside(&["rawsend", "127.0.0.1", &port]);
     assert_eq!(raw["outcome"], "sent", "{raw}");
-    // An agent's datagram is refused before it becomes a packet.
+    // An agent's datagram is refused before it becomes a packet; so is
+    // its raw socket.
     let agent = as_agent(&stack, &["udp", "127.0.0.1", &port]);
     assert_eq!(agent["outcome"], "denied", "{agent}");
+    let agent_raw = as_agent(&stack, &["raw"]);
+    assert_eq!(agent_raw["outcome"], "denied", "{agent_raw}");
     // A datagram to an unprotected port is nobody's business.
     let unprotected = outside(&["udp", "127.0.0.1", &free_port().to_string()]);
     assert_eq!(unprotected["outcome"], "sent", "{unprotected}");
@@ -277,6 +280,20 @@ fn non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypas
     assert_eq!(packets["emitted"], 3, "{counters}");
     assert_eq!(packets["dropped"], 0, "{counters}");
     assert_eq!(packets["suppressed"], 4, "{counters}");
+    // Every one of these events is one a verdict rests on: each went to
+    // the reserved ring buffer, which a flood of connects cannot fill.
+    assert_eq!(packets["emitted_reserved"], 3, "{counters}");
+    for program in ["sendmsg4", "sock_create"] {
+        let refusals = &counters["programs"][program];
+        assert!(
+            refusals["emitted"].as_u64().unwrap_or(0) >= 1,
+            "{program}: {counters}"
+        );
+        assert_eq!(
+            refusals["emitted_reserved"], refusals["emitted"],
+            "{program}: {counters}"
+        );
+    }
 
     let (code, summary, report) = verify(&stack);
     assert_eq!(code, 1, "{summary}");
