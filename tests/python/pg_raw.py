@@ -102,11 +102,25 @@ def count_until_ready(sock, counted_tag):
     return result
 
 
+def authenticate(sock, token):
+    """Logs in on `sock` as the agent with `token`: None once the session
+    is ready for queries, else the error the login ended with (as
+    describe() gives it)."""
+    startup(sock)
+    while True:
+        tag, body = read_message(sock)
+        if tag == b"R" and struct.unpack("!i", body[:4])[0] == 3:
+            sock.sendall(msg(b"p", cstr(token)))
+        elif tag == b"E":
+            return describe(tag, body)
+        elif tag == b"Z":
+            return None
+
+
 def login(host, port, token, timeout):
     """A session logged in as the agent with `token`, ready for queries."""
     sock = socket.create_connection((host, int(port)), timeout=timeout)
-    startup(sock)
-    read_message(sock)
-    sock.sendall(msg(b"p", cstr(token)))
-    read_until(sock, [b"Z"])
+    refused = authenticate(sock, token)
+    if refused is not None:
+        raise RuntimeError("login refused: %s" % (refused,))
     return sock

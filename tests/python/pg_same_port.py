@@ -15,10 +15,9 @@ usage: pg_same_port.py HOST PORT TOKEN FAMILY
 import ctypes
 import json
 import socket
-import struct
 import sys
 
-from pg_raw import cstr, describe, msg, read_message, read_until, startup
+from pg_raw import authenticate, cstr, msg, read_until
 
 PR_SET_NAME = 15
 
@@ -33,15 +32,9 @@ def set_task_name(name):
 def login_and_select(sock, token, word):
     """The answers to the login, then to SELECT 'word' (as describe()
     gives them)."""
-    startup(sock)
-    while True:
-        tag, body = read_message(sock)
-        if tag == b"R" and struct.unpack("!i", body[:4])[0] == 3:
-            sock.sendall(msg(b"p", cstr(token)))
-        elif tag == b"E":
-            return [describe(tag, body)]
-        elif tag == b"Z":
-            break
+    refused = authenticate(sock, token)
+    if refused is not None:
+        return [refused]
     sock.sendall(msg(b"Q", cstr(f"SELECT '{word}'")))
     return read_until(sock, {b"Z"})
 

@@ -553,7 +553,13 @@ pub(super) fn track_answer(
             if row_rewritten(Some(head), masks) {
                 let plan = head.result_mask.get_or_insert_with(ResultMask::everything);
                 masked_row = Some(mask::apply(frame, plan)?);
-                head.masked_columns.extend(plan.names.iter().cloned());
+                // Every row of a result names the same columns: copied
+                // once, not per row.
+                for name in &plan.names {
+                    if !head.masked_columns.contains(name) {
+                        head.masked_columns.insert(name.clone());
+                    }
+                }
             }
             if let Some(recording) = head.recording.as_mut() {
                 // What the agent saw: the masked row when there is one.
