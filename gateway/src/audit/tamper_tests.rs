@@ -305,7 +305,7 @@ async fn flipped_wal_byte_is_located() {
     let (_, _, path) = wal::list(&cfg.dir.join("wal")).unwrap().pop().unwrap();
     let mut bytes = fs::read(&path).unwrap();
     // Inside the second record's payload.
-    let at = super::tests::record_frames(&bytes)[1] + 8 + 20;
+    let at = super::tests::record_frames(&bytes)[1] + wal::HEADER + 20;
     bytes[at] ^= 0x01;
     fs::write(&path, bytes).unwrap();
     let r = verify(&cfg.dir, &key(&cfg));
@@ -314,6 +314,43 @@ async fn flipped_wal_byte_is_located() {
     assert_eq!(r.problems[0].kind, Kind::WalCorrupt);
     assert_eq!(r.problems[0].file, rel);
     assert_eq!(r.problems[0].row, Some(1));
+}
+
+/// A high bit flipped in a frame's length would point the frame far past
+/// the written part of the file, where it used to pass for a write a crash
+/// cut short: the records from it on were dropped, unreported. The length
+/// has its own checksum: the damage is located, and the daemon's recovery
+/// keeps the file aside instead of deleting it.
+#[tokio::test]
+async fn flipped_wal_length_bit_is_located_not_taken_for_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build_with_wal(tmp.path()).await;
+    let (_, _, path) = wal::list(&cfg.dir.join("wal")).unwrap().pop().unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    // Bit 25 of the second record's length: 32 MiB further on.
+    let at = super::tests::record_frames(&bytes)[1] + 3;
+    bytes[at] ^= 0x02;
+    fs::write(&path, bytes).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    let rel = format!("wal/{}", path.file_name().unwrap().to_string_lossy());
+    assert_eq!(r.problems[0].kind, Kind::WalCorrupt, "{:#?}", r.problems);
+    assert_eq!(r.problems[0].file, rel);
+    assert_eq!(r.problems[0].row, Some(1));
+
+    // Recovery keeps what it cannot read as evidence, and verify still
+    // says so.
+    let log = AuditLog::open(&cfg).await.unwrap();
+    log.shutdown().await;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    assert!(Path::new(&aside).exists(), "the damaged WAL file is kept");
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(
+        r.problems.iter().any(|p| p.kind == Kind::WalCorrupt),
+        "{:#?}",
+        r.problems
+    );
 }
 
 #[tokio::test]

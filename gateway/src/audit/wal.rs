@@ -1,13 +1,18 @@
 //! The write-ahead log: the only place a record lives between `append`
 //! returning and its segment being closed.
 //!
-//! Files are `{dir}/wal/wal-<generation:010>-<first sequence:020>.log`. Each
-//! frame is `len: u32 LE | crc32(payload): u32 LE | payload`, the payload
-//! being the record's canonical encoding (`AuditRecord::canonical_bytes`):
+//! Files are `{dir}/wal/wal-v2-<generation:010>-<first sequence:020>.log`.
+//! Each frame is `len: u32 LE | crc32(len): u32 LE | crc32(payload): u32 LE
+//! | payload`, the payload being the record's canonical encoding (`AuditRecord::canonical_bytes`):
 //! the exact bytes its `record_hash` is the SHA-256 of, so a record is
 //! encoded once and hashed once on the way in, and replay gets the hash
 //! from the payload without encoding anything again. The encoding is JSON,
-//! which the record deserialises from directly.
+//! which the record deserialises from directly. The length has a checksum
+//! of its own: a damaged length would otherwise point past the written
+//! part, and the frame would pass for one a crash cut short (see
+//! [`read_file`]). Files named `wal-<generation>-<first sequence>.log`,
+//! written before that checksum existed, have frames without it
+//! (`len | crc32(payload) | payload`); they are still read.
 //!
 //! A file is usually preallocated: written full of zeros before it is
 //! used (see [`prepare_spare`]), so appending a batch overwrites blocks
@@ -67,30 +72,65 @@ pub const PREALLOC_MIN_FREE: u64 = 1 << 30;
 /// sector is either written or not.
 const SECTOR: usize = 512;
 
+/// Bytes in front of a frame's payload: length, its checksum, the
+/// payload's checksum.
+pub(crate) const HEADER: usize = 12;
+
+/// How a file's frames are laid out, by its name (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `len | crc32(payload) | payload`: files of older versions.
+    Unchecked,
+    /// `len | crc32(len) | crc32(payload) | payload`.
+    LengthChecked,
+}
+
+impl Format {
+    fn header(self) -> usize {
+        match self {
+            Format::Unchecked => 8,
+            Format::LengthChecked => HEADER,
+        }
+    }
+}
+
+/// The checksum of a length field: a frame's length is trusted only when
+/// it holds.
+fn length_check(len_field: [u8; 4]) -> u32 {
+    crc32fast::hash(&len_field)
+}
+
+/// Writes the header of the frame at `start` in `out`.
+fn write_header(out: &mut [u8], start: usize, len_field: u32, payload_crc: u32) {
+    let len = len_field.to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&length_check(len).to_le_bytes());
+    out[start + 8..start + 12].copy_from_slice(&payload_crc.to_le_bytes());
+}
+
 /// Appends the frame of `record` (canonical encoding as payload) to `out`
 /// and returns the record's hash: SHA-256 of the payload.
 pub fn encode_frame(record: &AuditRecord, out: &mut Vec<u8>) -> [u8; 32] {
     let start = out.len();
-    out.extend_from_slice(&[0u8; 8]);
+    out.extend_from_slice(&[0u8; HEADER]);
     super::segment::canonical_into(record, out);
     seal_frame(out, start, Sha256::new(), 0)
 }
 
 /// Fills in the header of the frame starting at `start` in `out` (its
-/// payload written after the 8 header bytes) and returns the payload's
+/// payload written after the [`HEADER`] bytes) and returns the payload's
 /// SHA-256, finishing `hasher`, which has already taken the payload's first
 /// `hasher_covers` bytes.
 fn seal_frame(out: &mut [u8], start: usize, hasher: Sha256, hasher_covers: usize) -> [u8; 32] {
-    let payload = &out[start + 8..];
+    let payload = &out[start + HEADER..];
     let mut hasher = hasher;
     hasher.update(&payload[hasher_covers..]);
     let hash: [u8; 32] = hasher.finalize().into();
     // Records are refused at submit unless they fit (`PreparedFrame::fits`).
     debug_assert!(payload.len() <= MAX_FRAME as usize);
-    let len = (payload.len() as u32).to_le_bytes();
-    let crc = crc32fast::hash(payload).to_le_bytes();
-    out[start..start + 4].copy_from_slice(&len);
-    out[start + 4..start + 8].copy_from_slice(&crc);
+    let len = payload.len() as u32;
+    let crc = crc32fast::hash(payload);
+    write_header(out, start, len, crc);
     hash
 }
 
@@ -135,7 +175,7 @@ pub fn append_seal(
     record_hash: &[u8; 32],
 ) {
     let start = out.len();
-    out.extend_from_slice(&[0u8; 8]);
+    out.extend_from_slice(&[0u8; HEADER]);
     out.extend_from_slice(b"{\"mac\":\"");
     let mut digits = [0u8; 64];
     // 64 bytes are exactly room for a 32-byte tag in hex: it cannot fail.
@@ -144,11 +184,10 @@ pub fn append_seal(
     out.extend_from_slice(b"\",\"sealed_sequence\":");
     out.extend_from_slice(itoa::Buffer::new().format(sequence).as_bytes());
     out.push(b'}');
-    let payload = &out[start + 8..];
-    let len = (payload.len() as u32 | SEAL_FLAG).to_le_bytes();
-    let crc = seal_crc(payload).to_le_bytes();
-    out[start..start + 4].copy_from_slice(&len);
-    out[start + 4..start + 8].copy_from_slice(&crc);
+    let payload = &out[start + HEADER..];
+    let len = payload.len() as u32 | SEAL_FLAG;
+    let crc = seal_crc(payload);
+    write_header(out, start, len, crc);
 }
 
 /// A seal frame's checksum also covers its kind: one flipped bit in the
@@ -252,7 +291,7 @@ impl PreparedFrame {
         let start = out.len();
         let (head, rest) = self.payload.split_at(self.gaps.prev_record_hash);
         let (middle, tail) = rest.split_at(self.gaps.sequence - self.gaps.prev_record_hash);
-        out.extend_from_slice(&[0u8; 8]);
+        out.extend_from_slice(&[0u8; HEADER]);
         out.extend_from_slice(head);
         out.extend_from_slice(b"\"prev_record_hash\":\"");
         out.extend_from_slice(link);
@@ -274,14 +313,23 @@ impl PreparedFrame {
 }
 
 pub fn file_name(generation: u64, first_seq: u64) -> String {
-    format!("wal-{generation:010}-{first_seq:020}.log")
+    format!("wal-v2-{generation:010}-{first_seq:020}.log")
 }
 
 /// (generation, first sequence) from a WAL file name.
 pub fn parse_name(name: &str) -> Option<(u64, u64)> {
+    parse_name_and_format(name).map(|(g, s, _)| (g, s))
+}
+
+/// (generation, first sequence, frame format) from a WAL file name.
+fn parse_name_and_format(name: &str) -> Option<(u64, u64, Format)> {
     let rest = name.strip_prefix("wal-")?.strip_suffix(".log")?;
+    let (rest, format) = match rest.strip_prefix("v2-") {
+        Some(rest) => (rest, Format::LengthChecked),
+        None => (rest, Format::Unchecked),
+    };
     let (g, s) = rest.split_once('-')?;
-    Some((g.parse().ok()?, s.parse().ok()?))
+    Some((g.parse().ok()?, s.parse().ok()?, format))
 }
 
 /// Name of a spare (preallocated, not yet used) file. It ends in `.tmp`:
@@ -406,17 +454,52 @@ fn has_unwritten_sector(bytes: &[u8], start: usize, end: usize) -> bool {
     false
 }
 
+/// Is the header of the frame at `off` cut short: does a sector it lies
+/// in hold only zeros from the frame's start (or the sector's) to the
+/// sector's end? A written header is followed in its sectors by its
+/// payload, which holds no zero byte, and its length is not zero, so one
+/// whose bytes are damaged is never mistaken for one a crash cut short.
+fn header_unwritten(bytes: &[u8], off: usize) -> bool {
+    let mut s = off - off % SECTOR;
+    while s < off + HEADER {
+        let (a, b) = (s.max(off), (s + SECTOR).min(bytes.len()));
+        if a < b && bytes[a..b].iter().all(|&x| x == 0) {
+            return true;
+        }
+        s += SECTOR;
+    }
+    false
+}
+
+/// The frame format of the WAL file at `path` (set aside or not), by its
+/// name.
+fn format_of(path: &Path) -> Format {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = name
+        .strip_suffix(".unsealed")
+        .or_else(|| name.strip_suffix(".corrupt"))
+        .unwrap_or(name);
+    parse_name_and_format(name).map_or(Format::LengthChecked, |(_, _, f)| f)
+}
+
 /// Reads the frames of one file up to the first bad one.
 ///
-/// The written part of a file ends at its end or at a zero length field
-/// (the zero-filled rest of a preallocated file). A frame that runs past
-/// the end of the file, or that fails its checksum where some of its
-/// sectors are still zeros, is torn: a write cut short, never
-/// acknowledged. A whole frame that fails its checksum or does not decode
-/// is corrupt.
+/// The written part of a file ends at its end or at a zero header (the
+/// zero-filled rest of a preallocated file). A frame whose header or
+/// payload runs past the end of the file, or whose header or payload fails
+/// its checksum where some of its sectors are still zeros, is torn: a
+/// write cut short, never acknowledged. A whole frame that fails a
+/// checksum or does not decode is corrupt; so is a length that fails its
+/// own checksum, which is why a damaged length cannot pass for a frame
+/// that runs into the unwritten part.
 pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
     let mut bytes = Vec::new();
     fs::File::open(path)?.read_to_end(&mut bytes)?;
+    Ok(read_frames(&bytes, format_of(path)))
+}
+
+fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
+    let header = format.header();
     let mut records = Vec::new();
     let mut seals = Vec::new();
     let mut off = 0usize;
@@ -425,20 +508,38 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
             break Tail::Clean;
         }
         let rest = &bytes[off..];
-        if rest.len() < 4 {
+        if rest.len() < header {
             if rest.iter().all(|&b| b == 0) {
                 break Tail::Clean;
             }
             break Tail::Torn { offset: off as u64 };
         }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-        if len == 0 {
+        let len_field = [rest[0], rest[1], rest[2], rest[3]];
+        let len = u32::from_le_bytes(len_field);
+        if format == Format::LengthChecked {
+            let check = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            if len == 0 && check == 0 {
+                break Tail::Clean;
+            }
+            if check != length_check(len_field) {
+                if header_unwritten(bytes, off) {
+                    break Tail::Torn { offset: off as u64 };
+                }
+                break Tail::Corrupt {
+                    offset: off as u64,
+                    frame: records.len(),
+                    reason: "frame length fails its checksum".into(),
+                };
+            }
+        } else if len == 0 {
             break Tail::Clean;
         }
-        if rest.len() < 8 {
-            break Tail::Torn { offset: off as u64 };
-        }
-        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let crc = u32::from_le_bytes([
+            rest[header - 4],
+            rest[header - 3],
+            rest[header - 2],
+            rest[header - 1],
+        ]);
         let is_seal = len & SEAL_FLAG != 0;
         let len = len & !SEAL_FLAG;
         if len > MAX_FRAME {
@@ -448,17 +549,17 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
                 reason: format!("frame length {len} is implausible"),
             };
         }
-        let end = off + 8 + len as usize;
+        let end = off + header + len as usize;
         if end > bytes.len() {
             break Tail::Torn { offset: off as u64 };
         }
-        let payload = &bytes[off + 8..end];
+        let payload = &bytes[off + header..end];
         let computed = match is_seal {
             true => seal_crc(payload),
             false => crc32fast::hash(payload),
         };
         if computed != crc {
-            if has_unwritten_sector(&bytes, off + 8, end) {
+            if has_unwritten_sector(bytes, off + header, end) {
                 break Tail::Torn { offset: off as u64 };
             }
             break Tail::Corrupt {
@@ -509,11 +610,11 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
         }
         off = end;
     };
-    Ok(WalFileContents {
+    WalFileContents {
         records,
         seals,
         tail,
-    })
+    }
 }
 
 /// One file's part in the merged view.
@@ -584,9 +685,15 @@ mod tests {
     fn a_frame_without_a_sequence_is_corrupt() {
         let (mut bytes, _) = frames(1);
         let payload = b"{}";
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let start = bytes.len();
+        bytes.extend_from_slice(&[0u8; HEADER]);
         bytes.extend_from_slice(payload);
+        write_header(
+            &mut bytes,
+            start,
+            payload.len() as u32,
+            crc32fast::hash(payload),
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(file_name(1, 1));
         fs::write(&path, &bytes).unwrap();
@@ -750,8 +857,12 @@ mod tests {
     }
 
     fn read(bytes: &[u8]) -> WalFileContents {
+        read_named(bytes, &file_name(1, 1))
+    }
+
+    fn read_named(bytes: &[u8], name: &str) -> WalFileContents {
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join(file_name(1, 1));
+        let path = tmp.path().join(name);
         fs::write(&path, bytes).unwrap();
         read_file(&path).unwrap()
     }
@@ -760,15 +871,90 @@ mod tests {
     fn offsets(bytes: &[u8]) -> Vec<usize> {
         let mut out = Vec::new();
         let mut off = 0;
-        while off + 8 <= bytes.len() {
-            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        while off + HEADER <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) & !SEAL_FLAG;
             if len == 0 {
                 break;
             }
             out.push(off);
-            off += 8 + len;
+            off += HEADER + len as usize;
         }
         out
+    }
+
+    /// Every single-byte change to a frame's header is corrupt, whatever
+    /// the bit and wherever the header falls against a sector boundary,
+    /// in a preallocated file and in a plain one: a changed length must
+    /// not send the reader into the zeros (or past the end) of the file,
+    /// where the frame would pass for a write a crash cut short and the
+    /// acknowledged records from it on would be dropped without a word.
+    #[test]
+    fn every_byte_changed_in_a_frame_header_is_corrupt_not_torn() {
+        for pad in 0..SECTOR / 16 {
+            let mut bytes = Vec::new();
+            let mut r = super::super::tests::sample(0, 1_000);
+            // Moves the next frames' headers across sector boundaries.
+            r.query_info_query_string = "x".repeat(pad * 16 + 1);
+            r.sequence = 1;
+            encode_frame(&r, &mut bytes);
+            for i in 1..4 {
+                let mut r = super::super::tests::sample(i, 1_000);
+                r.sequence = i as u64 + 1;
+                encode_frame(&r, &mut bytes);
+            }
+            let starts = offsets(&bytes);
+            let plain = bytes.clone();
+            let mut preallocated = bytes;
+            preallocated.resize(preallocated.len() + 4 * SECTOR, 0);
+            for file in [&plain, &preallocated] {
+                for frame in [1usize, 3] {
+                    for at in 0..HEADER {
+                        for bit in [0x01u8, 0x10, 0x80] {
+                            let mut damaged = file.clone();
+                            damaged[starts[frame] + at] ^= bit;
+                            let got = read_frames(&damaged, Format::LengthChecked);
+                            assert!(
+                                matches!(got.tail, Tail::Corrupt { frame: f, .. } if f == frame),
+                                "pad {pad}, frame {frame}, header byte {at}, bit {bit:#x}: {:?}",
+                                got.tail
+                            );
+                            assert_eq!(got.records.len(), frame);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A header that straddles a sector boundary and whose second sector
+    /// never reached the disk is a write cut short.
+    #[test]
+    fn header_cut_short_at_a_sector_boundary_is_torn() {
+        let mut r = super::super::tests::sample(0, 1_000);
+        r.sequence = 1;
+        r.query_info_query_string = "x".into();
+        let mut first = Vec::new();
+        encode_frame(&r, &mut first);
+        // Pad the first record so that the second header starts 6 bytes
+        // before a sector boundary.
+        let target = (first.len() / SECTOR + 1) * SECTOR - 6;
+        r.query_info_query_string = "x".repeat(target - first.len() + 1);
+        let mut bytes = Vec::new();
+        encode_frame(&r, &mut bytes);
+        assert_eq!(bytes.len(), target);
+        let mut second = super::super::tests::sample(1, 1_000);
+        second.sequence = 2;
+        encode_frame(&second, &mut bytes);
+        bytes.resize(bytes.len() + 4 * SECTOR, 0);
+        bytes[target + 6..].fill(0);
+        let got = read_frames(&bytes, Format::LengthChecked);
+        assert_eq!(
+            got.tail,
+            Tail::Torn {
+                offset: target as u64
+            }
+        );
+        assert_eq!(got.records.len(), 1);
     }
 
     #[test]
@@ -781,7 +967,10 @@ mod tests {
             assert_eq!(r.compute_hash(), r.record_hash);
         }
         let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
-        assert_eq!(&bytes[8..8 + len], records[0].canonical_bytes().as_slice());
+        assert_eq!(
+            &bytes[HEADER..HEADER + len],
+            records[0].canonical_bytes().as_slice()
+        );
     }
 
     #[test]
@@ -801,8 +990,9 @@ mod tests {
         // The sectors of the last frame from the first boundary inside its
         // payload on never reached the disk.
         let last = starts[5];
-        let end = last + 8 + u32::from_le_bytes(bytes[last..last + 4].try_into().unwrap()) as usize;
-        let cut = (last + 8 + SECTOR) / SECTOR * SECTOR;
+        let end =
+            last + HEADER + u32::from_le_bytes(bytes[last..last + 4].try_into().unwrap()) as usize;
+        let cut = (last + HEADER + SECTOR) / SECTOR * SECTOR;
         assert!(cut < end, "the sample frame spans a sector boundary");
         bytes[cut..end].fill(0);
         let got = read(&bytes);
@@ -818,7 +1008,7 @@ mod tests {
         for frame in [1usize, 3] {
             let mut damaged = bytes.clone();
             // Also the last frame, followed only by zeros.
-            damaged[starts[frame] + 8 + 20] ^= 0x01;
+            damaged[starts[frame] + HEADER + 20] ^= 0x01;
             let got = read(&damaged);
             assert!(
                 matches!(got.tail, Tail::Corrupt { frame: f, .. } if f == frame),
@@ -837,6 +1027,8 @@ mod tests {
         assert_eq!(got.records.len(), 1);
     }
 
+    /// Files of versions before the length had its checksum: read by
+    /// their name's format.
     #[test]
     fn frames_from_before_the_canonical_payload_still_decode() {
         let mut r = super::super::tests::sample(0, 1_000);
@@ -848,8 +1040,13 @@ mod tests {
         bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         bytes.extend_from_slice(&payload);
-        let got = read(&bytes);
+        let older_name = "wal-0000000001-00000000000000000001.log";
+        assert_eq!(parse_name(older_name), Some((1, 1)));
+        let got = read_named(&bytes, older_name);
         assert_eq!(got.tail, Tail::Clean);
+        assert_eq!(got.records, vec![r.clone()]);
+        // Set aside, it is still read in its format.
+        let got = read_named(&bytes, &format!("{older_name}.corrupt"));
         assert_eq!(got.records, vec![r]);
     }
 }
