@@ -20,6 +20,12 @@ Scenarios:
               the same COPY + Sync in one write (the server ignores the
               Sync in copy mode), CopyDone once it starts; then
               Query(FIRST_SQL), then Query(SECOND_SQL), each on its own.
+  copy_data_sync
+              COPY orders_copy FROM STDIN + a row of copy data + Sync in
+              one write, before the server starts the copy (the Sync goes
+              into the copy, which ignores it: copy data does not end a
+              copy); CopyDone once it starts; then Query(FIRST_SQL), then
+              Query(SECOND_SQL), each on its own.
 
 usage: pg_desync.py HOST PORT TOKEN SCENARIO FIRST_SQL SECOND_SQL
 """
@@ -79,6 +85,16 @@ def main():
             answers += read_until(sock, [b"G"])
             sock.sendall(msg(b"c", b""))
             answers += read_until(sock, [b"Z"])
+        for sql in [first, second]:
+            sock.sendall(msg(b"Q", cstr(sql)))
+            answers += read_until(sock, [b"Z"])
+    elif scenario == "copy_data_sync":
+        sock.sendall(
+            msg(b"Q", cstr("COPY orders_copy FROM STDIN")) + msg(b"d", b"copied\n") + sync
+        )
+        answers += read_until(sock, [b"G"])
+        sock.sendall(msg(b"c", b""))
+        answers += read_until(sock, [b"Z"])
         for sql in [first, second]:
             sock.sendall(msg(b"Q", cstr(sql)))
             answers += read_until(sock, [b"Z"])

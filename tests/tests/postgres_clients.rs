@@ -1097,6 +1097,24 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     assert_eq!(rows.len(), 2, "{answers}");
     assert_eq!(rows[0]["values"][0], "1", "{answers}");
     assert_eq!(rows[1]["values"][0], "****", "{answers}");
+    // So does one sent behind copy data, before the copy ended: copy data
+    // alone does not end a copy.
+    let answers = copy_of_masked_column_after(&stack, &agent, "copy_data_sync");
+    let rows = tagged(&answers, "D");
+    assert_eq!(rows.len(), 2, "{answers}");
+    assert_eq!(rows[0]["values"][0], "1", "{answers}");
+    assert_eq!(rows[1]["values"][0], "****", "{answers}");
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "orders",
+                "SELECT count(*) FROM orders_copy WHERE x = 'copied'"
+            )
+            .expect("count"),
+        "1",
+        "the row of copy data went in"
+    );
 
     // A portal name taken over in SQL (CLOSE, then DECLARE a cursor of
     // the same name) is no longer the portal tollgate saw bound: the

@@ -41,7 +41,7 @@ pub(super) async fn client_to_server(
         answered,
         marker,
         forward: BytesMut::new(),
-        copy_data_sent: false,
+        copy_ended: false,
         skipping_to_sync: false,
         last_describe: None,
         encoding_barrier: None,
@@ -92,10 +92,11 @@ struct FromClient {
     marker: String,
     /// Messages admitted and not yet sent to the server.
     forward: BytesMut,
-    /// Copy data was sent since the last Execute or Query: a Sync after it
-    /// was not sent into the start of a COPY FROM STDIN (see
-    /// `Pending::after_copy_data`).
-    copy_data_sent: bool,
+    /// The client ended a copy (CopyDone or CopyFail) since the last
+    /// Execute or Query: a Sync after it was not sent into a COPY FROM
+    /// STDIN (see `Pending::after_copy_end`). Copy data alone does not end
+    /// one: a Sync behind it still goes into the copy.
+    copy_ended: bool,
     /// After a refused Execute, the rest of the pipeline up to Sync is
     /// dropped, as PostgreSQL itself does after an error.
     skipping_to_sync: bool,
@@ -227,7 +228,7 @@ impl FromClient {
             // ReadyForQuery of its own.
             b'S' => {}
             b'c' | b'f' => {
-                self.copy_data_sent = true;
+                self.copy_ended = true;
                 lock(&self.in_flight).copy_in = false;
             }
             other => {
@@ -244,8 +245,8 @@ impl FromClient {
     /// A simple Query: decided here, as a whole.
     async fn query(&mut self, frame: Frame) -> Result<(), WireError> {
         // Like an Execute, a Query may start a COPY FROM STDIN: whether a
-        // Sync behind it follows copy data counts from here.
-        self.copy_data_sent = false;
+        // Sync behind it follows the copy's end counts from here.
+        self.copy_ended = false;
         let text = wire::query_text(&frame).map_err(in_message("Query"))?;
         let operations = classify_within_limit(&text);
         match admit(&self.session, &text, &operations, String::new()).await {
@@ -253,7 +254,11 @@ impl FromClient {
                 let mut pending = admitted.into_pending(Kind::Query);
                 pending.reads_masked = reads_masked(&self.session.masks, &operations);
                 let mut guard = lock(&self.in_flight);
-                guard.push(pending);
+                if let Some(skipped) = guard.push(pending) {
+                    drop(guard);
+                    record_skipped(&self.session, skipped);
+                    return Ok(());
+                }
                 guard.note_renames(&operations);
                 if may_change_encoding_unseen(&operations) {
                     self.encoding_barrier = guard.queue.back().map(|p| p.id);
@@ -288,8 +293,7 @@ impl FromClient {
         });
         let mut parse = Pending::new(Kind::Parse, None);
         parse.parse = Some((name, prepared));
-        lock(&self.in_flight).push(parse);
-        self.forward.unsplit(frame.bytes);
+        self.forward_unless_skipped(parse, frame);
         Ok(())
     }
 
@@ -310,8 +314,7 @@ impl FromClient {
         .map_err(in_message("Bind"))?;
         let mut bind = Pending::new(Kind::Bind, None);
         bind.bind = Some((portal, (prepared, parameters)));
-        lock(&self.in_flight).push(bind);
-        self.forward.unsplit(frame.bytes);
+        self.forward_unless_skipped(bind, frame);
         Ok(())
     }
 
@@ -319,7 +322,7 @@ impl FromClient {
     /// parameters.
     async fn execute(&mut self, frame: Frame) -> Result<(), WireError> {
         let portal = wire::execute_portal(&frame).map_err(in_message("Execute"))?;
-        self.copy_data_sent = false;
+        self.copy_ended = false;
         let (prepared, parameters) = self
             .resolve(|f| f.portal(&portal))
             .await?
@@ -336,8 +339,11 @@ impl FromClient {
             Err(refusal) => {
                 let mut pending = Pending::new(Kind::RefusedExecute, None);
                 pending.refusal = Some((refusal.code, refusal.message));
-                lock(&self.in_flight).push(pending);
-                wire::execute(&mut self.forward, &self.marker);
+                // Refused all the same (and recorded so); the server,
+                // skipping to Sync, would not have answered it.
+                if lock(&self.in_flight).push(pending).is_none() {
+                    wire::execute(&mut self.forward, &self.marker);
+                }
                 // The server skips to Sync after the marker's error; so does
                 // tollgate, which neither decides nor audits what would be
                 // skipped.
@@ -359,7 +365,11 @@ impl FromClient {
                 describe.describes_next_execute = true;
             }
         }
-        guard.push(pending);
+        if let Some(skipped) = guard.push(pending) {
+            drop(guard);
+            record_skipped(&self.session, skipped);
+            return Ok(());
+        }
         guard.note_renames(&prepared.operations);
         drop(guard);
         self.execute_may_change_encoding |= may_change_encoding_unseen(&prepared.operations);
@@ -370,10 +380,11 @@ impl FromClient {
     fn sync(&mut self, frame: Frame) {
         self.skipping_to_sync = false;
         let mut sync = Pending::new(Kind::Sync, None);
-        sync.after_copy_data = self.copy_data_sent;
+        sync.after_copy_end = self.copy_ended;
         let mut guard = lock(&self.in_flight);
         guard.server_skipping = false;
-        guard.push(sync);
+        // A Sync is always queued (see `InFlight::push`).
+        let _ = guard.push(sync);
         // The server reports a changed encoding at the Sync.
         if std::mem::take(&mut self.execute_may_change_encoding) {
             self.encoding_barrier = guard.queue.back().map(|p| p.id);
@@ -386,8 +397,7 @@ impl FromClient {
         let (kind, name) = wire::close_message(&frame).map_err(in_message("Close"))?;
         let mut close = Pending::new(Kind::Close, None);
         close.close = Some((kind, name));
-        lock(&self.in_flight).push(close);
-        self.forward.unsplit(frame.bytes);
+        self.forward_unless_skipped(close, frame);
         Ok(())
     }
 
@@ -396,19 +406,27 @@ impl FromClient {
         // Describe of the portal about to be executed may plan that
         // Execute's masking.
         self.last_describe = Some(wire::close_message(&frame).map_err(in_message("Describe"))?);
-        lock(&self.in_flight).push(Pending::new(Kind::Describe, None));
-        self.forward.unsplit(frame.bytes);
+        self.forward_unless_skipped(Pending::new(Kind::Describe, None), frame);
         Ok(())
     }
 
     /// The COPY sub-protocol outside COPY FROM STDIN: the server ignores
     /// it, or it ends a COPY the server has not started yet.
     fn copy_data(&mut self, frame: Frame) {
-        self.copy_data_sent = true;
         if frame.tag != b'd' {
+            self.copy_ended = true;
             lock(&self.in_flight).copy_ended_early();
         }
         self.forward.unsplit(frame.bytes);
+    }
+
+    /// Queues a message that carries no statement of its own (Parse, Bind,
+    /// Describe, Close) and sends it on, unless the server, skipping to
+    /// Sync, would ignore it (see `InFlight::push`).
+    fn forward_unless_skipped(&mut self, pending: Pending, frame: Frame) {
+        if lock(&self.in_flight).push(pending).is_none() {
+            self.forward.unsplit(frame.bytes);
+        }
     }
 
     /// Sends what was admitted and lets its memory go.
@@ -510,8 +528,20 @@ fn refuse_in_place(
 ) {
     let mut pending = Pending::new(Kind::RefusedQuery, None);
     pending.refusal = Some((refusal.code, refusal.message));
-    lock(in_flight).push(pending);
-    wire::query(forward, marker);
+    // The refusal is recorded either way; a server skipping to Sync would
+    // not have answered the request (see `InFlight::push`).
+    if lock(in_flight).push(pending).is_none() {
+        wire::query(forward, marker);
+    }
+}
+
+/// Records the outcome of an admitted Query or Execute that came after an
+/// error the server skips to Sync from: it was not sent, as the server
+/// would not have run it.
+fn record_skipped(session: &Session, skipped: Pending) {
+    if let Some(outcome) = outcome_record(skipped, Some(not_executed()), Delivery::Sent) {
+        submit_outcome(session, outcome);
+    }
 }
 
 /// The refusal (and its audit row) of a FunctionCall message.

@@ -225,8 +225,15 @@ pub(super) fn message_passed_on_as_it_arrives(
     in_flight: &Mutex<InFlight>,
 ) -> Option<usize> {
     let total = large_message_ahead(buf)?;
+    let guard = lock(in_flight);
+    let head = guard.queue.front();
+    // One that answers no request in flight is held whole, to be refused
+    // as out of step (see `track_answer`).
+    if !head.is_some_and(|head| answers(head.kind, buf[0])) {
+        return None;
+    }
     let unmasked = match buf[0] {
-        b'D' => !row_rewritten(lock(in_flight).queue.front(), masks),
+        b'D' => !row_rewritten(head, masks),
         b'd' => masks.is_empty(),
         _ => false,
     };
@@ -514,19 +521,27 @@ pub(super) fn track_answer(
         ..
     } = &mut *guard;
     let Some(head) = queue.front_mut() else {
-        // ReadyForQuery answers a Query or a Sync: with none in flight, the
-        // answers and the requests are out of step.
-        if frame.tag == b'Z' {
-            return Err(WireError::Malformed(
-                "ReadyForQuery with no request in flight".into(),
-            ));
+        // With no request in flight only what the server may send at any
+        // time can come (an error that ends the session, a notice);
+        // anything else means the answers and the requests are out of step.
+        if !matches!(frame.tag, b'E' | b'N' | b'S' | b'A') {
+            return Err(WireError::Malformed(format!(
+                "the server sent {:?} with no request in flight",
+                frame.tag as char
+            )));
         }
-        if frame.tag == b'D' && row_rewritten(None, masks) {
-            // A row no request of ours asked for: show nothing of it.
-            masked_row = Some(mask::apply(frame, &ResultMask::everything())?);
-        }
-        return Ok(masked_row);
+        return Ok(None);
     };
+    // Each answer is judged against the request it answers (masked,
+    // counted, recorded): one that cannot answer the oldest request in
+    // flight means the two are out of step, and every later answer would
+    // be judged against the wrong request.
+    if !answers(head.kind, frame.tag) {
+        return Err(WireError::Malformed(format!(
+            "the server sent {:?} where it answers a {:?}",
+            frame.tag as char, head.kind
+        )));
+    }
     match frame.tag {
         // A RowDescription plans the masking of the rows that follow only
         // when it describes them: a simple query's own result, or the
@@ -575,6 +590,7 @@ pub(super) fn track_answer(
             }
         }
         b'C' | b'I' | b's' => {
+            head.completed = true;
             if frame.tag == b'C' {
                 head.tag_rows = Some(
                     head.tag_rows.unwrap_or(0) + wire::command_complete_rows(frame).unwrap_or(0),
@@ -637,12 +653,13 @@ pub(super) fn track_answer(
             } else {
                 *copy_in = true;
             }
-            // A Sync sent right behind the COPY FROM STDIN, before any copy
-            // data, reached the server in copy mode, which ignores it: it
-            // will get no ReadyForQuery.
-            if queue
+            // A Sync sent right behind the COPY FROM STDIN before the
+            // client ended the copy (copy data does not end it) reached the
+            // server in copy mode, which ignores it: it will get no
+            // ReadyForQuery. So does each such Sync after it.
+            while queue
                 .get(1)
-                .is_some_and(|p| p.kind == Kind::Sync && !p.after_copy_data)
+                .is_some_and(|p| p.kind == Kind::Sync && !p.after_copy_end)
             {
                 queue.remove(1);
             }
@@ -661,7 +678,10 @@ pub(super) fn track_answer(
             // An error ends a COPY FROM STDIN as well.
             *copy_in = false;
             match head.kind {
-                Kind::Query => head.error = Some(error),
+                Kind::Query => {
+                    head.error = Some(error);
+                    head.completed = true;
+                }
                 Kind::Execute | Kind::Parse | Kind::Bind | Kind::Describe | Kind::Close => {
                     // A failed Parse or Bind never made its statement or
                     // portal; a failed Execute is this error's request.
@@ -683,11 +703,12 @@ pub(super) fn track_answer(
         }
         b'Z' => {
             *copy_in = false;
-            if !matches!(head.kind, Kind::Query | Kind::Sync | Kind::RefusedQuery) {
-                return Err(WireError::Malformed(format!(
-                    "ReadyForQuery while a {:?} is unanswered",
-                    head.kind
-                )));
+            // A Query the server ran got at least one completion or error
+            // before this: one that got none was never seen by the server.
+            if head.kind == Kind::Query && !head.completed {
+                return Err(WireError::Malformed(
+                    "ReadyForQuery for a Query the server did not answer".into(),
+                ));
             }
             // Outside a transaction block (idle, or failed) every portal
             // the protocol bound is gone: a later one of the same name
@@ -727,17 +748,42 @@ pub(super) fn track_answer(
 /// on record already).
 /// Returns whether the client's Sync is already queued; if not, the server
 /// goes on skipping what the client sends until it comes.
+/// Whether the server message `tag` can be (part of) the answer to a
+/// request of `kind`. Errors, notices, parameter changes and notifications
+/// may come at any time.
+fn answers(kind: Kind, tag: u8) -> bool {
+    match tag {
+        b'E' | b'N' | b'S' | b'A' => true,
+        b'Z' => matches!(kind, Kind::Query | Kind::Sync | Kind::RefusedQuery),
+        b'1' => kind == Kind::Parse,
+        b'2' => kind == Kind::Bind,
+        b'3' => kind == Kind::Close,
+        // ParameterDescription and NoData answer only a Describe.
+        b't' | b'n' => kind == Kind::Describe,
+        b'T' => matches!(kind, Kind::Query | Kind::Describe),
+        // Rows, completions and the COPY sub-protocol answer what runs a
+        // statement.
+        b'D' | b'C' | b'I' | b'G' | b'H' | b'W' | b'd' | b'c' => {
+            matches!(kind, Kind::Query | Kind::Execute)
+        }
+        b's' => kind == Kind::Execute,
+        _ => false,
+    }
+}
+
+/// The outcome of a request the server skipped after an earlier error.
+pub(super) fn not_executed() -> (String, String) {
+    (
+        "25P02".into(),
+        "not executed: an earlier message in the pipeline failed".into(),
+    )
+}
+
 pub(super) fn skip_to_sync(queue: &mut Queue, finished: &mut Finished) -> bool {
     while queue.front().is_some_and(|p| p.kind != Kind::Sync) {
         if let Some(skipped) = queue.pop_front() {
             if matches!(skipped.kind, Kind::Execute | Kind::Query) {
-                finished.push((
-                    skipped,
-                    Some((
-                        "25P02".into(),
-                        "not executed: an earlier message in the pipeline failed".into(),
-                    )),
-                ));
+                finished.push((skipped, Some(not_executed())));
             }
         }
     }

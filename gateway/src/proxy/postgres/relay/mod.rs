@@ -127,9 +127,14 @@ struct Pending {
     close: Option<(u8, String)>,
     /// For a Describe: it describes the portal the next Execute runs.
     describes_next_execute: bool,
-    /// For a Sync: copy data was sent before it since the last Execute,
-    /// so it was not sent into the start of a COPY FROM STDIN.
-    after_copy_data: bool,
+    /// For a Query: the server finished one of its statements
+    /// (CommandComplete, EmptyQueryResponse or an error), so its
+    /// ReadyForQuery may come.
+    completed: bool,
+    /// For a Sync: the client ended a copy (CopyDone or CopyFail) before
+    /// it since the last Query or Execute. One sent before that went into
+    /// a COPY FROM STDIN, should one start, where the server ignores it.
+    after_copy_end: bool,
     /// For a Query or Execute: how many CopyDone or CopyFail the client
     /// sent behind it before the server answered with CopyInResponse (a
     /// client that does not wait for it). A COPY FROM STDIN of it that
@@ -251,7 +256,8 @@ impl Pending {
             bind: None,
             close: None,
             describes_next_execute: false,
-            after_copy_data: false,
+            after_copy_end: false,
+            completed: false,
             copies_ended_early: 0,
             id: 0,
             generation: 0,
@@ -474,11 +480,22 @@ enum Resolved<T> {
 }
 
 impl InFlight {
-    fn push(&mut self, mut pending: Pending) {
+    /// Queues `pending` for its answer; gives it back when the server will
+    /// not answer it. After an error the server skips every message up to
+    /// the next Sync, and a message queued once that error has come (the
+    /// client's reader looked before it came, and then waited for a
+    /// record or a name) would wait for an answer that never comes, with
+    /// every later answer taken for the one before it.
+    #[must_use = "a message given back is not to be sent: the server would ignore it"]
+    fn push(&mut self, mut pending: Pending) -> Option<Pending> {
+        if self.server_skipping && pending.kind != Kind::Sync {
+            return Some(pending);
+        }
         self.next_id += 1;
         pending.id = self.next_id;
         pending.generation = self.generation;
         self.queue.push_back(pending);
+        None
     }
 
     /// The client ended a copy (CopyDone or CopyFail) outside COPY FROM

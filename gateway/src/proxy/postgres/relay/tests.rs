@@ -15,15 +15,136 @@ fn answer(in_flight: &Mutex<InFlight>, frame: &Frame) -> Result<Option<BytesMut>
     track_answer(&MaskSet::default(), in_flight, frame, &mut Finished::new())
 }
 
+/// Queues a request the way the reader does, where the server is not
+/// skipping to Sync: it must be queued.
+trait Queued {
+    fn queued(&mut self, pending: Pending);
+}
+
+impl Queued for InFlight {
+    fn queued(&mut self, pending: Pending) {
+        assert!(self.push(pending).is_none(), "the request was queued");
+    }
+}
+
 fn queue_of(kinds: &[Kind]) -> Mutex<InFlight> {
     let mut in_flight = InFlight {
         marker: "tollgate_refused_test".into(),
         ..InFlight::default()
     };
     for kind in kinds {
-        in_flight.push(Pending::new(*kind, None));
+        in_flight.queued(Pending::new(*kind, None));
     }
     Mutex::new(in_flight)
+}
+
+/// Every answer is judged against the request it answers: one that cannot
+/// answer the oldest request in flight means a request the server never
+/// saw or ignored is queued, and every later answer would be masked,
+/// counted and recorded against the wrong request. The session ends.
+#[test]
+fn an_answer_that_cannot_answer_the_oldest_request_is_out_of_step() {
+    let out_of_step = [
+        (Kind::Sync, b'T', frame(b'T', &0i16.to_be_bytes())),
+        (Kind::Sync, b'D', frame(b'D', &0i16.to_be_bytes())),
+        (Kind::Sync, b'C', frame(b'C', b"SELECT 1\0")),
+        (Kind::Sync, b'1', frame(b'1', b"")),
+        (Kind::Query, b'1', frame(b'1', b"")),
+        (Kind::Parse, b'2', frame(b'2', b"")),
+        (Kind::Bind, b'1', frame(b'1', b"")),
+        (Kind::Execute, b'T', frame(b'T', &0i16.to_be_bytes())),
+        (Kind::Describe, b'D', frame(b'D', &0i16.to_be_bytes())),
+        (Kind::Close, b'n', frame(b'n', b"")),
+        (Kind::Query, b's', frame(b's', b"")),
+    ];
+    for (kind, tag, message) in out_of_step {
+        let in_flight = queue_of(&[kind]);
+        assert!(
+            matches!(answer(&in_flight, &message), Err(WireError::Malformed(_))),
+            "{:?} answering a {kind:?}",
+            tag as char
+        );
+    }
+    // A Query's ReadyForQuery with no completion before it: the server
+    // never ran that Query.
+    let in_flight = queue_of(&[Kind::Query]);
+    assert!(matches!(
+        answer(&in_flight, &frame(b'Z', b"I")),
+        Err(WireError::Malformed(_))
+    ));
+    // Nothing in flight: only what may come at any time passes.
+    let in_flight = queue_of(&[]);
+    assert!(matches!(
+        answer(&in_flight, &frame(b'D', &0i16.to_be_bytes())),
+        Err(WireError::Malformed(_))
+    ));
+    for tag in [b'E', b'N', b'S'] {
+        assert!(
+            answer(&in_flight, &frame(tag, b"")).is_ok(),
+            "{}",
+            tag as char
+        );
+    }
+    // And what fits passes: a Query answered in full.
+    let in_flight = queue_of(&[Kind::Query]);
+    for message in [
+        frame(b'T', &0i16.to_be_bytes()),
+        frame(b'D', &0i16.to_be_bytes()),
+        frame(b'C', b"SELECT 1\0"),
+        frame(b'Z', b"I"),
+    ] {
+        answer(&in_flight, &message).expect("in step");
+    }
+    assert!(lock(&in_flight).queue.is_empty());
+}
+
+/// Once the server skips to Sync after an error, a request the reader
+/// queues (it looked before the error came, then waited for a record or
+/// a name) is given back: the server ignores it, and queued it would be
+/// taken for the request the next answer belongs to.
+#[test]
+fn a_request_after_the_server_began_skipping_is_given_back_but_a_sync_is_queued() {
+    let in_flight = queue_of(&[]);
+    let mut f = lock(&in_flight);
+    f.server_skipping = true;
+    for kind in [
+        Kind::Query,
+        Kind::Execute,
+        Kind::Parse,
+        Kind::Bind,
+        Kind::Describe,
+        Kind::Close,
+        Kind::RefusedQuery,
+        Kind::RefusedExecute,
+    ] {
+        let given_back = f.push(Pending::new(kind, None));
+        assert!(
+            given_back.is_some_and(|p| p.kind == kind),
+            "{kind:?} was queued"
+        );
+    }
+    assert!(f.queue.is_empty());
+    assert!(f.push(Pending::new(Kind::Sync, None)).is_none());
+    assert_eq!(f.queue.len(), 1);
+}
+
+/// A Sync sent behind a COPY FROM STDIN before the client ended the copy
+/// goes into the copy, where the server ignores it; copy data does not end
+/// it. Every such Sync is dropped when the copy starts; one sent after the
+/// client's CopyDone is answered.
+#[test]
+fn syncs_sent_into_a_copy_are_dropped_when_it_starts() {
+    let in_flight = queue_of(&[Kind::Query, Kind::Sync, Kind::Sync, Kind::Sync]);
+    {
+        let mut f = lock(&in_flight);
+        if let Some(last) = f.queue.iter_mut().last() {
+            last.after_copy_end = true;
+        }
+    }
+    answer(&in_flight, &frame(b'G', &[0, 0, 0])).expect("in step");
+    let f = lock(&in_flight);
+    let kinds: Vec<(Kind, bool)> = f.queue.iter().map(|p| (p.kind, p.after_copy_end)).collect();
+    assert_eq!(kinds, [(Kind::Query, false), (Kind::Sync, true)]);
 }
 
 #[test]
@@ -88,6 +209,7 @@ fn a_simple_query_or_a_failed_unnamed_parse_forgets_the_unnamed_statement() {
         f.portals
             .insert("".into(), (0, (prepared("SELECT 1"), String::new())));
     }
+    answer(&in_flight, &frame(b'C', b"SELECT 1\0")).expect("in step");
     answer(&in_flight, &frame(b'Z', b"I")).expect("in step");
     let f = lock(&in_flight);
     assert!(matches!(f.statement(""), Resolved::Known(None)));
@@ -102,9 +224,9 @@ fn a_simple_query_or_a_failed_unnamed_parse_forgets_the_unnamed_statement() {
         let mut f = lock(&in_flight);
         let mut parse = Pending::new(Kind::Parse, None);
         parse.parse = Some(("".into(), prepared("SELECT 1")));
-        f.push(parse);
-        f.push(Pending::new(Kind::Sync, None));
-        f.push(Pending::new(Kind::Query, None));
+        f.queued(parse);
+        f.queued(Pending::new(Kind::Sync, None));
+        f.queued(Pending::new(Kind::Query, None));
         assert!(matches!(f.statement(""), Resolved::Known(None)));
     }
 
@@ -115,8 +237,8 @@ fn a_simple_query_or_a_failed_unnamed_parse_forgets_the_unnamed_statement() {
         f.statements.insert("".into(), (0, prepared("SELECT 1")));
         let mut parse = Pending::new(Kind::Parse, None);
         parse.parse = Some(("".into(), prepared("SELEC oops")));
-        f.push(parse);
-        f.push(Pending::new(Kind::Sync, None));
+        f.queued(parse);
+        f.queued(Pending::new(Kind::Sync, None));
     }
     let mut error = BytesMut::new();
     wire::error_response(&mut error, "ERROR", "42601", "syntax error");
@@ -1108,11 +1230,11 @@ fn requests_skipped_after_an_error_give_back_their_text() {
             query_info_query_string: "SELECT 1/0".into(),
             ..AuditRecord::default()
         };
-        f.push(Pending::new(Kind::Execute, Some(record)));
+        f.queued(Pending::new(Kind::Execute, Some(record)));
         let mut parse = Pending::new(Kind::Parse, None);
         parse.parse = Some(("big".into(), prepared(&"x".repeat(1 << 20))));
-        f.push(parse);
-        f.push(Pending::new(Kind::Sync, None));
+        f.queued(parse);
+        f.queued(Pending::new(Kind::Sync, None));
         assert_eq!(f.queue.held_bytes, 10 + (1 << 20));
     }
     let mut error = b"SERROR\0C22012\0Mdivision by zero\0".to_vec();
