@@ -1177,6 +1177,9 @@ struct SegState {
     checkpoint_every: Duration,
     /// The last checkpoint if it was an idle one, with its tree size.
     idle_prev: Option<(PathBuf, usize)>,
+    /// Manifest lines the last checkpoint this process wrote signs (0
+    /// before its first).
+    signed_lines: usize,
     retention_days: Option<u32>,
     last_retention: Option<Instant>,
 }
@@ -1274,6 +1277,13 @@ impl SegState {
             .filter(|r| r.sequence > done)
             .collect();
         if todo.is_empty() {
+            // A retried batch whose segments were all manifested before
+            // its checkpoint failed still owes that checkpoint: its WAL
+            // files go once this returns, and entries nothing signs are
+            // not to outlive the records' only other copy.
+            if self.signed_lines != self.manifest.lines.len() {
+                self.checkpoint()?;
+            }
             return Ok(());
         }
         let mut start = 0;
@@ -1413,6 +1423,7 @@ impl SegState {
             signer,
             checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
             idle_prev: None,
+            signed_lines: 0,
             retention_days: cfg.retention_days,
             last_retention: None,
         })
@@ -1449,6 +1460,7 @@ impl SegState {
         )?;
         self.last_checkpoint = Instant::now();
         self.last_checkpoint_ms = time;
+        self.signed_lines = self.manifest.lines.len();
         checkpoint::thin(
             &self.dir.join("checkpoints"),
             self.checkpoint_counter,
@@ -1772,5 +1784,36 @@ mod segment_order_tests {
         seg.write_segment(records.iter().collect())
             .expect("in sequence");
         assert_eq!(seg.manifest.last_segment().map(|s| s.last_seq), Some(3));
+    }
+
+    /// A batch whose segment was manifested but whose checkpoint failed is
+    /// retried (its WAL files are kept until it succeeds); the retry finds
+    /// no record left to write and must still sign the entry before it
+    /// reports success, upon which the WAL files are deleted.
+    #[test]
+    fn a_retried_batch_signs_the_entries_its_failed_checkpoint_left_unsigned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = seg_state(dir.path());
+        let records: Vec<AuditRecord> = (1..=3).map(record).collect();
+        // Checkpoints cannot be written: their directory is a file.
+        let checkpoints = dir.path().join("checkpoints");
+        fs::remove_dir(&checkpoints).expect("remove");
+        fs::write(&checkpoints, b"").expect("a file in its place");
+        seg.write_segments(&records)
+            .expect_err("the checkpoint fails");
+        assert_eq!(seg.manifest.lines.len(), 1, "the entry was appended");
+
+        fs::remove_file(&checkpoints).expect("remove");
+        fs::create_dir(&checkpoints).expect("dir");
+        seg.write_segments(&records).expect("the retry");
+        assert_eq!(seg.manifest.lines.len(), 1, "nothing written twice");
+        let key = seg.signer.public();
+        let (_, newest) = checkpoint::list(&checkpoints)
+            .expect("list")
+            .pop()
+            .expect("a checkpoint");
+        let text = fs::read_to_string(newest).expect("read");
+        let signed = checkpoint::open_note(&text, &key).expect("verifies");
+        assert_eq!(signed.size, 1, "the retry signed the entry");
     }
 }

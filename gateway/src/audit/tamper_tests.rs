@@ -192,6 +192,22 @@ async fn dropped_manifest_entries_are_reported() {
     assert!(has(&r, Kind::SegmentUnlisted, &s[3], None));
     assert!(has(&r, Kind::SegmentUnlisted, &s[4], None));
 
+    // A copy deeper under records/, which `records/**/*.parquet` reads.
+    let nested = Path::new(&s[0])
+        .parent()
+        .unwrap()
+        .join("more")
+        .join("copy.parquet");
+    fs::create_dir_all(cfg.dir.join(nested.parent().unwrap())).unwrap();
+    fs::copy(cfg.dir.join(&s[0]), cfg.dir.join(&nested)).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(
+        has(&r, Kind::SegmentUnlisted, &nested.to_string_lossy(), None),
+        "{:#?}",
+        r.problems
+    );
+    fs::remove_dir_all(cfg.dir.join(nested.parent().unwrap())).unwrap();
+
     // Deleting the unlisted files too still leaves the signed size behind.
     fs::remove_file(cfg.dir.join(&s[3])).unwrap();
     fs::remove_file(cfg.dir.join(&s[4])).unwrap();
@@ -368,10 +384,35 @@ async fn retention_is_a_signed_manifest_entry_and_verifies() {
     log.shutdown().await;
     let before = segments(&cfg);
     assert_eq!(before.len(), 3);
+    let first_bytes = fs::read(cfg.dir.join(&before[0])).unwrap();
 
     apply_retention(&cfg, 7, now).unwrap();
     let after = segments(&cfg);
     assert_eq!(after, vec![before[2].clone()]);
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+
+    // A removed segment still on disk as it was (a crash between the
+    // signed removal and the deletion) is a note; another file in its
+    // place, which queries would read, is a problem.
+    let removed = cfg.dir.join(&before[0]);
+    fs::create_dir_all(removed.parent().unwrap()).unwrap();
+    fs::write(&removed, &first_bytes).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert!(
+        r.notes.iter().any(|n| n.contains("deletion pending")),
+        "{:?}",
+        r.notes
+    );
+    fs::copy(cfg.dir.join(&before[2]), cfg.dir.join(&before[0])).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(
+        has(&r, Kind::SegmentHashMismatch, &before[0], None),
+        "{:#?}",
+        r.problems
+    );
+    fs::remove_file(cfg.dir.join(&before[0])).unwrap();
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(r.ok, "{:#?}", r.problems);
     assert_eq!(r.segments, 1);

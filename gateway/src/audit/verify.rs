@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
+    fs, io,
     path::Path,
 };
 
@@ -14,7 +14,7 @@ use tracing::info;
 use super::{
     checkpoint::{self, NoteError, Verifier},
     manifest::{Entry, Manifest, SegmentEntry},
-    merkle, segment, store, wal, GENESIS_HASH,
+    merkle, segment, wal, GENESIS_HASH,
 };
 
 /// What can be wrong. The names are stable: reports and docs use them.
@@ -468,11 +468,24 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
         }
         if removed.contains_key(&(i as u64)) {
             cx.report.segments_removed += 1;
-            if dir.join(&s.path).exists() {
-                cx.report.notes.push(format!(
-                    "{} was removed by retention but is still on disk (deletion pending)",
-                    s.path
-                ));
+            let left = dir.join(&s.path);
+            if left.exists() {
+                // Retention signs the removal, then deletes: a crash in
+                // between leaves the file as it was. Anything else at that
+                // path was put there, and queries over `records/` read it.
+                match segment::file_sha256(&left) {
+                    Ok(h) if h == s.sha256 => cx.report.notes.push(format!(
+                        "{} was removed by retention but is still on disk (deletion pending)",
+                        s.path
+                    )),
+                    _ => cx.problem(
+                        Kind::SegmentHashMismatch,
+                        &s.path,
+                        None,
+                        None,
+                        "a file where retention removed a segment is not that segment",
+                    ),
+                }
             }
         } else {
             cx.report.segments += 1;
@@ -494,7 +507,7 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
             prev_hash: s.last_record_hash.clone(),
         };
     }
-    match store::list_segment_files(dir) {
+    match parquet_files_under_records(dir) {
         Ok(files) => {
             for f in files {
                 if !listed.contains(&f) {
@@ -517,6 +530,35 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
         ),
     }
     cur
+}
+
+/// Every `*.parquet` file under `records/`, at any depth, as paths relative
+/// to `dir`: the daemon writes one level of day directories, but the
+/// documented queries read `records/**/*.parquet`, so a file anywhere
+/// there is one an analyst would read.
+fn parquet_files_under_records(dir: &Path) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.join("records")];
+    while let Some(folder) = todo.pop() {
+        let entries = match fs::read_dir(&folder) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                if let Ok(rel) = path.strip_prefix(dir) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn check_segment_file(dir: &Path, s: &SegmentEntry, cx: &mut Ctx) {
