@@ -292,6 +292,9 @@ impl FromClient {
             parameter_types,
         });
         let mut parse = Pending::new(Kind::Parse, None);
+        // Its errors may quote the statement's constants, as any of the
+        // statement's own errors may.
+        parse.reads_masked = reads_masked(&self.session.masks, &prepared.operations);
         parse.parse = Some((name, prepared));
         self.forward_unless_skipped(parse, frame);
         Ok(())
@@ -313,6 +316,10 @@ impl FromClient {
         )
         .map_err(in_message("Bind"))?;
         let mut bind = Pending::new(Kind::Bind, None);
+        // The server plans the statement at Bind, evaluating immutable
+        // functions of constants: their errors and notices are the
+        // statement's, and redacted as its own are.
+        bind.reads_masked = reads_masked(&self.session.masks, &prepared.operations);
         bind.bind = Some((portal, (prepared, parameters)));
         self.forward_unless_skipped(bind, frame);
         Ok(())
