@@ -383,6 +383,22 @@ pub fn last_time(dir: &Path, key: &Verifier) -> Option<i64> {
     open_note(&text, key).ok()?.time_ms
 }
 
+/// The newest checkpoint in `dir` whose signature verifies with `key`,
+/// and whether any checkpoint file is there at all.
+pub fn newest_valid(dir: &Path, key: &Verifier) -> io::Result<(Option<Checkpoint>, bool)> {
+    let files = list(dir)?;
+    let any = !files.is_empty();
+    for (_, path) in files.into_iter().rev() {
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        if let Ok(checkpoint) = open_note(&text, key) {
+            return Ok((Some(checkpoint), any));
+        }
+    }
+    Ok((None, any))
+}
+
 /// Checkpoints kept in full: the newest this many ...
 pub const KEEP_RECENT: u64 = 1000;
 /// ... and, older than that, every checkpoint whose counter is a multiple of

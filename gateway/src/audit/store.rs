@@ -185,6 +185,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         // the entries appended from now on.
         file.sync_all()?;
     }
+    check_unsigned_tail(&dir, &manifest, &signer, cfg.retention_days, now_ms())?;
     remove_unlisted_segments(&dir, &manifest)?;
 
     let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
@@ -628,6 +629,134 @@ pub(crate) fn list_segment_files(dir: &Path) -> io::Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Refuses a manifest the daemon must not sign: the next checkpoint signs
+/// every line, so a line appended by someone who can write the directory
+/// but has not the key would otherwise become as good as the daemon's.
+///
+/// The lines the newest valid checkpoint signs must still hash to its
+/// root. A line past them is what a crash between an entry and its
+/// checkpoint leaves, and is taken only if it is the daemon's own: a
+/// segment entry whose last record is in the WAL, chained to a seal that
+/// only the daemon's key makes (WAL files are deleted only once their
+/// entries are signed), or a retention entry dated before `now`, under
+/// `retention_days`, that removes only segments older than it says.
+fn check_unsigned_tail(
+    dir: &Path,
+    manifest: &Manifest,
+    signer: &Signer,
+    retention_days: Option<u32>,
+    now: i64,
+) -> anyhow::Result<()> {
+    let refuse = |line: usize, why: &str| {
+        anyhow::anyhow!(
+            "{}: line {} is not signed by any checkpoint and {why}; the daemon will not sign it. \
+             Run `tollgate audit verify`",
+            dir.join(manifest::FILE).display(),
+            line + 1
+        )
+    };
+    let (newest, any) = checkpoint::newest_valid(&dir.join("checkpoints"), &signer.public())?;
+    let signed = match newest {
+        Some(checkpoint) => {
+            let size = usize::try_from(checkpoint.size).unwrap_or(usize::MAX);
+            if size > manifest.lines.len() {
+                anyhow::bail!(
+                    "{}: a checkpoint signs {size} lines and the manifest has {}: lines were removed. \
+                     Run `tollgate audit verify`",
+                    dir.join(manifest::FILE).display(),
+                    manifest.lines.len()
+                );
+            }
+            let mut frontier = merkle::Frontier::default();
+            for line in &manifest.lines[..size] {
+                frontier.push(merkle::leaf_hash(line));
+            }
+            if frontier.root() != checkpoint.root {
+                anyhow::bail!(
+                    "{}: its first {size} lines no longer hash to the root the newest checkpoint signs: \
+                     a signed line was changed. Run `tollgate audit verify`",
+                    dir.join(manifest::FILE).display()
+                );
+            }
+            size
+        }
+        None if any => anyhow::bail!(
+            "{}: no checkpoint verifies with this daemon's signing key (was the key changed?). \
+             Run `tollgate audit verify` with the public key the checkpoints were signed with",
+            dir.join("checkpoints").display()
+        ),
+        None => 0,
+    };
+    if signed == manifest.lines.len() {
+        return Ok(());
+    }
+    let wal = wal::read_all(&dir.join("wal"))?;
+    let seal_key = signer.wal_seal_key();
+    for (line, entry) in manifest.entries.iter().enumerate().skip(signed) {
+        match entry {
+            Entry::Segment(s) => {
+                if !sealed_in_wal(&wal, &seal_key, s.last_seq, &s.last_record_hash) {
+                    return Err(refuse(
+                        line,
+                        "its last record is not in the WAL under a seal of this daemon",
+                    ));
+                }
+            }
+            Entry::Retention(r) => {
+                let cutoff = r.at - i64::from(r.retention_days) * 86_400_000;
+                let expired = r.removed.iter().all(|removed| {
+                    matches!(
+                        manifest.entries.get(removed.line as usize),
+                        Some(Entry::Segment(s)) if (removed.line as usize) < line
+                            && s.path == removed.path
+                            && s.first_seq == removed.first_seq
+                            && s.last_seq == removed.last_seq
+                            && s.last_time == removed.last_time
+                            && s.last_time < cutoff
+                    )
+                });
+                if r.at > now || Some(r.retention_days) != retention_days || !expired {
+                    return Err(refuse(
+                        line,
+                        "it is not a retention this daemon would run (dated later than now, \
+                         another period, or removing segments that are not expired)",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the WAL holds the record at `sequence` with `record_hash`,
+/// chained to the next seal at or after it, which verifies with `key`.
+fn sealed_in_wal(
+    wal: &wal::Merged,
+    key: &ring::hmac::Key,
+    sequence: u64,
+    record_hash: &str,
+) -> bool {
+    let Some(start) = wal.records.iter().position(|r| r.sequence == sequence) else {
+        return false;
+    };
+    let mut hash = record_hash;
+    if wal.records[start].record_hash != hash || wal.records[start].compute_hash() != hash {
+        return false;
+    }
+    for (i, r) in wal.records[start..].iter().enumerate() {
+        if i > 0 {
+            if r.prev_record_hash != hash || r.compute_hash() != r.record_hash {
+                return false;
+            }
+            hash = &r.record_hash;
+        }
+        if let Some(seal) = wal.seals.get(&r.sequence) {
+            return seal.covers(key, hash);
+        }
+    }
+    false
 }
 
 /// A segment renamed into place whose manifest entry was never written
@@ -1557,6 +1686,20 @@ impl SegState {
 /// Runs retention once on a closed store directory, as of `now` (epoch ms).
 /// Used by tests and by operators who want to apply a new retention period
 /// without waiting for the hourly pass.
+/// The state a crash between a segment's manifest entry and its
+/// checkpoint leaves: every record in the WAL of the stopped store at `cfg`
+/// written as a segment with its entry, and no checkpoint.
+#[cfg(test)]
+pub(crate) fn segment_without_checkpoint(cfg: &AuditConfig) {
+    let perms = Perms::default();
+    let signer = Signer::load_or_generate(cfg, &perms).expect("key");
+    let (manifest, _) = Manifest::read(&cfg.dir).expect("manifest");
+    let mut seg = SegState::new(cfg, None, perms, manifest, signer).expect("segment state");
+    let records = wal::read_all(&cfg.dir.join("wal")).expect("WAL").records;
+    seg.write_segment(records.iter().collect())
+        .expect("segment");
+}
+
 pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result<()> {
     let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
     let signer = Signer::load_or_generate(cfg, &perms)?;
@@ -1565,6 +1708,7 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
     let lock = lock_dir(&cfg.dir, &perms)?;
+    check_unsigned_tail(&cfg.dir, &manifest, &signer, Some(days), now_ms())?;
     let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
     seg.retention_days = Some(days);
     seg.retain(days, now)

@@ -786,3 +786,133 @@ async fn a_segment_that_crashes_the_parquet_decoder_is_reported_and_verify_goes_
     assert_eq!(r.records, 35, "{:#?}", r.problems);
     assert_eq!(r.segments, 5);
 }
+
+/// Appends `entry` to the manifest of the stopped store at `cfg`, as
+/// anyone who can write the directory (but has not the key) can.
+fn append_entry(cfg: &AuditConfig, entry: manifest::Entry) {
+    let (mut m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    m.append(&cfg.dir, &super::fsutil::Perms::default(), entry)
+        .unwrap();
+}
+
+/// The daemon signs every manifest line at its next checkpoint: a line
+/// someone appended while it was stopped would become as good as its own.
+/// A retention entry dated ahead, with a period of 0 days, would have the
+/// daemon delete every segment and sign the deletion. It refuses to start
+/// instead, and nothing is deleted.
+#[tokio::test]
+async fn a_forged_retention_entry_is_not_signed_and_deletes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = build(tmp.path()).await;
+    cfg.retention_days = Some(30);
+    let before = segments(&cfg);
+    let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    let removed: Vec<manifest::RemovedSegment> = m
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(line, e)| match e {
+            manifest::Entry::Segment(s) => Some(manifest::RemovedSegment {
+                line: line as u64,
+                path: s.path.clone(),
+                first_seq: s.first_seq,
+                last_seq: s.last_seq,
+                last_time: s.last_time,
+            }),
+            manifest::Entry::Retention(_) => None,
+        })
+        .collect();
+    append_entry(
+        &cfg,
+        manifest::Entry::Retention(manifest::RetentionEntry {
+            at: store::now_ms() + 86_400_000,
+            retention_days: 0,
+            removed,
+        }),
+    );
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("not signed"), "{err:#}");
+    assert_eq!(segments(&cfg), before, "nothing was deleted");
+    // Nor does an operator's retention run sign it.
+    let err = apply_retention(&cfg, 30, store::now_ms()).expect_err("refused");
+    assert!(err.to_string().contains("not signed"), "{err:#}");
+    assert_eq!(segments(&cfg), before);
+}
+
+/// A segment entry appended by hand (here: a copy of the last one's file,
+/// listed as the next sequences) names records no seal of the daemon's
+/// covers: refused.
+#[tokio::test]
+async fn a_forged_segment_entry_is_not_signed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    let Some(last) = m.last_segment().cloned() else {
+        panic!("a segment");
+    };
+    let forged_path = last.path.replace(".parquet", "-more.parquet");
+    fs::copy(cfg.dir.join(&last.path), cfg.dir.join(&forged_path)).unwrap();
+    let span = last.last_seq - last.first_seq + 1;
+    append_entry(
+        &cfg,
+        manifest::Entry::Segment(manifest::SegmentEntry {
+            path: forged_path,
+            first_seq: last.last_seq + 1,
+            last_seq: last.last_seq + span,
+            first_prev_hash: last.last_record_hash.clone(),
+            ..last.clone()
+        }),
+    );
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(
+        err.to_string().contains("not in the WAL under a seal"),
+        "{err:#}"
+    );
+}
+
+/// A signed line changed (here: a segment's close time) no longer hashes
+/// to the root the newest checkpoint signs: refused, rather than signed
+/// over.
+#[tokio::test]
+async fn a_changed_signed_manifest_line_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let path = cfg.dir.join(manifest::FILE);
+    let text = fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut entry: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    entry["closed_at"] = serde_json::json!(entry["closed_at"].as_i64().unwrap() + 1);
+    lines[1] = entry.to_string();
+    fs::write(&path, format!("{}\n", lines.join("\n"))).unwrap();
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("no longer hash"), "{err:#}");
+}
+
+/// What a crash between a segment's manifest entry and its checkpoint
+/// leaves (an unsigned entry whose records are still in the WAL, under
+/// the daemon's seals) is the daemon's own: it starts, signs it, and the
+/// directory verifies.
+#[tokio::test]
+async fn an_entry_a_crash_left_unsigned_is_taken_when_the_wal_backs_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 3600;
+    let (log, _) = open_with_samples(&cfg, 5).await;
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    let cfg = AuditConfig {
+        dir: crashed,
+        ..cfg
+    };
+    store::segment_without_checkpoint(&cfg);
+    let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    assert_eq!(m.lines.len(), 1, "the entry was appended, unsigned");
+
+    let log = AuditLog::open(&cfg).await.expect("starts");
+    assert_eq!(log.append(sample(9, store::now_ms())).await.unwrap(), 6);
+    log.shutdown().await;
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.records, 6);
+}
