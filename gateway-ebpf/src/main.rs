@@ -591,8 +591,8 @@ const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DEST_OPTS: u8 = 60;
-/// IPsec: the transport header follows an authentication header, and is
-/// encrypted behind an ESP one.
+/// IPsec: the transport header follows an authentication header (walked),
+/// and is encrypted behind an ESP one (see [`TransportHeader::Encrypted`]).
 const IPPROTO_ESP: u8 = 50;
 const IPPROTO_AH: u8 = 51;
 /// IPv6 extension headers walked before giving up on finding the
@@ -619,11 +619,17 @@ enum TransportHeader {
     /// Not in this packet: a fragment after the first, whose first fragment
     /// carried the ports.
     InFirstFragment,
+    /// Encrypted behind ESP: the host's own IPsec. Not recorded: on a host
+    /// that talks IPsec to a target's host every packet to it is ESP, and
+    /// a hand-made ESP packet reaches a service there only with the
+    /// security association's keys, which only the kernel holds.
+    Encrypted,
     /// Somewhere this program does not read: behind more extension headers
-    /// than it walks, encrypted (ESP), or past the end of a packet made by
-    /// hand. Such a packet cannot be matched to a port, so it is recorded
-    /// when its destination address is a protected target's: otherwise a
-    /// raw socket could reach a target unrecorded by stacking headers.
+    /// than it walks, or past the end of a packet made by hand (the kernel
+    /// makes neither). Such a packet cannot be matched to a port, so it is
+    /// recorded when its destination address is a protected target's:
+    /// otherwise a raw socket could reach a target unrecorded by stacking
+    /// headers.
     Hidden,
 }
 
@@ -649,15 +655,27 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
             if ihl < 20 {
                 return None;
             }
-            let protocol: u8 = ctx.load(9).ok()?;
+            let mut protocol: u8 = ctx.load(9).ok()?;
             // The 13-bit fragment offset: only the first fragment carries the
             // transport header.
             let fragment: u16 = u16::from_be(ctx.load(6).ok()?);
             let daddr: u32 = ctx.load(16).ok()?;
             let transport = if fragment & 0x1fff != 0 {
                 TransportHeader::InFirstFragment
-            } else if protocol == IPPROTO_ESP || protocol == IPPROTO_AH {
-                TransportHeader::Hidden
+            } else if protocol == IPPROTO_AH {
+                // Its length is in 4-byte units, less two.
+                match ctx.load::<[u8; 2]>(ihl) {
+                    Ok(header) => {
+                        protocol = header[0];
+                        match protocol {
+                            IPPROTO_ESP => TransportHeader::Encrypted,
+                            _ => TransportHeader::At(ihl + (usize::from(header[1]) + 2) * 4),
+                        }
+                    }
+                    Err(_) => TransportHeader::Hidden,
+                }
+            } else if protocol == IPPROTO_ESP {
+                TransportHeader::Encrypted
             } else {
                 TransportHeader::At(ihl)
             };
@@ -710,7 +728,10 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
                         }
                         offset += 8;
                     }
-                    IPPROTO_ESP => break,
+                    IPPROTO_ESP => {
+                        transport = TransportHeader::Encrypted;
+                        break;
+                    }
                     _ => {
                         transport = TransportHeader::At(offset);
                         break;
@@ -752,8 +773,8 @@ pub fn tollgate_packet_egress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
     let port = match dst.transport {
-        // Its first fragment was judged.
-        TransportHeader::InFirstFragment => return,
+        // Its first fragment was judged; IPsec's own packets are not.
+        TransportHeader::InFirstFragment | TransportHeader::Encrypted => return,
         // Protocols without ports (ICMP, ...) cannot reach a port-keyed
         // target.
         TransportHeader::At(_) if !has_ports(dst.protocol) => return,

@@ -20,6 +20,8 @@ Scenarios:
               the same COPY + Sync in one write (the server ignores the
               Sync in copy mode), CopyDone once it starts; then
               Query(FIRST_SQL), then Query(SECOND_SQL), each on its own.
+  bind_only   Parse (unnamed) of FIRST_SQL + Bind + Sync, no Execute (the
+              server plans a statement at Bind); then Query(SECOND_SQL).
   copy_data_sync
               COPY orders_copy FROM STDIN + a row of copy data + Sync in
               one write, before the server starts the copy (the Sync goes
@@ -88,6 +90,15 @@ def main():
         for sql in [first, second]:
             sock.sendall(msg(b"Q", cstr(sql)))
             answers += read_until(sock, [b"Z"])
+    elif scenario == "bind_only":
+        sock.sendall(
+            msg(b"P", cstr("") + cstr(first) + struct.pack("!h", 0))
+            + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+            + sync
+        )
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(msg(b"Q", cstr(second)))
+        answers += read_until(sock, [b"Z"])
     elif scenario == "copy_data_sync":
         sock.sendall(
             msg(b"Q", cstr("COPY orders_copy FROM STDIN")) + msg(b"d", b"copied\n") + sync

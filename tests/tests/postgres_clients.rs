@@ -1364,11 +1364,12 @@ fn refusals_are_answered_in_place_even_when_the_client_has_not_synced() {
         return;
     };
 
-    // A refused Execute followed by Flush: the error is owed on the Flush,
-    // after the Parse and Bind it follows.
+    // A refused statement's Parse, Bind and Execute followed by Flush: the
+    // error is owed on the Flush, after the Parse, in place of the Bind
+    // (the statement is refused before the server would plan it).
     let flush = unsynced(&stack, &token, "flush", "DROP TABLE customers", "");
-    assert_eq!(tags(&flush["on_flush"]), ["1", "2", "E"], "{flush}");
-    assert_eq!(flush["on_flush"][2]["sqlstate"], "42501", "{flush}");
+    assert_eq!(tags(&flush["on_flush"]), ["1", "E"], "{flush}");
+    assert_eq!(flush["on_flush"][1]["sqlstate"], "42501", "{flush}");
     assert_eq!(tags(&flush["on_sync"]), ["Z"], "{flush}");
     assert_eq!(tags(&flush["after"]), ["T", "D", "C", "Z"], "{flush}");
 
@@ -1470,6 +1471,47 @@ fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
         "the Execute must be decided as the DELETE the server would run: {answers}"
     );
     assert_eq!(customers_left(&stack), "3", "the DELETE ran");
+}
+
+/// PostgreSQL plans a statement at Bind (evaluating immutable functions of
+/// its constants): a statement policy denies is refused at its Bind, with
+/// its refusal on record, and never planned; the session goes on.
+#[test]
+fn a_denied_statement_is_refused_at_its_bind() {
+    let Some((stack, token)) = start("a_denied_statement_is_refused_at_its_bind") else {
+        return;
+    };
+    let answers = raw_protocol_json(
+        &stack,
+        "pg_desync.py",
+        &token,
+        &["bind_only", "DELETE FROM customers", "SELECT 1"],
+    );
+    assert!(
+        tagged(&answers, "2").is_empty(),
+        "the Bind reached the server: {answers}"
+    );
+    let errors = tagged(&answers, "E");
+    assert_eq!(errors.len(), 1, "{answers}");
+    assert_eq!(errors[0]["sqlstate"], "42501", "{answers}");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("delete_without_where"),
+        "{answers}"
+    );
+    let rows = tagged(&answers, "D");
+    assert_eq!(rows.len(), 1, "the session goes on: {answers}");
+    assert_eq!(rows[0]["values"][0], "1", "{answers}");
+    stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND query_info_query_string = 'DELETE FROM customers'",
+            1,
+            Duration::from_secs(10),
+        )
+        .expect("the refusal is on record");
+    assert_eq!(customers_left(&stack), "3");
 }
 
 #[test]

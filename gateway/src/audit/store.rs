@@ -185,7 +185,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         // the entries appended from now on.
         file.sync_all()?;
     }
-    check_unsigned_tail(&dir, &manifest, &signer, cfg.retention_days, now_ms())?;
+    let manifest = set_aside_unsigned_tail(&dir, manifest, &signer, &perms)?;
     remove_unlisted_segments(&dir, &manifest)?;
 
     let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
@@ -631,32 +631,28 @@ pub(crate) fn list_segment_files(dir: &Path) -> io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// Refuses a manifest the daemon must not sign: the next checkpoint signs
-/// every line, so a line appended by someone who can write the directory
-/// but has not the key would otherwise become as good as the daemon's.
+/// Makes the manifest one the daemon may sign. Every checkpoint signs the
+/// whole manifest, so a line appended by someone who can write the
+/// directory but has not the key would otherwise become as good as the
+/// daemon's at the next one (a retention entry would have its segments
+/// deleted, and verify would pass).
 ///
 /// The lines the newest valid checkpoint signs must still hash to its
-/// root. A line past them is what a crash between an entry and its
-/// checkpoint leaves, and is taken only if it is the daemon's own: a
-/// segment entry whose last record is in the WAL, chained to a seal that
-/// only the daemon's key makes (WAL files are deleted only once their
-/// entries are signed), or a retention entry dated before `now`, under
-/// `retention_days`, that removes only segments older than it says.
-fn check_unsigned_tail(
+/// root, or the daemon does not start. Lines past them are what a crash
+/// between an entry and its checkpoint leaves, or what someone appended:
+/// they are not taken. They are set aside, with the segment files they
+/// name, as evidence (`manifest.unsigned-<ms>.jsonl`, `*.parquet.unsigned`),
+/// and the manifest ends where the checkpoint does. The records of a
+/// segment entry set aside are still in the WAL (its files go only once
+/// their entries are signed, and are synced first), so replay writes them
+/// again; a retention set aside had deleted nothing yet, and runs again.
+/// Returns the manifest to go on with.
+fn set_aside_unsigned_tail(
     dir: &Path,
-    manifest: &Manifest,
+    manifest: Manifest,
     signer: &Signer,
-    retention_days: Option<u32>,
-    now: i64,
-) -> anyhow::Result<()> {
-    let refuse = |line: usize, why: &str| {
-        anyhow::anyhow!(
-            "{}: line {} is not signed by any checkpoint and {why}; the daemon will not sign it. \
-             Run `tollgate audit verify`",
-            dir.join(manifest::FILE).display(),
-            line + 1
-        )
-    };
+    perms: &Perms,
+) -> anyhow::Result<Manifest> {
     let (newest, any) = checkpoint::newest_valid(&dir.join("checkpoints"), &signer.public())?;
     let signed = match newest {
         Some(checkpoint) => {
@@ -690,73 +686,54 @@ fn check_unsigned_tail(
         None => 0,
     };
     if signed == manifest.lines.len() {
-        return Ok(());
+        return Ok(manifest);
     }
-    let wal = wal::read_all(&dir.join("wal"))?;
-    let seal_key = signer.wal_seal_key();
-    for (line, entry) in manifest.entries.iter().enumerate().skip(signed) {
-        match entry {
-            Entry::Segment(s) => {
-                if !sealed_in_wal(&wal, &seal_key, s.last_seq, &s.last_record_hash) {
-                    return Err(refuse(
-                        line,
-                        "its last record is not in the WAL under a seal of this daemon",
-                    ));
-                }
-            }
-            Entry::Retention(r) => {
-                let cutoff = r.at - i64::from(r.retention_days) * 86_400_000;
-                let expired = r.removed.iter().all(|removed| {
-                    matches!(
-                        manifest.entries.get(removed.line as usize),
-                        Some(Entry::Segment(s)) if (removed.line as usize) < line
-                            && s.path == removed.path
-                            && s.first_seq == removed.first_seq
-                            && s.last_seq == removed.last_seq
-                            && s.last_time == removed.last_time
-                            && s.last_time < cutoff
-                    )
-                });
-                if r.at > now || Some(r.retention_days) != retention_days || !expired {
-                    return Err(refuse(
-                        line,
-                        "it is not a retention this daemon would run (dated later than now, \
-                         another period, or removing segments that are not expired)",
-                    ));
-                }
+    let aside = dir.join(format!("manifest.unsigned-{}.jsonl", now_ms()));
+    let mut text = Vec::new();
+    for line in &manifest.lines[signed..] {
+        text.extend_from_slice(line);
+        text.push(b'\n');
+    }
+    {
+        use std::io::Write;
+        let mut file = perms.create_new(&aside)?;
+        file.write_all(&text)?;
+        file.sync_all()?;
+    }
+    for entry in &manifest.entries[signed..] {
+        if let manifest::Entry::Segment(s) = entry {
+            let from = dir.join(&s.path);
+            let mut to = from.as_os_str().to_owned();
+            to.push(".unsigned");
+            match fs::rename(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
-    Ok(())
-}
-
-/// Whether the WAL holds the record at `sequence` with `record_hash`,
-/// chained to the next seal at or after it, which verifies with `key`.
-fn sealed_in_wal(
-    wal: &wal::Merged,
-    key: &ring::hmac::Key,
-    sequence: u64,
-    record_hash: &str,
-) -> bool {
-    let Some(start) = wal.records.iter().position(|r| r.sequence == sequence) else {
-        return false;
-    };
-    let mut hash = record_hash;
-    if wal.records[start].record_hash != hash || wal.records[start].compute_hash() != hash {
-        return false;
+    let keep: u64 = manifest.lines[..signed]
+        .iter()
+        .map(|l| l.len() as u64 + 1)
+        .sum();
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(manifest::FILE))?;
+    file.set_len(keep)?;
+    file.sync_all()?;
+    fsutil::fsync_dir(dir)?;
+    warn!(
+        lines = manifest.lines.len() - signed,
+        from_line = signed + 1,
+        aside = %aside.display(),
+        "manifest lines no checkpoint signs are set aside (a crash between an entry and its \
+         checkpoint, or lines not written by this daemon); their records are replayed from the WAL"
+    );
+    let (manifest, bad) = Manifest::read(dir)?;
+    if let Some(bad) = bad {
+        anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
-    for (i, r) in wal.records[start..].iter().enumerate() {
-        if i > 0 {
-            if r.prev_record_hash != hash || r.compute_hash() != r.record_hash {
-                return false;
-            }
-            hash = &r.record_hash;
-        }
-        if let Some(seal) = wal.seals.get(&r.sequence) {
-            return seal.covers(key, hash);
-        }
-    }
-    false
+    Ok(manifest)
 }
 
 /// A segment renamed into place whose manifest entry was never written
@@ -1263,6 +1240,18 @@ impl Writer {
             return;
         }
         self.buffer_since = None;
+        // Once a segment's manifest entry is appended, its records must be
+        // durable in the WAL too: an entry no checkpoint signs yet is
+        // rebuilt from the WAL at the next start (see
+        // `set_aside_unsigned_tail`). In `buffered` durability the syncer
+        // may still be behind the current file: sync it now (retired files
+        // were synced when retired).
+        if let (Some(syncer), Some(w)) = (&self.syncer, &self.file) {
+            if let Err(e) = w.file.sync_data() {
+                error!(error = %e, path = %w.path.display(), "WAL sync failed");
+                syncer.shared.fail(e.to_string());
+            }
+        }
         let records = std::mem::take(&mut self.buffer);
         let bytes = std::mem::take(&mut self.buffer_bytes);
         let wal_files = std::mem::take(&mut self.closed_files);
@@ -1683,9 +1672,6 @@ impl SegState {
     }
 }
 
-/// Runs retention once on a closed store directory, as of `now` (epoch ms).
-/// Used by tests and by operators who want to apply a new retention period
-/// without waiting for the hourly pass.
 /// The state a crash between a segment's manifest entry and its
 /// checkpoint leaves: every record in the WAL of the stopped store at `cfg`
 /// written as a segment with its entry, and no checkpoint.
@@ -1700,6 +1686,8 @@ pub(crate) fn segment_without_checkpoint(cfg: &AuditConfig) {
         .expect("segment");
 }
 
+/// Runs retention once on a closed store directory, as of `now` (epoch ms).
+/// The daemon runs it hourly; this runs one pass at once (tests).
 pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result<()> {
     let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
     let signer = Signer::load_or_generate(cfg, &perms)?;
@@ -1708,7 +1696,7 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
     let lock = lock_dir(&cfg.dir, &perms)?;
-    check_unsigned_tail(&cfg.dir, &manifest, &signer, Some(days), now_ms())?;
+    let manifest = set_aside_unsigned_tail(&cfg.dir, manifest, &signer, &perms)?;
     let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
     seg.retention_days = Some(days);
     seg.retain(days, now)

@@ -795,18 +795,33 @@ fn append_entry(cfg: &AuditConfig, entry: manifest::Entry) {
         .unwrap();
 }
 
+/// The manifest lines in the file(s) a start set aside, and the notes
+/// verify gives for them.
+fn set_aside_lines(cfg: &AuditConfig) -> Vec<String> {
+    let mut lines = Vec::new();
+    for e in fs::read_dir(&cfg.dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with("manifest.unsigned-") {
+            let text = fs::read_to_string(cfg.dir.join(name)).unwrap();
+            lines.extend(text.lines().map(str::to_owned));
+        }
+    }
+    lines
+}
+
 /// The daemon signs every manifest line at its next checkpoint: a line
 /// someone appended while it was stopped would become as good as its own.
 /// A retention entry dated ahead, with a period of 0 days, would have the
-/// daemon delete every segment and sign the deletion. It refuses to start
-/// instead, and nothing is deleted.
+/// daemon delete every segment and sign the deletion. It is set aside
+/// instead, as evidence: nothing is deleted, and the directory verifies.
 #[tokio::test]
-async fn a_forged_retention_entry_is_not_signed_and_deletes_nothing() {
+async fn a_forged_retention_entry_is_set_aside_and_deletes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = build(tmp.path()).await;
     cfg.retention_days = Some(30);
     let before = segments(&cfg);
     let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    let signed = m.lines.len();
     let removed: Vec<manifest::RemovedSegment> = m
         .entries
         .iter()
@@ -830,20 +845,49 @@ async fn a_forged_retention_entry_is_not_signed_and_deletes_nothing() {
             removed,
         }),
     );
-    let err = AuditLog::open(&cfg).await.err().expect("refused");
-    assert!(err.to_string().contains("not signed"), "{err:#}");
-    assert_eq!(segments(&cfg), before, "nothing was deleted");
-    // Nor does an operator's retention run sign it.
-    let err = apply_retention(&cfg, 30, store::now_ms()).expect_err("refused");
-    assert!(err.to_string().contains("not signed"), "{err:#}");
-    assert_eq!(segments(&cfg), before);
+    let log = AuditLog::open(&cfg).await.expect("starts");
+    assert_eq!(log.append(sample(0, store::now_ms())).await.unwrap(), 46);
+    log.shutdown().await;
+    assert_eq!(
+        segments(&cfg)[..before.len()],
+        before[..],
+        "nothing was deleted"
+    );
+    let aside = set_aside_lines(&cfg);
+    assert_eq!(aside.len(), 1);
+    assert!(aside[0].contains("\"retention\""), "{aside:?}");
+    let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    assert!(m.lines.len() > signed);
+    assert!(m
+        .entries
+        .iter()
+        .all(|e| matches!(e, manifest::Entry::Segment(_))));
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert!(
+        r.notes.iter().any(|n| n.contains("set aside at a start")),
+        "{:?}",
+        r.notes
+    );
+    // A retention pass run by hand sets such a line aside as well.
+    append_entry(
+        &cfg,
+        manifest::Entry::Retention(manifest::RetentionEntry {
+            at: store::now_ms(),
+            retention_days: 0,
+            removed: Vec::new(),
+        }),
+    );
+    apply_retention(&cfg, 30, store::now_ms()).unwrap();
+    assert_eq!(set_aside_lines(&cfg).len(), 2);
+    assert!(verify(&cfg.dir, &key(&cfg)).ok);
 }
 
 /// A segment entry appended by hand (here: a copy of the last one's file,
-/// listed as the next sequences) names records no seal of the daemon's
-/// covers: refused.
+/// listed as the next sequences) is set aside with its file; the chain
+/// goes on from the last signed entry.
 #[tokio::test]
-async fn a_forged_segment_entry_is_not_signed() {
+async fn a_forged_segment_entry_is_set_aside_with_its_file() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = build(tmp.path()).await;
     let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
@@ -856,18 +900,25 @@ async fn a_forged_segment_entry_is_not_signed() {
     append_entry(
         &cfg,
         manifest::Entry::Segment(manifest::SegmentEntry {
-            path: forged_path,
+            path: forged_path.clone(),
             first_seq: last.last_seq + 1,
             last_seq: last.last_seq + span,
             first_prev_hash: last.last_record_hash.clone(),
             ..last.clone()
         }),
     );
-    let err = AuditLog::open(&cfg).await.err().expect("refused");
-    assert!(
-        err.to_string().contains("not in the WAL under a seal"),
-        "{err:#}"
+    let log = AuditLog::open(&cfg).await.expect("starts");
+    assert_eq!(
+        log.append(sample(0, store::now_ms())).await.unwrap(),
+        last.last_seq + 1,
+        "the chain goes on from the last signed entry"
     );
+    log.shutdown().await;
+    assert!(!cfg.dir.join(&forged_path).exists());
+    assert!(cfg.dir.join(format!("{forged_path}.unsigned")).exists());
+    assert_eq!(set_aside_lines(&cfg).len(), 1);
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
 }
 
 /// A signed line changed (here: a segment's close time) no longer hashes
@@ -890,10 +941,10 @@ async fn a_changed_signed_manifest_line_is_refused_at_start() {
 
 /// What a crash between a segment's manifest entry and its checkpoint
 /// leaves (an unsigned entry whose records are still in the WAL, under
-/// the daemon's seals) is the daemon's own: it starts, signs it, and the
-/// directory verifies.
+/// the daemon's seals): the entry is set aside, its records are written
+/// again from the WAL, the chain goes on, and the directory verifies.
 #[tokio::test]
-async fn an_entry_a_crash_left_unsigned_is_taken_when_the_wal_backs_it() {
+async fn an_entry_a_crash_left_unsigned_is_written_again_from_the_wal() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.segment_max_age_secs = 3600;

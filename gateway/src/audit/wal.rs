@@ -456,14 +456,19 @@ fn has_unwritten_sector(bytes: &[u8], start: usize, end: usize) -> bool {
 
 /// Is the header of the frame at `off` cut short: does a sector it lies
 /// in hold only zeros from the frame's start (or the sector's) to the
-/// sector's end? A written header is followed in its sectors by its
-/// payload, which holds no zero byte, and its length is not zero, so one
-/// whose bytes are damaged is never mistaken for one a crash cut short.
+/// sector's end? In a later sector that range holds the start of the
+/// payload, which has no zero byte when written. In the frame's first
+/// sector it is judged only when it holds the whole length field, which is
+/// not zero when written: a header that starts in the last three bytes of
+/// a sector, where a written length may have only zero bytes, is never
+/// taken for one a crash cut short. (Cut short there, out of sector order,
+/// it is reported as corrupt: loud, and nothing acknowledged is lost.)
 fn header_unwritten(bytes: &[u8], off: usize) -> bool {
     let mut s = off - off % SECTOR;
     while s < off + HEADER {
         let (a, b) = (s.max(off), (s + SECTOR).min(bytes.len()));
-        if a < b && bytes[a..b].iter().all(|&x| x == 0) {
+        let judged = s > off || b - a.min(b) >= 4;
+        if judged && a < b && bytes[a..b].iter().all(|&x| x == 0) {
             return true;
         }
         s += SECTOR;
@@ -880,6 +885,29 @@ mod tests {
             off += HEADER + len as usize;
         }
         out
+    }
+
+    /// A header starting in a sector's last bytes, where the written
+    /// length's bytes are zeros, damaged in the next sector: corrupt, not
+    /// a crash's torn write.
+    #[test]
+    fn a_damaged_header_whose_first_sector_holds_only_zero_length_bytes_is_corrupt() {
+        for before_boundary in 1..4 {
+            // A 12-byte header at SECTOR - before_boundary whose length's
+            // first `before_boundary` bytes are zero: a length of 0x01000000
+            // needs a payload of 16 MiB, so build the bytes by hand.
+            let mut bytes = vec![b'x'; 2 * SECTOR];
+            let off = SECTOR - before_boundary;
+            let len: u32 = 1 << (8 * before_boundary as u32);
+            let len_field = len.to_le_bytes();
+            bytes[off..off + 4].copy_from_slice(&len_field);
+            bytes[off + 4..off + 8].copy_from_slice(&length_check(len_field).to_le_bytes());
+            bytes[off + 8..off + 12].copy_from_slice(&[1, 2, 3, 4]);
+            assert!(bytes[off..SECTOR].iter().all(|&b| b == 0));
+            // Damage in the second sector's part of the header.
+            bytes[off + 6] ^= 0x01;
+            assert!(!header_unwritten(&bytes, off), "{before_boundary}");
+        }
     }
 
     /// Every single-byte change to a frame's header is corrupt, whatever

@@ -62,51 +62,10 @@ pub(super) async fn admit(
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
     }
-    let mut record = new_statement_record(session, activity_of(operations));
-    record.query_info_query_string = text.to_owned();
-    record.query_info_parameters = parameters;
-    record.intent = intent_of(text).unwrap_or_else(|| {
-        session
-            .intent
-            .lock()
-            .map(|intent| intent.clone())
-            .unwrap_or_default()
-    });
-    match operations {
-        Ok(ops) => {
-            record.query_info_kind = ops
-                .iter()
-                .map(|op| op.kind)
-                .max()
-                .unwrap_or_default()
-                .as_str()
-                .into();
-            let reads: BTreeSet<&String> = ops.iter().flat_map(|op| &op.reads).collect();
-            let writes: BTreeSet<&String> = ops.iter().flat_map(|op| &op.writes).collect();
-            record.query_info_tables_read = reads.into_iter().cloned().collect();
-            record.query_info_tables_written = writes.into_iter().cloned().collect();
-        }
-        Err(_) => record.query_info_kind = "unparsed".into(),
-    }
-
-    let request = Request {
-        target: &session.connection.target.name,
-        operations,
-    };
-    let decision = session.shared.policy.decide(&session.principal, &request);
+    let mut record = request_record(session, text, operations, parameters);
+    let decision = decide(session, operations);
     if let Decision::Deny { rule, reason } = decision {
-        mark_refused(&mut record, &rule, &reason);
-        let message = match session.shared.audit.append(record).await {
-            Ok(_) => format!("tollgate: refused by policy rule {rule}: {reason}"),
-            Err(AuditError::TooLarge { .. }) => {
-                return Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await)
-            }
-            Err(err) => format!("tollgate: refused by policy rule {rule}: {reason} (and the refusal could not be audited: {err})"),
-        };
-        return Err(Refusal {
-            code: SQLSTATE_POLICY.into(),
-            message,
-        });
+        return Err(refuse_denied(session, record, text, operations, &rule, &reason).await);
     }
 
     let mut record_full = false;
@@ -159,6 +118,101 @@ pub(super) async fn admit(
                 message: format!("tollgate: the statement was not sent because its audit record could not be written: {err}"),
             })
         }
+    }
+}
+
+/// A statement's request record before the decision: its text,
+/// parameters, intent, kind and tables.
+fn request_record(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    parameters: String,
+) -> AuditRecord {
+    let mut record = new_statement_record(session, activity_of(operations));
+    record.query_info_query_string = text.to_owned();
+    record.query_info_parameters = parameters;
+    record.intent = intent_of(text).unwrap_or_else(|| {
+        session
+            .intent
+            .lock()
+            .map(|intent| intent.clone())
+            .unwrap_or_default()
+    });
+    match operations {
+        Ok(ops) => {
+            record.query_info_kind = ops
+                .iter()
+                .map(|op| op.kind)
+                .max()
+                .unwrap_or_default()
+                .as_str()
+                .into();
+            let reads: BTreeSet<&String> = ops.iter().flat_map(|op| &op.reads).collect();
+            let writes: BTreeSet<&String> = ops.iter().flat_map(|op| &op.writes).collect();
+            record.query_info_tables_read = reads.into_iter().cloned().collect();
+            record.query_info_tables_written = writes.into_iter().cloned().collect();
+        }
+        Err(_) => record.query_info_kind = "unparsed".into(),
+    }
+    record
+}
+
+/// What the session's grants say about a statement on its target.
+fn decide(session: &Session, operations: &Result<Vec<Operation>, String>) -> Decision {
+    let request = Request {
+        target: &session.connection.target.name,
+        operations,
+    };
+    session.shared.policy.decide(&session.principal, &request)
+}
+
+/// Records the refusal of a statement policy denies (durably, before the
+/// agent hears of it) and says what the agent is told.
+async fn refuse_denied(
+    session: &Session,
+    mut record: AuditRecord,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    rule: &str,
+    reason: &str,
+) -> Refusal {
+    mark_refused(&mut record, rule, reason);
+    let message = match session.shared.audit.append(record).await {
+        Ok(_) => format!("tollgate: refused by policy rule {rule}: {reason}"),
+        Err(AuditError::TooLarge { .. }) => {
+            return refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await
+        }
+        Err(err) => format!("tollgate: refused by policy rule {rule}: {reason} (and the refusal could not be audited: {err})"),
+    };
+    Refusal {
+        code: SQLSTATE_POLICY.into(),
+        message,
+    }
+}
+
+/// The refusal of a statement at its Bind, when it would be refused at
+/// its Execute whatever its parameters: policy denies it, or it is too
+/// long to audit. PostgreSQL plans a statement at Bind, evaluating
+/// immutable functions of its constants; a statement that may not run is
+/// not planned either. `None`: it is decided at its Execute.
+pub(super) async fn refusal_at_bind(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    parameters: String,
+) -> Option<Refusal> {
+    if text.len() > MAX_AUDITED_STATEMENT {
+        return Some(
+            refuse_oversized(session, text, operations, &over_the_statement_limit()).await,
+        );
+    }
+    match decide(session, operations) {
+        Decision::Deny { rule, reason } => {
+            let record = request_record(session, text, operations, parameters);
+            Some(refuse_denied(session, record, text, operations, &rule, &reason).await)
+        }
+        _ => None,
     }
 }
 

@@ -315,6 +315,17 @@ impl FromClient {
             MAX_PARAMETERS_BYTES,
         )
         .map_err(in_message("Bind"))?;
+        if let Some(refusal) = refusal_at_bind(
+            &self.session,
+            &prepared.text,
+            &prepared.operations,
+            parameters.clone(),
+        )
+        .await
+        {
+            self.refuse_extended_in_place(refusal);
+            return Ok(());
+        }
         let mut bind = Pending::new(Kind::Bind, None);
         // The server plans the statement at Bind, evaluating immutable
         // functions of constants: their errors and notices are the
@@ -344,17 +355,7 @@ impl FromClient {
         let admitted = match admitted {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                let mut pending = Pending::new(Kind::RefusedExecute, None);
-                pending.refusal = Some((refusal.code, refusal.message));
-                // Refused all the same (and recorded so); the server,
-                // skipping to Sync, would not have answered it.
-                if lock(&self.in_flight).push(pending).is_none() {
-                    wire::execute(&mut self.forward, &self.marker);
-                }
-                // The server skips to Sync after the marker's error; so does
-                // tollgate, which neither decides nor audits what would be
-                // skipped.
-                self.skipping_to_sync = true;
+                self.refuse_extended_in_place(refusal);
                 return Ok(());
             }
         };
@@ -425,6 +426,23 @@ impl FromClient {
             lock(&self.in_flight).copy_ended_early();
         }
         self.forward.unsplit(frame.bytes);
+    }
+
+    /// Puts a refused Bind or Execute's refusal in its place: an Execute
+    /// of the marker portal, which cannot exist, so that the server answers
+    /// with an error there and skips to Sync, as after any error.
+    fn refuse_extended_in_place(&mut self, refusal: Refusal) {
+        let mut pending = Pending::new(Kind::RefusedExecute, None);
+        pending.refusal = Some((refusal.code, refusal.message));
+        // Refused all the same (and recorded so); the server, skipping to
+        // Sync, would not have answered it.
+        if lock(&self.in_flight).push(pending).is_none() {
+            wire::execute(&mut self.forward, &self.marker);
+        }
+        // The server skips to Sync after the marker's error; so does
+        // tollgate, which neither decides nor audits what would be
+        // skipped.
+        self.skipping_to_sync = true;
     }
 
     /// Queues a message that carries no statement of its own (Parse, Bind,

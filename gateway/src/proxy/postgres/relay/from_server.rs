@@ -742,12 +742,6 @@ pub(super) fn track_answer(
     Ok(masked_row)
 }
 
-/// After an error in an extended-protocol pipeline the server skips every
-/// message up to Sync: those Parses never happen, those Executes never run,
-/// and a refusal's marker sent among them gets no answer (its refusal is
-/// on record already).
-/// Returns whether the client's Sync is already queued; if not, the server
-/// goes on skipping what the client sends until it comes.
 /// Whether the server message `tag` can be (part of) the answer to a
 /// request of `kind`. Errors, notices, parameter changes and notifications
 /// may come at any time.
@@ -779,6 +773,12 @@ pub(super) fn not_executed() -> (String, String) {
     )
 }
 
+/// After an error in an extended-protocol pipeline the server skips every
+/// message up to Sync: those Parses never happen, those Executes never run,
+/// and a refusal's marker sent among them gets no answer (its refusal is
+/// on record already).
+/// Returns whether the client's Sync is already queued; if not, the server
+/// goes on skipping what the client sends until it comes.
 pub(super) fn skip_to_sync(queue: &mut Queue, finished: &mut Finished) -> bool {
     while queue.front().is_some_and(|p| p.kind != Kind::Sync) {
         if let Some(skipped) = queue.pop_front() {

@@ -80,7 +80,7 @@ enum Kind {
     Execute,
     /// A Sync: answered by ReadyForQuery.
     Sync,
-    /// A refused Execute, sent on as an Execute of a portal that cannot
+    /// A refused Bind or Execute, sent on as an Execute of a portal that cannot
     /// exist (the session's refusal marker): the server answers it with an
     /// error in its exact place in the pipeline, and skips to Sync as it
     /// does after any error; tollgate puts its refusal in that error's
