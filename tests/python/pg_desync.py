@@ -38,6 +38,23 @@ import sys
 from pg_raw import cstr, login, msg, read_until
 
 
+def copies_then_queries(sock, sent_behind, first, second):
+    """COPY orders_copy FROM STDIN once for each of `sent_behind`, sent in
+    the same write behind it, and CopyDone once the copy starts; then
+    Query(first) and Query(second), each on its own."""
+    answers = []
+    copy = msg(b"Q", cstr("COPY orders_copy FROM STDIN"))
+    for behind in sent_behind:
+        sock.sendall(copy + behind)
+        answers += read_until(sock, [b"G"])
+        sock.sendall(msg(b"c", b""))
+        answers += read_until(sock, [b"Z"])
+    for sql in [first, second]:
+        sock.sendall(msg(b"Q", cstr(sql)))
+        answers += read_until(sock, [b"Z"])
+    return answers
+
+
 def main():
     host, port, token, scenario, first, second = sys.argv[1:7]
     sock = login(host, port, token, timeout=15)
@@ -81,15 +98,7 @@ def main():
         )
         answers += read_until(sock, [b"Z"], 2)
     elif scenario == "copy_sync":
-        copy = msg(b"Q", cstr("COPY orders_copy FROM STDIN"))
-        for behind in [b"", sync]:
-            sock.sendall(copy + behind)
-            answers += read_until(sock, [b"G"])
-            sock.sendall(msg(b"c", b""))
-            answers += read_until(sock, [b"Z"])
-        for sql in [first, second]:
-            sock.sendall(msg(b"Q", cstr(sql)))
-            answers += read_until(sock, [b"Z"])
+        answers += copies_then_queries(sock, [b"", sync], first, second)
     elif scenario == "bind_only":
         sock.sendall(
             msg(b"P", cstr("") + cstr(first) + struct.pack("!h", 0))
@@ -100,15 +109,7 @@ def main():
         sock.sendall(msg(b"Q", cstr(second)))
         answers += read_until(sock, [b"Z"])
     elif scenario == "copy_data_sync":
-        sock.sendall(
-            msg(b"Q", cstr("COPY orders_copy FROM STDIN")) + msg(b"d", b"copied\n") + sync
-        )
-        answers += read_until(sock, [b"G"])
-        sock.sendall(msg(b"c", b""))
-        answers += read_until(sock, [b"Z"])
-        for sql in [first, second]:
-            sock.sendall(msg(b"Q", cstr(sql)))
-            answers += read_until(sock, [b"Z"])
+        answers += copies_then_queries(sock, [msg(b"d", b"copied\n") + sync], first, second)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print(json.dumps({"answers": answers}))
