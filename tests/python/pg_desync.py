@@ -20,6 +20,9 @@ Scenarios:
               the same COPY + Sync in one write (the server ignores the
               Sync in copy mode), CopyDone once it starts; then
               Query(FIRST_SQL), then Query(SECOND_SQL), each on its own.
+  rollback    Parse/Bind/Execute of FIRST_SQL, then of SECOND_SQL (which
+              fails), then Sync, in one write: one implicit transaction,
+              rolled back by the second's error.
   bind_only   Parse (unnamed) of FIRST_SQL + Bind + Sync, no Execute (the
               server plans a statement at Bind); then Query(SECOND_SQL).
   copy_data_sync
@@ -62,6 +65,12 @@ def main():
     sync = msg(b"S", b"")
     bind = msg(b"B", cstr("") + cstr("s") + struct.pack("!hhh", 0, 0, 0))
     execute = msg(b"E", cstr("") + struct.pack("!i", 0))
+    # Parse, Bind and Execute of `sql` as the unnamed statement and portal.
+    pbe = lambda sql: (
+        msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
+        + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+        + execute
+    )
     if scenario == "collision":
         sock.sendall(msg(b"P", cstr("s") + cstr(first) + struct.pack("!h", 0)) + sync)
         answers += read_until(sock, [b"Z"])
@@ -76,11 +85,6 @@ def main():
         sock.sendall(msg(b"Q", cstr(second)))
         answers += read_until(sock, [b"Z"])
     elif scenario == "pipeline_error":
-        pbe = lambda sql: (
-            msg(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
-            + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
-            + execute
-        )
         sock.sendall(pbe(first) + msg(b"H", b""))
         answers += read_until(sock, [b"E"])
         sock.sendall(pbe(second) + sync)
@@ -99,6 +103,9 @@ def main():
         answers += read_until(sock, [b"Z"], 2)
     elif scenario == "copy_sync":
         answers += copies_then_queries(sock, [b"", sync], first, second)
+    elif scenario == "rollback":
+        sock.sendall(pbe(first) + pbe(second) + sync)
+        answers += read_until(sock, [b"Z"])
     elif scenario == "bind_only":
         sock.sendall(
             msg(b"P", cstr("") + cstr(first) + struct.pack("!h", 0))

@@ -1514,6 +1514,49 @@ fn a_denied_statement_is_refused_at_its_bind() {
     assert_eq!(customers_left(&stack), "3");
 }
 
+/// A pipeline outside a transaction block is one implicit transaction: an
+/// INSERT that completed is rolled back when a later statement of the
+/// pipeline fails, and its outcome says so instead of success.
+#[test]
+fn an_execute_rolled_back_with_its_pipeline_is_not_recorded_as_done() {
+    let Some((stack, token)) =
+        start("an_execute_rolled_back_with_its_pipeline_is_not_recorded_as_done")
+    else {
+        return;
+    };
+    let insert = "INSERT INTO customers (id, name, email) VALUES (77, 'Rolled', 'r@example.com')";
+    let answers = raw_protocol_json(
+        &stack,
+        "pg_desync.py",
+        &token,
+        &["rollback", insert, "SELECT 1/0"],
+    );
+    // 1/0 of constants fails as the server plans it, at the Bind.
+    assert_eq!(
+        tags(&answers["answers"]),
+        ["1", "2", "C", "1", "E", "Z"],
+        "{answers}"
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers WHERE id = 77")
+            .expect("count"),
+        "0",
+        "the INSERT was rolled back"
+    );
+    let outcome = outcome_like(&stack, insert);
+    assert_eq!(outcome["status_id"], 2, "{outcome}");
+    assert_eq!(outcome["response_error_code"], "22012", "{outcome}");
+    assert!(
+        outcome["status_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rolled back with its pipeline's implicit transaction"),
+        "{outcome}"
+    );
+}
+
 #[test]
 fn a_pipeline_that_fails_before_its_sync_goes_on_after_the_sync() {
     let Some((stack, token)) =

@@ -518,6 +518,7 @@ pub(super) fn track_answer(
         copy_in,
         marker,
         server_skipping,
+        implicit,
         ..
     } = &mut *guard;
     let Some(head) = queue.front_mut() else {
@@ -598,7 +599,7 @@ pub(super) fn track_answer(
             }
             if head.kind == Kind::Execute {
                 if let Some(done) = queue.pop_front() {
-                    finished.push((done, None));
+                    implicit.completed(done, finished);
                 }
             }
         }
@@ -637,6 +638,9 @@ pub(super) fn track_answer(
                 .refusal
                 .take()
                 .unwrap_or_else(|| (SQLSTATE_POLICY.into(), "tollgate: refused".into()));
+            // An error at the server all the same: it ends the pipeline's
+            // implicit transaction.
+            implicit.failed(&(code.clone(), refusal.clone()));
             let mut error = BytesMut::new();
             wire::error_response(&mut error, "ERROR", &code, &refusal);
             masked_row = Some(error);
@@ -675,8 +679,11 @@ pub(super) fn track_answer(
                     ),
                 ));
             }
-            // An error ends a COPY FROM STDIN as well.
+            // An error ends a COPY FROM STDIN as well, and aborts the
+            // pipeline's implicit transaction, wherever it comes (at the
+            // Sync: the commit failed).
             *copy_in = false;
+            implicit.failed(&error);
             match head.kind {
                 Kind::Query => {
                     head.error = Some(error);
@@ -715,9 +722,11 @@ pub(super) fn track_answer(
             // (a function's `OPEN` of a cursor by that name) is another.
             // (Not in a failed block: a ROLLBACK TO SAVEPOINT brings back
             // the portals bound before the savepoint.)
-            if frame.bytes.get(5) == Some(&b'I') {
+            let status = frame.bytes.get(5).copied();
+            if status == Some(b'I') {
                 portals.clear();
             }
+            implicit.ended(status, finished);
             if let Some(done) = queue.pop_front() {
                 if matches!(done.kind, Kind::Query | Kind::RefusedQuery) {
                     // A simple Query drops the unnamed statement and portal

@@ -463,6 +463,78 @@ struct InFlight {
     /// never had their answers relayed, whether or not the server had
     /// answered them yet.
     closed_by: Option<(String, String)>,
+    /// The implicit transaction of an extended-protocol pipeline (see
+    /// [`ImplicitTransaction`]).
+    implicit: ImplicitTransaction,
+}
+
+/// Outside a transaction block, what a pipeline runs before its Sync is
+/// one implicit transaction: committed at the Sync, or rolled back, every
+/// statement of it, by an error anywhere in it (a later Execute's, or the
+/// commit's own at the Sync). An Execute's outcome is held here until the
+/// Sync says which, so that a statement whose work was rolled back is not
+/// recorded as done.
+#[derive(Default)]
+struct ImplicitTransaction {
+    /// Completed Executes waiting for their pipeline's Sync.
+    held: Vec<Pending>,
+    /// The first error met since the last ReadyForQuery.
+    error: Option<(String, String)>,
+    /// The last ReadyForQuery said a transaction block is open ('T' or
+    /// 'E'): statements are in it, not in an implicit one.
+    in_block: bool,
+    /// A statement that may begin or end a transaction (or one tollgate
+    /// could not parse) ran since the last ReadyForQuery: what follows is
+    /// no longer known to share one implicit transaction.
+    unknown: bool,
+}
+
+/// Most Execute outcomes held for one Sync; past it they are recorded as
+/// they come (a pipeline that long without a Sync is not held in memory).
+const MAX_HELD_OUTCOMES: usize = 8192;
+
+impl ImplicitTransaction {
+    /// Takes a completed Execute: held when it is in an implicit
+    /// transaction, else finished at once.
+    fn completed(&mut self, done: Pending, finished: &mut Finished) {
+        let may_end_or_begin = done
+            .request
+            .as_ref()
+            .is_none_or(|r| r.query_info_kind == "transaction" || r.query_info_kind == "unparsed");
+        if may_end_or_begin {
+            self.unknown = true;
+        }
+        if self.in_block || self.unknown || self.held.len() >= MAX_HELD_OUTCOMES {
+            self.release(finished, None);
+            finished.push((done, None));
+        } else {
+            self.held.push(done);
+        }
+    }
+
+    fn failed(&mut self, error: &(String, String)) {
+        self.error.get_or_insert_with(|| error.clone());
+    }
+
+    /// A ReadyForQuery with transaction status `status`: the pipeline
+    /// before it was committed, or rolled back if it met an error.
+    fn ended(&mut self, status: Option<u8>, finished: &mut Finished) {
+        let rolled_back = self.error.take().map(|(code, message)| {
+            (
+                code,
+                format!("rolled back with its pipeline's implicit transaction: {message}"),
+            )
+        });
+        self.release(finished, rolled_back);
+        self.unknown = false;
+        self.in_block = status != Some(b'I');
+    }
+
+    fn release(&mut self, finished: &mut Finished, error: Option<(String, String)>) {
+        for done in self.held.drain(..) {
+            finished.push((done, error.clone()));
+        }
+    }
 }
 
 fn refusal_marker() -> String {
@@ -691,14 +763,35 @@ pub async fn run(
 /// Writes the outcome records of the requests still in flight when the
 /// session ends (see [`unanswered_outcomes`]).
 fn record_unanswered(session: &Session, in_flight: &Mutex<InFlight>) {
-    let (left, closed_by) = {
+    let (left, closed_by, held) = {
         let mut in_flight = lock(in_flight);
         let left: Vec<Pending> = in_flight.queue.drain().collect();
-        (left, in_flight.closed_by.take())
+        let held = std::mem::take(&mut in_flight.implicit.held);
+        (left, in_flight.closed_by.take(), held)
     };
+    for outcome in uncommitted_outcomes(held) {
+        submit_outcome(session, outcome);
+    }
     for outcome in unanswered_outcomes(left, closed_by) {
         submit_outcome(session, outcome);
     }
+}
+
+/// The outcome records of Executes that completed in an implicit
+/// transaction whose Sync the session ended before: whether their work
+/// was committed is not known.
+fn uncommitted_outcomes(held: Vec<Pending>) -> Vec<AuditRecord> {
+    held.into_iter()
+        .filter_map(|done| {
+            let why = (
+                String::new(),
+                "the session ended before its pipeline's Sync was answered: not known whether its implicit transaction was committed".to_string(),
+            );
+            let mut outcome = outcome_record(done, Some(why), Delivery::NotSent)?;
+            outcome.status_id = record::status::UNKNOWN;
+            Some(outcome)
+        })
+        .collect()
 }
 
 /// The outcome records of requests still in flight when the session ended:

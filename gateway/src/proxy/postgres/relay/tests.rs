@@ -1627,3 +1627,109 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     assert_eq!(budget.available_mib(), before, "the share is given back");
     audit.shutdown().await;
 }
+
+/// An Execute that writes, with the request record an outcome completes.
+fn writing_execute() -> Pending {
+    Pending::new(
+        Kind::Execute,
+        Some(AuditRecord {
+            query_info_kind: "write".into(),
+            ..AuditRecord::default()
+        }),
+    )
+}
+
+/// Feeds `answers` in order; what finished, as (kind, error code).
+fn finish(in_flight: &Mutex<InFlight>, answers: &[Frame]) -> Vec<(Kind, Option<String>)> {
+    let mut finished = Finished::new();
+    for message in answers {
+        track_answer(&MaskSet::default(), in_flight, message, &mut finished).expect("in step");
+    }
+    finished
+        .into_iter()
+        .map(|(p, error)| (p.kind, error.map(|(code, _)| code)))
+        .collect()
+}
+
+/// Outside a transaction block, a pipeline's statements are one implicit
+/// transaction, committed at its Sync or rolled back by an error anywhere
+/// in it: an Execute that completed before a later one failed (or before
+/// the commit at the Sync failed) is recorded as rolled back, not done.
+#[test]
+fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
+    let complete = || frame(b'C', b"INSERT 0 1\0");
+    let error = |code: &[u8]| {
+        let mut body = b"SERROR\0C".to_vec();
+        body.extend_from_slice(code);
+        body.extend_from_slice(b"\0Mfailed\0\0");
+        frame(b'E', &body)
+    };
+    let idle = || frame(b'Z', b"I");
+
+    // A later Execute fails: the first is rolled back with it.
+    let in_flight = queue_of(&[]);
+    for p in [
+        writing_execute(),
+        writing_execute(),
+        Pending::new(Kind::Sync, None),
+    ] {
+        lock(&in_flight).queued(p);
+    }
+    assert_eq!(finish(&in_flight, &[complete()]), [], "held until the Sync");
+    assert_eq!(
+        finish(&in_flight, &[error(b"23505"), idle()]),
+        [
+            (Kind::Execute, Some("23505".to_string())),
+            (Kind::Execute, Some("23505".to_string()))
+        ]
+    );
+
+    // All complete: done at the Sync.
+    let in_flight = queue_of(&[]);
+    for p in [
+        writing_execute(),
+        writing_execute(),
+        Pending::new(Kind::Sync, None),
+    ] {
+        lock(&in_flight).queued(p);
+    }
+    assert_eq!(
+        finish(&in_flight, &[complete(), complete(), idle()]),
+        [(Kind::Execute, None), (Kind::Execute, None)]
+    );
+
+    // The commit at the Sync fails (a deferred constraint).
+    let in_flight = queue_of(&[]);
+    for p in [writing_execute(), Pending::new(Kind::Sync, None)] {
+        lock(&in_flight).queued(p);
+    }
+    assert_eq!(
+        finish(&in_flight, &[complete(), error(b"23503"), idle()]),
+        [(Kind::Execute, Some("23503".to_string()))]
+    );
+
+    // Inside a transaction block nothing is committed at the Sync: each
+    // Execute is recorded as it completes.
+    let in_flight = queue_of(&[Kind::Sync]);
+    assert_eq!(finish(&in_flight, &[frame(b'Z', b"T")]), []);
+    for p in [writing_execute(), Pending::new(Kind::Sync, None)] {
+        lock(&in_flight).queued(p);
+    }
+    assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
+
+    // The session ends before the Sync is answered: not known.
+    let in_flight = queue_of(&[]);
+    for p in [writing_execute(), Pending::new(Kind::Sync, None)] {
+        lock(&in_flight).queued(p);
+    }
+    assert_eq!(finish(&in_flight, &[complete()]), []);
+    let held = std::mem::take(&mut lock(&in_flight).implicit.held);
+    let outcomes = uncommitted_outcomes(held);
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(outcomes[0].status_id, record::status::UNKNOWN);
+    assert!(
+        outcomes[0].status_detail.contains("not known whether"),
+        "{}",
+        outcomes[0].status_detail
+    );
+}
