@@ -688,7 +688,8 @@ fn set_aside_unsigned_tail(
     if signed == manifest.lines.len() {
         return Ok(manifest);
     }
-    let aside = dir.join(format!("manifest.unsigned-{}.jsonl", now_ms()));
+    let stamp = now_ms();
+    let aside = dir.join(format!("manifest.unsigned-{stamp}.jsonl"));
     let mut text = Vec::new();
     for line in &manifest.lines[signed..] {
         text.extend_from_slice(line);
@@ -700,16 +701,43 @@ fn set_aside_unsigned_tail(
         file.write_all(&text)?;
         file.sync_all()?;
     }
+    // The evidence is on disk before anything else changes.
+    fsutil::fsync_dir(dir)?;
+    // The lines are someone's word, paths included: only a file where the
+    // daemon would have put that segment, and that no signed line lists,
+    // is moved (never over another file).
+    let signed_paths: std::collections::HashSet<&str> = manifest.entries[..signed]
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Segment(s) => Some(s.path.as_str()),
+            Entry::Retention(_) => None,
+        })
+        .collect();
     for entry in &manifest.entries[signed..] {
-        if let manifest::Entry::Segment(s) = entry {
-            let from = dir.join(&s.path);
-            let mut to = from.as_os_str().to_owned();
-            to.push(".unsigned");
-            match fs::rename(&from, &to) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
+        let Entry::Segment(s) = entry else {
+            continue;
+        };
+        let own_place =
+            segment::relative_path(&segment::day_of(s.first_time), s.first_seq, s.last_seq);
+        if s.path != own_place || signed_paths.contains(s.path.as_str()) {
+            warn!(path = %s.path, "an unsigned manifest line names a file the daemon would not have written there; left where it is");
+            continue;
+        }
+        let from = dir.join(&s.path);
+        let mut to = from.as_os_str().to_owned();
+        to.push(format!(".unsigned-{stamp}"));
+        let to = PathBuf::from(to);
+        if to.exists() {
+            continue;
+        }
+        match fs::rename(&from, &to) {
+            Ok(()) => {
+                if let Some(folder) = from.parent() {
+                    fsutil::fsync_dir(folder)?;
+                }
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
         }
     }
     let keep: u64 = manifest.lines[..signed]
@@ -1239,19 +1267,21 @@ impl Writer {
         if self.buffer.is_empty() && self.closed_files.is_empty() {
             return;
         }
-        self.buffer_since = None;
         // Once a segment's manifest entry is appended, its records must be
         // durable in the WAL too: an entry no checkpoint signs yet is
         // rebuilt from the WAL at the next start (see
         // `set_aside_unsigned_tail`). In `buffered` durability the syncer
         // may still be behind the current file: sync it now (retired files
-        // were synced when retired).
+        // were synced when retired). If that fails the records stay here,
+        // and the cut is tried again later.
         if let (Some(syncer), Some(w)) = (&self.syncer, &self.file) {
             if let Err(e) = w.file.sync_data() {
-                error!(error = %e, path = %w.path.display(), "WAL sync failed");
+                error!(error = %e, path = %w.path.display(), "WAL sync failed; the segment is not cut");
                 syncer.shared.fail(e.to_string());
+                return;
             }
         }
+        self.buffer_since = None;
         let records = std::mem::take(&mut self.buffer);
         let bytes = std::mem::take(&mut self.buffer_bytes);
         let wal_files = std::mem::take(&mut self.closed_files);
@@ -1295,8 +1325,9 @@ struct SegState {
     checkpoint_every: Duration,
     /// The last checkpoint if it was an idle one, with its tree size.
     idle_prev: Option<(PathBuf, usize)>,
-    /// Manifest lines the last checkpoint this process wrote signs (0
-    /// before its first).
+    /// Manifest lines a checkpoint signs: those it started with (the
+    /// unsigned rest set aside), then those the last checkpoint it wrote
+    /// signs.
     signed_lines: usize,
     retention_days: Option<u32>,
     last_retention: Option<Instant>,
@@ -1528,6 +1559,7 @@ impl SegState {
         signer: Signer,
     ) -> io::Result<SegState> {
         let checkpoints = cfg.dir.join("checkpoints");
+        let signed_lines = manifest.lines.len();
         Ok(SegState {
             lock,
             dir: cfg.dir.clone(),
@@ -1541,7 +1573,9 @@ impl SegState {
             signer,
             checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
             idle_prev: None,
-            signed_lines: 0,
+            // Callers set aside what no checkpoint signs first (see
+            // `set_aside_unsigned_tail`).
+            signed_lines,
             retention_days: cfg.retention_days,
             last_retention: None,
         })
@@ -1650,7 +1684,10 @@ impl SegState {
         }
         // Delete every file a retention entry names (also those a crash left
         // behind after the entry was written).
-        for e in &self.manifest.entries {
+        // Only a removal a checkpoint signs is carried out: one whose
+        // checkpoint failed would be set aside at a crash and restart (see
+        // `set_aside_unsigned_tail`), with its segments gone.
+        for e in self.manifest.entries.iter().take(self.signed_lines) {
             if let Entry::Retention(r) = e {
                 for s in &r.removed {
                     let path = self.dir.join(&s.path);

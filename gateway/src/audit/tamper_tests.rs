@@ -883,9 +883,10 @@ async fn a_forged_retention_entry_is_set_aside_and_deletes_nothing() {
     assert!(verify(&cfg.dir, &key(&cfg)).ok);
 }
 
-/// A segment entry appended by hand (here: a copy of the last one's file,
-/// listed as the next sequences) is set aside with its file; the chain
-/// goes on from the last signed entry.
+/// A segment entry appended by hand is set aside, its file too when it is
+/// where the daemon would have written that segment; the chain goes on
+/// from the last signed entry. A file the line names anywhere else is left
+/// in place, and verify reports it (queries would read it).
 #[tokio::test]
 async fn a_forged_segment_entry_is_set_aside_with_its_file() {
     let tmp = tempfile::tempdir().unwrap();
@@ -894,19 +895,26 @@ async fn a_forged_segment_entry_is_set_aside_with_its_file() {
     let Some(last) = m.last_segment().cloned() else {
         panic!("a segment");
     };
-    let forged_path = last.path.replace(".parquet", "-more.parquet");
-    fs::copy(cfg.dir.join(&last.path), cfg.dir.join(&forged_path)).unwrap();
     let span = last.last_seq - last.first_seq + 1;
-    append_entry(
-        &cfg,
-        manifest::Entry::Segment(manifest::SegmentEntry {
-            path: forged_path.clone(),
-            first_seq: last.last_seq + 1,
-            last_seq: last.last_seq + span,
-            first_prev_hash: last.last_record_hash.clone(),
-            ..last.clone()
-        }),
+    let own_place = segment::relative_path(
+        &segment::day_of(last.first_time),
+        last.last_seq + 1,
+        last.last_seq + span,
     );
+    let elsewhere = last.path.replace(".parquet", "-more.parquet");
+    for path in [&own_place, &elsewhere] {
+        fs::copy(cfg.dir.join(&last.path), cfg.dir.join(path)).unwrap();
+        append_entry(
+            &cfg,
+            manifest::Entry::Segment(manifest::SegmentEntry {
+                path: path.clone(),
+                first_seq: last.last_seq + 1,
+                last_seq: last.last_seq + span,
+                first_prev_hash: last.last_record_hash.clone(),
+                ..last.clone()
+            }),
+        );
+    }
     let log = AuditLog::open(&cfg).await.expect("starts");
     assert_eq!(
         log.append(sample(0, store::now_ms())).await.unwrap(),
@@ -914,11 +922,29 @@ async fn a_forged_segment_entry_is_set_aside_with_its_file() {
         "the chain goes on from the last signed entry"
     );
     log.shutdown().await;
-    assert!(!cfg.dir.join(&forged_path).exists());
-    assert!(cfg.dir.join(format!("{forged_path}.unsigned")).exists());
-    assert_eq!(set_aside_lines(&cfg).len(), 1);
+    assert_eq!(set_aside_lines(&cfg).len(), 2);
+    let folder = cfg.dir.join(&own_place).parent().unwrap().to_path_buf();
+    let aside: Vec<String> = fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".parquet.unsigned-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(cfg.dir.join(&elsewhere).exists(), "left in place");
     let r = verify(&cfg.dir, &key(&cfg));
-    assert!(r.ok, "{:#?}", r.problems);
+    assert!(
+        has(&r, Kind::SegmentUnlisted, &elsewhere, None),
+        "{:#?}",
+        r.problems
+    );
+    assert_eq!(r.problems.len(), 1, "{:#?}", r.problems);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("segment file an unsigned manifest line named")),
+        "{:?}",
+        r.notes
+    );
 }
 
 /// A signed line changed (here: a segment's close time) no longer hashes

@@ -262,6 +262,16 @@ fn note_set_aside_manifest_lines(dir: &Path, cx: &mut Ctx) {
              from the WAL, or lines not written by the daemon)"
         ));
     }
+    let set_aside = files_under_records(dir, |p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(".parquet.unsigned-"))
+    })
+    .unwrap_or_default();
+    for file in set_aside {
+        cx.report.notes.push(format!(
+            "{file}: a segment file an unsigned manifest line named, set aside at a start"
+        ));
+    }
 }
 
 fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut Ctx) {
@@ -537,7 +547,7 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
             prev_hash: s.last_record_hash.clone(),
         };
     }
-    match parquet_files_under_records(dir) {
+    match files_under_records(dir, |p| p.extension().is_some_and(|e| e == "parquet")) {
         Ok(files) => {
             for f in files {
                 if !listed.contains(&f) {
@@ -562,11 +572,11 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
     cur
 }
 
-/// Every `*.parquet` file under `records/`, at any depth, as paths relative
-/// to `dir`: the daemon writes one level of day directories, but the
-/// documented queries read `records/**/*.parquet`, so a file anywhere
-/// there is one an analyst would read.
-fn parquet_files_under_records(dir: &Path) -> io::Result<Vec<String>> {
+/// Every file under `records/` that `keep` takes, at any depth, as paths
+/// relative to `dir`: the daemon writes one level of day directories, but
+/// the documented queries read `records/**/*.parquet`, so a Parquet file
+/// anywhere there is one an analyst would read.
+fn files_under_records(dir: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut todo = vec![dir.join("records")];
     while let Some(folder) = todo.pop() {
@@ -580,7 +590,7 @@ fn parquet_files_under_records(dir: &Path) -> io::Result<Vec<String>> {
             let path = entry.path();
             if entry.file_type()?.is_dir() {
                 todo.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
+            } else if keep(&path) {
                 if let Ok(rel) = path.strip_prefix(dir) {
                     out.push(rel.to_string_lossy().into_owned());
                 }

@@ -774,6 +774,11 @@ fn answers(kind: Kind, tag: u8) -> bool {
     }
 }
 
+/// In place of a SQLSTATE in a finished request's error: what became of
+/// it is not known (status 0), for the reason its message gives. Not a
+/// SQLSTATE (those are five characters).
+pub(super) const NOT_KNOWN: &str = "-";
+
 /// The outcome of a request the server skipped after an earlier error.
 pub(super) fn not_executed() -> (String, String) {
     (
@@ -832,6 +837,10 @@ pub(super) fn outcome_record(
     // The status is the server's: a statement whose answer was lost still
     // ran (an UPDATE committed), which is what an auditor must not miss.
     match error {
+        Some((code, message)) if code == NOT_KNOWN => {
+            outcome.status_id = record::status::UNKNOWN;
+            outcome.status_detail = capped(message, MAX_SERVER_MESSAGE);
+        }
         Some((code, message)) => {
             outcome.status_id = record::status::FAILURE;
             outcome.response_error_code = capped(code, 64);

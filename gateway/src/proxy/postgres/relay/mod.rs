@@ -471,13 +471,15 @@ struct InFlight {
 /// Outside a transaction block, what a pipeline runs before its Sync is
 /// one implicit transaction: committed at the Sync, or rolled back, every
 /// statement of it, by an error anywhere in it (a later Execute's, or the
-/// commit's own at the Sync). An Execute's outcome is held here until the
-/// Sync says which, so that a statement whose work was rolled back is not
-/// recorded as done.
+/// commit's own at the Sync). The outcome of an Execute that may have
+/// written is held here until the Sync says which, so that a statement
+/// whose work was rolled back is not recorded as done.
 #[derive(Default)]
 struct ImplicitTransaction {
     /// Completed Executes waiting for their pipeline's Sync.
     held: Vec<Pending>,
+    /// What `held` holds of statement text, parameters and recorded rows.
+    held_bytes: usize,
     /// The first error met since the last ReadyForQuery.
     error: Option<(String, String)>,
     /// The last ReadyForQuery said a transaction block is open ('T' or
@@ -487,29 +489,63 @@ struct ImplicitTransaction {
     /// could not parse) ran since the last ReadyForQuery: what follows is
     /// no longer known to share one implicit transaction.
     unknown: bool,
+    /// More outcomes came since the last ReadyForQuery than are held for
+    /// one (see [`MAX_HELD_OUTCOMES`]).
+    overflowed: bool,
 }
 
-/// Most Execute outcomes held for one Sync; past it they are recorded as
-/// they come (a pipeline that long without a Sync is not held in memory).
+/// Most Execute outcomes held for one Sync, and the most they may hold of
+/// statement text, parameters and recorded rows; past either, further
+/// outcomes of the pipeline are written as they complete, with status
+/// unknown (a pipeline that long without a Sync is not held in memory).
 const MAX_HELD_OUTCOMES: usize = 8192;
+const MAX_HELD_OUTCOME_BYTES: usize = 64 << 20;
 
 impl ImplicitTransaction {
     /// Takes a completed Execute: held when it is in an implicit
-    /// transaction, else finished at once.
+    /// transaction and may have written, else finished at once.
     fn completed(&mut self, done: Pending, finished: &mut Finished) {
-        let may_end_or_begin = done
+        let kind = done
             .request
             .as_ref()
-            .is_none_or(|r| r.query_info_kind == "transaction" || r.query_info_kind == "unparsed");
-        if may_end_or_begin {
+            .map(|r| r.query_info_kind.as_str())
+            .unwrap_or("unparsed");
+        // CALL and DO may commit or roll back too (procedures with
+        // transaction control).
+        if matches!(kind, "transaction" | "unparsed" | "admin") && !self.in_block {
             self.unknown = true;
+            self.release(finished, Some(Self::not_known()));
         }
-        if self.in_block || self.unknown || self.held.len() >= MAX_HELD_OUTCOMES {
-            self.release(finished, None);
+        // A read's answer is what it did: it stands whatever happens to
+        // the transaction after it.
+        if self.in_block || self.unknown || kind == "read" {
             finished.push((done, None));
-        } else {
-            self.held.push(done);
+            return;
         }
+        let size = done.request.as_ref().map_or(0, |r| {
+            r.query_info_query_string.len() + r.query_info_parameters.len()
+        }) + done.recording.as_ref().map_or(0, |r| r.bytes);
+        if self.overflowed
+            || self.held.len() >= MAX_HELD_OUTCOMES
+            || self.held_bytes + size > MAX_HELD_OUTCOME_BYTES
+        {
+            self.overflowed = true;
+            let why = (
+                NOT_KNOWN.to_string(),
+                "not held for its pipeline's Sync (too many statements waiting for it): it may have been rolled back with its pipeline's implicit transaction".to_string(),
+            );
+            finished.push((done, Some(why)));
+            return;
+        }
+        self.held_bytes += size;
+        self.held.push(done);
+    }
+
+    fn not_known() -> (String, String) {
+        (
+            NOT_KNOWN.to_string(),
+            "a statement of its pipeline may have begun or ended its transaction: not known whether it was committed".to_string(),
+        )
     }
 
     fn failed(&mut self, error: &(String, String)) {
@@ -527,10 +563,12 @@ impl ImplicitTransaction {
         });
         self.release(finished, rolled_back);
         self.unknown = false;
+        self.overflowed = false;
         self.in_block = status != Some(b'I');
     }
 
     fn release(&mut self, finished: &mut Finished, error: Option<(String, String)>) {
+        self.held_bytes = 0;
         for done in self.held.drain(..) {
             finished.push((done, error.clone()));
         }
@@ -784,12 +822,10 @@ fn uncommitted_outcomes(held: Vec<Pending>) -> Vec<AuditRecord> {
     held.into_iter()
         .filter_map(|done| {
             let why = (
-                String::new(),
+                NOT_KNOWN.to_string(),
                 "the session ended before its pipeline's Sync was answered: not known whether its implicit transaction was committed".to_string(),
             );
-            let mut outcome = outcome_record(done, Some(why), Delivery::NotSent)?;
-            outcome.status_id = record::status::UNKNOWN;
-            Some(outcome)
+            outcome_record(done, Some(why), Delivery::Sent)
         })
         .collect()
 }

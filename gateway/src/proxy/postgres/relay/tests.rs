@@ -1630,10 +1630,14 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
 
 /// An Execute that writes, with the request record an outcome completes.
 fn writing_execute() -> Pending {
+    execute_of_kind("write")
+}
+
+fn execute_of_kind(kind: &str) -> Pending {
     Pending::new(
         Kind::Execute,
         Some(AuditRecord {
-            query_info_kind: "write".into(),
+            query_info_kind: kind.into(),
             ..AuditRecord::default()
         }),
     )
@@ -1716,6 +1720,37 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
         lock(&in_flight).queued(p);
     }
     assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
+
+    // A read stands whatever happens after it: recorded as it completes.
+    let in_flight = queue_of(&[]);
+    for p in [execute_of_kind("read"), Pending::new(Kind::Sync, None)] {
+        lock(&in_flight).queued(p);
+    }
+    assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
+
+    // A statement that may begin or end the transaction (COMMIT, BEGIN,
+    // a CALL): what was held before it is not known; it and what follows
+    // are recorded as they complete.
+    for kind in ["transaction", "admin", "unparsed"] {
+        let in_flight = queue_of(&[]);
+        for p in [
+            writing_execute(),
+            execute_of_kind(kind),
+            writing_execute(),
+            Pending::new(Kind::Sync, None),
+        ] {
+            lock(&in_flight).queued(p);
+        }
+        assert_eq!(
+            finish(&in_flight, &[complete(), complete(), complete()]),
+            [
+                (Kind::Execute, Some(NOT_KNOWN.to_string())),
+                (Kind::Execute, None),
+                (Kind::Execute, None)
+            ],
+            "{kind}"
+        );
+    }
 
     // The session ends before the Sync is answered: not known.
     let in_flight = queue_of(&[]);
