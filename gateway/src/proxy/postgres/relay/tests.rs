@@ -1643,6 +1643,15 @@ fn execute_of_kind(kind: &str) -> Pending {
     )
 }
 
+/// A queue of `requests`, in order.
+fn pipeline<const N: usize>(requests: [Pending; N]) -> Mutex<InFlight> {
+    let in_flight = queue_of(&[]);
+    for p in requests {
+        lock(&in_flight).queued(p);
+    }
+    in_flight
+}
+
 /// Feeds `answers` in order; what finished, as (kind, error code).
 fn finish(in_flight: &Mutex<InFlight>, answers: &[Frame]) -> Vec<(Kind, Option<String>)> {
     let mut finished = Finished::new();
@@ -1671,14 +1680,11 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
     let idle = || frame(b'Z', b"I");
 
     // A later Execute fails: the first is rolled back with it.
-    let in_flight = queue_of(&[]);
-    for p in [
+    let in_flight = pipeline([
         writing_execute(),
         writing_execute(),
         Pending::new(Kind::Sync, None),
-    ] {
-        lock(&in_flight).queued(p);
-    }
+    ]);
     assert_eq!(finish(&in_flight, &[complete()]), [], "held until the Sync");
     assert_eq!(
         finish(&in_flight, &[error(b"23505"), idle()]),
@@ -1689,24 +1695,18 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
     );
 
     // All complete: done at the Sync.
-    let in_flight = queue_of(&[]);
-    for p in [
+    let in_flight = pipeline([
         writing_execute(),
         writing_execute(),
         Pending::new(Kind::Sync, None),
-    ] {
-        lock(&in_flight).queued(p);
-    }
+    ]);
     assert_eq!(
         finish(&in_flight, &[complete(), complete(), idle()]),
         [(Kind::Execute, None), (Kind::Execute, None)]
     );
 
     // The commit at the Sync fails (a deferred constraint).
-    let in_flight = queue_of(&[]);
-    for p in [writing_execute(), Pending::new(Kind::Sync, None)] {
-        lock(&in_flight).queued(p);
-    }
+    let in_flight = pipeline([writing_execute(), Pending::new(Kind::Sync, None)]);
     assert_eq!(
         finish(&in_flight, &[complete(), error(b"23503"), idle()]),
         [(Kind::Execute, Some("23503".to_string()))]
@@ -1722,25 +1722,19 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
     assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
 
     // A read stands whatever happens after it: recorded as it completes.
-    let in_flight = queue_of(&[]);
-    for p in [execute_of_kind("read"), Pending::new(Kind::Sync, None)] {
-        lock(&in_flight).queued(p);
-    }
+    let in_flight = pipeline([execute_of_kind("read"), Pending::new(Kind::Sync, None)]);
     assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
 
     // A statement that may begin or end the transaction (COMMIT, BEGIN,
     // a CALL): what was held before it is not known; it and what follows
     // are recorded as they complete.
     for kind in ["transaction", "admin", "unparsed"] {
-        let in_flight = queue_of(&[]);
-        for p in [
+        let in_flight = pipeline([
             writing_execute(),
             execute_of_kind(kind),
             writing_execute(),
             Pending::new(Kind::Sync, None),
-        ] {
-            lock(&in_flight).queued(p);
-        }
+        ]);
         assert_eq!(
             finish(&in_flight, &[complete(), complete(), complete()]),
             [
@@ -1753,10 +1747,7 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
     }
 
     // The session ends before the Sync is answered: not known.
-    let in_flight = queue_of(&[]);
-    for p in [writing_execute(), Pending::new(Kind::Sync, None)] {
-        lock(&in_flight).queued(p);
-    }
+    let in_flight = pipeline([writing_execute(), Pending::new(Kind::Sync, None)]);
     assert_eq!(finish(&in_flight, &[complete()]), []);
     let held = std::mem::take(&mut lock(&in_flight).implicit.held);
     let outcomes = uncommitted_outcomes(held);
