@@ -3,7 +3,9 @@
 //!
 //! Files are `{dir}/wal/wal-v2-<generation:010>-<first sequence:020>.log`.
 //! Each frame is `len: u32 LE | crc32(len): u32 LE | crc32(payload): u32 LE
-//! | payload`, the payload being the record's canonical encoding (`AuditRecord::canonical_bytes`):
+//! | payload | 0xFF padding to a multiple of 4 bytes` (so a frame, and its
+//! length field, never starts in the last three bytes of a sector: see
+//! [`header_unwritten`]), the payload being the record's canonical encoding (`AuditRecord::canonical_bytes`):
 //! the exact bytes its `record_hash` is the SHA-256 of, so a record is
 //! encoded once and hashed once on the way in, and replay gets the hash
 //! from the payload without encoding anything again. The encoding is JSON,
@@ -100,6 +102,19 @@ fn length_check(len_field: [u8; 4]) -> u32 {
     crc32fast::hash(&len_field)
 }
 
+/// Pads the frame that starts at `start` in `out` to a multiple of 4
+/// bytes. Frames of a file start at 0 and are each padded, so every frame
+/// starts 4-aligned, never in the last three bytes of a sector.
+fn pad_frame(out: &mut Vec<u8>, start: usize) {
+    while (out.len() - start) % 4 != 0 {
+        out.push(PAD);
+    }
+}
+
+/// What pads a frame: not zero, so padding is never read as the
+/// unwritten rest of a file.
+const PAD: u8 = 0xFF;
+
 /// Writes the header of the frame at `start` in `out`.
 fn write_header(out: &mut [u8], start: usize, len_field: u32, payload_crc: u32) {
     let len = len_field.to_le_bytes();
@@ -114,7 +129,9 @@ pub fn encode_frame(record: &AuditRecord, out: &mut Vec<u8>) -> [u8; 32] {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER]);
     super::segment::canonical_into(record, out);
-    seal_frame(out, start, Sha256::new(), 0)
+    let hash = seal_frame(out, start, Sha256::new(), 0);
+    pad_frame(out, start);
+    hash
 }
 
 /// Fills in the header of the frame starting at `start` in `out` (its
@@ -188,6 +205,7 @@ pub fn append_seal(
     let len = payload.len() as u32 | SEAL_FLAG;
     let crc = seal_crc(payload);
     write_header(out, start, len, crc);
+    pad_frame(out, start);
 }
 
 /// A seal frame's checksum also covers its kind: one flipped bit in the
@@ -301,6 +319,7 @@ impl PreparedFrame {
         out.extend_from_slice(itoa::Buffer::new().format(record.sequence).as_bytes());
         out.extend_from_slice(tail);
         let hash = seal_frame(out, start, self.head, head.len());
+        pad_frame(out, start);
         debug_assert!(
             {
                 let mut whole = Vec::new();
@@ -458,11 +477,12 @@ fn has_unwritten_sector(bytes: &[u8], start: usize, end: usize) -> bool {
 /// in hold only zeros from the frame's start (or the sector's) to the
 /// sector's end? In a later sector that range holds the start of the
 /// payload, which has no zero byte when written. In the frame's first
-/// sector it is judged only when it holds the whole length field, which is
-/// not zero when written: a header that starts in the last three bytes of
-/// a sector, where a written length may have only zero bytes, is never
-/// taken for one a crash cut short. (Cut short there, out of sector order,
-/// it is reported as corrupt: loud, and nothing acknowledged is lost.)
+/// sector it holds the whole length field, which is not zero when
+/// written: frames are padded so that none starts in the last three bytes
+/// of a sector (see [`pad_frame`]). Should one start there all the same
+/// (a damaged length before it), that sector is not judged: a written
+/// length there may have only zero bytes, and damage is never taken for a
+/// crash's cut.
 fn header_unwritten(bytes: &[u8], off: usize) -> bool {
     let mut s = off - off % SECTOR;
     while s < off + HEADER {
@@ -558,6 +578,13 @@ fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
         if end > bytes.len() {
             break Tail::Torn { offset: off as u64 };
         }
+        // Where the next frame starts: past this one's padding (a file of
+        // an older version has none). A write cut off inside the padding
+        // leaves nothing after it.
+        let next = match format {
+            Format::LengthChecked => (off + (end - off).next_multiple_of(4)).min(bytes.len()),
+            Format::Unchecked => end,
+        };
         let payload = &bytes[off + header..end];
         let computed = match is_seal {
             true => seal_crc(payload),
@@ -584,7 +611,7 @@ fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
                     }
                 }
             }
-            off = end;
+            off = next;
             continue;
         }
         match serde_json::from_slice::<AuditRecord>(payload) {
@@ -613,7 +640,7 @@ fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
                 }
             }
         }
-        off = end;
+        off = next;
     };
     WalFileContents {
         records,
@@ -882,7 +909,7 @@ mod tests {
                 break;
             }
             out.push(off);
-            off += HEADER + len as usize;
+            off += (HEADER + len as usize).next_multiple_of(4);
         }
         out
     }
@@ -907,6 +934,27 @@ mod tests {
             // Damage in the second sector's part of the header.
             bytes[off + 6] ^= 0x01;
             assert!(!header_unwritten(&bytes, off), "{before_boundary}");
+        }
+    }
+
+    /// Every frame starts 4-aligned: padded with bytes that are not zero.
+    #[test]
+    fn frames_are_padded_to_four_bytes_and_read_past_their_padding() {
+        let key = super::super::checkpoint::Signer::generate("t").wal_seal_key();
+        for n in 1..6 {
+            let (mut bytes, records) = frames(n);
+            let tip: [u8; 32] = hex::decode(&records[n - 1].record_hash)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            append_seal(&mut bytes, &key, n as u64, &tip);
+            let starts = offsets(&bytes);
+            assert_eq!(starts.len(), n + 1);
+            assert!(starts.iter().all(|s| s % 4 == 0), "{starts:?}");
+            assert_eq!(bytes.len() % 4, 0);
+            let got = read(&bytes);
+            assert_eq!(got.tail, Tail::Clean);
+            assert_eq!((got.records.len(), got.seals.len()), (n, 1));
         }
     }
 
@@ -963,10 +1011,11 @@ mod tests {
         r.query_info_query_string = "x".into();
         let mut first = Vec::new();
         encode_frame(&r, &mut first);
-        // Pad the first record so that the second header starts 6 bytes
-        // before a sector boundary.
-        let target = (first.len() / SECTOR + 1) * SECTOR - 6;
-        r.query_info_query_string = "x".repeat(target - first.len() + 1);
+        let unpadded = HEADER + u32::from_le_bytes(first[..4].try_into().unwrap()) as usize;
+        // Lengthen the first record so that the second header starts 8
+        // bytes before a sector boundary (frames start 4-aligned).
+        let target = (unpadded / SECTOR + 1) * SECTOR - 8;
+        r.query_info_query_string = "x".repeat(target - unpadded + 1);
         let mut bytes = Vec::new();
         encode_frame(&r, &mut bytes);
         assert_eq!(bytes.len(), target);
@@ -974,7 +1023,7 @@ mod tests {
         second.sequence = 2;
         encode_frame(&second, &mut bytes);
         bytes.resize(bytes.len() + 4 * SECTOR, 0);
-        bytes[target + 6..].fill(0);
+        bytes[target + 8..].fill(0);
         let got = read_frames(&bytes, Format::LengthChecked);
         assert_eq!(
             got.tail,
@@ -1050,7 +1099,8 @@ mod tests {
     #[test]
     fn frame_running_past_the_end_of_a_plain_file_is_torn() {
         let (bytes, _) = frames(2);
-        let got = read(&bytes[..bytes.len() - 3]);
+        // Into the last payload, past its padding.
+        let got = read(&bytes[..bytes.len() - 20]);
         assert!(matches!(got.tail, Tail::Torn { .. }), "{:?}", got.tail);
         assert_eq!(got.records.len(), 1);
     }
