@@ -106,7 +106,7 @@ fn length_check(len_field: [u8; 4]) -> u32 {
 /// bytes. Frames of a file start at 0 and are each padded, so every frame
 /// starts 4-aligned, never in the last three bytes of a sector.
 fn pad_frame(out: &mut Vec<u8>, start: usize) {
-    while (out.len() - start) % 4 != 0 {
+    while !(out.len() - start).is_multiple_of(4) {
         out.push(PAD);
     }
 }
