@@ -1267,18 +1267,18 @@ impl Writer {
         if self.buffer.is_empty() && self.closed_files.is_empty() {
             return;
         }
-        // Once a segment's manifest entry is appended, its records must be
+        // Once a segment's manifest entry is appended, its records should be
         // durable in the WAL too: an entry no checkpoint signs yet is
         // rebuilt from the WAL at the next start (see
         // `set_aside_unsigned_tail`). In `buffered` durability the syncer
         // may still be behind the current file: sync it now (retired files
-        // were synced when retired). If that fails the records stay here,
-        // and the cut is tried again later.
+        // were synced when retired). If that fails the segment is cut all
+        // the same: it is then the records' one durable copy, and not
+        // cutting would leave them only in memory.
         if let (Some(syncer), Some(w)) = (&self.syncer, &self.file) {
             if let Err(e) = w.file.sync_data() {
-                error!(error = %e, path = %w.path.display(), "WAL sync failed; the segment is not cut");
+                error!(error = %e, path = %w.path.display(), "WAL sync failed");
                 syncer.shared.fail(e.to_string());
-                return;
             }
         }
         self.buffer_since = None;

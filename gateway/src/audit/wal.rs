@@ -477,17 +477,18 @@ fn has_unwritten_sector(bytes: &[u8], start: usize, end: usize) -> bool {
 /// in hold only zeros from the frame's start (or the sector's) to the
 /// sector's end? In a later sector that range holds the start of the
 /// payload, which has no zero byte when written. In the frame's first
-/// sector it holds the whole length field, which is not zero when
-/// written: frames are padded so that none starts in the last three bytes
-/// of a sector (see [`pad_frame`]). Should one start there all the same
-/// (a damaged length before it), that sector is not judged: a written
-/// length there may have only zero bytes, and damage is never taken for a
-/// crash's cut.
+/// sector it is judged only when it holds more than the length field
+/// (frames are padded so that they start 4-aligned, see [`pad_frame`]):
+/// a written length and its checksum are never both zero, but a length
+/// alone may be (a damaged one, or one whose bytes in that sector are
+/// zero), and damage is never taken for a crash's cut. (A header cut
+/// short there, out of sector order, is reported as corrupt: loud, and
+/// nothing acknowledged is lost.)
 fn header_unwritten(bytes: &[u8], off: usize) -> bool {
     let mut s = off - off % SECTOR;
     while s < off + HEADER {
         let (a, b) = (s.max(off), (s + SECTOR).min(bytes.len()));
-        let judged = s > off || b - a.min(b) >= 4;
+        let judged = s > off || b - a.min(b) > 4;
         if judged && a < b && bytes[a..b].iter().all(|&x| x == 0) {
             return true;
         }
@@ -935,6 +936,13 @@ mod tests {
             bytes[off + 6] ^= 0x01;
             assert!(!header_unwritten(&bytes, off), "{before_boundary}");
         }
+        // A frame 4 bytes before a boundary whose length was zeroed: its
+        // first sector holds only the length.
+        let mut bytes = vec![b'x'; 2 * SECTOR];
+        let off = SECTOR - 4;
+        bytes[off..off + 4].fill(0);
+        bytes[off + 4..off + 8].copy_from_slice(&length_check(1024u32.to_le_bytes()).to_le_bytes());
+        assert!(!header_unwritten(&bytes, off));
     }
 
     /// Every frame starts 4-aligned: padded with bytes that are not zero.

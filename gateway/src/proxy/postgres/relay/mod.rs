@@ -127,6 +127,9 @@ struct Pending {
     close: Option<(u8, String)>,
     /// For a Describe: it describes the portal the next Execute runs.
     describes_next_execute: bool,
+    /// For an Execute: its statement provably only reads (see
+    /// `provably_read_only`), so its answer is all it did.
+    read_only: bool,
     /// For a Query: the server finished one of its statements
     /// (CommandComplete, EmptyQueryResponse or an error), so its
     /// ReadyForQuery may come.
@@ -258,6 +261,7 @@ impl Pending {
             describes_next_execute: false,
             after_copy_end: false,
             completed: false,
+            read_only: false,
             copies_ended_early: 0,
             id: 0,
             generation: 0,
@@ -502,23 +506,28 @@ const MAX_HELD_OUTCOMES: usize = 8192;
 const MAX_HELD_OUTCOME_BYTES: usize = 64 << 20;
 
 impl ImplicitTransaction {
-    /// Takes a completed Execute: held when it is in an implicit
-    /// transaction and may have written, else finished at once.
+    /// Takes a completed Execute: held while what becomes of its work is
+    /// decided by its pipeline's Sync, else finished at once.
     fn completed(&mut self, done: Pending, finished: &mut Finished) {
         let kind = done
             .request
             .as_ref()
             .map(|r| r.query_info_kind.as_str())
             .unwrap_or("unparsed");
-        // CALL and DO may commit or roll back too (procedures with
-        // transaction control).
-        if matches!(kind, "transaction" | "unparsed" | "admin") && !self.in_block {
+        // It may begin, end or change the transaction (CALL and DO may
+        // commit; SET ROLE is admin too): what was held before it can no
+        // longer be told committed or rolled back, and an error after it
+        // says nothing sure about what came between.
+        if matches!(kind, "transaction" | "unparsed" | "admin") {
             self.unknown = true;
             self.release(finished, Some(Self::not_known()));
+            finished.push((done, None));
+            return;
         }
-        // A read's answer is what it did: it stands whatever happens to
-        // the transaction after it.
-        if self.in_block || self.unknown || kind == "read" {
+        // A provable read's answer is what it did; inside a block that no
+        // statement of the pipeline changed, what happens to the work is
+        // its COMMIT's or ROLLBACK's, a row of its own.
+        if done.read_only || (self.in_block && !self.unknown) {
             finished.push((done, None));
             return;
         }
@@ -553,15 +562,23 @@ impl ImplicitTransaction {
     }
 
     /// A ReadyForQuery with transaction status `status`: the pipeline
-    /// before it was committed, or rolled back if it met an error.
+    /// before it was committed, or rolled back if it met an error (not
+    /// known, when a statement in it may have changed the transaction).
     fn ended(&mut self, status: Option<u8>, finished: &mut Finished) {
-        let rolled_back = self.error.take().map(|(code, message)| {
-            (
-                code,
-                format!("rolled back with its pipeline's implicit transaction: {message}"),
-            )
+        let outcome = self.error.take().map(|(code, message)| {
+            if self.unknown {
+                (
+                    NOT_KNOWN.to_string(),
+                    format!("its pipeline failed after a statement that may have changed its transaction: not known whether it was committed ({code}: {message})"),
+                )
+            } else {
+                (
+                    code,
+                    format!("rolled back with its pipeline's implicit transaction: {message}"),
+                )
+            }
         });
-        self.release(finished, rolled_back);
+        self.release(finished, outcome);
         self.unknown = false;
         self.overflowed = false;
         self.in_block = status != Some(b'I');

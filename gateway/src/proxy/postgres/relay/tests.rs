@@ -1721,30 +1721,80 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
     }
     assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
 
-    // A read stands whatever happens after it: recorded as it completes.
-    let in_flight = pipeline([execute_of_kind("read"), Pending::new(Kind::Sync, None)]);
+    // A provable read stands whatever happens after it: recorded as it
+    // completes. A "read" that calls functions may write: held.
+    let mut read = execute_of_kind("read");
+    read.read_only = true;
+    let in_flight = pipeline([read, Pending::new(Kind::Sync, None)]);
     assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
+    let in_flight = pipeline([execute_of_kind("read"), Pending::new(Kind::Sync, None)]);
+    assert_eq!(finish(&in_flight, &[complete()]), []);
 
-    // A statement that may begin or end the transaction (COMMIT, BEGIN,
-    // a CALL): what was held before it is not known; it and what follows
-    // are recorded as they complete.
+    // A statement that may begin, end or change the transaction (COMMIT,
+    // BEGIN, a CALL, SET ROLE): what was held before it is not known, it
+    // is recorded as it completes, and what follows it is held; an error
+    // after it leaves that not known either, no error means done.
     for kind in ["transaction", "admin", "unparsed"] {
-        let in_flight = pipeline([
-            writing_execute(),
-            execute_of_kind(kind),
-            writing_execute(),
-            Pending::new(Kind::Sync, None),
-        ]);
-        assert_eq!(
-            finish(&in_flight, &[complete(), complete(), complete()]),
-            [
-                (Kind::Execute, Some(NOT_KNOWN.to_string())),
-                (Kind::Execute, None),
-                (Kind::Execute, None)
-            ],
-            "{kind}"
-        );
+        for (end, expected) in [
+            (vec![idle()], None),
+            (vec![error(b"23505"), idle()], Some(NOT_KNOWN.to_string())),
+        ] {
+            let in_flight = pipeline([
+                writing_execute(),
+                execute_of_kind(kind),
+                writing_execute(),
+                writing_execute(),
+                Pending::new(Kind::Sync, None),
+            ]);
+            assert_eq!(
+                finish(&in_flight, &[complete(), complete(), complete()]),
+                [
+                    (Kind::Execute, Some(NOT_KNOWN.to_string())),
+                    (Kind::Execute, None)
+                ],
+                "{kind}"
+            );
+            let mut answers = vec![];
+            if expected.is_none() {
+                answers.push(complete());
+            }
+            answers.extend(end);
+            let released = finish(&in_flight, &answers);
+            let failed_one = expected.is_some();
+            let mut want = vec![(Kind::Execute, expected.clone())];
+            if failed_one {
+                // The failing Execute itself, with its own error.
+                want.insert(0, (Kind::Execute, Some("23505".to_string())));
+            } else {
+                want.push((Kind::Execute, None));
+            }
+            assert_eq!(released, want, "{kind}, {expected:?}");
+        }
     }
+
+    // Inside a block a COMMIT starts an implicit transaction: a write
+    // after it is held, and an error after it leaves it not known.
+    let in_flight = queue_of(&[Kind::Sync]);
+    assert_eq!(finish(&in_flight, &[frame(b'Z', b"T")]), []);
+    let in_flight_after = pipeline([
+        execute_of_kind("transaction"),
+        writing_execute(),
+        writing_execute(),
+        Pending::new(Kind::Sync, None),
+    ]);
+    lock(&in_flight_after).implicit.in_block = true;
+    assert_eq!(
+        finish(&in_flight_after, &[complete(), complete()]),
+        [(Kind::Execute, None)]
+    );
+    assert_eq!(
+        finish(&in_flight_after, &[error(b"22012"), idle()]),
+        [
+            (Kind::Execute, Some("22012".to_string())),
+            (Kind::Execute, Some(NOT_KNOWN.to_string()))
+        ]
+    );
+    drop(in_flight);
 
     // The session ends before the Sync is answered: not known.
     let in_flight = pipeline([writing_execute(), Pending::new(Kind::Sync, None)]);
