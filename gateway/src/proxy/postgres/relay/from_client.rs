@@ -41,7 +41,7 @@ pub(super) async fn client_to_server(
         answered,
         marker,
         forward: BytesMut::new(),
-        copy_ended: false,
+        copies_ended: 0,
         skipping_to_sync: false,
         last_describe: None,
         encoding_barrier: None,
@@ -92,11 +92,11 @@ struct FromClient {
     marker: String,
     /// Messages admitted and not yet sent to the server.
     forward: BytesMut,
-    /// The client ended a copy (CopyDone or CopyFail) since the last
-    /// Execute or Query: a Sync after it was not sent into a COPY FROM
-    /// STDIN (see `Pending::after_copy_end`). Copy data alone does not end
-    /// one: a Sync behind it still goes into the copy.
-    copy_ended: bool,
+    /// Copies the client ended (CopyDone or CopyFail) since the last
+    /// Execute or Query (a multi-statement Query may run several): a Sync
+    /// counts them (see `Pending::copies_ended_before`). Copy data alone
+    /// does not end one: a Sync behind it still goes into the copy.
+    copies_ended: u32,
     /// After a refused Execute, the rest of the pipeline up to Sync is
     /// dropped, as PostgreSQL itself does after an error.
     skipping_to_sync: bool,
@@ -228,7 +228,7 @@ impl FromClient {
             // ReadyForQuery of its own.
             b'S' => {}
             b'c' | b'f' => {
-                self.copy_ended = true;
+                self.copies_ended += 1;
                 lock(&self.in_flight).copy_in = false;
             }
             other => {
@@ -246,7 +246,7 @@ impl FromClient {
     async fn query(&mut self, frame: Frame) -> Result<(), WireError> {
         // Like an Execute, a Query may start a COPY FROM STDIN: whether a
         // Sync behind it follows the copy's end counts from here.
-        self.copy_ended = false;
+        self.copies_ended = 0;
         let text = wire::query_text(&frame).map_err(in_message("Query"))?;
         let operations = classify_within_limit(&text);
         match admit(&self.session, &text, &operations, String::new()).await {
@@ -340,7 +340,7 @@ impl FromClient {
     /// parameters.
     async fn execute(&mut self, frame: Frame) -> Result<(), WireError> {
         let portal = wire::execute_portal(&frame).map_err(in_message("Execute"))?;
-        self.copy_ended = false;
+        self.copies_ended = 0;
         let (prepared, parameters) = self
             .resolve(|f| f.portal(&portal))
             .await?
@@ -389,7 +389,7 @@ impl FromClient {
     fn sync(&mut self, frame: Frame) {
         self.skipping_to_sync = false;
         let mut sync = Pending::new(Kind::Sync, None);
-        sync.after_copy_end = self.copy_ended;
+        sync.copies_ended_before = self.copies_ended;
         let mut guard = lock(&self.in_flight);
         guard.server_skipping = false;
         // A Sync is always queued (see `InFlight::push`).
@@ -423,7 +423,7 @@ impl FromClient {
     /// it, or it ends a COPY the server has not started yet.
     fn copy_data(&mut self, frame: Frame) {
         if frame.tag != b'd' {
-            self.copy_ended = true;
+            self.copies_ended += 1;
             lock(&self.in_flight).copy_ended_early();
         }
         self.forward.unsplit(frame.bytes);

@@ -657,13 +657,16 @@ pub(super) fn track_answer(
             } else {
                 *copy_in = true;
             }
-            // A Sync sent right behind the COPY FROM STDIN before the
-            // client ended the copy (copy data does not end it) reached the
+            head.copies_started += 1;
+            let started = head.copies_started;
+            // A Sync sent behind the statement before the client ended
+            // this copy (copy data does not end it; an earlier copy of a
+            // multi-statement Query's ending does not either) reached the
             // server in copy mode, which ignores it: it will get no
             // ReadyForQuery. So does each such Sync after it.
             while queue
                 .get(1)
-                .is_some_and(|p| p.kind == Kind::Sync && !p.after_copy_end)
+                .is_some_and(|p| p.kind == Kind::Sync && p.copies_ended_before < started)
             {
                 queue.remove(1);
             }

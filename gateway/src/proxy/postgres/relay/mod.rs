@@ -134,10 +134,14 @@ struct Pending {
     /// (CommandComplete, EmptyQueryResponse or an error), so its
     /// ReadyForQuery may come.
     completed: bool,
-    /// For a Sync: the client ended a copy (CopyDone or CopyFail) before
-    /// it since the last Query or Execute. One sent before that went into
-    /// a COPY FROM STDIN, should one start, where the server ignores it.
-    after_copy_end: bool,
+    /// For a Sync: how many copies the client ended (CopyDone or CopyFail)
+    /// before it since the last Query or Execute. One sent before the end
+    /// of the copy the server is in went into it, and the server ignored
+    /// it (see `copies_started`).
+    copies_ended_before: u32,
+    /// For a Query or Execute: how many COPY FROM STDIN it has started
+    /// (CopyInResponse), several for a multi-statement Query.
+    copies_started: u32,
     /// For a Query or Execute: how many CopyDone or CopyFail the client
     /// sent behind it before the server answered with CopyInResponse (a
     /// client that does not wait for it). A COPY FROM STDIN of it that
@@ -259,7 +263,8 @@ impl Pending {
             bind: None,
             close: None,
             describes_next_execute: false,
-            after_copy_end: false,
+            copies_ended_before: 0,
+            copies_started: 0,
             completed: false,
             read_only: false,
             copies_ended_early: 0,

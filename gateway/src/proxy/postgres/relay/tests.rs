@@ -138,13 +138,40 @@ fn syncs_sent_into_a_copy_are_dropped_when_it_starts() {
     {
         let mut f = lock(&in_flight);
         if let Some(last) = f.queue.iter_mut().last() {
-            last.after_copy_end = true;
+            last.copies_ended_before = 1;
         }
     }
     answer(&in_flight, &frame(b'G', &[0, 0, 0])).expect("in step");
-    let f = lock(&in_flight);
-    let kinds: Vec<(Kind, bool)> = f.queue.iter().map(|p| (p.kind, p.after_copy_end)).collect();
-    assert_eq!(kinds, [(Kind::Query, false), (Kind::Sync, true)]);
+    let kinds = |in_flight: &Mutex<InFlight>| -> Vec<(Kind, u32)> {
+        lock(in_flight)
+            .queue
+            .iter()
+            .map(|p| (p.kind, p.copies_ended_before))
+            .collect()
+    };
+    assert_eq!(kinds(&in_flight), [(Kind::Query, 0), (Kind::Sync, 1)]);
+
+    // A Query running two copies: a Sync sent after the first copy's end
+    // but inside the second goes into the second, and is dropped when it
+    // starts; one sent after the second's end is answered.
+    let sync_after = |ended: u32| {
+        let mut sync = Pending::new(Kind::Sync, None);
+        sync.copies_ended_before = ended;
+        sync
+    };
+    let in_flight = pipeline([
+        Pending::new(Kind::Query, None),
+        sync_after(1),
+        sync_after(2),
+    ]);
+    answer(&in_flight, &frame(b'G', &[0, 0, 0])).expect("first copy");
+    assert_eq!(
+        kinds(&in_flight),
+        [(Kind::Query, 0), (Kind::Sync, 1), (Kind::Sync, 2)]
+    );
+    answer(&in_flight, &frame(b'C', b"COPY 1\0")).expect("first copy done");
+    answer(&in_flight, &frame(b'G', &[0, 0, 0])).expect("second copy");
+    assert_eq!(kinds(&in_flight), [(Kind::Query, 0), (Kind::Sync, 2)]);
 }
 
 #[test]
