@@ -175,6 +175,11 @@ pub struct TargetConfig {
     pub listen: SocketAddr,
     /// The credential tollgate presents upstream.
     pub credential: CredentialConfig,
+    /// The databases agents may open on this target: policy names tables
+    /// by schema and table, so one database is what a grant's tables
+    /// mean. A session asking for any other is refused (42501).
+    #[serde(default)]
+    pub databases: Vec<String>,
     /// TLS offered to agents, with tollgate's certificate.
     #[serde(default)]
     pub tls: Option<crate::proxy::tls::ListenerTlsConfig>,
@@ -329,6 +334,16 @@ impl Config {
         // up to two ports (its listener's, and its own when on loopback)
         // in the map of ports agents may not bind: past their sizes the
         // daemon could not install the redirect.
+        if let Some(t) = self.targets.iter().find(|t| t.databases.is_empty()) {
+            return Err((
+                "target.databases".into(),
+                format!(
+                    "target {}: list the databases agents may open (databases = [\"orders\"]): \
+                     policy names tables by schema and table, so a grant means them in these",
+                    t.name
+                ),
+            ));
+        }
         let redirect_entries = gateway_common::REDIRECT_MAP_ENTRIES as usize;
         if self.targets.len() > redirect_entries {
             return Err((
@@ -560,6 +575,17 @@ mod tests {
         assert!(err.reason.contains(&format!("at most {ports}")), "{err}");
     }
 
+    /// A target must say which databases agents may open: a grant's
+    /// tables mean tables in them.
+    #[test]
+    fn a_target_without_databases_is_refused() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        assert!(Config::parse(text, "tollgate.toml").is_ok());
+        let without = text.replacen("databases = [\"orders\"]", "", 1);
+        let err = Config::parse(&without, "tollgate.toml").expect_err("refused");
+        assert!(err.to_string().contains("databases"), "{err}");
+    }
+
     /// A target's inline password never shows in its Debug form (which
     /// logs and error chains may print).
     #[test]
@@ -592,7 +618,8 @@ mod tests {
              protocol = \"postgres\"\n\
              address = \"10.0.0.5:5432\"\n\
              listen = \"127.0.0.1:15432\"\n\
-             credential = {{ user = \"gateway\", password_file = {password_file:?} }}\n"
+             credential = {{ user = \"gateway\", password_file = {password_file:?} }}\n\
+             databases = [\"orders\"]\n"
         );
         let path = dir.join("tollgate.toml");
         std::fs::write(&path, text).expect("write config");

@@ -77,6 +77,7 @@ protocol = "postgres"
 address = "{address}"
 listen = "{listen}"
 credential = {{ user = "{user}", password = "{password}" }}
+databases = ["orders"]
 {target_extra}
 {policy}
 "#,

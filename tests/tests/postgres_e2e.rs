@@ -326,7 +326,7 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
                 "[identity]\ntenants = [\"{}\"]\naudiences = [\"{}\"]\n{identity_keys}\n\
                  [audit]\ndir = \"{}\"\n{audit}\n\
                  [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:5432\"\n\
-                 listen = \"127.0.0.1:16432\"\ncredential = {{ user = \"u\" }}\n{target_tls}\n",
+                 listen = \"127.0.0.1:16432\"\ncredential = {{ user = \"u\" }}\ndatabases = [\"db\"]\n{target_tls}\n",
                 idp::TENANT,
                 idp::AUDIENCE,
                 dir.path().join("audit").display(),

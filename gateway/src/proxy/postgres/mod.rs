@@ -212,10 +212,46 @@ async fn serve(
     };
     // Shared by every record of the session (see `SharedText`).
     let database_user: SharedText = param("user").into();
+    // PostgreSQL's default is a database named after the user: the agent's
+    // user, as the agent asked for it (tollgate logs in as another, so it
+    // asks for this one by name, see below).
     let database_name: SharedText = match param("database") {
         name if name.is_empty() => database_user.clone(),
         name => name.into(),
     };
+    if !connection
+        .target
+        .databases
+        .iter()
+        .any(|open| **open == *database_name)
+    {
+        let mut record = connection.login_refused(
+            None,
+            "database_not_open",
+            &format!(
+                "database {database_name:?} is not one agents may open on this target ({})",
+                connection.target.databases.join(", ")
+            ),
+        );
+        record.database_user = database_user;
+        record.database_name = database_name.clone();
+        if let Err(err) = shared.audit.append(record).await {
+            warn!(error = %err, "a refused database could not be audited");
+        }
+        fatal(
+            &mut client,
+            SQLSTATE_POLICY,
+            &format!("tollgate: database {database_name:?} is not open to agents on this target"),
+        )
+        .await;
+        return Ok(());
+    }
+    // The database asked for by name, always: left out, the server would
+    // open the one named after tollgate's own user, not the audited one.
+    let mut upstream_params = params.clone();
+    if !upstream_params.iter().any(|(k, _)| k == "database") {
+        upstream_params.push(("database".into(), database_name.to_string()));
+    }
     if !negotiation.encrypted
         && connection
             .target
@@ -320,7 +356,7 @@ async fn serve(
     }
     info!(oid = %principal.object_id, tid = %principal.tenant_id, "authenticated");
 
-    let mut upstream = match upstream::connect(&connection.target, &params).await {
+    let mut upstream = match upstream::connect(&connection.target, &upstream_params).await {
         Ok(upstream) => upstream,
         Err(failure) => {
             warn!(error = %failure, "upstream connection failed");

@@ -93,6 +93,7 @@ pub(super) fn target_config(listen: SocketAddr) -> TargetConfig {
             password: None,
             password_file: None,
         },
+        databases: vec!["orders".into()],
         tls: None,
         upstream_tls: None,
         max_connections: 1000,
@@ -610,4 +611,63 @@ async fn a_broken_password_file_is_not_shown_to_the_client() {
         "{}",
         failed[0].status_detail
     );
+}
+
+/// A startup packet with `params` (key, value pairs).
+fn startup_packet_with(params: &[(&str, &str)]) -> BytesMut {
+    let mut startup = BytesMut::new();
+    startup.put_i32(0);
+    startup.put_i32(wire::PROTOCOL_3_0);
+    for (key, value) in params {
+        startup.put_slice(key.as_bytes());
+        startup.put_u8(0);
+        startup.put_slice(value.as_bytes());
+        startup.put_u8(0);
+    }
+    startup.put_u8(0);
+    let len = startup.len() as i32;
+    startup[..4].copy_from_slice(&len.to_be_bytes());
+    startup
+}
+
+/// Policy names tables by schema and table, so a grant means them in the
+/// target's databases: a session asking for another database (here by
+/// name, and by leaving it out, which PostgreSQL reads as the user's
+/// name) is refused with 42501 before the password prompt, and the
+/// refusal is on record. A database given twice is refused as malformed:
+/// PostgreSQL takes the last, a reader that took the first would audit
+/// another database than the session opens.
+#[tokio::test]
+async fn a_database_the_target_does_not_open_to_agents_is_refused_and_audited() {
+    let (_keys, audit_dir, audit, addr) = one_listener().await;
+    for params in [
+        vec![("user", "agent"), ("database", "hr")],
+        vec![("user", "agent")],
+    ] {
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(&startup_packet_with(&params))
+            .await
+            .expect("startup");
+        let (code, message) = first_error(&mut client).await.expect("an error");
+        assert_eq!(code, "42501", "{params:?}: {message}");
+        assert!(message.contains("is not open to agents"), "{message}");
+    }
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(&startup_packet_with(&[
+            ("user", "agent"),
+            ("database", "orders"),
+            ("database", "hr"),
+        ]))
+        .await
+        .expect("startup");
+    let (code, message) = first_error(&mut client).await.expect("an error");
+    assert_eq!(code, "08P01", "{message}");
+    assert!(message.contains("given twice"), "{message}");
+    audit.shutdown().await;
+    let refused = refusals_saying(audit_dir.path(), "is not one agents may open");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert_eq!(&*refused[0].database_name, "hr");
+    assert_eq!(&*refused[1].database_name, "agent");
 }

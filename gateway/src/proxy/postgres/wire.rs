@@ -77,6 +77,14 @@ pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startu
                     break;
                 }
                 let value = take_cstr(&mut buf)?;
+                // PostgreSQL takes the last of a repeated parameter; a
+                // reader that took the first would audit another
+                // database (or intent) than the session runs in.
+                if params.iter().any(|(k, _)| *k == key) {
+                    return Err(WireError::Malformed(format!(
+                        "startup parameter {key:?} given twice"
+                    )));
+                }
                 params.push((key, value));
             }
             Ok(Startup::Startup(params))
