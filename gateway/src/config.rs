@@ -322,6 +322,59 @@ impl Config {
             .collect()
     }
 
+    /// Policy names that can never match what they mean to are refused:
+    /// such a typo would silently switch a deny or a mask off. Tables are
+    /// `schema.table`, masked columns `schema.table.column`, and every
+    /// `targets` pattern must match a configured target.
+    fn check_policy_names(&self) -> Result<(), (String, String)> {
+        let matches_a_target =
+            |p: &crate::policy::Pattern| self.targets.iter().any(|t| p.matches(&t.name));
+        for g in &self.policy.grants {
+            let key = |field: &str| format!("policy.grant {}: {field}", g.name);
+            for (field, patterns) in [
+                ("read_tables", &g.read_tables),
+                ("write_tables", &g.write_tables),
+                ("deny_tables", &g.deny_tables),
+            ] {
+                if let Some(p) = patterns.iter().find(|p| !p.has_parts(2)) {
+                    return Err((
+                        key(field),
+                        format!(
+                            "{:?} is not schema.table (tables are named with their schema, e.g. public.{})",
+                            p.text(),
+                            p.text().rsplit('.').next().unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            if let Some(p) = g.targets.iter().find(|p| !matches_a_target(p)) {
+                return Err((
+                    key("targets"),
+                    format!("{:?} matches no [[target]] name", p.text()),
+                ));
+            }
+        }
+        for m in &self.policy.masks {
+            let key = |field: &str| format!("policy.mask {}: {field}", m.name);
+            if let Some(p) = m.columns.iter().find(|p| !p.has_parts(3)) {
+                return Err((
+                    key("columns"),
+                    format!(
+                        "{:?} is not schema.table.column (e.g. public.customers.email)",
+                        p.text()
+                    ),
+                ));
+            }
+            if let Some(p) = m.targets.iter().find(|p| !matches_a_target(p)) {
+                return Err((
+                    key("targets"),
+                    format!("{:?} matches no [[target]] name", p.text()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that span several keys.
     fn check(&self) -> Result<(), (String, String)> {
         if self.targets.is_empty() {
@@ -334,6 +387,7 @@ impl Config {
         // up to two ports (its listener's, and its own when on loopback)
         // in the map of ports agents may not bind: past their sizes the
         // daemon could not install the redirect.
+        self.check_policy_names()?;
         if let Some(t) = self.targets.iter().find(|t| t.databases.is_empty()) {
             return Err((
                 "target.databases".into(),
@@ -520,10 +574,13 @@ mod tests {
         // The same address written twice, and an IPv4 address and its
         // IPv4-mapped IPv6 form: the kernel's map keys them alike.
         for second in ["10.0.0.10:5432", "[::ffff:10.0.0.10]:5432"] {
+            // The first keeps its name: the grants name it.
             let text = with_targets(2, |i, t| {
-                let t = t
-                    .replace("orders-db\"", &format!("orders-db-{i}\""))
-                    .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i));
+                let t = match i {
+                    0 => t.to_string(),
+                    _ => t.replace("orders-db\"", &format!("orders-db-{i}\"")),
+                }
+                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i));
                 match i {
                     0 => t,
                     _ => t.replace("10.0.0.10:5432", second),
@@ -542,13 +599,17 @@ mod tests {
     /// read, naming the limit, rather than when the redirect is installed.
     #[test]
     fn more_targets_than_the_kernel_maps_hold_are_refused() {
+        // The first keeps its name: the grants name it.
         let target = |i: usize, t: &str| {
-            t.replace("orders-db\"", &format!("db-{i}\""))
-                .replace(
-                    "10.0.0.10:5432",
-                    &format!("10.0.{}.{}:5432", i / 250, i % 250 + 1),
-                )
-                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
+            match i {
+                0 => t.to_string(),
+                _ => t.replace("orders-db\"", &format!("db-{i}\"")),
+            }
+            .replace(
+                "10.0.0.10:5432",
+                &format!("10.0.{}.{}:5432", i / 250, i % 250 + 1),
+            )
+            .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
         };
         let entries = gateway_common::REDIRECT_MAP_ENTRIES as usize;
         Config::parse(&with_targets(entries, target), "tollgate.toml")
@@ -563,9 +624,12 @@ mod tests {
         // Targets on loopback guard their own port too: half as many fill
         // the port map.
         let local = |i: usize, t: &str| {
-            t.replace("orders-db\"", &format!("db-{i}\""))
-                .replace("10.0.0.10:5432", &format!("127.0.0.1:{}", 30_000 + i))
-                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
+            match i {
+                0 => t.to_string(),
+                _ => t.replace("orders-db\"", &format!("db-{i}\"")),
+            }
+            .replace("10.0.0.10:5432", &format!("127.0.0.1:{}", 30_000 + i))
+            .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
         };
         let ports = gateway_common::LISTENER_PORT_ENTRIES as usize;
         Config::parse(&with_targets(ports / 2, local), "tollgate.toml")
@@ -573,6 +637,54 @@ mod tests {
         let err = Config::parse(&with_targets(ports / 2 + 1, local), "tollgate.toml")
             .expect_err("two more ports are refused");
         assert!(err.reason.contains(&format!("at most {ports}")), "{err}");
+    }
+
+    /// A policy name that can never match what it means to is refused when
+    /// the file is read, naming the key: the typo would switch a deny or a
+    /// mask off without a word.
+    #[test]
+    fn policy_names_that_match_nothing_are_refused() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        for (from, to, key) in [
+            (
+                "deny_tables = [\"public.secrets\"]",
+                "deny_tables = [\"secrets\"]",
+                "deny_tables",
+            ),
+            (
+                "read_tables = [\"public.*\"]",
+                "read_tables = [\"public.orders.id\"]",
+                "read_tables",
+            ),
+            (
+                "targets = [\"orders-db\"]",
+                "targets = [\"orders_db\"]",
+                "targets",
+            ),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let edited = text.replacen(from, to, 1);
+            let err = Config::parse(&edited, "tollgate.toml").expect_err(to);
+            assert!(err.to_string().contains(key), "{to}: {err}");
+        }
+        let with_mask = |columns: &str, targets: &str| {
+            format!(
+                "{text}\n[[policy.mask]]\nname = \"pii\"\ncolumns = [{columns}]\ntargets = [{targets}]\n"
+            )
+        };
+        assert!(Config::parse(
+            &with_mask("\"public.customers.email\", \"*.ssn\"", "\"orders-*\""),
+            "tollgate.toml"
+        )
+        .is_ok());
+        for (columns, targets) in [
+            ("\"customers.email\"", "\"orders-db\""),
+            ("\"public.customers.email\"", "\"orders_db\""),
+        ] {
+            let err =
+                Config::parse(&with_mask(columns, targets), "tollgate.toml").expect_err(columns);
+            assert!(err.to_string().contains("policy.mask pii"), "{err}");
+        }
     }
 
     /// A target must say which databases agents may open: a grant's

@@ -18,6 +18,17 @@ impl Pattern {
         Pattern("*".into())
     }
 
+    /// Whether it can name something of `parts` dot-separated parts
+    /// (2 for `schema.table`, 3 for `schema.table.column`): a pattern with
+    /// no `*` has exactly that many; one with a `*` may match across dots.
+    pub fn has_parts(&self, parts: usize) -> bool {
+        self.0.contains('*') || self.0.split('.').count() == parts
+    }
+
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         glob(self.0.as_bytes(), name.as_bytes())
     }
