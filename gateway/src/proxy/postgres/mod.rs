@@ -219,27 +219,30 @@ async fn serve(
         name if name.is_empty() => database_user.clone(),
         name => name.into(),
     };
+    // Every record of the login names the database asked for, and as whom.
+    let stamp = |mut record: AuditRecord| {
+        record.database_user = database_user.clone();
+        record.database_name = database_name.clone();
+        record
+    };
     if !connection
         .target
         .databases
         .iter()
         .any(|open| **open == *database_name)
     {
-        let mut record = connection.login_refused(
+        let record = stamp(connection.login_refused(
             None,
             "database_not_open",
             &format!(
                 "database {database_name:?} is not one agents may open on this target ({})",
                 connection.target.databases.join(", ")
             ),
-        );
-        record.database_user = database_user;
-        record.database_name = database_name.clone();
-        if let Err(err) = shared.audit.append(record).await {
-            warn!(error = %err, "a refused database could not be audited");
-        }
-        fatal(
+        ));
+        refuse_login(
+            &shared,
             &mut client,
+            record,
             SQLSTATE_POLICY,
             &format!("tollgate: database {database_name:?} is not open to agents on this target"),
         )
@@ -259,18 +262,15 @@ async fn serve(
             .as_ref()
             .is_some_and(|tls| tls.require)
     {
-        let mut record = connection.login_refused(
+        let record = stamp(connection.login_refused(
             None,
             "tls_required",
             "the target requires TLS and the client connected without it",
-        );
-        record.database_user = database_user;
-        record.database_name = database_name;
-        if let Err(err) = shared.audit.append(record).await {
-            warn!(error = %err, "a refused plain connection could not be audited");
-        }
-        fatal(
+        ));
+        refuse_login(
+            &shared,
             &mut client,
+            record,
             SQLSTATE_IDENTITY,
             "tollgate: this target requires TLS (sslmode=require or stricter)",
         )
@@ -299,9 +299,9 @@ async fn serve(
             record
                 .status_detail
                 .push_str(" (the client closed the connection at the password prompt)");
-            record.database_user = database_user;
-            record.database_name = database_name;
-            let _ = shared.audit.append(record).await;
+            if let Err(err) = shared.audit.append(stamp(record)).await {
+                warn!(error = %err, "a refused login could not be audited");
+            }
             return Err(WireError::Closed);
         }
         // A password message too large or malformed, or none within the
@@ -309,11 +309,10 @@ async fn serve(
         Err(WireError::Malformed(reason)) => {
             let mut record = connection.authentication_refused(&IdentityError::Missing);
             record.status_detail.push_str(&format!(" ({reason})"));
-            record.database_user = database_user;
-            record.database_name = database_name;
-            let _ = shared.audit.append(record).await;
-            fatal(
+            refuse_login(
+                &shared,
                 &mut client_wr,
+                stamp(record),
                 SQLSTATE_PROTOCOL,
                 &format!("tollgate: {reason}"),
             )
@@ -328,14 +327,10 @@ async fn serve(
         Ok(principal) => principal,
         Err(refusal) => {
             info!(reason = %refusal, "token refused");
-            let mut record = connection.authentication_refused(&refusal);
-            record.database_user = database_user;
-            record.database_name = database_name;
-            if let Err(err) = shared.audit.append(record).await {
-                warn!(error = %err, "the refusal could not be audited");
-            }
-            fatal(
+            refuse_login(
+                &shared,
                 &mut client_wr,
+                stamp(connection.authentication_refused(&refusal)),
                 SQLSTATE_IDENTITY,
                 &format!("tollgate: {}", refusal.client_message()),
             )
@@ -345,11 +340,6 @@ async fn serve(
     };
     drop(token);
 
-    let stamp = |mut record: AuditRecord| {
-        record.database_user = database_user.clone();
-        record.database_name = database_name.clone();
-        record
-    };
     let accepted = stamp(connection.authentication_accepted(&principal));
     if !audit_or_refuse(&shared, accepted, &mut client_wr).await {
         return Ok(());
@@ -367,10 +357,14 @@ async fn serve(
             ));
             failed.status_id = crate::audit::record::status::FAILURE;
             failed.status_detail = format!("upstream connection failed: {failure}");
-            if let Err(err) = shared.audit.append(failed).await {
-                warn!(error = %err, "the failed upstream connection could not be audited");
-            }
-            fatal(&mut client_wr, SQLSTATE_UPSTREAM, &failure.client_message()).await;
+            refuse_login(
+                &shared,
+                &mut client_wr,
+                failed,
+                SQLSTATE_UPSTREAM,
+                &failure.client_message(),
+            )
+            .await;
             return Ok(());
         }
     };
@@ -397,16 +391,15 @@ async fn serve(
                 warn!(error = %err, "masked columns could not be resolved");
                 // The login was accepted (its record is written); the
                 // session it would have started is refused, on record.
-                let record = connection.login_refused(
+                let record = stamp(connection.login_refused(
                     Some(&principal),
                     "masks_unresolved",
                     &format!("the session was refused because its masked columns could not be resolved ({err})"),
-                );
-                if let Err(err) = shared.audit.append(record).await {
-                    warn!(error = %err, "a session refused for its masks could not be audited");
-                }
-                fatal(
+                ));
+                refuse_login(
+                    &shared,
                     &mut client_wr,
+                    record,
                     SQLSTATE_UPSTREAM,
                     &format!("tollgate: the session's masked columns could not be resolved, so it is refused: {err}"),
                 )
@@ -442,6 +435,21 @@ async fn serve(
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await
+}
+
+/// Writes the refusal of a login durably, then tells the client why with a
+/// FATAL: what the client hears of is on record first.
+async fn refuse_login<W: tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    client: &mut W,
+    record: AuditRecord,
+    sqlstate: &str,
+    message: &str,
+) {
+    if let Err(err) = shared.audit.append(record).await {
+        warn!(error = %err, "a refused login could not be audited");
+    }
+    fatal(client, sqlstate, message).await;
 }
 
 /// The encryption requests a connection has made before its startup
