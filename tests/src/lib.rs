@@ -14,6 +14,7 @@ pub mod duckdb;
 pub mod evidence;
 mod gateway;
 pub mod idp;
+pub mod pki;
 pub mod postgres;
 mod privileges;
 mod session;

@@ -2,92 +2,54 @@
 //! (sslmode=verify-full against the address it dialled), and tollgate
 //! verifies PostgreSQL's certificate before presenting its credential.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
-use tollgate_tests::{postgres, privileged, Postgres, Stack};
+use tollgate_tests::{pki, postgres, privileged, Postgres, Stack};
 
-/// A CA and one leaf certificate for 127.0.0.1 signed by it, made with
-/// the openssl command line.
+/// A CA and one leaf certificate for 127.0.0.1 signed by it, and a
+/// second, unrelated CA, made with the openssl command line.
 fn make_pki(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=tollgate test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
+    pki::self_signed(dir, "ca", "tollgate test CA", &[]);
+    pki::openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
     std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").expect("write ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
+    pki::openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
     // A second, unrelated CA: trusting it must not be enough.
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=someone else",
-        "-keyout",
-        "other.key",
-        "-out",
-        "other.pem",
-    ]);
+    pki::self_signed(dir, "other", "someone else", &[]);
 }
 
 /// PostgreSQL with TLS on; the directory holding its certificate lives as

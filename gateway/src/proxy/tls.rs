@@ -107,45 +107,15 @@ pub fn connector(config: &UpstreamTlsConfig, target_ip: IpAddr) -> Result<Upstre
     })
 }
 
-/// A self-signed certificate for 127.0.0.1 and its key, made with the
-/// openssl command line (as the end-to-end TLS tests do): the
-/// listener's TLS material, and the client's only trust anchor.
+/// A self-signed certificate for 127.0.0.1 and its key (as the end-to-end
+/// TLS tests make them): the listener's TLS material, and the client's
+/// only trust anchor.
 #[cfg(test)]
 pub(crate) fn self_signed_cert(dir: &std::path::Path) -> ListenerTlsConfig {
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            // A leaf, not a CA, so rustls takes it as its own anchor.
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tollgate_tests::pki::self_signed_leaf(dir, "cert");
     ListenerTlsConfig {
         cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
+        key: dir.join("cert.key"),
         require: false,
     }
 }
