@@ -592,7 +592,7 @@ const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DEST_OPTS: u8 = 60;
 /// IPsec: the transport header follows an authentication header (walked),
-/// and is encrypted behind an ESP one (see [`TransportHeader::Encrypted`]).
+/// and is encrypted behind an ESP one (see [`TransportHeader::NotJudged`]).
 const IPPROTO_ESP: u8 = 50;
 const IPPROTO_AH: u8 = 51;
 /// IPv6 extension headers walked before giving up on finding the
@@ -616,14 +616,13 @@ struct PacketDestination {
 enum TransportHeader {
     /// At this offset from the network header.
     At(usize),
-    /// Not in this packet: a fragment after the first, whose first fragment
-    /// carried the ports.
-    InFirstFragment,
-    /// Encrypted behind ESP: the host's own IPsec. Not recorded: on a host
-    /// that talks IPsec to a target's host every packet to it is ESP, and
-    /// a hand-made ESP packet reaches a service there only with the
-    /// security association's keys, which only the kernel holds.
-    Encrypted,
+    /// Not judged here: a fragment after the first (its first fragment
+    /// carried the ports and was judged), or a packet encrypted behind ESP,
+    /// the host's own IPsec (on a host that talks IPsec to a target's host
+    /// every packet to it is ESP, and a hand-made ESP packet reaches a
+    /// service there only with the security association's keys, which
+    /// only the kernel holds).
+    NotJudged,
     /// Somewhere this program does not read: behind more extension headers
     /// than it walks, or past the end of a packet made by hand (the kernel
     /// makes neither). Such a packet cannot be matched to a port, so it is
@@ -641,6 +640,14 @@ fn has_ports(protocol: u8) -> bool {
         protocol,
         IPPROTO_TCP_U8 | IPPROTO_UDP | IPPROTO_DCCP | IPPROTO_SCTP | IPPROTO_UDPLITE
     )
+}
+
+/// The authentication header (AH) at `offset`: the protocol after it and
+/// where that starts (its length is in 4-byte units, less two).
+#[inline(always)]
+fn after_ah(ctx: &SkBuffContext, offset: usize) -> Option<(u8, usize)> {
+    let header: [u8; 2] = ctx.load(offset).ok()?;
+    Some((header[0], offset + (usize::from(header[1]) + 2) * 4))
 }
 
 /// Parses the IPv4 or IPv6 header at the start of the packet (cgroup_skb
@@ -661,21 +668,20 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
             let fragment: u16 = u16::from_be(ctx.load(6).ok()?);
             let daddr: u32 = ctx.load(16).ok()?;
             let transport = if fragment & 0x1fff != 0 {
-                TransportHeader::InFirstFragment
+                TransportHeader::NotJudged
             } else if protocol == IPPROTO_AH {
-                // Its length is in 4-byte units, less two.
-                match ctx.load::<[u8; 2]>(ihl) {
-                    Ok(header) => {
-                        protocol = header[0];
+                match after_ah(ctx, ihl) {
+                    Some((next, offset)) => {
+                        protocol = next;
                         match protocol {
-                            IPPROTO_ESP => TransportHeader::Encrypted,
-                            _ => TransportHeader::At(ihl + (usize::from(header[1]) + 2) * 4),
+                            IPPROTO_ESP => TransportHeader::NotJudged,
+                            _ => TransportHeader::At(offset),
                         }
                     }
-                    Err(_) => TransportHeader::Hidden,
+                    None => TransportHeader::Hidden,
                 }
             } else if protocol == IPPROTO_ESP {
-                TransportHeader::Encrypted
+                TransportHeader::NotJudged
             } else {
                 TransportHeader::At(ihl)
             };
@@ -709,12 +715,11 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
                         offset += (usize::from(header[1]) + 1) * 8;
                     }
                     IPPROTO_AH => {
-                        // Its length is in 4-byte units, less two.
-                        let Ok(header) = ctx.load::<[u8; 2]>(offset) else {
+                        let Some((after, at)) = after_ah(ctx, offset) else {
                             break;
                         };
-                        next = header[0];
-                        offset += (usize::from(header[1]) + 2) * 4;
+                        next = after;
+                        offset = at;
                     }
                     IPV6_FRAGMENT => {
                         let Ok(header) = ctx.load::<[u8; 4]>(offset) else {
@@ -723,13 +728,13 @@ fn parse_destination(ctx: &SkBuffContext) -> Option<PacketDestination> {
                         next = header[0];
                         let fragment_offset = u16::from_be_bytes([header[2], header[3]]) & 0xfff8;
                         if fragment_offset != 0 {
-                            transport = TransportHeader::InFirstFragment;
+                            transport = TransportHeader::NotJudged;
                             break;
                         }
                         offset += 8;
                     }
                     IPPROTO_ESP => {
-                        transport = TransportHeader::Encrypted;
+                        transport = TransportHeader::NotJudged;
                         break;
                     }
                     _ => {
@@ -773,8 +778,7 @@ pub fn tollgate_packet_egress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
     let port = match dst.transport {
-        // Its first fragment was judged; IPsec's own packets are not.
-        TransportHeader::InFirstFragment | TransportHeader::Encrypted => return,
+        TransportHeader::NotJudged => return,
         // Protocols without ports (ICMP, ...) cannot reach a port-keyed
         // target.
         TransportHeader::At(_) if !has_ports(dst.protocol) => return,

@@ -18,9 +18,13 @@ usage:
                                               {"outcome": "sent"|"denied", "cookie": ...}
   escape.py rawsend6 HOST PORT KIND [N]    -> a hand-made IPv6 packet on a raw socket, KIND one of
                                               "options" (N destination options headers, then a
-                                              UDP header to PORT), "esp" (an ESP header, the
-                                              ports encrypted behind it) and "later-fragment"
-                                              (a fragment after the first: no ports):
+                                              UDP header to PORT), "ah" (an authentication
+                                              header, then that UDP header), "cut-short" (one
+                                              destination options header, then the first two
+                                              bytes of a UDP header: no port), "esp" (an ESP
+                                              header, the ports encrypted behind it) and
+                                              "later-fragment" (a fragment after the first: no
+                                              ports):
                                               {"outcome": "sent"|"denied", "cookie": ...}
   escape.py precreated HOST PORT CGROUP    -> like tcp, but the socket is made
                                               before joining CGROUP
@@ -155,6 +159,7 @@ def rawsend(host, port):
 IPPROTO_DSTOPTS = 60
 IPPROTO_FRAGMENT = 44
 IPPROTO_ESP = 50
+IPPROTO_AH = 51
 
 
 def rawsend6(host, port, kind, count):
@@ -171,6 +176,15 @@ def rawsend6(host, port, kind, count):
             # first 8), and a PadN option filling the other six.
             payload += struct.pack("!BBBB4x", following, 0, 1, 4)
         payload += udp
+    elif kind == "ah":
+        protocol = IPPROTO_AH
+        # Next header UDP, length 4 (24 bytes, in 4-byte units less two),
+        # reserved, SPI, sequence number, then a 12-byte ICV.
+        payload = struct.pack("!BBHII", socket.IPPROTO_UDP, 4, 0, 0x1000, 1) + bytes(range(1, 13))
+        payload += udp
+    elif kind == "cut-short":
+        protocol = IPPROTO_DSTOPTS
+        payload = struct.pack("!BBBB4x", socket.IPPROTO_UDP, 0, 1, 4) + udp[:2]
     elif kind == "esp":
         protocol = IPPROTO_ESP
         # SPI, sequence number, then ciphertext: nothing readable.

@@ -369,6 +369,10 @@ fn ipv6_packets_that_hide_their_ports_are_evidence_at_the_protected_address() {
     // fragment is what counts.
     let walked = send("options", "8");
     let stacked = send("options", "9");
+    // An authentication header is walked to the ports behind it; a UDP
+    // header cut short has no port to read.
+    let authenticated = send("ah", "1");
+    let cut_short = send("cut-short", "1");
     let encrypted = send("esp", "1");
     let fragment = send("later-fragment", "1");
     stack.gateway.stop();
@@ -381,23 +385,30 @@ fn ipv6_packets_that_hide_their_ports_are_evidence_at_the_protected_address() {
     };
     assert!(row_of(&fragment).is_none(), "{rows:?}");
     assert!(row_of(&encrypted).is_none(), "{rows:?}");
-    assert_eq!(rows.len(), 2, "{rows:?}");
-    let walked = row_of(&walked).expect("the packet with 8 headers");
-    assert_eq!(walked["dst_endpoint_port"], stack.postgres.port, "{walked}");
-    assert_eq!(walked["connection_info_protocol_name"], "udp", "{walked}");
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for (answer, what) in [(&walked, "8 headers"), (&authenticated, "AH")] {
+        let row = row_of(answer).unwrap_or_else(|| panic!("no record for {what}: {rows:?}"));
+        assert_eq!(
+            row["dst_endpoint_port"], stack.postgres.port,
+            "{what}: {row}"
+        );
+        assert_eq!(row["connection_info_protocol_name"], "udp", "{what}: {row}");
+    }
     // The protocol is that of the header the walk stopped at.
-    let row = row_of(&stacked).unwrap_or_else(|| panic!("no record for {stacked}: {rows:?}"));
-    assert_eq!(row["dst_endpoint_ip"], "::1", "{row}");
-    assert_eq!(row["dst_endpoint_port"], Value::Null, "{row}");
-    assert_eq!(row["connection_info_protocol_name"], "udp", "{row}");
-    let unmapped: Value =
-        serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json");
-    assert_eq!(unmapped["port_unread"], true, "{row}");
-    assert_eq!(unmapped["socket_type"], 3, "SOCK_RAW: {row}");
+    for answer in [&stacked, &cut_short] {
+        let row = row_of(answer).unwrap_or_else(|| panic!("no record for {answer}: {rows:?}"));
+        assert_eq!(row["dst_endpoint_ip"], "::1", "{row}");
+        assert_eq!(row["dst_endpoint_port"], Value::Null, "{row}");
+        assert_eq!(row["connection_info_protocol_name"], "udp", "{row}");
+        let unmapped: Value =
+            serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json");
+        assert_eq!(unmapped["port_unread"], true, "{row}");
+        assert_eq!(unmapped["socket_type"], 3, "SOCK_RAW: {row}");
+    }
 
     let (code, summary, report) = verify(&stack);
     assert_eq!(code, 1, "{summary}");
-    assert_eq!(report["non_tcp_packets"], 2, "{summary}");
+    assert_eq!(report["non_tcp_packets"], 4, "{summary}");
     let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
     let destinations: Vec<&str> = bypasses
         .iter()
@@ -408,7 +419,7 @@ fn ipv6_packets_that_hide_their_ports_are_evidence_at_the_protected_address() {
             .iter()
             .filter(|d| **d == "::1 (port not readable)")
             .count(),
-        1,
+        2,
         "{summary}"
     );
     assert!(

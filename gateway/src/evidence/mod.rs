@@ -243,8 +243,8 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
         _ => None,
     };
     // A packet whose transport header the program could not read (behind
-    // more extension headers than it walks, encrypted, cut short) is
-    // recorded by its address alone, port 0.
+    // more extension headers than it walks, cut short) is recorded by its
+    // address alone, port 0.
     let port_unread = packet && event.dport == 0;
     if event.kind != event_kind::REFUSED_SOCKET {
         record.dst_endpoint_ip = crate::pin::ip_from_words(event.daddr).to_string().into();

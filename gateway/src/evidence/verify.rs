@@ -541,9 +541,15 @@ fn normalise(addr: SocketAddr) -> SocketAddr {
 }
 
 fn destination(row: &Row) -> Option<SocketAddr> {
-    let ip: IpAddr = row.dst_ip.parse().ok()?;
     let port = u16::try_from(row.dst_port?).ok()?;
-    Some(normalise(SocketAddr::new(ip, port)))
+    Some(SocketAddr::new(destination_ip(row)?, port))
+}
+
+/// The row's destination address, IPv4-mapped shown as IPv4 (see
+/// [`normalise`]).
+fn destination_ip(row: &Row) -> Option<IpAddr> {
+    let ip: IpAddr = row.dst_ip.parse().ok()?;
+    Some(normalise(SocketAddr::new(ip, 0)).ip())
 }
 
 fn kind(row: &Row) -> String {
@@ -789,11 +795,7 @@ pub fn reconcile(
                 let (destination, target) = match dst {
                     Some(d) => (d.to_string(), targets.get(&d).cloned()),
                     None if port_unread => {
-                        let ip = row
-                            .dst_ip
-                            .parse::<IpAddr>()
-                            .ok()
-                            .map(|ip| normalise(SocketAddr::new(ip, 0)).ip());
+                        let ip = destination_ip(row);
                         let names: Vec<&str> = targets
                             .iter()
                             .filter(|(a, _)| Some(a.ip()) == ip)

@@ -515,7 +515,7 @@ fn sync_listener_ports(
     wanted: &BTreeSet<u16>,
 ) -> Result<()> {
     let entries: Vec<(u32, u32)> = wanted.iter().map(|port| (u32::from(*port), 1)).collect();
-    sync_map(map, "LISTENER_PORTS", &entries)?;
+    sync_map(map, map_names::LISTENER_PORTS, &entries)?;
     info!(ports = ?wanted, "listener and local target ports closed to binds from agent cgroups");
     Ok(())
 }
@@ -528,7 +528,7 @@ fn sync_redirects(
         .iter()
         .map(|p| Ok((target_key(p.address), redirect_to(p.listener)?)))
         .collect::<Result<_>>()?;
-    sync_map(map, "REDIRECTS", &wanted)?;
+    sync_map(map, map_names::REDIRECTS, &wanted)?;
     for p in protected {
         info!(target = %p.address, listener = %p.listener, "protected destination redirected");
     }
@@ -546,7 +546,7 @@ fn sync_protected_addresses(
         .map(|p| target_key(p.address).addr)
         .collect();
     let entries: Vec<([u32; 4], u32)> = addresses.into_iter().map(|a| (a, 1)).collect();
-    sync_map(map, "PROTECTED_ADDRESSES", &entries)
+    sync_map(map, map_names::PROTECTED_ADDRESSES, &entries)
 }
 
 /// The map key for a destination: IPv4 is stored IPv4-mapped.
