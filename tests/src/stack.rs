@@ -73,14 +73,19 @@ impl Stack {
 
     /// A raw protocol login through the agent cgroup (see tests/python/pg_login.py).
     pub fn agent_login(&self, password: &str) -> Result<Value> {
+        self.agent_login_as("agent", "orders", password)
+    }
+
+    /// [`Self::agent_login`] with the startup's user and database.
+    pub fn agent_login_as(&self, user: &str, database: &str, password: &str) -> Result<Value> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_login.py");
         let out = AgentCgroup::command(&self.gateway.config.agent_cgroup, &duckdb::python())
             .arg(script)
             .args([
                 "127.0.0.1",
                 &self.postgres.port.to_string(),
-                "agent",
-                "orders",
+                user,
+                database,
                 password,
             ])
             .output()?;

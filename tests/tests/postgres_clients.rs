@@ -1557,6 +1557,19 @@ fn an_execute_rolled_back_with_its_pipeline_is_not_recorded_as_done() {
     );
 }
 
+/// An empty database in the startup means PostgreSQL's default, the
+/// database named after the user: tollgate audits and checks that name
+/// (here the agent's user "orders"), and asks the server for it by name,
+/// not for the default of its own user, which has no database here.
+#[test]
+fn a_login_with_an_empty_database_opens_the_one_audited() {
+    let Some((stack, token)) = start("a_login_with_an_empty_database_opens_the_one_audited") else {
+        return;
+    };
+    let answer = stack.agent_login_as("orders", "", &token).expect("login");
+    assert_eq!(answer["outcome"], "ok", "{answer}");
+}
+
 #[test]
 fn a_pipeline_that_fails_before_its_sync_goes_on_after_the_sync() {
     let Some((stack, token)) =

@@ -249,12 +249,12 @@ async fn serve(
         .await;
         return Ok(());
     }
-    // The database asked for by name, always: left out, the server would
-    // open the one named after tollgate's own user, not the audited one.
+    // The database asked for by name, always: left out or empty, the
+    // server would open the one named after tollgate's own user, not the
+    // audited one.
     let mut upstream_params = params.clone();
-    if !upstream_params.iter().any(|(k, _)| k == "database") {
-        upstream_params.push(("database".into(), database_name.to_string()));
-    }
+    upstream_params.retain(|(k, _)| k != "database");
+    upstream_params.push(("database".into(), database_name.to_string()));
     if !negotiation.encrypted
         && connection
             .target
