@@ -200,7 +200,7 @@ pub(super) async fn refusal_at_bind(
     session: &Session,
     text: &str,
     operations: &Result<Vec<Operation>, String>,
-    parameters: String,
+    parameters: &str,
 ) -> Option<Refusal> {
     if text.len() > MAX_AUDITED_STATEMENT {
         return Some(
@@ -209,7 +209,7 @@ pub(super) async fn refusal_at_bind(
     }
     match decide(session, operations) {
         Decision::Deny { rule, reason } => {
-            let record = request_record(session, text, operations, parameters);
+            let record = request_record(session, text, operations, parameters.to_owned());
             Some(refuse_denied(session, record, text, operations, &rule, &reason).await)
         }
         _ => None,

@@ -319,7 +319,7 @@ impl FromClient {
             &self.session,
             &prepared.text,
             &prepared.operations,
-            parameters.clone(),
+            &parameters,
         )
         .await
         {

@@ -558,7 +558,7 @@ pub(super) fn track_answer(
                 next.result_mask = Some(mask::plan(frame, masks, next.reads_masked)?);
             }
         }
-        b'n' if head.kind == Kind::Describe => {
+        b'n' => {
             queue.pop_front();
         }
         b'T' if !masks.is_empty() && head.kind == Kind::Query => {
@@ -603,19 +603,19 @@ pub(super) fn track_answer(
                 }
             }
         }
-        b'1' if head.kind == Kind::Parse => {
+        b'1' => {
             let generation = head.generation;
             if let Some((name, prepared)) = queue.pop_front().and_then(|p| p.parse) {
                 statements.insert(name, (generation, prepared));
             }
         }
-        b'2' if head.kind == Kind::Bind => {
+        b'2' => {
             let generation = head.generation;
             if let Some((name, bound)) = queue.pop_front().and_then(|p| p.bind) {
                 portals.insert(name, (generation, bound));
             }
         }
-        b'3' if head.kind == Kind::Close => {
+        b'3' => {
             if let Some((kind, name)) = queue.pop_front().and_then(|p| p.close) {
                 match kind {
                     b'S' => drop(statements.remove(&name)),

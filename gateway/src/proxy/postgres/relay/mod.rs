@@ -536,9 +536,8 @@ impl ImplicitTransaction {
             finished.push((done, None));
             return;
         }
-        let size = done.request.as_ref().map_or(0, |r| {
-            r.query_info_query_string.len() + r.query_info_parameters.len()
-        }) + done.recording.as_ref().map_or(0, |r| r.bytes);
+        // Its text and parameters, as the queue counted them.
+        let size = done.held_bytes + done.recording.as_ref().map_or(0, |r| r.bytes);
         if self.overflowed
             || self.held.len() >= MAX_HELD_OUTCOMES
             || self.held_bytes + size > MAX_HELD_OUTCOME_BYTES
