@@ -327,8 +327,14 @@ impl Config {
     /// `schema.table`, masked columns `schema.table.column`, and every
     /// `targets` pattern must match a configured target.
     fn check_policy_names(&self) -> Result<(), (String, String)> {
-        let matches_a_target =
-            |p: &crate::policy::Pattern| self.targets.iter().any(|t| p.matches(&t.name));
+        // A `targets` list one of whose patterns matches no target.
+        let targets_check = |key: String, patterns: &[crate::policy::Pattern]| match patterns
+            .iter()
+            .find(|p| !self.targets.iter().any(|t| p.matches(&t.name)))
+        {
+            Some(p) => Err((key, format!("{:?} matches no [[target]] name", p.text()))),
+            None => Ok(()),
+        };
         for g in &self.policy.grants {
             let key = |field: &str| format!("policy.grant {}: {field}", g.name);
             for (field, patterns) in [
@@ -347,12 +353,7 @@ impl Config {
                     ));
                 }
             }
-            if let Some(p) = g.targets.iter().find(|p| !matches_a_target(p)) {
-                return Err((
-                    key("targets"),
-                    format!("{:?} matches no [[target]] name", p.text()),
-                ));
-            }
+            targets_check(key("targets"), &g.targets)?;
         }
         for m in &self.policy.masks {
             let key = |field: &str| format!("policy.mask {}: {field}", m.name);
@@ -365,12 +366,7 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(p) = m.targets.iter().find(|p| !matches_a_target(p)) {
-                return Err((
-                    key("targets"),
-                    format!("{:?} matches no [[target]] name", p.text()),
-                ));
-            }
+            targets_check(key("targets"), &m.targets)?;
         }
         Ok(())
     }
@@ -383,10 +379,6 @@ impl Config {
                 "at least one [[target]] is required".into(),
             ));
         }
-        // Each target is one entry of the kernel's redirect map, and puts
-        // up to two ports (its listener's, and its own when on loopback)
-        // in the map of ports agents may not bind: past their sizes the
-        // daemon could not install the redirect.
         self.check_policy_names()?;
         if let Some(t) = self.targets.iter().find(|t| t.databases.is_empty()) {
             return Err((
@@ -398,6 +390,10 @@ impl Config {
                 ),
             ));
         }
+        // Each target is one entry of the kernel's redirect map, and puts
+        // up to two ports (its listener's, and its own when on loopback)
+        // in the map of ports agents may not bind: past their sizes the
+        // daemon could not install the redirect.
         let redirect_entries = gateway_common::REDIRECT_MAP_ENTRIES as usize;
         if self.targets.len() > redirect_entries {
             return Err((
@@ -557,6 +553,15 @@ mod tests {
 
     /// `deploy/tollgate.toml` with its one target repeated `n` times, the
     /// i-th edited by `edit(i, target_text)`.
+    /// Target `i` of `with_targets`, named `{prefix}-{i}`, except the first,
+    /// which keeps its name: the grants name it.
+    fn renamed(i: usize, t: &str, prefix: &str) -> String {
+        match i {
+            0 => t.to_string(),
+            _ => t.replace("orders-db\"", &format!("{prefix}-{i}\"")),
+        }
+    }
+
     fn with_targets(n: usize, edit: impl Fn(usize, &str) -> String) -> String {
         let text = include_str!("../../deploy/tollgate.toml");
         let start = text.find("[[target]]").expect("a target");
@@ -574,13 +579,9 @@ mod tests {
         // The same address written twice, and an IPv4 address and its
         // IPv4-mapped IPv6 form: the kernel's map keys them alike.
         for second in ["10.0.0.10:5432", "[::ffff:10.0.0.10]:5432"] {
-            // The first keeps its name: the grants name it.
             let text = with_targets(2, |i, t| {
-                let t = match i {
-                    0 => t.to_string(),
-                    _ => t.replace("orders-db\"", &format!("orders-db-{i}\"")),
-                }
-                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i));
+                let t = renamed(i, t, "orders-db")
+                    .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i));
                 match i {
                     0 => t,
                     _ => t.replace("10.0.0.10:5432", second),
@@ -599,17 +600,13 @@ mod tests {
     /// read, naming the limit, rather than when the redirect is installed.
     #[test]
     fn more_targets_than_the_kernel_maps_hold_are_refused() {
-        // The first keeps its name: the grants name it.
         let target = |i: usize, t: &str| {
-            match i {
-                0 => t.to_string(),
-                _ => t.replace("orders-db\"", &format!("db-{i}\"")),
-            }
-            .replace(
-                "10.0.0.10:5432",
-                &format!("10.0.{}.{}:5432", i / 250, i % 250 + 1),
-            )
-            .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
+            renamed(i, t, "db")
+                .replace(
+                    "10.0.0.10:5432",
+                    &format!("10.0.{}.{}:5432", i / 250, i % 250 + 1),
+                )
+                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
         };
         let entries = gateway_common::REDIRECT_MAP_ENTRIES as usize;
         Config::parse(&with_targets(entries, target), "tollgate.toml")
@@ -624,12 +621,9 @@ mod tests {
         // Targets on loopback guard their own port too: half as many fill
         // the port map.
         let local = |i: usize, t: &str| {
-            match i {
-                0 => t.to_string(),
-                _ => t.replace("orders-db\"", &format!("db-{i}\"")),
-            }
-            .replace("10.0.0.10:5432", &format!("127.0.0.1:{}", 30_000 + i))
-            .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
+            renamed(i, t, "db")
+                .replace("10.0.0.10:5432", &format!("127.0.0.1:{}", 30_000 + i))
+                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 10_000 + i))
         };
         let ports = gateway_common::LISTENER_PORT_ENTRIES as usize;
         Config::parse(&with_targets(ports / 2, local), "tollgate.toml")
