@@ -831,9 +831,9 @@ async fn main() {
                 .sum::<usize>())
             .unwrap_or(0)
     );
-    // A frame is an 8-byte header and the canonical encoding (which leaves
-    // out the record's own hash).
-    let wal_frame = chained_record().canonical_bytes().len() + 8;
+    // A frame is a header, the canonical encoding (which leaves out the
+    // record's own hash) and padding.
+    let wal_frame = tollgate::audit::wal_frame_len(chained_record().canonical_bytes().len());
     println!("bytes per record in the WAL (transient): {wal_frame}");
 
     let t = Instant::now();

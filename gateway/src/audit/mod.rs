@@ -34,6 +34,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 pub use store::apply_retention;
+pub use wal::frame_len as wal_frame_len;
 
 /// `tollgate audit ...` subcommands.
 #[derive(Debug, clap::Subcommand)]

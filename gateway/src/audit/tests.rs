@@ -673,7 +673,7 @@ async fn a_wal_record_edited_after_a_crash_is_not_replayed_and_is_flagged() {
     let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let mut forged = bytes[..at].to_vec();
     edited.record_hash = hex::encode(wal::encode_frame(&edited, &mut forged));
-    forged.extend_from_slice(&bytes[at + (wal::HEADER + len).next_multiple_of(4)..]);
+    forged.extend_from_slice(&bytes[at + wal::frame_len(len)..]);
     std::fs::write(&path, &forged).unwrap();
     assert_eq!(wal::read_file(&path).unwrap().records[4], edited);
 
@@ -712,7 +712,7 @@ pub(crate) fn record_frames(bytes: &[u8]) -> Vec<usize> {
         if len & (1 << 31) == 0 {
             out.push(off);
         }
-        off += (wal::HEADER + (len & !(1 << 31)) as usize).next_multiple_of(4);
+        off += wal::frame_len((len & !(1 << 31)) as usize);
     }
     out
 }

@@ -102,6 +102,12 @@ fn length_check(len_field: [u8; 4]) -> u32 {
     crc32fast::hash(&len_field)
 }
 
+/// Bytes a frame of a `payload_len`-byte payload takes in a file: its
+/// header, the payload, and the padding to a multiple of 4.
+pub fn frame_len(payload_len: usize) -> usize {
+    (HEADER + payload_len).next_multiple_of(4)
+}
+
 /// Pads the frame that starts at `start` in `out` to a multiple of 4
 /// bytes. Frames of a file start at 0 and are each padded, so every frame
 /// starts 4-aligned, never in the last three bytes of a sector.
@@ -583,7 +589,7 @@ fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
         // an older version has none). A write cut off inside the padding
         // leaves nothing after it.
         let next = match format {
-            Format::LengthChecked => (off + (end - off).next_multiple_of(4)).min(bytes.len()),
+            Format::LengthChecked => (off + frame_len(len as usize)).min(bytes.len()),
             Format::Unchecked => end,
         };
         let payload = &bytes[off + header..end];
@@ -910,7 +916,7 @@ mod tests {
                 break;
             }
             out.push(off);
-            off += (HEADER + len as usize).next_multiple_of(4);
+            off += frame_len(len as usize);
         }
         out
     }
