@@ -665,11 +665,15 @@ fn set_aside_unsigned_tail(
                     manifest.lines.len()
                 );
             }
-            let mut frontier = merkle::Frontier::default();
-            for line in &manifest.lines[..size] {
-                frontier.push(merkle::leaf_hash(line));
-            }
-            if frontier.root() != checkpoint.root {
+            // Usually the whole manifest is signed: its root is the one the
+            // reading already built; a prefix is hashed again only when not.
+            let root = match size == manifest.lines.len() {
+                true => Some(manifest.root_all()),
+                false => manifest
+                    .prefix_roots(&[checkpoint.size])
+                    .remove(&checkpoint.size),
+            };
+            if root != Some(checkpoint.root) {
                 anyhow::bail!(
                     "{}: its first {size} lines no longer hash to the root the newest checkpoint signs: \
                      a signed line was changed. Run `tollgate audit verify`",

@@ -993,3 +993,29 @@ async fn an_entry_a_crash_left_unsigned_is_written_again_from_the_wal() {
     assert!(r.ok, "{:#?}", r.problems);
     assert_eq!(r.records, 6);
 }
+
+/// Lines a checkpoint signs that are gone from the manifest, or a signing
+/// key that verifies no checkpoint: the daemon does not start (it would
+/// sign over the loss, or over a manifest it cannot vouch for).
+#[tokio::test]
+async fn removed_signed_lines_or_a_changed_key_stop_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let path = cfg.dir.join(manifest::FILE);
+    let text = fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.pop();
+    fs::write(&path, format!("{}\n", lines.join("\n"))).unwrap();
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("lines were removed"), "{err:#}");
+    fs::write(&path, text).unwrap();
+
+    for key in ["keys/checkpoint.key", "keys/checkpoint.key.pub"] {
+        fs::remove_file(cfg.dir.join(key)).unwrap();
+    }
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(
+        err.to_string().contains("no checkpoint verifies"),
+        "{err:#}"
+    );
+}
