@@ -1140,22 +1140,30 @@ impl Writer {
             // The syncer follows only the current file: what it has not
             // covered of this one is synced now (once per file, not per
             // batch).
-            if let Some(syncer) = &self.syncer {
-                #[cfg(test)]
-                let synced = match faults::take_retire_sync(&self.wal_dir) {
-                    true => Err(io::Error::from_raw_os_error(libc::EIO)),
-                    false => w.file.sync_data(),
-                };
-                #[cfg(not(test))]
-                let synced = w.file.sync_data();
-                if let Err(e) = synced {
-                    // As for a failed background sync: what it should have
-                    // covered may be gone, so the next record is refused.
-                    error!(error = %e, path = %w.path.display(), "WAL sync failed");
-                    syncer.shared.fail(e.to_string());
-                }
-            }
+            #[cfg(test)]
+            let fault = faults::take_retire_sync(&self.wal_dir);
+            #[cfg(not(test))]
+            let fault = false;
+            self.catch_up_sync(&w, fault);
             self.closed_files.push(w.path);
+        }
+    }
+
+    /// In `buffered` durability, syncs what the syncer may not have covered
+    /// of `w` yet (`fault`: fail as a disk would, in tests). A failure is
+    /// handled as a failed background sync: what it should have covered may
+    /// be gone, so the next record is refused.
+    fn catch_up_sync(&self, w: &WalFile, fault: bool) {
+        let Some(syncer) = &self.syncer else {
+            return;
+        };
+        let synced = match fault {
+            true => Err(io::Error::from_raw_os_error(libc::EIO)),
+            false => w.file.sync_data(),
+        };
+        if let Err(e) = synced {
+            error!(error = %e, path = %w.path.display(), "WAL sync failed");
+            syncer.shared.fail(e.to_string());
         }
     }
 
@@ -1279,11 +1287,8 @@ impl Writer {
         // were synced when retired). If that fails the segment is cut all
         // the same: it is then the records' one durable copy, and not
         // cutting would leave them only in memory.
-        if let (Some(syncer), Some(w)) = (&self.syncer, &self.file) {
-            if let Err(e) = w.file.sync_data() {
-                error!(error = %e, path = %w.path.display(), "WAL sync failed");
-                syncer.shared.fail(e.to_string());
-            }
+        if let Some(w) = &self.file {
+            self.catch_up_sync(w, false);
         }
         self.buffer_since = None;
         let records = std::mem::take(&mut self.buffer);
