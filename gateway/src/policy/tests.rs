@@ -245,6 +245,14 @@ write_tables = ["public.scratch"]
         denied_by(&decide(&policy, &["reader"], "DELETE FROM scratch")),
         Some("readers:kind:write")
     );
+    // One grant must allow every statement of a request: a read one grant
+    // allows and a delete another allows do not add up.
+    assert!(denied_by(&decide(
+        &policy,
+        &["reader", "janitor"],
+        "SELECT 1; DELETE FROM scratch"
+    ))
+    .is_some());
 }
 
 /// A table one applicable grant denies stays denied when another grant

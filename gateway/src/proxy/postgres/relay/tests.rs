@@ -1823,6 +1823,34 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
     );
     drop(in_flight);
 
+    // Past the cap on what waits for one Sync, outcomes are written as
+    // they complete, not known.
+    let mut insert = writing_execute();
+    if let Some(record) = insert.request.as_mut() {
+        record.query_info_query_string = "INSERT INTO t VALUES (1)".into();
+    }
+    let in_flight = pipeline([insert, Pending::new(Kind::Sync, None)]);
+    lock(&in_flight).implicit.held_bytes = MAX_HELD_OUTCOME_BYTES;
+    assert_eq!(
+        finish(&in_flight, &[complete()]),
+        [(Kind::Execute, Some(NOT_KNOWN.to_string()))]
+    );
+
+    // After a failed Execute the server skips the rest up to the Sync:
+    // an Execute among them did not run.
+    let in_flight = pipeline([
+        writing_execute(),
+        writing_execute(),
+        Pending::new(Kind::Sync, None),
+    ]);
+    assert_eq!(
+        finish(&in_flight, &[error(b"22012")]),
+        [
+            (Kind::Execute, Some("22012".to_string())),
+            (Kind::Execute, Some("25P02".to_string()))
+        ]
+    );
+
     // The session ends before the Sync is answered: not known.
     let in_flight = pipeline([writing_execute(), Pending::new(Kind::Sync, None)]);
     assert_eq!(finish(&in_flight, &[complete()]), []);
