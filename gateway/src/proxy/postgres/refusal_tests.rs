@@ -25,13 +25,7 @@ use crate::{
 
 /// A protocol 3.0 StartupMessage for user agent, database orders.
 fn startup_packet() -> BytesMut {
-    let mut startup = BytesMut::new();
-    startup.put_i32(0);
-    startup.put_i32(wire::PROTOCOL_3_0);
-    startup.put_slice(b"user\0agent\0database\0orders\0\0");
-    let len = startup.len() as i32;
-    startup[..4].copy_from_slice(&len.to_be_bytes());
-    startup
+    startup_packet_with(&[("user", "agent"), ("database", "orders")])
 }
 
 /// Logs in with `token` as the password; returns the ErrorResponse's
@@ -613,20 +607,11 @@ async fn a_broken_password_file_is_not_shown_to_the_client() {
     );
 }
 
-/// A startup packet with `params` (key, value pairs).
+/// A startup packet with `params` (key, value pairs, repeats kept).
 fn startup_packet_with(params: &[(&str, &str)]) -> BytesMut {
     let mut startup = BytesMut::new();
-    startup.put_i32(0);
-    startup.put_i32(wire::PROTOCOL_3_0);
-    for (key, value) in params {
-        startup.put_slice(key.as_bytes());
-        startup.put_u8(0);
-        startup.put_slice(value.as_bytes());
-        startup.put_u8(0);
-    }
-    startup.put_u8(0);
-    let len = startup.len() as i32;
-    startup[..4].copy_from_slice(&len.to_be_bytes());
+    postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut startup)
+        .expect("a startup message");
     startup
 }
 
