@@ -29,6 +29,18 @@ impl Admitted {
     }
 }
 
+/// May begin, end or change the transaction it runs in: BEGIN, COMMIT,
+/// ROLLBACK, SAVEPOINT; admin statements (CALL and DO may commit, SET ROLE
+/// changes who commits); or a statement tollgate could not parse.
+pub(super) fn may_change_transaction(operations: &Result<Vec<Operation>, String>) -> bool {
+    match operations {
+        Ok(ops) => ops
+            .iter()
+            .any(|op| matches!(op.kind, StatementKind::Transaction | StatementKind::Admin)),
+        Err(_) => true,
+    }
+}
+
 /// Reads only, touches no dangerous feature and calls no function (a
 /// function may write): nothing can change if it runs before its record
 /// is durable.

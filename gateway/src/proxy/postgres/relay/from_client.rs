@@ -362,6 +362,7 @@ impl FromClient {
         let mut pending = admitted.into_pending(Kind::Execute);
         pending.reads_masked = reads_masked(&self.session.masks, &prepared.operations);
         pending.read_only = provably_read_only(&prepared.operations);
+        pending.may_change_transaction = may_change_transaction(&prepared.operations);
         let described = matches!(
             self.last_describe.take(),
             Some((b'P', described)) if described == portal

@@ -130,6 +130,9 @@ struct Pending {
     /// For an Execute: its statement provably only reads (see
     /// `provably_read_only`), so its answer is all it did.
     read_only: bool,
+    /// For an Execute: its statement may begin, end or change its
+    /// transaction (see `may_change_transaction`).
+    may_change_transaction: bool,
     /// For a Query: the server finished one of its statements
     /// (CommandComplete, EmptyQueryResponse or an error), so its
     /// ReadyForQuery may come.
@@ -267,6 +270,7 @@ impl Pending {
             copies_started: 0,
             completed: false,
             read_only: false,
+            may_change_transaction: false,
             copies_ended_early: 0,
             id: 0,
             generation: 0,
@@ -514,16 +518,10 @@ impl ImplicitTransaction {
     /// Takes a completed Execute: held while what becomes of its work is
     /// decided by its pipeline's Sync, else finished at once.
     fn completed(&mut self, done: Pending, finished: &mut Finished) {
-        let kind = done
-            .request
-            .as_ref()
-            .map(|r| r.query_info_kind.as_str())
-            .unwrap_or("unparsed");
-        // It may begin, end or change the transaction (CALL and DO may
-        // commit; SET ROLE is admin too): what was held before it can no
-        // longer be told committed or rolled back, and an error after it
-        // says nothing sure about what came between.
-        if matches!(kind, "transaction" | "unparsed" | "admin") {
+        // It may begin, end or change the transaction: what was held
+        // before it can no longer be told committed or rolled back, and an
+        // error after it says nothing sure about what came between.
+        if done.may_change_transaction {
             self.unknown = true;
             self.release(finished, Some(Self::not_known()));
             finished.push((done, None));

@@ -1657,17 +1657,22 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
 
 /// An Execute that writes, with the request record an outcome completes.
 fn writing_execute() -> Pending {
-    execute_of_kind("write")
+    execute_of("INSERT INTO t VALUES (1)")
 }
 
-fn execute_of_kind(kind: &str) -> Pending {
-    Pending::new(
+/// An Execute of `sql`, judged as the reader judges it.
+fn execute_of(sql: &str) -> Pending {
+    let operations = classify(sql);
+    let mut execute = Pending::new(
         Kind::Execute,
         Some(AuditRecord {
-            query_info_kind: kind.into(),
+            query_info_query_string: sql.into(),
             ..AuditRecord::default()
         }),
-    )
+    );
+    execute.read_only = provably_read_only(&operations);
+    execute.may_change_transaction = may_change_transaction(&operations);
+    execute
 }
 
 /// A queue of `requests`, in order.
@@ -1750,25 +1755,31 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
 
     // A provable read stands whatever happens after it: recorded as it
     // completes. A "read" that calls functions may write: held.
-    let mut read = execute_of_kind("read");
-    read.read_only = true;
-    let in_flight = pipeline([read, Pending::new(Kind::Sync, None)]);
+    let in_flight = pipeline([execute_of("SELECT 1"), Pending::new(Kind::Sync, None)]);
     assert_eq!(finish(&in_flight, &[complete()]), [(Kind::Execute, None)]);
-    let in_flight = pipeline([execute_of_kind("read"), Pending::new(Kind::Sync, None)]);
+    let in_flight = pipeline([
+        execute_of("SELECT next_invoice()"),
+        Pending::new(Kind::Sync, None),
+    ]);
     assert_eq!(finish(&in_flight, &[complete()]), []);
 
     // A statement that may begin, end or change the transaction (COMMIT,
     // BEGIN, a CALL, SET ROLE): what was held before it is not known, it
     // is recorded as it completes, and what follows it is held; an error
     // after it leaves that not known either, no error means done.
-    for kind in ["transaction", "admin", "unparsed"] {
+    for kind in [
+        "COMMIT",
+        "SET ROLE someone",
+        "CALL archive()",
+        "not sql at all",
+    ] {
         for (end, expected) in [
             (vec![idle()], None),
             (vec![error(b"23505"), idle()], Some(NOT_KNOWN.to_string())),
         ] {
             let in_flight = pipeline([
                 writing_execute(),
-                execute_of_kind(kind),
+                execute_of(kind),
                 writing_execute(),
                 writing_execute(),
                 Pending::new(Kind::Sync, None),
@@ -1804,7 +1815,7 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
     let in_flight = queue_of(&[Kind::Sync]);
     assert_eq!(finish(&in_flight, &[frame(b'Z', b"T")]), []);
     let in_flight_after = pipeline([
-        execute_of_kind("transaction"),
+        execute_of("COMMIT"),
         writing_execute(),
         writing_execute(),
         Pending::new(Kind::Sync, None),
@@ -1825,11 +1836,7 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
 
     // Past the cap on what waits for one Sync, outcomes are written as
     // they complete, not known.
-    let mut insert = writing_execute();
-    if let Some(record) = insert.request.as_mut() {
-        record.query_info_query_string = "INSERT INTO t VALUES (1)".into();
-    }
-    let in_flight = pipeline([insert, Pending::new(Kind::Sync, None)]);
+    let in_flight = pipeline([writing_execute(), Pending::new(Kind::Sync, None)]);
     lock(&in_flight).implicit.held_bytes = MAX_HELD_OUTCOME_BYTES;
     assert_eq!(
         finish(&in_flight, &[complete()]),
