@@ -224,9 +224,11 @@ pub fn verify_with(dir: &Path, key: &Verifier, opts: &Options) -> Report {
             );
         }
     }
-    let cursor = check_segments(dir, &manifest, &mut cx);
+    // One walk of records/ serves the unlisted files and the set-aside ones.
+    let records_files = files_under_records(dir);
+    let cursor = check_segments(dir, &manifest, &records_files, &mut cx);
     check_wal(dir, cursor, &mut cx);
-    note_set_aside_manifest_lines(dir, &mut cx);
+    note_set_aside(dir, records_files.as_deref().unwrap_or_default(), &mut cx);
     if cx.dropped > 0 {
         cx.report.notes.push(format!(
             "{} further problems not listed (limit {MAX_PROBLEMS})",
@@ -238,11 +240,12 @@ pub fn verify_with(dir: &Path, key: &Verifier, opts: &Options) -> Report {
 }
 
 /// Manifest lines the daemon found unsigned at a start and set aside, with
-/// the segment files they named (`*.parquet.unsigned`): what a crash
+/// the segment files they named (`*.parquet.unsigned-<ms>`, among
+/// `records_files`): what a crash
 /// between an entry and its checkpoint leaves, whose records the daemon
 /// then wrote again from the WAL, or lines it did not write. Kept as
 /// evidence, outside what the chain and the queries read.
-fn note_set_aside_manifest_lines(dir: &Path, cx: &mut Ctx) {
+fn note_set_aside(dir: &Path, records_files: &[String], cx: &mut Ctx) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -262,12 +265,10 @@ fn note_set_aside_manifest_lines(dir: &Path, cx: &mut Ctx) {
              from the WAL, or lines not written by the daemon)"
         ));
     }
-    let set_aside = files_under_records(dir, |p| {
-        p.file_name()
-            .is_some_and(|n| n.to_string_lossy().contains(".parquet.unsigned-"))
-    })
-    .unwrap_or_default();
-    for file in set_aside {
+    for file in records_files
+        .iter()
+        .filter(|f| f.contains(".parquet.unsigned-"))
+    {
         cx.report.notes.push(format!(
             "{file}: a segment file an unsigned manifest line named, set aside at a start"
         ));
@@ -419,7 +420,12 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
     cx.report.latest_checkpoint = last_valid;
 }
 
-fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
+fn check_segments(
+    dir: &Path,
+    manifest: &Manifest,
+    records_files: &io::Result<Vec<String>>,
+    cx: &mut Ctx,
+) -> Cursor {
     let mut cur = Cursor {
         next_seq: 1,
         prev_hash: GENESIS_HASH.to_string(),
@@ -547,10 +553,10 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
             prev_hash: s.last_record_hash.clone(),
         };
     }
-    match files_under_records(dir, |p| p.extension().is_some_and(|e| e == "parquet")) {
+    match records_files {
         Ok(files) => {
-            for f in files {
-                if !listed.contains(&f) {
+            for f in files.iter().filter(|f| f.ends_with(".parquet")) {
+                if !listed.contains(f) {
                     cx.problem(
                         Kind::SegmentUnlisted,
                         &f,
@@ -572,11 +578,11 @@ fn check_segments(dir: &Path, manifest: &Manifest, cx: &mut Ctx) -> Cursor {
     cur
 }
 
-/// Every file under `records/` that `keep` takes, at any depth, as paths
-/// relative to `dir`: the daemon writes one level of day directories, but
-/// the documented queries read `records/**/*.parquet`, so a Parquet file
-/// anywhere there is one an analyst would read.
-fn files_under_records(dir: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<Vec<String>> {
+/// Every file under `records/`, at any depth, as paths relative to `dir`:
+/// the daemon writes one level of day directories, but the documented
+/// queries read `records/**/*.parquet`, so a Parquet file anywhere there is
+/// one an analyst would read.
+fn files_under_records(dir: &Path) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut todo = vec![dir.join("records")];
     while let Some(folder) = todo.pop() {
@@ -590,10 +596,8 @@ fn files_under_records(dir: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<V
             let path = entry.path();
             if entry.file_type()?.is_dir() {
                 todo.push(path);
-            } else if keep(&path) {
-                if let Ok(rel) = path.strip_prefix(dir) {
-                    out.push(rel.to_string_lossy().into_owned());
-                }
+            } else if let Ok(rel) = path.strip_prefix(dir) {
+                out.push(rel.to_string_lossy().into_owned());
             }
         }
     }
