@@ -559,7 +559,7 @@ fn check_segments(
                 if !listed.contains(f) {
                     cx.problem(
                         Kind::SegmentUnlisted,
-                        &f,
+                        f,
                         None,
                         None,
                         "segment file that no manifest entry names",
