@@ -88,7 +88,7 @@ struct FromClient {
     in_flight: Arc<Mutex<InFlight>>,
     /// Signalled whenever server answers have been taken off the queue.
     answered: Arc<Notify>,
-    /// The Query a refused request is replaced with (see [`refuse_in_place`]).
+    /// The Query a refused request is replaced with (see [`FromClient::refuse_in_place`]).
     marker: String,
     /// Messages admitted and not yet sent to the server.
     forward: BytesMut,
@@ -266,9 +266,7 @@ impl FromClient {
                 drop(guard);
                 self.forward.unsplit(frame.bytes);
             }
-            Err(refusal) => {
-                refuse_in_place(&self.in_flight, refusal, &self.marker, &mut self.forward)
-            }
+            Err(refusal) => self.refuse_in_place(Kind::RefusedQuery, refusal),
         }
         Ok(())
     }
@@ -277,7 +275,7 @@ impl FromClient {
     /// policy to read (lo_import, pg_read_file, ...): always refused.
     async fn function_call(&mut self, frame: Frame) {
         let refusal = refuse_function_call(&self.session, &frame).await;
-        refuse_in_place(&self.in_flight, refusal, &self.marker, &mut self.forward);
+        self.refuse_in_place(Kind::RefusedQuery, refusal);
     }
 
     /// A Parse is classified once; its statement is decided at each
@@ -430,17 +428,30 @@ impl FromClient {
         self.forward.unsplit(frame.bytes);
     }
 
-    /// Puts a refused Bind or Execute's refusal in its place: an Execute
-    /// of the marker portal, which cannot exist, so that the server answers
-    /// with an error there and skips to Sync, as after any error.
-    fn refuse_extended_in_place(&mut self, refusal: Refusal) {
-        let mut pending = Pending::new(Kind::RefusedExecute, None);
+    /// Puts a refused request's refusal in its place: a stand-in named by
+    /// the marker that the server rejects with an error there (for
+    /// `RefusedQuery` a Query that cannot parse, answered by an error and
+    /// ReadyForQuery; for `RefusedExecute` an Execute of a portal that
+    /// cannot exist), everything sent before it answered first; tollgate
+    /// puts its refusal in place of that error. Nothing waits, so a
+    /// pipeline the client has not synced cannot hang the session.
+    fn refuse_in_place(&mut self, kind: Kind, refusal: Refusal) {
+        let mut pending = Pending::new(kind, None);
         pending.refusal = Some((refusal.code, refusal.message));
-        // Refused all the same (and recorded so); the server, skipping to
-        // Sync, would not have answered it.
+        // The refusal is recorded either way; a server skipping to Sync
+        // would not have answered the request (see `InFlight::push`).
         if lock(&self.in_flight).push(pending).is_none() {
-            wire::execute(&mut self.forward, &self.marker);
+            match kind {
+                Kind::RefusedExecute => wire::execute(&mut self.forward, &self.marker),
+                _ => wire::query(&mut self.forward, &self.marker),
+            }
         }
+    }
+
+    /// Puts a refused Bind or Execute's refusal in its place; the server
+    /// then skips to Sync, as after any error.
+    fn refuse_extended_in_place(&mut self, refusal: Refusal) {
+        self.refuse_in_place(Kind::RefusedExecute, refusal);
         // The server skips to Sync after the marker's error; so does
         // tollgate, which neither decides nor audits what would be
         // skipped.
@@ -539,26 +550,6 @@ fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bo
     match operations {
         Ok(operations) => operations.iter().any(|op| op.calls_functions),
         Err(_) => true,
-    }
-}
-
-/// A refused simple Query or FunctionCall goes on as the marker Query,
-/// which cannot parse: the server answers it with an error and
-/// ReadyForQuery in its exact place, after everything sent before it, and
-/// tollgate puts its refusal in place of that error. Nothing waits, so a
-/// pipeline the client has not synced cannot hang the session.
-fn refuse_in_place(
-    in_flight: &Mutex<InFlight>,
-    refusal: Refusal,
-    marker: &str,
-    forward: &mut BytesMut,
-) {
-    let mut pending = Pending::new(Kind::RefusedQuery, None);
-    pending.refusal = Some((refusal.code, refusal.message));
-    // The refusal is recorded either way; a server skipping to Sync would
-    // not have answered the request (see `InFlight::push`).
-    if lock(in_flight).push(pending).is_none() {
-        wire::query(forward, marker);
     }
 }
 
