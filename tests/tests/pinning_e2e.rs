@@ -927,7 +927,14 @@ fn tollgate_tells_systemd_it_is_ready_once_the_redirect_is_in_place_and_it_serve
     let started = Instant::now();
     let mut child = spawn_gateway(&stack, "notify", &[("NOTIFY_SOCKET", &socket_path)]);
     let mut buf = [0u8; 256];
-    let received = notify.recv(&mut buf);
+    // A signal to the test process (another test's child ending) may cut
+    // the wait short: wait again.
+    let received = loop {
+        match notify.recv(&mut buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
     // Stopped as soon as it says it is ready, so that what is pinned below
     // is what was pinned when it said so, not what it pinned since.
     let stopped = received.is_ok().then(|| stop(child.id()));
