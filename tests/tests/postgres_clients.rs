@@ -221,6 +221,77 @@ fn a_statement_too_long_to_audit_is_refused_with_54000_and_its_refusal_recorded(
     assert_eq!(ran[0]["n"], 0);
 }
 
+/// The same limit in the extended protocol: a driver's Parse of 9 MiB of
+/// SQL is refused with 54000 at its Bind, before the server plans it, its
+/// refusal is recorded, and the session goes on.
+#[test]
+fn a_prepared_statement_too_long_to_audit_is_refused_with_54000_and_the_session_goes_on() {
+    let Some((stack, token)) = start(
+        "a_prepared_statement_too_long_to_audit_is_refused_with_54000_and_the_session_goes_on",
+    ) else {
+        return;
+    };
+    let script = format!(
+        r#"
+import json, psycopg
+with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders", password={token:?},
+                     sslmode="disable", autocommit=True) as conn:
+    with conn.cursor() as cur:
+        try:
+            cur.execute("SELECT %s::int + length('" + "x" * (9 << 20) + "') AS too_long", (1,))
+            refused = None
+        except psycopg.Error as e:
+            refused = {{"sqlstate": e.sqlstate, "message": str(e)}}
+        cur.execute("SELECT %s::int + 41", (1,))
+        after = cur.fetchone()[0]
+print(json.dumps({{"refused": refused, "after": after}}))
+"#,
+        port = stack.postgres.port,
+    );
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .args(["-c", &script])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        stack.gateway.log()
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(answer["refused"]["sqlstate"], "54000", "{answer}");
+    assert!(
+        answer["refused"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("more than the 8388608 bytes"),
+        "{answer}"
+    );
+    assert_eq!(answer["after"], 42, "the session still answers");
+
+    let rows = stack
+        .audit_rows(
+            "SELECT policy_uid, response_error_code, length(query_info_query_string) AS kept \
+             FROM audit WHERE phase = 'refusal' AND class_uid = 6005 ORDER BY sequence",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("refusal row");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["policy_uid"], "tollgate:statement_too_large");
+    assert_eq!(rows[0]["response_error_code"], "54000");
+    assert_eq!(rows[0]["kept"], 4096);
+    let ran = stack
+        .audit_rows(
+            "SELECT count(*) AS n FROM audit WHERE phase IN ('request', 'outcome') \
+             AND starts_with(query_info_query_string, 'SELECT $1::int + length(')",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("count");
+    assert_eq!(ran[0]["n"], 0, "nothing of it ran");
+}
+
 #[test]
 fn psycopg_with_server_side_binding_and_binary_results() {
     let Some((stack, token)) = start("psycopg_with_server_side_binding_and_binary_results") else {

@@ -1140,27 +1140,25 @@ impl Writer {
             // The syncer follows only the current file: what it has not
             // covered of this one is synced now (once per file, not per
             // batch).
-            #[cfg(test)]
-            let fault = faults::take_retire_sync(&self.wal_dir);
-            #[cfg(not(test))]
-            let fault = false;
-            self.catch_up_sync(&w, fault);
+            self.catch_up_sync(&w);
             self.closed_files.push(w.path);
         }
     }
 
     /// In `buffered` durability, syncs what the syncer may not have covered
-    /// of `w` yet (`fault`: fail as a disk would, in tests). A failure is
-    /// handled as a failed background sync: what it should have covered may
-    /// be gone, so the next record is refused.
-    fn catch_up_sync(&self, w: &WalFile, fault: bool) {
+    /// of `w` yet. A failure is handled as a failed background sync: what it
+    /// should have covered may be gone, so the next record is refused.
+    fn catch_up_sync(&self, w: &WalFile) {
         let Some(syncer) = &self.syncer else {
             return;
         };
-        let synced = match fault {
+        #[cfg(test)]
+        let synced = match faults::take_catch_up_sync(&self.wal_dir) {
             true => Err(io::Error::from_raw_os_error(libc::EIO)),
             false => w.file.sync_data(),
         };
+        #[cfg(not(test))]
+        let synced = w.file.sync_data();
         if let Err(e) = synced {
             error!(error = %e, path = %w.path.display(), "WAL sync failed");
             syncer.shared.fail(e.to_string());
@@ -1288,7 +1286,7 @@ impl Writer {
         // the same: it is then the records' one durable copy, and not
         // cutting would leave them only in memory.
         if let Some(w) = &self.file {
-            self.catch_up_sync(w, false);
+            self.catch_up_sync(w);
         }
         self.buffer_since = None;
         let records = std::mem::take(&mut self.buffer);
@@ -1686,10 +1684,14 @@ impl SegState {
                     removed,
                 }),
             )?;
-            self.checkpoint()?;
             for p in &paths {
                 info!(segment = %p, "retention: deleting segment");
             }
+        }
+        // Also signs a removal appended by an earlier run whose checkpoint
+        // failed: until signed, it is not carried out.
+        if self.signed_lines != self.manifest.lines.len() {
+            self.checkpoint()?;
         }
         // Delete every file a retention entry names (also those a crash left
         // behind after the entry was written).
@@ -1763,8 +1765,9 @@ pub(crate) mod faults {
     enum Fault {
         /// The next write writes this many bytes, then fails (full disk).
         Write { partial_bytes: usize },
-        /// The next sync of a retired WAL file fails.
-        RetireSync,
+        /// The next sync the writer makes of a WAL file in `buffered`
+        /// durability (when it retires the file or cuts a segment) fails.
+        CatchUpSync,
         /// The segment backlog's byte bound (see `BACKLOG_BYTES`) of the
         /// store, read when it opens: the real one, 1 GiB, is too much for
         /// a test to fill.
@@ -1796,17 +1799,18 @@ pub(crate) mod faults {
     pub fn take(wal_dir: &Path) -> Option<usize> {
         match take_first(wal_dir, |f| matches!(f, Fault::Write { .. }))? {
             Fault::Write { partial_bytes } => Some(partial_bytes),
-            Fault::RetireSync | Fault::BacklogBytes(_) => None,
+            Fault::CatchUpSync | Fault::BacklogBytes(_) => None,
         }
     }
 
-    /// The next sync of a retired WAL file in `wal_dir` fails.
-    pub fn fail_next_retire_sync(wal_dir: &Path) {
-        plan(wal_dir, Fault::RetireSync);
+    /// The next sync the writer makes of a WAL file in `wal_dir` to catch
+    /// up with the background syncer fails.
+    pub fn fail_next_catch_up_sync(wal_dir: &Path) {
+        plan(wal_dir, Fault::CatchUpSync);
     }
 
-    pub fn take_retire_sync(wal_dir: &Path) -> bool {
-        take_first(wal_dir, |f| f == Fault::RetireSync).is_some()
+    pub fn take_catch_up_sync(wal_dir: &Path) -> bool {
+        take_first(wal_dir, |f| f == Fault::CatchUpSync).is_some()
     }
 
     /// The store in `wal_dir`, opened next, bounds its segment backlog at
@@ -1818,7 +1822,7 @@ pub(crate) mod faults {
     pub fn backlog_bytes_limit(wal_dir: &Path) -> Option<usize> {
         match take_first(wal_dir, |f| matches!(f, Fault::BacklogBytes(_)))? {
             Fault::BacklogBytes(bytes) => Some(bytes),
-            Fault::Write { .. } | Fault::RetireSync => None,
+            Fault::Write { .. } | Fault::CatchUpSync => None,
         }
     }
 }
@@ -1993,5 +1997,43 @@ mod segment_order_tests {
         let text = fs::read_to_string(newest).expect("read");
         let signed = checkpoint::open_note(&text, &key).expect("verifies");
         assert_eq!(signed.size, 1, "the retry signed the entry");
+    }
+
+    /// Retention deletes a segment only once a checkpoint signs the entry
+    /// that removes it: an entry left unsigned would be set aside at the
+    /// next start, and the segment it names must then still be there.
+    #[test]
+    fn retention_deletes_a_segment_only_once_a_checkpoint_signs_its_removal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = seg_state(dir.path());
+        let records: Vec<AuditRecord> = (1..=3).map(record).collect();
+        seg.write_segments(&records).expect("segment");
+        let files = list_segment_files(dir.path()).expect("list");
+        assert_eq!(files.len(), 1);
+        // Long after the records' time: the segment has expired.
+        let now = records[2].time + 40 * 86_400_000;
+        let checkpoints = dir.path().join("checkpoints");
+        fs::rename(&checkpoints, dir.path().join("checkpoints.away")).expect("move away");
+        fs::write(&checkpoints, b"").expect("a file in its place");
+        seg.retain(30, now).expect_err("the checkpoint fails");
+        assert_eq!(seg.manifest.lines.len(), 2, "the removal was appended");
+        assert_eq!(
+            list_segment_files(dir.path()).expect("list"),
+            files,
+            "an unsigned removal deleted the segment"
+        );
+
+        fs::remove_file(&checkpoints).expect("remove");
+        fs::rename(dir.path().join("checkpoints.away"), &checkpoints).expect("move back");
+        seg.retain(30, now).expect("retention");
+        assert_eq!(
+            seg.manifest.lines.len(),
+            2,
+            "the removal is not appended twice"
+        );
+        assert!(
+            list_segment_files(dir.path()).expect("list").is_empty(),
+            "the signed removal deleted the segment"
+        );
     }
 }

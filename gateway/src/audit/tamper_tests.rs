@@ -495,7 +495,7 @@ async fn failed_sync_of_a_retired_wal_file_refuses_the_next_record() {
     let now = store::now_ms();
     assert_eq!(log.append(sample(1, now)).await.unwrap(), 1);
     store::faults::fail_next_write(&cfg.dir.join("wal"), 0);
-    store::faults::fail_next_retire_sync(&cfg.dir.join("wal"));
+    store::faults::fail_next_catch_up_sync(&cfg.dir.join("wal"));
     let err = log.append(sample(2, now)).await.unwrap_err();
     assert!(matches!(err, AuditError::Wal(_)), "{err}");
     let err = log.append(sample(3, now)).await.unwrap_err();
@@ -505,6 +505,77 @@ async fn failed_sync_of_a_retired_wal_file_refuses_the_next_record() {
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(r.ok, "{:#?}", r.problems);
     assert_eq!(r.records, 2);
+}
+
+// A preallocated WAL file is written across segment cuts, so in
+// `buffered` durability the writer syncs it before it hands a segment's
+// records over: their manifest entry must not get ahead of their WAL
+// copy. If that sync fails, the next record is refused, as after a failed
+// background sync, and nothing acknowledged is lost.
+#[tokio::test]
+async fn a_segment_cut_syncs_the_preallocated_wal_file_and_a_failure_refuses_the_next_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.durability = DurabilityMode::Buffered;
+    // Segments are cut on age only.
+    cfg.segment_max_age_secs = 1;
+    cfg.segment_max_records = 1_000_000;
+    let wal_dir = cfg.dir.join("wal");
+    let in_preallocated_file = || {
+        fs::read_dir(&wal_dir).unwrap().flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("wal-v2-")
+                && e.metadata().unwrap().len() == super::wal::PREALLOC_BYTES
+        })
+    };
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let mut acknowledged = 0u64;
+    // The first file is a plain one, retired at every cut; the writer
+    // moves to a preallocated one once the current file holds a MiB and
+    // the preparer has a spare ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !in_preallocated_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never moved to a preallocated WAL file"
+        );
+        log.append(sample(acknowledged as usize, now))
+            .await
+            .unwrap();
+        acknowledged += 1;
+    }
+    // The next cut (on age, within about a second) syncs the current file,
+    // which it does not retire; that sync fails.
+    store::faults::fail_next_catch_up_sync(&wal_dir);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record was refused after the failed sync at a cut"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        match log.append(sample(acknowledged as usize, now)).await {
+            Ok(seq) => {
+                acknowledged += 1;
+                assert_eq!(seq, acknowledged);
+            }
+            Err(err) => break err,
+        }
+    };
+    assert!(
+        refused.to_string().contains("earlier WAL sync failed"),
+        "{refused}"
+    );
+    assert_eq!(
+        log.append(sample(0, now)).await.unwrap(),
+        acknowledged + 1,
+        "records are taken again after the refusal"
+    );
+    acknowledged += 1;
+    log.shutdown().await;
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.records, acknowledged);
 }
 
 #[tokio::test]
