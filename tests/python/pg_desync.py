@@ -31,6 +31,12 @@ Scenarios:
               into the copy, which ignores it: copy data does not end a
               copy); CopyDone once it starts; then Query(FIRST_SQL), then
               Query(SECOND_SQL), each on its own.
+  copy_query  COPY orders_copy FROM STDIN + Query(FIRST_SQL) in one write,
+              before the server starts the copy: the server would take
+              the Query as copy data or throw it away with an error
+              (PostgreSQL 13 and older), which tollgate must not take for
+              an answer to come; answers are read up to the end of the
+              connection.
 
 usage: pg_desync.py HOST PORT TOKEN SCENARIO FIRST_SQL SECOND_SQL
 """
@@ -117,6 +123,9 @@ def main():
         answers += read_until(sock, [b"Z"])
     elif scenario == "copy_data_sync":
         answers += copies_then_queries(sock, [msg(b"d", b"copied\n") + sync], first, second)
+    elif scenario == "copy_query":
+        sock.sendall(msg(b"Q", cstr("COPY orders_copy FROM STDIN")) + msg(b"Q", cstr(first)))
+        answers += read_until(sock, [], 1)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print(json.dumps({"answers": answers}))

@@ -720,7 +720,9 @@ fn statement_text_in_flight_stops_at_its_bound_until_answers_come() {
         &stack,
         "pg_unsynced_executes.py",
         &token,
-        &[&count.to_string(), &(1 << 20).to_string(), "5"],
+        // Answers may take seconds to start on a loaded machine: the
+        // script waits this long for the next before it sends the Sync.
+        &[&count.to_string(), &(1 << 20).to_string(), "10"],
     );
     assert_eq!(result["errors"], serde_json::json!([]), "{result}");
     assert_eq!(result["ready"], true, "{result}");
@@ -1186,6 +1188,35 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         "1",
         "the row of copy data went in"
     );
+    // A Query sent right behind a COPY FROM STDIN, before the server
+    // started the copy, waits for the server's answer to the COPY: in copy
+    // mode it is out of place, and tollgate ends the session itself (the
+    // server would have taken it as copy data or, up to PostgreSQL 13,
+    // thrown it away with an error that left every later answer matched
+    // against the wrong statement).
+    let answers = copy_of_masked_column_after(&stack, &agent, "copy_query");
+    let tags: Vec<&str> = answers["answers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["tag"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(tags, ["G", "E", "closed"], "{answers}");
+    let fatal = first_error(&answers["answers"]);
+    assert_eq!(fatal["sqlstate"], "08P01", "{answers}");
+    assert!(
+        fatal["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("in the middle of COPY FROM STDIN"),
+        "not tollgate's own refusal: {answers}"
+    );
+    stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:malformed' \
+             AND contains(status_detail, 'in the middle of COPY FROM STDIN')",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("the refusal row");
 
     // A portal name taken over in SQL (CLOSE, then DECLARE a cursor of
     // the same name) is no longer the portal tollgate saw bound: the

@@ -119,6 +119,9 @@ pub struct Operation {
     /// requests (PostgreSQL's client_encoding): tollgate would then read
     /// a different statement from the one the target runs.
     pub changes_text_encoding: bool,
+    /// Makes the target take data from the client (COPY FROM STDIN): once
+    /// it does, the client's messages are that data, not requests.
+    pub takes_client_data: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.

@@ -50,7 +50,10 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_file_sync",
     "set_config",
     "pg_reload_conf",
+    // Every agent's upstream session logs in as the same role, which may
+    // signal any of them: these would reach other identities' statements.
     "pg_terminate_backend",
+    "pg_cancel_backend",
 ];
 
 /// Built-in functions that change the database or the server's state
@@ -72,7 +75,6 @@ const STATE_CHANGING_FUNCTIONS: &[&str] = &[
     "lowrite",
     "lo_open",
     "pg_notify",
-    "pg_cancel_backend",
     "pg_advisory_lock",
     "pg_advisory_lock_shared",
     "pg_advisory_xact_lock",
@@ -174,6 +176,24 @@ const SAMPLE_VIEWS: &[&str] = &[
     "pg_catalog.pg_stats_ext",
     "pg_catalog.pg_stats_ext_exprs",
 ];
+
+/// Views and functions that show the statements other sessions run, their
+/// literals included: every agent's upstream session logs in as the same
+/// role, so reading one is reading what other identities sent, masked
+/// values among it. Matched by their last name part (pg_stat_statements
+/// lives in the schema its extension was installed in).
+const OTHER_SESSIONS_VIEWS: &[&str] = &[
+    "pg_stat_activity",
+    "pg_stat_get_activity",
+    "pg_stat_statements",
+];
+
+/// Whether a relation name (`schema.name`, as `table_names` gives it) is
+/// one of [`OTHER_SESSIONS_VIEWS`].
+fn shows_other_sessions(name: &str) -> bool {
+    let last = name.rsplit_once('.').map_or(name, |(_, last)| last);
+    OTHER_SESSIONS_VIEWS.contains(&last)
+}
 
 /// Built-in functions without side effects: a read calling only these is
 /// still provably read-only (its answer may be computed while its audit
@@ -687,6 +707,14 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         ),
         changes_text_encoding: walker.changes_encoding
             || matches!(statement, Statement::Set(set) if set_changes_encoding(set)),
+        takes_client_data: matches!(
+            statement,
+            Statement::Copy {
+                to: false,
+                target: CopyTarget::Stdin,
+                ..
+            }
+        ),
         ..Operation::default()
     };
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
@@ -1001,6 +1029,11 @@ impl Walker {
                     format!("{name} shows sampled values of every table's columns, whichever tables a rule denies")
                 });
             }
+            if shows_other_sessions(&name) {
+                self.not_understood.get_or_insert_with(|| {
+                    format!("{name} shows the statements of other sessions, other identities' among them")
+                });
+            }
             *self.relation_visits.entry(name.clone()).or_default() += 1;
             self.relations.insert(name);
         }
@@ -1093,6 +1126,13 @@ impl Walker {
                 .as_ident()
                 .is_some_and(|schema| schema.value.eq_ignore_ascii_case("cron"))
             && (last.starts_with("schedule") || last == "alter_job");
+        if OTHER_SESSIONS_VIEWS.contains(&last.as_str()) {
+            self.not_understood.get_or_insert_with(|| {
+                format!(
+                    "{last} shows the statements of other sessions, other identities' among them"
+                )
+            });
+        }
         if cron || SQL_TEXT_FUNCTIONS.contains(&last.as_str()) {
             self.not_understood.get_or_insert_with(|| {
                 format!("{last} runs SQL given to it as text, whose tables tollgate cannot see")
@@ -1571,7 +1611,9 @@ mod tests {
         assert!(c.streams_raw);
         let c = one("COPY (SELECT email FROM customers) TO STDOUT");
         assert_eq!(c.reads, set(&["public.customers"]));
+        assert!(!one("COPY customers TO STDOUT").takes_client_data);
         let c = one("COPY customers FROM STDIN");
+        assert!(c.takes_client_data);
         assert_eq!(c.writes, set(&["public.customers"]));
 
         let c = one("WITH recent AS (SELECT * FROM orders) SELECT * FROM recent");
@@ -1845,7 +1887,6 @@ mod tests {
             "SELECT setval('orders_id_seq', 1)",
             "SELECT lo_unlink(16401)",
             "SELECT pg_notify('c', 'x')",
-            "SELECT pg_cancel_backend(123)",
             "SELECT pg_advisory_lock(1)",
             "SELECT * FROM orders WHERE id = nextval('s')",
         ] {
@@ -1853,6 +1894,17 @@ mod tests {
         }
         for sql in ["EXECUTE s", "CALL p()"] {
             assert!(one(sql).opaque_result, "{sql}");
+        }
+        // Signalling a backend could reach another identity's session (all
+        // log in upstream as one role): a danger, not a mere write.
+        for sql in [
+            "SELECT pg_cancel_backend(123)",
+            "SELECT pg_terminate_backend(p) FROM generate_series(1, 10) p",
+        ] {
+            assert!(
+                one(sql).dangers.contains(&Danger::FileOrProgramFunction),
+                "{sql}"
+            );
         }
         for sql in [
             "SELECT 1 OPERATOR(app.+) 2",
@@ -1896,8 +1948,8 @@ mod tests {
     fn names_resolve_as_postgresql_resolves_them() {
         for (sql, reads) in [
             (
-                "SELECT * FROM pg_stat_activity",
-                &["pg_catalog.pg_stat_activity", "public.pg_stat_activity"][..],
+                "SELECT * FROM pg_locks",
+                &["pg_catalog.pg_locks", "public.pg_locks"][..],
             ),
             (
                 "SELECT * FROM pg_catalog.pg_roles",
@@ -2207,6 +2259,12 @@ mod tests {
             "SELECT cron.schedule('0 * * * *', 'DELETE FROM orders')",
             "SELECT mydb.cron.schedule('* * * * *', 'DELETE FROM orders')",
             "SELECT cron.alter_job(1, NULL, 'DELETE FROM orders')",
+            // Other sessions' statements, other identities' among them.
+            "SELECT query FROM pg_stat_activity",
+            "SELECT query FROM pg_catalog.pg_stat_activity WHERE pid <> pg_backend_pid()",
+            "SELECT * FROM pg_stat_get_activity(NULL)",
+            "SELECT query FROM public.pg_stat_statements",
+            "SELECT query FROM monitoring.pg_stat_statements(true)",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }

@@ -204,16 +204,19 @@ pub fn parse_message(frame: &Frame) -> Result<(String, String, Vec<u32>), WireEr
     Ok((name, query, types))
 }
 
-/// A binary parameter of a well-known type, as PostgreSQL would print it.
+/// Type OIDs whose binary form is their text.
+const TEXT_OID: u32 = 25;
+const VARCHAR_OID: u32 = 1043;
+
+/// A binary parameter of a well-known fixed-size type, as PostgreSQL would
+/// print it (text types are rendered as text-format values are).
 fn render_binary(type_oid: u32, bytes: &[u8]) -> Option<String> {
     const BOOL: u32 = 16;
     const INT8: u32 = 20;
     const INT2: u32 = 21;
     const INT4: u32 = 23;
-    const TEXT: u32 = 25;
     const FLOAT4: u32 = 700;
     const FLOAT8: u32 = 701;
-    const VARCHAR: u32 = 1043;
     const UUID: u32 = 2950;
     Some(match (type_oid, bytes.len()) {
         (BOOL, 1) => (bytes[0] != 0).to_string(),
@@ -222,7 +225,6 @@ fn render_binary(type_oid: u32, bytes: &[u8]) -> Option<String> {
         (INT8, 8) => i64::from_be_bytes(bytes.try_into().ok()?).to_string(),
         (FLOAT4, 4) => f32::from_be_bytes(bytes.try_into().ok()?).to_string(),
         (FLOAT8, 8) => f64::from_be_bytes(bytes.try_into().ok()?).to_string(),
-        (TEXT | VARCHAR, _) => String::from_utf8(bytes.to_vec()).ok()?,
         (UUID, 16) => {
             let h = hex::encode(bytes);
             format!(
@@ -294,15 +296,20 @@ pub fn bind_parameters_rendered(
             }
             let (bytes, rest) = body.split_at(len);
             body = rest;
-            let typed = if binary {
-                render_binary(types.get(i).copied().unwrap_or(0), bytes)
+            let type_oid = types.get(i).copied().unwrap_or(0);
+            // Only what can be kept is converted: a value may be 64 MiB, and
+            // invalid UTF-8 would triple as replacement characters. The
+            // slack lets a character cut at the end be told from one whole.
+            let kept = &bytes[..len.min(max_value.saturating_add(4))];
+            let typed = if !binary || matches!(type_oid, TEXT_OID | VARCHAR_OID) {
+                Some(String::from_utf8_lossy(kept).into_owned())
             } else {
-                Some(String::from_utf8_lossy(bytes).into_owned())
+                render_binary(type_oid, bytes)
             };
             let text = match typed {
-                Some(text) if text.len() <= max_value => text,
+                Some(text) if text.len() <= max_value && kept.len() == len => text,
                 Some(text) => {
-                    let mut cut = max_value;
+                    let mut cut = max_value.min(text.len());
                     while !text.is_char_boundary(cut) {
                         cut -= 1;
                     }
@@ -444,6 +451,33 @@ pub fn redacted(frame: &Frame, message: &str) -> BytesMut {
         b.put_u8(0);
     });
     out
+}
+
+/// Fields of an ErrorResponse or NoticeResponse that quote the values of
+/// rows: a constraint violation's DETAIL shows the failing row, CONTEXT
+/// and the internal query may show a function's arguments or a trigger's
+/// statement.
+const VALUE_FIELDS: &[u8] = b"DWq";
+
+/// The ErrorResponse or NoticeResponse without the fields that quote row
+/// values ([`VALUE_FIELDS`]); `None` when it has none of them. For a
+/// statement that names no masked column but may still touch masked rows
+/// through what it sets off (a cascade, a trigger, a deferred constraint
+/// checked at commit).
+pub fn without_row_values(frame: &Frame) -> Option<BytesMut> {
+    let fields = response_fields(frame);
+    if !fields.iter().any(|(field, _)| VALUE_FIELDS.contains(field)) {
+        return None;
+    }
+    let mut out = BytesMut::new();
+    put_frame(&mut out, frame.tag, |b| {
+        for (field, value) in fields.iter().filter(|(f, _)| !VALUE_FIELDS.contains(f)) {
+            b.put_u8(*field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+    Some(out)
 }
 
 /// A NotificationResponse (`A`) with its payload withheld: the sending
@@ -629,6 +663,37 @@ mod tests {
         assert_eq!(
             bind_parameters_rendered(&frame, &[25, 21], 64, 4096).unwrap(),
             r#"["Ada","-8531",null]"#
+        );
+    }
+
+    /// A large value is cut before it is converted: a megabyte of
+    /// invalid UTF-8 renders to its cap, not to three megabytes of
+    /// replacement characters; a character cut at the cap is dropped
+    /// whole.
+    #[test]
+    fn large_parameters_are_cut_before_they_are_converted() {
+        let mut out = BytesMut::new();
+        put_frame(&mut out, b'B', |b| {
+            put_cstr(b, "");
+            put_cstr(b, "");
+            b.put_i16(0);
+            b.put_i16(2);
+            b.put_i32(1 << 20);
+            b.put_slice(&vec![0xff; 1 << 20]);
+            b.put_i32(6);
+            b.put_slice("aé€".as_bytes());
+        });
+        let frame = split_frame(&mut out).unwrap().unwrap();
+        let rendered = bind_parameters_rendered(&frame, &[], 256, 4096).unwrap();
+        let values: Vec<String> = serde_json::from_str(&rendered).unwrap();
+        assert!(values[0].ends_with("...(1048576 bytes)"), "{rendered}");
+        assert!(
+            values[0].len() <= 256 + "...(1048576 bytes)".len(),
+            "{rendered}"
+        );
+        assert_eq!(
+            bind_parameters_rendered(&frame, &[], 3, 4096).unwrap(),
+            "[\"\u{fffd}...(1048576 bytes)\",\"a\u{e9}...(6 bytes)\"]"
         );
     }
 

@@ -44,7 +44,7 @@ pub(super) async fn client_to_server(
         copies_ended: 0,
         skipping_to_sync: false,
         last_describe: None,
-        encoding_barrier: None,
+        answer_barrier: None,
         execute_may_change_encoding: false,
     };
     loop {
@@ -102,14 +102,23 @@ struct FromClient {
     skipping_to_sync: bool,
     /// The last Describe sent (kind 'S' or 'P', name), until an Execute.
     last_describe: Option<(u8, String)>,
-    /// A Query, or the Sync after an Execute, that may change the client
-    /// encoding where tollgate cannot see it (a function it cannot look
-    /// into, text it cannot parse): the server would read the messages
-    /// pipelined behind it in the new encoding, before the server's report
-    /// of the change ends the session. They wait for its answer (the
-    /// report comes before it), so only messages read as tollgate read them
-    /// reach the server.
-    encoding_barrier: Option<u64>,
+    /// A request whose answer the client's next message waits for, so
+    /// that the server reads that message as tollgate read it:
+    /// - a Query, or the Sync after an Execute, that may change the client
+    ///   encoding where tollgate cannot see it (a function it cannot look
+    ///   into, text it cannot parse): the server would read the messages
+    ///   pipelined behind it in the new encoding, before the server's
+    ///   report of the change (which comes before the answer) ends the
+    ///   session;
+    /// - a Query or Execute of COPY FROM STDIN (or of text tollgate cannot
+    ///   parse): until the server says it takes copy data (CopyInResponse)
+    ///   or answers otherwise, a message behind it could be taken by the
+    ///   server as copy data while tollgate takes it for a request, or
+    ///   thrown away with an error (PostgreSQL 13 and older) while tollgate
+    ///   waits for its answer: either way the answers would no longer
+    ///   match tollgate's requests, and masking would be planned against
+    ///   the wrong statement.
+    answer_barrier: Option<u64>,
     /// An Execute since the last Sync may change the encoding unseen: the
     /// Sync becomes the barrier, since the server reports the change there.
     execute_may_change_encoding: bool,
@@ -122,9 +131,12 @@ impl FromClient {
     async fn take_all(&mut self, buf: &mut BytesMut) -> Result<Flow, WireError> {
         while let Some(frame) = wire::split_frame_limited(buf, wire::MAX_CLIENT_MESSAGE)? {
             self.wait_for_room_in_flight().await?;
-            if let Some(id) = self.encoding_barrier.take() {
+            if let Some(id) = self.answer_barrier.take() {
                 // Until its whole answer has come (or the server waits for
-                // COPY data, which only the client can send).
+                // COPY data, which only the client can send). The server
+                // keeps an Execute's answer until a Sync or Flush, which
+                // the client may only send after what waits here.
+                self.forward.extend_from_slice(FLUSH);
                 self.resolve(|f| match f.copy_in || !f.queue.iter().any(|p| p.id == id) {
                     true => Resolved::Known(Some(())),
                     false => Resolved::WaitFor(id),
@@ -260,8 +272,8 @@ impl FromClient {
                     return Ok(());
                 }
                 guard.note_renames(&operations);
-                if may_change_encoding_unseen(&operations) {
-                    self.encoding_barrier = guard.queue.back().map(|p| p.id);
+                if may_change_encoding_unseen(&operations) || may_take_client_data(&operations) {
+                    self.answer_barrier = guard.queue.back().map(|p| p.id);
                 }
                 drop(guard);
                 self.forward.unsplit(frame.bytes);
@@ -379,6 +391,9 @@ impl FromClient {
             return Ok(());
         }
         guard.note_renames(&prepared.operations);
+        if may_take_client_data(&prepared.operations) {
+            self.answer_barrier = guard.queue.back().map(|p| p.id);
+        }
         drop(guard);
         self.execute_may_change_encoding |= may_change_encoding_unseen(&prepared.operations);
         self.forward.unsplit(frame.bytes);
@@ -395,7 +410,7 @@ impl FromClient {
         let _ = guard.push(sync);
         // The server reports a changed encoding at the Sync.
         if std::mem::take(&mut self.execute_may_change_encoding) {
-            self.encoding_barrier = guard.queue.back().map(|p| p.id);
+            self.answer_barrier = guard.queue.back().map(|p| p.id);
         }
         drop(guard);
         self.forward.unsplit(frame.bytes);
@@ -549,6 +564,15 @@ fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
 fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bool {
     match operations {
         Ok(operations) => operations.iter().any(|op| op.calls_functions),
+        Err(_) => true,
+    }
+}
+
+/// Whether a statement may make the server take copy data from the client
+/// (COPY FROM STDIN, or text tollgate cannot parse).
+fn may_take_client_data(operations: &Result<Vec<Operation>, String>) -> bool {
+    match operations {
+        Ok(operations) => operations.iter().any(|op| op.takes_client_data),
         Err(_) => true,
     }
 }

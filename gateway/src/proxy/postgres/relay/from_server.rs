@@ -673,14 +673,18 @@ pub(super) fn track_answer(
         }
         b'E' => {
             let error = wire::error_fields(frame);
-            if !masks.is_empty() && head.reads_masked {
-                masked_row = Some(wire::redacted(
-                    frame,
-                    &format!(
-                        "tollgate: the server's message is withheld because the statement reads masked columns (SQLSTATE {})",
-                        error.0
-                    ),
-                ));
+            if !masks.is_empty() {
+                masked_row = if head.reads_masked {
+                    Some(wire::redacted(
+                        frame,
+                        &format!(
+                            "tollgate: the server's message is withheld because the statement reads masked columns (SQLSTATE {})",
+                            error.0
+                        ),
+                    ))
+                } else {
+                    wire::without_row_values(frame)
+                };
             }
             // An error ends a COPY FROM STDIN as well, and aborts the
             // pipeline's implicit transaction, wherever it comes (at the
@@ -743,11 +747,15 @@ pub(super) fn track_answer(
                 }
             }
         }
-        b'N' if !masks.is_empty() && head.reads_masked => {
-            masked_row = Some(wire::redacted(
-                frame,
-                "tollgate: the server's notice is withheld because the statement reads masked columns",
-            ));
+        b'N' if !masks.is_empty() => {
+            masked_row = if head.reads_masked {
+                Some(wire::redacted(
+                    frame,
+                    "tollgate: the server's notice is withheld because the statement reads masked columns",
+                ))
+            } else {
+                wire::without_row_values(frame)
+            };
         }
         _ => {}
     }

@@ -1178,6 +1178,44 @@ fn a_notification_is_no_answer_and_a_masked_caller_gets_no_payload() {
     assert_eq!(lock(&busy).queue.len(), 1, "a notification answers nothing");
 }
 
+/// A statement that names no masked column may still touch masked rows
+/// through what it sets off (a cascade, a trigger, a deferred constraint):
+/// in a session with masks, the server's error and notice fields that
+/// quote row values never reach the agent, whatever the statement; the
+/// message and SQLSTATE do.
+#[test]
+fn a_masked_caller_gets_no_row_values_in_errors_of_statements_that_name_no_masked_column() {
+    let masks = MaskSet::masking(16384, 3, "public.customers.email");
+    let error = frame(
+        b'E',
+        b"SERROR\0C23502\0Mnull value in column \"x\" violates not-null constraint\0\
+          DFailing row contains (1, null, ada@example.com).\0\
+          WSQL statement \"UPDATE customers SET x = NULL\"\0\0",
+    );
+    for tag in [b'E', b'N'] {
+        let mut message = error.bytes.to_vec();
+        message[0] = tag;
+        let message = wire::split_frame(&mut BytesMut::from(&message[..]))
+            .expect("well formed")
+            .expect("whole");
+        let in_flight = queue_of(&[Kind::Query]);
+        let replaced = track_answer(&masks, &in_flight, &message, &mut Finished::new())
+            .expect("in step")
+            .expect("the values are withheld");
+        let text = String::from_utf8_lossy(&replaced);
+        assert!(!text.contains("ada@example.com"), "{text}");
+        assert!(!text.contains("UPDATE customers"), "{text}");
+        assert!(
+            text.contains("C23502") && text.contains("violates not-null"),
+            "{text}"
+        );
+        assert_eq!(replaced[0], tag);
+        // Without masks, the server's message goes on as it is.
+        let in_flight = queue_of(&[Kind::Query]);
+        assert!(answer(&in_flight, &message).expect("in step").is_none());
+    }
+}
+
 /// The bytes a session's requests hold are counted as they are queued and
 /// given back exactly as they leave, whatever was changed in them
 /// meanwhile (a request record taken for its outcome).
