@@ -145,6 +145,10 @@ pub mod event_kind {
     /// not a TCP stream socket (UDP, a raw socket crafting packets, SCTP,
     /// ...), seen at the cgroup root's egress. Not refused: evidence only.
     pub const PACKET_TO_PROTECTED_TARGET: u32 = 6;
+    /// A connection or datagram to an unspecified address (`0.0.0.0`,
+    /// `::`) from a socket bound to a device was refused: the kernel would
+    /// send it to the device's own address, whatever that is.
+    pub const REFUSED_UNSPECIFIED_ON_DEVICE: u32 = 7;
 }
 
 /// Programs that count into [`map_names::EVIDENCE_COUNTERS`].

@@ -64,7 +64,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
-    reserved_counter, reserved_counter_index, reserved_for, v4_mapped, ClientEndpointKey,
+    reserved_counter, reserved_counter_index, reserved_for, same_address, v4_mapped, ClientEndpointKey,
     EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey,
     COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES, EVIDENCE_RING_BYTES,
     LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
@@ -407,22 +407,41 @@ unsafe fn report_refusal(
     emit(program, &event);
 }
 
-/// The socket's own addresses: its IPv4 source (0 if none) and its bound
-/// IPv6 address, from which the kernel resolves an unspecified destination.
+/// What of the socket itself decides where the kernel sends an unspecified
+/// destination: its IPv4 source (0 if none), its bound IPv6 address, and
+/// the device it is bound to (0 if none).
+struct SocketSources {
+    source4: u32,
+    source6: [u32; 4],
+    bound_device: u32,
+}
+
 #[inline(always)]
-unsafe fn socket_sources(sa: *mut bpf_sock_addr) -> (u32, [u32; 4]) {
+unsafe fn socket_sources(sa: *mut bpf_sock_addr) -> SocketSources {
     // The verifier hands out ctx->sk only as an 8-byte load at its offset,
     // and never null in sock_addr programs.
     let sk: *mut bpf_sock = core::ptr::read_volatile(&(*sa).__bindgen_anon_1.sk);
-    (
-        core::ptr::read_volatile(&(*sk).src_ip4),
-        [
+    SocketSources {
+        source4: core::ptr::read_volatile(&(*sk).src_ip4),
+        source6: [
             core::ptr::read_volatile(&(*sk).src_ip6[0]),
             core::ptr::read_volatile(&(*sk).src_ip6[1]),
             core::ptr::read_volatile(&(*sk).src_ip6[2]),
             core::ptr::read_volatile(&(*sk).src_ip6[3]),
         ],
-    )
+        bound_device: core::ptr::read_volatile(&(*sk).bound_dev_if),
+    }
+}
+
+/// An unspecified destination (`0.0.0.0`, `::ffff:0.0.0.0`, `::`) on a
+/// socket bound to a device (SO_BINDTODEVICE, which needs no privilege on
+/// an unbound socket): the kernel then takes the device's own address for
+/// both source and destination (ip_route_output_key_hash_rcu), which may
+/// be a protected target on this host that no program here can name in
+/// advance. Nothing legitimate connects so: it is refused.
+#[inline(always)]
+fn unspecified_on_device(asked: &[u32; 4], bound_device: u32) -> bool {
+    bound_device != 0 && (same_address(asked, &v4_mapped(0)) || same_address(asked, &[0; 4]))
 }
 
 /// The destination to judge for `asked`:`port`: where the kernel sends it,
@@ -435,18 +454,39 @@ fn judged_destination(asked: [u32; 4], port: u32, source4: u32, source6: &[u32; 
 }
 
 /// [`judged_destination`] of the address a connecting (or sending)
-/// socket asked for, from the socket's own source addresses.
+/// socket asked for, from the socket's own source addresses; `Err` with
+/// the destination as asked when it is refused whatever it is
+/// ([`unspecified_on_device`]).
 #[inline(always)]
-unsafe fn judged_socket_destination(sa: *mut bpf_sock_addr, asked: [u32; 4]) -> TargetKey {
-    let (source4, source6) = socket_sources(sa);
-    judged_destination(asked, port_from_user((*sa).user_port), source4, &source6)
+unsafe fn judged_socket_destination(
+    sa: *mut bpf_sock_addr,
+    asked: [u32; 4],
+) -> Result<TargetKey, TargetKey> {
+    let sources = socket_sources(sa);
+    let port = port_from_user((*sa).user_port);
+    if unspecified_on_device(&asked, sources.bound_device) {
+        return Err(TargetKey { addr: asked, port });
+    }
+    Ok(judged_destination(
+        asked,
+        port,
+        sources.source4,
+        &sources.source6,
+    ))
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let key = judged_socket_destination(sa, v4_mapped((*sa).user_ip4));
+        let key = match judged_socket_destination(sa, v4_mapped((*sa).user_ip4)) {
+            Ok(key) => key,
+            Err(asked) => {
+                let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
+                report_refusal(sa, &asked, AF_INET, kind, counted_program::CONNECT4);
+                return REFUSE;
+            }
+        };
         if redirected_here_already(sa, &key) {
             return ALLOW;
         }
@@ -471,7 +511,14 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let key = judged_socket_destination(sa, read_ip6(sa));
+        let key = match judged_socket_destination(sa, read_ip6(sa)) {
+            Ok(key) => key,
+            Err(asked) => {
+                let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
+                report_refusal(sa, &asked, AF_INET6, kind, counted_program::CONNECT6);
+                return REFUSE;
+            }
+        };
         if redirected_here_already(sa, &key) {
             return ALLOW;
         }
@@ -502,12 +549,15 @@ pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
         // The datagram's own source (the socket's, or the one an IP_PKTINFO
         // message names) is the one the kernel routes from. An IPv4
         // destination is never `::`, so no IPv6 source is needed.
-        let key = judged_destination(
-            v4_mapped((*sa).user_ip4),
-            port_from_user((*sa).user_port),
-            (*sa).msg_src_ip4,
-            &[0; 4],
-        );
+        let asked = v4_mapped((*sa).user_ip4);
+        let port = port_from_user((*sa).user_port);
+        if unspecified_on_device(&asked, socket_sources(sa).bound_device) {
+            let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
+            let asked = TargetKey { addr: asked, port };
+            report_refusal(sa, &asked, AF_INET, kind, counted_program::SENDMSG4);
+            return REFUSE;
+        }
+        let key = judged_destination(asked, port, (*sa).msg_src_ip4, &[0; 4]);
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
             report_refusal(sa, &key, AF_INET, kind, counted_program::SENDMSG4);
             return REFUSE;
@@ -520,7 +570,14 @@ pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let sa = ctx.sock_addr;
-        let key = judged_socket_destination(sa, read_ip6(sa));
+        let key = match judged_socket_destination(sa, read_ip6(sa)) {
+            Ok(key) => key,
+            Err(asked) => {
+                let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
+                report_refusal(sa, &asked, AF_INET6, kind, counted_program::SENDMSG6);
+                return REFUSE;
+            }
+        };
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
             report_refusal(sa, &key, AF_INET6, kind, counted_program::SENDMSG6);
             return REFUSE;

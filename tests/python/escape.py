@@ -6,10 +6,12 @@ for a cleartext password (the token), AuthenticationCleartextPassword
 (code 3); the test PostgreSQL asks for SCRAM, AuthenticationSASL (code 10).
 
 usage:
-  escape.py tcp HOST PORT [--fastopen] [--source ADDR] [--wait SECONDS]
+  escape.py tcp HOST PORT [--fastopen] [--source ADDR] [--device DEV] [--wait SECONDS]
                                            -> {"outcome": "tollgate"|"postgres"|"refused"|"denied"
                                                           |"no-answer", ...}
                                               (--source: bind the socket to ADDR, any port, first;
+                                              --device: bind it to the network device DEV
+                                              (SO_BINDTODEVICE) first;
                                               --wait: how long to wait for an answer, default 5)
   escape.py udp HOST PORT [--connect] [--count N]
                                            -> {"outcome": "sent"|"denied", "cookie": ...}
@@ -79,9 +81,11 @@ def failure(err):
     return {"outcome": "error", "errno": err.errno, "message": str(err)}
 
 
-def tcp(host, port, fastopen=False, sock=None, source=None, wait=5.0):
+def tcp(host, port, fastopen=False, sock=None, source=None, wait=5.0, device=None):
     sock = sock or socket.socket(family_of(host), socket.SOCK_STREAM)
     try:
+        if device is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         if source is not None:
             sock.bind((source, 0))
         if fastopen:
@@ -242,8 +246,14 @@ def main(argv):
     if mode == "tcp":
         source = argv[argv.index("--source") + 1] if "--source" in argv else None
         wait = float(argv[argv.index("--wait") + 1]) if "--wait" in argv else 5.0
+        device = argv[argv.index("--device") + 1] if "--device" in argv else None
         result = tcp(
-            argv[2], int(argv[3]), fastopen="--fastopen" in argv, source=source, wait=wait
+            argv[2],
+            int(argv[3]),
+            fastopen="--fastopen" in argv,
+            source=source,
+            wait=wait,
+            device=device,
         )
     elif mode == "udp":
         count = int(argv[argv.index("--count") + 1]) if "--count" in argv else 1

@@ -277,6 +277,83 @@ fn a_connect_to_the_unspecified_address_is_judged_by_the_address_the_kernel_send
     assert_eq!(answer["outcome"], "postgres", "{answer}");
 }
 
+/// This host's first IPv4 address of global scope and its device, as
+/// `ip` lists them.
+fn global_ipv4_and_device() -> (std::net::Ipv4Addr, String) {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "scope", "global"])
+        .output()
+        .expect("run ip");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "4: eth0    inet 192.0.2.2/24 brd ... scope global eth0 ..."
+    let found = listing.lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let device = words.get(1)?;
+        let address = words.get(3)?.split('/').next()?.parse().ok()?;
+        Some((address, device.to_string()))
+    });
+    found.unwrap_or_else(|| {
+        panic!("this test needs an IPv4 address of global scope on some device; `ip` listed: {listing:?}")
+    })
+}
+
+/// A socket bound to a device (SO_BINDTODEVICE, no privilege needed) that
+/// connects to the unspecified address reaches the device's own address:
+/// the kernel takes it for source and destination alike. When that is a
+/// protected target's, the connection would go around tollgate; it is
+/// refused, and on record.
+#[test]
+fn a_connect_to_the_unspecified_address_from_a_socket_bound_to_a_device_is_refused() {
+    if !privileged(
+        "a_connect_to_the_unspecified_address_from_a_socket_bound_to_a_device_is_refused",
+    ) {
+        return;
+    }
+    let (address, device) = global_ipv4_and_device();
+    // A server on every address, protected at the device's address.
+    let listener = TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 256];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+        }
+    });
+    let target = SocketAddr::from((address, port));
+    let mut stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.target_address = target
+    })
+    .expect("start tollgate protecting the device's address");
+    let port = port.to_string();
+
+    // Outside the agent cgroups the connection goes straight to the
+    // protected address: what an agent would get without the refusal.
+    let answer = outside(&["tcp", "0.0.0.0", &port, "--device", &device]);
+    assert_eq!(answer["outcome"], "other", "{answer}");
+    assert_eq!(answer["peer"], format!("{target}"), "{answer}");
+    for asked in ["0.0.0.0", "::ffff:0.0.0.0"] {
+        let answer = as_agent(&stack, &["tcp", asked, &port, "--device", &device]);
+        assert_eq!(answer["outcome"], "denied", "{asked}: {answer}");
+    }
+    // Not bound to a device, the same connect goes to 127.0.0.1, which is
+    // not protected here, and is let through.
+    let answer = as_agent(&stack, &["tcp", "0.0.0.0", &port]);
+    assert_eq!(answer["outcome"], "other", "{answer}");
+    assert_eq!(answer["peer"], format!("127.0.0.1:{port}"), "{answer}");
+    stack.gateway.stop();
+
+    let refused = evidence::rows_of_kind(
+        stack.gateway.audit_dir(),
+        "refused_unspecified_on_device",
+        "",
+    );
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for row in &refused {
+        assert_eq!(row["dst_endpoint_port"], port.parse::<u16>().unwrap_or(0));
+        assert_eq!(row["actor_process_cgroup_id"], agent_cgroup_id(&stack));
+    }
+}
+
 #[test]
 fn an_ipv6_protected_target_is_redirected_and_its_upstream_audited() {
     if !privileged("an_ipv6_protected_target_is_redirected_and_its_upstream_audited") {

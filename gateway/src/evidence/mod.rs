@@ -67,6 +67,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         event_kind::REFUSED_DATAGRAM => "refused_datagram",
         event_kind::REFUSED_SOCKET => "refused_socket",
         event_kind::REFUSED_EGRESS => "refused_egress",
+        event_kind::REFUSED_UNSPECIFIED_ON_DEVICE => "refused_unspecified_on_device",
         event_kind::PACKET_TO_PROTECTED_TARGET => "packet_to_protected_target",
         _ => "unknown",
     }

@@ -300,8 +300,9 @@ impl ReservedLoss {
     }
 }
 
-/// `cur - prev`, or `cur` when the counter went down (a new counter map or
-/// a new daemon started counting from zero).
+/// `cur - prev`, or `cur` when the counter went down (a counter map made
+/// again within one boot started counting from zero: nothing in the
+/// records names the map, so only the fall shows it).
 fn grew(prev: u64, cur: u64) -> u64 {
     if cur >= prev {
         cur - prev
@@ -311,9 +312,11 @@ fn grew(prev: u64, cur: u64) -> u64 {
 }
 
 /// What one interval added to the counters. Kernel counters live in a
-/// pinned map and accumulate across daemon restarts; recursion misses
-/// belong to one program instance (compared only while its id is the
-/// same); user-space counters restart with each daemon.
+/// pinned map and accumulate across daemon restarts, not across reboots;
+/// recursion misses belong to one program instance (compared only while
+/// its id is the same); user-space counters restart with each daemon.
+/// `prev` is the baseline: the caller leaves out what a daemon start or a
+/// reboot since the previous record restarted (see [`reconcile`]).
 pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport {
     let mut out = LossReport {
         interval_ms: cur.interval_ms,
@@ -363,11 +366,17 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
 }
 
 /// What the integrity check of one stream found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Integrity {
     pub checked: bool,
     pub ok: bool,
     pub detail: String,
+    /// Records only in the stream's WAL, not yet in a segment: the
+    /// integrity pass reads them, reconciliation does not (see
+    /// [`EVIDENCE_WAL_NOT_RECONCILED`]).
+    pub wal_records: u64,
+    /// The newest record time the integrity pass saw, WAL included.
+    pub last_time_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -442,6 +451,8 @@ pub mod integrity {
             .ok()
             .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
         let _ = std::fs::remove_file(&report);
+        let wal_records = parsed.as_ref().and_then(|r| r["wal_records"].as_u64());
+        let last_time_ms = parsed.as_ref().and_then(|r| r["last_time_ms"].as_i64());
         let (ok, detail) = match (ran, parsed) {
             (Err(err), _) => (false, format!("{err:#}")),
             (Ok(_), None) => (false, "the audit verification wrote no report".to_owned()),
@@ -466,6 +477,8 @@ pub mod integrity {
             checked: true,
             ok,
             detail,
+            wal_records: wal_records.unwrap_or(0),
+            last_time_ms,
         }
     }
 }
@@ -571,6 +584,7 @@ pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, V
                 checked: false,
                 ok: false,
                 detail: "skipped (--reconcile-only)".into(),
+                ..Integrity::default()
             }
         }
     };
@@ -593,6 +607,17 @@ const COOKIE_WINDOW_MS: i64 = 10 * 60 * 1000;
 /// How close in time two reports of one connection (by the old and the
 /// new probe during a restart) are.
 const DUPLICATE_WINDOW_MS: i64 = 5_000;
+
+/// How far before the newest segment row the evidence WAL's records may
+/// carry times: events wait in the ring buffer until read, a moment
+/// normally, longer in a backlog.
+const WAL_MARGIN_MS: i64 = 60_000;
+
+/// The problem of a window whose end no loss record covers.
+pub const WINDOW_END_NOT_COVERED: &str = "window end not covered by a loss record";
+
+/// The problem of evidence records that only the WAL holds.
+pub const EVIDENCE_WAL_NOT_RECONCILED: &str = "evidence WAL not reconciled";
 
 /// The reconciliation itself, on rows already read.
 pub fn reconcile(
@@ -659,7 +684,15 @@ pub fn reconcile(
     // record names no boot counts as a new one.)
     starts.sort_unstable();
     let boot_starts: Vec<&Start> = first_starts_of_boots(&starts).collect();
-    let boots: Vec<i64> = boot_starts.iter().map(|(time, _, _)| *time).collect();
+    // A boot begins at the boot itself, not at the daemon's config record:
+    // the daemon attaches its probes before it writes that record, so the
+    // first connections of a boot may carry earlier times than it, and
+    // must not fall in the boot before.
+    let mut boots: Vec<i64> = boot_starts
+        .iter()
+        .map(|(time, _, booted_at)| booted_at.map_or(*time, |b| b.min(*time)))
+        .collect();
+    boots.sort_unstable();
     let epoch = |time: i64| boots.partition_point(|&start| start <= time);
     let audited_at = |cookie: i64, time: i64| {
         audited.get(&cookie).is_some_and(|times| {
@@ -835,9 +868,37 @@ pub fn reconcile(
         }
     }
     // Loss is judged per interval, from every loss record in order (those
-    // before the window are the baseline of the first one in it).
+    // before the window are the baseline of the first one in it). A record
+    // written at T covers the interval up to T, so the first one after the
+    // window's end is judged too: the window's last stretch is in it.
     let mut previous: Option<LossReport> = None;
-    for row in evidence.iter().filter(|r| r.phase == phase::LOSS_COUNTERS) {
+    // Set by a config record (a start of the daemon): user-space counters
+    // start again at zero with every daemon, so the first record after it
+    // counts them in full. Compared with the last daemon's instead, a new
+    // daemon's loss no larger than its predecessor's total would vanish.
+    let mut new_daemon = false;
+    // Set by a config record of a new boot: the kernel's counter maps do
+    // not outlive a reboot, and counters that grew back past their old
+    // values would otherwise hide what the new boot dropped.
+    let mut new_boot = false;
+    let mut last_boot: Option<String> = None;
+    let mut interval_ms: Option<u64> = None;
+    let mut judged_past_end = false;
+    for row in evidence
+        .iter()
+        .filter(|r| r.phase == phase::CONFIG || r.phase == phase::LOSS_COUNTERS)
+    {
+        if row.phase == phase::CONFIG {
+            new_daemon = true;
+            // An unreadable record (already a problem) or one naming no
+            // boot may follow a reboot, as in `first_starts_of_boots`.
+            let boot = serde_json::from_str::<ConfigSnapshot>(&row.unmapped)
+                .map(|s| s.boot_id)
+                .unwrap_or_default();
+            new_boot |= boot.is_empty() || last_boot.as_deref() != Some(boot.as_str());
+            last_boot = Some(boot);
+            continue;
+        }
         let cumulative = match serde_json::from_str::<LossReport>(&row.unmapped) {
             Ok(c) => c,
             Err(err) => {
@@ -848,8 +909,23 @@ pub fn reconcile(
                 continue;
             }
         };
-        let delta = interval_delta(previous.as_ref(), &cumulative);
-        if in_window(row.time) {
+        let past_end = opts.to_ms.is_some_and(|to| row.time > to);
+        let baseline = previous.take().map(|mut p| {
+            if new_daemon {
+                p.user_space = UserSpaceCounters::default();
+            }
+            if new_boot {
+                p.programs.clear();
+            }
+            p
+        });
+        new_daemon = false;
+        new_boot = false;
+        let delta = interval_delta(baseline.as_ref(), &cumulative);
+        if !past_end {
+            interval_ms = Some(cumulative.interval_ms);
+        }
+        if in_window(row.time) || past_end {
             if delta.reserved_lost() > 0 {
                 report
                     .reserved_losses
@@ -864,10 +940,59 @@ pub fn reconcile(
                 });
             }
         }
+        if past_end {
+            judged_past_end = true;
+            break;
+        }
         previous = Some(cumulative);
     }
     if report.loss_records == 0 {
         problems.push("no loss counters in the window: completeness cannot be shown".into());
+    }
+    let newest = evidence.iter().map(|r| r.time).max();
+    // With no loss record after the window's end, its last stretch is
+    // unjudged. That is expected while the stream has not yet run one
+    // interval past the end (a window ending at the newest data); once it
+    // has run on well past it (two intervals, for a late tick), the
+    // daemon stopped without writing one (a kill), and a loss in that
+    // stretch cannot be excluded.
+    if let (Some(to), Some(interval), Some(newest), false) =
+        (opts.to_ms, interval_ms, newest, judged_past_end)
+    {
+        let slack = i64::try_from(interval.saturating_mul(2)).unwrap_or(i64::MAX);
+        if newest > to.saturating_add(slack) {
+            problems.push(format!(
+                "{WINDOW_END_NOT_COVERED}: no loss record follows the window's end ({}), though \
+                 the evidence runs on to {}: a loss in the window's last interval cannot be \
+                 excluded",
+                format_time(to),
+                format_time(newest)
+            ));
+        }
+    }
+    // Records still in the evidence WAL are newer than every segment row
+    // (a segment is cut every `segment_max_age_secs`; after a kill, not
+    // until the next start replays them), and reconciliation reads only
+    // segments: a bypass among them would go unseen. Their times are not
+    // known here, only that they follow the segments', give or take the
+    // delay of the ring buffer.
+    let wal = &report.evidence_integrity;
+    if wal.wal_records > 0 {
+        let reaches_segment_end = opts
+            .to_ms
+            .is_none_or(|to| newest.is_none_or(|n| to >= n.saturating_sub(WAL_MARGIN_MS)));
+        let before_wal_end = opts
+            .from_ms
+            .is_none_or(|from| wal.last_time_ms.is_none_or(|last| from <= last));
+        if reaches_segment_end && before_wal_end {
+            problems.push(format!(
+                "{EVIDENCE_WAL_NOT_RECONCILED}: {} evidence records are only in the WAL, not yet \
+                 in a segment, and may fall in the window: verify a window that ends before \
+                 them, or again once they are in a segment (the daemon cuts one every \
+                 segment_max_age_secs, or at its next start after a kill)",
+                wal.wal_records
+            ));
+        }
     }
     let integrity_ok = |i: &Integrity| i.ok || (!i.checked && !opts.require_integrity);
     report.ok = report.bypasses.is_empty()
@@ -1080,7 +1205,7 @@ mod tests {
         Integrity {
             checked: true,
             ok: true,
-            detail: String::new(),
+            ..Integrity::default()
         }
     }
 
@@ -1583,6 +1708,232 @@ mod tests {
         };
         let r = reconcile(Path::new("/a"), &[], &evidence, checked(), checked(), &o);
         assert!(r.bypasses.is_empty());
+    }
+
+    const T: i64 = 1_700_000_000_000;
+
+    /// A start of the daemon at `time` in `boot`, booted at `booted_at`.
+    fn start_at(seq: i64, time: i64, boot: &str, booted_at: Option<i64>) -> Row {
+        let mut row = config_row(seq);
+        row.time = time;
+        let mut snapshot: ConfigSnapshot = serde_json::from_str(&row.unmapped).expect("snapshot");
+        snapshot.boot_id = boot.into();
+        snapshot.booted_at_ms = booted_at;
+        row.unmapped = serde_json::to_string(&snapshot).expect("json");
+        row
+    }
+
+    /// A loss record at `time` with these cumulative counters (`dropped`
+    /// all of the reserved ring buffer).
+    fn counters_at(
+        seq: i64,
+        time: i64,
+        dropped_reserved: u64,
+        write_failed: u64,
+        reserved_write_failed: u64,
+    ) -> Row {
+        let mut row = loss_of_rings(seq, dropped_reserved, dropped_reserved);
+        row.time = time;
+        row.unmapped = row
+            .unmapped
+            .replace(
+                r#""write_failed":0"#,
+                &format!(r#""write_failed":{write_failed}"#),
+            )
+            .replace(
+                r#""reserved_write_failed":0"#,
+                &format!(r#""reserved_write_failed":{reserved_write_failed}"#),
+            );
+        row
+    }
+
+    fn window(from_ms: Option<i64>, to_ms: Option<i64>) -> Options {
+        Options {
+            from_ms,
+            to_ms,
+            require_integrity: true,
+        }
+    }
+
+    fn reconciled_in(evidence: &[Row], o: &Options) -> Report {
+        reconcile(Path::new("/a"), &[], evidence, checked(), checked(), o)
+    }
+
+    /// A record covers the interval up to its time: a drop just before the
+    /// window's end is in the first record after it, which is judged (and
+    /// none after that one).
+    #[test]
+    fn a_loss_just_before_the_window_end_is_judged_from_the_next_record() {
+        let evidence = vec![
+            start_at(1, T, "boot-1", None),
+            counters_at(2, T + 5_000, 0, 0, 0),
+            counters_at(3, T + 10_000, 1, 0, 0),
+            counters_at(4, T + 15_000, 3, 0, 0),
+        ];
+        let r = reconciled_in(&evidence, &window(Some(T), Some(T + 9_000)));
+        assert!(!r.ok, "{}", summary(&r));
+        let judged: Vec<_> = r
+            .reserved_losses
+            .iter()
+            .map(|l| (l.evidence_sequence, l.events))
+            .collect();
+        assert_eq!(judged, [(3, 1)], "{}", summary(&r));
+    }
+
+    /// No loss record after the window's end: a problem once the stream ran
+    /// on well past it (the daemon stopped without one), none for a window
+    /// that ends at the newest data.
+    #[test]
+    fn a_window_end_the_stream_ran_past_without_a_loss_record_is_a_problem() {
+        let mut later = connect(3, 3, "curl", "93.184.216.34:443", 1);
+        later.time = T + 30_000;
+        let evidence = vec![
+            start_at(1, T, "boot-1", None),
+            counters_at(2, T + 5_000, 0, 0, 0),
+            later,
+        ];
+        let r = reconciled_in(&evidence, &window(Some(T), Some(T + 10_000)));
+        assert!(!r.ok, "{}", summary(&r));
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.starts_with(WINDOW_END_NOT_COVERED)),
+            "{}",
+            summary(&r)
+        );
+        let r = reconciled_in(&evidence, &window(Some(T), Some(T + 25_000)));
+        assert!(r.ok, "{}", summary(&r));
+        let r = reconciled_in(&evidence, &window(Some(T), None));
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    /// A config record starts the user-space counters again: a new
+    /// daemon's loss is counted in full, however its predecessor's totals
+    /// compare with it.
+    #[test]
+    fn a_new_daemon_counts_its_user_space_counters_in_full() {
+        let after_restart = window(Some(T + 5_500), None);
+        let evidence = |before: (u64, u64), after: (u64, u64)| {
+            vec![
+                start_at(1, T, "boot-1", None),
+                counters_at(2, T + 5_000, 0, before.0, before.1),
+                start_at(3, T + 6_000, "boot-1", None),
+                counters_at(4, T + 11_000, 0, after.0, after.1),
+            ]
+        };
+        // The new daemon lost one reserved event; the old one had lost one.
+        let r = reconciled_in(&evidence((1, 1), (1, 1)), &after_restart);
+        assert_eq!(r.reserved_losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.reserved_losses[0].evidence_sequence, 4);
+        assert_eq!(r.reserved_losses[0].lost_in_user_space, 1);
+        assert!(r.losses.is_empty(), "{}", summary(&r));
+        // Three lost, two of them reserved: not a general loss of one.
+        let r = reconciled_in(&evidence((2, 2), (3, 2)), &after_restart);
+        assert_eq!(r.reserved_losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.reserved_losses[0].events, 2);
+        assert_eq!(r.losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.losses[0].delta.user_space.write_failed, 3);
+        // Within one daemon the counters stay cumulative.
+        let mut same_daemon = evidence((1, 1), (1, 1));
+        same_daemon.remove(2);
+        let r = reconciled_in(&same_daemon, &after_restart);
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    /// The kernel's counters do not outlive a reboot: after a config
+    /// record of a new boot they count in full; a restart in the same
+    /// boot keeps them.
+    #[test]
+    fn a_reboot_counts_the_kernel_counters_in_full() {
+        let after_restart = window(Some(T + 5_500), None);
+        let evidence = |boot: &str| {
+            vec![
+                start_at(1, T, "boot-1", None),
+                counters_at(2, T + 5_000, 2, 0, 0),
+                start_at(3, T + 6_000, boot, None),
+                counters_at(4, T + 11_000, 2, 0, 0),
+            ]
+        };
+        let r = reconciled_in(&evidence("boot-2"), &after_restart);
+        assert_eq!(r.reserved_losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.reserved_losses[0].evidence_sequence, 4);
+        assert_eq!(r.reserved_losses[0].dropped_by_program["tcp_state"], 2);
+        let r = reconciled_in(&evidence("boot-1"), &after_restart);
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    /// Evidence records only in the WAL are not reconciled: a window that
+    /// may hold them fails, one that ends well before them does not.
+    #[test]
+    fn evidence_only_in_the_wal_is_a_problem_for_a_window_reaching_it() {
+        let evidence = vec![
+            start_at(1, T, "boot-1", None),
+            counters_at(2, T + 5_000, 0, 0, 0),
+            counters_at(3, T + 100_000, 0, 0, 0),
+            counters_at(4, T + 200_000, 0, 0, 0),
+        ];
+        let with_wal = Integrity {
+            wal_records: 3,
+            last_time_ms: Some(T + 203_000),
+            ..checked()
+        };
+        let run = |o: &Options| {
+            reconcile(
+                Path::new("/a"),
+                &[],
+                &evidence,
+                checked(),
+                with_wal.clone(),
+                o,
+            )
+        };
+        let wal_problem = |r: &Report| {
+            r.problems
+                .iter()
+                .any(|p| p.starts_with(EVIDENCE_WAL_NOT_RECONCILED))
+        };
+        let r = run(&window(None, None));
+        assert!(!r.ok, "{}", summary(&r));
+        assert!(wal_problem(&r), "{}", summary(&r));
+        let r = run(&window(Some(T), Some(T + 180_000)));
+        assert!(wal_problem(&r), "{}", summary(&r));
+        let r = run(&window(Some(T), Some(T + 100_000)));
+        assert!(r.ok, "{}", summary(&r));
+        // Without records in the WAL, the whole stream verifies.
+        let r = reconciled_in(&evidence, &window(None, None));
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    /// A boot begins when the host booted, not at the daemon's config
+    /// record: a connection between the two is in the new boot, and an
+    /// audited cookie of the boot before does not cover its number.
+    #[test]
+    fn a_connection_between_a_boot_and_the_daemon_start_is_in_the_new_boot() {
+        let mut gateway = Row {
+            pid: Some(10),
+            ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
+        };
+        gateway.time = T + 50_000;
+        let mut audited = audit_row(500);
+        audited.time = T + 50_000;
+        let mut early = connect(4, 3, "python3", "10.0.0.5:5432", 500);
+        early.time = T + 105_000;
+        let evidence = vec![
+            start_at(1, T + 12_000, "boot-1", Some(T)),
+            gateway,
+            start_at(3, T + 108_500, "boot-2", Some(T + 100_000)),
+            early,
+            counters_at(5, T + 110_000, 0, 0, 0),
+        ];
+        let r = reconciled(&[audited], &evidence);
+        assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(
+            findings,
+            ["unaudited_connection_to_protected_target"],
+            "{}",
+            summary(&r)
+        );
     }
 
     #[test]
