@@ -261,6 +261,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         pinning,
         postgres_cancel_keys: Default::default(),
         postgres_held_whole: Default::default(),
+        sessions: Default::default(),
     });
     for (target, listener) in listeners {
         info!(target = %target.name, listen = %target.listen, address = %target.address, "serving");
@@ -284,14 +285,35 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         _ = terminate.recv() => {},
     }
     info!(
+        sessions = shared.sessions.running(),
         "stopping: the redirect stays pinned, agent connections are refused until tollgate is back"
     );
+    // Sessions end first, each telling its agent why and writing the
+    // outcomes of the requests it still had in flight; the audit store
+    // stops once they have, so those records are not refused.
+    shared.sessions.stop();
+    if tokio::time::timeout(SESSIONS_END_WITHIN, shared.sessions.ended())
+        .await
+        .is_err()
+    {
+        warn!(
+            sessions = shared.sessions.running(),
+            "sessions still running {} s after the stop (logging in, or an agent not reading); the audit store stops now and refuses what they write after it",
+            SESSIONS_END_WITHIN.as_secs()
+        );
+    }
     if let Some(evidence) = evidence {
         evidence.shutdown().await;
     }
     audit.shutdown().await;
     Ok(())
 }
+
+/// How long a stopping daemon waits for its sessions to end: a session
+/// ends at once, between two messages of its agent's, unless its agent
+/// does not read what it is sent (then its writes wait on the socket) or
+/// it is still logging in.
+const SESSIONS_END_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Tells systemd (`Type=notify`, deploy/tollgate.service) that the
 /// redirect is in place and every listener serves: units ordered

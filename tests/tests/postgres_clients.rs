@@ -502,6 +502,81 @@ fn psql_copy_in_and_out_is_audited_with_rows() {
     assert_eq!(copy_in["response_rows"], 2);
 }
 
+/// A stopping daemon (SIGTERM) ends its sessions before it stops its
+/// audit store: the agent is told why (FATAL 57P01, as PostgreSQL tells
+/// its clients at a fast shutdown), the session row says so, and the
+/// statement still running gets its outcome row (status unknown: the
+/// agent never got its answer). The audit then verifies.
+#[test]
+fn a_stopping_daemon_ends_its_sessions_and_records_what_they_had_in_flight() {
+    let Some((mut stack, token)) =
+        start("a_stopping_daemon_ends_its_sessions_and_records_what_they_had_in_flight")
+    else {
+        return;
+    };
+    let sleep = "SELECT pg_sleep(60) AS interrupted";
+    let child = agent_psql(&stack, &token)
+        .args(["-c", sleep])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let running = || {
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "postgres",
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{sleep}'"),
+            )
+            .map(|n| n == "1")
+            .unwrap_or(false)
+    };
+    tollgate_tests::wait_for("the sleep to run", Duration::from_secs(20), running)
+        .expect("running");
+    stack.gateway.stop();
+    let out = child.wait_with_output().expect("psql");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("FATAL:  57P01") && stderr.contains("tollgate is stopping"),
+        "{stderr}\n{}",
+        stack.gateway.log()
+    );
+    assert!(
+        !stack.gateway.log().contains("sessions still running"),
+        "the daemon had to give up waiting: {}",
+        stack.gateway.log()
+    );
+
+    let audit = stack.gateway.audit_dir();
+    let ended = duckdb::query(
+        audit,
+        "SELECT status_detail FROM audit WHERE phase = 'session' \
+         AND starts_with(status_detail, 'daemon_stopping: ')",
+    )
+    .expect("query");
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    let outcome = duckdb::query(
+        audit,
+        &format!(
+            "SELECT status_id, status_detail, response_error_code FROM audit \
+             WHERE phase = 'outcome' AND query_info_query_string = '{sleep}'"
+        ),
+    )
+    .expect("query");
+    assert_eq!(outcome.len(), 1, "{outcome:?}");
+    assert_eq!(outcome[0]["status_id"], 0, "{outcome:?}");
+    assert_eq!(outcome[0]["response_error_code"], "57P01", "{outcome:?}");
+    assert!(
+        outcome[0]["status_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tollgate is stopping"),
+        "{outcome:?}"
+    );
+    let (ok, report) = stack.gateway.verify_audit().expect("verify");
+    assert!(ok, "{report}");
+}
+
 #[test]
 fn a_cancelled_query_is_cancelled_through_tollgate() {
     let Some((stack, token)) = start("a_cancelled_query_is_cancelled_through_tollgate") else {

@@ -55,6 +55,70 @@ pub struct Shared {
     /// Memory PostgreSQL server messages held whole may take, all
     /// sessions together.
     pub postgres_held_whole: postgres::HeldWholeBudget,
+    /// The sessions running, and whether the daemon is stopping them.
+    pub sessions: Sessions,
+}
+
+impl Shared {
+    /// Counts a session as running until the returned guard is dropped.
+    pub fn session_started(self: &Arc<Self>) -> RunningSession {
+        self.sessions.live.send_modify(|n| *n += 1);
+        RunningSession(self.clone())
+    }
+}
+
+/// The daemon's sessions as a whole: told to stop together, and counted
+/// so that the daemon stops its audit store only once they have written
+/// their last records.
+#[derive(Debug)]
+pub struct Sessions {
+    stopping: tokio::sync::watch::Sender<bool>,
+    live: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            stopping: tokio::sync::watch::channel(false).0,
+            live: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl Sessions {
+    /// Tells every listener to stop accepting and every session to end.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Sessions::stop`] was called.
+    pub async fn stopping(&self) {
+        let mut stopping = self.stopping.subscribe();
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
+
+    /// How many sessions run now.
+    pub fn running(&self) -> usize {
+        *self.live.borrow()
+    }
+
+    /// Resolves once no session runs.
+    pub async fn ended(&self) {
+        let mut live = self.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// A running session; see [`Shared::session_started`].
+pub struct RunningSession(Arc<Shared>);
+
+impl Drop for RunningSession {
+    fn drop(&mut self) {
+        self.0
+            .sessions
+            .live
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// A target as the proxy serves it: its configuration and its TLS
@@ -111,11 +175,17 @@ pub struct Connection {
     pub origin: Option<ClientOrigin>,
 }
 
-/// Accepts connections for one target until the listener fails.
+/// Accepts connections for one target until the daemon stops; then the
+/// listener is closed, so that agents' connections are refused at once
+/// instead of waiting on a daemon that no longer answers.
 pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Shared>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(target.config.max_connections));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shared.sessions.stopping() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
                 // Out of file descriptors and the like: keep serving others.
@@ -139,11 +209,13 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
         let span =
             tracing::info_span!("session", id = %connection.session_uid, target = %target.name);
         info!(parent: &span, peer = %peer, origin = ?connection.origin, "connection accepted");
+        let running = shared.session_started();
         let shared = shared.clone();
         // Held for the connection's life.
         let slot = slots.clone().try_acquire_owned();
         tokio::spawn(
             async move {
+                let _running = running;
                 let Ok(_slot) = slot else {
                     warn!(
                         max_connections = connection.target.config.max_connections,

@@ -794,6 +794,7 @@ pub async fn run(
         in_flight.clone(),
         answered.clone(),
     );
+    // Writes the FATAL of a session ended from outside (token expiry, stop).
     let expiry_writer = client_wr.clone();
     let to_client = server_to_client(
         session.clone(),
@@ -804,12 +805,17 @@ pub async fn run(
         answered,
     );
     let deadline = session.shared.verifier.session_deadline(&session.principal);
-    // Whichever side ends first ends the session; so does the token's expiry.
+    // Whichever side ends first ends the session; so do the token's expiry
+    // and the daemon's stop.
     let result = tokio::select! {
         r = to_server => r,
         r = to_client => r,
         () = sleep_until_epoch(deadline) => {
             end_expired_session(&session, &expiry_writer, &in_flight).await;
+            Ok(())
+        }
+        () = session.shared.sessions.stopping() => {
+            end_session_for_stop(&session, &expiry_writer, &in_flight).await;
             Ok(())
         }
     };
@@ -931,6 +937,34 @@ async fn end_expired_session(
         warn!(error = %err, "the end of an expired session could not be audited");
     }
     fatal_to_client(client_wr, in_flight, SQLSTATE_IDENTITY, &message).await;
+}
+
+/// SQLSTATE admin_shutdown.
+const SQLSTATE_ADMIN_SHUTDOWN: &str = "57P01";
+
+/// The daemon is stopping: the agent is told, in its protocol, as
+/// PostgreSQL tells its clients at a fast shutdown, and the session row
+/// says why it ended. Requests still in flight are then recorded as
+/// unanswered, with this reason.
+async fn end_session_for_stop(
+    session: &Session,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+) {
+    let message =
+        "tollgate is stopping (administrator command): the session is closed; reconnect once it is back";
+    let mut record = session
+        .connection
+        .authentication_accepted(&session.principal);
+    record.phase = "session".into();
+    record.status_id = record::status::FAILURE;
+    record.status_detail = format!("daemon_stopping: {message}");
+    record.database_user = session.statement_record.database_user.clone();
+    record.database_name = session.statement_record.database_name.clone();
+    if let Err(err) = session.shared.audit.append(record).await {
+        warn!(error = %err, "the end of a session at the daemon's stop could not be audited");
+    }
+    fatal_to_client(client_wr, in_flight, SQLSTATE_ADMIN_SHUTDOWN, message).await;
 }
 
 fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {

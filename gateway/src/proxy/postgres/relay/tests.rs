@@ -549,6 +549,7 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
             pinning: None,
             postgres_cancel_keys: Default::default(),
             postgres_held_whole: Default::default(),
+            sessions: Default::default(),
         }),
         statement_record,
     });
