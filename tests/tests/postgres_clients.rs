@@ -577,6 +577,97 @@ fn a_stopping_daemon_ends_its_sessions_and_records_what_they_had_in_flight() {
     assert!(ok, "{report}");
 }
 
+/// The target's connection lost without a word (its backend killed): the
+/// agent gets FATAL 08006 instead of a connection that just closes, the
+/// session row says what happened, and the statement in flight gets its
+/// outcome row (status unknown). When the server says why (an
+/// administrator terminated the backend), the agent gets the server's own
+/// FATAL and the session row carries it.
+#[test]
+fn a_lost_target_connection_is_told_to_the_agent_and_on_record() {
+    let Some((stack, token)) = start("a_lost_target_connection_is_told_to_the_agent_and_on_record")
+    else {
+        return;
+    };
+    for (sleep, signal) in [
+        ("SELECT pg_sleep(60) AS killed", "SIGKILL"),
+        ("SELECT pg_sleep(60) AS terminated", "pg_terminate_backend"),
+    ] {
+        let child = agent_psql(&stack, &token)
+            .args(["-c", sleep])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let backend = || {
+            stack
+                .postgres
+                .superuser_sql_ok(
+                    "postgres",
+                    &format!("SELECT pid FROM pg_stat_activity WHERE query = '{sleep}'"),
+                )
+                .ok()
+                .filter(|pid| !pid.trim().is_empty())
+        };
+        tollgate_tests::wait_for("the sleep to run", Duration::from_secs(20), || {
+            backend().is_some()
+        })
+        .expect("running");
+        let pid = backend().unwrap_or_default();
+        if signal == "SIGKILL" {
+            let pid: i32 = pid.trim().parse().expect("a pid");
+            // SAFETY: a signal to the test's own PostgreSQL backend.
+            unsafe {
+                libc_kill(pid, 9);
+            }
+        } else {
+            stack
+                .postgres
+                .superuser_sql_ok("postgres", &format!("SELECT pg_terminate_backend({pid})"))
+                .expect("terminate");
+        }
+        let out = child.wait_with_output().expect("psql");
+        let stderr = text(&out.stderr);
+        let wanted = match signal {
+            "SIGKILL" => "FATAL:  08006",
+            _ => "FATAL:  57P01",
+        };
+        assert!(stderr.contains(wanted), "{signal}: {stderr}");
+        let outcome = outcome_of(&stack, sleep);
+        assert_eq!(outcome["status_id"], 0, "{signal}: {outcome}");
+        // The PostgreSQL server restarts its backends after one is killed.
+        tollgate_tests::wait_for(
+            "the server to take logins again",
+            Duration::from_secs(30),
+            || {
+                stack
+                    .postgres
+                    .superuser_sql_ok("postgres", "SELECT 1")
+                    .is_ok()
+            },
+        )
+        .expect("server back");
+    }
+    let rows = stack
+        .audit_rows(
+            "SELECT status_detail, response_error_code FROM audit WHERE phase = 'session' \
+             AND starts_with(status_detail, 'upstream_lost: ') ORDER BY sequence",
+            2,
+            AUDIT_WAIT,
+        )
+        .expect("session rows");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["response_error_code"], "08006", "{rows:?}");
+    assert!(
+        rows[0]["status_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("without an error"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[1]["response_error_code"], "57P01", "{rows:?}");
+}
+
 #[test]
 fn a_cancelled_query_is_cancelled_through_tollgate() {
     let Some((stack, token)) = start("a_cancelled_query_is_cancelled_through_tollgate") else {

@@ -394,6 +394,17 @@ fn response_fields(frame: &Frame) -> Vec<(u8, String)> {
     fields
 }
 
+/// Whether an ErrorResponse ends the session: severity FATAL or PANIC
+/// (the non-localized `V` field, else `S`).
+pub fn is_fatal(frame: &Frame) -> bool {
+    let fields = response_fields(frame);
+    let severity = fields
+        .iter()
+        .find(|(field, _)| *field == b'V')
+        .or_else(|| fields.iter().find(|(field, _)| *field == b'S'));
+    severity.is_some_and(|(_, s)| s == "FATAL" || s == "PANIC")
+}
+
 /// ErrorResponse ('E' from the server): SQLSTATE and message.
 pub fn error_fields(frame: &Frame) -> (String, String) {
     let mut code = String::new();

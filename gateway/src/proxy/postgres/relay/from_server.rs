@@ -42,6 +42,9 @@ pub(super) async fn server_to_client(
     // This session's share of the daemon's HeldWholeBudget while a large
     // message it cannot pass on arrives.
     let mut held_whole = None;
+    // The last FATAL the server sent, if it sent one: it then said itself
+    // why it closed the connection.
+    let mut server_fatal = None;
     loop {
         let mut out = BytesMut::new();
         // Any message split off ends the one held whole, which was first.
@@ -64,6 +67,9 @@ pub(super) async fn server_to_client(
                 )
                 .await;
                 return Err(WireError::Closed);
+            }
+            if frame.tag == b'E' && wire::is_fatal(&frame) {
+                server_fatal = Some(wire::error_fields(&frame));
             }
             if frame.tag == b'S' {
                 if let Some(value) = wire::parameter_status(&frame, "application_name") {
@@ -163,9 +169,68 @@ pub(super) async fn server_to_client(
         }
         // As for the client's side: whole answers, not 64-byte pieces.
         buf.reserve(READ_CHUNK);
-        if upstream_rd.read_buf(&mut buf).await? == 0 {
-            return Err(WireError::Closed);
-        }
+        let lost = match upstream_rd.read_buf(&mut buf).await {
+            Ok(0) => "the target closed the connection".to_string(),
+            Ok(_) => continue,
+            Err(err) => format!("reading from the target failed: {err}"),
+        };
+        end_on_upstream_loss(
+            &session,
+            &mut outcomes.handed_over,
+            &client_wr,
+            &in_flight,
+            server_fatal.take(),
+            &lost,
+        )
+        .await;
+        return Err(WireError::Closed);
+    }
+}
+
+/// The connection to the target ended without the agent asking: the
+/// session row says how, and an agent the server did not tell itself
+/// (a FATAL) gets FATAL 08006 instead of a connection that just closes.
+/// Requests in flight are recorded as unanswered when the session ends.
+async fn end_on_upstream_loss(
+    session: &Session,
+    handed_over: &mut usize,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    server_fatal: Option<(String, String)>,
+    lost: &str,
+) {
+    let detail = match &server_fatal {
+        Some((code, message)) => format!("{lost} after its FATAL {code}: {message}"),
+        None => format!("{lost} without an error"),
+    };
+    let mut record = session
+        .connection
+        .authentication_accepted(&session.principal);
+    record.phase = "session".into();
+    record.status_id = record::status::FAILURE;
+    record.status_detail = format!("upstream_lost: {detail}");
+    record.response_error_code = server_fatal
+        .as_ref()
+        .map_or(SQLSTATE_UPSTREAM, |(code, _)| code.as_str())
+        .into();
+    record.database_user = session.statement_record.database_user.clone();
+    record.database_name = session.statement_record.database_name.clone();
+    if let Err(err) = session.shared.audit.append(record).await {
+        warn!(error = %err, "the loss of the target's connection could not be audited");
+    }
+    // A FATAL from the server was relayed already.
+    if server_fatal.is_none() {
+        close_after_built_answers(
+            &[],
+            handed_over,
+            client_wr,
+            in_flight,
+            SQLSTATE_UPSTREAM,
+            &format!(
+                "tollgate: the connection to the target was lost ({lost}); the session is closed"
+            ),
+        )
+        .await;
     }
 }
 
