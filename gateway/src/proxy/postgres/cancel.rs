@@ -16,10 +16,16 @@ use tokio::{io::AsyncWriteExt, net::TcpSocket};
 
 use super::wire::{self, CANCEL_REQUEST};
 
-/// The server's side of one session's key.
-#[derive(Debug, Clone, Copy)]
+/// The server's side of one session's key, and the session it belongs to.
+#[derive(Debug, Clone)]
 pub struct ServerKey {
     pub address: SocketAddr,
+    /// The target the session is of: a key is honoured only by that
+    /// target's listener, so a cancel's record names the target it
+    /// reached.
+    pub target: Arc<str>,
+    /// The session whose statement the cancel would stop, for the audit.
+    pub session_uid: Arc<str>,
     /// The server's own backend process id, for the audit.
     pub process_id: i32,
     secret_key: i32,
@@ -28,7 +34,7 @@ pub struct ServerKey {
 impl ServerKey {
     /// Sends the cancel for this server session on `socket` (see
     /// [`crate::proxy::upstream_socket`]).
-    pub async fn send_cancel(self, socket: TcpSocket) -> std::io::Result<()> {
+    pub async fn send_cancel(&self, socket: TcpSocket) -> std::io::Result<()> {
         let mut stream = socket.connect(self.address).await?;
         let mut packet = BytesMut::with_capacity(16);
         packet.put_i32(16);
@@ -67,11 +73,14 @@ impl CancelKeys {
     }
 
     /// Replaces the server's BackendKeyData in `greeting` with a fresh key
-    /// of tollgate's and remembers which server key it stands for.
+    /// of tollgate's and remembers which server key (of which session of
+    /// which target) it stands for.
     pub fn substitute(
         self: &Arc<Self>,
         greeting: &mut BytesMut,
         address: SocketAddr,
+        target: &str,
+        session_uid: &str,
     ) -> Option<Registration> {
         let mut rest = std::mem::take(greeting);
         let mut rebuilt = BytesMut::with_capacity(rest.len());
@@ -81,6 +90,8 @@ impl CancelKeys {
                 let body = frame.body();
                 let server = ServerKey {
                     address,
+                    target: target.into(),
+                    session_uid: session_uid.into(),
                     process_id: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
                     secret_key: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
                 };
@@ -114,9 +125,14 @@ impl CancelKeys {
         }
     }
 
-    /// The server session that the key tollgate handed out stands for.
-    pub fn server_of(&self, process_id: i32, secret_key: i32) -> Option<ServerKey> {
-        self.lock().get(&(process_id, secret_key)).copied()
+    /// The server session that the key tollgate handed out stands for, if
+    /// it is a session of `target`: a key presented to another target's
+    /// listener is unknown there, as it would be to another server.
+    pub fn server_of(&self, target: &str, process_id: i32, secret_key: i32) -> Option<ServerKey> {
+        self.lock()
+            .get(&(process_id, secret_key))
+            .filter(|server| &*server.target == target)
+            .cloned()
     }
 }
 
@@ -137,7 +153,9 @@ mod tests {
         greeting.put_i32(777);
         greeting.put_slice(b"Z\0\0\0\x05I");
         let address: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-        let registration = keys.substitute(&mut greeting, address).expect("key found");
+        let registration = keys
+            .substitute(&mut greeting, address, "orders-db", "session-1")
+            .expect("key found");
 
         let mut frames = greeting.clone();
         let tags: Vec<u8> =
@@ -146,8 +164,16 @@ mod tests {
         assert_eq!(tags, b"SKZ");
         let agent_key = registration.key;
         assert_ne!(agent_key, (4242, 777));
-        let server = keys.lock().get(&agent_key).copied().expect("registered");
+        let server = keys
+            .server_of("orders-db", agent_key.0, agent_key.1)
+            .expect("registered");
         assert_eq!((server.process_id, server.secret_key), (4242, 777));
+        assert_eq!(&*server.session_uid, "session-1");
+        assert!(
+            keys.server_of("billing-db", agent_key.0, agent_key.1)
+                .is_none(),
+            "another target's listener does not honour the key"
+        );
         drop(registration);
         assert!(keys.lock().is_empty(), "the key goes with the session");
     }

@@ -409,9 +409,12 @@ async fn serve(
         }
     };
     let mut greeting = upstream.greeting.clone();
-    let _cancel_registration = shared
-        .postgres_cancel_keys
-        .substitute(&mut greeting, connection.target.address);
+    let _cancel_registration = shared.postgres_cancel_keys.substitute(
+        &mut greeting,
+        connection.target.address,
+        &connection.target.name,
+        &connection.session_uid,
+    );
     out.clear();
     wire::authentication_ok(&mut out);
     out.extend_from_slice(&greeting);
@@ -499,9 +502,10 @@ async fn forward_cancel(
     process_id: i32,
     secret_key: i32,
 ) {
-    let Some(server) = shared
-        .postgres_cancel_keys
-        .server_of(process_id, secret_key)
+    let Some(server) =
+        shared
+            .postgres_cancel_keys
+            .server_of(&connection.target.name, process_id, secret_key)
     else {
         info!("cancel request with an unknown key dropped");
         refuse_cancel(
@@ -528,12 +532,19 @@ async fn forward_cancel(
     // A CancelRequest carries no token: whose session it is, the key says.
     let mut cancel = upstream_record(connection, None, socket_cookie);
     cancel.status_detail = format!(
-        "cancel request forwarded to server process {}",
-        server.process_id
+        "cancel request forwarded to server process {} of session {}",
+        server.process_id, server.session_uid
     );
-    if let Err(err) = shared.audit.append(cancel).await {
-        warn!(error = %err, "cancel request not forwarded: it could not be audited");
-        return;
+    match tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, shared.audit.append(cancel)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => {
+            warn!(error = %err, "cancel request not forwarded: it could not be audited");
+            return;
+        }
+        Err(_) => {
+            warn!("cancel request not forwarded: its audit record was not durable in time");
+            return;
+        }
     }
     match tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, server.send_cancel(socket)).await {
         Ok(Ok(())) => info!("cancel request forwarded to the session's server"),
