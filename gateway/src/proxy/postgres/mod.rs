@@ -293,16 +293,19 @@ async fn serve(
     )));
     let token = match password.and_then(|frame| wire::password(&frame)) {
         Ok(token) => token,
-        // A client that hangs up at the password prompt had no token to give.
-        Err(WireError::Closed) => {
+        // A client that hangs up (or resets the connection) at the password
+        // prompt had no token to give.
+        Err(err @ (WireError::Closed | WireError::Io(_))) => {
             let mut record = connection.authentication_refused(&IdentityError::Missing);
-            record
-                .status_detail
-                .push_str(" (the client closed the connection at the password prompt)");
+            let how = match &err {
+                WireError::Io(io) => format!("the connection failed at the password prompt: {io}"),
+                _ => "the client closed the connection at the password prompt".into(),
+            };
+            record.status_detail.push_str(&format!(" ({how})"));
             if let Err(err) = shared.audit.append(stamp(record)).await {
                 warn!(error = %err, "a refused login could not be audited");
             }
-            return Err(WireError::Closed);
+            return Err(err);
         }
         // A password message too large or malformed, or none within the
         // startup timeout: the client is told, and the refusal is audited.

@@ -288,6 +288,48 @@ async fn connections_past_the_targets_limit_are_refused_with_53300_and_audited()
     );
 }
 
+/// A client that goes away part-way through its login is on record: one
+/// that closes in the middle of its startup packet, one that resets the
+/// connection at the password prompt. One that closes before sending a
+/// byte (a health check, a port probe) had nothing to refuse.
+#[tokio::test]
+async fn a_client_gone_part_way_through_its_login_is_on_record() {
+    let (_keys, audit_dir, audit, addr) = one_listener().await;
+    drop(TcpStream::connect(addr).await.expect("connect"));
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(&startup_packet()[..6])
+        .await
+        .expect("part of a startup");
+    drop(client);
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client.write_all(&startup_packet()).await.expect("startup");
+    let mut buf = BytesMut::new();
+    let frame = wire::read_frame(&mut client, &mut buf)
+        .await
+        .expect("the password prompt");
+    assert_eq!(frame.tag, b'R');
+    client.set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(client);
+    // Nothing is sent back to a client that is gone: give the sessions a
+    // moment to write their rows before the store closes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    audit.shutdown().await;
+    let cut = refusals_saying(audit_dir.path(), "in the middle of its startup packet");
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    let reset = refusals_saying(
+        audit_dir.path(),
+        "the connection failed at the password prompt",
+    );
+    assert_eq!(reset.len(), 1, "{reset:?}");
+    let all = audit::tests::read_segments(&audit_dir.path().join("audit"));
+    assert_eq!(
+        all.iter().filter(|r| r.phase == "refusal").count(),
+        2,
+        "the connection that sent nothing has no row: {all:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_malformed_password_message_gets_08p01_and_an_audit_row() {
     let (_keys, audit_dir, audit, addr) = one_listener().await;

@@ -52,14 +52,32 @@ pub enum Startup {
 }
 
 pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startup, WireError> {
+    // A connection closed before its first byte sent nothing to refuse (a
+    // health check, a port probe); one closed part-way through its packet
+    // is a malformed startup, and refused as one.
+    let cut_short = || {
+        WireError::Malformed(
+            "the client closed the connection in the middle of its startup packet".into(),
+        )
+    };
     let mut len_bytes = [0u8; 4];
-    read_exact_or_closed(reader, &mut len_bytes).await?;
+    let mut have = 0;
+    while have < len_bytes.len() {
+        match reader.read(&mut len_bytes[have..]).await? {
+            0 if have == 0 => return Err(WireError::Closed),
+            0 => return Err(cut_short()),
+            n => have += n,
+        }
+    }
     let len = i32::from_be_bytes(len_bytes);
     if len < 8 || len as usize > MAX_STARTUP_PACKET {
         return Err(WireError::Malformed(format!("startup packet length {len}")));
     }
     let mut body = vec![0u8; len as usize - 4];
-    read_exact_or_closed(reader, &mut body).await?;
+    match read_exact_or_closed(reader, &mut body).await {
+        Err(WireError::Closed) => return Err(cut_short()),
+        other => other?,
+    }
     let mut buf = &body[..];
     let code = buf.get_i32();
     match code {
