@@ -550,12 +550,18 @@ impl Rings {
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drained {
-    /// The ring buffer was empty, or an event could not be written and
-    /// stays there for a later drain.
+    /// The ring buffer was empty.
     Done,
     /// A batch was written and more events may wait.
     More,
+    /// An event could not be written and stays in the ring buffer for a
+    /// later drain.
+    WriteFailed,
 }
+
+/// How long the reader waits before it tries again to write an event whose
+/// record could not be written (a full disk).
+const RETRY_WRITE_AFTER: Duration = Duration::from_millis(250);
 
 /// Events written per drain before the reader lets other tasks run. A
 /// flood keeps a ring buffer from ever being empty: drained whole, it
@@ -615,7 +621,12 @@ async fn read_loop(
 
 /// A batch of a ring buffer the poll found readable. Readiness stays when
 /// the batch was cut short, so that the reader's next turn drains on
-/// without a wake-up (after letting other tasks run).
+/// without a wake-up (after letting other tasks run). It stays too when an
+/// event could not be written: the kernel wakes a reader only once it has
+/// caught up with the ring buffer, which a reader holding back an event
+/// never does, so without it only the ticker would drain, a batch an
+/// interval, and the kernel would drop what a busy host sends meanwhile.
+/// The next try comes after [`RETRY_WRITE_AFTER`].
 async fn drain_ready(
     guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
     which: Ring,
@@ -623,13 +634,11 @@ async fn drain_ready(
     user: &mut UserSpaceCounters,
 ) {
     match guard {
-        Ok(mut guard) => {
-            if drain(guard.get_inner_mut(), which, log, user).await == Drained::Done {
-                guard.clear_ready();
-            } else {
-                tokio::task::yield_now().await;
-            }
-        }
+        Ok(mut guard) => match drain(guard.get_inner_mut(), which, log, user).await {
+            Drained::Done => guard.clear_ready(),
+            Drained::More => tokio::task::yield_now().await,
+            Drained::WriteFailed => tokio::time::sleep(RETRY_WRITE_AFTER).await,
+        },
         Err(err) => {
             warn!(error = %err, ring = ?which, "evidence ring buffer poll failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -701,7 +710,7 @@ async fn drain(
             // leaves the ring buffer's consumer position where it is (the
             // item only borrows the ring buffer; nothing is leaked).
             std::mem::forget(item);
-            ended = Drained::Done;
+            ended = Drained::WriteFailed;
             break;
         }
         user.received(reserved);
