@@ -40,8 +40,8 @@ pub mod map_names {
     /// `u32` index -> `u32`, see [`egress_setting`].
     pub const EGRESS_SETTINGS: &str = "EGRESS_SETTINGS";
     /// port (`u32`, host order) -> `u32` (1): the ports of tollgate's
-    /// listeners and of protected targets on this host, which no process
-    /// in an agent cgroup may bind.
+    /// listeners and of every protected target, which no process in an
+    /// agent cgroup may bind.
     pub const LISTENER_PORTS: &str = "LISTENER_PORTS";
     /// `[u32; 4]` address (as in [`TargetKey`]) -> `u32` (1): the addresses
     /// of the protected targets, for packets whose ports the packet program
@@ -59,6 +59,10 @@ pub mod egress_setting {
     pub const ENTRIES: u32 = 4;
 }
 
+/// IP protocol numbers an [`EgressRule`] names.
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+
 /// Maximum number of egress allow rules.
 pub const EGRESS_RULE_ENTRIES: u32 = 64;
 
@@ -73,7 +77,7 @@ pub struct EgressRule {
     /// Inclusive port range, host order.
     pub port_lo: u32,
     pub port_hi: u32,
-    /// 6 TCP, 17 UDP, 0 either.
+    /// 6 TCP, 17 UDP, 0 either (and nothing else: see [`Self::allows`]).
     pub protocol: u32,
     pub _reserved: u32,
 }
@@ -82,7 +86,14 @@ impl EgressRule {
     /// Does the rule allow `addr`:`port` over `protocol`?
     #[inline(always)]
     pub fn allows(&self, addr: &[u32; 4], port: u32, protocol: u32) -> bool {
-        (self.protocol == 0 || self.protocol == protocol)
+        // 0 is what the configuration calls "any" and the documentation
+        // "tcp and udp": a rule written for those must not also open the
+        // destination to UDP-Lite, SCTP or whatever else reaches a hook.
+        let protocol_allowed = match self.protocol {
+            0 => protocol == IPPROTO_TCP || protocol == IPPROTO_UDP,
+            only => only == protocol,
+        };
+        protocol_allowed
             && port >= self.port_lo
             && port <= self.port_hi
             && addr[0] & self.mask[0] == self.addr[0]
@@ -137,7 +148,10 @@ pub mod event_kind {
     /// A non-TCP packet or connection to a protected target (UDP connect or
     /// datagram) was refused.
     pub const REFUSED_DATAGRAM: u32 = 3;
-    /// A raw or packet socket was refused at creation in an agent cgroup.
+    /// A socket was refused at creation in an agent cgroup: a raw or
+    /// packet socket, or, with egress deny, a datagram socket of a
+    /// protocol other than UDP (an ICMP "ping" socket, say), whose
+    /// destinations no hook sees.
     pub const REFUSED_SOCKET: u32 = 4;
     /// A destination outside the egress allow list was refused.
     pub const REFUSED_EGRESS: u32 = 5;
@@ -327,9 +341,9 @@ pub const SOCKET_MAP_ENTRIES: u32 = 65_536;
 /// Maximum number of protected destinations.
 pub const REDIRECT_MAP_ENTRIES: u32 = 1_024;
 /// Maximum number of guarded ports (see [`map_names::LISTENER_PORTS`]):
-/// every target's listener, and its own port when on loopback; a
-/// configuration that needs more is refused when it is read.
-pub const LISTENER_PORT_ENTRIES: u32 = REDIRECT_MAP_ENTRIES;
+/// every target's listener and every target's own port, so two for each
+/// protected destination the redirect map holds.
+pub const LISTENER_PORT_ENTRIES: u32 = 2 * REDIRECT_MAP_ENTRIES;
 
 /// The IPv4-mapped IPv6 form of an IPv4 address given in network byte order,
 /// as four network-order words.

@@ -14,10 +14,11 @@
 //!   `connect4`/`connect6` refuse non-stream sockets to them: the gateway
 //!   speaks TCP only, so anything else would be a way around it;
 //! - `sock_create` refuses raw inet sockets, which could craft packets to a
-//!   protected target below every socket hook;
+//!   protected target below every socket hook, and with egress deny the
+//!   datagram sockets (ICMP "ping" ones, ...) that no sendmsg hook sees;
 //! - all four apply the egress allow list when the default is deny;
 //! - `bind4`/`bind6` refuse binds to tollgate's listener ports (and to
-//!   local protected targets' ports), so an agent cannot take a listener's
+//!   protected targets' ports), so an agent cannot take a listener's
 //!   port while tollgate is down and receive the connections (and tokens)
 //!   the redirect sends there, nor a local database's and receive
 //!   tollgate's own login.
@@ -48,8 +49,11 @@
 //! record, and so is which ring it was in.
 #![no_std]
 #![no_main]
+// For atomic_xadd/atomic_xchg: see `atomic_add`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-use core::ffi::c_void;
+use core::{ffi::c_void, intrinsics::AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
@@ -64,10 +68,11 @@ use aya_ebpf::{
 };
 use gateway_common::{
     counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
-    reserved_counter, reserved_counter_index, reserved_for, same_address, v4_mapped, ClientEndpointKey,
-    EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect, TargetKey,
-    COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES, EVIDENCE_RING_BYTES,
-    LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES, SOCKET_MAP_ENTRIES,
+    reserved_counter, reserved_counter_index, reserved_for, same_address, v4_mapped,
+    ClientEndpointKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
+    TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES,
+    EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES,
+    SOCKET_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
@@ -78,6 +83,7 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const AF_PACKET: u32 = 17;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
 const IPPROTO_TCP: u32 = 6;
 
@@ -141,12 +147,35 @@ static OFFSETS_SET: u32 = 0;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
 
+/// Adds `n` to a counter that another run of a program may be adding to
+/// at the same moment, without losing either addition.
+///
+/// A per-CPU slot is not enough on its own: the cgroup programs run with
+/// migration disabled but preemptible, so another task on the same CPU can
+/// run between the load and the store of a plain `+= 1` and one of the two
+/// increments is lost; a shared map value (PACKET_RATE) is written from
+/// every CPU. BPF has an atomic add (`lock *(u64 *)(rX + off) += rY`),
+/// which the kernel accepts on any map value. `AtomicU64::fetch_add` is not
+/// offered on this target (core leaves out every read-modify-write where
+/// the target declares no compare-and-swap), so the intrinsic is called
+/// directly; LLVM lowers it to that one instruction.
+#[inline(always)]
+unsafe fn atomic_add(slot: *mut u64, n: u64) {
+    core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n);
+}
+
+/// Sets `slot` to `value` and returns what it held, in one step, so that
+/// an [`atomic_add`] from another CPU lands either before (and is
+/// returned) or after (and stays).
+#[inline(always)]
+unsafe fn atomic_swap(slot: *mut u64, value: u64) -> u64 {
+    core::intrinsics::atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(slot, value)
+}
+
 #[inline(always)]
 fn count_at(index: u32) {
-    // Per-CPU: no two CPUs write the same slot, and the BPF target has no
-    // compare-and-swap to make a shared counter exact.
     if let Some(slot) = EVIDENCE_COUNTERS.get_ptr_mut(index) {
-        unsafe { *slot += 1 };
+        unsafe { atomic_add(slot, 1) };
     }
 }
 
@@ -339,12 +368,17 @@ enum Verdict {
     Refuse(u32),
 }
 
+/// Is `egress_default = "deny"` in force?
+#[inline(always)]
+fn egress_denied_by_default() -> bool {
+    matches!(EGRESS_SETTINGS.get(egress_setting::DEFAULT_DENY), Some(&deny) if deny != 0)
+}
+
 /// Is the egress allow list in force, and does it allow this?
 #[inline(always)]
 fn egress_allowed(addr: &[u32; 4], port: u32, protocol: u32) -> bool {
-    match EGRESS_SETTINGS.get(egress_setting::DEFAULT_DENY) {
-        Some(&deny) if deny != 0 => {}
-        _ => return true,
+    if !egress_denied_by_default() {
+        return true;
     }
     let count = EGRESS_SETTINGS
         .get(egress_setting::RULE_COUNT)
@@ -590,11 +624,12 @@ pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// restart, a crash) the pinned redirect still sends agents' connections
 /// to the port; a process of an agent cgroup that bound it first would
 /// receive them, tokens included, and the restarted tollgate could not
-/// listen. The map also holds the ports of protected targets on this
-/// host, where tollgate sends its own login. The port alone decides: `0.0.0.0`, `::` and every loopback
-/// address share it with tollgate's listener. A bind to port 0 (any free
-/// port) is not seen with the port the kernel then picks: docs/pinning.md
-/// says how to keep listener ports out of that range.
+/// listen. The map also holds the port of every protected target: one on
+/// this host, at whatever address, is where tollgate sends its own login.
+/// The port alone decides: `0.0.0.0`, `::` and every local address share
+/// it with tollgate's listener and with a local target. A bind to port 0
+/// (any free port) is not seen with the port the kernel then picks:
+/// docs/pinning.md says how to keep listener ports out of that range.
 #[inline(always)]
 unsafe fn bind_verdict(sa: *mut bpf_sock_addr) -> i32 {
     let port = port_from_user((*sa).user_port);
@@ -615,17 +650,37 @@ pub fn tollgate_bind6(ctx: SockAddrContext) -> i32 {
     unsafe { bind_verdict(ctx.sock_addr) }
 }
 
+/// Is a datagram socket of `protocol` one whose every destination passes
+/// sendmsg4/6 (or connect4/6)? The kernel runs the sendmsg hooks in the
+/// UDP and UDP-Lite send paths only. Other inet datagram sockets (ICMP
+/// echo "ping" sockets, which net.ipv4.ping_group_range opens to
+/// unprivileged users, L2TP/IP, ...) send to any address without a hook
+/// seeing it, so the allow list cannot be applied to them. sock_create
+/// runs after the protocol is resolved, so a socket asked for with
+/// protocol 0 shows UDP here; 0 is accepted all the same, as it means UDP
+/// for an inet datagram socket.
+#[inline(always)]
+fn datagram_judged_by_the_hooks(protocol: u32) -> bool {
+    protocol == 0 || protocol == u32::from(IPPROTO_UDP) || protocol == u32::from(IPPROTO_UDPLITE)
+}
+
 /// Raw sockets can put any packet on the wire, below every socket-address
 /// hook: agents may not have them. (The kernel runs this hook for inet
 /// sockets only; AF_PACKET sockets never reach it, which is why agents
-/// must also run without CAP_NET_RAW: docs/pinning.md.)
+/// must also run without CAP_NET_RAW: docs/pinning.md.) With egress deny,
+/// neither may they have datagram sockets whose destinations no hook sees
+/// ([`datagram_judged_by_the_hooks`]): a ping socket would otherwise
+/// reach any host the allow list leaves out.
 #[cgroup_sock(sock_create)]
 pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
     unsafe {
         let sk = ctx.sock;
         let family = (*sk).family;
         let sock_type = (*sk).type_;
-        if family == AF_PACKET || sock_type == SOCK_RAW {
+        let unjudged_datagram = sock_type == SOCK_DGRAM
+            && !datagram_judged_by_the_hooks((*sk).protocol)
+            && egress_denied_by_default();
+        if family == AF_PACKET || sock_type == SOCK_RAW || unjudged_datagram {
             let program = counted_program::SOCK_CREATE;
             count(program, counter::SEEN);
             let mut event = current_task_event(event_kind::REFUSED_SOCKET, family, 0);
@@ -896,16 +951,19 @@ fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
     // At most one record per socket per interval; the packets in between
     // are counted and the next record says how many it stands for.
     let packets = match PACKET_RATE.get_ptr_mut(&cookie) {
+        // The state is shared by every CPU sending on this socket: the
+        // count of suppressed packets is added to and taken atomically, so
+        // none is lost from the `packets` of the socket's next record.
+        // (Two CPUs may both find the interval over and both record; each
+        // record then stands for the packets it took.)
         Some(state) => unsafe {
             if now.wrapping_sub((*state).last_ns) < PACKET_RECORD_INTERVAL_NS {
-                (*state).suppressed += 1;
+                atomic_add(core::ptr::addr_of_mut!((*state).suppressed), 1);
                 count(program, counter::SUPPRESSED);
                 return;
             }
-            let packets = (*state).suppressed + 1;
             (*state).last_ns = now;
-            (*state).suppressed = 0;
-            packets
+            atomic_swap(core::ptr::addr_of_mut!((*state).suppressed), 0) + 1
         },
         None => {
             let state = PacketRate {

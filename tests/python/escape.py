@@ -28,6 +28,11 @@ usage:
                                               "later-fragment" (a fragment after the first: no
                                               ports):
                                               {"outcome": "sent"|"denied", "cookie": ...}
+  escape.py ping HOST                      -> an ICMP echo request on an ICMP datagram ("ping")
+                                              socket, which net.ipv4.ping_group_range must let
+                                              the caller's group open:
+                                              {"outcome": "sent"|"denied"|"error",
+                                               "replied": true|false, ...}
   escape.py precreated HOST PORT CGROUP    -> like tcp, but the socket is made
                                               before joining CGROUP
   escape.py listen HOST PORT               -> bind HOST:PORT and listen, as a process
@@ -222,6 +227,37 @@ def raw():
         return failure(err)
 
 
+ICMP_ECHO_REQUEST = 8
+ICMPV6_ECHO_REQUEST = 128
+
+
+def ping(host, wait=1.0):
+    """One echo request on a datagram socket of protocol ICMP: no sendmsg
+    hook sees where it goes (those run for UDP only). The kernel fills in
+    the identifier and the checksum."""
+    family = family_of(host)
+    if family == socket.AF_INET6:
+        protocol, kind = socket.IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST
+    else:
+        protocol, kind = socket.IPPROTO_ICMP, ICMP_ECHO_REQUEST
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM, protocol)
+    except OSError as err:
+        return failure(err)
+    try:
+        sock.sendto(struct.pack("!BBHHH", kind, 0, 0, 0, 1) + b"tollgate", (host, 0))
+        sock.settimeout(wait)
+        try:
+            replied = len(sock.recv(64)) > 0
+        except socket.timeout:
+            replied = False
+        return {"outcome": "sent", "replied": replied, "cookie": cookie_of(sock)}
+    except OSError as err:
+        return failure(err)
+    finally:
+        sock.close()
+
+
 def listen(host, port):
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     try:
@@ -265,6 +301,8 @@ def main(argv):
         result = rawsend6(argv[2], int(argv[3]), argv[4], count)
     elif mode == "raw":
         result = raw()
+    elif mode == "ping":
+        result = ping(argv[2])
     elif mode == "listen":
         result = listen(argv[2], int(argv[3]))
     elif mode == "precreated":

@@ -483,6 +483,88 @@ fn raw_sockets_are_refused_in_an_agent_cgroup() {
     assert_eq!(unmapped["socket_type"], 3, "SOCK_RAW: {unmapped}");
 }
 
+/// Opens ICMP datagram ("ping") sockets to every group for as long as it
+/// lives (the host's default, "1 0", opens them to none, root included),
+/// then puts the host's setting back.
+struct PingSocketsAllowed(String);
+
+const PING_GROUP_RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
+
+impl PingSocketsAllowed {
+    fn for_everyone() -> Self {
+        let before = std::fs::read_to_string(PING_GROUP_RANGE).expect("read ping_group_range");
+        std::fs::write(PING_GROUP_RANGE, "0 2147483647").expect("write ping_group_range");
+        PingSocketsAllowed(before)
+    }
+}
+
+impl Drop for PingSocketsAllowed {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::write(PING_GROUP_RANGE, self.0.trim()) {
+            eprintln!(
+                "could not restore {PING_GROUP_RANGE} to {:?}: {err}",
+                self.0
+            );
+        }
+    }
+}
+
+/// A ping socket sends where no sendmsg hook looks (they run for UDP
+/// only): with egress deny an agent may not make one, even where an
+/// allow rule for "any" protocol covers the address. Without deny it may.
+#[test]
+fn with_egress_default_deny_an_agent_cannot_open_an_icmp_datagram_socket() {
+    if !privileged("with_egress_default_deny_an_agent_cannot_open_an_icmp_datagram_socket") {
+        return;
+    }
+    let _ping = PingSocketsAllowed::for_everyone();
+    let mut hosts = vec!["127.0.0.1"];
+    if ipv6_available() {
+        hosts.push("::1");
+    } else {
+        eprintln!("no IPv6 on this host: the ICMPv6 ping is not tried");
+    }
+    for host in &hosts {
+        let control = outside(&["ping", host]);
+        assert_eq!(control["outcome"], "sent", "{host} outside: {control}");
+    }
+    let mut stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.extra_pin_toml = "egress_default = \"deny\"\negress_allow = [{ cidr = \"127.0.0.0/8\" }, { cidr = \"::1/128\" }]".into();
+    })
+    .expect("start");
+    for host in &hosts {
+        let answer = as_agent(&stack, &["ping", host]);
+        assert_eq!(answer["outcome"], "denied", "{host}: {answer}");
+        assert_eq!(answer["errno"], libc::EPERM, "{host}: {answer}");
+    }
+    // "any" is TCP and UDP: the same rule lets a datagram through.
+    let answer = as_agent(&stack, &["udp", "127.0.0.1", &free_port().to_string()]);
+    assert_eq!(answer["outcome"], "sent", "udp under an any rule: {answer}");
+    stack.gateway.stop();
+    let refused = evidence::rows_of_kind(
+        stack.gateway.audit_dir(),
+        "refused_socket",
+        &format!("actor_process_cgroup_id = {}", agent_cgroup_id(&stack)),
+    );
+    assert_eq!(refused.len(), hosts.len(), "{refused:?}");
+    for row in &refused {
+        let unmapped: Value =
+            serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json");
+        assert_eq!(unmapped["socket_type"], 2, "SOCK_DGRAM: {unmapped}");
+        let protocol = unmapped["protocol"].as_u64().unwrap_or(0);
+        assert!(protocol == 1 || protocol == 58, "ICMP(v6): {unmapped}");
+    }
+    drop(stack);
+
+    // Without deny the agent may ping: the refusal above is the egress
+    // policy's, not every agent cgroup's.
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    for host in &hosts {
+        let answer = as_agent(&stack, &["ping", host]);
+        assert_eq!(answer["outcome"], "sent", "{host} without deny: {answer}");
+    }
+}
+
 #[test]
 fn a_socket_made_before_joining_the_agent_cgroup_goes_direct_and_verify_reports_the_bypass() {
     if !privileged(
@@ -773,6 +855,40 @@ fn an_agent_cannot_take_the_listener_port_and_the_restarted_gateway_listens_agai
     agent_query_is_answered(&stack);
 }
 
+/// A protected target at one of this host's own addresses that is not
+/// loopback (a LAN or bridge address) while its server is down: an agent
+/// binding `0.0.0.0:PORT` would be where tollgate connects next, and be
+/// handed tollgate's own login. Its port is refused to agents on every
+/// address.
+#[test]
+fn an_agent_cannot_take_the_port_of_a_target_at_this_hosts_own_address() {
+    if !privileged("an_agent_cannot_take_the_port_of_a_target_at_this_hosts_own_address") {
+        return;
+    }
+    let (address, _) = global_ipv4_and_device();
+    // Nothing listens there: the server is down.
+    let port = free_port();
+    let target = SocketAddr::from((address, port));
+    let stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.target_address = target
+    })
+    .expect("start tollgate protecting this host's own address");
+    let own = address.to_string();
+    let mut hosts = vec!["0.0.0.0", own.as_str(), "127.0.0.1"];
+    if ipv6_available() {
+        hosts.push("::");
+    }
+    for host in &hosts {
+        let (agent, control) = listen_as_agent_and_outside(&stack, host, port);
+        assert_eq!(agent["outcome"], "denied", "{host}:{port}: {agent}");
+        assert_eq!(agent["errno"], libc::EPERM, "{host}:{port}: {agent}");
+        assert_eq!(control["outcome"], "bound", "{host} outside: {control}");
+    }
+    let other = free_port();
+    let (agent, _) = listen_as_agent_and_outside(&stack, "0.0.0.0", other);
+    assert_eq!(agent["outcome"], "bound", "0.0.0.0:{other}: {agent}");
+}
+
 /// An agent's `SELECT 41 + 1` through tollgate is answered: redirected,
 /// logged in with a token, relayed.
 fn agent_query_is_answered(stack: &Stack) {
@@ -789,20 +905,24 @@ fn agent_query_is_answered(stack: &Stack) {
     );
 }
 
-/// The programs pinned for the stack's agent cgroup, from `tollgate pin status`.
+/// The programs pinned for the stack's agent cgroup, from `tollgate pin
+/// status`: none when it fails saying nothing is pinned there.
 fn pinned_on_agent_cgroup(stack: &Stack) -> Vec<String> {
     let out = Command::new(tollgate_bin())
         .args(["pin", "status", "--json", "--config"])
         .arg(&stack.gateway.config_path)
         .output()
         .expect("tollgate pin status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let programs: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
     let cgroup = stack.gateway.config.agent_cgroup.display().to_string();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{cgroup}: nothing pinned")),
+            "{stderr}"
+        );
+        return Vec::new();
+    }
+    let programs: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
     programs
         .iter()
         .filter(|p| p["cgroup_path"] == cgroup.as_str())
@@ -1127,6 +1247,56 @@ fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
     assert!(table.contains(&cgroup), "{table}");
     assert!(table.contains("host (all sockets)"), "{table}");
     assert!(table.contains("tollgate_packet_egress"), "{table}");
+}
+
+/// A cgroup left with some of its programs pinned and not others (an
+/// install that failed part-way) is not protected: without connect6 an
+/// agent reaches the target at `::ffff:127.0.0.1` on an IPv6 socket.
+/// `pin status` fails and names what is missing, so a launcher that waits
+/// for it to succeed starts no agent there; a restarted tollgate pins the
+/// whole set again.
+#[test]
+fn pin_status_fails_while_an_agent_cgroup_lacks_any_of_its_programs() {
+    if !privileged("pin_status_fails_while_an_agent_cgroup_lacks_any_of_its_programs") {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let config_path = stack.gateway.config_path.clone();
+    let status = |json: bool| {
+        let mut cmd = Command::new(tollgate_bin());
+        cmd.args(["pin", "status", "--config"]).arg(&config_path);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().expect("tollgate pin status")
+    };
+    assert!(status(false).status.success());
+    stack.gateway.stop();
+    let connect6 = stack
+        .gateway
+        .config
+        .bpffs_dir
+        .join("links")
+        .join(format!("tollgate_connect6-{}", agent_cgroup_id(&stack)));
+    std::fs::remove_file(&connect6).expect("unpin connect6");
+    let cgroup = stack.gateway.config.agent_cgroup.display().to_string();
+    for json in [false, true] {
+        let out = status(json);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "json {json}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{cgroup}: INCOMPLETE, missing tollgate_connect6")),
+            "json {json}: {stderr}"
+        );
+    }
+    stack.gateway.restart().expect("restart tollgate");
+    let out = status(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pinned_on_agent_cgroup(&stack).contains(&"tollgate_connect6".to_owned()));
 }
 
 /// Compiles tests/c/uring_connect.c (raw io_uring system calls, no

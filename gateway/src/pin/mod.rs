@@ -63,6 +63,24 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     program_names::BIND6,
 ];
 
+/// Every program an agent cgroup needs, each pinned as
+/// `<program>-<cgroup id>`. Without any one of them an agent has a way
+/// around tollgate (without connect6, `::ffff:target` on an AF_INET6
+/// socket; without sock_create, a raw socket; ...), so `pin status` calls
+/// a cgroup protected only when all are pinned.
+pub const AGENT_CGROUP_PROGRAMS: [&str; 10] = [
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::GETPEERNAME4,
+    program_names::GETPEERNAME6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
+    program_names::BIND4,
+    program_names::BIND6,
+    program_names::SOCK_CREATE,
+    program_names::SOCK_OPS,
+];
+
 /// One egress allow rule, parsed from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllowRule {
@@ -71,7 +89,7 @@ pub struct AllowRule {
     pub prefix: u8,
     pub port_lo: u16,
     pub port_hi: u16,
-    /// 0 any, 6 TCP, 17 UDP.
+    /// 0 TCP or UDP ("any" in the configuration), 6 TCP, 17 UDP.
     pub protocol: u32,
 }
 
@@ -154,7 +172,7 @@ impl Pinning {
     /// Loads the programs, attaches them to every agent cgroup (created if
     /// missing), pins everything under `pin_dir` and makes the redirect map
     /// hold exactly `protected` and the listener port map exactly the ports
-    /// agents may not bind (their listeners', and local targets' own, see
+    /// agents may not bind (their listeners' and the targets' own, see
     /// `ports::guarded_ports`).
     pub fn install(
         pin_dir: &Path,
@@ -258,37 +276,41 @@ impl Pinning {
                 .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
             let cgroup_file = fs::File::open(cgroup)
                 .with_context(|| format!("open cgroup {}", cgroup.display()))?;
-            let cgroup_id = cgroup_file.metadata()?.ino();
+            let cgroup_id = cgroup_file
+                .metadata()
+                .with_context(|| format!("stat cgroup {}", cgroup.display()))?
+                .ino();
+            // Every program is attached before any pin is put in place: a
+            // failure part-way then drops the links made so far (closing
+            // their fds detaches them) instead of leaving the cgroup with
+            // connect4 pinned and connect6 not, which agents could go
+            // around through `::ffff:target`.
+            let mut links: Vec<(&str, FdLink)> = Vec::with_capacity(AGENT_CGROUP_PROGRAMS.len());
             for name in SOCK_ADDR_PROGRAMS {
                 let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
                 let link_id = program
                     .attach(&cgroup_file, LINK_ATTACH_MODE)
                     .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
-                let link: FdLink = program.take_link(link_id)?.try_into()?;
-                replace_pin(link, &links_dir, name, &cgroup_id.to_string())?;
+                links.push((name, program.take_link(link_id)?.try_into()?));
             }
             let program: &mut CgroupSock = program_mut(&mut ebpf, program_names::SOCK_CREATE)?;
             let link_id = program
                 .attach(&cgroup_file, LINK_ATTACH_MODE)
                 .with_context(|| format!("attach sock_create to {}", cgroup.display()))?;
-            let link: FdLink = program.take_link(link_id)?.try_into()?;
-            replace_pin(
-                link,
-                &links_dir,
+            links.push((
                 program_names::SOCK_CREATE,
-                &cgroup_id.to_string(),
-            )?;
+                program.take_link(link_id)?.try_into()?,
+            ));
             let program: &mut SockOps = program_mut(&mut ebpf, program_names::SOCK_OPS)?;
             let link_id = program
                 .attach(&cgroup_file, LINK_ATTACH_MODE)
                 .with_context(|| format!("attach sock_ops to {}", cgroup.display()))?;
-            let link: FdLink = program.take_link(link_id)?.try_into()?;
-            replace_pin(
-                link,
-                &links_dir,
+            links.push((
                 program_names::SOCK_OPS,
-                &cgroup_id.to_string(),
-            )?;
+                program.take_link(link_id)?.try_into()?,
+            ));
+            replace_pins(links, &links_dir, &cgroup_id.to_string())
+                .with_context(|| format!("pin the programs of {}", cgroup.display()))?;
             info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
         }
 
@@ -442,18 +464,73 @@ fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     M::try_from(map).with_context(|| format!("map {name}"))
 }
 
+/// A link pinned under a staging name, not yet where `pin status` and the
+/// next daemon look for it.
+struct StagedPin {
+    staging: PathBuf,
+    path: PathBuf,
+}
+
+impl StagedPin {
+    /// Pins `link` as `staging-<program>-<where>`, ready to replace
+    /// `<program>-<where>` (`where` a cgroup id, or `host`).
+    fn stage(link: FdLink, links_dir: &Path, program: &str, place: &str) -> Result<Self> {
+        let path = links_dir.join(format!("{program}-{place}"));
+        // bpffs refuses names with a dot in them.
+        let staging = links_dir.join(format!("staging-{program}-{place}"));
+        // One left by a daemon that died between staging and renaming.
+        let _ = fs::remove_file(&staging);
+        link.pin(&staging)
+            .with_context(|| format!("pin link at {}", staging.display()))?;
+        Ok(Self { staging, path })
+    }
+
+    /// Renames the staged pin into place: atomically replaces the link a
+    /// previous daemon pinned there, whose program is then detached.
+    fn commit(self) -> Result<()> {
+        fs::rename(&self.staging, &self.path)
+            .with_context(|| format!("replace pinned link {}", self.path.display()))
+    }
+
+    /// Removes the staged pin; its link, held by nothing else, is detached.
+    fn discard(&self) {
+        if let Err(err) = fs::remove_file(&self.staging) {
+            warn!(pin = %self.staging.display(), error = %err, "cannot remove a staged link");
+        }
+    }
+}
+
 /// Pins `link` as `<program>-<where>` (a cgroup id, or `host`), atomically
 /// replacing the link a previous daemon pinned there (whose program is then
 /// detached).
-fn replace_pin(link: FdLink, links_dir: &Path, program: &str, cgroup_id: &str) -> Result<()> {
-    let path = links_dir.join(format!("{program}-{cgroup_id}"));
-    // bpffs refuses names with a dot in them.
-    let staging = links_dir.join(format!("staging-{program}-{cgroup_id}"));
-    let _ = fs::remove_file(&staging);
-    link.pin(&staging)
-        .with_context(|| format!("pin link at {}", staging.display()))?;
-    fs::rename(&staging, &path)
-        .with_context(|| format!("replace pinned link {}", path.display()))?;
+fn replace_pin(link: FdLink, links_dir: &Path, program: &str, place: &str) -> Result<()> {
+    StagedPin::stage(link, links_dir, program, place)?.commit()
+}
+
+/// Pins every one of `links` as `<program>-<where>`, all staged first and
+/// only then renamed into place: a failure while staging leaves the pins
+/// as they were (a previous daemon's complete set, or none) rather than a
+/// part of this set. The renames themselves are each atomic, and on a
+/// restart each replaces a pin of the same program, so the cgroup has all
+/// its programs throughout.
+fn replace_pins(links: Vec<(&str, FdLink)>, links_dir: &Path, place: &str) -> Result<()> {
+    let mut staged = Vec::with_capacity(links.len());
+    for (program, link) in links {
+        match StagedPin::stage(link, links_dir, program, place) {
+            Ok(pin) => staged.push(pin),
+            Err(err) => {
+                // The links not yet staged are dropped on return, and so
+                // detached, with these.
+                for pin in &staged {
+                    pin.discard();
+                }
+                return Err(err);
+            }
+        }
+    }
+    for pin in staged {
+        pin.commit()?;
+    }
     Ok(())
 }
 
@@ -516,7 +593,7 @@ fn sync_listener_ports(
 ) -> Result<()> {
     let entries: Vec<(u32, u32)> = wanted.iter().map(|port| (u32::from(*port), 1)).collect();
     sync_map(map, map_names::LISTENER_PORTS, &entries)?;
-    info!(ports = ?wanted, "listener and local target ports closed to binds from agent cgroups");
+    info!(ports = ?wanted, "listener and target ports closed to binds from agent cgroups");
     Ok(())
 }
 
@@ -664,6 +741,27 @@ mod tests {
         }
         .to_kernel();
         assert!(everything.allows(&outside.addr, 1, 6));
+        assert!(everything.allows(&outside.addr, 1, 17));
+        // "any" is TCP and UDP, as documented: not every protocol that
+        // reaches a hook.
+        for other in [1, 58, 132, 136] {
+            assert!(
+                !everything.allows(&outside.addr, 1, other),
+                "protocol {other}"
+            );
+        }
+    }
+
+    #[test]
+    fn agent_cgroup_programs_are_every_program_attached_to_an_agent_cgroup() {
+        for name in SOCK_ADDR_PROGRAMS {
+            assert!(AGENT_CGROUP_PROGRAMS.contains(&name), "{name}");
+        }
+        assert!(AGENT_CGROUP_PROGRAMS.contains(&program_names::SOCK_CREATE));
+        assert!(AGENT_CGROUP_PROGRAMS.contains(&program_names::SOCK_OPS));
+        assert_eq!(AGENT_CGROUP_PROGRAMS.len(), SOCK_ADDR_PROGRAMS.len() + 2);
+        let distinct: BTreeSet<&str> = AGENT_CGROUP_PROGRAMS.into_iter().collect();
+        assert_eq!(distinct.len(), AGENT_CGROUP_PROGRAMS.len());
     }
 
     #[test]

@@ -29,19 +29,27 @@ pub fn listener_ports(protected: &[Protected]) -> BTreeSet<u16> {
         .collect()
 }
 
-/// The ports no agent may bind: every listener's, and the port of every
-/// protected target on this host (a loopback address). An agent holding a
-/// local target's port while the database is down would be where tollgate
-/// connects next, and be handed tollgate's login to the target (a
-/// cleartext or MD5 password, by the server's method).
+/// The ports no agent may bind: every listener's, and every protected
+/// target's. An agent holding the port of a target on this host while the
+/// database is down would be where tollgate connects next, and be handed
+/// tollgate's login to the target (a cleartext or MD5 password, by the
+/// server's method); binding `0.0.0.0:PORT` takes the port on every local
+/// address at once, loopback or not.
+///
+/// Every target's port, not only those of targets whose address is this
+/// host's: which addresses are local changes while the pins stay (DHCP, a
+/// floating address moved onto the host, a bridge or container network
+/// made after tollgate started), and the bind programs cannot ask. What
+/// this costs is that agents cannot listen on a remote target's port
+/// number either.
 pub fn guarded_ports(protected: &[Protected]) -> BTreeSet<u16> {
-    let local_targets = protected
+    let target_ports = protected
         .iter()
-        .filter(|p| p.address.ip().is_loopback() && p.address.port() != 0)
-        .map(|p| p.address.port());
+        .map(|p| p.address.port())
+        .filter(|&port| port != 0);
     listener_ports(protected)
         .into_iter()
-        .chain(local_targets)
+        .chain(target_ports)
         .collect()
 }
 
@@ -151,18 +159,28 @@ mod tests {
     }
 
     #[test]
-    fn local_targets_ports_are_guarded_with_the_listeners() {
+    fn every_targets_port_is_guarded_with_the_listeners() {
         let mut targets = protected(&["127.0.0.1:15432", "127.0.0.1:15433"]);
         targets[1].address = "127.0.0.1:5433".parse().unwrap();
         targets.push(Protected {
             address: "[::1]:5434".parse().unwrap(),
             listener: "127.0.0.1:15434".parse().unwrap(),
         });
+        // This host's LAN address, or another host's: guarded alike.
+        targets.push(Protected {
+            address: "192.0.2.7:5435".parse().unwrap(),
+            listener: "127.0.0.1:15435".parse().unwrap(),
+        });
+        targets.push(Protected {
+            address: "10.0.0.9:0".parse().unwrap(),
+            listener: "127.0.0.1:15436".parse().unwrap(),
+        });
         let guarded = guarded_ports(&targets);
-        // The remote target's 5432 is not this host's to guard.
+        // 10.0.0.1:5432 is guarded too; port 0 never is (it would refuse
+        // every bind to "any free port").
         assert_eq!(
             guarded.into_iter().collect::<Vec<_>>(),
-            [5433, 5434, 15432, 15433, 15434]
+            [5432, 5433, 5434, 5435, 15432, 15433, 15434, 15435, 15436]
         );
     }
 

@@ -1,12 +1,24 @@
 //! `tollgate pin status`: what is attached where, read back from the
 //! pinned links themselves (not from the daemon), so it also answers while
 //! the daemon is down.
+//!
+//! It fails (and so exits non-zero) when an agent cgroup lacks any of its
+//! programs: a launcher that starts agents only once `pin status`
+//! succeeds must not start them in a cgroup an interrupted install left
+//! with connect4 and without connect6.
 
-use std::{fs, os::unix::fs::MetadataExt, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt, fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
 use serde::Serialize;
+
+use super::AGENT_CGROUP_PROGRAMS;
 
 /// One pinned link.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -23,14 +35,161 @@ pub struct PinnedProgram {
     pub pin: String,
 }
 
+/// A configured agent cgroup, as `pin status` looks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredCgroup {
+    pub path: String,
+    /// Its id (the directory's inode), `None` when it does not exist.
+    pub id: Option<String>,
+}
+
+/// An agent cgroup that does not have every program of
+/// [`AGENT_CGROUP_PROGRAMS`] pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncompleteCgroup {
+    /// Its path when configured, else `cgroup id N`.
+    pub cgroup: String,
+    /// The programs not pinned on it, in [`AGENT_CGROUP_PROGRAMS`] order.
+    pub missing: Vec<&'static str>,
+    /// A configured cgroup that does not exist (nothing can be attached).
+    pub absent: bool,
+}
+
+/// Why `pin status` fails: agents in these cgroups are not (or not
+/// wholly) kept to tollgate.
+#[derive(Debug, thiserror::Error)]
+pub struct IncompletePins {
+    pub pin_dir: PathBuf,
+    pub cgroups: Vec<IncompleteCgroup>,
+}
+
+impl fmt::Display for IncompletePins {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "agent cgroups without all of tollgate's programs pinned under {} (agents there \
+             are not, or not wholly, redirected: start none until `tollgate pin status` \
+             succeeds; starting tollgate attaches them all):",
+            self.pin_dir.display()
+        )?;
+        for cgroup in &self.cgroups {
+            if cgroup.absent {
+                write!(f, "\n  {}: does not exist", cgroup.cgroup)?;
+            } else if cgroup.missing.len() == AGENT_CGROUP_PROGRAMS.len() {
+                write!(f, "\n  {}: nothing pinned", cgroup.cgroup)?;
+            } else {
+                write!(
+                    f,
+                    "\n  {}: INCOMPLETE, missing {}",
+                    cgroup.cgroup,
+                    cgroup.missing.join(", ")
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The agent cgroups that lack any of [`AGENT_CGROUP_PROGRAMS`]: every
+/// configured one not pinned in full, and every other cgroup that has
+/// some of them pinned but not all (a set left by an install that failed
+/// part-way, by a daemon of a version with fewer programs, or for a
+/// cgroup since dropped from the configuration: whoever runs there can go
+/// around what is missing). Host-wide links are not agent cgroups'.
+pub fn incomplete_cgroups(
+    programs: &[PinnedProgram],
+    configured: &[ConfiguredCgroup],
+) -> Vec<IncompleteCgroup> {
+    let mut pinned: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for p in programs {
+        if AGENT_CGROUP_PROGRAMS.contains(&p.program.as_str()) {
+            pinned
+                .entry(p.attached_to.as_str())
+                .or_default()
+                .insert(p.program.as_str());
+        }
+    }
+    let missing_on = |id: &str| -> Vec<&'static str> {
+        let empty = BTreeSet::new();
+        let have = pinned.get(id).unwrap_or(&empty);
+        AGENT_CGROUP_PROGRAMS
+            .into_iter()
+            .filter(|program| !have.contains(program))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let mut judged = BTreeSet::new();
+    for cgroup in configured {
+        let Some(id) = &cgroup.id else {
+            out.push(IncompleteCgroup {
+                cgroup: cgroup.path.clone(),
+                missing: AGENT_CGROUP_PROGRAMS.to_vec(),
+                absent: true,
+            });
+            continue;
+        };
+        judged.insert(id.as_str());
+        let missing = missing_on(id);
+        if !missing.is_empty() {
+            out.push(IncompleteCgroup {
+                cgroup: cgroup.path.clone(),
+                missing,
+                absent: false,
+            });
+        }
+    }
+    for id in pinned.keys().filter(|id| !judged.contains(*id)) {
+        let missing = missing_on(id);
+        if !missing.is_empty() {
+            out.push(IncompleteCgroup {
+                cgroup: format!("cgroup id {id}"),
+                missing,
+                absent: false,
+            });
+        }
+    }
+    out
+}
+
 /// Reads every pinned link under `{pin_dir}/links`. `agent_cgroups` (from
-/// the configuration, possibly empty) names the cgroup ids.
-pub fn status(pin_dir: &Path, agent_cgroups: &[std::path::PathBuf]) -> Result<Vec<PinnedProgram>> {
+/// the configuration, possibly empty) names the cgroup ids. Fails with
+/// [`IncompletePins`] when any agent cgroup, configured or found in the
+/// pins, lacks one of its programs ([`incomplete_cgroups`]).
+pub fn status(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<Vec<PinnedProgram>> {
+    let mut configured = Vec::with_capacity(agent_cgroups.len());
+    for cgroup in agent_cgroups {
+        let id = match fs::metadata(cgroup) {
+            Ok(meta) => Some(meta.ino().to_string()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => {
+                return Err(err).with_context(|| format!("stat cgroup {}", cgroup.display()))
+            }
+        };
+        configured.push(ConfiguredCgroup {
+            path: cgroup.display().to_string(),
+            id,
+        });
+    }
+    let programs = list(pin_dir, &configured)?;
+    let incomplete = incomplete_cgroups(&programs, &configured);
+    if !incomplete.is_empty() {
+        return Err(IncompletePins {
+            pin_dir: pin_dir.to_owned(),
+            cgroups: incomplete,
+        }
+        .into());
+    }
+    Ok(programs)
+}
+
+/// Every pinned link under `{pin_dir}/links`, cgroups named by
+/// `configured` where they are among them.
+fn list(pin_dir: &Path, configured: &[ConfiguredCgroup]) -> Result<Vec<PinnedProgram>> {
     let links_dir = pin_dir.join("links");
     let mut cgroup_paths = std::collections::HashMap::new();
-    for cgroup in agent_cgroups {
-        if let Ok(meta) = fs::metadata(cgroup) {
-            cgroup_paths.insert(meta.ino().to_string(), cgroup.display().to_string());
+    for cgroup in configured {
+        if let Some(id) = &cgroup.id {
+            cgroup_paths.insert(id.clone(), cgroup.path.clone());
         }
     }
     // The packet evidence sits at the root of the hierarchy: name it too.
@@ -102,4 +261,125 @@ pub fn render(pin_dir: &Path, programs: &[PinnedProgram]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pinned(program: &str, attached_to: &str) -> PinnedProgram {
+        PinnedProgram {
+            program: program.to_owned(),
+            attached_to: attached_to.to_owned(),
+            cgroup_path: None,
+            link_id: 1,
+            program_id: 1,
+            link_type: "Cgroup".to_owned(),
+            pin: format!("/sys/fs/bpf/tollgate/links/{program}-{attached_to}"),
+        }
+    }
+
+    /// Every agent program on `id`, less `without`, and the host-wide ones.
+    fn pins(id: &str, without: &[&str]) -> Vec<PinnedProgram> {
+        let mut out: Vec<PinnedProgram> = AGENT_CGROUP_PROGRAMS
+            .into_iter()
+            .filter(|p| !without.contains(p))
+            .map(|p| pinned(p, id))
+            .collect();
+        out.push(pinned("tollgate_tcp_state", "host"));
+        out.push(pinned("tollgate_packet_egress", "1"));
+        out
+    }
+
+    fn configured(path: &str, id: Option<&str>) -> ConfiguredCgroup {
+        ConfiguredCgroup {
+            path: path.to_owned(),
+            id: id.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_cgroup_with_every_program_pinned_is_complete() {
+        let agents = [configured("/sys/fs/cgroup/agents", Some("42"))];
+        assert_eq!(incomplete_cgroups(&pins("42", &[]), &agents), []);
+        // Without a configuration, judged from the pins alone; the root,
+        // where the host-wide packet_egress sits, is no agent cgroup and
+        // is not judged for lack of connect4.
+        assert_eq!(incomplete_cgroups(&pins("42", &[]), &[]), []);
+    }
+
+    #[test]
+    fn a_cgroup_missing_one_program_is_incomplete_and_names_it() {
+        let agents = [configured("/sys/fs/cgroup/agents", Some("42"))];
+        let partial = pins("42", &["tollgate_connect6", "tollgate_sock_create"]);
+        let expected = [IncompleteCgroup {
+            cgroup: "/sys/fs/cgroup/agents".to_owned(),
+            missing: vec!["tollgate_connect6", "tollgate_sock_create"],
+            absent: false,
+        }];
+        assert_eq!(incomplete_cgroups(&partial, &agents), expected);
+        // Not configured (pin status without --config): named by id.
+        let unnamed = incomplete_cgroups(&partial, &[]);
+        assert_eq!(unnamed.len(), 1, "{unnamed:?}");
+        assert_eq!(unnamed[0].cgroup, "cgroup id 42");
+        assert_eq!(unnamed[0].missing, expected[0].missing);
+    }
+
+    #[test]
+    fn a_configured_cgroup_with_nothing_pinned_or_not_there_is_incomplete() {
+        let agents = [
+            configured("/sys/fs/cgroup/agents", Some("42")),
+            configured("/sys/fs/cgroup/more-agents", Some("43")),
+            configured("/sys/fs/cgroup/gone", None),
+        ];
+        let found = incomplete_cgroups(&pins("42", &[]), &agents);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].cgroup, "/sys/fs/cgroup/more-agents");
+        assert_eq!(found[0].missing, AGENT_CGROUP_PROGRAMS.to_vec());
+        assert!(!found[0].absent);
+        assert_eq!(found[1].cgroup, "/sys/fs/cgroup/gone");
+        assert!(found[1].absent);
+        // Nothing pinned and nothing configured: nothing to judge.
+        assert_eq!(incomplete_cgroups(&[], &[]), []);
+    }
+
+    #[test]
+    fn a_partial_set_on_a_cgroup_not_configured_is_reported_too() {
+        let agents = [configured("/sys/fs/cgroup/agents", Some("42"))];
+        let mut programs = pins("42", &[]);
+        programs.push(pinned("tollgate_connect4", "77"));
+        let found = incomplete_cgroups(&programs, &agents);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].cgroup, "cgroup id 77");
+        assert_eq!(found[0].missing.len(), AGENT_CGROUP_PROGRAMS.len() - 1);
+        assert!(!found[0].missing.contains(&"tollgate_connect4"));
+    }
+
+    #[test]
+    fn the_error_says_what_is_missing_where() {
+        let err = IncompletePins {
+            pin_dir: "/sys/fs/bpf/tollgate".into(),
+            cgroups: vec![
+                IncompleteCgroup {
+                    cgroup: "/sys/fs/cgroup/agents".to_owned(),
+                    missing: vec!["tollgate_connect6"],
+                    absent: false,
+                },
+                IncompleteCgroup {
+                    cgroup: "/sys/fs/cgroup/more".to_owned(),
+                    missing: AGENT_CGROUP_PROGRAMS.to_vec(),
+                    absent: false,
+                },
+            ],
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("/sys/fs/cgroup/agents: INCOMPLETE, missing tollgate_connect6"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/sys/fs/cgroup/more: nothing pinned"),
+            "{text}"
+        );
+    }
 }

@@ -322,7 +322,6 @@ async fn serve(
             .await;
             return Err(WireError::Malformed(reason));
         }
-        Err(err) => return Err(err),
     };
 
     let verified = shared.verifier.verify(token.trim()).await;

@@ -309,7 +309,7 @@ async fn a_client_gone_part_way_through_its_login_is_on_record() {
         .await
         .expect("the password prompt");
     assert_eq!(frame.tag, b'R');
-    client.set_linger(Some(Duration::ZERO)).expect("linger");
+    client.set_zero_linger().expect("linger");
     drop(client);
     // Nothing is sent back to a client that is gone: give the sessions a
     // moment to write their rows before the store closes.
