@@ -36,6 +36,18 @@ use tokio::sync::oneshot;
 pub use store::apply_retention;
 pub use wal::frame_len as wal_frame_len;
 
+/// The records of the WAL of the stream in `dir` (`dir/wal`), as a
+/// restart would replay them: a batch whose write failed is superseded
+/// by its retry, a frame cut short by a crash is left out. Empty when the
+/// stream has no WAL directory.
+pub fn wal_records(dir: &std::path::Path) -> std::io::Result<Vec<AuditRecord>> {
+    let wal_dir = dir.join("wal");
+    if !wal_dir.exists() {
+        return Ok(Vec::new());
+    }
+    Ok(wal::read_all(&wal_dir)?.records)
+}
+
 /// `tollgate audit ...` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {

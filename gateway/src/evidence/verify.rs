@@ -108,6 +108,36 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
         });
         rows.extend(read?);
     }
+    // The records not yet in a segment: the last seconds of a running
+    // daemon's, and after a kill (or a host that went down) everything
+    // since its last cut, until a daemon starts again and replays them. A
+    // bypass among them must not go unseen meanwhile.
+    let in_segments: HashSet<i64> = rows.iter().map(|r| r.sequence).collect();
+    let wal_dir = dir.join("wal");
+    let from_wal = crate::audit::wal_records(dir).map_err(|e| file_err(&wal_dir, e))?;
+    let wal_file = wal_dir.display().to_string();
+    for record in from_wal {
+        let Ok(sequence) = i64::try_from(record.sequence) else {
+            continue;
+        };
+        if in_segments.contains(&sequence) {
+            continue;
+        }
+        rows.push(Row {
+            sequence,
+            phase: record.phase,
+            time: record.time,
+            pid: record.actor_process_pid,
+            process: record.actor_process_name.to_string(),
+            cgroup_id: record.actor_process_cgroup_id,
+            dst_ip: record.dst_endpoint_ip.to_string(),
+            dst_port: record.dst_endpoint_port,
+            cookie: record.upstream_socket_cookie,
+            protocol: record.connection_info_protocol_name.to_string(),
+            unmapped: record.unmapped,
+            file: wal_file.clone(),
+        });
+    }
     rows.sort_by_key(|r| r.sequence);
     Ok(rows)
 }
@@ -371,9 +401,8 @@ pub struct Integrity {
     pub checked: bool,
     pub ok: bool,
     pub detail: String,
-    /// Records only in the stream's WAL, not yet in a segment: the
-    /// integrity pass reads them, reconciliation does not (see
-    /// [`EVIDENCE_WAL_NOT_RECONCILED`]).
+    /// Records only in the stream's WAL, not yet in a segment (the
+    /// integrity pass checks them; reconciliation reads them too).
     pub wal_records: u64,
     /// The newest record time the integrity pass saw, WAL included.
     pub last_time_ms: Option<i64>,
@@ -608,16 +637,8 @@ const COOKIE_WINDOW_MS: i64 = 10 * 60 * 1000;
 /// new probe during a restart) are.
 const DUPLICATE_WINDOW_MS: i64 = 5_000;
 
-/// How far before the newest segment row the evidence WAL's records may
-/// carry times: events wait in the ring buffer until read, a moment
-/// normally, longer in a backlog.
-const WAL_MARGIN_MS: i64 = 60_000;
-
 /// The problem of a window whose end no loss record covers.
 pub const WINDOW_END_NOT_COVERED: &str = "window end not covered by a loss record";
-
-/// The problem of evidence records that only the WAL holds.
-pub const EVIDENCE_WAL_NOT_RECONCILED: &str = "evidence WAL not reconciled";
 
 /// The reconciliation itself, on rows already read.
 pub fn reconcile(
@@ -967,30 +988,6 @@ pub fn reconcile(
                  excluded",
                 format_time(to),
                 format_time(newest)
-            ));
-        }
-    }
-    // Records still in the evidence WAL are newer than every segment row
-    // (a segment is cut every `segment_max_age_secs`; after a kill, not
-    // until the next start replays them), and reconciliation reads only
-    // segments: a bypass among them would go unseen. Their times are not
-    // known here, only that they follow the segments', give or take the
-    // delay of the ring buffer.
-    let wal = &report.evidence_integrity;
-    if wal.wal_records > 0 {
-        let reaches_segment_end = opts
-            .to_ms
-            .is_none_or(|to| newest.is_none_or(|n| to >= n.saturating_sub(WAL_MARGIN_MS)));
-        let before_wal_end = opts
-            .from_ms
-            .is_none_or(|from| wal.last_time_ms.is_none_or(|last| from <= last));
-        if reaches_segment_end && before_wal_end {
-            problems.push(format!(
-                "{EVIDENCE_WAL_NOT_RECONCILED}: {} evidence records are only in the WAL, not yet \
-                 in a segment, and may fall in the window: verify a window that ends before \
-                 them, or again once they are in a segment (the daemon cuts one every \
-                 segment_max_age_secs, or at its next start after a kill)",
-                wal.wal_records
             ));
         }
     }
@@ -1862,46 +1859,35 @@ mod tests {
         assert!(r.ok, "{}", summary(&r));
     }
 
-    /// Evidence records only in the WAL are not reconciled: a window that
-    /// may hold them fails, one that ends well before them does not.
-    #[test]
-    fn evidence_only_in_the_wal_is_a_problem_for_a_window_reaching_it() {
-        let evidence = vec![
-            start_at(1, T, "boot-1", None),
-            counters_at(2, T + 5_000, 0, 0, 0),
-            counters_at(3, T + 100_000, 0, 0, 0),
-            counters_at(4, T + 200_000, 0, 0, 0),
-        ];
-        let with_wal = Integrity {
-            wal_records: 3,
-            last_time_ms: Some(T + 203_000),
-            ..checked()
-        };
-        let run = |o: &Options| {
-            reconcile(
-                Path::new("/a"),
-                &[],
-                &evidence,
-                checked(),
-                with_wal.clone(),
-                o,
-            )
-        };
-        let wal_problem = |r: &Report| {
-            r.problems
-                .iter()
-                .any(|p| p.starts_with(EVIDENCE_WAL_NOT_RECONCILED))
-        };
-        let r = run(&window(None, None));
-        assert!(!r.ok, "{}", summary(&r));
-        assert!(wal_problem(&r), "{}", summary(&r));
-        let r = run(&window(Some(T), Some(T + 180_000)));
-        assert!(wal_problem(&r), "{}", summary(&r));
-        let r = run(&window(Some(T), Some(T + 100_000)));
-        assert!(r.ok, "{}", summary(&r));
-        // Without records in the WAL, the whole stream verifies.
-        let r = reconciled_in(&evidence, &window(None, None));
-        assert!(r.ok, "{}", summary(&r));
+    /// Records not yet in a segment (in the WAL of a running or killed
+    /// daemon) are reconciled with the rest: read after the segments' rows,
+    /// each once.
+    #[tokio::test]
+    async fn rows_still_in_the_wal_are_read_with_the_segments() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut cfg = crate::audit::tests::config(tmp.path());
+        cfg.segment_max_records = 2;
+        cfg.segment_max_age_secs = 3600;
+        let log = crate::audit::AuditLog::open(&cfg).await.expect("open");
+        for i in 0..3 {
+            log.append(crate::audit::tests::sample(i, T + i as i64))
+                .await
+                .expect("append");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while segment_files(&cfg.dir).expect("list").is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no segment was cut");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let crashed = tmp.path().join("crashed");
+        crate::audit::tests::crash_copy(&cfg.dir, &crashed);
+        log.shutdown().await;
+        let rows = read_rows(&crashed).expect("read");
+        let sequences: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, [1, 2, 3]);
+        assert!(rows[0].file.ends_with(".parquet"), "{}", rows[0].file);
+        assert!(rows[2].file.ends_with("wal"), "{}", rows[2].file);
+        assert_eq!(rows[2].time, T + 2);
     }
 
     /// A boot begins when the host booted, not at the daemon's config
