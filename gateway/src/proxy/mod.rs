@@ -55,6 +55,9 @@ pub struct Shared {
     /// Memory PostgreSQL server messages held whole may take, all
     /// sessions together.
     pub postgres_held_whole: postgres::HeldWholeBudget,
+    /// Bytes the prepared statements and portals PostgreSQL sessions keep
+    /// may take, all sessions together.
+    pub postgres_named: postgres::NamedBudget,
     /// The sessions running, and whether the daemon is stopping them.
     pub sessions: Sessions,
 }

@@ -365,6 +365,38 @@ pub(super) const MAX_NAMED: usize = 10_000;
 /// Bytes of names, statement text and rendered parameters those may hold.
 pub(super) const MAX_NAMED_BYTES: usize = 256 << 20;
 
+/// Bytes the kept statements and portals of all sessions together may
+/// hold: without it, each of a target's `max_connections` sessions (one
+/// token can open them all) could keep its own 512 MiB.
+pub const MAX_NAMED_BYTES_ALL_SESSIONS: usize = 1 << 30;
+
+/// What the kept statements and portals of all sessions hold, in bytes
+/// (see [`MAX_NAMED_BYTES_ALL_SESSIONS`]).
+#[derive(Debug, Default, Clone)]
+pub struct NamedBudget(Arc<std::sync::atomic::AtomicUsize>);
+
+impl NamedBudget {
+    /// Takes `bytes` if all sessions together stay within the bound.
+    fn take(&self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes)
+                    .filter(|&after| after <= MAX_NAMED_BYTES_ALL_SESSIONS)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.0.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// What all sessions hold now.
+    pub fn held(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// The bytes of a kept statement or portal, besides its name.
 trait KeptBytes {
     fn kept_bytes(&self) -> usize;
@@ -395,6 +427,8 @@ impl KeptBytes for Bound {
 struct Named<T> {
     map: HashMap<String, (u64, T)>,
     bytes: usize,
+    /// The daemon-wide budget `bytes` are taken from.
+    budget: NamedBudget,
 }
 
 impl<T> Default for Named<T> {
@@ -402,7 +436,14 @@ impl<T> Default for Named<T> {
         Named {
             map: HashMap::new(),
             bytes: 0,
+            budget: NamedBudget::default(),
         }
+    }
+}
+
+impl<T> Drop for Named<T> {
+    fn drop(&mut self) {
+        self.budget.give_back(self.bytes);
     }
 }
 
@@ -421,6 +462,20 @@ impl<T: KeptBytes> Named<T> {
             );
             return false;
         }
+        // The unnamed one is always kept (it replaces the last), even past
+        // the daemon's budget, which it then passes by one statement.
+        if !self.budget.take(bytes) {
+            if !name.is_empty() {
+                warn!(
+                    all_sessions = self.budget.held(),
+                    "a prepared statement or portal past the bytes all sessions may keep is not kept: it resolves as unknown"
+                );
+                return false;
+            }
+            self.budget
+                .0
+                .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+        }
         self.bytes += bytes;
         self.map.insert(name, entry);
         true
@@ -428,12 +483,15 @@ impl<T: KeptBytes> Named<T> {
 
     fn remove(&mut self, name: &str) -> Option<(u64, T)> {
         let entry = self.map.remove(name)?;
-        self.bytes -= name.len() + entry.1.kept_bytes();
+        let bytes = name.len() + entry.1.kept_bytes();
+        self.bytes -= bytes;
+        self.budget.give_back(bytes);
         Some(entry)
     }
 
     fn clear(&mut self) {
         self.map.clear();
+        self.budget.give_back(self.bytes);
         self.bytes = 0;
     }
 }
@@ -776,10 +834,13 @@ pub async fn run(
     upstream: Upstream,
 ) -> Result<(), WireError> {
     let session = Arc::new(session);
-    let in_flight = Arc::new(Mutex::new(InFlight {
+    let mut in_flight = InFlight {
         marker: refusal_marker(),
         ..InFlight::default()
-    }));
+    };
+    in_flight.statements.budget = session.shared.postgres_named.clone();
+    in_flight.portals.budget = session.shared.postgres_named.clone();
+    let in_flight = Arc::new(Mutex::new(in_flight));
     // Signalled whenever server answers have been taken off the queue.
     let answered = Arc::new(Notify::new());
     let client_wr = AgentWriter::shared(client_wr);

@@ -549,6 +549,7 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
             pinning: None,
             postgres_cancel_keys: Default::default(),
             postgres_held_whole: Default::default(),
+            postgres_named: Default::default(),
             sessions: Default::default(),
         }),
         statement_record,
@@ -1281,6 +1282,46 @@ fn named_statements_are_kept_up_to_the_sessions_bounds() {
     assert!(!f.statements.insert("b".into(), (0, prepared(&big))));
     assert!(matches!(f.statement("b"), Resolved::Known(None)));
     assert_eq!(f.statements.bytes, 1 + big.len());
+}
+
+/// The statements and portals all sessions keep share one budget: a
+/// session cannot keep a name once the others hold it all (one token may
+/// open a target's every connection), the unnamed statement still is,
+/// and what a session kept is given back when it ends.
+#[test]
+fn named_statements_of_all_sessions_share_one_budget() {
+    let budget = NamedBudget::default();
+    let session = || {
+        let mut f = InFlight::default();
+        f.statements.budget = budget.clone();
+        f.portals.budget = budget.clone();
+        f
+    };
+    // One text, counted by every session that keeps it (held once here).
+    let big = prepared(&"x".repeat(MAX_NAMED_BYTES / 2));
+    let size = big.text.len();
+    let mut sessions = Vec::new();
+    while budget.held() + 1 + size <= MAX_NAMED_BYTES_ALL_SESSIONS {
+        let mut f = session();
+        assert!(f.statements.insert("a".into(), (0, big.clone())));
+        sessions.push(f);
+    }
+    let mut late = session();
+    assert!(
+        !late.statements.insert("a".into(), (0, big.clone())),
+        "past the budget all sessions share"
+    );
+    assert!(late.statements.insert("".into(), (0, big.clone())));
+    drop(late);
+    let held = budget.held();
+    drop(sessions.pop());
+    assert_eq!(budget.held(), held - 1 - size, "given back at the end");
+    let mut next = session();
+    assert!(next.statements.insert("a".into(), (0, big.clone())));
+    next.statements.clear();
+    drop(sessions);
+    drop(next);
+    assert_eq!(budget.held(), 0);
 }
 
 /// After an error in a pipeline the server skips to the Sync: the
