@@ -467,15 +467,19 @@ unsafe fn socket_sources(sa: *mut bpf_sock_addr) -> SocketSources {
     }
 }
 
-/// An unspecified destination (`0.0.0.0`, `::ffff:0.0.0.0`, `::`) on a
-/// socket bound to a device (SO_BINDTODEVICE, which needs no privilege on
-/// an unbound socket): the kernel then takes the device's own address for
-/// both source and destination (ip_route_output_key_hash_rcu), which may
-/// be a protected target on this host that no program here can name in
-/// advance. Nothing legitimate connects so: it is refused.
+/// An unspecified destination (`0.0.0.0`, `::ffff:0.0.0.0`, `::`) that
+/// may go out through a device: from a socket bound to one
+/// (SO_BINDTODEVICE, which needs no privilege on an unbound socket), or
+/// from any non-stream socket, which can name its device where no program
+/// here sees it (IP_UNICAST_IF, IPV6_UNICAST_IF, an IP_PKTINFO message).
+/// The kernel then takes the device's own address for both source and
+/// destination (ip_route_output_key_hash_rcu), which may be a protected
+/// target on this host that no program here can name in advance. Nothing
+/// legitimate connects or sends so: it is refused.
 #[inline(always)]
-fn unspecified_on_device(asked: &[u32; 4], bound_device: u32) -> bool {
-    bound_device != 0 && (same_address(asked, &v4_mapped(0)) || same_address(asked, &[0; 4]))
+fn unspecified_on_device(asked: &[u32; 4], bound_device: u32, sock_type: u32) -> bool {
+    (bound_device != 0 || sock_type != SOCK_STREAM)
+        && (same_address(asked, &v4_mapped(0)) || same_address(asked, &[0; 4]))
 }
 
 /// The destination to judge for `asked`:`port`: where the kernel sends it,
@@ -498,7 +502,7 @@ unsafe fn judged_socket_destination(
 ) -> Result<TargetKey, TargetKey> {
     let sources = socket_sources(sa);
     let port = port_from_user((*sa).user_port);
-    if unspecified_on_device(&asked, sources.bound_device) {
+    if unspecified_on_device(&asked, sources.bound_device, (*sa).type_) {
         return Err(TargetKey { addr: asked, port });
     }
     Ok(judged_destination(
@@ -585,7 +589,7 @@ pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
         // destination is never `::`, so no IPv6 source is needed.
         let asked = v4_mapped((*sa).user_ip4);
         let port = port_from_user((*sa).user_port);
-        if unspecified_on_device(&asked, socket_sources(sa).bound_device) {
+        if unspecified_on_device(&asked, socket_sources(sa).bound_device, (*sa).type_) {
             let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
             let asked = TargetKey { addr: asked, port };
             report_refusal(sa, &asked, AF_INET, kind, counted_program::SENDMSG4);
@@ -677,10 +681,17 @@ pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
         let sk = ctx.sock;
         let family = (*sk).family;
         let sock_type = (*sk).type_;
-        let unjudged_datagram = sock_type == SOCK_DGRAM
-            && !datagram_judged_by_the_hooks((*sk).protocol)
-            && egress_denied_by_default();
-        if family == AF_PACKET || sock_type == SOCK_RAW || unjudged_datagram {
+        // Under deny, every socket whose destinations some hook judges:
+        // TCP streams (connect4/6) and UDP datagrams (connect, sendmsg).
+        // SCTP (one-to-many SEQPACKET sockets associate in sendmsg, on a
+        // path no hook runs on), ping sockets and the like are not.
+        let judged = match sock_type {
+            SOCK_STREAM => (*sk).protocol == 0 || (*sk).protocol == u32::from(IPPROTO_TCP_U8),
+            SOCK_DGRAM => datagram_judged_by_the_hooks((*sk).protocol),
+            _ => false,
+        };
+        let unjudged = !judged && egress_denied_by_default();
+        if family == AF_PACKET || sock_type == SOCK_RAW || unjudged {
             let program = counted_program::SOCK_CREATE;
             count(program, counter::SEEN);
             let mut event = current_task_event(event_kind::REFUSED_SOCKET, family, 0);

@@ -423,7 +423,9 @@ fn udp_datagrams_to_a_protected_target_are_refused() {
             "IPv4-mapped IPv6 sendto",
             vec!["udp", "::ffff:127.0.0.1", &port],
         ),
-        // The kernel sends these to 127.0.0.1.
+        // Refused whatever the port: a datagram socket can name a device
+        // where no program sees it, and the kernel would then send these
+        // to its address (without one, to 127.0.0.1).
         ("sendto 0.0.0.0", vec!["udp", "0.0.0.0", &port]),
         (
             "connected UDP to 0.0.0.0",
@@ -445,7 +447,16 @@ fn udp_datagrams_to_a_protected_target_are_refused() {
         "refused_datagram",
         &format!("dst_endpoint_port = {port}"),
     );
-    assert_eq!(refused.len(), cases.len(), "{refused:?}");
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    let unspecified = evidence::rows_of_kind(
+        stack.gateway.audit_dir(),
+        "refused_unspecified_on_device",
+        &format!("dst_endpoint_port = {port}"),
+    );
+    assert_eq!(unspecified.len(), 2, "{unspecified:?}");
+    for row in &unspecified {
+        assert_eq!(row["dst_endpoint_ip"], "0.0.0.0", "{row}");
+    }
     for row in &refused {
         assert_eq!(row["activity_id"], 5, "OCSF Refuse: {row}");
         assert_eq!(row["connection_info_protocol_name"], "udp", "{row}");

@@ -531,9 +531,16 @@ struct Rings {
 impl Rings {
     /// A batch of each, the reserved one first: its events are the ones a
     /// verdict rests on. What remains is the readiness branches' work.
-    async fn drain_batch(&mut self, log: &AuditLog, user: &mut UserSpaceCounters) {
-        drain(self.reserved.get_mut(), Ring::Reserved, log, user).await;
-        drain(self.ring.get_mut(), Ring::General, log, user).await;
+    /// Drains a batch of each: how the drains ended, the worse of the two
+    /// (a write that failed, then more events left).
+    async fn drain_batch(&mut self, log: &AuditLog, user: &mut UserSpaceCounters) -> Drained {
+        let reserved = drain(self.reserved.get_mut(), Ring::Reserved, log, user).await;
+        let general = drain(self.ring.get_mut(), Ring::General, log, user).await;
+        match (reserved, general) {
+            (Drained::WriteFailed, _) | (_, Drained::WriteFailed) => Drained::WriteFailed,
+            (Drained::More, _) | (_, Drained::More) => Drained::More,
+            (Drained::Done, Drained::Done) => Drained::Done,
+        }
     }
 
     /// Both, until each is empty (or an event cannot be written).
@@ -589,17 +596,44 @@ async fn read_loop(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    // When to drain again after an event could not be written: the kernel
+    // wakes a reader only once it has caught up with a ring buffer, which
+    // a reader holding back an event never does, so without this only the
+    // ticker would drain, a batch an interval, and the kernel would drop
+    // what a busy host sends meanwhile.
+    let mut retry: Option<tokio::time::Instant> = None;
     loop {
+        let retry_due = async {
+            match retry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let stopping = tokio::select! {
-            // Polled first: when both have events, the reserved ring's
-            // are written first.
+            // The stop first, then the reserved ring before the general
+            // one: when both have events, the reserved ring's are written
+            // first.
             biased;
+            _ = stopped.changed() => true,
             guard = rings.reserved.readable_mut() => {
-                drain_ready(guard, Ring::Reserved, &log, &mut user).await;
+                if drain_ready(guard, Ring::Reserved, &log, &mut user).await == Drained::WriteFailed {
+                    retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
+                }
                 false
             }
             guard = rings.ring.readable_mut() => {
-                drain_ready(guard, Ring::General, &log, &mut user).await;
+                if drain_ready(guard, Ring::General, &log, &mut user).await == Drained::WriteFailed {
+                    retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
+                }
+                false
+            }
+            () = retry_due => {
+                retry = match rings.drain_batch(&log, &mut user).await {
+                    Drained::WriteFailed => Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER),
+                    // More waits, and no wake-up comes for it.
+                    Drained::More => Some(tokio::time::Instant::now()),
+                    Drained::Done => None,
+                };
                 false
             }
             _ = ticker.tick() => {
@@ -609,7 +643,6 @@ async fn read_loop(
                 write_loss(&log, &counters, &tracing_programs, user, interval).await;
                 false
             }
-            _ = stopped.changed() => true,
         };
         if stopping {
             rings.drain_all(&log, &mut user).await;
@@ -621,27 +654,29 @@ async fn read_loop(
 
 /// A batch of a ring buffer the poll found readable. Readiness stays when
 /// the batch was cut short, so that the reader's next turn drains on
-/// without a wake-up (after letting other tasks run). It stays too when an
-/// event could not be written: the kernel wakes a reader only once it has
-/// caught up with the ring buffer, which a reader holding back an event
-/// never does, so without it only the ticker would drain, a batch an
-/// interval, and the kernel would drop what a busy host sends meanwhile.
-/// The next try comes after [`RETRY_WRITE_AFTER`].
+/// without a wake-up (after letting other tasks run). When an event could
+/// not be written, readiness is cleared (kept, the ring buffer would be
+/// polled again at once, forever while the disk is full, and the stop and
+/// the ticker never) and the caller retries on a timer.
 async fn drain_ready(
     guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
     which: Ring,
     log: &AuditLog,
     user: &mut UserSpaceCounters,
-) {
+) -> Drained {
     match guard {
-        Ok(mut guard) => match drain(guard.get_inner_mut(), which, log, user).await {
-            Drained::Done => guard.clear_ready(),
-            Drained::More => tokio::task::yield_now().await,
-            Drained::WriteFailed => tokio::time::sleep(RETRY_WRITE_AFTER).await,
-        },
+        Ok(mut guard) => {
+            let drained = drain(guard.get_inner_mut(), which, log, user).await;
+            match drained {
+                Drained::Done | Drained::WriteFailed => guard.clear_ready(),
+                Drained::More => tokio::task::yield_now().await,
+            }
+            drained
+        }
         Err(err) => {
             warn!(error = %err, ring = ?which, "evidence ring buffer poll failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
+            Drained::Done
         }
     }
 }

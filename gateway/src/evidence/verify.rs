@@ -98,6 +98,12 @@ fn col<'a, T: 'static>(
 
 /// Reads the reconciliation columns of every closed segment of a stream.
 pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
+    // The WAL is read before the segments are listed: a running daemon
+    // deletes WAL files only once their records are in a manifested
+    // segment, so a record moved meanwhile is found in one or the other
+    // (in both, it counts once), never in neither.
+    let wal_dir = dir.join("wal");
+    let from_wal = wal_records_of(dir).map_err(|e| file_err(&wal_dir, e))?;
     let mut rows = Vec::new();
     for path in segment_files(dir)? {
         let read = crate::audit::decoding(|| read_file_rows(&path)).unwrap_or_else(|panic| {
@@ -113,8 +119,6 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
     // since its last cut, until a daemon starts again and replays them. A
     // bypass among them must not go unseen meanwhile.
     let in_segments: HashSet<i64> = rows.iter().map(|r| r.sequence).collect();
-    let wal_dir = dir.join("wal");
-    let from_wal = crate::audit::wal_records(dir).map_err(|e| file_err(&wal_dir, e))?;
     let wal_file = wal_dir.display().to_string();
     for record in from_wal {
         let Ok(sequence) = i64::try_from(record.sequence) else {
@@ -140,6 +144,21 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
     }
     rows.sort_by_key(|r| r.sequence);
     Ok(rows)
+}
+
+/// The records of the WAL of the stream in `dir`. A file a running daemon
+/// deletes between listing and reading (its records are in a segment by
+/// then) makes the read start again.
+fn wal_records_of(dir: &Path) -> std::io::Result<Vec<crate::audit::AuditRecord>> {
+    let mut attempts = 0;
+    loop {
+        match crate::audit::wal_records(dir) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && attempts < 10 => {
+                attempts += 1;
+            }
+            read => return read,
+        }
+    }
 }
 
 /// The rows of one segment file.
@@ -940,6 +959,9 @@ pub fn reconcile(
             }
             p
         });
+        // The first record of a new boot says nothing of the end of the
+        // boot before: its counters started again at zero.
+        let crossed_boot = new_boot;
         new_daemon = false;
         new_boot = false;
         let delta = interval_delta(baseline.as_ref(), &cumulative);
@@ -962,7 +984,9 @@ pub fn reconcile(
             }
         }
         if past_end {
-            judged_past_end = true;
+            // A record of the next boot does not cover the window's end,
+            // which the boot before it reached.
+            judged_past_end = !crossed_boot;
             break;
         }
         previous = Some(cumulative);
@@ -1801,6 +1825,37 @@ mod tests {
         let r = reconciled_in(&evidence, &window(Some(T), Some(T + 25_000)));
         assert!(r.ok, "{}", summary(&r));
         let r = reconciled_in(&evidence, &window(Some(T), None));
+        assert!(r.ok, "{}", summary(&r));
+    }
+
+    /// The first loss record after a window's end covers it only if it is
+    /// of the same boot: after a reboot its counters started again, and
+    /// what the boot before lost at its end is not in them.
+    #[test]
+    fn a_window_end_followed_by_a_reboot_is_not_covered_by_the_next_boots_record() {
+        let mut later = connect(6, 3, "curl", "93.184.216.34:443", 1);
+        later.time = T + 60_000;
+        let evidence = |second_boot: &str| {
+            vec![
+                start_at(1, T, "boot-1", None),
+                counters_at(2, T + 5_000, 0, 0, 0),
+                start_at(3, T + 20_000, second_boot, None),
+                counters_at(4, T + 25_000, 0, 0, 0),
+                later.clone(),
+            ]
+        };
+        let end = window(Some(T), Some(T + 10_000));
+        let r = reconciled_in(&evidence("boot-2"), &end);
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.starts_with(WINDOW_END_NOT_COVERED)),
+            "{}",
+            summary(&r)
+        );
+        // A daemon restarted within the boot: the kernel's counters went
+        // on, and its first record covers the end.
+        let r = reconciled_in(&evidence("boot-1"), &end);
         assert!(r.ok, "{}", summary(&r));
     }
 

@@ -185,7 +185,9 @@ const SAMPLE_VIEWS: &[&str] = &[
 const OTHER_SESSIONS_VIEWS: &[&str] = &[
     "pg_stat_activity",
     "pg_stat_get_activity",
+    "pg_stat_get_backend_activity",
     "pg_stat_statements",
+    "pg_stat_monitor",
 ];
 
 /// Whether a relation name (`schema.name`, as `table_names` gives it) is
@@ -2265,6 +2267,8 @@ mod tests {
             "SELECT * FROM pg_stat_get_activity(NULL)",
             "SELECT query FROM public.pg_stat_statements",
             "SELECT query FROM monitoring.pg_stat_statements(true)",
+            "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s",
+            "SELECT query FROM pg_stat_monitor",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }

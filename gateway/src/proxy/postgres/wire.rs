@@ -60,13 +60,20 @@ pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startu
             "the client closed the connection in the middle of its startup packet".into(),
         )
     };
+    let failed_part_way = |err: std::io::Error| {
+        WireError::Malformed(format!(
+            "the connection failed in the middle of the startup packet: {err}"
+        ))
+    };
     let mut len_bytes = [0u8; 4];
     let mut have = 0;
     while have < len_bytes.len() {
-        match reader.read(&mut len_bytes[have..]).await? {
-            0 if have == 0 => return Err(WireError::Closed),
-            0 => return Err(cut_short()),
-            n => have += n,
+        match reader.read(&mut len_bytes[have..]).await {
+            Ok(0) if have == 0 => return Err(WireError::Closed),
+            Ok(0) => return Err(cut_short()),
+            Ok(n) => have += n,
+            Err(err) if have > 0 => return Err(failed_part_way(err)),
+            Err(err) => return Err(err.into()),
         }
     }
     let len = i32::from_be_bytes(len_bytes);
@@ -76,6 +83,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startu
     let mut body = vec![0u8; len as usize - 4];
     match read_exact_or_closed(reader, &mut body).await {
         Err(WireError::Closed) => return Err(cut_short()),
+        Err(WireError::Io(err)) => return Err(failed_part_way(err)),
         other => other?,
     }
     let mut buf = &body[..];

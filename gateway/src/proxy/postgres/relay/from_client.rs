@@ -241,7 +241,16 @@ impl FromClient {
             b'S' => {}
             b'c' | b'f' => {
                 self.copies_ended += 1;
-                lock(&self.in_flight).copy_in = false;
+                let mut in_flight = lock(&self.in_flight);
+                in_flight.copy_in = false;
+                // The request the copy belongs to may start another (a Query
+                // of two COPY FROM STDIN): what the client sends next waits
+                // again, for that one to start or for the request's end.
+                self.answer_barrier = in_flight
+                    .queue
+                    .front()
+                    .filter(|p| matches!(p.kind, Kind::Query | Kind::Execute))
+                    .map(|p| p.id);
             }
             other => {
                 return Err(WireError::Malformed(format!(
