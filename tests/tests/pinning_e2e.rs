@@ -1534,9 +1534,58 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
         String::from_utf8_lossy(&made.stderr)
     );
     assert!(old_client_ports.exists() && !reserved.exists());
+    // And a map of guarded ports of an older size (1 024 entries, before
+    // every target's port was guarded).
+    let listener_ports = maps.join("LISTENER_PORTS");
+    std::fs::remove_file(&listener_ports).expect("unpin the guarded ports");
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&listener_ports)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "1024",
+            "name",
+            "LISTENER_PORTS",
+        ])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        made.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let entries_of = |path: &Path| -> String {
+        let out = Command::new("bpftool")
+            .args(["--json", "map", "show", "pinned"])
+            .arg(path)
+            .output()
+            .expect("run bpftool");
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        shown["max_entries"].to_string()
+    };
+    assert_eq!(entries_of(&listener_ports), "1024");
 
     let restarted_at = now_ms();
     stack.gateway.restart().expect("restart tollgate");
+    assert_eq!(
+        entries_of(&listener_ports),
+        "2048",
+        "the guarded ports map keeps an older version's size"
+    );
+    assert!(
+        stack
+            .gateway
+            .log()
+            .contains("a pinned map of an older version's size is made again"),
+        "{}",
+        stack.gateway.log()
+    );
     assert!(
         !old_client_ports.exists(),
         "the older daemon's client port map is still pinned"

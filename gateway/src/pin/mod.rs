@@ -38,7 +38,7 @@ use aya::{
 };
 use gateway_common::{
     egress_setting, global_names, map_names, program_names, ClientEndpointKey, EgressRule,
-    OriginalDestination, Redirect, TargetKey,
+    OriginalDestination, Redirect, TargetKey, LISTENER_PORT_ENTRIES,
 };
 use tracing::{info, warn};
 
@@ -218,6 +218,14 @@ impl Pinning {
         .into_iter()
         .map(|name| (name, maps_dir.join(name)))
         .collect();
+        // A policy map pinned by a daemon whose version sized it otherwise
+        // would be taken as it is (the loader reuses a pin without looking
+        // at its size): its pin goes, so that a map of this version's size
+        // is made. Its content is written at every start; the programs of
+        // the older daemon keep their map until their pins are replaced.
+        for (name, entries) in [(map_names::LISTENER_PORTS, LISTENER_PORT_ENTRIES)] {
+            remove_pin_of_other_size(&maps_dir.join(name), entries)?;
+        }
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -681,6 +689,30 @@ pub(crate) fn ip_from_words(words: [u32; 4]) -> IpAddr {
 pub(crate) fn comm_to_string(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Removes the pin at `path` when it holds a map of other than `entries`
+/// entries (see where it is called); nothing when there is no pin.
+fn remove_pin_of_other_size(path: &Path, entries: u32) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let pinned = aya::maps::MapData::from_pin(path)
+        .with_context(|| format!("open the pinned map {}", path.display()))?;
+    let pinned_entries = pinned
+        .info()
+        .with_context(|| format!("read the pinned map {}", path.display()))?
+        .max_entries();
+    if pinned_entries != entries {
+        fs::remove_file(path).with_context(|| format!("remove the pin of {}", path.display()))?;
+        info!(
+            map = %path.display(),
+            pinned_entries,
+            entries,
+            "a pinned map of an older version's size is made again"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
