@@ -534,9 +534,16 @@ async fn forward_cancel(
     // A CancelRequest carries no token: whose session it is, the key says.
     let mut cancel = upstream_record(connection, None, socket_cookie);
     cancel.status_detail = format!(
-        "cancel request forwarded to server process {} of session {}",
+        "cancel request for server process {} of session {}: forwarding it",
         server.process_id, server.session_uid
     );
+    // A cancel that does not reach the server after its row was written
+    // gets a refusal row too: the first says it was being forwarded, not
+    // that it arrived.
+    let not_forwarded = |why: &str| {
+        warn!(reason = why, "cancel request not forwarded");
+        refuse_cancel(connection, shared, "cancel_not_forwarded", why);
+    };
     match tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, shared.audit.append(cancel)).await {
         Ok(Ok(_)) => {}
         Ok(Err(err)) => {
@@ -544,14 +551,14 @@ async fn forward_cancel(
             return;
         }
         Err(_) => {
-            warn!("cancel request not forwarded: its audit record was not durable in time");
+            not_forwarded("its audit record was not durable within the forward timeout");
             return;
         }
     }
     match tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, server.send_cancel(socket)).await {
         Ok(Ok(())) => info!("cancel request forwarded to the session's server"),
-        Ok(Err(err)) => warn!(error = %err, "cancel request could not be forwarded"),
-        Err(_) => warn!("cancel request could not be forwarded in time"),
+        Ok(Err(err)) => not_forwarded(&format!("sending it to the server failed: {err}")),
+        Err(_) => not_forwarded("the server did not take it within the forward timeout"),
     }
 }
 
