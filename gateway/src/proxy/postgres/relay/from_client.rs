@@ -495,7 +495,9 @@ impl FromClient {
     async fn send_admitted(&mut self) -> Result<(), WireError> {
         let forward = std::mem::take(&mut self.forward);
         if !forward.is_empty() {
-            send_all(&mut self.upstream_wr, &forward).await?;
+            send_all(&mut self.upstream_wr, &forward)
+                .await
+                .map_err(upstream_write_failed)?;
         }
         Ok(())
     }
@@ -516,7 +518,9 @@ impl FromClient {
                 Resolved::WaitFor(id) => id,
             };
             if !self.forward.is_empty() {
-                send_all(&mut self.upstream_wr, &self.forward).await?;
+                send_all(&mut self.upstream_wr, &self.forward)
+                    .await
+                    .map_err(upstream_write_failed)?;
                 self.forward.clear();
             }
             if lock(&self.in_flight)
@@ -575,6 +579,17 @@ fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bo
         Ok(operations) => operations.iter().any(|op| op.calls_functions),
         Err(_) => true,
     }
+}
+
+/// A write to the target that failed: the connection to it is lost,
+/// which the reader of the target's side tells the agent and puts on
+/// record (see `relay::run`).
+#[derive(Debug, thiserror::Error)]
+#[error("writing to the target failed: {0}")]
+pub(super) struct UpstreamWriteFailed(std::io::Error);
+
+fn upstream_write_failed(err: std::io::Error) -> WireError {
+    WireError::Io(std::io::Error::new(err.kind(), UpstreamWriteFailed(err)))
 }
 
 /// Whether a statement may make the server take copy data from the client

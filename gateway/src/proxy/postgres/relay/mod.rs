@@ -868,9 +868,19 @@ pub async fn run(
     let deadline = session.shared.verifier.session_deadline(&session.principal);
     // Whichever side ends first ends the session; so do the token's expiry
     // and the daemon's stop.
+    let mut to_client = std::pin::pin!(to_client);
     let result = tokio::select! {
-        r = to_server => r,
-        r = to_client => r,
+        r = to_server => match r {
+            // The target's connection broke under a request: its reader
+            // sees the loss too, and tells the agent and the audit.
+            Err(WireError::Io(err)) if wrote_to_a_lost_target(&err) => {
+                tokio::time::timeout(UPSTREAM_LOSS_GRACE, &mut to_client)
+                    .await
+                    .unwrap_or(Err(WireError::Io(err)))
+            }
+            r => r,
+        },
+        r = &mut to_client => r,
         () = sleep_until_epoch(deadline) => {
             end_expired_session(&session, &expiry_writer, &in_flight).await;
             Ok(())
@@ -882,6 +892,15 @@ pub async fn run(
     };
     record_unanswered(&session, &in_flight);
     result
+}
+
+/// How long the reader of the target's side is given to notice a lost
+/// connection that a write found first.
+const UPSTREAM_LOSS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn wrote_to_a_lost_target(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|inner| inner.is::<from_client::UpstreamWriteFailed>())
 }
 
 /// Writes the outcome records of the requests still in flight when the
