@@ -370,30 +370,91 @@ pub(super) const MAX_NAMED_BYTES: usize = 256 << 20;
 /// token can open them all) could keep its own 512 MiB.
 pub const MAX_NAMED_BYTES_ALL_SESSIONS: usize = 1 << 30;
 
-/// What the kept statements and portals of all sessions hold, in bytes
-/// (see [`MAX_NAMED_BYTES_ALL_SESSIONS`]).
+/// Bytes those of one identity's sessions together may hold: one token
+/// must not take what all sessions share from everyone else.
+pub const MAX_NAMED_BYTES_ONE_IDENTITY: usize = MAX_NAMED_BYTES_ALL_SESSIONS / 4;
+
+/// What the kept statements and portals of all sessions hold, in bytes, in
+/// all and by identity (see [`MAX_NAMED_BYTES_ALL_SESSIONS`],
+/// [`MAX_NAMED_BYTES_ONE_IDENTITY`]).
 #[derive(Debug, Default, Clone)]
-pub struct NamedBudget(Arc<std::sync::atomic::AtomicUsize>);
+pub struct NamedBudget(Arc<Mutex<NamedHeld>>);
+
+#[derive(Debug, Default)]
+struct NamedHeld {
+    total: usize,
+    by_identity: HashMap<Arc<str>, usize>,
+}
 
 impl NamedBudget {
-    /// Takes `bytes` if all sessions together stay within the bound.
-    fn take(&self, bytes: usize) -> bool {
-        use std::sync::atomic::Ordering;
-        self.0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes)
-                    .filter(|&after| after <= MAX_NAMED_BYTES_ALL_SESSIONS)
-            })
-            .is_ok()
+    /// The share of the sessions of the identity `object_id`.
+    pub(super) fn share(&self, object_id: &str) -> NamedShare {
+        NamedShare {
+            budget: self.clone(),
+            identity: object_id.into(),
+        }
     }
 
-    fn give_back(&self, bytes: usize) {
-        self.0.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    fn lock(&self) -> std::sync::MutexGuard<'_, NamedHeld> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// What all sessions hold now.
     pub fn held(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
+        self.lock().total
+    }
+}
+
+/// One session's handle on the [`NamedBudget`], as the identity it runs as.
+#[derive(Debug, Default, Clone)]
+pub(super) struct NamedShare {
+    budget: NamedBudget,
+    identity: Arc<str>,
+}
+
+impl NamedShare {
+    /// Takes `bytes` if the identity's sessions, and all sessions, stay
+    /// within their bounds.
+    fn take(&self, bytes: usize) -> bool {
+        let mut held = self.budget.lock();
+        let mine = held.by_identity.get(&self.identity).copied().unwrap_or(0);
+        if held.total + bytes > MAX_NAMED_BYTES_ALL_SESSIONS
+            || mine + bytes > MAX_NAMED_BYTES_ONE_IDENTITY
+        {
+            return false;
+        }
+        held.total += bytes;
+        *held.by_identity.entry(self.identity.clone()).or_default() += bytes;
+        true
+    }
+
+    /// Takes `bytes` whatever the bounds (the unnamed statement, always
+    /// kept).
+    fn force(&self, bytes: usize) {
+        let mut held = self.budget.lock();
+        held.total += bytes;
+        *held.by_identity.entry(self.identity.clone()).or_default() += bytes;
+    }
+
+    fn give_back(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let mut held = self.budget.lock();
+        held.total = held.total.saturating_sub(bytes);
+        if let Some(mine) = held.by_identity.get_mut(&self.identity) {
+            *mine = mine.saturating_sub(bytes);
+            if *mine == 0 {
+                held.by_identity.remove(&self.identity);
+            }
+        }
+    }
+
+    /// What all sessions hold now.
+    fn held(&self) -> usize {
+        self.budget.held()
     }
 }
 
@@ -428,7 +489,7 @@ struct Named<T> {
     map: HashMap<String, (u64, T)>,
     bytes: usize,
     /// The daemon-wide budget `bytes` are taken from.
-    budget: NamedBudget,
+    budget: NamedShare,
 }
 
 impl<T> Default for Named<T> {
@@ -436,7 +497,7 @@ impl<T> Default for Named<T> {
         Named {
             map: HashMap::new(),
             bytes: 0,
-            budget: NamedBudget::default(),
+            budget: NamedShare::default(),
         }
     }
 }
@@ -468,13 +529,11 @@ impl<T: KeptBytes> Named<T> {
             if !name.is_empty() {
                 warn!(
                     all_sessions = self.budget.held(),
-                    "a prepared statement or portal past the bytes all sessions may keep is not kept: it resolves as unknown"
+                    "a prepared statement or portal past the bytes one identity's sessions, or all sessions, may keep is not kept: it resolves as unknown"
                 );
                 return false;
             }
-            self.budget
-                .0
-                .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+            self.budget.force(bytes);
         }
         self.bytes += bytes;
         self.map.insert(name, entry);
@@ -838,8 +897,12 @@ pub async fn run(
         marker: refusal_marker(),
         ..InFlight::default()
     };
-    in_flight.statements.budget = session.shared.postgres_named.clone();
-    in_flight.portals.budget = session.shared.postgres_named.clone();
+    let share = session
+        .shared
+        .postgres_named
+        .share(&session.principal.object_id);
+    in_flight.statements.budget = share.clone();
+    in_flight.portals.budget = share;
     let in_flight = Arc::new(Mutex::new(in_flight));
     // Signalled whenever server answers have been taken off the queue.
     let answered = Arc::new(Notify::new());

@@ -1284,39 +1284,55 @@ fn named_statements_are_kept_up_to_the_sessions_bounds() {
     assert_eq!(f.statements.bytes, 1 + big.len());
 }
 
-/// The statements and portals all sessions keep share one budget: a
-/// session cannot keep a name once the others hold it all (one token may
-/// open a target's every connection), the unnamed statement still is,
-/// and what a session kept is given back when it ends.
+/// The statements and portals all sessions keep share one budget, of
+/// which one identity's sessions may take a quarter: one token (which may
+/// open a target's every connection) cannot take it from everyone else.
+/// The unnamed statement is always kept, and what a session kept is given
+/// back when it ends.
 #[test]
 fn named_statements_of_all_sessions_share_one_budget() {
     let budget = NamedBudget::default();
-    let session = || {
+    let session = |identity: &str| {
         let mut f = InFlight::default();
-        f.statements.budget = budget.clone();
-        f.portals.budget = budget.clone();
+        f.statements.budget = budget.share(identity);
+        f.portals.budget = budget.share(identity);
         f
     };
     // One text, counted by every session that keeps it (held once here).
-    let big = prepared(&"x".repeat(MAX_NAMED_BYTES / 2));
-    let size = big.text.len();
+    let big = prepared(&"x".repeat(MAX_NAMED_BYTES / 2 - 16));
+    let size = 1 + big.text.len();
+    let per_identity = MAX_NAMED_BYTES_ONE_IDENTITY / size;
     let mut sessions = Vec::new();
-    while budget.held() + 1 + size <= MAX_NAMED_BYTES_ALL_SESSIONS {
-        let mut f = session();
+    for _ in 0..per_identity {
+        let mut f = session("greedy");
         assert!(f.statements.insert("a".into(), (0, big.clone())));
         sessions.push(f);
     }
-    let mut late = session();
+    let mut greedy = session("greedy");
+    assert!(
+        !greedy.statements.insert("a".into(), (0, big.clone())),
+        "past what one identity's sessions may keep"
+    );
+    assert!(greedy.statements.insert("".into(), (0, big.clone())));
+    drop(greedy);
+    // Others still keep theirs, up to what all sessions share.
+    let mut identity = 0;
+    while budget.held() + size <= MAX_NAMED_BYTES_ALL_SESSIONS {
+        let mut f = session(&format!("other-{}", identity / per_identity));
+        assert!(f.statements.insert("a".into(), (0, big.clone())));
+        sessions.push(f);
+        identity += 1;
+    }
+    let mut late = session("late");
     assert!(
         !late.statements.insert("a".into(), (0, big.clone())),
-        "past the budget all sessions share"
+        "past what all sessions share"
     );
-    assert!(late.statements.insert("".into(), (0, big.clone())));
     drop(late);
     let held = budget.held();
     drop(sessions.pop());
-    assert_eq!(budget.held(), held - 1 - size, "given back at the end");
-    let mut next = session();
+    assert_eq!(budget.held(), held - size, "given back at the end");
+    let mut next = session("late");
     assert!(next.statements.insert("a".into(), (0, big.clone())));
     next.statements.clear();
     drop(sessions);
