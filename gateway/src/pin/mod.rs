@@ -38,7 +38,8 @@ use aya::{
 };
 use gateway_common::{
     egress_setting, global_names, map_names, program_names, ClientEndpointKey, EgressRule,
-    OriginalDestination, Redirect, TargetKey, LISTENER_PORT_ENTRIES,
+    OriginalDestination, Redirect, TargetKey, EGRESS_RULE_ENTRIES, LISTENER_PORT_ENTRIES,
+    REDIRECT_MAP_ENTRIES,
 };
 use tracing::{info, warn};
 
@@ -223,7 +224,11 @@ impl Pinning {
         // at its size): its pin goes, so that a map of this version's size
         // is made. Its content is written at every start; the programs of
         // the older daemon keep their map until their pins are replaced.
-        for (name, entries) in [(map_names::LISTENER_PORTS, LISTENER_PORT_ENTRIES)] {
+        for (name, entries) in [
+            (map_names::REDIRECTS, REDIRECT_MAP_ENTRIES),
+            (map_names::EGRESS_RULES, EGRESS_RULE_ENTRIES),
+            (map_names::LISTENER_PORTS, LISTENER_PORT_ENTRIES),
+        ] {
             remove_pin_of_other_size(&maps_dir.join(name), entries)?;
         }
         for (name, path) in &map_paths {
