@@ -423,9 +423,10 @@ fn udp_datagrams_to_a_protected_target_are_refused() {
             "IPv4-mapped IPv6 sendto",
             vec!["udp", "::ffff:127.0.0.1", &port],
         ),
-        // Refused whatever the port: a datagram socket can name a device
-        // where no program sees it, and the kernel would then send these
-        // to its address (without one, to 127.0.0.1).
+        // Refused as unspecified (whatever the port, though only the
+        // protected one is tried here): a datagram socket can name a
+        // device where no program sees it, and the kernel would then send
+        // these to its address (without one, to 127.0.0.1).
         ("sendto 0.0.0.0", vec!["udp", "0.0.0.0", &port]),
         (
             "connected UDP to 0.0.0.0",

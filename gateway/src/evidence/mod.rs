@@ -610,23 +610,14 @@ async fn read_loop(
             }
         };
         let stopping = tokio::select! {
-            // The stop first, then the reserved ring before the general
-            // one: when both have events, the reserved ring's are written
-            // first.
+            // In this order: the stop; a due retry and the ticker, which a
+            // ring buffer kept readable by a flood would otherwise starve
+            // (retries drain the reserved ring first, and the ticker
+            // writes the loss records); then the reserved ring before the
+            // general one, so that when both have events the reserved
+            // ring's are written first.
             biased;
             _ = stopped.changed() => true,
-            guard = rings.reserved.readable_mut() => {
-                if drain_ready(guard, Ring::Reserved, &log, &mut user).await == Drained::WriteFailed {
-                    retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
-                }
-                false
-            }
-            guard = rings.ring.readable_mut() => {
-                if drain_ready(guard, Ring::General, &log, &mut user).await == Drained::WriteFailed {
-                    retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
-                }
-                false
-            }
             () = retry_due => {
                 retry = match rings.drain_batch(&log, &mut user).await {
                     Drained::WriteFailed => Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER),
@@ -641,6 +632,18 @@ async fn read_loop(
                 // tick too, so counters and records line up.
                 rings.drain_batch(&log, &mut user).await;
                 write_loss(&log, &counters, &tracing_programs, user, interval).await;
+                false
+            }
+            guard = rings.reserved.readable_mut() => {
+                if drain_ready(guard, Ring::Reserved, &log, &mut user).await == Drained::WriteFailed {
+                    retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
+                }
+                false
+            }
+            guard = rings.ring.readable_mut() => {
+                if drain_ready(guard, Ring::General, &log, &mut user).await == Drained::WriteFailed {
+                    retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
+                }
                 false
             }
         };

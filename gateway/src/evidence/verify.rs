@@ -922,6 +922,7 @@ pub fn reconcile(
     // values would otherwise hide what the new boot dropped.
     let mut new_boot = false;
     let mut last_boot: Option<String> = None;
+    let mut boot_began = i64::MIN;
     let mut interval_ms: Option<u64> = None;
     let mut judged_past_end = false;
     for row in evidence
@@ -932,10 +933,16 @@ pub fn reconcile(
             new_daemon = true;
             // An unreadable record (already a problem) or one naming no
             // boot may follow a reboot, as in `first_starts_of_boots`.
-            let boot = serde_json::from_str::<ConfigSnapshot>(&row.unmapped)
-                .map(|s| s.boot_id)
+            let snapshot = serde_json::from_str::<ConfigSnapshot>(&row.unmapped).ok();
+            let boot = snapshot
+                .as_ref()
+                .map(|s| s.boot_id.clone())
                 .unwrap_or_default();
-            new_boot |= boot.is_empty() || last_boot.as_deref() != Some(boot.as_str());
+            if boot.is_empty() || last_boot.as_deref() != Some(boot.as_str()) {
+                new_boot = true;
+                // When the boot began, as the epochs of cookies count it.
+                boot_began = snapshot.and_then(|s| s.booted_at_ms).unwrap_or(row.time);
+            }
             last_boot = Some(boot);
             continue;
         }
@@ -984,9 +991,10 @@ pub fn reconcile(
             }
         }
         if past_end {
-            // A record of the next boot does not cover the window's end,
-            // which the boot before it reached.
-            judged_past_end = !crossed_boot;
+            // A record of the next boot does not cover the window's end
+            // when the boot before it reached that end: its counters
+            // started again at the boot.
+            judged_past_end = !crossed_boot || opts.to_ms.is_some_and(|to| to >= boot_began);
             break;
         }
         previous = Some(cumulative);
@@ -1857,6 +1865,16 @@ mod tests {
         // on, and its first record covers the end.
         let r = reconciled_in(&evidence("boot-1"), &end);
         assert!(r.ok, "{}", summary(&r));
+        // A window that ends once the next boot has begun: its first
+        // record counted everything since, the end included.
+        let r = reconciled_in(&evidence("boot-2"), &window(Some(T), Some(T + 22_000)));
+        assert!(
+            !r.problems
+                .iter()
+                .any(|p| p.starts_with(WINDOW_END_NOT_COVERED)),
+            "{}",
+            summary(&r)
+        );
     }
 
     /// A config record starts the user-space counters again: a new

@@ -226,6 +226,7 @@ impl Pinning {
         // the older daemon keep their map until their pins are replaced.
         for (name, entries) in [
             (map_names::REDIRECTS, REDIRECT_MAP_ENTRIES),
+            (map_names::PROTECTED_ADDRESSES, REDIRECT_MAP_ENTRIES),
             (map_names::EGRESS_RULES, EGRESS_RULE_ENTRIES),
             (map_names::LISTENER_PORTS, LISTENER_PORT_ENTRIES),
         ] {

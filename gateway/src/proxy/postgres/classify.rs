@@ -188,6 +188,11 @@ const OTHER_SESSIONS_VIEWS: &[&str] = &[
     "pg_stat_get_backend_activity",
     "pg_stat_statements",
     "pg_stat_monitor",
+    "pg_stat_monitor_internal",
+    "pg_show_plans",
+    "pg_store_plans",
+    "pg_qualstats",
+    "pg_qualstats_example_queries",
 ];
 
 /// Whether a relation name (`schema.name`, as `table_names` gives it) is
@@ -2269,6 +2274,8 @@ mod tests {
             "SELECT query FROM monitoring.pg_stat_statements(true)",
             "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s",
             "SELECT query FROM pg_stat_monitor",
+            "SELECT query FROM pg_stat_monitor_internal(true)",
+            "SELECT * FROM pg_qualstats",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }

@@ -430,14 +430,6 @@ impl NamedShare {
         true
     }
 
-    /// Takes `bytes` whatever the bounds (the unnamed statement, always
-    /// kept).
-    fn force(&self, bytes: usize) {
-        let mut held = self.budget.lock();
-        held.total += bytes;
-        *held.by_identity.entry(self.identity.clone()).or_default() += bytes;
-    }
-
     fn give_back(&self, bytes: usize) {
         if bytes == 0 {
             return;
@@ -470,10 +462,12 @@ impl KeptBytes for Arc<Prepared> {
 }
 
 impl KeptBytes for Bound {
-    // The statement is counted where it is kept as a statement (a portal
-    // of the unnamed statement may outlive it, by one statement at most).
+    // The statement's text too: a portal keeps it alive after the
+    // statement is closed (a Parse, Bind, Close cycle inside a block would
+    // otherwise keep any number of statements no bound counts). Counted
+    // twice while the statement is kept too, which only bounds sooner.
     fn kept_bytes(&self) -> usize {
-        self.1.len()
+        self.0.text.len() + self.1.len()
     }
 }
 
@@ -488,8 +482,10 @@ impl KeptBytes for Bound {
 struct Named<T> {
     map: HashMap<String, (u64, T)>,
     bytes: usize,
-    /// The daemon-wide budget `bytes` are taken from.
+    /// The daemon-wide budget the named ones' bytes are taken from, and
+    /// how much of it they hold.
     budget: NamedShare,
+    charged: usize,
 }
 
 impl<T> Default for Named<T> {
@@ -498,13 +494,14 @@ impl<T> Default for Named<T> {
             map: HashMap::new(),
             bytes: 0,
             budget: NamedShare::default(),
+            charged: 0,
         }
     }
 }
 
 impl<T> Drop for Named<T> {
     fn drop(&mut self) {
-        self.budget.give_back(self.bytes);
+        self.budget.give_back(self.charged);
     }
 }
 
@@ -523,17 +520,19 @@ impl<T: KeptBytes> Named<T> {
             );
             return false;
         }
-        // The unnamed one is always kept (it replaces the last), even past
-        // the daemon's budget, which it then passes by one statement.
-        if !self.budget.take(bytes) {
-            if !name.is_empty() {
+        // The unnamed one is always kept (it replaces the last): it is not
+        // taken from the budget all sessions share, which it could then
+        // fill for everyone else. One a session, it is bounded by the
+        // message size.
+        if !name.is_empty() {
+            if !self.budget.take(bytes) {
                 warn!(
                     all_sessions = self.budget.held(),
                     "a prepared statement or portal past the bytes one identity's sessions, or all sessions, may keep is not kept: it resolves as unknown"
                 );
                 return false;
             }
-            self.budget.force(bytes);
+            self.charged += bytes;
         }
         self.bytes += bytes;
         self.map.insert(name, entry);
@@ -544,13 +543,17 @@ impl<T: KeptBytes> Named<T> {
         let entry = self.map.remove(name)?;
         let bytes = name.len() + entry.1.kept_bytes();
         self.bytes -= bytes;
-        self.budget.give_back(bytes);
+        if !name.is_empty() {
+            self.charged -= bytes;
+            self.budget.give_back(bytes);
+        }
         Some(entry)
     }
 
     fn clear(&mut self) {
         self.map.clear();
-        self.budget.give_back(self.bytes);
+        self.budget.give_back(self.charged);
+        self.charged = 0;
         self.bytes = 0;
     }
 }
@@ -937,9 +940,12 @@ pub async fn run(
             // The target's connection broke under a request: its reader
             // sees the loss too, and tells the agent and the audit.
             Err(WireError::Io(err)) if wrote_to_a_lost_target(&err) => {
-                tokio::time::timeout(UPSTREAM_LOSS_GRACE, &mut to_client)
-                    .await
-                    .unwrap_or(Err(WireError::Io(err)))
+                tokio::select! {
+                    r = &mut to_client => r,
+                    () = tokio::time::sleep(UPSTREAM_LOSS_GRACE) => Err(WireError::Io(err)),
+                    // The daemon's stop does not wait for the grace.
+                    () = session.shared.sessions.stopping() => Err(WireError::Io(err)),
+                }
             }
             r => r,
         },

@@ -1284,6 +1284,26 @@ fn named_statements_are_kept_up_to_the_sessions_bounds() {
     assert_eq!(f.statements.bytes, 1 + big.len());
 }
 
+/// A portal keeps its statement's text alive after the statement is
+/// closed: it counts that text, so Parse, Bind, Close cycles cannot keep
+/// statements past the session's bounds.
+#[test]
+fn a_portal_counts_the_text_it_keeps_alive() {
+    let in_flight = queue_of(&[]);
+    let mut f = lock(&in_flight);
+    let big = prepared(&"x".repeat(MAX_NAMED_BYTES / 4));
+    let mut kept = 0;
+    for i in 0..8 {
+        if f.portals
+            .insert(format!("p{i}"), (0, (big.clone(), String::new())))
+        {
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 3, "the fourth would pass the session's bound");
+    assert!(f.portals.bytes <= MAX_NAMED_BYTES);
+}
+
 /// The statements and portals all sessions keep share one budget, of
 /// which one identity's sessions may take a quarter: one token (which may
 /// open a target's every connection) cannot take it from everyone else.
@@ -1313,7 +1333,11 @@ fn named_statements_of_all_sessions_share_one_budget() {
         !greedy.statements.insert("a".into(), (0, big.clone())),
         "past what one identity's sessions may keep"
     );
+    // The unnamed statement is always kept, and takes nothing from what
+    // all sessions share.
+    let before = budget.held();
     assert!(greedy.statements.insert("".into(), (0, big.clone())));
+    assert_eq!(budget.held(), before);
     drop(greedy);
     // Others still keep theirs, up to what all sessions share.
     let mut identity = 0;
