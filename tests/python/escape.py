@@ -16,6 +16,7 @@ usage:
   escape.py udp HOST PORT [--connect] [--count N]
                                            -> {"outcome": "sent"|"denied", "cookie": ...}
   escape.py raw                            -> {"outcome": "created"|"denied", ...}
+  escape.py mptcp                          -> a Multipath TCP socket: {"outcome": "created"|"denied", ...}
   escape.py rawsend HOST PORT              -> a hand-made TCP SYN on a raw socket:
                                               {"outcome": "sent"|"denied", "cookie": ...}
   escape.py rawsend6 HOST PORT KIND [N]    -> a hand-made IPv6 packet on a raw socket, KIND one of
@@ -227,6 +228,20 @@ def raw():
         return failure(err)
 
 
+IPPROTO_MPTCP = 262
+
+
+def mptcp():
+    """A Multipath TCP stream socket: under egress deny no hook judges
+    where it goes, so agents may not make one."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        sock.close()
+        return {"outcome": "created"}
+    except OSError as err:
+        return failure(err)
+
+
 ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128
 
@@ -301,6 +316,8 @@ def main(argv):
         result = rawsend6(argv[2], int(argv[3]), argv[4], count)
     elif mode == "raw":
         result = raw()
+    elif mode == "mptcp":
+        result = mptcp()
     elif mode == "ping":
         result = ping(argv[2])
     elif mode == "listen":

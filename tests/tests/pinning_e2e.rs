@@ -525,8 +525,8 @@ impl Drop for PingSocketsAllowed {
 /// only): with egress deny an agent may not make one, even where an
 /// allow rule for "any" protocol covers the address. Without deny it may.
 #[test]
-fn with_egress_default_deny_an_agent_cannot_open_an_icmp_datagram_socket() {
-    if !privileged("with_egress_default_deny_an_agent_cannot_open_an_icmp_datagram_socket") {
+fn with_egress_default_deny_an_agent_cannot_open_sockets_no_hook_judges() {
+    if !privileged("with_egress_default_deny_an_agent_cannot_open_sockets_no_hook_judges") {
         return;
     }
     let _ping = PingSocketsAllowed::for_everyone();
@@ -552,14 +552,30 @@ fn with_egress_default_deny_an_agent_cannot_open_an_icmp_datagram_socket() {
     // "any" is TCP and UDP: the same rule lets a datagram through.
     let answer = as_agent(&stack, &["udp", "127.0.0.1", &free_port().to_string()]);
     assert_eq!(answer["outcome"], "sent", "udp under an any rule: {answer}");
+    // Nor may an agent make a stream socket of a protocol no connect hook
+    // judges (Multipath TCP, where the kernel has it).
+    let mptcp = outside(&["mptcp"])["outcome"] == "created";
+    if mptcp {
+        let answer = as_agent(&stack, &["mptcp"]);
+        assert_eq!(answer["outcome"], "denied", "mptcp: {answer}");
+    } else {
+        eprintln!("no Multipath TCP in this kernel: its socket is not tried");
+    }
     stack.gateway.stop();
     let refused = evidence::rows_of_kind(
         stack.gateway.audit_dir(),
         "refused_socket",
         &format!("actor_process_cgroup_id = {}", agent_cgroup_id(&stack)),
     );
-    assert_eq!(refused.len(), hosts.len(), "{refused:?}");
-    for row in &refused {
+    assert_eq!(
+        refused.len(),
+        hosts.len() + usize::from(mptcp),
+        "{refused:?}"
+    );
+    for row in refused.iter().filter(|row| {
+        serde_json::from_str::<Value>(row["unmapped"].as_str().unwrap_or("{}"))
+            .is_ok_and(|u| u["socket_type"] == 2)
+    }) {
         let unmapped: Value =
             serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json");
         assert_eq!(unmapped["socket_type"], 2, "SOCK_DGRAM: {unmapped}");
@@ -574,6 +590,10 @@ fn with_egress_default_deny_an_agent_cannot_open_an_icmp_datagram_socket() {
     for host in &hosts {
         let answer = as_agent(&stack, &["ping", host]);
         assert_eq!(answer["outcome"], "sent", "{host} without deny: {answer}");
+    }
+    if mptcp {
+        let answer = as_agent(&stack, &["mptcp"]);
+        assert_eq!(answer["outcome"], "created", "mptcp without deny: {answer}");
     }
 }
 

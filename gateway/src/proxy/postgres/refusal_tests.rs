@@ -290,8 +290,8 @@ async fn connections_past_the_targets_limit_are_refused_with_53300_and_audited()
 }
 
 /// A client that goes away part-way through its login is on record: one
-/// that closes in the middle of its startup packet, one that resets the
-/// connection at the password prompt. One that closes before sending a
+/// that closes or resets the connection in the middle of its startup
+/// packet, one that resets it at the password prompt. One that closes before sending a
 /// byte (a health check, a port probe) had nothing to refuse.
 #[tokio::test]
 async fn a_client_gone_part_way_through_its_login_is_on_record() {
@@ -302,6 +302,15 @@ async fn a_client_gone_part_way_through_its_login_is_on_record() {
         .write_all(&startup_packet()[..6])
         .await
         .expect("part of a startup");
+    drop(client);
+    // Reset, not closed, part-way: once the daemon has read what came.
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(&startup_packet()[..6])
+        .await
+        .expect("part of a startup");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.set_zero_linger().expect("linger");
     drop(client);
     let mut client = TcpStream::connect(addr).await.expect("connect");
     client.write_all(&startup_packet()).await.expect("startup");
@@ -318,6 +327,11 @@ async fn a_client_gone_part_way_through_its_login_is_on_record() {
     audit.shutdown().await;
     let cut = refusals_saying(audit_dir.path(), "in the middle of its startup packet");
     assert_eq!(cut.len(), 1, "{cut:?}");
+    let reset_early = refusals_saying(
+        audit_dir.path(),
+        "the connection failed in the middle of the startup packet",
+    );
+    assert_eq!(reset_early.len(), 1, "{reset_early:?}");
     let reset = refusals_saying(
         audit_dir.path(),
         "the connection failed at the password prompt",
@@ -326,7 +340,7 @@ async fn a_client_gone_part_way_through_its_login_is_on_record() {
     let all = audit::tests::read_segments(&audit_dir.path().join("audit"));
     assert_eq!(
         all.iter().filter(|r| r.phase == "refusal").count(),
-        2,
+        3,
         "the connection that sent nothing has no row: {all:?}"
     );
 }
