@@ -203,18 +203,11 @@ async fn end_on_upstream_loss(
         Some((code, message)) => format!("{lost} after its FATAL {code}: {message}"),
         None => format!("{lost} without an error"),
     };
-    let mut record = session
-        .connection
-        .authentication_accepted(&session.principal);
-    record.phase = "session".into();
-    record.status_id = record::status::FAILURE;
-    record.status_detail = format!("upstream_lost: {detail}");
+    let mut record = session_end_record(session, format!("upstream_lost: {detail}"));
     record.response_error_code = server_fatal
         .as_ref()
         .map_or(SQLSTATE_UPSTREAM, |(code, _)| code.as_str())
         .into();
-    record.database_user = session.statement_record.database_user.clone();
-    record.database_name = session.statement_record.database_name.clone();
     if let Err(err) = session.shared.audit.append(record).await {
         warn!(error = %err, "the loss of the target's connection could not be audited");
     }

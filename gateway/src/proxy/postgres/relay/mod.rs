@@ -1074,18 +1074,26 @@ async fn end_expired_session(
         "tollgate: the session's token expired at {}; reconnect with a fresh token",
         session.principal.expires_at
     );
+    let record = session_end_record(session, format!("token_expired: {message}"));
+    if let Err(err) = session.shared.audit.append(record).await {
+        warn!(error = %err, "the end of an expired session could not be audited");
+    }
+    fatal_to_client(client_wr, in_flight, SQLSTATE_IDENTITY, &message).await;
+}
+
+/// The session row of a session ended from outside the agent's requests
+/// (its token expired, the daemon stopped, the target's connection was
+/// lost): who, where, and `status_detail` saying why.
+pub(super) fn session_end_record(session: &Session, status_detail: String) -> AuditRecord {
     let mut record = session
         .connection
         .authentication_accepted(&session.principal);
     record.phase = "session".into();
     record.status_id = record::status::FAILURE;
-    record.status_detail = format!("token_expired: {message}");
+    record.status_detail = status_detail;
     record.database_user = session.statement_record.database_user.clone();
     record.database_name = session.statement_record.database_name.clone();
-    if let Err(err) = session.shared.audit.append(record).await {
-        warn!(error = %err, "the end of an expired session could not be audited");
-    }
-    fatal_to_client(client_wr, in_flight, SQLSTATE_IDENTITY, &message).await;
+    record
 }
 
 /// SQLSTATE admin_shutdown.
@@ -1102,14 +1110,7 @@ async fn end_session_for_stop(
 ) {
     let message =
         "tollgate is stopping (administrator command): the session is closed; reconnect once it is back";
-    let mut record = session
-        .connection
-        .authentication_accepted(&session.principal);
-    record.phase = "session".into();
-    record.status_id = record::status::FAILURE;
-    record.status_detail = format!("daemon_stopping: {message}");
-    record.database_user = session.statement_record.database_user.clone();
-    record.database_name = session.statement_record.database_name.clone();
+    let record = session_end_record(session, format!("daemon_stopping: {message}"));
     if let Err(err) = session.shared.audit.append(record).await {
         warn!(error = %err, "the end of a session at the daemon's stop could not be audited");
     }
