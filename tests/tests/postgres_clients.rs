@@ -57,6 +57,22 @@ fn first_error(answers: &Value) -> Value {
         .unwrap_or_default()
 }
 
+/// Runs `script` with the test's Python (psycopg installed) in the agent
+/// cgroup; what it printed, as JSON. It must succeed.
+fn agent_python_json(stack: &Stack, script: &str) -> Value {
+    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
+        .args(["-c", script])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        stack.gateway.log()
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 fn outcome_of(stack: &Stack, statement: &str) -> Value {
     outcome_like(stack, statement)
 }
@@ -248,17 +264,7 @@ print(json.dumps({{"refused": refused, "after": after}}))
 "#,
         port = stack.postgres.port,
     );
-    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
-        .args(["-c", &script])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stderr),
-        stack.gateway.log()
-    );
-    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let answer = agent_python_json(&stack, &script);
     assert_eq!(answer["refused"]["sqlstate"], "54000", "{answer}");
     assert!(
         answer["refused"]["message"]
@@ -311,17 +317,7 @@ print(json.dumps({{"rows": rows, "updated": updated}}))
 "#,
         port = stack.postgres.port,
     );
-    let out = AgentCgroup::command(&stack.gateway.config.agent_cgroup, &duckdb::python())
-        .args(["-c", &script])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stderr),
-        stack.gateway.log()
-    );
-    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let answer = agent_python_json(&stack, &script);
     assert_eq!(answer["rows"], serde_json::json!([[2, "Grace"]]));
     assert_eq!(answer["updated"], 1);
 
