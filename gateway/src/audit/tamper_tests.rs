@@ -537,7 +537,9 @@ async fn a_segment_cut_syncs_the_preallocated_wal_file_and_a_failure_refuses_the
     while !in_preallocated_file() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the writer never moved to a preallocated WAL file"
+            "the writer never moved to a preallocated WAL file (spares are made only \
+             while the file system has {} bytes free)",
+            super::wal::PREALLOC_MIN_FREE
         );
         log.append(sample(acknowledged as usize, now))
             .await
