@@ -67,6 +67,8 @@ pub struct KeyStore {
     client: reqwest::Client,
     current: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
     ever_loaded: std::sync::atomic::AtomicBool,
+    /// When a refresh last succeeded.
+    loaded_at: std::sync::Mutex<Option<Instant>>,
     /// Serialises on-demand refreshes and remembers when the last one ran.
     on_demand: tokio::sync::Mutex<Option<Instant>>,
     /// Held for the whole of every refresh, scheduled or on demand: a slow
@@ -104,6 +106,7 @@ impl KeyStore {
             client,
             current: RwLock::new(Arc::new(HashMap::new())),
             ever_loaded: false.into(),
+            loaded_at: std::sync::Mutex::new(None),
             on_demand: tokio::sync::Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
             min_interval,
@@ -184,7 +187,44 @@ impl KeyStore {
         *w = Arc::new(keys);
         self.ever_loaded
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(w);
+        *self.loaded_at_lock() = Some(Instant::now());
         Ok(n)
+    }
+
+    fn loaded_at_lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.loaded_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How long ago a refresh last succeeded (`None`: never).
+    pub fn age(&self) -> Option<Duration> {
+        self.loaded_at_lock().map(|at| at.elapsed())
+    }
+
+    /// Refreshes when the keys are older than `max_age`, at most once per
+    /// `min_interval` (as for an unknown kid); whether they are within
+    /// `max_age` afterwards.
+    pub async fn refresh_if_older(&self, max_age: Duration) -> bool {
+        let mut last = self.on_demand.lock().await;
+        if self.age().is_some_and(|age| age <= max_age) {
+            return true;
+        }
+        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        match self.refresh().await {
+            Ok(n) => {
+                tracing::info!(source = %self.source, keys = n, "stale key set refreshed");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.source, error = %e, "refreshing a stale key set failed: tokens are refused until one succeeds");
+                false
+            }
+        }
     }
 
     /// Refresh triggered by a token whose kid is not cached: at most once per

@@ -86,6 +86,10 @@ pub struct IdentityConfig {
     /// Minimum time between refreshes triggered by an unknown kid. Default 60 s.
     #[serde(default = "default_min_refresh")]
     pub jwks_min_refresh_secs: u64,
+    /// How long the cached keys are trusted without a successful refresh.
+    /// Default 259200 s (3 days).
+    #[serde(default = "default_max_stale")]
+    pub jwks_max_stale_secs: u64,
     /// Accept keys from the built-in development IdP (plain http on
     /// loopback). Never in production.
     #[serde(default)]
@@ -170,6 +174,10 @@ pub enum SessionExpiry {
 
 fn default_min_refresh() -> u64 {
     60
+}
+
+fn default_max_stale() -> u64 {
+    3 * 86_400
 }
 
 /// Audiences of Microsoft Graph (and the retired Azure AD Graph) in every
@@ -267,6 +275,8 @@ pub enum IdentityError {
     KeyAlgMismatch(String),
     #[error("no signing keys available (key source unreachable and nothing cached)")]
     KeysUnavailable,
+    #[error("the signing keys were last refreshed {secs} s ago, longer than jwks_max_stale_secs")]
+    KeysStale { secs: u64 },
     #[error("signature does not verify")]
     BadSignature,
     #[error("token expired at {exp} (now {now})")]
@@ -334,6 +344,7 @@ impl IdentityError {
             UnknownKid(_) => "unknown_kid",
             KeyAlgMismatch(_) => "key_alg_mismatch",
             KeysUnavailable => "keys_unavailable",
+            KeysStale { .. } => "keys_stale",
             BadSignature => "bad_signature",
             Expired { .. } => "expired",
             NotYetValid { .. } => "not_yet_valid",
@@ -360,6 +371,7 @@ impl IdentityError {
     pub fn client_message(&self) -> String {
         match self {
             IdentityError::KeysUnavailable
+            | IdentityError::KeysStale { .. }
             | IdentityError::GroupsLookupFailed(_)
             | IdentityError::TimedOut => format!(
                 "the token could not be verified now ({}); try again later",
@@ -427,6 +439,8 @@ struct Settings {
     roles: BTreeMap<String, RoleRule>,
     /// Scheduled key refresh period.
     refresh_every: Duration,
+    /// How long keys are trusted without a successful refresh.
+    max_stale: Duration,
     /// Seconds a session may outlive its token.
     session_grace: i64,
     required_scopes: Vec<String>,
@@ -437,6 +451,11 @@ struct Settings {
 /// next refresh, so a week is the most allowed; without a bound a huge
 /// value also overflows the timer of the refresh task, which panics.
 const JWKS_REFRESH_SECS: std::ops::RangeInclusive<u64> = 1..=7 * 86_400;
+
+/// Bounds of `jwks_max_stale_secs`: keys the IdP withdrew (a compromised
+/// key among them) are trusted for as long as no refresh succeeds, so
+/// not for ever.
+const JWKS_MAX_STALE_SECS: std::ops::RangeInclusive<u64> = 1..=30 * 86_400;
 
 /// Most allowed for `session_grace_secs`: a day past a token's expiry.
 /// Sessions meant to outlive their tokens say so with `session_expiry =
@@ -542,6 +561,14 @@ impl Settings {
                 c.jwks_min_refresh_secs
             );
         }
+        if !JWKS_MAX_STALE_SECS.contains(&c.jwks_max_stale_secs) {
+            bail!(
+                "identity.jwks_max_stale_secs: {} is out of range; allowed: {} to {} (30 days)",
+                c.jwks_max_stale_secs,
+                JWKS_MAX_STALE_SECS.start(),
+                JWKS_MAX_STALE_SECS.end()
+            );
+        }
         if c.session_grace_secs > MAX_SESSION_GRACE_SECS {
             bail!(
                 "identity.session_grace_secs: {} is out of range; allowed: 0 to \
@@ -562,6 +589,7 @@ impl Settings {
             max_age: c.max_token_age_secs,
             roles,
             refresh_every: Duration::from_secs(c.jwks_refresh_secs),
+            max_stale: Duration::from_secs(c.jwks_max_stale_secs),
             required_scopes: c.required_scopes.clone(),
             app_tokens_need_a_role: c.app_tokens_need_a_role,
             session_grace: i64::try_from(c.session_grace_secs)
@@ -756,6 +784,24 @@ impl Verifier {
             Ok(Some(k)) if !k.is_empty() => k,
             _ => return Err(IdentityError::MissingKid),
         };
+
+        // Keys no refresh has confirmed for too long may include ones the
+        // IdP withdrew: one refresh is tried (rate limited), and without
+        // it the token is refused.
+        if let Some(age) = self.inner.keys.age().filter(|age| *age > s.max_stale) {
+            let refreshed = tokio::spawn({
+                let inner = self.inner.clone();
+                let max_stale = s.max_stale;
+                async move { inner.keys.refresh_if_older(max_stale).await }
+            })
+            .await
+            .unwrap_or(false);
+            if !refreshed {
+                return Err(IdentityError::KeysStale {
+                    secs: age.as_secs(),
+                });
+            }
+        }
 
         // Key and signature.
         let entry = match self.inner.keys.get(kid) {

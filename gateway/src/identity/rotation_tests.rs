@@ -153,6 +153,41 @@ async fn started_before_idp_refuses_then_recovers() {
     idp.abort();
 }
 
+/// Keys no refresh has confirmed for longer than `jwks_max_stale_secs`
+/// may include ones the IdP withdrew since (a compromised key among them):
+/// while the IdP stays unreachable, tokens are refused (`keys_stale`);
+/// once a refresh succeeds, they are accepted again.
+#[tokio::test]
+async fn keys_not_refreshed_for_too_long_are_not_trusted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, idp) = start_idp(dir.path()).await;
+    let v = Verifier::from_config(&http_config(
+        addr,
+        "jwks_max_stale_secs = 1\njwks_min_refresh_secs = 1",
+    ))
+    .await
+    .expect("verifier");
+    let ring = Keyring::open(dir.path()).expect("keyring");
+    let token = spec().mint(ring.signing_key()).expect("mint");
+    v.verify(&token).await.expect("fresh keys");
+
+    idp.abort();
+    let _ = idp.await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let refused = v.verify(&token).await;
+    assert_eq!(code(refused), "keys_stale");
+
+    let (_, idp) = crate::dev::server::spawn(dir.path().to_path_buf(), addr)
+        .await
+        .expect("the IdP again");
+    // The next refresh may come once the rate limit allows it.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    v.verify(&token)
+        .await
+        .expect("accepted again once a refresh succeeded");
+    idp.abort();
+}
+
 #[tokio::test]
 async fn a_burst_of_forged_kids_cannot_force_repeated_refreshes() {
     let dir = tempfile::tempdir().expect("tempdir");
