@@ -561,6 +561,12 @@ impl Settings {
                 c.jwks_min_refresh_secs
             );
         }
+        if !c.required_scopes.is_empty() && !c.app_tokens_need_a_role {
+            tracing::warn!(
+                "identity.required_scopes holds delegated tokens to a scope, but app-only tokens carry none \
+                 and pass without one; set app_tokens_need_a_role = true to hold them to an app role"
+            );
+        }
         if !JWKS_MAX_STALE_SECS.contains(&c.jwks_max_stale_secs) {
             bail!(
                 "identity.jwks_max_stale_secs: {} is out of range; allowed: {} to {} (30 days)",
