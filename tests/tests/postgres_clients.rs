@@ -73,6 +73,38 @@ fn agent_python_json(stack: &Stack, script: &str) -> Value {
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
+/// Starts `psql` (running `sql` as the agent) and waits until the server
+/// runs the statement; the psql process and the server backend's pid.
+fn agent_statement_running(
+    stack: &Stack,
+    mut psql: Command,
+    sql: &str,
+) -> (std::process::Child, String) {
+    let child = psql
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let backend = || {
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "postgres",
+                &format!(
+                    "SELECT pid FROM pg_stat_activity WHERE query = '{}'",
+                    sql.replace('\'', "''")
+                ),
+            )
+            .ok()
+            .filter(|pid| !pid.trim().is_empty())
+    };
+    tollgate_tests::wait_for("the statement to run", Duration::from_secs(20), || {
+        backend().is_some()
+    })
+    .expect("running");
+    (child, backend().unwrap_or_default().trim().to_string())
+}
+
 fn outcome_of(stack: &Stack, statement: &str) -> Value {
     outcome_like(stack, statement)
 }
@@ -511,24 +543,9 @@ fn a_stopping_daemon_ends_its_sessions_and_records_what_they_had_in_flight() {
         return;
     };
     let sleep = "SELECT pg_sleep(60) AS interrupted";
-    let child = agent_psql(&stack, &token)
-        .args(["-c", sleep])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("psql");
-    let running = || {
-        stack
-            .postgres
-            .superuser_sql_ok(
-                "postgres",
-                &format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{sleep}'"),
-            )
-            .map(|n| n == "1")
-            .unwrap_or(false)
-    };
-    tollgate_tests::wait_for("the sleep to run", Duration::from_secs(20), running)
-        .expect("running");
+    let mut psql = agent_psql(&stack, &token);
+    psql.args(["-c", sleep]);
+    let (child, _) = agent_statement_running(&stack, psql, sleep);
     stack.gateway.stop();
     let out = child.wait_with_output().expect("psql");
     let stderr = text(&out.stderr);
@@ -589,27 +606,9 @@ fn a_lost_target_connection_is_told_to_the_agent_and_on_record() {
         ("SELECT pg_sleep(60) AS killed", "SIGKILL"),
         ("SELECT pg_sleep(60) AS terminated", "pg_terminate_backend"),
     ] {
-        let child = agent_psql(&stack, &token)
-            .args(["-c", sleep])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("psql");
-        let backend = || {
-            stack
-                .postgres
-                .superuser_sql_ok(
-                    "postgres",
-                    &format!("SELECT pid FROM pg_stat_activity WHERE query = '{sleep}'"),
-                )
-                .ok()
-                .filter(|pid| !pid.trim().is_empty())
-        };
-        tollgate_tests::wait_for("the sleep to run", Duration::from_secs(20), || {
-            backend().is_some()
-        })
-        .expect("running");
-        let pid = backend().unwrap_or_default();
+        let mut psql = agent_psql(&stack, &token);
+        psql.args(["-c", sleep]);
+        let (child, pid) = agent_statement_running(&stack, psql, sleep);
         if signal == "SIGKILL" {
             let pid: i32 = pid.trim().parse().expect("a pid");
             // SAFETY: a signal to the test's own PostgreSQL backend.
@@ -669,26 +668,10 @@ fn a_cancelled_query_is_cancelled_through_tollgate() {
     let Some((stack, token)) = start("a_cancelled_query_is_cancelled_through_tollgate") else {
         return;
     };
-    let child = stack
-        .agent_psql(&token, "SELECT pg_sleep(60)")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("psql");
-    // Wait until the server runs the statement, then interrupt psql, which
-    // sends a CancelRequest on a new connection (redirected to tollgate too).
-    let running = || {
-        stack
-            .postgres
-            .superuser_sql_ok(
-                "postgres",
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
-            )
-            .map(|n| n == "1")
-            .unwrap_or(false)
-    };
-    tollgate_tests::wait_for("the sleep to run", Duration::from_secs(20), running)
-        .expect("running");
+    // Once the server runs the statement, interrupt psql, which sends a
+    // CancelRequest on a new connection (redirected to tollgate too).
+    let sleep = "SELECT pg_sleep(60)";
+    let (child, _) = agent_statement_running(&stack, stack.agent_psql(&token, sleep), sleep);
     let started = Instant::now();
     // SAFETY: signalling our own child by pid.
     unsafe {
