@@ -69,18 +69,16 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// around tollgate (without connect6, `::ffff:target` on an AF_INET6
 /// socket; without sock_create, a raw socket; ...), so `pin status` calls
 /// a cgroup protected only when all are pinned.
-pub const AGENT_CGROUP_PROGRAMS: [&str; 10] = [
-    program_names::CONNECT4,
-    program_names::CONNECT6,
-    program_names::GETPEERNAME4,
-    program_names::GETPEERNAME6,
-    program_names::SENDMSG4,
-    program_names::SENDMSG6,
-    program_names::BIND4,
-    program_names::BIND6,
-    program_names::SOCK_CREATE,
-    program_names::SOCK_OPS,
-];
+pub const AGENT_CGROUP_PROGRAMS: [&str; SOCK_ADDR_PROGRAMS.len() + 2] = {
+    let mut all = [program_names::SOCK_CREATE; SOCK_ADDR_PROGRAMS.len() + 2];
+    let mut i = 0;
+    while i < SOCK_ADDR_PROGRAMS.len() {
+        all[i] = SOCK_ADDR_PROGRAMS[i];
+        i += 1;
+    }
+    all[i + 1] = program_names::SOCK_OPS;
+    all
+};
 
 /// One egress allow rule, parsed from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
