@@ -1788,6 +1788,11 @@ mod tests {
         reconcile(Path::new("/a"), &[], evidence, checked(), checked(), o)
     }
 
+    /// Whether the report names a problem starting with `kind`.
+    fn has_problem(r: &Report, kind: &str) -> bool {
+        r.problems.iter().any(|p| p.starts_with(kind))
+    }
+
     /// A record covers the interval up to its time: a drop just before the
     /// window's end is in the first record after it, which is judged (and
     /// none after that one).
@@ -1823,13 +1828,7 @@ mod tests {
         ];
         let r = reconciled_in(&evidence, &window(Some(T), Some(T + 10_000)));
         assert!(!r.ok, "{}", summary(&r));
-        assert!(
-            r.problems
-                .iter()
-                .any(|p| p.starts_with(WINDOW_END_NOT_COVERED)),
-            "{}",
-            summary(&r)
-        );
+        assert!(has_problem(&r, WINDOW_END_NOT_COVERED), "{}", summary(&r));
         let r = reconciled_in(&evidence, &window(Some(T), Some(T + 25_000)));
         assert!(r.ok, "{}", summary(&r));
         let r = reconciled_in(&evidence, &window(Some(T), None));
@@ -1854,13 +1853,7 @@ mod tests {
         };
         let end = window(Some(T), Some(T + 10_000));
         let r = reconciled_in(&evidence("boot-2"), &end);
-        assert!(
-            r.problems
-                .iter()
-                .any(|p| p.starts_with(WINDOW_END_NOT_COVERED)),
-            "{}",
-            summary(&r)
-        );
+        assert!(has_problem(&r, WINDOW_END_NOT_COVERED), "{}", summary(&r));
         // A daemon restarted within the boot: the kernel's counters went
         // on, and its first record covers the end.
         let r = reconciled_in(&evidence("boot-1"), &end);
@@ -1868,13 +1861,7 @@ mod tests {
         // A window that ends once the next boot has begun: its first
         // record counted everything since, the end included.
         let r = reconciled_in(&evidence("boot-2"), &window(Some(T), Some(T + 22_000)));
-        assert!(
-            !r.problems
-                .iter()
-                .any(|p| p.starts_with(WINDOW_END_NOT_COVERED)),
-            "{}",
-            summary(&r)
-        );
+        assert!(!has_problem(&r, WINDOW_END_NOT_COVERED), "{}", summary(&r));
     }
 
     /// A config record starts the user-space counters again: a new
