@@ -199,32 +199,32 @@ async fn end_on_upstream_loss(
     server_fatal: Option<(String, String)>,
     lost: &str,
 ) {
-    let detail = match &server_fatal {
-        Some((code, message)) => format!("{lost} after its FATAL {code}: {message}"),
-        None => format!("{lost} without an error"),
-    };
-    let mut record = session_end_record(session, format!("upstream_lost: {detail}"));
-    record.response_error_code = server_fatal
-        .as_ref()
-        .map_or(SQLSTATE_UPSTREAM, |(code, _)| code.as_str())
-        .into();
-    if let Err(err) = session.shared.audit.append(record).await {
-        warn!(error = %err, "the loss of the target's connection could not be audited");
-    }
     // A FATAL from the server was relayed already.
-    if server_fatal.is_none() {
-        close_after_built_answers(
-            &[],
-            handed_over,
-            client_wr,
-            in_flight,
+    let (detail, code, fatal) = match &server_fatal {
+        Some((code, message)) => (
+            format!("{lost} after its FATAL {code}: {message}"),
+            code.as_str(),
+            None,
+        ),
+        None => (
+            format!("{lost} without an error"),
             SQLSTATE_UPSTREAM,
-            &format!(
+            Some(format!(
                 "tollgate: the connection to the target was lost ({lost}); the session is closed"
-            ),
-        )
-        .await;
-    }
+            )),
+        ),
+    };
+    let detail = format!("upstream_lost: {detail}");
+    end_session(
+        session,
+        handed_over,
+        client_wr,
+        in_flight,
+        detail,
+        code,
+        fatal.as_deref(),
+    )
+    .await;
 }
 
 /// Waits, before the next server message goes towards the agent, until

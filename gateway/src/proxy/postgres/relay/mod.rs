@@ -479,33 +479,36 @@ impl KeptBytes for Bound {
 /// (an Execute of it is decided as not understood: nothing runs as a
 /// statement tollgate did not keep). Lookups go to the map; what adds or
 /// removes an entry goes through here, so that the count stays right.
-struct Named<T> {
+struct Named<T: KeptBytes> {
     map: HashMap<String, (u64, T)>,
     bytes: usize,
-    /// The daemon-wide budget the named ones' bytes are taken from, and
-    /// how much of it they hold.
+    /// The daemon-wide budget the named ones' bytes are taken from.
     budget: NamedShare,
-    charged: usize,
 }
 
-impl<T> Default for Named<T> {
+impl<T: KeptBytes> Default for Named<T> {
     fn default() -> Self {
         Named {
             map: HashMap::new(),
             bytes: 0,
             budget: NamedShare::default(),
-            charged: 0,
         }
     }
 }
 
-impl<T> Drop for Named<T> {
+impl<T: KeptBytes> Drop for Named<T> {
     fn drop(&mut self) {
-        self.budget.give_back(self.charged);
+        self.budget.give_back(self.charged());
     }
 }
 
 impl<T: KeptBytes> Named<T> {
+    /// What the named ones hold of the daemon-wide budget: all but the
+    /// unnamed one.
+    fn charged(&self) -> usize {
+        self.bytes - self.map.get("").map_or(0, |(_, e)| e.kept_bytes())
+    }
+
     /// Keeps `entry` under `name`; false when it is past the bounds (the
     /// name is then not kept at all, not even an older definition).
     fn insert(&mut self, name: String, entry: (u64, T)) -> bool {
@@ -524,15 +527,12 @@ impl<T: KeptBytes> Named<T> {
         // taken from the budget all sessions share, which it could then
         // fill for everyone else. One a session, it is bounded by the
         // message size.
-        if !name.is_empty() {
-            if !self.budget.take(bytes) {
-                warn!(
-                    all_sessions = self.budget.held(),
-                    "a prepared statement or portal past the bytes one identity's sessions, or all sessions, may keep is not kept: it resolves as unknown"
-                );
-                return false;
-            }
-            self.charged += bytes;
+        if !name.is_empty() && !self.budget.take(bytes) {
+            warn!(
+                all_sessions = self.budget.held(),
+                "a prepared statement or portal past the bytes one identity's sessions, or all sessions, may keep is not kept: it resolves as unknown"
+            );
+            return false;
         }
         self.bytes += bytes;
         self.map.insert(name, entry);
@@ -544,21 +544,19 @@ impl<T: KeptBytes> Named<T> {
         let bytes = name.len() + entry.1.kept_bytes();
         self.bytes -= bytes;
         if !name.is_empty() {
-            self.charged -= bytes;
             self.budget.give_back(bytes);
         }
         Some(entry)
     }
 
     fn clear(&mut self) {
+        self.budget.give_back(self.charged());
         self.map.clear();
-        self.budget.give_back(self.charged);
-        self.charged = 0;
         self.bytes = 0;
     }
 }
 
-impl<T> std::ops::Deref for Named<T> {
+impl<T: KeptBytes> std::ops::Deref for Named<T> {
     type Target = HashMap<String, (u64, T)>;
     fn deref(&self) -> &Self::Target {
         &self.map
@@ -1074,26 +1072,49 @@ async fn end_expired_session(
         "tollgate: the session's token expired at {}; reconnect with a fresh token",
         session.principal.expires_at
     );
-    let record = session_end_record(session, format!("token_expired: {message}"));
-    if let Err(err) = session.shared.audit.append(record).await {
-        warn!(error = %err, "the end of an expired session could not be audited");
-    }
-    fatal_to_client(client_wr, in_flight, SQLSTATE_IDENTITY, &message).await;
+    let detail = format!("token_expired: {message}");
+    let fatal = Some(message.as_str());
+    end_session(
+        session,
+        &mut 0,
+        client_wr,
+        in_flight,
+        detail,
+        SQLSTATE_IDENTITY,
+        fatal,
+    )
+    .await;
 }
 
-/// The session row of a session ended from outside the agent's requests
-/// (its token expired, the daemon stopped, the target's connection was
-/// lost): who, where, and `status_detail` saying why.
-pub(super) fn session_end_record(session: &Session, status_detail: String) -> AuditRecord {
+/// Ends a session from outside the agent's requests (its token expired,
+/// the daemon stopped, the target's connection was lost): first its
+/// session row (who, where, `status_detail` saying why, `code` the error
+/// the agent gets), then FATAL `code` `fatal` to the agent; `None` when
+/// the server's own FATAL already reached it.
+async fn end_session(
+    session: &Session,
+    handed_over: &mut usize,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    status_detail: String,
+    code: &str,
+    fatal: Option<&str>,
+) {
     let mut record = session
         .connection
         .authentication_accepted(&session.principal);
     record.phase = "session".into();
     record.status_id = record::status::FAILURE;
     record.status_detail = status_detail;
+    record.response_error_code = code.into();
     record.database_user = session.statement_record.database_user.clone();
     record.database_name = session.statement_record.database_name.clone();
-    record
+    if let Err(err) = session.shared.audit.append(record).await {
+        warn!(error = %err, code, "the end of a session could not be audited");
+    }
+    if let Some(message) = fatal {
+        close_after_built_answers(&[], handed_over, client_wr, in_flight, code, message).await;
+    }
 }
 
 /// SQLSTATE admin_shutdown.
@@ -1110,11 +1131,18 @@ async fn end_session_for_stop(
 ) {
     let message =
         "tollgate is stopping (administrator command): the session is closed; reconnect once it is back";
-    let record = session_end_record(session, format!("daemon_stopping: {message}"));
-    if let Err(err) = session.shared.audit.append(record).await {
-        warn!(error = %err, "the end of a session at the daemon's stop could not be audited");
-    }
-    fatal_to_client(client_wr, in_flight, SQLSTATE_ADMIN_SHUTDOWN, message).await;
+    let detail = format!("daemon_stopping: {message}");
+    let code = SQLSTATE_ADMIN_SHUTDOWN;
+    end_session(
+        session,
+        &mut 0,
+        client_wr,
+        in_flight,
+        detail,
+        code,
+        Some(message),
+    )
+    .await;
 }
 
 fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
