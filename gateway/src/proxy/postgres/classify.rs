@@ -1028,6 +1028,18 @@ impl Walker {
         }
     }
 
+    /// A view or function of [`OTHER_SESSIONS_VIEWS`], met as a relation or
+    /// called, makes the statement not understood.
+    fn note_other_sessions(&mut self, name: &str) {
+        if shows_other_sessions(name) {
+            self.not_understood.get_or_insert_with(|| {
+                format!(
+                    "{name} shows the statements of other sessions, other identities' among them"
+                )
+            });
+        }
+    }
+
     /// A table met as a relation (`names`: what it may be).
     fn note_relation(&mut self, names: Vec<String>) {
         for name in names {
@@ -1036,11 +1048,7 @@ impl Walker {
                     format!("{name} shows sampled values of every table's columns, whichever tables a rule denies")
                 });
             }
-            if shows_other_sessions(&name) {
-                self.not_understood.get_or_insert_with(|| {
-                    format!("{name} shows the statements of other sessions, other identities' among them")
-                });
-            }
+            self.note_other_sessions(&name);
             *self.relation_visits.entry(name.clone()).or_default() += 1;
             self.relations.insert(name);
         }
@@ -1133,13 +1141,7 @@ impl Walker {
                 .as_ident()
                 .is_some_and(|schema| schema.value.eq_ignore_ascii_case("cron"))
             && (last.starts_with("schedule") || last == "alter_job");
-        if OTHER_SESSIONS_VIEWS.contains(&last.as_str()) {
-            self.not_understood.get_or_insert_with(|| {
-                format!(
-                    "{last} shows the statements of other sessions, other identities' among them"
-                )
-            });
-        }
+        self.note_other_sessions(&last);
         if cron || SQL_TEXT_FUNCTIONS.contains(&last.as_str()) {
             self.not_understood.get_or_insert_with(|| {
                 format!("{last} runs SQL given to it as text, whose tables tollgate cannot see")
