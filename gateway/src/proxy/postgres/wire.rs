@@ -55,37 +55,28 @@ pub async fn read_startup<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Startu
     // A connection closed before its first byte sent nothing to refuse (a
     // health check, a port probe); one closed part-way through its packet
     // is a malformed startup, and refused as one.
-    let cut_short = || {
-        WireError::Malformed(
+    let part_way = |err: WireError| match err {
+        WireError::Closed => WireError::Malformed(
             "the client closed the connection in the middle of its startup packet".into(),
-        )
-    };
-    let failed_part_way = |err: std::io::Error| {
-        WireError::Malformed(format!(
+        ),
+        WireError::Io(err) => WireError::Malformed(format!(
             "the connection failed in the middle of the startup packet: {err}"
-        ))
+        )),
+        other => other,
     };
     let mut len_bytes = [0u8; 4];
-    let mut have = 0;
-    while have < len_bytes.len() {
-        match reader.read(&mut len_bytes[have..]).await {
-            Ok(0) if have == 0 => return Err(WireError::Closed),
-            Ok(0) => return Err(cut_short()),
-            Ok(n) => have += n,
-            Err(err) if have > 0 => return Err(failed_part_way(err)),
-            Err(err) => return Err(err.into()),
-        }
-    }
+    read_exact_or_closed(reader, &mut len_bytes[..1]).await?;
+    read_exact_or_closed(reader, &mut len_bytes[1..])
+        .await
+        .map_err(part_way)?;
     let len = i32::from_be_bytes(len_bytes);
     if len < 8 || len as usize > MAX_STARTUP_PACKET {
         return Err(WireError::Malformed(format!("startup packet length {len}")));
     }
     let mut body = vec![0u8; len as usize - 4];
-    match read_exact_or_closed(reader, &mut body).await {
-        Err(WireError::Closed) => return Err(cut_short()),
-        Err(WireError::Io(err)) => return Err(failed_part_way(err)),
-        other => other?,
-    }
+    read_exact_or_closed(reader, &mut body)
+        .await
+        .map_err(part_way)?;
     let mut buf = &body[..];
     let code = buf.get_i32();
     match code {
