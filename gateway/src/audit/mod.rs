@@ -36,16 +36,18 @@ use tokio::sync::oneshot;
 pub use store::apply_retention;
 pub use wal::frame_len as wal_frame_len;
 
-/// The records of the WAL of the stream in `dir` (`dir/wal`), as a
-/// restart would replay them: a batch whose write failed is superseded
-/// by its retry, a frame cut short by a crash is left out. Empty when the
-/// stream has no WAL directory.
+/// The records of the WAL of the stream in `dir` (`dir/wal`) that a seal
+/// covers, as a restart would take them: a batch whose write failed is
+/// superseded by its retry; a frame cut short by a crash, and records past
+/// the last seal (never acknowledged, or not written by tollgate) are left
+/// out. The seals' keyed MACs are not checked (that needs the daemon's
+/// key), nor the chain (verify's integrity pass does). Empty when the
+/// stream has no WAL.
 pub fn wal_records(dir: &std::path::Path) -> std::io::Result<Vec<AuditRecord>> {
-    let wal_dir = dir.join("wal");
-    if !wal_dir.exists() {
-        return Ok(Vec::new());
-    }
-    Ok(wal::read_all(&wal_dir)?.records)
+    let mut merged = wal::read_all(&dir.join("wal"))?;
+    let last_sealed = merged.seals.keys().max().copied().unwrap_or(0);
+    merged.records.retain(|r| r.sequence <= last_sealed);
+    Ok(merged.records)
 }
 
 /// `tollgate audit ...` subcommands.

@@ -602,6 +602,41 @@ fn forged_frames(prev: (u64, String), n: usize, now: i64) -> (Vec<u8>, Vec<Audit
     (bytes, records)
 }
 
+/// What reconciliation takes from a WAL: the sealed records, not the
+/// ones past the last seal (never acknowledged, or forged by anyone who
+/// can write the file: the chain needs no key).
+#[tokio::test]
+async fn wal_records_are_the_sealed_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 3600;
+    let (log, now) = open_with_samples(&cfg, 3).await;
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    let sealed = wal_records(&crashed).unwrap();
+    assert_eq!(
+        sealed.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let tip = sealed.last().unwrap();
+    let (bytes, _) = forged_frames((tip.sequence, tip.record_hash.clone()), 2, now);
+    std::fs::write(
+        crashed
+            .join("wal")
+            .join(wal::file_name(99, tip.sequence + 1)),
+        &bytes,
+    )
+    .unwrap();
+    let read = wal::read_all(&crashed.join("wal")).unwrap().records;
+    assert_eq!(read.len(), 5, "the forged frames are in the WAL");
+    let taken = wal_records(&crashed).unwrap();
+    assert_eq!(
+        taken.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+}
+
 #[tokio::test]
 async fn records_forged_into_the_wal_are_not_replayed_into_signed_segments() {
     for foreign_seal in [false, true] {
