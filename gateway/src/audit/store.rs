@@ -1420,7 +1420,11 @@ impl SegState {
 
     /// Writes the records (sequence order) as one segment per run of equal
     /// days, each followed by its manifest entry, then one checkpoint.
-    /// Records already manifested (a retried batch) are skipped.
+    /// Records already manifested (a retried batch) are skipped; a retried
+    /// batch whose segments were all manifested before its checkpoint
+    /// failed still owes that checkpoint: its WAL files go once this
+    /// returns, and entries nothing signs are not to outlive the records'
+    /// only other copy.
     fn write_segments<R: Borrow<AuditRecord>>(&mut self, records: &[R]) -> anyhow::Result<()> {
         let done = self
             .manifest
@@ -1432,16 +1436,6 @@ impl SegState {
             .map(|r| r.borrow())
             .filter(|r| r.sequence > done)
             .collect();
-        if todo.is_empty() {
-            // A retried batch whose segments were all manifested before
-            // its checkpoint failed still owes that checkpoint: its WAL
-            // files go once this returns, and entries nothing signs are
-            // not to outlive the records' only other copy.
-            if self.signed_lines != self.manifest.lines.len() {
-                self.checkpoint()?;
-            }
-            return Ok(());
-        }
         let mut start = 0;
         for i in 1..=todo.len() {
             if i == todo.len()
@@ -1451,7 +1445,14 @@ impl SegState {
                 start = i;
             }
         }
-        self.checkpoint()?;
+        self.sign_pending()
+    }
+
+    /// Signs the manifest lines no checkpoint signs yet, if there are any.
+    fn sign_pending(&mut self) -> anyhow::Result<()> {
+        if self.signed_lines != self.manifest.lines.len() {
+            self.checkpoint()?;
+        }
         Ok(())
     }
 
@@ -1688,17 +1689,14 @@ impl SegState {
                 info!(segment = %p, "retention: deleting segment");
             }
         }
-        // Also signs a removal appended by an earlier run whose checkpoint
-        // failed: until signed, it is not carried out.
-        if self.signed_lines != self.manifest.lines.len() {
-            self.checkpoint()?;
-        }
+        // Only a removal a checkpoint signs is carried out (one whose
+        // checkpoint failed would be set aside at a crash and restart, see
+        // `set_aside_unsigned_tail`, with its segments gone): this also
+        // signs one an earlier run appended when its checkpoint failed.
+        self.sign_pending()?;
         // Delete every file a retention entry names (also those a crash left
         // behind after the entry was written).
-        // Only a removal a checkpoint signs is carried out: one whose
-        // checkpoint failed would be set aside at a crash and restart (see
-        // `set_aside_unsigned_tail`), with its segments gone.
-        for e in self.manifest.entries.iter().take(self.signed_lines) {
+        for e in &self.manifest.entries {
             if let Entry::Retention(r) = e {
                 for s in &r.removed {
                     let path = self.dir.join(&s.path);
