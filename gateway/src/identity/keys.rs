@@ -66,7 +66,6 @@ pub struct KeyStore {
     development_idp: bool,
     client: reqwest::Client,
     current: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
-    ever_loaded: std::sync::atomic::AtomicBool,
     /// When a refresh last succeeded.
     loaded_at: std::sync::Mutex<Option<Instant>>,
     /// Serialises on-demand refreshes and remembers when the last one ran.
@@ -105,7 +104,6 @@ impl KeyStore {
             development_idp,
             client,
             current: RwLock::new(Arc::new(HashMap::new())),
-            ever_loaded: false.into(),
             loaded_at: std::sync::Mutex::new(None),
             on_demand: tokio::sync::Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
@@ -124,7 +122,7 @@ impl KeyStore {
     /// Whether any refresh has ever succeeded (an empty set can be a
     /// legitimate answer; "never loaded" means the source is unreachable).
     pub fn ever_loaded(&self) -> bool {
-        self.ever_loaded.load(std::sync::atomic::Ordering::Relaxed)
+        self.age().is_some()
     }
 
     pub fn kids(&self) -> Vec<String> {
@@ -185,8 +183,6 @@ impl KeyStore {
             Err(p) => p.into_inner(),
         };
         *w = Arc::new(keys);
-        self.ever_loaded
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         drop(w);
         *self.loaded_at_lock() = Some(Instant::now());
         Ok(n)
@@ -207,54 +203,42 @@ impl KeyStore {
     /// `min_interval` (as for an unknown kid); whether they are within
     /// `max_age` afterwards.
     pub async fn refresh_if_older(&self, max_age: Duration) -> bool {
-        let mut last = self.on_demand.lock().await;
-        if self.age().is_some_and(|age| age <= max_age) {
-            return true;
-        }
-        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
-            return false;
-        }
-        *last = Some(Instant::now());
-        match self.refresh().await {
-            Ok(n) => {
-                tracing::info!(source = %self.source, keys = n, "stale key set refreshed");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(source = %self.source, error = %e, "refreshing a stale key set failed: tokens are refused until one succeeds");
-                false
-            }
-        }
+        let fresh = || self.age().is_some_and(|age| age <= max_age);
+        self.refresh_on_demand("stale key set", fresh).await;
+        fresh()
     }
 
     /// Refresh triggered by a token whose kid is not cached: at most once per
     /// `min_interval` (concurrent callers wait for the one refresh in flight).
     pub async fn refresh_for_unknown_kid(&self, kid: &str) -> Option<Arc<KeyEntry>> {
+        self.refresh_on_demand("unknown kid", || self.get(kid).is_some())
+            .await;
+        self.get(kid)
+    }
+
+    /// A refresh a token asks for (`why`), unless `satisfied` (someone else
+    /// may have refreshed while this one waited for the lock); at most once
+    /// per `min_interval`, sooner while no key set was ever loaded.
+    async fn refresh_on_demand(&self, why: &str, satisfied: impl Fn() -> bool) {
         let mut last = self.on_demand.lock().await;
-        // Someone else may have refreshed while we waited for the lock.
-        if let Some(k) = self.get(kid) {
-            return Some(k);
+        if satisfied() {
+            return;
         }
-        let interval = if self.ever_loaded.load(std::sync::atomic::Ordering::Relaxed) {
+        let interval = if self.ever_loaded() {
             self.min_interval
         } else {
             self.min_interval.min(EMPTY_RETRY)
         };
-        if let Some(t) = *last {
-            if t.elapsed() < interval {
-                return None;
-            }
+        if last.is_some_and(|t| t.elapsed() < interval) {
+            return;
         }
         *last = Some(Instant::now());
         match self.refresh().await {
-            Ok(n) => {
-                tracing::info!(source = %self.source, keys = n, "key set refreshed for an unknown kid")
-            }
+            Ok(n) => tracing::info!(source = %self.source, keys = n, why, "key set refreshed"),
             Err(e) => {
-                tracing::warn!(source = %self.source, error = %e, "key refresh failed; keeping the cached keys")
+                tracing::warn!(source = %self.source, error = %e, why, "key refresh failed; keeping the cached keys")
             }
         }
-        self.get(kid)
     }
 
     async fn get_json(&self, url: &str) -> Result<Value, KeyLoadError> {
