@@ -68,7 +68,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
-    reserved_counter, reserved_counter_index, reserved_for, same_address, v4_mapped,
+    reserved_counter, reserved_counter_index, reserved_for, same_address, v4_mapped, IPPROTO_TCP,
     ClientEndpointKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
     TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES,
     EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES,
@@ -85,7 +85,6 @@ const AF_PACKET: u32 = 17;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
-const IPPROTO_TCP: u32 = 6;
 
 #[map(name = "REDIRECTS")]
 static REDIRECTS: HashMap<TargetKey, Redirect> = HashMap::with_max_entries(REDIRECT_MAP_ENTRIES, 0);
@@ -482,6 +481,15 @@ fn unspecified_on_device(asked: &[u32; 4], bound_device: u32, sock_type: u32) ->
         && (same_address(asked, &v4_mapped(0)) || same_address(asked, &[0; 4]))
 }
 
+/// Refuses a connect or datagram to the unspecified address that may go
+/// out through a device ([`unspecified_on_device`]), and says so.
+#[inline(always)]
+unsafe fn refuse_unspecified(sa: *mut bpf_sock_addr, asked: &TargetKey, family: u32, program: u32) -> i32 {
+    let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
+    report_refusal(sa, asked, family, kind, program);
+    REFUSE
+}
+
 /// The destination to judge for `asked`:`port`: where the kernel sends it,
 /// a protected target first when it may go to one.
 #[inline(always)]
@@ -519,11 +527,7 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
         let key = match judged_socket_destination(sa, v4_mapped((*sa).user_ip4)) {
             Ok(key) => key,
-            Err(asked) => {
-                let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
-                report_refusal(sa, &asked, AF_INET, kind, counted_program::CONNECT4);
-                return REFUSE;
-            }
+            Err(asked) => return refuse_unspecified(sa, &asked, AF_INET, counted_program::CONNECT4),
         };
         if redirected_here_already(sa, &key) {
             return ALLOW;
@@ -551,11 +555,7 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
         let key = match judged_socket_destination(sa, read_ip6(sa)) {
             Ok(key) => key,
-            Err(asked) => {
-                let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
-                report_refusal(sa, &asked, AF_INET6, kind, counted_program::CONNECT6);
-                return REFUSE;
-            }
+            Err(asked) => return refuse_unspecified(sa, &asked, AF_INET6, counted_program::CONNECT6),
         };
         if redirected_here_already(sa, &key) {
             return ALLOW;
@@ -590,10 +590,8 @@ pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
         let asked = v4_mapped((*sa).user_ip4);
         let port = port_from_user((*sa).user_port);
         if unspecified_on_device(&asked, socket_sources(sa).bound_device, (*sa).type_) {
-            let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
             let asked = TargetKey { addr: asked, port };
-            report_refusal(sa, &asked, AF_INET, kind, counted_program::SENDMSG4);
-            return REFUSE;
+            return refuse_unspecified(sa, &asked, AF_INET, counted_program::SENDMSG4);
         }
         let key = judged_destination(asked, port, (*sa).msg_src_ip4, &[0; 4]);
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
@@ -610,11 +608,7 @@ pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
         let key = match judged_socket_destination(sa, read_ip6(sa)) {
             Ok(key) => key,
-            Err(asked) => {
-                let kind = event_kind::REFUSED_UNSPECIFIED_ON_DEVICE;
-                report_refusal(sa, &asked, AF_INET6, kind, counted_program::SENDMSG6);
-                return REFUSE;
-            }
+            Err(asked) => return refuse_unspecified(sa, &asked, AF_INET6, counted_program::SENDMSG6),
         };
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
             report_refusal(sa, &key, AF_INET6, kind, counted_program::SENDMSG6);
@@ -686,7 +680,7 @@ pub fn tollgate_sock_create(ctx: SockContext) -> i32 {
         // SCTP (one-to-many SEQPACKET sockets associate in sendmsg, on a
         // path no hook runs on), ping sockets and the like are not.
         let judged = match sock_type {
-            SOCK_STREAM => (*sk).protocol == 0 || (*sk).protocol == u32::from(IPPROTO_TCP_U8),
+            SOCK_STREAM => (*sk).protocol == 0 || (*sk).protocol == IPPROTO_TCP,
             SOCK_DGRAM => datagram_judged_by_the_hooks((*sk).protocol),
             _ => false,
         };

@@ -113,8 +113,8 @@ impl EgressAllow {
         };
         let protocol = match self.protocol.as_deref().unwrap_or("any") {
             "any" => 0,
-            "tcp" => 6,
-            "udp" => 17,
+            "tcp" => gateway_common::IPPROTO_TCP,
+            "udp" => gateway_common::IPPROTO_UDP,
             other => return Err(format!("protocol {other:?}: give tcp, udp or any")),
         };
         Ok(crate::pin::AllowRule {

@@ -70,13 +70,15 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// socket; without sock_create, a raw socket; ...), so `pin status` calls
 /// a cgroup protected only when all are pinned.
 pub const AGENT_CGROUP_PROGRAMS: [&str; SOCK_ADDR_PROGRAMS.len() + 2] = {
-    let mut all = [program_names::SOCK_CREATE; SOCK_ADDR_PROGRAMS.len() + 2];
+    let n = SOCK_ADDR_PROGRAMS.len();
+    let mut all = [""; SOCK_ADDR_PROGRAMS.len() + 2];
     let mut i = 0;
-    while i < SOCK_ADDR_PROGRAMS.len() {
+    while i < n {
         all[i] = SOCK_ADDR_PROGRAMS[i];
         i += 1;
     }
-    all[i + 1] = program_names::SOCK_OPS;
+    all[n] = program_names::SOCK_CREATE;
+    all[n + 1] = program_names::SOCK_OPS;
     all
 };
 
