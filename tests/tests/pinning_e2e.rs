@@ -572,15 +572,16 @@ fn with_egress_default_deny_an_agent_cannot_open_sockets_no_hook_judges() {
         hosts.len() + usize::from(mptcp),
         "{refused:?}"
     );
-    for row in refused.iter().filter(|row| {
-        serde_json::from_str::<Value>(row["unmapped"].as_str().unwrap_or("{}"))
-            .is_ok_and(|u| u["socket_type"] == 2)
-    }) {
-        let unmapped: Value =
-            serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json");
-        assert_eq!(unmapped["socket_type"], 2, "SOCK_DGRAM: {unmapped}");
-        let protocol = unmapped["protocol"].as_u64().unwrap_or(0);
-        assert!(protocol == 1 || protocol == 58, "ICMP(v6): {unmapped}");
+    let unmapped: Vec<Value> = refused
+        .iter()
+        .map(|row| serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json"))
+        .collect();
+    // The pings: SOCK_DGRAM sockets of ICMP or ICMPv6.
+    let datagrams: Vec<&Value> = unmapped.iter().filter(|u| u["socket_type"] == 2).collect();
+    assert_eq!(datagrams.len(), hosts.len(), "{unmapped:?}");
+    for u in datagrams {
+        let protocol = u["protocol"].as_u64().unwrap_or(0);
+        assert!(protocol == 1 || protocol == 58, "ICMP(v6): {u}");
     }
     drop(stack);
 
@@ -937,14 +938,20 @@ fn agent_query_is_answered(stack: &Stack) {
     );
 }
 
+/// `tollgate pin status --config FILE` (with `--json`), as run.
+fn pin_status(config: &Path, json: bool) -> std::process::Output {
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.args(["pin", "status", "--config"]).arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.output().expect("tollgate pin status")
+}
+
 /// The programs pinned for the stack's agent cgroup, from `tollgate pin
 /// status`: none when it fails saying nothing is pinned there.
 fn pinned_on_agent_cgroup(stack: &Stack) -> Vec<String> {
-    let out = Command::new(tollgate_bin())
-        .args(["pin", "status", "--json", "--config"])
-        .arg(&stack.gateway.config_path)
-        .output()
-        .expect("tollgate pin status");
+    let out = pin_status(&stack.gateway.config_path, true);
     let cgroup = stack.gateway.config.agent_cgroup.display().to_string();
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1208,13 +1215,7 @@ fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
     }
     let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let status = |json: bool| {
-        let mut cmd = Command::new(tollgate_bin());
-        cmd.args(["pin", "status", "--config"])
-            .arg(&stack.gateway.config_path);
-        if json {
-            cmd.arg("--json");
-        }
-        let out = cmd.output().expect("tollgate pin status");
+        let out = pin_status(&stack.gateway.config_path, json);
         assert!(
             out.status.success(),
             "{}",
@@ -1294,14 +1295,7 @@ fn pin_status_fails_while_an_agent_cgroup_lacks_any_of_its_programs() {
     }
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let config_path = stack.gateway.config_path.clone();
-    let status = |json: bool| {
-        let mut cmd = Command::new(tollgate_bin());
-        cmd.args(["pin", "status", "--config"]).arg(&config_path);
-        if json {
-            cmd.arg("--json");
-        }
-        cmd.output().expect("tollgate pin status")
-    };
+    let status = |json: bool| pin_status(&config_path, json);
     assert!(status(false).status.success());
     stack.gateway.stop();
     let connect6 = stack
