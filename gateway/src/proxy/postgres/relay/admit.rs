@@ -69,13 +69,14 @@ pub(super) async fn admit(
     session: &Session,
     text: &str,
     operations: &Result<Vec<Operation>, String>,
+    judged: &Judged,
     parameters: String,
 ) -> Result<Admitted, Refusal> {
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(refuse_oversized(session, text, operations, &over_the_statement_limit()).await);
     }
     let mut record = request_record(session, text, operations, parameters);
-    let decision = decide(session, operations);
+    let decision = judged.decision.clone();
     if let Decision::Deny { rule, reason } = decision {
         return Err(refuse_denied(session, record, text, operations, &rule, &reason).await);
     }
@@ -97,7 +98,7 @@ pub(super) async fn admit(
         .shared
         .audit
         .durability()
-        .may_forward_before_durable(provably_read_only(operations))
+        .may_forward_before_durable(judged.read_only)
     {
         let durable = session.shared.audit.submit(record.clone());
         // A failure known at once (too large; a failed write in `buffered`)
@@ -170,13 +171,33 @@ fn request_record(
     record
 }
 
-/// What the session's grants say about a statement on its target.
-fn decide(session: &Session, operations: &Result<Vec<Operation>, String>) -> Decision {
+/// What the session's grants and masks say about a statement on its
+/// target, and what its kind implies for its answers and its outcome row.
+/// All of it depends only on the statement and the session: a prepared
+/// statement is judged once, at its Parse, whatever number of Binds and
+/// Executes follow.
+#[derive(Debug, Clone)]
+pub(super) struct Judged {
+    pub(super) decision: Decision,
+    /// Its answers may carry masked values (see [`reads_masked`]).
+    pub(super) reads_masked: bool,
+    /// See [`provably_read_only`].
+    pub(super) read_only: bool,
+    /// See [`may_change_transaction`].
+    pub(super) may_change_transaction: bool,
+}
+
+pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, String>) -> Judged {
     let request = Request {
         target: &session.connection.target.name,
         operations,
     };
-    session.shared.policy.decide(&session.principal, &request)
+    Judged {
+        decision: session.shared.policy.decide(&session.principal, &request),
+        reads_masked: reads_masked(&session.masks, operations),
+        read_only: provably_read_only(operations),
+        may_change_transaction: may_change_transaction(operations),
+    }
 }
 
 /// Records the refusal of a statement policy denies (durably, before the
@@ -210,19 +231,19 @@ async fn refuse_denied(
 /// not planned either. `None`: it is decided at its Execute.
 pub(super) async fn refusal_at_bind(
     session: &Session,
-    text: &str,
-    operations: &Result<Vec<Operation>, String>,
+    prepared: &Prepared,
     parameters: &str,
 ) -> Option<Refusal> {
+    let (text, operations) = (&prepared.text, &*prepared.operations);
     if text.len() > MAX_AUDITED_STATEMENT {
         return Some(
             refuse_oversized(session, text, operations, &over_the_statement_limit()).await,
         );
     }
-    match decide(session, operations) {
+    match &prepared.judged.decision {
         Decision::Deny { rule, reason } => {
             let record = request_record(session, text, operations, parameters.to_owned());
-            Some(refuse_denied(session, record, text, operations, &rule, &reason).await)
+            Some(refuse_denied(session, record, text, operations, rule, reason).await)
         }
         _ => None,
     }

@@ -270,10 +270,11 @@ impl FromClient {
         self.copies_ended = 0;
         let text = wire::query_text(&frame).map_err(in_message("Query"))?;
         let operations = classify_within_limit(&text);
-        match admit(&self.session, &text, &operations, String::new()).await {
+        let judged = judge(&self.session, &operations);
+        match admit(&self.session, &text, &operations, &judged, String::new()).await {
             Ok(admitted) => {
                 let mut pending = admitted.into_pending(Kind::Query);
-                pending.reads_masked = reads_masked(&self.session.masks, &operations);
+                pending.reads_masked = judged.reads_masked;
                 let mut guard = lock(&self.in_flight);
                 if let Some(skipped) = guard.push(pending) {
                     drop(guard);
@@ -304,16 +305,11 @@ impl FromClient {
     fn parse(&mut self, frame: Frame) -> Result<(), WireError> {
         let (name, text, parameter_types) =
             wire::parse_message(&frame).map_err(in_message("Parse"))?;
-        let operations = Arc::new(classify_within_limit(&text));
-        let prepared = Arc::new(Prepared {
-            text,
-            operations,
-            parameter_types,
-        });
+        let prepared = Arc::new(Prepared::new(&self.session, text, parameter_types));
         let mut parse = Pending::new(Kind::Parse, None);
         // Its errors may quote the statement's constants, as any of the
         // statement's own errors may.
-        parse.reads_masked = reads_masked(&self.session.masks, &prepared.operations);
+        parse.reads_masked = prepared.judged.reads_masked;
         parse.parse = Some((name, prepared));
         self.forward_unless_skipped(parse, frame);
         Ok(())
@@ -326,7 +322,7 @@ impl FromClient {
         let prepared = self
             .resolve(|f| f.statement(&statement))
             .await?
-            .unwrap_or_else(|| Arc::new(Prepared::unknown()));
+            .unwrap_or_else(|| Arc::new(Prepared::unknown(&self.session)));
         let parameters = wire::bind_parameters_rendered(
             &frame,
             &prepared.parameter_types,
@@ -334,14 +330,7 @@ impl FromClient {
             MAX_PARAMETERS_BYTES,
         )
         .map_err(in_message("Bind"))?;
-        if let Some(refusal) = refusal_at_bind(
-            &self.session,
-            &prepared.text,
-            &prepared.operations,
-            &parameters,
-        )
-        .await
-        {
+        if let Some(refusal) = refusal_at_bind(&self.session, &prepared, &parameters).await {
             self.refuse_extended_in_place(refusal);
             return Ok(());
         }
@@ -349,7 +338,7 @@ impl FromClient {
         // The server plans the statement at Bind, evaluating immutable
         // functions of constants: their errors and notices are the
         // statement's, and redacted as its own are.
-        bind.reads_masked = reads_masked(&self.session.masks, &prepared.operations);
+        bind.reads_masked = prepared.judged.reads_masked;
         bind.bind = Some((portal, (prepared, parameters)));
         self.forward_unless_skipped(bind, frame);
         Ok(())
@@ -363,11 +352,12 @@ impl FromClient {
         let (prepared, parameters) = self
             .resolve(|f| f.portal(&portal))
             .await?
-            .unwrap_or_else(|| (Arc::new(Prepared::unknown()), String::new()));
+            .unwrap_or_else(|| (Arc::new(Prepared::unknown(&self.session)), String::new()));
         let admitted = admit(
             &self.session,
             &prepared.text,
             &prepared.operations,
+            &prepared.judged,
             parameters,
         )
         .await;
@@ -379,9 +369,9 @@ impl FromClient {
             }
         };
         let mut pending = admitted.into_pending(Kind::Execute);
-        pending.reads_masked = reads_masked(&self.session.masks, &prepared.operations);
-        pending.read_only = provably_read_only(&prepared.operations);
-        pending.may_change_transaction = may_change_transaction(&prepared.operations);
+        pending.reads_masked = prepared.judged.reads_masked;
+        pending.read_only = prepared.judged.read_only;
+        pending.may_change_transaction = prepared.judged.may_change_transaction;
         let described = matches!(
             self.last_describe.take(),
             Some((b'P', described)) if described == portal

@@ -1181,17 +1181,30 @@ struct Prepared {
     text: String,
     operations: Arc<Result<Vec<Operation>, String>>,
     parameter_types: Vec<u32>,
+    /// What the session's grants and masks say about it (see [`judge`]).
+    judged: Judged,
 }
 
 impl Prepared {
+    /// A statement as a Parse gives it, classified and judged once.
+    fn new(session: &Session, text: String, parameter_types: Vec<u32>) -> Self {
+        let operations = classify_within_limit(&text);
+        Prepared {
+            judged: judge(session, &operations),
+            text,
+            operations: Arc::new(operations),
+            parameter_types,
+        }
+    }
+
     /// What an Execute of an unknown portal runs: nothing tollgate could
     /// understand, so only `allow_unparsed` lets it through.
-    fn unknown() -> Self {
+    fn unknown(session: &Session) -> Self {
+        let operations = Err("portal or statement not prepared through this session".into());
         Prepared {
+            judged: judge(session, &operations),
             text: String::new(),
-            operations: Arc::new(Err(
-                "portal or statement not prepared through this session".into()
-            )),
+            operations: Arc::new(operations),
             parameter_types: Vec::new(),
         }
     }

@@ -217,6 +217,15 @@ fn prepared(text: &str) -> Arc<Prepared> {
         text: text.into(),
         operations: Arc::new(Err("test".into())),
         parameter_types: Vec::new(),
+        judged: Judged {
+            decision: crate::policy::Decision::Deny {
+                rule: "test".into(),
+                reason: "test".into(),
+            },
+            reads_masked: false,
+            read_only: false,
+            may_change_transaction: false,
+        },
     })
 }
 
