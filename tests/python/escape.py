@@ -19,6 +19,9 @@ usage:
   escape.py mptcp                          -> a Multipath TCP socket: {"outcome": "created"|"denied", ...}
   escape.py rawsend HOST PORT              -> a hand-made TCP SYN on a raw socket:
                                               {"outcome": "sent"|"denied", "cookie": ...}
+  escape.py rawsend-ah HOST PORT          -> a UDP header to PORT behind an IPsec authentication
+                                              header, on a raw IPv4 socket:
+                                              {"outcome": "sent"|"denied", "cookie": ...}
   escape.py rawsend6 HOST PORT KIND [N]    -> a hand-made IPv6 packet on a raw socket, KIND one of
                                               "options" (N destination options headers, then a
                                               UDP header to PORT), "ah" (an authentication
@@ -172,6 +175,29 @@ IPPROTO_ESP = 50
 IPPROTO_AH = 51
 
 
+def authentication_header(next_header):
+    """An IPsec authentication header: next header, length 4 (24 bytes, in
+    4-byte units less two), reserved, SPI, sequence number, 12-byte ICV."""
+    return struct.pack("!BBHII", next_header, 4, 0, 0x1000, 1) + bytes(range(1, 13))
+
+
+def rawsend_ah(host, port):
+    """A UDP header behind an authentication header, on a raw IPv4 socket
+    (the kernel writes the IPv4 header, protocol AH)."""
+    payload = authentication_header(socket.IPPROTO_UDP) + struct.pack("!HHHH", 40000, port, 8, 0)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_AH)
+    except OSError as err:
+        return failure(err)
+    try:
+        sock.sendto(payload, (host, 0))
+        return {"outcome": "sent", "cookie": cookie_of(sock)}
+    except OSError as err:
+        return failure(err)
+    finally:
+        sock.close()
+
+
 def rawsend6(host, port, kind, count):
     """The IPv6 header is the kernel's (the socket's protocol is its next
     header); what follows it is made here, so extension headers can hide
@@ -188,10 +214,7 @@ def rawsend6(host, port, kind, count):
         payload += udp
     elif kind == "ah":
         protocol = IPPROTO_AH
-        # Next header UDP, length 4 (24 bytes, in 4-byte units less two),
-        # reserved, SPI, sequence number, then a 12-byte ICV.
-        payload = struct.pack("!BBHII", socket.IPPROTO_UDP, 4, 0, 0x1000, 1) + bytes(range(1, 13))
-        payload += udp
+        payload = authentication_header(socket.IPPROTO_UDP) + udp
     elif kind == "cut-short":
         protocol = IPPROTO_DSTOPTS
         payload = struct.pack("!BBBB4x", socket.IPPROTO_UDP, 0, 1, 4) + udp[:2]
@@ -311,6 +334,8 @@ def main(argv):
         result = udp(argv[2], int(argv[3]), connect="--connect" in argv, count=count)
     elif mode == "rawsend":
         result = rawsend(argv[2], int(argv[3]))
+    elif mode == "rawsend-ah":
+        result = rawsend_ah(argv[2], int(argv[3]))
     elif mode == "rawsend6":
         count = int(argv[5]) if len(argv) > 5 else 1
         result = rawsend6(argv[2], int(argv[3]), argv[4], count)

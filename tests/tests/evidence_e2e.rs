@@ -346,6 +346,30 @@ fn a_datagram_to_an_ipv6_protected_target_is_evidence() {
     );
 }
 
+/// The packet program walks an IPsec authentication header over IPv4 too:
+/// the UDP header behind it gives the port, and the packet is evidence of
+/// a datagram to the protected target.
+#[test]
+fn an_ipv4_packet_behind_an_authentication_header_is_evidence_with_its_port() {
+    if !privileged("an_ipv4_packet_behind_an_authentication_header_is_evidence_with_its_port") {
+        return;
+    }
+    let _probe = probe_to_itself();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let port = stack.postgres.port.to_string();
+    let sent = outside(&["rawsend-ah", "127.0.0.1", &port]);
+    assert_eq!(sent["outcome"], "sent", "{sent}");
+    stack.gateway.stop();
+    let rows = packet_rows(&stack);
+    let row = rows
+        .iter()
+        .find(|r| r["upstream_socket_cookie"] == sent["cookie"])
+        .unwrap_or_else(|| panic!("no record of the packet: {rows:?}"));
+    assert_eq!(row["dst_endpoint_ip"], "127.0.0.1", "{row}");
+    assert_eq!(row["dst_endpoint_port"], stack.postgres.port, "{row}");
+    assert_eq!(row["connection_info_protocol_name"], "udp", "{row}");
+}
+
 #[test]
 fn ipv6_packets_that_hide_their_ports_are_evidence_at_the_protected_address() {
     if !privileged("ipv6_packets_that_hide_their_ports_are_evidence_at_the_protected_address") {
