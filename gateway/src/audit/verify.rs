@@ -582,7 +582,7 @@ fn check_segments(
 /// the daemon writes one level of day directories, but the documented
 /// queries read `records/**/*.parquet`, so a Parquet file anywhere there is
 /// one an analyst would read.
-fn files_under_records(dir: &Path) -> io::Result<Vec<String>> {
+pub(crate) fn files_under_records(dir: &Path) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut todo = vec![dir.join("records")];
     while let Some(folder) = todo.pop() {

@@ -63,24 +63,13 @@ pub struct Row {
 
 /// Every `*.parquet` under `dir/records`, sorted by path.
 fn segment_files(dir: &Path) -> Result<Vec<PathBuf>, VerifyError> {
-    let mut out = Vec::new();
-    let records = dir.join("records");
-    if !records.exists() {
-        return Ok(out);
-    }
-    let mut stack = vec![records];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).map_err(|e| file_err(&d, e))? {
-            let path = entry.map_err(|e| file_err(&d, e))?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    let files = crate::audit::verify::files_under_records(dir)
+        .map_err(|e| file_err(&dir.join("records"), e))?;
+    Ok(files
+        .into_iter()
+        .filter(|f| f.ends_with(".parquet"))
+        .map(|f| dir.join(f))
+        .collect())
 }
 
 fn col<'a, T: 'static>(
