@@ -204,35 +204,34 @@ impl Pinning {
         // daemon reads what it recorded. (A pin directory of a daemon from
         // before the reserved ring gets one made here; its still-attached
         // programs keep writing to the general ring until replaced below.)
-        let map_paths: Vec<(&str, PathBuf)> = [
-            map_names::REDIRECTS,
-            map_names::ORIGINAL_DESTINATIONS,
-            map_names::CLIENT_ENDPOINTS,
-            map_names::EVIDENCE,
-            map_names::EVIDENCE_RESERVED,
-            map_names::EVIDENCE_COUNTERS,
-            map_names::EGRESS_RULES,
-            map_names::EGRESS_SETTINGS,
-            map_names::LISTENER_PORTS,
-            map_names::PROTECTED_ADDRESSES,
-        ]
-        .into_iter()
-        .map(|name| (name, maps_dir.join(name)))
-        .collect();
-        // A policy map pinned by a daemon whose version sized it otherwise
-        // would be taken as it is (the loader reuses a pin without looking
-        // at its size): its pin goes, so that a map of this version's size
-        // is made. Its content is written at every start; the programs of
-        // the older daemon keep their map until their pins are replaced.
-        for (name, entries) in [
-            (map_names::REDIRECTS, REDIRECT_MAP_ENTRIES),
-            (map_names::PROTECTED_ADDRESSES, REDIRECT_MAP_ENTRIES),
-            (map_names::EGRESS_RULES, EGRESS_RULE_ENTRIES),
-            (map_names::LISTENER_PORTS, LISTENER_PORT_ENTRIES),
-        ] {
-            remove_pin_of_other_size(&maps_dir.join(name), entries)?;
-        }
-        for (name, path) in &map_paths {
+        //
+        // With each, the size of a policy map (its content written at every
+        // start): one an older version pinned at another size would be
+        // taken as it is (the loader reuses a pin without looking at its
+        // size), so its pin goes and a map of this version's size is made;
+        // the older daemon's programs keep their map until their pins are
+        // replaced. State maps (sockets, evidence) are kept whatever they
+        // hold.
+        let maps: [(&str, Option<u32>); 10] = [
+            (map_names::REDIRECTS, Some(REDIRECT_MAP_ENTRIES)),
+            (map_names::ORIGINAL_DESTINATIONS, None),
+            (map_names::CLIENT_ENDPOINTS, None),
+            (map_names::EVIDENCE, None),
+            (map_names::EVIDENCE_RESERVED, None),
+            (map_names::EVIDENCE_COUNTERS, None),
+            (map_names::EGRESS_RULES, Some(EGRESS_RULE_ENTRIES)),
+            (map_names::EGRESS_SETTINGS, None),
+            (map_names::LISTENER_PORTS, Some(LISTENER_PORT_ENTRIES)),
+            (map_names::PROTECTED_ADDRESSES, Some(REDIRECT_MAP_ENTRIES)),
+        ];
+        let map_paths: Vec<(&str, PathBuf)> = maps
+            .iter()
+            .map(|(name, _)| (*name, maps_dir.join(name)))
+            .collect();
+        for ((_, entries), (name, path)) in maps.iter().zip(&map_paths) {
+            if let Some(entries) = entries {
+                remove_pin_of_other_size(path, *entries)?;
+            }
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
