@@ -371,16 +371,17 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-pub fn last_counter(dir: &Path) -> io::Result<u64> {
-    Ok(list(dir)?.last().map(|(n, _)| *n).unwrap_or(0))
-}
-
-/// The time the newest checkpoint in `dir` signed, if it reads and its
-/// signature verifies with `key`.
-pub fn last_time(dir: &Path, key: &Verifier) -> Option<i64> {
-    let (_, path) = list(dir).ok()?.pop()?;
-    let text = fs::read_to_string(path).ok()?;
-    open_note(&text, key).ok()?.time_ms
+/// The counter of the newest checkpoint in `dir` (0: none), and the time
+/// it signed if it reads and its signature verifies with `key`: where the
+/// next checkpoint goes on from, with one listing of the directory.
+pub fn last_counter_and_time(dir: &Path, key: &Verifier) -> io::Result<(u64, Option<i64>)> {
+    let Some((counter, path)) = list(dir)?.pop() else {
+        return Ok((0, None));
+    };
+    let time = fs::read_to_string(path)
+        .ok()
+        .and_then(|text| open_note(&text, key).ok()?.time_ms);
+    Ok((counter, time))
 }
 
 /// The newest checkpoint in `dir` whose signature verifies with `key`,

@@ -1566,7 +1566,8 @@ impl SegState {
         manifest: Manifest,
         signer: Signer,
     ) -> io::Result<SegState> {
-        let checkpoints = cfg.dir.join("checkpoints");
+        let (checkpoint_counter, last_checkpoint_ms) =
+            checkpoint::last_counter_and_time(&cfg.dir.join("checkpoints"), &signer.public())?;
         let signed_lines = manifest.lines.len();
         Ok(SegState {
             lock,
@@ -1574,10 +1575,9 @@ impl SegState {
             perms,
             manifest,
             origin: cfg.origin.clone().unwrap_or_else(|| signer.name.clone()),
-            checkpoint_counter: checkpoint::last_counter(&checkpoints)?,
+            checkpoint_counter,
             last_checkpoint: Instant::now(),
-            last_checkpoint_ms: checkpoint::last_time(&checkpoints, &signer.public())
-                .unwrap_or(i64::MIN),
+            last_checkpoint_ms: last_checkpoint_ms.unwrap_or(i64::MIN),
             signer,
             checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
             idle_prev: None,

@@ -1190,7 +1190,10 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
         &signer,
         cfg.origin.as_deref().unwrap_or(&signer.name),
         &manifest,
-        checkpoint::last_counter(&checkpoints).unwrap() + 1,
+        checkpoint::last_counter_and_time(&checkpoints, &signer.public())
+            .unwrap()
+            .0
+            + 1,
         ahead,
     )
     .unwrap();
@@ -1198,7 +1201,13 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
     let log = AuditLog::open(&cfg).await.unwrap();
     log.append(sample(9, store::now_ms())).await.unwrap();
     log.shutdown().await;
-    assert!(checkpoint::last_time(&checkpoints, &signer.public()).unwrap() >= ahead);
+    assert!(
+        checkpoint::last_counter_and_time(&checkpoints, &signer.public())
+            .unwrap()
+            .1
+            .unwrap()
+            >= ahead
+    );
     let r = verify::verify(&cfg.dir, &signer.public());
     assert!(r.ok, "{:#?}", r.problems);
 
@@ -1211,13 +1220,22 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
         &signer,
         cfg.origin.as_deref().unwrap_or(&signer.name),
         &manifest::Manifest::read(&cfg.dir).unwrap().0,
-        checkpoint::last_counter(&checkpoints).unwrap() + 1,
+        checkpoint::last_counter_and_time(&checkpoints, &signer.public())
+            .unwrap()
+            .0
+            + 1,
         far_ahead,
     )
     .unwrap();
     let log = AuditLog::open(&cfg).await.unwrap();
     log.shutdown().await;
-    assert!(checkpoint::last_time(&checkpoints, &signer.public()).unwrap() < far_ahead);
+    assert!(
+        checkpoint::last_counter_and_time(&checkpoints, &signer.public())
+            .unwrap()
+            .1
+            .unwrap()
+            < far_ahead
+    );
     let r = verify::verify(&cfg.dir, &signer.public());
     assert!(
         r.problems
