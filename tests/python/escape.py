@@ -185,8 +185,14 @@ def rawsend_ah(host, port):
     """A UDP header behind an authentication header, on a raw IPv4 socket
     (the kernel writes the IPv4 header, protocol AH)."""
     payload = authentication_header(socket.IPPROTO_UDP) + struct.pack("!HHHH", 40000, port, 8, 0)
+    return send_raw(socket.AF_INET, IPPROTO_AH, host, payload)
+
+
+def send_raw(family, protocol, host, payload):
+    """Sends `payload` on a raw socket of `protocol`, the IP header the
+    kernel's: {"outcome": "sent", "cookie": ...} or the failure."""
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_AH)
+        sock = socket.socket(family, socket.SOCK_RAW, protocol)
     except OSError as err:
         return failure(err)
     try:
@@ -229,17 +235,7 @@ def rawsend6(host, port, kind, count):
         payload = struct.pack("!BBHI", socket.IPPROTO_UDP, 0, (8 << 3) | 1, 7) + udp
     else:
         raise SystemExit("unknown rawsend6 kind " + kind)
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, protocol)
-    except OSError as err:
-        return failure(err)
-    try:
-        sock.sendto(payload, (host, 0))
-        return {"outcome": "sent", "cookie": cookie_of(sock)}
-    except OSError as err:
-        return failure(err)
-    finally:
-        sock.close()
+    return send_raw(socket.AF_INET6, protocol, host, payload)
 
 
 def raw():
