@@ -417,23 +417,17 @@ pub(super) fn needs_escape(s: &[u8]) -> bool {
     fn special(b: u8) -> bool {
         (b < 0x20) | (b == b'"') | (b == b'\\')
     }
-    let (blocks, rest) = s.as_chunks::<32>();
-    let any_special = |block: &[u8; 32]| block.iter().fold(false, |any, &b| any | special(b));
-    if rest.is_empty() {
-        return blocks.iter().any(any_special);
-    }
-    // The bytes after the last whole block are tested as one more block,
-    // not one at a time: the string's last 32 bytes when it has that many
-    // (no copy), else the string padded with plain bytes.
-    let last: [u8; 32] = match s.last_chunk::<32>() {
-        Some(tail) => *tail,
-        None => {
-            let mut padded = [b' '; 32];
-            padded[..rest.len()].copy_from_slice(rest);
-            padded
-        }
+    // A string shorter than a block (most names, ids and numbers' text) is
+    // tested whole in one pass: padding it into a block costs a copy to the
+    // stack that the vector load then waits on, more than the test itself.
+    let Some(last) = s.last_chunk::<32>() else {
+        return s.iter().fold(false, |any, &b| any | special(b));
     };
-    blocks.iter().any(any_special) || any_special(&last)
+    let any_special = |block: &[u8; 32]| block.iter().fold(false, |any, &b| any | special(b));
+    // The bytes after the last whole block are tested as one more block,
+    // the string's last 32 bytes, overlapping the block before.
+    let (blocks, rest) = s.as_chunks::<32>();
+    blocks.iter().any(any_special) || (!rest.is_empty() && any_special(last))
 }
 
 /// A JSON string, as serde_json writes it. Most values need no escaping:
@@ -1079,6 +1073,23 @@ mod canonical_tests {
             1 => any::<char>(),
         ];
         proptest::collection::vec(ch, 0..100).prop_map(|v| v.into_iter().collect())
+    }
+
+    /// One special byte anywhere (short string, whole block, the overlapping
+    /// tail) is found; plain strings of every length near a block pass.
+    #[test]
+    fn one_special_byte_anywhere_needs_escape() {
+        for len in 0..100 {
+            let plain = vec![b'a'; len];
+            assert!(!needs_escape(&plain), "plain string of {len} bytes");
+            for at in 0..len {
+                for special in [0x00, 0x1f, b'"', b'\\'] {
+                    let mut s = plain.clone();
+                    s[at] = special;
+                    assert!(needs_escape(&s), "{special:#x} at {at} of {len}");
+                }
+            }
+        }
     }
 
     proptest! {
