@@ -595,7 +595,7 @@ fn may_take_client_data(operations: &Result<Vec<Operation>, String>) -> bool {
 /// error the server skips to Sync from: it was not sent, as the server
 /// would not have run it.
 fn record_skipped(session: &Session, skipped: Pending) {
-    if let Some(outcome) = outcome_record(skipped, Some(not_executed()), Delivery::Sent) {
+    if let Some(outcome) = outcome_record(skipped, not_executed(), Delivery::Sent) {
         submit_outcome(session, outcome);
     }
 }

@@ -441,7 +441,7 @@ pub(super) async fn close_after_built_answers(
     }
 }
 
-pub(super) type Finished = Vec<(Pending, Option<(String, String)>)>;
+pub(super) type Finished = Vec<(Pending, Outcome)>;
 
 /// Outcome records of answered requests, written once the answers are on
 /// their way to the agent: nothing waits on them, so they stay off the
@@ -495,8 +495,8 @@ impl<F: FnMut(AuditRecord)> Outcomes<F> {
 
     pub(super) fn record_first(&mut self, n: usize, delivery: Delivery) {
         self.ends.drain(..n.min(self.ends.len()));
-        for (pending, error) in self.answered.drain(..n) {
-            if let Some(outcome) = outcome_record(pending, error, delivery) {
+        for (pending, ended) in self.answered.drain(..n) {
+            if let Some(outcome) = outcome_record(pending, ended, delivery) {
                 (self.submit)(outcome);
             }
         }
@@ -765,7 +765,7 @@ pub(super) fn track_answer(
                             statements.remove("");
                         }
                         if done.kind == Kind::Execute {
-                            finished.push((done, Some(error)));
+                            finished.push((done, Outcome::failed(error)));
                         }
                     }
                     *server_skipping = !skip_to_sync(queue, finished);
@@ -799,9 +799,12 @@ pub(super) fn track_answer(
                     statements.remove("");
                     portals.remove("");
                 }
-                let error = done.error.clone();
                 if done.kind == Kind::Query {
-                    finished.push((done, error));
+                    let ended = done
+                        .error
+                        .clone()
+                        .map_or(Outcome::Succeeded, Outcome::failed);
+                    finished.push((done, ended));
                 }
             }
         }
@@ -843,17 +846,44 @@ fn answers(kind: Kind, tag: u8) -> bool {
     }
 }
 
-/// In place of a SQLSTATE in a finished request's error: what became of
-/// it is not known (status 0), for the reason its message gives. Not a
-/// SQLSTATE (those are five characters).
-pub(super) const NOT_KNOWN: &str = "-";
+/// What became of a finished request, as its outcome record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Succeeded,
+    /// The server's error (or tollgate's in its place): SQLSTATE and message.
+    Failed {
+        code: String,
+        message: String,
+    },
+    /// Whether it took effect is not known (status unknown), for `reason`:
+    /// a statement whose answer was lost may still have run. `code` is
+    /// the SQLSTATE of the error that ended it, if one did.
+    NotKnown {
+        code: Option<String>,
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// A server error's (SQLSTATE, message).
+    pub(super) fn failed((code, message): (String, String)) -> Self {
+        Outcome::Failed { code, message }
+    }
+
+    pub(super) fn not_known(reason: impl Into<String>) -> Self {
+        Outcome::NotKnown {
+            code: None,
+            reason: reason.into(),
+        }
+    }
+}
 
 /// The outcome of a request the server skipped after an earlier error.
-pub(super) fn not_executed() -> (String, String) {
-    (
-        "25P02".into(),
-        "not executed: an earlier message in the pipeline failed".into(),
-    )
+pub(super) fn not_executed() -> Outcome {
+    Outcome::Failed {
+        code: "25P02".into(),
+        message: "not executed: an earlier message in the pipeline failed".into(),
+    }
 }
 
 /// After an error in an extended-protocol pipeline the server skips every
@@ -866,7 +896,7 @@ pub(super) fn skip_to_sync(queue: &mut Queue, finished: &mut Finished) -> bool {
     while queue.front().is_some_and(|p| p.kind != Kind::Sync) {
         if let Some(skipped) = queue.pop_front() {
             if matches!(skipped.kind, Kind::Execute | Kind::Query) {
-                finished.push((skipped, Some(not_executed())));
+                finished.push((skipped, not_executed()));
             }
         }
     }
@@ -887,7 +917,7 @@ pub(super) fn submit_outcome(session: &Session, outcome: AuditRecord) {
 /// requests that have no record of their own, such as a Sync).
 pub(super) fn outcome_record(
     pending: Pending,
-    error: Option<(String, String)>,
+    ended: Outcome,
     delivery: Delivery,
 ) -> Option<AuditRecord> {
     let mut outcome = pending.request?;
@@ -905,17 +935,20 @@ pub(super) fn outcome_record(
     }
     // The status is the server's: a statement whose answer was lost still
     // ran (an UPDATE committed), which is what an auditor must not miss.
-    match error {
-        Some((code, message)) if code == NOT_KNOWN => {
-            outcome.status_id = record::status::UNKNOWN;
-            outcome.status_detail = capped(message, MAX_SERVER_MESSAGE);
-        }
-        Some((code, message)) => {
+    match ended {
+        Outcome::Succeeded => outcome.status_id = record::status::SUCCESS,
+        Outcome::Failed { code, message } => {
             outcome.status_id = record::status::FAILURE;
             outcome.response_error_code = capped(code, 64);
             outcome.status_detail = capped(message, MAX_SERVER_MESSAGE);
         }
-        None => outcome.status_id = record::status::SUCCESS,
+        Outcome::NotKnown { code, reason } => {
+            outcome.status_id = record::status::UNKNOWN;
+            if let Some(code) = code {
+                outcome.response_error_code = capped(code, 64);
+            }
+            outcome.status_detail = capped(reason, MAX_SERVER_MESSAGE);
+        }
     }
     // The request row holds the whole text; a very long one is not copied
     // again, so that the outcome (the request's record and the answer's

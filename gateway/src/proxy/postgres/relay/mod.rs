@@ -641,15 +641,15 @@ impl ImplicitTransaction {
         // error after it says nothing sure about what came between.
         if done.may_change_transaction {
             self.unknown = true;
-            self.release(finished, Some(Self::not_known()));
-            finished.push((done, None));
+            self.release(finished, Self::not_known());
+            finished.push((done, Outcome::Succeeded));
             return;
         }
         // A provable read's answer is what it did; inside a block that no
         // statement of the pipeline changed, what happens to the work is
         // its COMMIT's or ROLLBACK's, a row of its own.
         if done.read_only || (self.in_block && !self.unknown) {
-            finished.push((done, None));
+            finished.push((done, Outcome::Succeeded));
             return;
         }
         // Its text and parameters, as the queue counted them.
@@ -659,21 +659,19 @@ impl ImplicitTransaction {
             || self.held_bytes + size > MAX_HELD_OUTCOME_BYTES
         {
             self.overflowed = true;
-            let why = (
-                NOT_KNOWN.to_string(),
-                "not held for its pipeline's Sync (too many statements waiting for it): it may have been rolled back with its pipeline's implicit transaction".to_string(),
+            let why = Outcome::not_known(
+                "not held for its pipeline's Sync (too many statements waiting for it): it may have been rolled back with its pipeline's implicit transaction",
             );
-            finished.push((done, Some(why)));
+            finished.push((done, why));
             return;
         }
         self.held_bytes += size;
         self.held.push(done);
     }
 
-    fn not_known() -> (String, String) {
-        (
-            NOT_KNOWN.to_string(),
-            "a statement of its pipeline may have begun or ended its transaction: not known whether it was committed".to_string(),
+    fn not_known() -> Outcome {
+        Outcome::not_known(
+            "a statement of its pipeline may have begun or ended its transaction: not known whether it was committed",
         )
     }
 
@@ -685,29 +683,26 @@ impl ImplicitTransaction {
     /// before it was committed, or rolled back if it met an error (not
     /// known, when a statement in it may have changed the transaction).
     fn ended(&mut self, status: Option<u8>, finished: &mut Finished) {
-        let outcome = self.error.take().map(|(code, message)| {
-            if self.unknown {
-                (
-                    NOT_KNOWN.to_string(),
-                    format!("its pipeline failed after a statement that may have changed its transaction: not known whether it was committed ({code}: {message})"),
-                )
-            } else {
-                (
-                    code,
-                    format!("rolled back with its pipeline's implicit transaction: {message}"),
-                )
-            }
-        });
+        let outcome = match self.error.take() {
+            None => Outcome::Succeeded,
+            Some((code, message)) if self.unknown => Outcome::not_known(format!(
+                "its pipeline failed after a statement that may have changed its transaction: not known whether it was committed ({code}: {message})"
+            )),
+            Some((code, message)) => Outcome::Failed {
+                code,
+                message: format!("rolled back with its pipeline's implicit transaction: {message}"),
+            },
+        };
         self.release(finished, outcome);
         self.unknown = false;
         self.overflowed = false;
         self.in_block = status != Some(b'I');
     }
 
-    fn release(&mut self, finished: &mut Finished, error: Option<(String, String)>) {
+    fn release(&mut self, finished: &mut Finished, outcome: Outcome) {
         self.held_bytes = 0;
         for done in self.held.drain(..) {
-            finished.push((done, error.clone()));
+            finished.push((done, outcome.clone()));
         }
     }
 }
@@ -993,11 +988,10 @@ fn record_unanswered(session: &Session, in_flight: &Mutex<InFlight>) {
 fn uncommitted_outcomes(held: Vec<Pending>) -> Vec<AuditRecord> {
     held.into_iter()
         .filter_map(|done| {
-            let why = (
-                NOT_KNOWN.to_string(),
-                "the session ended before its pipeline's Sync was answered: not known whether its implicit transaction was committed".to_string(),
+            let why = Outcome::not_known(
+                "the session ended before its pipeline's Sync was answered: not known whether its implicit transaction was committed",
             );
-            outcome_record(done, Some(why), Delivery::Sent)
+            outcome_record(done, why, Delivery::Sent)
         })
         .collect()
 }
@@ -1043,8 +1037,12 @@ fn unanswered_outcomes(
                     ),
                 },
             };
-            let mut outcome = outcome_record(pending, Some(why), Delivery::NotSent)?;
-            outcome.status_id = record::status::UNKNOWN;
+            let (code, reason) = why;
+            let why = Outcome::NotKnown {
+                code: Some(code),
+                reason,
+            };
+            let outcome = outcome_record(pending, why, Delivery::NotSent)?;
             Some(outcome)
         })
         .collect()

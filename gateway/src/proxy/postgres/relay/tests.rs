@@ -333,13 +333,17 @@ fn query(text: &str) -> Pending {
 fn answers_held_when_the_session_ends_are_recorded_as_not_delivered() {
     let mut submitted = Vec::new();
     let mut outcomes = Outcomes::new(|outcome: AuditRecord| submitted.push(outcome));
-    outcomes.answered.push((query("select 1"), None));
+    outcomes
+        .answered
+        .push((query("select 1"), Outcome::Succeeded));
     outcomes.sent();
     // Answered by the server, not yet sent on when the session ends.
-    outcomes.answered.push((query("update t set a = 1"), None));
+    outcomes
+        .answered
+        .push((query("update t set a = 1"), Outcome::Succeeded));
     outcomes.answered.push((
         query("select nope"),
-        Some(("42703".into(), "column \"nope\" does not exist".into())),
+        Outcome::failed(("42703".into(), "column \"nope\" does not exist".into())),
     ));
     drop(outcomes);
 
@@ -440,7 +444,7 @@ async fn not_delivered_after(mut connection: Breaks) -> Vec<&'static str> {
         (&["select 3"], b"third answer"),
     ] {
         for text in texts {
-            outcomes.answered.push((query(text), None));
+            outcomes.answered.push((query(text), Outcome::Succeeded));
         }
         batch.extend_from_slice(answer);
         outcomes.answers_end_at(batch.len());
@@ -866,7 +870,7 @@ async fn statement_records_share_the_session_fields() {
     let request = new_statement_record(&session, record::datastore_activity::QUERY);
     let outcome = outcome_record(
         Pending::new(Kind::Query, Some(request.clone())),
-        None,
+        Outcome::Succeeded,
         Delivery::Sent,
     )
     .expect("a statement has an outcome");
@@ -1056,7 +1060,10 @@ fn an_outcome_keeps_the_server_message_and_the_text_within_bounds() {
     let echoed = "\u{1}".repeat(MAX_SERVER_MESSAGE * 2);
     let outcome = outcome_record(
         query(&long_text),
-        Some(("22P02".into(), echoed)),
+        Outcome::Failed {
+            code: "22P02".into(),
+            message: echoed,
+        },
         Delivery::Sent,
     )
     .expect("a statement has an outcome");
@@ -1067,7 +1074,8 @@ fn an_outcome_keeps_the_server_message_and_the_text_within_bounds() {
         .query_info_query_string
         .ends_with("bytes; the whole text is in the request row)"));
     // Short texts are repeated whole.
-    let outcome = outcome_record(query("select 1"), None, Delivery::Sent).expect("outcome");
+    let outcome =
+        outcome_record(query("select 1"), Outcome::Succeeded, Delivery::Sent).expect("outcome");
     assert_eq!(outcome.query_info_query_string, "select 1");
 }
 
@@ -1821,9 +1829,19 @@ fn finish(in_flight: &Mutex<InFlight>, answers: &[Frame]) -> Vec<(Kind, Option<S
     }
     finished
         .into_iter()
-        .map(|(p, error)| (p.kind, error.map(|(code, _)| code)))
+        .map(|(p, ended)| {
+            let code = match ended {
+                Outcome::Succeeded => None,
+                Outcome::Failed { code, .. } => Some(code),
+                Outcome::NotKnown { .. } => Some(NOT_KNOWN.to_string()),
+            };
+            (p.kind, code)
+        })
         .collect()
 }
+
+/// What [`finish`] gives in place of a SQLSTATE for an outcome not known.
+const NOT_KNOWN: &str = "(not known)";
 
 /// Outside a transaction block, a pipeline's statements are one implicit
 /// transaction, committed at its Sync or rolled back by an error anywhere
