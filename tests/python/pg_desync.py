@@ -37,6 +37,15 @@ Scenarios:
               (PostgreSQL 13 and older), which tollgate must not take for
               an answer to come; answers are read up to the end of the
               connection.
+  two_copies  One Query of two COPY orders_copy FROM STDIN; a row of copy
+              data and CopyDone once each copy starts; then
+              Query(FIRST_SQL), then Query(SECOND_SQL), each on its own.
+  second_copy_query
+              One Query of two COPY orders_copy FROM STDIN; once the first
+              starts, a row of copy data + CopyDone + Query(FIRST_SQL) in
+              one write: the Query comes before the second copy starts, in
+              whose data the server would take it; answers are read up to
+              the end of the connection.
 
 usage: pg_desync.py HOST PORT TOKEN SCENARIO FIRST_SQL SECOND_SQL
 """
@@ -62,6 +71,10 @@ def copies_then_queries(sock, sent_behind, first, second):
         sock.sendall(msg(b"Q", cstr(sql)))
         answers += read_until(sock, [b"Z"])
     return answers
+
+
+# One Query that starts two copies, one after the other.
+TWO_COPIES = "COPY orders_copy FROM STDIN; COPY orders_copy FROM STDIN"
 
 
 def main():
@@ -125,6 +138,20 @@ def main():
         answers += copies_then_queries(sock, [msg(b"d", b"copied\n") + sync], first, second)
     elif scenario == "copy_query":
         sock.sendall(msg(b"Q", cstr("COPY orders_copy FROM STDIN")) + msg(b"Q", cstr(first)))
+        answers += read_until(sock, [], 1)
+    elif scenario == "two_copies":
+        sock.sendall(msg(b"Q", cstr(TWO_COPIES)))
+        for _ in range(2):
+            answers += read_until(sock, [b"G"])
+            sock.sendall(msg(b"d", b"copied twice\n") + msg(b"c", b""))
+        answers += read_until(sock, [b"Z"])
+        for sql in [first, second]:
+            sock.sendall(msg(b"Q", cstr(sql)))
+            answers += read_until(sock, [b"Z"])
+    elif scenario == "second_copy_query":
+        sock.sendall(msg(b"Q", cstr(TWO_COPIES)))
+        answers += read_until(sock, [b"G"])
+        sock.sendall(msg(b"d", b"copied early\n") + msg(b"c", b"") + msg(b"Q", cstr(first)))
         answers += read_until(sock, [], 1)
     else:
         raise SystemExit(f"unknown scenario {scenario}")

@@ -1363,6 +1363,60 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         )
         .expect("the refusal row");
 
+    // One Query may start two copies in turn: each is relayed, and what
+    // follows is answered and masked in step.
+    let answers = copy_of_masked_column_after(&stack, &agent, "two_copies");
+    let tags: Vec<&str> = answers["answers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["tag"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        tags,
+        ["G", "C", "G", "C", "Z", "T", "D", "C", "Z", "T", "D", "C", "Z"],
+        "{answers}"
+    );
+    let rows = tagged(&answers, "D");
+    assert_eq!(rows[0]["values"][0], "1", "{answers}");
+    assert_eq!(rows[1]["values"][0], "****", "{answers}");
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "orders",
+                "SELECT count(*) FROM orders_copy WHERE x = 'copied twice'"
+            )
+            .expect("count"),
+        "2",
+        "a row of copy data went in with each copy"
+    );
+    // A Query sent behind the first copy's end, before the second copy
+    // started, waits for it as it would behind the Query of a copy: once
+    // the second copy has started, it is out of place, and tollgate ends
+    // the session (the server would have taken it for copy data).
+    let answers = copy_of_masked_column_after(&stack, &agent, "second_copy_query");
+    let tags: Vec<&str> = answers["answers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["tag"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(tags, ["G", "C", "G", "E", "closed"], "{answers}");
+    let fatal = first_error(&answers["answers"]);
+    assert_eq!(fatal["sqlstate"], "08P01", "{answers}");
+    assert!(
+        fatal["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("in the middle of COPY FROM STDIN"),
+        "not tollgate's own refusal: {answers}"
+    );
+    stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:malformed' \
+             AND contains(status_detail, 'in the middle of COPY FROM STDIN')",
+            2,
+            AUDIT_WAIT,
+        )
+        .expect("the refusal rows of both sessions");
+
     // A portal name taken over in SQL (CLOSE, then DECLARE a cursor of
     // the same name) is no longer the portal tollgate saw bound: the
     // Execute is refused rather than decided as the old statement.
