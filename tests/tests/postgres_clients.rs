@@ -1032,6 +1032,46 @@ fn copy_of_masked_column_after(stack: &Stack, agent: &str, scenario: &str) -> Va
     answers
 }
 
+/// A mask pattern whose `*` runs across the end of the table name
+/// (`*email`: any column ending in "email", of any table) masks what an
+/// exact one does: computed columns of the table, and COPY of it refused.
+#[test]
+fn a_mask_pattern_with_a_star_across_the_table_name_masks_computed_columns_and_copy() {
+    if !privileged(
+        "a_mask_pattern_with_a_star_across_the_table_name_masks_computed_columns_and_copy",
+    ) {
+        return;
+    }
+    let policy = MASKING_POLICY.replace(r#"["public.customers.email"]"#, r#"["*email"]"#);
+    assert_ne!(policy, MASKING_POLICY, "the mask pattern was replaced");
+    let stack = Stack::start_with_policy(&policy).expect("start the stack");
+    let agent = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let sql = "SELECT id, email, email || '' AS copy, name FROM customers WHERE id = 1";
+    let out = stack.agent_psql(&agent, sql).output().expect("psql");
+    assert_eq!(
+        text(&out.stdout),
+        "1|****|****|Ada",
+        "{}\n{}",
+        text(&out.stderr),
+        stack.gateway.log()
+    );
+    let out = stack
+        .agent_psql(&agent, "COPY customers TO STDOUT")
+        .output()
+        .expect("psql");
+    assert!(!out.status.success(), "COPY ran: {}", text(&out.stdout));
+    assert!(
+        !text(&out.stdout).contains("@example.com"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("mask:raw_stream"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// Masks are resolved against the catalog before any of the agent's
 /// messages is relayed; when that fails, the session does not start
 /// (fail closed), the agent is told why, and the refusal is on record.

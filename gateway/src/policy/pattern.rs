@@ -34,13 +34,52 @@ impl Pattern {
     }
 
     /// For a `schema.table.column` pattern: whether it can match a column
-    /// of `table` (`schema.table`).
+    /// of `table` (`schema.table`), that is some name `table.…`. A `*`
+    /// matches dots too, so the pattern is not split into its parts:
+    /// `hr.*` and `*ssn` cover every table of theirs, `public.customers*`
+    /// covers `public.customers`. Saying yes where no column turns out to
+    /// match only refuses or masks more; saying no lets a masked column
+    /// out unmasked (in a COPY, a computed column, an error's text).
     pub fn covers_table(&self, table: &str) -> bool {
-        match self.0.rsplit_once('.') {
-            Some((table_part, _)) => glob(table_part.as_bytes(), table.as_bytes()),
-            None => glob(self.0.as_bytes(), table.as_bytes()) || self.0 == "*",
-        }
+        glob_can_start_with(self.0.as_bytes(), format!("{table}.").as_bytes())
     }
+}
+
+/// Whether some text that starts with `prefix` matches `pattern`: the
+/// pattern can follow the whole prefix (whatever of the pattern is left
+/// matches some rest, its `*`s matching nothing). `reachable[p]`: the
+/// pattern's first `p` bytes can match the prefix read so far.
+fn glob_can_start_with(pattern: &[u8], prefix: &[u8]) -> bool {
+    // A `*` may match nothing: reaching it reaches what follows it too.
+    let past_stars = |reachable: &mut [bool]| {
+        for p in 0..pattern.len() {
+            if reachable[p] && pattern[p] == b'*' {
+                reachable[p + 1] = true;
+            }
+        }
+    };
+    let mut reachable = vec![false; pattern.len() + 1];
+    reachable[0] = true;
+    past_stars(&mut reachable);
+    for &byte in prefix {
+        let mut next = vec![false; pattern.len() + 1];
+        for (p, &at) in pattern.iter().enumerate() {
+            if !reachable[p] {
+                continue;
+            }
+            if at == b'*' {
+                next[p] = true;
+            } else if at == byte {
+                next[p + 1] = true;
+            }
+        }
+        past_stars(&mut next);
+        if !next.contains(&true) {
+            return false;
+        }
+        reachable = next;
+    }
+    true
 }
 
 fn glob(pattern: &[u8], text: &[u8]) -> bool {
@@ -88,5 +127,34 @@ mod tests {
         assert!(!p("public.customers.email").covers_table("public.orders"));
         assert!(p("*.*.ssn").covers_table("hr.people"));
         assert!(p("*").covers_table("hr.people"));
+        // A `*` across the table's end: every column of a schema, a
+        // suffix, a table name's prefix.
+        assert!(p("hr.*").covers_table("hr.people"));
+        assert!(!p("hr.*").covers_table("fin.ledger"));
+        assert!(p("*ssn").covers_table("hr.people"));
+        assert!(p("public.customers*").covers_table("public.customers"));
+        assert!(p("public.customers*").covers_table("public.customers_old"));
+        assert!(!p("public.customers*").covers_table("public.orders"));
+        assert!(p("hr.*.ssn").covers_table("hr.people"));
+        assert!(!p("hr.*.ssn").covers_table("fin.ledger"));
+        assert!(p("*.people.ssn").covers_table("hr.people"));
+        assert!(!p("public.customers.email").covers_table("public.customer"));
+        assert!(!p("public.customers.email").covers_table("public.customers.email"));
+    }
+
+    proptest::proptest! {
+        /// A pattern covers a table exactly when it matches some name of
+        /// a column of it: every name it matches has its table covered.
+        #[test]
+        fn a_pattern_that_matches_a_column_covers_its_table(
+            pattern in "[ab.*]{0,8}",
+            table in "[ab]{1,3}\\.[ab.]{1,3}",
+            column in "[ab.]{0,3}",
+        ) {
+            let p = Pattern(pattern);
+            if p.matches(&format!("{table}.{column}")) {
+                proptest::prop_assert!(p.covers_table(&table));
+            }
+        }
     }
 }

@@ -366,6 +366,27 @@ columns = ["public.customers.email"]
     for sql in ["COPY orders TO STDOUT", "COPY (SELECT version()) TO STDOUT"] {
         assert_eq!(denied_by(&decide(&policy, &[], sql)), None, "{sql}");
     }
+    // Patterns whose `*` runs across the table name's end cover the
+    // table as well: every column of the schema, a column-name suffix.
+    for columns in ["public.*", "*email", "public.customers*"] {
+        let wildcard = self::policy(&format!(
+            r#"
+[[grant]]
+name = "readers"
+roles = ["*"]
+kinds = ["read"]
+
+[[mask]]
+name = "email"
+columns = ["{columns}"]
+"#
+        ));
+        assert_eq!(
+            denied_by(&decide(&wildcard, &[], "COPY customers TO STDOUT")),
+            Some("mask:raw_stream"),
+            "{columns}"
+        );
+    }
 }
 
 /// Changing client_encoding is refused whatever the grants allow: with
