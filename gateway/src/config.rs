@@ -286,10 +286,20 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let deserializer = toml::Deserializer::parse(text).map_err(|err| ConfigError {
-            file: file.into(),
-            key: "-".into(),
-            reason: err.to_string().trim().to_owned(),
+        // The message and where, not the error's whole display: that quotes
+        // the offending line, which may hold an inline password.
+        let deserializer = toml::Deserializer::parse(text).map_err(|err| {
+            let at = err.span().map_or(String::new(), |span| {
+                let before = text.get(..span.start).unwrap_or_default();
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" at line {line}, column {column}")
+            });
+            ConfigError {
+                file: file.into(),
+                key: "-".into(),
+                reason: format!("{}{at}", err.message().trim()),
+            }
         })?;
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
             let key = err.path().to_string();
@@ -335,6 +345,18 @@ impl Config {
             Some(p) => Err((key, format!("{:?} matches no [[target]] name", p.text()))),
             None => Ok(()),
         };
+        // A role no `[identity.roles]` entry defines: no caller holds it,
+        // so a grant's deny_tables for it would never apply.
+        let roles_check = |key: String, roles: &[String]| match roles
+            .iter()
+            .find(|r| *r != "*" && !self.identity.roles.contains_key(*r))
+        {
+            Some(r) => Err((
+                key,
+                format!("{r:?} is not defined in [identity.roles]: no caller can hold it"),
+            )),
+            None => Ok(()),
+        };
         for g in &self.policy.grants {
             let key = |field: &str| format!("policy.grant {}: {field}", g.name);
             for (field, patterns) in [
@@ -354,9 +376,11 @@ impl Config {
                 }
             }
             targets_check(key("targets"), &g.targets)?;
+            roles_check(key("roles"), &g.roles)?;
         }
         for m in &self.policy.masks {
             let key = |field: &str| format!("policy.mask {}: {field}", m.name);
+            roles_check(key("except_roles"), &m.except_roles)?;
             if let Some(p) = m.columns.iter().find(|p| !p.has_parts(3)) {
                 return Err((
                     key("columns"),
@@ -670,6 +694,64 @@ mod tests {
                 Config::parse(&with_mask(columns, targets), "tollgate.toml").expect_err(columns);
             assert!(err.to_string().contains("policy.mask pii"), "{err}");
         }
+    }
+
+    /// A role that no `[identity.roles]` entry defines can never be held:
+    /// a grant naming it (its deny_tables would never apply) or a mask
+    /// excepting it is refused, naming the key.
+    #[test]
+    fn roles_that_no_entry_defines_are_refused() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let from = "roles = [\"db-writer\"]";
+        assert!(text.contains(from));
+        let err = Config::parse(
+            &text.replacen(from, "roles = [\"db-writers\"]", 1),
+            "tollgate.toml",
+        )
+        .expect_err("an undefined role");
+        assert!(
+            err.to_string().contains("policy.grant writers: roles")
+                && err.to_string().contains("\"db-writers\""),
+            "{err}"
+        );
+        let with_mask = |except: &str| {
+            format!(
+                "{text}\n[[policy.mask]]\nname = \"pii\"\ncolumns = [\"public.customers.email\"]\nexcept_roles = [{except}]\n"
+            )
+        };
+        assert!(Config::parse(&with_mask("\"db-reader\""), "tollgate.toml").is_ok());
+        let err = Config::parse(&with_mask("\"pii-reader\""), "tollgate.toml")
+            .expect_err("an undefined role");
+        assert!(
+            err.to_string().contains("policy.mask pii: except_roles"),
+            "{err}"
+        );
+    }
+
+    /// A syntax error says where, without quoting the line: it may hold
+    /// an inline password.
+    #[test]
+    fn a_syntax_error_does_not_quote_the_line() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let from = "credential = { user = \"tollgate_agent\", password_file = \"/etc/tollgate/orders-db.password\" }";
+        assert!(text.contains(from));
+        let broken = text.replacen(
+            from,
+            "credential = { user = \"tollgate_agent\", password = \"hunter2\\q-secret\" }",
+            1,
+        );
+        let err = Config::parse(&broken, "tollgate.toml").expect_err("a bad escape");
+        let line = broken
+            .lines()
+            .position(|l| l.contains("hunter2"))
+            .map(|i| i + 1)
+            .expect("the line");
+        let shown = err.to_string();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains(&format!("at line {line}, column ")),
+            "{shown}"
+        );
     }
 
     /// A target must say which databases agents may open: a grant's
