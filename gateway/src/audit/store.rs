@@ -185,20 +185,11 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         // the entries appended from now on.
         file.sync_all()?;
     }
-    let manifest = set_aside_unsigned_tail(&dir, manifest, &signer, &perms)?;
-    remove_unlisted_segments(&dir, &manifest)?;
+    let signed = signed_lines(&dir, &manifest, &signer)?;
 
-    let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
-
-    let (mut next_seq, mut prev_hash) = match seg.manifest.last_segment() {
-        Some(s) => (s.last_seq + 1, s.last_record_hash.clone()),
-        None => (1, GENESIS_HASH.to_string()),
-    };
-
-    // Replay the WAL past the manifest: those records were acknowledged but
-    // their segment was never closed.
+    // The WAL past the signed manifest: records acknowledged whose segment
+    // was never closed, or whose segment's entry no checkpoint signs yet.
     let wal_dir = dir.join("wal");
-    let seal_key = seg.signer.wal_seal_key();
     let wal::Merged {
         records,
         seals,
@@ -219,53 +210,21 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
             }
         }
     }
-    let mut pending = Vec::new();
-    let mut replay_broken = false;
-    let replay_from = next_seq;
-    // How many of `pending` a valid seal covers: only those are replayed.
-    let mut sealed = 0;
-    let mut chain = (next_seq, prev_hash.clone());
-    for r in records.into_iter().filter(|r| r.sequence >= replay_from) {
-        let hash = r.compute_hash();
-        if r.sequence != chain.0 || r.prev_record_hash != chain.1 || r.record_hash != hash {
-            error!(
-                sequence = r.sequence,
-                expected = chain.0,
-                "WAL record does not continue the chain; stopping replay here"
-            );
-            replay_broken = true;
-            break;
-        }
-        chain = (r.sequence + 1, r.record_hash.clone());
-        let seal = seals.get(&r.sequence);
-        pending.push(r);
-        if let Some(seal) = seal {
-            if !seal.covers(&seal_key, &chain.1) {
-                error!(
-                    sequence = chain.0 - 1,
-                    "WAL seal does not match its records: they were not written by this \
-                     daemon's key; stopping replay here"
-                );
-                replay_broken = true;
-                break;
-            }
-            sealed = pending.len();
-            (next_seq, prev_hash) = chain.clone();
-        }
-    }
-    // A batch is acknowledged only once its seal is written with it:
-    // records past the last seal were cut short by a crash, or were never
-    // written by tollgate. Either way they are not replayed; their files
-    // are kept, as evidence, where replay does not look.
-    let unsealed_from = pending.get(sealed).map(|r| r.sequence);
-    if let Some(from) = unsealed_from {
-        warn!(
-            records = pending.len() - sealed,
-            from_sequence = from,
-            "WAL records after the last seal are not replayed; their files are kept as *.log.unsealed"
-        );
-        pending.truncate(sealed);
-    }
+    let seal_key = signer.wal_seal_key();
+    let Replay {
+        records: pending,
+        unsealed_from,
+        broken: replay_broken,
+        next: (next_seq, prev_hash),
+    } = Replay::of(records, &seals, &seal_key, chain_end(&manifest, signed));
+    // Before anything is set aside: a segment entry no checkpoint signs
+    // whose records the WAL no longer holds would take them out of the
+    // chain for good, and the next records would take their numbers.
+    unsigned_segments_are_in_the_wal(&dir, &manifest, signed, &pending, next_seq)?;
+    let manifest = set_aside_unsigned_tail(&dir, manifest, signed, &perms)?;
+    remove_unlisted_segments(&dir, &manifest)?;
+
+    let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
     if !pending.is_empty() {
         info!(records = pending.len(), "rebuilding segments from the WAL");
         seg.write_segments(&pending)?;
@@ -637,24 +596,144 @@ pub(crate) fn list_segment_files(dir: &Path) -> io::Result<Vec<String>> {
 /// daemon's at the next one (a retention entry would have its segments
 /// deleted, and verify would pass).
 ///
-/// The lines the newest valid checkpoint signs must still hash to its
-/// root, or the daemon does not start. Lines past them are what a crash
-/// between an entry and its checkpoint leaves, or what someone appended:
-/// they are not taken. They are set aside, with the segment files they
-/// name, as evidence (`manifest.unsigned-<ms>.jsonl`, `*.parquet.unsigned`),
-/// and the manifest ends where the checkpoint does. The records of a
-/// segment entry set aside are still in the WAL (its files go only once
-/// their entries are signed, and are synced first), so replay writes them
-/// again; a retention set aside had deleted nothing yet, and runs again.
-/// Returns the manifest to go on with.
-fn set_aside_unsigned_tail(
+/// The WAL records that continue the chain from a point, as far as a
+/// valid seal covers them (a batch is acknowledged only once its seal is
+/// written with it).
+struct Replay {
+    records: Vec<AuditRecord>,
+    /// The first record past the last valid seal: cut short by a crash,
+    /// or never written by tollgate. Not replayed.
+    unsealed_from: Option<u64>,
+    /// A record does not continue the chain, or a seal does not match.
+    broken: bool,
+    /// The next sequence and previous hash after the replayed records.
+    next: (u64, String),
+}
+
+impl Replay {
+    fn of(
+        records: Vec<AuditRecord>,
+        seals: &std::collections::HashMap<u64, wal::Seal>,
+        seal_key: &ring::hmac::Key,
+        from: (u64, String),
+    ) -> Replay {
+        let mut pending = Vec::new();
+        let mut broken = false;
+        // How many of `pending` a valid seal covers: only those are replayed.
+        let mut sealed = 0;
+        let mut next = from.clone();
+        let mut chain = from.clone();
+        for r in records.into_iter().filter(|r| r.sequence >= from.0) {
+            let hash = r.compute_hash();
+            if r.sequence != chain.0 || r.prev_record_hash != chain.1 || r.record_hash != hash {
+                error!(
+                    sequence = r.sequence,
+                    expected = chain.0,
+                    "WAL record does not continue the chain; stopping replay here"
+                );
+                broken = true;
+                break;
+            }
+            chain = (r.sequence + 1, r.record_hash.clone());
+            let seal = seals.get(&r.sequence);
+            pending.push(r);
+            if let Some(seal) = seal {
+                if !seal.covers(seal_key, &chain.1) {
+                    error!(
+                        sequence = chain.0 - 1,
+                        "WAL seal does not match its records: they were not written by this \
+                         daemon's key; stopping replay here"
+                    );
+                    broken = true;
+                    break;
+                }
+                sealed = pending.len();
+                next = chain.clone();
+            }
+        }
+        // Records past the last seal are not replayed; their files are
+        // kept, as evidence, where replay does not look.
+        let unsealed_from = pending.get(sealed).map(|r| r.sequence);
+        if let Some(from) = unsealed_from {
+            warn!(
+                records = pending.len() - sealed,
+                from_sequence = from,
+                "WAL records after the last seal are not replayed; their files are kept as *.log.unsealed"
+            );
+            pending.truncate(sealed);
+        }
+        Replay {
+            records: pending,
+            unsealed_from,
+            broken,
+            next,
+        }
+    }
+}
+
+/// The next sequence and the previous record's hash after the first
+/// `lines` manifest lines.
+fn chain_end(manifest: &Manifest, lines: usize) -> (u64, String) {
+    let last = manifest.entries[..lines.min(manifest.entries.len())]
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Entry::Segment(s) => Some(s),
+            Entry::Retention(_) => None,
+        });
+    match last {
+        Some(s) => (s.last_seq + 1, s.last_record_hash.clone()),
+        None => (1, GENESIS_HASH.to_string()),
+    }
+}
+
+/// A crash between a segment's entry and its checkpoint leaves the entry
+/// unsigned with its records still in the WAL (its files go only once the
+/// entry is signed), and the replay writes them again. An unsigned entry
+/// whose records the replay does not hold, the same to the last record's
+/// hash, is something else: the checkpoints that signed it were removed,
+/// or someone appended it. Setting it aside would drop those records from
+/// the chain and give their numbers to new ones, so the daemon does not
+/// start; nothing has been changed yet.
+fn unsigned_segments_are_in_the_wal(
     dir: &Path,
-    manifest: Manifest,
-    signer: &Signer,
-    perms: &Perms,
-) -> anyhow::Result<Manifest> {
+    manifest: &Manifest,
+    signed: usize,
+    replayed: &[AuditRecord],
+    next_seq: u64,
+) -> anyhow::Result<()> {
+    let replayed_hash = |seq: u64| {
+        let first = replayed.first()?.sequence;
+        let at = usize::try_from(seq.checked_sub(first)?).ok()?;
+        replayed.get(at).map(|r| r.record_hash.as_str())
+    };
+    for (line, entry) in manifest.entries.iter().enumerate().skip(signed) {
+        let Entry::Segment(s) = entry else {
+            continue;
+        };
+        if s.last_seq < next_seq && replayed_hash(s.last_seq) == Some(s.last_record_hash.as_str()) {
+            continue;
+        }
+        anyhow::bail!(
+            "{}: line {} lists a segment of records {}-{} that no checkpoint signs, and the WAL \
+             does not hold those records: the checkpoints that signed it were removed, or the \
+             line was not written by this daemon. Starting would take the records out of the \
+             chain; nothing was changed. Run `tollgate audit verify`, and restore the \
+             checkpoints directory from a copy",
+            dir.join(manifest::FILE).display(),
+            line + 1,
+            s.first_seq,
+            s.last_seq
+        );
+    }
+    Ok(())
+}
+
+/// How many manifest lines the newest valid checkpoint signs. Those lines
+/// must still hash to its root, or the daemon does not start.
+fn signed_lines(dir: &Path, manifest: &Manifest, signer: &Signer) -> anyhow::Result<usize> {
     let (newest, any) = checkpoint::newest_valid(&dir.join("checkpoints"), &signer.public())?;
-    let signed = match newest {
+    Ok(match newest {
         Some(checkpoint) => {
             let size = usize::try_from(checkpoint.size).unwrap_or(usize::MAX);
             if size > manifest.lines.len() {
@@ -688,7 +767,24 @@ fn set_aside_unsigned_tail(
             dir.join("checkpoints").display()
         ),
         None => 0,
-    };
+    })
+}
+
+/// Manifest lines past the `signed` ones (see [`signed_lines`]) are what a
+/// crash between an entry and its checkpoint leaves: they are not taken.
+/// They are set aside, with the segment files they name, as evidence
+/// (`manifest.unsigned-<ms>.jsonl`, `*.parquet.unsigned`), and the
+/// manifest ends where the checkpoint does. The records of a segment entry
+/// set aside are still in the WAL (checked first, see
+/// [`unsigned_segments_are_in_the_wal`]), so replay writes them again; a
+/// retention set aside had deleted nothing yet, and runs again. Returns
+/// the manifest to go on with.
+fn set_aside_unsigned_tail(
+    dir: &Path,
+    manifest: Manifest,
+    signed: usize,
+    perms: &Perms,
+) -> anyhow::Result<Manifest> {
     if signed == manifest.lines.len() {
         return Ok(manifest);
     }
@@ -1742,7 +1838,12 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
     let lock = lock_dir(&cfg.dir, &perms)?;
-    let manifest = set_aside_unsigned_tail(&cfg.dir, manifest, &signer, &perms)?;
+    let signed = signed_lines(&cfg.dir, &manifest, &signer)?;
+    let wal = wal::read_all(&cfg.dir.join("wal"))?;
+    let start = chain_end(&manifest, signed);
+    let replay = Replay::of(wal.records, &wal.seals, &signer.wal_seal_key(), start);
+    unsigned_segments_are_in_the_wal(&cfg.dir, &manifest, signed, &replay.records, replay.next.0)?;
+    let manifest = set_aside_unsigned_tail(&cfg.dir, manifest, signed, &perms)?;
     let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
     seg.retention_days = Some(days);
     seg.retain(days, now)

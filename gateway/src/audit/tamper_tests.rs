@@ -257,6 +257,26 @@ async fn deleted_newest_checkpoint_leaves_the_tail_unsigned() {
     }
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(has(&r, Kind::ManifestUnsignedTail, manifest::FILE, Some(4)));
+    // The daemon does not start over it: the records of the lines no
+    // checkpoint signs now are no longer in the WAL, and setting the lines
+    // aside would take them out of the chain and reuse their numbers.
+    let manifest_before = fs::read(cfg.dir.join(manifest::FILE)).unwrap();
+    let segments_before = segments(&cfg);
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("line 4 lists a segment of records 31-40")
+            && err.to_string().contains("nothing was changed"),
+        "{err:#}"
+    );
+    assert_eq!(
+        fs::read(cfg.dir.join(manifest::FILE)).unwrap(),
+        manifest_before
+    );
+    assert_eq!(segments(&cfg), segments_before);
+    assert!(set_aside_lines(&cfg).is_empty());
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(has(&r, Kind::ManifestUnsignedTail, manifest::FILE, Some(4)));
 }
 
 #[tokio::test]
@@ -951,12 +971,11 @@ async fn a_forged_retention_entry_is_set_aside_and_deletes_nothing() {
     assert!(verify(&cfg.dir, &key(&cfg)).ok);
 }
 
-/// A segment entry appended by hand is set aside, its file too when it is
-/// where the daemon would have written that segment; the chain goes on
-/// from the last signed entry. A file the line names anywhere else is left
-/// in place, and verify reports it (queries would read it).
+/// A segment entry appended by hand, whose records the WAL does not hold,
+/// stops the start, wherever its file is, and nothing is changed: setting
+/// it aside would give its sequence numbers to the next records.
 #[tokio::test]
-async fn a_forged_segment_entry_is_set_aside_with_its_file() {
+async fn a_forged_segment_entry_stops_the_start_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = build(tmp.path()).await;
     let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
@@ -969,35 +988,81 @@ async fn a_forged_segment_entry_is_set_aside_with_its_file() {
         last.last_seq + 1,
         last.last_seq + span,
     );
-    let elsewhere = last.path.replace(".parquet", "-more.parquet");
-    for path in [&own_place, &elsewhere] {
-        fs::copy(cfg.dir.join(&last.path), cfg.dir.join(path)).unwrap();
-        append_entry(
-            &cfg,
-            manifest::Entry::Segment(manifest::SegmentEntry {
-                path: path.clone(),
-                first_seq: last.last_seq + 1,
-                last_seq: last.last_seq + span,
-                first_prev_hash: last.last_record_hash.clone(),
-                ..last.clone()
-            }),
-        );
-    }
-    let log = AuditLog::open(&cfg).await.expect("starts");
-    assert_eq!(
-        log.append(sample(0, store::now_ms())).await.unwrap(),
-        last.last_seq + 1,
-        "the chain goes on from the last signed entry"
+    fs::copy(cfg.dir.join(&last.path), cfg.dir.join(&own_place)).unwrap();
+    append_entry(
+        &cfg,
+        manifest::Entry::Segment(manifest::SegmentEntry {
+            path: own_place.clone(),
+            first_seq: last.last_seq + 1,
+            last_seq: last.last_seq + span,
+            first_prev_hash: last.last_record_hash.clone(),
+            ..last.clone()
+        }),
     );
+    let manifest_before = fs::read(cfg.dir.join(manifest::FILE)).unwrap();
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(
+        err.to_string().contains(&format!(
+            "lists a segment of records {}-{}",
+            last.last_seq + 1,
+            last.last_seq + span
+        )),
+        "{err:#}"
+    );
+    assert_eq!(
+        fs::read(cfg.dir.join(manifest::FILE)).unwrap(),
+        manifest_before
+    );
+    assert!(cfg.dir.join(&own_place).exists(), "left in place");
+    assert!(set_aside_lines(&cfg).is_empty());
+    // A retention pass run by hand refuses it too.
+    let err = apply_retention(&cfg, 30, store::now_ms()).expect_err("refused");
+    assert!(err.to_string().contains("nothing was changed"), "{err:#}");
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(
+        has(&r, Kind::ManifestUnsignedTail, manifest::FILE, None),
+        "{:#?}",
+        r.problems
+    );
+}
+
+/// An unsigned entry whose records the WAL holds (what a crash between
+/// an entry and its checkpoint leaves) is set aside with its file when the
+/// file is where the daemon would have written that segment. A file the
+/// line names anywhere else is left in place (the line is someone's word,
+/// its path included), and verify reports it, since queries would read it.
+#[tokio::test]
+async fn an_unsigned_entry_naming_a_file_elsewhere_leaves_the_file_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_age_secs = 3600;
+    let (log, _) = open_with_samples(&cfg, 5).await;
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;
-    assert_eq!(set_aside_lines(&cfg).len(), 2);
-    let folder = cfg.dir.join(&own_place).parent().unwrap().to_path_buf();
-    let aside: Vec<String> = fs::read_dir(&folder)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".parquet.unsigned-"))
-        .collect();
-    assert_eq!(aside.len(), 1, "{aside:?}");
+    let cfg = AuditConfig {
+        dir: crashed,
+        ..cfg
+    };
+    store::segment_without_checkpoint(&cfg);
+    // The unsigned line now names a copy of its file, elsewhere.
+    let path = cfg.dir.join(manifest::FILE);
+    let text = fs::read_to_string(&path).unwrap();
+    let mut entry: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    let own_place = entry["path"].as_str().unwrap().to_owned();
+    // Not named as a segment past the manifest's end, which a start
+    // removes as a leftover to rebuild from the WAL.
+    let (folder, _) = own_place.rsplit_once('/').unwrap();
+    let elsewhere = format!("{folder}/copy.parquet");
+    fs::copy(cfg.dir.join(&own_place), cfg.dir.join(&elsewhere)).unwrap();
+    fs::remove_file(cfg.dir.join(&own_place)).unwrap();
+    entry["path"] = serde_json::json!(elsewhere);
+    fs::write(&path, format!("{entry}\n")).unwrap();
+
+    let log = AuditLog::open(&cfg).await.expect("starts");
+    assert_eq!(log.append(sample(9, store::now_ms())).await.unwrap(), 6);
+    log.shutdown().await;
+    assert_eq!(set_aside_lines(&cfg).len(), 1);
     assert!(cfg.dir.join(&elsewhere).exists(), "left in place");
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(
@@ -1006,11 +1071,7 @@ async fn a_forged_segment_entry_is_set_aside_with_its_file() {
         r.problems
     );
     assert_eq!(r.problems.len(), 1, "{:#?}", r.problems);
-    assert!(
-        has_note(&r, "segment file an unsigned manifest line named"),
-        "{:?}",
-        r.notes
-    );
+    assert_eq!(r.records, 6);
 }
 
 /// A signed line changed (here: a segment's close time) no longer hashes
