@@ -76,6 +76,11 @@ pub struct Manifest {
     pub entries: Vec<Entry>,
     /// Merkle frontier over `lines`, kept up to date on every push.
     frontier: merkle::Frontier,
+    /// An append failed and the part of its line that reached the file
+    /// could not be cut off: the file holds more than `lines`. The next
+    /// append cuts it off first, or is refused, rather than write behind
+    /// it (the two would read back as one damaged line).
+    uncut: bool,
 }
 
 #[derive(Debug)]
@@ -171,16 +176,92 @@ impl Manifest {
         let mut buf = line.clone();
         buf.push(b'\n');
         let path = dir.join(FILE);
+        if self.uncut {
+            self.cut(&path)?;
+        }
         let mut f = perms.open_append(&path)?;
+        #[cfg(test)]
+        if let Some(partial) = super::store::faults::take_manifest_write(dir) {
+            f.write_all(&buf[..partial.min(buf.len())])?;
+            return self.failed(&path, io::Error::other("planned manifest write failure"));
+        }
         if let Err(e) = f.write_all(&buf).and_then(|()| f.sync_data()) {
-            // Cut a partial line off so the next append starts clean.
-            let _ = fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_len(self.byte_len()));
-            return Err(e);
+            return self.failed(&path, e);
         }
         self.push(line, entry);
         Ok(())
+    }
+
+    /// After a failed append: cuts the part of the line that reached the
+    /// file off, so the next append starts clean, or notes that it is
+    /// still there. Returns the append's error.
+    fn failed(&mut self, path: &Path, err: io::Error) -> io::Result<()> {
+        if let Err(cut_err) = self.cut(path) {
+            tracing::error!(error = %cut_err, "a failed manifest append could not be cut off the file; the next append cuts it first");
+            self.uncut = true;
+        }
+        Err(err)
+    }
+
+    /// Cuts the file back to the lines read or appended, synced.
+    fn cut(&mut self, path: &Path) -> io::Result<()> {
+        #[cfg(test)]
+        if path
+            .parent()
+            .is_some_and(super::store::faults::take_manifest_cut)
+        {
+            return Err(io::Error::other("planned manifest cut failure"));
+        }
+        let f = fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(self.byte_len())?;
+        f.sync_all()?;
+        self.uncut = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::store::faults;
+
+    fn entry(n: u64) -> Entry {
+        Entry::Retention(RetentionEntry {
+            at: n as i64,
+            retention_days: 30,
+            removed: Vec::new(),
+        })
+    }
+
+    /// An append that fails part way, and whose partial line cannot be cut
+    /// off at once, leaves no damage behind: the next append cuts it off
+    /// first, and is refused while it cannot.
+    #[test]
+    fn a_failed_append_whose_line_could_not_be_cut_is_cut_before_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let perms = Perms::default();
+        let (mut m, _) = Manifest::read(dir.path()).expect("read");
+        m.append(dir.path(), &perms, entry(1)).expect("first");
+        let good = fs::read(dir.path().join(FILE)).expect("file");
+
+        faults::fail_next_manifest_write(dir.path(), 7);
+        faults::fail_next_manifest_cut(dir.path());
+        m.append(dir.path(), &perms, entry(2))
+            .expect_err("the planned failure");
+        let on_disk = fs::read(dir.path().join(FILE)).expect("file");
+        assert_eq!(on_disk.len(), good.len() + 7, "the partial line is there");
+
+        // The cut fails again: nothing is written behind the partial line.
+        faults::fail_next_manifest_cut(dir.path());
+        m.append(dir.path(), &perms, entry(3))
+            .expect_err("refused while the partial line is there");
+        assert_eq!(fs::read(dir.path().join(FILE)).expect("file"), on_disk);
+
+        m.append(dir.path(), &perms, entry(4))
+            .expect("cut, then appended");
+        let (read, bad) = Manifest::read(dir.path()).expect("read");
+        assert!(bad.is_none(), "{:?}", bad.map(|b| b.reason));
+        assert_eq!(read.entries, vec![entry(1), entry(4)]);
+        assert_eq!(read.entries, m.entries);
     }
 }

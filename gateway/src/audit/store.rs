@@ -1871,6 +1871,11 @@ pub(crate) mod faults {
         /// store, read when it opens: the real one, 1 GiB, is too much for
         /// a test to fill.
         BacklogBytes(usize),
+        /// The next manifest append (keyed by the audit directory) writes
+        /// this many bytes of its line, then fails.
+        ManifestWrite { partial_bytes: usize },
+        /// The next cut of the manifest back to its lines fails.
+        ManifestCut,
     }
 
     /// Faults planned for the store whose WAL directory is the path.
@@ -1898,7 +1903,7 @@ pub(crate) mod faults {
     pub fn take(wal_dir: &Path) -> Option<usize> {
         match take_first(wal_dir, |f| matches!(f, Fault::Write { .. }))? {
             Fault::Write { partial_bytes } => Some(partial_bytes),
-            Fault::CatchUpSync | Fault::BacklogBytes(_) => None,
+            _ => None,
         }
     }
 
@@ -1921,8 +1926,27 @@ pub(crate) mod faults {
     pub fn backlog_bytes_limit(wal_dir: &Path) -> Option<usize> {
         match take_first(wal_dir, |f| matches!(f, Fault::BacklogBytes(_)))? {
             Fault::BacklogBytes(bytes) => Some(bytes),
-            Fault::Write { .. } | Fault::CatchUpSync => None,
+            _ => None,
         }
+    }
+
+    pub fn fail_next_manifest_write(audit_dir: &Path, partial_bytes: usize) {
+        plan(audit_dir, Fault::ManifestWrite { partial_bytes });
+    }
+
+    pub fn take_manifest_write(audit_dir: &Path) -> Option<usize> {
+        match take_first(audit_dir, |f| matches!(f, Fault::ManifestWrite { .. }))? {
+            Fault::ManifestWrite { partial_bytes } => Some(partial_bytes),
+            _ => None,
+        }
+    }
+
+    pub fn fail_next_manifest_cut(audit_dir: &Path) {
+        plan(audit_dir, Fault::ManifestCut);
+    }
+
+    pub fn take_manifest_cut(audit_dir: &Path) -> bool {
+        take_first(audit_dir, |f| f == Fault::ManifestCut).is_some()
     }
 }
 
