@@ -349,8 +349,13 @@ pub fn file_name(counter: u64) -> String {
     format!("{counter:012}.note")
 }
 
+/// The counter of a checkpoint file name, only in the form
+/// [`file_name`] writes (`7.note` or `+00000000007.note` would otherwise
+/// pass for `000000000007.note`, and a problem found in one be reported
+/// at the other).
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    name.strip_suffix(".note")?.parse().ok()
+    let counter = name.strip_suffix(".note")?.parse().ok()?;
+    (file_name(counter) == name).then_some(counter)
 }
 
 /// Checkpoint files in counter order.
@@ -378,10 +383,16 @@ pub fn last_counter_and_time(dir: &Path, key: &Verifier) -> io::Result<(u64, Opt
     let Some((counter, path)) = list(dir)?.pop() else {
         return Ok((0, None));
     };
-    let time = fs::read_to_string(path)
+    let time = read_note(&path)
         .ok()
         .and_then(|text| open_note(&text, key).ok()?.time_ms);
     Ok((counter, time))
+}
+
+/// A checkpoint file's text. A note is a few hundred bytes; a file much
+/// larger is none of the daemon's, and is not read into memory.
+pub fn read_note(path: &Path) -> io::Result<String> {
+    super::fsutil::read_regular_text(path, 64 << 10)
 }
 
 /// The newest checkpoint in `dir` whose signature verifies with `key`,
@@ -390,7 +401,7 @@ pub fn newest_valid(dir: &Path, key: &Verifier) -> io::Result<(Option<Checkpoint
     let files = list(dir)?;
     let any = !files.is_empty();
     for (_, path) in files.into_iter().rev() {
-        let Ok(text) = fs::read_to_string(&path) else {
+        let Ok(text) = read_note(&path) else {
             continue;
         };
         if let Ok(checkpoint) = open_note(&text, key) {
@@ -450,6 +461,23 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only names in the form the daemon writes are checkpoints: others
+    /// would pass for one of its files and be reported as it.
+    #[test]
+    fn only_the_daemons_own_file_names_are_checkpoints() {
+        assert_eq!(parse_file_name(&file_name(7)), Some(7));
+        assert_eq!(parse_file_name("000000000007.note"), Some(7));
+        for name in [
+            "7.note",
+            "+00000000007.note",
+            "0000000000007.note",
+            "00000000000x.note",
+            "000000000007",
+        ] {
+            assert_eq!(parse_file_name(name), None, "{name}");
+        }
+    }
 
     #[test]
     fn note_round_trips_and_rejects_other_keys_and_edits() {

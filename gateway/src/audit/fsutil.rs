@@ -156,3 +156,46 @@ pub fn tmp_path(path: &Path) -> std::path::PathBuf {
     s.push(".tmp");
     s.into()
 }
+
+/// Opens a file the store reads back (WAL, manifest, checkpoint, segment)
+/// only if it is a regular file: a FIFO put in its place would block the
+/// open, and a device (`/dev/zero` behind a symlink) would never end.
+/// The open does not wait (`O_NONBLOCK`, which a regular file ignores).
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// The whole of a regular file (see [`open_regular`]) of at most `max`
+/// bytes: a larger one is no file the store writes, and is refused
+/// rather than read into memory.
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let len = file.metadata()?.len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{len} bytes, more than the {max} such a file can hold"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    // Bounded even if the file grows while it is read.
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`read_regular`], as UTF-8 text.
+pub fn read_regular_text(path: &Path, max: u64) -> io::Result<String> {
+    String::from_utf8(read_regular(path, max)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
+}

@@ -14,6 +14,10 @@ use super::{fsutil::Perms, merkle};
 
 pub const FILE: &str = "manifest.jsonl";
 
+/// Most the manifest is read at (a line is a few hundred bytes a segment:
+/// millions of segments).
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Entry {
@@ -93,7 +97,7 @@ impl Manifest {
     /// Reads the manifest. Returns the good prefix and, if a line does not
     /// decode, where. An unterminated last line is a torn append.
     pub fn read(dir: &Path) -> io::Result<(Manifest, Option<BadLine>)> {
-        let bytes = match fs::read(dir.join(FILE)) {
+        let bytes = match super::fsutil::read_regular(&dir.join(FILE), MAX_FILE_BYTES) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),

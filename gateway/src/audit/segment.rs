@@ -956,7 +956,7 @@ pub fn decoding<T>(decode: impl FnOnce() -> T + std::panic::UnwindSafe) -> Resul
 const HUGE_COLUMN: i64 = 1 << 30;
 
 fn read_file_with(path: &Path, huge_column: i64) -> Result<Vec<AuditRecord>, SegmentError> {
-    let file = File::open(path)?;
+    let file = super::fsutil::open_regular(path)?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     // An Arrow string column holds at most 2 GiB. Where a row group holds
     // over 1 GiB of one column (records of several MiB each), rows are
@@ -1012,7 +1012,7 @@ pub fn relative_path(day: &str, first_seq: u64, last_seq: u64) -> String {
 
 /// SHA-256 of a whole file (hex).
 pub fn file_sha256(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
+    let mut f = super::fsutil::open_regular(path)?;
     let mut h = Sha256::new();
     io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))

@@ -1146,3 +1146,66 @@ async fn removed_signed_lines_or_a_changed_key_stop_the_start() {
         "{err:#}"
     );
 }
+
+/// Runs `f` on a thread of its own: a test whose subject would block
+/// forever fails after a minute instead of hanging.
+fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{what} did not finish within a minute"))
+}
+
+/// A file that is not a regular one where the store reads its own (a FIFO
+/// among the checkpoints, a device behind a symlink among the WAL files)
+/// is reported by verify, and stops a start with the reason, rather than
+/// blocking either or being read without end.
+#[tokio::test]
+async fn files_that_are_not_regular_are_reported_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let checkpoints = cfg.dir.join("checkpoints");
+    let (newest, _) = checkpoint::list(&checkpoints).unwrap().pop().unwrap();
+    let fifo_name = checkpoint::file_name(newest + 1);
+    let fifo = std::ffi::CString::new(
+        checkpoints
+            .join(&fifo_name)
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo only reads it.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let wal_name = wal::file_name(99, 1_000_000);
+    std::os::unix::fs::symlink("/dev/zero", cfg.dir.join("wal").join(&wal_name)).unwrap();
+
+    let (dir, public) = (cfg.dir.clone(), key(&cfg));
+    let r = within_a_minute("verify", move || verify(&dir, &public));
+    assert!(
+        has(
+            &r,
+            Kind::CheckpointMalformed,
+            &format!("checkpoints/{fifo_name}"),
+            None
+        ),
+        "{:#?}",
+        r.problems
+    );
+    assert!(
+        has(&r, Kind::WalUnreadable, &format!("wal/{wal_name}"), None),
+        "{:#?}",
+        r.problems
+    );
+    let start = cfg.clone();
+    let err = within_a_minute("a start", move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async { AuditLog::open(&start).await.err().map(|e| format!("{e:#}")) })
+    })
+    .expect("refused");
+    assert!(err.contains("not a regular file"), "{err}");
+}

@@ -256,9 +256,10 @@ fn note_set_aside(dir: &Path, records_files: &[String], cx: &mut Ctx) {
         .collect();
     files.sort();
     for name in files {
-        let lines = fs::read_to_string(dir.join(&name))
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
+        let lines =
+            super::fsutil::read_regular_text(&dir.join(&name), super::manifest::MAX_FILE_BYTES)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
         cx.report.notes.push(format!(
             "{name}: {lines} manifest line(s) no checkpoint signed were set aside at a start \
              (a crash between an entry and its checkpoint, whose records were written again \
@@ -301,7 +302,7 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
     let mut opened = Vec::with_capacity(files.len());
     for (counter, path) in files {
         let rel = format!("checkpoints/{}", checkpoint::file_name(counter));
-        let text = match fs::read_to_string(&path) {
+        let text = match checkpoint::read_note(&path) {
             Ok(t) => t,
             Err(e) => {
                 cx.problem(Kind::CheckpointMalformed, &rel, None, None, e.to_string());

@@ -37,7 +37,7 @@
 
 use std::{
     fs,
-    io::{self, Read, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
 };
 
@@ -525,10 +525,14 @@ fn format_of(path: &Path) -> Format {
 /// own checksum, which is why a damaged length cannot pass for a frame
 /// that runs into the unwritten part.
 pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
-    let mut bytes = Vec::new();
-    fs::File::open(path)?.read_to_end(&mut bytes)?;
+    let bytes = super::fsutil::read_regular(path, MAX_FILE_BYTES)?;
     Ok(read_frames(&bytes, format_of(path)))
 }
+
+/// Most a WAL file can hold: the writer starts a new file once one passes
+/// [`PREALLOC_BYTES`], after at most one batch, and the records waiting
+/// for their segment (which a batch cannot outgrow) are bounded at 1 GiB.
+pub const MAX_FILE_BYTES: u64 = 2 << 30;
 
 fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
     let header = format.header();
