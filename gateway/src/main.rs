@@ -174,6 +174,17 @@ fn exit(result: Result<ExitCode>) -> ExitCode {
 /// the kernel or the audit directory: the file itself, the identity
 /// settings and key file, each target's TLS material.
 fn check_config(path: &Path) -> Result<()> {
+    load_checked(path)?;
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+/// The configuration at `path`, with everything checked that can be
+/// without the network or the audit directory: the identity settings (and
+/// a `jwks_file`'s keys), the audit signing key and auditor group, each
+/// target's TLS files. `run` checks this before it changes anything on
+/// the host (the pins), `check-config` checks nothing else.
+fn load_checked(path: &Path) -> Result<Config> {
     let config = Config::load(path)?;
     Verifier::check(&config.identity)
         .with_context(|| format!("{}: identity provider", path.display()))?;
@@ -182,8 +193,7 @@ fn check_config(path: &Path) -> Result<()> {
     for target in &config.targets {
         proxy::Target::new(target.clone()).with_context(|| path.display().to_string())?;
     }
-    println!("{}: ok", path.display());
-    Ok(())
+    Ok(config)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -194,7 +204,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
-    let config = Config::load(&config_path)?;
+    // A configuration that cannot work stops the start before anything is
+    // pinned: `run` refuses exactly what `check-config` does.
+    let config = load_checked(&config_path)?;
     let protected = config.protected();
     let egress = pin::EgressPolicy {
         default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,

@@ -294,6 +294,49 @@ fn check_config(path: &std::path::Path) -> std::process::Output {
         .expect("run tollgate")
 }
 
+/// `tollgate run --config path`, for a configuration it must refuse at
+/// start: whether it exited in success, and its stderr. A `run` still
+/// going after 30 s started on it: killed, and the test fails.
+fn run_refused(path: &std::path::Path) -> (bool, String) {
+    let mut child = Command::new(tollgate_tests::tollgate_bin())
+        .args(["run", "--config"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tollgate");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait for tollgate").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tollgate run started on {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("tollgate's output");
+    // A `run` that got as far as pinning before it stopped left its
+    // programs pinned: removed (best effort; the assertions report it).
+    let _ = Command::new(tollgate_tests::tollgate_bin())
+        .args(["unpin", "--config"])
+        .arg(path)
+        .output();
+    (out.status.success(), stderr(&out))
+}
+
+/// What `check-config` refused, `run` refuses at start, with the same line.
+fn run_refuses_as_check_config_does(path: &std::path::Path, check_config_err: &str) {
+    let (ok, err) = run_refused(path);
+    assert!(
+        !ok,
+        "run started on what check-config refused: {check_config_err}"
+    );
+    assert!(
+        err.contains(check_config_err.trim()),
+        "run: {err}\ncheck-config: {check_config_err}"
+    );
+}
+
 #[test]
 fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -309,12 +352,14 @@ fn a_broken_config_stops_tollgate_at_start_with_file_key_and_reason() {
     assert!(err.contains("broken.toml"), "{err}");
     assert!(err.contains("target[0].listen"), "{err}");
     assert!(err.contains("invalid socket address"), "{err}");
+    run_refuses_as_check_config_does(&path, &err);
 }
 
-/// `check-config` refuses what `run` would refuse at start, before any
-/// of it runs: an identity key file that does not load, a target's TLS
-/// certificate that cannot be read, an audit signing key that does not
-/// load, an auditor group that does not exist.
+/// `check-config` refuses what `run` refuses at start, before any of it
+/// runs (nothing pinned): an identity key file that does not load, a
+/// target's TLS certificate that cannot be read, an audit signing key that
+/// does not load, an auditor group that does not exist. Each refused file
+/// is run too, and refused with the same line.
 #[test]
 fn check_config_refuses_what_run_would_refuse_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -323,7 +368,8 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
         std::fs::write(
             &path,
             format!(
-                "[identity]\ntenants = [\"{}\"]\naudiences = [\"{}\"]\n{identity_keys}\n\
+                "[pin]\nbpffs_dir = \"/sys/fs/bpf/tollgate-config-test\"\n\
+                 [identity]\ntenants = [\"{}\"]\naudiences = [\"{}\"]\n{identity_keys}\n\
                  [audit]\ndir = \"{}\"\n{audit}\n\
                  [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:5432\"\n\
                  listen = \"127.0.0.1:16432\"\ncredential = {{ user = \"u\" }}\ndatabases = [\"db\"]\n{target_tls}\n",
@@ -334,7 +380,11 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
         )
         .expect("write config");
         let out = check_config(&path);
-        (out.status.success(), stdout(&out), stderr(&out))
+        let (ok, err) = (out.status.success(), stderr(&out));
+        if !ok {
+            run_refuses_as_check_config_does(&path, &err);
+        }
+        (ok, stdout(&out), err)
     };
     let check = |identity_keys: &str, target_tls: &str| check_with(identity_keys, target_tls, "");
     let jwks = dir.path().join("jwks.json");
