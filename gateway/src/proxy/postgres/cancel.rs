@@ -14,7 +14,11 @@ use bytes::{BufMut, BytesMut};
 use rand::Rng;
 use tokio::{io::AsyncWriteExt, net::TcpSocket};
 
-use super::wire::{self, CANCEL_REQUEST};
+use super::{
+    upstream::{negotiate_tls, UpstreamError},
+    wire::{self, WireError, CANCEL_REQUEST},
+};
+use crate::proxy::Target;
 
 /// The server's side of one session's key, and the session it belongs to.
 #[derive(Debug, Clone)]
@@ -33,15 +37,30 @@ pub struct ServerKey {
 
 impl ServerKey {
     /// Sends the cancel for this server session on `socket` (see
-    /// [`crate::proxy::upstream_socket`]).
-    pub async fn send_cancel(&self, socket: TcpSocket) -> std::io::Result<()> {
-        let mut stream = socket.connect(self.address).await?;
+    /// [`crate::proxy::upstream_socket`]), over verified TLS when the
+    /// target has `upstream_tls`, as its sessions are: the server's key
+    /// crossing in the clear would let anyone on the path cancel that
+    /// session's statements without tollgate.
+    pub async fn send_cancel(
+        &self,
+        socket: TcpSocket,
+        target: &Target,
+    ) -> Result<(), UpstreamError> {
+        let stream =
+            socket
+                .connect(self.address)
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    address: self.address,
+                    source,
+                })?;
+        let mut stream = negotiate_tls(target, stream).await?;
         let mut packet = BytesMut::with_capacity(16);
         packet.put_i32(16);
         packet.put_i32(CANCEL_REQUEST);
         packet.put_i32(self.process_id);
         packet.put_i32(self.secret_key);
-        stream.write_all(&packet).await?;
+        stream.write_all(&packet).await.map_err(WireError::Io)?;
         let _ = stream.shutdown().await;
         Ok(())
     }
@@ -139,6 +158,80 @@ impl CancelKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `upstream_tls`, the cancel goes inside verified TLS, as the
+    /// target's sessions do; a server that declines TLS is not sent the
+    /// key in the clear.
+    #[tokio::test]
+    async fn a_cancel_to_a_tls_target_goes_inside_verified_tls() {
+        use tokio::io::AsyncReadExt;
+        let pki = tempfile::tempdir().expect("tempdir");
+        let tls = crate::proxy::tls::self_signed_cert(pki.path());
+        let acceptor = crate::proxy::tls::acceptor(&tls).expect("acceptor");
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = server.local_addr().expect("addr");
+        let mut config = crate::proxy::postgres::refusal_tests::target_config(
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        config.address = address;
+        config.upstream_tls = Some(crate::proxy::tls::UpstreamTlsConfig {
+            ca_file: tls.cert.clone(),
+            server_name: None,
+        });
+        let target = Target::new(config).expect("target");
+        let key = ServerKey {
+            address,
+            target: "orders-db".into(),
+            session_uid: "session-1".into(),
+            process_id: 4242,
+            secret_key: 777,
+        };
+        let mut want = BytesMut::new();
+        want.put_i32(16);
+        want.put_i32(CANCEL_REQUEST);
+        want.put_i32(4242);
+        want.put_i32(777);
+
+        // A server that reads the SSLRequest, then declines it and reads
+        // what comes in the clear, or takes it and reads inside TLS.
+        let serve = |decline: bool| {
+            let (server, acceptor) = (&server, acceptor.clone());
+            async move {
+                let (mut conn, _) = server.accept().await.expect("accept");
+                let mut request = [0u8; 8];
+                conn.read_exact(&mut request).await.expect("SSLRequest");
+                assert_eq!(
+                    i32::from_be_bytes([request[4], request[5], request[6], request[7]]),
+                    wire::SSL_REQUEST
+                );
+                if decline {
+                    conn.write_all(b"N").await.expect("N");
+                    let mut rest = Vec::new();
+                    let _ = conn.read_to_end(&mut rest).await;
+                    return rest;
+                }
+                conn.write_all(b"S").await.expect("S");
+                let mut tls = acceptor.accept(conn).await.expect("handshake");
+                let mut cancel = [0u8; 16];
+                tls.read_exact(&mut cancel)
+                    .await
+                    .expect("the cancel, inside TLS");
+                cancel.to_vec()
+            }
+        };
+        let socket = TcpSocket::new_v4().expect("socket");
+        let (sent, got) = tokio::join!(key.send_cancel(socket, &target), serve(false));
+        sent.expect("sent");
+        assert_eq!(got, want.to_vec());
+
+        let socket = TcpSocket::new_v4().expect("socket");
+        let (sent, got) = tokio::join!(key.send_cancel(socket, &target), serve(true));
+        let err = sent.expect_err("a server without TLS gets no cancel");
+        assert!(err.to_string().contains("does not offer TLS"), "{err}");
+        assert_eq!(got, Vec::<u8>::new(), "the key went out in the clear");
+    }
 
     #[test]
     fn the_agent_sees_tollgate_s_key_and_it_maps_to_the_server_s() {

@@ -555,7 +555,12 @@ async fn forward_cancel(
             return;
         }
     }
-    match tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, server.send_cancel(socket)).await {
+    match tokio::time::timeout(
+        CANCEL_FORWARD_TIMEOUT,
+        server.send_cancel(socket, &connection.target),
+    )
+    .await
+    {
         Ok(Ok(())) => info!("cancel request forwarded to the session's server"),
         Ok(Err(err)) => not_forwarded(&format!("sending it to the server failed: {err}")),
         Err(_) => not_forwarded("the server did not take it within the forward timeout"),

@@ -370,8 +370,11 @@ fn password_may_cross(target: &Target) -> bool {
 
 /// With `upstream_tls` configured, asks the server for TLS and verifies
 /// its certificate; a server that declines is refused, never used in the
-/// clear.
-async fn negotiate_tls(target: &Target, mut stream: TcpStream) -> Result<BoxedIo, UpstreamError> {
+/// clear. Sessions and cancel requests alike.
+pub(super) async fn negotiate_tls(
+    target: &Target,
+    mut stream: TcpStream,
+) -> Result<BoxedIo, UpstreamError> {
     let Some(tls) = &target.upstream_tls else {
         return Ok(Box::new(stream));
     };
