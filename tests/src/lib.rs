@@ -31,7 +31,7 @@ use anyhow::{bail, Result};
 pub use gateway::{AgentCgroup, Gateway, GatewayConfig, DEFAULT_POLICY};
 pub use idp::DevIdp;
 pub use postgres::Postgres;
-pub use privileges::{privileged, REQUIRE_PRIVILEGED_ENV};
+pub use privileges::{privileged, skip_part, REQUIRE_PRIVILEGED_ENV};
 pub use session::AgentSession;
 pub use stack::Stack;
 

@@ -25,3 +25,15 @@ pub fn privileged(test: &str) -> bool {
     );
     false
 }
+
+/// A part of `test` this host cannot run (`why`: a kernel feature it
+/// lacks, no IPv6): skipped with a message, or a failure where skips are
+/// forbidden, as for a whole test.
+pub fn skip_part(test: &str, why: &str) {
+    if std::env::var_os(REQUIRE_PRIVILEGED_ENV).is_some() {
+        panic!("{test}: {why}, and {REQUIRE_PRIVILEGED_ENV} forbids skipping that part");
+    }
+    eprintln!(
+        "SKIPPED part of {test}: {why}; set {REQUIRE_PRIVILEGED_ENV}=1 to make this a failure"
+    );
+}

@@ -1909,6 +1909,26 @@ fn a_login_with_an_empty_database_opens_the_one_audited() {
     };
     let answer = stack.agent_login_as("orders", "", &token).expect("login");
     assert_eq!(answer["outcome"], "ok", "{answer}");
+    let rows = stack
+        .audit_rows(
+            "SELECT database_name FROM audit WHERE phase = 'session'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("the login's row");
+    assert!(
+        rows.iter().all(|r| r["database_name"] == "orders"),
+        "{rows:?}"
+    );
+    let opened = format!(
+        "connection authorized: user={} database=orders",
+        stack.postgres.gateway_user
+    );
+    assert!(
+        stack.postgres.log().contains(&opened),
+        "the server did not open orders for tollgate:\n{}",
+        stack.postgres.log()
+    );
 }
 
 #[test]

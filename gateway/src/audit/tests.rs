@@ -541,29 +541,43 @@ async fn idle_store_keeps_signing_fresh_checkpoints() {
 #[tokio::test]
 async fn auditor_group_owns_every_file_and_directory() {
     use std::os::unix::fs::MetadataExt;
-    // As root any group works, so pick one that is not root's own (else
-    // the check would pass without a chown); otherwise the process's group.
-    let candidates: Vec<String> = if unsafe { libc::geteuid() } == 0 {
+    // A group that is not the process's own (new files get that one
+    // without any chown, and the check would pass whatever the store
+    // does): as root any group works; otherwise one of the supplementary
+    // groups, which a process may give its files.
+    // SAFETY: getegid has no preconditions.
+    let own = unsafe { libc::getegid() };
+    let candidates: Vec<libc::gid_t> = if unsafe { libc::geteuid() } == 0 {
         ["nogroup", "daemon", "adm", "users"]
             .iter()
-            .map(|s| s.to_string())
+            .filter_map(|n| {
+                let c = std::ffi::CString::new(*n).unwrap();
+                // SAFETY: a NUL-terminated name; the entry is read at once.
+                let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+                (!gr.is_null()).then(|| unsafe { (*gr).gr_gid })
+            })
             .collect()
     } else {
-        let gr = unsafe { libc::getgrgid(libc::getegid()) };
-        assert!(!gr.is_null());
-        vec![unsafe { std::ffi::CStr::from_ptr((*gr).gr_name) }
-            .to_str()
-            .unwrap()
-            .to_string()]
+        let mut groups = vec![0 as libc::gid_t; 256];
+        // SAFETY: the buffer holds as many ids as its length says.
+        let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+        groups.truncate(usize::try_from(n).unwrap_or(0));
+        groups
     };
-    let (name, gid) = candidates
-        .into_iter()
-        .find_map(|n| {
-            let c = std::ffi::CString::new(n.clone()).unwrap();
-            let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-            (!gr.is_null()).then(|| (n, unsafe { (*gr).gr_gid }))
-        })
-        .expect("a usable group");
+    let Some(gid) = candidates.into_iter().find(|&g| g != own) else {
+        if std::env::var_os("TOLLGATE_REQUIRE_PRIVILEGED").is_some() {
+            panic!("no group but the process's own to test the auditor group with");
+        }
+        eprintln!("SKIPPED auditor_group_owns_every_file_and_directory: no group but the process's own (run as root, or in a supplementary group)");
+        return;
+    };
+    // SAFETY: the entry is read at once.
+    let gr = unsafe { libc::getgrgid(gid) };
+    assert!(!gr.is_null(), "group {gid} has no name");
+    let name = unsafe { std::ffi::CStr::from_ptr((*gr).gr_name) }
+        .to_str()
+        .unwrap()
+        .to_string();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.auditor_group = Some(name);
@@ -950,10 +964,28 @@ async fn policy_fields_round_trip_through_segments_and_verify() {
     assert!(verify::verify(&cfg.dir, &key).ok);
 }
 
-#[test]
-fn audit_log_is_a_cheap_shareable_handle() {
+/// Sessions on any thread hold clones of one handle: every clone writes
+/// to the one store, in one chain.
+#[tokio::test]
+async fn clones_of_the_audit_log_share_one_store() {
     fn shareable<T: Send + Sync + Clone + 'static>() {}
     shareable::<AuditLog>();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let clone = log.clone();
+    let now = store::now_ms();
+    let first = log.append(sample(0, now)).await.unwrap();
+    let from_another_thread = tokio::spawn(async move { clone.append(sample(1, now)).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from_another_thread, first + 1, "one sequence, one chain");
+    log.shutdown().await;
+    let key = checkpoint::Verifier::load(&cfg.dir.join("keys/checkpoint.key.pub")).unwrap();
+    let report = verify::verify(&cfg.dir, &key);
+    assert!(report.ok, "{:#?}", report.problems);
+    assert_eq!(report.records, 2);
 }
 
 #[test]
