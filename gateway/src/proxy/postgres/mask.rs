@@ -86,11 +86,28 @@ pub enum ResolveError {
     /// catalog, a timeout, ...).
     #[error("the server refused the catalog lookup: {code} {message}")]
     Refused { code: String, message: String },
+    #[error("the server did not answer the catalog lookup within {} s", RESOLVE_TIMEOUT.as_secs())]
+    TimedOut,
 }
+
+/// Longest the catalog lookup may take. It is part of the login, which
+/// must not hold a session (and its connection slot) for as long as a
+/// server that stalls (a lock on the catalog, a wedged backend) keeps it.
+pub const RESOLVE_TIMEOUT: std::time::Duration = super::upstream::LOGIN_TIMEOUT;
 
 /// Resolves `patterns` to columns with one catalog query on the session's
 /// own upstream connection, before any agent message is relayed.
 pub async fn resolve(
+    stream: &mut crate::proxy::tls::BoxedIo,
+    buf: &mut BytesMut,
+    patterns: Vec<Pattern>,
+) -> Result<MaskSet, ResolveError> {
+    tokio::time::timeout(RESOLVE_TIMEOUT, resolve_now(stream, buf, patterns))
+        .await
+        .map_err(|_| ResolveError::TimedOut)?
+}
+
+async fn resolve_now(
     stream: &mut crate::proxy::tls::BoxedIo,
     buf: &mut BytesMut,
     patterns: Vec<Pattern>,
@@ -273,6 +290,33 @@ pub(crate) fn data_row_values(row: &Frame) -> Result<Vec<Option<&[u8]>>, WireErr
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A server that takes the catalog query and never answers does not
+    /// hold the session: the lookup gives up at its timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_catalog_lookup_the_server_never_answers_is_given_up_on() {
+        use tokio::io::AsyncReadExt;
+        let (ours, mut server) = tokio::io::duplex(64 << 10);
+        let mut stream: crate::proxy::tls::BoxedIo = Box::new(ours);
+        let silent = tokio::spawn(async move {
+            // Reads the query, answers nothing.
+            let mut query = vec![0u8; 1024];
+            let _ = server.read(&mut query).await;
+            std::future::pending::<()>().await;
+            drop(server);
+        });
+        let started = tokio::time::Instant::now();
+        let err = resolve(
+            &mut stream,
+            &mut BytesMut::new(),
+            vec![Pattern::from("public.customers.email".to_owned())],
+        )
+        .await
+        .expect_err("no answer");
+        silent.abort();
+        assert!(matches!(err, ResolveError::TimedOut), "{err}");
+        assert!(started.elapsed() >= RESOLVE_TIMEOUT);
+    }
 
     /// A RowDescription of `(name, table oid, attribute number, type oid)`
     /// columns, in text format.
