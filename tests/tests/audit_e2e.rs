@@ -982,8 +982,64 @@ fn every_query_in_the_duckdb_cookbook_answers_from_a_real_audit() {
     // The negative of query 1: the loader never read customers.
     let q1 = blocks.iter().position(|(n, _)| *n == 1).expect("query 1");
     let mut all = statements.clone();
+    let q1_negative = all.len();
     all.push(statements[q1].replace(ANALYST, LOADER));
+    // Positive controls of the queries that answer nothing on a whole,
+    // cleanly stopped audit (6: requests without an outcome; 15: breaks in
+    // the chain): the same queries over the audit with one outcome row
+    // left out, with one row left out, and with one link changed.
+    let numbered_sql = |n: u32| {
+        let at = blocks.iter().position(|(m, _)| *m == n);
+        statements[at.unwrap_or_else(|| panic!("query {n}"))].clone()
+    };
+    all.push(statements[0].replacen("VIEW audit AS", "VIEW audit_whole AS", 1));
+    let first_outcome = "(SELECT request_uid FROM audit_whole WHERE phase = 'outcome' \
+                         AND class_uid <> 3002 ORDER BY sequence LIMIT 1)";
+    all.push(format!(
+        "CREATE OR REPLACE VIEW audit AS SELECT * FROM audit_whole \
+         WHERE NOT (phase = 'outcome' AND request_uid = {first_outcome})"
+    ));
+    let q6_control = all.len();
+    all.push(numbered_sql(6));
+    all.push(format!("SELECT {first_outcome} AS request_uid"));
+    all.push(
+        "CREATE OR REPLACE VIEW audit AS SELECT * FROM audit_whole \
+         WHERE sequence <> (SELECT min(sequence) + 5 FROM audit_whole)"
+            .to_owned(),
+    );
+    let q15_gap = all.len();
+    all.push(numbered_sql(15));
+    // A wrong link stored in one row.
+    all.push(
+        "CREATE OR REPLACE VIEW audit AS SELECT * REPLACE (CASE WHEN sequence = \
+         (SELECT min(sequence) + 5 FROM audit_whole) THEN repeat('f', 64) \
+         ELSE prev_record_hash END AS prev_record_hash) FROM audit_whole"
+            .to_owned(),
+    );
+    let q15_link = all.len();
+    all.push(numbered_sql(15));
     let answers = run_duckdb(&all).expect("run the cookbook");
+    for (i, answer) in answers.iter().enumerate().skip(blocks.len()) {
+        assert!(
+            answer.get("error").is_none(),
+            "control {i} fails: {}\n{}",
+            answer["error"],
+            all[i]
+        );
+    }
+    let dropped = rows(&answers[q6_control + 1]);
+    assert_eq!(
+        strings(rows(&answers[q6_control]), "request_uid"),
+        strings(dropped, "request_uid"),
+        "query 6 finds the request whose outcome was left out"
+    );
+    let gaps = rows(&answers[q15_gap]);
+    assert_eq!(gaps.len(), 1, "query 15 finds the row left out: {gaps:?}");
+    assert_eq!(gaps[0]["step"], 2, "{gaps:?}");
+    let links = rows(&answers[q15_link]);
+    assert_eq!(links.len(), 1, "query 15 finds the changed link: {links:?}");
+    assert_eq!(links[0]["prev_record_hash"], "f".repeat(64), "{links:?}");
+    assert_eq!(links[0]["step"], 1, "{links:?}");
     for ((n, sql), answer) in blocks.iter().zip(&answers) {
         assert!(
             answer.get("error").is_none(),
@@ -1021,7 +1077,7 @@ fn every_query_in_the_duckdb_cookbook_answers_from_a_real_audit() {
                 }
                 assert!(got.iter().all(|r| r["actor_user_name"] == "analyst-a"));
                 assert_eq!(
-                    rows(&answers[answers.len() - 1]).len(),
+                    rows(&answers[q1_negative]).len(),
                     0,
                     "the loader never read customers"
                 );
