@@ -1012,6 +1012,40 @@ columns = ["public.customers.email"]
 except_roles = ["pii-readers"]
 "#;
 
+/// The tags of the messages a `pg_desync.py` scenario received, in order
+/// ("closed" for the end of the connection).
+fn answer_tags(answers: &Value) -> Vec<&str> {
+    answers["answers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["tag"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// The session was ended by tollgate's own FATAL for a message out of
+/// place in the middle of COPY FROM STDIN.
+fn assert_ended_in_the_middle_of_a_copy(answers: &Value) {
+    let fatal = first_error(&answers["answers"]);
+    assert_eq!(fatal["sqlstate"], "08P01", "{answers}");
+    assert!(
+        fatal["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("in the middle of COPY FROM STDIN"),
+        "not tollgate's own refusal: {answers}"
+    );
+}
+
+/// Rows of `orders_copy` whose text is `x`, as the server counts them.
+fn copied_rows(stack: &Stack, x: &str) -> String {
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            &format!("SELECT count(*) FROM orders_copy WHERE x = '{x}'"),
+        )
+        .expect("count")
+}
+
 /// Runs `scenario` of `pg_desync.py` with `SELECT 1` first and a computed
 /// copy of the masked email column second; asserts no email left tollgate.
 fn copy_of_masked_column_after(stack: &Stack, agent: &str, scenario: &str) -> Value {
@@ -1363,13 +1397,7 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     assert_eq!(rows[0]["values"][0], "1", "{answers}");
     assert_eq!(rows[1]["values"][0], "****", "{answers}");
     assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok(
-                "orders",
-                "SELECT count(*) FROM orders_copy WHERE x = 'copied'"
-            )
-            .expect("count"),
+        copied_rows(&stack, "copied"),
         "1",
         "the row of copy data went in"
     );
@@ -1380,20 +1408,9 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     // thrown it away with an error that left every later answer matched
     // against the wrong statement).
     let answers = copy_of_masked_column_after(&stack, &agent, "copy_query");
-    let tags: Vec<&str> = answers["answers"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|m| m["tag"].as_str()).collect())
-        .unwrap_or_default();
+    let tags = answer_tags(&answers);
     assert_eq!(tags, ["G", "E", "closed"], "{answers}");
-    let fatal = first_error(&answers["answers"]);
-    assert_eq!(fatal["sqlstate"], "08P01", "{answers}");
-    assert!(
-        fatal["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("in the middle of COPY FROM STDIN"),
-        "not tollgate's own refusal: {answers}"
-    );
+    assert_ended_in_the_middle_of_a_copy(&answers);
     stack
         .audit_rows(
             "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:malformed' \
@@ -1406,10 +1423,7 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     // One Query may start two copies in turn: each is relayed, and what
     // follows is answered and masked in step.
     let answers = copy_of_masked_column_after(&stack, &agent, "two_copies");
-    let tags: Vec<&str> = answers["answers"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|m| m["tag"].as_str()).collect())
-        .unwrap_or_default();
+    let tags = answer_tags(&answers);
     assert_eq!(
         tags,
         ["G", "C", "G", "C", "Z", "T", "D", "C", "Z", "T", "D", "C", "Z"],
@@ -1419,13 +1433,7 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     assert_eq!(rows[0]["values"][0], "1", "{answers}");
     assert_eq!(rows[1]["values"][0], "****", "{answers}");
     assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok(
-                "orders",
-                "SELECT count(*) FROM orders_copy WHERE x = 'copied twice'"
-            )
-            .expect("count"),
+        copied_rows(&stack, "copied twice"),
         "2",
         "a row of copy data went in with each copy"
     );
@@ -1434,20 +1442,9 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     // the second copy has started, it is out of place, and tollgate ends
     // the session (the server would have taken it for copy data).
     let answers = copy_of_masked_column_after(&stack, &agent, "second_copy_query");
-    let tags: Vec<&str> = answers["answers"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|m| m["tag"].as_str()).collect())
-        .unwrap_or_default();
+    let tags = answer_tags(&answers);
     assert_eq!(tags, ["G", "C", "G", "E", "closed"], "{answers}");
-    let fatal = first_error(&answers["answers"]);
-    assert_eq!(fatal["sqlstate"], "08P01", "{answers}");
-    assert!(
-        fatal["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("in the middle of COPY FROM STDIN"),
-        "not tollgate's own refusal: {answers}"
-    );
+    assert_ended_in_the_middle_of_a_copy(&answers);
     stack
         .audit_rows(
             "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:malformed' \

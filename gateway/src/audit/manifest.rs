@@ -168,10 +168,18 @@ impl Manifest {
 
     /// The last segment entry (sequence-wise the end of the closed chain).
     pub fn last_segment(&self) -> Option<&SegmentEntry> {
-        self.entries.iter().rev().find_map(|e| match e {
-            Entry::Segment(s) => Some(s),
-            Entry::Retention(_) => None,
-        })
+        self.last_segment_in(self.entries.len())
+    }
+
+    /// The last segment entry among the first `lines` entries.
+    pub fn last_segment_in(&self, lines: usize) -> Option<&SegmentEntry> {
+        self.entries[..lines.min(self.entries.len())]
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Entry::Segment(s) => Some(s),
+                Entry::Retention(_) => None,
+            })
     }
 
     /// Appends an entry and fsyncs the file.

@@ -674,14 +674,7 @@ impl Replay {
 /// The next sequence and the previous record's hash after the first
 /// `lines` manifest lines.
 fn chain_end(manifest: &Manifest, lines: usize) -> (u64, String) {
-    let last = manifest.entries[..lines.min(manifest.entries.len())]
-        .iter()
-        .rev()
-        .find_map(|e| match e {
-            Entry::Segment(s) => Some(s),
-            Entry::Retention(_) => None,
-        });
-    match last {
+    match manifest.last_segment_in(lines) {
         Some(s) => (s.last_seq + 1, s.last_record_hash.clone()),
         None => (1, GENESIS_HASH.to_string()),
     }

@@ -1034,17 +1034,7 @@ async fn a_forged_segment_entry_stops_the_start_and_changes_nothing() {
 #[tokio::test]
 async fn an_unsigned_entry_naming_a_file_elsewhere_leaves_the_file_in_place() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.segment_max_age_secs = 3600;
-    let (log, _) = open_with_samples(&cfg, 5).await;
-    let crashed = tmp.path().join("crashed");
-    crash_copy(&cfg.dir, &crashed);
-    log.shutdown().await;
-    let cfg = AuditConfig {
-        dir: crashed,
-        ..cfg
-    };
-    store::segment_without_checkpoint(&cfg);
+    let cfg = crash_left_an_entry_unsigned(tmp.path()).await;
     // The unsigned line now names a copy of its file, elsewhere.
     let path = cfg.dir.join(manifest::FILE);
     let text = fs::read_to_string(&path).unwrap();
@@ -1092,17 +1082,14 @@ async fn a_changed_signed_manifest_line_is_refused_at_start() {
     assert!(err.to_string().contains("no longer hash"), "{err:#}");
 }
 
-/// What a crash between a segment's manifest entry and its checkpoint
-/// leaves (an unsigned entry whose records are still in the WAL, under
-/// the daemon's seals): the entry is set aside, its records are written
-/// again from the WAL, the chain goes on, and the directory verifies.
-#[tokio::test]
-async fn an_entry_a_crash_left_unsigned_is_written_again_from_the_wal() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
+/// A directory (under `tmp`) as a crash between a segment's manifest
+/// entry and its checkpoint leaves it: five records, in the WAL and in a
+/// segment whose entry no checkpoint signs.
+async fn crash_left_an_entry_unsigned(tmp: &Path) -> AuditConfig {
+    let mut cfg = config(tmp);
     cfg.segment_max_age_secs = 3600;
     let (log, _) = open_with_samples(&cfg, 5).await;
-    let crashed = tmp.path().join("crashed");
+    let crashed = tmp.join("crashed");
     crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;
     let cfg = AuditConfig {
@@ -1110,6 +1097,17 @@ async fn an_entry_a_crash_left_unsigned_is_written_again_from_the_wal() {
         ..cfg
     };
     store::segment_without_checkpoint(&cfg);
+    cfg
+}
+
+/// What a crash between a segment's manifest entry and its checkpoint
+/// leaves (an unsigned entry whose records are still in the WAL, under
+/// the daemon's seals): the entry is set aside, its records are written
+/// again from the WAL, the chain goes on, and the directory verifies.
+#[tokio::test]
+async fn an_entry_a_crash_left_unsigned_is_written_again_from_the_wal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = crash_left_an_entry_unsigned(tmp.path()).await;
     let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
     assert_eq!(m.lines.len(), 1, "the entry was appended, unsigned");
 
