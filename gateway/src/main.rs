@@ -50,7 +50,8 @@ enum Command {
     },
     /// Remove the pinned kernel programs: agent connections go direct again.
     Unpin {
-        /// The pin directory (default: the config's, or /sys/fs/bpf/tollgate).
+        /// The configuration file, for its pin directory (without it,
+        /// /sys/fs/bpf/tollgate).
         #[arg(long)]
         config: Option<PathBuf>,
     },
