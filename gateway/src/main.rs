@@ -293,10 +293,21 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     }
     info!("tollgate ready");
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = terminate.recv() => {},
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    // SIGHUP would otherwise end the daemon at once (its default action),
+    // without ending its sessions or stopping its audit store: it is
+    // taken, and said to do nothing.
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => warn!(
+                config = %config_path.display(),
+                "SIGHUP: tollgate does not reload its configuration; restart it to apply a changed file"
+            ),
+        }
     }
     info!(
         sessions = shared.sessions.running(),

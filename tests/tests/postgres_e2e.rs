@@ -442,6 +442,41 @@ fn check_config_refuses_what_run_would_refuse_at_start() {
     assert!(out.ends_with(": ok"), "{out}");
 }
 
+/// SIGHUP (what many operators send to make a daemon re-read its file)
+/// does not end tollgate, whose sessions go on: it says that it does not
+/// reload, and keeps serving.
+#[test]
+fn sighup_is_answered_in_the_log_and_tollgate_goes_on_serving() {
+    if !privileged("sighup_is_answered_in_the_log_and_tollgate_goes_on_serving") {
+        return;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("token");
+    let mut session = stack.agent_session(&token).expect("a session");
+    assert_eq!(session.login["ok"], true, "{}", session.login);
+    let pid = stack.gateway.pid().expect("tollgate runs");
+    // SAFETY: a signal to the child process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    tollgate_tests::wait_for(
+        "the SIGHUP answer in the log",
+        Duration::from_secs(10),
+        || {
+            stack
+                .gateway
+                .log()
+                .contains("SIGHUP: tollgate does not reload")
+        },
+    )
+    .expect("logged");
+    let answer = session.run("SELECT 1").expect("a statement after SIGHUP");
+    assert_eq!(answer["ok"], true, "the session goes on: {answer}");
+    let out = stack
+        .agent_psql(&token, "SELECT 2")
+        .output()
+        .expect("run psql");
+    assert_eq!(stdout(&out), "2", "a new session: {}", stderr(&out));
+}
+
 #[test]
 fn a_session_ends_when_its_token_expires() {
     if !privileged("a_session_ends_when_its_token_expires") {
