@@ -570,12 +570,15 @@ fn format_time(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// IPv4-mapped IPv6 addresses compare as IPv4, as the kernel keys them.
+/// Addresses as the kernel keys them: IPv4-mapped IPv6 addresses compare
+/// as IPv4, and an IPv6 address without its scope id and flow label (a
+/// target configured as `[fe80::1%2]:5432` is keyed, and its connections
+/// recorded, as `[fe80::1]:5432`: kept, the two would never match).
 fn normalise(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => addr,
+            None => SocketAddr::new(IpAddr::V6(v6), addr.port()),
         },
         IpAddr::V4(_) => addr,
     }
@@ -1447,6 +1450,24 @@ mod tests {
         let mut redirect = connect(seq, 77, "psql", "10.0.0.5:5432", cookie);
         redirect.unmapped = r#"{"kind":"redirected"}"#.into();
         redirect
+    }
+
+    /// A target configured with an IPv6 scope id (a link-local address)
+    /// is matched by its connections, which the kernel records without one.
+    #[test]
+    fn a_target_with_an_ipv6_scope_id_matches_its_connections() {
+        let mut config = config_row(1);
+        let mut snapshot: ConfigSnapshot = serde_json::from_str(&config.unmapped).unwrap();
+        snapshot.protected_targets[0].address = "[fe80::5%2]:5432".parse().unwrap();
+        config.unmapped = serde_json::to_string(&snapshot).unwrap();
+        let evidence = vec![
+            config,
+            connect(2, 3, "psql", "[fe80::5]:5432", 602),
+            loss(3, 0),
+        ];
+        let r = reconciled(&[audit_row(500)], &evidence);
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
     }
 
     #[test]
