@@ -984,6 +984,85 @@ fn pinned_on_agent_cgroup(stack: &Stack) -> Vec<String> {
         .collect()
 }
 
+/// Whoever may write the directory holding a link's pin may unlink it,
+/// which detaches the program. A pin directory an agent made first (bpffs
+/// lets anyone make one), open to all, is taken over: afterwards the
+/// agent's user cannot remove a pin. A parent directory others may write
+/// stops the start instead.
+#[test]
+fn a_pin_directory_an_agent_made_first_is_taken_over() {
+    use std::os::unix::fs::MetadataExt;
+    if !privileged("a_pin_directory_an_agent_made_first_is_taken_over") {
+        return;
+    }
+    let nobody = |args: &[&str]| {
+        Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .args(args)
+            .output()
+            .expect("runuser")
+    };
+    let unique = format!("tollgate-taken-{}", std::process::id());
+    let made_first = std::path::PathBuf::from("/sys/fs/bpf").join(&unique);
+    let path = made_first.display().to_string();
+    let made = nobody(&[
+        "mkdir",
+        "-m",
+        "777",
+        &path,
+        &format!("{path}/links"),
+        &format!("{path}/maps"),
+    ]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let dir = made_first.clone();
+    let stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.bpffs_dir = dir.clone()
+    })
+    .expect("start tollgate on a pin directory an agent made");
+    for sub in ["", "links", "maps"] {
+        let meta = std::fs::metadata(made_first.join(sub)).expect("stat");
+        assert_eq!(meta.uid(), 0, "{sub}");
+        assert_eq!(meta.mode() & 0o7777, 0o700, "{sub}");
+    }
+    let link = made_first
+        .join("links")
+        .join(format!("tollgate_connect4-{}", agent_cgroup_id(&stack)));
+    assert!(link.exists(), "{}", link.display());
+    let removed = nobody(&["rm", "-f", &link.display().to_string()]);
+    assert!(!removed.status.success(), "the agent's user removed a pin");
+    assert!(link.exists());
+    assert!(
+        stack.gateway.log().contains("taken over"),
+        "{}",
+        stack.gateway.log()
+    );
+    drop(stack);
+    let _ = std::fs::remove_dir_all(&made_first);
+
+    // A parent others may write (not sticky): refused at start.
+    let open_parent = std::path::PathBuf::from("/sys/fs/bpf").join(format!("{unique}-parent"));
+    std::fs::create_dir(&open_parent).expect("mkdir");
+    std::fs::set_permissions(
+        &open_parent,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let below = open_parent.join("pins");
+    let started = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.bpffs_dir = below.clone()
+    });
+    let _ = std::fs::remove_dir_all(&open_parent);
+    let err = format!("{:#}", started.err().expect("refused"));
+    assert!(
+        err.contains("whoever may write it may remove the pins"),
+        "{err}"
+    );
+}
+
 /// After a reboot nothing is pinned. If another process holds a
 /// listener's port when tollgate starts, tollgate must not redirect
 /// agents there: it binds its listeners before it installs the redirect,

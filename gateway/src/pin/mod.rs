@@ -169,6 +169,69 @@ pub struct Pinning {
     evidence: Option<EvidenceHandles>,
 }
 
+/// Makes the pin directory and its `maps` and `links` the daemon's own:
+/// owned by it and writable by no one else, created so or taken over.
+/// Whoever may write the directory that holds a link's pin may unlink the
+/// pin, which detaches the program: the redirect or the evidence gone,
+/// without an error anywhere. bpffs is mounted 1777, so an agent could
+/// make the directory (and chmod it 777) before tollgate first pins there.
+/// The directories above must be root's or the daemon's, and writable by
+/// no one else unless sticky (as bpffs's root is), or it would not help.
+fn own_pin_dirs(pin_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if let Some(parent) = pin_dir.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+        for dir in parent.ancestors().filter(|d| !d.as_os_str().is_empty()) {
+            let meta = fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
+            let writable_by_others = meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0;
+            if (meta.uid() != 0 && meta.uid() != uid) || writable_by_others {
+                bail!(
+                    "{} is owned by uid {} with mode {:o}: whoever may write it may remove the pins \
+                     below it; use a bpffs_dir whose every parent is root's and not writable by others",
+                    dir.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                );
+            }
+        }
+    }
+    for dir in [
+        pin_dir.to_path_buf(),
+        pin_dir.join("maps"),
+        pin_dir.join("links"),
+    ] {
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("create {}", dir.display())),
+        }
+        // Opened without following a symlink, then changed through that
+        // handle: what is checked is what is changed.
+        let handle = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&dir)
+            .with_context(|| format!("open {} (a symlink is refused)", dir.display()))?;
+        let meta = handle.metadata()?;
+        if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+            warn!(
+                dir = %dir.display(),
+                owner = meta.uid(),
+                mode = format!("{:o}", meta.mode() & 0o7777),
+                "a pin directory was not the daemon's own: taken over (its owner now the daemon's, mode 700)"
+            );
+            std::os::unix::fs::fchown(&handle, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", dir.display()))?;
+            handle
+                .set_permissions(fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("chmod {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
 impl Pinning {
     /// Loads the programs, attaches them to every agent cgroup (created if
     /// missing), pins everything under `pin_dir` and makes the redirect map
@@ -184,9 +247,7 @@ impl Pinning {
         ensure_mounts()?;
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
-        for dir in [&maps_dir, &links_dir] {
-            fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        }
+        own_pin_dirs(pin_dir).with_context(|| format!("pin directory {}", pin_dir.display()))?;
 
         let offsets = btf::SockOffsets::from_btf(&btf::KernelBtf::from_sys_fs()?)
             .context("struct sock offsets from the kernel's BTF")?;
