@@ -1419,6 +1419,24 @@ fn pin_status_fails_while_an_agent_cgroup_lacks_any_of_its_programs() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(pinned_on_agent_cgroup(&stack).contains(&"tollgate_connect6".to_owned()));
+
+    // Without the host-wide probe a connection around tollgate goes
+    // unrecorded: status fails too, and names it.
+    stack.gateway.stop();
+    let probe = stack
+        .gateway
+        .config
+        .bpffs_dir
+        .join("links")
+        .join("tollgate_tcp_state-host");
+    std::fs::remove_file(&probe).expect("unpin the host-wide probe");
+    let out = status(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("host-wide evidence: INCOMPLETE, missing tollgate_tcp_state"),
+        "{stderr}"
+    );
 }
 
 /// Compiles tests/c/uring_connect.c (raw io_uring system calls, no

@@ -159,7 +159,7 @@ pub struct EvidenceHandles {
 }
 
 /// Name of the pinned link of the host-wide evidence probe.
-const HOST_LINK_SUFFIX: &str = "host";
+pub(super) const HOST_LINK_SUFFIX: &str = "host";
 
 /// The loaded programs and their maps, attached and pinned.
 pub struct Pinning {

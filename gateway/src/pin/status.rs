@@ -18,7 +18,9 @@ use anyhow::{Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
 use serde::Serialize;
 
-use super::AGENT_CGROUP_PROGRAMS;
+use gateway_common::program_names;
+
+use super::{AGENT_CGROUP_PROGRAMS, HOST_LINK_SUFFIX};
 
 /// One pinned link.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -67,8 +69,9 @@ impl fmt::Display for IncompletePins {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "agent cgroups without all of tollgate's programs pinned under {} (agents there \
-             are not, or not wholly, redirected: start none until `tollgate pin status` \
+            "tollgate's programs are not all pinned under {} (agents in a cgroup named here \
+             are not, or not wholly, redirected; without the host-wide evidence a connection \
+             around tollgate goes unrecorded: start no agent until `tollgate pin status` \
              succeeds; starting tollgate attaches them all):",
             self.pin_dir.display()
         )?;
@@ -151,10 +154,38 @@ pub fn incomplete_cgroups(
     out
 }
 
+/// What stands for the host-wide evidence programs in [`IncompletePins`].
+pub const HOST_EVIDENCE: &str = "host-wide evidence";
+
+/// The host-wide evidence programs not pinned: the probe of every TCP
+/// connection on the host (`host`) and the packet program at the cgroup
+/// root (`root_id`). Without them a connection around tollgate goes
+/// unrecorded, and `tollgate verify` cannot find it.
+pub fn missing_host_programs(
+    programs: &[PinnedProgram],
+    root_id: Option<&str>,
+) -> Vec<&'static str> {
+    let pinned = |program: &str, at: &str| {
+        programs
+            .iter()
+            .any(|p| p.program == program && p.attached_to == at)
+    };
+    let mut missing = Vec::new();
+    if !pinned(program_names::TCP_STATE, HOST_LINK_SUFFIX) {
+        missing.push(program_names::TCP_STATE);
+    }
+    if !root_id.is_some_and(|root| pinned(program_names::PACKET_EGRESS, root)) {
+        missing.push(program_names::PACKET_EGRESS);
+    }
+    missing
+}
+
 /// Reads every pinned link under `{pin_dir}/links`. `agent_cgroups` (from
 /// the configuration, possibly empty) names the cgroup ids. Fails with
 /// [`IncompletePins`] when any agent cgroup, configured or found in the
-/// pins, lacks one of its programs ([`incomplete_cgroups`]).
+/// pins, lacks one of its programs ([`incomplete_cgroups`]), or, when
+/// anything is configured or pinned, a host-wide evidence program is
+/// missing ([`missing_host_programs`]).
 pub fn status(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<Vec<PinnedProgram>> {
     let mut configured = Vec::with_capacity(agent_cgroups.len());
     for cgroup in agent_cgroups {
@@ -171,7 +202,20 @@ pub fn status(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<Vec<PinnedPro
         });
     }
     let programs = list(pin_dir, &configured)?;
-    let incomplete = incomplete_cgroups(&programs, &configured);
+    let mut incomplete = incomplete_cgroups(&programs, &configured);
+    if !programs.is_empty() || !configured.is_empty() {
+        let root_id = super::cgroup2_root()
+            .and_then(|root| Ok(fs::metadata(root)?.ino().to_string()))
+            .ok();
+        let missing = missing_host_programs(&programs, root_id.as_deref());
+        if !missing.is_empty() {
+            incomplete.push(IncompleteCgroup {
+                cgroup: HOST_EVIDENCE.to_owned(),
+                missing,
+                absent: false,
+            });
+        }
+    }
     if !incomplete.is_empty() {
         return Err(IncompletePins {
             pin_dir: pin_dir.to_owned(),
@@ -306,6 +350,40 @@ mod tests {
         // where the host-wide packet_egress sits, is no agent cgroup and
         // is not judged for lack of connect4.
         assert_eq!(incomplete_cgroups(&pins("42", &[]), &[]), []);
+    }
+
+    /// The host-wide evidence is judged apart: each of its two programs,
+    /// where it belongs (the probe on the host, the packet program at the
+    /// cgroup root, not at some other cgroup).
+    #[test]
+    fn a_missing_host_wide_evidence_program_is_named() {
+        assert_eq!(
+            missing_host_programs(&pins("42", &[]), Some("1")),
+            Vec::<&str>::new()
+        );
+        let without = |program: &str| -> Vec<PinnedProgram> {
+            pins("42", &[])
+                .into_iter()
+                .filter(|p| p.program != program)
+                .collect()
+        };
+        assert_eq!(
+            missing_host_programs(&without("tollgate_tcp_state"), Some("1")),
+            ["tollgate_tcp_state"]
+        );
+        assert_eq!(
+            missing_host_programs(&without("tollgate_packet_egress"), Some("1")),
+            ["tollgate_packet_egress"]
+        );
+        assert_eq!(
+            missing_host_programs(&pins("42", &[]), Some("7")),
+            ["tollgate_packet_egress"],
+            "at another cgroup than the root"
+        );
+        assert_eq!(
+            missing_host_programs(&[], None),
+            ["tollgate_tcp_state", "tollgate_packet_egress"]
+        );
     }
 
     #[test]
