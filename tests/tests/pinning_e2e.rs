@@ -1063,6 +1063,33 @@ fn a_pin_directory_an_agent_made_first_is_taken_over() {
     );
 }
 
+/// An agent cgroup under a delegated subtree (a `cgroup.procs` its user
+/// may write, as under `user@UID.service`) lets the agent move itself out
+/// of it: tollgate does not start on one, and says why.
+#[test]
+fn an_agent_cgroup_its_user_could_leave_is_refused_at_start() {
+    if !privileged("an_agent_cgroup_its_user_could_leave_is_refused_at_start") {
+        return;
+    }
+    let delegated = AgentCgroup::root().join(format!("tollgate-delegated-{}", std::process::id()));
+    std::fs::create_dir(&delegated).expect("mkdir cgroup");
+    let nobody = 65534;
+    std::os::unix::fs::chown(delegated.join("cgroup.procs"), Some(nobody), Some(nobody))
+        .expect("delegate cgroup.procs");
+    let agents = delegated.join("agents");
+    let started = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.agent_cgroup = agents.clone()
+    });
+    let _ = std::fs::remove_dir(&agents);
+    let _ = std::fs::remove_dir(&delegated);
+    let err = format!("{:#}", started.err().expect("refused"));
+    assert!(
+        err.contains("can move itself out of the agent cgroup")
+            && err.contains(&delegated.join("cgroup.procs").display().to_string()),
+        "{err}"
+    );
+}
+
 /// After a reboot nothing is pinned. If another process holds a
 /// listener's port when tollgate starts, tollgate must not redirect
 /// agents there: it binds its listeners before it installs the redirect,

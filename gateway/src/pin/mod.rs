@@ -169,6 +169,41 @@ pub struct Pinning {
     evidence: Option<EvidenceHandles>,
 }
 
+/// Why a process in `cgroup` could be moved out of it by someone other
+/// than root, if it could: moving a process between two cgroups takes
+/// write access to `cgroup.procs` of a cgroup above both, so a delegated
+/// subtree (a `cgroup.procs` its user may write, as under
+/// `user@UID.service`) above or at the agent cgroup lets the agent's own
+/// user take it out, to connect wherever it likes. Checked from `cgroup`
+/// (or its nearest existing parent) up to the hierarchy's root.
+/// `trusted` is the one owner allowed besides modes (root; tests pass
+/// their own uid).
+fn movable_out_by_others(cgroup: &Path, root: &Path, trusted: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut dir = Some(cgroup);
+    while let Some(at) = dir {
+        let procs = at.join("cgroup.procs");
+        if let Ok(meta) = fs::metadata(&procs) {
+            if meta.uid() != trusted || meta.mode() & 0o022 != 0 {
+                return Some(format!(
+                    "{} is owned by uid {} with mode {:o}: a process of that user (or group) can \
+                     move itself out of the agent cgroup; use a cgroup only root can move \
+                     processes in or out of (not one under a delegated subtree such as \
+                     user@UID.service)",
+                    procs.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+        if at == root {
+            break;
+        }
+        dir = at.parent();
+    }
+    None
+}
+
 /// Makes the pin directory and its `maps` and `links` the daemon's own:
 /// owned by it and writable by no one else, created so or taken over.
 /// Whoever may write the directory that holds a link's pin may unlink the
@@ -248,6 +283,12 @@ impl Pinning {
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
         own_pin_dirs(pin_dir).with_context(|| format!("pin directory {}", pin_dir.display()))?;
+        let cgroup_root = cgroup2_root()?;
+        for cgroup in agent_cgroups {
+            if let Some(problem) = movable_out_by_others(cgroup, &cgroup_root, 0) {
+                bail!("agent cgroup {}: {problem}", cgroup.display());
+            }
+        }
 
         let offsets = btf::SockOffsets::from_btf(&btf::KernelBtf::from_sys_fs()?)
             .context("struct sock offsets from the kernel's BTF")?;
@@ -784,6 +825,41 @@ fn remove_pin_of_other_size(path: &Path, entries: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `cgroup.procs` someone else may write, at the agent cgroup or
+    /// any cgroup above it up to the root, is found and named; one below
+    /// the root only where the hierarchy is judged.
+    #[test]
+    fn a_cgroup_others_can_move_processes_out_of_is_found() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("root");
+        let agents = root.join("delegated").join("agents");
+        fs::create_dir_all(&agents).expect("dirs");
+        for dir in [&root, &root.join("delegated"), &agents] {
+            let procs = dir.join("cgroup.procs");
+            fs::write(&procs, b"").expect("procs");
+            fs::set_permissions(&procs, fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        assert_eq!(movable_out_by_others(&agents, &root, me), None);
+        // Not yet made: judged from its nearest parent.
+        assert_eq!(movable_out_by_others(&agents.join("new"), &root, me), None);
+        // Another owner.
+        let found = movable_out_by_others(&agents, &root, me + 1).expect("found");
+        assert!(
+            found.contains(&format!("{}/cgroup.procs", agents.display())),
+            "{found}"
+        );
+        // Writable by others, above the agent cgroup.
+        let delegated = root.join("delegated").join("cgroup.procs");
+        fs::set_permissions(&delegated, fs::Permissions::from_mode(0o666)).expect("chmod");
+        let found = movable_out_by_others(&agents, &root, me).expect("found");
+        assert!(found.contains(&delegated.display().to_string()), "{found}");
+        // Above the root is not judged.
+        assert_eq!(movable_out_by_others(&agents, &agents, me), None);
+    }
 
     #[test]
     fn ipv4_targets_are_stored_mapped_and_come_back() {
