@@ -14,9 +14,10 @@ use super::{fsutil::Perms, merkle};
 
 pub const FILE: &str = "manifest.jsonl";
 
-/// Most the manifest is read at (a line is a few hundred bytes a segment:
-/// millions of segments).
-pub const MAX_FILE_BYTES: u64 = 1 << 30;
+/// The manifest is read whatever its size: it only grows (a line a
+/// segment, retention adds lines), so no bound would hold for a store's
+/// whole life. Only a file that is not a regular one is refused.
+pub const MAX_FILE_BYTES: u64 = u64::MAX;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]

@@ -709,10 +709,13 @@ fn unsigned_segments_are_in_the_wal(
         }
         anyhow::bail!(
             "{}: line {} lists a segment of records {}-{} that no checkpoint signs, and the WAL \
-             does not hold those records: the checkpoints that signed it were removed, or the \
-             line was not written by this daemon. Starting would take the records out of the \
-             chain; nothing was changed. Run `tollgate audit verify`, and restore the \
-             checkpoints directory from a copy",
+             does not hold those records: the checkpoints that signed it were removed, the line \
+             was not written by this daemon, or (in buffered durability, after a WAL sync \
+             failed) the segment was their only copy when the host went down. Starting would \
+             take the records out of the chain and give their numbers to new ones; nothing was \
+             changed. Run `tollgate audit verify`. Restore removed checkpoints from a copy; to \
+             give the records up instead, move the manifest lines from this one on, and the \
+             segment files they name, out of the directory (keep them as evidence)",
             dir.join(manifest::FILE).display(),
             line + 1,
             s.first_seq,

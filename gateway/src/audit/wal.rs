@@ -529,10 +529,11 @@ pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
     Ok(read_frames(&bytes, format_of(path)))
 }
 
-/// Most a WAL file can hold: the writer starts a new file once one passes
-/// [`PREALLOC_BYTES`], after at most one batch, and the records waiting
-/// for their segment (which a batch cannot outgrow) are bounded at 1 GiB.
-pub const MAX_FILE_BYTES: u64 = 2 << 30;
+/// A WAL file is read whatever its size: the writer starts a new file once
+/// one passes [`PREALLOC_BYTES`], but after a whole batch, which may hold
+/// thousands of records of up to [`MAX_FRAME`] each. Only a file that is
+/// not a regular one is refused.
+pub const MAX_FILE_BYTES: u64 = u64::MAX;
 
 fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
     let header = format.header();
