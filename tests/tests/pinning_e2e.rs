@@ -1004,20 +1004,22 @@ fn a_pin_directory_an_agent_made_first_is_taken_over() {
     };
     let unique = format!("tollgate-taken-{}", std::process::id());
     let made_first = std::path::PathBuf::from("/sys/fs/bpf").join(&unique);
-    let path = made_first.display().to_string();
-    let made = nobody(&[
-        "mkdir",
-        "-m",
-        "777",
-        &path,
-        &format!("{path}/links"),
-        &format!("{path}/maps"),
+    // As an agent makes them where bpffs is mounted 1777 (the kernel's
+    // default): its user's, open to all. Made here as root and handed
+    // over, so the test does not depend on how this host mounted bpffs.
+    let make_as_nobody = |dirs: &[std::path::PathBuf]| {
+        for dir in dirs {
+            std::fs::create_dir(dir).expect("mkdir");
+            std::os::unix::fs::chown(dir, Some(65534), Some(65534)).expect("chown");
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .expect("chmod");
+        }
+    };
+    make_as_nobody(&[
+        made_first.clone(),
+        made_first.join("links"),
+        made_first.join("maps"),
     ]);
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
     let dir = made_first.clone();
     let stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
         config.bpffs_dir = dir.clone()
@@ -1042,6 +1044,16 @@ fn a_pin_directory_an_agent_made_first_is_taken_over() {
     );
     drop(stack);
     let _ = std::fs::remove_dir_all(&made_first);
+
+    // One that holds something of its maker's is not taken over.
+    make_as_nobody(&[made_first.clone(), made_first.join("junk")]);
+    let dir = made_first.clone();
+    let started = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.bpffs_dir = dir.clone()
+    });
+    let _ = std::fs::remove_dir_all(&made_first);
+    let err = format!("{:#}", started.err().expect("refused"));
+    assert!(err.contains("is taken over only empty"), "{err}");
 
     // A parent others may write (not sticky): refused at start.
     let open_parent = std::path::PathBuf::from("/sys/fs/bpf").join(format!("{unique}-parent"));

@@ -262,6 +262,34 @@ fn own_pin_dirs(pin_dir: &Path) -> Result<()> {
             handle
                 .set_permissions(fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("chmod {}", dir.display()))?;
+            // Its maker could have renamed it away and put another in its
+            // place since it was opened; once it is the daemon's (in a
+            // sticky or the daemon's own parent) that can no longer happen,
+            // so the name must still lead to the directory taken over.
+            let now =
+                fs::symlink_metadata(&dir).with_context(|| format!("stat {}", dir.display()))?;
+            if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+                bail!(
+                    "{} was replaced while tollgate took it over: someone else is making pin \
+                     directories there; remove it (as root) and start again",
+                    dir.display()
+                );
+            }
+            // What its maker left in it is not the daemon's to use.
+            for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+                let entry = entry?;
+                let owner = entry.metadata()?.uid();
+                let name = entry.file_name();
+                let own_subdir = dir == pin_dir && (name == "maps" || name == "links");
+                if owner != uid && !own_subdir {
+                    bail!(
+                        "{} holds {:?}, owned by uid {owner}: a pin directory someone else made \
+                         is taken over only empty; remove what they left (as root) and start again",
+                        dir.display(),
+                        name
+                    );
+                }
+            }
         }
     }
     Ok(())
