@@ -205,6 +205,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
+    // SIGHUP would otherwise end the daemon at once (its default action),
+    // without ending its sessions or stopping its audit store, or while it
+    // pins: taken from the start, and said to do nothing.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup())?;
     // A configuration that cannot work stops the start before anything is
     // pinned: `run` refuses exactly what `check-config` does.
     let config = load_checked(&config_path)?;
@@ -293,12 +298,9 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     }
     info!("tollgate ready");
 
-    use tokio::signal::unix::{signal, SignalKind};
+    // SIGTERM keeps its default action until now: a start that hangs (on
+    // the identity provider, say) still ends on it.
     let mut terminate = signal(SignalKind::terminate())?;
-    // SIGHUP would otherwise end the daemon at once (its default action),
-    // without ending its sessions or stopping its audit store: it is
-    // taken, and said to do nothing.
-    let mut hangup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,

