@@ -1021,6 +1021,16 @@ fn answer_tags(answers: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// The rows of a `pg_desync.py` scenario run by
+/// [`copy_of_masked_column_after`]: `SELECT 1`'s, then the masked copy of
+/// the email column, answered in step.
+fn assert_one_then_masked(answers: &Value) {
+    let rows = tagged(answers, "D");
+    assert_eq!(rows.len(), 2, "{answers}");
+    assert_eq!(rows[0]["values"][0], "1", "{answers}");
+    assert_eq!(rows[1]["values"][0], "****", "{answers}");
+}
+
 /// The session was ended by tollgate's own FATAL for a message out of
 /// place in the middle of COPY FROM STDIN.
 fn assert_ended_in_the_middle_of_a_copy(answers: &Value) {
@@ -1385,17 +1395,11 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         .superuser_sql_ok("orders", "CREATE TABLE orders_copy (x text)")
         .expect("table");
     let answers = copy_of_masked_column_after(&stack, &agent, "copy_sync");
-    let rows = tagged(&answers, "D");
-    assert_eq!(rows.len(), 2, "{answers}");
-    assert_eq!(rows[0]["values"][0], "1", "{answers}");
-    assert_eq!(rows[1]["values"][0], "****", "{answers}");
+    assert_one_then_masked(&answers);
     // So does one sent behind copy data, before the copy ended: copy data
     // alone does not end a copy.
     let answers = copy_of_masked_column_after(&stack, &agent, "copy_data_sync");
-    let rows = tagged(&answers, "D");
-    assert_eq!(rows.len(), 2, "{answers}");
-    assert_eq!(rows[0]["values"][0], "1", "{answers}");
-    assert_eq!(rows[1]["values"][0], "****", "{answers}");
+    assert_one_then_masked(&answers);
     assert_eq!(
         copied_rows(&stack, "copied"),
         "1",
@@ -1429,9 +1433,7 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         ["G", "C", "G", "C", "Z", "T", "D", "C", "Z", "T", "D", "C", "Z"],
         "{answers}"
     );
-    let rows = tagged(&answers, "D");
-    assert_eq!(rows[0]["values"][0], "1", "{answers}");
-    assert_eq!(rows[1]["values"][0], "****", "{answers}");
+    assert_one_then_masked(&answers);
     assert_eq!(
         copied_rows(&stack, "copied twice"),
         "2",
