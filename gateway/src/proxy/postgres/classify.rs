@@ -168,13 +168,17 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "xpath_table",
 ];
 
-/// Catalog views that show sampled values (most common values, histogram
-/// bounds) of every table's columns: reading one is reading every table
-/// the database role may analyse, which no table rule could check.
+/// Catalog views, and the tables under them, that show sampled values
+/// (most common values, histogram bounds) of every table's columns:
+/// reading one is reading every table the database role may analyse,
+/// which no table rule could check. (The tables are readable by a
+/// superuser only; tollgate's upstream role may be one.)
 const SAMPLE_VIEWS: &[&str] = &[
     "pg_catalog.pg_stats",
     "pg_catalog.pg_stats_ext",
     "pg_catalog.pg_stats_ext_exprs",
+    "pg_catalog.pg_statistic",
+    "pg_catalog.pg_statistic_ext_data",
 ];
 
 /// Views and functions that show the statements other sessions run, their
@@ -1415,7 +1419,9 @@ impl Visitor for Walker {
                 } = source
                 {
                     if *to {
-                        self.relations.extend(table_names(name));
+                        // Read as any relation is (a sample table, other
+                        // sessions' statements, ...).
+                        self.note_relation(table_names(name));
                     } else {
                         self.written.extend(table_names(name));
                     }
@@ -1508,12 +1514,26 @@ fn name_part(folded: &str) -> String {
 }
 
 fn fold(ident: &str, quoted: bool) -> String {
-    if quoted {
+    let mut folded = if quoted {
         ident.to_owned()
     } else {
         ident.to_ascii_lowercase()
+    };
+    // PostgreSQL cuts a longer identifier to its first NAMEDATALEN - 1
+    // bytes (at a character boundary), and uses what is left: a 64-byte
+    // name is the 63-byte table's, which a rule for that table must see.
+    if folded.len() > MAX_IDENTIFIER_BYTES {
+        let mut cut = MAX_IDENTIFIER_BYTES;
+        while !folded.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        folded.truncate(cut);
     }
+    folded
 }
+
+/// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
+const MAX_IDENTIFIER_BYTES: usize = 63;
 
 #[cfg(test)]
 mod tests {
@@ -2256,6 +2276,21 @@ mod tests {
         assert!(classify_on_a_worker_stack(twenty_joins).is_ok());
     }
 
+    /// An identifier longer than PostgreSQL keeps names what PostgreSQL
+    /// reads: the name cut to 63 bytes, at a character boundary.
+    #[test]
+    fn long_identifiers_are_cut_as_postgresql_cuts_them() {
+        let table = "t".repeat(63);
+        let op = one(&format!("SELECT * FROM public.\"{table}x\""));
+        assert_eq!(op.reads, set(&[&format!("public.{table}")]));
+        let op = one(&format!("SELECT * FROM {}xyz", table.to_uppercase()));
+        assert_eq!(op.reads, set(&[&format!("public.{table}")]));
+        // A two-byte character across byte 63 is left out whole.
+        let name = format!("{}é", "t".repeat(62));
+        let op = one(&format!("SELECT * FROM \"{name}\""));
+        assert_eq!(op.reads, set(&[&format!("public.{}", "t".repeat(62))]));
+    }
+
     /// What hides the tables it reads is not understood: the sampled
     /// values of every table, a routine body in a string.
     #[test]
@@ -2264,6 +2299,9 @@ mod tests {
             "SELECT most_common_vals FROM pg_catalog.pg_stats WHERE tablename = 'secrets'",
             "SELECT * FROM pg_stats",
             "TABLE pg_catalog.pg_stats",
+            "SELECT stavalues1::text FROM pg_statistic",
+            "COPY pg_catalog.pg_statistic TO STDOUT",
+            "SELECT stxdmcv FROM pg_statistic_ext_data",
             "SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)",
             "SELECT cron.schedule('0 * * * *', 'DELETE FROM orders')",
             "SELECT mydb.cron.schedule('* * * * *', 'DELETE FROM orders')",
