@@ -1076,6 +1076,70 @@ fn copy_of_masked_column_after(stack: &Stack, agent: &str, scenario: &str) -> Va
     answers
 }
 
+/// A function of the database's own that reads a masked table, run under
+/// a name the statement's text does not show as a call of one: attribute
+/// notation (`o.customer_email` for `customer_email(o)`), or a built-in's
+/// name it shares (`lower(o)`, `public.lower(notes)` fitting better than
+/// `lower(text)`). Its result is masked like any computed column of a
+/// masked table, its errors' messages withheld, and COPY of it refused.
+#[test]
+fn functions_called_under_names_the_text_hides_are_masked() {
+    if !privileged("functions_called_under_names_the_text_hides_are_masked") {
+        return;
+    }
+    let stack = Stack::start_with_policy(MASKING_POLICY).expect("start the stack");
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE TABLE notes (id int, customer int); INSERT INTO notes VALUES (1, 1);
+             CREATE FUNCTION customer_email(n notes) RETURNS text LANGUAGE sql
+               RETURN (SELECT email FROM customers WHERE id = n.customer);
+             CREATE FUNCTION public.lower(n notes) RETURNS text LANGUAGE sql
+               RETURN (SELECT email FROM customers WHERE id = n.customer);",
+        )
+        .expect("the functions");
+    let agent = stack.idp.token(AGENT_OID, &[]).expect("token");
+    for sql in [
+        "SELECT n.customer_email AS e FROM notes n",
+        "SELECT (n).customer_email AS e FROM notes n",
+        "SELECT lower(n) AS e FROM notes n",
+    ] {
+        let out = stack.agent_psql(&agent, sql).output().expect("psql");
+        assert_eq!(
+            text(&out.stdout),
+            "****",
+            "{sql}: {}\n{}",
+            text(&out.stderr),
+            stack.gateway.log()
+        );
+    }
+    // The function's value in an error's text.
+    let out = stack
+        .agent_psql(&agent, "SELECT n.customer_email::int FROM notes n")
+        .output()
+        .expect("psql");
+    assert!(!out.status.success());
+    assert!(
+        !text(&out.stderr).contains("@example.com"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = stack
+        .agent_psql(
+            &agent,
+            "COPY (SELECT n.customer_email FROM notes n) TO STDOUT",
+        )
+        .output()
+        .expect("psql");
+    assert!(!out.status.success(), "COPY ran: {}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("mask:raw_stream"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// A mask pattern whose `*` runs across the end of the table name
 /// (`*email`: any column ending in "email", of any table) masks what an
 /// exact one does: computed columns of the table, and COPY of it refused.

@@ -122,6 +122,16 @@ pub struct Operation {
     /// Makes the target take data from the client (COPY FROM STDIN): once
     /// it does, the client's messages are that data, not requests.
     pub takes_client_data: bool,
+    /// Names under which the statement could run a function of the
+    /// database's own that its text does not show as one: a built-in's
+    /// name called unqualified (a function of that name in a user schema
+    /// wins when its argument types fit better) and the last part of an
+    /// `a.b` reference (attribute notation: `b(a)` when `a` has no
+    /// column `b`). Judged against the functions the database has.
+    pub may_call_by_name: BTreeSet<String>,
+    /// Defines a routine (function, procedure, operator, aggregate):
+    /// called later, it may hand out a table's values under any name.
+    pub defines_routine: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.
@@ -275,6 +285,15 @@ impl Policy {
                 return Decision::Deny {
                     rule: "encoding:client_encoding".into(),
                     reason: "tollgate reads statements as UTF-8 and the session's client_encoding stays UTF8".into(),
+                };
+            }
+            // A routine a masked caller defines could hand out masked
+            // values later under a name its calls do not show (see
+            // `Operation::may_call_by_name`).
+            if !masks.is_empty() && operations.iter().any(|op| op.defines_routine) {
+                return Decision::Deny {
+                    rule: "mask:routine".into(),
+                    reason: "a caller with masked columns may not define routines: one could hand out their values unmasked".into(),
                 };
             }
             for op in operations.iter().filter(|op| op.streams_raw) {

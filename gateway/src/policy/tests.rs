@@ -389,6 +389,31 @@ columns = ["{columns}"]
     }
 }
 
+/// A caller with masked columns may not define routines (one could hand
+/// out their values under a name its calls do not show); without masks,
+/// the grant decides.
+#[test]
+fn a_masked_caller_may_not_define_routines() {
+    let with = |mask: &str| {
+        policy(&format!(
+            r#"
+[[grant]]
+name = "builders"
+roles = ["*"]
+kinds = ["read", "ddl"]
+{mask}
+"#
+        ))
+    };
+    let create = "CREATE FUNCTION f() RETURNS int LANGUAGE sql RETURN 1";
+    let masked = with("[[mask]]\nname = \"email\"\ncolumns = [\"public.customers.email\"]");
+    assert_eq!(
+        denied_by(&decide(&masked, &[], create)),
+        Some("mask:routine")
+    );
+    assert_eq!(denied_by(&decide(&with(""), &[], create)), None);
+}
+
 /// Changing client_encoding is refused whatever the grants allow: with
 /// another encoding the server would run a statement other than the one
 /// tollgate read and decided.

@@ -698,6 +698,14 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
     let depth = walker.deepest;
     let mut out = Operation {
         kind: top_kind(statement),
+        defines_routine: matches!(
+            statement,
+            Statement::CreateFunction(_)
+                | Statement::CreateProcedure { .. }
+                | Statement::CreateOperator(_)
+                | Statement::CreateAggregate(_)
+        ),
+        may_call_by_name: std::mem::take(&mut walker.may_call_by_name),
         dangers: walker.dangers,
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
         calls_functions: walker.calls_functions,
@@ -983,6 +991,8 @@ struct Walker {
     changes_state: bool,
     /// A call of a function that is not a known built-in (see
     /// `Operation::calls_unknown_functions`).
+    /// See [`Operation::may_call_by_name`].
+    may_call_by_name: BTreeSet<String>,
     calls_unknown_functions: bool,
     /// Why the statement cannot be understood, if something in it hides
     /// what it reads (SQL given to a function as text, a routine body in a
@@ -1131,6 +1141,8 @@ impl Walker {
                 .any(|list| list.contains(&last.as_str()));
         if !builtin {
             self.calls_unknown_functions = true;
+        } else if name.0.len() == 1 {
+            self.may_call_by_name.insert(last.clone());
         }
         if DANGEROUS_FUNCTIONS.contains(&last.as_str()) {
             self.dangers.insert(Danger::FileOrProgramFunction);
@@ -1284,6 +1296,25 @@ impl Visitor for Walker {
                 self.calls_functions = true;
                 self.calls_unknown_functions = true;
             }
+        }
+        match expr {
+            Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+                if let Some(last) = parts.last() {
+                    self.may_call_by_name
+                        .insert(fold(&last.value, last.quote_style.is_some()));
+                }
+            }
+            // `(o).customer_email`, `(o).a.b`: each field name may be a
+            // function of the value before it.
+            Expr::CompoundFieldAccess { access_chain, .. } => {
+                for access in access_chain {
+                    if let sqlparser::ast::AccessExpr::Dot(Expr::Identifier(field)) = access {
+                        self.may_call_by_name
+                            .insert(fold(&field.value, field.quote_style.is_some()));
+                    }
+                }
+            }
+            _ => {}
         }
         if let Expr::Function(function) = expr {
             let unqualified_pure = function.name.0.len() == 1
@@ -2274,6 +2305,32 @@ mod tests {
             " ON true)".repeat(20)
         );
         assert!(classify_on_a_worker_stack(twenty_joins).is_ok());
+    }
+
+    /// Names under which a statement could run a function of the
+    /// database's own unseen: attribute notation, a field of a row value,
+    /// a built-in's name called unqualified; not a qualified call (known
+    /// or unknown by its schema) nor a plain column.
+    #[test]
+    fn names_that_may_be_calls_are_collected() {
+        assert_eq!(
+            one("SELECT o.customer_email, o.id FROM orders o").may_call_by_name,
+            set(&["customer_email", "id"])
+        );
+        assert_eq!(
+            one("SELECT (o).customer_email FROM orders o").may_call_by_name,
+            set(&["customer_email"])
+        );
+        assert_eq!(
+            one("SELECT lower(o) FROM orders o").may_call_by_name,
+            set(&["lower"])
+        );
+        assert_eq!(
+            one("SELECT pg_catalog.lower(name), id FROM orders").may_call_by_name,
+            set(&[])
+        );
+        assert!(one("CREATE FUNCTION f() RETURNS int LANGUAGE sql RETURN 1").defines_routine);
+        assert!(!one("SELECT 1").defines_routine);
     }
 
     /// An identifier longer than PostgreSQL keeps names what PostgreSQL

@@ -35,6 +35,11 @@ pub struct MaskSet {
     /// a masked table, `CREATE TABLE AS`, a temporary table, a view) and
     /// is masked until a new session resolves it.
     known_relations: std::collections::HashSet<u32>,
+    /// Names of the functions of the database's own (in any schema but
+    /// the system's) when the masks were resolved: a statement that may
+    /// run one under such a name (see `Operation::may_call_by_name`) may
+    /// return a masked table's values as a column of no table.
+    user_functions: std::collections::HashSet<String>,
 }
 
 /// OIDs below this are the system's own (PostgreSQL's
@@ -50,7 +55,14 @@ impl MaskSet {
             columns: HashMap::from([((oid, attnum), name.to_owned())]),
             patterns: vec![Pattern::from(name.to_owned())],
             known_relations: [oid].into(),
+            user_functions: Default::default(),
         }
+    }
+
+    /// Whether the database had a function of its own named `name` (last
+    /// name part, folded) when the session started.
+    pub fn is_user_function(&self, name: &str) -> bool {
+        self.user_functions.contains(name)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -70,6 +82,12 @@ const CATALOG_QUERY: &str =
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S') \
      AND (n.nspname NOT IN ('pg_catalog', 'information_schema') OR c.oid >= 16384)";
+
+/// The names of the functions (and procedures, aggregates) of the
+/// database's own: in any schema but the system's.
+const USER_FUNCTIONS_QUERY: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
+     JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 /// Schemas whose columns no mask pattern applies to. Their own relations
 /// (OIDs below `FIRST_USER_OID`) are not listed by the catalog query, which
@@ -113,18 +131,26 @@ async fn resolve_now(
     patterns: Vec<Pattern>,
 ) -> Result<MaskSet, ResolveError> {
     let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::query(CATALOG_QUERY, &mut out).map_err(WireError::Io)?;
+    // Both lookups in one round trip: their rows differ in width.
+    let queries = format!("{CATALOG_QUERY}; {USER_FUNCTIONS_QUERY}");
+    postgres_protocol::message::frontend::query(&queries, &mut out).map_err(WireError::Io)?;
     super::send_all(stream, &out).await.map_err(WireError::Io)?;
     let mut set = MaskSet {
         columns: HashMap::new(),
         patterns,
         known_relations: std::collections::HashSet::new(),
+        user_functions: std::collections::HashSet::new(),
     };
     loop {
         let frame = wire::read_frame(stream, buf).await?;
         match frame.tag {
             b'D' => {
                 let values = data_row_values(&frame)?;
+                if let [Some(function)] = values.as_slice() {
+                    set.user_functions
+                        .insert(String::from_utf8_lossy(function).into_owned());
+                    continue;
+                }
                 let [Some(oid), Some(attnum), Some(name)] = values.as_slice() else {
                     continue;
                 };
@@ -367,6 +393,7 @@ pub(crate) mod tests {
             ]),
             patterns: vec![Pattern::from("public.customers.email".to_owned())],
             known_relations: [16384, 16390].into(),
+            user_functions: Default::default(),
         }
     }
 

@@ -192,8 +192,22 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         target: &session.connection.target.name,
         operations,
     };
+    let mut decision = session.shared.policy.decide(&session.principal, &request);
+    // The policy judges COPY by the text; the functions a text may run
+    // unseen are the session's to know (see `may_call_user_function`).
+    if let (Decision::Allow { .. }, Ok(ops)) = (&decision, operations) {
+        if ops
+            .iter()
+            .any(|op| op.streams_raw && may_call_user_function(&session.masks, op))
+        {
+            decision = Decision::Deny {
+                rule: "mask:raw_stream".into(),
+                reason: "COPY of a query that may call a function of the database's own could send masked columns unmasked".into(),
+            };
+        }
+    }
     Judged {
-        decision: session.shared.policy.decide(&session.principal, &request),
+        decision,
         reads_masked: reads_masked(&session.masks, operations),
         read_only: provably_read_only(operations),
         may_change_transaction: may_change_transaction(operations),
@@ -336,6 +350,14 @@ pub(super) const SQLSTATE_TOO_LARGE: &str = "54000";
 /// of the config.
 pub(super) const RULE_STATEMENT_TOO_LARGE: &str = "tollgate:statement_too_large";
 
+/// Whether `op` names a function of the database's own in a way its text
+/// does not show as a call of one (see `Operation::may_call_by_name`).
+fn may_call_user_function(masks: &MaskSet, op: &Operation) -> bool {
+    op.may_call_by_name
+        .iter()
+        .any(|name| masks.is_user_function(name))
+}
+
 pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, String>) -> bool {
     if masks.is_empty() {
         return false;
@@ -347,13 +369,15 @@ pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, 
         // computed columns included. So does a call of a function tollgate
         // cannot look into: `customer_by_id(1)` may return a masked
         // table's rows as columns of no table.
+        // So does a name under which a function of the database's own may
+        // run unseen (`o.customer_email`, `lower(o)` with `public.lower`).
         Ok(ops) => {
-            ops.iter()
-                .any(|op| op.opaque_result || op.calls_unknown_functions)
-                || ops
-                    .iter()
-                    .flat_map(|op| op.reads.iter().chain(&op.writes))
-                    .any(|t| masks.covers_table(t))
+            ops.iter().any(|op| {
+                op.opaque_result || op.calls_unknown_functions || may_call_user_function(masks, op)
+            }) || ops
+                .iter()
+                .flat_map(|op| op.reads.iter().chain(&op.writes))
+                .any(|t| masks.covers_table(t))
         }
         // Not understood: assume the worst.
         Err(_) => true,
