@@ -211,12 +211,23 @@ fn a_statement_too_long_to_audit_is_refused_with_54000_and_its_refusal_recorded(
     // client message may have.
     let dir = tempfile::tempdir().expect("tempdir");
     let script = dir.path().join("long.sql");
-    // And 6 MiB of control characters in a table name: under 8 MiB, but a
-    // record escapes each as six bytes, in the text and in the tables read.
+    // And about 6 MiB of control characters in table names: under 8 MiB,
+    // but a record escapes each as six bytes, in the text and in the
+    // tables read. 100 000 names of 63 bytes each (the most PostgreSQL
+    // keeps of a name), all different.
+    let names: Vec<String> = (0..100_000u32)
+        .map(|i| {
+            let mut name: String = (0..4)
+                .map(|digit| char::from(1 + (i / 31u32.pow(digit) % 31) as u8))
+                .collect();
+            name.push_str(&"\u{1}".repeat(63 - name.len()));
+            format!("\"{name}\"")
+        })
+        .collect();
     let long = format!(
-        "SELECT length('{}') AS too_long;\nSELECT * FROM \"{}\";\nSELECT 41 + 1;\n",
+        "SELECT length('{}') AS too_long;\nSELECT * FROM {};\nSELECT 41 + 1;\n",
         "x".repeat(9 << 20),
-        "\u{1}".repeat(6 << 20)
+        names.join(", ")
     );
     std::fs::write(&script, long).expect("write the script");
     let mut psql = agent_psql(&stack, &token);
@@ -1076,6 +1087,19 @@ fn copy_of_masked_column_after(stack: &Stack, agent: &str, scenario: &str) -> Va
     answers
 }
 
+/// `sql`, a COPY TO run by the masked `agent`, is refused as a raw stream
+/// of masked columns, and nothing of them came out.
+fn assert_copy_refused_as_raw_stream(stack: &Stack, agent: &str, sql: &str) {
+    let out = stack.agent_psql(agent, sql).output().expect("psql");
+    assert!(!out.status.success(), "{sql} ran: {}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("mask:raw_stream"),
+        "{sql}: {}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).contains("@example.com"), "{sql}");
+}
+
 /// A function of the database's own that reads a masked table, run under
 /// a name the statement's text does not show as a call of one: attribute
 /// notation (`o.customer_email` for `customer_email(o)`), or a built-in's
@@ -1125,18 +1149,10 @@ fn functions_called_under_names_the_text_hides_are_masked() {
         "{}",
         text(&out.stderr)
     );
-    let out = stack
-        .agent_psql(
-            &agent,
-            "COPY (SELECT n.customer_email FROM notes n) TO STDOUT",
-        )
-        .output()
-        .expect("psql");
-    assert!(!out.status.success(), "COPY ran: {}", text(&out.stdout));
-    assert!(
-        text(&out.stderr).contains("mask:raw_stream"),
-        "{}",
-        text(&out.stderr)
+    assert_copy_refused_as_raw_stream(
+        &stack,
+        &agent,
+        "COPY (SELECT n.customer_email FROM notes n) TO STDOUT",
     );
 }
 
@@ -1163,21 +1179,7 @@ fn a_mask_pattern_with_a_star_across_the_table_name_masks_computed_columns_and_c
         text(&out.stderr),
         stack.gateway.log()
     );
-    let out = stack
-        .agent_psql(&agent, "COPY customers TO STDOUT")
-        .output()
-        .expect("psql");
-    assert!(!out.status.success(), "COPY ran: {}", text(&out.stdout));
-    assert!(
-        !text(&out.stdout).contains("@example.com"),
-        "{}",
-        text(&out.stdout)
-    );
-    assert!(
-        text(&out.stderr).contains("mask:raw_stream"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_copy_refused_as_raw_stream(&stack, &agent, "COPY customers TO STDOUT");
 }
 
 /// Masks are resolved against the catalog before any of the agent's
@@ -1431,13 +1433,7 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         "COPY customers TO STDOUT",
         "COPY (SELECT email_of(1)) TO STDOUT",
     ] {
-        let out = stack.agent_psql(&agent, sql).output().expect("psql");
-        assert!(
-            text(&out.stderr).contains("mask:raw_stream"),
-            "{sql}: {}",
-            text(&out.stderr)
-        );
-        assert!(!text(&out.stdout).contains("@example.com"), "{sql}");
+        assert_copy_refused_as_raw_stream(&stack, &agent, sql);
     }
 
     // An error from a Bind (to a statement that does not exist) makes the
