@@ -1102,9 +1102,9 @@ fn assert_copy_refused_as_raw_stream(stack: &Stack, agent: &str, sql: &str) {
 
 /// A function of the database's own that reads a masked table, run under
 /// a name the statement's text does not show as a call of one: attribute
-/// notation (`o.customer_email` for `customer_email(o)`), or a built-in's
+/// notation (`o.customer_email` for `customer_email(o)`), a built-in's
 /// name it shares (`lower(o)`, `public.lower(notes)` fitting better than
-/// `lower(text)`). Its result is masked like any computed column of a
+/// `lower(text)`), or an operator of its own (`n || ''`). Its result is masked like any computed column of a
 /// masked table, its errors' messages withheld, and COPY of it refused.
 #[test]
 fn functions_called_under_names_the_text_hides_are_masked() {
@@ -1120,7 +1120,10 @@ fn functions_called_under_names_the_text_hides_are_masked() {
              CREATE FUNCTION customer_email(n notes) RETURNS text LANGUAGE sql
                RETURN (SELECT email FROM customers WHERE id = n.customer);
              CREATE FUNCTION public.lower(n notes) RETURNS text LANGUAGE sql
-               RETURN (SELECT email FROM customers WHERE id = n.customer);",
+               RETURN (SELECT email FROM customers WHERE id = n.customer);
+             CREATE FUNCTION notes_concat(n notes, t text) RETURNS text LANGUAGE sql
+               RETURN (SELECT email FROM customers WHERE id = n.customer) || t;
+             CREATE OPERATOR || (leftarg = notes, rightarg = text, function = notes_concat);",
         )
         .expect("the functions");
     let agent = stack.idp.token(AGENT_OID, &[]).expect("token");
@@ -1128,6 +1131,7 @@ fn functions_called_under_names_the_text_hides_are_masked() {
         "SELECT n.customer_email AS e FROM notes n",
         "SELECT (n).customer_email AS e FROM notes n",
         "SELECT lower(n) AS e FROM notes n",
+        "SELECT n || '' AS e FROM notes n",
     ] {
         let out = stack.agent_psql(&agent, sql).output().expect("psql");
         assert_eq!(

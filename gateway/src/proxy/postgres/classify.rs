@@ -1304,6 +1304,25 @@ impl Visitor for Walker {
                         .insert(fold(&last.value, last.quote_style.is_some()));
                 }
             }
+            // An operator or a cast runs a function, which the database
+            // may have overloaded with one of its own (see
+            // `OPERATOR_NAME`, `CAST_NAME`).
+            Expr::BinaryOp { .. }
+            | Expr::UnaryOp { .. }
+            | Expr::Like { .. }
+            | Expr::ILike { .. }
+            | Expr::SimilarTo { .. }
+            | Expr::In { .. }
+            | Expr::Between { .. }
+            | Expr::IsDistinctFrom(..)
+            | Expr::IsNotDistinctFrom(..)
+            | Expr::AnyOp { .. }
+            | Expr::AllOp { .. } => {
+                self.may_call_by_name.insert(OPERATOR_NAME.to_owned());
+            }
+            Expr::Cast { .. } => {
+                self.may_call_by_name.insert(CAST_NAME.to_owned());
+            }
             // `(o).customer_email`, `(o).a.b`: each field name may be a
             // function of the value before it.
             Expr::CompoundFieldAccess { access_chain, .. } => {
@@ -1562,6 +1581,14 @@ fn fold(ident: &str, quoted: bool) -> String {
     }
     folded
 }
+
+/// Stands, among [`Operation::may_call_by_name`], for any operator (the
+/// database may define its own for its own types: `n || ''` with
+/// `||(notes, text)`), and for any cast (`n::text` with a cast of its
+/// own). No function is named so; the session's list of the database's
+/// own names holds them when it has operators, or casts, of its own.
+pub const OPERATOR_NAME: &str = "(operator)";
+pub const CAST_NAME: &str = "(cast)";
 
 /// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -2329,6 +2356,10 @@ mod tests {
             one("SELECT pg_catalog.lower(name), id FROM orders").may_call_by_name,
             set(&[])
         );
+        // Any operator and any cast stand for one name each.
+        let op = one("SELECT n || '', n::text, a LIKE b, c IN (1) FROM notes n");
+        assert!(op.may_call_by_name.contains(OPERATOR_NAME), "{op:?}");
+        assert!(op.may_call_by_name.contains(CAST_NAME), "{op:?}");
         assert!(one("CREATE FUNCTION f() RETURNS int LANGUAGE sql RETURN 1").defines_routine);
         assert!(!one("SELECT 1").defines_routine);
     }

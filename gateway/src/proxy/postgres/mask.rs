@@ -84,8 +84,17 @@ const CATALOG_QUERY: &str =
      AND (n.nspname NOT IN ('pg_catalog', 'information_schema') OR c.oid >= 16384)";
 
 /// The names of the functions (and procedures, aggregates) of the
-/// database's own: in any schema but the system's.
+/// database's own: in any schema but the system's; and the names standing
+/// for any operator and any cast when it has operators, or casts run by
+/// functions, of its own (see `classify::OPERATOR_NAME`).
 const USER_FUNCTIONS_QUERY: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
+     JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+     UNION SELECT '(operator)' FROM pg_catalog.pg_operator o \
+     JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+     UNION SELECT '(cast)' FROM pg_catalog.pg_cast c \
+     JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc \
      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
