@@ -195,6 +195,25 @@ pub fn take_cstr(buf: &mut &[u8]) -> Result<String, WireError> {
     Ok(text)
 }
 
+/// The longest name PostgreSQL keeps of a prepared statement or portal
+/// (NAMEDATALEN - 1): it compares names only that far.
+pub const MAX_OBJECT_NAME: usize = 63;
+
+/// A statement or portal name from the front of `buf`. A longer one than
+/// the server keeps is refused: two names that differ past byte 63 are one
+/// to the server and two to tollgate, which would then judge one
+/// statement and let the server run another.
+fn take_object_name(buf: &mut &[u8]) -> Result<String, WireError> {
+    let name = take_cstr(buf)?;
+    if name.len() > MAX_OBJECT_NAME {
+        return Err(WireError::Malformed(format!(
+            "a statement or portal name of {} bytes (the server keeps {MAX_OBJECT_NAME})",
+            name.len()
+        )));
+    }
+    Ok(name)
+}
+
 /// Query ('Q'): the statement text.
 pub fn query_text(frame: &Frame) -> Result<String, WireError> {
     take_cstr(&mut frame.body())
@@ -204,7 +223,7 @@ pub fn query_text(frame: &Frame) -> Result<String, WireError> {
 /// client declared (0 or missing: the server infers the type).
 pub fn parse_message(frame: &Frame) -> Result<(String, String, Vec<u32>), WireError> {
     let mut body = frame.body();
-    let name = take_cstr(&mut body)?;
+    let name = take_object_name(&mut body)?;
     let query = take_cstr(&mut body)?;
     let mut types = Vec::new();
     if body.len() >= 2 {
@@ -260,8 +279,8 @@ fn render_binary(type_oid: u32, bytes: &[u8]) -> Option<String> {
 /// Bind ('B'): portal name and statement name.
 pub fn bind_message(frame: &Frame) -> Result<(String, String), WireError> {
     let mut body = frame.body();
-    let portal = take_cstr(&mut body)?;
-    let statement = take_cstr(&mut body)?;
+    let portal = take_object_name(&mut body)?;
+    let statement = take_object_name(&mut body)?;
     Ok((portal, statement))
 }
 
@@ -354,7 +373,7 @@ pub fn bind_parameters_rendered(
 
 /// Execute ('E'): portal name.
 pub fn execute_portal(frame: &Frame) -> Result<String, WireError> {
-    take_cstr(&mut frame.body())
+    take_object_name(&mut frame.body())
 }
 
 /// Close ('C' from the client): kind ('S' statement, 'P' portal) and name.
@@ -365,7 +384,7 @@ pub fn close_message(frame: &Frame) -> Result<(u8, String), WireError> {
     }
     let kind = body[0];
     body = &body[1..];
-    Ok((kind, take_cstr(&mut body)?))
+    Ok((kind, take_object_name(&mut body)?))
 }
 
 /// ParameterStatus ('S' from the server): the value, if it reports `name`.
@@ -573,6 +592,33 @@ async fn read_exact_or_closed<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A statement or portal name longer than the server keeps is refused
+    /// in every message that names one; 63 bytes pass.
+    #[test]
+    fn object_names_longer_than_the_server_keeps_are_refused() {
+        let message = |tag: u8, body: Vec<u8>| {
+            let mut buf = BytesMut::new();
+            buf.put_u8(tag);
+            buf.put_i32(4 + body.len() as i32);
+            buf.put_slice(&body);
+            split_frame(&mut buf).unwrap().unwrap()
+        };
+        let cstr = |s: &str| [s.as_bytes(), b"\0"].concat();
+        for (len, ok) in [(63, true), (64, false)] {
+            let name = "n".repeat(len);
+            let parse = message(b'P', [cstr(&name), cstr("SELECT 1"), vec![0, 0]].concat());
+            assert_eq!(parse_message(&parse).is_ok(), ok, "Parse {len}");
+            let bind = message(b'B', [cstr(""), cstr(&name), vec![0; 6]].concat());
+            assert_eq!(bind_message(&bind).is_ok(), ok, "Bind statement {len}");
+            let bind = message(b'B', [cstr(&name), cstr(""), vec![0; 6]].concat());
+            assert_eq!(bind_message(&bind).is_ok(), ok, "Bind portal {len}");
+            let execute = message(b'E', [cstr(&name), vec![0; 4]].concat());
+            assert_eq!(execute_portal(&execute).is_ok(), ok, "Execute {len}");
+            let close = message(b'C', [vec![b'S'], cstr(&name)].concat());
+            assert_eq!(close_message(&close).is_ok(), ok, "Close {len}");
+        }
+    }
 
     #[test]
     fn frames_are_cut_only_when_complete() {
