@@ -698,12 +698,16 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
     let depth = walker.deepest;
     let mut out = Operation {
         kind: top_kind(statement),
+        // ALTER FUNCTION too: renamed, an existing function takes a name
+        // the session did not know it by.
         defines_routine: matches!(
             statement,
             Statement::CreateFunction(_)
                 | Statement::CreateProcedure { .. }
                 | Statement::CreateOperator(_)
                 | Statement::CreateAggregate(_)
+                | Statement::AlterFunction(_)
+                | Statement::AlterOperator(_)
         ),
         may_call_by_name: std::mem::take(&mut walker.may_call_by_name),
         dangers: walker.dangers,
@@ -1304,24 +1308,32 @@ impl Visitor for Walker {
                         .insert(fold(&last.value, last.quote_style.is_some()));
                 }
             }
-            // An operator or a cast runs a function, which the database
-            // may have overloaded with one of its own (see
-            // `OPERATOR_NAME`, `CAST_NAME`).
-            Expr::BinaryOp { .. }
-            | Expr::UnaryOp { .. }
-            | Expr::Like { .. }
-            | Expr::ILike { .. }
-            | Expr::SimilarTo { .. }
-            | Expr::In { .. }
-            | Expr::Between { .. }
-            | Expr::IsDistinctFrom(..)
-            | Expr::IsNotDistinctFrom(..)
-            | Expr::AnyOp { .. }
-            | Expr::AllOp { .. } => {
-                self.may_call_by_name.insert(OPERATOR_NAME.to_owned());
+            // Calls of functions by name that the parser reads as syntax
+            // of their own: PostgreSQL looks each up like any call.
+            Expr::Ceil { .. } => {
+                self.may_call_by_name.insert("ceil".to_owned());
             }
-            Expr::Cast { .. } => {
-                self.may_call_by_name.insert(CAST_NAME.to_owned());
+            Expr::Floor { .. } => {
+                self.may_call_by_name.insert("floor".to_owned());
+            }
+            Expr::Substring { .. } => {
+                self.may_call_by_name
+                    .extend(["substring".to_owned(), "substr".to_owned()]);
+            }
+            Expr::Trim { .. } => {
+                self.may_call_by_name
+                    .extend(["btrim", "ltrim", "rtrim"].map(str::to_owned));
+            }
+            Expr::Position { .. } => {
+                self.may_call_by_name
+                    .extend(["position".to_owned(), "strpos".to_owned()]);
+            }
+            Expr::Overlay { .. } => {
+                self.may_call_by_name.insert("overlay".to_owned());
+            }
+            Expr::Extract { .. } => {
+                self.may_call_by_name
+                    .extend(["extract".to_owned(), "date_part".to_owned()]);
             }
             // `(o).customer_email`, `(o).a.b`: each field name may be a
             // function of the value before it.
@@ -1581,14 +1593,6 @@ fn fold(ident: &str, quoted: bool) -> String {
     }
     folded
 }
-
-/// Stands, among [`Operation::may_call_by_name`], for any operator (the
-/// database may define its own for its own types: `n || ''` with
-/// `||(notes, text)`), and for any cast (`n::text` with a cast of its
-/// own). No function is named so; the session's list of the database's
-/// own names holds them when it has operators, or casts, of its own.
-pub const OPERATOR_NAME: &str = "(operator)";
-pub const CAST_NAME: &str = "(cast)";
 
 /// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -2356,10 +2360,12 @@ mod tests {
             one("SELECT pg_catalog.lower(name), id FROM orders").may_call_by_name,
             set(&[])
         );
-        // Any operator and any cast stand for one name each.
-        let op = one("SELECT n || '', n::text, a LIKE b, c IN (1) FROM notes n");
-        assert!(op.may_call_by_name.contains(OPERATOR_NAME), "{op:?}");
-        assert!(op.may_call_by_name.contains(CAST_NAME), "{op:?}");
+        // Calls the parser reads as syntax of their own.
+        assert_eq!(
+            one("SELECT ceil(n), substring(a, 2) FROM notes n").may_call_by_name,
+            set(&["ceil", "substr", "substring"])
+        );
+        assert!(one("ALTER FUNCTION f(int) RENAME TO lower").defines_routine);
         assert!(one("CREATE FUNCTION f() RETURNS int LANGUAGE sql RETURN 1").defines_routine);
         assert!(!one("SELECT 1").defines_routine);
     }

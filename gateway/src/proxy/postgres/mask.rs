@@ -65,6 +65,14 @@ impl MaskSet {
         self.user_functions.contains(name)
     }
 
+    /// Whether the database had operators, or casts run by functions, of
+    /// its own when the session started. They run without a name in the
+    /// text (`n || ''`, an implicit cast, the `=` of a `CASE`, a `USING`
+    /// join, an `ORDER BY`): every statement may run one.
+    pub fn has_own_operators_or_casts(&self) -> bool {
+        self.user_functions.contains(OWN_OPERATORS_OR_CASTS)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()
     }
@@ -84,19 +92,30 @@ const CATALOG_QUERY: &str =
      AND (n.nspname NOT IN ('pg_catalog', 'information_schema') OR c.oid >= 16384)";
 
 /// The names of the functions (and procedures, aggregates) of the
-/// database's own: in any schema but the system's; and the names standing
-/// for any operator and any cast when it has operators, or casts run by
-/// functions, of its own (see `classify::OPERATOR_NAME`).
+/// database's own: in any schema but the system's, and not an extension's
+/// (installed by its administrators, as trusted as the built-ins); and
+/// [`OWN_OPERATORS_OR_CASTS`] when it has operators, or casts run by
+/// functions, of its own, also not an extension's.
 const USER_FUNCTIONS_QUERY: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
-     UNION SELECT '(operator)' FROM pg_catalog.pg_operator o \
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::regclass \
+       AND d.objid = p.oid AND d.deptype = 'e') \
+     UNION SELECT '(operators or casts)' FROM pg_catalog.pg_operator o \
      JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
-     UNION SELECT '(cast)' FROM pg_catalog.pg_cast c \
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_operator'::regclass \
+       AND d.objid = o.oid AND d.deptype = 'e') \
+     UNION SELECT '(operators or casts)' FROM pg_catalog.pg_cast c \
      JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc \
      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_cast'::regclass \
+       AND d.objid = c.oid AND d.deptype = 'e')";
+
+/// What [`USER_FUNCTIONS_QUERY`] answers when the database has operators
+/// or function-run casts of its own: no function is named so.
+const OWN_OPERATORS_OR_CASTS: &str = "(operators or casts)";
 
 /// Schemas whose columns no mask pattern applies to. Their own relations
 /// (OIDs below `FIRST_USER_OID`) are not listed by the catalog query, which

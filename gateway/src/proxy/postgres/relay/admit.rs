@@ -353,9 +353,11 @@ pub(super) const RULE_STATEMENT_TOO_LARGE: &str = "tollgate:statement_too_large"
 /// Whether `op` names a function of the database's own in a way its text
 /// does not show as a call of one (see `Operation::may_call_by_name`).
 fn may_call_user_function(masks: &MaskSet, op: &Operation) -> bool {
-    op.may_call_by_name
-        .iter()
-        .any(|name| masks.is_user_function(name))
+    masks.has_own_operators_or_casts()
+        || op
+            .may_call_by_name
+            .iter()
+            .any(|name| masks.is_user_function(name))
 }
 
 pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, String>) -> bool {
