@@ -1331,6 +1331,11 @@ impl Visitor for Walker {
             Expr::Overlay { .. } => {
                 self.may_call_by_name.insert("overlay".to_owned());
             }
+            // PostgreSQL has no CONVERT syntax: an ordinary call.
+            Expr::Convert { .. } => {
+                self.calls_functions = true;
+                self.may_call_by_name.insert("convert".to_owned());
+            }
             Expr::Extract { .. } => {
                 self.may_call_by_name
                     .extend(["extract".to_owned(), "date_part".to_owned()]);

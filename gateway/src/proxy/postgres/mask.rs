@@ -83,35 +83,44 @@ impl MaskSet {
     }
 }
 
-const CATALOG_QUERY: &str =
-    "SELECT c.oid, a.attnum, n.nspname || '.' || c.relname || '.' || a.attname \
+// Operators named with their schema, and constants typed, where a
+// better-fitting operator of the database's own (in `public`, searched
+// after pg_catalog) would otherwise be chosen: the names the patterns
+// are matched against must be the catalog's.
+const CATALOG_QUERY: &str = "SELECT c.oid, a.attnum, \
+     n.nspname::text OPERATOR(pg_catalog.||) '.'::text OPERATOR(pg_catalog.||) c.relname::text \
+     OPERATOR(pg_catalog.||) '.'::text OPERATOR(pg_catalog.||) a.attname::text \
      FROM pg_catalog.pg_attribute a \
      JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
      WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S') \
-     AND (n.nspname NOT IN ('pg_catalog', 'information_schema') OR c.oid >= 16384)";
+     AND (n.nspname NOT IN ('pg_catalog', 'information_schema') OR c.oid >= 16384::oid)";
 
 /// The names of the functions (and procedures, aggregates) of the
 /// database's own: in any schema but the system's, and not an extension's
-/// (installed by its administrators, as trusted as the built-ins); and
+/// owned by a superuser (as trusted as the built-ins; a trusted extension
+/// a user installed is that user's, who could add functions to it); and
 /// [`OWN_OPERATORS_OR_CASTS`] when it has operators, or casts run by
 /// functions, of its own, also not an extension's.
 const USER_FUNCTIONS_QUERY: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
-     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::regclass \
+     AND NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_proc'::regclass::oid \
        AND d.objid = p.oid AND d.deptype = 'e') \
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = p.proowner AND r.rolsuper)) \
      UNION SELECT '(operators or casts)' FROM pg_catalog.pg_operator o \
      JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
-     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_operator'::regclass \
+     AND NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_operator'::regclass::oid \
        AND d.objid = o.oid AND d.deptype = 'e') \
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = o.oprowner AND r.rolsuper)) \
      UNION SELECT '(operators or casts)' FROM pg_catalog.pg_cast c \
      JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc \
      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
-     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_cast'::regclass \
-       AND d.objid = c.oid AND d.deptype = 'e')";
+     AND NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_cast'::regclass::oid \
+       AND d.objid = c.oid AND d.deptype = 'e') \
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = p.proowner AND r.rolsuper))";
 
 /// What [`USER_FUNCTIONS_QUERY`] answers when the database has operators
 /// or function-run casts of its own: no function is named so.
