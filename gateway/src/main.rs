@@ -184,17 +184,24 @@ fn check_config(path: &Path) -> Result<()> {
 /// without the network or the audit directory: the identity settings (and
 /// a `jwks_file`'s keys), the audit signing key and auditor group, each
 /// target's TLS files. `run` checks this before it changes anything on
-/// the host (the pins), `check-config` checks nothing else.
-fn load_checked(path: &Path) -> Result<Config> {
+/// the host (the pins), `check-config` checks nothing else. Returns the
+/// targets too, their TLS material loaded, for `run` to serve.
+fn load_checked(path: &Path) -> Result<(Config, Vec<Arc<proxy::Target>>)> {
     let config = Config::load(path)?;
     Verifier::check(&config.identity)
         .with_context(|| format!("{}: identity provider", path.display()))?;
     tollgate::audit::check_config(&config.audit)
         .with_context(|| format!("{}: audit", path.display()))?;
-    for target in &config.targets {
-        proxy::Target::new(target.clone()).with_context(|| path.display().to_string())?;
-    }
-    Ok(config)
+    let targets = config
+        .targets
+        .iter()
+        .map(|target| {
+            proxy::Target::new(target.clone())
+                .map(Arc::new)
+                .with_context(|| path.display().to_string())
+        })
+        .collect::<Result<_>>()?;
+    Ok((config, targets))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -212,7 +219,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     // A configuration that cannot work stops the start before anything is
     // pinned: `run` refuses exactly what `check-config` does.
-    let config = load_checked(&config_path)?;
+    let (config, targets) = load_checked(&config_path)?;
     let protected = config.protected();
     let egress = pin::EgressPolicy {
         default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
@@ -230,11 +237,12 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     // stops a process from binding the port before tollgate starts). On a
     // restart the pinned bind programs have kept agents off the ports.
     let mut listeners = Vec::new();
-    for target in &config.targets {
-        let listener = TcpListener::bind(target.listen)
+    for target in targets {
+        let listen = target.config.listen;
+        let listener = TcpListener::bind(listen)
             .await
-            .with_context(|| format!("target {}: listen on {}", target.name, target.listen))?;
-        listeners.push((Arc::new(proxy::Target::new(target.clone())?), listener));
+            .with_context(|| format!("target {}: listen on {listen}", target.config.name))?;
+        listeners.push((target, listener));
     }
 
     // The redirect next, before anything that waits on the network or the
