@@ -185,16 +185,16 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         // the entries appended from now on.
         file.sync_all()?;
     }
-    let signed = signed_lines(&dir, &manifest, &signer)?;
-
-    // The WAL past the signed manifest: records acknowledged whose segment
-    // was never closed, or whose segment's entry no checkpoint signs yet.
-    let wal_dir = dir.join("wal");
-    let wal::Merged {
-        records,
-        seals,
+    let (
+        signed,
         reports,
-    } = wal::read_all(&wal_dir)?;
+        Replay {
+            records: pending,
+            unsealed_from,
+            broken: replay_broken,
+            next: (next_seq, prev_hash),
+        },
+    ) = replay_past_signed(&dir, &manifest, &signer)?;
     for r in &reports {
         match &r.tail {
             wal::Tail::Clean => {}
@@ -211,16 +211,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         }
     }
     let seal_key = signer.wal_seal_key();
-    let Replay {
-        records: pending,
-        unsealed_from,
-        broken: replay_broken,
-        next: (next_seq, prev_hash),
-    } = Replay::of(records, &seals, &seal_key, chain_end(&manifest, signed));
-    // Before anything is set aside: a segment entry no checkpoint signs
-    // whose records the WAL no longer holds would take them out of the
-    // chain for good, and the next records would take their numbers.
-    unsigned_segments_are_in_the_wal(&dir, &manifest, signed, &pending, next_seq)?;
+    let wal_dir = dir.join("wal");
     let manifest = set_aside_unsigned_tail(&dir, manifest, signed, &perms)?;
     remove_unlisted_segments(&dir, &manifest)?;
 
@@ -669,6 +660,35 @@ impl Replay {
             next,
         }
     }
+}
+
+/// What a start finds past the signed manifest, before it changes
+/// anything: how many manifest lines are signed, the WAL files read, and
+/// the records that replay would write again (from the WAL past the
+/// signed lines: acknowledged records whose segment was never closed, or
+/// whose segment's entry no checkpoint signs yet). Fails when a segment
+/// entry no checkpoint signs has records the WAL no longer holds: setting
+/// it aside would take them out of the chain for good, and the next
+/// records would take their numbers.
+fn replay_past_signed(
+    dir: &Path,
+    manifest: &Manifest,
+    signer: &Signer,
+) -> anyhow::Result<(usize, Vec<wal::WalFileReport>, Replay)> {
+    let signed = signed_lines(dir, manifest, signer)?;
+    let wal::Merged {
+        records,
+        seals,
+        reports,
+    } = wal::read_all(&dir.join("wal"))?;
+    let replay = Replay::of(
+        records,
+        &seals,
+        &signer.wal_seal_key(),
+        chain_end(manifest, signed),
+    );
+    unsigned_segments_are_in_the_wal(dir, manifest, signed, &replay.records, replay.next.0)?;
+    Ok((signed, reports, replay))
 }
 
 /// The next sequence and the previous record's hash after the first
@@ -1834,11 +1854,7 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
     let lock = lock_dir(&cfg.dir, &perms)?;
-    let signed = signed_lines(&cfg.dir, &manifest, &signer)?;
-    let wal = wal::read_all(&cfg.dir.join("wal"))?;
-    let start = chain_end(&manifest, signed);
-    let replay = Replay::of(wal.records, &wal.seals, &signer.wal_seal_key(), start);
-    unsigned_segments_are_in_the_wal(&cfg.dir, &manifest, signed, &replay.records, replay.next.0)?;
+    let (signed, _, _) = replay_past_signed(&cfg.dir, &manifest, &signer)?;
     let manifest = set_aside_unsigned_tail(&cfg.dir, manifest, signed, &perms)?;
     let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
     seg.retention_days = Some(days);
