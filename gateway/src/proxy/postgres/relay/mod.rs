@@ -1070,16 +1070,37 @@ async fn end_expired_session(
         "tollgate: the session's token expired at {}; reconnect with a fresh token",
         session.principal.expires_at
     );
-    let detail = format!("token_expired: {message}");
-    let fatal = Some(message.as_str());
+    end_session_because(
+        session,
+        client_wr,
+        in_flight,
+        "token_expired",
+        &message,
+        SQLSTATE_IDENTITY,
+    )
+    .await;
+}
+
+/// [`end_session`] of a session tollgate ends on its own between two of
+/// the agent's messages (nothing of an answer handed over): the row's
+/// `status_detail` is `reason: message`, and the agent gets `message`.
+async fn end_session_because(
+    session: &Session,
+    client_wr: &ClientWriter,
+    in_flight: &Mutex<InFlight>,
+    reason: &str,
+    message: &str,
+    code: &str,
+) {
+    let detail = format!("{reason}: {message}");
     end_session(
         session,
         &mut 0,
         client_wr,
         in_flight,
         detail,
-        SQLSTATE_IDENTITY,
-        fatal,
+        code,
+        Some(message),
     )
     .await;
 }
@@ -1129,16 +1150,13 @@ async fn end_session_for_stop(
 ) {
     let message =
         "tollgate is stopping (administrator command): the session is closed; reconnect once it is back";
-    let detail = format!("daemon_stopping: {message}");
-    let code = SQLSTATE_ADMIN_SHUTDOWN;
-    end_session(
+    end_session_because(
         session,
-        &mut 0,
         client_wr,
         in_flight,
-        detail,
-        code,
-        Some(message),
+        "daemon_stopping",
+        message,
+        SQLSTATE_ADMIN_SHUTDOWN,
     )
     .await;
 }
