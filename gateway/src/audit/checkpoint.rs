@@ -392,7 +392,7 @@ pub fn last_counter_and_time(dir: &Path, key: &Verifier) -> io::Result<(u64, Opt
 /// A checkpoint file's text. A note is a few hundred bytes; a file much
 /// larger is none of the daemon's, and is not read into memory.
 pub fn read_note(path: &Path) -> io::Result<String> {
-    super::fsutil::read_regular_text(path, 64 << 10)
+    super::fsutil::read_regular_text_within(path, 64 << 10)
 }
 
 /// The newest checkpoint in `dir` whose signature verifies with `key`,

@@ -175,10 +175,22 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// The whole of a regular file (see [`open_regular`]) of at most `max`
-/// bytes: a larger one is no file the store writes, and is refused
+/// The whole of a regular file (see [`open_regular`]), whatever its size:
+/// the manifest and WAL files have no bound a store's whole life keeps
+/// to (the manifest only grows; a WAL file ends after a whole batch).
+pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    read_regular_within(path, u64::MAX)
+}
+
+/// The whole of a regular file of at most `max` bytes, as UTF-8 text: a
+/// larger one is no file the store writes (a checkpoint), and is refused
 /// rather than read into memory.
-pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+pub fn read_regular_text_within(path: &Path, max: u64) -> io::Result<String> {
+    String::from_utf8(read_regular_within(path, max)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
+fn read_regular_within(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let file = open_regular(path)?;
     let len = file.metadata()?.len();
@@ -192,10 +204,4 @@ pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     // Bounded even if the file grows while it is read.
     file.take(max).read_to_end(&mut bytes)?;
     Ok(bytes)
-}
-
-/// [`read_regular`], as UTF-8 text.
-pub fn read_regular_text(path: &Path, max: u64) -> io::Result<String> {
-    String::from_utf8(read_regular(path, max)?)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
 }

@@ -14,11 +14,6 @@ use super::{fsutil::Perms, merkle};
 
 pub const FILE: &str = "manifest.jsonl";
 
-/// The manifest is read whatever its size: it only grows (a line a
-/// segment, retention adds lines), so no bound would hold for a store's
-/// whole life. Only a file that is not a regular one is refused.
-pub const MAX_FILE_BYTES: u64 = u64::MAX;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Entry {
@@ -98,7 +93,7 @@ impl Manifest {
     /// Reads the manifest. Returns the good prefix and, if a line does not
     /// decode, where. An unterminated last line is a torn append.
     pub fn read(dir: &Path) -> io::Result<(Manifest, Option<BadLine>)> {
-        let bytes = match super::fsutil::read_regular(&dir.join(FILE), MAX_FILE_BYTES) {
+        let bytes = match super::fsutil::read_regular(&dir.join(FILE)) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),

@@ -256,10 +256,9 @@ fn note_set_aside(dir: &Path, records_files: &[String], cx: &mut Ctx) {
         .collect();
     files.sort();
     for name in files {
-        let lines =
-            super::fsutil::read_regular_text(&dir.join(&name), super::manifest::MAX_FILE_BYTES)
-                .map(|t| t.lines().count())
-                .unwrap_or(0);
+        let lines = super::fsutil::read_regular(&dir.join(&name))
+            .map(|bytes| bytes.iter().filter(|&&b| b == b'\n').count())
+            .unwrap_or(0);
         cx.report.notes.push(format!(
             "{name}: {lines} manifest line(s) no checkpoint signed were set aside at a start \
              (a crash between an entry and its checkpoint, whose records were written again \

@@ -525,15 +525,9 @@ fn format_of(path: &Path) -> Format {
 /// own checksum, which is why a damaged length cannot pass for a frame
 /// that runs into the unwritten part.
 pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
-    let bytes = super::fsutil::read_regular(path, MAX_FILE_BYTES)?;
+    let bytes = super::fsutil::read_regular(path)?;
     Ok(read_frames(&bytes, format_of(path)))
 }
-
-/// A WAL file is read whatever its size: the writer starts a new file once
-/// one passes [`PREALLOC_BYTES`], but after a whole batch, which may hold
-/// thousands of records of up to [`MAX_FRAME`] each. Only a file that is
-/// not a regular one is refused.
-pub const MAX_FILE_BYTES: u64 = u64::MAX;
 
 fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
     let header = format.header();
