@@ -201,13 +201,15 @@ pub fn status(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<Vec<PinnedPro
             id,
         });
     }
-    let programs = list(pin_dir, &configured)?;
+    // The root of the hierarchy, where the packet evidence sits.
+    let root = super::cgroup2_root()
+        .and_then(|root| Ok((fs::metadata(&root)?.ino().to_string(), root)))
+        .ok();
+    let programs = list(pin_dir, &configured, root.as_ref())?;
     let mut incomplete = incomplete_cgroups(&programs, &configured);
     if !programs.is_empty() || !configured.is_empty() {
-        let root_id = super::cgroup2_root()
-            .and_then(|root| Ok(fs::metadata(root)?.ino().to_string()))
-            .ok();
-        let missing = missing_host_programs(&programs, root_id.as_deref());
+        let root_id = root.as_ref().map(|(id, _)| id.as_str());
+        let missing = missing_host_programs(&programs, root_id);
         if !missing.is_empty() {
             incomplete.push(IncompleteCgroup {
                 cgroup: HOST_EVIDENCE.to_owned(),
@@ -227,8 +229,13 @@ pub fn status(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<Vec<PinnedPro
 }
 
 /// Every pinned link under `{pin_dir}/links`, cgroups named by
-/// `configured` where they are among them.
-fn list(pin_dir: &Path, configured: &[ConfiguredCgroup]) -> Result<Vec<PinnedProgram>> {
+/// `configured` where they are among them, and the hierarchy's `root`
+/// (its id and path).
+fn list(
+    pin_dir: &Path,
+    configured: &[ConfiguredCgroup],
+    root: Option<&(String, PathBuf)>,
+) -> Result<Vec<PinnedProgram>> {
     let links_dir = pin_dir.join("links");
     let mut cgroup_paths = std::collections::HashMap::new();
     for cgroup in configured {
@@ -236,13 +243,10 @@ fn list(pin_dir: &Path, configured: &[ConfiguredCgroup]) -> Result<Vec<PinnedPro
             cgroup_paths.insert(id.clone(), cgroup.path.clone());
         }
     }
-    // The packet evidence sits at the root of the hierarchy: name it too.
-    if let Ok(root) = super::cgroup2_root() {
-        if let Ok(meta) = fs::metadata(&root) {
-            cgroup_paths
-                .entry(meta.ino().to_string())
-                .or_insert_with(|| format!("{} (root, host-wide)", root.display()));
-        }
+    if let Some((id, path)) = root {
+        cgroup_paths
+            .entry(id.clone())
+            .or_insert_with(|| format!("{} (root, host-wide)", path.display()));
     }
     let mut out = Vec::new();
     let entries = match fs::read_dir(&links_dir) {
