@@ -188,26 +188,36 @@ pub(super) struct Judged {
 }
 
 pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, String>) -> Judged {
+    // The text alone does not show every call of a function of the
+    // database's own; the session knows their names (see
+    // `may_call_user_function`): where one may run, the statement calls a
+    // function tollgate cannot look into, for the policy (COPY) and for
+    // the masking alike.
+    let resolved;
+    let operations = match operations {
+        Ok(ops)
+            if ops
+                .iter()
+                .any(|op| may_call_user_function(&session.masks, op)) =>
+        {
+            resolved = Ok(ops
+                .iter()
+                .map(|op| Operation {
+                    calls_unknown_functions: op.calls_unknown_functions
+                        || may_call_user_function(&session.masks, op),
+                    ..op.clone()
+                })
+                .collect());
+            &resolved
+        }
+        _ => operations,
+    };
     let request = Request {
         target: &session.connection.target.name,
         operations,
     };
-    let mut decision = session.shared.policy.decide(&session.principal, &request);
-    // The policy judges COPY by the text; the functions a text may run
-    // unseen are the session's to know (see `may_call_user_function`).
-    if let (Decision::Allow { .. }, Ok(ops)) = (&decision, operations) {
-        if ops
-            .iter()
-            .any(|op| op.streams_raw && may_call_user_function(&session.masks, op))
-        {
-            decision = Decision::Deny {
-                rule: "mask:raw_stream".into(),
-                reason: "COPY of a query that may call a function of the database's own could send masked columns unmasked".into(),
-            };
-        }
-    }
     Judged {
-        decision,
+        decision: session.shared.policy.decide(&session.principal, &request),
         reads_masked: reads_masked(&session.masks, operations),
         read_only: provably_read_only(operations),
         may_change_transaction: may_change_transaction(operations),
@@ -371,15 +381,15 @@ pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, 
         // computed columns included. So does a call of a function tollgate
         // cannot look into: `customer_by_id(1)` may return a masked
         // table's rows as columns of no table.
-        // So does a name under which a function of the database's own may
-        // run unseen (`o.customer_email`, `lower(o)` with `public.lower`).
+        // (`judge` counts a name under which a function of the database's
+        // own may run unseen as such a call.)
         Ok(ops) => {
-            ops.iter().any(|op| {
-                op.opaque_result || op.calls_unknown_functions || may_call_user_function(masks, op)
-            }) || ops
-                .iter()
-                .flat_map(|op| op.reads.iter().chain(&op.writes))
-                .any(|t| masks.covers_table(t))
+            ops.iter()
+                .any(|op| op.opaque_result || op.calls_unknown_functions)
+                || ops
+                    .iter()
+                    .flat_map(|op| op.reads.iter().chain(&op.writes))
+                    .any(|t| masks.covers_table(t))
         }
         // Not understood: assume the worst.
         Err(_) => true,
