@@ -1431,7 +1431,12 @@ fn pin_status_fails_while_an_agent_cgroup_lacks_any_of_its_programs() {
     let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
     let config_path = stack.gateway.config_path.clone();
     let status = |json: bool| pin_status(&config_path, json);
-    assert!(status(false).status.success());
+    let first = status(false);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     stack.gateway.stop();
     let connect6 = stack
         .gateway
@@ -1474,6 +1479,67 @@ fn pin_status_fails_while_an_agent_cgroup_lacks_any_of_its_programs() {
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains("host-wide evidence: INCOMPLETE, missing tollgate_tcp_state"),
+        "{stderr}"
+    );
+}
+
+/// `pin status` judges a pinned link by what the kernel says it is, not
+/// by its file's name: a second pin of the outer agent cgroup's connect6
+/// link, named for the nested cgroup whose own connect6 was unpinned,
+/// leaves the nested cgroup without connect6, and status says so.
+#[test]
+fn a_pin_named_for_another_cgroup_does_not_count_for_it() {
+    if !privileged("a_pin_named_for_another_cgroup_does_not_count_for_it") {
+        return;
+    }
+    let mut stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.nested_agent_cgroup = Some(config.agent_cgroup.join("inner"));
+    })
+    .expect("start");
+    let config_path = stack.gateway.config_path.clone();
+    assert!(pin_status(&config_path, false).status.success());
+    stack.gateway.stop();
+    let nested = stack
+        .gateway
+        .config
+        .nested_agent_cgroup
+        .clone()
+        .expect("nested cgroup");
+    let nested_id = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&nested).expect("nested cgroup").ino()
+    };
+    let links = stack.gateway.config.bpffs_dir.join("links");
+    let nested_pin = links.join(format!("tollgate_connect6-{nested_id}"));
+    let outer_pin = links.join(format!("tollgate_connect6-{}", agent_cgroup_id(&stack)));
+    std::fs::remove_file(&nested_pin).expect("unpin the nested cgroup's connect6");
+    let pinned = Command::new("bpftool")
+        .args(["link", "pin", "pinned"])
+        .arg(&outer_pin)
+        .arg(&nested_pin)
+        .output()
+        .expect("run bpftool (`cargo xtask setup` installs it)");
+    assert!(
+        pinned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pinned.stderr)
+    );
+    let out = pin_status(&config_path, true);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: INCOMPLETE, missing tollgate_connect6",
+            nested.display()
+        )),
+        "{stderr}"
+    );
+    // The outer cgroup has its connect6: it is not named.
+    assert!(
+        !stderr.contains(&format!(
+            "{}: INCOMPLETE",
+            stack.gateway.config.agent_cgroup.display()
+        )),
         "{stderr}"
     );
 }

@@ -4,9 +4,8 @@
 //! offsets in the UAPI `struct bpf_prog_info` (fields are only ever
 //! appended to it, so the offsets are stable).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// Byte offset of `id` in `struct bpf_prog_info`.
 const ID_OFFSET: usize = 4;
 /// Byte offset of `recursion_misses` (Linux 5.12+).
@@ -18,36 +17,12 @@ pub struct ProgStats {
     pub recursion_misses: u64,
 }
 
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
 pub fn stats(fd: &OwnedFd) -> std::io::Result<ProgStats> {
     // Larger than any bpf_prog_info so far; the kernel fills what it knows
-    // and reports how much in info_len.
+    // and reports how much.
     let mut info = [0u8; 512];
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: attr points to a valid bpf_attr prefix for this command, and
-    // info is valid for info_len bytes of writes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if (attr.info_len as usize) < RECURSION_MISSES_OFFSET + 8 {
+    let filled = crate::pin::link_info::object_info(fd, &mut info)?;
+    if filled < RECURSION_MISSES_OFFSET + 8 {
         return Err(std::io::Error::other(
             "the kernel does not report recursion_misses (older than 5.12)",
         ));

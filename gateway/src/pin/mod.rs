@@ -12,6 +12,7 @@
 //! the redirect sends there.
 
 pub mod btf;
+pub mod link_info;
 mod mounts;
 pub mod ports;
 pub mod status;

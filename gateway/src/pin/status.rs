@@ -15,12 +15,20 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::programs::links::{FdLink, PinnedLink};
 use serde::Serialize;
 
 use gateway_common::program_names;
 
-use super::{AGENT_CGROUP_PROGRAMS, HOST_LINK_SUFFIX};
+use tracing::warn;
+
+use super::{link_info, AGENT_CGROUP_PROGRAMS, HOST_LINK_SUFFIX};
+
+/// `attached_to` of a cgroup link whose cgroup was removed.
+const DETACHED: &str = "detached";
+
+/// What `program` starts with for a link that runs none of tollgate's
+/// programs at a hook of tollgate's.
+const NOT_TOLLGATES: &str = "not tollgate's";
 
 /// One pinned link.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -262,23 +270,33 @@ fn list(
         if name.starts_with("staging-") {
             continue;
         }
-        let (program, attached_to) = name.rsplit_once('-').unwrap_or((name.as_str(), ""));
-        let link: FdLink = PinnedLink::from_pin(&path)
-            .with_context(|| format!("open pinned link {}", path.display()))?
-            .into();
-        let info = link
-            .info()
-            .with_context(|| format!("link info of {}", path.display()))?;
+        let facts = link_info::read(&path)
+            .with_context(|| format!("read pinned link {}", path.display()))?;
+        // What the link is comes from the kernel: a pin's name is only
+        // what it was called, and a link whose cgroup was removed, or a
+        // pin renamed, would otherwise count for a cgroup it does not
+        // guard.
+        let (program, attached_to) = match facts.tollgate_program() {
+            Some((program, at)) if at == "0" => (program.to_owned(), DETACHED.to_owned()),
+            Some((program, at)) => (program.to_owned(), at),
+            None => (
+                format!("{NOT_TOLLGATES} ({})", facts.program_name),
+                facts
+                    .cgroup_id
+                    .map_or_else(String::new, |id| id.to_string()),
+            ),
+        };
+        let named_so = name.rsplit_once('-') == Some((program.as_str(), attached_to.as_str()));
+        if !named_so {
+            warn!(pin = %path.display(), %program, %attached_to, "a pinned link's name is not what it is");
+        }
         out.push(PinnedProgram {
-            program: program.to_owned(),
-            attached_to: attached_to.to_owned(),
-            cgroup_path: cgroup_paths.get(attached_to).cloned(),
-            link_id: info.id(),
-            program_id: info.program_id(),
-            link_type: info
-                .link_type()
-                .map(|t| format!("{t:?}"))
-                .unwrap_or_else(|_| "unknown".into()),
+            cgroup_path: cgroup_paths.get(&attached_to).cloned(),
+            program,
+            attached_to,
+            link_id: facts.link_id,
+            program_id: facts.program_id,
+            link_type: facts.link_type_name(),
             pin: path.display().to_string(),
         });
     }
