@@ -135,12 +135,13 @@ pub struct RoleRule {
     /// Caller object ids (oid).
     #[serde(default)]
     pub object_ids: Vec<String>,
-    /// Tenants whose callers the rule applies to. Empty: `groups` and
-    /// `object_ids` that are GUIDs (unique everywhere) match in any
-    /// configured tenant; `app_roles`, `apps` and group names only in the
-    /// home tenant (the first of `identity.tenants`): they are not unique
-    /// across tenants, and another tenant's administrator can assign an
-    /// app role, or name a group, the same.
+    /// Tenants whose callers the rule applies to. Empty: `object_ids`
+    /// that are GUIDs (an `oid` is Entra's, unique everywhere) match in
+    /// any configured tenant; `groups`, `app_roles` and `apps` only in the
+    /// home tenant (the first of `identity.tenants`). Another tenant's
+    /// administrator can assign an app role of the same value, and can
+    /// name a group anything, a GUID of the home tenant's included, which
+    /// a `groups` claim of names then carries.
     #[serde(default)]
     pub tenants: Vec<String>,
 }
@@ -1020,21 +1021,20 @@ fn map_roles(rules: &BTreeMap<String, RoleRule>, home_tenant: &str, p: &Principa
                 let listed = r.tenants.iter().any(|t| eq(t, &p.tenant_id));
                 (listed, listed)
             };
-            // A group or object id names one object everywhere only if it
-            // is a GUID (Entra can be set to put group names in `groups`,
-            // and another tenant can make a group of the same name).
-            let unique_match = |id: &String, have: &str| {
-                eq(id, have)
+            // An `oid` is Entra's own GUID for the caller: one in the rule
+            // names one object everywhere. A `groups` entry does not: Entra
+            // can be set to put group names there, and another tenant can
+            // name a group like one of the home tenant's ids.
+            let object_id_match = |id: &String| {
+                eq(id, &p.object_id)
                     && (if is_guid(id) {
                         any_match
                     } else {
                         tenant_bound_match
                     })
             };
-            r.groups
-                .iter()
-                .any(|g| p.groups.iter().any(|x| unique_match(g, x)))
-                || r.object_ids.iter().any(|o| unique_match(o, &p.object_id))
+            (tenant_bound_match && r.groups.iter().any(|g| p.groups.iter().any(|x| eq(g, x))))
+                || r.object_ids.iter().any(object_id_match)
                 || (tenant_bound_match
                     // App role values are case-sensitive strings defined by us.
                     && (r.app_roles.iter().any(|ar| p.roles.contains(ar))

@@ -399,8 +399,26 @@ async fn role_rules_hold_in_their_own_tenants_only() {
     };
     let home = v.verify(&roles_of(TID)).await.expect("accepted");
     assert_eq!(home.tollgate_roles, vec!["admins", "auditors", "db-writer"]);
+    // A group entry, even a GUID, holds only in the home tenant: another
+    // tenant's `groups` claim may be names, and a group there can be
+    // named like the home tenant's id.
     let other = v.verify(&roles_of(OTHER_TID)).await.expect("accepted");
-    assert_eq!(other.tollgate_roles, vec!["auditors", "partner-reader"]);
+    assert_eq!(other.tollgate_roles, vec!["partner-reader"]);
+    // Named in the rule's `tenants`, the partner's callers match it.
+    let v = Verifier::from_config(&config(
+        "[roles.partner-auditors]
+groups = [\"aaaaaaaa-0000-4000-8000-000000000001\"]
+         tenants = [\"OTHER\"]
+"
+        .replace("OTHER", OTHER_TID)
+        .as_str(),
+    ))
+    .await
+    .expect("verifier");
+    let other = v.verify(&roles_of(OTHER_TID)).await.expect("accepted");
+    assert_eq!(other.tollgate_roles, vec!["partner-auditors"]);
+    let home = v.verify(&roles_of(TID)).await.expect("accepted");
+    assert!(home.tollgate_roles.is_empty(), "{:?}", home.tollgate_roles);
 
     let err = Verifier::from_config(&config(
         "[roles.x]\napp_roles = [\"A\"]\ntenants = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n",
