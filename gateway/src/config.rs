@@ -337,13 +337,28 @@ impl Config {
     /// `schema.table`, masked columns `schema.table.column`, and every
     /// `targets` pattern must match a configured target.
     fn check_policy_names(&self) -> Result<(), (String, String)> {
-        // A `targets` list one of whose patterns matches no target.
-        let targets_check = |key: String, patterns: &[crate::policy::Pattern]| match patterns
-            .iter()
-            .find(|p| !self.targets.iter().any(|t| p.matches(&t.name)))
-        {
-            Some(p) => Err((key, format!("{:?} matches no [[target]] name", p.text()))),
-            None => Ok(()),
+        // A grant's `roles = ["*"]` means every caller: a role of that name
+        // would read as one only its holders have.
+        if self.identity.roles.contains_key("*") {
+            return Err((
+                "identity.roles.\"*\"".into(),
+                "\"*\" cannot name a role: in a grant's roles it means every authenticated caller"
+                    .into(),
+            ));
+        }
+        // A `targets` list that is empty, or one of whose patterns matches
+        // no target.
+        let targets_check = |key: String, patterns: &[crate::policy::Pattern]| {
+            if patterns.is_empty() {
+                return Err((key, "is empty: the entry would apply to no target".into()));
+            }
+            match patterns
+                .iter()
+                .find(|p| !self.targets.iter().any(|t| p.matches(&t.name)))
+            {
+                Some(p) => Err((key, format!("{:?} matches no [[target]] name", p.text()))),
+                None => Ok(()),
+            }
         };
         // A role no `[identity.roles]` entry defines: no caller holds it,
         // so a grant's deny_tables for it would never apply.
@@ -376,11 +391,29 @@ impl Config {
                 }
             }
             targets_check(key("targets"), &g.targets)?;
+            if g.roles.is_empty() {
+                return Err((
+                    key("roles"),
+                    "is empty: no caller would hold the grant (\"*\" means every caller)".into(),
+                ));
+            }
             roles_check(key("roles"), &g.roles)?;
         }
         for m in &self.policy.masks {
             let key = |field: &str| format!("policy.mask {}: {field}", m.name);
+            if m.except_roles.iter().any(|r| r == "*") {
+                return Err((
+                    key("except_roles"),
+                    "\"*\" would except every caller: the mask would mask nothing".into(),
+                ));
+            }
             roles_check(key("except_roles"), &m.except_roles)?;
+            if m.columns.is_empty() {
+                return Err((
+                    key("columns"),
+                    "is empty: the mask would mask nothing".into(),
+                ));
+            }
             if let Some(p) = m.columns.iter().find(|p| !p.has_parts(3)) {
                 return Err((
                     key("columns"),
@@ -726,6 +759,53 @@ mod tests {
             err.to_string().contains("policy.mask pii: except_roles"),
             "{err}"
         );
+    }
+
+    /// An empty list where a grant or mask needs one, and `*` where it
+    /// would mean something other than what it reads as, are refused:
+    /// each would switch the entry off (or on for everyone) silently.
+    #[test]
+    fn entries_that_would_apply_to_nothing_or_everyone_are_refused() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let from = "roles = [\"db-writer\"]";
+        assert!(text.contains(from));
+        let with_mask = |body: &str| format!("{text}\n[[policy.mask]]\nname = \"pii\"\n{body}\n");
+        for (edited, key) in [
+            (
+                text.replacen(from, "roles = []", 1),
+                "policy.grant writers: roles",
+            ),
+            (
+                text.replacen(
+                    "roles = [\"db-writer\"]\ntargets = [\"orders-db\"]",
+                    "roles = [\"db-writer\"]\ntargets = []",
+                    1,
+                ),
+                "policy.grant writers: targets",
+            ),
+            (
+                with_mask("columns = [\"public.customers.email\"]\ntargets = []"),
+                "policy.mask pii: targets",
+            ),
+            (with_mask("columns = []"), "policy.mask pii: columns"),
+            (
+                with_mask("columns = [\"public.customers.email\"]\nexcept_roles = [\"*\"]"),
+                "policy.mask pii: except_roles",
+            ),
+            (
+                format!("{text}\n[identity.roles.\"*\"]\ngroups = [\"db-admins\"]\n"),
+                "identity.roles.\"*\"",
+            ),
+        ] {
+            let err = Config::parse(&edited, "tollgate.toml").expect_err(key);
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
+        // The unedited entries pass.
+        assert!(Config::parse(
+            &with_mask("columns = [\"public.customers.email\"]"),
+            "tollgate.toml"
+        )
+        .is_ok());
     }
 
     /// A syntax error says where, without quoting the line: it may hold
