@@ -59,6 +59,79 @@ pub enum KeyLoadError {
     Refused(String),
 }
 
+/// Reads a `jwks_file`: the keys every token is checked against, so only
+/// a file its owner alone could have written is trusted. It must be a
+/// regular file (not reached through a symlink of its own name), owned by
+/// root or the daemon's user and writable by no one else, in directories
+/// likewise root's or the daemon's and writable by no one else unless
+/// sticky, and at most [`MAX_DOCUMENT_BYTES`] long. Otherwise anyone who
+/// could write it could add a key of their own, and sign tokens for any
+/// identity at the next refresh, which any token naming an unknown kid
+/// brings on.
+pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, KeyLoadError> {
+    use std::{
+        io::Read,
+        os::unix::fs::{MetadataExt, OpenOptionsExt},
+    };
+    let refuse = |why: String| KeyLoadError::Refused(format!("{}: {why}", path.display()));
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let owned_safely = |meta: &std::fs::Metadata, what: &str| {
+        let writable_by_others =
+            meta.mode() & 0o022 != 0 && !(meta.is_dir() && meta.mode() & 0o1000 != 0);
+        if (meta.uid() != 0 && meta.uid() != uid) || writable_by_others {
+            return Err(refuse(format!(
+                "{what} is owned by uid {} with mode {:o}: whoever else may write it could add a \
+                 signing key of their own; make it root's (or tollgate's) and writable by no one else",
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(())
+    };
+    // The directories as they really are (a symlinked directory resolved),
+    // then the file in them, itself not followed if a symlink.
+    let fetch = |e: std::io::Error| KeyLoadError::Fetch(format!("reading {}: {e}", path.display()));
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(refuse("not a file name".into()));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        parent
+    };
+    let parent = parent.canonicalize().map_err(fetch)?;
+    let real = parent.join(name);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&real)
+        .map_err(|e| {
+            KeyLoadError::Fetch(format!(
+                "reading {} (a symlink is refused): {e}",
+                path.display()
+            ))
+        })?;
+    let meta = file.metadata().map_err(fetch)?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    owned_safely(&meta, "the file")?;
+    for dir in parent.ancestors() {
+        let meta = std::fs::symlink_metadata(dir)
+            .map_err(|e| KeyLoadError::Fetch(format!("{}: {e}", dir.display())))?;
+        owned_safely(&meta, &format!("its directory {}", dir.display()))?;
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_DOCUMENT_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fetch)?;
+    if bytes.len() > MAX_DOCUMENT_BYTES {
+        return Err(refuse(format!("longer than {MAX_DOCUMENT_BYTES} bytes")));
+    }
+    Ok(bytes)
+}
+
 pub struct KeyStore {
     source: KeySource,
     /// `identity.development_idp`: plain http from loopback is accepted
@@ -146,9 +219,10 @@ impl KeyStore {
         let _one_at_a_time = self.refreshing.lock().await;
         let mut doc = match &self.source {
             KeySource::File(path) => {
-                let bytes = tokio::fs::read(path)
+                let path = path.clone();
+                let bytes = tokio::task::spawn_blocking(move || read_key_file(&path))
                     .await
-                    .map_err(|e| KeyLoadError::Fetch(format!("reading {}: {e}", path.display())))?;
+                    .map_err(|e| KeyLoadError::Fetch(format!("reading the key file: {e}")))??;
                 parse_json(&bytes)?
             }
             KeySource::Jwks(url) => self.get_json(url).await?,

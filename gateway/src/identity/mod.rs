@@ -656,19 +656,17 @@ impl Verifier {
             GraphClient::new(g, config.development_idp)?;
         }
         if let KeySource::File(path) = &source {
-            let loaded = std::fs::read(path)
-                .map_err(|e| keys::KeyLoadError::Fetch(format!("reading {}: {e}", path.display())))
-                .and_then(|bytes| {
-                    let mut doc = keys::parse_json(&bytes)?;
-                    if keys::without_development_keys(&mut doc, config.development_idp) > 0 {
-                        return Err(keys::KeyLoadError::Refused(
-                            "it holds development keys (from `tollgate dev`), trusted only with \
+            let loaded = keys::read_key_file(path).and_then(|bytes| {
+                let mut doc = keys::parse_json(&bytes)?;
+                if keys::without_development_keys(&mut doc, config.development_idp) > 0 {
+                    return Err(keys::KeyLoadError::Refused(
+                        "it holds development keys (from `tollgate dev`), trusted only with \
                              development_idp = true"
-                                .into(),
-                        ));
-                    }
-                    keys::parse_jwks(&doc)
-                });
+                            .into(),
+                    ));
+                }
+                keys::parse_jwks(&doc)
+            });
             if let Err(e) = loaded {
                 anyhow::bail!("identity.jwks_file: {e}");
             }

@@ -606,3 +606,70 @@ async fn a_session_ends_with_its_token_unless_the_config_keeps_it() {
     let p = v.verify(&token).await.expect("valid token accepted");
     assert_eq!(v.session_deadline(&p), None);
 }
+
+/// The key file is the trust anchor: one that someone other than root or
+/// tollgate's user could write (the file, or a directory it is in), one
+/// reached through a symlink of its own name, or one over a megabyte is
+/// refused, at the check and at start (whose loading every refresh
+/// shares), naming what is wrong.
+#[tokio::test]
+async fn a_key_file_others_could_write_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let keys = dir.path().join("jwks.json");
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    let refused = |config: &IdentityConfig| {
+        Verifier::check(config)
+            .expect_err("check refuses")
+            .to_string()
+    };
+    let at = |path: &Path| config_with(&format!("jwks_file = {path:?}"), "development_idp = true");
+    let good = file_config(dir.path(), "");
+    chmod(dir.path(), 0o700);
+    chmod(&keys, 0o644);
+    Verifier::check(&good).expect("readable by others is fine");
+
+    chmod(&keys, 0o666);
+    let check = refused(&good);
+    let start = Verifier::from_config(&good)
+        .await
+        .err()
+        .expect("start refuses")
+        .to_string();
+    for e in [&check, &start] {
+        assert!(
+            e.contains("the file is owned by uid") && e.contains("mode 666"),
+            "{e}"
+        );
+    }
+    chmod(&keys, 0o644);
+
+    chmod(dir.path(), 0o777);
+    let check = refused(&good);
+    assert!(
+        check.contains("its directory") && check.contains("mode 777"),
+        "{check}"
+    );
+    chmod(dir.path(), 0o700);
+
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&keys, &link).expect("symlink");
+    let check = refused(&at(&link));
+    assert!(check.contains("a symlink is refused"), "{check}");
+
+    let huge = dir.path().join("huge.json");
+    std::fs::write(&huge, vec![b' '; (1 << 20) + 1]).expect("write");
+    let check = refused(&at(&huge));
+    assert!(check.contains("longer than"), "{check}");
+
+    // A symlinked directory is followed to where it leads, and judged
+    // there.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let linked_dir = elsewhere.path().join("keys");
+    std::os::unix::fs::symlink(dir.path(), &linked_dir).expect("symlink the directory");
+    Verifier::check(&at(&linked_dir.join("jwks.json")))
+        .expect("a symlinked directory leading to a safe one");
+}
