@@ -175,13 +175,6 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// The whole of a regular file (see [`open_regular`]), whatever its size:
-/// the manifest and WAL files have no bound a store's whole life keeps
-/// to (the manifest only grows; a WAL file ends after a whole batch).
-pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
-    read_regular_within(path, u64::MAX)
-}
-
 /// The whole of a regular file of at most `max` bytes, as UTF-8 text: a
 /// larger one is no file the store writes (a checkpoint), and is refused
 /// rather than read into memory.
@@ -200,7 +193,7 @@ fn read_regular_within(path: &Path, max: u64) -> io::Result<Vec<u8>> {
             format!("{len} bytes, more than the {max} such a file can hold"),
         ));
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    let mut bytes = Vec::new();
     // Bounded even if the file grows while it is read.
     file.take(max).read_to_end(&mut bytes)?;
     Ok(bytes)

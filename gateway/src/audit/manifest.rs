@@ -87,45 +87,66 @@ pub struct Manifest {
 pub struct BadLine {
     pub line: usize,
     pub reason: String,
+    /// The bad line is the last and has no newline: an append a crash cut
+    /// short, not damage.
+    pub torn: bool,
 }
+
+/// Longest manifest line read. A segment entry is a few hundred bytes; a
+/// retention entry lists at most [`MAX_REMOVED_PER_ENTRY`] segments. A
+/// longer line is damage, and reading it whole could take all memory (a
+/// sparse file of terabytes costs no disk).
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Most segments one retention entry lists, so that its line stays well
+/// within [`MAX_LINE_BYTES`] (each is under 200 bytes): a larger removal
+/// is written as several entries.
+pub const MAX_REMOVED_PER_ENTRY: usize = 100_000;
 
 impl Manifest {
     /// Reads the manifest. Returns the good prefix and, if a line does not
-    /// decode, where. An unterminated last line is a torn append.
+    /// decode, where. An unterminated last line is a torn append. Read a
+    /// line at a time: memory holds the lines, never more than one line
+    /// beyond them.
     pub fn read(dir: &Path) -> io::Result<(Manifest, Option<BadLine>)> {
-        let bytes = match super::fsutil::read_regular(&dir.join(FILE)) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        use std::io::{BufRead, Read};
+        let file = match super::fsutil::open_regular(&dir.join(FILE)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok((Manifest::default(), None))
+            }
             Err(e) => return Err(e),
         };
+        let mut reader = io::BufReader::new(file);
         let mut m = Manifest::default();
-        let mut rest = &bytes[..];
-        while !rest.is_empty() {
-            let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
-                let n = m.lines.len();
-                let bad = BadLine {
-                    line: n,
-                    reason: "unterminated last line".into(),
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line)?;
+            if n == 0 {
+                return Ok((m, None));
+            }
+            let at = m.lines.len();
+            let bad = |reason: String, torn: bool| BadLine {
+                line: at,
+                reason,
+                torn,
+            };
+            if line.last() != Some(&b'\n') {
+                let bad = match line.len() > MAX_LINE_BYTES {
+                    true => bad(format!("a line longer than {MAX_LINE_BYTES} bytes"), false),
+                    false => bad("unterminated last line".into(), true),
                 };
                 return Ok((m, Some(bad)));
-            };
-            let line = &rest[..nl];
-            match serde_json::from_slice::<Entry>(line) {
-                Ok(e) => m.push(line.to_vec(), e),
-                Err(e) => {
-                    let n = m.lines.len();
-                    return Ok((
-                        m,
-                        Some(BadLine {
-                            line: n,
-                            reason: e.to_string(),
-                        }),
-                    ));
-                }
             }
-            rest = &rest[nl + 1..];
+            line.pop();
+            match serde_json::from_slice::<Entry>(&line) {
+                Ok(e) => m.push(line.clone(), e),
+                Err(e) => return Ok((m, Some(bad(e.to_string(), false)))),
+            }
         }
-        Ok((m, None))
     }
 
     /// Byte length of the good prefix (for truncating a torn append).

@@ -164,11 +164,8 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
     // its sequence numbers. We refuse to write after damage.
     let (manifest, bad) = Manifest::read(&dir)?;
     if let Some(bad) = bad {
-        let raw = fs::read(dir.join(manifest::FILE))?;
-        let good = manifest.byte_len() as usize;
-        let rest = &raw[good.min(raw.len())..];
-        let torn_append = !rest.contains(&b'\n');
-        if !torn_append {
+        let good = manifest.byte_len();
+        if !bad.torn {
             anyhow::bail!(
                 "{}: line {} is damaged ({}); run `tollgate audit verify`",
                 dir.join(manifest::FILE).display(),
@@ -180,7 +177,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         let file = fs::OpenOptions::new()
             .write(true)
             .open(dir.join(manifest::FILE))?;
-        file.set_len(good as u64)?;
+        file.set_len(good)?;
         // Else the torn line could come back after a power loss, behind
         // the entries appended from now on.
         file.sync_all()?;
@@ -1617,6 +1614,18 @@ impl SegState {
             .parent()
             .ok_or_else(|| anyhow::anyhow!("segment path has no parent"))?;
         self.perms.create_dir_all(parent)?;
+        // Analysts read `records/**/*.parquet`, which does not follow a
+        // symlink: a segment written through one would be signed and
+        // verified, yet missing from every query.
+        for d in [self.dir.join("records"), parent.to_path_buf()] {
+            if fs::symlink_metadata(&d)?.file_type().is_symlink() {
+                anyhow::bail!(
+                    "{} is a symlink: segments are not written through one (queries over \
+                     records/ do not follow it)",
+                    d.display()
+                );
+            }
+        }
         let tmp = fsutil::tmp_path(&path);
         let written = segment::write_file(&self.perms, &tmp, &records)?;
         fs::rename(&tmp, &path)?;
@@ -1786,19 +1795,19 @@ impl SegState {
                 _ => None,
             })
             .collect();
-        if !removed.is_empty() {
-            let paths: Vec<String> = removed.iter().map(|r| r.path.clone()).collect();
+        // A line no reader would refuse: see `manifest::MAX_LINE_BYTES`.
+        for removed in removed.chunks(manifest::MAX_REMOVED_PER_ENTRY) {
             self.manifest.append(
                 &self.dir,
                 &self.perms,
                 Entry::Retention(RetentionEntry {
                     at: now,
                     retention_days: days,
-                    removed,
+                    removed: removed.to_vec(),
                 }),
             )?;
-            for p in &paths {
-                info!(segment = %p, "retention: deleting segment");
+            for r in removed {
+                info!(segment = %r.path, "retention: deleting segment");
             }
         }
         // Only a removal a checkpoint signs is carried out (one whose
@@ -2101,6 +2110,33 @@ mod segment_order_tests {
         seg.write_segment(records.iter().collect())
             .expect("in sequence");
         assert_eq!(seg.manifest.last_segment().map(|s| s.last_seq), Some(3));
+    }
+
+    /// A day directory someone made a symlink (before the day came, or
+    /// after) is not written through: DuckDB's `**` does not follow it, so
+    /// the day's records would be signed and missing from every query.
+    #[test]
+    fn segments_are_not_written_through_a_symlinked_day_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let mut seg = seg_state(dir.path());
+        let day = segment::day_of(record(1).time);
+        std::os::unix::fs::symlink(
+            elsewhere.path(),
+            dir.path().join("records").join(format!("date={day}")),
+        )
+        .expect("symlink");
+        let records: Vec<AuditRecord> = (1..=3).map(record).collect();
+        let err = seg
+            .write_segment(records.iter().collect())
+            .expect_err("through a symlink");
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+        assert!(seg.manifest.last_segment().is_none());
+        assert_eq!(
+            fs::read_dir(elsewhere.path()).expect("read").count(),
+            0,
+            "nothing written where the symlink leads"
+        );
     }
 
     /// A batch whose segment was manifested but whose checkpoint failed is

@@ -1207,3 +1207,125 @@ async fn files_that_are_not_regular_are_reported_not_read() {
     .expect("refused");
     assert!(err.contains("not a regular file"), "{err}");
 }
+
+/// A day directory moved away and replaced by a symlink to it: every
+/// listed segment still hashes right through the link, but DuckDB's
+/// `records/**/*.parquet` does not follow it, so the day is missing from
+/// every query. verify reports the link and reads no segment through it.
+#[tokio::test]
+async fn a_symlinked_day_directory_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let files = segments(&cfg);
+    let day_dir = cfg.dir.join(files[0].rsplit_once('/').unwrap().0);
+    let day = day_dir
+        .strip_prefix(&cfg.dir)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let moved = tmp.path().join("moved");
+    fs::rename(&day_dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &day_dir).unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(!r.ok);
+    assert!(
+        has(&r, Kind::RecordsSymlink, &day, None),
+        "{:#?}",
+        r.problems
+    );
+    for f in &files {
+        assert!(
+            has(&r, Kind::RecordsSymlink, f, None),
+            "{f}: {:#?}",
+            r.problems
+        );
+    }
+    assert_eq!(r.records, 0, "no segment is read through the link");
+}
+
+/// Files made huge without costing disk (sparse: a listed segment, the
+/// manifest, a WAL file) are reported, not read into memory or for hours,
+/// and a start refuses the damaged manifest instead of dying.
+#[tokio::test]
+async fn huge_sparse_files_are_reported_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    const HUGE: u64 = 1 << 40;
+    let files = segments(&cfg);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(cfg.dir.join(&files[1]))
+        .unwrap()
+        .set_len(HUGE)
+        .unwrap();
+    let wal_name = wal::file_name(99, 1_000_000);
+    fs::File::create(cfg.dir.join("wal").join(&wal_name))
+        .unwrap()
+        .set_len(HUGE)
+        .unwrap();
+    let (dir, public) = (cfg.dir.clone(), key(&cfg));
+    let r = within_a_minute("verify", move || verify(&dir, &public));
+    let segment_problem = r
+        .problems
+        .iter()
+        .find(|p| p.file == files[1])
+        .unwrap_or_else(|| panic!("{:#?}", r.problems));
+    assert_eq!(segment_problem.kind, Kind::SegmentHashMismatch);
+    assert!(
+        segment_problem.detail.contains("not read"),
+        "{segment_problem:?}"
+    );
+
+    // The manifest: its lines, then a terabyte of nothing.
+    let manifest = cfg.dir.join(manifest::FILE);
+    let len = fs::metadata(&manifest).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&manifest)
+        .unwrap()
+        .set_len(len + HUGE)
+        .unwrap();
+    let (dir, public) = (cfg.dir.clone(), key(&cfg));
+    let r = within_a_minute("verify", move || verify(&dir, &public));
+    assert!(!r.ok);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.file == manifest::FILE && p.detail.contains("longer than")),
+        "{:#?}",
+        r.problems
+    );
+    let start = cfg.clone();
+    let err = within_a_minute("a start", move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async { AuditLog::open(&start).await.err().map(|e| format!("{e:#}")) })
+    })
+    .expect("refused");
+    assert!(
+        err.contains("is damaged") && err.contains("longer than"),
+        "{err}"
+    );
+}
+
+/// File names are anyone's who can write the directory: control
+/// characters in one (an escape sequence that would move the cursor up
+/// and erase the FAILED line on a terminal) are shown escaped.
+#[tokio::test]
+async fn control_characters_in_file_names_are_escaped_in_the_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let name = format!("{}\x1b[1A\x1b[2K.unsealed", wal::file_name(99, 1_000_000));
+    fs::write(cfg.dir.join("wal").join(&name), b"").unwrap();
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(
+        r.notes.iter().any(|n| n.contains('\x1b')),
+        "the report keeps the name: {:#?}",
+        r.notes
+    );
+    let shown = verify::summary(&r);
+    assert!(!shown.contains('\x1b'), "{shown}");
+    assert!(shown.contains("\\u{1b}[1A"), "{shown}");
+}

@@ -5,7 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs, io,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use serde::Serialize;
@@ -46,6 +46,7 @@ pub enum Kind {
     WalUnreadable,
     CheckpointStale,
     SegmentUnsorted,
+    RecordsSymlink,
 }
 
 impl Kind {
@@ -256,9 +257,7 @@ fn note_set_aside(dir: &Path, records_files: &[String], cx: &mut Ctx) {
         .collect();
     files.sort();
     for name in files {
-        let lines = super::fsutil::read_regular(&dir.join(&name))
-            .map(|bytes| bytes.iter().filter(|&&b| b == b'\n').count())
-            .unwrap_or(0);
+        let lines = count_lines(&dir.join(&name)).unwrap_or(0);
         cx.report.notes.push(format!(
             "{name}: {lines} manifest line(s) no checkpoint signed were set aside at a start \
              (a crash between an entry and its checkpoint, whose records were written again \
@@ -517,7 +516,7 @@ fn check_segments(
                 // Retention signs the removal, then deletes: a crash in
                 // between leaves the file as it was. Anything else at that
                 // path was put there, and queries over `records/` read it.
-                match segment::file_sha256(&left) {
+                match signed_size(&left, s).and_then(|()| segment::file_sha256(&left)) {
                     Ok(h) if h == s.sha256 => cx.report.notes.push(format!(
                         "{} was removed by retention but is still on disk (deletion pending)",
                         s.path
@@ -555,6 +554,19 @@ fn check_segments(
     }
     match records_files {
         Ok(files) => {
+            for f in files {
+                let link = fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.is_symlink());
+                if link {
+                    cx.problem(
+                        Kind::RecordsSymlink,
+                        f,
+                        None,
+                        None,
+                        "a symlink under records/: queries over records/**/*.parquet do not \
+                         follow it, so whatever it leads to is not what analysts read",
+                    );
+                }
+            }
             for f in files.iter().filter(|f| f.ends_with(".parquet")) {
                 if !listed.contains(f) {
                     cx.problem(
@@ -576,6 +588,25 @@ fn check_segments(
         ),
     }
     cur
+}
+
+/// The whole lines of a manifest file set aside, up to the first that is
+/// longer than any the daemon writes (what follows it is not counted: a
+/// sparse file of terabytes would otherwise be read to its end).
+fn count_lines(path: &Path) -> io::Result<usize> {
+    use std::io::{BufRead, Read};
+    let mut reader = io::BufReader::new(super::fsutil::open_regular(path)?);
+    let (mut lines, mut line) = (0, Vec::new());
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(super::manifest::MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(lines);
+        }
+        lines += 1;
+    }
 }
 
 /// Every file under `records/`, at any depth, as paths relative to `dir`:
@@ -605,8 +636,62 @@ pub(crate) fn files_under_records(dir: &Path) -> io::Result<Vec<String>> {
     Ok(out)
 }
 
+/// How much longer than its entry says a listed segment may be and still
+/// be read (to locate the rows an edit changed): a rewritten segment is
+/// about as long as the original.
+const SEGMENT_GROWTH_READ: u64 = 64 << 20;
+
+/// Checks that `path`, a listed segment, is not far longer than its entry
+/// says, before it is hashed or decoded: a file made huge (a sparse one
+/// costs no disk) is reported at once instead of read for hours or into
+/// all memory. A small difference is left to the checks that locate it.
+fn signed_size(path: &Path, s: &SegmentEntry) -> io::Result<()> {
+    let len = fs::metadata(path)?.len();
+    if len
+        > s.bytes
+            .saturating_mul(2)
+            .max(s.bytes.saturating_add(SEGMENT_GROWTH_READ))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the file is {len} bytes, the manifest says {}: not read",
+                s.bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The first symlink on the way from `dir` to its listed file `relative`
+/// (the file itself included), as a path relative to `dir`: the daemon
+/// writes none, and DuckDB's `**` does not follow them, so a segment read
+/// through one is not what analysts read.
+fn symlink_on_the_way(dir: &Path, relative: &str) -> Option<String> {
+    let mut at = dir.to_path_buf();
+    let mut shown = PathBuf::new();
+    for part in Path::new(relative).components() {
+        at.push(part);
+        shown.push(part);
+        if fs::symlink_metadata(&at).is_ok_and(|m| m.is_symlink()) {
+            return Some(shown.to_string_lossy().into_owned());
+        }
+    }
+    None
+}
+
 fn check_segment_file(dir: &Path, s: &SegmentEntry, cx: &mut Ctx) {
     let path = dir.join(&s.path);
+    if let Some(link) = symlink_on_the_way(dir, &s.path) {
+        cx.problem(
+            Kind::RecordsSymlink,
+            &s.path,
+            None,
+            Some(s.first_seq),
+            format!("reached through the symlink {link}: not read"),
+        );
+        return;
+    }
     if !path.exists() {
         cx.problem(
             Kind::SegmentMissing,
@@ -617,6 +702,16 @@ fn check_segment_file(dir: &Path, s: &SegmentEntry, cx: &mut Ctx) {
                 "records {}..{} are gone and were not removed by retention",
                 s.first_seq, s.last_seq
             ),
+        );
+        return;
+    }
+    if let Err(e) = signed_size(&path, s) {
+        cx.problem(
+            Kind::SegmentHashMismatch,
+            &s.path,
+            None,
+            None,
+            format!("file bytes differ from the manifest: {e}"),
         );
         return;
     }
@@ -878,7 +973,7 @@ pub fn summary(r: &Report) -> String {
     } else {
         format!("FAILED ({} problems)", r.problems.len())
     };
-    s.push_str(&format!("audit directory {}: {status}\n", r.dir));
+    s.push_str(&format!("audit directory {}: {status}\n", shown(&r.dir)));
     s.push_str(&format!(
         "segments: {} ({} removed by retention), records: {} in segments + {} in WAL, sequences {}..{}\n",
         r.segments,
@@ -896,7 +991,7 @@ pub fn summary(r: &Report) -> String {
     match &r.latest_checkpoint {
         Some(c) => s.push_str(&format!(
             "latest checkpoint: {} covers {} of {} manifest entries, signed {}\n",
-            c.file,
+            shown(&c.file),
             c.tree_size,
             r.manifest_entries,
             fmt_time(c.time_ms)
@@ -908,24 +1003,41 @@ pub fn summary(r: &Report) -> String {
             "removed by retention ({} days) at {}: {} (sequences {}..{})\n",
             rm.retention_days,
             fmt_time(Some(rm.at)),
-            rm.path,
+            shown(&rm.path),
             rm.first_seq,
             rm.last_seq
         ));
     }
     for n in &r.notes {
-        s.push_str(&format!("note: {n}\n"));
+        s.push_str(&format!("note: {}\n", shown(n)));
     }
     if let Some(p) = r.problems.first() {
         s.push_str(&format!(
             "first problem: {} in {}{}{}: {}\n",
             p.kind.as_str(),
-            p.file,
+            shown(&p.file),
             p.row.map_or(String::new(), |r| format!(" row {r}")),
             p.sequence
                 .map_or(String::new(), |q| format!(" (sequence {q})")),
-            p.detail
+            shown(&p.detail)
         ));
     }
     s
+}
+
+/// `text` with its control characters escaped (`\u{1b}`): file names in
+/// the audit directory are anyone's who could write it, and a terminal
+/// would act on an escape sequence in one (move the cursor up, erase the
+/// FAILED line, hide what follows). The JSON report escapes them anyway.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }

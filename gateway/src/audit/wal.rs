@@ -524,17 +524,58 @@ fn format_of(path: &Path) -> Format {
 /// checksum or does not decode is corrupt; so is a length that fails its
 /// own checksum, which is why a damaged length cannot pass for a frame
 /// that runs into the unwritten part.
+///
+/// The file is read only as far as its frames go, not whole: the rest of a
+/// preallocated file is zeros, and a file made huge (a sparse one costs no
+/// disk) would otherwise be read into all memory.
 pub fn read_file(path: &Path) -> io::Result<WalFileContents> {
-    let bytes = super::fsutil::read_regular(path)?;
-    Ok(read_frames(&bytes, format_of(path)))
+    let mut src = InHand::new(super::fsutil::open_regular(path)?);
+    read_frames(&mut src, format_of(path))
 }
 
-fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
+/// The first bytes of a file, read as they are asked for.
+struct InHand<R> {
+    reader: R,
+    bytes: Vec<u8>,
+    at_end: bool,
+}
+
+/// Bytes read at a time beyond what is asked for: frames are small.
+const READ_AHEAD: usize = 1 << 20;
+
+impl<R: io::Read> InHand<R> {
+    fn new(reader: R) -> Self {
+        InHand {
+            reader,
+            bytes: Vec::new(),
+            at_end: false,
+        }
+    }
+
+    /// The file's first `n` bytes, or all of it when it is shorter (and
+    /// perhaps a little more than `n`).
+    fn upto(&mut self, n: usize) -> io::Result<&[u8]> {
+        use io::Read;
+        if self.bytes.len() < n && !self.at_end {
+            let want = (n - self.bytes.len()).max(READ_AHEAD);
+            let got = (&mut self.reader)
+                .take(want as u64)
+                .read_to_end(&mut self.bytes)?;
+            self.at_end = got < want;
+        }
+        Ok(&self.bytes)
+    }
+}
+
+fn read_frames<R: io::Read>(src: &mut InHand<R>, format: Format) -> io::Result<WalFileContents> {
     let header = format.header();
     let mut records = Vec::new();
     let mut seals = Vec::new();
     let mut off = 0usize;
     let tail = loop {
+        // The header and the rest of the sector it ends in (see
+        // `header_unwritten`).
+        let bytes = src.upto((off + header).next_multiple_of(SECTOR))?;
         if off == bytes.len() {
             break Tail::Clean;
         }
@@ -581,16 +622,18 @@ fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
             };
         }
         let end = off + header + len as usize;
+        let padded_end = match format {
+            Format::LengthChecked => off + frame_len(len as usize),
+            Format::Unchecked => end,
+        };
+        let bytes = src.upto(padded_end)?;
         if end > bytes.len() {
             break Tail::Torn { offset: off as u64 };
         }
         // Where the next frame starts: past this one's padding (a file of
         // an older version has none). A write cut off inside the padding
         // leaves nothing after it.
-        let next = match format {
-            Format::LengthChecked => (off + frame_len(len as usize)).min(bytes.len()),
-            Format::Unchecked => end,
-        };
+        let next = padded_end.min(bytes.len());
         let payload = &bytes[off + header..end];
         let computed = match is_seal {
             true => seal_crc(payload),
@@ -648,11 +691,11 @@ fn read_frames(bytes: &[u8], format: Format) -> WalFileContents {
         }
         off = next;
     };
-    WalFileContents {
+    Ok(WalFileContents {
         records,
         seals,
         tail,
-    }
+    })
 }
 
 /// One file's part in the merged view.
@@ -1001,7 +1044,9 @@ mod tests {
                         for bit in [0x01u8, 0x10, 0x80] {
                             let mut damaged = file.clone();
                             damaged[starts[frame] + at] ^= bit;
-                            let got = read_frames(&damaged, Format::LengthChecked);
+                            let got =
+                                read_frames(&mut InHand::new(&damaged[..]), Format::LengthChecked)
+                                    .unwrap();
                             assert!(
                                 matches!(got.tail, Tail::Corrupt { frame: f, .. } if f == frame),
                                 "pad {pad}, frame {frame}, header byte {at}, bit {bit:#x}: {:?}",
@@ -1037,7 +1082,7 @@ mod tests {
         encode_frame(&second, &mut bytes);
         bytes.resize(bytes.len() + 4 * SECTOR, 0);
         bytes[target + 8..].fill(0);
-        let got = read_frames(&bytes, Format::LengthChecked);
+        let got = read_frames(&mut InHand::new(&bytes[..]), Format::LengthChecked).unwrap();
         assert_eq!(
             got.tail,
             Tail::Torn {
