@@ -119,6 +119,10 @@ pub struct Operation {
     /// requests (PostgreSQL's client_encoding): tollgate would then read
     /// a different statement from the one the target runs.
     pub changes_text_encoding: bool,
+    /// Turns standard_conforming_strings off: a backslash in a plain
+    /// string would then hide a quote from tollgate's reading of later
+    /// requests.
+    pub turns_off_standard_strings: bool,
     /// Makes the target take data from the client (COPY FROM STDIN): once
     /// it does, the client's messages are that data, not requests.
     pub takes_client_data: bool,
@@ -285,6 +289,15 @@ impl Policy {
                 return Decision::Deny {
                     rule: "encoding:client_encoding".into(),
                     reason: "tollgate reads statements as UTF-8 and the session's client_encoding stays UTF8".into(),
+                };
+            }
+            // Refused here, not only ended on when the server reports it:
+            // a statement pipelined behind it would already have been read
+            // by the server with the setting off.
+            if operations.iter().any(|op| op.turns_off_standard_strings) {
+                return Decision::Deny {
+                    rule: "encoding:standard_conforming_strings".into(),
+                    reason: "tollgate reads statements with standard_conforming_strings on, and it stays on".into(),
                 };
             }
             // A routine a masked caller defines could hand out masked

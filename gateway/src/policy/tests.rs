@@ -441,10 +441,24 @@ allow_dangerous = ["drop", "truncate", "alter", "grant_revoke", "delete_without_
             "{sql}"
         );
     }
+    // Nor standard_conforming_strings: the server would read a statement
+    // pipelined behind the change with it off, before tollgate saw the
+    // change reported.
+    for sql in [
+        "SET standard_conforming_strings = off",
+        "SELECT set_config('standard_conforming_strings', 'off', false)",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&policy, &["root"], sql)),
+            Some("encoding:standard_conforming_strings"),
+            "{sql}"
+        );
+    }
     for sql in [
         "SET application_name = 'x'",
         "SELECT set_config('application_name', 'x', false)",
         "SHOW client_encoding",
+        "SET standard_conforming_strings = on",
     ] {
         assert_eq!(denied_by(&decide(&policy, &["root"], sql)), None, "{sql}");
     }

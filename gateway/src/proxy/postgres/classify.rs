@@ -730,6 +730,8 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         ),
         changes_text_encoding: walker.changes_encoding
             || matches!(statement, Statement::Set(set) if set_changes_encoding(set)),
+        turns_off_standard_strings: walker.turns_off_standard_strings
+            || matches!(statement, Statement::Set(set) if set_turns_off_standard_strings(set)),
         takes_client_data: matches!(
             statement,
             Statement::Copy {
@@ -925,6 +927,60 @@ fn set_config_may_change_encoding(args: Option<&[FunctionArg]>) -> bool {
     }
 }
 
+/// Whether a SET turns standard_conforming_strings to other than on
+/// (resetting it, or setting it to its default, leaves it on: tollgate's
+/// login asks for on).
+fn set_turns_off_standard_strings(set: &Set) -> bool {
+    let is_it = |variable: &ObjectName| setting_name(variable) == "standard_conforming_strings";
+    match set {
+        Set::SingleAssignment {
+            variable, values, ..
+        } => is_it(variable) && !matches!(values.as_slice(), [value] if expr_is_on(value)),
+        Set::MultipleAssignments { assignments } => assignments.iter().any(|a| is_it(&a.name)),
+        Set::ParenthesizedAssignments { variables, .. } => variables.iter().any(is_it),
+        _ => false,
+    }
+}
+
+/// Whether a setting's value is PostgreSQL's boolean true (`on`, `true`,
+/// `yes`, `1`, or a prefix of one that names it alone), or `DEFAULT`.
+fn expr_is_on(value: &Expr) -> bool {
+    let word = match value {
+        Expr::Value(value) => value.clone().into_string(),
+        Expr::Identifier(ident) => Some(ident.value.clone()),
+        _ => None,
+    };
+    match word {
+        Some(word) => word_is_on(&word),
+        // A number or a boolean, as written: `1`, `true`.
+        None => matches!(value, Expr::Value(v) if word_is_on(&v.to_string())),
+    }
+}
+
+/// [`expr_is_on`] of a word.
+fn word_is_on(word: &str) -> bool {
+    let word = word.trim().to_ascii_lowercase();
+    matches!(word.as_str(), "on" | "1" | "default")
+        || (!word.is_empty() && ("true".starts_with(&word) || "yes".starts_with(&word)))
+}
+
+/// Whether a call of `set_config` with `args` sets
+/// standard_conforming_strings (named as a literal) to other than on. A
+/// name that is not a literal counts as a change of client_encoding
+/// already (see [`set_config_may_change_encoding`]).
+fn set_config_turns_off_standard_strings(args: Option<&[FunctionArg]>) -> bool {
+    let literal = |i: usize| match args.and_then(|args| args.get(i)) {
+        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(value)))) => {
+            value.clone().into_string()
+        }
+        _ => None,
+    };
+    literal(0).is_some_and(|name| {
+        name.trim()
+            .eq_ignore_ascii_case("standard_conforming_strings")
+    }) && !literal(1).is_some_and(|value| word_is_on(&value))
+}
+
 const ADMIN_SETTINGS: &[&str] = &[
     "role",
     "session_authorization",
@@ -1019,6 +1075,8 @@ struct Walker {
     next_relation_is_a_call: bool,
     runs_prepared: bool,
     changes_encoding: bool,
+    /// A `set_config` of standard_conforming_strings to other than on.
+    turns_off_standard_strings: bool,
     /// Expressions open at this point of the walk, and the most at once
     /// (or the longest chain of set operations, if longer).
     expr_depth: usize,
@@ -1169,6 +1227,9 @@ impl Walker {
         }
         if last == "set_config" && set_config_may_change_encoding(args) {
             self.changes_encoding = true;
+        }
+        if last == "set_config" && set_config_turns_off_standard_strings(args) {
+            self.turns_off_standard_strings = true;
         }
     }
 }
@@ -2423,6 +2484,40 @@ mod tests {
         assert!(op.dangers.is_empty());
         let op = one("CREATE FUNCTION f() RETURNS SETOF text LANGUAGE sql AS $$SELECT secret FROM hr.secrets$$");
         assert!(op.dangers.contains(&Danger::OpaqueRoutine));
+    }
+
+    /// Turning standard_conforming_strings off, visibly, is flagged (and
+    /// refused by policy whatever the grant): the server would read the
+    /// next pipelined statement with it off before reporting the change.
+    #[test]
+    fn turning_standard_strings_off_is_flagged() {
+        for (sql, off) in [
+            ("SET standard_conforming_strings = off", true),
+            ("SET standard_conforming_strings TO 'false'", true),
+            ("SET SESSION standard_conforming_strings = 0", true),
+            ("SET LOCAL standard_conforming_strings = 'n'", true),
+            (
+                "SELECT set_config('standard_conforming_strings', 'off', false)",
+                true,
+            ),
+            (
+                "SELECT set_config('standard_conforming_strings', v, false) FROM t",
+                true,
+            ),
+            ("SET standard_conforming_strings = on", false),
+            ("SET standard_conforming_strings TO 'yes'", false),
+            ("SET standard_conforming_strings = true", false),
+            ("SET standard_conforming_strings = 1", false),
+            ("SET standard_conforming_strings TO DEFAULT", false),
+            ("RESET standard_conforming_strings", false),
+            (
+                "SELECT set_config('standard_conforming_strings', 'on', false)",
+                false,
+            ),
+            ("SET application_name = 'off'", false),
+        ] {
+            assert_eq!(one(sql).turns_off_standard_strings, off, "{sql}");
+        }
     }
 
     /// An UPDATE of pg_settings is set_config by another name.
