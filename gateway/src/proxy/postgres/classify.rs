@@ -181,6 +181,16 @@ const SAMPLE_VIEWS: &[&str] = &[
     "pg_catalog.pg_statistic_ext_data",
 ];
 
+/// Whether `name` (schema.table) is in a TOAST schema: a TOAST table holds
+/// the large values of another table's columns (pg_statistic's sampled
+/// values among them) under a name of its own, which no table rule or
+/// mask pattern names. Readable by a superuser only; tollgate's upstream
+/// role may be one.
+fn is_toast_table(name: &str) -> bool {
+    let schema = name.split('.').next().unwrap_or_default();
+    schema == "pg_toast" || schema.starts_with("pg_toast_temp_")
+}
+
 /// Views and functions that show the statements other sessions run, their
 /// literals included: every agent's upstream session logs in as the same
 /// role, so reading one is reading what other identities sent, masked
@@ -716,10 +726,11 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         calls_unknown_functions: walker.calls_unknown_functions,
         // Rows of a cursor declared earlier, a statement prepared in SQL,
         // a procedure: whatever they read is not in this text.
+        // EXPLAIN ANALYZE EXECUTE runs one too, inside the text.
         opaque_result: matches!(
             statement,
             Statement::Fetch { .. } | Statement::Execute { .. } | Statement::Call(_)
-        ),
+        ) || walker.runs_prepared,
         renames_protocol_objects: matches!(
             statement,
             Statement::Declare { .. }
@@ -1122,6 +1133,11 @@ impl Walker {
             if SAMPLE_VIEWS.contains(&name.as_str()) {
                 self.not_understood.get_or_insert_with(|| {
                     format!("{name} shows sampled values of every table's columns, whichever tables a rule denies")
+                });
+            }
+            if is_toast_table(&name) {
+                self.not_understood.get_or_insert_with(|| {
+                    format!("{name} holds the out-of-line values of another table's columns, whichever tables a rule denies")
                 });
             }
             self.note_other_sessions(&name);
@@ -2049,7 +2065,13 @@ mod tests {
         ] {
             assert_eq!(one(sql).kind, Write, "{sql}");
         }
-        for sql in ["EXECUTE s", "CALL p()"] {
+        for sql in [
+            "EXECUTE s",
+            "CALL p()",
+            // The prepared statement runs inside the EXPLAIN: its rows are
+            // not shown, but its errors and notices are its own.
+            "EXPLAIN ANALYZE EXECUTE s(42)",
+        ] {
             assert!(one(sql).opaque_result, "{sql}");
         }
         // Signalling a backend could reach another identity's session (all
@@ -2462,6 +2484,12 @@ mod tests {
             "SELECT stavalues1::text FROM pg_statistic",
             "COPY pg_catalog.pg_statistic TO STDOUT",
             "SELECT stxdmcv FROM pg_statistic_ext_data",
+            // TOAST tables: large values of other tables, pg_statistic's
+            // (2619's) among them.
+            "SELECT chunk_data FROM pg_toast.pg_toast_2619",
+            "COPY (SELECT chunk_id, chunk_data FROM pg_toast.pg_toast_16390) TO STDOUT",
+            "COPY pg_toast.pg_toast_16390 TO STDOUT",
+            "SELECT * FROM pg_toast_temp_3.pg_toast_16500",
             "SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)",
             "SELECT cron.schedule('0 * * * *', 'DELETE FROM orders')",
             "SELECT mydb.cron.schedule('* * * * *', 'DELETE FROM orders')",
