@@ -1620,10 +1620,18 @@ fn settings_that_change_how_sql_is_read_never_reach_the_server() {
         .expect("psql");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(customers_left(&stack), "3", "the hidden DELETE ran");
-    // Changing it (or role, or search_path) in SQL is an admin statement,
-    // however the name is quoted.
+    // Turning it off is refused whatever the grant; changing role or
+    // search_path in SQL is an admin statement, however the name is quoted.
+    let out = stack
+        .agent_psql(&token, "SET standard_conforming_strings = off")
+        .output()
+        .expect("psql");
+    assert!(
+        text(&out.stderr).contains("encoding:standard_conforming_strings"),
+        "{}",
+        text(&out.stderr)
+    );
     for sql in [
-        "SET standard_conforming_strings = off",
         r#"SET "role" = 'postgres'"#,
         r#"SET "search_path" = pg_catalog"#,
         "EXECUTE some_statement",
@@ -1709,12 +1717,9 @@ fn a_statement_runs_as_the_server_prepared_it_not_as_last_sent() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    // The server refused the second Parse (the name was taken) and kept the
-    // DROP; tollgate decides the Execute on what the server will run.
-    assert!(
-        answers.iter().any(|a| a["sqlstate"] == "42P05"),
-        "{answers:?}"
-    );
+    // The DROP is refused at its Parse, so it never takes the name: the
+    // second Parse finds it free, and the Execute runs what the server
+    // prepared under it, the SELECT.
     assert!(
         answers.iter().any(|a| a["sqlstate"] == "42501"
             && a["message"]
@@ -1722,6 +1727,10 @@ fn a_statement_runs_as_the_server_prepared_it_not_as_last_sent() {
                 .unwrap_or_default()
                 .contains("kind:ddl")),
         "{answers:?}"
+    );
+    assert!(
+        !answers.iter().any(|a| a["sqlstate"] == "42P05"),
+        "the refused DROP took the name: {answers:?}"
     );
     assert_eq!(customers_left(&stack), "3");
 }
@@ -1781,11 +1790,11 @@ fn refusals_are_answered_in_place_even_when_the_client_has_not_synced() {
     };
 
     // A refused statement's Parse, Bind and Execute followed by Flush: the
-    // error is owed on the Flush, after the Parse, in place of the Bind
-    // (the statement is refused before the server would plan it).
+    // error is owed on the Flush, in place of the Parse (the statement is
+    // refused before the server would parse it).
     let flush = unsynced(&stack, &token, "flush", "DROP TABLE customers", "");
-    assert_eq!(tags(&flush["on_flush"]), ["1", "E"], "{flush}");
-    assert_eq!(flush["on_flush"][1]["sqlstate"], "42501", "{flush}");
+    assert_eq!(tags(&flush["on_flush"]), ["E"], "{flush}");
+    assert_eq!(flush["on_flush"][0]["sqlstate"], "42501", "{flush}");
     assert_eq!(tags(&flush["on_sync"]), ["Z"], "{flush}");
     assert_eq!(tags(&flush["after"]), ["T", "D", "C", "Z"], "{flush}");
 
@@ -1867,9 +1876,10 @@ fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
     else {
         return;
     };
-    // `s` is prepared as a DELETE without WHERE; a second Parse of `s` as a
-    // harmless SELECT is refused by the server (the name is taken) in an
-    // earlier pipeline than the Bind, so the Bind gets the DELETE.
+    // `s` is prepared as a DELETE without WHERE, which is refused at its
+    // Parse and so never takes the name; a second Parse of `s` as a
+    // harmless SELECT, in a later pipeline, finds it free, and the Bind
+    // and Execute run what the server prepared: the SELECT.
     let answers = raw_protocol_json(
         &stack,
         "pg_desync.py",
@@ -1877,24 +1887,34 @@ fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
         &["collision", "DELETE FROM customers", "SELECT 1"],
     );
     let errors = tagged(&answers, "E");
-    assert!(errors.iter().any(|e| e["sqlstate"] == "42P05"), "{answers}");
     assert!(
         errors.iter().any(|e| e["sqlstate"] == "42501"
             && e["message"]
                 .as_str()
                 .unwrap_or_default()
                 .contains("delete_without_where")),
-        "the Execute must be decided as the DELETE the server would run: {answers}"
+        "{answers}"
+    );
+    assert!(
+        !errors.iter().any(|e| e["sqlstate"] == "42P05"),
+        "the refused DELETE took the name: {answers}"
+    );
+    let rows = tagged(&answers, "D");
+    assert_eq!(
+        rows.last().map(|r| &r["values"][0]),
+        Some(&Value::from("1")),
+        "{answers}"
     );
     assert_eq!(customers_left(&stack), "3", "the DELETE ran");
 }
 
-/// PostgreSQL plans a statement at Bind (evaluating immutable functions of
-/// its constants): a statement policy denies is refused at its Bind, with
-/// its refusal on record, and never planned; the session goes on.
+/// A statement policy denies is refused at its Parse, with its refusal on
+/// record: the server neither parses it (SQL's `EXECUTE name` would run a
+/// statement parsed under that name) nor plans it at a Bind (evaluating
+/// immutable functions of its constants); the session goes on.
 #[test]
-fn a_denied_statement_is_refused_at_its_bind() {
-    let Some((stack, token)) = start("a_denied_statement_is_refused_at_its_bind") else {
+fn a_denied_statement_is_refused_at_its_parse() {
+    let Some((stack, token)) = start("a_denied_statement_is_refused_at_its_parse") else {
         return;
     };
     let answers = raw_protocol_json(
@@ -1902,6 +1922,10 @@ fn a_denied_statement_is_refused_at_its_bind() {
         "pg_desync.py",
         &token,
         &["bind_only", "DELETE FROM customers", "SELECT 1"],
+    );
+    assert!(
+        tagged(&answers, "1").is_empty(),
+        "the Parse reached the server: {answers}"
     );
     assert!(
         tagged(&answers, "2").is_empty(),
@@ -2157,6 +2181,58 @@ fn standard_conforming_strings_stays_on_behind_the_policy() {
         "{stderr}"
     );
     assert!(!stdout.contains("never run"), "{stdout}");
+}
+
+/// A function that turns standard_conforming_strings off, run by an
+/// Execute, changes how the server reads what follows it in the pipeline
+/// before the change is reported (at the Sync). A Query right behind it,
+/// before any Sync, whose backslash would then hide a quote (a harmless
+/// SELECT of two strings to tollgate, a SELECT and a CREATE TABLE to the
+/// server) is refused, and its refusal recorded; the table never exists.
+#[test]
+fn text_behind_an_unsynced_settings_change_is_refused_when_it_could_read_otherwise() {
+    let Some((stack, token)) =
+        start("text_behind_an_unsynced_settings_change_is_refused_when_it_could_read_otherwise")
+    else {
+        return;
+    };
+    create_setting_changer(
+        &stack,
+        "plain_backslashes",
+        "standard_conforming_strings",
+        "off",
+    );
+    let hidden = r"SELECT 'a\', ' ; CREATE TABLE pwned (x int); --'";
+    let answers = raw_protocol_json(
+        &stack,
+        "pg_pipeline.py",
+        &token,
+        &["--unsynced-first", "SELECT plain_backslashes()", hidden],
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT to_regclass('public.pwned') IS NULL")
+            .expect("look for the table"),
+        "t",
+        "the server read a second statement out of the Query: {answers}"
+    );
+    let refused = tagged(&answers, "E");
+    assert!(
+        refused.iter().any(|e| e["sqlstate"] == "42501"
+            && e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("encoding:unsure")),
+        "{answers}"
+    );
+    stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'encoding:unsure'",
+            1,
+            Duration::from_secs(10),
+        )
+        .expect("the refusal is on record");
 }
 
 /// Unqualified names are classified as `public.x`, so the server must

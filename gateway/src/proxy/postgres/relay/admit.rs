@@ -248,12 +248,13 @@ async fn refuse_denied(
     }
 }
 
-/// The refusal of a statement at its Bind, when it would be refused at
-/// its Execute whatever its parameters: policy denies it, or it is too
-/// long to audit. PostgreSQL plans a statement at Bind, evaluating
-/// immutable functions of its constants; a statement that may not run is
-/// not planned either. `None`: it is decided at its Execute.
-pub(super) async fn refusal_at_bind(
+/// The refusal of a statement at its Parse or Bind, when it would be
+/// refused at its Execute whatever its parameters: policy denies it, or it
+/// is too long to audit. A statement that may not run is not parsed by the
+/// server (SQL's `EXECUTE name` would run it), nor planned (PostgreSQL
+/// plans at Bind, evaluating immutable functions of its constants).
+/// `None`: it is decided at its Execute.
+pub(super) async fn refusal_before_execute(
     session: &Session,
     prepared: &Prepared,
     parameters: &str,
@@ -271,6 +272,37 @@ pub(super) async fn refusal_at_bind(
         }
         _ => None,
     }
+}
+
+/// The refusal of a statement the server may read otherwise than tollgate
+/// did: it comes, in one pipeline, after an Execute of a statement that
+/// calls a function tollgate cannot look into, before that pipeline's
+/// Sync. Such a function may change standard_conforming_strings or
+/// client_encoding with `set_config`, which the server reports only at the
+/// Sync (PostgreSQL 14 and later), after it has read what came between.
+/// Only a backslash (in a plain string, with standard_conforming_strings
+/// off) or a byte outside ASCII (the start of a character in another
+/// encoding) reads differently under those settings; text without either
+/// goes on. `None`: it goes on.
+pub(super) async fn refusal_while_reading_unsure(session: &Session, text: &str) -> Option<Refusal> {
+    if text.bytes().all(|b| b.is_ascii() && b != b'\\') {
+        return None;
+    }
+    let operations = classify_within_limit(text);
+    let record = request_record(session, text, &operations, String::new());
+    Some(
+        refuse_denied(
+            session,
+            record,
+            text,
+            &operations,
+            "encoding:unsure",
+            "a statement with a backslash or non-ASCII text may not follow, before a Sync, \
+             an Execute that calls a function tollgate cannot look into (it may change how the \
+             server reads text, which the server reports only at the Sync): send a Sync first",
+        )
+        .await,
+    )
 }
 
 /// [`classify`], unless the text is over [`MAX_AUDITED_STATEMENT`]: such a

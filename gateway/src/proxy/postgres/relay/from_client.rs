@@ -204,7 +204,7 @@ impl FromClient {
         match frame.tag {
             b'Q' => self.query(frame).await?,
             b'F' => self.function_call(frame).await,
-            b'P' => self.parse(frame)?,
+            b'P' => self.parse(frame).await?,
             b'B' => self.bind(frame).await?,
             b'E' => self.execute(frame).await?,
             b'S' => self.sync(frame),
@@ -269,6 +269,15 @@ impl FromClient {
         // Sync behind it follows the copy's end counts from here.
         self.copies_ended = 0;
         let text = wire::query_text(&frame).map_err(in_message("Query"))?;
+        // As for a Parse.
+        let unsure = match self.execute_may_change_encoding {
+            true => refusal_while_reading_unsure(&self.session, &text).await,
+            false => None,
+        };
+        if let Some(refusal) = unsure {
+            self.refuse_in_place(Kind::RefusedQuery, refusal);
+            return Ok(());
+        }
         let operations = classify_within_limit(&text);
         let judged = judge(&self.session, &operations);
         match admit(&self.session, &text, &operations, &judged, String::new()).await {
@@ -301,11 +310,28 @@ impl FromClient {
     }
 
     /// A Parse is classified once; its statement is decided at each
-    /// Execute of a portal bound to it.
-    fn parse(&mut self, frame: Frame) -> Result<(), WireError> {
+    /// Execute of a portal bound to it. One policy denies whatever its
+    /// parameters is refused here already: once parsed, the server would
+    /// run it for SQL's `EXECUTE name` too (protocol and SQL prepared
+    /// statements share one namespace), which is no Execute of tollgate's.
+    async fn parse(&mut self, frame: Frame) -> Result<(), WireError> {
         let (name, text, parameter_types) =
             wire::parse_message(&frame).map_err(in_message("Parse"))?;
+        // An Execute before it in the pipeline may have changed how the
+        // server reads text (see `refusal_while_reading_unsure`).
+        let unsure = match self.execute_may_change_encoding {
+            true => refusal_while_reading_unsure(&self.session, &text).await,
+            false => None,
+        };
+        if let Some(refusal) = unsure {
+            self.refuse_extended_in_place(refusal);
+            return Ok(());
+        }
         let prepared = Arc::new(Prepared::new(&self.session, text, parameter_types));
+        if let Some(refusal) = refusal_before_execute(&self.session, &prepared, "").await {
+            self.refuse_extended_in_place(refusal);
+            return Ok(());
+        }
         let mut parse = Pending::new(Kind::Parse, None);
         // Its errors may quote the statement's constants, as any of the
         // statement's own errors may.
@@ -330,7 +356,7 @@ impl FromClient {
             MAX_PARAMETERS_BYTES,
         )
         .map_err(in_message("Bind"))?;
-        if let Some(refusal) = refusal_at_bind(&self.session, &prepared, &parameters).await {
+        if let Some(refusal) = refusal_before_execute(&self.session, &prepared, &parameters).await {
             self.refuse_extended_in_place(refusal);
             return Ok(());
         }
