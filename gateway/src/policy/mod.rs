@@ -136,6 +136,12 @@ pub struct Operation {
     /// Defines a routine (function, procedure, operator, aggregate):
     /// called later, it may hand out a table's values under any name.
     pub defines_routine: bool,
+    /// Renames or moves a schema, relation or column, redefines a view,
+    /// or sets search_path or the role (`SET search_path`, any `ALTER
+    /// SCHEMA`, `ALTER TABLE ... RENAME`, `CREATE OR REPLACE VIEW`, `ALTER
+    /// VIEW`): afterwards a name may stand for what another name did.
+    /// Masks are matched by name, once per session at its start.
+    pub moves_names: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.
@@ -303,6 +309,17 @@ impl Policy {
             // A routine a masked caller defines could hand out masked
             // values later under a name its calls do not show (see
             // `Operation::may_call_by_name`).
+            // Masks follow names: a masked caller who could move what a
+            // name stands for (rename the schema of a masked column, point
+            // a view at it, put another schema first on search_path)
+            // would read it, in this session and every later one, under a
+            // name no mask pattern names.
+            if !masks.is_empty() && operations.iter().any(|op| op.moves_names) {
+                return Decision::Deny {
+                    rule: "mask:names".into(),
+                    reason: "a caller with masked columns may not rename or move schemas, tables, views or columns, redefine views, or change search_path or role: masks follow names".into(),
+                };
+            }
             if !masks.is_empty() && operations.iter().any(|op| op.defines_routine) {
                 return Decision::Deny {
                     rule: "mask:routine".into(),

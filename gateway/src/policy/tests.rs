@@ -414,6 +414,42 @@ kinds = ["read", "ddl"]
     assert_eq!(denied_by(&decide(&with(""), &[], create)), None);
 }
 
+/// A caller with masked columns may not move names onto other data
+/// (masks follow names, resolved once per session): renaming the schema of
+/// a masked column would unmask it for every later session too. Without
+/// masks, the grant decides.
+#[test]
+fn a_masked_caller_may_not_move_names() {
+    let with = |mask: &str| {
+        policy(&format!(
+            r#"
+[[grant]]
+name = "owners"
+roles = ["*"]
+kinds = ["read", "ddl", "admin"]
+allow_dangerous = ["alter", "set_role"]
+{mask}
+"#
+        ))
+    };
+    let masked = with("[[mask]]\nname = \"ssn\"\ncolumns = [\"hr.people.ssn\"]");
+    let unmasked = with("");
+    for sql in [
+        "ALTER SCHEMA hr RENAME TO hx",
+        "ALTER TABLE hr.people RENAME COLUMN ssn TO s",
+        "CREATE OR REPLACE VIEW public.v AS SELECT ssn FROM hr.people",
+        "SET search_path = hr",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&masked, &[], sql)),
+            Some("mask:names"),
+            "{sql}"
+        );
+        assert_eq!(denied_by(&decide(&unmasked, &[], sql)), None, "{sql}");
+    }
+    assert_eq!(denied_by(&decide(&masked, &[], "SELECT 1")), None);
+}
+
 /// Changing client_encoding is refused whatever the grants allow: with
 /// another encoding the server would run a statement other than the one
 /// tollgate read and decided.

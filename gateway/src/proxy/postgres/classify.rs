@@ -719,6 +719,7 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
                 | Statement::AlterFunction(_)
                 | Statement::AlterOperator(_)
         ),
+        moves_names: moves_names(statement),
         may_call_by_name: std::mem::take(&mut walker.may_call_by_name),
         dangers: walker.dangers,
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
@@ -841,6 +842,42 @@ fn top_kind(statement: &Statement) -> StatementKind {
         | Statement::Truncate(_)
         | Statement::Comment { .. } => Ddl,
         _ => Admin,
+    }
+}
+
+/// See [`Operation::moves_names`].
+fn moves_names(statement: &Statement) -> bool {
+    match statement {
+        // A rule rewrites what a relation's name gives (a view's is its
+        // `_RETURN` rule).
+        Statement::AlterSchema(_) | Statement::AlterView { .. } | Statement::CreateRule(_) => true,
+        Statement::CreateView(create) => create.or_replace,
+        Statement::AlterTable(alter) => alter.operations.iter().any(|op| {
+            matches!(
+                op,
+                sqlparser::ast::AlterTableOperation::RenameTable { .. }
+                    | sqlparser::ast::AlterTableOperation::RenameColumn { .. }
+                    | sqlparser::ast::AlterTableOperation::SwapWith { .. }
+            )
+        }),
+        Statement::Set(set) => {
+            let names_it = |variable: &ObjectName| {
+                matches!(
+                    setting_name(variable).as_str(),
+                    "search_path" | "role" | "session_authorization"
+                )
+            };
+            match set {
+                Set::SingleAssignment { variable, .. } => names_it(variable),
+                Set::MultipleAssignments { assignments } => {
+                    assignments.iter().any(|a| names_it(&a.name))
+                }
+                Set::ParenthesizedAssignments { variables, .. } => variables.iter().any(names_it),
+                Set::SetRole { .. } | Set::SetSessionAuthorization(_) => true,
+                _ => false,
+            }
+        }
+        _ => false,
     }
 }
 
@@ -2545,6 +2582,44 @@ mod tests {
             ("SET application_name = 'off'", false),
         ] {
             assert_eq!(one(sql).turns_off_standard_strings, off, "{sql}");
+        }
+    }
+
+    /// What moves a name onto other data is flagged (a masked caller may
+    /// not run it), or not understood at all; what leaves names alone is
+    /// not flagged.
+    #[test]
+    fn statements_that_move_names_are_flagged() {
+        for sql in [
+            "ALTER SCHEMA hr RENAME TO hx",
+            "ALTER SCHEMA hr OWNER TO someone",
+            "ALTER TABLE hr.people RENAME TO staff",
+            "ALTER TABLE customers RENAME COLUMN email TO contact",
+            "ALTER TABLE customers SET SCHEMA archive",
+            "ALTER VIEW order_summary RENAME TO s",
+            "CREATE OR REPLACE VIEW order_summary AS SELECT email AS note FROM customers",
+            "CREATE OR REPLACE RULE \"_RETURN\" AS ON SELECT TO order_summary DO INSTEAD SELECT email AS note FROM customers",
+            "SET search_path = hr",
+            "SET search_path TO hr, public",
+            "SET LOCAL search_path = hr",
+            "SET ROLE postgres",
+            "SET SESSION AUTHORIZATION postgres",
+        ] {
+            match classify(sql) {
+                Ok(ops) => assert!(ops.iter().any(|op| op.moves_names), "{sql}"),
+                // Not understood: refused unless a grant allows unparsed
+                // text, and for a masked caller refused whatever it says.
+                Err(_) => {}
+            }
+        }
+        for sql in [
+            "SELECT 1",
+            "ALTER TABLE customers ADD COLUMN note text",
+            "CREATE VIEW v AS SELECT 1",
+            "SET application_name = 'x'",
+            "SET TIME ZONE 'UTC'",
+        ] {
+            assert!(!one(sql).moves_names, "{sql}");
         }
     }
 
