@@ -8,7 +8,7 @@
 use std::{
     net::{SocketAddr, TcpListener},
     os::unix::net::UnixDatagram,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -713,6 +713,16 @@ fn with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reacha
     assert_eq!(snapshot["egress_default_deny"], true);
 }
 
+/// The stack's agent cgroup inside its agent cgroup.
+fn nested_cgroup(stack: &Stack) -> PathBuf {
+    stack
+        .gateway
+        .config
+        .nested_agent_cgroup
+        .clone()
+        .expect("nested cgroup")
+}
+
 /// An agent cgroup inside another runs both cgroups' programs on each
 /// connect: the inner one redirects, and the outer one must let the
 /// connection go on to the listener, not refuse it as egress.
@@ -726,12 +736,7 @@ fn with_egress_default_deny_a_nested_agent_cgroup_still_reaches_tollgate() {
         config.nested_agent_cgroup = Some(config.agent_cgroup.join("inner"));
     })
     .expect("start");
-    let nested = stack
-        .gateway
-        .config
-        .nested_agent_cgroup
-        .clone()
-        .expect("nested cgroup");
+    let nested = nested_cgroup(&stack);
     let port = stack.postgres.port.to_string();
     let out = AgentCgroup::command(&nested, &duckdb::python())
         .arg(script())
@@ -1499,12 +1504,7 @@ fn a_pin_named_for_another_cgroup_does_not_count_for_it() {
     let config_path = stack.gateway.config_path.clone();
     assert!(pin_status(&config_path, false).status.success());
     stack.gateway.stop();
-    let nested = stack
-        .gateway
-        .config
-        .nested_agent_cgroup
-        .clone()
-        .expect("nested cgroup");
+    let nested = nested_cgroup(&stack);
     let nested_id = {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&nested).expect("nested cgroup").ino()

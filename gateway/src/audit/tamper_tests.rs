@@ -1156,6 +1156,20 @@ fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
         .unwrap_or_else(|_| panic!("{what} did not finish within a minute"))
 }
 
+/// Why a start of the store at `cfg` is refused; it must be, within a
+/// minute (not block, nor read without end).
+fn start_refused_within_a_minute(cfg: &AuditConfig) -> String {
+    let start = cfg.clone();
+    within_a_minute("a start", move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async { AuditLog::open(&start).await.err().map(|e| format!("{e:#}")) })
+    })
+    .expect("refused")
+}
+
 /// A file that is not a regular one where the store reads its own (a FIFO
 /// among the checkpoints, a device behind a symlink among the WAL files)
 /// is reported by verify, and stops a start with the reason, rather than
@@ -1196,15 +1210,7 @@ async fn files_that_are_not_regular_are_reported_not_read() {
         "{:#?}",
         r.problems
     );
-    let start = cfg.clone();
-    let err = within_a_minute("a start", move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async { AuditLog::open(&start).await.err().map(|e| format!("{e:#}")) })
-    })
-    .expect("refused");
+    let err = start_refused_within_a_minute(&cfg);
     assert!(err.contains("not a regular file"), "{err}");
 }
 
@@ -1295,15 +1301,7 @@ async fn huge_sparse_files_are_reported_not_read() {
         "{:#?}",
         r.problems
     );
-    let start = cfg.clone();
-    let err = within_a_minute("a start", move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async { AuditLog::open(&start).await.err().map(|e| format!("{e:#}")) })
-    })
-    .expect("refused");
+    let err = start_refused_within_a_minute(&cfg);
     assert!(
         err.contains("is damaged") && err.contains("longer than"),
         "{err}"
