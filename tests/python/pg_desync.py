@@ -23,6 +23,10 @@ Scenarios:
   rollback    Parse/Bind/Execute of FIRST_SQL, then of SECOND_SQL (which
               fails), then Sync, in one write: one implicit transaction,
               rolled back by the second's error.
+  fetch_portal
+              In a transaction block: Parse (unnamed) of FIRST_SQL + Bind
+              of portal "p" + Sync, no Execute; then Query(SECOND_SQL)
+              (a FETCH of "p"); then COMMIT.
   bind_only   Parse (unnamed) of FIRST_SQL + Bind + Sync, no Execute (the
               server plans a statement at Bind); then Query(SECOND_SQL).
   copy_data_sync
@@ -124,6 +128,19 @@ def main():
         answers += copies_then_queries(sock, [b"", sync], first, second)
     elif scenario == "rollback":
         sock.sendall(pbe(first) + pbe(second) + sync)
+        answers += read_until(sock, [b"Z"])
+    elif scenario == "fetch_portal":
+        sock.sendall(msg(b"Q", cstr("BEGIN")))
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(
+            msg(b"P", cstr("") + cstr(first) + struct.pack("!h", 0))
+            + msg(b"B", cstr("p") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+            + sync
+        )
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(msg(b"Q", cstr(second)))
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(msg(b"Q", cstr("COMMIT")))
         answers += read_until(sock, [b"Z"])
     elif scenario == "bind_only":
         sock.sendall(

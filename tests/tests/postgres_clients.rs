@@ -1954,6 +1954,54 @@ fn a_denied_statement_is_refused_at_its_parse() {
     assert_eq!(customers_left(&stack), "3");
 }
 
+/// A portal bound through the protocol and run by SQL's `FETCH` would run
+/// its statement (here an UPDATE ... RETURNING) under the FETCH's record,
+/// which names no table: the FETCH is refused, with its refusal on record,
+/// and the UPDATE never runs.
+#[test]
+fn a_protocol_portal_is_not_run_by_sql_fetch() {
+    let Some((stack, token)) = start("a_protocol_portal_is_not_run_by_sql_fetch") else {
+        return;
+    };
+    let answers = raw_protocol_json(
+        &stack,
+        "pg_desync.py",
+        &token,
+        &[
+            "fetch_portal",
+            "UPDATE customers SET name = 'fetched' WHERE id = 1 RETURNING id",
+            "FETCH ALL FROM p",
+        ],
+    );
+    let errors = tagged(&answers, "E");
+    assert!(
+        errors.iter().any(|e| e["sqlstate"] == "42501"
+            && e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("protocol:run_by_name")),
+        "{answers}"
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "orders",
+                "SELECT count(*) FROM customers WHERE name = 'fetched'"
+            )
+            .expect("count"),
+        "0",
+        "the UPDATE ran: {answers}"
+    );
+    stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:run_by_name'",
+            1,
+            Duration::from_secs(10),
+        )
+        .expect("the refusal is on record");
+}
+
 /// A pipeline outside a transaction block is one implicit transaction: an
 /// INSERT that completed is rolled back when a later statement of the
 /// pipeline fails, and its outcome says so instead of success.

@@ -115,6 +115,11 @@ pub struct Operation {
     /// in SQL (DECLARE, CLOSE, PREPARE, DEALLOCATE, DISCARD): protocol
     /// messages naming them can no longer be tied to what tollgate saw.
     pub renames_protocol_objects: bool,
+    /// Cursors (portals) SQL's `FETCH` reads here, and prepared statements
+    /// SQL's `EXECUTE` (`EXPLAIN ... EXECUTE` too) runs, by name as the
+    /// server looks them up: a portal or statement made through the
+    /// protocol may stand under such a name.
+    pub runs_by_name: Vec<RunByName>,
     /// Changes, or may change, how the target decodes the bytes of later
     /// requests (PostgreSQL's client_encoding): tollgate would then read
     /// a different statement from the one the target runs.
@@ -189,6 +194,14 @@ pub struct MaskRule {
     pub except_roles: Vec<String>,
     #[serde(default = "everything")]
     pub targets: Vec<Pattern>,
+}
+
+/// A portal or prepared statement a SQL statement runs by name (see
+/// [`Operation::runs_by_name`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunByName {
+    Portal(String),
+    Statement(String),
 }
 
 /// What holders of some tollgate roles may do on some targets.

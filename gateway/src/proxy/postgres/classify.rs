@@ -22,7 +22,7 @@ use sqlparser::{
 
 use super::lexical;
 
-use crate::policy::{Danger, Operation, StatementKind};
+use crate::policy::{Danger, Operation, RunByName, StatementKind};
 
 /// Functions that read or write server files, run programs, reach other
 /// servers, or change settings (search_path, role) behind the policy's back.
@@ -720,6 +720,7 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
                 | Statement::AlterOperator(_)
         ),
         moves_names: moves_names(statement),
+        runs_by_name: std::mem::take(&mut walker.runs_by_name),
         may_call_by_name: std::mem::take(&mut walker.may_call_by_name),
         dangers: walker.dangers,
         streams_raw: matches!(statement, Statement::Copy { to: true, .. }),
@@ -1122,6 +1123,8 @@ struct Walker {
     /// table of the same name read elsewhere in the statement still is.
     next_relation_is_a_call: bool,
     runs_prepared: bool,
+    /// See [`Operation::runs_by_name`].
+    runs_by_name: Vec<RunByName>,
     changes_encoding: bool,
     /// A `set_config` of standard_conforming_strings to other than on.
     turns_off_standard_strings: bool,
@@ -1486,7 +1489,25 @@ impl Visitor for Walker {
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
         match statement {
-            Statement::Execute { .. } => self.runs_prepared = true,
+            Statement::Execute { name, .. } => {
+                self.runs_prepared = true;
+                if let Some(last) = name
+                    .as_ref()
+                    .and_then(|n| n.0.last())
+                    .and_then(|p| p.as_ident())
+                {
+                    self.runs_by_name.push(RunByName::Statement(fold(
+                        &last.value,
+                        last.quote_style.is_some(),
+                    )));
+                }
+            }
+            Statement::Fetch { name, .. } => {
+                self.runs_by_name.push(RunByName::Portal(fold(
+                    &name.value,
+                    name.quote_style.is_some(),
+                )));
+            }
             Statement::Insert(insert) => {
                 if let TableObject::TableName(name) = &insert.table {
                     self.target(name, insert.returning.is_some());
@@ -2623,6 +2644,25 @@ mod tests {
             "SET TIME ZONE 'UTC'",
         ] {
             assert!(!one(sql).moves_names, "{sql}");
+        }
+    }
+
+    /// FETCH and EXECUTE name the portal or statement they run, as the
+    /// server looks it up (unquoted names folded).
+    #[test]
+    fn fetch_and_execute_name_what_they_run() {
+        use RunByName::{Portal, Statement};
+        for (sql, runs) in [
+            ("FETCH ALL FROM p", vec![Portal("p".into())]),
+            ("FETCH NEXT FROM \"P\"", vec![Portal("P".into())]),
+            ("EXECUTE S_1(1)", vec![Statement("s_1".into())]),
+            (
+                "EXPLAIN ANALYZE EXECUTE \"S_1\"",
+                vec![Statement("S_1".into())],
+            ),
+            ("SELECT 1", vec![]),
+        ] {
+            assert_eq!(one(sql).runs_by_name, runs, "{sql}");
         }
     }
 

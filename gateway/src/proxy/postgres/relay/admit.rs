@@ -305,6 +305,37 @@ pub(super) async fn refusal_while_reading_unsure(session: &Session, text: &str) 
     )
 }
 
+/// The refusal of a SQL `FETCH` or `EXECUTE` of a portal or prepared
+/// statement the client made through the protocol: its statement was
+/// decided at its Parse, but its record is made at a protocol Execute, so
+/// run this way (a portal of a `DELETE ... RETURNING` by `FETCH ALL FROM
+/// p`) it would run under a record that does not name it.
+pub(super) async fn refusal_of_run_by_name(
+    session: &Session,
+    text: &str,
+    operations: &Result<Vec<Operation>, String>,
+    run: &RunByName,
+) -> Refusal {
+    let (what, name) = match run {
+        RunByName::Portal(name) => ("portal", name),
+        RunByName::Statement(name) => ("prepared statement", name),
+    };
+    let record = request_record(session, text, operations, String::new());
+    let reason = format!(
+        "{what} {name:?} may be one made through the protocol, whose statement is recorded only \
+         when a protocol Execute runs it: run it with Bind and Execute, not from SQL"
+    );
+    refuse_denied(
+        session,
+        record,
+        text,
+        operations,
+        "protocol:run_by_name",
+        &reason,
+    )
+    .await
+}
+
 /// [`classify`], unless the text is over [`MAX_AUDITED_STATEMENT`]: such a
 /// statement is refused for its size whatever it says, so it is not
 /// parsed (up to 64 MiB of SQL, for nothing).

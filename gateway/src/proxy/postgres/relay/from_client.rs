@@ -46,6 +46,7 @@ pub(super) async fn client_to_server(
         last_describe: None,
         answer_barrier: None,
         execute_may_change_encoding: false,
+        protocol_names: ProtocolNames::default(),
     };
     loop {
         match from_client.take_all(&mut buf).await {
@@ -122,6 +123,56 @@ struct FromClient {
     /// An Execute since the last Sync may change the encoding unseen: the
     /// Sync becomes the barrier, since the server reports the change there.
     execute_may_change_encoding: bool,
+    /// The names of the portals and statements the client made through the
+    /// protocol, which SQL's FETCH and EXECUTE could run.
+    protocol_names: ProtocolNames,
+}
+
+/// Most names of each kind [`ProtocolNames`] keeps; past them, any SQL
+/// FETCH or EXECUTE is refused, since its name may be one not kept.
+const MAX_PROTOCOL_NAMES: usize = 10_000;
+
+/// Names of portals and prepared statements made through the protocol in
+/// a session (not forgotten when closed: a later SQL cursor of the same
+/// name is refused too, which costs little).
+#[derive(Default)]
+struct ProtocolNames {
+    portals: std::collections::HashSet<String>,
+    statements: std::collections::HashSet<String>,
+    overflowed: bool,
+}
+
+impl ProtocolNames {
+    fn note(set: &mut std::collections::HashSet<String>, overflowed: &mut bool, name: &str) {
+        if name.is_empty() || set.contains(name) {
+            return;
+        }
+        if set.len() >= MAX_PROTOCOL_NAMES {
+            *overflowed = true;
+            return;
+        }
+        set.insert(name.to_owned());
+    }
+
+    fn note_portal(&mut self, name: &str) {
+        Self::note(&mut self.portals, &mut self.overflowed, name);
+    }
+
+    fn note_statement(&mut self, name: &str) {
+        Self::note(&mut self.statements, &mut self.overflowed, name);
+    }
+
+    /// What in `operations` SQL runs by a name the protocol may have used.
+    fn run_in<'a>(&self, operations: &'a Result<Vec<Operation>, String>) -> Option<&'a RunByName> {
+        let ops = operations.as_ref().ok()?;
+        ops.iter().flat_map(|op| &op.runs_by_name).find(|run| {
+            self.overflowed
+                || match run {
+                    RunByName::Portal(name) => self.portals.contains(name),
+                    RunByName::Statement(name) => self.statements.contains(name),
+                }
+        })
+    }
 }
 
 impl FromClient {
@@ -279,6 +330,11 @@ impl FromClient {
             return Ok(());
         }
         let operations = classify_within_limit(&text);
+        if let Some(run) = self.protocol_names.run_in(&operations) {
+            let refusal = refusal_of_run_by_name(&self.session, &text, &operations, run).await;
+            self.refuse_in_place(Kind::RefusedQuery, refusal);
+            return Ok(());
+        }
         let judged = judge(&self.session, &operations);
         match admit(&self.session, &text, &operations, &judged, String::new()).await {
             Ok(admitted) => {
@@ -328,10 +384,18 @@ impl FromClient {
             return Ok(());
         }
         let prepared = Arc::new(Prepared::new(&self.session, text, parameter_types));
+        if let Some(run) = self.protocol_names.run_in(&prepared.operations) {
+            let refusal =
+                refusal_of_run_by_name(&self.session, &prepared.text, &prepared.operations, run)
+                    .await;
+            self.refuse_extended_in_place(refusal);
+            return Ok(());
+        }
         if let Some(refusal) = refusal_before_execute(&self.session, &prepared, "").await {
             self.refuse_extended_in_place(refusal);
             return Ok(());
         }
+        self.protocol_names.note_statement(&name);
         let mut parse = Pending::new(Kind::Parse, None);
         // Its errors may quote the statement's constants, as any of the
         // statement's own errors may.
@@ -365,6 +429,7 @@ impl FromClient {
         // functions of constants: their errors and notices are the
         // statement's, and redacted as its own are.
         bind.reads_masked = prepared.judged.reads_masked;
+        self.protocol_names.note_portal(&portal);
         bind.bind = Some((portal, (prepared, parameters)));
         self.forward_unless_skipped(bind, frame);
         Ok(())

@@ -33,7 +33,7 @@ use super::{
 use crate::{
     audit::{record, AuditError, AuditRecord, Durable, SharedText},
     identity::Principal,
-    policy::{Decision, Operation, RecordResults, Request, StatementKind},
+    policy::{Decision, Operation, RecordResults, Request, RunByName, StatementKind},
     proxy::tls::BoxedIo,
     proxy::{now_millis, set_class, Connection, Shared},
 };
