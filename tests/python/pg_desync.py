@@ -27,6 +27,10 @@ Scenarios:
               In a transaction block: Parse (unnamed) of FIRST_SQL + Bind
               of portal "p" + Sync, no Execute; then Query(SECOND_SQL)
               (a FETCH of "p"); then COMMIT.
+  fetch_parsed_first
+              In a transaction block: Parse "f" of SECOND_SQL (a FETCH of
+              "p") + Sync; Parse (unnamed) of FIRST_SQL + Bind of portal
+              "p" + Sync; Bind (unnamed) of "f" + Execute + Sync; COMMIT.
   bind_only   Parse (unnamed) of FIRST_SQL + Bind + Sync, no Execute (the
               server plans a statement at Bind); then Query(SECOND_SQL).
   copy_data_sync
@@ -139,6 +143,26 @@ def main():
         )
         answers += read_until(sock, [b"Z"])
         sock.sendall(msg(b"Q", cstr(second)))
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(msg(b"Q", cstr("COMMIT")))
+        answers += read_until(sock, [b"Z"])
+    elif scenario == "fetch_parsed_first":
+        no_formats = struct.pack("!hhh", 0, 0, 0)
+        sock.sendall(msg(b"Q", cstr("BEGIN")))
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(msg(b"P", cstr("f") + cstr(second) + struct.pack("!h", 0)) + sync)
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(
+            msg(b"P", cstr("") + cstr(first) + struct.pack("!h", 0))
+            + msg(b"B", cstr("p") + cstr("") + no_formats)
+            + sync
+        )
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(
+            msg(b"B", cstr("") + cstr("f") + no_formats)
+            + msg(b"E", cstr("") + struct.pack("!i", 0))
+            + sync
+        )
         answers += read_until(sock, [b"Z"])
         sock.sendall(msg(b"Q", cstr("COMMIT")))
         answers += read_until(sock, [b"Z"])

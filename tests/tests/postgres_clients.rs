@@ -1963,36 +1963,40 @@ fn a_protocol_portal_is_not_run_by_sql_fetch() {
     let Some((stack, token)) = start("a_protocol_portal_is_not_run_by_sql_fetch") else {
         return;
     };
-    let answers = raw_protocol_json(
-        &stack,
-        "pg_desync.py",
-        &token,
-        &[
-            "fetch_portal",
-            "UPDATE customers SET name = 'fetched' WHERE id = 1 RETURNING id",
-            "FETCH ALL FROM p",
-        ],
-    );
-    let errors = tagged(&answers, "E");
-    assert!(
-        errors.iter().any(|e| e["sqlstate"] == "42501"
-            && e["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("protocol:run_by_name")),
-        "{answers}"
-    );
-    assert_eq!(
-        stack
-            .postgres
-            .superuser_sql_ok(
-                "orders",
-                "SELECT count(*) FROM customers WHERE name = 'fetched'"
-            )
-            .expect("count"),
-        "0",
-        "the UPDATE ran: {answers}"
-    );
+    // As a Query; and parsed before the portal existed, then run by a
+    // protocol Execute.
+    for scenario in ["fetch_portal", "fetch_parsed_first"] {
+        let answers = raw_protocol_json(
+            &stack,
+            "pg_desync.py",
+            &token,
+            &[
+                scenario,
+                "UPDATE customers SET name = 'fetched' WHERE id = 1 RETURNING id",
+                "FETCH ALL FROM p",
+            ],
+        );
+        let errors = tagged(&answers, "E");
+        assert!(
+            errors.iter().any(|e| e["sqlstate"] == "42501"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("protocol:run_by_name")),
+            "{scenario}: {answers}"
+        );
+        assert_eq!(
+            stack
+                .postgres
+                .superuser_sql_ok(
+                    "orders",
+                    "SELECT count(*) FROM customers WHERE name = 'fetched'"
+                )
+                .expect("count"),
+            "0",
+            "{scenario}: the UPDATE ran: {answers}"
+        );
+    }
     stack
         .audit_rows(
             "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:run_by_name'",

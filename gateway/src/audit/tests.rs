@@ -1277,3 +1277,37 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
         r.problems
     );
 }
+
+/// A lazy record is written within LAZY_WAIT of its arrival even while
+/// more lazy records keep coming (a flood of refused connections): the
+/// wait for an urgent record to share the sync does not start over with
+/// each one.
+#[tokio::test]
+async fn lazy_records_are_written_soon_while_more_keep_coming() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let first = log.submit_lazy(sample(0, now));
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(first.await);
+    });
+    // One every 5 ms (well inside the 20 ms wait) for two seconds.
+    let mut written_while_coming = false;
+    for i in 1..400 {
+        // Not awaited: a session drops a lazy record's result likewise.
+        drop(log.submit_lazy(sample(i, now + i as i64)));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        if let Ok(result) = rx.try_recv() {
+            result.expect("the first lazy record written");
+            written_while_coming = true;
+            break;
+        }
+    }
+    assert!(
+        written_while_coming,
+        "the first lazy record waited for the stream of lazy records to stop"
+    );
+    log.shutdown().await;
+}

@@ -112,7 +112,8 @@ pub fn incomplete_cgroups(
     configured: &[ConfiguredCgroup],
 ) -> Vec<IncompleteCgroup> {
     let mut pinned: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for p in programs {
+    // A link whose cgroup is gone guards nothing, and no one can run there.
+    for p in programs.iter().filter(|p| p.attached_to != DETACHED) {
         if AGENT_CGROUP_PROGRAMS.contains(&p.program.as_str()) {
             pinned
                 .entry(p.attached_to.as_str())
@@ -453,6 +454,16 @@ mod tests {
         assert_eq!(found[0].cgroup, "cgroup id 77");
         assert_eq!(found[0].missing.len(), AGENT_CGROUP_PROGRAMS.len() - 1);
         assert!(!found[0].missing.contains(&"tollgate_connect4"));
+    }
+
+    /// A partial set on a cgroup that is gone (its links say cgroup 0)
+    /// guards nothing and can hold no agent: it does not fail status.
+    #[test]
+    fn links_whose_cgroup_is_gone_are_no_incomplete_cgroup() {
+        let agents = [configured("/sys/fs/cgroup/agents", Some("42"))];
+        let mut programs = pins("42", &[]);
+        programs.push(pinned("tollgate_connect4", DETACHED));
+        assert!(incomplete_cgroups(&programs, &agents).is_empty());
     }
 
     #[test]

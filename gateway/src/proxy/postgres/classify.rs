@@ -719,7 +719,7 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
                 | Statement::AlterFunction(_)
                 | Statement::AlterOperator(_)
         ),
-        moves_names: moves_names(statement),
+        moves_names: moves_names(statement) || walker.moves_names,
         runs_by_name: std::mem::take(&mut walker.runs_by_name),
         may_call_by_name: std::mem::take(&mut walker.may_call_by_name),
         dangers: walker.dangers,
@@ -851,7 +851,11 @@ fn moves_names(statement: &Statement) -> bool {
     match statement {
         // A rule rewrites what a relation's name gives (a view's is its
         // `_RETURN` rule).
-        Statement::AlterSchema(_) | Statement::AlterView { .. } | Statement::CreateRule(_) => true,
+        // ALTER INDEX ... RENAME renames any relation, tables and views too.
+        Statement::AlterSchema(_)
+        | Statement::AlterView { .. }
+        | Statement::AlterIndex { .. }
+        | Statement::CreateRule(_) => true,
         Statement::CreateView(create) => create.or_replace,
         Statement::AlterTable(alter) => alter.operations.iter().any(|op| {
             matches!(
@@ -1030,6 +1034,23 @@ fn set_config_turns_off_standard_strings(args: Option<&[FunctionArg]>) -> bool {
     }) && !literal(1).is_some_and(|value| word_is_on(&value))
 }
 
+/// Whether a call of `set_config` with `args` may set what names resolve
+/// to or whom the session acts as: search_path, role,
+/// session_authorization, or a setting not named by a literal.
+fn set_config_moves_names(args: Option<&[FunctionArg]>) -> bool {
+    match args.and_then(|args| args.first()) {
+        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(value)))) => {
+            value.clone().into_string().is_none_or(|name| {
+                matches!(
+                    name.trim().to_ascii_lowercase().as_str(),
+                    "search_path" | "role" | "session_authorization"
+                )
+            })
+        }
+        _ => true,
+    }
+}
+
 const ADMIN_SETTINGS: &[&str] = &[
     "role",
     "session_authorization",
@@ -1128,6 +1149,10 @@ struct Walker {
     changes_encoding: bool,
     /// A `set_config` of standard_conforming_strings to other than on.
     turns_off_standard_strings: bool,
+    /// A `set_config` of search_path, role or session_authorization (or of
+    /// a setting it does not name as a literal): see
+    /// [`Operation::moves_names`].
+    moves_names: bool,
     /// Expressions open at this point of the walk, and the most at once
     /// (or the longest chain of set operations, if longer).
     expr_depth: usize,
@@ -1286,6 +1311,9 @@ impl Walker {
         }
         if last == "set_config" && set_config_turns_off_standard_strings(args) {
             self.turns_off_standard_strings = true;
+        }
+        if last == "set_config" && set_config_moves_names(args) {
+            self.moves_names = true;
         }
     }
 }
@@ -2623,6 +2651,10 @@ mod tests {
             "SET LOCAL search_path = hr",
             "SET ROLE postgres",
             "SET SESSION AUTHORIZATION postgres",
+            "ALTER INDEX hr.people RENAME TO staff",
+            "SELECT set_config('search_path', 'hr', false)",
+            "SELECT set_config('role', 'postgres', false)",
+            "SELECT set_config(current_setting('x.y'), 'hr', false)",
         ] {
             assert!(one(sql).moves_names, "{sql}");
         }
@@ -2642,6 +2674,7 @@ mod tests {
             "CREATE VIEW v AS SELECT 1",
             "SET application_name = 'x'",
             "SET TIME ZONE 'UTC'",
+            "SELECT set_config('application_name', 'x', false)",
         ] {
             assert!(!one(sql).moves_names, "{sql}");
         }

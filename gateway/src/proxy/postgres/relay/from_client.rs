@@ -420,6 +420,15 @@ impl FromClient {
             MAX_PARAMETERS_BYTES,
         )
         .map_err(in_message("Bind"))?;
+        // A portal or statement the protocol made since this statement's
+        // Parse may be what it runs by name.
+        if let Some(run) = self.protocol_names.run_in(&prepared.operations) {
+            let refusal =
+                refusal_of_run_by_name(&self.session, &prepared.text, &prepared.operations, run)
+                    .await;
+            self.refuse_extended_in_place(refusal);
+            return Ok(());
+        }
         if let Some(refusal) = refusal_before_execute(&self.session, &prepared, &parameters).await {
             self.refuse_extended_in_place(refusal);
             return Ok(());
@@ -444,6 +453,14 @@ impl FromClient {
             .resolve(|f| f.portal(&portal))
             .await?
             .unwrap_or_else(|| (Arc::new(Prepared::unknown(&self.session)), String::new()));
+        // As at its Bind: a name may have been made since.
+        if let Some(run) = self.protocol_names.run_in(&prepared.operations) {
+            let refusal =
+                refusal_of_run_by_name(&self.session, &prepared.text, &prepared.operations, run)
+                    .await;
+            self.refuse_extended_in_place(refusal);
+            return Ok(());
+        }
         let admitted = admit(
             &self.session,
             &prepared.text,
@@ -657,7 +674,12 @@ fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
 /// visible ways are refused by policy (`encoding:client_encoding`).
 fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bool {
     match operations {
-        Ok(operations) => operations.iter().any(|op| op.calls_functions),
+        // A FETCH, EXECUTE or CALL runs code its text does not show; so
+        // may a name the session knows as a function of the database's
+        // own (`judge` marks it).
+        Ok(operations) => operations
+            .iter()
+            .any(|op| op.calls_functions || op.opaque_result || op.calls_unknown_functions),
         Err(_) => true,
     }
 }
@@ -713,5 +735,29 @@ async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
     Refusal {
         code: SQLSTATE_POLICY.into(),
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What may change how the server reads later text without a call in
+    /// its own text: a function call, and a FETCH, EXECUTE or CALL, which
+    /// run code the text does not show.
+    #[test]
+    fn statements_that_run_unseen_code_may_change_the_encoding_unseen() {
+        for sql in [
+            "SELECT app.f()",
+            "FETCH ALL FROM c",
+            "EXECUTE s",
+            "CALL p()",
+            "EXPLAIN ANALYZE EXECUTE s",
+        ] {
+            assert!(may_change_encoding_unseen(&classify(sql)), "{sql}");
+        }
+        for sql in ["SELECT 1", "SELECT id FROM customers", "BEGIN"] {
+            assert!(!may_change_encoding_unseen(&classify(sql)), "{sql}");
+        }
     }
 }
