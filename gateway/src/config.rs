@@ -428,6 +428,26 @@ impl Config {
         Ok(())
     }
 
+    /// Why `ip` cannot be where a TCP connection goes, if it cannot: the
+    /// unspecified address (in any of its forms), multicast, broadcast.
+    fn not_a_destination(ip: std::net::IpAddr) -> Option<&'static str> {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if ip.is_unspecified() {
+            return Some("the unspecified address");
+        }
+        if ip.is_multicast() {
+            return Some("a multicast address");
+        }
+        match ip {
+            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+            _ => None,
+        }
+    }
+
     /// Checks that span several keys.
     fn check(&self) -> Result<(), (String, String)> {
         if self.targets.is_empty() {
@@ -466,6 +486,19 @@ impl Config {
                 return Err((
                     format!("target[{i}].name"),
                     format!("duplicate target name {:?}", target.name),
+                ));
+            }
+            // Connections never go to these: the kernel sends one to
+            // 0.0.0.0 or :: to a local address instead, which the redirect
+            // and the evidence then see, so a target written so would
+            // protect nothing and verify would match nothing.
+            if let Some(why) = Self::not_a_destination(target.address.ip()) {
+                return Err((
+                    format!("target[{i}].address"),
+                    format!(
+                        "{} is {why}: no connection goes there; give the address agents connect to (127.0.0.1, the server's own)",
+                        target.address
+                    ),
                 ));
             }
             // The redirect map holds one listener per address, as its key
@@ -645,6 +678,31 @@ mod tests {
                 "{second}: {err}"
             );
         }
+    }
+
+    /// A target at an address no connection goes to (the kernel sends one
+    /// to 0.0.0.0 or :: to a local address) would protect nothing, and
+    /// verify would match nothing: refused, in every form.
+    #[test]
+    fn a_target_at_an_address_no_connection_goes_to_is_refused() {
+        for address in [
+            "0.0.0.0:5432",
+            "[::]:5432",
+            "[::ffff:0.0.0.0]:5432",
+            "255.255.255.255:5432",
+            "224.0.0.1:5432",
+            "[ff02::1]:5432",
+        ] {
+            let text = with_targets(1, |_, t| t.replace("10.0.0.10:5432", address));
+            let err = Config::parse(&text, "tollgate.toml").expect_err(address);
+            assert_eq!(err.key, "target[0].address", "{address}: {err}");
+            assert!(
+                err.reason.contains("no connection goes there"),
+                "{address}: {err}"
+            );
+        }
+        let text = with_targets(1, |_, t| t.replace("10.0.0.10:5432", "[::1]:5432"));
+        assert!(Config::parse(&text, "tollgate.toml").is_ok());
     }
 
     /// More targets than the kernel's maps hold are refused when the file is
