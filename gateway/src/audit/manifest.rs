@@ -93,15 +93,105 @@ pub struct BadLine {
 }
 
 /// Longest manifest line read. A segment entry is a few hundred bytes; a
-/// retention entry lists at most [`MAX_REMOVED_PER_ENTRY`] segments. A
-/// longer line is damage, and reading it whole could take all memory (a
-/// sparse file of terabytes costs no disk).
-pub const MAX_LINE_BYTES: usize = 64 << 20;
+/// retention entry lists at most [`MAX_REMOVED_PER_ENTRY`] segments (an
+/// older version wrote one entry for all, which could pass 64 MiB). A
+/// longer line is damage. The zeros of a file made huge without costing
+/// disk (sparse) end a line long before this: see [`read_line`].
+pub const MAX_LINE_BYTES: usize = 1 << 30;
 
 /// Most segments one retention entry lists, so that its line stays well
 /// within [`MAX_LINE_BYTES`] (each is under 200 bytes): a larger removal
 /// is written as several entries.
 pub const MAX_REMOVED_PER_ENTRY: usize = 100_000;
+
+/// How [`read_line`] stopped.
+pub(crate) enum LineEnd {
+    Newline,
+    /// A zero byte (not kept in the line).
+    Zero,
+    /// The end of the file.
+    End,
+    TooLong,
+}
+
+/// Appends to `line` the bytes up to the next newline or zero byte (not
+/// included), or the end of the file, or `cap` bytes.
+pub(crate) fn read_line(
+    reader: &mut impl io::BufRead,
+    line: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<LineEnd> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(LineEnd::End);
+        }
+        match buf.iter().position(|&b| b == b'\n' || b == 0) {
+            Some(i) => {
+                let end = match buf[i] {
+                    b'\n' => LineEnd::Newline,
+                    _ => LineEnd::Zero,
+                };
+                line.extend_from_slice(&buf[..i]);
+                reader.consume(i + 1);
+                return Ok(end);
+            }
+            None => {
+                let n = buf.len();
+                line.extend_from_slice(buf);
+                reader.consume(n);
+                if line.len() > cap {
+                    return Ok(LineEnd::TooLong);
+                }
+            }
+        }
+    }
+}
+
+/// Whether `file` holds only zeros from `from` to its end. Only its data
+/// is read (SEEK_DATA, SEEK_HOLE): a hole reads as zeros, so a sparse file
+/// of terabytes is judged at the cost of what it stores.
+fn only_zeros_from(file: &std::fs::File, from: u64) -> io::Result<bool> {
+    use std::os::{fd::AsRawFd, unix::fs::FileExt};
+    let len = file.metadata()?.len();
+    let seek = |at: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let at = i64::try_from(at).map_err(|_| io::Error::other("offset out of range"))?;
+        // SAFETY: lseek on a descriptor this function borrows; it moves
+        // only the file's offset, which the reads here do not use.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        match r {
+            r if r >= 0 => Ok(Some(r as u64)),
+            _ => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+        }
+    };
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pos = from;
+    while pos < len {
+        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
+            return Ok(true);
+        };
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut at = data;
+        while at < end {
+            let want = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let n = file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        pos = end.max(pos + 1);
+    }
+    Ok(true)
+}
 
 impl Manifest {
     /// Reads the manifest. Returns the good prefix and, if a line does not
@@ -109,7 +199,6 @@ impl Manifest {
     /// line at a time: memory holds the lines, never more than one line
     /// beyond them.
     pub fn read(dir: &Path) -> io::Result<(Manifest, Option<BadLine>)> {
-        use std::io::{BufRead, Read};
         let file = match super::fsutil::open_regular(&dir.join(FILE)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -120,28 +209,38 @@ impl Manifest {
         let mut reader = io::BufReader::new(file);
         let mut m = Manifest::default();
         let mut line = Vec::new();
+        let mut offset = 0u64;
         loop {
             line.clear();
-            let n = (&mut reader)
-                .take(MAX_LINE_BYTES as u64 + 1)
-                .read_until(b'\n', &mut line)?;
-            if n == 0 {
-                return Ok((m, None));
-            }
+            let end = read_line(&mut reader, &mut line, MAX_LINE_BYTES)?;
             let at = m.lines.len();
             let bad = |reason: String, torn: bool| BadLine {
                 line: at,
                 reason,
                 torn,
             };
-            if line.last() != Some(&b'\n') {
-                let bad = match line.len() > MAX_LINE_BYTES {
-                    true => bad(format!("a line longer than {MAX_LINE_BYTES} bytes"), false),
-                    false => bad("unterminated last line".into(), true),
-                };
-                return Ok((m, Some(bad)));
+            match end {
+                LineEnd::Newline => {}
+                LineEnd::End if line.is_empty() => return Ok((m, None)),
+                LineEnd::End => return Ok((m, Some(bad("unterminated last line".into(), true)))),
+                LineEnd::TooLong => {
+                    let reason = format!("a line longer than {MAX_LINE_BYTES} bytes");
+                    return Ok((m, Some(bad(reason, false))));
+                }
+                // A crash can leave an append's blocks allocated and zero:
+                // a torn append, when nothing but zeros follows. A zero byte
+                // anywhere else is damage (JSON text has none).
+                LineEnd::Zero => {
+                    let zero_at = offset + line.len() as u64;
+                    let torn = only_zeros_from(reader.get_ref(), zero_at)?;
+                    let reason = match torn {
+                        true => "unterminated last line (zeros to the end of the file)".into(),
+                        false => format!("a zero byte at offset {zero_at}"),
+                    };
+                    return Ok((m, Some(bad(reason, torn))));
+                }
             }
-            line.pop();
+            offset += line.len() as u64 + 1;
             match serde_json::from_slice::<Entry>(&line) {
                 Ok(e) => m.push(line.clone(), e),
                 Err(e) => return Ok((m, Some(bad(e.to_string(), false)))),

@@ -591,21 +591,18 @@ fn check_segments(
 }
 
 /// The whole lines of a manifest file set aside, up to the first that is
-/// longer than any the daemon writes (what follows it is not counted: a
-/// sparse file of terabytes would otherwise be read to its end).
+/// longer than any the daemon writes or holds a zero byte (what follows is
+/// not counted: a sparse file of terabytes would otherwise be read to its
+/// end).
 fn count_lines(path: &Path) -> io::Result<usize> {
-    use std::io::{BufRead, Read};
     let mut reader = io::BufReader::new(super::fsutil::open_regular(path)?);
     let (mut lines, mut line) = (0, Vec::new());
     loop {
         line.clear();
-        let n = (&mut reader)
-            .take(super::manifest::MAX_LINE_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line)?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            return Ok(lines);
+        match super::manifest::read_line(&mut reader, &mut line, super::manifest::MAX_LINE_BYTES)? {
+            super::manifest::LineEnd::Newline => lines += 1,
+            _ => return Ok(lines),
         }
-        lines += 1;
     }
 }
 
