@@ -61,10 +61,11 @@ pub enum KeyLoadError {
 
 /// Reads a `jwks_file`: the keys every token is checked against, so only
 /// a file its owner alone could have written is trusted. It must be a
-/// regular file (not reached through a symlink of its own name), owned by
-/// root or the daemon's user and writable by no one else, in directories
-/// likewise root's or the daemon's and writable by no one else unless
-/// sticky, and at most [`MAX_DOCUMENT_BYTES`] long. Otherwise anyone who
+/// regular file, owned by root or the daemon's user and writable by no
+/// one else, in directories likewise root's or the daemon's and writable
+/// by no one else unless sticky (those of the path as written and those
+/// where it really leads, through any symlink), and at most
+/// [`MAX_DOCUMENT_BYTES`] long. Otherwise anyone who
 /// could write it could add a key of their own, and sign tokens for any
 /// identity at the next refresh, which any token naming an unknown kid
 /// brings on.
@@ -89,39 +90,31 @@ pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, KeyLoadError> {
         }
         Ok(())
     };
-    // The directories as they really are (a symlinked directory resolved),
-    // then the file in them, itself not followed if a symlink.
+    // Every directory on the way as written (a symlink there is judged by
+    // the directory that holds it and by where it leads), then the file
+    // where the path really leads (a Kubernetes secret's file is a symlink
+    // into a directory beside it), opened without following anything more.
     let fetch = |e: std::io::Error| KeyLoadError::Fetch(format!("reading {}: {e}", path.display()));
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(refuse("not a file name".into()));
-    };
-    let parent = if parent.as_os_str().is_empty() {
-        std::path::Path::new(".")
-    } else {
-        parent
-    };
-    let parent = parent.canonicalize().map_err(fetch)?;
-    let real = parent.join(name);
+    let written = std::path::absolute(path).map_err(fetch)?;
+    let real = written.canonicalize().map_err(fetch)?;
+    for dir in written.ancestors().skip(1).chain(real.ancestors().skip(1)) {
+        let meta = std::fs::symlink_metadata(dir)
+            .map_err(|e| KeyLoadError::Fetch(format!("{}: {e}", dir.display())))?;
+        if meta.is_symlink() {
+            continue;
+        }
+        owned_safely(&meta, &format!("its directory {}", dir.display()))?;
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(&real)
-        .map_err(|e| {
-            KeyLoadError::Fetch(format!(
-                "reading {} (a symlink is refused): {e}",
-                path.display()
-            ))
-        })?;
+        .map_err(fetch)?;
     let meta = file.metadata().map_err(fetch)?;
     if !meta.is_file() {
         return Err(refuse("not a regular file".into()));
     }
     owned_safely(&meta, "the file")?;
-    for dir in parent.ancestors() {
-        let meta = std::fs::symlink_metadata(dir)
-            .map_err(|e| KeyLoadError::Fetch(format!("{}: {e}", dir.display())))?;
-        owned_safely(&meta, &format!("its directory {}", dir.display()))?;
-    }
     let mut bytes = Vec::new();
     file.take(MAX_DOCUMENT_BYTES as u64 + 1)
         .read_to_end(&mut bytes)

@@ -608,8 +608,8 @@ async fn a_session_ends_with_its_token_unless_the_config_keeps_it() {
 }
 
 /// The key file is the trust anchor: one that someone other than root or
-/// tollgate's user could write (the file, or a directory it is in), one
-/// reached through a symlink of its own name, or one over a megabyte is
+/// tollgate's user could write (the file, or a directory it is in or a
+/// symlink leads through), or one over a megabyte is
 /// refused, at the check and at start (whose loading every refresh
 /// shares), naming what is wrong.
 #[tokio::test]
@@ -655,10 +655,22 @@ async fn a_key_file_others_could_write_is_not_trusted() {
     );
     chmod(dir.path(), 0o700);
 
+    // A symlink to it (as a Kubernetes secret's file is) leads to a file
+    // and directories that pass; one leading into a directory others may
+    // write does not.
     let link = dir.path().join("link.json");
     std::os::unix::fs::symlink(&keys, &link).expect("symlink");
-    let check = refused(&at(&link));
-    assert!(check.contains("a symlink is refused"), "{check}");
+    Verifier::check(&at(&link)).expect("a symlink to a safe file");
+    let open_dir = tempfile::tempdir().expect("tempdir");
+    chmod(open_dir.path(), 0o777);
+    std::fs::copy(&keys, open_dir.path().join("jwks.json")).expect("copy");
+    let into_open = dir.path().join("into-open.json");
+    std::os::unix::fs::symlink(open_dir.path().join("jwks.json"), &into_open).expect("symlink");
+    let check = refused(&at(&into_open));
+    assert!(
+        check.contains("its directory") && check.contains("mode 777"),
+        "{check}"
+    );
 
     let huge = dir.path().join("huge.json");
     std::fs::write(&huge, vec![b' '; (1 << 20) + 1]).expect("write");
