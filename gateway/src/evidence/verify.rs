@@ -907,6 +907,15 @@ pub fn reconcile(
     let mut boot_began = i64::MIN;
     let mut interval_ms: Option<u64> = None;
     let mut judged_past_end = false;
+    // The window ends, in the stream's order, at its last loss record: a
+    // record dated past the end but written before one dated inside (a
+    // clock that ran ahead, then stepped back) is inside the window, and
+    // the record that judges the end is the first one after it.
+    let last_in_window = evidence
+        .iter()
+        .filter(|r| r.phase == phase::LOSS_COUNTERS && in_window(r.time))
+        .map(|r| r.sequence)
+        .max();
     for row in evidence
         .iter()
         .filter(|r| r.phase == phase::CONFIG || r.phase == phase::LOSS_COUNTERS)
@@ -938,7 +947,17 @@ pub fn reconcile(
                 continue;
             }
         };
-        let past_end = opts.to_ms.is_some_and(|to| row.time > to);
+        let dated_past_end = opts.to_ms.is_some_and(|to| row.time > to);
+        let before_last_in_window = last_in_window.is_some_and(|last| row.sequence < last);
+        let stepped_back = dated_past_end && before_last_in_window;
+        if stepped_back {
+            problems.push(format!(
+                "evidence record {} is dated after the window's end but was written before records \
+                 dated inside it: the clock stepped back; the window is judged in the stream's order",
+                row.sequence
+            ));
+        }
+        let past_end = dated_past_end && !before_last_in_window;
         let baseline = previous.take().map(|mut p| {
             if new_daemon {
                 p.user_space = UserSpaceCounters::default();
@@ -957,7 +976,7 @@ pub fn reconcile(
         if !past_end {
             interval_ms = Some(cumulative.interval_ms);
         }
-        if in_window(row.time) || past_end {
+        if in_window(row.time) || past_end || stepped_back {
             if delta.reserved_lost() > 0 {
                 report
                     .reserved_losses
@@ -1812,6 +1831,35 @@ mod tests {
             .map(|l| (l.evidence_sequence, l.events))
             .collect();
         assert_eq!(judged, [(3, 1)], "{}", summary(&r));
+    }
+
+    /// A clock that ran ahead, then stepped back: a loss record dated past
+    /// the window's end but written before records dated inside it is part
+    /// of the window, and the reserved drop in the record inside is judged
+    /// (it was skipped when the first record dated past the end ended the
+    /// window); the step is reported.
+    #[test]
+    fn a_record_dated_ahead_of_the_window_does_not_end_it_early() {
+        let evidence = vec![
+            start_at(1, T, "boot-1", None),
+            // Two hours ahead, then the clock is corrected.
+            counters_at(2, T + 7_200_000, 0, 0, 0),
+            counters_at(3, T + 5_000, 2, 0, 0),
+            counters_at(4, T + 10_000, 2, 0, 0),
+        ];
+        let r = reconciled_in(&evidence, &window(Some(T), Some(T + 3_600_000)));
+        assert!(!r.ok, "{}", summary(&r));
+        let judged: Vec<_> = r
+            .reserved_losses
+            .iter()
+            .map(|l| (l.evidence_sequence, l.events))
+            .collect();
+        assert_eq!(judged, [(3, 2)], "{}", summary(&r));
+        assert!(
+            summary(&r).contains("the clock stepped back"),
+            "{}",
+            summary(&r)
+        );
     }
 
     /// No loss record after the window's end: a problem once the stream ran
