@@ -96,8 +96,10 @@ pub fn handed_out_by_the_kernel(
         .collect()
 }
 
-/// Warns about listener ports the kernel may hand out by itself (see the
-/// module's comment). A warning, not a refusal: the bind programs still
+/// Warns about guarded ports (listeners', targets') the kernel may hand
+/// out by itself (see the module's comment): an agent given a local
+/// target's port while the database is down would be handed tollgate's
+/// login to it. A warning, not a refusal: the bind programs still
 /// stop every agent that names the port, and which ports the host
 /// reserves is the operator's decision (docs/pinning.md).
 pub fn warn_if_handed_out_by_the_kernel(ports: &BTreeSet<u16>) {
@@ -123,9 +125,11 @@ pub fn warn_if_handed_out_by_the_kernel(ports: &BTreeSet<u16>) {
             .join(",");
         warn!(
             ports = %list,
-            "listener ports inside the kernel's ephemeral range {}-{} and not reserved: while \
-             tollgate is down, an agent asking for any free port could be given one of them; \
-             add them to net.ipv4.ip_local_reserved_ports (docs/pinning.md)",
+            "listener or target ports inside the kernel's ephemeral range {}-{} and not \
+             reserved: an agent asking for any free port could be given one of them (a \
+             listener's while tollgate is down, a local target's while the database is, and \
+             then tollgate's login to it); add them to net.ipv4.ip_local_reserved_ports \
+             (docs/pinning.md)",
             range.0,
             range.1
         );
