@@ -173,6 +173,10 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
                 bad.reason
             );
         }
+        // A signed line was synced before it was signed: it is never a torn
+        // append. Cut only past what the newest checkpoint signs, and touch
+        // nothing otherwise (the file is the evidence).
+        signed_lines(&dir, &manifest, &signer)?;
         warn!(line = bad.line + 1, reason = %bad.reason, "dropping torn last manifest line");
         let file = fs::OpenOptions::new()
             .write(true)

@@ -1156,18 +1156,31 @@ fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
         .unwrap_or_else(|_| panic!("{what} did not finish within a minute"))
 }
 
-/// Why a start of the store at `cfg` is refused; it must be, within a
-/// minute (not block, nor read without end).
-fn start_refused_within_a_minute(cfg: &AuditConfig) -> String {
+/// Opens the store at `cfg` (and shuts it down), within a minute: not
+/// blocking, nor reading without end. Why it refused, if it did.
+fn start_within_a_minute(cfg: &AuditConfig) -> Option<String> {
     let start = cfg.clone();
     within_a_minute("a start", move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        runtime.block_on(async { AuditLog::open(&start).await.err().map(|e| format!("{e:#}")) })
+        runtime.block_on(async {
+            match AuditLog::open(&start).await {
+                Ok(log) => {
+                    log.shutdown().await;
+                    None
+                }
+                Err(e) => Some(format!("{e:#}")),
+            }
+        })
     })
-    .expect("refused")
+}
+
+/// Why a start of the store at `cfg` is refused; it must be, within a
+/// minute.
+fn start_refused_within_a_minute(cfg: &AuditConfig) -> String {
+    start_within_a_minute(cfg).expect("refused")
 }
 
 /// A file that is not a regular one where the store reads its own (a FIFO
@@ -1303,20 +1316,11 @@ async fn huge_sparse_files_are_reported_not_read() {
         "{:#?}",
         r.problems
     );
-    let start = cfg.clone();
-    within_a_minute("a start", move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            AuditLog::open(&start)
-                .await
-                .expect("starts")
-                .shutdown()
-                .await;
-        })
-    });
+    assert_eq!(
+        start_within_a_minute(&cfg),
+        None,
+        "starts over a torn append"
+    );
     assert_eq!(
         fs::metadata(&manifest).unwrap().len(),
         len,
@@ -1335,6 +1339,32 @@ async fn huge_sparse_files_are_reported_not_read() {
     assert!(
         err.contains("is damaged") && err.contains("a zero byte"),
         "{err}"
+    );
+}
+
+/// A signed line is never a torn append (lines are synced before they
+/// are signed): zeros from the middle of one to the end of the file stop
+/// the start, which cuts nothing off (the file is the evidence).
+#[tokio::test]
+async fn zeros_over_a_signed_line_stop_the_start_and_cut_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let manifest = cfg.dir.join(manifest::FILE);
+    let mut bytes = fs::read(&manifest).unwrap();
+    let last_line = bytes[..bytes.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    for b in &mut bytes[last_line + 10..] {
+        *b = 0;
+    }
+    fs::write(&manifest, &bytes).unwrap();
+    let err = start_refused_within_a_minute(&cfg);
+    assert!(err.contains("lines were removed"), "{err}");
+    assert_eq!(
+        fs::read(&manifest).unwrap(),
+        bytes,
+        "the manifest was changed"
     );
 }
 

@@ -911,9 +911,27 @@ pub fn reconcile(
     // record dated past the end but written before one dated inside (a
     // clock that ran ahead, then stepped back) is inside the window, and
     // the record that judges the end is the first one after it.
+    // Within the daemon's run that wrote the first record dated past the
+    // end: a later run (a start, a boot with its clock unset) has its own
+    // clock errors, which do not reach back into this window.
+    let first_past_end = opts.to_ms.and_then(|to| {
+        evidence
+            .iter()
+            .filter(|r| r.phase == phase::LOSS_COUNTERS && r.time > to)
+            .map(|r| r.sequence)
+            .min()
+    });
+    let next_run = first_past_end.and_then(|past| {
+        evidence
+            .iter()
+            .filter(|r| r.phase == phase::CONFIG && r.sequence > past)
+            .map(|r| r.sequence)
+            .min()
+    });
     let last_in_window = evidence
         .iter()
         .filter(|r| r.phase == phase::LOSS_COUNTERS && in_window(r.time))
+        .filter(|r| next_run.is_none_or(|next| r.sequence < next))
         .map(|r| r.sequence)
         .max();
     for row in evidence
@@ -1857,6 +1875,28 @@ mod tests {
         assert_eq!(judged, [(3, 2)], "{}", summary(&r));
         assert!(
             summary(&r).contains("the clock stepped back"),
+            "{}",
+            summary(&r)
+        );
+    }
+
+    /// A later run whose clock started far behind (a boot without a set
+    /// clock) does not reach back into an earlier window: its records
+    /// dated inside the window do not widen it.
+    #[test]
+    fn a_later_run_dated_inside_the_window_does_not_widen_it() {
+        let evidence = vec![
+            start_at(1, T, "boot-1", None),
+            counters_at(2, T + 5_000, 0, 0, 0),
+            counters_at(3, T + 10_000, 0, 0, 0),
+            counters_at(4, T + 15_000, 0, 0, 0),
+            // The next boot, its clock back at the window's start.
+            start_at(5, T + 1, "boot-2", None),
+            counters_at(6, T + 2, 0, 0, 0),
+        ];
+        let r = reconciled_in(&evidence, &window(Some(T), Some(T + 9_000)));
+        assert!(
+            !summary(&r).contains("the clock stepped back"),
             "{}",
             summary(&r)
         );

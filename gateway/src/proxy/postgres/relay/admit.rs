@@ -298,8 +298,9 @@ pub(super) async fn refusal_while_reading_unsure(session: &Session, text: &str) 
             &operations,
             "encoding:unsure",
             "a statement with a backslash or non-ASCII text may not follow, before a Sync, \
-             an Execute that calls a function tollgate cannot look into (it may change how the \
-             server reads text, which the server reports only at the Sync): send a Sync first",
+             an Execute that runs code tollgate cannot look into (a function, FETCH, EXECUTE, \
+             CALL: it may change how the server reads text, which the server reports only at \
+             the Sync): send a Sync first",
         )
         .await,
     )
@@ -316,14 +317,18 @@ pub(super) async fn refusal_of_run_by_name(
     operations: &Result<Vec<Operation>, String>,
     run: &RunByName,
 ) -> Refusal {
-    let (what, name) = match run {
-        RunByName::Portal(name) => ("portal", name),
-        RunByName::Statement(name) => ("prepared statement", name),
-    };
     let record = request_record(session, text, operations, String::new());
+    let named = match run {
+        // Text tollgate could not parse (see `ProtocolNames::run_in`).
+        RunByName::Portal(name) if name.is_empty() => {
+            "text tollgate cannot parse that says FETCH, MOVE or EXECUTE".to_owned()
+        }
+        RunByName::Portal(name) => format!("portal {name:?}"),
+        RunByName::Statement(name) => format!("prepared statement {name:?}"),
+    };
     let reason = format!(
-        "{what} {name:?} may be one made through the protocol, whose statement is recorded only \
-         when a protocol Execute runs it: run it with Bind and Execute, not from SQL"
+        "{named} may run a portal or statement made through the protocol, whose statement is \
+         recorded only when a protocol Execute runs it: run it with Bind and Execute, not from SQL"
     );
     refuse_denied(
         session,

@@ -128,6 +128,21 @@ struct FromClient {
     protocol_names: ProtocolNames,
 }
 
+/// What [`ProtocolNames::run_in`] gives for text it cannot parse that may
+/// run a portal or statement by name.
+static UNPARSED_RUN: RunByName = RunByName::Portal(String::new());
+
+/// Whether `text` holds the word `fetch`, `move` or `execute` (any case),
+/// outside nothing: a conservative test for text the parser could not read.
+fn names_a_run(text: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .any(|word| {
+            ["fetch", "move", "execute"]
+                .iter()
+                .any(|w| word.eq_ignore_ascii_case(w))
+        })
+}
+
 /// Most names of each kind [`ProtocolNames`] keeps; past them, any SQL
 /// FETCH or EXECUTE is refused, since its name may be one not kept.
 const MAX_PROTOCOL_NAMES: usize = 10_000;
@@ -163,8 +178,22 @@ impl ProtocolNames {
     }
 
     /// What in `operations` SQL runs by a name the protocol may have used.
-    fn run_in<'a>(&self, operations: &'a Result<Vec<Operation>, String>) -> Option<&'a RunByName> {
-        let ops = operations.as_ref().ok()?;
+    /// Text tollgate cannot parse (`MOVE`, some forms of `FETCH`) that says
+    /// `fetch`, `move` or `execute` may run one too, once the protocol has
+    /// made any: [`UNPARSED_RUN`] stands for it.
+    fn run_in<'a>(
+        &self,
+        operations: &'a Result<Vec<Operation>, String>,
+        text: &str,
+    ) -> Option<&'a RunByName> {
+        let ops = match operations {
+            Ok(ops) => ops,
+            Err(_) => {
+                let made_any =
+                    self.overflowed || !self.portals.is_empty() || !self.statements.is_empty();
+                return (made_any && names_a_run(text)).then_some(&UNPARSED_RUN);
+            }
+        };
         ops.iter().flat_map(|op| &op.runs_by_name).find(|run| {
             self.overflowed
                 || match run {
@@ -330,7 +359,7 @@ impl FromClient {
             return Ok(());
         }
         let operations = classify_within_limit(&text);
-        if let Some(run) = self.protocol_names.run_in(&operations) {
+        if let Some(run) = self.protocol_names.run_in(&operations, &text) {
             let refusal = refusal_of_run_by_name(&self.session, &text, &operations, run).await;
             self.refuse_in_place(Kind::RefusedQuery, refusal);
             return Ok(());
@@ -356,6 +385,23 @@ impl FromClient {
             Err(refusal) => self.refuse_in_place(Kind::RefusedQuery, refusal),
         }
         Ok(())
+    }
+
+    /// Refuses in place (see [`refusal_of_run_by_name`]) a prepared
+    /// statement that runs by name a portal or statement the protocol made;
+    /// whether it did. Checked at its Parse, Bind and Execute: the name may
+    /// have been made since the Parse.
+    async fn refused_as_run_by_name(&mut self, prepared: &Prepared) -> bool {
+        let Some(run) = self
+            .protocol_names
+            .run_in(&prepared.operations, &prepared.text)
+        else {
+            return false;
+        };
+        let refusal =
+            refusal_of_run_by_name(&self.session, &prepared.text, &prepared.operations, run).await;
+        self.refuse_extended_in_place(refusal);
+        true
     }
 
     /// FunctionCall runs a server function by OID with no SQL for the
@@ -384,11 +430,7 @@ impl FromClient {
             return Ok(());
         }
         let prepared = Arc::new(Prepared::new(&self.session, text, parameter_types));
-        if let Some(run) = self.protocol_names.run_in(&prepared.operations) {
-            let refusal =
-                refusal_of_run_by_name(&self.session, &prepared.text, &prepared.operations, run)
-                    .await;
-            self.refuse_extended_in_place(refusal);
+        if self.refused_as_run_by_name(&prepared).await {
             return Ok(());
         }
         if let Some(refusal) = refusal_before_execute(&self.session, &prepared, "").await {
@@ -422,11 +464,7 @@ impl FromClient {
         .map_err(in_message("Bind"))?;
         // A portal or statement the protocol made since this statement's
         // Parse may be what it runs by name.
-        if let Some(run) = self.protocol_names.run_in(&prepared.operations) {
-            let refusal =
-                refusal_of_run_by_name(&self.session, &prepared.text, &prepared.operations, run)
-                    .await;
-            self.refuse_extended_in_place(refusal);
+        if self.refused_as_run_by_name(&prepared).await {
             return Ok(());
         }
         if let Some(refusal) = refusal_before_execute(&self.session, &prepared, &parameters).await {
@@ -454,11 +492,7 @@ impl FromClient {
             .await?
             .unwrap_or_else(|| (Arc::new(Prepared::unknown(&self.session)), String::new()));
         // As at its Bind: a name may have been made since.
-        if let Some(run) = self.protocol_names.run_in(&prepared.operations) {
-            let refusal =
-                refusal_of_run_by_name(&self.session, &prepared.text, &prepared.operations, run)
-                    .await;
-            self.refuse_extended_in_place(refusal);
+        if self.refused_as_run_by_name(&prepared).await {
             return Ok(());
         }
         let admitted = admit(
@@ -674,12 +708,10 @@ fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
 /// visible ways are refused by policy (`encoding:client_encoding`).
 fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bool {
     match operations {
-        // A FETCH, EXECUTE or CALL runs code its text does not show; so
-        // may a name the session knows as a function of the database's
-        // own (`judge` marks it).
+        // A FETCH, EXECUTE or CALL runs code its text does not show.
         Ok(operations) => operations
             .iter()
-            .any(|op| op.calls_functions || op.opaque_result || op.calls_unknown_functions),
+            .any(|op| op.calls_functions || op.opaque_result),
         Err(_) => true,
     }
 }
@@ -759,5 +791,28 @@ mod tests {
         for sql in ["SELECT 1", "SELECT id FROM customers", "BEGIN"] {
             assert!(!may_change_encoding_unseen(&classify(sql)), "{sql}");
         }
+    }
+
+    /// Text the parser cannot read (MOVE, some forms of FETCH) that says
+    /// fetch, move or execute may run a portal the protocol made: it
+    /// counts as doing so once the protocol has made any.
+    #[test]
+    fn unparsed_text_naming_a_run_counts_once_the_protocol_made_a_name() {
+        let unparsed: Result<Vec<Operation>, String> = Err("not understood".into());
+        let mut names = ProtocolNames::default();
+        assert!(
+            names.run_in(&unparsed, "MOVE ALL IN p").is_none(),
+            "no name made yet"
+        );
+        names.note_portal("p");
+        for text in ["MOVE ALL IN p", "fetch from p", "x; EXECUTE s"] {
+            assert!(names.run_in(&unparsed, text).is_some(), "{text}");
+        }
+        assert!(names
+            .run_in(&unparsed, "SELECT fetched_at FROM t")
+            .is_none());
+        // Parsed, a name is judged by what the statement names.
+        assert!(names.run_in(&classify("FETCH ALL FROM p"), "").is_some());
+        assert!(names.run_in(&classify("FETCH ALL FROM q"), "").is_none());
     }
 }
