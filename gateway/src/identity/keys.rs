@@ -90,19 +90,15 @@ pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, KeyLoadError> {
         }
         Ok(())
     };
-    // Every directory on the way as written (a symlink there is judged by
-    // the directory that holds it and by where it leads), then the file
-    // where the path really leads (a Kubernetes secret's file is a symlink
-    // into a directory beside it), opened without following anything more.
+    // Every directory the path goes through, symlinks followed one hop at
+    // a time: whoever may write the directory that holds a link may point
+    // it elsewhere. Then the file where the path really leads (a
+    // Kubernetes secret's file is a symlink), opened without following.
     let fetch = |e: std::io::Error| KeyLoadError::Fetch(format!("reading {}: {e}", path.display()));
-    let written = std::path::absolute(path).map_err(fetch)?;
-    let real = written.canonicalize().map_err(fetch)?;
-    for dir in written.ancestors().skip(1).chain(real.ancestors().skip(1)) {
+    let (real, dirs) = resolve_through(path).map_err(fetch)?;
+    for dir in &dirs {
         let meta = std::fs::symlink_metadata(dir)
             .map_err(|e| KeyLoadError::Fetch(format!("{}: {e}", dir.display())))?;
-        if meta.is_symlink() {
-            continue;
-        }
         owned_safely(&meta, &format!("its directory {}", dir.display()))?;
     }
     let file = std::fs::OpenOptions::new()
@@ -123,6 +119,50 @@ pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, KeyLoadError> {
         return Err(refuse(format!("longer than {MAX_DOCUMENT_BYTES} bytes")));
     }
     Ok(bytes)
+}
+
+/// Where `path` leads, its symlinks followed one hop at a time, and every
+/// directory passed through on the way (the root included), in order.
+fn resolve_through(
+    path: &std::path::Path,
+) -> std::io::Result<(std::path::PathBuf, Vec<std::path::PathBuf>)> {
+    use std::path::{Component, PathBuf};
+    let mut pending: std::collections::VecDeque<PathBuf> = std::path::absolute(path)?
+        .components()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let mut at = PathBuf::from("/");
+    let mut dirs = vec![at.clone()];
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        match part.components().next() {
+            Some(Component::RootDir) => at = PathBuf::from("/"),
+            Some(Component::CurDir) | None => {}
+            Some(Component::ParentDir) => {
+                at.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = at.join(name);
+                if std::fs::symlink_metadata(&next)?.is_symlink() {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(std::io::Error::other("too many symlinks"));
+                    }
+                    let target = std::fs::read_link(&next)?;
+                    for c in target.components().rev() {
+                        pending.push_front(PathBuf::from(c.as_os_str()));
+                    }
+                    continue;
+                }
+                at = next;
+                if !pending.is_empty() {
+                    dirs.push(at.clone());
+                }
+            }
+            Some(Component::Prefix(_)) => {}
+        }
+    }
+    Ok((at, dirs))
 }
 
 pub struct KeyStore {

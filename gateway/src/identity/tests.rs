@@ -671,6 +671,17 @@ async fn a_key_file_others_could_write_is_not_trusted() {
         check.contains("its directory") && check.contains("mode 777"),
         "{check}"
     );
+    // A hop through a link in that directory, leading back to the safe
+    // file: whoever may write it may point the link elsewhere.
+    let hop = open_dir.path().join("hop");
+    std::os::unix::fs::symlink(&keys, &hop).expect("symlink");
+    let through_hop = dir.path().join("through-hop.json");
+    std::os::unix::fs::symlink(&hop, &through_hop).expect("symlink");
+    let check = refused(&at(&through_hop));
+    assert!(
+        check.contains("its directory") && check.contains("mode 777"),
+        "{check}"
+    );
 
     let huge = dir.path().join("huge.json");
     std::fs::write(&huge, vec![b' '; (1 << 20) + 1]).expect("write");
