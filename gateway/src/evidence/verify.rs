@@ -911,9 +911,9 @@ pub fn reconcile(
     // record dated past the end but written before one dated inside (a
     // clock that ran ahead, then stepped back) is inside the window, and
     // the record that judges the end is the first one after it.
-    // Within the daemon's run that wrote the first record dated past the
-    // end: a later run (a start, a boot with its clock unset) has its own
-    // clock errors, which do not reach back into this window.
+    // A later run (a start, a boot with its clock unset) dated inside the
+    // window widens it too (a loss is not hidden for a clock's sake), but
+    // is named as such.
     let first_past_end = opts.to_ms.and_then(|to| {
         evidence
             .iter()
@@ -931,9 +931,12 @@ pub fn reconcile(
     let last_in_window = evidence
         .iter()
         .filter(|r| r.phase == phase::LOSS_COUNTERS && in_window(r.time))
-        .filter(|r| next_run.is_none_or(|next| r.sequence < next))
         .map(|r| r.sequence)
         .max();
+    let widened_by_a_later_run = matches!(
+        (last_in_window, next_run),
+        (Some(last), Some(next)) if last > next
+    );
     for row in evidence
         .iter()
         .filter(|r| r.phase == phase::CONFIG || r.phase == phase::LOSS_COUNTERS)
@@ -969,9 +972,13 @@ pub fn reconcile(
         let before_last_in_window = last_in_window.is_some_and(|last| row.sequence < last);
         let stepped_back = dated_past_end && before_last_in_window;
         if stepped_back {
+            let why = match widened_by_a_later_run {
+                true => "a later run of the daemon (its clock behind, as after a boot without a set clock) wrote records dated inside the window",
+                false => "the clock stepped back",
+            };
             problems.push(format!(
                 "evidence record {} is dated after the window's end but was written before records \
-                 dated inside it: the clock stepped back; the window is judged in the stream's order",
+                 dated inside it: {why}; the window is judged in the stream's order, up to them",
                 row.sequence
             ));
         }
@@ -1880,23 +1887,34 @@ mod tests {
         );
     }
 
-    /// A later run whose clock started far behind (a boot without a set
-    /// clock) does not reach back into an earlier window: its records
-    /// dated inside the window do not widen it.
+    /// A later run dated inside the window (a boot whose clock started far
+    /// behind) widens it too, so that no loss between is hidden; the
+    /// problem names the later run.
     #[test]
-    fn a_later_run_dated_inside_the_window_does_not_widen_it() {
+    fn a_later_run_dated_inside_the_window_widens_it_and_is_named() {
         let evidence = vec![
             start_at(1, T, "boot-1", None),
-            counters_at(2, T + 5_000, 0, 0, 0),
-            counters_at(3, T + 10_000, 0, 0, 0),
-            counters_at(4, T + 15_000, 0, 0, 0),
-            // The next boot, its clock back at the window's start.
-            start_at(5, T + 1, "boot-2", None),
-            counters_at(6, T + 2, 0, 0, 0),
+            // Two hours ahead; then a restart, and a loss.
+            counters_at(2, T + 7_200_000, 0, 0, 0),
+            start_at(3, T + 4_000, "boot-1", None),
+            counters_at(4, T + 5_000, 2, 0, 0),
+            counters_at(5, T + 10_000, 2, 0, 0),
         ];
-        let r = reconciled_in(&evidence, &window(Some(T), Some(T + 9_000)));
+        let r = reconciled_in(&evidence, &window(Some(T), Some(T + 3_600_000)));
+        assert!(!r.ok, "{}", summary(&r));
+        let judged: Vec<_> = r
+            .reserved_losses
+            .iter()
+            .map(|l| (l.evidence_sequence, l.events))
+            .collect();
+        assert_eq!(
+            judged,
+            [(4, 2)],
+            "the loss after the restart: {}",
+            summary(&r)
+        );
         assert!(
-            !summary(&r).contains("the clock stepped back"),
+            summary(&r).contains("a later run of the daemon"),
             "{}",
             summary(&r)
         );

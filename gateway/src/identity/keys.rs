@@ -95,11 +95,25 @@ pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, KeyLoadError> {
     // it elsewhere. Then the file where the path really leads (a
     // Kubernetes secret's file is a symlink), opened without following.
     let fetch = |e: std::io::Error| KeyLoadError::Fetch(format!("reading {}: {e}", path.display()));
-    let (real, dirs) = resolve_through(path).map_err(fetch)?;
+    let (real, dirs, links) = resolve_through(path).map_err(fetch)?;
     for dir in &dirs {
         let meta = std::fs::symlink_metadata(dir)
             .map_err(|e| KeyLoadError::Fetch(format!("{}: {e}", dir.display())))?;
         owned_safely(&meta, &format!("its directory {}", dir.display()))?;
+    }
+    // A link's mode means nothing, but its owner does: in a sticky
+    // directory (`/tmp`) anyone may make one, and only its owner may
+    // remove it.
+    for link in &links {
+        let meta = std::fs::symlink_metadata(link)
+            .map_err(|e| KeyLoadError::Fetch(format!("{}: {e}", link.display())))?;
+        if meta.uid() != 0 && meta.uid() != uid {
+            return Err(refuse(format!(
+                "the symlink {} is owned by uid {}: whoever made it chose which file holds the keys",
+                link.display(),
+                meta.uid()
+            )));
+        }
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -121,11 +135,17 @@ pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, KeyLoadError> {
     Ok(bytes)
 }
 
-/// Where `path` leads, its symlinks followed one hop at a time, and every
-/// directory passed through on the way (the root included), in order.
+/// Where `path` leads, its symlinks followed one hop at a time; every
+/// directory passed through on the way (the root included), in order; and
+/// every symlink followed.
+#[allow(clippy::type_complexity)]
 fn resolve_through(
     path: &std::path::Path,
-) -> std::io::Result<(std::path::PathBuf, Vec<std::path::PathBuf>)> {
+) -> std::io::Result<(
+    std::path::PathBuf,
+    Vec<std::path::PathBuf>,
+    Vec<std::path::PathBuf>,
+)> {
     use std::path::{Component, PathBuf};
     let mut pending: std::collections::VecDeque<PathBuf> = std::path::absolute(path)?
         .components()
@@ -133,6 +153,7 @@ fn resolve_through(
         .collect();
     let mut at = PathBuf::from("/");
     let mut dirs = vec![at.clone()];
+    let mut links = Vec::new();
     let mut hops = 0;
     while let Some(part) = pending.pop_front() {
         match part.components().next() {
@@ -149,6 +170,7 @@ fn resolve_through(
                         return Err(std::io::Error::other("too many symlinks"));
                     }
                     let target = std::fs::read_link(&next)?;
+                    links.push(next);
                     for c in target.components().rev() {
                         pending.push_front(PathBuf::from(c.as_os_str()));
                     }
@@ -162,7 +184,7 @@ fn resolve_through(
             Some(Component::Prefix(_)) => {}
         }
     }
-    Ok((at, dirs))
+    Ok((at, dirs, links))
 }
 
 pub struct KeyStore {

@@ -683,6 +683,24 @@ async fn a_key_file_others_could_write_is_not_trusted() {
         "{check}"
     );
 
+    // A link someone else made (in a sticky directory anyone may put
+    // one): it chose the file, whatever that file is.
+    let foreign = dir.path().join("foreign.json");
+    std::os::unix::fs::symlink(&keys, &foreign).expect("symlink");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::lchown(&foreign, Some(65534), Some(65534)).expect("lchown");
+        let check = refused(&at(&foreign));
+        assert!(
+            check.contains("the symlink") && check.contains("owned by uid 65534"),
+            "{check}"
+        );
+    } else if std::env::var_os("TOLLGATE_REQUIRE_PRIVILEGED").is_some() {
+        panic!("giving a symlink to another user needs root, and TOLLGATE_REQUIRE_PRIVILEGED forbids skipping");
+    } else {
+        eprintln!("SKIPPED part: a symlink of another user's needs root; set TOLLGATE_REQUIRE_PRIVILEGED=1 to make this a failure");
+    }
+
     let huge = dir.path().join("huge.json");
     std::fs::write(&huge, vec![b' '; (1 << 20) + 1]).expect("write");
     let check = refused(&at(&huge));

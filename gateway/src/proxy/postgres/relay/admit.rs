@@ -320,9 +320,7 @@ pub(super) async fn refusal_of_run_by_name(
     let record = request_record(session, text, operations, String::new());
     let named = match run {
         // Text tollgate could not parse (see `ProtocolNames::run_in`).
-        RunByName::Portal(name) if name.is_empty() => {
-            "text tollgate cannot parse that says FETCH, MOVE or EXECUTE".to_owned()
-        }
+        RunByName::Portal(name) if name.is_empty() => "text tollgate cannot parse".to_owned(),
         RunByName::Portal(name) => format!("portal {name:?}"),
         RunByName::Statement(name) => format!("prepared statement {name:?}"),
     };
@@ -430,7 +428,7 @@ pub(super) const RULE_STATEMENT_TOO_LARGE: &str = "tollgate:statement_too_large"
 
 /// Whether `op` names a function of the database's own in a way its text
 /// does not show as a call of one (see `Operation::may_call_by_name`).
-fn may_call_user_function(masks: &MaskSet, op: &Operation) -> bool {
+pub(super) fn may_call_user_function(masks: &MaskSet, op: &Operation) -> bool {
     masks.has_own_operators_or_casts()
         || op
             .may_call_by_name

@@ -132,17 +132,6 @@ struct FromClient {
 /// run a portal or statement by name.
 static UNPARSED_RUN: RunByName = RunByName::Portal(String::new());
 
-/// Whether `text` holds the word `fetch`, `move` or `execute` (any case),
-/// outside nothing: a conservative test for text the parser could not read.
-fn names_a_run(text: &str) -> bool {
-    text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-        .any(|word| {
-            ["fetch", "move", "execute"]
-                .iter()
-                .any(|w| word.eq_ignore_ascii_case(w))
-        })
-}
-
 /// Most names of each kind [`ProtocolNames`] keeps; past them, any SQL
 /// FETCH or EXECUTE is refused, since its name may be one not kept.
 const MAX_PROTOCOL_NAMES: usize = 10_000;
@@ -178,20 +167,19 @@ impl ProtocolNames {
     }
 
     /// What in `operations` SQL runs by a name the protocol may have used.
-    /// Text tollgate cannot parse (`MOVE`, some forms of `FETCH`) that says
-    /// `fetch`, `move` or `execute` may run one too, once the protocol has
+    /// Text tollgate cannot parse may run one too, once the protocol has
     /// made any: [`UNPARSED_RUN`] stands for it.
-    fn run_in<'a>(
-        &self,
-        operations: &'a Result<Vec<Operation>, String>,
-        text: &str,
-    ) -> Option<&'a RunByName> {
+    fn run_in<'a>(&self, operations: &'a Result<Vec<Operation>, String>) -> Option<&'a RunByName> {
         let ops = match operations {
             Ok(ops) => ops,
             Err(_) => {
+                // Text the parser cannot read may run one without saying
+                // fetch (`cursor_to_xml('p', ...)`, a `DO` block, an escape
+                // string spelling the word): once the protocol made any,
+                // none of it goes.
                 let made_any =
                     self.overflowed || !self.portals.is_empty() || !self.statements.is_empty();
-                return (made_any && names_a_run(text)).then_some(&UNPARSED_RUN);
+                return made_any.then_some(&UNPARSED_RUN);
             }
         };
         ops.iter().flat_map(|op| &op.runs_by_name).find(|run| {
@@ -359,7 +347,7 @@ impl FromClient {
             return Ok(());
         }
         let operations = classify_within_limit(&text);
-        if let Some(run) = self.protocol_names.run_in(&operations, &text) {
+        if let Some(run) = self.protocol_names.run_in(&operations) {
             let refusal = refusal_of_run_by_name(&self.session, &text, &operations, run).await;
             self.refuse_in_place(Kind::RefusedQuery, refusal);
             return Ok(());
@@ -376,7 +364,9 @@ impl FromClient {
                     return Ok(());
                 }
                 guard.note_renames(&operations);
-                if may_change_encoding_unseen(&operations) || may_take_client_data(&operations) {
+                if may_change_encoding_unseen(&self.session.masks, &operations)
+                    || may_take_client_data(&operations)
+                {
                     self.answer_barrier = guard.queue.back().map(|p| p.id);
                 }
                 drop(guard);
@@ -392,10 +382,12 @@ impl FromClient {
     /// whether it did. Checked at its Parse, Bind and Execute: the name may
     /// have been made since the Parse.
     async fn refused_as_run_by_name(&mut self, prepared: &Prepared) -> bool {
-        let Some(run) = self
-            .protocol_names
-            .run_in(&prepared.operations, &prepared.text)
-        else {
+        // A portal or statement tollgate could not tie to what it saw has
+        // no text: it is decided as not understood, on its own terms.
+        if prepared.text.is_empty() {
+            return false;
+        }
+        let Some(run) = self.protocol_names.run_in(&prepared.operations) else {
             return false;
         };
         let refusal =
@@ -536,7 +528,8 @@ impl FromClient {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }
         drop(guard);
-        self.execute_may_change_encoding |= may_change_encoding_unseen(&prepared.operations);
+        self.execute_may_change_encoding |=
+            may_change_encoding_unseen(&self.session.masks, &prepared.operations);
         self.forward.unsplit(frame.bytes);
         Ok(())
     }
@@ -706,12 +699,17 @@ fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
 /// sight: it calls a function tollgate cannot look into (one of the
 /// agent's may call set_config), or its text could not be parsed. The
 /// visible ways are refused by policy (`encoding:client_encoding`).
-fn may_change_encoding_unseen(operations: &Result<Vec<Operation>, String>) -> bool {
+fn may_change_encoding_unseen(
+    masks: &MaskSet,
+    operations: &Result<Vec<Operation>, String>,
+) -> bool {
     match operations {
-        // A FETCH, EXECUTE or CALL runs code its text does not show.
+        // A FETCH, EXECUTE or CALL runs code its text does not show; so
+        // may a name the session knows as a function of the database's
+        // own, called in a way the text does not show as a call.
         Ok(operations) => operations
             .iter()
-            .any(|op| op.calls_functions || op.opaque_result),
+            .any(|op| op.calls_functions || op.opaque_result || may_call_user_function(masks, op)),
         Err(_) => true,
     }
 }
@@ -786,33 +784,32 @@ mod tests {
             "CALL p()",
             "EXPLAIN ANALYZE EXECUTE s",
         ] {
-            assert!(may_change_encoding_unseen(&classify(sql)), "{sql}");
+            assert!(
+                may_change_encoding_unseen(&MaskSet::default(), &classify(sql)),
+                "{sql}"
+            );
         }
         for sql in ["SELECT 1", "SELECT id FROM customers", "BEGIN"] {
-            assert!(!may_change_encoding_unseen(&classify(sql)), "{sql}");
+            assert!(
+                !may_change_encoding_unseen(&MaskSet::default(), &classify(sql)),
+                "{sql}"
+            );
         }
     }
 
-    /// Text the parser cannot read (MOVE, some forms of FETCH) that says
-    /// fetch, move or execute may run a portal the protocol made: it
-    /// counts as doing so once the protocol has made any.
+    /// Text the parser cannot read (MOVE, `cursor_to_xml('p', ...)`, a
+    /// DO block) may run a portal the protocol made: once the protocol has
+    /// made any, it counts as doing so.
     #[test]
-    fn unparsed_text_naming_a_run_counts_once_the_protocol_made_a_name() {
+    fn unparsed_text_counts_as_a_run_once_the_protocol_made_a_name() {
         let unparsed: Result<Vec<Operation>, String> = Err("not understood".into());
         let mut names = ProtocolNames::default();
-        assert!(
-            names.run_in(&unparsed, "MOVE ALL IN p").is_none(),
-            "no name made yet"
-        );
+        assert!(names.run_in(&unparsed).is_none(), "no name made yet");
         names.note_portal("p");
-        for text in ["MOVE ALL IN p", "fetch from p", "x; EXECUTE s"] {
-            assert!(names.run_in(&unparsed, text).is_some(), "{text}");
-        }
-        assert!(names
-            .run_in(&unparsed, "SELECT fetched_at FROM t")
-            .is_none());
+        assert!(names.run_in(&unparsed).is_some());
         // Parsed, a name is judged by what the statement names.
-        assert!(names.run_in(&classify("FETCH ALL FROM p"), "").is_some());
-        assert!(names.run_in(&classify("FETCH ALL FROM q"), "").is_none());
+        assert!(names.run_in(&classify("FETCH ALL FROM p")).is_some());
+        assert!(names.run_in(&classify("FETCH ALL FROM q")).is_none());
+        assert!(names.run_in(&classify("SELECT 1")).is_none());
     }
 }
