@@ -1837,6 +1837,14 @@ mod tests {
         r.problems.iter().any(|p| p.starts_with(kind))
     }
 
+    /// The reserved losses a report judged: (evidence sequence, events).
+    fn reserved_losses_judged(r: &Report) -> Vec<(i64, u64)> {
+        r.reserved_losses
+            .iter()
+            .map(|l| (l.evidence_sequence, l.events))
+            .collect()
+    }
+
     /// A record covers the interval up to its time: a drop just before the
     /// window's end is in the first record after it, which is judged (and
     /// none after that one).
@@ -1850,11 +1858,7 @@ mod tests {
         ];
         let r = reconciled_in(&evidence, &window(Some(T), Some(T + 9_000)));
         assert!(!r.ok, "{}", summary(&r));
-        let judged: Vec<_> = r
-            .reserved_losses
-            .iter()
-            .map(|l| (l.evidence_sequence, l.events))
-            .collect();
+        let judged = reserved_losses_judged(&r);
         assert_eq!(judged, [(3, 1)], "{}", summary(&r));
     }
 
@@ -1874,11 +1878,7 @@ mod tests {
         ];
         let r = reconciled_in(&evidence, &window(Some(T), Some(T + 3_600_000)));
         assert!(!r.ok, "{}", summary(&r));
-        let judged: Vec<_> = r
-            .reserved_losses
-            .iter()
-            .map(|l| (l.evidence_sequence, l.events))
-            .collect();
+        let judged = reserved_losses_judged(&r);
         assert_eq!(judged, [(3, 2)], "{}", summary(&r));
         assert!(
             summary(&r).contains("the clock stepped back"),
@@ -1902,11 +1902,7 @@ mod tests {
         ];
         let r = reconciled_in(&evidence, &window(Some(T), Some(T + 3_600_000)));
         assert!(!r.ok, "{}", summary(&r));
-        let judged: Vec<_> = r
-            .reserved_losses
-            .iter()
-            .map(|l| (l.evidence_sequence, l.events))
-            .collect();
+        let judged = reserved_losses_judged(&r);
         assert_eq!(
             judged,
             [(4, 2)],
