@@ -124,6 +124,36 @@ struct SegmentBacklog {
     /// 8 MiB of text, so a count alone does not bound the memory.
     bytes: AtomicUsize,
     failing: AtomicBool,
+    /// When the segment thread's current piece of work (a segment, a
+    /// checkpoint, a retention pass) began, in Unix ms; 0 while it waits.
+    busy_since_ms: std::sync::atomic::AtomicI64,
+}
+
+/// How long one piece of the segment thread's work may take before the
+/// writer treats segments as failing (see
+/// [`Writer::segment_backlog_refusal`]): a write that hangs (an fsync on
+/// a stalled network file system) returns no error, and records would
+/// otherwise wait in memory for it without bound.
+#[cfg(not(test))]
+const SEGMENT_STALL: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const SEGMENT_STALL: Duration = Duration::from_secs(1);
+
+impl SegmentBacklog {
+    /// Whether the segment thread has been on one piece of work longer
+    /// than [`SEGMENT_STALL`].
+    fn stalled(&self) -> bool {
+        let since = self.busy_since_ms.load(Ordering::Acquire);
+        since != 0 && now_ms().saturating_sub(since) > SEGMENT_STALL.as_millis() as i64
+    }
+
+    /// Runs `work`, marked as the segment thread's current piece of work.
+    fn busy<T>(&self, work: impl FnOnce() -> T) -> T {
+        self.busy_since_ms.store(now_ms().max(1), Ordering::Release);
+        let out = work();
+        self.busy_since_ms.store(0, Ordering::Release);
+        out
+    }
 }
 
 /// Encoded bytes of records that may wait in memory for their segment
@@ -1200,7 +1230,7 @@ impl Writer {
     /// [`BACKLOG_SEGMENTS`]). As soon
     /// as a segment is written again, records are taken again.
     fn segment_backlog_refusal(&self) -> Option<AuditError> {
-        if !self.backlog.failing.load(Ordering::Acquire) {
+        if !self.backlog.failing.load(Ordering::Acquire) && !self.backlog.stalled() {
             return None;
         }
         let waiting = self.backlog.records.load(Ordering::Acquire) + self.buffer.len();
@@ -1492,7 +1522,7 @@ impl SegState {
                 Err(RecvTimeoutError::Disconnected) => stop = Some(None),
             }
             while let Some((records, bytes, wal_files)) = queue.front() {
-                match self.write_segments(records) {
+                match backlog.busy(|| self.write_segments(records)) {
                     Ok(()) => {
                         // The records are in manifested, checkpointed
                         // segments: only now may their WAL files go.
@@ -1517,7 +1547,7 @@ impl SegState {
             if self.last_checkpoint.elapsed() >= self.checkpoint_every {
                 // Idle checkpoints carry a fresh time, so a truncated tail
                 // cannot pass as a quiet period.
-                if let Err(e) = self.idle_checkpoint() {
+                if let Err(e) = backlog.busy(|| self.idle_checkpoint()) {
                     error!(error = %e, "writing checkpoint failed");
                 }
             }
@@ -1525,7 +1555,7 @@ impl SegState {
                 .last_retention
                 .is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
             {
-                self.run_retention();
+                backlog.busy(|| self.run_retention());
             }
             if let Some(done) = stop {
                 if !queue.is_empty() {
@@ -1551,6 +1581,10 @@ impl SegState {
     /// returns, and entries nothing signs are not to outlive the records'
     /// only other copy.
     fn write_segments<R: Borrow<AuditRecord>>(&mut self, records: &[R]) -> anyhow::Result<()> {
+        #[cfg(test)]
+        if let Some(ms) = faults::take_segment_stall(&self.dir) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let done = self
             .manifest
             .last_segment()
@@ -1916,6 +1950,9 @@ pub(crate) mod faults {
         ManifestWrite { partial_bytes: usize },
         /// The next cut of the manifest back to its lines fails.
         ManifestCut,
+        /// The next segment write (keyed by the audit directory) hangs
+        /// this many milliseconds first.
+        SegmentStall(u64),
     }
 
     /// Faults planned for the store whose WAL directory is the path.
@@ -1977,6 +2014,17 @@ pub(crate) mod faults {
     pub fn take_manifest_write(audit_dir: &Path) -> Option<usize> {
         match take_first(audit_dir, |f| matches!(f, Fault::ManifestWrite { .. }))? {
             Fault::ManifestWrite { partial_bytes } => Some(partial_bytes),
+            _ => None,
+        }
+    }
+
+    pub fn stall_next_segment(audit_dir: &Path, ms: u64) {
+        plan(audit_dir, Fault::SegmentStall(ms));
+    }
+
+    pub fn take_segment_stall(audit_dir: &Path) -> Option<u64> {
+        match take_first(audit_dir, |f| matches!(f, Fault::SegmentStall(_)))? {
+            Fault::SegmentStall(ms) => Some(ms),
             _ => None,
         }
     }

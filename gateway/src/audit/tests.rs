@@ -239,6 +239,48 @@ async fn append_once_taken_again(log: &AuditLog, record: impl Fn() -> AuditRecor
     }
 }
 
+/// A segment write that hangs (an fsync on a stalled network file
+/// system) returns no error, so segments never count as failing: once one
+/// piece of the segment thread's work has taken longer than its limit,
+/// the records waiting are bounded as while segments fail, and taken
+/// again once the write returns.
+#[tokio::test]
+async fn records_are_refused_while_a_segment_write_hangs_and_their_count_reaches_the_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    // Four segments' worth: 20 records.
+    cfg.segment_max_records = 5;
+    store::faults::stall_next_segment(&cfg.dir, 6_000);
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let record = |i: usize| sample(i, now + i as i64);
+    let mut accepted = 0usize;
+    let mut refusal = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        match log.append(record(accepted)).await {
+            Ok(_) => accepted += 1,
+            Err(err) => {
+                refusal = Some(err);
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let refusal = refusal.expect("records taken without bound while a segment write hangs");
+    assert!(
+        matches!(&refusal, AuditError::Unavailable(m) if m.contains("segments cannot be written")),
+        "{refusal}"
+    );
+    assert!(
+        accepted >= 20,
+        "refused after {accepted} records, before the bound"
+    );
+    append_once_taken_again(&log, || record(accepted)).await;
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), accepted as u64 + 1);
+}
+
 /// The same bound counted in bytes: a few records holding large
 /// statements reach it long before their number reaches four segments'
 /// worth. The real bound (1 GiB) is lowered for the test.
