@@ -185,6 +185,8 @@ pub(super) struct Judged {
     pub(super) read_only: bool,
     /// See [`may_change_transaction`].
     pub(super) may_change_transaction: bool,
+    /// See [`may_change_settings_unseen`].
+    pub(super) may_change_settings_unseen: bool,
 }
 
 pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, String>) -> Judged {
@@ -221,6 +223,7 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         reads_masked: reads_masked(&session.masks, operations),
         read_only: provably_read_only(operations),
         may_change_transaction: may_change_transaction(operations),
+        may_change_settings_unseen: may_change_settings_unseen(operations),
     }
 }
 
@@ -426,9 +429,25 @@ pub(super) const SQLSTATE_TOO_LARGE: &str = "54000";
 /// of the config.
 pub(super) const RULE_STATEMENT_TOO_LARGE: &str = "tollgate:statement_too_large";
 
+/// Whether a statement may change the client encoding or
+/// standard_conforming_strings out of tollgate's sight: it runs code
+/// tollgate cannot look into (a function call; a FETCH, EXECUTE or CALL;
+/// a name `judge` knows as a function of the database's own, which it
+/// marks as such a call), or its text could not be parsed. The visible
+/// ways are refused by policy (`encoding:client_encoding`,
+/// `encoding:standard_conforming_strings`).
+pub(super) fn may_change_settings_unseen(operations: &Result<Vec<Operation>, String>) -> bool {
+    match operations {
+        Ok(operations) => operations
+            .iter()
+            .any(|op| op.calls_functions || op.opaque_result || op.calls_unknown_functions),
+        Err(_) => true,
+    }
+}
+
 /// Whether `op` names a function of the database's own in a way its text
 /// does not show as a call of one (see `Operation::may_call_by_name`).
-pub(super) fn may_call_user_function(masks: &MaskSet, op: &Operation) -> bool {
+fn may_call_user_function(masks: &MaskSet, op: &Operation) -> bool {
     masks.has_own_operators_or_casts()
         || op
             .may_call_by_name

@@ -364,9 +364,7 @@ impl FromClient {
                     return Ok(());
                 }
                 guard.note_renames(&operations);
-                if may_change_encoding_unseen(&self.session.masks, &operations)
-                    || may_take_client_data(&operations)
-                {
+                if judged.may_change_settings_unseen || may_take_client_data(&operations) {
                     self.answer_barrier = guard.queue.back().map(|p| p.id);
                 }
                 drop(guard);
@@ -528,8 +526,7 @@ impl FromClient {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }
         drop(guard);
-        self.execute_may_change_encoding |=
-            may_change_encoding_unseen(&self.session.masks, &prepared.operations);
+        self.execute_may_change_encoding |= prepared.judged.may_change_settings_unseen;
         self.forward.unsplit(frame.bytes);
         Ok(())
     }
@@ -695,25 +692,6 @@ fn in_message(name: &'static str) -> impl Fn(WireError) -> WireError {
     }
 }
 
-/// Whether a statement may change the client encoding out of tollgate's
-/// sight: it calls a function tollgate cannot look into (one of the
-/// agent's may call set_config), or its text could not be parsed. The
-/// visible ways are refused by policy (`encoding:client_encoding`).
-fn may_change_encoding_unseen(
-    masks: &MaskSet,
-    operations: &Result<Vec<Operation>, String>,
-) -> bool {
-    match operations {
-        // A FETCH, EXECUTE or CALL runs code its text does not show; so
-        // may a name the session knows as a function of the database's
-        // own, called in a way the text does not show as a call.
-        Ok(operations) => operations
-            .iter()
-            .any(|op| op.calls_functions || op.opaque_result || may_call_user_function(masks, op)),
-        Err(_) => true,
-    }
-}
-
 /// A write to the target that failed: the connection to it is lost,
 /// which the reader of the target's side tells the agent and puts on
 /// record (see `relay::run`).
@@ -784,16 +762,10 @@ mod tests {
             "CALL p()",
             "EXPLAIN ANALYZE EXECUTE s",
         ] {
-            assert!(
-                may_change_encoding_unseen(&MaskSet::default(), &classify(sql)),
-                "{sql}"
-            );
+            assert!(may_change_settings_unseen(&classify(sql)), "{sql}");
         }
         for sql in ["SELECT 1", "SELECT id FROM customers", "BEGIN"] {
-            assert!(
-                !may_change_encoding_unseen(&MaskSet::default(), &classify(sql)),
-                "{sql}"
-            );
+            assert!(!may_change_settings_unseen(&classify(sql)), "{sql}");
         }
     }
 

@@ -225,6 +225,7 @@ fn prepared(text: &str) -> Arc<Prepared> {
             reads_masked: false,
             read_only: false,
             may_change_transaction: false,
+            may_change_settings_unseen: true,
         },
     })
 }
