@@ -309,6 +309,15 @@ pub(super) async fn refusal_while_reading_unsure(session: &Session, text: &str) 
     )
 }
 
+/// What a statement may run by a name the protocol made.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum RunOf<'a> {
+    Named(&'a RunByName),
+    /// Text tollgate cannot parse: it may run one without naming it in a
+    /// way tollgate can read.
+    Unparsed,
+}
+
 /// The refusal of a SQL `FETCH` or `EXECUTE` of a portal or prepared
 /// statement the client made through the protocol: its statement was
 /// decided at its Parse, but its record is made at a protocol Execute, so
@@ -318,14 +327,13 @@ pub(super) async fn refusal_of_run_by_name(
     session: &Session,
     text: &str,
     operations: &Result<Vec<Operation>, String>,
-    run: &RunByName,
+    run: RunOf<'_>,
 ) -> Refusal {
     let record = request_record(session, text, operations, String::new());
     let named = match run {
-        // Text tollgate could not parse (see `ProtocolNames::run_in`).
-        RunByName::Portal(name) if name.is_empty() => "text tollgate cannot parse".to_owned(),
-        RunByName::Portal(name) => format!("portal {name:?}"),
-        RunByName::Statement(name) => format!("prepared statement {name:?}"),
+        RunOf::Unparsed => "text tollgate cannot parse".to_owned(),
+        RunOf::Named(RunByName::Portal(name)) => format!("portal {name:?}"),
+        RunOf::Named(RunByName::Statement(name)) => format!("prepared statement {name:?}"),
     };
     let reason = format!(
         "{named} may run a portal or statement made through the protocol, whose statement is \

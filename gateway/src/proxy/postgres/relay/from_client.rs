@@ -128,10 +128,6 @@ struct FromClient {
     protocol_names: ProtocolNames,
 }
 
-/// What [`ProtocolNames::run_in`] gives for text it cannot parse that may
-/// run a portal or statement by name.
-static UNPARSED_RUN: RunByName = RunByName::Portal(String::new());
-
 /// Most names of each kind [`ProtocolNames`] keeps; past them, any SQL
 /// FETCH or EXECUTE is refused, since its name may be one not kept.
 const MAX_PROTOCOL_NAMES: usize = 10_000;
@@ -168,8 +164,8 @@ impl ProtocolNames {
 
     /// What in `operations` SQL runs by a name the protocol may have used.
     /// Text tollgate cannot parse may run one too, once the protocol has
-    /// made any: [`UNPARSED_RUN`] stands for it.
-    fn run_in<'a>(&self, operations: &'a Result<Vec<Operation>, String>) -> Option<&'a RunByName> {
+    /// made any.
+    fn run_in<'a>(&self, operations: &'a Result<Vec<Operation>, String>) -> Option<RunOf<'a>> {
         let ops = match operations {
             Ok(ops) => ops,
             Err(_) => {
@@ -179,16 +175,19 @@ impl ProtocolNames {
                 // none of it goes.
                 let made_any =
                     self.overflowed || !self.portals.is_empty() || !self.statements.is_empty();
-                return made_any.then_some(&UNPARSED_RUN);
+                return made_any.then_some(RunOf::Unparsed);
             }
         };
-        ops.iter().flat_map(|op| &op.runs_by_name).find(|run| {
-            self.overflowed
-                || match run {
-                    RunByName::Portal(name) => self.portals.contains(name),
-                    RunByName::Statement(name) => self.statements.contains(name),
-                }
-        })
+        ops.iter()
+            .flat_map(|op| &op.runs_by_name)
+            .find(|run| {
+                self.overflowed
+                    || match run {
+                        RunByName::Portal(name) => self.portals.contains(name),
+                        RunByName::Statement(name) => self.statements.contains(name),
+                    }
+            })
+            .map(RunOf::Named)
     }
 }
 
