@@ -225,6 +225,27 @@ fn block_segments(cfg: &AuditConfig, now: i64) -> std::path::PathBuf {
 
 /// Appends `record()` until the store takes it again (once a segment is
 /// written again), for at most 20 s.
+/// Appends `record(0)`, `record(1)`, ... one every `pause_ms`, until one is
+/// refused or `for_secs` have passed: how many were taken, and the
+/// refusal.
+async fn append_until_refused(
+    log: &AuditLog,
+    record: impl Fn(usize) -> AuditRecord,
+    pause_ms: u64,
+    for_secs: u64,
+) -> (usize, Option<AuditError>) {
+    let mut accepted = 0usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(for_secs);
+    while std::time::Instant::now() < deadline {
+        match log.append(record(accepted)).await {
+            Ok(_) => accepted += 1,
+            Err(err) => return (accepted, Some(err)),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+    }
+    (accepted, None)
+}
+
 async fn append_once_taken_again(log: &AuditLog, record: impl Fn() -> AuditRecord) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -254,19 +275,7 @@ async fn records_are_refused_while_a_segment_write_hangs_and_their_count_reaches
     let log = AuditLog::open(&cfg).await.unwrap();
     let now = store::now_ms();
     let record = |i: usize| sample(i, now + i as i64);
-    let mut accepted = 0usize;
-    let mut refusal = None;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        match log.append(record(accepted)).await {
-            Ok(_) => accepted += 1,
-            Err(err) => {
-                refusal = Some(err);
-                break;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let (accepted, refusal) = append_until_refused(&log, record, 20, 5).await;
     let refusal = refusal.expect("records taken without bound while a segment write hangs");
     assert!(
         matches!(&refusal, AuditError::Unavailable(m) if m.contains("segments cannot be written")),
@@ -305,21 +314,9 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
         r.query_info_query_string = format!("SELECT '{}'", "x".repeat(STATEMENT));
         r
     };
-    let mut accepted = 0usize;
-    let mut refusal = None;
     // Slowly enough that segments are cut on age and fail while records
     // still come in.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        match log.append(large(accepted)).await {
-            Ok(_) => accepted += 1,
-            Err(err) => {
-                refusal = Some(err);
-                break;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let (accepted, refusal) = append_until_refused(&log, large, 5, 30).await;
     let refusal = refusal.expect("large records taken without bound while segments fail");
     assert!(
         matches!(&refusal, AuditError::Unavailable(m) if m.contains("segments cannot be written")),
