@@ -102,7 +102,11 @@ pub const MAX_LINE_BYTES: usize = 1 << 30;
 /// Most segments one retention entry lists, so that its line stays well
 /// within [`MAX_LINE_BYTES`] (each is under 200 bytes): a larger removal
 /// is written as several entries.
+#[cfg(not(test))]
 pub const MAX_REMOVED_PER_ENTRY: usize = 100_000;
+/// Small in tests, so that a removal of a few segments is split.
+#[cfg(test)]
+pub const MAX_REMOVED_PER_ENTRY: usize = 2;
 
 /// How [`read_line`] stopped.
 pub(crate) enum LineEnd {

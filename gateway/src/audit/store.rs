@@ -2267,6 +2267,34 @@ mod segment_order_tests {
         );
     }
 
+    /// A removal of more segments than one entry lists is written as
+    /// several entries, each a line every reader takes, all signed before
+    /// anything is deleted.
+    #[test]
+    fn a_large_removal_is_split_into_entries_of_at_most_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = seg_state(dir.path());
+        let records: Vec<AuditRecord> = (1..=5).map(record).collect();
+        for r in &records {
+            seg.write_segments(std::slice::from_ref(r))
+                .expect("segment");
+        }
+        let now = records[4].time + 40 * 86_400_000;
+        seg.retain(30, now).expect("retention");
+        let removed: Vec<usize> = seg
+            .manifest
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Retention(r) => Some(r.removed.len()),
+                Entry::Segment(_) => None,
+            })
+            .collect();
+        assert_eq!(removed, [2, 2, 1]);
+        assert!(list_segment_files(dir.path()).expect("list").is_empty());
+        assert_eq!(seg.signed_lines, seg.manifest.lines.len(), "all signed");
+    }
+
     /// Retention deletes a segment only once a checkpoint signs the entry
     /// that removes it: an entry left unsigned would be set aside at the
     /// next start, and the segment it names must then still be there.
