@@ -32,7 +32,7 @@ use tracing::warn;
 
 use super::{
     fsutil::{self, Perms},
-    manifest::Manifest,
+    manifest::ManifestAppender,
     AuditConfig,
 };
 
@@ -443,12 +443,12 @@ pub fn write(
     perms: &Perms,
     signer: &Signer,
     origin: &str,
-    manifest: &Manifest,
+    manifest: &ManifestAppender,
     counter: u64,
     now_ms: i64,
 ) -> io::Result<()> {
-    let size = manifest.lines.len();
-    let root = manifest.root_all();
+    let size = manifest.size();
+    let root = manifest.root();
     let note = signer.sign_note(&body(origin, size as u64, &root, now_ms, counter));
     fsutil::write_atomic(
         perms,

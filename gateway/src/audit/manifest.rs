@@ -69,15 +69,27 @@ pub struct RemovedSegment {
 }
 
 /// The manifest as read from disk: raw lines (the Merkle leaves) and the
-/// entries they decode to.
+/// entries they decode to. Verify and the store's start read it whole;
+/// the running store keeps only a [`ManifestAppender`].
 #[derive(Debug, Default)]
 pub struct Manifest {
     pub lines: Vec<Vec<u8>>,
     pub entries: Vec<Entry>,
     /// Merkle frontier over `lines`, kept up to date on every push.
     frontier: merkle::Frontier,
+}
+
+/// What appending to the manifest and signing it need: the number of
+/// lines, their length in bytes and the Merkle frontier over them, not the
+/// lines. A daemon appends a line for every segment (one every few seconds
+/// under load) for as long as it runs; the lines stay on disk, where
+/// verify and the next start read them.
+#[derive(Debug)]
+pub struct ManifestAppender {
+    byte_len: u64,
+    frontier: merkle::Frontier,
     /// An append failed and the part of its line that reached the file
-    /// could not be cut off: the file holds more than `lines`. The next
+    /// could not be cut off: the file holds more than `byte_len`. The next
     /// append cuts it off first, or is refused, rather than write behind
     /// it (the two would read back as one damaged line).
     uncut: bool,
@@ -257,6 +269,16 @@ impl Manifest {
         self.lines.iter().map(|l| l.len() as u64 + 1).sum()
     }
 
+    /// What the running store goes on appending with; the lines and
+    /// entries are let go.
+    pub fn into_appender(self) -> ManifestAppender {
+        ManifestAppender {
+            byte_len: self.byte_len(),
+            frontier: self.frontier,
+            uncut: false,
+        }
+    }
+
     fn push(&mut self, line: Vec<u8>, entry: Entry) {
         self.frontier.push(merkle::leaf_hash(&line));
         self.lines.push(line);
@@ -301,10 +323,22 @@ impl Manifest {
                 Entry::Retention(_) => None,
             })
     }
+}
+
+impl ManifestAppender {
+    /// Lines in the manifest: the tree size a new checkpoint signs.
+    pub fn size(&self) -> usize {
+        self.frontier.size() as usize
+    }
+
+    /// Root over every line: what a new checkpoint signs.
+    pub fn root(&self) -> merkle::Hash {
+        self.frontier.root()
+    }
 
     /// Appends an entry and fsyncs the file.
-    pub fn append(&mut self, dir: &Path, perms: &Perms, entry: Entry) -> io::Result<()> {
-        let line = serde_json::to_vec(&entry).map_err(io::Error::other)?;
+    pub fn append(&mut self, dir: &Path, perms: &Perms, entry: &Entry) -> io::Result<()> {
+        let line = serde_json::to_vec(entry).map_err(io::Error::other)?;
         let mut buf = line.clone();
         buf.push(b'\n');
         let path = dir.join(FILE);
@@ -320,7 +354,8 @@ impl Manifest {
         if let Err(e) = f.write_all(&buf).and_then(|()| f.sync_data()) {
             return self.failed(&path, e);
         }
-        self.push(line, entry);
+        self.byte_len += line.len() as u64 + 1;
+        self.frontier.push(merkle::leaf_hash(&line));
         Ok(())
     }
 
@@ -345,7 +380,7 @@ impl Manifest {
             return Err(io::Error::other("planned manifest cut failure"));
         }
         let f = fs::OpenOptions::new().write(true).open(path)?;
-        f.set_len(self.byte_len())?;
+        f.set_len(self.byte_len)?;
         f.sync_all()?;
         self.uncut = false;
         Ok(())
@@ -372,28 +407,29 @@ mod tests {
     fn a_failed_append_whose_line_could_not_be_cut_is_cut_before_the_next() {
         let dir = tempfile::tempdir().expect("tempdir");
         let perms = Perms::default();
-        let (mut m, _) = Manifest::read(dir.path()).expect("read");
-        m.append(dir.path(), &perms, entry(1)).expect("first");
+        let mut m = Manifest::read(dir.path()).expect("read").0.into_appender();
+        m.append(dir.path(), &perms, &entry(1)).expect("first");
         let good = fs::read(dir.path().join(FILE)).expect("file");
 
         faults::fail_next_manifest_write(dir.path(), 7);
         faults::fail_next_manifest_cut(dir.path());
-        m.append(dir.path(), &perms, entry(2))
+        m.append(dir.path(), &perms, &entry(2))
             .expect_err("the planned failure");
         let on_disk = fs::read(dir.path().join(FILE)).expect("file");
         assert_eq!(on_disk.len(), good.len() + 7, "the partial line is there");
 
         // The cut fails again: nothing is written behind the partial line.
         faults::fail_next_manifest_cut(dir.path());
-        m.append(dir.path(), &perms, entry(3))
+        m.append(dir.path(), &perms, &entry(3))
             .expect_err("refused while the partial line is there");
         assert_eq!(fs::read(dir.path().join(FILE)).expect("file"), on_disk);
 
-        m.append(dir.path(), &perms, entry(4))
+        m.append(dir.path(), &perms, &entry(4))
             .expect("cut, then appended");
         let (read, bad) = Manifest::read(dir.path()).expect("read");
         assert!(bad.is_none(), "{:?}", bad.map(|b| b.reason));
         assert_eq!(read.entries, vec![entry(1), entry(4)]);
-        assert_eq!(read.entries, m.entries);
+        // What the next checkpoint would sign is what is on disk.
+        assert_eq!((m.size(), m.root()), (2, read.root_all()));
     }
 }

@@ -23,7 +23,9 @@ use tracing::{debug, error, info, warn};
 use super::{
     checkpoint::{self, Signer},
     fsutil::{self, Perms},
-    manifest::{self, Entry, Manifest, RemovedSegment, RetentionEntry, SegmentEntry},
+    manifest::{
+        self, Entry, Manifest, ManifestAppender, RemovedSegment, RetentionEntry, SegmentEntry,
+    },
     merkle, segment, wal, AuditConfig, AuditError, AuditRecord, GENESIS_HASH,
 };
 
@@ -1469,7 +1471,7 @@ struct SegState {
     lock: Option<fs::File>,
     dir: PathBuf,
     perms: Perms,
-    manifest: Manifest,
+    manifest: ManifestAppender,
     signer: Signer,
     origin: String,
     checkpoint_counter: u64,
@@ -1489,10 +1491,17 @@ struct SegState {
     signed_lines: usize,
     retention_days: Option<u32>,
     last_retention: Option<Instant>,
-    /// Manifest entries whose retention deletions are done: a pass deletes
-    /// only what later entries name (the first pass after a start goes
-    /// over them all, for deletions a crash left undone).
-    retention_done: usize,
+    /// With retention on, the listed segments no retention entry has
+    /// removed, in manifest order, each as a retention entry would list
+    /// it: what a retention pass chooses from. Retention bounds it; with
+    /// retention off it stays empty.
+    segments_kept: Vec<RemovedSegment>,
+    /// `last_seq` of the last segment listed (0 before the first).
+    manifested_to: u64,
+    /// Segment files retention entries name that may still be on disk: at
+    /// a start, those a crash left behind after their entry was written;
+    /// then those of this run's entries until a pass has deleted them.
+    deletions_due: Vec<String>,
 }
 
 impl SegState {
@@ -1585,11 +1594,7 @@ impl SegState {
         if let Some(ms) = faults::take_segment_stall(&self.dir) {
             std::thread::sleep(Duration::from_millis(ms));
         }
-        let done = self
-            .manifest
-            .last_segment()
-            .map(|s| s.last_seq)
-            .unwrap_or(0);
+        let done = self.manifested_to;
         let todo: Vec<&AuditRecord> = records
             .iter()
             .map(|r| r.borrow())
@@ -1609,7 +1614,7 @@ impl SegState {
 
     /// Signs the manifest lines no checkpoint signs yet, if there are any.
     fn sign_pending(&mut self) -> anyhow::Result<()> {
-        if self.signed_lines != self.manifest.lines.len() {
+        if self.signed_lines != self.manifest.size() {
             self.checkpoint()?;
         }
         Ok(())
@@ -1694,8 +1699,13 @@ impl SegState {
             last_record_hash,
             closed_at: now_ms(),
         };
-        self.manifest
-            .append(&self.dir, &self.perms, Entry::Segment(entry))?;
+        let line = self.manifest.size() as u64;
+        let entry = Entry::Segment(entry);
+        self.manifest.append(&self.dir, &self.perms, &entry)?;
+        self.manifested_to = last_seq;
+        if let (Some(_), Entry::Segment(s)) = (self.retention_days, &entry) {
+            self.segments_kept.push(listed(line, s));
+        }
         info!(segment = %rel, records = records.len(), bytes = written.bytes, "segment closed");
         Ok(())
     }
@@ -1712,7 +1722,7 @@ impl SegState {
     /// leave half a million files. The first checkpoint of each tree size
     /// is always kept.
     fn idle_checkpoint(&mut self) -> anyhow::Result<()> {
-        let size = self.manifest.lines.len();
+        let size = self.manifest.size();
         let prev = self.idle_prev.take();
         self.write_checkpoint()?;
         let this = self
@@ -1740,11 +1750,41 @@ impl SegState {
         let (checkpoint_counter, last_checkpoint_ms) =
             checkpoint::last_counter_and_time(&cfg.dir.join("checkpoints"), &signer.public())?;
         let signed_lines = manifest.lines.len();
+        // A removal lists segments by their line: the lines of every
+        // removal so far are the listed segments already gone.
+        let removed: Vec<&RemovedSegment> = manifest
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Retention(r) => Some(r.removed.iter()),
+                Entry::Segment(_) => None,
+            })
+            .flatten()
+            .collect();
+        let removed_lines: std::collections::HashSet<u64> =
+            removed.iter().map(|r| r.line).collect();
+        let deletions_due = removed
+            .iter()
+            .filter(|r| fs::symlink_metadata(cfg.dir.join(&r.path)).is_ok())
+            .map(|r| r.path.clone())
+            .collect();
+        let segments_kept = match cfg.retention_days {
+            None => Vec::new(),
+            Some(_) => (0u64..)
+                .zip(&manifest.entries)
+                .filter_map(|(line, e)| match e {
+                    Entry::Segment(s) if !removed_lines.contains(&line) => Some(listed(line, s)),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let manifested_to = manifest.last_segment().map_or(0, |s| s.last_seq);
+        let manifest_appender = manifest.into_appender();
         Ok(SegState {
             lock,
             dir: cfg.dir.clone(),
             perms,
-            manifest,
+            manifest: manifest_appender,
             origin: cfg.origin.clone().unwrap_or_else(|| signer.name.clone()),
             checkpoint_counter,
             last_checkpoint: Instant::now(),
@@ -1757,7 +1797,9 @@ impl SegState {
             signed_lines,
             retention_days: cfg.retention_days,
             last_retention: None,
-            retention_done: 0,
+            segments_kept,
+            manifested_to,
+            deletions_due,
         })
     }
 
@@ -1792,7 +1834,7 @@ impl SegState {
         )?;
         self.last_checkpoint = Instant::now();
         self.last_checkpoint_ms = time;
-        self.signed_lines = self.manifest.lines.len();
+        self.signed_lines = self.manifest.size();
         checkpoint::thin(
             &self.dir.join("checkpoints"),
             self.checkpoint_counter,
@@ -1818,47 +1860,28 @@ impl SegState {
 
     pub(crate) fn retain(&mut self, days: u32, now: i64) -> anyhow::Result<()> {
         let cutoff = now - i64::from(days) * 86_400_000;
-        let already: std::collections::HashSet<u64> = self
-            .manifest
-            .entries
+        let expired: Vec<RemovedSegment> = self
+            .segments_kept
             .iter()
-            .filter_map(|e| match e {
-                Entry::Retention(r) => Some(r.removed.iter().map(|s| s.line)),
-                Entry::Segment(_) => None,
-            })
-            .flatten()
-            .collect();
-        let removed: Vec<RemovedSegment> = self
-            .manifest
-            .entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| match e {
-                Entry::Segment(s) if s.last_time < cutoff && !already.contains(&(i as u64)) => {
-                    Some(RemovedSegment {
-                        line: i as u64,
-                        path: s.path.clone(),
-                        first_seq: s.first_seq,
-                        last_seq: s.last_seq,
-                        last_time: s.last_time,
-                    })
-                }
-                _ => None,
-            })
+            .filter(|s| s.last_time < cutoff)
+            .cloned()
             .collect();
         // A line no reader would refuse: see `manifest::MAX_LINE_BYTES`.
-        for removed in removed.chunks(manifest::MAX_REMOVED_PER_ENTRY) {
+        for removed in expired.chunks(manifest::MAX_REMOVED_PER_ENTRY) {
             self.manifest.append(
                 &self.dir,
                 &self.perms,
-                Entry::Retention(RetentionEntry {
+                &Entry::Retention(RetentionEntry {
                     at: now,
                     retention_days: days,
                     removed: removed.to_vec(),
                 }),
             )?;
+            let lines: std::collections::HashSet<u64> = removed.iter().map(|r| r.line).collect();
+            self.segments_kept.retain(|s| !lines.contains(&s.line));
             for r in removed {
                 info!(segment = %r.path, "retention: deleting segment");
+                self.deletions_due.push(r.path.clone());
             }
         }
         // Only a removal a checkpoint signs is carried out (one whose
@@ -1866,29 +1889,34 @@ impl SegState {
         // `set_aside_unsigned_tail`, with its segments gone): this also
         // signs one an earlier run appended when its checkpoint failed.
         self.sign_pending()?;
-        // Delete every file a retention entry names that an earlier pass of
-        // this run did not (also those a crash left behind after the entry
-        // was written).
-        for e in &self.manifest.entries[self.retention_done.min(self.manifest.entries.len())..] {
-            if let Entry::Retention(r) = e {
-                for s in &r.removed {
-                    let path = self.dir.join(&s.path);
-                    match fs::remove_file(&path) {
-                        Ok(()) => {
-                            if let Some(p) = path.parent() {
-                                let _ = fsutil::fsync_dir(p);
-                                // Empty day directories go too; ignore "not empty".
-                                let _ = fs::remove_dir(p);
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e.into()),
+        // A file that cannot be deleted now stays due, for the next pass.
+        while let Some(rel) = self.deletions_due.last() {
+            let path = self.dir.join(rel);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    if let Some(p) = path.parent() {
+                        let _ = fsutil::fsync_dir(p);
+                        // Empty day directories go too; ignore "not empty".
+                        let _ = fs::remove_dir(p);
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
             }
+            self.deletions_due.pop();
         }
-        self.retention_done = self.manifest.entries.len();
         Ok(())
+    }
+}
+
+/// A listed segment as a retention entry lists it.
+fn listed(line: u64, s: &SegmentEntry) -> RemovedSegment {
+    RemovedSegment {
+        line,
+        path: s.path.clone(),
+        first_seq: s.first_seq,
+        last_seq: s.last_seq,
+        last_time: s.last_time,
     }
 }
 
@@ -1918,8 +1946,11 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
     let lock = lock_dir(&cfg.dir, &perms)?;
     let (signed, _, _) = replay_past_signed(&cfg.dir, &manifest, &signer)?;
     let manifest = set_aside_unsigned_tail(&cfg.dir, manifest, signed, &perms)?;
-    let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
-    seg.retention_days = Some(days);
+    let cfg = AuditConfig {
+        retention_days: Some(days),
+        ..cfg.clone()
+    };
+    let mut seg = SegState::new(&cfg, Some(lock), perms, manifest, signer)?;
     seg.retain(days, now)
 }
 
@@ -2124,8 +2155,16 @@ mod syncer_tests {
 mod segment_order_tests {
     use super::*;
 
+    /// With retention on (30 days), as most tests want.
     fn seg_state(dir: &Path) -> SegState {
-        let cfg = AuditConfig::new(dir);
+        seg_state_with(dir, Some(30))
+    }
+
+    fn seg_state_with(dir: &Path, retention_days: Option<u32>) -> SegState {
+        let cfg = AuditConfig {
+            retention_days,
+            ..AuditConfig::new(dir)
+        };
         let perms = Perms::for_group(None).expect("perms");
         for d in ["", "wal", "records", "checkpoints"] {
             perms.ensure_dir(&dir.join(d)).expect("dir");
@@ -2161,10 +2200,7 @@ mod segment_order_tests {
                 err.to_string().contains("out of sequence"),
                 "{sequences:?}: {err}"
             );
-            assert!(
-                seg.manifest.last_segment().is_none(),
-                "{sequences:?}: manifest entry"
-            );
+            assert!(seg.manifested_to == 0, "{sequences:?}: manifest entry");
             assert!(
                 list_segment_files(dir.path()).expect("list").is_empty(),
                 "{sequences:?}: segment file"
@@ -2176,7 +2212,7 @@ mod segment_order_tests {
         let records: Vec<AuditRecord> = (1..=3).map(record).collect();
         seg.write_segment(records.iter().collect())
             .expect("in sequence");
-        assert_eq!(seg.manifest.last_segment().map(|s| s.last_seq), Some(3));
+        assert_eq!(seg.manifested_to, 3);
     }
 
     /// A day directory someone made a symlink (before the day came, or
@@ -2198,7 +2234,7 @@ mod segment_order_tests {
             .write_segment(records.iter().collect())
             .expect_err("through a symlink");
         assert!(err.to_string().contains("is a symlink"), "{err}");
-        assert!(seg.manifest.last_segment().is_none());
+        assert!(seg.manifested_to == 0);
         assert_eq!(
             fs::read_dir(elsewhere.path()).expect("read").count(),
             0,
@@ -2221,12 +2257,12 @@ mod segment_order_tests {
         fs::write(&checkpoints, b"").expect("a file in its place");
         seg.write_segments(&records)
             .expect_err("the checkpoint fails");
-        assert_eq!(seg.manifest.lines.len(), 1, "the entry was appended");
+        assert_eq!(seg.manifest.size(), 1, "the entry was appended");
 
         fs::remove_file(&checkpoints).expect("remove");
         fs::create_dir(&checkpoints).expect("dir");
         seg.write_segments(&records).expect("the retry");
-        assert_eq!(seg.manifest.lines.len(), 1, "nothing written twice");
+        assert_eq!(seg.manifest.size(), 1, "nothing written twice");
         let key = seg.signer.public();
         let (_, newest) = checkpoint::list(&checkpoints)
             .expect("list")
@@ -2281,8 +2317,9 @@ mod segment_order_tests {
         }
         let now = records[4].time + 40 * 86_400_000;
         seg.retain(30, now).expect("retention");
-        let removed: Vec<usize> = seg
-            .manifest
+        let removed: Vec<usize> = Manifest::read(dir.path())
+            .expect("manifest")
+            .0
             .entries
             .iter()
             .filter_map(|e| match e {
@@ -2292,7 +2329,40 @@ mod segment_order_tests {
             .collect();
         assert_eq!(removed, [2, 2, 1]);
         assert!(list_segment_files(dir.path()).expect("list").is_empty());
-        assert_eq!(seg.signed_lines, seg.manifest.lines.len(), "all signed");
+        assert_eq!(seg.signed_lines, seg.manifest.size(), "all signed");
+    }
+
+    /// The running store keeps no manifest line, and with retention off
+    /// nothing per segment at all: a daemon that runs for months appends a
+    /// line every few seconds. With retention on it keeps what a pass
+    /// chooses from, the segments not yet removed.
+    #[test]
+    fn the_running_store_keeps_per_segment_state_only_for_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seg = seg_state_with(dir.path(), None);
+        let records: Vec<AuditRecord> = (1..=3).map(record).collect();
+        for r in &records {
+            seg.write_segments(std::slice::from_ref(r))
+                .expect("segment");
+        }
+        assert_eq!(seg.manifest.size(), 3);
+        assert!(seg.segments_kept.is_empty(), "retention is off");
+
+        let mut with_retention = seg_state(dir.path());
+        let kept: Vec<(u64, u64)> = with_retention
+            .segments_kept
+            .iter()
+            .map(|s| (s.line, s.last_seq))
+            .collect();
+        assert_eq!(kept, [(0, 1), (1, 2), (2, 3)]);
+        let now = records[0].time + 40 * 86_400_000;
+        with_retention.retain(30, now).expect("retention");
+        assert!(with_retention.segments_kept.is_empty(), "all removed");
+        assert_eq!(
+            seg_state(dir.path()).segments_kept,
+            [],
+            "none after a start"
+        );
     }
 
     /// Retention deletes a segment only once a checkpoint signs the entry
@@ -2312,7 +2382,7 @@ mod segment_order_tests {
         fs::rename(&checkpoints, dir.path().join("checkpoints.away")).expect("move away");
         fs::write(&checkpoints, b"").expect("a file in its place");
         seg.retain(30, now).expect_err("the checkpoint fails");
-        assert_eq!(seg.manifest.lines.len(), 2, "the removal was appended");
+        assert_eq!(seg.manifest.size(), 2, "the removal was appended");
         assert_eq!(
             list_segment_files(dir.path()).expect("list"),
             files,
@@ -2322,11 +2392,7 @@ mod segment_order_tests {
         fs::remove_file(&checkpoints).expect("remove");
         fs::rename(dir.path().join("checkpoints.away"), &checkpoints).expect("move back");
         seg.retain(30, now).expect("retention");
-        assert_eq!(
-            seg.manifest.lines.len(),
-            2,
-            "the removal is not appended twice"
-        );
+        assert_eq!(seg.manifest.size(), 2, "the removal is not appended twice");
         assert!(
             list_segment_files(dir.path()).expect("list").is_empty(),
             "the signed removal deleted the segment"

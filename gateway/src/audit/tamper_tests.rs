@@ -882,8 +882,9 @@ async fn a_segment_that_crashes_the_parquet_decoder_is_reported_and_verify_goes_
 /// Appends `entry` to the manifest of the stopped store at `cfg`, as
 /// anyone who can write the directory (but has not the key) can.
 fn append_entry(cfg: &AuditConfig, entry: manifest::Entry) {
-    let (mut m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
-    m.append(&cfg.dir, &super::fsutil::Perms::default(), entry)
+    let (m, _) = manifest::Manifest::read(&cfg.dir).unwrap();
+    m.into_appender()
+        .append(&cfg.dir, &super::fsutil::Perms::default(), &entry)
         .unwrap();
 }
 

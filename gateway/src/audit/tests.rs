@@ -1260,7 +1260,7 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
         &fsutil::Perms::for_group(None).unwrap(),
         &signer,
         cfg.origin.as_deref().unwrap_or(&signer.name),
-        &manifest,
+        &manifest.into_appender(),
         checkpoint::last_counter_and_time(&checkpoints, &signer.public())
             .unwrap()
             .0
@@ -1290,7 +1290,10 @@ async fn a_checkpoint_never_signs_a_time_before_the_last_one() {
         &fsutil::Perms::for_group(None).unwrap(),
         &signer,
         cfg.origin.as_deref().unwrap_or(&signer.name),
-        &manifest::Manifest::read(&cfg.dir).unwrap().0,
+        &manifest::Manifest::read(&cfg.dir)
+            .unwrap()
+            .0
+            .into_appender(),
         checkpoint::last_counter_and_time(&checkpoints, &signer.public())
             .unwrap()
             .0
