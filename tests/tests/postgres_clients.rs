@@ -834,6 +834,46 @@ fn a_client_that_never_reads_its_answers_does_not_grow_memory() {
     assert_eq!(result["sent"], true, "{result}");
 }
 
+/// A session whose agent stopped reading a large answer is still closed
+/// when its token expires. tollgate's write of the answer waits on the
+/// agent; the close used to wait behind it for good, so the connection
+/// stayed open with the server's backend and the slot, and the
+/// statement's outcome was never written.
+#[test]
+fn a_session_whose_agent_stopped_reading_is_closed_when_its_token_expires() {
+    let Some((stack, _)) =
+        start("a_session_whose_agent_stopped_reading_is_closed_when_its_token_expires")
+    else {
+        return;
+    };
+    let token = stack
+        .idp
+        .token(AGENT_OID, &["--name", "clients-agent", "--expires-in", "5"])
+        .expect("mint a short-lived token");
+    // About 200 MB of answer: far more than every buffer on the way holds.
+    let sql = "SELECT repeat('x', 1000) FROM generate_series(1, 200000)";
+    let result = raw_protocol_json(&stack, "pg_stop_reading.py", &token, &[sql, "12"]);
+    assert_eq!(
+        result["closed"], true,
+        "the connection stayed open: {result}"
+    );
+    let row = outcome_of(&stack, sql);
+    assert!(
+        row["status_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("token expired")),
+        "{row}"
+    );
+    let rows = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'session' AND status_detail LIKE 'token_expired%'",
+            1,
+            AUDIT_WAIT,
+        )
+        .expect("session end row");
+    assert_eq!(rows[0]["actor_user_uid"], AGENT_OID);
+}
+
 /// More statement text in flight than tollgate holds for a session, and
 /// no Sync until the end: tollgate waits for answers before it takes
 /// more, and has the server flush the ones it keeps (a server that has

@@ -662,6 +662,15 @@ async fn send_counted<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
 async fn fatal<W: tokio::io::AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str) {
     let mut out = BytesMut::new();
     wire::error_response(&mut out, "FATAL", code, message);
-    let _ = client.write_all(&out).await;
-    let _ = client.shutdown().await;
+    // A client that does not read would hold the session here for good;
+    // it is closed without the FATAL when the wait is over.
+    let _ = tokio::time::timeout(FATAL_WRITE_WAIT, async {
+        let _ = client.write_all(&out).await;
+        let _ = client.shutdown().await;
+    })
+    .await;
 }
+
+/// How long a FATAL (and the close after it) may wait on a client that
+/// does not read.
+pub(crate) const FATAL_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

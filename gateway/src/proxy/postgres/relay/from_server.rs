@@ -435,7 +435,7 @@ pub(super) async fn close_after_built_answers(
         // its way to the agent: a FATAL now would be read as the rest of
         // it. The connection is closed without one; the records of the
         // requests in flight say why.
-        let _ = client.io.shutdown().await;
+        let _ = tokio::time::timeout(FATAL_WRITE_WAIT, client.io.shutdown()).await;
     } else {
         fatal(&mut client.io, code, message).await;
     }

@@ -28,7 +28,8 @@ use super::{
     fatal, send_all, send_counted,
     upstream::Upstream,
     wire::{self, Frame, WireError},
-    SQLSTATE_AUDIT, SQLSTATE_IDENTITY, SQLSTATE_POLICY, SQLSTATE_PROTOCOL, SQLSTATE_UPSTREAM,
+    FATAL_WRITE_WAIT, SQLSTATE_AUDIT, SQLSTATE_IDENTITY, SQLSTATE_POLICY, SQLSTATE_PROTOCOL,
+    SQLSTATE_UPSTREAM,
 };
 use crate::{
     audit::{record, AuditError, AuditRecord, Durable, SharedText},
@@ -926,34 +927,58 @@ pub async fn run(
     );
     let deadline = session.shared.verifier.session_deadline(&session.principal);
     // Whichever side ends first ends the session; so do the token's expiry
-    // and the daemon's stop.
-    let mut to_client = std::pin::pin!(to_client);
-    let result = tokio::select! {
-        r = to_server => match r {
-            // The target's connection broke under a request: its reader
-            // sees the loss too, and tells the agent and the audit.
-            Err(WireError::Io(err)) if wrote_to_a_lost_target(&err) => {
-                tokio::select! {
-                    r = &mut to_client => r,
-                    () = tokio::time::sleep(UPSTREAM_LOSS_GRACE) => Err(WireError::Io(err)),
-                    // The daemon's stop does not wait for the grace.
-                    () = session.shared.sessions.stopping() => Err(WireError::Io(err)),
+    // and the daemon's stop. Both relay halves are dropped before the
+    // session is ended from outside: either may hold the agent's writer
+    // while its write waits on an agent that stopped reading, and the
+    // FATAL takes that writer (a half dropped mid-message leaves it
+    // marked so, and the connection is closed without the FATAL).
+    let ended = {
+        let mut to_client = std::pin::pin!(to_client);
+        tokio::select! {
+            r = to_server => match r {
+                // The target's connection broke under a request: its reader
+                // sees the loss too, and tells the agent and the audit.
+                Err(WireError::Io(err)) if wrote_to_a_lost_target(&err) => {
+                    tokio::select! {
+                        r = &mut to_client => Ended::Relayed(r),
+                        () = tokio::time::sleep(UPSTREAM_LOSS_GRACE) => {
+                            Ended::Relayed(Err(WireError::Io(err)))
+                        }
+                        // The daemon's stop does not wait for the grace.
+                        () = session.shared.sessions.stopping() => {
+                            Ended::Relayed(Err(WireError::Io(err)))
+                        }
+                    }
                 }
-            }
-            r => r,
-        },
-        r = &mut to_client => r,
-        () = sleep_until_epoch(deadline) => {
+                r => Ended::Relayed(r),
+            },
+            r = &mut to_client => Ended::Relayed(r),
+            () = sleep_until_epoch(deadline) => Ended::TokenExpired,
+            () = session.shared.sessions.stopping() => Ended::Stopping,
+        }
+    };
+    let result = match ended {
+        Ended::Relayed(r) => r,
+        Ended::TokenExpired => {
             end_expired_session(&session, &expiry_writer, &in_flight).await;
             Ok(())
         }
-        () = session.shared.sessions.stopping() => {
+        Ended::Stopping => {
             end_session_for_stop(&session, &expiry_writer, &in_flight).await;
             Ok(())
         }
     };
     record_unanswered(&session, &in_flight);
     result
+}
+
+/// How a session's relay ended.
+enum Ended {
+    /// One of its halves ended (the agent or the target closed, or an
+    /// error).
+    Relayed(Result<(), WireError>),
+    TokenExpired,
+    Stopping,
 }
 
 /// How long the reader of the target's side is given to notice a lost
