@@ -382,6 +382,29 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
     operations.into_iter().collect()
 }
 
+/// At most how many tokens sqlparser's tokenizer makes of `sql`, whatever
+/// it makes of its strings and comments, which is what parsing costs
+/// (the tokens, then the tree built from them): every byte outside runs
+/// of ASCII letters, digits and `_` may be a token of its own (whitespace
+/// is one token per character, `$1` two, a character outside ASCII may be
+/// one), and a run is at most a number and a word (`12ab34`, `0xFFg`), so
+/// it counts two.
+pub fn token_bound(sql: &str) -> usize {
+    let in_run = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut tokens = 0usize;
+    let mut prev = b' ';
+    for &b in sql.as_bytes() {
+        tokens += match (in_run(b), in_run(prev)) {
+            (true, false) => 2,
+            (true, true) => 0,
+            // ASCII, or the first byte of a character.
+            (false, _) => usize::from(b & 0xC0 != 0x80),
+        };
+        prev = b;
+    }
+    tokens
+}
+
 /// Expression nesting the classifier walks and drops on a runtime thread.
 /// The token pass before parsing keeps chains well below it; a tree deeper
 /// than this got past that pass and is refused. (In a debug build a chain
@@ -1764,6 +1787,61 @@ fn fold(ident: &str, quoted: bool) -> String {
 
 /// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 const MAX_IDENTIFIER_BYTES: usize = 63;
+
+#[cfg(test)]
+mod token_bound_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tokens(sql: &str) -> Option<usize> {
+        Tokenizer::new(&PostgreSqlDialect {}, sql)
+            .tokenize()
+            .ok()
+            .map(|t| t.len())
+    }
+
+    #[test]
+    fn the_bound_holds_for_the_texts_that_cost_most() {
+        for sql in [
+            "1a,1a,1a,1a",
+            "12ab34,0xFFg,1e5x,9e9e9,1_000a",
+            "1.5.5.5.5",
+            "1..2..3",
+            "SELECT 1 ,1,1,1,1",
+            "SELECT 1          ",
+            "SELECT $1,$2,$3,$4",
+            "SELECT 'a','b' /* c */ -- d\n",
+            "SELECT →→→ ééé 中文",
+            "SELECT a.b.c::int[]",
+            "\r\n\r\n\t",
+        ] {
+            let bound = token_bound(sql);
+            let made = tokens(sql).unwrap_or(0);
+            assert!(made <= bound, "{sql:?}: {made} tokens, bound {bound}");
+        }
+    }
+
+    fn tricky_text() -> impl Strategy<Value = String> {
+        let pieces = prop::sample::select(vec![
+            " ", "\n", "\r", "\t", "1", "9", "e", "x", "a", "_", "$", ".", ",", ";", "'", "\"",
+            "/*", "*/", "--", "::", ":", "!", "<", "=", ">", "+", "-", "*", "/", "(", ")", "[",
+            "]", "\\", "é", "→", "中", "@", "#", "%", "^", "&", "|", "~", "?", "`", "{", "}",
+        ]);
+        prop::collection::vec(pieces, 0..64).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        /// Whatever the tokenizer makes of a text, it makes no more tokens
+        /// than the bound: the budget a text takes covers what parsing it
+        /// costs.
+        #[test]
+        fn the_tokenizer_never_makes_more_tokens_than_the_bound(sql in tricky_text()) {
+            if let Some(made) = tokens(&sql) {
+                prop_assert!(made <= token_bound(&sql), "{:?}: {} > {}", sql, made, token_bound(&sql));
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

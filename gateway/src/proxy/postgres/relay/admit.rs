@@ -291,7 +291,7 @@ pub(super) async fn refusal_while_reading_unsure(session: &Session, text: &str) 
     if text.bytes().all(|b| b.is_ascii() && b != b'\\') {
         return None;
     }
-    let operations = classify_within_limit(text);
+    let operations = classify_within_limit(text).await;
     let record = request_record(session, text, &operations, String::new());
     Some(
         refuse_denied(
@@ -353,11 +353,67 @@ pub(super) async fn refusal_of_run_by_name(
 /// [`classify`], unless the text is over [`MAX_AUDITED_STATEMENT`]: such a
 /// statement is refused for its size whatever it says, so it is not
 /// parsed (up to 64 MiB of SQL, for nothing).
-pub(super) fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
+///
+/// Parsing takes memory and time by the token, not by the byte: 8 MiB of
+/// `1,1,1,...` took 7.5 GB and 23 s. So a text is first weighed by
+/// [`token_bound`]. A light one is classified at once; a heavier one
+/// takes its weight from [`classify_budget`], which every session shares,
+/// and is classified off the runtime's threads; one heavier than the
+/// whole budget is not classified (not understood, as text the parser
+/// refuses).
+pub(super) async fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(over_the_statement_limit());
     }
-    classify(text)
+    let weight = token_bound(text);
+    if weight <= CLASSIFY_AT_ONCE {
+        return classify(text);
+    }
+    let Some(units) = u32::try_from(weight)
+        .ok()
+        .filter(|&units| units as usize <= CLASSIFY_BUDGET)
+    else {
+        return Err(format!(
+            "up to {weight} tokens: more than the {CLASSIFY_BUDGET} tollgate parses in one text"
+        ));
+    };
+    let share =
+        match tokio::time::timeout(CLASSIFY_WAIT, classify_budget().acquire_many(units)).await {
+            Ok(Ok(share)) => share,
+            Ok(Err(_)) => return Err("the parsing budget is closed".into()),
+            Err(_) => {
+                return Err(format!(
+                "up to {weight} tokens waited {} s for the parsing budget other statements hold: \
+                 not parsed",
+                CLASSIFY_WAIT.as_secs()
+            ))
+            }
+        };
+    let owned = text.to_owned();
+    let classified = tokio::task::spawn_blocking(move || classify(&owned)).await;
+    drop(share);
+    classified.unwrap_or_else(|err| Err(format!("parsing failed: {err}")))
+}
+
+/// Texts of at most this weight (see [`token_bound`]) are classified on
+/// the session's own thread: at most about 10 MB and a few tens of
+/// milliseconds each.
+const CLASSIFY_AT_ONCE: usize = 16 * 1024;
+
+/// The weight all sessions' heavier texts may be parsing at once, and the
+/// most one text may weigh. The heaviest texts measured took about 0.6 KB
+/// per unit of weight (`1,1,1,...`), so about 1.2 GB at most in all.
+pub(super) const CLASSIFY_BUDGET: usize = 2_000_000;
+
+/// How long a heavy text waits for its weight of the budget before it is
+/// given up as not understood.
+const CLASSIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The budget of [`CLASSIFY_BUDGET`] units. Process-wide, like the memory
+/// it stands for.
+fn classify_budget() -> &'static tokio::sync::Semaphore {
+    static BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CLASSIFY_BUDGET);
+    &BUDGET
 }
 
 /// Longest statement text tollgate sends on (a client message may be up to

@@ -345,7 +345,7 @@ impl FromClient {
             self.refuse_in_place(Kind::RefusedQuery, refusal);
             return Ok(());
         }
-        let operations = classify_within_limit(&text);
+        let operations = classify_within_limit(&text).await;
         if let Some(run) = self.protocol_names.run_in(&operations) {
             let refusal = refusal_of_run_by_name(&self.session, &text, &operations, run).await;
             self.refuse_in_place(Kind::RefusedQuery, refusal);
@@ -418,7 +418,7 @@ impl FromClient {
             self.refuse_extended_in_place(refusal);
             return Ok(());
         }
-        let prepared = Arc::new(Prepared::new(&self.session, text, parameter_types));
+        let prepared = Arc::new(Prepared::new(&self.session, text, parameter_types).await);
         if self.refused_as_run_by_name(&prepared).await {
             return Ok(());
         }

@@ -21,7 +21,7 @@ use tokio::{
 use tracing::warn;
 
 use super::{
-    classify::classify,
+    classify::{classify, token_bound},
     mask::{self, MaskSet, ResultMask},
 };
 use super::{
@@ -1228,8 +1228,8 @@ struct Prepared {
 
 impl Prepared {
     /// A statement as a Parse gives it, classified and judged once.
-    fn new(session: &Session, text: String, parameter_types: Vec<u32>) -> Self {
-        let operations = classify_within_limit(&text);
+    async fn new(session: &Session, text: String, parameter_types: Vec<u32>) -> Self {
+        let operations = classify_within_limit(&text).await;
         Prepared {
             judged: judge(session, &operations),
             text,

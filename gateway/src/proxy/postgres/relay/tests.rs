@@ -2019,3 +2019,24 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
         outcomes[0].status_detail
     );
 }
+
+/// A text heavier than the parsing budget is not parsed: it is not
+/// understood, at once, whatever it says (8 MiB of `1,1,1,...` took
+/// 7.5 GB and 23 s to parse, on a runtime thread). A text over the weight
+/// parsed at once but within the budget is parsed off the runtime's
+/// threads, as any other.
+#[tokio::test]
+async fn a_text_heavier_than_the_parsing_budget_is_not_parsed() {
+    // Each `,1` weighs three: a comma, and a run that may be two tokens.
+    let heavy = format!("SELECT 1{}", ",1".repeat(CLASSIFY_BUDGET / 2));
+    assert!(heavy.len() <= MAX_AUDITED_STATEMENT);
+    let err = classify_within_limit(&heavy)
+        .await
+        .expect_err("too heavy to parse");
+    assert!(err.contains("tokens"), "{err}");
+
+    let medium = format!("SELECT 1{}", ",1".repeat(20_000));
+    let operations = classify_within_limit(&medium).await.expect("parsed");
+    assert_eq!(operations.len(), 1);
+    assert_eq!(operations[0].kind, StatementKind::Read);
+}
