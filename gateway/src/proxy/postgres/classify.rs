@@ -348,6 +348,9 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
                 .into(),
         );
     }
+    // The parser reads `==` as `=`; PostgreSQL has no `==`, so one is a
+    // database's own operator, which the tree no longer shows.
+    let double_equals = tokens.iter().any(|t| t.token == Token::DoubleEq);
     let mut parser = Parser::new(&dialect).with_tokens_with_locations(tokens);
     let statements = parser.parse_statements().map_err(|err| err.to_string())?;
     // The parser stops without an error at an END after a whole statement
@@ -379,7 +382,14 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
              too deep to classify"
         ));
     }
-    operations.into_iter().collect()
+    let mut operations: Vec<Operation> = operations.into_iter().collect::<Result<_, _>>()?;
+    if double_equals {
+        for op in &mut operations {
+            op.calls_functions = true;
+            op.calls_unknown_functions = true;
+        }
+    }
+    Ok(operations)
 }
 
 /// At most how many tokens sqlparser's tokenizer makes of `sql`, whatever
@@ -1461,13 +1471,16 @@ impl Visitor for Walker {
         if self.deepest > MAX_EXPRESSION_DEPTH {
             return ControlFlow::Break(());
         }
-        // An operator of the database's own (`OPERATOR(app.===)`, `a ~~~ b`)
-        // runs a function tollgate cannot see into.
-        if let Expr::BinaryOp { op, .. } = expr {
-            if operator_may_be_the_databases_own(op) {
-                self.calls_functions = true;
-                self.calls_unknown_functions = true;
-            }
+        // An operator of the database's own (`OPERATOR(app.===)`, `a ~~~ b`,
+        // `a <=> b`, `!! a`) runs a function tollgate cannot see into.
+        let databases_own = match expr {
+            Expr::BinaryOp { op, .. } => operator_may_be_the_databases_own(op),
+            Expr::UnaryOp { op, .. } => prefix_operator_may_be_the_databases_own(op),
+            _ => false,
+        };
+        if databases_own {
+            self.calls_functions = true;
+            self.calls_unknown_functions = true;
         }
         match expr {
             Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
@@ -1705,6 +1718,8 @@ impl Visitor for Walker {
 fn operator_may_be_the_databases_own(op: &sqlparser::ast::BinaryOperator) -> bool {
     use sqlparser::ast::BinaryOperator;
     match op {
+        // Keywords of the grammar, not operators anyone defines.
+        BinaryOperator::And | BinaryOperator::Or | BinaryOperator::Overlaps => false,
         BinaryOperator::PGCustomBinaryOperator(parts) => {
             parts.first().is_none_or(|schema| schema != "pg_catalog")
         }
@@ -1720,9 +1735,40 @@ fn operator_may_be_the_databases_own(op: &sqlparser::ast::BinaryOperator) -> boo
             );
             !(splits && builtin)
         }
-        _ => false,
+        // The parser names operators of other databases too (`<=>`), and
+        // reads some spellings as another (`==` as `=`, which `classify`
+        // finds among the tokens): only a spelling PostgreSQL has built in
+        // is PostgreSQL's.
+        named => !BUILT_IN_BINARY_OPERATORS.contains(&named.to_string().as_str()),
     }
 }
+
+/// A prefix operator other than PostgreSQL's own, or a postfix one
+/// (PostgreSQL 14 dropped its last: any there is a database's own).
+fn prefix_operator_may_be_the_databases_own(op: &sqlparser::ast::UnaryOperator) -> bool {
+    use sqlparser::ast::UnaryOperator;
+    match op {
+        UnaryOperator::Not => false,
+        UnaryOperator::PGPostfixFactorial => true,
+        prefix => !BUILT_IN_PREFIX_OPERATORS.contains(&prefix.to_string().as_str()),
+    }
+}
+
+/// The binary operators of PostgreSQL 15 (`SELECT DISTINCT oprname FROM
+/// pg_operator WHERE oprkind = 'b'` on a fresh cluster), and `!=`, which
+/// its parser reads as `<>`.
+const BUILT_IN_BINARY_OPERATORS: &[&str] = &[
+    "!=", "!~", "!~*", "!~~", "!~~*", "#", "##", "#-", "#>", "#>>", "%", "&", "&&", "&<", "&<|",
+    "&>", "*", "*<", "*<=", "*<>", "*=", "*>", "*>=", "+", "-", "->", "->>", "-|-", "/", "<",
+    "<->", "<<", "<<=", "<<|", "<=", "<>", "<@", "<^", "=", ">", ">=", ">>", ">>=", ">^", "?",
+    "?#", "?&", "?-", "?-|", "?|", "?||", "@>", "@?", "@@", "@@@", "^", "^@", "|", "|&>", "|>>",
+    "||", "~", "~*", "~<=~", "~<~", "~=", "~>=~", "~>~", "~~", "~~*",
+];
+
+/// The prefix operators of PostgreSQL 15 (`oprkind = 'l'`).
+const BUILT_IN_PREFIX_OPERATORS: &[&str] = &[
+    "!!", "#", "+", "-", "?-", "?|", "@", "@-@", "@@", "|/", "||/", "~",
+];
 
 /// `schema.table`, folding unquoted identifiers to lower case as
 /// PostgreSQL does; unqualified names get [`DEFAULT_SCHEMA`].
@@ -2261,6 +2307,33 @@ mod tests {
             "SELECT * FROM orders WHERE a >= b",
             "SELECT * FROM orders WHERE a>=-1 AND b<>-2",
             "SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relname OPERATOR(pg_catalog.~) '^(t)$'",
+        ] {
+            assert!(!one(sql).calls_functions, "{sql}");
+        }
+    }
+
+    /// A spelling PostgreSQL has not built in is an operator of the
+    /// database's own even where the parser names it (`<=>`, MySQL's) or
+    /// reads it as another (`==` as `=`): it runs a function tollgate
+    /// cannot see into. PostgreSQL's own spellings are not calls.
+    #[test]
+    fn operators_postgresql_has_not_built_in_are_the_databases_own() {
+        for sql in [
+            "SELECT * FROM items WHERE embedding <=> '[1,2]' < 0.5",
+            "SELECT * FROM items WHERE a == b",
+            "SELECT 1 == 1",
+            "SELECT a FROM items WHERE NOT (b == 2)",
+        ] {
+            let op = one(sql);
+            assert!(op.calls_functions && op.calls_unknown_functions, "{sql}");
+        }
+        for sql in [
+            "SELECT a = b, a <> b, a != b, a < b, a >= b FROM t",
+            "SELECT a ~~ b, a !~~* b, a ~ b, a ~* b FROM t",
+            "SELECT a @> b, a <@ b, a && b, a -> 'k', a ->> 'k', a #> b, a #>> b FROM t",
+            "SELECT a || b, 2 ^ 3, 7 % 2, 1 << 2, 5 # 3, a ^@ b, a ? 'k', a @@ b FROM t",
+            "SELECT - a, + a, ~ 5, |/ 4.0, ||/ 8.0, @ -1, NOT true FROM t",
+            "SELECT * FROM t WHERE a AND b OR c",
         ] {
             assert!(!one(sql).calls_functions, "{sql}");
         }

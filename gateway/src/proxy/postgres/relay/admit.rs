@@ -42,11 +42,16 @@ pub(super) fn may_change_transaction(operations: &Result<Vec<Operation>, String>
 }
 
 /// Reads only, touches no dangerous feature and calls no function (a
-/// function may write): nothing can change if it runs before its record
-/// is durable.
+/// function may write), nor any name the session knows as a function of
+/// the database's own: nothing can change if it runs before its record is
+/// durable.
 pub(super) fn provably_read_only(operations: &Result<Vec<Operation>, String>) -> bool {
     matches!(operations, Ok(ops) if !ops.is_empty() && ops.iter().all(|op| {
-        op.kind == StatementKind::Read && op.dangers.is_empty() && !op.calls_functions && op.writes.is_empty()
+        op.kind == StatementKind::Read
+            && op.dangers.is_empty()
+            && !op.calls_functions
+            && !op.calls_unknown_functions
+            && op.writes.is_empty()
     }))
 }
 

@@ -2040,3 +2040,20 @@ async fn a_text_heavier_than_the_parsing_budget_is_not_parsed() {
     assert_eq!(operations.len(), 1);
     assert_eq!(operations[0].kind, StatementKind::Read);
 }
+
+/// A read that may call a name the session knows as a function of the
+/// database's own (judge marks it so) is not forwarded before its record
+/// is durable: the function may write.
+#[test]
+fn a_read_that_may_call_a_function_of_the_databases_own_is_not_read_only() {
+    let read = Operation {
+        kind: StatementKind::Read,
+        ..Operation::default()
+    };
+    assert!(provably_read_only(&Ok(vec![read.clone()])));
+    let calls = Operation {
+        calls_unknown_functions: true,
+        ..read
+    };
+    assert!(!provably_read_only(&Ok(vec![calls])));
+}
