@@ -148,7 +148,8 @@ pub(super) async fn server_to_client(
         // budget this session waits, the daemon does not grow.
         if let (None, Some(total)) = (&held_whole, large_message_ahead(&buf)) {
             let budget = &session.shared.postgres_held_whole;
-            match tokio::time::timeout(HELD_WHOLE_WAIT, budget.take(total)).await {
+            let identity = &session.principal.object_id;
+            match tokio::time::timeout(HELD_WHOLE_WAIT, budget.take(total, identity)).await {
                 Ok(share) => held_whole = share,
                 Err(_) => {
                     close_after_built_answers(
@@ -320,9 +321,48 @@ pub(super) const SQLSTATE_OUT_OF_MEMORY: &str = "53200";
 /// whose message would take more waits for its share before it reads the
 /// rest, so that many agents selecting large masked values hold the
 /// daemon at this size instead of growing it until it runs out of memory.
+///
+/// The sessions of one identity together take at most a quarter of it
+/// (besides one message larger than that, alone), so that one token,
+/// whose agent opens many sessions and reads none of their large answers,
+/// cannot hold the rest of the daemon's sessions off it.
 pub struct HeldWholeBudget {
     mib: tokio::sync::Semaphore,
     total_mib: u32,
+    /// Each identity's share, while its sessions hold or wait for some.
+    by_identity: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// A message's share of the [`HeldWholeBudget`]: given back when dropped.
+pub(super) struct HeldShare<'a> {
+    budget: &'a HeldWholeBudget,
+    identity: Arc<str>,
+    all: Option<tokio::sync::SemaphorePermit<'a>>,
+    identitys: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl HeldShare<'_> {
+    /// MiB of the whole budget it holds.
+    #[cfg(test)]
+    pub(super) fn num_permits(&self) -> usize {
+        self.all.as_ref().map_or(0, |p| p.num_permits())
+    }
+}
+
+impl Drop for HeldShare<'_> {
+    fn drop(&mut self) {
+        self.all.take();
+        self.identitys.take();
+        // An identity whose sessions hold and await nothing is forgotten.
+        let mut shares = self.budget.identity_shares();
+        if let Some(share) = shares.get(&self.identity) {
+            if Arc::strong_count(share) == 1
+                && share.available_permits() == self.budget.identity_mib() as usize
+            {
+                shares.remove(&self.identity);
+            }
+        }
+    }
 }
 
 impl Default for HeldWholeBudget {
@@ -336,19 +376,53 @@ impl HeldWholeBudget {
         HeldWholeBudget {
             mib: tokio::sync::Semaphore::new(total_mib as usize),
             total_mib,
+            by_identity: Default::default(),
         }
     }
 
-    /// Waits for the share of a message of `total` bytes: three times its
-    /// size (the buffer it arrives in grows to up to twice its size, and
-    /// a masked row is a copy), at most the whole budget, so that any
-    /// message gets through once the others are done. `None` only if the
-    /// budget were closed, which it never is.
-    pub(super) async fn take(&self, total: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    /// The most the sessions of one identity hold together.
+    fn identity_mib(&self) -> u32 {
+        (self.total_mib / 4).max(1)
+    }
+
+    pub(super) fn identity_shares(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>> {
+        self.by_identity
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for the share of a message of `total` bytes that a session of
+    /// `identity` receives: three times its size (the buffer it arrives in
+    /// grows to up to twice its size, and a masked row is a copy), at most
+    /// the whole budget, so that any message gets through once the others
+    /// are done; first out of the identity's quarter (at most all of it),
+    /// then out of the whole. `None` only if the budget were closed, which
+    /// it never is.
+    pub(super) async fn take(&self, total: usize, identity: &str) -> Option<HeldShare<'_>> {
         let mib = u32::try_from(total.saturating_mul(3).div_ceil(1 << 20))
             .unwrap_or(u32::MAX)
             .min(self.total_mib);
-        self.mib.acquire_many(mib).await.ok()
+        let mut share = HeldShare {
+            budget: self,
+            identity: identity.into(),
+            all: None,
+            identitys: None,
+        };
+        let identitys = self
+            .identity_shares()
+            .entry(share.identity.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.identity_mib() as usize)))
+            .clone();
+        share.identitys = Some(
+            identitys
+                .acquire_many_owned(mib.min(self.identity_mib()))
+                .await
+                .ok()?,
+        );
+        share.all = Some(self.mib.acquire_many(mib).await.ok()?);
+        Some(share)
     }
 
     #[cfg(test)]

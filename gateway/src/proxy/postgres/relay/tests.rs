@@ -1626,9 +1626,9 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
     let mib = 1 << 20;
     let budget = HeldWholeBudget::new(10);
     // 3 MiB held three times over: 9 of the 10 MiB.
-    let first = budget.take(3 * mib).await.expect("share");
+    let first = budget.take(3 * mib, "agent-a").await.expect("share");
     assert_eq!(first.num_permits(), 9);
-    let second = budget.take(mib);
+    let second = budget.take(mib, "agent-b");
     tokio::pin!(second);
     assert!(
         tokio::time::timeout(Duration::from_millis(20), &mut second)
@@ -1643,7 +1643,7 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
         .expect("share");
     assert_eq!(second.num_permits(), 3);
     drop(second);
-    let huge = tokio::time::timeout(Duration::from_secs(5), budget.take(100 * mib))
+    let huge = tokio::time::timeout(Duration::from_secs(5), budget.take(100 * mib, "agent-a"))
         .await
         .expect("a message over the budget takes all of it")
         .expect("share");
@@ -1712,6 +1712,44 @@ async fn a_large_row_is_not_passed_on_when_its_record_failed() {
     );
 }
 
+/// The sessions of one identity hold at most a quarter of the budget
+/// together: past it, that identity's next message waits while another
+/// identity's goes on. One message larger than the quarter still gets
+/// through alone. Identities that hold nothing are forgotten.
+#[tokio::test]
+async fn one_identity_holds_at_most_a_quarter_of_the_held_whole_budget() {
+    use std::time::Duration;
+    let mib = 1 << 20;
+    let budget = HeldWholeBudget::new(40);
+    // 3 MiB held three times over: 9 of agent-a's 10.
+    let first = budget.take(3 * mib, "agent-a").await.expect("share");
+    let more = budget.take(mib, "agent-a");
+    tokio::pin!(more);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), &mut more)
+            .await
+            .is_err(),
+        "past its quarter, the identity waits"
+    );
+    let other = tokio::time::timeout(Duration::from_secs(5), budget.take(mib, "agent-b"))
+        .await
+        .expect("another identity goes on")
+        .expect("share");
+    drop(first);
+    let more = tokio::time::timeout(Duration::from_secs(5), more)
+        .await
+        .expect("taken once the identity's first is done")
+        .expect("share");
+    drop((more, other));
+    let alone = tokio::time::timeout(Duration::from_secs(5), budget.take(5 * mib, "agent-a"))
+        .await
+        .expect("a message over the quarter gets through alone")
+        .expect("share");
+    assert_eq!(alone.num_permits(), 15);
+    drop(alone);
+    assert!(budget.identity_shares().is_empty(), "nothing left held");
+}
+
 /// A large row that must be held whole (a session with masks, no plan for
 /// its result) waits for its share of the budget all sessions share; when
 /// the share does not come in time, the session is closed with
@@ -1727,7 +1765,10 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
 
     // Every share is taken: the row waits, then the session is closed.
     let budget = &session.shared.postgres_held_whole;
-    let all = budget.take(usize::MAX / 4).await.expect("the whole budget");
+    let all = budget
+        .take(usize::MAX / 4, "another-identity")
+        .await
+        .expect("the whole budget");
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     lock(&in_flight).queue.push_back(query("select big"));
     let (ended, got) = relay_to_agent(&session, &in_flight, large_row()).await;
