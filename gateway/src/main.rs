@@ -287,6 +287,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         pinning,
         postgres_cancel_keys: Default::default(),
         postgres_held_whole: Default::default(),
+        postgres_parsing: Default::default(),
         postgres_named: Default::default(),
         sessions: Default::default(),
     });

@@ -12,6 +12,7 @@
 //!    record durable ([`AuditLog::append`]), forwards it with the gateway's
 //!    own credential, and records the outcome.
 
+pub mod budget;
 pub mod postgres;
 pub mod tls;
 
@@ -55,6 +56,9 @@ pub struct Shared {
     /// Memory PostgreSQL server messages held whole may take, all
     /// sessions together.
     pub postgres_held_whole: postgres::HeldWholeBudget,
+    /// Parsing work PostgreSQL sessions' heavy statements may take at
+    /// once, all sessions together.
+    pub postgres_parsing: postgres::ParsingBudget,
     /// Bytes the prepared statements and portals PostgreSQL sessions keep
     /// may take, all sessions together.
     pub postgres_named: postgres::NamedBudget,

@@ -394,21 +394,22 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
 
 /// At most how many tokens sqlparser's tokenizer makes of `sql`, whatever
 /// it makes of its strings and comments, which is what parsing costs
-/// (the tokens, then the tree built from them): every byte outside runs
-/// of ASCII letters, digits and `_` may be a token of its own (whitespace
-/// is one token per character, `$1` two, a character outside ASCII may be
-/// one), and a run is at most a number and a word (`12ab34`, `0xFFg`), so
-/// it counts two.
+/// (the tokens, then the tree built from them): every ASCII byte other
+/// than a letter, digit or `_` may be a token of its own (whitespace is
+/// one token per character, `$1` two), and a run of letters, digits, `_`
+/// and characters outside ASCII (all of which the PostgreSQL dialect takes
+/// into names) is at most a number and a word (`12ab34`, `0xFFg`), so it
+/// counts two. Strings and comments are weighed like the rest: where they
+/// are is what the parser decides.
 pub fn token_bound(sql: &str) -> usize {
-    let in_run = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let in_run = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || !b.is_ascii();
     let mut tokens = 0usize;
     let mut prev = b' ';
     for &b in sql.as_bytes() {
         tokens += match (in_run(b), in_run(prev)) {
             (true, false) => 2,
             (true, true) => 0,
-            // ASCII, or the first byte of a character.
-            (false, _) => usize::from(b & 0xC0 != 0x80),
+            (false, _) => 1,
         };
         prev = b;
     }
@@ -1472,7 +1473,7 @@ impl Visitor for Walker {
             return ControlFlow::Break(());
         }
         // An operator of the database's own (`OPERATOR(app.===)`, `a ~~~ b`,
-        // `a <=> b`, `!! a`) runs a function tollgate cannot see into.
+        // `a <=> b`) runs a function tollgate cannot see into.
         let databases_own = match expr {
             Expr::BinaryOp { op, .. } => operator_may_be_the_databases_own(op),
             Expr::UnaryOp { op, .. } => prefix_operator_may_be_the_databases_own(op),
@@ -1858,6 +1859,7 @@ mod token_bound_tests {
             "SELECT $1,$2,$3,$4",
             "SELECT 'a','b' /* c */ -- d\n",
             "SELECT →→→ ééé 中文",
+            "SELECT é,é,é,→,中,\u{a0},\u{3000}",
             "SELECT a.b.c::int[]",
             "\r\n\r\n\t",
         ] {
@@ -1869,9 +1871,10 @@ mod token_bound_tests {
 
     fn tricky_text() -> impl Strategy<Value = String> {
         let pieces = prop::sample::select(vec![
-            " ", "\n", "\r", "\t", "1", "9", "e", "x", "a", "_", "$", ".", ",", ";", "'", "\"",
-            "/*", "*/", "--", "::", ":", "!", "<", "=", ">", "+", "-", "*", "/", "(", ")", "[",
-            "]", "\\", "é", "→", "中", "@", "#", "%", "^", "&", "|", "~", "?", "`", "{", "}",
+            " ", "\n", "\r", "\t", "0", "1", "9", "e", "x", "b", "o", "a", "_", "$", ".", ",", ";",
+            "'", "\"", "/*", "*/", "--", "::", ":", "!", "<", "=", ">", "+", "-", "*", "/", "(",
+            ")", "[", "]", "\\", "é", "→", "中", "@", "#", "%", "^", "&", "|", "~", "?", "`", "{",
+            "}",
         ]);
         prop::collection::vec(pieces, 0..64).prop_map(|v| v.concat())
     }

@@ -29,7 +29,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{info, warn};
 
 pub use self::cancel::CancelKeys;
-pub use self::relay::{HeldWholeBudget, NamedBudget};
+pub use self::relay::{HeldWholeBudget, NamedBudget, ParsingBudget};
 use self::wire::{Startup, WireError};
 use super::{tls::BoxedIo, Connection, Shared};
 use crate::{

@@ -71,6 +71,7 @@ async fn shared_for(keys: &Path, config: &str, audit: &AuditLog) -> Arc<Shared> 
         pinning: None,
         postgres_cancel_keys: Default::default(),
         postgres_held_whole: Default::default(),
+        postgres_parsing: Default::default(),
         postgres_named: Default::default(),
         sessions: Default::default(),
     })

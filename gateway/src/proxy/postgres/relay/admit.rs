@@ -296,7 +296,7 @@ pub(super) async fn refusal_while_reading_unsure(session: &Session, text: &str) 
     if text.bytes().all(|b| b.is_ascii() && b != b'\\') {
         return None;
     }
-    let operations = classify_within_limit(text).await;
+    let operations = classify_within_limit(session, text).await;
     let record = request_record(session, text, &operations, String::new());
     Some(
         refuse_denied(
@@ -362,11 +362,14 @@ pub(super) async fn refusal_of_run_by_name(
 /// Parsing takes memory and time by the token, not by the byte: 8 MiB of
 /// `1,1,1,...` took 7.5 GB and 23 s. So a text is first weighed by
 /// [`token_bound`]. A light one is classified at once; a heavier one
-/// takes its weight from [`classify_budget`], which every session shares,
-/// and is classified off the runtime's threads; one heavier than the
-/// whole budget is not classified (not understood, as text the parser
-/// refuses).
-pub(super) async fn classify_within_limit(text: &str) -> Result<Vec<Operation>, String> {
+/// takes its weight from the [`ParsingBudget`] every session shares (the
+/// sessions of one identity a quarter of it at most) and is classified
+/// off the runtime's threads; one heavier than the whole budget is not
+/// classified (not understood, as text the parser refuses).
+pub(super) async fn classify_within_limit(
+    session: &Session,
+    text: &str,
+) -> Result<Vec<Operation>, String> {
     if text.len() > MAX_AUDITED_STATEMENT {
         return Err(over_the_statement_limit());
     }
@@ -382,22 +385,32 @@ pub(super) async fn classify_within_limit(text: &str) -> Result<Vec<Operation>, 
             "up to {weight} tokens: more than the {CLASSIFY_BUDGET} tollgate parses in one text"
         ));
     };
-    let share =
-        match tokio::time::timeout(CLASSIFY_WAIT, classify_budget().acquire_many(units)).await {
-            Ok(Ok(share)) => share,
-            Ok(Err(_)) => return Err("the parsing budget is closed".into()),
-            Err(_) => {
-                return Err(format!(
+    let budget = &session.shared.postgres_parsing.0;
+    let share = match tokio::time::timeout(
+        CLASSIFY_WAIT,
+        budget.take(units, &session.principal.object_id),
+    )
+    .await
+    {
+        Ok(Some(share)) => share,
+        Ok(None) => return Err("the parsing budget is closed".into()),
+        Err(_) => {
+            return Err(format!(
                 "up to {weight} tokens waited {} s for the parsing budget other statements hold: \
                  not parsed",
                 CLASSIFY_WAIT.as_secs()
             ))
-            }
-        };
+        }
+    };
     let owned = text.to_owned();
-    let classified = tokio::task::spawn_blocking(move || classify(&owned)).await;
-    drop(share);
-    classified.unwrap_or_else(|err| Err(format!("parsing failed: {err}")))
+    // The share goes with the parse: if this session ends meanwhile, the
+    // parse runs on, and its memory stays counted until it is done.
+    tokio::task::spawn_blocking(move || {
+        let _share: Share = share;
+        classify(&owned)
+    })
+    .await
+    .unwrap_or_else(|err| Err(format!("parsing failed: {err}")))
 }
 
 /// Texts of at most this weight (see [`token_bound`]) are classified on
@@ -414,11 +427,15 @@ pub(super) const CLASSIFY_BUDGET: usize = 2_000_000;
 /// given up as not understood.
 const CLASSIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The budget of [`CLASSIFY_BUDGET`] units. Process-wide, like the memory
-/// it stands for.
-fn classify_budget() -> &'static tokio::sync::Semaphore {
-    static BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CLASSIFY_BUDGET);
-    &BUDGET
+/// The parsing work heavy statements may take at once, all sessions
+/// together (in [`crate::proxy::Shared`]): [`CLASSIFY_BUDGET`] units of
+/// [`token_bound`] weight.
+pub struct ParsingBudget(pub(super) SharedBudget);
+
+impl Default for ParsingBudget {
+    fn default() -> Self {
+        ParsingBudget(SharedBudget::new(CLASSIFY_BUDGET as u32))
+    }
 }
 
 /// Longest statement text tollgate sends on (a client message may be up to

@@ -345,7 +345,7 @@ impl FromClient {
             self.refuse_in_place(Kind::RefusedQuery, refusal);
             return Ok(());
         }
-        let operations = classify_within_limit(&text).await;
+        let operations = classify_within_limit(&self.session, &text).await;
         if let Some(run) = self.protocol_names.run_in(&operations) {
             let refusal = refusal_of_run_by_name(&self.session, &text, &operations, run).await;
             self.refuse_in_place(Kind::RefusedQuery, refusal);

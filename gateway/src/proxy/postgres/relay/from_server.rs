@@ -321,49 +321,9 @@ pub(super) const SQLSTATE_OUT_OF_MEMORY: &str = "53200";
 /// whose message would take more waits for its share before it reads the
 /// rest, so that many agents selecting large masked values hold the
 /// daemon at this size instead of growing it until it runs out of memory.
-///
-/// The sessions of one identity together take at most a quarter of it
-/// (besides one message larger than that, alone), so that one token,
-/// whose agent opens many sessions and reads none of their large answers,
-/// cannot hold the rest of the daemon's sessions off it.
-pub struct HeldWholeBudget {
-    mib: tokio::sync::Semaphore,
-    total_mib: u32,
-    /// Each identity's share, while its sessions hold or wait for some.
-    by_identity: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
-}
-
-/// A message's share of the [`HeldWholeBudget`]: given back when dropped.
-pub(super) struct HeldShare<'a> {
-    budget: &'a HeldWholeBudget,
-    identity: Arc<str>,
-    all: Option<tokio::sync::SemaphorePermit<'a>>,
-    identitys: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl HeldShare<'_> {
-    /// MiB of the whole budget it holds.
-    #[cfg(test)]
-    pub(super) fn num_permits(&self) -> usize {
-        self.all.as_ref().map_or(0, |p| p.num_permits())
-    }
-}
-
-impl Drop for HeldShare<'_> {
-    fn drop(&mut self) {
-        self.all.take();
-        self.identitys.take();
-        // An identity whose sessions hold and await nothing is forgotten.
-        let mut shares = self.budget.identity_shares();
-        if let Some(share) = shares.get(&self.identity) {
-            if Arc::strong_count(share) == 1
-                && share.available_permits() == self.budget.identity_mib() as usize
-            {
-                shares.remove(&self.identity);
-            }
-        }
-    }
-}
+/// The sessions of one identity hold at most a quarter of it together
+/// (see [`SharedBudget`]).
+pub struct HeldWholeBudget(SharedBudget);
 
 impl Default for HeldWholeBudget {
     fn default() -> Self {
@@ -373,61 +333,22 @@ impl Default for HeldWholeBudget {
 
 impl HeldWholeBudget {
     pub fn new(total_mib: u32) -> Self {
-        HeldWholeBudget {
-            mib: tokio::sync::Semaphore::new(total_mib as usize),
-            total_mib,
-            by_identity: Default::default(),
-        }
-    }
-
-    /// The most the sessions of one identity hold together.
-    fn identity_mib(&self) -> u32 {
-        (self.total_mib / 4).max(1)
-    }
-
-    pub(super) fn identity_shares(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>> {
-        self.by_identity
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        HeldWholeBudget(SharedBudget::new(total_mib))
     }
 
     /// Waits for the share of a message of `total` bytes that a session of
     /// `identity` receives: three times its size (the buffer it arrives in
     /// grows to up to twice its size, and a masked row is a copy), at most
-    /// the whole budget, so that any message gets through once the others
-    /// are done; first out of the identity's quarter (at most all of it),
-    /// then out of the whole. `None` only if the budget were closed, which
-    /// it never is.
-    pub(super) async fn take(&self, total: usize, identity: &str) -> Option<HeldShare<'_>> {
-        let mib = u32::try_from(total.saturating_mul(3).div_ceil(1 << 20))
-            .unwrap_or(u32::MAX)
-            .min(self.total_mib);
-        let mut share = HeldShare {
-            budget: self,
-            identity: identity.into(),
-            all: None,
-            identitys: None,
-        };
-        let identitys = self
-            .identity_shares()
-            .entry(share.identity.clone())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.identity_mib() as usize)))
-            .clone();
-        share.identitys = Some(
-            identitys
-                .acquire_many_owned(mib.min(self.identity_mib()))
-                .await
-                .ok()?,
-        );
-        share.all = Some(self.mib.acquire_many(mib).await.ok()?);
-        Some(share)
+    /// the whole budget. `None` only if the budget were closed, which it
+    /// never is.
+    pub(super) async fn take(&self, total: usize, identity: &str) -> Option<Share> {
+        let mib = u32::try_from(total.saturating_mul(3).div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        self.0.take(mib, identity).await
     }
 
     #[cfg(test)]
     pub(super) fn available_mib(&self) -> usize {
-        self.mib.available_permits()
+        self.0.available()
     }
 }
 
@@ -502,7 +423,10 @@ pub(super) async fn close_after_built_answers(
     message: &str,
 ) {
     let mut client = client_wr.lock().await;
-    let _ = client.send_counted(out, handed_over).await;
+    // Answers an agent does not read would hold the session here for good:
+    // given up after the wait, they leave the connection inside a message
+    // (`mid_message` stays set), so it is closed without the FATAL.
+    let _ = tokio::time::timeout(FATAL_WRITE_WAIT, client.send_counted(out, handed_over)).await;
     lock(in_flight).closed_by = Some((code.to_string(), message.to_string()));
     if client.mid_message {
         // The session ended (its token expired) while a message was on

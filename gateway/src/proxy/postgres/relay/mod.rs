@@ -35,6 +35,7 @@ use crate::{
     audit::{record, AuditError, AuditRecord, Durable, SharedText},
     identity::Principal,
     policy::{Decision, Operation, RecordResults, Request, RunByName, StatementKind},
+    proxy::budget::{Share, SharedBudget},
     proxy::tls::BoxedIo,
     proxy::{now_millis, set_class, Connection, Shared},
 };
@@ -873,8 +874,8 @@ pub type ClientReader = ReadHalf<BoxedIo>;
 mod admit;
 mod from_client;
 mod from_server;
-pub use admit::intent_of_application_name;
 use admit::*;
+pub use admit::{intent_of_application_name, ParsingBudget};
 use from_client::client_to_server;
 pub use from_server::HeldWholeBudget;
 use from_server::*;
@@ -1229,7 +1230,7 @@ struct Prepared {
 impl Prepared {
     /// A statement as a Parse gives it, classified and judged once.
     async fn new(session: &Session, text: String, parameter_types: Vec<u32>) -> Self {
-        let operations = classify_within_limit(&text).await;
+        let operations = classify_within_limit(session, &text).await;
         Prepared {
             judged: judge(session, &operations),
             text,

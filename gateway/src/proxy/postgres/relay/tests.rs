@@ -563,6 +563,7 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
             pinning: None,
             postgres_cancel_keys: Default::default(),
             postgres_held_whole: Default::default(),
+            postgres_parsing: Default::default(),
             postgres_named: Default::default(),
             sessions: Default::default(),
         }),
@@ -1627,7 +1628,7 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
     let budget = HeldWholeBudget::new(10);
     // 3 MiB held three times over: 9 of the 10 MiB.
     let first = budget.take(3 * mib, "agent-a").await.expect("share");
-    assert_eq!(first.num_permits(), 9);
+    assert_eq!(first.units(), 9);
     let second = budget.take(mib, "agent-b");
     tokio::pin!(second);
     assert!(
@@ -1641,13 +1642,13 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
         .await
         .expect("taken once the first is done")
         .expect("share");
-    assert_eq!(second.num_permits(), 3);
+    assert_eq!(second.units(), 3);
     drop(second);
     let huge = tokio::time::timeout(Duration::from_secs(5), budget.take(100 * mib, "agent-a"))
         .await
         .expect("a message over the budget takes all of it")
         .expect("share");
-    assert_eq!(huge.num_permits(), 10);
+    assert_eq!(huge.units(), 10);
 
     // Which messages are large: any tag, once its header is there.
     let header = |tag: u8, total: usize| message_start(tag, total - 5, b"");
@@ -1710,44 +1711,6 @@ async fn a_large_row_is_not_passed_on_when_its_record_failed() {
         "{}",
         outcomes[0].status_detail
     );
-}
-
-/// The sessions of one identity hold at most a quarter of the budget
-/// together: past it, that identity's next message waits while another
-/// identity's goes on. One message larger than the quarter still gets
-/// through alone. Identities that hold nothing are forgotten.
-#[tokio::test]
-async fn one_identity_holds_at_most_a_quarter_of_the_held_whole_budget() {
-    use std::time::Duration;
-    let mib = 1 << 20;
-    let budget = HeldWholeBudget::new(40);
-    // 3 MiB held three times over: 9 of agent-a's 10.
-    let first = budget.take(3 * mib, "agent-a").await.expect("share");
-    let more = budget.take(mib, "agent-a");
-    tokio::pin!(more);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(20), &mut more)
-            .await
-            .is_err(),
-        "past its quarter, the identity waits"
-    );
-    let other = tokio::time::timeout(Duration::from_secs(5), budget.take(mib, "agent-b"))
-        .await
-        .expect("another identity goes on")
-        .expect("share");
-    drop(first);
-    let more = tokio::time::timeout(Duration::from_secs(5), more)
-        .await
-        .expect("taken once the identity's first is done")
-        .expect("share");
-    drop((more, other));
-    let alone = tokio::time::timeout(Duration::from_secs(5), budget.take(5 * mib, "agent-a"))
-        .await
-        .expect("a message over the quarter gets through alone")
-        .expect("share");
-    assert_eq!(alone.num_permits(), 15);
-    drop(alone);
-    assert!(budget.identity_shares().is_empty(), "nothing left held");
 }
 
 /// A large row that must be held whole (a session with masks, no plan for
@@ -2068,18 +2031,52 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
 /// threads, as any other.
 #[tokio::test]
 async fn a_text_heavier_than_the_parsing_budget_is_not_parsed() {
+    let (_audit_dir, _keys, session, audit) = relay_session().await;
     // Each `,1` weighs three: a comma, and a run that may be two tokens.
     let heavy = format!("SELECT 1{}", ",1".repeat(CLASSIFY_BUDGET / 2));
     assert!(heavy.len() <= MAX_AUDITED_STATEMENT);
-    let err = classify_within_limit(&heavy)
+    let err = classify_within_limit(&session, &heavy)
         .await
         .expect_err("too heavy to parse");
     assert!(err.contains("tokens"), "{err}");
 
     let medium = format!("SELECT 1{}", ",1".repeat(20_000));
-    let operations = classify_within_limit(&medium).await.expect("parsed");
+    let operations = classify_within_limit(&session, &medium)
+        .await
+        .expect("parsed");
     assert_eq!(operations.len(), 1);
     assert_eq!(operations[0].kind, StatementKind::Read);
+    audit.shutdown().await;
+}
+
+/// A heavy text's share of the parsing budget stays taken until its parse
+/// is done, even when the session waiting for it ends first (the parse
+/// cannot be stopped, and its memory is in use until it ends).
+#[tokio::test]
+async fn a_parse_keeps_its_share_after_its_session_ends() {
+    use std::time::Duration;
+    let (_audit_dir, _keys, session, audit) = relay_session().await;
+    let budget = &session.shared.postgres_parsing.0;
+    let text = format!("SELECT 1{}", ",1".repeat(100_000));
+    // The share is taken and the parse started at the first poll.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(1),
+        classify_within_limit(&session, &text),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the parse ended within a millisecond");
+    assert!(
+        budget.available() < CLASSIFY_BUDGET,
+        "the share was given back while the parse ran"
+    );
+    let given_back = tokio::time::timeout(Duration::from_secs(120), async {
+        while budget.available() < CLASSIFY_BUDGET {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(given_back.is_ok(), "the share was never given back");
+    audit.shutdown().await;
 }
 
 /// A read that may call a name the session knows as a function of the
@@ -2097,4 +2094,31 @@ fn a_read_that_may_call_a_function_of_the_databases_own_is_not_read_only() {
         ..read
     };
     assert!(!provably_read_only(&Ok(vec![calls])));
+}
+
+/// Answers built before a session is closed from outside, which its agent
+/// does not read, do not hold the close: given up after the wait, they
+/// leave the connection inside a message, closed without the FATAL.
+#[tokio::test(start_paused = true)]
+async fn answers_an_agent_does_not_read_do_not_hold_the_close() {
+    use std::time::Duration;
+    let (client_wr, _agent_side) = agent_connection(64);
+    let in_flight = queue_of(&[Kind::Query]);
+    let out = frame(b'C', b"SELECT 1\0").bytes.repeat(100);
+    let mut handed_over = 0;
+    let closed = tokio::time::timeout(
+        Duration::from_secs(60),
+        close_after_built_answers(
+            &out,
+            &mut handed_over,
+            &client_wr,
+            &in_flight,
+            SQLSTATE_IDENTITY,
+            "tollgate: the session's token expired",
+        ),
+    )
+    .await;
+    assert!(closed.is_ok(), "the close waited on the agent");
+    assert!(handed_over < out.len(), "{handed_over}");
+    assert!(client_wr.lock().await.mid_message);
 }
