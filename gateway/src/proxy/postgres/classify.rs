@@ -348,9 +348,13 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
                 .into(),
         );
     }
-    // The parser reads `==` as `=`; PostgreSQL has no `==`, so one is a
-    // database's own operator, which the tree no longer shows.
-    let double_equals = tokens.iter().any(|t| t.token == Token::DoubleEq);
+    // Operators are judged as PostgreSQL's scanner cuts them: the parser
+    // cuts some runs elsewhere (`a =~ b` as `a = ~b`), names some after
+    // other databases' (`<=>`) and reads `==` as `=`.
+    let databases_own_operator = postgres
+        .operators
+        .iter()
+        .any(|op| !is_built_in_operator(op));
     let mut parser = Parser::new(&dialect).with_tokens_with_locations(tokens);
     let statements = parser.parse_statements().map_err(|err| err.to_string())?;
     // The parser stops without an error at an END after a whole statement
@@ -383,7 +387,7 @@ pub fn classify(sql: &str) -> Result<Vec<Operation>, String> {
         ));
     }
     let mut operations: Vec<Operation> = operations.into_iter().collect::<Result<_, _>>()?;
-    if double_equals {
+    if databases_own_operator {
         for op in &mut operations {
             op.calls_functions = true;
             op.calls_unknown_functions = true;
@@ -1472,16 +1476,19 @@ impl Visitor for Walker {
         if self.deepest > MAX_EXPRESSION_DEPTH {
             return ControlFlow::Break(());
         }
-        // An operator of the database's own (`OPERATOR(app.===)`, `a ~~~ b`,
-        // `a <=> b`) runs a function tollgate cannot see into.
-        let databases_own = match expr {
-            Expr::BinaryOp { op, .. } => operator_may_be_the_databases_own(op),
-            Expr::UnaryOp { op, .. } => prefix_operator_may_be_the_databases_own(op),
-            _ => false,
-        };
-        if databases_own {
-            self.calls_functions = true;
-            self.calls_unknown_functions = true;
+        // An operator named in a schema other than the catalog's
+        // (`OPERATOR(app.+)`) runs a function tollgate cannot see into,
+        // whatever its spelling; other operators of the database's own are
+        // found by their spelling (see `classify`).
+        if let Expr::BinaryOp {
+            op: sqlparser::ast::BinaryOperator::PGCustomBinaryOperator(parts),
+            ..
+        } = expr
+        {
+            if parts.first().is_none_or(|schema| schema != "pg_catalog") {
+                self.calls_functions = true;
+                self.calls_unknown_functions = true;
+            }
         }
         match expr {
             Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
@@ -1710,49 +1717,13 @@ impl Visitor for Walker {
     }
 }
 
-/// Whether an operator the tokenizer did not know may be one a user
-/// defined (a function tollgate cannot look into). Not `OPERATOR(pg_catalog.x)`
-/// (psql's own catalog queries), nor a run of operator characters that
-/// PostgreSQL splits into known ones: it ends a multi-character operator's
-/// trailing `+` and `-` unless one of ``~!@#%^&|`?`` is in it, so `x>=-1` is
-/// `x >= -1`.
-fn operator_may_be_the_databases_own(op: &sqlparser::ast::BinaryOperator) -> bool {
-    use sqlparser::ast::BinaryOperator;
-    match op {
-        // Keywords of the grammar, not operators anyone defines.
-        BinaryOperator::And | BinaryOperator::Or | BinaryOperator::Overlaps => false,
-        BinaryOperator::PGCustomBinaryOperator(parts) => {
-            parts.first().is_none_or(|schema| schema != "pg_catalog")
-        }
-        BinaryOperator::Custom(op) => {
-            let splits = !op.contains(['~', '!', '@', '#', '%', '^', '&', '|', '`', '?'])
-                && op.ends_with(['+', '-']);
-            // What is left once PostgreSQL has split off the trailing
-            // signs must be a built-in operator too (`===-1` runs `===`).
-            let left = op.trim_end_matches(['+', '-']);
-            let builtin = matches!(
-                left,
-                "" | "<" | ">" | "=" | "<=" | ">=" | "<>" | "!=" | "+" | "-" | "*" | "/"
-            );
-            !(splits && builtin)
-        }
-        // The parser names operators of other databases too (`<=>`), and
-        // reads some spellings as another (`==` as `=`, which `classify`
-        // finds among the tokens): only a spelling PostgreSQL has built in
-        // is PostgreSQL's.
-        named => !BUILT_IN_BINARY_OPERATORS.contains(&named.to_string().as_str()),
-    }
-}
-
-/// A prefix operator other than PostgreSQL's own, or a postfix one
-/// (PostgreSQL 14 dropped its last: any there is a database's own).
-fn prefix_operator_may_be_the_databases_own(op: &sqlparser::ast::UnaryOperator) -> bool {
-    use sqlparser::ast::UnaryOperator;
-    match op {
-        UnaryOperator::Not => false,
-        UnaryOperator::PGPostfixFactorial => true,
-        prefix => !BUILT_IN_PREFIX_OPERATORS.contains(&prefix.to_string().as_str()),
-    }
+/// Whether PostgreSQL has `op` built in (as its scanner cuts operators:
+/// see [`lexical::operators_of_run`]): a binary or prefix operator of a
+/// fresh cluster, or `=>` (a named argument). PostgreSQL 14 dropped its
+/// last postfix operator. Any other is a database's own: a function
+/// tollgate cannot look into.
+fn is_built_in_operator(op: &str) -> bool {
+    op == "=>" || BUILT_IN_BINARY_OPERATORS.contains(&op) || BUILT_IN_PREFIX_OPERATORS.contains(&op)
 }
 
 /// The binary operators of PostgreSQL 15 (`SELECT DISTINCT oprname FROM
@@ -2326,6 +2297,14 @@ mod tests {
             "SELECT * FROM items WHERE a == b",
             "SELECT 1 == 1",
             "SELECT a FROM items WHERE NOT (b == 2)",
+            // Runs the parser cuts into built-in operators, which
+            // PostgreSQL reads as one of the database's own.
+            "SELECT * FROM items WHERE a =~ b",
+            "SELECT a *~ b, a +@ b FROM items",
+            "SELECT a ^- b FROM items",
+            "SELECT * FROM items WHERE a ^@~ b",
+            "SELECT a &>- b FROM items",
+            "SELECT * FROM items WHERE a OPERATOR(app.+) b > 0",
         ] {
             let op = one(sql);
             assert!(op.calls_functions && op.calls_unknown_functions, "{sql}");
@@ -2337,29 +2316,30 @@ mod tests {
             "SELECT a || b, 2 ^ 3, 7 % 2, 1 << 2, 5 # 3, a ^@ b, a ? 'k', a @@ b FROM t",
             "SELECT - a, + a, ~ 5, |/ 4.0, ||/ 8.0, @ -1, NOT true FROM t",
             "SELECT * FROM t WHERE a AND b OR c",
+            // Built in, though the parser names none of them.
+            "SELECT * FROM t WHERE ip <<= '10.0.0.0/8' AND r1 -|- r2 AND a ~<~ b",
+            "SELECT a >=-1, a OPERATOR(pg_catalog.~) b FROM t",
         ] {
             assert!(!one(sql).calls_functions, "{sql}");
         }
+        // `=>` names an argument: no operator at all.
+        assert_eq!(
+            one("SELECT generate_series(start => 1, stop => 2)").calls_unknown_functions,
+            one("SELECT generate_series(1, 2)").calls_unknown_functions
+        );
     }
 
     /// What PostgreSQL leaves of an operator once it splits off trailing
     /// signs decides whether it is a built-in one.
     #[test]
     fn operators_postgresql_splits_into_built_in_ones_are_not_calls() {
-        use sqlparser::ast::BinaryOperator::Custom;
-        for (op, call) in [
-            (">=-", false),
-            ("<>-", false),
-            ("+-", false),
-            ("===-", true),
-            ("~~-", true),
-            ("===", true),
+        for (sql, call) in [
+            ("SELECT a FROM t WHERE a >=-1", false),
+            ("SELECT a FROM t WHERE a <>-1", false),
+            ("SELECT a +-1 FROM t", false),
+            ("SELECT a ~~- b FROM t", true),
         ] {
-            assert_eq!(
-                operator_may_be_the_databases_own(&Custom(op.into())),
-                call,
-                "{op}"
-            );
+            assert_eq!(one(sql).calls_unknown_functions, call, "{sql}");
         }
     }
 

@@ -18,6 +18,9 @@ pub struct Scan {
     /// Byte offsets where a string, quoted identifier, dollar quote or
     /// comment starts: everything in them is opaque to the grammar.
     pub opaque_starts: Vec<usize>,
+    /// The operators the scanner makes of the runs of operator characters
+    /// (see [`operators_of_run`]), each once.
+    pub operators: std::collections::BTreeSet<String>,
 }
 
 /// How many statements PostgreSQL finds in `sql` (see [`scan`]).
@@ -72,6 +75,14 @@ pub fn scan(sql: &str) -> Option<Scan> {
                 let (end, kind) = skip_token(bytes, i)?;
                 if let TokenKind::Opaque = kind {
                     out.opaque_starts.push(i);
+                }
+                if OPERATOR_CHARS.contains(&b) {
+                    for op in operators_of_run(&bytes[i..end]) {
+                        let op = String::from_utf8_lossy(op);
+                        if !out.operators.contains(op.as_ref()) {
+                            out.operators.insert(op.into_owned());
+                        }
+                    }
                 }
                 match kind {
                     TokenKind::Word => {
@@ -275,9 +286,55 @@ fn skip_dollar(bytes: &[u8], i: usize) -> Option<(usize, TokenKind)> {
         .map(|at| (body + at + delimiter.len(), TokenKind::Opaque))
 }
 
+/// The operators PostgreSQL's scanner makes of one run of operator
+/// characters (already cut where a comment starts): a multi-character
+/// operator may not end in `+` or `-` unless it holds one of
+/// ``~!@#^&|`?%``, so `=-` is `=` then `-`, while `@-` and `||-` are
+/// operators of their own; what is cut off is scanned again.
+pub fn operators_of_run(mut run: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if run.is_empty() {
+            return None;
+        }
+        let mut len = run.len();
+        if len > 1
+            && matches!(run[len - 1], b'+' | b'-')
+            && !run[..len - 1].iter().any(|b| b"~!@#^&|`?%".contains(b))
+        {
+            while len > 1 && matches!(run[len - 1], b'+' | b'-') {
+                len -= 1;
+            }
+        }
+        let (op, rest) = run.split_at(len);
+        run = rest;
+        Some(op)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The operators of a text are PostgreSQL's: trailing signs split off
+    /// only where the scanner splits them, nothing inside strings or
+    /// comments.
+    #[test]
+    fn operators_are_split_as_postgresql_splits_them() {
+        let scan =
+            scan("SELECT a =- 1, b ||- c, d >=-+1, e @- f, g <> h -- x ~~~\n /* <=> */ 'a ~~~ b'")
+                .expect("scans");
+        let ops: Vec<&str> = scan.operators.iter().map(String::as_str).collect();
+        assert_eq!(ops, ["+", "-", "<>", "=", ">=", "@-", "||-"]);
+        let split = |run: &str| -> Vec<String> {
+            operators_of_run(run.as_bytes())
+                .map(|op| String::from_utf8_lossy(op).into_owned())
+                .collect()
+        };
+        assert_eq!(split("=-+"), ["=", "-", "+"]);
+        assert_eq!(split("?-"), ["?-"]);
+        assert_eq!(split("*-"), ["*", "-"]);
+        assert_eq!(split("==="), ["==="]);
+    }
 
     #[test]
     fn statements_are_counted_as_postgresql_splits_them() {
