@@ -102,6 +102,9 @@ pub struct Operation {
     pub dangers: BTreeSet<Danger>,
     /// The result leaves as raw data that masking cannot reach (COPY TO).
     pub streams_raw: bool,
+    /// Changes rows (a data-modifying statement, SELECT INTO or row locks
+    /// anywhere in it), whatever its kind: a grant must allow writes too.
+    pub modifies_data: bool,
     /// The statement calls functions, which may have side effects.
     pub calls_functions: bool,
     /// Calls a function that is not a known built-in (a function of the
@@ -418,13 +421,29 @@ fn denied_by_any(applicable: &[&Grant], request: &Request<'_>) -> Option<(String
         };
         for op in operations {
             for table in op.reads.iter().chain(&op.writes) {
-                if grant.deny_tables.iter().any(|p| p.matches(table)) {
+                if grant.deny_tables.iter().any(|p| may_name(p, table)) {
                     return Some((rule, format!("table {table} is denied")));
                 }
             }
         }
     }
     None
+}
+
+/// Whether a `deny_tables` pattern may name a table of a table list entry:
+/// the table itself; `schema.*` stands for every table of the schema (a
+/// schema renamed or dropped), and `?` for tables the text does not name
+/// (a CASCADE's), which any pattern may be. (An allow pattern matches
+/// `schema.*` only if it matches every name of the schema, and `?` only
+/// if it matches anything: plain matching does that.)
+fn may_name(pattern: &pattern::Pattern, table: &str) -> bool {
+    if table == "?" {
+        return true;
+    }
+    match table.strip_suffix(".*") {
+        Some(schema) => pattern.covers_table(schema),
+        None => pattern.matches(table),
+    }
 }
 
 /// `Err((rule, reason))` names the first thing the grant does not allow.
@@ -446,6 +465,15 @@ fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
             return Err((
                 format!("kind:{}", op.kind.as_str()),
                 format!("{} statements are not allowed", op.kind.as_str()),
+            ));
+        }
+        if op.modifies_data && !grant.kinds.contains(&StatementKind::Write) {
+            return Err((
+                "kind:write".into(),
+                format!(
+                    "this {} statement changes rows, and write statements are not allowed",
+                    op.kind.as_str()
+                ),
             ));
         }
         for danger in &op.dangers {

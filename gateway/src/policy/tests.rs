@@ -499,3 +499,110 @@ allow_dangerous = ["drop", "truncate", "alter", "grant_revoke", "delete_without_
         assert_eq!(denied_by(&decide(&policy, &["root"], sql)), None, "{sql}");
     }
 }
+
+/// A statement of another kind that changes rows needs writes allowed
+/// too: DDL around a data-modifying CTE ran the DELETE under a grant of
+/// reads and DDL only.
+#[test]
+fn a_statement_that_changes_rows_needs_writes_whatever_its_kind() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "builders"
+roles = ["builder"]
+kinds = ["read", "ddl"]
+"#,
+    );
+    for sql in [
+        "CREATE TABLE scratch.t AS WITH d AS (DELETE FROM public.orders WHERE id > 0 RETURNING id) SELECT * FROM d",
+        "CREATE TABLE scratch.t AS SELECT * FROM public.orders FOR UPDATE",
+        "CREATE TABLE scratch.t AS SELECT nextval('public.order_ids')",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&policy, &["builder"], sql)),
+            Some("builders:kind:write"),
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        denied_by(&decide(
+            &policy,
+            &["builder"],
+            "CREATE TABLE scratch.t AS SELECT * FROM public.orders"
+        )),
+        None
+    );
+}
+
+/// A denied table cannot be reached through another name: renaming it
+/// with ALTER INDEX, renaming or dropping its schema, or a CASCADE that
+/// empties or drops what refers to a table the text names, and a child
+/// table's rows show in its parent; a foreign key reads its table.
+#[test]
+fn a_denied_table_is_not_reached_through_another_name() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "writers"
+roles = ["writer"]
+kinds = ["read", "write", "ddl", "dcl", "transaction", "utility", "admin"]
+deny_tables = ["hr.salaries"]
+allow_dangerous = ["truncate", "drop", "alter"]
+"#,
+    );
+    for sql in [
+        "ALTER INDEX hr.salaries RENAME TO pay",
+        "ALTER SCHEMA hr RENAME TO x",
+        "ALTER SCHEMA hr OWNER TO bob",
+        "DROP SCHEMA hr CASCADE",
+        "TRUNCATE public.scratch CASCADE",
+        "DROP TABLE public.scratch CASCADE",
+        "CREATE TABLE public.pad (x text) INHERITS (hr.salaries)",
+        "CREATE TABLE public.probe (k int REFERENCES hr.salaries(id))",
+        "CREATE TABLE public.probe (k int, FOREIGN KEY (k) REFERENCES hr.salaries(id))",
+        "ALTER TABLE public.probe ADD CONSTRAINT f FOREIGN KEY (k) REFERENCES hr.salaries(id)",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&policy, &["writer"], sql)),
+            Some("writers:deny_tables"),
+            "{sql}"
+        );
+    }
+    for sql in [
+        "ALTER SCHEMA sales RENAME TO x",
+        "TRUNCATE public.scratch",
+        "CREATE TABLE public.pad (x text) INHERITS (public.scratch)",
+    ] {
+        assert_eq!(denied_by(&decide(&policy, &["writer"], sql)), None, "{sql}");
+    }
+    // A grant whose writes name tables does not cover tables the text
+    // does not name, nor a whole schema it does not cover.
+    let narrow = policy_of_writes(r#"["public.scratch", "public.pad"]"#);
+    for sql in [
+        "TRUNCATE public.scratch CASCADE",
+        "ALTER SCHEMA public RENAME TO x",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&narrow, &["writer"], sql)),
+            Some("narrow:write_tables"),
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        denied_by(&decide(&narrow, &["writer"], "TRUNCATE public.scratch")),
+        None
+    );
+}
+
+fn policy_of_writes(write_tables: &str) -> Policy {
+    policy(&format!(
+        r#"
+[[grant]]
+name = "narrow"
+roles = ["writer"]
+kinds = ["read", "write", "ddl", "admin"]
+write_tables = {write_tables}
+allow_dangerous = ["truncate", "drop", "alter"]
+"#
+    ))
+}

@@ -802,6 +802,9 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
     {
         out.kind = StatementKind::Write;
     }
+    // Whatever its kind (`CREATE TABLE ... AS WITH d AS (DELETE ...)` is
+    // DDL), a statement that changes rows needs writes allowed too.
+    out.modifies_data = walker.modifies_data || walker.locks_rows || walker.changes_state;
     // EXPLAIN ANALYZE EXECUTE runs a prepared statement too.
     if walker.runs_prepared {
         out.kind = StatementKind::Admin;
@@ -821,6 +824,35 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
     match walker.not_understood {
         Some(why) => (Err(why), depth),
         None => (Ok(out), depth),
+    }
+}
+
+/// A table list entry for tables the text does not name (a CASCADE's):
+/// no grant's `write_tables` but `*` covers it, and any `deny_tables`
+/// refuses it.
+pub const UNKNOWN_TABLES: &str = "?";
+
+/// A table list entry for every table of the schema `name`: `schema.*`.
+fn every_table_of(name: &ObjectName) -> String {
+    let schema = name
+        .0
+        .last()
+        .and_then(|part| part.as_ident())
+        .map(|ident| name_part(&fold(&ident.value, ident.quote_style.is_some())))
+        .unwrap_or_else(|| UNKNOWN_TABLES.into());
+    format!("{schema}.*")
+}
+
+/// A WHERE (or MERGE's WHEN MATCHED AND) that selects every row: none, or
+/// the literal TRUE.
+fn no_condition(condition: Option<&Expr>) -> bool {
+    match condition {
+        None => true,
+        Some(Expr::Value(value)) => {
+            matches!(value.value, sqlparser::ast::Value::Boolean(true))
+        }
+        Some(Expr::Nested(inner)) => no_condition(Some(inner)),
+        Some(_) => false,
     }
 }
 
@@ -850,7 +882,7 @@ fn top_kind(statement: &Statement) -> StatementKind {
         | Statement::Revoke(_)
         | Statement::GrantRole(_)
         | Statement::RevokeRole(_) => Dcl,
-        Statement::CreateRole(_) | Statement::AlterRole { .. } => Dcl,
+        Statement::CreateRole(_) | Statement::CreateUser(_) | Statement::AlterRole { .. } => Dcl,
         Statement::Drop {
             object_type: ObjectType::Role | ObjectType::User,
             ..
@@ -1090,6 +1122,11 @@ fn set_config_moves_names(args: Option<&[FunctionArg]>) -> bool {
 }
 
 const ADMIN_SETTINGS: &[&str] = &[
+    // Turns off foreign keys and triggers (superuser only).
+    "session_replication_role",
+    // A read-only role may be made so with these.
+    "default_transaction_read_only",
+    "transaction_read_only",
     "role",
     "session_authorization",
     "search_path",
@@ -1155,6 +1192,9 @@ struct Walker {
     cte_body_scopes: HashMap<*const Query, Option<std::rc::Rc<Scope>>>,
     /// FOR UPDATE / FOR SHARE somewhere in the statement.
     locks_rows: bool,
+    /// A data-modifying statement (INSERT, UPDATE, DELETE, MERGE, COPY
+    /// FROM) or SELECT INTO somewhere in the statement.
+    modifies_data: bool,
     /// A call of a built-in function that changes state.
     changes_state: bool,
     /// A call of a function that is not a known built-in (see
@@ -1268,6 +1308,7 @@ impl Walker {
             }
             SetExpr::Select(select) => {
                 if let Some(into) = &select.into {
+                    self.modifies_data = true;
                     for target in &into.targets {
                         let name = match target {
                             Expr::Identifier(ident) => Some(ObjectName::from(vec![ident.clone()])),
@@ -1330,6 +1371,10 @@ impl Walker {
         }
         if STATE_CHANGING_FUNCTIONS.contains(&last.as_str()) {
             self.changes_state = true;
+        }
+        // A large object's data is in pg_largeobject, whose rules hold.
+        if matches!(last.as_str(), "lo_get" | "loread") {
+            self.note_relation(vec!["pg_catalog.pg_largeobject".into()]);
         }
         // pg_cron's `cron.schedule` runs SQL given as text, later (its
         // schema is never on the search_path tollgate sets).
@@ -1581,15 +1626,17 @@ impl Visitor for Walker {
                 )));
             }
             Statement::Insert(insert) => {
+                self.modifies_data = true;
                 if let TableObject::TableName(name) = &insert.table {
                     self.target(name, insert.returning.is_some());
                 }
             }
             Statement::Update(update) => {
+                self.modifies_data = true;
                 if let TableFactor::Table { name, .. } = &update.table.relation {
                     self.target(name, update.returning.is_some());
                 }
-                if update.selection.is_none() {
+                if no_condition(update.selection.as_ref()) {
                     self.dangers.insert(Danger::UpdateWithoutWhere);
                 }
                 if update.from.is_some() {
@@ -1599,6 +1646,7 @@ impl Visitor for Walker {
                 }
             }
             Statement::Delete(delete) => {
+                self.modifies_data = true;
                 let tables = match &delete.from {
                     FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables) => {
                         tables
@@ -1612,11 +1660,39 @@ impl Visitor for Walker {
                 for name in &delete.tables {
                     self.target(name, delete.returning.is_some());
                 }
-                if delete.selection.is_none() {
+                if no_condition(delete.selection.as_ref()) {
                     self.dangers.insert(Danger::DeleteWithoutWhere);
                 }
             }
-            Statement::CreateTable(create) => self.target(&create.name, false),
+            Statement::CreateTable(create) => {
+                self.target(&create.name, false);
+                // Rows of a child show in every read of its parents.
+                for parent in create.inherits.iter().flatten() {
+                    self.written.extend(table_names(parent));
+                }
+                // A foreign key reads the table it references (and answers
+                // whether a key is there).
+                let column_keys = create.columns.iter().flat_map(|column| {
+                    column
+                        .options
+                        .iter()
+                        .filter_map(|option| match &option.option {
+                            sqlparser::ast::ColumnOption::ForeignKey(key) => Some(key),
+                            _ => None,
+                        })
+                });
+                let table_keys = create.constraints.iter().filter_map(|c| match c {
+                    sqlparser::ast::TableConstraint::ForeignKey(key) => Some(key),
+                    _ => None,
+                });
+                let referenced: Vec<ObjectName> = column_keys
+                    .chain(table_keys)
+                    .map(|key| key.foreign_table.clone())
+                    .collect();
+                for table in referenced {
+                    self.note_relation(table_names(&table));
+                }
+            }
             Statement::CreateView(create) => self.target(&create.name, false),
             // A body in a string (PL/pgSQL, or SQL quoted): what it reads
             // and writes when called is not seen. A BEGIN ATOMIC body is
@@ -1633,19 +1709,47 @@ impl Visitor for Walker {
                 }
             }
             Statement::Merge(merge) => {
+                self.modifies_data = true;
                 // MERGE reads its target (the ON join) and changes it.
                 if let TableFactor::Table { name, .. } = &merge.table {
                     self.target(name, true);
+                }
+                use sqlparser::ast::{MergeAction, MergeClauseKind};
+                for clause in &merge.clauses {
+                    if clause.clause_kind == MergeClauseKind::Matched
+                        && no_condition(clause.predicate.as_ref())
+                    {
+                        match clause.action {
+                            MergeAction::Update(_) => {
+                                self.dangers.insert(Danger::UpdateWithoutWhere);
+                            }
+                            MergeAction::Delete { .. } => {
+                                self.dangers.insert(Danger::DeleteWithoutWhere);
+                            }
+                            _ => {}
+                        }
+                    }
                 }
             }
             Statement::Truncate(truncate) => {
                 for table in &truncate.table_names {
                     self.target(&table.name, false);
                 }
+                // CASCADE empties the tables that refer to these too,
+                // which the text does not name.
+                if matches!(
+                    truncate.cascade,
+                    Some(sqlparser::ast::CascadeOption::Cascade)
+                ) {
+                    self.written.insert(UNKNOWN_TABLES.into());
+                }
                 self.dangers.insert(Danger::Truncate);
             }
             Statement::Drop {
-                names, object_type, ..
+                names,
+                object_type,
+                cascade,
+                ..
             } => {
                 if matches!(
                     object_type,
@@ -1655,16 +1759,51 @@ impl Visitor for Walker {
                         self.written.extend(table_names(name));
                     }
                 }
+                if *object_type == ObjectType::Schema {
+                    for name in names {
+                        self.written.insert(every_table_of(name));
+                    }
+                }
+                // CASCADE drops what depends on these too (views, keys of
+                // other tables), which the text does not name.
+                if *cascade {
+                    self.written.insert(UNKNOWN_TABLES.into());
+                }
                 self.dangers.insert(Danger::Drop);
             }
             Statement::AlterTable(alter) => {
                 self.target(&alter.name, false);
+                for operation in &alter.operations {
+                    if let sqlparser::ast::AlterTableOperation::AddConstraint {
+                        constraint: sqlparser::ast::TableConstraint::ForeignKey(key),
+                        ..
+                    } = operation
+                    {
+                        self.note_relation(table_names(&key.foreign_table));
+                    }
+                }
                 self.dangers.insert(Danger::Alter);
             }
-            Statement::AlterIndex { .. }
-            | Statement::AlterView { .. }
-            | Statement::AlterRole { .. } => {
+            // ALTER INDEX renames (and alters) any relation, tables too.
+            Statement::AlterIndex { name, .. } => {
+                self.written.extend(table_names(name));
                 self.dangers.insert(Danger::Alter);
+            }
+            // Renaming a schema, or giving it away, moves every table in it.
+            Statement::AlterSchema(alter) => {
+                self.written.insert(every_table_of(&alter.name));
+            }
+            Statement::AlterView { .. } | Statement::AlterRole { .. } => {
+                self.dangers.insert(Danger::Alter);
+            }
+            // A foreign server or table reads files, runs programs
+            // (file_fdw's `program`) or reaches other servers, as COPY and
+            // dblink do.
+            Statement::CreateServer(_)
+            | Statement::CreateForeignTable(_)
+            | Statement::CreateForeignDataWrapper(_)
+            | Statement::CreateUserMapping(_) => {
+                self.dangers.insert(Danger::FileOrProgramFunction);
             }
             Statement::Grant(_)
             | Statement::Revoke(_)
@@ -1688,6 +1827,7 @@ impl Visitor for Walker {
             Statement::Copy {
                 source, to, target, ..
             } => {
+                self.modifies_data |= !*to;
                 if let CopySource::Table {
                     table_name: name, ..
                 } = source
@@ -1777,7 +1917,7 @@ fn table_names(name: &ObjectName) -> Vec<String> {
 /// quotes doubled) when it holds a `.` or `"`, so that `"public.x".secrets`
 /// cannot pass for `public.x.secrets` and match `public.*`.
 fn name_part(folded: &str) -> String {
-    if folded.contains(['.', '"']) {
+    if folded.contains(['.', '"', '*', '?']) {
         format!("\"{}\"", folded.replace('"', "\"\""))
     } else {
         folded.to_owned()
@@ -2327,6 +2467,69 @@ mod tests {
             one("SELECT generate_series(start => 1, stop => 2)").calls_unknown_functions,
             one("SELECT generate_series(1, 2)").calls_unknown_functions
         );
+    }
+
+    /// Reads of a large object are reads of pg_largeobject; CREATE USER is
+    /// a role like CREATE ROLE; settings that turn off foreign keys and
+    /// triggers, or a read-only default, are administration; foreign
+    /// servers and tables reach files, programs and other servers; a MERGE
+    /// or a WHERE that selects every row is the danger its missing WHERE
+    /// is.
+    #[test]
+    fn statements_that_reach_more_than_they_name() {
+        assert!(one("SELECT lo_get(16401)")
+            .reads
+            .contains("pg_catalog.pg_largeobject"));
+        assert!(one("SELECT loread(lo_open(1, 262144), 100)")
+            .reads
+            .contains("pg_catalog.pg_largeobject"));
+        assert_eq!(one("CREATE USER bob").kind, Dcl);
+        for sql in [
+            "SET session_replication_role = replica",
+            "SET default_transaction_read_only = off",
+            "SET transaction_read_only = off",
+        ] {
+            assert_eq!(one(sql).kind, Admin, "{sql}");
+        }
+        for sql in [
+            "CREATE SERVER f FOREIGN DATA WRAPPER file_fdw",
+            "CREATE FOREIGN TABLE x (l text) SERVER f OPTIONS (program 'id')",
+            "CREATE USER MAPPING FOR agent SERVER remote OPTIONS (user 'app')",
+        ] {
+            assert!(
+                one(sql).dangers.contains(&Danger::FileOrProgramFunction),
+                "{sql}"
+            );
+        }
+        for (sql, danger) in [
+            (
+                "MERGE INTO customers c USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE",
+                Danger::DeleteWithoutWhere,
+            ),
+            (
+                "MERGE INTO customers c USING (SELECT 1) s ON true WHEN MATCHED THEN UPDATE SET name = 'x'",
+                Danger::UpdateWithoutWhere,
+            ),
+            ("DELETE FROM customers WHERE true", Danger::DeleteWithoutWhere),
+            ("UPDATE customers SET name = 'x' WHERE (TRUE)", Danger::UpdateWithoutWhere),
+        ] {
+            assert!(one(sql).dangers.contains(&danger), "{sql}");
+        }
+        assert!(one(
+            "MERGE INTO customers c USING (SELECT 1) s ON true WHEN MATCHED AND c.id = 1 THEN DELETE"
+        )
+        .dangers
+        .is_empty());
+        let ddl_write = one(
+            "CREATE TABLE scratch.t AS WITH d AS (DELETE FROM public.orders WHERE id > 0 RETURNING id) SELECT * FROM d",
+        );
+        assert_eq!(ddl_write.kind, Ddl);
+        assert!(ddl_write.modifies_data);
+        assert!(!one("CREATE TABLE scratch.t AS SELECT * FROM public.orders").modifies_data);
+        assert!(one("DROP SCHEMA hr CASCADE").writes.contains("hr.*"));
+        assert!(one("CREATE TABLE \"*\" (a int)")
+            .writes
+            .contains("public.\"*\""));
     }
 
     /// What PostgreSQL leaves of an operator once it splits off trailing
