@@ -310,7 +310,7 @@ impl Config {
                 } else {
                     key
                 },
-                reason: err.into_inner().message().trim().to_owned(),
+                reason: without_values(err.into_inner().message().trim()),
             }
         })?;
         config.check().map_err(|(key, reason)| ConfigError {
@@ -598,6 +598,24 @@ impl Config {
 const _: () =
     assert!(gateway_common::LISTENER_PORT_ENTRIES >= 2 * gateway_common::REDIRECT_MAP_ENTRIES);
 
+/// A deserializer's message with the value it quotes left out: "invalid
+/// type: string \"hunter2\", expected ..." becomes "invalid type: string,
+/// expected ...". The value may be an inline password put in the wrong
+/// place, and the message goes to the terminal and the journal.
+fn without_values(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+            let kind = found.split([' ', '`', '"']).next().unwrap_or_default();
+            return match expected {
+                "" => format!("{prefix}{kind}"),
+                expected => format!("{prefix}{kind}, expected {expected}"),
+            };
+        }
+    }
+    message.to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -610,6 +628,33 @@ mod tests {
         let config = Config::parse(text, "deploy/tollgate.toml").expect("parse");
         assert_eq!(config.targets.len(), 1);
         crate::identity::Verifier::check(&config.identity).expect("identity settings");
+    }
+
+    /// A value in the wrong place or of the wrong type is not quoted back
+    /// in the error: it may be an inline password, and the error goes to
+    /// the terminal and the journal.
+    #[test]
+    fn a_misplaced_secret_is_not_quoted_in_the_error() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let old = r#"credential = { user = "tollgate_agent", password_file = "/etc/tollgate/orders-db.password" }"#;
+        assert!(text.contains(old));
+        for (credential, key) in [
+            (r#"credential = "hunter2-secret""#, "target[0].credential"),
+            (
+                r#"credential = { user = "u", password = 123456789 }"#,
+                "target[0].credential.password",
+            ),
+        ] {
+            let err = Config::parse(&text.replace(old, credential), "tollgate.toml")
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(err.contains("invalid type"), "{err}");
+            assert!(
+                !err.contains("hunter2-secret") && !err.contains("123456789"),
+                "{err}"
+            );
+        }
     }
 
     /// The loss interval is bounded both ways: 0 would never tick, and a

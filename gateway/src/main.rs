@@ -204,6 +204,54 @@ fn load_checked(path: &Path) -> Result<(Config, Vec<Arc<proxy::Target>>)> {
     Ok((config, targets))
 }
 
+/// Descriptors the daemon holds besides its sessions': listeners, the
+/// audit store's and the evidence stream's files, pinned maps, the
+/// identity provider's connections, with room to spare.
+const DESCRIPTORS_BESIDES_SESSIONS: u64 = 256;
+
+/// Raises the open-file limit to its hard limit (a shell's default soft
+/// limit, often 1 024, runs out at about 500 sessions), and warns when
+/// even that is below what the targets' `max_connections` may take: two
+/// descriptors a session (the agent's and the target's). Past the limit
+/// new sessions fail, and so do the audit store's new files, which
+/// refuses every statement.
+fn raise_open_file_limit(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not read the open-file limit");
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let sessions: u64 = config
+        .targets
+        .iter()
+        .map(|t| t.max_connections as u64)
+        .sum();
+    let needed = 2 * sessions + DESCRIPTORS_BESIDES_SESSIONS;
+    if limit.rlim_cur != libc::RLIM_INFINITY && needed > limit.rlim_cur {
+        warn!(
+            limit = limit.rlim_cur,
+            needed,
+            "the open-file limit is below what the targets' max_connections may take (two a session): \
+             sessions past it fail, and so do the audit store's new files, which refuses every statement; \
+             raise LimitNOFILE or lower max_connections"
+        );
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -220,6 +268,13 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     // A configuration that cannot work stops the start before anything is
     // pinned: `run` refuses exactly what `check-config` does.
     let (config, targets) = load_checked(&config_path)?;
+    raise_open_file_limit(&config);
+    // Another daemon on the same pins, agent cgroups or audit directory:
+    // stop before anything changes (its redirect, its programs, its
+    // listeners' ports). Both locks are held until the daemon ends.
+    let _pin_lock =
+        pin::lock(&config.pin.bpffs_dir, &config.pin.agent_cgroups).context("pinning")?;
+    let audit_lock = AuditLog::lock(&config.audit).context("audit store")?;
     let protected = config.protected();
     let egress = pin::EgressPolicy {
         default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
@@ -264,7 +319,9 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let verifier = Verifier::from_config(&config.identity)
         .await
         .context("identity provider")?;
-    let audit = AuditLog::open(&config.audit).await.context("audit store")?;
+    let audit = AuditLog::open_locked(&config.audit, audit_lock)
+        .await
+        .context("audit store")?;
     let evidence = match pinning.take_evidence() {
         Some(handles) => Some(
             Evidence::start(
@@ -291,12 +348,14 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         postgres_named: Default::default(),
         sessions: Default::default(),
     });
+    // Before the sessions start (the listeners already hold what comes):
+    // a failure here ends the start with nothing to wind down.
+    if let Some(path) = ready_file {
+        std::fs::write(&path, b"ready\n").with_context(|| format!("write {}", path.display()))?;
+    }
     for (target, listener) in listeners {
         info!(target = %target.name, listen = %target.listen, address = %target.address, "serving");
         tokio::spawn(proxy::serve(target, listener, shared.clone()));
-    }
-    if let Some(path) = ready_file {
-        std::fs::write(&path, b"ready\n").with_context(|| format!("write {}", path.display()))?;
     }
     // Not fatal: the daemon already serves, and a systemd that waits for
     // the message stops the unit itself when it does not come in time (a

@@ -285,6 +285,105 @@ fn unpin_removes_the_redirect() {
     assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
 }
 
+/// A second daemon started on the pins, agent cgroups or audit directory
+/// of a running one stops before it changes anything: the running one's
+/// redirect still points at its own listeners, and its agents are served.
+/// `unpin` refuses a running daemon's pins. (A second daemon used to
+/// point the pinned redirect at its own ports, and replace the first
+/// one's programs, before the audit directory's lock stopped it.)
+#[test]
+fn a_second_daemon_on_the_same_pins_or_audit_stops_before_changing_anything() {
+    if !privileged("a_second_daemon_on_the_same_pins_or_audit_stops_before_changing_anything") {
+        return;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let config = &stack.gateway.config;
+    let text = std::fs::read_to_string(&stack.gateway.config_path).expect("config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other_listen = format!("127.0.0.1:{}", tollgate_tests::free_port());
+    let path_of = |p: &std::path::Path| p.display().to_string();
+
+    // The same pins and agent cgroup, its own listener and audit directory.
+    let same_pins = dir.path().join("same-pins.toml");
+    std::fs::write(
+        &same_pins,
+        text.replace(&config.listen.to_string(), &other_listen)
+            .replace(
+                &path_of(&config.audit_dir),
+                &path_of(&dir.path().join("audit")),
+            ),
+    )
+    .expect("write");
+    // Its own pins and agent cgroup, the same audit directory.
+    let other_pins = std::path::PathBuf::from(format!("{}-second", config.bpffs_dir.display()));
+    let other_cgroup =
+        std::path::PathBuf::from(format!("{}-second", config.agent_cgroup.display()));
+    let same_audit = dir.path().join("same-audit.toml");
+    std::fs::write(
+        &same_audit,
+        text.replace(&config.listen.to_string(), &other_listen)
+            .replace(&path_of(&config.bpffs_dir), &path_of(&other_pins))
+            .replace(&path_of(&config.agent_cgroup), &path_of(&other_cgroup)),
+    )
+    .expect("write");
+
+    for (path, refusal) in [
+        (&same_pins, "another tollgate runs with its pin directory"),
+        (&same_audit, "audit directory is in use by another process"),
+    ] {
+        let mut second = Command::new(tollgate_tests::tollgate_bin())
+            .args(["run", "--config"])
+            .arg(path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run a second tollgate");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while second.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = second.kill();
+                let _ = second.wait();
+                panic!("a second daemon started on {}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = second.wait_with_output().expect("its output");
+        assert!(!out.status.success(), "a second daemon started");
+        assert!(stderr(&out).contains(refusal), "{}", stderr(&out));
+    }
+    assert!(
+        !other_pins.join("links").exists()
+            || std::fs::read_dir(other_pins.join("links"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(true),
+        "the second daemon pinned programs before its audit lock stopped it"
+    );
+    let _ = std::fs::remove_dir_all(&other_pins);
+    let _ = std::fs::remove_dir(&other_cgroup);
+
+    let out = stack
+        .gateway
+        .unpin()
+        .expect_err("unpin of a running daemon's pins");
+    assert!(out.to_string().contains("another tollgate runs"), "{out}");
+    assert!(config.bpffs_dir.join("links").exists());
+
+    let token = stack
+        .idp
+        .token(AGENT_OID, &["--name", "first-daemon-agent"])
+        .expect("mint a token");
+    let out = stack
+        .agent_psql(&token, "SELECT 41 + 1")
+        .output()
+        .expect("run psql");
+    assert_eq!(
+        stdout(&out),
+        "42",
+        "the running daemon no longer serves: {}",
+        stderr(&out)
+    );
+}
+
 /// `tollgate check-config --config path`, run to completion.
 fn check_config(path: &std::path::Path) -> std::process::Output {
     Command::new(tollgate_tests::tollgate_bin())

@@ -543,16 +543,31 @@ impl Rings {
         }
     }
 
-    /// Both, until each is empty (or an event cannot be written).
+    /// Both, until each is empty (or an event cannot be written), for at
+    /// most [`STOP_DRAIN_WAIT`]: a host making connections faster than
+    /// they are written would keep a stopping daemon here for good. What
+    /// is left stays in the pinned rings for the next start.
     async fn drain_all(&mut self, log: &AuditLog, user: &mut UserSpaceCounters) {
+        let deadline = tokio::time::Instant::now() + STOP_DRAIN_WAIT;
         for (ring, which) in [
             (&mut self.reserved, Ring::Reserved),
             (&mut self.ring, Ring::General),
         ] {
-            while drain(ring.get_mut(), which, log, user).await == Drained::More {}
+            while drain(ring.get_mut(), which, log, user).await == Drained::More {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        ring = ?which,
+                        "stopping with evidence events still in the ring buffer: they stay pinned for the next start"
+                    );
+                    break;
+                }
+            }
         }
     }
 }
+
+/// The longest a stopping daemon drains the evidence rings.
+const STOP_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

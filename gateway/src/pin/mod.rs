@@ -296,6 +296,52 @@ fn own_pin_dirs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Held while a daemon runs: an exclusive lock on its pin directory and
+/// on each of its agent cgroups (released by the kernel when the process
+/// ends, however it ends).
+pub struct PinLock {
+    _held: Vec<fs::File>,
+}
+
+/// Takes the [`PinLock`] of `pin_dir` (created if missing) and
+/// `agent_cgroups` (created if missing), before anything is pinned: a
+/// second daemon started on either, which would point the redirect at
+/// its own listeners and replace the first one's programs, stops here
+/// with nothing changed.
+pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
+    ensure_mounts()?;
+    own_pin_dirs(pin_dir).with_context(|| format!("pin directory {}", pin_dir.display()))?;
+    let mut held = vec![lock_dir(pin_dir, "its pin directory")?];
+    for cgroup in agent_cgroups {
+        fs::create_dir_all(cgroup)
+            .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
+        held.push(lock_dir(cgroup, "this agent cgroup")?);
+    }
+    Ok(PinLock { _held: held })
+}
+
+/// An exclusive, non-blocking lock on the directory `dir`; `what` names it
+/// in the error when another process holds it.
+fn lock_dir(dir: &Path, what: &str) -> Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .with_context(|| format!("open {}", dir.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "{}: another tollgate runs with {what} ({}); stop it first, or give this one \
+             its own bpffs_dir and agent cgroups",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(file)
+}
+
 impl Pinning {
     /// Loads the programs, attaches them to every agent cgroup (created if
     /// missing), pins everything under `pin_dir` and makes the redirect map
@@ -581,6 +627,9 @@ pub fn unpin(pin_dir: &Path) -> Result<()> {
         info!(dir = %pin_dir.display(), "nothing pinned");
         return Ok(());
     }
+    // A running daemon's pins stay: it would go on without its redirect
+    // and probes, and never know.
+    let _running = lock_dir(pin_dir, "these pins").context("unpin")?;
     fs::remove_dir_all(pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
     info!(dir = %pin_dir.display(), "unpinned: links detached and maps released");
     Ok(())

@@ -612,6 +612,7 @@ async fn audit_or_refuse<W: tokio::io::AsyncWrite + Unpin>(
     match shared.audit.append(record).await {
         Ok(_) => true,
         Err(err) => {
+            tracing::warn!(error = %err, "a session was refused: its record could not be audited");
             fatal(
                 client,
                 SQLSTATE_AUDIT,
