@@ -461,6 +461,7 @@ impl Pinning {
         info!("evidence probe attached host-wide and pinned");
         let packet_fd = attach_packet_evidence(&mut ebpf, &links_dir)?;
 
+        let mut configured_places = Vec::with_capacity(agent_cgroups.len());
         for cgroup in agent_cgroups {
             fs::create_dir_all(cgroup)
                 .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
@@ -501,7 +502,17 @@ impl Pinning {
             ));
             replace_pins(links, &links_dir, &cgroup_id.to_string())
                 .with_context(|| format!("pin the programs of {}", cgroup.display()))?;
+            configured_places.push(cgroup_id.to_string());
             info!(cgroup = %cgroup.display(), cgroup_id, "redirect attached and pinned");
+        }
+
+        let left = unconfigured_pins(&links_dir, &configured_places);
+        if !left.is_empty() {
+            warn!(
+                dir = %links_dir.display(),
+                links = ?left,
+                "pinned links of cgroups this configuration does not name (taken out of it, or left by a start killed part-way) stay attached: their agents stay redirected; `tollgate unpin` and a start remove them"
+            );
         }
 
         // The configured agent cgroups' sock_ops are this daemon's now.
@@ -706,6 +717,36 @@ fn replace_pin(link: FdLink, links_dir: &Path, program: &str, place: &str) -> Re
 /// part of this set. The renames themselves are each atomic, and on a
 /// restart each replaces a pin of the same program, so the cgroup has all
 /// its programs throughout.
+/// Pinned agent-cgroup links this start did not pin (by name): a cgroup
+/// taken out of the configuration keeps its redirect (to listeners that
+/// may be gone) until `tollgate unpin` and a start, and a link staged by
+/// a start that was killed part-way stays attached. Neither is removed,
+/// only reported: an agent in that cgroup would then connect direct.
+fn unconfigured_pins(
+    links_dir: &Path,
+    configured_places: &[String],
+) -> std::collections::BTreeSet<String> {
+    let mut left = std::collections::BTreeSet::new();
+    let Ok(entries) = fs::read_dir(links_dir) else {
+        return left;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let staged = name.strip_prefix("staging-");
+        let Some((program, place)) = staged.unwrap_or(&name).rsplit_once('-') else {
+            continue;
+        };
+        // Host-wide links (the evidence programs) are not an agent cgroup's.
+        if !AGENT_CGROUP_PROGRAMS.contains(&program) {
+            continue;
+        }
+        if staged.is_some() || !configured_places.iter().any(|p| p == place) {
+            left.insert(name);
+        }
+    }
+    left
+}
+
 fn replace_pins(links: Vec<(&str, FdLink)>, links_dir: &Path, place: &str) -> Result<()> {
     let mut staged = Vec::with_capacity(links.len());
     for (program, link) in links {
@@ -903,6 +944,30 @@ fn remove_pin_of_other_size(path: &Path, entries: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The links of a cgroup the configuration no longer names, and links
+    /// a killed start left staged, are reported; the configured cgroups'
+    /// and the host-wide evidence links are not.
+    #[test]
+    fn pins_of_cgroups_not_configured_are_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in [
+            "tollgate_connect4-100",
+            "tollgate_sock_ops-100",
+            "tollgate_connect4-200",
+            "staging-tollgate_connect6-100",
+            "tollgate_tcp_state-host",
+            "tollgate_packet_egress-1",
+        ] {
+            fs::write(dir.path().join(name), b"").expect("write");
+        }
+        let left = unconfigured_pins(dir.path(), &["100".to_owned()]);
+        let left: Vec<&str> = left.iter().map(String::as_str).collect();
+        assert_eq!(
+            left,
+            ["staging-tollgate_connect6-100", "tollgate_connect4-200"]
+        );
+    }
 
     /// A `cgroup.procs` someone else may write, at the agent cgroup or
     /// any cgroup above it up to the root, is found and named; one below
