@@ -603,9 +603,14 @@ const _: () =
 /// expected ...". The value may be an inline password put in the wrong
 /// place, and the message goes to the terminal and the journal.
 fn without_values(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        let expected = rest.rsplit_once(", expected ").map_or("", |(_, e)| e);
+        return format!("unknown variant, expected {expected}");
+    }
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix) {
-            let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+            // The last one: the value may hold the words too.
+            let (found, expected) = rest.rsplit_once(", expected ").unwrap_or((rest, ""));
             let kind = found.split([' ', '`', '"']).next().unwrap_or_default();
             return match expected {
                 "" => format!("{prefix}{kind}"),
@@ -640,6 +645,10 @@ mod tests {
         assert!(text.contains(old));
         for (credential, key) in [
             (r#"credential = "hunter2-secret""#, "target[0].credential"),
+            (
+                r#"credential = "x, expected hunter2-secret""#,
+                "target[0].credential",
+            ),
             (
                 r#"credential = { user = "u", password = 123456789 }"#,
                 "target[0].credential.password",

@@ -269,12 +269,14 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     // pinned: `run` refuses exactly what `check-config` does.
     let (config, targets) = load_checked(&config_path)?;
     raise_open_file_limit(&config);
-    // Another daemon on the same pins, agent cgroups or audit directory:
-    // stop before anything changes (its redirect, its programs, its
-    // listeners' ports). Both locks are held until the daemon ends.
+    // Another daemon on the same pins or agent cgroups: stop before
+    // anything changes (its redirect, its programs, its listeners' ports).
+    // Held until the daemon ends. (One on the same audit directory stops
+    // at the store's own lock, later: by then it has pinned only its own
+    // cgroups, which stay redirected to it, refused, as at any failed
+    // start.)
     let _pin_lock =
         pin::lock(&config.pin.bpffs_dir, &config.pin.agent_cgroups).context("pinning")?;
-    let audit_lock = AuditLog::lock(&config.audit).context("audit store")?;
     let protected = config.protected();
     let egress = pin::EgressPolicy {
         default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
@@ -319,9 +321,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let verifier = Verifier::from_config(&config.identity)
         .await
         .context("identity provider")?;
-    let audit = AuditLog::open_locked(&config.audit, audit_lock)
-        .await
-        .context("audit store")?;
+    let audit = AuditLog::open(&config.audit).await.context("audit store")?;
     let evidence = match pinning.take_evidence() {
         Some(handles) => Some(
             Evidence::start(
@@ -349,7 +349,9 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         sessions: Default::default(),
     });
     // Before the sessions start (the listeners already hold what comes):
-    // a failure here ends the start with nothing to wind down.
+    // a failure here ends the start before any session runs (what the
+    // audit store and the evidence stream took is in their WAL, replayed
+    // at the next start).
     if let Some(path) = ready_file {
         std::fs::write(&path, b"ready\n").with_context(|| format!("write {}", path.display()))?;
     }

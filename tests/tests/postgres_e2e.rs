@@ -285,15 +285,17 @@ fn unpin_removes_the_redirect() {
     assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
 }
 
-/// A second daemon started on the pins, agent cgroups or audit directory
-/// of a running one stops before it changes anything: the running one's
-/// redirect still points at its own listeners, and its agents are served.
-/// `unpin` refuses a running daemon's pins. (A second daemon used to
-/// point the pinned redirect at its own ports, and replace the first
-/// one's programs, before the audit directory's lock stopped it.)
+/// A second daemon started on the pins or an agent cgroup of a running
+/// one (or a cgroup above or below one of its agent cgroups) stops before
+/// it changes anything: the running one's redirect still points at its
+/// own listeners, and its agents are served. One on its audit directory
+/// stops at the store's lock. `unpin` refuses a running daemon's pins. (A
+/// second daemon used to point the pinned redirect at its own ports, and
+/// replace the first one's programs, before the audit directory's lock
+/// stopped it, or run beside it with an audit directory of its own.)
 #[test]
-fn a_second_daemon_on_the_same_pins_or_audit_stops_before_changing_anything() {
-    if !privileged("a_second_daemon_on_the_same_pins_or_audit_stops_before_changing_anything") {
+fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() {
+    if !privileged("a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything") {
         return;
     }
     let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
@@ -302,38 +304,62 @@ fn a_second_daemon_on_the_same_pins_or_audit_stops_before_changing_anything() {
     let dir = tempfile::tempdir().expect("tempdir");
     let other_listen = format!("127.0.0.1:{}", tollgate_tests::free_port());
     let path_of = |p: &std::path::Path| p.display().to_string();
-
-    // The same pins and agent cgroup, its own listener and audit directory.
-    let same_pins = dir.path().join("same-pins.toml");
-    std::fs::write(
-        &same_pins,
-        text.replace(&config.listen.to_string(), &other_listen)
-            .replace(
-                &path_of(&config.audit_dir),
-                &path_of(&dir.path().join("audit")),
-            ),
-    )
-    .expect("write");
-    // Its own pins and agent cgroup, the same audit directory.
-    let other_pins = std::path::PathBuf::from(format!("{}-second", config.bpffs_dir.display()));
-    let other_cgroup =
-        std::path::PathBuf::from(format!("{}-second", config.agent_cgroup.display()));
-    let same_audit = dir.path().join("same-audit.toml");
-    std::fs::write(
-        &same_audit,
-        text.replace(&config.listen.to_string(), &other_listen)
-            .replace(&path_of(&config.bpffs_dir), &path_of(&other_pins))
-            .replace(&path_of(&config.agent_cgroup), &path_of(&other_cgroup)),
-    )
-    .expect("write");
-
+    let second = |p: &std::path::Path| std::path::PathBuf::from(format!("{}-second", p.display()));
+    let (other_pins, other_cgroup, other_audit) = (
+        second(&config.bpffs_dir),
+        second(&config.agent_cgroup),
+        dir.path().join("audit"),
+    );
+    let below = config.agent_cgroup.join("below");
+    let variant =
+        |name: &str, pins: &std::path::Path, cgroup: &std::path::Path, audit: &std::path::Path| {
+            let path = dir.path().join(name);
+            std::fs::write(
+                &path,
+                text.replace(&config.listen.to_string(), &other_listen)
+                    .replace(&path_of(&config.bpffs_dir), &path_of(pins))
+                    .replace(&path_of(&config.agent_cgroup), &path_of(cgroup))
+                    .replace(&path_of(&config.audit_dir), &path_of(audit)),
+            )
+            .expect("write");
+            path
+        };
     for (path, refusal) in [
-        (&same_pins, "another tollgate runs with its pin directory"),
-        (&same_audit, "audit directory is in use by another process"),
+        (
+            variant(
+                "same-pins.toml",
+                &config.bpffs_dir,
+                &other_cgroup,
+                &other_audit,
+            ),
+            "another tollgate runs with its pin directory",
+        ),
+        (
+            variant(
+                "same-cgroup.toml",
+                &other_pins,
+                &config.agent_cgroup,
+                &other_audit,
+            ),
+            "another tollgate runs with this agent cgroup",
+        ),
+        (
+            variant("below.toml", &other_pins, &below, &other_audit),
+            "another tollgate runs with an agent cgroup below this one",
+        ),
+        (
+            variant(
+                "same-audit.toml",
+                &other_pins,
+                &other_cgroup,
+                &config.audit_dir,
+            ),
+            "audit directory is in use by another process",
+        ),
     ] {
         let mut second = Command::new(tollgate_tests::tollgate_bin())
             .args(["run", "--config"])
-            .arg(path)
+            .arg(&path)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -350,15 +376,10 @@ fn a_second_daemon_on_the_same_pins_or_audit_stops_before_changing_anything() {
         let out = second.wait_with_output().expect("its output");
         assert!(!out.status.success(), "a second daemon started");
         assert!(stderr(&out).contains(refusal), "{}", stderr(&out));
+        // What it pinned for its own cgroup, if it got that far, goes.
+        let _ = std::fs::remove_dir_all(&other_pins);
     }
-    assert!(
-        !other_pins.join("links").exists()
-            || std::fs::read_dir(other_pins.join("links"))
-                .map(|d| d.count() == 0)
-                .unwrap_or(true),
-        "the second daemon pinned programs before its audit lock stopped it"
-    );
-    let _ = std::fs::remove_dir_all(&other_pins);
+    let _ = std::fs::remove_dir(&below);
     let _ = std::fs::remove_dir(&other_cgroup);
 
     let out = stack

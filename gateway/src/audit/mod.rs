@@ -348,29 +348,13 @@ impl Future for Durable {
     }
 }
 
-/// The audit directory's lock (see [`AuditLog::lock`]).
-pub struct AuditDirLock(std::fs::File);
-
 impl AuditLog {
     /// Opens the store: removes unfinished files, rebuilds segments from
     /// WAL records not yet in a closed segment, continues the chain, and
     /// starts the background writer threads.
     pub async fn open(config: &AuditConfig) -> anyhow::Result<Self> {
-        let lock = Self::lock(config)?;
-        Self::open_locked(config, lock).await
-    }
-
-    /// Takes the audit directory's lock ahead of [`Self::open_locked`]: a
-    /// daemon takes it before it changes anything on the host, so that a
-    /// second one started on the same directory stops before it does.
-    pub fn lock(config: &AuditConfig) -> anyhow::Result<AuditDirLock> {
-        store::lock_directory(config).map(AuditDirLock)
-    }
-
-    /// [`Self::open`] with the directory's lock already taken.
-    pub async fn open_locked(config: &AuditConfig, lock: AuditDirLock) -> anyhow::Result<Self> {
         let cfg = config.clone();
-        let started = tokio::task::spawn_blocking(move || store::start(&cfg, lock.0)).await??;
+        let started = tokio::task::spawn_blocking(move || store::start(&cfg)).await??;
         Ok(AuditLog {
             tx: started.tx,
             inline: started.inline,

@@ -177,21 +177,14 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Takes the audit directory's lock (see [`lock_dir`]), creating the
-/// directory if need be: held by the store from [`start`] on.
-pub(crate) fn lock_directory(cfg: &AuditConfig) -> anyhow::Result<fs::File> {
-    let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
-    for d in ["", "wal", "records", "checkpoints"] {
-        perms.ensure_dir(&cfg.dir.join(d))?;
-    }
-    lock_dir(&cfg.dir, &perms)
-}
-
-/// Recovers the directory and starts both threads; `lock` is the
-/// directory's, from [`lock_directory`].
-pub(crate) fn start(cfg: &AuditConfig, lock: fs::File) -> anyhow::Result<Started> {
+/// Recovers the directory and starts both threads.
+pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
     let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
     let dir = cfg.dir.clone();
+    for d in ["", "wal", "records", "checkpoints"] {
+        perms.ensure_dir(&dir.join(d))?;
+    }
+    let lock = lock_dir(&dir, &perms)?;
     let signer = Signer::load_or_generate(cfg, &perms)?;
     remove_tmp_files(&dir)?;
 

@@ -297,8 +297,9 @@ fn own_pin_dirs(pin_dir: &Path) -> Result<()> {
 }
 
 /// Held while a daemon runs: an exclusive lock on its pin directory and
-/// on each of its agent cgroups (released by the kernel when the process
-/// ends, however it ends).
+/// on each of its agent cgroups, and a shared one on every cgroup above
+/// them (all released by the kernel when the process ends, however it
+/// ends).
 pub struct PinLock {
     _held: Vec<fs::File>,
 }
@@ -307,22 +308,53 @@ pub struct PinLock {
 /// `agent_cgroups` (created if missing), before anything is pinned: a
 /// second daemon started on either, which would point the redirect at
 /// its own listeners and replace the first one's programs, stops here
-/// with nothing changed.
+/// with nothing changed. So does one on a cgroup above or below one of
+/// this daemon's (a process there would run both daemons' programs): a
+/// daemon holds the cgroups above its own shared, which an exclusive lock
+/// on one of them, and a shared one on one of its own, then refuse.
 pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
+    use std::os::unix::fs::MetadataExt;
     ensure_mounts()?;
     own_pin_dirs(pin_dir).with_context(|| format!("pin directory {}", pin_dir.display()))?;
-    let mut held = vec![lock_dir(pin_dir, "its pin directory")?];
+    let mut held = vec![lock_dir(pin_dir, libc::LOCK_EX, "its pin directory")?];
+    let root = cgroup2_root()?;
+    let inode = |dir: &Path| {
+        fs::metadata(dir)
+            .map(|m| (m.dev(), m.ino()))
+            .with_context(|| format!("stat {}", dir.display()))
+    };
+    // The same cgroup may be configured under two spellings.
+    let mut own = std::collections::BTreeSet::new();
     for cgroup in agent_cgroups {
         fs::create_dir_all(cgroup)
             .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
-        held.push(lock_dir(cgroup, "this agent cgroup")?);
+        if own.insert(inode(cgroup)?) {
+            held.push(lock_dir(cgroup, libc::LOCK_EX, "this agent cgroup")?);
+        }
+    }
+    let mut above = std::collections::BTreeSet::new();
+    for cgroup in agent_cgroups {
+        for dir in cgroup
+            .ancestors()
+            .skip(1)
+            .take_while(|d| d.starts_with(&root))
+        {
+            let id = inode(dir)?;
+            if !own.contains(&id) && above.insert(id) {
+                held.push(lock_dir(
+                    dir,
+                    libc::LOCK_SH,
+                    "an agent cgroup below this one",
+                )?);
+            }
+        }
     }
     Ok(PinLock { _held: held })
 }
 
-/// An exclusive, non-blocking lock on the directory `dir`; `what` names it
-/// in the error when another process holds it.
-fn lock_dir(dir: &Path, what: &str) -> Result<fs::File> {
+/// A non-blocking lock (`how`: exclusive or shared) on the directory
+/// `dir`; `what` names what another process holds when it refuses.
+fn lock_dir(dir: &Path, how: libc::c_int, what: &str) -> Result<fs::File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let file = fs::OpenOptions::new()
@@ -331,7 +363,7 @@ fn lock_dir(dir: &Path, what: &str) -> Result<fs::File> {
         .open(dir)
         .with_context(|| format!("open {}", dir.display()))?;
     // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
         bail!(
             "{}: another tollgate runs with {what} ({}); stop it first, or give this one \
              its own bpffs_dir and agent cgroups",
@@ -640,7 +672,7 @@ pub fn unpin(pin_dir: &Path) -> Result<()> {
     }
     // A running daemon's pins stay: it would go on without its redirect
     // and probes, and never know.
-    let _running = lock_dir(pin_dir, "these pins").context("unpin")?;
+    let _running = lock_dir(pin_dir, libc::LOCK_EX, "these pins").context("unpin")?;
     fs::remove_dir_all(pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
     info!(dir = %pin_dir.display(), "unpinned: links detached and maps released");
     Ok(())
@@ -711,12 +743,6 @@ fn replace_pin(link: FdLink, links_dir: &Path, program: &str, place: &str) -> Re
     StagedPin::stage(link, links_dir, program, place)?.commit()
 }
 
-/// Pins every one of `links` as `<program>-<where>`, all staged first and
-/// only then renamed into place: a failure while staging leaves the pins
-/// as they were (a previous daemon's complete set, or none) rather than a
-/// part of this set. The renames themselves are each atomic, and on a
-/// restart each replaces a pin of the same program, so the cgroup has all
-/// its programs throughout.
 /// Pinned agent-cgroup links this start did not pin (by name): a cgroup
 /// taken out of the configuration keeps its redirect (to listeners that
 /// may be gone) until `tollgate unpin` and a start, and a link staged by
@@ -747,6 +773,12 @@ fn unconfigured_pins(
     left
 }
 
+/// Pins every one of `links` as `<program>-<where>`, all staged first and
+/// only then renamed into place: a failure while staging leaves the pins
+/// as they were (a previous daemon's complete set, or none) rather than a
+/// part of this set. The renames themselves are each atomic, and on a
+/// restart each replaces a pin of the same program, so the cgroup has all
+/// its programs throughout.
 fn replace_pins(links: Vec<(&str, FdLink)>, links_dir: &Path, place: &str) -> Result<()> {
     let mut staged = Vec::with_capacity(links.len());
     for (program, link) in links {

@@ -433,9 +433,8 @@ fn denied_by_any(applicable: &[&Grant], request: &Request<'_>) -> Option<(String
 /// Whether a `deny_tables` pattern may name a table of a table list entry:
 /// the table itself; `schema.*` stands for every table of the schema (a
 /// schema renamed or dropped), and `?` for tables the text does not name
-/// (a CASCADE's), which any pattern may be. (An allow pattern matches
-/// `schema.*` only if it matches every name of the schema, and `?` only
-/// if it matches anything: plain matching does that.)
+/// (a CASCADE's), which any pattern may be (see [`allows`] for the
+/// other side).
 fn may_name(pattern: &pattern::Pattern, table: &str) -> bool {
     if table == "?" {
         return true;
@@ -443,6 +442,17 @@ fn may_name(pattern: &pattern::Pattern, table: &str) -> bool {
     match table.strip_suffix(".*") {
         Some(schema) => pattern.covers_table(schema),
         None => pattern.matches(table),
+    }
+}
+
+/// Whether an allow pattern (`read_tables`, `write_tables`) covers a table
+/// list entry: `schema.*` only if it matches every name of the schema
+/// (plain matching of the entry does that), `?` only if it matches every
+/// table (`*`, `*.*`).
+fn allows(pattern: &pattern::Pattern, table: &str) -> bool {
+    match table {
+        "?" => pattern.matches("*.*"),
+        table => pattern.matches(table),
     }
 }
 
@@ -485,7 +495,7 @@ fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
             }
         }
         for table in &op.reads {
-            if !grant.read_tables.iter().any(|p| p.matches(table)) {
+            if !grant.read_tables.iter().any(|p| allows(p, table)) {
                 return Err((
                     "read_tables".into(),
                     format!("reading {table} is not allowed"),
@@ -493,7 +503,7 @@ fn check(grant: &Grant, request: &Request<'_>) -> Result<(), (String, String)> {
             }
         }
         for table in &op.writes {
-            if !grant.write_tables.iter().any(|p| p.matches(table)) {
+            if !grant.write_tables.iter().any(|p| allows(p, table)) {
                 return Err((
                     "write_tables".into(),
                     format!("writing {table} is not allowed"),

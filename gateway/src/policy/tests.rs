@@ -511,6 +511,7 @@ fn a_statement_that_changes_rows_needs_writes_whatever_its_kind() {
 name = "builders"
 roles = ["builder"]
 kinds = ["read", "ddl"]
+allow_dangerous = ["alter"]
 "#,
     );
     for sql in [
@@ -524,14 +525,13 @@ kinds = ["read", "ddl"]
             "{sql}"
         );
     }
-    assert_eq!(
-        denied_by(&decide(
-            &policy,
-            &["builder"],
-            "CREATE TABLE scratch.t AS SELECT * FROM public.orders"
-        )),
-        None
-    );
+    for sql in [
+        "CREATE TABLE scratch.t AS SELECT * FROM public.orders",
+        // pg_dump's and migrations' defaults are stored, not run.
+        "ALTER TABLE ONLY scratch.t ALTER COLUMN id SET DEFAULT nextval('scratch.t_id_seq'::regclass)",
+    ] {
+        assert_eq!(denied_by(&decide(&policy, &["builder"], sql)), None, "{sql}");
+    }
 }
 
 /// A denied table cannot be reached through another name: renaming it
@@ -561,6 +561,9 @@ allow_dangerous = ["truncate", "drop", "alter"]
         "CREATE TABLE public.probe (k int REFERENCES hr.salaries(id))",
         "CREATE TABLE public.probe (k int, FOREIGN KEY (k) REFERENCES hr.salaries(id))",
         "ALTER TABLE public.probe ADD CONSTRAINT f FOREIGN KEY (k) REFERENCES hr.salaries(id)",
+        "ALTER TABLE public.probe ADD COLUMN k int REFERENCES hr.salaries(id)",
+        "CREATE TABLE public.p PARTITION OF hr.salaries DEFAULT",
+        "ALTER TABLE public.parted ATTACH PARTITION hr.salaries DEFAULT",
     ] {
         assert_eq!(
             denied_by(&decide(&policy, &["writer"], sql)),
@@ -590,6 +593,17 @@ allow_dangerous = ["truncate", "drop", "alter"]
     }
     assert_eq!(
         denied_by(&decide(&narrow, &["writer"], "TRUNCATE public.scratch")),
+        None
+    );
+    // Every table, however it is spelled, covers tables the text does not
+    // name.
+    let every = policy_of_writes(r#"["*.*"]"#);
+    assert_eq!(
+        denied_by(&decide(
+            &every,
+            &["writer"],
+            "TRUNCATE public.scratch CASCADE"
+        )),
         None
     );
 }

