@@ -348,6 +348,10 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         postgres_named: Default::default(),
         sessions: Default::default(),
     });
+    // SIGTERM keeps its default action until the start is done: a start
+    // that hangs (on the identity provider, say) still ends on it. Taken
+    // before anyone is told the daemon is ready, who may then stop it.
+    let mut terminate = signal(SignalKind::terminate())?;
     // Before the sessions start (the listeners already hold what comes):
     // a failure here ends the start before any session runs (what the
     // audit store and the evidence stream took is in their WAL, replayed
@@ -368,9 +372,6 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     }
     info!("tollgate ready");
 
-    // SIGTERM keeps its default action until now: a start that hangs (on
-    // the identity provider, say) still ends on it.
-    let mut terminate = signal(SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
