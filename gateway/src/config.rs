@@ -664,6 +664,17 @@ mod tests {
                 "{err}"
             );
         }
+        let err = Config::parse(
+            &text.replace(r#"protocol = "postgres""#, r#"protocol = "hunter2-secret""#),
+            "tollgate.toml",
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            err.contains("target[0].protocol") && err.contains("unknown variant"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2-secret"), "{err}");
     }
 
     /// The loss interval is bounded both ways: 0 would never tick, and a

@@ -352,6 +352,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     // that hangs (on the identity provider, say) still ends on it. Taken
     // before anyone is told the daemon is ready, who may then stop it.
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     // Before the sessions start (the listeners already hold what comes):
     // a failure here ends the start before any session runs (what the
     // audit store and the evidence stream took is in their WAL, replayed
@@ -374,7 +375,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
 
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = hangup.recv() => warn!(
                 config = %config_path.display(),

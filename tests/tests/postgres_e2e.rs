@@ -332,7 +332,7 @@ fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() 
                 &other_cgroup,
                 &other_audit,
             ),
-            "another tollgate runs with its pin directory",
+            &"another tollgate runs with this pin directory".to_owned(),
         ),
         (
             variant(
@@ -341,11 +341,15 @@ fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() 
                 &config.agent_cgroup,
                 &other_audit,
             ),
-            "another tollgate runs with this agent cgroup",
+            &"another tollgate runs with this cgroup, or one below it, as an agent cgroup".to_owned(),
         ),
         (
             variant("below.toml", &other_pins, &below, &other_audit),
-            "another tollgate runs with an agent cgroup below this one",
+            &format!(
+                "{}: another tollgate runs with this cgroup, above agent cgroup {}, as an agent cgroup",
+                config.agent_cgroup.display(),
+                below.display()
+            ),
         ),
         (
             variant(
@@ -354,7 +358,7 @@ fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() 
                 &other_cgroup,
                 &config.audit_dir,
             ),
-            "audit directory is in use by another process",
+            &"audit directory is in use by another process".to_owned(),
         ),
     ] {
         let mut second = Command::new(tollgate_tests::tollgate_bin())
@@ -375,7 +379,7 @@ fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() 
         }
         let out = second.wait_with_output().expect("its output");
         assert!(!out.status.success(), "a second daemon started");
-        assert!(stderr(&out).contains(refusal), "{}", stderr(&out));
+        assert!(stderr(&out).contains(refusal.as_str()), "{}", stderr(&out));
         // What it pinned for its own cgroup, if it got that far, goes.
         let _ = std::fs::remove_dir_all(&other_pins);
     }

@@ -358,6 +358,26 @@ async fn segments_close_by_age_while_running() {
 
 /// Copies a live directory: what a crash at this instant leaves on disk
 /// (everything acknowledged is fsynced, so it is in the copy).
+/// Waits (up to 10 s) until the newest checkpoint of the store at `cfg`
+/// signs `lines` manifest lines.
+async fn wait_until_signed(cfg: &AuditConfig, lines: u64) {
+    let key = checkpoint::Signer::load(&cfg.dir.join("keys/checkpoint.key"))
+        .unwrap()
+        .public();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (newest, _) = checkpoint::newest_valid(&cfg.dir.join("checkpoints"), &key).unwrap();
+        if newest.is_some_and(|c| c.size >= lines) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{lines} lines never signed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 pub(crate) fn crash_copy(from: &Path, to: &Path) {
     // The background writers may retire a WAL file or rename a segment
     // while `cp` walks the tree; a copy that raced them is retried.
@@ -383,12 +403,9 @@ async fn crash_recovery_rebuilds_segments_from_the_wal() {
     cfg.segment_max_records = 20;
     cfg.segment_max_age_secs = 3600;
     let (log, now) = open_with_samples(&cfg, 45).await;
-    // Wait for the two full segments; the last 5 records stay in the WAL.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store::list_segment_files(&cfg.dir).unwrap().len() < 2 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // Wait for the two full segments, signed (see `wait_until_signed`'s
+    // use in the next test); the last 5 records stay in the WAL.
+    wait_until_signed(&cfg, 2).await;
     let crashed = tmp.path().join("crashed");
     crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;
@@ -432,6 +449,11 @@ async fn buffered_mode_keeps_every_acknowledged_record_through_a_daemon_crash() 
     cfg.segment_max_records = 20;
     cfg.segment_max_age_secs = 3600;
     let (log, now) = open_with_samples(&cfg, 45).await;
+    // The copy is made file by file: taken while the segment thread writes
+    // a segment, its entry and their checkpoint, it could hold a newer
+    // checkpoint than manifest, which no crash leaves. The two full
+    // segments are signed first; the last 5 records are in the WAL only.
+    wait_until_signed(&cfg, 2).await;
     let crashed = tmp.path().join("crashed");
     crash_copy(&cfg.dir, &crashed);
     log.shutdown().await;

@@ -316,36 +316,53 @@ pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
     use std::os::unix::fs::MetadataExt;
     ensure_mounts()?;
     own_pin_dirs(pin_dir).with_context(|| format!("pin directory {}", pin_dir.display()))?;
-    let mut held = vec![lock_dir(pin_dir, libc::LOCK_EX, "its pin directory")?];
-    let root = cgroup2_root()?;
+    let mut held = vec![lock_dir(pin_dir, libc::LOCK_EX, "this pin directory")?];
+    let root = fs::canonicalize(cgroup2_root()?).context("the cgroup2 mount")?;
     let inode = |dir: &Path| {
         fs::metadata(dir)
             .map(|m| (m.dev(), m.ino()))
             .with_context(|| format!("stat {}", dir.display()))
     };
-    // The same cgroup may be configured under two spellings.
-    let mut own = std::collections::BTreeSet::new();
+    // Each cgroup as the file system has it (no `..`, no symlink), once
+    // even if configured under two spellings, and under the cgroup2 mount:
+    // the cgroups above it are then its path's parents.
+    let mut own = std::collections::BTreeMap::new();
     for cgroup in agent_cgroups {
         fs::create_dir_all(cgroup)
             .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
-        if own.insert(inode(cgroup)?) {
-            held.push(lock_dir(cgroup, libc::LOCK_EX, "this agent cgroup")?);
+        let real = fs::canonicalize(cgroup)
+            .with_context(|| format!("agent cgroup {}", cgroup.display()))?;
+        if !real.starts_with(&root) {
+            bail!(
+                "agent cgroup {} is {}, not under the cgroup2 mount {}",
+                cgroup.display(),
+                real.display(),
+                root.display()
+            );
+        }
+        if let std::collections::btree_map::Entry::Vacant(entry) = own.entry(inode(&real)?) {
+            held.push(lock_dir(
+                &real,
+                libc::LOCK_EX,
+                "this cgroup, or one below it, as an agent cgroup",
+            )?);
+            entry.insert(real);
         }
     }
     let mut above = std::collections::BTreeSet::new();
-    for cgroup in agent_cgroups {
+    for cgroup in own.values() {
         for dir in cgroup
             .ancestors()
             .skip(1)
             .take_while(|d| d.starts_with(&root))
         {
             let id = inode(dir)?;
-            if !own.contains(&id) && above.insert(id) {
-                held.push(lock_dir(
-                    dir,
-                    libc::LOCK_SH,
-                    "an agent cgroup below this one",
-                )?);
+            if !own.contains_key(&id) && above.insert(id) {
+                let what = format!(
+                    "this cgroup, above agent cgroup {}, as an agent cgroup",
+                    cgroup.display()
+                );
+                held.push(lock_dir(dir, libc::LOCK_SH, &what)?);
             }
         }
     }

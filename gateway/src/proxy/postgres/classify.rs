@@ -830,8 +830,8 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
 }
 
 /// A table list entry for tables the text does not name (a CASCADE's):
-/// no grant's `write_tables` but `*` covers it, and any `deny_tables`
-/// refuses it.
+/// only a `write_tables` pattern that covers every table (`*`, `*.*`)
+/// covers it, and any `deny_tables` refuses it.
 pub const UNKNOWN_TABLES: &str = "?";
 
 /// A table list entry for every table of the schema `name`: `schema.*`.
@@ -848,14 +848,32 @@ fn every_table_of(name: &ObjectName) -> String {
     }
 }
 
-/// Whether the statement runs the queries and expressions in it as it runs
-/// (a DDL statement mostly stores them: defaults, views, routine bodies;
-/// CREATE TABLE AS and a materialized view run their query).
+/// Whether the statement may run the queries and expressions in it, now
+/// or when something plainly read later runs them: all but a column
+/// default, which runs only under an INSERT or UPDATE (themselves writes).
+/// So a new table's defaults and checks (it has no rows yet) and `ALTER
+/// ... SET DEFAULT` / `DROP DEFAULT` do not; a view's query and a
+/// routine's body do (a later SELECT runs them), and so do CREATE TABLE
+/// AS (unless WITH NO DATA), a partition's bounds and any other change
+/// of a table (a new column's default and a USING run for every row).
 fn runs_its_expressions(statement: &Statement) -> bool {
+    use sqlparser::ast::{AlterColumnOperation, AlterTableOperation};
     match statement {
-        Statement::CreateTable(create) => create.query.is_some(),
-        Statement::CreateView(create) => create.materialized,
-        other => top_kind(other) != StatementKind::Ddl,
+        Statement::CreateTable(create) => {
+            let fills =
+                create.query.is_some() && create.with_data.as_ref().is_none_or(|with| with.data);
+            fills || create.for_values.is_some()
+        }
+        Statement::AlterTable(alter) => !alter.operations.iter().all(|op| {
+            matches!(
+                op,
+                AlterTableOperation::AlterColumn {
+                    op: AlterColumnOperation::SetDefault { .. } | AlterColumnOperation::DropDefault,
+                    ..
+                }
+            )
+        }),
+        _ => true,
     }
 }
 
@@ -912,8 +930,27 @@ fn top_kind(statement: &Statement) -> StatementKind {
         | Statement::Fetch { .. }
         | Statement::Close { .. }
         | Statement::Discard { .. }
-        | Statement::Explain { .. }
         | Statement::ExplainTable { .. } => Utility,
+        // EXPLAIN ANALYZE runs what it explains: of that kind at least.
+        Statement::Explain {
+            statement,
+            analyze,
+            options,
+            ..
+        } => {
+            let runs = *analyze
+                || options.iter().flatten().any(|option| {
+                    option.name.value.eq_ignore_ascii_case("analyze")
+                        && !matches!(
+                            &option.arg,
+                            Some(Expr::Value(v)) if matches!(v.value, sqlparser::ast::Value::Boolean(false))
+                        )
+                });
+            match runs {
+                true => top_kind(statement).max(Utility),
+                false => Utility,
+            }
+        }
         Statement::CreateTable(_)
         | Statement::CreateIndex(_)
         | Statement::CreateView(_)
@@ -2554,17 +2591,34 @@ mod tests {
         );
         assert_eq!(ddl_write.kind, Ddl);
         assert!(ddl_write.modifies_data);
-        // Stored, not run: a default, a view's query, a routine's body.
+        // A column default runs only under an INSERT or UPDATE, which are
+        // writes themselves.
         for sql in [
             "CREATE TABLE scratch.t AS SELECT * FROM public.orders",
+            "CREATE TABLE t AS SELECT nextval('s') WITH NO DATA",
             "CREATE TABLE t (id int DEFAULT nextval('s'))",
             "ALTER TABLE ONLY public.t ALTER COLUMN id SET DEFAULT nextval('public.t_id_seq'::regclass)",
-            "CREATE VIEW v AS SELECT nextval('s')",
-            "CREATE FUNCTION f() RETURNS void LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (1); END",
         ] {
             assert!(!one(sql).modifies_data, "{sql}");
         }
-        assert!(one("CREATE MATERIALIZED VIEW v AS SELECT nextval('s')").modifies_data);
+        // Run now, or by a later plain read: a view's query, a routine's
+        // body, a partition's bounds, a new column's default or a USING
+        // for every row.
+        for sql in [
+            "CREATE MATERIALIZED VIEW v AS SELECT nextval('s')",
+            "CREATE VIEW v AS SELECT nextval('s')",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (1); END",
+            "CREATE TABLE p1 PARTITION OF p FOR VALUES IN (setval('s', 1))",
+            "ALTER TABLE t ADD COLUMN n bigint DEFAULT nextval('s')",
+            "ALTER TABLE docs ALTER COLUMN blob TYPE int USING lo_unlink(blob)",
+        ] {
+            assert!(one(sql).modifies_data, "{sql}");
+        }
+        assert_eq!(
+            one("EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1").kind,
+            Ddl,
+            "EXPLAIN ANALYZE runs what it explains"
+        );
         assert!(one("DROP SCHEMA hr CASCADE").writes.contains("hr.*"));
         assert!(one("CREATE TABLE \"*\" (a int)")
             .writes
