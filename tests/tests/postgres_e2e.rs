@@ -361,27 +361,11 @@ fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() 
             &"audit directory is in use by another process".to_owned(),
         ),
     ] {
-        let mut second = Command::new(tollgate_tests::tollgate_bin())
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run a second tollgate");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while second.try_wait().expect("wait").is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = second.kill();
-                let _ = second.wait();
-                panic!("a second daemon started on {}", path.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = second.wait_with_output().expect("its output");
-        assert!(!out.status.success(), "a second daemon started");
-        assert!(stderr(&out).contains(refusal.as_str()), "{}", stderr(&out));
-        // What it pinned for its own cgroup, if it got that far, goes.
-        let _ = std::fs::remove_dir_all(&other_pins);
+        // Also unpins what it pinned in its own directory, if it got that
+        // far (the running daemon's pins refuse it).
+        let (started, err) = run_refused(&path);
+        assert!(!started, "a second daemon started");
+        assert!(err.contains(refusal.as_str()), "{err}");
     }
     let _ = std::fs::remove_dir(&below);
     let _ = std::fs::remove_dir(&other_cgroup);
