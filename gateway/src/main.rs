@@ -275,7 +275,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     // at the store's own lock, later: by then it has pinned only its own
     // cgroups, which stay redirected to it, refused, as at any failed
     // start.)
-    let _pin_lock =
+    let pin_lock =
         pin::lock(&config.pin.bpffs_dir, &config.pin.agent_cgroups).context("pinning")?;
     let protected = config.protected();
     let egress = pin::EgressPolicy {
@@ -312,7 +312,9 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     }
     let mut pinning = Pinning::install(
         &config.pin.bpffs_dir,
-        &config.pin.agent_cgroups,
+        // As locked: resolved, so that what is checked and pinned is the
+        // cgroup itself, not a symlink's directory.
+        pin_lock.agent_cgroups(),
         &protected,
         &egress,
     )

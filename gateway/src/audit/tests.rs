@@ -356,8 +356,6 @@ async fn segments_close_by_age_while_running() {
     log.shutdown().await;
 }
 
-/// Copies a live directory: what a crash at this instant leaves on disk
-/// (everything acknowledged is fsynced, so it is in the copy).
 /// Waits (up to 10 s) until the newest checkpoint of the store at `cfg`
 /// signs `lines` manifest lines.
 async fn wait_until_signed(cfg: &AuditConfig, lines: u64) {
@@ -378,6 +376,10 @@ async fn wait_until_signed(cfg: &AuditConfig, lines: u64) {
     }
 }
 
+/// Copies a live directory: what a crash at this instant leaves on disk
+/// (everything acknowledged is fsynced, so it is in the copy), as long as
+/// no segment, entry or checkpoint is being written meanwhile (the copy
+/// is made file by file: see `wait_until_signed`).
 pub(crate) fn crash_copy(from: &Path, to: &Path) {
     // The background writers may retire a WAL file or rename a segment
     // while `cp` walks the tree; a copy that raced them is retried.

@@ -302,6 +302,15 @@ fn own_pin_dirs(pin_dir: &Path) -> Result<()> {
 /// ends).
 pub struct PinLock {
     _held: Vec<fs::File>,
+    agent_cgroups: Vec<PathBuf>,
+}
+
+impl PinLock {
+    /// The agent cgroups as the file system has them (no `..`, no symlink),
+    /// each once: what the daemon pins.
+    pub fn agent_cgroups(&self) -> &[PathBuf] {
+        &self.agent_cgroups
+    }
 }
 
 /// Takes the [`PinLock`] of `pin_dir` (created if missing) and
@@ -328,17 +337,28 @@ pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
     // the cgroups above it are then its path's parents.
     let mut own = std::collections::BTreeMap::new();
     for cgroup in agent_cgroups {
+        let not_under = |real: &Path| {
+            anyhow::anyhow!(
+                "agent cgroup {} is {}, not under the cgroup2 mount {}",
+                cgroup.display(),
+                real.display(),
+                root.display()
+            )
+        };
+        // Where it would be made, checked before anything is made there.
+        if let Some(existing) = cgroup.ancestors().find(|dir| dir.exists()) {
+            let real = fs::canonicalize(existing)
+                .with_context(|| format!("agent cgroup {}", cgroup.display()))?;
+            if !real.starts_with(&root) {
+                return Err(not_under(&real));
+            }
+        }
         fs::create_dir_all(cgroup)
             .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
         let real = fs::canonicalize(cgroup)
             .with_context(|| format!("agent cgroup {}", cgroup.display()))?;
         if !real.starts_with(&root) {
-            bail!(
-                "agent cgroup {} is {}, not under the cgroup2 mount {}",
-                cgroup.display(),
-                real.display(),
-                root.display()
-            );
+            return Err(not_under(&real));
         }
         if let std::collections::btree_map::Entry::Vacant(entry) = own.entry(inode(&real)?) {
             held.push(lock_dir(
@@ -366,7 +386,10 @@ pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
             }
         }
     }
-    Ok(PinLock { _held: held })
+    Ok(PinLock {
+        _held: held,
+        agent_cgroups: own.into_values().collect(),
+    })
 }
 
 /// A non-blocking lock (`how`: exclusive or shared) on the directory

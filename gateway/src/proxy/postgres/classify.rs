@@ -890,6 +890,27 @@ fn no_condition(condition: Option<&Expr>) -> bool {
     }
 }
 
+/// Whether an option's value is false as PostgreSQL reads a boolean:
+/// `false`, `off`, `no`, `0`, quoted or not (a prefix of them too, as
+/// PostgreSQL takes `f` and `of`).
+fn names_false(value: &Expr) -> bool {
+    let text = match value {
+        Expr::Value(v) => match &v.value {
+            sqlparser::ast::Value::Boolean(b) => return !b,
+            sqlparser::ast::Value::Number(n, _) => n.clone(),
+            other => other.clone().into_string().unwrap_or_default(),
+        },
+        Expr::Identifier(ident) => ident.value.clone(),
+        _ => return false,
+    };
+    let text = text.trim().to_ascii_lowercase();
+    !text.is_empty()
+        && (text == "0"
+            || "false".starts_with(&text)
+            || "no".starts_with(&text)
+            || (text.len() >= 2 && "off".starts_with(&text)))
+}
+
 /// The kind from the statement's own type (nested statements may raise it).
 fn top_kind(statement: &Statement) -> StatementKind {
     use StatementKind::*;
@@ -938,13 +959,13 @@ fn top_kind(statement: &Statement) -> StatementKind {
             options,
             ..
         } => {
+            // PostgreSQL takes ANALYSE too, and an option's value as a
+            // boolean spelled any of its ways.
             let runs = *analyze
                 || options.iter().flatten().any(|option| {
-                    option.name.value.eq_ignore_ascii_case("analyze")
-                        && !matches!(
-                            &option.arg,
-                            Some(Expr::Value(v)) if matches!(v.value, sqlparser::ast::Value::Boolean(false))
-                        )
+                    let name = option.name.value.to_ascii_lowercase();
+                    (name == "analyze" || name == "analyse")
+                        && !option.arg.as_ref().is_some_and(names_false)
                 });
             match runs {
                 true => top_kind(statement).max(Utility),
@@ -2614,11 +2635,26 @@ mod tests {
         ] {
             assert!(one(sql).modifies_data, "{sql}");
         }
-        assert_eq!(
-            one("EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1").kind,
-            Ddl,
-            "EXPLAIN ANALYZE runs what it explains"
-        );
+        for sql in [
+            "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+            "EXPLAIN (ANALYZE) CREATE TABLE t AS SELECT 1",
+            "EXPLAIN (ANALYSE) CREATE TABLE t AS SELECT 1",
+            "EXPLAIN (ANALYZE on, BUFFERS) CREATE TABLE t AS SELECT 1",
+        ] {
+            assert_eq!(
+                one(sql).kind,
+                Ddl,
+                "{sql}: EXPLAIN ANALYZE runs what it explains"
+            );
+        }
+        for sql in [
+            "EXPLAIN ANALYZE SELECT 1",
+            "EXPLAIN (ANALYZE off) SELECT 1",
+            "EXPLAIN (ANALYZE false) CREATE TABLE t AS SELECT 1",
+            "EXPLAIN (ANALYZE 0) CREATE TABLE t AS SELECT 1",
+        ] {
+            assert!(one(sql).kind < Ddl, "{sql}");
+        }
         assert!(one("DROP SCHEMA hr CASCADE").writes.contains("hr.*"));
         assert!(one("CREATE TABLE \"*\" (a int)")
             .writes
