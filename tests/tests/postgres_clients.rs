@@ -47,6 +47,14 @@ fn tagged(answers: &Value, tag: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Whether a raw-protocol script's answers hold an ErrorResponse with this
+/// SQLSTATE whose message says `says`.
+fn has_error(answers: &Value, sqlstate: &str, says: &str) -> bool {
+    tagged(answers, "E").iter().any(|e| {
+        e["sqlstate"] == sqlstate && e["message"].as_str().unwrap_or_default().contains(says)
+    })
+}
+
 /// The first ErrorResponse among a raw-protocol script's answers (Null
 /// when there is none).
 fn first_error(answers: &Value) -> Value {
@@ -1936,17 +1944,14 @@ fn a_statement_name_reused_across_pipelines_is_decided_as_the_server_runs_it() {
         &token,
         &["collision", "DELETE FROM customers", "SELECT 1"],
     );
-    let errors = tagged(&answers, "E");
     assert!(
-        errors.iter().any(|e| e["sqlstate"] == "42501"
-            && e["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("delete_without_where")),
+        has_error(&answers, "42501", "delete_without_where"),
         "{answers}"
     );
     assert!(
-        !errors.iter().any(|e| e["sqlstate"] == "42P05"),
+        !tagged(&answers, "E")
+            .iter()
+            .any(|e| e["sqlstate"] == "42P05"),
         "the refused DELETE took the name: {answers}"
     );
     let rows = tagged(&answers, "D");
@@ -2026,13 +2031,8 @@ fn a_protocol_portal_is_not_run_by_sql_fetch() {
                 "FETCH ALL FROM p",
             ],
         );
-        let errors = tagged(&answers, "E");
         assert!(
-            errors.iter().any(|e| e["sqlstate"] == "42501"
-                && e["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains("protocol:run_by_name")),
+            has_error(&answers, "42501", "protocol:run_by_name"),
             "{scenario}: {answers}"
         );
         assert_eq!(
@@ -2319,15 +2319,7 @@ fn text_behind_an_unsynced_settings_change_is_refused_when_it_could_read_otherwi
         "t",
         "the server read a second statement out of the Query: {answers}"
     );
-    let refused = tagged(&answers, "E");
-    assert!(
-        refused.iter().any(|e| e["sqlstate"] == "42501"
-            && e["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("encoding:unsure")),
-        "{answers}"
-    );
+    assert!(has_error(&answers, "42501", "encoding:unsure"), "{answers}");
     stack
         .audit_rows(
             "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'encoding:unsure'",
