@@ -430,13 +430,19 @@ fn denied_by_any(applicable: &[&Grant], request: &Request<'_>) -> Option<(String
     None
 }
 
+/// A table list entry for tables a statement reaches without naming them
+/// (a CASCADE's, a SELECT INTO target that cannot be named): only a
+/// pattern that covers every table (`*`, `*.*`) allows it, and any
+/// `deny_tables` refuses it.
+pub const UNKNOWN_TABLES: &str = "?";
+
 /// Whether a `deny_tables` pattern may name a table of a table list entry:
 /// the table itself; `schema.*` stands for every table of the schema (a
 /// schema renamed or dropped), and `?` for tables the text does not name
 /// (a CASCADE's), which any pattern may be (see [`allows`] for the
 /// other side).
 fn may_name(pattern: &pattern::Pattern, table: &str) -> bool {
-    if table == "?" {
+    if table == UNKNOWN_TABLES {
         return true;
     }
     match table.strip_suffix(".*") {
@@ -451,7 +457,7 @@ fn may_name(pattern: &pattern::Pattern, table: &str) -> bool {
 /// table (`*`, `*.*`).
 fn allows(pattern: &pattern::Pattern, table: &str) -> bool {
     match table {
-        "?" => pattern.matches("*.*"),
+        UNKNOWN_TABLES => pattern.matches("*.*"),
         table => pattern.matches(table),
     }
 }

@@ -40,11 +40,6 @@ impl SharedBudget {
         }))
     }
 
-    /// The most the sessions of one identity hold together.
-    pub fn identity_units(&self) -> u32 {
-        self.0.identity_units()
-    }
-
     /// Waits for `units` (at most the whole budget, so that any request
     /// gets through once the others are done) for a session of
     /// `identity`: first out of the identity's quarter (at most all of
@@ -62,11 +57,11 @@ impl SharedBudget {
             .0
             .identity_shares()
             .entry(share.identity.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.identity_units() as usize)))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.0.identity_units() as usize)))
             .clone();
         share.identitys = Some(
             identitys
-                .acquire_many_owned(units.min(self.identity_units()))
+                .acquire_many_owned(units.min(self.0.identity_units()))
                 .await
                 .ok()?,
         );
@@ -87,6 +82,7 @@ impl SharedBudget {
 }
 
 impl Inner {
+    /// The most the sessions of one identity hold together.
     fn identity_units(&self) -> u32 {
         (self.total / 4).max(1)
     }

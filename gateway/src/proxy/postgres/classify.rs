@@ -22,7 +22,7 @@ use sqlparser::{
 
 use super::lexical;
 
-use crate::policy::{Danger, Operation, RunByName, StatementKind};
+use crate::policy::{Danger, Operation, RunByName, StatementKind, UNKNOWN_TABLES};
 
 /// Functions that read or write server files, run programs, reach other
 /// servers, or change settings (search_path, role) behind the policy's back.
@@ -829,11 +829,6 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
     }
 }
 
-/// A table list entry for tables the text does not name (a CASCADE's):
-/// only a `write_tables` pattern that covers every table (`*`, `*.*`)
-/// covers it, and any `deny_tables` refuses it.
-pub const UNKNOWN_TABLES: &str = "?";
-
 /// A table list entry for every table of the schema `name`: `schema.*`.
 fn every_table_of(name: &ObjectName) -> String {
     let schema = name
@@ -1392,7 +1387,7 @@ impl Walker {
                             Some(name) => self.written.extend(table_names(&name)),
                             // A target tollgate cannot name is still a write.
                             None => {
-                                self.written.insert(String::from("?"));
+                                self.written.insert(UNKNOWN_TABLES.into());
                             }
                         }
                     }
