@@ -225,7 +225,6 @@ impl Manifest {
         let mut reader = io::BufReader::new(file);
         let mut m = Manifest::default();
         let mut line = Vec::new();
-        let mut offset = 0u64;
         loop {
             line.clear();
             let end = read_line(&mut reader, &mut line, MAX_LINE_BYTES)?;
@@ -247,7 +246,7 @@ impl Manifest {
                 // a torn append, when nothing but zeros follows. A zero byte
                 // anywhere else is damage (JSON text has none).
                 LineEnd::Zero => {
-                    let zero_at = offset + line.len() as u64;
+                    let zero_at = m.byte_len() + line.len() as u64;
                     let torn = only_zeros_from(reader.get_ref(), zero_at)?;
                     let reason = match torn {
                         true => "unterminated last line (zeros to the end of the file)".into(),
@@ -256,9 +255,8 @@ impl Manifest {
                     return Ok((m, Some(bad(reason, torn))));
                 }
             }
-            offset += line.len() as u64 + 1;
             match serde_json::from_slice::<Entry>(&line) {
-                Ok(e) => m.push(line.clone(), e),
+                Ok(e) => m.push(std::mem::take(&mut line), e),
                 Err(e) => return Ok((m, Some(bad(e.to_string(), false)))),
             }
         }

@@ -195,20 +195,21 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
     // edit), and dropping it would delete the segment it lists and reuse
     // its sequence numbers. We refuse to write after damage.
     let (manifest, bad) = Manifest::read(&dir)?;
+    if let Some(bad) = bad.as_ref().filter(|bad| !bad.torn) {
+        anyhow::bail!(
+            "{}: line {} is damaged ({}); run `tollgate audit verify`",
+            dir.join(manifest::FILE).display(),
+            bad.line + 1,
+            bad.reason
+        );
+    }
+    // A signed line was synced before it was signed: it is never a torn
+    // append. So a torn tail is cut only past what the newest checkpoint
+    // signs (this fails otherwise, and touches nothing: the file is the
+    // evidence).
+    let signed = signed_lines(&dir, &manifest, &signer)?;
     if let Some(bad) = bad {
         let good = manifest.byte_len();
-        if !bad.torn {
-            anyhow::bail!(
-                "{}: line {} is damaged ({}); run `tollgate audit verify`",
-                dir.join(manifest::FILE).display(),
-                bad.line + 1,
-                bad.reason
-            );
-        }
-        // A signed line was synced before it was signed: it is never a torn
-        // append. Cut only past what the newest checkpoint signs, and touch
-        // nothing otherwise (the file is the evidence).
-        signed_lines(&dir, &manifest, &signer)?;
         warn!(line = bad.line + 1, reason = %bad.reason, "dropping torn last manifest line");
         let file = fs::OpenOptions::new()
             .write(true)
@@ -219,7 +220,6 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
         file.sync_all()?;
     }
     let (
-        signed,
         reports,
         Replay {
             records: pending,
@@ -227,7 +227,7 @@ pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
             broken: replay_broken,
             next: (next_seq, prev_hash),
         },
-    ) = replay_past_signed(&dir, &manifest, &signer)?;
+    ) = replay_past_signed(&dir, &manifest, signed, &signer)?;
     for r in &reports {
         match &r.tail {
             wal::Tail::Clean => {}
@@ -695,8 +695,8 @@ impl Replay {
     }
 }
 
-/// What a start finds past the signed manifest, before it changes
-/// anything: how many manifest lines are signed, the WAL files read, and
+/// What a start finds past the `signed` manifest lines (see
+/// [`signed_lines`]), before it changes anything: the WAL files read, and
 /// the records that replay would write again (from the WAL past the
 /// signed lines: acknowledged records whose segment was never closed, or
 /// whose segment's entry no checkpoint signs yet). Fails when a segment
@@ -706,9 +706,9 @@ impl Replay {
 fn replay_past_signed(
     dir: &Path,
     manifest: &Manifest,
+    signed: usize,
     signer: &Signer,
-) -> anyhow::Result<(usize, Vec<wal::WalFileReport>, Replay)> {
-    let signed = signed_lines(dir, manifest, signer)?;
+) -> anyhow::Result<(Vec<wal::WalFileReport>, Replay)> {
     let wal::Merged {
         records,
         seals,
@@ -721,7 +721,7 @@ fn replay_past_signed(
         chain_end(manifest, signed),
     );
     unsigned_segments_are_in_the_wal(dir, manifest, signed, &replay.records, replay.next.0)?;
-    Ok((signed, reports, replay))
+    Ok((reports, replay))
 }
 
 /// The next sequence and the previous record's hash after the first
@@ -1752,31 +1752,10 @@ impl SegState {
         let signed_lines = manifest.lines.len();
         // A removal lists segments by their line: the lines of every
         // removal so far are the listed segments already gone.
-        let removed: Vec<&RemovedSegment> = manifest
-            .entries
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Retention(r) => Some(r.removed.iter()),
-                Entry::Segment(_) => None,
-            })
-            .flatten()
-            .collect();
-        let removed_lines: std::collections::HashSet<u64> =
-            removed.iter().map(|r| r.line).collect();
-        let deletions_due = removed
-            .iter()
-            .filter(|r| fs::symlink_metadata(cfg.dir.join(&r.path)).is_ok())
-            .map(|r| r.path.clone())
-            .collect();
-        let segments_kept = match cfg.retention_days {
-            None => Vec::new(),
-            Some(_) => (0u64..)
-                .zip(&manifest.entries)
-                .filter_map(|(line, e)| match e {
-                    Entry::Segment(s) if !removed_lines.contains(&line) => Some(listed(line, s)),
-                    _ => None,
-                })
-                .collect(),
+        // Without retention nothing is chosen from, nor deleted.
+        let (segments_kept, deletions_due) = match cfg.retention_days {
+            None => (Vec::new(), Vec::new()),
+            Some(_) => retention_state(&cfg.dir, &manifest),
         };
         let manifested_to = manifest.last_segment().map_or(0, |s| s.last_seq);
         let manifest_appender = manifest.into_appender();
@@ -1909,6 +1888,36 @@ impl SegState {
     }
 }
 
+/// What a retention pass works from, as of the manifest a store starts
+/// with: the listed segments no removal names yet, and the files removals
+/// name that are still on disk (a crash between an entry and its
+/// deletions).
+fn retention_state(dir: &Path, manifest: &Manifest) -> (Vec<RemovedSegment>, Vec<String>) {
+    let removed: Vec<&RemovedSegment> = manifest
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Retention(r) => Some(r.removed.iter()),
+            Entry::Segment(_) => None,
+        })
+        .flatten()
+        .collect();
+    let removed_lines: std::collections::HashSet<u64> = removed.iter().map(|r| r.line).collect();
+    let kept = (0u64..)
+        .zip(&manifest.entries)
+        .filter_map(|(line, e)| match e {
+            Entry::Segment(s) if !removed_lines.contains(&line) => Some(listed(line, s)),
+            _ => None,
+        })
+        .collect();
+    let due = removed
+        .iter()
+        .filter(|r| fs::symlink_metadata(dir.join(&r.path)).is_ok())
+        .map(|r| r.path.clone())
+        .collect();
+    (kept, due)
+}
+
 /// A listed segment as a retention entry lists it.
 fn listed(line: u64, s: &SegmentEntry) -> RemovedSegment {
     RemovedSegment {
@@ -1944,7 +1953,10 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
     let lock = lock_dir(&cfg.dir, &perms)?;
-    let (signed, _, _) = replay_past_signed(&cfg.dir, &manifest, &signer)?;
+    let signed = signed_lines(&cfg.dir, &manifest, &signer)?;
+    // Fails, changing nothing, if unsigned lines list records the WAL no
+    // longer holds.
+    replay_past_signed(&cfg.dir, &manifest, signed, &signer)?;
     let manifest = set_aside_unsigned_tail(&cfg.dir, manifest, signed, &perms)?;
     let cfg = AuditConfig {
         retention_days: Some(days),
