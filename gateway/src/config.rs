@@ -598,6 +598,21 @@ impl Config {
 const _: () =
     assert!(gateway_common::LISTENER_PORT_ENTRIES >= 2 * gateway_common::REDIRECT_MAP_ENTRIES);
 
+/// Descriptors a daemon holds besides its sessions': listeners, the audit
+/// store's and the evidence stream's files, pinned maps, the identity
+/// provider's connections, with room to spare.
+const DESCRIPTORS_BESIDES_SESSIONS: u64 = 256;
+
+impl Config {
+    /// Open files the daemon may need at once: two a session (the agent's
+    /// connection and the target's) for every target's `max_connections`,
+    /// and [`DESCRIPTORS_BESIDES_SESSIONS`].
+    pub fn descriptors_needed(&self) -> u64 {
+        let sessions: u64 = self.targets.iter().map(|t| t.max_connections as u64).sum();
+        2 * sessions + DESCRIPTORS_BESIDES_SESSIONS
+    }
+}
+
 /// A deserializer's message with the value it quotes left out: "invalid
 /// type: string \"hunter2\", expected ..." becomes "invalid type: string,
 /// expected ...". The value may be an inline password put in the wrong
@@ -633,6 +648,25 @@ mod tests {
         let config = Config::parse(text, "deploy/tollgate.toml").expect("parse");
         assert_eq!(config.targets.len(), 1);
         crate::identity::Verifier::check(&config.identity).expect("identity settings");
+    }
+
+    /// The open files a daemon may need: two a session of every target,
+    /// and 256 besides (what the start-up warning is measured against).
+    #[test]
+    fn open_files_needed_count_two_a_session_of_every_target() {
+        let text = with_targets(3, |i, t| {
+            renamed(i, t, "db")
+                .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i))
+                .replace("10.0.0.10:5432", &format!("10.0.0.{}:5432", 10 + i))
+        });
+        let config = Config::parse(&text, "tollgate.toml").expect("parse");
+        let sessions: u64 = config
+            .targets
+            .iter()
+            .map(|t| t.max_connections as u64)
+            .sum();
+        assert_eq!(sessions, 3 * config.targets[0].max_connections as u64);
+        assert_eq!(config.descriptors_needed(), 2 * sessions + 256);
     }
 
     /// A value in the wrong place or of the wrong type is not quoted back

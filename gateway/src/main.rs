@@ -204,11 +204,6 @@ fn load_checked(path: &Path) -> Result<(Config, Vec<Arc<proxy::Target>>)> {
     Ok((config, targets))
 }
 
-/// Descriptors the daemon holds besides its sessions': listeners, the
-/// audit store's and the evidence stream's files, pinned maps, the
-/// identity provider's connections, with room to spare.
-const DESCRIPTORS_BESIDES_SESSIONS: u64 = 256;
-
 /// Raises the open-file limit to its hard limit (a shell's default soft
 /// limit, often 1 024, runs out at about 500 sessions), and warns when
 /// even that is below what the targets' `max_connections` may take: two
@@ -235,12 +230,7 @@ fn raise_open_file_limit(config: &Config) {
             limit = raised;
         }
     }
-    let sessions: u64 = config
-        .targets
-        .iter()
-        .map(|t| t.max_connections as u64)
-        .sum();
-    let needed = 2 * sessions + DESCRIPTORS_BESIDES_SESSIONS;
+    let needed = config.descriptors_needed();
     if limit.rlim_cur != libc::RLIM_INFINITY && needed > limit.rlim_cur {
         warn!(
             limit = limit.rlim_cur,

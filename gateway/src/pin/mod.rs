@@ -511,8 +511,9 @@ impl Pinning {
         sync_protected_addresses(&mut protected_addresses, protected)?;
         let mut listener_port_map: BpfHashMap<MapData, u32, u32> =
             take_map(&mut ebpf, map_names::LISTENER_PORTS)?;
-        sync_listener_ports(&mut listener_port_map, &ports::guarded_ports(protected))?;
-        ports::warn_if_handed_out_by_the_kernel(&ports::guarded_ports(protected));
+        let guarded = ports::guarded_ports(protected);
+        sync_listener_ports(&mut listener_port_map, &guarded)?;
+        ports::warn_if_handed_out_by_the_kernel(&guarded);
         sync_egress(&mut ebpf, egress)?;
 
         // Evidence first: from here on every TCP connect on the host is on
