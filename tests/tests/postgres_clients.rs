@@ -299,7 +299,7 @@ fn a_statement_too_long_to_audit_is_refused_with_54000_and_its_refusal_recorded(
 }
 
 /// The same limit in the extended protocol: a driver's Parse of 9 MiB of
-/// SQL is refused with 54000 at its Bind, before the server plans it, its
+/// SQL is refused with 54000 at its Parse, before the server parses it, its
 /// refusal is recorded, and the session goes on.
 #[test]
 fn a_prepared_statement_too_long_to_audit_is_refused_with_54000_and_the_session_goes_on() {

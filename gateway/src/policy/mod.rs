@@ -322,9 +322,6 @@ impl Policy {
                     reason: "tollgate reads statements with standard_conforming_strings on, and it stays on".into(),
                 };
             }
-            // A routine a masked caller defines could hand out masked
-            // values later under a name its calls do not show (see
-            // `Operation::may_call_by_name`).
             // Masks follow names: a masked caller who could move what a
             // name stands for (rename the schema of a masked column, point
             // a view at it, put another schema first on search_path)
@@ -336,6 +333,9 @@ impl Policy {
                     reason: "a caller with masked columns may not rename or move schemas, tables, views or columns, redefine views, or change search_path or role: masks follow names".into(),
                 };
             }
+            // A routine a masked caller defines could hand out masked
+            // values later under a name its calls do not show (see
+            // `Operation::may_call_by_name`).
             if !masks.is_empty() && operations.iter().any(|op| op.defines_routine) {
                 return Decision::Deny {
                     rule: "mask:routine".into(),

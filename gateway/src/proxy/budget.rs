@@ -70,6 +70,7 @@ impl SharedBudget {
     }
 
     /// Units no session holds.
+    #[cfg(test)]
     pub fn available(&self) -> usize {
         self.0.all.available_permits()
     }
@@ -96,6 +97,7 @@ impl Inner {
 
 impl Share {
     /// Units of the whole budget it holds.
+    #[cfg(test)]
     pub fn units(&self) -> usize {
         self.all.as_ref().map_or(0, |p| p.num_permits())
     }

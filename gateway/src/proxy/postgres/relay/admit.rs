@@ -385,7 +385,7 @@ pub(super) async fn classify_within_limit(
             "up to {weight} tokens: more than the {CLASSIFY_BUDGET} tollgate parses in one text"
         ));
     };
-    let budget = &session.shared.postgres_parsing.0;
+    let budget = &session.shared.postgres_parsing;
     let share = match tokio::time::timeout(
         CLASSIFY_WAIT,
         budget.take(units, &session.principal.object_id),
@@ -430,11 +430,24 @@ const CLASSIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The parsing work heavy statements may take at once, all sessions
 /// together (in [`crate::proxy::Shared`]): [`CLASSIFY_BUDGET`] units of
 /// [`token_bound`] weight.
-pub struct ParsingBudget(pub(super) SharedBudget);
+pub struct ParsingBudget(SharedBudget);
 
 impl Default for ParsingBudget {
     fn default() -> Self {
         ParsingBudget(SharedBudget::new(CLASSIFY_BUDGET as u32))
+    }
+}
+
+impl ParsingBudget {
+    /// Waits for `weight` units for a text of a session of `identity`.
+    async fn take(&self, weight: u32, identity: &str) -> Option<Share> {
+        self.0.take(weight, identity).await
+    }
+
+    /// Units no parse holds.
+    #[cfg(test)]
+    pub(super) fn available(&self) -> usize {
+        self.0.available()
     }
 }
 

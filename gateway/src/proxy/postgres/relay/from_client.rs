@@ -45,7 +45,7 @@ pub(super) async fn client_to_server(
         skipping_to_sync: false,
         last_describe: None,
         answer_barrier: None,
-        execute_may_change_encoding: false,
+        execute_may_change_settings_unseen: false,
         protocol_names: ProtocolNames::default(),
     };
     loop {
@@ -120,9 +120,10 @@ struct FromClient {
     ///   match tollgate's requests, and masking would be planned against
     ///   the wrong statement.
     answer_barrier: Option<u64>,
-    /// An Execute since the last Sync may change the encoding unseen: the
-    /// Sync becomes the barrier, since the server reports the change there.
-    execute_may_change_encoding: bool,
+    /// An Execute since the last Sync may change settings unseen (the
+    /// encoding, standard_conforming_strings): the Sync becomes the
+    /// barrier, since the server reports the change there.
+    execute_may_change_settings_unseen: bool,
     /// The names of the portals and statements the client made through the
     /// protocol, which SQL's FETCH and EXECUTE could run.
     protocol_names: ProtocolNames,
@@ -337,7 +338,7 @@ impl FromClient {
         self.copies_ended = 0;
         let text = wire::query_text(&frame).map_err(in_message("Query"))?;
         // As for a Parse.
-        let unsure = match self.execute_may_change_encoding {
+        let unsure = match self.execute_may_change_settings_unseen {
             true => refusal_while_reading_unsure(&self.session, &text).await,
             false => None,
         };
@@ -410,7 +411,7 @@ impl FromClient {
             wire::parse_message(&frame).map_err(in_message("Parse"))?;
         // An Execute before it in the pipeline may have changed how the
         // server reads text (see `refusal_while_reading_unsure`).
-        let unsure = match self.execute_may_change_encoding {
+        let unsure = match self.execute_may_change_settings_unseen {
             true => refusal_while_reading_unsure(&self.session, &text).await,
             false => None,
         };
@@ -525,7 +526,7 @@ impl FromClient {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }
         drop(guard);
-        self.execute_may_change_encoding |= prepared.judged.may_change_settings_unseen;
+        self.execute_may_change_settings_unseen |= prepared.judged.may_change_settings_unseen;
         self.forward.unsplit(frame.bytes);
         Ok(())
     }
@@ -539,7 +540,7 @@ impl FromClient {
         // A Sync is always queued (see `InFlight::push`).
         let _ = guard.push(sync);
         // The server reports a changed encoding at the Sync.
-        if std::mem::take(&mut self.execute_may_change_encoding) {
+        if std::mem::take(&mut self.execute_may_change_settings_unseen) {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }
         drop(guard);

@@ -1662,6 +1662,30 @@ async fn messages_held_whole_wait_for_their_share_of_the_budget() {
     assert_eq!(large_message_ahead(&header(b'D', large)[..4]), None);
 }
 
+/// A message held whole counts against its session's identity: past that
+/// identity's quarter of the budget its next one waits, while another
+/// identity's goes on.
+#[tokio::test]
+async fn one_identity_holds_at_most_a_quarter_of_the_held_whole_budget() {
+    use std::time::Duration;
+    let mib = 1 << 20;
+    let budget = HeldWholeBudget::new(40);
+    // 3 MiB held three times over: 9 of agent-a's 10.
+    let _first = budget.take(3 * mib, "agent-a").await.expect("share");
+    let more = budget.take(mib, "agent-a");
+    tokio::pin!(more);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), &mut more)
+            .await
+            .is_err(),
+        "past its quarter, the identity waits"
+    );
+    tokio::time::timeout(Duration::from_secs(5), budget.take(mib, "agent-b"))
+        .await
+        .expect("another identity goes on")
+        .expect("share");
+}
+
 /// The start of one DataRow of one value, [`LARGE_VALUE`] bytes long
 /// (over [`PASS_ON_MESSAGES_ABOVE`]): its header and the value's first
 /// bytes, `marker` 64 times.
@@ -2056,7 +2080,7 @@ async fn a_text_heavier_than_the_parsing_budget_is_not_parsed() {
 async fn a_parse_keeps_its_share_after_its_session_ends() {
     use std::time::Duration;
     let (_audit_dir, _keys, session, audit) = relay_session().await;
-    let budget = &session.shared.postgres_parsing.0;
+    let budget = &session.shared.postgres_parsing;
     let text = format!("SELECT 1{}", ",1".repeat(100_000));
     // The share is taken and the parse started at the first poll.
     let abandoned = tokio::time::timeout(
