@@ -300,15 +300,9 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     if config.pin.agent_cgroups.is_empty() {
         warn!("no agent cgroups configured: nothing is redirected to tollgate (the evidence probe still records every connection)");
     }
-    let mut pinning = Pinning::install(
-        &config.pin.bpffs_dir,
-        // As locked: resolved, so that what is checked and pinned is the
-        // cgroup itself, not a symlink's directory.
-        pin_lock.agent_cgroups(),
-        &protected,
-        &egress,
-    )
-    .context("pinning")?;
+    // As locked: the cgroups resolved, so that what is checked and pinned
+    // is the cgroup itself, not a symlink's directory.
+    let mut pinning = Pinning::install(&pin_lock, &protected, &egress).context("pinning")?;
 
     let verifier = Verifier::from_config(&config.identity)
         .await

@@ -302,15 +302,12 @@ fn own_pin_dirs(pin_dir: &Path) -> Result<()> {
 /// ends).
 pub struct PinLock {
     _held: Vec<fs::File>,
-    agent_cgroups: Vec<PathBuf>,
-}
-
-impl PinLock {
+    pin_dir: PathBuf,
     /// The agent cgroups as the file system has them (no `..`, no symlink),
-    /// each once: what the daemon pins.
-    pub fn agent_cgroups(&self) -> &[PathBuf] {
-        &self.agent_cgroups
-    }
+    /// each once (all made): what the daemon pins.
+    agent_cgroups: Vec<PathBuf>,
+    /// The cgroup2 mount, as the file system has it.
+    cgroup_root: PathBuf,
 }
 
 /// Takes the [`PinLock`] of `pin_dir` (created if missing) and
@@ -388,7 +385,9 @@ pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
     }
     Ok(PinLock {
         _held: held,
+        pin_dir: pin_dir.to_path_buf(),
         agent_cgroups: own.into_values().collect(),
+        cgroup_root: root,
     })
 }
 
@@ -420,19 +419,14 @@ impl Pinning {
     /// hold exactly `protected` and the listener port map exactly the ports
     /// agents may not bind (their listeners' and the targets' own, see
     /// `ports::guarded_ports`).
-    pub fn install(
-        pin_dir: &Path,
-        agent_cgroups: &[PathBuf],
-        protected: &[Protected],
-        egress: &EgressPolicy,
-    ) -> Result<Self> {
-        ensure_mounts()?;
+    pub fn install(lock: &PinLock, protected: &[Protected], egress: &EgressPolicy) -> Result<Self> {
+        // The lock made the pin directory, checked who owns it, made the
+        // agent cgroups and found them under the cgroup2 mount.
+        let (pin_dir, agent_cgroups) = (&lock.pin_dir, &lock.agent_cgroups);
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
-        own_pin_dirs(pin_dir).with_context(|| format!("pin directory {}", pin_dir.display()))?;
-        let cgroup_root = cgroup2_root()?;
         for cgroup in agent_cgroups {
-            if let Some(problem) = movable_out_by_others(cgroup, &cgroup_root, 0) {
+            if let Some(problem) = movable_out_by_others(cgroup, &lock.cgroup_root, 0) {
                 bail!("agent cgroup {}: {problem}", cgroup.display());
             }
         }
@@ -536,8 +530,6 @@ impl Pinning {
 
         let mut configured_places = Vec::with_capacity(agent_cgroups.len());
         for cgroup in agent_cgroups {
-            fs::create_dir_all(cgroup)
-                .with_context(|| format!("create agent cgroup {}", cgroup.display()))?;
             let cgroup_file = fs::File::open(cgroup)
                 .with_context(|| format!("open cgroup {}", cgroup.display()))?;
             let cgroup_id = cgroup_file
