@@ -259,14 +259,12 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     // pinned: `run` refuses exactly what `check-config` does.
     let (config, targets) = load_checked(&config_path)?;
     raise_open_file_limit(&config);
-    // Another daemon on the same pins or agent cgroups: stop before
-    // anything changes (its redirect, its programs, its listeners' ports).
-    // Held until the daemon ends. (One on the same audit directory stops
-    // at the store's own lock, later: by then it has pinned only its own
-    // cgroups, which stay redirected to it, refused, as at any failed
-    // start.)
+    // Another daemon on the same pins, agent cgroups or audit directory:
+    // stop before anything changes (its redirect, its programs, its
+    // listeners' ports). Held until the daemon ends.
     let pin_lock =
         pin::lock(&config.pin.bpffs_dir, &config.pin.agent_cgroups).context("pinning")?;
+    let audit_lock = AuditLog::lock(&config.audit).context("audit store")?;
     let protected = config.protected();
     let egress = pin::EgressPolicy {
         default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
@@ -307,7 +305,9 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let verifier = Verifier::from_config(&config.identity)
         .await
         .context("identity provider")?;
-    let audit = AuditLog::open(&config.audit).await.context("audit store")?;
+    let audit = AuditLog::open_locked(&config.audit, audit_lock)
+        .await
+        .context("audit store")?;
     let evidence = match pinning.take_evidence() {
         Some(handles) => Some(
             Evidence::start(

@@ -294,8 +294,8 @@ fn unpin_removes_the_redirect() {
 /// replace the first one's programs, before the audit directory's lock
 /// stopped it, or run beside it with an audit directory of its own.)
 #[test]
-fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() {
-    if !privileged("a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything") {
+fn a_second_daemon_on_the_same_pins_cgroups_or_audit_directory_stops_before_changing_anything() {
+    if !privileged("a_second_daemon_on_the_same_pins_cgroups_or_audit_directory_stops_before_changing_anything") {
         return;
     }
     let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
@@ -361,11 +361,15 @@ fn a_second_daemon_on_the_same_pins_or_cgroups_stops_before_changing_anything() 
             &"audit directory is in use by another process".to_owned(),
         ),
     ] {
-        // Also unpins what it pinned in its own directory, if it got that
-        // far (the running daemon's pins refuse it).
-        let (started, err) = run_refused(&path);
+        let (started, err) = run_refused_keeping_pins(&path);
+        // Refused at a lock, it changed nothing: its own pin directory
+        // (never the running daemon's) holds no links.
+        let pinned_own = std::fs::read_dir(other_pins.join("links"))
+            .is_ok_and(|mut links| links.next().is_some());
+        unpin_after_refusal(&path);
         assert!(!started, "a second daemon started");
         assert!(err.contains(refusal.as_str()), "{err}");
+        assert!(!pinned_own, "{}: pinned before it was refused", path.display());
     }
     let _ = std::fs::remove_dir(&below);
     let _ = std::fs::remove_dir(&other_cgroup);
@@ -406,6 +410,13 @@ fn check_config(path: &std::path::Path) -> std::process::Output {
 /// start: whether it exited in success, and its stderr. A `run` still
 /// going after 30 s started on it: killed, and the test fails.
 fn run_refused(path: &std::path::Path) -> (bool, String) {
+    let refused = run_refused_keeping_pins(path);
+    unpin_after_refusal(path);
+    refused
+}
+
+/// [`run_refused`], leaving whatever it pinned before it stopped.
+fn run_refused_keeping_pins(path: &std::path::Path) -> (bool, String) {
     let mut child = Command::new(tollgate_tests::tollgate_bin())
         .args(["run", "--config"])
         .arg(path)
@@ -423,13 +434,16 @@ fn run_refused(path: &std::path::Path) -> (bool, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().expect("tollgate's output");
-    // A `run` that got as far as pinning before it stopped left its
-    // programs pinned: removed (best effort; the assertions report it).
+    (out.status.success(), stderr(&out))
+}
+
+/// A `run` that got as far as pinning before it stopped left its programs
+/// pinned: removed (best effort; the callers' assertions report it).
+fn unpin_after_refusal(path: &std::path::Path) {
     let _ = Command::new(tollgate_tests::tollgate_bin())
         .args(["unpin", "--config"])
         .arg(path)
         .output();
-    (out.status.success(), stderr(&out))
 }
 
 /// What `check-config` refused, `run` refuses at start, with the same line.

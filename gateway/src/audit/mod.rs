@@ -348,13 +348,38 @@ impl Future for Durable {
     }
 }
 
+/// The audit directory's lock (`{dir}/.lock`), held from
+/// [`AuditLog::lock`] until the store it is opened with stops.
+pub struct AuditDirLock {
+    file: std::fs::File,
+}
+
 impl AuditLog {
     /// Opens the store: removes unfinished files, rebuilds segments from
     /// WAL records not yet in a closed segment, continues the chain, and
     /// starts the background writer threads.
     pub async fn open(config: &AuditConfig) -> anyhow::Result<Self> {
+        Self::start(config, None).await
+    }
+
+    /// Takes the audit directory's lock alone, making its folders, so that
+    /// a daemon can stop at a directory another process holds before it
+    /// changes anything else (its pins): the store is then opened with
+    /// [`AuditLog::open_locked`].
+    pub fn lock(config: &AuditConfig) -> anyhow::Result<AuditDirLock> {
+        store::lock_directory(config).map(|file| AuditDirLock { file })
+    }
+
+    /// [`AuditLog::open`] on a directory whose lock is already held.
+    pub async fn open_locked(config: &AuditConfig, lock: AuditDirLock) -> anyhow::Result<Self> {
+        Self::start(config, Some(lock)).await
+    }
+
+    async fn start(config: &AuditConfig, lock: Option<AuditDirLock>) -> anyhow::Result<Self> {
         let cfg = config.clone();
-        let started = tokio::task::spawn_blocking(move || store::start(&cfg)).await??;
+        let started =
+            tokio::task::spawn_blocking(move || store::start(&cfg, lock.map(|lock| lock.file)))
+                .await??;
         Ok(AuditLog {
             tx: started.tx,
             inline: started.inline,

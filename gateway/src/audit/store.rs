@@ -177,14 +177,26 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Recovers the directory and starts both threads.
-pub(crate) fn start(cfg: &AuditConfig) -> anyhow::Result<Started> {
+/// The audit directory's lock, taken on its own before the store starts
+/// (see [`super::AuditLog::lock`]): makes the directory's folders and
+/// holds `{dir}/.lock`.
+pub(crate) fn lock_directory(cfg: &AuditConfig) -> anyhow::Result<fs::File> {
+    let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
+    for d in ["", "wal", "records", "checkpoints"] {
+        perms.ensure_dir(&cfg.dir.join(d))?;
+    }
+    lock_dir(&cfg.dir, &perms)
+}
+
+/// Recovers the directory and starts both threads; `lock` is the
+/// directory's lock when the caller took it already.
+pub(crate) fn start(cfg: &AuditConfig, lock: Option<fs::File>) -> anyhow::Result<Started> {
     let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
     let dir = cfg.dir.clone();
-    for d in ["", "wal", "records", "checkpoints"] {
-        perms.ensure_dir(&dir.join(d))?;
-    }
-    let lock = lock_dir(&dir, &perms)?;
+    let lock = match lock {
+        Some(lock) => lock,
+        None => lock_directory(cfg)?,
+    };
     let signer = Signer::load_or_generate(cfg, &perms)?;
     remove_tmp_files(&dir)?;
 
