@@ -332,6 +332,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         postgres_held_whole: Default::default(),
         postgres_parsing: Default::default(),
         postgres_named: Default::default(),
+        refusals: Default::default(),
         sessions: Default::default(),
     });
     // SIGTERM keeps its default action until the start is done: a start
@@ -346,6 +347,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     if let Some(path) = ready_file {
         std::fs::write(&path, b"ready\n").with_context(|| format!("write {}", path.display()))?;
     }
+    tokio::spawn(shared.clone().write_refusal_summaries());
     for (target, listener) in listeners {
         info!(target = %target.name, listen = %target.listen, address = %target.address, "serving");
         tokio::spawn(proxy::serve(target, listener, shared.clone()));
@@ -387,6 +389,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
             SESSIONS_END_WITHIN.as_secs()
         );
     }
+    shared.flush_refusal_summaries();
     if let Some(evidence) = evidence {
         evidence.shutdown().await;
     }

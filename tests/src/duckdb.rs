@@ -49,3 +49,34 @@ pub fn query(audit_dir: &Path, sql: &str) -> Result<Vec<Value>> {
         other => bail!("unexpected duckdb output {other}"),
     }
 }
+
+/// The fenced ```sql blocks of a Markdown file, each with the number of
+/// the `## N.` heading above it (0 before the first numbered heading).
+pub fn sql_blocks(markdown: &str) -> Vec<(u32, String)> {
+    let mut blocks = Vec::new();
+    let mut heading = 0;
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        if let Some(sql) = current.as_mut() {
+            if line.trim_start().starts_with("```") {
+                blocks.push((heading, current.take().unwrap_or_default()));
+            } else {
+                sql.push_str(line);
+                sql.push('\n');
+            }
+        } else if line.trim_start().starts_with("```sql") {
+            current = Some(String::new());
+        } else if let Some(rest) = line.strip_prefix("## ") {
+            if let Some(number) = rest.split('.').next().and_then(|n| n.parse().ok()) {
+                heading = number;
+            }
+        }
+    }
+    blocks
+}
+
+/// The queries of docs/queries.md (see [`sql_blocks`]).
+pub fn cookbook() -> Vec<(u32, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/queries.md");
+    sql_blocks(&std::fs::read_to_string(path).unwrap_or_default())
+}

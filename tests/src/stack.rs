@@ -78,16 +78,22 @@ impl Stack {
 
     /// [`Self::agent_login`] with the startup's user and database.
     pub fn agent_login_as(&self, user: &str, database: &str, password: &str) -> Result<Value> {
+        self.run_pg_login(&[user, database, password])
+    }
+
+    /// `count` raw logins with `password`, one after another, through the
+    /// agent cgroup: how many of each answer came (see
+    /// tests/python/pg_login.py).
+    pub fn agent_logins(&self, password: &str, count: usize) -> Result<Value> {
+        self.run_pg_login(&["agent", "orders", password, &count.to_string()])
+    }
+
+    fn run_pg_login(&self, args: &[&str]) -> Result<Value> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_login.py");
         let out = AgentCgroup::command(&self.gateway.config.agent_cgroup, &duckdb::python())
             .arg(script)
-            .args([
-                "127.0.0.1",
-                &self.postgres.port.to_string(),
-                user,
-                database,
-                password,
-            ])
+            .args(["127.0.0.1", &self.postgres.port.to_string()])
+            .args(args)
             .output()?;
         if !out.status.success() {
             bail!(

@@ -791,31 +791,6 @@ fn run_duckdb(statements: &[String]) -> Result<Vec<Value>> {
     }
 }
 
-/// The fenced ```sql blocks of a Markdown file, each with the number of
-/// the `## N.` heading above it (0 before the first numbered heading).
-fn sql_blocks(markdown: &str) -> Vec<(u32, String)> {
-    let mut blocks = Vec::new();
-    let mut heading = 0;
-    let mut current: Option<String> = None;
-    for line in markdown.lines() {
-        if let Some(sql) = current.as_mut() {
-            if line.trim_start().starts_with("```") {
-                blocks.push((heading, current.take().unwrap_or_default()));
-            } else {
-                sql.push_str(line);
-                sql.push('\n');
-            }
-        } else if line.trim_start().starts_with("```sql") {
-            current = Some(String::new());
-        } else if let Some(rest) = line.strip_prefix("## ") {
-            if let Some(number) = rest.split('.').next().and_then(|n| n.parse().ok()) {
-                heading = number;
-            }
-        }
-    }
-    blocks
-}
-
 /// The rows answered by the query under heading `n`.
 fn answer_of<'a>(blocks: &[(u32, String)], answers: &'a [Value], n: u32) -> &'a Vec<Value> {
     let i = blocks
@@ -963,7 +938,7 @@ fn every_query_in_the_duckdb_cookbook_answers_from_a_real_audit() {
 
     let doc = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/queries.md"))
         .expect("read docs/queries.md");
-    let blocks = sql_blocks(&doc);
+    let blocks = tollgate_tests::duckdb::sql_blocks(&doc);
     let substitute = |sql: &str| {
         sql.replace(DOC_AUDIT_DIR, &dir)
             .replace(DOC_SESSION, &session_uid)
@@ -1196,6 +1171,18 @@ fn every_query_in_the_duckdb_cookbook_answers_from_a_real_audit() {
                 .collect();
                 assert_eq!(per, want, "query 7: {got:?}");
                 assert_eq!(got[0]["actor_user_name"], "analyst-a", "most rows first");
+            }
+            // Refused logins per source, summaries counted: the one
+            // expired token, from the agent cgroup.
+            8 if got.first().is_some_and(|r| r.get("refusals").is_some()) => {
+                assert_eq!(got.len(), 1, "query 8, per source: {got:?}");
+                assert_eq!(got[0]["refusals"], 1, "{got:?}");
+                assert!(
+                    got[0]["source"]
+                        .as_str()
+                        .is_some_and(|s| s.parse::<i64>().is_ok()),
+                    "the source is the agent cgroup's id: {got:?}"
+                );
             }
             // The expired token, with the process that presented it.
             8 => {

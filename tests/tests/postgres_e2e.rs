@@ -207,6 +207,93 @@ fn refused_tokens_get_sqlstate_28000_and_each_refusal_is_audited() {
     assert_eq!(last, Some(serde_json::json!("psql")));
 }
 
+/// A loop of bad logins cannot fill the audit disk: past a source's
+/// limit its refusals are counted into summary rows instead of written
+/// one by one, every one of them is in a row or a count, each client is
+/// still refused with its error, and an agent with a good token logs in
+/// meanwhile.
+#[test]
+fn a_flood_of_refused_logins_is_counted_into_summaries_and_every_refusal_is_accounted_for() {
+    if !privileged(
+        "a_flood_of_refused_logins_is_counted_into_summaries_and_every_refusal_is_accounted_for",
+    ) {
+        return;
+    }
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    // Well past one source's burst of refusals written one by one (100).
+    let flood = 400;
+    let answer = stack
+        .agent_logins("not-a-token", flood)
+        .expect("raw logins");
+    assert_eq!(answer["outcomes"]["28000"], flood, "{answer}");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
+    let out = stack
+        .agent_psql(&token, "SELECT 41 + 1")
+        .output()
+        .expect("run psql");
+    assert_eq!(stdout(&out), "42", "{}", stderr(&out));
+    // The last counts are written as the daemon stops.
+    stack.gateway.stop();
+
+    let refusals = |condition: &str| {
+        tollgate_tests::duckdb::query(
+            stack.gateway.audit_dir(),
+            &format!(
+                "SELECT * FROM audit WHERE class_uid = 3002 AND phase = 'refusal' AND {condition}"
+            ),
+        )
+        .expect("query the audit")
+    };
+    let one_by_one = refusals("status_detail LIKE 'malformed:%'");
+    let summaries = refusals("status_detail LIKE 'refusals_summarized:%'");
+    let counted: u64 = summaries
+        .iter()
+        .map(|row| {
+            let unmapped: serde_json::Value =
+                serde_json::from_str(row["unmapped"].as_str().unwrap_or_default())
+                    .expect("a summary's unmapped is JSON");
+            let counts = &unmapped["refusals_summarized"];
+            assert_eq!(counts["by_code"]["malformed"], counts["count"], "{row}");
+            counts["count"].as_u64().expect("a count")
+        })
+        .sum();
+    // docs/queries.md's count of refused logins per source, summaries
+    // included, finds them all.
+    let (_, per_source) = tollgate_tests::duckdb::cookbook()
+        .into_iter()
+        .find(|(n, sql)| *n == 8 && sql.contains("refusals_summarized"))
+        .expect("query 8 of docs/queries.md counts refusals per source");
+    let per_source = tollgate_tests::duckdb::query(stack.gateway.audit_dir(), &per_source)
+        .expect("query 8, per source");
+    assert_eq!(per_source.len(), 1, "one source: {per_source:?}");
+    assert_eq!(per_source[0]["refusals"], flood, "{per_source:?}");
+    eprintln!(
+        "{flood} refused logins: {} rows one by one, {counted} counted in {} summaries",
+        one_by_one.len(),
+        summaries.len()
+    );
+    assert!(!summaries.is_empty(), "no summary row");
+    assert!(
+        one_by_one.len() < flood,
+        "all {flood} refusals written one by one"
+    );
+    assert_eq!(
+        one_by_one.len() as u64 + counted,
+        flood as u64,
+        "{} rows and {counted} counted",
+        one_by_one.len()
+    );
+    for row in &summaries {
+        assert_eq!(row["action_id"], 2, "{row}");
+        assert!(
+            row["actor_process_cgroup_id"].as_i64().is_some(),
+            "a summary names the source cgroup: {row}"
+        );
+    }
+    let (ok, report) = stack.gateway.verify_audit().expect("run verify");
+    assert!(ok, "{report}");
+}
+
 #[test]
 fn with_tollgate_killed_agents_are_refused_and_never_reach_postgres_directly() {
     if !privileged("with_tollgate_killed_agents_are_refused_and_never_reach_postgres_directly") {
@@ -285,14 +372,15 @@ fn unpin_removes_the_redirect() {
     assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
 }
 
-/// A second daemon started on the pins or an agent cgroup of a running
-/// one (or a cgroup above or below one of its agent cgroups) stops before
-/// it changes anything: the running one's redirect still points at its
-/// own listeners, and its agents are served. One on its audit directory
-/// stops at the store's lock. `unpin` refuses a running daemon's pins. (A
-/// second daemon used to point the pinned redirect at its own ports, and
-/// replace the first one's programs, before the audit directory's lock
-/// stopped it, or run beside it with an audit directory of its own.)
+/// A second daemon started on the pins, an agent cgroup or the audit
+/// directory of a running one (or on a cgroup above or below one of its
+/// agent cgroups) stops before it changes anything: it pins nothing, the
+/// running one's redirect still points at its own listeners, and its
+/// agents are served. `unpin` refuses a running daemon's pins. (A second
+/// daemon used to point the pinned redirect at its own ports, and replace
+/// the first one's programs, before the audit directory's lock stopped
+/// it, or run beside it with an audit directory of its own; one on the
+/// same audit directory alone used to pin its own cgroups first.)
 #[test]
 fn a_second_daemon_on_the_same_pins_cgroups_or_audit_directory_stops_before_changing_anything() {
     if !privileged("a_second_daemon_on_the_same_pins_cgroups_or_audit_directory_stops_before_changing_anything") {

@@ -14,6 +14,7 @@
 
 pub mod budget;
 pub mod postgres;
+pub mod refusals;
 pub mod tls;
 
 use std::{
@@ -27,7 +28,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn, Instrument};
 
 use crate::{
-    audit::{record, AuditLog, AuditRecord},
+    audit::{record, AuditError, AuditLog, AuditRecord},
     config::{Protocol, TargetConfig},
     identity::{IdentityError, Principal, Verifier},
     pin::{ClientOrigin, Pinning},
@@ -64,6 +65,9 @@ pub struct Shared {
     pub postgres_named: postgres::NamedBudget,
     /// The sessions running, and whether the daemon is stopping them.
     pub sessions: Sessions,
+    /// Which refusals of unauthenticated connections are written one by
+    /// one, and the counts of the others.
+    pub refusals: refusals::RefusalLimiter,
 }
 
 impl Shared {
@@ -71,6 +75,49 @@ impl Shared {
     pub fn session_started(self: &Arc<Self>) -> RunningSession {
         self.sessions.live.send_modify(|n| *n += 1);
         RunningSession(self.clone())
+    }
+
+    /// Writes the refusal `record` with the next sync, unless it is of a
+    /// connection nobody authenticated past its source's limit: then it is
+    /// counted into the source's summary (see [`refusals`]).
+    pub fn submit_refusal(&self, record: AuditRecord) {
+        if self.written_one_by_one(&record) {
+            drop(self.audit.submit_lazy(record));
+        }
+    }
+
+    /// Makes the refusal `record` durable, or counts it as
+    /// [`Shared::submit_refusal`] does.
+    pub async fn append_refusal(&self, record: AuditRecord) -> Result<(), AuditError> {
+        if self.written_one_by_one(&record) {
+            self.audit.append(record).await?;
+        }
+        Ok(())
+    }
+
+    fn written_one_by_one(&self, record: &AuditRecord) -> bool {
+        // A verified identity's refusals are accountable: always written.
+        !record.actor_user_uid.is_empty() || self.refusals.admit(record)
+    }
+
+    /// Writes the summaries of counted refusals every
+    /// [`refusals::SUMMARY_EVERY`] until the daemon stops its sessions
+    /// (it writes the last ones itself, once they have ended).
+    pub async fn write_refusal_summaries(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(refusals::SUMMARY_EVERY) => self.flush_refusal_summaries(),
+                () = self.sessions.stopping() => return,
+            }
+        }
+    }
+
+    /// Writes the summaries of the refusals counted so far.
+    pub fn flush_refusal_summaries(&self) {
+        for summary in self.refusals.take_summaries(now_millis()) {
+            warn!(detail = %summary.status_detail, "refusals summarized");
+            drop(self.audit.submit_lazy(summary));
+        }
     }
 }
 

@@ -83,7 +83,7 @@ pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, sh
             connection.target.config.max_connections
         ),
     );
-    drop(shared.audit.submit_lazy(record));
+    shared.submit_refusal(record);
     fatal(
         &mut client,
         SQLSTATE_TOO_MANY_CONNECTIONS,
@@ -154,7 +154,7 @@ async fn serve(
                 // the client is refused either way): it rides with the
                 // next sync, and a store that cannot write it says so.
                 let record = connection.login_refused(None, "protocol", &reason);
-                drop(shared.audit.submit_lazy(record));
+                shared.submit_refusal(record);
                 fatal(
                     &mut client,
                     SQLSTATE_PROTOCOL,
@@ -184,7 +184,7 @@ async fn serve(
                         };
                     // On record as any refused startup (see above).
                     let record = connection.login_refused(None, "protocol", &reason);
-                    drop(shared.audit.submit_lazy(record));
+                    shared.submit_refusal(record);
                     return Err(WireError::Malformed(reason));
                 }
                 // Without a certificate TLS is declined; the client goes on
@@ -302,7 +302,7 @@ async fn serve(
                 _ => "the client closed the connection at the password prompt".into(),
             };
             record.status_detail.push_str(&format!(" ({how})"));
-            if let Err(err) = shared.audit.append(stamp(record)).await {
+            if let Err(err) = shared.append_refusal(stamp(record)).await {
                 warn!(error = %err, "a refused login could not be audited");
             }
             return Err(err);
@@ -451,7 +451,7 @@ async fn refuse_login<W: tokio::io::AsyncWrite + Unpin>(
     sqlstate: &str,
     message: &str,
 ) {
-    if let Err(err) = shared.audit.append(record).await {
+    if let Err(err) = shared.append_refusal(record).await {
         warn!(error = %err, "a refused login could not be audited");
     }
     fatal(client, sqlstate, message).await;
@@ -576,7 +576,7 @@ fn refuse_cancel(connection: &Connection, shared: &Shared, code: &str, detail: &
     record.status_id = crate::audit::record::status::FAILURE;
     record.action_id = crate::audit::record::action::DENIED;
     record.status_detail = format!("{code}: cancel request not forwarded: {detail}");
-    drop(shared.audit.submit_lazy(record));
+    shared.submit_refusal(record);
 }
 
 /// The Datastore Activity "connect" record of an upstream connection
