@@ -322,6 +322,15 @@ impl Config {
     }
 
     /// The destinations the kernel redirects, each to its listener.
+    /// The ports no agent may bind: every target's listener and own port
+    /// (`pin::ports::guarded_ports`) and the identity provider's ports on
+    /// this host ([`IdentityConfig::local_ports`]).
+    pub fn guarded_ports(&self) -> std::collections::BTreeSet<u16> {
+        let mut ports = crate::pin::ports::guarded_ports(&self.protected());
+        ports.extend(self.identity.local_ports());
+        ports
+    }
+
     pub fn protected(&self) -> Vec<crate::pin::Protected> {
         self.targets
             .iter()
@@ -476,6 +485,19 @@ impl Config {
             return Err((
                 "target".into(),
                 format!("at most {redirect_entries} targets"),
+            ));
+        }
+        // The targets' two ports each always fit (see the assertion
+        // below); the identity provider's on this host may not.
+        let port_entries = gateway_common::LISTENER_PORT_ENTRIES as usize;
+        let guarded = self.guarded_ports().len();
+        if guarded > port_entries {
+            return Err((
+                "identity".into(),
+                format!(
+                    "{guarded} ports to keep from agents (the targets' and listeners', and the identity \
+                     provider's on this host), more than the {port_entries} the kernel's map holds"
+                ),
             ));
         }
         let mut names = HashSet::new();

@@ -300,7 +300,8 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     }
     // As locked: the cgroups resolved, so that what is checked and pinned
     // is the cgroup itself, not a symlink's directory.
-    let mut pinning = Pinning::install(&pin_lock, &protected, &egress).context("pinning")?;
+    let mut pinning = Pinning::install(&pin_lock, &protected, &config.guarded_ports(), &egress)
+        .context("pinning")?;
 
     let verifier = Verifier::from_config(&config.identity)
         .await

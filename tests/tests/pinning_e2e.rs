@@ -942,6 +942,26 @@ fn an_agent_cannot_take_the_port_of_a_target_at_this_hosts_own_address() {
     assert_eq!(agent["outcome"], "bound", "0.0.0.0:{other}: {agent}");
 }
 
+/// The development IdP serves its keys over plain http on loopback: an
+/// agent that took its port while it was down would answer tollgate's next
+/// key fetch with keys of its own, and mint tokens for anyone. The key
+/// source's port on this host is kept from agents as the listeners' is
+/// (the IdP holds it now: EADDRINUSE otherwise, EPERM is the bind
+/// program's).
+#[test]
+fn an_agent_cannot_take_the_port_of_the_identity_provider_on_this_host() {
+    if !privileged("an_agent_cannot_take_the_port_of_the_identity_provider_on_this_host") {
+        return;
+    }
+    let stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let port = stack.idp.listen.port().to_string();
+    for host in ["127.0.0.1", "0.0.0.0"] {
+        let answer = as_agent(&stack, &["listen", host, &port]);
+        assert_eq!(answer["outcome"], "denied", "{host}:{port}: {answer}");
+        assert_eq!(answer["errno"], libc::EPERM, "{host}:{port}: {answer}");
+    }
+}
+
 /// An agent's `SELECT 41 + 1` through tollgate is answered: redirected,
 /// logged in with a token, relayed.
 fn agent_query_is_answered(stack: &Stack) {

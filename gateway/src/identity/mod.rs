@@ -181,6 +181,43 @@ fn default_max_stale() -> u64 {
     3 * 86_400
 }
 
+impl IdentityConfig {
+    /// The ports of the identity provider's URLs (keys, metadata, Graph
+    /// and its token endpoint) that are on this host. An agent that held
+    /// one while the service behind it is down (the development IdP is
+    /// plain http on loopback) would answer tollgate's next key fetch with
+    /// keys of its own, and mint tokens for anyone: these ports are kept
+    /// from agents as the listeners' are (`pin::ports`).
+    pub fn local_ports(&self) -> BTreeSet<u16> {
+        let graph = self.graph.iter().flat_map(|g| [&g.endpoint, &g.authority]);
+        self.jwks_uri
+            .iter()
+            .chain(&self.discovery_uri)
+            .chain(graph)
+            .filter_map(|url| reqwest::Url::parse(url).ok())
+            .filter(|url| {
+                let host = url.host_str().unwrap_or_default();
+                match host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                {
+                    Ok(ip) => {
+                        let ip = ip.to_canonical();
+                        ip.is_loopback() || ip.is_unspecified()
+                    }
+                    Err(_) => {
+                        let name = host.trim_end_matches('.').to_ascii_lowercase();
+                        name == "localhost" || name.ends_with(".localhost")
+                    }
+                }
+            })
+            .filter_map(|url| url.port_or_known_default())
+            .filter(|&port| port != 0)
+            .collect()
+    }
+}
+
 /// Audiences of Microsoft Graph (and the retired Azure AD Graph) in every
 /// cloud. Their tokens are not meant for third parties to validate; one
 /// presented to tollgate is a token for someone else (confused deputy).
@@ -574,6 +611,17 @@ impl Settings {
                 c.jwks_max_stale_secs,
                 JWKS_MAX_STALE_SECS.start(),
                 JWKS_MAX_STALE_SECS.end()
+            );
+        }
+        // Stale keys are refreshed on demand at most once per
+        // jwks_min_refresh_secs: keys that went stale sooner would refuse
+        // every login until the next refresh was allowed.
+        if c.jwks_max_stale_secs < c.jwks_min_refresh_secs {
+            bail!(
+                "identity.jwks_max_stale_secs: {} is less than jwks_min_refresh_secs ({}): keys would go \
+                 stale before tollgate may fetch them again, and logins be refused meanwhile",
+                c.jwks_max_stale_secs,
+                c.jwks_min_refresh_secs
             );
         }
         if c.session_grace_secs > MAX_SESSION_GRACE_SECS {

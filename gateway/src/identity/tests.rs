@@ -552,6 +552,28 @@ async fn timing_settings_out_of_range_are_refused_at_start() {
         assert!(err.contains("allowed"), "{err}");
     }
 
+    // Keys that go stale before tollgate may fetch them again.
+    let c = file_config(
+        dir.path(),
+        "jwks_min_refresh_secs = 60\njwks_max_stale_secs = 30",
+    );
+    let err = Verifier::from_config(&c)
+        .await
+        .err()
+        .expect("max stale under min refresh accepted")
+        .to_string();
+    assert!(
+        err.starts_with("identity.jwks_max_stale_secs: 30 is less than jwks_min_refresh_secs (60)"),
+        "{err}"
+    );
+    let c = file_config(
+        dir.path(),
+        "jwks_min_refresh_secs = 60\njwks_max_stale_secs = 60",
+    );
+    Verifier::from_config(&c)
+        .await
+        .expect("max stale equal to min refresh");
+
     // The bounds themselves are accepted, and the grace is added as given.
     let (_d, ring, v) = setup("jwks_refresh_secs = 604800\nsession_grace_secs = 86400").await;
     let token = spec().mint(ring.signing_key()).expect("mint");
@@ -713,4 +735,40 @@ async fn a_key_file_others_could_write_is_not_trusted() {
     std::os::unix::fs::symlink(dir.path(), &linked_dir).expect("symlink the directory");
     Verifier::check(&at(&linked_dir.join("jwks.json")))
         .expect("a symlinked directory leading to a safe one");
+}
+
+/// The identity provider's URLs on this host name ports agents may not
+/// bind; those elsewhere do not.
+#[test]
+fn the_identity_providers_ports_on_this_host_are_named_for_guarding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = file_config(dir.path(), "");
+    c.jwks_file = None;
+    for (uri, want) in [
+        ("http://127.0.0.1:8950/keys", Some(8950)),
+        ("http://localhost:8951/keys", Some(8951)),
+        ("http://LocalHost.:8952/keys", Some(8952)),
+        ("http://[::1]:8953/keys", Some(8953)),
+        ("http://[::ffff:127.0.0.1]:8954/keys", Some(8954)),
+        ("http://0.0.0.0:8955/keys", Some(8955)),
+        ("http://127.0.0.2/keys", Some(80)),
+        (
+            "https://login.microsoftonline.com/common/discovery/v2.0/keys",
+            None,
+        ),
+        ("https://10.0.0.1:8956/keys", None),
+    ] {
+        c.jwks_uri = Some(uri.into());
+        let got: Vec<u16> = c.local_ports().into_iter().collect();
+        assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "{uri}");
+    }
+    c.jwks_uri = None;
+    c.discovery_uri = Some("http://127.0.0.1:8960/.well-known/openid-configuration".into());
+    c.graph = Some(GraphConfig {
+        endpoint: "http://127.0.0.1:8961".into(),
+        authority: "http://localhost:8962".into(),
+        ..serde_json::from_value(serde_json::json!({"client_id": "x"})).expect("graph config")
+    });
+    let got: Vec<u16> = c.local_ports().into_iter().collect();
+    assert_eq!(got, vec![8960, 8961, 8962]);
 }

@@ -416,10 +416,16 @@ fn lock_dir(dir: &Path, how: libc::c_int, what: &str) -> Result<fs::File> {
 impl Pinning {
     /// Loads the programs, attaches them to every agent cgroup (created if
     /// missing), pins everything under `pin_dir` and makes the redirect map
-    /// hold exactly `protected` and the listener port map exactly the ports
-    /// agents may not bind (their listeners' and the targets' own, see
-    /// `ports::guarded_ports`).
-    pub fn install(lock: &PinLock, protected: &[Protected], egress: &EgressPolicy) -> Result<Self> {
+    /// hold exactly `protected` and the listener port map exactly
+    /// `guarded`, the ports agents may not bind (their listeners', the
+    /// targets' own and the identity provider's on this host, see
+    /// `Config::guarded_ports`).
+    pub fn install(
+        lock: &PinLock,
+        protected: &[Protected],
+        guarded: &BTreeSet<u16>,
+        egress: &EgressPolicy,
+    ) -> Result<Self> {
         // The lock made the pin directory, checked who owns it, made the
         // agent cgroups and found them under the cgroup2 mount.
         let (pin_dir, agent_cgroups) = (&lock.pin_dir, &lock.agent_cgroups);
@@ -505,9 +511,8 @@ impl Pinning {
         sync_protected_addresses(&mut protected_addresses, protected)?;
         let mut listener_port_map: BpfHashMap<MapData, u32, u32> =
             take_map(&mut ebpf, map_names::LISTENER_PORTS)?;
-        let guarded = ports::guarded_ports(protected);
-        sync_listener_ports(&mut listener_port_map, &guarded)?;
-        ports::warn_if_handed_out_by_the_kernel(&guarded);
+        sync_listener_ports(&mut listener_port_map, guarded)?;
+        ports::warn_if_handed_out_by_the_kernel(guarded);
         sync_egress(&mut ebpf, egress)?;
 
         // Evidence first: from here on every TCP connect on the host is on
@@ -892,7 +897,7 @@ fn sync_listener_ports(
 ) -> Result<()> {
     let entries: Vec<(u32, u32)> = wanted.iter().map(|port| (u32::from(*port), 1)).collect();
     sync_map(map, map_names::LISTENER_PORTS, &entries)?;
-    info!(ports = ?wanted, "listener and target ports closed to binds from agent cgroups");
+    info!(ports = ?wanted, "listener, target and identity provider ports closed to binds from agent cgroups");
     Ok(())
 }
 
