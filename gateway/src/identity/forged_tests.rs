@@ -111,9 +111,27 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
     let kid = key.kid.as_str();
     let ec = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("ec key");
     // Publish the EC key too, so ES256 is refused for the alg, not the kid.
+    // Keys published for one issuer, as Entra's multi-tenant key sets name
+    // them: one for every tenant (the placeholder), one for another tenant
+    // only.
+    let for_every_tenant = DevKey::generate().expect("key");
+    let for_other_tenant = DevKey::generate().expect("key");
+    let with_issuer = |key: &DevKey, issuer: &str| {
+        let mut jwk = key.jwk();
+        jwk["issuer"] = json!(issuer);
+        jwk
+    };
     let mut jwks = ring.jwks();
     if let Some(keys) = jwks.get_mut("keys").and_then(Value::as_array_mut) {
         keys.push(ec_jwk(&ec, "ec-1"));
+        keys.push(with_issuer(
+            &for_every_tenant,
+            "https://login.microsoftonline.com/{tenantid}/v2.0",
+        ));
+        keys.push(with_issuer(
+            &for_other_tenant,
+            &format!("https://login.microsoftonline.com/{OTHER_TID}/v2.0"),
+        ));
     }
     std::fs::write(dir.join("jwks.json"), jwks.to_string()).expect("write jwks");
 
@@ -127,6 +145,11 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
     // below would prove nothing.
     let controls = [
         ("baseline", "", rs256(key, &h, &good)),
+        (
+            "a key whose issuer names every tenant",
+            "",
+            rs256(&for_every_tenant, &header(&for_every_tenant.kid), &good),
+        ),
         (
             "ps256 when allowed",
             "allowed_algorithms = [\"RS256\", \"PS256\"]",
@@ -200,6 +223,14 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
     );
 
     let cases = vec![
+        Case {
+            // Storm-0558's shape: a key meant for another issuer signing
+            // for this tenant.
+            name: "a key published for another tenant's issuer",
+            config: "",
+            token: rs256(&for_other_tenant, &header(&for_other_tenant.kid), &good),
+            code: "key_issuer_mismatch",
+        },
         Case {
             name: "alg none, no signature",
             config: "",

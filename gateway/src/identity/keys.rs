@@ -47,6 +47,10 @@ pub struct KeyEntry {
     pub key: DecodingKey,
     /// The JWK's `alg`, when it names one: the token must then use exactly it.
     pub alg: Option<Algorithm>,
+    /// The JWK's `issuer`, when it names one (Entra's multi-tenant key sets
+    /// do, with a `{tenantid}` placeholder): the token's `iss` must then be
+    /// it, with the token's tenant in the placeholder.
+    pub issuer: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -453,7 +457,17 @@ pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoad
                 continue;
             }
         };
-        out.insert(kid.to_string(), Arc::new(KeyEntry { key, alg }));
+        // An `issuer` that is not a string cannot be honoured: the key is
+        // not used, rather than used for every issuer.
+        let issuer = match k.get("issuer") {
+            None => None,
+            Some(Value::String(issuer)) => Some(issuer.clone()),
+            Some(_) => {
+                tracing::debug!(kid, "skipping a JWK whose issuer is not a string");
+                continue;
+            }
+        };
+        out.insert(kid.to_string(), Arc::new(KeyEntry { key, alg, issuer }));
     }
     Ok(out)
 }

@@ -333,6 +333,8 @@ pub enum IdentityError {
     BadIssuer(String),
     #[error("issuer {iss} does not belong to tenant {tid}")]
     IssuerTenantMismatch { iss: String, tid: String },
+    #[error("issuer {iss} is not the issuer the signing key is for ({key_issuer})")]
+    KeyIssuerMismatch { iss: String, key_issuer: String },
     #[error("v{0} tokens are not accepted")]
     VersionNotAccepted(u8),
     #[error("tenant {0} is not allowed")]
@@ -392,6 +394,7 @@ impl IdentityError {
             BadClaimType(_) => "bad_claim_type",
             BadIssuer(_) => "bad_issuer",
             IssuerTenantMismatch { .. } => "issuer_tenant_mismatch",
+            KeyIssuerMismatch { .. } => "key_issuer_mismatch",
             VersionNotAccepted(_) => "version_not_accepted",
             TenantNotAllowed(_) => "tenant_not_allowed",
             BadAudience(_) => "bad_audience",
@@ -927,6 +930,19 @@ impl Verifier {
         let version = self.issuer_version(iss, &tid)?;
         if !s.versions.contains(&version) {
             return Err(IdentityError::VersionNotAccepted(version));
+        }
+        // A key Entra publishes for one issuer (its multi-tenant key sets
+        // name it per key) signs for that issuer only, as Microsoft's
+        // validation rules require: a key of another tenant or cloud cannot
+        // vouch for this one's tokens.
+        if let Some(key_issuer) = &entry.issuer {
+            let expected = key_issuer.replace("{tenantid}", &tid);
+            if !iss.eq_ignore_ascii_case(&expected) {
+                return Err(IdentityError::KeyIssuerMismatch {
+                    iss: clip(iss),
+                    key_issuer: clip(key_issuer),
+                });
+            }
         }
 
         let aud = c.str("aud")?;
