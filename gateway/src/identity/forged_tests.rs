@@ -713,6 +713,20 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             code: "groups_overage",
         },
         Case {
+            // Whoever holds the Graph lookup's secret can get a token for
+            // tollgate as tollgate itself (client credentials).
+            name: "a token of tollgate's own application",
+            config: graph_unreachable,
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("azp".into(), json!("tollgate"));
+                }),
+            ),
+            code: "own_application",
+        },
+        Case {
             name: "group overage and Graph unreachable",
             config: graph_unreachable,
             token: rs256(

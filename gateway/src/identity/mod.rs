@@ -129,7 +129,8 @@ pub struct RoleRule {
     /// App role values (the `roles` claim).
     #[serde(default)]
     pub app_roles: Vec<String>,
-    /// Client application ids (azp/appid).
+    /// Client application ids (azp/appid) of app-only tokens: the
+    /// application itself, not a user signed in through it.
     #[serde(default)]
     pub apps: Vec<String>,
     /// Caller object ids (oid).
@@ -345,6 +346,8 @@ pub enum IdentityError {
     GraphAudience(String),
     #[error("app-only token (idtyp=app) carries delegated scopes")]
     InconsistentKind,
+    #[error("the token was issued to tollgate's own application (identity.graph.client_id), which is no agent")]
+    OwnApplication,
     #[error(
         "caller has too many groups for the token (overage) and no Graph lookup is configured"
     )]
@@ -400,6 +403,7 @@ impl IdentityError {
             BadAudience(_) => "bad_audience",
             GraphAudience(_) => "graph_audience",
             InconsistentKind => "inconsistent_kind",
+            OwnApplication => "own_application",
             GroupsOverage => "groups_overage",
             GroupsLookupFailed(_) => "groups_lookup_failed",
         }
@@ -486,6 +490,9 @@ struct Settings {
     session_grace: i64,
     required_scopes: Vec<String>,
     app_tokens_need_a_role: bool,
+    /// tollgate's own client id (the Graph lookup's): whoever holds its
+    /// secret could get a token for tollgate as tollgate itself.
+    own_client_id: Option<String>,
 }
 
 /// Bounds of `jwks_refresh_secs`. Withdrawn keys stay trusted until the
@@ -649,6 +656,7 @@ impl Settings {
             refresh_every: Duration::from_secs(c.jwks_refresh_secs),
             max_stale: Duration::from_secs(c.jwks_max_stale_secs),
             required_scopes: c.required_scopes.clone(),
+            own_client_id: c.graph.as_ref().map(|g| g.client_id.clone()),
             app_tokens_need_a_role: c.app_tokens_need_a_role,
             session_grace: i64::try_from(c.session_grace_secs)
                 .context("identity.session_grace_secs")?,
@@ -965,6 +973,12 @@ impl Verifier {
                 }))
             }
         };
+        if s.own_client_id
+            .as_deref()
+            .is_some_and(|own| own.eq_ignore_ascii_case(&app_id))
+        {
+            return Err(IdentityError::OwnApplication);
+        }
         let scopes: Vec<String> = c
             .opt_str("scp")?
             .map(|s| s.split_whitespace().map(str::to_owned).collect())
@@ -1100,7 +1114,12 @@ fn map_roles(rules: &BTreeMap<String, RoleRule>, home_tenant: &str, p: &Principa
                 || (tenant_bound_match
                     // App role values are case-sensitive strings defined by us.
                     && (r.app_roles.iter().any(|ar| p.roles.contains(ar))
-                        || r.apps.iter().any(|a| eq(a, &p.app_id))))
+                        // The application itself, not whoever signs in
+                        // through it: in a delegated token azp is the client
+                        // the user signed in with (a public client such as
+                        // the Azure CLI serves every user of the tenant).
+                        || (p.kind == PrincipalKind::App
+                            && r.apps.iter().any(|a| eq(a, &p.app_id)))))
         })
         .map(|(name, _)| name.clone())
         .collect()

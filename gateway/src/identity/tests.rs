@@ -341,6 +341,18 @@ app_roles = ["tollgate.write"]
     .expect("mint");
     let p = v.verify(&t).await.expect("accepted");
     assert_eq!(p.tollgate_roles, vec!["ci"]);
+    // A user signed in through that client application is not the
+    // application: `apps` does not match a delegated token.
+    let t = TokenSpec {
+        oid: "99999999-2222-4333-8444-555555555555".into(),
+        app_id: "c1c1c1c1-0000-4000-8000-000000000003".into(),
+        kind: TokenKind::User,
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v.verify(&t).await.expect("accepted");
+    assert!(p.tollgate_roles.is_empty(), "{:?}", p.tollgate_roles);
 
     let t = TokenSpec {
         oid: "99999999-2222-4333-8444-555555555555".into(),
