@@ -2329,6 +2329,52 @@ fn text_behind_an_unsynced_settings_change_is_refused_when_it_could_read_otherwi
         .expect("the refusal is on record");
 }
 
+/// The server plans a statement at its Bind, and folds an immutable
+/// function of constants then: one that turns standard_conforming_strings
+/// off for the rest of the transaction (set_config's is_local, which the
+/// server never reports) changes how the server reads a Query sent behind
+/// a Parse and Bind with no Execute, before any Sync. That Query is
+/// refused as after an Execute; the table never exists.
+#[test]
+fn text_behind_a_bind_that_may_change_settings_is_refused_when_it_could_read_otherwise() {
+    let Some((stack, token)) = start(
+        "text_behind_a_bind_that_may_change_settings_is_refused_when_it_could_read_otherwise",
+    ) else {
+        return;
+    };
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION plain_backslashes_when_planned() RETURNS text LANGUAGE sql IMMUTABLE \
+             AS $$ SELECT set_config('standard_conforming_strings', 'off', true) $$",
+        )
+        .expect("create the function");
+    let hidden = r"SELECT 'a\', ' ; CREATE TABLE pwned_at_bind (x int); --'";
+    let answers = raw_protocol_json(
+        &stack,
+        "pg_pipeline.py",
+        &token,
+        &[
+            "--bound-first",
+            "SELECT plain_backslashes_when_planned()",
+            hidden,
+        ],
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "orders",
+                "SELECT to_regclass('public.pwned_at_bind') IS NULL"
+            )
+            .expect("look for the table"),
+        "t",
+        "the server read a second statement out of the Query: {answers}"
+    );
+    assert!(has_error(&answers, "42501", "encoding:unsure"), "{answers}");
+}
+
 /// Unqualified names are classified as `public.x`, so the server must
 /// resolve them there: tollgate logs in with `search_path = public`, above
 /// a role default that puts another schema first.

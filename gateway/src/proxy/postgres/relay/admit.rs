@@ -283,8 +283,9 @@ pub(super) async fn refusal_before_execute(
 }
 
 /// The refusal of a statement the server may read otherwise than tollgate
-/// did: it comes, in one pipeline, after an Execute of a statement that
-/// calls a function tollgate cannot look into, before that pipeline's
+/// did: it comes, in one pipeline, after a Bind or Execute of a statement
+/// that calls a function tollgate cannot look into (planning at the Bind
+/// evaluates immutable functions of constants), before that pipeline's
 /// Sync. Such a function may change standard_conforming_strings or
 /// client_encoding with `set_config`, which the server reports only at the
 /// Sync (PostgreSQL 14 and later), after it has read what came between.
@@ -306,7 +307,7 @@ pub(super) async fn refusal_while_reading_unsure(session: &Session, text: &str) 
             &operations,
             "encoding:unsure",
             "a statement with a backslash or non-ASCII text may not follow, before a Sync, \
-             an Execute that runs code tollgate cannot look into (a function, FETCH, EXECUTE, \
+             a Bind or Execute of code tollgate cannot look into (a function, FETCH, EXECUTE, \
              CALL: it may change how the server reads text, which the server reports only at \
              the Sync): send a Sync first",
         )

@@ -120,9 +120,10 @@ struct FromClient {
     ///   match tollgate's requests, and masking would be planned against
     ///   the wrong statement.
     answer_barrier: Option<u64>,
-    /// An Execute since the last Sync may change settings unseen (the
-    /// encoding, standard_conforming_strings): the Sync becomes the
-    /// barrier, since the server reports the change there.
+    /// A Bind or Execute since the last Sync may change settings unseen
+    /// (the encoding, standard_conforming_strings; a Bind by what planning
+    /// evaluates): the Sync becomes the barrier, since the server reports
+    /// the change there.
     execute_may_change_settings_unseen: bool,
     /// The names of the portals and statements the client made through the
     /// protocol, which SQL's FETCH and EXECUTE could run.
@@ -466,6 +467,10 @@ impl FromClient {
         // functions of constants: their errors and notices are the
         // statement's, and redacted as its own are.
         bind.reads_masked = prepared.judged.reads_masked;
+        // Planning folds immutable functions of constants (and estimates
+        // with stable ones): a Bind alone may change settings, as an
+        // Execute may.
+        self.execute_may_change_settings_unseen |= prepared.judged.may_change_settings_unseen;
         self.protocol_names.note_portal(&portal);
         bind.bind = Some((portal, (prepared, parameters)));
         self.forward_unless_skipped(bind, frame);
