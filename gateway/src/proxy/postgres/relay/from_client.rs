@@ -358,6 +358,9 @@ impl FromClient {
             Ok(admitted) => {
                 let mut pending = admitted.into_pending(Kind::Query);
                 pending.reads_masked = judged.reads_masked;
+                // Sent behind Executes not yet synced, it runs in their
+                // implicit transaction, and may commit or roll it back.
+                pending.may_change_transaction = judged.may_change_transaction;
                 let mut guard = lock(&self.in_flight);
                 if let Some(skipped) = guard.push(pending) {
                     drop(guard);

@@ -657,6 +657,8 @@ pub(super) fn track_answer(
                 if let Some(done) = queue.pop_front() {
                     implicit.completed(done, finished);
                 }
+            } else if head.kind == Kind::Query && head.may_change_transaction {
+                implicit.query_may_have_changed_it(finished);
             }
         }
         b'1' => {

@@ -671,6 +671,15 @@ impl ImplicitTransaction {
         self.held.push(done);
     }
 
+    /// A simple Query that may begin or end a transaction (COMMIT,
+    /// ROLLBACK, BEGIN among its statements) answered: it runs in the
+    /// pipeline's implicit transaction, so what was held before it can no
+    /// longer be told committed or rolled back.
+    fn query_may_have_changed_it(&mut self, finished: &mut Finished) {
+        self.unknown = true;
+        self.release(finished, Self::not_known());
+    }
+
     fn not_known() -> Outcome {
         Outcome::not_known(
             "a statement of its pipeline may have begun or ended its transaction: not known whether it was committed",

@@ -1987,6 +1987,48 @@ fn executes_of_a_pipeline_that_fails_are_recorded_as_rolled_back() {
         }
     }
 
+    // A simple Query behind unsynced Executes runs in their implicit
+    // transaction: its COMMIT commits them (a later error in it does not
+    // roll them back), its ROLLBACK rolls them back, its BEGIN moves them
+    // into a block. What was held before it is not known; one without
+    // such a statement leaves them held, and its error rolls them back.
+    let query_of = |sql: &str| {
+        let mut query = Pending::new(
+            Kind::Query,
+            Some(AuditRecord {
+                query_info_query_string: sql.into(),
+                ..AuditRecord::default()
+            }),
+        );
+        query.may_change_transaction = may_change_transaction(&classify(sql));
+        query
+    };
+    for (sql, answers) in [
+        (
+            "COMMIT; SELECT 1/0",
+            vec![complete(), error(b"22012"), idle()],
+        ),
+        ("ROLLBACK", vec![complete(), idle()]),
+        ("BEGIN", vec![complete(), frame(b'Z', b"T")]),
+    ] {
+        let in_flight = pipeline([writing_execute(), query_of(sql)]);
+        assert_eq!(finish(&in_flight, &[complete()]), [], "{sql}: held");
+        let ended = finish(&in_flight, &answers);
+        assert_eq!(
+            ended.first(),
+            Some(&(Kind::Execute, Some(NOT_KNOWN.to_string()))),
+            "{sql}: {ended:?}"
+        );
+    }
+    let in_flight = pipeline([writing_execute(), query_of("SELECT 1/0")]);
+    assert_eq!(finish(&in_flight, &[complete()]), []);
+    let ended = finish(&in_flight, &[error(b"22012"), idle()]);
+    assert_eq!(
+        ended.first(),
+        Some(&(Kind::Execute, Some("22012".to_string()))),
+        "{ended:?}"
+    );
+
     // Inside a block a COMMIT starts an implicit transaction: a write
     // after it is held, and an error after it leaves it not known.
     let in_flight = queue_of(&[Kind::Sync]);
