@@ -33,13 +33,11 @@ pub(super) async fn client_to_server(
     in_flight: Arc<Mutex<InFlight>>,
     answered: Arc<Notify>,
 ) -> Result<(), WireError> {
-    let marker = lock(&in_flight).marker.clone();
     let mut from_client = FromClient {
         session,
         upstream_wr,
         in_flight,
         answered,
-        marker,
         forward: BytesMut::new(),
         copies_ended: 0,
         skipping_to_sync: false,
@@ -89,8 +87,6 @@ struct FromClient {
     in_flight: Arc<Mutex<InFlight>>,
     /// Signalled whenever server answers have been taken off the queue.
     answered: Arc<Notify>,
-    /// The Query a refused request is replaced with (see [`FromClient::refuse_in_place`]).
-    marker: String,
     /// Messages admitted and not yet sent to the server.
     forward: BytesMut,
     /// Copies the client ended (CopyDone or CopyFail) since the last
@@ -592,12 +588,14 @@ impl FromClient {
     fn refuse_in_place(&mut self, kind: Kind, refusal: Refusal) {
         let mut pending = Pending::new(kind, None);
         pending.refusal = Some((refusal.code, refusal.message));
+        let marker = refusal_marker();
+        pending.marker = marker.clone();
         // The refusal is recorded either way; a server skipping to Sync
         // would not have answered the request (see `InFlight::push`).
         if lock(&self.in_flight).push(pending).is_none() {
             match kind {
-                Kind::RefusedExecute => wire::execute(&mut self.forward, &self.marker),
-                _ => wire::query(&mut self.forward, &self.marker),
+                Kind::RefusedExecute => wire::execute(&mut self.forward, &marker),
+                _ => wire::query(&mut self.forward, &marker),
             }
         }
     }

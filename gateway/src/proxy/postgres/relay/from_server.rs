@@ -572,7 +572,6 @@ pub(super) fn track_answer(
         statements,
         portals,
         copy_in,
-        marker,
         server_skipping,
         implicit,
         ..
@@ -685,7 +684,7 @@ pub(super) fn track_answer(
             // Only the marker's own error may stand for the refusal: any
             // other means the answers and the queue disagree.
             let (code, message) = wire::error_fields(frame);
-            if !message.contains(marker.as_str()) {
+            if head.marker.is_empty() || !message.contains(head.marker.as_str()) {
                 // The SQLSTATE only: the message may quote values the
                 // agent only sees masked, and this goes to the log.
                 return Err(WireError::Malformed(format!(

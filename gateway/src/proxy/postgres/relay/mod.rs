@@ -114,6 +114,9 @@ struct Pending {
     error: Option<(String, String)>,
     /// For a refusal: the SQLSTATE and message the client gets.
     refusal: Option<(String, String)>,
+    /// For a refusal: the name of the portal its stand-in Execute runs, or
+    /// the text its stand-in Query sends (see [`refusal_marker`]).
+    marker: String,
     /// The statement reads a table with masked columns.
     reads_masked: bool,
     /// How to mask the rows of the current result set.
@@ -271,6 +274,7 @@ impl Pending {
             copies_ended_before: 0,
             copies_started: 0,
             completed: false,
+            marker: String::new(),
             read_only: false,
             may_change_transaction: false,
             copies_ended_early: 0,
@@ -585,11 +589,6 @@ struct InFlight {
     /// The server is in COPY FROM STDIN: only copy messages (and the Flush
     /// and Sync it ignores) may follow until CopyDone or CopyFail.
     copy_in: bool,
-    /// The session's refusal marker: the name of the portal a refused
-    /// Execute is replaced by, and the text a refused Query is replaced by.
-    /// Random, so no statement or portal of the agent's can be it; the
-    /// server's error naming it is known to be the refusal's and no other.
-    marker: String,
     next_id: u64,
     /// Why tollgate itself closed the session (the SQLSTATE and message
     /// of the FATAL the agent got): the reason requests still in flight
@@ -718,7 +717,13 @@ impl ImplicitTransaction {
     }
 }
 
-fn refusal_marker() -> String {
+/// A refusal's marker: the name of the portal a refused Execute is
+/// replaced by, and the text a refused Query is replaced by. Random and
+/// new for each refusal, so no statement or portal of the agent's can be
+/// it (a stand-in Query's text shows in `pg_stat_activity`, where another
+/// session could read it: by then it is spent); the server's error naming
+/// it is known to be the refusal's and no other.
+pub(super) fn refusal_marker() -> String {
     format!("tollgate_refused_{}", uuid::Uuid::new_v4().simple())
 }
 
@@ -901,7 +906,6 @@ pub async fn run(
 ) -> Result<(), WireError> {
     let session = Arc::new(session);
     let mut in_flight = InFlight {
-        marker: refusal_marker(),
         ..InFlight::default()
     };
     let share = session

@@ -28,12 +28,13 @@ impl Queued for InFlight {
 }
 
 fn queue_of(kinds: &[Kind]) -> Mutex<InFlight> {
-    let mut in_flight = InFlight {
-        marker: "tollgate_refused_test".into(),
-        ..InFlight::default()
-    };
+    let mut in_flight = InFlight::default();
     for kind in kinds {
-        in_flight.queued(Pending::new(*kind, None));
+        let mut pending = Pending::new(*kind, None);
+        if matches!(kind, Kind::RefusedExecute | Kind::RefusedQuery) {
+            pending.marker = "tollgate_refused_test".into();
+        }
+        in_flight.queued(pending);
     }
     Mutex::new(in_flight)
 }
@@ -317,6 +318,41 @@ fn only_the_markers_own_error_stands_for_a_refusal() {
     assert_eq!(
         lock(&in_flight).queue.front().map(|p| p.kind),
         Some(Kind::Sync)
+    );
+}
+
+/// Each refusal has a marker of its own: one that was seen (a stand-in
+/// Query's text shows in `pg_stat_activity`, where another session can
+/// read it) cannot stand in for a later refusal, so a portal the agent
+/// binds under a spent marker's name is never what a refusal's stand-in
+/// Execute runs.
+#[test]
+fn a_spent_marker_cannot_stand_in_for_a_later_refusal() {
+    assert_ne!(refusal_marker(), refusal_marker());
+    let error = |message: String| {
+        let mut out = BytesMut::new();
+        wire::error_response(&mut out, "ERROR", "34000", &message);
+        wire::split_frame(&mut out)
+            .expect("well formed")
+            .expect("whole")
+    };
+    let in_flight = Mutex::new(InFlight::default());
+    let (first, second) = (refusal_marker(), refusal_marker());
+    for marker in [&first, &second] {
+        let mut refused = Pending::new(Kind::RefusedExecute, None);
+        refused.marker = marker.clone();
+        lock(&in_flight).queued(refused);
+        lock(&in_flight).queued(Pending::new(Kind::Sync, None));
+    }
+    let named = |marker: &str| error(format!("portal \"{marker}\" does not exist"));
+    answer(&in_flight, &named(&first))
+        .expect("in step")
+        .expect("the first refusal in its place");
+    answer(&in_flight, &frame(b'Z', b"I")).expect("in step");
+    let result = answer(&in_flight, &named(&first));
+    assert!(
+        matches!(result, Err(WireError::Malformed(_))),
+        "a spent marker stood in for a later refusal"
     );
 }
 
