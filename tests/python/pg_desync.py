@@ -16,6 +16,12 @@ Scenarios:
   cursor      Parse "h" as "SELECT 1", Bind portal "c" to it, then a Query
               FIRST_SQL that closes "c" and declares a cursor "c", then
               Describe/Execute of portal "c" + Sync, all in one write.
+  commit_then_cursor
+              Parse "h" as "SELECT 'x'::text AS e", Bind portal "c" to
+              it, then Parse/Bind/Execute of "COMMIT" (which ends the
+              portal on the server) and of FIRST_SQL (which opens a cursor
+              named "c"), then Describe/Execute of portal "c" + Sync, all
+              in one write.
   copy_sync   COPY orders_copy FROM STDIN, CopyDone once it starts; then
               the same COPY + Sync in one write (the server ignores the
               Sync in copy mode), CopyDone once it starts; then
@@ -128,6 +134,17 @@ def main():
             + sync
         )
         answers += read_until(sock, [b"Z"], 2)
+    elif scenario == "commit_then_cursor":
+        sock.sendall(
+            msg(b"P", cstr("h") + cstr("SELECT 'x'::text AS e") + struct.pack("!h", 0))
+            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+            + pbe("COMMIT")
+            + pbe(first)
+            + msg(b"D", b"P" + cstr("c"))
+            + msg(b"E", cstr("c") + struct.pack("!i", 0))
+            + sync
+        )
+        answers += read_until(sock, [b"Z"])
     elif scenario == "copy_sync":
         answers += copies_then_queries(sock, [b"", sync], first, second)
     elif scenario == "rollback":

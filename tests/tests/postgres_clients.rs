@@ -1608,6 +1608,29 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         "a cursor under a reused portal name leaked: {out}"
     );
     assert!(out.contains("mask:unparsed"), "{out}");
+    // So is a portal name the server dropped with its transaction (a
+    // COMMIT in the pipeline) and a function then opened a cursor under.
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION open_shouting_cursor(name refcursor) RETURNS refcursor \
+             LANGUAGE plpgsql AS $$ BEGIN \
+             OPEN name FOR SELECT upper(email) AS x FROM customers WHERE id = 1; \
+             RETURN name; END $$",
+        )
+        .expect("create the function");
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &["commit_then_cursor", "SELECT open_shouting_cursor('c')", ""],
+    );
+    assert!(
+        !out.to_lowercase().contains("@example.com"),
+        "a cursor under a portal name its transaction ended leaked: {out}"
+    );
+    assert!(out.contains("mask:unparsed"), "{out}");
 
     // Rows fetched from a cursor: FETCH names no table, so its rows count
     // as reads of masked columns, computed ones included (each -c is its

@@ -667,7 +667,7 @@ pub(super) fn track_answer(
             }
         }
         b'2' => {
-            let generation = head.generation;
+            let generation = head.portal_generation;
             if let Some((name, bound)) = queue.pop_front().and_then(|p| p.bind) {
                 portals.insert(name, (generation, bound));
             }

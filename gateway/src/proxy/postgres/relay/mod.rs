@@ -159,6 +159,9 @@ struct Pending {
     id: u64,
     /// The name generation it was sent in (see `InFlight::generation`).
     generation: u64,
+    /// The portal generation it was sent in (see
+    /// `InFlight::portal_generation`).
+    portal_generation: u64,
     /// The request record while it is still syncing (read-only requests
     /// forwarded in parallel): awaited before any answer goes out.
     durable: Option<Durable>,
@@ -280,6 +283,7 @@ impl Pending {
             copies_ended_early: 0,
             id: 0,
             generation: 0,
+            portal_generation: 0,
             durable: None,
             withheld: None,
             answer_held: false,
@@ -582,6 +586,13 @@ struct InFlight {
     /// one tollgate could not parse) is sent: names defined before it are
     /// no longer trusted, and resolve as unknown until defined again.
     generation: u64,
+    /// Bumped with `generation`, and when a statement that may end the
+    /// transaction is sent (COMMIT, ROLLBACK, ROLLBACK TO SAVEPOINT, a CALL
+    /// or DO that commits, ...): the server then drops the portals the
+    /// protocol bound, and a later one of the same name (a function's
+    /// `OPEN` of a cursor by that name) is another. Portals defined before
+    /// it resolve as unknown; statements stay.
+    portal_generation: u64,
     /// The server met an error in an extended-protocol pipeline and skips
     /// everything up to the client's next Sync: what the client sends
     /// meanwhile is dropped, not queued (it would get no answer).
@@ -752,6 +763,7 @@ impl InFlight {
         self.next_id += 1;
         pending.id = self.next_id;
         pending.generation = self.generation;
+        pending.portal_generation = self.portal_generation;
         self.queue.push_back(pending);
         None
     }
@@ -779,15 +791,20 @@ impl InFlight {
     /// to Sync and never uses the name. One sent before a Sync may fail and
     /// leave the older definition in place: wait for its answer. Otherwise
     /// what the server confirmed.
+    /// `generation_of` is the generation a name of this kind is trusted
+    /// in, as of a request sent (`generation` or `portal_generation`), and
+    /// `current` the current one.
     fn resolve<T: Clone>(
         &self,
         unnamed: bool,
         defines: impl Fn(&Pending) -> Option<Option<T>>,
         confirmed: Option<&(u64, T)>,
+        generation_of: impl Fn(&Pending) -> u64,
+        current: u64,
     ) -> Resolved<Option<T>> {
         let mut synced_since = false;
         for pending in self.queue.iter().rev() {
-            if pending.generation != self.generation {
+            if generation_of(pending) != current {
                 // Sent before names stopped being trusted.
                 break;
             }
@@ -810,7 +827,7 @@ impl InFlight {
         }
         Resolved::Known(
             confirmed
-                .filter(|(generation, _)| *generation == self.generation)
+                .filter(|(generation, _)| *generation == current)
                 .map(|(_, found)| found.clone()),
         )
     }
@@ -818,6 +835,8 @@ impl InFlight {
     /// After a statement that may create or drop statements or portals in
     /// SQL (or one not understood) is sent, names defined before it are no
     /// longer trusted.
+    /// A statement that may end the transaction likewise ends the
+    /// portals bound before it.
     fn note_renames(&mut self, operations: &Result<Vec<Operation>, String>) {
         let renames = match operations {
             Ok(ops) => ops.iter().any(|op| op.renames_protocol_objects),
@@ -825,6 +844,9 @@ impl InFlight {
         };
         if renames {
             self.generation += 1;
+        }
+        if renames || may_change_transaction(operations) {
+            self.portal_generation += 1;
         }
     }
 
@@ -837,6 +859,8 @@ impl InFlight {
                 _ => None,
             },
             self.statements.get(name),
+            |p| p.generation,
+            self.generation,
         )
     }
 
@@ -849,6 +873,8 @@ impl InFlight {
                 _ => None,
             },
             self.portals.get(name),
+            |p| p.portal_generation,
+            self.portal_generation,
         )
     }
 }
