@@ -357,6 +357,7 @@ impl FromClient {
                 // Sent behind Executes not yet synced, it runs in their
                 // implicit transaction, and may commit or roll it back.
                 pending.may_change_transaction = judged.may_change_transaction;
+                (pending.may_copy_in, pending.may_copy_out) = may_copy(&operations);
                 let mut guard = lock(&self.in_flight);
                 if let Some(skipped) = guard.push(pending) {
                     drop(guard);
@@ -508,6 +509,7 @@ impl FromClient {
         pending.reads_masked = prepared.judged.reads_masked;
         pending.read_only = prepared.judged.read_only;
         pending.may_change_transaction = prepared.judged.may_change_transaction;
+        (pending.may_copy_in, pending.may_copy_out) = may_copy(&prepared.operations);
         let described = matches!(
             self.last_describe.take(),
             Some((b'P', described)) if described == portal
@@ -711,6 +713,19 @@ fn upstream_write_failed(err: std::io::Error) -> WireError {
 
 /// Whether a statement may make the server take copy data from the client
 /// (COPY FROM STDIN, or text tollgate cannot parse).
+/// Whether the statement may start a COPY FROM STDIN, and a COPY TO
+/// STDOUT: only a COPY statement of the session's own text does (a
+/// function cannot), and text tollgate could not parse may be either.
+fn may_copy(operations: &Result<Vec<Operation>, String>) -> (bool, bool) {
+    match operations {
+        Ok(operations) => (
+            operations.iter().any(|op| op.takes_client_data),
+            operations.iter().any(|op| op.streams_raw),
+        ),
+        Err(_) => (true, true),
+    }
+}
+
 fn may_take_client_data(operations: &Result<Vec<Operation>, String>) -> bool {
     match operations {
         Ok(operations) => operations.iter().any(|op| op.takes_client_data),

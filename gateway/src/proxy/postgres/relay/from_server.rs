@@ -288,7 +288,7 @@ pub(super) fn message_passed_on_as_it_arrives(
     let head = guard.queue.front();
     // One that answers no request in flight is held whole, to be refused
     // as out of step (see `track_answer`).
-    if !head.is_some_and(|head| answers(head.kind, buf[0])) {
+    if !head.is_some_and(|head| answers(head, buf[0])) {
         return None;
     }
     let unmasked = match buf[0] {
@@ -592,7 +592,7 @@ pub(super) fn track_answer(
     // counted, recorded): one that cannot answer the oldest request in
     // flight means the two are out of step, and every later answer would
     // be judged against the wrong request.
-    if !answers(head.kind, frame.tag) {
+    if !answers(head, frame.tag) {
         return Err(WireError::Malformed(format!(
             "the server sent {:?} where it answers a {:?}",
             frame.tag as char, head.kind
@@ -822,10 +822,11 @@ pub(super) fn track_answer(
     Ok(masked_row)
 }
 
-/// Whether the server message `tag` can be (part of) the answer to a
-/// request of `kind`. Errors, notices, parameter changes and notifications
+/// Whether the server message `tag` can be (part of) the answer to the
+/// request `head`. Errors, notices, parameter changes and notifications
 /// may come at any time.
-fn answers(kind: Kind, tag: u8) -> bool {
+fn answers(head: &Pending, tag: u8) -> bool {
+    let kind = head.kind;
     match tag {
         b'E' | b'N' | b'S' | b'A' => true,
         b'Z' => matches!(kind, Kind::Query | Kind::Sync | Kind::RefusedQuery),
@@ -835,11 +836,13 @@ fn answers(kind: Kind, tag: u8) -> bool {
         // ParameterDescription and NoData answer only a Describe.
         b't' | b'n' => kind == Kind::Describe,
         b'T' => matches!(kind, Kind::Query | Kind::Describe),
-        // Rows, completions and the COPY sub-protocol answer what runs a
-        // statement.
-        b'D' | b'C' | b'I' | b'G' | b'H' | b'W' | b'd' | b'c' => {
-            matches!(kind, Kind::Query | Kind::Execute)
-        }
+        // A COPY starts only for a statement tollgate saw to be a COPY of
+        // that direction: one it missed would stream rows past masking, or
+        // take client data tollgate would take for requests.
+        b'G' | b'W' => matches!(kind, Kind::Query | Kind::Execute) && head.may_copy_in,
+        b'H' => matches!(kind, Kind::Query | Kind::Execute) && head.may_copy_out,
+        // Rows, completions and copy data answer what runs a statement.
+        b'D' | b'C' | b'I' | b'd' | b'c' => matches!(kind, Kind::Query | Kind::Execute),
         b's' => kind == Kind::Execute,
         _ => false,
     }

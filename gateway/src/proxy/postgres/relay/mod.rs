@@ -114,6 +114,12 @@ struct Pending {
     error: Option<(String, String)>,
     /// For a refusal: the SQLSTATE and message the client gets.
     refusal: Option<(String, String)>,
+    /// A Query or Execute that may start a COPY FROM STDIN (a COPY FROM
+    /// STDIN among its statements, or text tollgate could not parse): the
+    /// only requests the server's CopyInResponse may answer.
+    may_copy_in: bool,
+    /// Likewise for COPY TO STDOUT and the server's CopyOutResponse.
+    may_copy_out: bool,
     /// For a refusal: the name of the portal its stand-in Execute runs, or
     /// the text its stand-in Query sends (see [`refusal_marker`]).
     marker: String,
@@ -278,6 +284,8 @@ impl Pending {
             copies_started: 0,
             completed: false,
             marker: String::new(),
+            may_copy_in: false,
+            may_copy_out: false,
             read_only: false,
             may_change_transaction: false,
             copies_ended_early: 0,

@@ -129,13 +129,30 @@ fn a_request_after_the_server_began_skipping_is_given_back_but_a_sync_is_queued(
     assert_eq!(f.queue.len(), 1);
 }
 
+/// A Query of COPY FROM STDIN: one the server's CopyInResponse may answer.
+fn copy_in_query() -> Pending {
+    let mut query = Pending::new(Kind::Query, None);
+    query.may_copy_in = true;
+    query
+}
+
+/// A queue of a Query of COPY FROM STDIN, then `after`.
+fn copy_in_then(after: &[Kind]) -> Mutex<InFlight> {
+    let in_flight = queue_of(&[]);
+    lock(&in_flight).queued(copy_in_query());
+    for kind in after {
+        lock(&in_flight).queued(Pending::new(*kind, None));
+    }
+    in_flight
+}
+
 /// A Sync sent behind a COPY FROM STDIN before the client ended the copy
 /// goes into the copy, where the server ignores it; copy data does not end
 /// it. Every such Sync is dropped when the copy starts; one sent after the
 /// client's CopyDone is answered.
 #[test]
 fn syncs_sent_into_a_copy_are_dropped_when_it_starts() {
-    let in_flight = queue_of(&[Kind::Query, Kind::Sync, Kind::Sync, Kind::Sync]);
+    let in_flight = copy_in_then(&[Kind::Sync, Kind::Sync, Kind::Sync]);
     {
         let mut f = lock(&in_flight);
         if let Some(last) = f.queue.iter_mut().last() {
@@ -160,11 +177,7 @@ fn syncs_sent_into_a_copy_are_dropped_when_it_starts() {
         sync.copies_ended_before = ended;
         sync
     };
-    let in_flight = pipeline([
-        Pending::new(Kind::Query, None),
-        sync_after(1),
-        sync_after(2),
-    ]);
+    let in_flight = pipeline([copy_in_query(), sync_after(1), sync_after(2)]);
     answer(&in_flight, &frame(b'G', &[0, 0, 0])).expect("first copy");
     assert_eq!(
         kinds(&in_flight),
@@ -173,6 +186,28 @@ fn syncs_sent_into_a_copy_are_dropped_when_it_starts() {
     answer(&in_flight, &frame(b'C', b"COPY 1\0")).expect("first copy done");
     answer(&in_flight, &frame(b'G', &[0, 0, 0])).expect("second copy");
     assert_eq!(kinds(&in_flight), [(Kind::Query, 0), (Kind::Sync, 2)]);
+}
+
+/// A COPY starts only for a statement tollgate saw to be a COPY of that
+/// direction (or could not parse): a CopyOutResponse to anything else
+/// would stream rows past masking, a CopyInResponse would take client
+/// messages as copy data that tollgate takes for requests. Either means
+/// tollgate misread the statement: the session ends.
+#[test]
+fn a_copy_the_statement_does_not_start_is_out_of_step() {
+    for (tag, direction) in [(b'G', "in"), (b'H', "out")] {
+        let in_flight = queue_of(&[Kind::Query]);
+        let result = answer(&in_flight, &frame(tag, &[0, 0, 0]));
+        assert!(
+            matches!(result, Err(WireError::Malformed(_))),
+            "copy {direction} to a plain Query"
+        );
+        let in_flight = queue_of(&[]);
+        let mut copy = Pending::new(Kind::Execute, None);
+        (copy.may_copy_in, copy.may_copy_out) = (direction == "in", direction == "out");
+        lock(&in_flight).queued(copy);
+        answer(&in_flight, &frame(tag, &[0, 0, 0])).expect("in step");
+    }
 }
 
 #[test]
@@ -198,7 +233,7 @@ fn a_copy_the_client_ended_before_it_started_is_not_copy_mode() {
         copy_in
     };
     for ended_early in [false, true] {
-        let in_flight = queue_of(&[Kind::Query]);
+        let in_flight = copy_in_then(&[]);
         if ended_early {
             lock(&in_flight).copy_ended_early();
         }
@@ -207,7 +242,7 @@ fn a_copy_the_client_ended_before_it_started_is_not_copy_mode() {
 
     // Two copies in one Query, the client ending only the first early:
     // the second is copy mode.
-    let in_flight = queue_of(&[Kind::Query]);
+    let in_flight = copy_in_then(&[]);
     lock(&in_flight).copy_ended_early();
     assert!(!copy_starts(&in_flight));
     assert!(copy_starts(&in_flight));
