@@ -91,6 +91,11 @@ enum Command {
         /// signed checkpoints): reconciliation only.
         #[arg(long)]
         reconcile_only: bool,
+        /// Fail if either stream's latest checkpoint is older than this
+        /// (for a directory just collected from a running daemon, which
+        /// signs on a timer: an older one means its tail was cut off).
+        #[arg(long, conflicts_with = "reconcile_only")]
+        max_checkpoint_age_secs: Option<u64>,
     },
     /// The kernel programs: what is pinned and attached where.
     Pin {
@@ -139,15 +144,23 @@ fn main() -> ExitCode {
             to,
             report,
             reconcile_only,
+            max_checkpoint_age_secs,
         } => {
-            return match verify(dir, public_key, from, to, report, reconcile_only) {
+            let opts = match verify_options(from, to, reconcile_only, max_checkpoint_age_secs) {
+                Ok(opts) => opts,
+                Err(err) => {
+                    eprintln!("tollgate: {err:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            return match evidence::verify::run(&dir, &public_key, &opts, report.as_deref()) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(err) => {
                     eprintln!("tollgate: {err:#}");
                     ExitCode::from(2)
                 }
-            }
+            };
         }
         Command::Pin {
             command: PinCommand::Status { config, json },
@@ -468,15 +481,13 @@ fn config_snapshot(config: &Config) -> Result<ConfigSnapshot> {
     })
 }
 
-fn verify(
-    dir: PathBuf,
-    public_key: PathBuf,
+fn verify_options(
     from: Option<String>,
     to: Option<String>,
-    report: Option<PathBuf>,
     reconcile_only: bool,
-) -> Result<bool> {
-    let opts = evidence::verify::Options {
+    max_checkpoint_age_secs: Option<u64>,
+) -> Result<evidence::verify::Options> {
+    Ok(evidence::verify::Options {
         from_ms: from
             .as_deref()
             .map(evidence::verify::parse_time)
@@ -486,8 +497,8 @@ fn verify(
             .map(evidence::verify::parse_time)
             .transpose()?,
         require_integrity: !reconcile_only,
-    };
-    evidence::verify::run(&dir, &public_key, &opts, report.as_deref())
+        max_checkpoint_age_secs,
+    })
 }
 
 fn pin_status(config: Option<PathBuf>, json: bool) -> Result<()> {

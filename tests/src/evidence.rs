@@ -19,6 +19,16 @@ pub struct VerifyRun {
 /// whose public half is `public_key`), writing the report under `scratch`:
 /// the integrity of both streams and the reconciliation.
 pub fn verify(audit_dir: &Path, public_key: &Path, scratch: &Path) -> VerifyRun {
+    verify_with(audit_dir, public_key, scratch, &[])
+}
+
+/// [`verify`] with further arguments (`--max-checkpoint-age-secs N`, ...).
+pub fn verify_with(
+    audit_dir: &Path,
+    public_key: &Path,
+    scratch: &Path,
+    args: &[&str],
+) -> VerifyRun {
     let report_path = scratch.join("verify.json");
     let _ = std::fs::remove_file(&report_path);
     let out = Command::new(tollgate_bin())
@@ -28,6 +38,7 @@ pub fn verify(audit_dir: &Path, public_key: &Path, scratch: &Path) -> VerifyRun 
         .arg(public_key)
         .arg("--report")
         .arg(&report_path)
+        .args(args)
         .output()
         .expect("run tollgate verify");
     VerifyRun {

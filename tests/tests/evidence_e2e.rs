@@ -147,6 +147,34 @@ fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
         report["loss_records"].as_u64().unwrap_or(0) >= 1,
         "{summary}"
     );
+    // A directory just collected must have fresh checkpoints in both
+    // streams, or its tail may have been cut off: within an hour these
+    // are; held to no age at all, neither is.
+    let with_age = |secs: &str| {
+        evidence::verify_with(
+            stack.gateway.audit_dir(),
+            &stack.gateway.public_key(),
+            stack.gateway.dir.path(),
+            &["--max-checkpoint-age-secs", secs],
+        )
+    };
+    let fresh = with_age("3600");
+    assert_eq!(fresh.code, 0, "{}", fresh.summary);
+    std::thread::sleep(Duration::from_millis(1_100));
+    let stale = with_age("0");
+    assert_eq!(stale.code, 1, "{}", stale.summary);
+    for stream in ["audit_integrity", "evidence_integrity"] {
+        assert_eq!(stale.report[stream]["ok"], false, "{}", stale.summary);
+    }
+    assert_eq!(
+        stale
+            .summary
+            .matches("first problem: checkpoint_stale")
+            .count(),
+        2,
+        "both streams' checkpoints judged: {}",
+        stale.summary
+    );
     // From this host's boot to the daemon's start nothing was watched:
     // the report says so, for this boot.
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");

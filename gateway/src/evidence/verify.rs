@@ -466,7 +466,11 @@ pub mod integrity {
     use super::Integrity;
     use crate::audit::{run_command, AuditCommand};
 
-    pub fn verify_stream(dir: &Path, public_key: &Path) -> Integrity {
+    pub fn verify_stream(
+        dir: &Path,
+        public_key: &Path,
+        max_checkpoint_age_secs: Option<u64>,
+    ) -> Integrity {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let report = std::env::temp_dir().join(format!(
             "tollgate-integrity-{}-{}.json",
@@ -477,7 +481,7 @@ pub mod integrity {
             dir: dir.to_path_buf(),
             public_key: public_key.to_path_buf(),
             report: Some(report.clone()),
-            max_checkpoint_age_secs: None,
+            max_checkpoint_age_secs,
         });
         let parsed = std::fs::read(&report)
             .ok()
@@ -518,6 +522,11 @@ pub struct Options {
     /// Check the integrity of both streams (off: reconciliation only, and
     /// the report says the streams were not checked).
     pub require_integrity: bool,
+    /// Each stream's latest valid checkpoint must be at most this old
+    /// (see `tollgate audit verify --max-checkpoint-age-secs`): on a
+    /// directory just collected from a running daemon, which signs on a
+    /// timer while idle, an older one means its newest part was cut off.
+    pub max_checkpoint_age_secs: Option<u64>,
 }
 
 /// Parses `--from`/`--to`: Unix milliseconds or `YYYY-MM-DDTHH:MM:SSZ`.
@@ -609,7 +618,7 @@ pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, V
     let audit = read_rows(dir)?;
     let check = |stream: &Path| {
         if opts.require_integrity {
-            integrity::verify_stream(stream, public_key)
+            integrity::verify_stream(stream, public_key, opts.max_checkpoint_age_secs)
         } else {
             Integrity {
                 checked: false,
@@ -1281,6 +1290,7 @@ mod tests {
             from_ms: None,
             to_ms: None,
             require_integrity: true,
+            max_checkpoint_age_secs: None,
         }
     }
 
@@ -1740,6 +1750,7 @@ mod tests {
             from_ms: Some(1_700_000_000_050),
             to_ms: None,
             require_integrity: true,
+            max_checkpoint_age_secs: None,
         };
         let r = reconcile(Path::new("/a"), &[], &evidence, checked(), checked(), &o);
         assert!(r.losses.is_empty(), "{}", summary(&r));
@@ -1778,6 +1789,7 @@ mod tests {
             from_ms: Some(1_700_000_000_010),
             to_ms: None,
             require_integrity: true,
+            max_checkpoint_age_secs: None,
         };
         let r = reconcile(Path::new("/a"), &[], &evidence, checked(), checked(), &o);
         assert!(r.bypasses.is_empty());
@@ -1825,6 +1837,7 @@ mod tests {
             from_ms,
             to_ms,
             require_integrity: true,
+            max_checkpoint_age_secs: None,
         }
     }
 
