@@ -322,6 +322,30 @@ impl Config {
     }
 
     /// The destinations the kernel redirects, each to its listener.
+    /// Loopback addresses of targets' servers agents could reach in their
+    /// place: a target on `127.0.0.1:P` whose `[::1]:P` is not a target
+    /// too (and the reverse), while egress is allowed by default. A local
+    /// PostgreSQL listens on both (`listen_addresses = 'localhost'`).
+    pub fn unprotected_loopback_twins(&self) -> Vec<(String, std::net::SocketAddr)> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        if self.pin.egress_default == EgressDefault::Deny {
+            return Vec::new();
+        }
+        let protected: HashSet<SocketAddr> = self.targets.iter().map(|t| t.address).collect();
+        self.targets
+            .iter()
+            .filter_map(|t| {
+                let twin: IpAddr = match t.address.ip() {
+                    IpAddr::V4(ip) if ip.is_loopback() => Ipv6Addr::LOCALHOST.into(),
+                    IpAddr::V6(ip) if ip.is_loopback() => Ipv4Addr::LOCALHOST.into(),
+                    _ => return None,
+                };
+                let twin = SocketAddr::new(twin, t.address.port());
+                (!protected.contains(&twin)).then(|| (t.name.clone(), twin))
+            })
+            .collect()
+    }
+
     /// The ports no agent may bind: every target's listener and own port
     /// (`pin::ports::guarded_ports`) and the identity provider's ports on
     /// this host ([`IdentityConfig::local_ports`]).
@@ -774,6 +798,42 @@ mod tests {
         let target = &text[start..end];
         let targets: String = (0..n).map(|i| edit(i, target)).collect();
         format!("{}{targets}{}", &text[..start], &text[end..])
+    }
+
+    /// A target on one loopback address of this host, with egress allowed
+    /// by default, is named with the other loopback address of its port,
+    /// which agents could reach the same server at; not when that one is
+    /// a target too, nor under egress deny, nor for a remote target.
+    #[test]
+    fn a_loopback_target_without_its_twin_is_named() {
+        let local = |twin: Option<&str>| {
+            with_targets(if twin.is_some() { 2 } else { 1 }, |i, t| {
+                let t = renamed(i, t, "local")
+                    .replace("127.0.0.1:16432", &format!("127.0.0.1:{}", 16432 + i));
+                match i {
+                    0 => t.replace("10.0.0.10:5432", "127.0.0.1:5432"),
+                    _ => t.replace("10.0.0.10:5432", twin.unwrap_or_default()),
+                }
+            })
+        };
+        // The example denies egress by default: allowed here.
+        let allowing = |text: String| {
+            let mut config = Config::parse(&text, "tollgate.toml").expect("parse");
+            config.pin.egress_default = EgressDefault::Allow;
+            config
+        };
+        let config = allowing(local(None));
+        assert_eq!(
+            config.unprotected_loopback_twins(),
+            vec![("orders-db".to_string(), "[::1]:5432".parse().expect("addr"))]
+        );
+        let both = allowing(local(Some("[::1]:5432")));
+        assert!(both.unprotected_loopback_twins().is_empty());
+        let mut denied = config.clone();
+        denied.pin.egress_default = EgressDefault::Deny;
+        assert!(denied.unprotected_loopback_twins().is_empty());
+        let remote = allowing(with_targets(1, |_, t| t.to_string()));
+        assert!(remote.unprotected_loopback_twins().is_empty());
     }
 
     /// A second target for an address already protected is refused: the

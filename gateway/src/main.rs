@@ -201,6 +201,15 @@ fn check_config(path: &Path) -> Result<()> {
 /// targets too, their TLS material loaded, for `run` to serve.
 fn load_checked(path: &Path) -> Result<(Config, Vec<Arc<proxy::Target>>)> {
     let config = Config::load(path)?;
+    for (target, twin) in config.unprotected_loopback_twins() {
+        warn!(
+            target = %target,
+            unprotected = %twin,
+            "a server on this host usually listens on both loopback addresses: agents can reach this \
+             target's server at {twin}, which no target protects; add a target for it, or set \
+             pin.egress_default = \"deny\""
+        );
+    }
     Verifier::check(&config.identity)
         .with_context(|| format!("{}: identity provider", path.display()))?;
     tollgate::audit::check_config(&config.audit)
