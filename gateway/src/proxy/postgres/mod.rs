@@ -38,11 +38,12 @@ use crate::{
 };
 
 /// How long an unauthenticated client may take, as PostgreSQL's
-/// authentication_timeout: once from connecting to its startup message
-/// (encryption negotiation and TLS handshake included), then again to
-/// answer the password prompt. The first is one deadline for the whole
-/// phase, not a timer per packet, or a client could hold a connection
-/// open by stalling in the handshake or trickling negotiation requests.
+/// authentication_timeout: from connecting to its password message
+/// (encryption negotiation, TLS handshake and startup message included).
+/// One deadline for the whole login, not a timer per packet or per phase,
+/// or a client could hold a connection (and one of the target's
+/// `max_connections`) open longer by stalling in each phase in turn, or
+/// trickling negotiation requests.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// SQLSTATE invalid_authorization_specification.
@@ -283,8 +284,8 @@ async fn serve(
     wire::authentication_cleartext(&mut out);
     send_all(&mut client_wr, &out).await?;
     let mut client_buf = BytesMut::new();
-    let password = tokio::time::timeout(
-        startup_timeout,
+    let password = tokio::time::timeout_at(
+        deadline,
         wire::read_frame_limited(&mut client_rd, &mut client_buf, wire::MAX_PASSWORD_MESSAGE),
     )
     .await

@@ -215,6 +215,24 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
     assert!(message.contains("startup timeout"), "{message}");
     assert!(started.elapsed() >= super::STARTUP_TIMEOUT);
 
+    // Stalls before its startup packet, then at the password prompt, each
+    // for less than the timeout but together for more: one deadline for
+    // the whole login, not one per phase. Its password, sent past the
+    // deadline, is never read (per phase, it would have been, and the
+    // token refused with 28000).
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(super::STARTUP_TIMEOUT - Duration::from_secs(10)).await;
+    slow.write_all(&startup).await.expect("startup");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let mut password = BytesMut::new();
+    password.extend_from_slice(b"p");
+    password.extend_from_slice(&(4 + 12i32).to_be_bytes());
+    password.extend_from_slice(b"not-a-token\0");
+    let _ = slow.write_all(&password).await;
+    let (code, message) = first_error(&mut slow).await.expect("an error, then close");
+    assert_eq!(code, "08P01", "{message}");
+    assert!(message.contains("startup timeout"), "{message}");
+
     // The listener still serves: the next client gets its answer.
     let (code, _) = login(addr, "not-a-token").await;
     assert_eq!(code, "28000");
@@ -228,7 +246,7 @@ async fn a_client_that_stalls_during_startup_is_cut_off_and_others_are_served() 
     );
     assert_eq!(silent.len(), 1, "{silent:?}");
     let stalled = refusals_saying(audit_dir.path(), "no password within the startup timeout");
-    assert_eq!(stalled.len(), 1, "{stalled:?}");
+    assert_eq!(stalled.len(), 2, "{stalled:?}");
     assert_eq!(&*stalled[0].database_user, "agent");
 }
 

@@ -165,12 +165,16 @@ async fn establish(
     // default: with it off, a backslash in a plain string hides a quote,
     // and the server would split statements where tollgate does not.
     // The settings asked for are the ones the greeting is checked against.
-    let mut params: Vec<(&str, &str)> = vec![("user", user)];
-    params.extend(TEXT_READING_SETTINGS);
     // Unqualified names are classified as `public.x`: the server must
-    // resolve them there too, not in a schema named after the gateway's
-    // user or one a role default put first.
-    params.push(("search_path", "public"));
+    // resolve them there too (search_path, one of the settings), not in a
+    // schema named after the gateway's user or one a role default put
+    // first.
+    let mut params: Vec<(&str, &str)> = vec![("user", user)];
+    params.extend(
+        TEXT_READING_SETTINGS
+            .iter()
+            .map(|&(name, value, _)| (name, value)),
+    );
     for (key, value) in client_params {
         if PASSED_STARTUP_PARAMETERS.contains(&key.as_str()) {
             params.push((key, value));
@@ -335,14 +339,28 @@ async fn establish(
     })
 }
 
-/// The settings under which the server reads SQL text as tollgate does:
-/// another client encoding can hide a quote inside a multi-byte
-/// character, and with standard_conforming_strings off a backslash in a
-/// plain string hides one. tollgate asks for both at login.
-const TEXT_READING_SETTINGS: [(&str, &str); 2] = [
-    ("client_encoding", "UTF8"),
-    ("standard_conforming_strings", "on"),
+/// The settings under which the server reads SQL text as tollgate does,
+/// with the family of the rule that names a change: another client
+/// encoding can hide a quote inside a multi-byte character, and with
+/// standard_conforming_strings off a backslash in a plain string hides
+/// one; with another search_path an unqualified name is another table
+/// than the `public.x` tollgate decided on (PostgreSQL reports its changes
+/// from version 18; before, they are refused by policy, see policy.md).
+/// tollgate asks for all three at login.
+const TEXT_READING_SETTINGS: [(&str, &str, &str); 3] = [
+    ("client_encoding", "UTF8", "encoding"),
+    ("standard_conforming_strings", "on", "encoding"),
+    ("search_path", "public", "names"),
 ];
+
+/// The rule family of a setting of [`TEXT_READING_SETTINGS`]
+/// (`encoding`, `names`).
+pub(super) fn reading_rule_family(name: &str) -> &'static str {
+    TEXT_READING_SETTINGS
+        .iter()
+        .find(|(setting, _, _)| *setting == name)
+        .map_or("encoding", |(_, _, family)| family)
+}
 
 /// If `frame` is a ParameterStatus giving one of
 /// [`TEXT_READING_SETTINGS`] another value: its name, the value, and the
@@ -351,10 +369,12 @@ pub(super) fn text_reading_changed(frame: &Frame) -> Option<(&'static str, Strin
     if frame.tag != b'S' {
         return None;
     }
-    TEXT_READING_SETTINGS.iter().find_map(|&(name, expected)| {
-        let value = wire::parameter_status(frame, name)?;
-        (!value.eq_ignore_ascii_case(expected)).then_some((name, value, expected))
-    })
+    TEXT_READING_SETTINGS
+        .iter()
+        .find_map(|&(name, expected, _)| {
+            let value = wire::parameter_status(frame, name)?;
+            (!value.eq_ignore_ascii_case(expected)).then_some((name, value, expected))
+        })
 }
 
 /// Whether tollgate may answer a request for its password in the clear,
@@ -585,6 +605,7 @@ mod tests {
         for (name, value) in [
             ("standard_conforming_strings", "off"),
             ("client_encoding", "SJIS"),
+            ("search_path", "hr, public"),
         ] {
             let server = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await

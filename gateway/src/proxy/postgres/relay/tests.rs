@@ -210,6 +210,36 @@ fn a_copy_the_statement_does_not_start_is_out_of_step() {
     }
 }
 
+/// The server's report of a setting under which it reads statements
+/// otherwise ends the session, naming the rule: the encoding settings,
+/// and search_path (reported from PostgreSQL 18), under which an
+/// unqualified name is another table than tollgate decided on. The values
+/// tollgate asked for at login end nothing.
+#[test]
+fn a_reported_change_of_how_the_server_reads_statements_ends_the_session() {
+    let status = |name: &str, value: &str| frame(b'S', format!("{name}\0{value}\0").as_bytes());
+    for (name, value, rule) in [
+        ("search_path", "hr, public", "names:search_path"),
+        (
+            "standard_conforming_strings",
+            "off",
+            "encoding:standard_conforming_strings",
+        ),
+        ("client_encoding", "SJIS", "encoding:client_encoding"),
+    ] {
+        let why = reads_text_otherwise(&status(name, value)).expect("the session ends");
+        assert!(why.contains(&format!("(rule {rule})")), "{why}");
+    }
+    for (name, value) in [
+        ("search_path", "public"),
+        ("standard_conforming_strings", "on"),
+        ("client_encoding", "UTF8"),
+        ("application_name", "anything"),
+    ] {
+        assert_eq!(reads_text_otherwise(&status(name, value)), None, "{name}");
+    }
+}
+
 #[test]
 fn ready_for_query_while_an_execute_is_unanswered_is_out_of_step() {
     let in_flight = queue_of(&[Kind::Execute, Kind::Sync]);
