@@ -321,27 +321,37 @@ impl Config {
         Ok(config)
     }
 
-    /// The destinations the kernel redirects, each to its listener.
     /// Loopback addresses of targets' servers agents could reach in their
     /// place: a target on `127.0.0.1:P` whose `[::1]:P` is not a target
-    /// too (and the reverse), while egress is allowed by default. A local
-    /// PostgreSQL listens on both (`listen_addresses = 'localhost'`).
+    /// too (and the reverse; an IPv4-mapped `::ffff:127.0.0.1` is
+    /// 127.0.0.1), while egress lets agents reach it (allowed by default,
+    /// or by an `egress_allow` rule). A local PostgreSQL listens on both
+    /// (`listen_addresses = 'localhost'`).
     pub fn unprotected_loopback_twins(&self) -> Vec<(String, std::net::SocketAddr)> {
         use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-        if self.pin.egress_default == EgressDefault::Deny {
-            return Vec::new();
-        }
-        let protected: HashSet<SocketAddr> = self.targets.iter().map(|t| t.address).collect();
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let protected: HashSet<SocketAddr> =
+            self.targets.iter().map(|t| canonical(t.address)).collect();
+        let allow_rules: Vec<crate::pin::AllowRule> = self
+            .pin
+            .egress_allow
+            .iter()
+            .filter_map(|rule| rule.parse().ok())
+            .collect();
+        let reachable = |twin: SocketAddr| {
+            self.pin.egress_default == EgressDefault::Allow
+                || allow_rules.iter().any(|rule| rule.allows_tcp(twin))
+        };
         self.targets
             .iter()
             .filter_map(|t| {
-                let twin: IpAddr = match t.address.ip() {
-                    IpAddr::V4(ip) if ip.is_loopback() => Ipv6Addr::LOCALHOST.into(),
-                    IpAddr::V6(ip) if ip.is_loopback() => Ipv4Addr::LOCALHOST.into(),
+                let twin: IpAddr = match canonical(t.address).ip() {
+                    IpAddr::V4(ip) if ip == Ipv4Addr::LOCALHOST => Ipv6Addr::LOCALHOST.into(),
+                    IpAddr::V6(ip) if ip == Ipv6Addr::LOCALHOST => Ipv4Addr::LOCALHOST.into(),
                     _ => return None,
                 };
                 let twin = SocketAddr::new(twin, t.address.port());
-                (!protected.contains(&twin)).then(|| (t.name.clone(), twin))
+                (!protected.contains(&twin) && reachable(twin)).then(|| (t.name.clone(), twin))
             })
             .collect()
     }
@@ -355,6 +365,7 @@ impl Config {
         ports
     }
 
+    /// The destinations the kernel redirects, each to its listener.
     pub fn protected(&self) -> Vec<crate::pin::Protected> {
         self.targets
             .iter()
@@ -832,6 +843,41 @@ mod tests {
         let mut denied = config.clone();
         denied.pin.egress_default = EgressDefault::Deny;
         assert!(denied.unprotected_loopback_twins().is_empty());
+        // Under deny, a rule that lets agents reach the twin brings it
+        // back; one for another port does not.
+        for (rule, named) in [("::1/128", true), ("::/0", true), ("127.0.0.0/8", false)] {
+            let mut allowed = denied.clone();
+            allowed.pin.egress_allow = vec![EgressAllow {
+                cidr: rule.into(),
+                ports: None,
+                protocol: None,
+            }];
+            assert_eq!(
+                !allowed.unprotected_loopback_twins().is_empty(),
+                named,
+                "{rule}"
+            );
+        }
+        let mut other_port = denied.clone();
+        other_port.pin.egress_allow = vec![EgressAllow {
+            cidr: "::1/128".into(),
+            ports: Some("5433".into()),
+            protocol: None,
+        }];
+        assert!(other_port.unprotected_loopback_twins().is_empty());
+        // An IPv4-mapped target is its IPv4 address; either form of the
+        // twin protects it; another loopback address has no twin.
+        let mapped = allowing(local(None).replace("127.0.0.1:5432", "[::ffff:127.0.0.1]:5432"));
+        assert_eq!(
+            mapped.unprotected_loopback_twins(),
+            vec![("orders-db".to_string(), "[::1]:5432".parse().expect("addr"))]
+        );
+        let mapped_twin = allowing(
+            local(Some("[::1]:5432")).replace("127.0.0.1:5432", "[::ffff:127.0.0.1]:5432"),
+        );
+        assert!(mapped_twin.unprotected_loopback_twins().is_empty());
+        let other_loopback = allowing(local(None).replace("127.0.0.1:5432", "127.0.0.2:5432"));
+        assert!(other_loopback.unprotected_loopback_twins().is_empty());
         let remote = allowing(with_targets(1, |_, t| t.to_string()));
         assert!(remote.unprotected_loopback_twins().is_empty());
     }

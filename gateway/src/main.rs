@@ -412,10 +412,10 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
             SESSIONS_END_WITHIN.as_secs()
         );
     }
-    shared.flush_refusal_summaries();
     if let Some(evidence) = evidence {
         evidence.shutdown().await;
     }
+    shared.flush_last_refusal_summaries();
     audit.shutdown().await;
     Ok(())
 }

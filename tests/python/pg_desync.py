@@ -22,6 +22,16 @@ Scenarios:
               portal on the server) and of FIRST_SQL (which opens a cursor
               named "c"), then Describe/Execute of portal "c" + Sync, all
               in one write.
+  query_then_cursor
+              As commit_then_cursor, with a simple Query of SECOND_SQL in
+              place of the COMMIT (a Query ends the implicit transaction
+              when done, and with it the portal).
+  sync_then_cursor
+              Parse "h", Bind portal "c" to it, Flush, and once the server
+              confirmed the Bind: Sync (which ends the implicit
+              transaction, and the portal), then Parse/Bind/Execute of
+              FIRST_SQL, Describe/Execute of portal "c" + Sync, in one
+              write.
   copy_sync   COPY orders_copy FROM STDIN, CopyDone once it starts; then
               the same COPY + Sync in one write (the server ignores the
               Sync in copy mode), CopyDone once it starts; then
@@ -145,6 +155,32 @@ def main():
             + sync
         )
         answers += read_until(sock, [b"Z"])
+    elif scenario == "query_then_cursor":
+        sock.sendall(
+            msg(b"P", cstr("h") + cstr("SELECT 'x'::text AS e") + struct.pack("!h", 0))
+            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+            + msg(b"Q", cstr(second))
+            + pbe(first)
+            + msg(b"D", b"P" + cstr("c"))
+            + msg(b"E", cstr("c") + struct.pack("!i", 0))
+            + sync
+        )
+        answers += read_until(sock, [b"Z"], 2)
+    elif scenario == "sync_then_cursor":
+        sock.sendall(
+            msg(b"P", cstr("h") + cstr("SELECT 'x'::text AS e") + struct.pack("!h", 0))
+            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+            + msg(b"H", b"")
+        )
+        answers += read_until(sock, [b"2"])
+        sock.sendall(
+            sync
+            + pbe(first)
+            + msg(b"D", b"P" + cstr("c"))
+            + msg(b"E", cstr("c") + struct.pack("!i", 0))
+            + sync
+        )
+        answers += read_until(sock, [b"Z"], 2)
     elif scenario == "copy_sync":
         answers += copies_then_queries(sock, [b"", sync], first, second)
     elif scenario == "rollback":

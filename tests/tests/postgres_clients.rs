@@ -1620,17 +1620,26 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
              RETURN name; END $$",
         )
         .expect("create the function");
-    let out = raw_protocol_script(
-        &stack,
-        "pg_desync.py",
-        &agent,
-        &["commit_then_cursor", "SELECT open_shouting_cursor('c')", ""],
-    );
-    assert!(
-        !out.to_lowercase().contains("@example.com"),
-        "a cursor under a portal name its transaction ended leaked: {out}"
-    );
-    assert!(out.contains("mask:unparsed"), "{out}");
+    // The transaction ended by a COMMIT in the pipeline, by a simple
+    // Query (which commits the implicit transaction when done), or by a
+    // Sync the server had not answered when the Execute came.
+    for (scenario, second) in [
+        ("commit_then_cursor", ""),
+        ("query_then_cursor", "SELECT 1"),
+        ("sync_then_cursor", ""),
+    ] {
+        let out = raw_protocol_script(
+            &stack,
+            "pg_desync.py",
+            &agent,
+            &[scenario, "SELECT open_shouting_cursor('c')", second],
+        );
+        assert!(
+            !out.to_lowercase().contains("@example.com"),
+            "{scenario}: a cursor under a portal name its transaction ended leaked: {out}"
+        );
+        assert!(out.contains("mask:unparsed"), "{scenario}: {out}");
+    }
 
     // Rows fetched from a cursor: FETCH names no table, so its rows count
     // as reads of masked columns, computed ones included (each -c is its

@@ -92,7 +92,8 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
                 )
                 .try_init();
             let opts = verify::Options {
-                max_checkpoint_age_ms: max_checkpoint_age_secs.map(|s| s as i64 * 1000),
+                max_checkpoint_age_ms: max_checkpoint_age_secs
+                    .map(|s| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000)),
                 now_ms: store::now_ms(),
             };
             let r = verify::verify_dir(&dir, &public_key, &opts)?;

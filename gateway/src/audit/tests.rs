@@ -110,6 +110,44 @@ async fn concurrent_appends_get_distinct_contiguous_sequences() {
     assert_chain(&read_segments(&cfg.dir), 1000);
 }
 
+/// The directory's lock taken on its own (as `run` takes it before it
+/// pins anything) keeps every other opening out; the store opened with
+/// it holds it until it stops, and then the directory opens again.
+#[tokio::test]
+async fn a_lock_taken_alone_keeps_others_out_until_its_store_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let lock = AuditLog::lock(&cfg).expect("lock");
+    let busy = |err: anyhow::Error| {
+        let text = format!("{err:#}");
+        assert!(text.contains("in use by another process"), "{text}");
+    };
+    busy(
+        AuditLog::open(&cfg)
+            .await
+            .err()
+            .expect("opened past the lock"),
+    );
+    busy(AuditLog::lock(&cfg).err().expect("locked twice"));
+    let log = AuditLog::open_locked(&cfg, lock)
+        .await
+        .expect("open with the lock");
+    log.append(sample(0, store::now_ms()))
+        .await
+        .expect("append");
+    busy(
+        AuditLog::open(&cfg)
+            .await
+            .err()
+            .expect("opened past the store"),
+    );
+    log.shutdown().await;
+    let again = AuditLog::open(&cfg)
+        .await
+        .expect("open once the store stopped");
+    again.shutdown().await;
+}
+
 #[tokio::test]
 async fn segments_hold_exactly_the_appended_records() {
     let tmp = tempfile::tempdir().unwrap();

@@ -116,6 +116,7 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
     // only.
     let for_every_tenant = DevKey::generate().expect("key");
     let for_other_tenant = DevKey::generate().expect("key");
+    let blank_issuer = DevKey::generate().expect("key");
     let with_issuer = |key: &DevKey, issuer: &str| {
         let mut jwk = key.jwk();
         jwk["issuer"] = json!(issuer);
@@ -132,6 +133,7 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             &for_other_tenant,
             &format!("https://login.microsoftonline.com/{OTHER_TID}/v2.0"),
         ));
+        keys.push(with_issuer(&blank_issuer, " "));
     }
     std::fs::write(dir.join("jwks.json"), jwks.to_string()).expect("write jwks");
 
@@ -149,6 +151,33 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             "a key whose issuer names every tenant",
             "",
             rs256(&for_every_tenant, &header(&for_every_tenant.kid), &good),
+        ),
+        (
+            // Entra signs both versions with the keys its v2 key sets
+            // name the v2 issuer for.
+            "a v1 token on a key of the v2 issuer",
+            "token_versions = [1, 2]",
+            rs256(
+                &for_every_tenant,
+                &header(&for_every_tenant.kid),
+                &Value::Object(
+                    match (TokenSpec {
+                        version: 1,
+                        ..spec()
+                    })
+                    .claims_at(t)
+                    {
+                        Value::Object(m) => m,
+                        _ => unreachable!("claims_at returns an object"),
+                    },
+                )
+                .to_string(),
+            ),
+        ),
+        (
+            "a key whose issuer is blank",
+            "",
+            rs256(&blank_issuer, &header(&blank_issuer.kid), &good),
         ),
         (
             "ps256 when allowed",
@@ -229,6 +258,27 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             name: "a key published for another tenant's issuer",
             config: "",
             token: rs256(&for_other_tenant, &header(&for_other_tenant.kid), &good),
+            code: "key_issuer_mismatch",
+        },
+        Case {
+            name: "a v1 token on a key of another tenant's v2 issuer",
+            config: "token_versions = [1, 2]",
+            token: rs256(
+                &for_other_tenant,
+                &header(&for_other_tenant.kid),
+                &Value::Object(
+                    match (TokenSpec {
+                        version: 1,
+                        ..spec()
+                    })
+                    .claims_at(t)
+                    {
+                        Value::Object(m) => m,
+                        _ => unreachable!("claims_at returns an object"),
+                    },
+                )
+                .to_string(),
+            ),
             code: "key_issuer_mismatch",
         },
         Case {

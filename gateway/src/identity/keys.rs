@@ -458,9 +458,11 @@ pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoad
             }
         };
         // An `issuer` that is not a string cannot be honoured: the key is
-        // not used, rather than used for every issuer.
+        // not used, rather than used for every issuer. One that is null or
+        // blank restricts nothing, as for Microsoft's validator.
         let issuer = match k.get("issuer") {
-            None => None,
+            None | Some(Value::Null) => None,
+            Some(Value::String(issuer)) if issuer.trim().is_empty() => None,
             Some(Value::String(issuer)) => Some(issuer.clone()),
             Some(_) => {
                 tracing::debug!(kid, "skipping a JWK whose issuer is not a string");

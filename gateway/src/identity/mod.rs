@@ -943,9 +943,15 @@ impl Verifier {
         // name it per key) signs for that issuer only, as Microsoft's
         // validation rules require: a key of another tenant or cloud cannot
         // vouch for this one's tokens.
+        // Entra signs v1 and v2 tokens with the same keys, and its v2 key
+        // sets name the v2 issuer: a v1 token passes on a key of its
+        // tenant's v2 issuer, as Microsoft's own validator lets it.
         if let Some(key_issuer) = &entry.issuer {
             let expected = key_issuer.replace("{tenantid}", &tid);
-            if !iss.eq_ignore_ascii_case(&expected) {
+            let v2_of_this_tenant = format!("{}{tid}{}", s.issuer_v2.prefix, s.issuer_v2.suffix);
+            let signs_for_it = iss.eq_ignore_ascii_case(&expected)
+                || (version == 1 && v2_of_this_tenant.eq_ignore_ascii_case(&expected));
+            if !signs_for_it {
                 return Err(IdentityError::KeyIssuerMismatch {
                     iss: clip(iss),
                     key_issuer: clip(key_issuer),

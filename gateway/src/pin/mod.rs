@@ -96,6 +96,23 @@ pub struct AllowRule {
 }
 
 impl AllowRule {
+    /// Whether the rule lets a TCP connection to `destination` through.
+    pub fn allows_tcp(self, destination: SocketAddr) -> bool {
+        if self.protocol != 0 && self.protocol != 6 {
+            return false;
+        }
+        if !(self.port_lo..=self.port_hi).contains(&destination.port()) {
+            return false;
+        }
+        let rule = self.to_kernel();
+        let address = match destination.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let words = words_of(address.octets());
+        (0..4).all(|i| words[i] & rule.mask[i] == rule.addr[i])
+    }
+
     /// The kernel's form: IPv4 prefixes become IPv4-mapped, as the
     /// programs see every destination.
     pub fn to_kernel(self) -> EgressRule {

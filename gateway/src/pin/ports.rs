@@ -125,11 +125,11 @@ pub fn warn_if_handed_out_by_the_kernel(ports: &BTreeSet<u16>) {
             .join(",");
         warn!(
             ports = %list,
-            "listener or target ports inside the kernel's ephemeral range {}-{} and not \
-             reserved: an agent asking for any free port could be given one of them (a \
-             listener's while tollgate is down, a local target's while the database is, and \
-             then tollgate's login to it); add them to net.ipv4.ip_local_reserved_ports \
-             (docs/pinning.md)",
+            "listener, target or identity provider ports inside the kernel's ephemeral range \
+             {}-{} and not reserved: an agent asking for any free port could be given one of \
+             them (a listener's while tollgate is down, a local target's while the database is, \
+             and then tollgate's login to it, a local identity provider's while it is down); \
+             add them to net.ipv4.ip_local_reserved_ports (docs/pinning.md)",
             range.0,
             range.1
         );

@@ -114,6 +114,11 @@ pub struct Operation {
     /// The result comes from something decided earlier (FETCH from a
     /// cursor): which tables it reads is not in this statement's text.
     pub opaque_result: bool,
+    /// May end the transaction it runs in: COMMIT, ROLLBACK (ROLLBACK TO
+    /// SAVEPOINT too), CALL (a procedure may commit), administration
+    /// statements. The server then drops the portals the protocol bound.
+    /// Not BEGIN, SAVEPOINT or RELEASE, which keep them.
+    pub ends_transaction: bool,
     /// Creates, replaces or drops prepared statements or portals by name
     /// in SQL (DECLARE, CLOSE, PREPARE, DEALLOCATE, DISCARD): protocol
     /// messages naming them can no longer be tied to what tollgate saw.

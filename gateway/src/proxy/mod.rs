@@ -96,7 +96,8 @@ impl Shared {
     }
 
     fn written_one_by_one(&self, record: &AuditRecord) -> bool {
-        // A verified identity's refusals are accountable: always written.
+        // Refusals after the identity was accepted are accountable:
+        // always written.
         !record.actor_user_uid.is_empty() || self.refusals.admit(record)
     }
 
@@ -114,7 +115,17 @@ impl Shared {
 
     /// Writes the summaries of the refusals counted so far.
     pub fn flush_refusal_summaries(&self) {
-        for summary in self.refusals.take_summaries(now_millis()) {
+        self.write_summaries(self.refusals.take_summaries(now_millis()));
+    }
+
+    /// Writes the last summaries, as the daemon stops: refusals after them
+    /// are written one by one.
+    pub fn flush_last_refusal_summaries(&self) {
+        self.write_summaries(self.refusals.take_last_summaries(now_millis()));
+    }
+
+    fn write_summaries(&self, summaries: Vec<AuditRecord>) {
+        for summary in summaries {
             warn!(detail = %summary.status_detail, "refusals summarized");
             drop(self.audit.submit_lazy(summary));
         }

@@ -15,8 +15,9 @@
 //! which kinds, over which span, from where. The client is refused the
 //! same way either way.
 //!
-//! A refusal of a verified identity is always written one by one: it is
-//! accountable, and rare.
+//! A refusal after tollgate accepted the caller's identity (its record
+//! names the caller) is always written one by one: it is accountable, and
+//! rare. Refused tokens are not: their claims are not an identity.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -115,13 +116,20 @@ struct Counted {
 #[derive(Debug)]
 struct SourceState {
     bucket: Bucket,
-    counted: Option<Counted>,
+    /// By OCSF class (a refused login's, a refused cancel's): a summary
+    /// has one class, so queries by class count it where it belongs.
+    counted: BTreeMap<i32, Counted>,
 }
 
 #[derive(Debug)]
 struct State {
     sources: HashMap<Source, SourceState>,
     overall: Bucket,
+    /// The last summaries were taken (the daemon stops): from now on
+    /// every refusal is written one by one, so that none is counted where
+    /// no summary will ever say so (the store refuses what comes after it
+    /// stopped, and that is logged).
+    closed: bool,
 }
 
 /// Decides which refusals are written one by one and counts the others;
@@ -137,6 +145,7 @@ impl Default for RefusalLimiter {
             state: Mutex::new(State {
                 sources: HashMap::new(),
                 overall: Bucket::full(Instant::now(), OVERALL_BURST),
+                closed: false,
             }),
         }
     }
@@ -152,14 +161,21 @@ impl RefusalLimiter {
 
     fn admit_at(&self, record: &AuditRecord, now: Instant) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let State { sources, overall } = &mut *state;
+        let State {
+            sources,
+            overall,
+            closed,
+        } = &mut *state;
+        if *closed {
+            return true;
+        }
         let mut source = Source::of(record);
         if !sources.contains_key(&source) && sources.len() >= MAX_SOURCES {
             source = Source::Others;
         }
         let entry = sources.entry(source).or_insert_with(|| SourceState {
             bucket: Bucket::full(now, PER_SOURCE_BURST),
-            counted: None,
+            counted: BTreeMap::new(),
         });
         // A source over its own limit does not spend the others' share.
         if entry
@@ -174,12 +190,15 @@ impl RefusalLimiter {
             .split_once(':')
             .map_or(record.status_detail.as_str(), |(code, _)| code)
             .to_owned();
-        let counted = entry.counted.get_or_insert_with(|| Counted {
-            first: record.clone(),
-            count: 0,
-            last_ms: record.time,
-            codes: BTreeMap::new(),
-        });
+        let counted = entry
+            .counted
+            .entry(record.class_uid)
+            .or_insert_with(|| Counted {
+                first: record.clone(),
+                count: 0,
+                last_ms: record.time,
+                codes: BTreeMap::new(),
+            });
         counted.count += 1;
         counted.last_ms = counted.last_ms.max(record.time);
         *counted.codes.entry(code).or_default() += 1;
@@ -193,11 +212,19 @@ impl RefusalLimiter {
         self.take_summaries_at(now_ms, Instant::now())
     }
 
+    /// The last summaries, as the daemon stops: every refusal after them
+    /// is written one by one.
+    pub fn take_last_summaries(&self, now_ms: i64) -> Vec<AuditRecord> {
+        let summaries = self.take_summaries(now_ms);
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        summaries
+    }
+
     fn take_summaries_at(&self, now_ms: i64, now: Instant) -> Vec<AuditRecord> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut summaries = Vec::new();
         state.sources.retain(|source, entry| {
-            if let Some(counted) = entry.counted.take() {
+            for counted in std::mem::take(&mut entry.counted).into_values() {
                 summaries.push(summary(source, counted, now_ms));
             }
             entry
@@ -330,6 +357,50 @@ mod tests {
 
         // Counted once: the next summary has nothing of them.
         assert!(limiter.take_summaries_at(19_000, start).is_empty());
+    }
+
+    /// A source's refused cancels and refused logins are summarized apart,
+    /// each with its own class, so a query by class counts each where it
+    /// belongs.
+    #[test]
+    fn one_summary_per_class_of_refusal() {
+        let limiter = RefusalLimiter::default();
+        let start = Instant::now();
+        let mut cancel = refusal(Some(7), "127.0.0.1", "cancel_unknown_key", 1_000);
+        cancel.class_uid = 6005;
+        let mut login = refusal(Some(7), "127.0.0.1", "malformed", 1_000);
+        login.class_uid = 3002;
+        admitted(&limiter, &cancel, start, 101, Duration::ZERO);
+        admitted(&limiter, &login, start, 500, Duration::ZERO);
+        let mut summaries = limiter.take_summaries_at(2_000, start);
+        summaries.sort_by_key(|s| s.class_uid);
+        let by_class: Vec<(i32, u64)> = summaries
+            .iter()
+            .map(|s| {
+                let v: serde_json::Value = serde_json::from_str(&s.unmapped).expect("JSON");
+                (
+                    s.class_uid,
+                    v["refusals_summarized"]["count"].as_u64().expect("count"),
+                )
+            })
+            .collect();
+        assert_eq!(by_class, vec![(3002, 500), (6005, 1)]);
+    }
+
+    /// Once the last summaries are taken, nothing more is counted: a
+    /// refusal then is written (and the stopped store says so).
+    #[test]
+    fn after_the_last_summaries_every_refusal_is_written() {
+        let limiter = RefusalLimiter::default();
+        let start = Instant::now();
+        let record = refusal(Some(7), "127.0.0.1", "malformed", 1_000);
+        assert_eq!(
+            admitted(&limiter, &record, start, 300, Duration::ZERO),
+            PER_SOURCE_BURST as u32
+        );
+        assert_eq!(limiter.take_last_summaries(2_000).len(), 1);
+        assert_eq!(admitted(&limiter, &record, start, 300, Duration::ZERO), 300);
+        assert!(limiter.take_summaries_at(3_000, start).is_empty());
     }
 
     #[test]

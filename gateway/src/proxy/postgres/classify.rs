@@ -771,6 +771,10 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
             statement,
             Statement::Fetch { .. } | Statement::Execute { .. } | Statement::Call(_)
         ) || walker.runs_prepared,
+        ends_transaction: matches!(
+            statement,
+            Statement::Commit { .. } | Statement::Rollback { .. } | Statement::Call(_)
+        ) || top_kind(statement) == StatementKind::Admin,
         renames_protocol_objects: matches!(
             statement,
             Statement::Declare { .. }

@@ -595,11 +595,13 @@ struct InFlight {
     /// no longer trusted, and resolve as unknown until defined again.
     generation: u64,
     /// Bumped with `generation`, and when a statement that may end the
-    /// transaction is sent (COMMIT, ROLLBACK, ROLLBACK TO SAVEPOINT, a CALL
-    /// or DO that commits, ...): the server then drops the portals the
+    /// transaction is sent (`Operation::ends_transaction`: COMMIT,
+    /// ROLLBACK, ROLLBACK TO SAVEPOINT, a CALL that commits, ...; not
+    /// BEGIN, SAVEPOINT or RELEASE): the server then drops the portals the
     /// protocol bound, and a later one of the same name (a function's
     /// `OPEN` of a cursor by that name) is another. Portals defined before
-    /// it resolve as unknown; statements stay.
+    /// it resolve as unknown; statements stay. (A Sync or a simple Query
+    /// ends the transaction too, outside a block: see `resolve`.)
     portal_generation: u64,
     /// The server met an error in an extended-protocol pipeline and skips
     /// everything up to the client's next Sync: what the client sends
@@ -802,9 +804,17 @@ impl InFlight {
     /// `generation_of` is the generation a name of this kind is trusted
     /// in, as of a request sent (`generation` or `portal_generation`), and
     /// `current` the current one.
+    ///
+    /// A portal (`portal`) ends with its transaction: a Sync or a simple
+    /// Query still unanswered may end it (outside a transaction block a
+    /// Sync commits the implicit one, and a Query commits it when done, or
+    /// aborts it with an error), so a portal defined before one is looked
+    /// up once it is answered, when the server's ReadyForQuery has said
+    /// whether the portals are gone.
     fn resolve<T: Clone>(
         &self,
         unnamed: bool,
+        portal: bool,
         defines: impl Fn(&Pending) -> Option<Option<T>>,
         confirmed: Option<&(u64, T)>,
         generation_of: impl Fn(&Pending) -> u64,
@@ -816,14 +826,17 @@ impl InFlight {
                 // Sent before names stopped being trusted.
                 break;
             }
-            if pending.kind == Kind::Sync {
-                synced_since = true;
-                continue;
-            }
             if unnamed && matches!(pending.kind, Kind::Query | Kind::RefusedQuery) {
                 // A simple Query drops the unnamed statement and portal
                 // before it runs, whatever came before it.
                 return Resolved::Known(None);
+            }
+            if portal && matches!(pending.kind, Kind::Sync | Kind::Query | Kind::RefusedQuery) {
+                return Resolved::WaitFor(pending.id);
+            }
+            if pending.kind == Kind::Sync {
+                synced_since = true;
+                continue;
             }
             if let Some(definition) = defines(pending) {
                 return if synced_since {
@@ -853,7 +866,11 @@ impl InFlight {
         if renames {
             self.generation += 1;
         }
-        if renames || may_change_transaction(operations) {
+        let ends_transaction = match operations {
+            Ok(ops) => ops.iter().any(|op| op.ends_transaction),
+            Err(_) => true,
+        };
+        if renames || ends_transaction {
             self.portal_generation += 1;
         }
     }
@@ -861,6 +878,7 @@ impl InFlight {
     fn statement(&self, name: &str) -> Resolved<Option<Arc<Prepared>>> {
         self.resolve(
             name.is_empty(),
+            false,
             |p| match (&p.parse, &p.close) {
                 (Some((parsed, prepared)), _) if parsed == name => Some(Some(prepared.clone())),
                 (_, Some((b'S', closed))) if closed == name => Some(None),
@@ -875,6 +893,7 @@ impl InFlight {
     fn portal(&self, name: &str) -> Resolved<Option<Bound>> {
         self.resolve(
             name.is_empty(),
+            true,
             |p| match (&p.bind, &p.close) {
                 (Some((bound, what)), _) if bound == name => Some(Some(what.clone())),
                 (_, Some((b'P', closed))) if closed == name => Some(None),

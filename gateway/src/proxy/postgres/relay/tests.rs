@@ -1370,6 +1370,80 @@ fn text_held_in_flight_is_counted_in_and_out() {
     assert_eq!(queue.held_bytes, 0);
 }
 
+/// A portal lives as long as its transaction does on the server: one
+/// confirmed before an unanswered Sync or simple Query is looked up once
+/// that is answered (a ReadyForQuery outside a block drops it); a
+/// statement that may end the transaction (COMMIT, ROLLBACK TO SAVEPOINT)
+/// makes it unknown at once; BEGIN, SAVEPOINT and RELEASE keep it, as
+/// drivers' cursors inside a transaction rely on (a fetch after a
+/// savepoint).
+#[test]
+fn portals_end_with_their_transaction_and_not_before() {
+    let confirmed = |in_flight: &Mutex<InFlight>| {
+        let mut f = lock(in_flight);
+        f.portals.clear();
+        let generation = f.portal_generation;
+        let bound = (prepared("SELECT 1"), String::new());
+        assert!(f.portals.insert("p".into(), (generation, bound)));
+    };
+    let query = |in_flight: &Mutex<InFlight>, sql: &str| {
+        let mut f = lock(in_flight);
+        f.queued(Pending::new(Kind::Query, None));
+        f.note_renames(&classify(sql));
+    };
+    let known = |in_flight: &Mutex<InFlight>| match lock(in_flight).portal("p") {
+        Resolved::Known(found) => Some(found.is_some()),
+        Resolved::WaitFor(_) => None,
+    };
+    let answered = |in_flight: &Mutex<InFlight>, status: &[u8]| {
+        finish(
+            in_flight,
+            &[frame(b'C', b"SAVEPOINT\0"), frame(b'Z', status)],
+        );
+    };
+
+    // Inside a block: a SAVEPOINT or RELEASE in a Query waits for its
+    // answer, then the portal is still there.
+    for sql in ["SAVEPOINT s", "RELEASE SAVEPOINT s", "BEGIN"] {
+        let in_flight = queue_of(&[]);
+        confirmed(&in_flight);
+        query(&in_flight, sql);
+        assert_eq!(known(&in_flight), None, "{sql}: waits for the Query");
+        answered(&in_flight, b"T");
+        assert_eq!(known(&in_flight), Some(true), "{sql}");
+    }
+    // Outside a block a Query ends the implicit transaction: gone.
+    let in_flight = queue_of(&[]);
+    confirmed(&in_flight);
+    query(&in_flight, "SELECT 1");
+    assert_eq!(known(&in_flight), None);
+    answered(&in_flight, b"I");
+    assert_eq!(known(&in_flight), Some(false));
+    // So does a Sync, once answered outside a block.
+    let in_flight = queue_of(&[]);
+    confirmed(&in_flight);
+    lock(&in_flight).queued(Pending::new(Kind::Sync, None));
+    assert_eq!(known(&in_flight), None, "waits for the Sync");
+    finish(&in_flight, &[frame(b'Z', b"T")]);
+    assert_eq!(known(&in_flight), Some(true), "inside a block it stays");
+    // A statement that may end the transaction, sent in the pipeline:
+    // unknown at once, whatever the server later says.
+    for sql in [
+        "COMMIT",
+        "ROLLBACK TO SAVEPOINT s",
+        "CALL archive()",
+        "not sql",
+    ] {
+        let in_flight = queue_of(&[]);
+        confirmed(&in_flight);
+        let mut f = lock(&in_flight);
+        f.queued(Pending::new(Kind::Execute, None));
+        f.note_renames(&classify(sql));
+        drop(f);
+        assert_eq!(known(&in_flight), Some(false), "{sql}");
+    }
+}
+
 /// A session's named statements are kept up to a count and a size: past
 /// them a new name is not kept, so it resolves as unknown (decided as not
 /// understood at Execute), while the unnamed statement is always kept and
