@@ -964,6 +964,25 @@ mod tests {
         };
         Config::parse(&with_targets(entries, own_ports), "tollgate.toml")
             .expect("every port of the most targets is guarded");
+        // The identity provider's port on this host is guarded too: one
+        // more port than the map holds is refused; one already guarded is
+        // not another.
+        let full = with_targets(entries, own_ports);
+        let local_keys = |port: u16| {
+            full.replace(
+                "discovery_uri = \"https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/v2.0/.well-known/openid-configuration\"",
+                &format!("discovery_uri = \"https://127.0.0.1:{port}/.well-known/openid-configuration\""),
+            )
+        };
+        let err = Config::parse(&local_keys(40_000), "tollgate.toml")
+            .expect_err("one port past the map is refused");
+        assert_eq!(err.key, "identity", "{err}");
+        assert!(
+            err.reason.contains("2049 ports to keep from agents"),
+            "{err}"
+        );
+        Config::parse(&local_keys(30_000), "tollgate.toml")
+            .expect("a port already guarded takes no entry of its own");
     }
 
     /// A policy name that can never match what it means to is refused when
