@@ -32,6 +32,11 @@ Scenarios:
               transaction, and the portal), then Parse/Bind/Execute of
               FIRST_SQL, Describe/Execute of portal "c" + Sync, in one
               write.
+  describe_after_sync
+              In a transaction block: Parse "h" as FIRST_SQL, Bind portal
+              "c" to it, Flush, and once the server confirmed the Bind:
+              Sync, Describe of portal "c", Flush, Execute of "c", Sync,
+              in one write; then COMMIT.
   copy_sync   COPY orders_copy FROM STDIN, CopyDone once it starts; then
               the same COPY + Sync in one write (the server ignores the
               Sync in copy mode), CopyDone once it starts; then
@@ -181,6 +186,25 @@ def main():
             + sync
         )
         answers += read_until(sock, [b"Z"], 2)
+    elif scenario == "describe_after_sync":
+        sock.sendall(msg(b"Q", cstr("BEGIN")))
+        answers += read_until(sock, [b"Z"])
+        sock.sendall(
+            msg(b"P", cstr("h") + cstr(first) + struct.pack("!h", 0))
+            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+            + msg(b"H", b"")
+        )
+        answers += read_until(sock, [b"2"])
+        sock.sendall(
+            sync
+            + msg(b"D", b"P" + cstr("c"))
+            + msg(b"H", b"")
+            + msg(b"E", cstr("c") + struct.pack("!i", 0))
+            + sync
+        )
+        answers += read_until(sock, [b"Z"], 2)
+        sock.sendall(msg(b"Q", cstr("COMMIT")))
+        answers += read_until(sock, [b"Z"])
     elif scenario == "copy_sync":
         answers += copies_then_queries(sock, [b"", sync], first, second)
     elif scenario == "rollback":

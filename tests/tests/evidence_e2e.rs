@@ -241,6 +241,41 @@ fn a_clean_run_of_agent_connections_verifies_with_no_bypass_and_no_loss() {
     );
 }
 
+/// A connection to a protected target opened while nothing watched (here
+/// from outside the agent cgroups, after `tollgate unpin`, before the
+/// next start) and still open when tollgate starts: no kernel event names
+/// it, so the start lists it, and verify reports it (`open_before_watch`)
+/// with the process that holds it.
+#[test]
+fn a_connection_open_before_tollgate_watched_is_a_finding() {
+    if !privileged("a_connection_open_before_tollgate_watched_is_a_finding") {
+        return;
+    }
+    let _probe = sharing_the_probe();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    stack.gateway.unpin().expect("tollgate unpin");
+    let target = format!("127.0.0.1:{}", stack.postgres.port);
+    let held = std::net::TcpStream::connect(&target).expect("connect to the server directly");
+    stack.gateway.restart().expect("restart tollgate");
+    stack.gateway.stop();
+    drop(held);
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
+    let open: Vec<_> = bypasses
+        .iter()
+        .filter(|b| b["finding"] == "open_before_watch")
+        .collect();
+    assert_eq!(open.len(), 1, "{summary}");
+    assert_eq!(open[0]["pid"], std::process::id(), "{summary}");
+    assert_eq!(open[0]["destination"], target.as_str(), "{summary}");
+    // Nothing else was found: the connection was made while no program
+    // was attached, so no event of it exists.
+    assert_eq!(bypasses.len(), 1, "{summary}");
+}
+
 #[test]
 fn non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypass() {
     if !privileged("non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypass")

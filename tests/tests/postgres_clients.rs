@@ -1640,6 +1640,28 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         );
         assert!(out.contains("mask:unparsed"), "{scenario}: {out}");
     }
+    // A portal's Describe behind an unanswered Sync waits for it (the
+    // portal may have ended there) before it is sent, so the Execute
+    // behind it is queued when its RowDescription comes: that plans the
+    // masking, and only the masked column is masked.
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &[
+            "describe_after_sync",
+            "SELECT id, email FROM customers WHERE id = 1",
+            "",
+        ],
+    );
+    assert!(
+        !out.to_lowercase().contains("@example.com"),
+        "the masked column leaked: {out}"
+    );
+    assert!(
+        out.contains(r#"{"tag": "D", "values": ["1", "#),
+        "the id column was masked too: {out}"
+    );
 
     // Rows fetched from a cursor: FETCH names no table, so its rows count
     // as reads of masked columns, computed ones included (each -c is its

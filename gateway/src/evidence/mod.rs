@@ -11,6 +11,7 @@
 //! lost" can be checked from the files alone. [`verify`] reconciles the
 //! two logs offline (docs/evidence.md).
 
+pub mod open_at_start;
 mod prog_info;
 pub mod verify;
 
@@ -500,6 +501,22 @@ impl Evidence {
         })?;
         let log = AuditLog::open(&evidence_config(audit)).await?;
         log.append(config_record(&snapshot)).await?;
+        // After the programs are attached (a connection made from now on
+        // is an event): what was opened before them and is still open.
+        let targets = open_at_start::targets_of(&snapshot);
+        let open = tokio::task::spawn_blocking(move || open_at_start::scan(&targets))
+            .await
+            .unwrap_or_default();
+        for connection in &open {
+            tracing::warn!(
+                target_name = %connection.target,
+                destination = %connection.socket.remote,
+                pid = ?connection.pid,
+                process = %connection.comm,
+                "a connection to a protected target was open before tollgate watched: recorded (open_at_start)"
+            );
+            log.append(open_at_start::record(connection)).await?;
+        }
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(read_loop(
             Rings { ring, reserved },

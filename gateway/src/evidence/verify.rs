@@ -891,6 +891,31 @@ pub fn reconcile(
                     evidence_sequence: row.sequence,
                 });
             }
+            (phase::EVIDENCE, super::open_at_start::KIND) => {
+                // Opened before the programs were attached, and still open
+                // when the daemon started: no event names it, and it may
+                // carry requests while tollgate runs.
+                let dst = destination(row);
+                let target = dst
+                    .and_then(|d| targets.get(&d).cloned())
+                    .unwrap_or_else(|| "(protected at start)".into());
+                report.bypasses.push(Bypass {
+                    finding: "open_before_watch".into(),
+                    time_ms: row.time,
+                    time: format_time(row.time),
+                    pid: row.pid,
+                    process: row.process.clone(),
+                    cgroup_id: row.cgroup_id,
+                    cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
+                    destination: dst.map(|d| d.to_string()).unwrap_or_default(),
+                    target,
+                    socket_cookie: None,
+                    protocol: Some("tcp".into()),
+                    socket_type: None,
+                    packets: None,
+                    evidence_sequence: row.sequence,
+                });
+            }
             (phase::EVIDENCE, k) if k.starts_with("refused") => report.refused += 1,
             (phase::LOSS_COUNTERS, _) => {
                 report.loss_records += 1;

@@ -209,19 +209,19 @@ impl RefusalLimiter {
     /// write (stamped `now_ms`); the counts start again. Sources with
     /// nothing counted and a full bucket are forgotten.
     pub fn take_summaries(&self, now_ms: i64) -> Vec<AuditRecord> {
-        self.take_summaries_at(now_ms, Instant::now())
+        self.take_summaries_at(now_ms, Instant::now(), false)
     }
 
     /// The last summaries, as the daemon stops: every refusal after them
-    /// is written one by one.
+    /// is written one by one (closed under the same lock the summaries are
+    /// taken under, so that none is counted in between).
     pub fn take_last_summaries(&self, now_ms: i64) -> Vec<AuditRecord> {
-        let summaries = self.take_summaries(now_ms);
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        summaries
+        self.take_summaries_at(now_ms, Instant::now(), true)
     }
 
-    fn take_summaries_at(&self, now_ms: i64, now: Instant) -> Vec<AuditRecord> {
+    fn take_summaries_at(&self, now_ms: i64, now: Instant, last: bool) -> Vec<AuditRecord> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.closed |= last;
         let mut summaries = Vec::new();
         state.sources.retain(|source, entry| {
             for counted in std::mem::take(&mut entry.counted).into_values() {
@@ -335,7 +335,7 @@ mod tests {
         let admitted_other = admitted(&limiter, &other_kind, start, 50, Duration::ZERO);
         assert_eq!(admitted_flood + admitted_other, PER_SOURCE_BURST as u32);
 
-        let summaries = limiter.take_summaries_at(9_000, start);
+        let summaries = limiter.take_summaries_at(9_000, start, false);
         assert_eq!(summaries.len(), 1, "{summaries:?}");
         let summary = &summaries[0];
         let counts: serde_json::Value =
@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(summary.src_endpoint_port, None);
 
         // Counted once: the next summary has nothing of them.
-        assert!(limiter.take_summaries_at(19_000, start).is_empty());
+        assert!(limiter.take_summaries_at(19_000, start, false).is_empty());
     }
 
     /// A source's refused cancels and refused logins are summarized apart,
@@ -372,7 +372,7 @@ mod tests {
         login.class_uid = 3002;
         admitted(&limiter, &cancel, start, 101, Duration::ZERO);
         admitted(&limiter, &login, start, 500, Duration::ZERO);
-        let mut summaries = limiter.take_summaries_at(2_000, start);
+        let mut summaries = limiter.take_summaries_at(2_000, start, false);
         summaries.sort_by_key(|s| s.class_uid);
         let by_class: Vec<(i32, u64)> = summaries
             .iter()
@@ -400,7 +400,7 @@ mod tests {
         );
         assert_eq!(limiter.take_last_summaries(2_000).len(), 1);
         assert_eq!(admitted(&limiter, &record, start, 300, Duration::ZERO), 300);
-        assert!(limiter.take_summaries_at(3_000, start).is_empty());
+        assert!(limiter.take_summaries_at(3_000, start, false).is_empty());
     }
 
     #[test]
@@ -430,7 +430,7 @@ mod tests {
         }
         assert_eq!(written, OVERALL_BURST as u32);
         let counted: u64 = limiter
-            .take_summaries_at(2_000, start)
+            .take_summaries_at(2_000, start, false)
             .iter()
             .map(|s| {
                 let v: serde_json::Value = serde_json::from_str(&s.unmapped).expect("JSON");
@@ -453,7 +453,7 @@ mod tests {
             let record = refusal(Some(late), "127.0.0.1", "protocol", 1);
             assert_eq!(admitted(&limiter, &record, start, 100, Duration::ZERO), 0);
         }
-        let summaries = limiter.take_summaries_at(2, start);
+        let summaries = limiter.take_summaries_at(2, start, false);
         let others: Vec<_> = summaries
             .iter()
             .filter(|s| s.status_detail.contains("sources past the first"))
@@ -469,7 +469,7 @@ mod tests {
         assert_eq!(limiter.state.lock().unwrap().sources.len(), MAX_SOURCES + 1);
         // Once their buckets have refilled, quiet sources are dropped.
         let refilled = start + Duration::from_secs_f64(PER_SOURCE_BURST / PER_SOURCE_PER_SECOND);
-        assert!(limiter.take_summaries_at(3, refilled).is_empty());
+        assert!(limiter.take_summaries_at(3, refilled, false).is_empty());
         assert_eq!(limiter.state.lock().unwrap().sources.len(), 0);
     }
 }

@@ -274,7 +274,7 @@ impl FromClient {
             b'E' => self.execute(frame).await?,
             b'S' => self.sync(frame),
             b'C' => self.close(frame)?,
-            b'D' => self.describe(frame)?,
+            b'D' => self.describe(frame).await?,
             b'X' => {
                 self.forward.unsplit(frame.bytes);
                 self.send_admitted().await?;
@@ -561,11 +561,21 @@ impl FromClient {
         Ok(())
     }
 
-    fn describe(&mut self, frame: Frame) -> Result<(), WireError> {
+    async fn describe(&mut self, frame: Frame) -> Result<(), WireError> {
+        let described = wire::close_message(&frame).map_err(in_message("Describe"))?;
+        // A portal's Describe waits where an Execute of it would (behind a
+        // Sync or Query that may end it: see `InFlight::resolve`), so that
+        // the Execute right after it does not wait: a wait between the two
+        // would let the Describe be answered before the Execute is queued,
+        // and its RowDescription then plans nothing (the rows are masked
+        // whole).
+        if described.0 == b'P' {
+            self.resolve(|f| f.portal(&described.1)).await?;
+        }
         // Which result shape the next RowDescription belongs to: only a
         // Describe of the portal about to be executed may plan that
         // Execute's masking.
-        self.last_describe = Some(wire::close_message(&frame).map_err(in_message("Describe"))?);
+        self.last_describe = Some(described);
         self.forward_unless_skipped(Pending::new(Kind::Describe, None), frame);
         Ok(())
     }
@@ -634,9 +644,10 @@ impl FromClient {
 
     /// Resolves a statement or portal name (see [`InFlight::resolve`]).
     /// When an earlier pipeline's Parse, Bind or Close of it is unanswered,
-    /// what is admitted goes to the server (a Sync follows that message, so
-    /// the server answers it) and the client's messages wait for that
-    /// answer.
+    /// or (for a portal) a Sync or simple Query sent since, what is
+    /// admitted goes to the server (a Sync follows that message, or it is
+    /// one, or a Query: the server answers without a Flush) and the
+    /// client's messages wait for that answer.
     async fn resolve<T>(
         &mut self,
         lookup: impl Fn(&InFlight) -> Resolved<Option<T>>,

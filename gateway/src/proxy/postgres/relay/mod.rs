@@ -753,8 +753,10 @@ pub(super) fn refusal_marker() -> String {
 enum Resolved<T> {
     Known(T),
     /// A Parse, Bind or Close of the name sent before the last Sync is
-    /// still unanswered: whether it took effect decides what the server
-    /// will use, so the client's messages wait until it is answered.
+    /// still unanswered (whether it took effect decides what the server
+    /// will use), or, for a portal, a Sync or simple Query sent after it
+    /// (whether it ended the portal's transaction): the client's messages
+    /// wait until that request is answered.
     WaitFor(u64),
 }
 

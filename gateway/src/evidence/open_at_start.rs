@@ -1,0 +1,320 @@
+//! TCP connections to protected targets that were already open when the
+//! daemon started.
+//!
+//! The kernel programs see a connection when it is made. One made before
+//! they were attached (agents started before tollgate after a reboot, the
+//! first deployment onto running agents, a gap after `tollgate unpin`) can
+//! stay open and be used while tollgate runs, and no event would ever name
+//! it. So at every start the daemon lists the host's TCP sockets, in every
+//! network namespace, connected (or connecting) to a protected target, and
+//! records each as an `open_at_start` evidence row, with the process that
+//! holds it when one can be found. `tollgate verify` reports each as a
+//! finding (`open_before_watch`).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::MetadataExt,
+    path::Path,
+};
+
+use serde_json::json;
+
+use crate::audit::AuditRecord;
+
+use super::{base_record, network_activity, phase, ConfigSnapshot};
+
+/// The `kind` of an open-at-start record.
+pub const KIND: &str = "open_at_start";
+
+/// One socket in the kernel's TCP tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The kernel's state number (1 established, 2 SYN sent, 8 close wait).
+    pub state: u8,
+    pub uid: u32,
+    pub inode: u64,
+}
+
+/// States in which a socket is connected or connecting: it can still
+/// carry a request.
+const OPEN_STATES: [u8; 3] = [1, 2, 8];
+
+/// Parses one `/proc/net/tcp` or `/proc/net/tcp6` table. Lines that do
+/// not read are skipped (the header among them).
+pub fn parse_table(text: &str) -> Vec<TcpSocket> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<TcpSocket> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+    if fields.len() < 10 {
+        return None;
+    }
+    Some(TcpSocket {
+        local: parse_endpoint(fields[1])?,
+        remote: parse_endpoint(fields[2])?,
+        state: u8::from_str_radix(fields[3], 16).ok()?,
+        uid: fields[7].parse().ok()?,
+        inode: fields[9].parse().ok()?,
+    })
+}
+
+/// `0100007F:1538` (IPv4) or 32 hex digits and a port (IPv6): the
+/// address as the kernel's 32-bit words in host order, the port in hex.
+fn parse_endpoint(text: &str) -> Option<SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+    let ip: IpAddr = match address.len() {
+        8 => Ipv4Addr::from(word(address)?).into(),
+        32 => {
+            let mut octets = [0u8; 16];
+            for (i, chunk) in octets.chunks_exact_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(address.get(i * 8..i * 8 + 8)?)?);
+            }
+            Ipv6Addr::from(octets).into()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// An open socket to a protected target, with who holds it.
+#[derive(Debug, Clone)]
+pub struct OpenConnection {
+    pub socket: TcpSocket,
+    pub target: String,
+    pub netns: u64,
+    pub pid: Option<u32>,
+    pub comm: String,
+    pub cgroup_id: Option<u64>,
+}
+
+/// Every TCP socket of the host, in any network namespace, connected or
+/// connecting to one of `targets` (address to name).
+pub fn scan(targets: &HashMap<SocketAddr, String>) -> Vec<OpenConnection> {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let targets: HashMap<SocketAddr, &String> =
+        targets.iter().map(|(a, n)| (canonical(*a), n)).collect();
+    let mut found = Vec::new();
+    for (netns, pid) in one_process_per_network_namespace() {
+        for table in ["tcp", "tcp6"] {
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+                continue;
+            };
+            for socket in parse_table(&text) {
+                if !OPEN_STATES.contains(&socket.state) {
+                    continue;
+                }
+                if let Some(name) = targets.get(&canonical(socket.remote)) {
+                    found.push(OpenConnection {
+                        socket,
+                        target: (*name).clone(),
+                        netns,
+                        pid: None,
+                        comm: String::new(),
+                        cgroup_id: None,
+                    });
+                }
+            }
+        }
+    }
+    if !found.is_empty() {
+        attribute(&mut found);
+    }
+    found
+}
+
+/// A process of each network namespace: its `/proc/PID/net` tables are
+/// that namespace's.
+fn one_process_per_network_namespace() -> BTreeMap<u64, u32> {
+    let mut namespaces = BTreeMap::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return namespaces;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(meta) = fs::metadata(format!("/proc/{pid}/ns/net")) {
+            namespaces.entry(meta.ino()).or_insert(pid);
+        }
+    }
+    namespaces
+}
+
+/// Fills in which process holds each socket (the first found holding
+/// it), its name and cgroup.
+fn attribute(found: &mut [OpenConnection]) {
+    let wanted: HashSet<u64> = found.iter().map(|c| c.socket.inode).collect();
+    let mut holders: HashMap<u64, u32> = HashMap::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("socket:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(inode) = inode.filter(|i| wanted.contains(i)) {
+                holders.entry(inode).or_insert(pid);
+            }
+        }
+    }
+    let root = crate::pin::cgroup2_root().ok();
+    for connection in found.iter_mut() {
+        let Some(&pid) = holders.get(&connection.socket.inode) else {
+            continue;
+        };
+        connection.pid = Some(pid);
+        connection.comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_default();
+        connection.cgroup_id = root.as_deref().and_then(|root| cgroup_id_of(root, pid));
+    }
+}
+
+/// The cgroup v2 id of `pid`'s cgroup: the inode of its directory under
+/// the cgroup2 mount, what the kernel programs report.
+fn cgroup_id_of(root: &Path, pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    fs::metadata(root.join(path.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The protected targets of `snapshot`, by address.
+pub fn targets_of(snapshot: &ConfigSnapshot) -> HashMap<SocketAddr, String> {
+    snapshot
+        .protected_targets
+        .iter()
+        .map(|t| (t.address, t.name.clone()))
+        .collect()
+}
+
+/// The evidence record of one connection open at start.
+pub fn record(connection: &OpenConnection) -> AuditRecord {
+    let mut record = base_record(phase::EVIDENCE, network_activity::OPEN);
+    record.status_id = crate::audit::status::SUCCESS;
+    record.actor_process_pid = connection.pid.and_then(|p| i32::try_from(p).ok());
+    record.actor_process_name = connection.comm.as_str().into();
+    record.actor_process_cgroup_id = connection.cgroup_id.and_then(|c| i64::try_from(c).ok());
+    let remote = connection.socket.remote;
+    record.dst_endpoint_ip = remote.ip().to_canonical().to_string().into();
+    record.dst_endpoint_port = Some(i32::from(remote.port()));
+    record.src_endpoint_ip = connection
+        .socket
+        .local
+        .ip()
+        .to_canonical()
+        .to_string()
+        .into();
+    record.src_endpoint_port = Some(i32::from(connection.socket.local.port()));
+    record.dst_endpoint_name = connection.target.as_str().into();
+    record.connection_info_protocol_name = "tcp".into();
+    record.unmapped = json!({
+        "kind": KIND,
+        "family": if remote.is_ipv4() { "inet" } else { "inet6" },
+        "state": connection.socket.state,
+        "uid": connection.socket.uid,
+        "socket_inode": connection.socket.inode,
+        "netns": connection.netns,
+    })
+    .to_string();
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as the kernel writes them (little-endian words on x86).
+    #[test]
+    fn the_kernels_tcp_tables_read() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+                  0: 0100007F:D431 0100007F:1538 01 00000000:00000000 00:00000000 00000000  1000        0 123456 1 0000000000000000 20 4 30 10 -1\n   \
+                  1: 00000000:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   105        0 2222 1 0000000000000000 100 0 0 10 0\n";
+        let sockets = parse_table(v4);
+        assert_eq!(sockets.len(), 2);
+        if cfg!(target_endian = "little") {
+            assert_eq!(sockets[0].local, "127.0.0.1:54321".parse().expect("addr"));
+            assert_eq!(sockets[0].remote, "127.0.0.1:5432".parse().expect("addr"));
+        }
+        assert_eq!(
+            (sockets[0].state, sockets[0].uid, sockets[0].inode),
+            (1, 1000, 123456)
+        );
+        assert_eq!(sockets[1].state, 0x0A);
+
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+                  0: 00000000000000000000000001000000:D431 00000000000000000000000001000000:1538 01 00000000:00000000 00:00000000 00000000     0        0 7777 1 0000000000000000 20 4 30 10 -1\n   \
+                  1: 0000000000000000FFFF00000100007F:D432 0000000000000000FFFF00000100007F:1538 02 00000000:00000000 00:00000000 00000000     0        0 7778 1 0000000000000000 20 4 30 10 -1\n";
+        let sockets = parse_table(v6);
+        assert_eq!(sockets.len(), 2);
+        if cfg!(target_endian = "little") {
+            assert_eq!(sockets[0].remote, "[::1]:5432".parse().expect("addr"));
+            // IPv4-mapped: the same target as 127.0.0.1:5432.
+            assert_eq!(
+                sockets[1].remote.ip().to_canonical(),
+                IpAddr::from([127, 0, 0, 1])
+            );
+        }
+        assert_eq!(sockets[1].state, 2);
+        assert!(parse_table("garbage\n1: zz:zz zz:zz 01").is_empty());
+    }
+
+    /// A connection of this process to a listener counts as open to it,
+    /// with this process named as its holder; one to another port does
+    /// not.
+    #[test]
+    fn an_open_connection_is_found_with_its_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let _client = std::net::TcpStream::connect(address).expect("connect");
+        let targets = HashMap::from([(address, "db".to_owned())]);
+        let found = scan(&targets);
+        let ours: Vec<_> = found
+            .iter()
+            .filter(|c| c.pid == Some(std::process::id()))
+            .collect();
+        assert_eq!(ours.len(), 1, "{found:?}");
+        assert_eq!(ours[0].target, "db");
+        assert_eq!(ours[0].socket.remote, address);
+        let other = HashMap::from([(
+            SocketAddr::new(address.ip(), address.port().wrapping_add(1)),
+            "other".to_owned(),
+        )]);
+        assert!(
+            scan(&other).iter().all(|c| c.socket.remote != address),
+            "only the target's port"
+        );
+        let row = record(ours[0]);
+        assert_eq!(row.dst_endpoint_port, Some(i32::from(address.port())));
+        assert!(row.unmapped.contains("\"kind\":\"open_at_start\""));
+    }
+}
