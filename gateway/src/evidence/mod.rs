@@ -487,6 +487,7 @@ impl Evidence {
             reserved,
             counters,
             tracing_programs,
+            probe_was_pinned,
         } = handles;
         // Registered here, not in the reader task: a ring buffer that
         // cannot be polled stops the daemon at start, instead of leaving
@@ -503,19 +504,30 @@ impl Evidence {
         log.append(config_record(&snapshot)).await?;
         // After the programs are attached (a connection made from now on
         // is an event): what was opened before them and is still open.
-        let targets = open_at_start::targets_of(&snapshot);
-        let open = tokio::task::spawn_blocking(move || open_at_start::scan(&targets))
-            .await
-            .unwrap_or_default();
-        for connection in &open {
-            tracing::warn!(
-                target_name = %connection.target,
-                destination = %connection.socket.remote,
-                pid = ?connection.pid,
-                process = %connection.comm,
-                "a connection to a protected target was open before tollgate watched: recorded (open_at_start)"
-            );
-            log.append(open_at_start::record(connection)).await?;
+        // Not on a restart: the pinned probe watched while the daemon was
+        // down, so every connection since it was pinned is an event.
+        if !probe_was_pinned {
+            let targets = open_at_start::targets_of(&snapshot);
+            let scan = tokio::task::spawn_blocking(move || open_at_start::scan(&targets))
+                .await
+                .map_err(|err| anyhow::anyhow!("listing the connections open at start: {err}"))?;
+            for connection in &scan.connections {
+                tracing::warn!(
+                    target_name = %connection.target,
+                    destination = %connection.socket.remote,
+                    pid = ?connection.pid,
+                    process = %connection.comm,
+                    "a connection to a protected target was open before tollgate watched: recorded (open_at_start)"
+                );
+                log.append(open_at_start::record(connection)).await?;
+            }
+            if !scan.unreadable.is_empty() {
+                tracing::warn!(
+                    unreadable = scan.unreadable.len(),
+                    "the connections open at start could not be listed for every process (tollgate lacks CAP_SYS_PTRACE, or they are not dumpable): recorded, and verify lists them"
+                );
+            }
+            log.append(open_at_start::scan_record(&scan)).await?;
         }
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(read_loop(

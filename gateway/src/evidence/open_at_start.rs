@@ -5,11 +5,15 @@
 //! they were attached (agents started before tollgate after a reboot, the
 //! first deployment onto running agents, a gap after `tollgate unpin`) can
 //! stay open and be used while tollgate runs, and no event would ever name
-//! it. So at every start the daemon lists the host's TCP sockets, in every
-//! network namespace, connected (or connecting) to a protected target, and
-//! records each as an `open_at_start` evidence row, with the process that
-//! holds it when one can be found. `tollgate verify` reports each as a
-//! finding (`open_before_watch`).
+//! it. So at a start that finds no probe pinned (on a restart the pinned
+//! probe watched all along) the daemon lists the host's TCP sockets, in
+//! the network namespace of every process and thread, connected (or
+//! connecting, or half-closed by a process that still holds them) to a
+//! protected target, and records each as an `open_at_start` evidence row,
+//! with the process that holds it when one can be found, then one
+//! `open_at_start_scan` row saying what the scan could not read.
+//! `tollgate verify` reports each connection as a finding
+//! (`open_before_watch`), and lists the processes a scan could not read.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -27,6 +31,10 @@ use super::{base_record, network_activity, phase, ConfigSnapshot};
 
 /// The `kind` of an open-at-start record.
 pub const KIND: &str = "open_at_start";
+/// The `kind` of the record of the scan itself.
+pub const SCAN_KIND: &str = "open_at_start_scan";
+/// Unreadable processes named in the scan's record, at most.
+const MAX_NAMED_UNREADABLE: usize = 20;
 
 /// One socket in the kernel's TCP tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +48,12 @@ pub struct TcpSocket {
 }
 
 /// States in which a socket is connected or connecting: it can still
-/// carry a request.
+/// carry a request (established, SYN sent, close wait).
 const OPEN_STATES: [u8; 3] = [1, 2, 8];
+/// Half-closed by this side (FIN wait 1 and 2): it can still receive an
+/// answer, when a process still holds it (one whose process is gone, a
+/// killed client's, cannot).
+const HALF_CLOSED_STATES: [u8; 2] = [4, 5];
 
 /// Parses one `/proc/net/tcp` or `/proc/net/tcp6` table. Lines that do
 /// not read are skipped (the header among them).
@@ -95,27 +107,52 @@ pub struct OpenConnection {
     pub cgroup_id: Option<u64>,
 }
 
-/// Every TCP socket of the host, in any network namespace, connected or
-/// connecting to one of `targets` (address to name).
-pub fn scan(targets: &HashMap<SocketAddr, String>) -> Vec<OpenConnection> {
+/// What a scan found, and what it could not read.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub connections: Vec<OpenConnection>,
+    /// Network namespaces whose tables were read.
+    pub namespaces: usize,
+    /// Processes whose namespace or open files the daemon may not read
+    /// (EACCES, EPERM: it lacks CAP_SYS_PTRACE, see
+    /// deploy/tollgate.service, or the process is not dumpable): a
+    /// connection they held, or one of their namespace, may be missing.
+    /// Processes that ended meanwhile do not count. By pid, with names.
+    pub unreadable: BTreeMap<u32, String>,
+}
+
+/// Every TCP socket of the host, in the network namespace of any process
+/// or thread, connected or connecting to one of `targets` (address to
+/// name), or half-closed while a process still holds it.
+pub fn scan(targets: &HashMap<SocketAddr, String>) -> Scan {
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let targets: HashMap<SocketAddr, &String> =
         targets.iter().map(|(a, n)| (canonical(*a), n)).collect();
-    let mut found = Vec::new();
-    for (netns, pid) in one_process_per_network_namespace() {
+    let mut result = Scan::default();
+    let (namespaces, mut unreadable) = one_task_per_network_namespace();
+    for (netns, (pid, task)) in &namespaces {
+        let mut read_any = false;
         for table in ["tcp", "tcp6"] {
-            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-                continue;
+            let text = match fs::read_to_string(format!("{task}/net/{table}")) {
+                Ok(text) => text,
+                Err(err) => {
+                    if denied(&err) {
+                        unreadable.insert(*pid, comm_of(*pid));
+                    }
+                    continue;
+                }
             };
+            read_any = true;
             for socket in parse_table(&text) {
-                if !OPEN_STATES.contains(&socket.state) {
+                let open = OPEN_STATES.contains(&socket.state);
+                if !open && !HALF_CLOSED_STATES.contains(&socket.state) {
                     continue;
                 }
                 if let Some(name) = targets.get(&canonical(socket.remote)) {
-                    found.push(OpenConnection {
+                    result.connections.push(OpenConnection {
                         socket,
                         target: (*name).clone(),
-                        netns,
+                        netns: *netns,
                         pid: None,
                         comm: String::new(),
                         cgroup_id: None,
@@ -123,53 +160,86 @@ pub fn scan(targets: &HashMap<SocketAddr, String>) -> Vec<OpenConnection> {
                 }
             }
         }
+        result.namespaces += usize::from(read_any);
     }
-    if !found.is_empty() {
-        attribute(&mut found);
+    if !result.connections.is_empty() {
+        unreadable.extend(attribute(&mut result.connections));
     }
-    found
+    // Half-closed without a holder: a killed process's, which can carry
+    // nothing more.
+    result
+        .connections
+        .retain(|c| OPEN_STATES.contains(&c.socket.state) || c.pid.is_some());
+    result.unreadable = unreadable;
+    result
 }
 
-/// A process of each network namespace: its `/proc/PID/net` tables are
-/// that namespace's.
-fn one_process_per_network_namespace() -> BTreeMap<u64, u32> {
+/// Whether `err` means the daemon may not read it (rather than that it
+/// is gone).
+fn denied(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::PermissionDenied || err.raw_os_error() == Some(libc::EPERM)
+}
+
+/// A `/proc/PID/task/TID` of each network namespace (a thread may have
+/// entered one of its own), with its pid: its `net` tables are that
+/// namespace's. Also the processes whose namespaces could not be read.
+fn one_task_per_network_namespace() -> (BTreeMap<u64, (u32, String)>, BTreeMap<u32, String>) {
     let mut namespaces = BTreeMap::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return namespaces;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+    let mut unreadable = BTreeMap::new();
+    for pid in pids() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
-        if let Ok(meta) = fs::metadata(format!("/proc/{pid}/ns/net")) {
-            namespaces.entry(meta.ino()).or_insert(pid);
+        for task in tasks.flatten() {
+            let path = task.path();
+            match fs::metadata(path.join("ns/net")) {
+                Ok(meta) => {
+                    namespaces
+                        .entry(meta.ino())
+                        .or_insert_with(|| (pid, path.display().to_string()));
+                }
+                Err(err) if denied(&err) => {
+                    unreadable.insert(pid, comm_of(pid));
+                }
+                Err(_) => {}
+            }
         }
     }
-    namespaces
+    (namespaces, unreadable)
+}
+
+fn comm_of(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+fn pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect()
 }
 
 /// Fills in which process holds each socket (the first found holding
-/// it), its name and cgroup.
-fn attribute(found: &mut [OpenConnection]) {
+/// it), its name and cgroup; the processes whose open files could not be
+/// read.
+fn attribute(found: &mut [OpenConnection]) -> BTreeMap<u32, String> {
     let wanted: HashSet<u64> = found.iter().map(|c| c.socket.inode).collect();
     let mut holders: HashMap<u64, u32> = HashMap::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
+    let mut unreadable = BTreeMap::new();
+    for pid in pids() {
+        let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            Err(err) => {
+                if denied(&err) {
+                    unreadable.insert(pid, comm_of(pid));
+                }
+                continue;
+            }
         };
         for fd in fds.flatten() {
             let Ok(link) = fs::read_link(fd.path()) else {
@@ -191,11 +261,10 @@ fn attribute(found: &mut [OpenConnection]) {
             continue;
         };
         connection.pid = Some(pid);
-        connection.comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|c| c.trim_end().to_owned())
-            .unwrap_or_default();
+        connection.comm = comm_of(pid);
         connection.cgroup_id = root.as_deref().and_then(|root| cgroup_id_of(root, pid));
     }
+    unreadable
 }
 
 /// The cgroup v2 id of `pid`'s cgroup: the inode of its directory under
@@ -215,6 +284,34 @@ pub fn targets_of(snapshot: &ConfigSnapshot) -> HashMap<SocketAddr, String> {
         .iter()
         .map(|t| (t.address, t.name.clone()))
         .collect()
+}
+
+/// The record of the scan: how many namespaces it read, how many
+/// connections it found, and how many processes it could not read.
+pub fn scan_record(scan: &Scan) -> AuditRecord {
+    let mut record = base_record(phase::EVIDENCE, network_activity::OTHER);
+    record.status_id = match scan.unreadable.is_empty() {
+        true => crate::audit::status::SUCCESS,
+        false => crate::audit::status::FAILURE,
+    };
+    record.actor_process_name = "tollgate".into();
+    // The first of them by pid, named: enough to tell a host's init or
+    // supervisor from an agent.
+    let named: Vec<String> = scan
+        .unreadable
+        .iter()
+        .take(MAX_NAMED_UNREADABLE)
+        .map(|(pid, comm)| format!("{pid} {comm}"))
+        .collect();
+    record.unmapped = json!({
+        "kind": SCAN_KIND,
+        "namespaces": scan.namespaces,
+        "connections": scan.connections.len(),
+        "unreadable": scan.unreadable.len(),
+        "unreadable_processes": named,
+    })
+    .to_string();
+    record
 }
 
 /// The evidence record of one connection open at start.
@@ -297,7 +394,9 @@ mod tests {
         let address = listener.local_addr().expect("addr");
         let _client = std::net::TcpStream::connect(address).expect("connect");
         let targets = HashMap::from([(address, "db".to_owned())]);
-        let found = scan(&targets);
+        let scanned = scan(&targets);
+        assert!(scanned.namespaces >= 1);
+        let found = scanned.connections;
         let ours: Vec<_> = found
             .iter()
             .filter(|c| c.pid == Some(std::process::id()))
@@ -310,7 +409,10 @@ mod tests {
             "other".to_owned(),
         )]);
         assert!(
-            scan(&other).iter().all(|c| c.socket.remote != address),
+            scan(&other)
+                .connections
+                .iter()
+                .all(|c| c.socket.remote != address),
             "only the target's port"
         );
         let row = record(ours[0]);

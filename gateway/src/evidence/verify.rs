@@ -443,6 +443,10 @@ pub struct Report {
     /// From each boot of the host to the daemon's first start in it:
     /// nothing was redirected or recorded then (see [`UnwatchedWindow`]).
     pub unwatched_after_boot: Vec<UnwatchedWindow>,
+    /// Starts whose list of the connections already open could not read
+    /// every process (see `open_at_start`): said, not judged, as the
+    /// unwatched windows are.
+    pub open_at_start_unread: Vec<String>,
     pub bypasses: Vec<Bypass>,
     /// Intervals that lost events of the general ring buffer (or whose
     /// probe was skipped): other connections of the host.
@@ -767,6 +771,7 @@ pub fn reconcile(
         non_tcp_packets: 0,
         loss_records: 0,
         unwatched_after_boot: unwatched_after_boot(&boot_starts, opts.from_ms, opts.to_ms),
+        open_at_start_unread: Vec::new(),
         bypasses: Vec::new(),
         losses: Vec::new(),
         reserved_losses: Vec::new(),
@@ -915,6 +920,26 @@ pub fn reconcile(
                     packets: None,
                     evidence_sequence: row.sequence,
                 });
+            }
+            (phase::EVIDENCE, super::open_at_start::SCAN_KIND) => {
+                // Like the window before a boot's first start: what the
+                // scan could not see is said, not judged.
+                let scan: serde_json::Value =
+                    serde_json::from_str(&row.unmapped).unwrap_or_default();
+                let unreadable = scan["unreadable"].as_u64().unwrap_or(0);
+                if unreadable > 0 {
+                    let named: Vec<&str> = scan["unreadable_processes"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                        .unwrap_or_default();
+                    report.open_at_start_unread.push(format!(
+                        "the connections open at the start at {} could not be listed for {unreadable} \
+                         process(es) ({}): one they held, opened before tollgate watched, would not \
+                         be named",
+                        format_time(row.time),
+                        named.join(", ")
+                    ));
+                }
             }
             (phase::EVIDENCE, k) if k.starts_with("refused") => report.refused += 1,
             (phase::LOSS_COUNTERS, _) => {
@@ -1167,6 +1192,9 @@ pub fn summary(r: &Report) -> String {
             w.booted_at, w.watched_from, w.seconds
         ));
     }
+    for unread in &r.open_at_start_unread {
+        out.push_str(&format!("  open at start:       {unread}\n"));
+    }
     out.push_str(&format!("  bypasses:            {}\n", r.bypasses.len()));
     for b in &r.bypasses {
         let packet = match (&b.protocol, b.packets) {
@@ -1296,6 +1324,46 @@ mod tests {
             ok: true,
             detail: String::new(),
         }
+    }
+
+    /// A connection open at start is a finding, with its holder; a scan
+    /// that could not read every process is listed, not judged.
+    #[test]
+    fn a_connection_open_at_start_is_a_finding_and_an_incomplete_scan_is_listed() {
+        let open = Row {
+            sequence: 2,
+            phase: "evidence".into(),
+            time: 1_700_000_000_002,
+            pid: Some(4242),
+            process: "psql".into(),
+            cgroup_id: Some(77),
+            dst_ip: "10.0.0.5".into(),
+            dst_port: Some(5432),
+            unmapped: r#"{"kind":"open_at_start","state":1}"#.into(),
+            ..Row::default()
+        };
+        let scan = |unreadable: u64| Row {
+            sequence: 3,
+            phase: "evidence".into(),
+            time: 1_700_000_000_003,
+            unmapped: format!(
+                r#"{{"kind":"open_at_start_scan","unreadable":{unreadable},"unreadable_processes":["1 init"]}}"#
+            ),
+            ..Row::default()
+        };
+        let r = reconciled(&[], &[config_row(1), open.clone(), scan(0)]);
+        assert!(!r.ok);
+        assert_eq!(r.bypasses.len(), 1, "{:?}", r.bypasses);
+        let b = &r.bypasses[0];
+        assert_eq!(b.finding, "open_before_watch");
+        assert_eq!((b.pid, b.target.as_str()), (Some(4242), "orders-db"));
+        assert_eq!(b.cgroup_path.as_deref(), Some("/sys/fs/cgroup/agents"));
+        assert!(r.open_at_start_unread.is_empty());
+
+        let r = reconciled(&[], &[config_row(1), scan(1), loss(4, 0)]);
+        assert!(r.ok, "{:?}", r.problems);
+        assert_eq!(r.open_at_start_unread.len(), 1);
+        assert!(r.open_at_start_unread[0].contains("1 init"));
     }
 
     /// Both streams' integrity checked and good, no window.

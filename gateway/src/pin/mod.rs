@@ -174,6 +174,11 @@ pub struct EvidenceHandles {
     pub counters: PerCpuArray<MapData, u64>,
     /// (program name, program fd) of each host-wide evidence program.
     pub tracing_programs: Vec<(String, OwnedFd)>,
+    /// The host-wide probe was already pinned (a previous daemon's, left
+    /// attached while it was down): every connection made since it was
+    /// pinned is an event. False on a first start in a boot, or after
+    /// `tollgate unpin`: connections made before are not.
+    pub probe_was_pinned: bool,
 }
 
 /// Name of the pinned link of the host-wide evidence probe.
@@ -541,6 +546,9 @@ impl Pinning {
             .context("load the evidence probe (tp_btf/inet_sock_set_state)")?;
         let link_id = probe.attach().context("attach the evidence probe")?;
         let link: FdLink = probe.take_link(link_id)?.into();
+        let probe_was_pinned = links_dir
+            .join(format!("{}-{HOST_LINK_SUFFIX}", program_names::TCP_STATE))
+            .exists();
         replace_pin(link, &links_dir, program_names::TCP_STATE, HOST_LINK_SUFFIX)?;
         let probe_fd = probe
             .fd()?
@@ -627,6 +635,7 @@ impl Pinning {
                     (program_names::TCP_STATE.to_owned(), probe_fd),
                     (program_names::PACKET_EGRESS.to_owned(), packet_fd),
                 ],
+                probe_was_pinned,
             }),
         })
     }
