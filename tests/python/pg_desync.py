@@ -119,6 +119,13 @@ def main():
         + msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
         + execute
     )
+    # Parse "h" as `sql` and Bind portal "c" to it.
+    bind_c = lambda sql: (
+        msg(b"P", cstr("h") + cstr(sql) + struct.pack("!h", 0))
+        + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+    )
+    describe_c = msg(b"D", b"P" + cstr("c"))
+    execute_c = msg(b"E", cstr("c") + struct.pack("!i", 0))
     if scenario == "collision":
         sock.sendall(msg(b"P", cstr("s") + cstr(first) + struct.pack("!h", 0)) + sync)
         answers += read_until(sock, [b"Z"])
@@ -141,67 +148,40 @@ def main():
         answers += read_until(sock, [b"Z"])
     elif scenario == "cursor":
         sock.sendall(
-            msg(b"P", cstr("h") + cstr("SELECT 1") + struct.pack("!h", 0))
-            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
-            + msg(b"Q", cstr(first))
-            + msg(b"D", b"P" + cstr("c"))
-            + msg(b"E", cstr("c") + struct.pack("!i", 0))
-            + sync
+            bind_c("SELECT 1") + msg(b"Q", cstr(first)) + describe_c + execute_c + sync
         )
         answers += read_until(sock, [b"Z"], 2)
     elif scenario == "commit_then_cursor":
         sock.sendall(
-            msg(b"P", cstr("h") + cstr("SELECT 'x'::text AS e") + struct.pack("!h", 0))
-            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+            bind_c("SELECT 'x'::text AS e")
             + pbe("COMMIT")
             + pbe(first)
-            + msg(b"D", b"P" + cstr("c"))
-            + msg(b"E", cstr("c") + struct.pack("!i", 0))
+            + describe_c
+            + execute_c
             + sync
         )
         answers += read_until(sock, [b"Z"])
     elif scenario == "query_then_cursor":
         sock.sendall(
-            msg(b"P", cstr("h") + cstr("SELECT 'x'::text AS e") + struct.pack("!h", 0))
-            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
+            bind_c("SELECT 'x'::text AS e")
             + msg(b"Q", cstr(second))
             + pbe(first)
-            + msg(b"D", b"P" + cstr("c"))
-            + msg(b"E", cstr("c") + struct.pack("!i", 0))
+            + describe_c
+            + execute_c
             + sync
         )
         answers += read_until(sock, [b"Z"], 2)
     elif scenario == "sync_then_cursor":
-        sock.sendall(
-            msg(b"P", cstr("h") + cstr("SELECT 'x'::text AS e") + struct.pack("!h", 0))
-            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
-            + msg(b"H", b"")
-        )
+        sock.sendall(bind_c("SELECT 'x'::text AS e") + msg(b"H", b""))
         answers += read_until(sock, [b"2"])
-        sock.sendall(
-            sync
-            + pbe(first)
-            + msg(b"D", b"P" + cstr("c"))
-            + msg(b"E", cstr("c") + struct.pack("!i", 0))
-            + sync
-        )
+        sock.sendall(sync + pbe(first) + describe_c + execute_c + sync)
         answers += read_until(sock, [b"Z"], 2)
     elif scenario == "describe_after_sync":
         sock.sendall(msg(b"Q", cstr("BEGIN")))
         answers += read_until(sock, [b"Z"])
-        sock.sendall(
-            msg(b"P", cstr("h") + cstr(first) + struct.pack("!h", 0))
-            + msg(b"B", cstr("c") + cstr("h") + struct.pack("!hhh", 0, 0, 0))
-            + msg(b"H", b"")
-        )
+        sock.sendall(bind_c(first) + msg(b"H", b""))
         answers += read_until(sock, [b"2"])
-        sock.sendall(
-            sync
-            + msg(b"D", b"P" + cstr("c"))
-            + msg(b"H", b"")
-            + msg(b"E", cstr("c") + struct.pack("!i", 0))
-            + sync
-        )
+        sock.sendall(sync + describe_c + msg(b"H", b"") + execute_c + sync)
         answers += read_until(sock, [b"Z"], 2)
         sock.sendall(msg(b"Q", cstr("COMMIT")))
         answers += read_until(sock, [b"Z"])

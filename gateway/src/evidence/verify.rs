@@ -197,8 +197,8 @@ fn read_file_rows(path: &Path) -> Result<Vec<Row>, VerifyError> {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Bypass {
     /// `direct_from_agent_cgroup`, `gateway_upstream_not_audited`,
-    /// `unaudited_connection_to_protected_target` or
-    /// `non_tcp_packet_to_protected_target`.
+    /// `unaudited_connection_to_protected_target`,
+    /// `non_tcp_packet_to_protected_target` or `open_before_watch`.
     pub finding: String,
     pub time_ms: i64,
     pub time: String,
@@ -220,6 +220,36 @@ pub struct Bypass {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packets: Option<u64>,
     pub evidence_sequence: i64,
+}
+
+impl Bypass {
+    /// The finding `finding` about the evidence row `row`: its when, who
+    /// and where (`destination`, of protected target `target`); no packet
+    /// details.
+    fn of(
+        row: &Row,
+        finding: &str,
+        destination: String,
+        target: String,
+        agent_cgroups: &HashMap<i64, String>,
+    ) -> Self {
+        Bypass {
+            finding: finding.into(),
+            time_ms: row.time,
+            time: format_time(row.time),
+            pid: row.pid,
+            process: row.process.clone(),
+            cgroup_id: row.cgroup_id,
+            cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
+            destination,
+            target,
+            socket_cookie: row.cookie,
+            protocol: None,
+            socket_type: None,
+            packets: None,
+            evidence_sequence: row.sequence,
+        }
+    }
 }
 
 /// The time from a boot of the host to the daemon's first start in that
@@ -821,22 +851,13 @@ pub fn reconcile(
                     } else {
                         "unaudited_connection_to_protected_target"
                     };
-                    report.bypasses.push(Bypass {
-                        finding: finding.into(),
-                        time_ms: row.time,
-                        time: format_time(row.time),
-                        pid: row.pid,
-                        process: row.process.clone(),
-                        cgroup_id: row.cgroup_id,
-                        cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
-                        destination: dst.map(|d| d.to_string()).unwrap_or_default(),
-                        target: target.clone(),
-                        socket_cookie: row.cookie,
-                        protocol: None,
-                        socket_type: None,
-                        packets: None,
-                        evidence_sequence: row.sequence,
-                    });
+                    report.bypasses.push(Bypass::of(
+                        row,
+                        finding,
+                        dst.map(|d| d.to_string()).unwrap_or_default(),
+                        target.clone(),
+                        &agent_cgroups,
+                    ));
                 } else if row.cookie.is_some_and(|c| redirected.contains(&c))
                     || dst.is_some_and(|d| listeners.contains(&d)) && from_agent
                 {
@@ -878,22 +899,19 @@ pub fn reconcile(
                     None => (String::new(), None),
                 };
                 report.bypasses.push(Bypass {
-                    finding: "non_tcp_packet_to_protected_target".into(),
-                    time_ms: row.time,
-                    time: format_time(row.time),
-                    pid: row.pid,
-                    process: row.process.clone(),
-                    cgroup_id: row.cgroup_id,
-                    cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
-                    destination,
-                    // The kernel matched it against the protected targets of
-                    // its time; a target since removed has no name here.
-                    target: target.unwrap_or_else(|| "(protected when sent)".into()),
-                    socket_cookie: row.cookie,
                     protocol: Some(row.protocol.clone()),
                     socket_type: extra.get("socket_type").and_then(|v| v.as_u64()),
                     packets: extra.get("packets").and_then(|v| v.as_u64()),
-                    evidence_sequence: row.sequence,
+                    ..Bypass::of(
+                        row,
+                        "non_tcp_packet_to_protected_target",
+                        destination,
+                        // The kernel matched it against the protected
+                        // targets of its time; a target since removed has
+                        // no name here.
+                        target.unwrap_or_else(|| "(protected when sent)".into()),
+                        &agent_cgroups,
+                    )
                 });
             }
             (phase::EVIDENCE, super::open_at_start::KIND) => {
@@ -904,22 +922,13 @@ pub fn reconcile(
                 let target = dst
                     .and_then(|d| targets.get(&d).cloned())
                     .unwrap_or_else(|| "(protected at start)".into());
-                report.bypasses.push(Bypass {
-                    finding: "open_before_watch".into(),
-                    time_ms: row.time,
-                    time: format_time(row.time),
-                    pid: row.pid,
-                    process: row.process.clone(),
-                    cgroup_id: row.cgroup_id,
-                    cgroup_path: row.cgroup_id.and_then(|c| agent_cgroups.get(&c).cloned()),
-                    destination: dst.map(|d| d.to_string()).unwrap_or_default(),
+                report.bypasses.push(Bypass::of(
+                    row,
+                    "open_before_watch",
+                    dst.map(|d| d.to_string()).unwrap_or_default(),
                     target,
-                    socket_cookie: None,
-                    protocol: Some("tcp".into()),
-                    socket_type: None,
-                    packets: None,
-                    evidence_sequence: row.sequence,
-                });
+                    &agent_cgroups,
+                ));
             }
             (phase::EVIDENCE, super::open_at_start::SCAN_KIND) => {
                 // Like the window before a boot's first start: what the

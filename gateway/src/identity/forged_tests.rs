@@ -139,6 +139,13 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
 
     let h = header(kid);
     let good = Value::Object(claims()).to_string();
+    // The baseline's claims as a v1 token has them.
+    let good_v1 = TokenSpec {
+        version: 1,
+        ..spec()
+    }
+    .claims_at(now())
+    .to_string();
     let stranger = DevKey::generate().expect("key");
     let public_der = key.public_key_der().expect("der");
     let t = now();
@@ -157,22 +164,7 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             // name the v2 issuer for.
             "a v1 token on a key of the v2 issuer",
             "token_versions = [1, 2]",
-            rs256(
-                &for_every_tenant,
-                &header(&for_every_tenant.kid),
-                &Value::Object(
-                    match (TokenSpec {
-                        version: 1,
-                        ..spec()
-                    })
-                    .claims_at(t)
-                    {
-                        Value::Object(m) => m,
-                        _ => unreachable!("claims_at returns an object"),
-                    },
-                )
-                .to_string(),
-            ),
+            rs256(&for_every_tenant, &header(&for_every_tenant.kid), &good_v1),
         ),
         (
             "a key whose issuer is blank",
@@ -263,22 +255,7 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
         Case {
             name: "a v1 token on a key of another tenant's v2 issuer",
             config: "token_versions = [1, 2]",
-            token: rs256(
-                &for_other_tenant,
-                &header(&for_other_tenant.kid),
-                &Value::Object(
-                    match (TokenSpec {
-                        version: 1,
-                        ..spec()
-                    })
-                    .claims_at(t)
-                    {
-                        Value::Object(m) => m,
-                        _ => unreachable!("claims_at returns an object"),
-                    },
-                )
-                .to_string(),
-            ),
+            token: rs256(&for_other_tenant, &header(&for_other_tenant.kid), &good_v1),
             code: "key_issuer_mismatch",
         },
         Case {
@@ -513,22 +490,7 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
         Case {
             name: "v1 token where only v2 is accepted",
             config: "",
-            token: rs256(
-                key,
-                &h,
-                &Value::Object(
-                    match (TokenSpec {
-                        version: 1,
-                        ..spec()
-                    })
-                    .claims_at(t)
-                    {
-                        Value::Object(m) => m,
-                        _ => unreachable!(),
-                    },
-                )
-                .to_string(),
-            ),
+            token: rs256(key, &h, &good_v1),
             code: "version_not_accepted",
         },
         Case {
