@@ -744,8 +744,9 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
     let mut walker = Walker::default();
     let _ = statement.visit(&mut walker);
     let depth = walker.deepest;
+    let kind = top_kind(statement);
     let mut out = Operation {
-        kind: top_kind(statement),
+        kind,
         // ALTER FUNCTION too: renamed, an existing function takes a name
         // the session did not know it by.
         defines_routine: matches!(
@@ -774,7 +775,7 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         ends_transaction: matches!(
             statement,
             Statement::Commit { .. } | Statement::Rollback { .. } | Statement::Call(_)
-        ) || top_kind(statement) == StatementKind::Admin,
+        ) || kind == StatementKind::Admin,
         renames_protocol_objects: matches!(
             statement,
             Statement::Declare { .. }

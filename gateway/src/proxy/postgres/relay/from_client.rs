@@ -357,7 +357,8 @@ impl FromClient {
                 // Sent behind Executes not yet synced, it runs in their
                 // implicit transaction, and may commit or roll it back.
                 pending.may_change_transaction = judged.may_change_transaction;
-                (pending.may_copy_in, pending.may_copy_out) = may_copy(&operations);
+                let (copy_in, copy_out) = may_copy(&operations);
+                (pending.may_copy_in, pending.may_copy_out) = (copy_in, copy_out);
                 let mut guard = lock(&self.in_flight);
                 if let Some(skipped) = guard.push(pending) {
                     drop(guard);
@@ -365,7 +366,7 @@ impl FromClient {
                     return Ok(());
                 }
                 guard.note_renames(&operations);
-                if judged.may_change_settings_unseen || may_take_client_data(&operations) {
+                if judged.may_change_settings_unseen || copy_in {
                     self.answer_barrier = guard.queue.back().map(|p| p.id);
                 }
                 drop(guard);
@@ -509,7 +510,8 @@ impl FromClient {
         pending.reads_masked = prepared.judged.reads_masked;
         pending.read_only = prepared.judged.read_only;
         pending.may_change_transaction = prepared.judged.may_change_transaction;
-        (pending.may_copy_in, pending.may_copy_out) = may_copy(&prepared.operations);
+        let (copy_in, copy_out) = may_copy(&prepared.operations);
+        (pending.may_copy_in, pending.may_copy_out) = (copy_in, copy_out);
         let described = matches!(
             self.last_describe.take(),
             Some((b'P', described)) if described == portal
@@ -528,7 +530,7 @@ impl FromClient {
             return Ok(());
         }
         guard.note_renames(&prepared.operations);
-        if may_take_client_data(&prepared.operations) {
+        if copy_in {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }
         drop(guard);
@@ -722,11 +724,10 @@ fn upstream_write_failed(err: std::io::Error) -> WireError {
     WireError::Io(std::io::Error::new(err.kind(), UpstreamWriteFailed(err)))
 }
 
-/// Whether a statement may make the server take copy data from the client
-/// (COPY FROM STDIN, or text tollgate cannot parse).
-/// Whether the statement may start a COPY FROM STDIN, and a COPY TO
-/// STDOUT: only a COPY statement of the session's own text does (a
-/// function cannot), and text tollgate could not parse may be either.
+/// Whether the statement may start a COPY FROM STDIN (the server then
+/// takes copy data from the client), and a COPY TO STDOUT: only a COPY
+/// statement of the session's own text does (a function cannot), and
+/// text tollgate could not parse may be either.
 fn may_copy(operations: &Result<Vec<Operation>, String>) -> (bool, bool) {
     match operations {
         Ok(operations) => (
@@ -734,13 +735,6 @@ fn may_copy(operations: &Result<Vec<Operation>, String>) -> (bool, bool) {
             operations.iter().any(|op| op.streams_raw),
         ),
         Err(_) => (true, true),
-    }
-}
-
-fn may_take_client_data(operations: &Result<Vec<Operation>, String>) -> bool {
-    match operations {
-        Ok(operations) => operations.iter().any(|op| op.takes_client_data),
-        Err(_) => true,
     }
 }
 
