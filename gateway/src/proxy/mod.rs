@@ -81,7 +81,7 @@ impl Shared {
     /// connection nobody authenticated past its source's limit: then it is
     /// counted into the source's summary (see [`refusals`]).
     pub fn submit_refusal(&self, record: AuditRecord) {
-        if self.written_one_by_one(&record) {
+        if self.refusals.admit(&record) {
             drop(self.audit.submit_lazy(record));
         }
     }
@@ -89,16 +89,10 @@ impl Shared {
     /// Makes the refusal `record` durable, or counts it as
     /// [`Shared::submit_refusal`] does.
     pub async fn append_refusal(&self, record: AuditRecord) -> Result<(), AuditError> {
-        if self.written_one_by_one(&record) {
+        if self.refusals.admit(&record) {
             self.audit.append(record).await?;
         }
         Ok(())
-    }
-
-    fn written_one_by_one(&self, record: &AuditRecord) -> bool {
-        // Refusals after the identity was accepted are accountable:
-        // always written.
-        !record.actor_user_uid.is_empty() || self.refusals.admit(record)
     }
 
     /// Writes the summaries of counted refusals every

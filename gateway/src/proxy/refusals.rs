@@ -160,6 +160,11 @@ impl RefusalLimiter {
     }
 
     fn admit_at(&self, record: &AuditRecord, now: Instant) -> bool {
+        // Refusals after the identity was accepted (the record names the
+        // caller) are accountable: always written.
+        if !record.actor_user_uid.is_empty() {
+            return true;
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let State {
             sources,
@@ -273,6 +278,13 @@ fn summary(source: &Source, counted: Counted, now_ms: i64) -> AuditRecord {
     record.session_uid = Default::default();
     record.src_endpoint_port = None;
     record.request_uid = String::new();
+    // Nor, past the sources tracked, is the first one's source theirs all.
+    if *source == Source::Others {
+        record.actor_process_pid = None;
+        record.actor_process_name = Default::default();
+        record.actor_process_cgroup_id = None;
+        record.src_endpoint_ip = Default::default();
+    }
     record
 }
 
@@ -403,6 +415,19 @@ mod tests {
         assert!(limiter.take_summaries_at(3_000, start, false).is_empty());
     }
 
+    /// A refusal whose record names the caller (its identity was
+    /// accepted) is written whatever its source's count.
+    #[test]
+    fn a_refusal_of_an_accepted_identity_is_always_written() {
+        let limiter = RefusalLimiter::default();
+        let start = Instant::now();
+        let record = refusal(Some(7), "127.0.0.1", "malformed", 1_000);
+        admitted(&limiter, &record, start, 300, Duration::ZERO);
+        let mut named = refusal(Some(7), "127.0.0.1", "masks_unresolved", 1_000);
+        named.actor_user_uid = "oid-1".into();
+        assert_eq!(admitted(&limiter, &named, start, 10, Duration::ZERO), 10);
+    }
+
     #[test]
     fn one_source_flooding_leaves_the_others_their_share() {
         let limiter = RefusalLimiter::default();
@@ -466,6 +491,9 @@ mod tests {
         assert!(others[0]
             .status_detail
             .starts_with("refusals_summarized: 200 refusals"));
+        // It names none of them.
+        assert_eq!(others[0].actor_process_cgroup_id, None);
+        assert!(others[0].src_endpoint_ip.is_empty());
         assert_eq!(limiter.state.lock().unwrap().sources.len(), MAX_SOURCES + 1);
         // Once their buckets have refilled, quiet sources are dropped.
         let refilled = start + Duration::from_secs_f64(PER_SOURCE_BURST / PER_SOURCE_PER_SECOND);

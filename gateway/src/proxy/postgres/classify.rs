@@ -774,8 +774,8 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         ) || walker.runs_prepared,
         ends_transaction: matches!(
             statement,
-            Statement::Commit { .. } | Statement::Rollback { .. } | Statement::Call(_)
-        ) || kind == StatementKind::Admin,
+            Statement::Commit { .. } | Statement::Rollback { .. }
+        ) || kind == StatementKind::Admin, // CALL among them: a procedure may commit
         renames_protocol_objects: matches!(
             statement,
             Statement::Declare { .. }

@@ -173,7 +173,7 @@ async fn establish(
     params.extend(
         TEXT_READING_SETTINGS
             .iter()
-            .map(|&(name, value, _)| (name, value)),
+            .map(|setting| (setting.name, setting.value)),
     );
     for (key, value) in client_params {
         if PASSED_STARTUP_PARAMETERS.contains(&key.as_str()) {
@@ -319,11 +319,11 @@ async fn establish(
         }
         // The login asked for these; a server (or a pooler in between)
         // that reports others would read statements otherwise.
-        if let Some((name, value, expected)) = text_reading_changed(&frame) {
+        if let Some((setting, value)) = text_reading_changed(&frame) {
             return Err(UpstreamError::ReadsTextOtherwise {
-                name,
+                name: setting.name,
                 value,
-                expected,
+                expected: setting.value,
             });
         }
         greeting.extend_from_slice(&frame.bytes);
@@ -339,42 +339,50 @@ async fn establish(
     })
 }
 
-/// The settings under which the server reads SQL text as tollgate does,
-/// with the family of the rule that names a change: another client
-/// encoding can hide a quote inside a multi-byte character, and with
-/// standard_conforming_strings off a backslash in a plain string hides
-/// one; with another search_path an unqualified name is another table
-/// than the `public.x` tollgate decided on (PostgreSQL reports its changes
-/// from version 18; before, they are refused by policy, see policy.md).
-/// tollgate asks for all three at login.
-const TEXT_READING_SETTINGS: [(&str, &str, &str); 3] = [
-    ("client_encoding", "UTF8", "encoding"),
-    ("standard_conforming_strings", "on", "encoding"),
-    ("search_path", "public", "names"),
-];
-
-/// The rule family of a setting of [`TEXT_READING_SETTINGS`]
-/// (`encoding`, `names`).
-pub(super) fn reading_rule_family(name: &str) -> &'static str {
-    TEXT_READING_SETTINGS
-        .iter()
-        .find(|(setting, _, _)| *setting == name)
-        .map_or("encoding", |(_, _, family)| family)
+/// A setting under which the server reads SQL text as tollgate does: its
+/// name, the value tollgate asks for at login, and the family of the rule
+/// that names a change of it.
+pub(super) struct ReadingSetting {
+    pub name: &'static str,
+    pub value: &'static str,
+    pub family: &'static str,
 }
 
+/// The settings under which the server reads SQL text as tollgate does:
+/// another client encoding can hide a quote inside a multi-byte
+/// character, and with standard_conforming_strings off a backslash in a
+/// plain string hides one; with another search_path an unqualified name
+/// is another table than the `public.x` tollgate decided on (PostgreSQL
+/// reports its changes from version 18; before, they are refused by
+/// policy, see policy.md). tollgate asks for all three at login.
+const TEXT_READING_SETTINGS: [ReadingSetting; 3] = [
+    ReadingSetting {
+        name: "client_encoding",
+        value: "UTF8",
+        family: "encoding",
+    },
+    ReadingSetting {
+        name: "standard_conforming_strings",
+        value: "on",
+        family: "encoding",
+    },
+    ReadingSetting {
+        name: "search_path",
+        value: "public",
+        family: "names",
+    },
+];
+
 /// If `frame` is a ParameterStatus giving one of
-/// [`TEXT_READING_SETTINGS`] another value: its name, the value, and the
-/// one tollgate needs.
-pub(super) fn text_reading_changed(frame: &Frame) -> Option<(&'static str, String, &'static str)> {
+/// [`TEXT_READING_SETTINGS`] another value: that setting, and the value.
+pub(super) fn text_reading_changed(frame: &Frame) -> Option<(&'static ReadingSetting, String)> {
     if frame.tag != b'S' {
         return None;
     }
-    TEXT_READING_SETTINGS
-        .iter()
-        .find_map(|&(name, expected, _)| {
-            let value = wire::parameter_status(frame, name)?;
-            (!value.eq_ignore_ascii_case(expected)).then_some((name, value, expected))
-        })
+    TEXT_READING_SETTINGS.iter().find_map(|setting| {
+        let value = wire::parameter_status(frame, setting.name)?;
+        (!value.eq_ignore_ascii_case(setting.value)).then_some((setting, value))
+    })
 }
 
 /// Whether tollgate may answer a request for its password in the clear,

@@ -192,6 +192,10 @@ pub(super) struct Judged {
     pub(super) may_change_transaction: bool,
     /// See [`may_change_settings_unseen`].
     pub(super) may_change_settings_unseen: bool,
+    /// It may start a COPY FROM STDIN, a COPY TO STDOUT (see
+    /// [`may_copy`]).
+    pub(super) may_copy_in: bool,
+    pub(super) may_copy_out: bool,
 }
 
 pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, String>) -> Judged {
@@ -223,12 +227,29 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         target: &session.connection.target.name,
         operations,
     };
+    let (may_copy_in, may_copy_out) = may_copy(operations);
     Judged {
         decision: session.shared.policy.decide(&session.principal, &request),
         reads_masked: reads_masked(&session.masks, operations),
         read_only: provably_read_only(operations),
         may_change_transaction: may_change_transaction(operations),
         may_change_settings_unseen: may_change_settings_unseen(operations),
+        may_copy_in,
+        may_copy_out,
+    }
+}
+
+/// Whether the statement may start a COPY FROM STDIN (the server then
+/// takes copy data from the client), and a COPY TO STDOUT: only a COPY
+/// statement of the session's own text does (a function cannot), and
+/// text tollgate could not parse may be either.
+fn may_copy(operations: &Result<Vec<Operation>, String>) -> (bool, bool) {
+    match operations {
+        Ok(operations) => (
+            operations.iter().any(|op| op.takes_client_data),
+            operations.iter().any(|op| op.streams_raw),
+        ),
+        Err(_) => (true, true),
     }
 }
 

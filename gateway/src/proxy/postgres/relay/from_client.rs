@@ -357,8 +357,8 @@ impl FromClient {
                 // Sent behind Executes not yet synced, it runs in their
                 // implicit transaction, and may commit or roll it back.
                 pending.may_change_transaction = judged.may_change_transaction;
-                let (copy_in, copy_out) = may_copy(&operations);
-                (pending.may_copy_in, pending.may_copy_out) = (copy_in, copy_out);
+                pending.may_copy_in = judged.may_copy_in;
+                pending.may_copy_out = judged.may_copy_out;
                 let mut guard = lock(&self.in_flight);
                 if let Some(skipped) = guard.push(pending) {
                     drop(guard);
@@ -366,7 +366,7 @@ impl FromClient {
                     return Ok(());
                 }
                 guard.note_renames(&operations);
-                if judged.may_change_settings_unseen || copy_in {
+                if judged.may_change_settings_unseen || judged.may_copy_in {
                     self.answer_barrier = guard.queue.back().map(|p| p.id);
                 }
                 drop(guard);
@@ -510,8 +510,8 @@ impl FromClient {
         pending.reads_masked = prepared.judged.reads_masked;
         pending.read_only = prepared.judged.read_only;
         pending.may_change_transaction = prepared.judged.may_change_transaction;
-        let (copy_in, copy_out) = may_copy(&prepared.operations);
-        (pending.may_copy_in, pending.may_copy_out) = (copy_in, copy_out);
+        pending.may_copy_in = prepared.judged.may_copy_in;
+        pending.may_copy_out = prepared.judged.may_copy_out;
         let described = matches!(
             self.last_describe.take(),
             Some((b'P', described)) if described == portal
@@ -530,7 +530,7 @@ impl FromClient {
             return Ok(());
         }
         guard.note_renames(&prepared.operations);
-        if copy_in {
+        if prepared.judged.may_copy_in {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }
         drop(guard);
@@ -722,20 +722,6 @@ pub(super) struct UpstreamWriteFailed(std::io::Error);
 
 fn upstream_write_failed(err: std::io::Error) -> WireError {
     WireError::Io(std::io::Error::new(err.kind(), UpstreamWriteFailed(err)))
-}
-
-/// Whether the statement may start a COPY FROM STDIN (the server then
-/// takes copy data from the client), and a COPY TO STDOUT: only a COPY
-/// statement of the session's own text does (a function cannot), and
-/// text tollgate could not parse may be either.
-fn may_copy(operations: &Result<Vec<Operation>, String>) -> (bool, bool) {
-    match operations {
-        Ok(operations) => (
-            operations.iter().any(|op| op.takes_client_data),
-            operations.iter().any(|op| op.streams_raw),
-        ),
-        Err(_) => (true, true),
-    }
 }
 
 /// Records the outcome of an admitted Query or Execute that came after an

@@ -4,7 +4,7 @@
 //! complete.
 
 use super::*;
-use crate::proxy::postgres::upstream::{reading_rule_family, text_reading_changed};
+use crate::proxy::postgres::upstream::text_reading_changed;
 
 /// Holds the server's answer to the oldest request until that request's
 /// record is durable (a read-only request is forwarded while its record
@@ -401,8 +401,8 @@ pub(super) async fn pass_on_as_it_arrives(
 /// If `frame` is the server's report that a setting under which it reads
 /// SQL text as tollgate does changed, why the session must end.
 pub(super) fn reads_text_otherwise(frame: &Frame) -> Option<String> {
-    let (name, value, expected) = text_reading_changed(frame)?;
-    let family = reading_rule_family(name);
+    let (setting, value) = text_reading_changed(frame)?;
+    let (name, expected, family) = (setting.name, setting.value, setting.family);
     Some(format!(
         "tollgate: the server's {name} became {value} (rule {family}:{name}); \
          tollgate reads statements with {name} {expected} only, so the session is closed"
@@ -658,7 +658,7 @@ pub(super) fn track_answer(
                     implicit.completed(done, finished);
                 }
             } else if head.kind == Kind::Query && head.may_change_transaction {
-                implicit.query_may_have_changed_it(finished);
+                implicit.may_have_changed(finished);
             }
         }
         b'1' => {

@@ -662,8 +662,7 @@ impl ImplicitTransaction {
         // before it can no longer be told committed or rolled back, and an
         // error after it says nothing sure about what came between.
         if done.may_change_transaction {
-            self.unknown = true;
-            self.release(finished, Self::not_known());
+            self.may_have_changed(finished);
             finished.push((done, Outcome::Succeeded));
             return;
         }
@@ -691,11 +690,12 @@ impl ImplicitTransaction {
         self.held.push(done);
     }
 
-    /// A simple Query that may begin or end a transaction (COMMIT,
-    /// ROLLBACK, BEGIN among its statements) answered: it runs in the
-    /// pipeline's implicit transaction, so what was held before it can no
-    /// longer be told committed or rolled back.
-    fn query_may_have_changed_it(&mut self, finished: &mut Finished) {
+    /// A statement that may begin, end or change the transaction ran (an
+    /// Execute of one, or a simple Query with one among its statements,
+    /// which runs in the pipeline's implicit transaction): what was held
+    /// before it can no longer be told committed or rolled back, nor what
+    /// follows by an error.
+    fn may_have_changed(&mut self, finished: &mut Finished) {
         self.unknown = true;
         self.release(finished, Self::not_known());
     }
@@ -803,11 +803,8 @@ impl InFlight {
     /// to Sync and never uses the name. One sent before a Sync may fail and
     /// leave the older definition in place: wait for its answer. Otherwise
     /// what the server confirmed.
-    /// `generation_of` is the generation a name of this kind is trusted
-    /// in, as of a request sent (`generation` or `portal_generation`), and
-    /// `current` the current one.
     ///
-    /// A portal (`portal`) ends with its transaction: a Sync or a simple
+    /// A portal (`portal`; else a statement) ends with its transaction: a Sync or a simple
     /// Query still unanswered may end it (outside a transaction block a
     /// Sync commits the implicit one, and a Query commits it when done, or
     /// aborts it with an error), so a portal defined before one is looked
@@ -815,13 +812,17 @@ impl InFlight {
     /// whether the portals are gone.
     fn resolve<T: Clone>(
         &self,
-        unnamed: bool,
+        name: &str,
         portal: bool,
         defines: impl Fn(&Pending) -> Option<Option<T>>,
         confirmed: Option<&(u64, T)>,
-        generation_of: impl Fn(&Pending) -> u64,
-        current: u64,
     ) -> Resolved<Option<T>> {
+        let unnamed = name.is_empty();
+        // The generation names of this kind are trusted in.
+        let (current, generation_of): (u64, fn(&Pending) -> u64) = match portal {
+            true => (self.portal_generation, |p| p.portal_generation),
+            false => (self.generation, |p| p.generation),
+        };
         let mut synced_since = false;
         for pending in self.queue.iter().rev() {
             if generation_of(pending) != current {
@@ -861,17 +862,16 @@ impl InFlight {
     /// A statement that may end the transaction likewise ends the
     /// portals bound before it.
     fn note_renames(&mut self, operations: &Result<Vec<Operation>, String>) {
-        let renames = match operations {
-            Ok(ops) => ops.iter().any(|op| op.renames_protocol_objects),
-            Err(_) => true,
+        let (renames, ends_transaction) = match operations {
+            Ok(ops) => (
+                ops.iter().any(|op| op.renames_protocol_objects),
+                ops.iter().any(|op| op.ends_transaction),
+            ),
+            Err(_) => (true, true),
         };
         if renames {
             self.generation += 1;
         }
-        let ends_transaction = match operations {
-            Ok(ops) => ops.iter().any(|op| op.ends_transaction),
-            Err(_) => true,
-        };
         if renames || ends_transaction {
             self.portal_generation += 1;
         }
@@ -879,7 +879,7 @@ impl InFlight {
 
     fn statement(&self, name: &str) -> Resolved<Option<Arc<Prepared>>> {
         self.resolve(
-            name.is_empty(),
+            name,
             false,
             |p| match (&p.parse, &p.close) {
                 (Some((parsed, prepared)), _) if parsed == name => Some(Some(prepared.clone())),
@@ -887,14 +887,12 @@ impl InFlight {
                 _ => None,
             },
             self.statements.get(name),
-            |p| p.generation,
-            self.generation,
         )
     }
 
     fn portal(&self, name: &str) -> Resolved<Option<Bound>> {
         self.resolve(
-            name.is_empty(),
+            name,
             true,
             |p| match (&p.bind, &p.close) {
                 (Some((bound, what)), _) if bound == name => Some(Some(what.clone())),
@@ -902,8 +900,6 @@ impl InFlight {
                 _ => None,
             },
             self.portals.get(name),
-            |p| p.portal_generation,
-            self.portal_generation,
         )
     }
 }

@@ -292,6 +292,8 @@ fn prepared(text: &str) -> Arc<Prepared> {
             read_only: false,
             may_change_transaction: false,
             may_change_settings_unseen: true,
+            may_copy_in: true,
+            may_copy_out: true,
         },
     })
 }
