@@ -328,10 +328,10 @@ impl Config {
     /// or by an `egress_allow` rule). A local PostgreSQL listens on both
     /// (`listen_addresses = 'localhost'`).
     pub fn unprotected_loopback_twins(&self) -> Vec<(String, std::net::SocketAddr)> {
+        use crate::pin::normalise;
         use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
         let protected: HashSet<SocketAddr> =
-            self.targets.iter().map(|t| canonical(t.address)).collect();
+            self.targets.iter().map(|t| normalise(t.address)).collect();
         let allow_rules: Vec<crate::pin::AllowRule> = self
             .pin
             .egress_allow
@@ -345,7 +345,7 @@ impl Config {
         self.targets
             .iter()
             .filter_map(|t| {
-                let twin: IpAddr = match canonical(t.address).ip() {
+                let twin: IpAddr = match normalise(t.address).ip() {
                     IpAddr::V4(ip) if ip == Ipv4Addr::LOCALHOST => Ipv6Addr::LOCALHOST.into(),
                     IpAddr::V6(ip) if ip == Ipv6Addr::LOCALHOST => Ipv4Addr::LOCALHOST.into(),
                     _ => return None,

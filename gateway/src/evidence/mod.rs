@@ -502,33 +502,6 @@ impl Evidence {
         })?;
         let log = AuditLog::open(&evidence_config(audit)).await?;
         log.append(config_record(&snapshot)).await?;
-        // After the programs are attached (a connection made from now on
-        // is an event): what was opened before them and is still open.
-        // Not on a restart: the pinned probe watched while the daemon was
-        // down, so every connection since it was pinned is an event.
-        if !probe_was_pinned {
-            let targets = open_at_start::targets_of(&snapshot);
-            let scan = tokio::task::spawn_blocking(move || open_at_start::scan(&targets))
-                .await
-                .map_err(|err| anyhow::anyhow!("listing the connections open at start: {err}"))?;
-            for connection in &scan.connections {
-                tracing::warn!(
-                    target_name = %connection.target,
-                    destination = %connection.socket.remote,
-                    pid = ?connection.pid,
-                    process = %connection.comm,
-                    "a connection to a protected target was open before tollgate watched: recorded (open_at_start)"
-                );
-                log.append(open_at_start::record(connection)).await?;
-            }
-            if !scan.unreadable.is_empty() {
-                tracing::warn!(
-                    unreadable = scan.unreadable.len(),
-                    "the connections open at start could not be listed for every process (tollgate lacks CAP_SYS_PTRACE, or they are not dumpable): recorded, and verify lists them"
-                );
-            }
-            log.append(open_at_start::scan_record(&scan)).await?;
-        }
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(read_loop(
             Rings { ring, reserved },
@@ -539,7 +512,19 @@ impl Evidence {
             stopped,
         ));
         info!(dir = %evidence_dir(&audit.dir).display(), "evidence stream started");
-        Ok(Evidence { stop, task, log })
+        let evidence = Evidence { stop, task, log };
+        // After the programs are attached (a connection made from now on
+        // is an event), and with the rings being read meanwhile: what was
+        // opened before them and is still open. Not on a restart: the
+        // pinned probe watched while the daemon was down, so every
+        // connection since it was pinned is an event.
+        if !probe_was_pinned {
+            if let Err(err) = record_open_at_start(&evidence.log, &snapshot).await {
+                evidence.shutdown().await;
+                return Err(err);
+            }
+        }
+        Ok(evidence)
     }
 
     /// Drains the ring buffers, writes a last loss_counters record and
@@ -549,6 +534,33 @@ impl Evidence {
         let _ = self.task.await;
         self.log.shutdown().await;
     }
+}
+
+/// Lists the connections to protected targets open at start and records
+/// them, then the scan itself (see [`open_at_start`]).
+async fn record_open_at_start(log: &AuditLog, snapshot: &ConfigSnapshot) -> anyhow::Result<()> {
+    let targets = open_at_start::targets_of(snapshot);
+    let scan = tokio::task::spawn_blocking(move || open_at_start::scan(&targets))
+        .await
+        .map_err(|err| anyhow::anyhow!("listing the connections open at start: {err}"))?;
+    for connection in &scan.connections {
+        tracing::warn!(
+            target_name = %connection.target,
+            destination = %connection.socket.remote,
+            pid = ?connection.pid,
+            process = %connection.comm,
+            "a connection to a protected target was open before tollgate watched: recorded (open_at_start)"
+        );
+        log.append(open_at_start::record(connection)).await?;
+    }
+    if !scan.unreadable.is_empty() {
+        tracing::warn!(
+            unreadable = scan.unreadable.len(),
+            "the connections open at start could not be listed for every process (tollgate lacks CAP_SYS_PTRACE, or they are not dumpable): recorded, and verify lists them"
+        );
+    }
+    log.append(open_at_start::scan_record(&scan)).await?;
+    Ok(())
 }
 
 /// The two evidence ring buffers, as the reader polls them.

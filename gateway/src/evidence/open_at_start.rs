@@ -18,9 +18,8 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::fs::MetadataExt,
-    path::Path,
 };
 
 use serde_json::json;
@@ -28,6 +27,7 @@ use serde_json::json;
 use crate::audit::AuditRecord;
 
 use super::{base_record, network_activity, phase, ConfigSnapshot};
+use crate::pin::normalise;
 
 /// The `kind` of an open-at-start record.
 pub const KIND: &str = "open_at_start";
@@ -81,15 +81,15 @@ fn parse_line(line: &str) -> Option<TcpSocket> {
 fn parse_endpoint(text: &str) -> Option<SocketAddr> {
     let (address, port) = text.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok();
     let ip: IpAddr = match address.len() {
-        8 => Ipv4Addr::from(word(address)?).into(),
+        8 => Ipv4Addr::from(word(address)?.to_ne_bytes()).into(),
         32 => {
-            let mut octets = [0u8; 16];
-            for (i, chunk) in octets.chunks_exact_mut(4).enumerate() {
-                chunk.copy_from_slice(&word(address.get(i * 8..i * 8 + 8)?)?);
+            let mut words = [0u32; 4];
+            for (i, w) in words.iter_mut().enumerate() {
+                *w = word(address.get(i * 8..i * 8 + 8)?)?;
             }
-            Ipv6Addr::from(octets).into()
+            crate::pin::ip_from_words(words)
         }
         _ => return None,
     };
@@ -125,11 +125,13 @@ pub struct Scan {
 /// or thread, connected or connecting to one of `targets` (address to
 /// name), or half-closed while a process still holds it.
 pub fn scan(targets: &HashMap<SocketAddr, String>) -> Scan {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let targets: HashMap<SocketAddr, &String> =
-        targets.iter().map(|(a, n)| (canonical(*a), n)).collect();
+        targets.iter().map(|(a, n)| (normalise(*a), n)).collect();
     let mut result = Scan::default();
-    let (namespaces, mut unreadable) = one_task_per_network_namespace();
+    // Listed once: a process started after this holds only sockets made
+    // since the probe was attached, which are events anyway.
+    let pids = pids();
+    let (namespaces, mut unreadable) = one_task_per_network_namespace(&pids);
     for (netns, (pid, task)) in &namespaces {
         let mut read_any = false;
         for table in ["tcp", "tcp6"] {
@@ -148,7 +150,7 @@ pub fn scan(targets: &HashMap<SocketAddr, String>) -> Scan {
                 if !open && !HALF_CLOSED_STATES.contains(&socket.state) {
                     continue;
                 }
-                if let Some(name) = targets.get(&canonical(socket.remote)) {
+                if let Some(name) = targets.get(&normalise(socket.remote)) {
                     result.connections.push(OpenConnection {
                         socket,
                         target: (*name).clone(),
@@ -163,7 +165,7 @@ pub fn scan(targets: &HashMap<SocketAddr, String>) -> Scan {
         result.namespaces += usize::from(read_any);
     }
     if !result.connections.is_empty() {
-        unreadable.extend(attribute(&mut result.connections));
+        unreadable.extend(attribute(&pids, &mut result.connections));
     }
     // Half-closed without a holder: a killed process's, which can carry
     // nothing more.
@@ -177,16 +179,19 @@ pub fn scan(targets: &HashMap<SocketAddr, String>) -> Scan {
 /// Whether `err` means the daemon may not read it (rather than that it
 /// is gone).
 fn denied(err: &std::io::Error) -> bool {
-    err.kind() == std::io::ErrorKind::PermissionDenied || err.raw_os_error() == Some(libc::EPERM)
+    // EACCES and EPERM alike.
+    err.kind() == std::io::ErrorKind::PermissionDenied
 }
 
 /// A `/proc/PID/task/TID` of each network namespace (a thread may have
 /// entered one of its own), with its pid: its `net` tables are that
 /// namespace's. Also the processes whose namespaces could not be read.
-fn one_task_per_network_namespace() -> (BTreeMap<u64, (u32, String)>, BTreeMap<u32, String>) {
+fn one_task_per_network_namespace(
+    pids: &[u32],
+) -> (BTreeMap<u64, (u32, String)>, BTreeMap<u32, String>) {
     let mut namespaces = BTreeMap::new();
     let mut unreadable = BTreeMap::new();
-    for pid in pids() {
+    for &pid in pids {
         let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
@@ -227,11 +232,11 @@ fn pids() -> Vec<u32> {
 /// Fills in which process holds each socket (the first found holding
 /// it), its name and cgroup; the processes whose open files could not be
 /// read.
-fn attribute(found: &mut [OpenConnection]) -> BTreeMap<u32, String> {
+fn attribute(pids: &[u32], found: &mut [OpenConnection]) -> BTreeMap<u32, String> {
     let wanted: HashSet<u64> = found.iter().map(|c| c.socket.inode).collect();
     let mut holders: HashMap<u64, u32> = HashMap::new();
     let mut unreadable = BTreeMap::new();
-    for pid in pids() {
+    for &pid in pids {
         let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
             Ok(fds) => fds,
             Err(err) => {
@@ -262,19 +267,11 @@ fn attribute(found: &mut [OpenConnection]) -> BTreeMap<u32, String> {
         };
         connection.pid = Some(pid);
         connection.comm = comm_of(pid);
-        connection.cgroup_id = root.as_deref().and_then(|root| cgroup_id_of(root, pid));
+        connection.cgroup_id = root
+            .as_deref()
+            .and_then(|root| crate::pin::cgroup_id_of(root, &pid.to_string()));
     }
     unreadable
-}
-
-/// The cgroup v2 id of `pid`'s cgroup: the inode of its directory under
-/// the cgroup2 mount, what the kernel programs report.
-fn cgroup_id_of(root: &Path, pid: u32) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    fs::metadata(root.join(path.trim_start_matches('/')))
-        .ok()
-        .map(|m| m.ino())
 }
 
 /// The protected targets of `snapshot`, by address.
@@ -415,6 +412,23 @@ mod tests {
                 .all(|c| c.socket.remote != address),
             "only the target's port"
         );
+        // Half-closed by a process that still holds it: it can still get
+        // an answer, so it is listed too.
+        let half_closed = std::net::TcpStream::connect(address).expect("connect");
+        half_closed
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shut down the writing side");
+        let local = half_closed.local_addr().expect("local address");
+        let found = scan(&targets).connections;
+        let listed = found
+            .iter()
+            .find(|c| c.socket.local == local)
+            .unwrap_or_else(|| panic!("the half-closed socket is not listed: {found:?}"));
+        assert!(
+            HALF_CLOSED_STATES.contains(&listed.socket.state),
+            "{listed:?}"
+        );
+        assert_eq!(listed.pid, Some(std::process::id()));
         let row = record(ours[0]);
         assert_eq!(row.dst_endpoint_port, Some(i32::from(address.port())));
         assert!(row.unmapped.contains("\"kind\":\"open_at_start\""));

@@ -613,19 +613,7 @@ fn format_time(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// Addresses as the kernel keys them: IPv4-mapped IPv6 addresses compare
-/// as IPv4, and an IPv6 address without its scope id and flow label (a
-/// target configured as `[fe80::1%2]:5432` is keyed, and its connections
-/// recorded, as `[fe80::1]:5432`: kept, the two would never match).
-fn normalise(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => SocketAddr::new(IpAddr::V6(v6), addr.port()),
-        },
-        IpAddr::V4(_) => addr,
-    }
-}
+use crate::pin::normalise;
 
 fn destination(row: &Row) -> Option<SocketAddr> {
     let port = u16::try_from(row.dst_port?).ok()?;
@@ -1351,14 +1339,21 @@ mod tests {
             unmapped: r#"{"kind":"open_at_start","state":1}"#.into(),
             ..Row::default()
         };
-        let scan = |unreadable: u64| Row {
-            sequence: 3,
-            phase: "evidence".into(),
-            time: 1_700_000_000_003,
-            unmapped: format!(
-                r#"{{"kind":"open_at_start_scan","unreadable":{unreadable},"unreadable_processes":["1 init"]}}"#
-            ),
-            ..Row::default()
+        // The scan's record as the daemon writes it.
+        let scan = |unreadable: u64| {
+            let scan = crate::evidence::open_at_start::Scan {
+                unreadable: (1..=unreadable as u32)
+                    .map(|pid| (pid, "init".into()))
+                    .collect(),
+                ..Default::default()
+            };
+            Row {
+                sequence: 3,
+                phase: "evidence".into(),
+                time: 1_700_000_000_003,
+                unmapped: crate::evidence::open_at_start::scan_record(&scan).unmapped,
+                ..Row::default()
+            }
         };
         let r = reconciled(&[], &[config_row(1), open.clone(), scan(0)]);
         assert!(!r.ok);

@@ -98,19 +98,11 @@ pub struct AllowRule {
 impl AllowRule {
     /// Whether the rule lets a TCP connection to `destination` through.
     pub fn allows_tcp(self, destination: SocketAddr) -> bool {
-        if self.protocol != 0 && self.protocol != 6 {
-            return false;
-        }
-        if !(self.port_lo..=self.port_hi).contains(&destination.port()) {
-            return false;
-        }
-        let rule = self.to_kernel();
-        let address = match destination.ip() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
-        };
-        let words = words_of(address.octets());
-        (0..4).all(|i| words[i] & rule.mask[i] == rule.addr[i])
+        self.to_kernel().allows(
+            &ip_words(destination.ip()),
+            u32::from(destination.port()),
+            gateway_common::IPPROTO_TCP,
+        )
     }
 
     /// The kernel's form: IPv4 prefixes become IPv4-mapped, as the
@@ -436,8 +428,9 @@ fn lock_dir(dir: &Path, how: libc::c_int, what: &str) -> Result<fs::File> {
 }
 
 impl Pinning {
-    /// Loads the programs, attaches them to every agent cgroup (created if
-    /// missing), pins everything under `pin_dir` and makes the redirect map
+    /// Loads the programs, attaches them to every agent cgroup of `lock`
+    /// (which made the cgroups and the pin directory), pins everything
+    /// under its pin directory and makes the redirect map
     /// hold exactly `protected` and the listener port map exactly
     /// `guarded`, the ports agents may not bind (their listeners', the
     /// targets' own and the identity provider's on this host, see
@@ -713,18 +706,19 @@ fn attach_packet_evidence(ebpf: &mut Ebpf, links_dir: &Path) -> Result<OwnedFd> 
 
 /// The cgroup v2 id (inode of the cgroup directory) of this process.
 pub fn own_cgroup_id() -> Option<u64> {
-    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_id_of(&cgroup2_root().ok()?, "self")
+}
+
+/// The cgroup v2 id of process `pid` (a number, or `self`): the inode of
+/// its cgroup's directory under the cgroup2 mount `root`, what the kernel
+/// programs report.
+pub fn cgroup_id_of(root: &Path, pid: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     // cgroup v2's line is "0::/path".
     let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let path = Path::new(root).join(rel.trim_start_matches('/'));
-        if Path::new(root).join("cgroup.procs").exists() {
-            if let Ok(meta) = fs::metadata(&path) {
-                return Some(meta.ino());
-            }
-        }
-    }
-    None
+    fs::metadata(root.join(rel.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// Removes everything tollgate pinned: the redirect stops, agent
@@ -962,6 +956,14 @@ pub fn target_key(address: SocketAddr) -> TargetKey {
         addr: ip_words(address.ip()),
         port: u32::from(address.port()),
     }
+}
+
+/// Addresses as the kernel keys them: IPv4-mapped IPv6 addresses compare
+/// as IPv4, and an IPv6 address without its scope id and flow label (a
+/// target configured as `[fe80::1%2]:5432` is keyed, and its connections
+/// recorded, as `[fe80::1]:5432`: kept, the two would never match).
+pub fn normalise(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// An address as the maps hold it: IPv6 words, IPv4 mapped (see
