@@ -476,18 +476,31 @@ pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoad
 
 /// Keys come over https; plain http only from loopback and only when the
 /// development IdP is explicitly enabled.
+/// Whether a URL's host (`u.host_str()`: an IPv6 address in brackets) is
+/// this host's loopback: a loopback address (IPv4-mapped too), or
+/// `localhost`.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    match bare_ip(host) {
+        Some(ip) => ip.is_loopback(),
+        None => host.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// A URL host's address, when it is one (IPv4-mapped as IPv4).
+pub(crate) fn bare_ip(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
 pub fn check_url(url: &str, development_idp: bool) -> Result<(), String> {
     let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
     match u.scheme() {
         "https" => Ok(()),
         "http" => {
-            let host = u.host_str().unwrap_or("");
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            let loopback = match bare.parse::<IpAddr>() {
-                Ok(ip) => ip.is_loopback(),
-                Err(_) => bare.eq_ignore_ascii_case("localhost"),
-            };
-            if !loopback {
+            if !is_loopback_host(u.host_str().unwrap_or("")) {
                 Err("plain http is accepted only from a loopback address".into())
             } else if !development_idp {
                 Err("plain http from loopback requires development_idp = true".into())

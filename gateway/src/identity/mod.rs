@@ -197,21 +197,14 @@ impl IdentityConfig {
             .chain(graph)
             .filter_map(|url| reqwest::Url::parse(url).ok())
             .filter(|url| {
+                // Loopback, and the names and address that reach it too.
                 let host = url.host_str().unwrap_or_default();
-                match host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                {
-                    Ok(ip) => {
-                        let ip = ip.to_canonical();
-                        ip.is_loopback() || ip.is_unspecified()
-                    }
-                    Err(_) => {
-                        let name = host.trim_end_matches('.').to_ascii_lowercase();
-                        name == "localhost" || name.ends_with(".localhost")
-                    }
-                }
+                keys::is_loopback_host(host)
+                    || keys::bare_ip(host).is_some_and(|ip| ip.is_unspecified())
+                    || host
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase()
+                        .ends_with(".localhost")
             })
             .filter_map(|url| url.port_or_known_default())
             .filter(|&port| port != 0)

@@ -784,3 +784,34 @@ fn the_identity_providers_ports_on_this_host_are_named_for_guarding() {
     let got: Vec<u16> = c.local_ports().into_iter().collect();
     assert_eq!(got, vec![8960, 8961, 8962]);
 }
+
+/// Plain http is taken only from this host's loopback, and only with the
+/// development IdP; https from anywhere.
+#[test]
+fn plain_http_keys_come_only_from_loopback_with_the_development_idp() {
+    use super::keys::check_url;
+    for url in [
+        "http://127.0.0.1:8950/keys",
+        "http://[::1]:8950/keys",
+        "http://[::ffff:127.0.0.1]:8950/keys",
+        "http://LocalHost.:8950/keys",
+    ] {
+        assert_eq!(check_url(url, true), Ok(()), "{url}");
+        assert!(
+            check_url(url, false).is_err(),
+            "{url} without the development IdP"
+        );
+    }
+    for url in [
+        "http://10.0.0.1/keys",
+        "http://idp.example/keys",
+        "http://0.0.0.0/keys",
+    ] {
+        assert!(check_url(url, true).is_err(), "{url}");
+    }
+    assert_eq!(
+        check_url("https://login.microsoftonline.com/x", false),
+        Ok(())
+    );
+    assert!(check_url("ftp://127.0.0.1/keys", true).is_err());
+}
