@@ -601,9 +601,12 @@ impl FromClient {
     /// pipeline the client has not synced cannot hang the session.
     fn refuse_in_place(&mut self, kind: Kind, refusal: Refusal) {
         let mut pending = Pending::new(kind, None);
-        pending.refusal = Some((refusal.code, refusal.message));
         let marker = refusal_marker();
-        pending.marker = marker.clone();
+        pending.refusal = Some(InPlaceRefusal {
+            code: refusal.code,
+            message: refusal.message,
+            marker: marker.clone(),
+        });
         // The refusal is recorded either way; a server skipping to Sync
         // would not have answered the request (see `InFlight::push`).
         if lock(&self.in_flight).push(pending).is_none() {

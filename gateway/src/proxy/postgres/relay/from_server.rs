@@ -685,17 +685,20 @@ pub(super) fn track_answer(
             // Only the marker's own error may stand for the refusal: any
             // other means the answers and the queue disagree.
             let (code, message) = wire::error_fields(frame);
-            if head.marker.is_empty() || !message.contains(head.marker.as_str()) {
+            let Some(InPlaceRefusal {
+                code,
+                message: refusal,
+                ..
+            }) = head
+                .refusal
+                .take_if(|refusal| message.contains(refusal.marker.as_str()))
+            else {
                 // The SQLSTATE only: the message may quote values the
                 // agent only sees masked, and this goes to the log.
                 return Err(WireError::Malformed(format!(
                     "expected the error of a refused request, the server sent SQLSTATE {code}"
                 )));
-            }
-            let (code, refusal) = head
-                .refusal
-                .take()
-                .unwrap_or_else(|| (SQLSTATE_POLICY.into(), "tollgate: refused".into()));
+            };
             // An error at the server all the same: it ends the pipeline's
             // implicit transaction.
             implicit.failed(&(code.clone(), refusal.clone()));

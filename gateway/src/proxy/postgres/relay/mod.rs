@@ -112,17 +112,15 @@ struct Pending {
     bytes: i64,
     tag_rows: Option<i64>,
     error: Option<(String, String)>,
-    /// For a refusal: the SQLSTATE and message the client gets.
-    refusal: Option<(String, String)>,
+    /// For a refusal answered in place: what the client gets, and the
+    /// stand-in's marker.
+    refusal: Option<InPlaceRefusal>,
     /// A Query or Execute that may start a COPY FROM STDIN (a COPY FROM
     /// STDIN among its statements, or text tollgate could not parse): the
     /// only requests the server's CopyInResponse may answer.
     may_copy_in: bool,
     /// Likewise for COPY TO STDOUT and the server's CopyOutResponse.
     may_copy_out: bool,
-    /// For a refusal: the name of the portal its stand-in Execute runs, or
-    /// the text its stand-in Query sends (see [`refusal_marker`]).
-    marker: String,
     /// The statement reads a table with masked columns.
     reads_masked: bool,
     /// How to mask the rows of the current result set.
@@ -283,7 +281,6 @@ impl Pending {
             copies_ended_before: 0,
             copies_started: 0,
             completed: false,
-            marker: String::new(),
             may_copy_in: false,
             may_copy_out: false,
             read_only: false,
@@ -736,6 +733,17 @@ impl ImplicitTransaction {
             finished.push((done, outcome.clone()));
         }
     }
+}
+
+/// A refusal put in the place of the server's error to its stand-in.
+#[derive(Debug)]
+struct InPlaceRefusal {
+    /// The SQLSTATE and message the client gets.
+    code: String,
+    message: String,
+    /// The name of the portal the stand-in Execute runs, or the text the
+    /// stand-in Query sends (see [`refusal_marker`]).
+    marker: String,
 }
 
 /// A refusal's marker: the name of the portal a refused Execute is

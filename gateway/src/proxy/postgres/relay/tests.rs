@@ -32,7 +32,11 @@ fn queue_of(kinds: &[Kind]) -> Mutex<InFlight> {
     for kind in kinds {
         let mut pending = Pending::new(*kind, None);
         if matches!(kind, Kind::RefusedExecute | Kind::RefusedQuery) {
-            pending.marker = "tollgate_refused_test".into();
+            pending.refusal = Some(InPlaceRefusal {
+                code: SQLSTATE_POLICY.into(),
+                message: "tollgate: refused".into(),
+                marker: "tollgate_refused_test".into(),
+            });
         }
         in_flight.queued(pending);
     }
@@ -407,7 +411,11 @@ fn a_spent_marker_cannot_stand_in_for_a_later_refusal() {
     let (first, second) = (refusal_marker(), refusal_marker());
     for marker in [&first, &second] {
         let mut refused = Pending::new(Kind::RefusedExecute, None);
-        refused.marker = marker.clone();
+        refused.refusal = Some(InPlaceRefusal {
+            code: SQLSTATE_POLICY.into(),
+            message: "tollgate: refused".into(),
+            marker: marker.clone(),
+        });
         lock(&in_flight).queued(refused);
         lock(&in_flight).queued(Pending::new(Kind::Sync, None));
     }
