@@ -322,6 +322,9 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     }
     // As locked: the cgroups resolved, so that what is checked and pinned
     // is the cgroup itself, not a symlink's directory.
+    // Noted before the kernel's maps change: from here until the config
+    // record, either this start's targets or the last one's may be in force.
+    let installing_since_ms = tollgate::proxy::now_millis();
     let mut pinning = Pinning::install(&pin_lock, &protected, &config.guarded_ports(), &egress)
         .context("pinning")?;
 
@@ -336,7 +339,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
             Evidence::start(
                 &config.audit,
                 handles,
-                config_snapshot(&config)?,
+                config_snapshot(&config, installing_since_ms)?,
                 std::time::Duration::from_secs(config.pin.loss_interval_secs),
             )
             .await
@@ -455,7 +458,7 @@ fn notify_systemd_ready() -> Result<()> {
 }
 
 /// What the evidence stream records about this configuration at start.
-fn config_snapshot(config: &Config) -> Result<ConfigSnapshot> {
+fn config_snapshot(config: &Config, installing_since_ms: i64) -> Result<ConfigSnapshot> {
     use std::os::unix::fs::MetadataExt;
     let agent_cgroups = config
         .pin
@@ -487,6 +490,7 @@ fn config_snapshot(config: &Config) -> Result<ConfigSnapshot> {
         egress_default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
         boot_id: evidence::boot_id(),
         booted_at_ms: evidence::booted_at_ms(),
+        installing_since_ms: Some(installing_since_ms),
     })
 }
 

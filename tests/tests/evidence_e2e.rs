@@ -557,6 +557,74 @@ fn a_direct_connection_from_outside_the_agent_cgroups_is_an_unaudited_connection
     assert!(summary.contains("unaudited_connection_to_protected_target"));
 }
 
+/// An operator stops protecting the database: the restart's config record
+/// says so, and a direct connection after it is no longer judged, while
+/// the one made while it was protected still is.
+#[test]
+fn a_direct_connection_after_a_restart_that_removed_the_target_is_not_a_bypass() {
+    if !privileged("a_direct_connection_after_a_restart_that_removed_the_target_is_not_a_bypass") {
+        return;
+    }
+    let _probe = sharing_the_probe();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let direct = |stack: &Stack| {
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("direct psql")
+    };
+    assert_eq!(direct(&stack), "3");
+    std::thread::sleep(Duration::from_millis(200));
+    stack.gateway.stop();
+
+    // The same daemon, now fronting another server (nothing listens
+    // there: no session is made).
+    let other = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    stack.gateway.config.target_address = other;
+    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
+    stack
+        .gateway
+        .restart()
+        .expect("restart on the new configuration");
+    assert_eq!(direct(&stack), "3");
+    std::thread::sleep(Duration::from_millis(200));
+    stack.gateway.stop();
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        bypasses.len(),
+        1,
+        "only the connection made while protected: {summary}"
+    );
+    let removed_at = report["target_changes"]
+        .as_array()
+        .and_then(|changes| changes.iter().find(|c| c["change"] == "removed"))
+        .and_then(|c| c["time_ms"].as_i64())
+        .expect("the removal is reported");
+    assert!(
+        bypasses[0]["time_ms"].as_i64() < Some(removed_at),
+        "{summary}"
+    );
+    assert_eq!(
+        report["target_changes"],
+        json!([
+            {"time_ms": removed_at, "change": "added", "target": format!("orders-db {other}")},
+            {"time_ms": removed_at, "change": "removed",
+             "target": format!("orders-db 127.0.0.1:{}", stack.postgres.port)},
+        ]),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("target removed:"),
+        "the summary names the removal: {summary}"
+    );
+    // Both direct connections reached the server and were seen.
+    assert!(report["tcp_connections"].as_u64() >= Some(2), "{summary}");
+    assert_eq!(report["to_protected_targets"], 1, "{summary}");
+}
+
 #[test]
 fn a_session_that_sends_no_statement_is_still_an_audited_upstream() {
     if !privileged("a_session_that_sends_no_statement_is_still_an_audited_upstream") {

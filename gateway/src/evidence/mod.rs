@@ -11,6 +11,7 @@
 //! lost" can be checked from the files alone. [`verify`] reconciles the
 //! two logs offline (docs/evidence.md).
 
+pub mod in_force;
 pub mod open_at_start;
 mod prog_info;
 pub mod verify;
@@ -143,6 +144,13 @@ pub struct ConfigSnapshot {
     /// Absent in records written before it was recorded.
     #[serde(default)]
     pub booted_at_ms: Option<i64>,
+    /// When this daemon began to install its protected targets in the
+    /// kernel (Unix ms), before this record was written: from then until
+    /// the record, the previous record's targets may still be the
+    /// kernel's, and verify counts both. Absent in records written before
+    /// it was recorded: verify then counts both from the previous record.
+    #[serde(default)]
+    pub installing_since_ms: Option<i64>,
 }
 
 /// When the running boot began, in Unix milliseconds.

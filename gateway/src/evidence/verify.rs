@@ -11,6 +11,8 @@
 //!   the first can hide a bypass.
 //! - The protected targets come from the evidence stream's own `config`
 //!   records, written at every start: no configuration file is needed.
+//!   Each connection is judged against the targets of its time
+//!   ([`super::in_force`]).
 //!
 //! The integrity of both streams (chain, segments, signed checkpoints) is
 //! checked by the audit module's verification; see [`integrity`].
@@ -26,7 +28,11 @@ use arrow_array::{Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
-use super::{evidence_dir, phase, ConfigSnapshot, LossReport, ProgramCounters, UserSpaceCounters};
+use super::{
+    evidence_dir,
+    in_force::{TargetChange, TargetsInForce},
+    phase, ConfigSnapshot, LossReport, ProgramCounters, UserSpaceCounters,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -450,7 +456,11 @@ pub struct Report {
     pub audit_integrity: Integrity,
     pub evidence_integrity: Integrity,
     pub config_records: usize,
+    /// Every target any config record names (`name address`).
     pub protected_targets: Vec<String>,
+    /// Targets added or removed by a start in the window: a connection is
+    /// judged against the targets in force at its time.
+    pub target_changes: Vec<TargetChange>,
     pub agent_cgroups: Vec<String>,
     /// TCP active opens the kernel saw in the window, host-wide.
     pub tcp_connections: usize,
@@ -685,9 +695,10 @@ pub fn reconcile(
         |t: i64| opts.from_ms.is_none_or(|f| t >= f) && opts.to_ms.is_none_or(|e| t <= e);
     let mut problems = Vec::new();
 
-    // What was protected: every config record counts, whatever the window,
-    // since a target protected once is protected evidence-wise.
-    let mut targets: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    // What was protected when: every config record counts, whatever the
+    // window, since the record in force at the window's start may be
+    // older than it.
+    let mut snapshots: Vec<(i64, ConfigSnapshot)> = Vec::new();
     let mut listeners: HashSet<SocketAddr> = HashSet::new();
     let mut agent_cgroups: HashMap<i64, String> = HashMap::new();
     let mut config_records = 0;
@@ -697,15 +708,15 @@ pub fn reconcile(
             Ok(snapshot) => {
                 config_records += 1;
                 starts.push((row.time, snapshot.boot_id.clone(), snapshot.booted_at_ms));
-                for t in snapshot.protected_targets {
-                    targets.insert(normalise(t.address), t.name);
+                for t in &snapshot.protected_targets {
                     listeners.insert(normalise(t.listen));
                 }
-                for c in snapshot.agent_cgroups {
+                for c in &snapshot.agent_cgroups {
                     if let Ok(id) = i64::try_from(c.id) {
-                        agent_cgroups.insert(id, c.path);
+                        agent_cgroups.insert(id, c.path.clone());
                     }
                 }
+                snapshots.push((row.time, snapshot));
             }
             Err(err) => problems.push(format!(
                 "evidence record {}: unreadable config record: {err}",
@@ -713,6 +724,10 @@ pub fn reconcile(
             )),
         }
     }
+    let targets = TargetsInForce::new(snapshots.iter().map(|(time, s)| (*time, s)));
+    // For naming: the kernel matched packets and the start's scan matched
+    // open connections against the targets of their time.
+    let ever_protected = targets.ever();
     if config_records == 0 {
         problems.push(
             "the evidence stream has no config record: the protected targets are unknown".into(),
@@ -775,7 +790,11 @@ pub fn reconcile(
         audit_integrity,
         evidence_integrity,
         config_records,
-        protected_targets: targets.iter().map(|(a, n)| format!("{n} {a}")).collect(),
+        protected_targets: ever_protected
+            .iter()
+            .map(|(a, n)| format!("{n} {a}"))
+            .collect(),
+        target_changes: targets.changes(in_window),
         agent_cgroups: agent_cgroups
             .iter()
             .map(|(id, p)| format!("{p} (id {id})"))
@@ -826,7 +845,7 @@ pub fn reconcile(
                 let from_agent = row
                     .cgroup_id
                     .is_some_and(|c| agent_cgroups.contains_key(&c));
-                if let Some(target) = dst.and_then(|d| targets.get(&d)) {
+                if let Some(target) = dst.and_then(|d| targets.at(row.time, d)) {
                     report.to_protected_targets += 1;
                     if row.cookie.is_some_and(|c| audited_at(c, row.time)) {
                         report.audited_upstreams += 1;
@@ -843,7 +862,7 @@ pub fn reconcile(
                         row,
                         finding,
                         dst.map(|d| d.to_string()).unwrap_or_default(),
-                        target.clone(),
+                        target.to_owned(),
                         &agent_cgroups,
                     ));
                 } else if row.cookie.is_some_and(|c| redirected.contains(&c))
@@ -871,10 +890,10 @@ pub fn reconcile(
                 // by its address alone: it may be for any target there.
                 let port_unread = extra.get("port_unread") == Some(&serde_json::Value::Bool(true));
                 let (destination, target) = match dst {
-                    Some(d) => (d.to_string(), targets.get(&d).cloned()),
+                    Some(d) => (d.to_string(), ever_protected.get(&d).cloned()),
                     None if port_unread => {
                         let ip = destination_ip(row);
-                        let names: Vec<&str> = targets
+                        let names: Vec<&str> = ever_protected
                             .iter()
                             .filter(|(a, _)| Some(a.ip()) == ip)
                             .map(|(_, n)| n.as_str())
@@ -908,7 +927,7 @@ pub fn reconcile(
                 // carry requests while tollgate runs.
                 let dst = destination(row);
                 let target = dst
-                    .and_then(|d| targets.get(&d).cloned())
+                    .and_then(|d| ever_protected.get(&d).cloned())
                     .unwrap_or_else(|| "(protected at start)".into());
                 report.bypasses.push(Bypass::of(
                     row,
@@ -1141,6 +1160,19 @@ pub fn summary(r: &Report) -> String {
         "  protected targets:   {}\n",
         r.protected_targets.join(", ")
     ));
+    for c in &r.target_changes {
+        let meaning = if c.change == "removed" {
+            "connections to it after that are not judged"
+        } else {
+            "protected from then on"
+        };
+        out.push_str(&format!(
+            "  {:<21}{}, by the start at {}: {meaning}\n",
+            format!("target {}:", c.change),
+            c.target,
+            format_time(c.time_ms)
+        ));
+    }
     out.push_str(&format!(
         "  tcp connections:     {} seen by the kernel, {} to protected targets, {} audited gateway upstreams\n",
         r.tcp_connections, r.to_protected_targets, r.audited_upstreams
@@ -1276,6 +1308,7 @@ mod tests {
             egress_default_deny: false,
             boot_id: "boot-1".into(),
             booted_at_ms: None,
+            installing_since_ms: None,
         };
         Row {
             sequence: seq,
@@ -1368,6 +1401,56 @@ mod tests {
         assert!(r.ok, "{:?}", r.problems);
         assert_eq!(r.open_at_start_unread.len(), 1);
         assert!(r.open_at_start_unread[0].contains("1 init"));
+    }
+
+    /// A start that no longer protects orders-db: connections to it
+    /// before that start are bypasses, those after it are not, and the
+    /// report says when it was removed.
+    #[test]
+    fn a_connection_to_a_target_after_the_start_that_removed_it_is_not_a_bypass() {
+        let removed_at = 1_700_000_000_050;
+        let mut unprotected = config_row(50);
+        let mut snapshot: ConfigSnapshot = serde_json::from_str(&unprotected.unmapped).unwrap();
+        snapshot.protected_targets[0].address = "10.0.0.9:5432".parse().unwrap();
+        snapshot.protected_targets[0].name = "billing-db".into();
+        snapshot.installing_since_ms = Some(removed_at - 5);
+        unprotected.unmapped = serde_json::to_string(&snapshot).unwrap();
+        unprotected.time = removed_at;
+        let before = connect(10, 9, "psql", "10.0.0.5:5432", 1);
+        let after = connect(60, 9, "psql", "10.0.0.5:5432", 2);
+        let r = reconciled(
+            &[],
+            &[
+                config_row(1),
+                unprotected.clone(),
+                before,
+                after.clone(),
+                loss(99, 0),
+            ],
+        );
+        let bypasses: Vec<i64> = r.bypasses.iter().map(|b| b.evidence_sequence).collect();
+        assert_eq!(bypasses, [10], "{:?}", r.bypasses);
+        assert_eq!(r.to_protected_targets, 1);
+        assert_eq!(
+            r.target_changes
+                .iter()
+                .map(|c| (c.change, c.target.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("added", "billing-db 10.0.0.9:5432"),
+                ("removed", "orders-db 10.0.0.5:5432")
+            ]
+        );
+        assert!(
+            summary(&r).contains("target removed:      orders-db 10.0.0.5:5432, by the start at")
+        );
+
+        // The same connection while that start was still installing its
+        // targets: the old ones may have been the kernel's then.
+        let mut during = after;
+        during.time = removed_at - 1;
+        let r = reconciled(&[], &[config_row(1), unprotected, during, loss(99, 0)]);
+        assert_eq!(r.bypasses.len(), 1, "{:?}", r.bypasses);
     }
 
     /// Both streams' integrity checked and good, no window.
