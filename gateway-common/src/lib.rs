@@ -24,14 +24,22 @@ pub mod map_names {
     /// keyed by the agent's local port and the listener's, without the
     /// local address; its pin is removed.
     pub const CLIENT_PORTS_BEFORE: &str = "CLIENT_PORTS";
-    /// Ring buffer of [`EvidenceEvent`]s, host-wide: every event that does
-    /// not go to [`EVIDENCE_RESERVED`].
+    /// Ring buffer of [`EvidenceEvent`]s, host-wide: every connect that
+    /// goes to no protected target.
     pub const EVIDENCE: &str = "EVIDENCE";
-    /// Ring buffer of the [`EvidenceEvent`]s a verdict rests on: those of
-    /// the agent-cgroup programs, and connections and packets to protected
-    /// targets. Apart from [`EVIDENCE`] so that a flood of other events
-    /// (anyone's connects to anywhere) cannot crowd them out.
+    /// Ring buffer of the [`EvidenceEvent`]s a verdict on bypasses rests
+    /// on: connections and packets to protected targets. Apart from the
+    /// others so that a flood of other events (anyone's connects to
+    /// anywhere, an agent's refused sends) cannot crowd them out: only a
+    /// connection or packet to a protected target, each one itself a
+    /// finding or an audited upstream, takes room in it. (Older daemons
+    /// wrote the agent-cgroup programs' events here too.)
     pub const EVIDENCE_RESERVED: &str = "EVIDENCE_RESERVED";
+    /// Ring buffer of the agent-cgroup programs' [`EvidenceEvent`]s:
+    /// redirects and refusals. Apart from [`EVIDENCE`], so that no other
+    /// process can crowd them out, and from [`EVIDENCE_RESERVED`], so that
+    /// an agent flooding refusals cannot crowd out a bypass.
+    pub const EVIDENCE_AGENTS: &str = "EVIDENCE_AGENTS";
     /// Per-CPU `u64` counters, indexed by [`counter_index`].
     pub const EVIDENCE_COUNTERS: &str = "EVIDENCE_COUNTERS";
     /// `u32` index -> [`EgressRule`]: what agent cgroups may reach besides
@@ -204,15 +212,18 @@ pub mod counter {
     pub const PER_PROGRAM: u32 = 4;
 }
 
-/// Which counter of a program's events bound for
-/// [`map_names::EVIDENCE_RESERVED`]. Each is also counted in the
-/// program's [`counter`] of the same name (`EMITTED`, `DROPPED`): these
-/// say how many of those were the reserved ring's.
+/// Which counter of a program's events bound for its own ring buffer
+/// ([`ring_for`]: [`map_names::EVIDENCE_RESERVED`] for the host-wide
+/// programs' events about protected targets, [`map_names::EVIDENCE_AGENTS`]
+/// for the agent-cgroup programs'). Each is also counted in the program's
+/// [`counter`] of the same name (`EMITTED`, `DROPPED`): these say how many
+/// of those were not the general ring's.
 pub mod reserved_counter {
-    /// Events written to the reserved ring buffer.
+    /// Events written to the program's own ring buffer.
     pub const EMITTED: u32 = 0;
-    /// Events for the reserved ring buffer that were lost: it was full, or
-    /// the probe could not read the socket to tell where it was going.
+    /// Events for the program's own ring buffer that were lost: it was
+    /// full, or the probe could not read the socket to tell where it was
+    /// going.
     pub const DROPPED: u32 = 1;
     pub const PER_PROGRAM: u32 = 2;
 }
@@ -250,26 +261,53 @@ const _: () = assert!(
     ) < COUNTER_ENTRIES
 );
 
-/// Does an event of `program` about a connection or packet to
-/// `destination` go to the reserved ring buffer
-/// ([`map_names::EVIDENCE_RESERVED`])?
+/// The evidence ring buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvidenceRing {
+    /// [`map_names::EVIDENCE`]: anyone can fill it.
+    General,
+    /// [`map_names::EVIDENCE_RESERVED`]: connections and packets to
+    /// protected targets.
+    Targets,
+    /// [`map_names::EVIDENCE_AGENTS`]: the agent cgroups' redirects and
+    /// refusals.
+    Agents,
+}
+
+/// Which ring buffer an event of `program` about a connection or packet
+/// to `destination` goes to.
 ///
-/// The agent-cgroup programs' events always do: every one is a redirect or
-/// a refusal of an agent, what a verdict on the agents rests on. So do the
-/// packet program's, which records packets to protected targets only. A
-/// TCP connect seen host-wide does when it goes to a protected target
-/// (`is_protected`, the REDIRECTS lookup the connect hooks make; both
-/// sides hold IPv4 IPv4-mapped, so an IPv6 socket connecting to
-/// `::ffff:a.b.c.d` matches the IPv4 target): that is the connection a
-/// bypass would be. Every other connect on the host goes to the general
-/// ring, which anyone can fill.
+/// A TCP connect seen host-wide goes to [`EvidenceRing::Targets`] when it
+/// goes to a protected target (`is_protected`, the REDIRECTS lookup the
+/// connect hooks make; both sides hold IPv4 IPv4-mapped, so an IPv6 socket
+/// connecting to `::ffff:a.b.c.d` matches the IPv4 target): that is the
+/// connection a bypass would be. So do the packet program's events, which
+/// are packets to protected targets only. Every other connect on the host
+/// goes to the general ring, which anyone can fill. The agent-cgroup
+/// programs' events (redirects, refusals) go to their own ring: no other
+/// process can crowd them out, and they cannot crowd out a bypass.
 #[inline(always)]
-pub fn reserved_for(
+pub fn ring_for(
     program: u32,
     destination: &TargetKey,
     is_protected: impl Fn(&TargetKey) -> bool,
-) -> bool {
-    program != counted_program::TCP_STATE || is_protected(destination)
+) -> EvidenceRing {
+    match program {
+        counted_program::TCP_STATE if is_protected(destination) => EvidenceRing::Targets,
+        counted_program::TCP_STATE => EvidenceRing::General,
+        counted_program::PACKET_EGRESS => EvidenceRing::Targets,
+        _ => EvidenceRing::Agents,
+    }
+}
+
+/// Does `program` write to the ring of protected targets' events (its
+/// [`reserved_counter`]s count [`map_names::EVIDENCE_RESERVED`]) rather
+/// than the agents' ring? A loss there may hide a bypass.
+pub const fn reports_protected_targets(program: u32) -> bool {
+    matches!(
+        program,
+        counted_program::TCP_STATE | counted_program::PACKET_EGRESS
+    )
 }
 /// Size of the general evidence ring buffer in bytes (a power of two, a
 /// multiple of the page size): room for about 10,000 events in flight.
@@ -277,6 +315,9 @@ pub const EVIDENCE_RING_BYTES: u32 = 1 << 20;
 /// Size of the reserved evidence ring buffer
 /// ([`map_names::EVIDENCE_RESERVED`]), the same.
 pub const EVIDENCE_RESERVED_RING_BYTES: u32 = 1 << 20;
+/// Size of the agents' evidence ring buffer
+/// ([`map_names::EVIDENCE_AGENTS`]), the same.
+pub const EVIDENCE_AGENTS_RING_BYTES: u32 = 1 << 20;
 
 /// One kernel observation, written to the evidence ring buffer.
 #[repr(C)]

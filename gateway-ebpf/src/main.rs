@@ -68,9 +68,10 @@ use aya_ebpf::{
 };
 use gateway_common::{
     counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
-    reserved_counter, reserved_counter_index, reserved_for, same_address, v4_mapped, IPPROTO_TCP,
+    reserved_counter, reserved_counter_index, ring_for, same_address, v4_mapped, IPPROTO_TCP,
     ClientEndpointKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
-    TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_RESERVED_RING_BYTES,
+    EvidenceRing, TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_AGENTS_RING_BYTES,
+    EVIDENCE_RESERVED_RING_BYTES,
     EVIDENCE_RING_BYTES, LISTENER_PORT_ENTRIES, PACKET_RECORD_INTERVAL_NS, REDIRECT_MAP_ENTRIES,
     SOCKET_MAP_ENTRIES,
 };
@@ -122,6 +123,9 @@ static EVIDENCE: RingBuf = RingBuf::with_byte_size(EVIDENCE_RING_BYTES, 0);
 
 #[map(name = "EVIDENCE_RESERVED")]
 static EVIDENCE_RESERVED: RingBuf = RingBuf::with_byte_size(EVIDENCE_RESERVED_RING_BYTES, 0);
+
+#[map(name = "EVIDENCE_AGENTS")]
+static EVIDENCE_AGENTS: RingBuf = RingBuf::with_byte_size(EVIDENCE_AGENTS_RING_BYTES, 0);
 
 #[map(name = "EVIDENCE_COUNTERS")]
 static EVIDENCE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
@@ -183,9 +187,10 @@ fn count(program: u32, which: u32) {
     count_at(counter_index(program, which));
 }
 
-/// Counts an event lost; `reserved` when it was bound for the reserved
-/// ring. The general counter first: the reader reads the reserved one
-/// first, so it never sees more reserved drops than drops.
+/// Counts an event lost; `reserved` when it was bound for the program's
+/// own ring (not the general one). The general counter first: the reader
+/// reads the reserved one first, so it never sees more reserved drops
+/// than drops.
 #[inline(always)]
 fn count_dropped(program: u32, reserved: bool) {
     count(program, counter::DROPPED);
@@ -194,11 +199,11 @@ fn count_dropped(program: u32, reserved: bool) {
     }
 }
 
-/// Writes one event to the ring buffer [`reserved_for`] chooses by its
+/// Writes one event to the ring buffer [`ring_for`] chooses by its
 /// program and destination, counting it as emitted, or as dropped when
-/// that ring buffer is full. The caller has counted it as seen. Two
-/// literal calls, not one on a chosen map: each helper call then names its
-/// map, as the verifier wants.
+/// that ring buffer is full. The caller has counted it as seen. One
+/// literal call per ring, not one on a chosen map: each helper call then
+/// names its map, as the verifier wants.
 #[inline(always)]
 fn emit(program: u32, event: &EvidenceEvent) {
     let destination = TargetKey {
@@ -206,13 +211,14 @@ fn emit(program: u32, event: &EvidenceEvent) {
         port: event.dport,
     };
     // Only the host-wide connect probe looks its destination up.
-    let reserved = reserved_for(program, &destination, |key| unsafe {
+    let ring = ring_for(program, &destination, |key| unsafe {
         REDIRECTS.get(key).is_some()
     });
-    let entry = if reserved {
-        EVIDENCE_RESERVED.reserve::<EvidenceEvent>(0)
-    } else {
-        EVIDENCE.reserve::<EvidenceEvent>(0)
+    let reserved = ring != EvidenceRing::General;
+    let entry = match ring {
+        EvidenceRing::Targets => EVIDENCE_RESERVED.reserve::<EvidenceEvent>(0),
+        EvidenceRing::Agents => EVIDENCE_AGENTS.reserve::<EvidenceEvent>(0),
+        EvidenceRing::General => EVIDENCE.reserve::<EvidenceEvent>(0),
     };
     match entry {
         Some(mut entry) => {

@@ -800,3 +800,116 @@ fn a_flood_of_connects_from_outside_the_agent_cgroups_loses_no_evidence_of_agent
         "{summary}"
     );
 }
+
+/// Compiles tests/c/send_flood.c into `dir`.
+fn send_flood_binary(dir: &Path) -> String {
+    tollgate_tests::compile_c_program("send_flood", 2, dir)
+}
+
+/// How long an agent floods refused datagrams, and with how many
+/// processes: each sends several hundred thousand a second, far more than
+/// the reader writes, so the agents' ring buffer (about 10,900 events)
+/// overflows within milliseconds.
+const SEND_FLOOD_MS: u64 = 2_000;
+const SEND_FLOODERS: usize = 2;
+
+/// An agent floods refused datagrams at the target to overflow the ring
+/// buffer its events go to, while a process outside the agent cgroups
+/// connects to the target directly: the agent's flood is a loss of agent
+/// events, and every direct connection is still on record as a bypass.
+#[test]
+fn an_agent_flooding_refusals_cannot_hide_a_bypass() {
+    if !privileged("an_agent_flooding_refusals_cannot_hide_a_bypass") {
+        return;
+    }
+    let _probe = probe_to_itself();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    let flood = send_flood_binary(stack.gateway.dir.path());
+    let port = stack.postgres.port.to_string();
+    let mut flooders: Vec<_> = (0..SEND_FLOODERS)
+        .map(|_| {
+            AgentCgroup::command(&stack.gateway.config.agent_cgroup, &flood)
+                .args(["127.0.0.1", port.as_str(), &SEND_FLOOD_MS.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start send_flood in the agent cgroup")
+        })
+        .collect();
+    // Let the flood fill the agents' ring buffer before the bypasses.
+    std::thread::sleep(Duration::from_millis(300));
+    let bypasses = 5;
+    for _ in 0..bypasses {
+        let direct = stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM customers")
+            .expect("direct psql");
+        assert_eq!(direct, "3");
+    }
+    for flooder in &mut flooders {
+        assert!(
+            flooder.try_wait().expect("poll send_flood").is_none(),
+            "the flood ended before the direct connections did: make SEND_FLOOD_MS longer"
+        );
+    }
+    let mut sent = 0;
+    for flooder in flooders {
+        let answer = parse(flooder.wait_with_output().expect("send_flood output"));
+        assert_eq!(answer["outcome"], "done", "{answer}");
+        assert_eq!(answer["other"], 0, "every send refused: {answer}");
+        sent += answer["sends"].as_u64().unwrap_or(0);
+    }
+    stack.gateway.stop();
+
+    let counters = last_loss_counters(&stack);
+    let count =
+        |program: &str, name: &str| counters["programs"][program][name].as_u64().unwrap_or(0);
+    eprintln!(
+        "flood: {sent} refused sends in {SEND_FLOOD_MS} ms by {SEND_FLOODERS} processes; sendmsg4: {}; tcp_state: {}",
+        counters["programs"]["sendmsg4"], counters["programs"]["tcp_state"]
+    );
+    // The flood worked: the agents' ring buffer overflowed ...
+    assert!(
+        count("sendmsg4", "dropped_reserved") > 0,
+        "the agents' ring buffer did not overflow ({sent} sends): {counters}"
+    );
+    // ... and the ring of connections to protected targets lost nothing.
+    for program in ["tcp_state", "packet_egress"] {
+        assert_eq!(
+            count(program, "dropped_reserved"),
+            0,
+            "{program}: {counters}"
+        );
+    }
+    for name in ["reserved_malformed", "reserved_write_failed"] {
+        assert_eq!(counters["user_space"][name], 0, "{name}: {counters}");
+    }
+
+    let (code, summary, report) = verify(&stack);
+    eprintln!("{summary}");
+    assert_eq!(code, 1, "{summary}");
+    let found: Vec<&Value> = report["bypasses"]
+        .as_array()
+        .map(|b| b.iter().collect())
+        .unwrap_or_default();
+    assert_eq!(found.len(), bypasses, "{summary}");
+    for bypass in found {
+        assert_eq!(
+            bypass["finding"], "unaudited_connection_to_protected_target",
+            "{summary}"
+        );
+        assert_eq!(bypass["process"], "psql", "{summary}");
+    }
+    // The agent's flood is a loss, of agent events, and hides no bypass.
+    assert_eq!(report["reserved_losses"], json!([]), "{summary}");
+    let agent_events_lost: u64 = report["losses"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|l| l["agent_events_lost"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(agent_events_lost > 0, "{summary}");
+    assert!(summary.contains("agent events)"), "{summary}");
+}

@@ -808,13 +808,13 @@ fn a_stopped_gateway_refuses_agents_and_a_restarted_one_adopts_the_pins_with_no_
             "went to the (closed) listener, not to PostgreSQL: {attempt}"
         );
     }
-    // Their redirects went to the other pinned ring buffer, the reserved
+    // Their redirects went to another pinned ring buffer, the agents'
     // one, which the new daemon adopted and read too.
     assert!(stack
         .gateway
         .config
         .bpffs_dir
-        .join("maps/EVIDENCE_RESERVED")
+        .join("maps/EVIDENCE_AGENTS")
         .exists());
     let redirects = evidence::rows_of_kind(audit, "redirected", &between);
     assert_eq!(redirects.len(), 3, "{redirects:?}");
@@ -1751,10 +1751,10 @@ fn two_connections_from_one_local_port_are_each_attributed_to_the_task_that_made
 /// A pin directory an older daemon left is taken over on restart: the
 /// client port map it pinned (keyed by local and listener port without the
 /// address, since replaced by
-/// one keyed by the whole endpoint) is unpinned, and the reserved evidence
-/// ring it did not have yet is made and pinned. Agents are redirected and
-/// attributed, their redirects recorded in the new ring, and verify
-/// passes.
+/// one keyed by the whole endpoint) is unpinned, and the reserved and
+/// agents' evidence rings it did not have yet are made and pinned. Agents
+/// are redirected and attributed, their redirects recorded in the new
+/// ring, and verify passes.
 #[test]
 fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
     if !privileged("a_pin_directory_left_by_an_older_daemon_is_taken_over") {
@@ -1765,8 +1765,11 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
     let maps = stack.gateway.config.bpffs_dir.join("maps");
     let old_client_ports = maps.join("CLIENT_PORTS");
     let reserved = maps.join("EVIDENCE_RESERVED");
-    // As an older daemon left it: no reserved ring, a port-keyed map.
+    let agents_ring = maps.join("EVIDENCE_AGENTS");
+    // As an older daemon left it: no reserved or agents' ring, a
+    // port-keyed map.
     std::fs::remove_file(&reserved).expect("unpin the reserved ring");
+    std::fs::remove_file(&agents_ring).expect("unpin the agents' ring");
     let made = Command::new("bpftool")
         .args(["map", "create"])
         .arg(&old_client_ports)
@@ -1789,7 +1792,7 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
         "bpftool map create: {}",
         String::from_utf8_lossy(&made.stderr)
     );
-    assert!(old_client_ports.exists() && !reserved.exists());
+    assert!(old_client_ports.exists() && !reserved.exists() && !agents_ring.exists());
     // And a map of guarded ports of an older size (1 024 entries, before
     // every target's port was guarded).
     let listener_ports = maps.join("LISTENER_PORTS");
@@ -1847,6 +1850,7 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
         "the older daemon's client port map is still pinned"
     );
     assert!(reserved.exists(), "no reserved evidence ring pinned");
+    assert!(agents_ring.exists(), "no agents' evidence ring pinned");
     assert!(
         stack
             .gateway
@@ -1869,7 +1873,7 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
         .expect("audit rows");
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["actor_process_name"], "psql", "{}", rows[0]);
-    // Its redirect is on record: connect4's events go to the reserved ring
+    // Its redirect is on record: connect4's events go to the agents' ring
     // only, which the old daemon's pin directory lacked and the new daemon
     // made and read.
     let audit = stack.gateway.audit_dir();

@@ -1,10 +1,11 @@
 //! Independent evidence that nothing went around the gateway.
 //!
 //! The kernel probes (gateway-ebpf) write every TCP active open on the host,
-//! and every redirect or refusal on the agent cgroups, to two ring buffers:
-//! a reserved one for the events a verdict rests on (agent cgroups,
-//! protected targets) and a general one for the rest. This module reads
-//! both and writes each event as a record of a second
+//! and every redirect or refusal on the agent cgroups, to three ring
+//! buffers: a reserved one for the events a verdict on bypasses rests on
+//! (connections and packets to protected targets), one for the agent
+//! cgroups' events, and a general one for the rest. This module reads
+//! them all and writes each event as a record of a second
 //! audit log at `{audit.dir}/evidence`: its own hash chain, WAL, Parquet
 //! segments and signed checkpoints, in the same format as the request
 //! audit. Per interval it also records the loss counters, so "nothing was
@@ -28,7 +29,7 @@ use std::{
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use gateway_common::{
     counted_program, counter, counter_index, event_kind, reserved_counter, reserved_counter_index,
-    EvidenceEvent,
+    EvidenceEvent, EvidenceRing,
 };
 use serde_json::json;
 use tokio::{io::unix::AsyncFd, sync::watch};
@@ -306,32 +307,64 @@ pub struct UserSpaceCounters {
     #[serde(default)]
     pub write_retried: u64,
     /// Of `received`, `malformed` and `write_failed`: those read from the
-    /// reserved ring buffer (events of agent cgroups and to protected
-    /// targets). Absent (zero) in records of versions without it.
+    /// reserved ring buffer (connections and packets to protected targets;
+    /// in versions with two ring buffers, the agent cgroups' events too).
+    /// Absent (zero) in records of versions without it.
     #[serde(default)]
     pub reserved_received: u64,
     #[serde(default)]
     pub reserved_malformed: u64,
     #[serde(default)]
     pub reserved_write_failed: u64,
+    /// Of `received`, `malformed` and `write_failed`: those read from the
+    /// agents' ring buffer (their redirects and refusals). Absent (zero)
+    /// in records of versions without it.
+    #[serde(default)]
+    pub agents_received: u64,
+    #[serde(default)]
+    pub agents_malformed: u64,
+    #[serde(default)]
+    pub agents_write_failed: u64,
 }
 
 impl UserSpaceCounters {
-    /// Counts one item read from a ring buffer; `reserved` for the
-    /// reserved one.
-    fn received(&mut self, reserved: bool) {
+    /// The counters of `ring`'s share: (received, malformed, write_failed).
+    fn share(&mut self, ring: EvidenceRing) -> Option<(&mut u64, &mut u64, &mut u64)> {
+        match ring {
+            EvidenceRing::General => None,
+            EvidenceRing::Targets => Some((
+                &mut self.reserved_received,
+                &mut self.reserved_malformed,
+                &mut self.reserved_write_failed,
+            )),
+            EvidenceRing::Agents => Some((
+                &mut self.agents_received,
+                &mut self.agents_malformed,
+                &mut self.agents_write_failed,
+            )),
+        }
+    }
+
+    /// Counts one item read from `ring`.
+    fn received(&mut self, ring: EvidenceRing) {
         self.received += 1;
-        self.reserved_received += u64::from(reserved);
+        if let Some((received, _, _)) = self.share(ring) {
+            *received += 1;
+        }
     }
 
-    fn malformed(&mut self, reserved: bool) {
+    fn malformed(&mut self, ring: EvidenceRing) {
         self.malformed += 1;
-        self.reserved_malformed += u64::from(reserved);
+        if let Some((_, malformed, _)) = self.share(ring) {
+            *malformed += 1;
+        }
     }
 
-    fn write_failed(&mut self, reserved: bool) {
+    fn write_failed(&mut self, ring: EvidenceRing) {
         self.write_failed += 1;
-        self.reserved_write_failed += u64::from(reserved);
+        if let Some((_, _, write_failed)) = self.share(ring) {
+            *write_failed += 1;
+        }
     }
 }
 
@@ -344,14 +377,18 @@ pub struct ProgramCounters {
     pub emitted: u64,
     /// Lost, from either ring buffer.
     pub dropped: u64,
-    /// Of `emitted`: written to the reserved ring buffer (events of agent
-    /// cgroups and to protected targets). Absent (zero) in records of
-    /// versions without it, which had one ring buffer for everything.
+    /// Of `emitted`: written to the program's own ring buffer rather than
+    /// the general one: the reserved one for `tcp_state` (connections to
+    /// protected targets) and `packet_egress`, the agents' one for the
+    /// agent-cgroup programs (the reserved one in versions with two ring
+    /// buffers). Absent (zero) in records of versions without it, which had
+    /// one ring buffer for everything.
     #[serde(default)]
     pub emitted_reserved: u64,
-    /// Of `dropped`: lost from the reserved ring buffer. An event that may
-    /// have been a bypass, or the redirect that shows a connection was
-    /// not one. Absent (zero) in records of versions without it.
+    /// Of `dropped`: lost from the program's own ring buffer. For
+    /// `tcp_state` and `packet_egress` an event that may have been a
+    /// bypass; for the agent-cgroup programs a redirect or refusal. Absent
+    /// (zero) in records of versions without it.
     #[serde(default)]
     pub dropped_reserved: u64,
     /// Packets the packet evidence program counted into a later record of
@@ -381,32 +418,34 @@ impl LossReport {
     /// `emitted` by the events in flight on each CPU at the moment the
     /// counters are read; every one of those ends as emitted or dropped.)
     pub fn lossless(&self) -> bool {
-        self.general_lossless() && self.reserved_lost() == 0
+        self.general_lossless() && self.reserved_lost() == 0 && self.agents_lost() == 0
     }
 
-    /// Nothing was lost but events of the reserved ring buffer: no drop
-    /// from the general ring buffer, no recursion miss, nothing of the
-    /// general ring buffer malformed or unwritten. The general ring holds
-    /// the host's other connections; a record of a version with one ring
-    /// buffer counts every drop here.
+    /// Nothing was lost from the general ring buffer: no drop from it, no
+    /// recursion miss, nothing of it malformed or unwritten. The general
+    /// ring holds the host's other connections; a record of a version with
+    /// one ring buffer counts every drop here.
     pub fn general_lossless(&self) -> bool {
         let user = &self.user_space;
-        user.malformed.saturating_sub(user.reserved_malformed) == 0
-            && user.write_failed.saturating_sub(user.reserved_write_failed) == 0
+        let own_rings = |reserved: u64, agents: u64| reserved.saturating_add(agents);
+        user.malformed
+            .saturating_sub(own_rings(user.reserved_malformed, user.agents_malformed))
+            == 0
+            && user.write_failed.saturating_sub(own_rings(
+                user.reserved_write_failed,
+                user.agents_write_failed,
+            )) == 0
             && self.programs.values().all(|p| {
                 p.dropped.saturating_sub(p.dropped_reserved) == 0
                     && p.recursion_misses.unwrap_or(0) == 0
             })
     }
 
-    /// Events of the reserved ring buffer lost: dropped by the kernel,
-    /// malformed, or unwritten. Each may have been a bypass, or the
-    /// redirect that shows a connection was not one.
+    /// Events about protected targets lost: dropped by the kernel (counted
+    /// by `tcp_state` and `packet_egress`), or read from the reserved ring
+    /// buffer and then malformed or unwritten. Each may have been a bypass.
     pub fn reserved_lost(&self) -> u64 {
-        self.programs
-            .values()
-            .map(|p| p.dropped_reserved)
-            .sum::<u64>()
+        self.dropped_by_own_ring(true).map(|(_, n)| n).sum::<u64>()
             + self.reserved_lost_in_user_space()
     }
 
@@ -415,6 +454,40 @@ impl LossReport {
     pub fn reserved_lost_in_user_space(&self) -> u64 {
         self.user_space.reserved_malformed + self.user_space.reserved_write_failed
     }
+
+    /// The agent cgroups' redirects and refusals lost: dropped by their
+    /// programs, or read from the agents' ring buffer and then malformed
+    /// or unwritten. None of them was a connection that reached a
+    /// protected target. (In records of versions with two ring buffers the
+    /// agents' events shared the reserved one; their programs' drops still
+    /// count here, since each program counts its own events.)
+    pub fn agents_lost(&self) -> u64 {
+        self.dropped_by_own_ring(false).map(|(_, n)| n).sum::<u64>()
+            + self.user_space.agents_malformed
+            + self.user_space.agents_write_failed
+    }
+
+    /// (program, drops from its own ring) of the programs that report
+    /// protected targets (`targets`) or of the agent-cgroup programs, for
+    /// those that dropped.
+    pub fn dropped_by_own_ring(&self, targets: bool) -> impl Iterator<Item = (&str, u64)> {
+        self.programs
+            .iter()
+            .filter(move |(name, _)| reports_protected_targets_named(name) == targets)
+            .filter(|(_, c)| c.dropped_reserved > 0)
+            .map(|(name, c)| (name.as_str(), c.dropped_reserved))
+    }
+}
+
+/// [`gateway_common::reports_protected_targets`] by the program's name in
+/// a loss report. A name this version does not know counts as reporting
+/// protected targets: its loss is then judged the graver way.
+fn reports_protected_targets_named(name: &str) -> bool {
+    counted_program::NAMES
+        .iter()
+        .position(|n| *n == name)
+        .and_then(|i| u32::try_from(i).ok())
+        .is_none_or(gateway_common::reports_protected_targets)
 }
 
 /// The record of one interval's counters.
@@ -493,6 +566,7 @@ impl Evidence {
         let EvidenceHandles {
             ring,
             reserved,
+            agents,
             counters,
             tracing_programs,
             probe_was_pinned,
@@ -508,11 +582,19 @@ impl Evidence {
         let reserved = unsafe { AsyncFd::register(reserved) }.map_err(|err| {
             anyhow::anyhow!("cannot poll the reserved evidence ring buffer: {err}")
         })?;
+        // SAFETY: as above.
+        let agents = unsafe { AsyncFd::register(agents) }.map_err(|err| {
+            anyhow::anyhow!("cannot poll the agents' evidence ring buffer: {err}")
+        })?;
         let log = AuditLog::open(&evidence_config(audit)).await?;
         log.append(config_record(&snapshot)).await?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(read_loop(
-            Rings { ring, reserved },
+            Rings {
+                ring,
+                reserved,
+                agents,
+            },
             counters,
             tracing_programs,
             log.clone(),
@@ -575,21 +657,26 @@ async fn record_open_at_start(log: &AuditLog, snapshot: &ConfigSnapshot) -> anyh
 struct Rings {
     ring: AsyncFd<RingBuf<MapData>>,
     reserved: AsyncFd<RingBuf<MapData>>,
+    agents: AsyncFd<RingBuf<MapData>>,
 }
 
 impl Rings {
-    /// A batch of each, the reserved one first: its events are the ones a
-    /// verdict rests on. What remains is the readiness branches' work.
-    /// Drains a batch of each: how the drains ended, the worse of the two
-    /// (a write that failed, then more events left).
+    /// Drains a batch of each, the reserved one first (its events are the
+    /// ones a verdict on bypasses rests on), then the agents': how the
+    /// drains ended, the worst of the three (a write that failed, then
+    /// more events left). What remains is the readiness branches' work.
     async fn drain_batch(&mut self, log: &AuditLog, user: &mut UserSpaceCounters) -> Drained {
-        let reserved = drain(self.reserved.get_mut(), Ring::Reserved, log, user).await;
-        let general = drain(self.ring.get_mut(), Ring::General, log, user).await;
-        match (reserved, general) {
-            (Drained::WriteFailed, _) | (_, Drained::WriteFailed) => Drained::WriteFailed,
-            (Drained::More, _) | (_, Drained::More) => Drained::More,
-            (Drained::Done, Drained::Done) => Drained::Done,
-        }
+        let reserved = drain(self.reserved.get_mut(), EvidenceRing::Targets, log, user).await;
+        let agents = drain(self.agents.get_mut(), EvidenceRing::Agents, log, user).await;
+        let general = drain(self.ring.get_mut(), EvidenceRing::General, log, user).await;
+        [reserved, agents, general]
+            .into_iter()
+            .max_by_key(|drained| match drained {
+                Drained::Done => 0,
+                Drained::More => 1,
+                Drained::WriteFailed => 2,
+            })
+            .unwrap_or(Drained::Done)
     }
 
     /// Both, until each is empty (or an event cannot be written), for at
@@ -599,8 +686,9 @@ impl Rings {
     async fn drain_all(&mut self, log: &AuditLog, user: &mut UserSpaceCounters) {
         let deadline = tokio::time::Instant::now() + STOP_DRAIN_WAIT;
         for (ring, which) in [
-            (&mut self.reserved, Ring::Reserved),
-            (&mut self.ring, Ring::General),
+            (&mut self.reserved, EvidenceRing::Targets),
+            (&mut self.agents, EvidenceRing::Agents),
+            (&mut self.ring, EvidenceRing::General),
         ] {
             while drain(ring.get_mut(), which, log, user).await == Drained::More {
                 if tokio::time::Instant::now() >= deadline {
@@ -640,13 +728,6 @@ const RETRY_WRITE_AFTER: Duration = Duration::from_millis(250);
 /// indefinitely, and gather an unbounded batch of pending writes.
 const DRAIN_BATCH: usize = 1024;
 
-/// Which ring buffer an event was read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ring {
-    General,
-    Reserved,
-}
-
 async fn read_loop(
     mut rings: Rings,
     counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
@@ -677,9 +758,10 @@ async fn read_loop(
             // In this order: the stop; a due retry and the ticker, which a
             // ring buffer kept readable by a flood would otherwise starve
             // (retries drain the reserved ring first, and the ticker
-            // writes the loss records); then the reserved ring before the
-            // general one, so that when both have events the reserved
-            // ring's are written first.
+            // writes the loss records); then the reserved ring, the
+            // agents' and the general one, so that the reserved ring's
+            // events are written first and an agent's flood of refusals
+            // never holds them back.
             biased;
             _ = stopped.changed() => true,
             () = retry_due => {
@@ -699,13 +781,19 @@ async fn read_loop(
                 false
             }
             guard = rings.reserved.readable_mut() => {
-                if drain_ready(guard, Ring::Reserved, &log, &mut user).await == Drained::WriteFailed {
+                if drain_ready(guard, EvidenceRing::Targets, &log, &mut user).await == Drained::WriteFailed {
+                    retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
+                }
+                false
+            }
+            guard = rings.agents.readable_mut() => {
+                if drain_ready(guard, EvidenceRing::Agents, &log, &mut user).await == Drained::WriteFailed {
                     retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
                 }
                 false
             }
             guard = rings.ring.readable_mut() => {
-                if drain_ready(guard, Ring::General, &log, &mut user).await == Drained::WriteFailed {
+                if drain_ready(guard, EvidenceRing::General, &log, &mut user).await == Drained::WriteFailed {
                     retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
                 }
                 false
@@ -727,7 +815,7 @@ async fn read_loop(
 /// the ticker never) and the caller retries on a timer.
 async fn drain_ready(
     guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
-    which: Ring,
+    which: EvidenceRing,
     log: &AuditLog,
     user: &mut UserSpaceCounters,
 ) -> Drained {
@@ -783,11 +871,10 @@ async fn write_loss(
 /// in its pinned counters (`dropped`), which verify reports.
 async fn drain(
     ring: &mut RingBuf<MapData>,
-    which: Ring,
+    which: EvidenceRing,
     log: &AuditLog,
     user: &mut UserSpaceCounters,
 ) -> Drained {
-    let reserved = which == Ring::Reserved;
     // Read at each drain: the wall clock may have been stepped since.
     let boot_offset = boot_to_unix_offset_ns();
     let mut pending = Vec::new();
@@ -800,8 +887,8 @@ async fn drain(
             break;
         };
         let Some(event) = decode(&item) else {
-            user.received(reserved);
-            user.malformed(reserved);
+            user.received(which);
+            user.malformed(which);
             continue;
         };
         let durable = log.submit(event_record(&event, boot_offset));
@@ -815,12 +902,12 @@ async fn drain(
             ended = Drained::WriteFailed;
             break;
         }
-        user.received(reserved);
+        user.received(which);
         pending.push(durable);
     }
     for durable in pending {
         if let Err(err) = durable.await {
-            user.write_failed(reserved);
+            user.write_failed(which);
             warn!(error = %err, "an evidence record could not be written");
         }
     }
@@ -1023,10 +1110,10 @@ mod tests {
         assert!(!both.general_lossless());
         assert_eq!(both.reserved_lost(), 1);
         let mut user = UserSpaceCounters::default();
-        user.received(true);
-        user.write_failed(true);
-        user.received(false);
-        user.malformed(false);
+        user.received(EvidenceRing::Targets);
+        user.write_failed(EvidenceRing::Targets);
+        user.received(EvidenceRing::General);
+        user.malformed(EvidenceRing::General);
         assert_eq!((user.received, user.reserved_received), (2, 1));
         assert_eq!((user.write_failed, user.reserved_write_failed), (1, 1));
         assert_eq!((user.malformed, user.reserved_malformed), (1, 0));
@@ -1040,6 +1127,62 @@ mod tests {
             !in_user_space.general_lossless(),
             "the malformed general item"
         );
+    }
+
+    /// The agents' redirects and refusals have a ring of their own: what
+    /// it loses is a loss, but not of events about protected targets, so
+    /// an agent flooding refusals cannot hide a bypass in the reserved
+    /// ring's loss.
+    #[test]
+    fn drops_of_the_agents_ring_are_lost_agent_events_not_lost_target_events() {
+        let counters = |dropped_reserved: u64| ProgramCounters {
+            seen: 10,
+            emitted: 10 - dropped_reserved,
+            dropped: dropped_reserved,
+            dropped_reserved,
+            ..Default::default()
+        };
+        let report = LossReport {
+            programs: BTreeMap::from([
+                ("sendmsg4".to_owned(), counters(4)),
+                ("tcp_state".to_owned(), counters(0)),
+            ]),
+            user_space: UserSpaceCounters::default(),
+            interval_ms: 5000,
+        };
+        assert_eq!(report.agents_lost(), 4);
+        assert_eq!(report.reserved_lost(), 0);
+        assert!(report.general_lossless());
+        assert!(!report.lossless());
+        assert_eq!(loss_record(&report).status_id, 2);
+
+        let mut user = UserSpaceCounters::default();
+        user.received(EvidenceRing::Agents);
+        user.malformed(EvidenceRing::Agents);
+        user.received(EvidenceRing::Agents);
+        user.write_failed(EvidenceRing::Agents);
+        assert_eq!(
+            (user.received, user.agents_received, user.reserved_received),
+            (2, 2, 0)
+        );
+        let in_user_space = LossReport {
+            user_space: user,
+            ..LossReport::default()
+        };
+        assert_eq!(in_user_space.agents_lost(), 2);
+        assert_eq!(in_user_space.reserved_lost(), 0);
+        assert!(
+            in_user_space.general_lossless(),
+            "the agents' items are not the general ring's"
+        );
+
+        // A program this version does not know is judged the graver way.
+        let unknown = LossReport {
+            programs: BTreeMap::from([("later_probe".to_owned(), counters(1))]),
+            ..LossReport::default()
+        };
+        assert_eq!(unknown.reserved_lost(), 1);
+        assert_eq!(unknown.agents_lost(), 0);
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //!   equal the `upstream_socket_cookie` of an audit row. Anything else is a
 //!   bypass, listed with process, cgroup, destination and time.
 //! - The loss counters of every interval must be zero. A loss of the
-//!   reserved ring buffer (events of agent cgroups and to protected
-//!   targets) is reported apart from one of the general ring buffer: only
-//!   the first can hide a bypass.
+//!   reserved ring buffer (connections and packets to protected targets)
+//!   is reported apart from one of the general or the agents' ring
+//!   buffer: only the first can hide a bypass.
 //! - The protected targets come from the evidence stream's own `config`
 //!   records, written at every start: no configuration file is needed.
 //!   Each connection is judged against the targets of its time
@@ -320,12 +320,17 @@ fn unwatched_after_boot(
 }
 
 /// A loss_counters record whose counters of the general ring buffer (or
-/// recursion misses) grew since the previous one: some of the host's
-/// other connections may be missing from the evidence.
+/// recursion misses), or of the agents' ring buffer, grew since the
+/// previous one: some of the host's other connections, or some redirects
+/// and refusals of the agent cgroups, may be missing from the evidence.
+/// Neither can hide a bypass.
 #[derive(Debug, Clone, Serialize)]
 pub struct Loss {
     pub time_ms: i64,
     pub evidence_sequence: i64,
+    /// Of what was lost, the agent cgroups' redirects and refusals (their
+    /// own ring buffer's): none was a connection that reached a target.
+    pub agent_events_lost: u64,
     /// What was lost in this interval.
     pub delta: LossReport,
     /// The cumulative counters as recorded.
@@ -333,13 +338,13 @@ pub struct Loss {
 }
 
 /// The finding of a [`ReservedLoss`].
-pub const RESERVED_EVIDENCE_LOST: &str = "agent_or_protected_target_evidence_lost";
+pub const RESERVED_EVIDENCE_LOST: &str = "protected_target_evidence_lost";
 
-/// A loss_counters record whose reserved ring buffer counters grew since
-/// the previous one: events of agent cgroups or to protected targets were
-/// lost in the interval. Any of them may have been a bypass (or the
-/// redirect showing a connection was not one), so the interval's verdict
-/// cannot exclude a bypass, whatever else it shows.
+/// A loss_counters record whose counters of events about protected
+/// targets grew since the previous one: connections or packets to
+/// protected targets were lost in the interval. Any of them may have been
+/// a bypass, so the interval's verdict cannot exclude one, whatever else
+/// it shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReservedLoss {
     /// [`RESERVED_EVIDENCE_LOST`].
@@ -364,10 +369,8 @@ impl ReservedLoss {
             evidence_sequence,
             events: delta.reserved_lost(),
             dropped_by_program: delta
-                .programs
-                .iter()
-                .filter(|(_, c)| c.dropped_reserved > 0)
-                .map(|(name, c)| (name.clone(), c.dropped_reserved))
+                .dropped_by_own_ring(true)
+                .map(|(name, n)| (name.to_owned(), n))
                 .collect(),
             lost_in_user_space: delta.reserved_lost_in_user_space(),
         }
@@ -435,6 +438,9 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
             pu.reserved_write_failed,
             cur.user_space.reserved_write_failed,
         ),
+        agents_received: grew(pu.agents_received, cur.user_space.agents_received),
+        agents_malformed: grew(pu.agents_malformed, cur.user_space.agents_malformed),
+        agents_write_failed: grew(pu.agents_write_failed, cur.user_space.agents_write_failed),
     };
     out
 }
@@ -489,10 +495,11 @@ pub struct Report {
     pub open_at_start_unread: Vec<String>,
     pub bypasses: Vec<Bypass>,
     /// Intervals that lost events of the general ring buffer (or whose
-    /// probe was skipped): other connections of the host.
+    /// probe was skipped): other connections of the host; or of the
+    /// agents' ring buffer: their redirects and refusals.
     pub losses: Vec<Loss>,
-    /// Intervals that lost events of agent cgroups or to protected
-    /// targets: a bypass in them cannot be excluded.
+    /// Intervals that lost connections or packets to protected targets:
+    /// a bypass in them cannot be excluded.
     pub reserved_losses: Vec<ReservedLoss>,
     pub problems: Vec<String>,
 }
@@ -1082,10 +1089,11 @@ pub fn reconcile(
                     .reserved_losses
                     .push(ReservedLoss::of(row.time, row.sequence, &delta));
             }
-            if !delta.general_lossless() {
+            if !delta.general_lossless() || delta.agents_lost() > 0 {
                 report.losses.push(Loss {
                     time_ms: row.time,
                     evidence_sequence: row.sequence,
+                    agent_events_lost: delta.agents_lost(),
                     delta,
                     report: serde_json::from_str(&row.unmapped).unwrap_or_default(),
                 });
@@ -1186,12 +1194,16 @@ pub fn summary(r: &Report) -> String {
         r.non_tcp_packets
     ));
     out.push_str(&format!(
-        "  loss:                {} interval records, {} with losses of other connections' evidence\n",
+        "  loss:                {} interval records, {} with losses of other connections' or agents' events{}\n",
         r.loss_records,
-        r.losses.len()
+        r.losses.len(),
+        match r.losses.iter().map(|l| l.agent_events_lost).sum::<u64>() {
+            0 => String::new(),
+            agents => format!(" ({agents} agent events)"),
+        }
     ));
     out.push_str(&format!(
-        "  reserved loss:       {} intervals lost evidence of agent cgroups or protected targets\n",
+        "  reserved loss:       {} intervals lost evidence of connections or packets to protected targets\n",
         r.reserved_losses.len()
     ));
     for l in &r.reserved_losses {

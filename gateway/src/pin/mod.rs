@@ -155,14 +155,17 @@ pub struct ClientOrigin {
     pub cgroup_id: u64,
 }
 
-/// What the evidence reader needs from the loaded object: the two ring
+/// What the evidence reader needs from the loaded object: the three ring
 /// buffers, the loss counters and the host-wide evidence programs (for
 /// their ids and recursion misses).
 pub struct EvidenceHandles {
-    /// Every event that is not `reserved`'s: anyone can fill it.
+    /// Connects to anywhere but a protected target: anyone can fill it.
     pub ring: RingBuf<MapData>,
-    /// Events of agent cgroups and to protected targets.
+    /// Connections and packets to protected targets (and, from an older
+    /// daemon's programs still attached, agent cgroups' events).
     pub reserved: RingBuf<MapData>,
+    /// The agent cgroups' redirects and refusals.
+    pub agents: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
     /// (program name, program fd) of each host-wide evidence program.
     pub tracing_programs: Vec<(String, OwnedFd)>,
@@ -466,8 +469,9 @@ impl Pinning {
         // The evidence ring buffers and counters are pinned too: the pinned
         // probe keeps recording while the daemon is down, and the next
         // daemon reads what it recorded. (A pin directory of a daemon from
-        // before the reserved ring gets one made here; its still-attached
-        // programs keep writing to the general ring until replaced below.)
+        // before the reserved or the agents' ring gets it made here; its
+        // still-attached programs keep writing to the rings they know until
+        // replaced below.)
         //
         // With each, the size of a policy map (its content written at every
         // start): one an older version pinned at another size would be
@@ -476,12 +480,13 @@ impl Pinning {
         // the older daemon's programs keep their map until their pins are
         // replaced. State maps (sockets, evidence) are kept whatever they
         // hold.
-        let maps: [(&str, Option<u32>); 10] = [
+        let maps: [(&str, Option<u32>); 11] = [
             (map_names::REDIRECTS, Some(REDIRECT_MAP_ENTRIES)),
             (map_names::ORIGINAL_DESTINATIONS, None),
             (map_names::CLIENT_ENDPOINTS, None),
             (map_names::EVIDENCE, None),
             (map_names::EVIDENCE_RESERVED, None),
+            (map_names::EVIDENCE_AGENTS, None),
             (map_names::EVIDENCE_COUNTERS, None),
             (map_names::EGRESS_RULES, Some(EGRESS_RULE_ENTRIES)),
             (map_names::EGRESS_SETTINGS, None),
@@ -615,6 +620,7 @@ impl Pinning {
         let client_endpoints = take_map(&mut ebpf, map_names::CLIENT_ENDPOINTS)?;
         let ring: RingBuf<MapData> = take_map(&mut ebpf, map_names::EVIDENCE)?;
         let reserved: RingBuf<MapData> = take_map(&mut ebpf, map_names::EVIDENCE_RESERVED)?;
+        let agents: RingBuf<MapData> = take_map(&mut ebpf, map_names::EVIDENCE_AGENTS)?;
         let counters = take_map(&mut ebpf, map_names::EVIDENCE_COUNTERS)?;
         Ok(Self {
             _ebpf: ebpf,
@@ -623,6 +629,7 @@ impl Pinning {
             evidence: Some(EvidenceHandles {
                 ring,
                 reserved,
+                agents,
                 counters,
                 tracing_programs: vec![
                     (program_names::TCP_STATE.to_owned(), probe_fd),
@@ -1287,11 +1294,11 @@ mod tests {
     }
 
     /// Which ring buffer an event goes to: the tcp_state probe's by the
-    /// same REDIRECTS key the connect hooks use, every other evidence
-    /// program's always to the reserved one.
+    /// same REDIRECTS key the connect hooks use, the packet program's to
+    /// the protected targets' ring, the agent programs' to their own.
     #[test]
-    fn connects_to_protected_targets_and_agent_events_go_to_the_reserved_ring() {
-        use gateway_common::{counted_program, reserved_for};
+    fn connects_to_protected_targets_and_agent_events_have_rings_of_their_own() {
+        use gateway_common::{counted_program, reports_protected_targets, ring_for, EvidenceRing};
         let protected = [
             target_key("10.0.0.5:5432".parse().unwrap()),
             target_key("[fd00::7]:5432".parse().unwrap()),
@@ -1300,7 +1307,8 @@ mod tests {
         let reserved = |program, dst: &str| {
             // As the probe reads it: an AF_INET socket's address mapped, an
             // AF_INET6 socket's as it is (IPv4-mapped when it reaches IPv4).
-            reserved_for(program, &target_key(dst.parse().unwrap()), is_protected)
+            ring_for(program, &target_key(dst.parse().unwrap()), is_protected)
+                == EvidenceRing::Targets
         };
         let tcp = counted_program::TCP_STATE;
         assert!(reserved(tcp, "10.0.0.5:5432"));
@@ -1317,18 +1325,34 @@ mod tests {
             port: 5432,
         };
         assert!(
-            reserved_for(tcp, &key, is_protected),
+            ring_for(tcp, &key, is_protected) == EvidenceRing::Targets,
             "the probe's v4_mapped form"
         );
+        assert!(reserved(counted_program::PACKET_EGRESS, "127.0.0.1:9"));
         for program in [
             counted_program::CONNECT4,
             counted_program::CONNECT6,
             counted_program::SENDMSG4,
             counted_program::SENDMSG6,
             counted_program::SOCK_CREATE,
-            counted_program::PACKET_EGRESS,
         ] {
-            assert!(reserved(program, "127.0.0.1:9"), "program {program}");
+            // Even to a protected target: a refused send to one is an
+            // agent's event, not a connection that reached it.
+            assert_eq!(
+                ring_for(program, &protected[0], is_protected),
+                EvidenceRing::Agents,
+                "program {program}"
+            );
+        }
+        // The loss counters follow the rings.
+        for program in 0..counted_program::COUNT {
+            let to_targets =
+                ring_for(program, &protected[0], is_protected) == EvidenceRing::Targets;
+            assert_eq!(
+                reports_protected_targets(program),
+                to_targets,
+                "program {program}"
+            );
         }
     }
 
