@@ -22,6 +22,12 @@ Scenarios:
               portal on the server) and of FIRST_SQL (which opens a cursor
               named "c"), then Describe/Execute of portal "c" + Sync, all
               in one write.
+  function_then_cursor
+              Parse "h" as "SELECT 'x'::text AS e", Bind portal "c" to
+              it, then Parse/Bind/Execute of FIRST_SQL (a function that
+              closes "c" and opens a cursor under its name, in the same
+              transaction), then Describe/Execute of portal "c" + Sync,
+              all in one write.
   query_then_cursor
               As commit_then_cursor, with a simple Query of SECOND_SQL in
               place of the COMMIT (a Query ends the implicit transaction
@@ -159,6 +165,11 @@ def main():
             + describe_c
             + execute_c
             + sync
+        )
+        answers += read_until(sock, [b"Z"])
+    elif scenario == "function_then_cursor":
+        sock.sendall(
+            bind_c("SELECT 'x'::text AS e") + pbe(first) + describe_c + execute_c + sync
         )
         answers += read_until(sock, [b"Z"])
     elif scenario == "query_then_cursor":

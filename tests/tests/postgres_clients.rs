@@ -1640,6 +1640,34 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         );
         assert!(out.contains("mask:unparsed"), "{scenario}: {out}");
     }
+    // Within one transaction, a function of the database's own may close
+    // the portal and open a cursor under its name: the Execute after it
+    // is refused rather than decided as the statement bound.
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION reopen_shouting_cursor(name refcursor) RETURNS refcursor \
+             LANGUAGE plpgsql AS $$ BEGIN CLOSE name; \
+             OPEN name FOR SELECT upper(email) AS x FROM customers WHERE id = 1; \
+             RETURN name; END $$",
+        )
+        .expect("create the function");
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &[
+            "function_then_cursor",
+            "SELECT reopen_shouting_cursor('c')",
+            "",
+        ],
+    );
+    assert!(
+        !out.to_lowercase().contains("@example.com"),
+        "a cursor a function reopened under a portal's name leaked: {out}"
+    );
+    assert!(out.contains("mask:unparsed"), "{out}");
     // A portal's Describe behind an unanswered Sync waits for it (the
     // portal may have ended there) before it is sent, so the Execute
     // behind it is queued when its RowDescription comes: that plans the

@@ -196,6 +196,8 @@ pub(super) struct Judged {
     /// [`may_copy`]).
     pub(super) may_copy_in: bool,
     pub(super) may_copy_out: bool,
+    /// See [`may_reopen_cursors`].
+    pub(super) may_reopen_cursors: bool,
 }
 
 pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, String>) -> Judged {
@@ -236,7 +238,20 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         may_change_settings_unseen: may_change_settings_unseen(operations),
         may_copy_in,
         may_copy_out,
+        may_reopen_cursors: may_reopen_cursors(operations),
     }
+}
+
+/// Whether a statement runs code of the database's own (a function
+/// tollgate cannot look into, see `judge`), which may close any portal of
+/// the session and open a cursor under its name (PL/pgSQL's `CLOSE` and
+/// `OPEN` of a refcursor take any name): a portal bound before it may then
+/// run another query than the one tollgate saw bound. Unparsed text is
+/// judged so already (see `InFlight::note_renames`).
+pub(super) fn may_reopen_cursors(operations: &Result<Vec<Operation>, String>) -> bool {
+    operations
+        .as_ref()
+        .is_ok_and(|ops| ops.iter().any(|op| op.calls_unknown_functions))
 }
 
 /// Whether the statement may start a COPY FROM STDIN (the server then

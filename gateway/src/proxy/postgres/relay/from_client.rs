@@ -365,7 +365,7 @@ impl FromClient {
                     record_skipped(&self.session, skipped);
                     return Ok(());
                 }
-                guard.note_renames(&operations);
+                guard.note_renames(&operations, judged.may_reopen_cursors);
                 if judged.may_change_settings_unseen || judged.may_copy_in {
                     self.answer_barrier = guard.queue.back().map(|p| p.id);
                 }
@@ -529,7 +529,7 @@ impl FromClient {
             record_skipped(&self.session, skipped);
             return Ok(());
         }
-        guard.note_renames(&prepared.operations);
+        guard.note_renames(&prepared.operations, prepared.judged.may_reopen_cursors);
         if prepared.judged.may_copy_in {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }

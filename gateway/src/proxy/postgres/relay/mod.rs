@@ -868,8 +868,14 @@ impl InFlight {
     /// SQL (or one not understood) is sent, names defined before it are no
     /// longer trusted.
     /// A statement that may end the transaction likewise ends the
-    /// portals bound before it.
-    fn note_renames(&mut self, operations: &Result<Vec<Operation>, String>) {
+    /// portals bound before it, and one that may reopen cursors
+    /// (`may_reopen_cursors`, a call of the database's own code) makes
+    /// them unknown.
+    fn note_renames(
+        &mut self,
+        operations: &Result<Vec<Operation>, String>,
+        may_reopen_cursors: bool,
+    ) {
         let (renames, ends_transaction) = match operations {
             Ok(ops) => (
                 ops.iter().any(|op| op.renames_protocol_objects),
@@ -880,7 +886,7 @@ impl InFlight {
         if renames {
             self.generation += 1;
         }
-        if renames || ends_transaction {
+        if renames || ends_transaction || may_reopen_cursors {
             self.portal_generation += 1;
         }
     }

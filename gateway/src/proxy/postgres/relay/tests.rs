@@ -298,6 +298,7 @@ fn prepared(text: &str) -> Arc<Prepared> {
             may_change_settings_unseen: true,
             may_copy_in: true,
             may_copy_out: true,
+            may_reopen_cursors: true,
         },
     })
 }
@@ -1399,7 +1400,7 @@ fn portals_end_with_their_transaction_and_not_before() {
     let query = |in_flight: &Mutex<InFlight>, sql: &str| {
         let mut f = lock(in_flight);
         f.queued(Pending::new(Kind::Query, None));
-        f.note_renames(&classify(sql));
+        f.note_renames(&classify(sql), false);
     };
     let known = |in_flight: &Mutex<InFlight>| match lock(in_flight).portal("p") {
         Resolved::Known(found) => Some(found.is_some()),
@@ -1448,9 +1449,23 @@ fn portals_end_with_their_transaction_and_not_before() {
         confirmed(&in_flight);
         let mut f = lock(&in_flight);
         f.queued(Pending::new(Kind::Execute, None));
-        f.note_renames(&classify(sql));
+        f.note_renames(&classify(sql), false);
         drop(f);
         assert_eq!(known(&in_flight), Some(false), "{sql}");
+    }
+    // A call of the database's own code may close the portal and open a
+    // cursor under its name, inside the transaction: unknown at once.
+    let in_flight = queue_of(&[]);
+    confirmed(&in_flight);
+    let mut f = lock(&in_flight);
+    f.queued(Pending::new(Kind::Execute, None));
+    let sql = "SELECT reopen_cursor('p')";
+    f.note_renames(&classify(sql), may_reopen_cursors(&classify(sql)));
+    drop(f);
+    assert_eq!(known(&in_flight), Some(false), "{sql}");
+    // A built-in function does not.
+    for sql in ["SELECT now()", "SELECT upper('x')"] {
+        assert!(!may_reopen_cursors(&classify(sql)), "{sql}");
     }
 }
 
