@@ -202,8 +202,8 @@ pub mod counter {
     pub const SEEN: u32 = 0;
     /// Events written to the ring buffer.
     pub const EMITTED: u32 = 1;
-    /// Events lost, from either ring buffer: the ring buffer was full, or
-    /// the probe could not read the socket (offsets not set).
+    /// Events lost, from whichever ring buffer they were for: it was full,
+    /// or the probe could not read the socket (offsets not set).
     pub const DROPPED: u32 = 2;
     /// Packets not written as records of their own because their socket
     /// had a record less than [`super::PACKET_RECORD_INTERVAL_NS`] before;

@@ -38,13 +38,14 @@
 //!   packets, SCTP, ...), which the TCP probe cannot see. It never drops a
 //!   packet: it is evidence, not enforcement.
 //!
-//! Evidence events go to two ring buffers: the reserved one takes those a
-//! verdict rests on (every event of the agent-cgroup programs, packets to
-//! protected targets, TCP connects to protected targets), the general one
-//! every other TCP connect on the host. Anyone on the host can fill the
-//! general one with cheap connects; they cannot crowd out the reserved
-//! one's events that way. Every event a program had to report is counted
-//! as seen, and then as emitted or dropped (and, for the reserved ring,
+//! Evidence events go to three ring buffers: the reserved one takes those
+//! a verdict on bypasses rests on (packets and TCP connects to protected
+//! targets), the agents' one every event of the agent-cgroup programs,
+//! the general one every other TCP connect on the host. Anyone on the
+//! host can fill the general one with cheap connects, and an agent its
+//! own with cheap refused sends; neither crowds out the reserved one's
+//! events that way. Every event a program had to report is counted as
+//! seen, and then as emitted or dropped (and, for a program's own ring,
 //! also in its own counters), so a gap in the evidence is itself on
 //! record, and so is which ring it was in.
 #![no_std]

@@ -320,11 +320,11 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     if config.pin.agent_cgroups.is_empty() {
         warn!("no agent cgroups configured: nothing is redirected to tollgate (the evidence probe still records every connection)");
     }
-    // As locked: the cgroups resolved, so that what is checked and pinned
-    // is the cgroup itself, not a symlink's directory.
     // Noted before the kernel's maps change: from here until the config
     // record, either this start's targets or the last one's may be in force.
     let installing_since_ms = tollgate::proxy::now_millis();
+    // As locked: the cgroups resolved, so that what is checked and pinned
+    // is the cgroup itself, not a symlink's directory.
     let mut pinning = Pinning::install(&pin_lock, &protected, &config.guarded_ports(), &egress)
         .context("pinning")?;
 
@@ -491,6 +491,8 @@ fn config_snapshot(config: &Config, installing_since_ms: i64) -> Result<ConfigSn
         boot_id: evidence::boot_id(),
         booted_at_ms: evidence::booted_at_ms(),
         installing_since_ms: Some(installing_since_ms),
+        // Filled in from the pinning by the evidence stream.
+        replaced_targets: Vec::new(),
     })
 }
 

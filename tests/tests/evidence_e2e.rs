@@ -734,7 +734,7 @@ fn a_flood_of_connects_from_outside_the_agent_cgroups_loses_no_evidence_of_agent
         count(tcp, "dropped") > count(tcp, "dropped_reserved"),
         "the general ring buffer did not overflow ({flooded} connects): {counters}"
     );
-    // ... and the reserved one lost nothing, of any program.
+    // ... and the reserved and agents' ones lost nothing, of any program.
     let programs = counters["programs"]
         .as_object()
         .cloned()
@@ -751,8 +751,11 @@ fn a_flood_of_connects_from_outside_the_agent_cgroups_loses_no_evidence_of_agent
         counters["user_space"]["reserved_write_failed"], 0,
         "{counters}"
     );
-    // The agents' redirects and the gateway's upstream connections went to
-    // the reserved ring buffer.
+    for name in ["agents_malformed", "agents_write_failed"] {
+        assert_eq!(counters["user_space"][name], 0, "{name}: {counters}");
+    }
+    // The agents' redirects went to their ring buffer, the gateway's
+    // upstream connections to the reserved one.
     assert!(
         count(&counters["programs"]["connect4"], "emitted_reserved") >= connections,
         "{counters}"
@@ -783,6 +786,9 @@ fn a_flood_of_connects_from_outside_the_agent_cgroups_loses_no_evidence_of_agent
     assert_eq!(code, 1, "{summary}");
     assert_eq!(report["bypasses"], json!([]), "{summary}");
     assert_eq!(report["reserved_losses"], json!([]), "{summary}");
+    for loss in report["losses"].as_array().cloned().unwrap_or_default() {
+        assert_eq!(loss["agent_events_lost"], 0, "{summary}");
+    }
     assert!(
         !report["losses"]
             .as_array()

@@ -6,29 +6,50 @@
 //! a server does not fail verification for every later direct connection
 //! to it.
 //!
-//! A start replaces the kernel's redirect map before it writes its record
-//! (it notes when it began, `installing_since_ms`). From then until the
-//! record, either set may be the kernel's: both count, so a restart never
-//! opens a gap in which neither does. Before the first record, the first
-//! record's targets count (its probes ran before it was written).
+//! Where the moment a set took effect is uncertain, every set that may
+//! have been the kernel's counts:
+//! - A start replaces the kernel's redirect map before it writes its
+//!   record (it notes when it began, `installing_since_ms`): from then
+//!   until the record, both its targets and the previous record's count.
+//! - What the map held when a start replaced it (`replaced_targets`)
+//!   counts from the previous record to this one: a start that installed
+//!   its targets and failed before writing its record leaves them there.
+//! - A record is found both by time and by its place in the stream, and
+//!   both count: a clock stepped back dates a later start before earlier
+//!   events, and events a pinned probe recorded while the daemon was down
+//!   are written after the next start's record.
+//! - Before the first record (the stream's oldest, or the oldest left by
+//!   retention), every target any record names counts.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use serde::Serialize;
 
 use super::ConfigSnapshot;
 use crate::pin::normalise;
 
+/// The name verify gives a target that only a start's `replaced_targets`
+/// names: the start that installed it wrote no record.
+pub const UNRECORDED_TARGET: &str = "(protected by a start without a record)";
+
 /// The protected targets of one `config` record.
 #[derive(Debug, Clone)]
 struct Period {
+    /// The record's place in the evidence stream.
+    sequence: i64,
     /// When the daemon began to install these targets; from then on they
-    /// may be the kernel's.
-    installing_since: i64,
+    /// may be the kernel's. `None` in records from before it was noted:
+    /// from the previous record on.
+    installing_since: Option<i64>,
     /// When its record was written; from then on the previous record's
     /// targets are no longer the kernel's.
     recorded_at: i64,
     targets: BTreeMap<SocketAddr, String>,
+    /// What the kernel's map held before this start replaced it.
+    replaced: BTreeSet<SocketAddr>,
 }
 
 /// A change in what was protected, between one `config` record and the
@@ -43,66 +64,123 @@ pub struct TargetChange {
     pub target: String,
 }
 
-/// The protected targets of every `config` record of a stream, by time.
+/// The protected targets of every `config` record of a stream.
 #[derive(Debug, Clone, Default)]
 pub struct TargetsInForce {
+    /// By `recorded_at`.
     periods: Vec<Period>,
+    /// Indexes into `periods`, by `sequence`.
+    by_sequence: Vec<usize>,
+    /// Every target any record names, with the name it had last.
+    ever: BTreeMap<SocketAddr, String>,
 }
 
 impl TargetsInForce {
-    /// From each config record's time and snapshot, in any order.
-    pub fn new<'a>(records: impl IntoIterator<Item = (i64, &'a ConfigSnapshot)>) -> Self {
+    /// From each config record's time, sequence and snapshot, in any
+    /// order.
+    pub fn new<'a>(records: impl IntoIterator<Item = (i64, i64, &'a ConfigSnapshot)>) -> Self {
         let mut periods: Vec<Period> = records
             .into_iter()
-            .map(|(recorded_at, snapshot)| Period {
-                // A record from before the time was noted: its targets
-                // count from the record before it (set below), which is
-                // what an older verify did for every target.
-                installing_since: snapshot.installing_since_ms.unwrap_or(i64::MIN),
+            .map(|(recorded_at, sequence, snapshot)| Period {
+                sequence,
+                installing_since: snapshot.installing_since_ms,
                 recorded_at,
                 targets: snapshot
                     .protected_targets
                     .iter()
                     .map(|t| (normalise(t.address), t.name.clone()))
                     .collect(),
+                replaced: snapshot
+                    .replaced_targets
+                    .iter()
+                    .map(|a| normalise(*a))
+                    .collect(),
             })
             .collect();
-        periods.sort_by_key(|p| p.recorded_at);
-        for i in 1..periods.len() {
-            let previous = periods[i - 1].recorded_at;
-            let period = &mut periods[i];
-            period.installing_since = period
-                .installing_since
-                .max(previous)
-                .min(period.recorded_at);
+        periods.sort_by_key(|p| (p.recorded_at, p.sequence));
+        let mut by_sequence: Vec<usize> = (0..periods.len()).collect();
+        by_sequence.sort_by_key(|&i| periods[i].sequence);
+        let ever = by_sequence
+            .iter()
+            .flat_map(|&i| periods[i].targets.iter().map(|(a, n)| (*a, n.clone())))
+            .collect();
+        TargetsInForce {
+            periods,
+            by_sequence,
+            ever,
         }
-        TargetsInForce { periods }
     }
 
-    /// The name of the protected target at `destination` at `time`, if it
-    /// was one then.
-    pub fn at(&self, time: i64, destination: SocketAddr) -> Option<&str> {
-        // How many records were written at or before `time`: the last of
-        // them is in force, and the next one too once it began installing.
-        let written = self.periods.partition_point(|p| p.recorded_at <= time);
-        let in_force = written.checked_sub(1).map(|i| &self.periods[i]);
-        let installing = self
-            .periods
-            .get(written)
-            .filter(|next| in_force.is_none() || next.installing_since <= time);
-        [in_force, installing]
+    /// The name of the protected target at `destination` for an event at
+    /// `time`, written at `sequence` in the stream, if it was one then.
+    pub fn at(&self, time: i64, sequence: i64, destination: SocketAddr) -> Option<&str> {
+        let written_by_time = self.periods.partition_point(|p| p.recorded_at <= time);
+        let written_before = self
+            .by_sequence
+            .partition_point(|&i| self.periods[i].sequence < sequence);
+        if written_by_time == 0 || written_before == 0 {
+            // Before the first record there is: its probes ran before it
+            // was written, and retention may have taken older ones.
+            return self.ever.get(&destination).map(String::as_str);
+        }
+        let by_time = &self.periods[written_by_time - 1];
+        let by_stream = &self.periods[self.by_sequence[written_before - 1]];
+        // The next record, while it installs its targets; and what the map
+        // held when it replaced it, from this record on.
+        let next = self.periods.get(written_by_time);
+        let installing = next.filter(|n| n.installing_since.is_none_or(|since| since <= time));
+        let named = [Some(by_time), Some(by_stream), installing]
             .into_iter()
             .flatten()
             .find_map(|p| p.targets.get(&destination))
-            .map(String::as_str)
+            .map(String::as_str);
+        named.or_else(|| {
+            next.filter(|n| n.replaced.contains(&destination)).map(|_| {
+                self.ever
+                    .get(&destination)
+                    .map_or(UNRECORDED_TARGET, String::as_str)
+            })
+        })
     }
 
     /// Every target any record names, with the name it had last.
-    pub fn ever(&self) -> BTreeMap<SocketAddr, String> {
-        self.periods
-            .iter()
-            .flat_map(|p| p.targets.iter().map(|(a, n)| (*a, n.clone())))
-            .collect()
+    pub fn ever(&self) -> &BTreeMap<SocketAddr, String> {
+        &self.ever
+    }
+
+    /// The targets in force at some moment from `from` to `to` (either
+    /// open), as [`Self::at`] judges: a record's targets from its install
+    /// to the next record, what it replaced from the record before it, and
+    /// every target before the first record.
+    pub fn during(&self, from: Option<i64>, to: Option<i64>) -> BTreeMap<SocketAddr, String> {
+        // Whether [start, end) meets the window (`None`: unbounded).
+        let meets = |start: Option<i64>, end: Option<i64>| {
+            start.is_none_or(|start| to.is_none_or(|to| start <= to))
+                && end.is_none_or(|end| from.is_none_or(|from| end > from))
+        };
+        let first_record = self.periods.first().map(|p| p.recorded_at);
+        let mut out = BTreeMap::new();
+        if self.periods.is_empty() || meets(None, first_record) {
+            out.extend(self.ever.iter().map(|(a, n)| (*a, n.clone())));
+        }
+        for (i, period) in self.periods.iter().enumerate() {
+            let previous = i.checked_sub(1).map(|j| self.periods[j].recorded_at);
+            let next = self.periods.get(i + 1).map(|p| p.recorded_at);
+            let installing = match (period.installing_since, previous) {
+                (Some(since), _) => Some(since.min(period.recorded_at)),
+                (None, previous) => previous,
+            };
+            if meets(installing, next) {
+                out.extend(period.targets.iter().map(|(a, n)| (*a, n.clone())));
+            }
+            if meets(previous, Some(period.recorded_at)) {
+                out.extend(period.replaced.iter().map(|a| {
+                    let name = self.ever.get(a).map_or(UNRECORDED_TARGET, String::as_str);
+                    (*a, name.to_owned())
+                }));
+            }
+        }
+        out
     }
 
     /// What each record added to or removed from the one before it, for
@@ -145,6 +223,7 @@ mod tests {
 
     const ORDERS: &str = "10.0.0.5:5432";
     const BILLING: &str = "10.0.0.6:5432";
+    const LEDGER: &str = "10.0.0.7:5432";
 
     fn snapshot(targets: &[(&str, &str)], installing_since_ms: Option<i64>) -> ConfigSnapshot {
         ConfigSnapshot {
@@ -163,11 +242,14 @@ mod tests {
             boot_id: String::new(),
             booted_at_ms: None,
             installing_since_ms,
+            replaced_targets: Vec::new(),
         }
     }
 
+    /// An event at `time`, written in the stream in the same order as by
+    /// time: just after a record of the same time (see [`in_order`]).
     fn protected(targets: &TargetsInForce, time: i64, address: &str) -> bool {
-        targets.at(time, address.parse().unwrap()).is_some()
+        targets.at(time, time * 10 + 1, address.parse().unwrap()).is_some()
     }
 
     /// orders-db protected from the start at 1 000, billing-db added and
@@ -180,12 +262,15 @@ mod tests {
         )
     }
 
+    /// Records written in the stream in the order of their times.
+    fn in_order(records: &[(i64, &ConfigSnapshot)]) -> TargetsInForce {
+        TargetsInForce::new(records.iter().map(|(t, s)| (*t, *t * 10, *s)))
+    }
+
     #[test]
     fn a_removed_target_is_protected_until_the_start_that_removed_it() {
         let (first, second) = removal_at_5000();
-        let targets = TargetsInForce::new([(5_000, &second), (1_000, &first)]);
-        // Before and after the first record (its probes ran before it).
-        assert!(protected(&targets, 500, ORDERS));
+        let targets = in_order(&[(5_000, &second), (1_000, &first)]);
         assert!(protected(&targets, 3_000, ORDERS));
         assert!(!protected(&targets, 3_000, BILLING));
         // While the second start installs its targets, both count.
@@ -196,16 +281,26 @@ mod tests {
         assert!(!protected(&targets, 5_000, ORDERS));
         assert!(!protected(&targets, 90_000, ORDERS));
         assert_eq!(
-            targets.at(90_000, BILLING.parse().unwrap()),
+            targets.at(90_000, 900_001, BILLING.parse().unwrap()),
             Some("billing-db")
         );
+    }
+
+    #[test]
+    fn before_the_first_record_every_target_counts() {
+        // The first record's probes ran before it; retention may have
+        // taken the records before it.
+        let (first, second) = removal_at_5000();
+        let targets = in_order(&[(1_000, &first), (5_000, &second)]);
+        assert!(protected(&targets, 500, ORDERS));
+        assert!(protected(&targets, 500, BILLING));
     }
 
     #[test]
     fn a_record_without_its_install_time_shares_the_interval_before_it() {
         let (first, mut second) = removal_at_5000();
         second.installing_since_ms = None;
-        let targets = TargetsInForce::new([(1_000, &first), (5_000, &second)]);
+        let targets = in_order(&[(1_000, &first), (5_000, &second)]);
         // Conservative: the added target counts from the previous record.
         assert!(protected(&targets, 1_500, BILLING));
         assert!(protected(&targets, 1_500, ORDERS));
@@ -213,24 +308,59 @@ mod tests {
     }
 
     #[test]
-    fn an_install_time_is_kept_between_its_neighbours() {
-        // A clock step could date the install before the previous record,
-        // or after its own: neither widens the shared interval past them.
+    fn a_record_dated_before_earlier_events_does_not_unprotect_them() {
+        // A clock stepped back: the second start's record is dated 2 000,
+        // but it was written after an event dated 3 000.
+        let (first, second) = removal_at_5000();
+        let second = ConfigSnapshot {
+            installing_since_ms: Some(1_990),
+            ..second
+        };
+        let targets = TargetsInForce::new([(1_000, 1, &first), (2_000, 9, &second)]);
+        let orders: SocketAddr = ORDERS.parse().unwrap();
+        assert_eq!(targets.at(3_000, 5, orders), Some("orders-db"));
+        // An event written after it is judged by it.
+        assert_eq!(targets.at(3_000, 10, orders), None);
+        // Events a pinned probe recorded while the daemon was down, under
+        // the first start's targets, are written after the second's record:
+        // their time still finds the first.
+        assert_eq!(targets.at(1_500, 12, orders), Some("orders-db"));
+    }
+
+    #[test]
+    fn what_a_start_replaced_counts_from_the_record_before_it() {
+        // A start installed ledger-db and failed before writing its record;
+        // the next start found it in the map.
         let (first, mut second) = removal_at_5000();
-        second.installing_since_ms = Some(-7);
-        let targets = TargetsInForce::new([(1_000, &first), (5_000, &second)]);
-        assert!(!protected(&targets, 500, BILLING));
-        assert!(protected(&targets, 1_000, BILLING));
-        second.installing_since_ms = Some(9_000);
-        let targets = TargetsInForce::new([(1_000, &first), (5_000, &second)]);
-        assert!(!protected(&targets, 4_999, BILLING));
-        assert!(protected(&targets, 5_000, BILLING));
+        second.replaced_targets = vec![ORDERS.parse().unwrap(), LEDGER.parse().unwrap()];
+        let targets = in_order(&[(1_000, &first), (5_000, &second)]);
+        let ledger: SocketAddr = LEDGER.parse().unwrap();
+        assert_eq!(targets.at(2_000, 20_001, ledger), Some(UNRECORDED_TARGET));
+        assert_eq!(targets.at(5_000, 50_001, ledger), None);
+        assert!(targets
+            .during(Some(1_500), Some(3_000))
+            .contains_key(&ledger));
+        assert!(!targets.during(Some(5_500), None).contains_key(&ledger));
+    }
+
+    #[test]
+    fn the_targets_during_a_window_are_those_in_force_in_it() {
+        let (first, second) = removal_at_5000();
+        let targets = in_order(&[(1_000, &first), (5_000, &second)]);
+        let names = |from, to| -> Vec<String> { targets.during(from, to).into_values().collect() };
+        assert_eq!(names(Some(2_000), Some(3_000)), ["orders-db"]);
+        assert_eq!(names(Some(6_000), None), ["billing-db"]);
+        assert_eq!(names(Some(2_000), Some(6_000)), ["orders-db", "billing-db"]);
+        // Ending while the second start installed its targets.
+        assert_eq!(names(Some(2_000), Some(4_950)), ["orders-db", "billing-db"]);
+        assert_eq!(names(None, None), ["orders-db", "billing-db"]);
+        assert_eq!(names(None, Some(500)), ["orders-db", "billing-db"]);
     }
 
     #[test]
     fn changes_name_what_each_start_added_and_removed() {
         let (first, second) = removal_at_5000();
-        let targets = TargetsInForce::new([(1_000, &first), (5_000, &second), (8_000, &second)]);
+        let targets = in_order(&[(1_000, &first), (5_000, &second), (8_000, &second)]);
         assert_eq!(
             targets.changes(|_| true),
             [
@@ -255,5 +385,6 @@ mod tests {
         let targets = TargetsInForce::new([]);
         assert!(!protected(&targets, 0, ORDERS));
         assert!(targets.changes(|_| true).is_empty());
+        assert!(targets.during(None, None).is_empty());
     }
 }

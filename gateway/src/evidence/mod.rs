@@ -152,6 +152,13 @@ pub struct ConfigSnapshot {
     /// it was recorded: verify then counts both from the previous record.
     #[serde(default)]
     pub installing_since_ms: Option<i64>,
+    /// What the kernel's redirect map held when this start replaced it:
+    /// normally the previous record's targets, but a start that installed
+    /// its targets and failed before writing its record left its own, and
+    /// verify counts them from the previous record on. Absent in records
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced_targets: Vec<SocketAddr>,
 }
 
 /// When the running boot began, in Unix milliseconds.
@@ -373,9 +380,9 @@ impl UserSpaceCounters {
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ProgramCounters {
     pub seen: u64,
-    /// Written to either ring buffer.
+    /// Written to a ring buffer.
     pub emitted: u64,
-    /// Lost, from either ring buffer.
+    /// Lost, from whichever ring buffer it was for.
     pub dropped: u64,
     /// Of `emitted`: written to the program's own ring buffer rather than
     /// the general one: the reserved one for `tcp_state` (connections to
@@ -570,7 +577,12 @@ impl Evidence {
             counters,
             tracing_programs,
             probe_was_pinned,
+            replaced_targets,
         } = handles;
+        let snapshot = ConfigSnapshot {
+            replaced_targets,
+            ..snapshot
+        };
         // Registered here, not in the reader task: a ring buffer that
         // cannot be polled stops the daemon at start, instead of leaving
         // it serving with no evidence recorded.
@@ -653,7 +665,7 @@ async fn record_open_at_start(log: &AuditLog, snapshot: &ConfigSnapshot) -> anyh
     Ok(())
 }
 
-/// The two evidence ring buffers, as the reader polls them.
+/// The three evidence ring buffers, as the reader polls them.
 struct Rings {
     ring: AsyncFd<RingBuf<MapData>>,
     reserved: AsyncFd<RingBuf<MapData>>,
@@ -679,7 +691,7 @@ impl Rings {
             .unwrap_or(Drained::Done)
     }
 
-    /// Both, until each is empty (or an event cannot be written), for at
+    /// All three, until each is empty (or an event cannot be written), for at
     /// most [`STOP_DRAIN_WAIT`]: a host making connections faster than
     /// they are written would keep a stopping daemon here for good. What
     /// is left stays in the pinned rings for the next start.
@@ -787,7 +799,13 @@ async fn read_loop(
                 false
             }
             guard = rings.agents.readable_mut() => {
-                if drain_ready(guard, EvidenceRing::Agents, &log, &mut user).await == Drained::WriteFailed {
+                // An agent's flood keeps its ring readable, and this branch
+                // comes first: a batch of the general ring after each one
+                // of it, so the flood does not starve the host's other
+                // connections.
+                let agents = drain_ready(guard, EvidenceRing::Agents, &log, &mut user).await;
+                let general = drain(rings.ring.get_mut(), EvidenceRing::General, &log, &mut user).await;
+                if agents == Drained::WriteFailed || general == Drained::WriteFailed {
                     retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
                 }
                 false

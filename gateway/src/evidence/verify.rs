@@ -352,7 +352,8 @@ pub struct ReservedLoss {
     pub time_ms: i64,
     pub time: String,
     pub evidence_sequence: i64,
-    /// Events of the reserved ring buffer lost in the interval.
+    /// Connections and packets to protected targets lost in the
+    /// interval.
     pub events: u64,
     /// Of those, dropped by each program (only programs that dropped).
     pub dropped_by_program: BTreeMap<String, u64>,
@@ -462,7 +463,8 @@ pub struct Report {
     pub audit_integrity: Integrity,
     pub evidence_integrity: Integrity,
     pub config_records: usize,
-    /// Every target any config record names (`name address`).
+    /// The targets in force at some moment of the window (`name
+    /// address`; see [`TargetsInForce::during`]).
     pub protected_targets: Vec<String>,
     /// Targets added or removed by a start in the window: a connection is
     /// judged against the targets in force at its time.
@@ -705,7 +707,7 @@ pub fn reconcile(
     // What was protected when: every config record counts, whatever the
     // window, since the record in force at the window's start may be
     // older than it.
-    let mut snapshots: Vec<(i64, ConfigSnapshot)> = Vec::new();
+    let mut snapshots: Vec<(i64, i64, ConfigSnapshot)> = Vec::new();
     let mut listeners: HashSet<SocketAddr> = HashSet::new();
     let mut agent_cgroups: HashMap<i64, String> = HashMap::new();
     let mut config_records = 0;
@@ -723,7 +725,7 @@ pub fn reconcile(
                         agent_cgroups.insert(id, c.path.clone());
                     }
                 }
-                snapshots.push((row.time, snapshot));
+                snapshots.push((row.time, row.sequence, snapshot));
             }
             Err(err) => problems.push(format!(
                 "evidence record {}: unreadable config record: {err}",
@@ -731,7 +733,7 @@ pub fn reconcile(
             )),
         }
     }
-    let targets = TargetsInForce::new(snapshots.iter().map(|(time, s)| (*time, s)));
+    let targets = TargetsInForce::new(snapshots.iter().map(|(time, seq, s)| (*time, *seq, s)));
     // For naming: the kernel matched packets and the start's scan matched
     // open connections against the targets of their time.
     let ever_protected = targets.ever();
@@ -797,7 +799,8 @@ pub fn reconcile(
         audit_integrity,
         evidence_integrity,
         config_records,
-        protected_targets: ever_protected
+        protected_targets: targets
+            .during(opts.from_ms, opts.to_ms)
             .iter()
             .map(|(a, n)| format!("{n} {a}"))
             .collect(),
@@ -852,7 +855,7 @@ pub fn reconcile(
                 let from_agent = row
                     .cgroup_id
                     .is_some_and(|c| agent_cgroups.contains_key(&c));
-                if let Some(target) = dst.and_then(|d| targets.at(row.time, d)) {
+                if let Some(target) = dst.and_then(|d| targets.at(row.time, row.sequence, d)) {
                     report.to_protected_targets += 1;
                     if row.cookie.is_some_and(|c| audited_at(c, row.time)) {
                         report.audited_upstreams += 1;
@@ -876,7 +879,7 @@ pub fn reconcile(
                     || dst.is_some_and(|d| listeners.contains(&d)) && from_agent
                 {
                     // Counted from the `redirected` events themselves
-                    // (above): those are in the reserved ring buffer, this
+                    // (above): those are in the agents' ring buffer, this
                     // connect to the listener in the general one, which a
                     // flood may have cut short.
                 } else if from_agent {
@@ -1321,6 +1324,7 @@ mod tests {
             boot_id: "boot-1".into(),
             booted_at_ms: None,
             installing_since_ms: None,
+            replaced_targets: Vec::new(),
         };
         Row {
             sequence: seq,
@@ -1457,12 +1461,13 @@ mod tests {
             summary(&r).contains("target removed:      orders-db 10.0.0.5:5432, by the start at")
         );
 
-        // The same connection while that start was still installing its
-        // targets: the old ones may have been the kernel's then.
-        let mut during = after;
-        during.time = removed_at - 1;
-        let r = reconciled(&[], &[config_row(1), unprotected, during, loss(99, 0)]);
+        // While that start was still installing its targets, either set
+        // may have been the kernel's: a connection to the added one counts.
+        let mut to_added = connect(45, 9, "psql", "10.0.0.9:5432", 3);
+        to_added.time = removed_at - 2;
+        let r = reconciled(&[], &[config_row(1), unprotected, to_added, loss(99, 0)]);
         assert_eq!(r.bypasses.len(), 1, "{:?}", r.bypasses);
+        assert_eq!(r.bypasses[0].target, "billing-db");
     }
 
     /// Both streams' integrity checked and good, no window.
@@ -1881,6 +1886,41 @@ mod tests {
         // Nothing dropped: neither.
         let r = reconciled(&[], &[config_row(1), loss_of_rings(2, 0, 0)]);
         assert!(r.ok, "{}", summary(&r));
+    }
+
+    /// The agents' ring buffer's drops (an agent's flood of refusals), and
+    /// the same programs' drops in a record of a version with two ring
+    /// buffers, are losses of agent events: not reserved losses, which
+    /// only connections and packets to protected targets make.
+    #[test]
+    fn a_drop_of_agent_events_is_a_loss_that_hides_no_bypass() {
+        let agents = |seq: i64, user: &str| Row {
+            sequence: seq,
+            time: 1_700_000_000_000 + seq,
+            phase: "loss_counters".into(),
+            unmapped: format!(
+                r#"{{"programs":{{"sendmsg4":{{"seen":900,"emitted":20,"dropped":880,"emitted_reserved":20,"dropped_reserved":880}},"tcp_state":{{"seen":9,"emitted":9,"dropped":0,"emitted_reserved":2,"dropped_reserved":0,"recursion_misses":0}}}},"user_space":{{"received":29,"malformed":0,"write_failed":0{user}}},"interval_ms":5000}}"#
+            ),
+            ..Row::default()
+        };
+        let with_agents_ring = r#","reserved_received":2,"agents_received":20,"agents_malformed":0,"agents_write_failed":1"#;
+        let r = reconciled(&[], &[config_row(1), agents(2, with_agents_ring)]);
+        assert!(!r.ok, "{}", summary(&r));
+        assert!(r.reserved_losses.is_empty(), "{}", summary(&r));
+        assert_eq!(r.losses.len(), 1, "{}", summary(&r));
+        assert_eq!(r.losses[0].agent_events_lost, 881);
+        assert!(
+            summary(&r).contains("(881 agent events)"),
+            "{}",
+            summary(&r)
+        );
+        // Written by a version whose agents' events shared the reserved
+        // ring: sendmsg4 counted its own drops there all the same.
+        let two_rings =
+            r#","reserved_received":22,"reserved_malformed":0,"reserved_write_failed":0"#;
+        let r = reconciled(&[], &[config_row(1), agents(2, two_rings)]);
+        assert!(r.reserved_losses.is_empty(), "{}", summary(&r));
+        assert_eq!(r.losses[0].agent_events_lost, 880);
     }
 
     #[test]

@@ -174,6 +174,10 @@ pub struct EvidenceHandles {
     /// pinned is an event. False on a first start in a boot, or after
     /// `tollgate unpin`: connections made before are not.
     pub probe_was_pinned: bool,
+    /// What the redirect map held before this start replaced it: the
+    /// targets in force until then (normally the last start's; those of a
+    /// start that installed its own and failed before recording them).
+    pub replaced_targets: Vec<SocketAddr>,
 }
 
 /// Name of the pinned link of the host-wide evidence probe.
@@ -525,7 +529,7 @@ impl Pinning {
         // on stale policy.
         let mut redirects: BpfHashMap<MapData, TargetKey, Redirect> =
             take_map(&mut ebpf, map_names::REDIRECTS)?;
-        sync_redirects(&mut redirects, protected)?;
+        let replaced_targets = sync_redirects(&mut redirects, protected)?;
         let mut protected_addresses: BpfHashMap<MapData, [u32; 4], u32> =
             take_map(&mut ebpf, map_names::PROTECTED_ADDRESSES)?;
         sync_protected_addresses(&mut protected_addresses, protected)?;
@@ -636,6 +640,7 @@ impl Pinning {
                     (program_names::PACKET_EGRESS.to_owned(), packet_fd),
                 ],
                 probe_was_pinned,
+                replaced_targets,
             }),
         })
     }
@@ -928,19 +933,29 @@ fn sync_listener_ports(
     Ok(())
 }
 
+/// Returns what the map held before: the targets in force until now (a
+/// previous start's, recorded or not).
 fn sync_redirects(
     map: &mut BpfHashMap<MapData, TargetKey, Redirect>,
     protected: &[Protected],
-) -> Result<()> {
+) -> Result<Vec<SocketAddr>> {
     let wanted: Vec<(TargetKey, Redirect)> = protected
         .iter()
         .map(|p| Ok((target_key(p.address), redirect_to(p.listener)?)))
         .collect::<Result<_>>()?;
+    let before = map
+        .keys()
+        .filter_map(|key| key.ok())
+        .filter_map(|key| {
+            let port = u16::try_from(key.port).ok()?;
+            Some(SocketAddr::new(ip_from_words(key.addr), port))
+        })
+        .collect();
     sync_map(map, map_names::REDIRECTS, &wanted)?;
     for p in protected {
         info!(target = %p.address, listener = %p.listener, "protected destination redirected");
     }
-    Ok(())
+    Ok(before)
 }
 
 /// Makes the address map hold exactly the protected targets' addresses
