@@ -625,6 +625,70 @@ fn a_direct_connection_after_a_restart_that_removed_the_target_is_not_a_bypass()
     assert_eq!(report["to_protected_targets"], 1, "{summary}");
 }
 
+/// A start that installs its targets in the kernel and fails before it
+/// writes its record (here: its evidence stream cannot be opened)
+/// leaves them in force: the next start records what it found there, and
+/// a direct connection made meanwhile to a target only the failed start
+/// protected is a bypass.
+#[test]
+fn a_target_of_a_start_that_failed_before_its_record_is_still_judged() {
+    if !privileged("a_target_of_a_start_that_failed_before_its_record_is_still_judged") {
+        return;
+    }
+    let _probe = sharing_the_probe();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    let good_address = stack.gateway.config.target_address;
+    let other = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    stack.gateway.config.target_address = other;
+    // A file where the evidence stream's directory should be.
+    let evidence_dir = stack.gateway.audit_dir().join("evidence");
+    let aside = stack.gateway.dir.path().join("evidence-aside");
+    std::fs::rename(&evidence_dir, &aside).expect("move the evidence stream aside");
+    std::fs::write(&evidence_dir, "in the way\n").expect("write");
+    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
+    assert!(
+        stack.gateway.restart().is_err(),
+        "tollgate started without its evidence stream"
+    );
+    // A direct connection to the failed start's target (nothing listens:
+    // the connect itself is the event).
+    let refused = std::net::TcpStream::connect_timeout(&other, Duration::from_secs(2));
+    assert!(refused.is_err(), "nothing should listen on {other}");
+    std::thread::sleep(Duration::from_millis(200));
+
+    stack.gateway.config.target_address = good_address;
+    std::fs::remove_file(&evidence_dir).expect("remove");
+    std::fs::rename(&aside, &evidence_dir).expect("put the evidence stream back");
+    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
+    stack
+        .gateway
+        .restart()
+        .expect("restart on the first configuration");
+    stack.gateway.stop();
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
+    assert_eq!(bypasses.len(), 1, "{summary}");
+    assert_eq!(bypasses[0]["destination"], other.to_string(), "{summary}");
+    assert_eq!(
+        bypasses[0]["target"], "(protected by a start without a record)",
+        "{summary}"
+    );
+    let replaced = evidence_rows(
+        &stack,
+        "SELECT unmapped FROM audit WHERE phase = 'config' ORDER BY sequence DESC LIMIT 1",
+    );
+    let snapshot: Value =
+        serde_json::from_str(replaced[0]["unmapped"].as_str().unwrap_or("{}")).expect("json");
+    assert_eq!(
+        snapshot["replaced_targets"],
+        json!([other.to_string()]),
+        "{snapshot}"
+    );
+}
+
 #[test]
 fn a_session_that_sends_no_statement_is_still_an_audited_upstream() {
     if !privileged("a_session_that_sends_no_statement_is_still_an_audited_upstream") {

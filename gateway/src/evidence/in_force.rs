@@ -249,7 +249,9 @@ mod tests {
     /// An event at `time`, written in the stream in the same order as by
     /// time: just after a record of the same time (see [`in_order`]).
     fn protected(targets: &TargetsInForce, time: i64, address: &str) -> bool {
-        targets.at(time, time * 10 + 1, address.parse().unwrap()).is_some()
+        targets
+            .at(time, time * 10 + 1, address.parse().unwrap())
+            .is_some()
     }
 
     /// orders-db protected from the start at 1 000, billing-db added and
