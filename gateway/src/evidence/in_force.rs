@@ -192,24 +192,21 @@ impl TargetsInForce {
             if !in_window(after.recorded_at) {
                 continue;
             }
-            let named = |a: &SocketAddr, n: &String| format!("{n} {a}");
-            for (address, name) in &after.targets {
-                if !before.targets.contains_key(address) {
-                    out.push(TargetChange {
-                        time_ms: after.recorded_at,
-                        change: "added",
-                        target: named(address, name),
-                    });
-                }
-            }
-            for (address, name) in &before.targets {
-                if !after.targets.contains_key(address) {
-                    out.push(TargetChange {
-                        time_ms: after.recorded_at,
-                        change: "removed",
-                        target: named(address, name),
-                    });
-                }
+            // Added: listed now and not before; removed: the reverse.
+            for (change, listed, absent_from) in [
+                ("added", &after.targets, &before.targets),
+                ("removed", &before.targets, &after.targets),
+            ] {
+                out.extend(
+                    listed
+                        .iter()
+                        .filter(|(address, _)| !absent_from.contains_key(address))
+                        .map(|(address, name)| TargetChange {
+                            time_ms: after.recorded_at,
+                            change,
+                            target: format!("{name} {address}"),
+                        }),
+                );
             }
         }
         out
