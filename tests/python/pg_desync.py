@@ -28,6 +28,13 @@ Scenarios:
               closes "c" and opens a cursor under its name, in the same
               transaction), then Describe/Execute of portal "c" + Sync,
               all in one write.
+  bind_function_then_cursor
+              As function_then_cursor, with FIRST_SQL only parsed and
+              bound, not executed (the server plans at Bind, and runs an
+              immutable function of constants there).
+  steps       Parse "h" as FIRST_SQL and Bind portal "c" to it, then
+              Execute of "c" for one row, twice, + Sync, in one write: a
+              client reading a portal in steps.
   query_then_cursor
               As commit_then_cursor, with a simple Query of SECOND_SQL in
               place of the COMMIT (a Query ends the implicit transaction
@@ -171,6 +178,16 @@ def main():
         sock.sendall(
             bind_c("SELECT 'x'::text AS e") + pbe(first) + describe_c + execute_c + sync
         )
+        answers += read_until(sock, [b"Z"])
+    elif scenario == "bind_function_then_cursor":
+        parse_bind = msg(b"P", cstr("") + cstr(first) + struct.pack("!h", 0)) + msg(
+            b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0)
+        )
+        sock.sendall(bind_c("SELECT 'x'::text AS e") + parse_bind + describe_c + execute_c + sync)
+        answers += read_until(sock, [b"Z"])
+    elif scenario == "steps":
+        one_row = msg(b"E", cstr("c") + struct.pack("!i", 1))
+        sock.sendall(bind_c(first) + one_row + one_row + sync)
         answers += read_until(sock, [b"Z"])
     elif scenario == "query_then_cursor":
         sock.sendall(

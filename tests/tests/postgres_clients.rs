@@ -1668,6 +1668,48 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
         "a cursor a function reopened under a portal's name leaked: {out}"
     );
     assert!(out.contains("mask:unparsed"), "{out}");
+    // The same done by an immutable function the server runs when it
+    // plans the statement at its Bind, with no Execute of it.
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE FUNCTION reopen_when_planned(name refcursor) RETURNS refcursor \
+             LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN CLOSE name; \
+             OPEN name FOR SELECT upper(email) AS x FROM customers WHERE id = 1; \
+             RETURN name; END $$",
+        )
+        .expect("create the function");
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &[
+            "bind_function_then_cursor",
+            "SELECT reopen_when_planned('c')",
+            "",
+        ],
+    );
+    assert!(
+        !out.to_lowercase().contains("@example.com"),
+        "a cursor a function reopened at a Bind leaked: {out}"
+    );
+    assert!(out.contains("mask:unparsed"), "{out}");
+    // A portal that calls such a function stays known to its own next
+    // Execute: a client reading it in steps gets every step.
+    let out = raw_protocol_script(
+        &stack,
+        "pg_desync.py",
+        &agent,
+        &[
+            "steps",
+            "SELECT open_shouting_cursor(('k' || id)::refcursor) FROM customers ORDER BY id",
+            "",
+        ],
+    );
+    let steps: Vec<&str> = out.matches(r#"{"tag": "s"}"#).collect();
+    assert_eq!(steps.len(), 2, "two steps, each suspended: {out}");
+    assert!(!out.contains(r#""tag": "E""#), "{out}");
     // A portal's Describe behind an unanswered Sync waits for it (the
     // portal may have ended there) before it is sent, so the Execute
     // behind it is queued when its RowDescription comes: that plans the

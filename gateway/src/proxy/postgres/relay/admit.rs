@@ -238,20 +238,24 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         may_change_settings_unseen: may_change_settings_unseen(operations),
         may_copy_in,
         may_copy_out,
-        may_reopen_cursors: may_reopen_cursors(operations),
+        may_reopen_cursors: !session.masks.is_empty() && may_reopen_cursors(operations),
     }
 }
 
 /// Whether a statement runs code of the database's own (a function
-/// tollgate cannot look into, see `judge`), which may close any portal of
-/// the session and open a cursor under its name (PL/pgSQL's `CLOSE` and
+/// tollgate cannot look into, see `judge`; or a FETCH, SQL EXECUTE or CALL,
+/// whose query is not in its text), which may close any portal of the
+/// session and open a cursor under its name (PL/pgSQL's `CLOSE` and
 /// `OPEN` of a refcursor take any name): a portal bound before it may then
-/// run another query than the one tollgate saw bound. Unparsed text is
-/// judged so already (see `InFlight::note_renames`).
+/// run another query than the one tollgate saw bound, and its rows leave
+/// masked as that one's would. Unparsed text is judged so already (see
+/// `InFlight::note_renames`). It matters only where masks apply: without
+/// them, the function could return those rows itself.
 pub(super) fn may_reopen_cursors(operations: &Result<Vec<Operation>, String>) -> bool {
-    operations
-        .as_ref()
-        .is_ok_and(|ops| ops.iter().any(|op| op.calls_unknown_functions))
+    operations.as_ref().is_ok_and(|ops| {
+        ops.iter()
+            .any(|op| op.calls_unknown_functions || op.opaque_result)
+    })
 }
 
 /// Whether the statement may start a COPY FROM STDIN (the server then

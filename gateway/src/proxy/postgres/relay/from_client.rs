@@ -365,7 +365,7 @@ impl FromClient {
                     record_skipped(&self.session, skipped);
                     return Ok(());
                 }
-                guard.note_renames(&operations, judged.may_reopen_cursors);
+                guard.note_renames(&operations, judged.may_reopen_cursors, None);
                 if judged.may_change_settings_unseen || judged.may_copy_in {
                     self.answer_barrier = guard.queue.back().map(|p| p.id);
                 }
@@ -472,6 +472,11 @@ impl FromClient {
         // with stable ones): a Bind alone may change settings, as an
         // Execute may.
         self.execute_may_change_settings_unseen |= prepared.judged.may_change_settings_unseen;
+        // It may reopen cursors there too: the portals bound before it are
+        // no longer trusted (this one is bound after).
+        if prepared.judged.may_reopen_cursors {
+            lock(&self.in_flight).note_cursors_reopened(None);
+        }
         self.protocol_names.note_portal(&portal);
         bind.bind = Some((portal, (prepared, parameters)));
         self.forward_unless_skipped(bind, frame);
@@ -529,7 +534,11 @@ impl FromClient {
             record_skipped(&self.session, skipped);
             return Ok(());
         }
-        guard.note_renames(&prepared.operations, prepared.judged.may_reopen_cursors);
+        guard.note_renames(
+            &prepared.operations,
+            prepared.judged.may_reopen_cursors,
+            Some(&portal),
+        );
         if prepared.judged.may_copy_in {
             self.answer_barrier = guard.queue.back().map(|p| p.id);
         }

@@ -870,11 +870,12 @@ impl InFlight {
     /// A statement that may end the transaction likewise ends the
     /// portals bound before it, and one that may reopen cursors
     /// (`may_reopen_cursors`, a call of the database's own code) makes
-    /// them unknown.
+    /// them unknown, but for the portal it runs in (`executing`).
     fn note_renames(
         &mut self,
         operations: &Result<Vec<Operation>, String>,
         may_reopen_cursors: bool,
+        executing: Option<&str>,
     ) {
         let (renames, ends_transaction) = match operations {
             Ok(ops) => (
@@ -886,8 +887,43 @@ impl InFlight {
         if renames {
             self.generation += 1;
         }
-        if renames || ends_transaction || may_reopen_cursors {
+        if renames || ends_transaction {
             self.portal_generation += 1;
+        } else if may_reopen_cursors {
+            self.note_cursors_reopened(executing);
+        }
+    }
+
+    /// Code of the database's own may run next (a function's `CLOSE` and
+    /// `OPEN` of a refcursor take any name): the portals bound before it
+    /// are no longer trusted, but for `executing`, the portal it runs in,
+    /// which PostgreSQL does not let it drop ("cannot drop active
+    /// portal"), so that a client reading a portal in steps (JDBC with a
+    /// fetch size) goes on. The portal is carried into the new generation,
+    /// confirmed or still being bound; so is everything in flight but the
+    /// Binds of other portals, which a lookup of `executing` may have to
+    /// walk past. (Behind a Bind of another portal still in flight, it is
+    /// not found, and refused as unknown.)
+    fn note_cursors_reopened(&mut self, executing: Option<&str>) {
+        let before = self.portal_generation;
+        self.portal_generation += 1;
+        let Some(executing) = executing else {
+            return;
+        };
+        let now = self.portal_generation;
+        if let Some((generation, _)) = self.portals.map.get_mut(executing) {
+            if *generation == before {
+                *generation = now;
+            }
+        }
+        for pending in self.queue.iter_mut() {
+            let binds_another = pending
+                .bind
+                .as_ref()
+                .is_some_and(|(name, _)| name != executing);
+            if pending.portal_generation == before && !binds_another {
+                pending.portal_generation = now;
+            }
         }
     }
 

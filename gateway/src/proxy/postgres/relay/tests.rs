@@ -1400,7 +1400,7 @@ fn portals_end_with_their_transaction_and_not_before() {
     let query = |in_flight: &Mutex<InFlight>, sql: &str| {
         let mut f = lock(in_flight);
         f.queued(Pending::new(Kind::Query, None));
-        f.note_renames(&classify(sql), false);
+        f.note_renames(&classify(sql), false, None);
     };
     let known = |in_flight: &Mutex<InFlight>| match lock(in_flight).portal("p") {
         Resolved::Known(found) => Some(found.is_some()),
@@ -1449,7 +1449,7 @@ fn portals_end_with_their_transaction_and_not_before() {
         confirmed(&in_flight);
         let mut f = lock(&in_flight);
         f.queued(Pending::new(Kind::Execute, None));
-        f.note_renames(&classify(sql), false);
+        f.note_renames(&classify(sql), false, None);
         drop(f);
         assert_eq!(known(&in_flight), Some(false), "{sql}");
     }
@@ -1460,12 +1460,53 @@ fn portals_end_with_their_transaction_and_not_before() {
     let mut f = lock(&in_flight);
     f.queued(Pending::new(Kind::Execute, None));
     let sql = "SELECT reopen_cursor('p')";
-    f.note_renames(&classify(sql), may_reopen_cursors(&classify(sql)));
+    f.note_renames(&classify(sql), may_reopen_cursors(&classify(sql)), None);
     drop(f);
     assert_eq!(known(&in_flight), Some(false), "{sql}");
-    // A built-in function does not.
+    // But not the portal it runs in, which the server keeps: a client
+    // reading it in steps goes on, confirmed or still being bound.
+    let in_flight = queue_of(&[]);
+    confirmed(&in_flight);
+    let mut f = lock(&in_flight);
+    f.queued(Pending::new(Kind::Execute, None));
+    f.note_renames(&classify(sql), true, Some("p"));
+    drop(f);
+    assert_eq!(known(&in_flight), Some(true), "the executing portal stays");
+    let in_flight = queue_of(&[]);
+    let mut f = lock(&in_flight);
+    let mut bind = Pending::new(Kind::Bind, None);
+    bind.bind = Some(("q".into(), (prepared("SELECT 1"), String::new())));
+    f.queued(bind);
+    let mut other = Pending::new(Kind::Bind, None);
+    other.bind = Some(("r".into(), (prepared("SELECT 2"), String::new())));
+    f.queued(other);
+    f.queued(Pending::new(Kind::Execute, None));
+    f.note_renames(&classify(sql), true, Some("q"));
+    // q is behind r's Bind, which is no longer trusted: unknown, as is r.
+    assert!(matches!(f.portal("r"), Resolved::Known(None)));
+    assert!(matches!(f.portal("q"), Resolved::Known(None)));
+    drop(f);
+    // Bound after r, q is carried and found.
+    let in_flight = queue_of(&[]);
+    let mut f = lock(&in_flight);
+    let mut other = Pending::new(Kind::Bind, None);
+    other.bind = Some(("r".into(), (prepared("SELECT 2"), String::new())));
+    f.queued(other);
+    let mut bind = Pending::new(Kind::Bind, None);
+    bind.bind = Some(("q".into(), (prepared("SELECT 1"), String::new())));
+    f.queued(bind);
+    f.queued(Pending::new(Kind::Execute, None));
+    f.note_renames(&classify(sql), true, Some("q"));
+    assert!(matches!(f.portal("q"), Resolved::Known(Some(_))));
+    assert!(matches!(f.portal("r"), Resolved::Known(None)));
+    drop(f);
+    // A built-in function does not reopen cursors; a FETCH, a SQL EXECUTE
+    // or a CALL may (what they run is not in their text).
     for sql in ["SELECT now()", "SELECT upper('x')"] {
         assert!(!may_reopen_cursors(&classify(sql)), "{sql}");
+    }
+    for sql in ["FETCH 1 FROM x", "EXECUTE s", "CALL p()"] {
+        assert!(may_reopen_cursors(&classify(sql)), "{sql}");
     }
 }
 
