@@ -114,33 +114,50 @@ impl TargetsInForce {
     /// The name of the protected target at `destination` for an event at
     /// `time`, written at `sequence` in the stream, if it was one then.
     pub fn at(&self, time: i64, sequence: i64, destination: SocketAddr) -> Option<&str> {
-        let written_by_time = self.periods.partition_point(|p| p.recorded_at <= time);
-        let written_before = self
-            .by_sequence
-            .partition_point(|&i| self.periods[i].sequence < sequence);
-        if written_by_time == 0 || written_before == 0 {
-            // Before the first record there is: its probes ran before it
-            // was written, and retention may have taken older ones.
-            return self.ever.get(&destination).map(String::as_str);
-        }
-        let by_time = &self.periods[written_by_time - 1];
-        let by_stream = &self.periods[self.by_sequence[written_before - 1]];
-        // The next record, while it installs its targets; and what the map
-        // held when it replaced it, from this record on.
-        let next = self.periods.get(written_by_time);
-        let installing = next.filter(|n| n.installing_since.is_none_or(|since| since <= time));
-        let named = [Some(by_time), Some(by_stream), installing]
-            .into_iter()
-            .flatten()
-            .find_map(|p| p.targets.get(&destination))
-            .map(String::as_str);
-        named.or_else(|| {
-            next.filter(|n| n.replaced.contains(&destination)).map(|_| {
+        let replaced = |period: &Period| {
+            period.replaced.contains(&destination).then(|| {
                 self.ever
                     .get(&destination)
                     .map_or(UNRECORDED_TARGET, String::as_str)
             })
-        })
+        };
+        // Before the first record: its probes ran before it was written,
+        // and retention may have taken older ones.
+        let before_the_first = || {
+            self.ever
+                .get(&destination)
+                .map(String::as_str)
+                .or_else(|| self.periods.first().and_then(replaced))
+        };
+        let written_by_time = self.periods.partition_point(|p| p.recorded_at <= time);
+        let Some(by_time) = written_by_time.checked_sub(1).map(|i| &self.periods[i]) else {
+            return before_the_first();
+        };
+        // Dated before the event but written after it: a clock stepped
+        // back, and the record written before the event counts too. (An
+        // event written after a record dated later is one the probe
+        // recorded while the daemon was down, under the earlier targets.)
+        let by_stream = if by_time.sequence > sequence {
+            let written_before = self
+                .by_sequence
+                .partition_point(|&i| self.periods[i].sequence < sequence);
+            match written_before.checked_sub(1) {
+                Some(i) => Some(&self.periods[self.by_sequence[i]]),
+                None => return before_the_first(),
+            }
+        } else {
+            None
+        };
+        // The next record, while it installs its targets; and what the map
+        // held when it replaced it, from this record on.
+        let next = self.periods.get(written_by_time);
+        let installing = next.filter(|n| n.installing_since.is_none_or(|since| since <= time));
+        [Some(by_time), by_stream, installing]
+            .into_iter()
+            .flatten()
+            .find_map(|p| p.targets.get(&destination))
+            .map(String::as_str)
+            .or_else(|| next.and_then(replaced))
     }
 
     /// Every target any record names, with the name it had last.
@@ -166,8 +183,13 @@ impl TargetsInForce {
         for (i, period) in self.periods.iter().enumerate() {
             let previous = i.checked_sub(1).map(|j| self.periods[j].recorded_at);
             let next = self.periods.get(i + 1).map(|p| p.recorded_at);
+            // As `at` reads it: from the previous record at the earliest.
             let installing = match (period.installing_since, previous) {
-                (Some(since), _) => Some(since.min(period.recorded_at)),
+                (Some(since), previous) => Some(
+                    previous
+                        .map_or(since, |previous| since.max(previous))
+                        .min(period.recorded_at),
+                ),
                 (None, previous) => previous,
             };
             if meets(installing, next) {
@@ -322,8 +344,9 @@ mod tests {
         assert_eq!(targets.at(3_000, 10, orders), None);
         // Events a pinned probe recorded while the daemon was down, under
         // the first start's targets, are written after the second's record:
-        // their time still finds the first.
+        // their time finds the first, and only the first.
         assert_eq!(targets.at(1_500, 12, orders), Some("orders-db"));
+        assert_eq!(targets.at(1_500, 12, BILLING.parse().unwrap()), None);
     }
 
     #[test]
@@ -340,6 +363,9 @@ mod tests {
             .during(Some(1_500), Some(3_000))
             .contains_key(&ledger));
         assert!(!targets.during(Some(5_500), None).contains_key(&ledger));
+        // Replaced by the first record there is: before it too.
+        let only = in_order(&[(5_000, &second)]);
+        assert_eq!(only.at(2_000, 20_001, ledger), Some(UNRECORDED_TARGET));
     }
 
     #[test]

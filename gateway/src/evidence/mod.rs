@@ -803,9 +803,11 @@ async fn read_loop(
                 // comes first: a batch of the general ring after each one
                 // of it, so the flood does not starve the host's other
                 // connections.
-                let agents = drain_ready(guard, EvidenceRing::Agents, &log, &mut user).await;
-                let general = drain(rings.ring.get_mut(), EvidenceRing::General, &log, &mut user).await;
-                if agents == Drained::WriteFailed || general == Drained::WriteFailed {
+                let mut drained = drain_ready(guard, EvidenceRing::Agents, &log, &mut user).await;
+                if drained != Drained::WriteFailed {
+                    drained = drain(rings.ring.get_mut(), EvidenceRing::General, &log, &mut user).await;
+                }
+                if drained == Drained::WriteFailed {
                     retry = Some(tokio::time::Instant::now() + RETRY_WRITE_AFTER);
                 }
                 false
