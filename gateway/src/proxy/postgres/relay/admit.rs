@@ -196,8 +196,12 @@ pub(super) struct Judged {
     /// [`may_copy`]).
     pub(super) may_copy_in: bool,
     pub(super) may_copy_out: bool,
-    /// See [`may_reopen_cursors`].
+    /// See [`may_reopen_cursors`]: when it runs, for a caller with masks.
     pub(super) may_reopen_cursors: bool,
+    /// The same already when the server plans it, at its Bind: it calls a
+    /// function of the database's own (the server folds immutable ones of
+    /// constants there). A FETCH, SQL EXECUTE or CALL runs nothing then.
+    pub(super) may_reopen_cursors_when_planned: bool,
 }
 
 pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, String>) -> Judged {
@@ -230,6 +234,7 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         operations,
     };
     let (may_copy_in, may_copy_out) = may_copy(operations);
+    let masked = !session.masks.is_empty();
     Judged {
         decision: session.shared.policy.decide(&session.principal, &request),
         reads_masked: reads_masked(&session.masks, operations),
@@ -238,7 +243,11 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         may_change_settings_unseen: may_change_settings_unseen(operations),
         may_copy_in,
         may_copy_out,
-        may_reopen_cursors: !session.masks.is_empty() && may_reopen_cursors(operations),
+        may_reopen_cursors: masked && may_reopen_cursors(operations),
+        may_reopen_cursors_when_planned: masked
+            && operations
+                .as_ref()
+                .is_ok_and(|ops| ops.iter().any(|op| op.calls_unknown_functions)),
     }
 }
 

@@ -472,9 +472,9 @@ impl FromClient {
         // with stable ones): a Bind alone may change settings, as an
         // Execute may.
         self.execute_may_change_settings_unseen |= prepared.judged.may_change_settings_unseen;
-        // It may reopen cursors there too: the portals bound before it are
-        // no longer trusted (this one is bound after).
-        if prepared.judged.may_reopen_cursors {
+        // A function may reopen cursors there too: the portals bound before
+        // it are no longer trusted (this one is bound after).
+        if prepared.judged.may_reopen_cursors_when_planned {
             lock(&self.in_flight).note_cursors_reopened(None);
         }
         self.protocol_names.note_portal(&portal);

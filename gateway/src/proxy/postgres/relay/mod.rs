@@ -911,8 +911,16 @@ impl InFlight {
             return;
         };
         let now = self.portal_generation;
+        // The confirmed one is what runs only if nothing in flight defines
+        // the name again (a Bind or Close of it not yet answered).
+        let redefined = self.queue.iter().any(|p| {
+            p.bind.as_ref().is_some_and(|(name, _)| name == executing)
+                || p.close
+                    .as_ref()
+                    .is_some_and(|(kind, name)| *kind == b'P' && name == executing)
+        });
         if let Some((generation, _)) = self.portals.map.get_mut(executing) {
-            if *generation == before {
+            if *generation == before && !redefined {
                 *generation = now;
             }
         }

@@ -299,6 +299,7 @@ fn prepared(text: &str) -> Arc<Prepared> {
             may_copy_in: true,
             may_copy_out: true,
             may_reopen_cursors: true,
+            may_reopen_cursors_when_planned: true,
         },
     })
 }
@@ -1499,6 +1500,22 @@ fn portals_end_with_their_transaction_and_not_before() {
     f.note_renames(&classify(sql), true, Some("q"));
     assert!(matches!(f.portal("q"), Resolved::Known(Some(_))));
     assert!(matches!(f.portal("r"), Resolved::Known(None)));
+    drop(f);
+    // A confirmed portal bound again in flight is not what runs: it is not
+    // carried, even when the Bind of the new one is not found (here behind
+    // another portal's Bind).
+    let in_flight = queue_of(&[]);
+    confirmed(&in_flight);
+    let mut f = lock(&in_flight);
+    let mut again = Pending::new(Kind::Bind, None);
+    again.bind = Some(("p".into(), (prepared("SELECT 3"), String::new())));
+    f.queued(again);
+    let mut other = Pending::new(Kind::Bind, None);
+    other.bind = Some(("r".into(), (prepared("SELECT 2"), String::new())));
+    f.queued(other);
+    f.queued(Pending::new(Kind::Execute, None));
+    f.note_renames(&classify(sql), true, Some("p"));
+    assert!(matches!(f.portal("p"), Resolved::Known(None)));
     drop(f);
     // A built-in function does not reopen cursors; a FETCH, a SQL EXECUTE
     // or a CALL may (what they run is not in their text).
