@@ -14,10 +14,15 @@
 //! - What the map held when a start replaced it (`replaced_targets`)
 //!   counts from the previous record to this one: a start that installed
 //!   its targets and failed before writing its record leaves them there.
-//! - A record is found both by time and by its place in the stream, and
-//!   both count: a clock stepped back dates a later start before earlier
-//!   events, and events a pinned probe recorded while the daemon was down
-//!   are written after the next start's record.
+//! - A record is found by time, and by its place in the stream where the
+//!   two may disagree because a clock stepped back dated a later start
+//!   before earlier records or events; events a pinned probe recorded
+//!   while the daemon was down are written after the next start's record,
+//!   and only their time decides. Wall-clock times are all there is to
+//!   go by: a clock stepped back while the daemon runs dates the events
+//!   after it before the last record's, where they are judged by the
+//!   record before it, and a clock stepped forward across a restart dates
+//!   the events of the downtime after the new record.
 //! - Before the first record (the stream's oldest, or the oldest left by
 //!   retention), every target any record names counts.
 
@@ -123,41 +128,54 @@ impl TargetsInForce {
         };
         // Before the first record: its probes ran before it was written,
         // and retention may have taken older ones.
+        let first_in_stream = self.by_sequence.first().map(|&i| &self.periods[i]);
         let before_the_first = || {
             self.ever
                 .get(&destination)
                 .map(String::as_str)
                 .or_else(|| self.periods.first().and_then(replaced))
+                .or_else(|| first_in_stream.and_then(replaced))
         };
         let written_by_time = self.periods.partition_point(|p| p.recorded_at <= time);
         let Some(by_time) = written_by_time.checked_sub(1).map(|i| &self.periods[i]) else {
             return before_the_first();
         };
-        // Dated before the event but written after it: a clock stepped
-        // back, and the record written before the event counts too. (An
-        // event written after a record dated later is one the probe
-        // recorded while the daemon was down, under the earlier targets.)
-        let by_stream = if by_time.sequence > sequence {
-            let written_before = self
-                .by_sequence
-                .partition_point(|&i| self.periods[i].sequence < sequence);
-            match written_before.checked_sub(1) {
-                Some(i) => Some(&self.periods[self.by_sequence[i]]),
-                None => return before_the_first(),
+        // The record written last before the event, and the one after it,
+        // in the stream. It counts when it is also dated at or before the
+        // event, or when the record found by time was written after the
+        // event: a clock stepped back dated a later start before earlier
+        // records or events. (An event written after a record dated later
+        // is one the probe recorded while the daemon was down, under the
+        // earlier targets: its time alone decides.)
+        let written_before = self
+            .by_sequence
+            .partition_point(|&i| self.periods[i].sequence < sequence);
+        let in_stream = |i: usize| self.by_sequence.get(i).map(|&i| &self.periods[i]);
+        let (by_stream, next_in_stream) = match written_before.checked_sub(1).and_then(&in_stream) {
+            Some(last) if last.recorded_at <= time || by_time.sequence > sequence => {
+                (Some(last), in_stream(written_before))
             }
-        } else {
-            None
+            Some(_) => (None, None),
+            None if by_time.sequence > sequence => return before_the_first(),
+            None => (None, None),
         };
-        // The next record, while it installs its targets; and what the map
-        // held when it replaced it, from this record on.
+        // The next record, by time and in the stream, while it installs its
+        // targets; and what the map held when it replaced it, from the
+        // record before it on.
         let next = self.periods.get(written_by_time);
-        let installing = next.filter(|n| n.installing_since.is_none_or(|since| since <= time));
-        [Some(by_time), by_stream, installing]
-            .into_iter()
-            .flatten()
-            .find_map(|p| p.targets.get(&destination))
-            .map(String::as_str)
-            .or_else(|| next.and_then(replaced))
+        let installing = |n: &&Period| n.installing_since.is_none_or(|since| since <= time);
+        [
+            Some(by_time),
+            by_stream,
+            next.filter(installing),
+            next_in_stream.filter(installing),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|p| p.targets.get(&destination))
+        .map(String::as_str)
+        .or_else(|| next.and_then(replaced))
+        .or_else(|| next_in_stream.and_then(replaced))
     }
 
     /// Every target any record names, with the name it had last.
@@ -347,6 +365,22 @@ mod tests {
         // their time finds the first, and only the first.
         assert_eq!(targets.at(1_500, 12, orders), Some("orders-db"));
         assert_eq!(targets.at(1_500, 12, BILLING.parse().unwrap()), None);
+        // Once the clock passes the first record's time again, the second
+        // (written after it, dated before it) is still in force.
+        let (first, second) = removal_at_5000();
+        let targets = TargetsInForce::new([(3_000, 10, &first), (2_000, 20, &second)]);
+        assert_eq!(
+            targets.at(3_500, 30, BILLING.parse().unwrap()),
+            Some("billing-db")
+        );
+        // What a record replaced counts for the events written before it.
+        let mut second = second;
+        second.replaced_targets = vec![LEDGER.parse().unwrap()];
+        let targets = TargetsInForce::new([(1_000, 1, &first), (2_000, 9, &second)]);
+        assert_eq!(
+            targets.at(3_000, 5, LEDGER.parse().unwrap()),
+            Some(UNRECORDED_TARGET)
+        );
     }
 
     #[test]
