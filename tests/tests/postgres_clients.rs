@@ -1642,59 +1642,41 @@ with psycopg.connect(host="127.0.0.1", port={port}, user="agent", dbname="orders
     }
     // Within one transaction, a function of the database's own may close
     // the portal and open a cursor under its name: the Execute after it
-    // is refused rather than decided as the statement bound.
-    stack
-        .postgres
-        .superuser_sql_ok(
-            "orders",
-            "CREATE FUNCTION reopen_shouting_cursor(name refcursor) RETURNS refcursor \
-             LANGUAGE plpgsql AS $$ BEGIN CLOSE name; \
-             OPEN name FOR SELECT upper(email) AS x FROM customers WHERE id = 1; \
-             RETURN name; END $$",
-        )
-        .expect("create the function");
-    let out = raw_protocol_script(
-        &stack,
-        "pg_desync.py",
-        &agent,
-        &[
-            "function_then_cursor",
-            "SELECT reopen_shouting_cursor('c')",
-            "",
-        ],
-    );
-    assert!(
-        !out.to_lowercase().contains("@example.com"),
-        "a cursor a function reopened under a portal's name leaked: {out}"
-    );
-    assert!(out.contains("mask:unparsed"), "{out}");
-    // The same done by an immutable function the server runs when it
-    // plans the statement at its Bind, with no Execute of it.
-    stack
-        .postgres
-        .superuser_sql_ok(
-            "orders",
-            "CREATE FUNCTION reopen_when_planned(name refcursor) RETURNS refcursor \
-             LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN CLOSE name; \
-             OPEN name FOR SELECT upper(email) AS x FROM customers WHERE id = 1; \
-             RETURN name; END $$",
-        )
-        .expect("create the function");
-    let out = raw_protocol_script(
-        &stack,
-        "pg_desync.py",
-        &agent,
-        &[
+    // is refused rather than decided as the statement bound. So it is
+    // when an immutable function does so where the server plans the
+    // statement, at its Bind, with no Execute of it.
+    for (function, volatility, scenario) in [
+        ("reopen_shouting_cursor", "VOLATILE", "function_then_cursor"),
+        (
+            "reopen_when_planned",
+            "IMMUTABLE",
             "bind_function_then_cursor",
-            "SELECT reopen_when_planned('c')",
-            "",
-        ],
-    );
-    assert!(
-        !out.to_lowercase().contains("@example.com"),
-        "a cursor a function reopened at a Bind leaked: {out}"
-    );
-    assert!(out.contains("mask:unparsed"), "{out}");
+        ),
+    ] {
+        stack
+            .postgres
+            .superuser_sql_ok(
+                "orders",
+                &format!(
+                    "CREATE FUNCTION {function}(name refcursor) RETURNS refcursor \
+                     LANGUAGE plpgsql {volatility} AS $$ BEGIN CLOSE name; \
+                     OPEN name FOR SELECT upper(email) AS x FROM customers WHERE id = 1; \
+                     RETURN name; END $$"
+                ),
+            )
+            .expect("create the function");
+        let out = raw_protocol_script(
+            &stack,
+            "pg_desync.py",
+            &agent,
+            &[scenario, &format!("SELECT {function}('c')"), ""],
+        );
+        assert!(
+            !out.to_lowercase().contains("@example.com"),
+            "{scenario}: a cursor a function reopened under a portal's name leaked: {out}"
+        );
+        assert!(out.contains("mask:unparsed"), "{scenario}: {out}");
+    }
     // A portal that calls such a function stays known to its own next
     // Execute: a client reading it in steps gets every step.
     let out = raw_protocol_script(

@@ -1464,6 +1464,12 @@ fn portals_end_with_their_transaction_and_not_before() {
     f.note_renames(&classify(sql), may_reopen_cursors(&classify(sql)), None);
     drop(f);
     assert_eq!(known(&in_flight), Some(false), "{sql}");
+    // A Bind of portal `name` to `sql`, in flight.
+    let bind_of = |name: &str, sql: &str| {
+        let mut bind = Pending::new(Kind::Bind, None);
+        bind.bind = Some((name.into(), (prepared(sql), String::new())));
+        bind
+    };
     // But not the portal it runs in, which the server keeps: a client
     // reading it in steps goes on, confirmed or still being bound.
     let in_flight = queue_of(&[]);
@@ -1475,12 +1481,8 @@ fn portals_end_with_their_transaction_and_not_before() {
     assert_eq!(known(&in_flight), Some(true), "the executing portal stays");
     let in_flight = queue_of(&[]);
     let mut f = lock(&in_flight);
-    let mut bind = Pending::new(Kind::Bind, None);
-    bind.bind = Some(("q".into(), (prepared("SELECT 1"), String::new())));
-    f.queued(bind);
-    let mut other = Pending::new(Kind::Bind, None);
-    other.bind = Some(("r".into(), (prepared("SELECT 2"), String::new())));
-    f.queued(other);
+    f.queued(bind_of("q", "SELECT 1"));
+    f.queued(bind_of("r", "SELECT 2"));
     f.queued(Pending::new(Kind::Execute, None));
     f.note_renames(&classify(sql), true, Some("q"));
     // q is behind r's Bind, which is no longer trusted: unknown, as is r.
@@ -1490,12 +1492,8 @@ fn portals_end_with_their_transaction_and_not_before() {
     // Bound after r, q is carried and found.
     let in_flight = queue_of(&[]);
     let mut f = lock(&in_flight);
-    let mut other = Pending::new(Kind::Bind, None);
-    other.bind = Some(("r".into(), (prepared("SELECT 2"), String::new())));
-    f.queued(other);
-    let mut bind = Pending::new(Kind::Bind, None);
-    bind.bind = Some(("q".into(), (prepared("SELECT 1"), String::new())));
-    f.queued(bind);
+    f.queued(bind_of("r", "SELECT 2"));
+    f.queued(bind_of("q", "SELECT 1"));
     f.queued(Pending::new(Kind::Execute, None));
     f.note_renames(&classify(sql), true, Some("q"));
     assert!(matches!(f.portal("q"), Resolved::Known(Some(_))));
@@ -1507,12 +1505,8 @@ fn portals_end_with_their_transaction_and_not_before() {
     let in_flight = queue_of(&[]);
     confirmed(&in_flight);
     let mut f = lock(&in_flight);
-    let mut again = Pending::new(Kind::Bind, None);
-    again.bind = Some(("p".into(), (prepared("SELECT 3"), String::new())));
-    f.queued(again);
-    let mut other = Pending::new(Kind::Bind, None);
-    other.bind = Some(("r".into(), (prepared("SELECT 2"), String::new())));
-    f.queued(other);
+    f.queued(bind_of("p", "SELECT 3"));
+    f.queued(bind_of("r", "SELECT 2"));
     f.queued(Pending::new(Kind::Execute, None));
     f.note_renames(&classify(sql), true, Some("p"));
     assert!(matches!(f.portal("p"), Resolved::Known(None)));
