@@ -244,10 +244,7 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
         may_copy_in,
         may_copy_out,
         may_reopen_cursors: masked && may_reopen_cursors(operations),
-        may_reopen_cursors_when_planned: masked
-            && operations
-                .as_ref()
-                .is_ok_and(|ops| ops.iter().any(|op| op.calls_unknown_functions)),
+        may_reopen_cursors_when_planned: masked && may_reopen_cursors_when_planned(operations),
     }
 }
 
@@ -260,6 +257,16 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
 /// masked as that one's would. Unparsed text is judged so already (see
 /// `InFlight::note_renames`). It matters only where masks apply: without
 /// them, the function could return those rows itself.
+/// [`may_reopen_cursors`] already when the server plans the statement, at
+/// its Bind: it calls a function of the database's own, which the server
+/// runs there when it is immutable with constant arguments. A FETCH, SQL
+/// EXECUTE or CALL runs nothing then.
+pub(super) fn may_reopen_cursors_when_planned(operations: &Result<Vec<Operation>, String>) -> bool {
+    operations
+        .as_ref()
+        .is_ok_and(|ops| ops.iter().any(|op| op.calls_unknown_functions))
+}
+
 pub(super) fn may_reopen_cursors(operations: &Result<Vec<Operation>, String>) -> bool {
     operations.as_ref().is_ok_and(|ops| {
         ops.iter()

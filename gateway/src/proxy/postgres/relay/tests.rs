@@ -1518,7 +1518,11 @@ fn portals_end_with_their_transaction_and_not_before() {
     }
     for sql in ["FETCH 1 FROM x", "EXECUTE s", "CALL p()"] {
         assert!(may_reopen_cursors(&classify(sql)), "{sql}");
+        // ... when they run, not at their Bind.
+        assert!(!may_reopen_cursors_when_planned(&classify(sql)), "{sql}");
     }
+    let sql = "SELECT reopen_cursor('p')";
+    assert!(may_reopen_cursors_when_planned(&classify(sql)), "{sql}");
 }
 
 /// A session's named statements are kept up to a count and a size: past
