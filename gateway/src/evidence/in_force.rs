@@ -140,32 +140,42 @@ impl TargetsInForce {
         let Some(by_time) = written_by_time.checked_sub(1).map(|i| &self.periods[i]) else {
             return before_the_first();
         };
-        // The record written last before the event, and the one after it,
-        // in the stream. It counts when it is also dated at or before the
-        // event, or when the record found by time was written after the
-        // event: a clock stepped back dated a later start before earlier
-        // records or events. (An event written after a record dated later
-        // is one the probe recorded while the daemon was down, under the
-        // earlier targets: its time alone decides.)
+        // The record written last before the event in the stream (`last`):
+        // - dated at or before the event too, it is in force, and a record
+        //   found by time that was written before it is not (a clock
+        //   stepped back dated it before an older record); the one after
+        //   it in the stream may be installing;
+        // - dated after the event, the event is one the probe recorded
+        //   while the daemon was down (dated by the clock of the start
+        //   that read it): the record found by time decides, with what
+        //   `last` found in the map and was installing;
+        // - when the record found by time was written after the event
+        //   (the clock stepped back after `last`), both count.
         let written_before = self
             .by_sequence
             .partition_point(|&i| self.periods[i].sequence < sequence);
         let in_stream = |i: usize| self.by_sequence.get(i).map(|&i| &self.periods[i]);
-        let (by_stream, next_in_stream) = match written_before.checked_sub(1).and_then(&in_stream) {
-            Some(last) if last.recorded_at <= time || by_time.sequence > sequence => {
-                (Some(last), in_stream(written_before))
-            }
-            Some(_) => (None, None),
-            None if by_time.sequence > sequence => return before_the_first(),
-            None => (None, None),
-        };
+        let (by_time, by_stream, next_in_stream) =
+            match written_before.checked_sub(1).and_then(&in_stream) {
+                Some(last) if by_time.sequence > sequence => {
+                    (Some(by_time), Some(last), in_stream(written_before))
+                }
+                Some(last) if last.recorded_at <= time => (
+                    (by_time.sequence >= last.sequence).then_some(by_time),
+                    Some(last),
+                    in_stream(written_before),
+                ),
+                Some(last) => (Some(by_time), None, Some(last)),
+                None if by_time.sequence > sequence => return before_the_first(),
+                None => (Some(by_time), None, None),
+            };
         // The next record, by time and in the stream, while it installs its
         // targets; and what the map held when it replaced it, from the
         // record before it on.
         let next = self.periods.get(written_by_time);
         let installing = |n: &&Period| n.installing_since.is_none_or(|since| since <= time);
         [
-            Some(by_time),
+            by_time,
             by_stream,
             next.filter(installing),
             next_in_stream.filter(installing),
@@ -184,9 +194,10 @@ impl TargetsInForce {
     }
 
     /// The targets in force at some moment from `from` to `to` (either
-    /// open), as [`Self::at`] judges: a record's targets from its install
-    /// to the next record, what it replaced from the record before it, and
-    /// every target before the first record.
+    /// open), by time alone (where a clock step makes time and the
+    /// stream's order disagree, [`Self::at`] reads both): a record's
+    /// targets from its install to the next record, what it replaced from
+    /// the record before it, and every target before the first record.
     pub fn during(&self, from: Option<i64>, to: Option<i64>) -> BTreeMap<SocketAddr, String> {
         // Whether [start, end) meets the window (`None`: unbounded).
         let meets = |start: Option<i64>, end: Option<i64>| {
@@ -366,12 +377,36 @@ mod tests {
         assert_eq!(targets.at(1_500, 12, orders), Some("orders-db"));
         assert_eq!(targets.at(1_500, 12, BILLING.parse().unwrap()), None);
         // Once the clock passes the first record's time again, the second
-        // (written after it, dated before it) is still in force.
+        // (written after it, dated before it) is in force, and the first
+        // no longer.
         let (first, second) = removal_at_5000();
         let targets = TargetsInForce::new([(3_000, 10, &first), (2_000, 20, &second)]);
         assert_eq!(
             targets.at(3_500, 30, BILLING.parse().unwrap()),
             Some("billing-db")
+        );
+        assert_eq!(targets.at(3_500, 30, orders), None);
+        // An event the probe recorded while the daemon was down, under the
+        // targets the last record found in the map, dated by a clock
+        // stepped back past an older record: what that record replaced
+        // counts.
+        let with = |targets: &[(&str, &str)], replaced: &[&str]| ConfigSnapshot {
+            replaced_targets: replaced.iter().map(|a| a.parse().unwrap()).collect(),
+            ..snapshot(targets, None)
+        };
+        let r0 = with(&[("x", "10.0.1.1:5432")], &[]);
+        let r1 = with(&[("y", "10.0.1.2:5432")], &["10.0.1.1:5432"]);
+        let r2 = with(&[("a", "10.0.1.3:5432")], &["10.0.1.2:5432"]);
+        let r3 = with(&[("b", "10.0.1.4:5432")], &["10.0.1.3:5432"]);
+        let targets = TargetsInForce::new([
+            (1_000, 10, &r0),
+            (2_000, 20, &r1),
+            (3_000, 30, &r2),
+            (2_500, 40, &r3),
+        ]);
+        assert_eq!(
+            targets.at(1_100, 45, "10.0.1.3:5432".parse().unwrap()),
+            Some("a")
         );
         // What a record replaced counts for the events written before it.
         let mut second = second;
