@@ -1888,3 +1888,62 @@ fn a_pin_directory_left_by_an_older_daemon_is_taken_over() {
     assert_eq!(run.report["bypasses"], json!([]));
     assert_eq!(run.report["reserved_losses"], json!([]));
 }
+
+/// A session holds two descriptors (the agent's connection and the
+/// target's): tollgate raises its open-file limit to the hard limit at
+/// start, and warns when even that is below what the targets'
+/// `max_connections` may take (here the default 1 000, against a hard
+/// limit of 1 024).
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_warned_about() {
+    if !privileged(
+        "the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_warned_about",
+    ) {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    let dir = stack.gateway.dir.path();
+    let ready = dir.join("limits.ready");
+    let log = dir.join("limits.log");
+    let mut cmd = Command::new(tollgate_bin());
+    cmd.args(["run", "--config"])
+        .arg(&stack.gateway.config_path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    // SAFETY: only setrlimit runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = Spawned(cmd.spawn().expect("start tollgate run"));
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("tollgate to be ready", Duration::from_secs(30), || {
+        ready.exists()
+    })
+    .unwrap_or_else(|err| panic!("{err}\n{}", text()));
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("the limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect())
+        .unwrap_or_default();
+    assert_eq!(open_files, ["1024", "1024"], "{limits}");
+    assert!(
+        text().contains("the open-file limit is below what the targets' max_connections may take"),
+        "{}",
+        text()
+    );
+}
