@@ -321,6 +321,21 @@ impl Config {
         Ok(config)
     }
 
+    /// What agents' other traffic is held to: the default and the
+    /// `egress_allow` rules, parsed (an error names the first rule that
+    /// does not parse; `check` names its index).
+    pub fn egress_policy(&self) -> Result<crate::pin::EgressPolicy, String> {
+        Ok(crate::pin::EgressPolicy {
+            default_deny: self.pin.egress_default == EgressDefault::Deny,
+            allow: self
+                .pin
+                .egress_allow
+                .iter()
+                .map(|rule| rule.parse())
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     /// Loopback addresses of targets' servers agents could reach in their
     /// place: a target on `127.0.0.1:P` whose `[::1]:P` is not a target
     /// too (and the reverse; an IPv4-mapped `::ffff:127.0.0.1` is
@@ -332,15 +347,13 @@ impl Config {
         use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
         let protected: HashSet<SocketAddr> =
             self.targets.iter().map(|t| normalise(t.address)).collect();
-        let allow_rules: Vec<crate::pin::AllowRule> = self
-            .pin
-            .egress_allow
-            .iter()
-            .filter_map(|rule| rule.parse().ok())
-            .collect();
+        // A configuration that passed `check` parses.
+        let egress = self.egress_policy().unwrap_or(crate::pin::EgressPolicy {
+            default_deny: false,
+            allow: Vec::new(),
+        });
         let reachable = |twin: SocketAddr| {
-            self.pin.egress_default == EgressDefault::Allow
-                || allow_rules.iter().any(|rule| rule.allows_tcp(twin))
+            !egress.default_deny || egress.allow.iter().any(|rule| rule.allows_tcp(twin))
         };
         self.targets
             .iter()

@@ -288,15 +288,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         pin::lock(&config.pin.bpffs_dir, &config.pin.agent_cgroups).context("pinning")?;
     let audit_lock = AuditLog::lock(&config.audit).context("audit store")?;
     let protected = config.protected();
-    let egress = pin::EgressPolicy {
-        default_deny: config.pin.egress_default == tollgate::config::EgressDefault::Deny,
-        allow: config
-            .pin
-            .egress_allow
-            .iter()
-            .map(|rule| rule.parse().map_err(anyhow::Error::msg))
-            .collect::<Result<_>>()?,
-    };
+    let egress = config.egress_policy().map_err(anyhow::Error::msg)?;
 
     // Listeners before the redirect: tollgate installs it only once it
     // holds every listener port, so it never sends agents to a port some
