@@ -725,3 +725,78 @@ fn a_session_ends_when_its_token_expires() {
         .starts_with("token_expired"));
     assert_eq!(rows[0]["actor_user_uid"], AGENT_OID);
 }
+
+/// An agent that opens connections and never logs in holds no more than
+/// its share of the target's slots: past a quarter of `max_connections`
+/// (here 64, so 16) logging in at once from one source, a connection is
+/// refused with 53300 and on record, while another source logs in, and
+/// the source itself again once its stalled connections are gone.
+#[test]
+fn one_source_stalling_logins_cannot_take_every_connection_slot() {
+    if !privileged("one_source_stalling_logins_cannot_take_every_connection_slot") {
+        return;
+    }
+    let stack = tollgate_tests::Stack::start_with(
+        tollgate_tests::Postgres::start().expect("PostgreSQL"),
+        |config| config.target_extra = "max_connections = 64".into(),
+    )
+    .expect("start PostgreSQL, IdP and tollgate");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_stall_logins.py");
+    let mut holder = tollgate_tests::AgentCgroup::command(
+        &stack.gateway.config.agent_cgroup,
+        &tollgate_tests::duckdb::python(),
+    )
+    .arg(&script)
+    .args(["127.0.0.1", &stack.postgres.port.to_string(), "16", "30"])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("start pg_stall_logins.py");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("its answer");
+    let answer: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unreadable": line}));
+    assert_eq!(answer["held"], 16, "{answer}");
+    assert_eq!(answer["next"]["sqlstate"], "53300", "{answer}");
+    assert!(
+        answer["next"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too many connections logging in from this source")),
+        "{answer}"
+    );
+    // Another source (this test's own process, outside the agent
+    // cgroups, connecting to the listener) still logs in.
+    let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=agent dbname=orders connect_timeout=5 sslmode=disable",
+            stack.gateway.config.listen.port()
+        ))
+        .args(["-c", "SELECT 41 + 1"])
+        .env("PGPASSWORD", &token)
+        .output()
+        .expect("run psql");
+    assert_eq!(stdout(&out), "42", "{}", stderr(&out));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // Once the stalled connections are gone, the source logs in again.
+    let out = stack
+        .agent_psql(&token, "SELECT 41 + 1")
+        .output()
+        .expect("run psql");
+    assert_eq!(stdout(&out), "42", "{}", stderr(&out));
+    stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' \
+             AND contains(status_detail, 'connections logging in to the target')",
+            1,
+            Duration::from_secs(10),
+        )
+        .expect("the refusal on record");
+}

@@ -13,6 +13,7 @@
 //!    own credential, and records the outcome.
 
 pub mod budget;
+pub mod logins;
 pub mod postgres;
 pub mod refusals;
 pub mod tls;
@@ -232,6 +233,9 @@ pub struct Connection {
     pub target: Arc<Target>,
     pub peer: SocketAddr,
     pub origin: Option<ClientOrigin>,
+    /// Counted among its source's connections logging in until the
+    /// caller is authenticated (see [`logins`]).
+    pub logging_in: logins::LoggingIn,
 }
 
 /// Accepts connections for one target until the daemon stops; then the
@@ -239,6 +243,7 @@ pub struct Connection {
 /// instead of waiting on a daemon that no longer answers.
 pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Shared>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(target.config.max_connections));
+    let logins = logins::LoginGate::for_target(target.config.max_connections);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -259,11 +264,12 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
                 .ok()?
                 .client_origin(peer, target.config.listen)
         });
-        let connection = Connection {
+        let mut connection = Connection {
             session_uid: uuid::Uuid::new_v4().to_string(),
             target: target.clone(),
             peer,
             origin,
+            logging_in: logins::LoggingIn::default(),
         };
         let span =
             tracing::info_span!("session", id = %connection.session_uid, target = %target.name);
@@ -272,6 +278,8 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
         let shared = shared.clone();
         // Held for the connection's life.
         let slot = slots.clone().try_acquire_owned();
+        let permit = logins.enter(logins::LoginSource::of(&connection));
+        let per_source = logins.per_source();
         tokio::spawn(
             async move {
                 let _running = running;
@@ -282,10 +290,23 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
                     );
                     return match connection.target.protocol {
                         Protocol::Postgres => {
-                            postgres::refuse_over_limit(connection, stream, shared).await
+                            postgres::refuse_over_limit(connection, stream, shared, None).await
                         }
                     };
                 };
+                let Some(permit) = permit else {
+                    warn!(
+                        per_source,
+                        "connection refused: its source has as many connections logging in as it may"
+                    );
+                    return match connection.target.protocol {
+                        Protocol::Postgres => {
+                            postgres::refuse_over_limit(connection, stream, shared, Some(per_source))
+                                .await
+                        }
+                    };
+                };
+                connection.logging_in = logins::LoggingIn::holding(permit);
                 let _ = stream.set_nodelay(true);
                 match connection.target.protocol {
                     Protocol::Postgres => {
@@ -299,6 +320,12 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
 }
 
 impl Connection {
+    /// The caller is authenticated: the connection no longer counts among
+    /// its source's connections logging in.
+    pub fn logged_in(&self) {
+        self.logging_in.end();
+    }
+
     /// A record with the where and who of this connection filled in.
     pub fn record(&self, principal: Option<&Principal>) -> AuditRecord {
         let mut record = AuditRecord {

@@ -68,7 +68,16 @@ pub const SQLSTATE_UPSTREAM: &str = "08006";
 /// soon (it is read whole, and forwarding it has a deadline). At most
 /// [`PAST_LIMIT_AT_ONCE`] such connections are looked at together; the
 /// others are refused at once.
-pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, shared: Arc<Shared>) {
+///
+/// With `logging_in_per_source`, the connection is past the number its
+/// source may have logging in at once (see `proxy::logins`), and is
+/// refused the same way, saying so.
+pub async fn refuse_over_limit(
+    connection: Connection,
+    mut client: TcpStream,
+    shared: Arc<Shared>,
+    logging_in_per_source: Option<usize>,
+) {
     static PAST_LIMIT: tokio::sync::Semaphore =
         tokio::sync::Semaphore::const_new(PAST_LIMIT_AT_ONCE);
     if let Ok(_looking) = PAST_LIMIT.try_acquire() {
@@ -76,21 +85,24 @@ pub async fn refuse_over_limit(connection: Connection, mut client: TcpStream, sh
             return serve_connection(connection, client, shared).await;
         }
     }
-    let record = connection.login_refused(
-        None,
-        "too_many_connections",
-        &format!(
-            "the target's limit of {} connections at once was reached",
-            connection.target.config.max_connections
+    let (reason, message) = match logging_in_per_source {
+        None => (
+            format!(
+                "the target's limit of {} connections at once was reached",
+                connection.target.config.max_connections
+            ),
+            "tollgate: too many connections to this target; try again later",
         ),
-    );
+        Some(per_source) => (
+            format!(
+                "this source already had {per_source} connections logging in to the target (a quarter of its max_connections, at least 16)"
+            ),
+            "tollgate: too many connections logging in from this source; try again later",
+        ),
+    };
+    let record = connection.login_refused(None, "too_many_connections", &reason);
     shared.submit_refusal(record);
-    fatal(
-        &mut client,
-        SQLSTATE_TOO_MANY_CONNECTIONS,
-        "tollgate: too many connections to this target; try again later",
-    )
-    .await;
+    fatal(&mut client, SQLSTATE_TOO_MANY_CONNECTIONS, message).await;
 }
 
 /// How long a connection past the limit is given to show it is a
@@ -327,7 +339,10 @@ async fn serve(
 
     let verified = shared.verifier.verify(token.trim()).await;
     let principal = match verified.and_then(|p| shared.verifier.session_may_start(p)) {
-        Ok(principal) => principal,
+        Ok(principal) => {
+            connection.logged_in();
+            principal
+        }
         Err(refusal) => {
             info!(reason = %refusal, "token refused");
             refuse_login(

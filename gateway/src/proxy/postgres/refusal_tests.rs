@@ -128,6 +128,7 @@ async fn listen_with(
                 target: target.clone(),
                 peer,
                 origin: None,
+                logging_in: Default::default(),
             };
             tokio::spawn(super::serve(
                 connection,
