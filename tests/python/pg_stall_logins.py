@@ -8,7 +8,8 @@ reads what it is told (a server refusing it at once sends an
 ErrorResponse). Prints one JSON line, flushed, then keeps the HELD
 connections open for SECONDS (or until stdin closes) and exits.
 
-outcome: {"held": N, "next": {"tag": "E", "sqlstate": ..., "message": ...}
+outcome: {"held": N, "held_told": M (of the HELD, those the server already
+          sent something), "next": {"tag": "E", "sqlstate": ..., "message": ...}
           | {"tag": "none"} (nothing within 3 s)}
 """
 import json
@@ -47,7 +48,14 @@ def main():
             answer = {"tag": head[:1].decode("latin-1") or "closed"}
     except socket.timeout:
         answer = {"tag": "none"}
-    print(json.dumps({"held": len(stalled), "next": answer}), flush=True)
+    told = 0
+    for s in stalled:
+        s.setblocking(False)
+        try:
+            told += 1 if s.recv(1) else 0
+        except BlockingIOError:
+            pass
+    print(json.dumps({"held": len(stalled), "held_told": told, "next": answer}), flush=True)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.1)

@@ -726,11 +726,12 @@ fn a_session_ends_when_its_token_expires() {
     assert_eq!(rows[0]["actor_user_uid"], AGENT_OID);
 }
 
-/// An agent that opens connections and never logs in holds no more than
-/// its share of the target's slots: past a quarter of `max_connections`
-/// (here 64, so 16) logging in at once from one source, a connection is
-/// refused with 53300 and on record, while another source logs in, and
-/// the source itself again once its stalled connections are gone.
+/// An agent that opens connections and never logs in cannot take the last
+/// quarter of the target's slots: with `max_connections = 64`, it holds 48
+/// stalled logins (with room, nobody is held back), and its 49th is
+/// refused with 53300 and on record, while another source logs in into
+/// that last quarter, and the agent itself again once its stalled
+/// connections are gone.
 #[test]
 fn one_source_stalling_logins_cannot_take_every_connection_slot() {
     if !privileged("one_source_stalling_logins_cannot_take_every_connection_slot") {
@@ -742,12 +743,12 @@ fn one_source_stalling_logins_cannot_take_every_connection_slot() {
     )
     .expect("start PostgreSQL, IdP and tollgate");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_stall_logins.py");
-    let mut holder = tollgate_tests::AgentCgroup::command(
+    let mut holder = AgentCgroup::command(
         &stack.gateway.config.agent_cgroup,
         &tollgate_tests::duckdb::python(),
     )
     .arg(&script)
-    .args(["127.0.0.1", &stack.postgres.port.to_string(), "16", "30"])
+    .args(["127.0.0.1", &stack.postgres.port.to_string(), "48", "30"])
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
@@ -761,7 +762,8 @@ fn one_source_stalling_logins_cannot_take_every_connection_slot() {
     .expect("its answer");
     let answer: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unreadable": line}));
-    assert_eq!(answer["held"], 16, "{answer}");
+    assert_eq!(answer["held"], 48, "{answer}");
+    assert_eq!(answer["held_told"], 0, "the 48 were let in: {answer}");
     assert_eq!(answer["next"]["sqlstate"], "53300", "{answer}");
     assert!(
         answer["next"]["message"]
@@ -772,7 +774,7 @@ fn one_source_stalling_logins_cannot_take_every_connection_slot() {
     // Another source (this test's own process, outside the agent
     // cgroups, connecting to the listener) still logs in.
     let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
-    let out = std::process::Command::new("psql")
+    let out = Command::new("psql")
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
         .arg(format!(
             "host=127.0.0.1 port={} user=agent dbname=orders connect_timeout=5 sslmode=disable",
@@ -785,12 +787,19 @@ fn one_source_stalling_logins_cannot_take_every_connection_slot() {
     assert_eq!(stdout(&out), "42", "{}", stderr(&out));
     let _ = holder.kill();
     let _ = holder.wait();
-    // Once the stalled connections are gone, the source logs in again.
-    let out = stack
-        .agent_psql(&token, "SELECT 41 + 1")
-        .output()
-        .expect("run psql");
-    assert_eq!(stdout(&out), "42", "{}", stderr(&out));
+    // Once tollgate has seen the stalled connections go, the source logs
+    // in again.
+    let mut last = String::new();
+    let again =
+        tollgate_tests::wait_for("the agent to log in again", Duration::from_secs(10), || {
+            let out = stack
+                .agent_psql(&token, "SELECT 41 + 1")
+                .output()
+                .expect("run psql");
+            last = stderr(&out);
+            stdout(&out) == "42"
+        });
+    assert!(again.is_ok(), "{last}");
     stack
         .audit_rows(
             "SELECT * FROM audit WHERE phase = 'refusal' \

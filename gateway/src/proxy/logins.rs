@@ -3,10 +3,13 @@
 //! client may stall at its startup packet or its password for the whole
 //! login deadline: without a bound per source, one agent opening
 //! connections that never log in could hold every slot and keep every
-//! other agent out. Each source (the agent cgroup the kernel saw, or the
-//! peer address of a connection that did not come through the redirect)
-//! may have at most a quarter of the slots logging in at once; a
-//! connection past that is refused as one past the target's limit is.
+//! other agent out. Once fewer than a quarter of the slots are free, a
+//! source (the agent cgroup the kernel saw, or for a connection that did
+//! not come through the redirect, its peer address, every loopback
+//! address as one) that already has a quarter of them logging in is
+//! refused another, as a connection past the target's limit is: the last
+//! quarter stays for the other sources. Before that, nobody is held back
+//! (a pool opening many connections at once on a target with room).
 
 use std::{
     collections::HashMap,
@@ -34,8 +37,20 @@ impl LoginSource {
     pub fn of(connection: &Connection) -> Self {
         match &connection.origin {
             Some(origin) => LoginSource::Cgroup(origin.cgroup_id),
-            None => LoginSource::Address(connection.peer.ip()),
+            None => Self::address(connection.peer.ip()),
         }
+    }
+
+    /// Any local process may bind any address of 127.0.0.0/8 (or ::1):
+    /// every loopback address is one source, or one agent would be as many
+    /// as it likes.
+    fn address(peer: IpAddr) -> Self {
+        let peer = peer.to_canonical();
+        LoginSource::Address(if peer.is_loopback() {
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            peer
+        })
     }
 }
 
@@ -60,11 +75,13 @@ impl LoginGate {
     }
 
     /// Counts a connection of `source` as logging in, until the permit
-    /// is dropped; `None` when the source is at its bound.
-    pub fn enter(self: &Arc<Self>, source: LoginSource) -> Option<LoginPermit> {
+    /// is dropped; `None` when the target is short of slots (`free`, after
+    /// this connection's, fewer than a source's bound) and the source is at
+    /// its bound.
+    pub fn enter(self: &Arc<Self>, source: LoginSource, free: usize) -> Option<LoginPermit> {
         let mut counts = self.counts();
         let count = counts.entry(source.clone()).or_insert(0);
-        if *count >= self.per_source {
+        if free < self.per_source && *count >= self.per_source {
             return None;
         }
         *count += 1;
@@ -128,24 +145,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_source_may_have_a_quarter_of_the_slots_logging_in_and_no_fewer_than_sixteen() {
+    fn a_source_may_have_a_quarter_of_the_slots_logging_in_when_slots_run_short() {
         assert_eq!(LoginGate::for_target(1000).per_source(), 250);
         assert_eq!(LoginGate::for_target(10).per_source(), 16);
         let gate = LoginGate::for_target(64);
         let agent = LoginSource::Cgroup(77);
-        let held: Vec<LoginPermit> = (0..16)
-            .map(|_| gate.enter(agent.clone()).expect("under the bound"))
+        // With room, a source is not held back: 48 of 64.
+        let held: Vec<LoginPermit> = (0..48)
+            .map(|i| gate.enter(agent.clone(), 63 - i).expect("room"))
             .collect();
-        assert!(gate.enter(agent.clone()).is_none(), "past the bound");
+        // The last quarter: past its bound, refused.
+        assert!(gate.enter(agent.clone(), 15).is_none(), "past the bound");
         // Another source is not held back.
-        let other = gate.enter(LoginSource::Cgroup(78));
+        let other = gate.enter(LoginSource::Cgroup(78), 15);
         assert!(other.is_some());
         // A login that ends makes room, and the count goes when empty.
-        let logging_in = LoggingIn::holding(gate.enter(LoginSource::Cgroup(79)).expect("room"));
+        let logging_in = LoggingIn::holding(gate.enter(LoginSource::Cgroup(79), 14).expect("room"));
         logging_in.end();
         drop(held);
         drop(other);
         assert!(gate.counts().is_empty());
-        assert!(gate.enter(agent).is_some());
+        assert!(gate.enter(agent, 0).is_some());
+    }
+
+    #[test]
+    fn every_loopback_address_is_one_source() {
+        let from = |peer: &str| LoginSource::address(peer.parse().unwrap());
+        assert_eq!(from("127.0.0.2"), from("127.0.0.1"));
+        assert_eq!(from("127.9.9.9"), from("::1"));
+        assert_eq!(from("::ffff:127.0.0.5"), from("127.0.0.1"));
+        assert_ne!(from("10.0.0.9"), from("127.0.0.1"));
+        assert_eq!(from("::ffff:10.0.0.9"), from("10.0.0.9"));
     }
 }

@@ -278,7 +278,12 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
         let shared = shared.clone();
         // Held for the connection's life.
         let slot = slots.clone().try_acquire_owned();
-        let permit = logins.enter(logins::LoginSource::of(&connection));
+        let permit = slot.as_ref().ok().and_then(|_| {
+            logins.enter(
+                logins::LoginSource::of(&connection),
+                slots.available_permits(),
+            )
+        });
         let per_source = logins.per_source();
         tokio::spawn(
             async move {
@@ -297,8 +302,10 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
                 let Some(permit) = permit else {
                     warn!(
                         per_source,
-                        "connection refused: its source has as many connections logging in as it may"
+                        "connection refused: slots are short, and its source has as many connections logging in as it may"
                     );
+                    // Its slot is for others while it is refused.
+                    drop(_slot);
                     return match connection.target.protocol {
                         Protocol::Postgres => {
                             postgres::refuse_over_limit(connection, stream, shared, Some(per_source))

@@ -69,9 +69,9 @@ pub const SQLSTATE_UPSTREAM: &str = "08006";
 /// [`PAST_LIMIT_AT_ONCE`] such connections are looked at together; the
 /// others are refused at once.
 ///
-/// With `logging_in_per_source`, the connection is past the number its
-/// source may have logging in at once (see `proxy::logins`), and is
-/// refused the same way, saying so.
+/// With `logging_in_per_source`, slots are short and the connection is
+/// past the number its source may then have logging in at once (see
+/// `proxy::logins`): it is refused the same way, saying so.
 pub async fn refuse_over_limit(
     connection: Connection,
     mut client: TcpStream,
@@ -95,7 +95,7 @@ pub async fn refuse_over_limit(
         ),
         Some(per_source) => (
             format!(
-                "this source already had {per_source} connections logging in to the target (a quarter of its max_connections, at least 16)"
+                "fewer than {per_source} of the target's slots were free, and this source already had that many connections logging in to the target (a quarter of its max_connections, at least 16)"
             ),
             "tollgate: too many connections logging in from this source; try again later",
         ),
