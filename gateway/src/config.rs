@@ -348,10 +348,7 @@ impl Config {
         let protected: HashSet<SocketAddr> =
             self.targets.iter().map(|t| normalise(t.address)).collect();
         // A configuration that passed `check` parses.
-        let egress = self.egress_policy().unwrap_or(crate::pin::EgressPolicy {
-            default_deny: false,
-            allow: Vec::new(),
-        });
+        let egress = self.egress_policy().unwrap_or_default();
         let reachable = |twin: SocketAddr| {
             !egress.default_deny || egress.allow.iter().any(|rule| rule.allows_tcp(twin))
         };

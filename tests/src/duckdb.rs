@@ -78,5 +78,5 @@ pub fn sql_blocks(markdown: &str) -> Vec<(u32, String)> {
 /// The queries of docs/queries.md (see [`sql_blocks`]).
 pub fn cookbook() -> Vec<(u32, String)> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/queries.md");
-    sql_blocks(&std::fs::read_to_string(path).unwrap_or_default())
+    sql_blocks(&std::fs::read_to_string(path).expect("read docs/queries.md"))
 }

@@ -936,9 +936,7 @@ fn every_query_in_the_duckdb_cookbook_answers_from_a_real_audit() {
         .as_u64()
         .unwrap_or(0);
 
-    let doc = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/queries.md"))
-        .expect("read docs/queries.md");
-    let blocks = tollgate_tests::duckdb::sql_blocks(&doc);
+    let blocks = tollgate_tests::duckdb::cookbook();
     let substitute = |sql: &str| {
         sql.replace(DOC_AUDIT_DIR, &dir)
             .replace(DOC_SESSION, &session_uid)

@@ -117,9 +117,10 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
     let for_every_tenant = DevKey::generate().expect("key");
     let for_other_tenant = DevKey::generate().expect("key");
     let blank_issuer = DevKey::generate().expect("key");
-    let with_issuer = |key: &DevKey, issuer: &str| {
+    let numbered_issuer = DevKey::generate().expect("key");
+    let with_issuer = |key: &DevKey, issuer: Value| {
         let mut jwk = key.jwk();
-        jwk["issuer"] = json!(issuer);
+        jwk["issuer"] = issuer;
         jwk
     };
     let mut jwks = ring.jwks();
@@ -127,13 +128,17 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
         keys.push(ec_jwk(&ec, "ec-1"));
         keys.push(with_issuer(
             &for_every_tenant,
-            "https://login.microsoftonline.com/{tenantid}/v2.0",
+            json!("https://login.microsoftonline.com/{tenantid}/v2.0"),
         ));
         keys.push(with_issuer(
             &for_other_tenant,
-            &format!("https://login.microsoftonline.com/{OTHER_TID}/v2.0"),
+            json!(format!(
+                "https://login.microsoftonline.com/{OTHER_TID}/v2.0"
+            )),
         ));
-        keys.push(with_issuer(&blank_issuer, " "));
+        keys.push(with_issuer(&blank_issuer, json!(" ")));
+        // An issuer that is not a string: the key is not used at all.
+        keys.push(with_issuer(&numbered_issuer, json!(5)));
     }
     std::fs::write(dir.join("jwks.json"), jwks.to_string()).expect("write jwks");
 
@@ -302,6 +307,12 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             name: "RS256 signed by an unknown key",
             config: "",
             token: rs256(&stranger, &header(&stranger.kid), &good),
+            code: "unknown_kid",
+        },
+        Case {
+            name: "a key whose issuer is not a string",
+            config: "",
+            token: rs256(&numbered_issuer, &header(&numbered_issuer.kid), &good),
             code: "unknown_kid",
         },
         Case {

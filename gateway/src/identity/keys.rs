@@ -474,8 +474,6 @@ pub fn parse_jwks(doc: &Value) -> Result<HashMap<String, Arc<KeyEntry>>, KeyLoad
     Ok(out)
 }
 
-/// Keys come over https; plain http only from loopback and only when the
-/// development IdP is explicitly enabled.
 /// Whether a URL's host (`u.host_str()`: an IPv6 address in brackets) is
 /// this host's loopback: a loopback address (IPv4-mapped too), or
 /// `localhost`.
@@ -495,6 +493,8 @@ pub(crate) fn bare_ip(host: &str) -> Option<IpAddr> {
         .map(|ip| ip.to_canonical())
 }
 
+/// Keys come over https; plain http only from loopback and only when the
+/// development IdP is explicitly enabled.
 pub fn check_url(url: &str, development_idp: bool) -> Result<(), String> {
     let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
     match u.scheme() {

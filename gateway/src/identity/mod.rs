@@ -941,9 +941,10 @@ impl Verifier {
         // tenant's v2 issuer, as Microsoft's own validator lets it.
         if let Some(key_issuer) = &entry.issuer {
             let expected = key_issuer.replace("{tenantid}", &tid);
-            let v2_of_this_tenant = format!("{}{tid}{}", s.issuer_v2.prefix, s.issuer_v2.suffix);
             let signs_for_it = iss.eq_ignore_ascii_case(&expected)
-                || (version == 1 && v2_of_this_tenant.eq_ignore_ascii_case(&expected));
+                || (version == 1
+                    && format!("{}{tid}{}", s.issuer_v2.prefix, s.issuer_v2.suffix)
+                        .eq_ignore_ascii_case(&expected));
             if !signs_for_it {
                 return Err(IdentityError::KeyIssuerMismatch {
                     iss: clip(iss),

@@ -764,6 +764,7 @@ fn the_identity_providers_ports_on_this_host_are_named_for_guarding() {
         ("http://[::ffff:127.0.0.1]:8954/keys", Some(8954)),
         ("http://0.0.0.0:8955/keys", Some(8955)),
         ("http://127.0.0.2/keys", Some(80)),
+        ("http://idp.localhost:8957/keys", Some(8957)),
         (
             "https://login.microsoftonline.com/common/discovery/v2.0/keys",
             None,
