@@ -292,22 +292,28 @@ pub fn ring_for(
     destination: &TargetKey,
     is_protected: impl Fn(&TargetKey) -> bool,
 ) -> EvidenceRing {
+    if program == counted_program::TCP_STATE && !is_protected(destination) {
+        EvidenceRing::General
+    } else {
+        own_ring(program)
+    }
+}
+
+/// The ring a program's events go to when not to the general one, which
+/// its [`reserved_counter`]s count: the protected targets' for the
+/// host-wide programs, the agents' for the agent-cgroup ones.
+pub const fn own_ring(program: u32) -> EvidenceRing {
     match program {
-        counted_program::TCP_STATE if is_protected(destination) => EvidenceRing::Targets,
-        counted_program::TCP_STATE => EvidenceRing::General,
-        counted_program::PACKET_EGRESS => EvidenceRing::Targets,
+        counted_program::TCP_STATE | counted_program::PACKET_EGRESS => EvidenceRing::Targets,
         _ => EvidenceRing::Agents,
     }
 }
 
-/// Does `program` write to the ring of protected targets' events (its
-/// [`reserved_counter`]s count [`map_names::EVIDENCE_RESERVED`]) rather
-/// than the agents' ring? A loss there may hide a bypass.
+/// Does `program` write to the ring of protected targets' events rather
+/// than the agents' ring (see [`own_ring`])? A loss there may hide a
+/// bypass.
 pub const fn reports_protected_targets(program: u32) -> bool {
-    matches!(
-        program,
-        counted_program::TCP_STATE | counted_program::PACKET_EGRESS
-    )
+    matches!(own_ring(program), EvidenceRing::Targets)
 }
 /// Size of the general evidence ring buffer in bytes (a power of two, a
 /// multiple of the page size): room for about 10,000 events in flight.

@@ -326,12 +326,13 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     let audit = AuditLog::open_locked(&config.audit, audit_lock)
         .await
         .context("audit store")?;
+    let replaced_targets = pinning.replaced_targets().to_vec();
     let evidence = match pinning.take_evidence() {
         Some(handles) => Some(
             Evidence::start(
                 &config.audit,
                 handles,
-                config_snapshot(&config, installing_since_ms)?,
+                config_snapshot(&config, installing_since_ms, replaced_targets)?,
                 std::time::Duration::from_secs(config.pin.loss_interval_secs),
             )
             .await
@@ -450,7 +451,13 @@ fn notify_systemd_ready() -> Result<()> {
 }
 
 /// What the evidence stream records about this configuration at start.
-fn config_snapshot(config: &Config, installing_since_ms: i64) -> Result<ConfigSnapshot> {
+/// `installing_since_ms` and `replaced_targets` come from the pinning of
+/// this start (see `ConfigSnapshot`).
+fn config_snapshot(
+    config: &Config,
+    installing_since_ms: i64,
+    replaced_targets: Vec<std::net::SocketAddr>,
+) -> Result<ConfigSnapshot> {
     use std::os::unix::fs::MetadataExt;
     let agent_cgroups = config
         .pin
@@ -483,8 +490,7 @@ fn config_snapshot(config: &Config, installing_since_ms: i64) -> Result<ConfigSn
         boot_id: evidence::boot_id(),
         booted_at_ms: evidence::booted_at_ms(),
         installing_since_ms: Some(installing_since_ms),
-        // Filled in from the pinning by the evidence stream.
-        replaced_targets: Vec::new(),
+        replaced_targets,
     })
 }
 

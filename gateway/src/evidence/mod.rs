@@ -577,12 +577,7 @@ impl Evidence {
             counters,
             tracing_programs,
             probe_was_pinned,
-            replaced_targets,
         } = handles;
-        let snapshot = ConfigSnapshot {
-            replaced_targets,
-            ..snapshot
-        };
         // Registered here, not in the reader task: a ring buffer that
         // cannot be polled stops the daemon at start, instead of leaving
         // it serving with no evidence recorded.
@@ -681,14 +676,7 @@ impl Rings {
         let reserved = drain(self.reserved.get_mut(), EvidenceRing::Targets, log, user).await;
         let agents = drain(self.agents.get_mut(), EvidenceRing::Agents, log, user).await;
         let general = drain(self.ring.get_mut(), EvidenceRing::General, log, user).await;
-        [reserved, agents, general]
-            .into_iter()
-            .max_by_key(|drained| match drained {
-                Drained::Done => 0,
-                Drained::More => 1,
-                Drained::WriteFailed => 2,
-            })
-            .unwrap_or(Drained::Done)
+        reserved.max(agents).max(general)
     }
 
     /// All three, until each is empty (or an event cannot be written), for at
@@ -718,8 +706,8 @@ impl Rings {
 /// The longest a stopping daemon drains the evidence rings.
 const STOP_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How a drain ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a drain ended, from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Drained {
     /// The ring buffer was empty.
     Done,

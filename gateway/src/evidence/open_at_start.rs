@@ -139,7 +139,7 @@ pub fn scan(targets: &HashMap<SocketAddr, String>) -> Scan {
                 Ok(text) => text,
                 Err(err) => {
                     if denied(&err) {
-                        unreadable.insert(*pid, comm_of(*pid));
+                        note_unreadable(&mut unreadable, *pid);
                     }
                     continue;
                 }
@@ -165,7 +165,7 @@ pub fn scan(targets: &HashMap<SocketAddr, String>) -> Scan {
         result.namespaces += usize::from(read_any);
     }
     if !result.connections.is_empty() {
-        unreadable.extend(attribute(&pids, &mut result.connections));
+        attribute(&pids, &mut result.connections, &mut unreadable);
     }
     // Half-closed without a holder: a killed process's, which can carry
     // nothing more.
@@ -203,14 +203,18 @@ fn one_task_per_network_namespace(
                         .entry(meta.ino())
                         .or_insert_with(|| (pid, path.display().to_string()));
                 }
-                Err(err) if denied(&err) => {
-                    unreadable.insert(pid, comm_of(pid));
-                }
+                Err(err) if denied(&err) => note_unreadable(&mut unreadable, pid),
                 Err(_) => {}
             }
         }
     }
     (namespaces, unreadable)
+}
+
+/// Names `pid` among the processes that could not be read, once (its
+/// threads and tables may each fail).
+fn note_unreadable(unreadable: &mut BTreeMap<u32, String>, pid: u32) {
+    unreadable.entry(pid).or_insert_with(|| comm_of(pid));
 }
 
 fn comm_of(pid: u32) -> String {
@@ -230,18 +234,17 @@ fn pids() -> Vec<u32> {
 }
 
 /// Fills in which process holds each socket (the first found holding
-/// it), its name and cgroup; the processes whose open files could not be
-/// read.
-fn attribute(pids: &[u32], found: &mut [OpenConnection]) -> BTreeMap<u32, String> {
+/// it), its name and cgroup; adds the processes whose open files could
+/// not be read to `unreadable`.
+fn attribute(pids: &[u32], found: &mut [OpenConnection], unreadable: &mut BTreeMap<u32, String>) {
     let wanted: HashSet<u64> = found.iter().map(|c| c.socket.inode).collect();
     let mut holders: HashMap<u64, u32> = HashMap::new();
-    let mut unreadable = BTreeMap::new();
     for &pid in pids {
         let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
             Ok(fds) => fds,
             Err(err) => {
                 if denied(&err) {
-                    unreadable.insert(pid, comm_of(pid));
+                    note_unreadable(unreadable, pid);
                 }
                 continue;
             }
@@ -271,7 +274,6 @@ fn attribute(pids: &[u32], found: &mut [OpenConnection]) -> BTreeMap<u32, String
             .as_deref()
             .and_then(|root| crate::pin::cgroup_id_of(root, &pid.to_string()));
     }
-    unreadable
 }
 
 /// The protected targets of `snapshot`, by address.

@@ -174,10 +174,6 @@ pub struct EvidenceHandles {
     /// pinned is an event. False on a first start in a boot, or after
     /// `tollgate unpin`: connections made before are not.
     pub probe_was_pinned: bool,
-    /// What the redirect map held before this start replaced it: the
-    /// targets in force until then (normally the last start's; those of a
-    /// start that installed its own and failed before recording them).
-    pub replaced_targets: Vec<SocketAddr>,
 }
 
 /// Name of the pinned link of the host-wide evidence probe.
@@ -189,6 +185,10 @@ pub struct Pinning {
     original_destinations: BpfHashMap<MapData, u64, OriginalDestination>,
     client_endpoints: BpfHashMap<MapData, ClientEndpointKey, u64>,
     evidence: Option<EvidenceHandles>,
+    /// What the redirect map held before this start replaced it: the
+    /// targets in force until then (normally the last start's; those of a
+    /// start that installed its own and failed before recording them).
+    replaced_targets: Vec<SocketAddr>,
 }
 
 /// Why a process in `cgroup` could be moved out of it by someone other
@@ -640,9 +640,14 @@ impl Pinning {
                     (program_names::PACKET_EGRESS.to_owned(), packet_fd),
                 ],
                 probe_was_pinned,
-                replaced_targets,
             }),
+            replaced_targets,
         })
+    }
+
+    /// See `replaced_targets` (recorded in the config record).
+    pub fn replaced_targets(&self) -> &[SocketAddr] {
+        &self.replaced_targets
     }
 
     /// Hands the evidence maps to their reader (once).
@@ -900,25 +905,25 @@ fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
 /// Makes `map` hold exactly `wanted`: entries no longer wanted first go
 /// (a target or listener removed from the configuration), then every
 /// wanted one is written, so a changed value is replaced in place.
+/// Returns the keys it held before.
 fn sync_map<K: aya::Pod + PartialEq + std::fmt::Debug, V: aya::Pod>(
     map: &mut BpfHashMap<MapData, K, V>,
     map_name: &str,
     wanted: &[(K, V)],
-) -> Result<()> {
-    let stale: Vec<K> = map
-        .keys()
-        .filter_map(|key| key.ok())
-        .filter(|key| !wanted.iter().any(|(k, _)| k == key))
-        .collect();
-    for key in stale {
-        map.remove(&key)
+) -> Result<Vec<K>> {
+    let before: Vec<K> = map.keys().filter_map(|key| key.ok()).collect();
+    for key in before
+        .iter()
+        .filter(|key| !wanted.iter().any(|(k, _)| k == *key))
+    {
+        map.remove(key)
             .with_context(|| format!("remove {key:?} from {map_name}"))?;
     }
     for (key, value) in wanted {
         map.insert(key, value, 0)
             .with_context(|| format!("add {key:?} to {map_name}"))?;
     }
-    Ok(())
+    Ok(before)
 }
 
 /// Makes the listener port map hold exactly `wanted`: a port no longer
@@ -943,19 +948,17 @@ fn sync_redirects(
         .iter()
         .map(|p| Ok((target_key(p.address), redirect_to(p.listener)?)))
         .collect::<Result<_>>()?;
-    let before = map
-        .keys()
-        .filter_map(|key| key.ok())
+    let before = sync_map(map, map_names::REDIRECTS, &wanted)?;
+    for p in protected {
+        info!(target = %p.address, listener = %p.listener, "protected destination redirected");
+    }
+    Ok(before
+        .into_iter()
         .filter_map(|key| {
             let port = u16::try_from(key.port).ok()?;
             Some(SocketAddr::new(ip_from_words(key.addr), port))
         })
-        .collect();
-    sync_map(map, map_names::REDIRECTS, &wanted)?;
-    for p in protected {
-        info!(target = %p.address, listener = %p.listener, "protected destination redirected");
-    }
-    Ok(before)
+        .collect())
 }
 
 /// Makes the address map hold exactly the protected targets' addresses
@@ -969,7 +972,7 @@ fn sync_protected_addresses(
         .map(|p| target_key(p.address).addr)
         .collect();
     let entries: Vec<([u32; 4], u32)> = addresses.into_iter().map(|a| (a, 1)).collect();
-    sync_map(map, map_names::PROTECTED_ADDRESSES, &entries)
+    sync_map(map, map_names::PROTECTED_ADDRESSES, &entries).map(drop)
 }
 
 /// The map key for a destination: IPv4 is stored IPv4-mapped.
