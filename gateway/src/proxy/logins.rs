@@ -100,7 +100,7 @@ impl LoginGate {
 }
 
 /// A connection counted as logging in; dropped when its login ends,
-/// whatever the outcome.
+/// whatever the outcome (see `Connection::logged_in`).
 #[derive(Debug)]
 pub struct LoginPermit {
     gate: Arc<LoginGate>,
@@ -116,27 +116,6 @@ impl Drop for LoginPermit {
                 counts.remove(&self.source);
             }
         }
-    }
-}
-
-/// The permit of a connection, shared by the copies of its
-/// [`Connection`], and let go of once the caller is authenticated (see
-/// [`Connection::logged_in`]) or the connection ends.
-#[derive(Debug, Clone, Default)]
-pub struct LoggingIn(Arc<Mutex<Option<LoginPermit>>>);
-
-impl LoggingIn {
-    pub fn holding(permit: LoginPermit) -> Self {
-        LoggingIn(Arc::new(Mutex::new(Some(permit))))
-    }
-
-    pub(super) fn end(&self) {
-        let permit = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        drop(permit);
     }
 }
 
@@ -160,8 +139,8 @@ mod tests {
         let other = gate.enter(LoginSource::Cgroup(78), 15);
         assert!(other.is_some());
         // A login that ends makes room, and the count goes when empty.
-        let logging_in = LoggingIn::holding(gate.enter(LoginSource::Cgroup(79), 14).expect("room"));
-        logging_in.end();
+        let logging_in = gate.enter(LoginSource::Cgroup(79), 14).expect("room");
+        drop(logging_in);
         drop(held);
         drop(other);
         assert!(gate.counts().is_empty());

@@ -227,7 +227,7 @@ impl std::fmt::Debug for Target {
 }
 
 /// One accepted client connection, before any protocol is spoken.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Connection {
     pub session_uid: String,
     pub target: Arc<Target>,
@@ -235,7 +235,7 @@ pub struct Connection {
     pub origin: Option<ClientOrigin>,
     /// Counted among its source's connections logging in until the
     /// caller is authenticated (see [`logins`]).
-    pub logging_in: logins::LoggingIn,
+    pub login: Option<logins::LoginPermit>,
 }
 
 /// Accepts connections for one target until the daemon stops; then the
@@ -269,7 +269,7 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
             target: target.clone(),
             peer,
             origin,
-            logging_in: logins::LoggingIn::default(),
+            login: None,
         };
         let span =
             tracing::info_span!("session", id = %connection.session_uid, target = %target.name);
@@ -313,7 +313,7 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
                         }
                     };
                 };
-                connection.logging_in = logins::LoggingIn::holding(permit);
+                connection.login = Some(permit);
                 let _ = stream.set_nodelay(true);
                 match connection.target.protocol {
                     Protocol::Postgres => {
@@ -329,8 +329,8 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener, shared: Arc<Share
 impl Connection {
     /// The caller is authenticated: the connection no longer counts among
     /// its source's connections logging in.
-    pub fn logged_in(&self) {
-        self.logging_in.end();
+    pub fn logged_in(&mut self) {
+        self.login = None;
     }
 
     /// A record with the where and who of this connection filled in.

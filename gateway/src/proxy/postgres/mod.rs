@@ -145,7 +145,7 @@ pub async fn serve_connection(connection: Connection, client: TcpStream, shared:
 }
 
 async fn serve(
-    connection: Connection,
+    mut connection: Connection,
     client: TcpStream,
     shared: Arc<Shared>,
     startup_timeout: Duration,

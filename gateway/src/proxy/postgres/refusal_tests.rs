@@ -128,7 +128,7 @@ async fn listen_with(
                 target: target.clone(),
                 peer,
                 origin: None,
-                logging_in: Default::default(),
+                login: None,
             };
             tokio::spawn(super::serve(
                 connection,

@@ -19,9 +19,18 @@ pub(super) struct Admitted {
 }
 
 impl Admitted {
-    pub(super) fn into_pending(self, kind: Kind) -> Pending {
+    /// Its place in the queue, with what its statement's judgement says
+    /// about its answers and its outcome.
+    pub(super) fn into_pending(self, kind: Kind, judged: &Judged) -> Pending {
         let mut pending = Pending::new(kind, Some(self.record));
         pending.durable = self.durable;
+        pending.reads_masked = judged.reads_masked;
+        pending.read_only = judged.read_only;
+        // Sent behind Executes not yet synced, a Query runs in their
+        // implicit transaction, and may commit or roll it back.
+        pending.may_change_transaction = judged.may_change_transaction;
+        pending.may_copy_in = judged.may_copy_in;
+        pending.may_copy_out = judged.may_copy_out;
         if self.record_full {
             pending.recording = Some(ResultRecording::default());
         }
@@ -257,6 +266,13 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
 /// masked as that one's would. Unparsed text is judged so already (see
 /// `InFlight::note_renames`). It matters only where masks apply: without
 /// them, the function could return those rows itself.
+pub(super) fn may_reopen_cursors(operations: &Result<Vec<Operation>, String>) -> bool {
+    may_reopen_cursors_when_planned(operations)
+        || operations
+            .as_ref()
+            .is_ok_and(|ops| ops.iter().any(|op| op.opaque_result))
+}
+
 /// [`may_reopen_cursors`] already when the server plans the statement, at
 /// its Bind: it calls a function of the database's own, which the server
 /// runs there when it is immutable with constant arguments. A FETCH, SQL
@@ -265,13 +281,6 @@ pub(super) fn may_reopen_cursors_when_planned(operations: &Result<Vec<Operation>
     operations
         .as_ref()
         .is_ok_and(|ops| ops.iter().any(|op| op.calls_unknown_functions))
-}
-
-pub(super) fn may_reopen_cursors(operations: &Result<Vec<Operation>, String>) -> bool {
-    operations.as_ref().is_ok_and(|ops| {
-        ops.iter()
-            .any(|op| op.calls_unknown_functions || op.opaque_result)
-    })
 }
 
 /// Whether the statement may start a COPY FROM STDIN (the server then

@@ -352,13 +352,7 @@ impl FromClient {
         let judged = judge(&self.session, &operations);
         match admit(&self.session, &text, &operations, &judged, String::new()).await {
             Ok(admitted) => {
-                let mut pending = admitted.into_pending(Kind::Query);
-                pending.reads_masked = judged.reads_masked;
-                // Sent behind Executes not yet synced, it runs in their
-                // implicit transaction, and may commit or roll it back.
-                pending.may_change_transaction = judged.may_change_transaction;
-                pending.may_copy_in = judged.may_copy_in;
-                pending.may_copy_out = judged.may_copy_out;
+                let pending = admitted.into_pending(Kind::Query, &judged);
                 let mut guard = lock(&self.in_flight);
                 if let Some(skipped) = guard.push(pending) {
                     drop(guard);
@@ -511,12 +505,7 @@ impl FromClient {
                 return Ok(());
             }
         };
-        let mut pending = admitted.into_pending(Kind::Execute);
-        pending.reads_masked = prepared.judged.reads_masked;
-        pending.read_only = prepared.judged.read_only;
-        pending.may_change_transaction = prepared.judged.may_change_transaction;
-        pending.may_copy_in = prepared.judged.may_copy_in;
-        pending.may_copy_out = prepared.judged.may_copy_out;
+        let pending = admitted.into_pending(Kind::Execute, &prepared.judged);
         let described = matches!(
             self.last_describe.take(),
             Some((b'P', described)) if described == portal

@@ -694,7 +694,9 @@ impl ImplicitTransaction {
     /// follows by an error.
     fn may_have_changed(&mut self, finished: &mut Finished) {
         self.unknown = true;
-        self.release(finished, Self::not_known());
+        if !self.held.is_empty() {
+            self.release(finished, Self::not_known());
+        }
     }
 
     fn not_known() -> Outcome {
@@ -911,26 +913,26 @@ impl InFlight {
             return;
         };
         let now = self.portal_generation;
-        // The confirmed one is what runs only if nothing in flight defines
-        // the name again (a Bind or Close of it not yet answered).
-        let redefined = self.queue.iter().any(|p| {
-            p.bind.as_ref().is_some_and(|(name, _)| name == executing)
-                || p.close
-                    .as_ref()
-                    .is_some_and(|(kind, name)| *kind == b'P' && name == executing)
-        });
+        // One pass: carry what may be walked past, and see whether the name
+        // is defined again in flight (a Bind or Close of it not yet
+        // answered), in which case the confirmed one is not what runs.
+        let mut redefined = false;
+        for pending in self.queue.iter_mut() {
+            let bound = pending.bind.as_ref().map(|(name, _)| name.as_str());
+            let closed = pending
+                .close
+                .as_ref()
+                .filter(|(kind, _)| *kind == b'P')
+                .map(|(_, name)| name.as_str());
+            redefined |= bound == Some(executing) || closed == Some(executing);
+            let binds_another = bound.is_some_and(|name| name != executing);
+            if pending.portal_generation == before && !binds_another {
+                pending.portal_generation = now;
+            }
+        }
         if let Some((generation, _)) = self.portals.map.get_mut(executing) {
             if *generation == before && !redefined {
                 *generation = now;
-            }
-        }
-        for pending in self.queue.iter_mut() {
-            let binds_another = pending
-                .bind
-                .as_ref()
-                .is_some_and(|(name, _)| name != executing);
-            if pending.portal_generation == before && !binds_another {
-                pending.portal_generation = now;
             }
         }
     }
@@ -1014,9 +1016,7 @@ pub async fn run(
     upstream: Upstream,
 ) -> Result<(), WireError> {
     let session = Arc::new(session);
-    let mut in_flight = InFlight {
-        ..InFlight::default()
-    };
+    let mut in_flight = InFlight::default();
     let share = session
         .shared
         .postgres_named

@@ -655,7 +655,7 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
         target: Arc::new(target),
         peer: "127.0.0.1:40000".parse().expect("addr"),
         origin: None,
-        logging_in: Default::default(),
+        login: None,
     };
     let principal = crate::identity::Principal::default();
     let statement_record = statement_record_base(
