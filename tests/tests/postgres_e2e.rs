@@ -232,7 +232,16 @@ fn a_flood_of_refused_logins_is_counted_into_summaries_and_every_refusal_is_acco
         .output()
         .expect("run psql");
     assert_eq!(stdout(&out), "42", "{}", stderr(&out));
-    // The last counts are written as the daemon stops.
+    // Summaries are written every 10 s while the daemon runs ...
+    stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' \
+             AND status_detail LIKE 'refusals_summarized:%'",
+            1,
+            Duration::from_secs(25),
+        )
+        .expect("a summary written while the daemon runs");
+    // ... and the last counts as it stops.
     stack.gateway.stop();
 
     let refusals = |condition: &str| {
