@@ -48,8 +48,8 @@ enum Source {
     /// The cgroup the kernel saw the connection come from.
     Cgroup(i64),
     /// The peer address, when the connection did not come through the
-    /// redirect.
-    Address(String),
+    /// redirect (shared with the record, not copied).
+    Address(crate::audit::SharedText),
     /// Any source past [`MAX_SOURCES`].
     Others,
 }
@@ -58,7 +58,7 @@ impl Source {
     fn of(record: &AuditRecord) -> Self {
         match record.actor_process_cgroup_id {
             Some(cgroup) => Source::Cgroup(cgroup),
-            None => Source::Address(record.src_endpoint_ip.to_string()),
+            None => Source::Address(record.src_endpoint_ip.clone()),
         }
     }
 
@@ -193,8 +193,7 @@ impl RefusalLimiter {
         let code = record
             .status_detail
             .split_once(':')
-            .map_or(record.status_detail.as_str(), |(code, _)| code)
-            .to_owned();
+            .map_or(record.status_detail.as_str(), |(code, _)| code);
         let counted = entry
             .counted
             .entry(record.class_uid)
@@ -206,7 +205,13 @@ impl RefusalLimiter {
             });
         counted.count += 1;
         counted.last_ms = counted.last_ms.max(record.time);
-        *counted.codes.entry(code).or_default() += 1;
+        // A code seen before is counted without allocating its name.
+        match counted.codes.get_mut(code) {
+            Some(n) => *n += 1,
+            None => {
+                counted.codes.insert(code.to_owned(), 1);
+            }
+        }
         false
     }
 
