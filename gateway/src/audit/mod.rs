@@ -353,6 +353,7 @@ impl Future for Durable {
 /// [`AuditLog::lock`] until the store it is opened with stops.
 pub struct AuditDirLock {
     file: std::fs::File,
+    perms: fsutil::Perms,
 }
 
 impl AuditLog {
@@ -360,7 +361,7 @@ impl AuditLog {
     /// WAL records not yet in a closed segment, continues the chain, and
     /// starts the background writer threads.
     pub async fn open(config: &AuditConfig) -> anyhow::Result<Self> {
-        Self::start(config, None).await
+        Self::open_locked(config, Self::lock(config)?).await
     }
 
     /// Takes the audit directory's lock alone, making its folders, so that
@@ -368,18 +369,14 @@ impl AuditLog {
     /// changes anything else (its pins): the store is then opened with
     /// [`AuditLog::open_locked`].
     pub fn lock(config: &AuditConfig) -> anyhow::Result<AuditDirLock> {
-        store::lock_directory(config).map(|file| AuditDirLock { file })
+        store::lock_directory(config).map(|(file, perms)| AuditDirLock { file, perms })
     }
 
     /// [`AuditLog::open`] on a directory whose lock is already held.
     pub async fn open_locked(config: &AuditConfig, lock: AuditDirLock) -> anyhow::Result<Self> {
-        Self::start(config, Some(lock)).await
-    }
-
-    async fn start(config: &AuditConfig, lock: Option<AuditDirLock>) -> anyhow::Result<Self> {
         let cfg = config.clone();
         let started =
-            tokio::task::spawn_blocking(move || store::start(&cfg, lock.map(|lock| lock.file)))
+            tokio::task::spawn_blocking(move || store::start(&cfg, lock.file, lock.perms))
                 .await??;
         Ok(AuditLog {
             tx: started.tx,

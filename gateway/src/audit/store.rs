@@ -179,24 +179,20 @@ pub(crate) fn now_ms() -> i64 {
 
 /// The audit directory's lock, taken on its own before the store starts
 /// (see [`super::AuditLog::lock`]): makes the directory's folders and
-/// holds `{dir}/.lock`.
-pub(crate) fn lock_directory(cfg: &AuditConfig) -> anyhow::Result<fs::File> {
+/// holds `{dir}/.lock`; with the permissions its files get (the auditor
+/// group looked up once).
+pub(crate) fn lock_directory(cfg: &AuditConfig) -> anyhow::Result<(fs::File, Perms)> {
     let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
     for d in ["", "wal", "records", "checkpoints"] {
         perms.ensure_dir(&cfg.dir.join(d))?;
     }
-    lock_dir(&cfg.dir, &perms)
+    Ok((lock_dir(&cfg.dir, &perms)?, perms))
 }
 
-/// Recovers the directory and starts both threads; `lock` is the
-/// directory's lock when the caller took it already.
-pub(crate) fn start(cfg: &AuditConfig, lock: Option<fs::File>) -> anyhow::Result<Started> {
-    let perms = Perms::for_group(cfg.auditor_group.as_deref())?;
+/// Recovers the directory and starts both threads, holding `lock`, the
+/// directory's lock (see [`lock_directory`]).
+pub(crate) fn start(cfg: &AuditConfig, lock: fs::File, perms: Perms) -> anyhow::Result<Started> {
     let dir = cfg.dir.clone();
-    let lock = match lock {
-        Some(lock) => lock,
-        None => lock_directory(cfg)?,
-    };
     let signer = Signer::load_or_generate(cfg, &perms)?;
     remove_tmp_files(&dir)?;
 
