@@ -285,6 +285,20 @@ pub fn targets_of(snapshot: &ConfigSnapshot) -> HashMap<SocketAddr, String> {
         .collect()
 }
 
+/// The `unmapped` of the scan's record, as written and as verify reads it
+/// (fields in the order the JSON object has always listed them).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ScanSummary {
+    pub connections: usize,
+    /// [`SCAN_KIND`].
+    pub kind: String,
+    pub namespaces: usize,
+    pub unreadable: usize,
+    /// The first [`MAX_NAMED_UNREADABLE`] of them by pid, `pid comm`.
+    pub unreadable_processes: Vec<String>,
+}
+
 /// The record of the scan: how many namespaces it read, how many
 /// connections it found, and how many processes it could not read.
 pub fn scan_record(scan: &Scan) -> AuditRecord {
@@ -296,20 +310,19 @@ pub fn scan_record(scan: &Scan) -> AuditRecord {
     record.actor_process_name = "tollgate".into();
     // The first of them by pid, named: enough to tell a host's init or
     // supervisor from an agent.
-    let named: Vec<String> = scan
-        .unreadable
-        .iter()
-        .take(MAX_NAMED_UNREADABLE)
-        .map(|(pid, comm)| format!("{pid} {comm}"))
-        .collect();
-    record.unmapped = json!({
-        "kind": SCAN_KIND,
-        "namespaces": scan.namespaces,
-        "connections": scan.connections.len(),
-        "unreadable": scan.unreadable.len(),
-        "unreadable_processes": named,
-    })
-    .to_string();
+    let summary = ScanSummary {
+        connections: scan.connections.len(),
+        kind: SCAN_KIND.into(),
+        namespaces: scan.namespaces,
+        unreadable: scan.unreadable.len(),
+        unreadable_processes: scan
+            .unreadable
+            .iter()
+            .take(MAX_NAMED_UNREADABLE)
+            .map(|(pid, comm)| format!("{pid} {comm}"))
+            .collect(),
+    };
+    record.unmapped = serde_json::to_string(&summary).unwrap_or_default();
     record
 }
 

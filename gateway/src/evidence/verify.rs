@@ -950,14 +950,11 @@ pub fn reconcile(
             (phase::EVIDENCE, super::open_at_start::SCAN_KIND) => {
                 // Like the window before a boot's first start: what the
                 // scan could not see is said, not judged.
-                let scan: serde_json::Value =
+                let scan: super::open_at_start::ScanSummary =
                     serde_json::from_str(&row.unmapped).unwrap_or_default();
-                let unreadable = scan["unreadable"].as_u64().unwrap_or(0);
+                let unreadable = scan.unreadable;
                 if unreadable > 0 {
-                    let named: Vec<&str> = scan["unreadable_processes"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-                        .unwrap_or_default();
+                    let named = &scan.unreadable_processes;
                     report.open_at_start_unread.push(format!(
                         "the connections open at the start at {} could not be listed for {unreadable} \
                          process(es) ({}): one they held, opened before tollgate watched, would not \
