@@ -548,10 +548,8 @@ impl Pinning {
             .context("load the evidence probe (tp_btf/inet_sock_set_state)")?;
         let link_id = probe.attach().context("attach the evidence probe")?;
         let link: FdLink = probe.take_link(link_id)?.into();
-        let probe_was_pinned = links_dir
-            .join(format!("{}-{HOST_LINK_SUFFIX}", program_names::TCP_STATE))
-            .exists();
-        replace_pin(link, &links_dir, program_names::TCP_STATE, HOST_LINK_SUFFIX)?;
+        let probe_was_pinned =
+            replace_pin(link, &links_dir, program_names::TCP_STATE, HOST_LINK_SUFFIX)?;
         let probe_fd = probe
             .fd()?
             .as_fd()
@@ -798,9 +796,12 @@ impl StagedPin {
 
     /// Renames the staged pin into place: atomically replaces the link a
     /// previous daemon pinned there, whose program is then detached.
-    fn commit(self) -> Result<()> {
+    /// Whether there was one.
+    fn commit(self) -> Result<bool> {
+        let replaced = self.path.exists();
         fs::rename(&self.staging, &self.path)
-            .with_context(|| format!("replace pinned link {}", self.path.display()))
+            .with_context(|| format!("replace pinned link {}", self.path.display()))?;
+        Ok(replaced)
     }
 
     /// Removes the staged pin; its link, held by nothing else, is detached.
@@ -813,8 +814,8 @@ impl StagedPin {
 
 /// Pins `link` as `<program>-<where>` (a cgroup id, or `host`), atomically
 /// replacing the link a previous daemon pinned there (whose program is then
-/// detached).
-fn replace_pin(link: FdLink, links_dir: &Path, program: &str, place: &str) -> Result<()> {
+/// detached); whether there was one.
+fn replace_pin(link: FdLink, links_dir: &Path, program: &str, place: &str) -> Result<bool> {
     StagedPin::stage(link, links_dir, program, place)?.commit()
 }
 
