@@ -16,6 +16,7 @@
 //! `audit_bench DIR sustained` streams a million records through the
 //! store confined to CPU 0 (records built on CPU 1, at most 4 096
 //! unacknowledged), in turn with only its background threads moved to
+//! CPU 1 and with the submitter (which encodes, as sessions do) moved to
 //! CPU 1; `DUMP_FRAME=1 audit_bench DIR` prints one record's canonical
 //! encoding and exits.
 
@@ -284,6 +285,16 @@ struct Batched {
 }
 
 impl Sustained {
+    /// CPU per record of the threads the store starts, without the
+    /// submitting thread's share (the encoding a session does).
+    fn own_threads_per_record(&self) -> Duration {
+        self.cpu_per_record
+            .iter()
+            .filter(|(name, _)| STORE_THREADS.contains(&name.as_str()))
+            .map(|(_, d)| *d)
+            .sum()
+    }
+
     /// The store's CPU time over the run's wall time: at most 1 when all
     /// of it is on CPU 0, if the kernel's accounting is to be trusted.
     fn cores(&self) -> f64 {
@@ -418,6 +429,7 @@ const RECORD_MAKER: &str = "record-maker";
 /// Records a caller keeps submitted but not yet acknowledged in a
 /// sustained run (it awaits the oldest before it submits one more): callers that never wait would grow without bound, as
 /// no daemon's sessions do (each has a few statements in flight).
+/// `AUDIT_BENCH_IN_FLIGHT=N` sets it, for experiments.
 const SUSTAINED_IN_FLIGHT: usize = 4096;
 
 /// What one sustained run measured.
@@ -435,6 +447,42 @@ struct Sustained {
     placement: Vec<String>,
 }
 
+/// Where a sustained run puts the store's work. The record maker is on
+/// CPU 1 in all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Everything the store does on CPU 0: the submitting thread, which
+    /// encodes and half-hashes each record, and the store's own threads.
+    WholeStore,
+    /// The store's two background threads (the segment thread, which
+    /// writes Parquet, and the WAL file preparer, which zero-fills spare
+    /// files) on CPU 1: the path every record waits on (submit, chain,
+    /// write, sync) keeps CPU 0 to itself, as on a host with a core to
+    /// spare.
+    BackgroundBeside,
+    /// The submitting thread on CPU 1 beside the record maker, the store's
+    /// own threads (WAL writer, segment thread, WAL file preparer) on CPU
+    /// 0. In the daemon each session encodes and half-hashes its records
+    /// on the core it runs on, as part of submitting them; this is what
+    /// the store's own threads sustain on one core when that work is
+    /// spread over the sessions' cores.
+    SessionsBeside,
+}
+
+impl Placement {
+    fn describe(self) -> &'static str {
+        match self {
+            Placement::WholeStore => "the store on CPU 0",
+            Placement::BackgroundBeside => {
+                "the store on CPU 0, its segment thread and WAL file preparer on CPU 1"
+            }
+            Placement::SessionsBeside => {
+                "the store's own threads on CPU 0, the submitter (encoding, as sessions do) on CPU 1"
+            }
+        }
+    }
+}
+
 /// `n` records into the store, the store confined to CPU 0: this thread
 /// (which submits, and so encodes and half-hashes each record, as a
 /// session does) and every thread the store starts. The records are built
@@ -443,12 +491,9 @@ struct Sustained {
 /// Unlike the batched run, memory is recycled as it is in the daemon:
 /// several segments' worth pass through, each freed once written.
 ///
-/// With `background_beside`, the store's two background threads (the
-/// segment thread, which writes Parquet, and the WAL file preparer, which
-/// zero-fills spare files) are moved to CPU 1: the path every record waits
-/// on (submit, chain, write, sync) keeps CPU 0 to itself, as on a host
-/// with a core to spare.
-async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> Sustained {
+/// `placement` says which of the store's threads share CPU 0 (see
+/// [`Placement`]).
+async fn sustained(dir: &std::path::Path, n: usize, placement: Placement) -> Sustained {
     const CHUNK: usize = 1024;
     let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<Vec<AuditRecord>>(16);
     let maker = std::thread::Builder::new()
@@ -466,7 +511,14 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
             i
         })
         .expect("spawn the record maker");
-    assert!(pin_to_cpu(0), "pin the submitting thread to CPU 0");
+    let submitter_cpu = match placement {
+        Placement::SessionsBeside => 1,
+        Placement::WholeStore | Placement::BackgroundBeside => 0,
+    };
+    assert!(
+        pin_to_cpu(submitter_cpu),
+        "pin the submitting thread to CPU {submitter_cpu}"
+    );
     let mut cfg = AuditConfig::new(dir.join("sustained"));
     // For experiments: smaller segments are written while their records
     // are still in the CPU's caches.
@@ -483,8 +535,8 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
     // started by a thread of tokio's blocking pool, which is not always
     // one made after this thread was pinned.
     for name in STORE_THREADS {
-        let cpu = match (background_beside, name) {
-            (true, "audit-segments" | "audit-wal-prep") => 1,
+        let cpu = match (placement, name) {
+            (Placement::BackgroundBeside, "audit-segments" | "audit-wal-prep") => 1,
             _ => 0,
         };
         assert!(
@@ -501,11 +553,15 @@ async fn sustained(dir: &std::path::Path, n: usize, background_beside: bool) -> 
         on_cpu_1.join().expect("start the CPU sampler")
     };
     let start = Instant::now();
+    let limit = std::env::var("AUDIT_BENCH_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SUSTAINED_IN_FLIGHT);
     let mut in_flight: std::collections::VecDeque<tollgate::audit::Durable> =
-        std::collections::VecDeque::with_capacity(SUSTAINED_IN_FLIGHT);
+        std::collections::VecDeque::with_capacity(limit);
     while let Ok(chunk) = chunks_rx.recv() {
         for r in chunk {
-            if in_flight.len() == SUSTAINED_IN_FLIGHT {
+            if in_flight.len() >= limit {
                 if let Some(oldest) = in_flight.pop_front() {
                     oldest.await.expect("durable");
                 }
@@ -710,17 +766,17 @@ async fn main() {
     // `audit_bench DIR buffered`: the same in `buffered` durability.
     let only = std::env::args().nth(2);
     if only.as_deref() == Some("sustained") {
-        for background_beside in [false, true, false, true] {
-            let s = sustained(&dir, 1_000_000, background_beside).await;
-            let placement = match background_beside {
-                false => "the store on CPU 0",
-                true => "the store on CPU 0, its segment thread and WAL file preparer on CPU 1",
-            };
+        use Placement::*;
+        for placement in [WholeStore, BackgroundBeside, SessionsBeside].repeat(2) {
+            let s = sustained(&dir, 1_000_000, placement).await;
             println!(
-                "sustained, {placement}: {:.0} records/s until the last segment is written; store CPU {}, {:.2} cores' worth; the record maker on CPU 1 {:.2}",
+                "sustained, {}: {:.0} records/s until the last segment is written; store CPU {}, {:.2} cores' worth; the store's own threads {:.2} µs per record, {:.2} cores' worth; the record maker on CPU 1 {:.2}",
+                placement.describe(),
                 s.rate,
                 cpu_breakdown(&s.cpu_per_record),
                 s.cores(),
+                s.own_threads_per_record().as_secs_f64() * 1e6,
+                s.own_threads_per_record().as_secs_f64() * s.rate,
                 s.maker_per_record.as_secs_f64() * 1e6
             );
             println!(
