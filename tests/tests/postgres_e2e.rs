@@ -818,3 +818,56 @@ fn one_source_stalling_logins_cannot_take_every_connection_slot() {
         )
         .expect("the refusal on record");
 }
+
+/// A connection stops counting among its source's logins once its caller
+/// is authenticated: an agent whose pool holds more sessions than a
+/// source may have logging in, on a target short of slots, still logs one
+/// more in. (Were logged-in sessions still counted, the 49th login below,
+/// with 15 of 64 slots free and 48 counted against a bound of 16, would be
+/// refused as too many logging in from this source.)
+#[test]
+fn sessions_that_have_logged_in_do_not_count_against_the_source_login_bound() {
+    if !privileged("sessions_that_have_logged_in_do_not_count_against_the_source_login_bound") {
+        return;
+    }
+    let stack = tollgate_tests::Stack::start_with(
+        tollgate_tests::Postgres::start().expect("PostgreSQL"),
+        |config| config.target_extra = "max_connections = 64".into(),
+    )
+    .expect("start PostgreSQL, IdP and tollgate");
+    let token = stack.idp.token(AGENT_OID, &[]).expect("mint a token");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_hold_sessions.py");
+    let mut pool = AgentCgroup::command(
+        &stack.gateway.config.agent_cgroup,
+        &tollgate_tests::duckdb::python(),
+    )
+    .arg(&script)
+    .args([
+        "127.0.0.1",
+        &stack.postgres.port.to_string(),
+        "agent",
+        "orders",
+        "48",
+        "30",
+    ])
+    .env("PGPASSWORD", &token)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("start pg_hold_sessions.py");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(pool.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("its answer");
+    let _ = pool.kill();
+    let _ = pool.wait();
+    let answer: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unreadable": line}));
+    assert_eq!(answer["held"], 48, "the pool's 48 sessions: {answer}");
+    assert_eq!(answer["next"]["ok"], true, "the 49th login: {answer}");
+    assert_eq!(answer["next"]["value"], 42, "{answer}");
+}
