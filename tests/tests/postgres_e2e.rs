@@ -17,6 +17,18 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_owned()
 }
 
+/// The first line a helper script prints on its piped stdout, as JSON
+/// (or `{"unreadable": line}`, so a failed assertion shows what came).
+fn first_json_line(child: &mut std::process::Child) -> serde_json::Value {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("its answer");
+    serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unreadable": line}))
+}
+
 #[test]
 fn an_agent_query_is_served_by_tollgate_and_audited_with_its_identity() {
     if !privileged("an_agent_query_is_served_by_tollgate_and_audited_with_its_identity") {
@@ -763,14 +775,7 @@ fn one_source_stalling_logins_cannot_take_every_connection_slot() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .expect("start pg_stall_logins.py");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("its answer");
-    let answer: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unreadable": line}));
+    let answer = first_json_line(&mut holder);
     assert_eq!(answer["held"], 48, "{answer}");
     assert_eq!(answer["held_told"], 0, "the 48 were let in: {answer}");
     assert_eq!(answer["next"]["sqlstate"], "53300", "{answer}");
@@ -857,16 +862,9 @@ fn sessions_that_have_logged_in_do_not_count_against_the_source_login_bound() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .expect("start pg_hold_sessions.py");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(pool.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("its answer");
+    let answer = first_json_line(&mut pool);
     let _ = pool.kill();
     let _ = pool.wait();
-    let answer: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unreadable": line}));
     assert_eq!(answer["held"], 48, "the pool's 48 sessions: {answer}");
     assert_eq!(answer["next"]["ok"], true, "the 49th login: {answer}");
     assert_eq!(answer["next"]["value"], 42, "{answer}");
