@@ -91,13 +91,7 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .try_init();
-            let opts = verify::Options {
-                max_checkpoint_age_ms: max_checkpoint_age_secs
-                    .map(|s| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000)),
-                now_ms: store::now_ms(),
-            };
-            let r = verify::verify_dir(&dir, &public_key, &opts)?;
-            print!("{}", verify::summary(&r));
+            let r = verify_and_summarise(&dir, &public_key, max_checkpoint_age_secs)?;
             if let Some(out) = report {
                 let json = serde_json::to_vec_pretty(&r)?;
                 std::fs::write(&out, json)
@@ -110,6 +104,24 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
             })
         }
     }
+}
+
+/// Verifies an audit directory (see [`verify::verify_dir`]) and prints
+/// its summary to stdout, as `tollgate audit verify` does; the report is
+/// returned to the caller, never read back from a file.
+pub fn verify_and_summarise(
+    dir: &std::path::Path,
+    public_key: &std::path::Path,
+    max_checkpoint_age_secs: Option<u64>,
+) -> anyhow::Result<verify::Report> {
+    let opts = verify::Options {
+        max_checkpoint_age_ms: max_checkpoint_age_secs
+            .map(|s| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000)),
+        now_ms: store::now_ms(),
+    };
+    let r = verify::verify_dir(dir, public_key, &opts)?;
+    print!("{}", verify::summary(&r));
+    Ok(r)
 }
 
 /// What `tollgate check-config` checks of `[audit]` without touching the

@@ -508,57 +508,31 @@ pub struct Report {
 
 /// The integrity verification of one stream (hash chain, segment hashes,
 /// Merkle roots, signed checkpoints, WAL): the audit module's own
-/// `tollgate audit verify`, which prints its summary; its JSON report is
-/// read back for the verdict.
+/// `tollgate audit verify`, which prints its summary. Run in this process
+/// and its report taken as returned: a report file in a shared temp
+/// directory could be replaced between its writing and its reading.
 pub mod integrity {
-    use std::{
-        path::Path,
-        sync::atomic::{AtomicU32, Ordering},
-    };
+    use std::path::Path;
 
     use super::Integrity;
-    use crate::audit::{run_command, AuditCommand};
+    use crate::audit::verify_and_summarise;
 
     pub fn verify_stream(
         dir: &Path,
         public_key: &Path,
         max_checkpoint_age_secs: Option<u64>,
     ) -> Integrity {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let report = std::env::temp_dir().join(format!(
-            "tollgate-integrity-{}-{}.json",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let ran = run_command(AuditCommand::Verify {
-            dir: dir.to_path_buf(),
-            public_key: public_key.to_path_buf(),
-            report: Some(report.clone()),
-            max_checkpoint_age_secs,
-        });
-        let parsed = std::fs::read(&report)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
-        let _ = std::fs::remove_file(&report);
-        let (ok, detail) = match (ran, parsed) {
-            (Err(err), _) => (false, format!("{err:#}")),
-            (Ok(_), None) => (false, "the audit verification wrote no report".to_owned()),
-            (Ok(_), Some(r)) => {
-                let ok = r["ok"].as_bool().unwrap_or(false);
-                let problems = r["problems"].as_array().map_or(0, Vec::len);
-                let records = r["records"].as_u64().unwrap_or(0);
-                if ok {
-                    (true, format!("{records} records"))
-                } else {
-                    (
-                        false,
-                        format!(
-                            "{problems} problems (`tollgate audit verify {}`)",
-                            dir.display()
-                        ),
-                    )
-                }
-            }
+        let (ok, detail) = match verify_and_summarise(dir, public_key, max_checkpoint_age_secs) {
+            Err(err) => (false, format!("{err:#}")),
+            Ok(r) if r.ok => (true, format!("{} records", r.records)),
+            Ok(r) => (
+                false,
+                format!(
+                    "{} problems (`tollgate audit verify {}`)",
+                    r.problems.len(),
+                    dir.display()
+                ),
+            ),
         };
         Integrity {
             checked: true,
