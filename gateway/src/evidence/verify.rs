@@ -984,11 +984,14 @@ pub fn reconcile(
             .map(|r| r.sequence)
             .min()
     });
-    let last_in_window = evidence
-        .iter()
-        .filter(|r| r.phase == phase::LOSS_COUNTERS && in_window(r.time))
-        .map(|r| r.sequence)
-        .max();
+    let loss_records_in_window = || {
+        evidence
+            .iter()
+            .filter(|r| r.phase == phase::LOSS_COUNTERS && in_window(r.time))
+            .map(|r| r.sequence)
+    };
+    let first_in_window = loss_records_in_window().min();
+    let last_in_window = loss_records_in_window().max();
     let widened_by_a_later_run = matches!(
         (last_in_window, next_run),
         (Some(last), Some(next)) if last > next
@@ -1038,7 +1041,24 @@ pub fn reconcile(
                 row.sequence
             ));
         }
-        let past_end = dated_past_end && !before_last_in_window;
+        // A clock stepped back inside the window dates the records after
+        // the step before its start. Written after a record dated inside
+        // it, such a record is in the window in the stream's order: judged,
+        // and, after the last one dated inside, the record that judges the
+        // window's end. Left out, it would only become the baseline of the
+        // next, and a loss in its interval would vanish.
+        let dated_before_start = opts.from_ms.is_some_and(|from| row.time < from);
+        let after_first_in_window = first_in_window.is_some_and(|first| row.sequence > first);
+        let stepped_back_before_start = dated_before_start && after_first_in_window;
+        if stepped_back_before_start {
+            problems.push(format!(
+                "evidence record {} is dated before the window's start but was written after \
+                 records dated inside it: the clock stepped back; the window is judged in the \
+                 stream's order",
+                row.sequence
+            ));
+        }
+        let past_end = (dated_past_end || stepped_back_before_start) && !before_last_in_window;
         let baseline = previous.take().map(|mut p| {
             if new_daemon {
                 p.user_space = UserSpaceCounters::default();
@@ -1057,7 +1077,7 @@ pub fn reconcile(
         if !past_end {
             interval_ms = Some(cumulative.interval_ms);
         }
-        if in_window(row.time) || past_end || stepped_back {
+        if in_window(row.time) || past_end || stepped_back || stepped_back_before_start {
             if delta.reserved_lost() > 0 {
                 report
                     .reserved_losses
@@ -2101,6 +2121,48 @@ mod tests {
             "{}",
             summary(&r)
         );
+    }
+
+    /// A clock stepped back inside the window dates the records after the
+    /// step before its start: a loss in such a record's interval is judged
+    /// with the window, whether records dated inside it follow or not.
+    #[test]
+    fn a_record_dated_before_the_window_but_written_inside_it_is_judged() {
+        let window = window(Some(T), Some(T + 3_600_000));
+        // Records dated inside the window follow the stepped-back one.
+        let between = vec![
+            start_at(1, T, "boot-1", None),
+            counters_at(2, T + 5_000, 0, 0, 0),
+            counters_at(3, T - 60_000, 2, 0, 0),
+            counters_at(4, T + 20_000, 2, 0, 0),
+        ];
+        // None follows it: it is the record that judges the window's end.
+        let at_the_end = vec![
+            start_at(1, T, "boot-1", None),
+            counters_at(2, T + 5_000, 0, 0, 0),
+            counters_at(3, T - 60_000, 2, 0, 0),
+            counters_at(4, T + 7_200_000, 2, 0, 0),
+        ];
+        for evidence in [between, at_the_end] {
+            let r = reconciled_in(&evidence, &window);
+            assert!(!r.ok, "{}", summary(&r));
+            assert_eq!(reserved_losses_judged(&r), [(3, 2)], "{}", summary(&r));
+            assert!(
+                summary(&r).contains("dated before the window's start"),
+                "{}",
+                summary(&r)
+            );
+        }
+        // Records dated before the window and written before it are its
+        // baseline, as ever: no problem, no loss.
+        let before = vec![
+            start_at(1, T - 120_000, "boot-1", None),
+            counters_at(2, T - 60_000, 2, 0, 0),
+            counters_at(3, T + 5_000, 2, 0, 0),
+            counters_at(4, T + 7_200_000, 2, 0, 0),
+        ];
+        let r = reconciled_in(&before, &window);
+        assert!(r.ok, "{}", summary(&r));
     }
 
     /// A later run dated inside the window (a boot whose clock started far
