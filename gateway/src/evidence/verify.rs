@@ -93,6 +93,67 @@ fn col<'a, T: 'static>(
 
 /// Reads the reconciliation columns of every closed segment of a stream.
 pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
+    read_rows_noting(dir, &mut Vec::new())
+}
+
+/// What identifies the bytes of a file as read: a file replaced after
+/// its reading (renamed over, or rewritten in place) has another inode or
+/// a later change time, and no user sets a change time back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(meta: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// The segment files read, each with what identified it as it was read.
+type ReadFiles = Vec<(std::path::PathBuf, FileIdentity)>;
+
+/// The segments of `read` that are no longer the files that were read:
+/// replaced, changed or gone. Segments are never changed once written; a
+/// segment that is another file now than when its rows were read may have
+/// been swapped for the integrity checks, which read the directory again
+/// by name, so they vouched for other bytes than the reconciliation used.
+fn changed_since_read(read: &ReadFiles) -> Vec<String> {
+    read.iter()
+        .filter_map(|(path, then)| {
+            let now = fs::symlink_metadata(path).map(|m| FileIdentity::of(&m));
+            match now {
+                Ok(now) if now == *then => None,
+                Ok(_) => Some(format!(
+                    "{}: the segment was replaced or changed while verify ran, after its rows \
+                     were read: the integrity checks may not have read the bytes the \
+                     reconciliation did; verify again, or verify a copy of the directory",
+                    path.display()
+                )),
+                Err(err) => Some(format!(
+                    "{}: the segment went while verify ran, after its rows were read ({err}): \
+                     the integrity checks did not read the bytes the reconciliation did; verify \
+                     again, or verify a copy of the directory",
+                    path.display()
+                )),
+            }
+        })
+        .collect()
+}
+
+/// [`read_rows`], noting each segment file read in `read`.
+fn read_rows_noting(dir: &Path, read: &mut ReadFiles) -> Result<Vec<Row>, VerifyError> {
     // The WAL is read before the segments are listed: a running daemon
     // deletes WAL files only once their records are in a manifested
     // segment, so a record moved meanwhile is found in one or the other
@@ -101,13 +162,22 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Row>, VerifyError> {
     let from_wal = wal_records_of(dir).map_err(|e| file_err(&wal_dir, e))?;
     let mut rows = Vec::new();
     for path in segment_files(dir)? {
-        let read = crate::audit::decoding(|| read_file_rows(&path)).unwrap_or_else(|panic| {
-            Err(file_err(
-                &path,
-                format!("the Parquet decoder failed on this file: {panic}"),
-            ))
-        });
-        rows.extend(read?);
+        let file = fs::File::open(&path).map_err(|e| file_err(&path, e))?;
+        // The identity of the open file: the bytes read are its bytes,
+        // whatever the name points to later.
+        let identity = file
+            .metadata()
+            .map(|m| FileIdentity::of(&m))
+            .map_err(|e| file_err(&path, e))?;
+        let decoded =
+            crate::audit::decoding(|| read_file_rows(&path, file)).unwrap_or_else(|panic| {
+                Err(file_err(
+                    &path,
+                    format!("the Parquet decoder failed on this file: {panic}"),
+                ))
+            });
+        rows.extend(decoded?);
+        read.push((path, identity));
     }
     // The records not yet in a segment: the last seconds of a running
     // daemon's, and after a kill (or a host that went down) everything
@@ -156,10 +226,9 @@ fn wal_records_of(dir: &Path) -> std::io::Result<Vec<crate::audit::AuditRecord>>
     }
 }
 
-/// The rows of one segment file.
-fn read_file_rows(path: &Path) -> Result<Vec<Row>, VerifyError> {
+/// The rows of one segment file, read from `file`, opened at `path`.
+fn read_file_rows(path: &Path, file: fs::File) -> Result<Vec<Row>, VerifyError> {
     let mut rows = Vec::new();
-    let file = fs::File::open(path).map_err(|e| file_err(path, e))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| file_err(path, e))?;
@@ -629,8 +698,9 @@ fn kind(row: &Row) -> String {
 
 /// Reconciles the streams of `dir`.
 pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, VerifyError> {
-    let evidence = read_rows(&evidence_dir(dir))?;
-    let audit = read_rows(dir)?;
+    let mut read = ReadFiles::new();
+    let evidence = read_rows_noting(&evidence_dir(dir), &mut read)?;
+    let audit = read_rows_noting(dir, &mut read)?;
     let check = |stream: &Path| {
         if opts.require_integrity {
             integrity::verify_stream(stream, public_key, opts.max_checkpoint_age_secs)
@@ -642,14 +712,23 @@ pub fn verify(dir: &Path, public_key: &Path, opts: &Options) -> Result<Report, V
             }
         }
     };
-    Ok(reconcile(
+    let (audit_integrity, evidence_integrity) = (check(dir), check(&evidence_dir(dir)));
+    let mut report = reconcile(
         dir,
         &audit,
         &evidence,
-        check(dir),
-        check(&evidence_dir(dir)),
+        audit_integrity,
+        evidence_integrity,
         opts,
-    ))
+    );
+    // Only once the integrity checks are done: a segment swapped for them
+    // and back would otherwise go unseen.
+    let changed = changed_since_read(&read);
+    if !changed.is_empty() {
+        report.ok = false;
+        report.problems.extend(changed);
+    }
+    Ok(report)
 }
 
 /// How far apart the kernel's record of a gateway connection and the audit
@@ -2120,6 +2199,54 @@ mod tests {
             summary(&r).contains("the clock stepped back"),
             "{}",
             summary(&r)
+        );
+    }
+
+    /// A segment read for the reconciliation and then replaced, changed or
+    /// removed (so that the integrity checks, which read by name later,
+    /// saw other bytes) is reported; one left alone is not.
+    #[test]
+    fn a_segment_that_is_another_file_after_its_reading_is_reported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = |name: &str| dir.path().join(name);
+        for name in [
+            "kept.parquet",
+            "swapped.parquet",
+            "rewritten.parquet",
+            "gone.parquet",
+        ] {
+            fs::write(path(name), b"segment bytes").expect("write");
+        }
+        let read: ReadFiles = [
+            "kept.parquet",
+            "swapped.parquet",
+            "rewritten.parquet",
+            "gone.parquet",
+        ]
+        .iter()
+        .map(|name| {
+            let meta = fs::metadata(path(name)).expect("stat");
+            (path(name), FileIdentity::of(&meta))
+        })
+        .collect();
+        // Renamed over: another inode, the same bytes.
+        fs::write(path("forged"), b"segment bytes").expect("write");
+        fs::rename(path("forged"), path("swapped.parquet")).expect("rename");
+        // Rewritten in place: the same inode, a later change time.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(path("rewritten.parquet"), b"segment bytes").expect("rewrite");
+        fs::remove_file(path("gone.parquet")).expect("remove");
+        let changed = changed_since_read(&read);
+        assert_eq!(changed.len(), 3, "{changed:#?}");
+        for name in ["swapped.parquet", "rewritten.parquet", "gone.parquet"] {
+            assert!(
+                changed.iter().any(|c| c.contains(name)),
+                "{name}: {changed:#?}"
+            );
+        }
+        assert!(
+            !changed.iter().any(|c| c.contains("kept.parquet")),
+            "{changed:#?}"
         );
     }
 
