@@ -4,7 +4,11 @@ what the client received up to the end of the connection.
 
 usage: pg_malformed.py HOST PORT TOKEN KIND
 KIND: not-utf8 (a Query whose text is not UTF-8), cut-parse (a Parse cut
-short: its text has no terminator), unknown (a message type protocol 3.0 lacks)
+short: its text has no terminator), unknown (a message type protocol 3.0 lacks),
+flush-with-body and sync-with-body (a Flush or Sync with a byte in its body,
+which has none; the server would answer such a Flush with an error and skip
+to the next Sync), sync-in-copy (a Sync sent in the middle of COPY FROM
+STDIN, once the server has started the copy)
 """
 import json
 import sys
@@ -15,13 +19,23 @@ MALFORMED = {
     "not-utf8": msg(b"Q", b"SELECT '\xff\xfe'\0"),
     "cut-parse": msg(b"P", cstr("s1") + b"SELECT 1"),
     "unknown": msg(b"y", b""),
+    "flush-with-body": msg(b"H", b"\0"),
+    "sync-with-body": msg(b"S", b"\0"),
 }
+
+COPY = msg(b"Q", cstr("COPY customers (id, name, email) FROM STDIN"))
 
 
 def main():
     host, port, token, kind = sys.argv[1:5]
     sock = login(host, port, token, timeout=15)
     admitted = msg(b"Q", cstr("INSERT INTO customers (id, name, email) VALUES (900, 'before', 'b@example.com')"))
+    if kind == "sync-in-copy":
+        sock.sendall(admitted + COPY)
+        started = read_until(sock, [b"G", b"E"])
+        sock.sendall(msg(b"d", b"901\tin copy\tc@example.com\n") + msg(b"S", b""))
+        print(json.dumps({"answers": started + read_until(sock, [], count=-1)}))
+        return
     sock.sendall(admitted + MALFORMED[kind])
     print(json.dumps({"answers": read_until(sock, [], count=-1)}))
 

@@ -2595,7 +2595,8 @@ fn the_client_encoding_cannot_be_changed_behind_the_policy() {
 }
 
 /// A message after login that is not one of protocol 3.0 (a Query that is
-/// not UTF-8, a Parse cut short, an unknown type): what the client sent
+/// not UTF-8, a Parse cut short, an unknown type, a Flush or Sync with a
+/// body, a Sync in the middle of COPY FROM STDIN): what the client sent
 /// before it in the same write still runs, as the server itself would run
 /// it; the client gets FATAL 08P01 saying what was wrong; the refusal is
 /// on record; and the daemon goes on serving other sessions.
@@ -2611,6 +2612,9 @@ fn a_malformed_message_ends_the_session_with_08p01_and_is_audited() {
         ("not-utf8", "Query message: string is not UTF-8"),
         ("cut-parse", "Parse message: string without terminator"),
         ("unknown", "unexpected message 'y'"),
+        ("flush-with-body", "Flush message with a body (1 bytes)"),
+        ("sync-with-body", "Sync message with a body (1 bytes)"),
+        ("sync-in-copy", "Sync in the middle of COPY FROM STDIN"),
     ] {
         stack
             .postgres
@@ -2648,7 +2652,7 @@ fn a_malformed_message_ends_the_session_with_08p01_and_is_audited() {
     let refusals = stack
         .audit_rows(
             "SELECT * FROM audit WHERE phase = 'refusal' AND policy_uid = 'protocol:malformed' ORDER BY sequence",
-            3,
+            6,
             AUDIT_WAIT,
         )
         .expect("a refusal row for each malformed message");
@@ -2656,6 +2660,9 @@ fn a_malformed_message_ends_the_session_with_08p01_and_is_audited() {
         "Query message: string is not UTF-8",
         "Parse message: string without terminator",
         "unexpected message 'y'",
+        "Flush message with a body",
+        "Sync message with a body",
+        "Sync in the middle of COPY FROM STDIN",
     ]) {
         assert!(
             row["status_detail"].as_str().is_some_and(|d| d

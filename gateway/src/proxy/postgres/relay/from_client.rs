@@ -272,7 +272,10 @@ impl FromClient {
             b'P' => self.parse(frame).await?,
             b'B' => self.bind(frame).await?,
             b'E' => self.execute(frame).await?,
-            b'S' => self.sync(frame),
+            b'S' => {
+                no_body(&frame, "Sync")?;
+                self.sync(frame)
+            }
             b'C' => self.close(frame)?,
             b'D' => self.describe(frame).await?,
             b'X' => {
@@ -283,7 +286,10 @@ impl FromClient {
             }
             b'd' | b'c' | b'f' => self.copy_data(frame),
             // Flush carries no statement of its own.
-            b'H' => self.forward.unsplit(frame.bytes),
+            b'H' => {
+                no_body(&frame, "Flush")?;
+                self.forward.unsplit(frame.bytes)
+            }
             // Anything else is not a frontend message of protocol 3.0 after
             // startup: the stream cannot be trusted to be in step.
             other => {
@@ -300,10 +306,21 @@ impl FromClient {
     /// sub-protocol (and Flush, Sync) may come.
     fn in_copy_in(&mut self, frame: Frame) -> Result<(), WireError> {
         match frame.tag {
-            b'd' | b'H' => {}
-            // The server ignores a Sync in COPY FROM STDIN: it gets no
-            // ReadyForQuery of its own.
-            b'S' => {}
+            b'd' => {}
+            b'H' => no_body(&frame, "Flush")?,
+            // The server ignores a Sync in COPY FROM STDIN, but only while
+            // it is still copying: one it reads after the copy failed (its
+            // error not yet seen here) is answered with a ReadyForQuery
+            // nothing here waits for, and every later answer would be
+            // taken for the request before its own. No client library
+            // sends one before it ends the copy.
+            b'S' => {
+                return Err(WireError::Malformed(
+                    "Sync in the middle of COPY FROM STDIN: end the copy (CopyDone or \
+                     CopyFail) first"
+                        .into(),
+                ))
+            }
             b'c' | b'f' => {
                 self.copies_ended += 1;
                 let mut in_flight = lock(&self.in_flight);
@@ -796,5 +813,20 @@ mod tests {
         assert!(names.run_in(&classify("FETCH ALL FROM p")).is_some());
         assert!(names.run_in(&classify("FETCH ALL FROM q")).is_none());
         assert!(names.run_in(&classify("SELECT 1")).is_none());
+    }
+}
+
+/// Refuses a message that has a body where protocol 3.0 gives it none.
+/// The server answers such a Flush with an error, and in an extended-query
+/// pipeline then skips to the next Sync: an error and a skip nothing here
+/// expects, after which answers would be matched to the wrong requests
+/// (and masked, or not, as those requests are).
+fn no_body(frame: &Frame, name: &str) -> Result<(), WireError> {
+    match frame.body().is_empty() {
+        true => Ok(()),
+        false => Err(WireError::Malformed(format!(
+            "{name} message with a body ({} bytes): it has none",
+            frame.body().len()
+        ))),
     }
 }

@@ -785,6 +785,15 @@ pub(super) fn track_answer(
                     "ReadyForQuery for a Query the server did not answer".into(),
                 ));
             }
+            // Nor a refused one whose stand-in's error has not come: the
+            // ReadyForQuery is another request's (one the server answered
+            // that nothing here waits for), and every later answer would
+            // be taken for the one before it.
+            if head.kind == Kind::RefusedQuery && head.refusal.is_some() {
+                return Err(WireError::Malformed(
+                    "ReadyForQuery for a refused Query before the error of its stand-in".into(),
+                ));
+            }
             // Outside a transaction block (idle, or failed) every portal
             // the protocol bound is gone: a later one of the same name
             // (a function's `OPEN` of a cursor by that name) is another.

@@ -103,6 +103,18 @@ enum Kind {
     Close,
 }
 
+impl Kind {
+    /// A statement a copy the client ends may belong to. A refused one
+    /// counts too: it starts no copy, and the server ignores copy messages
+    /// outside one.
+    fn may_start_a_copy(self) -> bool {
+        matches!(
+            self,
+            Kind::Query | Kind::Execute | Kind::RefusedQuery | Kind::RefusedExecute
+        )
+    }
+}
+
 struct Pending {
     kind: Kind,
     /// The durable request record, the outcome record starts from it.
@@ -357,6 +369,10 @@ impl Queue {
         self.entries.back_mut()
     }
 
+    fn get_mut(&mut self, index: usize) -> Option<&mut Pending> {
+        self.entries.get_mut(index)
+    }
+
     fn iter_mut(&mut self) -> std::collections::vec_deque::IterMut<'_, Pending> {
         self.entries.iter_mut()
     }
@@ -605,9 +621,12 @@ struct InFlight {
     /// meanwhile is dropped, not queued (it would get no answer).
     server_skipping: bool,
     /// The server is in COPY FROM STDIN: only copy messages (and the Flush
-    /// and Sync it ignores) may follow until CopyDone or CopyFail.
+    /// it ignores) may follow until CopyDone or CopyFail.
     copy_in: bool,
     next_id: u64,
+    /// The id of the latest Query or Execute (refused or not) queued: the
+    /// statement a copy ended early belongs to (see `copy_ended_early`).
+    latest_statement: Option<u64>,
     /// Why tollgate itself closed the session (the SQLSTATE and message
     /// of the FATAL the agent got): the reason requests still in flight
     /// never had their answers relayed, whether or not the server had
@@ -784,6 +803,9 @@ impl InFlight {
         }
         self.next_id += 1;
         pending.id = self.next_id;
+        if pending.kind.may_start_a_copy() {
+            self.latest_statement = Some(pending.id);
+        }
         pending.generation = self.generation;
         pending.portal_generation = self.portal_generation;
         self.queue.push_back(pending);
@@ -794,16 +816,20 @@ impl InFlight {
     /// STDIN mode: it belongs to the latest Query or Execute, whose
     /// CopyInResponse has not come yet (if that is no COPY, the server
     /// ignores the message, and so does this count).
+    ///
+    /// Found by its id, which the queue holds in order, rather than by a
+    /// walk back from the newest request: CopyDone is five bytes that wait
+    /// for nothing, and a walk past thousands of queued Syncs for each would
+    /// let one session keep a worker busy.
     fn copy_ended_early(&mut self) {
-        if let Some(statement) = self.queue.iter_mut().rev().find(|p| {
-            // A refused one counts too: it starts no copy, and the
-            // server ignores copy messages outside one.
-            matches!(
-                p.kind,
-                Kind::Query | Kind::Execute | Kind::RefusedQuery | Kind::RefusedExecute
-            )
-        }) {
-            statement.copies_ended_early += 1;
+        let Some(id) = self.latest_statement else {
+            return;
+        };
+        // Gone once answered, with everything before it.
+        if let Ok(index) = self.queue.binary_search_by_key(&id, |p| p.id) {
+            if let Some(statement) = self.queue.get_mut(index) {
+                statement.copies_ended_early += 1;
+            }
         }
     }
 

@@ -282,6 +282,54 @@ fn a_copy_the_client_ended_before_it_started_is_not_copy_mode() {
     assert!(copy_starts(&in_flight));
 }
 
+/// A refused Query is answered by its stand-in's error, then
+/// ReadyForQuery: a ReadyForQuery before that error is another request's,
+/// and the session is out of step.
+#[test]
+fn ready_for_query_before_a_refused_querys_error_is_out_of_step() {
+    let in_flight = queue_of(&[Kind::RefusedQuery]);
+    let err = answer(&in_flight, &frame(b'Z', b"I")).expect_err("out of step");
+    assert!(
+        err.to_string().contains("before the error of its stand-in"),
+        "{err}"
+    );
+    // In step: the marker's error, then ReadyForQuery.
+    let in_flight = queue_of(&[Kind::RefusedQuery]);
+    let mut error = BytesMut::new();
+    wire::error_response(
+        &mut error,
+        "ERROR",
+        "42601",
+        "syntax error at tollgate_refused_test",
+    );
+    let error = Frame {
+        tag: b'E',
+        bytes: error,
+    };
+    answer(&in_flight, &error).expect("the stand-in's error");
+    answer(&in_flight, &frame(b'Z', b"I")).expect("then ReadyForQuery");
+    assert!(lock(&in_flight).queue.is_empty());
+}
+
+/// A copy the client ends early belongs to the latest Query or Execute,
+/// however many Syncs are queued behind it, and to none once that one is
+/// answered and gone.
+#[test]
+fn a_copy_ended_early_belongs_to_the_latest_statement_behind_any_number_of_syncs() {
+    let mut kinds = vec![Kind::Query, Kind::Execute];
+    kinds.extend(std::iter::repeat_n(Kind::Sync, 10_000));
+    let in_flight = queue_of(&kinds);
+    let mut guard = lock(&in_flight);
+    guard.copy_ended_early();
+    let counts: Vec<u32> = guard.queue.iter().map(|p| p.copies_ended_early).collect();
+    assert_eq!(counts[..2], [0, 1]);
+    assert!(counts[2..].iter().all(|&n| n == 0));
+    guard.queue.pop_front();
+    guard.queue.pop_front();
+    guard.copy_ended_early();
+    assert!(guard.queue.iter().all(|p| p.copies_ended_early == 0));
+}
+
 fn prepared(text: &str) -> Arc<Prepared> {
     Arc::new(Prepared {
         text: text.into(),
