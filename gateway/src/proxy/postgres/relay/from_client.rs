@@ -776,6 +776,21 @@ async fn refuse_function_call(session: &Session, frame: &Frame) -> Refusal {
     }
 }
 
+/// Refuses a message that has a body where protocol 3.0 gives it none.
+/// The server answers such a Flush with an error, and in an extended-query
+/// pipeline then skips to the next Sync: an error and a skip nothing here
+/// expects, after which answers would be matched to the wrong requests
+/// (and masked, or not, as those requests are).
+fn no_body(frame: &Frame, name: &str) -> Result<(), WireError> {
+    match frame.body().is_empty() {
+        true => Ok(()),
+        false => Err(WireError::Malformed(format!(
+            "{name} message with a body ({} bytes): it has none",
+            frame.body().len()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -813,20 +828,5 @@ mod tests {
         assert!(names.run_in(&classify("FETCH ALL FROM p")).is_some());
         assert!(names.run_in(&classify("FETCH ALL FROM q")).is_none());
         assert!(names.run_in(&classify("SELECT 1")).is_none());
-    }
-}
-
-/// Refuses a message that has a body where protocol 3.0 gives it none.
-/// The server answers such a Flush with an error, and in an extended-query
-/// pipeline then skips to the next Sync: an error and a skip nothing here
-/// expects, after which answers would be matched to the wrong requests
-/// (and masked, or not, as those requests are).
-fn no_body(frame: &Frame, name: &str) -> Result<(), WireError> {
-    match frame.body().is_empty() {
-        true => Ok(()),
-        false => Err(WireError::Malformed(format!(
-            "{name} message with a body ({} bytes): it has none",
-            frame.body().len()
-        ))),
     }
 }
