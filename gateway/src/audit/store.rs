@@ -1385,12 +1385,14 @@ impl Writer {
         };
         #[cfg(not(test))]
         let written = w.file.write_all_at(bytes, w.len);
-        let result = written.and_then(|()| {
-            if sync_here {
-                w.file.sync_data()
-            } else {
-                Ok(())
-            }
+        #[cfg(test)]
+        let sync_fails = faults::take_sync_after_whole_write(&self.wal_dir);
+        #[cfg(not(test))]
+        let sync_fails = false;
+        let result = written.and_then(|()| match (sync_here, sync_fails) {
+            (true, true) => Err(io::Error::from_raw_os_error(libc::EIO)),
+            (true, false) => w.file.sync_data(),
+            (false, _) => Ok(()),
         });
         match result {
             Ok(()) => {
@@ -1402,9 +1404,23 @@ impl Writer {
             }
             Err(e) => {
                 // Best effort: cut the partial batch off, then retire the file
-                // so the next batch starts a fresh one.
-                let _ = w.file.set_len(w.len);
+                // so the next batch starts a fresh one. (The fault stands for
+                // a truncation that a crash undid.)
+                if !sync_fails {
+                    let _ = w.file.set_len(w.len);
+                }
                 self.retire_file();
+                // The refused batch may be on the disk whole, its seal
+                // included: a sync can report failure for data that reached
+                // the disk, and a crash can undo the truncation. Replay
+                // would then take records whose callers were told they were
+                // refused. A file starting at the batch's first sequence,
+                // its name durable before the refusal is answered,
+                // supersedes them (see `wal::read_all`), whether or not a
+                // later batch comes before a crash.
+                if let Err(next) = self.open_file(first_seq) {
+                    warn!(error = %next, "cannot start the next WAL file after a failed write; the next batch tries again");
+                }
                 Err(e)
             }
         }
@@ -1992,6 +2008,11 @@ pub(crate) mod faults {
         /// The next sync the writer makes of a WAL file in `buffered`
         /// durability (when it retires the file or cuts a segment) fails.
         CatchUpSync,
+        /// The next batch's write goes in whole, then its sync fails, and
+        /// the failed batch is not cut off the file: a sync that reported
+        /// failure after the data reached the disk, then a crash before
+        /// the truncation did.
+        SyncAfterWholeWrite,
         /// The segment backlog's byte bound (see `BACKLOG_BYTES`) of the
         /// store, read when it opens: the real one, 1 GiB, is too much for
         /// a test to fill.
@@ -2043,6 +2064,14 @@ pub(crate) mod faults {
 
     pub fn take_catch_up_sync(wal_dir: &Path) -> bool {
         take_first(wal_dir, |f| f == Fault::CatchUpSync).is_some()
+    }
+
+    pub fn fail_next_sync_after_whole_write(wal_dir: &Path) {
+        plan(wal_dir, Fault::SyncAfterWholeWrite);
+    }
+
+    pub fn take_sync_after_whole_write(wal_dir: &Path) -> bool {
+        take_first(wal_dir, |f| f == Fault::SyncAfterWholeWrite).is_some()
     }
 
     /// The store in `wal_dir`, opened next, bounds its segment backlog at

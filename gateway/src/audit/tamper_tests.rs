@@ -500,6 +500,39 @@ async fn failed_wal_write_refuses_then_recovers(durability: DurabilityMode) {
     assert_eq!(r.records, 7);
 }
 
+// A batch whose sync failed is refused, yet it may be on the disk whole,
+// its seal included (the sync reported failure for data that got there,
+// and a crash undid the truncation). Replay must not take records whose
+// callers were told they were refused, even when a crash comes before
+// the next batch: the refused sequences belong to the next records.
+#[tokio::test]
+async fn a_refused_batch_left_whole_on_disk_is_not_replayed_after_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let (log, now) = open_with_samples(&cfg, 4).await;
+    store::faults::fail_next_sync_after_whole_write(&cfg.dir.join("wal"));
+    let err = log.append(sample(5, now)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Wal(_)), "{err}");
+    // A crash now, before any other batch.
+    let crashed = tmp.path().join("crashed");
+    crash_copy(&cfg.dir, &crashed);
+    log.shutdown().await;
+    let cfg2 = AuditConfig {
+        dir: crashed,
+        ..cfg.clone()
+    };
+    let log = AuditLog::open(&cfg2).await.unwrap();
+    assert_eq!(
+        log.append(sample(6, now)).await.unwrap(),
+        5,
+        "the refused record's sequence goes to the next record"
+    );
+    log.shutdown().await;
+    let r = verify(&cfg2.dir, &key(&cfg2));
+    assert!(r.ok, "{:#?}", r.problems);
+    assert_eq!(r.records, 5);
+}
+
 // In `buffered` durability a retired WAL file is synced by the writer
 // when it leaves it; if that sync fails, the next record is refused, as
 // after a failed background sync, and the one after it is taken again.
