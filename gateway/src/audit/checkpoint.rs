@@ -195,15 +195,38 @@ fn default_name() -> String {
 
 /// Writes the private key (0600) at `path` and the public key at
 /// `path.pub`. Refuses to overwrite an existing key.
+///
+/// Each file appears whole or not at all (written aside, synced, then
+/// put in place), the private key last: a crash in the middle leaves no
+/// key file that cannot load (a start would stop on it until someone
+/// removed it), at most a public key of a key that never was, which the
+/// next attempt replaces.
 pub fn write_keypair(perms: &Perms, signer: &Signer, path: &Path) -> io::Result<()> {
-    let mut f = perms.create_with(path, fsutil::KEY_MODE, true)?;
-    f.write_all(format!("{}\n", signer.private_text()).as_bytes())?;
-    f.sync_all()?;
+    if path.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists: a key is never overwritten", path.display()),
+        ));
+    }
     let mut pub_path = path.as_os_str().to_owned();
     pub_path.push(".pub");
-    let mut f = perms.create_with(Path::new(&pub_path), 0o644, true)?;
-    f.write_all(format!("{}\n", signer.public().text()).as_bytes())?;
+    fsutil::write_atomic(
+        perms,
+        Path::new(&pub_path),
+        format!("{}\n", signer.public().text()).as_bytes(),
+        0o644,
+    )?;
+    let tmp = fsutil::tmp_path(path);
+    // A leftover of an attempt a crash cut short: never a key in use.
+    let _ = fs::remove_file(&tmp);
+    let mut f = perms.create_with(&tmp, fsutil::KEY_MODE, true)?;
+    f.write_all(format!("{}\n", signer.private_text()).as_bytes())?;
     f.sync_all()?;
+    drop(f);
+    // A link, unlike a rename, fails if a key appeared there meanwhile.
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    linked?;
     if let Some(parent) = path.parent() {
         fsutil::fsync_dir(parent)?;
     }

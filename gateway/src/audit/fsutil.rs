@@ -77,6 +77,34 @@ impl Perms {
         Ok(())
     }
 
+    /// Creates `path`, a directory in an existing one, if it is missing,
+    /// and either way gives it [`DIR_MODE`] and the auditor group and syncs
+    /// its entry in its parent. For a directory made by an earlier attempt
+    /// that failed after the `mkdir` (at its mode, group or sync), which
+    /// [`Self::create_dir_all`] would take as done: records written into
+    /// it would be unreadable to auditors, or its entry lost in a crash.
+    pub fn create_settled_dir(&self, path: &Path) -> io::Result<()> {
+        match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // Its mode and group are set through its name: never through a
+        // symlink put in its place.
+        if !fs::symlink_metadata(path)?.file_type().is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", path.display()),
+            ));
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))?;
+        self.chown(path)?;
+        if let Some(parent) = path.parent() {
+            fsync_dir(parent)?;
+        }
+        Ok(())
+    }
+
     /// Like [`Self::create_dir_all`], and also brings an existing directory
     /// (e.g. made by systemd or an installer) to [`DIR_MODE`] and the
     /// auditor group. Failing to do so is only a warning: the store still

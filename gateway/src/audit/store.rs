@@ -289,7 +289,17 @@ pub(crate) fn start(cfg: &AuditConfig, lock: fs::File, perms: Perms) -> anyhow::
     seg.checkpoint()?;
     seg.run_retention();
 
-    let generation = reports.iter().map(|r| r.generation).max().unwrap_or(0) + 1;
+    // From the WAL files' names: a planted name with the largest number
+    // must stop the start, not wrap the generations around.
+    let generation = reports
+        .iter()
+        .map(|r| r.generation)
+        .max()
+        .unwrap_or(0)
+        .checked_add(1)
+        .ok_or_else(|| {
+            anyhow::anyhow!("WAL generation exhausted: a WAL file name carries the largest number")
+        })?;
     let (seg_tx, seg_rx) = mpsc::channel();
     let backlog = Arc::new(SegmentBacklog::default());
     let seg_backlog = backlog.clone();
@@ -1268,7 +1278,10 @@ impl Writer {
         let path = self
             .wal_dir
             .join(wal::file_name(self.generation, first_seq));
-        self.generation += 1;
+        self.generation = self
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("WAL generation exhausted"))?;
         let (file, preallocated) = match self.spare_ready().then(|| self.spare.take()).flatten() {
             Some((f, spare)) => {
                 if let Err(e) = fs::rename(&spare, &path) {
@@ -1692,12 +1705,13 @@ impl SegState {
         let parent = path
             .parent()
             .ok_or_else(|| anyhow::anyhow!("segment path has no parent"))?;
-        self.perms.create_dir_all(parent)?;
+        self.perms.create_dir_all(&self.dir.join("records"))?;
         // Analysts read `records/**/*.parquet`, which does not follow a
         // symlink: a segment written through one would be signed and
-        // verified, yet missing from every query.
+        // verified, yet missing from every query. (Checked before the
+        // day's directory is settled: its mode is not set through one.)
         for d in [self.dir.join("records"), parent.to_path_buf()] {
-            if fs::symlink_metadata(&d)?.file_type().is_symlink() {
+            if fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
                 anyhow::bail!(
                     "{} is a symlink: segments are not written through one (queries over \
                      records/ do not follow it)",
@@ -1705,6 +1719,9 @@ impl SegState {
                 );
             }
         }
+        // Every segment's, not only the day's first: a first attempt that
+        // failed after making the directory leaves it for this one.
+        self.perms.create_settled_dir(parent)?;
         let tmp = fsutil::tmp_path(&path);
         let written = segment::write_file(&self.perms, &tmp, &records)?;
         fs::rename(&tmp, &path)?;
@@ -1807,7 +1824,16 @@ impl SegState {
     }
 
     fn write_checkpoint(&mut self) -> anyhow::Result<()> {
-        self.checkpoint_counter += 1;
+        // The counter comes from the highest checkpoint file name: one
+        // planted with the largest number would otherwise wrap it to 0,
+        // and the next checkpoints would overwrite the oldest signed ones.
+        self.checkpoint_counter = self.checkpoint_counter.checked_add(1).ok_or_else(|| {
+            anyhow::anyhow!(
+                "checkpoint counter exhausted: a checkpoint file is numbered {}; no checkpoint \
+                 is written over an earlier one",
+                self.checkpoint_counter
+            )
+        })?;
         let now = now_ms();
         let time = if now >= self.last_checkpoint_ms {
             now

@@ -679,6 +679,89 @@ fn keygen_writes_private_and_public_key() {
     assert!(keygen(&out, "tollgate/test").is_err());
 }
 
+// Checkpoints are numbered on from the highest file name: a planted one
+// with the largest number stops the start with a clear error, rather than
+// wrap the counter and write new checkpoints over the oldest signed ones.
+#[tokio::test]
+async fn a_checkpoint_numbered_with_the_largest_counter_stops_the_start_and_overwrites_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let checkpoints = cfg.dir.join("checkpoints");
+    let before: Vec<(u64, Vec<u8>)> = checkpoint::list(&checkpoints)
+        .unwrap()
+        .into_iter()
+        .map(|(n, path)| (n, fs::read(path).unwrap()))
+        .collect();
+    assert!(!before.is_empty());
+    fs::write(
+        checkpoints.join(checkpoint::file_name(u64::MAX)),
+        "planted\n",
+    )
+    .unwrap();
+    let err = AuditLog::open(&cfg).await.err().expect("the start stops");
+    assert!(
+        format!("{err:#}").contains("checkpoint counter exhausted"),
+        "{err:#}"
+    );
+    for (n, bytes) in before {
+        assert_eq!(
+            fs::read(checkpoints.join(checkpoint::file_name(n))).unwrap(),
+            bytes,
+            "checkpoint {n}"
+        );
+    }
+}
+
+// A day's directory left by an attempt that failed after making it (its
+// mode not yet set) is settled by the next segment written into it, so
+// auditors can read that day's records.
+#[tokio::test]
+async fn a_day_directory_left_unsettled_gets_the_directory_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let now = store::now_ms();
+    let day_dir = cfg
+        .dir
+        .join("records")
+        .join(format!("date={}", super::segment::day_of(now)));
+    fs::create_dir_all(&day_dir).unwrap();
+    fs::set_permissions(&day_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let log = AuditLog::open(&cfg).await.unwrap();
+    assert_eq!(log.append(sample(1, now)).await.unwrap(), 1);
+    log.shutdown().await;
+    assert_eq!(
+        fs::metadata(&day_dir).unwrap().permissions().mode() & 0o777,
+        super::fsutil::DIR_MODE
+    );
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(r.ok, "{:#?}", r.problems);
+}
+
+// A first start that generates the development key and is cut short
+// leaves at most a public key whose private key never appeared (and a
+// temporary file): the next start generates a key that loads, and starts.
+#[tokio::test]
+async fn a_start_cut_short_while_generating_its_key_does_not_stop_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.signing_key = None;
+    let keys = cfg.dir.join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    fs::write(keys.join("checkpoint.key.pub"), "a key that never was\n").unwrap();
+    fs::write(keys.join("checkpoint.key.tmp"), "PRIVATE+KEY+half").unwrap();
+    let log = AuditLog::open(&cfg).await.expect("the next start");
+    let now = store::now_ms();
+    assert_eq!(log.append(sample(1, now)).await.unwrap(), 1);
+    log.shutdown().await;
+    let signer = checkpoint::Signer::load(&keys.join("checkpoint.key")).unwrap();
+    let public = Verifier::load(&keys.join("checkpoint.key.pub")).unwrap();
+    assert_eq!(public.key, signer.public().key);
+    assert!(!keys.join("checkpoint.key.tmp").exists());
+    let r = verify(&cfg.dir, &public);
+    assert!(r.ok, "{:#?}", r.problems);
+}
+
 #[tokio::test]
 async fn stale_latest_checkpoint_fails_when_an_age_limit_is_given() {
     let tmp = tempfile::tempdir().unwrap();
