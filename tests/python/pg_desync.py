@@ -73,6 +73,11 @@ Scenarios:
               into the copy, which ignores it: copy data does not end a
               copy); CopyDone once it starts; then Query(FIRST_SQL), then
               Query(SECOND_SQL), each on its own.
+  copy_error_sync
+              COPY orders_copy FROM STDIN; once it starts, a row the copy
+              fails on + Sync in one write (the server reads the Sync after
+              the copy's error, no longer in copy mode); then
+              Query(FIRST_SQL), then Query(SECOND_SQL), each on its own.
   copy_query  COPY orders_copy FROM STDIN + Query(FIRST_SQL) in one write,
               before the server starts the copy: the server would take
               the Query as copy data or throw it away with an error
@@ -262,6 +267,14 @@ def main():
         answers += read_until(sock, [b"Z"])
     elif scenario == "copy_data_sync":
         answers += copies_then_queries(sock, [msg(b"d", b"copied\n") + sync], first, second)
+    elif scenario == "copy_error_sync":
+        sock.sendall(msg(b"Q", cstr("COPY orders_copy FROM STDIN")))
+        answers += read_until(sock, [b"G"])
+        sock.sendall(msg(b"d", b"one\ttoo many\n") + sync)
+        answers += read_until(sock, [b"Z"])
+        for sql in [first, second]:
+            sock.sendall(msg(b"Q", cstr(sql)))
+            answers += read_until(sock, [b"Z"])
     elif scenario == "copy_query":
         sock.sendall(msg(b"Q", cstr("COPY orders_copy FROM STDIN")) + msg(b"Q", cstr(first)))
         answers += read_until(sock, [], 1)

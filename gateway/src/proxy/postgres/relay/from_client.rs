@@ -309,18 +309,15 @@ impl FromClient {
             b'd' => {}
             b'H' => no_body(&frame, "Flush")?,
             // The server ignores a Sync in COPY FROM STDIN, but only while
-            // it is still copying: one it reads after the copy failed (its
-            // error not yet seen here) is answered with a ReadyForQuery
-            // nothing here waits for, and every later answer would be
-            // taken for the request before its own. No client library
-            // sends one before it ends the copy.
-            b'S' => {
-                return Err(WireError::Malformed(
-                    "Sync in the middle of COPY FROM STDIN: end the copy (CopyDone or \
-                     CopyFail) first"
-                        .into(),
-                ))
-            }
+            // it is still copying: one it reads after the copy failed (on
+            // a bad row sent just before it, whose error is not yet seen
+            // here) would get a ReadyForQuery nothing here waits for, and
+            // every later answer would be taken for the request before its
+            // own. Not sent on, then: where the server copies, it would
+            // have ignored it; where the copy failed, the server takes the
+            // client's next Sync, after its CopyDone or CopyFail, as it
+            // would in any pipeline after an error.
+            b'S' => return Ok(()),
             b'c' | b'f' => {
                 self.copies_ended += 1;
                 let mut in_flight = lock(&self.in_flight);
