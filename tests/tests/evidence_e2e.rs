@@ -280,6 +280,59 @@ fn a_connection_open_before_tollgate_watched_is_a_finding() {
     assert_eq!(bypasses.len(), 1, "{summary}");
 }
 
+/// A restart replaces the host-wide programs a previous daemon left
+/// pinned, and the kernel counts recursion misses per program instance:
+/// the new daemon's first loss record carries each instance it replaced
+/// (its id, its misses just before), so that what it missed after its
+/// daemon's last record is judged; later records do not repeat it.
+#[test]
+fn a_restart_puts_the_programs_it_replaced_on_its_first_loss_record() {
+    if !privileged("a_restart_puts_the_programs_it_replaced_on_its_first_loss_record") {
+        return;
+    }
+    let _probe = sharing_the_probe();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    let before = last_loss_counters(&stack);
+    stack.gateway.restart().expect("restart tollgate");
+    stack.gateway.stop();
+    let rows = evidence_rows(
+        &stack,
+        "SELECT * FROM audit WHERE phase IN ('config', 'loss_counters') ORDER BY sequence",
+    );
+    let last_start = rows
+        .iter()
+        .rposition(|r| r["phase"] == "config")
+        .expect("the restart's config record");
+    let after: Vec<Value> = rows[last_start + 1..]
+        .iter()
+        .map(|r| serde_json::from_str(r["unmapped"].as_str().unwrap_or("{}")).expect("json"))
+        .collect();
+    assert!(!after.is_empty(), "no loss record after the restart");
+    for program in ["tcp_state", "packet_egress"] {
+        let old_id = &before["programs"][program]["program_id"];
+        assert!(old_id.is_u64(), "{program}: {before}");
+        let first = &after[0]["programs"][program];
+        assert_eq!(
+            &first["replaced"]["program_id"], old_id,
+            "{program}: {first}"
+        );
+        assert!(
+            first["replaced"]["recursion_misses"].is_u64(),
+            "{program}: {first}"
+        );
+        assert_ne!(&first["program_id"], old_id, "{program}: a new instance");
+        for later in &after[1..] {
+            assert!(
+                later["programs"][program].get("replaced").is_none(),
+                "{program}: {later}"
+            );
+        }
+    }
+    let (code, summary, _) = verify(&stack);
+    assert_eq!(code, 0, "{summary}");
+}
+
 #[test]
 fn non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypass() {
     if !privileged("non_tcp_packets_to_a_protected_target_are_evidence_and_each_socket_is_a_bypass")

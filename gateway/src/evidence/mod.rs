@@ -15,6 +15,8 @@
 pub mod in_force;
 pub mod open_at_start;
 mod prog_info;
+
+pub use prog_info::{stats as program_stats, ProgStats};
 pub mod verify;
 
 use std::{
@@ -409,6 +411,21 @@ pub struct ProgramCounters {
     pub recursion_misses: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program_id: Option<u32>,
+    /// In the first loss record of a daemon: the instance of this program
+    /// the previous daemon left pinned, with its recursion misses as read
+    /// just before this daemon replaced it. Its misses since the previous
+    /// daemon's last loss record are on no other record (see
+    /// `verify::interval_delta`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<ReplacedInstance>,
+}
+
+/// A program instance a daemon replaced at its start (see
+/// [`ProgramCounters::replaced`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplacedInstance {
+    pub program_id: u32,
+    pub recursion_misses: u64,
 }
 
 /// The content of a loss_counters record.
@@ -577,6 +594,7 @@ impl Evidence {
             counters,
             tracing_programs,
             probe_was_pinned,
+            replaced_programs,
         } = handles;
         // Registered here, not in the reader task: a ring buffer that
         // cannot be polled stops the daemon at start, instead of leaving
@@ -603,7 +621,10 @@ impl Evidence {
                 agents,
             },
             counters,
-            tracing_programs,
+            Programs {
+                tracing: tracing_programs,
+                replaced: replaced_programs,
+            },
             log.clone(),
             interval,
             stopped,
@@ -728,10 +749,18 @@ const RETRY_WRITE_AFTER: Duration = Duration::from_millis(250);
 /// indefinitely, and gather an unbounded batch of pending writes.
 const DRAIN_BATCH: usize = 1024;
 
+/// The host-wide evidence programs whose recursion misses the loss
+/// records carry: this daemon's, and (until a loss record has carried
+/// them) the instances it replaced at its start.
+struct Programs {
+    tracing: Vec<(String, std::os::fd::OwnedFd)>,
+    replaced: Vec<(String, ProgStats)>,
+}
+
 async fn read_loop(
     mut rings: Rings,
     counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
-    tracing_programs: Vec<(String, std::os::fd::OwnedFd)>,
+    mut programs: Programs,
     log: AuditLog,
     interval: Duration,
     mut stopped: watch::Receiver<bool>,
@@ -777,7 +806,7 @@ async fn read_loop(
                 // Ring buffer notifications can be batched: drain on every
                 // tick too, so counters and records line up.
                 rings.drain_batch(&log, &mut user).await;
-                write_loss(&log, &counters, &tracing_programs, user, interval).await;
+                write_loss(&log, &counters, &mut programs, user, interval).await;
                 false
             }
             guard = rings.reserved.readable_mut() => {
@@ -809,7 +838,7 @@ async fn read_loop(
         };
         if stopping {
             rings.drain_all(&log, &mut user).await;
-            write_loss(&log, &counters, &tracing_programs, user, interval).await;
+            write_loss(&log, &counters, &mut programs, user, interval).await;
             return;
         }
     }
@@ -847,20 +876,38 @@ async fn drain_ready(
 async fn write_loss(
     log: &AuditLog,
     counters: &PerCpuArray<MapData, u64>,
-    tracing_programs: &[(String, OwnedFd)],
+    programs: &mut Programs,
     user: UserSpaceCounters,
     interval: Duration,
 ) {
-    let report = LossReport {
-        programs: read_counters(counters, tracing_programs),
+    let mut report = LossReport {
+        programs: read_counters(counters, &programs.tracing),
         user_space: user,
         interval_ms: interval.as_millis() as u64,
     };
+    note_replaced(&mut report, &programs.replaced);
     if !report.lossless() {
         warn!(?report, "evidence was lost");
     }
-    if let Err(err) = log.append(loss_record(&report)).await {
-        warn!(error = %err, "cannot write the loss counters");
+    match log.append(loss_record(&report)).await {
+        // On record: the next ones need not carry the replaced instances.
+        Ok(_) => programs.replaced.clear(),
+        Err(err) => warn!(error = %err, "cannot write the loss counters"),
+    }
+}
+
+/// Puts each replaced instance on its program's counters.
+fn note_replaced(report: &mut LossReport, replaced: &[(String, ProgStats)]) {
+    for (name, stats) in replaced {
+        if let Some(counters) = report
+            .programs
+            .get_mut(name.trim_start_matches("tollgate_"))
+        {
+            counters.replaced = Some(ReplacedInstance {
+                program_id: stats.id,
+                recursion_misses: stats.recursion_misses,
+            });
+        }
     }
 }
 

@@ -473,13 +473,26 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
         let p = prev.and_then(|p| p.programs.get(name));
         let zero = ProgramCounters::default();
         let p_or = p.unwrap_or(&zero);
-        let misses = match (p.and_then(|p| p.program_id), c.program_id) {
+        let before = p.and_then(|p| p.program_id);
+        let misses = match (before, c.program_id) {
             (Some(a), Some(b)) if a == b => grew(
                 p_or.recursion_misses.unwrap_or(0),
                 c.recursion_misses.unwrap_or(0),
             ),
             _ => c.recursion_misses.unwrap_or(0),
         };
+        // The instance a start replaced (see `ProgramCounters::replaced`):
+        // what it missed after the record before, or all it missed when no
+        // record before is of it (its daemon wrote none).
+        let replaced_misses = match c.replaced {
+            Some(r) if c.program_id == Some(r.program_id) => 0,
+            Some(r) if before == Some(r.program_id) => {
+                grew(p_or.recursion_misses.unwrap_or(0), r.recursion_misses)
+            }
+            Some(r) => r.recursion_misses,
+            None => 0,
+        };
+        let misses = misses.saturating_add(replaced_misses);
         out.programs.insert(
             name.clone(),
             ProgramCounters {
@@ -491,8 +504,10 @@ pub fn interval_delta(prev: Option<&LossReport>, cur: &LossReport) -> LossReport
                 suppressed: c
                     .suppressed
                     .map(|cur| grew(p_or.suppressed.unwrap_or(0), cur)),
-                recursion_misses: c.recursion_misses.map(|_| misses),
+                recursion_misses: (c.recursion_misses.is_some() || c.replaced.is_some())
+                    .then_some(misses),
                 program_id: c.program_id,
+                replaced: None,
             },
         );
     }
@@ -2078,6 +2093,35 @@ mod tests {
         );
         assert_eq!(delta.user_space.received, 5, "a new daemon");
         assert!(delta.lossless());
+    }
+
+    /// The first record of a daemon carries the instance it replaced at
+    /// its start: what that one missed after the record before is judged
+    /// there, and all it missed when no record before is of it.
+    #[test]
+    fn recursion_misses_of_a_replaced_instance_are_judged_at_the_next_daemons_first_record() {
+        let report = |json: &str| -> LossReport { serde_json::from_str(json).unwrap() };
+        let before = report(
+            r#"{"programs":{"tcp_state":{"seen":90,"emitted":90,"dropped":0,"recursion_misses":4,"program_id":7}},"user_space":{"received":90,"malformed":0,"write_failed":0},"interval_ms":5000}"#,
+        );
+        let after = |replaced_id: u32, replaced_misses: u64| {
+            report(&format!(
+                r#"{{"programs":{{"tcp_state":{{"seen":95,"emitted":95,"dropped":0,"recursion_misses":0,"program_id":8,"replaced":{{"program_id":{replaced_id},"recursion_misses":{replaced_misses}}}}}}},"user_space":{{"received":5,"malformed":0,"write_failed":0}},"interval_ms":5000}}"#
+            ))
+        };
+        let misses = |prev: Option<&LossReport>, cur: &LossReport| {
+            interval_delta(prev, cur).programs["tcp_state"].recursion_misses
+        };
+        // The instance of the record before, 2 misses after it.
+        assert_eq!(misses(Some(&before), &after(7, 6)), Some(2));
+        assert!(!interval_delta(Some(&before), &after(7, 6)).lossless());
+        // None since: nothing lost.
+        assert_eq!(misses(Some(&before), &after(7, 4)), Some(0));
+        assert!(interval_delta(Some(&before), &after(7, 4)).lossless());
+        // An instance no record before is of (its daemon wrote none): all
+        // of its misses.
+        assert_eq!(misses(Some(&before), &after(5, 3)), Some(3));
+        assert_eq!(misses(None, &after(5, 3)), Some(3));
     }
 
     #[test]

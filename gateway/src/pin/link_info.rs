@@ -239,17 +239,22 @@ fn tracepoint_name(link: &OwnedFd) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
-/// Byte offset of `name` in `struct bpf_prog_info`.
-const PROG_NAME_OFFSET: usize = 64;
-
-/// The name the kernel keeps for program `id`.
-fn program_name(id: u32) -> io::Result<String> {
+/// A descriptor of the loaded program `id`.
+pub(crate) fn program_fd(id: u32) -> io::Result<OwnedFd> {
     let mut by_id = GetFdByIdAttr {
         id,
         next_id: 0,
         open_flags: 0,
     };
-    let program = owned_fd(bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)?)?;
+    owned_fd(bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)?)
+}
+
+/// Byte offset of `name` in `struct bpf_prog_info`.
+const PROG_NAME_OFFSET: usize = 64;
+
+/// The name the kernel keeps for program `id`.
+fn program_name(id: u32) -> io::Result<String> {
+    let program = program_fd(id)?;
     let mut info = [0u8; 512];
     let filled = object_info(&program, &mut info)?;
     if filled < PROG_NAME_OFFSET + BPF_OBJ_NAME_LEN {

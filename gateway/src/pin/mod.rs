@@ -174,6 +174,10 @@ pub struct EvidenceHandles {
     /// pinned is an event. False on a first start in a boot, or after
     /// `tollgate unpin`: connections made before are not.
     pub probe_was_pinned: bool,
+    /// (program name, its id and recursion misses) of each host-wide
+    /// evidence program a previous daemon left pinned, read just before
+    /// this start replaced it (see [`replaced_instance`]).
+    pub replaced_programs: Vec<(String, crate::evidence::ProgStats)>,
 }
 
 /// Name of the pinned link of the host-wide evidence probe.
@@ -548,6 +552,12 @@ impl Pinning {
             .context("load the evidence probe (tp_btf/inet_sock_set_state)")?;
         let link_id = probe.attach().context("attach the evidence probe")?;
         let link: FdLink = probe.take_link(link_id)?.into();
+        let mut replaced_programs = Vec::new();
+        if let Some(stats) =
+            replaced_instance(&links_dir, program_names::TCP_STATE, HOST_LINK_SUFFIX)
+        {
+            replaced_programs.push((program_names::TCP_STATE.to_owned(), stats));
+        }
         let probe_was_pinned =
             replace_pin(link, &links_dir, program_names::TCP_STATE, HOST_LINK_SUFFIX)?;
         let probe_fd = probe
@@ -556,7 +566,10 @@ impl Pinning {
             .try_clone_to_owned()
             .context("duplicate the probe's fd")?;
         info!("evidence probe attached host-wide and pinned");
-        let packet_fd = attach_packet_evidence(&mut ebpf, &links_dir)?;
+        let (packet_fd, replaced_packet) = attach_packet_evidence(&mut ebpf, &links_dir)?;
+        if let Some(stats) = replaced_packet {
+            replaced_programs.push((program_names::PACKET_EGRESS.to_owned(), stats));
+        }
 
         let mut configured_places = Vec::with_capacity(agent_cgroups.len());
         for cgroup in agent_cgroups {
@@ -638,6 +651,7 @@ impl Pinning {
                     (program_names::PACKET_EGRESS.to_owned(), packet_fd),
                 ],
                 probe_was_pinned,
+                replaced_programs,
             }),
             replaced_targets,
         })
@@ -688,7 +702,10 @@ impl Pinning {
 /// on the host, and pins its link as `<program>-<root cgroup id>`,
 /// replacing a previous daemon's. Returns a duplicate of the program's fd
 /// (for its id in the loss records).
-fn attach_packet_evidence(ebpf: &mut Ebpf, links_dir: &Path) -> Result<OwnedFd> {
+fn attach_packet_evidence(
+    ebpf: &mut Ebpf,
+    links_dir: &Path,
+) -> Result<(OwnedFd, Option<crate::evidence::ProgStats>)> {
     let root = cgroup2_root()?;
     let root_file =
         fs::File::open(&root).with_context(|| format!("open cgroup root {}", root.display()))?;
@@ -704,6 +721,11 @@ fn attach_packet_evidence(ebpf: &mut Ebpf, links_dir: &Path) -> Result<OwnedFd> 
         .attach(&root_file, CgroupSkbAttachType::Egress, LINK_ATTACH_MODE)
         .with_context(|| format!("attach the packet evidence program to {}", root.display()))?;
     let link: FdLink = program.take_link(link_id)?.try_into()?;
+    let replaced = replaced_instance(
+        links_dir,
+        program_names::PACKET_EGRESS,
+        &root_id.to_string(),
+    );
     replace_pin(
         link,
         links_dir,
@@ -716,7 +738,33 @@ fn attach_packet_evidence(ebpf: &mut Ebpf, links_dir: &Path) -> Result<OwnedFd> 
         .try_clone_to_owned()
         .context("duplicate the packet evidence program's fd")?;
     info!(cgroup_root = %root.display(), "packet evidence attached at the cgroup root and pinned");
-    Ok(fd)
+    Ok((fd, replaced))
+}
+
+/// The id and recursion misses of the instance of `program` a previous
+/// daemon pinned at `<program>-<place>`, read just before this start
+/// replaces it (both run until then). The kernel counts a program's
+/// recursion misses per instance: what the replaced one missed since its
+/// daemon's last loss record (all of a daemon's run that was killed, or
+/// the time it was down) would otherwise be on no record. `None` when
+/// there is none, or it cannot be read (then logged).
+fn replaced_instance(
+    links_dir: &Path,
+    program: &str,
+    place: &str,
+) -> Option<crate::evidence::ProgStats> {
+    let pin = links_dir.join(format!("{program}-{place}"));
+    let read = link_info::read(&pin)
+        .and_then(|facts| link_info::program_fd(facts.program_id))
+        .and_then(|fd| crate::evidence::program_stats(&fd));
+    match read {
+        Ok(stats) => Some(stats),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => {
+            warn!(pin = %pin.display(), error = %err, "cannot read the recursion misses of the program this start replaces: what it missed since its last loss record is on no record");
+            None
+        }
+    }
 }
 
 /// The cgroup v2 id (inode of the cgroup directory) of this process.
