@@ -521,6 +521,22 @@ impl Config {
                 ),
             ));
         }
+        // An empty name would match a startup packet that names no
+        // database, which PostgreSQL then reads as the login user's name:
+        // tollgate's own credential's database, not one listed here.
+        if let Some(t) = self
+            .targets
+            .iter()
+            .find(|t| t.databases.iter().any(|d| d.is_empty()))
+        {
+            return Err((
+                "target.databases".into(),
+                format!(
+                    "target {}: a database name is empty; name each database agents may open",
+                    t.name
+                ),
+            ));
+        }
         // Each target is one entry of the kernel's redirect map: past its
         // size the daemon could not install the redirect. (The map of
         // ports agents may not bind holds two for each, its listener's and
@@ -1157,6 +1173,24 @@ mod tests {
         let without = text.replacen("databases = [\"orders\"]", "", 1);
         let err = Config::parse(&without, "tollgate.toml").expect_err("refused");
         assert!(err.to_string().contains("databases"), "{err}");
+    }
+
+    /// An empty database name would match a startup packet that names
+    /// none, which the server reads as its login user's database.
+    #[test]
+    fn an_empty_database_name_is_refused() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let empty = text.replacen(
+            "databases = [\"orders\"]",
+            "databases = [\"orders\", \"\"]",
+            1,
+        );
+        assert_ne!(empty, text);
+        let err = Config::parse(&empty, "tollgate.toml").expect_err("refused");
+        assert!(
+            err.to_string().contains("a database name is empty"),
+            "{err}"
+        );
     }
 
     /// A target's inline password never shows in its Debug form (which

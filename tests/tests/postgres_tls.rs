@@ -167,6 +167,50 @@ fn both_legs_are_tls_and_verified() {
         .expect("the refusal's row");
     assert_eq!(refused[0]["database_name"], "orders", "{}", refused[0]);
     assert_eq!(refused[0]["actor_process_name"], "psql", "{}", refused[0]);
+
+    // Bytes that are no TLS record, once TLS is up: refused, and on
+    // record like any malformed startup.
+    let garbage = format!(
+        r#"
+import os, socket, ssl, struct, time
+s = socket.create_connection(("127.0.0.1", {port}), timeout=10)
+s.sendall(struct.pack("!ii", 8, 80877103))
+assert s.recv(1) == b"S"
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+t = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+os.write(t.fileno(), b"not a TLS record\n" * 8)
+time.sleep(1)
+"#,
+        port = stack.postgres.port
+    );
+    let out = tollgate_tests::AgentCgroup::command(
+        &stack.gateway.config.agent_cgroup,
+        &tollgate_tests::duckdb::python(),
+    )
+    .args(["-c", &garbage])
+    .output()
+    .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = stack
+        .audit_rows(
+            "SELECT * FROM audit WHERE phase = 'refusal' AND status_detail LIKE '%unreadable TLS record%'",
+            1,
+            std::time::Duration::from_secs(30),
+        )
+        .expect("the unreadable record's refusal");
+    assert!(
+        refused[0]["actor_process_name"]
+            .as_str()
+            .is_some_and(|name| name.starts_with("python")),
+        "{}",
+        refused[0]
+    );
 }
 
 #[test]

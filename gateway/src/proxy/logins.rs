@@ -45,12 +45,19 @@ impl LoginSource {
     /// every loopback address is one source, or one agent would be as many
     /// as it likes.
     fn address(peer: IpAddr) -> Self {
-        let peer = peer.to_canonical();
-        LoginSource::Address(if peer.is_loopback() {
-            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-        } else {
-            peer
-        })
+        LoginSource::Address(source_address(peer))
+    }
+}
+
+/// A peer address as one source: an IPv4-mapped address as the IPv4
+/// one, and every loopback address as 127.0.0.1 (any local process may
+/// bind any of them).
+pub fn source_address(peer: IpAddr) -> IpAddr {
+    let peer = peer.to_canonical();
+    if peer.is_loopback() {
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+    } else {
+        peer
     }
 }
 

@@ -58,7 +58,23 @@ impl Source {
     fn of(record: &AuditRecord) -> Self {
         match record.actor_process_cgroup_id {
             Some(cgroup) => Source::Cgroup(cgroup),
-            None => Source::Address(record.src_endpoint_ip.clone()),
+            None => {
+                // As the login bound counts them (see
+                // `logins::source_address`): one process binding a fresh
+                // loopback address for each attempt is one source, not a
+                // new one with a fresh burst every time.
+                let ip = record.src_endpoint_ip.clone();
+                match ip.parse::<std::net::IpAddr>() {
+                    Ok(peer) => {
+                        let source = super::logins::source_address(peer);
+                        match source == peer {
+                            true => Source::Address(ip),
+                            false => Source::Address(source.to_string().into()),
+                        }
+                    }
+                    Err(_) => Source::Address(ip),
+                }
+            }
         }
     }
 
@@ -447,6 +463,27 @@ mod tests {
         );
         let by_address = refusal(None, "10.0.0.9", "protocol", 1_000);
         assert!(limiter.admit_at(&by_address, start));
+    }
+
+    /// Every loopback address is one source, as for the login bound: a
+    /// process that binds a fresh 127.x address for each attempt gets one
+    /// burst, not one per address.
+    #[test]
+    fn every_loopback_address_is_one_source() {
+        let limiter = RefusalLimiter::default();
+        let start = Instant::now();
+        let admitted_of_addresses = (0..PER_SOURCE_BURST as u32 * 3)
+            .filter(|i| {
+                let ip = format!("127.0.{}.{}", i / 250, i % 250 + 1);
+                limiter.admit_at(&refusal(None, &ip, "protocol", 1_000), start)
+            })
+            .count();
+        assert_eq!(admitted_of_addresses, PER_SOURCE_BURST as usize);
+        assert!(
+            !limiter.admit_at(&refusal(None, "::1", "protocol", 1_000), start),
+            "::1 is the same source"
+        );
+        assert!(limiter.admit_at(&refusal(None, "10.0.0.9", "protocol", 1_000), start));
     }
 
     #[test]

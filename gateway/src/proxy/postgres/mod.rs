@@ -176,6 +176,17 @@ async fn serve(
                 .await;
                 return Err(WireError::Malformed(reason));
             }
+            // Once TLS is up, bytes that are no TLS record (rustls says
+            // InvalidData) are malformed input like any other: on record.
+            // The stream cannot carry an ErrorResponse any more.
+            Err(WireError::Io(err))
+                if negotiation.encrypted && err.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                let reason = format!("an unreadable TLS record: {err}");
+                let record = connection.login_refused(None, "protocol", &reason);
+                shared.submit_refusal(record);
+                return Err(WireError::Malformed(reason));
+            }
             Err(err) => return Err(err),
         };
         match startup {
