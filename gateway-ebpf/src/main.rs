@@ -69,6 +69,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     counted_program, counter, counter_index, destination_key, egress_setting, event_kind,
+    possible_destinations,
     reserved_counter, reserved_counter_index, ring_for, same_address, v4_mapped, IPPROTO_TCP,
     ClientEndpointKey, EgressRule, EvidenceEvent, OriginalDestination, PacketRate, Redirect,
     EvidenceRing, TargetKey, COUNTER_ENTRIES, EGRESS_RULE_ENTRIES, EVIDENCE_AGENTS_RING_BYTES,
@@ -497,13 +498,39 @@ unsafe fn refuse_unspecified(sa: *mut bpf_sock_addr, asked: &TargetKey, family: 
     REFUSE
 }
 
-/// The destination to judge for `asked`:`port`: where the kernel sends it,
-/// a protected target first when it may go to one.
+/// The destination to judge for `asked`:`port` from a socket of
+/// `sock_type` and `protocol`: where the kernel sends it, a protected
+/// target first when it may go to one; else, when it may go to either of
+/// two places ([`possible_destinations`]), one the allow list does not
+/// allow if there is one. A socket bound to a broadcast or multicast
+/// address that connects to 0.0.0.0 reaches 127.0.0.1, not the address it
+/// is bound to: judged at the bound address alone, a rule allowing that
+/// address would let it reach whatever listens on the loopback.
 #[inline(always)]
-fn judged_destination(asked: [u32; 4], port: u32, source4: u32, source6: &[u32; 4]) -> TargetKey {
-    destination_key(asked, port, source4, source6, |key| unsafe {
+fn judged_destination(
+    asked: [u32; 4],
+    port: u32,
+    source4: u32,
+    source6: &[u32; 4],
+    sock_type: u32,
+    protocol: u32,
+) -> TargetKey {
+    let key = destination_key(asked, port, source4, source6, |key| unsafe {
         REDIRECTS.get(key).is_some()
-    })
+    });
+    if unsafe { REDIRECTS.get(&key).is_some() } {
+        return key;
+    }
+    let protocol = if sock_type == SOCK_STREAM {
+        IPPROTO_TCP
+    } else {
+        protocol
+    };
+    let [_, other] = possible_destinations(asked, source4, source6);
+    if !same_address(&other, &key.addr) && !egress_allowed(&other, port, protocol) {
+        return TargetKey { addr: other, port };
+    }
+    key
 }
 
 /// [`judged_destination`] of the address a connecting (or sending)
@@ -525,6 +552,8 @@ unsafe fn judged_socket_destination(
         port,
         sources.source4,
         &sources.source6,
+        (*sa).type_,
+        (*sa).protocol,
     ))
 }
 
@@ -600,7 +629,14 @@ pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
             let asked = TargetKey { addr: asked, port };
             return refuse_unspecified(sa, &asked, AF_INET, counted_program::SENDMSG4);
         }
-        let key = judged_destination(asked, port, (*sa).msg_src_ip4, &[0; 4]);
+        let key = judged_destination(
+            asked,
+            port,
+            (*sa).msg_src_ip4,
+            &[0; 4],
+            (*sa).type_,
+            (*sa).protocol,
+        );
         if let Verdict::Refuse(kind) = decide(&key, (*sa).type_, (*sa).protocol) {
             report_refusal(sa, &key, AF_INET, kind, counted_program::SENDMSG4);
             return REFUSE;
@@ -656,17 +692,19 @@ pub fn tollgate_bind6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Is a datagram socket of `protocol` one whose every destination passes
-/// sendmsg4/6 (or connect4/6)? The kernel runs the sendmsg hooks in the
-/// UDP and UDP-Lite send paths only. Other inet datagram sockets (ICMP
-/// echo "ping" sockets, which net.ipv4.ping_group_range opens to
-/// unprivileged users, L2TP/IP, ...) send to any address without a hook
-/// seeing it, so the allow list cannot be applied to them. sock_create
-/// runs after the protocol is resolved, so a socket asked for with
-/// protocol 0 shows UDP here; 0 is accepted all the same, as it means UDP
-/// for an inet datagram socket.
+/// sendmsg4/6 (or connect4/6)? Only UDP's: the kernel runs the connect
+/// hooks for a datagram socket only when its protocol has a `pre_connect`
+/// (UDP has, UDP-Lite has not), and the sendmsg hooks only for a datagram
+/// sent without a connection, so a connected UDP-Lite socket sends where
+/// no hook sees. Other inet datagram sockets (ICMP echo "ping" sockets,
+/// which net.ipv4.ping_group_range opens to unprivileged users, L2TP/IP,
+/// ...) send to any address without a hook seeing it either, so the allow
+/// list cannot be applied to them. sock_create runs after the protocol is
+/// resolved, so a socket asked for with protocol 0 shows UDP here; 0 is
+/// accepted all the same, as it means UDP for an inet datagram socket.
 #[inline(always)]
 fn datagram_judged_by_the_hooks(protocol: u32) -> bool {
-    protocol == 0 || protocol == u32::from(IPPROTO_UDP) || protocol == u32::from(IPPROTO_UDPLITE)
+    protocol == 0 || protocol == u32::from(IPPROTO_UDP)
 }
 
 /// Raw sockets can put any packet on the wire, below every socket-address

@@ -593,10 +593,18 @@ impl Config {
                     format!("{} is protected by another target", target.address),
                 ));
             }
-            if !listens.insert(target.listen) {
+            // By port, not address and port: the kernel keys what it
+            // tells the proxy of a redirected connection (its process and
+            // cgroup) by the agent's end and the listener's port, so two
+            // listeners on one port of two loopback addresses could each
+            // be told of the other's connection.
+            if !listens.insert(target.listen.port()) {
                 return Err((
                     format!("target[{i}].listen"),
-                    format!("{} is used by another target", target.listen),
+                    format!(
+                        "port {} is used by another target's listener (listeners need ports of their own)",
+                        target.listen.port()
+                    ),
                 ));
             }
             if !target.listen.is_ipv4() || !target.listen.ip().is_loopback() {
@@ -906,6 +914,29 @@ mod tests {
         assert!(other_loopback.unprotected_loopback_twins().is_empty());
         let remote = allowing(with_targets(1, |_, t| t.to_string()));
         assert!(remote.unprotected_loopback_twins().is_empty());
+    }
+
+    /// Listeners need ports of their own: what the kernel tells the proxy
+    /// of a redirected connection is keyed by the listener's port, so two
+    /// listeners on one port of two loopback addresses would be told of
+    /// each other's connections.
+    #[test]
+    fn two_listeners_on_one_port_are_refused() {
+        let text = with_targets(2, |i, t| {
+            let t = renamed(i, t, "orders-db")
+                .replace("10.0.0.10:5432", &format!("10.0.0.{}:5432", 10 + i));
+            match i {
+                0 => t,
+                _ => t.replace("127.0.0.1:16432", "127.0.0.2:16432"),
+            }
+        });
+        let err = Config::parse(&text, "tollgate.toml").expect_err("refused");
+        assert_eq!(err.key, "target[1].listen", "{err}");
+        assert!(
+            err.reason
+                .contains("port 16432 is used by another target's listener"),
+            "{err}"
+        );
     }
 
     /// A second target for an address already protected is refused: the

@@ -15,6 +15,10 @@ usage:
                                               --wait: how long to wait for an answer, default 5)
   escape.py udp HOST PORT [--connect] [--count N]
                                            -> {"outcome": "sent"|"denied", "cookie": ...}
+  escape.py udplite HOST PORT              -> a UDP-Lite socket, connected to HOST:PORT, sends one
+                                              datagram (no socket hook sees a connected
+                                              UDP-Lite socket's destination):
+                                              {"outcome": "sent"|"denied", ...}
   escape.py raw                            -> {"outcome": "created"|"denied", ...}
   escape.py mptcp                          -> a Multipath TCP socket: {"outcome": "created"|"denied", ...}
   escape.py rawsend HOST PORT              -> a hand-made TCP SYN on a raw socket:
@@ -132,6 +136,24 @@ def udp(host, port, connect=False, count=1):
             else:
                 sock.sendto(b"x", (host, port))
         return {"outcome": "sent", "cookie": cookie_of(sock), "count": count}
+    except OSError as err:
+        return failure(err)
+    finally:
+        sock.close()
+
+
+IPPROTO_UDPLITE = 136
+
+
+def udplite(host, port):
+    try:
+        sock = socket.socket(family_of(host), socket.SOCK_DGRAM, IPPROTO_UDPLITE)
+    except OSError as err:
+        return failure(err)
+    try:
+        sock.connect((host, port))
+        sock.send(b"x")
+        return {"outcome": "sent"}
     except OSError as err:
         return failure(err)
     finally:
@@ -328,6 +350,8 @@ def main(argv):
     elif mode == "udp":
         count = int(argv[argv.index("--count") + 1]) if "--count" in argv else 1
         result = udp(argv[2], int(argv[3]), connect="--connect" in argv, count=count)
+    elif mode == "udplite":
+        result = udplite(argv[2], int(argv[3]))
     elif mode == "rawsend":
         result = rawsend(argv[2], int(argv[3]))
     elif mode == "rawsend-ah":

@@ -556,6 +556,10 @@ fn with_egress_default_deny_an_agent_cannot_open_sockets_no_hook_judges() {
     // "any" is TCP and UDP: the same rule lets a datagram through.
     let answer = as_agent(&stack, &["udp", "127.0.0.1", &free_port().to_string()]);
     assert_eq!(answer["outcome"], "sent", "udp under an any rule: {answer}");
+    // Not UDP-Lite: a connected UDP-Lite socket passes no hook at all.
+    let answer = as_agent(&stack, &["udplite", "127.0.0.1", &free_port().to_string()]);
+    assert_eq!(answer["outcome"], "denied", "udplite: {answer}");
+    assert_eq!(answer["errno"], libc::EPERM, "udplite: {answer}");
     // Nor may an agent make a stream socket of a protocol no connect hook
     // judges (Multipath TCP, where the kernel has it).
     let mptcp = outside(&["mptcp"])["outcome"] == "created";
@@ -576,19 +580,23 @@ fn with_egress_default_deny_an_agent_cannot_open_sockets_no_hook_judges() {
     );
     assert_eq!(
         refused.len(),
-        hosts.len() + usize::from(mptcp),
+        hosts.len() + 1 + usize::from(mptcp),
         "{refused:?}"
     );
     let unmapped: Vec<Value> = refused
         .iter()
         .map(|row| serde_json::from_str(row["unmapped"].as_str().unwrap_or("{}")).expect("json"))
         .collect();
-    // The pings: SOCK_DGRAM sockets of ICMP or ICMPv6.
+    // The pings and the UDP-Lite socket: SOCK_DGRAM sockets of ICMP,
+    // ICMPv6 or UDP-Lite.
     let datagrams: Vec<&Value> = unmapped.iter().filter(|u| u["socket_type"] == 2).collect();
-    assert_eq!(datagrams.len(), hosts.len(), "{unmapped:?}");
+    assert_eq!(datagrams.len(), hosts.len() + 1, "{unmapped:?}");
     for u in datagrams {
         let protocol = u["protocol"].as_u64().unwrap_or(0);
-        assert!(protocol == 1 || protocol == 58, "ICMP(v6): {u}");
+        assert!(
+            protocol == 1 || protocol == 58 || protocol == 136,
+            "ICMP(v6) or UDP-Lite: {u}"
+        );
     }
     drop(stack);
 
@@ -679,8 +687,9 @@ fn with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reacha
     let denied = accepting_listener();
     let stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
         config.extra_pin_toml = format!(
-            "egress_default = \"deny\"\negress_allow = [{{ cidr = \"127.0.0.1/32\", ports = \"{}\", protocol = \"tcp\" }}]",
-            allowed.port()
+            "egress_default = \"deny\"\negress_allow = [{{ cidr = \"127.0.0.1/32\", ports = \"{}\", protocol = \"tcp\" }}, {{ cidr = \"224.0.0.0/4\", ports = \"{}\", protocol = \"tcp\" }}]",
+            allowed.port(),
+            denied.port()
         );
     })
     .expect("start");
@@ -691,6 +700,19 @@ fn with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reacha
     assert_eq!(answer["outcome"], "other", "allowed: {answer}");
     let answer = as_agent(&stack, &["tcp", "127.0.0.1", &denied.port().to_string()]);
     assert_eq!(answer["outcome"], "denied", "not on the list: {answer}");
+    // A socket bound to a multicast address that connects to 0.0.0.0
+    // reaches 127.0.0.1: the rule for the multicast range does not let it.
+    let answer = as_agent(
+        &stack,
+        &[
+            "tcp",
+            "0.0.0.0",
+            &denied.port().to_string(),
+            "--source",
+            "224.0.0.1",
+        ],
+    );
+    assert_eq!(answer["outcome"], "denied", "bound to 224.0.0.1: {answer}");
     let answer = as_agent(&stack, &["udp", "127.0.0.1", &allowed.port().to_string()]);
     assert_eq!(
         answer["outcome"], "denied",
@@ -705,8 +727,17 @@ fn with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reacha
 
     let audit = stack.gateway.audit_dir();
     let refused = evidence::rows_of_kind(audit, "refused_egress", "");
-    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert_eq!(refused.len(), 4, "{refused:?}");
     assert_eq!(refused[0]["dst_endpoint_port"], denied.port());
+    // The place the kernel would have sent it, not the address bound.
+    assert_eq!(refused[1]["dst_endpoint_port"], denied.port());
+    assert!(
+        refused[1]["dst_endpoint_ip"]
+            .as_str()
+            .is_some_and(|ip| ip.ends_with("127.0.0.1")),
+        "{}",
+        refused[1]
+    );
     let config = evidence::rows(audit, "SELECT unmapped FROM audit WHERE phase = 'config'");
     let snapshot: Value =
         serde_json::from_str(config[0]["unmapped"].as_str().unwrap_or("{}")).expect("json");
