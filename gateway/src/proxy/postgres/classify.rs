@@ -30,6 +30,15 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_read_file",
     "pg_read_binary_file",
     "pg_ls_dir",
+    // The server's own directories: log, WAL, temporary files, archive
+    // status, logical decoding and replication slots.
+    "pg_ls_logdir",
+    "pg_ls_waldir",
+    "pg_ls_tmpdir",
+    "pg_ls_archive_statusdir",
+    "pg_ls_logicalsnapdir",
+    "pg_ls_logicalmapdir",
+    "pg_ls_replslotdir",
     "pg_stat_file",
     "pg_file_write",
     "lo_import",
@@ -91,6 +100,16 @@ const STATE_CHANGING_FUNCTIONS: &[&str] = &[
     "pg_create_restore_point",
     "pg_backup_start",
     "pg_backup_stop",
+    // Their names up to PostgreSQL 14.
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_log_standby_snapshot",
+    // PostgreSQL 18: planner statistics written or cleared by hand.
+    "pg_restore_relation_stats",
+    "pg_restore_attribute_stats",
+    "pg_clear_relation_stats",
+    "pg_clear_attribute_stats",
+    "pg_stat_reset_backend_stats",
     "pg_promote",
     "pg_logical_emit_message",
     "pg_create_physical_replication_slot",
@@ -153,6 +172,14 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "pg_logical_slot_peek_binary_changes",
     "pg_logical_slot_get_changes",
     "pg_logical_slot_get_binary_changes",
+    // pg_walinspect returns the WAL's records, the raw bytes of every
+    // table's changed rows and whole page images among them.
+    "pg_get_wal_block_info",
+    "pg_get_wal_record_info",
+    "pg_get_wal_records_info",
+    "pg_get_wal_records_info_till_end_of_wal",
+    "pg_get_wal_stats",
+    "pg_get_wal_stats_till_end_of_wal",
     // pageinspect reads raw pages of a table named as text.
     "get_raw_page",
     "heap_page_items",
@@ -179,6 +206,16 @@ const SAMPLE_VIEWS: &[&str] = &[
     "pg_catalog.pg_stats_ext_exprs",
     "pg_catalog.pg_statistic",
     "pg_catalog.pg_statistic_ext_data",
+];
+
+/// Catalog views that show server configuration files, line by line:
+/// pg_hba.conf's options (an LDAP bind password among them), every line of
+/// postgresql.conf and its includes, pg_ident.conf. Reading one reads a
+/// server file, as pg_read_file does.
+const SERVER_FILE_VIEWS: &[&str] = &[
+    "pg_catalog.pg_hba_file_rules",
+    "pg_catalog.pg_file_settings",
+    "pg_catalog.pg_ident_file_mappings",
 ];
 
 /// Whether `name` (schema.table) is in a TOAST schema: a TOAST table holds
@@ -990,6 +1027,11 @@ fn top_kind(statement: &Statement) -> StatementKind {
     }
 }
 
+/// Whether a DROP's `CASCADE`/`RESTRICT` is CASCADE.
+fn cascades(behavior: Option<&sqlparser::ast::DropBehavior>) -> bool {
+    matches!(behavior, Some(sqlparser::ast::DropBehavior::Cascade))
+}
+
 /// See [`Operation::moves_names`].
 fn moves_names(statement: &Statement) -> bool {
     match statement {
@@ -1349,6 +1391,9 @@ impl Walker {
                     format!("{name} shows sampled values of every table's columns, whichever tables a rule denies")
                 });
             }
+            if SERVER_FILE_VIEWS.contains(&name.as_str()) {
+                self.dangers.insert(Danger::FileOrProgramFunction);
+            }
             if is_toast_table(&name) {
                 self.not_understood.get_or_insert_with(|| {
                     format!("{name} holds the out-of-line values of another table's columns, whichever tables a rule denies")
@@ -1408,6 +1453,16 @@ impl Walker {
 
     /// A call of the function `name`, wherever it appears (an expression,
     /// a FROM item): dangerous functions, and set_config of client_encoding.
+    /// A DROP: a danger of its own, and with CASCADE whatever depends on
+    /// what it drops (views, keys of other tables, columns of a type),
+    /// which the text does not name.
+    fn note_drop(&mut self, cascade: bool) {
+        if cascade {
+            self.written.insert(UNKNOWN_TABLES.into());
+        }
+        self.dangers.insert(Danger::Drop);
+    }
+
     fn note_call(&mut self, name: &ObjectName, args: Option<&[FunctionArg]>) {
         let Some(last) = name.0.last().and_then(|part| part.as_ident()) else {
             return;
@@ -1829,7 +1884,10 @@ impl Visitor for Walker {
             } => {
                 if matches!(
                     object_type,
-                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView
+                    ObjectType::Table
+                        | ObjectType::ForeignTable
+                        | ObjectType::View
+                        | ObjectType::MaterializedView
                 ) {
                     for name in names {
                         self.written.extend(table_names(name));
@@ -1840,12 +1898,54 @@ impl Visitor for Walker {
                         self.written.insert(every_table_of(name));
                     }
                 }
-                // CASCADE drops what depends on these too (views, keys of
-                // other tables), which the text does not name.
-                if *cascade {
-                    self.written.insert(UNKNOWN_TABLES.into());
+                self.note_drop(*cascade);
+            }
+            // The other DROPs sqlparser reads into statements of their own:
+            // each a drop, and with CASCADE it drops what depends on the
+            // object too (a domain's or an extension's type takes every
+            // column of it, a function takes defaults, views, triggers).
+            Statement::DropFunction(sqlparser::ast::DropFunction { drop_behavior, .. })
+            | Statement::DropDomain(sqlparser::ast::DropDomain { drop_behavior, .. })
+            | Statement::DropProcedure { drop_behavior, .. }
+            | Statement::DropOperator(sqlparser::ast::DropOperator { drop_behavior, .. })
+            | Statement::DropOperatorFamily(sqlparser::ast::DropOperatorFamily {
+                drop_behavior,
+                ..
+            })
+            | Statement::DropOperatorClass(sqlparser::ast::DropOperatorClass {
+                drop_behavior,
+                ..
+            }) => self.note_drop(cascades(drop_behavior.as_ref())),
+            Statement::DropExtension(drop) => self.note_drop(matches!(
+                drop.cascade_or_restrict,
+                Some(sqlparser::ast::ReferentialAction::Cascade)
+            )),
+            // A trigger, policy or rule is part of its table: dropping one
+            // changes what the table does.
+            Statement::DropTrigger(drop) => {
+                if let Some(table) = &drop.table_name {
+                    self.written.extend(table_names(table));
                 }
-                self.dangers.insert(Danger::Drop);
+                self.note_drop(matches!(
+                    drop.option,
+                    Some(sqlparser::ast::ReferentialAction::Cascade)
+                ));
+            }
+            Statement::DropPolicy(sqlparser::ast::DropPolicy {
+                table_name,
+                drop_behavior,
+                ..
+            })
+            | Statement::DropRule(sqlparser::ast::DropRule {
+                table_name,
+                drop_behavior,
+                ..
+            }) => {
+                self.written.extend(table_names(table_name));
+                self.note_drop(cascades(drop_behavior.as_ref()));
+            }
+            Statement::CreateTrigger(create) => {
+                self.written.extend(table_names(&create.table_name));
             }
             Statement::AlterTable(alter) => {
                 self.target(&alter.name, false);
@@ -2248,6 +2348,22 @@ mod tests {
                 Some(Danger::FileOrProgramFunction),
             ),
             ("SELECT * FROM pg_read_file", None),
+            (
+                "SELECT * FROM pg_ls_logdir()",
+                Some(Danger::FileOrProgramFunction),
+            ),
+            (
+                "SELECT options FROM pg_hba_file_rules",
+                Some(Danger::FileOrProgramFunction),
+            ),
+            (
+                "SELECT name, setting FROM pg_catalog.pg_file_settings",
+                Some(Danger::FileOrProgramFunction),
+            ),
+            (
+                "SELECT * FROM pg_ident_file_mappings",
+                Some(Danger::FileOrProgramFunction),
+            ),
             ("SELECT length('/etc/passwd')", None),
             ("SET ROLE postgres", Some(Danger::SetRole)),
             (r#"SET "role" = 'postgres'"#, Some(Danger::SetRole)),
@@ -2474,6 +2590,11 @@ mod tests {
             "SELECT pg_notify('c', 'x')",
             "SELECT pg_advisory_lock(1)",
             "SELECT * FROM orders WHERE id = nextval('s')",
+            "SELECT pg_start_backup('x')",
+            "SELECT pg_stop_backup()",
+            "SELECT pg_clear_relation_stats('public', 'orders')",
+            "SELECT pg_clear_attribute_stats('public', 'orders', 'id', false)",
+            "SELECT pg_log_standby_snapshot()",
         ] {
             assert_eq!(one(sql).kind, Write, "{sql}");
         }
@@ -2659,6 +2780,55 @@ mod tests {
         assert!(one("CREATE TABLE \"*\" (a int)")
             .writes
             .contains("public.\"*\""));
+    }
+
+    /// The DROPs sqlparser reads into statements of their own are drops
+    /// like any other: the `drop` danger, and with CASCADE the unknown
+    /// tables what depends on them may be. A trigger, policy or rule
+    /// created or dropped writes its table.
+    #[test]
+    fn every_kind_of_drop_is_a_drop_and_cascade_reaches_unknown_tables() {
+        for (sql, cascade) in [
+            ("DROP FUNCTION mask_fn(text)", false),
+            ("DROP FUNCTION mask_fn(text) CASCADE", true),
+            ("DROP PROCEDURE p() CASCADE", true),
+            ("DROP DOMAIN email_address CASCADE", true),
+            ("DROP DOMAIN email_address", false),
+            ("DROP EXTENSION citext CASCADE", true),
+            ("DROP OPERATOR FAMILY f USING btree CASCADE", true),
+            ("DROP TRIGGER audit_trg ON public.secrets", false),
+            ("DROP POLICY p ON secrets CASCADE", true),
+            ("DROP RULE r ON secrets", false),
+            ("DROP FOREIGN TABLE public.secrets_remote", false),
+        ] {
+            let c = one(sql);
+            assert!(c.dangers.contains(&Danger::Drop), "{sql}: {:?}", c.dangers);
+            assert_eq!(
+                c.writes.contains(UNKNOWN_TABLES),
+                cascade,
+                "{sql}: {:?}",
+                c.writes
+            );
+        }
+        for (sql, table) in [
+            ("DROP TRIGGER audit_trg ON public.secrets", "public.secrets"),
+            ("DROP POLICY p ON secrets", "public.secrets"),
+            ("DROP RULE r ON secrets", "public.secrets"),
+            (
+                "DROP FOREIGN TABLE public.secrets_remote",
+                "public.secrets_remote",
+            ),
+            (
+                "CREATE TRIGGER t AFTER INSERT ON public.secrets FOR EACH ROW EXECUTE FUNCTION f()",
+                "public.secrets",
+            ),
+        ] {
+            assert!(
+                one(sql).writes.contains(table),
+                "{sql}: {:?}",
+                one(sql).writes
+            );
+        }
     }
 
     /// What PostgreSQL leaves of an operator once it splits off trailing
@@ -3043,6 +3213,8 @@ mod tests {
             "COPY pg_toast.pg_toast_16390 TO STDOUT",
             "SELECT * FROM pg_toast_temp_3.pg_toast_16500",
             "SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)",
+            "SELECT block_data FROM pg_get_wal_block_info('0/3000000', 'FFFFFFFF/FFFFFFFF')",
+            "SELECT * FROM pg_get_wal_records_info('0/3000000', '0/4000000')",
             "SELECT cron.schedule('0 * * * *', 'DELETE FROM orders')",
             "SELECT mydb.cron.schedule('* * * * *', 'DELETE FROM orders')",
             "SELECT cron.alter_job(1, NULL, 'DELETE FROM orders')",
