@@ -194,7 +194,17 @@ pub struct AuditConfig {
     /// can lose about this much of the newest records.
     #[serde(default = "default_buffered_sync_interval_ms")]
     pub buffered_sync_interval_ms: u64,
+    /// Which of a directory's two streams this store keeps: the evidence
+    /// stream's checkpoints carry `EVIDENCE_ORIGIN_SUFFIX` after the
+    /// origin, so that one stream (signed with the same key) cannot pass
+    /// for the other. Not configured: set by the daemon.
+    #[serde(skip)]
+    pub evidence_stream: bool,
 }
+
+/// What the evidence stream's checkpoint origin carries after the audit
+/// stream's.
+pub const EVIDENCE_ORIGIN_SUFFIX: &str = "/evidence";
 
 fn default_segment_max_age_secs() -> u64 {
     5
@@ -223,6 +233,7 @@ impl AuditConfig {
             auditor_group: None,
             durability: DurabilityMode::default(),
             buffered_sync_interval_ms: default_buffered_sync_interval_ms(),
+            evidence_stream: false,
         }
     }
 }

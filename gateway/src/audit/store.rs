@@ -1805,7 +1805,13 @@ impl SegState {
             dir: cfg.dir.clone(),
             perms,
             manifest: manifest_appender,
-            origin: cfg.origin.clone().unwrap_or_else(|| signer.name.clone()),
+            origin: {
+                let origin = cfg.origin.clone().unwrap_or_else(|| signer.name.clone());
+                match cfg.evidence_stream {
+                    true => format!("{origin}{}", super::EVIDENCE_ORIGIN_SUFFIX),
+                    false => origin,
+                }
+            },
             checkpoint_counter,
             last_checkpoint: Instant::now(),
             last_checkpoint_ms: last_checkpoint_ms.unwrap_or(i64::MIN),

@@ -738,6 +738,57 @@ async fn a_day_directory_left_unsettled_gets_the_directory_mode() {
     assert!(r.ok, "{:#?}", r.problems);
 }
 
+// A directory's two streams are signed with one key: the evidence
+// stream's origin ends in `/evidence`, so its manifest, checkpoints and
+// segments put in place of the audit stream's (every audit record gone,
+// every signature valid) do not verify, nor the other way round.
+#[tokio::test]
+async fn one_stream_put_in_place_of_the_other_does_not_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let mut evidence = crate::evidence::evidence_config(&cfg);
+    evidence.segment_max_records = 10;
+    let log = AuditLog::open(&evidence).await.unwrap();
+    let now = store::now_ms();
+    for i in 0..15 {
+        log.append(sample(i, now + i as i64)).await.unwrap();
+    }
+    log.shutdown().await;
+    let k = key(&cfg);
+    let (audit_report, evidence_report) = (verify(&cfg.dir, &k), verify(&evidence.dir, &k));
+    assert!(audit_report.ok, "{:#?}", audit_report.problems);
+    assert!(evidence_report.ok, "{:#?}", evidence_report.problems);
+    let audit_origin = audit_report.origin.clone().expect("an origin");
+    assert_eq!(
+        evidence_report.origin,
+        Some(format!("{audit_origin}{EVIDENCE_ORIGIN_SUFFIX}"))
+    );
+
+    // Each stream's signed files in place of the other's.
+    let swapped = tmp.path().join("swapped");
+    crash_copy(&cfg.dir, &swapped);
+    let swapped_evidence = swapped.join("evidence");
+    for part in ["manifest.jsonl", "checkpoints", "records"] {
+        let (audit_part, evidence_part) = (swapped.join(part), swapped_evidence.join(part));
+        let aside = swapped.join(format!("{part}.aside"));
+        fs::rename(&audit_part, &aside).unwrap();
+        fs::rename(&evidence_part, &audit_part).unwrap();
+        fs::rename(&aside, &evidence_part).unwrap();
+    }
+    for stream in [&swapped, &swapped_evidence] {
+        let r = verify(stream, &k);
+        assert!(!r.ok, "{}", stream.display());
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.kind == Kind::OriginOfAnotherStream),
+            "{}: {:#?}",
+            stream.display(),
+            r.problems
+        );
+    }
+}
+
 // A first start that generates the development key and is cut short
 // leaves at most a public key whose private key never appeared (and a
 // temporary file): the next start generates a key that loads, and starts.

@@ -47,6 +47,7 @@ pub enum Kind {
     CheckpointStale,
     SegmentUnsorted,
     RecordsSymlink,
+    OriginOfAnotherStream,
 }
 
 impl Kind {
@@ -107,6 +108,8 @@ pub struct Report {
     pub manifest_entries: u64,
     pub checkpoints: u64,
     pub latest_checkpoint: Option<CheckpointSummary>,
+    /// The origin line of the checkpoints (the stream's name).
+    pub origin: Option<String>,
     pub removed_by_retention: Vec<Removal>,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
@@ -274,6 +277,34 @@ fn note_set_aside(dir: &Path, records_files: &[String], cx: &mut Ctx) {
     }
 }
 
+/// Whether the checkpoints' origin names the stream the directory holds.
+/// A directory's two streams, its audit records and its evidence
+/// (`{dir}/evidence`), are signed with one key: the evidence stream's
+/// origin ends in `/evidence`, the audit stream's does not, so that one's
+/// files put in place of the other's do not verify.
+fn check_stream(cx: &mut Ctx, dir: &Path, file: &str, origin: &str) {
+    let evidence_dir = dir.file_name().is_some_and(|name| name == "evidence")
+        && dir
+            .parent()
+            .is_some_and(|parent| parent.join("wal").is_dir());
+    let evidence_origin = origin.ends_with(super::EVIDENCE_ORIGIN_SUFFIX);
+    if evidence_dir != evidence_origin {
+        let (held, named) = match evidence_dir {
+            true => ("an evidence stream", "not an evidence stream's"),
+            false => ("an audit stream", "an evidence stream's"),
+        };
+        cx.problem(
+            Kind::OriginOfAnotherStream,
+            file,
+            None,
+            None,
+            format!(
+                "this directory holds {held}, but its checkpoints' origin {origin:?} is {named}"
+            ),
+        );
+    }
+}
+
 fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut Ctx) {
     let cp_dir = dir.join("checkpoints");
     let files = match checkpoint::list(&cp_dir) {
@@ -338,7 +369,11 @@ fn check_checkpoints(dir: &Path, key: &Verifier, manifest: &Manifest, cx: &mut C
             continue;
         }
         match &origin {
-            None => origin = Some(cp.origin.clone()),
+            None => {
+                origin = Some(cp.origin.clone());
+                cx.report.origin = Some(cp.origin.clone());
+                check_stream(cx, dir, &rel, &cp.origin);
+            }
             Some(o) if *o != cp.origin => cx.problem(
                 Kind::CheckpointOriginMismatch,
                 &rel,
@@ -985,6 +1020,9 @@ pub fn summary(r: &Report) -> String {
         fmt_time(r.first_time_ms),
         fmt_time(r.last_time_ms)
     ));
+    if let Some(origin) = &r.origin {
+        s.push_str(&format!("origin: {origin}\n"));
+    }
     match &r.latest_checkpoint {
         Some(c) => s.push_str(&format!(
             "latest checkpoint: {} covers {} of {} manifest entries, signed {}\n",

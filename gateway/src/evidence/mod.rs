@@ -94,9 +94,9 @@ pub fn evidence_config(audit: &AuditConfig) -> AuditConfig {
             .clone()
             .unwrap_or_else(|| audit.dir.join("keys").join("checkpoint.key")),
     );
-    // A distinct origin, so a checkpoint of one stream cannot pass for the
-    // other's.
-    config.origin = audit.origin.as_ref().map(|o| format!("{o}/evidence"));
+    // A distinct origin (the audit stream's, the key's name by default,
+    // then `/evidence`), so that one stream cannot pass for the other's.
+    config.evidence_stream = true;
     // Evidence never gates a request; the loss counters cover the rest.
     config.retention_days = audit.retention_days;
     // Written to the WAL by the reader itself, before it lets go of the
