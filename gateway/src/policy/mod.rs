@@ -155,6 +155,11 @@ pub struct Operation {
     /// VIEW`): afterwards a name may stand for what another name did.
     /// Masks are matched by name, once per session at its start.
     pub moves_names: bool,
+    /// Sets a setting to a value computed by the statement (`set_config`
+    /// of anything but a literal): a masked value copied into a setting
+    /// would come back unmasked through `current_setting` or `SHOW`,
+    /// which read no masked table.
+    pub copies_into_settings: bool,
 }
 
 /// A request as the policy sees it, whatever the protocol.
@@ -336,6 +341,12 @@ impl Policy {
                 return Decision::Deny {
                     rule: "mask:names".into(),
                     reason: "a caller with masked columns may not rename or move schemas, tables, views or columns, redefine views, or change search_path or role: masks follow names".into(),
+                };
+            }
+            if !masks.is_empty() && operations.iter().any(|op| op.copies_into_settings) {
+                return Decision::Deny {
+                    rule: "mask:settings".into(),
+                    reason: "a caller with masked columns may not set a setting to a computed value: current_setting or SHOW would hand a masked value back unmasked".into(),
                 };
             }
             // A routine a masked caller defines could hand out masked

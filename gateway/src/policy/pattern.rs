@@ -40,9 +40,34 @@ impl Pattern {
     /// covers `public.customers`. Saying yes where no column turns out to
     /// match only refuses or masks more; saying no lets a masked column
     /// out unmasked (in a COPY, a computed column, an error's text).
+    ///
+    /// A table recorded with a quoted part (a name holding `.`, `"`, `*` or
+    /// `?`, quoted so that it cannot pass for another name in an allow or
+    /// deny pattern) is covered by a pattern written for its raw name too,
+    /// as the rows' masking matches it: covering more only masks more.
     pub fn covers_table(&self, table: &str) -> bool {
-        glob_can_start_with(self.0.as_bytes(), format!("{table}.").as_bytes())
+        let covers =
+            |table: &str| glob_can_start_with(self.0.as_bytes(), format!("{table}.").as_bytes());
+        covers(table) || (table.contains('"') && covers(&unquoted(table)))
     }
+}
+
+/// `table` with its quoting taken off: quotes dropped, doubled ones kept
+/// once (`public."cust?"` is `public.cust?`).
+fn unquoted(table: &str) -> String {
+    let mut out = String::with_capacity(table.len());
+    let mut chars = table.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if chars.peek() == Some(&'"') => {
+                chars.next();
+                out.push('"');
+            }
+            '"' => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Whether some text that starts with `prefix` matches `pattern`: the
@@ -140,6 +165,11 @@ mod tests {
         assert!(p("*.people.ssn").covers_table("hr.people"));
         assert!(!p("public.customers.email").covers_table("public.customer"));
         assert!(!p("public.customers.email").covers_table("public.customers.email"));
+        // A table recorded quoted (its name holds `?`, `*`, `.` or `"`) is
+        // covered by a pattern written for its raw name, as its rows are.
+        assert!(p("public.cust?.email").covers_table("public.\"cust?\""));
+        assert!(p("public.a\"b.email").covers_table("public.\"a\"\"b\""));
+        assert!(!p("public.cust?.email").covers_table("public.\"cust!\""));
     }
 
     proptest::proptest! {

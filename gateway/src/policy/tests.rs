@@ -450,6 +450,48 @@ allow_dangerous = ["alter", "set_role"]
     assert_eq!(denied_by(&decide(&masked, &[], "SELECT 1")), None);
 }
 
+/// A caller with masked columns may not set a setting to a value the
+/// statement computes: the value (a masked column's, copied in) would come
+/// back unmasked through `current_setting` or `SHOW`, which read no masked
+/// table. A literal value carries nothing read; without masks the grant
+/// decides.
+#[test]
+fn a_masked_caller_may_not_copy_values_into_settings() {
+    let with = |mask: &str| {
+        policy(&format!(
+            r#"
+[[grant]]
+name = "tenants"
+roles = ["*"]
+kinds = ["read"]
+allow_dangerous = ["file_or_program_function"]
+{mask}
+"#
+        ))
+    };
+    let masked = with("[[mask]]\nname = \"email\"\ncolumns = [\"public.customers.email\"]");
+    let unmasked = with("");
+    for sql in [
+        "SELECT set_config('tg.x', email, false) FROM public.customers WHERE id = 1",
+        "SELECT set_config('app.tenant', (SELECT email FROM customers LIMIT 1), true)",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&masked, &[], sql)),
+            Some("mask:settings"),
+            "{sql}"
+        );
+        assert_eq!(denied_by(&decide(&unmasked, &[], sql)), None, "{sql}");
+    }
+    assert_eq!(
+        denied_by(&decide(
+            &masked,
+            &[],
+            "SELECT set_config('app.tenant', 'acme', false)"
+        )),
+        None
+    );
+}
+
 /// Changing client_encoding is refused whatever the grants allow: with
 /// another encoding the server would run a statement other than the one
 /// tollgate read and decided.

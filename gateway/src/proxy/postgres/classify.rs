@@ -796,6 +796,7 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
                 | Statement::AlterOperator(_)
         ),
         moves_names: moves_names(statement) || walker.moves_names,
+        copies_into_settings: walker.copies_into_settings,
         runs_by_name: std::mem::take(&mut walker.runs_by_name),
         may_call_by_name: std::mem::take(&mut walker.may_call_by_name),
         dangers: walker.dangers,
@@ -1237,6 +1238,15 @@ fn set_config_moves_names(args: Option<&[FunctionArg]>) -> bool {
     }
 }
 
+/// Whether a `set_config` call's value (its second argument) is a
+/// literal: then it carries nothing the statement read.
+fn set_config_value_is_literal(args: Option<&[FunctionArg]>) -> bool {
+    matches!(
+        args.and_then(|args| args.get(1)),
+        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(_))))
+    )
+}
+
 const ADMIN_SETTINGS: &[&str] = &[
     // Turns off foreign keys and triggers (superuser only).
     "session_replication_role",
@@ -1344,6 +1354,9 @@ struct Walker {
     /// a setting it does not name as a literal): see
     /// [`Operation::moves_names`].
     moves_names: bool,
+    /// A `set_config` whose value is not a literal: see
+    /// [`Operation::copies_into_settings`].
+    copies_into_settings: bool,
     /// Expressions open at this point of the walk, and the most at once
     /// (or the longest chain of set operations, if longer).
     expr_depth: usize,
@@ -1523,6 +1536,9 @@ impl Walker {
         }
         if last == "set_config" && set_config_moves_names(args) {
             self.moves_names = true;
+        }
+        if last == "set_config" && !set_config_value_is_literal(args) {
+            self.copies_into_settings = true;
         }
     }
 }
