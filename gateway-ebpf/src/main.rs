@@ -518,7 +518,15 @@ fn judged_destination(
     let key = destination_key(asked, port, source4, source6, |key| unsafe {
         REDIRECTS.get(key).is_some()
     });
-    if unsafe { REDIRECTS.get(&key).is_some() } {
+    // Only a socket asking for the unspecified address may go to two
+    // places, and only the allow list cares which: every other connect
+    // (the hot path) is judged as before, without another map lookup.
+    if !egress_denied_by_default() {
+        return key;
+    }
+    let [_, other] = possible_destinations(asked, source4, source6);
+    // `key` is `other` when that one is a protected target.
+    if same_address(&other, &key.addr) || unsafe { REDIRECTS.get(&key).is_some() } {
         return key;
     }
     let protocol = if sock_type == SOCK_STREAM {
@@ -526,8 +534,7 @@ fn judged_destination(
     } else {
         protocol
     };
-    let [_, other] = possible_destinations(asked, source4, source6);
-    if !same_address(&other, &key.addr) && !egress_allowed(&other, port, protocol) {
+    if !egress_allowed(&other, port, protocol) {
         return TargetKey { addr: other, port };
     }
     key
