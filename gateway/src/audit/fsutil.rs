@@ -64,11 +64,16 @@ impl Perms {
             }
         }
         match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(e),
+            Ok(()) => self.settle_dir(path),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
         }
-        // The umask may have removed bits; set the documented mode exactly.
+    }
+
+    /// Gives the directory `path` [`DIR_MODE`] exactly (the umask may have
+    /// removed bits) and the auditor group, and syncs its entry in its
+    /// parent.
+    fn settle_dir(&self, path: &Path) -> io::Result<()> {
         fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))?;
         self.chown(path)?;
         if let Some(parent) = path.parent() {
@@ -97,12 +102,7 @@ impl Perms {
                 format!("{} is not a directory", path.display()),
             ));
         }
-        fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))?;
-        self.chown(path)?;
-        if let Some(parent) = path.parent() {
-            fsync_dir(parent)?;
-        }
-        Ok(())
+        self.settle_dir(path)
     }
 
     /// Like [`Self::create_dir_all`], and also brings an existing directory

@@ -556,7 +556,7 @@ fn read_counters(
         };
         if let Some((_, fd)) = tracing_programs
             .iter()
-            .find(|(n, _)| n.trim_start_matches("tollgate_") == name)
+            .find(|(n, _)| counted_name(n) == name)
         {
             match prog_info::stats(fd) {
                 Ok(stats) => {
@@ -896,13 +896,16 @@ async fn write_loss(
     }
 }
 
+/// The name a loss record counts program `program` (the kernel's name of
+/// it, `tollgate_tcp_state`) under: `tcp_state`.
+fn counted_name(program: &str) -> &str {
+    program.trim_start_matches("tollgate_")
+}
+
 /// Puts each replaced instance on its program's counters.
 fn note_replaced(report: &mut LossReport, replaced: &[(String, ProgStats)]) {
     for (name, stats) in replaced {
-        if let Some(counters) = report
-            .programs
-            .get_mut(name.trim_start_matches("tollgate_"))
-        {
+        if let Some(counters) = report.programs.get_mut(counted_name(name)) {
             counters.replaced = Some(ReplacedInstance {
                 program_id: stats.id,
                 recursion_misses: stats.recursion_misses,
