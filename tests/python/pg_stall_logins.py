@@ -18,13 +18,7 @@ import struct
 import sys
 import time
 
-
-def error_fields(body):
-    fields = {}
-    for part in body.split(b"\0"):
-        if part:
-            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
-    return fields
+from pg_raw import error_fields
 
 
 def main():
@@ -56,9 +50,7 @@ def main():
         except BlockingIOError:
             pass
     print(json.dumps({"held": len(stalled), "held_told": told, "next": answer}), flush=True)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    time.sleep(seconds)
     for s in stalled:
         s.close()
 
