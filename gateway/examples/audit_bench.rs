@@ -767,7 +767,18 @@ async fn main() {
     let only = std::env::args().nth(2);
     if only.as_deref() == Some("sustained") {
         use Placement::*;
-        for placement in [WholeStore, BackgroundBeside, SessionsBeside].repeat(2) {
+        // `AUDIT_BENCH_PLACEMENT=whole|background|sessions` runs only that
+        // placement (twice), for profiling one of them.
+        let placements: Vec<Placement> = match std::env::var("AUDIT_BENCH_PLACEMENT").as_deref() {
+            Ok("whole") => vec![WholeStore],
+            Ok("background") => vec![BackgroundBeside],
+            Ok("sessions") => vec![SessionsBeside],
+            Ok(other) => {
+                panic!("AUDIT_BENCH_PLACEMENT={other}: expected whole, background or sessions")
+            }
+            Err(_) => vec![WholeStore, BackgroundBeside, SessionsBeside],
+        };
+        for placement in placements.repeat(2) {
             let s = sustained(&dir, 1_000_000, placement).await;
             println!(
                 "sustained, {}: {:.0} records/s until the last segment is written; store CPU {}, {:.2} cores' worth; the store's own threads {:.2} µs per record, {:.2} cores' worth; the record maker on CPU 1 {:.2}",
