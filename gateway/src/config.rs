@@ -139,6 +139,49 @@ impl Default for PinConfig {
     }
 }
 
+impl PinConfig {
+    /// What `[pin]` must hold, whatever else the file says.
+    fn check(&self) -> Result<(), (String, String)> {
+        // Where it is on the file system is checked when it is used
+        // (`pin::ensure_inside_bpffs`): bpffs may be mounted later.
+        if !self.bpffs_dir.is_absolute() {
+            return Err((
+                "pin.bpffs_dir".into(),
+                "must be an absolute path of a directory of tollgate's own below a bpffs mount \
+                 (/sys/fs/bpf/tollgate)"
+                    .into(),
+            ));
+        }
+        // An hour at most: loss records are how verify shows completeness
+        // per interval, and a period near u64::MAX overflows the timer.
+        if !(1..=3600).contains(&self.loss_interval_secs) {
+            return Err((
+                "pin.loss_interval_secs".into(),
+                "must be between 1 and 3600".into(),
+            ));
+        }
+        if self.egress_allow.len() > gateway_common::EGRESS_RULE_ENTRIES as usize {
+            return Err((
+                "pin.egress_allow".into(),
+                format!("at most {} rules", gateway_common::EGRESS_RULE_ENTRIES),
+            ));
+        }
+        for (i, rule) in self.egress_allow.iter().enumerate() {
+            rule.parse()
+                .map_err(|reason| (format!("pin.egress_allow[{i}]"), reason))?;
+        }
+        for (i, cgroup) in self.agent_cgroups.iter().enumerate() {
+            if !cgroup.is_absolute() {
+                return Err((
+                    format!("pin.agent_cgroups[{i}]"),
+                    "must be an absolute path under the cgroup v2 mount".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_loss_interval_secs() -> u64 {
     5
 }
@@ -250,6 +293,48 @@ fn read_password_file(path: &Path) -> Result<String, String> {
     }
 }
 
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|err| ConfigError {
+        file: path.display().to_string(),
+        key: "-".into(),
+        reason: format!("cannot read: {err}"),
+    })
+}
+
+/// `text` as a `T`, or an error naming the key and the reason, never the
+/// value: the error's whole display quotes the offending line, which may
+/// hold an inline password.
+fn deserialize_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|err| {
+        let at = err.span().map_or(String::new(), |span| {
+            let before = text.get(..span.start).unwrap_or_default();
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line}, column {column}")
+        });
+        ConfigError {
+            file: file.into(),
+            key: "-".into(),
+            reason: format!("{}{at}", err.message().trim()),
+        }
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let key = err.path().to_string();
+        ConfigError {
+            file: file.into(),
+            key: if key.is_empty() || key == "." {
+                "-".into()
+            } else {
+                key
+            },
+            reason: without_values(err.into_inner().message().trim()),
+        }
+    })
+}
+
 /// A configuration error that names the file, the key and the reason.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
@@ -272,47 +357,33 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads and checks the file without opening the files it names: for
-    /// commands that need only `[pin]`, so `unpin` still removes the
-    /// redirect when a credential file is broken.
+    /// Reads and checks the file without opening the files it names.
     pub fn read(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
-            file: file.clone(),
-            key: "-".into(),
-            reason: format!("cannot read: {err}"),
-        })?;
-        Self::parse(&text, &file)
+        Self::parse(&read_text(path)?, &file)
+    }
+
+    /// Reads and checks `[pin]` alone: for the commands that need only it
+    /// (`unpin`, `pin status`), so the redirect can still be removed or
+    /// inspected when something else in the file (a policy typo, a broken
+    /// credential) keeps the daemon from starting.
+    pub fn read_pin(path: &Path) -> Result<PinConfig, ConfigError> {
+        /// Everything but `[pin]` is left unread.
+        #[derive(Deserialize)]
+        struct PinOnly {
+            #[serde(default)]
+            pin: PinConfig,
+        }
+        let file = path.display().to_string();
+        let only: PinOnly = deserialize_toml(&read_text(path)?, &file)?;
+        only.pin
+            .check()
+            .map_err(|(key, reason)| ConfigError { file, key, reason })?;
+        Ok(only.pin)
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        // The message and where, not the error's whole display: that quotes
-        // the offending line, which may hold an inline password.
-        let deserializer = toml::Deserializer::parse(text).map_err(|err| {
-            let at = err.span().map_or(String::new(), |span| {
-                let before = text.get(..span.start).unwrap_or_default();
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!(" at line {line}, column {column}")
-            });
-            ConfigError {
-                file: file.into(),
-                key: "-".into(),
-                reason: format!("{}{at}", err.message().trim()),
-            }
-        })?;
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
-            let key = err.path().to_string();
-            ConfigError {
-                file: file.into(),
-                key: if key.is_empty() || key == "." {
-                    "-".into()
-                } else {
-                    key
-                },
-                reason: without_values(err.into_inner().message().trim()),
-            }
-        })?;
+        let config: Config = deserialize_toml(text, file)?;
         config.check().map_err(|(key, reason)| ConfigError {
             file: file.into(),
             key,
@@ -624,10 +695,34 @@ impl Config {
                     ),
                 ));
             }
-            if target.listen == target.address {
+            // Port 0 is where no connection goes: a listener there gets an
+            // ephemeral port the redirect does not point at, and a target
+            // there protects nothing.
+            if target.listen.port() == 0 {
                 return Err((
                     format!("target[{i}].listen"),
-                    "must differ from address".into(),
+                    "port 0 is no port the redirect can point at; give the listener's port".into(),
+                ));
+            }
+            if target.address.port() == 0 {
+                return Err((
+                    format!("target[{i}].address"),
+                    "port 0 is no port agents connect to; give the target's port".into(),
+                ));
+            }
+            if target.credential.user.is_empty() {
+                return Err((
+                    format!("target[{i}].credential.user"),
+                    "is empty: give the user tollgate logs in upstream as".into(),
+                ));
+            }
+            // As for a password file whose first line is empty: only the
+            // target would refuse it, session after session, or a
+            // misconfigured one accept it.
+            if target.credential.password.as_deref() == Some("") {
+                return Err((
+                    format!("target[{i}].credential.password"),
+                    "is empty: leave it out for trust authentication".into(),
                 ));
             }
             if target.credential.password.is_some() && target.credential.password_file.is_some() {
@@ -637,33 +732,26 @@ impl Config {
                 ));
             }
         }
-        // An hour at most: loss records are how verify shows completeness
-        // per interval, and a period near u64::MAX overflows the timer.
-        if !(1..=3600).contains(&self.pin.loss_interval_secs) {
-            return Err((
-                "pin.loss_interval_secs".into(),
-                "must be between 1 and 3600".into(),
-            ));
-        }
-        if self.pin.egress_allow.len() > gateway_common::EGRESS_RULE_ENTRIES as usize {
-            return Err((
-                "pin.egress_allow".into(),
-                format!("at most {} rules", gateway_common::EGRESS_RULE_ENTRIES),
-            ));
-        }
-        for (i, rule) in self.pin.egress_allow.iter().enumerate() {
-            rule.parse()
-                .map_err(|reason| (format!("pin.egress_allow[{i}]"), reason))?;
-        }
-        for (i, cgroup) in self.pin.agent_cgroups.iter().enumerate() {
-            if !cgroup.is_absolute() {
+        // A target whose address is a listener (its own or another's,
+        // in either spelling of an IPv4 address) sends tollgate's upstream
+        // connections back into tollgate: every session would fail.
+        for (i, target) in self.targets.iter().enumerate() {
+            let address = crate::pin::target_key(target.address);
+            if let Some(listener) = self
+                .targets
+                .iter()
+                .find(|t| crate::pin::target_key(t.listen) == address)
+            {
                 return Err((
-                    format!("pin.agent_cgroups[{i}]"),
-                    "must be an absolute path under the cgroup v2 mount".into(),
+                    format!("target[{i}].address"),
+                    format!(
+                        "{} is the listener of target {:?}: tollgate would connect to itself",
+                        target.address, listener.name
+                    ),
                 ));
             }
         }
-        Ok(())
+        self.pin.check()
     }
 
     /// Checks the files the sessions read. A password file that cannot
@@ -823,6 +911,92 @@ mod tests {
                 parsed.err().map(|e| e.to_string())
             );
         }
+    }
+
+    /// Port 0, an empty upstream user or inline password, and a target
+    /// whose address is a listener (in either spelling of an IPv4
+    /// address, its own or another target's) are refused: each would start
+    /// a daemon every session of which fails.
+    #[test]
+    fn targets_that_no_session_could_use_are_refused() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let cases = [
+            (
+                "listen = \"127.0.0.1:16432\"",
+                "listen = \"127.0.0.1:0\"",
+                "target[0].listen",
+            ),
+            (
+                "address = \"10.0.0.10:5432\"",
+                "address = \"10.0.0.10:0\"",
+                "target[0].address",
+            ),
+            (
+                "address = \"10.0.0.10:5432\"",
+                "address = \"[::ffff:127.0.0.1]:16432\"",
+                "target[0].address",
+            ),
+            (
+                "user = \"tollgate_agent\"",
+                "user = \"\"",
+                "target[0].credential.user",
+            ),
+            (
+                "password_file = \"/etc/tollgate/orders-db.password\"",
+                "password = \"\"",
+                "target[0].credential.password",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(text.contains(from), "{from}");
+            let err = Config::parse(&text.replacen(from, to, 1), "tollgate.toml").expect_err(to);
+            assert_eq!(err.key, key, "{to}: {err}");
+        }
+        // Another target's listener as the address.
+        let crossed = with_targets(2, |i, t| match i {
+            0 => t.to_string(),
+            _ => renamed(i, t, "cross")
+                .replace("127.0.0.1:16432", "127.0.0.1:16433")
+                .replace("10.0.0.10:5432", "127.0.0.1:16432"),
+        });
+        let err = Config::parse(&crossed, "tollgate.toml").expect_err("crossed");
+        assert_eq!(err.key, "target[1].address", "{err}");
+        assert!(
+            err.reason.contains("the listener of target \"orders-db\""),
+            "{err}"
+        );
+    }
+
+    /// `unpin` and `pin status` read `[pin]` alone: a mistake elsewhere in
+    /// the file, which keeps the daemon from starting, does not keep the
+    /// redirect from being removed; `[pin]`'s own rules still hold.
+    #[test]
+    fn pin_commands_read_pin_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = include_str!("../../deploy/tollgate.toml");
+        let typo = text.replacen("[[policy.grant]]", "[[policy.grant]]\nno_such_key = 1", 1);
+        let path = dir.path().join("typo.toml");
+        std::fs::write(&path, &typo).expect("write");
+        assert!(Config::read(&path).is_err(), "the typo stops the daemon");
+        let pin = Config::read_pin(&path).expect("[pin] alone reads");
+        assert_eq!(pin.bpffs_dir, PathBuf::from("/sys/fs/bpf/tollgate"));
+        assert_eq!(
+            pin.agent_cgroups,
+            vec![PathBuf::from("/sys/fs/cgroup/tollgate-agents")]
+        );
+        let relative = typo.replacen("[pin]", "[pin]\nbpffs_dir = \"tollgate\"", 1);
+        std::fs::write(&path, relative).expect("write");
+        let err = Config::read_pin(&path).expect_err("relative bpffs_dir");
+        assert_eq!(err.key, "pin.bpffs_dir", "{err}");
+        std::fs::write(&path, "no [pin] at all = here").expect("write");
+        assert!(Config::read_pin(&path).is_err(), "not TOML");
+        std::fs::write(&path, "[identity]\nwhatever = 1\n").expect("write");
+        assert_eq!(
+            Config::read_pin(&path)
+                .expect("no [pin]: the defaults")
+                .bpffs_dir,
+            PathBuf::from("/sys/fs/bpf/tollgate")
+        );
     }
 
     /// `deploy/tollgate.toml` with its one target repeated `n` times, the

@@ -516,7 +516,7 @@ fn verify_options(
 
 fn pin_status(config: Option<PathBuf>, json: bool) -> Result<()> {
     let pin_config = match config {
-        Some(path) => Config::read(&path)?.pin,
+        Some(path) => Config::read_pin(&path)?,
         None => tollgate::config::PinConfig::default(),
     };
     let programs = pin::status::status(&pin_config.bpffs_dir, &pin_config.agent_cgroups)?;
@@ -530,7 +530,7 @@ fn pin_status(config: Option<PathBuf>, json: bool) -> Result<()> {
 
 fn unpin(config: Option<PathBuf>) -> Result<()> {
     let dir = match config {
-        Some(path) => Config::read(&path)?.pin.bpffs_dir,
+        Some(path) => Config::read_pin(&path)?.bpffs_dir,
         None => tollgate::config::PinConfig::default().bpffs_dir,
     };
     pin::unpin(&dir)

@@ -1158,6 +1158,158 @@ fn an_agent_cgroup_its_user_could_leave_is_refused_at_start() {
     );
 }
 
+/// A configuration for tollgate on `bpffs_dir` and `agent_cgroup`, written
+/// to a file, for a daemon the test starts itself (nothing it reaches is
+/// started: these daemons stop before they would).
+fn config_file(bpffs_dir: &Path, agent_cgroup: &Path) -> (tempfile::TempDir, PathBuf) {
+    let (dir, mut config) = tollgate_tests::Gateway::config_for(
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        "app",
+        "secret",
+        "http://127.0.0.1:9/jwks".into(),
+    )
+    .expect("config");
+    config.bpffs_dir = bpffs_dir.to_path_buf();
+    config.agent_cgroup = agent_cgroup.to_path_buf();
+    let keygen = Command::new(tollgate_bin())
+        .args(["keygen", "--out"])
+        .arg(&config.signing_key)
+        .output()
+        .expect("run tollgate keygen");
+    assert!(keygen.status.success(), "{keygen:?}");
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, config.toml()).expect("write config");
+    (dir, path)
+}
+
+/// `bpffs_dir` names a directory `run` takes over and `unpin` removes:
+/// one that is not below a bpffs mount (a typo naming the audit store,
+/// say) is touched by neither, and a bpffs directory holding something
+/// tollgate did not put there keeps it.
+#[test]
+fn unpin_and_run_touch_nothing_outside_a_pin_directory_of_their_own() {
+    if !privileged("unpin_and_run_touch_nothing_outside_a_pin_directory_of_their_own") {
+        return;
+    }
+    let unique = format!("tollgate-pin-guard-{}", std::process::id());
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let victim = scratch.path().join("audit");
+    std::fs::create_dir(&victim).expect("mkdir");
+    std::fs::write(victim.join("manifest.jsonl"), "kept\n").expect("write");
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o750))
+        .expect("chmod");
+    let cgroup = AgentCgroup::root().join(&unique);
+    let (_config_dir, config) = config_file(&victim, &cgroup);
+
+    let unpin = Command::new(tollgate_bin())
+        .args(["unpin", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run tollgate unpin");
+    let stderr = String::from_utf8_lossy(&unpin.stderr);
+    assert!(
+        !unpin.status.success(),
+        "unpin of a plain directory succeeded"
+    );
+    assert!(
+        stderr.contains("is not inside a bpf file system"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.join("manifest.jsonl")).expect("the file is still there"),
+        "kept\n"
+    );
+
+    let run = Command::new(tollgate_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run tollgate run");
+    let _ = std::fs::remove_dir(&cgroup);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "run on a plain directory started");
+    assert!(
+        stderr.contains("is not inside a bpf file system"),
+        "{stderr}"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&victim).expect("stat").permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o750, "the directory was taken over");
+    assert!(!victim.join("links").exists() && !victim.join("maps").exists());
+
+    // Another tool's directory on bpffs: tollgate's two directories go,
+    // what else it holds stays, and unpin says so.
+    let theirs = PathBuf::from("/sys/fs/bpf").join(&unique);
+    for sub in ["", "links", "maps", "their-pins"] {
+        std::fs::create_dir_all(theirs.join(sub)).expect("mkdir on bpffs");
+    }
+    let (_config_dir, config) = config_file(&theirs, &cgroup);
+    let unpin = Command::new(tollgate_bin())
+        .args(["unpin", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run tollgate unpin");
+    let left = theirs.join("their-pins").is_dir();
+    let _ = std::fs::remove_dir_all(&theirs);
+    let stderr = String::from_utf8_lossy(&unpin.stderr);
+    assert!(!unpin.status.success(), "{stderr}");
+    assert!(stderr.contains("holds something else"), "{stderr}");
+    assert!(left, "unpin removed what another tool pinned");
+}
+
+/// The daemon in one of its own agent cgroups would send its upstream
+/// connections to its own listeners: it does not start there, and says
+/// why, before anything is pinned.
+#[test]
+fn a_daemon_inside_an_agent_cgroup_is_refused_at_start() {
+    if !privileged("a_daemon_inside_an_agent_cgroup_is_refused_at_start") {
+        return;
+    }
+    let unique = format!("tollgate-self-{}", std::process::id());
+    let agents = AgentCgroup::root().join(&unique);
+    std::fs::create_dir(&agents).expect("mkdir cgroup");
+    let pins = PathBuf::from("/sys/fs/bpf").join(&unique);
+    let (_config_dir, config) = config_file(&pins, &agents);
+    let mut child = AgentCgroup::command(&agents, &tollgate_bin().display().to_string())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tollgate in the agent cgroup");
+    // A daemon that started would run on: it is stopped, and the test
+    // fails, rather than wait for it.
+    let exited = wait_for("tollgate to stop", Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    })
+    .is_ok();
+    if !exited {
+        let _ = child.kill();
+    }
+    let run = child.wait_with_output().expect("tollgate's output");
+    let links: Vec<_> = std::fs::read_dir(pins.join("links"))
+        .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let _ = Command::new(tollgate_bin())
+        .args(["unpin", "--config"])
+        .arg(&config)
+        .output();
+    let _ = std::fs::remove_dir_all(&pins);
+    let _ = std::fs::remove_dir(&agents);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        exited && !run.status.success(),
+        "tollgate started in its agent cgroup"
+    );
+    assert!(
+        stderr.contains("tollgate itself runs in cgroup")
+            && stderr.contains(&agents.display().to_string()),
+        "{stderr}"
+    );
+    assert!(links.is_empty(), "pinned before refusing: {links:?}");
+}
+
 /// After a reboot nothing is pinned. If another process holds a
 /// listener's port when tollgate starts, tollgate must not redirect
 /// agents there: it binds its listeners before it installs the redirect,

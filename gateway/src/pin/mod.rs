@@ -240,6 +240,7 @@ fn movable_out_by_others(cgroup: &Path, root: &Path, trusted: u32) -> Option<Str
 /// no one else unless sticky (as bpffs's root is), or it would not help.
 fn own_pin_dirs(pin_dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    mounts::ensure_inside_bpffs(pin_dir)?;
     // SAFETY: geteuid and getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     if let Some(parent) = pin_dir.parent() {
@@ -358,6 +359,7 @@ pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
     // even if configured under two spellings, and under the cgroup2 mount:
     // the cgroups above it are then its path's parents.
     let mut own = std::collections::BTreeMap::new();
+    let daemon_cgroup = own_cgroup_path(&root);
     for cgroup in agent_cgroups {
         let not_under = |real: &Path| {
             anyhow::anyhow!(
@@ -381,6 +383,18 @@ pub fn lock(pin_dir: &Path, agent_cgroups: &[PathBuf]) -> Result<PinLock> {
             .with_context(|| format!("agent cgroup {}", cgroup.display()))?;
         if !real.starts_with(&root) {
             return Err(not_under(&real));
+        }
+        // The daemon in an agent cgroup would be redirected to its own
+        // listeners (and refused its own egress under deny): every session
+        // would fail, with nothing at start to say why.
+        if let Some(daemon) = daemon_cgroup.as_deref().filter(|d| d.starts_with(&real)) {
+            bail!(
+                "tollgate itself runs in cgroup {}, which is agent cgroup {} or below it: its own \
+                 connections would be redirected to itself; run it outside the agent cgroups \
+                 (and do not make the cgroup2 root or a slice holding it an agent cgroup)",
+                daemon.display(),
+                cgroup.display()
+            );
         }
         if let std::collections::btree_map::Entry::Vacant(entry) = own.entry(inode(&real)?) {
             held.push(lock_dir(
@@ -767,6 +781,21 @@ fn replaced_instance(
     }
 }
 
+/// This process's cgroup directory under the cgroup2 mount `root`, as
+/// the file system has it.
+fn own_cgroup_path(root: &Path) -> Option<PathBuf> {
+    fs::canonicalize(cgroup_path_of(root, "self")?).ok()
+}
+
+/// The cgroup directory of process `pid` (a number, or `self`) under the
+/// cgroup2 mount `root`.
+fn cgroup_path_of(root: &Path, pid: &str) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    // cgroup v2's line is "0::/path".
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(root.join(rel.trim_start_matches('/')))
+}
+
 /// The cgroup v2 id (inode of the cgroup directory) of this process.
 pub fn own_cgroup_id() -> Option<u64> {
     cgroup_id_of(&cgroup2_root().ok()?, "self")
@@ -776,25 +805,41 @@ pub fn own_cgroup_id() -> Option<u64> {
 /// its cgroup's directory under the cgroup2 mount `root`, what the kernel
 /// programs report.
 pub fn cgroup_id_of(root: &Path, pid: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    // cgroup v2's line is "0::/path".
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    fs::metadata(root.join(rel.trim_start_matches('/')))
+    fs::metadata(cgroup_path_of(root, pid)?)
         .ok()
         .map(|m| m.ino())
 }
 
 /// Removes everything tollgate pinned: the redirect stops, agent
 /// connections go direct again.
+///
+/// Only what tollgate makes there goes: the `maps` and `links`
+/// directories and the pins in them, then the directory itself, which is
+/// left (with an error) if it holds anything else: a `bpffs_dir` that
+/// names another tool's directory loses nothing of that tool's.
 pub fn unpin(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
         info!(dir = %pin_dir.display(), "nothing pinned");
         return Ok(());
     }
+    mounts::ensure_inside_bpffs(pin_dir).context("unpin")?;
     // A running daemon's pins stay: it would go on without its redirect
     // and probes, and never know.
     let _running = lock_dir(pin_dir, libc::LOCK_EX, "these pins").context("unpin")?;
-    fs::remove_dir_all(pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", dir.display())),
+        }
+    }
+    fs::remove_dir(pin_dir).with_context(|| {
+        format!(
+            "remove {} (links and maps are gone; it holds something else, which is left in place)",
+            pin_dir.display()
+        )
+    })?;
     info!(dir = %pin_dir.display(), "unpinned: links detached and maps released");
     Ok(())
 }

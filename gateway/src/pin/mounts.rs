@@ -45,6 +45,33 @@ fn ensure_mounted(path: &Path, fstype: &str, magic: i64) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a pin directory that is not inside a bpf file system, or that
+/// is the root of one: `unpin` removes the directory, and `run` takes it
+/// over (its owner and mode), so a `bpffs_dir` naming an ordinary
+/// directory (the audit store, say) or bpffs's root (every other tool's
+/// pins) must stop both before they touch anything. Checked on the
+/// directory's parent: a directory below a bpffs root, made or not, has a
+/// parent on bpffs, and the root's parent is not on one.
+pub fn ensure_inside_bpffs(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .with_context(|| format!("bpffs_dir {} has no parent directory", pin_dir.display()))?;
+    // The nearest existing ancestor: a bpffs_dir two levels below a
+    // mount point, neither made yet, is still inside it.
+    let existing = parent.ancestors().find(|d| d.exists()).unwrap_or(parent);
+    if fs_magic(existing)? != Some(BPF_FS_MAGIC) {
+        bail!(
+            "bpffs_dir {} is not inside a bpf file system ({} is not bpffs): tollgate pins, takes \
+             over and on unpin removes that directory, so it must be a directory of its own below \
+             a bpffs mount such as /sys/fs/bpf",
+            pin_dir.display(),
+            existing.display()
+        );
+    }
+    Ok(())
+}
+
 fn fs_magic(path: &Path) -> Result<Option<i64>> {
     if !path.exists() {
         return Ok(None);

@@ -99,7 +99,10 @@ pub fn connector(config: &UpstreamTlsConfig, target_ip: IpAddr) -> Result<Upstre
     let server_name = match &config.server_name {
         Some(name) => ServerName::try_from(name.clone())
             .map_err(|e| anyhow!("upstream_tls.server_name {name:?}: {e}"))?,
-        None => ServerName::IpAddress(target_ip.into()),
+        // An IPv4 target written IPv4-mapped ([::ffff:10.0.0.10]) is
+        // matched as the IPv4 address its certificate names: a 16-byte
+        // reference never matches a 4-byte SAN.
+        None => ServerName::IpAddress(target_ip.to_canonical().into()),
     };
     Ok(UpstreamTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
