@@ -45,7 +45,14 @@ impl Pattern {
     /// `?`, quoted so that it cannot pass for another name in an allow or
     /// deny pattern) is covered by a pattern written for its raw name too,
     /// as the rows' masking matches it: covering more only masks more.
+    ///
+    /// The tables a statement reaches without naming them
+    /// ([`super::UNKNOWN_TABLES`]: a raw server file's, say) may be any
+    /// table, so every pattern covers them.
     pub fn covers_table(&self, table: &str) -> bool {
+        if table == super::UNKNOWN_TABLES {
+            return true;
+        }
         let covers =
             |table: &str| glob_can_start_with(self.0.as_bytes(), format!("{table}.").as_bytes());
         covers(table) || (table.contains('"') && covers(&unquoted(table)))
@@ -170,6 +177,8 @@ mod tests {
         assert!(p("public.cust?.email").covers_table("public.\"cust?\""));
         assert!(p("public.a\"b.email").covers_table("public.\"a\"\"b\""));
         assert!(!p("public.cust?.email").covers_table("public.\"cust!\""));
+        // Unknown tables may be the masked one.
+        assert!(p("public.customers.email").covers_table(super::super::UNKNOWN_TABLES));
     }
 
     proptest::proptest! {

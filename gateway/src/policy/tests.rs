@@ -389,6 +389,68 @@ columns = ["{columns}"]
     }
 }
 
+/// Even a grant that allows file and program functions does not open a
+/// way around masks and `deny_tables`: dblink runs SQL given as text (not
+/// understood: `mask:unparsed` for a masked caller, refused by any
+/// `deny_tables`), and a raw file may be any table's, so a COPY of one is
+/// a raw stream of a possibly masked table and `deny_tables` refuses it.
+#[test]
+fn file_and_dblink_functions_do_not_get_around_masks_or_denied_tables() {
+    let policy = policy(
+        r#"
+[[grant]]
+name = "files"
+roles = ["*"]
+kinds = ["read"]
+allow_dangerous = ["file_or_program_function"]
+
+[[mask]]
+name = "email"
+columns = ["public.customers.email"]
+"#,
+    );
+    for sql in [
+        "SELECT dblink_build_sql_insert('customers', '1', 1, '{42}', '{42}')",
+        "SELECT * FROM dblink('dbname=app', 'SELECT email FROM customers') AS t(email text)",
+    ] {
+        assert_eq!(
+            denied_by(&decide(&policy, &[], sql)),
+            Some("mask:unparsed"),
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        denied_by(&decide(
+            &policy,
+            &[],
+            "COPY (SELECT pg_read_binary_file('base/16384/16390')) TO STDOUT"
+        )),
+        Some("mask:raw_stream")
+    );
+    let denying = self::policy(
+        r#"
+[[grant]]
+name = "files"
+roles = ["*"]
+kinds = ["read"]
+allow_dangerous = ["file_or_program_function"]
+deny_tables = ["public.secrets"]
+"#,
+    );
+    assert_eq!(
+        denied_by(&decide(
+            &denying,
+            &[],
+            "SELECT pg_read_binary_file('base/16384/16390')"
+        )),
+        Some("files:deny_tables")
+    );
+    assert_eq!(
+        denied_by(&decide(&denying, &[], "SELECT pg_ls_dir('.')")),
+        None
+    );
+}
+
 /// A caller with masked columns may not define routines (one could hand
 /// out their values under a name its calls do not show); without masks,
 /// the grant decides.

@@ -193,7 +193,24 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "crosstab4",
     "connectby",
     "xpath_table",
+    // dblink runs the SQL it is given (on any server, this one included)
+    // and builds statements from a table named as text with its row's
+    // values: `file_or_program_function` too, for the connection.
+    "dblink",
+    "dblink_exec",
+    "dblink_send_query",
+    "dblink_open",
+    "dblink_fetch",
+    "dblink_get_result",
+    "dblink_build_sql_insert",
+    "dblink_build_sql_update",
+    "dblink_build_sql_delete",
 ];
+
+/// Functions that return a server file's bytes: the files of every table
+/// (`base/16384/16390` is a table's heap) among them, so a call reads
+/// tables the text does not name.
+const RAW_FILE_FUNCTIONS: &[&str] = &["pg_read_file", "pg_read_binary_file"];
 
 /// Catalog views, and the tables under them, that show sampled values
 /// (most common values, histogram bounds) of every table's columns:
@@ -1511,6 +1528,9 @@ impl Walker {
         if STATE_CHANGING_FUNCTIONS.contains(&last.as_str()) {
             self.changes_state = true;
         }
+        if RAW_FILE_FUNCTIONS.contains(&last.as_str()) {
+            self.note_relation(vec![UNKNOWN_TABLES.into()]);
+        }
         // A large object's data is in pg_largeobject, whose rules hold.
         if matches!(last.as_str(), "lo_get" | "loread") {
             self.note_relation(vec!["pg_catalog.pg_largeobject".into()]);
@@ -2591,9 +2611,35 @@ mod tests {
             "SELECT pg_catalog.cursor_to_xml('c', 10, false, false, '')",
             "SELECT * FROM LATERAL query_to_xml('SELECT * FROM hr.secrets', true, false, '') x",
             "SELECT * FROM crosstab('SELECT a, b, c FROM hr.secrets') AS t(a text, b text)",
+            "SELECT * FROM dblink('dbname=app', 'SELECT email FROM customers') AS t(email text)",
+            "SELECT dblink_exec('DELETE FROM secrets')",
+            "SELECT dblink_build_sql_insert('customers', '1', 1, '{42}', '{42}')",
+            "SELECT * FROM dblink_fetch('c', 10) AS t(email text)",
         ] {
             assert!(classify(sql).is_err(), "{sql}: {:?}", classify(sql));
         }
+        // Connecting alone runs nothing: a danger, understood.
+        let connect = one("SELECT dblink_connect('c', 'dbname=app')");
+        assert!(connect.dangers.contains(&Danger::FileOrProgramFunction));
+    }
+
+    /// A raw server file may be any table's heap: the call reads tables
+    /// the text does not name, which only a grant of every table allows,
+    /// any `deny_tables` refuses, and every mask covers.
+    #[test]
+    fn raw_file_readers_read_unknown_tables() {
+        for sql in [
+            "SELECT pg_read_binary_file('base/16384/16390')",
+            "SELECT pg_read_file('base/16384/16390', 0, 8192)",
+            "SELECT * FROM pg_catalog.pg_read_binary_file('base/1/2') AS f",
+        ] {
+            let op = one(sql);
+            assert!(op.reads.contains(UNKNOWN_TABLES), "{sql}: {:?}", op.reads);
+            assert!(op.dangers.contains(&Danger::FileOrProgramFunction), "{sql}");
+        }
+        assert!(!one("SELECT pg_stat_file('base/1/2')")
+            .reads
+            .contains(UNKNOWN_TABLES));
     }
 
     /// Built-in functions that change state make a SELECT a write; an
