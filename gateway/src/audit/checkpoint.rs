@@ -419,8 +419,11 @@ pub fn read_note(path: &Path) -> io::Result<String> {
 }
 
 /// The newest checkpoint in `dir` whose signature verifies with `key`,
-/// and whether any checkpoint file is there at all.
-pub fn newest_valid(dir: &Path, key: &Verifier) -> io::Result<(Option<Checkpoint>, bool)> {
+/// with its file's path, and whether any checkpoint file is there at all.
+pub fn newest_valid(
+    dir: &Path,
+    key: &Verifier,
+) -> io::Result<(Option<(PathBuf, Checkpoint)>, bool)> {
     let files = list(dir)?;
     let any = !files.is_empty();
     for (_, path) in files.into_iter().rev() {
@@ -428,7 +431,7 @@ pub fn newest_valid(dir: &Path, key: &Verifier) -> io::Result<(Option<Checkpoint
             continue;
         };
         if let Ok(checkpoint) = open_note(&text, key) {
-            return Ok((Some(checkpoint), any));
+            return Ok((Some((path, checkpoint)), any));
         }
     }
     Ok((None, any))

@@ -70,6 +70,12 @@ pub enum AuditCommand {
         /// latest checkpoint means the tail was cut).
         #[arg(long)]
         max_checkpoint_age_secs: Option<u64>,
+        /// A checkpoint of this directory kept elsewhere (a copy of one of
+        /// its `checkpoints/*.note`, shipped off the host or kept from an
+        /// earlier verify): fail unless the directory's history extends
+        /// the one it signs.
+        #[arg(long)]
+        trusted_checkpoint: Option<PathBuf>,
     },
 }
 
@@ -81,6 +87,7 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
             public_key,
             report,
             max_checkpoint_age_secs,
+            trusted_checkpoint,
         } => {
             // Progress on large directories goes to stderr; the daemon's
             // own subscriber, when already installed, wins.
@@ -91,7 +98,24 @@ pub fn run_command(cmd: AuditCommand) -> anyhow::Result<std::process::ExitCode> 
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .try_init();
-            let r = verify_and_summarise(&dir, &public_key, max_checkpoint_age_secs)?;
+            let trusted_checkpoint = trusted_checkpoint
+                .map(|path| {
+                    checkpoint::read_note(&path)
+                        .map(|text| verify::TrustedCheckpoint {
+                            file: path.display().to_string(),
+                            text,
+                        })
+                        .map_err(|e| {
+                            anyhow::anyhow!("--trusted-checkpoint {}: {e}", path.display())
+                        })
+                })
+                .transpose()?;
+            let r = verify_and_summarise(
+                &dir,
+                &public_key,
+                max_checkpoint_age_secs,
+                trusted_checkpoint,
+            )?;
             if let Some(out) = report {
                 let json = serde_json::to_vec_pretty(&r)?;
                 std::fs::write(&out, json)
@@ -113,11 +137,13 @@ pub fn verify_and_summarise(
     dir: &std::path::Path,
     public_key: &std::path::Path,
     max_checkpoint_age_secs: Option<u64>,
+    trusted_checkpoint: Option<verify::TrustedCheckpoint>,
 ) -> anyhow::Result<verify::Report> {
     let opts = verify::Options {
         max_checkpoint_age_ms: max_checkpoint_age_secs
             .map(|s| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000)),
         now_ms: store::now_ms(),
+        trusted_checkpoint,
     };
     let r = verify::verify_dir(dir, public_key, &opts)?;
     print!("{}", verify::summary(&r));

@@ -215,7 +215,7 @@ pub(crate) fn start(cfg: &AuditConfig, lock: fs::File, perms: Perms) -> anyhow::
     // append. So a torn tail is cut only past what the newest checkpoint
     // signs (this fails otherwise, and touches nothing: the file is the
     // evidence).
-    let signed = signed_lines(&dir, &manifest, &signer)?;
+    let signed = signed_lines(&dir, &manifest, &signer, cfg.evidence_stream)?;
     if let Some(bad) = bad {
         let good = manifest.byte_len();
         warn!(line = bad.line + 1, reason = %bad.reason, "dropping torn last manifest line");
@@ -254,7 +254,7 @@ pub(crate) fn start(cfg: &AuditConfig, lock: fs::File, perms: Perms) -> anyhow::
     let seal_key = signer.wal_seal_key();
     let wal_dir = dir.join("wal");
     let manifest = set_aside_unsigned_tail(&dir, manifest, signed, &perms)?;
-    remove_unlisted_segments(&dir, &manifest)?;
+    remove_unlisted_segments(&dir, &manifest, &pending)?;
 
     let mut seg = SegState::new(cfg, Some(lock), perms, manifest, signer)?;
     if !pending.is_empty() {
@@ -798,10 +798,44 @@ fn unsigned_segments_are_in_the_wal(
 
 /// How many manifest lines the newest valid checkpoint signs. Those lines
 /// must still hash to its root, or the daemon does not start.
-fn signed_lines(dir: &Path, manifest: &Manifest, signer: &Signer) -> anyhow::Result<usize> {
+///
+/// The checkpoint must be this stream's, under its own name, as verify
+/// requires: the other stream signs with the same key, and a start that
+/// took its checkpoint would sign whatever history came with it (the
+/// evidence stream's manifest and segments put in place of the audit
+/// stream's) under this stream's origin.
+fn signed_lines(
+    dir: &Path,
+    manifest: &Manifest,
+    signer: &Signer,
+    evidence_stream: bool,
+) -> anyhow::Result<usize> {
     let (newest, any) = checkpoint::newest_valid(&dir.join("checkpoints"), &signer.public())?;
     Ok(match newest {
-        Some(checkpoint) => {
+        Some((path, checkpoint)) => {
+            let named = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(checkpoint::parse_file_name);
+            if checkpoint.counter != named {
+                anyhow::bail!(
+                    "{}: it signs checkpoint {:?}, not the one its name says: it was copied or \
+                     renamed. Run `tollgate audit verify`",
+                    path.display(),
+                    checkpoint.counter
+                );
+            }
+            if checkpoint.origin.ends_with(super::EVIDENCE_ORIGIN_SUFFIX) != evidence_stream {
+                anyhow::bail!(
+                    "{}: its origin {:?} is the {} stream's, and this directory holds the {} \
+                     stream: one stream's files were put in place of the other's. Run `tollgate \
+                     audit verify`",
+                    path.display(),
+                    checkpoint.origin,
+                    if evidence_stream { "audit" } else { "evidence" },
+                    if evidence_stream { "evidence" } else { "audit" }
+                );
+            }
             let size = usize::try_from(checkpoint.size).unwrap_or(usize::MAX);
             if size > manifest.lines.len() {
                 anyhow::bail!(
@@ -934,7 +968,19 @@ fn set_aside_unsigned_tail(
 /// A segment renamed into place whose manifest entry was never written
 /// (crash in between) is deleted: its records are still in the WAL and the
 /// segment is rebuilt from there.
-fn remove_unlisted_segments(dir: &Path, manifest: &Manifest) -> io::Result<()> {
+///
+/// Such a file is what a crash between a segment's rename and its
+/// manifest entry leaves, and its records are then still in the WAL
+/// (`replayed`): WAL files go only once their records' entries are signed.
+/// One whose records the WAL does not hold is something else: the
+/// manifest's tail and the checkpoints that signed it were cut away. The
+/// file is then the only trace of those records, and the start stops
+/// rather than delete it and give their numbers to new records.
+fn remove_unlisted_segments(
+    dir: &Path,
+    manifest: &Manifest,
+    replayed: &[AuditRecord],
+) -> anyhow::Result<()> {
     let listed: std::collections::HashSet<&str> = manifest
         .entries
         .iter()
@@ -950,18 +996,39 @@ fn remove_unlisted_segments(dir: &Path, manifest: &Manifest) -> io::Result<()> {
         }
         // Only files past the manifest's end are ours to rebuild; an
         // unlisted file inside the closed range is left for verify to flag.
-        let first = rel
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_prefix("seg-"))
-            .and_then(|n| n.split('-').next())
-            .and_then(|n| n.parse::<u64>().ok());
-        if first.is_some_and(|f| f > last) {
-            warn!(file = %rel, "removing segment without manifest entry (rebuilt from WAL)");
-            fs::remove_file(dir.join(&rel))?;
+        let Some((first, end)) = segment_file_sequences(&rel) else {
+            continue;
+        };
+        if first <= last {
+            continue;
         }
+        // The replayed records run without a gap, in sequence order.
+        let in_the_wal = match (replayed.first(), replayed.last()) {
+            (Some(a), Some(b)) => a.sequence <= first && end <= b.sequence,
+            _ => false,
+        };
+        if !in_the_wal {
+            anyhow::bail!(
+                "{}: a segment of records {first}-{end} past the manifest's end, and the WAL does \
+                 not hold those records: the manifest's last lines and the checkpoints that \
+                 signed them were removed. Starting would delete the only copy of those records \
+                 and give their numbers to new ones; nothing was changed. Run `tollgate audit \
+                 verify`, and restore the manifest and checkpoints from a copy",
+                dir.join(&rel).display()
+            );
+        }
+        warn!(file = %rel, "removing segment without manifest entry (rebuilt from WAL)");
+        fs::remove_file(dir.join(&rel))?;
     }
     Ok(())
+}
+
+/// The first and last sequence a segment file's name gives
+/// (`seg-<first>-<last>.parquet`, see [`segment::relative_path`]).
+fn segment_file_sequences(rel: &str) -> Option<(u64, u64)> {
+    let name = rel.rsplit('/').next()?.strip_prefix("seg-")?;
+    let (first, last) = name.strip_suffix(".parquet")?.split_once('-')?;
+    Some((first.parse().ok()?, last.parse().ok()?))
 }
 
 /// Keeps one preallocated WAL file ready for the writer (see
@@ -2009,7 +2076,7 @@ pub fn apply_retention(cfg: &AuditConfig, days: u32, now: i64) -> anyhow::Result
         anyhow::bail!("manifest line {} is damaged: {}", bad.line + 1, bad.reason);
     }
     let lock = lock_dir(&cfg.dir, &perms)?;
-    let signed = signed_lines(&cfg.dir, &manifest, &signer)?;
+    let signed = signed_lines(&cfg.dir, &manifest, &signer, cfg.evidence_stream)?;
     // Fails, changing nothing, if unsigned lines list records the WAL no
     // longer holds.
     replay_past_signed(&cfg.dir, &manifest, signed, &signer)?;

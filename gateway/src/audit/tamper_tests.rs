@@ -787,6 +787,149 @@ async fn one_stream_put_in_place_of_the_other_does_not_verify() {
             r.problems
         );
     }
+    // Nor does the daemon start on them: it would sign the other stream's
+    // history under this one's origin, and verify would pass it.
+    let audit_on_swapped = AuditConfig {
+        dir: swapped.clone(),
+        ..cfg.clone()
+    };
+    let evidence_on_swapped = crate::evidence::evidence_config(&audit_on_swapped);
+    for (stream, holds) in [
+        (&audit_on_swapped, "audit"),
+        (&evidence_on_swapped, "evidence"),
+    ] {
+        let before = fs::read(stream.dir.join(manifest::FILE)).unwrap();
+        let err = AuditLog::open(stream).await.err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains(&format!("this directory holds the {holds} stream")),
+            "{err:#}"
+        );
+        assert_eq!(fs::read(stream.dir.join(manifest::FILE)).unwrap(), before);
+    }
+}
+
+// Whoever can write the directory and restart the daemon can cut the
+// history back to an older checkpoint, delete what came after, and have
+// the daemon sign the rest again: verify passes that on its own. A
+// checkpoint kept elsewhere shows it; a history that grew past the kept
+// checkpoint verifies against it.
+#[tokio::test]
+async fn a_history_cut_back_and_signed_again_fails_against_a_kept_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let (_, newest) = checkpoint::list(&cfg.dir.join("checkpoints"))
+        .unwrap()
+        .pop()
+        .unwrap();
+    let kept = super::verify::TrustedCheckpoint {
+        file: "kept.note".into(),
+        text: fs::read_to_string(&newest).unwrap(),
+    };
+    let against = |trusted: &super::verify::TrustedCheckpoint| super::verify::Options {
+        trusted_checkpoint: Some(trusted.clone()),
+        ..Default::default()
+    };
+    let r = super::verify::verify_with(&cfg.dir, &key(&cfg), &against(&kept));
+    assert!(r.ok, "{:#?}", r.problems);
+
+    // The history grows: it still extends the kept checkpoint.
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    for i in 45..50 {
+        log.append(sample(i, now + i as i64)).await.unwrap();
+    }
+    log.shutdown().await;
+    let r = super::verify::verify_with(&cfg.dir, &key(&cfg), &against(&kept));
+    assert!(r.ok, "{:#?}", r.problems);
+
+    // Cut back to three entries, everything after them deleted, and the
+    // daemon started over it.
+    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
+        let text = fs::read_to_string(&p).unwrap();
+        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
+        if size > 3 {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    let mpath = cfg.dir.join(manifest::FILE);
+    let text = fs::read_to_string(&mpath).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for line in &lines[3..] {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        fs::remove_file(cfg.dir.join(entry["path"].as_str().unwrap())).unwrap();
+    }
+    let cut: String = lines[..3].iter().map(|l| format!("{l}\n")).collect();
+    fs::write(&mpath, cut).unwrap();
+    AuditLog::open(&cfg).await.unwrap().shutdown().await;
+    let alone = verify(&cfg.dir, &key(&cfg));
+    assert!(
+        alone.ok,
+        "the cut history verifies on its own: {:#?}",
+        alone.problems
+    );
+    assert_eq!(alone.last_sequence, Some(30));
+
+    let r = super::verify::verify_with(&cfg.dir, &key(&cfg), &against(&kept));
+    assert!(!r.ok);
+    assert!(
+        r.problems.iter().any(|p| p.kind == Kind::RolledBack
+            && p.file == "kept.note"
+            && p.detail
+                .contains("it signs 5 manifest entries and the manifest has 3")),
+        "{:#?}",
+        r.problems
+    );
+    // A kept checkpoint only counts with a valid signature.
+    let forged = super::verify::TrustedCheckpoint {
+        file: "forged.note".into(),
+        text: kept.text.replacen("\n5\n", "\n3\n", 1),
+    };
+    let r = super::verify::verify_with(&cfg.dir, &key(&cfg), &against(&forged));
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.kind == Kind::CheckpointBadSignature && p.file == "forged.note"),
+        "{:#?}",
+        r.problems
+    );
+}
+
+// Cutting the manifest back to an older checkpoint's size and deleting the
+// newer checkpoints leaves a history the remaining signatures vouch for.
+// The daemon does not sign it: the segment files past the cut, whose
+// records the WAL no longer holds, stop the start, and are left in place.
+#[tokio::test]
+async fn a_manifest_cut_back_to_an_older_checkpoint_stops_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
+        let text = fs::read_to_string(&p).unwrap();
+        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
+        if size > 3 {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    let mpath = cfg.dir.join(manifest::FILE);
+    let text = fs::read_to_string(&mpath).unwrap();
+    let kept: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    fs::write(&mpath, kept).unwrap();
+    let segments_before = segments(&cfg);
+    assert_eq!(segments_before.len(), 5);
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("a segment of records 31-40 past the manifest's end")
+            && err.to_string().contains("nothing was changed"),
+        "{err:#}"
+    );
+    assert_eq!(segments(&cfg), segments_before);
+    let r = verify(&cfg.dir, &key(&cfg));
+    assert!(
+        r.problems.iter().any(|p| p.kind == Kind::SegmentUnlisted),
+        "{:#?}",
+        r.problems
+    );
 }
 
 // A first start that generates the development key and is cut short
@@ -821,6 +964,7 @@ async fn stale_latest_checkpoint_fails_when_an_age_limit_is_given() {
     let fresh = super::verify::Options {
         max_checkpoint_age_ms: Some(60_000),
         now_ms: now,
+        trusted_checkpoint: None,
     };
     assert!(super::verify::verify_with(&cfg.dir, &key(&cfg), &fresh).ok);
     // The same directory examined an hour later: the daemon would have
@@ -828,6 +972,7 @@ async fn stale_latest_checkpoint_fails_when_an_age_limit_is_given() {
     let later = super::verify::Options {
         max_checkpoint_age_ms: Some(60_000),
         now_ms: now + 3_600_000,
+        trusted_checkpoint: None,
     };
     let r = super::verify::verify_with(&cfg.dir, &key(&cfg), &later);
     assert!(!r.ok);
@@ -863,6 +1008,49 @@ async fn verify_command_exits_by_verdict_and_writes_the_report() {
     let json: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
     assert_eq!(json["ok"], true);
     assert_eq!(json["records"], 45);
+
+    // Against a kept checkpoint: the directory's own newest one passes;
+    // one this directory never signed (another key's) fails; a file that
+    // is not there is an error, not a verdict.
+    let kept = checkpoint::list(&cfg.dir.join("checkpoints"))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .1;
+    let other = tempfile::tempdir().unwrap();
+    let foreign = build(other.path()).await;
+    let foreign_note = checkpoint::list(&foreign.dir.join("checkpoints"))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .1;
+    let with_trusted = |note: &Path| {
+        Cli::try_parse_from([
+            "audit".as_ref(),
+            "verify".as_ref(),
+            cfg.dir.as_os_str(),
+            "--public-key".as_ref(),
+            cfg.dir.join("keys/checkpoint.key.pub").as_os_str(),
+            "--trusted-checkpoint".as_ref(),
+            note.as_os_str(),
+        ])
+        .unwrap()
+        .audit
+    };
+    assert_eq!(
+        run_command(with_trusted(&kept)).unwrap(),
+        std::process::ExitCode::SUCCESS
+    );
+    assert_eq!(
+        run_command(with_trusted(&foreign_note)).unwrap(),
+        std::process::ExitCode::FAILURE
+    );
+    let missing =
+        run_command(with_trusted(&tmp.path().join("missing.note"))).expect_err("an error");
+    assert!(
+        missing.to_string().contains("--trusted-checkpoint"),
+        "{missing:#}"
+    );
 
     fs::remove_file(cfg.dir.join(&segments(&cfg)[0])).unwrap();
     let code = run_command(args(&cfg.dir)).unwrap();

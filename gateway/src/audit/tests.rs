@@ -403,7 +403,7 @@ async fn wait_until_signed(cfg: &AuditConfig, lines: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let (newest, _) = checkpoint::newest_valid(&cfg.dir.join("checkpoints"), &key).unwrap();
-        if newest.is_some_and(|c| c.size >= lines) {
+        if newest.is_some_and(|(_, c)| c.size >= lines) {
             return;
         }
         assert!(

@@ -48,6 +48,7 @@ pub enum Kind {
     SegmentUnsorted,
     RecordsSymlink,
     OriginOfAnotherStream,
+    RolledBack,
 }
 
 impl Kind {
@@ -163,6 +164,21 @@ pub struct Options {
     /// directory collected from a running host means its tail was cut.
     pub max_checkpoint_age_ms: Option<i64>,
     pub now_ms: i64,
+    /// A checkpoint of this directory kept elsewhere (shipped off the
+    /// host, or from an earlier verify): the directory's history must
+    /// extend the one it signs. Whoever can write the directory and
+    /// restart the daemon can cut the history back to an older
+    /// checkpoint and have it signed again; only a copy kept out of reach
+    /// shows that.
+    pub trusted_checkpoint: Option<TrustedCheckpoint>,
+}
+
+/// A checkpoint note given to verify from outside the directory.
+#[derive(Debug, Clone)]
+pub struct TrustedCheckpoint {
+    /// Where it came from, for the report.
+    pub file: String,
+    pub text: String,
 }
 
 /// Verifies `dir` against the public key in the file `public_key` (as
@@ -228,6 +244,9 @@ pub fn verify_with(dir: &Path, key: &Verifier, opts: &Options) -> Report {
             );
         }
     }
+    if let Some(trusted) = &opts.trusted_checkpoint {
+        check_against_trusted(dir, key, &manifest, trusted, &mut cx);
+    }
     // One walk of records/ serves the unlisted files and the set-aside ones.
     let records_files = files_under_records(dir);
     let cursor = check_segments(dir, &manifest, &records_files, &mut cx);
@@ -274,6 +293,80 @@ fn note_set_aside(dir: &Path, records_files: &[String], cx: &mut Ctx) {
         cx.report.notes.push(format!(
             "{file}: a segment file an unsigned manifest line named, set aside at a start"
         ));
+    }
+}
+
+/// Whether the directory's history extends the one `trusted` signs: its
+/// manifest begins with the entries that checkpoint signs, its newest
+/// checkpoint is no older, and a checkpoint it holds under the trusted
+/// one's counter is that same checkpoint (a history cut back and signed
+/// again reuses counters).
+fn check_against_trusted(
+    dir: &Path,
+    key: &Verifier,
+    manifest: &Manifest,
+    trusted: &TrustedCheckpoint,
+    cx: &mut Ctx,
+) {
+    let file = trusted.file.as_str();
+    let cp = match checkpoint::open_note(&trusted.text, key) {
+        Ok(cp) => cp,
+        Err(NoteError::BadSignature) => {
+            let detail = format!(
+                "the trusted checkpoint has no valid signature by {}",
+                key.name
+            );
+            cx.problem(Kind::CheckpointBadSignature, file, None, None, detail);
+            return;
+        }
+        Err(NoteError::Malformed(m)) => {
+            cx.problem(Kind::CheckpointMalformed, file, None, None, m);
+            return;
+        }
+    };
+    let mut found = Vec::new();
+    if let Some(origin) = cx.report.origin.as_ref().filter(|o| **o != cp.origin) {
+        found.push(format!(
+            "it is a checkpoint of {:?}, and the directory's checkpoints are of {origin:?}",
+            cp.origin
+        ));
+    }
+    let lines = manifest.lines.len() as u64;
+    if cp.size > lines {
+        found.push(format!(
+            "it signs {} manifest entries and the manifest has {lines}: entries it vouches for were removed",
+            cp.size
+        ));
+    } else if manifest.prefix_roots(&[cp.size]).get(&cp.size) != Some(&cp.root) {
+        found.push(format!(
+            "the first {} manifest entries do not hash to the root it signs: the history it vouches for was rewritten",
+            cp.size
+        ));
+    }
+    match &cx.report.latest_checkpoint {
+        Some(latest) if Some(latest.counter) < cp.counter || latest.time_ms < cp.time_ms => {
+            found.push(format!(
+                "the directory's newest checkpoint ({}: counter {}, time {:?}) is older than this one (counter {:?}, time {:?}): newer checkpoints were removed",
+                latest.file, latest.counter, latest.time_ms, cp.counter, cp.time_ms
+            ))
+        }
+        Some(_) => {}
+        None => found.push("the directory has no valid checkpoint to compare with it".into()),
+    }
+    if let Some(counter) = cp.counter {
+        let here = dir.join("checkpoints").join(checkpoint::file_name(counter));
+        let same = checkpoint::read_note(&here)
+            .ok()
+            .and_then(|text| checkpoint::open_note(&text, key).ok());
+        if same.is_some_and(|same| same != cp) {
+            found.push(format!(
+                "checkpoints/{} signs another history under the same counter: the counter was used again after the history was cut back",
+                checkpoint::file_name(counter)
+            ));
+        }
+    }
+    for detail in found {
+        cx.problem(Kind::RolledBack, file, None, None, detail);
     }
 }
 
@@ -486,7 +579,11 @@ fn check_segments(
                     );
                     continue;
                 }
-                let expires = s.last_time + i64::from(r.retention_days) * 86_400_000;
+                // Saturating: these are signed, but a day count near the limit must
+                // not wrap round into an early expiry.
+                let expires = s
+                    .last_time
+                    .saturating_add(i64::from(r.retention_days).saturating_mul(86_400_000));
                 if expires > r.at {
                     cx.problem(
                         Kind::RetentionInvalid,
@@ -583,7 +680,7 @@ fn check_segments(
         );
         cx.report.last_sequence = Some(s.last_seq);
         cur = Cursor {
-            next_seq: s.last_seq + 1,
+            next_seq: s.last_seq.saturating_add(1),
             prev_hash: s.last_record_hash.clone(),
         };
     }
@@ -818,7 +915,7 @@ fn check_segment_file(dir: &Path, s: &SegmentEntry, cx: &mut Ctx) {
                 "prev_record_hash does not match the previous record",
             );
         }
-        next = r.sequence + 1;
+        next = r.sequence.saturating_add(1);
         prev = r.record_hash.clone();
         let h: Option<[u8; 32]> = hex::decode(&r.record_hash)
             .ok()
@@ -973,7 +1070,8 @@ fn check_wal(dir: &Path, mut cur: Cursor, cx: &mut Ctx) {
         cx.report.last_sequence = Some(r.sequence);
         cx.report.first_time_ms = Some(cx.report.first_time_ms.map_or(r.time, |t| t.min(r.time)));
         cx.report.last_time_ms = Some(cx.report.last_time_ms.map_or(r.time, |t| t.max(r.time)));
-        cur.next_seq = r.sequence + 1;
+        // From an unsigned WAL frame: any number, u64::MAX included.
+        cur.next_seq = r.sequence.saturating_add(1);
         cur.prev_hash = r.record_hash;
     }
     if cx.report.wal_records > 0 {

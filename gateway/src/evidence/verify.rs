@@ -606,18 +606,19 @@ pub mod integrity {
         public_key: &Path,
         max_checkpoint_age_secs: Option<u64>,
     ) -> Integrity {
-        let (ok, detail) = match verify_and_summarise(dir, public_key, max_checkpoint_age_secs) {
-            Err(err) => (false, format!("{err:#}")),
-            Ok(r) if r.ok => (true, format!("{} records", r.records)),
-            Ok(r) => (
-                false,
-                format!(
-                    "{} problems (`tollgate audit verify {}`)",
-                    r.problems.len(),
-                    dir.display()
+        let (ok, detail) =
+            match verify_and_summarise(dir, public_key, max_checkpoint_age_secs, None) {
+                Err(err) => (false, format!("{err:#}")),
+                Ok(r) if r.ok => (true, format!("{} records", r.records)),
+                Ok(r) => (
+                    false,
+                    format!(
+                        "{} problems (`tollgate audit verify {}`)",
+                        r.problems.len(),
+                        dir.display()
+                    ),
                 ),
-            ),
-        };
+            };
         Integrity {
             checked: true,
             ok,
