@@ -201,6 +201,14 @@ mod tests {
             made.server_name,
             ServerName::IpAddress(IpAddr::from([10, 0, 0, 7]).into())
         );
+        // Written IPv4-mapped, the address is still the IPv4 one the
+        // certificate names (a 16-byte reference matches no 4-byte SAN).
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().expect("an address");
+        let made = connector(&upstream(ca.clone()), mapped).expect("a connector");
+        assert_eq!(
+            made.server_name,
+            ServerName::IpAddress(IpAddr::from([10, 0, 0, 7]).into())
+        );
         let mut named = upstream(ca);
         named.server_name = Some("db.internal".into());
         let made = connector(&named, IpAddr::from([10, 0, 0, 7])).expect("a connector with a name");
