@@ -40,6 +40,14 @@ const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_ls_logicalmapdir",
     "pg_ls_replslotdir",
     "pg_stat_file",
+    // PG 18's WAL summaries directory, and adminpack's log listing.
+    "pg_ls_summariesdir",
+    "pg_logdir_ls",
+    // The functions behind the views of the server's configuration files
+    // (SERVER_FILE_VIEWS), called as functions.
+    "pg_hba_file_rules",
+    "pg_show_all_file_settings",
+    "pg_ident_file_mappings",
     "pg_file_write",
     "lo_import",
     "lo_export",
@@ -206,6 +214,24 @@ const SQL_TEXT_FUNCTIONS: &[&str] = &[
     "dblink_build_sql_update",
     "dblink_build_sql_delete",
 ];
+
+/// Built-in functions that write large objects, whose data is in
+/// `pg_catalog.pg_largeobject`: a call writes that table, whose rules hold.
+const LARGE_OBJECT_WRITERS: &[&str] = &[
+    "lo_create",
+    "lo_creat",
+    "lo_import",
+    "lo_unlink",
+    "lo_put",
+    "lo_from_bytea",
+    "lo_truncate",
+    "lo_truncate64",
+    "lowrite",
+];
+
+/// Built-in functions that advance or set the sequence named by their
+/// first argument: a call writes that sequence.
+const SEQUENCE_WRITERS: &[&str] = &["nextval", "setval"];
 
 /// Functions that return a server file's bytes: the files of every table
 /// (`base/16384/16390` is a table's heap) among them, so a call reads
@@ -853,6 +879,10 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         ),
         ..Operation::default()
     };
+    if runs_its_expressions(statement) {
+        let called = std::mem::take(&mut walker.called_writes);
+        walker.written.extend(called);
+    }
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
     // ANALYZE UPDATE ...), SELECT INTO anywhere in a query, and row locks
     // (which need UPDATE privilege and change the rows' headers) make the
@@ -1337,6 +1367,10 @@ struct Walker {
     modifies_data: bool,
     /// A call of a built-in function that changes state.
     changes_state: bool,
+    /// What built-in calls write when they run (a sequence `nextval`
+    /// advances, `pg_largeobject`): writes of the statement unless its
+    /// expressions are only stored (a column default).
+    called_writes: BTreeSet<String>,
     /// A call of a function that is not a known built-in (see
     /// `Operation::calls_unknown_functions`).
     /// See [`Operation::may_call_by_name`].
@@ -1522,18 +1556,13 @@ impl Walker {
         } else if name.0.len() == 1 {
             self.may_call_by_name.insert(last.clone());
         }
-        if DANGEROUS_FUNCTIONS.contains(&last.as_str()) {
-            self.dangers.insert(Danger::FileOrProgramFunction);
-        }
-        if STATE_CHANGING_FUNCTIONS.contains(&last.as_str()) {
-            self.changes_state = true;
-        }
-        if RAW_FILE_FUNCTIONS.contains(&last.as_str()) {
-            self.note_relation(vec![UNKNOWN_TABLES.into()]);
-        }
-        // A large object's data is in pg_largeobject, whose rules hold.
-        if matches!(last.as_str(), "lo_get" | "loread") {
-            self.note_relation(vec!["pg_catalog.pg_largeobject".into()]);
+        self.note_called_name(&last);
+        if SEQUENCE_WRITERS.contains(&last.as_str()) {
+            let sequence = args
+                .and_then(|args| args.first())
+                .and_then(sequence_named_by);
+            self.called_writes
+                .extend(sequence.unwrap_or_else(|| vec![UNKNOWN_TABLES.into()]));
         }
         // pg_cron's `cron.schedule` runs SQL given as text, later (its
         // schema is never on the search_path tollgate sets).
@@ -1542,8 +1571,7 @@ impl Walker {
                 .as_ident()
                 .is_some_and(|schema| schema.value.eq_ignore_ascii_case("cron"))
             && (last.starts_with("schedule") || last == "alter_job");
-        self.note_other_sessions(&last);
-        if cron || SQL_TEXT_FUNCTIONS.contains(&last.as_str()) {
+        if cron {
             self.not_understood.get_or_insert_with(|| {
                 format!("{last} runs SQL given to it as text, whose tables tollgate cannot see")
             });
@@ -1561,6 +1589,70 @@ impl Walker {
             self.copies_into_settings = true;
         }
     }
+}
+
+impl Walker {
+    /// What calling a function named `last` does, from its name alone: the
+    /// lists of built-ins that are dangerous, change state, read files or
+    /// large objects, run SQL given as text, or show other sessions. Used
+    /// for every call, and for every name that may be one without looking
+    /// like one: PostgreSQL runs `(expr).f` as `f(expr)` when `expr` has no
+    /// column `f` (`('/etc/passwd'::text).pg_read_file`).
+    fn note_called_name(&mut self, last: &str) {
+        if DANGEROUS_FUNCTIONS.contains(&last) {
+            self.dangers.insert(Danger::FileOrProgramFunction);
+        }
+        if STATE_CHANGING_FUNCTIONS.contains(&last) {
+            self.changes_state = true;
+        }
+        if RAW_FILE_FUNCTIONS.contains(&last) {
+            self.note_relation(vec![UNKNOWN_TABLES.into()]);
+        }
+        // A large object's data is in pg_largeobject, whose rules hold.
+        if matches!(last, "lo_get" | "loread") {
+            self.note_relation(vec!["pg_catalog.pg_largeobject".into()]);
+        }
+        if LARGE_OBJECT_WRITERS.contains(&last) {
+            self.changes_state = true;
+            self.called_writes
+                .insert("pg_catalog.pg_largeobject".into());
+        }
+        if SEQUENCE_WRITERS.contains(&last) {
+            self.changes_state = true;
+        }
+        self.note_other_sessions(last);
+        if SQL_TEXT_FUNCTIONS.contains(&last) {
+            self.not_understood.get_or_insert_with(|| {
+                format!("{last} runs SQL given to it as text, whose tables tollgate cannot see")
+            });
+        }
+    }
+}
+
+/// The sequence a `nextval`/`setval` argument names: a string constant
+/// (cast to regclass or not) read as PostgreSQL reads a regclass, or
+/// `None` for anything computed.
+fn sequence_named_by(arg: &FunctionArg) -> Option<Vec<String>> {
+    let FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) = arg else {
+        return None;
+    };
+    let mut expr = expr;
+    while let Expr::Cast { expr: inner, .. } | Expr::Nested(inner) = expr {
+        expr = inner;
+    }
+    let Expr::Value(value) = expr else {
+        return None;
+    };
+    let sqlparser::ast::Value::SingleQuotedString(text) = &value.value else {
+        return None;
+    };
+    let mut parser = Parser::new(&PostgreSqlDialect {}).try_with_sql(text).ok()?;
+    let name = parser.parse_object_name(false).ok()?;
+    // The whole text, or it names no relation PostgreSQL would find.
+    if parser.peek_token().token != Token::EOF {
+        return None;
+    }
+    Some(table_names(&name))
 }
 
 impl Visitor for Walker {
@@ -1741,8 +1833,12 @@ impl Visitor for Walker {
             Expr::CompoundFieldAccess { access_chain, .. } => {
                 for access in access_chain {
                     if let sqlparser::ast::AccessExpr::Dot(Expr::Identifier(field)) = access {
-                        self.may_call_by_name
-                            .insert(fold(&field.value, field.quote_style.is_some()));
+                        let name = fold(&field.value, field.quote_style.is_some());
+                        self.note_called_name(&name);
+                        if SEQUENCE_WRITERS.contains(&name.as_str()) {
+                            self.called_writes.insert(UNKNOWN_TABLES.into());
+                        }
+                        self.may_call_by_name.insert(name);
                     }
                 }
             }
@@ -2621,6 +2717,90 @@ mod tests {
         // Connecting alone runs nothing: a danger, understood.
         let connect = one("SELECT dblink_connect('c', 'dbname=app')");
         assert!(connect.dangers.contains(&Danger::FileOrProgramFunction));
+    }
+
+    /// PostgreSQL runs `(expr).f` as `f(expr)` when `expr` has no column
+    /// `f`: a built-in called so is judged as its call is.
+    #[test]
+    fn built_ins_called_with_attribute_notation_are_judged_as_calls() {
+        let op = one("SELECT ('/etc/passwd'::text).pg_read_file");
+        assert!(op.dangers.contains(&Danger::FileOrProgramFunction));
+        assert!(op.reads.contains(UNKNOWN_TABLES), "{:?}", op.reads);
+        let op = one("SELECT (12345).pg_terminate_backend");
+        assert!(op.dangers.contains(&Danger::FileOrProgramFunction));
+        let op = one("SELECT ('orders_id_seq'::regclass).nextval");
+        assert_eq!(op.kind, Write);
+        assert!(op.writes.contains(UNKNOWN_TABLES), "{:?}", op.writes);
+        let op = one("SELECT (16400::oid).lo_unlink");
+        assert_eq!(op.kind, Write);
+        assert!(
+            op.writes.contains("pg_catalog.pg_largeobject"),
+            "{:?}",
+            op.writes
+        );
+        assert!(classify("SELECT ('SELECT ssn FROM secrets'::text).ts_stat").is_err());
+        // A composite's field stays a read of its table.
+        let op = one("SELECT (o).customer_email FROM orders o");
+        assert_eq!(op.kind, Read);
+        assert!(op.dangers.is_empty() && op.writes.is_empty());
+    }
+
+    /// The functions behind the server-file views read the same files.
+    #[test]
+    fn functions_behind_the_server_file_views_are_file_functions() {
+        for sql in [
+            "SELECT * FROM pg_hba_file_rules()",
+            "SELECT pg_show_all_file_settings()",
+            "SELECT * FROM pg_catalog.pg_ident_file_mappings()",
+            "SELECT * FROM pg_ls_summariesdir()",
+        ] {
+            assert!(
+                one(sql).dangers.contains(&Danger::FileOrProgramFunction),
+                "{sql}"
+            );
+        }
+    }
+
+    /// `nextval` and `setval` write the sequence they name, and the large
+    /// object functions `pg_largeobject`, when the statement runs them:
+    /// `write_tables` and `deny_tables` hold for them. A column default
+    /// is only stored.
+    #[test]
+    fn sequence_and_large_object_calls_write_what_they_change() {
+        for (sql, written) in [
+            ("SELECT nextval('hr.emp_id_seq')", "hr.emp_id_seq"),
+            (
+                "SELECT setval('hr.emp_id_seq'::regclass, 1)",
+                "hr.emp_id_seq",
+            ),
+            ("SELECT setval('\"Hr\".Emp_Seq', 1)", "Hr.emp_seq"),
+            ("SELECT nextval('emp_id_seq')", "public.emp_id_seq"),
+            (
+                "SELECT nextval(pg_get_serial_sequence('orders', 'id'))",
+                UNKNOWN_TABLES,
+            ),
+            ("SELECT nextval('not a name')", UNKNOWN_TABLES),
+            (
+                "INSERT INTO orders VALUES (nextval('orders_id_seq'))",
+                "public.orders_id_seq",
+            ),
+            (
+                "SELECT lo_put(16400, 0, '\\x00')",
+                "pg_catalog.pg_largeobject",
+            ),
+            ("SELECT lo_unlink(16400)", "pg_catalog.pg_largeobject"),
+        ] {
+            let op = one(sql);
+            assert_eq!(op.kind, Write, "{sql}");
+            assert!(op.writes.contains(written), "{sql}: {:?}", op.writes);
+        }
+        let stored =
+            one("ALTER TABLE ONLY public.t ALTER COLUMN id SET DEFAULT nextval('public.t_id_seq'::regclass)");
+        assert!(
+            !stored.writes.contains("public.t_id_seq"),
+            "{:?}",
+            stored.writes
+        );
     }
 
     /// A raw server file may be any table's heap: the call reads tables
