@@ -121,11 +121,30 @@ pub(super) async fn server_to_client(
             // If this fails, or the session ends while it waits (the relay
             // is dropped), the answers the connection took in full are
             // recorded as handed over and the rest as not (on drop).
-            client_wr
-                .lock()
-                .await
-                .send_counted(&out, &mut outcomes.handed_over)
-                .await?;
+            let mut client = client_wr.lock().await;
+            let sending = client.send_counted(&out, &mut outcomes.handed_over);
+            match held_whole {
+                // A message held whole keeps its share of the budget all
+                // sessions share until the agent has taken it: an agent
+                // that does not read it is given up on after the wait,
+                // or its share would be held, and others' large values
+                // wait behind it, until its token expires.
+                Some(_) => match tokio::time::timeout(HELD_WHOLE_WAIT, sending).await {
+                    Ok(sent) => sent?,
+                    Err(_) => {
+                        let why = format!(
+                            "tollgate: the agent did not take a value of {} bytes in {} s; \
+                             the memory it held is given back",
+                            out.len(),
+                            HELD_WHOLE_WAIT.as_secs()
+                        );
+                        lock(&in_flight).closed_by = Some((SQLSTATE_OUT_OF_MEMORY.into(), why));
+                        let _ = tokio::time::timeout(FATAL_WRITE_WAIT, client.io.shutdown()).await;
+                        return Err(WireError::Closed);
+                    }
+                },
+                None => sending.await?,
+            }
         }
         // As for the client's side: the sent answers must not keep the
         // read buffer shared, or the reserve below allocates a new one.

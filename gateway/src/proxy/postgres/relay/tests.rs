@@ -2127,6 +2127,60 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     audit.shutdown().await;
 }
 
+/// A message held whole keeps its share of the budget until the agent
+/// has taken it: an agent that never reads a large one (an error quoting
+/// a huge value back) is given up on after the wait, its session closed
+/// with `out_of_memory` and the reason, and the share is given back, so
+/// that it does not hold others' large values back until its token
+/// expires.
+#[tokio::test(start_paused = true)]
+async fn a_message_held_whole_that_the_agent_never_reads_gives_its_share_back() {
+    let (_audit_dir, _keys, session, audit) = relay_session().await;
+    let budget = &session.shared.postgres_held_whole;
+    let before = budget.available_mib();
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    lock(&in_flight).queue.push_back(query("select big"));
+    let fields = b"SERROR\0C22P02\0Minvalid input syntax for type integer: ";
+    let error = BytesMut::from(&message_start(b'E', LARGE_VALUE, fields)[..]);
+    // The rest of the message (the quoted value, then the two
+    // terminators) comes as the server sends it, after the relay took
+    // the message's share; then the server waits.
+    let mut rest = vec![b'v'; LARGE_VALUE - fields.len() - 2];
+    rest.extend_from_slice(b"\0\0");
+    let (upstream, mut server_side) = tokio::io::duplex(64 * 1024);
+    let serving = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        server_side
+            .write_all(&rest)
+            .await
+            .expect("the rest of the error");
+        server_side
+    });
+    let (upstream_rd, _) = tokio::io::split(Box::new(upstream) as BoxedIo);
+    // The agent's end is kept open and never read.
+    let (agent, _agent_side) = tokio::io::duplex(64 * 1024);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let relay = server_to_client(
+        session.clone(),
+        upstream_rd,
+        error,
+        AgentWriter::shared(client_wr),
+        in_flight.clone(),
+        Arc::new(Notify::new()),
+    );
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(600), relay)
+        .await
+        .expect("the relay gives up on an agent that does not read");
+    drop(serving.await.expect("the server's side"));
+    assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+    let closed_by = lock(&in_flight).closed_by.clone();
+    let (code, why) = closed_by.expect("closed with a reason");
+    assert_eq!(code, SQLSTATE_OUT_OF_MEMORY);
+    assert!(why.contains("did not take a value"), "{why}");
+    assert_eq!(budget.available_mib(), before, "the share is given back");
+    audit.shutdown().await;
+}
+
 /// An Execute that writes, with the request record an outcome completes.
 fn writing_execute() -> Pending {
     execute_of("INSERT INTO t VALUES (1)")
