@@ -158,8 +158,10 @@ impl SegmentBacklog {
     }
 }
 
-/// Encoded bytes of records that may wait in memory for their segment
-/// while segments cannot be written (see [`BACKLOG_SEGMENTS`]).
+/// Encoded bytes of records that may wait in memory for their segment:
+/// at all times (past it, records are refused until segments catch up),
+/// and while segments cannot be written (see [`BACKLOG_SEGMENTS`]). A
+/// segment is cut at a quarter of it.
 const BACKLOG_BYTES: usize = 1 << 30;
 
 /// Records that may wait in memory for their segment while segments
@@ -1316,12 +1318,22 @@ impl Writer {
     /// (or [`BACKLOG_BYTES`] of them) wait for it, no more are taken (see
     /// [`BACKLOG_SEGMENTS`]). As soon
     /// as a segment is written again, records are taken again.
+    ///
+    /// The bytes are bounded whatever the segment thread does: records
+    /// holding statements of megabytes (denied ones among them, which any
+    /// agent can send) can come faster than segments of them are written,
+    /// and each waits in memory until its segment is.
     fn segment_backlog_refusal(&self) -> Option<AuditError> {
+        let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
         if !self.backlog.failing.load(Ordering::Acquire) && !self.backlog.stalled() {
-            return None;
+            return (waiting_bytes >= self.backlog_bytes_limit).then(|| {
+                AuditError::Unavailable(format!(
+                    "audit segments are {waiting_bytes} bytes of records behind: no more are \
+                     taken until they catch up"
+                ))
+            });
         }
         let waiting = self.backlog.records.load(Ordering::Acquire) + self.buffer.len();
-        let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
         let limit = self.max_records.saturating_mul(BACKLOG_SEGMENTS);
         (waiting >= limit || waiting_bytes >= self.backlog_bytes_limit).then(|| {
             AuditError::Unavailable(format!(
@@ -1514,7 +1526,11 @@ impl Writer {
             (Some(a), Some(b)) => segment::day_number(a.time) != segment::day_number(b.time),
             _ => false,
         };
-        if self.buffer.len() >= self.max_records || since.elapsed() >= self.max_age || day_changed {
+        // A segment holds at most a quarter of the backlog's bytes, so
+        // that large records are handed over before they alone fill it.
+        let full = self.buffer.len() >= self.max_records
+            || self.buffer_bytes >= self.backlog_bytes_limit / BACKLOG_SEGMENTS;
+        if full || since.elapsed() >= self.max_age || day_changed {
             self.cut();
         }
     }

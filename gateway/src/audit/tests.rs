@@ -375,6 +375,65 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
     assert_chain(&read_segments(&cfg.dir), accepted as u64 + 1);
 }
 
+/// Records of large statements are bounded in bytes even while segments
+/// are written: a segment is cut at a quarter of the bound, and while the
+/// segment thread is behind by the whole bound (busy, not failing), more
+/// records are refused, then taken again once it catches up. The real
+/// bound (1 GiB) is lowered for the test.
+#[tokio::test]
+async fn records_of_large_statements_are_bounded_in_bytes_while_segments_are_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.segment_max_records = 10_000;
+    cfg.segment_max_age_secs = 3600;
+    const LIMIT: usize = 4 << 20;
+    const STATEMENT: usize = 64 << 10;
+    store::faults::limit_backlog_bytes(&cfg.dir.join("wal"), LIMIT);
+    // The segment thread's first piece of work takes 800 ms: behind, but
+    // not stalled (1 s in tests), and not failing.
+    store::faults::stall_next_segment(&cfg.dir, 800);
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let large = |i: usize| {
+        let mut r = sample(i, now);
+        r.query_info_query_string = format!("SELECT '{}'", "x".repeat(STATEMENT));
+        r
+    };
+    // Eight at a time, each eight one batch: the bound is reached within
+    // a few dozen syncs, well inside the stall.
+    let mut accepted = 0;
+    let refusal = 'rounds: loop {
+        let round: Vec<_> = (accepted..accepted + 8)
+            .map(|i| log.submit(large(i)))
+            .collect();
+        for durable in round {
+            match durable.await {
+                Ok(_) => accepted += 1,
+                Err(e) => break 'rounds e,
+            }
+        }
+        assert!(accepted < 10 * LIMIT / STATEMENT, "never refused");
+    };
+    assert!(
+        matches!(&refusal, AuditError::Unavailable(m) if m.contains("bytes of records behind")),
+        "{refusal}"
+    );
+    assert!(
+        accepted >= LIMIT / (STATEMENT + 4096),
+        "refused after {accepted} records, before the bound"
+    );
+    append_once_taken_again(&log, || large(accepted)).await;
+    log.shutdown().await;
+    let rows = read_segments(&cfg.dir);
+    assert_chain(&rows, accepted as u64 + 1);
+    // Cut on bytes, not on the 10 000 records or the hour.
+    assert!(
+        store::list_segment_files(&cfg.dir).unwrap().len() >= 4,
+        "{:?}",
+        store::list_segment_files(&cfg.dir).unwrap()
+    );
+}
+
 #[tokio::test]
 async fn segments_close_by_age_while_running() {
     let tmp = tempfile::tempdir().unwrap();
