@@ -1877,6 +1877,31 @@ impl Visitor for Walker {
                     )));
                 }
             }
+            // A comment is written into the catalog for its table: the
+            // table's write rules hold (`deny_tables` among them).
+            Statement::Comment {
+                object_type,
+                object_name,
+                ..
+            } => {
+                use sqlparser::ast::CommentObject;
+                let table = match object_type {
+                    CommentObject::Table
+                    | CommentObject::ForeignTable
+                    | CommentObject::View
+                    | CommentObject::MaterializedView
+                    | CommentObject::Sequence
+                    | CommentObject::Index => Some(object_name.clone()),
+                    // `table.column`, or `schema.table.column`.
+                    CommentObject::Column if object_name.0.len() >= 2 => Some(ObjectName(
+                        object_name.0[..object_name.0.len() - 1].to_vec(),
+                    )),
+                    _ => None,
+                };
+                if let Some(table) = table {
+                    self.written.extend(table_names(&table));
+                }
+            }
             Statement::Fetch { name, .. } => {
                 self.runs_by_name.push(RunByName::Portal(fold(
                     &name.value,
@@ -2717,6 +2742,22 @@ mod tests {
         // Connecting alone runs nothing: a danger, understood.
         let connect = one("SELECT dblink_connect('c', 'dbname=app')");
         assert!(connect.dangers.contains(&Danger::FileOrProgramFunction));
+    }
+
+    /// COMMENT ON a table, or a column of one, writes that table.
+    #[test]
+    fn comments_write_their_table() {
+        for (sql, table) in [
+            ("COMMENT ON TABLE public.secrets IS 'x'", "public.secrets"),
+            ("COMMENT ON COLUMN secrets.ssn IS 'x'", "public.secrets"),
+            ("COMMENT ON COLUMN hr.pay.amount IS NULL", "hr.pay"),
+            ("COMMENT ON VIEW hr.v IS 'x'", "hr.v"),
+        ] {
+            let op = one(sql);
+            assert_eq!(op.kind, Ddl, "{sql}");
+            assert!(op.writes.contains(table), "{sql}: {:?}", op.writes);
+        }
+        assert!(one("COMMENT ON SCHEMA hr IS 'x'").writes.is_empty());
     }
 
     /// PostgreSQL runs `(expr).f` as `f(expr)` when `expr` has no column
