@@ -37,6 +37,7 @@ struct Cli {
 enum Command {
     /// Run the gateway: pin the agent cgroups, serve every target, audit.
     Run {
+        /// The configuration file (see docs/configuration.md).
         #[arg(long)]
         config: PathBuf,
         /// Write this file once every listener is up and the redirect is in place.
@@ -45,6 +46,7 @@ enum Command {
     },
     /// Check a configuration file and exit.
     CheckConfig {
+        /// The configuration file to check.
         #[arg(long)]
         config: PathBuf,
     },
