@@ -99,6 +99,11 @@ pub struct Operation {
     /// Objects read and written (for SQL: `schema.table`).
     pub reads: BTreeSet<String>,
     pub writes: BTreeSet<String>,
+    /// Of `writes`, those only a built-in call writes (the sequence
+    /// `nextval` advances, `pg_largeobject`): policy holds for them as for
+    /// any write, but no row of theirs comes back (no RETURNING), so they
+    /// do not make the result's computed columns masked.
+    pub written_by_calls: BTreeSet<String>,
     pub dangers: BTreeSet<Danger>,
     /// The result leaves as raw data that masking cannot reach (COPY TO).
     pub streams_raw: bool,

@@ -881,6 +881,11 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
     };
     if runs_its_expressions(statement) {
         let called = std::mem::take(&mut walker.called_writes);
+        out.written_by_calls = called
+            .iter()
+            .filter(|name| !walker.written.contains(*name))
+            .cloned()
+            .collect();
         walker.written.extend(called);
     }
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN

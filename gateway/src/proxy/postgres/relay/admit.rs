@@ -638,7 +638,10 @@ pub(super) fn reads_masked(masks: &MaskSet, operations: &Result<Vec<Operation>, 
                 .any(|op| op.opaque_result || op.calls_unknown_functions)
                 || ops
                     .iter()
-                    .flat_map(|op| op.reads.iter().chain(&op.writes))
+                    .flat_map(|op| {
+                        let returned = op.writes.difference(&op.written_by_calls);
+                        op.reads.iter().chain(returned)
+                    })
                     .any(|t| masks.covers_table(t))
         }
         // Not understood: assume the worst.
