@@ -672,18 +672,48 @@ async fn send_counted<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
     bytes: &[u8],
     handed_over: &mut usize,
 ) -> std::io::Result<()> {
+    send_counted_unless_stalled(w, bytes, handed_over, None)
+        .await
+        .map(|_| ())
+}
+
+/// [`send_counted`], given up on when the connection takes nothing for
+/// `stall` (if given): `Ok(false)` then, with `handed_over` saying how far
+/// it got. An agent that reads slowly is served; one that stopped is not
+/// waited for.
+async fn send_counted_unless_stalled<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    bytes: &[u8],
+    handed_over: &mut usize,
+    stall: Option<std::time::Duration>,
+) -> std::io::Result<bool> {
+    async fn within<T>(
+        stall: Option<std::time::Duration>,
+        step: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        match stall {
+            Some(stall) => tokio::time::timeout(stall, step).await.ok(),
+            None => Some(step.await),
+        }
+    }
     let mut taken = 0;
     while taken < bytes.len() {
-        match w.write(&bytes[taken..]).await {
+        let Some(wrote) = within(stall, w.write(&bytes[taken..])).await else {
+            return Ok(false);
+        };
+        match wrote {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => taken += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-        w.flush().await?;
+        let Some(flushed) = within(stall, w.flush()).await else {
+            return Ok(false);
+        };
+        flushed?;
         *handed_over = taken;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Sends a FATAL ErrorResponse; the connection is closed after it.

@@ -122,28 +122,26 @@ pub(super) async fn server_to_client(
             // is dropped), the answers the connection took in full are
             // recorded as handed over and the rest as not (on drop).
             let mut client = client_wr.lock().await;
-            let sending = client.send_counted(&out, &mut outcomes.handed_over);
-            match held_whole {
-                // A message held whole keeps its share of the budget all
-                // sessions share until the agent has taken it: an agent
-                // that does not read it is given up on after the wait,
-                // or its share would be held, and others' large values
-                // wait behind it, until its token expires.
-                Some(_) => match tokio::time::timeout(HELD_WHOLE_WAIT, sending).await {
-                    Ok(sent) => sent?,
-                    Err(_) => {
-                        let why = format!(
-                            "tollgate: the agent did not take a value of {} bytes in {} s; \
-                             the memory it held is given back",
-                            out.len(),
-                            HELD_WHOLE_WAIT.as_secs()
-                        );
-                        lock(&in_flight).closed_by = Some((SQLSTATE_OUT_OF_MEMORY.into(), why));
-                        let _ = tokio::time::timeout(FATAL_WRITE_WAIT, client.io.shutdown()).await;
-                        return Err(WireError::Closed);
-                    }
-                },
-                None => sending.await?,
+            // A message held whole keeps its share of the budget all
+            // sessions share until the agent has taken it: an agent that
+            // stops reading it is given up on once it has taken nothing
+            // for the wait, or its share would be held, and others' large
+            // values wait behind it, until its token expires. One that
+            // reads slowly is served.
+            let stall = held_whole.is_some().then_some(HELD_WHOLE_WAIT);
+            let sent = client
+                .send_counted_unless_stalled(&out, &mut outcomes.handed_over, stall)
+                .await?;
+            if !sent {
+                let why = format!(
+                    "tollgate: the agent took nothing of a value of {} bytes for {} s; the \
+                     memory it held is given back",
+                    out.len(),
+                    HELD_WHOLE_WAIT.as_secs()
+                );
+                lock(&in_flight).closed_by = Some((SQLSTATE_OUT_OF_MEMORY.into(), why));
+                let _ = tokio::time::timeout(FATAL_WRITE_WAIT, client.io.shutdown()).await;
+                return Err(WireError::Closed);
             }
         }
         // As for the client's side: the sent answers must not keep the

@@ -25,7 +25,7 @@ use super::{
     mask::{self, MaskSet, ResultMask},
 };
 use super::{
-    fatal, send_all, send_counted,
+    fatal, send_all, send_counted_unless_stalled,
     upstream::Upstream,
     wire::{self, Frame, WireError},
     FATAL_WRITE_WAIT, SQLSTATE_AUDIT, SQLSTATE_IDENTITY, SQLSTATE_POLICY, SQLSTATE_PROTOCOL,
@@ -1013,11 +1013,26 @@ impl AgentWriter {
     /// [`send_counted`] of whole messages: inside a message until all of
     /// them are written (and for good after an earlier write that was not).
     async fn send_counted(&mut self, bytes: &[u8], handed_over: &mut usize) -> std::io::Result<()> {
+        self.send_counted_unless_stalled(bytes, handed_over, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Self::send_counted`], given up on (`Ok(false)`, still inside the
+    /// message) when the agent takes nothing for `stall`.
+    async fn send_counted_unless_stalled(
+        &mut self,
+        bytes: &[u8],
+        handed_over: &mut usize,
+        stall: Option<std::time::Duration>,
+    ) -> std::io::Result<bool> {
         let before = self.mid_message;
         self.mid_message = true;
-        send_counted(&mut self.io, bytes, handed_over).await?;
-        self.mid_message = before;
-        Ok(())
+        let sent = send_counted_unless_stalled(&mut self.io, bytes, handed_over, stall).await?;
+        if sent {
+            self.mid_message = before;
+        }
+        Ok(sent)
     }
 }
 pub type ClientReader = ReadHalf<BoxedIo>;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::proxy::postgres::send_counted;
 
 fn frame(tag: u8, body: &[u8]) -> Frame {
     let mut out = BytesMut::new();
@@ -2176,8 +2177,73 @@ async fn a_message_held_whole_that_the_agent_never_reads_gives_its_share_back() 
     let closed_by = lock(&in_flight).closed_by.clone();
     let (code, why) = closed_by.expect("closed with a reason");
     assert_eq!(code, SQLSTATE_OUT_OF_MEMORY);
-    assert!(why.contains("did not take a value"), "{why}");
+    assert!(why.contains("took nothing of a value"), "{why}");
     assert_eq!(budget.available_mib(), before, "the share is given back");
+    audit.shutdown().await;
+}
+
+/// An agent that reads a large message held whole slowly, but goes on
+/// reading, is served however long the whole takes: only one that takes
+/// nothing for the wait is given up on.
+#[tokio::test(start_paused = true)]
+async fn a_message_held_whole_that_the_agent_reads_slowly_is_served() {
+    let (_audit_dir, _keys, session, audit) = relay_session().await;
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    lock(&in_flight).queue.push_back(query("select big"));
+    let fields = b"SERROR\0C22P02\0Minvalid input syntax for type integer: ";
+    let error = BytesMut::from(&message_start(b'E', LARGE_VALUE, fields)[..]);
+    let mut rest = vec![b'v'; LARGE_VALUE - fields.len() - 2];
+    rest.extend_from_slice(b"\0\0");
+    let (upstream, mut server_side) = tokio::io::duplex(64 * 1024);
+    let serving = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        server_side
+            .write_all(&rest)
+            .await
+            .expect("the rest of the error");
+        // Then the server goes away: the relay ends after the message.
+    });
+    let (upstream_rd, _) = tokio::io::split(Box::new(upstream) as BoxedIo);
+    let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    // 64 KiB every 30 s: the 2 MiB message takes over 15 minutes.
+    let reading = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            match agent_side.read(&mut chunk).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    let ended = server_to_client(
+        session.clone(),
+        upstream_rd,
+        error,
+        AgentWriter::shared(client_wr),
+        in_flight.clone(),
+        Arc::new(Notify::new()),
+    )
+    .await;
+    serving.await.expect("the server's side");
+    assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
+    let got = reading.await.expect("the agent's side");
+    assert!(
+        got.len() >= 5 + LARGE_VALUE,
+        "the agent got {} bytes",
+        got.len()
+    );
+    assert_eq!(got[0], b'E');
+    let closed_by = lock(&in_flight).closed_by.clone();
+    assert!(
+        closed_by
+            .as_ref()
+            .is_none_or(|(code, _)| code != SQLSTATE_OUT_OF_MEMORY),
+        "{closed_by:?}"
+    );
     audit.shutdown().await;
 }
 
@@ -2547,4 +2613,28 @@ async fn answers_an_agent_does_not_read_do_not_hold_the_close() {
     assert!(closed.is_ok(), "the close waited on the agent");
     assert!(handed_over < out.len(), "{handed_over}");
     assert!(client_wr.lock().await.mid_message);
+}
+
+/// What a built-in call writes (the sequence `nextval` advances, a large
+/// object) comes back as no row: a masked caller's `nextval` is not masked
+/// for it, even under a pattern that covers every table; a written table
+/// whose rows RETURNING hands back still is.
+#[test]
+fn values_of_sequence_and_large_object_calls_are_not_masked_for_what_they_write() {
+    use crate::proxy::postgres::classify::classify;
+    let masks = MaskSet::masking(16384, 3, "*.*.ssn");
+    for sql in [
+        "SELECT nextval('orders_id_seq')",
+        "SELECT nextval(pg_get_serial_sequence('orders', 'id'))",
+        "SELECT lo_create(0)",
+    ] {
+        assert!(!admit::reads_masked(&masks, &classify(sql)), "{sql}");
+    }
+    for sql in [
+        "INSERT INTO people (name) VALUES ('x') RETURNING *",
+        "INSERT INTO people (id) VALUES (nextval('people_id_seq')) RETURNING id",
+        "SELECT nextval('s') FROM people",
+    ] {
+        assert!(admit::reads_masked(&masks, &classify(sql)), "{sql}");
+    }
 }
