@@ -144,11 +144,18 @@ impl PinConfig {
     fn check(&self) -> Result<(), (String, String)> {
         // Where it is on the file system is checked when it is used
         // (`pin::ensure_inside_bpffs`): bpffs may be mounted later.
-        if !self.bpffs_dir.is_absolute() {
+        // `..` would let a path below bpffs name bpffs's root itself.
+        let plain = self.bpffs_dir.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+        if !self.bpffs_dir.is_absolute() || !plain {
             return Err((
                 "pin.bpffs_dir".into(),
-                "must be an absolute path of a directory of tollgate's own below a bpffs mount \
-                 (/sys/fs/bpf/tollgate)"
+                "must be an absolute path, without `..`, of a directory of tollgate's own below \
+                 a bpffs mount (/sys/fs/bpf/tollgate)"
                     .into(),
             ));
         }
@@ -984,10 +991,12 @@ mod tests {
             pin.agent_cgroups,
             vec![PathBuf::from("/sys/fs/cgroup/tollgate-agents")]
         );
-        let relative = typo.replacen("[pin]", "[pin]\nbpffs_dir = \"tollgate\"", 1);
-        std::fs::write(&path, relative).expect("write");
-        let err = Config::read_pin(&path).expect_err("relative bpffs_dir");
-        assert_eq!(err.key, "pin.bpffs_dir", "{err}");
+        for dir in ["tollgate", "/sys/fs/bpf/x/..", "/sys/fs/bpf/../bpf"] {
+            let edited = typo.replacen("[pin]", &format!("[pin]\nbpffs_dir = {dir:?}"), 1);
+            std::fs::write(&path, edited).expect("write");
+            let err = Config::read_pin(&path).expect_err(dir);
+            assert_eq!(err.key, "pin.bpffs_dir", "{dir}: {err}");
+        }
         std::fs::write(&path, "no [pin] at all = here").expect("write");
         assert!(Config::read_pin(&path).is_err(), "not TOML");
         std::fs::write(&path, "[identity]\nwhatever = 1\n").expect("write");

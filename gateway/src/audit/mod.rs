@@ -158,6 +158,21 @@ pub fn check_config(cfg: &AuditConfig) -> anyhow::Result<()> {
     use anyhow::Context;
     fsutil::Perms::for_group(cfg.auditor_group.as_deref())
         .with_context(|| format!("audit.auditor_group {:?}", cfg.auditor_group))?;
+    if let Some(origin) = &cfg.origin {
+        // The first line of every checkpoint note; the evidence stream's
+        // is this followed by EVIDENCE_ORIGIN_SUFFIX, so the audit
+        // stream's must not look like one.
+        if origin.is_empty()
+            || origin.chars().any(char::is_control)
+            || origin.ends_with(EVIDENCE_ORIGIN_SUFFIX)
+        {
+            anyhow::bail!(
+                "audit.origin {origin:?}: give a name of one line, not ending in \
+                 {EVIDENCE_ORIGIN_SUFFIX:?} (the evidence stream's origin is this one followed \
+                 by it)"
+            );
+        }
+    }
     if let Some(path) = &cfg.signing_key {
         checkpoint::Signer::load(path)
             .with_context(|| format!("audit.signing_key {}", path.display()))?;

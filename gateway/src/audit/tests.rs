@@ -1474,3 +1474,20 @@ async fn lazy_records_are_written_soon_while_more_keep_coming() {
     );
     log.shutdown().await;
 }
+
+/// `[audit] origin` is the first line of every checkpoint, and the
+/// evidence stream's is it followed by `/evidence`: one that is empty,
+/// holds a line break, or already ends so is refused before anything
+/// starts.
+#[test]
+fn an_origin_that_is_no_line_or_looks_like_the_evidence_streams_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    for bad in ["", "prod\nsecond line", "prod/evidence"] {
+        cfg.origin = Some(bad.into());
+        let err = super::check_config(&cfg).expect_err(bad);
+        assert!(err.to_string().contains("audit.origin"), "{err:#}");
+    }
+    cfg.origin = Some("tollgate-prod/eu-1".into());
+    super::check_config(&cfg).expect("a plain origin");
+}

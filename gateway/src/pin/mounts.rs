@@ -53,6 +53,17 @@ fn ensure_mounted(path: &Path, fstype: &str, magic: i64) -> Result<()> {
 /// directory's parent: a directory below a bpffs root, made or not, has a
 /// parent on bpffs, and the root's parent is not on one.
 pub fn ensure_inside_bpffs(pin_dir: &Path) -> Result<()> {
+    if pin_dir.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::RootDir | std::path::Component::Normal(_)
+        )
+    }) {
+        bail!(
+            "bpffs_dir {} has `.` or `..` in it: give the directory's plain path",
+            pin_dir.display()
+        );
+    }
     let parent = pin_dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
