@@ -420,17 +420,43 @@ impl IdentityError {
     }
 }
 
-/// Claim values echoed into messages are attacker-chosen: keep them short.
+/// Claim values echoed into messages are attacker-chosen (and read
+/// before any signature is checked): keep them short, and write their
+/// control characters escaped, so that one cannot forge a line of the
+/// daemon's log or send a terminal escape to whoever reads it.
 fn clip(s: &str) -> String {
     const MAX: usize = 96;
-    if s.len() <= MAX {
-        return s.to_string();
-    }
-    let mut end = MAX;
+    let mut end = s.len().min(MAX);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}...", &s[..end])
+    let mut out = String::with_capacity(end + 3);
+    for c in s[..end].chars() {
+        match c.is_control() {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    if end < s.len() {
+        out.push_str("...");
+    }
+    out
+}
+
+#[cfg(test)]
+mod clip_tests {
+    /// A value echoed from a token is cut at 96 bytes and its control
+    /// characters come out escaped: no line break or escape sequence of
+    /// the sender's reaches a log line.
+    #[test]
+    fn echoed_values_are_short_and_have_no_control_characters() {
+        let forged = super::clip("x\n2026-01-01T00:00:00Z  INFO tollgate: authenticated\u{1b}[2J");
+        assert!(!forged.chars().any(char::is_control), "{forged:?}");
+        assert!(forged.starts_with("x\\n2026"), "{forged:?}");
+        assert_eq!(super::clip("kid-1"), "kid-1");
+        let long = super::clip(&"é".repeat(100));
+        assert!(long.ends_with("...") && long.len() <= 99, "{long}");
+    }
 }
 
 /// An issuer template split around `{tenantid}`.
