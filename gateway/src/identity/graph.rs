@@ -207,8 +207,18 @@ impl GraphClient {
                     .ok_or("Graph answer holds a non-string id")
             })
             .collect::<Result<_, _>>()?;
-        lock(&self.members).insert(key, (groups.clone(), Instant::now()));
+        self.remember(key, groups.clone());
         Ok(groups)
+    }
+
+    /// Caches a caller's groups. Entries past their time are dropped as
+    /// new ones come, so the cache holds at most the callers of one
+    /// `cache_secs`, not every caller since the daemon started.
+    fn remember(&self, key: (String, String), groups: Vec<String>) {
+        let mut members = lock(&self.members);
+        let cache_for = self.cache_for;
+        members.retain(|_, (_, at)| at.elapsed() < cache_for);
+        members.insert(key, (groups, Instant::now()));
     }
 
     async fn app_token(&self, tid: &str) -> Result<String, String> {
@@ -303,4 +313,36 @@ async fn read_json(mut resp: reqwest::Response) -> Result<Value, String> {
         body.extend_from_slice(&chunk);
     }
     serde_json::from_slice(&body).map_err(|_| "answer is not JSON".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_past_their_time_leave_the_cache_as_others_come() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret\n").expect("write");
+        let config: GraphConfig = serde_json::from_value(json!({
+            "client_id": "x",
+            "client_secret_file": secret,
+            "cache_secs": 60,
+        }))
+        .expect("graph config");
+        let client = GraphClient::new(&config, false).expect("client");
+        let key = |oid: &str| ("t".to_string(), oid.to_string());
+        let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(120)) else {
+            return; // A host up for less than two minutes: nothing is that old.
+        };
+        lock(&client.members).insert(key("old"), (vec![], long_ago));
+        lock(&client.members).insert(key("recent"), (vec![], Instant::now()));
+        client.remember(key("new"), vec!["g".into()]);
+        let members = lock(&client.members);
+        assert!(
+            !members.contains_key(&key("old")),
+            "an expired caller stayed"
+        );
+        assert!(members.contains_key(&key("recent")) && members.contains_key(&key("new")));
+    }
 }
