@@ -2128,6 +2128,54 @@ async fn a_row_held_whole_waits_for_its_share_and_is_closed_when_none_comes() {
     audit.shutdown().await;
 }
 
+/// Relays an ErrorResponse quoting a value of [`LARGE_VALUE`] bytes back
+/// (held whole: it is over [`PASS_ON_MESSAGES_ABOVE`] and not passed on)
+/// to an agent at the other end of `agent`. The server sends the rest of
+/// it after the relay took its share, then keeps its connection open
+/// (`server_stays`) or closes it. Returns how the relay ended; with
+/// `server_stays`, it must end within 10 minutes of the paused clock.
+/// (Without, no such bound: the session's end waits for the audit
+/// store's thread, and the paused clock would jump to the bound.)
+async fn relay_held_error_to(
+    session: &Arc<Session>,
+    in_flight: &Arc<Mutex<InFlight>>,
+    agent: tokio::io::DuplexStream,
+    server_stays: bool,
+) -> Result<(), WireError> {
+    lock(in_flight).queue.push_back(query("select big"));
+    let fields = b"SERROR\0C22P02\0Minvalid input syntax for type integer: ";
+    let error = BytesMut::from(&message_start(b'E', LARGE_VALUE, fields)[..]);
+    let mut rest = vec![b'v'; LARGE_VALUE - fields.len() - 2];
+    rest.extend_from_slice(b"\0\0");
+    let (upstream, mut server_side) = tokio::io::duplex(64 * 1024);
+    let serving = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        server_side
+            .write_all(&rest)
+            .await
+            .expect("the rest of the error");
+        server_stays.then_some(server_side)
+    });
+    let (upstream_rd, _) = tokio::io::split(Box::new(upstream) as BoxedIo);
+    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
+    let relay = server_to_client(
+        session.clone(),
+        upstream_rd,
+        error,
+        AgentWriter::shared(client_wr),
+        in_flight.clone(),
+        Arc::new(Notify::new()),
+    );
+    let ended = match server_stays {
+        true => tokio::time::timeout(std::time::Duration::from_secs(600), relay)
+            .await
+            .expect("the relay gives up on an agent that takes nothing"),
+        false => relay.await,
+    };
+    drop(serving.await.expect("the server's side"));
+    ended
+}
+
 /// A message held whole keeps its share of the budget until the agent
 /// has taken it: an agent that never reads a large one (an error quoting
 /// a huge value back) is given up on after the wait, its session closed
@@ -2140,39 +2188,9 @@ async fn a_message_held_whole_that_the_agent_never_reads_gives_its_share_back() 
     let budget = &session.shared.postgres_held_whole;
     let before = budget.available_mib();
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
-    lock(&in_flight).queue.push_back(query("select big"));
-    let fields = b"SERROR\0C22P02\0Minvalid input syntax for type integer: ";
-    let error = BytesMut::from(&message_start(b'E', LARGE_VALUE, fields)[..]);
-    // The rest of the message (the quoted value, then the two
-    // terminators) comes as the server sends it, after the relay took
-    // the message's share; then the server waits.
-    let mut rest = vec![b'v'; LARGE_VALUE - fields.len() - 2];
-    rest.extend_from_slice(b"\0\0");
-    let (upstream, mut server_side) = tokio::io::duplex(64 * 1024);
-    let serving = tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        server_side
-            .write_all(&rest)
-            .await
-            .expect("the rest of the error");
-        server_side
-    });
-    let (upstream_rd, _) = tokio::io::split(Box::new(upstream) as BoxedIo);
     // The agent's end is kept open and never read.
     let (agent, _agent_side) = tokio::io::duplex(64 * 1024);
-    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
-    let relay = server_to_client(
-        session.clone(),
-        upstream_rd,
-        error,
-        AgentWriter::shared(client_wr),
-        in_flight.clone(),
-        Arc::new(Notify::new()),
-    );
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(600), relay)
-        .await
-        .expect("the relay gives up on an agent that does not read");
-    drop(serving.await.expect("the server's side"));
+    let ended = relay_held_error_to(&session, &in_flight, agent, true).await;
     assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
     let closed_by = lock(&in_flight).closed_by.clone();
     let (code, why) = closed_by.expect("closed with a reason");
@@ -2189,23 +2207,7 @@ async fn a_message_held_whole_that_the_agent_never_reads_gives_its_share_back() 
 async fn a_message_held_whole_that_the_agent_reads_slowly_is_served() {
     let (_audit_dir, _keys, session, audit) = relay_session().await;
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
-    lock(&in_flight).queue.push_back(query("select big"));
-    let fields = b"SERROR\0C22P02\0Minvalid input syntax for type integer: ";
-    let error = BytesMut::from(&message_start(b'E', LARGE_VALUE, fields)[..]);
-    let mut rest = vec![b'v'; LARGE_VALUE - fields.len() - 2];
-    rest.extend_from_slice(b"\0\0");
-    let (upstream, mut server_side) = tokio::io::duplex(64 * 1024);
-    let serving = tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        server_side
-            .write_all(&rest)
-            .await
-            .expect("the rest of the error");
-        // Then the server goes away: the relay ends after the message.
-    });
-    let (upstream_rd, _) = tokio::io::split(Box::new(upstream) as BoxedIo);
     let (agent, mut agent_side) = tokio::io::duplex(64 * 1024);
-    let (_, client_wr) = tokio::io::split(Box::new(agent) as BoxedIo);
     // 64 KiB every 30 s: the 2 MiB message takes over 15 minutes.
     let reading = tokio::spawn(async move {
         use tokio::io::AsyncReadExt;
@@ -2219,16 +2221,8 @@ async fn a_message_held_whole_that_the_agent_reads_slowly_is_served() {
             }
         }
     });
-    let ended = server_to_client(
-        session.clone(),
-        upstream_rd,
-        error,
-        AgentWriter::shared(client_wr),
-        in_flight.clone(),
-        Arc::new(Notify::new()),
-    )
-    .await;
-    serving.await.expect("the server's side");
+    // The server closes after the message: the relay ends there.
+    let ended = relay_held_error_to(&session, &in_flight, agent, false).await;
     assert!(matches!(ended, Err(WireError::Closed)), "{ended:?}");
     let got = reading.await.expect("the agent's side");
     assert!(
