@@ -26,6 +26,17 @@ async fn build(tmp: &Path) -> AuditConfig {
     cfg
 }
 
+/// Deletes every checkpoint that signs more than `lines` manifest lines.
+fn delete_checkpoints_signing_more_than(cfg: &AuditConfig, lines: u64) {
+    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
+        let text = fs::read_to_string(&p).unwrap();
+        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
+        if size > lines {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
 /// Whether verify's report has a note containing `text`.
 fn has_note(r: &Report, text: &str) -> bool {
     r.notes.iter().any(|n| n.contains(text))
@@ -247,14 +258,7 @@ async fn older_checkpoint_in_place_of_newest_is_reported() {
 async fn deleted_newest_checkpoint_leaves_the_tail_unsigned() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = build(tmp.path()).await;
-    // Remove checkpoints down to one that covers 3 entries.
-    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
-        let text = fs::read_to_string(&p).unwrap();
-        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
-        if size > 3 {
-            fs::remove_file(&p).unwrap();
-        }
-    }
+    delete_checkpoints_signing_more_than(&cfg, 3);
     let r = verify(&cfg.dir, &key(&cfg));
     assert!(has(&r, Kind::ManifestUnsignedTail, manifest::FILE, Some(4)));
     // The daemon does not start over it: the records of the lines no
@@ -845,13 +849,7 @@ async fn a_history_cut_back_and_signed_again_fails_against_a_kept_checkpoint() {
 
     // Cut back to three entries, everything after them deleted, and the
     // daemon started over it.
-    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
-        let text = fs::read_to_string(&p).unwrap();
-        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
-        if size > 3 {
-            fs::remove_file(&p).unwrap();
-        }
-    }
+    delete_checkpoints_signing_more_than(&cfg, 3);
     let mpath = cfg.dir.join(manifest::FILE);
     let text = fs::read_to_string(&mpath).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -903,13 +901,7 @@ async fn a_history_cut_back_and_signed_again_fails_against_a_kept_checkpoint() {
 async fn a_manifest_cut_back_to_an_older_checkpoint_stops_the_start() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = build(tmp.path()).await;
-    for (_, p) in checkpoint::list(&cfg.dir.join("checkpoints")).unwrap() {
-        let text = fs::read_to_string(&p).unwrap();
-        let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
-        if size > 3 {
-            fs::remove_file(&p).unwrap();
-        }
-    }
+    delete_checkpoints_signing_more_than(&cfg, 3);
     let mpath = cfg.dir.join(manifest::FILE);
     let text = fs::read_to_string(&mpath).unwrap();
     let kept: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
