@@ -158,6 +158,23 @@ impl SegmentBacklog {
     }
 }
 
+/// While segments are behind (see [`Writer::segments_behind`]), the writer
+/// thread takes no more records: the callers' records wait, unsynced and
+/// unacknowledged, in the queue to it, as a server's clients wait when it
+/// stops reading, and the daemon does not grow past the bound. Segments
+/// cut on age meanwhile, so that the ones in memory go on to be written.
+fn wait_for_segments_to_catch_up(shared: &Mutex<Writer>) {
+    loop {
+        let mut w = lock(shared);
+        if !w.segments_behind() {
+            return;
+        }
+        w.maybe_cut();
+        drop(w);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Encoded bytes of records that may wait in memory for their segment:
 /// at all times (past it, records are refused until segments catch up),
 /// and while segments cannot be written (see [`BACKLOG_SEGMENTS`]). A
@@ -1220,6 +1237,7 @@ impl Writer {
             }
             batch.urgent = false;
             if !batch.records.is_empty() {
+                wait_for_segments_to_catch_up(shared);
                 let mut w = lock(shared);
                 let result = w.commit(batch.records.drain(..));
                 w.maybe_cut();
@@ -1313,6 +1331,16 @@ impl Writer {
         result
     }
 
+    /// Whether records waiting for their segments hold
+    /// [`BACKLOG_BYTES`] while the segment thread works (not failing, not
+    /// stalled): taking more would only grow the daemon.
+    fn segments_behind(&self) -> bool {
+        let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
+        waiting_bytes >= self.backlog_bytes_limit
+            && !self.backlog.failing.load(Ordering::Acquire)
+            && !self.backlog.stalled()
+    }
+
     /// Fail closed on a segment thread that cannot write: while its last
     /// attempt failed and [`BACKLOG_SEGMENTS`] segments' worth of records
     /// (or [`BACKLOG_BYTES`] of them) wait for it, no more are taken (see
@@ -1322,7 +1350,10 @@ impl Writer {
     /// The bytes are bounded whatever the segment thread does: records
     /// holding statements of megabytes (denied ones among them, which any
     /// agent can send) can come faster than segments of them are written,
-    /// and each waits in memory until its segment is.
+    /// and each waits in memory until its segment is. The writer thread
+    /// waits for the segments then ([`wait_for_segments_to_catch_up`]),
+    /// so this refuses only an inline (`buffered`) writer's records, which
+    /// are written on the session's own thread.
     fn segment_backlog_refusal(&self) -> Option<AuditError> {
         let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
         if !self.backlog.failing.load(Ordering::Acquire) && !self.backlog.stalled() {
