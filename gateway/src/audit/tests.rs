@@ -437,6 +437,48 @@ async fn records_of_large_statements_wait_while_segments_are_a_bound_behind() {
     );
 }
 
+/// In `buffered` durability sessions write the WAL on their own threads,
+/// which must not wait: there, records that would put segments being
+/// written a bound behind are refused, and taken again once they catch up.
+#[tokio::test]
+async fn buffered_records_are_refused_while_segments_are_a_bound_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.durability = DurabilityMode::Buffered;
+    cfg.segment_max_records = 10_000;
+    cfg.segment_max_age_secs = 3600;
+    const LIMIT: usize = 4 << 20;
+    const STATEMENT: usize = 64 << 10;
+    store::faults::limit_backlog_bytes(&cfg.dir.join("wal"), LIMIT);
+    store::faults::stall_next_segment(&cfg.dir, 800);
+    let log = AuditLog::open(&cfg).await.unwrap();
+    let now = store::now_ms();
+    let large = |i: usize| {
+        let mut r = sample(i, now);
+        r.query_info_query_string = format!("SELECT '{}'", "x".repeat(STATEMENT));
+        r
+    };
+    let mut accepted = 0;
+    let refusal = loop {
+        match log.append(large(accepted)).await {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 10 * LIMIT / STATEMENT, "never refused");
+    };
+    assert!(
+        matches!(&refusal, AuditError::Unavailable(m) if m.contains("bytes of records behind")),
+        "{refusal}"
+    );
+    assert!(
+        accepted >= LIMIT / (STATEMENT + 4096),
+        "refused after {accepted}"
+    );
+    append_once_taken_again(&log, || large(accepted)).await;
+    log.shutdown().await;
+    assert_chain(&read_segments(&cfg.dir), accepted as u64 + 1);
+}
+
 #[tokio::test]
 async fn segments_close_by_age_while_running() {
     let tmp = tempfile::tempdir().unwrap();
