@@ -1952,6 +1952,10 @@ impl Visitor for Walker {
                     self.dangers.insert(Danger::DeleteWithoutWhere);
                 }
             }
+            // An index is built into its table (and locks it against
+            // writes while it is): the table's write rules hold. Its rows
+            // are read as well.
+            Statement::CreateIndex(create) => self.target(&create.table_name, true),
             Statement::CreateTable(create) => {
                 self.target(&create.name, false);
                 // Rows of a child show in every read of its parents, and a
@@ -2747,6 +2751,15 @@ mod tests {
         // Connecting alone runs nothing: a danger, understood.
         let connect = one("SELECT dblink_connect('c', 'dbname=app')");
         assert!(connect.dangers.contains(&Danger::FileOrProgramFunction));
+    }
+
+    /// CREATE INDEX writes its table, and reads it.
+    #[test]
+    fn an_index_writes_and_reads_its_table() {
+        let op = one("CREATE INDEX CONCURRENTLY ON hr.people (ssn)");
+        assert_eq!(op.kind, Ddl);
+        assert!(op.writes.contains("hr.people"), "{:?}", op.writes);
+        assert!(op.reads.contains("hr.people"), "{:?}", op.reads);
     }
 
     /// COMMENT ON a table, or a column of one, writes that table.
