@@ -1148,7 +1148,15 @@ fn set_kind(set: &Set) -> StatementKind {
 }
 
 fn is_admin_setting(variable: &ObjectName) -> bool {
-    ADMIN_SETTINGS.contains(&setting_name(variable).as_str())
+    let name = setting_name(variable);
+    // The server's own record of what runs (its statement log, pgaudit,
+    // event triggers): an agent turning it off for its session, where the
+    // upstream role may (a superuser's), removes the independent ground
+    // truth tollgate's audit is checked against.
+    ADMIN_SETTINGS.contains(&name.as_str())
+        || name.starts_with("log_")
+        || name.starts_with("pgaudit.")
+        || name == "event_triggers"
 }
 
 /// Whether a SET changes client_encoding (SET NAMES is its SQL-standard
@@ -2995,6 +3003,17 @@ mod tests {
             .contains("pg_catalog.pg_largeobject"));
         assert_eq!(one("CREATE USER bob").kind, Dcl);
         assert_eq!(one("SET session_replication_role = replica").kind, Admin);
+        // What the server itself records of the session.
+        for sql in [
+            "SET log_statement = 'none'",
+            "SET LOCAL log_min_duration_statement = -1",
+            "SET pgaudit.log = 'none'",
+            "SET \"pgaudit\".\"log\" TO 'none'",
+            "SET event_triggers = off",
+        ] {
+            assert_eq!(one(sql).kind, Admin, "{sql}");
+        }
+        assert_eq!(one("SET statement_timeout = 1000").kind, Utility);
         for sql in [
             "CREATE SERVER f FOREIGN DATA WRAPPER file_fdw",
             "CREATE FOREIGN TABLE x (l text) SERVER f OPTIONS (program 'id')",
