@@ -750,6 +750,20 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             code: "own_application",
         },
         Case {
+            // The audience's own client id as the client: tollgate's
+            // registration asking for a token for itself, Graph or not.
+            name: "a token whose client is the audience's application",
+            config: "",
+            token: rs256(
+                key,
+                &h,
+                &claims_with(|c| {
+                    c.insert("azp".into(), json!(super::tests::AUD_GUID.to_uppercase()));
+                }),
+            ),
+            code: "own_application",
+        },
+        Case {
             name: "group overage and Graph unreachable",
             config: graph_unreachable,
             token: rs256(

@@ -999,9 +999,13 @@ impl Verifier {
                 }))
             }
         };
-        if s.own_client_id
-            .as_deref()
-            .is_some_and(|own| own.eq_ignore_ascii_case(&app_id))
+        // tollgate's own registration is the audience, as its client id
+        // (a GUID audience, as v2 tokens name it), and the Graph lookup's
+        // client: a token its holder got for it as itself (client
+        // credentials) is no agent's.
+        let own = |id: &str| id.eq_ignore_ascii_case(&app_id);
+        if s.own_client_id.as_deref().is_some_and(own)
+            || s.audiences.iter().any(|a| is_guid(a) && own(a))
         {
             return Err(IdentityError::OwnApplication);
         }
