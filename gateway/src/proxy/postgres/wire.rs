@@ -202,7 +202,11 @@ pub const MAX_OBJECT_NAME: usize = 63;
 /// A statement or portal name from the front of `buf`. A longer one than
 /// the server keeps is refused: two names that differ past byte 63 are one
 /// to the server and two to tollgate, which would then judge one
-/// statement and let the server run another.
+/// statement and let the server run another. So is one that is not
+/// ASCII: the server converts a name to the database's encoding before
+/// it cuts it at 63 bytes, where a character may take more bytes than in
+/// UTF-8 (EUC_JP, EUC_TW) or two characters become one, so only ASCII,
+/// the same bytes in every server encoding, is measured right here.
 fn take_object_name(buf: &mut &[u8]) -> Result<String, WireError> {
     let name = take_cstr(buf)?;
     if name.len() > MAX_OBJECT_NAME {
@@ -210,6 +214,12 @@ fn take_object_name(buf: &mut &[u8]) -> Result<String, WireError> {
             "a statement or portal name of {} bytes (the server keeps {MAX_OBJECT_NAME})",
             name.len()
         )));
+    }
+    if !name.is_ascii() {
+        return Err(WireError::Malformed(
+            "a statement or portal name that is not ASCII (the server's encoding may read it as another name)"
+                .into(),
+        ));
     }
     Ok(name)
 }
@@ -593,8 +603,8 @@ async fn read_exact_or_closed<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
 
-    /// A statement or portal name longer than the server keeps is refused
-    /// in every message that names one; 63 bytes pass.
+    /// A statement or portal name longer than the server keeps, or not
+    /// ASCII, is refused in every message that names one; 63 bytes pass.
     #[test]
     fn object_names_longer_than_the_server_keeps_are_refused() {
         let message = |tag: u8, body: Vec<u8>| {
@@ -605,8 +615,15 @@ mod tests {
             split_frame(&mut buf).unwrap().unwrap()
         };
         let cstr = |s: &str| [s.as_bytes(), b"\0"].concat();
-        for (len, ok) in [(63, true), (64, false)] {
-            let name = "n".repeat(len);
+        for (name, ok) in [
+            ("n".repeat(63), true),
+            ("n".repeat(64), false),
+            // 43 bytes here, 64 in an EUC_JP database, where it is the
+            // same name as any other with these first 63 bytes.
+            (format!("{}1", "á".repeat(21)), false),
+            ("stmtcache_0a1b".to_string(), true),
+        ] {
+            let len = name.len();
             let parse = message(b'P', [cstr(&name), cstr("SELECT 1"), vec![0, 0]].concat());
             assert_eq!(parse_message(&parse).is_ok(), ok, "Parse {len}");
             let bind = message(b'B', [cstr(""), cstr(&name), vec![0; 6]].concat());
