@@ -975,10 +975,11 @@ fn sync_egress(ebpf: &mut Ebpf, egress: &EgressPolicy) -> Result<()> {
     if egress.allow.len() > rules.len() as usize {
         bail!("at most {} egress rules", rules.len());
     }
-    // Rules first, then the count, then the switch: a program reading in
-    // between sees either the old policy or a complete new one... except
-    // for a shrinking list, where it may briefly see fewer rules, which
-    // only refuses more, never less.
+    // Rules first, then the count, then the switch. The rules are
+    // overwritten in place, so a program reading in between may see old
+    // and new rules side by side (and, for a shrinking list, fewer):
+    // each rule it sees is one of the two policies', so it allows nothing
+    // neither allows, for the moment the update takes.
     for (i, rule) in egress.allow.iter().enumerate() {
         rules.set(i as u32, rule.to_kernel(), 0)?;
     }
