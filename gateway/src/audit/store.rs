@@ -161,8 +161,11 @@ impl SegmentBacklog {
 /// While segments are behind (see [`Writer::segments_behind`]), the writer
 /// thread takes no more records: the callers' records wait, unsynced and
 /// unacknowledged, in the queue to it, as a server's clients wait when it
-/// stops reading, and the daemon does not grow past the bound. Segments
-/// cut on age meanwhile, so that the ones in memory go on to be written.
+/// stops reading. The records in memory then stay at the bound, besides
+/// those queued, which each session bounds by what it keeps in flight.
+/// Segments cut on age meanwhile, so that the ones in memory go on to be
+/// written. A segment thread that stalls or fails ends the wait, and the
+/// records are refused as then (see [`Writer::segment_backlog_refusal`]).
 fn wait_for_segments_to_catch_up(shared: &Mutex<Writer>) {
     loop {
         let mut w = lock(shared);
@@ -1682,16 +1685,24 @@ impl SegState {
                 Err(RecvTimeoutError::Disconnected) => stop = Some(None),
             }
             while let Some((records, bytes, wal_files)) = queue.front() {
-                match backlog.busy(|| self.write_segments(records)) {
-                    Ok(()) => {
-                        // The records are in manifested, checkpointed
-                        // segments: only now may their WAL files go.
-                        for f in wal_files {
-                            if let Err(e) = fs::remove_file(f) {
-                                warn!(file = %f.display(), error = %e, "could not remove WAL file");
-                            }
+                // The WAL files' removal is part of the work: a removal or
+                // directory sync that hangs (a stalled network file
+                // system) must show as a stall, or the writer, waiting for
+                // these bytes to be given back, would wait for ever.
+                let written = backlog.busy(|| {
+                    self.write_segments(records)?;
+                    // The records are in manifested, checkpointed
+                    // segments: only now may their WAL files go.
+                    for f in wal_files {
+                        if let Err(e) = fs::remove_file(f) {
+                            warn!(file = %f.display(), error = %e, "could not remove WAL file");
                         }
-                        let _ = fsutil::fsync_dir(&self.dir.join("wal"));
+                    }
+                    let _ = fsutil::fsync_dir(&self.dir.join("wal"));
+                    anyhow::Ok(())
+                });
+                match written {
+                    Ok(()) => {
                         backlog.records.fetch_sub(records.len(), Ordering::AcqRel);
                         backlog.bytes.fetch_sub(*bytes, Ordering::AcqRel);
                         backlog.failing.store(false, Ordering::Release);

@@ -391,9 +391,10 @@ async fn records_of_large_statements_wait_while_segments_are_a_bound_behind() {
     const STATEMENT: usize = 64 << 10;
     const RECORDS: usize = 3 * LIMIT / STATEMENT;
     store::faults::limit_backlog_bytes(&cfg.dir.join("wal"), LIMIT);
-    // The segment thread's first piece of work takes 800 ms: behind, but
-    // not stalled (1 s in tests), and not failing.
-    store::faults::stall_next_segment(&cfg.dir, 800);
+    // The segment thread's first piece of work takes 600 ms: behind, but
+    // not stalled (1 s in tests, with room for the write itself), and not
+    // failing.
+    store::faults::stall_next_segment(&cfg.dir, 600);
     let log = std::sync::Arc::new(AuditLog::open(&cfg).await.unwrap());
     let now = store::now_ms();
     let large = move |i: usize| {
@@ -417,7 +418,7 @@ async fn records_of_large_statements_wait_while_segments_are_a_bound_behind() {
     };
     // Within the stall: no more acknowledged than the bound holds (and the
     // batch that reached it).
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let within_stall = acknowledged.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         within_stall <= LIMIT / STATEMENT + 8,
@@ -450,7 +451,7 @@ async fn buffered_records_are_refused_while_segments_are_a_bound_behind() {
     const LIMIT: usize = 4 << 20;
     const STATEMENT: usize = 64 << 10;
     store::faults::limit_backlog_bytes(&cfg.dir.join("wal"), LIMIT);
-    store::faults::stall_next_segment(&cfg.dir, 800);
+    store::faults::stall_next_segment(&cfg.dir, 600);
     let log = AuditLog::open(&cfg).await.unwrap();
     let now = store::now_ms();
     let large = |i: usize| {

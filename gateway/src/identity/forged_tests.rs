@@ -750,15 +750,18 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
             code: "own_application",
         },
         Case {
-            // The audience's own client id as the client: tollgate's
-            // registration asking for a token for itself, Graph or not.
-            name: "a token whose client is the audience's application",
+            // The audience's own client id as the client of an app-only
+            // token: tollgate's registration asking for a token for
+            // itself, Graph or not.
+            name: "an app token whose client is the audience's application",
             config: "",
             token: rs256(
                 key,
                 &h,
                 &claims_with(|c| {
                     c.insert("azp".into(), json!(super::tests::AUD_GUID.to_uppercase()));
+                    c.insert("idtyp".into(), json!("app"));
+                    c.remove("scp");
                 }),
             ),
             code: "own_application",

@@ -432,7 +432,11 @@ fn clip(s: &str) -> String {
     }
     let mut out = String::with_capacity(end + 3);
     for c in s[..end].chars() {
-        match c.is_control() {
+        // Control characters, and the line separators and bidirectional
+        // overrides that viewers render as line breaks or reorderings.
+        let unsafe_to_show = c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+        match unsafe_to_show {
             true => out.extend(c.escape_default()),
             false => out.push(c),
         }
@@ -452,6 +456,11 @@ mod clip_tests {
     fn echoed_values_are_short_and_have_no_control_characters() {
         let forged = super::clip("x\n2026-01-01T00:00:00Z  INFO tollgate: authenticated\u{1b}[2J");
         assert!(!forged.chars().any(char::is_control), "{forged:?}");
+        let reordered = super::clip("kid\u{202E}gnp.exe\u{2028}x");
+        assert!(
+            reordered.contains("\\u{202e}") && reordered.contains("\\u{2028}"),
+            "{reordered:?}"
+        );
         assert!(forged.starts_with("x\\n2026"), "{forged:?}");
         assert_eq!(super::clip("kid-1"), "kid-1");
         let long = super::clip(&"é".repeat(100));
@@ -999,14 +1008,8 @@ impl Verifier {
                 }))
             }
         };
-        // tollgate's own registration is the audience, as its client id
-        // (a GUID audience, as v2 tokens name it), and the Graph lookup's
-        // client: a token its holder got for it as itself (client
-        // credentials) is no agent's.
         let own = |id: &str| id.eq_ignore_ascii_case(&app_id);
-        if s.own_client_id.as_deref().is_some_and(own)
-            || s.audiences.iter().any(|a| is_guid(a) && own(a))
-        {
+        if s.own_client_id.as_deref().is_some_and(own) {
             return Err(IdentityError::OwnApplication);
         }
         let scopes: Vec<String> = c
@@ -1024,6 +1027,15 @@ impl Verifier {
         };
         if kind == PrincipalKind::App && c.0.contains_key("scp") {
             return Err(IdentityError::InconsistentKind);
+        }
+        // tollgate's own registration is the audience, as its client id (a
+        // GUID audience, as v2 tokens name it): an app-only token whose
+        // client is that registration was got by a holder of its secret
+        // for tollgate as tollgate itself (client credentials), and is no
+        // agent's. A user signing in through that registration (one
+        // registration for a client and its API) is someone.
+        if kind == PrincipalKind::App && s.audiences.iter().any(|a| is_guid(a) && own(a)) {
+            return Err(IdentityError::OwnApplication);
         }
         let roles = c.str_list("roles")?.unwrap_or_default();
         // What Microsoft asks of an API: a delegated token must carry a

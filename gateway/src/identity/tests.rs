@@ -116,6 +116,27 @@ async fn guid_audience_and_v1_token_accepted_when_configured() {
     assert_eq!(p.display_name, "ada@example.com");
 }
 
+/// One registration for a client and its API: a user signing in through
+/// it gets a token whose client is the audience itself, and is someone
+/// (an app-only token so is refused, see the forged tokens).
+#[tokio::test]
+async fn a_users_token_through_the_apis_own_registration_is_accepted() {
+    let (_d, ring, v) = setup("").await;
+    let t = TokenSpec {
+        audience: AUD_GUID.into(),
+        app_id: AUD_GUID.into(),
+        ..spec()
+    }
+    .mint(ring.signing_key())
+    .expect("mint");
+    let p = v
+        .verify(&t)
+        .await
+        .expect("a user's token through the API's registration");
+    assert_eq!(p.kind, PrincipalKind::User);
+    assert_eq!(p.app_id, AUD_GUID);
+}
+
 #[tokio::test]
 async fn expired_token_is_refused() {
     let (_d, ring, v) = setup("").await;

@@ -1154,7 +1154,9 @@ fn is_admin_setting(variable: &ObjectName) -> bool {
     // upstream role may (a superuser's), removes the independent ground
     // truth tollgate's audit is checked against.
     ADMIN_SETTINGS.contains(&name.as_str())
-        || name.starts_with("log_")
+        // Any user may set this one: it only shortens parameters in the
+        // server's error log lines.
+        || (name.starts_with("log_") && name != "log_parameter_max_length_on_error")
         || name.starts_with("pgaudit.")
         || name == "event_triggers"
 }
@@ -3014,6 +3016,10 @@ mod tests {
             assert_eq!(one(sql).kind, Admin, "{sql}");
         }
         assert_eq!(one("SET statement_timeout = 1000").kind, Utility);
+        assert_eq!(
+            one("SET log_parameter_max_length_on_error = 0").kind,
+            Utility
+        );
         for sql in [
             "CREATE SERVER f FOREIGN DATA WRAPPER file_fdw",
             "CREATE FOREIGN TABLE x (l text) SERVER f OPTIONS (program 'id')",

@@ -326,6 +326,21 @@ async fn establish(
                 expected: setting.value,
             });
         }
+        // Identifiers (table names, statement names) are cut at 63 bytes
+        // of the database's encoding: in another than UTF-8 (or SQL_ASCII,
+        // which keeps the bytes it is given) a name tollgate decided on
+        // could be another one to the server.
+        if let Some(value) = (tag == b'S')
+            .then(|| wire::parameter_status(&frame, "server_encoding"))
+            .flatten()
+            .filter(|v| !v.eq_ignore_ascii_case("UTF8") && !v.eq_ignore_ascii_case("SQL_ASCII"))
+        {
+            return Err(UpstreamError::ReadsTextOtherwise {
+                name: "server_encoding",
+                value,
+                expected: "UTF8",
+            });
+        }
         greeting.extend_from_slice(&frame.bytes);
         if tag == b'Z' {
             break;
@@ -614,6 +629,8 @@ mod tests {
             ("standard_conforming_strings", "off"),
             ("client_encoding", "SJIS"),
             ("search_path", "hr, public"),
+            ("server_encoding", "EUC_JP"),
+            ("server_encoding", "LATIN1"),
         ] {
             let server = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
