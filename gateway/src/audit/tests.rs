@@ -328,6 +328,12 @@ async fn records_are_refused_while_a_segment_write_hangs_and_their_count_reaches
     assert_chain(&read_segments(&cfg.dir), accepted as u64 + 1);
 }
 
+/// `record` with a statement of about `bytes` bytes.
+fn with_statement_of(mut record: AuditRecord, bytes: usize) -> AuditRecord {
+    record.query_info_query_string = format!("SELECT '{}'", "x".repeat(bytes));
+    record
+}
+
 /// The same bound counted in bytes: a few records holding large
 /// statements reach it long before their number reaches four segments'
 /// worth. The real bound (1 GiB) is lowered for the test.
@@ -347,11 +353,7 @@ async fn records_are_refused_while_segments_fail_and_their_bytes_reach_the_bound
     let now = store::now_ms();
     let blocker = block_segments(&cfg, now);
     let log = AuditLog::open(&cfg).await.unwrap();
-    let large = |i: usize| {
-        let mut r = sample(i, now);
-        r.query_info_query_string = format!("SELECT '{}'", "x".repeat(STATEMENT));
-        r
-    };
+    let large = |i: usize| with_statement_of(sample(i, now), STATEMENT);
     // Slowly enough that segments are cut on age and fail while records
     // still come in.
     let (accepted, refusal) = append_until_refused(&log, large, 5, 30).await;
@@ -397,11 +399,7 @@ async fn records_of_large_statements_wait_while_segments_are_a_bound_behind() {
     store::faults::stall_next_segment(&cfg.dir, 600);
     let log = std::sync::Arc::new(AuditLog::open(&cfg).await.unwrap());
     let now = store::now_ms();
-    let large = move |i: usize| {
-        let mut r = sample(i, now);
-        r.query_info_query_string = format!("SELECT '{}'", "x".repeat(STATEMENT));
-        r
-    };
+    let large = move |i: usize| with_statement_of(sample(i, now), STATEMENT);
     // Eight at a time, each eight one batch, as sessions would.
     let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let submitting = {
@@ -454,11 +452,7 @@ async fn buffered_records_are_refused_while_segments_are_a_bound_behind() {
     store::faults::stall_next_segment(&cfg.dir, 600);
     let log = AuditLog::open(&cfg).await.unwrap();
     let now = store::now_ms();
-    let large = |i: usize| {
-        let mut r = sample(i, now);
-        r.query_info_query_string = format!("SELECT '{}'", "x".repeat(STATEMENT));
-        r
-    };
+    let large = |i: usize| with_statement_of(sample(i, now), STATEMENT);
     let mut accepted = 0;
     let refusal = loop {
         match log.append(large(accepted)).await {
