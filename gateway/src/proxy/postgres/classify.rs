@@ -1607,6 +1607,29 @@ impl Walker {
 }
 
 impl Walker {
+    /// The tables a GRANT or REVOKE of privileges on `objects` writes.
+    fn note_privileged_tables(&mut self, objects: Option<&sqlparser::ast::GrantObjects>) {
+        use sqlparser::ast::GrantObjects;
+        match objects {
+            Some(GrantObjects::Tables(names))
+            | Some(GrantObjects::Views(names))
+            | Some(GrantObjects::Sequences(names)) => {
+                for name in names {
+                    self.written.extend(table_names(name));
+                }
+            }
+            Some(GrantObjects::AllTablesInSchema { schemas })
+            | Some(GrantObjects::AllViewsInSchema { schemas })
+            | Some(GrantObjects::AllSequencesInSchema { schemas })
+            | Some(GrantObjects::AllMaterializedViewsInSchema { schemas }) => {
+                for schema in schemas {
+                    self.written.insert(every_table_of(schema));
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// What calling a function named `last` does, from its name alone: the
     /// lists of built-ins that are dangerous, change state, read files or
     /// large objects, run SQL given as text, or show other sessions. Used
@@ -2174,6 +2197,15 @@ impl Visitor for Walker {
             | Statement::GrantRole(_)
             | Statement::RevokeRole(_) => {
                 self.dangers.insert(Danger::GrantRevoke);
+                // Privileges on tables are written into their catalog
+                // rows: the tables' write rules hold (`deny_tables` among
+                // them), and `ON ALL TABLES IN SCHEMA s` names every one.
+                let objects = match statement {
+                    Statement::Grant(grant) => grant.objects.as_ref(),
+                    Statement::Revoke(revoke) => revoke.objects.as_ref(),
+                    _ => None,
+                };
+                self.note_privileged_tables(objects);
             }
             Statement::Set(set) if set_kind(set) == StatementKind::Admin => {
                 let role_change = match set {
@@ -2761,6 +2793,24 @@ mod tests {
         // Connecting alone runs nothing: a danger, understood.
         let connect = one("SELECT dblink_connect('c', 'dbname=app')");
         assert!(connect.dangers.contains(&Danger::FileOrProgramFunction));
+    }
+
+    /// A GRANT or REVOKE of privileges on tables writes them; on every
+    /// table of a schema, the schema's tables.
+    #[test]
+    fn grants_on_tables_write_them() {
+        for (sql, written) in [
+            ("GRANT SELECT ON secrets TO bob", "public.secrets"),
+            ("GRANT ALL ON TABLE hr.pay, hr.people TO bob", "hr.people"),
+            ("REVOKE UPDATE ON hr.pay FROM bob", "hr.pay"),
+            ("GRANT SELECT ON ALL TABLES IN SCHEMA hr TO bob", "hr.*"),
+        ] {
+            let op = one(sql);
+            assert_eq!(op.kind, Dcl, "{sql}");
+            assert!(op.dangers.contains(&Danger::GrantRevoke), "{sql}");
+            assert!(op.writes.contains(written), "{sql}: {:?}", op.writes);
+        }
+        assert!(one("GRANT reader TO bob").writes.is_empty());
     }
 
     /// CREATE INDEX writes its table, and reads it.
