@@ -419,19 +419,17 @@ pub fn read_note(path: &Path) -> io::Result<String> {
 }
 
 /// The newest checkpoint in `dir` whose signature verifies with `key`,
-/// with its file's path, and whether any checkpoint file is there at all.
-pub fn newest_valid(
-    dir: &Path,
-    key: &Verifier,
-) -> io::Result<(Option<(PathBuf, Checkpoint)>, bool)> {
+/// with the counter its file is named by, and whether any checkpoint file
+/// is there at all.
+pub fn newest_valid(dir: &Path, key: &Verifier) -> io::Result<(Option<(u64, Checkpoint)>, bool)> {
     let files = list(dir)?;
     let any = !files.is_empty();
-    for (_, path) in files.into_iter().rev() {
+    for (counter, path) in files.into_iter().rev() {
         let Ok(text) = read_note(&path) else {
             continue;
         };
         if let Ok(checkpoint) = open_note(&text, key) {
-            return Ok((Some((path, checkpoint)), any));
+            return Ok((Some((counter, checkpoint)), any));
         }
     }
     Ok((None, any))

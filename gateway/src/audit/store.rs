@@ -834,12 +834,9 @@ fn signed_lines(
 ) -> anyhow::Result<usize> {
     let (newest, any) = checkpoint::newest_valid(&dir.join("checkpoints"), &signer.public())?;
     Ok(match newest {
-        Some((path, checkpoint)) => {
-            let named = path
-                .file_name()
-                .and_then(|name| name.to_str())
-                .and_then(checkpoint::parse_file_name);
-            if checkpoint.counter != named {
+        Some((named, checkpoint)) => {
+            let path = dir.join("checkpoints").join(checkpoint::file_name(named));
+            if checkpoint.counter != Some(named) {
                 anyhow::bail!(
                     "{}: it signs checkpoint {:?}, not the one its name says: it was copied or \
                      renamed. Run `tollgate audit verify`",
@@ -1334,12 +1331,17 @@ impl Writer {
         result
     }
 
+    /// Encoded bytes of the records that wait for their segments: handed
+    /// to the segment thread, and buffered here.
+    fn waiting_bytes(&self) -> usize {
+        self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes
+    }
+
     /// Whether records waiting for their segments hold
     /// [`BACKLOG_BYTES`] while the segment thread works (not failing, not
     /// stalled): taking more would only grow the daemon.
     fn segments_behind(&self) -> bool {
-        let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
-        waiting_bytes >= self.backlog_bytes_limit
+        self.waiting_bytes() >= self.backlog_bytes_limit
             && !self.backlog.failing.load(Ordering::Acquire)
             && !self.backlog.stalled()
     }
@@ -1358,7 +1360,7 @@ impl Writer {
     /// so this refuses only an inline (`buffered`) writer's records, which
     /// are written on the session's own thread.
     fn segment_backlog_refusal(&self) -> Option<AuditError> {
-        let waiting_bytes = self.backlog.bytes.load(Ordering::Acquire) + self.buffer_bytes;
+        let waiting_bytes = self.waiting_bytes();
         if !self.backlog.failing.load(Ordering::Acquire) && !self.backlog.stalled() {
             return (waiting_bytes >= self.backlog_bytes_limit).then(|| {
                 AuditError::Unavailable(format!(
