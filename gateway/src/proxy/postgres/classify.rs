@@ -1571,14 +1571,7 @@ impl Walker {
         } else if name.0.len() == 1 {
             self.may_call_by_name.insert(last.clone());
         }
-        self.note_called_name(&last);
-        if SEQUENCE_WRITERS.contains(&last.as_str()) {
-            let sequence = args
-                .and_then(|args| args.first())
-                .and_then(sequence_named_by);
-            self.called_writes
-                .extend(sequence.unwrap_or_else(|| vec![UNKNOWN_TABLES.into()]));
-        }
+        self.note_called_name(&last, args.and_then(|args| args.first()));
         // pg_cron's `cron.schedule` runs SQL given as text, later (its
         // schema is never on the search_path tollgate sets).
         let cron = name.0.len() >= 2
@@ -1635,8 +1628,9 @@ impl Walker {
     /// large objects, run SQL given as text, or show other sessions. Used
     /// for every call, and for every name that may be one without looking
     /// like one: PostgreSQL runs `(expr).f` as `f(expr)` when `expr` has no
-    /// column `f` (`('/etc/passwd'::text).pg_read_file`).
-    fn note_called_name(&mut self, last: &str) {
+    /// column `f` (`('/etc/passwd'::text).pg_read_file`). `first_arg` is
+    /// the call's first argument, when the text shows one.
+    fn note_called_name(&mut self, last: &str, first_arg: Option<&FunctionArg>) {
         if DANGEROUS_FUNCTIONS.contains(&last) {
             self.dangers.insert(Danger::FileOrProgramFunction);
         }
@@ -1656,7 +1650,9 @@ impl Walker {
                 .insert("pg_catalog.pg_largeobject".into());
         }
         if SEQUENCE_WRITERS.contains(&last) {
-            self.changes_state = true;
+            let sequence = first_arg.and_then(sequence_named_by);
+            self.called_writes
+                .extend(sequence.unwrap_or_else(|| vec![UNKNOWN_TABLES.into()]));
         }
         self.note_other_sessions(last);
         if SQL_TEXT_FUNCTIONS.contains(&last) {
@@ -1872,10 +1868,8 @@ impl Visitor for Walker {
                 for access in access_chain {
                     if let sqlparser::ast::AccessExpr::Dot(Expr::Identifier(field)) = access {
                         let name = fold(&field.value, field.quote_style.is_some());
-                        self.note_called_name(&name);
-                        if SEQUENCE_WRITERS.contains(&name.as_str()) {
-                            self.called_writes.insert(UNKNOWN_TABLES.into());
-                        }
+                        // Its argument is the value before the dot.
+                        self.note_called_name(&name, None);
                         self.may_call_by_name.insert(name);
                     }
                 }
