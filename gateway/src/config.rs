@@ -145,13 +145,7 @@ impl PinConfig {
         // Where it is on the file system is checked when it is used
         // (`pin::ensure_inside_bpffs`): bpffs may be mounted later.
         // `..` would let a path below bpffs name bpffs's root itself.
-        let plain = self.bpffs_dir.components().all(|c| {
-            matches!(
-                c,
-                std::path::Component::RootDir | std::path::Component::Normal(_)
-            )
-        });
-        if !self.bpffs_dir.is_absolute() || !plain {
+        if !crate::pin::is_plain_absolute(&self.bpffs_dir) {
             return Err((
                 "pin.bpffs_dir".into(),
                 "must be an absolute path, without `..`, of a directory of tollgate's own below \

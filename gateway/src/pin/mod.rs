@@ -44,7 +44,7 @@ use gateway_common::{
 };
 use tracing::{info, warn};
 
-pub use mounts::{cgroup2_root, ensure_mounts};
+pub use mounts::{cgroup2_root, ensure_mounts, is_plain_absolute};
 
 /// The kernel object, built from `gateway-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));

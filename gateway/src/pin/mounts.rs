@@ -45,6 +45,16 @@ fn ensure_mounted(path: &Path, fstype: &str, magic: i64) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` is absolute and has no `.` or `..` in it: the directory
+/// it names is the one its parent names, with one more name.
+pub fn is_plain_absolute(path: &Path) -> bool {
+    use std::path::Component;
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
 /// Refuses a pin directory that is not inside a bpf file system, or that
 /// is the root of one: `unpin` removes the directory, and `run` takes it
 /// over (its owner and mode), so a `bpffs_dir` naming an ordinary
@@ -53,14 +63,9 @@ fn ensure_mounted(path: &Path, fstype: &str, magic: i64) -> Result<()> {
 /// directory's parent: a directory below a bpffs root, made or not, has a
 /// parent on bpffs, and the root's parent is not on one.
 pub fn ensure_inside_bpffs(pin_dir: &Path) -> Result<()> {
-    if pin_dir.components().any(|c| {
-        !matches!(
-            c,
-            std::path::Component::RootDir | std::path::Component::Normal(_)
-        )
-    }) {
+    if !is_plain_absolute(pin_dir) {
         bail!(
-            "bpffs_dir {} has `.` or `..` in it: give the directory's plain path",
+            "bpffs_dir {} is not absolute or has `.` or `..` in it: give the directory's plain path",
             pin_dir.display()
         );
     }
