@@ -52,6 +52,25 @@ deny_tables = ["public.secrets"]
 "#;
 
 impl GatewayConfig {
+    /// Writes the file to `path`, and the signing key it names with
+    /// `tollgate keygen` unless one is there.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        fs::write(path, self.toml())?;
+        if !self.signing_key.exists() {
+            let out = Command::new(tollgate_bin())
+                .args(["keygen", "--out"])
+                .arg(&self.signing_key)
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "tollgate keygen failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn toml(&self) -> String {
         format!(
             r#"# Written by the end-to-end tests.
@@ -147,19 +166,7 @@ impl Gateway {
     /// Starts the daemon and waits until it says it is ready.
     pub fn start(dir: tempfile::TempDir, config: GatewayConfig) -> Result<Self> {
         let config_path = dir.path().join("tollgate.toml");
-        fs::write(&config_path, config.toml())?;
-        if !config.signing_key.exists() {
-            let out = Command::new(tollgate_bin())
-                .args(["keygen", "--out"])
-                .arg(&config.signing_key)
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "tollgate keygen failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
+        config.write(&config_path)?;
         let mut gateway = Gateway {
             dir,
             config_path,

@@ -1171,14 +1171,8 @@ fn config_file(bpffs_dir: &Path, agent_cgroup: &Path) -> (tempfile::TempDir, Pat
     .expect("config");
     config.bpffs_dir = bpffs_dir.to_path_buf();
     config.agent_cgroup = agent_cgroup.to_path_buf();
-    let keygen = Command::new(tollgate_bin())
-        .args(["keygen", "--out"])
-        .arg(&config.signing_key)
-        .output()
-        .expect("run tollgate keygen");
-    assert!(keygen.status.success(), "{keygen:?}");
     let path = dir.path().join("tollgate.toml");
-    std::fs::write(&path, config.toml()).expect("write config");
+    config.write(&path).expect("write the config and its key");
     (dir, path)
 }
 
