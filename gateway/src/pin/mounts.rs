@@ -130,6 +130,24 @@ fn cgroup2_root_in(mounts: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// bpffs's root is no pin directory of tollgate's (its parent is not
+    /// bpffs, whether bpffs is mounted there or not), nor is a path that
+    /// climbs back to it, nor an ordinary directory.
+    #[test]
+    fn the_bpffs_root_and_paths_outside_bpffs_are_no_pin_directory() {
+        for dir in [
+            "/sys/fs/bpf",
+            "/sys/fs/bpf/tollgate/..",
+            "/tmp/pins",
+            "pins",
+        ] {
+            let err = ensure_inside_bpffs(Path::new(dir)).expect_err(dir);
+            assert!(err.to_string().contains("bpffs_dir"), "{dir}: {err:#}");
+        }
+        assert!(is_plain_absolute(Path::new("/sys/fs/bpf/tollgate")));
+        assert!(!is_plain_absolute(Path::new("/sys/fs/bpf/./tollgate/..")));
+    }
+
     #[test]
     fn the_cgroup2_mount_is_found_on_hybrid_and_pure_v2_hosts() {
         let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
