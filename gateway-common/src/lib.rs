@@ -143,6 +143,10 @@ pub mod program_names {
     /// Host-wide evidence at the cgroup v2 root (cgroup_skb/egress): packets
     /// to protected targets from anything but a TCP stream socket.
     pub const PACKET_EGRESS: &str = "tollgate_packet_egress";
+    /// Drops the agent cgroups' source-routed packets (cgroup_skb/egress on
+    /// each agent cgroup). Shares its hook with [`PACKET_EGRESS`]; the
+    /// kernel keeps 15 bytes of a name, and those differ.
+    pub const SOURCE_ROUTE: &str = "tollgate_source_route";
 }
 
 /// What an [`EvidenceEvent`] reports.
@@ -171,6 +175,11 @@ pub mod event_kind {
     /// `::`) from a socket bound to a device was refused: the kernel would
     /// send it to the device's own address, whatever that is.
     pub const REFUSED_UNSPECIFIED_ON_DEVICE: u32 = 7;
+    /// A packet from an agent cgroup that names its own route (an IPv4
+    /// loose or strict source route option, an IPv6 routing header) was
+    /// dropped: the kernel sends such a packet to the route's first hop,
+    /// which no socket hook judged. Seen at the packet, without its task.
+    pub const REFUSED_SOURCE_ROUTE: u32 = 8;
 }
 
 /// Programs that count into [`map_names::EVIDENCE_COUNTERS`].
@@ -182,8 +191,9 @@ pub mod counted_program {
     pub const SENDMSG6: u32 = 4;
     pub const SOCK_CREATE: u32 = 5;
     pub const PACKET_EGRESS: u32 = 6;
+    pub const SOURCE_ROUTE: u32 = 7;
     /// Number of programs, for readers.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Names in the loss report, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
         "tcp_state",
@@ -193,6 +203,7 @@ pub mod counted_program {
         "sendmsg6",
         "sock_create",
         "packet_egress",
+        "source_route",
     ];
 }
 

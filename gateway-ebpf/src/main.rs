@@ -17,6 +17,9 @@
 //!   protected target below every socket hook, and with egress deny the
 //!   datagram sockets (ICMP "ping" ones, ...) that no sendmsg hook sees;
 //! - all four apply the egress allow list when the default is deny;
+//! - `source_route` (cgroup_skb/egress) drops packets that name their own
+//!   route (IPv4 source route options, IPv6 routing headers): the kernel
+//!   sends them to the route's first hop, which no socket hook judged;
 //! - `bind4`/`bind6` refuse binds to tollgate's listener ports (and to
 //!   protected targets' ports), so an agent cannot take a listener's
 //!   port while tollgate is down and receive the connections (and tokens)
@@ -1052,6 +1055,141 @@ fn record_packet(ctx: &SkBuffContext, mut dst: PacketDestination) {
     };
     // Only packets to protected targets get here.
     emit(program, &event);
+}
+
+/// IPv4 options (RFC 791) that route a packet through the addresses they
+/// list: loose and strict source route. The kernel sends such a packet to
+/// the first address listed, not to the destination the socket hooks
+/// judged.
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+const IPOPT_LSRR: u8 = 131;
+const IPOPT_SSRR: u8 = 137;
+/// The options of an IPv4 header take at most 40 bytes, each at least one:
+/// one pass per byte reads them all (a constant bound the verifier can
+/// see).
+const IPV4_MAX_OPTION_BYTES: usize = 40;
+
+/// Whether a packet goes where its own headers route it rather than to
+/// its destination address: an IPv4 header with a loose or strict source
+/// route option, or an IPv6 packet with a routing header of any type
+/// (segment routing, type 2, ...). A header that cannot be read whole, or
+/// IPv6 extension headers past the walk, count as routed: the kernel
+/// builds neither from the socket options an agent can set, so only a
+/// packet made by hand has them, and refusing it is the safe side.
+#[inline(always)]
+fn source_routed(ctx: &SkBuffContext) -> bool {
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    match first >> 4 {
+        4 => {
+            let header_len = usize::from(first & 0x0f) * 4;
+            let mut offset = 20usize;
+            for _ in 0..IPV4_MAX_OPTION_BYTES {
+                if offset >= header_len {
+                    return false;
+                }
+                let Ok(option) = ctx.load::<u8>(offset) else {
+                    return true;
+                };
+                match option {
+                    IPOPT_END => return false,
+                    IPOPT_NOOP => offset += 1,
+                    IPOPT_LSRR | IPOPT_SSRR => return true,
+                    _ => {
+                        let Ok(len) = ctx.load::<u8>(offset + 1) else {
+                            return true;
+                        };
+                        if len < 2 {
+                            return true;
+                        }
+                        offset += usize::from(len);
+                    }
+                }
+            }
+            false
+        }
+        6 => {
+            let Ok(mut next) = ctx.load::<u8>(6) else {
+                return true;
+            };
+            let mut offset = 40usize;
+            for _ in 0..=IPV6_MAX_EXTENSION_HEADERS {
+                match next {
+                    IPV6_ROUTING => return true,
+                    IPV6_HOP_BY_HOP | IPV6_DEST_OPTS => {
+                        let Ok(header) = ctx.load::<[u8; 2]>(offset) else {
+                            return true;
+                        };
+                        next = header[0];
+                        offset += (usize::from(header[1]) + 1) * 8;
+                    }
+                    IPPROTO_AH => {
+                        let Some((after, at)) = after_ah(ctx, offset) else {
+                            return true;
+                        };
+                        next = after;
+                        offset = at;
+                    }
+                    // A routing header belongs before the fragment header
+                    // (in the part every fragment repeats), and anything
+                    // else ends the extension headers.
+                    _ => return false,
+                }
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Drops the agent cgroups' packets that name their own route (see
+/// [`source_routed`]): an agent may set `IP_OPTIONS` or `IPV6_RTHDR` on
+/// its socket, or pass them with one message, without any capability, and
+/// the connect and sendmsg hooks only judged the destination it named.
+/// Every other packet goes on. The refusal is on record, without a task
+/// (egress can run in softirq context): the socket's cgroup and cookie,
+/// and the first hop the packet was headed for.
+#[cgroup_skb(egress)]
+pub fn tollgate_source_route(ctx: SkBuffContext) -> i32 {
+    if !source_routed(&ctx) {
+        return ALLOW;
+    }
+    let program = counted_program::SOURCE_ROUTE;
+    count(program, counter::SEEN);
+    let (family, daddr, protocol, dport) = match parse_destination(&ctx) {
+        Some(dst) => {
+            let port = match dst.transport {
+                TransportHeader::At(l4) if has_ports(dst.protocol) => ctx
+                    .load::<u16>(l4 + 2)
+                    .map(|p| u32::from(u16::from_be(p)))
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            (dst.family, dst.key.addr, u32::from(dst.protocol), port)
+        }
+        None => (0, [0; 4], 0, 0),
+    };
+    let skb = ctx.skb.skb;
+    let event = EvidenceEvent {
+        kind: event_kind::REFUSED_SOURCE_ROUTE,
+        family,
+        cookie: unsafe { bpf_get_socket_cookie(skb as *mut c_void) },
+        // The cgroup of the socket that sent it (fixed at its creation).
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        pid: 0,
+        tid: 0,
+        daddr,
+        dport,
+        protocol,
+        comm: [0; 16],
+        socket_type: 0,
+        packets: 0,
+    };
+    emit(program, &event);
+    REFUSE
 }
 
 // The verifier only accepts context accesses at a constant offset from the

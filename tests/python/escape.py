@@ -13,8 +13,15 @@ usage:
                                               --device: bind it to the network device DEV
                                               (SO_BINDTODEVICE) first;
                                               --wait: how long to wait for an answer, default 5)
-  escape.py udp HOST PORT [--connect] [--count N]
+  escape.py udp HOST PORT [--connect] [--count N] [--via HOP [--per-message]]
                                            -> {"outcome": "sent"|"denied", "cookie": ...}
+                                              (--via: source-route the datagrams through HOP
+                                              first: an IPv4 loose source route option
+                                              (IP_OPTIONS) or an IPv6 segment routing header
+                                              (IPV6_RTHDR, type 4), set on the socket, or with
+                                              --per-message passed with each datagram (IPv4
+                                              only: IPv6 takes a type 2 header there, from
+                                              kernels built with Mobile IPv6))
   escape.py udplite HOST PORT              -> a UDP-Lite socket, connected to HOST:PORT, sends one
                                               datagram (no socket hook sees a connected
                                               UDP-Lite socket's destination):
@@ -125,13 +132,58 @@ def cookie_of(sock):
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
-def udp(host, port, connect=False, count=1):
-    sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+IPOPT_LSRR = 131
+# The cmsg type that passes IPv4 options with one message.
+IP_RETOPTS = 7
+IPV6_SRCRT_TYPE_4 = 4
+
+
+def source_route(family, hop, destination, per_message=False):
+    """(level, option name, value) of a socket option or control message
+    that routes a datagram through `hop` before `destination`, as any
+    unprivileged process may set it."""
+    if family == socket.AF_INET:
+        # A no-op to align, then the loose source route: type, length,
+        # pointer, and the first hop (the kernel adds the destination).
+        value = bytes([1, IPOPT_LSRR, 7, 4]) + socket.inet_aton(hop)
+        name = IP_RETOPTS if per_message else socket.IP_OPTIONS
+        return socket.IPPROTO_IP, name, value
+    if per_message:
+        # With one message the kernel takes only a type 2 (Mobile IPv6)
+        # routing header, and only when built with CONFIG_IPV6_MIP6.
+        raise SystemExit("no per-message IPv6 source route here")
+    segments = [destination, hop]
+    header = struct.pack(
+        "!BBBBBBH",
+        0,  # next header: the kernel fills it in
+        len(segments) * 2,  # length in 8-byte units past the first 8
+        IPV6_SRCRT_TYPE_4,
+        len(segments) - 1,  # segments left: the packet goes to the last first
+        len(segments) - 1,  # last entry
+        0,
+        0,
+    )
+    value = header + b"".join(socket.inet_pton(socket.AF_INET6, a) for a in segments)
+    return socket.IPPROTO_IPV6, socket.IPV6_RTHDR, value
+
+
+def udp(host, port, connect=False, count=1, via=None, per_message=False):
+    family = family_of(host)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        ancillary = []
+        if via is not None:
+            level, name, value = source_route(family, via, host, per_message)
+            if per_message:
+                ancillary = [(level, name, value)]
+            else:
+                sock.setsockopt(level, name, value)
         if connect:
             sock.connect((host, port))
         for _ in range(count):
-            if connect:
+            if ancillary:
+                sock.sendmsg([b"x"], ancillary, 0, None if connect else (host, port))
+            elif connect:
                 sock.send(b"x")
             else:
                 sock.sendto(b"x", (host, port))
@@ -349,7 +401,15 @@ def main(argv):
         )
     elif mode == "udp":
         count = int(argv[argv.index("--count") + 1]) if "--count" in argv else 1
-        result = udp(argv[2], int(argv[3]), connect="--connect" in argv, count=count)
+        via = argv[argv.index("--via") + 1] if "--via" in argv else None
+        result = udp(
+            argv[2],
+            int(argv[3]),
+            connect="--connect" in argv,
+            count=count,
+            via=via,
+            per_message="--per-message" in argv,
+        )
     elif mode == "udplite":
         result = udplite(argv[2], int(argv[3]))
     elif mode == "rawsend":

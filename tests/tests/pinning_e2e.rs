@@ -744,6 +744,69 @@ fn with_egress_default_deny_only_the_allow_list_and_protected_targets_are_reacha
     assert_eq!(snapshot["egress_default_deny"], true);
 }
 
+/// A datagram that names its own route (an IPv4 loose source route option,
+/// set on the socket or passed with the one datagram, or an IPv6 segment
+/// routing header) goes to the route's first hop, while the sendmsg hook
+/// judged the destination the agent named: under egress deny, a way to a
+/// host the allow list denies, open to any process without a capability.
+/// Such packets are dropped at the agent cgroup's egress, the sender gets
+/// EPERM, and each drop is on record with the first hop; the same
+/// datagram without a route still goes.
+#[test]
+fn source_routed_datagrams_from_an_agent_cgroup_are_dropped_and_on_record() {
+    if !privileged("source_routed_datagrams_from_an_agent_cgroup_are_dropped_and_on_record") {
+        return;
+    }
+    let allowed = free_port();
+    let stack = Stack::start_with(Postgres::start().expect("postgres"), |config| {
+        config.extra_pin_toml = format!(
+            "egress_default = \"deny\"\negress_allow = [{{ cidr = \"127.0.0.1/32\", ports = \"{allowed}\", protocol = \"udp\" }}, {{ cidr = \"::1/128\", ports = \"{allowed}\", protocol = \"udp\" }}]"
+        );
+    })
+    .expect("start");
+    let mut stack = stack;
+    let port = allowed.to_string();
+
+    let answer = as_agent(&stack, &["udp", "127.0.0.1", &port]);
+    assert_eq!(answer["outcome"], "sent", "no route named: {answer}");
+    // 127.0.0.2 is on no allow rule: it is where the packets would go.
+    let routed: [&[&str]; 3] = [&[], &["--per-message"], &["--connect"]];
+    for extra in routed {
+        let mut args = vec!["udp", "127.0.0.1", port.as_str(), "--via", "127.0.0.2"];
+        args.extend_from_slice(extra);
+        let answer = as_agent(&stack, &args);
+        assert_eq!(answer["outcome"], "denied", "{args:?}: {answer}");
+        assert_eq!(answer["errno"], libc::EPERM, "{args:?}: {answer}");
+    }
+    let ipv6 = ipv6_available();
+    if ipv6 {
+        let answer = as_agent(&stack, &["udp", "::1", &port]);
+        assert_eq!(answer["outcome"], "sent", "IPv6, no route named: {answer}");
+        let answer = as_agent(&stack, &["udp", "::1", &port, "--via", "::1"]);
+        assert_eq!(answer["outcome"], "denied", "IPv6 routing header: {answer}");
+    }
+    stack.gateway.stop();
+
+    let refused = evidence::rows_of_kind(stack.gateway.audit_dir(), "refused_source_route", "");
+    assert_eq!(refused.len(), 3 + usize::from(ipv6), "{refused:?}");
+    for row in &refused[..3] {
+        assert!(
+            row["dst_endpoint_ip"]
+                .as_str()
+                .is_some_and(|ip| ip.ends_with("127.0.0.2")),
+            "the first hop: {row}"
+        );
+        assert_eq!(row["dst_endpoint_port"], allowed, "{row}");
+        assert_eq!(
+            row["actor_process_cgroup_id"],
+            agent_cgroup_id(&stack),
+            "{row}"
+        );
+        assert_eq!(row["action_id"], 2, "denied: {row}");
+    }
+    verify_passes(&stack);
+}
+
 /// The stack's agent cgroup inside its agent cgroup.
 fn nested_cgroup(stack: &Stack) -> PathBuf {
     stack
@@ -1581,6 +1644,7 @@ fn pin_status_lists_each_program_per_cgroup_with_program_ids() {
             "tollgate_sendmsg6",
             "tollgate_sock_create",
             "tollgate_sock_ops",
+            "tollgate_source_route",
         ],
         "{programs:?}"
     );

@@ -74,6 +74,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         event_kind::REFUSED_EGRESS => "refused_egress",
         event_kind::REFUSED_UNSPECIFIED_ON_DEVICE => "refused_unspecified_on_device",
         event_kind::PACKET_TO_PROTECTED_TARGET => "packet_to_protected_target",
+        event_kind::REFUSED_SOURCE_ROUTE => "refused_source_route",
         _ => "unknown",
     }
 }
@@ -252,7 +253,10 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     let packet = event.kind == event_kind::PACKET_TO_PROTECTED_TARGET;
     // A packet is seen without its task: no pid, no name (the cgroup is
     // the sending socket's).
-    record.actor_process_pid = (!packet).then(|| i32::try_from(event.pid).ok()).flatten();
+    let seen_at_a_packet = packet || event.kind == event_kind::REFUSED_SOURCE_ROUTE;
+    record.actor_process_pid = (!seen_at_a_packet)
+        .then(|| i32::try_from(event.pid).ok())
+        .flatten();
     record.actor_process_name = crate::pin::comm_to_string(&event.comm).into();
     record.actor_process_cgroup_id = i64::try_from(event.cgroup_id).ok();
     // A refused socket has no destination yet; its event carries the
@@ -265,7 +269,7 @@ pub fn event_record(event: &EvidenceEvent, boot_offset_ns: i128) -> AuditRecord 
     // A packet whose transport header the program could not read (behind
     // more extension headers than it walks, cut short) is recorded by its
     // address alone, port 0.
-    let port_unread = packet && event.dport == 0;
+    let port_unread = seen_at_a_packet && event.dport == 0;
     if event.kind != event_kind::REFUSED_SOCKET {
         record.dst_endpoint_ip = crate::pin::ip_from_words(event.daddr).to_string().into();
         record.dst_endpoint_port = (!port_unread)
@@ -1062,6 +1066,31 @@ mod tests {
         assert_eq!(unmapped["socket_type"], 2);
         assert_eq!(unmapped["packets"], 3);
         assert_eq!(unmapped["port_unread"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_dropped_source_routed_packet_is_a_refusal_without_a_task() {
+        let mut e = event(event_kind::REFUSED_SOURCE_ROUTE);
+        e.pid = 0;
+        e.tid = 0;
+        e.comm = [0; 16];
+        e.protocol = 17;
+        let record = event_record(&e, 0);
+        assert_eq!(record.activity_id, network_activity::REFUSE);
+        assert_eq!(record.action_id, crate::audit::action::DENIED);
+        assert_eq!(record.actor_process_pid, None, "no task in packet context");
+        assert_eq!(record.actor_process_cgroup_id, Some(77));
+        assert_eq!(&*record.dst_endpoint_ip, "10.0.0.5");
+        assert_eq!(record.dst_endpoint_port, Some(5432));
+        let unmapped: serde_json::Value = serde_json::from_str(&record.unmapped).expect("json");
+        assert_eq!(unmapped["kind"], "refused_source_route");
+        assert_eq!(unmapped["packets"], serde_json::Value::Null);
+        // A port behind headers the program did not walk is not port 0.
+        e.dport = 0;
+        let record = event_record(&e, 0);
+        assert_eq!(record.dst_endpoint_port, None);
+        let unmapped: serde_json::Value = serde_json::from_str(&record.unmapped).expect("json");
+        assert_eq!(unmapped["port_unread"], true);
     }
 
     #[test]

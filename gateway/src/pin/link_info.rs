@@ -40,9 +40,11 @@ const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
-/// Each of tollgate's cgroup programs and the hook it is attached at: no
-/// two share one, so a link's hook names its program.
-const HOOKS: [(&str, u32); 11] = [
+/// Each of tollgate's cgroup programs and the hook it is attached at. Two
+/// share cgroup_skb egress (the host-wide packet evidence and the agent
+/// cgroups' source route refusal): there the kernel's name of the
+/// program tells them apart, and no two at one hook share that.
+const HOOKS: [(&str, u32); 12] = [
     (program_names::CONNECT4, BPF_CGROUP_INET4_CONNECT),
     (program_names::CONNECT6, BPF_CGROUP_INET6_CONNECT),
     (program_names::GETPEERNAME4, BPF_CGROUP_INET4_GETPEERNAME),
@@ -54,7 +56,13 @@ const HOOKS: [(&str, u32); 11] = [
     (program_names::SOCK_CREATE, BPF_CGROUP_INET_SOCK_CREATE),
     (program_names::SOCK_OPS, BPF_CGROUP_SOCK_OPS),
     (program_names::PACKET_EGRESS, BPF_CGROUP_INET_EGRESS),
+    (program_names::SOURCE_ROUTE, BPF_CGROUP_INET_EGRESS),
 ];
+
+/// What the kernel keeps of a program's name: its first 15 bytes.
+fn kept_name(program: &str) -> &[u8] {
+    &program.as_bytes()[..program.len().min(BPF_OBJ_NAME_LEN - 1)]
+}
 
 /// The kernel keeps the first 15 bytes of a program's name.
 const BPF_OBJ_NAME_LEN: usize = 16;
@@ -86,7 +94,9 @@ impl LinkFacts {
         let (program, attached_to) = match self.link_type {
             BPF_LINK_TYPE_CGROUP => {
                 let (attach_type, id) = (self.attach_type?, self.cgroup_id?);
-                let &(program, _) = HOOKS.iter().find(|(_, hook)| *hook == attach_type)?;
+                let &(program, _) = HOOKS.iter().find(|(program, hook)| {
+                    *hook == attach_type && kept_name(program) == self.program_name.as_bytes()
+                })?;
                 (program, id.to_string())
             }
             BPF_LINK_TYPE_RAW_TRACEPOINT
@@ -96,8 +106,7 @@ impl LinkFacts {
             }
             _ => return None,
         };
-        let kept = &program.as_bytes()[..program.len().min(BPF_OBJ_NAME_LEN - 1)];
-        (self.program_name.as_bytes() == kept).then_some((program, attached_to))
+        (self.program_name.as_bytes() == kept_name(program)).then_some((program, attached_to))
     }
 
     /// The link's type as `pin status` prints it.
@@ -294,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn every_cgroup_program_has_a_hook_of_its_own() {
+    fn every_cgroup_program_is_told_apart_by_its_hook_and_kept_name() {
         for program in super::super::AGENT_CGROUP_PROGRAMS
             .iter()
             .chain([&program_names::PACKET_EGRESS])
@@ -305,10 +314,28 @@ mod tests {
                 "{program}"
             );
         }
-        let mut hooks: Vec<u32> = HOOKS.iter().map(|(_, h)| *h).collect();
-        hooks.sort_unstable();
-        hooks.dedup();
-        assert_eq!(hooks.len(), HOOKS.len());
+        let mut told_apart: Vec<(u32, &[u8])> =
+            HOOKS.iter().map(|(p, h)| (*h, kept_name(p))).collect();
+        told_apart.sort_unstable();
+        told_apart.dedup();
+        assert_eq!(told_apart.len(), HOOKS.len());
+    }
+
+    #[test]
+    fn the_two_egress_programs_are_named_by_their_kept_names() {
+        let packet = cgroup_link(1, BPF_CGROUP_INET_EGRESS, "tollgate_packet");
+        assert_eq!(
+            packet.tollgate_program(),
+            Some((program_names::PACKET_EGRESS, "1".to_owned()))
+        );
+        let source_route = cgroup_link(77, BPF_CGROUP_INET_EGRESS, "tollgate_source");
+        assert_eq!(
+            source_route.tollgate_program(),
+            Some((program_names::SOURCE_ROUTE, "77".to_owned()))
+        );
+        // Another tool's egress program on the same cgroup is not ours.
+        let other = cgroup_link(77, BPF_CGROUP_INET_EGRESS, "firewall");
+        assert_eq!(other.tollgate_program(), None);
     }
 
     #[test]

@@ -70,9 +70,9 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// around tollgate (without connect6, `::ffff:target` on an AF_INET6
 /// socket; without sock_create, a raw socket; ...), so `pin status` calls
 /// a cgroup protected only when all are pinned.
-pub const AGENT_CGROUP_PROGRAMS: [&str; SOCK_ADDR_PROGRAMS.len() + 2] = {
+pub const AGENT_CGROUP_PROGRAMS: [&str; SOCK_ADDR_PROGRAMS.len() + 3] = {
     let n = SOCK_ADDR_PROGRAMS.len();
-    let mut all = [""; SOCK_ADDR_PROGRAMS.len() + 2];
+    let mut all = [""; SOCK_ADDR_PROGRAMS.len() + 3];
     let mut i = 0;
     while i < n {
         all[i] = SOCK_ADDR_PROGRAMS[i];
@@ -80,6 +80,7 @@ pub const AGENT_CGROUP_PROGRAMS: [&str; SOCK_ADDR_PROGRAMS.len() + 2] = {
     }
     all[n] = program_names::SOCK_CREATE;
     all[n + 1] = program_names::SOCK_OPS;
+    all[n + 2] = program_names::SOURCE_ROUTE;
     all
 };
 
@@ -541,6 +542,9 @@ impl Pinning {
         program_mut::<CgroupSock>(&mut ebpf, program_names::SOCK_CREATE)?
             .load()
             .context("load the sock_create program")?;
+        program_mut::<CgroupSkb>(&mut ebpf, program_names::SOURCE_ROUTE)?
+            .load()
+            .context("load the source route program (cgroup_skb/egress)")?;
 
         // Redirects, listener ports and egress policy are in the (pinned,
         // shared) maps before any new attachment: a new program never runs
@@ -620,6 +624,14 @@ impl Pinning {
                 .with_context(|| format!("attach sock_ops to {}", cgroup.display()))?;
             links.push((
                 program_names::SOCK_OPS,
+                program.take_link(link_id)?.try_into()?,
+            ));
+            let program: &mut CgroupSkb = program_mut(&mut ebpf, program_names::SOURCE_ROUTE)?;
+            let link_id = program
+                .attach(&cgroup_file, CgroupSkbAttachType::Egress, LINK_ATTACH_MODE)
+                .with_context(|| format!("attach source_route to {}", cgroup.display()))?;
+            links.push((
+                program_names::SOURCE_ROUTE,
                 program.take_link(link_id)?.try_into()?,
             ));
             replace_pins(links, &links_dir, &cgroup_id.to_string())
@@ -1294,7 +1306,8 @@ mod tests {
         }
         assert!(AGENT_CGROUP_PROGRAMS.contains(&program_names::SOCK_CREATE));
         assert!(AGENT_CGROUP_PROGRAMS.contains(&program_names::SOCK_OPS));
-        assert_eq!(AGENT_CGROUP_PROGRAMS.len(), SOCK_ADDR_PROGRAMS.len() + 2);
+        assert!(AGENT_CGROUP_PROGRAMS.contains(&program_names::SOURCE_ROUTE));
+        assert_eq!(AGENT_CGROUP_PROGRAMS.len(), SOCK_ADDR_PROGRAMS.len() + 3);
         let distinct: BTreeSet<&str> = AGENT_CGROUP_PROGRAMS.into_iter().collect();
         assert_eq!(distinct.len(), AGENT_CGROUP_PROGRAMS.len());
     }
@@ -1448,6 +1461,7 @@ mod tests {
             counted_program::SENDMSG4,
             counted_program::SENDMSG6,
             counted_program::SOCK_CREATE,
+            counted_program::SOURCE_ROUTE,
         ] {
             // Even to a protected target: a refused send to one is an
             // agent's event, not a connection that reached it.
