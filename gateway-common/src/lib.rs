@@ -257,9 +257,11 @@ pub const fn reserved_counter_index(program: u32, which: u32) -> u32 {
     RESERVED_COUNTER_BASE + program * reserved_counter::PER_PROGRAM + which
 }
 
-/// Entries of the counter array (room for programs added later). Not to be
-/// raised: a pinned array made by an older daemon keeps its size, and a
-/// counter past its end would silently count nothing.
+/// Entries of the counter array. Not to be raised: a pinned array made by
+/// an older daemon keeps its size, and a counter past its end would
+/// silently count nothing. With eight counted programs it is full (the
+/// asserts below stop the build otherwise): a ninth needs counters of its
+/// own, in a map of its own.
 pub const COUNTER_ENTRIES: u32 = 64;
 
 const _: () = assert!(

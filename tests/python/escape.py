@@ -13,7 +13,8 @@ usage:
                                               --device: bind it to the network device DEV
                                               (SO_BINDTODEVICE) first;
                                               --wait: how long to wait for an answer, default 5)
-  escape.py udp HOST PORT [--connect] [--count N] [--via HOP [--per-message]]
+  escape.py udp HOST PORT [--connect] [--count N] [--via HOP [--strict] [--per-message]]
+               [--timestamp-option]
                                            -> {"outcome": "sent"|"denied", "cookie": ...}
                                               (--via: source-route the datagrams through HOP
                                               first: an IPv4 loose source route option
@@ -21,7 +22,10 @@ usage:
                                               (IPV6_RTHDR, type 4), set on the socket, or with
                                               --per-message passed with each datagram (IPv4
                                               only: IPv6 takes a type 2 header there, from
-                                              kernels built with Mobile IPv6))
+                                              kernels built with Mobile IPv6); --strict: a
+                                              strict source route instead of a loose one;
+                                              --timestamp-option: an IPv4 timestamp option on
+                                              the socket, which routes nothing)
   escape.py udplite HOST PORT              -> a UDP-Lite socket, connected to HOST:PORT, sends one
                                               datagram (no socket hook sees a connected
                                               UDP-Lite socket's destination):
@@ -133,19 +137,23 @@ def cookie_of(sock):
 
 
 IPOPT_LSRR = 131
+IPOPT_SSRR = 137
+# Type, length, pointer, flags (timestamps only), and room for one.
+TIMESTAMP_OPTION = bytes([68, 8, 5, 0, 0, 0, 0, 0])
 # The cmsg type that passes IPv4 options with one message.
 IP_RETOPTS = 7
 IPV6_SRCRT_TYPE_4 = 4
 
 
-def source_route(family, hop, destination, per_message=False):
+def source_route(family, hop, destination, per_message=False, strict=False):
     """(level, option name, value) of a socket option or control message
     that routes a datagram through `hop` before `destination`, as any
     unprivileged process may set it."""
     if family == socket.AF_INET:
-        # A no-op to align, then the loose source route: type, length,
-        # pointer, and the first hop (the kernel adds the destination).
-        value = bytes([1, IPOPT_LSRR, 7, 4]) + socket.inet_aton(hop)
+        # A no-op to align, then the source route: type, length, pointer,
+        # and the first hop (the kernel adds the destination).
+        kind = IPOPT_SSRR if strict else IPOPT_LSRR
+        value = bytes([1, kind, 7, 4]) + socket.inet_aton(hop)
         name = IP_RETOPTS if per_message else socket.IP_OPTIONS
         return socket.IPPROTO_IP, name, value
     if per_message:
@@ -167,13 +175,16 @@ def source_route(family, hop, destination, per_message=False):
     return socket.IPPROTO_IPV6, socket.IPV6_RTHDR, value
 
 
-def udp(host, port, connect=False, count=1, via=None, per_message=False):
+def udp(host, port, connect=False, count=1, via=None, per_message=False, strict=False,
+        timestamp_option=False):
     family = family_of(host)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         ancillary = []
+        if timestamp_option:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, TIMESTAMP_OPTION)
         if via is not None:
-            level, name, value = source_route(family, via, host, per_message)
+            level, name, value = source_route(family, via, host, per_message, strict)
             if per_message:
                 ancillary = [(level, name, value)]
             else:
@@ -409,6 +420,8 @@ def main(argv):
             count=count,
             via=via,
             per_message="--per-message" in argv,
+            strict="--strict" in argv,
+            timestamp_option="--timestamp-option" in argv,
         )
     elif mode == "udplite":
         result = udplite(argv[2], int(argv[3]))

@@ -769,8 +769,11 @@ fn source_routed_datagrams_from_an_agent_cgroup_are_dropped_and_on_record() {
 
     let answer = as_agent(&stack, &["udp", "127.0.0.1", &port]);
     assert_eq!(answer["outcome"], "sent", "no route named: {answer}");
+    // An option that routes nothing goes as the datagram would.
+    let answer = as_agent(&stack, &["udp", "127.0.0.1", &port, "--timestamp-option"]);
+    assert_eq!(answer["outcome"], "sent", "a timestamp option: {answer}");
     // 127.0.0.2 is on no allow rule: it is where the packets would go.
-    let routed: [&[&str]; 3] = [&[], &["--per-message"], &["--connect"]];
+    let routed: [&[&str]; 4] = [&[], &["--strict"], &["--per-message"], &["--connect"]];
     for extra in routed {
         let mut args = vec!["udp", "127.0.0.1", port.as_str(), "--via", "127.0.0.2"];
         args.extend_from_slice(extra);
@@ -782,14 +785,22 @@ fn source_routed_datagrams_from_an_agent_cgroup_are_dropped_and_on_record() {
     if ipv6 {
         let answer = as_agent(&stack, &["udp", "::1", &port]);
         assert_eq!(answer["outcome"], "sent", "IPv6, no route named: {answer}");
+        // Only ::1 is sure to be routable here: the first hop is the
+        // allowed host itself, and the packet is dropped all the same.
         let answer = as_agent(&stack, &["udp", "::1", &port, "--via", "::1"]);
         assert_eq!(answer["outcome"], "denied", "IPv6 routing header: {answer}");
+        assert_eq!(answer["errno"], libc::EPERM, "{answer}");
     }
     stack.gateway.stop();
 
     let refused = evidence::rows_of_kind(stack.gateway.audit_dir(), "refused_source_route", "");
-    assert_eq!(refused.len(), 3 + usize::from(ipv6), "{refused:?}");
-    for row in &refused[..3] {
+    assert_eq!(refused.len(), 4 + usize::from(ipv6), "{refused:?}");
+    if ipv6 {
+        assert_eq!(refused[4]["dst_endpoint_ip"], "::1", "{}", refused[4]);
+        assert_eq!(refused[4]["dst_endpoint_port"], allowed, "{}", refused[4]);
+        assert_eq!(refused[4]["family"], "inet6", "{}", refused[4]);
+    }
+    for row in &refused[..4] {
         assert!(
             row["dst_endpoint_ip"]
                 .as_str()
