@@ -280,6 +280,56 @@ fn a_connection_open_before_tollgate_watched_is_a_finding() {
     assert_eq!(bypasses.len(), 1, "{summary}");
 }
 
+/// A connection made while its destination was not protected is judged
+/// against that configuration: no bypass. When a restart then protects
+/// the destination and the connection is still open (an agent's pooled
+/// direct connection), the pinned probe has nothing more to say of it:
+/// the restart lists the connections open to the targets it adds, and
+/// verify reports this one (`open_before_watch`).
+#[test]
+fn a_connection_still_open_to_a_target_a_restart_adds_is_a_finding() {
+    if !privileged("a_connection_still_open_to_a_target_a_restart_adds_is_a_finding") {
+        return;
+    }
+    let _probe = sharing_the_probe();
+    let mut stack = Stack::start().expect("start PostgreSQL, IdP and tollgate");
+    stack.gateway.stop();
+    let database = stack.gateway.config.target_address;
+    // Fronting another server for a while (nothing listens there).
+    let other = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    stack.gateway.config.target_address = other;
+    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
+    stack
+        .gateway
+        .restart()
+        .expect("restart without the database");
+    let held = std::net::TcpStream::connect(database).expect("connect to the server directly");
+    std::thread::sleep(Duration::from_millis(200));
+    stack.gateway.stop();
+    stack.gateway.config.target_address = database;
+    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
+    stack
+        .gateway
+        .restart()
+        .expect("restart protecting the database again");
+    stack.gateway.stop();
+    drop(held);
+
+    let (code, summary, report) = verify(&stack);
+    assert_eq!(code, 1, "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
+    let open: Vec<_> = bypasses
+        .iter()
+        .filter(|b| b["finding"] == "open_before_watch")
+        .collect();
+    assert_eq!(open.len(), 1, "{summary}");
+    assert_eq!(open[0]["pid"], std::process::id(), "{summary}");
+    assert_eq!(open[0]["destination"], database.to_string(), "{summary}");
+    // Its connect was seen, while the database was not protected: no
+    // finding of its own.
+    assert_eq!(bypasses.len(), 1, "{summary}");
+}
+
 /// A restart replaces the host-wide programs a previous daemon left
 /// pinned, and the kernel counts recursion misses per program instance:
 /// the new daemon's first loss record carries each instance it replaced

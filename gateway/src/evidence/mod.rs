@@ -20,7 +20,7 @@ pub use prog_info::{stats as program_stats, ProgStats};
 pub mod verify;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -637,11 +637,17 @@ impl Evidence {
         let evidence = Evidence { stop, task, log };
         // After the programs are attached (a connection made from now on
         // is an event), and with the rings being read meanwhile: what was
-        // opened before them and is still open. Not on a restart: the
-        // pinned probe watched while the daemon was down, so every
-        // connection since it was pinned is an event.
-        if !probe_was_pinned {
-            if let Err(err) = record_open_at_start(&evidence.log, &snapshot).await {
+        // opened before them and is still open. On a restart only to the
+        // targets this start adds: the pinned probe watched while the
+        // daemon was down, so every connection since it was pinned is an
+        // event, judged against the targets in force when it was made.
+        let targets = if probe_was_pinned {
+            open_at_start::targets_newly_protected(&snapshot)
+        } else {
+            open_at_start::targets_of(&snapshot)
+        };
+        if !targets.is_empty() {
+            if let Err(err) = record_open_at_start(&evidence.log, targets).await {
                 evidence.shutdown().await;
                 return Err(err);
             }
@@ -660,8 +666,10 @@ impl Evidence {
 
 /// Lists the connections to protected targets open at start and records
 /// them, then the scan itself (see [`open_at_start`]).
-async fn record_open_at_start(log: &AuditLog, snapshot: &ConfigSnapshot) -> anyhow::Result<()> {
-    let targets = open_at_start::targets_of(snapshot);
+async fn record_open_at_start(
+    log: &AuditLog,
+    targets: HashMap<SocketAddr, String>,
+) -> anyhow::Result<()> {
     let scan = tokio::task::spawn_blocking(move || open_at_start::scan(&targets))
         .await
         .map_err(|err| anyhow::anyhow!("listing the connections open at start: {err}"))?;

@@ -285,6 +285,25 @@ pub fn targets_of(snapshot: &ConfigSnapshot) -> HashMap<SocketAddr, String> {
         .collect()
 }
 
+/// The protected targets of `snapshot` that the kernel's map did not hold
+/// before this start (`replaced_targets`): the ones this start protects
+/// anew. On a restart, the pinned probe watched the connections to every
+/// other target while no daemon ran, but a connection to one of these was
+/// judged, when it was made, against a configuration that did not protect
+/// its destination: if it is still open (an agent's pooled direct
+/// connection), only a scan finds it.
+pub fn targets_newly_protected(snapshot: &ConfigSnapshot) -> HashMap<SocketAddr, String> {
+    let before: std::collections::HashSet<SocketAddr> = snapshot
+        .replaced_targets
+        .iter()
+        .map(|a| normalise(*a))
+        .collect();
+    targets_of(snapshot)
+        .into_iter()
+        .filter(|(address, _)| !before.contains(&normalise(*address)))
+        .collect()
+}
+
 /// The `unmapped` of the scan's record, as written and as verify reads it
 /// (fields in the order the JSON object has always listed them).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -395,6 +414,43 @@ mod tests {
         }
         assert_eq!(sockets[1].state, 2);
         assert!(parse_table("garbage\n1: zz:zz zz:zz 01").is_empty());
+    }
+
+    /// On a restart the scan covers the targets the kernel's map did not
+    /// hold before, IPv4-mapped spellings of one address being the same.
+    #[test]
+    fn targets_newly_protected_are_those_the_map_did_not_hold() {
+        let target = |name: &str, address: &str| super::super::ProtectedTarget {
+            name: name.into(),
+            address: address.parse().expect("addr"),
+            listen: "127.0.0.1:15432".parse().expect("addr"),
+        };
+        let snapshot = ConfigSnapshot {
+            protected_targets: vec![
+                target("orders", "10.0.0.5:5432"),
+                target("billing", "10.0.0.6:5432"),
+                target("ledger", "[fd00::7]:5432"),
+            ],
+            agent_cgroups: Vec::new(),
+            gateway_pid: 1,
+            gateway_cgroup_id: 1,
+            egress_default_deny: false,
+            boot_id: String::new(),
+            booted_at_ms: None,
+            installing_since_ms: None,
+            // As the map's keys read back: IPv4 mapped.
+            replaced_targets: vec![
+                "[::ffff:10.0.0.5]:5432".parse().expect("addr"),
+                "[fd00::7]:5432".parse().expect("addr"),
+                "10.0.0.9:5432".parse().expect("addr"),
+            ],
+        };
+        let new = targets_newly_protected(&snapshot);
+        assert_eq!(
+            new,
+            HashMap::from([("10.0.0.6:5432".parse().expect("addr"), "billing".to_owned())])
+        );
+        assert_eq!(targets_of(&snapshot).len(), 3);
     }
 
     /// A connection of this process to a listener counts as open to it,
