@@ -859,6 +859,21 @@ pub fn reconcile(
         .filter(|r| r.phase == phase::CONFIG)
         .filter_map(|r| r.pid)
         .collect();
+    // ... and the boots each ran in. A gateway upstream is the daemon's
+    // own connect: a cookie alone does not make one. Cookies are counted
+    // per network namespace on older kernels, so another namespace's
+    // socket may carry a number the gateway's had; and an audit record
+    // only in the WAL, which no checkpoint signs yet, could have been
+    // written by anyone who can write the directory, naming any cookie.
+    let gateway_runs: HashSet<(i32, usize)> = evidence
+        .iter()
+        .filter(|r| r.phase == phase::CONFIG)
+        .filter_map(|r| Some((r.pid?, epoch(r.time))))
+        .collect();
+    let made_by_gateway = |row: &Row| {
+        row.pid
+            .is_some_and(|p| gateway_runs.contains(&(p, epoch(row.time))))
+    };
 
     let mut report = Report {
         ok: false,
@@ -926,7 +941,7 @@ pub fn reconcile(
                     .is_some_and(|c| agent_cgroups.contains_key(&c));
                 if let Some(target) = dst.and_then(|d| targets.at(row.time, row.sequence, d)) {
                     report.to_protected_targets += 1;
-                    if row.cookie.is_some_and(|c| audited_at(c, row.time)) {
+                    if made_by_gateway(row) && row.cookie.is_some_and(|c| audited_at(c, row.time)) {
                         report.audited_upstreams += 1;
                         continue;
                     }
@@ -1642,6 +1657,39 @@ mod tests {
         assert_eq!(r.bypasses[0].process, "python3");
     }
 
+    /// A gateway upstream is the daemon's own connect: another process's
+    /// connection with a cookie an audit record names (another network
+    /// namespace's number on a kernel that counts them per namespace, or
+    /// an audit record written into the WAL by hand) is not one.
+    #[test]
+    fn an_audited_cookie_covers_only_a_connection_the_gateway_made() {
+        let evidence = vec![
+            config_row(1),
+            connect(2, 3, "python3", "10.0.0.5:5432", 500),
+            loss(3, 0),
+        ];
+        let r = reconciled(&[audit_row(500)], &evidence);
+        assert_eq!(r.audited_upstreams, 0, "{}", summary(&r));
+        let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
+        assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
+        // A pid the daemon had in an earlier boot is not the daemon now.
+        let day = 86_400_000;
+        let mut restart = config_row(3);
+        restart.time += day;
+        restart.pid = Some(11);
+        restart.unmapped = restart.unmapped.replace("boot-1", "boot-2");
+        let mut reused = Row {
+            pid: Some(10),
+            ..connect(4, 3, "python3", "10.0.0.5:5432", 501)
+        };
+        reused.time += day;
+        let mut record = audit_row(501);
+        record.time += day;
+        let r = reconciled(&[record], &[config_row(1), restart, reused, loss(5, 0)]);
+        assert_eq!(r.audited_upstreams, 0, "{}", summary(&r));
+        assert_eq!(r.bypasses.len(), 1, "{}", summary(&r));
+    }
+
     /// A reboot within minutes: the daemon's start after it (its config
     /// record, naming the new boot) separates a cookie audited before it
     /// from the same number after it. A restart in the same boot does not.
@@ -1655,7 +1703,7 @@ mod tests {
         };
         let mut after = connect(4, 3, "python3", "10.0.0.5:5432", 500);
         after.time = 1_700_000_120_000;
-        let evidence = |restart: Row| {
+        let evidence = |restart: Row, after: Row| {
             vec![
                 config_row(1),
                 Row {
@@ -1663,17 +1711,21 @@ mod tests {
                     ..connect(2, 5, "tokio-runtime-w", "10.0.0.5:5432", 500)
                 },
                 restart,
-                after.clone(),
+                after,
                 loss(5, 0),
             ]
         };
-        // The same boot: the cookie is still the gateway's (its record
-        // within minutes covers it).
-        let r = reconciled(&[audit_row(500)], &evidence(restart_in("boot-1")));
+        // The same boot: the cookie is still the gateway's socket (its
+        // record within minutes covers it), connecting again.
+        let again = Row {
+            pid: Some(10),
+            ..after.clone()
+        };
+        let r = reconciled(&[audit_row(500)], &evidence(restart_in("boot-1"), again));
         assert!(r.bypasses.is_empty(), "{}", summary(&r));
         // Rebooted: the same number is someone else's.
         let restart = restart_in("boot-2");
-        let r = reconciled(&[audit_row(500)], &evidence(restart));
+        let r = reconciled(&[audit_row(500)], &evidence(restart, after.clone()));
         assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
         let findings: Vec<_> = r.bypasses.iter().map(|b| b.finding.as_str()).collect();
         assert_eq!(findings, ["unaudited_connection_to_protected_target"]);
