@@ -449,10 +449,12 @@ impl LossReport {
         self.general_lossless() && self.reserved_lost() == 0 && self.agents_lost() == 0
     }
 
-    /// Nothing was lost from the general ring buffer: no drop from it, no
-    /// recursion miss, nothing of it malformed or unwritten. The general
-    /// ring holds the host's other connections; a record of a version with
-    /// one ring buffer counts every drop here.
+    /// Nothing was lost from the general ring buffer: no drop from it,
+    /// nothing of it malformed or unwritten. The general ring holds the
+    /// host's other connections; a record of a version with one ring
+    /// buffer counts every drop here. (A recursion miss is a
+    /// [`Self::reserved_lost`]: the connect it missed may have gone
+    /// anywhere.)
     pub fn general_lossless(&self) -> bool {
         let user = &self.user_space;
         let own_rings = |reserved: u64, agents: u64| reserved.saturating_add(agents);
@@ -463,18 +465,32 @@ impl LossReport {
                 user.reserved_write_failed,
                 user.agents_write_failed,
             )) == 0
-            && self.programs.values().all(|p| {
+            && self.programs.iter().all(|(name, p)| {
                 p.dropped.saturating_sub(p.dropped_reserved) == 0
-                    && p.recursion_misses.unwrap_or(0) == 0
+                    && (reports_protected_targets_named(name)
+                        || p.recursion_misses.unwrap_or(0) == 0)
             })
     }
 
     /// Events about protected targets lost: dropped by the kernel (counted
-    /// by `tcp_state` and `packet_egress`), or read from the reserved ring
-    /// buffer and then malformed or unwritten. Each may have been a bypass.
+    /// by `tcp_state` and `packet_egress`), read from the reserved ring
+    /// buffer and then malformed or unwritten, or missed: a run of those
+    /// programs the kernel skipped (a recursion miss: another BPF program
+    /// was running on that CPU), whose connect or packet nobody saw, to
+    /// wherever it went. Each may have been a bypass.
     pub fn reserved_lost(&self) -> u64 {
         self.dropped_by_own_ring(true).map(|(_, n)| n).sum::<u64>()
+            + self.missed_by_target_programs()
             + self.reserved_lost_in_user_space()
+    }
+
+    /// Recursion misses of the programs that report protected targets.
+    fn missed_by_target_programs(&self) -> u64 {
+        self.programs
+            .iter()
+            .filter(|(name, _)| reports_protected_targets_named(name))
+            .map(|(_, p)| p.recursion_misses.unwrap_or(0))
+            .sum()
     }
 
     /// Of [`Self::reserved_lost`], the events read from the reserved ring
@@ -1155,7 +1171,11 @@ mod tests {
             recursion_misses: Some(2),
             ..clean.clone()
         };
-        assert!(!with(missed, UserSpaceCounters::default()).lossless());
+        let missed = with(missed, UserSpaceCounters::default());
+        assert!(!missed.lossless());
+        // The connect a miss skipped may have been a bypass.
+        assert_eq!(missed.reserved_lost(), 2);
+        assert!(missed.general_lossless());
         let unwritten = UserSpaceCounters {
             write_failed: 1,
             ..Default::default()

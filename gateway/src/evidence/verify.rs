@@ -388,11 +388,11 @@ fn unwatched_after_boot(
     windows
 }
 
-/// A loss_counters record whose counters of the general ring buffer (or
-/// recursion misses), or of the agents' ring buffer, grew since the
-/// previous one: some of the host's other connections, or some redirects
-/// and refusals of the agent cgroups, may be missing from the evidence.
-/// Neither can hide a bypass.
+/// A loss_counters record whose counters of the general ring buffer, or
+/// of the agents' ring buffer, grew since the previous one: some of the
+/// host's other connections, or some redirects and refusals of the agent
+/// cgroups, may be missing from the evidence. Neither can hide a bypass.
+/// (Recursion misses can: they are [`ReservedLoss`]es.)
 #[derive(Debug, Clone, Serialize)]
 pub struct Loss {
     pub time_ms: i64,
