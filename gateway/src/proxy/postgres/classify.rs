@@ -287,6 +287,7 @@ const OTHER_SESSIONS_VIEWS: &[&str] = &[
     "pg_store_plans",
     "pg_qualstats",
     "pg_qualstats_example_queries",
+    "pg_qualstats_example_query",
 ];
 
 /// Whether a relation name (`schema.name`, as `table_names` gives it) is
@@ -1824,10 +1825,15 @@ impl Visitor for Walker {
             }
         }
         match expr {
+            // `t.f`: when `t` has no column `f` (the alias of a scalar a
+            // function in FROM returns, say), PostgreSQL runs `f(t)`.
+            // Judged as that call; a column that bears the name of a
+            // function judged so is judged the same way, on the safe side.
             Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
                 if let Some(last) = parts.last() {
-                    self.may_call_by_name
-                        .insert(fold(&last.value, last.quote_style.is_some()));
+                    let name = fold(&last.value, last.quote_style.is_some());
+                    self.note_called_name(&name, None);
+                    self.may_call_by_name.insert(name);
                 }
             }
             // Calls of functions by name that the parser reads as syntax
@@ -2852,6 +2858,34 @@ mod tests {
             op.writes
         );
         assert!(classify("SELECT ('SELECT ssn FROM secrets'::text).ts_stat").is_err());
+        // The same through the alias of a scalar a function in FROM
+        // returns: `t.f` runs `f(t)`.
+        for sql in [
+            "SELECT t.pg_read_binary_file FROM lower('base/16384/16390') AS t",
+            "SELECT t.pg_read_file FROM lower('/etc/passwd') AS t",
+            "SELECT t.pg_terminate_backend FROM abs(4242) AS t",
+            "SELECT x.t.pg_read_file FROM lower('/etc/passwd') AS t",
+        ] {
+            let op = one(sql);
+            assert!(op.dangers.contains(&Danger::FileOrProgramFunction), "{sql}");
+        }
+        let op = one("SELECT s.nextval FROM to_regclass('hr.emp_id_seq') AS s");
+        assert_eq!(op.kind, Write);
+        assert!(op.writes.contains(UNKNOWN_TABLES), "{:?}", op.writes);
+        let op = one("SELECT t.lo_unlink FROM abs(16400) AS t");
+        assert!(
+            op.writes.contains("pg_catalog.pg_largeobject"),
+            "{:?}",
+            op.writes
+        );
+        assert!(classify(
+            "SELECT t.ts_stat FROM lower('SELECT to_tsvector(ssn) FROM secrets') AS t"
+        )
+        .is_err());
+        // A plain column of a table stays a read of it.
+        let op = one("SELECT o.customer_email FROM orders o");
+        assert_eq!(op.kind, Read);
+        assert!(op.dangers.is_empty() && op.writes.is_empty());
         // A composite's field stays a read of its table.
         let op = one("SELECT (o).customer_email FROM orders o");
         assert_eq!(op.kind, Read);
