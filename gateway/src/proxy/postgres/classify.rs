@@ -1103,6 +1103,9 @@ fn moves_names(statement: &Statement) -> bool {
                 sqlparser::ast::AlterTableOperation::RenameTable { .. }
                     | sqlparser::ast::AlterTableOperation::RenameColumn { .. }
                     | sqlparser::ast::AlterTableOperation::SwapWith { .. }
+                    // A new parent shows the table's rows under its name.
+                    | sqlparser::ast::AlterTableOperation::Inherit { .. }
+                    | sqlparser::ast::AlterTableOperation::AttachPartitionOf { .. }
             )
         }),
         Statement::Set(set) => {
@@ -2087,6 +2090,8 @@ impl Visitor for Walker {
                         | ObjectType::ForeignTable
                         | ObjectType::View
                         | ObjectType::MaterializedView
+                        | ObjectType::Index
+                        | ObjectType::Sequence
                 ) {
                     for name in names {
                         self.written.extend(table_names(name));
@@ -2180,8 +2185,19 @@ impl Visitor for Walker {
             Statement::AlterSchema(alter) => {
                 self.written.insert(every_table_of(&alter.name));
             }
-            Statement::AlterView { .. } | Statement::AlterRole { .. } => {
+            // A view is a relation: renamed, given away or redefined, it
+            // is written as a table would be.
+            Statement::AlterView(alter) => {
+                self.written.extend(table_names(&alter.name));
                 self.dangers.insert(Danger::Alter);
+            }
+            Statement::AlterRole { .. } => {
+                self.dangers.insert(Danger::Alter);
+            }
+            // A sequence is a relation too (read with SELECT, advanced by
+            // nextval): making one writes its name.
+            Statement::CreateSequence { name, .. } => {
+                self.written.extend(table_names(name));
             }
             // A foreign server or table reads files, runs programs
             // (file_fdw's `program`) or reaches other servers, as COPY and
@@ -2820,6 +2836,25 @@ mod tests {
         assert_eq!(op.kind, Ddl);
         assert!(op.writes.contains("hr.people"), "{:?}", op.writes);
         assert!(op.reads.contains("hr.people"), "{:?}", op.reads);
+    }
+
+    /// Dropping an index or a sequence, altering a view and creating a
+    /// sequence change a relation: each writes it.
+    #[test]
+    fn relations_other_than_tables_are_written_by_their_ddl() {
+        for (sql, relation) in [
+            ("DROP INDEX hr.people_ssn", "hr.people_ssn"),
+            ("DROP SEQUENCE hr.emp_id_seq", "hr.emp_id_seq"),
+            ("DROP SEQUENCE IF EXISTS s CASCADE", "public.s"),
+            ("ALTER VIEW hr.v RENAME TO w", "hr.v"),
+            ("ALTER VIEW hr.v OWNER TO someone", "hr.v"),
+            ("ALTER VIEW hr.v SET (security_barrier = false)", "hr.v"),
+            ("CREATE SEQUENCE hr.s", "hr.s"),
+        ] {
+            let op = one(sql);
+            assert_eq!(op.kind, Ddl, "{sql}");
+            assert!(op.writes.contains(relation), "{sql}: {:?}", op.writes);
+        }
     }
 
     /// COMMENT ON a table, or a column of one, writes that table.
@@ -3697,6 +3732,8 @@ mod tests {
             "SELECT set_config('search_path', 'hr', false)",
             "SELECT set_config('role', 'postgres', false)",
             "SELECT set_config(current_setting('x.y'), 'hr', false)",
+            "ALTER TABLE customers INHERIT scratch",
+            "ALTER TABLE p ATTACH PARTITION customers FOR VALUES IN (1)",
         ] {
             assert!(one(sql).moves_names, "{sql}");
         }
