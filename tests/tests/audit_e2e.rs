@@ -489,6 +489,18 @@ fn full_audit_disk(durability: &str) {
         .postgres
         .superuser_sql_ok("orders", "CREATE TABLE disk_log (n int)")
         .expect("create disk_log");
+    // A view whose reading writes, through a function its readers' text
+    // never names.
+    stack
+        .postgres
+        .superuser_sql_ok(
+            "orders",
+            "CREATE TABLE read_log (n int); \
+             CREATE FUNCTION note_read() RETURNS int VOLATILE LANGUAGE sql \
+               AS 'INSERT INTO read_log VALUES (1) RETURNING 1'; \
+             CREATE VIEW noted_customers AS SELECT name, note_read() AS noted FROM customers",
+        )
+        .expect("create a view that writes");
     let token = stack
         .idp
         .token(
@@ -552,6 +564,30 @@ fn full_audit_disk(durability: &str) {
         assert_audit_refusal(&answer, "another write on a full disk");
         refused.push(n);
     }
+    // A read of that view calls no function in its text, yet it is not
+    // provably read-only: it is not sent before its record is durable, so
+    // it is refused like a write and its function never runs.
+    let answer = reader
+        .run("SELECT * FROM noted_customers")
+        .expect("select from the view");
+    assert_audit_refusal(&answer, "a read of a view that writes, on a full disk");
+    assert_eq!(answer["severity"], "ERROR", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("was not sent because its audit record could not be written"),
+        "{answer}"
+    );
+    assert_eq!(
+        stack
+            .postgres
+            .superuser_sql_ok("orders", "SELECT count(*) FROM read_log")
+            .expect("read read_log")
+            .trim(),
+        "0",
+        "the view's function ran though its read was refused"
+    );
     let answer = reader
         .run("SELECT name FROM customers WHERE id = 1")
         .expect("select");

@@ -40,6 +40,13 @@ pub struct MaskSet {
     /// run one under such a name (see `Operation::may_call_by_name`) may
     /// return a masked table's values as a column of no table.
     user_functions: std::collections::HashSet<String>,
+    /// `schema.table` of the relations whose reading runs no code of the
+    /// database's own (see [`RELATIONS_READ_WITHOUT_CODE_QUERY`]), when
+    /// the session started.
+    read_without_code: std::collections::HashSet<String>,
+    /// Whether the catalog was read at all: without it, no relation of
+    /// the database's own is known to run no code when read.
+    catalog_read: bool,
 }
 
 /// OIDs below this are the system's own (PostgreSQL's
@@ -56,7 +63,23 @@ impl MaskSet {
             patterns: vec![Pattern::from(name.to_owned())],
             known_relations: [oid].into(),
             user_functions: Default::default(),
+            read_without_code: Default::default(),
+            catalog_read: false,
         }
+    }
+
+    /// Whether reading `table` (`schema.table`) runs no code of the
+    /// database's own: a system catalog or view, or a relation the
+    /// catalog listed as such when the session started. A view runs its
+    /// definition, a foreign table its wrapper, a table with row security
+    /// its policies, a parent table its children's: any of them may call a
+    /// function that writes. A relation created since is not known.
+    pub fn read_runs_no_code(&self, table: &str) -> bool {
+        self.catalog_read
+            && (SYSTEM_SCHEMAS
+                .iter()
+                .any(|schema| table.starts_with(schema))
+                || self.read_without_code.contains(table))
     }
 
     /// Whether the database had a function of its own named `name` (last
@@ -122,6 +145,22 @@ const USER_FUNCTIONS_QUERY: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg
        AND d.objid = c.oid AND d.deptype = 'e') \
        AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = p.proowner AND r.rolsuper))";
 
+/// The relations of the database's own whose reading runs none of its
+/// code: plain tables without row security and without children
+/// (`relhassubclass`: an inheritance child or partition may be a foreign
+/// table), materialized views, sequences. Two columns a row, the first
+/// [`READ_WITHOUT_CODE`], so the rows are told apart from the other
+/// queries'.
+const RELATIONS_READ_WITHOUT_CODE_QUERY: &str = "SELECT 'read without code'::text, \
+     n.nspname::text OPERATOR(pg_catalog.||) '.'::text OPERATOR(pg_catalog.||) c.relname::text \
+     FROM pg_catalog.pg_class c \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind IN ('r', 'm', 'S') AND NOT c.relrowsecurity AND NOT c.relhassubclass \
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+
+/// The first column of [`RELATIONS_READ_WITHOUT_CODE_QUERY`]'s rows.
+const READ_WITHOUT_CODE: &[u8] = b"read without code";
+
 /// What [`USER_FUNCTIONS_QUERY`] answers when the database has operators
 /// or function-run casts of its own: no function is named so.
 const OWN_OPERATORS_OR_CASTS: &str = "(operators or casts)";
@@ -150,8 +189,12 @@ pub enum ResolveError {
 /// server that stalls (a lock on the catalog, a wedged backend) keeps it.
 pub const RESOLVE_TIMEOUT: std::time::Duration = super::upstream::LOGIN_TIMEOUT;
 
-/// Resolves `patterns` to columns with one catalog query on the session's
-/// own upstream connection, before any agent message is relayed.
+/// Reads what the session needs to know of the catalog, in one round
+/// trip on the session's own upstream connection, before any agent
+/// message is relayed: the functions of the database's own and the
+/// relations read without running code, for every session (they decide
+/// what may be forwarded before its record is durable); and the columns
+/// `patterns` name, when there are any.
 pub async fn resolve(
     stream: &mut crate::proxy::tls::BoxedIo,
     buf: &mut BytesMut,
@@ -168,8 +211,13 @@ async fn resolve_now(
     patterns: Vec<Pattern>,
 ) -> Result<MaskSet, ResolveError> {
     let mut out = BytesMut::new();
-    // Both lookups in one round trip: their rows differ in width.
-    let queries = format!("{CATALOG_QUERY}; {USER_FUNCTIONS_QUERY}");
+    // The lookups in one round trip: their rows differ in width (or, for
+    // two columns, in the first).
+    let queries = if patterns.is_empty() {
+        format!("{USER_FUNCTIONS_QUERY}; {RELATIONS_READ_WITHOUT_CODE_QUERY}")
+    } else {
+        format!("{CATALOG_QUERY}; {USER_FUNCTIONS_QUERY}; {RELATIONS_READ_WITHOUT_CODE_QUERY}")
+    };
     postgres_protocol::message::frontend::query(&queries, &mut out).map_err(WireError::Io)?;
     super::send_all(stream, &out).await.map_err(WireError::Io)?;
     let mut set = MaskSet {
@@ -177,7 +225,10 @@ async fn resolve_now(
         patterns,
         known_relations: std::collections::HashSet::new(),
         user_functions: std::collections::HashSet::new(),
+        read_without_code: std::collections::HashSet::new(),
+        catalog_read: false,
     };
+    let mut refused = None;
     loop {
         let frame = wire::read_frame(stream, buf).await?;
         match frame.tag {
@@ -186,6 +237,11 @@ async fn resolve_now(
                 if let [Some(function)] = values.as_slice() {
                     set.user_functions
                         .insert(String::from_utf8_lossy(function).into_owned());
+                    continue;
+                }
+                if let [Some(READ_WITHOUT_CODE), Some(relation)] = values.as_slice() {
+                    set.read_without_code
+                        .insert(String::from_utf8_lossy(relation).into_owned());
                     continue;
                 }
                 let [Some(oid), Some(attnum), Some(name)] = values.as_slice() else {
@@ -200,11 +256,21 @@ async fn resolve_now(
                     set.columns.insert((oid, attnum), name);
                 }
             }
+            // Read on to the ReadyForQuery: a session without masks goes
+            // on after a refused lookup, on a connection that is ready.
             b'E' => {
                 let (code, message) = wire::error_fields(&frame);
-                return Err(ResolveError::Refused { code, message });
+                refused.get_or_insert(ResolveError::Refused { code, message });
             }
-            b'Z' => return Ok(set),
+            b'Z' => {
+                return match refused {
+                    Some(refusal) => Err(refusal),
+                    None => {
+                        set.catalog_read = true;
+                        Ok(set)
+                    }
+                };
+            }
             _ => {}
         }
     }
@@ -354,6 +420,74 @@ pub(crate) fn data_row_values(row: &Frame) -> Result<Vec<Option<&[u8]>>, WireErr
 pub(crate) mod tests {
     use super::*;
 
+    /// A lookup the server refuses is read to its ReadyForQuery: a session
+    /// without masks goes on from there, on a connection whose next answer
+    /// is the next request's. One it answers lists what it read.
+    #[tokio::test]
+    async fn a_refused_catalog_lookup_is_read_to_its_end() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut server) = tokio::io::duplex(64 << 10);
+        let mut stream: crate::proxy::tls::BoxedIo = Box::new(ours);
+        let answering = tokio::spawn(async move {
+            let mut query = vec![0u8; 8192];
+            let _ = server.read(&mut query).await;
+            let mut out = BytesMut::new();
+            wire::error_response(
+                &mut out,
+                "ERROR",
+                "42501",
+                "permission denied for table pg_class",
+            );
+            wire::ready_for_query(&mut out, b'I');
+            // What the next request would get.
+            wire::ready_for_query(&mut out, b'T');
+            server.write_all(&out).await.expect("answer");
+            server
+        });
+        let mut buf = BytesMut::new();
+        let err = resolve(&mut stream, &mut buf, Vec::new())
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, ResolveError::Refused { code, .. } if code == "42501"),
+            "{err}"
+        );
+        let next = wire::read_frame(&mut stream, &mut buf).await.expect("next");
+        assert_eq!((next.tag, next.body()), (b'Z', &b"T"[..]));
+        drop(answering.await);
+
+        let (ours, mut server) = tokio::io::duplex(64 << 10);
+        let mut stream: crate::proxy::tls::BoxedIo = Box::new(ours);
+        tokio::spawn(async move {
+            let mut query = vec![0u8; 8192];
+            let _ = server.read(&mut query).await;
+            let mut out = BytesMut::new();
+            for values in [
+                &[&b"read without code"[..], b"public.customers"][..],
+                &[&b"note_read"[..]][..],
+            ] {
+                let mut body = BytesMut::new();
+                body.put_i16(values.len() as i16);
+                for value in values {
+                    body.put_i32(value.len() as i32);
+                    body.put_slice(value);
+                }
+                out.put_u8(b'D');
+                out.put_i32(body.len() as i32 + 4);
+                out.put_slice(&body);
+            }
+            wire::ready_for_query(&mut out, b'I');
+            server.write_all(&out).await.expect("answer");
+            std::future::pending::<()>().await;
+        });
+        let set = resolve(&mut stream, &mut BytesMut::new(), Vec::new())
+            .await
+            .expect("answered");
+        assert!(set.read_runs_no_code("public.customers"));
+        assert!(!set.read_runs_no_code("public.orders"));
+        assert!(set.is_user_function("note_read"));
+    }
+
     /// A server that takes the catalog query and never answers does not
     /// hold the session: the lookup gives up at its timeout.
     #[tokio::test(start_paused = true)]
@@ -431,7 +565,29 @@ pub(crate) mod tests {
             patterns: vec![Pattern::from("public.customers.email".to_owned())],
             known_relations: [16384, 16390].into(),
             user_functions: Default::default(),
+            read_without_code: ["public.customers".to_owned()].into(),
+            catalog_read: true,
         }
+    }
+
+    /// Reading a system catalog runs no code of the database's own;
+    /// reading one of its relations does not either when the catalog
+    /// listed it so, and may otherwise (a view, a relation created since);
+    /// with no catalog read, nothing of the database's own is known.
+    #[test]
+    fn only_relations_the_catalog_listed_are_read_without_code() {
+        let set = set();
+        assert!(set.read_runs_no_code("public.customers"));
+        assert!(set.read_runs_no_code("pg_catalog.pg_class"));
+        assert!(set.read_runs_no_code("information_schema.tables"));
+        assert!(!set.read_runs_no_code("public.customer_view"));
+        assert!(!set.read_runs_no_code("?"));
+        let unread = MaskSet {
+            catalog_read: false,
+            ..set
+        };
+        assert!(!unread.read_runs_no_code("public.customers"));
+        assert!(!unread.read_runs_no_code("pg_catalog.pg_class"));
     }
 
     /// A relation that did not exist when the masks were resolved (a copy

@@ -408,29 +408,46 @@ async fn serve(
     if !audit_or_refuse(&shared, opened, &mut client_wr).await {
         return Ok(());
     }
-    // Masked columns are resolved before any agent message is relayed; if
-    // they cannot be, the session does not start (fail closed).
+    // What the session needs of the catalog (masked columns, functions of
+    // the database's own, relations read without running code) is read
+    // before any agent message is relayed. If masked columns cannot be
+    // resolved, the session does not start (fail closed); without masks,
+    // a lookup the server refused leaves the session knowing nothing of
+    // the catalog, so no statement of it is forwarded before its record is
+    // durable.
     let mask_patterns = shared.policy.masks_for(&principal, &connection.target.name);
-    let masks = if mask_patterns.is_empty() {
-        mask::MaskSet::default()
-    } else {
+    let masked = !mask_patterns.is_empty();
+    let masks = {
         match mask::resolve(&mut upstream.stream, &mut upstream.buffered, mask_patterns).await {
             Ok(masks) => masks,
+            Err(err @ mask::ResolveError::Refused { .. }) if !masked => {
+                warn!(error = %err, "the catalog lookup was refused: every statement of this session is made durable before it is sent");
+                mask::MaskSet::default()
+            }
             Err(err) => {
-                warn!(error = %err, "masked columns could not be resolved");
                 // The login was accepted (its record is written); the
                 // session it would have started is refused, on record.
+                // Without masks only a lookup the connection did not
+                // survive (a timeout, a broken answer) gets here.
+                let (rule, what) = match masked {
+                    true => (
+                        "masks_unresolved",
+                        "its masked columns could not be resolved",
+                    ),
+                    false => ("catalog_unread", "its catalog lookup did not complete"),
+                };
+                warn!(error = %err, "the session's catalog lookup failed: {what}");
                 let record = stamp(connection.login_refused(
                     Some(&principal),
-                    "masks_unresolved",
-                    &format!("the session was refused because its masked columns could not be resolved ({err})"),
+                    rule,
+                    &format!("the session was refused because {what} ({err})"),
                 ));
                 refuse_login(
                     &shared,
                     &mut client_wr,
                     record,
                     SQLSTATE_UPSTREAM,
-                    &format!("tollgate: the session's masked columns could not be resolved, so it is refused: {err}"),
+                    &format!("tollgate: the session is refused because {what}: {err}"),
                 )
                 .await;
                 return Ok(());

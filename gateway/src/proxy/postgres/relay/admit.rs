@@ -64,6 +64,19 @@ pub(super) fn provably_read_only(operations: &Result<Vec<Operation>, String>) ->
     }))
 }
 
+/// Whether every relation the statement reads runs no code of the
+/// database's own when read (see [`MaskSet::read_runs_no_code`]): a read
+/// of a view, a foreign table or a table with row security may call a
+/// function that writes, though its text calls none.
+pub(super) fn reads_run_no_code(
+    catalog: &MaskSet,
+    operations: &Result<Vec<Operation>, String>,
+) -> bool {
+    matches!(operations, Ok(ops) if ops
+        .iter()
+        .all(|op| op.reads.iter().all(|table| catalog.read_runs_no_code(table))))
+}
+
 /// A statement's record as it starts: the session's shared fields, the
 /// time, the class of activity, a fresh request id.
 pub(super) fn new_statement_record(session: &Session, activity: i32) -> AuditRecord {
@@ -247,7 +260,7 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
     Judged {
         decision: session.shared.policy.decide(&session.principal, &request),
         reads_masked: reads_masked(&session.masks, operations),
-        read_only: provably_read_only(operations),
+        read_only: provably_read_only(operations) && reads_run_no_code(&session.masks, operations),
         may_change_transaction: may_change_transaction(operations),
         may_change_settings_unseen: may_change_settings_unseen(operations),
         may_copy_in,
