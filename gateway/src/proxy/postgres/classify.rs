@@ -1163,6 +1163,13 @@ fn is_admin_setting(variable: &ObjectName) -> bool {
         || (name.starts_with("log_") && name != "log_parameter_max_length_on_error")
         || name.starts_with("pgaudit.")
         || name == "event_triggers"
+        // The server's monitoring of what runs: activity, statement
+        // statistics, query ids, logged plans.
+        || name.starts_with("track_")
+        || name == "compute_query_id"
+        || name.starts_with("pg_stat_statements.")
+        || name.starts_with("pg_stat_monitor.")
+        || name.starts_with("auto_explain.")
 }
 
 /// Whether a SET changes client_encoding (SET NAMES is its SQL-standard
@@ -3125,6 +3132,10 @@ mod tests {
             "SET pgaudit.log = 'none'",
             "SET \"pgaudit\".\"log\" TO 'none'",
             "SET event_triggers = off",
+            "SET track_activities = off",
+            "SET compute_query_id = off",
+            "SET pg_stat_statements.track = none",
+            "SET auto_explain.log_min_duration = -1",
         ] {
             assert_eq!(one(sql).kind, Admin, "{sql}");
         }
