@@ -153,7 +153,24 @@ const STATE_CHANGING_FUNCTIONS: &[&str] = &[
     "pg_log_backend_memory_contexts",
     "pg_sync_replication_slots",
     "pg_stat_statements_reset",
+    // Contrib: statistics and caches reset or dropped by hand.
+    "pg_stat_monitor_reset",
+    "pg_qualstats_reset",
+    "pg_buffercache_evict",
+    "pg_buffercache_evict_relation",
+    "pg_buffercache_evict_all",
+    "pg_prewarm",
+    "autoprewarm_start_worker",
+    "autoprewarm_dump_now",
+    "pg_truncate_visibility_map",
+    // pg_surgery: rows of a table (named as a regclass) killed or frozen.
+    "heap_force_kill",
+    "heap_force_freeze",
 ];
+
+/// Of [`STATE_CHANGING_FUNCTIONS`], those that change rows of a table
+/// their argument names: they write the unknown tables (`?`).
+const TABLE_ROW_CHANGERS: &[&str] = &["heap_force_kill", "heap_force_freeze"];
 
 /// Functions that run SQL handed to them as text (or name a table as
 /// text): the tables that SQL reads are invisible to the policy, so a
@@ -1648,6 +1665,9 @@ impl Walker {
         if STATE_CHANGING_FUNCTIONS.contains(&last) {
             self.changes_state = true;
         }
+        if TABLE_ROW_CHANGERS.contains(&last) {
+            self.called_writes.insert(UNKNOWN_TABLES.into());
+        }
         if RAW_FILE_FUNCTIONS.contains(&last) {
             self.note_relation(vec![UNKNOWN_TABLES.into()]);
         }
@@ -1659,6 +1679,11 @@ impl Walker {
             self.changes_state = true;
             self.called_writes
                 .insert("pg_catalog.pg_largeobject".into());
+        }
+        // The value a sequence holds, read without naming it as a relation.
+        if last == "pg_sequence_last_value" {
+            let sequence = first_arg.and_then(sequence_named_by);
+            self.note_relation(sequence.unwrap_or_else(|| vec![UNKNOWN_TABLES.into()]));
         }
         if SEQUENCE_WRITERS.contains(&last) {
             let sequence = first_arg.and_then(sequence_named_by);
@@ -3139,6 +3164,19 @@ mod tests {
         ] {
             assert_eq!(one(sql).kind, Admin, "{sql}");
         }
+        // Contrib functions that change the server's state, and rows.
+        for sql in [
+            "SELECT pg_stat_monitor_reset()",
+            "SELECT pg_buffercache_evict_all()",
+            "SELECT pg_truncate_visibility_map('hr.people')",
+        ] {
+            assert_eq!(one(sql).kind, Write, "{sql}");
+        }
+        let op = one("SELECT pg_sequence_last_value('hr.emp_id_seq')");
+        assert!(op.reads.contains("hr.emp_id_seq"), "{:?}", op.reads);
+        let op = one("SELECT heap_force_kill('hr.people'::regclass, ARRAY['(0,1)']::tid[])");
+        assert_eq!(op.kind, Write);
+        assert!(op.writes.contains(UNKNOWN_TABLES), "{:?}", op.writes);
         assert_eq!(one("SET statement_timeout = 1000").kind, Utility);
         assert_eq!(
             one("SET log_parameter_max_length_on_error = 0").kind,
