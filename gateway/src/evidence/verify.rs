@@ -859,20 +859,42 @@ pub fn reconcile(
         .filter(|r| r.phase == phase::CONFIG)
         .filter_map(|r| r.pid)
         .collect();
-    // ... and the boots each ran in. A gateway upstream is the daemon's
-    // own connect: a cookie alone does not make one. Cookies are counted
-    // per network namespace on older kernels, so another namespace's
-    // socket may carry a number the gateway's had; and an audit record
-    // only in the WAL, which no checkpoint signs yet, could have been
-    // written by anyone who can write the directory, naming any cookie.
-    let gateway_runs: HashSet<(i32, usize)> = evidence
+    // ... and their cgroups, with the boots each ran in. A gateway
+    // upstream is the daemon's own connect: a cookie alone does not make
+    // one. Cookies are counted per network namespace on older kernels, so
+    // another namespace's socket may carry a number the gateway's had;
+    // and an audit record only in the WAL, which no checkpoint signs yet,
+    // could have been written by anyone who can write the directory,
+    // naming any cookie. The daemon's pid as it wrote it is its own pid
+    // namespace's, the kernel's the host's: a daemon in a container is
+    // known by its cgroup.
+    let gateway_runs: HashSet<(i64, usize)> = evidence
         .iter()
         .filter(|r| r.phase == phase::CONFIG)
-        .filter_map(|r| Some((r.pid?, epoch(r.time))))
+        .filter_map(|r| Some((i64::from(r.pid?), epoch(r.time))))
         .collect();
+    let gateway_cgroups: HashSet<(i64, usize)> = evidence
+        .iter()
+        .filter(|r| r.phase == phase::CONFIG)
+        .filter_map(|r| Some((r.cgroup_id.filter(|&c| c != 0)?, epoch(r.time))))
+        .collect();
+    // Events written before the stream's first config record that
+    // retention left are those of a daemon whose own record it removed:
+    // there the cookie alone must do, as it did before pids were checked.
+    let first_config = evidence
+        .iter()
+        .filter(|r| r.phase == phase::CONFIG)
+        .map(|r| r.sequence)
+        .min();
     let made_by_gateway = |row: &Row| {
-        row.pid
-            .is_some_and(|p| gateway_runs.contains(&(p, epoch(row.time))))
+        let run = epoch(row.time);
+        first_config.is_none_or(|first| row.sequence < first)
+            || row
+                .pid
+                .is_some_and(|p| gateway_runs.contains(&(i64::from(p), run)))
+            || row
+                .cgroup_id
+                .is_some_and(|c| gateway_cgroups.contains(&(c, run)))
     };
 
     let mut report = Report {
@@ -1688,6 +1710,33 @@ mod tests {
         let r = reconciled(&[record], &[config_row(1), restart, reused, loss(5, 0)]);
         assert_eq!(r.audited_upstreams, 0, "{}", summary(&r));
         assert_eq!(r.bypasses.len(), 1, "{}", summary(&r));
+    }
+
+    /// The daemon is also known by its cgroup (its pid in a container is
+    /// not the host's), and before the stream's first config record (the
+    /// daemon's own removed by retention) its cookie alone covers it.
+    #[test]
+    fn a_gateway_upstream_is_known_by_its_cgroup_or_before_any_config_record_by_its_cookie() {
+        // Another pid, the daemon's cgroup (5 in `config_row`).
+        let in_container = Row {
+            pid: Some(77_000),
+            cgroup_id: Some(5),
+            ..connect(2, 3, "tokio-runtime-w", "10.0.0.5:5432", 500)
+        };
+        let r = reconciled(
+            &[audit_row(500)],
+            &[config_row(1), in_container, loss(3, 0)],
+        );
+        assert!(r.bypasses.is_empty(), "{}", summary(&r));
+        assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
+        // Retention removed the record of the daemon that made it.
+        let before_any_record = connect(1, 3, "tokio-runtime-w", "10.0.0.5:5432", 500);
+        let r = reconciled(
+            &[audit_row(500)],
+            &[before_any_record, config_row(2), loss(3, 0)],
+        );
+        assert!(r.bypasses.is_empty(), "{}", summary(&r));
+        assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
     }
 
     /// A reboot within minutes: the daemon's start after it (its config
