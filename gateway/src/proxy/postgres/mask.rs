@@ -68,6 +68,17 @@ impl MaskSet {
         }
     }
 
+    /// A set masking nothing that knows `relations` as read without
+    /// running code, for tests elsewhere in the crate.
+    #[cfg(test)]
+    pub(crate) fn knowing_relations(relations: &[&str]) -> Self {
+        MaskSet {
+            read_without_code: relations.iter().map(|r| (*r).to_owned()).collect(),
+            catalog_read: true,
+            ..Default::default()
+        }
+    }
+
     /// Whether reading `table` (`schema.table`) runs no code of the
     /// database's own: a system catalog or view, or a relation the
     /// catalog listed as such when the session started. A view runs its

@@ -481,6 +481,7 @@ async fn serve(
             "application_name",
         ))),
         masks,
+        relations_may_have_changed: Default::default(),
         shared,
     };
     relay::run(session, client_rd, client_buf, client_wr, upstream).await

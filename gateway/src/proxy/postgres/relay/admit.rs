@@ -67,14 +67,34 @@ pub(super) fn provably_read_only(operations: &Result<Vec<Operation>, String>) ->
 /// Whether every relation the statement reads runs no code of the
 /// database's own when read (see [`MaskSet::read_runs_no_code`]): a read
 /// of a view, a foreign table or a table with row security may call a
-/// function that writes, though its text calls none.
+/// function that writes, though its text calls none. Known only until the
+/// session runs a statement that may change relations (see
+/// [`Session::relations_may_have_changed`]), which this notes.
 pub(super) fn reads_run_no_code(
-    catalog: &MaskSet,
+    session: &Session,
     operations: &Result<Vec<Operation>, String>,
 ) -> bool {
-    matches!(operations, Ok(ops) if ops
-        .iter()
-        .all(|op| op.reads.iter().all(|table| catalog.read_runs_no_code(table))))
+    use std::sync::atomic::Ordering;
+    let may_change_relations = match operations {
+        Ok(ops) => ops.iter().any(|op| {
+            matches!(
+                op.kind,
+                StatementKind::Ddl | StatementKind::Admin | StatementKind::Dcl
+            ) || op.moves_names
+                || op.defines_routine
+        }),
+        Err(_) => true,
+    };
+    if may_change_relations {
+        session
+            .relations_may_have_changed
+            .store(true, Ordering::Relaxed);
+        return false;
+    }
+    !session.relations_may_have_changed.load(Ordering::Relaxed)
+        && matches!(operations, Ok(ops) if ops
+            .iter()
+            .all(|op| op.reads.iter().all(|table| session.masks.read_runs_no_code(table))))
 }
 
 /// A statement's record as it starts: the session's shared fields, the
@@ -257,10 +277,13 @@ pub(super) fn judge(session: &Session, operations: &Result<Vec<Operation>, Strin
     };
     let (may_copy_in, may_copy_out) = may_copy(operations);
     let masked = !session.masks.is_empty();
+    // Before the rest: it notes a statement that may change relations,
+    // which is never read-only itself.
+    let reads_run_no_code = reads_run_no_code(session, operations);
     Judged {
         decision: session.shared.policy.decide(&session.principal, &request),
         reads_masked: reads_masked(&session.masks, operations),
-        read_only: provably_read_only(operations) && reads_run_no_code(&session.masks, operations),
+        read_only: provably_read_only(operations) && reads_run_no_code,
         may_change_transaction: may_change_transaction(operations),
         may_change_settings_unseen: may_change_settings_unseen(operations),
         may_copy_in,

@@ -49,6 +49,12 @@ pub struct Session {
     pub intent: Mutex<String>,
     /// Columns masked for this caller; empty: nothing to mask.
     pub masks: MaskSet,
+    /// Set once the session runs a statement that may create, replace or
+    /// change relations (DDL, administration, privileges, text tollgate
+    /// cannot parse): a temporary view can then stand under a listed
+    /// table's name (`pg_temp` is searched first), so the catalog read at
+    /// login no longer tells which relations run no code when read.
+    pub relations_may_have_changed: std::sync::atomic::AtomicBool,
     pub shared: Arc<Shared>,
     /// What every statement record of the session shares (who, from
     /// where, which database user and database), built once by [`statement_record_base`]:

@@ -719,6 +719,7 @@ async fn session_auditing_to(audit_dir: &std::path::Path) -> (tempfile::TempDir,
         principal,
         intent: Mutex::new(String::new()),
         masks: MaskSet::default(),
+        relations_may_have_changed: Default::default(),
         shared: Arc::new(crate::proxy::Shared {
             verifier,
             policy: Default::default(),
@@ -2607,6 +2608,45 @@ async fn answers_an_agent_does_not_read_do_not_hold_the_close() {
     assert!(closed.is_ok(), "the close waited on the agent");
     assert!(handed_over < out.len(), "{handed_over}");
     assert!(client_wr.lock().await.mid_message);
+}
+
+/// A read goes out before its record is durable only when every relation
+/// it reads was listed at login as read without running code, and only
+/// until the session runs a statement that may change relations: a
+/// temporary view can then stand under a listed table's name.
+#[tokio::test]
+async fn a_read_goes_out_early_only_while_the_session_has_changed_no_relation() {
+    use crate::proxy::postgres::classify::classify;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_keys, session) = session_auditing_to(dir.path()).await;
+    let Ok(session) = Arc::try_unwrap(session) else {
+        panic!("the session has one owner");
+    };
+    let session = Session {
+        masks: MaskSet::knowing_relations(&["public.customers"]),
+        ..session
+    };
+    let read = classify("SELECT name FROM customers WHERE id = 1");
+    assert!(admit::judge(&session, &read).read_only);
+    assert!(
+        admit::judge(
+            &session,
+            &classify("SELECT relname FROM pg_catalog.pg_class")
+        )
+        .read_only
+    );
+    for other in ["SELECT * FROM customer_view", "SELECT * FROM orders"] {
+        assert!(
+            !admit::judge(&session, &classify(other)).read_only,
+            "{other}"
+        );
+    }
+    let view = classify("CREATE TEMP VIEW customers AS SELECT 1 AS name");
+    assert!(!admit::judge(&session, &view).read_only);
+    assert!(
+        !admit::judge(&session, &read).read_only,
+        "after the session may have put a view under the table's name"
+    );
 }
 
 /// What a built-in call writes (the sequence `nextval` advances, a large
