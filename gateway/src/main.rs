@@ -353,6 +353,7 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
         postgres_held_whole: Default::default(),
         postgres_parsing: Default::default(),
         postgres_named: Default::default(),
+        postgres_catalogs: Default::default(),
         refusals: Default::default(),
         sessions: Default::default(),
     });

@@ -64,6 +64,9 @@ pub struct Shared {
     /// Bytes the prepared statements and portals PostgreSQL sessions keep
     /// may take, all sessions together.
     pub postgres_named: postgres::NamedBudget,
+    /// The relations PostgreSQL sessions of one database read without
+    /// running code, shared for a few seconds by their logins.
+    pub postgres_catalogs: postgres::CatalogCache,
     /// The sessions running, and whether the daemon is stopping them.
     pub sessions: Sessions,
     /// Which refusals of unauthenticated connections are written one by

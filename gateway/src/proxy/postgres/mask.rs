@@ -12,7 +12,7 @@
 //! every type accepts, so RowDescription stays true and drivers still parse
 //! the row.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use bytes::{Buf, BufMut, BytesMut};
 
@@ -42,8 +42,9 @@ pub struct MaskSet {
     user_functions: std::collections::HashSet<String>,
     /// `schema.table` of the relations whose reading runs no code of the
     /// database's own (see [`RELATIONS_READ_WITHOUT_CODE_QUERY`]), when
-    /// the session started.
-    read_without_code: std::collections::HashSet<String>,
+    /// the session started (or up to [`CATALOG_REUSE`] before: shared by
+    /// the sessions of one database, see [`CatalogCache`]).
+    read_without_code: Arc<std::collections::HashSet<String>>,
     /// Whether the catalog was read at all: without it, no relation of
     /// the database's own is known to run no code when read.
     catalog_read: bool,
@@ -73,7 +74,7 @@ impl MaskSet {
     #[cfg(test)]
     pub(crate) fn knowing_relations(relations: &[&str]) -> Self {
         MaskSet {
-            read_without_code: relations.iter().map(|r| (*r).to_owned()).collect(),
+            read_without_code: Arc::new(relations.iter().map(|r| (*r).to_owned()).collect()),
             catalog_read: true,
             ..Default::default()
         }
@@ -172,6 +173,55 @@ const RELATIONS_READ_WITHOUT_CODE_QUERY: &str = "SELECT 'read without code'::tex
 /// The first column of [`RELATIONS_READ_WITHOUT_CODE_QUERY`]'s rows.
 const READ_WITHOUT_CODE: &[u8] = b"read without code";
 
+/// How long the list of relations read without running code, read at one
+/// session's login, serves the logins of other sessions of the same
+/// target and database. One list per database rather than one per
+/// session: on a database of a hundred thousand tables it takes megabytes.
+/// A relation created since is not on it (its reads are durable first);
+/// a listed one changed since is as unseen as a change made during a
+/// session.
+pub const CATALOG_REUSE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The relations read without running code, per target and database, as
+/// the last login that read them found them (see [`CATALOG_REUSE`]).
+#[derive(Debug, Default)]
+pub struct CatalogCache {
+    #[allow(clippy::type_complexity)]
+    entries: std::sync::Mutex<
+        HashMap<(String, String), (std::time::Instant, Arc<std::collections::HashSet<String>>)>,
+    >,
+}
+
+impl CatalogCache {
+    /// The list read for `target` and `database` less than
+    /// [`CATALOG_REUSE`] ago, if any.
+    pub fn fresh(
+        &self,
+        target: &str,
+        database: &str,
+    ) -> Option<Arc<std::collections::HashSet<String>>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(&(target.to_owned(), database.to_owned()))
+            .filter(|(read_at, _)| read_at.elapsed() < CATALOG_REUSE)
+            .map(|(_, relations)| relations.clone())
+    }
+
+    /// Keeps the list `set` read, unless it came from here.
+    pub fn remember(&self, target: &str, database: &str, set: &MaskSet, reused: bool) {
+        if reused || !set.catalog_read {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        // Stale entries of other databases go when the next is kept.
+        entries.retain(|_, (read_at, _)| read_at.elapsed() < CATALOG_REUSE);
+        entries.insert(
+            (target.to_owned(), database.to_owned()),
+            (std::time::Instant::now(), set.read_without_code.clone()),
+        );
+    }
+}
+
 /// What [`USER_FUNCTIONS_QUERY`] answers when the database has operators
 /// or function-run casts of its own: no function is named so.
 const OWN_OPERATORS_OR_CASTS: &str = "(operators or casts)";
@@ -206,12 +256,17 @@ pub const RESOLVE_TIMEOUT: std::time::Duration = super::upstream::LOGIN_TIMEOUT;
 /// relations read without running code, for every session (they decide
 /// what may be forwarded before its record is durable); and the columns
 /// `patterns` name, when there are any.
+///
+/// `known`: the relations read without running code as another session
+/// read them moments ago (see [`CatalogCache`]), taken instead of reading
+/// them again.
 pub async fn resolve(
     stream: &mut crate::proxy::tls::BoxedIo,
     buf: &mut BytesMut,
     patterns: Vec<Pattern>,
+    known: Option<Arc<std::collections::HashSet<String>>>,
 ) -> Result<MaskSet, ResolveError> {
-    tokio::time::timeout(RESOLVE_TIMEOUT, resolve_now(stream, buf, patterns))
+    tokio::time::timeout(RESOLVE_TIMEOUT, resolve_now(stream, buf, patterns, known))
         .await
         .map_err(|_| ResolveError::TimedOut)?
 }
@@ -220,15 +275,19 @@ async fn resolve_now(
     stream: &mut crate::proxy::tls::BoxedIo,
     buf: &mut BytesMut,
     patterns: Vec<Pattern>,
+    known: Option<Arc<std::collections::HashSet<String>>>,
 ) -> Result<MaskSet, ResolveError> {
     let mut out = BytesMut::new();
     // The lookups in one round trip: their rows differ in width (or, for
     // two columns, in the first).
-    let queries = if patterns.is_empty() {
-        format!("{USER_FUNCTIONS_QUERY}; {RELATIONS_READ_WITHOUT_CODE_QUERY}")
-    } else {
-        format!("{CATALOG_QUERY}; {USER_FUNCTIONS_QUERY}; {RELATIONS_READ_WITHOUT_CODE_QUERY}")
+    let mut queries = match patterns.is_empty() {
+        true => USER_FUNCTIONS_QUERY.to_owned(),
+        false => format!("{CATALOG_QUERY}; {USER_FUNCTIONS_QUERY}"),
     };
+    if known.is_none() {
+        queries.push_str("; ");
+        queries.push_str(RELATIONS_READ_WITHOUT_CODE_QUERY);
+    }
     postgres_protocol::message::frontend::query(&queries, &mut out).map_err(WireError::Io)?;
     super::send_all(stream, &out).await.map_err(WireError::Io)?;
     let mut set = MaskSet {
@@ -236,9 +295,10 @@ async fn resolve_now(
         patterns,
         known_relations: std::collections::HashSet::new(),
         user_functions: std::collections::HashSet::new(),
-        read_without_code: std::collections::HashSet::new(),
+        read_without_code: Default::default(),
         catalog_read: false,
     };
+    let mut read_without_code = std::collections::HashSet::new();
     let mut refused = None;
     loop {
         let frame = wire::read_frame(stream, buf).await?;
@@ -251,8 +311,7 @@ async fn resolve_now(
                     continue;
                 }
                 if let [Some(READ_WITHOUT_CODE), Some(relation)] = values.as_slice() {
-                    set.read_without_code
-                        .insert(String::from_utf8_lossy(relation).into_owned());
+                    read_without_code.insert(String::from_utf8_lossy(relation).into_owned());
                     continue;
                 }
                 let [Some(oid), Some(attnum), Some(name)] = values.as_slice() else {
@@ -277,6 +336,8 @@ async fn resolve_now(
                 return match refused {
                     Some(refusal) => Err(refusal),
                     None => {
+                        set.read_without_code =
+                            known.unwrap_or_else(|| Arc::new(read_without_code));
                         set.catalog_read = true;
                         Ok(set)
                     }
@@ -456,7 +517,7 @@ pub(crate) mod tests {
             server
         });
         let mut buf = BytesMut::new();
-        let err = resolve(&mut stream, &mut buf, Vec::new())
+        let err = resolve(&mut stream, &mut buf, Vec::new(), None)
             .await
             .expect_err("refused");
         assert!(
@@ -491,12 +552,48 @@ pub(crate) mod tests {
             server.write_all(&out).await.expect("answer");
             std::future::pending::<()>().await;
         });
-        let set = resolve(&mut stream, &mut BytesMut::new(), Vec::new())
+        let set = resolve(&mut stream, &mut BytesMut::new(), Vec::new(), None)
             .await
             .expect("answered");
         assert!(set.read_runs_no_code("public.customers"));
         assert!(!set.read_runs_no_code("public.orders"));
         assert!(set.is_user_function("note_read"));
+    }
+
+    /// A list one login read serves the next logins of the same target and
+    /// database (one copy, not one per session); a login given it does not
+    /// ask the server for it again.
+    #[tokio::test]
+    async fn a_list_read_moments_ago_serves_the_next_logins_of_its_database() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cache = CatalogCache::default();
+        assert!(cache.fresh("orders-db", "orders").is_none());
+        let read = MaskSet::knowing_relations(&["public.customers"]);
+        cache.remember("orders-db", "orders", &read, false);
+        let shared = cache.fresh("orders-db", "orders").expect("fresh");
+        assert!(Arc::ptr_eq(&shared, &read.read_without_code));
+        assert!(cache.fresh("orders-db", "billing").is_none());
+        assert!(cache.fresh("other-db", "orders").is_none());
+        // Nothing read (a refused lookup) is nothing to share.
+        cache.remember("orders-db", "billing", &MaskSet::default(), false);
+        assert!(cache.fresh("orders-db", "billing").is_none());
+
+        let (ours, mut server) = tokio::io::duplex(64 << 10);
+        let mut stream: crate::proxy::tls::BoxedIo = Box::new(ours);
+        let asked = tokio::spawn(async move {
+            let mut query = vec![0u8; 8192];
+            let n = server.read(&mut query).await.expect("query");
+            let mut out = BytesMut::new();
+            wire::ready_for_query(&mut out, b'I');
+            server.write_all(&out).await.expect("answer");
+            String::from_utf8_lossy(&query[..n]).into_owned()
+        });
+        let set = resolve(&mut stream, &mut BytesMut::new(), Vec::new(), Some(shared))
+            .await
+            .expect("answered");
+        assert!(set.read_runs_no_code("public.customers"));
+        let query = asked.await.expect("server");
+        assert!(!query.contains("read without code"), "{query}");
     }
 
     /// A server that takes the catalog query and never answers does not
@@ -518,6 +615,7 @@ pub(crate) mod tests {
             &mut stream,
             &mut BytesMut::new(),
             vec![Pattern::from("public.customers.email".to_owned())],
+            None,
         )
         .await
         .expect_err("no answer");
@@ -576,7 +674,7 @@ pub(crate) mod tests {
             patterns: vec![Pattern::from("public.customers.email".to_owned())],
             known_relations: [16384, 16390].into(),
             user_functions: Default::default(),
-            read_without_code: ["public.customers".to_owned()].into(),
+            read_without_code: Arc::new(["public.customers".to_owned()].into()),
             catalog_read: true,
         }
     }

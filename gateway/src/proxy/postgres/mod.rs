@@ -29,6 +29,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{info, warn};
 
 pub use self::cancel::CancelKeys;
+pub use self::mask::CatalogCache;
 pub use self::relay::{HeldWholeBudget, NamedBudget, ParsingBudget};
 use self::wire::{Startup, WireError};
 use super::{tls::BoxedIo, Connection, Shared};
@@ -417,9 +418,28 @@ async fn serve(
     // durable.
     let mask_patterns = shared.policy.masks_for(&principal, &connection.target.name);
     let masked = !mask_patterns.is_empty();
+    let known = shared
+        .postgres_catalogs
+        .fresh(&connection.target.name, &database_name);
+    let reused = known.is_some();
     let masks = {
-        match mask::resolve(&mut upstream.stream, &mut upstream.buffered, mask_patterns).await {
-            Ok(masks) => masks,
+        match mask::resolve(
+            &mut upstream.stream,
+            &mut upstream.buffered,
+            mask_patterns,
+            known,
+        )
+        .await
+        {
+            Ok(masks) => {
+                shared.postgres_catalogs.remember(
+                    &connection.target.name,
+                    &database_name,
+                    &masks,
+                    reused,
+                );
+                masks
+            }
             Err(err @ mask::ResolveError::Refused { .. }) if !masked => {
                 warn!(error = %err, "the catalog lookup was refused: every statement of this session is made durable before it is sent");
                 mask::MaskSet::default()

@@ -73,6 +73,7 @@ async fn shared_for(keys: &Path, config: &str, audit: &AuditLog) -> Arc<Shared> 
         postgres_held_whole: Default::default(),
         postgres_parsing: Default::default(),
         postgres_named: Default::default(),
+        postgres_catalogs: Default::default(),
         refusals: Default::default(),
         sessions: Default::default(),
     })
