@@ -344,6 +344,23 @@ pub struct UnwatchedWindow {
     pub seconds: f64,
 }
 
+/// The end of a boot after its last loss record: what the programs saw
+/// then and the reader had not written when the host went down (a crash,
+/// or a reboot with the daemon stopped while the pinned probe still ran)
+/// went with the ring buffers, which do not outlive a reboot, and no
+/// loss record counts it. Listed, not judged, as the window after a boot
+/// is (see [`UnwatchedWindow`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct UnjudgedBeforeReboot {
+    pub boot_id: String,
+    pub last_loss_record_ms: i64,
+    pub last_loss_record: String,
+    /// When the next boot began.
+    pub rebooted_at_ms: i64,
+    pub rebooted_at: String,
+    pub seconds: f64,
+}
+
 /// A start of the daemon: when (its config record's time), the boot it
 /// ran in (`boot_id`, empty when the record names none) and when that
 /// boot began.
@@ -575,6 +592,9 @@ pub struct Report {
     /// From each boot of the host to the daemon's first start in it:
     /// nothing was redirected or recorded then (see [`UnwatchedWindow`]).
     pub unwatched_after_boot: Vec<UnwatchedWindow>,
+    /// From each boot's last loss record to the next boot (see
+    /// [`UnjudgedBeforeReboot`]).
+    pub unjudged_before_reboot: Vec<UnjudgedBeforeReboot>,
     /// Starts whose list of the connections already open could not read
     /// every process (see `open_at_start`): said, not judged, as the
     /// unwatched windows are.
@@ -924,6 +944,7 @@ pub fn reconcile(
         non_tcp_packets: 0,
         loss_records: 0,
         unwatched_after_boot: unwatched_after_boot(&boot_starts, opts.from_ms, opts.to_ms),
+        unjudged_before_reboot: Vec::new(),
         open_at_start_unread: Vec::new(),
         bypasses: Vec::new(),
         losses: Vec::new(),
@@ -1093,6 +1114,8 @@ pub fn reconcile(
     let mut new_boot = false;
     let mut last_boot: Option<String> = None;
     let mut boot_began = i64::MIN;
+    // The time of the current boot's last loss record.
+    let mut last_loss_of_boot: Option<i64> = None;
     let mut interval_ms: Option<u64> = None;
     let mut judged_past_end = false;
     // The window ends, in the stream's order, at its last loss record: a
@@ -1145,10 +1168,25 @@ pub fn reconcile(
                 new_boot = true;
                 // When the boot began, as the epochs of cookies count it.
                 boot_began = snapshot.and_then(|s| s.booted_at_ms).unwrap_or(row.time);
+                if let (Some(last), Some(previous)) = (last_loss_of_boot.take(), &last_boot) {
+                    let overlaps = opts.from_ms.is_none_or(|f| boot_began >= f)
+                        && opts.to_ms.is_none_or(|t| last <= t);
+                    if overlaps {
+                        report.unjudged_before_reboot.push(UnjudgedBeforeReboot {
+                            boot_id: previous.clone(),
+                            last_loss_record_ms: last,
+                            last_loss_record: format_time(last),
+                            rebooted_at_ms: boot_began,
+                            rebooted_at: format_time(boot_began),
+                            seconds: (boot_began - last).max(0) as f64 / 1000.0,
+                        });
+                    }
+                }
             }
             last_boot = Some(boot);
             continue;
         }
+        last_loss_of_boot = Some(row.time);
         let cumulative = match serde_json::from_str::<LossReport>(&row.unmapped) {
             Ok(c) => c,
             Err(err) => {
@@ -1357,6 +1395,14 @@ pub fn summary(r: &Report) -> String {
             "  unwatched:           the host booted at {} and tollgate started at {} ({:.1} s later): \
              connections in between were neither redirected nor recorded\n",
             w.booted_at, w.watched_from, w.seconds
+        ));
+    }
+    for u in &r.unjudged_before_reboot {
+        out.push_str(&format!(
+            "  before reboot:       boot {}'s last loss record was at {} and the host booted again at {} \
+             ({:.1} s later): what its programs saw in between and the stream did not get went with the \
+             ring buffers, uncounted\n",
+            u.boot_id, u.last_loss_record, u.rebooted_at, u.seconds
         ));
     }
     for unread in &r.open_at_start_unread {
@@ -1801,10 +1847,16 @@ mod tests {
             start(1, t0 + 12_000, "boot-1", Some(t0)),
             // A restart of the daemon in the same boot.
             start(2, t0 + 60_000, "boot-1", Some(t0)),
-            loss(3, 0),
+            Row {
+                time: t0 + 70_000,
+                ..loss(3, 0)
+            },
             // The host rebooted at t0 + 100 s; the daemon started 8.5 s later.
             start(4, t0 + 108_500, "boot-2", Some(t0 + 100_000)),
-            loss(5, 0),
+            Row {
+                time: t0 + 200_000,
+                ..loss(5, 0)
+            },
             // A record written before boot times were recorded.
             start(6, t0 + 300_000, "boot-3", None),
             loss(7, 0),
@@ -1830,6 +1882,20 @@ mod tests {
             ]
         );
         assert!(summary(&r).contains("8.5 s later"), "{}", summary(&r));
+        // The end of each boot after its last loss record went unjudged.
+        let ends: Vec<_> = r
+            .unjudged_before_reboot
+            .iter()
+            .map(|u| (u.boot_id.as_str(), u.last_loss_record_ms, u.rebooted_at_ms))
+            .collect();
+        assert_eq!(
+            ends,
+            [
+                ("boot-1", t0 + 70_000, t0 + 100_000),
+                ("boot-2", t0 + 200_000, t0 + 300_000)
+            ]
+        );
+        assert!(summary(&r).contains("before reboot:"), "{}", summary(&r));
         // Only windows that overlap the one verified.
         let starts: [Start; 2] = [
             (t0 + 12_000, "boot-1".into(), Some(t0)),
