@@ -96,9 +96,18 @@ impl TokenSpec {
             }
         }
         c.insert("oid".into(), json!(self.oid));
-        // Entra's sub is pairwise per application: never the oid.
-        let sub = Sha256::digest(format!("{}|{}", self.app_id, self.oid).as_bytes());
-        c.insert("sub".into(), json!(hex::encode(&sub[..16])));
+        // Entra's sub: a user's is pairwise per application, never the
+        // oid; an app-only token's is the service principal's object id,
+        // the oid itself.
+        match self.kind {
+            TokenKind::User => {
+                let sub = Sha256::digest(format!("{}|{}", self.app_id, self.oid).as_bytes());
+                c.insert("sub".into(), json!(hex::encode(&sub[..16])));
+            }
+            TokenKind::App => {
+                c.insert("sub".into(), json!(self.oid));
+            }
+        }
         c.insert("tid".into(), json!(tid));
         if self.kind == TokenKind::User {
             let scp = if self.scopes.is_empty() {

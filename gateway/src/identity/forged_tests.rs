@@ -871,6 +871,46 @@ async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
     );
 }
 
+/// Without idtyp and scp, a token is app-only only when its subject is
+/// the application itself (sub equals oid): a user's token without scp
+/// (its sub pairwise) stays the user's, and does not take the roles of the
+/// client it came through.
+#[tokio::test]
+async fn without_idtyp_only_a_token_whose_subject_is_its_oid_is_app_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let key = ring.signing_key();
+    let h = header(key.kid.as_str());
+    let v = Verifier::from_config(&file_config(dir.path(), ""))
+        .await
+        .expect("verifier");
+    let user_without_scp = rs256(
+        key,
+        &h,
+        &claims_with(|c| {
+            c.remove("idtyp");
+            c.remove("scp");
+        }),
+    );
+    assert_eq!(
+        v.verify(&user_without_scp).await.expect("accepted").kind,
+        PrincipalKind::User
+    );
+    let application = rs256(
+        key,
+        &h,
+        &claims_with(|c| {
+            c.remove("idtyp");
+            c.remove("scp");
+            c.insert("sub".into(), json!(OID));
+        }),
+    );
+    assert_eq!(
+        v.verify(&application).await.expect("accepted").kind,
+        PrincipalKind::App
+    );
+}
+
 #[tokio::test]
 async fn app_token_minted_by_dev_idp_has_no_scp() {
     let dir = tempfile::tempdir().expect("tempdir");

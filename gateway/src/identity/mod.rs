@@ -1020,10 +1020,16 @@ impl Verifier {
             Some("app") => PrincipalKind::App,
             Some("user") => PrincipalKind::User,
             Some(_) => return Err(IdentityError::BadClaimType("idtyp")),
-            // idtyp is optional; delegated tokens always carry scp, app-only
-            // tokens never do.
+            // idtyp is optional. A token with scp is delegated. Without
+            // either, an app-only token is one whose subject is the
+            // application itself: its sub is its service principal's
+            // object id, oid (as Microsoft tells APIs to check). A user's
+            // sub is pairwise, never the oid: a user's token without scp
+            // (an app role reached through `.default`) stays the user's,
+            // and does not take the roles of the client it came through.
             None if c.0.contains_key("scp") => PrincipalKind::User,
-            None => PrincipalKind::App,
+            None if c.opt_str("sub")? == Some(object_id.as_str()) => PrincipalKind::App,
+            None => PrincipalKind::User,
         };
         if kind == PrincipalKind::App && c.0.contains_key("scp") {
             return Err(IdentityError::InconsistentKind);
