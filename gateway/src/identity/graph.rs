@@ -102,6 +102,9 @@ impl std::fmt::Debug for GraphClient {
     }
 }
 
+/// Longest `cache_secs`.
+const MAX_CACHE_SECS: u64 = 3600;
+
 impl GraphClient {
     pub fn new(c: &GraphConfig, development_idp: bool) -> anyhow::Result<Self> {
         let endpoint = c.endpoint.trim_end_matches('/').to_string();
@@ -136,6 +139,15 @@ impl GraphClient {
             bail!(
                 "identity.graph.timeout_secs: {} is out of range; allowed: 1 to {most}",
                 c.timeout_secs
+            );
+        }
+        // A group removed from a caller keeps working for them as long as
+        // the cache holds it (a deny that hangs off a group can be lost
+        // the other way round): an hour at most.
+        if !(0..=MAX_CACHE_SECS).contains(&c.cache_secs) {
+            bail!(
+                "identity.graph.cache_secs: {} is out of range; allowed: 0 to {MAX_CACHE_SECS}",
+                c.cache_secs
             );
         }
         let http = reqwest::Client::builder()
@@ -344,5 +356,25 @@ mod tests {
             "an expired caller stayed"
         );
         assert!(members.contains_key(&key("recent")) && members.contains_key(&key("new")));
+    }
+
+    #[test]
+    fn a_cache_of_more_than_an_hour_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret\n").expect("write");
+        let config = |cache_secs: u64| -> GraphConfig {
+            serde_json::from_value(json!({
+                "client_id": "x",
+                "client_secret_file": secret,
+                "cache_secs": cache_secs,
+            }))
+            .expect("graph config")
+        };
+        assert!(GraphClient::new(&config(3600), false).is_ok());
+        let Err(err) = GraphClient::new(&config(3601), false) else {
+            panic!("a cache of 3601 s was taken");
+        };
+        assert!(err.to_string().contains("cache_secs"), "{err}");
     }
 }
