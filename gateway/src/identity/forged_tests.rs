@@ -738,13 +738,15 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
         Case {
             // Whoever holds the Graph lookup's secret can get a token for
             // tollgate as tollgate itself (client credentials).
-            name: "a token of tollgate's own application",
+            name: "an app token of tollgate's own application",
             config: graph_unreachable,
             token: rs256(
                 key,
                 &h,
                 &claims_with(|c| {
                     c.insert("azp".into(), json!("tollgate"));
+                    c.insert("idtyp".into(), json!("app"));
+                    c.remove("scp");
                 }),
             ),
             code: "own_application",
@@ -869,6 +871,39 @@ async fn forged_and_malformed_tokens_are_refused_with_specific_codes() {
         cases.len(),
         wrong.join("\n")
     );
+}
+
+/// A user signing in through tollgate's own registration (the Graph
+/// lookup's client) is someone: only an app-only token of it is refused.
+#[tokio::test]
+async fn a_users_token_through_the_graph_lookups_own_client_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ring = Keyring::open_or_create(dir.path()).expect("keyring");
+    let key = ring.signing_key();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let secret = crate::dev::directory::graph_secret_file(dir.path()).expect("secret");
+    let config = format!(
+        "development_idp = true\n[graph]\nendpoint = \"http://{closed}\"\n\
+         authority = \"http://{closed}\"\nclient_id = \"tollgate\"\nclient_secret_file = {secret:?}\n"
+    );
+    let v = Verifier::from_config(&file_config(dir.path(), &config))
+        .await
+        .expect("verifier");
+    let t = rs256(
+        key,
+        &header(key.kid.as_str()),
+        &claims_with(|c| {
+            c.insert("azp".into(), json!("tollgate"));
+        }),
+    );
+    let p = v
+        .verify(&t)
+        .await
+        .expect("a user's token through tollgate's own registration");
+    assert_eq!(p.kind, PrincipalKind::User);
 }
 
 /// Without idtyp and scp, a token is app-only only when its subject is

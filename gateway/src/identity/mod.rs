@@ -1009,9 +1009,6 @@ impl Verifier {
             }
         };
         let own = |id: &str| id.eq_ignore_ascii_case(&app_id);
-        if s.own_client_id.as_deref().is_some_and(own) {
-            return Err(IdentityError::OwnApplication);
-        }
         let scopes: Vec<String> = c
             .opt_str("scp")?
             .map(|s| s.split_whitespace().map(str::to_owned).collect())
@@ -1034,13 +1031,16 @@ impl Verifier {
         if kind == PrincipalKind::App && c.0.contains_key("scp") {
             return Err(IdentityError::InconsistentKind);
         }
-        // tollgate's own registration is the audience, as its client id (a
-        // GUID audience, as v2 tokens name it): an app-only token whose
-        // client is that registration was got by a holder of its secret
-        // for tollgate as tollgate itself (client credentials), and is no
-        // agent's. A user signing in through that registration (one
-        // registration for a client and its API) is someone.
-        if kind == PrincipalKind::App && s.audiences.iter().any(|a| is_guid(a) && own(a)) {
+        // tollgate's own registration: the Graph lookup's client, or the
+        // audience as its client id (a GUID audience, as v2 tokens name
+        // it). An app-only token whose client is that registration was got
+        // by a holder of its secret for tollgate as tollgate itself
+        // (client credentials), and is no agent's. A user signing in
+        // through that registration (one registration for a client and
+        // its API) is someone.
+        let own_registration = s.own_client_id.as_deref().is_some_and(own)
+            || s.audiences.iter().any(|a| is_guid(a) && own(a));
+        if kind == PrincipalKind::App && own_registration {
             return Err(IdentityError::OwnApplication);
         }
         let roles = c.str_list("roles")?.unwrap_or_default();
