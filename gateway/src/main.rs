@@ -494,6 +494,7 @@ fn config_snapshot(
         booted_at_ms: evidence::booted_at_ms(),
         installing_since_ms: Some(installing_since_ms),
         replaced_targets,
+        probe_was_pinned: None,
     })
 }
 

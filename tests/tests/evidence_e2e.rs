@@ -278,6 +278,9 @@ fn a_connection_open_before_tollgate_watched_is_a_finding() {
     // Nothing else was found: the connection was made while no program
     // was attached, so no event of it exists.
     assert_eq!(bypasses.len(), 1, "{summary}");
+    // And the unpin itself is on record: the start after it found no
+    // probe pinned in a boot the daemon had run in.
+    assert!(summary.contains("pins_removed"), "{summary}");
 }
 
 /// A connection made while its destination was not protected is judged

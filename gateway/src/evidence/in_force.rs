@@ -291,6 +291,7 @@ mod tests {
             booted_at_ms: None,
             installing_since_ms,
             replaced_targets: Vec::new(),
+            probe_was_pinned: None,
         }
     }
 
@@ -392,6 +393,7 @@ mod tests {
         // counts.
         let with = |targets: &[(&str, &str)], replaced: &[&str]| ConfigSnapshot {
             replaced_targets: replaced.iter().map(|a| a.parse().unwrap()).collect(),
+            probe_was_pinned: None,
             ..snapshot(targets, None)
         };
         let r0 = with(&[("x", "10.0.1.1:5432")], &[]);

@@ -162,6 +162,12 @@ pub struct ConfigSnapshot {
     /// written before it was recorded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replaced_targets: Vec<SocketAddr>,
+    /// Whether this start found the host-wide probe pinned (a restart)
+    /// or pinned it anew (the first start of a boot, or one after the
+    /// pins were removed: `tollgate unpin`, another `bpffs_dir`). Absent
+    /// in records written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_was_pinned: Option<bool>,
 }
 
 /// When the running boot began, in Unix milliseconds.
@@ -604,7 +610,7 @@ impl Evidence {
     pub async fn start(
         audit: &AuditConfig,
         handles: EvidenceHandles,
-        snapshot: ConfigSnapshot,
+        mut snapshot: ConfigSnapshot,
         interval: Duration,
     ) -> anyhow::Result<Self> {
         let EvidenceHandles {
@@ -632,6 +638,7 @@ impl Evidence {
             anyhow::anyhow!("cannot poll the agents' evidence ring buffer: {err}")
         })?;
         let log = AuditLog::open(&evidence_config(audit)).await?;
+        snapshot.probe_was_pinned = Some(probe_was_pinned);
         log.append(config_record(&snapshot)).await?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(read_loop(

@@ -444,6 +444,7 @@ mod tests {
                 "[fd00::7]:5432".parse().expect("addr"),
                 "10.0.0.9:5432".parse().expect("addr"),
             ],
+            probe_was_pinned: Some(true),
         };
         let new = targets_newly_protected(&snapshot);
         assert_eq!(

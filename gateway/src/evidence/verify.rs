@@ -423,6 +423,9 @@ pub struct Loss {
     pub report: serde_json::Value,
 }
 
+/// The problem a start reports that found the pins of its boot removed.
+pub const PINS_REMOVED: &str = "pins_removed";
+
 /// The finding of a [`ReservedLoss`].
 pub const RESERVED_EVIDENCE_LOST: &str = "protected_target_evidence_lost";
 
@@ -1272,6 +1275,42 @@ pub fn reconcile(
         }
         previous = Some(cumulative);
     }
+    // A start that found no probe pinned in a boot the daemon had run in
+    // before: the pins were removed meanwhile (`tollgate unpin`, another
+    // `bpffs_dir`), and with them the ring buffers and their counters.
+    // What the programs recorded after the last loss record was destroyed
+    // unread, and the new counters count none of it.
+    let mut previous_boot: Option<String> = None;
+    let mut last_loss: Option<i64> = None;
+    for row in evidence
+        .iter()
+        .filter(|r| r.phase == phase::CONFIG || r.phase == phase::LOSS_COUNTERS)
+    {
+        if row.phase == phase::LOSS_COUNTERS {
+            last_loss = Some(row.time);
+            continue;
+        }
+        let Ok(snapshot) = serde_json::from_str::<ConfigSnapshot>(&row.unmapped) else {
+            continue;
+        };
+        let same_boot = !snapshot.boot_id.is_empty()
+            && previous_boot.as_deref() == Some(snapshot.boot_id.as_str());
+        if same_boot && snapshot.probe_was_pinned == Some(false) {
+            let since = last_loss.unwrap_or(row.time);
+            if opts.to_ms.is_none_or(|t| since <= t) && opts.from_ms.is_none_or(|f| row.time >= f) {
+                problems.push(format!(
+                    "{PINS_REMOVED}: the start at {} (evidence record {}) found no probe pinned, \
+                     though the daemon ran before in this boot: the pins were removed \
+                     (`tollgate unpin`, another bpffs_dir), and what the programs recorded after \
+                     the last loss record ({}) was destroyed unread, counted by no record",
+                    format_time(row.time),
+                    row.sequence,
+                    format_time(since)
+                ));
+            }
+        }
+        previous_boot = Some(snapshot.boot_id);
+    }
     if report.loss_records == 0 {
         problems.push("no loss counters in the window: completeness cannot be shown".into());
     }
@@ -1494,6 +1533,7 @@ mod tests {
             booted_at_ms: None,
             installing_since_ms: None,
             replaced_targets: Vec::new(),
+            probe_was_pinned: None,
         };
         Row {
             sequence: seq,
@@ -1756,6 +1796,39 @@ mod tests {
         let r = reconciled(&[record], &[config_row(1), restart, reused, loss(5, 0)]);
         assert_eq!(r.audited_upstreams, 0, "{}", summary(&r));
         assert_eq!(r.bypasses.len(), 1, "{}", summary(&r));
+    }
+
+    /// A start in the same boot that found no probe pinned: the pins, and
+    /// the unread events in the rings, were removed in between.
+    #[test]
+    fn a_start_that_found_the_pins_of_its_boot_removed_fails() {
+        let start = |seq: i64, pinned: Option<bool>| {
+            let mut row = config_row(seq);
+            row.time = 1_700_000_000_000 + seq * 1000;
+            let mut snapshot: ConfigSnapshot =
+                serde_json::from_str(&row.unmapped).expect("snapshot");
+            snapshot.probe_was_pinned = pinned;
+            row.unmapped = serde_json::to_string(&snapshot).expect("json");
+            row
+        };
+        let run = |second: Option<bool>| {
+            reconciled(
+                &[],
+                &[
+                    start(1, Some(false)),
+                    loss(2, 0),
+                    start(3, second),
+                    loss(4, 0),
+                ],
+            )
+        };
+        let removed = run(Some(false));
+        assert!(!removed.ok);
+        assert!(has_problem(&removed, PINS_REMOVED), "{}", summary(&removed));
+        for kept in [Some(true), None] {
+            let r = run(kept);
+            assert!(!has_problem(&r, PINS_REMOVED), "{kept:?}: {}", summary(&r));
+        }
     }
 
     /// The daemon is also known by its cgroup (its pid in a container is
