@@ -566,16 +566,23 @@ fn read_counters(
     let mut out = BTreeMap::new();
     for program in 0..counted_program::COUNT {
         let name = counted_program::NAMES[program as usize];
-        // Each reserved counter before its general one, which the kernel
-        // counts first: read so, a reserved count never exceeds the total.
-        let emitted_reserved = sum(reserved_counter_index(program, reserved_counter::EMITTED));
-        let dropped_reserved = sum(reserved_counter_index(program, reserved_counter::DROPPED));
+        // Each general counter before its reserved one, which the kernel
+        // counts second: an event counted between the two reads shows in
+        // the reserved count at once (the general one catches up in the
+        // next record). Read the other way round, a reserved drop could
+        // show first as a general one, and its reserved part only in the
+        // next record, which a window ending in between never judges.
+        // A reserved count may so run ahead of its total; readers take the
+        // general share as the difference, at least zero.
+        let seen = sum(counter_index(program, counter::SEEN));
+        let emitted = sum(counter_index(program, counter::EMITTED));
+        let dropped = sum(counter_index(program, counter::DROPPED));
         let mut c = ProgramCounters {
-            seen: sum(counter_index(program, counter::SEEN)),
-            emitted: sum(counter_index(program, counter::EMITTED)),
-            dropped: sum(counter_index(program, counter::DROPPED)),
-            emitted_reserved,
-            dropped_reserved,
+            seen,
+            emitted,
+            dropped,
+            emitted_reserved: sum(reserved_counter_index(program, reserved_counter::EMITTED)),
+            dropped_reserved: sum(reserved_counter_index(program, reserved_counter::DROPPED)),
             suppressed: (program == counted_program::PACKET_EGRESS)
                 .then(|| sum(counter_index(program, counter::SUPPRESSED))),
             ..Default::default()
