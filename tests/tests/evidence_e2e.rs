@@ -265,19 +265,9 @@ fn a_connection_open_before_tollgate_watched_is_a_finding() {
     stack.gateway.stop();
     drop(held);
 
-    let (code, summary, report) = verify(&stack);
-    assert_eq!(code, 1, "{summary}");
-    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
-    let open: Vec<_> = bypasses
-        .iter()
-        .filter(|b| b["finding"] == "open_before_watch")
-        .collect();
-    assert_eq!(open.len(), 1, "{summary}");
-    assert_eq!(open[0]["pid"], std::process::id(), "{summary}");
-    assert_eq!(open[0]["destination"], target.as_str(), "{summary}");
     // Nothing else was found: the connection was made while no program
     // was attached, so no event of it exists.
-    assert_eq!(bypasses.len(), 1, "{summary}");
+    let summary = only_this_process_open_before_watch(&stack, &target);
     // And the unpin itself is on record: the start after it found no
     // probe pinned in a boot the daemon had run in.
     assert!(summary.contains("pins_removed"), "{summary}");
@@ -318,19 +308,23 @@ fn a_connection_still_open_to_a_target_a_restart_adds_is_a_finding() {
     stack.gateway.stop();
     drop(held);
 
-    let (code, summary, report) = verify(&stack);
-    assert_eq!(code, 1, "{summary}");
-    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
-    let open: Vec<_> = bypasses
-        .iter()
-        .filter(|b| b["finding"] == "open_before_watch")
-        .collect();
-    assert_eq!(open.len(), 1, "{summary}");
-    assert_eq!(open[0]["pid"], std::process::id(), "{summary}");
-    assert_eq!(open[0]["destination"], database.to_string(), "{summary}");
     // Its connect was seen, while the database was not protected: no
     // finding of its own.
+    only_this_process_open_before_watch(&stack, &database.to_string());
+}
+
+/// Runs verify, which must fail with one bypass only: an
+/// `open_before_watch` of this process's connection to `destination`.
+/// Returns the summary.
+fn only_this_process_open_before_watch(stack: &Stack, destination: &str) -> String {
+    let (code, summary, report) = verify(stack);
+    assert_eq!(code, 1, "{summary}");
+    let bypasses = report["bypasses"].as_array().cloned().unwrap_or_default();
     assert_eq!(bypasses.len(), 1, "{summary}");
+    assert_eq!(bypasses[0]["finding"], "open_before_watch", "{summary}");
+    assert_eq!(bypasses[0]["pid"], std::process::id(), "{summary}");
+    assert_eq!(bypasses[0]["destination"], destination, "{summary}");
+    summary
 }
 
 /// A restart replaces the host-wide programs a previous daemon left
