@@ -171,6 +171,18 @@ impl PinConfig {
             rule.parse()
                 .map_err(|reason| (format!("pin.egress_allow[{i}]"), reason))?;
         }
+        // An allow list only means something under a default of deny:
+        // with allow, agents reach everything, and a careful list would
+        // let its author believe otherwise.
+        if !self.egress_allow.is_empty() && self.egress_default != EgressDefault::Deny {
+            return Err((
+                "pin.egress_allow".into(),
+                "is only applied with pin.egress_default = \"deny\" (with \"allow\", the \
+                 default, agents may reach every destination): set the default, or remove the \
+                 list"
+                    .into(),
+            ));
+        }
         for (i, cgroup) in self.agent_cgroups.iter().enumerate() {
             if !cgroup.is_absolute() {
                 return Err((
@@ -966,6 +978,20 @@ mod tests {
             err.reason.contains("the listener of target \"orders-db\""),
             "{err}"
         );
+    }
+
+    /// An allow list without a default of deny would be read as a
+    /// restriction that does not exist: refused.
+    #[test]
+    fn an_egress_allow_list_without_a_default_of_deny_is_refused() {
+        let text = include_str!("../../deploy/tollgate.toml");
+        let deny = "egress_default = \"deny\"";
+        assert!(text.contains(deny));
+        for to in ["egress_default = \"allow\"", ""] {
+            let err = Config::parse(&text.replacen(deny, to, 1), "tollgate.toml").expect_err(to);
+            assert_eq!(err.key, "pin.egress_allow", "{to}: {err}");
+        }
+        Config::parse(text, "tollgate.toml").expect("the example, with deny");
     }
 
     /// `unpin` and `pin status` read `[pin]` alone: a mistake elsewhere in

@@ -177,6 +177,43 @@ pub fn check_config(cfg: &AuditConfig) -> anyhow::Result<()> {
         checkpoint::Signer::load(path)
             .with_context(|| format!("audit.signing_key {}", path.display()))?;
     }
+    // Bounds that keep the store what it says it is: retention of 0 days
+    // (read by some as "keep for ever") would delete every closed segment
+    // at every pass, and verify would pass the empty trail; a checkpoint
+    // interval of hours lets a truncated tail pass for a quiet period; a
+    // background sync of seconds acknowledges records a host crash loses.
+    if cfg.retention_days == Some(0) {
+        anyhow::bail!(
+            "audit.retention_days: 0 would delete every closed segment; give at least 1, or \
+             leave it out to keep everything"
+        );
+    }
+    let bounded = [
+        (
+            "checkpoint_interval_secs",
+            cfg.checkpoint_interval_secs,
+            1,
+            3600,
+        ),
+        ("segment_max_age_secs", cfg.segment_max_age_secs, 1, 86_400),
+        (
+            "buffered_sync_interval_ms",
+            cfg.buffered_sync_interval_ms,
+            1,
+            1000,
+        ),
+        (
+            "segment_max_records",
+            cfg.segment_max_records as u64,
+            1,
+            10_000_000,
+        ),
+    ];
+    for (name, value, least, most) in bounded {
+        if !(least..=most).contains(&value) {
+            anyhow::bail!("audit.{name}: {value} is out of range; allowed: {least} to {most}");
+        }
+    }
     Ok(())
 }
 

@@ -1520,6 +1520,41 @@ async fn lazy_records_are_written_soon_while_more_keep_coming() {
 /// holds a line break, or already ends so is refused before anything
 /// starts.
 #[test]
+fn settings_that_would_undo_what_the_store_promises_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = config(tmp.path());
+    super::check_config(&good).expect("the defaults");
+    let refused = |change: &dyn Fn(&mut super::AuditConfig), key: &str| {
+        let mut cfg = good.clone();
+        change(&mut cfg);
+        let err = super::check_config(&cfg).expect_err(key);
+        assert!(err.to_string().contains(key), "{key}: {err:#}");
+    };
+    refused(&|c| c.retention_days = Some(0), "audit.retention_days");
+    refused(
+        &|c| c.checkpoint_interval_secs = 0,
+        "audit.checkpoint_interval_secs",
+    );
+    refused(
+        &|c| c.checkpoint_interval_secs = 3601,
+        "audit.checkpoint_interval_secs",
+    );
+    refused(
+        &|c| c.segment_max_age_secs = 86_401,
+        "audit.segment_max_age_secs",
+    );
+    refused(
+        &|c| c.buffered_sync_interval_ms = 1001,
+        "audit.buffered_sync_interval_ms",
+    );
+    refused(&|c| c.segment_max_records = 0, "audit.segment_max_records");
+    let mut kept = good.clone();
+    kept.retention_days = Some(1);
+    kept.checkpoint_interval_secs = 3600;
+    super::check_config(&kept).expect("the bounds themselves");
+}
+
+#[test]
 fn an_origin_that_is_no_line_or_looks_like_the_evidence_streams_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
