@@ -207,6 +207,13 @@ impl CatalogCache {
             .map(|(_, relations)| relations.clone())
     }
 
+    /// Drops the list of `target` and `database`: a session there may
+    /// have changed relations since it was read.
+    pub fn forget(&self, target: &str, database: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(&(target.to_owned(), database.to_owned()));
+    }
+
     /// Keeps the list `set` read, unless it came from here.
     pub fn remember(&self, target: &str, database: &str, set: &MaskSet, reused: bool) {
         if reused || !set.catalog_read {

@@ -16,6 +16,9 @@ pub(super) struct Admitted {
     record: AuditRecord,
     durable: Option<Durable>,
     record_full: bool,
+    /// Its judgement's `read_only`, as it stands when it runs (see
+    /// [`admit`]).
+    read_only: bool,
 }
 
 impl Admitted {
@@ -25,7 +28,7 @@ impl Admitted {
         let mut pending = Pending::new(kind, Some(self.record));
         pending.durable = self.durable;
         pending.reads_masked = judged.reads_masked;
-        pending.read_only = judged.read_only;
+        pending.read_only = self.read_only;
         // Sent behind Executes not yet synced, a Query runs in their
         // implicit transaction, and may commit or roll it back.
         pending.may_change_transaction = judged.may_change_transaction;
@@ -75,6 +78,8 @@ pub(super) fn reads_run_no_code(
     operations: &Result<Vec<Operation>, String>,
 ) -> bool {
     use std::sync::atomic::Ordering;
+    // A function of the database's own may run DDL too (`EXECUTE 'CREATE
+    // TEMP VIEW ...'`).
     let may_change_relations = match operations {
         Ok(ops) => ops.iter().any(|op| {
             matches!(
@@ -82,13 +87,22 @@ pub(super) fn reads_run_no_code(
                 StatementKind::Ddl | StatementKind::Admin | StatementKind::Dcl
             ) || op.moves_names
                 || op.defines_routine
+                || op.calls_unknown_functions
         }),
         Err(_) => true,
     };
     if may_change_relations {
-        session
+        if !session
             .relations_may_have_changed
-            .store(true, Ordering::Relaxed);
+            .swap(true, Ordering::Relaxed)
+        {
+            // The next logins to this database read the catalog afresh
+            // rather than take a list this session may have outdated.
+            session.shared.postgres_catalogs.forget(
+                &session.connection.target.name,
+                &session.statement_record.database_name,
+            );
+        }
         return false;
     }
     !session.relations_may_have_changed.load(Ordering::Relaxed)
@@ -139,13 +153,20 @@ pub(super) async fn admit(
     }
     record.phase = "request".into();
     record.action_id = record::action::ALLOWED;
+    // A statement judged at its Parse runs later: if the session has since
+    // run something that may have changed relations, what its name reads
+    // may be a view now (PostgreSQL plans it again).
+    let read_only = judged.read_only
+        && !session
+            .relations_may_have_changed
+            .load(std::sync::atomic::Ordering::Relaxed);
     // A provably read-only statement goes out while its record syncs; its
     // answer is held until the record is durable (see server_to_client).
     let written = if session
         .shared
         .audit
         .durability()
-        .may_forward_before_durable(judged.read_only)
+        .may_forward_before_durable(read_only)
     {
         let durable = session.shared.audit.submit(record.clone());
         // A failure known at once (too large; a failed write in `buffered`)
@@ -167,6 +188,7 @@ pub(super) async fn admit(
             record,
             durable,
             record_full,
+            read_only,
         }),
         Err(AuditError::TooLarge { .. }) => {
             Err(refuse_oversized(session, text, operations, RECORD_TOO_LARGE).await)

@@ -2642,12 +2642,64 @@ async fn a_read_goes_out_early_only_while_the_session_has_changed_no_relation() 
             "{other}"
         );
     }
+    // Judged at its Parse, before the view (and allowed: the session's
+    // principal has no grant here).
+    let mut parsed = admit::judge(&session, &read);
+    assert!(parsed.read_only);
+    parsed.decision = crate::policy::Decision::Allow {
+        rule: "readers".into(),
+        record_results: Default::default(),
+    };
+    let cache_key = ("orders-db", "orders");
+    session.shared.postgres_catalogs.remember(
+        cache_key.0,
+        cache_key.1,
+        &MaskSet::knowing_relations(&["public.customers"]),
+        false,
+    );
     let view = classify("CREATE TEMP VIEW customers AS SELECT 1 AS name");
     assert!(!admit::judge(&session, &view).read_only);
     assert!(
         !admit::judge(&session, &read).read_only,
         "after the session may have put a view under the table's name"
     );
+    // The statement parsed before runs after: no longer read-only.
+    let admitted = admit::admit(
+        &session,
+        "SELECT name FROM customers WHERE id = 1",
+        &read,
+        &parsed,
+        String::new(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("admitted"));
+    assert!(!admitted.into_pending(Kind::Execute, &parsed).read_only);
+    // And the next logins to the database read its catalog afresh.
+    assert!(session
+        .shared
+        .postgres_catalogs
+        .fresh(cache_key.0, cache_key.1)
+        .is_none());
+}
+
+/// A call of a function of the database's own may run DDL: the session's
+/// later reads are durable first too.
+#[tokio::test]
+async fn a_call_of_the_databases_own_function_counts_as_changing_relations() {
+    use crate::proxy::postgres::classify::classify;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_keys, session) = session_auditing_to(dir.path()).await;
+    let Ok(session) = Arc::try_unwrap(session) else {
+        panic!("the session has one owner");
+    };
+    let session = Session {
+        masks: MaskSet::knowing_relations(&["public.customers"]),
+        ..session
+    };
+    let read = classify("SELECT name FROM customers");
+    assert!(admit::judge(&session, &read).read_only);
+    assert!(!admit::judge(&session, &classify("SELECT make_views()")).read_only);
+    assert!(!admit::judge(&session, &read).read_only);
 }
 
 /// What a built-in call writes (the sequence `nextval` advances, a large
