@@ -896,10 +896,18 @@ pub fn reconcile(
         .filter(|r| r.phase == phase::CONFIG)
         .filter_map(|r| Some((i64::from(r.pid?), epoch(r.time))))
         .collect();
+    // Not a cgroup everything may be in: the root (id 1), or an agent
+    // cgroup (a daemon started inside one is refused, but its record
+    // would vouch for every agent).
     let gateway_cgroups: HashSet<(i64, usize)> = evidence
         .iter()
         .filter(|r| r.phase == phase::CONFIG)
-        .filter_map(|r| Some((r.cgroup_id.filter(|&c| c != 0)?, epoch(r.time))))
+        .filter_map(|r| {
+            let cgroup = r
+                .cgroup_id
+                .filter(|&c| c > 1 && !agent_cgroups.contains_key(&c))?;
+            Some((cgroup, epoch(r.time)))
+        })
         .collect();
     // Events written before the stream's first config record that
     // retention left are those of a daemon whose own record it removed:
@@ -1856,6 +1864,17 @@ mod tests {
         );
         assert!(r.bypasses.is_empty(), "{}", summary(&r));
         assert_eq!(r.audited_upstreams, 1, "{}", summary(&r));
+        // A daemon recorded in the root cgroup vouches for no one by it.
+        let mut in_root = config_row(1);
+        in_root.cgroup_id = Some(1);
+        let other = Row {
+            pid: Some(77_000),
+            cgroup_id: Some(1),
+            ..connect(2, 1, "psql", "10.0.0.5:5432", 500)
+        };
+        let r = reconciled(&[audit_row(500)], &[in_root, other, loss(3, 0)]);
+        assert_eq!(r.audited_upstreams, 0, "{}", summary(&r));
+        assert_eq!(r.bypasses.len(), 1, "{}", summary(&r));
     }
 
     /// A reboot within minutes: the daemon's start after it (its config
