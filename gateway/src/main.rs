@@ -190,7 +190,13 @@ fn exit(result: Result<ExitCode>) -> ExitCode {
 /// the kernel or the audit directory: the file itself, the identity
 /// settings and key file, each target's TLS material.
 fn check_config(path: &Path) -> Result<()> {
-    load_checked(path)?;
+    let (config, _) = load_checked(path)?;
+    if config.pin.agent_cgroups.is_empty() {
+        println!(
+            "{}: warning: no [pin] agent_cgroups: nothing would be redirected to tollgate",
+            path.display()
+        );
+    }
     println!("{}: ok", path.display());
     Ok(())
 }
