@@ -2183,6 +2183,36 @@ impl Visitor for Walker {
             Statement::CreateTrigger(create) => {
                 self.written.extend(table_names(&create.table_name));
             }
+            // A policy or rule is part of its table as a trigger is:
+            // creating or changing one changes what the table does (a rule
+            // `DO INSTEAD NOTHING` drops every later insert).
+            Statement::CreatePolicy(create) => {
+                self.written.extend(table_names(&create.table_name));
+            }
+            Statement::AlterPolicy(alter) => {
+                self.written.extend(table_names(&alter.table_name));
+            }
+            Statement::CreateRule(create) => {
+                self.written.extend(table_names(&create.table_name));
+            }
+            // What rewrites a relation or holds it from everyone else:
+            // VACUUM (FULL rewrites, takes an exclusive lock), REFRESH
+            // MATERIALIZED VIEW, LOCK TABLE. Without a table, VACUUM
+            // takes every table it may.
+            Statement::Vacuum(vacuum) => match &vacuum.table_name {
+                Some(table) => self.written.extend(table_names(table)),
+                None => {
+                    self.written.insert(UNKNOWN_TABLES.into());
+                }
+            },
+            Statement::RefreshMaterializedView(refresh) => {
+                self.written.extend(table_names(&refresh.name));
+            }
+            Statement::Lock(lock) => {
+                for target in &lock.tables {
+                    self.written.extend(table_names(&target.name));
+                }
+            }
             Statement::AlterTable(alter) => {
                 self.target(&alter.name, false);
                 use sqlparser::ast::{AlterTableOperation, ColumnOption, TableConstraint};
@@ -2868,6 +2898,30 @@ mod tests {
         assert_eq!(op.kind, Ddl);
         assert!(op.writes.contains("hr.people"), "{:?}", op.writes);
         assert!(op.reads.contains("hr.people"), "{:?}", op.reads);
+    }
+
+    /// A policy or rule created or changed, a VACUUM, a REFRESH and a
+    /// LOCK each write their table.
+    #[test]
+    fn policies_rules_vacuum_refresh_and_lock_write_their_table() {
+        for (sql, table) in [
+            (
+                "CREATE POLICY p ON public.orders AS RESTRICTIVE USING (false)",
+                "public.orders",
+            ),
+            ("ALTER POLICY p ON hr.people USING (true)", "hr.people"),
+            (
+                "CREATE RULE r AS ON INSERT TO public.orders DO INSTEAD NOTHING",
+                "public.orders",
+            ),
+            ("VACUUM FULL public.secrets", "public.secrets"),
+            ("VACUUM", UNKNOWN_TABLES),
+            ("REFRESH MATERIALIZED VIEW hr.summary", "hr.summary"),
+            ("LOCK TABLE hr.people IN ACCESS EXCLUSIVE MODE", "hr.people"),
+        ] {
+            let op = one(sql);
+            assert!(op.writes.contains(table), "{sql}: {:?}", op.writes);
+        }
     }
 
     /// Dropping an index or a sequence, altering a view and creating a
