@@ -294,9 +294,32 @@ impl CredentialConfig {
     }
 }
 
+/// Refuses a secret (a password, a private key) that every user of the
+/// host may read or replace: whoever reads tollgate's upstream password
+/// goes around it, whoever reads its checkpoint key can sign a rewritten
+/// history. Group access is left to the operator (an auditor group, a
+/// deployment group).
+pub fn refuse_world_access(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|err| format!("{}: {err}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "{}: any user of the host may read or change it (mode {:o}); make it readable by \
+             tollgate's user alone (chmod 600)",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    Ok(())
+}
+
 /// The first line of a password file, or why there is no password in it
 /// (the reason starts with the file's path).
 fn read_password_file(path: &Path) -> Result<String, String> {
+    refuse_world_access(path)?;
     let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
     match text.lines().next() {
         // An empty password would only be refused by the target, session
@@ -1467,20 +1490,35 @@ mod tests {
         path
     }
 
+    /// Writes a secret file readable by its owner alone.
+    fn write_secret(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).expect("write");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+
     #[test]
     fn a_password_file_without_a_password_stops_loading() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let unreadable = dir.path().join("a-directory");
         std::fs::create_dir(&unreadable).expect("mkdir");
+        std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
         let empty_line = dir.path().join("empty-line");
-        std::fs::write(&empty_line, "\nsecret\n").expect("write");
+        write_secret(&empty_line, "\nsecret\n");
         let empty = dir.path().join("empty");
-        std::fs::write(&empty, "").expect("write");
+        write_secret(&empty, "");
+        // Readable by every user of the host: refused, whatever it holds.
+        let shared = dir.path().join("shared");
+        write_secret(&shared, "secret\n");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         for (password_file, why) in [
             (dir.path().join("missing"), "No such file"),
             (unreadable, "directory"),
             (empty_line, "the first line is empty"),
             (empty, "the first line is empty"),
+            (shared, "any user of the host may read or change it"),
         ] {
             let config = write_config(dir.path(), &password_file);
             let err = Config::load(&config).expect_err(why);
@@ -1497,7 +1535,7 @@ mod tests {
         }
 
         let good = dir.path().join("good");
-        std::fs::write(&good, "secret\nignored\n").expect("write");
+        write_secret(&good, "secret\nignored\n");
         let config = Config::load(&write_config(dir.path(), &good)).expect("loads");
         assert_eq!(
             config.targets[0].credential.password().expect("password"),

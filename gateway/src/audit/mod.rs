@@ -174,6 +174,8 @@ pub fn check_config(cfg: &AuditConfig) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &cfg.signing_key {
+        crate::config::refuse_world_access(path)
+            .map_err(|reason| anyhow::anyhow!("audit.signing_key {reason}"))?;
         checkpoint::Signer::load(path)
             .with_context(|| format!("audit.signing_key {}", path.display()))?;
     }

@@ -55,6 +55,8 @@ pub fn acceptor(config: &ListenerTlsConfig) -> Result<tokio_rustls::TlsAcceptor>
             config.cert.display()
         ));
     }
+    crate::config::refuse_world_access(&config.key)
+        .map_err(|reason| anyhow!("tls.key {reason}"))?;
     let key = PrivateKeyDer::from_pem_file(&config.key)
         .with_context(|| format!("tls.key {}", config.key.display()))?;
     let server = ServerConfig::builder_with_provider(provider())
