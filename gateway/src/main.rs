@@ -218,6 +218,17 @@ fn load_checked(path: &Path) -> Result<(Config, Vec<Arc<proxy::Target>>)> {
              pin.egress_default = \"deny\""
         );
     }
+    for target in &config.targets {
+        if target.upstream_tls.is_none() && !target.address.ip().to_canonical().is_loopback() {
+            warn!(
+                target = %target.name,
+                address = %target.address,
+                "the connection to this target is not encrypted (no upstream_tls): whoever is on \
+                 the path can read the rows, and can relay SCRAM to the server and then speak in \
+                 tollgate's session, around policy and audit; set upstream_tls"
+            );
+        }
+    }
     Verifier::check(&config.identity)
         .with_context(|| format!("{}: identity provider", path.display()))?;
     tollgate::audit::check_config(&config.audit)
