@@ -897,15 +897,18 @@ fn classify_statement(statement: &Statement) -> (Result<Operation, String>, usiz
         ),
         ..Operation::default()
     };
-    if runs_its_expressions(statement) {
-        let called = std::mem::take(&mut walker.called_writes);
-        out.written_by_calls = called
-            .iter()
-            .filter(|name| !walker.written.contains(*name))
-            .cloned()
-            .collect();
-        walker.written.extend(called);
-    }
+    // What built-in calls write counts whether the statement runs them now
+    // or stores them (a column default's `nextval`, which every later
+    // INSERT runs without naming the sequence): `write_tables` and
+    // `deny_tables` hold for it at the statement that names it. Only the
+    // statements that run them need `write` as a kind (`modifies_data`).
+    let called = std::mem::take(&mut walker.called_writes);
+    out.written_by_calls = called
+        .iter()
+        .filter(|name| !walker.written.contains(*name))
+        .cloned()
+        .collect();
+    walker.written.extend(called);
     // Nested data-modifying statements (WITH x AS (DELETE ...), EXPLAIN
     // ANALYZE UPDATE ...), SELECT INTO anywhere in a query, and row locks
     // (which need UPDATE privilege and change the rows' headers) make the
@@ -3062,13 +3065,21 @@ mod tests {
             assert_eq!(op.kind, Write, "{sql}");
             assert!(op.writes.contains(written), "{sql}: {:?}", op.writes);
         }
-        let stored =
-            one("ALTER TABLE ONLY public.t ALTER COLUMN id SET DEFAULT nextval('public.t_id_seq'::regclass)");
-        assert!(
-            !stored.writes.contains("public.t_id_seq"),
-            "{:?}",
-            stored.writes
-        );
+        // A default stored for later INSERTs to run writes its sequence
+        // for the table rules, but is not itself a write.
+        for sql in [
+            "ALTER TABLE ONLY public.t ALTER COLUMN id SET DEFAULT nextval('public.t_id_seq'::regclass)",
+            "CREATE TABLE scratch_t (id bigint DEFAULT nextval('public.t_id_seq'))",
+        ] {
+            let stored = one(sql);
+            assert!(
+                stored.writes.contains("public.t_id_seq"),
+                "{sql}: {:?}",
+                stored.writes
+            );
+            assert_eq!(stored.kind, Ddl, "{sql}");
+            assert!(!stored.modifies_data, "{sql}");
+        }
     }
 
     /// A raw server file may be any table's heap: the call reads tables
