@@ -305,7 +305,7 @@ pub fn refuse_world_access(path: &Path) -> Result<(), String> {
         .map_err(|err| format!("{}: {err}", path.display()))?
         .permissions()
         .mode();
-    if mode & 0o007 != 0 {
+    if mode & 0o006 != 0 {
         return Err(format!(
             "{}: any user of the host may read or change it (mode {:o}); make it readable by \
              tollgate's user alone (chmod 600)",
@@ -319,7 +319,6 @@ pub fn refuse_world_access(path: &Path) -> Result<(), String> {
 /// The first line of a password file, or why there is no password in it
 /// (the reason starts with the file's path).
 fn read_password_file(path: &Path) -> Result<String, String> {
-    refuse_world_access(path)?;
     let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
     match text.lines().next() {
         // An empty password would only be refused by the target, session
@@ -796,12 +795,17 @@ impl Config {
     fn check_files(&self) -> Result<(), (String, String)> {
         for (i, target) in self.targets.iter().enumerate() {
             if let Some(path) = &target.credential.password_file {
-                read_password_file(path).map_err(|reason| {
-                    (
-                        format!("target[{i}].credential.password_file"),
-                        format!("target {:?}: {reason}", target.name),
-                    )
-                })?;
+                // At load only: a file rotated with looser modes while the
+                // daemon runs keeps serving until the next start refuses
+                // it, with this message.
+                refuse_world_access(path)
+                    .and_then(|()| read_password_file(path))
+                    .map_err(|reason| {
+                        (
+                            format!("target[{i}].credential.password_file"),
+                            format!("target {:?}: {reason}", target.name),
+                        )
+                    })?;
             }
         }
         Ok(())

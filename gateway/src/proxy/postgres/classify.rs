@@ -988,6 +988,21 @@ fn runs_its_expressions(statement: &Statement) -> bool {
     }
 }
 
+/// Whether a VACUUM's "table" is one of its own options the parser read
+/// as one: an unquoted single word such as VERBOSE.
+fn is_vacuum_option(name: &ObjectName) -> bool {
+    match name.0.as_slice() {
+        [part] => part.as_ident().is_some_and(|ident| {
+            ident.quote_style.is_none()
+                && matches!(
+                    ident.value.to_ascii_lowercase().as_str(),
+                    "full" | "freeze" | "verbose" | "analyze" | "analyse"
+                )
+        }),
+        _ => false,
+    }
+}
+
 /// A WHERE (or MERGE's WHEN MATCHED AND) that selects every row: none, or
 /// the literal TRUE.
 fn no_condition(condition: Option<&Expr>) -> bool {
@@ -2202,9 +2217,12 @@ impl Visitor for Walker {
             // VACUUM (FULL rewrites, takes an exclusive lock), REFRESH
             // MATERIALIZED VIEW, LOCK TABLE. Without a table, VACUUM
             // takes every table it may.
+            // The parser takes an option written after VACUUM [FULL]
+            // (`VACUUM FULL VERBOSE`) for a table's name: such a one-word
+            // name is no table, and the VACUUM takes every table.
             Statement::Vacuum(vacuum) => match &vacuum.table_name {
-                Some(table) => self.written.extend(table_names(table)),
-                None => {
+                Some(table) if !is_vacuum_option(table) => self.written.extend(table_names(table)),
+                _ => {
                     self.written.insert(UNKNOWN_TABLES.into());
                 }
             },
@@ -2919,6 +2937,9 @@ mod tests {
             ),
             ("VACUUM FULL public.secrets", "public.secrets"),
             ("VACUUM", UNKNOWN_TABLES),
+            ("VACUUM FULL VERBOSE", UNKNOWN_TABLES),
+            ("VACUUM ANALYZE", UNKNOWN_TABLES),
+            ("VACUUM FREEZE", UNKNOWN_TABLES),
             ("REFRESH MATERIALIZED VIEW hr.summary", "hr.summary"),
             ("LOCK TABLE hr.people IN ACCESS EXCLUSIVE MODE", "hr.people"),
         ] {
