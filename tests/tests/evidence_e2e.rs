@@ -290,27 +290,27 @@ fn a_connection_still_open_to_a_target_a_restart_adds_is_a_finding() {
     let database = stack.gateway.config.target_address;
     // Fronting another server for a while (nothing listens there).
     let other = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    stack.gateway.config.target_address = other;
-    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
-    stack
-        .gateway
-        .restart()
-        .expect("restart without the database");
+    restart_fronting(&mut stack, other);
     let held = std::net::TcpStream::connect(database).expect("connect to the server directly");
     std::thread::sleep(Duration::from_millis(200));
     stack.gateway.stop();
-    stack.gateway.config.target_address = database;
-    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
-    stack
-        .gateway
-        .restart()
-        .expect("restart protecting the database again");
+    restart_fronting(&mut stack, database);
     stack.gateway.stop();
     drop(held);
 
     // Its connect was seen, while the database was not protected: no
     // finding of its own.
     only_this_process_open_before_watch(&stack, &database.to_string());
+}
+
+/// Restarts the stopped daemon with its target at `address` instead.
+fn restart_fronting(stack: &mut Stack, address: std::net::SocketAddr) {
+    stack.gateway.config.target_address = address;
+    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
+    stack
+        .gateway
+        .restart()
+        .unwrap_or_else(|err| panic!("restart fronting {address}: {err:#}"));
 }
 
 /// Runs verify, which must fail with one bypass only: an
@@ -680,12 +680,7 @@ fn a_direct_connection_after_a_restart_that_removed_the_target_is_not_a_bypass()
     // The same daemon, now fronting another server (nothing listens
     // there: no session is made).
     let other = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    stack.gateway.config.target_address = other;
-    std::fs::write(&stack.gateway.config_path, stack.gateway.config.toml()).expect("config");
-    stack
-        .gateway
-        .restart()
-        .expect("restart on the new configuration");
+    restart_fronting(&mut stack, other);
     assert_eq!(direct(&stack), "3");
     std::thread::sleep(Duration::from_millis(200));
     stack.gateway.stop();

@@ -2611,6 +2611,23 @@ async fn answers_an_agent_does_not_read_do_not_hold_the_close() {
     assert!(client_wr.lock().await.mid_message);
 }
 
+/// [`session_auditing_to`]'s session, knowing `relations` as read without
+/// running code (as its catalog lookup at login would).
+async fn session_knowing(
+    audit_dir: &std::path::Path,
+    relations: &[&str],
+) -> (tempfile::TempDir, Session) {
+    let (keys, session) = session_auditing_to(audit_dir).await;
+    let Ok(session) = Arc::try_unwrap(session) else {
+        panic!("the session has one owner");
+    };
+    let session = Session {
+        masks: MaskSet::knowing_relations(relations),
+        ..session
+    };
+    (keys, session)
+}
+
 /// A read goes out before its record is durable only when every relation
 /// it reads was listed at login as read without running code, and only
 /// until the session runs a statement that may change relations: a
@@ -2619,14 +2636,7 @@ async fn answers_an_agent_does_not_read_do_not_hold_the_close() {
 async fn a_read_goes_out_early_only_while_the_session_has_changed_no_relation() {
     use crate::proxy::postgres::classify::classify;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_keys, session) = session_auditing_to(dir.path()).await;
-    let Ok(session) = Arc::try_unwrap(session) else {
-        panic!("the session has one owner");
-    };
-    let session = Session {
-        masks: MaskSet::knowing_relations(&["public.customers"]),
-        ..session
-    };
+    let (_keys, session) = session_knowing(dir.path(), &["public.customers"]).await;
     let read = classify("SELECT name FROM customers WHERE id = 1");
     assert!(admit::judge(&session, &read).read_only);
     assert!(
@@ -2688,14 +2698,7 @@ async fn a_read_goes_out_early_only_while_the_session_has_changed_no_relation() 
 async fn a_call_of_the_databases_own_function_counts_as_changing_relations() {
     use crate::proxy::postgres::classify::classify;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_keys, session) = session_auditing_to(dir.path()).await;
-    let Ok(session) = Arc::try_unwrap(session) else {
-        panic!("the session has one owner");
-    };
-    let session = Session {
-        masks: MaskSet::knowing_relations(&["public.customers"]),
-        ..session
-    };
+    let (_keys, session) = session_knowing(dir.path(), &["public.customers"]).await;
     let read = classify("SELECT name FROM customers");
     assert!(admit::judge(&session, &read).read_only);
     assert!(!admit::judge(&session, &classify("SELECT make_views()")).read_only);
