@@ -18,6 +18,14 @@ fn policy(toml_text: &str) -> Policy {
     Policy::new(&config)
 }
 
+/// One grant for every caller (`grant`: its lines after `roles`) and a
+/// mask of `columns`.
+fn masked(grant: &str, columns: &str) -> Policy {
+    policy(&format!(
+        "[[grant]]\nname = \"g\"\nroles = [\"*\"]\n{grant}\n\n[[mask]]\nname = \"email\"\ncolumns = [\"{columns}\"]\n"
+    ))
+}
+
 fn decide(policy: &Policy, roles: &[&str], sql: &str) -> Decision {
     let operations = classify(sql);
     policy.decide(
@@ -317,18 +325,7 @@ allow_unparsed = true
 
 #[test]
 fn a_masked_caller_cannot_run_what_the_parser_cannot_read() {
-    let policy = policy(
-        r#"
-[[grant]]
-name = "raw"
-roles = ["*"]
-allow_unparsed = true
-
-[[mask]]
-name = "email"
-columns = ["public.customers.email"]
-"#,
-    );
+    let policy = masked("allow_unparsed = true", "public.customers.email");
     assert_eq!(
         denied_by(&decide(&policy, &[], "COPY weird syntax TO STDOUT (")),
         Some("mask:unparsed")
@@ -341,18 +338,7 @@ columns = ["public.customers.email"]
 /// a known built-in), and allowed otherwise.
 #[test]
 fn a_masked_caller_cannot_copy_what_could_carry_masked_columns() {
-    let policy = policy(
-        r#"
-[[grant]]
-name = "readers"
-roles = ["*"]
-kinds = ["read"]
-
-[[mask]]
-name = "email"
-columns = ["public.customers.email"]
-"#,
-    );
+    let policy = masked("kinds = [\"read\"]", "public.customers.email");
     for sql in [
         "COPY customers TO STDOUT",
         "COPY (SELECT email_of(1)) TO STDOUT",
@@ -369,18 +355,7 @@ columns = ["public.customers.email"]
     // Patterns whose `*` runs across the table name's end cover the
     // table as well: every column of the schema, a column-name suffix.
     for columns in ["public.*", "*email", "public.customers*"] {
-        let wildcard = self::policy(&format!(
-            r#"
-[[grant]]
-name = "readers"
-roles = ["*"]
-kinds = ["read"]
-
-[[mask]]
-name = "email"
-columns = ["{columns}"]
-"#
-        ));
+        let wildcard = masked("kinds = [\"read\"]", columns);
         assert_eq!(
             denied_by(&decide(&wildcard, &[], "COPY customers TO STDOUT")),
             Some("mask:raw_stream"),
@@ -396,18 +371,9 @@ columns = ["{columns}"]
 /// a raw stream of a possibly masked table and `deny_tables` refuses it.
 #[test]
 fn file_and_dblink_functions_do_not_get_around_masks_or_denied_tables() {
-    let policy = policy(
-        r#"
-[[grant]]
-name = "files"
-roles = ["*"]
-kinds = ["read"]
-allow_dangerous = ["file_or_program_function"]
-
-[[mask]]
-name = "email"
-columns = ["public.customers.email"]
-"#,
+    let policy = masked(
+        "kinds = [\"read\"]\nallow_dangerous = [\"file_or_program_function\"]",
+        "public.customers.email",
     );
     for sql in [
         "SELECT dblink_build_sql_insert('customers', '1', 1, '{42}', '{42}')",
