@@ -265,7 +265,7 @@ impl TargetsInForce {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::evidence::ProtectedTarget;
 
@@ -273,7 +273,11 @@ mod tests {
     const BILLING: &str = "10.0.0.6:5432";
     const LEDGER: &str = "10.0.0.7:5432";
 
-    fn snapshot(targets: &[(&str, &str)], installing_since_ms: Option<i64>) -> ConfigSnapshot {
+    /// A start's record protecting `targets` (name, address).
+    pub(crate) fn snapshot(
+        targets: &[(&str, &str)],
+        installing_since_ms: Option<i64>,
+    ) -> ConfigSnapshot {
         ConfigSnapshot {
             protected_targets: targets
                 .iter()
@@ -393,7 +397,6 @@ mod tests {
         // counts.
         let with = |targets: &[(&str, &str)], replaced: &[&str]| ConfigSnapshot {
             replaced_targets: replaced.iter().map(|a| a.parse().unwrap()).collect(),
-            probe_was_pinned: None,
             ..snapshot(targets, None)
         };
         let r0 = with(&[("x", "10.0.1.1:5432")], &[]);

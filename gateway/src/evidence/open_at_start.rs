@@ -420,32 +420,20 @@ mod tests {
     /// hold before, IPv4-mapped spellings of one address being the same.
     #[test]
     fn targets_newly_protected_are_those_the_map_did_not_hold() {
-        let target = |name: &str, address: &str| super::super::ProtectedTarget {
-            name: name.into(),
-            address: address.parse().expect("addr"),
-            listen: "127.0.0.1:15432".parse().expect("addr"),
-        };
-        let snapshot = ConfigSnapshot {
-            protected_targets: vec![
-                target("orders", "10.0.0.5:5432"),
-                target("billing", "10.0.0.6:5432"),
-                target("ledger", "[fd00::7]:5432"),
+        let mut snapshot = super::super::in_force::tests::snapshot(
+            &[
+                ("orders", "10.0.0.5:5432"),
+                ("billing", "10.0.0.6:5432"),
+                ("ledger", "[fd00::7]:5432"),
             ],
-            agent_cgroups: Vec::new(),
-            gateway_pid: 1,
-            gateway_cgroup_id: 1,
-            egress_default_deny: false,
-            boot_id: String::new(),
-            booted_at_ms: None,
-            installing_since_ms: None,
-            // As the map's keys read back: IPv4 mapped.
-            replaced_targets: vec![
-                "[::ffff:10.0.0.5]:5432".parse().expect("addr"),
-                "[fd00::7]:5432".parse().expect("addr"),
-                "10.0.0.9:5432".parse().expect("addr"),
-            ],
-            probe_was_pinned: Some(true),
-        };
+            None,
+        );
+        // As the map's keys read back: IPv4 mapped.
+        snapshot.replaced_targets = vec![
+            "[::ffff:10.0.0.5]:5432".parse().expect("addr"),
+            "[fd00::7]:5432".parse().expect("addr"),
+            "10.0.0.9:5432".parse().expect("addr"),
+        ];
         let new = targets_newly_protected(&snapshot);
         assert_eq!(
             new,

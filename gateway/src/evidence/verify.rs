@@ -1521,28 +1521,18 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evidence::{AgentCgroupInfo, ProtectedTarget};
+    use crate::evidence::AgentCgroupInfo;
 
     fn config_row(seq: i64) -> Row {
-        let snapshot = ConfigSnapshot {
-            protected_targets: vec![ProtectedTarget {
-                name: "orders-db".into(),
-                address: "10.0.0.5:5432".parse().unwrap(),
-                listen: "127.0.0.1:15432".parse().unwrap(),
-            }],
-            agent_cgroups: vec![AgentCgroupInfo {
-                path: "/sys/fs/cgroup/agents".into(),
-                id: 77,
-            }],
-            gateway_pid: 10,
-            gateway_cgroup_id: 5,
-            egress_default_deny: false,
-            boot_id: "boot-1".into(),
-            booted_at_ms: None,
-            installing_since_ms: None,
-            replaced_targets: Vec::new(),
-            probe_was_pinned: None,
-        };
+        let mut snapshot =
+            crate::evidence::in_force::tests::snapshot(&[("orders-db", "10.0.0.5:5432")], None);
+        snapshot.agent_cgroups = vec![AgentCgroupInfo {
+            path: "/sys/fs/cgroup/agents".into(),
+            id: 77,
+        }];
+        snapshot.gateway_pid = 10;
+        snapshot.gateway_cgroup_id = 5;
+        snapshot.boot_id = "boot-1".into();
         Row {
             sequence: seq,
             phase: "config".into(),
