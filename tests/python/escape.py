@@ -192,12 +192,7 @@ def udp(host, port, connect=False, count=1, via=None, per_message=False, strict=
         if connect:
             sock.connect((host, port))
         for _ in range(count):
-            if ancillary:
-                sock.sendmsg([b"x"], ancillary, 0, None if connect else (host, port))
-            elif connect:
-                sock.send(b"x")
-            else:
-                sock.sendto(b"x", (host, port))
+            sock.sendmsg([b"x"], ancillary, 0, None if connect else (host, port))
         return {"outcome": "sent", "cookie": cookie_of(sock), "count": count}
     except OSError as err:
         return failure(err)

@@ -91,22 +91,23 @@ impl LinkFacts {
     /// and [`HOST_LINK_SUFFIX`]. `None` for a link that is none of
     /// tollgate's.
     pub fn tollgate_program(&self) -> Option<(&'static str, String)> {
-        let (program, attached_to) = match self.link_type {
+        let named = |program: &str| kept_name(program) == self.program_name.as_bytes();
+        match self.link_type {
             BPF_LINK_TYPE_CGROUP => {
                 let (attach_type, id) = (self.attach_type?, self.cgroup_id?);
-                let &(program, _) = HOOKS.iter().find(|(program, hook)| {
-                    *hook == attach_type && kept_name(program) == self.program_name.as_bytes()
-                })?;
-                (program, id.to_string())
+                let &(program, _) = HOOKS
+                    .iter()
+                    .find(|(program, hook)| *hook == attach_type && named(program))?;
+                Some((program, id.to_string()))
             }
             BPF_LINK_TYPE_RAW_TRACEPOINT
-                if self.tracepoint.as_deref() == Some(TCP_STATE_TRACEPOINT) =>
+                if self.tracepoint.as_deref() == Some(TCP_STATE_TRACEPOINT)
+                    && named(program_names::TCP_STATE) =>
             {
-                (program_names::TCP_STATE, HOST_LINK_SUFFIX.to_owned())
+                Some((program_names::TCP_STATE, HOST_LINK_SUFFIX.to_owned()))
             }
-            _ => return None,
-        };
-        (self.program_name.as_bytes() == kept_name(program)).then_some((program, attached_to))
+            _ => None,
+        }
     }
 
     /// The link's type as `pin status` prints it.
