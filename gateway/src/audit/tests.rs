@@ -1515,10 +1515,9 @@ async fn lazy_records_are_written_soon_while_more_keep_coming() {
     log.shutdown().await;
 }
 
-/// `[audit] origin` is the first line of every checkpoint, and the
-/// evidence stream's is it followed by `/evidence`: one that is empty,
-/// holds a line break, or already ends so is refused before anything
-/// starts.
+/// Settings that would make the store other than it says are refused
+/// before anything starts: retention of 0 days, timings past their
+/// bounds, a signing key any user of the host may read.
 #[test]
 fn settings_that_would_undo_what_the_store_promises_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1548,12 +1547,42 @@ fn settings_that_would_undo_what_the_store_promises_are_refused() {
         "audit.buffered_sync_interval_ms",
     );
     refused(&|c| c.segment_max_records = 0, "audit.segment_max_records");
+    refused(
+        &|c| c.segment_max_age_secs = 0,
+        "audit.segment_max_age_secs",
+    );
+    refused(
+        &|c| c.buffered_sync_interval_ms = 0,
+        "audit.buffered_sync_interval_ms",
+    );
+    refused(
+        &|c| c.segment_max_records = 10_000_001,
+        "audit.segment_max_records",
+    );
     let mut kept = good.clone();
     kept.retention_days = Some(1);
     kept.checkpoint_interval_secs = 3600;
     super::check_config(&kept).expect("the bounds themselves");
+    // A signing key readable by every user of the host, and the same key
+    // kept to its owner.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = tmp.path().join("signing.key");
+        super::keygen(&key, "test-key").expect("keygen");
+        let mut with_key = good.clone();
+        with_key.signing_key = Some(key.clone());
+        super::check_config(&with_key).expect("a key kept to its owner");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = super::check_config(&with_key).expect_err("a key anyone may read");
+        assert!(err.to_string().contains("audit.signing_key"), "{err:#}");
+        assert!(err.to_string().contains("any user of the host"), "{err:#}");
+    }
 }
 
+/// `[audit] origin` is the first line of every checkpoint, and the
+/// evidence stream's is it followed by `/evidence`: one that is empty,
+/// holds a line break, or already ends so is refused before anything
+/// starts.
 #[test]
 fn an_origin_that_is_no_line_or_looks_like_the_evidence_streams_is_refused() {
     let tmp = tempfile::tempdir().unwrap();

@@ -144,7 +144,7 @@ impl GraphClient {
         // A group removed from a caller keeps working for them as long as
         // the cache holds it (a deny that hangs off a group can be lost
         // the other way round): an hour at most.
-        if !(0..=MAX_CACHE_SECS).contains(&c.cache_secs) {
+        if c.cache_secs > MAX_CACHE_SECS {
             bail!(
                 "identity.graph.cache_secs: {} is out of range; allowed: 0 to {MAX_CACHE_SECS}",
                 c.cache_secs

@@ -436,9 +436,10 @@ fn clip(s: &str) -> String {
         // overrides that viewers render as line breaks or reorderings.
         let unsafe_to_show = c.is_control()
             || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
-        match unsafe_to_show {
-            true => out.extend(c.escape_default()),
-            false => out.push(c),
+        if unsafe_to_show {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
         }
     }
     if end < s.len() {
