@@ -249,6 +249,15 @@ pub struct TargetConfig {
     pub max_connections: usize,
 }
 
+impl TargetConfig {
+    /// Whether nobody on a network can stand in the server's place: the
+    /// connection is verified TLS, or the server is on this host (a
+    /// loopback address, IPv4-mapped or not).
+    pub fn path_is_protected(&self) -> bool {
+        self.upstream_tls.is_some() || self.address.ip().to_canonical().is_loopback()
+    }
+}
+
 fn default_max_connections() -> usize {
     1000
 }

@@ -190,13 +190,7 @@ fn exit(result: Result<ExitCode>) -> ExitCode {
 /// the kernel or the audit directory: the file itself, the identity
 /// settings and key file, each target's TLS material.
 fn check_config(path: &Path) -> Result<()> {
-    let (config, _) = load_checked(path)?;
-    if config.pin.agent_cgroups.is_empty() {
-        println!(
-            "{}: warning: no [pin] agent_cgroups: nothing would be redirected to tollgate",
-            path.display()
-        );
-    }
+    load_checked(path)?;
     println!("{}: ok", path.display());
     Ok(())
 }
@@ -218,8 +212,11 @@ fn load_checked(path: &Path) -> Result<(Config, Vec<Arc<proxy::Target>>)> {
              pin.egress_default = \"deny\""
         );
     }
+    if config.pin.agent_cgroups.is_empty() {
+        warn!("no agent cgroups configured: nothing is redirected to tollgate (the evidence probe still records every connection)");
+    }
     for target in &config.targets {
-        if target.upstream_tls.is_none() && !target.address.ip().to_canonical().is_loopback() {
+        if !target.path_is_protected() {
             warn!(
                 target = %target.name,
                 address = %target.address,
@@ -328,9 +325,6 @@ async fn run(config_path: PathBuf, ready_file: Option<PathBuf>) -> Result<()> {
     // those fail or hang, agents' connections wait in the listeners'
     // backlog or are refused, on a first start as on a restart, and never
     // go direct.
-    if config.pin.agent_cgroups.is_empty() {
-        warn!("no agent cgroups configured: nothing is redirected to tollgate (the evidence probe still records every connection)");
-    }
     // Noted before the kernel's maps change: from here until the config
     // record, either this start's targets or the last one's may be in force.
     let installing_since_ms = tollgate::proxy::now_millis();

@@ -408,7 +408,7 @@ pub(super) fn text_reading_changed(frame: &Frame) -> Option<(&'static ReadingSet
 /// the target's privileged login. SCRAM proves the password without
 /// sending it, and stays allowed.
 fn password_may_cross(target: &Target) -> bool {
-    target.upstream_tls.is_some() || target.config.address.ip().is_loopback()
+    target.config.path_is_protected()
 }
 
 /// With `upstream_tls` configured, asks the server for TLS and verifies
@@ -521,10 +521,12 @@ mod tests {
     /// answers in the server's place would be handed tollgate's login.
     #[tokio::test]
     async fn the_password_does_not_cross_the_network_in_the_clear() {
-        assert!(password_may_cross(&target_at(
-            "127.0.0.1:5432".parse().expect("addr"),
-            None
-        )));
+        for local in ["127.0.0.1:5432", "[::1]:5432", "[::ffff:127.0.0.1]:5432"] {
+            assert!(
+                password_may_cross(&target_at(local.parse().expect("addr"), None)),
+                "{local}"
+            );
+        }
         assert!(!password_may_cross(&target_at(
             "10.0.0.5:5432".parse().expect("addr"),
             None
