@@ -43,11 +43,10 @@ pub struct MaskSet {
     /// `schema.table` of the relations whose reading runs no code of the
     /// database's own (see [`RELATIONS_READ_WITHOUT_CODE_QUERY`]), when
     /// the session started (or up to [`CATALOG_REUSE`] before: shared by
-    /// the sessions of one database, see [`CatalogCache`]).
-    read_without_code: Arc<std::collections::HashSet<String>>,
-    /// Whether the catalog was read at all: without it, no relation of
-    /// the database's own is known to run no code when read.
-    catalog_read: bool,
+    /// the sessions of one database, see [`CatalogCache`]). `None` when
+    /// the catalog was not read: then no relation of the database's own
+    /// is known to run no code when read.
+    read_without_code: Option<Arc<std::collections::HashSet<String>>>,
 }
 
 /// OIDs below this are the system's own (PostgreSQL's
@@ -64,8 +63,7 @@ impl MaskSet {
             patterns: vec![Pattern::from(name.to_owned())],
             known_relations: [oid].into(),
             user_functions: Default::default(),
-            read_without_code: Default::default(),
-            catalog_read: false,
+            read_without_code: None,
         }
     }
 
@@ -74,8 +72,9 @@ impl MaskSet {
     #[cfg(test)]
     pub(crate) fn knowing_relations(relations: &[&str]) -> Self {
         MaskSet {
-            read_without_code: Arc::new(relations.iter().map(|r| (*r).to_owned()).collect()),
-            catalog_read: true,
+            read_without_code: Some(Arc::new(
+                relations.iter().map(|r| (*r).to_owned()).collect(),
+            )),
             ..Default::default()
         }
     }
@@ -87,11 +86,12 @@ impl MaskSet {
     /// its policies, a parent table its children's: any of them may call a
     /// function that writes. A relation created since is not known.
     pub fn read_runs_no_code(&self, table: &str) -> bool {
-        self.catalog_read
-            && (SYSTEM_SCHEMAS
+        self.read_without_code.as_ref().is_some_and(|listed| {
+            SYSTEM_SCHEMAS
                 .iter()
                 .any(|schema| table.starts_with(schema))
-                || self.read_without_code.contains(table))
+                || listed.contains(table)
+        })
     }
 
     /// Whether the database had a function of its own named `name` (last
@@ -215,16 +215,16 @@ impl CatalogCache {
     }
 
     /// Keeps the list `set` read, unless it came from here.
-    pub fn remember(&self, target: &str, database: &str, set: &MaskSet, reused: bool) {
-        if reused || !set.catalog_read {
+    pub fn remember(&self, target: &str, database: &str, set: &MaskSet) {
+        let Some(relations) = &set.read_without_code else {
             return;
-        }
+        };
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         // Stale entries of other databases go when the next is kept.
         entries.retain(|_, (read_at, _)| read_at.elapsed() < CATALOG_REUSE);
         entries.insert(
             (target.to_owned(), database.to_owned()),
-            (std::time::Instant::now(), set.read_without_code.clone()),
+            (std::time::Instant::now(), relations.clone()),
         );
     }
 }
@@ -302,8 +302,7 @@ async fn resolve_now(
         patterns,
         known_relations: std::collections::HashSet::new(),
         user_functions: std::collections::HashSet::new(),
-        read_without_code: Default::default(),
-        catalog_read: false,
+        read_without_code: None,
     };
     let mut read_without_code = std::collections::HashSet::new();
     let mut refused = None;
@@ -344,8 +343,7 @@ async fn resolve_now(
                     Some(refusal) => Err(refusal),
                     None => {
                         set.read_without_code =
-                            known.unwrap_or_else(|| Arc::new(read_without_code));
-                        set.catalog_read = true;
+                            Some(known.unwrap_or_else(|| Arc::new(read_without_code)));
                         Ok(set)
                     }
                 };
@@ -576,13 +574,16 @@ pub(crate) mod tests {
         let cache = CatalogCache::default();
         assert!(cache.fresh("orders-db", "orders").is_none());
         let read = MaskSet::knowing_relations(&["public.customers"]);
-        cache.remember("orders-db", "orders", &read, false);
+        cache.remember("orders-db", "orders", &read);
         let shared = cache.fresh("orders-db", "orders").expect("fresh");
-        assert!(Arc::ptr_eq(&shared, &read.read_without_code));
+        assert!(read
+            .read_without_code
+            .as_ref()
+            .is_some_and(|own| Arc::ptr_eq(&shared, own)));
         assert!(cache.fresh("orders-db", "billing").is_none());
         assert!(cache.fresh("other-db", "orders").is_none());
         // Nothing read (a refused lookup) is nothing to share.
-        cache.remember("orders-db", "billing", &MaskSet::default(), false);
+        cache.remember("orders-db", "billing", &MaskSet::default());
         assert!(cache.fresh("orders-db", "billing").is_none());
 
         let (ours, mut server) = tokio::io::duplex(64 << 10);
@@ -681,8 +682,7 @@ pub(crate) mod tests {
             patterns: vec![Pattern::from("public.customers.email".to_owned())],
             known_relations: [16384, 16390].into(),
             user_functions: Default::default(),
-            read_without_code: Arc::new(["public.customers".to_owned()].into()),
-            catalog_read: true,
+            read_without_code: Some(Arc::new(["public.customers".to_owned()].into())),
         }
     }
 
@@ -699,7 +699,7 @@ pub(crate) mod tests {
         assert!(!set.read_runs_no_code("public.customer_view"));
         assert!(!set.read_runs_no_code("?"));
         let unread = MaskSet {
-            catalog_read: false,
+            read_without_code: None,
             ..set
         };
         assert!(!unread.read_runs_no_code("public.customers"));

@@ -432,12 +432,15 @@ async fn serve(
         .await
         {
             Ok(masks) => {
-                shared.postgres_catalogs.remember(
-                    &connection.target.name,
-                    &database_name,
-                    &masks,
-                    reused,
-                );
+                // A list taken from the cache is not put back: its age
+                // stays the age of the lookup that read it.
+                if !reused {
+                    shared.postgres_catalogs.remember(
+                        &connection.target.name,
+                        &database_name,
+                        &masks,
+                    );
+                }
                 masks
             }
             Err(err @ mask::ResolveError::Refused { .. }) if !masked => {

@@ -2665,7 +2665,6 @@ async fn a_read_goes_out_early_only_while_the_session_has_changed_no_relation() 
         cache_key.0,
         cache_key.1,
         &MaskSet::knowing_relations(&["public.customers"]),
-        false,
     );
     let view = classify("CREATE TEMP VIEW customers AS SELECT 1 AS name");
     assert!(!admit::judge(&session, &view).read_only);
