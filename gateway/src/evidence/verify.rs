@@ -877,11 +877,6 @@ pub fn reconcile(
         .collect();
     // The daemon's process ids, one per start. (Its threads' comm is the
     // runtime's worker name, not "tollgate", so the pid is what tells.)
-    let gateway_pids: HashSet<i32> = evidence
-        .iter()
-        .filter(|r| r.phase == phase::CONFIG)
-        .filter_map(|r| r.pid)
-        .collect();
     // ... and their cgroups, with the boots each ran in. A gateway
     // upstream is the daemon's own connect: a cookie alone does not make
     // one. Cookies are counted per network namespace on older kernels, so
@@ -890,39 +885,34 @@ pub fn reconcile(
     // could have been written by anyone who can write the directory,
     // naming any cookie. The daemon's pid as it wrote it is its own pid
     // namespace's, the kernel's the host's: a daemon in a container is
-    // known by its cgroup.
-    let gateway_runs: HashSet<(i64, usize)> = evidence
-        .iter()
-        .filter(|r| r.phase == phase::CONFIG)
-        .filter_map(|r| Some((i64::from(r.pid?), epoch(r.time))))
-        .collect();
-    // Not a cgroup everything may be in: the root (id 1), or an agent
-    // cgroup (a daemon started inside one is refused, but its record
-    // would vouch for every agent).
-    let gateway_cgroups: HashSet<(i64, usize)> = evidence
-        .iter()
-        .filter(|r| r.phase == phase::CONFIG)
-        .filter_map(|r| {
-            let cgroup = r
-                .cgroup_id
-                .filter(|&c| c > 1 && !agent_cgroups.contains_key(&c))?;
-            Some((cgroup, epoch(r.time)))
-        })
-        .collect();
+    // known by its cgroup, unless that is a cgroup everything may be in:
+    // the root (id 1), or an agent cgroup (a daemon started inside one is
+    // refused, but its record would vouch for every agent).
     // Events written before the stream's first config record that
     // retention left are those of a daemon whose own record it removed:
     // there the cookie alone must do, as it did before pids were checked.
-    let first_config = evidence
-        .iter()
-        .filter(|r| r.phase == phase::CONFIG)
-        .map(|r| r.sequence)
-        .min();
+    let mut gateway_pids: HashSet<i32> = HashSet::new();
+    let mut gateway_runs: HashSet<(i32, usize)> = HashSet::new();
+    let mut gateway_cgroups: HashSet<(i64, usize)> = HashSet::new();
+    let mut first_config: Option<i64> = None;
+    for r in evidence.iter().filter(|r| r.phase == phase::CONFIG) {
+        first_config = Some(first_config.map_or(r.sequence, |first| first.min(r.sequence)));
+        let run = epoch(r.time);
+        if let Some(pid) = r.pid {
+            gateway_pids.insert(pid);
+            gateway_runs.insert((pid, run));
+        }
+        if let Some(cgroup) = r
+            .cgroup_id
+            .filter(|&c| c > 1 && !agent_cgroups.contains_key(&c))
+        {
+            gateway_cgroups.insert((cgroup, run));
+        }
+    }
     let made_by_gateway = |row: &Row| {
         let run = epoch(row.time);
         first_config.is_none_or(|first| row.sequence < first)
-            || row
-                .pid
-                .is_some_and(|p| gateway_runs.contains(&(i64::from(p), run)))
+            || row.pid.is_some_and(|p| gateway_runs.contains(&(p, run)))
             || row
                 .cgroup_id
                 .is_some_and(|c| gateway_cgroups.contains(&(c, run)))
