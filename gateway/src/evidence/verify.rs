@@ -1278,7 +1278,10 @@ pub fn reconcile(
     // `bpffs_dir`), and with them the ring buffers and their counters.
     // What the programs recorded after the last loss record was destroyed
     // unread, and the new counters count none of it.
-    let mut previous_boot: Option<String> = None;
+    // The records as read above, by their place in the stream.
+    let snapshot_at: HashMap<i64, &ConfigSnapshot> =
+        snapshots.iter().map(|(_, seq, s)| (*seq, s)).collect();
+    let mut previous_boot: Option<&str> = None;
     let mut last_loss: Option<i64> = None;
     for row in evidence
         .iter()
@@ -1288,11 +1291,11 @@ pub fn reconcile(
             last_loss = Some(row.time);
             continue;
         }
-        let Ok(snapshot) = serde_json::from_str::<ConfigSnapshot>(&row.unmapped) else {
+        let Some(snapshot) = snapshot_at.get(&row.sequence) else {
             continue;
         };
-        let same_boot = !snapshot.boot_id.is_empty()
-            && previous_boot.as_deref() == Some(snapshot.boot_id.as_str());
+        let same_boot =
+            !snapshot.boot_id.is_empty() && previous_boot == Some(snapshot.boot_id.as_str());
         if same_boot && snapshot.probe_was_pinned == Some(false) {
             let since = last_loss.unwrap_or(row.time);
             if opts.to_ms.is_none_or(|t| since <= t) && opts.from_ms.is_none_or(|f| row.time >= f) {
@@ -1307,7 +1310,7 @@ pub fn reconcile(
                 ));
             }
         }
-        previous_boot = Some(snapshot.boot_id);
+        previous_boot = Some(snapshot.boot_id.as_str());
     }
     if report.loss_records == 0 {
         problems.push("no loss counters in the window: completeness cannot be shown".into());
