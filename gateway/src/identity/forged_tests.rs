@@ -105,6 +105,20 @@ pub(crate) struct Case {
 /// with the PostgreSQL adapter's tests, which replay every case over the wire.
 pub(crate) type Control = (&'static str, &'static str, String);
 
+/// Identity settings with Graph (client id `tollgate`, its secret in
+/// `dir`) on a loopback port nothing listens on.
+fn graph_unreachable(dir: &std::path::Path) -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let secret = crate::dev::directory::graph_secret_file(dir).expect("secret");
+    format!(
+        "development_idp = true\n[graph]\nendpoint = \"http://{closed}\"\n\
+         authority = \"http://{closed}\"\nclient_id = \"tollgate\"\nclient_secret_file = {secret:?}\n"
+    )
+}
+
 pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
     let ring = Keyring::open_or_create(dir).expect("keyring");
     let key = ring.signing_key();
@@ -233,20 +247,9 @@ pub(crate) fn forged_cases(dir: &std::path::Path) -> (Vec<Control>, Vec<Case>) {
     let dup_aud = format!("{{\"aud\":\"api://evil\",{}", &good[1..]);
     let dup_alg = format!("{{\"alg\":\"HS256\",{}", &header(kid)[1..]);
 
-    // Graph configured on a loopback port nothing listens on. Leaked: the
-    // table holds &'static config snippets and this one names a temp path.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let secret = crate::dev::directory::graph_secret_file(dir).expect("secret");
-    let graph_unreachable: &'static str = Box::leak(
-        format!(
-            "development_idp = true\n[graph]\nendpoint = \"http://{closed}\"\n\
-             authority = \"http://{closed}\"\nclient_id = \"tollgate\"\nclient_secret_file = {secret:?}\n"
-        )
-        .into_boxed_str(),
-    );
+    // Leaked: the table holds &'static config snippets and this one names
+    // a temp path.
+    let graph_unreachable: &'static str = Box::leak(graph_unreachable(dir).into_boxed_str());
 
     let cases = vec![
         Case {
@@ -880,16 +883,7 @@ async fn a_users_token_through_the_graph_lookups_own_client_is_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ring = Keyring::open_or_create(dir.path()).expect("keyring");
     let key = ring.signing_key();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let secret = crate::dev::directory::graph_secret_file(dir.path()).expect("secret");
-    let config = format!(
-        "development_idp = true\n[graph]\nendpoint = \"http://{closed}\"\n\
-         authority = \"http://{closed}\"\nclient_id = \"tollgate\"\nclient_secret_file = {secret:?}\n"
-    );
-    let v = Verifier::from_config(&file_config(dir.path(), &config))
+    let v = Verifier::from_config(&file_config(dir.path(), &graph_unreachable(dir.path())))
         .await
         .expect("verifier");
     let t = rs256(
