@@ -172,6 +172,26 @@ mod tests {
         );
     }
 
+    /// tollgate's own TLS key, readable by any user of the host, is
+    /// refused; kept to its owner (as openssl writes it), it is taken.
+    #[test]
+    fn a_listener_key_any_user_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = self_signed_cert(dir.path());
+        assert!(acceptor(&config).is_ok(), "a key kept to its owner");
+        std::fs::set_permissions(&config.key, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let Err(err) = acceptor(&config) else {
+            panic!("a key any user may read was taken");
+        };
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("tls.key") && err.contains("any user of the host"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_certificate_that_is_not_pem_is_refused_with_the_file_named() {
         let dir = tempfile::tempdir().expect("tempdir");
