@@ -497,30 +497,44 @@ pub(crate) fn data_row_values(row: &Frame) -> Result<Vec<Option<&[u8]>>, WireErr
 pub(crate) mod tests {
     use super::*;
 
+    /// A connection to a server that reads one query and answers it with
+    /// `answer`, then stays open; the query text, once read.
+    fn answering(
+        answer: BytesMut,
+    ) -> (crate::proxy::tls::BoxedIo, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut server) = tokio::io::duplex(64 << 10);
+        let asked = tokio::spawn(async move {
+            let mut query = vec![0u8; 8192];
+            let n = server.read(&mut query).await.expect("query");
+            server.write_all(&answer).await.expect("answer");
+            let text = String::from_utf8_lossy(&query[..n]).into_owned();
+            // Kept open for what the client reads next.
+            tokio::spawn(async move {
+                std::future::pending::<()>().await;
+                drop(server);
+            });
+            text
+        });
+        (Box::new(ours), asked)
+    }
+
     /// A lookup the server refuses is read to its ReadyForQuery: a session
     /// without masks goes on from there, on a connection whose next answer
     /// is the next request's. One it answers lists what it read.
     #[tokio::test]
     async fn a_refused_catalog_lookup_is_read_to_its_end() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (ours, mut server) = tokio::io::duplex(64 << 10);
-        let mut stream: crate::proxy::tls::BoxedIo = Box::new(ours);
-        let answering = tokio::spawn(async move {
-            let mut query = vec![0u8; 8192];
-            let _ = server.read(&mut query).await;
-            let mut out = BytesMut::new();
-            wire::error_response(
-                &mut out,
-                "ERROR",
-                "42501",
-                "permission denied for table pg_class",
-            );
-            wire::ready_for_query(&mut out, b'I');
-            // What the next request would get.
-            wire::ready_for_query(&mut out, b'T');
-            server.write_all(&out).await.expect("answer");
-            server
-        });
+        let mut out = BytesMut::new();
+        wire::error_response(
+            &mut out,
+            "ERROR",
+            "42501",
+            "permission denied for table pg_class",
+        );
+        wire::ready_for_query(&mut out, b'I');
+        // What the next request would get.
+        wire::ready_for_query(&mut out, b'T');
+        let (mut stream, _) = answering(out);
         let mut buf = BytesMut::new();
         let err = resolve(&mut stream, &mut buf, Vec::new(), None)
             .await
@@ -531,32 +545,14 @@ pub(crate) mod tests {
         );
         let next = wire::read_frame(&mut stream, &mut buf).await.expect("next");
         assert_eq!((next.tag, next.body()), (b'Z', &b"T"[..]));
-        drop(answering.await);
 
-        let (ours, mut server) = tokio::io::duplex(64 << 10);
-        let mut stream: crate::proxy::tls::BoxedIo = Box::new(ours);
-        tokio::spawn(async move {
-            let mut query = vec![0u8; 8192];
-            let _ = server.read(&mut query).await;
-            let mut out = BytesMut::new();
-            for values in [
-                &[&b"read without code"[..], b"public.customers"][..],
-                &[&b"note_read"[..]][..],
-            ] {
-                let mut body = BytesMut::new();
-                body.put_i16(values.len() as i16);
-                for value in values {
-                    body.put_i32(value.len() as i32);
-                    body.put_slice(value);
-                }
-                out.put_u8(b'D');
-                out.put_i32(body.len() as i32 + 4);
-                out.put_slice(&body);
-            }
-            wire::ready_for_query(&mut out, b'I');
-            server.write_all(&out).await.expect("answer");
-            std::future::pending::<()>().await;
-        });
+        let mut out = BytesMut::new();
+        out.extend_from_slice(
+            &data_row(&[Some(b"read without code"), Some(b"public.customers")]).bytes,
+        );
+        out.extend_from_slice(&data_row(&[Some(b"note_read")]).bytes);
+        wire::ready_for_query(&mut out, b'I');
+        let (mut stream, _) = answering(out);
         let set = resolve(&mut stream, &mut BytesMut::new(), Vec::new(), None)
             .await
             .expect("answered");
@@ -570,7 +566,6 @@ pub(crate) mod tests {
     /// ask the server for it again.
     #[tokio::test]
     async fn a_list_read_moments_ago_serves_the_next_logins_of_its_database() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let cache = CatalogCache::default();
         assert!(cache.fresh("orders-db", "orders").is_none());
         let read = MaskSet::knowing_relations(&["public.customers"]);
@@ -586,16 +581,9 @@ pub(crate) mod tests {
         cache.remember("orders-db", "billing", &MaskSet::default());
         assert!(cache.fresh("orders-db", "billing").is_none());
 
-        let (ours, mut server) = tokio::io::duplex(64 << 10);
-        let mut stream: crate::proxy::tls::BoxedIo = Box::new(ours);
-        let asked = tokio::spawn(async move {
-            let mut query = vec![0u8; 8192];
-            let n = server.read(&mut query).await.expect("query");
-            let mut out = BytesMut::new();
-            wire::ready_for_query(&mut out, b'I');
-            server.write_all(&out).await.expect("answer");
-            String::from_utf8_lossy(&query[..n]).into_owned()
-        });
+        let mut out = BytesMut::new();
+        wire::ready_for_query(&mut out, b'I');
+        let (mut stream, asked) = answering(out);
         let set = resolve(&mut stream, &mut BytesMut::new(), Vec::new(), Some(shared))
             .await
             .expect("answered");
