@@ -391,29 +391,29 @@ def precreated(host, port, cgroup):
     return tcp(host, port, sock=sock)
 
 
+def option(argv, name, default=None):
+    """The value after `name` in argv, or `default` when it is absent."""
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
 def main(argv):
     mode = argv[1]
     if mode == "tcp":
-        source = argv[argv.index("--source") + 1] if "--source" in argv else None
-        wait = float(argv[argv.index("--wait") + 1]) if "--wait" in argv else 5.0
-        device = argv[argv.index("--device") + 1] if "--device" in argv else None
         result = tcp(
             argv[2],
             int(argv[3]),
             fastopen="--fastopen" in argv,
-            source=source,
-            wait=wait,
-            device=device,
+            source=option(argv, "--source"),
+            wait=float(option(argv, "--wait", 5.0)),
+            device=option(argv, "--device"),
         )
     elif mode == "udp":
-        count = int(argv[argv.index("--count") + 1]) if "--count" in argv else 1
-        via = argv[argv.index("--via") + 1] if "--via" in argv else None
         result = udp(
             argv[2],
             int(argv[3]),
             connect="--connect" in argv,
-            count=count,
-            via=via,
+            count=int(option(argv, "--count", 1)),
+            via=option(argv, "--via"),
             per_message="--per-message" in argv,
             strict="--strict" in argv,
             timestamp_option="--timestamp-option" in argv,
