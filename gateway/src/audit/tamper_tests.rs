@@ -813,6 +813,32 @@ async fn one_stream_put_in_place_of_the_other_does_not_verify() {
     }
 }
 
+/// A newest checkpoint whose file names another counter than it signs
+/// (one copied or renamed into place) stops the start, touching nothing:
+/// the daemon would sign on from a history that is not this one's.
+#[tokio::test]
+async fn a_newest_checkpoint_under_another_counters_name_stops_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = build(tmp.path()).await;
+    let (counter, newest) = checkpoint::list(&cfg.dir.join("checkpoints"))
+        .unwrap()
+        .pop()
+        .unwrap();
+    let renamed = cfg
+        .dir
+        .join("checkpoints")
+        .join(checkpoint::file_name(counter + 5));
+    fs::rename(&newest, &renamed).unwrap();
+    let before = fs::read(cfg.dir.join(manifest::FILE)).unwrap();
+    let err = AuditLog::open(&cfg).await.err().expect("refused");
+    assert!(
+        err.to_string().contains("not the one its name says"),
+        "{err:#}"
+    );
+    assert_eq!(fs::read(cfg.dir.join(manifest::FILE)).unwrap(), before);
+    assert!(renamed.exists(), "the renamed checkpoint was left as found");
+}
+
 // Whoever can write the directory and restart the daemon can cut the
 // history back to an older checkpoint, delete what came after, and have
 // the daemon sign the rest again: verify passes that on its own. A
